@@ -1,0 +1,140 @@
+"""The `autoexplain` command line.
+
+Every command has offline defaults: the embedded SmolLM2 subject, the embedded corpus and a middle
+layer. A `UserError` becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from autoexplain import defaults
+from autoexplain.errors import UserError
+
+app = typer.Typer(
+    help="Explain what each neuron of a language model does: record activations, explain them with an "
+    "LLM, simulate the neuron from the explanation, and score the simulation.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+
+
+@app.callback()
+def _root():
+    """Record -> explain -> simulate -> score, on the embedded defaults unless told otherwise."""
+
+
+def parse_layers(text: str | None, n_layers: int) -> list[int]:
+    """'15', '3,7', '10-12' or 'all'; None means the middle layer."""
+    if text is None:
+        return [n_layers // 2]
+    if text.strip() == "all":
+        return list(range(n_layers))
+    layers: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part[1:]:
+                a, b = part.split("-", 1) if not part.startswith("-") else (part, "")
+                layers += list(range(int(a), int(b) + 1))
+            else:
+                layers.append(int(part))
+    except ValueError:
+        raise UserError(f"cannot read --layers '{text}'", "use a number, a list like 3,7, a range like 10-12, or 'all'") from None
+    return sorted(set(layers))
+
+
+class _TokenRate(TextColumn):
+    def __init__(self):
+        super().__init__("")
+
+    def render(self, task):
+        rate = task.completed / task.elapsed if task.elapsed else 0.0
+        return f"{rate:,.0f} tok/s"
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:,}/{task.total:,} tokens"),
+        _TokenRate(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=False,
+    )
+
+
+def _run(fn):
+    """Call fn, turning a UserError into one clear line and a non-zero exit."""
+    try:
+        return fn()
+    except UserError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+
+
+@app.command()
+def record(
+    model: str = typer.Option(defaults.SUBJECT, "--model", "-m", help="Subject model: hub name, local folder, .gguf file, or 'smollm2' (embedded)."),
+    corpus: str = typer.Option(defaults.CORPUS, "--corpus", "-c", help="Corpus: 'default' (embedded), a .txt/.jsonl/.parquet file or folder, or hf:NAME[:CONFIG][@SPLIT]."),
+    layers: Optional[str] = typer.Option(None, "--layers", "-l", help="Layers to record: 15, 3,7, 10-12 or all. Default: the middle layer."),
+    tokens: int = typer.Option(1_000_000, "--tokens", "-n", help="Corpus tokens to run through the model."),
+    out: Path = typer.Option(Path("out"), "--out", "-o", help="Output root; each stage writes a content-addressed folder under it."),
+    window_len: int = typer.Option(64, "--window-len", help="Tokens per window (the reference uses 64)."),
+    top_k: int = typer.Option(40, "--top-k", help="Top-activating windows kept per unit and polarity."),
+    n_random: int = typer.Option(30, "--random", help="Random windows kept per unit and polarity."),
+    quantile_per_bin: int = typer.Option(5, "--per-quantile", help="Windows sampled from each activation-quantile bin."),
+    reservoir: int = typer.Option(512, "--reservoir", help="Uniform window sample that random and quantile exemplars are drawn from."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Windows per forward pass."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the window order and all sampling."),
+    text_field: str = typer.Option("text", "--text-field", help="Text column of .jsonl/.parquet/hub corpora."),
+):
+    """Record MLP neuron activations: top, quantile and random exemplars per unit, plus statistics."""
+    from autoexplain.record import RecordConfig, build_windows, record_layers
+    from autoexplain.subject import load_subject
+
+    def go():
+        for name, value in (("--tokens", tokens), ("--top-k", top_k), ("--batch-size", batch_size), ("--reservoir", reservoir)):
+            if value < 1:
+                raise UserError(f"{name} must be at least 1, got {value}", f"pass a positive {name}")
+        for name, value in (("--random", n_random), ("--per-quantile", quantile_per_bin)):
+            if value < 0:
+                raise UserError(f"{name} must not be negative, got {value}", f"pass {name} 0 or more")
+        started = time.perf_counter()
+        subject = load_subject(model)
+        err.print(f"subject {subject.name}: {subject.n_layers} layers x {subject.n_units} units "
+                  f"on {subject.device}, loaded in {subject.load_seconds:.1f}s")
+        chosen = parse_layers(layers, subject.n_layers)
+        subject.check_layers(chosen)
+        windows = build_windows(subject, corpus, out, window_len, tokens, seed, text_field)
+        cfg = RecordConfig(chosen, top_k, n_random, quantile_per_bin, reservoir, batch_size, seed)
+        with progress_bar() as bar:
+            task = bar.add_task(f"record layers {','.join(map(str, chosen))}", total=windows.n_windows * window_len)
+            ref = record_layers(subject, windows, cfg, out,
+                                progress=lambda done, total: bar.update(task, completed=done, total=total))
+        err.print(f"recorded {windows.n_windows:,} windows in {time.perf_counter() - started:.0f}s")
+        typer.echo(str(ref.directory))
+
+    _run(go)
+
+
+def main():  # pragma: no cover - console entry point
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app(prog_name="autoexplain")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

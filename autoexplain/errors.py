@@ -1,0 +1,14 @@
+"""One exception type for mistakes a user can fix.
+
+The CLI prints `UserError` as a single line and exits non-zero; every other exception is a bug and
+keeps its traceback. Messages name the problem first and the fix second.
+"""
+
+
+class UserError(Exception):
+    """Bad input: a missing file, an unknown model, a layer out of range, ..."""
+
+    def __init__(self, problem: str, fix: str | None = None):
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{problem} — {fix}" if fix else problem)

@@ -1,0 +1,295 @@
+"""Record: one streaming pass of the corpus through the subject, keeping exemplars per unit.
+
+Two stages, each with its own content-addressed folder:
+- `build_windows`: corpus -> `windows/<key>/windows.parquet` (token ids and token strings);
+- `record_layers`: windows -> `records/<key>/layer_<L>.records.parquet` and `.stats.parquet`.
+
+Per unit and polarity the records are the top-k windows (dealt train/calib/valid/test in turn),
+random windows (calib/valid/test only) and activation-quantile windows. Within one unit no window
+appears twice, so the windows an explainer sees (train) never score its explanation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from autoexplain import corpus as corpus_mod
+from autoexplain import defaults, selection
+from autoexplain.errors import UserError
+from autoexplain.records import QUANTILE_BINS, RANDOM_DEAL, TOP_DEAL
+from autoexplain.storage import (
+    TableWriter,
+    code_version,
+    content_key,
+    file_digest,
+    is_complete,
+    read_manifest,
+    stage_dir,
+    write_manifest,
+    write_table,
+)
+from schemas import load_schema
+from autoexplain.subject import Subject
+
+Progress = Callable[[int, int], None]  # (tokens done, tokens total)
+
+
+@dataclass
+class RecordConfig:
+    layers: list[int]
+    top_k: int = 40
+    n_random: int = 30
+    quantile_per_bin: int = 5
+    reservoir: int = 512
+    batch_size: int = 32
+    seed: int = 0
+
+
+@dataclass
+class WindowsRef:
+    path: Path
+    key: str
+    n_windows: int
+    window_len: int
+
+
+@dataclass
+class RecordsRef:
+    directory: Path
+    key: str
+    layers: list[int]
+    n_windows: int
+    stats: dict = field(default_factory=dict)
+
+    def records_path(self, layer: int) -> Path:
+        return self.directory / f"layer_{layer}.records.parquet"
+
+    def stats_path(self, layer: int) -> Path:
+        return self.directory / f"layer_{layer}.stats.parquet"
+
+
+def corpus_identity(source: str) -> str:
+    """What the corpus content depends on: file digests, or the embedded corpus version."""
+    if source == defaults.CORPUS:
+        return f"default:{defaults.CORPUS_VERSION}"
+    path = Path(source).expanduser()
+    if path.is_file():
+        return f"file:{file_digest(path)}"
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in corpus_mod.TEXT_SUFFIXES)
+        return "dir:" + content_key([file_digest(p) for p in files])
+    return source  # hub dataset names: the name is all we know
+
+
+def build_windows(
+    subject: Subject,
+    source: str,
+    out_root: str | Path,
+    window_len: int = 64,
+    max_tokens: int | None = None,
+    seed: int = 0,
+    text_field: str = "text",
+) -> WindowsRef:
+    if window_len < 2:
+        raise UserError(f"window length {window_len} is too short", "use --window-len 2 or more (64 is the reference)")
+    params = {"window_len": window_len, "max_tokens": max_tokens, "seed": seed, "text_field": text_field}
+    inputs = {"corpus": corpus_identity(source), "tokenizer": subject.fingerprint}
+    key = content_key({"inputs": inputs, "params": params, "code": code_version("corpus")})
+    directory = stage_dir(out_root, "windows", key)
+    path = directory / "windows.parquet"
+    if is_complete(directory):
+        return WindowsRef(path, key, read_manifest(directory)["params"]["n_windows"], window_len)
+
+    docs = corpus_mod.load_documents(source, text_field=text_field)
+    vocab = np.array(subject.token_strings(range(len(subject.tokenizer))), dtype=object)
+    n = 0
+    with TableWriter(path, "windows") as writer:
+        buf: list[tuple[int, int, list[int]]] = []
+
+        def flush():
+            ids = np.array([b[2] for b in buf], dtype=np.int32)
+            writer.write({
+                "window_id": [b[0] for b in buf],
+                "doc_id": [b[1] for b in buf],
+                "token_ids": list(ids),
+                "tokens": [list(vocab[row]) for row in ids],
+            })
+            buf.clear()
+
+        for item in corpus_mod.cut_windows(docs, subject.tokenize, window_len, max_tokens, seed):
+            buf.append(item)
+            n += 1
+            if len(buf) == 4096:
+                flush()
+        if buf:
+            flush()
+        if n == 0:
+            raise UserError(
+                f"corpus '{source}' is shorter than one window of {window_len} tokens",
+                "give more text, or a smaller --window-len",
+            )
+    write_manifest(directory, "windows", key, inputs, {**params, "n_windows": n}, ["windows.parquet"])
+    return WindowsRef(path, key, n, window_len)
+
+
+class _LayerRecorder:
+    """The streaming state for one layer: top-k per polarity, reservoir and running stats."""
+
+    def __init__(self, cfg: RecordConfig, window_len: int, n_units: int, reservoir_ids: np.ndarray):
+        self.top = {1: selection.TopWindows(cfg.top_k, window_len, n_units),
+                    -1: selection.TopWindows(cfg.top_k, window_len, n_units)}
+        self.reservoir = selection.Reservoir(reservoir_ids, window_len, n_units)
+        self.stats = selection.RunningStats(n_units)
+
+    def update(self, window_ids: torch.Tensor, acts: torch.Tensor) -> None:
+        self.stats.update(acts)
+        hi = acts.amax(dim=1).float()
+        lo = acts.amin(dim=1).float()
+        self.top[1].update(window_ids, acts, hi)
+        self.top[-1].update(window_ids, acts, -lo, sign=-1)
+        self.reservoir.update(window_ids, acts)
+
+
+def _windows_batches(ref: WindowsRef, batch_size: int):
+    pf = pq.ParquetFile(ref.path)
+    for batch in pf.iter_batches(batch_size=batch_size, columns=["window_id", "token_ids"]):
+        ids = batch.column("token_ids").flatten().to_numpy().reshape(len(batch), ref.window_len)
+        yield torch.from_numpy(batch.column("window_id").to_numpy()), torch.from_numpy(ids.astype(np.int64))
+
+
+def record_layers(
+    subject: Subject,
+    windows: WindowsRef,
+    cfg: RecordConfig,
+    out_root: str | Path,
+    progress: Progress | None = None,
+) -> RecordsRef:
+    subject.check_layers(cfg.layers)
+    layers = sorted(set(cfg.layers))
+    need = cfg.top_k + cfg.n_random
+    if windows.n_windows < need:
+        raise UserError(
+            f"the corpus gives only {windows.n_windows} windows of {windows.window_len} tokens, "
+            f"but {cfg.top_k} top + {cfg.n_random} random exemplars need at least {need}",
+            "use a larger corpus or --tokens, or lower --top-k / --random",
+        )
+    params = {k: v for k, v in asdict(cfg).items() if k not in ("layers", "batch_size")}
+    inputs = {"windows": windows.key, "subject": subject.fingerprint}
+    key = content_key({"inputs": inputs, "params": params, "layers": layers,
+                       "code": code_version("record", "selection", "subject")})
+    directory = stage_dir(out_root, "records", key)
+    ref = RecordsRef(directory, key, layers, windows.n_windows)
+    if is_complete(directory):
+        return ref
+
+    rng = np.random.default_rng(cfg.seed)
+    n_res = min(cfg.reservoir, windows.n_windows)
+    reservoir_ids = rng.choice(windows.n_windows, size=n_res, replace=False)
+    recorders = {L: _LayerRecorder(cfg, windows.window_len, subject.n_units, reservoir_ids) for L in layers}
+
+    total = windows.n_windows * windows.window_len
+    done = 0
+    for window_ids, input_ids in _windows_batches(windows, cfg.batch_size):
+        acts = subject.mlp_activations(input_ids, layers)
+        for L in layers:
+            recorders[L].update(window_ids, acts[L].cpu())
+        done += input_ids.numel()
+        if progress:
+            progress(done, total)
+
+    outputs = []
+    for L in layers:
+        records, stats = _finish_layer(L, recorders[L], cfg, reservoir_order=reservoir_ids)
+        write_table(records, ref.records_path(L), "records")
+        write_table(stats, ref.stats_path(L), "unit_stats")
+        outputs += [ref.records_path(L).name, ref.stats_path(L).name]
+    write_manifest(directory, "records", key, inputs, {**params, "layers": layers}, outputs)
+    return ref
+
+
+def _finish_layer(layer: int, rec: _LayerRecorder, cfg: RecordConfig, reservoir_order: np.ndarray):
+    """Turn one layer's streaming state into its records and stats tables."""
+    res = rec.reservoir
+    res_acts = res.acts.float()  # (R, T, U), raw sign
+    slot_of = {int(w): i for i, w in enumerate(res.ids)}
+    rng = np.random.default_rng([cfg.seed, layer])
+    n_units = res_acts.shape[2]
+    tables, stats = [], []
+    for polarity in (1, -1):
+        top = rec.top[polarity]
+        oriented = res_acts * polarity
+        res_max = oriented.amax(dim=1).numpy()  # (R, U)
+        valid = torch.isfinite(top.values).numpy()  # (k, U); -inf marks an unfilled slot
+        top_ids, top_vals = top.window_ids.numpy(), top.values.numpy()
+        top_acts = top.payload.float().permute(2, 0, 1).numpy()  # (U, k, T), already oriented
+        top_rows, extra_rows = _Rows(), _Rows()
+        top_acts_rows, extra_slots, extra_units = [], [], []
+        for u in range(n_units):
+            ids_u = top_ids[valid[:, u], u]
+            for r, split in enumerate(selection.deal(len(ids_u), TOP_DEAL)):
+                top_rows.add(u, polarity, "top", split, r, None, int(ids_u[r]), float(top_vals[r, u]))
+            top_acts_rows.append(top_acts[u, : len(ids_u)])
+
+            exclude = {int(w) for w in ids_u}
+            randoms = selection.pick_random(reservoir_order, exclude, cfg.n_random)
+            exclude.update(randoms)
+            quants = selection.pick_quantiles(res.ids, res_max[:, u], QUANTILE_BINS, cfg.quantile_per_bin, exclude, rng)
+            for r, (wid, split) in enumerate(zip(randoms, selection.deal(len(randoms), RANDOM_DEAL))):
+                extra_rows.add(u, polarity, "random", split, r, None, wid, float(res_max[slot_of[wid], u]))
+            rank_in_bin: dict[int, int] = {}
+            for b, wid in quants:
+                r = rank_in_bin[b] = rank_in_bin.get(b, -1) + 1
+                extra_rows.add(u, polarity, "quantile", TOP_DEAL[r % len(TOP_DEAL)], r, b, wid,
+                               float(res_max[slot_of[wid], u]))
+            extra_slots += [slot_of[w] for w in randoms] + [slot_of[w] for _, w in quants]
+            extra_units += [u] * (len(randoms) + len(quants))
+        # Random and quantile rows come from the reservoir: gather their activations in one go.
+        extra_acts = oriented.numpy()[np.array(extra_slots, dtype=np.int64), :, np.array(extra_units, dtype=np.int64)]
+        tables.append(top_rows.table(layer, np.concatenate(top_acts_rows)))
+        tables.append(extra_rows.table(layer, extra_acts))
+        stats.append(_stats_table(layer, polarity, rec.stats, oriented))
+    return pa.concat_tables(tables), pa.concat_tables(stats)
+
+
+class _Rows:
+    """Column buffers for record rows; activations are attached in the same order at the end."""
+
+    NAMES = ("unit", "polarity", "kind", "split", "rank", "quantile_bin", "window_id", "max_activation")
+
+    def __init__(self):
+        self.cols: dict[str, list] = {k: [] for k in self.NAMES}
+
+    def add(self, *values) -> None:
+        for name, value in zip(self.NAMES, values):
+            self.cols[name].append(value)
+
+    def table(self, layer: int, acts: np.ndarray) -> pa.Table:
+        n, T = len(self.cols["unit"]), acts.shape[-1] if acts.ndim == 2 else 0
+        assert acts.shape[0] == n, (acts.shape, n)
+        flat = pa.array(acts.astype(np.float32).reshape(-1))
+        activations = pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * T), flat)
+        return pa.table({"layer": pa.array(np.full(n, layer, dtype=np.int16)), **self.cols,
+                         "activations": activations}).cast(load_schema("records"))
+
+
+def _stats_table(layer: int, polarity: int, running: selection.RunningStats, oriented: torch.Tensor) -> pa.Table:
+    """Exact moments from the full pass; shape statistics from the reservoir's tokens."""
+    exact = running.summary(polarity)
+    samples = oriented.reshape(-1, oriented.shape[-1])  # (R*T, U)
+    shape = selection.shape_stats_per_unit(samples)
+    n_units = samples.shape[1]
+    return pa.table({
+        "layer": np.full(n_units, layer, dtype=np.int16),
+        "unit": np.arange(n_units, dtype=np.int32),
+        "polarity": np.full(n_units, polarity, dtype=np.int8),
+        "n_tokens": np.full(n_units, running.n, dtype=np.int64),
+        **exact,
+        **shape,
+    }).cast(load_schema("unit_stats"))

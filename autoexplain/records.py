@@ -1,0 +1,76 @@
+"""The typed records that flow between stages.
+
+A *unit* is one MLP hidden neuron read with one polarity. Gated MLPs fire both ways, so neuron 7 of
+layer 3 gives two explainable units, (3, 7, +1) and (3, 7, -1); a negative-polarity unit's
+activations are stored negated so that "higher means firing" holds everywhere downstream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SPLITS = ("train", "calib", "valid", "test")
+# Top windows are dealt in this order, one each, round and round (OpenAI's stride-4 dealing).
+TOP_DEAL = SPLITS
+# Random windows never reach the explainer.
+RANDOM_DEAL = ("calib", "valid", "test")
+KINDS = ("top", "quantile", "random")
+# Quantile bins of per-window max activation, as in the reference.
+QUANTILE_BINS = ((0.0, 0.5), (0.5, 0.9), (0.9, 0.99), (0.99, 0.999))
+
+
+@dataclass(frozen=True, order=True)
+class NeuronId:
+    layer: int
+    index: int
+    polarity: int = 1  # +1 or -1
+
+    def __post_init__(self):
+        if self.polarity not in (1, -1):
+            raise ValueError(f"polarity must be +1 or -1, got {self.polarity}")
+
+    def __str__(self) -> str:
+        return f"L{self.layer}/N{self.index}{'+' if self.polarity > 0 else '-'}"
+
+
+@dataclass
+class ActivationRecord:
+    """One window of text with one unit's activation on each of its tokens."""
+
+    tokens: list[str]
+    activations: list[float]
+    window_id: int = -1
+    kind: str = "top"
+    split: str = "train"
+
+    @property
+    def max_activation(self) -> float:
+        return max(self.activations) if self.activations else 0.0
+
+
+@dataclass
+class UnitStats:
+    mean: float
+    std: float
+    max: float
+    frac_active: float
+    skewness: float = float("nan")
+    kurtosis: float = float("nan")
+    hist_edges: list[float] = field(default_factory=list)
+    hist_counts: list[int] = field(default_factory=list)
+
+
+@dataclass
+class UnitRecords:
+    """Everything recorded for one unit: the input to explanation and scoring."""
+
+    neuron: NeuronId
+    records: list[ActivationRecord]
+    stats: UnitStats | None = None
+
+    def select(self, *, split: str | None = None, kind: str | None = None) -> list[ActivationRecord]:
+        return [
+            r
+            for r in self.records
+            if (split is None or r.split == split) and (kind is None or r.kind == kind)
+        ]

@@ -1,0 +1,157 @@
+"""Streaming exemplar selection for every unit of a layer at once.
+
+The recording pass never holds the tokens x units matrix. Per layer it keeps, with memory that does
+not grow with the corpus:
+- `TopWindows`: for each unit, the k windows with the highest max activation, with their per-token
+  activations (a running top-k over [kept; new batch]);
+- `Reservoir`: the activations of a fixed, seeded uniform sample of windows shared by all units,
+  from which random and quantile exemplars and the shape statistics are drawn at the end;
+- `RunningStats`: exact per-unit mean, std, max and fraction active over every token.
+
+Everything works on polarity-oriented activations: the caller passes `acts` for polarity +1 and
+`-acts` for polarity -1.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class TopWindows:
+    """Per unit, the k windows ranked by their maximum activation."""
+
+    def __init__(self, k: int, window_len: int, n_units: int, dtype=torch.bfloat16):
+        self.k = k
+        self.values = torch.full((k, n_units), float("-inf"))
+        self.window_ids = torch.full((k, n_units), -1, dtype=torch.int64)
+        self.payload = torch.zeros((k, window_len, n_units), dtype=dtype)
+
+    def update(self, window_ids: torch.Tensor, acts: torch.Tensor, window_max: torch.Tensor, sign: int = 1) -> None:
+        """acts: (B, T, U) raw activations; window_max: (B, U) float32 max of sign*acts over T."""
+        threshold = self.values[-1]  # current k-th best per unit (values are kept sorted)
+        if not bool((window_max > threshold).any()):
+            return  # nothing in this batch enters any unit's top-k: the common case late in a pass
+        vals = torch.cat([self.values, window_max])
+        best, idx = vals.topk(self.k, dim=0)  # sorted, descending
+        ids = torch.cat([self.window_ids, window_ids[:, None].expand(-1, vals.shape[1])])
+        self.window_ids = ids.gather(0, idx)
+        self.values = best
+        pool = torch.cat([self.payload, (acts if sign > 0 else -acts).to(self.payload.dtype)])
+        self.payload = pool.gather(0, idx[:, None, :].expand(-1, pool.shape[1], -1))
+
+
+class Reservoir:
+    """Activations of a fixed uniform sample of windows, chosen up front from a seed.
+
+    Knowing the corpus size in advance (windows are tokenised before recording) makes the sample
+    deterministic and the pass a simple membership test.
+    """
+
+    def __init__(self, sample_ids: np.ndarray, window_len: int, n_units: int, dtype=torch.bfloat16):
+        self.ids = np.sort(np.asarray(sample_ids, dtype=np.int64))
+        self.acts = torch.zeros((len(self.ids), window_len, n_units), dtype=dtype)
+        self.filled = np.zeros(len(self.ids), dtype=bool)
+
+    def update(self, window_ids: torch.Tensor, acts: torch.Tensor) -> None:
+        wid = window_ids.numpy()
+        slots = np.searchsorted(self.ids, wid)
+        slots = np.minimum(slots, len(self.ids) - 1)
+        hit = self.ids[slots] == wid if len(self.ids) else np.zeros(len(wid), bool)
+        if hit.any():
+            rows = torch.from_numpy(np.nonzero(hit)[0])
+            self.acts[torch.from_numpy(slots[hit])] = acts[rows].to(self.acts.dtype)
+            self.filled[slots[hit]] = True
+
+
+class RunningStats:
+    """Exact per-unit moments and extremes of the raw (signed) activation over every token."""
+
+    def __init__(self, n_units: int):
+        self.n = 0
+        self.sum = torch.zeros(n_units, dtype=torch.float64)
+        self.sumsq = torch.zeros(n_units, dtype=torch.float64)
+        self.n_pos = torch.zeros(n_units, dtype=torch.int64)
+        self.n_neg = torch.zeros(n_units, dtype=torch.int64)
+        self.max = torch.full((n_units,), float("-inf"))
+        self.min = torch.full((n_units,), float("inf"))
+
+    def update(self, acts: torch.Tensor) -> None:
+        flat = acts.reshape(-1, acts.shape[-1])
+        x = flat.float()
+        self.n += x.shape[0]
+        self.sum += x.sum(0).double()
+        self.sumsq += (x * x).sum(0).double()
+        self.n_pos += (flat > 0).sum(0)
+        self.n_neg += (flat < 0).sum(0)
+        lo, hi = torch.aminmax(x, dim=0)
+        self.max = torch.maximum(self.max, hi)
+        self.min = torch.minimum(self.min, lo)
+
+    def summary(self, polarity: int) -> dict[str, np.ndarray]:
+        """Statistics of the polarity-oriented activation (negated for polarity -1)."""
+        n = max(self.n, 1)
+        mean = (self.sum / n).numpy()
+        var = np.maximum((self.sumsq / n).numpy() - mean**2, 0.0)
+        if polarity > 0:
+            return {"mean": mean, "std": np.sqrt(var), "max": self.max.double().numpy(),
+                    "frac_active": (self.n_pos.double() / n).numpy()}
+        return {"mean": -mean, "std": np.sqrt(var), "max": (-self.min).double().numpy(),
+                "frac_active": (self.n_neg.double() / n).numpy()}
+
+
+def deal(n: int, order: tuple[str, ...]) -> list[str]:
+    """Assign the r-th ranked item to order[r % len(order)], so each split gets comparable strengths."""
+    return [order[r % len(order)] for r in range(n)]
+
+
+def shape_stats_per_unit(samples: torch.Tensor, bins: int = 32) -> dict[str, object]:
+    """Skewness, excess kurtosis and a histogram per unit, from samples (N, U), all units at once."""
+    x = samples.double()
+    mu, sd = x.mean(0), x.std(0, unbiased=False)
+    z = (x - mu) / torch.where(sd > 0, sd, torch.ones_like(sd))
+    skew = torch.where(sd > 0, (z**3).mean(0), torch.full_like(sd, float("nan")))
+    kurt = torch.where(sd > 0, (z**4).mean(0) - 3.0, torch.full_like(sd, float("nan")))
+    lo, hi = x.min(0).values, x.max(0).values
+    width = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+    idx = ((x - lo) / width * bins).long().clamp_(0, bins - 1)  # the max lands in the last bin
+    counts = torch.zeros(x.shape[1], bins, dtype=torch.int64).scatter_add_(1, idx.T.contiguous(), torch.ones_like(idx.T))
+    edges = lo[:, None] + width[:, None] * torch.linspace(0, 1, bins + 1, dtype=torch.float64)[None, :]
+    return {"skewness": skew.numpy(), "kurtosis": kurt.numpy(),
+            "hist_edges": list(edges.float().numpy()), "hist_counts": list(counts.numpy())}
+
+
+def pick_random(reservoir_order: np.ndarray, exclude: set[int], n: int) -> list[int]:
+    """The first n reservoir windows (in the seeded order shared by all units) not excluded."""
+    out = []
+    for wid in reservoir_order:
+        if int(wid) not in exclude:
+            out.append(int(wid))
+            if len(out) == n:
+                break
+    return out
+
+
+def pick_quantiles(
+    window_ids: np.ndarray,
+    window_max: np.ndarray,
+    bins: tuple[tuple[float, float], ...],
+    per_bin: int,
+    exclude: set[int],
+    rng: np.random.Generator,
+) -> list[tuple[int, int]]:
+    """Sample windows by the quantile of their max activation: [(bin index, window id), ...]."""
+    edges = np.quantile(window_max, [q for pair in bins for q in pair])
+    out = []
+    for b in range(len(bins)):
+        lo, hi = edges[2 * b], edges[2 * b + 1]
+        # Adjacent bins share an edge; `exclude` keeps a window from being taken twice.
+        mask = (window_max >= lo) & (window_max <= hi)
+        candidates = [int(w) for w in window_ids[mask] if int(w) not in exclude]
+        if not candidates:
+            continue
+        take = rng.choice(len(candidates), size=min(per_bin, len(candidates)), replace=False)
+        for i in sorted(take):
+            out.append((b, candidates[i]))
+            exclude.add(candidates[i])
+    return out

@@ -1,0 +1,131 @@
+"""Parquet on disk: content-addressed stage outputs, written atomically.
+
+Every stage writes into `<root>/<stage>/<key>/`, where `key` hashes everything the output depends on
+(inputs' hashes, parameters, code version). Two runs that would compute the same thing therefore
+share a folder, and a finished folder is never rewritten. Files are written to a temporary name in
+the same folder and renamed, so a crash leaves either the old state or the whole new file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas import load_schema
+
+MANIFEST = "manifest.json"
+
+
+def content_key(payload: Any, length: int = 16) -> str:
+    """A stable hash of JSON-able data (dict keys sorted)."""
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def file_digest(path: str | os.PathLike, length: int = 16) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:length]
+
+
+def code_version(*modules: str) -> str:
+    """Hash the source of the named `autoexplain` modules: cache keys change when the code does."""
+    import autoexplain
+
+    root = Path(autoexplain.__file__).parent
+    return content_key({m: (root / f"{m}.py").read_text() for m in sorted(modules)}, length=12)
+
+
+def stage_dir(root: str | os.PathLike, stage: str, key: str) -> Path:
+    return Path(root) / stage / key
+
+
+def is_complete(directory: Path) -> bool:
+    """A stage folder counts only once its manifest exists; the manifest is written last."""
+    return (directory / MANIFEST).is_file()
+
+
+def _atomic_target(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def write_table(table: pa.Table, path: str | os.PathLike, schema_name: str | None = None) -> Path:
+    """Write a parquet file atomically, cast to the named schema when one is given."""
+    path = Path(path)
+    if schema_name is not None:
+        table = table.cast(load_schema(schema_name))
+    tmp = _atomic_target(path)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+class TableWriter:
+    """Streams record batches into one parquet file; the file appears only on `close()`."""
+
+    def __init__(self, path: str | os.PathLike, schema_name: str):
+        self.path = Path(path)
+        self.schema = load_schema(schema_name)
+        self._tmp = _atomic_target(self.path)
+        self._writer = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
+
+    def write(self, columns: dict[str, Iterable]) -> None:
+        batch = pa.Table.from_pydict(dict(columns), schema=self.schema)
+        self._writer.write_table(batch)
+
+    def close(self) -> Path:
+        self._writer.close()
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self._writer.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_json(data: Any, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    tmp = _atomic_target(path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_manifest(directory: Path, stage: str, key: str, inputs: dict, params: dict, outputs: list[str]) -> Path:
+    """Seal a stage folder. Written last, so its presence means every output is whole."""
+    digests = {name: file_digest(directory / name) for name in outputs}
+    return write_json(
+        {"stage": stage, "key": key, "inputs": inputs, "params": params, "outputs": digests},
+        directory / MANIFEST,
+    )
+
+
+def read_manifest(directory: str | os.PathLike) -> dict:
+    return json.loads((Path(directory) / MANIFEST).read_text())

@@ -1,0 +1,199 @@
+"""The subject model: load any Hugging Face causal LM and expose its MLP hidden units.
+
+A neuron is one input feature of the MLP's output projection: the post-activation of GPT-2-style
+MLPs, and `act(gate) * up` in gated MLPs (Llama, SmolLM2, Qwen, Gemma). We read it with a forward
+pre-hook on that projection, so no model code is patched. The pass stops right after the highest
+requested layer: the layers above it and the lm_head are never run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from autoexplain import defaults
+from autoexplain.errors import UserError
+from autoexplain.storage import file_digest
+
+# Names of the MLP's output projection across architectures; its input is the neuron vector.
+OUTPUT_PROJECTIONS = ("down_proj", "c_proj", "fc2", "dense_4h_to_h", "fc_out", "w2")
+MLP_NAMES = ("mlp", "feed_forward", "ffn")
+
+
+class _StopForward(Exception):
+    """Raised from the top recorded layer's hook: nothing above it is needed."""
+
+
+@dataclass
+class Subject:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    projections: list[torch.nn.Module]  # one output projection per layer
+    n_units: int
+    load_seconds: float = 0.0
+    fingerprint: str = ""
+    _captured: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.projections)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def check_layers(self, layers: list[int]) -> None:
+        for layer in layers:
+            if not 0 <= layer < self.n_layers:
+                raise UserError(
+                    f"layer {layer} is out of range for {self.name}, which has layers 0..{self.n_layers - 1}",
+                    f"pass --layers with values from 0 to {self.n_layers - 1}",
+                )
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def token_strings(self, ids: list[int]) -> list[str]:
+        """Each id decoded alone, so byte-level markers become readable text."""
+        return [self.tokenizer.decode([i]) for i in ids]
+
+    @torch.inference_mode()
+    def mlp_activations(self, input_ids: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+        """Neuron activations (B, T, units) for each requested layer, from one truncated pass."""
+        top = max(layers)
+        handles = []
+        captured: dict[int, torch.Tensor] = {}
+
+        def hook_for(layer: int):
+            def hook(_module, args):
+                captured[layer] = args[0].detach()
+                if layer == top:
+                    raise _StopForward
+
+            return hook
+
+        for layer in set(layers):
+            handles.append(self.projections[layer].register_forward_pre_hook(hook_for(layer)))
+        try:
+            self.model(input_ids=input_ids.to(self.device), use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return captured
+
+
+def _find_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    for _name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n and n:
+            return list(module)
+    return []
+
+
+def _find_projection(block: torch.nn.Module) -> torch.nn.Module | None:
+    for mlp_name in MLP_NAMES:
+        mlp = getattr(block, mlp_name, None)
+        if mlp is None:
+            continue
+        for proj_name in OUTPUT_PROJECTIONS:
+            proj = getattr(mlp, proj_name, None)
+            if proj is not None:
+                return proj
+    return None
+
+
+def _in_features(proj: torch.nn.Module) -> int:
+    if isinstance(proj, torch.nn.Linear):
+        return proj.in_features
+    # GPT-2's Conv1D stores the weight as (in, out).
+    return int(proj.weight.shape[0])
+
+
+def wrap(model: torch.nn.Module, tokenizer, name: str) -> Subject:
+    """Find the MLP hidden units of a loaded model, or say clearly why we cannot."""
+    blocks = _find_layers(model)
+    projections = [_find_projection(b) for b in blocks]
+    if not blocks or any(p is None for p in projections):
+        raise UserError(
+            f"model '{name}' ({type(model).__name__}) has no MLP layout that autoexplain understands",
+            f"supported: transformer blocks with an `mlp` holding one of {', '.join(OUTPUT_PROJECTIONS)}",
+        )
+    return Subject(model.eval(), tokenizer, name, projections, _in_features(projections[0]))
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("AUTOEXPLAIN_CACHE", Path.home() / ".cache" / "autoexplain"))
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    """Dequantise a GGUF once, keep a safetensors copy, and load that copy afterwards."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    cached = _cache_root() / "models" / f"{path.stem}-{file_digest(path)}"
+    if not (cached / "config.json").is_file():
+        # Dense weights, not packed GGUF blocks: bf16 GEMM is the fast path on CPU.
+        model = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=dtype, quantization_config=GgufConfig(dequantize=True)
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        tmp = cached.with_name(f"{cached.name}.tmp{os.getpid()}")
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(cached)
+        except OSError:  # another process finished the same conversion first
+            shutil.rmtree(tmp, ignore_errors=True)
+        return model, tokenizer
+    return (
+        AutoModelForCausalLM.from_pretrained(cached, dtype=dtype),
+        AutoTokenizer.from_pretrained(cached),
+    )
+
+
+def load_subject(spec: str | None = None, dtype: torch.dtype = torch.bfloat16, device=None) -> Subject:
+    """Load a subject model by hub name, local folder, or `.gguf` file (None: the embedded default)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = spec or defaults.SUBJECT
+    started = time.perf_counter()
+    path = Path(defaults.resolve_model(spec)).expanduser()
+    try:
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise UserError(f"GGUF file {path} does not exist", "check the --model path")
+            model, tokenizer = _load_gguf(path, dtype)
+            fingerprint = f"{path.name}:{file_digest(path)}"
+        elif path.exists():
+            if not (path / "config.json").is_file():
+                raise UserError(f"{path} is not a Hugging Face model folder (no config.json)", "point --model at a folder saved with save_pretrained, or a .gguf file")
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            fingerprint = f"{path.name}:{file_digest(path / 'config.json')}"
+        else:
+            model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(spec)
+            fingerprint = f"{spec}:{getattr(model.config, '_commit_hash', None) or 'hub'}"
+    except UserError:
+        raise
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"cannot load model '{spec}': {first[:200]}",
+            "give a local model folder, a .gguf file, or a hub name reachable from here",
+        ) from None
+    subject = wrap(model.to(device or default_device()), tokenizer, spec)
+    subject.load_seconds = time.perf_counter() - started
+    subject.fingerprint = fingerprint
+    return subject
