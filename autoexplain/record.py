@@ -161,7 +161,7 @@ def _windows_batches(ref: WindowsRef, batch_size: int):
     pf = pq.ParquetFile(ref.path)
     for batch in pf.iter_batches(batch_size=batch_size, columns=["window_id", "token_ids"]):
         ids = batch.column("token_ids").flatten().to_numpy().reshape(len(batch), ref.window_len)
-        yield torch.from_numpy(batch.column("window_id").to_numpy()), torch.from_numpy(ids.astype(np.int64))
+        yield torch.from_numpy(batch.column("window_id").to_numpy().copy()), torch.from_numpy(ids.astype(np.int64))
 
 
 def record_layers(

@@ -137,29 +137,39 @@ def _cache_root() -> Path:
     return Path(os.environ.get("AUTOEXPLAIN_CACHE", Path.home() / ".cache" / "autoexplain"))
 
 
-def _load_gguf(path: Path, dtype: torch.dtype):
-    """Dequantise a GGUF once, keep a safetensors copy, and load that copy afterwards."""
+def converted_gguf(path: Path) -> Path:
+    """Dequantise a GGUF once into a safetensors folder (bf16) and return that folder.
+
+    Dequantising takes seconds to tens of seconds; loading the converted copy takes about one.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     cached = _cache_root() / "models" / f"{path.stem}-{file_digest(path)}"
-    if not (cached / "config.json").is_file():
-        # Dense weights, not packed GGUF blocks: bf16 GEMM is the fast path on CPU.
-        model = AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, dtype=dtype, quantization_config=GgufConfig(dequantize=True)
-        )
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        tmp = cached.with_name(f"{cached.name}.tmp{os.getpid()}")
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            tmp.rename(cached)
-        except OSError:  # another process finished the same conversion first
-            shutil.rmtree(tmp, ignore_errors=True)
-        return model, tokenizer
-    return (
-        AutoModelForCausalLM.from_pretrained(cached, dtype=dtype),
-        AutoTokenizer.from_pretrained(cached),
+    if (cached / "config.json").is_file():
+        return cached
+    # Dense weights, not packed GGUF blocks: bf16 GEMM is the fast path on CPU.
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.bfloat16, quantization_config=GgufConfig(dequantize=True)
     )
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tmp = cached.with_name(f"{cached.name}.tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(cached)
+    except OSError:  # another process finished the same conversion first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return cached
+
+
+def load_tokenizer(spec: str | None = None):
+    """Just the tokenizer of a subject (GGUF tokenizers come from the cached conversion)."""
+    from transformers import AutoTokenizer
+
+    path = Path(defaults.resolve_model(spec or defaults.SUBJECT)).expanduser()
+    if path.suffix == ".gguf":
+        path = converted_gguf(path)
+    return AutoTokenizer.from_pretrained(path if path.exists() else spec)
 
 
 def load_subject(spec: str | None = None, dtype: torch.dtype = torch.bfloat16, device=None) -> Subject:
@@ -173,7 +183,9 @@ def load_subject(spec: str | None = None, dtype: torch.dtype = torch.bfloat16, d
         if path.suffix == ".gguf":
             if not path.is_file():
                 raise UserError(f"GGUF file {path} does not exist", "check the --model path")
-            model, tokenizer = _load_gguf(path, dtype)
+            folder = converted_gguf(path)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(folder)
             fingerprint = f"{path.name}:{file_digest(path)}"
         elif path.exists():
             if not (path / "config.json").is_file():

@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny random GPT-2 and Llama models built from configs, and small corpora.
+
+Nothing is downloaded: the tiny models borrow the embedded SmolLM2 tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    from autoexplain.subject import load_tokenizer
+
+    return load_tokenizer("smollm2")
+
+
+def _save_tiny(path, model, tokenizer):
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smollm2_tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=32, intermediate_size=48,
+                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=256)
+    return _save_tiny(tmp_path_factory.mktemp("tiny_llama"), LlamaForCausalLM(cfg), smollm2_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, smollm2_tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(smollm2_tokenizer), n_embd=32, n_inner=40, n_layer=2, n_head=4,
+                     n_positions=256)
+    return _save_tiny(tmp_path_factory.mktemp("tiny_gpt2"), GPT2LMHeadModel(cfg), smollm2_tokenizer)
+
+
+PROSE = (
+    "The river ran quietly past the old mill, where the miller kept seven grey cats and a red dog. "
+    "In 1854 the town council voted to rebuild the bridge; the work took three years and cost 2,400 pounds. "
+    "Children walked to school along the bank, counting herons, and the teacher wrote their names in a blue book. "
+    "When winter came the water froze, and skaters drew long white lines across the ice until March."
+)
+
+
+def write_prose(path):
+    """About 20 paragraphs of English: a few hundred windows of 8 tokens."""
+    path.write_text("\n\n".join(f"{PROSE} Paragraph {i}." for i in range(20)), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def prose_file(tmp_path):
+    return write_prose(tmp_path / "prose.txt")
+
+
+@pytest.fixture(scope="session")
+def prose_corpus(tmp_path_factory):
+    return write_prose(tmp_path_factory.mktemp("corpus") / "prose.txt")

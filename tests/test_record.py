@@ -1,0 +1,122 @@
+"""The streaming recorder against a brute-force recomputation, and the leak-free split guarantee."""
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from autoexplain.errors import UserError
+from autoexplain.record import RecordConfig, build_windows, record_layers
+from autoexplain.subject import load_subject
+
+CFG = dict(top_k=12, n_random=8, quantile_per_bin=2, reservoir=64, batch_size=7, seed=3)
+
+
+@pytest.fixture(scope="module")
+def recorded(tiny_llama_dir, prose_corpus, tmp_path_factory):
+    prose = prose_corpus
+    out = tmp_path_factory.mktemp("out")
+    subject = load_subject(tiny_llama_dir)
+    windows = build_windows(subject, str(prose), out, window_len=8, seed=3)
+    ref = record_layers(subject, windows, RecordConfig([0, 2], **CFG), out)
+    return subject, windows, ref, out
+
+
+def _all_activations(subject, windows, layer):
+    table = pl.read_parquet(windows.path)
+    ids = torch.tensor(np.stack(table["token_ids"].to_numpy()), dtype=torch.long)
+    return table["window_id"].to_numpy(), subject.mlp_activations(ids, [layer])[layer].float().numpy()
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+@pytest.mark.parametrize("polarity", [1, -1])
+def test_top_windows_match_brute_force(recorded, layer, polarity):
+    subject, windows, ref, _ = recorded
+    wids, acts = _all_activations(subject, windows, layer)  # (N, T, U)
+    oriented = acts * polarity
+    window_max = oriented.max(axis=1)  # (N, U)
+    recs = pl.read_parquet(ref.records_path(layer)).filter(
+        (pl.col("polarity") == polarity) & (pl.col("kind") == "top"))
+    for unit in range(0, subject.n_units, 5):
+        got = recs.filter(pl.col("unit") == unit).sort("rank")
+        expected_max = np.sort(window_max[:, unit])[::-1][: CFG["top_k"]]
+        np.testing.assert_allclose(got["max_activation"].to_numpy(), expected_max, rtol=1e-2, atol=1e-3)
+        for row in got.iter_rows(named=True):
+            i = int(np.nonzero(wids == row["window_id"])[0][0])
+            np.testing.assert_allclose(row["activations"], oriented[i, :, unit], rtol=1e-2, atol=1e-3)
+            assert max(row["activations"]) == pytest.approx(row["max_activation"], rel=1e-2, abs=1e-3)
+
+
+def test_stats_match_brute_force(recorded):
+    subject, windows, ref, _ = recorded
+    _, acts = _all_activations(subject, windows, 2)
+    flat = acts.reshape(-1, acts.shape[-1])
+    stats = pl.read_parquet(ref.stats_path(2))
+    pos = stats.filter(pl.col("polarity") == 1).sort("unit")
+    neg = stats.filter(pl.col("polarity") == -1).sort("unit")
+    np.testing.assert_allclose(pos["mean"], flat.mean(0), rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(pos["std"], flat.std(0), rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(pos["max"], flat.max(0), rtol=1e-3)
+    np.testing.assert_allclose(neg["max"], -flat.min(0), rtol=1e-3)
+    np.testing.assert_allclose(pos["frac_active"], (flat > 0).mean(0))
+    np.testing.assert_allclose(neg["frac_active"], (flat < 0).mean(0))
+    assert pos["n_tokens"][0] == flat.shape[0]
+    assert all(sum(c) == min(64, windows.n_windows) * 8 for c in pos["hist_counts"].to_list())
+
+
+def test_splits_never_leak(recorded):
+    """No window the explainer sees (train) may score its explanation: a known peer defect."""
+    _, _, ref, _ = recorded
+    recs = pl.concat([pl.read_parquet(ref.records_path(L)) for L in (0, 2)])
+    per_window = recs.group_by("layer", "unit", "polarity", "window_id").agg(pl.col("split").n_unique().alias("n"),
+                                                                             pl.len().alias("rows"))
+    assert per_window["rows"].max() == 1, "a window appears twice for one unit"
+    train = recs.filter(pl.col("split") == "train").select("layer", "unit", "polarity", "window_id")
+    scoring = recs.filter(pl.col("split") != "train").select("layer", "unit", "polarity", "window_id")
+    assert train.join(scoring, on=["layer", "unit", "polarity", "window_id"]).height == 0
+    assert recs.filter((pl.col("kind") == "random") & (pl.col("split") == "train")).height == 0
+
+
+def test_top_windows_are_dealt_in_turn(recorded):
+    _, _, ref, _ = recorded
+    top = pl.read_parquet(ref.records_path(0)).filter(pl.col("kind") == "top")
+    one = top.filter((pl.col("unit") == 3) & (pl.col("polarity") == 1)).sort("rank")
+    assert one["split"].to_list()[:8] == ["train", "calib", "valid", "test"] * 2
+    counts = top.group_by("split").len().sort("split")["len"].to_list()
+    assert max(counts) - min(counts) <= top.select(pl.struct("unit", "polarity").n_unique()).item()
+
+
+def test_every_unit_has_all_kinds(recorded):
+    subject, _, ref, _ = recorded
+    recs = pl.read_parquet(ref.records_path(2))
+    kinds = recs.group_by("unit", "polarity", "kind").len()
+    assert kinds.filter(pl.col("kind") == "top")["len"].min() == CFG["top_k"]
+    assert kinds.filter(pl.col("kind") == "random")["len"].min() == CFG["n_random"]
+    assert kinds.filter(pl.col("kind") == "quantile").height == subject.n_units * 2
+
+
+def test_rerun_reuses_the_content_addressed_output(recorded):
+    subject, windows, ref, out = recorded
+    before = ref.records_path(0).stat().st_mtime_ns
+    again = record_layers(subject, windows, RecordConfig([2, 0], **CFG), out)
+    assert again.directory == ref.directory
+    assert ref.records_path(0).stat().st_mtime_ns == before
+    other = record_layers(subject, windows, RecordConfig([0], **CFG), out)
+    assert other.directory != ref.directory
+    assert not list(out.rglob("*.tmp")), "no temporary files left behind"
+
+
+def test_too_few_windows_is_a_clear_error(tiny_llama_dir, prose_file, tmp_path):
+    subject = load_subject(tiny_llama_dir)
+    windows = build_windows(subject, str(prose_file), tmp_path, window_len=64)
+    with pytest.raises(UserError, match=r"only \d+ windows.*need at least 1030"):
+        record_layers(subject, windows, RecordConfig([0], top_k=1000, n_random=30), tmp_path)
+    assert not (tmp_path / "records").exists(), "nothing half-written"
+
+
+def test_corpus_shorter_than_a_window(tiny_llama_dir, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("Just a few words.")
+    with pytest.raises(UserError, match="shorter than one window of 64 tokens"):
+        build_windows(load_subject(tiny_llama_dir), str(short), tmp_path / "out")
+    assert not list((tmp_path / "out").rglob("*.parquet"))

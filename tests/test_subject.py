@@ -1,0 +1,90 @@
+"""Neurons are the MLP hidden units: checked against a hand computation on tiny real models."""
+
+import pytest
+import torch
+
+from autoexplain.errors import UserError
+from autoexplain.subject import load_subject, wrap
+
+
+def test_llama_units_are_gated_product(tiny_llama_dir):
+    subject = load_subject(tiny_llama_dir)
+    assert (subject.n_layers, subject.n_units) == (3, 48)
+    ids = torch.randint(0, 1000, (2, 8))
+    acts = subject.mlp_activations(ids, [1])[1]
+
+    # Recompute layer 1's MLP input by hand from the hidden state entering that layer.
+    model = subject.model
+    seen = {}
+    handle = model.model.layers[1].mlp.register_forward_hook(lambda m, a, o: seen.setdefault("x", a[0]))
+    with torch.inference_mode():
+        model(input_ids=ids)
+    handle.remove()
+    mlp = model.model.layers[1].mlp
+    with torch.inference_mode():
+        expected = mlp.act_fn(mlp.gate_proj(seen["x"])) * mlp.up_proj(seen["x"])
+    torch.testing.assert_close(acts, expected)
+    assert (acts < 0).any() and (acts > 0).any(), "gated units fire both ways"
+
+
+def test_gpt2_units_are_post_activation(tiny_gpt2_dir):
+    subject = load_subject(tiny_gpt2_dir)
+    assert (subject.n_layers, subject.n_units) == (2, 40)
+    ids = torch.randint(0, 1000, (2, 8))
+    acts = subject.mlp_activations(ids, [0, 1])
+    model = subject.model
+    seen = {}
+    handle = model.transformer.h[1].mlp.register_forward_hook(lambda m, a, o: seen.setdefault("x", a[0]))
+    with torch.inference_mode():
+        model(input_ids=ids)
+    handle.remove()
+    mlp = model.transformer.h[1].mlp
+    with torch.inference_mode():
+        expected = mlp.act(mlp.c_fc(seen["x"]))
+    torch.testing.assert_close(acts[1], expected)
+    assert set(acts) == {0, 1}
+
+
+def test_pass_stops_after_top_layer(tiny_llama_dir):
+    subject = load_subject(tiny_llama_dir)
+    calls = []
+    handle = subject.model.model.layers[2].register_forward_hook(lambda *a: calls.append(1))
+    subject.mlp_activations(torch.randint(0, 1000, (1, 8)), [0])
+    handle.remove()
+    assert calls == [], "layers above the highest recorded one must not run"
+
+
+def test_default_dtype_is_bf16(tiny_llama_dir):
+    assert load_subject(tiny_llama_dir).model.dtype == torch.bfloat16
+
+
+def test_layer_out_of_range(tiny_llama_dir):
+    with pytest.raises(UserError, match="out of range.*0..2"):
+        load_subject(tiny_llama_dir).check_layers([3])
+
+
+def test_unknown_model_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="cannot load model"):
+        load_subject("no-such-org/no-such-model-xyz")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no config.json"):
+        load_subject(str(tmp_path / "empty"))
+    with pytest.raises(UserError, match="does not exist"):
+        load_subject(str(tmp_path / "missing.gguf"))
+
+
+def test_model_without_known_mlp(tiny_llama_dir):
+    subject = load_subject(tiny_llama_dir)
+    for block in subject.model.model.layers:
+        block.mlp = torch.nn.Identity()  # an MLP we do not understand
+    with pytest.raises(UserError, match="no MLP layout"):
+        wrap(subject.model, subject.tokenizer, "odd-model")
+
+
+@pytest.mark.slow
+def test_embedded_default_loads_from_cache():
+    first = load_subject()
+    second = load_subject()
+    assert (second.n_layers, second.n_units) == (30, 1536)
+    assert second.fingerprint == first.fingerprint
+    assert second.load_seconds < 30
