@@ -186,7 +186,8 @@ _SUMS = {
 }
 
 
-def _resample_values(metric, ys, ps, counts) -> np.ndarray:
+def _resample_values(metric, ys, ps, idx) -> np.ndarray:
+    n_boot, n = idx.shape
     if metric in _SUMS:
         sums_of, value_from = _SUMS[metric]
         y_all, p_all = np.concatenate(ys), np.concatenate(ps)
@@ -194,13 +195,14 @@ def _resample_values(metric, ys, ps, counts) -> np.ndarray:
         per_record = np.array([sums_of(y, p, cy, cp) for y, p in zip(ys, ps)], dtype=np.float64)
         # A resample made of one constant stretch still shows float-noise variance; treat that as 0.
         tol = (1e-10 * np.max(np.abs(y_all - cy)) ** 2, 1e-10 * np.max(np.abs(p_all - cp)) ** 2)
+        flat = (np.arange(n_boot)[:, None] * n + idx).ravel()
+        counts = np.bincount(flat, minlength=n_boot * n).reshape(n_boot, n).astype(np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
             return value_from(counts @ per_record, tol)
-    out = np.full(len(counts), np.nan)
-    for b, row in enumerate(counts):
-        idx = np.repeat(np.arange(len(ys)), row)
+    out = np.full(n_boot, np.nan)
+    for b, row in enumerate(idx):
         try:
-            out[b] = metric([ys[i] for i in idx], [ps[i] for i in idx])
+            out[b] = metric([ys[i] for i in row], [ps[i] for i in row])
         except UndefinedMetric:
             pass
     return out
@@ -225,9 +227,7 @@ def bootstrap_ci(
         return None
     n = len(ys)
     idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-    flat = (np.arange(n_boot)[:, None] * n + idx).ravel()
-    counts = np.bincount(flat, minlength=n_boot * n).reshape(n_boot, n).astype(np.float64)
-    values = _resample_values(metric, ys, ps, counts)
+    values = _resample_values(metric, ys, ps, idx)
     values = values[np.isfinite(values)]
     if values.size < MIN_DEFINED_RESAMPLES * n_boot:
         return None

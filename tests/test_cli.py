@@ -1,0 +1,98 @@
+"""The command line as a user meets it: help text, and one clear line for each kind of bad input."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+EXE = [sys.executable, "-m", "autoexplain.cli"]
+
+
+def run(*args, cwd=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    return subprocess.run([*EXE, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+
+def test_help_reads_well():
+    top = run("--help")
+    assert top.returncode == 0
+    assert "record" in top.stdout and "Explain what each neuron" in top.stdout
+    rec = run("record", "--help")
+    for flag in ("--model", "--corpus", "--layers", "--tokens", "--out"):
+        assert flag in rec.stdout
+
+
+def _one_error_line(result):
+    lines = [l for l in result.stderr.splitlines() if l.strip() and "Loading weights" not in l]
+    errors = [l for l in lines if l.startswith("error:")]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(errors) == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    return errors[0]
+
+
+@pytest.fixture
+def base(tiny_llama_dir, tmp_path):
+    return ["record", "--model", tiny_llama_dir, "--out", str(tmp_path / "out"), "--window-len", "8",
+            "--top-k", "4", "--random", "4", "--reservoir", "16"]
+
+
+def test_record_runs_and_prints_the_output_folder(base, prose_file, tmp_path):
+    result = run(*base, "--corpus", str(prose_file), "--layers", "0,2", "--tokens", "2000")
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = Path(result.stdout.strip().splitlines()[-1])
+    assert folder.parent == tmp_path / "out" / "records"
+    assert pl.read_parquet(folder / "layer_2.records.parquet")["unit"].n_unique() == 48
+    assert "tok/s" in result.stderr and "ETA" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--layers", "7"], "layer 7 is out of range"),
+        (["--layers", "x"], "cannot read --layers"),
+        (["--corpus", "/no/such/file.txt"], "does not exist"),
+        (["--tokens", "0"], "--tokens must be at least 1"),
+        (["--top-k", "5000"], "need at least 5004"),
+    ],
+)
+def test_bad_input_gets_one_clear_line(base, prose_file, tmp_path, extra, needle):
+    args = [*base, "--corpus", str(prose_file), *extra]
+    line = _one_error_line(run(*args))
+    assert needle in line
+    assert not list((tmp_path / "out").rglob("records/*/*.parquet")), "nothing half-written"
+
+
+def test_bad_corpora(base, tmp_path):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\u00e9 ".encode("latin-1") * 100)
+    assert "not valid UTF-8" in _one_error_line(run(*base, "--corpus", str(latin1)))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert "is empty" in _one_error_line(run(*base, "--corpus", str(empty)))
+    short = tmp_path / "short.txt"
+    short.write_text("Too short.")
+    assert "shorter than one window" in _one_error_line(run(*base, "--corpus", str(short)))
+    unreadable = tmp_path / "locked.txt"
+    unreadable.write_text("text")
+    unreadable.chmod(0)
+    if os.geteuid() != 0:  # root reads anything
+        assert "cannot read" in _one_error_line(run(*base, "--corpus", str(unreadable)))
+
+
+def test_unknown_model(tmp_path):
+    line = _one_error_line(run("record", "--model", "no-org/no-model-here", "--out", str(tmp_path)))
+    assert "cannot load model 'no-org/no-model-here'" in line
+
+
+@pytest.mark.slow
+def test_record_on_embedded_defaults(tmp_path):
+    result = run("record", "--tokens", "4096", "--out", str(tmp_path), "--top-k", "8", "--random", "8",
+                 "--reservoir", "32")
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = Path(result.stdout.strip().splitlines()[-1])
+    recs = pl.read_parquet(folder / "layer_15.records.parquet")
+    assert recs["unit"].n_unique() == 1536 and set(recs["polarity"]) == {1, -1}
