@@ -1,0 +1,132 @@
+"""Recording benchmark on the embedded default (SmolLM2-135M, middle layer).
+
+Measures, in one process so that machine noise hits every number alike:
+- bf16 GEMM throughput, and from it the forward roofline for the layers actually run;
+- the bare truncated forward pass, and the full recording pass (selection included);
+- model load time, first (dequantise GGUF) and cached.
+Peak RSS is measured per corpus size in child processes (`--rss`), since maxrss only grows.
+
+    python bench/record_bench.py --tokens 1000000            # throughput + overhead
+    python bench/record_bench.py --rss 250000 500000 1000000 # peak RSS per corpus size
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+
+def gemm_gflops(dtype=torch.bfloat16, n=2048, reps=8) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return reps * 2 * n**3 / (time.perf_counter() - start) / 1e9
+
+
+def flops_per_token(subject, top_layer: int, window_len: int) -> float:
+    """2 x weights in the blocks that run, plus attention scores and mixing; no embedding or lm_head."""
+    cfg = subject.model.config
+    blocks = [b for b in subject.model.model.layers[: top_layer + 1]]
+    weights = sum(p.numel() for b in blocks for name, p in b.named_parameters() if p.dim() == 2)
+    attention = 2 * 2 * window_len * cfg.hidden_size * (top_layer + 1) / 2  # causal: half the pairs
+    return 2 * weights + attention
+
+
+def measure(tokens: int, layer: int | None, batch_size: int) -> dict:
+    from autoexplain.record import RecordConfig, _windows_batches, build_windows, record_layers
+    from autoexplain.subject import load_subject
+
+    t0 = time.perf_counter()
+    subject = load_subject()
+    load_s = time.perf_counter() - t0
+    layer = subject.n_layers // 2 if layer is None else layer
+    out = tempfile.mkdtemp(prefix="bench-record-")
+    windows = build_windows(subject, "default", out, 64, tokens, 0)
+    n_tok = windows.n_windows * 64
+
+    gflops_before = gemm_gflops()
+    # Bare forward: the same truncated pass over the same windows, no selection.
+    start = time.perf_counter()
+    for _ids, input_ids in _windows_batches(windows, batch_size):
+        subject.mlp_activations(input_ids, [layer])
+    bare_s = time.perf_counter() - start
+    start = time.perf_counter()
+    record_layers(subject, windows, RecordConfig([layer], batch_size=batch_size), out)
+    record_s = time.perf_counter() - start
+    gflops_after = gemm_gflops()
+
+    gflops = (gflops_before + gflops_after) / 2
+    fpt = flops_per_token(subject, layer, 64)
+    roofline = gflops * 1e9 / fpt
+    return {
+        "tokens": n_tok,
+        "layer": layer,
+        "batch_size": batch_size,
+        "load_s_cached": round(load_s, 2),
+        "gemm_bf16_gflops": round(gflops, 1),
+        "gemm_fp32_gflops": round(gemm_gflops(torch.float32), 1),
+        "mflops_per_token": round(fpt / 1e6, 1),
+        "roofline_tok_s": round(roofline),
+        "bare_forward_tok_s": round(n_tok / bare_s),
+        "record_tok_s": round(n_tok / record_s),
+        "record_pct_of_roofline": round(100 * n_tok / record_s / roofline, 1),
+        "bare_pct_of_roofline": round(100 * n_tok / bare_s / roofline, 1),
+        "selection_overhead_pct": round(100 * (record_s - bare_s) / bare_s, 1),
+    }
+
+
+def rss_child(tokens: int) -> dict:
+    from autoexplain.record import RecordConfig, build_windows, record_layers
+    from autoexplain.subject import load_subject
+
+    subject = load_subject()
+    out = tempfile.mkdtemp(prefix="bench-rss-")
+    windows = build_windows(subject, "default", out, 64, tokens, 0)
+    after_setup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    record_layers(subject, windows, RecordConfig([subject.n_layers // 2]), out)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {"tokens": windows.n_windows * 64, "peak_rss_gib": round(peak, 3),
+            "rss_after_load_gib": round(after_setup, 3)}
+
+
+def first_load_seconds() -> float:
+    """Load time with an empty conversion cache: the GGUF is dequantised and converted."""
+    with tempfile.TemporaryDirectory() as cache:
+        code = "from autoexplain.subject import load_subject; print(load_subject().load_seconds)"
+        env = {**__import__("os").environ, "AUTOEXPLAIN_CACHE": cache}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+        return float(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=1_000_000)
+    ap.add_argument("--layer", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--rss", type=int, nargs="*", help="corpus sizes to measure peak RSS for")
+    ap.add_argument("--child-rss", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child_rss:
+        print(json.dumps(rss_child(args.child_rss)))
+        return
+    if args.rss:
+        for n in args.rss:
+            out = subprocess.run([sys.executable, __file__, "--child-rss", str(n)], capture_output=True, text=True, check=True)
+            print(out.stdout.strip().splitlines()[-1], flush=True)
+        return
+    result = measure(args.tokens, args.layer, args.batch_size)
+    result["load_s_first"] = round(first_load_seconds(), 2)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
