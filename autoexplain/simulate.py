@@ -33,3 +33,172 @@ class Simulator(Protocol):
     def simulate(self, explanation: str, records: Sequence[Sequence[str]]) -> list[Simulation]:
         """records: each record's subject tokens, as decoded strings. One Simulation per record."""
         ...
+
+
+# ---------------------------------------------------------------------------------------------
+# The prompt shared by the LLM simulators.
+
+import copy  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import re  # noqa: E402
+from difflib import SequenceMatcher  # noqa: E402
+
+import torch  # noqa: E402
+
+from autoexplain.explain import ENDING, _read, escape_token, prompt_hash  # noqa: E402
+
+SIMULATOR_FILES = ("simulator_system.txt", "fewshot.json")
+PLACEHOLDER = "unknown"
+DIGITS = [str(i) for i in range(11)]
+
+
+def simulator_prompt_hash() -> str:
+    return prompt_hash(*SIMULATOR_FILES)
+
+
+def _example_blocks() -> tuple[str, int]:
+    """The few-shot neurons with their true values, so the format is clear before the unknowns."""
+    blocks = []
+    neurons = json.loads(_read("fewshot.json"))["neurons"]
+    for n, neuron in enumerate(neurons, 1):
+        records = "\n".join(
+            "<start>\n" + "\n".join(f"{escape_token(t)}\t{v}" for t, v in rec) + "\n<end>" for rec in neuron["records"]
+        )
+        blocks.append(f"Neuron {n}\nExplanation: {ENDING} {neuron['explanation']}.\nActivations:\n{records}\n\n")
+    return "".join(blocks), len(neurons) + 1
+
+
+def simulator_prefix(explanation: str) -> str:
+    """Everything before the target record's tokens: identical for every record of one unit."""
+    system = _read("simulator_system.txt").strip()
+    examples, number = _example_blocks()
+    return f"{system}\n\n{examples}Neuron {number}\nExplanation: {ENDING} {explanation}.\nActivations:\n<start>\n"
+
+
+def simulator_body(tokens: Sequence[str]) -> tuple[str, list[int]]:
+    """The record as `token<TAB>unknown` lines, and the character offset of each placeholder."""
+    parts, offsets, pos = [], [], 0
+    for t in tokens:
+        line = f"{escape_token(t)}\t"
+        offsets.append(pos + len(line))
+        parts.append(f"{line}{PLACEHOLDER}\n")
+        pos += len(line) + len(PLACEHOLDER) + 1
+    return "".join(parts) + "<end>", offsets
+
+
+def expected_value(digit_logprobs: dict[int, float]) -> float | None:
+    """Renormalise the probability mass on "0".."10" and take the mean; None if no digit is there."""
+    if not digit_logprobs:
+        return None
+    top = max(digit_logprobs.values())
+    weights = {d: math.exp(lp - top) for d, lp in digit_logprobs.items()}
+    return sum(d * w for d, w in weights.items()) / sum(weights.values())
+
+
+def _failed_positions(values: list[float | None], n: int) -> Simulation:
+    missing = sum(v is None for v in values)
+    if missing:
+        return Simulation(None, f"{missing} of {n} tokens had no digit among the top logprobs")
+    return Simulation([float(v) for v in values])
+
+
+class AllAtOnceSimulator:
+    """The reference simulator: one pass over `token<TAB>unknown` lines, digits' expected value.
+
+    With a local model (an object with `.model` and `.tokenizer`) it reads the logits directly,
+    computes the unit's prompt prefix once and runs all records as one batch on a copy of that
+    KV cache. With a server it asks for prompt logprobs (`echo=True`), one request per record.
+    """
+
+    def __init__(self, llm, batch_size: int = 16, top_logprobs: int = 15, reuse_prefix: bool = True):
+        self.llm = llm
+        self.batch_size = batch_size
+        self.top_logprobs = top_logprobs
+        self.reuse_prefix = reuse_prefix
+        self.name = f"all-at-once:{getattr(llm, 'name', type(llm).__name__)}"
+
+    def simulate(self, explanation: str, records: Sequence[Sequence[str]]) -> list[Simulation]:
+        if hasattr(self.llm, "model") and hasattr(self.llm, "tokenizer"):
+            return self._local(explanation, records)
+        return self._server(explanation, records)
+
+    # -- server: prompt logprobs ------------------------------------------------------------
+    def _server(self, explanation, records):
+        prefix = simulator_prefix(explanation)
+        bodies = [simulator_body(r) for r in records]
+        results = self.llm.prompt_logprobs([prefix + body for body, _ in bodies], top=self.top_logprobs)
+        sims = []
+        for (body, offsets), res in zip(bodies, results):
+            starts = {off: i for i, off in enumerate(res.offsets)}
+            values = []
+            for off in offsets:
+                i = starts.get(len(prefix) + off)
+                top = res.top_logprobs[i] if i is not None and i < len(res.top_logprobs) else {}
+                digits = {int(k.strip()): lp for k, lp in (top or {}).items() if k.strip() in DIGITS}
+                values.append(expected_value(digits))
+            sim = _failed_positions(values, len(offsets))
+            sim.prompt_tokens = res.prompt_tokens
+            sims.append(sim)
+        return sims
+
+    # -- local: logits, batched, shared prefix -------------------------------------------------
+    @torch.inference_mode()
+    def _local(self, explanation, records):
+        tok, model = self.llm.tokenizer, self.llm.model
+        device = next(model.parameters()).device
+        digit_ids = {d: tok.convert_tokens_to_ids(str(d)) for d in range(11)}
+        # Only digits that are single tokens can be read at one position ("10" is two in many BPEs).
+        digit_ids = {d: i for d, i in digit_ids.items() if i is not None and i != tok.unk_token_id
+                     and tok.convert_ids_to_tokens(i) == str(d)}
+        ids_tensor = torch.tensor(list(digit_ids.values()), device=device)
+        prefix_ids = tok(simulator_prefix(explanation), add_special_tokens=False)["input_ids"]
+        encoded = []
+        for tokens in records:
+            body, offsets = simulator_body(tokens)
+            enc = tok(body, add_special_tokens=False, return_offsets_mapping=True)
+            starts = {a: i for i, (a, _b) in enumerate(enc["offset_mapping"])}
+            encoded.append((enc["input_ids"], [starts.get(o) for o in offsets]))
+
+        prefix_cache = None
+        if self.reuse_prefix:
+            prefix_cache = model.base_model(input_ids=torch.tensor([prefix_ids], device=device), use_cache=True).cache
+        sims: list[Simulation] = []
+        for start in range(0, len(encoded), self.batch_size):
+            chunk = encoded[start : start + self.batch_size]
+            logits = self._batch_logits(model, device, prefix_ids, prefix_cache, [c[0] for c in chunk], ids_tensor)
+            for row, (ids, positions) in enumerate(chunk):
+                values = []
+                for p in positions:
+                    if p is None:
+                        values.append(None)
+                        continue
+                    # The logits that predict body token p sit at p - 1; p >= 1 since a tab precedes it.
+                    lp = logits[row, p - 1].float()
+                    lp = (lp[ids_tensor] if lp.shape[-1] > len(digit_ids) else lp).tolist()
+                    values.append(expected_value(dict(zip(digit_ids, lp))))
+                sims.append(_failed_positions(values, len(positions)))
+                sims[-1].prompt_tokens = len(prefix_ids) + len(ids)
+        return sims
+
+    def _batch_logits(self, model, device, prefix_ids, prefix_cache, bodies, digit_rows):
+        width = max(len(b) for b in bodies)
+        pad = 0
+        if prefix_cache is None:  # the naive path: every record re-reads the whole prompt
+            rows = [prefix_ids + b + [pad] * (width - len(b)) for b in bodies]
+            out = model(input_ids=torch.tensor(rows, device=device), use_cache=False)
+            return out.logits[:, len(prefix_ids):]
+        cache = copy.deepcopy(prefix_cache)
+        cache.batch_repeat_interleave(len(bodies))
+        rows = torch.tensor([b + [pad] * (width - len(b)) for b in bodies], device=device)
+        # Right padding under a causal mask: real positions never attend to the pads after them.
+        mask = torch.ones(len(bodies), len(prefix_ids) + width, dtype=torch.long, device=device)
+        positions = torch.arange(len(prefix_ids), len(prefix_ids) + width, device=device).expand(len(bodies), -1)
+        hidden = model.base_model(input_ids=rows, cache=cache, attention_mask=mask, position_ids=positions,
+                                  use_cache=True).last_hidden_state
+        # Only the digit rows of the output layer: the softmax over the whole vocabulary cancels when
+        # the digits' mass is renormalised, and the full lm_head would dominate the cost.
+        head = model.get_output_embeddings()
+        weight = head.weight[digit_rows]
+        bias = head.bias[digit_rows] if getattr(head, "bias", None) is not None else None
+        return torch.nn.functional.linear(hidden, weight, bias)

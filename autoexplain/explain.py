@@ -1,0 +1,194 @@
+"""Explain: show an explainer LLM a unit's top train records and ask what the unit looks for.
+
+The prompt follows the reference format: `token<TAB>activation` lines between `<start>` and `<end>`,
+activations normalised to integers 0-10 by the maximum over the records shown, a repeat of only the
+non-zero lines when fewer than 20 % are non-zero, hand-written few-shot neurons, and a final line
+ending in "the main thing this neuron does is find" for the model to complete.
+
+The prompt files live in `autoexplain/prompts/`; `explainer_prompt_hash()` is stored with every
+explanation, so editing a prompt file changes what depends on it and nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Sequence
+
+from autoexplain.records import ActivationRecord
+
+PROMPTS = Path(__file__).parent / "prompts"
+EXPLAINER_FILES = ("explainer_system.txt", "fewshot.json")
+ENDING = "the main thing this neuron does is find"
+SPARSE_FRACTION = 0.2
+
+
+@cache
+def _read(name: str) -> str:
+    return (PROMPTS / name).read_text(encoding="utf-8")
+
+
+def prompt_hash(*names: str) -> str:
+    h = hashlib.sha256()
+    for name in names:
+        h.update(name.encode() + b"\0" + _read(name).encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def explainer_prompt_hash() -> str:
+    return prompt_hash(*EXPLAINER_FILES)
+
+
+def escape_token(token: str) -> str:
+    """Keep one token per line: newlines and tabs inside a token would break the format."""
+    return token.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
+
+
+def normalise(records: Sequence[Sequence[float]], max_value: float | None = None) -> list[list[int]]:
+    """min(10, floor(10 * relu(a) / max)), max over the records shown; all zeros if nothing fires."""
+    top = max_value if max_value is not None else max((max(r) for r in records if len(r)), default=0.0)
+    if not top or top <= 0 or not math.isfinite(top):
+        return [[0] * len(r) for r in records]
+    return [[min(10, math.floor(10 * max(a, 0.0) / top)) for a in r] for r in records]
+
+
+def format_records(records: Sequence[tuple[Sequence[str], Sequence[int]]]) -> str:
+    blocks = []
+    for tokens, values in records:
+        lines = [f"{escape_token(t)}\t{v}" for t, v in zip(tokens, values)]
+        blocks.append("<start>\n" + "\n".join(lines) + "\n<end>")
+        nonzero = [line for line, v in zip(lines, values) if v > 0]
+        if 0 < len(nonzero) < SPARSE_FRACTION * len(lines):
+            blocks.append("Same activations, with the zeros left out:\n<start>\n" + "\n".join(nonzero) + "\n<end>")
+    return "\n".join(blocks)
+
+
+def _neuron_block(number: int, records: Sequence[tuple[Sequence[str], Sequence[int]]]) -> str:
+    return f"Neuron {number}\nActivations:\n{format_records(records)}\n"
+
+
+def _ending(number: int) -> str:
+    return f"Explanation of neuron {number} behavior: {ENDING}"
+
+
+@dataclass
+class ExplainerPrompt:
+    system: str
+    shots: list[tuple[str, str]]  # (neuron block, explanation)
+    target: str
+    number: int
+
+    def text(self) -> str:
+        """One completion-style prompt, for base models and /v1/completions."""
+        parts = [self.system, ""]
+        for i, (block, explanation) in enumerate(self.shots, 1):
+            parts += [block, f"{_ending(i)} {explanation}.", ""]
+        parts += [self.target, _ending(self.number)]
+        return "\n".join(parts)
+
+    def messages(self) -> list[dict]:
+        """The same content as chat turns; the reply is read as the completion of the last line."""
+        msgs = [{"role": "system", "content": self.system}]
+        for i, (block, explanation) in enumerate(self.shots, 1):
+            msgs += [{"role": "user", "content": f"{block}\n{_ending(i)}..."},
+                     {"role": "assistant", "content": f"{explanation}."}]
+        msgs.append({"role": "user", "content": f"{self.target}\n{_ending(self.number)}..."})
+        return msgs
+
+
+def build_prompt(records: Sequence[ActivationRecord], max_shots: int = 3) -> ExplainerPrompt:
+    fewshot = json.loads(_read("fewshot.json"))["neurons"][:max_shots]
+    shots = []
+    for n, neuron in enumerate(fewshot, 1):
+        recs = [([t for t, _ in r], [v for _, v in r]) for r in neuron["records"]]
+        shots.append((_neuron_block(n, recs), neuron["explanation"]))
+    values = normalise([r.activations for r in records])
+    number = len(shots) + 1
+    target = _neuron_block(number, [(r.tokens, v) for r, v in zip(records, values)])
+    return ExplainerPrompt(_read("explainer_system.txt").strip(), shots, target, number)
+
+
+def clean_explanation(text: str) -> str:
+    """First sentence of a completion, without a trailing period or a repeated prompt fragment."""
+    text = text.strip().split("\n")[0]
+    text = re.sub(rf"^.*?{re.escape(ENDING)}\s*", "", text, flags=re.I)
+    text = re.split(r"(?<=[a-z0-9\)'\"])\.\s", text + " ", maxsplit=1)[0]
+    return text.strip().rstrip(".").strip()[:300]
+
+
+@dataclass
+class Explanation:
+    text: str
+    candidates: list[str] = field(default_factory=list)
+    prompt_hash: str = ""
+    explainer: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def explain(llm, records: Sequence[ActivationRecord], k: int = 4, temperature: float = 1.0,
+            max_tokens: int = 60, chat: bool = False) -> Explanation:
+    """Sample k candidate explanations for one unit from its train records."""
+    return explain_many(llm, [records], k, temperature, max_tokens, chat)[0]
+
+
+def explain_many(llm, units: Sequence[Sequence[ActivationRecord]], k: int = 4, temperature: float = 1.0,
+                 max_tokens: int = 60, chat: bool = False) -> list[Explanation]:
+    """Batched over units: one request batch to the LLM for all of them."""
+    prompts = [build_prompt(recs) for recs in units]
+    if chat:
+        results = llm.chat([p.messages() for p in prompts for _ in range(k)], temperature=temperature, max_tokens=max_tokens)
+        grouped = [results[i * k : (i + 1) * k] for i in range(len(prompts))]
+    else:
+        grouped = llm.complete([p.text() for p in prompts], n=k, temperature=temperature, max_tokens=max_tokens)
+    phash = explainer_prompt_hash()
+    out = []
+    for samples in grouped:
+        texts = [clean_explanation(s.text) for s in samples]
+        texts = [t for t in dict.fromkeys(texts) if t]  # unique, non-empty, in sampled order
+        out.append(Explanation(
+            text=texts[0] if texts else "",
+            candidates=texts,
+            prompt_hash=phash,
+            explainer=getattr(llm, "name", type(llm).__name__),
+            prompt_tokens=sum(s.prompt_tokens for s in samples),
+            completion_tokens=sum(s.completion_tokens for s in samples),
+        ))
+    return out
+
+
+def token_lookup_explanation(records: Sequence[ActivationRecord], n: int = 5, min_count: int = 1) -> str:
+    """Baseline: the tokens with the highest mean activation over the records shown."""
+    sums: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    for r in records:
+        for t, a in zip(r.tokens, r.activations):
+            key = t.strip()
+            if key:
+                sums[key] += a
+                counts[key] += 1
+    ranked = sorted((s / counts[t], t) for t, s in sums.items() if counts[t] >= min_count)[::-1]
+    words = [t for mean, t in ranked[:n] if mean > 0]
+    return "the tokens " + ", ".join(f'"{w}"' for w in words) if words else "nothing in particular"
+
+
+def shuffled_explanations(explanations: Sequence[str], seed: int = 0) -> list[str]:
+    """Baseline: each unit gets another unit's explanation (a derangement when there are two or more)."""
+    n = len(explanations)
+    if n < 2:
+        return list(explanations)
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    shift = int(rng.integers(1, n))
+    order = rng.permutation(n)
+    result = [""] * n
+    for i in range(n):
+        result[order[i]] = explanations[order[(i + shift) % n]]
+    return result

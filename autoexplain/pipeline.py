@@ -1,0 +1,170 @@
+"""Explain -> simulate -> score for a batch of units, as three stages with table outputs.
+
+The stages are split where their inputs differ, so that a cache in front of each reruns only what
+an edit touches:
+- `explain_stage` depends on the records' train split and the explainer (model + prompt). It
+  samples k candidates per unit and adds the token-lookup baseline.
+- `simulate_stage` depends on the candidates and the simulator. It picks the best candidate by its
+  correlation on the *valid* split, then simulates the chosen explanation, the baselines and a
+  shuffled control on the calib and test splits.
+- `score_stage` turns simulations into metrics on the *test* split, with bootstrap CIs.
+Selection (valid) and reporting (test) never share a split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from autoexplain import scoring
+from autoexplain.explain import explain_many, shuffled_explanations, token_lookup_explanation
+from autoexplain.records import UnitRecords
+from autoexplain.simulate import Simulation
+from schemas import load_schema
+
+LLM, LOOKUP, SHUFFLED = "llm", "token-lookup", "shuffled"
+SCORED_KINDS = ("top", "random")
+
+
+@dataclass
+class ExplainConfig:
+    k: int = 4  # candidates sampled per unit
+    n_shown: int = 10  # train records shown to the explainer, strongest first
+    temperature: float = 1.0
+    max_tokens: int = 60
+    chat: bool = False
+    batch_units: int = 8  # units per explainer request batch
+
+
+def shown_records(unit: UnitRecords, n: int):
+    """The explainer sees only train records: top ones first, then quantile ones."""
+    train = unit.select(split="train")
+    return sorted(train, key=lambda r: (r.kind != "top", -r.max_activation))[:n]
+
+
+def explain_stage(units: Sequence[UnitRecords], llm, cfg: ExplainConfig) -> pa.Table:
+    rows = []
+    for start in range(0, len(units), cfg.batch_units):
+        batch = units[start : start + cfg.batch_units]
+        shown = [shown_records(u, cfg.n_shown) for u in batch]
+        explained = explain_many(llm, shown, cfg.k, cfg.temperature, cfg.max_tokens, cfg.chat)
+        for unit, recs, exp in zip(batch, shown, explained):
+            rows.append(_explanation_row(unit, LLM, exp.explainer, exp.prompt_hash, exp.text, exp.candidates,
+                                         exp.prompt_tokens, exp.completion_tokens))
+            lookup = token_lookup_explanation(recs)
+            rows.append(_explanation_row(unit, LOOKUP, "token-lookup", "", lookup, [lookup], 0, 0))
+    return _table(rows, "explanations")
+
+
+def _explanation_row(unit, method, explainer, phash, text, candidates, p_tok, c_tok, cand_scores=None):
+    n = unit.neuron
+    return {"layer": n.layer, "unit": n.index, "polarity": n.polarity, "method": method, "explainer": explainer,
+            "prompt_hash": phash, "text": text, "candidates": list(candidates),
+            "candidate_valid_scores": list(cand_scores or []), "prompt_tokens": p_tok, "completion_tokens": c_tok}
+
+
+def _scoring_records(unit: UnitRecords, split: str):
+    return [r for r in unit.records if r.split == split and r.kind in SCORED_KINDS]
+
+
+def _valid_correlation(records, sims: list[Simulation]) -> float:
+    """Top-and-random correlation on the valid split; -inf when undefined, so it is never picked."""
+    pairs = [(r.activations, s.expected) for r, s in zip(records, sims) if s.ok]
+    try:
+        return scoring.correlation([p[0] for p in pairs], [p[1] for p in pairs])
+    except scoring.UndefinedMetric:
+        return float("-inf")
+
+
+def simulate_stage(units: Sequence[UnitRecords], explanations: pa.Table, simulator, seed: int = 0):
+    """Returns (chosen explanations table, simulations table)."""
+    by_key = {}
+    for row in explanations.to_pylist():
+        by_key[(row["unit"], row["polarity"], row["method"])] = row
+    chosen_rows, sim_rows = [], []
+    final: dict[str, list[str]] = {LLM: [], LOOKUP: []}
+    sim_name = getattr(simulator, "name", type(simulator).__name__)
+    phash = getattr(simulator, "prompt_hash", "")
+    for unit in units:
+        key = (unit.neuron.index, unit.neuron.polarity)
+        row = by_key[(*key, LLM)]
+        valid = _scoring_records(unit, "valid")
+        scores = []
+        for text in row["candidates"]:
+            sims = simulator.simulate(text, [r.tokens for r in valid])
+            scores.append(_valid_correlation(valid, sims))
+        best = row["candidates"][int(np.argmax(scores))] if scores else ""
+        chosen_rows.append({**row, "text": best,
+                            "candidate_valid_scores": [s if np.isfinite(s) else float("nan") for s in scores]})
+        chosen_rows.append(by_key[(*key, LOOKUP)])
+        final[LLM].append(best)
+        final[LOOKUP].append(by_key[(*key, LOOKUP)]["text"])
+    final[SHUFFLED] = shuffled_explanations(final[LLM], seed=seed)
+    for i, unit in enumerate(units):
+        for method in (LLM, LOOKUP, SHUFFLED):
+            recs = [r for r in unit.records if r.kind in SCORED_KINDS and r.split in ("calib", "test")]
+            sims = simulator.simulate(final[method][i], [r.tokens for r in recs])
+            for r, s in zip(recs, sims):
+                n = unit.neuron
+                sim_rows.append({"layer": n.layer, "unit": n.index, "polarity": n.polarity, "method": method,
+                                 "simulator": sim_name, "prompt_hash": phash, "window_id": r.window_id,
+                                 "kind": r.kind, "split": r.split, "expected": s.expected, "failure": s.failure})
+        if len(units) > 1:
+            chosen_rows.append(_explanation_row(unit, SHUFFLED, "shuffled", "", final[SHUFFLED][i],
+                                                [final[SHUFFLED][i]], 0, 0))
+    return _table(chosen_rows, "explanations"), _table(sim_rows, "simulations")
+
+
+def score_stage(units: Sequence[UnitRecords], simulations: pa.Table, explanations: pa.Table | None = None,
+                n_boot: int = 1000, seed: int = 0) -> pa.Table:
+    sims_of: dict[tuple, dict[int, dict]] = {}
+    for row in simulations.to_pylist():
+        sims_of.setdefault((row["unit"], row["polarity"], row["method"], row["simulator"]), {})[row["window_id"]] = row
+    cost = {}
+    if explanations is not None:
+        for row in explanations.to_pylist():
+            cost[(row["unit"], row["polarity"], row["method"])] = row["prompt_tokens"] + row["completion_tokens"]
+    out = []
+    for unit in units:
+        n = unit.neuron
+        for (u, pol, method, sim_name), by_window in sims_of.items():
+            if (u, pol) != (n.index, n.polarity):
+                continue
+            recs = [r for r in unit.records if r.window_id in by_window]
+            srecs = []
+            for r in recs:
+                row = by_window[r.window_id]
+                expected = row["expected"]
+                srecs.append(scoring.ScoringRecord(np.asarray(r.activations, dtype=float),
+                                                   None if expected is None else np.asarray(expected, dtype=float),
+                                                   r.kind, r.split))
+            metrics = scoring.score_unit(srecs, split="test", calib_split="calib", n_boot=n_boot, seed=seed)
+            metrics["detection_auc"] = _detection(srecs)
+            for metric, s in metrics.items():
+                out.append({"layer": n.layer, "unit": n.index, "polarity": n.polarity, "method": method,
+                            "simulator": sim_name, "split": "test", "metric": metric, "value": s.value,
+                            "ci_low": s.ci_low, "ci_high": s.ci_high, "undefined_reason": s.undefined_reason,
+                            "n_records": s.n_records, "n_failed": s.n_failed,
+                            "explainer_tokens": cost.get((u, pol, method), 0), "simulator_tokens": 0})
+    return _table(out, "scores")
+
+
+def _detection(srecs) -> scoring.Score:
+    """AUC of telling top (activating) from random windows by the simulation's window maximum."""
+    ok = [r for r in srecs if r.split == "test" and r.expected is not None]
+    pos = [float(np.max(r.expected)) for r in ok if r.kind == "top"]
+    neg = [float(np.max(r.expected)) for r in ok if r.kind == "random"]
+    failed = sum(r.expected is None for r in srecs if r.split == "test")
+    if not pos or not neg:
+        return scoring.Score(None, None, None, "no activating or no non-activating windows", len(ok), failed)
+    return scoring.Score(scoring.detection_auc(pos, neg), None, None, None, len(ok), failed)
+
+
+def _table(rows: list[dict], schema_name: str) -> pa.Table:
+    schema = load_schema(schema_name)
+    if not rows:
+        return schema.empty_table()
+    return pa.Table.from_pylist(rows, schema=schema)
