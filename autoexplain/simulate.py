@@ -41,8 +41,6 @@ class Simulator(Protocol):
 import copy  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import re  # noqa: E402
-from difflib import SequenceMatcher  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -117,9 +115,14 @@ class AllAtOnceSimulator:
         self.top_logprobs = top_logprobs
         self.reuse_prefix = reuse_prefix
         self.name = f"all-at-once:{getattr(llm, 'name', type(llm).__name__)}"
+        self.prompt_hash = simulator_prompt_hash()
+        # A LocalLLM wraps a Subject; a Subject itself also works. Anything else is a server.
+        self.local = getattr(llm, "subject", llm)
+        if not (hasattr(self.local, "model") and hasattr(self.local, "tokenizer")):
+            self.local = None
 
     def simulate(self, explanation: str, records: Sequence[Sequence[str]]) -> list[Simulation]:
-        if hasattr(self.llm, "model") and hasattr(self.llm, "tokenizer"):
+        if self.local is not None:
             return self._local(explanation, records)
         return self._server(explanation, records)
 
@@ -145,7 +148,7 @@ class AllAtOnceSimulator:
     # -- local: logits, batched, shared prefix -------------------------------------------------
     @torch.inference_mode()
     def _local(self, explanation, records):
-        tok, model = self.llm.tokenizer, self.llm.model
+        tok, model = self.local.tokenizer, self.local.model
         device = next(model.parameters()).device
         digit_ids = {d: tok.convert_tokens_to_ids(str(d)) for d in range(11)}
         # Only digits that are single tokens can be read at one position ("10" is two in many BPEs).

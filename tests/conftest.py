@@ -13,6 +13,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
+# The real llama.cpp server and the fault-injecting server, as fixtures for every test module.
+pytest_plugins = ("tests.llama_server",)
+
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():

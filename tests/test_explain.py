@@ -1,0 +1,69 @@
+"""The explainer prompt format, the baselines, and candidate sampling on a real tiny local model."""
+
+import pytest
+
+from autoexplain.explain import (
+    ENDING,
+    build_prompt,
+    clean_explanation,
+    explain,
+    explainer_prompt_hash,
+    format_records,
+    normalise,
+    shuffled_explanations,
+    token_lookup_explanation,
+)
+from autoexplain.records import ActivationRecord
+
+
+def rec(tokens, acts, **kw):
+    return ActivationRecord(list(tokens), list(acts), **kw)
+
+
+def test_normalise_is_relu_floor_by_shown_max():
+    assert normalise([[0.0, 1.0, 2.0], [-3.0, 0.5, 4.0]]) == [[0, 2, 5], [0, 1, 10]]
+    assert normalise([[0.0, -1.0]]) == [[0, 0]], "nothing fires: all zeros, no division by zero"
+
+
+def test_sparse_records_repeat_nonzero_lines():
+    text = format_records([(["a", "b", "c", "d", "e", "f"], [0, 0, 7, 0, 0, 0])])
+    assert text.count("<start>") == 2 and "zeros left out:\n<start>\nc\t7\n<end>" in text
+    dense = format_records([(["a", "b"], [3, 4])])
+    assert dense.count("<start>") == 1
+
+
+def test_prompt_format_and_ending():
+    records = [rec([" river", "\n", " \tx"], [2.0, 0.0, 1.0]), rec([" sea"], [4.0])]
+    prompt = build_prompt(records)
+    text = prompt.text()
+    assert text.endswith(f"Explanation of neuron 4 behavior: {ENDING}")
+    assert " river\t5" in text and " sea\t10" in text
+    assert "\\n\t0" in text and " \\tx\t2" in text, "tabs and newlines inside tokens are escaped"
+    assert text.count("Explanation of neuron") == 4, "three few-shot neurons precede the target"
+    msgs = prompt.messages()
+    assert msgs[0]["role"] == "system" and msgs[-1]["content"].endswith(f"{ENDING}...")
+    assert len(explainer_prompt_hash()) == 16
+
+
+def test_clean_explanation():
+    assert clean_explanation(" years written in digits. Also other stuff\nmore") == "years written in digits"
+    assert clean_explanation(f"Sure: {ENDING} animals.") == "animals"
+
+
+def test_token_lookup_and_shuffle_baselines():
+    records = [rec([" God", " said", " God"], [9.0, 0.0, 7.0]), rec([" Lord", " the"], [5.0, 0.1])]
+    assert token_lookup_explanation(records, n=2) == 'the tokens "God", "Lord"'
+    shuffled = shuffled_explanations(["a", "b", "c", "d"], seed=1)
+    assert sorted(shuffled) == ["a", "b", "c", "d"]
+    assert all(s != o for s, o in zip(shuffled, ["a", "b", "c", "d"])), "no unit keeps its own explanation"
+
+
+def test_explain_samples_k_candidates_on_a_local_model(tiny_llama_dir):
+    from autoexplain.llm import LocalLLM
+
+    llm = LocalLLM(tiny_llama_dir)
+    with llm.track() as usage:
+        result = explain(llm, [rec([" a", " b"], [1.0, 3.0])], k=3, max_tokens=8)
+    assert 1 <= len(result.candidates) <= 3, "random weights still produce some text"
+    assert result.prompt_hash == explainer_prompt_hash()
+    assert usage.completion_tokens > 0 and result.prompt_tokens > 0

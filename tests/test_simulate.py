@@ -1,0 +1,54 @@
+"""The all-at-once simulator: prompt layout, the prefix-cached batched path against the naive one,
+and the server path against a real llama.cpp server."""
+
+import math
+
+import pytest
+
+from autoexplain.simulate import AllAtOnceSimulator, expected_value, simulator_body, simulator_prefix
+from autoexplain.subject import load_subject
+
+RECORDS = [[" The", " river", " ran", " in", " 18", "54", "."], [" Seven", " grey", " cats", "\n", "!"]]
+
+
+def test_body_places_one_placeholder_per_subject_token():
+    body, offsets = simulator_body([" a", "\n", "b\tc"])
+    assert body.startswith(" a\tunknown\n\\n\tunknown\nb\\tc\tunknown\n")
+    assert [body[o : o + 7] for o in offsets] == ["unknown"] * 3
+    assert "years" in simulator_prefix("years")
+
+
+def test_expected_value_renormalises_digits():
+    assert expected_value({0: math.log(0.2), 10: math.log(0.2)}) == pytest.approx(5.0)
+    assert expected_value({3: -0.1}) == pytest.approx(3.0)
+    assert expected_value({}) is None, "no digit: missing, never zero"
+
+
+def test_prefix_cached_batch_matches_one_pass_per_record(tiny_llama_dir):
+    subject = load_subject(tiny_llama_dir)
+    fast = AllAtOnceSimulator(subject, batch_size=8).simulate("numbers", RECORDS)
+    slow = AllAtOnceSimulator(subject, batch_size=1, reuse_prefix=False).simulate("numbers", RECORDS)
+    for f, s, tokens in zip(fast, slow, RECORDS):
+        assert f.ok and len(f.expected) == len(tokens)
+        assert all(0 <= v <= 10 for v in f.expected)
+        assert f.expected == pytest.approx(s.expected, abs=0.25)  # bf16 rounding differs between paths
+
+
+@pytest.mark.slow
+def test_server_echo_logprobs(llama_server):
+    from autoexplain.llm import OpenAILLM
+
+    llm = OpenAILLM("smollm2", llama_server.base_url)
+    sims = AllAtOnceSimulator(llm).simulate("numbers and years", RECORDS)
+    for sim, tokens in zip(sims, RECORDS):
+        if sim.ok:
+            assert len(sim.expected) == len(tokens) and all(0 <= v <= 10 for v in sim.expected)
+        else:
+            assert "no digit" in sim.failure, "a miss is reported, not zero-filled"
+        assert sim.prompt_tokens > 100
+    assert any(s.ok for s in sims)
+    local = AllAtOnceSimulator(load_subject()).simulate("numbers and years", RECORDS)
+    # Same weights (the GGUF is quantised on the server, dequantised to bf16 locally): close predictions.
+    ok = [(a, b) for a, b in zip(sims, local) if a.ok]
+    for a, b in ok:
+        assert max(abs(x - y) for x, y in zip(a.expected, b.expected)) < 2.5
