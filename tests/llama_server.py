@@ -1,0 +1,205 @@
+"""Real servers for the LLM tests: llama.cpp's OpenAI-compatible server, and a fault injector.
+
+- `LlamaServer` runs `python -m llama_cpp.server` on a free loopback port with the embedded SmolLM2
+  GGUF and waits until /v1/models answers.
+- `FaultServer` is a small HTTP server on 127.0.0.1 that answers the first requests with the
+  statuses it was given (429, 500, ...), then either a fixed status, a canned OpenAI-format reply, or
+  the reply of an upstream server it proxies to. It records every request it sees.
+
+Fixtures: `llama_server` (session scope) and `fault_server` (a factory; servers stop after the test).
+Import them into a test module: `from tests.llama_server import llama_server, fault_server`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LlamaServer:
+    def __init__(self, model_path: str, timeout: float = 120.0, n_ctx: int = 2048):
+        self.model_path, self.port = model_path, free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.model = "smollm2"  # the alias it serves under
+        self._log = tempfile.NamedTemporaryFile("w+", prefix="llama_server_", suffix=".log", delete=False)
+        threads = str(os.cpu_count() or 2)
+        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", model_path, "--model_alias", self.model,
+               "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(n_ctx),
+               "--n_threads", threads, "--n_threads_batch", threads]
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        try:
+            self._wait(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama.cpp server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.25)
+        raise RuntimeError(f"llama.cpp server not ready after {timeout:.0f}s:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 2000) -> str:
+        self._log.flush()
+        with open(self._log.name, encoding="utf-8", errors="replace") as f:
+            return f.read()[-n:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+        os.unlink(self._log.name)
+
+
+def canned_reply(path: str, body: dict) -> dict:
+    usage = {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+    model = body.get("model", "canned")
+    if path.endswith("/chat/completions"):
+        return {"id": "chatcmpl-fault", "object": "chat.completion", "created": 0, "model": model, "usage": usage,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "canned"},
+                             "logprobs": None, "finish_reason": "stop"}]}
+    if path.endswith("/models"):
+        return {"object": "list", "data": [{"id": model, "object": "model", "owned_by": "fault"}]}
+    if body.get("echo") and body.get("logprobs") is not None:
+        return echo_reply(body["prompt"], model)
+    return {"id": "cmpl-fault", "object": "text_completion", "created": 0, "model": model, "usage": usage,
+            "choices": [{"index": 0, "text": " canned", "logprobs": None, "finish_reason": "length"}]}
+
+
+def echo_reply(prompt: str, model: str) -> dict:
+    """What OpenAI (and vLLM) send for echo=True, logprobs=k, max_tokens=1: every prompt token, each with
+    the distribution that predicted it (none for the first), then the generated token " canned"."""
+    pieces = re.findall(r"\s*\S+|\s+", prompt) + [" canned"]
+    offsets = [sum(map(len, pieces[:i])) for i in range(len(pieces))]
+    tops = [None] + [{p: -0.25, "<other>": -1.5} for p in pieces[1:]]
+    logprobs = {"tokens": pieces, "text_offset": offsets, "top_logprobs": tops,
+                "token_logprobs": [None] + [-0.25] * (len(pieces) - 1)}
+    usage = {"prompt_tokens": len(pieces) - 1, "completion_tokens": 1, "total_tokens": len(pieces)}
+    return {"id": "cmpl-echo", "object": "text_completion", "created": 0, "model": model, "usage": usage,
+            "choices": [{"index": 0, "text": prompt + " canned", "logprobs": logprobs, "finish_reason": "length"}]}
+
+
+class FaultServer:
+    """Answers the first len(fail_with) requests with those statuses, then `then_status` forever
+    (200: a canned reply, or the upstream's reply when `upstream` is set)."""
+
+    def __init__(self, fail_with=(), then_status: int = 200, upstream: str | None = None,
+                 retry_after: float | None = None, delay: float = 0.0):
+        self.script, self.then_status, self.upstream = list(fail_with), then_status, upstream
+        self.retry_after, self.delay = retry_after, delay
+        self.requests: list[dict] = []
+        self.inflight = self.max_inflight = 0
+        self._lock = threading.Lock()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.httpd.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+
+    def _next_status(self, request: dict) -> int:
+        with self._lock:
+            self.requests.append(request)
+            self.inflight += 1
+            self.max_inflight = max(self.max_inflight, self.inflight)
+            return self.script.pop(0) if self.script else self.then_status
+
+    def _handler(self):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, status: int, payload: bytes, headers: dict | None = None):
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def _serve(self):
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = json.loads(raw) if raw else {}
+                status = server._next_status({"method": self.command, "path": self.path, "json": body,
+                                              "t": time.monotonic()})
+                try:
+                    time.sleep(server.delay)
+                    if status != 200:
+                        error = {"error": {"message": f"injected HTTP {status}", "type": "fault", "code": status}}
+                        headers = {"Retry-After": str(server.retry_after)} if server.retry_after is not None else {}
+                        return self._send(status, json.dumps(error).encode(), headers)
+                    if server.upstream is None:
+                        return self._send(200, json.dumps(canned_reply(self.path, body)).encode())
+                    target = server.upstream.rsplit("/v1", 1)[0] + self.path
+                    req = urllib.request.Request(target, data=raw or None, method=self.command,
+                                                 headers={"Content-Type": "application/json"})
+                    try:
+                        with urllib.request.urlopen(req, timeout=120) as r:
+                            self._send(r.status, r.read())
+                    except urllib.error.HTTPError as e:
+                        self._send(e.code, e.read())
+                finally:
+                    with server._lock:
+                        server.inflight -= 1
+
+            do_GET = do_POST = _serve
+
+        return Handler
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="session")
+def llama_server():
+    from autoexplain.defaults import resolve_model
+
+    server = LlamaServer(resolve_model("smollm2"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fault_server():
+    started: list[FaultServer] = []
+
+    def make(**kw) -> FaultServer:
+        started.append(FaultServer(**kw))
+        return started[-1]
+
+    yield make
+    for s in started:
+        s.stop()
