@@ -131,6 +131,103 @@ def record(
     _run(go)
 
 
+def parse_units(text: str | None) -> list[int] | None:
+    """'0-99', '3,7,9' or None (all units)."""
+    if text is None:
+        return None
+    units: list[int] = []
+    try:
+        for part in text.split(","):
+            a, _, b = part.strip().partition("-")
+            units += list(range(int(a), int(b) + 1)) if b else [int(a)]
+    except ValueError:
+        raise UserError(f"cannot read --units '{text}'", "use a range like 0-99 or a list like 3,7,9") from None
+    if any(u < 0 for u in units):
+        raise UserError(f"--units '{text}' has a negative unit", "units count from 0")
+    return sorted(set(units))
+
+
+def _records_layer(records: Path, layer: Optional[int]) -> int:
+    from autoexplain.storage import is_complete, read_manifest
+
+    if not is_complete(records):
+        raise UserError(f"{records} is not a finished records folder", "pass the folder printed by `autoexplain record`")
+    recorded = read_manifest(records)["params"]["layers"]
+    return recorded[0] if layer is None else layer
+
+
+@app.command()
+def explain(
+    records: Path = typer.Option(..., "--records", "-r", help="A records folder printed by `autoexplain record`."),
+    layer: Optional[int] = typer.Option(None, "--layer", "-l", help="Layer to explain (default: the first recorded)."),
+    units: Optional[str] = typer.Option(None, "--units", "-u", help="Units, e.g. 0-99 or 3,7 (default: all)."),
+    explainer: str = typer.Option("local", "--explainer", "-e", help="'local' (embedded SmolLM2), 'local:PATH', 'openai:MODEL' or 'openai:MODEL@URL'."),
+    k: int = typer.Option(4, "--k", help="Candidate explanations sampled per unit (best-of-k on the valid split)."),
+    chat: bool = typer.Option(False, "--chat", help="Use the chat API instead of completions."),
+    out: Path = typer.Option(Path("out"), "--out", "-o"),
+):
+    """Sample k candidate explanations per unit from its train records, plus the token-lookup baseline."""
+    from autoexplain.layer import run_explain
+    from autoexplain.pipeline import ExplainConfig
+
+    def go():
+        if k < 1:
+            raise UserError(f"--k must be at least 1, got {k}", "pass --k 1 or more")
+        L = _records_layer(records, layer)
+        ref = run_explain(records, L, out, parse_units(units), explainer, ExplainConfig(k=k, chat=chat))
+        typer.echo(str(ref.directory))
+
+    _run(go)
+
+
+@app.command()
+def simulate(
+    records: Path = typer.Option(..., "--records", "-r", help="The records folder the explanations came from."),
+    explanations: Path = typer.Option(..., "--explanations", "-x", help="A folder printed by `autoexplain explain`."),
+    simulator: str = typer.Option("embedding", "--simulator", "-s", help="'embedding' (offline default), 'all-at-once[:LLM]' or 'chat-json:LLM'."),
+    out: Path = typer.Option(Path("out"), "--out", "-o"),
+):
+    """Pick each unit's best candidate on the valid split, then simulate it and the baselines on held-out records."""
+    from autoexplain.layer import StageRef, run_simulate
+
+    _run(lambda: typer.echo(str(run_simulate(records, StageRef.of(explanations), out, simulator).directory)))
+
+
+@app.command()
+def score(
+    records: Path = typer.Option(..., "--records", "-r", help="The records folder the simulations came from."),
+    simulations: Path = typer.Option(..., "--simulations", "-s", help="A folder printed by `autoexplain simulate`."),
+    n_boot: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the 95% CIs."),
+    out: Path = typer.Option(Path("out"), "--out", "-o"),
+):
+    """Score simulations on the test split: correlations, calibrated R², detection AUC, with CIs."""
+    from autoexplain.layer import StageRef, run_score
+
+    def go():
+        ref = run_score(records, StageRef.of(simulations), out, n_boot)
+        _print_summary(ref.path)
+        typer.echo(str(ref.directory))
+
+    _run(go)
+
+
+def _print_summary(scores_path: Path) -> None:
+    import polars as pl
+    from rich.table import Table
+
+    scores = pl.read_parquet(scores_path)
+    table = Table(title=f"test-split scores ({scores_path.parent.name})")
+    for col in ("method", "metric", "units", "mean", "undefined"):
+        table.add_column(col)
+    summary = (scores.group_by("method", "metric")
+               .agg(pl.len().alias("n"), pl.col("value").mean().alias("mean"), pl.col("value").null_count().alias("undef"))
+               .sort("metric", "method"))
+    for row in summary.iter_rows(named=True):
+        mean = "-" if row["mean"] is None else f"{row['mean']:.3f}"
+        table.add_row(row["method"], row["metric"], str(row["n"]), mean, str(row["undef"]))
+    err.print(table)
+
+
 def main():  # pragma: no cover - console entry point
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app(prog_name="autoexplain")

@@ -204,18 +204,45 @@ class LocalLLM(LLM):
         return ids.to(self._device), mask.to(self._device), width
 
     def _generate(self, id_lists: list[list[int]], n: int, temperature: float, max_tokens: int, logits: bool):
+        """Sample n continuations per prompt. The prompt is read once and its KV cache is copied n
+        times (`generate(num_return_sequences=n)` would re-read the prompt n times), and only the
+        last position's logits are computed during the prompt pass."""
+        torch = self._torch
         ids, mask, width = self._padded(id_lists, left=True)
-        kw = dict(max_new_tokens=max_tokens, num_return_sequences=n, pad_token_id=self._pad,
-                  eos_token_id=self._eos, return_dict_in_generate=True, output_logits=logits)
-        if temperature > 0:
-            kw.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
-        else:
-            kw.update(do_sample=False, temperature=None, top_k=None, top_p=None)
-        with self._torch.inference_mode():
-            out = self.model.generate(input_ids=ids, attention_mask=mask, **kw)
-        rows = [row[: next((j for j, t in enumerate(row) if t in self._eos), len(row))]
-                for row in out.sequences[:, width:].tolist()]
-        return rows, out.logits
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        step_logits: list = []
+        with torch.inference_mode():
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             logits_to_keep=1)
+            cache, last = out.cache, out.logits[:, -1]
+            if n > 1:
+                cache.batch_repeat_interleave(n)
+                last, mask = last.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
+            pos = positions[:, -1:].repeat_interleave(n, 0)
+            done = torch.zeros(last.shape[0], dtype=torch.bool, device=last.device)
+            eos = torch.tensor(self._eos or [-1], device=last.device)
+            rows = []
+            for _ in range(max_tokens):
+                if logits:
+                    step_logits.append(last)
+                if temperature > 0:
+                    probs = torch.softmax(last.float() / temperature, -1)
+                    token = torch.multinomial(probs, 1)[:, 0]
+                else:
+                    token = last.argmax(-1)
+                token = torch.where(done, torch.full_like(token, self._pad), token)
+                rows.append(token)
+                done |= torch.isin(token, eos)
+                if bool(done.all()):
+                    break
+                mask = torch.cat([mask, (~done).long()[:, None]], 1)
+                pos = pos + 1
+                out = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=pos, cache=cache,
+                                 use_cache=True)
+                cache, last = out.cache, out.logits[:, -1]
+        seqs = torch.stack(rows, 1).tolist() if rows else [[] for _ in range(last.shape[0])]
+        cut = [row[: next((j for j, t in enumerate(row) if t in self._eos), len(row))] for row in seqs]
+        return cut, step_logits
 
     def complete(self, prompts, n=1, temperature=1.0, max_tokens=60, stop=None):
         sinks = self._sinks()

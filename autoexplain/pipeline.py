@@ -32,7 +32,7 @@ SCORED_KINDS = ("top", "random")
 @dataclass
 class ExplainConfig:
     k: int = 4  # candidates sampled per unit
-    n_shown: int = 10  # train records shown to the explainer, strongest first
+    n_shown: int = 5  # train records shown to the explainer, strongest first (the reference shows 5)
     temperature: float = 1.0
     max_tokens: int = 60
     chat: bool = False
@@ -111,7 +111,8 @@ def simulate_stage(units: Sequence[UnitRecords], explanations: pa.Table, simulat
                 n = unit.neuron
                 sim_rows.append({"layer": n.layer, "unit": n.index, "polarity": n.polarity, "method": method,
                                  "simulator": sim_name, "prompt_hash": phash, "window_id": r.window_id,
-                                 "kind": r.kind, "split": r.split, "expected": s.expected, "failure": s.failure})
+                                 "kind": r.kind, "split": r.split, "expected": s.expected, "failure": s.failure,
+                                 "tokens": s.prompt_tokens + s.completion_tokens})
         if len(units) > 1:
             chosen_rows.append(_explanation_row(unit, SHUFFLED, "shuffled", "", final[SHUFFLED][i],
                                                 [final[SHUFFLED][i]], 0, 0))
@@ -121,8 +122,11 @@ def simulate_stage(units: Sequence[UnitRecords], explanations: pa.Table, simulat
 def score_stage(units: Sequence[UnitRecords], simulations: pa.Table, explanations: pa.Table | None = None,
                 n_boot: int = 1000, seed: int = 0) -> pa.Table:
     sims_of: dict[tuple, dict[int, dict]] = {}
+    sim_cost: dict[tuple, int] = {}
     for row in simulations.to_pylist():
-        sims_of.setdefault((row["unit"], row["polarity"], row["method"], row["simulator"]), {})[row["window_id"]] = row
+        key = (row["unit"], row["polarity"], row["method"], row["simulator"])
+        sims_of.setdefault(key, {})[row["window_id"]] = row
+        sim_cost[key] = sim_cost.get(key, 0) + row["tokens"]
     cost = {}
     if explanations is not None:
         for row in explanations.to_pylist():
@@ -148,7 +152,8 @@ def score_stage(units: Sequence[UnitRecords], simulations: pa.Table, explanation
                             "simulator": sim_name, "split": "test", "metric": metric, "value": s.value,
                             "ci_low": s.ci_low, "ci_high": s.ci_high, "undefined_reason": s.undefined_reason,
                             "n_records": s.n_records, "n_failed": s.n_failed,
-                            "explainer_tokens": cost.get((u, pol, method), 0), "simulator_tokens": 0})
+                            "explainer_tokens": cost.get((u, pol, method), 0),
+                            "simulator_tokens": sim_cost[(u, pol, method, sim_name)]})
     return _table(out, "scores")
 
 
