@@ -35,8 +35,9 @@ def read_units(
     ordered = recs.sort(["unit", "polarity", "kind", "rank"], descending=[False, True, False, False])
     for (layer, unit, polarity), group in ordered.group_by(["layer", "unit", "polarity"], maintain_order=True):
         records = [
-            ActivationRecord(tokens_of[w], list(a), window_id=w, kind=k, split=s)
-            for w, a, k, s in zip(group["window_id"], group["activations"], group["kind"], group["split"])
+            ActivationRecord(tokens_of[w], list(a), window_id=w, kind=k, split=s, quantile_bin=q)
+            for w, a, k, s, q in zip(group["window_id"], group["activations"], group["kind"], group["split"],
+                                     group["quantile_bin"])
         ]
         neuron = NeuronId(int(layer), int(unit), int(polarity))
         out.append(UnitRecords(neuron, records, stats_of.get((int(unit), int(polarity)))))

@@ -211,6 +211,54 @@ def score(
     _run(go)
 
 
+@app.command("export")
+def export_cmd(
+    records: Path = typer.Option(..., "--records", "-r", help="The records folder the scores came from."),
+    scores: Path = typer.Option(..., "--scores", "-c", help="A folder printed by `autoexplain score`."),
+    to: Path = typer.Option(..., "--to", help="Folder to write neurons/<layer>/<n>.json and explanations/<layer>/<n>.jsonl into."),
+):
+    """Export records, explanations and scored simulations in the reference dataset's JSON layout."""
+    import pyarrow.parquet as pq
+
+    from autoexplain.interop import export_layer
+    from autoexplain.layer import StageRef, load_units
+    from autoexplain.storage import read_manifest
+
+    def go():
+        score_ref = StageRef.of(scores)
+        sims_ref = StageRef.of(read_manifest(score_ref.directory)["inputs"]["simulations"])
+        sims = pq.read_table(sims_ref.path)
+        units = load_units(records, score_ref.layer, sorted(set(sims.column("unit").to_pylist())))
+        n = export_layer(to, units, pq.read_table(sims_ref.directory / "chosen.parquet"), sims,
+                         pq.read_table(score_ref.path))
+        err.print(f"exported {n} units of layer {score_ref.layer}")
+        typer.echo(str(to))
+
+    _run(go)
+
+
+@app.command("import")
+def import_cmd(
+    source: Path = typer.Option(..., "--from", help="A folder in the reference layout (explanations/<layer>/<n>.jsonl)."),
+    layer: int = typer.Option(..., "--layer", "-l", help="Layer whose explanations to import."),
+    out: Path = typer.Option(Path("out"), "--out", "-o"),
+):
+    """Import published explanations as an explanations stage, to re-simulate and re-score them."""
+    from autoexplain.interop import import_explanations
+    from autoexplain.storage import content_key, stage_dir, write_manifest, write_table
+
+    def go():
+        table = import_explanations(source, layer)
+        key = content_key({"imported": [r for r in table.to_pylist()]})
+        directory = stage_dir(out, "explanations", key)
+        path = write_table(table, directory / f"layer_{layer}.parquet", "explanations")
+        write_manifest(directory, "explanations", key, {"source": str(source)}, {"layer": layer}, [path.name])
+        err.print(f"imported {table.num_rows} explanations for layer {layer}")
+        typer.echo(str(directory))
+
+    _run(go)
+
+
 def _print_summary(scores_path: Path) -> None:
     import polars as pl
     from rich.table import Table

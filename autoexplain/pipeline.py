@@ -99,9 +99,12 @@ def simulate_stage(units: Sequence[UnitRecords], explanations: pa.Table, simulat
         best = row["candidates"][int(np.argmax(scores))] if scores else ""
         chosen_rows.append({**row, "text": best,
                             "candidate_valid_scores": [s if np.isfinite(s) else float("nan") for s in scores]})
-        chosen_rows.append(by_key[(*key, LOOKUP)])
+        # Imported explanation sets carry no baseline: derive it from the same train records.
+        lookup = by_key.get((*key, LOOKUP)) or _explanation_row(
+            unit, LOOKUP, "token-lookup", "", text := token_lookup_explanation(shown_records(unit, 5)), [text], 0, 0)
+        chosen_rows.append(lookup)
         final[LLM].append(best)
-        final[LOOKUP].append(by_key[(*key, LOOKUP)]["text"])
+        final[LOOKUP].append(lookup["text"])
     final[SHUFFLED] = shuffled_explanations(final[LLM], seed=seed)
     for i, unit in enumerate(units):
         for method in (LLM, LOOKUP, SHUFFLED):

@@ -42,6 +42,7 @@ class ActivationRecord:
     window_id: int = -1
     kind: str = "top"
     split: str = "train"
+    quantile_bin: int | None = None
 
     @property
     def max_activation(self) -> float:

@@ -73,3 +73,16 @@ def prose_file(tmp_path):
 @pytest.fixture(scope="session")
 def prose_corpus(tmp_path_factory):
     return write_prose(tmp_path_factory.mktemp("corpus") / "prose.txt")
+
+
+@pytest.fixture(scope="session")
+def tiny_records(tiny_llama_dir, prose_corpus, tmp_path_factory):
+    """Layer 1 of the tiny Llama recorded over the prose corpus, 8-token windows."""
+    from autoexplain.record import RecordConfig, build_windows, record_layers
+    from autoexplain.subject import load_subject
+
+    out = tmp_path_factory.mktemp("out")
+    subject = load_subject(tiny_llama_dir)
+    windows = build_windows(subject, str(prose_corpus), out, window_len=8, seed=0)
+    ref = record_layers(subject, windows, RecordConfig([1], top_k=12, n_random=9, quantile_per_bin=1, reservoir=48), out)
+    return ref.directory, out
