@@ -52,3 +52,53 @@ def test_server_echo_logprobs(llama_server):
     ok = [(a, b) for a, b in zip(sims, local) if a.ok]
     for a, b in ok:
         assert max(abs(x - y) for x, y in zip(a.expected, b.expected)) < 2.5
+
+
+# -- the JSON chat simulator ------------------------------------------------------------------
+
+from autoexplain.simulate_chat import ChatJsonSimulator, ParseFailure, align, parse_reply  # noqa: E402
+
+
+def test_parse_reply_reads_values_and_their_offsets():
+    text = 'Here: [{"token": "The", "activation": 0}, {"token": " river", "activation": 8}] done'
+    items = parse_reply(text)
+    assert [(t, v) for t, v, _ in items] == [("The", 0.0), (" river", 8.0)]
+    assert text[items[1][2]] == "8"
+    for bad, why in [("no list here", "no JSON list"), ('[{"token": "a"}]', "no numeric activation"),
+                     ('[{"token": "a", "activation": 1},]', "invalid JSON")]:
+        with pytest.raises(ParseFailure, match=why):
+            parse_reply(bad)
+
+
+def test_align_maps_subject_tokens_through_a_different_tokenisation():
+    reply = [("The", 0, 0), ("river", 7, 0), ("18", 5, 0), ("54", 5, 0)]
+    assert align([" The", " river", " 18", "54"], reply) == [0, 1, 2, 3]
+    assert align([" The", " big", " river"], [("The", 0, 0), ("river", 9, 0)]) == [0, None, 1]
+
+
+@pytest.mark.slow
+def test_chat_json_against_the_server_never_zero_fills(llama_server):
+    from autoexplain.llm import OpenAILLM
+
+    llm = OpenAILLM("smollm2", llama_server.base_url, backoff_base=0.05)
+    sims = ChatJsonSimulator(llm, retries=1, max_tokens=400).simulate("numbers and years", RECORDS)
+    for sim, tokens in zip(sims, RECORDS):
+        assert sim.completion_tokens > 0
+        if sim.ok:
+            assert len(sim.expected) == len(tokens) and all(0 <= v <= 10 for v in sim.expected)
+        else:
+            assert sim.expected is None and "after 2 attempts" in sim.failure
+
+
+@pytest.mark.slow
+def test_explanations_from_the_server(llama_server):
+    from autoexplain.explain import explain
+    from autoexplain.llm import OpenAILLM
+    from autoexplain.records import ActivationRecord
+
+    llm = OpenAILLM("smollm2", llama_server.base_url, backoff_base=0.05)
+    records = [ActivationRecord([" In", " 18", "54", " the", " bridge"], [0.0, 3.0, 4.0, 0.0, 0.1])]
+    with llm.track() as usage:
+        result = explain(llm, records, k=2, max_tokens=20)
+    assert result.candidates and all(isinstance(c, str) and c for c in result.candidates)
+    assert usage.prompt_tokens > 200 and usage.completion_tokens > 0
