@@ -16,8 +16,17 @@ import pyarrow.parquet as pq
 from autoexplain import pipeline
 from autoexplain.activations import read_units
 from autoexplain.errors import UserError
-from autoexplain.explain import explainer_prompt_hash
-from autoexplain.storage import code_version, content_key, is_complete, read_manifest, stage_dir, write_manifest, write_table
+from autoexplain.explain import explainer_prompt_hash, shuffled_explanations
+from autoexplain.storage import (
+    Memo,
+    code_version,
+    content_key,
+    is_complete,
+    read_manifest,
+    stage_dir,
+    write_manifest,
+    write_table,
+)
 
 DEFAULT_EXPLAINER = "local"
 DEFAULT_SIMULATOR = "embedding"
@@ -84,6 +93,20 @@ def load_units(records_dir: str | Path, layer: int, units: list[int] | None = No
     return found
 
 
+def _unit_key(records_key: str, unit, **rest) -> str:
+    return content_key({"records": records_key, "unit": [unit.neuron.index, unit.neuron.polarity], **rest})
+
+
+def _memoised(memo: Memo, key: str, compute):
+    """The memoised value, computing and storing it first if needed (read back, so both paths
+    return the same JSON-shaped data)."""
+    value = memo.get(key)
+    if value is None:
+        memo.put(key, compute())
+        value = memo.get(key)
+    return value
+
+
 def run_explain(records_dir, layer: int, out, units=None, explainer=None, cfg=None, llm=None) -> StageRef:
     records_dir = Path(records_dir)
     cfg = cfg or pipeline.ExplainConfig()
@@ -91,34 +114,91 @@ def run_explain(records_dir, layer: int, out, units=None, explainer=None, cfg=No
     spec = explainer or DEFAULT_EXPLAINER
     params = {"layer": layer, "units": units, "explainer": spec, "config": asdict(cfg),
               "prompt": explainer_prompt_hash()}
-    key = content_key({"records": records_key, **params, "code": code_version("explain", "pipeline", "llm")})
+    code = code_version("explain", "pipeline", "llm")
+    key = content_key({"records": records_key, **params, "code": code})
     ref = StageRef(stage_dir(out, "explanations", key), key, layer)
     if is_complete(ref.directory):
         return ref
-    if llm is None:
-        from autoexplain.llm import make_llm
+    memo = Memo(out, "explain")
+    unit_params = {k: v for k, v in params.items() if k not in ("layer", "units")}
+    todo, rows = [], {}
+    for unit in load_units(records_dir, layer, units):
+        ukey = _unit_key(records_key, unit, **unit_params, code=code)
+        rows[ukey] = memo.get(ukey)
+        if rows[ukey] is None:
+            todo.append((ukey, unit))
+    # Batches are memoised as they finish, so a crash loses at most one batch.
+    for start in range(0, len(todo), cfg.batch_units):
+        batch = todo[start : start + cfg.batch_units]
+        if llm is None:
+            from autoexplain.llm import make_llm
 
-        llm = make_llm(spec)
-    table = pipeline.explain_stage(load_units(records_dir, layer, units), llm, cfg)
-    write_table(table, ref.path, "explanations")
+            llm = make_llm(spec)
+        table = pipeline.explain_stage([u for _, u in batch], llm, cfg).to_pylist()
+        for ukey, unit in batch:
+            mine = [r for r in table if (r["unit"], r["polarity"]) == (unit.neuron.index, unit.neuron.polarity)]
+            memo.put(ukey, mine)
+            rows[ukey] = mine
+    write_table(pipeline._table([r for v in rows.values() for r in v], "explanations"), ref.path, "explanations")
     write_manifest(ref.directory, "explanations", key, {"records": str(records_dir)}, params, [ref.path.name])
     return ref
 
 
+def run_revise(explanations: StageRef, revisions: dict[tuple[int, int], str], out) -> StageRef:
+    """Replace some units' LLM explanations by human-written ones (a new explanations output)."""
+    table = pq.read_table(explanations.path).to_pylist()
+    known = {(r["unit"], r["polarity"]) for r in table}
+    for unit_pol in revisions:
+        if tuple(unit_pol) not in known:
+            raise UserError(f"cannot revise unit {unit_pol[0]} polarity {unit_pol[1]}: it is not in {explanations.directory}",
+                            "revise units that were explained")
+    for row in table:
+        text = revisions.get((row["unit"], row["polarity"]))
+        if text is not None and row["method"] == pipeline.LLM:
+            row.update(text=text, candidates=[text], explainer="human", candidate_valid_scores=[])
+    params = {"layer": explanations.layer, "revisions": sorted([list(k) + [v] for k, v in revisions.items()])}
+    key = content_key({"explanations": explanations.key, **params})
+    ref = StageRef(stage_dir(out, "explanations", key), key, explanations.layer)
+    if not is_complete(ref.directory):
+        write_table(pipeline._table(table, "explanations"), ref.path, "explanations")
+        write_manifest(ref.directory, "explanations", key, {"explanations": str(explanations.directory)}, params,
+                       [ref.path.name])
+    return ref
+
+
 def run_simulate(records_dir, explanations: StageRef, out, simulator=None, sim=None, seed: int = 0) -> StageRef:
+    records_dir = Path(records_dir)
     sim = sim or make_simulator(simulator)
     layer = explanations.layer
+    _, _, records_key = _records_inputs(records_dir, layer)
     params = {"layer": layer, "simulator": sim.name, "prompt": getattr(sim, "prompt_hash", ""), "seed": seed}
-    key = content_key({"explanations": explanations.key, **params,
-                       "code": code_version("simulate", "simulate_chat", "embedding", "pipeline")})
+    code = code_version("simulate", "simulate_chat", "embedding", "pipeline")
+    key = content_key({"explanations": explanations.key, **params, "code": code})
     ref = StageRef(stage_dir(out, "simulations", key), key, layer)
     if is_complete(ref.directory):
         return ref
-    table = pq.read_table(explanations.path)
-    units = sorted(set(table.column("unit").to_pylist()))
-    chosen, sims = pipeline.simulate_stage(load_units(records_dir, layer, units), table, sim, seed)
-    write_table(sims, ref.path, "simulations")
-    write_table(chosen, ref.directory / "chosen.parquet", "explanations")
+    table = pq.read_table(explanations.path).to_pylist()
+    by_key = {(r["unit"], r["polarity"], r["method"]): r for r in table}
+    units = load_units(records_dir, layer, sorted({r["unit"] for r in table}))
+    memo, sim_id = Memo(out, "simulate"), {"simulator": sim.name, "prompt": params["prompt"], "code": code}
+    chosen, sims = [], []
+    for unit in units:
+        k = (unit.neuron.index, unit.neuron.polarity)
+        llm_row, lookup_row = by_key[(*k, pipeline.LLM)], by_key.get((*k, pipeline.LOOKUP))
+        ukey = _unit_key(records_key, unit, explanation=llm_row["candidates"],
+                         lookup=lookup_row and lookup_row["text"], **sim_id)
+        hit = _memoised(memo, ukey, lambda: pipeline.simulate_unit(unit, llm_row, lookup_row, sim))
+        chosen += hit[0]
+        sims += hit[1]
+    if len(units) > 1:
+        best = [r["text"] for r in chosen if r["method"] == pipeline.LLM]
+        for unit, text in zip(units, shuffled_explanations(best, seed=seed)):
+            ukey = _unit_key(records_key, unit, control=text, **sim_id)
+            hit = _memoised(memo, ukey, lambda: pipeline.simulate_control(unit, text, sim))
+            chosen += hit[0]
+            sims += hit[1]
+    write_table(pipeline._table(sims, "simulations"), ref.path, "simulations")
+    write_table(pipeline._table(chosen, "explanations"), ref.directory / "chosen.parquet", "explanations")
     write_manifest(ref.directory, "simulations", key,
                    {"records": str(records_dir), "explanations": str(explanations.directory)}, params,
                    [ref.path.name, "chosen.parquet"])
@@ -128,14 +208,24 @@ def run_simulate(records_dir, explanations: StageRef, out, simulator=None, sim=N
 def run_score(records_dir, simulations: StageRef, out, n_boot: int = 1000, seed: int = 0) -> StageRef:
     layer = simulations.layer
     params = {"layer": layer, "n_boot": n_boot, "seed": seed}
-    key = content_key({"simulations": simulations.key, **params, "code": code_version("scoring", "pipeline")})
+    code = code_version("scoring", "pipeline")
+    key = content_key({"simulations": simulations.key, **params, "code": code})
     ref = StageRef(stage_dir(out, "scores", key), key, layer)
     if is_complete(ref.directory):
         return ref
     sims = pq.read_table(simulations.path)
     chosen = pq.read_table(simulations.directory / "chosen.parquet")
-    units = sorted(set(sims.column("unit").to_pylist()))
-    table = pipeline.score_stage(load_units(records_dir, layer, units), sims, chosen, n_boot, seed)
-    write_table(table, ref.path, "scores")
+    _, _, records_key = _records_inputs(Path(records_dir), layer)
+    units = load_units(records_dir, layer, sorted(set(sims.column("unit").to_pylist())))
+    sims_rows, chosen_rows = sims.to_pylist(), chosen.to_pylist()
+    memo, rows = Memo(out, "score"), []
+    for unit in units:
+        mine = lambda rs: [r for r in rs if (r["unit"], r["polarity"]) == (unit.neuron.index, unit.neuron.polarity)]
+        u_sims, u_chosen = mine(sims_rows), mine(chosen_rows)
+        ukey = _unit_key(records_key, unit, sims=u_sims, chosen=u_chosen, n_boot=n_boot, seed=seed, code=code)
+        rows += _memoised(memo, ukey, lambda: pipeline.score_stage(
+            [unit], pipeline._table(u_sims, "simulations"), pipeline._table(u_chosen, "explanations"), n_boot, seed
+        ).to_pylist())
+    write_table(pipeline._table(rows, "scores"), ref.path, "scores")
     write_manifest(ref.directory, "scores", key, {"simulations": str(simulations.directory)}, params, [ref.path.name])
     return ref

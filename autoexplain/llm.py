@@ -37,6 +37,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
+from autoexplain.counters import COUNTS
 from autoexplain.errors import UserError
 
 OPENAI_URL = "https://api.openai.com/v1"
@@ -118,6 +119,7 @@ class LLM(ABC):
 
     @staticmethod
     def _record(sinks: list[Usage], prompt_tokens: int, completion_tokens: int, requests: int = 1) -> None:
+        COUNTS["llm_requests"] += requests
         for u in sinks:
             u.add(prompt_tokens, completion_tokens, requests)
 

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from autoexplain import scoring
+from autoexplain.counters import COUNTS
 from autoexplain.explain import explain_many, shuffled_explanations, token_lookup_explanation
 from autoexplain.records import UnitRecords
 from autoexplain.simulate import Simulation
@@ -79,47 +80,67 @@ def _valid_correlation(records, sims: list[Simulation]) -> float:
         return float("-inf")
 
 
+def _simulate(simulator, text: str, records) -> list[Simulation]:
+    COUNTS["simulate"] += 1
+    return simulator.simulate(text, [r.tokens for r in records])
+
+
+def _sim_rows(unit: UnitRecords, method: str, simulator, records, sims) -> list[dict]:
+    n = unit.neuron
+    name = getattr(simulator, "name", type(simulator).__name__)
+    phash = getattr(simulator, "prompt_hash", "")
+    return [{"layer": n.layer, "unit": n.index, "polarity": n.polarity, "method": method, "simulator": name,
+             "prompt_hash": phash, "window_id": r.window_id, "kind": r.kind, "split": r.split,
+             "expected": s.expected, "failure": s.failure, "tokens": s.prompt_tokens + s.completion_tokens}
+            for r, s in zip(records, sims)]
+
+
+def _held_out(unit: UnitRecords):
+    return [r for r in unit.records if r.kind in SCORED_KINDS and r.split in ("calib", "test")]
+
+
+def simulate_unit(unit: UnitRecords, llm_row: dict, lookup_row: dict | None, simulator) -> tuple[list, list]:
+    """Best-of-k on valid, then the chosen explanation and the token-lookup baseline on calib/test.
+    Returns (chosen explanation rows, simulation rows)."""
+    valid = _scoring_records(unit, "valid")
+    scores = [_valid_correlation(valid, _simulate(simulator, text, valid)) for text in llm_row["candidates"]]
+    best = llm_row["candidates"][int(np.argmax(scores))] if scores else ""
+    chosen = {**llm_row, "text": best,
+              "candidate_valid_scores": [x if np.isfinite(x) else float("nan") for x in scores]}
+    # Imported explanation sets carry no baseline: derive it from the same train records.
+    if lookup_row is None:
+        text = token_lookup_explanation(shown_records(unit, 5))
+        lookup_row = _explanation_row(unit, LOOKUP, "token-lookup", "", text, [text], 0, 0)
+    held_out = _held_out(unit)
+    rows = []
+    for method, text in ((LLM, best), (LOOKUP, lookup_row["text"])):
+        rows += _sim_rows(unit, method, simulator, held_out, _simulate(simulator, text, held_out))
+    return [chosen, lookup_row], rows
+
+
+def simulate_control(unit: UnitRecords, text: str, simulator) -> tuple[list, list]:
+    """The shuffled control: another unit's explanation, simulated on this unit's held-out records."""
+    held_out = _held_out(unit)
+    row = _explanation_row(unit, SHUFFLED, "shuffled", "", text, [text], 0, 0)
+    return [row], _sim_rows(unit, SHUFFLED, simulator, held_out, _simulate(simulator, text, held_out))
+
+
 def simulate_stage(units: Sequence[UnitRecords], explanations: pa.Table, simulator, seed: int = 0):
     """Returns (chosen explanations table, simulations table)."""
-    by_key = {}
-    for row in explanations.to_pylist():
-        by_key[(row["unit"], row["polarity"], row["method"])] = row
-    chosen_rows, sim_rows = [], []
-    final: dict[str, list[str]] = {LLM: [], LOOKUP: []}
-    sim_name = getattr(simulator, "name", type(simulator).__name__)
-    phash = getattr(simulator, "prompt_hash", "")
+    by_key = {(r["unit"], r["polarity"], r["method"]): r for r in explanations.to_pylist()}
+    chosen, sims = [], []
     for unit in units:
         key = (unit.neuron.index, unit.neuron.polarity)
-        row = by_key[(*key, LLM)]
-        valid = _scoring_records(unit, "valid")
-        scores = []
-        for text in row["candidates"]:
-            sims = simulator.simulate(text, [r.tokens for r in valid])
-            scores.append(_valid_correlation(valid, sims))
-        best = row["candidates"][int(np.argmax(scores))] if scores else ""
-        chosen_rows.append({**row, "text": best,
-                            "candidate_valid_scores": [s if np.isfinite(s) else float("nan") for s in scores]})
-        # Imported explanation sets carry no baseline: derive it from the same train records.
-        lookup = by_key.get((*key, LOOKUP)) or _explanation_row(
-            unit, LOOKUP, "token-lookup", "", text := token_lookup_explanation(shown_records(unit, 5)), [text], 0, 0)
-        chosen_rows.append(lookup)
-        final[LLM].append(best)
-        final[LOOKUP].append(lookup["text"])
-    final[SHUFFLED] = shuffled_explanations(final[LLM], seed=seed)
-    for i, unit in enumerate(units):
-        for method in (LLM, LOOKUP, SHUFFLED):
-            recs = [r for r in unit.records if r.kind in SCORED_KINDS and r.split in ("calib", "test")]
-            sims = simulator.simulate(final[method][i], [r.tokens for r in recs])
-            for r, s in zip(recs, sims):
-                n = unit.neuron
-                sim_rows.append({"layer": n.layer, "unit": n.index, "polarity": n.polarity, "method": method,
-                                 "simulator": sim_name, "prompt_hash": phash, "window_id": r.window_id,
-                                 "kind": r.kind, "split": r.split, "expected": s.expected, "failure": s.failure,
-                                 "tokens": s.prompt_tokens + s.completion_tokens})
-        if len(units) > 1:
-            chosen_rows.append(_explanation_row(unit, SHUFFLED, "shuffled", "", final[SHUFFLED][i],
-                                                [final[SHUFFLED][i]], 0, 0))
-    return _table(chosen_rows, "explanations"), _table(sim_rows, "simulations")
+        c, s = simulate_unit(unit, by_key[(*key, LLM)], by_key.get((*key, LOOKUP)), simulator)
+        chosen += c
+        sims += s
+    if len(units) > 1:
+        best = [r["text"] for r in chosen if r["method"] == LLM]
+        for unit, text in zip(units, shuffled_explanations(best, seed=seed)):
+            c, s = simulate_control(unit, text, simulator)
+            chosen += c
+            sims += s
+    return _table(chosen, "explanations"), _table(sims, "simulations")
 
 
 def score_stage(units: Sequence[UnitRecords], simulations: pa.Table, explanations: pa.Table | None = None,
@@ -137,6 +158,7 @@ def score_stage(units: Sequence[UnitRecords], simulations: pa.Table, explanation
     out = []
     for unit in units:
         n = unit.neuron
+        COUNTS["score_units"] += 1
         for (u, pol, method, sim_name), by_window in sims_of.items():
             if (u, pol) != (n.index, n.polarity):
                 continue

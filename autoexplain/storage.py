@@ -129,3 +129,21 @@ def write_manifest(directory: Path, stage: str, key: str, inputs: dict, params: 
 
 def read_manifest(directory: str | os.PathLike) -> dict:
     return json.loads((Path(directory) / MANIFEST).read_text())
+
+
+class Memo:
+    """Per-unit results inside a stage, keyed by content: a rerun after a crash, or after an edit
+    that touches a few units, recomputes only the units whose inputs changed."""
+
+    def __init__(self, root: str | os.PathLike, stage: str):
+        self.dir = Path(root) / "memo" / stage
+
+    def _path(self, key: str) -> Path:
+        return self.dir / key[:2] / f"{key}.json"
+
+    def get(self, key: str):
+        path = self._path(key)
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def put(self, key: str, value) -> None:
+        write_json(value, self._path(key))

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from autoexplain import defaults
+from autoexplain.counters import COUNTS
 from autoexplain.errors import UserError
 from autoexplain.storage import file_digest
 
@@ -66,6 +67,7 @@ class Subject:
     @torch.inference_mode()
     def mlp_activations(self, input_ids: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
         """Neuron activations (B, T, units) for each requested layer, from one truncated pass."""
+        COUNTS["subject_forward"] += 1
         top = max(layers)
         handles = []
         captured: dict[int, torch.Tensor] = {}

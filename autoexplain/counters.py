@@ -1,0 +1,18 @@
+"""Process-wide counts of the expensive calls, so that tests and logs can prove what a run did.
+
+`COUNTS["subject_forward"]` counts subject forward passes, `"llm_requests"` explainer/simulator LLM
+requests, `"simulate"` simulator calls (one per explanation and record batch) and `"score_units"`
+units scored. They are plain counters: reading them costs nothing and changes nothing.
+"""
+
+from collections import Counter
+
+COUNTS: Counter = Counter()
+
+
+def snapshot() -> dict[str, int]:
+    return dict(COUNTS)
+
+
+def since(before: dict[str, int]) -> dict[str, int]:
+    return {k: v - before.get(k, 0) for k, v in COUNTS.items() if v - before.get(k, 0)}
