@@ -12,26 +12,35 @@ explanation, so editing a prompt file changes what depends on it and nothing els
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import Sequence
 
+from autoexplain.errors import UserError
 from autoexplain.records import ActivationRecord
 
-PROMPTS = Path(__file__).parent / "prompts"
+PACKAGE_PROMPTS = Path(__file__).parent / "prompts"
 EXPLAINER_FILES = ("explainer_system.txt", "fewshot.json")
 ENDING = "the main thing this neuron does is find"
 SPARSE_FRACTION = 0.2
 
 
-@cache
+def prompts_dir() -> Path:
+    """The prompt files in use: a copy to edit can be named with AUTOEXPLAIN_PROMPTS."""
+    return Path(os.environ.get("AUTOEXPLAIN_PROMPTS") or PACKAGE_PROMPTS)
+
+
 def _read(name: str) -> str:
-    return (PROMPTS / name).read_text(encoding="utf-8")
+    path = prompts_dir() / name
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"prompt file {path} is missing", f"copy {PACKAGE_PROMPTS} and edit the copy") from None
 
 
 def prompt_hash(*names: str) -> str:

@@ -1,0 +1,325 @@
+"""The embedding simulator: the offline default, built on the embedded all-MiniLM-L6-v2.
+
+A 135M LM cannot simulate a neuron from its explanation, but a sentence embedder can say how well
+an explanation describes a token. Every subject token gets a z-score from three channels:
+
+- lexical: cosine(explanation, the whole word the token belongs to), e.g. ' sm|it|ten' -> "smitten".
+  The explanation is embedded without leading/trailing meta-words ("color words" -> "color") and
+  pulled 30% toward the mean of its 5 nearest background words (query expansion). The cosine is a
+  z-score against the explanation's cosines with a fixed background of 2,000 common English words
+  (from MiniLM's own vocabulary), so every explanation is judged on one scale: a token scores by
+  how unusually well the explanation fits it;
+- orthographic: MiniLM is uncased and embeds "," or "7" poorly, so each token also has a surface
+  class (digit, punctuation, capitalised, all caps, whitespace) with a fixed description ("a number
+  written in digits", ...). The explanation's z-score against a class's description counts only
+  when that class is within ORTHO_MARGIN of the explanation's best-matching description, competitor
+  descriptions included ("numbers written out as words" is closer to "a number written out in
+  words" than to "a number written in digits", so digits stay quiet);
+- literal: a token whose word equals a word the explanation quotes ("the word 'God'") gets Z_HIGH;
+  when the explanation is nothing but quoted words, the lexical channel is off for it.
+
+The token's z is the maximum over channels, and its prediction is
+`10 * clip((z - Z_LOW) / (Z_HIGH - Z_LOW), 0, 1)`: Z_LOW or fewer standard deviations above the
+background mean gives 0, Z_HIGH or more gives 10, linear between. Whitespace tokens have no lexical
+embedding and score 0 unless the explanation is about whitespace.
+
+An optional context channel (`context_weight > 0`) mixes in cosine(explanation, the token with
+`context` tokens either side). On the planted suite it adds nothing and costs one embedding per
+token (about 4x the time), so it is off by default.
+
+Nothing is embedded twice: each distinct word (or context) has one row in a table, and each
+window's row ids are cached under its token tuple, so a second unit on the same windows embeds
+nothing but its explanation. `simulate_many` embeds all explanations in one batch and scores every
+row the records use against all of them with one matrix product.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from autoexplain.simulate import Simulation
+
+ORTHO_DESCRIPTIONS = {
+    "space": "whitespace, a line break or an empty token",
+    "digit": "a number written in digits",
+    "punct": "a punctuation mark or symbol",
+    "allcaps": "a word written in all capital letters",
+    "capital": "a capitalized word starting with an uppercase letter",
+}
+_ORTHO_INDEX = {name: i for i, name in enumerate(ORTHO_DESCRIPTIONS)}
+# Descriptions no token is given; they only compete with the classes above.
+ORTHO_COMPETITORS = ("a number written out in words", "a lowercase word", "a word")
+ORTHO_MARGIN = 2.0
+Z_LOW, Z_HIGH = 1.5, 6.0
+N_BACKGROUND = 2000
+MAX_TEXTS = 200_000  # cached word/context embeddings (1.5 KB each) before the tables are reset
+
+_META_HEAD = re.compile(
+    r"^(?:the\s+)?(?:words?|tokens?|terms?|phrases?|mentions?|references?|instances?|occurrences?)"
+    r"(?:\s+(?:related\s+to|about|for|like|such\s+as|of|to))?\s+",
+    re.I,
+)
+_META_TAIL = re.compile(r"(?<!\bas)(?<!\bin)\s+(?:words?|tokens?|terms?)$", re.I)
+_QUOTED = re.compile(r"(?<!\w)[\"'\u2018\u201c]([^\"'\u2019\u201d]{1,40})[\"'\u2019\u201d](?!\w)")
+_FILLER = {"and", "or", "nor", "the", "a", "an", "of", "word", "words", "token", "tokens"}
+
+
+def content_of(explanation: str) -> str:
+    """The explanation without leading/trailing meta-words; itself if nothing would remain."""
+    text = " ".join(explanation.split()).strip(" ,.;:")
+    stripped = _META_TAIL.sub("", _META_HEAD.sub("", text))
+    return stripped if re.search(r"\w", stripped) else explanation
+
+
+def quoted_literals(explanation: str) -> set[str]:
+    """Words the explanation quotes ("the word 'God'"), lowercased."""
+    return {q.strip().lower() for q in _QUOTED.findall(explanation) if q.strip()}
+
+
+def literal_only(explanation: str) -> bool:
+    """True when the explanation names its tokens and nothing else ("the word 'God'")."""
+    rest = _QUOTED.sub(" ", explanation).lower()
+    return bool(quoted_literals(explanation)) and not set(re.findall(r"[a-z]+", rest)) - _FILLER
+
+
+def word_spans(tokens: Sequence[str]) -> list[tuple[int, int]]:
+    """[start, end) token spans of whole words: a token with no leading space that joins two
+    letters or digits continues the previous token's word (' sm','it','ten' is one word)."""
+    spans: list[tuple[int, int]] = []
+    for i, t in enumerate(tokens):
+        if spans and t[:1].isalnum() and tokens[i - 1][-1:].isalnum():
+            spans[-1] = (spans[-1][0], i + 1)
+        else:
+            spans.append((i, i + 1))
+    return spans
+
+
+def word_of_each_token(tokens: Sequence[str]) -> list[str]:
+    """The whole word each subject token belongs to, stripped (' sm','it','ten' -> 'smitten')."""
+    out = [""] * len(tokens)
+    for start, end in word_spans(tokens):
+        out[start:end] = ["".join(tokens[start:end]).strip()] * (end - start)
+    return out
+
+
+def literal_hits(tokens: Sequence[str], literals: set[str]) -> np.ndarray:
+    """Tokens a quoted literal names: those whose whole word is the literal, or that are the literal
+    piece continuing a word ("'ing'" names the suffix piece; "'God'" is not ' God' in 'Godhead')."""
+    hits = np.zeros(len(tokens), dtype=bool)
+    for start, end in word_spans(tokens):
+        if "".join(tokens[start:end]).strip().lower() in literals:
+            hits[start:end] = True
+        for i in range(start + 1, end):
+            hits[i] |= tokens[i].strip().lower() in literals
+    return hits
+
+
+def ortho_class(token: str) -> str | None:
+    w = token.strip()
+    if not w:
+        return "space"
+    if any(c.isdigit() for c in w):
+        return "digit"
+    if all(c in string.punctuation or not c.isalnum() for c in w):
+        return "punct"
+    if w.isalpha() and w[:1].isupper():
+        return "allcaps" if len(w) > 1 and w.isupper() else "capital"
+    return None
+
+
+@dataclass
+class _Window:
+    tokens: tuple[str, ...]  # the cache key itself
+    words: np.ndarray  # (T,) row of each token's whole word in the simulator's table, -1 if blank
+    contexts: np.ndarray | None  # (T,) rows of local contexts, when the context channel is on
+    ortho: np.ndarray  # (T,) index into ORTHO_DESCRIPTIONS, -1 for none
+
+
+@dataclass
+class _Explanations:
+    E: np.ndarray  # (D, U) content embeddings
+    mu: np.ndarray  # (U,) background mean
+    sd: np.ndarray  # (U,) background sd
+    z_ortho: np.ndarray  # (classes + 1, U), gated; last row (no class) is -inf
+    literals: list[tuple[set[str], bool]]
+
+
+class EmbeddingSimulator:
+    """Predicts activations from explanation-token similarity; see the module docstring."""
+
+    def __init__(
+        self,
+        model_path=None,
+        z_low: float = Z_LOW,
+        z_high: float = Z_HIGH,
+        expand: int = 5,
+        expand_weight: float = 0.3,
+        context_weight: float = 0.0,
+        context: int = 1,
+        max_windows: int = 20_000,
+        batch_size: int = 256,
+        device: str = "cpu",
+    ):
+        from autoexplain import defaults
+
+        self.model_path = str(model_path or defaults.embedder_path())
+        self.name = "embedding:all-MiniLM-L6-v2" if model_path is None else f"embedding:{self.model_path}"
+        settings = {"z": (z_low, z_high), "expand": (expand, expand_weight), "context": (context_weight, context)}
+        if settings != {"z": (Z_LOW, Z_HIGH), "expand": (5, 0.3), "context": (0.0, 1)}:
+            self.name += ":" + ",".join(f"{k}={v[0]}/{v[1]}" for k, v in settings.items())
+        self.z_low, self.z_high = z_low, z_high
+        self.expand, self.expand_weight = expand, expand_weight
+        self.context_weight, self.context = context_weight, context
+        self.max_windows, self.batch_size, self.device = max_windows, batch_size, device
+        self._model = None
+        self._background: np.ndarray | None = None
+        self._descriptions: np.ndarray | None = None
+        self._explained: dict[str, np.ndarray] = {}  # explanation text -> embedding
+        self._clear_tables()
+        self.encode_calls = 0  # model.encode invocations
+        self.encoded_texts = 0  # texts sent to the model
+        self.window_hits = self.window_misses = 0
+
+    def _clear_tables(self) -> None:
+        self._rows: dict[str, int] = {}  # word or context text -> row of self._table
+        self._table = np.zeros((0, 0), dtype=np.float32)  # capacity doubles; rows past len(_rows) unused
+        self._windows: OrderedDict[tuple[str, ...], _Window] = OrderedDict()
+
+    @property
+    def model(self):
+        if self._model is None:
+            from sentence_transformers import SentenceTransformer
+
+            self._model = SentenceTransformer(self.model_path, device=self.device)
+        return self._model
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        self.encode_calls += 1
+        self.encoded_texts += len(texts)
+        out = self.model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True, normalize_embeddings=True)
+        return np.asarray(out, dtype=np.float32)
+
+    def _setup(self) -> None:
+        if self._background is None:
+            with open(f"{self.model_path}/vocab.txt", encoding="utf-8") as f:
+                vocab = [line.strip() for line in f]
+            # Entries from 1996 on are whole words, roughly by frequency ("the", "of", "and", ...).
+            words = [w for w in vocab[1996:] if w.isalpha() and len(w) > 1][:N_BACKGROUND]
+            self._background = self._encode(words)
+            self._descriptions = self._encode(list(ORTHO_DESCRIPTIONS.values()) + list(ORTHO_COMPETITORS))
+
+    # -- windows -----------------------------------------------------------------------------
+    def prepare(self, records: Sequence[Sequence[str]]) -> list[_Window]:
+        """Each record's window, from the cache or built now; the words and contexts of all new
+        windows that are not in the table yet are embedded in one batch."""
+        keys = [tuple(r) for r in records]
+        missing = list(dict.fromkeys(k for k in keys if k not in self._windows))
+        self.window_hits += len(keys) - len(missing)
+        self.window_misses += len(missing)
+        if len(self._rows) > MAX_TEXTS or len(self._windows) + len(missing) > self.max_windows:
+            self._clear_tables()  # generational eviction: start afresh rather than grow without bound
+            missing = list(dict.fromkeys(keys))
+        if missing:
+            words = {k: word_of_each_token(k) for k in missing}
+            contexts = {k: self._contexts(k) for k in missing} if self.context_weight else {}
+            new = [t for v in (*words.values(), *contexts.values()) for t in v if t and t not in self._rows]
+            new = list(dict.fromkeys(new))
+            if new:
+                vectors, base = self._encode(new), len(self._rows)
+                if base + len(new) > len(self._table):
+                    grown = np.zeros((max(2 * len(self._table), base + len(new), 4096), vectors.shape[1]), np.float32)
+                    if base:
+                        grown[:base] = self._table[:base]
+                    self._table = grown
+                self._table[base : base + len(new)] = vectors
+                self._rows.update((t, base + i) for i, t in enumerate(new))
+            for k in missing:
+                self._windows[k] = _Window(
+                    tokens=k,
+                    words=self._row_ids(words[k]),
+                    contexts=self._row_ids(contexts[k]) if self.context_weight else None,
+                    ortho=np.array([_ORTHO_INDEX.get(ortho_class(t), -1) for t in k], dtype=np.int8),
+                )
+        for k in keys:
+            self._windows.move_to_end(k)
+        return [self._windows[k] for k in keys]
+
+    def _contexts(self, tokens: Sequence[str]) -> list[str]:
+        k = self.context
+        return ["".join(tokens[max(0, i - k) : i + k + 1]).strip() if t.strip() else "" for i, t in enumerate(tokens)]
+
+    def _row_ids(self, texts: list[str]) -> np.ndarray:
+        return np.array([self._rows[t] if t else -1 for t in texts], dtype=np.int32)
+
+    # -- scoring -----------------------------------------------------------------------------
+    def explanations(self, explanations: Sequence[str]) -> _Explanations:
+        """Embed explanations in one batch and fix each one's scale against the background."""
+        self._setup()
+        n = len(explanations)
+        texts = [content_of(e) for e in explanations] + list(explanations)
+        new = list(dict.fromkeys(t for t in texts if t not in self._explained))
+        if new:
+            if len(self._explained) > MAX_TEXTS:
+                self._explained.clear()
+            self._explained.update(zip(new, self._encode(new)))
+        both = np.stack([self._explained[t] for t in texts])
+        E, F = both[:n].T, both[n:].T  # content (lexical channel), full text (surface channel)
+        if self.expand:  # pull each explanation toward its nearest background words
+            nearest = np.argsort(-(self._background @ E), axis=0)[: self.expand]  # (k, U)
+            E = (1 - self.expand_weight) * E + self.expand_weight * self._background[nearest].mean(0).T
+            E = E / np.linalg.norm(E, axis=0, keepdims=True)
+        bg, fbg = self._background @ E, self._background @ F
+        mu, sd = bg.mean(0), bg.std(0) + 1e-6
+        z_desc = (self._descriptions @ F - fbg.mean(0)) / (fbg.std(0) + 1e-6)
+        k = len(ORTHO_DESCRIPTIONS)
+        z_ortho = np.where(z_desc[:k] >= z_desc.max(0) - ORTHO_MARGIN, z_desc[:k], -np.inf)
+        z_ortho = np.concatenate([z_ortho, np.full((1, n), -np.inf)])
+        literals = [(quoted_literals(e), literal_only(e)) for e in explanations]
+        return _Explanations(E, mu, sd, z_ortho, literals)
+
+    def simulate(self, explanation: str, records: Sequence[Sequence[str]]) -> list[Simulation]:
+        return self.simulate_many([explanation], records)[0]
+
+    def simulate_many(self, explanations: Sequence[str], records: Sequence[Sequence[str]]) -> list[list[Simulation]]:
+        """For each explanation, one Simulation per record. Every row of the table the records
+        use is scored against every explanation in one matrix product."""
+        if not explanations:
+            return []
+        ex = self.explanations(explanations)
+        windows = self.prepare(records)
+        used = [w.words for w in windows] + [w.contexts for w in windows if w.contexts is not None]
+        rows = np.unique(np.concatenate(used + [np.zeros(0, np.int32)]))
+        rows = rows[rows >= 0]
+        z_rows = (self._table[rows] @ ex.E - ex.mu) / ex.sd if rows.size else np.zeros((0, len(explanations)))
+        z_rows = np.concatenate([z_rows, np.full((1, len(explanations)), -np.inf)])  # last row: blank
+        out: list[list[Simulation]] = [[] for _ in explanations]
+        for w in windows:
+            pred = self._predict(w, ex, z_rows, rows).astype(float)
+            for u in range(len(explanations)):
+                out[u].append(Simulation(expected=pred[:, u].tolist()))
+        return out
+
+    def _predict(self, w: _Window, ex: _Explanations, z_rows: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """(T, U) predictions on the 0-10 scale for one window."""
+
+        def lookup(ids: np.ndarray) -> np.ndarray:
+            pos = np.where(ids >= 0, np.searchsorted(rows, ids), len(rows))
+            return z_rows[pos]
+
+        z = lookup(w.words)
+        if w.contexts is not None:
+            blank = w.words < 0
+            mixed = (1 - self.context_weight) * z + self.context_weight * lookup(w.contexts)
+            z = np.where(blank[:, None], z, mixed)
+        for u, (lits, only) in enumerate(ex.literals):
+            if lits:
+                hit = literal_hits(w.tokens, lits)
+                z[:, u] = np.where(hit, self.z_high, -np.inf if only else z[:, u])
+        z = np.maximum(z, ex.z_ortho[w.ortho])
+        return 10.0 * np.clip((z - self.z_low) / (self.z_high - self.z_low), 0.0, 1.0)

@@ -1,0 +1,164 @@
+"""Prefect tasks: one per stage per shard of units, each a thin wrapper over `autoexplain`.
+
+What the wrappers add:
+- caching by content: the cache key hashes the task's parameters (which carry the upstream
+  outputs' content hashes, never tensors), the code of the library modules the stage runs, and the
+  prompt files it reads. Prefect's TASK_SOURCE would hash only this wrapper's source;
+- retries with exponential backoff and jitter for transient failures; bad input (`UserError`) and
+  contract violations fail at once;
+- a data contract (Great Expectations suite from `schemas/`) checked on every output before any
+  downstream task sees it, with a markdown artifact of the failures.
+
+Each task returns a small reference: `{"uri", "path", "key", "layer"}`.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.tasks import exponential_backoff
+
+from autoexplain import layer as layer_mod
+from autoexplain.errors import UserError
+from autoexplain.explain import explainer_prompt_hash, prompt_hash
+from autoexplain.pipeline import ExplainConfig
+from autoexplain.record import RecordConfig, build_windows, record_layers
+from autoexplain.storage import code_version, content_key
+from schemas.contracts import ContractViolation, check
+
+
+def _transient(task_, task_run, state) -> bool:
+    """Retry everything except mistakes that a retry cannot fix."""
+    try:
+        state.result()
+    except (UserError, ContractViolation):
+        return False
+    except Exception:
+        return True
+    return False
+
+
+RETRY = dict(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5,
+             retry_condition_fn=_transient, persist_result=True)
+
+
+def _key(stage: str, modules: tuple[str, ...], prompts: str = ""):
+    def cache_key(context, parameters) -> str:
+        return f"{stage}-" + content_key({"params": parameters, "code": code_version(*modules), "prompts": prompts()
+                                          if callable(prompts) else prompts})
+
+    return cache_key
+
+
+def simulator_identity(spec: str | None) -> str:
+    """What a simulator's output depends on besides its inputs, without loading any model."""
+    spec = spec or layer_mod.DEFAULT_SIMULATOR
+    kind = spec.partition(":")[0]
+    if kind == "all-at-once":
+        return f"{spec}|{prompt_hash('simulator_system.txt', 'fewshot.json')}"
+    if kind == "chat-json":
+        return f"{spec}|{prompt_hash('simulator_system.txt')}"
+    return spec
+
+
+def ref(stage_ref) -> dict:
+    path = Path(stage_ref.path if hasattr(stage_ref, "path") else stage_ref.directory).resolve()
+    return {"uri": path.parent.as_uri(), "path": str(path), "key": stage_ref.key, "layer": stage_ref.layer}
+
+
+def _contract(path: Path, suite: str, params: dict | None = None) -> None:
+    try:
+        check(pq.read_table(path), suite, params)
+    except ContractViolation as e:
+        create_markdown_artifact(e.report.to_markdown(), key=f"contract-{suite}",
+                                 description=f"{suite} contract failed for {path}")
+        raise
+
+
+@lru_cache(maxsize=4)
+def _subject(model: str):
+    from autoexplain.subject import load_subject
+
+    return load_subject(model)
+
+
+@lru_cache(maxsize=4)
+def llm_for(spec: str):
+    from autoexplain.llm import make_llm
+
+    return make_llm(spec)
+
+
+@lru_cache(maxsize=4)
+def simulator_for(spec: str):
+    return layer_mod.make_simulator(spec)
+
+
+@task(name="record", cache_key_fn=_key("record", ("corpus", "record", "selection", "subject")), **RETRY)
+def record_task(model: str, corpus: str, layers: list[int], tokens: int, out: str, window_len: int = 64,
+                top_k: int = 40, n_random: int = 30, seed: int = 0) -> dict:
+    log = get_run_logger()
+    subject = _subject(model)
+    subject.check_layers(layers)
+    windows = build_windows(subject, corpus, out, window_len, tokens, seed)
+    _contract(windows.path, "windows", {"window_len": window_len})
+    cfg = RecordConfig(layers, top_k=top_k, n_random=n_random, seed=seed)
+    last = [0.0]
+
+    def progress(done, total):
+        if done / total - last[0] >= 0.1 or done == total:
+            last[0] = done / total
+            log.info(f"recorded {done:,}/{total:,} tokens ({100 * done / total:.0f}%)")
+
+    records = record_layers(subject, windows, cfg, out, progress)
+    for L in records.layers:
+        _contract(records.records_path(L), "records", {"window_len": window_len, "min_exemplars": top_k,
+                                                       "min_random": n_random})
+    return {"uri": records.directory.resolve().as_uri(), "path": str(records.directory.resolve()),
+            "key": records.key, "layers": records.layers, "n_units": subject.n_units,
+            "windows": str(windows.path.resolve()), "window_len": window_len}
+
+
+@task(name="explain", cache_key_fn=_key("explain", ("explain", "pipeline", "llm", "layer"), explainer_prompt_hash),
+      **RETRY)
+def explain_task(records: dict, layer: int, units: list[int], explainer: str, k: int = 4, out: str = "out") -> dict:
+    log = get_run_logger()
+    result = layer_mod.run_explain(records["path"], layer, out, units, explainer, ExplainConfig(k=k),
+                                   llm=llm_for(explainer))
+    _contract(result.path, "explanations")
+    log.info(f"explained units {units[0]}..{units[-1]} of layer {layer}")
+    return ref(result)
+
+
+@task(name="revise", cache_key_fn=_key("revise", ("layer",)), **RETRY)
+def revise_task(explanations: dict, revisions: dict[str, str], out: str = "out") -> dict:
+    parsed = {}
+    for unit_pol, text in revisions.items():
+        unit, _, pol = unit_pol.partition(":")
+        parsed[(int(unit), int(pol or 1))] = text
+    result = layer_mod.run_revise(layer_mod.StageRef.of(Path(explanations["path"]).parent), parsed, out)
+    _contract(result.path, "explanations")
+    return ref(result)
+
+
+@task(name="simulate", cache_key_fn=_key("simulate", ("simulate", "simulate_chat", "embedding", "pipeline", "layer"),
+                                         ""), **RETRY)
+def simulate_task(records: dict, explanations: dict, simulator: str, simulator_id: str, out: str = "out") -> dict:
+    result = layer_mod.run_simulate(records["path"], layer_mod.StageRef.of(Path(explanations["path"]).parent), out,
+                                    sim=simulator_for(simulator))
+    _contract(result.path, "simulations", {"window_len": records["window_len"]})
+    return ref(result)
+
+
+@task(name="score", cache_key_fn=_key("score", ("scoring", "pipeline", "layer")), **RETRY)
+def score_task(records: dict, simulations: dict, n_boot: int = 1000, out: str = "out") -> dict:
+    log = get_run_logger()
+    result = layer_mod.run_score(records["path"], layer_mod.StageRef.of(Path(simulations["path"]).parent), out,
+                                 n_boot)
+    _contract(result.path, "scores")
+    log.info(f"scored {simulations['path']}")
+    return ref(result)
