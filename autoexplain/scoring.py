@@ -260,6 +260,10 @@ def _score(metric: Metric, ys: list, ps: list, n_failed: int, **boot) -> Score:
     except UndefinedMetric as e:
         return Score(None, undefined_reason=str(e), **base)
     ci = bootstrap_ci(metric, ys, ps, **boot)
+    if ci is not None:
+        # Percentile intervals of a biased statistic (calibrated R² on few records) can miss the
+        # point estimate itself; report the interval stretched to contain it.
+        ci = (min(ci[0], value), max(ci[1], value))
     return Score(value, *(ci or (None, None)), **base)
 
 

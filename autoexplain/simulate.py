@@ -115,11 +115,15 @@ class AllAtOnceSimulator:
         self.top_logprobs = top_logprobs
         self.reuse_prefix = reuse_prefix
         self.name = f"all-at-once:{getattr(llm, 'name', type(llm).__name__)}"
-        self.prompt_hash = simulator_prompt_hash()
         # A LocalLLM wraps a Subject; a Subject itself also works. Anything else is a server.
         self.local = getattr(llm, "subject", llm)
         if not (hasattr(self.local, "model") and hasattr(self.local, "tokenizer")):
             self.local = None
+
+    @property
+    def prompt_hash(self) -> str:
+        """Read at use, not at construction: an edited prompt file must change cache keys."""
+        return simulator_prompt_hash()
 
     def simulate(self, explanation: str, records: Sequence[Sequence[str]]) -> list[Simulation]:
         if self.local is not None:

@@ -98,7 +98,10 @@ class ChatJsonSimulator:
         self.min_coverage = min_coverage
         self.max_tokens = max_tokens
         self.name = f"chat-json:{getattr(llm, 'name', type(llm).__name__)}"
-        self.prompt_hash = prompt_hash("simulator_system.txt") + ":json1"
+
+    @property
+    def prompt_hash(self) -> str:
+        return prompt_hash("simulator_system.txt") + ":json1"
 
     def simulate(self, explanation: str, records: Sequence[Sequence[str]]) -> list[Simulation]:
         pending = list(range(len(records)))

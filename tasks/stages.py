@@ -14,6 +14,7 @@ Each task returns a small reference: `{"uri", "path", "key", "layer"}`.
 
 from __future__ import annotations
 
+import threading
 from functools import lru_cache
 from pathlib import Path
 
@@ -86,16 +87,35 @@ def _subject(model: str):
     return load_subject(model)
 
 
+class _Serialised:
+    """One shared model per process, used by one task thread at a time: concurrent forward passes
+    through one transformers model are not safe (lazy caches), and two cores gain nothing from them."""
+
+    def __init__(self, inner):
+        self._inner, self._lock = inner, threading.RLock()
+
+    def __getattr__(self, name):
+        value = getattr(self._inner, name)
+        if not callable(value):
+            return value
+
+        def locked(*args, **kwargs):
+            with self._lock:
+                return value(*args, **kwargs)
+
+        return locked
+
+
 @lru_cache(maxsize=4)
 def llm_for(spec: str):
     from autoexplain.llm import make_llm
 
-    return make_llm(spec)
+    return _Serialised(make_llm(spec))
 
 
 @lru_cache(maxsize=4)
 def simulator_for(spec: str):
-    return layer_mod.make_simulator(spec)
+    return _Serialised(layer_mod.make_simulator(spec))
 
 
 @task(name="record", cache_key_fn=_key("record", ("corpus", "record", "selection", "subject")), **RETRY)
