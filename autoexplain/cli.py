@@ -259,6 +259,32 @@ def import_cmd(
     _run(go)
 
 
+@app.command("explain-layer")
+def explain_layer_cmd(
+    layer: int = typer.Option(15, "--layer", "-l", help="Layer to explain (SmolLM2 has 0-29)."),
+    units: Optional[str] = typer.Option(None, "--units", "-u", help="Units, e.g. 0-99 (default: the whole layer, both polarities)."),
+    model: str = typer.Option(defaults.SUBJECT, "--model", "-m", help="Subject model (see `record --help`)."),
+    corpus: str = typer.Option(defaults.CORPUS, "--corpus", "-c", help="Corpus (see `record --help`)."),
+    tokens: int = typer.Option(1_000_000, "--tokens", "-n", help="Corpus tokens to record."),
+    explainer: str = typer.Option("local", "--explainer", "-e", help="'local' (embedded SmolLM2), 'openai:MODEL' or 'openai:MODEL@URL'."),
+    simulator: str = typer.Option("embedding", "--simulator", "-s", help="'embedding', 'all-at-once[:LLM]' or 'chat-json:LLM'."),
+    k: int = typer.Option(1, "--k", help="Candidate explanations per unit (best-of-k on the valid split)."),
+    shard_size: int = typer.Option(256, "--shard-size", help="Units per task."),
+    out: Path = typer.Option(Path("out"), "--out", "-o"),
+):
+    """Record if needed, then explain, simulate and score a layer, as a Prefect flow (no server needed)."""
+    def go():
+        from flows.explain_layer import explain_layer
+
+        result = explain_layer(layer=layer, units=units, model=model, corpus=corpus, tokens=tokens,
+                               explainer=explainer, simulator=simulator, k=k, shard_size=shard_size, out=str(out))
+        for ref in result["scores"]:
+            _print_summary(Path(ref["path"]))
+        typer.echo(str(Path(result["records"]["path"])))
+
+    _run(go)
+
+
 def _print_summary(scores_path: Path) -> None:
     import polars as pl
     from rich.table import Table
@@ -278,8 +304,12 @@ def _print_summary(scores_path: Path) -> None:
 
 def main():  # pragma: no cover - console entry point
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Prefect's ephemeral server needs longer than its 20 s default to start on a busy 2-core box,
+    # and its telemetry would try to reach the internet.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     app(prog_name="autoexplain")
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()
