@@ -1,0 +1,86 @@
+"""explain-layer flow benchmark on the embedded default: wall time, per-stage task time,
+orchestration overhead, and the rerun after a simulator-prompt edit.
+
+    python bench/flow_bench.py --units 0-7 --tokens 1000000 --simulator all-at-once
+
+Orchestration overhead = flow wall time minus the time spent inside the task bodies (summed over
+task runs, which run one at a time here: tasks on one shared model are serialised), over the wall
+time. The rerun edits a copy of the simulator prompt (AUTOEXPLAIN_PROMPTS) and runs the same flow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+
+home = tempfile.mkdtemp(prefix="bench-prefect-")
+os.environ.setdefault("PREFECT_HOME", home)
+os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", f"{home}/results")
+os.environ.setdefault("PREFECT_API_DATABASE_CONNECTION_URL", f"sqlite+aiosqlite:///{home}/prefect.db")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def task_times(flow_run_id) -> dict[str, float]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    out: dict[str, float] = defaultdict(float)
+    for r in runs:
+        out[r.name.rsplit("-", 1)[0]] += r.total_run_time.total_seconds()
+    return dict(out)
+
+
+def run_once(**params):
+    from prefect.context import get_run_context  # noqa: F401
+    from prefect import flow
+
+    from autoexplain.counters import since, snapshot
+    from flows.explain_layer import explain_layer
+
+    before = snapshot()
+    t = time.perf_counter()
+    state = explain_layer(**params, return_state=True)
+    wall = time.perf_counter() - t
+    state.result()
+    times = task_times(state.state_details.flow_run_id)
+    busy = sum(times.values())
+    return {"wall_s": round(wall, 1), "task_s": {k: round(v, 1) for k, v in times.items()},
+            "orchestration_overhead_pct": round(100 * max(wall - busy, 0) / wall, 1), "calls": since(before)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--units", default="0-7")
+    ap.add_argument("--tokens", type=int, default=1_000_000)
+    ap.add_argument("--simulator", default="all-at-once")
+    ap.add_argument("--shard-size", type=int, default=8)
+    ap.add_argument("--out", default=tempfile.mkdtemp(prefix="bench-flow-out-"))
+    args = ap.parse_args()
+    params = dict(layer=15, units=args.units, tokens=args.tokens, simulator=args.simulator, k=1,
+                  shard_size=args.shard_size, out=args.out)
+    full = run_once(**params)
+    print(json.dumps({"full": full}, indent=2), flush=True)
+
+    from autoexplain.explain import PACKAGE_PROMPTS
+
+    prompts = tempfile.mkdtemp(prefix="bench-prompts-")
+    shutil.copytree(PACKAGE_PROMPTS, prompts, dirs_exist_ok=True)
+    with open(os.path.join(prompts, "simulator_system.txt"), "a") as f:
+        f.write(" Think about each token in its context.")
+    os.environ["AUTOEXPLAIN_PROMPTS"] = prompts
+    rerun = run_once(**params)
+    rerun["fraction_of_full"] = round(rerun["wall_s"] / full["wall_s"], 3)
+    print(json.dumps({"rerun_after_simulator_prompt_edit": rerun}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
