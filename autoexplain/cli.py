@@ -259,6 +259,18 @@ def import_cmd(
     _run(go)
 
 
+@app.command()
+def view(
+    scores: list[Path] = typer.Option(..., "--scores", "-c", help="Scores folders (one per layer) printed by `autoexplain score` or explain-layer."),
+    site: Path = typer.Option(Path("site"), "--site", help="Folder to write the static site into."),
+    records: Optional[Path] = typer.Option(None, "--records", "-r", help="Records folder (default: found through the manifests)."),
+):
+    """Write a static neuron viewer (no server needed: open index.html) from scored layers."""
+    from autoexplain.view import build_site
+
+    _run(lambda: typer.echo(str(build_site(scores, site, records))))
+
+
 @app.command("explain-layer")
 def explain_layer_cmd(
     layer: int = typer.Option(15, "--layer", "-l", help="Layer to explain (SmolLM2 has 0-29)."),

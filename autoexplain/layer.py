@@ -94,7 +94,9 @@ def load_units(records_dir: str | Path, layer: int, units: list[int] | None = No
 
 
 def _unit_key(records_key: str, unit, **rest) -> str:
-    return content_key({"records": records_key, "unit": [unit.neuron.index, unit.neuron.polarity], **rest})
+    # One records output can hold several layers: the layer is part of a unit's identity.
+    n = unit.neuron
+    return content_key({"records": records_key, "unit": [n.layer, n.index, n.polarity], **rest})
 
 
 def _memoised(memo: Memo, key: str, compute):

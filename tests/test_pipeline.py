@@ -113,3 +113,17 @@ def test_import_rejects_bad_files(tmp_path):
         import_explanations(tmp_path, 3)
     with pytest.raises(UserError, match="no explanation files"):
         import_explanations(tmp_path, 4)
+
+
+def test_layers_recorded_together_keep_their_own_results(tiny_llama_dir, prose_corpus, tmp_path):
+    """One records output holding two layers: each layer's explanations stay its own."""
+    from autoexplain.record import RecordConfig, build_windows, record_layers
+    from autoexplain.subject import load_subject
+
+    subject = load_subject(tiny_llama_dir)
+    windows = build_windows(subject, str(prose_corpus), tmp_path, window_len=8)
+    rec = record_layers(subject, windows, RecordConfig([0, 2], top_k=8, n_random=6, reservoir=32), tmp_path)
+    llm, cfg = LocalLLM(tiny_llama_dir), pipeline.ExplainConfig(k=1, max_tokens=6)
+    for layer in (0, 2):
+        x = run_explain(rec.directory, layer, tmp_path, [0], cfg=cfg, llm=llm)
+        assert set(pl.read_parquet(x.path)["layer"]) == {layer}

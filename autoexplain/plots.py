@@ -1,0 +1,174 @@
+"""Report plots from a scores table (matplotlib, Agg backend), written as PNG files.
+
+Each function takes the long-format scores table (`schemas/scores.json`: one row per unit,
+polarity, method and metric) as a polars or pandas DataFrame or a pyarrow Table, and writes one PNG.
+The neuron viewer embeds them; they also stand alone in reports.
+
+Means over units carry a 95% CI from the normal approximation (mean +- 1.96 standard errors over
+units); a unit's own CI (bootstrap over its records) is in the table, not in these summaries.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+DEFAULT_METRIC = "top_and_random"
+METHODS = ("llm", "token-lookup", "shuffled")
+COLORS = {"llm": "#2463eb", "token-lookup": "#e07b00", "shuffled": "#8a8f98"}
+METRIC_LABELS = {
+    "top_and_random": "correlation score (top and random)",
+    "random_only": "correlation score (random only)",
+    "calibrated_r2": "calibrated R²",
+    "calibrated_abs_dev_explained": "calibrated abs. deviation explained",
+    "detection_auc": "detection AUC",
+}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"font.size": 9, "axes.spines.top": False, "axes.spines.right": False,
+                         "axes.titlesize": 10, "figure.dpi": 110})
+    return plt
+
+
+def _frame(scores) -> pl.DataFrame:
+    if isinstance(scores, pl.DataFrame):
+        return scores
+    if hasattr(scores, "schema") and hasattr(scores, "column_names"):  # pyarrow Table
+        return pl.from_arrow(scores)
+    return pl.from_pandas(scores)
+
+
+def _values(df: pl.DataFrame, metric: str, method: str) -> np.ndarray:
+    sel = df.filter((pl.col("metric") == metric) & (pl.col("method") == method)).get_column("value")
+    return sel.drop_nulls().drop_nans().to_numpy().astype(float)
+
+
+def mean_ci(values: np.ndarray) -> tuple[float, float, float]:
+    """Mean over units with a normal-approximation 95% CI; NaNs when there is no value."""
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    m = float(values.mean())
+    if values.size < 2:
+        return m, m, m
+    half = 1.96 * float(values.std(ddof=1)) / np.sqrt(values.size)
+    return m, m - half, m + half
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def _layers(df: pl.DataFrame) -> list[int]:
+    return sorted(int(x) for x in df.get_column("layer").unique().to_list())
+
+
+def plot_score_distribution(scores, path, metric: str = DEFAULT_METRIC) -> Path:
+    """Histogram of the per-unit score of the explanation and both baselines (one layer, or pooled)."""
+    plt = _pyplot()
+    df = _frame(scores)
+    layers = _layers(df) if df.height else []
+    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    all_vals = [_values(df, metric, m) for m in METHODS]
+    pooled = np.concatenate([v for v in all_vals if v.size] or [np.zeros(0)])
+    if pooled.size:
+        lo, hi = float(pooled.min()), float(pooled.max())
+        if hi - lo < 1e-9:
+            lo, hi = lo - 0.5, hi + 0.5
+        bins = np.linspace(lo, hi, 41)
+        for method, vals in zip(METHODS, all_vals):
+            if not vals.size:
+                continue
+            m = vals.mean()
+            label = f"{method} (n={vals.size}, mean {m:.3f})"
+            if method == "llm":
+                ax.hist(vals, bins=bins, color=COLORS[method], alpha=0.55, label=label)
+            else:
+                ax.hist(vals, bins=bins, histtype="step", linewidth=1.6, color=COLORS[method], label=label)
+            ax.axvline(m, color=COLORS[method], linestyle="--", linewidth=1)
+        ax.legend(frameon=False, fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no defined scores", ha="center", va="center", transform=ax.transAxes)
+    where = f"layer {layers[0]}" if len(layers) == 1 else f"{len(layers)} layers" if layers else "no units"
+    ax.set_title(f"Score distribution, {where}")
+    ax.set_xlabel(METRIC_LABELS.get(metric, metric))
+    ax.set_ylabel("units")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    return _save(fig, path)
+
+
+def plot_mean_by_layer(scores, path, metric: str = DEFAULT_METRIC) -> Path:
+    """Mean score per layer for the explanation and the baselines, with 95% CIs over units."""
+    plt = _pyplot()
+    df = _frame(scores)
+    layers = _layers(df) if df.height else []
+    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    for i, method in enumerate(METHODS):
+        rows = [(L, *mean_ci(_values(df.filter(pl.col("layer") == L), metric, method))) for L in layers]
+        rows = [r for r in rows if np.isfinite(r[1])]
+        if not rows:
+            continue
+        x = np.array([r[0] for r in rows], dtype=float) + (i - 1) * 0.08
+        m = np.array([r[1] for r in rows])
+        err = np.array([[r[1] - r[2] for r in rows], [r[3] - r[1] for r in rows]])
+        ax.errorbar(x, m, yerr=err, marker="o", markersize=4, capsize=3, linewidth=1.4,
+                    color=COLORS[method], label=method)
+    if layers:
+        ax.legend(frameon=False, fontsize=8)
+        ax.set_xticks(layers)
+    else:
+        ax.text(0.5, 0.5, "no defined scores", ha="center", va="center", transform=ax.transAxes)
+    ax.axhline(0, color="#bbb", linewidth=0.8)
+    ax.set_title("Mean score by layer (95% CI over units)")
+    ax.set_xlabel("layer")
+    ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+    return _save(fig, path)
+
+
+def plot_llm_vs_baselines(scores, path, metric: str = DEFAULT_METRIC) -> Path:
+    """Per unit, the explanation's score against each baseline's; points above the diagonal beat it."""
+    plt = _pyplot()
+    df = _frame(scores)
+    wide = (df.filter(pl.col("metric") == metric)
+            .select("layer", "unit", "polarity", "method", "value")
+            .unique(["layer", "unit", "polarity", "method"])
+            .pivot(on="method", index=["layer", "unit", "polarity"], values="value")) if df.height else pl.DataFrame()
+    fig, axes = plt.subplots(1, 2, figsize=(7.6, 3.6), sharey=True)
+    for ax, base in zip(axes, METHODS[1:]):
+        if wide.height and "llm" in wide.columns and base in wide.columns:
+            pair = wide.select("llm", base).drop_nulls().drop_nans()
+            y, x = pair["llm"].to_numpy().astype(float), pair[base].to_numpy().astype(float)
+        else:
+            x = y = np.zeros(0)
+        if x.size:
+            alpha = 0.7 if x.size < 500 else max(0.05, 300 / x.size)
+            ax.scatter(x, y, s=8 if x.size < 2000 else 2, alpha=alpha, color=COLORS["llm"], linewidths=0)
+            lo = float(min(x.min(), y.min()))
+            hi = float(max(x.max(), y.max()))
+            ax.plot([lo, hi], [lo, hi], color="#999", linewidth=0.8, linestyle="--")
+            wins = float(np.mean(y > x))
+            ax.set_title(f"llm vs {base}: llm higher on {wins:.0%} of {x.size} units")
+        else:
+            ax.text(0.5, 0.5, "no units with both scores", ha="center", va="center", transform=ax.transAxes)
+            ax.set_title(f"llm vs {base}")
+        ax.set_xlabel(f"{base} score")
+    axes[0].set_ylabel(f"llm score ({METRIC_LABELS.get(metric, metric)})")
+    fig.tight_layout()
+    return _save(fig, path)

@@ -1,0 +1,504 @@
+"""The neuron viewer in a real browser (Debian's Chromium driven by Playwright).
+
+Three sites: a real run of the pipeline on the tiny Llama; a hostile run whose corpus, tokens and
+explanations carry HTML/JS payloads (nothing may execute, everything must show as text); and a
+synthetic layer of 46,080 units, to check that the chunked data keeps the pages fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from playwright.sync_api import expect
+
+from autoexplain import pipeline
+from autoexplain.storage import read_manifest, write_manifest, write_table
+from autoexplain.view import build_site, js_data
+from schemas import load_schema
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+PAYLOADS = [
+    "<script>window.__pwned=1</script>",
+    '"><img src=x onerror="window.__pwned=1">',
+    "javascript:window.__pwned=1",
+    "</script><script>window.__pwned=1</script>",
+    "<svg/onload=window.__pwned=1>",
+    "'--><iframe srcdoc='<script>parent.__pwned=1</script>'>",
+    "<!--<img src=x onerror=alert(1)>-->",
+    "\u2028window.__pwned=1\u2029",
+]
+INJECTED = "<img src=x onerror=window.__pwned=1>"
+
+
+# ---------------------------------------------------------------- browser
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's Chromium; installed with apt when missing and we are root."""
+    if not Path(CHROMIUM).exists() and hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run("apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium",
+                       shell=True, check=False, capture_output=True, timeout=900)
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"the viewer tests need Chromium at {CHROMIUM}: run `apt-get install -y chromium` as root "
+                    "(Playwright's own browser download is not used)")
+    return CHROMIUM
+
+
+@pytest.fixture(scope="module")
+def browser(chromium, tmp_path_factory):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        ctx = p.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=chromium, headless=True,
+            args=CHROMIUM_ARGS, viewport={"width": 1280, "height": 900})
+        ctx.set_default_timeout(15_000)
+        yield ctx
+        ctx.close()
+
+
+class Watched:
+    """A page whose console errors, page errors, dialogs and off-site requests are recorded."""
+
+    def __init__(self, ctx, base: str):
+        self.page = ctx.new_page()
+        self.base = base
+        self.errors: list[str] = []
+        self.dialogs: list[str] = []
+        self.offsite: list[str] = []
+        self.page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("dialog", self._dialog)
+        self.page.on("request", lambda r: r.url.startswith(self.base) or self.offsite.append(r.url))
+
+    def _dialog(self, d):
+        self.dialogs.append(d.message)
+        d.dismiss()
+
+    def open(self, path: str, ready: bool = True):
+        self.page.goto(self.base + path)
+        if ready:
+            self.page.wait_for_selector("body[data-ready='1']")
+        return self.page
+
+    def check_clean(self):
+        assert self.page.evaluate("typeof window.__pwned") == "undefined", "injected script ran"
+        assert self.page.evaluate("typeof parent.__pwned") == "undefined"
+        assert not self.dialogs, f"a dialog fired: {self.dialogs}"
+        assert not self.errors, f"console errors: {self.errors}"
+        assert not self.offsite, f"requests outside the site: {self.offsite}"
+        # Only our own plots are images; nothing injected became an element.
+        assert self.page.evaluate("document.querySelectorAll('img:not(.plot), iframe, object, embed').length") == 0
+        assert self.page.evaluate("document.querySelectorAll('script:not([src])').length") == 0
+
+    def close(self):
+        self.check_clean()
+        self.page.close()
+
+
+@pytest.fixture(scope="module")
+def serve():
+    """serve(site_dir) -> http://127.0.0.1:PORT/ for a static server over that folder."""
+    servers = []
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    def start(site: Path) -> str:
+        httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(site)))
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        servers.append(httpd)
+        return f"http://127.0.0.1:{httpd.server_address[1]}/"
+
+    yield start
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+
+
+def file_url(site: Path) -> str:
+    return site.resolve().as_uri() + "/"
+
+
+def rows_shown(page) -> int:
+    return page.locator("#units tbody tr").count()
+
+
+# ---------------------------------------------------------------- sites
+
+
+@pytest.fixture(scope="module")
+def simulator():
+    from autoexplain.embedding import EmbeddingSimulator
+
+    return EmbeddingSimulator()
+
+
+@pytest.fixture(scope="module")
+def local_llm(tiny_llama_dir):
+    from autoexplain.llm import LocalLLM
+
+    return LocalLLM(tiny_llama_dir)
+
+
+@pytest.fixture(scope="module")
+def real_site(tiny_records, local_llm, simulator, tmp_path_factory):
+    """Layer 1 of the tiny Llama, explained, simulated and scored (same stages as test_pipeline)."""
+    from autoexplain.layer import run_explain, run_score, run_simulate
+
+    records_dir, out = tiny_records
+    x = run_explain(records_dir, 1, out, [0, 5], cfg=pipeline.ExplainConfig(k=3, max_tokens=12), llm=local_llm)
+    s = run_simulate(records_dir, x, out, sim=simulator)
+    c = run_score(records_dir, s, out, n_boot=200)
+    site = tmp_path_factory.mktemp("site_real")
+    started = time.perf_counter()
+    build_site([c.directory], site)
+    print(f"\nreal site built in {time.perf_counter() - started:.2f}s")
+    return site, s, c
+
+
+@pytest.fixture(scope="module")
+def hostile_site(tiny_llama_dir, local_llm, simulator, tmp_path_factory):
+    """Two layers recorded over a corpus full of HTML/JS payloads, whose tokens and explanations carry them."""
+    from autoexplain.layer import run_explain, run_score, run_simulate
+    from autoexplain.record import RecordConfig, build_windows, record_layers
+    from autoexplain.subject import load_subject
+    from tests.conftest import PROSE
+
+    root = tmp_path_factory.mktemp("hostile")
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n\n".join(f"{PROSE} {PAYLOADS[i % len(PAYLOADS)]} and {PAYLOADS[(i + 3) % len(PAYLOADS)]}"
+                                  for i in range(14)), encoding="utf-8")
+    out = root / "out"
+    subject = load_subject(tiny_llama_dir)
+    windows = build_windows(subject, str(corpus), out, window_len=8, seed=0)
+    refs = {layer: record_layers(subject, windows, RecordConfig([layer], top_k=8, n_random=6, quantile_per_bin=1,
+                                                                reservoir=32), out) for layer in (0, 2)}
+    # Whole payloads as single tokens too (the tokenizer splits them), before anything reads the tokens.
+    table = pl.read_parquet(windows.path)
+    tokens = [[PAYLOADS[(w + j) % len(PAYLOADS)] if j == 3 else t for j, t in enumerate(toks)]
+              for w, toks in zip(table["window_id"], table["tokens"])]
+    write_table(table.with_columns(pl.Series("tokens", tokens)).to_arrow(), windows.path, "windows")
+
+    llm = local_llm
+    scores = []
+    for layer in (0, 2):
+        records = refs[layer].directory
+        x = run_explain(records, layer, out, [0, 1, 2], cfg=pipeline.ExplainConfig(k=2, max_tokens=8), llm=llm)
+        s = run_simulate(records, x, out, sim=simulator)
+        c = run_score(records, s, out, n_boot=50)
+        scores.append(c.directory)
+    # And the explanation texts themselves, as a compromised explainer would write them.
+    chosen_path = Path(read_manifest(scores[0])["inputs"]["simulations"]) / "chosen.parquet"
+    rows = pq.read_table(chosen_path).to_pylist()
+    for row in rows:
+        if (row["unit"], row["polarity"]) == (0, 1) and row["method"] == "llm":
+            row["candidates"] = [INJECTED] + PAYLOADS[:2]
+            row["candidate_valid_scores"] = [0.5, 0.1, float("nan")]
+            row["text"] = INJECTED
+        elif row["method"] != "llm":
+            row["text"] = PAYLOADS[row["unit"] % len(PAYLOADS)] + " " + row["text"]
+    write_table(pa.Table.from_pylist(rows, schema=load_schema("explanations")), chosen_path, "explanations")
+    site = root / "site"
+    build_site(scores, site)
+    return site
+
+
+def synthetic_layer(out: Path, layer: int, n_neurons: int, seed: int = 0) -> Path:
+    """Scores and chosen explanations for n_neurons x 2 polarities, written with the schemas; no model."""
+    rng = np.random.default_rng(seed)
+    units = np.repeat(np.arange(n_neurons), 2)
+    pols = np.tile([1, -1], n_neurons)
+    n = units.size
+    words = "river mill bridge winter school teacher numbers dates commas names colours animals verbs".split()
+    texts = [f"{words[i % len(words)]} and {words[(i * 7 + 3) % len(words)]} in text {i}" for i in range(n)]
+    chosen = {c: [] for c in load_schema("explanations").names}
+    for method in pipeline.LLM, pipeline.LOOKUP, pipeline.SHUFFLED:
+        t = texts if method != pipeline.SHUFFLED else texts[1:] + texts[:1]
+        chosen["layer"] += [layer] * n
+        chosen["unit"] += units.tolist()
+        chosen["polarity"] += pols.tolist()
+        chosen["method"] += [method] * n
+        chosen["explainer"] += [method] * n
+        chosen["prompt_hash"] += [""] * n
+        chosen["text"] += t
+        chosen["candidates"] += [[x, x + " (alternative)"] for x in t]
+        chosen["candidate_valid_scores"] += (rng.uniform(-0.2, 0.8, (n, 2)).round(3).tolist()
+                                             if method == pipeline.LLM else [[]] * n)
+        chosen["prompt_tokens"] += [0] * n
+        chosen["completion_tokens"] += [0] * n
+    sims_dir = out / "simulations" / f"synthetic{layer}"
+    write_table(pa.table(chosen), sims_dir / "chosen.parquet", "explanations")
+    write_table(load_schema("simulations").empty_table(), sims_dir / f"layer_{layer}.parquet", "simulations")
+    write_manifest(sims_dir, "simulations", f"synthetic{layer}", {}, {"layer": layer, "simulator": "synthetic"},
+                   ["chosen.parquet", f"layer_{layer}.parquet"])
+
+    metrics = ["top_and_random", "random_only", "calibrated_r2", "calibrated_abs_dev_explained", "detection_auc"]
+    parts = []
+    for method, centre in ((pipeline.LLM, 0.25), (pipeline.LOOKUP, 0.15), (pipeline.SHUFFLED, 0.0)):
+        for metric in metrics:
+            v = np.clip(rng.normal(centre, 0.2, n), -1, 1)
+            v[rng.random(n) < 0.01] = np.nan
+            parts.append(pl.DataFrame({"unit": units, "polarity": pols, "method": method, "metric": metric,
+                                       "value": v, "ci_low": v - 0.1, "ci_high": v + 0.1}))
+    df = pl.concat(parts).with_columns(
+        layer=pl.lit(layer), simulator=pl.lit("synthetic"), split=pl.lit("test"),
+        undefined_reason=pl.when(pl.col("value").is_nan()).then(pl.lit("no spread")).otherwise(None),
+        n_records=pl.lit(20), n_failed=pl.lit(0), explainer_tokens=pl.lit(0), simulator_tokens=pl.lit(0),
+    ).with_columns([pl.col(c).fill_nan(None) for c in ("value", "ci_low", "ci_high")])
+    scores_dir = out / "scores" / f"synthetic{layer}"
+    write_table(df.select(load_schema("scores").names).to_arrow(), scores_dir / f"layer_{layer}.parquet", "scores")
+    write_manifest(scores_dir, "scores", f"synthetic{layer}", {"simulations": str(sims_dir)}, {"layer": layer},
+                   [f"layer_{layer}.parquet"])
+    return scores_dir
+
+
+# ---------------------------------------------------------------- tests without a browser
+
+
+def test_data_scripts_cannot_break_out():
+    nasty = {"t": "</script><script>alert(1)</script><!-- & \u2028\u2029 ]]>", "n": [1.5, None]}
+    text = js_data("L1/u/0", nasty)
+    assert "<" not in text and ">" not in text.split("=", 1)[1][:-2] and "&" not in text
+    assert "\u2028" not in text and "\u2029" not in text
+    body = re.match(r'^\(window\.__data=window\.__data\|\|\{\}\)\["L1/u/0"\]=(.*);\n$', text, re.S).group(1)
+    assert json.loads(body) == nasty
+
+
+def test_plots_stand_alone(tmp_path):
+    from autoexplain.plots import plot_llm_vs_baselines, plot_mean_by_layer, plot_score_distribution
+
+    scores = pl.read_parquet(synthetic_layer(tmp_path / "a", 3, 60) / "layer_3.parquet")
+    more = pl.read_parquet(synthetic_layer(tmp_path / "b", 4, 60, seed=1) / "layer_4.parquet")
+    both = pl.concat([scores, more])
+    for fn, data in ((plot_score_distribution, scores), (plot_mean_by_layer, both), (plot_llm_vs_baselines, both.to_arrow())):
+        path = fn(data, tmp_path / f"{fn.__name__}.png")
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5_000
+    empty = plot_score_distribution(scores.head(0), tmp_path / "empty.png")
+    assert empty.is_file()
+
+
+def test_build_site_rejects_bad_inputs(tmp_path):
+    from autoexplain.errors import UserError
+
+    scores_dir = synthetic_layer(tmp_path / "out", 2, 5)
+    with pytest.raises(UserError, match="not a finished scores folder"):
+        build_site([tmp_path / "nowhere"], tmp_path / "site")
+    with pytest.raises(UserError, match="layer 2 comes twice"):
+        build_site([scores_dir, scores_dir], tmp_path / "site")
+    manifest = json.loads((scores_dir / "manifest.json").read_text())
+    manifest["params"]["layer"] = 3
+    (scores_dir / "manifest.json").write_text(json.dumps(manifest))
+    shutil.copyfile(scores_dir / "layer_2.parquet", scores_dir / "layer_3.parquet")
+    with pytest.raises(UserError, match=r"hold rows of layer\(s\) \[2\], but its manifest says layer 3"):
+        build_site([scores_dir], tmp_path / "site")
+
+
+# ---------------------------------------------------------------- browser tests
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("via", ["file", "http"])
+def test_layer_to_unit_and_overlay(real_site, browser, serve, via, tmp_path):
+    site, s, _ = real_site
+    base = file_url(site) if via == "file" else serve(site)
+    chosen = pl.read_parquet(s.directory / "chosen.parquet")
+    llm = {(r["unit"], r["polarity"]): r["text"] for r in chosen.filter(pl.col("method") == "llm").iter_rows(named=True)}
+
+    w = Watched(browser, base)
+    page = w.open("index.html")
+    assert page.locator("#layers tbody tr").count() == 1
+    assert page.evaluate("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
+    page.screenshot(path=tmp_path / f"index_{via}.png", full_page=True)
+    page.click("#layers a")
+    page.wait_for_selector("body[data-ready='1']")
+    assert page.url.endswith("layer.html#L1")
+    assert rows_shown(page) == len(llm) == 4
+    assert page.evaluate("document.getElementById('hist').naturalWidth") > 0
+    page.screenshot(path=tmp_path / f"layer_{via}.png", full_page=True)
+
+    page.click("#units tbody tr:first-child a")  # N0+
+    page.wait_for_url(re.compile(r"unit\.html#L1/N0\+$"))
+    page.wait_for_selector("body[data-ready='1']")
+    assert page.text_content("#explanation") == llm[(0, 1)]
+    assert page.locator("#candidates tbody tr").count() == 3
+    assert page.locator("#scores tbody tr").count() == 5
+    assert page.locator("#ex-top .exemplar").count() > 0 and page.locator("#ex-random .exemplar").count() > 0
+    assert page.locator("#histogram svg rect").count() > 0
+    assert page.locator("#top-tokens tbody tr").count() > 0
+    sims = page.locator("#simulations")
+    assert "side-by-side" in sims.get_attribute("class")
+    n_windows = page.locator("#simulations .sim-row:not(.sim-head)").count()
+    assert n_windows > 0 and page.locator("#simulations .otok").count() == 0
+    page.screenshot(path=tmp_path / f"unit_{via}.png", full_page=True)
+
+    page.click("#overlay-toggle")
+    assert "overlay" in sims.get_attribute("class").split()
+    assert page.locator("#simulations .sim-row").count() == n_windows
+    assert page.locator("#simulations .otok .bar.sim").count() > 0
+    page.screenshot(path=tmp_path / f"unit_overlay_{via}.png", full_page=True)
+    page.click("#overlay-toggle")
+    assert "side-by-side" in sims.get_attribute("class")
+
+    page.click("#next-unit")  # hash navigation re-renders in place
+    page.wait_for_selector("body[data-ready='1']")
+    assert page.url.endswith("#L1/N0-") and page.text_content("#explanation") == llm[(0, -1)]
+    w.close()
+
+
+@pytest.mark.slow
+def test_search_and_sort(real_site, browser, tmp_path):
+    site, s, c = real_site
+    scores = pl.read_parquet(c.path).filter((pl.col("method") == "llm") & (pl.col("metric") == "top_and_random"))
+    chosen = pl.read_parquet(s.directory / "chosen.parquet").filter(pl.col("method") == "llm")
+    w = Watched(browser, file_url(site))
+    page = w.open("layer.html#L1")
+
+    word = max(chosen["text"][0].split(), key=len).lower()
+    n_match = sum(word in t.lower() for t in chosen["text"])
+    page.fill("#search", word)
+    expect(page.locator("#units tbody tr")).to_have_count(n_match)
+    assert all(word in t.lower() for t in page.locator("#units tbody td.expl").all_text_contents())
+    page.fill("#search", "zzz-no-such-explanation")
+    expect(page.locator("#units tbody tr")).to_have_count(0)
+    page.fill("#search", "")
+    expect(page.locator("#units tbody tr")).to_have_count(4)
+
+    page.click("#units th[data-key='score']")
+    assert page.get_attribute("#units th[data-key='score']", "aria-sort") == "descending"
+    shown = [float(x) if x != "–" else None for x in page.locator("#units tbody td:nth-child(3)").all_text_contents()]
+    values = sorted((v for v in scores["value"].to_list() if v is not None and np.isfinite(v)), reverse=True)
+    np.testing.assert_allclose([v for v in shown if v is not None], values, atol=1.5e-3)
+    assert shown[len(values):] == [None] * (len(shown) - len(values)), "undefined scores sort last"
+    page.click("#units th[data-key='score']")
+    assert page.get_attribute("#units th[data-key='score']", "aria-sort") == "ascending"
+    asc = [float(x) for x in page.locator("#units tbody td:nth-child(3)").all_text_contents() if x != "–"]
+    assert asc == sorted(asc)
+    page.select_option("#metric", "detection_auc")
+    page.screenshot(path=tmp_path / "layer_sorted.png", full_page=True)
+    w.close()
+
+
+@pytest.mark.slow
+def test_hostile_strings_stay_text(hostile_site, browser, serve, tmp_path):
+    site = hostile_site
+    for path in (site / "data").rglob("*.js"):
+        text = path.read_text(encoding="utf-8")
+        assert "<" not in text and "\u2028" not in text, f"{path} has a raw '<'"
+    for base in (file_url(site), serve(site)):
+        w = Watched(browser, base)
+        page = w.open("index.html")
+        assert page.locator("#layers tbody tr").count() == 2
+        assert page.locator("#plots img").count() == 3  # score by layer, distribution, llm vs baselines
+        page.fill("#search", "onerror=window")
+        expect(page.locator("#results tbody tr")).to_have_count(1)
+        expect(page.locator("#count")).to_have_text("1 matching units")
+        assert INJECTED in page.locator("#results td.expl").all_text_contents()
+        w.check_clean()
+
+        page = w.open("layer.html#L0")
+        assert INJECTED in page.locator("#units td.expl").all_text_contents()
+        w.check_clean()
+        page = w.open("layer.html#L2")
+        w.check_clean()
+
+        page = w.open("unit.html#L0/N0+")
+        assert page.text_content("#explanation") == INJECTED
+        cands = page.locator("#candidates td.expl").all_text_contents()
+        assert cands[0].startswith(INJECTED) and any(PAYLOADS[1] in c for c in cands)
+        baselines = " ".join(page.locator("#baselines td.expl").all_text_contents())
+        assert PAYLOADS[0] in baselines
+        tokens = set(page.locator("#ex-top .tok, #ex-random .tok, #ex-quantile .tok").all_text_contents())
+        assert any(p.replace("\u2028", "") in tokens or p in tokens for p in PAYLOADS[:5]), "payload tokens shown as text"
+        page.click("#overlay-toggle")
+        page.screenshot(path=tmp_path / "hostile_unit.png", full_page=True)
+        w.check_clean()
+        for unit in ("L0/N0-", "L0/N1+", "L2/N2-"):
+            w.open(f"unit.html#{unit}")
+            w.page.click("#overlay-toggle")
+            w.check_clean()
+        # Hashes are parsed, never inserted: a hostile or malformed one shows a message.
+        for bad in ("unit.html#<img src=x onerror=window.__pwned=1>", "unit.html#%E0%A4%A", "unit.html#L9/N0+"):
+            w.open(bad, ready=False)
+            w.page.wait_for_selector("#explanation .error")
+            w.check_clean()
+        w.close()
+
+
+@pytest.mark.slow
+def test_46080_units_stay_fast(browser, serve, tmp_path):
+    n_neurons = 23_040  # x 2 polarities = 46,080 units, the neurons of SmolLM2-135M
+    scores_dir = synthetic_layer(tmp_path / "out", 15, n_neurons)
+    site = tmp_path / "site"
+    started = time.perf_counter()
+    build_site([scores_dir], site)
+    built = time.perf_counter() - started
+
+    chunks = sorted((site / "data" / "L15").glob("index_*.js"), key=lambda p: int(p.stem.split("_")[1]))
+    assert len(chunks) == 47
+    sizes = [p.stat().st_size for p in chunks]
+    assert max(sizes) < 400_000, f"index chunks too big: {max(sizes):,} bytes"
+    first = chunks[0].read_text()
+    assert len(json.loads(first.split("]=", 1)[1].rstrip(";\n"))["u"]) == 1000
+    unit_files = list((site / "data" / "L15" / "u").glob("*.js"))
+    assert len(unit_files) == 231 and max(p.stat().st_size for p in unit_files) < 600_000
+
+    w = Watched(browser, serve(site))
+    started = time.perf_counter()
+    page = w.open("layer.html#L15")
+    loaded = time.perf_counter() - started
+    assert page.text_content("#count") == "46,080 units"
+    assert rows_shown(page) == 100
+    started = time.perf_counter()
+    page.fill("#search", "Winter TEXT 12")
+    expect(page.locator("#count")).to_contain_text("match")
+    searched = time.perf_counter() - started
+    texts = pl.read_parquet(tmp_path / "out" / "simulations" / "synthetic15" / "chosen.parquet").filter(
+        pl.col("method") == "llm")["text"]
+    expected = sum(all(w in t.lower() for w in ("winter", "text", "12")) for t in texts)
+    assert page.text_content("#count") == f"{expected:,} of 46,080 units match" and 0 < expected < 46_080
+    page.fill("#search", "")
+    expect(page.locator("#count")).to_have_text("46,080 units")
+    started = time.perf_counter()
+    page.click("#units th[data-key='score']")
+    sorted_s = time.perf_counter() - started
+    top = float(page.text_content("#units tbody tr:first-child td:nth-child(3)"))
+    best = pl.read_parquet(scores_dir / "layer_15.parquet").filter(
+        (pl.col("method") == "llm") & (pl.col("metric") == "top_and_random"))["value"].max()
+    assert top == pytest.approx(best, abs=1e-3)
+    page.click("#next-page")
+    assert "rows 101–200" in page.text_content("#pager")
+    page.screenshot(path=tmp_path / "layer_46080.png")
+    started = time.perf_counter()
+    page.click("#units tbody tr:first-child a")
+    page.wait_for_selector("body[data-ready='1']")
+    unit_page = time.perf_counter() - started
+    w.close()
+
+    w = Watched(browser, file_url(site))
+    started = time.perf_counter()
+    w.open("layer.html#L15")
+    loaded_file = time.perf_counter() - started
+    w.close()
+    print(f"\n46,080 units: built in {built:.1f}s, {sum(sizes) / 1e6:.1f} MB of index in {len(chunks)} chunks; "
+          f"layer page {loaded:.2f}s over http, {loaded_file:.2f}s from file://; search {searched:.2f}s; "
+          f"sort {sorted_s:.2f}s")
+    assert loaded < 10 and loaded_file < 10 and searched < 5 and unit_page < 15
