@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 
 from autoexplain.errors import UserError
-from tasks.report import publish, report_task
+from tasks.report import publish, report_task, view_task
 from tasks.stages import explain_task, record_task, revise_task, score_task, simulate_task, simulator_identity
 
 
@@ -103,7 +103,9 @@ def explain_layer(
         publish(cr, [sr])
         outputs += [xr, sr, cr]
         scores.append(cr)
-    report = report_task(records, outputs, scores, site)
+    # Several shards of one layer are one layer to the viewer: it reads every shard's scores.
+    site_uri = view_task(scores, site or str(Path(out) / "site" / f"layer_{layer}")) if site != "none" else None
+    report = report_task(records, outputs, scores, site_uri)
     return {"records": records, "scores": scores, "report": report}
 
 

@@ -44,6 +44,16 @@ def _histogram(values: list[float], bins: int = 10, width: int = 40) -> str:
     return "\n".join(lines)
 
 
+@task(name="view", persist_result=False)
+def view_task(scores: list[dict], site_dir: str) -> str:
+    """Write the static neuron viewer for the scored shards; returns its index page's URI."""
+    from autoexplain.layer import run_merge
+    from autoexplain.view import build_site
+
+    merged = run_merge([Path(s["path"]).parent for s in scores], Path(scores[0]["path"]).parents[2])
+    return Path(build_site([merged.directory], Path(site_dir))).resolve().as_uri()
+
+
 @task(name="report", persist_result=False)
 def report_task(records: dict, stages: list[dict], scores: list[dict], site: str | None = None) -> dict:
     """stages: every output reference of the run (records, explanations, simulations, scores)."""
