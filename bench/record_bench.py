@@ -98,6 +98,22 @@ def rss_child(tokens: int) -> dict:
             "rss_after_load_gib": round(after_setup, 3)}
 
 
+def naive_child(tokens: int) -> dict:
+    """The naive approach: keep every activation (tokens x units, bf16), then take the top-k."""
+    from autoexplain.record import _windows_batches, build_windows
+    from autoexplain.subject import load_subject
+
+    subject = load_subject()
+    windows = build_windows(subject, "default", tempfile.mkdtemp(prefix="bench-naive-"), 64, tokens, 0)
+    layer = subject.n_layers // 2
+    kept = [subject.mlp_activations(ids, [layer])[layer].clone() for _w, ids in _windows_batches(windows, 32)]
+    everything = torch.cat(kept)  # (windows, 64, units)
+    everything.amax(dim=1).float().topk(40, dim=0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {"tokens": windows.n_windows * 64, "naive_peak_rss_gib": round(peak, 3),
+            "activation_bytes_gib": round(everything.numel() * 2 / 2**30, 3)}
+
+
 def first_load_seconds() -> float:
     """Load time with an empty conversion cache: the GGUF is dequantised and converted."""
     with tempfile.TemporaryDirectory() as cache:
@@ -113,15 +129,21 @@ def main():
     ap.add_argument("--layer", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--rss", type=int, nargs="*", help="corpus sizes to measure peak RSS for")
+    ap.add_argument("--naive", type=int, nargs="*", help="corpus sizes for the store-everything approach")
     ap.add_argument("--child-rss", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--child-naive", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child_rss:
         print(json.dumps(rss_child(args.child_rss)))
         return
-    if args.rss:
-        for n in args.rss:
-            out = subprocess.run([sys.executable, __file__, "--child-rss", str(n)], capture_output=True, text=True, check=True)
-            print(out.stdout.strip().splitlines()[-1], flush=True)
+    if args.child_naive:
+        print(json.dumps(naive_child(args.child_naive)))
+        return
+    if args.rss or args.naive:
+        for flag, sizes in (("--child-rss", args.rss or []), ("--child-naive", args.naive or [])):
+            for n in sizes:
+                out = subprocess.run([sys.executable, __file__, flag, str(n)], capture_output=True, text=True, check=True)
+                print(out.stdout.strip().splitlines()[-1], flush=True)
         return
     result = measure(args.tokens, args.layer, args.batch_size)
     result["load_s_first"] = round(first_load_seconds(), 2)
