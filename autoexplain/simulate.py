@@ -198,10 +198,10 @@ class AllAtOnceSimulator:
         cache = copy.deepcopy(prefix_cache)
         cache.batch_repeat_interleave(len(bodies))
         rows = torch.tensor([b + [pad] * (width - len(b)) for b in bodies], device=device)
-        # Right padding under a causal mask: real positions never attend to the pads after them.
-        mask = torch.ones(len(bodies), len(prefix_ids) + width, dtype=torch.long, device=device)
+        # Right padding under the causal mask: real positions never attend to the pads after them,
+        # so no attention mask is passed (an explicit all-ones mask makes SDPA ~3x slower on CPU).
         positions = torch.arange(len(prefix_ids), len(prefix_ids) + width, device=device).expand(len(bodies), -1)
-        hidden = model.base_model(input_ids=rows, cache=cache, attention_mask=mask, position_ids=positions,
+        hidden = model.base_model(input_ids=rows, cache=cache, position_ids=positions,
                                   use_cache=True).last_hidden_state
         # Only the digit rows of the output layer: the softmax over the whole vocabulary cancels when
         # the digits' mass is renormalised, and the full lm_head would dominate the cost.
