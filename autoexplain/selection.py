@@ -105,8 +105,21 @@ def deal(n: int, order: tuple[str, ...]) -> list[str]:
     return [order[r % len(order)] for r in range(n)]
 
 
-def shape_stats_per_unit(samples: torch.Tensor, bins: int = 32) -> dict[str, object]:
-    """Skewness, excess kurtosis and a histogram per unit, from samples (N, U), all units at once."""
+def shape_stats_per_unit(samples: torch.Tensor, bins: int = 32, chunk: int = 128) -> dict[str, object]:
+    """Skewness, excess kurtosis and a histogram per unit, from samples (N, U).
+
+    Units are processed `chunk` at a time: the float64 temporaries of all units at once would
+    take gigabytes for a 512-window reservoir and dominate the recorder's peak memory."""
+    parts = [_shape_stats(samples[:, a : a + chunk], bins) for a in range(0, samples.shape[1], chunk)]
+    return {
+        "skewness": np.concatenate([p["skewness"] for p in parts]),
+        "kurtosis": np.concatenate([p["kurtosis"] for p in parts]),
+        "hist_edges": [e for p in parts for e in p["hist_edges"]],
+        "hist_counts": [c for p in parts for c in p["hist_counts"]],
+    }
+
+
+def _shape_stats(samples: torch.Tensor, bins: int) -> dict[str, object]:
     x = samples.double()
     mu, sd = x.mean(0), x.std(0, unbiased=False)
     z = (x - mu) / torch.where(sd > 0, sd, torch.ones_like(sd))
