@@ -35,6 +35,7 @@ row the records use against all of them with one matrix product.
 
 from __future__ import annotations
 
+import copy
 import re
 import string
 from collections import OrderedDict
@@ -185,6 +186,19 @@ class EmbeddingSimulator:
         self.encode_calls = 0  # model.encode invocations
         self.encoded_texts = 0  # texts sent to the model
         self.window_hits = self.window_misses = 0
+
+    def fresh(self) -> "EmbeddingSimulator":
+        """A twin with these settings, this loaded model and background, and empty caches.
+
+        MiniLM's float32 embedding of a text changes in the last bits with the batch it is encoded
+        in, and the caches decide which texts share a batch: a twin's outputs depend only on the calls
+        made to it, not on what this process embedded before."""
+        self._setup()
+        twin = copy.copy(self)
+        twin._explained = {}
+        twin._clear_tables()
+        twin.encode_calls = twin.encoded_texts = twin.window_hits = twin.window_misses = 0
+        return twin
 
     def _clear_tables(self) -> None:
         self._rows: dict[str, int] = {}  # word or context text -> row of self._table

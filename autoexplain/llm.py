@@ -26,6 +26,7 @@ api.openai.com serves /v1/completions only for its base models and caps `logprob
 from __future__ import annotations
 
 import contextvars
+import hashlib
 import math
 import os
 import random
@@ -158,8 +159,9 @@ class LocalLLM(LLM):
     """A Hugging Face causal LM run in-process with transformers (bf16 by default)."""
 
     def __init__(self, spec: str | None = None, *, subject=None, batch_size: int = 8, device=None,
-                 logits_budget: int = 1 << 27):
+                 logits_budget: int = 1 << 27, seed: int = 0):
         super().__init__()
+        self.seed = seed
         import torch
 
         from autoexplain.subject import load_subject
@@ -223,13 +225,18 @@ class LocalLLM(LLM):
             pos = positions[:, -1:].repeat_interleave(n, 0)
             done = torch.zeros(last.shape[0], dtype=torch.bool, device=last.device)
             eos = torch.tensor(self._eos or [-1], device=last.device)
+            # Sample from a generator seeded by the prompts, never from torch's global RNG: the same
+            # prompts give the same samples whatever ran before, in whichever thread or process.
+            gen = torch.Generator(device=last.device)
+            blob = repr((self.seed, id_lists, n, temperature, max_tokens)).encode()
+            gen.manual_seed(int.from_bytes(hashlib.sha256(blob).digest()[:8], "little") >> 1)
             rows = []
             for _ in range(max_tokens):
                 if logits:
                     step_logits.append(last)
                 if temperature > 0:
                     probs = torch.softmax(last.float() / temperature, -1)
-                    token = torch.multinomial(probs, 1)[:, 0]
+                    token = torch.multinomial(probs, 1, generator=gen)[:, 0]
                 else:
                     token = last.argmax(-1)
                 token = torch.where(done, torch.full_like(token, self._pad), token)

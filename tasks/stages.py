@@ -14,6 +14,7 @@ Each task returns a small reference: `{"uri", "path", "key", "layer"}`.
 
 from __future__ import annotations
 
+import functools
 import threading
 from functools import lru_cache
 from pathlib import Path
@@ -80,7 +81,28 @@ def _contract(path: Path, suite: str, params: dict | None = None) -> None:
         raise
 
 
-@lru_cache(maxsize=4)
+# One lock for every model in the process, taken to load one and to call one. Prefect's default
+# task runner runs the shards' tasks in threads, and `lru_cache` does not stop two threads from
+# loading at once; loading is not thread-safe: transformers' `from_pretrained(dtype=...)` switches
+# torch's process-wide default dtype while it builds a model, so a concurrent load or forward pass
+# sees the wrong one ("expected m1 and m2 to have the same dtype"), and two overlapping loads can
+# leave it switched for good.
+_MODELS = threading.RLock()
+
+
+def _load_once(fn):
+    cached = lru_cache(maxsize=4)(fn)
+
+    @functools.wraps(fn)  # the same name, so that dask workers unpickle it by reference
+    def load(spec: str):
+        with _MODELS:
+            return cached(spec)
+
+    load.cache_info, load.cache_clear = cached.cache_info, cached.cache_clear
+    return load
+
+
+@_load_once
 def _subject(model: str):
     from autoexplain.subject import load_subject
 
@@ -92,7 +114,7 @@ class _Serialised:
     through one transformers model are not safe (lazy caches), and two cores gain nothing from them."""
 
     def __init__(self, inner):
-        self._inner, self._lock = inner, threading.RLock()
+        self._inner, self._lock = inner, _MODELS
 
     def __getattr__(self, name):
         value = getattr(self._inner, name)
@@ -106,16 +128,27 @@ class _Serialised:
         return locked
 
 
-@lru_cache(maxsize=4)
+@_load_once
 def llm_for(spec: str):
     from autoexplain.llm import make_llm
 
     return _Serialised(make_llm(spec))
 
 
-@lru_cache(maxsize=4)
+@_load_once
 def simulator_for(spec: str):
     return _Serialised(layer_mod.make_simulator(spec))
+
+
+def own_simulator(spec: str):
+    """The shared simulator or, for the embedding simulator, a twin of it with the same loaded model
+    and empty caches: one shard's simulations then depend on that shard alone, not on which shards
+    this process (a task thread pool or a dask worker) simulated before."""
+    shared = simulator_for(spec)
+    if not hasattr(shared._inner, "fresh"):
+        return shared
+    with _MODELS:
+        return _Serialised(shared._inner.fresh())
 
 
 @task(name="record", cache_key_fn=_key("record", ("corpus", "record", "selection", "subject")), **RETRY)
@@ -169,7 +202,7 @@ def revise_task(explanations: dict, revisions: dict[str, str], out: str = "out")
                                          ""), **RETRY)
 def simulate_task(records: dict, explanations: dict, simulator: str, simulator_id: str, out: str = "out") -> dict:
     result = layer_mod.run_simulate(records["path"], layer_mod.StageRef.of(Path(explanations["path"]).parent), out,
-                                    sim=simulator_for(simulator))
+                                    sim=own_simulator(simulator))
     _contract(result.path, "simulations", {"window_len": records["window_len"]})
     return ref(result)
 

@@ -1,0 +1,87 @@
+"""The explain-layer flow on a 2-worker dask cluster (prefect-dask) writes exactly what the default
+task runner writes: the same explanations, simulations and scores, row for row and value for value.
+
+The shards' explain, simulate and score tasks run in the dask worker processes (separate Python
+processes, spawned), the recording and publishing in the flow's own process.
+"""
+
+from __future__ import annotations
+
+import os
+
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+pytestmark = pytest.mark.slow
+
+STAGES = ("explanations", "simulations", "scores")
+
+
+@pytest.fixture(scope="module")
+def prefect_isolated(tmp_path_factory):
+    """Own home, database and result storage: nothing is shared with another run or test."""
+    from prefect.settings import PREFECT_HOME, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    root = tmp_path_factory.mktemp("prefect-dask")
+    with temporary_settings({PREFECT_HOME: root / "home", PREFECT_LOCAL_STORAGE_PATH: root / "results"}), \
+            prefect_test_harness():
+        yield root
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Two single-threaded worker processes; they inherit this environment (HF_HUB_OFFLINE=1)."""
+    from distributed import Client, LocalCluster
+
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as c, \
+            Client(c) as client:
+        yield c, client
+
+
+def _params(tiny: str, corpus, out) -> dict:
+    return dict(layer=1, units="0-5", model=tiny, corpus=str(corpus), tokens=100_000, explainer=f"local:{tiny}",
+                simulator="embedding", k=2, shard_size=2, n_boot=50, out=str(out), window_len=8, top_k=8,
+                n_random=6)
+
+
+def _stage(out, stage: str, name: str = "layer_1.parquet") -> pl.DataFrame:
+    """All shards' rows of one stage, in a canonical order."""
+    frames = [pl.read_parquet(d / name).with_columns(pl.lit(d.name).alias("_folder"))
+              for d in sorted((out / stage).iterdir())]
+    df = pl.concat(frames)
+    keys = [c for c, t in df.schema.items() if not t.is_nested()]
+    return df.sort(keys)
+
+
+def _cached_models(dask_worker) -> dict:
+    from tasks import stages
+
+    return {"llm": stages.llm_for.cache_info().currsize, "simulator": stages.simulator_for.cache_info().currsize,
+            "pid": os.getpid()}
+
+
+def test_dask_run_matches_sequential_run(prefect_isolated, cluster, tiny_llama_dir, prose_corpus, tmp_path):
+    from prefect_dask import DaskTaskRunner
+
+    from flows.explain_layer import explain_layer
+
+    c, client = cluster
+    seq_out, dask_out = tmp_path / "sequential", tmp_path / "dask"
+    seq = explain_layer(**_params(tiny_llama_dir, prose_corpus, seq_out))
+    on_dask = explain_layer.with_options(task_runner=DaskTaskRunner(address=c.scheduler_address))
+    par = on_dask(**_params(tiny_llama_dir, prose_corpus, dask_out))
+
+    # the shards' tasks really ran in both worker processes, not in this one
+    used = client.run(_cached_models)
+    assert len(used) == 2 and all(u["pid"] != os.getpid() for u in used.values())
+    assert all(u["llm"] == 1 and u["simulator"] == 1 for u in used.values()), used
+
+    assert len(seq["scores"]) == len(par["scores"]) == 3
+    for stage in STAGES:
+        assert sorted(p.name for p in (seq_out / stage).iterdir()) == sorted(p.name for p in (dask_out / stage).iterdir())
+        assert_frame_equal(_stage(seq_out, stage), _stage(dask_out, stage), check_exact=True)
+    assert_frame_equal(_stage(seq_out, "simulations", "chosen.parquet"),
+                       _stage(dask_out, "simulations", "chosen.parquet"), check_exact=True)

@@ -1,0 +1,260 @@
+"""Against a REAL Prefect server (`prefect server start`, SQLite, own PREFECT_HOME), not the test harness:
+
+- an `explain-layer` run on the tiny Llama leaves its artifacts (lineage, score-summary, layer-report)
+  on the server, and one `prefect.asset.materialization.succeeded` event per output, whose resource
+  is the output's file:// URI and whose related assets are its inputs;
+- `deployments/prefect.yaml` deploys (`prefect --no-prompt deploy --all`), with the nightly cron
+  schedule, and a process worker runs the explain-layer deployment to completion.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.llama_server import free_port
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+ASSET_EVENTS = ("prefect.asset.materialization.succeeded", "prefect.asset.referenced")
+
+
+# Settings that say where Prefect's server, database, results or profile are: never inherited.
+_WHERE = ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_HOME", "PREFECT_PROFILE", "PREFECT_PROFILES_PATH",
+          "PREFECT_LOCAL_STORAGE_PATH", "PREFECT_API_DATABASE_CONNECTION_URL",
+          "PREFECT_SERVER_DATABASE_CONNECTION_URL")
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without the location settings (the test's own come in `extra`);
+    tuning settings such as conftest's SQLite timeouts pass through."""
+    env = {k: v for k, v in os.environ.items() if k not in _WHERE}
+    env.update(HF_HUB_OFFLINE="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", **extra)
+    return env
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"prefect server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"prefect server not healthy after {timeout:.0f}s:\n{log.read_text()[-4000:]}")
+
+
+def _stop(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    """SIGTERM the process group, then SIGKILL it if it is still there."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """`prefect server start` on a free loopback port; yields its API URL and a client-side home."""
+    root = tmp_path_factory.mktemp("prefect-server")
+    home, client_home, log = root / "server-home", root / "client-home", root / "server.log"
+    home.mkdir()
+    client_home.mkdir()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = _clean_env(PREFECT_HOME=str(home), PREFECT_UI_ENABLED="false",
+                     PREFECT_SERVER_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db")
+    with open(log, "w") as out:
+        proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                                env=env, cwd=root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_healthy(url, proc, log)
+        yield {"url": url, "home": client_home, "root": root, "log": log}
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def against_server(prefect_server):
+    """Point this process at the server: API URL, result storage and home, for the module's tests."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    EventsWorker.drain_all()  # an events worker from an earlier test would post to an earlier server
+    results = prefect_server["root"] / "results"
+    with temporary_settings({PREFECT_API_URL: prefect_server["url"], PREFECT_HOME: prefect_server["home"],
+                             PREFECT_LOCAL_STORAGE_PATH: results}):
+        yield prefect_server
+        APILogWorker.drain_all()
+        EventsWorker.drain_all()
+
+
+def _tiny_params(tiny: str, corpus, out) -> dict:
+    return dict(layer=1, units="0-3", model=tiny, corpus=str(corpus), tokens=100_000, explainer=f"local:{tiny}",
+                simulator="embedding", k=2, shard_size=2, n_boot=50, out=str(out), window_len=8, top_k=8,
+                n_random=6)
+
+
+def _post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _asset_events(api: str, flow_run_id, want: int, timeout: float = 60.0) -> list[dict]:
+    """`POST /api/events/filter`: the run's asset events, polled until the server has persisted `want`
+    materialisations (it writes events in batches)."""
+    body = {"filter": {"event": {"prefix": ["prefect.asset."]},
+                       "related": {"id": [f"prefect.flow-run.{flow_run_id}"]}}, "limit": 50}
+    deadline, events = time.monotonic() + timeout, []
+    while time.monotonic() < deadline:
+        page = _post(f"{api}/events/filter", body)
+        events = page["events"]
+        while page.get("next_page"):
+            with urllib.request.urlopen(page["next_page"], timeout=10) as r:
+                page = json.loads(r.read())
+            events += page["events"]
+        if sum(e["event"] == ASSET_EVENTS[0] for e in events) >= want:
+            return events
+        time.sleep(1.0)
+    raise AssertionError(f"only {len(events)} asset events after {timeout:.0f}s: {[e['event'] for e in events]}")
+
+
+def test_flow_run_leaves_artifacts_and_asset_events(against_server, tiny_llama_dir, prose_corpus, tmp_path):
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.events.worker import EventsWorker
+
+    from flows.explain_layer import explain_layer
+
+    out = tmp_path / "out"
+    state = explain_layer(**_tiny_params(tiny_llama_dir, prose_corpus, out), return_state=True)
+    assert state.is_completed(), state
+    result = state.result()
+    run_id = state.state_details.flow_run_id
+    EventsWorker.drain_all()  # send what is still queued
+
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(run_id)
+        assert run.state.is_completed() and run.flow_id == client.read_flow_by_name("explain-layer").id
+        arts = {a.key: a for a in client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))}
+
+    assert {"lineage", "score-summary", "layer-report", "viewer"} <= set(arts)
+    assert arts["lineage"].type == "table" and arts["score-summary"].type == "table"
+    assert arts["layer-report"].type == "markdown"
+    rows = lambda a: json.loads(a.data) if isinstance(a.data, str) else a.data  # noqa: E731
+    lineage = rows(arts["lineage"])
+    stages = {}
+    for row in lineage:
+        stages.setdefault(row["stage"], set()).add(row["output"])
+    # 2 shards of 2 units: the records, then explanations, simulations and scores per shard
+    assert {k: len(v) for k, v in stages.items()} == {"records": 1, "explanations": 2, "simulations": 2, "scores": 2}
+    assert stages["records"] == {result["records"]["uri"]}
+    assert stages["scores"] == {s["uri"] for s in result["scores"]}
+    assert stages["explanations"] == {p.resolve().as_uri() for p in (out / "explanations").iterdir()}
+    for stage in ("simulations", "scores"):  # on disk there is also the shards' merge, for the viewer
+        assert stages[stage] < {p.resolve().as_uri() for p in (out / stage).iterdir()}, stage
+    summary = rows(arts["score-summary"])
+    assert {r["method"] for r in summary} == {"llm", "token-lookup", "shuffled"}
+    assert all(r["units"] == 8 for r in summary), "4 units x 2 polarities in every method and metric"
+    assert "# Layer report" in arts["layer-report"].data and result["records"]["uri"] in arts["layer-report"].data
+
+    events = _asset_events(against_server["url"], run_id, want=6)
+    materialised = {}
+    for e in events:
+        if e["event"] == ASSET_EVENTS[0]:
+            materialised[e["resource"]["prefect.resource.id"]] = {
+                r["prefect.resource.id"] for r in e["related"] if r["prefect.resource.role"] == "asset"}
+    assert {e["event"] for e in events} <= set(ASSET_EVENTS), {e["event"] for e in events}
+    assert set(materialised) == stages["explanations"] | stages["simulations"] | stages["scores"]
+    records = result["records"]["uri"]
+    for uri, upstream in materialised.items():
+        if uri in stages["explanations"]:
+            assert upstream == {records}, (uri, upstream)
+        elif uri in stages["simulations"]:
+            assert records in upstream and len(upstream - {records}) == 1
+            assert upstream - {records} <= stages["explanations"]
+        else:
+            assert len(upstream) == 1 and upstream <= stages["simulations"], (uri, upstream)
+    # every explanations output feeds exactly one simulations output, and so on down the chain
+    assert set().union(*(materialised[u] for u in stages["simulations"])) - {records} == stages["explanations"]
+    assert set().union(*(materialised[u] for u in stages["scores"])) == stages["simulations"]
+    referenced = {e["resource"]["prefect.resource.id"] for e in events if e["event"] == ASSET_EVENTS[1]}
+    assert referenced == {records} | stages["explanations"] | stages["simulations"]
+
+
+def test_prefect_yaml_deploys_and_a_worker_runs_it(against_server, tiny_llama_dir, prose_corpus, tmp_path):
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    url = against_server["url"]
+    env = _clean_env(PREFECT_API_URL=url, PREFECT_HOME=str(against_server["home"]),
+                     PREFECT_LOCAL_STORAGE_PATH=str(tmp_path / "results"))
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="autoexplain-pool", type="process"), overwrite=True)
+
+    deploy = subprocess.run([PREFECT, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
+
+    with get_client(sync_client=True) as client:
+        explain = client.read_deployment_by_name("explain-layer/smollm2-layer15")
+        nightly = client.read_deployment_by_name("rescore/nightly")
+        assert explain.entrypoint == "flows/explain_layer.py:explain_layer"
+        assert nightly.entrypoint == "flows/explain_layer.py:rescore"
+        for dep in (explain, nightly):
+            assert dep.work_pool_name == "autoexplain-pool"
+            assert dep.pull_steps == [
+                {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
+        assert explain.parameters["model"] == "smollm2" and explain.parameters["layer"] == 15
+        assert not explain.schedules
+        assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
+        assert set(nightly.parameters) >= {"explanations", "records"}
+        listed = {f"{client.read_flow(d.flow_id).name}/{d.name}" for d in client.read_deployments()}
+        assert listed == {"explain-layer/smollm2-layer15", "rescore/nightly"}
+
+        # the deployment runs, through a process worker, on the tiny model (not the embedded default)
+        out = tmp_path / "out"
+        run = client.create_flow_run_from_deployment(explain.id, parameters=_tiny_params(tiny_llama_dir, prose_corpus,
+                                                                                          out))
+    log = tmp_path / "worker.log"
+    with open(log, "w") as f:
+        worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "autoexplain-pool", "--run-once"],
+                                  cwd=tmp_path, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        worker.wait(timeout=150)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        _stop(worker)
+    with get_client(sync_client=True) as client:
+        deadline = time.monotonic() + 30
+        while not (state := client.read_flow_run(run.id).state).is_final() and time.monotonic() < deadline:
+            time.sleep(1)
+    assert state.is_completed(), f"{state}\n{log.read_text()[-4000:]}"
+    assert len(list((out / "explanations").iterdir())) == 2
+    assert (out / "site" / "layer_1" / "index.html").is_file()
