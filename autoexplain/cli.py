@@ -131,22 +131,6 @@ def record(
     _run(go)
 
 
-def parse_units(text: str | None) -> list[int] | None:
-    """'0-99', '3,7,9' or None (all units)."""
-    if text is None:
-        return None
-    units: list[int] = []
-    try:
-        for part in text.split(","):
-            a, _, b = part.strip().partition("-")
-            units += list(range(int(a), int(b) + 1)) if b else [int(a)]
-    except ValueError:
-        raise UserError(f"cannot read --units '{text}'", "use a range like 0-99 or a list like 3,7,9") from None
-    if any(u < 0 for u in units):
-        raise UserError(f"--units '{text}' has a negative unit", "units count from 0")
-    return sorted(set(units))
-
-
 def _records_layer(records: Path, layer: Optional[int]) -> int:
     from autoexplain.storage import is_complete, read_manifest
 
@@ -167,7 +151,7 @@ def explain(
     out: Path = typer.Option(Path("out"), "--out", "-o"),
 ):
     """Sample k candidate explanations per unit from its train records, plus the token-lookup baseline."""
-    from autoexplain.layer import run_explain
+    from autoexplain.layer import parse_units, run_explain
     from autoexplain.pipeline import ExplainConfig
 
     def go():

@@ -76,6 +76,24 @@ def make_simulator(spec: str | None = None):
     raise UserError(f"unknown simulator '{spec}'", "use 'embedding', 'all-at-once[:LLM]' or 'chat-json:LLM'")
 
 
+def parse_units(spec: str | None, n_units: int | None = None) -> list[int] | None:
+    """'0-99', '3,7,9' or 'all'/None (every unit: None when the layer size is not known)."""
+    if spec in (None, "", "all"):
+        return None if n_units is None else list(range(n_units))
+    units: list[int] = []
+    try:
+        for part in str(spec).split(","):
+            a, _, b = part.strip().partition("-")
+            units += list(range(int(a), int(b) + 1)) if b else [int(a)]
+    except ValueError:
+        raise UserError(f"cannot read units '{spec}'", "use a range like 0-99, a list like 3,7, or 'all'") from None
+    bad = [u for u in units if u < 0 or (n_units is not None and u >= n_units)]
+    if bad:
+        limit = f"0..{n_units - 1}" if n_units is not None else "0 and up"
+        raise UserError(f"unit {bad[0]} is out of range: the layer has units {limit}", "pass units in range")
+    return sorted(set(units))
+
+
 def _records_inputs(records_dir: Path, layer: int):
     manifest = read_manifest(records_dir)
     if layer not in manifest["params"]["layers"]:

@@ -16,6 +16,7 @@ from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 
 from autoexplain.errors import UserError
+from autoexplain.layer import parse_units
 from tasks.report import publish, report_task, view_task
 from tasks.stages import explain_task, record_task, revise_task, score_task, simulate_task, simulator_identity
 
@@ -23,22 +24,6 @@ from tasks.stages import explain_task, record_task, revise_task, score_task, sim
 def _check(name: str, value: int, low: int = 1) -> None:
     if value < low:
         raise UserError(f"parameter {name} must be at least {low}, got {value}", f"pass {name} >= {low}")
-
-
-def parse_units(spec: str | None, n_units: int) -> list[int]:
-    if spec in (None, "", "all"):
-        return list(range(n_units))
-    units: list[int] = []
-    try:
-        for part in str(spec).split(","):
-            a, _, b = part.strip().partition("-")
-            units += list(range(int(a), int(b) + 1)) if b else [int(a)]
-    except ValueError:
-        raise UserError(f"cannot read units '{spec}'", "use a range like 0-99, a list like 3,7, or 'all'") from None
-    bad = [u for u in units if not 0 <= u < n_units]
-    if bad:
-        raise UserError(f"unit {bad[0]} is out of range: the layer has units 0..{n_units - 1}", "pass units in range")
-    return sorted(set(units))
 
 
 @flow(name="record-activations", validate_parameters=True)

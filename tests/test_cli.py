@@ -96,3 +96,25 @@ def test_record_on_embedded_defaults(tmp_path):
     folder = Path(result.stdout.strip().splitlines()[-1])
     recs = pl.read_parquet(folder / "layer_15.records.parquet")
     assert recs["unit"].n_unique() == 1536 and set(recs["polarity"]) == {1, -1}
+
+
+def test_explain_stage_commands_reject_bad_input(tmp_path):
+    assert "not a finished records folder" in _one_error_line(run("explain", "--records", str(tmp_path / "none")))
+    assert "not a finished stage output" in _one_error_line(
+        run("simulate", "--records", str(tmp_path), "--explanations", str(tmp_path / "none")))
+    assert "not a finished stage output" in _one_error_line(
+        run("score", "--records", str(tmp_path), "--simulations", str(tmp_path / "none")))
+    assert "no explanation files" in _one_error_line(run("import", "--from", str(tmp_path), "--layer", "3"))
+    assert "not a finished scores folder" in _one_error_line(run("view", "--scores", str(tmp_path / "none")))
+
+
+def test_units_are_parsed_with_clear_errors():
+    from autoexplain.errors import UserError
+    from autoexplain.layer import parse_units
+
+    assert parse_units("0-2,7") == [0, 1, 2, 7] and parse_units(None) is None
+    assert parse_units("all", 3) == [0, 1, 2]
+    with pytest.raises(UserError, match="cannot read units 'x'"):
+        parse_units("x")
+    with pytest.raises(UserError, match="unit 5 is out of range: the layer has units 0..3"):
+        parse_units("1,5", 4)

@@ -7,6 +7,16 @@ from autoexplain.errors import UserError
 from autoexplain.subject import load_subject, wrap
 
 
+def _mlp_input(model, mlp, ids):
+    """The hidden state entering `mlp` on a full forward pass."""
+    seen = {}
+    handle = mlp.register_forward_hook(lambda m, a, o: seen.setdefault("x", a[0]))
+    with torch.inference_mode():
+        model(input_ids=ids)
+    handle.remove()
+    return seen["x"]
+
+
 def test_llama_units_are_gated_product(tiny_llama_dir):
     subject = load_subject(tiny_llama_dir)
     assert (subject.n_layers, subject.n_units) == (3, 48)
@@ -14,15 +24,10 @@ def test_llama_units_are_gated_product(tiny_llama_dir):
     acts = subject.mlp_activations(ids, [1])[1]
 
     # Recompute layer 1's MLP input by hand from the hidden state entering that layer.
-    model = subject.model
-    seen = {}
-    handle = model.model.layers[1].mlp.register_forward_hook(lambda m, a, o: seen.setdefault("x", a[0]))
+    mlp = subject.model.model.layers[1].mlp
+    x = _mlp_input(subject.model, mlp, ids)
     with torch.inference_mode():
-        model(input_ids=ids)
-    handle.remove()
-    mlp = model.model.layers[1].mlp
-    with torch.inference_mode():
-        expected = mlp.act_fn(mlp.gate_proj(seen["x"])) * mlp.up_proj(seen["x"])
+        expected = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
     torch.testing.assert_close(acts, expected)
     assert (acts < 0).any() and (acts > 0).any(), "gated units fire both ways"
 
@@ -32,15 +37,10 @@ def test_gpt2_units_are_post_activation(tiny_gpt2_dir):
     assert (subject.n_layers, subject.n_units) == (2, 40)
     ids = torch.randint(0, 1000, (2, 8))
     acts = subject.mlp_activations(ids, [0, 1])
-    model = subject.model
-    seen = {}
-    handle = model.transformer.h[1].mlp.register_forward_hook(lambda m, a, o: seen.setdefault("x", a[0]))
+    mlp = subject.model.transformer.h[1].mlp
+    x = _mlp_input(subject.model, mlp, ids)
     with torch.inference_mode():
-        model(input_ids=ids)
-    handle.remove()
-    mlp = model.transformer.h[1].mlp
-    with torch.inference_mode():
-        expected = mlp.act(mlp.c_fc(seen["x"]))
+        expected = mlp.act(mlp.c_fc(x))
     torch.testing.assert_close(acts[1], expected)
     assert set(acts) == {0, 1}
 
