@@ -77,6 +77,46 @@ def progress_bar() -> Progress:
     )
 
 
+class _Rate(TextColumn):
+    def __init__(self):
+        super().__init__("")
+
+    def render(self, task):
+        rate = task.completed / task.elapsed if task.elapsed else 0.0
+        return f"{rate:,.1f} {task.fields.get('unit', '')}/s"
+
+
+def stage_bars():
+    """Bars for a whole explain-layer run, fed by `autoexplain.progress` events from its tasks.
+
+    Tasks of several shards report side by side; each stage's bar adds up the latest count of
+    every shard that has started (so its total grows as shards start), and the "units" bar is the
+    flow's count of units finished through scoring. Returns (rich Progress, listener)."""
+    bars = Progress(
+        TextColumn("[bold]{task.description:<9}"),
+        BarColumn(),
+        TextColumn("{task.completed:,}/{task.total:,} {task.fields[unit]}"),
+        _Rate(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        TimeElapsedColumn(),
+        console=err,
+    )
+    ids: dict[str, int] = {}
+    parts: dict[str, dict[str, tuple[int, int]]] = {}
+
+    def listener(stage: str, key: str, done: int, total: int) -> None:
+        parts.setdefault(stage, {})[key] = (done, total)
+        done_all = sum(d for d, _ in parts[stage].values())
+        total_all = sum(t for _, t in parts[stage].values())
+        if stage not in ids:
+            unit = "tokens" if stage == "record" else "units"
+            ids[stage] = bars.add_task(stage, total=total_all, unit=unit)
+        bars.update(ids[stage], completed=done_all, total=max(total_all, bars.tasks[ids[stage]].total or 0))
+
+    return bars, listener
+
+
 def _run(fn):
     """Call fn, turning a UserError into one clear line and a non-zero exit."""
     try:
@@ -145,7 +185,7 @@ def explain(
     records: Path = typer.Option(..., "--records", "-r", help="A records folder printed by `autoexplain record`."),
     layer: Optional[int] = typer.Option(None, "--layer", "-l", help="Layer to explain (default: the first recorded)."),
     units: Optional[str] = typer.Option(None, "--units", "-u", help="Units, e.g. 0-99 or 3,7 (default: all)."),
-    explainer: str = typer.Option("local", "--explainer", "-e", help="'local' (embedded SmolLM2), 'local:PATH', 'openai:MODEL' or 'openai:MODEL@URL'."),
+    explainer: str = typer.Option("embedding", "--explainer", "-e", help="'embedding' (offline default: top words named with MiniLM, no LLM), 'local' (embedded SmolLM2), 'local:PATH', 'openai:MODEL' or 'openai:MODEL@URL'."),
     k: int = typer.Option(4, "--k", help="Candidate explanations sampled per unit (best-of-k on the valid split)."),
     chat: bool = typer.Option(False, "--chat", help="Use the chat API instead of completions."),
     out: Path = typer.Option(Path("out"), "--out", "-o"),
@@ -262,18 +302,26 @@ def explain_layer_cmd(
     model: str = typer.Option(defaults.SUBJECT, "--model", "-m", help="Subject model (see `record --help`)."),
     corpus: str = typer.Option(defaults.CORPUS, "--corpus", "-c", help="Corpus (see `record --help`)."),
     tokens: int = typer.Option(1_000_000, "--tokens", "-n", help="Corpus tokens to record."),
-    explainer: str = typer.Option("local", "--explainer", "-e", help="'local' (embedded SmolLM2), 'openai:MODEL' or 'openai:MODEL@URL'."),
+    explainer: str = typer.Option("embedding", "--explainer", "-e", help="'embedding' (offline default, no LLM), 'local' (embedded SmolLM2), 'openai:MODEL' or 'openai:MODEL@URL'."),
     simulator: str = typer.Option("embedding", "--simulator", "-s", help="'embedding', 'all-at-once[:LLM]' or 'chat-json:LLM'."),
-    k: int = typer.Option(1, "--k", help="Candidate explanations per unit (best-of-k on the valid split)."),
+    k: int = typer.Option(4, "--k", help="Candidate explanations per unit (best-of-k on the valid split)."),
     shard_size: int = typer.Option(256, "--shard-size", help="Units per task."),
     out: Path = typer.Option(Path("out"), "--out", "-o"),
 ):
     """Record if needed, then explain, simulate and score a layer, as a Prefect flow (no server needed)."""
     def go():
+        from autoexplain import progress
         from flows.explain_layer import explain_layer
 
-        result = explain_layer(layer=layer, units=units, model=model, corpus=corpus, tokens=tokens,
-                               explainer=explainer, simulator=simulator, k=k, shard_size=shard_size, out=str(out))
+        bars, listener = stage_bars()
+        remove = progress.listen(listener)
+        try:
+            with bars:
+                result = explain_layer(layer=layer, units=units, model=model, corpus=corpus, tokens=tokens,
+                                       explainer=explainer, simulator=simulator, k=k, shard_size=shard_size,
+                                       out=str(out))
+        finally:
+            remove()
         for ref in result["scores"]:
             _print_summary(Path(ref["path"]))
         typer.echo(str(Path(result["records"]["path"])))

@@ -144,14 +144,14 @@ def import_explanations(folder: str | Path, layer: int | None = None) -> pa.Tabl
                 key = (nid["layer_index"], nid["neuron_index"], nid.get("polarity", 1))
                 # Our exports also hold the baselines; the published dataset has no "method" field.
                 texts = [e["explanation"] for e in obj["scored_explanations"]
-                         if e.get("explanation", "").strip() and e.get("method", "llm") == "llm"]
+                         if e.get("explanation", "").strip() and e.get("method", "explainer") in ("explainer", "llm")]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise UserError(f"{path}:{n} is not a neuron explanation record ({type(e).__name__}: {e})",
                                 "expect {'neuron_id': {...}, 'scored_explanations': [{'explanation': ...}]}") from None
             if not texts or key in seen:
                 continue
             seen.add(key)
-            rows.append({"layer": key[0], "unit": key[1], "polarity": key[2], "method": "llm", "explainer": "imported",
+            rows.append({"layer": key[0], "unit": key[1], "polarity": key[2], "method": "explainer", "explainer": "imported",
                          "prompt_hash": "", "text": texts[0], "candidates": texts, "candidate_valid_scores": [],
                          "prompt_tokens": 0, "completion_tokens": 0})
     return pa.Table.from_pylist(rows, schema=load_schema("explanations"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -29,8 +30,9 @@ from autoexplain.storage import (
     write_table,
 )
 
-DEFAULT_EXPLAINER = "local"
+DEFAULT_EXPLAINER = "embedding"
 DEFAULT_SIMULATOR = "embedding"
+Progress = Callable[[int, int], None]  # (units done, units in this call)
 
 
 @dataclass
@@ -53,6 +55,18 @@ class StageRef:
                             "point at a folder printed by an earlier autoexplain command")
         m = read_manifest(directory)
         return cls(directory, m["key"], m["params"]["layer"])
+
+
+def make_explainer(spec: str | None = None):
+    """'embedding' (offline default, no LLM) or an LLM spec as in make_llm ('local', 'openai:...')."""
+    spec = spec or DEFAULT_EXPLAINER
+    if spec == "embedding":
+        from autoexplain.explain_embedding import EmbeddingExplainer
+
+        return EmbeddingExplainer()
+    from autoexplain.llm import make_llm
+
+    return make_llm(spec)
 
 
 def make_simulator(spec: str | None = None):
@@ -128,14 +142,15 @@ def _memoised(memo: Memo, key: str, compute):
     return value
 
 
-def run_explain(records_dir, layer: int, out, units=None, explainer=None, cfg=None, llm=None) -> StageRef:
+def run_explain(records_dir, layer: int, out, units=None, explainer=None, cfg=None, llm=None,
+                progress: Progress | None = None) -> StageRef:
     records_dir = Path(records_dir)
     cfg = cfg or pipeline.ExplainConfig()
     _, _, records_key = _records_inputs(records_dir, layer)
     spec = explainer or DEFAULT_EXPLAINER
     params = {"layer": layer, "units": units, "explainer": spec, "config": asdict(cfg),
               "prompt": explainer_prompt_hash()}
-    code = code_version("explain", "pipeline", "llm")
+    code = code_version("explain", "explain_embedding", "pipeline", "llm")
     key = content_key({"records": records_key, **params, "code": code})
     ref = StageRef(stage_dir(out, "explanations", key), key, layer)
     if is_complete(ref.directory):
@@ -143,7 +158,8 @@ def run_explain(records_dir, layer: int, out, units=None, explainer=None, cfg=No
     memo = Memo(out, "explain")
     unit_params = {k: v for k, v in params.items() if k not in ("layer", "units")}
     todo, rows = [], {}
-    for unit in load_units(records_dir, layer, units):
+    loaded = load_units(records_dir, layer, units)
+    for unit in loaded:
         ukey = _unit_key(records_key, unit, **unit_params, code=code)
         rows[ukey] = memo.get(ukey)
         if rows[ukey] is None:
@@ -152,14 +168,14 @@ def run_explain(records_dir, layer: int, out, units=None, explainer=None, cfg=No
     for start in range(0, len(todo), cfg.batch_units):
         batch = todo[start : start + cfg.batch_units]
         if llm is None:
-            from autoexplain.llm import make_llm
-
-            llm = make_llm(spec)
+            llm = make_explainer(spec)
         table = pipeline.explain_stage([u for _, u in batch], llm, cfg).to_pylist()
         for ukey, unit in batch:
             mine = [r for r in table if (r["unit"], r["polarity"]) == (unit.neuron.index, unit.neuron.polarity)]
             memo.put(ukey, mine)
             rows[ukey] = mine
+        if progress:
+            progress(len(loaded) - len(todo) + start + len(batch), len(loaded))
     write_table(pipeline._table([r for v in rows.values() for r in v], "explanations"), ref.path, "explanations")
     write_manifest(ref.directory, "explanations", key, {"records": str(records_dir)}, params, [ref.path.name])
     return ref
@@ -175,7 +191,7 @@ def run_revise(explanations: StageRef, revisions: dict[tuple[int, int], str], ou
                             "revise units that were explained")
     for row in table:
         text = revisions.get((row["unit"], row["polarity"]))
-        if text is not None and row["method"] == pipeline.LLM:
+        if text is not None and row["method"] == pipeline.EXPLAINER:
             row.update(text=text, candidates=[text], explainer="human", candidate_valid_scores=[])
     params = {"layer": explanations.layer, "revisions": sorted([list(k) + [v] for k, v in revisions.items()])}
     key = content_key({"explanations": explanations.key, **params})
@@ -187,7 +203,8 @@ def run_revise(explanations: StageRef, revisions: dict[tuple[int, int], str], ou
     return ref
 
 
-def run_simulate(records_dir, explanations: StageRef, out, simulator=None, sim=None, seed: int = 0) -> StageRef:
+def run_simulate(records_dir, explanations: StageRef, out, simulator=None, sim=None, seed: int = 0,
+                 progress: Progress | None = None) -> StageRef:
     records_dir = Path(records_dir)
     sim = sim or make_simulator(simulator)
     layer = explanations.layer
@@ -203,21 +220,27 @@ def run_simulate(records_dir, explanations: StageRef, out, simulator=None, sim=N
     units = load_units(records_dir, layer, sorted({r["unit"] for r in table}))
     memo, sim_id = Memo(out, "simulate"), {"simulator": sim.name, "prompt": params["prompt"], "code": code}
     chosen, sims = [], []
-    for unit in units:
+    # The shuffled controls are a second pass over the units: progress counts both passes.
+    total = 2 * len(units) if len(units) > 1 else len(units)
+    for i, unit in enumerate(units):
         k = (unit.neuron.index, unit.neuron.polarity)
-        llm_row, lookup_row = by_key[(*k, pipeline.LLM)], by_key.get((*k, pipeline.LOOKUP))
+        llm_row, lookup_row = by_key[(*k, pipeline.EXPLAINER)], by_key.get((*k, pipeline.LOOKUP))
         ukey = _unit_key(records_key, unit, explanation=llm_row["candidates"],
                          lookup=lookup_row and lookup_row["text"], **sim_id)
         hit = _memoised(memo, ukey, lambda: pipeline.simulate_unit(unit, llm_row, lookup_row, sim))
         chosen += hit[0]
         sims += hit[1]
+        if progress:
+            progress(i + 1, total)
     if len(units) > 1:
-        best = [r["text"] for r in chosen if r["method"] == pipeline.LLM]
-        for unit, text in zip(units, shuffled_explanations(best, seed=seed)):
+        best = [r["text"] for r in chosen if r["method"] == pipeline.EXPLAINER]
+        for i, (unit, text) in enumerate(zip(units, shuffled_explanations(best, seed=seed))):
             ukey = _unit_key(records_key, unit, control=text, **sim_id)
             hit = _memoised(memo, ukey, lambda: pipeline.simulate_control(unit, text, sim))
             chosen += hit[0]
             sims += hit[1]
+            if progress:
+                progress(len(units) + i + 1, total)
     write_table(pipeline._table(sims, "simulations"), ref.path, "simulations")
     write_table(pipeline._table(chosen, "explanations"), ref.directory / "chosen.parquet", "explanations")
     write_manifest(ref.directory, "simulations", key,

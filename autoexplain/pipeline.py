@@ -26,7 +26,7 @@ from autoexplain.records import UnitRecords
 from autoexplain.simulate import Simulation
 from schemas import load_schema
 
-LLM, LOOKUP, SHUFFLED = "llm", "token-lookup", "shuffled"
+EXPLAINER, LOOKUP, SHUFFLED = "explainer", "token-lookup", "shuffled"
 SCORED_KINDS = ("top", "random")
 
 
@@ -51,9 +51,12 @@ def explain_stage(units: Sequence[UnitRecords], llm, cfg: ExplainConfig) -> pa.T
     for start in range(0, len(units), cfg.batch_units):
         batch = units[start : start + cfg.batch_units]
         shown = [shown_records(u, cfg.n_shown) for u in batch]
-        explained = explain_many(llm, shown, cfg.k, cfg.temperature, cfg.max_tokens, cfg.chat)
+        if hasattr(llm, "explain_records"):  # an explainer that reads records, not prompts
+            explained = llm.explain_records(shown, cfg.k)
+        else:
+            explained = explain_many(llm, shown, cfg.k, cfg.temperature, cfg.max_tokens, cfg.chat)
         for unit, recs, exp in zip(batch, shown, explained):
-            rows.append(_explanation_row(unit, LLM, exp.explainer, exp.prompt_hash, exp.text, exp.candidates,
+            rows.append(_explanation_row(unit, EXPLAINER, exp.explainer, exp.prompt_hash, exp.text, exp.candidates,
                                          exp.prompt_tokens, exp.completion_tokens))
             lookup = token_lookup_explanation(recs)
             rows.append(_explanation_row(unit, LOOKUP, "token-lookup", "", lookup, [lookup], 0, 0))
@@ -113,7 +116,7 @@ def simulate_unit(unit: UnitRecords, llm_row: dict, lookup_row: dict | None, sim
         lookup_row = _explanation_row(unit, LOOKUP, "token-lookup", "", text, [text], 0, 0)
     held_out = _held_out(unit)
     rows = []
-    for method, text in ((LLM, best), (LOOKUP, lookup_row["text"])):
+    for method, text in ((EXPLAINER, best), (LOOKUP, lookup_row["text"])):
         rows += _sim_rows(unit, method, simulator, held_out, _simulate(simulator, text, held_out))
     return [chosen, lookup_row], rows
 
@@ -131,11 +134,11 @@ def simulate_stage(units: Sequence[UnitRecords], explanations: pa.Table, simulat
     chosen, sims = [], []
     for unit in units:
         key = (unit.neuron.index, unit.neuron.polarity)
-        c, s = simulate_unit(unit, by_key[(*key, LLM)], by_key.get((*key, LOOKUP)), simulator)
+        c, s = simulate_unit(unit, by_key[(*key, EXPLAINER)], by_key.get((*key, LOOKUP)), simulator)
         chosen += c
         sims += s
     if len(units) > 1:
-        best = [r["text"] for r in chosen if r["method"] == LLM]
+        best = [r["text"] for r in chosen if r["method"] == EXPLAINER]
         for unit, text in zip(units, shuffled_explanations(best, seed=seed)):
             c, s = simulate_control(unit, text, simulator)
             chosen += c

@@ -16,8 +16,8 @@ import numpy as np
 import polars as pl
 
 DEFAULT_METRIC = "top_and_random"
-METHODS = ("llm", "token-lookup", "shuffled")
-COLORS = {"llm": "#2463eb", "token-lookup": "#e07b00", "shuffled": "#8a8f98"}
+METHODS = ("explainer", "token-lookup", "shuffled")
+COLORS = {"explainer": "#2463eb", "token-lookup": "#e07b00", "shuffled": "#8a8f98"}
 METRIC_LABELS = {
     "top_and_random": "correlation score (top and random)",
     "random_only": "correlation score (random only)",
@@ -96,7 +96,7 @@ def plot_score_distribution(scores, path, metric: str = DEFAULT_METRIC) -> Path:
                 continue
             m = vals.mean()
             label = f"{method} (n={vals.size}, mean {m:.3f})"
-            if method == "llm":
+            if method == "explainer":
                 ax.hist(vals, bins=bins, color=COLORS[method], alpha=0.55, label=label)
             else:
                 ax.hist(vals, bins=bins, histtype="step", linewidth=1.6, color=COLORS[method], label=label)
@@ -152,23 +152,23 @@ def plot_llm_vs_baselines(scores, path, metric: str = DEFAULT_METRIC) -> Path:
             .pivot(on="method", index=["layer", "unit", "polarity"], values="value")) if df.height else pl.DataFrame()
     fig, axes = plt.subplots(1, 2, figsize=(7.6, 3.6), sharey=True)
     for ax, base in zip(axes, METHODS[1:]):
-        if wide.height and "llm" in wide.columns and base in wide.columns:
-            pair = wide.select("llm", base).drop_nulls().drop_nans()
-            y, x = pair["llm"].to_numpy().astype(float), pair[base].to_numpy().astype(float)
+        if wide.height and "explainer" in wide.columns and base in wide.columns:
+            pair = wide.select("explainer", base).drop_nulls().drop_nans()
+            y, x = pair["explainer"].to_numpy().astype(float), pair[base].to_numpy().astype(float)
         else:
             x = y = np.zeros(0)
         if x.size:
             alpha = 0.7 if x.size < 500 else max(0.05, 300 / x.size)
-            ax.scatter(x, y, s=8 if x.size < 2000 else 2, alpha=alpha, color=COLORS["llm"], linewidths=0)
+            ax.scatter(x, y, s=8 if x.size < 2000 else 2, alpha=alpha, color=COLORS["explainer"], linewidths=0)
             lo = float(min(x.min(), y.min()))
             hi = float(max(x.max(), y.max()))
             ax.plot([lo, hi], [lo, hi], color="#999", linewidth=0.8, linestyle="--")
             wins = float(np.mean(y > x))
-            ax.set_title(f"llm vs {base}: llm higher on {wins:.0%} of {x.size} units")
+            ax.set_title(f"explainer vs {base}: explainer higher on {wins:.0%} of {x.size} units")
         else:
             ax.text(0.5, 0.5, "no units with both scores", ha="center", va="center", transform=ax.transAxes)
-            ax.set_title(f"llm vs {base}")
+            ax.set_title(f"explainer vs {base}")
         ax.set_xlabel(f"{base} score")
-    axes[0].set_ylabel(f"llm score ({METRIC_LABELS.get(metric, metric)})")
+    axes[0].set_ylabel(f"explainer score ({METRIC_LABELS.get(metric, metric)})")
     fig.tight_layout()
     return _save(fig, path)

@@ -215,17 +215,19 @@ def record_layers(
 
 
 def _finish_layer(layer: int, rec: _LayerRecorder, cfg: RecordConfig, reservoir_order: np.ndarray):
-    """Turn one layer's streaming state into its records and stats tables."""
+    """Turn one layer's streaming state into its records and stats tables.
+
+    The reservoir stays in bf16 throughout: a float32 copy of it (and a negated one per polarity)
+    would be the largest allocation of the whole recording, so only the per-window maxima, the
+    gathered exemplar rows and one chunk of units at a time are ever widened."""
     res = rec.reservoir
-    res_acts = res.acts.float()  # (R, T, U), raw sign
     slot_of = {int(w): i for i, w in enumerate(res.ids)}
     rng = np.random.default_rng([cfg.seed, layer])
-    n_units = res_acts.shape[2]
+    n_units = res.acts.shape[2]
     tables, stats = [], []
     for polarity in (1, -1):
         top = rec.top[polarity]
-        oriented = res_acts * polarity
-        res_max = oriented.amax(dim=1).numpy()  # (R, U)
+        res_max = (res.acts.amax(dim=1) if polarity > 0 else -res.acts.amin(dim=1)).float().numpy()  # (R, U)
         valid = torch.isfinite(top.values).numpy()  # (k, U); -inf marks an unfilled slot
         top_ids, top_vals = top.window_ids.numpy(), top.values.numpy()
         top_acts = top.payload.float().permute(2, 0, 1).numpy()  # (U, k, T), already oriented
@@ -251,10 +253,12 @@ def _finish_layer(layer: int, rec: _LayerRecorder, cfg: RecordConfig, reservoir_
             extra_slots += [slot_of[w] for w in randoms] + [slot_of[w] for _, w in quants]
             extra_units += [u] * (len(randoms) + len(quants))
         # Random and quantile rows come from the reservoir: gather their activations in one go.
-        extra_acts = oriented.numpy()[np.array(extra_slots, dtype=np.int64), :, np.array(extra_units, dtype=np.int64)]
+        slots = torch.tensor(extra_slots, dtype=torch.int64)
+        units = torch.tensor(extra_units, dtype=torch.int64)
+        extra_acts = (res.acts[slots, :, units].float() * polarity).numpy()  # (rows, T)
         tables.append(top_rows.table(layer, np.concatenate(top_acts_rows)))
         tables.append(extra_rows.table(layer, extra_acts))
-        stats.append(_stats_table(layer, polarity, rec.stats, oriented))
+        stats.append(_stats_table(layer, polarity, rec.stats, res.acts))
     return pa.concat_tables(tables), pa.concat_tables(stats)
 
 
@@ -279,11 +283,11 @@ class _Rows:
                          "activations": activations}).cast(load_schema("records"))
 
 
-def _stats_table(layer: int, polarity: int, running: selection.RunningStats, oriented: torch.Tensor) -> pa.Table:
+def _stats_table(layer: int, polarity: int, running: selection.RunningStats, reservoir: torch.Tensor) -> pa.Table:
     """Exact moments from the full pass; shape statistics from the reservoir's tokens."""
     exact = running.summary(polarity)
-    samples = oriented.reshape(-1, oriented.shape[-1])  # (R*T, U)
-    shape = selection.shape_stats_per_unit(samples)
+    samples = reservoir.reshape(-1, reservoir.shape[-1])  # (R*T, U), raw sign
+    shape = selection.shape_stats_per_unit(samples, sign=polarity)
     n_units = samples.shape[1]
     return pa.table({
         "layer": np.full(n_units, layer, dtype=np.int16),

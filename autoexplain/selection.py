@@ -105,12 +105,13 @@ def deal(n: int, order: tuple[str, ...]) -> list[str]:
     return [order[r % len(order)] for r in range(n)]
 
 
-def shape_stats_per_unit(samples: torch.Tensor, bins: int = 32, chunk: int = 128) -> dict[str, object]:
-    """Skewness, excess kurtosis and a histogram per unit, from samples (N, U).
+def shape_stats_per_unit(samples: torch.Tensor, bins: int = 32, chunk: int = 128, sign: int = 1) -> dict[str, object]:
+    """Skewness, excess kurtosis and a histogram per unit, from samples (N, U) times `sign`.
 
-    Units are processed `chunk` at a time: the float64 temporaries of all units at once would
-    take gigabytes for a 512-window reservoir and dominate the recorder's peak memory."""
-    parts = [_shape_stats(samples[:, a : a + chunk], bins) for a in range(0, samples.shape[1], chunk)]
+    Units are processed `chunk` at a time, and oriented per chunk: the float64 temporaries of all
+    units at once would take gigabytes for a 512-window reservoir and dominate the recorder's peak
+    memory."""
+    parts = [_shape_stats(samples[:, a : a + chunk].double() * sign, bins) for a in range(0, samples.shape[1], chunk)]
     return {
         "skewness": np.concatenate([p["skewness"] for p in parts]),
         "kurtosis": np.concatenate([p["kurtosis"] for p in parts]),

@@ -26,6 +26,24 @@ OUTPUT_PROJECTIONS = ("down_proj", "c_proj", "fc2", "dense_4h_to_h", "fc_out", "
 MLP_NAMES = ("mlp", "feed_forward", "ffn")
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc to serve large blocks from the heap and keep freed memory for reuse.
+
+    A forward pass allocates activations of several MB each. By default glibc maps each such block
+    fresh from the kernel and unmaps it on free, so every batch page-faults its activations in
+    again: 2.5 million minor faults per 30 batches on SmolLM2, about 10 % of the pass. Keeping
+    them costs nothing in peak memory, which the largest batch sets either way. Returns whether the
+    C library took the settings (not glibc: nothing changes)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, (1 << 31) - 1))
+    except (OSError, AttributeError):
+        return False
+
+
 class _StopForward(Exception):
     """Raised from the top recorded layer's hook: nothing above it is needed."""
 
@@ -180,6 +198,7 @@ def load_subject(spec: str | None = None, dtype: torch.dtype = torch.bfloat16, d
 
     spec = spec or defaults.SUBJECT
     started = time.perf_counter()
+    keep_freed_memory()
     path = Path(defaults.resolve_model(spec)).expanduser()
     try:
         if path.suffix == ".gguf":

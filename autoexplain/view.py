@@ -41,7 +41,7 @@ from autoexplain.storage import is_complete, read_manifest
 
 PRIMARY_METRIC = "top_and_random"
 METRICS = ("top_and_random", "random_only", "calibrated_r2", "calibrated_abs_dev_explained", "detection_auc")
-METHODS = ("llm", "token-lookup", "shuffled")
+METHODS = ("explainer", "token-lookup", "shuffled")
 BASELINES = ("token-lookup", "shuffled")
 ASSETS = Path(__file__).parent / "viewer"
 N_BEST = 10
@@ -185,13 +185,13 @@ def _index_frame(units: pl.DataFrame, scores: pl.DataFrame, chosen: pl.DataFrame
     """One row per unit: the chosen explanation, every metric (llm with CI) and the baselines' values."""
     on = ["unit", "polarity"]
     s = scores.with_columns(pl.col("unit").cast(pl.Int64), pl.col("polarity").cast(pl.Int64))
-    text = (chosen.filter(pl.col("method") == "llm")
+    text = (chosen.filter(pl.col("method") == "explainer")
             .select(pl.col("unit").cast(pl.Int64), pl.col("polarity").cast(pl.Int64), pl.col("text"))
             .unique(on, keep="first"))
     df = units.join(text, on=on, how="left").with_columns(pl.col("text").fill_null(""))
     for metric in METRICS:
         part = s.filter(pl.col("metric") == metric)
-        llm = (part.filter(pl.col("method") == "llm").unique(on, keep="first")
+        llm = (part.filter(pl.col("method") == "explainer").unique(on, keep="first")
                .select(*on, pl.col("value").alias(f"{metric}:v"), pl.col("ci_low").alias(f"{metric}:lo"),
                        pl.col("ci_high").alias(f"{metric}:hi")))
         df = df.join(llm, on=on, how="left")
@@ -225,7 +225,7 @@ def _mean_ci(values) -> list | None:
 def _layer_summary(layer: int, index: pl.DataFrame, chunk_size: int, src: LayerSource) -> dict:
     means = {}
     for metric in METRICS:
-        means[metric] = {"llm": _mean_ci(index[f"{metric}:v"].to_list()),
+        means[metric] = {"explainer": _mean_ci(index[f"{metric}:v"].to_list()),
                          **{b: _mean_ci(index[f"{metric}:{b}"].to_list()) for b in BASELINES}}
     wins = {}
     for b in BASELINES:
@@ -266,7 +266,7 @@ def _explanations_of(chosen: pl.DataFrame) -> dict[tuple[int, int], dict]:
         key = (int(data["unit"][i]), int(data["polarity"][i]))
         method = data["method"][i]
         entry = {"text": data["text"][i] or "", "explainer": data["explainer"][i] or ""}
-        if method == "llm":
+        if method == "explainer":
             cands = data["candidates"][i] or []
             vscores = data["candidate_valid_scores"][i] or []
             entry["candidates"] = [[c, _r(vscores[j]) if j < len(vscores) else None] for j, c in enumerate(cands)]

@@ -48,7 +48,7 @@ def stage_costs(n_units: int, k: int) -> dict:
     scores = pipeline.score_stage(units, sims, chosen, n_boot=1000)
     score_s = time.perf_counter() - t
     n = len(units)
-    llm_scores = [r["value"] for r in scores.to_pylist() if r["metric"] == "top_and_random" and r["method"] == "llm"]
+    llm_scores = [r["value"] for r in scores.to_pylist() if r["metric"] == "top_and_random" and r["method"] == "explainer"]
     return {
         "units": n, "k": k,
         "explain_s_per_unit": round(explain_s / n, 2),
@@ -58,7 +58,7 @@ def stage_costs(n_units: int, k: int) -> dict:
         "simulator_llm_tokens_per_unit": 0,
         "score_s_per_unit": round(score_s / n, 3),
         "mean_llm_top_and_random": round(sum(v for v in llm_scores if v is not None) / max(1, len(llm_scores)), 3),
-        "example_explanations": [r["text"] for r in chosen.to_pylist() if r["method"] == "llm"][:4],
+        "example_explanations": [r["text"] for r in chosen.to_pylist() if r["method"] == "explainer"][:4],
     }
 
 
@@ -96,19 +96,19 @@ def planted() -> dict:
     return result
 
 
-def planted_explainer(k: int = 2) -> dict:
+def planted_explainer(k: int = 2, spec: str = "local") -> dict:
     """Does the explainer recover a planted rule? Its best-of-k explanation (chosen on valid) scored
     on test, against the true rule's score on the same records."""
     from autoexplain import scoring
     from autoexplain.embedding import EmbeddingSimulator
     from autoexplain.explain import explain
-    from autoexplain.llm import LocalLLM
+    from autoexplain.layer import make_explainer
     from autoexplain.pipeline import shown_records
     from autoexplain.planted import corpus_windows, planted_records, planted_units
     from autoexplain.records import NeuronId, UnitRecords
 
-    llm, sim = LocalLLM(), EmbeddingSimulator()
-    windows = corpus_windows(subject=llm.subject)
+    explainer, sim = make_explainer(spec), EmbeddingSimulator()
+    windows = corpus_windows(subject=getattr(explainer, "subject", None))
 
     def corr(text, recs):
         sims = sim.simulate(text, [r.tokens for r in recs])
@@ -123,7 +123,10 @@ def planted_explainer(k: int = 2) -> dict:
         shown = shown_records(UnitRecords(NeuronId(0, 0), records), 5)
         valid = [r for r in records if r.split == "valid"]
         test = [r for r in records if r.split == "test"]
-        candidates = explain(llm, shown, k=k).candidates or [""]
+        if hasattr(explainer, "explain_records"):
+            candidates = explainer.explain_records([shown], k)[0].candidates
+        else:
+            candidates = explain(explainer, shown, k=k).candidates or [""]
         best = max(candidates, key=lambda c: corr(c, valid))
         out[unit.name] = {"explanation": best, "score": round(corr(best, test), 3),
                           "true_rule_score": round(corr(unit.explanation, test), 3)}
@@ -137,6 +140,7 @@ def main():
     ap.add_argument("--allatonce", action="store_true")
     ap.add_argument("--planted", action="store_true")
     ap.add_argument("--planted-explainer", action="store_true")
+    ap.add_argument("--explainer", default="local", help="explainer spec for --planted-explainer")
     args = ap.parse_args()
     if args.units:
         print(json.dumps(stage_costs(args.units, args.k), indent=2))
@@ -145,7 +149,7 @@ def main():
     if args.planted:
         print(json.dumps(planted(), indent=2))
     if args.planted_explainer:
-        print(json.dumps(planted_explainer(args.k), indent=2))
+        print(json.dumps(planted_explainer(args.k, args.explainer), indent=2))
 
 
 if __name__ == "__main__":

@@ -33,12 +33,35 @@ def gemm_gflops(dtype=torch.bfloat16, n=2048, reps=8) -> float:
 
 
 def flops_per_token(subject, top_layer: int, window_len: int) -> float:
-    """2 x weights in the blocks that run, plus attention scores and mixing; no embedding or lm_head."""
+    """2 x the weights the truncated pass multiplies by, plus attention scores and mixing: blocks
+    0..top_layer without the top block's output projection (the pass stops at its input), no
+    embedding, no lm_head."""
     cfg = subject.model.config
     blocks = [b for b in subject.model.model.layers[: top_layer + 1]]
     weights = sum(p.numel() for b in blocks for name, p in b.named_parameters() if p.dim() == 2)
+    weights -= subject.projections[top_layer].weight.numel()
     attention = 2 * 2 * window_len * cfg.hidden_size * (top_layer + 1) / 2  # causal: half the pairs
     return 2 * weights + attention
+
+
+class GemmProbe:
+    """Short bf16 GEMM bursts between batches of a pass, so that the roofline is measured under the
+    same machine conditions as the pass itself (a shared machine drifts over minutes). The probes'
+    own time is kept out of the pass's time."""
+
+    def __init__(self, every: int = 40):
+        self.every, self.batches, self.rates, self.spent = every, 0, [], 0.0
+
+    def __call__(self, *_):
+        self.batches += 1
+        if self.batches % self.every == 1:
+            start = time.perf_counter()
+            self.rates.append(gemm_gflops(reps=2))
+            self.spent += time.perf_counter() - start
+
+    @property
+    def gflops(self) -> float:
+        return sum(self.rates) / len(self.rates)
 
 
 def measure(tokens: int, layer: int | None, batch_size: int) -> dict:
@@ -53,19 +76,20 @@ def measure(tokens: int, layer: int | None, batch_size: int) -> dict:
     windows = build_windows(subject, "default", out, 64, tokens, 0)
     n_tok = windows.n_windows * 64
 
-    gflops_before = gemm_gflops()
     # Bare forward: the same truncated pass over the same windows, no selection.
+    bare_probe, record_probe = GemmProbe(), GemmProbe()
     start = time.perf_counter()
     for _ids, input_ids in _windows_batches(windows, batch_size):
         subject.mlp_activations(input_ids, [layer])
-    bare_s = time.perf_counter() - start
+        bare_probe()
+    bare_s = time.perf_counter() - start - bare_probe.spent
     start = time.perf_counter()
-    record_layers(subject, windows, RecordConfig([layer], batch_size=batch_size), out)
-    record_s = time.perf_counter() - start
-    gflops_after = gemm_gflops()
+    record_layers(subject, windows, RecordConfig([layer], batch_size=batch_size), out, progress=record_probe)
+    record_s = time.perf_counter() - start - record_probe.spent
 
-    gflops = (gflops_before + gflops_after) / 2
     fpt = flops_per_token(subject, layer, 64)
+    bare_roof, record_roof = bare_probe.gflops * 1e9 / fpt, record_probe.gflops * 1e9 / fpt
+    gflops = (bare_probe.gflops + record_probe.gflops) / 2
     roofline = gflops * 1e9 / fpt
     return {
         "tokens": n_tok,
@@ -73,13 +97,14 @@ def measure(tokens: int, layer: int | None, batch_size: int) -> dict:
         "batch_size": batch_size,
         "load_s_cached": round(load_s, 2),
         "gemm_bf16_gflops": round(gflops, 1),
+        "gemm_probes_min_max_n": [[round(min(p.rates)), round(max(p.rates)), len(p.rates)] for p in (bare_probe, record_probe)],
         "gemm_fp32_gflops": round(gemm_gflops(torch.float32), 1),
         "mflops_per_token": round(fpt / 1e6, 1),
         "roofline_tok_s": round(roofline),
         "bare_forward_tok_s": round(n_tok / bare_s),
         "record_tok_s": round(n_tok / record_s),
-        "record_pct_of_roofline": round(100 * n_tok / record_s / roofline, 1),
-        "bare_pct_of_roofline": round(100 * n_tok / bare_s / roofline, 1),
+        "record_pct_of_roofline": round(100 * n_tok / record_s / record_roof, 1),
+        "bare_pct_of_roofline": round(100 * n_tok / bare_s / bare_roof, 1),
         "selection_overhead_pct": round(100 * (record_s - bare_s) / bare_s, 1),
     }
 

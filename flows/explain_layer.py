@@ -15,6 +15,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 
+from autoexplain import progress
 from autoexplain.errors import UserError
 from autoexplain.layer import parse_units
 from tasks.report import publish, report_task, view_task
@@ -40,7 +41,7 @@ def explain_layer(
     model: str = "smollm2",
     corpus: str = "default",
     tokens: int = 1_000_000,
-    explainer: str = "local",
+    explainer: str = "embedding",
     simulator: str = "embedding",
     k: int = 4,
     shard_size: int = 256,
@@ -82,6 +83,7 @@ def explain_layer(
         elapsed = time.perf_counter() - started
         eta = elapsed / done_units * (len(chosen) - done_units)
         log.info(f"units {done_units}/{len(chosen)} done (shard {shard[0]}-{shard[-1]}); ETA {eta:.0f}s")
+        progress.report("units", done_units, len(chosen))
         xr, sr, cr = x.result(), s.result(), c.result()
         publish(xr, [records])
         publish(sr, [records, xr])

@@ -81,10 +81,10 @@ def report_task(records: dict, stages: list[dict], scores: list[dict], site: str
     create_table_artifact(summary, key="score-summary", description="Mean test-split scores by method, 95% CI of the mean")
 
     headline = [] if not table.height else (
-        table.filter((pl.col("metric") == HEADLINE) & (pl.col("method") == "llm"))["value"].drop_nulls().to_list())
+        table.filter((pl.col("metric") == HEADLINE) & (pl.col("method") == "explainer"))["value"].drop_nulls().to_list())
     links = "\n".join(f"- {s['uri']}" for s in scores)
-    md = (f"# Layer report\n\nUnits scored: {len(headline)} (defined LLM {HEADLINE} scores)\n\n"
-          f"## Score histogram (LLM explanation, {HEADLINE}, test split)\n\n```\n{_histogram(headline)}\n```\n\n"
+    md = (f"# Layer report\n\nUnits scored: {len(headline)} (defined explainer {HEADLINE} scores)\n\n"
+          f"## Score histogram (explanation, {HEADLINE}, test split)\n\n```\n{_histogram(headline)}\n```\n\n"
           f"## Outputs\n\n- records: {records['uri']}\n{links}\n")
     create_markdown_artifact(md, key="layer-report", description="Score histogram and links to the outputs")
     if site:

@@ -25,6 +25,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.tasks import exponential_backoff
 
 from autoexplain import layer as layer_mod
+from autoexplain import progress as progress_mod
 from autoexplain.errors import UserError
 from autoexplain.explain import explainer_prompt_hash, prompt_hash
 from autoexplain.pipeline import ExplainConfig
@@ -65,6 +66,22 @@ def simulator_identity(spec: str | None) -> str:
     if kind == "chat-json":
         return f"{spec}|{prompt_hash('simulator_system.txt')}"
     return spec
+
+
+def _progress(stage: str, key: str):
+    """A stage's progress callback: a log line every 10 % with an ETA, and an event for listeners
+    in this process (the CLI's progress bars)."""
+    throttle = progress_mod.Throttle(get_run_logger().info, f"{stage} {key}".strip())
+
+    def report(done: int, total: int) -> None:
+        throttle(done, total)
+        progress_mod.report(stage, done, total, key)
+
+    return report
+
+
+def _shard(units: list[int]) -> str:
+    return f"units {units[0]}-{units[-1]}" if units else "units"
 
 
 def ref(stage_ref) -> dict:
@@ -130,9 +147,7 @@ class _Serialised:
 
 @_load_once
 def llm_for(spec: str):
-    from autoexplain.llm import make_llm
-
-    return _Serialised(make_llm(spec))
+    return _Serialised(layer_mod.make_explainer(spec))
 
 
 @_load_once
@@ -154,20 +169,12 @@ def own_simulator(spec: str):
 @task(name="record", cache_key_fn=_key("record", ("corpus", "record", "selection", "subject")), **RETRY)
 def record_task(model: str, corpus: str, layers: list[int], tokens: int, out: str, window_len: int = 64,
                 top_k: int = 40, n_random: int = 30, seed: int = 0) -> dict:
-    log = get_run_logger()
     subject = _subject(model)
     subject.check_layers(layers)
     windows = build_windows(subject, corpus, out, window_len, tokens, seed)
     _contract(windows.path, "windows", {"window_len": window_len})
     cfg = RecordConfig(layers, top_k=top_k, n_random=n_random, seed=seed)
-    last = [0.0]
-
-    def progress(done, total):
-        if done / total - last[0] >= 0.1 or done == total:
-            last[0] = done / total
-            log.info(f"recorded {done:,}/{total:,} tokens ({100 * done / total:.0f}%)")
-
-    records = record_layers(subject, windows, cfg, out, progress)
+    records = record_layers(subject, windows, cfg, out, _progress("record", "tokens"))
     for L in records.layers:
         _contract(records.records_path(L), "records", {"window_len": window_len, "min_exemplars": top_k,
                                                        "min_random": n_random})
@@ -176,12 +183,12 @@ def record_task(model: str, corpus: str, layers: list[int], tokens: int, out: st
             "windows": str(windows.path.resolve()), "window_len": window_len}
 
 
-@task(name="explain", cache_key_fn=_key("explain", ("explain", "pipeline", "llm", "layer"), explainer_prompt_hash),
+@task(name="explain", cache_key_fn=_key("explain", ("explain", "explain_embedding", "pipeline", "llm", "layer"), explainer_prompt_hash),
       **RETRY)
 def explain_task(records: dict, layer: int, units: list[int], explainer: str, k: int = 4, out: str = "out") -> dict:
     log = get_run_logger()
     result = layer_mod.run_explain(records["path"], layer, out, units, explainer, ExplainConfig(k=k),
-                                   llm=llm_for(explainer))
+                                   llm=llm_for(explainer), progress=_progress("explain", _shard(units)))
     _contract(result.path, "explanations")
     log.info(f"explained units {units[0]}..{units[-1]} of layer {layer}")
     return ref(result)
@@ -202,7 +209,8 @@ def revise_task(explanations: dict, revisions: dict[str, str], out: str = "out")
                                          ""), **RETRY)
 def simulate_task(records: dict, explanations: dict, simulator: str, simulator_id: str, out: str = "out") -> dict:
     result = layer_mod.run_simulate(records["path"], layer_mod.StageRef.of(Path(explanations["path"]).parent), out,
-                                    sim=own_simulator(simulator))
+                                    sim=own_simulator(simulator),
+                                    progress=_progress("simulate", f"layer {explanations['layer']} {explanations['key'][:8]}"))
     _contract(result.path, "simulations", {"window_len": records["window_len"]})
     return ref(result)
 

@@ -61,19 +61,19 @@ def explanation_rows() -> list[dict]:
     return [{"layer": 3, "unit": u, "polarity": p, "method": m, "explainer": "x", "prompt_hash": "h",
              "text": f"the word 'cat' ({m})", "candidates": ["a"], "candidate_valid_scores": [0.5],
              "prompt_tokens": 10, "completion_tokens": 5}
-            for u in (0, 1) for p in (1, -1) for m in ("llm", "token-lookup")]
+            for u in (0, 1) for p in (1, -1) for m in ("explainer", "token-lookup")]
 
 
 def simulation_rows() -> list[dict]:
-    return [{"layer": 3, "unit": 0, "polarity": 1, "method": "llm", "simulator": "s", "prompt_hash": "h",
+    return [{"layer": 3, "unit": 0, "polarity": 1, "method": "explainer", "simulator": "s", "prompt_hash": "h",
              "window_id": w, "kind": "top", "split": "test", "expected": [float(i % 11) for i in range(T)],
              "failure": None} for w in range(4)] + [
-            {"layer": 3, "unit": 0, "polarity": 1, "method": "llm", "simulator": "s", "prompt_hash": "h",
+            {"layer": 3, "unit": 0, "polarity": 1, "method": "explainer", "simulator": "s", "prompt_hash": "h",
              "window_id": 9, "kind": "random", "split": "test", "expected": None, "failure": "no digits"}]
 
 
 def score_rows() -> list[dict]:
-    base = {"layer": 3, "unit": 0, "polarity": 1, "method": "llm", "simulator": "s", "split": "test",
+    base = {"layer": 3, "unit": 0, "polarity": 1, "method": "explainer", "simulator": "s", "split": "test",
             "ci_low": None, "ci_high": None, "undefined_reason": None, "n_records": 10, "n_failed": 0,
             "explainer_tokens": 100, "simulator_tokens": 200}
     return [

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 import pytest
@@ -146,7 +145,6 @@ def test_simulate_many_equals_simulate(simulator):
 
 @pytest.mark.slow
 def test_planted_self_check_on_the_embedded_default():
-    started = time.perf_counter()
     windows = corpus_windows(n_windows=4000, seed=0)
     for unit in planted_units():  # every rule occurs in the corpus sample, in enough windows
         assert sum(max(unit.activations(w)) > 0 for w in windows) >= 40, unit.name
@@ -156,4 +154,3 @@ def test_planted_self_check_on_the_embedded_default():
     assert result["mean_shuffled"] <= 0.1
     assert result["mean_others"] <= 0.1
     assert all(row["true"] > 0.25 for row in result["units"].values())
-    assert time.perf_counter() - started < 90

@@ -30,7 +30,7 @@ def stages(tiny_records, tiny_llama_dir):
 def test_best_of_k_is_chosen_on_valid_and_reported_on_test(stages):
     records_dir, _, x, s, c, sim = stages
     units = {(u.neuron.index, u.neuron.polarity): u for u in load_units(records_dir, 1, UNITS)}
-    chosen = pl.read_parquet(s.directory / "chosen.parquet").filter(pl.col("method") == "llm")
+    chosen = pl.read_parquet(s.directory / "chosen.parquet").filter(pl.col("method") == "explainer")
     assert chosen.height == 4
     for row in chosen.iter_rows(named=True):
         unit = units[(row["unit"], row["polarity"])]
@@ -50,7 +50,7 @@ def test_best_of_k_is_chosen_on_valid_and_reported_on_test(stages):
     scores = pl.read_parquet(c.path)
     assert set(scores["split"]) == {"test"}
     n_test = {k: sum(r.split == "test" and r.kind in ("top", "random") for r in u.records) for k, u in units.items()}
-    top_random = scores.filter((pl.col("metric") == "top_and_random") & (pl.col("method") == "llm"))
+    top_random = scores.filter((pl.col("metric") == "top_and_random") & (pl.col("method") == "explainer"))
     for row in top_random.iter_rows(named=True):
         assert row["n_records"] + row["n_failed"] == n_test[(row["unit"], row["polarity"])]
 
@@ -58,12 +58,12 @@ def test_best_of_k_is_chosen_on_valid_and_reported_on_test(stages):
 def test_baselines_are_scored_like_the_explanation(stages):
     _, _, _, s, c, _ = stages
     scores = pl.read_parquet(c.path)
-    assert set(scores["method"]) == {"llm", "token-lookup", "shuffled"}
+    assert set(scores["method"]) == {"explainer", "token-lookup", "shuffled"}
     per = scores.group_by("method").agg(pl.col("metric").n_unique())
     assert per["metric"].to_list() == [5, 5, 5]
     chosen = pl.read_parquet(s.directory / "chosen.parquet")
-    llm = dict(zip(zip(*[chosen.filter(pl.col("method") == "llm")[c] for c in ("unit", "polarity")]),
-                   chosen.filter(pl.col("method") == "llm")["text"]))
+    llm = dict(zip(zip(*[chosen.filter(pl.col("method") == "explainer")[c] for c in ("unit", "polarity")]),
+                   chosen.filter(pl.col("method") == "explainer")["text"]))
     shuffled = chosen.filter(pl.col("method") == "shuffled")
     assert sorted(shuffled["text"]) == sorted(llm.values()), "the control reuses other units' explanations"
 
@@ -100,7 +100,7 @@ def test_reference_json_layout_round_trips(stages, tmp_path):
     sims = line["scored_explanations"][0]["scored_simulation"]["scored_sequence_simulations"]
     assert all(len(x["simulation"]["expected_activations"]) == len(x["true_activations"]) for x in sims if x["simulation"]["expected_activations"])
     imported = import_explanations(tmp_path, 1)
-    chosen = pl.read_parquet(s.directory / "chosen.parquet").filter(pl.col("method") == "llm")
+    chosen = pl.read_parquet(s.directory / "chosen.parquet").filter(pl.col("method") == "explainer")
     assert sorted(imported.column("text").to_pylist()) == sorted(chosen["text"].to_list())
 
 

@@ -152,14 +152,14 @@
     $("overview").textContent = SITE.layers.length + (SITE.layers.length === 1 ? " layer, " : " layers, ") + n.toLocaleString("en") +
       " units (neuron and polarity). Score: " + metricLabel(SITE.metric) + " of the chosen explanation's simulation on held-out test records.";
     var t = clear($("layers"));
-    add(t, el("thead", null, el("tr", null, ["Layer", "Units", "Mean score [95% CI]", "Token-lookup", "Shuffled", "LLM beats lookup", "Simulator"].map(function (h) { return el("th", { text: h }); }))));
+    add(t, el("thead", null, el("tr", null, ["Layer", "Units", "Mean score [95% CI]", "Token-lookup", "Shuffled", "Beats lookup", "Simulator"].map(function (h) { return el("th", { text: h }); }))));
     var tb = el("tbody");
     SITE.layers.forEach(function (l) {
       var m = l.means[SITE.metric];
       add(tb, el("tr", null,
         el("td", null, el("a", { href: layerHref(l.layer), text: "Layer " + l.layer })),
         el("td", { cls: "num", text: l.n_units.toLocaleString("en") }),
-        el("td", { cls: "num", text: meanText(m.llm) }),
+        el("td", { cls: "num", text: meanText(m.explainer) }),
         el("td", { cls: "num", text: m["token-lookup"] ? fmt(m["token-lookup"][0]) : "–" }),
         el("td", { cls: "num", text: m.shuffled ? fmt(m.shuffled[0]) : "–" }),
         el("td", { cls: "num", text: l.llm_beats["token-lookup"] == null ? "–" : Math.round(100 * l.llm_beats["token-lookup"]) + "%" }),
@@ -222,7 +222,7 @@
     load("L" + L + "/summary", "data/L" + L + "/summary.js").then(function (s) {
       var mm = s.means[SITE.metric];
       var ov = clear($("overview"));
-      add(ov, s.n_units.toLocaleString("en") + " units, " + s.n_scored.toLocaleString("en") + " scored. Mean score " + meanText(mm.llm) +
+      add(ov, s.n_units.toLocaleString("en") + " units, " + s.n_scored.toLocaleString("en") + " scored. Mean score " + meanText(mm.explainer) +
         "; token-lookup " + (mm["token-lookup"] ? fmt(mm["token-lookup"][0]) : "–") + ", shuffled " + (mm.shuffled ? fmt(mm.shuffled[0]) : "–") + ". ");
       if (s.llm_beats["token-lookup"] != null) add(ov, "The explanation beats the token-lookup baseline on " + Math.round(100 * s.llm_beats["token-lookup"]) + "% of units. ");
       if (s.simulator) add(ov, el("span", { cls: "muted", text: "Simulator: " + s.simulator + "." }));
@@ -469,9 +469,9 @@
       add(nav, link(d.prev, "‹ previous", "prev-unit"), link(d.other, d.polarity > 0 ? "negative polarity" : "positive polarity", "other-polarity"), link(d.next, "next ›", "next-unit"));
 
       var ex = d.explanations || {};
-      var llm = ex.llm || { text: "" };
+      var llm = ex.explainer || { text: "" };
       $("explanation").textContent = llm.text || "(no explanation)";
-      var sc = (d.scores || {}).llm || {};
+      var sc = (d.scores || {}).explainer || {};
       var head = sc[SITE.metric];
       $("headline").textContent = head ? (metricLabel(SITE.metric) + ": " + fmt(head[0]) + " " + ci(head[1], head[2]) +
         (head[3] ? " (undefined: " + head[3] + ")" : "") + " on " + head[4] + " test records" + (llm.explainer ? " · explainer " + llm.explainer : "")) : "not scored";
