@@ -306,11 +306,13 @@ def explain_layer_cmd(
     simulator: str = typer.Option("embedding", "--simulator", "-s", help="'embedding', 'all-at-once[:LLM]' or 'chat-json:LLM'."),
     k: int = typer.Option(4, "--k", help="Candidate explanations per unit (best-of-k on the valid split)."),
     shard_size: int = typer.Option(256, "--shard-size", help="Units per task."),
-    out: Path = typer.Option(Path("out"), "--out", "-o"),
+    out: str = typer.Option("out", "--out", "-o", help="Output folder, or an fsspec URL (s3://bucket/run, file:///mnt/share/out, ...) worked on through a local mirror."),
+    results: Optional[str] = typer.Option(None, "--results", help="Folder or fsspec URL for Prefect's task results (its cache), e.g. s3://bucket/prefect-results. Default: Prefect's local storage."),
 ):
     """Record if needed, then explain, simulate and score a layer, as a Prefect flow (no server needed)."""
     def go():
         from autoexplain import progress
+        from autoexplain.remote import is_url
         from flows.explain_layer import explain_layer
 
         bars, listener = stage_bars()
@@ -319,12 +321,13 @@ def explain_layer_cmd(
             with bars:
                 result = explain_layer(layer=layer, units=units, model=model, corpus=corpus, tokens=tokens,
                                        explainer=explainer, simulator=simulator, k=k, shard_size=shard_size,
-                                       out=str(out))
+                                       out=out, results=results)
         finally:
             remove()
         for ref in result["scores"]:
             _print_summary(Path(ref["path"]))
-        typer.echo(str(Path(result["records"]["path"])))
+        records = result["records"]
+        typer.echo(records["uri"] if is_url(out) else str(Path(records["path"])))
 
     _run(go)
 

@@ -10,8 +10,8 @@ an explanation describes a token. Every subject token gets a z-score from three 
   (from MiniLM's own vocabulary), so every explanation is judged on one scale: a token scores by
   how unusually well the explanation fits it;
 - orthographic: MiniLM is uncased and embeds "," or "7" poorly, so each token also has a surface
-  class (digit, punctuation, capitalised, all caps, whitespace) with a fixed description ("a number
-  written in digits", ...). The explanation's z-score against a class's description counts only
+  class (digit, punctuation, capitalised, all caps, whitespace) with a description ("a number
+  written in digits", ...) read from the simulator's prompt file, `prompts/embedding_simulator.json`. The explanation's z-score against a class's description counts only
   when that class is within ORTHO_MARGIN of the explanation's best-matching description, competitor
   descriptions included ("numbers written out as words" is closer to "a number written out in
   words" than to "a number written in digits", so digits stay quiet);
@@ -36,6 +36,8 @@ row the records use against all of them with one matrix product.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import re
 import string
 from collections import OrderedDict
@@ -44,18 +46,14 @@ from typing import Sequence
 
 import numpy as np
 
+from autoexplain.errors import UserError
 from autoexplain.simulate import Simulation
 
-ORTHO_DESCRIPTIONS = {
-    "space": "whitespace, a line break or an empty token",
-    "digit": "a number written in digits",
-    "punct": "a punctuation mark or symbol",
-    "allcaps": "a word written in all capital letters",
-    "capital": "a capitalized word starting with an uppercase letter",
-}
-_ORTHO_INDEX = {name: i for i, name in enumerate(ORTHO_DESCRIPTIONS)}
-# Descriptions no token is given; they only compete with the classes above.
-ORTHO_COMPETITORS = ("a number written out in words", "a lowercase word", "a word")
+# The surface classes; their descriptions, and competitor descriptions that no token is given, are
+# the simulator's prompt file (prompts/embedding_simulator.json), hashed like any other prompt.
+ORTHO_CLASSES = ("space", "digit", "punct", "allcaps", "capital")
+_ORTHO_INDEX = {name: i for i, name in enumerate(ORTHO_CLASSES)}
+PROMPT_FILE = "embedding_simulator.json"
 ORTHO_MARGIN = 2.0
 Z_LOW, Z_HIGH = 1.5, 6.0
 N_BACKGROUND = 2000
@@ -69,6 +67,19 @@ _META_HEAD = re.compile(
 _META_TAIL = re.compile(r"(?<!\bas)(?<!\bin)\s+(?:words?|tokens?|terms?)$", re.I)
 _QUOTED = re.compile(r"(?<!\w)[\"'\u2018\u201c]([^\"'\u2019\u201d]{1,40})[\"'\u2019\u201d](?!\w)")
 _FILLER = {"and", "or", "nor", "the", "a", "an", "of", "word", "words", "token", "tokens"}
+
+
+def load_prompt() -> tuple[list[str], list[str]]:
+    """(class descriptions in ORTHO_CLASSES order, competitor descriptions) from the prompt file."""
+    from autoexplain.explain import _read
+
+    data = json.loads(_read(PROMPT_FILE))
+    classes = data.get("classes", {})
+    missing = [c for c in ORTHO_CLASSES if not str(classes.get(c, "")).strip()]
+    if missing:
+        raise UserError(f"{PROMPT_FILE} has no description for {', '.join(missing)}",
+                        f"give every class of {', '.join(ORTHO_CLASSES)} a description under 'classes'")
+    return [classes[c] for c in ORTHO_CLASSES], [str(c) for c in data.get("competitors", [])]
 
 
 def content_of(explanation: str) -> str:
@@ -139,7 +150,7 @@ class _Window:
     tokens: tuple[str, ...]  # the cache key itself
     words: np.ndarray  # (T,) row of each token's whole word in the simulator's table, -1 if blank
     contexts: np.ndarray | None  # (T,) rows of local contexts, when the context channel is on
-    ortho: np.ndarray  # (T,) index into ORTHO_DESCRIPTIONS, -1 for none
+    ortho: np.ndarray  # (T,) index into ORTHO_CLASSES, -1 for none
 
 
 @dataclass
@@ -181,11 +192,17 @@ class EmbeddingSimulator:
         self._model = None
         self._background: np.ndarray | None = None
         self._descriptions: np.ndarray | None = None
+        self._prompt = load_prompt()
         self._explained: dict[str, np.ndarray] = {}  # explanation text -> embedding
         self._clear_tables()
         self.encode_calls = 0  # model.encode invocations
         self.encoded_texts = 0  # texts sent to the model
         self.window_hits = self.window_misses = 0
+
+    @property
+    def prompt_hash(self) -> str:
+        """The hash of the prompt file this simulator read (its descriptions), stored with its output."""
+        return hashlib.sha256(json.dumps(self._prompt).encode()).hexdigest()[:16]
 
     def fresh(self) -> "EmbeddingSimulator":
         """A twin with these settings, this loaded model and background, and empty caches.
@@ -226,7 +243,8 @@ class EmbeddingSimulator:
             # Entries from 1996 on are whole words, roughly by frequency ("the", "of", "and", ...).
             words = [w for w in vocab[1996:] if w.isalpha() and len(w) > 1][:N_BACKGROUND]
             self._background = self._encode(words)
-            self._descriptions = self._encode(list(ORTHO_DESCRIPTIONS.values()) + list(ORTHO_COMPETITORS))
+            classes, competitors = self._prompt
+            self._descriptions = self._encode(classes + competitors)
 
     # -- windows -----------------------------------------------------------------------------
     def prepare(self, records: Sequence[Sequence[str]]) -> list[_Window]:
@@ -291,7 +309,7 @@ class EmbeddingSimulator:
         bg, fbg = self._background @ E, self._background @ F
         mu, sd = bg.mean(0), bg.std(0) + 1e-6
         z_desc = (self._descriptions @ F - fbg.mean(0)) / (fbg.std(0) + 1e-6)
-        k = len(ORTHO_DESCRIPTIONS)
+        k = len(ORTHO_CLASSES)
         z_ortho = np.where(z_desc[:k] >= z_desc.max(0) - ORTHO_MARGIN, z_desc[:k], -np.inf)
         z_ortho = np.concatenate([z_ortho, np.full((1, n), -np.inf)])
         literals = [(quoted_literals(e), literal_only(e)) for e in explanations]

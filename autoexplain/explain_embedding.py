@@ -27,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-from autoexplain.embedding import ORTHO_DESCRIPTIONS, ortho_class, word_of_each_token
+from autoexplain.embedding import ortho_class, word_of_each_token
 from autoexplain.explain import Explanation
 from autoexplain.records import ActivationRecord
 
@@ -35,6 +35,14 @@ N_VOCAB = 10_000  # naming vocabulary: MiniLM's whole words, roughly by frequenc
 N_STOP = 150  # the most frequent of them are function words, which name no category
 DOMINANT = 0.6  # share of activation mass on one surface class to call the unit orthographic
 TOP_WORDS = 8  # words whose embeddings make the semantic centroid
+# How the explainer names a unit whose activation sits on one surface class of token.
+CLASS_PHRASES = {
+    "space": "whitespace and line breaks",
+    "digit": "numbers written in digits",
+    "punct": "punctuation marks and symbols",
+    "allcaps": "words written in all capital letters",
+    "capital": "capitalized words starting with an uppercase letter",
+}
 VERSION = "1"  # bump when the candidate rules change: it is part of the explainer's identity
 
 
@@ -90,7 +98,7 @@ class EmbeddingExplainer:
     def _candidates(self, p: "_Profile") -> list[str]:
         out: list[str] = []
         if p.dominant_class is not None:
-            out.append(ORTHO_DESCRIPTIONS[p.dominant_class])
+            out.append(CLASS_PHRASES[p.dominant_class])
         quoted = [f'"{w}"' for w, _ in p.top_words[:3]]
         if quoted:
             out.append(f"the words {_join(quoted)}" if len(quoted) > 1 else f"the word {quoted[0]}")

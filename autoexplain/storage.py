@@ -3,7 +3,8 @@
 Every stage writes into `<root>/<stage>/<key>/`, where `key` hashes everything the output depends on
 (inputs' hashes, parameters, code version). Two runs that would compute the same thing therefore
 share a folder, and a finished folder is never rewritten. Files are written to a temporary name in
-the same folder and renamed, so a crash leaves either the old state or the whole new file.
+the same folder and renamed, so a crash leaves either the old state or the whole new file. A root
+may also be an fsspec URL, worked on through a local mirror (`open_root`, `autoexplain.remote`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,21 @@ def code_version(*modules: str) -> str:
 
 
 def stage_dir(root: str | os.PathLike, stage: str, key: str) -> Path:
-    return Path(root) / stage / key
+    directory = Path(root) / stage / key
+    if not is_complete(directory):
+        # Under the mirror of a URL root (`open_root`), a folder finished elsewhere is downloaded,
+        # not recomputed. `remote` imports this module, hence the late import.
+        from autoexplain import remote
+
+        remote.pull(directory)
+    return directory
+
+
+def open_root(out: str | os.PathLike) -> Path:
+    """The local folder for an output root: `out` itself, or the local mirror of a URL (`remote`)."""
+    from autoexplain import remote
+
+    return remote.open_root(out)
 
 
 def is_complete(directory: Path) -> bool:
@@ -120,11 +135,15 @@ def write_json(data: Any, path: str | os.PathLike) -> Path:
 
 def write_manifest(directory: Path, stage: str, key: str, inputs: dict, params: dict, outputs: list[str]) -> Path:
     """Seal a stage folder. Written last, so its presence means every output is whole."""
+    from autoexplain import remote
+
     digests = {name: file_digest(directory / name) for name in outputs}
-    return write_json(
+    path = write_json(
         {"stage": stage, "key": key, "inputs": inputs, "params": params, "outputs": digests},
         directory / MANIFEST,
     )
+    remote.push(directory)  # a no-op outside the mirror of a URL root
+    return path
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:
@@ -133,7 +152,10 @@ def read_manifest(directory: str | os.PathLike) -> dict:
 
 class Memo:
     """Per-unit results inside a stage, keyed by content: a rerun after a crash, or after an edit
-    that touches a few units, recomputes only the units whose inputs changed."""
+    that touches a few units, recomputes only the units whose inputs changed.
+
+    Local only, also under a URL root: they only speed up a rerun on the same machine, and pushing
+    thousands of small files would cost more than the units they save."""
 
     def __init__(self, root: str | os.PathLike, stage: str):
         self.dir = Path(root) / "memo" / stage

@@ -5,6 +5,9 @@
   the outputs as assets and write the report.
 - `rescore`: re-simulate and re-score existing explanations (a new simulator, or the same one
   after a prompt edit). The nightly job.
+
+`out` is a folder or an fsspec URL (outputs pushed there, see `autoexplain.remote`); `results`, a
+folder or URL where Prefect keeps the tasks' results (its cache), else Prefect's default storage.
 """
 
 from __future__ import annotations
@@ -18,8 +21,18 @@ from prefect.futures import as_completed
 from autoexplain import progress
 from autoexplain.errors import UserError
 from autoexplain.layer import parse_units
+from autoexplain.remote import is_url
+from autoexplain.storage import open_root
 from tasks.report import publish, report_task, view_task
-from tasks.stages import explain_task, record_task, revise_task, score_task, simulate_task, simulator_identity
+from tasks.stages import (
+    explain_task,
+    record_task,
+    revise_task,
+    score_task,
+    simulate_task,
+    simulator_identity,
+    with_results,
+)
 
 
 def _check(name: str, value: int, low: int = 1) -> None:
@@ -27,11 +40,19 @@ def _check(name: str, value: int, low: int = 1) -> None:
         raise UserError(f"parameter {name} must be at least {low}, got {value}", f"pass {name} >= {low}")
 
 
+def _out(out: str) -> str:
+    """A folder made absolute (tasks may run elsewhere), or a URL as given, checked before any task."""
+    if is_url(out):
+        open_root(out)
+        return out
+    return str(Path(out).resolve())
+
+
 @flow(name="record-activations", validate_parameters=True)
 def record_activations(model: str = "smollm2", corpus: str = "default", layers: list[int] | None = None,
                        tokens: int = 1_000_000, out: str = "out") -> dict:
     _check("tokens", tokens)
-    return record_task(model, corpus, layers or [15], tokens, str(Path(out).resolve()))
+    return record_task(model, corpus, layers or [15], tokens, _out(out))
 
 
 @flow(name="explain-layer", validate_parameters=True)
@@ -52,6 +73,7 @@ def explain_layer(
     window_len: int = 64,
     top_k: int = 40,
     n_random: int = 30,
+    results: str | None = None,
 ) -> dict:
     """Explain every unit (both polarities) of one layer, or a unit range like '0-99'."""
     log = get_run_logger()
@@ -59,8 +81,10 @@ def explain_layer(
                         ("window_len", window_len), ("top_k", top_k)):
         _check(name, value)
     _check("layer", layer, 0)
-    out = str(Path(out).resolve())
-    records = record_task(model, corpus, [layer], tokens, out, window_len, top_k, n_random)
+    out = _out(out)
+    record, explain, revise, simulate, score = with_results(results, record_task, explain_task, revise_task,
+                                                            simulate_task, score_task)
+    records = record(model, corpus, [layer], tokens, out, window_len, top_k, n_random)
     chosen = parse_units(units, records["n_units"])
     shards = [chosen[i : i + shard_size] for i in range(0, len(chosen), shard_size)]
     sim_id = simulator_identity(simulator)
@@ -68,12 +92,12 @@ def explain_layer(
 
     started, futures = time.perf_counter(), []
     for shard in shards:
-        x = explain_task.submit(records, layer, shard, explainer, k, out)
+        x = explain.submit(records, layer, shard, explainer, k, out)
         mine = {key: text for key, text in revisions.items() if int(key.partition(":")[0]) in shard}
         if mine:
-            x = revise_task.submit(x, mine, out)
-        s = simulate_task.submit(records, x, simulator, sim_id, out)
-        futures.append((shard, x, s, score_task.submit(records, s, n_boot, out)))
+            x = revise.submit(x, mine, out)
+        s = simulate.submit(records, x, simulator, sim_id, out)
+        futures.append((shard, x, s, score.submit(records, s, n_boot, out)))
 
     done_units, outputs, scores = 0, [], []
     by_future = {f[3]: f for f in futures}
@@ -91,7 +115,7 @@ def explain_layer(
         outputs += [xr, sr, cr]
         scores.append(cr)
     # Several shards of one layer are one layer to the viewer: it reads every shard's scores.
-    site_uri = view_task(scores, site or str(Path(out) / "site" / f"layer_{layer}")) if site != "none" else None
+    site_uri = view_task(scores, site or f"{out.rstrip('/')}/site/layer_{layer}", records) if site != "none" else None
     report = report_task(records, outputs, scores, site_uri)
     return {"records": records, "scores": scores, "report": report}
 
@@ -104,7 +128,7 @@ def rescore(explanations: list[str], records: str, simulator: str = "embedding",
 
     if not explanations:
         raise UserError("rescore needs at least one explanations folder", "pass explanations=[...]")
-    out = str(Path(out).resolve())
+    out = _out(out)
     rec_dir = Path(records).resolve()
     manifest = read_manifest(rec_dir)
     rec = {"uri": rec_dir.as_uri(), "path": str(rec_dir), "key": manifest["key"], "window_len": window_len}

@@ -2,7 +2,8 @@
 
 `publish` is a materialising task whose asset key is the output's URI and whose upstream assets
 are its inputs' URIs, so the Prefect UI draws the lineage graph. `report_task` writes a lineage
-table, a score summary table and a markdown report with the layer's score histogram.
+table, a score summary table and a markdown report with the layer's score histogram. Under a URL
+output root, the URIs are the folders' URLs and the folders are pulled here before they are read.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.assets import materialize
 
+from autoexplain import remote
 from autoexplain.storage import read_manifest
+from tasks.stages import local_ref
 
 HEADLINE = "top_and_random"
 
@@ -44,19 +47,38 @@ def _histogram(values: list[float], bins: int = 10, width: int = 40) -> str:
     return "\n".join(lines)
 
 
+def _viewer_inputs(scores: list[dict], records: dict | None) -> list[dict]:
+    """The scores here, with the simulations and records that the viewer follows them to."""
+    scores = [local_ref(s) for s in scores]
+    if records is not None:
+        local_ref(records)
+    for s in scores:
+        folder = Path(s["path"]).parent
+        if s["uri"] != folder.resolve().as_uri():  # a URL root: what a manifest names may not be here yet
+            sims = Path(read_manifest(folder)["inputs"]["simulations"]).name
+            remote.fetch(f"{s['uri'].rsplit('/', 2)[0]}/simulations/{sims}")
+    return scores
+
+
 @task(name="view", persist_result=False)
-def view_task(scores: list[dict], site_dir: str) -> str:
-    """Write the static neuron viewer for the scored shards; returns its index page's URI."""
+def view_task(scores: list[dict], site_dir: str, records: dict | None = None) -> str:
+    """Write the static neuron viewer for the scored shards; returns its index page's URI. `site_dir`
+    may be a URL: the site is built in its local mirror, then uploaded."""
     from autoexplain.layer import run_merge
     from autoexplain.view import build_site
 
+    scores = _viewer_inputs(scores, records)
     merged = run_merge([Path(s["path"]).parent for s in scores], Path(scores[0]["path"]).parents[2])
-    return Path(build_site([merged.directory], Path(site_dir))).resolve().as_uri()
+    site = remote.open_root(site_dir)
+    index = build_site([merged.directory], site)
+    remote.push(site)  # nothing to do for a local folder
+    return remote.uri(index)
 
 
 @task(name="report", persist_result=False)
 def report_task(records: dict, stages: list[dict], scores: list[dict], site: str | None = None) -> dict:
     """stages: every output reference of the run (records, explanations, simulations, scores)."""
+    records, stages, scores = local_ref(records), [local_ref(s) for s in stages], [local_ref(s) for s in scores]
     table = pl.concat([pl.read_parquet(s["path"]) for s in scores]) if scores else pl.DataFrame()
     lineage = []
     for s in [records, *stages]:

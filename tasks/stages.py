@@ -9,7 +9,9 @@ What the wrappers add:
 - a data contract (Great Expectations suite from `schemas/`) checked on every output before any
   downstream task sees it, with a markdown artifact of the failures.
 
-Each task returns a small reference: `{"uri", "path", "key", "layer"}`.
+Each task returns a small reference: `{"uri", "path", "key", "layer"}`. `out` may be an fsspec URL:
+tasks then work in its local mirror (`autoexplain.remote`), `path` is in the mirror and `uri` is the
+folder's URL, from which a task on another machine pulls it (`local_ref`).
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ from prefect.tasks import exponential_backoff
 
 from autoexplain import layer as layer_mod
 from autoexplain import progress as progress_mod
+from autoexplain import remote
 from autoexplain.errors import UserError
 from autoexplain.explain import explainer_prompt_hash, prompt_hash
 from autoexplain.pipeline import ExplainConfig
 from autoexplain.record import RecordConfig, build_windows, record_layers
-from autoexplain.storage import code_version, content_key
+from autoexplain.storage import code_version, content_key, is_complete, open_root, read_manifest
 from schemas.contracts import ContractViolation, check
 
 
@@ -65,6 +68,8 @@ def simulator_identity(spec: str | None) -> str:
         return f"{spec}|{prompt_hash('simulator_system.txt', 'fewshot.json')}"
     if kind == "chat-json":
         return f"{spec}|{prompt_hash('simulator_system.txt')}"
+    if kind == "embedding":
+        return f"{spec}|{prompt_hash('embedding_simulator.json')}"
     return spec
 
 
@@ -86,7 +91,50 @@ def _shard(units: list[int]) -> str:
 
 def ref(stage_ref) -> dict:
     path = Path(stage_ref.path if hasattr(stage_ref, "path") else stage_ref.directory).resolve()
-    return {"uri": path.parent.as_uri(), "path": str(path), "key": stage_ref.key, "layer": stage_ref.layer}
+    return {"uri": remote.uri(path.parent), "path": str(path), "key": stage_ref.key, "layer": stage_ref.layer}
+
+
+def local_ref(output: dict) -> dict:
+    """A task reference with its paths on this machine. One made on another dask worker, or restored
+    from Prefect's result cache after the mirror was cleared, may name a folder that is not here: it
+    is pulled from its URL. A records reference names its folder (and windows), the others a table."""
+    path = Path(output["path"])
+    folder = path if "layers" in output else path.parent
+    if is_complete(folder) or output["uri"] == folder.resolve().as_uri():
+        return output
+    local = remote.fetch(output["uri"])
+    if "layers" not in output:
+        return {**output, "path": str(local / path.name)}
+    root = output["uri"].rsplit("/", 2)[0]
+    windows = remote.fetch(f"{root}/windows/{read_manifest(local)['inputs']['windows']}")
+    return {**output, "path": str(local), "windows": str(windows / "windows.parquet")}
+
+
+def result_storage(where: str):
+    """Prefect result storage on a folder or an fsspec URL. Prefect takes a folder as a Path, and
+    other storage only as a block saved on its server (it refuses unsaved blocks, and file:// URLs
+    in a RemoteFileSystem): one `remote-file-system/autoexplain-results-<hash>` per URL."""
+    from prefect.filesystems import RemoteFileSystem
+
+    if not remote.is_url(where):
+        return Path(where).expanduser().resolve()
+    _, path = remote.check(where)
+    if where.startswith("file://"):
+        return Path(path)
+    try:
+        block = RemoteFileSystem(basepath=where)
+    except ValueError as e:
+        raise UserError(f"cannot keep Prefect results at {where}: {e}", "pass a URL like s3://bucket/results") from None
+    block.save(f"autoexplain-results-{content_key(where, 12)}", overwrite=True)
+    return block
+
+
+def with_results(where: str | None, *tasks):
+    """The tasks, persisting their results at `where` (a folder or URL) when one is given."""
+    if not where:
+        return tasks
+    storage = result_storage(where)
+    return tuple(t.with_options(result_storage=storage) for t in tasks)
 
 
 def _contract(path: Path, suite: str, params: dict | None = None) -> None:
@@ -169,6 +217,7 @@ def own_simulator(spec: str):
 @task(name="record", cache_key_fn=_key("record", ("corpus", "record", "selection", "subject")), **RETRY)
 def record_task(model: str, corpus: str, layers: list[int], tokens: int, out: str, window_len: int = 64,
                 top_k: int = 40, n_random: int = 30, seed: int = 0) -> dict:
+    out = open_root(out)
     subject = _subject(model)
     subject.check_layers(layers)
     windows = build_windows(subject, corpus, out, window_len, tokens, seed)
@@ -178,7 +227,7 @@ def record_task(model: str, corpus: str, layers: list[int], tokens: int, out: st
     for L in records.layers:
         _contract(records.records_path(L), "records", {"window_len": window_len, "min_exemplars": top_k,
                                                        "min_random": n_random})
-    return {"uri": records.directory.resolve().as_uri(), "path": str(records.directory.resolve()),
+    return {"uri": remote.uri(records.directory), "path": str(records.directory.resolve()),
             "key": records.key, "layers": records.layers, "n_units": subject.n_units,
             "windows": str(windows.path.resolve()), "window_len": window_len}
 
@@ -187,6 +236,7 @@ def record_task(model: str, corpus: str, layers: list[int], tokens: int, out: st
       **RETRY)
 def explain_task(records: dict, layer: int, units: list[int], explainer: str, k: int = 4, out: str = "out") -> dict:
     log = get_run_logger()
+    records, out = local_ref(records), open_root(out)
     result = layer_mod.run_explain(records["path"], layer, out, units, explainer, ExplainConfig(k=k),
                                    llm=llm_for(explainer), progress=_progress("explain", _shard(units)))
     _contract(result.path, "explanations")
@@ -200,6 +250,7 @@ def revise_task(explanations: dict, revisions: dict[str, str], out: str = "out")
     for unit_pol, text in revisions.items():
         unit, _, pol = unit_pol.partition(":")
         parsed[(int(unit), int(pol or 1))] = text
+    explanations, out = local_ref(explanations), open_root(out)
     result = layer_mod.run_revise(layer_mod.StageRef.of(Path(explanations["path"]).parent), parsed, out)
     _contract(result.path, "explanations")
     return ref(result)
@@ -208,6 +259,7 @@ def revise_task(explanations: dict, revisions: dict[str, str], out: str = "out")
 @task(name="simulate", cache_key_fn=_key("simulate", ("simulate", "simulate_chat", "embedding", "pipeline", "layer"),
                                          ""), **RETRY)
 def simulate_task(records: dict, explanations: dict, simulator: str, simulator_id: str, out: str = "out") -> dict:
+    records, explanations, out = local_ref(records), local_ref(explanations), open_root(out)
     result = layer_mod.run_simulate(records["path"], layer_mod.StageRef.of(Path(explanations["path"]).parent), out,
                                     sim=own_simulator(simulator),
                                     progress=_progress("simulate", f"layer {explanations['layer']} {explanations['key'][:8]}"))
@@ -218,6 +270,7 @@ def simulate_task(records: dict, explanations: dict, simulator: str, simulator_i
 @task(name="score", cache_key_fn=_key("score", ("scoring", "pipeline", "layer")), **RETRY)
 def score_task(records: dict, simulations: dict, n_boot: int = 1000, out: str = "out") -> dict:
     log = get_run_logger()
+    records, simulations, out = local_ref(records), local_ref(simulations), open_root(out)
     result = layer_mod.run_score(records["path"], layer_mod.StageRef.of(Path(simulations["path"]).parent), out,
                                  n_boot)
     _contract(result.path, "scores")

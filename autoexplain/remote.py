@@ -1,0 +1,187 @@
+"""Outputs on any fsspec URL (`s3://bucket/run`, `gs://...`, `file:///mnt/share/out`, `memory://...`).
+
+Stages keep reading and writing local files: a URL output root is worked on through a local mirror
+folder (`$AUTOEXPLAIN_CACHE/mirror/<hash of the URL>`, default `~/.cache/autoexplain`). A sealed stage
+folder is pushed to `<url>/<stage>/<key>/`, every file first and `manifest.json` last, so a remote
+folder counts as complete only once its manifest exists: the same rule as on disk. A stage whose
+folder is missing from the mirror but complete at the URL is pulled instead of computed, so a
+rerun on a fresh machine or dask worker with the same URL recomputes nothing.
+
+The mirror-to-URL mapping is registered per process by `open_root`; paths outside a registered
+mirror are left alone, so local output roots behave exactly as before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import uuid
+from pathlib import Path
+
+from autoexplain.errors import UserError
+from autoexplain.storage import MANIFEST
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# An object appears whole on these when its upload ends: a temporary name plus a "move" (a copy and
+# a delete there) would double the traffic and buy nothing.
+_ATOMIC_PUT = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oci", "r2", "memory"}
+
+_roots: dict[Path, tuple[str, object, str]] = {}  # mirror folder -> (url, filesystem, path on it)
+
+
+def is_url(text) -> bool:
+    return bool(_URL.match(str(text)))
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("AUTOEXPLAIN_CACHE", Path.home() / ".cache" / "autoexplain")).expanduser()
+
+
+def filesystem(url: str):
+    """(fsspec filesystem, path on it) for a URL, or a UserError naming what to install or fix."""
+    import fsspec
+    from fsspec.registry import known_implementations
+
+    protocol = url.split("://", 1)[0].lower()
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError:
+        package = known_implementations.get(protocol, {}).get("class", protocol).split(".")[0]
+        raise UserError(f"{protocol}:// outputs need the package '{package}', which is not installed",
+                        f"pip install {package}") from None
+    except ValueError as e:
+        if "protocol not known" not in str(e).lower():
+            raise
+        raise UserError(f"unknown storage protocol '{protocol}://' in {url}",
+                        "use a local folder or a URL fsspec knows (file://, s3://, gs://, az://, ...)") from None
+
+
+def _object_store(fs) -> bool:
+    return bool(_ATOMIC_PUT & set([fs.protocol] if isinstance(fs.protocol, str) else fs.protocol))
+
+
+def _unreachable(url: str, e: Exception) -> UserError:
+    return UserError(f"cannot reach {url}: {type(e).__name__}: {e}",
+                     "check the URL, the credentials and that the location exists and is writable")
+
+
+def check(url: str):
+    """(filesystem, path on it) of a URL that answers, creating its folder where folders exist."""
+    fs, base = filesystem(url)
+    try:
+        if _object_store(fs):
+            fs.exists(base)  # no folders to make there, and makedirs would create a missing bucket
+        else:
+            fs.makedirs(base, exist_ok=True)
+    except OSError as e:
+        raise _unreachable(url, e) from None
+    return fs, base
+
+
+def open_root(out: str | os.PathLike) -> Path:
+    """The local folder to write an output root into: `out` itself for a path, the URL's mirror
+    (registered in this process, so that stage folders under it are pulled and pushed) for a URL."""
+    if not is_url(out):
+        return Path(out)
+    url = str(out).rstrip("/")
+    mirror = (_cache_root() / "mirror" / hashlib.sha256(url.encode()).hexdigest()[:16]).resolve()
+    if mirror not in _roots:
+        fs, base = check(url)
+        _roots[mirror] = (url, fs, base.rstrip("/"))
+    mirror.mkdir(parents=True, exist_ok=True)
+    return mirror
+
+
+def _where(path: str | os.PathLike):
+    """(url, filesystem, path on it) of a local path inside a registered mirror, else None."""
+    if not _roots:
+        return None
+    path = Path(path).resolve()
+    for root, (url, fs, base) in list(_roots.items()):
+        if path == root or root in path.parents:
+            rel = path.relative_to(root).as_posix()
+            return (url, fs, base) if rel == "." else (f"{url}/{rel}", fs, f"{base}/{rel}")
+    return None
+
+
+def uri(path: str | os.PathLike) -> str:
+    """Where a local output lives for everyone else: its URL when it is in a mirror, else file://."""
+    where = _where(path)
+    return where[0] if where else Path(path).resolve().as_uri()
+
+
+def _hidden(rel: str) -> bool:
+    # temporary names of unfinished writes, here and on the remote side
+    return any(part.startswith(".") for part in rel.split("/"))
+
+
+def push(directory: str | os.PathLike) -> str | None:
+    """Upload a local folder inside a mirror to its URL, its manifest (if any) last; returns the URL.
+    A folder whose remote manifest already exists is left alone: content-addressed, it is the same."""
+    where = _where(directory)
+    if where is None:
+        return None
+    url, fs, target = where
+    directory = Path(directory)
+    files = [p for p in directory.rglob("*") if p.is_file() and not _hidden(p.relative_to(directory).as_posix())]
+    files.sort(key=lambda p: (p.name == MANIFEST and p.parent == directory, p.as_posix()))
+    try:
+        if (directory / MANIFEST).is_file() and fs.exists(f"{target}/{MANIFEST}"):
+            return url
+        objects = _object_store(fs)
+        for p in files:
+            dest = f"{target}/{p.relative_to(directory).as_posix()}"
+            if objects:
+                fs.put_file(str(p), dest)
+                continue
+            parent = dest.rsplit("/", 1)[0]
+            fs.makedirs(parent, exist_ok=True)
+            tmp = f"{parent}/.{p.name}.{uuid.uuid4().hex[:8]}.part"
+            fs.put_file(str(p), tmp)
+            fs.mv(tmp, dest)
+    except OSError as e:
+        raise _unreachable(url, e) from None
+    return url
+
+
+def pull(directory: str | os.PathLike) -> bool:
+    """Download a stage folder into the mirror if its URL holds a complete one (manifest present);
+    the manifest comes last here too. False when there is nothing finished to pull."""
+    where = _where(directory)
+    if where is None:
+        return False
+    url, fs, source = where
+    directory = Path(directory)
+    prefix = source.rstrip("/") + "/"
+    try:
+        fs.invalidate_cache(source)  # another machine may have written it since we last listed
+        if not fs.exists(f"{source}/{MANIFEST}"):
+            return False
+        rels = [name[len(prefix):] for name in fs.find(source) if name.startswith(prefix)]
+        rels = [rel for rel in rels if rel and not _hidden(rel)]
+        for rel in sorted(rels, key=lambda r: (r == MANIFEST, r)):
+            local = directory / rel
+            local.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{local.name}.", suffix=".tmp", dir=local.parent)
+            os.close(fd)
+            try:
+                fs.get_file(f"{source}/{rel}", tmp)
+                os.replace(tmp, local)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+    except OSError as e:
+        raise _unreachable(url, e) from None
+    return True
+
+
+def fetch(folder_url: str) -> Path:
+    """The local copy of a finished stage folder given by its URL (`<root>/<stage>/<key>`), pulled if
+    needed: how a task finds an input that another machine wrote."""
+    root, stage, key = folder_url.rstrip("/").rsplit("/", 2)
+    local = open_root(root) / stage / key
+    if not (local / MANIFEST).is_file() and not pull(local):
+        raise UserError(f"{folder_url} is not a finished stage output (no manifest.json there)",
+                        "rerun the stage that writes it, with the same --out")
+    return local

@@ -1,0 +1,200 @@
+"""Outputs on an fsspec URL: stage folders pushed manifest-last and pulled back into a local mirror,
+so that a rerun on a fresh machine recomputes nothing; clear errors for URLs that cannot work."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from autoexplain import remote
+from autoexplain.counters import since, snapshot
+from autoexplain.errors import UserError
+from autoexplain.storage import is_complete, open_root, read_manifest, stage_dir, write_json, write_manifest
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    """The mirrors go under this test's folder."""
+    monkeypatch.setenv("AUTOEXPLAIN_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture(params=["file", "memory"])
+def url(request, tmp_path):
+    # the memory filesystem is one per process: a fresh bucket per test
+    return f"file://{tmp_path}/remote" if request.param == "file" else f"memory://test-{uuid.uuid4().hex[:8]}/run"
+
+
+def _stage(root: Path, key: str = "k1") -> Path:
+    directory = stage_dir(root, "scores", key)
+    write_json({"rows": [1, 2, 3]}, directory / "table.json")
+    write_json({"nested": True}, directory / "plots" / "one.json")
+    write_manifest(directory, "scores", key, {"simulations": "s"}, {"layer": 1}, ["table.json"])
+    return directory
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+
+def test_round_trip_through_the_url(url, cache):
+    root = open_root(url)
+    assert cache in root.parents, "a URL root is worked on in a mirror under AUTOEXPLAIN_CACHE"
+    written = _files(_stage(root))
+    fs, base = remote.filesystem(url)
+    assert sorted(fs.find(f"{base}/scores/k1")) == sorted(f"{base}/scores/k1/{name}" for name in written)
+    assert remote.uri(root / "scores" / "k1") == f"{url}/scores/k1"
+
+    shutil.rmtree(root)  # a fresh machine: nothing local
+    pulled = stage_dir(open_root(url), "scores", "k1")
+    assert is_complete(pulled) and _files(pulled) == written
+    assert read_manifest(pulled)["params"] == {"layer": 1}
+
+
+def test_manifest_is_uploaded_last(tmp_path):
+    url = f"file://{tmp_path}/remote"
+    _stage(open_root(url))
+    remote_dir = tmp_path / "remote" / "scores" / "k1"
+    last = max(p.stat().st_mtime_ns for p in remote_dir.rglob("*") if p.is_file() and p.name != "manifest.json")
+    assert (remote_dir / "manifest.json").stat().st_mtime_ns >= last
+    assert not [p for p in remote_dir.rglob(".*")], "no temporary upload names are left behind"
+
+
+def test_an_incomplete_remote_folder_is_not_pulled(url):
+    root = open_root(url)
+    fs, base = remote.filesystem(url)
+    # what an upload interrupted before its manifest leaves: data, plus a half-written temporary file
+    fs.makedirs(f"{base}/scores/k2", exist_ok=True)
+    fs.pipe_file(f"{base}/scores/k2/table.json", b"{}")
+    fs.pipe_file(f"{base}/scores/k2/.table.json.1234.part", b"{")
+    directory = stage_dir(root, "scores", "k2")
+    assert not is_complete(directory) and not directory.exists(), "the stage must compute, not pull"
+    with pytest.raises(UserError, match="not a finished stage output"):
+        remote.fetch(f"{url}/scores/k2")
+
+    fs.pipe_file(f"{base}/scores/k2/manifest.json", b'{"stage": "scores", "key": "k2"}')
+    directory = stage_dir(root, "scores", "k2")
+    assert is_complete(directory) and sorted(_files(directory)) == ["manifest.json", "table.json"]
+
+
+def test_local_roots_are_untouched(tmp_path, cache):
+    root = open_root(str(tmp_path / "out"))
+    assert root == tmp_path / "out"
+    directory = _stage(root)
+    assert remote.uri(directory) == directory.resolve().as_uri()
+    assert not cache.exists(), "a local root has no mirror"
+
+
+def test_bad_urls_say_what_is_wrong(tmp_path):
+    with pytest.raises(UserError, match=r"unknown storage protocol 'nosuch://'.*a URL fsspec knows"):
+        open_root("nosuch://bucket/run")
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(UserError, match=r"cannot reach file://.*/a-file/out: NotADirectoryError.*check the URL"):
+        open_root(f"file://{tmp_path}/a-file/out")
+
+
+def test_missing_backend_names_the_package():
+    try:
+        import s3fs  # noqa: F401
+    except ImportError:
+        with pytest.raises(UserError, match=r"s3:// outputs need the package 's3fs'.*pip install s3fs"):
+            open_root("s3://bucket/run")
+    else:
+        pytest.skip("s3fs is installed here")
+
+
+def test_cli_takes_a_url_and_a_results_location():
+    shown = subprocess.run([sys.executable, "-m", "autoexplain.cli", "explain-layer", "--help"],
+                           capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}, timeout=300)
+    assert shown.returncode == 0, shown.stderr
+    assert "fsspec URL" in shown.stdout and "--results" in shown.stdout
+
+
+# ---------------------------------------------------------------- the flow, end to end
+
+TASKS = ("record", "explain", "simulate", "score")
+
+
+@pytest.fixture(scope="module")
+def prefect_isolated(tmp_path_factory):
+    """Own database and own default result storage, as in test_flows."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    results = tmp_path_factory.mktemp("prefect-results")
+    with prefect_test_harness(), temporary_settings({PREFECT_LOCAL_STORAGE_PATH: results}):
+        yield results
+
+
+@pytest.fixture
+def run(prefect_isolated, tiny_llama_dir, prose_corpus, tmp_path):
+    from flows.explain_layer import explain_layer
+
+    base = dict(layer=1, units="0-5", model=tiny_llama_dir, corpus=str(prose_corpus), tokens=100_000,
+                explainer=f"local:{tiny_llama_dir}", simulator="embedding", k=2, shard_size=4, n_boot=50,
+                out=f"file://{tmp_path}/remote", window_len=8, top_k=8, n_random=6)
+
+    def go(**overrides):
+        before = snapshot()
+        state = explain_layer(**{**base, **overrides}, return_state=True)
+        result = state.result()
+        return result, since(before), _task_states(state.state_details.flow_run_id)
+
+    return go
+
+
+def _task_states(flow_run_id) -> dict[str, set[str]]:
+    """The final state names of a flow run's tasks, by task name."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    states: dict[str, set[str]] = {}
+    for r in runs:
+        states.setdefault(r.name.rsplit("-", 1)[0], set()).add(r.state_name)
+    return states
+
+
+def test_a_fresh_machine_pulls_everything_from_the_url(run, tmp_path, cache):
+    url, results = f"file://{tmp_path}/remote", f"memory://results-{uuid.uuid4().hex[:8]}/prefect"
+    first, counts, _ = run(results=results)
+    assert counts["subject_forward"] > 0 and counts["llm_requests"] > 0 and counts["simulate"] > 0
+    assert first["records"]["uri"] == f"{url}/records/{first['records']['key']}"
+    assert all(s["uri"].startswith(f"{url}/scores/") and cache in Path(s["path"]).parents for s in first["scores"])
+    for stage in ("windows", "records", "explanations", "simulations", "scores"):
+        assert all((d / "manifest.json").is_file() for d in (tmp_path / "remote" / stage).iterdir()), stage
+    assert (tmp_path / "remote" / "site" / "layer_1" / "index.html").is_file()
+    fs, base = remote.filesystem(results)
+    assert fs.find(base), "the task results went to the results URL"
+
+    # A fresh machine: no mirror and no Prefect results, so every task runs, and each one finds its
+    # output at the URL.
+    shutil.rmtree(cache / "mirror")
+    again, counts, states = run(results=f"file://{tmp_path}/results-fresh")
+    assert counts == {}, f"a rerun from the URL recomputed {counts}"
+    assert all(states[t] == {"Completed"} for t in TASKS), states
+    assert sorted(s["key"] for s in again["scores"]) == sorted(s["key"] for s in first["scores"])
+    assert all(Path(s["path"]).is_file() for s in again["scores"])
+    assert any((tmp_path / "results-fresh").iterdir()), "a file:// results URL is a folder"
+
+    # No mirror, but the results at the URL: the tasks are cached, and the report and the viewer
+    # pull the folders that the cached references name.
+    shutil.rmtree(cache / "mirror")
+    cached, counts, states = run(results=results)
+    assert counts == {}, f"a cached rerun recomputed {counts}"
+    assert all(states[t] == {"Cached"} for t in TASKS), states
+    assert cached["report"]["units"] == first["report"]["units"] > 0
+
+
+def test_bad_locations_fail_with_one_clear_error(run):
+    with pytest.raises(UserError, match="unknown storage protocol 'nosuch://'"):
+        run(out="nosuch://bucket/run")
+    with pytest.raises(UserError, match="unknown storage protocol 'nosuch://'"):
+        run(results="nosuch://bucket/results")
