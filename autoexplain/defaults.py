@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import bz2
+import os
 import importlib.util
 import json
 import re
@@ -86,3 +87,9 @@ def bible_chapters() -> list[str]:
 def corpus_texts() -> list[str]:
     """The default corpus as documents: Wikipedia articles first, then Bible chapters."""
     return wikipedia_articles() + bible_chapters()
+
+
+def cache_root() -> Path:
+    """Where derived files that are costly to rebuild live: converted models, embedded vocabularies,
+    the local mirrors of remote outputs."""
+    return Path(os.environ.get("AUTOEXPLAIN_CACHE", Path.home() / ".cache" / "autoexplain")).expanduser()

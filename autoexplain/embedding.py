@@ -120,16 +120,22 @@ def word_of_each_token(tokens: Sequence[str]) -> list[str]:
     return out
 
 
-def literal_hits(tokens: Sequence[str], literals: set[str]) -> np.ndarray:
+def literal_keys(tokens: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Per token: its whole word, lowercased; and, for a piece continuing a word, the piece
+    lowercased ("" otherwise). A quoted literal names a token through either."""
+    words, pieces = [""] * len(tokens), [""] * len(tokens)
+    for start, end in word_spans(tokens):
+        words[start:end] = ["".join(tokens[start:end]).strip().lower()] * (end - start)
+        for i in range(start + 1, end):
+            pieces[i] = tokens[i].strip().lower()
+    return words, pieces
+
+
+def literal_hits(tokens: Sequence[str], literals: set[str], keys=None) -> np.ndarray:
     """Tokens a quoted literal names: those whose whole word is the literal, or that are the literal
     piece continuing a word ("'ing'" names the suffix piece; "'God'" is not ' God' in 'Godhead')."""
-    hits = np.zeros(len(tokens), dtype=bool)
-    for start, end in word_spans(tokens):
-        if "".join(tokens[start:end]).strip().lower() in literals:
-            hits[start:end] = True
-        for i in range(start + 1, end):
-            hits[i] |= tokens[i].strip().lower() in literals
-    return hits
+    words, pieces = keys or literal_keys(tokens)
+    return np.array([w in literals or (p != "" and p in literals) for w, p in zip(words, pieces)], dtype=bool)
 
 
 def ortho_class(token: str) -> str | None:
@@ -148,6 +154,7 @@ def ortho_class(token: str) -> str | None:
 @dataclass
 class _Window:
     tokens: tuple[str, ...]  # the cache key itself
+    literal_keys: tuple[list[str], list[str]]  # see literal_keys()
     words: np.ndarray  # (T,) row of each token's whole word in the simulator's table, -1 if blank
     contexts: np.ndarray | None  # (T,) rows of local contexts, when the context channel is on
     ortho: np.ndarray  # (T,) index into ORTHO_CLASSES, -1 for none
@@ -181,7 +188,8 @@ class EmbeddingSimulator:
         from autoexplain import defaults
 
         self.model_path = str(model_path or defaults.embedder_path())
-        self.name = "embedding:all-MiniLM-L6-v2" if model_path is None else f"embedding:{self.model_path}"
+        self.embedder = "all-MiniLM-L6-v2" if model_path is None else self.model_path
+        self.name = f"embedding:{self.embedder}"
         settings = {"z": (z_low, z_high), "expand": (expand, expand_weight), "context": (context_weight, context)}
         if settings != {"z": (Z_LOW, Z_HIGH), "expand": (5, 0.3), "context": (0.0, 1)}:
             self.name += ":" + ",".join(f"{k}={v[0]}/{v[1]}" for k, v in settings.items())
@@ -217,10 +225,34 @@ class EmbeddingSimulator:
         twin.encode_calls = twin.encoded_texts = twin.window_hits = twin.window_misses = 0
         return twin
 
+    def encode_words(self, words: Sequence[str]) -> np.ndarray:
+        """Embed words in the order given, in fixed batches: the same list gives the same vectors."""
+        return self._encode(list(words)) if len(words) else np.zeros((0, 384), np.float32)
+
+    def add_words(self, words: Sequence[str], vectors: np.ndarray) -> None:
+        """Take precomputed word embeddings (a corpus's word table), so `prepare` embeds none of them."""
+        new = [i for i, w in enumerate(words) if w and w not in self._rows]
+        if not new:
+            return
+        base = len(self._rows)
+        if base + len(new) > len(self._table):
+            grown = np.zeros((max(2 * len(self._table), base + len(new), 4096), vectors.shape[1]), np.float32)
+            if base:
+                grown[:base] = self._table[:base]
+            self._table = grown
+        self._table[base : base + len(new)] = vectors[new]
+        self._rows.update((words[i], base + j) for j, i in enumerate(new))
+        self._pinned = max(self._pinned, len(self._rows))
+
+    def warm(self, explanations: Sequence[str]) -> None:
+        """Embed these explanations now, in one batch, so later calls find them cached."""
+        self.explanations(sorted(set(explanations)))
+
     def _clear_tables(self) -> None:
         self._rows: dict[str, int] = {}  # word or context text -> row of self._table
         self._table = np.zeros((0, 0), dtype=np.float32)  # capacity doubles; rows past len(_rows) unused
         self._windows: OrderedDict[tuple[str, ...], _Window] = OrderedDict()
+        self._pinned = 0  # rows that came from a word table (add_words); eviction keeps them
 
     @property
     def model(self):
@@ -254,8 +286,8 @@ class EmbeddingSimulator:
         missing = list(dict.fromkeys(k for k in keys if k not in self._windows))
         self.window_hits += len(keys) - len(missing)
         self.window_misses += len(missing)
-        if len(self._rows) > MAX_TEXTS or len(self._windows) + len(missing) > self.max_windows:
-            self._clear_tables()  # generational eviction: start afresh rather than grow without bound
+        if len(self._rows) > MAX_TEXTS + self._pinned or len(self._windows) + len(missing) > self.max_windows:
+            self._evict()  # generational eviction: start afresh rather than grow without bound
             missing = list(dict.fromkeys(keys))
         if missing:
             words = {k: word_of_each_token(k) for k in missing}
@@ -274,6 +306,7 @@ class EmbeddingSimulator:
             for k in missing:
                 self._windows[k] = _Window(
                     tokens=k,
+                    literal_keys=literal_keys(k),
                     words=self._row_ids(words[k]),
                     contexts=self._row_ids(contexts[k]) if self.context_weight else None,
                     ortho=np.array([_ORTHO_INDEX.get(ortho_class(t), -1) for t in k], dtype=np.int8),
@@ -281,6 +314,12 @@ class EmbeddingSimulator:
         for k in keys:
             self._windows.move_to_end(k)
         return [self._windows[k] for k in keys]
+
+    def _evict(self) -> None:
+        """Drop the cached windows and every row embedded on the fly; keep the pinned word table."""
+        keep = {t: r for t, r in self._rows.items() if r < self._pinned}
+        self._windows = OrderedDict()
+        self._rows = keep
 
     def _contexts(self, tokens: Sequence[str]) -> list[str]:
         k = self.context
@@ -351,7 +390,7 @@ class EmbeddingSimulator:
             z = np.where(blank[:, None], z, mixed)
         for u, (lits, only) in enumerate(ex.literals):
             if lits:
-                hit = literal_hits(w.tokens, lits)
+                hit = literal_hits(w.tokens, lits, w.literal_keys)
                 z[:, u] = np.where(hit, self.z_high, -np.inf if only else z[:, u])
         z = np.maximum(z, ex.z_ortho[w.ortho])
         return 10.0 * np.clip((z - self.z_low) / (self.z_high - self.z_low), 0.0, 1.0)

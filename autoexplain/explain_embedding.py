@@ -22,6 +22,7 @@ are scored beside them, so any bias this gives shows up as a smaller margin over
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import defaultdict
 from typing import Sequence
 
@@ -53,7 +54,8 @@ class EmbeddingExplainer:
         from autoexplain import defaults
 
         self.model_path = str(model_path or defaults.embedder_path())
-        self.name = f"embedding-explainer:v{VERSION}:all-MiniLM-L6-v2"
+        self.embedder = "all-MiniLM-L6-v2" if model_path is None else self.model_path
+        self.name = f"embedding-explainer:v{VERSION}:{self.embedder}"
         self.batch_size = batch_size
         self._model = None
         self._vocab: list[str] | None = None
@@ -72,6 +74,14 @@ class EmbeddingExplainer:
         out = self._model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True, normalize_embeddings=True)
         return np.asarray(out, dtype=np.float32)
 
+    def encode_words(self, words) -> np.ndarray:
+        return self._encode(list(words)) if len(words) else np.zeros((0, 384), np.float32)
+
+    def add_words(self, words, vectors: np.ndarray) -> None:
+        """Take precomputed word embeddings (the corpus's word table): no word is embedded twice."""
+        for w, v in zip(words, vectors):
+            self._words.setdefault(w, v)
+
     def _setup(self) -> None:
         if self._vocab is None:
             with open(f"{self.model_path}/vocab.txt", encoding="utf-8") as f:
@@ -79,7 +89,23 @@ class EmbeddingExplainer:
             # From entry 1996 on, MiniLM's vocabulary holds whole words roughly by frequency.
             words = [w for w in vocab[1996:] if w.isalpha() and len(w) > 2][:N_VOCAB]
             self._vocab = words[N_STOP:]
-            self._vocab_vectors = self._encode(self._vocab)
+            self._vocab_vectors = self._cached_vectors(self._vocab)
+
+    def _cached_vectors(self, words: list[str]) -> np.ndarray:
+        """The naming vocabulary's embeddings, kept in the machine's cache: they depend only on the
+        embedder and the word list, and take a minute to compute on two cores."""
+        from autoexplain import defaults
+
+        digest = hashlib.sha256(("\n".join([self.model_path, *words])).encode()).hexdigest()[:16]
+        path = defaults.cache_root() / "naming-vocabulary" / f"{digest}.npy"
+        if path.is_file():
+            return np.load(path)
+        vectors = self._encode(words)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+        np.save(tmp, vectors)
+        os.replace(tmp, path)
+        return vectors
 
     def _embed_words(self, words: list[str]) -> np.ndarray:
         new = list(dict.fromkeys(w for w in words if w not in self._words))

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from autoexplain import pipeline
 from autoexplain.activations import read_units
 from autoexplain.errors import UserError
-from autoexplain.explain import explainer_prompt_hash, shuffled_explanations
+from autoexplain.explain import explainer_prompt_hash
 from autoexplain.storage import (
     Memo,
     code_version,
@@ -126,6 +126,17 @@ def load_units(records_dir: str | Path, layer: int, units: list[int] | None = No
     return found
 
 
+def _use_word_table(records_dir: Path, out, model) -> None:
+    """Give an embedding explainer or simulator the corpus's word table (built on first use)."""
+    if not hasattr(model, "add_words"):
+        return
+    from autoexplain.wordvecs import word_table
+
+    windows_key = read_manifest(records_dir)["inputs"]["windows"]
+    _, windows_path, _ = _records_inputs(records_dir, read_manifest(records_dir)["params"]["layers"][0])
+    model.add_words(*word_table(windows_path, windows_key, out, model))
+
+
 def _unit_key(records_key: str, unit, **rest) -> str:
     # One records output can hold several layers: the layer is part of a unit's identity.
     n = unit.neuron
@@ -150,7 +161,7 @@ def run_explain(records_dir, layer: int, out, units=None, explainer=None, cfg=No
     spec = explainer or DEFAULT_EXPLAINER
     params = {"layer": layer, "units": units, "explainer": spec, "config": asdict(cfg),
               "prompt": explainer_prompt_hash()}
-    code = code_version("explain", "explain_embedding", "pipeline", "llm")
+    code = code_version("explain", "explain_embedding", "wordvecs", "pipeline", "llm")
     key = content_key({"records": records_key, **params, "code": code})
     ref = StageRef(stage_dir(out, "explanations", key), key, layer)
     if is_complete(ref.directory):
@@ -169,6 +180,8 @@ def run_explain(records_dir, layer: int, out, units=None, explainer=None, cfg=No
         batch = todo[start : start + cfg.batch_units]
         if llm is None:
             llm = make_explainer(spec)
+        if start == 0:
+            _use_word_table(records_dir, out, llm)
         table = pipeline.explain_stage([u for _, u in batch], llm, cfg).to_pylist()
         for ukey, unit in batch:
             mine = [r for r in table if (r["unit"], r["polarity"]) == (unit.neuron.index, unit.neuron.polarity)]
@@ -210,39 +223,22 @@ def run_simulate(records_dir, explanations: StageRef, out, simulator=None, sim=N
     layer = explanations.layer
     _, _, records_key = _records_inputs(records_dir, layer)
     params = {"layer": layer, "simulator": sim.name, "prompt": getattr(sim, "prompt_hash", ""), "seed": seed}
-    code = code_version("simulate", "simulate_chat", "embedding", "pipeline")
+    code = code_version("simulate", "simulate_chat", "embedding", "wordvecs", "pipeline")
     key = content_key({"explanations": explanations.key, **params, "code": code})
     ref = StageRef(stage_dir(out, "simulations", key), key, layer)
     if is_complete(ref.directory):
         return ref
-    table = pq.read_table(explanations.path).to_pylist()
-    by_key = {(r["unit"], r["polarity"], r["method"]): r for r in table}
-    units = load_units(records_dir, layer, sorted({r["unit"] for r in table}))
+    table = pq.read_table(explanations.path)
+    units = load_units(records_dir, layer, sorted(set(table.column("unit").to_pylist())))
     memo, sim_id = Memo(out, "simulate"), {"simulator": sim.name, "prompt": params["prompt"], "code": code}
-    chosen, sims = [], []
-    # The shuffled controls are a second pass over the units: progress counts both passes.
-    total = 2 * len(units) if len(units) > 1 else len(units)
-    for i, unit in enumerate(units):
-        k = (unit.neuron.index, unit.neuron.polarity)
-        llm_row, lookup_row = by_key[(*k, pipeline.EXPLAINER)], by_key.get((*k, pipeline.LOOKUP))
-        ukey = _unit_key(records_key, unit, explanation=llm_row["candidates"],
-                         lookup=lookup_row and lookup_row["text"], **sim_id)
-        hit = _memoised(memo, ukey, lambda: pipeline.simulate_unit(unit, llm_row, lookup_row, sim))
-        chosen += hit[0]
-        sims += hit[1]
-        if progress:
-            progress(i + 1, total)
-    if len(units) > 1:
-        best = [r["text"] for r in chosen if r["method"] == pipeline.EXPLAINER]
-        for i, (unit, text) in enumerate(zip(units, shuffled_explanations(best, seed=seed))):
-            ukey = _unit_key(records_key, unit, control=text, **sim_id)
-            hit = _memoised(memo, ukey, lambda: pipeline.simulate_control(unit, text, sim))
-            chosen += hit[0]
-            sims += hit[1]
-            if progress:
-                progress(len(units) + i + 1, total)
-    write_table(pipeline._table(sims, "simulations"), ref.path, "simulations")
-    write_table(pipeline._table(chosen, "explanations"), ref.directory / "chosen.parquet", "explanations")
+
+    def remember(unit, inputs, compute):
+        return _memoised(memo, _unit_key(records_key, unit, **inputs, **sim_id), compute)
+
+    _use_word_table(records_dir, out, sim)
+    chosen, sims = pipeline.simulate_stage(units, table, sim, seed, remember, progress)
+    write_table(sims, ref.path, "simulations")
+    write_table(chosen, ref.directory / "chosen.parquet", "explanations")
     write_manifest(ref.directory, "simulations", key,
                    {"records": str(records_dir), "explanations": str(explanations.directory)}, params,
                    [ref.path.name, "chosen.parquet"])

@@ -14,7 +14,7 @@ Selection (valid) and reporting (test) never share a split.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -84,8 +84,16 @@ def _valid_correlation(records, sims: list[Simulation]) -> float:
 
 
 def _simulate(simulator, text: str, records) -> list[Simulation]:
-    COUNTS["simulate"] += 1
-    return simulator.simulate(text, [r.tokens for r in records])
+    return _simulate_texts(simulator, [text], records)[0]
+
+
+def _simulate_texts(simulator, texts: list[str], records) -> list[list[Simulation]]:
+    """Each text simulated on the records; one batched call when the simulator has one."""
+    COUNTS["simulate"] += len(texts)
+    tokens = [r.tokens for r in records]
+    if hasattr(simulator, "simulate_many"):
+        return simulator.simulate_many(texts, tokens)
+    return [simulator.simulate(text, tokens) for text in texts]
 
 
 def _sim_rows(unit: UnitRecords, method: str, simulator, records, sims) -> list[dict]:
@@ -106,7 +114,7 @@ def simulate_unit(unit: UnitRecords, llm_row: dict, lookup_row: dict | None, sim
     """Best-of-k on valid, then the chosen explanation and the token-lookup baseline on calib/test.
     Returns (chosen explanation rows, simulation rows)."""
     valid = _scoring_records(unit, "valid")
-    scores = [_valid_correlation(valid, _simulate(simulator, text, valid)) for text in llm_row["candidates"]]
+    scores = [_valid_correlation(valid, sims) for sims in _simulate_texts(simulator, llm_row["candidates"], valid)]
     best = llm_row["candidates"][int(np.argmax(scores))] if scores else ""
     chosen = {**llm_row, "text": best,
               "candidate_valid_scores": [x if np.isfinite(x) else float("nan") for x in scores]}
@@ -116,8 +124,9 @@ def simulate_unit(unit: UnitRecords, llm_row: dict, lookup_row: dict | None, sim
         lookup_row = _explanation_row(unit, LOOKUP, "token-lookup", "", text, [text], 0, 0)
     held_out = _held_out(unit)
     rows = []
-    for method, text in ((EXPLAINER, best), (LOOKUP, lookup_row["text"])):
-        rows += _sim_rows(unit, method, simulator, held_out, _simulate(simulator, text, held_out))
+    simulated = _simulate_texts(simulator, [best, lookup_row["text"]], held_out)
+    for method, sims in zip((EXPLAINER, LOOKUP), simulated):
+        rows += _sim_rows(unit, method, simulator, held_out, sims)
     return [chosen, lookup_row], rows
 
 
@@ -128,21 +137,48 @@ def simulate_control(unit: UnitRecords, text: str, simulator) -> tuple[list, lis
     return [row], _sim_rows(unit, SHUFFLED, simulator, held_out, _simulate(simulator, text, held_out))
 
 
-def simulate_stage(units: Sequence[UnitRecords], explanations: pa.Table, simulator, seed: int = 0):
-    """Returns (chosen explanations table, simulations table)."""
+def _compute(unit: UnitRecords, inputs: dict, compute: Callable[[], tuple]) -> tuple:
+    return compute()
+
+
+def simulate_stage(units: Sequence[UnitRecords], explanations: pa.Table, simulator, seed: int = 0,
+                   remember: Callable = _compute, progress: Callable[[int, int], None] | None = None):
+    """Returns (chosen explanations table, simulations table).
+
+    `remember(unit, inputs, compute)` may return a stored result for a unit whose `inputs` it has
+    seen (a per-unit memo: a crashed shard resumes, a revised unit alone is recomputed); by default
+    everything is computed. Progress counts the units and then their shuffled controls."""
     by_key = {(r["unit"], r["polarity"], r["method"]): r for r in explanations.to_pylist()}
+    texts = [t for r in by_key.values() for t in (r["candidates"] or [r["text"]])]
+    warmed = []
+
+    def computing(fn):
+        def run():
+            if not warmed and hasattr(simulator, "warm"):  # embed every text of the stage in one batch
+                simulator.warm(texts)
+                warmed.append(True)
+            return fn()
+        return run
+
     chosen, sims = [], []
-    for unit in units:
+    total = 2 * len(units) if len(units) > 1 else len(units)
+    for i, unit in enumerate(units):
         key = (unit.neuron.index, unit.neuron.polarity)
-        c, s = simulate_unit(unit, by_key[(*key, EXPLAINER)], by_key.get((*key, LOOKUP)), simulator)
+        row, lookup = by_key[(*key, EXPLAINER)], by_key.get((*key, LOOKUP))
+        inputs = {"explanation": row["candidates"], "lookup": lookup and lookup["text"]}
+        c, s = remember(unit, inputs, computing(lambda: simulate_unit(unit, row, lookup, simulator)))
         chosen += c
         sims += s
+        if progress:
+            progress(i + 1, total)
     if len(units) > 1:
         best = [r["text"] for r in chosen if r["method"] == EXPLAINER]
-        for unit, text in zip(units, shuffled_explanations(best, seed=seed)):
-            c, s = simulate_control(unit, text, simulator)
+        for i, (unit, text) in enumerate(zip(units, shuffled_explanations(best, seed=seed))):
+            c, s = remember(unit, {"control": text}, computing(lambda: simulate_control(unit, text, simulator)))
             chosen += c
             sims += s
+            if progress:
+                progress(len(units) + i + 1, total)
     return _table(chosen, "explanations"), _table(sims, "simulations")
 
 

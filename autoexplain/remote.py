@@ -20,6 +20,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from autoexplain import defaults
 from autoexplain.errors import UserError
 from autoexplain.storage import MANIFEST
 
@@ -34,9 +35,6 @@ _roots: dict[Path, tuple[str, object, str]] = {}  # mirror folder -> (url, files
 def is_url(text) -> bool:
     return bool(_URL.match(str(text)))
 
-
-def _cache_root() -> Path:
-    return Path(os.environ.get("AUTOEXPLAIN_CACHE", Path.home() / ".cache" / "autoexplain")).expanduser()
 
 
 def filesystem(url: str):
@@ -86,7 +84,7 @@ def open_root(out: str | os.PathLike) -> Path:
     if not is_url(out):
         return Path(out)
     url = str(out).rstrip("/")
-    mirror = (_cache_root() / "mirror" / hashlib.sha256(url.encode()).hexdigest()[:16]).resolve()
+    mirror = (defaults.cache_root() / "mirror" / hashlib.sha256(url.encode()).hexdigest()[:16]).resolve()
     if mirror not in _roots:
         fs, base = check(url)
         _roots[mirror] = (url, fs, base.rstrip("/"))

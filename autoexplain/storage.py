@@ -168,4 +168,12 @@ class Memo:
         return json.loads(path.read_text()) if path.is_file() else None
 
     def put(self, key: str, value) -> None:
-        write_json(value, self._path(key))
+        # Compact: a unit's simulations are thousands of floats, and indenting them costs more
+        # than computing them with the embedding simulator.
+        path = self._path(key)
+        tmp = _atomic_target(path)
+        try:
+            tmp.write_text(json.dumps(value, separators=(",", ":")))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)

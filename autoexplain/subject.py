@@ -153,9 +153,6 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("AUTOEXPLAIN_CACHE", Path.home() / ".cache" / "autoexplain"))
-
 
 def converted_gguf(path: Path) -> Path:
     """Dequantise a GGUF once into a safetensors folder (bf16) and return that folder.
@@ -164,7 +161,7 @@ def converted_gguf(path: Path) -> Path:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    cached = _cache_root() / "models" / f"{path.stem}-{file_digest(path)}"
+    cached = defaults.cache_root() / "models" / f"{path.stem}-{file_digest(path)}"
     if (cached / "config.json").is_file():
         return cached
     # Dense weights, not packed GGUF blocks: bf16 GEMM is the fast path on CPU.

@@ -232,7 +232,7 @@ def record_task(model: str, corpus: str, layers: list[int], tokens: int, out: st
             "windows": str(windows.path.resolve()), "window_len": window_len}
 
 
-@task(name="explain", cache_key_fn=_key("explain", ("explain", "explain_embedding", "pipeline", "llm", "layer"), explainer_prompt_hash),
+@task(name="explain", cache_key_fn=_key("explain", ("explain", "explain_embedding", "wordvecs", "pipeline", "llm", "layer"), explainer_prompt_hash),
       **RETRY)
 def explain_task(records: dict, layer: int, units: list[int], explainer: str, k: int = 4, out: str = "out") -> dict:
     log = get_run_logger()
@@ -256,7 +256,7 @@ def revise_task(explanations: dict, revisions: dict[str, str], out: str = "out")
     return ref(result)
 
 
-@task(name="simulate", cache_key_fn=_key("simulate", ("simulate", "simulate_chat", "embedding", "pipeline", "layer"),
+@task(name="simulate", cache_key_fn=_key("simulate", ("simulate", "simulate_chat", "embedding", "wordvecs", "pipeline", "layer"),
                                          ""), **RETRY)
 def simulate_task(records: dict, explanations: dict, simulator: str, simulator_id: str, out: str = "out") -> dict:
     records, explanations, out = local_ref(records), local_ref(explanations), open_root(out)

@@ -1,0 +1,59 @@
+"""The word table: one embedding per distinct whole word of a corpus, computed once.
+
+The embedding simulator and explainer score whole words ("smitten", not " sm|it|ten"). Embedding
+the words a shard needs while it simulates costs one MiniLM pass per new word in every shard, and
+the same word would get slightly different vectors in different shards (a float32 embedding moves
+in its last bits with the batch it is encoded in). Embedding every distinct word of the windows
+output once, sorted and in fixed batches, removes both: the table is a content-addressed output
+like any other stage's, and every shard reads the same vectors.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from autoexplain.embedding import word_of_each_token
+from autoexplain.storage import code_version, content_key, is_complete, stage_dir, write_manifest, write_table
+
+_loaded: dict[Path, tuple[list[str], np.ndarray]] = {}
+_lock = threading.Lock()
+
+
+def corpus_words(windows_path: str | Path) -> list[str]:
+    """Every distinct whole word of the windows, sorted."""
+    words: set[str] = set()
+    for batch in pq.ParquetFile(windows_path).iter_batches(batch_size=4096, columns=["tokens"]):
+        for tokens in batch.column("tokens").to_pylist():
+            words.update(word_of_each_token(tokens))
+    words.discard("")
+    return sorted(words)
+
+
+def word_table(windows_path: str | Path, windows_key: str, out: str | Path, encoder) -> tuple[list[str], np.ndarray]:
+    """(words, vectors) for the windows output, built on first use. `encoder` has `encode_words`
+    and `embedder` (the embedding model's identity, part of the key)."""
+    key = content_key({"windows": windows_key, "embedder": encoder.embedder,
+                       "code": code_version("wordvecs", "embedding")})
+    directory = stage_dir(out, "word_vectors", key)
+    path = directory / "word_vectors.parquet"
+    with _lock:
+        if path in _loaded:
+            return _loaded[path]
+        if not is_complete(directory):
+            words = corpus_words(windows_path)
+            vectors = encoder.encode_words(words).astype(np.float32)
+            flat = pa.array(vectors.reshape(-1))
+            column = pa.ListArray.from_arrays(pa.array(np.arange(len(words) + 1, dtype=np.int32) * vectors.shape[1]), flat)
+            write_table(pa.table({"word": words, "vector": column}), path, "word_vectors")
+            write_manifest(directory, "word_vectors", key, {"windows": windows_key}, {"embedder": encoder.embedder},
+                           [path.name])
+        table = pq.read_table(path)
+        words = table.column("word").to_pylist()
+        vectors = table.column("vector").combine_chunks().flatten().to_numpy().reshape(len(words), -1)
+        _loaded[path] = (words, vectors)
+        return _loaded[path]
