@@ -244,9 +244,17 @@ class EmbeddingSimulator:
         self._rows.update((words[i], base + j) for j, i in enumerate(new))
         self._pinned = max(self._pinned, len(self._rows))
 
-    def warm(self, explanations: Sequence[str]) -> None:
-        """Embed these explanations now, in one batch, so later calls find them cached."""
-        self.explanations(sorted(set(explanations)))
+    def warm(self, explanations: Sequence[str]) -> tuple[list[str], np.ndarray]:
+        """Embed these explanations now, in one batch, so later calls find them cached. Returns
+        every text embedded for them (content and full forms) with its vector, for `add_texts`."""
+        ordered = sorted(set(explanations))
+        self.explanations(ordered)
+        forms = list(dict.fromkeys([content_of(e) for e in ordered] + ordered))
+        return forms, np.stack([self._explained[t] for t in forms]) if forms else np.zeros((0, 384), np.float32)
+
+    def add_texts(self, forms: Sequence[str], vectors: np.ndarray) -> None:
+        """Take explanation embeddings computed before (by `warm`, in this or another process)."""
+        self._explained.update(zip(forms, np.asarray(vectors, dtype=np.float32)))
 
     def _clear_tables(self) -> None:
         self._rows: dict[str, int] = {}  # word or context text -> row of self._table

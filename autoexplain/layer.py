@@ -137,6 +137,30 @@ def _use_word_table(records_dir: Path, out, model) -> None:
     model.add_words(*word_table(windows_path, windows_key, out, model))
 
 
+def _use_text_vectors(explanations: pa.Table, out, sim) -> None:
+    """Embed every text of an explanations output once, and keep the vectors beside the outputs.
+
+    Re-simulating the same explanations (a simulator prompt edit, the nightly rescore) then embeds
+    nothing. The key is the whole set of texts, embedded as one batch, so a loaded vector has the
+    very bits a fresh embedding of that set would have."""
+    if not hasattr(sim, "add_texts"):
+        return
+    import numpy as np
+
+    texts = sorted({t for c, t in zip(explanations.column("candidates").to_pylist(),
+                                       explanations.column("text").to_pylist()) for t in (c or [t])})
+    path = Path(out) / "memo" / "text_vectors" / f"{content_key({'embedder': sim.embedder, 'texts': texts})}.npz"
+    if path.is_file():
+        saved = np.load(path, allow_pickle=False)
+        sim.add_texts(saved["forms"].tolist(), saved["vectors"])
+        return
+    forms, vectors = sim.warm(texts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez(tmp, forms=np.array(forms, dtype=str), vectors=vectors)
+    tmp.replace(path)
+
+
 def _unit_key(records_key: str, unit, **rest) -> str:
     # One records output can hold several layers: the layer is part of a unit's identity.
     n = unit.neuron
@@ -236,6 +260,7 @@ def run_simulate(records_dir, explanations: StageRef, out, simulator=None, sim=N
         return _memoised(memo, _unit_key(records_key, unit, **inputs, **sim_id), compute)
 
     _use_word_table(records_dir, out, sim)
+    _use_text_vectors(table, out, sim)
     chosen, sims = pipeline.simulate_stage(units, table, sim, seed, remember, progress)
     write_table(sims, ref.path, "simulations")
     write_table(chosen, ref.directory / "chosen.parquet", "explanations")
