@@ -33,6 +33,10 @@ from autoexplain.storage import (
 DEFAULT_EXPLAINER = "embedding"
 DEFAULT_SIMULATOR = "embedding"
 Progress = Callable[[int, int], None]  # (units done, units in this call)
+# The library modules each stage's output depends on: their source is part of its cache key.
+EXPLAIN_CODE = ("explain", "explain_embedding", "embedding", "wordvecs", "pipeline", "llm", "llm_openai")
+SIMULATE_CODE = ("simulate", "simulate_chat", "embedding", "wordvecs", "pipeline", "llm", "llm_openai")
+SCORE_CODE = ("scoring", "pipeline")
 
 
 @dataclass
@@ -185,7 +189,7 @@ def run_explain(records_dir, layer: int, out, units=None, explainer=None, cfg=No
     spec = explainer or DEFAULT_EXPLAINER
     params = {"layer": layer, "units": units, "explainer": spec, "config": asdict(cfg),
               "prompt": explainer_prompt_hash()}
-    code = code_version("explain", "explain_embedding", "wordvecs", "pipeline", "llm")
+    code = code_version(*EXPLAIN_CODE)
     key = content_key({"records": records_key, **params, "code": code})
     ref = StageRef(stage_dir(out, "explanations", key), key, layer)
     if is_complete(ref.directory):
@@ -247,7 +251,7 @@ def run_simulate(records_dir, explanations: StageRef, out, simulator=None, sim=N
     layer = explanations.layer
     _, _, records_key = _records_inputs(records_dir, layer)
     params = {"layer": layer, "simulator": sim.name, "prompt": getattr(sim, "prompt_hash", ""), "seed": seed}
-    code = code_version("simulate", "simulate_chat", "embedding", "wordvecs", "pipeline")
+    code = code_version(*SIMULATE_CODE)
     key = content_key({"explanations": explanations.key, **params, "code": code})
     ref = StageRef(stage_dir(out, "simulations", key), key, layer)
     if is_complete(ref.directory):
@@ -273,7 +277,7 @@ def run_simulate(records_dir, explanations: StageRef, out, simulator=None, sim=N
 def run_score(records_dir, simulations: StageRef, out, n_boot: int = 1000, seed: int = 0) -> StageRef:
     layer = simulations.layer
     params = {"layer": layer, "n_boot": n_boot, "seed": seed}
-    code = code_version("scoring", "pipeline")
+    code = code_version(*SCORE_CODE)
     key = content_key({"simulations": simulations.key, **params, "code": code})
     ref = StageRef(stage_dir(out, "scores", key), key, layer)
     if is_complete(ref.directory):

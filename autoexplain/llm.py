@@ -28,15 +28,10 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import math
-import os
-import random
 import threading
-import time
 from abc import ABC, abstractmethod
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from urllib.parse import urlparse
 
 from autoexplain.counters import COUNTS
 from autoexplain.errors import UserError
@@ -314,212 +309,13 @@ class LocalLLM(LLM):
         return results
 
 
-class TokenBucket:
-    """Requests per minute with a burst: each acquire takes a token, waiting for the refill if needed."""
+def __getattr__(name: str):
+    # The OpenAI backend lives in llm_openai.py; it stays importable from here.
+    if name in ("OpenAILLM", "TokenBucket"):
+        from autoexplain import llm_openai
 
-    def __init__(self, per_minute: float, burst: int = 1):
-        self.rate, self.capacity = per_minute / 60.0, float(max(1, burst))
-        self._tokens, self._t = self.capacity, time.monotonic()
-        self._lock = threading.Lock()
-
-    def acquire(self) -> None:
-        with self._lock:
-            now = time.monotonic()
-            self._tokens = min(self.capacity, self._tokens + (now - self._t) * self.rate)
-            self._t = now
-            self._tokens -= 1  # reserve now, so waiters are served in arrival order
-            wait = -self._tokens / self.rate if self._tokens < 0 else 0.0
-        if wait > 0:
-            time.sleep(wait)
-
-
-def _is_openai(url: str) -> bool:
-    return (urlparse(url).hostname or "").endswith("api.openai.com")
-
-
-class OpenAILLM(LLM):
-    """OpenAI, or any server speaking its API, with our own concurrency limit, rate limit and retries."""
-
-    RETRYABLE = {408, 409, 425, 429}
-
-    def __init__(self, model: str, base_url: str | None = None, *, api_key: str | None = None,
-                 api_key_env: str = "OPENAI_API_KEY", max_concurrency: int = 8,
-                 requests_per_minute: float | None = None, max_retries: int = 6, backoff_base: float = 1.0,
-                 backoff_cap: float = 60.0, timeout: float = 120.0, echo_alignment: str = "auto"):
-        super().__init__()
-        import openai
-
-        self._openai = openai
-        self.name, self.base_url = model, (base_url or OPENAI_URL).rstrip("/")
-        key = api_key or os.environ.get(api_key_env)
-        if not key:
-            if _is_openai(self.base_url):
-                raise UserError(f"${api_key_env} is not set, and {self.base_url} needs an API key",
-                                f"export {api_key_env}=..., or use a local server: 'openai:MODEL@http://127.0.0.1:8000/v1'")
-            key = "no-key"  # local servers usually ignore it; a 401 below names the variable
-        self.api_key_env = api_key_env
-        self.max_retries, self.backoff_base, self.backoff_cap = max_retries, backoff_base, backoff_cap
-        self._client = openai.OpenAI(api_key=key, base_url=self.base_url, max_retries=0, timeout=timeout)
-        self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="llm")
-        self._bucket = TokenBucket(requests_per_minute, burst=max_concurrency) if requests_per_minute else None
-        self._n_ignored = False  # learned: the server returns one choice whatever `n` says
-        if echo_alignment not in ("auto", "ok", "shifted"):
-            raise UserError(f"echo_alignment must be 'auto', 'ok' or 'shifted', not '{echo_alignment}'")
-        # llama-cpp-python, for models without BOS, pairs each echoed prompt token with the logprobs
-        # that predict the *next* one and omits the generated token. "auto" detects that from the
-        # response: the token it generated has no logprobs entry of its own.
-        self.echo_alignment = echo_alignment
-        self.echo_shifted = echo_alignment == "shifted"
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        self._client.close()
-
-    # -- transport -------------------------------------------------------------------------------
-    @staticmethod
-    def _message(e) -> str:
-        body = getattr(e, "body", None)
-        err = body.get("error", body) if isinstance(body, dict) else None
-        msg = (err.get("message") or err.get("detail")) if isinstance(err, dict) else err
-        return " ".join(str(msg or getattr(e, "message", "") or type(e).__name__).split())[:300]
-
-    def _permanent(self, e, attempts: int) -> LLMError:
-        status, msg = e.status_code, self._message(e)
-        if status in (401, 403):
-            return LLMError(f"{self.base_url} refused the API key (HTTP {status}): {msg}",
-                            f"set a valid key in ${self.api_key_env}", status, attempts)
-        if status == 404:
-            return LLMError(f"{self.base_url} has no model '{self.name}' or no such endpoint (HTTP 404): {msg}",
-                            f"check the model name (GET {self.base_url}/models lists them)", status, attempts)
-        return LLMError(f"{self.base_url} rejected the request (HTTP {status}): {msg}",
-                        "check the model and the request options", status, attempts)
-
-    def _backoff(self, attempt: int, error) -> float:
-        step = min(self.backoff_cap, self.backoff_base * 2 ** (attempt - 1))
-        delay = step / 2 + random.uniform(0, step / 2)
-        response = getattr(error, "response", None)
-        try:
-            after = float(response.headers.get("retry-after")) if response is not None else 0.0
-        except (TypeError, ValueError):
-            after = 0.0
-        return max(delay, min(after, self.backoff_cap))
-
-    def _request(self, call, retries: int | None = None):
-        """Run one API call with retries on 429, 5xx, timeouts and lost connections."""
-        openai, attempt = self._openai, 0
-        retries = self.max_retries if retries is None else retries
-        while True:
-            attempt += 1
-            if self._bucket:
-                self._bucket.acquire()
-            try:
-                return call()
-            except openai.APIStatusError as e:
-                if e.status_code not in self.RETRYABLE and e.status_code < 500:
-                    raise self._permanent(e, attempt) from None
-                last = e
-            except openai.APIConnectionError as e:  # APITimeoutError included
-                last = e
-            if attempt > retries:
-                break
-            time.sleep(self._backoff(attempt, last))
-        if isinstance(last, openai.APITimeoutError):
-            raise LLMError(f"requests to {self.base_url} timed out {attempt} times",
-                           "the server is overloaded or the timeout too short", None, attempt) from None
-        if isinstance(last, openai.APIConnectionError):
-            raise LLMError(f"cannot reach {self.base_url}", "is the server running? Start it, or fix the URL "
-                           "after '@' in the LLM spec", None, attempt) from None
-        raise LLMError(f"{self.base_url} kept failing (HTTP {last.status_code}) after {attempt} attempts: {self._message(last)}",
-                       "try again later, or lower the concurrency / requests per minute", last.status_code, attempt) from None
-
-    def _map(self, fn, items):
-        futures = [self._pool.submit(fn, *item) for item in items]
-        try:
-            return [f.result() for f in futures]
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
-
-    def ping(self) -> None:
-        """One request without retries: a clear error now instead of after the first batch."""
-        self._request(self._client.models.list, retries=0)
-
-    @staticmethod
-    def _tokens(usage) -> tuple[int, int]:
-        return (usage.prompt_tokens or 0, usage.completion_tokens or 0) if usage is not None else (0, 0)
-
-    # -- API ---------------------------------------------------------------------------------------
-    def complete(self, prompts, n=1, temperature=1.0, max_tokens=60, stop=None):
-        sinks = self._sinks()
-        extra = {"stop": stop} if stop else {}
-
-        def one(prompt: str, k: int) -> list[Completion]:
-            got: list[Completion] = []
-            while len(got) < k:
-                want = k - len(got)
-                r = self._request(lambda: self._client.completions.create(
-                    model=self.name, prompt=prompt, n=want, temperature=temperature, max_tokens=max_tokens, **extra))
-                pt, ct = self._tokens(r.usage)
-                self._record(sinks, pt, ct)
-                if not r.choices:
-                    raise LLMError(f"{self.base_url} returned no completion for model '{self.name}'")
-                if len(r.choices) < want:
-                    self._n_ignored = True
-                share = round(ct / len(r.choices))
-                got += [Completion(c.text, pt, share) for c in sorted(r.choices, key=lambda c: c.index)]
-            return got[:k]
-
-        if self._n_ignored or n == 1:
-            flat = self._map(one, [(p, 1) for p in prompts for _ in range(n)])
-            return [[c for s in flat[i * n: (i + 1) * n] for c in s] for i in range(len(prompts))]
-        return self._map(one, [(p, n) for p in prompts])
-
-    def chat(self, messages_batch, temperature=0.0, max_tokens=1024, top_logprobs=None):
-        sinks = self._sinks()
-        extra = {"logprobs": True, "top_logprobs": top_logprobs} if top_logprobs else {}
-
-        def one(messages: list[dict]) -> ChatResult:
-            r = self._request(lambda: self._client.chat.completions.create(
-                model=self.name, messages=messages, temperature=temperature, max_tokens=max_tokens, **extra))
-            pt, ct = self._tokens(r.usage)
-            self._record(sinks, pt, ct)
-            if not r.choices:
-                raise LLMError(f"{self.base_url} returned no chat reply for model '{self.name}'")
-            choice = r.choices[0]
-            tops = None
-            if top_logprobs and choice.logprobs is not None and choice.logprobs.content is not None:
-                tops = [[(t.token, t.logprob) for t in item.top_logprobs] for item in choice.logprobs.content]
-            return ChatResult(choice.message.content or "", tops, pt, ct)
-
-        return self._map(one, [(m,) for m in messages_batch])
-
-    def prompt_logprobs(self, prompts, top=15):
-        sinks = self._sinks()
-
-        def one(prompt: str) -> PromptLogprobs:
-            # max_tokens=1, not 0: llama.cpp reads 0 as "no limit". The generated token is dropped below.
-            r = self._request(lambda: self._client.completions.create(
-                model=self.name, prompt=prompt, echo=True, logprobs=top, max_tokens=1, temperature=0.0))
-            pt, ct = self._tokens(r.usage)
-            self._record(sinks, pt, ct)
-            lp = r.choices[0].logprobs if r.choices else None
-            if lp is None or not lp.tokens:
-                raise LLMError(f"{self.base_url} returned no prompt logprobs for model '{self.name}'",
-                               "the server must support echo=True with logprobs on /v1/completions")
-            offsets = [min(int(o), len(prompt)) for o in lp.text_offset]
-            keep = sum(1 for o in offsets if o < len(prompt))
-            if 0 < pt <= len(lp.tokens) and all(o >= len(prompt) for o in offsets[pt:]):
-                keep = pt  # trailing prompt tokens that decode to nothing still count
-            shifted = self.echo_shifted
-            if self.echo_alignment == "auto" and len(r.choices[0].text or "") > len(prompt):
-                shifted = self.echo_shifted = keep == len(lp.tokens)  # a token was generated but has no entry
-            server = [dict(t) if t else {} for t in (lp.top_logprobs or [None] * len(lp.tokens))]
-            # Shifted: entry i predicts token i+1, and the entry predicting token 1 was nulled by the server.
-            tops = ([{}] + server[: keep - 1]) if shifted else server[:keep]
-            return PromptLogprobs(list(lp.tokens[:keep]), offsets[:keep], tops, pt or keep)
-
-        return self._map(one, [(p,) for p in prompts])
+        return getattr(llm_openai, name)
+    raise AttributeError(name)
 
 
 def make_llm(spec: str | None = None, **kw) -> LLM:
@@ -533,6 +329,8 @@ def make_llm(spec: str | None = None, **kw) -> LLM:
             raise UserError(f"LLM spec '{spec}' names no model", "write 'openai:MODEL' or 'openai:MODEL@http://host:port/v1'")
         at = rest.rfind("@http")
         model, url = (rest[:at], rest[at + 1:]) if at > 0 else (rest, kw.pop("base_url", None))
+        from autoexplain.llm_openai import OpenAILLM
+
         return OpenAILLM(model, url, **kw)
     raise UserError(f"unknown LLM spec '{spec}'",
                     "use 'local', 'local:MODEL', 'openai:MODEL' or 'openai:MODEL@http://host:port/v1'")

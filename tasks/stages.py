@@ -232,7 +232,7 @@ def record_task(model: str, corpus: str, layers: list[int], tokens: int, out: st
             "windows": str(windows.path.resolve()), "window_len": window_len}
 
 
-@task(name="explain", cache_key_fn=_key("explain", ("explain", "explain_embedding", "wordvecs", "pipeline", "llm", "layer"), explainer_prompt_hash),
+@task(name="explain", cache_key_fn=_key("explain", layer_mod.EXPLAIN_CODE + ("layer",), explainer_prompt_hash),
       **RETRY)
 def explain_task(records: dict, layer: int, units: list[int], explainer: str, k: int = 4, out: str = "out") -> dict:
     log = get_run_logger()
@@ -256,7 +256,7 @@ def revise_task(explanations: dict, revisions: dict[str, str], out: str = "out")
     return ref(result)
 
 
-@task(name="simulate", cache_key_fn=_key("simulate", ("simulate", "simulate_chat", "embedding", "wordvecs", "pipeline", "layer"),
+@task(name="simulate", cache_key_fn=_key("simulate", layer_mod.SIMULATE_CODE + ("layer",),
                                          ""), **RETRY)
 def simulate_task(records: dict, explanations: dict, simulator: str, simulator_id: str, out: str = "out") -> dict:
     records, explanations, out = local_ref(records), local_ref(explanations), open_root(out)
@@ -267,7 +267,7 @@ def simulate_task(records: dict, explanations: dict, simulator: str, simulator_i
     return ref(result)
 
 
-@task(name="score", cache_key_fn=_key("score", ("scoring", "pipeline", "layer")), **RETRY)
+@task(name="score", cache_key_fn=_key("score", layer_mod.SCORE_CODE + ("layer",)), **RETRY)
 def score_task(records: dict, simulations: dict, n_boot: int = 1000, out: str = "out") -> dict:
     log = get_run_logger()
     records, simulations, out = local_ref(records), local_ref(simulations), open_root(out)
