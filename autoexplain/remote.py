@@ -36,7 +36,6 @@ def is_url(text) -> bool:
     return bool(_URL.match(str(text)))
 
 
-
 def filesystem(url: str):
     """(fsspec filesystem, path on it) for a URL, or a UserError naming what to install or fix."""
     import fsspec
@@ -55,15 +54,12 @@ def filesystem(url: str):
         raise UserError(f"unknown storage protocol '{protocol}://' in {url}",
                         "use a local folder or a URL fsspec knows (file://, s3://, gs://, az://, ...)") from None
 
-
 def _object_store(fs) -> bool:
     return bool(_ATOMIC_PUT & set([fs.protocol] if isinstance(fs.protocol, str) else fs.protocol))
-
 
 def _unreachable(url: str, e: Exception) -> UserError:
     return UserError(f"cannot reach {url}: {type(e).__name__}: {e}",
                      "check the URL, the credentials and that the location exists and is writable")
-
 
 def check(url: str):
     """(filesystem, path on it) of a URL that answers, creating its folder where folders exist."""
@@ -76,7 +72,6 @@ def check(url: str):
     except OSError as e:
         raise _unreachable(url, e) from None
     return fs, base
-
 
 def open_root(out: str | os.PathLike) -> Path:
     """The local folder to write an output root into: `out` itself for a path, the URL's mirror
@@ -91,7 +86,6 @@ def open_root(out: str | os.PathLike) -> Path:
     mirror.mkdir(parents=True, exist_ok=True)
     return mirror
 
-
 def _where(path: str | os.PathLike):
     """(url, filesystem, path on it) of a local path inside a registered mirror, else None."""
     if not _roots:
@@ -103,17 +97,14 @@ def _where(path: str | os.PathLike):
             return (url, fs, base) if rel == "." else (f"{url}/{rel}", fs, f"{base}/{rel}")
     return None
 
-
 def uri(path: str | os.PathLike) -> str:
     """Where a local output lives for everyone else: its URL when it is in a mirror, else file://."""
     where = _where(path)
     return where[0] if where else Path(path).resolve().as_uri()
 
-
 def _hidden(rel: str) -> bool:
     # temporary names of unfinished writes, here and on the remote side
     return any(part.startswith(".") for part in rel.split("/"))
-
 
 def push(directory: str | os.PathLike) -> str | None:
     """Upload a local folder inside a mirror to its URL, its manifest (if any) last; returns the URL.
@@ -143,7 +134,6 @@ def push(directory: str | os.PathLike) -> str | None:
         raise _unreachable(url, e) from None
     return url
 
-
 def pull(directory: str | os.PathLike) -> bool:
     """Download a stage folder into the mirror if its URL holds a complete one (manifest present);
     the manifest comes last here too. False when there is nothing finished to pull."""
@@ -172,7 +162,6 @@ def pull(directory: str | os.PathLike) -> bool:
     except OSError as e:
         raise _unreachable(url, e) from None
     return True
-
 
 def fetch(folder_url: str) -> Path:
     """The local copy of a finished stage folder given by its URL (`<root>/<stage>/<key>`), pulled if

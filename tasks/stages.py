@@ -199,15 +199,17 @@ def llm_for(spec: str):
 
 
 @_load_once
-def simulator_for(spec: str):
-    return _Serialised(layer_mod.make_simulator(spec))
+def simulator_for(identity: str):
+    # Keyed by the identity, prompt hash included: a process that outlives a prompt edit (a worker,
+    # a notebook) must not keep simulating with the prompt it read first.
+    return _Serialised(layer_mod.make_simulator(identity.split("|", 1)[0]))
 
 
 def own_simulator(spec: str):
     """The shared simulator or, for the embedding simulator, a twin of it with the same loaded model
     and empty caches: one shard's simulations then depend on that shard alone, not on which shards
     this process (a task thread pool or a dask worker) simulated before."""
-    shared = simulator_for(spec)
+    shared = simulator_for(simulator_identity(spec))
     if not hasattr(shared._inner, "fresh"):
         return shared
     with _MODELS:

@@ -74,6 +74,23 @@ def test_simulator_prompt_edit_reruns_simulate_and_score_only(run, tmp_path, mon
     assert counts["simulate"] > 0 and counts["score_units"] == 12
 
 
+def test_embedding_simulator_prompt_edit_is_seen_by_the_same_process(run, tmp_path, monkeypatch):
+    """The default simulator's prompt is its class descriptions. The simulator object is cached per
+    process; an edit must still reach it (this once returned the old simulations, cached)."""
+    import json
+
+    first, _ = run()
+    _prompts_copy(tmp_path, monkeypatch, "embedding_simulator.json", "")
+    path = tmp_path / "prompts" / "embedding_simulator.json"
+    prompt = json.loads(path.read_text())
+    prompt["classes"]["digit"] = "a number or a year written in digits"
+    path.write_text(json.dumps(prompt))
+    second, counts = run()
+    assert counts.get("subject_forward", 0) == 0 and counts.get("llm_requests", 0) == 0
+    assert counts["simulate"] > 0 and counts["score_units"] == 12
+    assert set(s["key"] for s in second["scores"]).isdisjoint(s["key"] for s in first["scores"])
+
+
 def test_human_revision_resimulates_only_that_unit(run):
     run()
     _, counts = run(revisions={"2:1": "numbers written in digits"})
