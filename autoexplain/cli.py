@@ -90,8 +90,8 @@ def stage_bars():
     """Bars for a whole explain-layer run, fed by `autoexplain.progress` events from its tasks.
 
     Tasks of several shards report side by side; each stage's bar adds up the latest count of
-    every shard that has started (so its total grows as shards start), and the "units" bar is the
-    flow's count of units finished through scoring. Returns (rich Progress, listener)."""
+    every shard that has started (so its total grows as shards start), and the "scored" bar is the
+    flow's count of neurons (both polarities) finished through scoring. Returns (rich Progress, listener)."""
     bars = Progress(
         TextColumn("[bold]{task.description:<9}"),
         BarColumn(),
@@ -110,7 +110,7 @@ def stage_bars():
         done_all = sum(d for d, _ in parts[stage].values())
         total_all = sum(t for _, t in parts[stage].values())
         if stage not in ids:
-            unit = "tokens" if stage == "record" else "units"
+            unit = {"record": "tokens", "scored": "neurons"}.get(stage, "units")
             ids[stage] = bars.add_task(stage, total=total_all, unit=unit)
         bars.update(ids[stage], completed=done_all, total=max(total_all, bars.tasks[ids[stage]].total or 0))
 

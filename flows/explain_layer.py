@@ -107,7 +107,7 @@ def explain_layer(
         elapsed = time.perf_counter() - started
         eta = elapsed / done_units * (len(chosen) - done_units)
         log.info(f"units {done_units}/{len(chosen)} done (shard {shard[0]}-{shard[-1]}); ETA {eta:.0f}s")
-        progress.report("units", done_units, len(chosen))
+        progress.report("scored", done_units, len(chosen))
         xr, sr, cr = x.result(), s.result(), c.result()
         publish(xr, [records])
         publish(sr, [records, xr])

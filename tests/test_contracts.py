@@ -224,7 +224,7 @@ def test_duplicate_explanation():
     rows = explanation_rows()
     lines = _fails(rows + [dict(rows[0], text="another")], "explanations")
     line = _one(lines, "one explanation per unit, polarity and method")
-    assert "method='llm'" in line
+    assert "method='explainer'" in line
 
 
 # --- simulations -----------------------------------------------------------------------------------
