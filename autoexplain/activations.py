@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import polars as pl
 
 from autoexplain.records import ActivationRecord, NeuronId, UnitRecords, UnitStats
@@ -31,16 +32,22 @@ def read_units(
     tokens_of = dict(zip(windows["window_id"].to_list(), windows["tokens"].to_list()))
     stats_of = _read_stats(stats_path) if stats_path else {}
 
+    if recs.height == 0:
+        return []
+    ordered = recs.sort(["layer", "unit", "polarity", "kind", "rank"], descending=[False, False, True, False, False])
+    # Whole columns as Python lists once, then sliced per unit: iterating polars Series element by
+    # element cost more than the rest of scoring.
+    cols = {c: ordered[c].to_list() for c in ("window_id", "activations", "kind", "split", "quantile_bin")}
+    keys = ordered.select("layer", "unit", "polarity").to_numpy()
+    bounds = np.flatnonzero(np.any(keys[1:] != keys[:-1], axis=1)) + 1
     out = []
-    ordered = recs.sort(["unit", "polarity", "kind", "rank"], descending=[False, True, False, False])
-    for (layer, unit, polarity), group in ordered.group_by(["layer", "unit", "polarity"], maintain_order=True):
+    for start, end in zip([0, *bounds], [*bounds, len(keys)]):
         records = [
-            ActivationRecord(tokens_of[w], list(a), window_id=w, kind=k, split=s, quantile_bin=q)
-            for w, a, k, s, q in zip(group["window_id"], group["activations"], group["kind"], group["split"],
-                                     group["quantile_bin"])
+            ActivationRecord(tokens_of[w], a, window_id=w, kind=k, split=s, quantile_bin=q)
+            for w, a, k, s, q in zip(*(cols[c][start:end] for c in cols))
         ]
-        neuron = NeuronId(int(layer), int(unit), int(polarity))
-        out.append(UnitRecords(neuron, records, stats_of.get((int(unit), int(polarity)))))
+        layer, unit, polarity = (int(x) for x in keys[start])
+        out.append(UnitRecords(NeuronId(layer, unit, polarity), records, stats_of.get((unit, polarity))))
     return out
 
 

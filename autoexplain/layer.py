@@ -286,11 +286,10 @@ def run_score(records_dir, simulations: StageRef, out, n_boot: int = 1000, seed:
     chosen = pq.read_table(simulations.directory / "chosen.parquet")
     _, _, records_key = _records_inputs(Path(records_dir), layer)
     units = load_units(records_dir, layer, sorted(set(sims.column("unit").to_pylist())))
-    sims_rows, chosen_rows = sims.to_pylist(), chosen.to_pylist()
+    sims_of, chosen_of = _by_unit(sims.to_pylist()), _by_unit(chosen.to_pylist())
     memo, rows = Memo(out, "score"), []
     for unit in units:
-        mine = lambda rs: [r for r in rs if (r["unit"], r["polarity"]) == (unit.neuron.index, unit.neuron.polarity)]
-        u_sims, u_chosen = mine(sims_rows), mine(chosen_rows)
+        u_sims, u_chosen = (rows_of.get((unit.neuron.index, unit.neuron.polarity), []) for rows_of in (sims_of, chosen_of))
         ukey = _unit_key(records_key, unit, sims=u_sims, chosen=u_chosen, n_boot=n_boot, seed=seed, code=code)
         rows += _memoised(memo, ukey, lambda: pipeline.score_stage(
             [unit], pipeline._table(u_sims, "simulations"), pipeline._table(u_chosen, "explanations"), n_boot, seed
@@ -298,6 +297,13 @@ def run_score(records_dir, simulations: StageRef, out, n_boot: int = 1000, seed:
     write_table(pipeline._table(rows, "scores"), ref.path, "scores")
     write_manifest(ref.directory, "scores", key, {"simulations": str(simulations.directory)}, params, [ref.path.name])
     return ref
+
+
+def _by_unit(rows: list[dict]) -> dict[tuple[int, int], list[dict]]:
+    grouped: dict[tuple[int, int], list[dict]] = {}
+    for row in rows:
+        grouped.setdefault((row["unit"], row["polarity"]), []).append(row)
+    return grouped
 
 
 def run_merge(score_dirs: list[str | Path], out) -> StageRef:

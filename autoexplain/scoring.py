@@ -11,6 +11,7 @@ intervals resample whole records, because tokens within a record are strongly co
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable, Sequence
 
 import numpy as np
@@ -142,10 +143,11 @@ def apply_calibration(pred: Records, slope: float, intercept: float) -> Records:
 
 
 # Vectorised bootstrap: each metric is a function of per-record sums, so a resample's value is
-# (multiplicity matrix) @ (per-record sums). `centre` is subtracted first to avoid cancellation.
+# (multiplicity matrix) @ (per-record sums). Each `_sums` gives per-token terms whose per-record
+# sums are taken; the pooled means are subtracted first to avoid cancellation.
 def _corr_sums(y, p, cy, cp):
     y, p = y - cy, p - cp
-    return [y.size, y.sum(), p.sum(), y @ y, p @ p, y @ p]
+    return [np.ones_like(y), y, p, y * y, p * p, y * p]
 
 
 def _corr_from(s, tol):
@@ -157,7 +159,7 @@ def _corr_from(s, tol):
 
 def _r2_sums(y, p, cy, cp):
     d, y = y - p, y - cy
-    return [y.size, y.sum(), y @ y, d @ d]
+    return [np.ones_like(y), y, y * y, d * d]
 
 
 def _r2_from(s, tol):
@@ -169,7 +171,7 @@ def _r2_from(s, tol):
 
 def _ade_sums(y, p, cy, cp):
     yc = y - cy
-    return [y.size, yc.sum(), yc @ yc, np.abs(y - p).sum(), np.abs(y).sum()]
+    return [np.ones_like(y), yc, yc * yc, np.abs(y - p), np.abs(y)]
 
 
 def _ade_from(s, tol):
@@ -186,19 +188,34 @@ _SUMS = {
 }
 
 
-def _resample_values(metric, ys, ps, idx) -> np.ndarray:
-    n_boot, n = idx.shape
+@lru_cache(maxsize=64)
+def _resample_counts(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """How often each of n records appears in each resample: the same draws for every unit of the
+    same size, so they are made once (read-only, shared)."""
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    flat = (np.arange(n_boot)[:, None] * n + idx).ravel()
+    counts = np.bincount(flat, minlength=n_boot * n).reshape(n_boot, n).astype(np.float64)
+    counts.flags.writeable = False
+    return counts
+
+
+def _resample_values(metric, ys, ps, n_boot: int, seed: int) -> np.ndarray:
+    n = len(ys)
     if metric in _SUMS:
         sums_of, value_from = _SUMS[metric]
         y_all, p_all = np.concatenate(ys), np.concatenate(ps)
         cy, cp = y_all.mean(), p_all.mean()
-        per_record = np.array([sums_of(y, p, cy, cp) for y, p in zip(ys, ps)], dtype=np.float64)
+        sizes = np.array([y.size for y in ys])
+        starts = np.minimum(np.cumsum(sizes) - sizes, max(y_all.size - 1, 0))
+        # Per-record sums of the whole token vectors at once: one reduceat per sum, no record loop
+        # (reduceat gives an empty record the next value, not 0, hence the mask).
+        per_record = np.stack([np.add.reduceat(v, starts) for v in sums_of(y_all, p_all, cy, cp)], axis=1)
+        per_record[sizes == 0] = 0.0
         # A resample made of one constant stretch still shows float-noise variance; treat that as 0.
         tol = (1e-10 * np.max(np.abs(y_all - cy)) ** 2, 1e-10 * np.max(np.abs(p_all - cp)) ** 2)
-        flat = (np.arange(n_boot)[:, None] * n + idx).ravel()
-        counts = np.bincount(flat, minlength=n_boot * n).reshape(n_boot, n).astype(np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
-            return value_from(counts @ per_record, tol)
+            return value_from(_resample_counts(n, n_boot, seed) @ per_record, tol)
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
     out = np.full(n_boot, np.nan)
     for b, row in enumerate(idx):
         try:
@@ -223,11 +240,9 @@ def bootstrap_ci(
         raise ValueError(f"{len(ys)} true records but {len(ps)} predicted records")
     if len(ys) < 2 or any(y.size != p.size for y, p in zip(ys, ps)):
         return None
-    if not all(np.all(np.isfinite(y)) and np.all(np.isfinite(p)) for y, p in zip(ys, ps)):
+    if not (np.isfinite(np.concatenate(ys)).all() and np.isfinite(np.concatenate(ps)).all()):
         return None
-    n = len(ys)
-    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-    values = _resample_values(metric, ys, ps, idx)
+    values = _resample_values(metric, ys, ps, n_boot, seed)
     values = values[np.isfinite(values)]
     if values.size < MIN_DEFINED_RESAMPLES * n_boot:
         return None
