@@ -41,12 +41,15 @@ import json
 import re
 import string
 from collections import OrderedDict
+from functools import lru_cache
+from itertools import chain
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from autoexplain.errors import UserError
+from autoexplain.words import word_of_each_token, word_spans  # noqa: F401 (re-exported)
 from autoexplain.simulate import Simulation
 
 # The surface classes; their descriptions, and competitor descriptions that no token is given, are
@@ -100,26 +103,6 @@ def literal_only(explanation: str) -> bool:
     return bool(quoted_literals(explanation)) and not set(re.findall(r"[a-z]+", rest)) - _FILLER
 
 
-def word_spans(tokens: Sequence[str]) -> list[tuple[int, int]]:
-    """[start, end) token spans of whole words: a token with no leading space that joins two
-    letters or digits continues the previous token's word (' sm','it','ten' is one word)."""
-    spans: list[tuple[int, int]] = []
-    for i, t in enumerate(tokens):
-        if spans and t[:1].isalnum() and tokens[i - 1][-1:].isalnum():
-            spans[-1] = (spans[-1][0], i + 1)
-        else:
-            spans.append((i, i + 1))
-    return spans
-
-
-def word_of_each_token(tokens: Sequence[str]) -> list[str]:
-    """The whole word each subject token belongs to, stripped (' sm','it','ten' -> 'smitten')."""
-    out = [""] * len(tokens)
-    for start, end in word_spans(tokens):
-        out[start:end] = ["".join(tokens[start:end]).strip()] * (end - start)
-    return out
-
-
 def literal_keys(tokens: Sequence[str]) -> tuple[list[str], list[str]]:
     """Per token: its whole word, lowercased; and, for a piece continuing a word, the piece
     lowercased ("" otherwise). A quoted literal names a token through either."""
@@ -138,6 +121,7 @@ def literal_hits(tokens: Sequence[str], literals: set[str], keys=None) -> np.nda
     return np.array([w in literals or (p != "" and p in literals) for w, p in zip(words, pieces)], dtype=bool)
 
 
+@lru_cache(maxsize=1 << 16)
 def ortho_class(token: str) -> str | None:
     w = token.strip()
     if not w:
@@ -224,6 +208,12 @@ class EmbeddingSimulator:
         twin._clear_tables()
         twin.encode_calls = twin.encoded_texts = twin.window_hits = twin.window_misses = 0
         return twin
+
+    @property
+    def encoding(self) -> str:
+        from autoexplain.wordvecs import encoding
+
+        return encoding(self.embedder, self.batch_size)
 
     def encode_words(self, words: Sequence[str]) -> np.ndarray:
         """Embed words in the order given, in fixed batches: the same list gives the same vectors."""
@@ -377,28 +367,31 @@ class EmbeddingSimulator:
         rows = rows[rows >= 0]
         z_rows = (self._table[rows] @ ex.E - ex.mu) / ex.sd if rows.size else np.zeros((0, len(explanations)))
         z_rows = np.concatenate([z_rows, np.full((1, len(explanations)), -np.inf)])  # last row: blank
-        out: list[list[Simulation]] = [[] for _ in explanations]
-        for w in windows:
-            pred = self._predict(w, ex, z_rows, rows).astype(float)
-            for u in range(len(explanations)):
-                out[u].append(Simulation(expected=pred[:, u].tolist()))
-        return out
+        # Every token of every window at once: one lookup, one literal pass per explanation that quotes.
+        pred = self._predict(windows, ex, z_rows, rows)
+        ends = np.cumsum([len(w.tokens) for w in windows]).tolist()
+        per_unit = pred.T.tolist()
+        return [[Simulation(expected=col[s:e]) for s, e in zip([0, *ends[:-1]], ends)] for col in per_unit]
 
-    def _predict(self, w: _Window, ex: _Explanations, z_rows: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """(T, U) predictions on the 0-10 scale for one window."""
+    def _predict(self, windows: list[_Window], ex: _Explanations, z_rows: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """(tokens of all windows, U) predictions on the 0-10 scale."""
 
         def lookup(ids: np.ndarray) -> np.ndarray:
             pos = np.where(ids >= 0, np.searchsorted(rows, ids), len(rows))
             return z_rows[pos]
 
-        z = lookup(w.words)
-        if w.contexts is not None:
-            blank = w.words < 0
-            mixed = (1 - self.context_weight) * z + self.context_weight * lookup(w.contexts)
-            z = np.where(blank[:, None], z, mixed)
-        for u, (lits, only) in enumerate(ex.literals):
-            if lits:
-                hit = literal_hits(w.tokens, lits, w.literal_keys)
-                z[:, u] = np.where(hit, self.z_high, -np.inf if only else z[:, u])
-        z = np.maximum(z, ex.z_ortho[w.ortho])
+        if not windows:
+            return np.zeros((0, len(ex.literals)))
+        words = np.concatenate([w.words for w in windows])
+        z = lookup(words)
+        if self.context_weight:
+            mixed = (1 - self.context_weight) * z + self.context_weight * lookup(np.concatenate([w.contexts for w in windows]))
+            z = np.where((words < 0)[:, None], z, mixed)
+        if any(lits for lits, _ in ex.literals):
+            keys = [list(chain.from_iterable(w.literal_keys[i] for w in windows)) for i in (0, 1)]
+            for u, (lits, only) in enumerate(ex.literals):
+                if lits:
+                    hit = literal_hits((), lits, keys)
+                    z[:, u] = np.where(hit, self.z_high, -np.inf if only else z[:, u])
+        z = np.maximum(z, ex.z_ortho[np.concatenate([w.ortho for w in windows])])
         return 10.0 * np.clip((z - self.z_low) / (self.z_high - self.z_low), 0.0, 1.0)

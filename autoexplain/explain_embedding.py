@@ -74,6 +74,12 @@ class EmbeddingExplainer:
         out = self._model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True, normalize_embeddings=True)
         return np.asarray(out, dtype=np.float32)
 
+    @property
+    def encoding(self) -> str:
+        from autoexplain.wordvecs import encoding
+
+        return encoding(self.embedder, self.batch_size)
+
     def encode_words(self, words) -> np.ndarray:
         return self._encode(list(words)) if len(words) else np.zeros((0, 384), np.float32)
 

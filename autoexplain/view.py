@@ -150,6 +150,15 @@ def _rel_round(values, scale: float) -> list:
     return out
 
 
+def _rel_round_each(rows: list, scale: float) -> list[list]:
+    """`_rel_round` of several lists with one scale, in one numpy call."""
+    if not rows:
+        return []
+    flat = _rel_round(np.concatenate([np.asarray(r, dtype=np.float64).ravel() for r in rows]), scale)
+    ends = np.cumsum([len(r) for r in rows]).tolist()
+    return [flat[s:e] for s, e in zip([0, *ends[:-1]], ends)]
+
+
 def js_data(key: str, data: Any) -> str:
     """A script that stores `data` at `window.__data[key]`; safe to load with <script src>."""
     body = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
@@ -320,20 +329,28 @@ def _sims_of(sims: pl.DataFrame | None, keys: list[tuple[int, int]]) -> dict[tup
 
 def _top_tokens(records) -> list[list]:
     """Tokens with the highest activations over the top exemplars: [token, max, mean, count, peaks]."""
-    best: dict[str, list] = {}
-    for r in records:
-        if r.kind != "top" or not r.activations:
-            continue
-        acts = np.asarray(r.activations, dtype=float)
-        peak = int(np.argmax(acts))
-        for i, (tok, a) in enumerate(zip(r.tokens, acts)):
-            s = best.setdefault(tok, [float("-inf"), 0.0, 0, 0])
-            s[0] = max(s[0], a)
-            s[1] += a
-            s[2] += 1
-            s[3] += i == peak
-    ranked = sorted(best.items(), key=lambda kv: (-kv[1][0], -kv[1][3]))[:N_TOP_TOKENS]
-    return [[tok, float(s[0]), s[1] / s[2], s[2], s[3]] for tok, s in ranked]
+    tops = [r for r in records if r.kind == "top" and r.activations]
+    if not tops:
+        return []
+    tokens, acts, peaks = [], [], []
+    for r in tops:
+        a = np.asarray(r.activations, dtype=float)
+        n = min(len(r.tokens), a.size)
+        tokens += r.tokens[:n]
+        acts.append(a[:n])
+        flags = np.zeros(n)
+        if int(np.argmax(a)) < n:
+            flags[int(np.argmax(a))] = 1
+        peaks.append(flags)
+    # Per distinct token at once; ties keep first-seen order.
+    uniq, first, inv = np.unique(np.array(tokens, dtype=object).astype(str), return_index=True, return_inverse=True)
+    acts_all = np.concatenate(acts)
+    best = np.full(uniq.size, -np.inf)
+    np.maximum.at(best, inv, acts_all)
+    total, count = np.bincount(inv, acts_all, uniq.size), np.bincount(inv, minlength=uniq.size)
+    peak = np.bincount(inv, np.concatenate(peaks), uniq.size)
+    order = np.lexsort((first, -peak, -best))[:N_TOP_TOKENS]
+    return [[tokens[first[i]], float(best[i]), float(total[i] / count[i]), int(count[i]), int(peak[i])] for i in order]
 
 
 def _pick_records(records, max_per_kind: int | None):
@@ -371,9 +388,10 @@ def _unit_detail(layer, unit, polarity, expl, scores, unit_records, sims, max_pe
     sims = sims or {}
     rank = {"top": 0, "quantile": 0, "random": 0}
     out = []
-    for r in _pick_records(records, max_per_kind):
+    picked = _pick_records(records, max_per_kind)
+    for r, rounded in zip(picked, _rel_round_each([r.activations for r in picked], ref)):
         item = {"w": r.window_id, "k": r.kind, "s": r.split, "q": r.quantile_bin, "t": list(r.tokens),
-                "a": _rel_round(r.activations, ref), "m": _finite(round(r.max_activation, 6))}
+                "a": rounded, "m": _finite(round(r.max_activation, 6))}
         item["i"] = rank.get(r.kind, 0)
         rank[r.kind] = item["i"] + 1
         if r.window_id in sims:
@@ -572,7 +590,7 @@ def _write_units(src, units: pl.DataFrame, scores, chosen, udir: Path, max_per_k
     batch: list[int] = []
     for n, b in enumerate(sorted(groups)):
         batch.append(b)
-        if sum(len(groups[x]) for x in batch) < 256 and n + 1 < len(groups):
+        if sum(len(groups[x]) for x in batch) < 1024 and n + 1 < len(groups):
             continue
         wanted = [k for x in batch for k in groups[x]]
         recs = reader(wanted) if reader else {}

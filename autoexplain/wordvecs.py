@@ -17,11 +17,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from autoexplain.embedding import word_of_each_token
+from autoexplain.words import word_of_each_token
 from autoexplain.storage import code_version, content_key, is_complete, stage_dir, write_manifest, write_table
 
 _loaded: dict[Path, tuple[list[str], np.ndarray]] = {}
 _lock = threading.Lock()
+
+
+def encoding(embedder: str, batch_size: int) -> str:
+    """What a word's vector depends on besides the word, for encoders that call SentenceTransformer's
+    `encode(batch_size=..., normalize_embeddings=True)` and keep float32. Change it with that call."""
+    return f"{embedder}|batch={batch_size}|normalized|float32"
 
 
 def corpus_words(windows_path: str | Path) -> list[str]:
@@ -36,9 +42,8 @@ def corpus_words(windows_path: str | Path) -> list[str]:
 
 def word_table(windows_path: str | Path, windows_key: str, out: str | Path, encoder) -> tuple[list[str], np.ndarray]:
     """(words, vectors) for the windows output, built on first use. `encoder` has `encode_words`
-    and `embedder` (the embedding model's identity, part of the key)."""
-    key = content_key({"windows": windows_key, "embedder": encoder.embedder,
-                       "code": code_version("wordvecs", "embedding")})
+    and `encoding` (the embedding model and how it is run, part of the key)."""
+    key = content_key({"windows": windows_key, "embedder": encoder.encoding, "code": code_version("wordvecs", "words")})
     directory = stage_dir(out, "word_vectors", key)
     path = directory / "word_vectors.parquet"
     with _lock:
