@@ -34,8 +34,8 @@ DEFAULT_EXPLAINER = "embedding"
 DEFAULT_SIMULATOR = "embedding"
 Progress = Callable[[int, int], None]  # (units done, units in this call)
 # The library modules each stage's output depends on: their source is part of its cache key.
-EXPLAIN_CODE = ("explain", "explain_embedding", "embedding", "wordvecs", "pipeline", "llm", "llm_openai")
-SIMULATE_CODE = ("simulate", "simulate_chat", "embedding", "wordvecs", "pipeline", "llm", "llm_openai")
+EXPLAIN_CODE = ("explain", "explain_embedding", "embedding", "words", "wordvecs", "pipeline", "llm", "llm_openai")
+SIMULATE_CODE = ("simulate", "simulate_chat", "embedding", "words", "wordvecs", "pipeline", "llm", "llm_openai")
 SCORE_CODE = ("scoring", "pipeline")
 
 
