@@ -135,6 +135,15 @@ def ortho_class(token: str) -> str | None:
     return None
 
 
+@lru_cache(maxsize=1 << 15)
+def _surface(tokens: tuple[str, ...]) -> tuple[list[str], tuple[list[str], list[str]], np.ndarray]:
+    """What a window's tokens alone decide: each token's whole word, its literal keys and its
+    surface class. Shared by every simulator in the process (random windows recur in every unit)."""
+    ortho = np.array([_ORTHO_INDEX.get(ortho_class(t), -1) for t in tokens], dtype=np.int8)
+    ortho.flags.writeable = False
+    return word_of_each_token(tokens), literal_keys(tokens), ortho
+
+
 @dataclass
 class _Window:
     tokens: tuple[str, ...]  # the cache key itself
@@ -186,6 +195,7 @@ class EmbeddingSimulator:
         self._descriptions: np.ndarray | None = None
         self._prompt = load_prompt()
         self._explained: dict[str, np.ndarray] = {}  # explanation text -> embedding
+        self._scaled: dict[str, tuple] = {}  # explanation -> its column of _Explanations
         self._clear_tables()
         self.encode_calls = 0  # model.encode invocations
         self.encoded_texts = 0  # texts sent to the model
@@ -204,7 +214,7 @@ class EmbeddingSimulator:
         made to it, not on what this process embedded before."""
         self._setup()
         twin = copy.copy(self)
-        twin._explained = {}
+        twin._explained, twin._scaled = {}, {}
         twin._clear_tables()
         twin.encode_calls = twin.encoded_texts = twin.window_hits = twin.window_misses = 0
         return twin
@@ -245,6 +255,7 @@ class EmbeddingSimulator:
     def add_texts(self, forms: Sequence[str], vectors: np.ndarray) -> None:
         """Take explanation embeddings computed before (by `warm`, in this or another process)."""
         self._explained.update(zip(forms, np.asarray(vectors, dtype=np.float32)))
+        self._scaled.clear()  # scales computed from the vectors these may replace
 
     def _clear_tables(self) -> None:
         self._rows: dict[str, int] = {}  # word or context text -> row of self._table
@@ -288,7 +299,7 @@ class EmbeddingSimulator:
             self._evict()  # generational eviction: start afresh rather than grow without bound
             missing = list(dict.fromkeys(keys))
         if missing:
-            words = {k: word_of_each_token(k) for k in missing}
+            words = {k: _surface(k)[0] for k in missing}
             contexts = {k: self._contexts(k) for k in missing} if self.context_weight else {}
             new = [t for v in (*words.values(), *contexts.values()) for t in v if t and t not in self._rows]
             new = list(dict.fromkeys(new))
@@ -304,10 +315,10 @@ class EmbeddingSimulator:
             for k in missing:
                 self._windows[k] = _Window(
                     tokens=k,
-                    literal_keys=literal_keys(k),
+                    literal_keys=_surface(k)[1],
                     words=self._row_ids(words[k]),
                     contexts=self._row_ids(contexts[k]) if self.context_weight else None,
-                    ortho=np.array([_ORTHO_INDEX.get(ortho_class(t), -1) for t in k], dtype=np.int8),
+                    ortho=_surface(k)[2],
                 )
         for k in keys:
             self._windows.move_to_end(k)
@@ -328,8 +339,23 @@ class EmbeddingSimulator:
 
     # -- scoring -----------------------------------------------------------------------------
     def explanations(self, explanations: Sequence[str]) -> _Explanations:
-        """Embed explanations in one batch and fix each one's scale against the background."""
+        """Each explanation's content embedding and scale against the background, computed once per
+        text (in one batch for the texts new to this call) and then assembled per call."""
         self._setup()
+        if len(self._scaled) > MAX_TEXTS:
+            self._scaled.clear()
+        new = list(dict.fromkeys(e for e in explanations if e not in self._scaled))
+        if new:
+            ex = self._scale(new)
+            for i, e in enumerate(new):
+                self._scaled[e] = (ex.E[:, i], ex.mu[i], ex.sd[i], ex.z_ortho[:, i], ex.literals[i])
+        cols = [self._scaled[e] for e in explanations]
+        return _Explanations(np.stack([c[0] for c in cols], axis=1), np.array([c[1] for c in cols]),
+                             np.array([c[2] for c in cols]), np.stack([c[3] for c in cols], axis=1),
+                             [c[4] for c in cols])
+
+    def _scale(self, explanations: Sequence[str]) -> _Explanations:
+        """Embed explanations in one batch and fix each one's scale against the background."""
         n = len(explanations)
         texts = [content_of(e) for e in explanations] + list(explanations)
         new = list(dict.fromkeys(t for t in texts if t not in self._explained))

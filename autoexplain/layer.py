@@ -8,10 +8,13 @@ returns at once and an edit recomputes only the stages downstream of it.
 
 from __future__ import annotations
 
+import hashlib
+
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -172,12 +175,11 @@ def _unit_key(records_key: str, unit, **rest) -> str:
 
 
 def _memoised(memo: Memo, key: str, compute):
-    """The memoised value, computing and storing it first if needed (read back, so both paths
-    return the same JSON-shaped data)."""
+    """The memoised value, computing and storing it first if needed."""
     value = memo.get(key)
     if value is None:
-        memo.put(key, compute())
-        value = memo.get(key)
+        value = compute()
+        memo.put(key, value)
     return value
 
 
@@ -290,13 +292,22 @@ def run_score(records_dir, simulations: StageRef, out, n_boot: int = 1000, seed:
     memo, rows = Memo(out, "score"), []
     for unit in units:
         u_sims, u_chosen = (rows_of.get((unit.neuron.index, unit.neuron.polarity), []) for rows_of in (sims_of, chosen_of))
-        ukey = _unit_key(records_key, unit, sims=u_sims, chosen=u_chosen, n_boot=n_boot, seed=seed, code=code)
-        rows += _memoised(memo, ukey, lambda: pipeline.score_stage(
-            [unit], pipeline._table(u_sims, "simulations"), pipeline._table(u_chosen, "explanations"), n_boot, seed
-        ).to_pylist())
+        ukey = _unit_key(records_key, unit, sims=_sims_digest(u_sims), chosen=u_chosen, n_boot=n_boot, seed=seed,
+                         code=code)
+        rows += _memoised(memo, ukey, lambda: pipeline.score_rows([unit], u_sims, u_chosen, n_boot, seed))
     write_table(pipeline._table(rows, "scores"), ref.path, "scores")
     write_manifest(ref.directory, "scores", key, {"simulations": str(simulations.directory)}, params, [ref.path.name])
     return ref
+
+
+def _sims_digest(rows: list[dict]) -> str:
+    """A unit's simulation rows, hashed: expected values by their float64 bytes (JSON of thousands
+    of floats per unit cost more than the scoring)."""
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(repr([r[k] for k in sorted(r) if k != "expected"]).encode())
+        h.update(b"-" if r["expected"] is None else np.asarray(r["expected"], dtype=np.float64).tobytes())
+    return h.hexdigest()
 
 
 def _by_unit(rows: list[dict]) -> dict[tuple[int, int], list[dict]]:

@@ -184,15 +184,22 @@ def simulate_stage(units: Sequence[UnitRecords], explanations: pa.Table, simulat
 
 def score_stage(units: Sequence[UnitRecords], simulations: pa.Table, explanations: pa.Table | None = None,
                 n_boot: int = 1000, seed: int = 0) -> pa.Table:
+    chosen = explanations.to_pylist() if explanations is not None else None
+    return _table(score_rows(units, simulations.to_pylist(), chosen, n_boot, seed), "scores")
+
+
+def score_rows(units: Sequence[UnitRecords], simulations: list[dict], explanations: list[dict] | None = None,
+               n_boot: int = 1000, seed: int = 0) -> list[dict]:
+    """`score_stage` on rows: simulation rows in, score rows out."""
     sims_of: dict[tuple, dict[int, dict]] = {}
     sim_cost: dict[tuple, int] = {}
-    for row in simulations.to_pylist():
+    for row in simulations:
         key = (row["unit"], row["polarity"], row["method"], row["simulator"])
         sims_of.setdefault(key, {})[row["window_id"]] = row
         sim_cost[key] = sim_cost.get(key, 0) + row["tokens"]
     cost = {}
     if explanations is not None:
-        for row in explanations.to_pylist():
+        for row in explanations:
             cost[(row["unit"], row["polarity"], row["method"])] = row["prompt_tokens"] + row["completion_tokens"]
     out = []
     for unit in units:
@@ -218,7 +225,7 @@ def score_stage(units: Sequence[UnitRecords], simulations: pa.Table, explanation
                             "n_records": s.n_records, "n_failed": s.n_failed,
                             "explainer_tokens": cost.get((u, pol, method), 0),
                             "simulator_tokens": sim_cost[(u, pol, method, sim_name)]})
-    return _table(out, "scores")
+    return out
 
 
 def _detection(srecs) -> scoring.Score:

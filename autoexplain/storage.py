@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable
@@ -155,25 +156,28 @@ class Memo:
     that touches a few units, recomputes only the units whose inputs changed.
 
     Local only, also under a URL root: they only speed up a rerun on the same machine, and pushing
-    thousands of small files would cost more than the units they save."""
+    thousands of small files would cost more than the units they save. Stored as pickles: a unit's
+    simulations are thousands of floats, which JSON encoded and decoded slower than the embedding
+    simulator computes them. Like any cache under `out`, they are trusted as this user's own files."""
 
     def __init__(self, root: str | os.PathLike, stage: str):
         self.dir = Path(root) / "memo" / stage
 
     def _path(self, key: str) -> Path:
-        return self.dir / key[:2] / f"{key}.json"
+        return self.dir / key[:2] / f"{key}.pkl"
 
     def get(self, key: str):
         path = self._path(key)
-        return json.loads(path.read_text()) if path.is_file() else None
+        try:
+            return pickle.loads(path.read_bytes())
+        except FileNotFoundError:
+            return None
 
     def put(self, key: str, value) -> None:
-        # Compact: a unit's simulations are thousands of floats, and indenting them costs more
-        # than computing them with the embedding simulator.
         path = self._path(key)
         tmp = _atomic_target(path)
         try:
-            tmp.write_text(json.dumps(value, separators=(",", ":")))
+            tmp.write_bytes(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
