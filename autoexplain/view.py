@@ -26,8 +26,10 @@ from __future__ import annotations
 import html
 import json
 import math
+import pickle
 import shutil
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -37,7 +39,7 @@ import polars as pl
 
 from autoexplain.errors import UserError
 from autoexplain.records import QUANTILE_BINS
-from autoexplain.storage import is_complete, read_manifest
+from autoexplain.storage import code_version, content_key, is_complete, read_manifest
 
 PRIMARY_METRIC = "top_and_random"
 METRICS = ("top_and_random", "random_only", "calibrated_r2", "calibrated_abs_dev_explained", "detection_auc")
@@ -159,12 +161,20 @@ def _rel_round_each(rows: list, scale: float) -> list[list]:
     return [flat[s:e] for s, e in zip([0, *ends[:-1]], ends)]
 
 
+def _json(data: Any) -> str:
+    """Compact JSON that is safe inside a <script>: no '<', '>', '&' or line separators."""
+    body = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return (body.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+            .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
+
+
+def _js_text(key: str, body: str) -> str:
+    return f"(window.__data=window.__data||{{}})[{json.dumps(key)}]={body};\n"
+
+
 def js_data(key: str, data: Any) -> str:
     """A script that stores `data` at `window.__data[key]`; safe to load with <script src>."""
-    body = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    body = (body.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-            .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
-    return f"(window.__data=window.__data||{{}})[{json.dumps(key)}]={body};\n"
+    return _js_text(key, _json(data))
 
 
 def _write_js(path: Path, key: str, data: Any) -> int:
@@ -365,27 +375,26 @@ def _pick_records(records, max_per_kind: int | None):
     return kept
 
 
-def _unit_detail(layer, unit, polarity, expl, scores, unit_records, sims, max_per_kind) -> dict:
-    detail: dict[str, Any] = {"layer": layer, "unit": unit, "polarity": polarity,
-                              "explanations": expl or {}, "scores": scores or {},
-                              "stats": None, "records": [], "top_tokens": [], "scale": None, "n_records": {}}
+def _records_part(unit_records, max_per_kind) -> dict:
+    """The part of a unit's page that its records alone decide: exemplars, statistics, top tokens.
+    It does not change when the unit is re-simulated, so a rebuild reuses it (see _RecordsCache)."""
+    part: dict[str, Any] = {"stats": None, "records": [], "top_tokens": [], "scale": None, "n_records": {}}
     if unit_records is None:
-        return detail
+        return part
     records = unit_records.records
     top_max = [r.max_activation for r in records if r.kind == "top"]
     scale = max(top_max) if top_max else max((r.max_activation for r in records), default=0.0)
     st = unit_records.stats
     if st is not None:
-        detail["stats"] = {"mean": _finite(st.mean), "std": _finite(st.std), "max": _finite(st.max),
-                           "frac_active": _finite(st.frac_active), "skewness": _finite(st.skewness),
-                           "kurtosis": _finite(st.kurtosis),
-                           "hist_edges": _rel_round(st.hist_edges, abs(st.max) or scale or 1.0),
-                           "hist_counts": [int(c) for c in st.hist_counts]}
+        part["stats"] = {"mean": _finite(st.mean), "std": _finite(st.std), "max": _finite(st.max),
+                         "frac_active": _finite(st.frac_active), "skewness": _finite(st.skewness),
+                         "kurtosis": _finite(st.kurtosis),
+                         "hist_edges": _rel_round(st.hist_edges, abs(st.max) or scale or 1.0),
+                         "hist_counts": [int(c) for c in st.hist_counts]}
         if not scale or scale <= 0:
             scale = _finite(st.max) or 0.0
     ref = abs(scale) if scale else 1.0
-    detail["scale"] = _finite(scale)
-    sims = sims or {}
+    part["scale"] = _finite(scale)
     rank = {"top": 0, "quantile": 0, "random": 0}
     out = []
     picked = _pick_records(records, max_per_kind)
@@ -394,15 +403,58 @@ def _unit_detail(layer, unit, polarity, expl, scores, unit_records, sims, max_pe
                 "a": rounded, "m": _finite(round(r.max_activation, 6))}
         item["i"] = rank.get(r.kind, 0)
         rank[r.kind] = item["i"] + 1
-        if r.window_id in sims:
-            item["sim"] = {k: v for k, v in sims[r.window_id].items() if k != "_failures"}
-            if "_failures" in sims[r.window_id]:
-                item["fail"] = sims[r.window_id]["_failures"]
         out.append(item)
-    detail["records"] = out
-    detail["n_records"] = {k: sum(r.kind == k for r in records) for k in ("top", "quantile", "random")}
-    detail["top_tokens"] = [[t, _r(mx, 6), _r(mn, 6), n, pk] for t, mx, mn, n, pk in _top_tokens(records)]
-    return detail
+    part["records"] = out
+    part["n_records"] = {k: sum(r.kind == k for r in records) for k in ("top", "quantile", "random")}
+    part["top_tokens"] = [[t, _r(mx, 6), _r(mn, 6), n, pk] for t, mx, mn, n, pk in _top_tokens(records)]
+    return part
+
+
+def _sims_part(sims: dict | None) -> dict:
+    """Window id -> {"sim": {method: expected}, "fail": {method: reason}}; the page puts each on its
+    exemplar (simulations exist for test-split windows, which are always shown)."""
+    out = {}
+    for w, by_method in (sims or {}).items():
+        entry = {"sim": {k: v for k, v in by_method.items() if k != "_failures"}}
+        if "_failures" in by_method:
+            entry["fail"] = by_method["_failures"]
+        out[str(w)] = entry
+    return out
+
+
+class _RecordsCache:
+    """Each unit's records part as finished JSON, kept beside the site and keyed by the records
+    output, the exemplar settings and this module's code: re-simulating a layer rebuilds its pages
+    without reading the records again (the bulk of a rebuild's time and of the pages' bytes)."""
+
+    def __init__(self, site_dir: Path, src: LayerSource, max_per_kind):
+        self.fragments: dict[str, str] = {}
+        self.path, self.changed = None, False
+        if src.records_dir is None:
+            return
+        key = content_key({"records": read_manifest(src.records_dir)["key"], "layer": src.layer,
+                           "max_per_kind": max_per_kind, "code": code_version("view", "activations", "records")})
+        self.path = site_dir / "cache" / f"L{src.layer}-records-{key}.pkl"
+        if self.path.is_file():
+            self.fragments = pickle.loads(zlib.decompress(self.path.read_bytes()))
+
+    def missing(self, names: list[str]) -> bool:
+        return any(n not in self.fragments for n in names)
+
+    def add(self, name: str, part: dict) -> None:
+        self.fragments[name] = _json(part)[1:-1]
+        self.changed = True
+
+    def save(self) -> None:
+        if not (self.path and self.changed):
+            return
+        for old in self.path.parent.glob(self.path.name.split("-records-")[0] + "-records-*.pkl"):
+            old.unlink(missing_ok=True)  # one cache per layer: the records of an earlier run go
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        # Level 1: a fifth of the size for about a second; the JSON of exemplars compresses well.
+        tmp.write_bytes(zlib.compress(pickle.dumps(self.fragments, protocol=pickle.HIGHEST_PROTOCOL), 1))
+        tmp.replace(self.path)
 
 
 def _records_reader(src: LayerSource):
@@ -547,7 +599,7 @@ def build_site(score_dirs: list[Path], site_dir: Path, records_dir: Path | None 
             _write_js(ldir / f"index_{k}.js", f"L{src.layer}/index/{k}",
                       _index_chunk(index.slice(k * chunk_size, chunk_size)))
         _write_js(ldir / "summary.js", f"L{src.layer}/summary", summary)
-        _write_units(src, units, scores, chosen, ldir / "u", max_per_kind, summary["unit_block"])
+        _write_units(src, units, scores, chosen, site_dir, max_per_kind, summary["unit_block"])
         if plots:
             from autoexplain.plots import plot_score_distribution
 
@@ -577,10 +629,12 @@ def build_site(score_dirs: list[Path], site_dir: Path, records_dir: Path | None 
     return site_dir / "index.html"
 
 
-def _write_units(src, units: pl.DataFrame, scores, chosen, udir: Path, max_per_kind, block: int) -> None:
+def _write_units(src, units: pl.DataFrame, scores, chosen, site_dir: Path, max_per_kind, block: int) -> None:
     """One file per `block` neurons (both polarities): data/L<layer>/u/<unit // block>.js."""
     expl, sc, sims_frame = _explanations_of(chosen), _scores_of(scores), _sims_frame(src)
     reader = _records_reader(src)
+    udir = site_dir / "data" / f"L{src.layer}" / "u"
+    cache = _RecordsCache(site_dir, src, max_per_kind) if reader else None
     keys = [(int(u), int(p)) for u, p in units.select("unit", "polarity").iter_rows()]
     position = {k: j for j, k in enumerate(keys)}
     L = src.layer
@@ -593,17 +647,24 @@ def _write_units(src, units: pl.DataFrame, scores, chosen, udir: Path, max_per_k
         if sum(len(groups[x]) for x in batch) < 1024 and n + 1 < len(groups):
             continue
         wanted = [k for x in batch for k in groups[x]]
-        recs = reader(wanted) if reader else {}
+        if cache is not None and cache.missing([unit_name(u, p) for u, p in wanted]):
+            recs = reader(wanted)
+            for u, p in wanted:
+                cache.add(unit_name(u, p), _records_part(recs.get((u, p)), max_per_kind))
         sims = _sims_of(sims_frame, wanted)
         for x in batch:
-            out = {}
+            parts = []
             for u, p in groups[x]:
-                detail = _unit_detail(L, u, p, expl.get((u, p)), sc.get((u, p)), recs.get((u, p)),
-                                      sims.get((u, p)), max_per_kind)
                 j = position[(u, p)]
-                detail["prev"] = unit_key(L, *keys[j - 1]) if j > 0 else None
-                detail["next"] = unit_key(L, *keys[j + 1]) if j + 1 < len(keys) else None
-                detail["other"] = unit_key(L, u, -p) if (u, -p) in position else None
-                out[unit_name(u, p)] = detail
-            _write_js(udir / f"{x}.js", f"L{L}/u/{x}", out)
+                detail = {"layer": L, "unit": u, "polarity": p, "explanations": expl.get((u, p)) or {},
+                          "scores": sc.get((u, p)) or {}, "sims": _sims_part(sims.get((u, p))),
+                          "prev": unit_key(L, *keys[j - 1]) if j > 0 else None,
+                          "next": unit_key(L, *keys[j + 1]) if j + 1 < len(keys) else None,
+                          "other": unit_key(L, u, -p) if (u, -p) in position else None}
+                records = cache.fragments[unit_name(u, p)] if cache is not None else _json(_records_part(None, max_per_kind))[1:-1]
+                parts.append(f"{_json(unit_name(u, p))}:{{{_json(detail)[1:-1]},{records}}}")
+            text = _js_text(f"L{L}/u/{x}", "{" + ",".join(parts) + "}")
+            (udir / f"{x}.js").write_bytes(text.encode("utf-8", errors="replace"))
         batch = []
+    if cache is not None:
+        cache.save()

@@ -452,6 +452,11 @@
       load("L" + L + "/u/" + block, "data/L" + L + "/u/" + block + ".js").then(function (group) {
         var d = Object.prototype.hasOwnProperty.call(group, u + sign(p)) ? group[u + sign(p)] : null;
         if (!d) throw new Error("unit " + unitName(u, p) + " is not in layer " + L);
+        // Simulations come apart from the exemplars (those are reused across re-simulations).
+        (d.records || []).forEach(function (r) {
+          var s = d.sims && Object.prototype.hasOwnProperty.call(d.sims, String(r.w)) ? d.sims[String(r.w)] : null;
+          if (s) { r.sim = s.sim; if (s.fail) r.fail = s.fail; }
+        });
         state.data = d;
         draw(d);
         document.body.setAttribute("data-ready", "1");
