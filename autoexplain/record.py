@@ -183,7 +183,7 @@ def record_layers(
     params = {k: v for k, v in asdict(cfg).items() if k not in ("layers", "batch_size")}
     inputs = {"windows": windows.key, "subject": subject.fingerprint}
     key = content_key({"inputs": inputs, "params": params, "layers": layers,
-                       "code": code_version("record", "selection", "subject")})
+                       "code": code_version("record", "selection", "subject", "fused")})
     directory = stage_dir(out_root, "records", key)
     ref = RecordsRef(directory, key, layers, windows.n_windows)
     if is_complete(directory):

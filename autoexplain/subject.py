@@ -2,8 +2,9 @@
 
 A neuron is one input feature of the MLP's output projection: the post-activation of GPT-2-style
 MLPs, and `act(gate) * up` in gated MLPs (Llama, SmolLM2, Qwen, Gemma). We read it with a forward
-pre-hook on that projection, so no model code is patched. The pass stops right after the highest
-requested layer: the layers above it and the lm_head are never run.
+pre-hook on that projection, so no model code is patched; Llama-style models instead take the fused
+pass of `autoexplain.fused`, the same computation in fewer, larger steps. Either pass stops right
+after the highest requested layer: the layers above it and the lm_head are never run.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class Subject:
     n_units: int
     load_seconds: float = 0.0
     fingerprint: str = ""
-    _captured: dict = field(default_factory=dict, repr=False)
+    _fused: object = field(default=None, repr=False)
 
     @property
     def n_layers(self) -> int:
@@ -90,10 +91,25 @@ class Subject:
         """Each id decoded alone, so byte-level markers become readable text."""
         return [self.tokenizer.decode([i]) for i in ids]
 
+    @property
+    def fused(self):
+        """The fused pass (autoexplain.fused) when this model's layout has one, else None.
+        Built on first use: its rearranged weights are only worth their memory when recording."""
+        if self._fused is None:
+            from autoexplain import fused
+
+            use = os.environ.get("AUTOEXPLAIN_FUSED", "1") != "0" and fused.supports(self.model)
+            self._fused = fused.FusedLlama(self.model) if use else False
+        return self._fused or None
+
     @torch.inference_mode()
-    def mlp_activations(self, input_ids: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
-        """Neuron activations (B, T, units) for each requested layer, from one truncated pass."""
+    def mlp_activations(self, input_ids: torch.Tensor, layers: list[int], hooked: bool = False) -> dict[int, torch.Tensor]:
+        """Neuron activations (B, T, units) for each requested layer, from one truncated pass:
+        the fused pass where the model has one, else (or with `hooked`) Hugging Face's own forward
+        with a pre-hook on each requested output projection."""
         COUNTS["subject_forward"] += 1
+        if not hooked and self.fused is not None:
+            return self.fused.activations(input_ids.to(self.device), layers)
         top = max(layers)
         handles = []
         captured: dict[int, torch.Tensor] = {}

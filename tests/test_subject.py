@@ -21,7 +21,7 @@ def test_llama_units_are_gated_product(tiny_llama_dir):
     subject = load_subject(tiny_llama_dir)
     assert (subject.n_layers, subject.n_units) == (3, 48)
     ids = torch.randint(0, 1000, (2, 8))
-    acts = subject.mlp_activations(ids, [1])[1]
+    acts = subject.mlp_activations(ids, [1], hooked=True)[1]
 
     # Recompute layer 1's MLP input by hand from the hidden state entering that layer.
     mlp = subject.model.model.layers[1].mlp
@@ -45,13 +45,20 @@ def test_gpt2_units_are_post_activation(tiny_gpt2_dir):
     assert set(acts) == {0, 1}
 
 
-def test_pass_stops_after_top_layer(tiny_llama_dir):
+@pytest.mark.parametrize("hooked", [True, False])
+def test_pass_stops_after_top_layer(tiny_llama_dir, hooked):
     subject = load_subject(tiny_llama_dir)
     calls = []
+    # The fused pass never calls the modules, so watch the weights it reads instead.
     handle = subject.model.model.layers[2].register_forward_hook(lambda *a: calls.append(1))
-    subject.mlp_activations(torch.randint(0, 1000, (1, 8)), [0])
+    blocks = subject.fused.blocks if subject.fused else []
+    if blocks:
+        blocks[1].w_down = None  # the top layer's down_proj and everything above must stay unread
+        blocks[2].w_qkv = None
+    out = subject.mlp_activations(torch.randint(0, 1000, (1, 8)), [0, 1], hooked=hooked)
     handle.remove()
     assert calls == [], "layers above the highest recorded one must not run"
+    assert set(out) == {0, 1}
 
 
 def test_default_dtype_is_bf16(tiny_llama_dir):

@@ -1,0 +1,156 @@
+"""A fused forward pass for Llama-style subjects, used when recording.
+
+Recording is bound by the subject's forward pass. Hugging Face's Llama code runs q, k and v, and
+gate and up, as separate matrix products, widens every RMSNorm to float32 with half a dozen passes
+over the hidden state, recomputes the rotary tables on every call and adds residuals as separate
+passes. On a 2-core CPU the products run near the bf16 GEMM rate, but the rest costs about a quarter
+of the pass. This module computes the same neurons from the same weights with fewer, larger steps:
+
+- q|k|v and gate|up are each one product against a concatenated weight;
+- each RMSNorm weight is folded into the product that follows it (W @ (w * x) == (W * w) @ x);
+- the residual adds ride on the output products (`addmm` with the residual as its bias);
+- rotary tables come from the model's own rotary module once per window length, and q and k are
+  rotated together;
+- grouped-query attention reads each key-value head once for its group of query heads.
+
+It is used only for configurations whose computation it reproduces (see `supports`); every other
+model takes the hooked Hugging Face pass. A test checks the two against each other in float32
+(equal to rounding) and bf16 (equal within bf16 rounding).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+
+
+def supports(model: torch.nn.Module) -> bool:
+    """Whether `model` is a Llama-style decoder this pass reproduces exactly."""
+    cfg = getattr(model, "config", None)
+    inner = getattr(model, "model", None)
+    if cfg is None or inner is None or getattr(cfg, "model_type", None) not in SUPPORTED_TYPES:
+        return False
+    if getattr(cfg, "hidden_act", None) != "silu" or getattr(cfg, "pretraining_tp", 1) != 1:
+        return False
+    # Sliding-window attention would mask what plain causal attention sees.
+    if getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True):
+        return False
+    layers = getattr(inner, "layers", None)
+    if layers is None or not hasattr(inner, "rotary_emb") or not hasattr(inner, "embed_tokens"):
+        return False
+    block = layers[0]
+    needed = ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")
+    if not all(hasattr(block, n) for n in needed):
+        return False
+    attn, mlp = block.self_attn, block.mlp
+    return all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling")) and \
+        all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj"))
+
+
+class _Block:
+    """One decoder layer's weights, rearranged for the fused pass."""
+
+    def __init__(self, layer, cfg):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = attn.q_proj.weight.shape[0] // self.n_heads
+        self.scaling = attn.scaling
+        self.eps1 = layer.input_layernorm.variance_epsilon
+        self.eps2 = layer.post_attention_layernorm.variance_epsilon
+        w1, w2 = layer.input_layernorm.weight.float(), layer.post_attention_layernorm.weight.float()
+        dtype = attn.q_proj.weight.dtype
+        qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).float() * w1
+        self.w_qkv = qkv.to(dtype).t()  # (hidden, q+k+v): a transposed view is what mm wants
+        self.b_qkv = _cat_bias(attn.q_proj, attn.k_proj, attn.v_proj)
+        self.w_o, self.b_o = attn.o_proj.weight.t(), attn.o_proj.bias
+        gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).float() * w2
+        self.w_gu = gate_up.to(dtype).t()
+        self.b_gu = _cat_bias(mlp.gate_proj, mlp.up_proj)
+        self.w_down, self.b_down = mlp.down_proj.weight.t(), mlp.down_proj.bias
+        self.n_units = mlp.gate_proj.weight.shape[0]
+
+
+def _cat_bias(*linears):
+    biases = [m.bias for m in linears]
+    if all(b is None for b in biases):
+        return None
+    return torch.cat([b if b is not None else torch.zeros(m.weight.shape[0], dtype=m.weight.dtype, device=m.weight.device)
+                      for b, m in zip(biases, linears)])
+
+
+def _normed(h: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm without its weight (folded into the next product), computed in float32 as HF does."""
+    return F.rms_norm(h.float(), (h.shape[-1],), eps=eps).to(h.dtype)
+
+
+def _linear(x: torch.Tensor, w_t: torch.Tensor, bias, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w_t (+ bias) (+ residual) on 2-D rows; the residual is the addmm's input, so no extra pass."""
+    if residual is not None:
+        out = torch.addmm(residual, x, w_t)
+        return out if bias is None else out.add_(bias)
+    return torch.mm(x, w_t) if bias is None else torch.addmm(bias, x, w_t)
+
+
+def _attention(q, k, v, scaling: float, mask: torch.Tensor) -> torch.Tensor:
+    """Causal attention over (B, T, heads, D) inputs, as (B*T, H*D) rows for the output product.
+
+    Query heads that share a key-value head are stacked along the query axis, so K and V are read
+    once per group, never copied per head. Logits come out of a bf16 product and the softmax runs in
+    float32, as in HF's eager attention. For 64-token windows this is about 1.3x faster on CPU than
+    SDPA's flash kernel, whose tiling is built for long sequences."""
+    B, T, H, D = q.shape
+    K = k.shape[2]
+    q = q.permute(0, 2, 1, 3).reshape(B, K, (H // K) * T, D)
+    scores = torch.matmul(q, k.permute(0, 2, 3, 1)).view(B, K, H // K, T, T)
+    probs = torch.softmax(scores.float().mul_(scaling).add_(mask), dim=-1).to(v.dtype)
+    out = torch.matmul(probs.view(B, K, (H // K) * T, T), v.transpose(1, 2))  # (B, K, G*T, D)
+    return out.view(B, H, T, D).transpose(1, 2).reshape(B * T, H * D)
+
+
+class FusedLlama:
+    """The truncated forward pass of a Llama-style model, returning MLP hidden units per layer."""
+
+    def __init__(self, model: torch.nn.Module):
+        inner = model.model
+        self.model = model
+        self.embed = inner.embed_tokens
+        self.rotary = inner.rotary_emb
+        self.blocks = [_Block(layer, model.config) for layer in inner.layers]
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _rotary(self, h: torch.Tensor, T: int):
+        key = (T, h.dtype, h.device)
+        if key not in self._tables:
+            positions = torch.arange(T, device=h.device)[None]
+            cos, sin = self.rotary(h[:1, :T], positions)  # (1, T, D), already in h's dtype
+            self._tables[key] = (cos[0, :, None, :], sin[0, :, None, :])  # broadcast over heads
+        return self._tables[key]
+
+    @torch.inference_mode()
+    def activations(self, input_ids: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+        B, T = input_ids.shape
+        wanted, top = set(layers), max(layers)
+        h = self.embed(input_ids).reshape(B * T, -1)
+        cos, sin = self._rotary(h.view(B, T, -1), T)
+        mask = torch.full((T, T), float("-inf"), device=h.device).triu_(1)
+        out: dict[int, torch.Tensor] = {}
+        for i, blk in enumerate(self.blocks[: top + 1]):
+            H, K, D = blk.n_heads, blk.n_kv, blk.head_dim
+            qkv = _linear(_normed(h, blk.eps1), blk.w_qkv, blk.b_qkv).view(B, T, H + 2 * K, D)
+            qk, v = qkv[:, :, : H + K], qkv[:, :, H + K :]
+            half = D // 2
+            rotated = torch.cat([-qk[..., half:], qk[..., :half]], dim=-1)
+            qk = qk * cos + rotated * sin
+            attn = _attention(qk[:, :, :H], qk[:, :, H:], v, blk.scaling, mask)
+            h = _linear(attn, blk.w_o, blk.b_o, residual=h)
+            gu = _linear(_normed(h, blk.eps2), blk.w_gu, blk.b_gu)
+            units = F.silu(gu[:, : blk.n_units]).mul_(gu[:, blk.n_units :])
+            if i in wanted:
+                out[i] = units.view(B, T, -1)
+            if i == top:
+                break
+            h = _linear(units, blk.w_down, blk.b_down, residual=h)
+        return out
