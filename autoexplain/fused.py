@@ -82,8 +82,9 @@ def _cat_bias(*linears):
 
 
 def _normed(h: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm without its weight (folded into the next product), computed in float32 as HF does."""
-    return F.rms_norm(h.float(), (h.shape[-1],), eps=eps).to(h.dtype)
+    """RMSNorm without its weight (folded into the next product). PyTorch's fused kernel accumulates
+    bf16 input in float32, as HF's explicit upcast does, without the two copies."""
+    return F.rms_norm(h, (h.shape[-1],), eps=eps)
 
 
 def _linear(x: torch.Tensor, w_t: torch.Tensor, bias, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -92,6 +93,15 @@ def _linear(x: torch.Tensor, w_t: torch.Tensor, bias, residual: torch.Tensor | N
         out = torch.addmm(residual, x, w_t)
         return out if bias is None else out.add_(bias)
     return torch.mm(x, w_t) if bias is None else torch.addmm(bias, x, w_t)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, x * cos + rotate_half(x) * sin, without building rotate_half(x)."""
+    half = x.shape[-1] // 2
+    out = x * cos
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)
+    out[..., half:].addcmul_(x[..., :half], sin[..., half:])
+    return out
 
 
 def _attention(q, k, v, scaling: float, mask: torch.Tensor) -> torch.Tensor:
@@ -141,9 +151,7 @@ class FusedLlama:
             H, K, D = blk.n_heads, blk.n_kv, blk.head_dim
             qkv = _linear(_normed(h, blk.eps1), blk.w_qkv, blk.b_qkv).view(B, T, H + 2 * K, D)
             qk, v = qkv[:, :, : H + K], qkv[:, :, H + K :]
-            half = D // 2
-            rotated = torch.cat([-qk[..., half:], qk[..., :half]], dim=-1)
-            qk = qk * cos + rotated * sin
+            qk = _rotate(qk, cos, sin)
             attn = _attention(qk[:, :, :H], qk[:, :, H:], v, blk.scaling, mask)
             h = _linear(attn, blk.w_o, blk.b_o, residual=h)
             gu = _linear(_normed(h, blk.eps2), blk.w_gu, blk.b_gu)

@@ -3,6 +3,7 @@
 Measures, in one process so that machine noise hits every number alike:
 - bf16 GEMM throughput, and from it the forward roofline for the layers actually run;
 - the bare truncated forward pass, and the full recording pass (selection included);
+- Hugging Face's own hooked forward on the first batches, against the fused pass (`autoexplain.fused`);
 - model load time, first (dequantise GGUF) and cached.
 Peak RSS is measured per corpus size in child processes (`--rss`), since maxrss only grows.
 
@@ -64,7 +65,7 @@ class GemmProbe:
         return sum(self.rates) / len(self.rates)
 
 
-def measure(tokens: int, layer: int | None, batch_size: int) -> dict:
+def measure(tokens: int, layer: int | None, batch_size: int, hooked_batches: int = 60) -> dict:
     from autoexplain.record import RecordConfig, _windows_batches, build_windows, record_layers
     from autoexplain.subject import load_subject
 
@@ -87,6 +88,18 @@ def measure(tokens: int, layer: int | None, batch_size: int) -> dict:
     record_layers(subject, windows, RecordConfig([layer], batch_size=batch_size), out, progress=record_probe)
     record_s = time.perf_counter() - start - record_probe.spent
 
+    # Hugging Face's own forward with a pre-hook (the path for layouts without a fused pass), on the
+    # first batches only: enough to compare, and the comparison is what it is for.
+    hooked_probe, hooked_tok = GemmProbe(every=10), 0
+    start = time.perf_counter()
+    for n, (_ids, input_ids) in enumerate(_windows_batches(windows, batch_size)):
+        if n == hooked_batches:
+            break
+        subject.mlp_activations(input_ids, [layer], hooked=True)
+        hooked_tok += input_ids.numel()
+        hooked_probe()
+    hooked_s = time.perf_counter() - start - hooked_probe.spent
+
     fpt = flops_per_token(subject, layer, 64)
     bare_roof, record_roof = bare_probe.gflops * 1e9 / fpt, record_probe.gflops * 1e9 / fpt
     gflops = (bare_probe.gflops + record_probe.gflops) / 2
@@ -105,6 +118,10 @@ def measure(tokens: int, layer: int | None, batch_size: int) -> dict:
         "record_tok_s": round(n_tok / record_s),
         "record_pct_of_roofline": round(100 * n_tok / record_s / record_roof, 1),
         "bare_pct_of_roofline": round(100 * n_tok / bare_s / bare_roof, 1),
+        "fused_pass": subject.fused is not None,
+        "hooked_hf_forward_tok_s": round(hooked_tok / hooked_s) if hooked_tok else None,
+        "hooked_hf_pct_of_roofline": round(100 * hooked_tok / hooked_s / (hooked_probe.gflops * 1e9 / fpt), 1)
+        if hooked_tok else None,
         "selection_overhead_pct": round(100 * (record_s - bare_s) / bare_s, 1),
     }
 
