@@ -42,7 +42,6 @@ import re
 import string
 from collections import OrderedDict
 from functools import lru_cache
-from itertools import chain
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -118,7 +117,11 @@ def literal_hits(tokens: Sequence[str], literals: set[str], keys=None) -> np.nda
     """Tokens a quoted literal names: those whose whole word is the literal, or that are the literal
     piece continuing a word ("'ing'" names the suffix piece; "'God'" is not ' God' in 'Godhead')."""
     words, pieces = keys or literal_keys(tokens)
-    return np.array([w in literals or (p != "" and p in literals) for w, p in zip(words, pieces)], dtype=bool)
+    named = np.array(sorted(lit for lit in literals if lit), dtype=str)
+    if not named.size:
+        return np.zeros(len(words), dtype=bool)
+    # Vectorised string equality: a stage tests thousands of tokens per quoting explanation.
+    return np.isin(np.asarray(words, dtype=str), named) | np.isin(np.asarray(pieces, dtype=str), named)
 
 
 @lru_cache(maxsize=1 << 16)
@@ -136,18 +139,21 @@ def ortho_class(token: str) -> str | None:
 
 
 @lru_cache(maxsize=1 << 15)
-def _surface(tokens: tuple[str, ...]) -> tuple[list[str], tuple[list[str], list[str]], np.ndarray]:
+def _surface(tokens: tuple[str, ...]) -> tuple[list[str], tuple[np.ndarray, np.ndarray], np.ndarray]:
     """What a window's tokens alone decide: each token's whole word, its literal keys and its
     surface class. Shared by every simulator in the process (random windows recur in every unit)."""
     ortho = np.array([_ORTHO_INDEX.get(ortho_class(t), -1) for t in tokens], dtype=np.int8)
     ortho.flags.writeable = False
-    return word_of_each_token(tokens), literal_keys(tokens), ortho
+    keys = tuple(np.array(k, dtype=str) for k in literal_keys(tokens))
+    for k in keys:
+        k.flags.writeable = False
+    return word_of_each_token(tokens), keys, ortho
 
 
 @dataclass
 class _Window:
     tokens: tuple[str, ...]  # the cache key itself
-    literal_keys: tuple[list[str], list[str]]  # see literal_keys()
+    literal_keys: tuple[np.ndarray, np.ndarray]  # literal_keys() as string arrays
     words: np.ndarray  # (T,) row of each token's whole word in the simulator's table, -1 if blank
     contexts: np.ndarray | None  # (T,) rows of local contexts, when the context channel is on
     ortho: np.ndarray  # (T,) index into ORTHO_CLASSES, -1 for none
@@ -283,7 +289,10 @@ class EmbeddingSimulator:
                 vocab = [line.strip() for line in f]
             # Entries from 1996 on are whole words, roughly by frequency ("the", "of", "and", ...).
             words = [w for w in vocab[1996:] if w.isalpha() and len(w) > 1][:N_BACKGROUND]
-            self._background = self._encode(words)
+            from autoexplain.wordvecs import machine_cached
+
+            self._background = machine_cached("simulator-background", [self.encoding, self.model_path, *words],
+                                              lambda: self._encode(words))
             classes, competitors = self._prompt
             self._descriptions = self._encode(classes + competitors)
 
@@ -414,7 +423,7 @@ class EmbeddingSimulator:
             mixed = (1 - self.context_weight) * z + self.context_weight * lookup(np.concatenate([w.contexts for w in windows]))
             z = np.where((words < 0)[:, None], z, mixed)
         if any(lits for lits, _ in ex.literals):
-            keys = [list(chain.from_iterable(w.literal_keys[i] for w in windows)) for i in (0, 1)]
+            keys = [np.concatenate([w.literal_keys[i] for w in windows]) for i in (0, 1)]
             for u, (lits, only) in enumerate(ex.literals):
                 if lits:
                     hit = literal_hits((), lits, keys)

@@ -12,3 +12,7 @@ class UserError(Exception):
         self.problem = problem
         self.fix = fix
         super().__init__(f"{problem} — {fix}" if fix else problem)
+
+    def __reduce__(self):
+        # Keep problem and fix apart across processes (a stage run in a worker process).
+        return (type(self), (self.problem, self.fix))

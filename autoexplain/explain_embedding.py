@@ -22,7 +22,6 @@ are scored beside them, so any bias this gives shows up as a smaller margin over
 from __future__ import annotations
 
 import hashlib
-import os
 from collections import defaultdict
 from typing import Sequence
 
@@ -98,20 +97,10 @@ class EmbeddingExplainer:
             self._vocab_vectors = self._cached_vectors(self._vocab)
 
     def _cached_vectors(self, words: list[str]) -> np.ndarray:
-        """The naming vocabulary's embeddings, kept in the machine's cache: they depend only on the
-        embedder and the word list, and take a minute to compute on two cores."""
-        from autoexplain import defaults
+        """The naming vocabulary's embeddings: they take a minute to compute on two cores."""
+        from autoexplain.wordvecs import machine_cached
 
-        digest = hashlib.sha256(("\n".join([self.model_path, *words])).encode()).hexdigest()[:16]
-        path = defaults.cache_root() / "naming-vocabulary" / f"{digest}.npy"
-        if path.is_file():
-            return np.load(path)
-        vectors = self._encode(words)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
-        np.save(tmp, vectors)
-        os.replace(tmp, path)
-        return vectors
+        return machine_cached("naming-vocabulary", [self.model_path, *words], lambda: self._encode(words))
 
     def _embed_words(self, words: list[str]) -> np.ndarray:
         new = list(dict.fromkeys(w for w in words if w not in self._words))

@@ -300,6 +300,15 @@ def run_score(records_dir, simulations: StageRef, out, n_boot: int = 1000, seed:
     return ref
 
 
+def run_score_counted(*args, **kwargs) -> tuple[StageRef, dict[str, int]]:
+    """`run_score` and the call counts it added: for a run in another process, whose counts the
+    caller adds to its own."""
+    from autoexplain.counters import since, snapshot
+
+    before = snapshot()
+    return run_score(*args, **kwargs), since(before)
+
+
 def _sims_digest(rows: list[dict]) -> str:
     """A unit's simulation rows, hashed: expected values by their float64 bytes (JSON of thousands
     of floats per unit cost more than the scoring)."""

@@ -10,8 +10,11 @@ like any other stage's, and every shard reads the same vectors.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import threading
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -62,3 +65,21 @@ def word_table(windows_path: str | Path, windows_key: str, out: str | Path, enco
         vectors = table.column("vector").combine_chunks().flatten().to_numpy().reshape(len(words), -1)
         _loaded[path] = (words, vectors)
         return _loaded[path]
+
+
+def machine_cached(kind: str, identity: list[str], compute: Callable[[], np.ndarray]) -> np.ndarray:
+    """Vectors that depend only on `identity` (the embedder, how it is run, the texts), kept in the
+    machine's cache: fixed word lists such as a background or a naming vocabulary would otherwise
+    be embedded again by every process that starts."""
+    from autoexplain import defaults
+
+    digest = hashlib.sha256("\n".join(identity).encode()).hexdigest()[:16]
+    path = defaults.cache_root() / kind / f"{digest}.npy"
+    if path.is_file():
+        return np.load(path)
+    vectors = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+    np.save(tmp, vectors)
+    os.replace(tmp, path)
+    return vectors

@@ -17,7 +17,11 @@ folder's URL, from which a task on another machine pulls it (`local_ref`).
 from __future__ import annotations
 
 import functools
+import multiprocessing
+import os
 import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from functools import lru_cache
 from pathlib import Path
 
@@ -29,6 +33,7 @@ from prefect.tasks import exponential_backoff
 from autoexplain import layer as layer_mod
 from autoexplain import progress as progress_mod
 from autoexplain import remote
+from autoexplain.counters import COUNTS
 from autoexplain.errors import UserError
 from autoexplain.explain import explainer_prompt_hash, prompt_hash
 from autoexplain.pipeline import ExplainConfig
@@ -164,10 +169,16 @@ def _one_at_a_time(fn):
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
-        with _MODELS:
+        with _models_lock():
             return fn(*args, **kwargs)
 
     return run
+
+
+def _models_lock() -> threading.RLock:
+    """The lock, reached through a module function: dask pickles a task's function by value, and a
+    lock it captured directly cannot be pickled; a module function is pickled by reference."""
+    return _MODELS
 
 
 def _load_once(fn):
@@ -231,7 +242,7 @@ def own_simulator(spec: str):
         return _Serialised(shared._inner.fresh())
 
 
-@task(name="record", cache_key_fn=_key("record", ("corpus", "record", "selection", "subject")), **RETRY)
+@task(name="record", cache_key_fn=_key("record", ("corpus", "record", "selection", "subject", "fused")), **RETRY)
 def record_task(model: str, corpus: str, layers: list[int], tokens: int, out: str, window_len: int = 64,
                 top_k: int = 40, n_random: int = 30, seed: int = 0) -> dict:
     out = open_root(out)
@@ -286,13 +297,40 @@ def simulate_task(records: dict, explanations: dict, simulator: str, simulator_i
     return ref(result)
 
 
+_SCORER: ProcessPoolExecutor | None = None
+_SCORER_LOCK = threading.Lock()
+
+
+def _score(*args):
+    """`run_score` in a long-lived worker process, so that a shard's scoring runs on the second core
+    while the next shard is simulated here (both stages are Python-bound: threads would share one
+    core). In a daemonic process (a dask worker), which may not start children, or with
+    AUTOEXPLAIN_SCORE_WORKER=0, it runs here under the stage lock instead. The worker's call counts
+    are added to this process's."""
+    global _SCORER
+    if multiprocessing.current_process().daemon or os.environ.get("AUTOEXPLAIN_SCORE_WORKER", "1") == "0":
+        with _MODELS:
+            return layer_mod.run_score(*args)
+    with _SCORER_LOCK:
+        if _SCORER is None:
+            _SCORER = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        scorer = _SCORER
+    try:
+        result, counts = scorer.submit(layer_mod.run_score_counted, *args).result()
+    except BrokenProcessPool:
+        with _SCORER_LOCK:  # the worker died (killed, out of memory): the retry starts a new one
+            if _SCORER is scorer:
+                _SCORER = None
+        raise
+    COUNTS.update(counts)
+    return result
+
+
 @task(name="score", cache_key_fn=_key("score", layer_mod.SCORE_CODE + ("layer",)), **RETRY)
-@_one_at_a_time
 def score_task(records: dict, simulations: dict, n_boot: int = 1000, out: str = "out") -> dict:
     log = get_run_logger()
     records, simulations, out = local_ref(records), local_ref(simulations), open_root(out)
-    result = layer_mod.run_score(records["path"], layer_mod.StageRef.of(Path(simulations["path"]).parent), out,
-                                 n_boot)
+    result = _score(records["path"], layer_mod.StageRef.of(Path(simulations["path"]).parent), out, n_boot)
     _contract(result.path, "scores")
     log.info(f"scored {simulations['path']}")
     return ref(result)
