@@ -128,8 +128,14 @@ class FusedLlama:
         self.model = model
         self.embed = inner.embed_tokens
         self.rotary = inner.rotary_emb
-        self.blocks = [_Block(layer, model.config) for layer in inner.layers]
+        self._layers, self._blocks = inner.layers, {}
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def block(self, i: int) -> _Block:
+        """Layer i's rearranged weights, made on first use: a pass up to layer 15 of 30 copies half."""
+        if i not in self._blocks:
+            self._blocks[i] = _Block(self._layers[i], self.model.config)
+        return self._blocks[i]
 
     def _rotary(self, h: torch.Tensor, T: int):
         key = (T, h.dtype, h.device)
@@ -147,7 +153,8 @@ class FusedLlama:
         cos, sin = self._rotary(h.view(B, T, -1), T)
         mask = torch.full((T, T), float("-inf"), device=h.device).triu_(1)
         out: dict[int, torch.Tensor] = {}
-        for i, blk in enumerate(self.blocks[: top + 1]):
+        for i in range(top + 1):
+            blk = self.block(i)
             H, K, D = blk.n_heads, blk.n_kv, blk.head_dim
             qkv = _linear(_normed(h, blk.eps1), blk.w_qkv, blk.b_qkv).view(B, T, H + 2 * K, D)
             qk, v = qkv[:, :, : H + K], qkv[:, :, H + K :]

@@ -123,6 +123,7 @@ def measure(tokens: int, layer: int | None, batch_size: int, hooked_batches: int
         "hooked_hf_pct_of_roofline": round(100 * hooked_tok / hooked_s / (hooked_probe.gflops * 1e9 / fpt), 1)
         if hooked_tok else None,
         "selection_overhead_pct": round(100 * (record_s - bare_s) / bare_s, 1),
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
     }
 
 

@@ -301,14 +301,15 @@ _SCORER: ProcessPoolExecutor | None = None
 _SCORER_LOCK = threading.Lock()
 
 
-def _score(*args):
+def _score(*args, here: bool = False):
     """`run_score` in a long-lived worker process, so that a shard's scoring runs on the second core
     while the next shard is simulated here (both stages are Python-bound: threads would share one
-    core). In a daemonic process (a dask worker), which may not start children, or with
-    AUTOEXPLAIN_SCORE_WORKER=0, it runs here under the stage lock instead. The worker's call counts
-    are added to this process's."""
+    core). It runs here, under the stage lock, when `here` is set (outputs under a URL: their mirror
+    is registered in this process only), in a daemonic process (a dask worker), which may not start
+    children, or with AUTOEXPLAIN_SCORE_WORKER=0. The worker's call counts are added to this
+    process's."""
     global _SCORER
-    if multiprocessing.current_process().daemon or os.environ.get("AUTOEXPLAIN_SCORE_WORKER", "1") == "0":
+    if here or multiprocessing.current_process().daemon or os.environ.get("AUTOEXPLAIN_SCORE_WORKER", "1") == "0":
         with _MODELS:
             return layer_mod.run_score(*args)
     with _SCORER_LOCK:
@@ -329,8 +330,10 @@ def _score(*args):
 @task(name="score", cache_key_fn=_key("score", layer_mod.SCORE_CODE + ("layer",)), **RETRY)
 def score_task(records: dict, simulations: dict, n_boot: int = 1000, out: str = "out") -> dict:
     log = get_run_logger()
+    on_url = remote.is_url(out)
     records, simulations, out = local_ref(records), local_ref(simulations), open_root(out)
-    result = _score(records["path"], layer_mod.StageRef.of(Path(simulations["path"]).parent), out, n_boot)
+    result = _score(records["path"], layer_mod.StageRef.of(Path(simulations["path"]).parent), out, n_boot,
+                    here=on_url)
     _contract(result.path, "scores")
     log.info(f"scored {simulations['path']}")
     return ref(result)

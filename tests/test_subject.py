@@ -51,14 +51,14 @@ def test_pass_stops_after_top_layer(tiny_llama_dir, hooked):
     calls = []
     # The fused pass never calls the modules, so watch the weights it reads instead.
     handle = subject.model.model.layers[2].register_forward_hook(lambda *a: calls.append(1))
-    blocks = subject.fused.blocks if subject.fused else []
-    if blocks:
-        blocks[1].w_down = None  # the top layer's down_proj and everything above must stay unread
-        blocks[2].w_qkv = None
+    if subject.fused:
+        subject.fused.block(1).w_down = None  # the top layer's down_proj must stay unread
     out = subject.mlp_activations(torch.randint(0, 1000, (1, 8)), [0, 1], hooked=hooked)
     handle.remove()
     assert calls == [], "layers above the highest recorded one must not run"
     assert set(out) == {0, 1}
+    if subject.fused and not hooked:
+        assert sorted(subject.fused._blocks) == [0, 1], "no weights above the top layer are even copied"
 
 
 def test_default_dtype_is_bf16(tiny_llama_dir):
