@@ -26,10 +26,8 @@ from __future__ import annotations
 import html
 import json
 import math
-import pickle
 import shutil
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -423,9 +421,11 @@ def _sims_part(sims: dict | None) -> dict:
 
 
 class _RecordsCache:
-    """Each unit's records part as finished JSON, kept beside the site and keyed by the records
-    output, the exemplar settings and this module's code: re-simulating a layer rebuilds its pages
-    without reading the records again (the bulk of a rebuild's time and of the pages' bytes)."""
+    """Each unit's records part as finished JSON, kept in the site's hidden `.cache` folder (not
+    uploaded with the site) and keyed by the records output, the exemplar settings and this
+    module's code: re-simulating a layer rebuilds its pages without reading the records again (the
+    bulk of a rebuild's time and of the pages' bytes). JSON, not pickle: a site folder gets copied
+    and published, and loading it must never run code."""
 
     def __init__(self, site_dir: Path, src: LayerSource, max_per_kind):
         self.fragments: dict[str, str] = {}
@@ -434,9 +434,12 @@ class _RecordsCache:
             return
         key = content_key({"records": read_manifest(src.records_dir)["key"], "layer": src.layer,
                            "max_per_kind": max_per_kind, "code": code_version("view", "activations", "records")})
-        self.path = site_dir / "cache" / f"L{src.layer}-records-{key}.pkl"
+        self.path = site_dir / ".cache" / f"L{src.layer}-records-{key}.jsonl"
         if self.path.is_file():
-            self.fragments = pickle.loads(zlib.decompress(self.path.read_bytes()))
+            # Line 1: the unit names; then one fragment per line (compact JSON holds no raw newline).
+            # Split, not parsed: parsing a layer's exemplars back took longer than the rest of a rebuild.
+            names, *fragments = self.path.read_bytes().decode("utf-8").split("\n")
+            self.fragments = dict(zip(json.loads(names), fragments))
 
     def missing(self, names: list[str]) -> bool:
         return any(n not in self.fragments for n in names)
@@ -448,12 +451,11 @@ class _RecordsCache:
     def save(self) -> None:
         if not (self.path and self.changed):
             return
-        for old in self.path.parent.glob(self.path.name.split("-records-")[0] + "-records-*.pkl"):
+        for old in self.path.parent.glob(self.path.name.split("-records-")[0] + "-records-*.jsonl"):
             old.unlink(missing_ok=True)  # one cache per layer: the records of an earlier run go
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        # Level 1: a fifth of the size for about a second; the JSON of exemplars compresses well.
-        tmp.write_bytes(zlib.compress(pickle.dumps(self.fragments, protocol=pickle.HIGHEST_PROTOCOL), 1))
+        tmp.write_bytes("\n".join([json.dumps(list(self.fragments)), *self.fragments.values()]).encode("utf-8"))
         tmp.replace(self.path)
 
 

@@ -501,3 +501,29 @@ def test_46080_units_stay_fast(browser, serve, tmp_path):
     print(f"\n46,080 units: built in {built:.1f}s, {sum(sizes) / 1e6:.1f} MB of index in {len(chunks)} chunks; "
           f"layer page {loaded:.2f}s over http, {loaded_file:.2f}s from file://; search {searched:.2f}s; "
           f"sort {sorted_s:.2f}s; unit page {unit_page:.2f}s")
+
+
+def test_rebuild_reuses_exemplars_without_reading_records(real_site, tmp_path, monkeypatch):
+    """A rebuild (after re-simulation, say) takes each unit's exemplar part from the site's cache:
+    the records are not read again, and the unit files come out byte for byte the same."""
+    from autoexplain import view
+
+    _, _, c = real_site
+    reads = []
+    original = view._records_reader
+
+    def counting(src):
+        reader = original(src)
+        return None if reader is None else (lambda wanted: reads.append(len(wanted)) or reader(wanted))
+
+    monkeypatch.setattr(view, "_records_reader", counting)
+    site = tmp_path / "site"
+    build_site([c.directory], site)
+    assert reads, "a cold build reads the records"
+    first = {p.name: p.read_bytes() for p in (site / "data" / "L1" / "u").iterdir()}
+    assert list((site / ".cache").glob("L1-records-*.jsonl")), "the exemplar cache is kept in the site"
+
+    reads.clear()
+    build_site([c.directory], site)
+    assert reads == [], "the rebuild read the records again"
+    assert {p.name: p.read_bytes() for p in (site / "data" / "L1" / "u").iterdir()} == first
