@@ -149,9 +149,9 @@ class _LayerRecorder:
         self.stats = selection.RunningStats(n_units)
 
     def update(self, window_ids: torch.Tensor, acts: torch.Tensor) -> None:
-        self.stats.update(acts)
         hi = acts.amax(dim=1).float()
         lo = acts.amin(dim=1).float()
+        self.stats.update(acts, hi, lo)
         self.top[1].update(window_ids, acts, hi)
         self.top[-1].update(window_ids, acts, -lo, sign=-1)
         self.reservoir.update(window_ids, acts)

@@ -82,11 +82,14 @@ def main():
     ap.add_argument("--rerun-only", type=float, metavar="FULL_WALL_S",
                     help="skip the full run (its outputs are in --out, its Prefect home in $PREFECT_HOME) "
                          "and give its wall time for the fraction")
+    ap.add_argument("--edit", default="a number, a year or a date written in digits",
+                    help="the embedding simulator's new 'digit' description (a rerun of the same edit is cached)")
     args = ap.parse_args()
     params = dict(layer=15, units=args.units, tokens=args.tokens, explainer=args.explainer,
                   simulator=args.simulator, k=args.k, shard_size=args.shard_size, out=args.out)
     if args.rerun_only:
         full = {"wall_s": args.rerun_only}
+        print(f"PREFECT_HOME={os.environ['PREFECT_HOME']}", flush=True)
     else:
         full = run_once(**params)
         print(json.dumps({"full": full}, indent=2), flush=True)
@@ -98,7 +101,7 @@ def main():
     if args.simulator.startswith("embedding"):
         path = os.path.join(prompts, "embedding_simulator.json")
         prompt = json.load(open(path))
-        prompt["classes"]["digit"] = "a number, a year or a date written in digits"
+        prompt["classes"]["digit"] = args.edit
         json.dump(prompt, open(path, "w"), indent=2)
     else:
         with open(os.path.join(prompts, "simulator_system.txt"), "a") as f:
