@@ -375,7 +375,8 @@ class EmbeddingSimulator:
         both = np.stack([self._explained[t] for t in texts])
         E, F = both[:n].T, both[n:].T  # content (lexical channel), full text (surface channel)
         if self.expand:  # pull each explanation toward its nearest background words
-            nearest = np.argsort(-(self._background @ E), axis=0)[: self.expand]  # (k, U)
+            # The k nearest, unordered (their mean is taken): a partition, not a sort of all 2,000.
+            nearest = np.argpartition(-(self._background @ E), self.expand - 1, axis=0)[: self.expand]  # (k, U)
             E = (1 - self.expand_weight) * E + self.expand_weight * self._background[nearest].mean(0).T
             E = E / np.linalg.norm(E, axis=0, keepdims=True)
         bg, fbg = self._background @ E, self._background @ F
