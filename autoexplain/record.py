@@ -39,6 +39,10 @@ from schemas import load_schema
 from autoexplain.subject import Subject
 
 Progress = Callable[[int, int], None]  # (tokens done, tokens total)
+# The library modules each output depends on: their source is part of its key (and of the Prefect
+# task's cache key, which must list the same modules or miss an edit).
+WINDOWS_CODE = ("corpus",)
+RECORD_CODE = ("record", "selection", "subject", "fused")
 
 
 @dataclass
@@ -101,7 +105,7 @@ def build_windows(
         raise UserError(f"window length {window_len} is too short", "use --window-len 2 or more (64 is the reference)")
     params = {"window_len": window_len, "max_tokens": max_tokens, "seed": seed, "text_field": text_field}
     inputs = {"corpus": corpus_identity(source), "tokenizer": subject.fingerprint}
-    key = content_key({"inputs": inputs, "params": params, "code": code_version("corpus")})
+    key = content_key({"inputs": inputs, "params": params, "code": code_version(*WINDOWS_CODE)})
     directory = stage_dir(out_root, "windows", key)
     path = directory / "windows.parquet"
     if is_complete(directory):
@@ -183,7 +187,7 @@ def record_layers(
     params = {k: v for k, v in asdict(cfg).items() if k not in ("layers", "batch_size")}
     inputs = {"windows": windows.key, "subject": subject.fingerprint}
     key = content_key({"inputs": inputs, "params": params, "layers": layers,
-                       "code": code_version("record", "selection", "subject", "fused")})
+                       "code": code_version(*RECORD_CODE)})
     directory = stage_dir(out_root, "records", key)
     ref = RecordsRef(directory, key, layers, windows.n_windows)
     if is_complete(directory):

@@ -637,6 +637,7 @@ def _write_units(src, units: pl.DataFrame, scores, chosen, site_dir: Path, max_p
     reader = _records_reader(src)
     udir = site_dir / "data" / f"L{src.layer}" / "u"
     cache = _RecordsCache(site_dir, src, max_per_kind) if reader else None
+    no_records = _json(_records_part(None, max_per_kind))[1:-1]
     keys = [(int(u), int(p)) for u, p in units.select("unit", "polarity").iter_rows()]
     position = {k: j for j, k in enumerate(keys)}
     L = src.layer
@@ -663,7 +664,7 @@ def _write_units(src, units: pl.DataFrame, scores, chosen, site_dir: Path, max_p
                           "prev": unit_key(L, *keys[j - 1]) if j > 0 else None,
                           "next": unit_key(L, *keys[j + 1]) if j + 1 < len(keys) else None,
                           "other": unit_key(L, u, -p) if (u, -p) in position else None}
-                records = cache.fragments[unit_name(u, p)] if cache is not None else _json(_records_part(None, max_per_kind))[1:-1]
+                records = cache.fragments[unit_name(u, p)] if cache is not None else no_records
                 parts.append(f"{_json(unit_name(u, p))}:{{{_json(detail)[1:-1]},{records}}}")
             text = _js_text(f"L{L}/u/{x}", "{" + ",".join(parts) + "}")
             (udir / f"{x}.js").write_bytes(text.encode("utf-8", errors="replace"))

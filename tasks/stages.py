@@ -37,7 +37,7 @@ from autoexplain.counters import COUNTS
 from autoexplain.errors import UserError
 from autoexplain.explain import explainer_prompt_hash, prompt_hash
 from autoexplain.pipeline import ExplainConfig
-from autoexplain.record import RecordConfig, build_windows, record_layers
+from autoexplain.record import RECORD_CODE, WINDOWS_CODE, RecordConfig, build_windows, record_layers
 from autoexplain.storage import code_version, content_key, is_complete, open_root, read_manifest
 from schemas.contracts import ContractViolation, check
 
@@ -242,7 +242,7 @@ def own_simulator(spec: str):
         return _Serialised(shared._inner.fresh())
 
 
-@task(name="record", cache_key_fn=_key("record", ("corpus", "record", "selection", "subject", "fused")), **RETRY)
+@task(name="record", cache_key_fn=_key("record", WINDOWS_CODE + RECORD_CODE), **RETRY)
 def record_task(model: str, corpus: str, layers: list[int], tokens: int, out: str, window_len: int = 64,
                 top_k: int = 40, n_random: int = 30, seed: int = 0) -> dict:
     out = open_root(out)
