@@ -34,7 +34,10 @@ def read_units(
 
     if recs.height == 0:
         return []
-    ordered = recs.sort(["layer", "unit", "polarity", "kind", "rank"], descending=[False, False, True, False, False])
+    # A total order: ranks restart in each quantile bin, and ties would come out in whatever order
+    # the join left them, which depends on which other units were read in the same call.
+    ordered = recs.sort(["layer", "unit", "polarity", "kind", "quantile_bin", "rank", "window_id"],
+                        descending=[False, False, True, False, False, False, False])
     # Whole columns as Python lists once, then sliced per unit: iterating polars Series element by
     # element cost more than the rest of scoring.
     cols = {c: ordered[c].to_list() for c in ("window_id", "activations", "kind", "split", "quantile_bin")}

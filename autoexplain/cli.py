@@ -314,7 +314,9 @@ def explain_layer_cmd(
         from autoexplain import progress
         from autoexplain.remote import is_url
         from flows.explain_layer import explain_layer
+        from tasks.stages import warm_up
 
+        warm_up(simulator)
         bars, listener = stage_bars()
         remove = progress.listen(listener)
         try:

@@ -37,9 +37,9 @@ DEFAULT_EXPLAINER = "embedding"
 DEFAULT_SIMULATOR = "embedding"
 Progress = Callable[[int, int], None]  # (units done, units in this call)
 # The library modules each stage's output depends on: their source is part of its cache key.
-EXPLAIN_CODE = ("explain", "explain_embedding", "embedding", "words", "wordvecs", "pipeline", "llm", "llm_openai")
-SIMULATE_CODE = ("simulate", "simulate_chat", "embedding", "words", "wordvecs", "pipeline", "llm", "llm_openai")
-SCORE_CODE = ("scoring", "pipeline")
+EXPLAIN_CODE = ("activations", "explain", "explain_embedding", "embedding", "words", "wordvecs", "pipeline", "llm", "llm_openai")
+SIMULATE_CODE = ("activations", "simulate", "simulate_chat", "embedding", "words", "wordvecs", "pipeline", "llm", "llm_openai")
+SCORE_CODE = ("activations", "scoring", "pipeline")
 
 
 @dataclass
@@ -324,31 +324,3 @@ def _by_unit(rows: list[dict]) -> dict[tuple[int, int], list[dict]]:
     for row in rows:
         grouped.setdefault((row["unit"], row["polarity"]), []).append(row)
     return grouped
-
-
-def run_merge(score_dirs: list[str | Path], out) -> StageRef:
-    """One scores output (and its simulations) for a layer explained in several shards."""
-    refs = [StageRef.of(d) for d in score_dirs]
-    layers = {r.layer for r in refs}
-    if len(layers) != 1:
-        raise UserError(f"cannot merge scores of several layers {sorted(layers)}", "merge the shards of one layer")
-    if len(refs) == 1:
-        return refs[0]
-    layer = refs[0].layer
-    sim_dirs = [Path(read_manifest(r.directory)["inputs"]["simulations"]) for r in refs]
-    records = read_manifest(sim_dirs[0])["inputs"]["records"]
-    key = content_key({"merge": sorted(r.key for r in refs)})
-    sims = StageRef(stage_dir(out, "simulations", key), key, layer)
-    scores = StageRef(stage_dir(out, "scores", key), key, layer)
-    if not is_complete(sims.directory):
-        write_table(pa.concat_tables([pq.read_table(d / f"layer_{layer}.parquet") for d in sim_dirs]), sims.path,
-                    "simulations")
-        write_table(pa.concat_tables([pq.read_table(d / "chosen.parquet") for d in sim_dirs]),
-                    sims.directory / "chosen.parquet", "explanations")
-        write_manifest(sims.directory, "simulations", key, {"records": records, "shards": [str(d) for d in sim_dirs]},
-                       {"layer": layer}, [sims.path.name, "chosen.parquet"])
-    if not is_complete(scores.directory):
-        write_table(pa.concat_tables([pq.read_table(r.path) for r in refs]), scores.path, "scores")
-        write_manifest(scores.directory, "scores", key, {"simulations": str(sims.directory)}, {"layer": layer},
-                       [scores.path.name])
-    return scores

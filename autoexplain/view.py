@@ -50,11 +50,12 @@ N_TOP_TOKENS = 20
 
 @dataclass
 class LayerSource:
-    """Where one layer's tables live, found by following the manifests."""
+    """Where one layer's tables live, found by following the manifests. A layer explained in shards
+    of units has one scores folder (and simulations folder) per shard, all from one recording."""
 
     layer: int
-    scores_dir: Path
-    simulations_dir: Path | None
+    scores_dirs: list[Path]
+    simulations_dirs: list[Path]
     records_dir: Path | None
     simulator: str
 
@@ -85,9 +86,6 @@ def find_sources(score_dirs: Iterable[str | Path], records_dir: str | Path | Non
             raise UserError(f"{d} is a {m.get('stage')} folder, not a scores folder",
                             "pass folders printed by `autoexplain score`")
         layer = int(m["params"]["layer"])
-        if layer in sources:
-            raise UserError(f"layer {layer} comes twice ({sources[layer].scores_dir} and {d})",
-                            "build one site per run, with one scores folder per layer")
         sims = _resolve(m.get("inputs", {}).get("simulations"), d, "simulations")
         simulator, recs = "", None
         if sims is not None:
@@ -102,14 +100,26 @@ def find_sources(score_dirs: Iterable[str | Path], records_dir: str | Path | Non
             if records_dir is not None:
                 raise UserError(f"layer {layer} was not recorded in {recs}", "pass the records folder of that run")
             recs = None
-        sources[layer] = LayerSource(layer, d, sims, recs, simulator)
+        src = sources.get(layer)
+        if src is None:
+            sources[layer] = LayerSource(layer, [d], [sims] if sims else [], recs, simulator)
+            continue
+        # Another shard of a layer already seen: it must be a different folder of the same recording.
+        if d.resolve() in {x.resolve() for x in src.scores_dirs} or recs != src.records_dir:
+            raise UserError(f"layer {layer} comes twice ({src.scores_dirs[0]} and {d})",
+                            "build one site per run: one scores folder per layer, or the shards of one run")
+        src.scores_dirs.append(d)
+        src.simulations_dirs += [sims] if sims else []
     if not sources:
         raise UserError("no scores folders given", "pass at least one folder printed by `autoexplain score`")
     return [sources[L] for L in sorted(sources)]
 
 
 def _scores(src: LayerSource) -> pl.DataFrame:
-    df = pl.read_parquet(src.scores_dir / f"layer_{src.layer}.parquet")
+    df = pl.concat([pl.read_parquet(d / f"layer_{src.layer}.parquet") for d in src.scores_dirs], how="diagonal_relaxed")
+    if df.select("unit", "polarity", "method", "metric", *(["split"] if "split" in df.columns else [])).is_duplicated().any():
+        raise UserError(f"the scores folders of layer {src.layer} overlap: some units are scored twice",
+                        "pass the shards of one run, each unit in one of them")
     if "split" in df.columns and (df["split"] == "test").any():
         df = df.filter(pl.col("split") == "test")
     return df.with_columns(pl.col("value").fill_nan(None), pl.col("ci_low").fill_nan(None),
@@ -117,12 +127,12 @@ def _scores(src: LayerSource) -> pl.DataFrame:
 
 
 def _chosen(src: LayerSource) -> pl.DataFrame:
-    path = src.simulations_dir / "chosen.parquet" if src.simulations_dir else None
-    if path is None or not path.is_file():
-        return pl.DataFrame(schema={"unit": pl.Int32, "polarity": pl.Int8, "method": pl.Utf8, "explainer": pl.Utf8,
-                                    "text": pl.Utf8, "candidates": pl.List(pl.Utf8),
-                                    "candidate_valid_scores": pl.List(pl.Float64)})
-    return pl.read_parquet(path)
+    paths = [d / "chosen.parquet" for d in src.simulations_dirs if (d / "chosen.parquet").is_file()]
+    if paths:
+        return pl.concat([pl.read_parquet(p) for p in paths], how="diagonal_relaxed")
+    return pl.DataFrame(schema={"unit": pl.Int32, "polarity": pl.Int8, "method": pl.Utf8, "explainer": pl.Utf8,
+                                "text": pl.Utf8, "candidates": pl.List(pl.Utf8),
+                                "candidate_valid_scores": pl.List(pl.Float64)})
 
 
 # ---------------------------------------------------------------- output helpers
@@ -263,7 +273,7 @@ def _layer_summary(layer: int, index: pl.DataFrame, chunk_size: int, src: LayerS
         "means": means, "llm_beats": wins,
         "best": rows(ordered.head(n_best)), "worst": rows(ordered.tail(n_worst).reverse()) if n_worst else [],
         "simulator": src.simulator, "has_records": src.records_dir is not None,
-        "sources": {"scores": str(src.scores_dir), "simulations": str(src.simulations_dir or ""),
+        "sources": {"scores": [str(d) for d in src.scores_dirs], "simulations": [str(d) for d in src.simulations_dirs],
                     "records": str(src.records_dir or "")},
         "plot": f"plots/layer_{layer}_scores.png",
     }
@@ -309,30 +319,41 @@ def _scores_of(scores: pl.DataFrame) -> dict[tuple[int, int], dict]:
 
 
 def _sims_frame(src: LayerSource) -> pl.DataFrame | None:
-    """The test-split simulations of a layer (the ones its scores come from), or None."""
-    path = src.simulations_dir / f"layer_{src.layer}.parquet" if src.simulations_dir else None
-    if path is None or not path.is_file():
+    """The test-split simulations of a layer (the ones its scores come from), or None. Each row's
+    expected activations come as the JSON text of the list, rounded to 2 decimals: formatting a
+    layer's millions of floats in polars takes a fraction of what Python's json module needs."""
+    paths = [d / f"layer_{src.layer}.parquet" for d in src.simulations_dirs]
+    paths = [p for p in paths if p.is_file()]
+    if not paths:
         return None
-    sims = pl.read_parquet(path, columns=["unit", "polarity", "method", "window_id", "split", "expected", "failure"])
-    return sims.filter(pl.col("split") == "test").with_columns(pl.col("unit").cast(pl.Int64),
-                                                                pl.col("polarity").cast(pl.Int64))
+    value = pl.element().cast(pl.Float64).round(2)
+    as_json = pl.when(value.is_finite()).then(value.cast(pl.String)).otherwise(pl.lit("null"))
+    cols = ["unit", "polarity", "method", "window_id", "split", "expected", "failure"]
+    sims = pl.concat([pl.scan_parquet(p).select(cols).filter(pl.col("split") == "test") for p in paths]).collect()
+    return sims.select(pl.col("unit").cast(pl.Int64), pl.col("polarity").cast(pl.Int64), "method", "window_id",
+                       ("[" + pl.col("expected").list.eval(as_json).list.join(",") + "]").fill_null("null")
+                       .alias("expected"), "failure")
 
 
-def _sims_of(sims: pl.DataFrame | None, keys: list[tuple[int, int]]) -> dict[tuple[int, int], dict[int, dict]]:
-    """For these units: window id -> {method: expected activations (None when the simulation failed)}."""
+def _sims_of(sims: pl.DataFrame | None, keys: list[tuple[int, int]]) -> dict[tuple[int, int], str]:
+    """For these units, the JSON text of window id -> {"sim": {method: expected}, "fail": {method:
+    reason}}; the page puts each on its exemplar (simulations exist for the test-split windows,
+    which are always shown). Expected is null where the simulation failed."""
     if sims is None or not keys:
         return {}
     wanted = pl.DataFrame(keys, schema={"unit": pl.Int64, "polarity": pl.Int64}, orient="row")
     part = sims.join(wanted, on=["unit", "polarity"], how="semi")
-    part = part.with_columns(pl.col("expected").list.eval(pl.element().cast(pl.Float64).round(2).fill_nan(None)))
-    out: dict[tuple[int, int], dict[int, dict]] = {}
+    windows: dict[tuple[int, int], dict[int, tuple[list[str], list[str]]]] = {}
     cols = ["unit", "polarity", "method", "window_id", "expected", "failure"]
+    names = {m: _json(m) for m in part.get_column("method").unique().to_list()}
     for u, p, method, w, expected, failure in zip(*(part.get_column(c).to_list() for c in cols)):
-        slot = out.setdefault((u, p), {}).setdefault(w, {})
-        slot[method] = expected
+        sim, fail = windows.setdefault((u, p), {}).setdefault(w, ([], []))
+        sim.append(f"{names[method]}:{expected}")
         if failure:
-            slot.setdefault("_failures", {})[method] = failure
-    return out
+            fail.append(f"{names[method]}:{_json(failure)}")
+    return {key: "{" + ",".join(f'"{w}":{{"sim":{{{",".join(sim)}}}' + (f',"fail":{{{",".join(fail)}}}}}' if fail else "}")
+                                for w, (sim, fail) in by_window.items()) + "}"
+            for key, by_window in windows.items()}
 
 
 def _top_tokens(records) -> list[list]:
@@ -406,18 +427,6 @@ def _records_part(unit_records, max_per_kind) -> dict:
     part["n_records"] = {k: sum(r.kind == k for r in records) for k in ("top", "quantile", "random")}
     part["top_tokens"] = [[t, _r(mx, 6), _r(mn, 6), n, pk] for t, mx, mn, n, pk in _top_tokens(records)]
     return part
-
-
-def _sims_part(sims: dict | None) -> dict:
-    """Window id -> {"sim": {method: expected}, "fail": {method: reason}}; the page puts each on its
-    exemplar (simulations exist for test-split windows, which are always shown)."""
-    out = {}
-    for w, by_method in (sims or {}).items():
-        entry = {"sim": {k: v for k, v in by_method.items() if k != "_failures"}}
-        if "_failures" in by_method:
-            entry["fail"] = by_method["_failures"]
-        out[str(w)] = entry
-    return out
 
 
 class _RecordsCache:
@@ -583,7 +592,7 @@ def build_site(score_dirs: list[Path], site_dir: Path, records_dir: Path | None 
         for name, table in (("scores", scores), ("chosen explanations", chosen)):
             found = set(table.get_column("layer").unique().to_list()) if "layer" in table.columns else set()
             if found - {src.layer}:
-                raise UserError(f"the {name} of {src.scores_dir} hold rows of layer(s) {sorted(found)}, "
+                raise UserError(f"the {name} of {src.scores_dirs[0]} hold rows of layer(s) {sorted(found)}, "
                                 f"but its manifest says layer {src.layer}",
                                 "rerun the explain, simulate and score stages for that layer")
         all_scores.append(scores)
@@ -660,12 +669,12 @@ def _write_units(src, units: pl.DataFrame, scores, chosen, site_dir: Path, max_p
             for u, p in groups[x]:
                 j = position[(u, p)]
                 detail = {"layer": L, "unit": u, "polarity": p, "explanations": expl.get((u, p)) or {},
-                          "scores": sc.get((u, p)) or {}, "sims": _sims_part(sims.get((u, p))),
+                          "scores": sc.get((u, p)) or {},
                           "prev": unit_key(L, *keys[j - 1]) if j > 0 else None,
                           "next": unit_key(L, *keys[j + 1]) if j + 1 < len(keys) else None,
                           "other": unit_key(L, u, -p) if (u, -p) in position else None}
                 records = cache.fragments[unit_name(u, p)] if cache is not None else no_records
-                parts.append(f"{_json(unit_name(u, p))}:{{{_json(detail)[1:-1]},{records}}}")
+                parts.append(f'{_json(unit_name(u, p))}:{{{_json(detail)[1:-1]},"sims":{sims.get((u, p), "{}")},{records}}}')
             text = _js_text(f"L{L}/u/{x}", "{" + ",".join(parts) + "}")
             (udir / f"{x}.js").write_bytes(text.encode("utf-8", errors="replace"))
         batch = []

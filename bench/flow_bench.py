@@ -1,5 +1,6 @@
 """explain-layer flow benchmark on the embedded default: wall time, per-stage task time,
-orchestration overhead, and the rerun after a simulator-prompt edit.
+orchestration overhead, and the rerun after a simulator-prompt edit. The flow is started as the
+CLI starts it: `tasks.stages.warm_up` first, then the flow (wall times include both).
 
     python bench/flow_bench.py                      # the whole of layer 15 on the embedded defaults
     python bench/flow_bench.py --units 0-7 --explainer local --simulator all-at-once
@@ -59,8 +60,11 @@ def run_once(**params):
     from autoexplain.counters import since, snapshot
     from flows.explain_layer import explain_layer
 
+    from tasks.stages import warm_up
+
     before = snapshot()
     t = time.perf_counter()
+    warm_up(params["simulator"])  # as `autoexplain explain-layer` does before it starts the flow
     state = explain_layer(**params, return_state=True)
     wall = time.perf_counter() - t
     state.result()

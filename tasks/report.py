@@ -64,13 +64,11 @@ def _viewer_inputs(scores: list[dict], records: dict | None) -> list[dict]:
 def view_task(scores: list[dict], site_dir: str, records: dict | None = None) -> str:
     """Write the static neuron viewer for the scored shards; returns its index page's URI. `site_dir`
     may be a URL: the site is built in its local mirror, then uploaded."""
-    from autoexplain.layer import run_merge
     from autoexplain.view import build_site
 
     scores = _viewer_inputs(scores, records)
-    merged = run_merge([Path(s["path"]).parent for s in scores], Path(scores[0]["path"]).parents[2])
     site = remote.open_root(site_dir)
-    index = build_site([merged.directory], site)
+    index = build_site([Path(s["path"]).parent for s in scores], site)
     remote.push(site)  # nothing to do for a local folder
     return remote.uri(index)
 

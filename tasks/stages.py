@@ -242,6 +242,29 @@ def own_simulator(spec: str):
         return _Serialised(shared._inner.fresh())
 
 
+def warm_up(simulator: str | None = None) -> threading.Thread:
+    """Load, in a background thread, what a flow run's first shard would otherwise wait for: the
+    simulator (for the default, MiniLM and its class vectors; importing sentence-transformers alone
+    takes about 4 s), Great Expectations and matplotlib. The CLI calls it before it starts a flow,
+    while Prefect's ephemeral server starts up (about 4 s in which this process only waits). A
+    failure here is left for the stage that needs the thing to report."""
+
+    def load():
+        try:
+            import great_expectations  # noqa: F401
+
+            own_simulator(simulator)
+            from autoexplain.plots import _pyplot
+
+            _pyplot()
+        except Exception:  # noqa: BLE001 - the stage that needs it raises the real error
+            pass
+
+    thread = threading.Thread(target=load, name="autoexplain-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
 @task(name="record", cache_key_fn=_key("record", WINDOWS_CODE + RECORD_CODE), **RETRY)
 def record_task(model: str, corpus: str, layers: list[int], tokens: int, out: str, window_len: int = 64,
                 top_k: int = 40, n_random: int = 30, seed: int = 0) -> dict:

@@ -527,3 +527,62 @@ def test_rebuild_reuses_exemplars_without_reading_records(real_site, tmp_path, m
     build_site([c.directory], site)
     assert reads == [], "the rebuild read the records again"
     assert {p.name: p.read_bytes() for p in (site / "data" / "L1" / "u").iterdir()} == first
+
+
+def _unit_files(site: Path, layer: int) -> dict[str, dict]:
+    """Each unit-detail file's units, parsed from the script."""
+    out = {}
+    for path in (site / "data" / f"L{layer}" / "u").iterdir():
+        body = re.match(r'^\(window\.__data=window\.__data\|\|\{\}\)\[".*?"\]=(.*);\n$', path.read_text(), re.S).group(1)
+        out.update(json.loads(body))
+    return out
+
+
+def test_shards_of_one_layer_make_one_layer(real_site, local_llm, simulator, tiny_records, tmp_path):
+    """A layer explained in shards of units is one layer to the viewer: the site built from the
+    shards' scores holds each shard's units as that shard's own site shows them (links aside), with
+    prev/next running across the shards. Overlapping shards are refused."""
+    from autoexplain.errors import UserError
+    from autoexplain.layer import run_explain, run_score, run_simulate
+
+    records_dir, out = tiny_records
+    shards = []
+    for units in ([0, 1], [5]):
+        x = run_explain(records_dir, 1, out, units, cfg=pipeline.ExplainConfig(k=3, max_tokens=12), llm=local_llm)
+        s = run_simulate(records_dir, x, out, sim=simulator.fresh())
+        shards.append(run_score(records_dir, s, out, n_boot=200).directory)
+    whole = _unit_files(build_site(shards, tmp_path / "both").parent, 1)
+    assert sorted(whole) == ["0+", "0-", "1+", "1-", "5+", "5-"]
+    links = ("prev", "next", "other")
+    for shard in shards:
+        alone = _unit_files(build_site([shard], tmp_path / shard.name).parent, 1)
+        for name, unit in alone.items():
+            assert {k: v for k, v in whole[name].items() if k not in links} == \
+                   {k: v for k, v in unit.items() if k not in links}, name
+            assert any(w["sim"] for w in unit["sims"].values()), "test-split simulations are on the page"
+    assert whole["1-"]["next"] == "L1/N5+" and whole["5+"]["prev"] == "L1/N1-"
+    summary = (tmp_path / "both" / "data" / "L1" / "summary.js").read_text()
+    assert all(str(s) in summary for s in shards), "the layer's sources name every shard"
+
+    _, _, c = real_site  # units 0 and 5 again
+    with pytest.raises(UserError, match="overlap"):
+        build_site([shards[0], c.directory], tmp_path / "overlap")
+
+
+def test_simulations_reach_the_page_as_json(tmp_path):
+    """The simulated activations are formatted to JSON text in polars: rounded to 2 decimals, NaN
+    as null, a failed simulation as null with its reason, and the reason escaped for a <script>."""
+    from autoexplain import view
+
+    pl.DataFrame({"unit": [1, 1, 1, 2], "polarity": [1, 1, 1, -1], "method": ["explainer", "shuffled", "explainer", "explainer"],
+                  "window_id": [5, 5, 6, 5], "split": ["test", "test", "test", "valid"],
+                  "expected": [[0.123, float("nan"), 2.0], None, [1e-7, -0.0, 3.456], [1.0]],
+                  "failure": [None, "bad </script>", None, None]},
+                 schema_overrides={"expected": pl.List(pl.Float32)}).write_parquet(tmp_path / "layer_3.parquet")
+    src = view.LayerSource(3, [tmp_path], [tmp_path], None, "")
+    text = view._sims_of(view._sims_frame(src), [(1, 1), (2, -1)])
+    assert list(text) == [(1, 1)], "only test-split windows are shown"
+    assert "</script>" not in text[(1, 1)]
+    assert json.loads(text[(1, 1)]) == {"5": {"sim": {"explainer": [0.12, None, 2.0], "shuffled": None},
+                                              "fail": {"shuffled": "bad </script>"}},
+                                        "6": {"sim": {"explainer": [0.0, 0.0, 3.46]}}}
