@@ -2,7 +2,8 @@
 
 Measures, in one process so that machine noise hits every number alike:
 - bf16 GEMM throughput, and from it the forward roofline for the layers actually run;
-- the bare truncated forward pass, and the full recording pass (selection included);
+- the bare truncated forward pass, and the full recording pass (selection included), interleaved
+  batch by batch so that machine drift cannot pose as selection overhead;
 - Hugging Face's own hooked forward on the first batches, against the fused pass (`autoexplain.fused`);
 - model load time, first (dequantise GGUF) and cached.
 Peak RSS is measured per corpus size in child processes (`--rss`), since maxrss only grows.
@@ -77,16 +78,34 @@ def measure(tokens: int, layer: int | None, batch_size: int, hooked_batches: int
     windows = build_windows(subject, "default", out, 64, tokens, 0)
     n_tok = windows.n_windows * 64
 
-    # Bare forward: the same truncated pass over the same windows, no selection.
-    bare_probe, record_probe = GemmProbe(), GemmProbe()
+    # The recording pass, with the bare forward of each batch run right after it (same windows,
+    # same moment): a shared machine drifts by several percent between two passes minutes apart,
+    # which swamped the overhead when the passes ran one after the other. The recording's own
+    # forward passes are timed too, so the overhead splits into selection work and any slowdown
+    # that selection causes in the forward (cache or allocator effects).
+    probe, bare_batches = GemmProbe(), _windows_batches(windows, batch_size)
+    forward, timed = subject.mlp_activations, {"bare": 0.0, "record_forward": 0.0}
+
+    def record_forward(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            timed["record_forward"] += time.perf_counter() - start
+
+    def bare_forward(*_):
+        _ids, input_ids = next(bare_batches)
+        start = time.perf_counter()
+        forward(input_ids, [layer])
+        timed["bare"] += time.perf_counter() - start
+        probe()
+
+    subject.mlp_activations = record_forward
     start = time.perf_counter()
-    for _ids, input_ids in _windows_batches(windows, batch_size):
-        subject.mlp_activations(input_ids, [layer])
-        bare_probe()
-    bare_s = time.perf_counter() - start - bare_probe.spent
-    start = time.perf_counter()
-    record_layers(subject, windows, RecordConfig([layer], batch_size=batch_size), out, progress=record_probe)
-    record_s = time.perf_counter() - start - record_probe.spent
+    record_layers(subject, windows, RecordConfig([layer], batch_size=batch_size), out, progress=bare_forward)
+    del subject.mlp_activations
+    record_s = time.perf_counter() - start - timed["bare"] - probe.spent
+    bare_s = timed["bare"]
 
     # Hugging Face's own forward with a pre-hook (the path for layouts without a fused pass), on the
     # first batches only: enough to compare, and the comparison is what it is for.
@@ -101,8 +120,7 @@ def measure(tokens: int, layer: int | None, batch_size: int, hooked_batches: int
     hooked_s = time.perf_counter() - start - hooked_probe.spent
 
     fpt = flops_per_token(subject, layer, 64)
-    bare_roof, record_roof = bare_probe.gflops * 1e9 / fpt, record_probe.gflops * 1e9 / fpt
-    gflops = (bare_probe.gflops + record_probe.gflops) / 2
+    gflops = probe.gflops
     roofline = gflops * 1e9 / fpt
     return {
         "tokens": n_tok,
@@ -110,19 +128,21 @@ def measure(tokens: int, layer: int | None, batch_size: int, hooked_batches: int
         "batch_size": batch_size,
         "load_s_cached": round(load_s, 2),
         "gemm_bf16_gflops": round(gflops, 1),
-        "gemm_probes_min_max_n": [[round(min(p.rates)), round(max(p.rates)), len(p.rates)] for p in (bare_probe, record_probe)],
+        "gemm_probes_min_max_n": [round(min(probe.rates)), round(max(probe.rates)), len(probe.rates)],
         "gemm_fp32_gflops": round(gemm_gflops(torch.float32), 1),
         "mflops_per_token": round(fpt / 1e6, 1),
         "roofline_tok_s": round(roofline),
         "bare_forward_tok_s": round(n_tok / bare_s),
         "record_tok_s": round(n_tok / record_s),
-        "record_pct_of_roofline": round(100 * n_tok / record_s / record_roof, 1),
-        "bare_pct_of_roofline": round(100 * n_tok / bare_s / bare_roof, 1),
+        "record_pct_of_roofline": round(100 * n_tok / record_s / roofline, 1),
+        "bare_pct_of_roofline": round(100 * n_tok / bare_s / roofline, 1),
         "fused_pass": subject.fused is not None,
         "hooked_hf_forward_tok_s": round(hooked_tok / hooked_s) if hooked_tok else None,
         "hooked_hf_pct_of_roofline": round(100 * hooked_tok / hooked_s / (hooked_probe.gflops * 1e9 / fpt), 1)
         if hooked_tok else None,
         "selection_overhead_pct": round(100 * (record_s - bare_s) / bare_s, 1),
+        "of_which_selection_work_pct": round(100 * (record_s - timed["record_forward"]) / bare_s, 1),
+        "of_which_slower_forward_pct": round(100 * (timed["record_forward"] - bare_s) / bare_s, 1),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
     }
 

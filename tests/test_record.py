@@ -120,3 +120,29 @@ def test_corpus_shorter_than_a_window(tiny_llama_dir, tmp_path):
     with pytest.raises(UserError, match="shorter than one window of 64 tokens"):
         build_windows(load_subject(tiny_llama_dir), str(short), tmp_path / "out")
     assert not list((tmp_path / "out").rglob("*.parquet"))
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_shape_stats_match_float64(sign):
+    """The end-of-pass shape statistics run in float32; they match a float64 computation, and bf16
+    samples that sit exactly on a bin edge land in the same bin."""
+    from autoexplain.selection import shape_stats_per_unit
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(4096, 300, generator=g) * torch.rand(300, generator=g)
+         + 0.2 * torch.randn(4096, 300, generator=g) ** 3).bfloat16()
+    x[:, 7] = 0.5  # a constant unit: undefined shape, every sample in one bin
+    got = shape_stats_per_unit(x, bins=32, chunk=128, sign=sign)
+    ref = x.double().numpy() * sign
+    mu, sd = ref.mean(0), ref.std(0)
+    z = (ref - mu) / np.where(sd > 0, sd, 1)
+    with np.errstate(invalid="ignore"):
+        skew, kurt = np.where(sd > 0, (z**3).mean(0), np.nan), np.where(sd > 0, (z**4).mean(0) - 3, np.nan)
+    np.testing.assert_allclose(got["skewness"], skew, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(got["kurtosis"], kurt, rtol=1e-3, atol=1e-4)
+    lo, hi = ref.min(0), ref.max(0)
+    width = np.where(hi > lo, hi - lo, 1)
+    bins = np.clip(np.floor((ref - lo) / width * 32), 0, 31).astype(int)
+    for u in range(0, 300, 7):
+        np.testing.assert_array_equal(got["hist_counts"][u], np.bincount(bins[:, u], minlength=32))
+        np.testing.assert_allclose(got["hist_edges"][u][[0, -1]], [lo[u], hi[u] if hi[u] > lo[u] else lo[u] + 1], rtol=1e-6)
