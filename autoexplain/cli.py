@@ -285,7 +285,7 @@ def import_cmd(
 
 @app.command()
 def view(
-    scores: list[Path] = typer.Option(..., "--scores", "-c", help="Scores folders (one per layer) printed by `autoexplain score` or explain-layer."),
+    scores: list[Path] = typer.Option(..., "--scores", "-c", help="Scores folders printed by `autoexplain score` or explain-layer: one per layer, or the shards of a layer."),
     site: Path = typer.Option(Path("site"), "--site", help="Folder to write the static site into."),
     records: Optional[Path] = typer.Option(None, "--records", "-r", help="Records folder (default: found through the manifests)."),
 ):
