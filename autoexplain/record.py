@@ -234,7 +234,7 @@ def _finish_layer(layer: int, rec: _LayerRecorder, cfg: RecordConfig, reservoir_
         res_max = (res.acts.amax(dim=1) if polarity > 0 else -res.acts.amin(dim=1)).float().numpy()  # (R, U)
         valid = torch.isfinite(top.values).numpy()  # (k, U); -inf marks an unfilled slot
         top_ids, top_vals = top.window_ids.numpy(), top.values.numpy()
-        top_acts = top.payload.float().permute(2, 0, 1).numpy()  # (U, k, T), already oriented
+        top_acts = top.ranked_payload().float().permute(2, 0, 1).numpy()  # (U, k, T), already oriented
         top_rows, extra_rows = _Rows(), _Rows()
         top_acts_rows, extra_slots, extra_units = [], [], []
         for u in range(n_units):

@@ -19,38 +19,49 @@ import torch
 
 
 class TopWindows:
-    """Per unit, the k windows ranked by their maximum activation."""
+    """Per unit, the k windows ranked by their maximum activation.
+
+    Values and window ids are kept sorted by rank; each rank's per-token activations sit in a
+    payload slot (`slots`) that stays put while the ranks move, so a batch writes only the windows
+    that enter some unit's top-k, into the slots of the ones they push out."""
 
     def __init__(self, k: int, window_len: int, n_units: int, dtype=torch.bfloat16):
         self.k = k
         self.values = torch.full((k, n_units), float("-inf"))
         self.window_ids = torch.full((k, n_units), -1, dtype=torch.int64)
+        self.slots = torch.arange(k)[:, None].repeat(1, n_units)  # rank -> payload slot, per unit
         self.payload = torch.zeros((k, window_len, n_units), dtype=dtype)
 
     def update(self, window_ids: torch.Tensor, acts: torch.Tensor, window_max: torch.Tensor, sign: int = 1) -> None:
         """acts: (B, T, U) raw activations; window_max: (B, U) float32 max of sign*acts over T."""
+        k = self.k
         threshold = self.values[-1]  # current k-th best per unit (values are kept sorted)
-        entering = (window_max > threshold).any(dim=0)
-        cols = entering.nonzero().squeeze(1)
+        cols = (window_max > threshold).any(dim=0).nonzero().squeeze(1)
         if cols.numel() == 0:
             return  # nothing in this batch enters any unit's top-k
-        if cols.numel() > self.values.shape[1] // 2:
-            cols = slice(None)  # most units change (early in a pass): no gain from picking columns
-        # Only the units whose top-k changes are merged: late in a pass that is a handful of the
-        # layer's units, and merging the payload of every unit each batch would cost more than the
-        # rest of the selection together.
         vals = torch.cat([self.values[:, cols], window_max[:, cols]])
-        best, idx = vals.topk(self.k, dim=0)  # sorted, descending
-        ids = torch.cat([self.window_ids[:, cols], window_ids[:, None].expand(-1, vals.shape[1])])
-        new = acts[:, :, cols] if sign > 0 else -acts[:, :, cols]
-        pool = torch.cat([self.payload[:, :, cols], new.to(self.payload.dtype)])
-        payload = pool.gather(0, idx[:, None, :].expand(-1, pool.shape[1], -1))
-        if isinstance(cols, slice):
-            self.window_ids, self.values, self.payload = ids.gather(0, idx), best, payload
-        else:
-            self.window_ids[:, cols] = ids.gather(0, idx)
-            self.values[:, cols] = best
-            self.payload[:, :, cols] = payload
+        best, idx = vals.topk(k, dim=0)  # sorted, descending; idx >= k is a window of this batch
+        ids = torch.cat([self.window_ids[:, cols], window_ids[:, None].expand(-1, len(cols))])
+        from_old = idx < k
+        old_slots = self.slots[:, cols]
+        slots = old_slots.gather(0, torch.where(from_old, idx, 0))
+        # Per column, the slots of the ranks that fell out and the ranks that came in are equally
+        # many; listed column by column (nonzero's order), they pair up one to one.
+        kept = torch.zeros((k + 1, len(cols)), dtype=torch.bool).scatter_(0, torch.where(from_old, idx, k),
+                                                                        True)[:k]
+        free_c, free_r = (~kept).T.nonzero().unbind(1)
+        new_c, new_r = (~from_old).T.nonzero().unbind(1)
+        slots[new_r, new_c] = old_slots[free_r, free_c]
+        units, rows = cols[new_c], idx[new_r, new_c] - k
+        entering = acts[rows, :, units]  # (entries, T)
+        self.payload[slots[new_r, new_c], :, units] = (entering if sign > 0 else -entering).to(self.payload.dtype)
+        self.window_ids[:, cols] = ids.gather(0, idx)
+        self.values[:, cols] = best
+        self.slots[:, cols] = slots
+
+    def ranked_payload(self) -> torch.Tensor:
+        """The payload in rank order: (k, T, U), row r holding each unit's r-th best window."""
+        return self.payload.gather(0, self.slots[:, None, :].expand(-1, self.payload.shape[1], -1))
 
 
 class Reservoir:

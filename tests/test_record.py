@@ -146,3 +146,28 @@ def test_shape_stats_match_float64(sign):
     for u in range(0, 300, 7):
         np.testing.assert_array_equal(got["hist_counts"][u], np.bincount(bins[:, u], minlength=32))
         np.testing.assert_allclose(got["hist_edges"][u][[0, -1]], [lo[u], hi[u] if hi[u] > lo[u] else lo[u] + 1], rtol=1e-6)
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_top_windows_keep_each_window_with_its_activations(sign):
+    """Ranks move while payload slots stay put: after many batches (bf16 values, so many ties), each
+    unit keeps the k largest window maxima, and the activations shown for each kept window are that
+    window's own."""
+    from autoexplain.selection import TopWindows
+
+    g = torch.Generator().manual_seed(1)
+    k, T, U = 8, 6, 50
+    top, batches = TopWindows(k, T, U), []
+    for b in range(40):
+        acts = (torch.randn(5, T, U, generator=g) * (1 + b / 10)).bfloat16()
+        batches.append(acts)
+        window_max = (acts.amax(1) if sign > 0 else -acts.amin(1)).float()
+        top.update(torch.arange(5 * b, 5 * b + 5), acts, window_max, sign=sign)
+    oriented = torch.cat(batches).float() * sign
+    best = oriented.amax(1).sort(dim=0, descending=True).values[:k]
+    assert torch.equal(top.values, best)
+    payload = top.ranked_payload().float()
+    for u in range(U):
+        for r in range(k):
+            assert torch.equal(payload[r, :, u], oriented[top.window_ids[r, u], :, u]), (r, u)
+            assert oriented[top.window_ids[r, u], :, u].max() == top.values[r, u]
