@@ -51,10 +51,11 @@ class TopWindows:
                                                                         True)[:k]
         free_c, free_r = (~kept).T.nonzero().unbind(1)
         new_c, new_r = (~from_old).T.nonzero().unbind(1)
-        slots[new_r, new_c] = old_slots[free_r, free_c]
+        freed = old_slots[free_r, free_c]
+        slots[new_r, new_c] = freed
         units, rows = cols[new_c], idx[new_r, new_c] - k
         entering = acts[rows, :, units]  # (entries, T)
-        self.payload[slots[new_r, new_c], :, units] = (entering if sign > 0 else -entering).to(self.payload.dtype)
+        self.payload[freed, :, units] = (entering if sign > 0 else -entering).to(self.payload.dtype)
         self.window_ids[:, cols] = ids.gather(0, idx)
         self.values[:, cols] = best
         self.slots[:, cols] = slots
