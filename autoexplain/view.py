@@ -104,10 +104,14 @@ def find_sources(score_dirs: Iterable[str | Path], records_dir: str | Path | Non
         if src is None:
             sources[layer] = LayerSource(layer, [d], [sims] if sims else [], recs, simulator)
             continue
-        # Another shard of a layer already seen: it must be a different folder of the same recording.
-        if d.resolve() in {x.resolve() for x in src.scores_dirs} or recs != src.records_dir:
-            raise UserError(f"layer {layer} comes twice ({src.scores_dirs[0]} and {d})",
+        # Another shard of a layer already seen: a different folder, from the same recording and
+        # simulator (the layer page states one of each).
+        if d.resolve() in {x.resolve() for x in src.scores_dirs}:
+            raise UserError(f"layer {layer} comes twice ({d})",
                             "build one site per run: one scores folder per layer, or the shards of one run")
+        if (recs, simulator) != (src.records_dir, src.simulator):
+            raise UserError(f"the scores of layer {layer} in {src.scores_dirs[0]} and {d} come from different "
+                            f"recordings or simulators", "build one site per run: pass the shards of one run")
         src.scores_dirs.append(d)
         src.simulations_dirs += [sims] if sims else []
     if not sources:

@@ -542,6 +542,7 @@ def test_shards_of_one_layer_make_one_layer(real_site, local_llm, simulator, tin
     """A layer explained in shards of units is one layer to the viewer: the site built from the
     shards' scores holds each shard's units as that shard's own site shows them (links aside), with
     prev/next running across the shards. Overlapping shards are refused."""
+    from autoexplain.embedding import EmbeddingSimulator
     from autoexplain.errors import UserError
     from autoexplain.layer import run_explain, run_score, run_simulate
 
@@ -567,6 +568,11 @@ def test_shards_of_one_layer_make_one_layer(real_site, local_llm, simulator, tin
     _, _, c = real_site  # units 0 and 5 again
     with pytest.raises(UserError, match="overlap"):
         build_site([shards[0], c.directory], tmp_path / "overlap")
+    other = EmbeddingSimulator(expand=3)  # another simulator: its scores do not belong to this run's layer
+    x = run_explain(records_dir, 1, out, [5], cfg=pipeline.ExplainConfig(k=3, max_tokens=12), llm=local_llm)
+    odd = run_score(records_dir, run_simulate(records_dir, x, out, sim=other), out, n_boot=200).directory
+    with pytest.raises(UserError, match="layer 1 .* come from different recordings or simulators"):
+        build_site([shards[0], odd], tmp_path / "mixed")
 
 
 def test_simulations_reach_the_page_as_json(tmp_path):
