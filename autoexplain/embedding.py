@@ -29,8 +29,16 @@ token (about 4x the time), so it is off by default.
 
 Nothing is embedded twice: each distinct word (or context) has one row in a table, and each
 window's row ids are cached under its token tuple, so a second unit on the same windows embeds
-nothing but its explanation. `simulate_many` embeds all explanations in one batch and scores every
-row the records use against all of them with one matrix product.
+nothing but its explanation. `simulate_many` scores every row the records use against all of its
+explanations at once.
+
+Determinism: a unit's predictions are the same bits whatever else is simulated with it, before it,
+in which process and on how many threads. Texts are embedded as `wordvecs` describes (fixed lists
+in fixed batches, any other text alone, on one torch thread), so a vector depends on its text only.
+BLAS picks kernels, and so summation orders, by matrix shape and thread count (a unit alone is a
+different shape from a unit in its shard), so no float product is left to it: cosines are `cosines`,
+exact integer arithmetic on vectors rounded to a 2**-24 grid, and every other sum is `fixed_sum`
+or `fixed_matmul`, in index order. An entry depends only on its own row and column.
 """
 
 from __future__ import annotations
@@ -69,6 +77,56 @@ _META_HEAD = re.compile(
 _META_TAIL = re.compile(r"(?<!\bas)(?<!\bin)\s+(?:words?|tokens?|terms?)$", re.I)
 _QUOTED = re.compile(r"(?<!\w)[\"'\u2018\u201c]([^\"'\u2019\u201d]{1,40})[\"'\u2019\u201d](?!\w)")
 _FILLER = {"and", "or", "nor", "the", "a", "an", "of", "word", "words", "token", "tokens"}
+
+
+def fixed_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a (M, D) @ b (D, N) in float64, each entry summed over D in index order, one rounded multiply
+    and one rounded add per term (numpy ufuncs: no FMA, no blocking). Entry (i, j) depends on row i
+    of a and column j of b alone: not on M, N, the other rows and columns, threads or BLAS."""
+    a = np.ascontiguousarray(np.asarray(a, dtype=np.float64).T)  # (D, M): row k is a's column k
+    b = np.asarray(b, dtype=np.float64)
+    out = np.zeros((a.shape[1], b.shape[1]))
+    term = np.empty_like(out)
+    for k in range(a.shape[0]):
+        np.multiply(a[k][:, None], b[k][None, :], out=term)
+        out += term
+    return out
+
+
+GRID = 2.0**24  # unit vectors' components are rounded to multiples of 1/GRID before a cosine
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a (M, D) @ b (D, N) for unit rows of a and unit columns of b, exactly, at BLAS speed.
+
+    Each component is rounded to a multiple of 2**-24 (at most 3e-8 away, about float32's resolution
+    at 1), so every product is an integer below 2**48 in float64, and by Cauchy-Schwarz every partial
+    sum, in whatever order or blocking a BLAS kernel adds them, is an integer below 2**49: no step
+    rounds, so the result does not depend on the order, the shape or the thread count."""
+    qa = np.rint(np.asarray(a, dtype=np.float64) * GRID)
+    qb = np.rint(np.asarray(b, dtype=np.float64) * GRID)
+    if qa.size and qb.size:
+        bound = np.sqrt((qa * qa).sum(1).max()) * np.sqrt((qb * qb).sum(0).max())
+        if not bound < 2.0**52:  # also catches NaN
+            raise ValueError(f"cosines() needs unit vectors: |a||b| = {bound / GRID**2:.3g}")
+    return (qa @ qb) / (GRID * GRID)
+
+
+def fixed_sum(x: np.ndarray) -> np.ndarray:
+    """Sum over axis 0 in index order, in float64 (numpy's own reduction order depends on the shape:
+    pairwise along a contiguous axis, row by row across columns)."""
+    x = np.asarray(x, dtype=np.float64)
+    out = np.zeros(x.shape[1:])
+    for row in x:
+        out += row
+    return out
+
+
+def fixed_mean_std(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (population) standard deviation over axis 0, with `fixed_sum`."""
+    n = len(x)
+    mean = fixed_sum(x) / n
+    return mean, np.sqrt(fixed_sum((np.asarray(x, dtype=np.float64) - mean) ** 2) / n)
 
 
 def load_prompt() -> tuple[list[str], list[str]]:
@@ -215,9 +273,8 @@ class EmbeddingSimulator:
     def fresh(self) -> "EmbeddingSimulator":
         """A twin with these settings, this loaded model and background, and empty caches.
 
-        MiniLM's float32 embedding of a text changes in the last bits with the batch it is encoded
-        in, and the caches decide which texts share a batch: a twin's outputs depend only on the calls
-        made to it, not on what this process embedded before."""
+        The caches hold values that are functions of their texts alone (see the module docstring),
+        so a twin gives the bits the shared simulator would; it bounds memory per shard."""
         self._setup()
         twin = copy.copy(self)
         twin._explained, twin._scaled = {}, {}
@@ -229,14 +286,22 @@ class EmbeddingSimulator:
     def encoding(self) -> str:
         from autoexplain.wordvecs import encoding
 
-        return encoding(self.embedder, self.batch_size)
+        return encoding(self.embedder, self.batch_size, self.device)
 
     def encode_words(self, words: Sequence[str]) -> np.ndarray:
-        """Embed words in the order given, in fixed batches: the same list gives the same vectors."""
-        return self._encode(list(words)) if len(words) else np.zeros((0, 384), np.float32)
+        """Embed a whole word list (a corpus's sorted words) in fixed batches of that list: the same
+        list gives the same vectors in any process."""
+        return self._encode(list(words), fixed=True) if len(words) else np.zeros((0, 384), np.float32)
 
     def add_words(self, words: Sequence[str], vectors: np.ndarray) -> None:
-        """Take precomputed word embeddings (a corpus's word table), so `prepare` embeds none of them."""
+        """Take precomputed word embeddings (a corpus's word table), so `prepare` embeds none of them.
+        A word embedded on its own before keeps its row but takes the table's vector: what a word
+        scores never depends on whether it was met before the table came."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        known = [(self._rows[w], i) for i, w in enumerate(words) if w and w in self._rows]
+        if known:
+            self._table[[r for r, _ in known]] = vectors[[i for _, i in known]]
+            self._pinned = max(self._pinned, max(r for r, _ in known) + 1)
         new = [i for i, w in enumerate(words) if w and w not in self._rows]
         if not new:
             return
@@ -277,11 +342,13 @@ class EmbeddingSimulator:
             self._model = SentenceTransformer(self.model_path, device=self.device)
         return self._model
 
-    def _encode(self, texts: list[str]) -> np.ndarray:
+    def _encode(self, texts: list[str], fixed: bool = False) -> np.ndarray:
+        """fixed: `texts` is a list always embedded whole (fixed batches); else each text alone."""
+        from autoexplain.wordvecs import encode_each, encode_fixed
+
         self.encode_calls += 1
         self.encoded_texts += len(texts)
-        out = self.model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True, normalize_embeddings=True)
-        return np.asarray(out, dtype=np.float32)
+        return encode_fixed(self.model, texts, self.batch_size) if fixed else encode_each(self.model, texts)
 
     def _setup(self) -> None:
         if self._background is None:
@@ -292,9 +359,9 @@ class EmbeddingSimulator:
             from autoexplain.wordvecs import machine_cached
 
             self._background = machine_cached("simulator-background", [self.encoding, self.model_path, *words],
-                                              lambda: self._encode(words))
+                                              lambda: self._encode(words, fixed=True))
             classes, competitors = self._prompt
-            self._descriptions = self._encode(classes + competitors)
+            self._descriptions = self._encode(classes + competitors, fixed=True)
 
     # -- windows -----------------------------------------------------------------------------
     def prepare(self, records: Sequence[Sequence[str]]) -> list[_Window]:
@@ -375,13 +442,17 @@ class EmbeddingSimulator:
         both = np.stack([self._explained[t] for t in texts])
         E, F = both[:n].T, both[n:].T  # content (lexical channel), full text (surface channel)
         if self.expand:  # pull each explanation toward its nearest background words
-            # The k nearest, unordered (their mean is taken): a partition, not a sort of all 2,000.
-            nearest = np.argpartition(-(self._background @ E), self.expand - 1, axis=0)[: self.expand]  # (k, U)
-            E = (1 - self.expand_weight) * E + self.expand_weight * self._background[nearest].mean(0).T
-            E = E / np.linalg.norm(E, axis=0, keepdims=True)
-        bg, fbg = self._background @ E, self._background @ F
-        mu, sd = bg.mean(0), bg.std(0) + 1e-6
-        z_desc = (self._descriptions @ F - fbg.mean(0)) / (fbg.std(0) + 1e-6)
+            # The k nearest, unordered (their mean is taken): a partition, not a sort of all 2,000;
+            # then in index order, so that the mean is summed in one order.
+            nearest = np.argpartition(-cosines(self._background, E), self.expand - 1, axis=0)[: self.expand]
+            nearest = np.sort(nearest, axis=0)  # (k, U)
+            E = (1 - self.expand_weight) * E + self.expand_weight * (fixed_sum(self._background[nearest]) / self.expand).T
+            E = E / np.sqrt(fixed_sum(E * E))
+        bg, fbg = cosines(self._background, E), cosines(self._background, F)
+        mu, sd = fixed_mean_std(bg)
+        sd = sd + 1e-6
+        f_mu, f_sd = fixed_mean_std(fbg)
+        z_desc = (cosines(self._descriptions, F) - f_mu) / (f_sd + 1e-6)
         k = len(ORTHO_CLASSES)
         z_ortho = np.where(z_desc[:k] >= z_desc.max(0) - ORTHO_MARGIN, z_desc[:k], -np.inf)
         z_ortho = np.concatenate([z_ortho, np.full((1, n), -np.inf)])
@@ -401,7 +472,7 @@ class EmbeddingSimulator:
         used = [w.words for w in windows] + [w.contexts for w in windows if w.contexts is not None]
         rows = np.unique(np.concatenate(used + [np.zeros(0, np.int32)]))
         rows = rows[rows >= 0]
-        z_rows = (self._table[rows] @ ex.E - ex.mu) / ex.sd if rows.size else np.zeros((0, len(explanations)))
+        z_rows = (cosines(self._table[rows], ex.E) - ex.mu) / ex.sd if rows.size else np.zeros((0, len(explanations)))
         z_rows = np.concatenate([z_rows, np.full((1, len(explanations)), -np.inf)])  # last row: blank
         # Every token of every window at once: one lookup, one literal pass per explanation that quotes.
         pred = self._predict(windows, ex, z_rows, rows)

@@ -17,6 +17,11 @@ Best-of-k then picks among the candidates on the valid split, as for any explain
 split reports. Because the default simulator embeds with the same MiniLM, the candidates are
 phrased in the words the simulator reads best; the shuffled control and the token-lookup baseline
 are scored beside them, so any bias this gives shows up as a smaller margin over those baselines.
+
+A unit's candidates are the same bits whatever other units are explained with it, in which process
+and on how many threads: its words are embedded alone or come from the corpus's word table (see
+`wordvecs`), and the centroid and its cosines with the vocabulary are computed in a fixed order (`fixed_matmul`,
+`cosines`).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
-from autoexplain.embedding import ortho_class, word_of_each_token
+from autoexplain.embedding import cosines, fixed_matmul, fixed_sum, ortho_class, word_of_each_token
 from autoexplain.explain import Explanation
 from autoexplain.records import ActivationRecord
 
@@ -65,13 +70,15 @@ class EmbeddingExplainer:
     def prompt_hash(self) -> str:
         return hashlib.sha256(f"{self.name}|{DOMINANT}|{TOP_WORDS}|{N_VOCAB}".encode()).hexdigest()[:16]
 
-    def _encode(self, texts: list[str]) -> np.ndarray:
+    def _encode(self, texts: list[str], fixed: bool = False) -> np.ndarray:
+        """fixed: `texts` is a list always embedded whole (fixed batches); else each text alone."""
+        from autoexplain.wordvecs import encode_each, encode_fixed
+
         if self._model is None:
             from sentence_transformers import SentenceTransformer
 
             self._model = SentenceTransformer(self.model_path, device="cpu")
-        out = self._model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True, normalize_embeddings=True)
-        return np.asarray(out, dtype=np.float32)
+        return encode_fixed(self._model, texts, self.batch_size) if fixed else encode_each(self._model, texts)
 
     @property
     def encoding(self) -> str:
@@ -80,12 +87,13 @@ class EmbeddingExplainer:
         return encoding(self.embedder, self.batch_size)
 
     def encode_words(self, words) -> np.ndarray:
-        return self._encode(list(words)) if len(words) else np.zeros((0, 384), np.float32)
+        """A whole word list (a corpus's sorted words) in fixed batches of that list."""
+        return self._encode(list(words), fixed=True) if len(words) else np.zeros((0, 384), np.float32)
 
     def add_words(self, words, vectors: np.ndarray) -> None:
-        """Take precomputed word embeddings (the corpus's word table): no word is embedded twice."""
-        for w, v in zip(words, vectors):
-            self._words.setdefault(w, v)
+        """Take precomputed word embeddings (the corpus's word table): no word is embedded twice. The
+        table's vector wins over one embedded alone before, so the order of calls does not matter."""
+        self._words.update(zip(words, np.asarray(vectors, dtype=np.float32)))
 
     def _setup(self) -> None:
         if self._vocab is None:
@@ -100,7 +108,8 @@ class EmbeddingExplainer:
         """The naming vocabulary's embeddings: they take a minute to compute on two cores."""
         from autoexplain.wordvecs import machine_cached
 
-        return machine_cached("naming-vocabulary", [self.model_path, *words], lambda: self._encode(words))
+        return machine_cached("naming-vocabulary", [self.encoding, self.model_path, *words],
+                              lambda: self._encode(words, fixed=True))
 
     def _embed_words(self, words: list[str]) -> np.ndarray:
         new = list(dict.fromkeys(w for w in words if w not in self._words))
@@ -139,9 +148,9 @@ class EmbeddingExplainer:
         if not words:
             return []
         weights = np.array([dict(p.top_words)[w] for w in words], dtype=np.float32)
-        centroid = weights @ self._embed_words(words)
-        centroid /= np.linalg.norm(centroid) + 1e-9
-        order = np.argsort(-(self._vocab_vectors @ centroid))[:n]
+        centroid = fixed_matmul(weights[None, :], self._embed_words(words))[0]  # (384,)
+        centroid /= np.sqrt(fixed_sum(centroid * centroid)) + 1e-9
+        order = np.argsort(-cosines(self._vocab_vectors, centroid[:, None])[:, 0], kind="stable")[:n]
         return [self._vocab[i] for i in order]
 
 

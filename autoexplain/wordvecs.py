@@ -6,6 +6,18 @@ the same word would get slightly different vectors in different shards (a float3
 in its last bits with the batch it is encoded in). Embedding every distinct word of the windows
 output once, sorted and in fixed batches, removes both: the table is a content-addressed output
 like any other stage's, and every shard reads the same vectors.
+
+How a text's vector is computed decides its bits (measured on an Intel CPU with AMX, torch 2.13):
+MiniLM's float32 vector of a text changes in its last bits with the other texts of its batch (the
+padded length and the GEMM shapes: even texts of equal token length, batched without padding,
+differ from the same texts embedded alone) and with the number of torch threads (MKL's sgemm on
+`(1, 5, 384) x (384, 384)` differs between 1 and 2 threads). So every embedding here runs on one
+torch thread, and in one of two ways (`encode_fixed`, `encode_each`):
+- a list fixed by its identity (a corpus's sorted words, the background words, the prompt's
+  descriptions, the naming vocabulary) in fixed batches of that list: the batches are the same
+  wherever the list is embedded;
+- any other text (explanations, words met outside a word table) alone, as a batch of one without
+  padding: its vector is a function of the text only, whatever else is embedded with it or before.
 """
 
 from __future__ import annotations
@@ -13,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -27,10 +40,51 @@ _loaded: dict[Path, tuple[list[str], np.ndarray]] = {}
 _lock = threading.Lock()
 
 
-def encoding(embedder: str, batch_size: int) -> str:
-    """What a word's vector depends on besides the word, for encoders that call SentenceTransformer's
-    `encode(batch_size=..., normalize_embeddings=True)` and keep float32. Change it with that call."""
-    return f"{embedder}|batch={batch_size}|normalized|float32"
+ENCODE_THREADS = 1  # torch threads while embedding: the bits of MKL's sgemm depend on the count
+
+
+def encoding(embedder: str, batch_size: int, device: str = "cpu") -> str:
+    """What a vector of a fixed list depends on besides the list: the model, how `encode_fixed` runs
+    it, and the kernels (torch build, CPU instruction set). Change it with those calls."""
+    import torch
+
+    cpu = torch.backends.cpu.get_cpu_capability()
+    return (f"{embedder}|batch={batch_size}|normalized|float32|threads={ENCODE_THREADS}|device={device}"
+            f"|torch={torch.__version__}|cpu={cpu}")
+
+
+@contextmanager
+def pinned_threads(n: int = ENCODE_THREADS):
+    """Run torch on `n` intra-op threads in this thread, then restore the caller's setting."""
+    import torch
+
+    before = torch.get_num_threads()
+    if before != n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+def _normalised(model, texts: list[str], batch_size: int) -> np.ndarray:
+    with pinned_threads():
+        out = model.encode(texts, batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True,
+                           show_progress_bar=False)
+    return np.asarray(out, dtype=np.float32).reshape(len(texts), -1)
+
+
+def encode_fixed(model, texts: list[str], batch_size: int) -> np.ndarray:
+    """Vectors of a list whose content is its identity, in fixed batches of that list: the same list
+    gives the same bits in any process. Only for lists that are always embedded whole."""
+    return _normalised(model, list(texts), batch_size)
+
+
+def encode_each(model, texts: list[str]) -> np.ndarray:
+    """Each text embedded alone (a batch of one, no padding): a vector depends on its text only."""
+    texts = list(texts)
+    return _normalised(model, texts, 1) if texts else np.zeros((0, 384), np.float32)
 
 
 def corpus_words(windows_path: str | Path) -> list[str]:

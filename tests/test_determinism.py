@@ -1,0 +1,174 @@
+"""Same inputs, same bits: the embedding explainer's and simulator's stage outputs do not depend on
+the torch (or BLAS) thread count, on which other units share the call (a unit alone or with the rest
+of its shard), or on what the process embedded before.
+
+Content keys downstream hash these bytes, so the comparisons are exact (`==` on floats)."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from autoexplain import pipeline  # noqa: E402
+from autoexplain.embedding import EmbeddingSimulator, cosines, fixed_matmul, fixed_sum  # noqa: E402
+from autoexplain.explain_embedding import EmbeddingExplainer  # noqa: E402
+from autoexplain.records import ActivationRecord, NeuronId, UnitRecords  # noqa: E402
+from autoexplain.words import word_of_each_token  # noqa: E402
+
+
+@contextmanager
+def threads(n: int):
+    """torch and BLAS on n threads; the previous settings afterwards."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        with threadpool_limits(limits=n):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# -- the arithmetic (no model) -------------------------------------------------------------------
+def test_fixed_products_do_not_depend_on_shape():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((300, 384)).astype(np.float32)
+    b = rng.standard_normal((384, 7)).astype(np.float32)
+    a /= np.linalg.norm(a, axis=1, keepdims=True)
+    b /= np.linalg.norm(b, axis=0, keepdims=True)
+    for f in (fixed_matmul, cosines):
+        whole = f(a, b)
+        np.testing.assert_allclose(whole, a.astype(np.float64) @ b, atol=1e-6)
+        # every entry alone, and every block, gives the same bits as the whole product
+        assert np.array_equal(np.block([[f(a[i:i + 1], b[:, j:j + 1]) for j in range(7)] for i in (0, 5, 299)]),
+                              whole[[0, 5, 299]])
+        assert np.array_equal(f(a[17:200], b[:, 2:5]), whole[17:200, 2:5])
+    x = rng.standard_normal((2000, 5))
+    assert np.array_equal(fixed_sum(x)[2:3], fixed_sum(x[:, 2:3]))  # numpy's x.sum(0) can differ here
+    with pytest.raises(ValueError):
+        cosines(a * 10, b * 10)  # |a||b| = 100: a partial sum could round
+
+
+# -- the explain and simulate stages on planted units ----------------------------------------------
+WINDOWS = [
+    ["The", " red", " fox", " ate", " 42", " sheep", ".", "\n", " Then", " God", " sm", "it", "ten", "!"],
+    [" blue", " and", " green", " hands", ",", " LORD", "'s", " horses", " ran", " 7", " miles"],
+    [" She", " painted", " the", " door", " yellow", " in", " 1984", " with", " her", " brother"],
+    [" Three", " cows", " and", " two", " goats", " grazed", " near", " the", " river", "."],
+    [" Paris", " is", " the", " capital", " of", " France", ";", " Rome", " of", " Italy", "."],
+    [" He", " broke", " his", " arm", " and", " hurt", " his", " knee", " at", " 5", " pm"],
+    [" The", " violet", " sky", " turned", " orange", " over", " the", " hills", "!", " Wow"],
+    [" NASA", " and", " the", " FBI", " met", " on", " Monday", " in", " Washington", "."],
+]
+RULES = {  # unit -> tokens it fires on
+    0: {" red", " blue", " green", " yellow", " violet", " orange"},
+    1: {" 42", " 7", " 1984", " 5"},
+    2: {" sheep", " horses", " cows", " goats", " fox"},
+    3: {" hands", " arm", " knee"},
+}
+
+
+def _units() -> list[UnitRecords]:
+    """Four units; every window is a record of every unit, dealt over the four splits."""
+    units = []
+    for u, fires in RULES.items():
+        records = []
+        for w, tokens in enumerate(WINDOWS * 2):
+            acts = [10.0 if t in fires else 0.0 for t in tokens]
+            split = ("train", "valid", "calib", "test")[w % 4]
+            kind = "top" if split == "train" or max(acts) > 0 else "random"
+            records.append(ActivationRecord(list(tokens), acts, window_id=w, kind=kind, split=split))
+        units.append(UnitRecords(NeuronId(0, u), records))
+    return units
+
+
+@pytest.fixture(scope="module")
+def models():
+    return EmbeddingExplainer(), EmbeddingSimulator()
+
+
+def _word_table(units):
+    return sorted({w for u in units for r in u.records for w in word_of_each_token(r.tokens)} - {""})
+
+
+def _run(models, units, n_threads: int, word_table: bool, alone: bool, warm_with=()):
+    """(explanations rows, chosen rows, simulation rows) of the stages, with fresh caches."""
+    explainer0, simulator0 = models
+    with threads(n_threads):
+        explainer = EmbeddingExplainer()
+        explainer._model = explainer0._model  # the loaded model, not its caches
+        simulator = simulator0.fresh()
+        if warm_with:  # a process that embedded other texts and words before
+            simulator.simulate_many(list(warm_with), [w[::-1] for w in WINDOWS])
+            explainer.explain_records([[ActivationRecord(w[::-1], [1.0] * len(w)) for w in WINDOWS]])
+        if word_table:
+            words = _word_table(units)
+            vectors = simulator.encode_words(words)
+            explainer.add_words(words, vectors)
+            simulator.add_words(words, vectors)
+        cfg = pipeline.ExplainConfig(k=3, batch_units=8)
+        groups = [[u] for u in units] if alone else [units]
+        explanations, chosen, sims = [], [], []
+        for group in groups:
+            table = pipeline.explain_stage(group, explainer, cfg)
+            c, s = pipeline.simulate_stage(group, table, simulator)
+            explanations += table.to_pylist()
+            chosen += c.to_pylist() if hasattr(c, "to_pylist") else list(c)
+            sims += s.to_pylist() if hasattr(s, "to_pylist") else list(s)
+    key = lambda r: (r["unit"], r["polarity"], r["method"], r.get("split", ""), r.get("window_id", -1))  # noqa: E731
+    return [sorted(rows, key=lambda r: repr(key(r))) for rows in (explanations, chosen, sims)]
+
+
+def _bits(rows) -> str:
+    """Rows as text that tells every float apart by its bits (repr round-trips; nan equals nan)."""
+    return repr(rows)
+
+
+def _without_controls(rows):
+    return [r for r in rows if r["method"] != pipeline.SHUFFLED]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("word_table", [True, False], ids=["word-table", "no-word-table"])
+def test_stage_outputs_do_not_depend_on_threads_or_batch(models, word_table):
+    units = _units()
+    shard_2 = _run(models, units, 2, word_table, alone=False)
+    shard_1 = _run(models, units, 1, word_table, alone=False,
+                   warm_with=["capital cities", "numbers written out as words", "the word 'God'"])
+    alone_1 = _run(models, units, 1, word_table, alone=True)
+    alone_2 = _run(models, units, 2, word_table, alone=True)
+    explanations, chosen, sims = shard_2
+    assert sims and any(max(r["expected"]) > 0 for r in sims)
+    assert any(r["method"] == pipeline.SHUFFLED for r in sims)  # the shard run has its controls
+    # threads, and what was embedded before: the whole outputs, controls included, are the same bits
+    assert _bits(shard_1) == _bits(shard_2)
+    assert _bits(alone_1) == _bits(alone_2)
+    # a unit explained and simulated alone gives the rows it gets with the rest of its shard
+    assert _bits(alone_1[0]) == _bits(explanations)
+    assert _bits(alone_1[1]) == _bits(_without_controls(chosen))
+    assert _bits(alone_1[2]) == _bits(_without_controls(sims))
+
+
+@pytest.mark.slow
+def test_a_text_embeds_to_the_same_bits_alone_in_a_batch_and_on_any_thread_count(models):
+    import torch
+
+    _, simulator0 = models
+    before = torch.get_num_threads()
+    texts = ["animals and livestock", "red", "the word 'God'", "an explanation that is much longer than the rest"]
+    out = []
+    for n_threads in (1, 2):
+        with threads(n_threads):
+            sim = simulator0.fresh()
+            out.append(sim._encode(texts))
+            out.append(np.stack([sim._encode([t])[0] for t in texts]))
+            out.append(sim._encode(texts[::-1] + ["horse", "x"])[:len(texts)][::-1])
+    assert all(np.array_equal(out[0], o) for o in out[1:])
+    assert torch.get_num_threads() == before  # the encoder pins one thread only while it embeds
