@@ -139,8 +139,8 @@ def test_simulate_many_equals_simulate(simulator):
     for explanation, sims in zip(explanations, many):
         single = simulator.simulate(explanation, RECORDS)
         assert len(sims) == len(single) == len(RECORDS)
-        for a, b in zip(sims, single):
-            np.testing.assert_allclose(a.expected, b.expected, rtol=1e-5, atol=1e-5)
+        for a, b in zip(sims, single):  # the same bits: a text's vector and scale do not depend on its batch
+            assert a.expected == b.expected
 
 
 @pytest.mark.slow
