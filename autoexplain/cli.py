@@ -285,14 +285,30 @@ def import_cmd(
 
 @app.command()
 def view(
-    scores: list[Path] = typer.Option(..., "--scores", "-c", help="Scores folders printed by `autoexplain score` or explain-layer: one per layer, or the shards of a layer."),
-    site: Path = typer.Option(Path("site"), "--site", help="Folder to write the static site into."),
+    scores: Optional[list[Path]] = typer.Option(None, "--scores", "-c", help="Scores folders printed by `autoexplain score` or explain-layer: one per layer, or the shards of a layer. Optional with --serve when the site exists."),
+    site: Path = typer.Option(Path("site"), "--site", help="Folder to write the static site into (or, with --serve alone, to serve)."),
     records: Optional[Path] = typer.Option(None, "--records", "-r", help="Records folder (default: found through the manifests)."),
+    serve: bool = typer.Option(False, "--serve", help="Serve the site over http on this machine until Ctrl-C, and print its URL: what a browser opens from an http page such as the Prefect UI, which does not follow file:// links."),
+    port: Optional[int] = typer.Option(None, "--port", help="Port for --serve (default 8765, or a free port when 8765 is taken; 0: any free port)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address for --serve (default loopback only: nothing outside this machine sees the site)."),
 ):
-    """Write a static neuron viewer (no server needed: open index.html) from scored layers."""
-    from autoexplain.view import build_site
+    """Write a static neuron viewer (no server needed: open index.html) from scored layers; --serve serves it."""
+    def go():
+        from autoexplain import serve as serving
+        from autoexplain.view import build_site
 
-    _run(lambda: typer.echo(str(build_site(scores, site, records))))
+        if scores:
+            typer.echo(str(build_site(scores, site, records)))
+        elif not serve:
+            raise UserError("nothing to do: no --scores given", "pass --scores <scores folder>, or --serve to serve an existing --site")
+        if not serve:
+            return
+        server = serving.start(site, host, port)
+        typer.echo(server.url)
+        err.print(f"serving {server.site} at {server.url} (Ctrl-C to stop)", highlight=False, soft_wrap=True)
+        server.wait()
+
+    _run(go)
 
 
 @app.command("explain-layer")
