@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from autoexplain import defaults
+from autoexplain import defaults, preflight
 from autoexplain.errors import UserError
 
 app = typer.Typer(
@@ -46,6 +46,8 @@ def parse_layers(text: str | None, n_layers: int) -> list[int]:
             part = part.strip()
             if "-" in part[1:]:
                 a, b = part.split("-", 1) if not part.startswith("-") else (part, "")
+                if int(b) < int(a):
+                    raise UserError(f"--layers range '{part}' runs backwards", f"write it as {b}-{a}")
                 layers += list(range(int(a), int(b) + 1))
             else:
                 layers.append(int(part))
@@ -153,11 +155,16 @@ def record(
         for name, value in (("--random", n_random), ("--per-quantile", quantile_per_bin)):
             if value < 0:
                 raise UserError(f"{name} must not be negative, got {value}", f"pass {name} 0 or more")
+        preflight.check_out(str(out), preflight.cli_flag)
+        preflight.check_corpus(corpus, preflight.cli_flag)
+        shape = preflight.model_shape(model, preflight.cli_flag)
+        chosen = parse_layers(layers, shape.n_layers)
+        for L in chosen:
+            preflight.check_layer(shape, L, preflight.cli_flag, "layers")
         started = time.perf_counter()
         subject = load_subject(model)
         err.print(f"subject {subject.name}: {subject.n_layers} layers x {subject.n_units} units "
                   f"on {subject.device}, loaded in {subject.load_seconds:.1f}s")
-        chosen = parse_layers(layers, subject.n_layers)
         subject.check_layers(chosen)
         windows = build_windows(subject, corpus, out, window_len, tokens, seed, text_field)
         cfg = RecordConfig(chosen, top_k, n_random, quantile_per_bin, reservoir, batch_size, seed)
@@ -172,11 +179,12 @@ def record(
 
 
 def _records_layer(records: Path, layer: Optional[int]) -> int:
-    from autoexplain.storage import is_complete, read_manifest
+    from autoexplain.storage import read_manifest, require_complete
 
-    if not is_complete(records):
-        raise UserError(f"{records} is not a finished records folder", "pass the folder printed by `autoexplain record`")
+    require_complete(records, "records", "pass --records, the folder printed by `autoexplain record`")
     recorded = read_manifest(records)["params"]["layers"]
+    if layer is not None and layer not in recorded:
+        raise UserError(f"--layer {layer} was not recorded in {records} (it has {recorded})", "pass a recorded layer")
     return recorded[0] if layer is None else layer
 
 
@@ -198,7 +206,9 @@ def explain(
         if k < 1:
             raise UserError(f"--k must be at least 1, got {k}", "pass --k 1 or more")
         L = _records_layer(records, layer)
-        ref = run_explain(records, L, out, parse_units(units), explainer, ExplainConfig(k=k, chat=chat))
+        chosen = parse_units(units)
+        preflight.check_explainer(explainer, preflight.cli_flag)
+        ref = run_explain(records, L, out, chosen, explainer, ExplainConfig(k=k, chat=chat))
         typer.echo(str(ref.directory))
 
     _run(go)
@@ -214,7 +224,13 @@ def simulate(
     """Pick each unit's best candidate on the valid split, then simulate it and the baselines on held-out records."""
     from autoexplain.layer import StageRef, run_simulate
 
-    _run(lambda: typer.echo(str(run_simulate(records, StageRef.of(explanations), out, simulator).directory)))
+    def go():
+        x = StageRef.of(explanations)
+        _records_layer(records, x.layer)
+        preflight.check_simulator(simulator, preflight.cli_flag)
+        typer.echo(str(run_simulate(records, x, out, simulator).directory))
+
+    _run(go)
 
 
 @app.command()
@@ -228,8 +244,11 @@ def score(
     from autoexplain.layer import StageRef, run_score
 
     def go():
-        ref = run_score(records, StageRef.of(simulations), out, n_boot)
-        _print_summary(ref.path)
+        preflight.at_least(preflight.cli_flag, "n_boot", n_boot, 1)
+        sims = StageRef.of(simulations)
+        _records_layer(records, sims.layer)
+        ref = run_score(records, sims, out, n_boot)
+        _print_summary([ref.path])
         typer.echo(str(ref.directory))
 
     _run(go)
@@ -250,6 +269,7 @@ def export_cmd(
 
     def go():
         score_ref = StageRef.of(scores)
+        _records_layer(records, score_ref.layer)
         sims_ref = StageRef.of(read_manifest(score_ref.directory)["inputs"]["simulations"])
         sims = pq.read_table(sims_ref.path)
         units = load_units(records, score_ref.layer, sorted(set(sims.column("unit").to_pylist())))
@@ -322,49 +342,151 @@ def explain_layer_cmd(
     simulator: str = typer.Option("embedding", "--simulator", "-s", help="'embedding', 'all-at-once[:LLM]' or 'chat-json:LLM'."),
     k: int = typer.Option(4, "--k", help="Candidate explanations per unit (best-of-k on the valid split)."),
     shard_size: int = typer.Option(256, "--shard-size", help="Units per task."),
+    n_boot: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the 95% CIs."),
     out: str = typer.Option("out", "--out", "-o", help="Output folder, or an fsspec URL (s3://bucket/run, file:///mnt/share/out, ...) worked on through a local mirror."),
     results: Optional[str] = typer.Option(None, "--results", help="Folder or fsspec URL for Prefect's task results (its cache), e.g. s3://bucket/prefect-results. Default: Prefect's local storage."),
 ):
     """Record if needed, then explain, simulate and score a layer, as a Prefect flow (no server needed)."""
-    def go():
-        from autoexplain import progress
-        from autoexplain.remote import is_url
-        from flows.explain_layer import explain_layer
-        from tasks.stages import warm_up
+    params = dict(layer=layer, units=units, model=model, corpus=corpus, tokens=tokens, explainer=explainer,
+                  simulator=simulator, k=k, shard_size=shard_size, n_boot=n_boot, out=out, results=results)
+    _run(lambda: _run_flow("explain_layer", params, lambda: preflight.explain_layer(params, preflight.cli_flag)))
 
-        warm_up(simulator)
-        bars, listener = stage_bars()
-        remove = progress.listen(listener)
-        try:
-            with bars:
-                result = explain_layer(layer=layer, units=units, model=model, corpus=corpus, tokens=tokens,
-                                       explainer=explainer, simulator=simulator, k=k, shard_size=shard_size,
-                                       out=out, results=results)
-        finally:
-            remove()
-        for ref in result["scores"]:
-            _print_summary(Path(ref["path"]))
-        records = result["records"]
-        typer.echo(records["uri"] if is_url(out) else str(Path(records["path"])))
+
+@app.command()
+def rescore(
+    out: str = typer.Option("out", "--out", "-o", help="Output root of an explain-layer run (folder or URL)."),
+    layer: int = typer.Option(15, "--layer", "-l", help="Layer whose latest run to re-score."),
+    simulator: str = typer.Option("embedding", "--simulator", "-s", help="'embedding', 'all-at-once[:LLM]' or 'chat-json:LLM'."),
+    n_boot: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the 95% CIs."),
+    results: Optional[str] = typer.Option(None, "--results", help="Folder or URL for Prefect's task results."),
+):
+    """Re-simulate and re-score the latest run of a layer (the nightly job), and compare with its previous scores."""
+    from flows.explain_layer import find_run
+
+    params = dict(out=out, layer=layer, simulator=simulator, n_boot=n_boot, results=results)
+
+    def check():
+        preflight.at_least(preflight.cli_flag, "n_boot", n_boot, 1)
+        preflight.check_simulator(simulator, preflight.cli_flag)
+        _cli_spelling(lambda: find_run(out, layer))
+
+    _run(lambda: _run_flow("rescore", params, check))
+
+
+def _read_revisions(path: Path) -> dict[str, str]:
+    """A JSON object {"UNIT[:POLARITY]": text}, or JSON lines / CSV with unit, polarity, text."""
+    import csv
+    import json
+
+    if not path.is_file():
+        raise UserError(f"--file {path} does not exist", "pass a JSON, JSON-lines or CSV file of revisions")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".csv":
+            rows = list(csv.DictReader(text.splitlines()))
+        elif path.suffix == ".jsonl":
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            data = json.loads(text)
+            rows = [{"unit": k, "text": v} for k, v in data.items()] if isinstance(data, dict) else data
+        return {f"{r['unit']}:{r.get('polarity') or 1}" if ":" not in str(r["unit"]) else str(r["unit"]): r["text"]
+                for r in rows}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"cannot read revisions from {path} ({type(e).__name__}: {e})",
+                        'write {"12:-1": "text", ...}, JSON lines or CSV with unit, polarity, text') from None
+
+
+@app.command()
+def revise(
+    out: str = typer.Option("out", "--out", "-o", help="Output root of an explain-layer run (folder or URL)."),
+    layer: int = typer.Option(15, "--layer", "-l", help="Layer whose latest run to revise."),
+    unit: Optional[str] = typer.Option(None, "--unit", "-u", help="The unit to revise: UNIT or UNIT:POLARITY, e.g. 12:-1."),
+    text: Optional[str] = typer.Option(None, "--text", "-t", help="Its new explanation."),
+    file: Optional[Path] = typer.Option(None, "--file", "-f", help="Several revisions: JSON {\"12:-1\": text}, JSON lines or CSV (unit, polarity, text)."),
+):
+    """Replace explanations by your own and re-simulate and re-score them (the explain-layer flow with revisions)."""
+    from flows.explain_layer import find_run
+
+    def go():
+        if (unit is None) != (text is None) or (unit is None and file is None):
+            raise UserError("revise needs --unit with --text, or --file", 'e.g. --unit 12:-1 --text "years written in digits"')
+        run = _cli_spelling(lambda: find_run(out, layer))
+        new = _read_revisions(file) if file else {}
+        if unit is not None:
+            new[unit] = text
+        base = {**run["params"], "out": out}
+        plan = _cli_spelling(lambda: preflight.explain_layer({**base, "revisions": None}))
+        merged = {**preflight.check_revisions(base.get("revisions"), None),
+                  **preflight.check_revisions(new, plan.units, preflight.cli_flag, "file" if file else "unit")}
+        params = {**base, "revisions": {f"{u}:{p:+d}": t for (u, p), t in sorted(merged.items())}}
+        _run_flow("explain_layer", params, lambda: None)
 
     _run(go)
 
 
-def _print_summary(scores_path: Path) -> None:
+def _cli_spelling(fn):
+    """A flow-level check run from the CLI: its 'parameter x' becomes the flag '--x'."""
+    try:
+        return fn()
+    except UserError as e:
+        problem = e.problem
+        if problem.startswith("parameter "):
+            name, _, rest = problem[len("parameter "):].partition(":")
+            problem = f"{preflight.cli_flag(name)}:{rest}"
+        raise UserError(problem, e.fix) from None
+
+
+def _run_flow(name: str, params: dict, check) -> None:
+    """Check every parameter here (one line and exit 2 on a bad one: nothing has started), then run
+    the flow with the stage bars, and print the layer's summary and where everything went."""
+    check()
+    from autoexplain import progress
+    from flows import explain_layer as flows
+    from tasks.stages import warm_up
+
+    warm_up(params.get("simulator"))
+    bars, listener = stage_bars()
+    remove = progress.listen(listener)
+    try:
+        with bars:
+            result = getattr(flows, name)(**params)
+    finally:
+        remove()
+    _print_summary([Path(ref["path"]) for ref in result["scores"]], result)
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _print_summary(scores_paths: list[Path], result: dict | None = None) -> None:
+    """One table for the layer (all shards), then the comparison, the site and the outputs."""
     import polars as pl
     from rich.table import Table
 
-    scores = pl.read_parquet(scores_path)
-    table = Table(title=f"test-split scores ({scores_path.parent.name})")
-    for col in ("method", "metric", "units", "mean", "undefined"):
+    from autoexplain.summary import compare_markdown, layer_summary
+
+    scores = pl.concat([pl.read_parquet(p) for p in scores_paths])
+    layers = ", ".join(str(v) for v in sorted(set(scores["layer"].to_list())))
+    units = scores.select("unit", "polarity").unique().height
+    table = Table(title=f"layer {layers}: test-split scores of {units} units (mean, 95% CI)")
+    for col in ("method", "metric", "units", "mean", "95% CI", "beats token-lookup", "undefined"):
         table.add_column(col)
-    summary = (scores.group_by("method", "metric")
-               .agg(pl.len().alias("n"), pl.col("value").mean().alias("mean"), pl.col("value").null_count().alias("undef"))
-               .sort("metric", "method"))
-    for row in summary.iter_rows(named=True):
-        mean = "-" if row["mean"] is None else f"{row['mean']:.3f}"
-        table.add_row(row["method"], row["metric"], str(row["n"]), mean, str(row["undef"]))
+    for r in layer_summary(scores).iter_rows(named=True):
+        share = "-" if r["beats_lookup"] is None else f"{100 * r['beats_lookup']:.0f}%"
+        table.add_row(r["method"], r["metric"], str(r["units"]), _fmt(r["mean"]),
+                      f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]", share, str(r["undefined"]))
     err.print(table)
+    if result is None:
+        return
+    if result.get("comparison"):
+        err.print(compare_markdown(result["comparison"], "Change against the previous scores"), highlight=False)
+    if result.get("site"):
+        site = result["site"]
+        err.print(f"viewer: {site.removeprefix('file://')}  (serve it: autoexplain view --serve --site "
+                  f"{Path(site.removeprefix('file://')).parent})", highlight=False, soft_wrap=True)
+    err.print(f"outputs: {result['out']}", highlight=False, soft_wrap=True)
+    typer.echo(result["out"])
 
 
 def main():  # pragma: no cover - console entry point

@@ -28,6 +28,7 @@ from autoexplain.storage import (
     content_key,
     is_complete,
     read_manifest,
+    require_complete,
     stage_dir,
     write_manifest,
     write_table,
@@ -56,10 +57,7 @@ class StageRef:
 
     @classmethod
     def of(cls, directory: str | Path) -> "StageRef":
-        directory = Path(directory)
-        if not is_complete(directory):
-            raise UserError(f"{directory} is not a finished stage output (no manifest.json)",
-                            "point at a folder printed by an earlier autoexplain command")
+        directory = require_complete(directory, "stage output", "point at a folder printed by an earlier autoexplain command")
         m = read_manifest(directory)
         return cls(directory, m["key"], m["params"]["layer"])
 
@@ -105,6 +103,8 @@ def parse_units(spec: str | None, n_units: int | None = None) -> list[int] | Non
     try:
         for part in str(spec).split(","):
             a, _, b = part.strip().partition("-")
+            if b and int(b) < int(a):
+                raise UserError(f"the unit range '{part.strip()}' runs backwards", f"write it as {b}-{a}")
             units += list(range(int(a), int(b) + 1)) if b else [int(a)]
     except ValueError:
         raise UserError(f"cannot read units '{spec}'", "use a range like 0-99, a list like 3,7, or 'all'") from None
@@ -116,11 +116,14 @@ def parse_units(spec: str | None, n_units: int | None = None) -> list[int] | Non
 
 
 def _records_inputs(records_dir: Path, layer: int):
+    require_complete(records_dir, "records", "pass the folder printed by `autoexplain record` or explain-layer")
     manifest = read_manifest(records_dir)
     if layer not in manifest["params"]["layers"]:
         raise UserError(f"layer {layer} was not recorded in {records_dir} (it has {manifest['params']['layers']})",
                         "record that layer first, or pass one of the recorded layers")
-    windows = records_dir.parent.parent / "windows" / manifest["inputs"]["windows"] / "windows.parquet"
+    windows_dir = records_dir.parent.parent / "windows" / manifest["inputs"]["windows"]
+    require_complete(windows_dir, "windows", f"rerun the recording that wrote {records_dir}")
+    windows = windows_dir / "windows.parquet"
     return (records_dir / f"layer_{layer}.records.parquet", windows, manifest["key"])
 
 

@@ -172,3 +172,33 @@ def fetch(folder_url: str) -> Path:
         raise UserError(f"{folder_url} is not a finished stage output (no manifest.json there)",
                         "rerun the stage that writes it, with the same --out")
     return local
+
+
+def push_file(path: str | os.PathLike) -> None:
+    """Upload one small mutable file (a run's pointer) inside a mirror; stage folders use `push`."""
+    where = _where(path)
+    if where is None:
+        return
+    url, fs, target = where
+    try:
+        fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        fs.put_file(str(path), target)
+    except OSError as e:
+        raise _unreachable(url, e) from None
+
+
+def pull_file(path: str | os.PathLike) -> bool:
+    """Download one small mutable file into the mirror when its URL has it (newer than ours or not)."""
+    where = _where(path)
+    if where is None:
+        return Path(path).is_file()
+    url, fs, source = where
+    try:
+        fs.invalidate_cache(source.rsplit("/", 1)[0])
+        if not fs.exists(source):
+            return False
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(source, str(path))
+    except OSError as e:
+        raise _unreachable(url, e) from None
+    return True

@@ -66,8 +66,55 @@ def open_root(out: str | os.PathLike) -> Path:
 
 
 def is_complete(directory: Path) -> bool:
-    """A stage folder counts only once its manifest exists; the manifest is written last."""
-    return (directory / MANIFEST).is_file()
+    """A stage folder counts only once its manifest exists (it is written last) and every file it
+    lists still has the digest it was sealed with: a changed or truncated file makes the folder
+    unfinished, so it is recomputed rather than read."""
+    return damaged(directory) is None and (Path(directory) / MANIFEST).is_file()
+
+
+# (path, size, mtime_ns) -> digest: a file is hashed once per process until it changes.
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def _digest_once(path: Path, length: int) -> str | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = file_digest(path, length)
+    return _DIGESTS[key]
+
+
+def damaged(directory: str | os.PathLike) -> str | None:
+    """The first file of a sealed folder that is missing or differs from its manifest, else None
+    (also None for a folder with no manifest: that is unfinished, not damaged)."""
+    directory = Path(directory)
+    try:
+        outputs = json.loads((directory / MANIFEST).read_text()).get("outputs", {})
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except ValueError:
+        return MANIFEST
+    for name, digest in outputs.items():
+        if _digest_once(directory / name, len(digest)) != digest:
+            return name
+    return None
+
+
+def require_complete(directory: str | os.PathLike, what: str, fix: str) -> Path:
+    """A finished, undamaged stage folder, or a UserError that names the folder or the file."""
+    from autoexplain.errors import UserError
+
+    directory = Path(directory)
+    bad = damaged(directory)
+    if bad is not None:
+        raise UserError(f"{directory / bad} does not match its manifest (changed or truncated)",
+                        f"delete {directory} and rerun the stage that wrote it")
+    if not (directory / MANIFEST).is_file():
+        raise UserError(f"{directory} is not a finished {what} folder (no {MANIFEST})", fix)
+    return directory
 
 
 def _atomic_target(path: Path):
@@ -149,6 +196,30 @@ def write_manifest(directory: Path, stage: str, key: str, inputs: dict, params: 
 
 def read_manifest(directory: str | os.PathLike) -> dict:
     return json.loads((Path(directory) / MANIFEST).read_text())
+
+
+def run_file(root: str | os.PathLike, layer: int) -> Path:
+    """The pointer to the latest finished run of a layer under an output root: its flow parameters
+    and the references of its outputs. What `rescore` and `revise` start from, so a user names a run
+    by its output root and layer, never by internal keys. Mutable, unlike the stage folders."""
+    return Path(root) / "runs" / f"layer_{layer}.json"
+
+
+def write_run(root: str | os.PathLike, layer: int, run: dict) -> Path:
+    from autoexplain import remote
+
+    path = write_json(run, run_file(root, layer))
+    remote.push_file(path)
+    return path
+
+
+def read_run(root: str | os.PathLike, layer: int) -> dict | None:
+    from autoexplain import remote
+
+    path = run_file(root, layer)
+    if not remote.pull_file(path):
+        return None
+    return json.loads(path.read_text())
 
 
 class Memo:

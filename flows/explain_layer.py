@@ -2,9 +2,13 @@
 
 - `record-activations`: record one or more layers.
 - `explain-layer`: record if needed, then explain, simulate and score each shard of units, publish
-  the outputs as assets and write the report.
-- `rescore`: re-simulate and re-score existing explanations (a new simulator, or the same one
-  after a prompt edit). The nightly job.
+  the outputs as assets, write the report and the layer's run pointer (`storage.run_file`).
+- `rescore`: re-simulate and re-score the latest run of a layer under an output root (a new
+  simulator, or the same one after a prompt edit), and compare the new scores with the previous
+  ones. The nightly job.
+
+Every flow checks all its parameters first (`autoexplain.preflight`): a bad one ends the run in its
+first second, as a Failed state whose message is one line naming the parameter.
 
 `out` is a folder or an fsspec URL (outputs pushed there, see `autoexplain.remote`); `results`, a
 folder or URL where Prefect keeps the tasks' results (its cache), else Prefect's default storage.
@@ -13,17 +17,21 @@ folder or URL where Prefect keeps the tasks' results (its cache), else Prefect's
 from __future__ import annotations
 
 import time
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed
+from prefect.states import Failed
 
-from autoexplain import progress
+from autoexplain import preflight, progress
 from autoexplain.errors import UserError
 from autoexplain.layer import parse_units
 from autoexplain.remote import is_url
-from autoexplain.storage import open_root
-from tasks.report import publish, report_task, view_task
+from autoexplain.storage import open_root, read_run, write_run
+from tasks.compare import compare_task
+from tasks.report import publish, publish_recording, report_task, view_task
 from tasks.stages import (
     explain_task,
     record_task,
@@ -35,24 +43,40 @@ from tasks.stages import (
 )
 
 
-def _check(name: str, value: int, low: int = 1) -> None:
-    if value < low:
-        raise UserError(f"parameter {name} must be at least {low}, got {value}", f"pass {name} >= {low}")
-
-
 def _out(out: str) -> str:
-    """A folder made absolute (tasks may run elsewhere), or a URL as given, checked before any task."""
-    if is_url(out):
-        open_root(out)
-        return out
-    return str(Path(out).resolve())
+    """A folder made absolute (tasks may run elsewhere), or a URL as given."""
+    return out if is_url(out) else str(Path(out).resolve())
+
+
+def _checked(check: Callable[[], object]):
+    """(the check's value, None), or (None, a Failed state carrying the one-line error)."""
+    try:
+        return check(), None
+    except UserError as e:
+        return None, Failed(message=str(e), data=e)
 
 
 @flow(name="record-activations", validate_parameters=True)
 def record_activations(model: str = "smollm2", corpus: str = "default", layers: list[int] | None = None,
                        tokens: int = 1_000_000, out: str = "out") -> dict:
-    _check("tokens", tokens)
-    return record_task(model, corpus, layers or [15], tokens, _out(out))
+    layers = layers or [15]
+
+    def check():
+        preflight.at_least(preflight.flow_name, "tokens", tokens, 1)
+        preflight.check_out(out)
+        preflight.check_corpus(corpus)
+        shape = preflight.model_shape(model)
+        for layer in layers:
+            preflight.check_layer(shape, layer, name="layers")
+
+    _, failed = _checked(check)
+    if failed:
+        return failed
+    return record_task(model, corpus, layers, tokens, _out(out))
+
+
+def _unit_keys(revisions: dict[tuple[int, int], str]) -> dict[str, str]:
+    return {f"{u}:{p:+d}": text for (u, p), text in sorted(revisions.items())}
 
 
 @flow(name="explain-layer", validate_parameters=True)
@@ -76,31 +100,33 @@ def explain_layer(
     results: str | None = None,
 ) -> dict:
     """Explain every unit (both polarities) of one layer, or a unit range like '0-99'."""
+    params = dict(layer=layer, units=units, model=model, corpus=corpus, tokens=tokens, explainer=explainer,
+                  simulator=simulator, k=k, shard_size=shard_size, n_boot=n_boot, revisions=revisions,
+                  site=site, window_len=window_len, top_k=top_k, n_random=n_random)
+    plan, failed = _checked(lambda: preflight.explain_layer({**params, "out": out}))
+    if failed:
+        return failed
     log = get_run_logger()
-    for name, value in (("tokens", tokens), ("k", k), ("shard_size", shard_size), ("n_boot", n_boot),
-                        ("window_len", window_len), ("top_k", top_k)):
-        _check(name, value)
-    _check("layer", layer, 0)
     out = _out(out)
     record, explain, revise, simulate, score = with_results(results, record_task, explain_task, revise_task,
                                                             simulate_task, score_task)
     records = record(model, corpus, [layer], tokens, out, window_len, top_k, n_random)
-    chosen = parse_units(units, records["n_units"])
+    publish_recording(records)
+    chosen = plan.units if plan.units is not None else parse_units(None, records["n_units"])
     shards = [chosen[i : i + shard_size] for i in range(0, len(chosen), shard_size)]
     sim_id = simulator_identity(simulator)
-    revisions = revisions or {}
 
     started, futures = time.perf_counter(), []
     for shard in shards:
         x = explain.submit(records, layer, shard, explainer, k, out)
-        mine = {key: text for key, text in revisions.items() if int(key.partition(":")[0]) in shard}
+        mine = {key: text for key, text in plan.revisions.items() if key[0] in shard}
         if mine:
-            x = revise.submit(x, mine, out)
+            x = revise.submit(x, _unit_keys(mine), out)
         s = simulate.submit(records, x, simulator, sim_id, out)
         futures.append((shard, x, s, score.submit(records, s, n_boot, out)))
 
-    done_units, outputs, scores = 0, [], []
-    by_future = {f[3]: f for f in futures}
+    done_units, outputs, by_future = 0, [], {f[3]: f for f in futures}
+    explained, simulated, scores = {}, {}, {}
     for fut in as_completed([f[3] for f in futures]):
         shard, x, s, c = by_future[fut]
         done_units += len(shard)
@@ -113,32 +139,73 @@ def explain_layer(
         publish(sr, [records, xr])
         publish(cr, [sr])
         outputs += [xr, sr, cr]
-        scores.append(cr)
+        explained[shard[0]], simulated[shard[0]], scores[shard[0]] = xr, sr, cr
+    in_order = lambda d: [d[k] for k in sorted(d)]  # noqa: E731 - shard order, not finishing order
     # Several shards of one layer are one layer to the viewer: it reads every shard's scores.
-    site_uri = view_task(scores, site or f"{out.rstrip('/')}/site/layer_{layer}", records) if site != "none" else None
-    report = report_task(records, outputs, scores, site_uri)
-    return {"records": records, "scores": scores, "report": report}
+    site_dir = site or f"{out.rstrip('/')}/site/layer_{layer}"
+    site_uri = view_task(in_order(scores), site_dir, records) if site != "none" else None
+    report = report_task(records, outputs, in_order(scores), site_uri)
+    run = {"flow": "explain-layer", "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "params": {**params, "revisions": _unit_keys(plan.revisions)}, "records": records,
+           "explanations": in_order(explained), "simulations": in_order(simulated), "scores": in_order(scores),
+           "site_dir": None if site == "none" else site_dir, "site": site_uri}
+    write_run(open_root(out), layer, run)
+    return {"records": records, "scores": in_order(scores), "report": report, "site": site_uri, "out": out}
+
+
+def find_run(out: str, layer: int) -> dict:
+    """The latest finished run of `layer` under the output root `out`, or a UserError that says
+    which parameter to set."""
+    root = open_root(out)
+    run = read_run(root, layer)
+    if run is not None:
+        return run
+    runs = sorted(root.glob("runs/layer_*.json")) if not is_url(out) else []
+    if runs:
+        have = ", ".join(p.stem.removeprefix("layer_") for p in runs)
+        raise UserError(f"parameter layer: {out} holds no finished explain-layer run of layer {layer} (it has layers {have})",
+                        "set layer to one of those")
+    raise UserError(f"parameter out: {out} holds no finished explain-layer run (looked for {Path('runs') / f'layer_{layer}.json'})",
+                    "set out to the output root of an explain-layer run, or run explain-layer there first")
 
 
 @flow(name="rescore", validate_parameters=True)
-def rescore(explanations: list[str], records: str, simulator: str = "embedding", n_boot: int = 1000,
-            out: str = "out", window_len: int = 64) -> dict:
-    """Re-simulate and re-score explanation outputs (paths of explanations folders)."""
-    from autoexplain.storage import read_manifest
+def rescore(out: str = "out", layer: int = 15, simulator: str = "embedding", n_boot: int = 1000,
+            results: str | None = None) -> dict:
+    """Re-simulate and re-score the latest explain-layer run of `layer` under `out`, and compare."""
+    def check():
+        preflight.at_least(preflight.flow_name, "n_boot", n_boot, 1)
+        preflight.at_least(preflight.flow_name, "layer", layer, 0)
+        preflight.check_simulator(simulator)
+        if not is_url(out) and not Path(out).is_dir():
+            raise UserError(f"parameter out: {Path(out).absolute()} does not exist",
+                            "set out to the output root of an explain-layer run")
+        return find_run(out, layer)
 
-    if not explanations:
-        raise UserError("rescore needs at least one explanations folder", "pass explanations=[...]")
+    run, failed = _checked(check)
+    if failed:
+        return failed
     out = _out(out)
-    rec_dir = Path(records).resolve()
-    manifest = read_manifest(rec_dir)
-    rec = {"uri": rec_dir.as_uri(), "path": str(rec_dir), "key": manifest["key"], "window_len": window_len}
-    sim_id = simulator_identity(simulator)
-    scores = []
-    for folder in explanations:
-        m = read_manifest(folder)
-        path = Path(folder).resolve() / f"layer_{m['params']['layer']}.parquet"
-        x = {"uri": path.parent.as_uri(), "path": str(path), "key": m["key"], "layer": m["params"]["layer"]}
-        s = simulate_task(rec, x, simulator, sim_id, out)
-        scores.append(score_task(rec, s, n_boot, out))
-    report_task(rec, scores, scores)
-    return {"scores": scores}
+    simulate, score = with_results(results, simulate_task, score_task)
+    records, sim_id = run["records"], simulator_identity(simulator)
+    pairs = []
+    for x in run["explanations"]:
+        s = simulate.submit(records, x, simulator, sim_id, out)
+        pairs.append((x, s, score.submit(records, s, n_boot, out)))
+    outputs, simulated, scores = [], [], []
+    for x, s, c in pairs:
+        sr, cr = s.result(), c.result()
+        publish(sr, [records, x])
+        publish(cr, [sr])
+        outputs += [sr, cr]
+        simulated.append(sr)
+        scores.append(cr)
+    comparison = compare_task(run["scores"], scores, f"Re-score of layer {layer}: {run['params']['simulator']} -> {simulator}")
+    site_uri = view_task(scores, run["site_dir"], records) if run.get("site_dir") else None
+    report = report_task(records, outputs, scores, site_uri)
+    write_run(open_root(out), layer, {
+        **run, "flow": "rescore", "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "params": {**run["params"], "simulator": simulator, "n_boot": n_boot},
+        "simulations": simulated, "scores": scores, "previous_scores": run["scores"], "site": site_uri})
+    return {"records": records, "scores": scores, "previous_scores": run["scores"], "comparison": comparison,
+            "report": report, "site": site_uri, "out": out}

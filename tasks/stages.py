@@ -58,11 +58,40 @@ RETRY = dict(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2
 
 
 def _key(stage: str, modules: tuple[str, ...], prompts: str = ""):
-    def cache_key(context, parameters) -> str:
-        return f"{stage}-" + content_key({"params": parameters, "code": code_version(*modules), "prompts": prompts()
-                                          if callable(prompts) else prompts})
+    """The task's cache key, or None (run the task, whose stage finds or rebuilds its output) when
+    the result cached under that key names an output that is gone, unfinished or damaged: the
+    store is the truth, and a cache must never answer with a folder that is not there."""
+
+    def cache_key(context, parameters) -> str | None:
+        key = f"{stage}-" + content_key({"params": parameters, "code": code_version(*modules), "prompts": prompts()
+                                         if callable(prompts) else prompts})
+        return key if _cached_output_is_whole(context, key) else None
 
     return cache_key
+
+
+def _cached_output_is_whole(context, key: str) -> bool:
+    store = getattr(context, "result_store", None)
+    try:
+        if store is None or not store.exists(key):
+            return True  # nothing cached: the key is safe to use
+        output = store.read(key).result
+    except Exception:  # noqa: BLE001 - an unreadable record is as good as none
+        return False
+    return output_is_whole(output)
+
+
+def output_is_whole(output: dict) -> bool:
+    """Whether a task reference still names a finished, undamaged output here or at its URL
+    (records with their windows)."""
+    try:
+        local = local_ref(output)
+        path = Path(local["path"])
+        if "layers" in output:
+            return is_complete(path) and is_complete(Path(local["windows"]).parent)
+        return is_complete(path.parent) and path.is_file()
+    except (UserError, OSError, KeyError, TypeError):
+        return False
 
 
 def simulator_identity(spec: str | None) -> str:
@@ -298,10 +327,9 @@ def explain_task(records: dict, layer: int, units: list[int], explainer: str, k:
 
 @task(name="revise", cache_key_fn=_key("revise", ("layer",)), **RETRY)
 def revise_task(explanations: dict, revisions: dict[str, str], out: str = "out") -> dict:
-    parsed = {}
-    for unit_pol, text in revisions.items():
-        unit, _, pol = unit_pol.partition(":")
-        parsed[(int(unit), int(pol or 1))] = text
+    from autoexplain.preflight import check_revisions
+
+    parsed = check_revisions(revisions, None)
     explanations, out = local_ref(explanations), open_root(out)
     result = layer_mod.run_revise(layer_mod.StageRef.of(Path(explanations["path"]).parent), parsed, out)
     _contract(result.path, "explanations")

@@ -4,7 +4,6 @@ crash; permanent errors fail fast; contracts stop bad data."""
 from __future__ import annotations
 
 import shutil
-import time
 
 import pytest
 
@@ -112,15 +111,56 @@ def test_crashed_shard_resumes_where_it_stopped(run, fault_server):
     assert len(server.requests) == 16, "only the 4 units the crash left unexplained are asked again"
 
 
-def test_bad_input_fails_fast_without_retries(run):
-    started = time.perf_counter()
-    with pytest.raises(UserError, match="layer 7 is out of range"):
-        run(layer=7)
-    assert time.perf_counter() - started < 10, "a permanent error must not wait through retries"
-    with pytest.raises(UserError, match="unit 99 is out of range"):
-        run(units="0,99")
-    with pytest.raises(UserError, match="shard_size must be at least 1"):
-        run(shard_size=0)
+BAD_PARAMETERS = [
+    (dict(layer=7), "parameter layer: layer 7 is out of range"),
+    (dict(units="0,99"), "parameter units: unit 99 is out of range"),
+    (dict(units="5-2"), "parameter units: the unit range '5-2' runs backwards"),
+    (dict(units="x"), "parameter units: cannot read units 'x'"),
+    (dict(shard_size=0), "parameter shard_size: must be at least 1"),
+    (dict(tokens=0), "parameter tokens: must be at least 1"),
+    (dict(k=0), "parameter k: must be at least 1"),
+    (dict(n_boot=0), "parameter n_boot: must be at least 1"),
+    (dict(top_k=0), "parameter top_k: must be at least 1"),
+    (dict(n_random=-1), "parameter n_random: must be at least 0"),
+    (dict(window_len=1), "parameter window_len: must be at least 2"),
+    (dict(simulator="nonsense"), "parameter simulator: unknown simulator 'nonsense'"),
+    (dict(simulator="chat-json"), "parameter simulator: chat-json needs an LLM"),
+    (dict(explainer="bogus"), "parameter explainer: unknown LLM 'bogus'"),
+    (dict(explainer="openai:m@http://127.0.0.1:9/v1"), "parameter explainer: the LLM server at http://127.0.0.1:9/v1 is not reachable"),
+    (dict(simulator="all-at-once:openai:m@http://127.0.0.1:9/v1"), "parameter simulator: the LLM server"),
+    (dict(model="/no/such/model"), "parameter model: cannot load model '/no/such/model'"),
+    (dict(corpus="/no/such/corpus.txt"), "parameter corpus: corpus /no/such/corpus.txt does not exist"),
+    (dict(out="/etc/hostname/out"), "parameter out: cannot write under /etc/hostname/out"),
+    (dict(revisions={"x:1": "text"}), "parameter revisions: cannot read the revision key 'x:1'"),
+    (dict(revisions={"2:5": "text"}), "parameter revisions: cannot read the revision key '2:5'"),
+    (dict(revisions={"40:1": "text"}), "parameter revisions: unit 40 is not among the units this run explains"),
+    (dict(revisions={"2:-1": " "}), "parameter revisions: the revision of '2:-1' is empty"),
+]
+
+
+@pytest.mark.parametrize("bad,message", BAD_PARAMETERS, ids=[next(iter(b)) + "=" + str(next(iter(b.values()))) for b, _ in BAD_PARAMETERS])
+def test_every_bad_parameter_fails_before_any_work(run, tmp_path, bad, message):
+    """One line naming the flow parameter, as the run's Failed state message, with nothing recorded,
+    loaded or written (the time to failure is the preflight's: no model is loaded before it)."""
+    from flows.explain_layer import explain_layer
+    from tasks import stages
+
+    loaded = stages._subject.cache_info().currsize
+    with pytest.raises(UserError) as caught:
+        run(**bad)
+    assert str(caught.value).startswith(message), str(caught.value)
+    assert "\n" not in str(caught.value) and "--" not in str(caught.value).split(" — ")[0], "names the parameter, not a CLI flag"
+    assert stages._subject.cache_info().currsize == loaded, "no subject was loaded"
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir()), "nothing written"
+
+
+def test_failed_state_message_is_the_one_line(run, prefect_isolated, tiny_llama_dir, prose_corpus, tmp_path):
+    from flows.explain_layer import explain_layer
+
+    state = explain_layer(layer=99, model=tiny_llama_dir, corpus=str(prose_corpus), out=str(tmp_path / "o"),
+                          return_state=True)
+    assert state.is_failed()
+    assert state.message.startswith("parameter layer: layer 99 is out of range") and "\n" not in state.message
 
 
 def test_parameters_are_validated(run):

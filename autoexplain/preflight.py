@@ -1,0 +1,267 @@
+"""Fail before working: every parameter of a command, flow or deployment, checked in milliseconds.
+
+A run that records a million tokens and then trips over a misspelt simulator wastes minutes and
+prints a traceback. Everything that can be known up front is checked here, before the first model
+load: numbers, unit and layer ranges (from the model's config, never its weights), explainer and
+simulator specs, the LLM server (one request, no retries), the corpus and the output root.
+
+The same checks serve the CLI and the flows; only the spelling of a parameter differs. A `Spelling`
+names a parameter as its user wrote it: `--shard-size` on the command line, `shard_size` in a flow
+or deployment run, so a deployment user is never told about a CLI flag.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from autoexplain import defaults
+from autoexplain.errors import UserError
+
+Spelling = Callable[[str], str]
+# The CLI flags whose name is not the parameter's own with dashes.
+_FLAGS = {"n_random": "--random", "n_boot": "--bootstrap", "top_k": "--top-k"}
+
+
+def flow_name(name: str) -> str:
+    return f"parameter {name}"
+
+
+def cli_flag(name: str) -> str:
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def _fail(spell: Spelling, name: str, problem: str, fix: str) -> UserError:
+    return UserError(f"{spell(name)}: {problem}", fix)
+
+
+def at_least(spell: Spelling, name: str, value: int, low: int) -> None:
+    if value is None or value < low:
+        raise _fail(spell, name, f"must be at least {low}, got {value}", f"pass {spell(name).split()[-1]} >= {low}")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a subject offers, read from its config alone."""
+
+    name: str
+    n_layers: int
+    n_units: int | None  # None: the config does not say (units are then checked after loading)
+
+
+def _units_of(cfg: dict) -> int | None:
+    for key in ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "ffn_hidden_size"):
+        if cfg.get(key):
+            return int(cfg[key])
+    width = cfg.get("n_embd") or cfg.get("hidden_size")
+    return 4 * int(width) if width and cfg.get("model_type") in ("gpt2", "gpt_neo", "gptj") else None
+
+
+def _layers_of(cfg: dict) -> int | None:
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if cfg.get(key):
+            return int(cfg[key])
+    return None
+
+
+def _gguf_config(path: Path) -> dict:
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+        fields = {name: f.contents() for name, f in reader.fields.items() if not name.startswith("tokenizer.")}
+    except Exception as e:  # noqa: BLE001 - any parse failure means "not a GGUF we can read"
+        raise UserError(f"{path} is not a readable GGUF file ({type(e).__name__})", "check the model file") from None
+    arch = fields.get("general.architecture", "")
+    return {"num_hidden_layers": fields.get(f"{arch}.block_count"),
+            "intermediate_size": fields.get(f"{arch}.feed_forward_length")}
+
+
+def model_shape(model: str, spell: Spelling = flow_name, name: str = "model") -> Shape:
+    """Layers and units of a subject from its config (a GGUF header, config.json or the hub's
+    config), without loading weights."""
+    path = Path(defaults.resolve_model(model)).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise _fail(spell, name, f"GGUF file {path} does not exist", "check the model path")
+        cfg = _gguf_config(path)
+    elif path.exists():
+        if not (path / "config.json").is_file():
+            raise _fail(spell, name, f"{path} is not a Hugging Face model folder (no config.json)",
+                        "point it at a folder saved with save_pretrained, or a .gguf file")
+        cfg = json.loads((path / "config.json").read_text())
+    else:
+        try:
+            from transformers import AutoConfig
+
+            cfg = AutoConfig.from_pretrained(model).to_dict()
+        except (OSError, ValueError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise _fail(spell, name, f"cannot load model '{model}': {first[:160]}",
+                        "give a local model folder, a .gguf file, or a hub name reachable from here") from None
+    n_layers = _layers_of(cfg)
+    if not n_layers:
+        raise _fail(spell, name, f"the config of '{model}' names no layer count", "give a transformer causal LM")
+    return Shape(model, n_layers, _units_of(cfg))
+
+
+def check_layer(shape: Shape, layer: int, spell: Spelling = flow_name, name: str = "layer") -> None:
+    if not 0 <= layer < shape.n_layers:
+        raise _fail(spell, name, f"layer {layer} is out of range for {shape.name}, which has layers 0..{shape.n_layers - 1}",
+                    f"pass a layer from 0 to {shape.n_layers - 1}")
+
+
+def check_units(shape: Shape, units: str | None, spell: Spelling = flow_name, name: str = "units") -> list[int] | None:
+    from autoexplain.layer import parse_units
+
+    try:
+        return parse_units(units, shape.n_units)
+    except UserError as e:
+        raise _fail(spell, name, e.problem, e.fix or "") from None
+
+
+# ---- LLMs, explainers and simulators -------------------------------------------------------------
+
+def _reachable(url: str, spell: Spelling, name: str) -> None:
+    """One GET of the server's model list, no retries: any HTTP answer means it is there."""
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/models", timeout=5):
+            return
+    except urllib.error.HTTPError:
+        return  # it answered (401, 404, ...): reachable; the stage reports what it says
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise _fail(spell, name, f"the LLM server at {url} is not reachable ({reason})",
+                    "start the server, or fix the URL after '@'") from None
+
+
+def check_llm(spec: str, spell: Spelling, name: str) -> None:
+    import os
+
+    from autoexplain.llm import OPENAI_URL
+
+    kind, _, rest = spec.strip().partition(":")
+    if kind == "local":
+        if rest:
+            model_shape(rest, spell, name)
+        return
+    if kind != "openai":
+        raise _fail(spell, name, f"unknown LLM '{spec}'",
+                    "use 'local', 'local:MODEL', 'openai:MODEL' or 'openai:MODEL@http://host:port/v1'")
+    at = rest.rfind("@http")
+    model, url = (rest[:at], rest[at + 1:]) if at >= 0 else (rest, OPENAI_URL)
+    if not model:
+        raise _fail(spell, name, f"'{spec}' names no model", "write 'openai:MODEL' or 'openai:MODEL@http://host:port/v1'")
+    if url == OPENAI_URL and not os.environ.get("OPENAI_API_KEY"):
+        raise _fail(spell, name, f"$OPENAI_API_KEY is not set, and {url} needs an API key",
+                    "export OPENAI_API_KEY=..., or use a local server: 'openai:MODEL@http://127.0.0.1:8000/v1'")
+    _reachable(url, spell, name)
+
+
+def check_explainer(spec: str | None, spell: Spelling = flow_name, name: str = "explainer") -> None:
+    if spec in (None, "embedding"):
+        return
+    check_llm(spec, spell, name)
+
+
+SIMULATORS = ("embedding", "all-at-once", "chat-json")
+
+
+def check_simulator(spec: str | None, spell: Spelling = flow_name, name: str = "simulator") -> None:
+    kind, _, llm = (spec or "embedding").partition(":")
+    if kind not in SIMULATORS:
+        raise _fail(spell, name, f"unknown simulator '{spec}'", "use 'embedding', 'all-at-once[:LLM]' or 'chat-json:LLM'")
+    if kind == "embedding":
+        if llm:
+            raise _fail(spell, name, f"the embedding simulator takes no LLM ('{spec}')", "write just 'embedding'")
+        return
+    if kind == "chat-json" and not llm:
+        raise _fail(spell, name, "chat-json needs an LLM", "write 'chat-json:openai:MODEL@URL' or 'chat-json:local'")
+    check_llm(llm or "local", spell, name)
+
+
+# ---- inputs and outputs --------------------------------------------------------------------------
+
+def check_corpus(corpus: str, spell: Spelling = flow_name, name: str = "corpus") -> None:
+    from autoexplain.corpus import TEXT_SUFFIXES
+
+    if corpus == defaults.CORPUS or corpus.startswith("hf:"):
+        return
+    path = Path(corpus).expanduser()
+    if not path.exists():
+        raise _fail(spell, name, f"corpus {path} does not exist", "pass 'default', a text file or folder, or hf:NAME")
+    if path.is_file() and path.suffix not in TEXT_SUFFIXES:
+        raise _fail(spell, name, f"unsupported corpus file type '{path.suffix}'", f"use one of {', '.join(TEXT_SUFFIXES)}")
+
+
+def check_out(out: str, spell: Spelling = flow_name, name: str = "out") -> None:
+    """A URL must answer; a folder must be a folder, or creatable under a writable one."""
+    import os
+
+    from autoexplain import remote
+
+    if remote.is_url(out):
+        try:
+            remote.check(out)
+        except UserError as e:
+            raise _fail(spell, name, e.problem, e.fix or "") from None
+        return
+    path = Path(out).expanduser().absolute()
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise _fail(spell, name, f"cannot write under {path}: {probe} is a file", "pass a folder path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise _fail(spell, name, f"cannot write under {path}: {probe} is not writable", "pass a writable folder")
+
+
+def check_revisions(revisions: dict[str, str] | None, units: list[int] | None, spell: Spelling = flow_name,
+                    name: str = "revisions") -> dict[tuple[int, int], str]:
+    """'UNIT' or 'UNIT:POLARITY' -> text, each for a unit this run explains."""
+    parsed: dict[tuple[int, int], str] = {}
+    for key, text in (revisions or {}).items():
+        unit, _, pol = str(key).partition(":")
+        try:
+            unit_i, pol_i = int(unit), int(pol or 1)
+        except ValueError:
+            unit_i, pol_i = -1, 0
+        if unit_i < 0 or pol_i not in (1, -1):
+            raise _fail(spell, name, f"cannot read the revision key '{key}'", "write 'UNIT' or 'UNIT:+1' / 'UNIT:-1', e.g. '12:-1'")
+        if units is not None and unit_i not in units:
+            raise _fail(spell, name, f"unit {unit_i} is not among the units this run explains",
+                        "revise a unit inside the run's units")
+        if not isinstance(text, str) or not text.strip():
+            raise _fail(spell, name, f"the revision of '{key}' is empty", "give the explanation's new text")
+        parsed[(unit_i, pol_i)] = text.strip()
+    return parsed
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    shape: Shape
+    units: list[int] | None  # None: all units (the config did not say how many)
+    revisions: dict[tuple[int, int], str]
+
+
+def explain_layer(p: dict, spell: Spelling = flow_name) -> LayerPlan:
+    """Every parameter of an explain-layer run (flow parameters by name; missing ones are skipped)."""
+    for name, low in (("tokens", 1), ("k", 1), ("shard_size", 1), ("n_boot", 1), ("window_len", 2),
+                      ("top_k", 1), ("n_random", 0), ("layer", 0)):
+        if name in p:
+            at_least(spell, name, p[name], low)
+    check_out(p.get("out", "out"), spell)
+    check_corpus(p.get("corpus", defaults.CORPUS), spell)
+    shape = model_shape(p.get("model", defaults.SUBJECT), spell)
+    check_layer(shape, p["layer"], spell)
+    units = check_units(shape, p.get("units"), spell)
+    if units == []:
+        raise _fail(spell, "units", "selects no unit", "pass a range like 0-99")
+    revisions = check_revisions(p.get("revisions"), units, spell)
+    check_explainer(p.get("explainer"), spell)
+    check_simulator(p.get("simulator"), spell)
+    return LayerPlan(shape, units, revisions)

@@ -1,0 +1,90 @@
+"""What a user reads at the end of a run: a layer's scores in one table, and how a re-score moved them.
+
+`layer_summary` pools the score shards of one layer: per method and metric, the mean over units with
+a 95 % CI of that mean, and the share of units whose score beats the token-lookup baseline on the
+same metric (the paper's bar: an explanation should say more than the unit's top tokens).
+`compare` pairs two scorings of the same units (yesterday's and tonight's) on the headline metric.
+"""
+
+from __future__ import annotations
+
+import math
+
+import polars as pl
+
+from autoexplain.pipeline import EXPLAINER, LOOKUP
+from autoexplain.scoring import TOP_AND_RANDOM
+
+HEADLINE = TOP_AND_RANDOM
+_UNIT = ["layer", "unit", "polarity"]
+
+
+def _ci(mean: float | None, std: float | None, n: int) -> tuple[float | None, float | None]:
+    if mean is None or n < 2 or std is None:
+        return mean, mean
+    half = 1.96 * std / math.sqrt(n)
+    return mean - half, mean + half
+
+
+def layer_summary(scores: pl.DataFrame) -> pl.DataFrame:
+    """One row per (method, metric): units, undefined, mean, ci_low, ci_high, beats_lookup (share
+    of the units with both scores defined; null for the baseline itself)."""
+    lookup = (scores.filter(pl.col("method") == LOOKUP)
+              .select(*_UNIT, "metric", pl.col("value").alias("lookup")))
+    joined = scores.join(lookup, on=[*_UNIT, "metric"], how="left")
+    grouped = (joined.group_by("method", "metric")
+               .agg(pl.len().alias("units"), pl.col("value").null_count().alias("undefined"),
+                    pl.col("value").mean().alias("mean"), pl.col("value").std().alias("std"),
+                    (pl.col("value") > pl.col("lookup")).filter(pl.col("value").is_not_null()
+                                                                & pl.col("lookup").is_not_null()).mean()
+                    .alias("beats_lookup"))
+               .sort("metric", "method"))
+    rows = []
+    for r in grouped.iter_rows(named=True):
+        lo, hi = _ci(r["mean"], r["std"], r["units"] - r["undefined"])
+        rows.append({"method": r["method"], "metric": r["metric"], "units": r["units"], "undefined": r["undefined"],
+                     "mean": r["mean"], "ci_low": lo, "ci_high": hi,
+                     "beats_lookup": None if r["method"] == LOOKUP else r["beats_lookup"]})
+    return pl.DataFrame(rows, schema={"method": pl.String, "metric": pl.String, "units": pl.Int64,
+                                      "undefined": pl.Int64, "mean": pl.Float64, "ci_low": pl.Float64,
+                                      "ci_high": pl.Float64, "beats_lookup": pl.Float64})
+
+
+def compare(before: pl.DataFrame, after: pl.DataFrame, metric: str = HEADLINE, method: str = EXPLAINER,
+            top: int = 10) -> dict:
+    """The headline score of each unit before and after: mean change with a 95 % CI over the units
+    scored both times, and the units that moved most."""
+    def pick(df: pl.DataFrame, name: str) -> pl.DataFrame:
+        return (df.filter((pl.col("metric") == metric) & (pl.col("method") == method))
+                .select(*_UNIT, pl.col("value").alias(name)))
+
+    pairs = pick(before, "before").join(pick(after, "after"), on=_UNIT, how="full", coalesce=True)
+    both = pairs.drop_nulls(["before", "after"]).with_columns((pl.col("after") - pl.col("before")).alias("change"))
+    n = both.height
+    mean = both["change"].mean() if n else None
+    lo, hi = _ci(mean, both["change"].std() if n > 1 else None, n)
+    moved = both.sort(pl.col("change").abs(), *_UNIT, descending=[True, False, False, False]).head(top)
+    return {"metric": metric, "method": method, "units": pairs.height, "paired": n,
+            "mean_before": both["before"].mean() if n else None, "mean_after": both["after"].mean() if n else None,
+            "mean_change": mean, "ci_low": lo, "ci_high": hi,
+            "lost": pairs.filter(pl.col("before").is_not_null() & pl.col("after").is_null()).height,
+            "gained": pairs.filter(pl.col("before").is_null() & pl.col("after").is_not_null()).height,
+            "moved": moved.to_dicts()}
+
+
+def _f(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.{digits}f}"
+
+
+def compare_markdown(c: dict, title: str) -> str:
+    lines = [f"# {title}", "",
+             f"Headline: `{c['metric']}` of the `{c['method']}` explanation, test split. "
+             f"{c['paired']} of {c['units']} units scored both times"
+             f" ({c['lost']} lost a defined score, {c['gained']} gained one).", "",
+             f"- mean before: {_f(c['mean_before'])}", f"- mean after: {_f(c['mean_after'])}",
+             f"- **mean change: {_f(c['mean_change'])}** (95% CI [{_f(c['ci_low'])}, {_f(c['ci_high'])}])", "",
+             "## Units that moved most", "", "| layer | unit | polarity | before | after | change |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {m['layer']} | {m['unit']} | {m['polarity']:+d} | {_f(m['before'])} | {_f(m['after'])} | {_f(m['change'])} |"
+              for m in c["moved"]]
+    return "\n".join(lines) + "\n"
