@@ -1,18 +1,25 @@
 """Lineage and reports: each output published as a Prefect asset, plus the run's artifacts.
 
 `publish` is a materialising task whose asset key is the output's URI and whose upstream assets
-are its inputs' URIs, so the Prefect UI draws the lineage graph. `report_task` writes a lineage
-table, a score summary table and a markdown report with the layer's score histogram. Under a URL
-output root, the URIs are the folders' URLs and the folders are pulled here before they are read.
+are its inputs' URIs; `publish_recording` does it for the windows and the records of a recording.
+Prefect 3.9's open-source UI shows them in its Event Feed: each "Asset materialization succeeded"
+event names the output (Resource) and its inputs (Related Resources), see docs/deploy.md.
+`report_task` writes a lineage table, a score summary table, a markdown report with the layer's
+score histogram, and the viewer artifact (how to serve the site over http: `autoexplain view
+--serve`). Under a URL output root, the URIs are the folders' URLs and the folders are pulled here
+before they are read.
 """
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import polars as pl
 from prefect import task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.assets import materialize
 
 from autoexplain import remote
@@ -23,13 +30,34 @@ HEADLINE = "top_and_random"
 
 
 @materialize("file:///autoexplain/placeholder", name="publish")
-def _publish(output: dict) -> dict:
-    return {"uri": output["uri"], "key": output["key"]}
+def _publish(output: dict) -> None:
+    # Returns None on purpose. Prefect links a task's inputs to earlier results by id(), also for
+    # plain dicts that have since been freed (PrefectHQ/prefect#20558): a dict returned here and
+    # dropped could lend its id to a later input and add this asset as a false upstream of another.
+    return None
 
 
 def publish(output: dict, upstream: list[dict]):
     """Record `output` as an asset materialised from `upstream` (both are task references)."""
     return _publish.with_options(assets=[output["uri"]], asset_deps=[u["uri"] for u in upstream])(output)
+
+
+def windows_uri(records: dict) -> str:
+    """The URI of the windows folder a records reference was recorded from: `<root>/windows/<key>`,
+    the key named by the records manifest (a URL under a URL output root)."""
+    records = local_ref(records)
+    key = read_manifest(records["path"])["inputs"]["windows"]
+    return f"{records['uri'].rsplit('/', 2)[0]}/windows/{key}"
+
+
+def publish_recording(records: dict) -> dict:
+    """Materialise the recording once per run: the windows asset (no upstream asset: the corpus and
+    the tokenizer are not assets, their digests are in the windows manifest), then the records asset
+    with the windows as its upstream. `records` is record_task's reference. Returns both URIs."""
+    windows = windows_uri(records)
+    _publish.with_options(assets=[windows])({"uri": windows, "key": windows.rsplit("/", 1)[1]})
+    publish(records, [{"uri": windows}])
+    return {"windows": windows, "records": records["uri"]}
 
 
 def _histogram(values: list[float], bins: int = 10, width: int = 40) -> str:
@@ -58,6 +86,31 @@ def _viewer_inputs(scores: list[dict], records: dict | None) -> list[dict]:
             sims = Path(read_manifest(folder)["inputs"]["simulations"]).name
             remote.fetch(f"{s['uri'].rsplit('/', 2)[0]}/simulations/{sims}")
     return scores
+
+
+def viewer_markdown(site: str) -> str:
+    """The viewer artifact: where the site is, the command that serves it on loopback (a browser does
+    not follow a file:// link from the Prefect UI) and, when `autoexplain view --serve` is serving
+    that folder as this runs, its http link. `site`: the URI of the site's index.html."""
+    from autoexplain.serve import DEFAULT_PORT, running_url
+
+    if site.startswith("file://"):
+        folder = Path(url2pathname(urlparse(site).path)).parent
+        where = f"Site folder: `{folder}`"
+    else:  # built in the URL's local mirror on the machine that ran view_task, then uploaded
+        url = site.rsplit("/", 1)[0]
+        folder = remote.open_root(url)
+        where = f"Site: {url} (its local copy on the machine that built it: `{folder}`)"
+    served = running_url(folder)
+    now = (f"**Served now** by `autoexplain view --serve`: [{served}]({served})" if served else
+           "No `autoexplain view --serve` was serving this folder when this report was written.")
+    return (f"# Neuron viewer\n\n{where}\n\n"
+            "Browsers do not open `file://` links from the Prefect UI. Serve the folder over http on the "
+            "machine that holds it:\n\n"
+            f"```bash\nautoexplain view --serve --site {shlex.quote(str(folder))}\n```\n\n"
+            f"then open the address it prints (http://127.0.0.1:{DEFAULT_PORT}/ unless that port is taken); "
+            "it serves until Ctrl-C.\n\n"
+            f"{now}\n")
 
 
 @task(name="view", persist_result=False)
@@ -108,5 +161,6 @@ def report_task(records: dict, stages: list[dict], scores: list[dict], site: str
           f"## Outputs\n\n- records: {records['uri']}\n{links}\n")
     create_markdown_artifact(md, key="layer-report", description="Score histogram and links to the outputs")
     if site:
-        create_link_artifact(site, link_text="neuron viewer", key="viewer")
+        create_markdown_artifact(viewer_markdown(site), key="viewer",
+                                 description="How to open the neuron viewer: the command that serves it over http")
     return {"units": len(headline), "summary": summary}
