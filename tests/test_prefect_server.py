@@ -183,16 +183,20 @@ def test_flow_run_leaves_artifacts_and_asset_events(against_server, tiny_llama_d
     assert all(r["units"] == 8 for r in summary), "4 units x 2 polarities in every method and metric"
     assert "# Layer report" in arts["layer-report"].data and result["records"]["uri"] in arts["layer-report"].data
 
-    events = _asset_events(against_server["url"], run_id, want=6)
+    events = _asset_events(against_server["url"], run_id, want=8)
     materialised = {}
     for e in events:
         if e["event"] == ASSET_EVENTS[0]:
             materialised[e["resource"]["prefect.resource.id"]] = {
                 r["prefect.resource.id"] for r in e["related"] if r["prefect.resource.role"] == "asset"}
     assert {e["event"] for e in events} <= set(ASSET_EVENTS), {e["event"] for e in events}
-    assert set(materialised) == stages["explanations"] | stages["simulations"] | stages["scores"]
     records = result["records"]["uri"]
+    windows = Path(result["records"]["windows"]).parent.resolve().as_uri()
+    assert set(materialised) == {windows, records} | stages["explanations"] | stages["simulations"] | stages["scores"]
+    assert materialised[windows] == set() and materialised[records] == {windows}
     for uri, upstream in materialised.items():
+        if uri in (windows, records):
+            continue
         if uri in stages["explanations"]:
             assert upstream == {records}, (uri, upstream)
         elif uri in stages["simulations"]:
@@ -204,12 +208,28 @@ def test_flow_run_leaves_artifacts_and_asset_events(against_server, tiny_llama_d
     assert set().union(*(materialised[u] for u in stages["simulations"])) - {records} == stages["explanations"]
     assert set().union(*(materialised[u] for u in stages["scores"])) == stages["simulations"]
     referenced = {e["resource"]["prefect.resource.id"] for e in events if e["event"] == ASSET_EVENTS[1]}
-    assert referenced == {records} | stages["explanations"] | stages["simulations"]
+    assert referenced == {windows, records} | stages["explanations"] | stages["simulations"]
+
+
+def _final_state(client, run_id, worker: subprocess.Popen, log: Path, deadlock_s: float = 1800.0):
+    """Poll a flow run until it is final. The limit only turns a hang into an error."""
+    deadline = time.monotonic() + deadlock_s
+    while not (state := client.read_flow_run(run_id).state).is_final():
+        if worker.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"flow run {run_id} not final ({state}); worker log:\n{log.read_text()[-4000:]}")
+        time.sleep(1)
+    return state
 
 
 def test_prefect_yaml_deploys_and_a_worker_runs_it(against_server, tiny_llama_dir, prose_corpus, tmp_path):
+    """Deploy `deployments/prefect.yaml`, then through one process worker: explain-layer on the tiny
+    model, the nightly `rescore` of that run with another simulator, and the nightly deployment with
+    its shipped parameters (no run there: it fails at once with one line naming the parameter)."""
     from prefect import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+
+    from autoexplain.storage import read_run
 
     url = against_server["url"]
     env = _clean_env(PREFECT_API_URL=url, PREFECT_HOME=str(against_server["home"]),
@@ -218,7 +238,7 @@ def test_prefect_yaml_deploys_and_a_worker_runs_it(against_server, tiny_llama_di
         client.create_work_pool(WorkPoolCreate(name="autoexplain-pool", type="process"), overwrite=True)
 
     deploy = subprocess.run([PREFECT, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
 
     with get_client(sync_client=True) as client:
@@ -233,28 +253,58 @@ def test_prefect_yaml_deploys_and_a_worker_runs_it(against_server, tiny_llama_di
         assert explain.parameters["model"] == "smollm2" and explain.parameters["layer"] == 15
         assert not explain.schedules
         assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
-        assert set(nightly.parameters) >= {"explanations", "records"}
+        assert nightly.parameters == {"out": "out", "layer": 15, "simulator": "embedding", "n_boot": 1000}
         listed = {f"{client.read_flow(d.flow_id).name}/{d.name}" for d in client.read_deployments()}
         assert listed == {"explain-layer/smollm2-layer15", "rescore/nightly"}
 
-        # the deployment runs, through a process worker, on the tiny model (not the embedded default)
-        out = tmp_path / "out"
-        run = client.create_flow_run_from_deployment(explain.id, parameters=_tiny_params(tiny_llama_dir, prose_corpus,
-                                                                                          out))
     log = tmp_path / "worker.log"
     with open(log, "w") as f:
-        worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "autoexplain-pool", "--run-once"],
+        worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "autoexplain-pool"],
                                   cwd=tmp_path, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    out = tmp_path / "out"
     try:
-        worker.wait(timeout=150)
-    except subprocess.TimeoutExpired:
-        pass
+        with get_client(sync_client=True) as client:
+            # the deployment runs on the tiny model (not the embedded default)
+            run = client.create_flow_run_from_deployment(
+                explain.id, parameters=_tiny_params(tiny_llama_dir, prose_corpus, out))
+            state = _final_state(client, run.id, worker, log)
+            assert state.is_completed(), f"{state}\n{log.read_text()[-4000:]}"
+            assert len(list((out / "explanations").iterdir())) == 2
+            assert (out / "site" / "layer_1" / "index.html").is_file()
+            before = read_run(out, 1)
+
+            # the nightly job, given only the run's output root and layer, with a new simulator
+            simulator = f"all-at-once:local:{tiny_llama_dir}"
+            rescored = client.create_flow_run_from_deployment(
+                nightly.id, parameters={"out": str(out), "layer": 1, "simulator": simulator, "n_boot": 50})
+            state = _final_state(client, rescored.id, worker, log)
+            assert state.is_completed(), f"{state}\n{log.read_text()[-4000:]}"
+            arts = {a.key: a for a in client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[rescored.id])))}
+
+            # as shipped: out=out (the repository's), layer 15. A clean clone has no run there.
+            shipped_out = REPO / "out"
+            params = {} if not (shipped_out / "runs" / "layer_15.json").exists() else {"out": str(tmp_path / "empty")}
+            shipped = client.create_flow_run_from_deployment(nightly.id, parameters=params)
+            shipped_state = _final_state(client, shipped.id, worker, log)
+            shipped_tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[shipped.id])))
     finally:
         _stop(worker)
-    with get_client(sync_client=True) as client:
-        deadline = time.monotonic() + 30
-        while not (state := client.read_flow_run(run.id).state).is_final() and time.monotonic() < deadline:
-            time.sleep(1)
-    assert state.is_completed(), f"{state}\n{log.read_text()[-4000:]}"
-    assert len(list((out / "explanations").iterdir())) == 2
-    assert (out / "site" / "layer_1" / "index.html").is_file()
+
+    after = read_run(out, 1)
+    assert after["flow"] == "rescore" and after["params"]["simulator"] == simulator
+    assert [s["key"] for s in after["previous_scores"]] == [s["key"] for s in before["scores"]]
+    assert len(after["scores"]) == 2 and not {s["key"] for s in after["scores"]} & {s["key"] for s in before["scores"]}
+    for ref in after["scores"]:
+        assert Path(ref["path"]).is_file() and (Path(ref["path"]).parent / "manifest.json").is_file()
+    import polars as pl
+
+    new_scores = pl.concat([pl.read_parquet(r["path"]) for r in after["scores"]])
+    assert {name.partition(":")[0] for name in new_scores["simulator"]} == {"all-at-once"} and new_scores.select("unit", "polarity").unique().height == 8
+    assert {"rescore-comparison", "score-summary", "layer-report"} <= set(arts)
+    assert "mean change" in arts["rescore-comparison"].data and "Units that moved most" in arts["rescore-comparison"].data
+
+    assert shipped_state.is_failed() and "\n" not in shipped_state.message
+    assert shipped_state.message.startswith("parameter out: "), shipped_state.message
+    assert "holds no finished explain-layer run" in shipped_state.message or "does not exist" in shipped_state.message
+    assert shipped_tasks == [], "a parameter error does no work"
