@@ -103,12 +103,20 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     at 1), so every product is an integer below 2**48 in float64, and by Cauchy-Schwarz every partial
     sum, in whatever order or blocking a BLAS kernel adds them, is an integer below 2**49: no step
     rounds, so the result does not depend on the order, the shape or the thread count."""
-    qa = np.rint(np.asarray(a, dtype=np.float64) * GRID)
-    qb = np.rint(np.asarray(b, dtype=np.float64) * GRID)
-    if qa.size and qb.size:
-        bound = np.sqrt((qa * qa).sum(1).max()) * np.sqrt((qb * qb).sum(0).max())
-        if not bound < 2.0**52:  # also catches NaN
-            raise ValueError(f"cosines() needs unit vectors: |a||b| = {bound / GRID**2:.3g}")
+    return quantised_cosines(quantise(a, axis=1), quantise(b, axis=0))
+
+
+def quantise(x: np.ndarray, axis: int) -> tuple[np.ndarray, float]:
+    """x on the 2**-24 grid, and the largest norm of its vectors along `axis` (for `cosines`);
+    compute it once for a matrix that many calls use."""
+    q = np.rint(np.asarray(x, dtype=np.float64) * GRID)
+    return q, float(np.sqrt((q * q).sum(axis).max())) if q.size else 0.0
+
+
+def quantised_cosines(a: tuple[np.ndarray, float], b: tuple[np.ndarray, float]) -> np.ndarray:
+    (qa, na), (qb, nb) = a, b
+    if not na * nb < 2.0**52:  # also catches NaN
+        raise ValueError(f"cosines() needs unit vectors: |a||b| = {na * nb / GRID**2:.3g}")
     return (qa @ qb) / (GRID * GRID)
 
 

@@ -32,7 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
-from autoexplain.embedding import cosines, fixed_matmul, fixed_sum, ortho_class, word_of_each_token
+from autoexplain.embedding import fixed_matmul, fixed_sum, ortho_class, quantise, quantised_cosines, word_of_each_token
 from autoexplain.explain import Explanation
 from autoexplain.records import ActivationRecord
 
@@ -103,6 +103,7 @@ class EmbeddingExplainer:
             words = [w for w in vocab[1996:] if w.isalpha() and len(w) > 2][:N_VOCAB]
             self._vocab = words[N_STOP:]
             self._vocab_vectors = self._cached_vectors(self._vocab)
+            self._vocab_grid = quantise(self._vocab_vectors, axis=1)  # for `cosines`, once
 
     def _cached_vectors(self, words: list[str]) -> np.ndarray:
         """The naming vocabulary's embeddings: they take a minute to compute on two cores."""
@@ -150,7 +151,8 @@ class EmbeddingExplainer:
         weights = np.array([dict(p.top_words)[w] for w in words], dtype=np.float32)
         centroid = fixed_matmul(weights[None, :], self._embed_words(words))[0]  # (384,)
         centroid /= np.sqrt(fixed_sum(centroid * centroid)) + 1e-9
-        order = np.argsort(-cosines(self._vocab_vectors, centroid[:, None])[:, 0], kind="stable")[:n]
+        scores = quantised_cosines(self._vocab_grid, quantise(centroid[:, None], axis=0))[:, 0]
+        order = np.argsort(-scores, kind="stable")[:n]
         return [self._vocab[i] for i in order]
 
 
