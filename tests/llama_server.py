@@ -1,7 +1,12 @@
 """Real servers for the LLM tests: llama.cpp's OpenAI-compatible server, and a fault injector.
 
-- `LlamaServer` runs `python -m llama_cpp.server` on a free loopback port with the embedded SmolLM2
-  GGUF and waits until /v1/models answers.
+- `LlamaServer` runs llama-cpp-python's server (`llama_cpp.server`'s own `main`, in a process of its
+  own) on a free loopback port with the embedded SmolLM2 GGUF and waits until /v1/models answers.
+  It starts it through this file (`python tests/llama_server.py ARGS`), which is `python -m
+  llama_cpp.server ARGS` with one change: the model is loaded with `use_extra_bufts=False`. llama.cpp's
+  extra CPU buffer types (AMX tiles and repacked weights) crash the server with a segmentation fault on
+  its first completion on CPUs with AMX (Intel Sapphire Rapids and later); the plain CPU buffers work
+  on every CPU.
 - `FaultServer` is a small HTTP server on 127.0.0.1 that answers the first requests with the
   statuses it was given (429, 500, ...), then either a fixed status, a canned OpenAI-format reply, or
   the reply of an upstream server it proxies to. It records every request it sees.
@@ -41,7 +46,7 @@ class LlamaServer:
         self.model = "smollm2"  # the alias it serves under
         self._log = tempfile.NamedTemporaryFile("w+", prefix="llama_server_", suffix=".log", delete=False)
         threads = str(os.cpu_count() or 2)
-        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", model_path, "--model_alias", self.model,
+        cmd = [sys.executable, os.path.abspath(__file__), "--model", model_path, "--model_alias", self.model,
                "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(n_ctx),
                "--n_threads", threads, "--n_threads_batch", threads]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
@@ -203,3 +208,31 @@ def fault_server():
     yield make
     for s in started:
         s.stop()
+
+
+def serve_without_extra_buffer_types() -> None:
+    """`python -m llama_cpp.server ARGS`, with the model loaded with `use_extra_bufts=False`.
+
+    llama-cpp-python's `Llama` does not expose that llama.cpp model parameter, and its server has no
+    option for it; both take the model parameters from `llama_model_default_params()`, so that is
+    where it is set. Everything else is llama_cpp.server's own `main`: its arguments, its app, its
+    uvicorn loop."""
+    import llama_cpp.llama_cpp as llama_cpp_c
+    from llama_cpp.server.__main__ import main
+
+    defaults = llama_cpp_c.llama_model_default_params
+
+    def model_params():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    if not any(name == "use_extra_bufts" for name, *_ in llama_cpp_c.llama_model_params._fields_):
+        raise SystemExit("this llama-cpp-python has no use_extra_bufts model parameter (0.3.36 has it)")
+    llama_cpp_c.llama_model_default_params = model_params
+    sys.argv[0] = "llama_cpp.server"
+    main()
+
+
+if __name__ == "__main__":
+    serve_without_extra_buffer_types()
