@@ -9,7 +9,8 @@
   on every CPU.
 - `FaultServer` is a small HTTP server on 127.0.0.1 that answers the first requests with the
   statuses it was given (429, 500, ...), then either a fixed status, a canned OpenAI-format reply, or
-  the reply of an upstream server it proxies to. It records every request it sees.
+  the reply of an upstream server it proxies to. It records every request it sees. With `hold=True`
+  each request waits until the test releases it, so a test can count what is in flight exactly.
 
 Fixtures: `llama_server` (session scope) and `fault_server` (a factory; servers stop after the test).
 Import them into a test module: `from tests.llama_server import llama_server, fault_server`.
@@ -86,12 +87,13 @@ class LlamaServer:
         os.unlink(self._log.name)
 
 
-def canned_reply(path: str, body: dict) -> dict:
+def canned_reply(path: str, body: dict, chat=None) -> dict:
     usage = {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
     model = body.get("model", "canned")
     if path.endswith("/chat/completions"):
+        content = chat(body["messages"]) if chat else "canned"
         return {"id": "chatcmpl-fault", "object": "chat.completion", "created": 0, "model": model, "usage": usage,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "canned"},
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                              "logprobs": None, "finish_reason": "stop"}]}
     if path.endswith("/models"):
         return {"object": "list", "data": [{"id": model, "object": "model", "owned_by": "fault"}]}
@@ -116,15 +118,25 @@ def echo_reply(prompt: str, model: str) -> dict:
 
 class FaultServer:
     """Answers the first len(fail_with) requests with those statuses, then `then_status` forever
-    (200: a canned reply, or the upstream's reply when `upstream` is set)."""
+    (200: a canned reply, or the upstream's reply when `upstream` is set). `chat(messages)` gives the
+    content of canned chat replies.
+
+    `inflight` counts the requests that arrived and are not answered yet: a request stops counting
+    just before its response is written, so a client that waits for a response before sending its
+    next request is never seen twice. `max_inflight` is the most there ever were, `answered` how many
+    were answered. With `hold=True` every request waits, before it is answered, until `release()` lets
+    it go; `wait_for(predicate)` waits for a state of the server."""
 
     def __init__(self, fail_with=(), then_status: int = 200, upstream: str | None = None,
-                 retry_after: float | None = None, delay: float = 0.0):
+                 retry_after: float | None = None, hold: bool = False, chat=None):
         self.script, self.then_status, self.upstream = list(fail_with), then_status, upstream
-        self.retry_after, self.delay = retry_after, delay
+        self.retry_after, self.hold, self.chat = retry_after, hold, chat
         self.requests: list[dict] = []
-        self.inflight = self.max_inflight = 0
+        self.probes = 0
+        self.inflight = self.max_inflight = self.answered = 0
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._released = threading.Semaphore(0)
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.httpd.daemon_threads = True
         self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
@@ -132,11 +144,34 @@ class FaultServer:
         self._thread.start()
 
     def _next_status(self, request: dict) -> int:
-        with self._lock:
+        with self._changed:
             self.requests.append(request)
             self.inflight += 1
             self.max_inflight = max(self.max_inflight, self.inflight)
+            self._changed.notify_all()
             return self.script.pop(0) if self.script else self.then_status
+
+    def _answered(self) -> None:
+        with self._changed:
+            self.inflight -= 1
+            self.answered += 1
+            self._changed.notify_all()
+
+    def release(self, n: int = 1) -> None:
+        """Let n held requests (or requests still to come) be answered."""
+        self._released.release(n)
+
+    def wait_for(self, predicate, deadlock_s: float = 300.0) -> None:
+        """Wait until predicate() holds; it is checked whenever a request arrives or is answered.
+        The limit only turns a hang into an error."""
+        if not self.happens(predicate, deadlock_s):
+            raise AssertionError(f"still not so after {deadlock_s:.0f} s: {len(self.requests)} requests, "
+                                 f"{self.answered} answered")
+
+    def happens(self, predicate, within_s: float) -> bool:
+        """Whether predicate() holds now or comes to hold within `within_s`."""
+        with self._changed:
+            return self._changed.wait_for(predicate, within_s)
 
     def _handler(self):
         server = self
@@ -154,36 +189,45 @@ class FaultServer:
                 self.end_headers()
                 self.wfile.write(payload)
 
+            def _reply(self, status: int, raw: bytes, body: dict) -> tuple[int, bytes, dict]:
+                if status != 200:
+                    error = {"error": {"message": f"injected HTTP {status}", "type": "fault", "code": status}}
+                    headers = {"Retry-After": str(server.retry_after)} if server.retry_after is not None else {}
+                    return status, json.dumps(error).encode(), headers
+                if server.upstream is None:
+                    return 200, json.dumps(canned_reply(self.path, body, server.chat)).encode(), {}
+                target = server.upstream.rsplit("/v1", 1)[0] + self.path
+                req = urllib.request.Request(target, data=raw or None, method=self.command,
+                                             headers={"Content-Type": "application/json"})
+                try:
+                    with urllib.request.urlopen(req, timeout=120) as r:
+                        return r.status, r.read(), {}
+                except urllib.error.HTTPError as e:
+                    return e.code, e.read(), {}
+
             def _serve(self):
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 body = json.loads(raw) if raw else {}
+                if self.command == "GET" and self.path.endswith("/models"):
+                    # a reachability probe (autoexplain.preflight): answered, never scripted or counted
+                    server.probes += 1
+                    return self._send(200, json.dumps(canned_reply(self.path, body)).encode())
                 status = server._next_status({"method": self.command, "path": self.path, "json": body,
                                               "t": time.monotonic()})
                 try:
-                    time.sleep(server.delay)
-                    if status != 200:
-                        error = {"error": {"message": f"injected HTTP {status}", "type": "fault", "code": status}}
-                        headers = {"Retry-After": str(server.retry_after)} if server.retry_after is not None else {}
-                        return self._send(status, json.dumps(error).encode(), headers)
-                    if server.upstream is None:
-                        return self._send(200, json.dumps(canned_reply(self.path, body)).encode())
-                    target = server.upstream.rsplit("/v1", 1)[0] + self.path
-                    req = urllib.request.Request(target, data=raw or None, method=self.command,
-                                                 headers={"Content-Type": "application/json"})
-                    try:
-                        with urllib.request.urlopen(req, timeout=120) as r:
-                            self._send(r.status, r.read())
-                    except urllib.error.HTTPError as e:
-                        self._send(e.code, e.read())
+                    if server.hold:
+                        server._released.acquire()
+                    reply = self._reply(status, raw, body)
                 finally:
-                    with server._lock:
-                        server.inflight -= 1
+                    server._answered()  # before the response goes out: the client cannot have sent its next one
+                self._send(*reply)
 
             do_GET = do_POST = _serve
 
         return Handler
 
     def stop(self) -> None:
+        self._released.release(1_000_000)  # nothing stays held
         self.httpd.shutdown()
         self.httpd.server_close()
 

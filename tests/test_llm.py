@@ -4,7 +4,8 @@ fault-injecting HTTP server on loopback for retries, rate limits and error messa
 from __future__ import annotations
 
 import math
-import time
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -17,6 +18,37 @@ DIGITS = [str(i) for i in range(11)]
 # The simulator's prompt shape: token<TAB>value lines, the target token's value left unknown.
 TABLE = "".join(f"{w}\t{v}\n" for w, v in [("the", 0), ("cat", 7), ("sat", 1), ("on", 0), ("dog", 8), ("a", 0)])
 SIM_PROMPT = f"Neuron 3 fires on animals.\n<start>\n{TABLE}mat\tunknown\n<end>\n"
+
+
+class VirtualClock:
+    """Stands in for the `time` module of `autoexplain.llm_openai`, so that the limiter's and the
+    backoff's waits are read, not measured: `sleep` records how long it was asked to wait and, when
+    `advancing`, moves the clock on by that much instead of waiting."""
+
+    def __init__(self, advancing: bool = True):
+        self.now, self.advancing, self.sleeps = 1000.0, advancing, []
+        self._lock = threading.Lock()
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        with self._lock:
+            self.sleeps.append(seconds)
+            if self.advancing:
+                self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    import autoexplain.llm_openai
+
+    def install(advancing: bool = True) -> VirtualClock:
+        c = VirtualClock(advancing)
+        monkeypatch.setattr(autoexplain.llm_openai, "time", c)
+        return c
+
+    return install
 
 
 def fast(url: str, **kw) -> OpenAILLM:
@@ -198,11 +230,13 @@ def test_retries_429_then_succeeds(fault_server):
     assert llm.usage.as_dict() == {"prompt_tokens": 3, "completion_tokens": 1, "requests": 1}
 
 
-def test_honours_retry_after(fault_server):
+def test_honours_retry_after(fault_server, clock):
+    waits = clock()
     srv = fault_server(fail_with=[429], retry_after=0.4)
-    llm = fast(srv.base_url, backoff_cap=2.0)
+    llm = fast(srv.base_url, backoff_cap=2.0)  # its own backoff before the 2nd attempt: 5 to 10 ms
     llm.chat([[{"role": "user", "content": "hi"}]])
-    assert srv.requests[1]["t"] - srv.requests[0]["t"] >= 0.4
+    assert len(srv.requests) == 2
+    assert waits.sleeps == [pytest.approx(0.4)], "one wait, as long as Retry-After asked"
 
 
 def test_server_errors_give_up_after_max_retries(fault_server):
@@ -245,30 +279,55 @@ def test_unreachable_server_is_one_clear_line():
         llm.ping()
 
 
-def test_token_bucket_spaces_requests():
+def test_token_bucket_spaces_requests(clock):
+    """The bucket's schedule on a virtual clock: a burst of 2, then one request every 50 ms."""
+    now = clock()
     bucket = TokenBucket(per_minute=1200, burst=2)  # 20 per second after a burst of 2
-    stamps = []
+    start, stamps = now.monotonic(), []
     for _ in range(8):
         bucket.acquire()
-        stamps.append(time.monotonic())
-    assert stamps[1] - stamps[0] < 0.03  # the burst
-    gaps = [b - a for a, b in zip(stamps[1:], stamps[2:])]
-    assert all(g >= 0.045 for g in gaps), gaps
-    assert 0.28 <= stamps[-1] - stamps[0] < 0.6
+        stamps.append(now.monotonic() - start)
+    assert stamps == pytest.approx([0, 0, 0.05, 0.10, 0.15, 0.20, 0.25, 0.30], abs=1e-9)
+    assert now.sleeps == pytest.approx([0.05] * 6)
+    now.sleep(1.0)  # idle for a second: the bucket refills to its burst, not beyond
+    for _ in range(3):
+        bucket.acquire()
+    assert now.sleeps[7:] == pytest.approx([0.05])
 
 
-def test_concurrency_and_rate_limits_hold_end_to_end(fault_server):
-    srv = fault_server(delay=0.15)
+def test_concurrency_limit_holds_end_to_end(fault_server):
+    """max_concurrency=2: the server holds every request until the test releases it, and counts
+    what is in flight (arrived, not answered). With two held, a third request can only come from a
+    client that broke its limit; each answer lets exactly one more in. A correct client passes
+    whatever the load: every count is exact by construction. Before each release the test gives a
+    broken client 0.2 s to show an extra request, so that one is caught, not only when it races."""
+    srv = fault_server(hold=True)
     llm = fast(srv.base_url, max_concurrency=2)
-    started = time.monotonic()
-    assert len(llm.complete([f"p{i}" for i in range(6)])) == 6
-    assert srv.max_inflight == 2 and time.monotonic() - started >= 0.45  # 3 rounds of 2
+    with ThreadPoolExecutor(1) as caller:
+        done = caller.submit(llm.complete, [f"p{i}" for i in range(6)])
+        try:
+            for answered in range(6):
+                waiting = min(2, 6 - answered)
+                srv.wait_for(lambda: srv.answered == answered and len(srv.requests) >= answered + waiting)
+                assert not srv.happens(lambda: len(srv.requests) > answered + waiting, 0.2), "over the limit"
+                assert (srv.inflight, len(srv.requests)) == (waiting, answered + waiting)
+                srv.release(1)
+        finally:
+            srv.release(6)  # whatever failed above, the client is not left waiting on held requests
+        assert len(done.result()) == 6
+    assert srv.max_inflight == 2 and len(srv.requests) == 6
+    assert sorted(r["json"]["prompt"] for r in srv.requests) == [f"p{i}" for i in range(6)]
 
+
+def test_rate_limit_holds_end_to_end(fault_server, clock):
+    """requests_per_minute=600 with 4 workers: a burst of 4, then the bucket makes the next three
+    requests wait 0.1, 0.2 and 0.3 s (read on a frozen virtual clock: nothing is refilled meanwhile)."""
+    waits = clock(advancing=False)
     srv = fault_server()
     llm = fast(srv.base_url, max_concurrency=4, requests_per_minute=600)  # burst 4, then 10 per second
-    llm.complete([f"p{i}" for i in range(7)])
-    times = sorted(r["t"] for r in srv.requests)
-    assert times[-1] - times[0] >= 0.28  # 3 requests beyond the burst at 0.1 s each
+    assert len(llm.complete([f"p{i}" for i in range(7)])) == 7
+    assert len(srv.requests) == 7
+    assert sorted(waits.sleeps) == pytest.approx([0.1, 0.2, 0.3])
 
 
 def test_spec_grammar():
