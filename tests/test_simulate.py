@@ -76,8 +76,39 @@ def test_align_maps_subject_tokens_through_a_different_tokenisation():
     assert align([" The", " big", " river"], [("The", 0, 0), ("river", 9, 0)]) == [0, None, 1]
 
 
+def test_chat_json_never_zero_fills(fault_server):
+    """Replies chosen per record by a real HTTP server: one that answers every token, one that skips
+    a token, one that is not JSON. Only the first gives values, and exactly the ones in the reply; a
+    simulator that fills what is missing with zeros fails here."""
+    import json
+
+    from autoexplain.llm import OpenAILLM
+
+    def reply(messages) -> str:
+        tokens = json.loads(messages[-1]["content"].split("Tokens: ", 1)[1])
+        if tokens[0] == "a":
+            values = [3, 0, 7]
+        elif tokens[0] == "d":  # never the middle token
+            return json.dumps([{"token": "d", "activation": 5}, {"token": "f", "activation": 6}])
+        else:
+            return "I would rather not say."
+        return "Sure: " + json.dumps([{"token": t, "activation": v} for t, v in zip(tokens, values)])
+
+    srv = fault_server(chat=reply)
+    llm = OpenAILLM("canned", srv.base_url, api_key="test", backoff_base=0.01)
+    records = [["a", " b", " c"], ["d", " e", " f"], ["g", " h"]]
+    full, partial, prose = ChatJsonSimulator(llm, retries=1).simulate("letters", records)
+    assert full.ok and full.failure is None and full.expected == [3.0, 0.0, 7.0]
+    assert partial.expected is None and partial.failure == "reply covers 2 of 3 tokens (after 2 attempts)"
+    assert prose.expected is None and prose.failure.startswith("unparseable reply: no JSON list")
+    assert len(srv.requests) == 5, "the two failures are retried once each, the success is not"
+    assert (partial.completion_tokens, full.completion_tokens) == (2, 1), "tokens of both attempts counted"
+
+
 @pytest.mark.slow
-def test_chat_json_against_the_server_never_zero_fills(llama_server):
+def test_chat_json_against_the_server(llama_server):
+    """The live path: whatever SmolLM2 answers, a record either has one value in 0..10 per token or
+    is marked failed with a reason (the reply-by-reply rules are checked above)."""
     from autoexplain.llm import OpenAILLM
 
     llm = OpenAILLM("smollm2", llama_server.base_url, backoff_base=0.05)
