@@ -1,8 +1,11 @@
 """Neurons are the MLP hidden units: checked against a hand computation on tiny real models."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from autoexplain import defaults
 from autoexplain.errors import UserError
 from autoexplain.subject import load_subject, wrap
 
@@ -89,9 +92,26 @@ def test_model_without_known_mlp(tiny_llama_dir):
 
 
 @pytest.mark.slow
-def test_embedded_default_loads_from_cache():
+def test_embedded_default_loads_from_cache(monkeypatch):
+    """The GGUF is dequantised once: a second load reads the cached safetensors folder and never opens
+    the GGUF as a model again (checked on the loads it makes, not by timing it)."""
+    import transformers
+
     first = load_subject()
+    folder = Path(first.model.config._name_or_path)
+    assert (folder / "config.json").is_file() and folder.is_relative_to(defaults.cache_root())
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+
+    loads, original = [], transformers.AutoModelForCausalLM.from_pretrained
+
+    def recording(*args, **kwargs):
+        loads.append((str(args[0]), kwargs.get("gguf_file")))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", recording)
     second = load_subject()
+    assert loads == [(str(folder), None)], "one load, of the cached folder; the GGUF is not dequantised again"
+    assert Path(second.model.config._name_or_path) == folder
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before, "the cache was rewritten"
     assert (second.n_layers, second.n_units) == (30, 1536)
     assert second.fingerprint == first.fingerprint
-    assert second.load_seconds < 30
