@@ -343,12 +343,16 @@ def explain_layer_cmd(
     k: int = typer.Option(4, "--k", help="Candidate explanations per unit (best-of-k on the valid split)."),
     shard_size: int = typer.Option(256, "--shard-size", help="Units per task."),
     n_boot: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the 95% CIs."),
+    window_len: int = typer.Option(64, "--window-len", help="Tokens per window (the reference uses 64)."),
+    top_k: int = typer.Option(40, "--top-k", help="Top-activating windows kept per unit and polarity."),
+    n_random: int = typer.Option(30, "--random", help="Random windows kept per unit and polarity."),
     out: str = typer.Option("out", "--out", "-o", help="Output folder, or an fsspec URL (s3://bucket/run, file:///mnt/share/out, ...) worked on through a local mirror."),
     results: Optional[str] = typer.Option(None, "--results", help="Folder or fsspec URL for Prefect's task results (its cache), e.g. s3://bucket/prefect-results. Default: Prefect's local storage."),
 ):
     """Record if needed, then explain, simulate and score a layer, as a Prefect flow (no server needed)."""
     params = dict(layer=layer, units=units, model=model, corpus=corpus, tokens=tokens, explainer=explainer,
-                  simulator=simulator, k=k, shard_size=shard_size, n_boot=n_boot, out=out, results=results)
+                  simulator=simulator, k=k, shard_size=shard_size, n_boot=n_boot, window_len=window_len, top_k=top_k,
+                  n_random=n_random, out=out, results=results)
     _run(lambda: _run_flow("explain_layer", params, lambda: preflight.explain_layer(params, preflight.cli_flag)))
 
 

@@ -151,15 +151,15 @@ def _use_text_vectors(explanations: pa.Table, out, sim) -> None:
     """Embed every text of an explanations output once, and keep the vectors beside the outputs.
 
     Re-simulating the same explanations (a simulator prompt edit, the nightly rescore) then embeds
-    nothing. The key is the whole set of texts, embedded as one batch, so a loaded vector has the
-    very bits a fresh embedding of that set would have."""
+    nothing. Each vector is a function of its text and the encoding alone (see `wordvecs`), so a
+    loaded vector has the very bits a fresh embedding would have."""
     if not hasattr(sim, "add_texts"):
         return
     import numpy as np
 
     texts = sorted({t for c, t in zip(explanations.column("candidates").to_pylist(),
                                        explanations.column("text").to_pylist()) for t in (c or [t])})
-    path = Path(out) / "memo" / "text_vectors" / f"{content_key({'embedder': sim.embedder, 'texts': texts})}.npz"
+    path = Path(out) / "memo" / "text_vectors" / f"{content_key({'embedder': sim.embedder, 'encoding': sim.encoding, 'texts': texts})}.npz"
     if path.is_file():
         saved = np.load(path, allow_pickle=False)
         sim.add_texts(saved["forms"].tolist(), saved["vectors"])

@@ -254,6 +254,11 @@ def explain_layer(p: dict, spell: Spelling = flow_name) -> LayerPlan:
                       ("top_k", 1), ("n_random", 0), ("layer", 0)):
         if name in p:
             at_least(spell, name, p[name], low)
+    window_len, top_k, n_random = p.get("window_len", 64), p.get("top_k", 40), p.get("n_random", 30)
+    if "tokens" in p and p["tokens"] // window_len < top_k + n_random:
+        raise _fail(spell, "tokens", f"{p['tokens']} tokens make {p['tokens'] // window_len} windows of {window_len}, "
+                    f"fewer than the {top_k} top + {n_random} random exemplars kept per unit",
+                    f"pass at least {(top_k + n_random) * window_len} tokens, or fewer exemplars")
     check_out(p.get("out", "out"), spell)
     check_corpus(p.get("corpus", defaults.CORPUS), spell)
     shape = model_shape(p.get("model", defaults.SUBJECT), spell)
@@ -265,3 +270,4 @@ def explain_layer(p: dict, spell: Spelling = flow_name) -> LayerPlan:
     check_explainer(p.get("explainer"), spell)
     check_simulator(p.get("simulator"), spell)
     return LayerPlan(shape, units, revisions)
+

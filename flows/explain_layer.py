@@ -69,10 +69,8 @@ def record_activations(model: str = "smollm2", corpus: str = "default", layers: 
         for layer in layers:
             preflight.check_layer(shape, layer, name="layers")
 
-    _, failed = _checked(check)
-    if failed:
-        return failed
-    return record_task(model, corpus, layers, tokens, _out(out))
+    result, failed = _checked(lambda: (check(), record_task(model, corpus, layers, tokens, _out(out)))[1])
+    return failed or result
 
 
 def _unit_keys(revisions: dict[tuple[int, int], str]) -> dict[str, str]:
@@ -106,8 +104,14 @@ def explain_layer(
     plan, failed = _checked(lambda: preflight.explain_layer({**params, "out": out}))
     if failed:
         return failed
+    result, failed = _checked(lambda: _explain_layer(plan, _out(out), results, params, **params))
+    return failed or result
+
+
+def _explain_layer(plan: preflight.LayerPlan, out: str, results: str | None, params: dict, *, layer, units, model,
+                   corpus, tokens, explainer, simulator, k, shard_size, n_boot, revisions, site, window_len, top_k,
+                   n_random) -> dict:
     log = get_run_logger()
-    out = _out(out)
     record, explain, revise, simulate, score = with_results(results, record_task, explain_task, revise_task,
                                                             simulate_task, score_task)
     records = record(model, corpus, [layer], tokens, out, window_len, top_k, n_random)
@@ -185,7 +189,11 @@ def rescore(out: str = "out", layer: int = 15, simulator: str = "embedding", n_b
     run, failed = _checked(check)
     if failed:
         return failed
-    out = _out(out)
+    result, failed = _checked(lambda: _rescore(run, _out(out), layer, simulator, n_boot, results))
+    return failed or result
+
+
+def _rescore(run: dict, out: str, layer: int, simulator: str, n_boot: int, results: str | None) -> dict:
     simulate, score = with_results(results, simulate_task, score_task)
     records, sim_id = run["records"], simulator_identity(simulator)
     pairs = []

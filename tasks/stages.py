@@ -28,6 +28,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.states import Failed
 from prefect.tasks import exponential_backoff
 
 from autoexplain import layer as layer_mod
@@ -189,6 +190,20 @@ def _contract(path: Path, suite: str, params: dict | None = None) -> None:
 _MODELS = threading.RLock()
 
 
+def _one_line_failures(fn):
+    """A task body whose UserError ends the task in a Failed state carrying that one line: Prefect
+    then logs the line, not a traceback, and the error is not retried (see `_transient`)."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            return Failed(message=str(e), data=e)
+
+    return run
+
+
 def _one_at_a_time(fn):
     """Run a stage task's body under the same lock, so a process runs one shard's stage at a time.
 
@@ -295,6 +310,7 @@ def warm_up(simulator: str | None = None) -> threading.Thread:
 
 
 @task(name="record", cache_key_fn=_key("record", WINDOWS_CODE + RECORD_CODE), **RETRY)
+@_one_line_failures
 def record_task(model: str, corpus: str, layers: list[int], tokens: int, out: str, window_len: int = 64,
                 top_k: int = 40, n_random: int = 30, seed: int = 0) -> dict:
     out = open_root(out)
@@ -314,6 +330,7 @@ def record_task(model: str, corpus: str, layers: list[int], tokens: int, out: st
 
 @task(name="explain", cache_key_fn=_key("explain", layer_mod.EXPLAIN_CODE + ("layer",), explainer_prompt_hash),
       **RETRY)
+@_one_line_failures
 @_one_at_a_time
 def explain_task(records: dict, layer: int, units: list[int], explainer: str, k: int = 4, out: str = "out") -> dict:
     log = get_run_logger()
@@ -326,6 +343,7 @@ def explain_task(records: dict, layer: int, units: list[int], explainer: str, k:
 
 
 @task(name="revise", cache_key_fn=_key("revise", ("layer",)), **RETRY)
+@_one_line_failures
 def revise_task(explanations: dict, revisions: dict[str, str], out: str = "out") -> dict:
     from autoexplain.preflight import check_revisions
 
@@ -338,6 +356,7 @@ def revise_task(explanations: dict, revisions: dict[str, str], out: str = "out")
 
 @task(name="simulate", cache_key_fn=_key("simulate", layer_mod.SIMULATE_CODE + ("layer",),
                                          ""), **RETRY)
+@_one_line_failures
 @_one_at_a_time
 def simulate_task(records: dict, explanations: dict, simulator: str, simulator_id: str, out: str = "out") -> dict:
     records, explanations, out = local_ref(records), local_ref(explanations), open_root(out)
@@ -379,6 +398,7 @@ def _score(*args, here: bool = False):
 
 
 @task(name="score", cache_key_fn=_key("score", layer_mod.SCORE_CODE + ("layer",)), **RETRY)
+@_one_line_failures
 def score_task(records: dict, simulations: dict, n_boot: int = 1000, out: str = "out") -> dict:
     log = get_run_logger()
     on_url = remote.is_url(out)

@@ -1,0 +1,145 @@
+"""What users run end to end from the command line: explain-layer, then rescore and revise of that
+run by its output root and layer; and every bad flag of those, caught before any work with one line.
+
+Each command runs as a real process with Prefect's ephemeral server in its own PREFECT_HOME.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from tests.test_cli import _one_error_line
+
+pytestmark = pytest.mark.slow
+EXE = [sys.executable, "-m", "autoexplain.cli"]
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    return tmp_path_factory.mktemp("prefect-home")
+
+
+def cli(home: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILE")}
+    env.update(HF_HUB_OFFLINE="1", COLUMNS="200", PREFECT_HOME=str(home))
+    return subprocess.run([*EXE, *args], capture_output=True, text=True, env=env)
+
+
+@pytest.fixture(scope="module")
+def explained(home, tiny_llama_dir, prose_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli-run") / "out"
+    result = cli(home, "explain-layer", "--model", tiny_llama_dir, "--corpus", str(prose_corpus), "--layer", "1",
+                 "--units", "0-3", "--tokens", "20000", "--k", "1", "--shard-size", "2", "--bootstrap", "50",
+                 "--window-len", "8", "--top-k", "8", "--random", "6", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out, result
+
+
+def _table(out: Path, stage: str, layer: int = 1) -> pl.DataFrame:
+    run = json.loads((out / "runs" / f"layer_{layer}.json").read_text())
+    return pl.concat([pl.read_parquet(r["path"]) for r in run[stage]])
+
+
+def test_explain_layer_ends_with_one_summary_and_the_paths(explained):
+    out, result = explained
+    err = result.stderr
+    assert err.count("test-split scores") == 1, "one table for the layer, not one per shard"
+    assert "layer 1: test-split scores of 8 units" in err and "beats token-lookup" in err
+    viewer = next(line for line in err.splitlines() if line.startswith("viewer: "))
+    index = Path(viewer.removeprefix("viewer: ").split()[0])
+    assert index.name == "index.html" and index.is_file() and "view --serve" in viewer
+    assert f"outputs: {out.resolve()}" in err and result.stdout.strip() == str(out.resolve())
+    assert "Traceback" not in err
+
+
+def test_rescore_by_output_root_and_layer(home, explained, tiny_llama_dir):
+    out, _ = explained
+    before = _table(out, "scores")
+    result = cli(home, "rescore", "--out", str(out), "--layer", "1", "--simulator", f"all-at-once:local:{tiny_llama_dir}",
+                 "--bootstrap", "50")
+    assert result.returncode == 0, result.stderr[-4000:]
+    after = _table(out, "scores")
+    assert {s.split(":")[0] for s in before["simulator"]} == {"embedding"}
+    assert {s.split(":")[0] for s in after["simulator"]} == {"all-at-once"}
+    assert "mean change" in result.stderr and "Units that moved most" in result.stderr
+    run = json.loads((out / "runs" / "layer_1.json").read_text())
+    assert run["flow"] == "rescore" and len(run["previous_scores"]) == 2
+
+
+def test_revise_changes_that_unit_and_polarity_only(home, explained):
+    out, _ = explained
+    before = _table(out, "explanations")
+    result = cli(home, "revise", "--out", str(out), "--layer", "1", "--unit", "2:-1", "--text", "years written in digits")
+    assert result.returncode == 0, result.stderr[-4000:]
+    after = _table(out, "explanations")
+    key = ["unit", "polarity", "method"]
+    joined = before.join(after, on=key, suffix="_new")
+    changed = joined.filter(pl.col("text") != pl.col("text_new"))
+    assert changed.select("unit", "polarity", "method", "text_new").rows() == [(2, -1, "explainer", "years written in digits")]
+    run = json.loads((out / "runs" / "layer_1.json").read_text())
+    assert run["params"]["revisions"] == {"2:-1": "years written in digits"}
+
+
+BAD_FLAGS = [
+    (["--units", "5000-6000"], "--units: unit 5000 is out of range"),
+    (["--units", "5-2"], "--units: the unit range '5-2' runs backwards"),
+    (["--layer", "99"], "--layer: layer 99 is out of range"),
+    (["--simulator", "nonsense"], "--simulator: unknown simulator 'nonsense'"),
+    (["--explainer", "openai:m@http://127.0.0.1:9/v1"], "--explainer: the LLM server at http://127.0.0.1:9/v1 is not reachable"),
+    (["--k", "0"], "--k: must be at least 1"),
+    (["--shard-size", "0"], "--shard-size: must be at least 1"),
+    (["--bootstrap", "0"], "--bootstrap: must be at least 1"),
+    (["--tokens", "0"], "--tokens: must be at least 1"),
+    (["--corpus", "/no/such/corpus.txt"], "--corpus: corpus /no/such/corpus.txt does not exist"),
+    (["--model", "/no/such/model"], "--model: cannot load model"),
+]
+
+
+@pytest.mark.parametrize("flags,needle", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
+def test_explain_layer_bad_flag_fails_before_any_work(home, tiny_llama_dir, prose_corpus, tmp_path, flags, needle):
+    base = {"--model": tiny_llama_dir, "--corpus": str(prose_corpus), "--layer": "1", "--out": str(tmp_path / "out")}
+    base.update(dict(zip(flags[::2], flags[1::2])))
+    result = cli(home, "explain-layer", *[x for kv in base.items() for x in kv])
+    line = _one_error_line(result)
+    assert needle in line, line
+    assert "scored" not in result.stderr and "Flow run" not in result.stderr, "no flow started, no bars"
+    assert not (tmp_path / "out").exists(), "nothing written"
+
+
+def test_rescore_and_revise_bad_flags(home, explained, tmp_path):
+    out, _ = explained
+    assert "--layer: " in _one_error_line(cli(home, "rescore", "--out", str(out), "--layer", "7"))
+    assert "--out: " in _one_error_line(cli(home, "rescore", "--out", str(tmp_path / "none"), "--layer", "1"))
+    assert "--simulator: unknown simulator" in _one_error_line(cli(home, "rescore", "--out", str(out), "--layer", "1",
+                                                                   "--simulator", "x"))
+    assert "--unit: unit 40 is not among" in _one_error_line(cli(home, "revise", "--out", str(out), "--layer", "1",
+                                                                 "--unit", "40", "--text", "t"))
+    assert "--unit: cannot read the revision key" in _one_error_line(cli(home, "revise", "--out", str(out), "--layer", "1",
+                                                                         "--unit", "x:1", "--text", "t"))
+    assert "needs --unit with --text" in _one_error_line(cli(home, "revise", "--out", str(out), "--layer", "1"))
+
+
+def test_stage_commands_reject_bad_input_in_one_line(home, explained, tmp_path):
+    out, _ = explained
+    run = json.loads((out / "runs" / "layer_1.json").read_text())
+    x, sims = (str(Path(run[s][0]["path"]).parent) for s in ("explanations", "simulations"))
+    scores = str(Path(run["scores"][0]["path"]).parent)
+    missing = str(tmp_path / "missing")
+    for args in (["simulate", "--records", missing, "--explanations", x],
+                 ["score", "--records", missing, "--simulations", sims],
+                 ["export", "--records", missing, "--scores", scores, "--to", str(tmp_path / "export")]):
+        assert f"{missing} is not a finished records folder" in _one_error_line(cli(home, *args, *(
+            ["--out", str(tmp_path / "o")] if args[0] != "export" else [])))
+    records = run["records"]["path"]
+    assert "--bootstrap: must be at least 1" in _one_error_line(cli(home, "score", "--records", records, "--simulations",
+                                                                     sims, "--bootstrap", "0"))
+    assert "--layers range '2-1' runs backwards" in _one_error_line(cli(home, "record", "--layers", "2-1",
+                                                                         "--out", str(tmp_path / "o")))
+    assert not (tmp_path / "o").exists() and not (tmp_path / "export").exists()
