@@ -44,7 +44,11 @@ def _read_bytes(path: Path) -> bytes:
     except FileNotFoundError:
         raise UserError(f"corpus file {path} does not exist", "check the --corpus path") from None
     except (PermissionError, IsADirectoryError, OSError) as e:
-        raise UserError(f"cannot read corpus file {path}: {e.strerror or e}", "check its permissions") from None
+        raise unreadable(path, e) from None
+
+
+def unreadable(path: Path, e: OSError) -> UserError:
+    return UserError(f"cannot read corpus file {path}: {e.strerror or e}", "check its permissions")
 
 
 def split_paragraph_docs(text: str, target_chars: int = 4000) -> list[str]:

@@ -85,11 +85,18 @@ def corpus_identity(source: str) -> str:
         return f"default:{defaults.CORPUS_VERSION}"
     path = Path(source).expanduser()
     if path.is_file():
-        return f"file:{file_digest(path)}"
+        return f"file:{_corpus_digest(path)}"
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in corpus_mod.TEXT_SUFFIXES)
-        return "dir:" + content_key([file_digest(p) for p in files])
+        return "dir:" + content_key([_corpus_digest(p) for p in files])
     return source  # hub dataset names: the name is all we know
+
+
+def _corpus_digest(path: Path) -> str:
+    try:
+        return file_digest(path)
+    except OSError as e:
+        raise corpus_mod.unreadable(path, e) from None
 
 
 def build_windows(

@@ -90,9 +90,27 @@ def test_embedding_simulator_prompt_edit_is_seen_by_the_same_process(run, tmp_pa
     assert set(s["key"] for s in second["scores"]).isdisjoint(s["key"] for s in first["scores"])
 
 
+def _explanations(result) -> "pl.DataFrame":
+    import json
+    from pathlib import Path
+
+    import polars as pl
+
+    out = Path(result["out"])
+    refs = json.loads((out / "runs" / "layer_1.json").read_text())["explanations"]
+    return pl.concat([pl.read_parquet(r["path"]) for r in refs])
+
+
 def test_human_revision_resimulates_only_that_unit(run):
-    run()
-    _, counts = run(revisions={"2:1": "numbers written in digits"})
+    import polars as pl
+
+    first, _ = run()
+    before = _explanations(first)
+    second, counts = run(revisions={"2:1": "numbers written in digits"})
+    joined = before.join(_explanations(second), on=["unit", "polarity", "method"], suffix="_new")
+    changed = joined.filter(pl.col("text") != pl.col("text_new"))
+    assert changed.select("unit", "polarity", "method", "text_new", "explainer_new").rows() == [
+        (2, 1, "explainer", "numbers written in digits", "human")]
     assert counts.get("subject_forward", 0) == 0 and counts.get("llm_requests", 0) == 0
     # Unit 2+: its one candidate on valid, then it and its token-lookup baseline on held-out records;
     # plus the one shuffled control that now carries the revised text. Nothing else.
