@@ -43,7 +43,8 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90.0) -> None:
+def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 600.0) -> None:
+    """The limit only turns a hang into an error."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -124,7 +125,7 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
-def _asset_events(api: str, flow_run_id, want: int, timeout: float = 60.0) -> list[dict]:
+def _asset_events(api: str, flow_run_id, want: int, timeout: float = 600.0) -> list[dict]:
     """`POST /api/events/filter`: the run's asset events, polled until the server has persisted `want`
     materialisations (it writes events in batches)."""
     body = {"filter": {"event": {"prefix": ["prefect.asset."]},
