@@ -3,6 +3,7 @@ so that a rerun on a fresh machine recomputes nothing; clear errors for URLs tha
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -198,3 +199,19 @@ def test_bad_locations_fail_with_one_clear_error(run):
         run(out="nosuch://bucket/run")
     with pytest.raises(UserError, match="unknown storage protocol 'nosuch://'"):
         run(results="nosuch://bucket/results")
+
+
+def test_rescore_finds_the_run_at_the_url_from_a_fresh_machine(run, tmp_path, cache):
+    """The nightly job on a URL root: the run's pointer and outputs come from the URL, with no mirror."""
+    from flows.explain_layer import rescore
+
+    url = f"file://{tmp_path}/remote"
+    first, _, _ = run()
+    assert (tmp_path / "remote" / "runs" / "layer_1.json").is_file(), "the pointer is pushed to the URL"
+    shutil.rmtree(cache / "mirror")
+    result = rescore(out=url, layer=1, simulator="embedding", n_boot=20)
+    assert [s["key"] for s in result["previous_scores"]] == [s["key"] for s in first["scores"]]
+    assert all(s["uri"].startswith(f"{url}/scores/") for s in result["scores"])
+    assert result["comparison"]["paired"] > 0
+    pointer = json.loads((tmp_path / "remote" / "runs" / "layer_1.json").read_text())
+    assert pointer["flow"] == "rescore" and pointer["params"]["n_boot"] == 20

@@ -201,6 +201,7 @@ def hostile_site(tiny_llama_dir, local_llm, simulator, tmp_path_factory):
     tokens = [[PAYLOADS[(w + j) % len(PAYLOADS)] if j == 3 else t for j, t in enumerate(toks)]
               for w, toks in zip(table["window_id"], table["tokens"])]
     write_table(table.with_columns(pl.Series("tokens", tokens)).to_arrow(), windows.path, "windows")
+    _reseal(windows.path.parent)
 
     llm = local_llm
     scores = []
@@ -221,9 +222,17 @@ def hostile_site(tiny_llama_dir, local_llm, simulator, tmp_path_factory):
         elif row["method"] != "explainer":
             row["text"] = PAYLOADS[row["unit"] % len(PAYLOADS)] + " " + row["text"]
     write_table(pa.Table.from_pylist(rows, schema=load_schema("explanations")), chosen_path, "explanations")
+    _reseal(chosen_path.parent)
     site = root / "site"
     build_site(scores, site)
     return site
+
+
+def _reseal(directory: Path) -> None:
+    """Seal a folder again after the test changed its files on purpose: the store refuses a folder
+    whose files no longer match their manifest's digests."""
+    m = read_manifest(directory)
+    write_manifest(directory, m["stage"], m["key"], m["inputs"], m["params"], list(m["outputs"]))
 
 
 def synthetic_layer(out: Path, layer: int, n_neurons: int, seed: int = 0) -> Path:
