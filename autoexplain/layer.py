@@ -22,9 +22,9 @@ from autoexplain import pipeline
 from autoexplain.activations import read_units
 from autoexplain.errors import UserError
 from autoexplain.explain import explainer_prompt_hash
+from autoexplain.identity import code_identity
 from autoexplain.storage import (
     Memo,
-    code_version,
     content_key,
     is_complete,
     read_manifest,
@@ -37,10 +37,6 @@ from autoexplain.storage import (
 DEFAULT_EXPLAINER = "embedding"
 DEFAULT_SIMULATOR = "embedding"
 Progress = Callable[[int, int], None]  # (units done, units in this call)
-# The library modules each stage's output depends on: their source is part of its cache key.
-EXPLAIN_CODE = ("activations", "explain", "explain_embedding", "embedding", "words", "wordvecs", "pipeline", "llm", "llm_openai")
-SIMULATE_CODE = ("activations", "simulate", "simulate_chat", "embedding", "words", "wordvecs", "pipeline", "llm", "llm_openai")
-SCORE_CODE = ("activations", "scoring", "pipeline")
 
 
 @dataclass
@@ -194,7 +190,7 @@ def run_explain(records_dir, layer: int, out, units=None, explainer=None, cfg=No
     spec = explainer or DEFAULT_EXPLAINER
     params = {"layer": layer, "units": units, "explainer": spec, "config": asdict(cfg),
               "prompt": explainer_prompt_hash()}
-    code = code_version(*EXPLAIN_CODE)
+    code = code_identity(run_explain)  # the source it reaches (`identity`)
     key = content_key({"records": records_key, **params, "code": code})
     ref = StageRef(stage_dir(out, "explanations", key), key, layer)
     if is_complete(ref.directory):
@@ -256,7 +252,7 @@ def run_simulate(records_dir, explanations: StageRef, out, simulator=None, sim=N
     layer = explanations.layer
     _, _, records_key = _records_inputs(records_dir, layer)
     params = {"layer": layer, "simulator": sim.name, "prompt": getattr(sim, "prompt_hash", ""), "seed": seed}
-    code = code_version(*SIMULATE_CODE)
+    code = code_identity(run_simulate)
     key = content_key({"explanations": explanations.key, **params, "code": code})
     ref = StageRef(stage_dir(out, "simulations", key), key, layer)
     if is_complete(ref.directory):
@@ -282,7 +278,7 @@ def run_simulate(records_dir, explanations: StageRef, out, simulator=None, sim=N
 def run_score(records_dir, simulations: StageRef, out, n_boot: int = 1000, seed: int = 0) -> StageRef:
     layer = simulations.layer
     params = {"layer": layer, "n_boot": n_boot, "seed": seed}
-    code = code_version(*SCORE_CODE)
+    code = code_identity(run_score)
     key = content_key({"simulations": simulations.key, **params, "code": code})
     ref = StageRef(stage_dir(out, "scores", key), key, layer)
     if is_complete(ref.directory):

@@ -23,10 +23,10 @@ import torch
 from autoexplain import corpus as corpus_mod
 from autoexplain import defaults, selection
 from autoexplain.errors import UserError
+from autoexplain.identity import code_identity
 from autoexplain.records import QUANTILE_BINS, RANDOM_DEAL, TOP_DEAL
 from autoexplain.storage import (
     TableWriter,
-    code_version,
     content_key,
     file_digest,
     is_complete,
@@ -39,10 +39,6 @@ from schemas import load_schema
 from autoexplain.subject import Subject
 
 Progress = Callable[[int, int], None]  # (tokens done, tokens total)
-# The library modules each output depends on: their source is part of its key (and of the Prefect
-# task's cache key, which must list the same modules or miss an edit).
-WINDOWS_CODE = ("corpus",)
-RECORD_CODE = ("record", "selection", "subject", "fused")
 
 
 @dataclass
@@ -112,7 +108,7 @@ def build_windows(
         raise UserError(f"window length {window_len} is too short", "use --window-len 2 or more (64 is the reference)")
     params = {"window_len": window_len, "max_tokens": max_tokens, "seed": seed, "text_field": text_field}
     inputs = {"corpus": corpus_identity(source), "tokenizer": subject.fingerprint}
-    key = content_key({"inputs": inputs, "params": params, "code": code_version(*WINDOWS_CODE)})
+    key = content_key({"inputs": inputs, "params": params, "code": code_identity(build_windows)})
     directory = stage_dir(out_root, "windows", key)
     path = directory / "windows.parquet"
     if is_complete(directory):
@@ -194,7 +190,7 @@ def record_layers(
     params = {k: v for k, v in asdict(cfg).items() if k not in ("layers", "batch_size")}
     inputs = {"windows": windows.key, "subject": subject.fingerprint}
     key = content_key({"inputs": inputs, "params": params, "layers": layers,
-                       "code": code_version(*RECORD_CODE)})
+                       "code": code_identity(record_layers)})
     directory = stage_dir(out_root, "records", key)
     ref = RecordsRef(directory, key, layers, windows.n_windows)
     if is_complete(directory):

@@ -39,14 +39,6 @@ def file_digest(path: str | os.PathLike, length: int = 16) -> str:
     return h.hexdigest()[:length]
 
 
-def code_version(*modules: str) -> str:
-    """Hash the source of the named `autoexplain` modules: cache keys change when the code does."""
-    import autoexplain
-
-    root = Path(autoexplain.__file__).parent
-    return content_key({m: (root / f"{m}.py").read_text() for m in sorted(modules)}, length=12)
-
-
 def stage_dir(root: str | os.PathLike, stage: str, key: str) -> Path:
     directory = Path(root) / stage / key
     if not is_complete(directory):

@@ -37,7 +37,8 @@ import polars as pl
 
 from autoexplain.errors import UserError
 from autoexplain.records import QUANTILE_BINS
-from autoexplain.storage import code_version, content_key, is_complete, read_manifest
+from autoexplain.identity import code_identity
+from autoexplain.storage import content_key, is_complete, read_manifest
 
 PRIMARY_METRIC = "top_and_random"
 METRICS = ("top_and_random", "random_only", "calibrated_r2", "calibrated_abs_dev_explained", "detection_auc")
@@ -446,7 +447,7 @@ class _RecordsCache:
         if src.records_dir is None:
             return
         key = content_key({"records": read_manifest(src.records_dir)["key"], "layer": src.layer,
-                           "max_per_kind": max_per_kind, "code": code_version("view", "activations", "records")})
+                           "max_per_kind": max_per_kind, "code": code_identity("autoexplain.view")})
         self.path = site_dir / ".cache" / f"L{src.layer}-records-{key}.jsonl"
         if self.path.is_file():
             # Line 1: the unit names; then one fragment per line (compact JSON holds no raw newline).

@@ -34,7 +34,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from autoexplain.words import word_of_each_token
-from autoexplain.storage import code_version, content_key, is_complete, stage_dir, write_manifest, write_table
+from autoexplain.identity import code_identity
+from autoexplain.storage import content_key, is_complete, stage_dir, write_manifest, write_table
 
 _loaded: dict[Path, tuple[list[str], np.ndarray]] = {}
 _lock = threading.Lock()
@@ -100,7 +101,7 @@ def corpus_words(windows_path: str | Path) -> list[str]:
 def word_table(windows_path: str | Path, windows_key: str, out: str | Path, encoder) -> tuple[list[str], np.ndarray]:
     """(words, vectors) for the windows output, built on first use. `encoder` has `encode_words`
     and `encoding` (the embedding model and how it is run, part of the key)."""
-    key = content_key({"windows": windows_key, "embedder": encoder.encoding, "code": code_version("wordvecs", "words")})
+    key = content_key({"windows": windows_key, "embedder": encoder.encoding, "code": code_identity(word_table)})
     directory = stage_dir(out, "word_vectors", key)
     path = directory / "word_vectors.parquet"
     with _lock:

@@ -2,8 +2,9 @@
 
 What the wrappers add:
 - caching by content: the cache key hashes the task's parameters (which carry the upstream
-  outputs' content hashes, never tensors), the code of the library modules the stage runs, and the
-  prompt files it reads. Prefect's TASK_SOURCE would hash only this wrapper's source;
+  outputs' content hashes, never tensors), the code identity of the library functions the stage
+  runs (`autoexplain.identity`, the same as in the library's own keys), and the prompt files it
+  reads. Prefect's TASK_SOURCE would hash only this wrapper's source;
 - retries with exponential backoff and jitter for transient failures; bad input (`UserError`) and
   contract violations fail at once;
 - a data contract (Great Expectations suite from `schemas/`) checked on every output before any
@@ -38,8 +39,9 @@ from autoexplain.counters import COUNTS
 from autoexplain.errors import UserError
 from autoexplain.explain import explainer_prompt_hash, prompt_hash
 from autoexplain.pipeline import ExplainConfig
-from autoexplain.record import RECORD_CODE, WINDOWS_CODE, RecordConfig, build_windows, record_layers
-from autoexplain.storage import code_version, content_key, is_complete, open_root, read_manifest
+from autoexplain.identity import code_identity
+from autoexplain.record import RecordConfig, build_windows, record_layers
+from autoexplain.storage import content_key, is_complete, open_root, read_manifest
 from schemas.contracts import ContractViolation, check
 
 
@@ -58,13 +60,14 @@ RETRY = dict(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2
              retry_condition_fn=_transient, persist_result=True)
 
 
-def _key(stage: str, modules: tuple[str, ...], prompts: str = ""):
-    """The task's cache key, or None (run the task, whose stage finds or rebuilds its output) when
+def _key(stage: str, entries: tuple, prompts: str = ""):
+    """The task's cache key (with the code identity of `entries`, the library functions the task
+    runs), or None (run the task, whose stage finds or rebuilds its output) when
     the result cached under that key names an output that is gone, unfinished or damaged: the
     store is the truth, and a cache must never answer with a folder that is not there."""
 
     def cache_key(context, parameters) -> str | None:
-        key = f"{stage}-" + content_key({"params": parameters, "code": code_version(*modules), "prompts": prompts()
+        key = f"{stage}-" + content_key({"params": parameters, "code": code_identity(*entries), "prompts": prompts()
                                          if callable(prompts) else prompts})
         return key if _cached_output_is_whole(context, key) else None
 
@@ -309,7 +312,7 @@ def warm_up(simulator: str | None = None) -> threading.Thread:
     return thread
 
 
-@task(name="record", cache_key_fn=_key("record", WINDOWS_CODE + RECORD_CODE), **RETRY)
+@task(name="record", cache_key_fn=_key("record", (build_windows, record_layers)), **RETRY)
 @_one_line_failures
 def record_task(model: str, corpus: str, layers: list[int], tokens: int, out: str, window_len: int = 64,
                 top_k: int = 40, n_random: int = 30, seed: int = 0) -> dict:
@@ -328,7 +331,7 @@ def record_task(model: str, corpus: str, layers: list[int], tokens: int, out: st
             "windows": str(windows.path.resolve()), "window_len": window_len}
 
 
-@task(name="explain", cache_key_fn=_key("explain", layer_mod.EXPLAIN_CODE + ("layer",), explainer_prompt_hash),
+@task(name="explain", cache_key_fn=_key("explain", (layer_mod.run_explain,), explainer_prompt_hash),
       **RETRY)
 @_one_line_failures
 @_one_at_a_time
@@ -342,7 +345,7 @@ def explain_task(records: dict, layer: int, units: list[int], explainer: str, k:
     return ref(result)
 
 
-@task(name="revise", cache_key_fn=_key("revise", ("layer",)), **RETRY)
+@task(name="revise", cache_key_fn=_key("revise", (layer_mod.run_revise,)), **RETRY)
 @_one_line_failures
 def revise_task(explanations: dict, revisions: dict[str, str], out: str = "out") -> dict:
     from autoexplain.preflight import check_revisions
@@ -354,8 +357,7 @@ def revise_task(explanations: dict, revisions: dict[str, str], out: str = "out")
     return ref(result)
 
 
-@task(name="simulate", cache_key_fn=_key("simulate", layer_mod.SIMULATE_CODE + ("layer",),
-                                         ""), **RETRY)
+@task(name="simulate", cache_key_fn=_key("simulate", (layer_mod.run_simulate,), ""), **RETRY)
 @_one_line_failures
 @_one_at_a_time
 def simulate_task(records: dict, explanations: dict, simulator: str, simulator_id: str, out: str = "out") -> dict:
@@ -397,7 +399,7 @@ def _score(*args, here: bool = False):
     return result
 
 
-@task(name="score", cache_key_fn=_key("score", layer_mod.SCORE_CODE + ("layer",)), **RETRY)
+@task(name="score", cache_key_fn=_key("score", (layer_mod.run_score,)), **RETRY)
 @_one_line_failures
 def score_task(records: dict, simulations: dict, n_boot: int = 1000, out: str = "out") -> dict:
     log = get_run_logger()
