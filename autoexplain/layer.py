@@ -236,7 +236,7 @@ def run_revise(explanations: StageRef, revisions: dict[tuple[int, int], str], ou
         if text is not None and row["method"] == pipeline.EXPLAINER:
             row.update(text=text, candidates=[text], explainer="human", candidate_valid_scores=[])
     params = {"layer": explanations.layer, "revisions": sorted([list(k) + [v] for k, v in revisions.items()])}
-    key = content_key({"explanations": explanations.key, **params})
+    key = content_key({"explanations": explanations.key, **params, "code": code_identity(run_revise)})
     ref = StageRef(stage_dir(out, "explanations", key), key, explanations.layer)
     if not is_complete(ref.directory):
         write_table(pipeline._table(table, "explanations"), ref.path, "explanations")

@@ -197,11 +197,19 @@ def run_file(root: str | os.PathLike, layer: int) -> Path:
     return Path(root) / "runs" / f"layer_{layer}.json"
 
 
-def write_run(root: str | os.PathLike, layer: int, run: dict) -> Path:
+def write_run(root: str | os.PathLike, layer: int, run: dict, report: str | None = None) -> Path:
+    """Point the layer at a finished run; `report` (markdown, e.g. a re-score's comparison) goes
+    beside the pointer as `layer_<L>.<flow>.md`."""
     from autoexplain import remote
 
     path = write_json(run, run_file(root, layer))
     remote.push_file(path)
+    if report is not None:
+        md = path.with_name(f"{path.stem}.{run['flow']}.md")
+        tmp = _atomic_target(md)
+        tmp.write_text(report)
+        os.replace(tmp, md)
+        remote.push_file(md)
     return path
 
 

@@ -30,6 +30,7 @@ from autoexplain.errors import UserError
 from autoexplain.layer import parse_units
 from autoexplain.remote import is_url
 from autoexplain.storage import open_root, read_run, write_run
+from autoexplain.summary import compare_markdown
 from tasks.compare import compare_task
 from tasks.report import publish, publish_recording, report_task, view_task
 from tasks.stages import (
@@ -208,12 +209,14 @@ def _rescore(run: dict, out: str, layer: int, simulator: str, n_boot: int, resul
         outputs += [sr, cr]
         simulated.append(sr)
         scores.append(cr)
-    comparison = compare_task(run["scores"], scores, f"Re-score of layer {layer}: {run['params']['simulator']} -> {simulator}")
+    title = f"Re-score of layer {layer}: {run['params']['simulator']} -> {simulator}"
+    comparison = compare_task(run["scores"], scores, title)
     site_uri = view_task(scores, run["site_dir"], records) if run.get("site_dir") else None
     report = report_task(records, outputs, scores, site_uri)
     write_run(open_root(out), layer, {
         **run, "flow": "rescore", "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "params": {**run["params"], "simulator": simulator, "n_boot": n_boot},
-        "simulations": simulated, "scores": scores, "previous_scores": run["scores"], "site": site_uri})
+        "simulations": simulated, "scores": scores, "previous_scores": run["scores"], "site": site_uri},
+        compare_markdown(comparison, title))
     return {"records": records, "scores": scores, "previous_scores": run["scores"], "comparison": comparison,
             "report": report, "site": site_uri, "out": out}

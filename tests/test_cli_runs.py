@@ -71,6 +71,8 @@ def test_rescore_by_output_root_and_layer(home, explained, tiny_llama_dir):
     assert "mean change" in result.stderr and "Units that moved most" in result.stderr
     run = json.loads((out / "runs" / "layer_1.json").read_text())
     assert run["flow"] == "rescore" and len(run["previous_scores"]) == 2
+    report = (out / "runs" / "layer_1.rescore.md").read_text()
+    assert "mean change" in report and "| 1 |" in report, "the comparison is written beside the pointer"
 
 
 def test_revise_changes_that_unit_and_polarity_only(home, explained):
