@@ -18,6 +18,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from autoexplain import defaults, preflight
 from autoexplain.errors import UserError
+from schemas.contracts import ContractViolation
 
 app = typer.Typer(
     help="Explain what each neuron of a language model does: record activations, explain them with an "
@@ -125,6 +126,11 @@ def _run(fn):
         return fn()
     except UserError as e:
         err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+    except ContractViolation as e:  # an output the store refused to seal
+        failed = "; ".join(e.report.failures)
+        err.print(f"[bold red]error:[/] {getattr(e, 'path', '')} breaks its data contract '{e.report.suite}': {failed}",
+                  highlight=False, soft_wrap=True)
         raise typer.Exit(2)
 
 

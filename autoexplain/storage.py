@@ -58,10 +58,25 @@ def open_root(out: str | os.PathLike) -> Path:
 
 
 def is_complete(directory: Path) -> bool:
-    """A stage folder counts only once its manifest exists (it is written last) and every file it
-    lists still has the digest it was sealed with: a changed or truncated file makes the folder
-    unfinished, so it is recomputed rather than read."""
-    return damaged(directory) is None and (Path(directory) / MANIFEST).is_file()
+    """A stage folder counts only once its manifest exists (it is written last), every file it
+    lists still has the digest it was sealed with, and its tables keep their contracts
+    (`schemas.gate`): a changed, truncated or contract-breaking folder is unfinished, so it is
+    recomputed rather than read."""
+    from schemas.contracts import ContractViolation
+
+    if damaged(directory) is not None or not (Path(directory) / MANIFEST).is_file():
+        return False
+    try:
+        _gate(Path(directory), read_manifest(directory))
+    except ContractViolation:
+        return False
+    return True
+
+
+def _gate(directory: Path, manifest: dict) -> dict[str, str]:
+    from schemas.gate import check_folder
+
+    return check_folder(manifest["stage"], directory, manifest)
 
 
 # (path, size, mtime_ns) -> digest: a file is hashed once per process until it changes.
@@ -99,6 +114,8 @@ def require_complete(directory: str | os.PathLike, what: str, fix: str) -> Path:
     """A finished, undamaged stage folder, or a UserError that names the folder or the file."""
     from autoexplain.errors import UserError
 
+    from schemas.contracts import ContractViolation
+
     directory = Path(directory)
     bad = damaged(directory)
     if bad is not None:
@@ -106,6 +123,12 @@ def require_complete(directory: str | os.PathLike, what: str, fix: str) -> Path:
                         f"delete {directory} and rerun the stage that wrote it")
     if not (directory / MANIFEST).is_file():
         raise UserError(f"{directory} is not a finished {what} folder (no {MANIFEST})", fix)
+    try:
+        _gate(directory, read_manifest(directory))
+    except ContractViolation as e:
+        failed = "; ".join(e.report.failures) or e.report.summary()
+        raise UserError(f"{e.path} breaks its data contract '{e.report.suite}': {failed}",
+                        f"delete {directory} and rerun the stage that wrote it (the same autoexplain command)") from None
     return directory
 
 
@@ -178,10 +201,10 @@ def write_manifest(directory: Path, stage: str, key: str, inputs: dict, params: 
     from autoexplain import remote
 
     digests = {name: file_digest(directory / name) for name in outputs}
-    path = write_json(
-        {"stage": stage, "key": key, "inputs": inputs, "params": params, "outputs": digests},
-        directory / MANIFEST,
-    )
+    manifest = {"stage": stage, "key": key, "inputs": inputs, "params": params, "outputs": digests}
+    # Check, then seal: a table that breaks its contract raises here, and the folder stays unsealed.
+    manifest["contract_versions"] = _gate(directory, manifest)
+    path = write_json(manifest, directory / MANIFEST)
     remote.push(directory)  # a no-op outside the mirror of a URL root
     return path
 

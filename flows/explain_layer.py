@@ -31,6 +31,7 @@ from autoexplain.layer import parse_units
 from autoexplain.remote import is_url
 from autoexplain.storage import open_root, read_run, write_run
 from autoexplain.summary import compare_markdown
+from schemas.contracts import ContractViolation
 from tasks.compare import compare_task
 from tasks.report import publish, publish_recording, report_task, view_task
 from tasks.stages import (
@@ -55,6 +56,9 @@ def _checked(check: Callable[[], object]):
         return check(), None
     except UserError as e:
         return None, Failed(message=str(e), data=e)
+    except ContractViolation as e:
+        return None, Failed(message=f"{getattr(e, 'path', '')} breaks its data contract: " + "; ".join(e.report.failures),
+                            data=e)
 
 
 @flow(name="record-activations", validate_parameters=True)

@@ -7,7 +7,8 @@ What the wrappers add:
   reads. Prefect's TASK_SOURCE would hash only this wrapper's source;
 - retries with exponential backoff and jitter for transient failures; bad input (`UserError`) and
   contract violations fail at once;
-- a data contract (Great Expectations suite from `schemas/`) checked on every output before any
+- a data contract (Great Expectations suite from `schemas/`) checked by the store on every output
+  before it is sealed and on every input before it is read (`schemas.gate`), so before any
   downstream task sees it, with a markdown artifact of the failures.
 
 Each task returns a small reference: `{"uri", "path", "key", "layer"}`. `out` may be an fsspec URL:
@@ -26,7 +27,6 @@ from concurrent.futures.process import BrokenProcessPool
 from functools import lru_cache
 from pathlib import Path
 
-import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.states import Failed
@@ -42,7 +42,7 @@ from autoexplain.pipeline import ExplainConfig
 from autoexplain.identity import code_identity
 from autoexplain.record import RecordConfig, build_windows, record_layers
 from autoexplain.storage import content_key, is_complete, open_root, read_manifest
-from schemas.contracts import ContractViolation, check
+from schemas.contracts import ContractViolation
 
 
 def _transient(task_, task_run, state) -> bool:
@@ -175,15 +175,6 @@ def with_results(where: str | None, *tasks):
     return tuple(t.with_options(result_storage=storage) for t in tasks)
 
 
-def _contract(path: Path, suite: str, params: dict | None = None) -> None:
-    try:
-        check(pq.read_table(path), suite, params)
-    except ContractViolation as e:
-        create_markdown_artifact(e.report.to_markdown(), key=f"contract-{suite}",
-                                 description=f"{suite} contract failed for {path}")
-        raise
-
-
 # One lock for every model in the process, taken to load one and to call one. Prefect's default
 # task runner runs the shards' tasks in threads, and `lru_cache` does not stop two threads from
 # loading at once; loading is not thread-safe: transformers' `from_pretrained(dtype=...)` switches
@@ -203,6 +194,11 @@ def _one_line_failures(fn):
             return fn(*args, **kwargs)
         except UserError as e:
             return Failed(message=str(e), data=e)
+        except ContractViolation as e:  # the store refused to seal an output (`schemas.gate`)
+            where = getattr(e, "path", None)
+            create_markdown_artifact(e.report.to_markdown(), key=f"contract-{e.report.suite}",
+                                     description=f"{e.report.suite} contract failed for {where}")
+            return Failed(message=f"{where} breaks its data contract: " + "; ".join(e.report.failures), data=e)
 
     return run
 
@@ -320,12 +316,8 @@ def record_task(model: str, corpus: str, layers: list[int], tokens: int, out: st
     subject = _subject(model)
     subject.check_layers(layers)
     windows = build_windows(subject, corpus, out, window_len, tokens, seed)
-    _contract(windows.path, "windows", {"window_len": window_len})
     cfg = RecordConfig(layers, top_k=top_k, n_random=n_random, seed=seed)
     records = record_layers(subject, windows, cfg, out, _progress("record", "tokens"))
-    for L in records.layers:
-        _contract(records.records_path(L), "records", {"window_len": window_len, "min_exemplars": top_k,
-                                                       "min_random": n_random})
     return {"uri": remote.uri(records.directory), "path": str(records.directory.resolve()),
             "key": records.key, "layers": records.layers, "n_units": subject.n_units,
             "windows": str(windows.path.resolve()), "window_len": window_len}
@@ -340,7 +332,6 @@ def explain_task(records: dict, layer: int, units: list[int], explainer: str, k:
     records, out = local_ref(records), open_root(out)
     result = layer_mod.run_explain(records["path"], layer, out, units, explainer, ExplainConfig(k=k),
                                    llm=llm_for(explainer), progress=_progress("explain", _shard(units)))
-    _contract(result.path, "explanations")
     log.info(f"explained units {units[0]}..{units[-1]} of layer {layer}")
     return ref(result)
 
@@ -353,7 +344,6 @@ def revise_task(explanations: dict, revisions: dict[str, str], out: str = "out")
     parsed = check_revisions(revisions, None)
     explanations, out = local_ref(explanations), open_root(out)
     result = layer_mod.run_revise(layer_mod.StageRef.of(Path(explanations["path"]).parent), parsed, out)
-    _contract(result.path, "explanations")
     return ref(result)
 
 
@@ -365,7 +355,6 @@ def simulate_task(records: dict, explanations: dict, simulator: str, simulator_i
     result = layer_mod.run_simulate(records["path"], layer_mod.StageRef.of(Path(explanations["path"]).parent), out,
                                     sim=own_simulator(simulator),
                                     progress=_progress("simulate", f"layer {explanations['layer']} {explanations['key'][:8]}"))
-    _contract(result.path, "simulations", {"window_len": records["window_len"]})
     return ref(result)
 
 
@@ -407,6 +396,5 @@ def score_task(records: dict, simulations: dict, n_boot: int = 1000, out: str = 
     records, simulations, out = local_ref(records), local_ref(simulations), open_root(out)
     result = _score(records["path"], layer_mod.StageRef.of(Path(simulations["path"]).parent), out, n_boot,
                     here=on_url)
-    _contract(result.path, "scores")
     log.info(f"scored {simulations['path']}")
     return ref(result)

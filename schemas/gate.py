@@ -1,0 +1,93 @@
+"""The store's contract gate: which suite each file of a stage folder answers to.
+
+`autoexplain.storage` calls `check_folder` twice on every path, CLI or flow, cached or not:
+- before it seals a folder (writes its manifest): a failing output is never sealed, nor pushed;
+- before a stage reads a sealed folder as its input: a failing input stops the stage.
+
+A sealed manifest records, per file, the version of the suite it passed (`contract_versions`). An
+input whose bytes still match their digest and whose suite is unchanged passed at sealing and is
+not checked again; a folder sealed before a suite edit (or by an older autoexplain) is checked once
+per process, remembered by the file's digest.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+
+from schemas import HERE
+from schemas.contracts import SUITES_DIR, ContractViolation, check
+
+_PASSED: set[tuple[str, str, str]] = set()  # (suite, version, file digest) checked in this process
+
+
+def suite_of(stage: str, name: str) -> str | None:
+    """The suite a stage folder's file answers to (None: no contract, e.g. statistics)."""
+    if stage == "windows":
+        return "windows" if name == "windows.parquet" else None
+    if stage == "records":
+        return "records" if name.endswith(".records.parquet") else None
+    if stage == "simulations":
+        return "explanations" if name == "chosen.parquet" else "simulations"
+    if stage in ("explanations", "scores"):
+        return stage
+    return None
+
+
+@cache
+def suite_version(suite: str) -> str:
+    """The suite as data plus the checking code and the table schema: a change to any re-checks."""
+    from autoexplain.storage import content_key
+
+    doc = json.loads((SUITES_DIR / f"{suite}.json").read_text())
+    parts = [doc, (HERE / "contracts.py").read_text(), (HERE / f"{doc.get('schema', suite)}.json").read_text()]
+    return content_key(parts, 12)
+
+
+def _manifest(directory: Path) -> dict:
+    return json.loads((directory / "manifest.json").read_text())
+
+
+def _window_len(stage: str, directory: Path, manifest: dict) -> int:
+    """Followed through the inputs to the windows folder, which owns it."""
+    if stage == "windows":
+        return manifest["params"]["window_len"]
+    if stage == "records":
+        windows = directory.parent.parent / "windows" / manifest["inputs"]["windows"]
+        return _window_len("windows", windows, _manifest(windows))
+    records = Path(manifest["inputs"]["records"])
+    return _window_len("records", records, _manifest(records))
+
+
+def params_for(suite: str, stage: str, directory: Path, manifest: dict) -> dict:
+    if suite == "records":
+        p = manifest["params"]
+        return {"window_len": _window_len(stage, directory, manifest), "min_exemplars": p["top_k"],
+                "min_random": p["n_random"]}
+    if suite in ("windows", "simulations"):
+        return {"window_len": _window_len(stage, directory, manifest)}
+    return {}
+
+
+def check_folder(stage: str, directory: Path, manifest: dict) -> dict[str, str]:
+    """Check every file of a folder that has a suite; returns {file: suite version} for the manifest.
+    Raises `ContractViolation` with `.path`, the file that broke its contract."""
+    import pyarrow.parquet as pq
+
+    passed = {}
+    recorded = manifest.get("contract_versions", {})
+    for name, digest in manifest["outputs"].items():
+        suite = suite_of(stage, name)
+        if suite is None:
+            continue
+        version = suite_version(suite)
+        if recorded.get(name) != version and (suite, version, digest) not in _PASSED:
+            try:
+                check(pq.read_table(directory / name), suite, params_for(suite, stage, directory, manifest))
+            except ContractViolation as e:
+                e.path = directory / name
+                raise
+            _PASSED.add((suite, version, digest))
+        passed[name] = version
+    return passed
