@@ -268,10 +268,11 @@ def synthetic_layer(out: Path, layer: int, n_neurons: int, seed: int = 0) -> Pat
     parts = []
     for method, centre in ((pipeline.EXPLAINER, 0.25), (pipeline.LOOKUP, 0.15), (pipeline.SHUFFLED, 0.0)):
         for metric in metrics:
-            v = np.clip(rng.normal(centre, 0.2, n), -1, 1)
+            lo, hi = (0, 1) if metric == "detection_auc" else (-1, 1)  # an AUC is a probability
+            v = np.clip(rng.normal(centre + (0.5 if metric == "detection_auc" else 0.0), 0.2, n), lo, hi)
             v[rng.random(n) < 0.01] = np.nan
             parts.append(pl.DataFrame({"unit": units, "polarity": pols, "method": method, "metric": metric,
-                                       "value": v, "ci_low": v - 0.1, "ci_high": v + 0.1}))
+                                       "value": v, "ci_low": np.maximum(v - 0.1, lo), "ci_high": np.minimum(v + 0.1, hi)}))
     df = pl.concat(parts).with_columns(
         layer=pl.lit(layer), simulator=pl.lit("synthetic"), split=pl.lit("test"),
         undefined_reason=pl.when(pl.col("value").is_nan()).then(pl.lit("no spread")).otherwise(None),
