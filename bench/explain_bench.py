@@ -102,7 +102,7 @@ def planted_explainer(k: int = 2, spec: str = "local") -> dict:
     from autoexplain import scoring
     from autoexplain.embedding import EmbeddingSimulator
     from autoexplain.explain import explain
-    from autoexplain.layer import make_explainer
+    from autoexplain.registry import make_explainer
     from autoexplain.pipeline import shown_records
     from autoexplain.planted import corpus_windows, planted_records, planted_units
     from autoexplain.records import NeuronId, UnitRecords
