@@ -57,7 +57,7 @@ import numpy as np
 
 from autoexplain.errors import UserError
 from autoexplain.words import word_of_each_token, word_spans  # noqa: F401 (re-exported)
-from autoexplain.simulate import Simulation
+from autoexplain.simulate import Simulation, Simulator
 
 # The surface classes; their descriptions, and competitor descriptions that no token is given, are
 # the simulator's prompt file (prompts/embedding_simulator.json), hashed like any other prompt.
@@ -234,8 +234,11 @@ class _Explanations:
     literals: list[tuple[set[str], bool]]
 
 
-class EmbeddingSimulator:
+class EmbeddingSimulator(Simulator):
     """Predicts activations from explanation-token similarity; see the module docstring."""
+
+    kind, prompt_files = "embedding", (PROMPT_FILE,)
+    uses_word_table = uses_text_vectors = True
 
     def __init__(
         self,

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from autoexplain.components import Explainer
 from autoexplain.errors import UserError
 from autoexplain.records import ActivationRecord
 
@@ -170,6 +171,27 @@ def explain_many(llm, units: Sequence[Sequence[ActivationRecord]], k: int = 4, t
             completion_tokens=sum(s.completion_tokens for s in samples),
         ))
     return out
+
+
+class LLMExplainer(Explainer):
+    """The reference explainer: an LLM reads the shown records (`build_prompt`) and is sampled k
+    times per unit. The registry builds one for every explainer spec that is an LLM spec."""
+
+    kind, takes_llm, prompt_files = "llm", "required", EXPLAINER_FILES
+
+    def __init__(self, llm):
+        self.model = llm
+        self.name = getattr(llm, "name", type(llm).__name__)
+
+    def explain_records(self, units, k=4, temperature=1.0, max_tokens=60, chat=False):
+        return explain_many(self.model, units, k, temperature, max_tokens, chat)
+
+
+def as_explainer(explainer_or_llm) -> Explainer:
+    """An Explainer as it is, anything else (an LLM) as the LLM explainer over it."""
+    if isinstance(explainer_or_llm, Explainer):
+        return explainer_or_llm
+    return LLMExplainer(explainer_or_llm)
 
 
 def token_lookup_explanation(records: Sequence[ActivationRecord], n: int = 5, min_count: int = 1) -> str:

@@ -32,6 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
+from autoexplain.components import Explainer
 from autoexplain.embedding import fixed_matmul, fixed_sum, ortho_class, quantise, quantised_cosines, word_of_each_token
 from autoexplain.explain import Explanation
 from autoexplain.records import ActivationRecord
@@ -51,8 +52,11 @@ CLASS_PHRASES = {
 VERSION = "1"  # bump when the candidate rules change: it is part of the explainer's identity
 
 
-class EmbeddingExplainer:
+class EmbeddingExplainer(Explainer):
     """Writes explanation candidates from a unit's train records; see the module docstring."""
+
+    kind, uses_word_table = "embedding", True
+    settings = {"version": VERSION, "dominant": DOMINANT, "top_words": TOP_WORDS, "n_vocab": N_VOCAB}
 
     def __init__(self, model_path=None, batch_size: int = 256):
         from autoexplain import defaults
@@ -118,7 +122,9 @@ class EmbeddingExplainer:
             self._words.update(zip(new, self._encode(new)))
         return np.stack([self._words[w] for w in words]) if words else np.zeros((0, 384), np.float32)
 
-    def explain_records(self, units: Sequence[Sequence[ActivationRecord]], k: int = 4) -> list[Explanation]:
+    def explain_records(self, units: Sequence[Sequence[ActivationRecord]], k: int = 4, temperature: float = 1.0,
+                        max_tokens: int = 60, chat: bool = False) -> list[Explanation]:
+        """The sampling settings are ignored: the candidates are computed, not sampled."""
         self._setup()
         profiles = [_profile(records) for records in units]
         # One batch for every word any unit needs, so a shard's cost is one encode call.

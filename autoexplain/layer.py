@@ -21,8 +21,9 @@ import pyarrow.parquet as pq
 from autoexplain import pipeline
 from autoexplain.activations import read_units
 from autoexplain.errors import UserError
-from autoexplain.explain import explainer_prompt_hash
+from autoexplain.explain import as_explainer, explainer_prompt_hash
 from autoexplain.identity import code_identity
+from autoexplain.registry import DEFAULT_EXPLAINER, make_explainer, make_simulator
 from autoexplain.storage import (
     Memo,
     content_key,
@@ -34,8 +35,6 @@ from autoexplain.storage import (
     write_table,
 )
 
-DEFAULT_EXPLAINER = "embedding"
-DEFAULT_SIMULATOR = "embedding"
 Progress = Callable[[int, int], None]  # (units done, units in this call)
 
 
@@ -56,39 +55,6 @@ class StageRef:
         directory = require_complete(directory, "stage output", "point at a folder printed by an earlier autoexplain command")
         m = read_manifest(directory)
         return cls(directory, m["key"], m["params"]["layer"])
-
-
-def make_explainer(spec: str | None = None):
-    """'embedding' (offline default, no LLM) or an LLM spec as in make_llm ('local', 'openai:...')."""
-    spec = spec or DEFAULT_EXPLAINER
-    if spec == "embedding":
-        from autoexplain.explain_embedding import EmbeddingExplainer
-
-        return EmbeddingExplainer()
-    from autoexplain.llm import make_llm
-
-    return make_llm(spec)
-
-
-def make_simulator(spec: str | None = None):
-    """'embedding' (offline default), 'all-at-once[:LLM]' or 'chat-json:LLM' (LLM as in make_llm)."""
-    spec = spec or DEFAULT_SIMULATOR
-    kind, _, llm_spec = spec.partition(":")
-    if kind == "embedding":
-        from autoexplain.embedding import EmbeddingSimulator
-
-        return EmbeddingSimulator()
-    from autoexplain.llm import make_llm
-
-    if kind == "all-at-once":
-        from autoexplain.simulate import AllAtOnceSimulator
-
-        return AllAtOnceSimulator(make_llm(llm_spec or "local"))
-    if kind == "chat-json":
-        from autoexplain.simulate_chat import ChatJsonSimulator
-
-        return ChatJsonSimulator(make_llm(llm_spec or "local"))
-    raise UserError(f"unknown simulator '{spec}'", "use 'embedding', 'all-at-once[:LLM]' or 'chat-json:LLM'")
 
 
 def parse_units(spec: str | None, n_units: int | None = None) -> list[int] | None:
@@ -133,8 +99,8 @@ def load_units(records_dir: str | Path, layer: int, units: list[int] | None = No
 
 
 def _use_word_table(records_dir: Path, out, model) -> None:
-    """Give an embedding explainer or simulator the corpus's word table (built on first use)."""
-    if not hasattr(model, "add_words"):
+    """Give an explainer or simulator that `uses_word_table` the corpus's word table (built on first use)."""
+    if not model.uses_word_table:
         return
     from autoexplain.wordvecs import word_table
 
@@ -149,7 +115,7 @@ def _use_text_vectors(explanations: pa.Table, out, sim) -> None:
     Re-simulating the same explanations (a simulator prompt edit, the nightly rescore) then embeds
     nothing. Each vector is a function of its text and the encoding alone (see `wordvecs`), so a
     loaded vector has the very bits a fresh embedding would have."""
-    if not hasattr(sim, "add_texts"):
+    if not sim.uses_text_vectors:
         return
     import numpy as np
 
@@ -209,6 +175,7 @@ def run_explain(records_dir, layer: int, out, units=None, explainer=None, cfg=No
         batch = todo[start : start + cfg.batch_units]
         if llm is None:
             llm = make_explainer(spec)
+        llm = as_explainer(llm)  # an LLM passed in is explained with by the LLM explainer
         if start == 0:
             _use_word_table(records_dir, out, llm)
         table = pipeline.explain_stage([u for _, u in batch], llm, cfg).to_pylist()
@@ -251,7 +218,7 @@ def run_simulate(records_dir, explanations: StageRef, out, simulator=None, sim=N
     sim = sim or make_simulator(simulator)
     layer = explanations.layer
     _, _, records_key = _records_inputs(records_dir, layer)
-    params = {"layer": layer, "simulator": sim.name, "prompt": getattr(sim, "prompt_hash", ""), "seed": seed}
+    params = {"layer": layer, "simulator": sim.name, "prompt": sim.prompt_hash, "seed": seed}
     code = code_identity(run_simulate)
     key = content_key({"explanations": explanations.key, **params, "code": code})
     ref = StageRef(stage_dir(out, "simulations", key), key, layer)

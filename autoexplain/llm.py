@@ -95,6 +95,11 @@ _TRACKERS: contextvars.ContextVar[tuple] = contextvars.ContextVar("autoexplain_l
 
 
 class LLM(ABC):
+    """A language model: `complete`, `chat` and `prompt_logprobs` are required (a backend that
+    cannot serve one raises `LLMError` saying so). Optional, with defaults: `close()` (nothing to
+    release) and `track()` (token accounting, done by the base class). The registry
+    (`registry.make_llm`) builds one from a spec string."""
+
     name: str
 
     def __init__(self) -> None:
@@ -319,18 +324,8 @@ def __getattr__(name: str):
 
 
 def make_llm(spec: str | None = None, **kw) -> LLM:
-    """Build an LLM from a spec string (grammar in the module docstring)."""
-    spec = (spec or "local").strip()
-    kind, _, rest = spec.partition(":")
-    if kind == "local":
-        return LocalLLM(rest or None, **kw)
-    if kind == "openai":
-        if not rest:
-            raise UserError(f"LLM spec '{spec}' names no model", "write 'openai:MODEL' or 'openai:MODEL@http://host:port/v1'")
-        at = rest.rfind("@http")
-        model, url = (rest[:at], rest[at + 1:]) if at > 0 else (rest, kw.pop("base_url", None))
-        from autoexplain.llm_openai import OpenAILLM
+    """Build an LLM from a spec string; keyword arguments go to the backend. The grammar and the
+    building live in the registry (`registry.make_llm`); this name stays for its callers."""
+    from autoexplain import registry
 
-        return OpenAILLM(model, url, **kw)
-    raise UserError(f"unknown LLM spec '{spec}'",
-                    "use 'local', 'local:MODEL', 'openai:MODEL' or 'openai:MODEL@http://host:port/v1'")
+    return registry.make_llm(spec, **kw)

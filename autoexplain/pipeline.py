@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from autoexplain import scoring
 from autoexplain.counters import COUNTS
-from autoexplain.explain import explain_many, shuffled_explanations, token_lookup_explanation
+from autoexplain.explain import as_explainer, shuffled_explanations, token_lookup_explanation
 from autoexplain.records import UnitRecords
 from autoexplain.simulate import Simulation
 from schemas import load_schema
@@ -47,14 +47,12 @@ def shown_records(unit: UnitRecords, n: int):
 
 
 def explain_stage(units: Sequence[UnitRecords], llm, cfg: ExplainConfig) -> pa.Table:
-    rows = []
+    """`llm`: an Explainer, or an LLM (explained with by the LLM explainer)."""
+    explainer, rows = as_explainer(llm), []
     for start in range(0, len(units), cfg.batch_units):
         batch = units[start : start + cfg.batch_units]
         shown = [shown_records(u, cfg.n_shown) for u in batch]
-        if hasattr(llm, "explain_records"):  # an explainer that reads records, not prompts
-            explained = llm.explain_records(shown, cfg.k)
-        else:
-            explained = explain_many(llm, shown, cfg.k, cfg.temperature, cfg.max_tokens, cfg.chat)
+        explained = explainer.explain_records(shown, cfg.k, cfg.temperature, cfg.max_tokens, cfg.chat)
         for unit, recs, exp in zip(batch, shown, explained):
             rows.append(_explanation_row(unit, EXPLAINER, exp.explainer, exp.prompt_hash, exp.text, exp.candidates,
                                          exp.prompt_tokens, exp.completion_tokens))
@@ -88,18 +86,15 @@ def _simulate(simulator, text: str, records) -> list[Simulation]:
 
 
 def _simulate_texts(simulator, texts: list[str], records) -> list[list[Simulation]]:
-    """Each text simulated on the records; one batched call when the simulator has one."""
+    """Each text simulated on the records, in one `simulate_many` call (batched where the simulator
+    batches)."""
     COUNTS["simulate"] += len(texts)
-    tokens = [r.tokens for r in records]
-    if hasattr(simulator, "simulate_many"):
-        return simulator.simulate_many(texts, tokens)
-    return [simulator.simulate(text, tokens) for text in texts]
+    return simulator.simulate_many(texts, [r.tokens for r in records])
 
 
 def _sim_rows(unit: UnitRecords, method: str, simulator, records, sims) -> list[dict]:
     n = unit.neuron
-    name = getattr(simulator, "name", type(simulator).__name__)
-    phash = getattr(simulator, "prompt_hash", "")
+    name, phash = simulator.name, simulator.prompt_hash
     return [{"layer": n.layer, "unit": n.index, "polarity": n.polarity, "method": method, "simulator": name,
              "prompt_hash": phash, "window_id": r.window_id, "kind": r.kind, "split": r.split,
              "expected": s.expected, "failure": s.failure, "tokens": s.prompt_tokens + s.completion_tokens}
@@ -154,7 +149,7 @@ def simulate_stage(units: Sequence[UnitRecords], explanations: pa.Table, simulat
 
     def computing(fn):
         def run():
-            if not warmed and hasattr(simulator, "warm"):  # embed every text of the stage in one batch
+            if not warmed:  # e.g. embed every text of the stage in one batch (`Simulator.warm`)
                 simulator.warm(texts)
                 warmed.append(True)
             return fn()

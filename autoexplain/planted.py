@@ -159,11 +159,8 @@ def _correlation(true: list[float], predicted: list[float]) -> float:
 
 
 def _simulate_all(simulator, explanations: list[str], records: list[list[str]]) -> list[list[float]]:
-    """Flattened predictions per explanation; batched when the simulator offers `simulate_many`."""
-    if hasattr(simulator, "simulate_many"):
-        batches = simulator.simulate_many(explanations, records)
-    else:
-        batches = [simulator.simulate(e, records) for e in explanations]
+    """Flattened predictions per explanation (`Simulator.simulate_many`: batched where it batches)."""
+    batches = simulator.simulate_many(explanations, records)
     out = []
     for sims in batches:
         if not all(s.ok for s in sims):

@@ -139,23 +139,28 @@ def _reachable(url: str, spell: Spelling, name: str) -> None:
                     "start the server, or fix the URL after '@'") from None
 
 
+def _parsed(parse, spec, spell: Spelling, name: str):
+    """The registry's parse of a spec, its error spelt with the parameter's name."""
+    try:
+        return parse(spec)
+    except UserError as e:
+        raise _fail(spell, name, e.problem, e.fix or "") from None
+
+
 def check_llm(spec: str, spell: Spelling, name: str) -> None:
+    """The spec (through the registry's parser), then what it names: a local model's config, or
+    the server (one request)."""
     import os
 
+    from autoexplain import registry
     from autoexplain.llm import OPENAI_URL
 
-    kind, _, rest = spec.strip().partition(":")
-    if kind == "local":
-        if rest:
-            model_shape(rest, spell, name)
+    p = _parsed(registry.parse_llm, spec.strip(), spell, name)
+    if p.kind == "local":
+        if p.model:
+            model_shape(p.model, spell, name)
         return
-    if kind != "openai":
-        raise _fail(spell, name, f"unknown LLM '{spec}'",
-                    "use 'local', 'local:MODEL', 'openai:MODEL' or 'openai:MODEL@http://host:port/v1'")
-    at = rest.rfind("@http")
-    model, url = (rest[:at], rest[at + 1:]) if at >= 0 else (rest, OPENAI_URL)
-    if not model:
-        raise _fail(spell, name, f"'{spec}' names no model", "write 'openai:MODEL' or 'openai:MODEL@http://host:port/v1'")
+    url = p.url or OPENAI_URL
     if url == OPENAI_URL and not os.environ.get("OPENAI_API_KEY"):
         raise _fail(spell, name, f"$OPENAI_API_KEY is not set, and {url} needs an API key",
                     "export OPENAI_API_KEY=..., or use a local server: 'openai:MODEL@http://127.0.0.1:8000/v1'")
@@ -163,25 +168,19 @@ def check_llm(spec: str, spell: Spelling, name: str) -> None:
 
 
 def check_explainer(spec: str | None, spell: Spelling = flow_name, name: str = "explainer") -> None:
-    if spec in (None, "embedding"):
-        return
-    check_llm(spec, spell, name)
+    from autoexplain import registry
 
-
-SIMULATORS = ("embedding", "all-at-once", "chat-json")
+    p = _parsed(registry.parse_explainer, spec, spell, name)
+    if p.llm is not None:
+        check_llm(p.llm, spell, name)
 
 
 def check_simulator(spec: str | None, spell: Spelling = flow_name, name: str = "simulator") -> None:
-    kind, _, llm = (spec or "embedding").partition(":")
-    if kind not in SIMULATORS:
-        raise _fail(spell, name, f"unknown simulator '{spec}'", "use 'embedding', 'all-at-once[:LLM]' or 'chat-json:LLM'")
-    if kind == "embedding":
-        if llm:
-            raise _fail(spell, name, f"the embedding simulator takes no LLM ('{spec}')", "write just 'embedding'")
-        return
-    if kind == "chat-json" and not llm:
-        raise _fail(spell, name, "chat-json needs an LLM", "write 'chat-json:openai:MODEL@URL' or 'chat-json:local'")
-    check_llm(llm or "local", spell, name)
+    from autoexplain import registry
+
+    p = _parsed(registry.parse_simulator, spec, spell, name)
+    if p.llm is not None:
+        check_llm(p.llm, spell, name)
 
 
 # ---- inputs and outputs --------------------------------------------------------------------------

@@ -8,7 +8,9 @@ reports how many there were.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Sequence
+
+from autoexplain.components import Simulator  # noqa: F401 (the base class, also importable from here)
 
 
 @dataclass
@@ -23,16 +25,6 @@ class Simulation:
     @property
     def ok(self) -> bool:
         return self.expected is not None
-
-
-class Simulator(Protocol):
-    """Anything that maps (explanation, records' tokens) to per-token predictions."""
-
-    name: str
-
-    def simulate(self, explanation: str, records: Sequence[Sequence[str]]) -> list[Simulation]:
-        """records: each record's subject tokens, as decoded strings. One Simulation per record."""
-        ...
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,13 +93,15 @@ def _failed_positions(values: list[float | None], n: int) -> Simulation:
     return Simulation([float(v) for v in values])
 
 
-class AllAtOnceSimulator:
+class AllAtOnceSimulator(Simulator):
     """The reference simulator: one pass over `token<TAB>unknown` lines, digits' expected value.
 
     With a local model (an object with `.model` and `.tokenizer`) it reads the logits directly,
     computes the unit's prompt prefix once and runs all records as one batch on a copy of that
     KV cache. With a server it asks for prompt logprobs (`echo=True`), one request per record.
     """
+
+    kind, takes_llm, prompt_files = "all-at-once", "optional", SIMULATOR_FILES
 
     def __init__(self, llm, batch_size: int = 16, top_logprobs: int = 15, reuse_prefix: bool = True):
         self.llm = llm

@@ -17,7 +17,7 @@ from difflib import SequenceMatcher
 from typing import Sequence
 
 from autoexplain.explain import ENDING, _read
-from autoexplain.simulate import DIGITS, Simulation, expected_value, prompt_hash
+from autoexplain.simulate import DIGITS, Simulation, Simulator, expected_value, prompt_hash
 
 FORMAT = (
     "Answer with only a JSON list holding one object per token, in the order given: "
@@ -89,7 +89,9 @@ def _logprob_values(result, reply) -> list[float | None]:
     return out
 
 
-class ChatJsonSimulator:
+class ChatJsonSimulator(Simulator):
+    kind, takes_llm, prompt_files = "chat-json", "required", ("simulator_system.txt",)
+
     def __init__(self, llm, retries: int = 2, top_logprobs: int | None = 5, min_coverage: float = 1.0,
                  max_tokens: int = 2048):
         self.llm = llm

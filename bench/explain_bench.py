@@ -101,14 +101,17 @@ def planted_explainer(k: int = 2, spec: str = "local") -> dict:
     on test, against the true rule's score on the same records."""
     from autoexplain import scoring
     from autoexplain.embedding import EmbeddingSimulator
-    from autoexplain.explain import explain
-    from autoexplain.layer import make_explainer
+    from autoexplain.explain import LLMExplainer
+    from autoexplain.llm import LocalLLM
+    from autoexplain.registry import make_explainer
     from autoexplain.pipeline import shown_records
     from autoexplain.planted import corpus_windows, planted_records, planted_units
     from autoexplain.records import NeuronId, UnitRecords
 
     explainer, sim = make_explainer(spec), EmbeddingSimulator()
-    windows = corpus_windows(subject=getattr(explainer, "subject", None))
+    # A local LLM explainer's model is the subject too: its windows need no second load.
+    local = isinstance(explainer, LLMExplainer) and isinstance(explainer.model, LocalLLM)
+    windows = corpus_windows(subject=explainer.model.subject if local else None)
 
     def corr(text, recs):
         sims = sim.simulate(text, [r.tokens for r in recs])
@@ -123,10 +126,9 @@ def planted_explainer(k: int = 2, spec: str = "local") -> dict:
         shown = shown_records(UnitRecords(NeuronId(0, 0), records), 5)
         valid = [r for r in records if r.split == "valid"]
         test = [r for r in records if r.split == "test"]
-        if hasattr(explainer, "explain_records"):
-            candidates = explainer.explain_records([shown], k)[0].candidates
-        else:
-            candidates = explain(explainer, shown, k=k).candidates or [""]
+        candidates = explainer.explain_records([shown], k)[0].candidates
+        if isinstance(explainer, LLMExplainer):
+            candidates = candidates or [""]
         best = max(candidates, key=lambda c: corr(c, valid))
         out[unit.name] = {"explanation": best, "score": round(corr(best, test), 3),
                           "true_rule_score": round(corr(unit.explanation, test), 3)}

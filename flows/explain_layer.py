@@ -28,6 +28,7 @@ from prefect.states import Failed
 from autoexplain import preflight, progress
 from autoexplain.errors import UserError
 from autoexplain.layer import parse_units
+from autoexplain.registry import simulator_identity
 from autoexplain.remote import is_url
 from autoexplain.storage import open_root, read_run, write_run
 from autoexplain.summary import compare_markdown
@@ -40,7 +41,6 @@ from tasks.stages import (
     revise_task,
     score_task,
     simulate_task,
-    simulator_identity,
     with_results,
 )
 

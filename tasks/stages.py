@@ -34,11 +34,12 @@ from prefect.tasks import exponential_backoff
 
 from autoexplain import layer as layer_mod
 from autoexplain import progress as progress_mod
-from autoexplain import remote
+from autoexplain import registry, remote
 from autoexplain.counters import COUNTS
 from autoexplain.errors import UserError
-from autoexplain.explain import explainer_prompt_hash, prompt_hash
+from autoexplain.explain import explainer_prompt_hash
 from autoexplain.pipeline import ExplainConfig
+from autoexplain.registry import simulator_identity
 from autoexplain.identity import code_identity
 from autoexplain.record import RecordConfig, build_windows, record_layers
 from autoexplain.storage import content_key, is_complete, open_root, read_manifest
@@ -96,19 +97,6 @@ def output_is_whole(output: dict) -> bool:
         return is_complete(path.parent) and path.is_file()
     except (UserError, OSError, KeyError, TypeError):
         return False
-
-
-def simulator_identity(spec: str | None) -> str:
-    """What a simulator's output depends on besides its inputs, without loading any model."""
-    spec = spec or layer_mod.DEFAULT_SIMULATOR
-    kind = spec.partition(":")[0]
-    if kind == "all-at-once":
-        return f"{spec}|{prompt_hash('simulator_system.txt', 'fewshot.json')}"
-    if kind == "chat-json":
-        return f"{spec}|{prompt_hash('simulator_system.txt')}"
-    if kind == "embedding":
-        return f"{spec}|{prompt_hash('embedding_simulator.json')}"
-    return spec
 
 
 def _progress(stage: str, key: str):
@@ -250,6 +238,11 @@ class _Serialised:
     def __init__(self, inner):
         self._inner, self._lock = inner, _MODELS
 
+    @property
+    def __class__(self):
+        # isinstance sees the wrapped component: a serialised Explainer is an Explainer.
+        return type(self._inner)
+
     def __getattr__(self, name):
         value = getattr(self._inner, name)
         if not callable(value):
@@ -264,14 +257,14 @@ class _Serialised:
 
 @_load_once
 def llm_for(spec: str):
-    return _Serialised(layer_mod.make_explainer(spec))
+    return _Serialised(registry.make_explainer(spec))
 
 
 @_load_once
 def simulator_for(identity: str):
     # Keyed by the identity, prompt hash included: a process that outlives a prompt edit (a worker,
     # a notebook) must not keep simulating with the prompt it read first.
-    return _Serialised(layer_mod.make_simulator(identity.split("|", 1)[0]))
+    return _Serialised(registry.make_simulator(identity.split("|", 1)[0]))
 
 
 def own_simulator(spec: str):
@@ -279,10 +272,9 @@ def own_simulator(spec: str):
     and empty caches: one shard's simulations then depend on that shard alone, not on which shards
     this process (a task thread pool or a dask worker) simulated before."""
     shared = simulator_for(simulator_identity(spec))
-    if not hasattr(shared._inner, "fresh"):
-        return shared
     with _MODELS:
-        return _Serialised(shared._inner.fresh())
+        twin = shared._inner.fresh()  # `Simulator.fresh`: itself, for a simulator without caches
+    return shared if twin is shared._inner else _Serialised(twin)
 
 
 def warm_up(simulator: str | None = None) -> threading.Thread:

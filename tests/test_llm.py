@@ -331,7 +331,7 @@ def test_rate_limit_holds_end_to_end(fault_server, clock):
 
 
 def test_spec_grammar():
-    with pytest.raises(UserError, match="unknown LLM spec"):
+    with pytest.raises(UserError, match="unknown LLM"):
         make_llm("anthropic:claude")
     with pytest.raises(UserError, match="names no model"):
         make_llm("openai:")

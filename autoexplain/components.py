@@ -1,0 +1,93 @@
+"""The component interfaces: `Explainer` and `Simulator` (the `LLM` base lives in `llm.py`).
+
+A component says what it is as class-level data, readable without building it or loading a model:
+- `kind`: the first word of its spec string ('embedding', 'all-at-once', ...), the name the
+  registry (`autoexplain.registry`) knows it by;
+- `takes_llm`: whether the spec takes an LLM after a colon: "none", "optional" (default 'local') or
+  "required". A component that takes one receives the built LLM as its first constructor argument;
+- `prompt_files`: the prompt files (in `explain.prompts_dir()`) whose text its outputs depend on;
+- `settings`: any other class-level value its outputs depend on (a format version, a constant).
+The registry derives a component's identity (`registry.simulator_identity`) from these alone.
+
+Optional capabilities are methods with a default that does nothing (or the plain thing), plus a
+flag where the caller must prepare data first. Nothing is discovered with `hasattr`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from autoexplain.explain import Explanation
+    from autoexplain.records import ActivationRecord
+    from autoexplain.simulate import Simulation
+
+LLM_ARGS = ("none", "optional", "required")
+
+
+class Component:
+    """What every explainer and simulator declares about itself (see the module docstring)."""
+
+    kind: ClassVar[str] = ""
+    takes_llm: ClassVar[str] = "none"
+    prompt_files: ClassVar[tuple[str, ...]] = ()
+    settings: ClassVar[dict[str, Any]] = {}
+    # Capability: it embeds words, and wants the corpus's word table (`wordvecs.word_table`) given
+    # through `add_words` before its first call. It then provides `encode_words` and `encoding`.
+    uses_word_table: ClassVar[bool] = False
+
+    name: str  # this instance's name as stored in output rows (may carry its settings and model)
+
+    def encode_words(self, words: Sequence[str]) -> "np.ndarray":
+        """Embed a whole word list (only for `uses_word_table` components)."""
+        raise NotImplementedError(f"{type(self).__name__} does not embed words")
+
+    def add_words(self, words: Sequence[str], vectors: "np.ndarray") -> None:
+        """Take precomputed word embeddings (only called when `uses_word_table`)."""
+
+
+class Explainer(Component):
+    """Writes k candidate explanations per unit from the unit's shown (train) records."""
+
+    def explain_records(self, units: Sequence[Sequence["ActivationRecord"]], k: int = 4, temperature: float = 1.0,
+                        max_tokens: int = 60, chat: bool = False) -> list["Explanation"]:
+        """One Explanation per unit. The sampling settings are for explainers that sample; others
+        ignore them."""
+        raise NotImplementedError
+
+
+class Simulator(Component):
+    """Maps (explanation, records' tokens) to per-token predictions.
+
+    Optional capabilities, each with a default:
+    - `simulate_many`: several explanations on the same records (default: `simulate` in a loop);
+    - `warm(texts)`: prepare for these explanations in one batch (default: nothing);
+    - `uses_text_vectors`: it embeds explanation texts, and takes them precomputed through
+      `add_texts` (from `warm`'s return value, kept beside the outputs); it then provides
+      `embedder` and `encoding`;
+    - `fresh()`: a twin with the same loaded model and empty caches, for one shard (default: itself,
+      for a simulator whose results never depend on what it simulated before).
+    """
+
+    uses_text_vectors: ClassVar[bool] = False
+    prompt_hash: str = ""  # the hash of the prompt it read, stored with its outputs
+
+    def simulate(self, explanation: str, records: Sequence[Sequence[str]]) -> list["Simulation"]:
+        """records: each record's subject tokens, as decoded strings. One Simulation per record."""
+        raise NotImplementedError
+
+    def simulate_many(self, explanations: Sequence[str], records: Sequence[Sequence[str]]) -> list[list["Simulation"]]:
+        return [self.simulate(text, records) for text in explanations]
+
+    def warm(self, explanations: Sequence[str]):
+        """Prepare for these explanations at once. With `uses_text_vectors`: returns (forms,
+        vectors) for `add_texts`."""
+        return None
+
+    def add_texts(self, forms: Sequence[str], vectors: "np.ndarray") -> None:
+        """Take explanation embeddings computed before (only called when `uses_text_vectors`)."""
+
+    def fresh(self) -> "Simulator":
+        return self

@@ -1,0 +1,198 @@
+"""The registry: spec strings to components, for the CLI, tasks, flows, preflight and stage runners.
+
+The grammar, in one place:
+- LLM: 'local' (the default subject), 'local:MODEL' (a folder, .gguf file or hub name),
+  'openai:MODEL' (api.openai.com, needs $OPENAI_API_KEY) or 'openai:MODEL@http://host:port/v1'
+  (any OpenAI-compatible server);
+- explainer: 'embedding' (offline default) or an LLM spec (the LLM explainer over that LLM);
+- simulator: 'KIND' or 'KIND:LLM', where KIND is a registered simulator's `kind` and its class's
+  `takes_llm` says whether the LLM is "none", "optional" (default 'local') or "required".
+
+`parse_*` check a spec and load nothing; `make_*` build the component. A component's identity
+(`simulator_identity`) comes from its class-level data (`components.Component`), so nothing is
+loaded to learn it.
+
+Adding a simulator: write its module (a `components.Simulator` subclass with `kind` and
+`simulate`), and add its class to `_simulator_classes` below: one line. Code outside the package
+calls `register_simulator(cls)` instead.
+
+The built-in classes are imported inside the functions that use them: parsing a simulator spec
+then imports no explainer, and the code identity of a stage (`identity`) reaches only the
+components of its own role.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from autoexplain.errors import UserError
+
+DEFAULT_LLM = "local"
+DEFAULT_EXPLAINER = "embedding"
+DEFAULT_SIMULATOR = "embedding"
+LLM_USAGE = "use 'local', 'local:MODEL', 'openai:MODEL' or 'openai:MODEL@http://host:port/v1'"
+
+_REGISTERED: dict[str, dict[str, type]] = {"simulator": {}, "explainer": {}}
+
+
+def _simulator_classes() -> dict[str, type]:
+    from autoexplain.embedding import EmbeddingSimulator
+    from autoexplain.simulate import AllAtOnceSimulator
+    from autoexplain.simulate_chat import ChatJsonSimulator
+
+    builtin = [EmbeddingSimulator, AllAtOnceSimulator, ChatJsonSimulator]
+    return {**{cls.kind: cls for cls in builtin}, **_REGISTERED["simulator"]}
+
+
+def _explainer_classes() -> dict[str, type]:
+    from autoexplain.explain_embedding import EmbeddingExplainer
+
+    builtin = [EmbeddingExplainer]
+    return {**{cls.kind: cls for cls in builtin}, **_REGISTERED["explainer"]}
+
+
+def _register(role: str, cls: type, base: type) -> type:
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise TypeError(f"a {role} must subclass {base.__module__}.{base.__name__}, not {cls!r}")
+    if not cls.kind or ":" in cls.kind:
+        raise ValueError(f"{cls.__name__}.kind must be a non-empty name without ':', got {cls.kind!r}")
+    if cls.takes_llm not in ("none", "optional", "required"):
+        raise ValueError(f"{cls.__name__}.takes_llm must be 'none', 'optional' or 'required'")
+    _REGISTERED[role][cls.kind] = cls
+    return cls
+
+
+def register_simulator(cls: type) -> type:
+    """Make a `components.Simulator` subclass known by its `kind` (usable as a decorator). A kind
+    registered again replaces the earlier class, built-ins included."""
+    from autoexplain.components import Simulator
+
+    return _register("simulator", cls, Simulator)
+
+
+def register_explainer(cls: type) -> type:
+    """Make a `components.Explainer` subclass known by its `kind` (usable as a decorator)."""
+    from autoexplain.components import Explainer
+
+    return _register("explainer", cls, Explainer)
+
+
+def unregister(kind: str) -> None:
+    """Forget a class registered with `register_*` (the built-ins come back)."""
+    for table in _REGISTERED.values():
+        table.pop(kind, None)
+
+
+# ---- LLMs ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LLMSpec:
+    kind: str  # 'local' or 'openai'
+    model: str | None  # None: the default subject ('local' alone)
+    url: str | None  # an OpenAI-compatible server; None: api.openai.com (or the caller's base_url)
+
+
+def parse_llm(spec: str | None) -> LLMSpec:
+    spec = (spec or DEFAULT_LLM).strip()
+    kind, _, rest = spec.partition(":")
+    if kind == "local":
+        return LLMSpec("local", rest or None, None)
+    if kind != "openai":
+        raise UserError(f"unknown LLM '{spec}'", LLM_USAGE)
+    at = rest.rfind("@http")
+    model, url = (rest[:at], rest[at + 1:]) if at >= 0 else (rest, None)
+    if not model:
+        raise UserError(f"'{spec}' names no model", "write 'openai:MODEL' or 'openai:MODEL@http://host:port/v1'")
+    return LLMSpec("openai", model, url)
+
+
+def make_llm(spec: str | None = None, **kw):
+    """Build an LLM; keyword arguments go to the backend (`LocalLLM`, `OpenAILLM`)."""
+    p = parse_llm(spec)
+    if p.kind == "local":
+        from autoexplain.llm import LocalLLM
+
+        return LocalLLM(p.model, **kw)
+    from autoexplain.llm_openai import OpenAILLM
+
+    return OpenAILLM(p.model, p.url if p.url is not None else kw.pop("base_url", None), **kw)
+
+
+# ---- explainers ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    spec: str  # as written (the default filled in)
+    cls: type  # the component class
+    llm: str | None  # the LLM spec it takes, or None
+
+
+def parse_explainer(spec: str | None) -> ComponentSpec:
+    spec = spec or DEFAULT_EXPLAINER
+    classes = _explainer_classes()
+    if spec in classes:
+        return ComponentSpec(spec, classes[spec], None)
+    from autoexplain.explain import LLMExplainer
+
+    parse_llm(spec)
+    return ComponentSpec(spec, LLMExplainer, spec)
+
+
+def make_explainer(spec: str | None = None):
+    """'embedding' (offline default, no LLM), another registered explainer, or an LLM spec."""
+    p = parse_explainer(spec)
+    return p.cls() if p.llm is None else p.cls(make_llm(p.llm))
+
+
+# ---- simulators ----------------------------------------------------------------------------------
+
+def simulator_usage() -> str:
+    forms = [k + {"none": "", "optional": "[:LLM]", "required": ":LLM"}[c.takes_llm]
+             for k, c in _simulator_classes().items()]
+    quoted = [f"'{f}'" for f in forms]
+    return "use " + (", ".join(quoted[:-1]) + " or " + quoted[-1] if len(quoted) > 1 else quoted[0])
+
+
+def parse_simulator(spec: str | None) -> ComponentSpec:
+    """The simulator's class and LLM spec; UserError for an unknown kind or a wrong LLM part (the
+    LLM spec itself is checked too)."""
+    spec = spec or DEFAULT_SIMULATOR
+    kind, _, llm = spec.partition(":")
+    cls = _simulator_classes().get(kind)
+    if cls is None:
+        raise UserError(f"unknown simulator '{spec}'", simulator_usage())
+    if cls.takes_llm == "none":
+        if llm:
+            raise UserError(f"the {kind} simulator takes no LLM ('{spec}')", f"write just '{kind}'")
+        return ComponentSpec(spec, cls, None)
+    if cls.takes_llm == "required" and not llm:
+        raise UserError(f"{kind} needs an LLM", f"write '{kind}:openai:MODEL@URL' or '{kind}:local'")
+    llm = llm or DEFAULT_LLM
+    parse_llm(llm)
+    return ComponentSpec(spec, cls, llm)
+
+
+def make_simulator(spec: str | None = None):
+    p = parse_simulator(spec)
+    return p.cls() if p.llm is None else p.cls(make_llm(p.llm))
+
+
+def component_identity(cls: type) -> dict:
+    """A component class's identity: its kind, settings, prompt files and their hash."""
+    from autoexplain.explain import prompt_hash
+
+    return {"kind": cls.kind, "settings": dict(cls.settings), "prompt_files": list(cls.prompt_files),
+            "prompt": prompt_hash(*cls.prompt_files)}
+
+
+def simulator_identity(spec: str | None) -> str:
+    """What a simulator's output depends on besides its inputs, without loading any model:
+    'SPEC|PROMPT_HASH', plus '|SETTINGS_HASH' when its class declares settings."""
+    p = parse_simulator(spec)
+    ident = component_identity(p.cls)
+    out = f"{p.spec}|{ident['prompt']}"
+    if ident["settings"]:
+        from autoexplain.storage import content_key
+
+        out += "|" + content_key(ident["settings"], 16)
+    return out

@@ -1,0 +1,103 @@
+"""The registry: spec strings to components; a simulator added through the public registration
+function runs in the explain-layer flow like a built-in one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from autoexplain import registry
+from autoexplain.components import Simulator
+from autoexplain.errors import UserError
+from autoexplain.simulate import Simulation
+
+
+class ToySimulator(Simulator):
+    """Predicts each token's length (capped at 10): a rule no built-in simulator follows."""
+
+    kind = "toy"
+    name = "toy"
+
+    def simulate(self, explanation, records):
+        return [Simulation([float(min(len(t), 10)) for t in tokens]) for tokens in records]
+
+
+@pytest.fixture
+def toy():
+    registry.register_simulator(ToySimulator)
+    yield ToySimulator
+    registry.unregister("toy")
+
+
+def test_builtin_grammar_and_identity_load_nothing():
+    from autoexplain.embedding import EmbeddingSimulator
+    from autoexplain.explain import LLMExplainer, prompt_hash
+    from autoexplain.explain_embedding import EmbeddingExplainer
+    from autoexplain.simulate import AllAtOnceSimulator
+
+    assert registry.parse_simulator(None).cls is EmbeddingSimulator
+    p = registry.parse_simulator("all-at-once")
+    assert (p.cls, p.llm) == (AllAtOnceSimulator, "local")
+    assert registry.parse_explainer("embedding").cls is EmbeddingExplainer
+    assert registry.parse_explainer("openai:m@http://h:1/v1").cls is LLMExplainer
+    assert registry.parse_llm("openai:llama3:8b@http://h:1/v1") == registry.LLMSpec("openai", "llama3:8b", "http://h:1/v1")
+    # The identity comes from the class's declared prompt files, as the hand-kept table had it.
+    assert registry.simulator_identity("all-at-once") == f"all-at-once|{prompt_hash('simulator_system.txt', 'fewshot.json')}"
+    assert registry.simulator_identity("chat-json:local") == f"chat-json:local|{prompt_hash('simulator_system.txt')}"
+    assert registry.simulator_identity(None) == f"embedding|{prompt_hash('embedding_simulator.json')}"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("nonsense", "unknown simulator 'nonsense'"),
+    ("chat-json", "chat-json needs an LLM"),
+    ("embedding:local", "the embedding simulator takes no LLM"),
+    ("all-at-once:bogus", "unknown LLM 'bogus'"),
+])
+def test_bad_simulator_specs(spec, message):
+    with pytest.raises(UserError, match=message):
+        registry.parse_simulator(spec)
+
+
+def test_a_registered_simulator_is_known_everywhere(toy):
+    from autoexplain import preflight
+
+    assert registry.parse_simulator("toy").cls is toy
+    assert "'toy'" in registry.simulator_usage()
+    preflight.check_simulator("toy")
+    with pytest.raises(UserError, match="the toy simulator takes no LLM"):
+        preflight.check_simulator("toy:local")
+    assert registry.simulator_identity("toy") == f"toy|{registry.component_identity(toy)['prompt']}"
+    assert isinstance(registry.make_simulator("toy"), toy)
+    with pytest.raises(TypeError):
+        registry.register_simulator(object)
+
+
+@pytest.fixture(scope="module")
+def prefect_isolated(tmp_path_factory):
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(), temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path_factory.mktemp("results")}):
+        yield
+
+
+def test_toy_simulator_runs_in_the_flow(toy, prefect_isolated, tiny_llama_dir, prose_corpus, tmp_path):
+    from flows.explain_layer import explain_layer
+
+    out = tmp_path / "out"
+    result = explain_layer(layer=1, units="0-5", model=tiny_llama_dir, corpus=str(prose_corpus), tokens=20_000,
+                           explainer="embedding", simulator="toy", k=2, shard_size=4, n_boot=50, out=str(out),
+                           window_len=8, top_k=8, n_random=6)
+    assert result["scores"]
+    tables = sorted(Path(out, "simulations").glob("*/layer_1.parquet"))
+    assert tables
+    windows = {r["window_id"]: r["tokens"] for r in pq.read_table(Path(result["records"]["windows"])).to_pylist()}
+    n = 0
+    for path in tables:
+        for row in pq.read_table(path).to_pylist():
+            assert row["simulator"] == "toy"
+            assert row["expected"] == [float(min(len(t), 10)) for t in windows[row["window_id"]]]
+            n += 1
+    assert n > 0
