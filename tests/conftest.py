@@ -91,3 +91,15 @@ def tiny_records(tiny_llama_dir, prose_corpus, tmp_path_factory):
     windows = build_windows(subject, str(prose_corpus), out, window_len=8, seed=0)
     ref = record_layers(subject, windows, RecordConfig([1], top_k=12, n_random=9, quantile_per_bin=1, reservoir=48), out)
     return ref.directory, out
+
+
+@pytest.fixture(scope="module")
+def prefect_results(tmp_path_factory):
+    """Prefect's test harness with its own result storage for a test module: the harness alone
+    does not isolate results. Yields the results folder."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    results = tmp_path_factory.mktemp("prefect-results")
+    with prefect_test_harness(), temporary_settings({PREFECT_LOCAL_STORAGE_PATH: results}):
+        yield results

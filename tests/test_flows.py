@@ -11,19 +11,8 @@ from autoexplain.counters import since, snapshot
 from autoexplain.errors import UserError
 
 
-@pytest.fixture(scope="module")
-def prefect_isolated(tmp_path_factory):
-    """Own database AND own result storage: the harness alone does not isolate results."""
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    results = tmp_path_factory.mktemp("prefect-results")
-    with prefect_test_harness(), temporary_settings({PREFECT_LOCAL_STORAGE_PATH: results}):
-        yield results
-
-
 @pytest.fixture
-def run(prefect_isolated, tiny_llama_dir, prose_corpus, tmp_path):
+def run(prefect_results, tiny_llama_dir, prose_corpus, tmp_path):
     from flows.explain_layer import explain_layer
 
     base = dict(layer=1, units="0-5", model=tiny_llama_dir, corpus=str(prose_corpus), tokens=100_000,
@@ -172,7 +161,7 @@ def test_every_bad_parameter_fails_before_any_work(run, tmp_path, bad, message):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir()), "nothing written"
 
 
-def test_failed_state_message_is_the_one_line(run, prefect_isolated, tiny_llama_dir, prose_corpus, tmp_path):
+def test_failed_state_message_is_the_one_line(run, prefect_results, tiny_llama_dir, prose_corpus, tmp_path):
     from flows.explain_layer import explain_layer
 
     state = explain_layer(layer=99, model=tiny_llama_dir, corpus=str(prose_corpus), out=str(tmp_path / "o"),

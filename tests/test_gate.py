@@ -25,16 +25,6 @@ from autoexplain.storage import file_digest, read_manifest
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def prefect_results(tmp_path_factory):
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    results = tmp_path_factory.mktemp("prefect-results")
-    with prefect_test_harness(), temporary_settings({PREFECT_LOCAL_STORAGE_PATH: results}):
-        yield results
-
-
 @pytest.fixture
 def finished(prefect_results, tiny_llama_dir, prose_corpus, tmp_path):
     from flows.explain_layer import explain_layer

@@ -74,16 +74,7 @@ def test_a_registered_simulator_is_known_everywhere(toy):
         registry.register_simulator(object)
 
 
-@pytest.fixture(scope="module")
-def prefect_isolated(tmp_path_factory):
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(), temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path_factory.mktemp("results")}):
-        yield
-
-
-def test_toy_simulator_runs_in_the_flow(toy, prefect_isolated, tiny_llama_dir, prose_corpus, tmp_path):
+def test_toy_simulator_runs_in_the_flow(toy, prefect_results, tiny_llama_dir, prose_corpus, tmp_path):
     from flows.explain_layer import explain_layer
 
     out = tmp_path / "out"

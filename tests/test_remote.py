@@ -122,19 +122,8 @@ def test_cli_takes_a_url_and_a_results_location():
 TASKS = ("record", "explain", "simulate", "score")
 
 
-@pytest.fixture(scope="module")
-def prefect_isolated(tmp_path_factory):
-    """Own database and own default result storage, as in test_flows."""
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    results = tmp_path_factory.mktemp("prefect-results")
-    with prefect_test_harness(), temporary_settings({PREFECT_LOCAL_STORAGE_PATH: results}):
-        yield results
-
-
 @pytest.fixture
-def run(prefect_isolated, tiny_llama_dir, prose_corpus, tmp_path):
+def run(prefect_results, tiny_llama_dir, prose_corpus, tmp_path):
     from flows.explain_layer import explain_layer
 
     base = dict(layer=1, units="0-5", model=tiny_llama_dir, corpus=str(prose_corpus), tokens=100_000,
