@@ -204,20 +204,25 @@ def run_explain(records_dir, layer: int, out, units=None, explainer=None, cfg=No
         rows[ukey] = memo.get(ukey)
         if rows[ukey] is None:
             todo.append((ukey, unit))
-    # Batches are memoised as they finish, so a crash loses at most one batch.
-    for start in range(0, len(todo), cfg.batch_units):
-        batch = todo[start : start + cfg.batch_units]
+    # Waves of batches (one batch unless the explainer is a server, then enough batches to keep its
+    # concurrency busy) are memoised as they finish, so a crash loses at most one wave.
+    start, wave = 0, cfg.batch_units
+    while start < len(todo):
         if llm is None:
             llm = make_explainer(spec)
         if start == 0:
             _use_word_table(records_dir, out, llm)
+            wave = pipeline.explain_wave(llm, cfg)
+        batch = todo[start : start + wave]
         table = pipeline.explain_stage([u for _, u in batch], llm, cfg).to_pylist()
         for ukey, unit in batch:
             mine = [r for r in table if (r["unit"], r["polarity"]) == (unit.neuron.index, unit.neuron.polarity)]
-            memo.put(ukey, mine)
+            if not any(r.get("failure") for r in mine):  # a failed explanation is asked again on a rerun
+                memo.put(ukey, mine)
             rows[ukey] = mine
         if progress:
             progress(len(loaded) - len(todo) + start + len(batch), len(loaded))
+        start += len(batch)
     write_table(pipeline._table([r for v in rows.values() for r in v], "explanations"), ref.path, "explanations")
     write_manifest(ref.directory, "explanations", key, {"records": str(records_dir)}, params, [ref.path.name])
     return ref
