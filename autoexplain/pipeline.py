@@ -90,9 +90,9 @@ def explain_stage(units: Sequence[UnitRecords], llm, cfg: ExplainConfig) -> pa.T
         return shown, explain_many(llm, shown, cfg.k, cfg.temperature, cfg.max_tokens, cfg.chat)
 
     rows = []
-    # Enough batches at once to keep about twice the LLM's concurrency busy (a batch sends one
-    # request per unit, or k when the server ignores `n`).
-    workers = math.ceil(2 * _concurrency(llm) / cfg.batch_units)
+    # Enough batches at once to keep the LLM's concurrency busy with as many requests again waiting
+    # (a batch sends one request per unit, or k when the server ignores `n`, and ends with its slowest).
+    workers = math.ceil(4 * _concurrency(llm) / cfg.batch_units)
     for batch, (shown, explained) in zip(batches, _in_order(explain_batch, batches, workers)):
         for unit, recs, exp in zip(batch, shown, explained):
             rows.append(_explanation_row(unit, EXPLAINER, exp.explainer, exp.prompt_hash, exp.text, exp.candidates,
@@ -105,7 +105,7 @@ def explain_stage(units: Sequence[UnitRecords], llm, cfg: ExplainConfig) -> pa.T
 
 def explain_wave(llm, cfg: ExplainConfig) -> int:
     """How many units a caller should hand `explain_stage` at once to keep the LLM busy."""
-    return cfg.batch_units * max(1, math.ceil(2 * _concurrency(llm) / cfg.batch_units))
+    return cfg.batch_units * max(1, math.ceil(4 * _concurrency(llm) / cfg.batch_units))
 
 
 def _explanation_row(unit, method, explainer, phash, text, candidates, p_tok, c_tok, cand_scores=None, failure=None):
@@ -208,9 +208,10 @@ def simulate_stage(units: Sequence[UnitRecords], explanations: pa.Table, simulat
             return fn()
         return run
 
-    # Units at once: enough that their requests (k candidates x valid records, then 2 texts x
-    # held-out records, about 80 per unit at k = 4) keep the LLM's concurrency busy between phases.
-    workers = 1 + math.ceil(_concurrency(simulator) / 8) if _concurrency(simulator) > 1 else 1
+    # Units at once: as many as the LLM's concurrency. A unit's phases (k candidates x valid
+    # records, then 2 texts x held-out records, about 80 requests each at k = 4) each wait for their
+    # slowest request (a retry, a timeout); meanwhile the other units' requests keep the slots busy.
+    workers = _concurrency(simulator)
 
     def unit_result(unit):
         key = (unit.neuron.index, unit.neuron.polarity)
