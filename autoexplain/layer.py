@@ -173,13 +173,21 @@ def _unit_key(records_key: str, unit, **rest) -> str:
     return content_key({"records": records_key, "unit": [n.layer, n.index, n.polarity], **rest})
 
 
-def _memoised(memo: Memo, key: str, compute):
-    """The memoised value, computing and storing it first if needed."""
+def _memoised(memo: Memo, key: str, compute, keep=None):
+    """The memoised value, computing and storing it first if needed (unless `keep(value)` says no)."""
     value = memo.get(key)
     if value is None:
         value = compute()
-        memo.put(key, value)
+        if keep is None or keep(value):
+            memo.put(key, value)
     return value
+
+
+def _no_request_failed(result) -> bool:
+    """A unit's simulate result with no record whose LLM request failed for good: worth keeping.
+    A unit with one is simulated again on a rerun (its other requests too: they are cheap to redo)."""
+    _chosen, sims = result
+    return not any((r.get("failure") or "").startswith("request failed") for r in sims)
 
 
 def run_explain(records_dir, layer: int, out, units=None, explainer=None, cfg=None, llm=None,
@@ -267,7 +275,7 @@ def run_simulate(records_dir, explanations: StageRef, out, simulator=None, sim=N
     memo, sim_id = Memo(out, "simulate"), {"simulator": sim.name, "prompt": params["prompt"], "code": code}
 
     def remember(unit, inputs, compute):
-        return _memoised(memo, _unit_key(records_key, unit, **inputs, **sim_id), compute)
+        return _memoised(memo, _unit_key(records_key, unit, **inputs, **sim_id), compute, _no_request_failed)
 
     _use_word_table(records_dir, out, sim)
     _use_text_vectors(table, out, sim)
