@@ -92,7 +92,7 @@ def explain_stage(units: Sequence[UnitRecords], llm, cfg: ExplainConfig) -> pa.T
     rows = []
     # Enough batches at once to keep the LLM's concurrency busy with as many requests again waiting
     # (a batch sends one request per unit, or k when the server ignores `n`, and ends with its slowest).
-    workers = math.ceil(4 * _concurrency(llm) / cfg.batch_units)
+    workers = explain_workers(llm, cfg)
     for batch, (shown, explained) in zip(batches, _in_order(explain_batch, batches, workers)):
         for unit, recs, exp in zip(batch, shown, explained):
             rows.append(_explanation_row(unit, EXPLAINER, exp.explainer, exp.prompt_hash, exp.text, exp.candidates,
@@ -103,9 +103,10 @@ def explain_stage(units: Sequence[UnitRecords], llm, cfg: ExplainConfig) -> pa.T
     return _table(rows, "explanations")
 
 
-def explain_wave(llm, cfg: ExplainConfig) -> int:
-    """How many units a caller should hand `explain_stage` at once to keep the LLM busy."""
-    return cfg.batch_units * max(1, math.ceil(4 * _concurrency(llm) / cfg.batch_units))
+def explain_workers(llm, cfg: ExplainConfig) -> int:
+    """How many batches of units to explain at once: 1 for a local model; for a server, enough to
+    keep its concurrency busy with as many requests again waiting."""
+    return max(1, math.ceil(4 * _concurrency(llm) / cfg.batch_units)) if _concurrency(llm) > 1 else 1
 
 
 def _explanation_row(unit, method, explainer, phash, text, candidates, p_tok, c_tok, cand_scores=None, failure=None):
