@@ -109,9 +109,10 @@ def test_a_unit_whose_explainer_requests_fail_is_recorded_failed(fault_server, u
     assert all(r["candidates"] and r["failure"] is None for r in mine if r is not failed[0])
 
 
-def test_stages_give_the_same_tables_at_any_concurrency(bench_server, units):
+def test_stages_give_the_same_tables_at_any_concurrency(units):
     """Explain and simulate at concurrency 1 and 32: the same tables, row for row, and at 32 many
-    requests were in flight at once."""
+    requests were in flight at once (the server answers after 20 ms, so that they overlap)."""
+    bench_server = BenchServer(latency=0.02)
     tables = []
     for concurrency in (1, 32):
         llm = fast(bench_server.base_url, max_concurrency=concurrency)
@@ -123,6 +124,7 @@ def test_stages_give_the_same_tables_at_any_concurrency(bench_server, units):
     sims = tables[0][2]
     assert sims and sum(r["expected"] is not None for r in sims) == len(sims)
     assert bench_server.max_inflight > 8
+    bench_server.stop()
 
 
 def test_limits_default_by_server_and_are_set_per_process(monkeypatch):
