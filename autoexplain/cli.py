@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from autoexplain import defaults, preflight
+from autoexplain.llm import set_limits
 from autoexplain.errors import UserError
 from schemas.contracts import ContractViolation
 
@@ -202,6 +203,8 @@ def explain(
     explainer: str = typer.Option("embedding", "--explainer", "-e", help="'embedding' (offline default: top words named with MiniLM, no LLM), 'local' (embedded SmolLM2), 'local:PATH', 'openai:MODEL' or 'openai:MODEL@URL'."),
     k: int = typer.Option(4, "--k", help="Candidate explanations sampled per unit (best-of-k on the valid split)."),
     chat: bool = typer.Option(False, "--chat", help="Use the chat API instead of completions."),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", help="LLM requests in flight at once, across units (default: 64 for a server URL, 8 for api.openai.com). Results do not depend on it."),
+    rpm: Optional[float] = typer.Option(None, "--rpm", help="At most this many LLM requests per minute (default: no limit)."),
     out: Path = typer.Option(Path("out"), "--out", "-o"),
 ):
     """Sample k candidate explanations per unit from its train records, plus the token-lookup baseline."""
@@ -211,9 +214,11 @@ def explain(
     def go():
         if k < 1:
             raise UserError(f"--k must be at least 1, got {k}", "pass --k 1 or more")
+        preflight.check_limits(concurrency, rpm, preflight.cli_flag)
         L = _records_layer(records, layer)
         chosen = parse_units(units)
         preflight.check_explainer(explainer, preflight.cli_flag)
+        set_limits(concurrency, rpm)
         ref = run_explain(records, L, out, chosen, explainer, ExplainConfig(k=k, chat=chat))
         typer.echo(str(ref.directory))
 
@@ -225,15 +230,19 @@ def simulate(
     records: Path = typer.Option(..., "--records", "-r", help="The records folder the explanations came from."),
     explanations: Path = typer.Option(..., "--explanations", "-x", help="A folder printed by `autoexplain explain`."),
     simulator: str = typer.Option("embedding", "--simulator", "-s", help="'embedding' (offline default), 'all-at-once[:LLM]' or 'chat-json:LLM'."),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", help="LLM requests in flight at once, across units (default: 64 for a server URL, 8 for api.openai.com). Results do not depend on it."),
+    rpm: Optional[float] = typer.Option(None, "--rpm", help="At most this many LLM requests per minute (default: no limit)."),
     out: Path = typer.Option(Path("out"), "--out", "-o"),
 ):
     """Pick each unit's best candidate on the valid split, then simulate it and the baselines on held-out records."""
     from autoexplain.layer import StageRef, run_simulate
 
     def go():
+        preflight.check_limits(concurrency, rpm, preflight.cli_flag)
         x = StageRef.of(explanations)
         _records_layer(records, x.layer)
         preflight.check_simulator(simulator, preflight.cli_flag)
+        set_limits(concurrency, rpm)
         typer.echo(str(run_simulate(records, x, out, simulator).directory))
 
     _run(go)
@@ -352,13 +361,15 @@ def explain_layer_cmd(
     window_len: int = typer.Option(64, "--window-len", help="Tokens per window (the reference uses 64)."),
     top_k: int = typer.Option(40, "--top-k", help="Top-activating windows kept per unit and polarity."),
     n_random: int = typer.Option(30, "--random", help="Random windows kept per unit and polarity."),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", help="LLM requests in flight at once, across units (default: 64 for a server URL, 8 for api.openai.com). Results do not depend on it."),
+    rpm: Optional[float] = typer.Option(None, "--rpm", help="At most this many LLM requests per minute (default: no limit)."),
     out: str = typer.Option("out", "--out", "-o", help="Output folder, or an fsspec URL (s3://bucket/run, file:///mnt/share/out, ...) worked on through a local mirror."),
     results: Optional[str] = typer.Option(None, "--results", help="Folder or fsspec URL for Prefect's task results (its cache), e.g. s3://bucket/prefect-results. Default: Prefect's local storage."),
 ):
     """Record if needed, then explain, simulate and score a layer, as a Prefect flow (no server needed)."""
     params = dict(layer=layer, units=units, model=model, corpus=corpus, tokens=tokens, explainer=explainer,
                   simulator=simulator, k=k, shard_size=shard_size, n_boot=n_boot, window_len=window_len, top_k=top_k,
-                  n_random=n_random, out=out, results=results)
+                  n_random=n_random, out=out, results=results, concurrency=concurrency, rpm=rpm)
     _run(lambda: _run_flow("explain_layer", params, lambda: preflight.explain_layer(params, preflight.cli_flag)))
 
 
@@ -369,14 +380,18 @@ def rescore(
     simulator: str = typer.Option("embedding", "--simulator", "-s", help="'embedding', 'all-at-once[:LLM]' or 'chat-json:LLM'."),
     n_boot: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the 95% CIs."),
     results: Optional[str] = typer.Option(None, "--results", help="Folder or URL for Prefect's task results."),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", help="LLM requests in flight at once, across units (default: 64 for a server URL, 8 for api.openai.com). Results do not depend on it."),
+    rpm: Optional[float] = typer.Option(None, "--rpm", help="At most this many LLM requests per minute (default: no limit)."),
 ):
     """Re-simulate and re-score the latest run of a layer (the nightly job), and compare with its previous scores."""
     from flows.explain_layer import find_run
 
-    params = dict(out=out, layer=layer, simulator=simulator, n_boot=n_boot, results=results)
+    params = dict(out=out, layer=layer, simulator=simulator, n_boot=n_boot, results=results, concurrency=concurrency,
+                  rpm=rpm)
 
     def check():
         preflight.at_least(preflight.cli_flag, "n_boot", n_boot, 1)
+        preflight.check_limits(concurrency, rpm, preflight.cli_flag)
         preflight.check_simulator(simulator, preflight.cli_flag)
         _cli_spelling(lambda: find_run(out, layer))
 

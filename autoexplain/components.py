@@ -37,6 +37,9 @@ class Component:
     # Capability: it embeds words, and wants the corpus's word table (`wordvecs.word_table`) given
     # through `add_words` before its first call. It then provides `encode_words` and `encoding`.
     uses_word_table: ClassVar[bool] = False
+    # Capability: it may be called from many threads at once (a server LLM behind it), so a stage
+    # sends many units' requests together, up to its LLM's `max_concurrency`.
+    thread_safe: bool = False
 
     name: str  # this instance's name as stored in output rows (may carry its settings and model)
 

@@ -140,6 +140,7 @@ class Explanation:
     explainer: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    failure: str | None = None  # why no candidate came back (the LLM's retries ran out)
 
 
 def explain(llm, records: Sequence[ActivationRecord], k: int = 4, temperature: float = 1.0,
@@ -151,22 +152,32 @@ def explain(llm, records: Sequence[ActivationRecord], k: int = 4, temperature: f
 def explain_many(llm, units: Sequence[Sequence[ActivationRecord]], k: int = 4, temperature: float = 1.0,
                  max_tokens: int = 60, chat: bool = False) -> list[Explanation]:
     """Batched over units: one request batch to the LLM for all of them."""
+    from autoexplain.llm import per_item_errors as _per_item_errors
+
     prompts = [build_prompt(recs) for recs in units]
     if chat:
-        results = llm.chat([p.messages() for p in prompts for _ in range(k)], temperature=temperature, max_tokens=max_tokens)
+        extra = _per_item_errors(llm.chat)
+        results = llm.chat([p.messages() for p in prompts for _ in range(k)], temperature=temperature,
+                           max_tokens=max_tokens, **extra)
         grouped = [results[i * k : (i + 1) * k] for i in range(len(prompts))]
+        grouped = [next((s for s in g if isinstance(s, Exception)), g) for g in grouped]
     else:
-        grouped = llm.complete([p.text() for p in prompts], n=k, temperature=temperature, max_tokens=max_tokens)
+        extra = _per_item_errors(llm.complete)
+        grouped = llm.complete([p.text() for p in prompts], n=k, temperature=temperature, max_tokens=max_tokens, **extra)
     phash = explainer_prompt_hash()
+    name = getattr(llm, "name", type(llm).__name__)
     out = []
     for samples in grouped:
+        if isinstance(samples, Exception):  # this unit's requests failed for good; the others go on
+            out.append(Explanation("", [], phash, name, failure=f"request failed: {getattr(samples, 'problem', samples)}"))
+            continue
         texts = [clean_explanation(s.text) for s in samples]
         texts = [t for t in dict.fromkeys(texts) if t]  # unique, non-empty, in sampled order
         out.append(Explanation(
             text=texts[0] if texts else "",
             candidates=texts,
             prompt_hash=phash,
-            explainer=getattr(llm, "name", type(llm).__name__),
+            explainer=name,
             prompt_tokens=sum(s.prompt_tokens for s in samples),
             completion_tokens=sum(s.completion_tokens for s in samples),
         ))
@@ -182,6 +193,14 @@ class LLMExplainer(Explainer):
     def __init__(self, llm):
         self.model = llm
         self.name = getattr(llm, "name", type(llm).__name__)
+
+    @property
+    def llm(self):
+        return self.model
+
+    @property
+    def thread_safe(self) -> bool:  # a server LLM: the stage may send many units' requests at once
+        return getattr(self.model, "thread_safe", False)
 
     def explain_records(self, units, k=4, temperature=1.0, max_tokens=60, chat=False):
         return explain_many(self.model, units, k, temperature, max_tokens, chat)

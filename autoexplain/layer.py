@@ -9,7 +9,8 @@ returns at once and an edit recomputes only the stages downstream of it.
 from __future__ import annotations
 
 import hashlib
-
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -139,13 +140,39 @@ def _unit_key(records_key: str, unit, **rest) -> str:
     return content_key({"records": records_key, "unit": [n.layer, n.index, n.polarity], **rest})
 
 
-def _memoised(memo: Memo, key: str, compute):
-    """The memoised value, computing and storing it first if needed."""
+def _memoised(memo: Memo, key: str, compute, keep=None):
+    """The memoised value, computing and storing it first if needed (unless `keep(value)` says no)."""
     value = memo.get(key)
     if value is None:
         value = compute()
-        memo.put(key, value)
+        if keep is None or keep(value):
+            memo.put(key, value)
     return value
+
+
+def _no_request_failed(result) -> bool:
+    """A unit's simulate result with no record whose LLM request failed for good: worth keeping.
+    A unit with one is simulated again on a rerun (its other requests too: they are cheap to redo)."""
+    _chosen, sims = result
+    return not any((r.get("failure") or "").startswith("request failed") for r in sims)
+
+
+class _Later:
+    """A call made when its result is asked for: a future for a loop run in the caller's thread."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def result(self):
+        if self.fn is None:
+            from concurrent.futures import CancelledError
+
+            raise CancelledError()
+        return self.fn(*self.args)
+
+    def cancel(self) -> bool:
+        self.fn = None
+        return True
 
 
 def run_explain(records_dir, layer: int, out, units=None, explainer=None, cfg=None, llm=None,
@@ -170,21 +197,45 @@ def run_explain(records_dir, layer: int, out, units=None, explainer=None, cfg=No
         rows[ukey] = memo.get(ukey)
         if rows[ukey] is None:
             todo.append((ukey, unit))
-    # Batches are memoised as they finish, so a crash loses at most one batch.
-    for start in range(0, len(todo), cfg.batch_units):
-        batch = todo[start : start + cfg.batch_units]
+    # Batches of units, several at once for a server explainer (enough to keep its concurrency
+    # busy), one after another for a local model. Each batch is memoised as it finishes, in order;
+    # when one fails, the batches not started are dropped, the others finish and are kept, and the
+    # error is raised: a rerun asks only what was not answered.
+    batches = [todo[i : i + cfg.batch_units] for i in range(0, len(todo), cfg.batch_units)]
+    if batches:
         if llm is None:
             llm = make_explainer(spec)
         llm = as_explainer(llm)  # an LLM passed in is explained with by the LLM explainer
-        if start == 0:
-            _use_word_table(records_dir, out, llm)
-        table = pipeline.explain_stage([u for _, u in batch], llm, cfg).to_pylist()
-        for ukey, unit in batch:
-            mine = [r for r in table if (r["unit"], r["polarity"]) == (unit.neuron.index, unit.neuron.polarity)]
-            memo.put(ukey, mine)
-            rows[ukey] = mine
-        if progress:
-            progress(len(loaded) - len(todo) + start + len(batch), len(loaded))
+        _use_word_table(records_dir, out, llm)
+
+    def explain_batch(batch):
+        return pipeline.explain_stage([u for _, u in batch], llm, cfg).to_pylist()
+
+    done, error = len(loaded) - len(todo), None
+    workers = pipeline.explain_workers(llm, cfg) if batches else 1
+    # One at a time in this thread for a local model: a flow task holds the models' lock here, and a
+    # pool thread that asked for it would wait for ever.
+    with ThreadPoolExecutor(max_workers=workers) if workers > 1 else nullcontext() as pool:
+        futures = [pool.submit(explain_batch, b) for b in batches] if pool else [_Later(explain_batch, b) for b in batches]
+        for batch, future in zip(batches, futures):
+            try:
+                table = future.result()
+            except BaseException as e:  # noqa: BLE001 - re-raised below, once the finished batches are kept
+                if error is None:
+                    error = e
+                    for f in futures:
+                        f.cancel()
+                continue
+            for ukey, unit in batch:
+                mine = [r for r in table if (r["unit"], r["polarity"]) == (unit.neuron.index, unit.neuron.polarity)]
+                if not any(r.get("failure") for r in mine):  # a failed explanation is asked again on a rerun
+                    memo.put(ukey, mine)
+                rows[ukey] = mine
+            done += len(batch)
+            if progress and error is None:
+                progress(done, len(loaded))
+    if error is not None:
+        raise error
     write_table(pipeline._table([r for v in rows.values() for r in v], "explanations"), ref.path, "explanations")
     write_manifest(ref.directory, "explanations", key, {"records": str(records_dir)}, params, [ref.path.name])
     return ref
@@ -229,7 +280,7 @@ def run_simulate(records_dir, explanations: StageRef, out, simulator=None, sim=N
     memo, sim_id = Memo(out, "simulate"), {"simulator": sim.name, "prompt": params["prompt"], "code": code}
 
     def remember(unit, inputs, compute):
-        return _memoised(memo, _unit_key(records_key, unit, **inputs, **sim_id), compute)
+        return _memoised(memo, _unit_key(records_key, unit, **inputs, **sim_id), compute, _no_request_failed)
 
     _use_word_table(records_dir, out, sim)
     _use_text_vectors(table, out, sim)

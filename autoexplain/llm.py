@@ -86,9 +86,15 @@ class Usage:
 class LLMError(UserError):
     """A request that failed for good: a permanent HTTP error, or retries exhausted."""
 
+    transient = False  # True: retries ran out on a fault that may pass; the item may be recorded as failed
+
     def __init__(self, problem: str, fix: str | None = None, status: int | None = None, attempts: int = 1):
         super().__init__(problem, fix)
         self.status, self.attempts = status, attempts
+
+    @property
+    def reason(self) -> str:
+        return self.problem if hasattr(self, "problem") else str(self)
 
 
 _TRACKERS: contextvars.ContextVar[tuple] = contextvars.ContextVar("autoexplain_llm_trackers", default=())
@@ -140,6 +146,17 @@ class LLM(ABC):
 
     def close(self) -> None:
         pass
+
+
+def per_item_errors(method) -> dict:
+    """{"return_errors": True} for an LLM method that can give a failed item's error in its place
+    (OpenAILLM: an LLMError whose `transient` retries ran out), {} for one that cannot."""
+    import inspect
+
+    try:
+        return {"return_errors": True} if "return_errors" in inspect.signature(method).parameters else {}
+    except (TypeError, ValueError):
+        return {}
 
 
 def _cut_at_stop(text: str, stop: list[str] | None) -> str:
@@ -321,6 +338,36 @@ def __getattr__(name: str):
 
         return getattr(llm_openai, name)
     raise AttributeError(name)
+
+
+CONCURRENCY_ENV, RPM_ENV = "AUTOEXPLAIN_LLM_CONCURRENCY", "AUTOEXPLAIN_LLM_RPM"
+DEFAULT_CONCURRENCY, OPENAI_CONCURRENCY = 64, 8  # a server you run; api.openai.com (rate-limited per key)
+
+
+def set_limits(concurrency: int | None = None, requests_per_minute: float | None = None) -> None:
+    """The concurrency and request rate of the server LLMs made from now on in this process and in
+    the processes it starts (set in the environment, so that Dask workers and task processes see
+    them). None: the default (64 requests in flight for a URL you give, 8 for api.openai.com; no
+    rate limit). Neither changes any result, so neither is part of a cache key."""
+    import os
+
+    for name, value in ((CONCURRENCY_ENV, concurrency), (RPM_ENV, requests_per_minute)):
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = str(value)
+
+
+def server_limits(url: str | None) -> dict:
+    """max_concurrency and requests_per_minute for a server LLM: set_limits's values or the defaults."""
+    import os
+    from urllib.parse import urlparse
+
+    openai = (urlparse(url or OPENAI_URL).hostname or "").endswith("api.openai.com")
+    concurrency = os.environ.get(CONCURRENCY_ENV)
+    rpm = os.environ.get(RPM_ENV)
+    return {"max_concurrency": int(concurrency) if concurrency else (OPENAI_CONCURRENCY if openai else DEFAULT_CONCURRENCY),
+            "requests_per_minute": float(rpm) if rpm else None}
 
 
 def make_llm(spec: str | None = None, **kw) -> LLM:

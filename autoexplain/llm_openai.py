@@ -1,9 +1,15 @@
 """The OpenAI backend: OpenAI itself or any server speaking its API (vLLM, llama.cpp, Ollama).
 
 What it adds on top of the `openai` client: an in-process concurrency limit, a token-bucket rate
-limit, retries with jittered exponential backoff on 429, 5xx and timeouts, token accounting per
-unit, and one clear error line for a missing key or an unreachable server. The server quirks it
-works around are listed in `llm.py`'s docstring.
+limit, retries with jittered exponential backoff (honouring Retry-After) on 429, 5xx, timeouts, lost
+connections and malformed answers (HTTP 200 with invalid or truncated JSON, no choices, no
+logprobs), token accounting per unit, and one clear error line for a missing key or an unreachable
+server. The server quirks it works around are listed in `llm.py`'s docstring.
+
+Concurrency: `max_concurrency` requests are in flight at most. The limit is a semaphore taken for
+one attempt and given back before a backoff wait, so a request that waits to retry holds no slot;
+the thread pool that runs requests is larger than the limit for the same reason. Callers in many
+threads (units of a stage, shards of a flow) share one pool and one limit per LLM object.
 """
 
 from __future__ import annotations
@@ -26,6 +32,10 @@ from autoexplain.llm import (
 )
 
 
+class Malformed(Exception):
+    """An HTTP 200 whose body is not a usable answer: retried like a 5xx."""
+
+
 class TokenBucket:
     """Requests per minute with a burst: each acquire takes a token, waiting for the refill if needed."""
 
@@ -45,6 +55,12 @@ class TokenBucket:
             time.sleep(wait)
 
 
+try:  # faster JSON for the large echo replies, when installed (it comes with prefect)
+    from orjson import loads as _loads
+except ImportError:  # pragma: no cover
+    from json import loads as _loads
+
+
 def _is_openai(url: str) -> bool:
     return (urlparse(url).hostname or "").endswith("api.openai.com")
 
@@ -53,11 +69,14 @@ class OpenAILLM(LLM):
     """OpenAI, or any server speaking its API, with our own concurrency limit, rate limit and retries."""
 
     RETRYABLE = {408, 409, 425, 429}
+    thread_safe = True  # stages may call it from many threads at once
 
     def __init__(self, model: str, base_url: str | None = None, *, api_key: str | None = None,
                  api_key_env: str = "OPENAI_API_KEY", max_concurrency: int = 8,
                  requests_per_minute: float | None = None, max_retries: int = 6, backoff_base: float = 1.0,
                  backoff_cap: float = 60.0, timeout: float = 120.0, echo_alignment: str = "auto"):
+        if max_concurrency is None or int(max_concurrency) < 1:
+            raise UserError(f"the LLM concurrency must be at least 1, got {max_concurrency}", "pass --concurrency >= 1")
         super().__init__()
         import openai
 
@@ -71,9 +90,19 @@ class OpenAILLM(LLM):
             key = "no-key"  # local servers usually ignore it; a 401 below names the variable
         self.api_key_env = api_key_env
         self.max_retries, self.backoff_base, self.backoff_cap = max_retries, backoff_base, backoff_cap
-        self._client = openai.OpenAI(api_key=key, base_url=self.base_url, max_retries=0, timeout=timeout)
-        self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="llm")
+        self.max_concurrency = int(max_concurrency)
+        self.requests_per_minute = requests_per_minute
+        import httpx
+
+        # One connection per slot, kept alive: the default pool (100) would otherwise cap the concurrency.
+        limits = httpx.Limits(max_connections=self.max_concurrency + 8, max_keepalive_connections=self.max_concurrency + 8)
+        self._client = openai.OpenAI(api_key=key, base_url=self.base_url, max_retries=0, timeout=timeout,
+                                     http_client=httpx.Client(limits=limits, timeout=timeout))
+        self._slots = threading.BoundedSemaphore(self.max_concurrency)
+        # More threads than slots: a thread waiting out a backoff holds no slot, and others use it.
+        self._pool = ThreadPoolExecutor(max_workers=min(1024, 2 * self.max_concurrency + 8), thread_name_prefix="llm")
         self._bucket = TokenBucket(requests_per_minute, burst=max_concurrency) if requests_per_minute else None
+        self._echo_seen = False  # learned: this server has returned prompt logprobs
         self._n_ignored = False  # learned: the server returns one choice whatever `n` says
         if echo_alignment not in ("auto", "ok", "shifted"):
             raise UserError(f"echo_alignment must be 'auto', 'ok' or 'shifted', not '{echo_alignment}'")
@@ -116,8 +145,10 @@ class OpenAILLM(LLM):
             after = 0.0
         return max(delay, min(after, self.backoff_cap))
 
-    def _request(self, call, retries: int | None = None):
-        """Run one API call with retries on 429, 5xx, timeouts and lost connections."""
+    def _request(self, call, retries: int | None = None, check=None):
+        """Run one API call with retries on 429, 5xx, timeouts, lost connections and malformed answers
+        (`check(response)` raises Malformed for a 200 that is no usable answer). A concurrency slot is
+        held for each attempt only, never during the backoff wait."""
         openai, attempt = self._openai, 0
         retries = self.max_retries if retries is None else retries
         while True:
@@ -125,29 +156,54 @@ class OpenAILLM(LLM):
             if self._bucket:
                 self._bucket.acquire()
             try:
-                return call()
+                with self._slots:
+                    response = call()
+                if check is not None:
+                    check(response)
+                return response
             except openai.APIStatusError as e:
                 if e.status_code not in self.RETRYABLE and e.status_code < 500:
                     raise self._permanent(e, attempt) from None
                 last = e
             except openai.APIConnectionError as e:  # APITimeoutError included
                 last = e
+            except (Malformed, openai.APIResponseValidationError, ValueError) as e:  # JSONDecodeError is a ValueError
+                last = e if isinstance(e, Malformed) else Malformed(f"invalid response body ({type(e).__name__}: "
+                                                                      f"{' '.join(str(e).split())[:120]})")
             if attempt > retries:
                 break
             time.sleep(self._backoff(attempt, last))
-        if isinstance(last, openai.APITimeoutError):
-            raise LLMError(f"requests to {self.base_url} timed out {attempt} times",
-                           "the server is overloaded or the timeout too short", None, attempt) from None
-        if isinstance(last, openai.APIConnectionError):
-            raise LLMError(f"cannot reach {self.base_url}", "is the server running? Start it, or fix the URL "
-                           "after '@' in the LLM spec", None, attempt) from None
-        raise LLMError(f"{self.base_url} kept failing (HTTP {last.status_code}) after {attempt} attempts: {self._message(last)}",
-                       "try again later, or lower the concurrency / requests per minute", last.status_code, attempt) from None
+        if isinstance(last, Malformed):
+            err = LLMError(f"{self.base_url} answered {attempt} times without a usable reply: {last}",
+                           "check the server and the model", None, attempt)
+        elif isinstance(last, openai.APITimeoutError):
+            err = LLMError(f"requests to {self.base_url} timed out {attempt} times",
+                           "the server is overloaded or the timeout too short", None, attempt)
+        elif isinstance(last, openai.APIConnectionError):
+            err = LLMError(f"cannot reach {self.base_url}", "is the server running? Start it, or fix the URL "
+                           "after '@' in the LLM spec", None, attempt)
+        else:
+            err = LLMError(f"{self.base_url} kept failing (HTTP {last.status_code}) after {attempt} attempts: "
+                           f"{self._message(last)}", "try again later, or lower the concurrency / requests per minute",
+                           last.status_code, attempt)
+        err.transient = True  # retries exhausted: a caller may record this item as failed and go on
+        raise err from None
 
-    def _map(self, fn, items):
+    def _map(self, fn, items, return_errors: bool = False):
+        """fn(*item) for every item on the shared pool, results in order. With return_errors, an item
+        whose request failed for good (retries exhausted) gives its LLMError in place of a result;
+        a permanent error (a refused key, an unknown model) is raised either way."""
         futures = [self._pool.submit(fn, *item) for item in items]
         try:
-            return [f.result() for f in futures]
+            out = []
+            for f in futures:
+                try:
+                    out.append(f.result())
+                except LLMError as e:
+                    if not return_errors or not e.transient:
+                        raise
+                    out.append(e)
+            return out
         except BaseException:
             for f in futures:
                 f.cancel()
@@ -162,7 +218,7 @@ class OpenAILLM(LLM):
         return (usage.prompt_tokens or 0, usage.completion_tokens or 0) if usage is not None else (0, 0)
 
     # -- API ---------------------------------------------------------------------------------------
-    def complete(self, prompts, n=1, temperature=1.0, max_tokens=60, stop=None):
+    def complete(self, prompts, n=1, temperature=1.0, max_tokens=60, stop=None, return_errors=False):
         sinks = self._sinks()
         extra = {"stop": stop} if stop else {}
 
@@ -171,11 +227,10 @@ class OpenAILLM(LLM):
             while len(got) < k:
                 want = k - len(got)
                 r = self._request(lambda: self._client.completions.create(
-                    model=self.name, prompt=prompt, n=want, temperature=temperature, max_tokens=max_tokens, **extra))
+                    model=self.name, prompt=prompt, n=want, temperature=temperature, max_tokens=max_tokens, **extra),
+                    check=self._has_choices)
                 pt, ct = self._tokens(r.usage)
                 self._record(sinks, pt, ct)
-                if not r.choices:
-                    raise LLMError(f"{self.base_url} returned no completion for model '{self.name}'")
                 if len(r.choices) < want:
                     self._n_ignored = True
                 share = round(ct / len(r.choices))
@@ -183,52 +238,81 @@ class OpenAILLM(LLM):
             return got[:k]
 
         if self._n_ignored or n == 1:
-            flat = self._map(one, [(p, 1) for p in prompts for _ in range(n)])
-            return [[c for s in flat[i * n: (i + 1) * n] for c in s] for i in range(len(prompts))]
-        return self._map(one, [(p, n) for p in prompts])
+            flat = self._map(one, [(p, 1) for p in prompts for _ in range(n)], return_errors)
+            out = []
+            for i in range(len(prompts)):
+                mine = flat[i * n: (i + 1) * n]
+                failed = next((s for s in mine if isinstance(s, LLMError)), None)
+                out.append(failed if failed is not None else [c for s in mine for c in s])
+            return out
+        return self._map(one, [(p, n) for p in prompts], return_errors)
 
-    def chat(self, messages_batch, temperature=0.0, max_tokens=1024, top_logprobs=None):
+    @staticmethod
+    def _has_choices(r) -> None:
+        if not getattr(r, "choices", None):
+            raise Malformed("a reply with no choices")
+
+    def chat(self, messages_batch, temperature=0.0, max_tokens=1024, top_logprobs=None, return_errors=False):
         sinks = self._sinks()
         extra = {"logprobs": True, "top_logprobs": top_logprobs} if top_logprobs else {}
 
         def one(messages: list[dict]) -> ChatResult:
             r = self._request(lambda: self._client.chat.completions.create(
-                model=self.name, messages=messages, temperature=temperature, max_tokens=max_tokens, **extra))
+                model=self.name, messages=messages, temperature=temperature, max_tokens=max_tokens, **extra),
+                check=self._has_choices)
             pt, ct = self._tokens(r.usage)
             self._record(sinks, pt, ct)
-            if not r.choices:
-                raise LLMError(f"{self.base_url} returned no chat reply for model '{self.name}'")
             choice = r.choices[0]
             tops = None
             if top_logprobs and choice.logprobs is not None and choice.logprobs.content is not None:
                 tops = [[(t.token, t.logprob) for t in item.top_logprobs] for item in choice.logprobs.content]
             return ChatResult(choice.message.content or "", tops, pt, ct)
 
-        return self._map(one, [(m,) for m in messages_batch])
+        return self._map(one, [(m,) for m in messages_batch], return_errors)
 
-    def prompt_logprobs(self, prompts, top=15):
+    def _echo_data(self, raw) -> dict:
+        """The JSON of an echo reply, read as plain data: the `openai` client's model construction
+        costs about 30 ms of CPU per reply at 15 alternatives per prompt position, parsing 5 ms.
+        Missing logprobs are a transient fault once the server has shown it returns them; from a
+        server that never did, they are the server's limit, and that is said at once."""
+        data = _loads(raw.http_response.content)
+        choices = data.get("choices") if isinstance(data, dict) else None
+        lp = choices[0].get("logprobs") if choices and isinstance(choices[0], dict) else None
+        if isinstance(lp, dict) and lp.get("tokens") and lp.get("text_offset") is not None \
+                and lp.get("top_logprobs") is not None:
+            self._echo_seen = True
+            return data
+        if not isinstance(data, dict) or "choices" not in data:
+            raise Malformed("a reply that is not a completion")
+        if self._echo_seen:
+            raise Malformed("a reply without prompt logprobs" if choices else "a reply with no choices")
+        raise LLMError(f"{self.base_url} returned no prompt logprobs for model '{self.name}'",
+                       "the server must support echo=True with logprobs on /v1/completions")
+
+    def prompt_logprobs(self, prompts, top=15, return_errors=False):
         sinks = self._sinks()
+        create = self._client.completions.with_raw_response.create
 
         def one(prompt: str) -> PromptLogprobs:
             # max_tokens=1, not 0: llama.cpp reads 0 as "no limit". The generated token is dropped below.
-            r = self._request(lambda: self._client.completions.create(
-                model=self.name, prompt=prompt, echo=True, logprobs=top, max_tokens=1, temperature=0.0))
-            pt, ct = self._tokens(r.usage)
+            data = self._request(lambda: self._echo_data(create(
+                model=self.name, prompt=prompt, echo=True, logprobs=top, max_tokens=1, temperature=0.0)))
+            usage = data.get("usage") or {}
+            pt, ct = usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
             self._record(sinks, pt, ct)
-            lp = r.choices[0].logprobs if r.choices else None
-            if lp is None or not lp.tokens:
-                raise LLMError(f"{self.base_url} returned no prompt logprobs for model '{self.name}'",
-                               "the server must support echo=True with logprobs on /v1/completions")
-            offsets = [min(int(o), len(prompt)) for o in lp.text_offset]
+            choice = data["choices"][0]
+            lp = choice["logprobs"]
+            tokens = lp["tokens"]
+            offsets = [min(int(o), len(prompt)) for o in lp["text_offset"]]
             keep = sum(1 for o in offsets if o < len(prompt))
-            if 0 < pt <= len(lp.tokens) and all(o >= len(prompt) for o in offsets[pt:]):
+            if 0 < pt <= len(tokens) and all(o >= len(prompt) for o in offsets[pt:]):
                 keep = pt  # trailing prompt tokens that decode to nothing still count
             shifted = self.echo_shifted
-            if self.echo_alignment == "auto" and len(r.choices[0].text or "") > len(prompt):
-                shifted = self.echo_shifted = keep == len(lp.tokens)  # a token was generated but has no entry
-            server = [dict(t) if t else {} for t in (lp.top_logprobs or [None] * len(lp.tokens))]
+            if self.echo_alignment == "auto" and len(choice.get("text") or "") > len(prompt):
+                shifted = self.echo_shifted = keep == len(tokens)  # a token was generated but has no entry
+            server = [t if t else {} for t in (lp["top_logprobs"] or [None] * len(tokens))]
             # Shifted: entry i predicts token i+1, and the entry predicting token 1 was nulled by the server.
             tops = ([{}] + server[: keep - 1]) if shifted else server[:keep]
-            return PromptLogprobs(list(lp.tokens[:keep]), offsets[:keep], tops, pt or keep)
+            return PromptLogprobs(list(tokens[:keep]), offsets[:keep], tops, pt or keep)
 
-        return self._map(one, [(p,) for p in prompts])
+        return self._map(one, [(p,) for p in prompts], return_errors)

@@ -9,10 +9,19 @@ an edit touches:
   shuffled control on the calib and test splits.
 - `score_stage` turns simulations into metrics on the *test* split, with bootstrap CIs.
 Selection (valid) and reporting (test) never share a split.
+
+Concurrency: with a server LLM (an object whose `thread_safe` is true), the explain stage sends
+several batches of units and the simulate stage several units at once, so that the LLM's requests
+from many units, candidates and records are in flight together up to its `max_concurrency`. Each
+unit's prompts, seeds and results are the same as one after another, and results come back in
+order: the tables do not depend on the concurrency.
 """
 
 from __future__ import annotations
 
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -46,26 +55,66 @@ def shown_records(unit: UnitRecords, n: int):
     return sorted(train, key=lambda r: (r.kind != "top", -r.max_activation))[:n]
 
 
+def _concurrency(model) -> int:
+    """How many requests the model takes at once: its LLM's max_concurrency when it is thread safe
+    (a server), else 1 (a local model runs one call at a time)."""
+    if not getattr(model, "thread_safe", False):
+        return 1
+    llm = getattr(model, "llm", model)
+    return max(1, int(getattr(llm, "max_concurrency", 1)))
+
+
+def _in_order(fn, items, workers: int):
+    """fn(item) for each item, `workers` at a time, yielding results in the items' order."""
+    if workers <= 1 or len(items) <= 1:
+        for item in items:
+            yield fn(item)
+        return
+    with ThreadPoolExecutor(max_workers=min(workers, len(items)), thread_name_prefix="units") as pool:
+        futures = [pool.submit(fn, item) for item in items]
+        try:
+            for f in futures:
+                yield f.result()
+        finally:
+            for f in futures:
+                f.cancel()
+
+
 def explain_stage(units: Sequence[UnitRecords], llm, cfg: ExplainConfig) -> pa.Table:
     """`llm`: an Explainer, or an LLM (explained with by the LLM explainer)."""
-    explainer, rows = as_explainer(llm), []
-    for start in range(0, len(units), cfg.batch_units):
-        batch = units[start : start + cfg.batch_units]
+    explainer = as_explainer(llm)
+    batches = [units[start : start + cfg.batch_units] for start in range(0, len(units), cfg.batch_units)]
+
+    def explain_batch(batch):
         shown = [shown_records(u, cfg.n_shown) for u in batch]
-        explained = explainer.explain_records(shown, cfg.k, cfg.temperature, cfg.max_tokens, cfg.chat)
+        return shown, explainer.explain_records(shown, cfg.k, cfg.temperature, cfg.max_tokens, cfg.chat)
+
+    rows = []
+    # Enough batches at once to keep the LLM's concurrency busy with as many requests again waiting
+    # (a batch sends one request per unit, or k when the server ignores `n`, and ends with its slowest).
+    workers = explain_workers(explainer, cfg)
+    for batch, (shown, explained) in zip(batches, _in_order(explain_batch, batches, workers)):
         for unit, recs, exp in zip(batch, shown, explained):
             rows.append(_explanation_row(unit, EXPLAINER, exp.explainer, exp.prompt_hash, exp.text, exp.candidates,
-                                         exp.prompt_tokens, exp.completion_tokens))
+                                         exp.prompt_tokens, exp.completion_tokens,
+                                         failure=getattr(exp, "failure", None)))
             lookup = token_lookup_explanation(recs)
             rows.append(_explanation_row(unit, LOOKUP, "token-lookup", "", lookup, [lookup], 0, 0))
     return _table(rows, "explanations")
 
 
-def _explanation_row(unit, method, explainer, phash, text, candidates, p_tok, c_tok, cand_scores=None):
+def explain_workers(llm, cfg: ExplainConfig) -> int:
+    """How many batches of units to explain at once: 1 for a local model; for a server, enough to
+    keep its concurrency busy with as many requests again waiting."""
+    return max(1, math.ceil(4 * _concurrency(llm) / cfg.batch_units)) if _concurrency(llm) > 1 else 1
+
+
+def _explanation_row(unit, method, explainer, phash, text, candidates, p_tok, c_tok, cand_scores=None, failure=None):
     n = unit.neuron
     return {"layer": n.layer, "unit": n.index, "polarity": n.polarity, "method": method, "explainer": explainer,
             "prompt_hash": phash, "text": text, "candidates": list(candidates),
-            "candidate_valid_scores": list(cand_scores or []), "prompt_tokens": p_tok, "completion_tokens": c_tok}
+            "candidate_valid_scores": list(cand_scores or []), "prompt_tokens": p_tok, "completion_tokens": c_tok,
+            "failure": failure}
 
 
 def _scoring_records(unit: UnitRecords, split: str):
@@ -145,31 +194,44 @@ def simulate_stage(units: Sequence[UnitRecords], explanations: pa.Table, simulat
     everything is computed. Progress counts the units and then their shuffled controls."""
     by_key = {(r["unit"], r["polarity"], r["method"]): r for r in explanations.to_pylist()}
     texts = [t for r in by_key.values() for t in (r["candidates"] or [r["text"]])]
-    warmed = []
+    warmed, warming = [], threading.Lock()
 
     def computing(fn):
         def run():
-            if not warmed:  # e.g. embed every text of the stage in one batch (`Simulator.warm`)
-                simulator.warm(texts)
-                warmed.append(True)
+            with warming:  # e.g. embed every text of the stage in one batch (`Simulator.warm`)
+                if not warmed:
+                    simulator.warm(texts)
+                    warmed.append(True)
             return fn()
         return run
 
-    chosen, sims = [], []
-    total = 2 * len(units) if len(units) > 1 else len(units)
-    for i, unit in enumerate(units):
+    # Units at once: as many as the LLM's concurrency. A unit's phases (k candidates x valid
+    # records, then 2 texts x held-out records, about 80 requests each at k = 4) each wait for their
+    # slowest request (a retry, a timeout); meanwhile the other units' requests keep the slots busy.
+    workers = _concurrency(simulator)
+
+    def unit_result(unit):
         key = (unit.neuron.index, unit.neuron.polarity)
         row, lookup = by_key[(*key, EXPLAINER)], by_key.get((*key, LOOKUP))
         inputs = {"explanation": row["candidates"], "lookup": lookup and lookup["text"]}
-        c, s = remember(unit, inputs, computing(lambda: simulate_unit(unit, row, lookup, simulator)))
+        return remember(unit, inputs, computing(lambda: simulate_unit(unit, row, lookup, simulator)))
+
+    chosen, sims = [], []
+    total = 2 * len(units) if len(units) > 1 else len(units)
+    for i, (c, s) in enumerate(_in_order(unit_result, list(units), workers)):
         chosen += c
         sims += s
         if progress:
             progress(i + 1, total)
     if len(units) > 1:
         best = [r["text"] for r in chosen if r["method"] == EXPLAINER]
-        for i, (unit, text) in enumerate(zip(units, shuffled_explanations(best, seed=seed))):
-            c, s = remember(unit, {"control": text}, computing(lambda: simulate_control(unit, text, simulator)))
+
+        def control_result(pair):
+            unit, text = pair
+            return remember(unit, {"control": text}, computing(lambda: simulate_control(unit, text, simulator)))
+
+        pairs = list(zip(units, shuffled_explanations(best, seed=seed)))
+        for i, (c, s) in enumerate(_in_order(control_result, pairs, workers)):
             chosen += c
             sims += s
             if progress:

@@ -167,6 +167,15 @@ def check_llm(spec: str, spell: Spelling, name: str) -> None:
     _reachable(url, spell, name)
 
 
+def check_limits(concurrency: int | None, rpm: float | None, spell: Spelling = flow_name) -> None:
+    """The LLM concurrency (requests in flight) and requests-per-minute limit; None: the default."""
+    if concurrency is not None:
+        at_least(spell, "concurrency", concurrency, 1)
+    if rpm is not None and not rpm > 0:
+        raise _fail(spell, "rpm", f"must be more than 0 requests per minute, got {rpm}",
+                    f"pass {spell('rpm').split()[-1]} > 0, or leave it out for no limit")
+
+
 def check_explainer(spec: str | None, spell: Spelling = flow_name, name: str = "explainer") -> None:
     from autoexplain import registry
 
@@ -266,6 +275,7 @@ def explain_layer(p: dict, spell: Spelling = flow_name) -> LayerPlan:
     if units == []:
         raise _fail(spell, "units", "selects no unit", "pass a range like 0-99")
     revisions = check_revisions(p.get("revisions"), units, spell)
+    check_limits(p.get("concurrency"), p.get("rpm"), spell)
     check_explainer(p.get("explainer"), spell)
     check_simulator(p.get("simulator"), spell)
     return LayerPlan(shape, units, revisions)

@@ -107,15 +107,18 @@ def parse_llm(spec: str | None) -> LLMSpec:
 
 
 def make_llm(spec: str | None = None, **kw):
-    """Build an LLM; keyword arguments go to the backend (`LocalLLM`, `OpenAILLM`)."""
+    """Build an LLM; keyword arguments go to the backend (`LocalLLM`, `OpenAILLM`). A server LLM's
+    max_concurrency and requests_per_minute default to `llm.server_limits` (see `llm.set_limits`)."""
     p = parse_llm(spec)
     if p.kind == "local":
         from autoexplain.llm import LocalLLM
 
         return LocalLLM(p.model, **kw)
+    from autoexplain.llm import server_limits
     from autoexplain.llm_openai import OpenAILLM
 
-    return OpenAILLM(p.model, p.url if p.url is not None else kw.pop("base_url", None), **kw)
+    url = p.url if p.url is not None else kw.pop("base_url", None)
+    return OpenAILLM(p.model, url, **{**server_limits(url), **kw})  # limits: `llm.set_limits`
 
 
 # ---- explainers ----------------------------------------------------------------------------------

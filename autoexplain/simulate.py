@@ -37,6 +37,7 @@ import math  # noqa: E402
 import torch  # noqa: E402
 
 from autoexplain.explain import ENDING, _read, escape_token, prompt_hash  # noqa: E402
+from autoexplain.llm import per_item_errors as _per_item_errors  # noqa: E402
 
 SIMULATOR_FILES = ("simulator_system.txt", "fewshot.json")
 PLACEHOLDER = "unknown"
@@ -120,28 +121,44 @@ class AllAtOnceSimulator(Simulator):
         return simulator_prompt_hash()
 
     def simulate(self, explanation: str, records: Sequence[Sequence[str]]) -> list[Simulation]:
+        return self.simulate_many([explanation], records)[0]
+
+    def simulate_many(self, explanations: Sequence[str], records: Sequence[Sequence[str]]) -> list[list[Simulation]]:
+        """Each explanation on the records. On a server every (explanation, record) request of the
+        call is in flight together, up to the LLM's concurrency."""
         if self.local is not None:
-            return self._local(explanation, records)
-        return self._server(explanation, records)
+            return [self._local(e, records) for e in explanations]
+        return self._server(explanations, records)
+
+    @property
+    def thread_safe(self) -> bool:
+        return self.local is None and getattr(self.llm, "thread_safe", False)
 
     # -- server: prompt logprobs ------------------------------------------------------------
-    def _server(self, explanation, records):
-        prefix = simulator_prefix(explanation)
+    def _server(self, explanations, records):
+        prefixes = [simulator_prefix(e) for e in explanations]
         bodies = [simulator_body(r) for r in records]
-        results = self.llm.prompt_logprobs([prefix + body for body, _ in bodies], top=self.top_logprobs)
-        sims = []
-        for (body, offsets), res in zip(bodies, results):
-            starts = {off: i for i, off in enumerate(res.offsets)}
-            values = []
-            for off in offsets:
-                i = starts.get(len(prefix) + off)
-                top = res.top_logprobs[i] if i is not None and i < len(res.top_logprobs) else {}
-                digits = {int(k.strip()): lp for k, lp in (top or {}).items() if k.strip() in DIGITS}
-                values.append(expected_value(digits))
-            sim = _failed_positions(values, len(offsets))
-            sim.prompt_tokens = res.prompt_tokens
-            sims.append(sim)
-        return sims
+        prompts = [prefix + body for prefix in prefixes for body, _ in bodies]
+        results = self.llm.prompt_logprobs(prompts, top=self.top_logprobs, **_per_item_errors(self.llm.prompt_logprobs))
+        out = []
+        for e, prefix in enumerate(prefixes):
+            sims = []
+            for (body, offsets), res in zip(bodies, results[e * len(bodies): (e + 1) * len(bodies)]):
+                if isinstance(res, Exception):  # retries ran out: this record failed, the rest go on
+                    sims.append(Simulation(None, f"request failed: {getattr(res, 'problem', res)}"))
+                    continue
+                starts = {off: i for i, off in enumerate(res.offsets)}
+                values = []
+                for off in offsets:
+                    i = starts.get(len(prefix) + off)
+                    top = res.top_logprobs[i] if i is not None and i < len(res.top_logprobs) else {}
+                    digits = {int(k.strip()): lp for k, lp in (top or {}).items() if k.strip() in DIGITS}
+                    values.append(expected_value(digits))
+                sim = _failed_positions(values, len(offsets))
+                sim.prompt_tokens = res.prompt_tokens
+                sims.append(sim)
+            out.append(sims)
+        return out
 
     # -- local: logits, batched, shared prefix -------------------------------------------------
     @torch.inference_mode()

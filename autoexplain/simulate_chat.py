@@ -17,7 +17,7 @@ from difflib import SequenceMatcher
 from typing import Sequence
 
 from autoexplain.explain import ENDING, _read
-from autoexplain.simulate import DIGITS, Simulation, Simulator, expected_value, prompt_hash
+from autoexplain.simulate import DIGITS, Simulation, Simulator, _per_item_errors, expected_value, prompt_hash
 
 FORMAT = (
     "Answer with only a JSON list holding one object per token, in the order given: "
@@ -105,31 +105,45 @@ class ChatJsonSimulator(Simulator):
     def prompt_hash(self) -> str:
         return prompt_hash("simulator_system.txt") + ":json1"
 
+    @property
+    def thread_safe(self) -> bool:
+        return getattr(self.llm, "thread_safe", False)
+
     def simulate(self, explanation: str, records: Sequence[Sequence[str]]) -> list[Simulation]:
-        pending = list(range(len(records)))
-        sims: list[Simulation | None] = [None] * len(records)
-        used = [[0, 0] for _ in records]
+        return self.simulate_many([explanation], records)[0]
+
+    def simulate_many(self, explanations: Sequence[str], records: Sequence[Sequence[str]]) -> list[list[Simulation]]:
+        """Every (explanation, record) pair's requests in flight together; retries per pair."""
+        pairs = [(e, r) for e in explanations for r in records]
+        pending = list(range(len(pairs)))
+        sims: list[Simulation | None] = [None] * len(pairs)
+        used = [[0, 0] for _ in pairs]
+        extra = _per_item_errors(self.llm.chat)
         for attempt in range(self.retries + 1):
             if not pending:
                 break
             # Retries sample a little, otherwise temperature 0 would repeat the same broken reply.
             temperature = 0.0 if attempt == 0 else 0.7
-            results = self.llm.chat([chat_messages(explanation, records[i]) for i in pending],
+            results = self.llm.chat([chat_messages(*pairs[i]) for i in pending],
                                     temperature=temperature, max_tokens=self.max_tokens,
-                                    top_logprobs=self.top_logprobs)
+                                    top_logprobs=self.top_logprobs, **extra)
             still = []
             for i, result in zip(pending, results):
+                if isinstance(result, Exception):  # the request's own retries ran out: not asked again
+                    sims[i] = Simulation(None, f"request failed: {getattr(result, 'problem', result)}")
+                    continue
                 used[i][0] += result.prompt_tokens
                 used[i][1] += result.completion_tokens
-                sims[i] = self._read(records[i], result)
+                sims[i] = self._read(pairs[i][1], result)
                 if not sims[i].ok:
                     still.append(i)
             pending = still
         for i, sim in enumerate(sims):
             sim.prompt_tokens, sim.completion_tokens = used[i]
-            if not sim.ok:
+            if not sim.ok and not sim.failure.startswith("request failed"):
                 sim.failure = f"{sim.failure} (after {self.retries + 1} attempts)"
-        return sims
+        n = len(records)
+        return [sims[k * n: (k + 1) * n] for k in range(len(explanations))]
 
     def _read(self, tokens: Sequence[str], result) -> Simulation:
         try:

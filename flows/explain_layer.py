@@ -29,6 +29,7 @@ from autoexplain import preflight, progress
 from autoexplain.errors import UserError
 from autoexplain.layer import parse_units
 from autoexplain.registry import simulator_identity
+from autoexplain.llm import set_limits
 from autoexplain.remote import is_url
 from autoexplain.storage import open_root, read_run, write_run
 from autoexplain.summary import compare_markdown
@@ -101,14 +102,22 @@ def explain_layer(
     top_k: int = 40,
     n_random: int = 30,
     results: str | None = None,
+    concurrency: int | None = None,
+    rpm: float | None = None,
 ) -> dict:
-    """Explain every unit (both polarities) of one layer, or a unit range like '0-99'."""
+    """Explain every unit (both polarities) of one layer, or a unit range like '0-99'.
+
+    `concurrency` (LLM requests in flight at once, across the units and shards of this process;
+    default 64 for a server URL, 8 for api.openai.com) and `rpm` (requests per minute) do not change
+    any result: they are no part of a cache key or of the run's recorded parameters."""
     params = dict(layer=layer, units=units, model=model, corpus=corpus, tokens=tokens, explainer=explainer,
                   simulator=simulator, k=k, shard_size=shard_size, n_boot=n_boot, revisions=revisions,
                   site=site, window_len=window_len, top_k=top_k, n_random=n_random)
-    plan, failed = _checked(lambda: preflight.explain_layer({**params, "out": out}))
+    plan, failed = _checked(lambda: preflight.explain_layer({**params, "out": out, "concurrency": concurrency,
+                                                             "rpm": rpm}))
     if failed:
         return failed
+    set_limits(concurrency, rpm)
     result, failed = _checked(lambda: _explain_layer(plan, _out(out), results, params, **params))
     return failed or result
 
@@ -180,10 +189,12 @@ def find_run(out: str, layer: int) -> dict:
 
 @flow(name="rescore", validate_parameters=True)
 def rescore(out: str = "out", layer: int = 15, simulator: str = "embedding", n_boot: int = 1000,
-            results: str | None = None) -> dict:
-    """Re-simulate and re-score the latest explain-layer run of `layer` under `out`, and compare."""
+            results: str | None = None, concurrency: int | None = None, rpm: float | None = None) -> dict:
+    """Re-simulate and re-score the latest explain-layer run of `layer` under `out`, and compare.
+    `concurrency` and `rpm` as in explain_layer."""
     def check():
         preflight.at_least(preflight.flow_name, "n_boot", n_boot, 1)
+        preflight.check_limits(concurrency, rpm)
         preflight.at_least(preflight.flow_name, "layer", layer, 0)
         preflight.check_simulator(simulator)
         if not is_url(out) and not Path(out).is_dir():
@@ -194,6 +205,7 @@ def rescore(out: str = "out", layer: int = 15, simulator: str = "embedding", n_b
     run, failed = _checked(check)
     if failed:
         return failed
+    set_limits(concurrency, rpm)
     result, failed = _checked(lambda: _rescore(run, _out(out), layer, simulator, n_boot, results))
     return failed or result
 

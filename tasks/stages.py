@@ -245,7 +245,7 @@ class _Serialised:
 
     def __getattr__(self, name):
         value = getattr(self._inner, name)
-        if not callable(value):
+        if not callable(value) or getattr(self._inner, "thread_safe", False):  # a server LLM: no lock
             return value
 
         def locked(*args, **kwargs):

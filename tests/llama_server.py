@@ -116,10 +116,18 @@ def echo_reply(prompt: str, model: str) -> dict:
             "choices": [{"index": 0, "text": prompt + " canned", "logprobs": logprobs, "finish_reason": "length"}]}
 
 
+MALFORMED = ("invalid-json", "truncated", "no-choices", "no-logprobs", "reset")
+
+
 class FaultServer:
     """Answers the first len(fail_with) requests with those statuses, then `then_status` forever
     (200: a canned reply, or the upstream's reply when `upstream` is set). `chat(messages)` gives the
     content of canned chat replies.
+
+    An item of `fail_with` may also name a malformed reply (MALFORMED): "invalid-json" (HTTP 200,
+    a body that is not JSON), "truncated" (HTTP 200, the first half of the reply's JSON), "no-choices"
+    (HTTP 200, `choices` empty), "no-logprobs" (HTTP 200, every choice's `logprobs` null) or "reset"
+    (the connection is reset, no reply).
 
     `inflight` counts the requests that arrived and are not answered yet: a request stops counting
     just before its response is written, so a client that waits for a response before sending its
@@ -189,7 +197,9 @@ class FaultServer:
                 self.end_headers()
                 self.wfile.write(payload)
 
-            def _reply(self, status: int, raw: bytes, body: dict) -> tuple[int, bytes, dict]:
+            def _reply(self, status, raw: bytes, body: dict) -> tuple[int, bytes, dict]:
+                if isinstance(status, str):
+                    return self._malformed(status, raw, body)
                 if status != 200:
                     error = {"error": {"message": f"injected HTTP {status}", "type": "fault", "code": status}}
                     headers = {"Retry-After": str(server.retry_after)} if server.retry_after is not None else {}
@@ -205,6 +215,29 @@ class FaultServer:
                 except urllib.error.HTTPError as e:
                     return e.code, e.read(), {}
 
+            def _malformed(self, kind: str, raw: bytes, body: dict) -> tuple[int, bytes, dict]:
+                if kind not in MALFORMED:
+                    raise ValueError(f"unknown scripted reply '{kind}'")
+                if kind == "invalid-json":
+                    return 200, b"{this is not json", {}
+                status, payload, headers = self._reply(200, raw, body)
+                if kind == "truncated":
+                    return 200, payload[: len(payload) // 2], headers
+                reply = json.loads(payload)
+                if kind == "no-choices":
+                    reply["choices"] = []
+                elif kind == "no-logprobs":
+                    for choice in reply.get("choices", []):
+                        choice["logprobs"] = None
+                return 200, json.dumps(reply).encode(), headers
+
+            def _reset(self):
+                import struct
+
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.close_connection = True
+                self.connection.close()
+
             def _serve(self):
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 body = json.loads(raw) if raw else {}
@@ -217,9 +250,11 @@ class FaultServer:
                 try:
                     if server.hold:
                         server._released.acquire()
-                    reply = self._reply(status, raw, body)
+                    reply = None if status == "reset" else self._reply(status, raw, body)
                 finally:
                     server._answered()  # before the response goes out: the client cannot have sent its next one
+                if reply is None:
+                    return self._reset()
                 self._send(*reply)
 
             do_GET = do_POST = _serve

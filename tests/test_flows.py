@@ -109,12 +109,14 @@ def test_human_revision_resimulates_only_that_unit(run):
 
 def test_crashed_shard_resumes_where_it_stopped(run, fault_server):
     # 8 answers, then permanent errors for the next batch of 4 (in flight together), then healthy.
+    # At concurrency 1 the batches of 8 units go one after another, so the script's order is theirs
+    # (at a higher concurrency the finished batches are kept just the same, in whatever order).
     server = fault_server(fail_with=[200] * 8 + [400] * 4, then_status=200)
     explainer = f"openai:canned@{server.base_url}"
     with pytest.raises(Exception, match="400"):
-        run(explainer=explainer, k=1, shard_size=12)
+        run(explainer=explainer, k=1, shard_size=12, concurrency=1)
     assert len(server.requests) == 12
-    run(explainer=explainer, k=1, shard_size=12)
+    run(explainer=explainer, k=1, shard_size=12, concurrency=1)
     assert len(server.requests) == 16, "only the 4 units the crash left unexplained are asked again"
 
 
@@ -142,6 +144,8 @@ BAD_PARAMETERS = [
     (dict(revisions={"2:5": "text"}), "parameter revisions: cannot read the revision key '2:5'"),
     (dict(revisions={"40:1": "text"}), "parameter revisions: unit 40 is not among the units this run explains"),
     (dict(revisions={"2:-1": " "}), "parameter revisions: the revision of '2:-1' is empty"),
+    (dict(concurrency=0), "parameter concurrency: must be at least 1, got 0"),
+    (dict(rpm=-1.0), "parameter rpm: must be more than 0"),
 ]
 
 

@@ -1,0 +1,157 @@
+"""The LLM path at scale (issue 13, items 1-3): requests of many units in flight at once with
+results that do not depend on the concurrency, backoff that holds no slot, every transient fault
+retried (malformed bodies included), and a request that fails for good recorded as that record's or
+unit's failure while the run goes on. Real HTTP servers on loopback: tests/llama_server.py's
+FaultServer (scripted faults) and bench/llm_server.py's BenchServer (echo logprobs with digits)."""
+
+from __future__ import annotations
+
+import pytest
+
+from autoexplain import pipeline, preflight
+from autoexplain.errors import UserError
+from autoexplain.llm import LLMError, OpenAILLM, make_llm, set_limits
+from autoexplain.simulate import AllAtOnceSimulator
+from bench.llm_server import BenchServer
+from tests.llama_server import fault_server  # noqa: F401  (fixture)
+
+
+def fast(url: str, **kw) -> OpenAILLM:
+    kw = {"max_retries": 3, "backoff_base": 0.01, "backoff_cap": 0.05, "api_key": "test", **kw}
+    return OpenAILLM("test-model", url, **kw)
+
+
+@pytest.fixture(scope="module")
+def bench_server():
+    srv = BenchServer(latency=0.0)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def units(tiny_records):
+    from autoexplain.layer import load_units
+
+    records_dir, _ = tiny_records
+    return load_units(records_dir, 1, [0, 1, 2, 3, 4, 5])
+
+
+def test_backoff_holds_no_slot(fault_server):
+    """One slot, and the first request gets a 429: while it waits to retry, the other prompt is sent.
+    (A retry that slept on its slot would come second, before the other prompt.)"""
+    srv = fault_server(fail_with=[429])
+    llm = fast(srv.base_url, max_concurrency=1, backoff_base=0.3, backoff_cap=0.3)
+    out = llm.complete(["a", "b"])
+    assert [len(c) for c in out] == [1, 1]
+    prompts = [r["json"]["prompt"] for r in srv.requests]
+    assert len(prompts) == 3 and prompts[1] != prompts[0] and prompts[2] == prompts[0], prompts
+    assert srv.max_inflight == 1
+
+
+FAULTS = [429, 500, 503, "invalid-json", "truncated", "no-choices", "reset"]
+
+
+def test_every_transient_fault_is_retried_in_prompt_logprobs(fault_server, bench_server):
+    srv = fault_server(fail_with=[200] + FAULTS + ["no-logprobs"], upstream=bench_server.base_url)
+    llm = fast(srv.base_url, max_concurrency=4, max_retries=10)
+    llm.prompt_logprobs(["Explanation: x\nword\tunknown\n"])  # the server shows it returns logprobs
+    prompts = [f"Explanation: e{i}\nword{i}\tunknown\n<end>" for i in range(12)]
+    got = llm.prompt_logprobs(prompts)
+    clean = fast(bench_server.base_url).prompt_logprobs(prompts)
+    assert got == clean  # every prompt answered, each as the fault-free server answers it
+    assert len(srv.requests) == 1 + 12 + len(FAULTS) + 1
+    assert llm.usage.requests == 13
+
+
+def test_every_transient_fault_is_retried_in_complete_and_chat(fault_server):
+    srv = fault_server(fail_with=FAULTS)
+    llm = fast(srv.base_url, max_concurrency=3, max_retries=10)
+    out = llm.complete([f"p{i}" for i in range(5)], n=2)
+    assert [len(c) for c in out] == [2] * 5
+    srv2 = fault_server(fail_with=FAULTS, chat=lambda m: "[]")
+    chat = fast(srv2.base_url, max_concurrency=3, max_retries=10).chat([[{"role": "user", "content": "hi"}]] * 4)
+    assert [c.text for c in chat] == ["[]"] * 4
+
+
+def test_missing_logprobs_from_a_server_that_never_sent_them_is_said_at_once(fault_server):
+    srv = fault_server(fail_with=["no-logprobs"])
+    with pytest.raises(LLMError, match="no prompt logprobs"):
+        fast(srv.base_url).prompt_logprobs(["a b c"])
+    assert len(srv.requests) == 1
+
+
+def test_a_record_whose_retries_run_out_fails_alone(fault_server, bench_server):
+    """No retries, one slot: the first two requests get a 500 and their records are failed with the
+    reason; every other record is simulated, and the run does not stop."""
+    srv = fault_server(fail_with=[500, 500], upstream=bench_server.base_url)
+    sim = AllAtOnceSimulator(fast(srv.base_url, max_concurrency=1, max_retries=0))
+    records = [[f"w{i}", "b", "c"] for i in range(6)]
+    sims = sim.simulate("words", records)
+    failed = [s for s in sims if not s.ok]
+    assert len(failed) == 2 and all("request failed" in s.failure and "HTTP 500" in s.failure for s in failed)
+    assert sum(s.ok for s in sims) == 4 and len(srv.requests) == 6
+
+
+def test_a_permanent_error_still_stops_the_run(fault_server):
+    srv = fault_server(fail_with=[401], then_status=200)
+    sim = AllAtOnceSimulator(fast(srv.base_url, max_concurrency=1))
+    with pytest.raises(LLMError, match="refused the API key"):
+        sim.simulate("words", [["a"], ["b"]])
+
+
+def test_a_unit_whose_explainer_requests_fail_is_recorded_failed(fault_server, units):
+    srv = fault_server(fail_with=[500])
+    llm = fast(srv.base_url, max_concurrency=1, max_retries=0)
+    table = pipeline.explain_stage(units[:4], llm, pipeline.ExplainConfig(k=2)).to_pylist()
+    mine = [r for r in table if r["method"] == pipeline.EXPLAINER]
+    failed = [r for r in mine if r["failure"]]
+    assert len(failed) == 1 and "HTTP 500" in failed[0]["failure"] and failed[0]["candidates"] == []
+    assert all(r["candidates"] and r["failure"] is None for r in mine if r is not failed[0])
+
+
+def test_stages_give_the_same_tables_at_any_concurrency(units):
+    """Explain and simulate at concurrency 1 and 32: the same tables, row for row, and at 32 many
+    requests were in flight at once (the server answers after 20 ms, so that they overlap)."""
+    bench_server = BenchServer(latency=0.02)
+    tables = []
+    for concurrency in (1, 32):
+        llm = fast(bench_server.base_url, max_concurrency=concurrency)
+        x = pipeline.explain_stage(units, llm, pipeline.ExplainConfig(k=3))
+        chosen, sims = pipeline.simulate_stage(units, x, AllAtOnceSimulator(llm), seed=0)
+        tables.append((x.to_pylist(), chosen.to_pylist(), sims.to_pylist()))
+        llm.close()
+    assert tables[0] == tables[1]
+    sims = tables[0][2]
+    assert sims and sum(r["expected"] is not None for r in sims) == len(sims)
+    assert bench_server.max_inflight > 8
+    bench_server.stop()
+
+
+def test_limits_default_by_server_and_are_set_per_process(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "test")
+    set_limits(None, None)
+    assert make_llm("openai:m@http://127.0.0.1:9/v1").max_concurrency == 64
+    assert make_llm("openai:gpt-4o-mini").max_concurrency == 8
+    try:
+        set_limits(5, 120)
+        llm = make_llm("openai:m@http://127.0.0.1:9/v1")
+        assert (llm.max_concurrency, llm.requests_per_minute) == (5, 120.0)
+    finally:
+        set_limits(None, None)
+
+
+@pytest.mark.parametrize("concurrency, rpm, words", [(0, None, "--concurrency: must be at least 1, got 0"),
+                                                     (-3, None, "--concurrency: must be at least 1"),
+                                                     (4, 0, "--rpm: must be more than 0")])
+def test_bad_limits_fail_before_any_work(concurrency, rpm, words):
+    with pytest.raises(UserError, match=words):
+        preflight.check_limits(concurrency, rpm, preflight.cli_flag)
+
+
+def test_every_llm_command_checks_its_concurrency_first(tmp_path):
+    from tests.test_cli import _one_error_line, run
+
+    for args in (["explain", "--records", str(tmp_path)], ["simulate", "--records", str(tmp_path), "--explanations",
+                 str(tmp_path)], ["explain-layer", "--out", str(tmp_path)], ["rescore", "--out", str(tmp_path)]):
+        line = _one_error_line(run(*args, "--concurrency", "0"))
+        assert "--concurrency: must be at least 1, got 0" in line, (args, line)
