@@ -1,0 +1,148 @@
+"""The commands that run whole flows: `explain-layer`, `rescore` and `revise`.
+
+Each checks every parameter here first (one line and exit 2 on a bad one, before Prefect starts),
+then runs the same flow as the deployments, with the stage bars, and ends with one summary table
+for the layer and the paths of the site and the outputs. `autoexplain.cli` registers them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from autoexplain import defaults, preflight
+from autoexplain.console import print_summary, run_or_exit, stage_bars
+from autoexplain.errors import UserError
+
+
+def explain_layer_cmd(
+    layer: int = typer.Option(15, "--layer", "-l", help="Layer to explain (SmolLM2 has 0-29)."),
+    units: Optional[str] = typer.Option(None, "--units", "-u", help="Units, e.g. 0-99 (default: the whole layer, both polarities)."),
+    model: str = typer.Option(defaults.SUBJECT, "--model", "-m", help="Subject model (see `record --help`)."),
+    corpus: str = typer.Option(defaults.CORPUS, "--corpus", "-c", help="Corpus (see `record --help`)."),
+    tokens: int = typer.Option(1_000_000, "--tokens", "-n", help="Corpus tokens to record."),
+    explainer: str = typer.Option("embedding", "--explainer", "-e", help="'embedding' (offline default, no LLM), 'local' (embedded SmolLM2), 'openai:MODEL' or 'openai:MODEL@URL'."),
+    simulator: str = typer.Option("embedding", "--simulator", "-s", help="'embedding', 'all-at-once[:LLM]' or 'chat-json:LLM'."),
+    k: int = typer.Option(4, "--k", help="Candidate explanations per unit (best-of-k on the valid split)."),
+    shard_size: int = typer.Option(256, "--shard-size", help="Units per task."),
+    n_boot: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the 95% CIs."),
+    window_len: int = typer.Option(64, "--window-len", help="Tokens per window (the reference uses 64)."),
+    top_k: int = typer.Option(40, "--top-k", help="Top-activating windows kept per unit and polarity."),
+    n_random: int = typer.Option(30, "--random", help="Random windows kept per unit and polarity."),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", help="LLM requests in flight at once, across units (default: 64 for a server URL, 8 for api.openai.com). Results do not depend on it."),
+    rpm: Optional[float] = typer.Option(None, "--rpm", help="At most this many LLM requests per minute (default: no limit)."),
+    out: str = typer.Option("out", "--out", "-o", help="Output folder, or an fsspec URL (s3://bucket/run, file:///mnt/share/out, ...) worked on through a local mirror."),
+    results: Optional[str] = typer.Option(None, "--results", help="Folder or fsspec URL for Prefect's task results (its cache), e.g. s3://bucket/prefect-results. Default: Prefect's local storage."),
+):
+    """Record if needed, then explain, simulate and score a layer, as a Prefect flow (no server needed)."""
+    params = dict(layer=layer, units=units, model=model, corpus=corpus, tokens=tokens, explainer=explainer,
+                  simulator=simulator, k=k, shard_size=shard_size, n_boot=n_boot, window_len=window_len, top_k=top_k,
+                  n_random=n_random, out=out, results=results, concurrency=concurrency, rpm=rpm)
+    run_or_exit(lambda: _run_flow("explain_layer", params, lambda: preflight.explain_layer(params, preflight.cli_flag)))
+
+
+def rescore_cmd(
+    out: str = typer.Option("out", "--out", "-o", help="Output root of an explain-layer run (folder or URL)."),
+    layer: int = typer.Option(15, "--layer", "-l", help="Layer whose latest run to re-score."),
+    simulator: str = typer.Option("embedding", "--simulator", "-s", help="'embedding', 'all-at-once[:LLM]' or 'chat-json:LLM'."),
+    n_boot: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the 95% CIs."),
+    results: Optional[str] = typer.Option(None, "--results", help="Folder or URL for Prefect's task results."),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", help="LLM requests in flight at once, across units (default: 64 for a server URL, 8 for api.openai.com). Results do not depend on it."),
+    rpm: Optional[float] = typer.Option(None, "--rpm", help="At most this many LLM requests per minute (default: no limit)."),
+):
+    """Re-simulate and re-score the latest run of a layer (the nightly job), and compare with its previous scores."""
+    from flows.explain_layer import find_run
+
+    params = dict(out=out, layer=layer, simulator=simulator, n_boot=n_boot, results=results, concurrency=concurrency,
+                  rpm=rpm)
+
+    def check():
+        preflight.at_least(preflight.cli_flag, "n_boot", n_boot, 1)
+        preflight.check_limits(concurrency, rpm, preflight.cli_flag)
+        preflight.check_simulator(simulator, preflight.cli_flag)
+        _cli_spelling(lambda: find_run(out, layer))
+
+    run_or_exit(lambda: _run_flow("rescore", params, check))
+
+
+def _read_revisions(path: Path) -> dict[str, str]:
+    """A JSON object {"UNIT[:POLARITY]": text}, or JSON lines / CSV with unit, polarity, text."""
+    import csv
+    import json
+
+    if not path.is_file():
+        raise UserError(f"--file {path} does not exist", "pass a JSON, JSON-lines or CSV file of revisions")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".csv":
+            rows = list(csv.DictReader(text.splitlines()))
+        elif path.suffix == ".jsonl":
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            data = json.loads(text)
+            rows = [{"unit": k, "text": v} for k, v in data.items()] if isinstance(data, dict) else data
+        return {f"{r['unit']}:{r.get('polarity') or 1}" if ":" not in str(r["unit"]) else str(r["unit"]): r["text"]
+                for r in rows}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"cannot read revisions from {path} ({type(e).__name__}: {e})",
+                        'write {"12:-1": "text", ...}, JSON lines or CSV with unit, polarity, text') from None
+
+
+def revise_cmd(
+    out: str = typer.Option("out", "--out", "-o", help="Output root of an explain-layer run (folder or URL)."),
+    layer: int = typer.Option(15, "--layer", "-l", help="Layer whose latest run to revise."),
+    unit: Optional[str] = typer.Option(None, "--unit", "-u", help="The unit to revise: UNIT or UNIT:POLARITY, e.g. 12:-1."),
+    text: Optional[str] = typer.Option(None, "--text", "-t", help="Its new explanation."),
+    file: Optional[Path] = typer.Option(None, "--file", "-f", help="Several revisions: JSON {\"12:-1\": text}, JSON lines or CSV (unit, polarity, text)."),
+):
+    """Replace explanations by your own and re-simulate and re-score them (the explain-layer flow with revisions)."""
+    from flows.explain_layer import find_run
+
+    def go():
+        if (unit is None) != (text is None) or (unit is None and file is None):
+            raise UserError("revise needs --unit with --text, or --file", 'e.g. --unit 12:-1 --text "years written in digits"')
+        run = _cli_spelling(lambda: find_run(out, layer))
+        new = _read_revisions(file) if file else {}
+        if unit is not None:
+            new[unit] = text
+        base = {**run["params"], "out": out}
+        plan = _cli_spelling(lambda: preflight.explain_layer({**base, "revisions": None}))
+        merged = {**preflight.check_revisions(base.get("revisions"), None),
+                  **preflight.check_revisions(new, plan.units, preflight.cli_flag, "file" if file else "unit")}
+        params = {**base, "revisions": {f"{u}:{p:+d}": t for (u, p), t in sorted(merged.items())}}
+        _run_flow("explain_layer", params, lambda: None)
+
+    run_or_exit(go)
+
+
+def _cli_spelling(fn):
+    """A flow-level check run from the CLI: its 'parameter x' becomes the flag '--x'."""
+    try:
+        return fn()
+    except UserError as e:
+        problem = e.problem
+        if problem.startswith("parameter "):
+            name, _, rest = problem[len("parameter "):].partition(":")
+            problem = f"{preflight.cli_flag(name)}:{rest}"
+        raise UserError(problem, e.fix) from None
+
+
+def _run_flow(name: str, params: dict, check) -> None:
+    """Check every parameter here (one line and exit 2 on a bad one: nothing has started), then run
+    the flow with the stage bars, and print the layer's summary and where everything went."""
+    check()
+    from autoexplain import progress
+    from flows import explain_layer as flows
+    from tasks.stages import warm_up
+
+    warm_up(params.get("simulator"))
+    bars, listener = stage_bars()
+    remove = progress.listen(listener)
+    try:
+        with bars:
+            result = getattr(flows, name)(**params)
+    finally:
+        remove()
+    print_summary([Path(ref["path"]) for ref in result["scores"]], result)

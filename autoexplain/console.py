@@ -1,0 +1,128 @@
+"""What the command line shows: progress bars, one-line errors, and the summary at the end of a run.
+
+Shared by the commands in `autoexplain.cli` and the flow commands in `autoexplain.cli_runs`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from autoexplain.errors import UserError
+from schemas.contracts import ContractViolation
+
+err = Console(stderr=True)
+
+
+class _TokenRate(TextColumn):
+    def __init__(self):
+        super().__init__("")
+
+    def render(self, task):
+        rate = task.completed / task.elapsed if task.elapsed else 0.0
+        return f"{rate:,.0f} tok/s"
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:,}/{task.total:,} tokens"),
+        _TokenRate(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=False,
+    )
+
+
+class _Rate(TextColumn):
+    def __init__(self):
+        super().__init__("")
+
+    def render(self, task):
+        rate = task.completed / task.elapsed if task.elapsed else 0.0
+        return f"{rate:,.1f} {task.fields.get('unit', '')}/s"
+
+
+def stage_bars():
+    """Bars for a whole explain-layer run, fed by `autoexplain.progress` events from its tasks.
+
+    Tasks of several shards report side by side; each stage's bar adds up the latest count of
+    every shard that has started (so its total grows as shards start), and the "scored" bar is the
+    flow's count of neurons (both polarities) finished through scoring. Returns (rich Progress, listener)."""
+    bars = Progress(
+        TextColumn("[bold]{task.description:<9}"),
+        BarColumn(),
+        TextColumn("{task.completed:,}/{task.total:,} {task.fields[unit]}"),
+        _Rate(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        TimeElapsedColumn(),
+        console=err,
+    )
+    ids: dict[str, int] = {}
+    parts: dict[str, dict[str, tuple[int, int]]] = {}
+
+    def listener(stage: str, key: str, done: int, total: int) -> None:
+        parts.setdefault(stage, {})[key] = (done, total)
+        done_all = sum(d for d, _ in parts[stage].values())
+        total_all = sum(t for _, t in parts[stage].values())
+        if stage not in ids:
+            unit = {"record": "tokens", "scored": "neurons"}.get(stage, "units")
+            ids[stage] = bars.add_task(stage, total=total_all, unit=unit)
+        bars.update(ids[stage], completed=done_all, total=max(total_all, bars.tasks[ids[stage]].total or 0))
+
+    return bars, listener
+
+
+def run_or_exit(fn):
+    """Call fn, turning a UserError into one clear line and a non-zero exit."""
+    try:
+        return fn()
+    except UserError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+    except ContractViolation as e:  # an output the store refused to seal
+        failed = "; ".join(e.report.failures)
+        err.print(f"[bold red]error:[/] {getattr(e, 'path', '')} breaks its data contract '{e.report.suite}': {failed}",
+                  highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def print_summary(scores_paths: list[Path], result: dict | None = None) -> None:
+    """One table for the layer (all shards), then the comparison, the site and the outputs."""
+    import polars as pl
+    from rich.table import Table
+
+    from autoexplain.summary import compare_markdown, layer_summary
+
+    scores = pl.concat([pl.read_parquet(p) for p in scores_paths])
+    layers = ", ".join(str(v) for v in sorted(set(scores["layer"].to_list())))
+    units = scores.select("unit", "polarity").unique().height
+    table = Table(title=f"layer {layers}: test-split scores of {units} units (mean, 95% CI)")
+    for col in ("method", "metric", "units", "mean", "95% CI", "beats token-lookup", "undefined"):
+        table.add_column(col)
+    for r in layer_summary(scores).iter_rows(named=True):
+        share = "-" if r["beats_lookup"] is None else f"{100 * r['beats_lookup']:.0f}%"
+        table.add_row(r["method"], r["metric"], str(r["units"]), _fmt(r["mean"]),
+                      f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]", share, str(r["undefined"]))
+    err.print(table)
+    if result is None:
+        return
+    if result.get("comparison"):
+        err.print(compare_markdown(result["comparison"], "Change against the previous scores"), highlight=False)
+    if result.get("site"):
+        site = result["site"]
+        err.print(f"viewer: {site.removeprefix('file://')}  (serve it: autoexplain view --serve --site "
+                  f"{Path(site.removeprefix('file://')).parent})", highlight=False, soft_wrap=True)
+    err.print(f"outputs: {result['out']}", highlight=False, soft_wrap=True)
+    typer.echo(result["out"])
