@@ -258,6 +258,7 @@ def synthetic_layer(out: Path, layer: int, n_neurons: int, seed: int = 0) -> Pat
                                              if method == pipeline.EXPLAINER else [[]] * n)
         chosen["prompt_tokens"] += [0] * n
         chosen["completion_tokens"] += [0] * n
+        chosen["failure"] += [None] * n
     sims_dir = out / "simulations" / f"synthetic{layer}"
     write_table(pa.table(chosen), sims_dir / "chosen.parquet", "explanations")
     write_table(load_schema("simulations").empty_table(), sims_dir / f"layer_{layer}.parquet", "simulations")
