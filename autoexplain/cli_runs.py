@@ -53,8 +53,6 @@ def rescore_cmd(
     rpm: Optional[float] = typer.Option(None, "--rpm", help="At most this many LLM requests per minute (default: no limit)."),
 ):
     """Re-simulate and re-score the latest run of a layer (the nightly job), and compare with its previous scores."""
-    from flows.explain_layer import find_run
-
     params = dict(out=out, layer=layer, simulator=simulator, n_boot=n_boot, results=results, concurrency=concurrency,
                   rpm=rpm)
 
@@ -62,7 +60,7 @@ def rescore_cmd(
         preflight.at_least(preflight.cli_flag, "n_boot", n_boot, 1)
         preflight.check_limits(concurrency, rpm, preflight.cli_flag)
         preflight.check_simulator(simulator, preflight.cli_flag)
-        _cli_spelling(lambda: find_run(out, layer))
+        preflight.find_run(out, layer, preflight.cli_flag)
 
     run_or_exit(lambda: _run_flow("rescore", params, check))
 
@@ -98,35 +96,21 @@ def revise_cmd(
     file: Optional[Path] = typer.Option(None, "--file", "-f", help="Several revisions: JSON {\"12:-1\": text}, JSON lines or CSV (unit, polarity, text)."),
 ):
     """Replace explanations by your own and re-simulate and re-score them (the explain-layer flow with revisions)."""
-    from flows.explain_layer import find_run
-
     def go():
         if (unit is None) != (text is None) or (unit is None and file is None):
             raise UserError("revise needs --unit with --text, or --file", 'e.g. --unit 12:-1 --text "years written in digits"')
-        run = _cli_spelling(lambda: find_run(out, layer))
+        run = preflight.find_run(out, layer, preflight.cli_flag)
         new = _read_revisions(file) if file else {}
         if unit is not None:
             new[unit] = text
         base = {**run["params"], "out": out}
-        plan = _cli_spelling(lambda: preflight.explain_layer({**base, "revisions": None}))
+        plan = preflight.explain_layer({**base, "revisions": None}, preflight.cli_flag)
         merged = {**preflight.check_revisions(base.get("revisions"), None),
                   **preflight.check_revisions(new, plan.units, preflight.cli_flag, "file" if file else "unit")}
         params = {**base, "revisions": {f"{u}:{p:+d}": t for (u, p), t in sorted(merged.items())}}
         _run_flow("explain_layer", params, lambda: None)
 
     run_or_exit(go)
-
-
-def _cli_spelling(fn):
-    """A flow-level check run from the CLI: its 'parameter x' becomes the flag '--x'."""
-    try:
-        return fn()
-    except UserError as e:
-        problem = e.problem
-        if problem.startswith("parameter "):
-            name, _, rest = problem[len("parameter "):].partition(":")
-            problem = f"{preflight.cli_flag(name)}:{rest}"
-        raise UserError(problem, e.fix) from None
 
 
 def _run_flow(name: str, params: dict, check) -> None:

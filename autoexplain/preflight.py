@@ -280,3 +280,22 @@ def explain_layer(p: dict, spell: Spelling = flow_name) -> LayerPlan:
     check_simulator(p.get("simulator"), spell)
     return LayerPlan(shape, units, revisions)
 
+
+
+def find_run(out: str, layer: int, spell: Spelling = flow_name) -> dict:
+    """The latest finished run of `layer` under the output root `out` (its pointer,
+    `storage.run_file`), or a UserError naming the parameter to set."""
+    from autoexplain import remote
+    from autoexplain.storage import open_root, read_run, run_file, run_layers
+
+    root = open_root(out)
+    run = read_run(root, layer)
+    if run is not None:
+        return run
+    have = [] if remote.is_url(out) else run_layers(root)
+    if have:
+        raise _fail(spell, "layer", f"{out} holds no finished explain-layer run of layer {layer} "
+                    f"(it has layers {', '.join(map(str, have))})", f"set {spell('layer').split()[-1]} to one of those")
+    raise _fail(spell, "out", f"{out} holds no finished explain-layer run (looked for "
+                f"{run_file(root, layer).relative_to(root)})",
+                f"set {spell('out').split()[-1]} to the output root of an explain-layer run, or run explain-layer there first")

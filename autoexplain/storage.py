@@ -220,6 +220,11 @@ def run_file(root: str | os.PathLike, layer: int) -> Path:
     return Path(root) / "runs" / f"layer_{layer}.json"
 
 
+def run_layers(root: str | os.PathLike) -> list[int]:
+    """The layers with a run pointer under a local output root."""
+    return sorted(int(p.stem.removeprefix("layer_")) for p in run_file(root, 0).parent.glob("layer_*.json"))
+
+
 def write_run(root: str | os.PathLike, layer: int, run: dict, report: str | None = None) -> Path:
     """Point the layer at a finished run; `report` (markdown, e.g. a re-score's comparison) goes
     beside the pointer as `layer_<L>.<flow>.md`."""

@@ -31,7 +31,7 @@ from autoexplain.layer import parse_units
 from autoexplain.registry import simulator_identity
 from autoexplain.llm import set_limits
 from autoexplain.remote import is_url
-from autoexplain.storage import open_root, read_run, write_run
+from autoexplain.storage import open_root, write_run
 from autoexplain.summary import compare_markdown
 from schemas.contracts import ContractViolation
 from tasks.compare import compare_task
@@ -171,22 +171,6 @@ def _explain_layer(plan: preflight.LayerPlan, out: str, results: str | None, par
     return {"records": records, "scores": in_order(scores), "report": report, "site": site_uri, "out": out}
 
 
-def find_run(out: str, layer: int) -> dict:
-    """The latest finished run of `layer` under the output root `out`, or a UserError that says
-    which parameter to set."""
-    root = open_root(out)
-    run = read_run(root, layer)
-    if run is not None:
-        return run
-    runs = sorted(root.glob("runs/layer_*.json")) if not is_url(out) else []
-    if runs:
-        have = ", ".join(p.stem.removeprefix("layer_") for p in runs)
-        raise UserError(f"parameter layer: {out} holds no finished explain-layer run of layer {layer} (it has layers {have})",
-                        "set layer to one of those")
-    raise UserError(f"parameter out: {out} holds no finished explain-layer run (looked for {Path('runs') / f'layer_{layer}.json'})",
-                    "set out to the output root of an explain-layer run, or run explain-layer there first")
-
-
 @flow(name="rescore", validate_parameters=True)
 def rescore(out: str = "out", layer: int = 15, simulator: str = "embedding", n_boot: int = 1000,
             results: str | None = None, concurrency: int | None = None, rpm: float | None = None) -> dict:
@@ -200,7 +184,7 @@ def rescore(out: str = "out", layer: int = 15, simulator: str = "embedding", n_b
         if not is_url(out) and not Path(out).is_dir():
             raise UserError(f"parameter out: {Path(out).absolute()} does not exist",
                             "set out to the output root of an explain-layer run")
-        return find_run(out, layer)
+        return preflight.find_run(out, layer)
 
     run, failed = _checked(check)
     if failed:
