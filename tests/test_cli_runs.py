@@ -101,6 +101,10 @@ BAD_FLAGS = [
     (["--tokens", "0"], "--tokens: must be at least 1"),
     (["--corpus", "/no/such/corpus.txt"], "--corpus: corpus /no/such/corpus.txt does not exist"),
     (["--model", "/no/such/model"], "--model: cannot load model"),
+    (["--top-k", "0"], "--top-k: must be at least 1"),
+    (["--random", "-1"], "--random: must be at least 0"),
+    (["--window-len", "1"], "--window-len: must be at least 2"),
+    (["--concurrency", "0"], "--concurrency: must be at least 1"),
 ]
 
 
@@ -126,6 +130,12 @@ def test_rescore_and_revise_bad_flags(home, explained, tmp_path):
     assert "--unit: cannot read the revision key" in _one_error_line(cli(home, "revise", "--out", str(out), "--layer", "1",
                                                                          "--unit", "x:1", "--text", "t"))
     assert "needs --unit with --text" in _one_error_line(cli(home, "revise", "--out", str(out), "--layer", "1"))
+    assert "--file " in _one_error_line(cli(home, "revise", "--out", str(out), "--layer", "1", "--file",
+                                            str(tmp_path / "missing.json")))
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2")
+    assert f"cannot read revisions from {bad}" in _one_error_line(cli(home, "revise", "--out", str(out), "--layer", "1",
+                                                                      "--file", str(bad)))
 
 
 def test_stage_commands_reject_bad_input_in_one_line(home, explained, tmp_path):
