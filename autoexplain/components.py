@@ -75,6 +75,9 @@ class Simulator(Component):
     """
 
     uses_text_vectors: ClassVar[bool] = False
+    # How best-of-k is chosen on the valid split (`best_of_k`): "full" (every candidate on every
+    # record) or "halving" (successive halving, for simulators that pay per request).
+    selection: ClassVar[str] = "full"
     prompt_hash: str = ""  # the hash of the prompt it read, stored with its outputs
 
     def simulate(self, explanation: str, records: Sequence[Sequence[str]]) -> list["Simulation"]:

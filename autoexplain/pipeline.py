@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pyarrow as pa
 
-from autoexplain import scoring
+from autoexplain import best_of_k, scoring
 from autoexplain.counters import COUNTS
 from autoexplain.explain import as_explainer, shuffled_explanations, token_lookup_explanation
 from autoexplain.records import UnitRecords
@@ -121,15 +121,6 @@ def _scoring_records(unit: UnitRecords, split: str):
     return [r for r in unit.records if r.split == split and r.kind in SCORED_KINDS]
 
 
-def _valid_correlation(records, sims: list[Simulation]) -> float:
-    """Top-and-random correlation on the valid split; -inf when undefined, so it is never picked."""
-    pairs = [(r.activations, s.expected) for r, s in zip(records, sims) if s.ok]
-    try:
-        return scoring.correlation([p[0] for p in pairs], [p[1] for p in pairs])
-    except scoring.UndefinedMetric:
-        return float("-inf")
-
-
 def _simulate(simulator, text: str, records) -> list[Simulation]:
     return _simulate_texts(simulator, [text], records)[0]
 
@@ -158,10 +149,10 @@ def simulate_unit(unit: UnitRecords, llm_row: dict, lookup_row: dict | None, sim
     """Best-of-k on valid, then the chosen explanation and the token-lookup baseline on calib/test.
     Returns (chosen explanation rows, simulation rows)."""
     valid = _scoring_records(unit, "valid")
-    scores = [_valid_correlation(valid, sims) for sims in _simulate_texts(simulator, llm_row["candidates"], valid)]
-    best = llm_row["candidates"][int(np.argmax(scores))] if scores else ""
-    chosen = {**llm_row, "text": best,
-              "candidate_valid_scores": [x if np.isfinite(x) else float("nan") for x in scores]}
+    choice = best_of_k.choose(llm_row["candidates"], valid, lambda texts, recs: _simulate_texts(simulator, texts, recs),
+                              simulator.selection)
+    best = llm_row["candidates"][choice.index] if choice.index >= 0 else ""
+    chosen = {**llm_row, "text": best, "candidate_valid_scores": choice.valid_scores}
     # Imported explanation sets carry no baseline: derive it from the same train records.
     if lookup_row is None:
         text = token_lookup_explanation(shown_records(unit, 5))

@@ -99,10 +99,16 @@ class AllAtOnceSimulator(Simulator):
 
     With a local model (an object with `.model` and `.tokenizer`) it reads the logits directly,
     computes the unit's prompt prefix once and runs all records as one batch on a copy of that
-    KV cache. With a server it asks for prompt logprobs (`echo=True`), one request per record.
+    KV cache. With a server it asks for prompt logprobs (`echo=True`), several records per
+    request (`records_per_request`).
     """
 
     kind, takes_llm, prompt_files = "all-at-once", "optional", SIMULATOR_FILES
+    selection = "halving"
+    # On a server, records of one explanation share a request, as the few-shot neurons show
+    # several records under one explanation: the prefix (about 700 tokens) is paid once per
+    # request, not per record. Five 64-token records are about 2,300 prompt tokens.
+    records_per_request = 5
 
     def __init__(self, llm, batch_size: int = 16, top_logprobs: int = 15, reuse_prefix: bool = True):
         self.llm = llm
@@ -136,29 +142,45 @@ class AllAtOnceSimulator(Simulator):
 
     # -- server: prompt logprobs ------------------------------------------------------------
     def _server(self, explanations, records):
-        prefixes = [simulator_prefix(e) for e in explanations]
+        """One request per explanation and group of up to `records_per_request` records: the
+        records follow the explanation one after another, each as its own <start>..<end> block."""
         bodies = [simulator_body(r) for r in records]
-        prompts = [prefix + body for prefix in prefixes for body, _ in bodies]
+        step = self.records_per_request
+        groups = [list(range(i, min(i + step, len(bodies)))) for i in range(0, len(bodies), step)]
+        prompts, layout = [], []  # layout: per prompt, (explanation index, [(record, char start)])
+        for e, explanation in enumerate(explanations):
+            prefix = simulator_prefix(explanation)
+            for group in groups:
+                text, starts = prefix, []
+                for n, r in enumerate(group):
+                    text += "\n<start>\n" if n else ""
+                    starts.append((r, len(text)))
+                    text += bodies[r][0]
+                prompts.append(text)
+                layout.append((e, starts))
         results = self.llm.prompt_logprobs(prompts, top=self.top_logprobs, **_per_item_errors(self.llm.prompt_logprobs))
-        out = []
-        for e, prefix in enumerate(prefixes):
-            sims = []
-            for (body, offsets), res in zip(bodies, results[e * len(bodies): (e + 1) * len(bodies)]):
-                if isinstance(res, Exception):  # retries ran out: this record failed, the rest go on
-                    sims.append(Simulation(None, f"request failed: {getattr(res, 'problem', res)}"))
+        out: list[list[Simulation | None]] = [[None] * len(bodies) for _ in explanations]
+        for (e, starts), res in zip(layout, results):
+            for n, (r, start) in enumerate(starts):
+                if isinstance(res, Exception):  # retries ran out: these records failed, the rest go on
+                    out[e][r] = Simulation(None, f"request failed: {getattr(res, 'problem', res)}")
                     continue
-                starts = {off: i for i, off in enumerate(res.offsets)}
-                values = []
-                for off in offsets:
-                    i = starts.get(len(prefix) + off)
-                    top = res.top_logprobs[i] if i is not None and i < len(res.top_logprobs) else {}
-                    digits = {int(k.strip()): lp for k, lp in (top or {}).items() if k.strip() in DIGITS}
-                    values.append(expected_value(digits))
-                sim = _failed_positions(values, len(offsets))
-                sim.prompt_tokens = res.prompt_tokens
-                sims.append(sim)
-            out.append(sims)
+                out[e][r] = self._read_record(res, start, bodies[r][1])
+                # The request's prompt tokens, shared out among its records.
+                out[e][r].prompt_tokens = res.prompt_tokens // len(starts) + (n < res.prompt_tokens % len(starts))
         return out
+
+    @staticmethod
+    def _read_record(res, start: int, offsets: list[int]) -> Simulation:
+        """The expected value at each placeholder of a record whose body begins at `start`."""
+        at = {off: i for i, off in enumerate(res.offsets)}
+        values = []
+        for off in offsets:
+            i = at.get(start + off)
+            top = res.top_logprobs[i] if i is not None and i < len(res.top_logprobs) else {}
+            digits = {int(k.strip()): lp for k, lp in (top or {}).items() if k.strip() in DIGITS}
+            values.append(expected_value(digits))
+        return _failed_positions(values, len(offsets))
 
     # -- local: logits, batched, shared prefix -------------------------------------------------
     @torch.inference_mode()

@@ -91,6 +91,7 @@ def _logprob_values(result, reply) -> list[float | None]:
 
 class ChatJsonSimulator(Simulator):
     kind, takes_llm, prompt_files = "chat-json", "required", ("simulator_system.txt",)
+    selection = "halving"
 
     def __init__(self, llm, retries: int = 2, top_logprobs: int | None = 5, min_coverage: float = 1.0,
                  max_tokens: int = 2048):

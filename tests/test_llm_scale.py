@@ -81,15 +81,17 @@ def test_missing_logprobs_from_a_server_that_never_sent_them_is_said_at_once(fau
 
 
 def test_a_record_whose_retries_run_out_fails_alone(fault_server, bench_server):
-    """No retries, one slot: the first two requests get a 500 and their records are failed with the
-    reason; every other record is simulated, and the run does not stop."""
-    srv = fault_server(fail_with=[500, 500], upstream=bench_server.base_url)
+    """No retries: the first request gets a 500 and its records are failed with the reason; every
+    other record is simulated, and the run does not stop. Records are packed 5 to a request, so the
+    failed request is one whole group of 5 (whichever was sent first)."""
+    srv = fault_server(fail_with=[500], upstream=bench_server.base_url)
     sim = AllAtOnceSimulator(fast(srv.base_url, max_concurrency=1, max_retries=0))
-    records = [[f"w{i}", "b", "c"] for i in range(6)]
+    records = [[f"w{i}", "b", "c"] for i in range(10)]
     sims = sim.simulate("words", records)
-    failed = [s for s in sims if not s.ok]
-    assert len(failed) == 2 and all("request failed" in s.failure and "HTTP 500" in s.failure for s in failed)
-    assert sum(s.ok for s in sims) == 4 and len(srv.requests) == 6
+    failed = [i for i, s in enumerate(sims) if not s.ok]
+    assert failed in (list(range(5)), list(range(5, 10)))
+    assert all("request failed" in sims[i].failure and "HTTP 500" in sims[i].failure for i in failed)
+    assert sum(s.ok for s in sims) == 5 and len(srv.requests) == 2
 
 
 def test_a_permanent_error_still_stops_the_run(fault_server):
