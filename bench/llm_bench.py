@@ -7,9 +7,12 @@ CPU is not counted as the client's).
 
 Units are synthetic, shaped like a recording's: per unit and polarity 40 top windows dealt
 train/calib/valid/test and 30 random windows dealt calib/valid/test, 64 tokens each, so the simulate
-stage sends k x 20 valid records + 2 x 40 held-out records + 40 for the shuffled control (200
-requests a unit at k = 4), each an echo request whose reply carries the top-15 alternatives at every
-prompt position (about 180 kB). The explain stage sends one request (n = k) per unit.
+stage simulates k candidates on the 20 valid records (all of them, or by successive halving), then
+2 texts on the 40 held-out records and 40 for the shuffled control, as echo requests of one or more
+records whose replies carry the top-15 alternatives at every prompt position (about 180 kB per
+record). The explain stage sends one request (n = k) per unit.
+
+    python bench/llm_bench.py --latency 0 --sim-units 16 --explain-units 0 --k 4 --selection full --records-per-request 1
 
 Reports requests per second against the ideal concurrency / latency, and the client's CPU time per
 request (this process: user + system, all threads).
@@ -96,6 +99,10 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--faults", type=float, default=0.0, help="fraction of answers that are faults")
     ap.add_argument("--max-retries", type=int, default=8)
+    ap.add_argument("--selection", choices=("full", "halving"), default=None,
+                    help="best-of-k on valid (default: the simulator's own, halving)")
+    ap.add_argument("--records-per-request", type=int, default=None,
+                    help="records packed into one simulator request (default: the simulator's own, 5)")
     a = ap.parse_args()
 
     from autoexplain import pipeline
@@ -109,7 +116,7 @@ def main() -> None:
         llm = OpenAILLM("bench", url, api_key="bench", max_concurrency=a.concurrency, max_retries=a.max_retries,
                         backoff_base=0.5, backoff_cap=4.0, timeout=timeout)
         requests = lambda: COUNTS["llm_requests"]  # noqa: E731 (answered requests, retries not counted)
-        ideal = a.concurrency / a.latency
+        ideal = a.concurrency / a.latency if a.latency > 0 else float("inf")
         out = {"latency_s": a.latency, "concurrency": a.concurrency, "k": a.k, "faults": a.faults,
                "ideal_requests_per_s": ideal, "cpu": os.cpu_count(), "load_avg_before": os.getloadavg()[0]}
         runs = []
@@ -125,8 +132,14 @@ def main() -> None:
             runs.append(measure("explain", explain, requests))
         if a.sim_units:
             units = synthetic_units(a.sim_units, seed=2)
+            before = llm.usage.total_tokens
             x = pipeline.explain_stage(units, llm, pipeline.ExplainConfig(k=a.k))
             sim = AllAtOnceSimulator(llm)
+            if a.selection:
+                sim.selection = a.selection
+            if a.records_per_request:
+                sim.records_per_request = a.records_per_request
+            out.update(selection=sim.selection, records_per_request=sim.records_per_request)
 
             def simulate():
                 chosen, sims = pipeline.simulate_stage(units, x, sim, seed=0)
@@ -137,13 +150,16 @@ def main() -> None:
                     if r["failure"]:
                         reason = r["failure"].split(":")[0] if "request failed" in r["failure"] else r["failure"][:40]
                         failures[reason] = failures.get(reason, 0) + 1
-                return {"units": len(units), "records": len(rows), "duplicated": len(keys) - len(set(keys)),
+                tokens = llm.usage.total_tokens - before  # explain + simulate, valid records included
+                return {"units": len(units), "records": len(rows), "tokens_per_unit": round(tokens / len(units)), "duplicated": len(keys) - len(set(keys)),
                         "expected_records": len(units) * 120, "failed": sum(1 for r in rows if r["failure"]),
                         "failures": failures}
 
             runs.append(measure("simulate", simulate, requests))
         for r in runs:
             r["fraction_of_ideal"] = round(r["requests_per_s"] / ideal, 3)
+            if r["stage"] == "simulate":  # + the explain stage's one request per unit
+                r["requests_per_unit"] = round(r["requests"] / r["result"]["units"] + 1, 1)
         out["runs"] = runs
         out["load_avg_after"] = os.getloadavg()[0]
         print(json.dumps(out, indent=1))
