@@ -1,7 +1,7 @@
 """The JSON chat simulator, for chat-only APIs that return no prompt logprobs.
 
-The model gets the explanation and the record's tokens and answers with a JSON list of
-`{"token", "activation"}` objects at temperature 0. Where the API returns `top_logprobs`, the
+The model gets the explanation and the tokens of up to `records_per_request` records, and answers
+at temperature 0 with one JSON list of `{"token", "activation"}` objects per record. Where the API returns `top_logprobs`, the
 activation is the expected value over the digit tokens at the position where the number was
 written; otherwise it is the number itself. A reply that does not parse or does not cover the
 record's tokens is retried, and if it still fails the record is marked failed with the reason —
@@ -20,8 +20,9 @@ from autoexplain.explain import ENDING, _read
 from autoexplain.simulate import DIGITS, Simulation, Simulator, _per_item_errors, expected_value, prompt_hash
 
 FORMAT = (
-    "Answer with only a JSON list holding one object per token, in the order given: "
-    '[{"token": "...", "activation": N}, ...] where N is an integer from 0 to 10.'
+    "Answer with only a JSON list holding one list per record, in the order given, each holding one "
+    'object per token of that record, in order: [[{"token": "...", "activation": N}, ...], ...] where N '
+    "is an integer from 0 to 10."
 )
 
 
@@ -29,32 +30,70 @@ class ParseFailure(ValueError):
     pass
 
 
-def chat_messages(explanation: str, tokens: Sequence[str]) -> list[dict]:
+def chat_messages(explanation: str, records: Sequence[Sequence[str]]) -> list[dict]:
+    """One request for several records of one explanation: the explanation comes first, so that a
+    provider's prefix cache holds it for every request of the unit."""
     system = _read("simulator_system.txt").strip() + "\n" + FORMAT
-    user = f"Explanation: {ENDING} {explanation}.\nTokens: {json.dumps(list(tokens), ensure_ascii=False)}"
+    listed = json.dumps([list(r) for r in records], ensure_ascii=False)
+    user = f"Explanation: {ENDING} {explanation}.\nRecords ({len(records)}), each a list of tokens: {listed}"
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
-def parse_reply(text: str) -> list[tuple[str, float, int]]:
-    """[(token, activation, character offset of the number in `text`)]; ParseFailure otherwise."""
-    start, end = text.find("["), text.rfind("]")
-    if start < 0 or end <= start:
-        raise ParseFailure("no JSON list in the reply")
-    try:
-        items = json.loads(text[start : end + 1])
-    except json.JSONDecodeError as e:
-        raise ParseFailure(f"invalid JSON ({e.msg} at {e.pos})") from None
+_NUMBER = re.compile(r'"activation"\s*:\s*(-?\d+(?:\.\d+)?)')
+
+
+def _items(items, numbers: list, first: int, where: str) -> list[tuple[str, float, int]]:
+    """[(token, activation, character offset of the number)] of one record's objects; `numbers` are
+    the matches of every number in the reply, `first` the index of this record's first one."""
     if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
-        raise ParseFailure("the JSON is not a list of objects")
-    # Locate each number in the raw text, in order, to read its logprobs later.
-    numbers = [m for m in re.finditer(r'"activation"\s*:\s*(-?\d+(?:\.\d+)?)', text[start : end + 1])]
+        raise ParseFailure(f"{where} is not a list of objects")
     out = []
     for n, item in enumerate(items):
         value = item.get("activation")
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            raise ParseFailure(f"item {n} has no numeric activation")
-        offset = start + numbers[n].start(1) if n < len(numbers) else -1
+            raise ParseFailure(f"{where}: item {n} has no numeric activation")
+        offset = numbers[first + n].start(1) if first + n < len(numbers) else -1
         out.append((str(item.get("token", "")), float(min(max(value, 0), 10)), offset))
+    return out
+
+
+def _json_span(text: str):
+    start, end = text.find("["), text.rfind("]")
+    if start < 0 or end <= start:
+        raise ParseFailure("no JSON list in the reply")
+    try:
+        return json.loads(text[start : end + 1]), list(_NUMBER.finditer(text, start, end + 1))
+    except json.JSONDecodeError as e:
+        raise ParseFailure(f"invalid JSON ({e.msg} at {e.pos})") from None
+
+
+def parse_reply(text: str) -> list[tuple[str, float, int]]:
+    """One record's flat list: [(token, activation, character offset of the number in `text`)]."""
+    items, numbers = _json_span(text)
+    return _items(items, numbers, 0, "the JSON")
+
+
+def parse_replies(text: str, n: int) -> list:
+    """A packed reply: per record, its items (as `parse_reply`) or the ParseFailure that explains
+    why it has none. A flat list answers a single record."""
+    try:
+        lists, numbers = _json_span(text)
+    except ParseFailure as e:
+        return [e] * n
+    if n == 1 and isinstance(lists, list) and lists and all(isinstance(i, dict) for i in lists):
+        lists = [lists]
+    if not isinstance(lists, list):
+        return [ParseFailure("the JSON is not a list")] * n
+    out, first = [], 0
+    for r in range(n):
+        if r >= len(lists):
+            out.append(ParseFailure(f"the reply holds {len(lists)} lists for {n} records"))
+            continue
+        try:
+            out.append(_items(lists[r], numbers, first, f"list {r + 1}"))
+        except ParseFailure as e:
+            out.append(e)
+        first += len(lists[r]) if isinstance(lists[r], list) else 0
     return out
 
 
@@ -92,6 +131,9 @@ def _logprob_values(result, reply) -> list[float | None]:
 class ChatJsonSimulator(Simulator):
     kind, takes_llm, prompt_files = "chat-json", "required", ("simulator_system.txt",)
     selection = "halving"
+    # Records of one explanation share a request (the explanation and instructions are paid once);
+    # a record whose part of the reply fails is retried, grouped with the others that failed.
+    records_per_request = 4
 
     def __init__(self, llm, retries: int = 2, top_logprobs: int | None = 5, min_coverage: float = 1.0,
                  max_tokens: int = 2048):
@@ -99,12 +141,12 @@ class ChatJsonSimulator(Simulator):
         self.retries = retries
         self.top_logprobs = top_logprobs
         self.min_coverage = min_coverage
-        self.max_tokens = max_tokens
+        self.max_tokens = max_tokens  # per record; a request may use that many per record it holds
         self.name = f"chat-json:{getattr(llm, 'name', type(llm).__name__)}"
 
     @property
     def prompt_hash(self) -> str:
-        return prompt_hash("simulator_system.txt") + ":json1"
+        return prompt_hash("simulator_system.txt") + ":json2"
 
     @property
     def thread_safe(self) -> bool:
@@ -113,8 +155,16 @@ class ChatJsonSimulator(Simulator):
     def simulate(self, explanation: str, records: Sequence[Sequence[str]]) -> list[Simulation]:
         return self.simulate_many([explanation], records)[0]
 
+    def _groups(self, pending: list[int], pairs) -> list[list[int]]:
+        """Pending pairs in requests of up to `records_per_request`, one explanation per request."""
+        by_text: dict[str, list[int]] = {}
+        for i in pending:
+            by_text.setdefault(pairs[i][0], []).append(i)
+        step = self.records_per_request
+        return [ids[j : j + step] for ids in by_text.values() for j in range(0, len(ids), step)]
+
     def simulate_many(self, explanations: Sequence[str], records: Sequence[Sequence[str]]) -> list[list[Simulation]]:
-        """Every (explanation, record) pair's requests in flight together; retries per pair."""
+        """Every request of the call in flight together; the records that fail are retried."""
         pairs = [(e, r) for e in explanations for r in records]
         pending = list(range(len(pairs)))
         sims: list[Simulation | None] = [None] * len(pairs)
@@ -123,21 +173,26 @@ class ChatJsonSimulator(Simulator):
         for attempt in range(self.retries + 1):
             if not pending:
                 break
+            groups = self._groups(pending, pairs)
             # Retries sample a little, otherwise temperature 0 would repeat the same broken reply.
             temperature = 0.0 if attempt == 0 else 0.7
-            results = self.llm.chat([chat_messages(*pairs[i]) for i in pending],
-                                    temperature=temperature, max_tokens=self.max_tokens,
+            results = self.llm.chat([chat_messages(pairs[g[0]][0], [pairs[i][1] for i in g]) for g in groups],
+                                    temperature=temperature, max_tokens=self.max_tokens * max(map(len, groups)),
                                     top_logprobs=self.top_logprobs, **extra)
             still = []
-            for i, result in zip(pending, results):
+            for group, result in zip(groups, results):
                 if isinstance(result, Exception):  # the request's own retries ran out: not asked again
-                    sims[i] = Simulation(None, f"request failed: {getattr(result, 'problem', result)}")
+                    for i in group:
+                        sims[i] = Simulation(None, f"request failed: {getattr(result, 'problem', result)}")
                     continue
-                used[i][0] += result.prompt_tokens
-                used[i][1] += result.completion_tokens
-                sims[i] = self._read(pairs[i][1], result)
-                if not sims[i].ok:
-                    still.append(i)
+                parts = parse_replies(result.text, len(group))
+                for n, (i, part) in enumerate(zip(group, parts)):
+                    # The request's tokens, shared out among its records.
+                    used[i][0] += result.prompt_tokens // len(group) + (n < result.prompt_tokens % len(group))
+                    used[i][1] += result.completion_tokens // len(group) + (n < result.completion_tokens % len(group))
+                    sims[i] = self._read(pairs[i][1], result, part)
+                    if not sims[i].ok:
+                        still.append(i)
             pending = still
         for i, sim in enumerate(sims):
             sim.prompt_tokens, sim.completion_tokens = used[i]
@@ -146,11 +201,9 @@ class ChatJsonSimulator(Simulator):
         n = len(records)
         return [sims[k * n: (k + 1) * n] for k in range(len(explanations))]
 
-    def _read(self, tokens: Sequence[str], result) -> Simulation:
-        try:
-            reply = parse_reply(result.text)
-        except ParseFailure as e:
-            return Simulation(None, f"unparseable reply: {e}")
+    def _read(self, tokens: Sequence[str], result, reply) -> Simulation:
+        if isinstance(reply, ParseFailure):
+            return Simulation(None, f"unparseable reply: {reply}")
         mapping = align(tokens, reply)
         covered = sum(m is not None for m in mapping)
         if covered < self.min_coverage * len(tokens):

@@ -132,12 +132,13 @@ def completion_body(body: dict) -> bytes:
 
 def chat_body(body: dict) -> bytes:
     user = body["messages"][-1]["content"]
+    marker = "each a list of tokens: "  # the chat simulator's request: several records' tokens
     try:
-        toks = json.loads(user[user.index("Tokens: ") + 8:])
+        records = json.loads(user[user.index(marker) + len(marker):])
     except ValueError:
-        toks = []
-    items = [{"token": t, "activation": _h(user[:80], t) % 11 if _h(t) % 4 == 0 else 0} for t in toks]
-    content = json.dumps(items)
+        records = []
+    content = json.dumps([[{"token": t, "activation": _h(user[:80], t) % 11 if _h(t) % 4 == 0 else 0} for t in toks]
+                          for toks in records])
     return json.dumps({"id": "chat-bench", "object": "chat.completion", "created": 0, "model": body.get("model"),
                        "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                                     "logprobs": None, "finish_reason": "stop"}],

@@ -56,7 +56,9 @@ def test_server_echo_logprobs(llama_server):
 
 # -- the JSON chat simulator ------------------------------------------------------------------
 
-from autoexplain.simulate_chat import ChatJsonSimulator, ParseFailure, align, parse_reply  # noqa: E402
+import json  # noqa: E402
+
+from autoexplain.simulate_chat import ChatJsonSimulator, ParseFailure, align, parse_replies, parse_reply  # noqa: E402
 
 
 def test_parse_reply_reads_values_and_their_offsets():
@@ -76,16 +78,18 @@ def test_align_maps_subject_tokens_through_a_different_tokenisation():
     assert align([" The", " big", " river"], [("The", 0, 0), ("river", 9, 0)]) == [0, None, 1]
 
 
-def test_chat_json_never_zero_fills(fault_server):
-    """Replies chosen per record by a real HTTP server: one that answers every token, one that skips
-    a token, one that is not JSON. Only the first gives values, and exactly the ones in the reply; a
-    simulator that fills what is missing with zeros fails here."""
-    import json
+def _records_of(messages) -> list[list[str]]:
+    return json.loads(messages[-1]["content"].split("each a list of tokens: ", 1)[1])
 
+
+def test_chat_json_never_zero_fills(fault_server):
+    """Replies chosen per record by a real HTTP server (one record per request here): one that
+    answers every token, one that skips a token, one that is not JSON. Only the first gives values,
+    and exactly the ones in the reply; a simulator that fills what is missing with zeros fails here."""
     from autoexplain.llm import OpenAILLM
 
     def reply(messages) -> str:
-        tokens = json.loads(messages[-1]["content"].split("Tokens: ", 1)[1])
+        (tokens,) = _records_of(messages)
         if tokens[0] == "a":
             values = [3, 0, 7]
         elif tokens[0] == "d":  # never the middle token
@@ -97,12 +101,46 @@ def test_chat_json_never_zero_fills(fault_server):
     srv = fault_server(chat=reply)
     llm = OpenAILLM("canned", srv.base_url, api_key="test", backoff_base=0.01)
     records = [["a", " b", " c"], ["d", " e", " f"], ["g", " h"]]
-    full, partial, prose = ChatJsonSimulator(llm, retries=1).simulate("letters", records)
+    sim = ChatJsonSimulator(llm, retries=1)
+    sim.records_per_request = 1
+    full, partial, prose = sim.simulate("letters", records)
     assert full.ok and full.failure is None and full.expected == [3.0, 0.0, 7.0]
     assert partial.expected is None and partial.failure == "reply covers 2 of 3 tokens (after 2 attempts)"
     assert prose.expected is None and prose.failure.startswith("unparseable reply: no JSON list")
     assert len(srv.requests) == 5, "the two failures are retried once each, the success is not"
     assert (partial.completion_tokens, full.completion_tokens) == (2, 1), "tokens of both attempts counted"
+
+
+def test_chat_json_packs_records_and_retries_only_the_failed_ones(fault_server):
+    """Three records in one request; the reply answers the first fully, skips a token of the second
+    and has no list for the third. Only the second and third are asked again, together, and the
+    retry's answer is read from its own offsets (its digits' logprobs are not there: values as written)."""
+    from autoexplain.llm import OpenAILLM
+
+    def reply(messages) -> str:
+        records = _records_of(messages)
+        if len(records) == 3:
+            return json.dumps([[{"token": t, "activation": v} for t, v in zip(records[0], [3, 0, 7])],
+                               [{"token": "d", "activation": 5}, {"token": "f", "activation": 6}]])
+        return "Here: " + json.dumps([[{"token": t, "activation": 2} for t in r] for r in records])
+
+    srv = fault_server(chat=reply)
+    llm = OpenAILLM("canned", srv.base_url, api_key="test", backoff_base=0.01)
+    records = [["a", " b", " c"], ["d", " e", " f"], ["g", " h"]]
+    sims = ChatJsonSimulator(llm, retries=1).simulate("letters", records)
+    assert [s.expected for s in sims] == [[3.0, 0.0, 7.0], [2.0, 2.0, 2.0], [2.0, 2.0]]
+    sent = [_records_of(r["json"]["messages"]) for r in srv.requests if r["path"].endswith("/chat/completions")]
+    assert sent == [records, records[1:]]
+    assert all(s.prompt_tokens > 0 for s in sims)
+
+
+def test_parse_replies_reports_each_record():
+    text = 'x [[{"token": "a", "activation": 1}], [{"token": "b"}]] y'
+    first, second, third = parse_replies(text, 3)
+    assert first == [("a", 1.0, text.index("1"))]
+    assert isinstance(second, ParseFailure) and "no numeric activation" in str(second)
+    assert isinstance(third, ParseFailure) and "2 lists for 3 records" in str(third)
+    assert parse_replies('[{"token": "a", "activation": 4}]', 1)[0][0][1] == 4.0, "a flat list answers one record"
 
 
 @pytest.mark.slow
