@@ -115,9 +115,12 @@ def test_crashed_shard_resumes_where_it_stopped(run, fault_server):
     explainer = f"openai:canned@{server.base_url}"
     with pytest.raises(Exception, match="400"):
         run(explainer=explainer, k=1, shard_size=12, concurrency=1)
-    assert len(server.requests) == 12
+    # The first 400 ends the batch; whether its other requests were sent before it did is a race.
+    crashed = len(server.requests)
+    assert 8 < crashed <= 12
+    server.script.clear()  # healthy from now on, however many of the 400s were used
     run(explainer=explainer, k=1, shard_size=12, concurrency=1)
-    assert len(server.requests) == 16, "only the 4 units the crash left unexplained are asked again"
+    assert len(server.requests) - crashed == 4, "only the 4 units the crash left unexplained are asked again"
 
 
 BAD_PARAMETERS = [
