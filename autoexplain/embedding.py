@@ -139,9 +139,9 @@ def fixed_mean_std(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def load_prompt() -> tuple[list[str], list[str]]:
     """(class descriptions in ORTHO_CLASSES order, competitor descriptions) from the prompt file."""
-    from autoexplain.explain import _read
+    from autoexplain.explain import read_prompt
 
-    data = json.loads(_read(PROMPT_FILE))
+    data = json.loads(read_prompt(PROMPT_FILE))
     classes = data.get("classes", {})
     missing = [c for c in ORTHO_CLASSES if not str(classes.get(c, "")).strip()]
     if missing:

@@ -16,8 +16,9 @@ import re
 from difflib import SequenceMatcher
 from typing import Sequence
 
-from autoexplain.explain import ENDING, _read
-from autoexplain.simulate import DIGITS, Simulation, Simulator, _per_item_errors, expected_value, prompt_hash
+from autoexplain.explain import ENDING, read_prompt
+from autoexplain.llm import per_item_errors as _per_item_errors
+from autoexplain.simulate import DIGITS, Simulation, Simulator, expected_value, prompt_hash
 
 FORMAT = (
     "Answer with only a JSON list holding one object per token, in the order given: "
@@ -30,7 +31,7 @@ class ParseFailure(ValueError):
 
 
 def chat_messages(explanation: str, tokens: Sequence[str]) -> list[dict]:
-    system = _read("simulator_system.txt").strip() + "\n" + FORMAT
+    system = read_prompt("simulator_system.txt").strip() + "\n" + FORMAT
     user = f"Explanation: {ENDING} {explanation}.\nTokens: {json.dumps(list(tokens), ensure_ascii=False)}"
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 

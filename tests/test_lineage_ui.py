@@ -38,7 +38,7 @@ from tests.test_view import CHROMIUM_ARGS, chromium  # noqa: F401 - chromium is 
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS_IMG = REPO / "docs" / "img" / "lineage.png"
-EXE = [sys.executable, "-m", "autoexplain.cli"]
+EXE = [sys.executable, "-m", "flows.cli"]  # the console script's module
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
