@@ -1,4 +1,6 @@
-"""The `autoexplain` command line.
+"""The `autoexplain` command line's stage commands (record, explain, simulate, score, export, import,
+view); `flows.cli` adds the commands that run whole flows and is the console script's entry point.
+`python -m autoexplain.cli` runs the stage commands alone, without Prefect.
 
 Every command has offline defaults: the embedded SmolLM2 subject, the embedded corpus and a middle
 layer. A `UserError` becomes one line on stderr and exit code 2.
@@ -13,7 +15,7 @@ from typing import Optional
 
 import typer
 
-from autoexplain import cli_runs, defaults, preflight
+from autoexplain import defaults, preflight
 from autoexplain.console import err, print_summary, progress_bar, run_or_exit
 from autoexplain.errors import UserError
 from autoexplain.llm import set_limits
@@ -265,19 +267,8 @@ def view(
     run_or_exit(go)
 
 
-app.command("explain-layer")(cli_runs.explain_layer_cmd)
-app.command("rescore")(cli_runs.rescore_cmd)
-app.command("revise")(cli_runs.revise_cmd)
-
-
-def main():  # pragma: no cover - console entry point
+def main():  # pragma: no cover - the stage commands alone (`python -m autoexplain.cli`)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # Prefect's ephemeral server needs longer than its 20 s default to start on a busy 2-core box,
-    # and its telemetry would try to reach the internet.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_DATABASE_TIMEOUT", "60")
-    os.environ.setdefault("PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT", "60")
     app(prog_name="autoexplain")
 
 

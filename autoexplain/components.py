@@ -20,9 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 if TYPE_CHECKING:
     import numpy as np
 
-    from autoexplain.explain import Explanation
-    from autoexplain.records import ActivationRecord
-    from autoexplain.simulate import Simulation
+    from autoexplain.records import ActivationRecord, Explanation, Simulation
 
 LLM_ARGS = ("none", "optional", "required")
 

@@ -1,6 +1,6 @@
 """What the command line shows: progress bars, one-line errors, and the summary at the end of a run.
 
-Shared by the commands in `autoexplain.cli` and the flow commands in `autoexplain.cli_runs`.
+Shared by the stage commands in `autoexplain.cli` and the flow commands in `flows.cli`.
 """
 
 from __future__ import annotations

@@ -36,9 +36,8 @@ Determinism: a unit's predictions are the same bits whatever else is simulated w
 in which process and on how many threads. Texts are embedded as `wordvecs` describes (fixed lists
 in fixed batches, any other text alone, on one torch thread), so a vector depends on its text only.
 BLAS picks kernels, and so summation orders, by matrix shape and thread count (a unit alone is a
-different shape from a unit in its shard), so no float product is left to it: cosines are `cosines`,
-exact integer arithmetic on vectors rounded to a 2**-24 grid, and every other sum is `fixed_sum`
-or `fixed_matmul`, in index order. An entry depends only on its own row and column.
+different shape from a unit in its shard), so no float product is left to it: every cosine and sum
+goes through `autoexplain.exact`. An entry depends only on its own row and column.
 """
 
 from __future__ import annotations
@@ -46,8 +45,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import re
-import string
 from collections import OrderedDict
 from functools import lru_cache
 from dataclasses import dataclass
@@ -56,12 +53,11 @@ from typing import Sequence
 import numpy as np
 
 from autoexplain.errors import UserError
-from autoexplain.words import word_of_each_token, word_spans  # noqa: F401 (re-exported)
+from autoexplain.exact import cosines, fixed_mean_std, fixed_sum
 from autoexplain.simulate import Simulation, Simulator
+from autoexplain.surface import ORTHO_CLASSES, content_of, literal_hits, literal_keys, literal_only, ortho_class, quoted_literals
+from autoexplain.words import word_of_each_token
 
-# The surface classes; their descriptions, and competitor descriptions that no token is given, are
-# the simulator's prompt file (prompts/embedding_simulator.json), hashed like any other prompt.
-ORTHO_CLASSES = ("space", "digit", "punct", "allcaps", "capital")
 _ORTHO_INDEX = {name: i for i, name in enumerate(ORTHO_CLASSES)}
 PROMPT_FILE = "embedding_simulator.json"
 ORTHO_MARGIN = 2.0
@@ -69,139 +65,18 @@ Z_LOW, Z_HIGH = 1.5, 6.0
 N_BACKGROUND = 2000
 MAX_TEXTS = 200_000  # cached word/context embeddings (1.5 KB each) before the tables are reset
 
-_META_HEAD = re.compile(
-    r"^(?:the\s+)?(?:words?|tokens?|terms?|phrases?|mentions?|references?|instances?|occurrences?)"
-    r"(?:\s+(?:related\s+to|about|for|like|such\s+as|of|to))?\s+",
-    re.I,
-)
-_META_TAIL = re.compile(r"(?<!\bas)(?<!\bin)\s+(?:words?|tokens?|terms?)$", re.I)
-_QUOTED = re.compile(r"(?<!\w)[\"'\u2018\u201c]([^\"'\u2019\u201d]{1,40})[\"'\u2019\u201d](?!\w)")
-_FILLER = {"and", "or", "nor", "the", "a", "an", "of", "word", "words", "token", "tokens"}
-
-
-def fixed_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a (M, D) @ b (D, N) in float64, each entry summed over D in index order, one rounded multiply
-    and one rounded add per term (numpy ufuncs: no FMA, no blocking). Entry (i, j) depends on row i
-    of a and column j of b alone: not on M, N, the other rows and columns, threads or BLAS."""
-    a = np.ascontiguousarray(np.asarray(a, dtype=np.float64).T)  # (D, M): row k is a's column k
-    b = np.asarray(b, dtype=np.float64)
-    out = np.zeros((a.shape[1], b.shape[1]))
-    term = np.empty_like(out)
-    for k in range(a.shape[0]):
-        np.multiply(a[k][:, None], b[k][None, :], out=term)
-        out += term
-    return out
-
-
-GRID = 2.0**24  # unit vectors' components are rounded to multiples of 1/GRID before a cosine
-
-
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a (M, D) @ b (D, N) for unit rows of a and unit columns of b, exactly, at BLAS speed.
-
-    Each component is rounded to a multiple of 2**-24 (at most 3e-8 away, about float32's resolution
-    at 1), so every product is an integer below 2**48 in float64, and by Cauchy-Schwarz every partial
-    sum, in whatever order or blocking a BLAS kernel adds them, is an integer below 2**49: no step
-    rounds, so the result does not depend on the order, the shape or the thread count."""
-    return quantised_cosines(quantise(a, axis=1), quantise(b, axis=0))
-
-
-def quantise(x: np.ndarray, axis: int) -> tuple[np.ndarray, float]:
-    """x on the 2**-24 grid, and the largest norm of its vectors along `axis` (for `cosines`);
-    compute it once for a matrix that many calls use."""
-    q = np.rint(np.asarray(x, dtype=np.float64) * GRID)
-    return q, float(np.sqrt((q * q).sum(axis).max())) if q.size else 0.0
-
-
-def quantised_cosines(a: tuple[np.ndarray, float], b: tuple[np.ndarray, float]) -> np.ndarray:
-    (qa, na), (qb, nb) = a, b
-    if not na * nb < 2.0**52:  # also catches NaN
-        raise ValueError(f"cosines() needs unit vectors: |a||b| = {na * nb / GRID**2:.3g}")
-    return (qa @ qb) / (GRID * GRID)
-
-
-def fixed_sum(x: np.ndarray) -> np.ndarray:
-    """Sum over axis 0 in index order, in float64 (numpy's own reduction order depends on the shape:
-    pairwise along a contiguous axis, row by row across columns)."""
-    x = np.asarray(x, dtype=np.float64)
-    out = np.zeros(x.shape[1:])
-    for row in x:
-        out += row
-    return out
-
-
-def fixed_mean_std(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and (population) standard deviation over axis 0, with `fixed_sum`."""
-    n = len(x)
-    mean = fixed_sum(x) / n
-    return mean, np.sqrt(fixed_sum((np.asarray(x, dtype=np.float64) - mean) ** 2) / n)
-
 
 def load_prompt() -> tuple[list[str], list[str]]:
     """(class descriptions in ORTHO_CLASSES order, competitor descriptions) from the prompt file."""
-    from autoexplain.explain import _read
+    from autoexplain.explain import read_prompt
 
-    data = json.loads(_read(PROMPT_FILE))
+    data = json.loads(read_prompt(PROMPT_FILE))
     classes = data.get("classes", {})
     missing = [c for c in ORTHO_CLASSES if not str(classes.get(c, "")).strip()]
     if missing:
         raise UserError(f"{PROMPT_FILE} has no description for {', '.join(missing)}",
                         f"give every class of {', '.join(ORTHO_CLASSES)} a description under 'classes'")
     return [classes[c] for c in ORTHO_CLASSES], [str(c) for c in data.get("competitors", [])]
-
-
-def content_of(explanation: str) -> str:
-    """The explanation without leading/trailing meta-words; itself if nothing would remain."""
-    text = " ".join(explanation.split()).strip(" ,.;:")
-    stripped = _META_TAIL.sub("", _META_HEAD.sub("", text))
-    return stripped if re.search(r"\w", stripped) else explanation
-
-
-def quoted_literals(explanation: str) -> set[str]:
-    """Words the explanation quotes ("the word 'God'"), lowercased."""
-    return {q.strip().lower() for q in _QUOTED.findall(explanation) if q.strip()}
-
-
-def literal_only(explanation: str) -> bool:
-    """True when the explanation names its tokens and nothing else ("the word 'God'")."""
-    rest = _QUOTED.sub(" ", explanation).lower()
-    return bool(quoted_literals(explanation)) and not set(re.findall(r"[a-z]+", rest)) - _FILLER
-
-
-def literal_keys(tokens: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Per token: its whole word, lowercased; and, for a piece continuing a word, the piece
-    lowercased ("" otherwise). A quoted literal names a token through either."""
-    words, pieces = [""] * len(tokens), [""] * len(tokens)
-    for start, end in word_spans(tokens):
-        words[start:end] = ["".join(tokens[start:end]).strip().lower()] * (end - start)
-        for i in range(start + 1, end):
-            pieces[i] = tokens[i].strip().lower()
-    return words, pieces
-
-
-def literal_hits(tokens: Sequence[str], literals: set[str], keys=None) -> np.ndarray:
-    """Tokens a quoted literal names: those whose whole word is the literal, or that are the literal
-    piece continuing a word ("'ing'" names the suffix piece; "'God'" is not ' God' in 'Godhead')."""
-    words, pieces = keys or literal_keys(tokens)
-    named = np.array(sorted(lit for lit in literals if lit), dtype=str)
-    if not named.size:
-        return np.zeros(len(words), dtype=bool)
-    # Vectorised string equality: a stage tests thousands of tokens per quoting explanation.
-    return np.isin(np.asarray(words, dtype=str), named) | np.isin(np.asarray(pieces, dtype=str), named)
-
-
-@lru_cache(maxsize=1 << 16)
-def ortho_class(token: str) -> str | None:
-    w = token.strip()
-    if not w:
-        return "space"
-    if any(c.isdigit() for c in w):
-        return "digit"
-    if all(c in string.punctuation or not c.isalnum() for c in w):
-        return "punct"
-    if w.isalpha() and w[:1].isupper():
-        return "allcaps" if len(w) > 1 and w.isupper() else "capital"
-    return None
 
 
 @lru_cache(maxsize=1 << 15)

@@ -17,13 +17,13 @@ import json
 import math
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from autoexplain.components import Explainer
 from autoexplain.errors import UserError
-from autoexplain.records import ActivationRecord
+from autoexplain.records import ActivationRecord, Explanation  # noqa: F401 (Explanation: also importable from here)
 
 PACKAGE_PROMPTS = Path(__file__).parent / "prompts"
 EXPLAINER_FILES = ("explainer_system.txt", "fewshot.json")
@@ -36,7 +36,8 @@ def prompts_dir() -> Path:
     return Path(os.environ.get("AUTOEXPLAIN_PROMPTS") or PACKAGE_PROMPTS)
 
 
-def _read(name: str) -> str:
+def read_prompt(name: str) -> str:
+    """A prompt file's text from `prompts_dir()`; every component that reads a prompt file reads it here."""
     path = prompts_dir() / name
     try:
         return path.read_text(encoding="utf-8")
@@ -47,7 +48,7 @@ def _read(name: str) -> str:
 def prompt_hash(*names: str) -> str:
     h = hashlib.sha256()
     for name in names:
-        h.update(name.encode() + b"\0" + _read(name).encode() + b"\0")
+        h.update(name.encode() + b"\0" + read_prompt(name).encode() + b"\0")
     return h.hexdigest()[:16]
 
 
@@ -113,7 +114,7 @@ class ExplainerPrompt:
 
 
 def build_prompt(records: Sequence[ActivationRecord], max_shots: int = 3) -> ExplainerPrompt:
-    fewshot = json.loads(_read("fewshot.json"))["neurons"][:max_shots]
+    fewshot = json.loads(read_prompt("fewshot.json"))["neurons"][:max_shots]
     shots = []
     for n, neuron in enumerate(fewshot, 1):
         recs = [([t for t, _ in r], [v for _, v in r]) for r in neuron["records"]]
@@ -121,7 +122,7 @@ def build_prompt(records: Sequence[ActivationRecord], max_shots: int = 3) -> Exp
     values = normalise([r.activations for r in records])
     number = len(shots) + 1
     target = _neuron_block(number, [(r.tokens, v) for r, v in zip(records, values)])
-    return ExplainerPrompt(_read("explainer_system.txt").strip(), shots, target, number)
+    return ExplainerPrompt(read_prompt("explainer_system.txt").strip(), shots, target, number)
 
 
 def clean_explanation(text: str) -> str:
@@ -130,17 +131,6 @@ def clean_explanation(text: str) -> str:
     text = re.sub(rf"^.*?{re.escape(ENDING)}\s*", "", text, flags=re.I)
     text = re.split(r"(?<=[a-z0-9\)'\"])\.\s", text + " ", maxsplit=1)[0]
     return text.strip().rstrip(".").strip()[:300]
-
-
-@dataclass
-class Explanation:
-    text: str
-    candidates: list[str] = field(default_factory=list)
-    prompt_hash: str = ""
-    explainer: str = ""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    failure: str | None = None  # why no candidate came back (the LLM's retries ran out)
 
 
 def explain(llm, records: Sequence[ActivationRecord], k: int = 4, temperature: float = 1.0,

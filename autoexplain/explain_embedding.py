@@ -33,9 +33,10 @@ from typing import Sequence
 import numpy as np
 
 from autoexplain.components import Explainer
-from autoexplain.embedding import fixed_matmul, fixed_sum, ortho_class, quantise, quantised_cosines, word_of_each_token
-from autoexplain.explain import Explanation
-from autoexplain.records import ActivationRecord
+from autoexplain.exact import fixed_matmul, fixed_sum, quantise, quantised_cosines
+from autoexplain.records import ActivationRecord, Explanation
+from autoexplain.surface import ortho_class
+from autoexplain.words import word_of_each_token
 
 N_VOCAB = 10_000  # naming vocabulary: MiniLM's whole words, roughly by frequency
 N_STOP = 150  # the most frequent of them are function words, which name no category

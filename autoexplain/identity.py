@@ -25,6 +25,7 @@ import ast
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -157,6 +158,10 @@ def _references(nodes: Iterable[ast.AST], module: _Module, root: Path) -> set[tu
 
 # path -> (mtime_ns, size, parsed module)
 _PARSED: dict[Path, tuple[int, int, _Module]] = {}
+# One parse at a time: task threads compute their keys at once (and the store's gate derives its
+# suite versions here too), and CPython 3.11's parser is not safe across threads: two concurrent
+# `ast.parse` calls can fail with "AST constructor recursion depth mismatch".
+_PARSE_LOCK = threading.Lock()
 # (root, entries) -> (signature of what was read, identity, modules)
 _IDENTITIES: dict[tuple, tuple[tuple, str, tuple[str, ...]]] = {}
 
@@ -173,7 +178,8 @@ def _parsed(name: str, root: Path) -> _Module | None:
     mtime, size = _stat(path)
     cached = _PARSED.get(path)
     if cached is None or cached[:2] != (mtime, size):
-        cached = (mtime, size, _Module(name, path, root))
+        with _PARSE_LOCK:
+            cached = (mtime, size, _Module(name, path, root))
         _PARSED[path] = cached
     return cached[2]
 

@@ -236,7 +236,7 @@ def run_explain(records_dir, layer: int, out, units=None, explainer=None, cfg=No
                 progress(done, len(loaded))
     if error is not None:
         raise error
-    write_table(pipeline._table([r for v in rows.values() for r in v], "explanations"), ref.path, "explanations")
+    write_table(pipeline.rows_to_table([r for v in rows.values() for r in v], "explanations"), ref.path, "explanations")
     write_manifest(ref.directory, "explanations", key, {"records": str(records_dir)}, params, [ref.path.name])
     return ref
 
@@ -257,7 +257,7 @@ def run_revise(explanations: StageRef, revisions: dict[tuple[int, int], str], ou
     key = content_key({"explanations": explanations.key, **params, "code": code_identity(run_revise)})
     ref = StageRef(stage_dir(out, "explanations", key), key, explanations.layer)
     if not is_complete(ref.directory):
-        write_table(pipeline._table(table, "explanations"), ref.path, "explanations")
+        write_table(pipeline.rows_to_table(table, "explanations"), ref.path, "explanations")
         write_manifest(ref.directory, "explanations", key, {"explanations": str(explanations.directory)}, params,
                        [ref.path.name])
     return ref
@@ -312,7 +312,7 @@ def run_score(records_dir, simulations: StageRef, out, n_boot: int = 1000, seed:
         ukey = _unit_key(records_key, unit, sims=_sims_digest(u_sims), chosen=u_chosen, n_boot=n_boot, seed=seed,
                          code=code)
         rows += _memoised(memo, ukey, lambda: pipeline.score_rows([unit], u_sims, u_chosen, n_boot, seed))
-    write_table(pipeline._table(rows, "scores"), ref.path, "scores")
+    write_table(pipeline.rows_to_table(rows, "scores"), ref.path, "scores")
     write_manifest(ref.directory, "scores", key, {"simulations": str(simulations.directory)}, params, [ref.path.name])
     return ref
 

@@ -100,7 +100,7 @@ def explain_stage(units: Sequence[UnitRecords], llm, cfg: ExplainConfig) -> pa.T
                                          failure=getattr(exp, "failure", None)))
             lookup = token_lookup_explanation(recs)
             rows.append(_explanation_row(unit, LOOKUP, "token-lookup", "", lookup, [lookup], 0, 0))
-    return _table(rows, "explanations")
+    return rows_to_table(rows, "explanations")
 
 
 def explain_workers(llm, cfg: ExplainConfig) -> int:
@@ -227,13 +227,13 @@ def simulate_stage(units: Sequence[UnitRecords], explanations: pa.Table, simulat
             sims += s
             if progress:
                 progress(len(units) + i + 1, total)
-    return _table(chosen, "explanations"), _table(sims, "simulations")
+    return rows_to_table(chosen, "explanations"), rows_to_table(sims, "simulations")
 
 
 def score_stage(units: Sequence[UnitRecords], simulations: pa.Table, explanations: pa.Table | None = None,
                 n_boot: int = 1000, seed: int = 0) -> pa.Table:
     chosen = explanations.to_pylist() if explanations is not None else None
-    return _table(score_rows(units, simulations.to_pylist(), chosen, n_boot, seed), "scores")
+    return rows_to_table(score_rows(units, simulations.to_pylist(), chosen, n_boot, seed), "scores")
 
 
 def score_rows(units: Sequence[UnitRecords], simulations: list[dict], explanations: list[dict] | None = None,
@@ -287,7 +287,7 @@ def _detection(srecs) -> scoring.Score:
     return scoring.Score(scoring.detection_auc(pos, neg), None, None, None, len(ok), failed)
 
 
-def _table(rows: list[dict], schema_name: str) -> pa.Table:
+def rows_to_table(rows: list[dict], schema_name: str) -> pa.Table:
     schema = load_schema(schema_name)
     if not rows:
         return schema.empty_table()

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from autoexplain.embedding import word_spans
+from autoexplain.words import word_spans
 from autoexplain.records import RANDOM_DEAL, TOP_DEAL, ActivationRecord
 
 

@@ -27,7 +27,8 @@ METRIC_LABELS = {
 }
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib on the Agg backend, in the plots' style (also imported early by the flow's warm-up)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -80,7 +81,7 @@ def _layers(df: pl.DataFrame) -> list[int]:
 
 def plot_score_distribution(scores, path, metric: str = DEFAULT_METRIC) -> Path:
     """Histogram of the per-unit score of the explanation and both baselines (one layer, or pooled)."""
-    plt = _pyplot()
+    plt = pyplot()
     df = _frame(scores)
     layers = _layers(df) if df.height else []
     fig, ax = plt.subplots(figsize=(6.4, 3.2))
@@ -116,7 +117,7 @@ def plot_score_distribution(scores, path, metric: str = DEFAULT_METRIC) -> Path:
 
 def plot_mean_by_layer(scores, path, metric: str = DEFAULT_METRIC) -> Path:
     """Mean score per layer for the explanation and the baselines, with 95% CIs over units."""
-    plt = _pyplot()
+    plt = pyplot()
     df = _frame(scores)
     layers = _layers(df) if df.height else []
     fig, ax = plt.subplots(figsize=(6.4, 3.2))
@@ -144,7 +145,7 @@ def plot_mean_by_layer(scores, path, metric: str = DEFAULT_METRIC) -> Path:
 
 def plot_llm_vs_baselines(scores, path, metric: str = DEFAULT_METRIC) -> Path:
     """Per unit, the explanation's score against each baseline's; points above the diagonal beat it."""
-    plt = _pyplot()
+    plt = pyplot()
     df = _frame(scores)
     wide = (df.filter(pl.col("metric") == metric)
             .select("layer", "unit", "polarity", "method", "value")

@@ -164,7 +164,7 @@ class _LayerRecorder:
         self.reservoir.update(window_ids, acts)
 
 
-def _windows_batches(ref: WindowsRef, batch_size: int):
+def windows_batches(ref: WindowsRef, batch_size: int):
     pf = pq.ParquetFile(ref.path)
     for batch in pf.iter_batches(batch_size=batch_size, columns=["window_id", "token_ids"]):
         ids = batch.column("token_ids").flatten().to_numpy().reshape(len(batch), ref.window_len)
@@ -203,7 +203,7 @@ def record_layers(
 
     total = windows.n_windows * windows.window_len
     done = 0
-    for window_ids, input_ids in _windows_batches(windows, cfg.batch_size):
+    for window_ids, input_ids in windows_batches(windows, cfg.batch_size):
         acts = subject.mlp_activations(input_ids, layers)
         for L in layers:
             recorders[L].update(window_ids, acts[L].cpu())

@@ -75,3 +75,32 @@ class UnitRecords:
             for r in self.records
             if (split is None or r.split == split) and (kind is None or r.kind == kind)
         ]
+
+
+# What the explain and simulate stages return per unit and per record (the component interfaces in
+# `components` name them, so they live here with the other records, not in the stages' modules).
+
+
+@dataclass
+class Explanation:
+    text: str
+    candidates: list[str] = field(default_factory=list)
+    prompt_hash: str = ""
+    explainer: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    failure: str | None = None  # why no candidate came back (the LLM's retries ran out)
+
+
+@dataclass
+class Simulation:
+    """A simulator's prediction for one record."""
+
+    expected: list[float] | None  # one value per subject token; None when the simulation failed
+    failure: str | None = None  # why it failed (parse error, missing digits, ...)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.expected is not None

@@ -22,8 +22,10 @@ from pathlib import Path
 
 from autoexplain import defaults
 from autoexplain.errors import UserError
-from autoexplain.storage import MANIFEST
 
+# A stage folder's manifest, written last, here and at the URL: a folder with one is complete. The
+# mirror's transfer order depends on it, so it is defined here, below the store that writes it.
+MANIFEST = "manifest.json"
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # An object appears whole on these when its upload ends: a temporary name plus a "move" (a copy and
 # a delete there) would double the traffic and buy nothing.

@@ -7,37 +7,20 @@ reports how many there were.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import json
+import math
 from typing import Sequence
 
+import torch
+
 from autoexplain.components import Simulator  # noqa: F401 (the base class, also importable from here)
+from autoexplain.explain import ENDING, escape_token, prompt_hash, read_prompt
+from autoexplain.llm import per_item_errors as _per_item_errors
+from autoexplain.records import Simulation
 
 
-@dataclass
-class Simulation:
-    """A simulator's prediction for one record."""
-
-    expected: list[float] | None  # one value per subject token; None when the simulation failed
-    failure: str | None = None  # why it failed (parse error, missing digits, ...)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return self.expected is not None
-
-
-# ---------------------------------------------------------------------------------------------
 # The prompt shared by the LLM simulators.
-
-import copy  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-
-import torch  # noqa: E402
-
-from autoexplain.explain import ENDING, _read, escape_token, prompt_hash  # noqa: E402
-from autoexplain.llm import per_item_errors as _per_item_errors  # noqa: E402
 
 SIMULATOR_FILES = ("simulator_system.txt", "fewshot.json")
 PLACEHOLDER = "unknown"
@@ -51,7 +34,7 @@ def simulator_prompt_hash() -> str:
 def _example_blocks() -> tuple[str, int]:
     """The few-shot neurons with their true values, so the format is clear before the unknowns."""
     blocks = []
-    neurons = json.loads(_read("fewshot.json"))["neurons"]
+    neurons = json.loads(read_prompt("fewshot.json"))["neurons"]
     for n, neuron in enumerate(neurons, 1):
         records = "\n".join(
             "<start>\n" + "\n".join(f"{escape_token(t)}\t{v}" for t, v in rec) + "\n<end>" for rec in neuron["records"]
@@ -62,7 +45,7 @@ def _example_blocks() -> tuple[str, int]:
 
 def simulator_prefix(explanation: str) -> str:
     """Everything before the target record's tokens: identical for every record of one unit."""
-    system = _read("simulator_system.txt").strip()
+    system = read_prompt("simulator_system.txt").strip()
     examples, number = _example_blocks()
     return f"{system}\n\n{examples}Neuron {number}\nExplanation: {ENDING} {explanation}.\nActivations:\n<start>\n"
 

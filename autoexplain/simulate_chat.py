@@ -16,8 +16,9 @@ import re
 from difflib import SequenceMatcher
 from typing import Sequence
 
-from autoexplain.explain import ENDING, _read
-from autoexplain.simulate import DIGITS, Simulation, Simulator, _per_item_errors, expected_value, prompt_hash
+from autoexplain.explain import ENDING, read_prompt
+from autoexplain.llm import per_item_errors as _per_item_errors
+from autoexplain.simulate import DIGITS, Simulation, Simulator, expected_value, prompt_hash
 
 FORMAT = (
     "Answer with only a JSON list holding one list per record, in the order given, each holding one "
@@ -33,7 +34,7 @@ class ParseFailure(ValueError):
 def chat_messages(explanation: str, records: Sequence[Sequence[str]]) -> list[dict]:
     """One request for several records of one explanation: the explanation comes first, so that a
     provider's prefix cache holds it for every request of the unit."""
-    system = _read("simulator_system.txt").strip() + "\n" + FORMAT
+    system = read_prompt("simulator_system.txt").strip() + "\n" + FORMAT
     listed = json.dumps([list(r) for r in records], ensure_ascii=False)
     user = f"Explanation: {ENDING} {explanation}.\nRecords ({len(records)}), each a list of tokens: {listed}"
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]

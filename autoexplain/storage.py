@@ -20,9 +20,9 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from autoexplain import remote
+from autoexplain.remote import MANIFEST
 from schemas import load_schema
-
-MANIFEST = "manifest.json"
 
 
 def content_key(payload: Any, length: int = 16) -> str:
@@ -43,17 +43,13 @@ def stage_dir(root: str | os.PathLike, stage: str, key: str) -> Path:
     directory = Path(root) / stage / key
     if not is_complete(directory):
         # Under the mirror of a URL root (`open_root`), a folder finished elsewhere is downloaded,
-        # not recomputed. `remote` imports this module, hence the late import.
-        from autoexplain import remote
-
+        # not recomputed.
         remote.pull(directory)
     return directory
 
 
 def open_root(out: str | os.PathLike) -> Path:
     """The local folder for an output root: `out` itself, or the local mirror of a URL (`remote`)."""
-    from autoexplain import remote
-
     return remote.open_root(out)
 
 
@@ -198,8 +194,6 @@ def write_json(data: Any, path: str | os.PathLike) -> Path:
 
 def write_manifest(directory: Path, stage: str, key: str, inputs: dict, params: dict, outputs: list[str]) -> Path:
     """Seal a stage folder. Written last, so its presence means every output is whole."""
-    from autoexplain import remote
-
     digests = {name: file_digest(directory / name) for name in outputs}
     manifest = {"stage": stage, "key": key, "inputs": inputs, "params": params, "outputs": digests}
     # Check, then seal: a table that breaks its contract raises here, and the folder stays unsealed.
@@ -228,8 +222,6 @@ def run_layers(root: str | os.PathLike) -> list[int]:
 def write_run(root: str | os.PathLike, layer: int, run: dict, report: str | None = None) -> Path:
     """Point the layer at a finished run; `report` (markdown, e.g. a re-score's comparison) goes
     beside the pointer as `layer_<L>.<flow>.md`."""
-    from autoexplain import remote
-
     path = write_json(run, run_file(root, layer))
     remote.push_file(path)
     if report is not None:
@@ -242,8 +234,6 @@ def write_run(root: str | os.PathLike, layer: int, run: dict, report: str | None
 
 
 def read_run(root: str | os.PathLike, layer: int) -> dict | None:
-    from autoexplain import remote
-
     path = run_file(root, layer)
     if not remote.pull_file(path):
         return None

@@ -179,7 +179,7 @@ def profile_forward(forward, batches: list[torch.Tensor], layer: int) -> dict:
 
 
 def measure(tokens: int, layer: int | None, batch_size: int, hooked_batches: int = 60, profile_batches: int = 5) -> dict:
-    from autoexplain.record import RecordConfig, _windows_batches, build_windows, record_layers
+    from autoexplain.record import RecordConfig, windows_batches, build_windows, record_layers
     from autoexplain.subject import load_subject
 
     t0 = time.perf_counter()
@@ -196,7 +196,7 @@ def measure(tokens: int, layer: int | None, batch_size: int, hooked_batches: int
     # forward passes are timed too, so the overhead splits into selection work and any slowdown
     # that selection causes in the forward (cache or allocator effects).
     gemms = model_gemms(subject, layer, batch_size, 64)
-    probe, bare_batches = GemmProbe(gemms=gemms), _windows_batches(windows, batch_size)
+    probe, bare_batches = GemmProbe(gemms=gemms), windows_batches(windows, batch_size)
     forward, timed = subject.mlp_activations, {"bare": 0.0, "record_forward": 0.0}
 
     def record_forward(*args, **kwargs):
@@ -224,7 +224,7 @@ def measure(tokens: int, layer: int | None, batch_size: int, hooked_batches: int
     # first batches only: enough to compare, and the comparison is what it is for.
     hooked_probe, hooked_tok = GemmProbe(every=10), 0
     start = time.perf_counter()
-    for n, (_ids, input_ids) in enumerate(_windows_batches(windows, batch_size)):
+    for n, (_ids, input_ids) in enumerate(windows_batches(windows, batch_size)):
         if n == hooked_batches:
             break
         subject.mlp_activations(input_ids, [layer], hooked=True)
@@ -233,7 +233,7 @@ def measure(tokens: int, layer: int | None, batch_size: int, hooked_batches: int
     hooked_s = time.perf_counter() - start - hooked_probe.spent
 
     # Where the bare forward's time goes, by the profiler, on a few full batches.
-    first = [ids for _n, (_w, ids) in zip(range(profile_batches), _windows_batches(windows, batch_size))]
+    first = [ids for _n, (_w, ids) in zip(range(profile_batches), windows_batches(windows, batch_size))]
     profiled = profile_forward(subject.mlp_activations, first, layer)
 
     fpt = flops_per_token(subject, layer, 64)
@@ -292,13 +292,13 @@ def rss_child(tokens: int) -> dict:
 
 def naive_child(tokens: int) -> dict:
     """The naive approach: keep every activation (tokens x units, bf16), then take the top-k."""
-    from autoexplain.record import _windows_batches, build_windows
+    from autoexplain.record import windows_batches, build_windows
     from autoexplain.subject import load_subject
 
     subject = load_subject()
     windows = build_windows(subject, "default", tempfile.mkdtemp(prefix="bench-naive-"), 64, tokens, 0)
     layer = subject.n_layers // 2
-    kept = [subject.mlp_activations(ids, [layer])[layer].clone() for _w, ids in _windows_batches(windows, 32)]
+    kept = [subject.mlp_activations(ids, [layer])[layer].clone() for _w, ids in windows_batches(windows, 32)]
     everything = torch.cat(kept)  # (windows, 64, units)
     everything.amax(dim=1).float().topk(40, dim=0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -289,9 +289,9 @@ def warm_up(simulator: str | None = None) -> threading.Thread:
             import great_expectations  # noqa: F401
 
             own_simulator(simulator)
-            from autoexplain.plots import _pyplot
+            from autoexplain.plots import pyplot
 
-            _pyplot()
+            pyplot()
         except Exception:  # noqa: BLE001 - the stage that needs it raises the real error
             pass
 

@@ -58,8 +58,8 @@ def test_a_function_is_its_module_and_name():
     ("records", "autoexplain.selection", "autoexplain.fused", "autoexplain.llm"),
     # layer -> pipeline -> scoring; run_score never reaches the explainers and simulators
     ("score", "autoexplain.pipeline", "autoexplain.scoring", "autoexplain.llm"),
-    # layer -> explain_embedding (make_explainer) -> embedding; explaining never scores
-    ("explain", "autoexplain.explain_embedding", "autoexplain.embedding", "autoexplain.scoring"),
+    # layer -> explain_embedding (make_explainer) -> exact; explaining never scores
+    ("explain", "autoexplain.explain_embedding", "autoexplain.exact", "autoexplain.scoring"),
 ])
 def test_edits_move_the_identity_of_the_stages_that_reach_them(copy, stage, direct, two_down, unrelated):
     entry = STAGES[stage]

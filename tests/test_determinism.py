@@ -15,7 +15,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from autoexplain import pipeline  # noqa: E402
-from autoexplain.embedding import EmbeddingSimulator, cosines, fixed_matmul, fixed_sum  # noqa: E402
+from autoexplain.embedding import EmbeddingSimulator  # noqa: E402
+from autoexplain.exact import cosines, fixed_matmul, fixed_sum  # noqa: E402
 from autoexplain.explain_embedding import EmbeddingExplainer  # noqa: E402
 from autoexplain.records import ActivationRecord, NeuronId, UnitRecords  # noqa: E402
 from autoexplain.words import word_of_each_token  # noqa: E402

@@ -9,13 +9,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from autoexplain.embedding import (  # noqa: E402
-    EmbeddingSimulator,
-    content_of,
-    literal_only,
-    quoted_literals,
-    word_of_each_token,
-)
+from autoexplain.embedding import EmbeddingSimulator  # noqa: E402
+from autoexplain.surface import content_of, literal_only, quoted_literals  # noqa: E402
+from autoexplain.words import word_of_each_token  # noqa: E402
 from autoexplain.planted import (  # noqa: E402
     corpus_windows,
     format_self_check,

@@ -34,11 +34,11 @@ from tests.test_prefect_server import (  # noqa: F401 - against_server is a fixt
     against_server,
 )
 from tests.llama_server import free_port
-from tests.test_view import CHROMIUM_ARGS, chromium  # noqa: F401 - chromium is a fixture
+from tests.viewer_fixtures import CHROMIUM_ARGS, chromium  # noqa: F401 - chromium is a fixture
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS_IMG = REPO / "docs" / "img" / "lineage.png"
-EXE = [sys.executable, "-m", "autoexplain.cli"]
+EXE = [sys.executable, "-m", "flows.cli"]  # the console script's module
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 

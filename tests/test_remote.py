@@ -111,7 +111,7 @@ def test_missing_backend_names_the_package():
 
 
 def test_cli_takes_a_url_and_a_results_location():
-    shown = subprocess.run([sys.executable, "-m", "autoexplain.cli", "explain-layer", "--help"],
+    shown = subprocess.run([sys.executable, "-m", "flows.cli", "explain-layer", "--help"],
                            capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}, timeout=300)
     assert shown.returncode == 0, shown.stderr
     assert "fsspec URL" in shown.stdout and "--results" in shown.stdout

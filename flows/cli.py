@@ -1,18 +1,23 @@
-"""The commands that run whole flows: `explain-layer`, `rescore` and `revise`.
+"""The `autoexplain` command line: the stage commands of `autoexplain.cli` plus the commands that
+run whole flows, `explain-layer`, `rescore` and `revise` (the console script's entry point, `main`).
 
-Each checks every parameter here first (one line and exit 2 on a bad one, before Prefect starts),
-then runs the same flow as the deployments, with the stage bars, and ends with one summary table
-for the layer and the paths of the site and the outputs. `autoexplain.cli` registers them.
+The flow commands live here, not in the library, because they import the flows and tasks, which
+the library never does (`autoexplain.cli` alone runs the stage commands without Prefect). Each
+checks every parameter first (one line and exit 2 on a bad one, before Prefect starts), then runs
+the same flow as the deployments, with the stage bars, and ends with one summary table for the
+layer and the paths of the site and the outputs.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from autoexplain import defaults, preflight
+from autoexplain.cli import app
 from autoexplain.console import print_summary, run_or_exit, stage_bars
 from autoexplain.errors import UserError
 
@@ -130,3 +135,23 @@ def _run_flow(name: str, params: dict, check) -> None:
     finally:
         remove()
     print_summary([Path(ref["path"]) for ref in result["scores"]], result)
+
+
+app.command("explain-layer")(explain_layer_cmd)
+app.command("rescore")(rescore_cmd)
+app.command("revise")(revise_cmd)
+
+
+def main():  # pragma: no cover - console entry point
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Prefect's ephemeral server needs longer than its 20 s default to start on a busy 2-core box,
+    # and its telemetry would try to reach the internet.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_DATABASE_TIMEOUT", "60")
+    os.environ.setdefault("PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT", "60")
+    app(prog_name="autoexplain")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,305 @@
+"""The viewer's data: the JSON that the site's pages read, built from a layer's tables.
+
+Every value is made safe for a <script> (`to_json`), rounded to what a page can show, and written as
+a script that assigns to `window.__data[key]` (`js_data`): see `autoexplain.view` for the layout.
+- layer tables: one row per unit (explanation, every metric with its CI, the baselines), in chunks,
+  and the layer's summary (means with CIs, best and worst units);
+- unit details: explanations and candidates, scores, simulations and the records part (exemplars,
+  statistics, top tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from autoexplain.view_sources import LayerSource
+
+PRIMARY_METRIC = "top_and_random"
+METRICS = ("top_and_random", "random_only", "calibrated_r2", "calibrated_abs_dev_explained", "detection_auc")
+METHODS = ("explainer", "token-lookup", "shuffled")
+BASELINES = ("token-lookup", "shuffled")
+N_BEST = 10
+N_TOP_TOKENS = 20
+
+
+# ---------------------------------------------------------------- output helpers
+
+
+def _finite(x) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _r(x, digits: int = 4) -> float | None:
+    x = _finite(x)
+    return None if x is None else round(x, digits)
+
+
+def _rel_round(values, scale: float) -> list:
+    """Round to 3 significant digits of `scale` (plenty for colours and tooltips); None for non-finite."""
+    a = np.asarray(values, dtype=np.float64)
+    digits = 3 - int(math.floor(math.log10(scale))) if scale > 0 and math.isfinite(scale) else 6
+    out = np.round(a, max(0, min(digits, 12))).tolist()
+    if not np.isfinite(a).all():
+        out = [v if math.isfinite(v) else None for v in out]
+    return out
+
+
+def _rel_round_each(rows: list, scale: float) -> list[list]:
+    """`_rel_round` of several lists with one scale, in one numpy call."""
+    if not rows:
+        return []
+    flat = _rel_round(np.concatenate([np.asarray(r, dtype=np.float64).ravel() for r in rows]), scale)
+    ends = np.cumsum([len(r) for r in rows]).tolist()
+    return [flat[s:e] for s, e in zip([0, *ends[:-1]], ends)]
+
+
+def to_json(data: Any) -> str:
+    """Compact JSON that is safe inside a <script>: no '<', '>', '&' or line separators."""
+    body = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return (body.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+            .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
+
+
+def js_text(key: str, body: str) -> str:
+    return f"(window.__data=window.__data||{{}})[{json.dumps(key)}]={body};\n"
+
+
+def js_data(key: str, data: Any) -> str:
+    """A script that stores `data` at `window.__data[key]`; safe to load with <script src>."""
+    return js_text(key, to_json(data))
+
+
+def write_js(path: Path, key: str, data: Any) -> int:
+    text = js_data(key, data).encode("utf-8", errors="replace")
+    path.write_bytes(text)
+    return len(text)
+
+
+def unit_key(layer: int, unit: int, polarity: int) -> str:
+    return f"L{layer}/N{unit}{'+' if polarity > 0 else '-'}"
+
+
+def unit_name(unit: int, polarity: int) -> str:
+    return f"{unit}{'+' if polarity > 0 else '-'}"
+
+
+# ---------------------------------------------------------------- layer tables
+
+
+def unit_list(scores: pl.DataFrame, chosen: pl.DataFrame) -> pl.DataFrame:
+    keys = pl.concat([scores.select(pl.col("unit").cast(pl.Int64), pl.col("polarity").cast(pl.Int64)),
+                      chosen.select(pl.col("unit").cast(pl.Int64), pl.col("polarity").cast(pl.Int64))])
+    return keys.unique().sort(["unit", "polarity"], descending=[False, True])
+
+
+def index_frame(units: pl.DataFrame, scores: pl.DataFrame, chosen: pl.DataFrame) -> pl.DataFrame:
+    """One row per unit: the chosen explanation, every metric (llm with CI) and the baselines' values."""
+    on = ["unit", "polarity"]
+    s = scores.with_columns(pl.col("unit").cast(pl.Int64), pl.col("polarity").cast(pl.Int64))
+    text = (chosen.filter(pl.col("method") == "explainer")
+            .select(pl.col("unit").cast(pl.Int64), pl.col("polarity").cast(pl.Int64), pl.col("text"))
+            .unique(on, keep="first"))
+    df = units.join(text, on=on, how="left").with_columns(pl.col("text").fill_null(""))
+    for metric in METRICS:
+        part = s.filter(pl.col("metric") == metric)
+        llm = (part.filter(pl.col("method") == "explainer").unique(on, keep="first")
+               .select(*on, pl.col("value").alias(f"{metric}:v"), pl.col("ci_low").alias(f"{metric}:lo"),
+                       pl.col("ci_high").alias(f"{metric}:hi")))
+        df = df.join(llm, on=on, how="left")
+        for base in BASELINES:
+            b = (part.filter(pl.col("method") == base).unique(on, keep="first")
+                 .select(*on, pl.col("value").alias(f"{metric}:{base}")))
+            df = df.join(b, on=on, how="left")
+    num = [c for c in df.columns if ":" in c]
+    return df.with_columns([pl.col(c).cast(pl.Float64).fill_nan(None).round(4) for c in num])
+
+
+def index_chunk(df: pl.DataFrame) -> dict:
+    cols = {c: df.get_column(c).to_list() for c in df.columns}
+    return {
+        "u": cols["unit"], "p": cols["polarity"], "t": cols["text"],
+        "m": {metric: {"v": cols[f"{metric}:v"], "lo": cols[f"{metric}:lo"], "hi": cols[f"{metric}:hi"],
+                       **{base: cols[f"{metric}:{base}"] for base in BASELINES}} for metric in METRICS},
+    }
+
+
+def _mean_ci(values) -> list | None:
+    a = np.asarray([v for v in values if v is not None], dtype=float)
+    a = a[np.isfinite(a)]
+    if not a.size:
+        return None
+    m = float(a.mean())
+    half = 1.96 * float(a.std(ddof=1)) / math.sqrt(a.size) if a.size > 1 else 0.0
+    return [_r(m), _r(m - half), _r(m + half), int(a.size)]
+
+
+def layer_summary(layer: int, index: pl.DataFrame, chunk_size: int, src: LayerSource) -> dict:
+    means = {}
+    for metric in METRICS:
+        means[metric] = {"explainer": _mean_ci(index[f"{metric}:v"].to_list()),
+                         **{b: _mean_ci(index[f"{metric}:{b}"].to_list()) for b in BASELINES}}
+    wins = {}
+    for b in BASELINES:
+        both = index.select(pl.col(f"{PRIMARY_METRIC}:v"), pl.col(f"{PRIMARY_METRIC}:{b}")).drop_nulls()
+        wins[b] = _r(float((both[:, 0] > both[:, 1]).mean()), 3) if both.height else None
+    scored = index.filter(pl.col(f"{PRIMARY_METRIC}:v").is_not_null())
+    cols = ["unit", "polarity", "text", f"{PRIMARY_METRIC}:v", f"{PRIMARY_METRIC}:lo", f"{PRIMARY_METRIC}:hi"]
+
+    def rows(df):
+        return [{"u": r[0], "p": r[1], "t": r[2], "v": r[3], "lo": r[4], "hi": r[5]} for r in df.select(cols).rows()]
+
+    ordered = scored.sort(f"{PRIMARY_METRIC}:v", descending=True)
+    n_best = min(N_BEST, (ordered.height + 1) // 2)
+    n_worst = min(N_BEST, ordered.height - n_best)
+    return {
+        "layer": layer, "n_units": index.height, "n_scored": scored.height,
+        "chunk_size": chunk_size, "n_chunks": max(1, math.ceil(index.height / chunk_size)),
+        "means": means, "llm_beats": wins,
+        "best": rows(ordered.head(n_best)), "worst": rows(ordered.tail(n_worst).reverse()) if n_worst else [],
+        "simulator": src.simulator, "has_records": src.records_dir is not None,
+        "sources": {"scores": [str(d) for d in src.scores_dirs], "simulations": [str(d) for d in src.simulations_dirs],
+                    "records": str(src.records_dir or "")},
+        "plot": f"plots/layer_{layer}read_scores.png",
+    }
+
+
+# ---------------------------------------------------------------- unit details
+
+
+def explanations_of(chosen: pl.DataFrame) -> dict[tuple[int, int], dict]:
+    out: dict[tuple[int, int], dict] = {}
+    cols = [c for c in ("unit", "polarity", "method", "explainer", "text", "candidates", "candidate_valid_scores")
+            if c in chosen.columns]
+    n = chosen.height
+    data = {c: chosen.get_column(c).to_list() if c in cols else [None] * n
+            for c in ("unit", "polarity", "method", "explainer", "text", "candidates", "candidate_valid_scores")}
+    for i in range(n):
+        key = (int(data["unit"][i]), int(data["polarity"][i]))
+        method = data["method"][i]
+        entry = {"text": data["text"][i] or "", "explainer": data["explainer"][i] or ""}
+        if method == "explainer":
+            cands = data["candidates"][i] or []
+            vscores = data["candidate_valid_scores"][i] or []
+            entry["candidates"] = [[c, _r(vscores[j]) if j < len(vscores) else None] for j, c in enumerate(cands)]
+        out.setdefault(key, {}).setdefault(method, entry)
+    return out
+
+
+def scores_of(scores: pl.DataFrame) -> dict[tuple[int, int], dict]:
+    out: dict[tuple[int, int], dict] = {}
+    rounded = [pl.col(c).cast(pl.Float64).fill_nan(None).round(4) for c in ("value", "ci_low", "ci_high")]
+    cols = ["unit", "polarity", "method", "metric", "value", "ci_low", "ci_high", "undefined_reason", "n_records",
+            "n_failed"]
+    df = scores.with_columns(rounded).select(cols)
+    for u, p, method, metric, v, lo, hi, why, n, nf in zip(*(df.get_column(c).to_list() for c in cols)):
+        by_method = out.get((u, p))
+        if by_method is None:
+            by_method = out[(u, p)] = {}
+        by_metric = by_method.get(method)
+        if by_metric is None:
+            by_metric = by_method[method] = {}
+        by_metric[metric] = [v, lo, hi, why, n, nf]
+    return out
+
+
+def sims_of(sims: pl.DataFrame | None, keys: list[tuple[int, int]]) -> dict[tuple[int, int], str]:
+    """For these units, the JSON text of window id -> {"sim": {method: expected}, "fail": {method:
+    reason}}; the page puts each on its exemplar (simulations exist for the test-split windows,
+    which are always shown). Expected is null where the simulation failed."""
+    if sims is None or not keys:
+        return {}
+    wanted = pl.DataFrame(keys, schema={"unit": pl.Int64, "polarity": pl.Int64}, orient="row")
+    part = sims.join(wanted, on=["unit", "polarity"], how="semi")
+    windows: dict[tuple[int, int], dict[int, tuple[list[str], list[str]]]] = {}
+    cols = ["unit", "polarity", "method", "window_id", "expected", "failure"]
+    names = {m: to_json(m) for m in part.get_column("method").unique().to_list()}
+    for u, p, method, w, expected, failure in zip(*(part.get_column(c).to_list() for c in cols)):
+        sim, fail = windows.setdefault((u, p), {}).setdefault(w, ([], []))
+        sim.append(f"{names[method]}:{expected}")
+        if failure:
+            fail.append(f"{names[method]}:{to_json(failure)}")
+    return {key: "{" + ",".join(f'"{w}":{{"sim":{{{",".join(sim)}}}' + (f',"fail":{{{",".join(fail)}}}}}' if fail else "}")
+                                for w, (sim, fail) in by_window.items()) + "}"
+            for key, by_window in windows.items()}
+
+
+def _top_tokens(records) -> list[list]:
+    """Tokens with the highest activations over the top exemplars: [token, max, mean, count, peaks]."""
+    tops = [r for r in records if r.kind == "top" and r.activations]
+    if not tops:
+        return []
+    tokens, acts, peaks = [], [], []
+    for r in tops:
+        a = np.asarray(r.activations, dtype=float)
+        n = min(len(r.tokens), a.size)
+        tokens += r.tokens[:n]
+        acts.append(a[:n])
+        flags = np.zeros(n)
+        if int(np.argmax(a)) < n:
+            flags[int(np.argmax(a))] = 1
+        peaks.append(flags)
+    # Per distinct token at once; ties keep first-seen order.
+    uniq, first, inv = np.unique(np.array(tokens, dtype=object).astype(str), return_index=True, return_inverse=True)
+    acts_all = np.concatenate(acts)
+    best = np.full(uniq.size, -np.inf)
+    np.maximum.at(best, inv, acts_all)
+    total, count = np.bincount(inv, acts_all, uniq.size), np.bincount(inv, minlength=uniq.size)
+    peak = np.bincount(inv, np.concatenate(peaks), uniq.size)
+    order = np.lexsort((first, -peak, -best))[:N_TOP_TOKENS]
+    return [[tokens[first[i]], float(best[i]), float(total[i] / count[i]), int(count[i]), int(peak[i])] for i in order]
+
+
+def _pick_records(records, max_per_kind: int | None):
+    """Every quantile record, the strongest `max_per_kind` top and random ones, and all test-split ones."""
+    kept, seen = [], {"top": 0, "random": 0}
+    for r in records:
+        if r.kind in seen and r.split != "test" and max_per_kind is not None:
+            if seen[r.kind] >= max_per_kind:
+                continue
+            seen[r.kind] += 1
+        kept.append(r)
+    return kept
+
+
+def records_part(unit_records, max_per_kind) -> dict:
+    """The part of a unit's page that its records alone decide: exemplars, statistics, top tokens.
+    It does not change when the unit is re-simulated, so a rebuild reuses it (see `autoexplain.view._RecordsCache`)."""
+    part: dict[str, Any] = {"stats": None, "records": [], "top_tokens": [], "scale": None, "n_records": {}}
+    if unit_records is None:
+        return part
+    records = unit_records.records
+    top_max = [r.max_activation for r in records if r.kind == "top"]
+    scale = max(top_max) if top_max else max((r.max_activation for r in records), default=0.0)
+    st = unit_records.stats
+    if st is not None:
+        part["stats"] = {"mean": _finite(st.mean), "std": _finite(st.std), "max": _finite(st.max),
+                         "frac_active": _finite(st.frac_active), "skewness": _finite(st.skewness),
+                         "kurtosis": _finite(st.kurtosis),
+                         "hist_edges": _rel_round(st.hist_edges, abs(st.max) or scale or 1.0),
+                         "hist_counts": [int(c) for c in st.hist_counts]}
+        if not scale or scale <= 0:
+            scale = _finite(st.max) or 0.0
+    ref = abs(scale) if scale else 1.0
+    part["scale"] = _finite(scale)
+    rank = {"top": 0, "quantile": 0, "random": 0}
+    out = []
+    picked = _pick_records(records, max_per_kind)
+    for r, rounded in zip(picked, _rel_round_each([r.activations for r in picked], ref)):
+        item = {"w": r.window_id, "k": r.kind, "s": r.split, "q": r.quantile_bin, "t": list(r.tokens),
+                "a": rounded, "m": _finite(round(r.max_activation, 6))}
+        item["i"] = rank.get(r.kind, 0)
+        rank[r.kind] = item["i"] + 1
+        out.append(item)
+    part["records"] = out
+    part["n_records"] = {k: sum(r.kind == k for r in records) for k in ("top", "quantile", "random")}
+    part["top_tokens"] = [[t, _r(mx, 6), _r(mn, 6), n, pk] for t, mx, mn, n, pk in _top_tokens(records)]
+    return part

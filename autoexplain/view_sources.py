@@ -1,0 +1,142 @@
+"""The viewer's inputs: a layer's scores, chosen explanations, simulations and records, found by
+following each scores folder's manifest to its simulations folder and on to its records folder.
+
+`find_sources` gathers the shards of one layer into one `LayerSource`; the readers here return
+polars frames (or records) for `autoexplain.view_data` to turn into the site's data files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import polars as pl
+
+from autoexplain.errors import UserError
+from autoexplain.storage import is_complete, read_manifest
+
+
+@dataclass
+class LayerSource:
+    """Where one layer's tables live, found by following the manifests. A layer explained in shards
+    of units has one scores folder (and simulations folder) per shard, all from one recording."""
+
+    layer: int
+    scores_dirs: list[Path]
+    simulations_dirs: list[Path]
+    records_dir: Path | None
+    simulator: str
+
+
+def _resolve(ref: str | None, near: Path, stage: str) -> Path | None:
+    """A manifest's input path, or the folder of the same name under this output root's `stage/`."""
+    if not ref:
+        return None
+    as_given = Path(ref)
+    for candidate in (as_given, near.parent.parent / stage / as_given.name):
+        if is_complete(candidate):
+            return candidate
+    return None
+
+
+def find_sources(score_dirs: Iterable[str | Path], records_dir: str | Path | None = None) -> list[LayerSource]:
+    sources: dict[int, LayerSource] = {}
+    for d in score_dirs:
+        d = Path(d)
+        if not is_complete(d):
+            raise UserError(f"{d} is not a finished scores folder (no manifest.json)",
+                            "pass folders printed by `autoexplain score`")
+        m = read_manifest(d)
+        if m.get("stage") != "scores":
+            raise UserError(f"{d} is a {m.get('stage')} folder, not a scores folder",
+                            "pass folders printed by `autoexplain score`")
+        layer = int(m["params"]["layer"])
+        sims = _resolve(m.get("inputs", {}).get("simulations"), d, "simulations")
+        simulator, recs = "", None
+        if sims is not None:
+            sm = read_manifest(sims)
+            simulator = str(sm.get("params", {}).get("simulator", ""))
+            recs = _resolve(sm.get("inputs", {}).get("records"), sims, "records")
+        if records_dir is not None:
+            recs = Path(records_dir)
+            if not is_complete(recs):
+                raise UserError(f"{recs} is not a finished records folder", "pass the folder printed by `autoexplain record`")
+        if recs is not None and layer not in read_manifest(recs).get("params", {}).get("layers", []):
+            if records_dir is not None:
+                raise UserError(f"layer {layer} was not recorded in {recs}", "pass the records folder of that run")
+            recs = None
+        src = sources.get(layer)
+        if src is None:
+            sources[layer] = LayerSource(layer, [d], [sims] if sims else [], recs, simulator)
+            continue
+        # Another shard of a layer already seen: a different folder, from the same recording and
+        # simulator (the layer page states one of each).
+        if d.resolve() in {x.resolve() for x in src.scores_dirs}:
+            raise UserError(f"layer {layer} comes twice ({d})",
+                            "build one site per run: one scores folder per layer, or the shards of one run")
+        if (recs, simulator) != (src.records_dir, src.simulator):
+            raise UserError(f"the scores of layer {layer} in {src.scores_dirs[0]} and {d} come from different "
+                            f"recordings or simulators", "build one site per run: pass the shards of one run")
+        src.scores_dirs.append(d)
+        src.simulations_dirs += [sims] if sims else []
+    if not sources:
+        raise UserError("no scores folders given", "pass at least one folder printed by `autoexplain score`")
+    return [sources[L] for L in sorted(sources)]
+
+
+def read_scores(src: LayerSource) -> pl.DataFrame:
+    df = pl.concat([pl.read_parquet(d / f"layer_{src.layer}.parquet") for d in src.scores_dirs], how="diagonal_relaxed")
+    if df.select("unit", "polarity", "method", "metric", *(["split"] if "split" in df.columns else [])).is_duplicated().any():
+        raise UserError(f"the scores folders of layer {src.layer} overlap: some units are scored twice",
+                        "pass the shards of one run, each unit in one of them")
+    if "split" in df.columns and (df["split"] == "test").any():
+        df = df.filter(pl.col("split") == "test")
+    return df.with_columns(pl.col("value").fill_nan(None), pl.col("ci_low").fill_nan(None),
+                           pl.col("ci_high").fill_nan(None))
+
+
+def read_chosen(src: LayerSource) -> pl.DataFrame:
+    paths = [d / "chosen.parquet" for d in src.simulations_dirs if (d / "chosen.parquet").is_file()]
+    if paths:
+        return pl.concat([pl.read_parquet(p) for p in paths], how="diagonal_relaxed")
+    return pl.DataFrame(schema={"unit": pl.Int32, "polarity": pl.Int8, "method": pl.Utf8, "explainer": pl.Utf8,
+                                "text": pl.Utf8, "candidates": pl.List(pl.Utf8),
+                                "candidate_valid_scores": pl.List(pl.Float64)})
+
+
+def sims_frame(src: LayerSource) -> pl.DataFrame | None:
+    """The test-split simulations of a layer (the ones its scores come from), or None. Each row's
+    expected activations come as the JSON text of the list, rounded to 2 decimals: formatting a
+    layer's millions of floats in polars takes a fraction of what Python's json module needs."""
+    paths = [d / f"layer_{src.layer}.parquet" for d in src.simulations_dirs]
+    paths = [p for p in paths if p.is_file()]
+    if not paths:
+        return None
+    value = pl.element().cast(pl.Float64).round(2)
+    as_json = pl.when(value.is_finite()).then(value.cast(pl.String)).otherwise(pl.lit("null"))
+    cols = ["unit", "polarity", "method", "window_id", "split", "expected", "failure"]
+    sims = pl.concat([pl.scan_parquet(p).select(cols).filter(pl.col("split") == "test") for p in paths]).collect()
+    return sims.select(pl.col("unit").cast(pl.Int64), pl.col("polarity").cast(pl.Int64), "method", "window_id",
+                       ("[" + pl.col("expected").list.eval(as_json).list.join(",") + "]").fill_null("null")
+                       .alias("expected"), "failure")
+
+
+def records_reader(src: LayerSource):
+    """A function (list of (unit, polarity)) -> {(unit, polarity): UnitRecords}, or None without records."""
+    if src.records_dir is None:
+        return None
+    from autoexplain.activations import read_units
+
+    m = read_manifest(src.records_dir)
+    windows = src.records_dir.parent.parent / "windows" / m["inputs"]["windows"] / "windows.parquet"
+    records_path = src.records_dir / f"layer_{src.layer}.records.parquet"
+    stats_path = src.records_dir / f"layer_{src.layer}.stats.parquet"
+    if not windows.is_file() or not records_path.is_file():
+        return None
+
+    def read(keys):
+        found = read_units(records_path, windows, keys, stats_path if stats_path.is_file() else None)
+        return {(u.neuron.index, u.neuron.polarity): u for u in found}
+
+    return read
