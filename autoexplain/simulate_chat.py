@@ -17,6 +17,7 @@ from difflib import SequenceMatcher
 from typing import Sequence
 
 from autoexplain.explain import ENDING, _read
+from autoexplain.llm import accepts as _takes
 from autoexplain.simulate import DIGITS, Simulation, Simulator, _per_item_errors, expected_value, prompt_hash
 
 FORMAT = (
@@ -119,6 +120,8 @@ class ChatJsonSimulator(Simulator):
         sims: list[Simulation | None] = [None] * len(pairs)
         used = [[0, 0] for _ in pairs]
         extra = _per_item_errors(self.llm.chat)
+        # A server LLM's response cache keys a conversation by its sample index: each retry is a new sample.
+        takes_sample = _takes(self.llm.chat, "sample")
         for attempt in range(self.retries + 1):
             if not pending:
                 break
@@ -126,7 +129,8 @@ class ChatJsonSimulator(Simulator):
             temperature = 0.0 if attempt == 0 else 0.7
             results = self.llm.chat([chat_messages(*pairs[i]) for i in pending],
                                     temperature=temperature, max_tokens=self.max_tokens,
-                                    top_logprobs=self.top_logprobs, **extra)
+                                    top_logprobs=self.top_logprobs, **extra,
+                                    **({"sample": attempt} if takes_sample else {}))
             still = []
             for i, result in zip(pending, results):
                 if isinstance(result, Exception):  # the request's own retries ran out: not asked again
