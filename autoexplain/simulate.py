@@ -103,6 +103,7 @@ class AllAtOnceSimulator(Simulator):
     """
 
     kind, takes_llm, prompt_files = "all-at-once", "optional", SIMULATOR_FILES
+    needs_prompt_logprobs = True
 
     def __init__(self, llm, batch_size: int = 16, top_logprobs: int = 15, reuse_prefix: bool = True):
         self.llm = llm
