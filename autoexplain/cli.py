@@ -17,6 +17,8 @@ from autoexplain import cli_runs, defaults, preflight
 from autoexplain.console import err, print_summary, progress_bar, run_or_exit
 from autoexplain.errors import UserError
 from autoexplain.llm import set_limits
+from autoexplain.cli_runs import CACHE_HELP, TPM_HELP
+from autoexplain.llm_cache import set_cache
 
 app = typer.Typer(
     help="Explain what each neuron of a language model does: record activations, explain them with an "
@@ -124,6 +126,8 @@ def explain(
     chat: bool = typer.Option(False, "--chat", help="Use the chat API instead of completions."),
     concurrency: Optional[int] = typer.Option(None, "--concurrency", help="LLM requests in flight at once, across units (default: 64 for a server URL, 8 for api.openai.com). Results do not depend on it."),
     rpm: Optional[float] = typer.Option(None, "--rpm", help="At most this many LLM requests per minute (default: no limit)."),
+    tpm: Optional[float] = typer.Option(None, "--tpm", help=TPM_HELP),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help=CACHE_HELP),
     out: Path = typer.Option(Path("out"), "--out", "-o"),
 ):
     """Sample k candidate explanations per unit from its train records, plus the token-lookup baseline."""
@@ -133,11 +137,12 @@ def explain(
     def go():
         if k < 1:
             raise UserError(f"--k must be at least 1, got {k}", "pass --k 1 or more")
-        preflight.check_limits(concurrency, rpm, preflight.cli_flag)
+        preflight.check_limits(concurrency, rpm, preflight.cli_flag, tpm)
         L = _records_layer(records, layer)
         chosen = parse_units(units)
         preflight.check_explainer(explainer, preflight.cli_flag)
-        set_limits(concurrency, rpm)
+        set_limits(concurrency, rpm, tpm)
+        set_cache(cache)
         ref = run_explain(records, L, out, chosen, explainer, ExplainConfig(k=k, chat=chat))
         typer.echo(str(ref.directory))
 
@@ -151,17 +156,20 @@ def simulate(
     simulator: str = typer.Option("embedding", "--simulator", "-s", help="'embedding' (offline default), 'all-at-once[:LLM]' or 'chat-json:LLM'."),
     concurrency: Optional[int] = typer.Option(None, "--concurrency", help="LLM requests in flight at once, across units (default: 64 for a server URL, 8 for api.openai.com). Results do not depend on it."),
     rpm: Optional[float] = typer.Option(None, "--rpm", help="At most this many LLM requests per minute (default: no limit)."),
+    tpm: Optional[float] = typer.Option(None, "--tpm", help=TPM_HELP),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help=CACHE_HELP),
     out: Path = typer.Option(Path("out"), "--out", "-o"),
 ):
     """Pick each unit's best candidate on the valid split, then simulate it and the baselines on held-out records."""
     from autoexplain.layer import StageRef, run_simulate
 
     def go():
-        preflight.check_limits(concurrency, rpm, preflight.cli_flag)
+        preflight.check_limits(concurrency, rpm, preflight.cli_flag, tpm)
         x = StageRef.of(explanations)
         _records_layer(records, x.layer)
         preflight.check_simulator(simulator, preflight.cli_flag)
-        set_limits(concurrency, rpm)
+        set_limits(concurrency, rpm, tpm)
+        set_cache(cache)
         typer.echo(str(run_simulate(records, x, out, simulator).directory))
 
     run_or_exit(go)

@@ -16,6 +16,12 @@ from autoexplain import defaults, preflight
 from autoexplain.console import print_summary, run_or_exit, stage_bars
 from autoexplain.errors import UserError
 
+# The help of the LLM options that every command calling an LLM shares (`cli` uses them too).
+TPM_HELP = ("At most this many LLM tokens (prompt + completion) per minute; a request takes an estimate "
+            "before it is sent and the server's count once answered (default: no limit).")
+CACHE_HELP = ("Keep every LLM answer under <out>/llm_cache and never pay for the same request twice "
+              "($AUTOEXPLAIN_LLM_CACHE names another folder, or 'off'). --no-cache sends every request.")
+
 
 def explain_layer_cmd(
     layer: int = typer.Option(15, "--layer", "-l", help="Layer to explain (SmolLM2 has 0-29)."),
@@ -33,13 +39,15 @@ def explain_layer_cmd(
     n_random: int = typer.Option(30, "--random", help="Random windows kept per unit and polarity."),
     concurrency: Optional[int] = typer.Option(None, "--concurrency", help="LLM requests in flight at once, across units (default: 64 for a server URL, 8 for api.openai.com). Results do not depend on it."),
     rpm: Optional[float] = typer.Option(None, "--rpm", help="At most this many LLM requests per minute (default: no limit)."),
+    tpm: Optional[float] = typer.Option(None, "--tpm", help=TPM_HELP),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help=CACHE_HELP),
     out: str = typer.Option("out", "--out", "-o", help="Output folder, or an fsspec URL (s3://bucket/run, file:///mnt/share/out, ...) worked on through a local mirror."),
     results: Optional[str] = typer.Option(None, "--results", help="Folder or fsspec URL for Prefect's task results (its cache), e.g. s3://bucket/prefect-results. Default: Prefect's local storage."),
 ):
     """Record if needed, then explain, simulate and score a layer, as a Prefect flow (no server needed)."""
     params = dict(layer=layer, units=units, model=model, corpus=corpus, tokens=tokens, explainer=explainer,
                   simulator=simulator, k=k, shard_size=shard_size, n_boot=n_boot, window_len=window_len, top_k=top_k,
-                  n_random=n_random, out=out, results=results, concurrency=concurrency, rpm=rpm)
+                  n_random=n_random, out=out, results=results, concurrency=concurrency, rpm=rpm, tpm=tpm, cache=cache)
     run_or_exit(lambda: _run_flow("explain_layer", params, lambda: preflight.explain_layer(params, preflight.cli_flag)))
 
 
@@ -51,14 +59,16 @@ def rescore_cmd(
     results: Optional[str] = typer.Option(None, "--results", help="Folder or URL for Prefect's task results."),
     concurrency: Optional[int] = typer.Option(None, "--concurrency", help="LLM requests in flight at once, across units (default: 64 for a server URL, 8 for api.openai.com). Results do not depend on it."),
     rpm: Optional[float] = typer.Option(None, "--rpm", help="At most this many LLM requests per minute (default: no limit)."),
+    tpm: Optional[float] = typer.Option(None, "--tpm", help=TPM_HELP),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help=CACHE_HELP),
 ):
     """Re-simulate and re-score the latest run of a layer (the nightly job), and compare with its previous scores."""
     params = dict(out=out, layer=layer, simulator=simulator, n_boot=n_boot, results=results, concurrency=concurrency,
-                  rpm=rpm)
+                  rpm=rpm, tpm=tpm, cache=cache)
 
     def check():
         preflight.at_least(preflight.cli_flag, "n_boot", n_boot, 1)
-        preflight.check_limits(concurrency, rpm, preflight.cli_flag)
+        preflight.check_limits(concurrency, rpm, preflight.cli_flag, tpm)
         preflight.check_simulator(simulator, preflight.cli_flag)
         preflight.find_run(out, layer, preflight.cli_flag)
 
