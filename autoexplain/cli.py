@@ -14,7 +14,7 @@ from typing import Optional
 import typer
 
 from autoexplain import cli_runs, defaults, preflight
-from autoexplain.console import err, print_summary, progress_bar, run_or_exit
+from autoexplain.console import err, print_llm_usage, print_summary, progress_bar, run_or_exit
 from autoexplain.errors import UserError
 from autoexplain.llm import set_limits
 from autoexplain.cli_runs import CACHE_HELP, TPM_HELP
@@ -144,6 +144,7 @@ def explain(
         set_limits(concurrency, rpm, tpm)
         set_cache(cache)
         ref = run_explain(records, L, out, chosen, explainer, ExplainConfig(k=k, chat=chat))
+        print_llm_usage()
         typer.echo(str(ref.directory))
 
     run_or_exit(go)
@@ -170,7 +171,9 @@ def simulate(
         preflight.check_simulator(simulator, preflight.cli_flag)
         set_limits(concurrency, rpm, tpm)
         set_cache(cache)
-        typer.echo(str(run_simulate(records, x, out, simulator).directory))
+        ref = run_simulate(records, x, out, simulator)
+        print_llm_usage()
+        typer.echo(str(ref.directory))
 
     run_or_exit(go)
 

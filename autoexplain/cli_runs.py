@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 
 from autoexplain import defaults, preflight
-from autoexplain.console import print_summary, run_or_exit, stage_bars
+from autoexplain.console import print_llm_usage, print_summary, run_or_exit, stage_bars
 from autoexplain.errors import UserError
 
 # The help of the LLM options that every command calling an LLM shares (`cli` uses them too).
@@ -139,4 +139,5 @@ def _run_flow(name: str, params: dict, check) -> None:
             result = getattr(flows, name)(**params)
     finally:
         remove()
+    print_llm_usage()
     print_summary([Path(ref["path"]) for ref in result["scores"]], result)
