@@ -16,7 +16,7 @@ asked, so that a resumed, repeated or crashed-and-rerun stage sends no request t
 - **Bounded**: a `diskcache.Cache` (an SQLite index and files, safe across the threads and
   processes of one machine), at most `$AUTOEXPLAIN_LLM_CACHE_MB` megabytes (default 16384); the
   least recently used entries are evicted first. Values are zlib-compressed JSON: an all-at-once
-  answer (top-15 alternatives at every prompt position) took about 26 kB against bench/llm_server.py,
+  answer (top-15 alternatives at every prompt position) took about 25 kB against bench/llm_server.py,
   so the default holds about 650,000 of them, a 3,072-unit layer at 200 requests a unit.
 - **Between machines**: for an output root on a URL (`remote`), the local cache lives in the URL's
   mirror, and every entry is also written to `<url>/llm_cache/<key[:2]>/<key>.json.z`: a file per
@@ -34,6 +34,7 @@ import os
 import threading
 import uuid
 import zlib
+from concurrent.futures import Future
 from pathlib import Path
 
 CACHE_ENV, CACHE_MB_ENV = "AUTOEXPLAIN_LLM_CACHE", "AUTOEXPLAIN_LLM_CACHE_MB"
@@ -90,6 +91,8 @@ class ResponseCache:
                                      eviction_policy="least-recently-used")
         self._remote = remote.location(self.directory)  # (url, fs, path) under a URL root, else None
         self._warned = False
+        self._asking: dict[str, Future] = {}  # keys whose request is in flight now
+        self._lock = threading.Lock()
 
     @staticmethod
     def _pack(value) -> bytes:
@@ -98,6 +101,35 @@ class ResponseCache:
     @staticmethod
     def _unpack(blob: bytes):
         return _loads(zlib.decompress(blob))
+
+    def answer(self, key: str, ask, decode):
+        """(answer, reused): decode(the stored value), or ask() and store its answer's fields. A key
+        asked for while the same key is in flight in another thread waits for that answer instead
+        of sending the request again (identical requests of one stage run, sent together). An
+        error of the one request is every waiter's error."""
+        stored = self.get(key)
+        if stored is not None:
+            return decode(stored), True
+        with self._lock:
+            pending = self._asking.get(key)
+            if pending is None:
+                pending = self._asking[key] = Future()
+                mine = True
+            else:
+                mine = False
+        if not mine:
+            return pending.result(), True
+        try:
+            answer = ask()
+            self.put(key, vars(answer))  # shallow: dataclasses.asdict deep-copies (20 ms an echo answer)
+            pending.set_result(answer)
+            return answer, False
+        except BaseException as e:
+            pending.set_exception(e)
+            raise
+        finally:
+            with self._lock:
+                del self._asking[key]
 
     def get(self, key: str):
         blob = self._disk.get(key)

@@ -39,41 +39,11 @@ from autoexplain.llm import (
     PromptLogprobs,
 )
 from autoexplain.llm_cache import request_key
+from autoexplain.llm_limits import TokenBucket
 
 
 class Malformed(Exception):
     """An HTTP 200 whose body is not a usable answer: retried like a 5xx."""
-
-
-class TokenBucket:
-    """A rate per minute with a burst: `acquire(n)` takes n (one request, or a request's estimated
-    tokens), waiting for the refill if needed; `settle(n)` takes n more, or gives -n back, once the
-    true count is known. `spent` is everything taken."""
-
-    def __init__(self, per_minute: float, burst: float = 1):
-        self.rate, self.capacity = per_minute / 60.0, float(max(1, burst))
-        self._tokens, self._t = self.capacity, time.monotonic()
-        self.spent = 0.0
-        self._lock = threading.Lock()
-
-    def _take(self, amount: float) -> float:
-        """Take `amount` now (under the lock) and return how long the taker must wait for it."""
-        now = time.monotonic()
-        self._tokens = min(self.capacity, self._tokens + (now - self._t) * self.rate)
-        self._t = now
-        self._tokens = min(self.capacity, self._tokens - amount)  # a refund never lifts it above the burst
-        self.spent += amount
-        return -self._tokens / self.rate if self._tokens < 0 else 0.0
-
-    def acquire(self, amount: float = 1) -> None:
-        with self._lock:
-            wait = self._take(amount)  # reserved now, so waiters are served in arrival order
-        if wait > 0:
-            time.sleep(wait)
-
-    def settle(self, amount: float) -> None:
-        with self._lock:
-            self._take(amount)  # owed by the next taker: it waits for the refill
 
 
 try:  # faster JSON for the large echo replies, when installed (it comes with prefect)
@@ -260,9 +230,14 @@ class OpenAILLM(LLM):
             self._record_cached(sinks, hits)
         return got
 
-    def _keep(self, key: str, answer) -> None:
-        if self.cache is not None:
-            self.cache.put(key, vars(answer))  # shallow: dataclasses.asdict deep-copies (20 ms an echo answer)
+    def _answer(self, key: str, ask, decode, sinks):
+        """ask() once for a key: the cache's answer, or the answer of the same request in flight now."""
+        if self.cache is None:
+            return ask()
+        answer, reused = self.cache.answer(key, ask, decode)
+        if reused:
+            self._record_cached(sinks, 1)
+        return answer
 
     # -- API ---------------------------------------------------------------------------------------
     def complete(self, prompts, n=1, temperature=1.0, max_tokens=60, stop=None, return_errors=False):
@@ -294,7 +269,8 @@ class OpenAILLM(LLM):
             missing = [j for j, c in enumerate(got) if c is None]
             for j, c in zip(missing, ask(prompt, len(missing)) if missing else ()):
                 got[j] = c
-                self._keep(keys[j], c)
+                if self.cache is not None:
+                    self.cache.put(keys[j], vars(c))
             return got
 
         if self._n_ignored or n == 1:
@@ -326,12 +302,12 @@ class OpenAILLM(LLM):
             items.append((messages, self._key("chat", messages=messages, temperature=temperature, max_tokens=max_tokens,
                                               top_logprobs=top_logprobs, sample=sample, copy=copy)))
 
-        def one(messages: list[dict], key: str) -> ChatResult:
-            (hit,) = self._cached([key], sinks)
-            if hit is not None:
-                tops = hit["top_logprobs"]
-                return ChatResult(hit["text"], None if tops is None else [[tuple(p) for p in row] for row in tops],
-                                  hit["prompt_tokens"], hit["completion_tokens"])
+        def stored(hit: dict) -> ChatResult:
+            tops = hit["top_logprobs"]
+            return ChatResult(hit["text"], None if tops is None else [[tuple(p) for p in row] for row in tops],
+                              hit["prompt_tokens"], hit["completion_tokens"])
+
+        def ask(messages: list[dict]) -> ChatResult:
             estimate = sum(len(str(m.get("content") or "")) for m in messages) // 4 + max_tokens
             r = self._request(lambda: self._client.chat.completions.create(
                 model=self.name, messages=messages, temperature=temperature, max_tokens=max_tokens, **extra),
@@ -343,9 +319,10 @@ class OpenAILLM(LLM):
             tops = None
             if top_logprobs and choice.logprobs is not None and choice.logprobs.content is not None:
                 tops = [[(t.token, t.logprob) for t in item.top_logprobs] for item in choice.logprobs.content]
-            result = ChatResult(choice.message.content or "", tops, pt, ct)
-            self._keep(key, result)
-            return result
+            return ChatResult(choice.message.content or "", tops, pt, ct)
+
+        def one(messages: list[dict], key: str) -> ChatResult:
+            return self._answer(key, lambda: ask(messages), stored, sinks)
 
         return self._map(one, items, return_errors)
 
@@ -372,12 +349,7 @@ class OpenAILLM(LLM):
         sinks = self._sinks()
         create = self._client.completions.with_raw_response.create
 
-        def one(prompt: str) -> PromptLogprobs:
-            # The alignment setting is in the key: the answer is stored as read with it.
-            key = self._key("echo", prompt=prompt, logprobs=top, echo_alignment=self.echo_alignment)
-            (hit,) = self._cached([key], sinks)
-            if hit is not None:
-                return PromptLogprobs(**hit)
+        def ask(prompt: str) -> PromptLogprobs:
             # max_tokens=1, not 0: llama.cpp reads 0 as "no limit". The generated token is dropped below.
             estimate = len(prompt) // 4 + 1
             data = self._request(lambda: self._echo_data(create(
@@ -400,8 +372,11 @@ class OpenAILLM(LLM):
             server = [t if t else {} for t in (lp["top_logprobs"] or [None] * len(tokens))]
             # Shifted: entry i predicts token i+1, and the entry predicting token 1 was nulled by the server.
             tops = ([{}] + server[: keep - 1]) if shifted else server[:keep]
-            result = PromptLogprobs(list(tokens[:keep]), offsets[:keep], tops, pt or keep)
-            self._keep(key, result)
-            return result
+            return PromptLogprobs(list(tokens[:keep]), offsets[:keep], tops, pt or keep)
+
+        def one(prompt: str) -> PromptLogprobs:
+            # The alignment setting is in the key: the answer is stored as read with it.
+            key = self._key("echo", prompt=prompt, logprobs=top, echo_alignment=self.echo_alignment)
+            return self._answer(key, lambda: ask(prompt), lambda hit: PromptLogprobs(**hit), sinks)
 
         return self._map(one, [(p,) for p in prompts], return_errors)

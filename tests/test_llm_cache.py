@@ -91,6 +91,22 @@ def test_chat_and_prompt_logprobs_are_cached(fault_server, tmp_path):
     assert llm.usage.requests == 6 and llm.usage.cached == 5
 
 
+def test_identical_requests_in_flight_together_are_sent_once(fault_server, tmp_path):
+    """The server holds every request until released: the copies of one prompt wait for the one
+    request in flight instead of sending their own."""
+    srv = fault_server(hold=True)
+    llm = fast(srv.base_url, ResponseCache(tmp_path / "c"), max_concurrency=8)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        later = pool.submit(llm.prompt_logprobs, ["the cat\tunknown\n"] * 5 + ["a dog\tunknown\n"], 2)
+        srv.wait_for(lambda: len(srv.requests) == 2)
+        srv.release(6)  # enough for every copy, should a copy send its own
+        got = later.result()
+    assert len(srv.requests) == 2 and all(r == got[0] for r in got[:5]) and got[5] != got[0]
+    assert llm.usage.requests == 2 and llm.usage.cached == 4
+
+
 def test_failed_requests_are_not_kept(fault_server, tmp_path):
     srv = fault_server(fail_with=[500, 500])
     llm = fast(srv.base_url, ResponseCache(tmp_path / "c"), max_retries=1)
