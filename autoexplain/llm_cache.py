@@ -45,14 +45,23 @@ _OFF = ("off", "0", "false", "no")
 log = logging.getLogger(__name__)
 
 
+_BEFORE_OFF: list = []  # $AUTOEXPLAIN_LLM_CACHE as it was before set_cache(False) turned it off
+
+
 def set_cache(on: bool = True) -> None:
-    """Turn the response cache off (or back on) for this process and the processes it starts (set
-    in the environment, like `llm.set_limits`). Turning it on keeps a folder named in
-    $AUTOEXPLAIN_LLM_CACHE."""
+    """Turn the response cache off, or back on, for this process and the processes it starts (set
+    in the environment, like `llm.set_limits`). On undoes only what an earlier set_cache(False) did,
+    so a user's own AUTOEXPLAIN_LLM_CACHE (a folder, or 'off') stands."""
     if not on:
+        if not _BEFORE_OFF:
+            _BEFORE_OFF.append(os.environ.get(CACHE_ENV))
         os.environ[CACHE_ENV] = "off"
-    elif os.environ.get(CACHE_ENV, "").lower() in _OFF:
-        os.environ.pop(CACHE_ENV, None)
+    elif _BEFORE_OFF:
+        before = _BEFORE_OFF.pop()
+        if before is None:
+            os.environ.pop(CACHE_ENV, None)
+        else:
+            os.environ[CACHE_ENV] = before
 
 
 def enabled() -> bool:

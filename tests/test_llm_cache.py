@@ -140,8 +140,15 @@ def test_off_switch_and_folder(tmp_path, monkeypatch):
     llm_cache.attach(Component, tmp_path / "out")
     assert Component.llm.cache is None
     set_cache(True)
+    assert CACHE_ENV not in os.environ, "back as it was"
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "shared"))
     assert for_root(tmp_path / "out").directory == (tmp_path / "shared").resolve()
+    set_cache(False)
+    set_cache(True)
+    assert os.environ[CACHE_ENV] == str(tmp_path / "shared"), "the user's folder stands"
+    monkeypatch.setenv(CACHE_ENV, "off")
+    set_cache(True)  # a command's default (--cache) does not override the user's 'off'
+    assert for_root(tmp_path / "out") is None
 
 
 def test_cache_is_shared_through_a_url_root(fault_server, tmp_path, monkeypatch):
