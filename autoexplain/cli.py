@@ -16,9 +16,17 @@ from typing import Optional
 import typer
 
 from autoexplain import defaults, preflight
-from autoexplain.console import err, print_summary, progress_bar, run_or_exit
+from autoexplain.console import err, print_llm_usage, print_summary, progress_bar, run_or_exit
 from autoexplain.errors import UserError
 from autoexplain.llm import set_limits
+from autoexplain.llm_cache import set_cache
+
+
+# The help of the LLM options that every command calling an LLM shares (`flows.cli` uses them too).
+TPM_HELP = ("At most this many LLM tokens (prompt + completion) per minute; a request takes an estimate "
+            "before it is sent and the server's count once answered (default: no limit).")
+CACHE_HELP = ("Keep every LLM answer under <out>/llm_cache and never pay for the same request twice "
+              "($AUTOEXPLAIN_LLM_CACHE names another folder, or 'off'). --no-cache sends every request.")
 
 app = typer.Typer(
     help="Explain what each neuron of a language model does: record activations, explain them with an "
@@ -126,6 +134,8 @@ def explain(
     chat: bool = typer.Option(False, "--chat", help="Use the chat API instead of completions."),
     concurrency: Optional[int] = typer.Option(None, "--concurrency", help="LLM requests in flight at once, across units (default: 64 for a server URL, 8 for api.openai.com). Results do not depend on it."),
     rpm: Optional[float] = typer.Option(None, "--rpm", help="At most this many LLM requests per minute (default: no limit)."),
+    tpm: Optional[float] = typer.Option(None, "--tpm", help=TPM_HELP),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help=CACHE_HELP),
     out: Path = typer.Option(Path("out"), "--out", "-o"),
 ):
     """Sample k candidate explanations per unit from its train records, plus the token-lookup baseline."""
@@ -135,12 +145,14 @@ def explain(
     def go():
         if k < 1:
             raise UserError(f"--k must be at least 1, got {k}", "pass --k 1 or more")
-        preflight.check_limits(concurrency, rpm, preflight.cli_flag)
+        preflight.check_limits(concurrency, rpm, preflight.cli_flag, tpm)
         L = _records_layer(records, layer)
         chosen = parse_units(units)
         preflight.check_explainer(explainer, preflight.cli_flag)
-        set_limits(concurrency, rpm)
+        set_limits(concurrency, rpm, tpm)
+        set_cache(cache)
         ref = run_explain(records, L, out, chosen, explainer, ExplainConfig(k=k, chat=chat))
+        print_llm_usage()
         typer.echo(str(ref.directory))
 
     run_or_exit(go)
@@ -153,18 +165,23 @@ def simulate(
     simulator: str = typer.Option("embedding", "--simulator", "-s", help="'embedding' (offline default), 'all-at-once[:LLM]' or 'chat-json:LLM'."),
     concurrency: Optional[int] = typer.Option(None, "--concurrency", help="LLM requests in flight at once, across units (default: 64 for a server URL, 8 for api.openai.com). Results do not depend on it."),
     rpm: Optional[float] = typer.Option(None, "--rpm", help="At most this many LLM requests per minute (default: no limit)."),
+    tpm: Optional[float] = typer.Option(None, "--tpm", help=TPM_HELP),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help=CACHE_HELP),
     out: Path = typer.Option(Path("out"), "--out", "-o"),
 ):
     """Pick each unit's best candidate on the valid split, then simulate it and the baselines on held-out records."""
     from autoexplain.layer import StageRef, run_simulate
 
     def go():
-        preflight.check_limits(concurrency, rpm, preflight.cli_flag)
+        preflight.check_limits(concurrency, rpm, preflight.cli_flag, tpm)
         x = StageRef.of(explanations)
         _records_layer(records, x.layer)
         preflight.check_simulator(simulator, preflight.cli_flag)
-        set_limits(concurrency, rpm)
-        typer.echo(str(run_simulate(records, x, out, simulator).directory))
+        set_limits(concurrency, rpm, tpm)
+        set_cache(cache)
+        ref = run_simulate(records, x, out, simulator)
+        print_llm_usage()
+        typer.echo(str(ref.directory))
 
     run_or_exit(go)
 

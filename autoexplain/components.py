@@ -38,6 +38,9 @@ class Component:
     # Capability: it may be called from many threads at once (a server LLM behind it), so a stage
     # sends many units' requests together, up to its LLM's `max_concurrency`.
     thread_safe: bool = False
+    # Need: its server LLM must return prompt logprobs (echo=True), which the preflight asks the
+    # server for with one request before any work.
+    needs_prompt_logprobs: ClassVar[bool] = False
 
     name: str  # this instance's name as stored in output rows (may carry its settings and model)
 

@@ -94,6 +94,16 @@ def run_or_exit(fn):
         raise typer.Exit(2)
 
 
+def print_llm_usage() -> None:
+    """What this process asked the server LLMs: requests sent, and answers read from the response
+    cache instead (`llm_cache`). Nothing when no server LLM was used."""
+    from autoexplain.counters import COUNTS
+
+    sent, cached = COUNTS["llm_requests"], COUNTS["llm_cache_hits"]
+    if sent or cached:
+        err.print(f"LLM: {sent:,} requests sent, {cached:,} answers from the cache", highlight=False)
+
+
 def _fmt(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from autoexplain import pipeline
+from autoexplain import llm_cache, pipeline
 from autoexplain.activations import read_units
 from autoexplain.errors import UserError
 from autoexplain.explain import as_explainer, explainer_prompt_hash
@@ -206,6 +206,7 @@ def run_explain(records_dir, layer: int, out, units=None, explainer=None, cfg=No
         if llm is None:
             llm = make_explainer(spec)
         llm = as_explainer(llm)  # an LLM passed in is explained with by the LLM explainer
+        llm_cache.attach(llm, out)  # answers paid for are kept under `out` (or where the cache is set)
         _use_word_table(records_dir, out, llm)
 
     def explain_batch(batch):
@@ -282,6 +283,7 @@ def run_simulate(records_dir, explanations: StageRef, out, simulator=None, sim=N
     def remember(unit, inputs, compute):
         return _memoised(memo, _unit_key(records_key, unit, **inputs, **sim_id), compute, _no_request_failed)
 
+    llm_cache.attach(sim, out)
     _use_word_table(records_dir, out, sim)
     _use_text_vectors(table, out, sim)
     chosen, sims = pipeline.simulate_stage(units, table, sim, seed, remember, progress)

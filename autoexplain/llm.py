@@ -20,7 +20,8 @@ prompts, so prompt logprobs ask for one generated token and drop it, one request
 `complete` tops up samples with extra requests when a server returns fewer than `n` choices.
 llama-cpp-python also shifts echoed logprobs by one for models without BOS (see `echo_alignment`).
 api.openai.com serves /v1/completions only for its base models and caps `logprobs` at 5.
-`Usage.requests` counts answered requests; retries are not counted.
+`Usage.requests` counts answered requests; retries are not counted. `Usage.cached` counts the answers
+read from the response cache (`llm_cache`) instead: no request, no tokens paid.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     requests: int = 0
+    cached: int = 0  # answers (samples, records) read from the response cache: no request sent
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
@@ -79,8 +81,13 @@ class Usage:
             self.completion_tokens += completion_tokens
             self.requests += requests
 
+    def add_cached(self, answers: int) -> None:
+        with self._lock:
+            self.cached += answers
+
     def as_dict(self) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens, "requests": self.requests}
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens, "requests": self.requests,
+                "cached": self.cached}
 
 
 class LLMError(UserError):
@@ -130,6 +137,12 @@ class LLM(ABC):
         for u in sinks:
             u.add(prompt_tokens, completion_tokens, requests)
 
+    @staticmethod
+    def _record_cached(sinks: list[Usage], answers: int) -> None:
+        COUNTS["llm_cache_hits"] += answers
+        for u in sinks:
+            u.add_cached(answers)
+
     @abstractmethod
     def complete(self, prompts: list[str], n: int = 1, temperature: float = 1.0, max_tokens: int = 60,
                  stop: list[str] | None = None) -> list[list[Completion]]:
@@ -148,15 +161,20 @@ class LLM(ABC):
         pass
 
 
-def per_item_errors(method) -> dict:
-    """{"return_errors": True} for an LLM method that can give a failed item's error in its place
-    (OpenAILLM: an LLMError whose `transient` retries ran out), {} for one that cannot."""
+def accepts(method, keyword: str) -> bool:
+    """Whether an LLM method takes an optional keyword that only some backends have."""
     import inspect
 
     try:
-        return {"return_errors": True} if "return_errors" in inspect.signature(method).parameters else {}
+        return keyword in inspect.signature(method).parameters
     except (TypeError, ValueError):
-        return {}
+        return False
+
+
+def per_item_errors(method) -> dict:
+    """{"return_errors": True} for an LLM method that can give a failed item's error in its place
+    (OpenAILLM: an LLMError whose `transient` retries ran out), {} for one that cannot."""
+    return {"return_errors": True} if accepts(method, "return_errors") else {}
 
 
 def _cut_at_stop(text: str, stop: list[str] | None) -> str:
@@ -340,18 +358,21 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-CONCURRENCY_ENV, RPM_ENV = "AUTOEXPLAIN_LLM_CONCURRENCY", "AUTOEXPLAIN_LLM_RPM"
+CONCURRENCY_ENV, RPM_ENV, TPM_ENV = "AUTOEXPLAIN_LLM_CONCURRENCY", "AUTOEXPLAIN_LLM_RPM", "AUTOEXPLAIN_LLM_TPM"
 DEFAULT_CONCURRENCY, OPENAI_CONCURRENCY = 64, 8  # a server you run; api.openai.com (rate-limited per key)
 
 
-def set_limits(concurrency: int | None = None, requests_per_minute: float | None = None) -> None:
-    """The concurrency and request rate of the server LLMs made from now on in this process and in
-    the processes it starts (set in the environment, so that Dask workers and task processes see
-    them). None: the default (64 requests in flight for a URL you give, 8 for api.openai.com; no
-    rate limit). Neither changes any result, so neither is part of a cache key."""
+def set_limits(concurrency: int | None = None, requests_per_minute: float | None = None,
+               tokens_per_minute: float | None = None) -> None:
+    """The concurrency, request rate and token rate (prompt + completion) of the server LLMs made
+    from now on in this process and in the processes it starts (set in the environment, so that Dask
+    workers and task processes see them). None: the default (64 requests in flight for a URL you
+    give, 8 for api.openai.com; no rate limits). None changes any result, so none is part of a
+    cache key."""
     import os
 
-    for name, value in ((CONCURRENCY_ENV, concurrency), (RPM_ENV, requests_per_minute)):
+    for name, value in ((CONCURRENCY_ENV, concurrency), (RPM_ENV, requests_per_minute),
+                        (TPM_ENV, tokens_per_minute)):
         if value is None:
             os.environ.pop(name, None)
         else:
@@ -359,15 +380,16 @@ def set_limits(concurrency: int | None = None, requests_per_minute: float | None
 
 
 def server_limits(url: str | None) -> dict:
-    """max_concurrency and requests_per_minute for a server LLM: set_limits's values or the defaults."""
+    """max_concurrency, requests_per_minute and tokens_per_minute for a server LLM: set_limits's
+    values or the defaults."""
     import os
     from urllib.parse import urlparse
 
     openai = (urlparse(url or OPENAI_URL).hostname or "").endswith("api.openai.com")
     concurrency = os.environ.get(CONCURRENCY_ENV)
-    rpm = os.environ.get(RPM_ENV)
+    rpm, tpm = os.environ.get(RPM_ENV), os.environ.get(TPM_ENV)
     return {"max_concurrency": int(concurrency) if concurrency else (OPENAI_CONCURRENCY if openai else DEFAULT_CONCURRENCY),
-            "requests_per_minute": float(rpm) if rpm else None}
+            "requests_per_minute": float(rpm) if rpm else None, "tokens_per_minute": float(tpm) if tpm else None}
 
 
 def make_llm(spec: str | None = None, **kw) -> LLM:

@@ -1,10 +1,18 @@
 """The OpenAI backend: OpenAI itself or any server speaking its API (vLLM, llama.cpp, Ollama).
 
-What it adds on top of the `openai` client: an in-process concurrency limit, a token-bucket rate
-limit, retries with jittered exponential backoff (honouring Retry-After) on 429, 5xx, timeouts, lost
-connections and malformed answers (HTTP 200 with invalid or truncated JSON, no choices, no
-logprobs), token accounting per unit, and one clear error line for a missing key or an unreachable
-server. The server quirks it works around are listed in `llm.py`'s docstring.
+What it adds on top of the `openai` client: an in-process concurrency limit, request and token
+rate limits, retries with jittered exponential backoff (honouring Retry-After) on 429, 5xx,
+timeouts, lost connections and malformed answers (HTTP 200 with invalid or truncated JSON, no
+choices, no logprobs), a response cache, token accounting per unit, and one clear error line for a
+missing key or an unreachable server. Server quirks it works around: `llm.py`'s docstring.
+
+Rate limits: `requests_per_minute` and `tokens_per_minute` are token buckets taken before each
+attempt. A request's tokens are not known before it is answered, so it takes an estimate (its text
+at about 4 characters a token, plus its max_tokens per sample) and settles the difference with the
+server's `usage` once answered; an attempt that fails keeps its estimate spent (the server may have
+counted it).
+
+Response cache: `self.cache` (`llm_cache`, attached by the stage) answers what it has seen before.
 
 Concurrency: `max_concurrency` requests are in flight at most. The limit is a semaphore taken for
 one attempt and given back before a backoff wait, so a request that waits to retry holds no slot;
@@ -30,29 +38,12 @@ from autoexplain.llm import (
     LLMError,
     PromptLogprobs,
 )
+from autoexplain.llm_cache import request_key
+from autoexplain.llm_limits import TokenBucket
 
 
 class Malformed(Exception):
     """An HTTP 200 whose body is not a usable answer: retried like a 5xx."""
-
-
-class TokenBucket:
-    """Requests per minute with a burst: each acquire takes a token, waiting for the refill if needed."""
-
-    def __init__(self, per_minute: float, burst: int = 1):
-        self.rate, self.capacity = per_minute / 60.0, float(max(1, burst))
-        self._tokens, self._t = self.capacity, time.monotonic()
-        self._lock = threading.Lock()
-
-    def acquire(self) -> None:
-        with self._lock:
-            now = time.monotonic()
-            self._tokens = min(self.capacity, self._tokens + (now - self._t) * self.rate)
-            self._t = now
-            self._tokens -= 1  # reserve now, so waiters are served in arrival order
-            wait = -self._tokens / self.rate if self._tokens < 0 else 0.0
-        if wait > 0:
-            time.sleep(wait)
 
 
 try:  # faster JSON for the large echo replies, when installed (it comes with prefect)
@@ -73,8 +64,9 @@ class OpenAILLM(LLM):
 
     def __init__(self, model: str, base_url: str | None = None, *, api_key: str | None = None,
                  api_key_env: str = "OPENAI_API_KEY", max_concurrency: int = 8,
-                 requests_per_minute: float | None = None, max_retries: int = 6, backoff_base: float = 1.0,
-                 backoff_cap: float = 60.0, timeout: float = 120.0, echo_alignment: str = "auto"):
+                 requests_per_minute: float | None = None, tokens_per_minute: float | None = None,
+                 max_retries: int = 6, backoff_base: float = 1.0, backoff_cap: float = 60.0, timeout: float = 120.0,
+                 echo_alignment: str = "auto"):
         if max_concurrency is None or int(max_concurrency) < 1:
             raise UserError(f"the LLM concurrency must be at least 1, got {max_concurrency}", "pass --concurrency >= 1")
         super().__init__()
@@ -91,7 +83,7 @@ class OpenAILLM(LLM):
         self.api_key_env = api_key_env
         self.max_retries, self.backoff_base, self.backoff_cap = max_retries, backoff_base, backoff_cap
         self.max_concurrency = int(max_concurrency)
-        self.requests_per_minute = requests_per_minute
+        self.requests_per_minute, self.tokens_per_minute = requests_per_minute, tokens_per_minute
         import httpx
 
         # One connection per slot, kept alive: the default pool (100) would otherwise cap the concurrency.
@@ -102,6 +94,9 @@ class OpenAILLM(LLM):
         # More threads than slots: a thread waiting out a backoff holds no slot, and others use it.
         self._pool = ThreadPoolExecutor(max_workers=min(1024, 2 * self.max_concurrency + 8), thread_name_prefix="llm")
         self._bucket = TokenBucket(requests_per_minute, burst=max_concurrency) if requests_per_minute else None
+        # A minute's tokens at once at most: the window providers count their limits in.
+        self._tpm = TokenBucket(tokens_per_minute, burst=tokens_per_minute) if tokens_per_minute else None
+        self.cache = None  # an llm_cache.ResponseCache, or None: every request is sent
         self._echo_seen = False  # learned: this server has returned prompt logprobs
         self._n_ignored = False  # learned: the server returns one choice whatever `n` says
         if echo_alignment not in ("auto", "ok", "shifted"):
@@ -145,16 +140,19 @@ class OpenAILLM(LLM):
             after = 0.0
         return max(delay, min(after, self.backoff_cap))
 
-    def _request(self, call, retries: int | None = None, check=None):
+    def _request(self, call, retries: int | None = None, check=None, tokens: int = 0):
         """Run one API call with retries on 429, 5xx, timeouts, lost connections and malformed answers
         (`check(response)` raises Malformed for a 200 that is no usable answer). A concurrency slot is
-        held for each attempt only, never during the backoff wait."""
+        held for each attempt only, never during the backoff wait. `tokens`: the request's estimated
+        tokens, taken from the tokens-per-minute bucket before each attempt (see `_settle`)."""
         openai, attempt = self._openai, 0
         retries = self.max_retries if retries is None else retries
         while True:
             attempt += 1
             if self._bucket:
                 self._bucket.acquire()
+            if self._tpm:
+                self._tpm.acquire(tokens)
             try:
                 with self._slots:
                     response = call()
@@ -217,19 +215,45 @@ class OpenAILLM(LLM):
     def _tokens(usage) -> tuple[int, int]:
         return (usage.prompt_tokens or 0, usage.completion_tokens or 0) if usage is not None else (0, 0)
 
+    def _settle(self, estimate: int, used: int) -> None:
+        """Replace a request's estimate by the tokens the server says it used (when it says)."""
+        if self._tpm and used > 0:
+            self._tpm.settle(used - estimate)
+
+    def _key(self, endpoint: str, **request) -> str:
+        return request_key(endpoint=endpoint, model=self.name, **request)
+
+    def _cached(self, keys: list[str], sinks) -> list:
+        """The stored answers of these keys (None where there is none), counted as cache hits."""
+        got = [self.cache.get(k) for k in keys] if self.cache is not None else [None] * len(keys)
+        if hits := sum(g is not None for g in got):
+            self._record_cached(sinks, hits)
+        return got
+
+    def _answer(self, key: str, ask, decode, sinks):
+        """ask() once for a key: the cache's answer, or the answer of the same request in flight now."""
+        if self.cache is None:
+            return ask()
+        answer, reused = self.cache.answer(key, ask, decode)
+        if reused:
+            self._record_cached(sinks, 1)
+        return answer
+
     # -- API ---------------------------------------------------------------------------------------
     def complete(self, prompts, n=1, temperature=1.0, max_tokens=60, stop=None, return_errors=False):
         sinks = self._sinks()
         extra = {"stop": stop} if stop else {}
 
-        def one(prompt: str, k: int) -> list[Completion]:
+        def ask(prompt: str, k: int) -> list[Completion]:
             got: list[Completion] = []
             while len(got) < k:
                 want = k - len(got)
+                estimate = len(prompt) // 4 + want * max_tokens
                 r = self._request(lambda: self._client.completions.create(
                     model=self.name, prompt=prompt, n=want, temperature=temperature, max_tokens=max_tokens, **extra),
-                    check=self._has_choices)
+                    check=self._has_choices, tokens=estimate)
                 pt, ct = self._tokens(r.usage)
+                self._settle(estimate, pt + ct)
                 self._record(sinks, pt, ct)
                 if len(r.choices) < want:
                     self._n_ignored = True
@@ -237,30 +261,59 @@ class OpenAILLM(LLM):
                 got += [Completion(c.text, pt, share) for c in sorted(r.choices, key=lambda c: c.index)]
             return got[:k]
 
+        def samples(prompt: str, first: int, k: int) -> list[Completion]:
+            """Samples first .. first+k-1 of a prompt: the cached ones read, the rest asked for."""
+            keys = [self._key("completions", prompt=prompt, temperature=temperature, max_tokens=max_tokens,
+                              stop=stop, sample=i) for i in range(first, first + k)]
+            got = [None if c is None else Completion(**c) for c in self._cached(keys, sinks)]
+            missing = [j for j, c in enumerate(got) if c is None]
+            for j, c in zip(missing, ask(prompt, len(missing)) if missing else ()):
+                got[j] = c
+                if self.cache is not None:
+                    self.cache.put(keys[j], vars(c))
+            return got
+
         if self._n_ignored or n == 1:
-            flat = self._map(one, [(p, 1) for p in prompts for _ in range(n)], return_errors)
+            flat = self._map(samples, [(p, i, 1) for p in prompts for i in range(n)], return_errors)
             out = []
             for i in range(len(prompts)):
                 mine = flat[i * n: (i + 1) * n]
                 failed = next((s for s in mine if isinstance(s, LLMError)), None)
                 out.append(failed if failed is not None else [c for s in mine for c in s])
             return out
-        return self._map(one, [(p, n) for p in prompts], return_errors)
+        return self._map(samples, [(p, 0, n) for p in prompts], return_errors)
 
     @staticmethod
     def _has_choices(r) -> None:
         if not getattr(r, "choices", None):
             raise Malformed("a reply with no choices")
 
-    def chat(self, messages_batch, temperature=0.0, max_tokens=1024, top_logprobs=None, return_errors=False):
+    def chat(self, messages_batch, temperature=0.0, max_tokens=1024, top_logprobs=None, return_errors=False,
+             sample: int = 0):
+        """`sample`: which sample of these conversations this is, for the cache (a caller that asks
+        the same conversation again for a new answer passes a new index). A conversation that comes
+        several times in one batch (k samples of an explanation) is a new sample each time too."""
         sinks = self._sinks()
         extra = {"logprobs": True, "top_logprobs": top_logprobs} if top_logprobs else {}
+        copies: dict[str, int] = {}
+        items = []
+        for messages in messages_batch:
+            copy = copies[repr(messages)] = copies.get(repr(messages), -1) + 1
+            items.append((messages, self._key("chat", messages=messages, temperature=temperature, max_tokens=max_tokens,
+                                              top_logprobs=top_logprobs, sample=sample, copy=copy)))
 
-        def one(messages: list[dict]) -> ChatResult:
+        def stored(hit: dict) -> ChatResult:
+            tops = hit["top_logprobs"]
+            return ChatResult(hit["text"], None if tops is None else [[tuple(p) for p in row] for row in tops],
+                              hit["prompt_tokens"], hit["completion_tokens"])
+
+        def ask(messages: list[dict]) -> ChatResult:
+            estimate = sum(len(str(m.get("content") or "")) for m in messages) // 4 + max_tokens
             r = self._request(lambda: self._client.chat.completions.create(
                 model=self.name, messages=messages, temperature=temperature, max_tokens=max_tokens, **extra),
-                check=self._has_choices)
+                check=self._has_choices, tokens=estimate)
             pt, ct = self._tokens(r.usage)
+            self._settle(estimate, pt + ct)
             self._record(sinks, pt, ct)
             choice = r.choices[0]
             tops = None
@@ -268,7 +321,10 @@ class OpenAILLM(LLM):
                 tops = [[(t.token, t.logprob) for t in item.top_logprobs] for item in choice.logprobs.content]
             return ChatResult(choice.message.content or "", tops, pt, ct)
 
-        return self._map(one, [(m,) for m in messages_batch], return_errors)
+        def one(messages: list[dict], key: str) -> ChatResult:
+            return self._answer(key, lambda: ask(messages), stored, sinks)
+
+        return self._map(one, items, return_errors)
 
     def _echo_data(self, raw) -> dict:
         """The JSON of an echo reply, read as plain data: the `openai` client's model construction
@@ -293,12 +349,15 @@ class OpenAILLM(LLM):
         sinks = self._sinks()
         create = self._client.completions.with_raw_response.create
 
-        def one(prompt: str) -> PromptLogprobs:
+        def ask(prompt: str) -> PromptLogprobs:
             # max_tokens=1, not 0: llama.cpp reads 0 as "no limit". The generated token is dropped below.
+            estimate = len(prompt) // 4 + 1
             data = self._request(lambda: self._echo_data(create(
-                model=self.name, prompt=prompt, echo=True, logprobs=top, max_tokens=1, temperature=0.0)))
+                model=self.name, prompt=prompt, echo=True, logprobs=top, max_tokens=1, temperature=0.0)),
+                tokens=estimate)
             usage = data.get("usage") or {}
             pt, ct = usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
+            self._settle(estimate, pt + ct)
             self._record(sinks, pt, ct)
             choice = data["choices"][0]
             lp = choice["logprobs"]
@@ -314,5 +373,10 @@ class OpenAILLM(LLM):
             # Shifted: entry i predicts token i+1, and the entry predicting token 1 was nulled by the server.
             tops = ([{}] + server[: keep - 1]) if shifted else server[:keep]
             return PromptLogprobs(list(tokens[:keep]), offsets[:keep], tops, pt or keep)
+
+        def one(prompt: str) -> PromptLogprobs:
+            # The alignment setting is in the key: the answer is stored as read with it.
+            key = self._key("echo", prompt=prompt, logprobs=top, echo_alignment=self.echo_alignment)
+            return self._answer(key, lambda: ask(prompt), lambda hit: PromptLogprobs(**hit), sinks)
 
         return self._map(one, [(p,) for p in prompts], return_errors)

@@ -3,7 +3,8 @@
 A run that records a million tokens and then trips over a misspelt simulator wastes minutes and
 prints a traceback. Everything that can be known up front is checked here, before the first model
 load: numbers, unit and layer ranges (from the model's config, never its weights), explainer and
-simulator specs, the LLM server (one request, no retries), the corpus and the output root.
+simulator specs, the LLM server (its model list: the key and the model; for a simulator that reads
+prompt logprobs, one tiny echo request; no retries), the corpus and the output root.
 
 The same checks serve the CLI and the flows; only the spelling of a parameter differs. A `Spelling`
 names a parameter as its user wrote it: `--shard-size` on the command line, `shard_size` in a flow
@@ -126,17 +127,72 @@ def check_units(shape: Shape, units: str | None, spell: Spelling = flow_name, na
 
 # ---- LLMs, explainers and simulators -------------------------------------------------------------
 
-def _reachable(url: str, spell: Spelling, name: str) -> None:
-    """One GET of the server's model list, no retries: any HTTP answer means it is there."""
+# The prompt of the one request that asks a server whether it returns prompt logprobs (a test
+# server tells it from the stage's requests by it).
+ECHO_PROBE = "autoexplain preflight: echo logprobs?"
+
+
+def _ask(url: str, key: str | None, body: dict | None = None):
+    """One request to the server, no retries: (HTTP status, parsed JSON body or None)."""
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers=headers, method="GET" if body is None else "POST")
     try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/models", timeout=5):
+        with urllib.request.urlopen(req, timeout=10) as r:
+            status, raw = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, None
+
+
+def _server_message(reply) -> str:
+    err = reply.get("error", reply) if isinstance(reply, dict) else None
+    msg = (err.get("message") or err.get("detail")) if isinstance(err, dict) else err
+    return " ".join(str(msg or "").split())[:160]
+
+
+def _check_server(url: str, model: str, key: str | None, needs_echo: bool, spell: Spelling, name: str) -> None:
+    """The server's model list (GET /models: a refused key, a model it does not list), then, for a
+    simulator that reads prompt logprobs, one tiny echo request. An answer that says nothing for
+    sure (5xx, 429, no model list) is left for the stage, whose retries deal with it."""
+    base, env = url.rstrip("/"), "OPENAI_API_KEY"
+    try:
+        status, reply = _ask(f"{base}/models", key)
+        if status in (401, 403):
+            raise _fail(spell, name, f"the LLM server at {url} refused the API key (HTTP {status}): "
+                        f"{_server_message(reply)}", f"set a valid key in ${env}")
+        data = reply.get("data") if status == 200 and isinstance(reply, dict) else None
+        served = [m.get("id") for m in data if isinstance(m, dict)] if isinstance(data, list) else []
+        if served and model not in served:
+            shown = ", ".join(map(str, served[:8])) + (", ..." if len(served) > 8 else "")
+            raise _fail(spell, name, f"the LLM server at {url} serves no model '{model}' (it serves {shown})",
+                        f"use one of those: 'openai:{served[0]}@{url}'")
+        if not needs_echo:
             return
-    except urllib.error.HTTPError:
-        return  # it answered (401, 404, ...): reachable; the stage reports what it says
+        status, reply = _ask(f"{base}/completions", key, {"model": model, "prompt": ECHO_PROBE, "echo": True,
+                                                          "logprobs": 1, "max_tokens": 1, "temperature": 0})
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
         raise _fail(spell, name, f"the LLM server at {url} is not reachable ({reason})",
                     "start the server, or fix the URL after '@'") from None
+    if status in (401, 403):
+        raise _fail(spell, name, f"the LLM server at {url} refused the API key (HTTP {status}): "
+                    f"{_server_message(reply)}", f"set a valid key in ${env}")
+    if status == 404:
+        raise _fail(spell, name, f"the LLM server at {url} has no model '{model}' or no /completions (HTTP 404): "
+                    f"{_server_message(reply)}", f"check the model name (GET {base}/models lists them)")
+    if status in (400, 422) or status == 200:
+        choices = reply.get("choices") if isinstance(reply, dict) else None
+        lp = choices[0].get("logprobs") if choices and isinstance(choices[0], dict) else None
+        if not (isinstance(lp, dict) and lp.get("tokens") and lp.get("top_logprobs")):
+            said = f" (HTTP {status}: {_server_message(reply)})" if status != 200 else ""
+            raise _fail(spell, name, f"the LLM server at {url} returns no prompt logprobs for '{model}'{said}, "
+                        "which the all-at-once simulator reads",
+                        "serve the model where /v1/completions takes echo=True with logprobs (vLLM, llama.cpp), "
+                        "or use 'chat-json:LLM'")
 
 
 def _parsed(parse, spec, spell: Spelling, name: str):
@@ -147,9 +203,9 @@ def _parsed(parse, spec, spell: Spelling, name: str):
         raise _fail(spell, name, e.problem, e.fix or "") from None
 
 
-def check_llm(spec: str, spell: Spelling, name: str) -> None:
+def check_llm(spec: str, spell: Spelling, name: str, needs_echo: bool = False) -> None:
     """The spec (through the registry's parser), then what it names: a local model's config, or
-    the server (one request)."""
+    the server (its key, its model, and its prompt logprobs when `needs_echo`)."""
     import os
 
     from autoexplain import registry
@@ -164,16 +220,18 @@ def check_llm(spec: str, spell: Spelling, name: str) -> None:
     if url == OPENAI_URL and not os.environ.get("OPENAI_API_KEY"):
         raise _fail(spell, name, f"$OPENAI_API_KEY is not set, and {url} needs an API key",
                     "export OPENAI_API_KEY=..., or use a local server: 'openai:MODEL@http://127.0.0.1:8000/v1'")
-    _reachable(url, spell, name)
+    _check_server(url, p.model, os.environ.get("OPENAI_API_KEY"), needs_echo, spell, name)
 
 
-def check_limits(concurrency: int | None, rpm: float | None, spell: Spelling = flow_name) -> None:
-    """The LLM concurrency (requests in flight) and requests-per-minute limit; None: the default."""
+def check_limits(concurrency: int | None, rpm: float | None, spell: Spelling = flow_name,
+                 tpm: float | None = None) -> None:
+    """The LLM concurrency (requests in flight), requests- and tokens-per-minute limits; None: the default."""
     if concurrency is not None:
         at_least(spell, "concurrency", concurrency, 1)
-    if rpm is not None and not rpm > 0:
-        raise _fail(spell, "rpm", f"must be more than 0 requests per minute, got {rpm}",
-                    f"pass {spell('rpm').split()[-1]} > 0, or leave it out for no limit")
+    for name, value, what in (("rpm", rpm, "requests"), ("tpm", tpm, "tokens")):
+        if value is not None and not value > 0:
+            raise _fail(spell, name, f"must be more than 0 {what} per minute, got {value}",
+                        f"pass {spell(name).split()[-1]} > 0, or leave it out for no limit")
 
 
 def check_explainer(spec: str | None, spell: Spelling = flow_name, name: str = "explainer") -> None:
@@ -189,7 +247,7 @@ def check_simulator(spec: str | None, spell: Spelling = flow_name, name: str = "
 
     p = _parsed(registry.parse_simulator, spec, spell, name)
     if p.llm is not None:
-        check_llm(p.llm, spell, name)
+        check_llm(p.llm, spell, name, needs_echo=p.cls.needs_prompt_logprobs)
 
 
 # ---- inputs and outputs --------------------------------------------------------------------------
@@ -275,7 +333,7 @@ def explain_layer(p: dict, spell: Spelling = flow_name) -> LayerPlan:
     if units == []:
         raise _fail(spell, "units", "selects no unit", "pass a range like 0-99")
     revisions = check_revisions(p.get("revisions"), units, spell)
-    check_limits(p.get("concurrency"), p.get("rpm"), spell)
+    check_limits(p.get("concurrency"), p.get("rpm"), spell, p.get("tpm"))
     check_explainer(p.get("explainer"), spell)
     check_simulator(p.get("simulator"), spell)
     return LayerPlan(shape, units, revisions)

@@ -99,6 +99,14 @@ def _where(path: str | os.PathLike):
             return (url, fs, base) if rel == "." else (f"{url}/{rel}", fs, f"{base}/{rel}")
     return None
 
+def location(path: str | os.PathLike):
+    """(url, filesystem, path on it) of a local path inside a registered mirror, else None."""
+    return _where(path)
+
+def atomic_put(fs) -> bool:
+    """Whether an object written to `fs` appears whole (an object store), so needs no temporary name."""
+    return _object_store(fs)
+
 def uri(path: str | os.PathLike) -> str:
     """Where a local output lives for everyone else: its URL when it is in a mirror, else file://."""
     where = _where(path)

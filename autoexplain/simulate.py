@@ -92,6 +92,7 @@ class AllAtOnceSimulator(Simulator):
     # several records under one explanation: the prefix (about 700 tokens) is paid once per
     # request, not per record. Five 64-token records are about 2,300 prompt tokens.
     records_per_request = 5
+    needs_prompt_logprobs = True
 
     def __init__(self, llm, batch_size: int = 16, top_logprobs: int = 15, reuse_prefix: bool = True):
         self.llm = llm

@@ -17,6 +17,7 @@ from difflib import SequenceMatcher
 from typing import Sequence
 
 from autoexplain.explain import ENDING, read_prompt
+from autoexplain.llm import accepts as _takes
 from autoexplain.llm import per_item_errors as _per_item_errors
 from autoexplain.simulate import DIGITS, Simulation, Simulator, expected_value, prompt_hash
 
@@ -171,6 +172,8 @@ class ChatJsonSimulator(Simulator):
         sims: list[Simulation | None] = [None] * len(pairs)
         used = [[0, 0] for _ in pairs]
         extra = _per_item_errors(self.llm.chat)
+        # A server LLM's response cache keys a conversation by its sample index: each retry is a new sample.
+        takes_sample = _takes(self.llm.chat, "sample")
         for attempt in range(self.retries + 1):
             if not pending:
                 break
@@ -179,7 +182,8 @@ class ChatJsonSimulator(Simulator):
             temperature = 0.0 if attempt == 0 else 0.7
             results = self.llm.chat([chat_messages(pairs[g[0]][0], [pairs[i][1] for i in g]) for g in groups],
                                     temperature=temperature, max_tokens=self.max_tokens * max(map(len, groups)),
-                                    top_logprobs=self.top_logprobs, **extra)
+                                    top_logprobs=self.top_logprobs, **extra,
+                                    **({"sample": attempt} if takes_sample else {}))
             still = []
             for group, result in zip(groups, results):
                 if isinstance(result, Exception):  # the request's own retries ran out: not asked again

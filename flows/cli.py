@@ -17,8 +17,8 @@ from typing import Optional
 import typer
 
 from autoexplain import defaults, preflight
-from autoexplain.cli import app
-from autoexplain.console import print_summary, run_or_exit, stage_bars
+from autoexplain.cli import CACHE_HELP, TPM_HELP, app
+from autoexplain.console import print_llm_usage, print_summary, run_or_exit, stage_bars
 from autoexplain.errors import UserError
 
 
@@ -38,13 +38,15 @@ def explain_layer_cmd(
     n_random: int = typer.Option(30, "--random", help="Random windows kept per unit and polarity."),
     concurrency: Optional[int] = typer.Option(None, "--concurrency", help="LLM requests in flight at once, across units (default: 64 for a server URL, 8 for api.openai.com). Results do not depend on it."),
     rpm: Optional[float] = typer.Option(None, "--rpm", help="At most this many LLM requests per minute (default: no limit)."),
+    tpm: Optional[float] = typer.Option(None, "--tpm", help=TPM_HELP),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help=CACHE_HELP),
     out: str = typer.Option("out", "--out", "-o", help="Output folder, or an fsspec URL (s3://bucket/run, file:///mnt/share/out, ...) worked on through a local mirror."),
     results: Optional[str] = typer.Option(None, "--results", help="Folder or fsspec URL for Prefect's task results (its cache), e.g. s3://bucket/prefect-results. Default: Prefect's local storage."),
 ):
     """Record if needed, then explain, simulate and score a layer, as a Prefect flow (no server needed)."""
     params = dict(layer=layer, units=units, model=model, corpus=corpus, tokens=tokens, explainer=explainer,
                   simulator=simulator, k=k, shard_size=shard_size, n_boot=n_boot, window_len=window_len, top_k=top_k,
-                  n_random=n_random, out=out, results=results, concurrency=concurrency, rpm=rpm)
+                  n_random=n_random, out=out, results=results, concurrency=concurrency, rpm=rpm, tpm=tpm, cache=cache)
     run_or_exit(lambda: _run_flow("explain_layer", params, lambda: preflight.explain_layer(params, preflight.cli_flag)))
 
 
@@ -56,14 +58,16 @@ def rescore_cmd(
     results: Optional[str] = typer.Option(None, "--results", help="Folder or URL for Prefect's task results."),
     concurrency: Optional[int] = typer.Option(None, "--concurrency", help="LLM requests in flight at once, across units (default: 64 for a server URL, 8 for api.openai.com). Results do not depend on it."),
     rpm: Optional[float] = typer.Option(None, "--rpm", help="At most this many LLM requests per minute (default: no limit)."),
+    tpm: Optional[float] = typer.Option(None, "--tpm", help=TPM_HELP),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help=CACHE_HELP),
 ):
     """Re-simulate and re-score the latest run of a layer (the nightly job), and compare with its previous scores."""
     params = dict(out=out, layer=layer, simulator=simulator, n_boot=n_boot, results=results, concurrency=concurrency,
-                  rpm=rpm)
+                  rpm=rpm, tpm=tpm, cache=cache)
 
     def check():
         preflight.at_least(preflight.cli_flag, "n_boot", n_boot, 1)
-        preflight.check_limits(concurrency, rpm, preflight.cli_flag)
+        preflight.check_limits(concurrency, rpm, preflight.cli_flag, tpm)
         preflight.check_simulator(simulator, preflight.cli_flag)
         preflight.find_run(out, layer, preflight.cli_flag)
 
@@ -134,6 +138,7 @@ def _run_flow(name: str, params: dict, check) -> None:
             result = getattr(flows, name)(**params)
     finally:
         remove()
+    print_llm_usage()
     print_summary([Path(ref["path"]) for ref in result["scores"]], result)
 
 

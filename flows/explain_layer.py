@@ -30,6 +30,7 @@ from autoexplain.errors import UserError
 from autoexplain.layer import parse_units
 from autoexplain.registry import simulator_identity
 from autoexplain.llm import set_limits
+from autoexplain.llm_cache import set_cache
 from autoexplain.remote import is_url
 from autoexplain.storage import open_root, write_run
 from autoexplain.summary import compare_markdown
@@ -104,20 +105,24 @@ def explain_layer(
     results: str | None = None,
     concurrency: int | None = None,
     rpm: float | None = None,
+    tpm: float | None = None,
+    cache: bool = True,
 ) -> dict:
     """Explain every unit (both polarities) of one layer, or a unit range like '0-99'.
 
     `concurrency` (LLM requests in flight at once, across the units and shards of this process;
-    default 64 for a server URL, 8 for api.openai.com) and `rpm` (requests per minute) do not change
-    any result: they are no part of a cache key or of the run's recorded parameters."""
+    default 64 for a server URL, 8 for api.openai.com), `rpm` (requests per minute), `tpm` (tokens
+    per minute) and `cache` (keep every LLM answer under `out`/llm_cache and never pay twice, see
+    `autoexplain.llm_cache`) are no part of a cache key or of the run's recorded parameters."""
     params = dict(layer=layer, units=units, model=model, corpus=corpus, tokens=tokens, explainer=explainer,
                   simulator=simulator, k=k, shard_size=shard_size, n_boot=n_boot, revisions=revisions,
                   site=site, window_len=window_len, top_k=top_k, n_random=n_random)
     plan, failed = _checked(lambda: preflight.explain_layer({**params, "out": out, "concurrency": concurrency,
-                                                             "rpm": rpm}))
+                                                             "rpm": rpm, "tpm": tpm}))
     if failed:
         return failed
-    set_limits(concurrency, rpm)
+    set_limits(concurrency, rpm, tpm)
+    set_cache(cache)
     result, failed = _checked(lambda: _explain_layer(plan, _out(out), results, params, **params))
     return failed or result
 
@@ -173,12 +178,13 @@ def _explain_layer(plan: preflight.LayerPlan, out: str, results: str | None, par
 
 @flow(name="rescore", validate_parameters=True)
 def rescore(out: str = "out", layer: int = 15, simulator: str = "embedding", n_boot: int = 1000,
-            results: str | None = None, concurrency: int | None = None, rpm: float | None = None) -> dict:
+            results: str | None = None, concurrency: int | None = None, rpm: float | None = None,
+            tpm: float | None = None, cache: bool = True) -> dict:
     """Re-simulate and re-score the latest explain-layer run of `layer` under `out`, and compare.
-    `concurrency` and `rpm` as in explain_layer."""
+    `concurrency`, `rpm`, `tpm` and `cache` as in explain_layer."""
     def check():
         preflight.at_least(preflight.flow_name, "n_boot", n_boot, 1)
-        preflight.check_limits(concurrency, rpm)
+        preflight.check_limits(concurrency, rpm, tpm=tpm)
         preflight.at_least(preflight.flow_name, "layer", layer, 0)
         preflight.check_simulator(simulator)
         if not is_url(out) and not Path(out).is_dir():
@@ -189,7 +195,8 @@ def rescore(out: str = "out", layer: int = 15, simulator: str = "embedding", n_b
     run, failed = _checked(check)
     if failed:
         return failed
-    set_limits(concurrency, rpm)
+    set_limits(concurrency, rpm, tpm)
+    set_cache(cache)
     result, failed = _checked(lambda: _rescore(run, _out(out), layer, simulator, n_boot, results))
     return failed or result
 

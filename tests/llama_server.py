@@ -11,6 +11,8 @@
   statuses it was given (429, 500, ...), then either a fixed status, a canned OpenAI-format reply, or
   the reply of an upstream server it proxies to. It records every request it sees. With `hold=True`
   each request waits until the test releases it, so a test can count what is in flight exactly.
+  Like a real server it may also want a key (401 otherwise), serve only some models (404 for the
+  others), ignore `echo` (no prompt logprobs), and sample (`varied`: every completion differs).
 
 Fixtures: `llama_server` (session scope) and `fault_server` (a factory; servers stop after the test).
 Import them into a test module: `from tests.llama_server import llama_server, fault_server`.
@@ -32,6 +34,8 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+
+from autoexplain.preflight import ECHO_PROBE
 
 
 def free_port() -> int:
@@ -87,7 +91,10 @@ class LlamaServer:
         os.unlink(self._log.name)
 
 
-def canned_reply(path: str, body: dict, chat=None) -> dict:
+def canned_reply(path: str, body: dict, chat=None, models=(), echo: bool = True, sample: int | None = None) -> dict:
+    """An OpenAI-format reply to `body` at `path`. `models`: what GET /models lists; `echo`: whether
+    echo requests get their prompt logprobs; `sample`: a number that makes this completion's text
+    differ from the others' (a sampling server), None for always the same text."""
     usage = {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
     model = body.get("model", "canned")
     if path.endswith("/chat/completions"):
@@ -96,11 +103,12 @@ def canned_reply(path: str, body: dict, chat=None) -> dict:
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                              "logprobs": None, "finish_reason": "stop"}]}
     if path.endswith("/models"):
-        return {"object": "list", "data": [{"id": model, "object": "model", "owned_by": "fault"}]}
-    if body.get("echo") and body.get("logprobs") is not None:
+        return {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "fault"} for m in models]}
+    if echo and body.get("echo") and body.get("logprobs") is not None:
         return echo_reply(body["prompt"], model)
+    text = " canned" if sample is None else f" canned sample {sample}"
     return {"id": "cmpl-fault", "object": "text_completion", "created": 0, "model": model, "usage": usage,
-            "choices": [{"index": 0, "text": " canned", "logprobs": None, "finish_reason": "length"}]}
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": "length"}]}
 
 
 def echo_reply(prompt: str, model: str) -> dict:
@@ -133,12 +141,24 @@ class FaultServer:
     just before its response is written, so a client that waits for a response before sending its
     next request is never seen twice. `max_inflight` is the most there ever were, `answered` how many
     were answered. With `hold=True` every request waits, before it is answered, until `release()` lets
-    it go; `wait_for(predicate)` waits for a state of the server."""
+    it go; `wait_for(predicate)` waits for a state of the server.
+
+    Server traits: `api_key` (a request without `Authorization: Bearer <it>` gets 401), `models` (the
+    models GET /models lists; a request for another gets 404; None: it serves any model and lists
+    none), `echo=False` (echo requests are answered without prompt logprobs, as by a server that
+    ignores `echo`), `varied=True` (every canned completion's text carries a new number).
+
+    The preflight's probes (GET /models, and the echo request whose prompt is
+    `preflight.ECHO_PROBE`) are answered by the traits, never scripted, and counted in `probes`, not
+    in `requests`."""
 
     def __init__(self, fail_with=(), then_status: int = 200, upstream: str | None = None,
-                 retry_after: float | None = None, hold: bool = False, chat=None):
+                 retry_after: float | None = None, hold: bool = False, chat=None, api_key: str | None = None,
+                 models=None, echo: bool = True, varied: bool = False):
         self.script, self.then_status, self.upstream = list(fail_with), then_status, upstream
         self.retry_after, self.hold, self.chat = retry_after, hold, chat
+        self.api_key, self.models, self.echo, self.varied = api_key, models, echo, varied
+        self.samples = 0
         self.requests: list[dict] = []
         self.probes = 0
         self.inflight = self.max_inflight = self.answered = 0
@@ -164,6 +184,23 @@ class FaultServer:
             self.inflight -= 1
             self.answered += 1
             self._changed.notify_all()
+
+    def refusal(self, authorization: str | None, body: dict):
+        """(status, payload, headers) of a request the server's traits refuse, else None."""
+        if self.api_key is not None and authorization != f"Bearer {self.api_key}":
+            error = {"message": "Incorrect API key provided", "type": "invalid_request_error", "code": "invalid_api_key"}
+            return 401, json.dumps({"error": error}).encode(), {}
+        if self.models is not None and "model" in body and body["model"] not in self.models:
+            error = {"message": f"The model `{body['model']}` does not exist.", "type": "NotFoundError", "code": 404}
+            return 404, json.dumps({"error": error}).encode(), {}
+        return None
+
+    def _sample(self) -> int | None:
+        if not self.varied:
+            return None
+        with self._lock:
+            self.samples += 1
+            return self.samples
 
     def release(self, n: int = 1) -> None:
         """Let n held requests (or requests still to come) be answered."""
@@ -205,7 +242,8 @@ class FaultServer:
                     headers = {"Retry-After": str(server.retry_after)} if server.retry_after is not None else {}
                     return status, json.dumps(error).encode(), headers
                 if server.upstream is None:
-                    return 200, json.dumps(canned_reply(self.path, body, server.chat)).encode(), {}
+                    reply = canned_reply(self.path, body, server.chat, server.models or (), server.echo, server._sample())
+                    return 200, json.dumps(reply).encode(), {}
                 target = server.upstream.rsplit("/v1", 1)[0] + self.path
                 req = urllib.request.Request(target, data=raw or None, method=self.command,
                                              headers={"Content-Type": "application/json"})
@@ -241,16 +279,17 @@ class FaultServer:
             def _serve(self):
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 body = json.loads(raw) if raw else {}
-                if self.command == "GET" and self.path.endswith("/models"):
-                    # a reachability probe (autoexplain.preflight): answered, never scripted or counted
+                refused = server.refusal(self.headers.get("Authorization"), body)
+                if (self.command == "GET" and self.path.endswith("/models")) or body.get("prompt") == ECHO_PROBE:
+                    # a probe of autoexplain.preflight: answered by the traits, never scripted or counted
                     server.probes += 1
-                    return self._send(200, json.dumps(canned_reply(self.path, body)).encode())
+                    return self._send(*(refused or self._reply(200, raw, body)))
                 status = server._next_status({"method": self.command, "path": self.path, "json": body,
                                               "t": time.monotonic()})
                 try:
                     if server.hold:
                         server._released.acquire()
-                    reply = None if status == "reset" else self._reply(status, raw, body)
+                    reply = None if status == "reset" else (refused or self._reply(status, raw, body))
                 finally:
                     server._answered()  # before the response goes out: the client cannot have sent its next one
                 if reply is None:

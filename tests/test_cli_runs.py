@@ -105,6 +105,9 @@ BAD_FLAGS = [
     (["--random", "-1"], "--random: must be at least 0"),
     (["--window-len", "1"], "--window-len: must be at least 2"),
     (["--concurrency", "0"], "--concurrency: must be at least 1"),
+    (["--concurrency", "-2"], "--concurrency: must be at least 1, got -2"),
+    (["--rpm", "0"], "--rpm: must be more than 0 requests per minute"),
+    (["--tpm", "-5"], "--tpm: must be more than 0 tokens per minute"),
 ]
 
 

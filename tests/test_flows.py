@@ -149,6 +149,7 @@ BAD_PARAMETERS = [
     (dict(revisions={"2:-1": " "}), "parameter revisions: the revision of '2:-1' is empty"),
     (dict(concurrency=0), "parameter concurrency: must be at least 1, got 0"),
     (dict(rpm=-1.0), "parameter rpm: must be more than 0"),
+    (dict(tpm=0.0), "parameter tpm: must be more than 0 tokens per minute"),
 ]
 
 

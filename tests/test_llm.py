@@ -21,7 +21,7 @@ SIM_PROMPT = f"Neuron 3 fires on animals.\n<start>\n{TABLE}mat\tunknown\n<end>\n
 
 
 class VirtualClock:
-    """Stands in for the `time` module of `autoexplain.llm_openai`, so that the limiter's and the
+    """Stands in for the `time` module of `autoexplain.llm_openai` and `llm_limits`, so that the limiter's and the
     backoff's waits are read, not measured: `sleep` records how long it was asked to wait and, when
     `advancing`, moves the clock on by that much instead of waiting."""
 
@@ -41,11 +41,13 @@ class VirtualClock:
 
 @pytest.fixture
 def clock(monkeypatch):
+    import autoexplain.llm_limits
     import autoexplain.llm_openai
 
     def install(advancing: bool = True) -> VirtualClock:
         c = VirtualClock(advancing)
-        monkeypatch.setattr(autoexplain.llm_openai, "time", c)
+        monkeypatch.setattr(autoexplain.llm_openai, "time", c)  # the backoff's waits
+        monkeypatch.setattr(autoexplain.llm_limits, "time", c)  # the rate limits' clock and waits
         return c
 
     return install
@@ -227,7 +229,7 @@ def test_retries_429_then_succeeds(fault_server):
     assert out[0][0].text == " canned"
     assert len(srv.requests) == 3
     assert srv.requests[-1]["json"]["model"] == "test-model"
-    assert llm.usage.as_dict() == {"prompt_tokens": 3, "completion_tokens": 1, "requests": 1}
+    assert llm.usage.as_dict() == {"prompt_tokens": 3, "completion_tokens": 1, "requests": 1, "cached": 0}
 
 
 def test_honours_retry_after(fault_server, clock):

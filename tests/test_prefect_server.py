@@ -255,7 +255,7 @@ def test_prefect_yaml_deploys_and_a_worker_runs_it(against_server, tiny_llama_di
         assert not explain.schedules
         assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
         assert nightly.parameters == {"out": "out", "layer": 15, "simulator": "embedding", "n_boot": 1000,
-                                      "concurrency": None, "rpm": None}
+                                      "concurrency": None, "rpm": None, "tpm": None, "cache": True}
         listed = {f"{client.read_flow(d.flow_id).name}/{d.name}" for d in client.read_deployments()}
         assert listed == {"explain-layer/smollm2-layer15", "rescore/nightly"}
 

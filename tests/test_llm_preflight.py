@@ -1,0 +1,104 @@
+"""Bad LLM input, caught before any work with one line (issue 13, item 8): a refused key, a model the
+server does not serve, a server without echo logprobs for the all-at-once simulator, and limits of
+0 or below. Real loopback servers (tests/llama_server.py's FaultServer with a server's traits); no
+stage request reaches them (`requests` stays empty; the preflight's own probes count apart).
+
+There is no `--budget` option yet (issue 13, item 5), so a budget of 0 has nothing to be checked
+against here."""
+
+from __future__ import annotations
+
+import pytest
+
+from autoexplain import preflight
+from autoexplain.errors import UserError
+from tests.llama_server import fault_server, llama_server  # noqa: F401  (fixtures)
+from tests.test_cli import _one_error_line
+from tests.test_cli_runs import cli, home  # noqa: F401  (fixture)
+
+# (server traits, simulator kind or None for the explainer, key in $OPENAI_API_KEY, what the line says)
+CASES = {
+    "wrong key": (dict(api_key="right"), None, "wrong", "refused the API key (HTTP 401)"),
+    "no key": (dict(api_key="right"), "all-at-once", None, "refused the API key (HTTP 401)"),
+    "model not served": (dict(models=["llama-3-8b"]), None, "right", "serves no model 'm' (it serves llama-3-8b)"),
+    "model not served, simulator": (dict(models=["a", "b"]), "chat-json", "right", "serves no model 'm' (it serves a, b)"),
+    "no echo logprobs": (dict(echo=False), "all-at-once", "right", "returns no prompt logprobs for 'm'"),
+}
+
+
+def _spec(server, kind):
+    llm = f"openai:m@{server.base_url}"
+    return ("simulator", f"{kind}:{llm}") if kind else ("explainer", llm)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_server_is_one_line(fault_server, monkeypatch, case):
+    traits, kind, key, needle = CASES[case]
+    server = fault_server(**traits)
+    if key is None:
+        monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    else:
+        monkeypatch.setenv("OPENAI_API_KEY", key)
+    name, spec = _spec(server, kind)
+    check = preflight.check_simulator if kind else preflight.check_explainer
+    with pytest.raises(UserError) as caught:
+        check(spec, preflight.cli_flag)
+    line = str(caught.value)
+    assert line.startswith(f"--{name}: the LLM server at {server.base_url} ") and needle in line, line
+    assert "\n" not in line and " — " in line, "one line with its fix"
+    assert server.requests == [] and server.probes >= 1
+
+
+def test_good_server_passes_with_its_probes_only(fault_server, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "right")
+    server = fault_server(api_key="right", models=["m"])
+    preflight.check_simulator(f"all-at-once:openai:m@{server.base_url}", preflight.cli_flag)
+    preflight.check_explainer(f"openai:m@{server.base_url}", preflight.cli_flag)
+    assert server.requests == [] and server.probes == 3, "GET /models twice, one echo request"
+
+
+@pytest.mark.slow
+def test_echo_probe_against_llama_cpp(llama_server):
+    """llama.cpp's server returns prompt logprobs: the probe says yes."""
+    preflight.check_simulator(f"all-at-once:openai:{llama_server.model}@{llama_server.base_url}")
+
+
+def test_limits_of_zero_or_below():
+    for args, needle in (((0, None), "--concurrency: must be at least 1, got 0"),
+                         ((-4, None), "--concurrency: must be at least 1, got -4"),
+                         ((None, 0.0), "--rpm: must be more than 0 requests per minute"),
+                         ((None, -1.0), "--rpm: must be more than 0 requests per minute"),
+                         ((None, None, 0.0), "--tpm: must be more than 0 tokens per minute"),
+                         ((None, None, -10.0), "--tpm: must be more than 0 tokens per minute")):
+        concurrency, rpm, *tpm = args
+        with pytest.raises(UserError, match=needle):
+            preflight.check_limits(concurrency, rpm, preflight.cli_flag, *tpm)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["wrong key", "model not served", "no echo logprobs"])
+def test_explain_layer_command_stops_before_any_work(home, fault_server, tiny_llama_dir, prose_corpus, tmp_path,
+                                                     monkeypatch, case):
+    traits, kind, key, needle = CASES[case]
+    server = fault_server(**traits)
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    name, spec = _spec(server, kind)
+    out = tmp_path / "out"
+    line = _one_error_line(cli(home, "explain-layer", "--model", tiny_llama_dir, "--corpus", str(prose_corpus),
+                               "--layer", "1", "--out", str(out), f"--{name}", spec))
+    assert f"--{name}: the LLM server at {server.base_url} " in line and needle in line, line
+    assert server.requests == [] and not out.exists(), "nothing sent, nothing written"
+
+
+@pytest.mark.slow
+def test_flow_fails_with_the_line(prefect_results, fault_server, tiny_llama_dir, prose_corpus, tmp_path, monkeypatch):
+    from flows.explain_layer import explain_layer
+
+    monkeypatch.setenv("OPENAI_API_KEY", "wrong")
+    server = fault_server(api_key="right")
+    for params, needle in ((dict(explainer=f"openai:m@{server.base_url}"), "parameter explainer: the LLM server at "),
+                           (dict(tpm=0.0), "parameter tpm: must be more than 0 tokens per minute")):
+        state = explain_layer(layer=1, model=tiny_llama_dir, corpus=str(prose_corpus), out=str(tmp_path / "o"),
+                              return_state=True, **params)
+        assert state.is_failed() and state.message.startswith(needle) and "\n" not in state.message, state.message
+    assert server.requests == [] and not (tmp_path / "o").exists()
