@@ -44,6 +44,11 @@ class Component:
 
     name: str  # this instance's name as stored in output rows (may carry its settings and model)
 
+    def dollars(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> float | None:
+        """What a request of these tokens cost (`prices`): 0 for a component that calls no paid LLM,
+        None when its model has no known price."""
+        return 0.0
+
     def encode_words(self, words: Sequence[str]) -> "np.ndarray":
         """Embed a whole word list (only for `uses_word_table` components)."""
         raise NotImplementedError(f"{type(self).__name__} does not embed words")

@@ -113,7 +113,7 @@ def print_summary(scores_paths: list[Path], result: dict | None = None) -> None:
     import polars as pl
     from rich.table import Table
 
-    from autoexplain.summary import compare_markdown, layer_summary
+    from autoexplain.summary import compare_markdown, cost_line, layer_summary, run_cost
 
     scores = pl.concat([pl.read_parquet(p) for p in scores_paths])
     layers = ", ".join(str(v) for v in sorted(set(scores["layer"].to_list())))
@@ -126,6 +126,7 @@ def print_summary(scores_paths: list[Path], result: dict | None = None) -> None:
         table.add_row(r["method"], r["metric"], str(r["units"]), _fmt(r["mean"]),
                       f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]", share, str(r["undefined"]))
     err.print(table)
+    err.print(cost_line(run_cost(scores)), highlight=False, soft_wrap=True)
     if result is None:
         return
     if result.get("comparison"):

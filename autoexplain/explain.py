@@ -192,6 +192,9 @@ class LLMExplainer(Explainer):
     def thread_safe(self) -> bool:  # a server LLM: the stage may send many units' requests at once
         return getattr(self.model, "thread_safe", False)
 
+    def dollars(self, prompt_tokens, completion_tokens, cached_tokens=0):
+        return self.model.dollars(prompt_tokens, completion_tokens, cached_tokens)
+
     def explain_records(self, units, k=4, temperature=1.0, max_tokens=60, chat=False):
         return explain_many(self.model, units, k, temperature, max_tokens, chat)
 

@@ -153,5 +153,6 @@ def import_explanations(folder: str | Path, layer: int | None = None) -> pa.Tabl
             seen.add(key)
             rows.append({"layer": key[0], "unit": key[1], "polarity": key[2], "method": "explainer", "explainer": "imported",
                          "prompt_hash": "", "text": texts[0], "candidates": texts, "candidate_valid_scores": [],
-                         "prompt_tokens": 0, "completion_tokens": 0})
+                         "prompt_tokens": 0, "completion_tokens": 0,
+                         "dollars": None, "selection_tokens": 0, "selection_dollars": 0.0})
     return pa.Table.from_pylist(rows, schema=load_schema("explanations"))

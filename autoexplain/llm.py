@@ -157,6 +157,10 @@ class LLM(ABC):
     def prompt_logprobs(self, prompts: list[str], top: int = 15) -> list[PromptLogprobs]:
         """The top predicted tokens at every position of each prompt (one pass, nothing generated)."""
 
+    def dollars(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> float | None:
+        """What one request of these tokens cost: 0 for a local model (server LLMs price it)."""
+        return 0.0
+
     def close(self) -> None:
         pass
 

@@ -207,6 +207,11 @@ class OpenAILLM(LLM):
                 f.cancel()
             raise
 
+    def dollars(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> float | None:
+        from autoexplain.prices import dollars
+
+        return dollars(self.name, prompt_tokens, cached_tokens, completion_tokens)
+
     def ping(self) -> None:
         """One request without retries: a clear error now instead of after the first batch."""
         self._request(self._client.models.list, retries=0)

@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pyarrow as pa
 
-from autoexplain import best_of_k, scoring
+from autoexplain import best_of_k, prices, scoring
 from autoexplain.counters import COUNTS
 from autoexplain.explain import as_explainer, shuffled_explanations, token_lookup_explanation
 from autoexplain.records import UnitRecords
@@ -97,7 +97,8 @@ def explain_stage(units: Sequence[UnitRecords], llm, cfg: ExplainConfig) -> pa.T
         for unit, recs, exp in zip(batch, shown, explained):
             rows.append(_explanation_row(unit, EXPLAINER, exp.explainer, exp.prompt_hash, exp.text, exp.candidates,
                                          exp.prompt_tokens, exp.completion_tokens,
-                                         failure=getattr(exp, "failure", None)))
+                                         failure=getattr(exp, "failure", None),
+                                         dollars=explainer.dollars(exp.prompt_tokens, exp.completion_tokens)))
             lookup = token_lookup_explanation(recs)
             rows.append(_explanation_row(unit, LOOKUP, "token-lookup", "", lookup, [lookup], 0, 0))
     return rows_to_table(rows, "explanations")
@@ -109,12 +110,15 @@ def explain_workers(llm, cfg: ExplainConfig) -> int:
     return max(1, math.ceil(4 * _concurrency(llm) / cfg.batch_units)) if _concurrency(llm) > 1 else 1
 
 
-def _explanation_row(unit, method, explainer, phash, text, candidates, p_tok, c_tok, cand_scores=None, failure=None):
+def _explanation_row(unit, method, explainer, phash, text, candidates, p_tok, c_tok, cand_scores=None, failure=None,
+                     dollars: float | None = 0.0):
+    """`dollars`: the explainer's requests; `selection_*`: best-of-k's simulations on valid, filled
+    in by the simulate stage for the chosen row."""
     n = unit.neuron
     return {"layer": n.layer, "unit": n.index, "polarity": n.polarity, "method": method, "explainer": explainer,
             "prompt_hash": phash, "text": text, "candidates": list(candidates),
             "candidate_valid_scores": list(cand_scores or []), "prompt_tokens": p_tok, "completion_tokens": c_tok,
-            "failure": failure}
+            "failure": failure, "dollars": dollars, "selection_tokens": 0, "selection_dollars": 0.0}
 
 
 def _scoring_records(unit: UnitRecords, split: str):
@@ -137,7 +141,8 @@ def _sim_rows(unit: UnitRecords, method: str, simulator, records, sims) -> list[
     name, phash = simulator.name, simulator.prompt_hash
     return [{"layer": n.layer, "unit": n.index, "polarity": n.polarity, "method": method, "simulator": name,
              "prompt_hash": phash, "window_id": r.window_id, "kind": r.kind, "split": r.split,
-             "expected": s.expected, "failure": s.failure, "tokens": s.prompt_tokens + s.completion_tokens}
+             "expected": s.expected, "failure": s.failure, "tokens": s.prompt_tokens + s.completion_tokens,
+             "dollars": simulator.dollars(s.prompt_tokens, s.completion_tokens)}
             for r, s in zip(records, sims)]
 
 
@@ -149,10 +154,18 @@ def simulate_unit(unit: UnitRecords, llm_row: dict, lookup_row: dict | None, sim
     """Best-of-k on valid, then the chosen explanation and the token-lookup baseline on calib/test.
     Returns (chosen explanation rows, simulation rows)."""
     valid = _scoring_records(unit, "valid")
-    choice = best_of_k.choose(llm_row["candidates"], valid, lambda texts, recs: _simulate_texts(simulator, texts, recs),
-                              simulator.selection)
+    spent: list[Simulation] = []
+
+    def simulate_many(texts, recs):
+        out = _simulate_texts(simulator, texts, recs)
+        spent.extend(s for sims in out for s in sims)
+        return out
+
+    choice = best_of_k.choose(llm_row["candidates"], valid, simulate_many, simulator.selection)
     best = llm_row["candidates"][choice.index] if choice.index >= 0 else ""
-    chosen = {**llm_row, "text": best, "candidate_valid_scores": choice.valid_scores}
+    chosen = {**llm_row, "text": best, "candidate_valid_scores": choice.valid_scores,
+              "selection_tokens": sum(s.prompt_tokens + s.completion_tokens for s in spent),
+              "selection_dollars": prices.add(*(simulator.dollars(s.prompt_tokens, s.completion_tokens) for s in spent))}
     # Imported explanation sets carry no baseline: derive it from the same train records.
     if lookup_row is None:
         text = token_lookup_explanation(shown_records(unit, 5))
@@ -241,14 +254,21 @@ def score_rows(units: Sequence[UnitRecords], simulations: list[dict], explanatio
     """`score_stage` on rows: simulation rows in, score rows out."""
     sims_of: dict[tuple, dict[int, dict]] = {}
     sim_cost: dict[tuple, int] = {}
+    sim_dollars: dict[tuple, float | None] = {}
     for row in simulations:
         key = (row["unit"], row["polarity"], row["method"], row["simulator"])
         sims_of.setdefault(key, {})[row["window_id"]] = row
         sim_cost[key] = sim_cost.get(key, 0) + row["tokens"]
-    cost = {}
+        sim_dollars[key] = prices.add(sim_dollars.get(key, 0.0), row["dollars"])
+    # Per explanation: the explainer's tokens and dollars, and (for the chosen explanation) those of
+    # best-of-k's simulations on valid, which the simulation rows (calib and test only) do not hold.
+    cost, dollars, selection = {}, {}, {}
     if explanations is not None:
         for row in explanations:
-            cost[(row["unit"], row["polarity"], row["method"])] = row["prompt_tokens"] + row["completion_tokens"]
+            key = (row["unit"], row["polarity"], row["method"])
+            cost[key] = row["prompt_tokens"] + row["completion_tokens"]
+            dollars[key] = row["dollars"]
+            selection[key] = (row["selection_tokens"], row["selection_dollars"])
     out = []
     for unit in units:
         n = unit.neuron
@@ -272,7 +292,9 @@ def score_rows(units: Sequence[UnitRecords], simulations: list[dict], explanatio
                             "ci_low": s.ci_low, "ci_high": s.ci_high, "undefined_reason": s.undefined_reason,
                             "n_records": s.n_records, "n_failed": s.n_failed,
                             "explainer_tokens": cost.get((u, pol, method), 0),
-                            "simulator_tokens": sim_cost[(u, pol, method, sim_name)]})
+                            "simulator_tokens": sim_cost[(u, pol, method, sim_name)] + selection.get((u, pol, method), (0, 0))[0],
+                            "dollars": prices.add(dollars.get((u, pol, method), 0.0), selection.get((u, pol, method), (0, 0.0))[1],
+                                                  sim_dollars[(u, pol, method, sim_name)])})
     return out
 
 

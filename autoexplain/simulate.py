@@ -124,6 +124,9 @@ class AllAtOnceSimulator(Simulator):
     def thread_safe(self) -> bool:
         return self.local is None and getattr(self.llm, "thread_safe", False)
 
+    def dollars(self, prompt_tokens, completion_tokens, cached_tokens=0):
+        return 0.0 if self.local is not None else self.llm.dollars(prompt_tokens, completion_tokens, cached_tokens)
+
     # -- server: prompt logprobs ------------------------------------------------------------
     def _server(self, explanations, records):
         """One request per explanation and group of up to `records_per_request` records: the

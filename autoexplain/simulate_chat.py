@@ -154,6 +154,9 @@ class ChatJsonSimulator(Simulator):
     def thread_safe(self) -> bool:
         return getattr(self.llm, "thread_safe", False)
 
+    def dollars(self, prompt_tokens, completion_tokens, cached_tokens=0):
+        return self.llm.dollars(prompt_tokens, completion_tokens, cached_tokens)
+
     def simulate(self, explanation: str, records: Sequence[Sequence[str]]) -> list[Simulation]:
         return self.simulate_many([explanation], records)[0]
 

@@ -50,6 +50,34 @@ def layer_summary(scores: pl.DataFrame) -> pl.DataFrame:
                                       "ci_high": pl.Float64, "beats_lookup": pl.Float64})
 
 
+def run_cost(scores: pl.DataFrame) -> dict:
+    """What the scored units cost (`dollars` of the scores table, once per unit, method and
+    simulator; the table repeats it on every metric's row): the total over the units whose cost is
+    known, per unit, and how many units have no known price."""
+    if "dollars" not in scores.columns or not scores.height:
+        return {"dollars": None, "units": 0, "unknown": 0, "per_unit": None}
+    per = scores.unique([*_UNIT, "method", "simulator"], keep="first").sort([*_UNIT, "method", "simulator"])
+    per_unit = per.group_by(_UNIT).agg(pl.col("dollars").sum().alias("dollars"),
+                                       pl.col("dollars").null_count().alias("unknown"))
+    known = per_unit.filter(pl.col("unknown") == 0)
+    total = float(known["dollars"].sum()) if known.height else None
+    return {"dollars": total, "units": per_unit.height, "unknown": per_unit.height - known.height,
+            "per_unit": total / known.height if known.height else None}
+
+
+def cost_line(cost: dict) -> str:
+    """One line for the console and the report."""
+    if not cost["units"]:
+        return "cost: nothing scored"
+    line = (f"cost: ${cost['dollars']:.4f} for {cost['units'] - cost['unknown']} units "
+            f"(${cost['per_unit']:.6f} per unit) at the prices of autoexplain/prices.json" if cost["dollars"] is not None
+            else "cost: unknown")
+    if cost["unknown"]:
+        line += (f"; {cost['unknown']} units used a model with no known price (add it to autoexplain/prices.json "
+                 "or a file named by $AUTOEXPLAIN_PRICES)")
+    return line
+
+
 def compare(before: pl.DataFrame, after: pl.DataFrame, metric: str = HEADLINE, method: str = EXPLAINER,
             top: int = 10) -> dict:
     """The headline score of each unit before and after: mean change with a 95 % CI over the units

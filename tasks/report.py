@@ -24,6 +24,7 @@ from prefect.assets import materialize
 
 from autoexplain import remote
 from autoexplain.storage import read_manifest
+from autoexplain.summary import cost_line, run_cost
 from tasks.stages import local_ref
 
 HEADLINE = "top_and_random"
@@ -156,11 +157,13 @@ def report_task(records: dict, stages: list[dict], scores: list[dict], site: str
     headline = [] if not table.height else (
         table.filter((pl.col("metric") == HEADLINE) & (pl.col("method") == "explainer"))["value"].drop_nulls().to_list())
     links = "\n".join(f"- {s['uri']}" for s in scores)
+    cost = run_cost(table)
     md = (f"# Layer report\n\nUnits scored: {len(headline)} (defined explainer {HEADLINE} scores)\n\n"
+          f"{cost_line(cost)}\n\n"
           f"## Score histogram (explanation, {HEADLINE}, test split)\n\n```\n{_histogram(headline)}\n```\n\n"
           f"## Outputs\n\n- records: {records['uri']}\n{links}\n")
     create_markdown_artifact(md, key="layer-report", description="Score histogram and links to the outputs")
     if site:
         create_markdown_artifact(viewer_markdown(site), key="viewer",
                                  description="How to open the neuron viewer: the command that serves it over http")
-    return {"units": len(headline), "summary": summary}
+    return {"units": len(headline), "summary": summary, "cost": cost}

@@ -258,6 +258,9 @@ def synthetic_layer(out: Path, layer: int, n_neurons: int, seed: int = 0) -> Pat
         chosen["prompt_tokens"] += [0] * n
         chosen["completion_tokens"] += [0] * n
         chosen["failure"] += [None] * n
+        chosen["dollars"] += [0.0] * n
+        chosen["selection_tokens"] += [0] * n
+        chosen["selection_dollars"] += [0.0] * n
     sims_dir = out / "simulations" / f"synthetic{layer}"
     write_table(pa.table(chosen), sims_dir / "chosen.parquet", "explanations")
     write_table(load_schema("simulations").empty_table(), sims_dir / f"layer_{layer}.parquet", "simulations")
@@ -277,6 +280,7 @@ def synthetic_layer(out: Path, layer: int, n_neurons: int, seed: int = 0) -> Pat
         layer=pl.lit(layer), simulator=pl.lit("synthetic"), split=pl.lit("test"),
         undefined_reason=pl.when(pl.col("value").is_nan()).then(pl.lit("no spread")).otherwise(None),
         n_records=pl.lit(20), n_failed=pl.lit(0), explainer_tokens=pl.lit(0), simulator_tokens=pl.lit(0),
+        dollars=pl.lit(0.0),
     ).with_columns([pl.col(c).fill_nan(None) for c in ("value", "ci_low", "ci_high")])
     scores_dir = out / "scores" / f"synthetic{layer}"
     write_table(df.select(load_schema("scores").names).to_arrow(), scores_dir / f"layer_{layer}.parquet", "scores")
