@@ -315,6 +315,17 @@ def llama_server():
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def bench_server():
+    """bench/llm_server.py's server with no latency: echo logprobs with digits at every placeholder,
+    explanations and chat replies, for any model name."""
+    from bench.llm_server import BenchServer
+
+    server = BenchServer(latency=0.0)
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def fault_server():
     started: list[FaultServer] = []

@@ -123,29 +123,24 @@ def test_unknown_selection_is_refused():
 
 # -- packing records into server requests ------------------------------------------------------
 
-def test_packed_requests_read_each_record_from_its_own_offsets(fault_server):
+def test_packed_requests_read_each_record_from_its_own_offsets(fault_server, bench_server):
     """bench/llm_server.py's digits at a placeholder depend only on the explanation and the line's
     token, not on what else the prompt holds, so packed and one-record requests must agree exactly."""
-    from bench.llm_server import BenchServer
     from autoexplain.llm import OpenAILLM
 
-    bench = BenchServer(latency=0.0)
-    try:
-        srv = fault_server(upstream=bench.base_url)
-        llm = OpenAILLM("test-model", srv.base_url, api_key="test", max_retries=1)
-        recs = [[f" w{i}", " the", "\n", f" {i}"] for i in range(7)]
-        packed = AllAtOnceSimulator(llm)
-        assert packed.records_per_request == 5
-        got = packed.simulate_many(["numbers", "rivers"], recs)
-        assert len(srv.requests) == 2 * 2, "7 records: 2 requests per explanation"
-        single = AllAtOnceSimulator(llm)
-        single.records_per_request = 1
-        want = single.simulate_many(["numbers", "rivers"], recs)
-        assert len(srv.requests) == 4 + 2 * 7
-        for g, w in zip(got, want):
-            assert [s.expected for s in g] == [s.expected for s in w]
-            assert all(s.ok and len(s.expected) == 4 for s in g)
-        # The prefix is paid once per request: packed prompts are fewer tokens in all.
-        assert sum(s.prompt_tokens for s in got[0]) < sum(s.prompt_tokens for s in want[0])
-    finally:
-        bench.stop()
+    srv = fault_server(upstream=bench_server.base_url)
+    llm = OpenAILLM("test-model", srv.base_url, api_key="test", max_retries=1)
+    recs = [[f" w{i}", " the", "\n", f" {i}"] for i in range(7)]
+    packed = AllAtOnceSimulator(llm)
+    assert packed.records_per_request == 5
+    got = packed.simulate_many(["numbers", "rivers"], recs)
+    assert len(srv.requests) == 2 * 2, "7 records: 2 requests per explanation"
+    single = AllAtOnceSimulator(llm)
+    single.records_per_request = 1
+    want = single.simulate_many(["numbers", "rivers"], recs)
+    assert len(srv.requests) == 4 + 2 * 7
+    for g, w in zip(got, want):
+        assert [s.expected for s in g] == [s.expected for s in w]
+        assert all(s.ok and len(s.expected) == 4 for s in g)
+    # The prefix is paid once per request: packed prompts are fewer tokens in all.
+    assert sum(s.prompt_tokens for s in got[0]) < sum(s.prompt_tokens for s in want[0])

@@ -16,7 +16,6 @@ import pytest
 from autoexplain import llm_cache
 from autoexplain.llm import OpenAILLM
 from autoexplain.llm_cache import CACHE_ENV, ResponseCache, for_root, set_cache
-from bench.llm_server import BenchServer
 from tests.llama_server import fault_server  # noqa: F401  (fixture)
 from tests.test_llm import clock  # noqa: F401  (fixture: a virtual clock for the limiter's waits)
 
@@ -184,13 +183,6 @@ def test_tokens_per_minute_budget(fault_server, clock):
 
 
 # ---- the whole path: explain-layer on the command line, rerun -------------------------------------
-
-@pytest.fixture(scope="module")
-def bench_server():
-    srv = BenchServer(latency=0.0)
-    yield srv
-    srv.stop()
-
 
 def _cli(home, *args, **env):
     full = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILE", CACHE_ENV)}

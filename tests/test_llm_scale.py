@@ -22,13 +22,6 @@ def fast(url: str, **kw) -> OpenAILLM:
 
 
 @pytest.fixture(scope="module")
-def bench_server():
-    srv = BenchServer(latency=0.0)
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
 def units(tiny_records):
     from autoexplain.layer import load_units
 

@@ -15,7 +15,6 @@ from autoexplain.errors import UserError
 from autoexplain.llm import OpenAILLM
 from autoexplain.simulate import AllAtOnceSimulator
 from autoexplain.summary import cost_line, run_cost
-from bench.llm_server import BenchServer
 
 
 def test_lookup_by_name_then_longest_prefix(monkeypatch):
@@ -52,13 +51,6 @@ def test_an_override_file_adds_and_replaces(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def server():
-    srv = BenchServer(latency=0.0)
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
 def units(tiny_records):
     from autoexplain.layer import load_units
 
@@ -74,9 +66,9 @@ def run_stages(units, url: str, model: str):
     return x, chosen, sims, scores
 
 
-def test_every_unit_cost_reaches_the_scores_table(server, units, monkeypatch):
+def test_every_unit_cost_reaches_the_scores_table(bench_server, units, monkeypatch):
     monkeypatch.delenv(prices.OVERRIDE_ENV, raising=False)
-    x, chosen, sims, scores = run_stages(units, server.base_url, "gpt-4o-mini")
+    x, chosen, sims, scores = run_stages(units, bench_server.base_url, "gpt-4o-mini")
     p = prices.price_of("gpt-4o-mini")
     for row in x.to_pylist():
         want = (row["prompt_tokens"] * p.input + row["completion_tokens"] * p.output) / 1e6
@@ -100,9 +92,9 @@ def test_every_unit_cost_reaches_the_scores_table(server, units, monkeypatch):
     assert cost_line(cost).startswith(f"cost: ${cost['dollars']:.4f} for 4 units")
 
 
-def test_a_model_without_a_price_stays_unknown(server, units, monkeypatch):
+def test_a_model_without_a_price_stays_unknown(bench_server, units, monkeypatch):
     monkeypatch.delenv(prices.OVERRIDE_ENV, raising=False)
-    _, _, sims, scores = run_stages(units, server.base_url, "my-own-model")
+    _, _, sims, scores = run_stages(units, bench_server.base_url, "my-own-model")
     assert all(r["dollars"] is None for r in sims.to_pylist())
     cost = run_cost(pl.from_arrow(scores))
     assert cost["dollars"] is None and cost["unknown"] == 4
