@@ -17,13 +17,16 @@ from schemas.contracts import ContractViolation
 err = Console(stderr=True)
 
 
-class _TokenRate(TextColumn):
-    def __init__(self):
+class _Rate(TextColumn):
+    """Items per second: `unit` fixed (tokens, whole numbers) or, when None, the task's own `unit`."""
+
+    def __init__(self, unit: str | None = None, digits: int = 1):
         super().__init__("")
+        self.unit, self.digits = unit, digits
 
     def render(self, task):
         rate = task.completed / task.elapsed if task.elapsed else 0.0
-        return f"{rate:,.0f} tok/s"
+        return f"{rate:,.{self.digits}f} {self.unit or task.fields.get('unit', '')}/s"
 
 
 def progress_bar() -> Progress:
@@ -31,22 +34,13 @@ def progress_bar() -> Progress:
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         TextColumn("{task.completed:,}/{task.total:,} tokens"),
-        _TokenRate(),
+        _Rate("tok", digits=0),
         TextColumn("ETA"),
         TimeRemainingColumn(),
         TimeElapsedColumn(),
         console=err,
         transient=False,
     )
-
-
-class _Rate(TextColumn):
-    def __init__(self):
-        super().__init__("")
-
-    def render(self, task):
-        rate = task.completed / task.elapsed if task.elapsed else 0.0
-        return f"{rate:,.1f} {task.fields.get('unit', '')}/s"
 
 
 def stage_bars():
