@@ -22,11 +22,16 @@ from autoexplain.llm import set_limits
 from autoexplain.llm_cache import set_cache
 
 
-# The help of the LLM options that every command calling an LLM shares (`flows.cli` uses them too).
-TPM_HELP = ("At most this many LLM tokens (prompt + completion) per minute; a request takes an estimate "
-            "before it is sent and the server's count once answered (default: no limit).")
-CACHE_HELP = ("Keep every LLM answer under <out>/llm_cache and never pay for the same request twice "
-              "($AUTOEXPLAIN_LLM_CACHE names another folder, or 'off'). --no-cache sends every request.")
+# Options that several commands share, declared once (`flows.cli` uses them too).
+WINDOW_LEN = typer.Option(64, "--window-len", help="Tokens per window (the reference uses 64).")
+TOP_K = typer.Option(40, "--top-k", help="Top-activating windows kept per unit and polarity.")
+N_RANDOM = typer.Option(30, "--random", help="Random windows kept per unit and polarity.")
+CONCURRENCY = typer.Option(None, "--concurrency", help="LLM requests in flight at once, across units (default: 64 for a server URL, 8 for api.openai.com). Results do not depend on it.")
+RPM = typer.Option(None, "--rpm", help="At most this many LLM requests per minute (default: no limit).")
+TPM = typer.Option(None, "--tpm", help="At most this many LLM tokens (prompt + completion) per minute; a request takes an estimate "
+                   "before it is sent and the server's count once answered (default: no limit).")
+CACHE = typer.Option(True, "--cache/--no-cache", help="Keep every LLM answer under <out>/llm_cache and never pay for the same request twice "
+                     "($AUTOEXPLAIN_LLM_CACHE names another folder, or 'off'). --no-cache sends every request.")
 
 app = typer.Typer(
     help="Explain what each neuron of a language model does: record activations, explain them with an "
@@ -71,9 +76,9 @@ def record(
     layers: Optional[str] = typer.Option(None, "--layers", "-l", help="Layers to record: 15, 3,7, 10-12 or all. Default: the middle layer."),
     tokens: int = typer.Option(1_000_000, "--tokens", "-n", help="Corpus tokens to run through the model."),
     out: Path = typer.Option(Path("out"), "--out", "-o", help="Output root; each stage writes a content-addressed folder under it."),
-    window_len: int = typer.Option(64, "--window-len", help="Tokens per window (the reference uses 64)."),
-    top_k: int = typer.Option(40, "--top-k", help="Top-activating windows kept per unit and polarity."),
-    n_random: int = typer.Option(30, "--random", help="Random windows kept per unit and polarity."),
+    window_len: int = WINDOW_LEN,
+    top_k: int = TOP_K,
+    n_random: int = N_RANDOM,
     quantile_per_bin: int = typer.Option(5, "--per-quantile", help="Windows sampled from each activation-quantile bin."),
     reservoir: int = typer.Option(512, "--reservoir", help="Uniform window sample that random and quantile exemplars are drawn from."),
     batch_size: int = typer.Option(32, "--batch-size", help="Windows per forward pass."),
@@ -132,10 +137,10 @@ def explain(
     explainer: str = typer.Option("embedding", "--explainer", "-e", help="'embedding' (offline default: top words named with MiniLM, no LLM), 'local' (embedded SmolLM2), 'local:PATH', 'openai:MODEL' or 'openai:MODEL@URL'."),
     k: int = typer.Option(4, "--k", help="Candidate explanations sampled per unit (best-of-k on the valid split)."),
     chat: bool = typer.Option(False, "--chat", help="Use the chat API instead of completions."),
-    concurrency: Optional[int] = typer.Option(None, "--concurrency", help="LLM requests in flight at once, across units (default: 64 for a server URL, 8 for api.openai.com). Results do not depend on it."),
-    rpm: Optional[float] = typer.Option(None, "--rpm", help="At most this many LLM requests per minute (default: no limit)."),
-    tpm: Optional[float] = typer.Option(None, "--tpm", help=TPM_HELP),
-    cache: bool = typer.Option(True, "--cache/--no-cache", help=CACHE_HELP),
+    concurrency: Optional[int] = CONCURRENCY,
+    rpm: Optional[float] = RPM,
+    tpm: Optional[float] = TPM,
+    cache: bool = CACHE,
     out: Path = typer.Option(Path("out"), "--out", "-o"),
 ):
     """Sample k candidate explanations per unit from its train records, plus the token-lookup baseline."""
@@ -163,10 +168,10 @@ def simulate(
     records: Path = typer.Option(..., "--records", "-r", help="The records folder the explanations came from."),
     explanations: Path = typer.Option(..., "--explanations", "-x", help="A folder printed by `autoexplain explain`."),
     simulator: str = typer.Option("embedding", "--simulator", "-s", help="'embedding' (offline default), 'all-at-once[:LLM]' or 'chat-json:LLM'."),
-    concurrency: Optional[int] = typer.Option(None, "--concurrency", help="LLM requests in flight at once, across units (default: 64 for a server URL, 8 for api.openai.com). Results do not depend on it."),
-    rpm: Optional[float] = typer.Option(None, "--rpm", help="At most this many LLM requests per minute (default: no limit)."),
-    tpm: Optional[float] = typer.Option(None, "--tpm", help=TPM_HELP),
-    cache: bool = typer.Option(True, "--cache/--no-cache", help=CACHE_HELP),
+    concurrency: Optional[int] = CONCURRENCY,
+    rpm: Optional[float] = RPM,
+    tpm: Optional[float] = TPM,
+    cache: bool = CACHE,
     out: Path = typer.Option(Path("out"), "--out", "-o"),
 ):
     """Pick each unit's best candidate on the valid split, then simulate it and the baselines on held-out records."""

@@ -17,7 +17,7 @@ from typing import Optional
 import typer
 
 from autoexplain import defaults, preflight
-from autoexplain.cli import CACHE_HELP, TPM_HELP, app
+from autoexplain.cli import CACHE, CONCURRENCY, N_RANDOM, RPM, TOP_K, TPM, WINDOW_LEN, app
 from autoexplain.console import print_llm_usage, print_summary, run_or_exit, stage_bars
 from autoexplain.errors import UserError
 
@@ -33,13 +33,13 @@ def explain_layer_cmd(
     k: int = typer.Option(4, "--k", help="Candidate explanations per unit (best-of-k on the valid split)."),
     shard_size: int = typer.Option(256, "--shard-size", help="Units per task."),
     n_boot: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the 95% CIs."),
-    window_len: int = typer.Option(64, "--window-len", help="Tokens per window (the reference uses 64)."),
-    top_k: int = typer.Option(40, "--top-k", help="Top-activating windows kept per unit and polarity."),
-    n_random: int = typer.Option(30, "--random", help="Random windows kept per unit and polarity."),
-    concurrency: Optional[int] = typer.Option(None, "--concurrency", help="LLM requests in flight at once, across units (default: 64 for a server URL, 8 for api.openai.com). Results do not depend on it."),
-    rpm: Optional[float] = typer.Option(None, "--rpm", help="At most this many LLM requests per minute (default: no limit)."),
-    tpm: Optional[float] = typer.Option(None, "--tpm", help=TPM_HELP),
-    cache: bool = typer.Option(True, "--cache/--no-cache", help=CACHE_HELP),
+    window_len: int = WINDOW_LEN,
+    top_k: int = TOP_K,
+    n_random: int = N_RANDOM,
+    concurrency: Optional[int] = CONCURRENCY,
+    rpm: Optional[float] = RPM,
+    tpm: Optional[float] = TPM,
+    cache: bool = CACHE,
     out: str = typer.Option("out", "--out", "-o", help="Output folder, or an fsspec URL (s3://bucket/run, file:///mnt/share/out, ...) worked on through a local mirror."),
     results: Optional[str] = typer.Option(None, "--results", help="Folder or fsspec URL for Prefect's task results (its cache), e.g. s3://bucket/prefect-results. Default: Prefect's local storage."),
 ):
@@ -56,10 +56,10 @@ def rescore_cmd(
     simulator: str = typer.Option("embedding", "--simulator", "-s", help="'embedding', 'all-at-once[:LLM]' or 'chat-json:LLM'."),
     n_boot: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the 95% CIs."),
     results: Optional[str] = typer.Option(None, "--results", help="Folder or URL for Prefect's task results."),
-    concurrency: Optional[int] = typer.Option(None, "--concurrency", help="LLM requests in flight at once, across units (default: 64 for a server URL, 8 for api.openai.com). Results do not depend on it."),
-    rpm: Optional[float] = typer.Option(None, "--rpm", help="At most this many LLM requests per minute (default: no limit)."),
-    tpm: Optional[float] = typer.Option(None, "--tpm", help=TPM_HELP),
-    cache: bool = typer.Option(True, "--cache/--no-cache", help=CACHE_HELP),
+    concurrency: Optional[int] = CONCURRENCY,
+    rpm: Optional[float] = RPM,
+    tpm: Optional[float] = TPM,
+    cache: bool = CACHE,
 ):
     """Re-simulate and re-score the latest run of a layer (the nightly job), and compare with its previous scores."""
     params = dict(out=out, layer=layer, simulator=simulator, n_boot=n_boot, results=results, concurrency=concurrency,
