@@ -216,6 +216,9 @@ def check_llm(spec: str, spell: Spelling, name: str, needs_echo: bool = False) -
         if p.model:
             model_shape(p.model, spell, name)
         return
+    from autoexplain import prices
+
+    prices.table()  # a server LLM is priced: a broken $AUTOEXPLAIN_PRICES file stops the run now, not after recording
     url = p.url or OPENAI_URL
     if url == OPENAI_URL and not os.environ.get("OPENAI_API_KEY"):
         raise _fail(spell, name, f"$OPENAI_API_KEY is not set, and {url} needs an API key",

@@ -102,3 +102,21 @@ def test_flow_fails_with_the_line(prefect_results, fault_server, tiny_llama_dir,
                               return_state=True, **params)
         assert state.is_failed() and state.message.startswith(needle) and "\n" not in state.message, state.message
     assert server.requests == [] and not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_a_broken_price_table_stops_before_any_work(home, fault_server, tiny_llama_dir, prose_corpus, tmp_path,
+                                                    monkeypatch):
+    """A server LLM is priced from the table (and $AUTOEXPLAIN_PRICES): an unreadable override is one
+    line before recording, not a failure in the explain stage."""
+    from autoexplain.prices import OVERRIDE_ENV
+
+    server = fault_server()
+    bad = tmp_path / "prices.json"
+    bad.write_text('{"models": {"m": {"output": 1.0}}}')  # no input price
+    monkeypatch.setenv(OVERRIDE_ENV, str(bad))
+    out = tmp_path / "out"
+    line = _one_error_line(cli(home, "explain-layer", "--model", tiny_llama_dir, "--corpus", str(prose_corpus),
+                               "--layer", "1", "--out", str(out), "--explainer", f"openai:m@{server.base_url}"))
+    assert f"cannot read the price table {bad}" in line, line
+    assert server.requests == [] and not out.exists(), "nothing sent, nothing written"
