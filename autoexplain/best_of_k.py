@@ -81,7 +81,10 @@ def choose(candidates: Sequence[str], records: Sequence, simulate_many: Callable
     if selection == "full" or not records:
         for c, sims in enumerate(simulate_many(list(candidates), list(records))):
             scores[c], seen[c] = correlation(records, sims), len(records)
-    elif k > 1:
+        best = _ranked(scores, list(range(k)))[0]
+    elif k == 1:
+        best = 0
+    else:
         ordered = interleaved(records)
         sims_of: list[list] = [[] for _ in range(k)]
         alive = list(range(k))
@@ -95,9 +98,5 @@ def choose(candidates: Sequence[str], records: Sequence, simulate_many: Callable
                     scores[c] = correlation(ordered[:size], sims_of[c])
             alive = _ranked(scores, alive)[: max(1, math.ceil(len(alive) / 2))]
         best = alive[0]  # never one dropped earlier: its score is on fewer records
-    if selection == "full" or not records:
-        best = _ranked(scores, list(range(k)))[0]
-    elif k == 1:
-        best = 0
     reported = [s if seen[c] and math.isfinite(s) else float("nan") for c, s in enumerate(scores)]
     return Choice(best, reported, seen)

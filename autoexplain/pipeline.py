@@ -276,6 +276,7 @@ def score_rows(units: Sequence[UnitRecords], simulations: list[dict], explanatio
         for (u, pol, method, sim_name), by_window in sims_of.items():
             if (u, pol) != (n.index, n.polarity):
                 continue
+            chose_tokens, chose_dollars = selection.get((u, pol, method), (0, 0.0))
             recs = [r for r in unit.records if r.window_id in by_window]
             srecs = []
             for r in recs:
@@ -292,8 +293,8 @@ def score_rows(units: Sequence[UnitRecords], simulations: list[dict], explanatio
                             "ci_low": s.ci_low, "ci_high": s.ci_high, "undefined_reason": s.undefined_reason,
                             "n_records": s.n_records, "n_failed": s.n_failed,
                             "explainer_tokens": cost.get((u, pol, method), 0),
-                            "simulator_tokens": sim_cost[(u, pol, method, sim_name)] + selection.get((u, pol, method), (0, 0))[0],
-                            "dollars": prices.add(dollars.get((u, pol, method), 0.0), selection.get((u, pol, method), (0, 0.0))[1],
+                            "simulator_tokens": sim_cost[(u, pol, method, sim_name)] + chose_tokens,
+                            "dollars": prices.add(dollars.get((u, pol, method), 0.0), chose_dollars,
                                                   sim_dollars[(u, pol, method, sim_name)])})
     return out
 
