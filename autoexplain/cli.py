@@ -16,6 +16,7 @@ from typing import Optional
 import typer
 
 from autoexplain import defaults, preflight
+from autoexplain.budget import set_budget
 from autoexplain.console import err, print_llm_usage, print_summary, progress_bar, run_or_exit
 from autoexplain.errors import UserError
 from autoexplain.llm import set_limits
@@ -30,6 +31,9 @@ CONCURRENCY = typer.Option(None, "--concurrency", help="LLM requests in flight a
 RPM = typer.Option(None, "--rpm", help="At most this many LLM requests per minute (default: no limit).")
 TPM = typer.Option(None, "--tpm", help="At most this many LLM tokens (prompt + completion) per minute; a request takes an estimate "
                    "before it is sent and the server's count once answered (default: no limit).")
+BUDGET = typer.Option(None, "--budget", help="The most this run may spend on server LLMs: dollars ('$5', at the prices of "
+                      "autoexplain/prices.json) or tokens ('2M tokens'). The run stops cleanly before the request that would pass it "
+                      "(exit code 3); finished units are kept, and the same command with a larger budget goes on from there.")
 CACHE = typer.Option(True, "--cache/--no-cache", help="Keep every LLM answer under <out>/llm_cache and never pay for the same request twice "
                      "($AUTOEXPLAIN_LLM_CACHE names another folder, or 'off'). --no-cache sends every request.")
 
@@ -141,6 +145,7 @@ def explain(
     rpm: Optional[float] = RPM,
     tpm: Optional[float] = TPM,
     cache: bool = CACHE,
+    budget: Optional[str] = BUDGET,
     out: Path = typer.Option(Path("out"), "--out", "-o"),
 ):
     """Sample k candidate explanations per unit from its train records, plus the token-lookup baseline."""
@@ -154,8 +159,10 @@ def explain(
         L = _records_layer(records, layer)
         chosen = parse_units(units)
         preflight.check_explainer(explainer, preflight.cli_flag)
+        limit = preflight.check_budget(budget, preflight.cli_flag, explainer=explainer)
         set_limits(concurrency, rpm, tpm)
         set_cache(cache)
+        set_budget(limit)
         ref = run_explain(records, L, out, chosen, explainer, ExplainConfig(k=k, chat=chat))
         print_llm_usage()
         typer.echo(str(ref.directory))
@@ -172,6 +179,7 @@ def simulate(
     rpm: Optional[float] = RPM,
     tpm: Optional[float] = TPM,
     cache: bool = CACHE,
+    budget: Optional[str] = BUDGET,
     out: Path = typer.Option(Path("out"), "--out", "-o"),
 ):
     """Pick each unit's best candidate on the valid split, then simulate it and the baselines on held-out records."""
@@ -182,8 +190,10 @@ def simulate(
         x = StageRef.of(explanations)
         _records_layer(records, x.layer)
         preflight.check_simulator(simulator, preflight.cli_flag)
+        limit = preflight.check_budget(budget, preflight.cli_flag, simulator=simulator)
         set_limits(concurrency, rpm, tpm)
         set_cache(cache)
+        set_budget(limit)
         ref = run_simulate(records, x, out, simulator)
         print_llm_usage()
         typer.echo(str(ref.directory))

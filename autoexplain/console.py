@@ -74,10 +74,26 @@ def stage_bars():
     return bars, listener
 
 
+BUDGET_EXIT = 3  # the run stopped at its --budget: not an error, but not finished either
+
+
+def budget_stopped(message: str):
+    """End a command that its budget stopped: one line, exit code 3."""
+    err.print(f"[bold yellow]{message}[/]", highlight=False, soft_wrap=True)
+    raise typer.Exit(BUDGET_EXIT)
+
+
 def run_or_exit(fn):
-    """Call fn, turning a UserError into one clear line and a non-zero exit."""
+    """Call fn, turning a UserError into one clear line and a non-zero exit (3: the budget stopped it)."""
+    from autoexplain.budget import BudgetReached
+
     try:
         return fn()
+    except BudgetReached as e:
+        from autoexplain.budget import ledger
+
+        print_llm_usage()
+        budget_stopped(f"stopped: {e.problem} ({ledger().spent_text()}) — {e.fix}")
     except UserError as e:
         err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(2)

@@ -170,6 +170,7 @@ def explain_many(llm, units: Sequence[Sequence[ActivationRecord]], k: int = 4, t
             explainer=name,
             prompt_tokens=sum(s.prompt_tokens for s in samples),
             completion_tokens=sum(s.completion_tokens for s in samples),
+            cached_tokens=sum(s.cached_tokens for s in samples),
         ))
     return out
 

@@ -45,6 +45,7 @@ class Completion:
     text: str
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # of the prompt's, served from the provider's prefix cache (billed less)
 
 
 @dataclass
@@ -53,6 +54,7 @@ class PromptLogprobs:
     offsets: list[int]  # character offset of each token in the prompt
     top_logprobs: list[dict[str, float]]  # per token: the top alternatives predicted at that position ({} for the first)
     prompt_tokens: int
+    cached_tokens: int = 0
 
 
 @dataclass
@@ -61,6 +63,7 @@ class ChatResult:
     top_logprobs: list[list[tuple[str, float]]] | None  # per output token, best first; None if not asked
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
 
 
 @dataclass
@@ -69,17 +72,19 @@ class Usage:
     completion_tokens: int = 0
     requests: int = 0
     cached: int = 0  # answers (samples, records) read from the response cache: no request sent
+    cached_tokens: int = 0  # prompt tokens the provider served from its prefix cache
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
-    def add(self, prompt_tokens: int, completion_tokens: int, requests: int = 1) -> None:
+    def add(self, prompt_tokens: int, completion_tokens: int, requests: int = 1, cached_tokens: int = 0) -> None:
         with self._lock:
             self.prompt_tokens += prompt_tokens
             self.completion_tokens += completion_tokens
             self.requests += requests
+            self.cached_tokens += cached_tokens
 
     def add_cached(self, answers: int) -> None:
         with self._lock:
@@ -87,7 +92,7 @@ class Usage:
 
     def as_dict(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens, "requests": self.requests,
-                "cached": self.cached}
+                "cached": self.cached, "cached_tokens": self.cached_tokens}
 
 
 class LLMError(UserError):
@@ -131,11 +136,11 @@ class LLM(ABC):
     def _sinks(self) -> list[Usage]:
         return [self.usage] + [u for owner, u in _TRACKERS.get() if owner is self]
 
-    @staticmethod
-    def _record(sinks: list[Usage], prompt_tokens: int, completion_tokens: int, requests: int = 1) -> None:
+    def _record(self, sinks: list[Usage], prompt_tokens: int, completion_tokens: int, requests: int = 1,
+                cached_tokens: int = 0) -> None:
         COUNTS["llm_requests"] += requests
         for u in sinks:
-            u.add(prompt_tokens, completion_tokens, requests)
+            u.add(prompt_tokens, completion_tokens, requests, cached_tokens)
 
     @staticmethod
     def _record_cached(sinks: list[Usage], answers: int) -> None:

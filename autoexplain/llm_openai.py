@@ -29,6 +29,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
+from autoexplain.budget import ledger
 from autoexplain.errors import UserError
 from autoexplain.llm import (
     LLM,
@@ -140,13 +141,17 @@ class OpenAILLM(LLM):
             after = 0.0
         return max(delay, min(after, self.backoff_cap))
 
-    def _request(self, call, retries: int | None = None, check=None, tokens: int = 0):
+    def _request(self, call, retries: int | None = None, check=None, estimate: tuple[int, int] = (0, 0)):
         """Run one API call with retries on 429, 5xx, timeouts, lost connections and malformed answers
         (`check(response)` raises Malformed for a 200 that is no usable answer). A concurrency slot is
-        held for each attempt only, never during the backoff wait. `tokens`: the request's estimated
-        tokens, taken from the tokens-per-minute bucket before each attempt (see `_settle`)."""
+        held for each attempt only, never during the backoff wait. `estimate`: the request's prompt and
+        completion tokens as guessed before it is sent, held against the run's budget while it is in
+        flight (`budget`) and taken from the tokens-per-minute bucket before each attempt (`_settle`)."""
+        with ledger().hold(sum(estimate), self.dollars(*estimate)):
+            return self._attempts(call, self.max_retries if retries is None else retries, check, sum(estimate))
+
+    def _attempts(self, call, retries: int, check, tokens: int):
         openai, attempt = self._openai, 0
-        retries = self.max_retries if retries is None else retries
         while True:
             attempt += 1
             if self._bucket:
@@ -217,8 +222,22 @@ class OpenAILLM(LLM):
         self._request(self._client.models.list, retries=0)
 
     @staticmethod
-    def _tokens(usage) -> tuple[int, int]:
-        return (usage.prompt_tokens or 0, usage.completion_tokens or 0) if usage is not None else (0, 0)
+    def _tokens(usage) -> tuple[int, int, int]:
+        """Prompt, completion and cached prompt tokens (`prompt_tokens_details.cached_tokens`, which
+        providers with a prefix cache bill at the cached-input price) of a reply's usage."""
+        if usage is None:
+            return 0, 0, 0
+        if isinstance(usage, dict):
+            details = usage.get("prompt_tokens_details") or {}
+            cached = details.get("cached_tokens") if isinstance(details, dict) else 0
+            return usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0, cached or 0
+        details = getattr(usage, "prompt_tokens_details", None)
+        return usage.prompt_tokens or 0, usage.completion_tokens or 0, getattr(details, "cached_tokens", None) or 0
+
+    def _record(self, sinks, prompt_tokens, completion_tokens, requests=1, cached_tokens=0) -> None:
+        """Count an answered request, and charge it to the run's budget."""
+        super()._record(sinks, prompt_tokens, completion_tokens, requests, cached_tokens)
+        ledger().charge(prompt_tokens + completion_tokens, self.dollars(prompt_tokens, completion_tokens, cached_tokens))
 
     def _settle(self, estimate: int, used: int) -> None:
         """Replace a request's estimate by the tokens the server says it used (when it says)."""
@@ -253,17 +272,17 @@ class OpenAILLM(LLM):
             got: list[Completion] = []
             while len(got) < k:
                 want = k - len(got)
-                estimate = len(prompt) // 4 + want * max_tokens
+                estimate = (len(prompt) // 4, want * max_tokens)
                 r = self._request(lambda: self._client.completions.create(
                     model=self.name, prompt=prompt, n=want, temperature=temperature, max_tokens=max_tokens, **extra),
-                    check=self._has_choices, tokens=estimate)
-                pt, ct = self._tokens(r.usage)
-                self._settle(estimate, pt + ct)
-                self._record(sinks, pt, ct)
+                    check=self._has_choices, estimate=estimate)
+                pt, ct, cached = self._tokens(r.usage)
+                self._settle(sum(estimate), pt + ct)
+                self._record(sinks, pt, ct, cached_tokens=cached)
                 if len(r.choices) < want:
                     self._n_ignored = True
                 share = round(ct / len(r.choices))
-                got += [Completion(c.text, pt, share) for c in sorted(r.choices, key=lambda c: c.index)]
+                got += [Completion(c.text, pt, share, cached) for c in sorted(r.choices, key=lambda c: c.index)]
             return got[:k]
 
         def samples(prompt: str, first: int, k: int) -> list[Completion]:
@@ -310,21 +329,21 @@ class OpenAILLM(LLM):
         def stored(hit: dict) -> ChatResult:
             tops = hit["top_logprobs"]
             return ChatResult(hit["text"], None if tops is None else [[tuple(p) for p in row] for row in tops],
-                              hit["prompt_tokens"], hit["completion_tokens"])
+                              hit["prompt_tokens"], hit["completion_tokens"], hit.get("cached_tokens", 0))
 
         def ask(messages: list[dict]) -> ChatResult:
-            estimate = sum(len(str(m.get("content") or "")) for m in messages) // 4 + max_tokens
+            estimate = (sum(len(str(m.get("content") or "")) for m in messages) // 4, max_tokens)
             r = self._request(lambda: self._client.chat.completions.create(
                 model=self.name, messages=messages, temperature=temperature, max_tokens=max_tokens, **extra),
-                check=self._has_choices, tokens=estimate)
-            pt, ct = self._tokens(r.usage)
-            self._settle(estimate, pt + ct)
-            self._record(sinks, pt, ct)
+                check=self._has_choices, estimate=estimate)
+            pt, ct, cached = self._tokens(r.usage)
+            self._settle(sum(estimate), pt + ct)
+            self._record(sinks, pt, ct, cached_tokens=cached)
             choice = r.choices[0]
             tops = None
             if top_logprobs and choice.logprobs is not None and choice.logprobs.content is not None:
                 tops = [[(t.token, t.logprob) for t in item.top_logprobs] for item in choice.logprobs.content]
-            return ChatResult(choice.message.content or "", tops, pt, ct)
+            return ChatResult(choice.message.content or "", tops, pt, ct, cached)
 
         def one(messages: list[dict], key: str) -> ChatResult:
             return self._answer(key, lambda: ask(messages), stored, sinks)
@@ -356,14 +375,13 @@ class OpenAILLM(LLM):
 
         def ask(prompt: str) -> PromptLogprobs:
             # max_tokens=1, not 0: llama.cpp reads 0 as "no limit". The generated token is dropped below.
-            estimate = len(prompt) // 4 + 1
+            estimate = (len(prompt) // 4, 1)
             data = self._request(lambda: self._echo_data(create(
                 model=self.name, prompt=prompt, echo=True, logprobs=top, max_tokens=1, temperature=0.0)),
-                tokens=estimate)
-            usage = data.get("usage") or {}
-            pt, ct = usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
-            self._settle(estimate, pt + ct)
-            self._record(sinks, pt, ct)
+                estimate=estimate)
+            pt, ct, cached = self._tokens(data.get("usage"))
+            self._settle(sum(estimate), pt + ct)
+            self._record(sinks, pt, ct, cached_tokens=cached)
             choice = data["choices"][0]
             lp = choice["logprobs"]
             tokens = lp["tokens"]
@@ -377,7 +395,7 @@ class OpenAILLM(LLM):
             server = [t if t else {} for t in (lp["top_logprobs"] or [None] * len(tokens))]
             # Shifted: entry i predicts token i+1, and the entry predicting token 1 was nulled by the server.
             tops = ([{}] + server[: keep - 1]) if shifted else server[:keep]
-            return PromptLogprobs(list(tokens[:keep]), offsets[:keep], tops, pt or keep)
+            return PromptLogprobs(list(tokens[:keep]), offsets[:keep], tops, pt or keep, cached)
 
         def one(prompt: str) -> PromptLogprobs:
             # The alignment setting is in the key: the answer is stored as read with it.

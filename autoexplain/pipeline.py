@@ -98,7 +98,7 @@ def explain_stage(units: Sequence[UnitRecords], llm, cfg: ExplainConfig) -> pa.T
             rows.append(_explanation_row(unit, EXPLAINER, exp.explainer, exp.prompt_hash, exp.text, exp.candidates,
                                          exp.prompt_tokens, exp.completion_tokens,
                                          failure=getattr(exp, "failure", None),
-                                         dollars=explainer.dollars(exp.prompt_tokens, exp.completion_tokens)))
+                                         dollars=explainer.dollars(exp.prompt_tokens, exp.completion_tokens, exp.cached_tokens)))
             lookup = token_lookup_explanation(recs)
             rows.append(_explanation_row(unit, LOOKUP, "token-lookup", "", lookup, [lookup], 0, 0))
     return rows_to_table(rows, "explanations")
@@ -142,7 +142,7 @@ def _sim_rows(unit: UnitRecords, method: str, simulator, records, sims) -> list[
     return [{"layer": n.layer, "unit": n.index, "polarity": n.polarity, "method": method, "simulator": name,
              "prompt_hash": phash, "window_id": r.window_id, "kind": r.kind, "split": r.split,
              "expected": s.expected, "failure": s.failure, "tokens": s.prompt_tokens + s.completion_tokens,
-             "dollars": simulator.dollars(s.prompt_tokens, s.completion_tokens)}
+             "dollars": simulator.dollars(s.prompt_tokens, s.completion_tokens, s.cached_tokens)}
             for r, s in zip(records, sims)]
 
 
@@ -165,7 +165,8 @@ def simulate_unit(unit: UnitRecords, llm_row: dict, lookup_row: dict | None, sim
     best = llm_row["candidates"][choice.index] if choice.index >= 0 else ""
     chosen = {**llm_row, "text": best, "candidate_valid_scores": choice.valid_scores,
               "selection_tokens": sum(s.prompt_tokens + s.completion_tokens for s in spent),
-              "selection_dollars": prices.add(*(simulator.dollars(s.prompt_tokens, s.completion_tokens) for s in spent))}
+              "selection_dollars": prices.add(*(simulator.dollars(s.prompt_tokens, s.completion_tokens, s.cached_tokens)
+                                                 for s in spent))}
     # Imported explanation sets carry no baseline: derive it from the same train records.
     if lookup_row is None:
         text = token_lookup_explanation(shown_records(unit, 5))

@@ -237,6 +237,25 @@ def check_limits(concurrency: int | None, rpm: float | None, spell: Spelling = f
                         f"pass {spell(name).split()[-1]} > 0, or leave it out for no limit")
 
 
+def check_budget(budget: str | None, spell: Spelling = flow_name, *, explainer: str | None = None,
+                 simulator: str | None = None):
+    """The run's spending limit (`budget.parse`; None: no limit). A limit in dollars needs a price for
+    every server model the run asks, else it could not be kept."""
+    from autoexplain import budget as budgets
+    from autoexplain import prices, registry
+
+    limit = _parsed(budgets.parse, budget, spell, "budget")
+    if limit is None or limit.unit != "$":
+        return limit
+    specs = [(explainer, registry.parse_explainer), (simulator, registry.parse_simulator)]
+    for llm in {parse(spec).llm for spec, parse in specs if spec is not None} - {None}:
+        p = registry.parse_llm(llm)
+        if p.kind != "local" and prices.price_of(p.model) is None:
+            raise _fail(spell, "budget", f"is in dollars, but the model '{p.model}' has no price in {prices.TABLE.name}",
+                        f"add it to a table named by ${prices.OVERRIDE_ENV}, or give the budget in tokens ('2M tokens')")
+    return limit
+
+
 def check_explainer(spec: str | None, spell: Spelling = flow_name, name: str = "explainer") -> None:
     from autoexplain import registry
 
@@ -315,6 +334,7 @@ class LayerPlan:
     shape: Shape
     units: list[int] | None  # None: all units (the config did not say how many)
     revisions: dict[tuple[int, int], str]
+    budget: object = None  # a budget.Budget, or None: no limit
 
 
 def explain_layer(p: dict, spell: Spelling = flow_name) -> LayerPlan:
@@ -339,7 +359,8 @@ def explain_layer(p: dict, spell: Spelling = flow_name) -> LayerPlan:
     check_limits(p.get("concurrency"), p.get("rpm"), spell, p.get("tpm"))
     check_explainer(p.get("explainer"), spell)
     check_simulator(p.get("simulator"), spell)
-    return LayerPlan(shape, units, revisions)
+    limit = check_budget(p.get("budget"), spell, explainer=p.get("explainer"), simulator=p.get("simulator"))
+    return LayerPlan(shape, units, revisions, limit)
 
 
 

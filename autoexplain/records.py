@@ -90,6 +90,7 @@ class Explanation:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     failure: str | None = None  # why no candidate came back (the LLM's retries ran out)
+    cached_tokens: int = 0  # prompt tokens served from the provider's prefix cache (billed less)
 
 
 @dataclass
@@ -100,6 +101,15 @@ class Simulation:
     failure: str | None = None  # why it failed (parse error, missing digits, ...)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    def share(self, total, n: int, i: int) -> None:
+        """Take record i's share of the tokens of a request that carried n records (`total`: a
+        reply's prompt, completion and cached counts)."""
+        part = lambda count: count // n + (i < count % n)  # noqa: E731 - the remainder goes to the first
+        self.prompt_tokens += part(total.prompt_tokens)
+        self.completion_tokens += part(getattr(total, "completion_tokens", 0))
+        self.cached_tokens += part(total.cached_tokens)
 
     @property
     def ok(self) -> bool:

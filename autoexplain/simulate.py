@@ -153,8 +153,7 @@ class AllAtOnceSimulator(Simulator):
                     out[e][r] = Simulation(None, f"request failed: {getattr(res, 'problem', res)}")
                     continue
                 out[e][r] = self._read_record(res, start, bodies[r][1])
-                # The request's prompt tokens, shared out among its records.
-                out[e][r].prompt_tokens = res.prompt_tokens // len(starts) + (n < res.prompt_tokens % len(starts))
+                out[e][r].share(res, len(starts), n)
         return out
 
     @staticmethod

@@ -173,7 +173,7 @@ class ChatJsonSimulator(Simulator):
         pairs = [(e, r) for e in explanations for r in records]
         pending = list(range(len(pairs)))
         sims: list[Simulation | None] = [None] * len(pairs)
-        used = [[0, 0] for _ in pairs]
+        used = [Simulation(None) for _ in pairs]  # each record's token tally over its attempts
         extra = _per_item_errors(self.llm.chat)
         # A server LLM's response cache keys a conversation by its sample index: each retry is a new sample.
         takes_sample = _takes(self.llm.chat, "sample")
@@ -195,15 +195,14 @@ class ChatJsonSimulator(Simulator):
                     continue
                 parts = parse_replies(result.text, len(group))
                 for n, (i, part) in enumerate(zip(group, parts)):
-                    # The request's tokens, shared out among its records.
-                    used[i][0] += result.prompt_tokens // len(group) + (n < result.prompt_tokens % len(group))
-                    used[i][1] += result.completion_tokens // len(group) + (n < result.completion_tokens % len(group))
+                    used[i].share(result, len(group), n)
                     sims[i] = self._read(pairs[i][1], result, part)
                     if not sims[i].ok:
                         still.append(i)
             pending = still
         for i, sim in enumerate(sims):
-            sim.prompt_tokens, sim.completion_tokens = used[i]
+            sim.prompt_tokens, sim.completion_tokens, sim.cached_tokens = (
+                used[i].prompt_tokens, used[i].completion_tokens, used[i].cached_tokens)
             if not sim.ok and not sim.failure.startswith("request failed"):
                 sim.failure = f"{sim.failure} (after {self.retries + 1} attempts)"
         n = len(records)

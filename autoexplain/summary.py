@@ -50,16 +50,22 @@ def layer_summary(scores: pl.DataFrame) -> pl.DataFrame:
                                       "ci_high": pl.Float64, "beats_lookup": pl.Float64})
 
 
+def unit_costs(scores: pl.DataFrame) -> pl.DataFrame:
+    """Per unit (layer, unit, polarity): `dollars`, what its explanation, selection, simulations
+    and baselines cost together, or null when a model it used has no price."""
+    per = scores.unique([*_UNIT, "method", "simulator"], keep="first").sort([*_UNIT, "method", "simulator"])
+    return (per.group_by(_UNIT).agg(pl.col("dollars").sum(), pl.col("dollars").null_count().alias("unknown"))
+            .select(*_UNIT, pl.when(pl.col("unknown") == 0).then(pl.col("dollars")).alias("dollars")).sort(_UNIT))
+
+
 def run_cost(scores: pl.DataFrame) -> dict:
     """What the scored units cost (`dollars` of the scores table, once per unit, method and
     simulator; the table repeats it on every metric's row): the total over the units whose cost is
     known, per unit, and how many units have no known price."""
     if "dollars" not in scores.columns or not scores.height:
         return {"dollars": None, "units": 0, "unknown": 0, "per_unit": None}
-    per = scores.unique([*_UNIT, "method", "simulator"], keep="first").sort([*_UNIT, "method", "simulator"])
-    per_unit = per.group_by(_UNIT).agg(pl.col("dollars").sum().alias("dollars"),
-                                       pl.col("dollars").null_count().alias("unknown"))
-    known = per_unit.filter(pl.col("unknown") == 0)
+    per_unit = unit_costs(scores)
+    known = per_unit.filter(pl.col("dollars").is_not_null())
     total = float(known["dollars"].sum()) if known.height else None
     return {"dollars": total, "units": per_unit.height, "unknown": per_unit.height - known.height,
             "per_unit": total / known.height if known.height else None}

@@ -34,6 +34,7 @@ from autoexplain.errors import UserError
 from autoexplain.identity import code_identity
 from autoexplain.records import QUANTILE_BINS
 from autoexplain.storage import content_key, read_manifest
+from autoexplain.summary import run_cost, unit_costs
 from autoexplain.view_data import (METHODS, METRICS, PRIMARY_METRIC, explanations_of, index_chunk, index_frame, js_text,
                                    layer_summary, records_part, scores_of, sims_of, to_json, unit_key, unit_list,
                                    unit_name, write_js)
@@ -121,6 +122,7 @@ def build_site(score_dirs: list[Path], site_dir: Path, records_dir: Path | None 
             shutil.rmtree(ldir)
         (ldir / "u").mkdir(parents=True)
         summary = layer_summary(src.layer, index, chunk_size, src)
+        summary["cost"] = run_cost(scores)  # what the layer's scored units cost, as the run's summary line says
         summary["unit_block"] = unit_block or (1 if src.records_dir is not None else 100)
         if not plots:
             summary["plot"] = None
@@ -135,7 +137,7 @@ def build_site(score_dirs: list[Path], site_dir: Path, records_dir: Path | None 
             plot_score_distribution(scores, site_dir / summary["plot"])
         layers_meta.append({k: summary[k] for k in ("layer", "n_units", "n_scored", "n_chunks", "chunk_size",
                                                      "unit_block", "means", "llm_beats", "simulator",
-                                                     "has_records")})
+                                                     "has_records", "cost")})
 
     plot_files = []
     if plots:
@@ -161,6 +163,7 @@ def build_site(score_dirs: list[Path], site_dir: Path, records_dir: Path | None 
 def _write_units(src, units: pl.DataFrame, scores, chosen, site_dir: Path, max_per_kind, block: int) -> None:
     """One file per `block` neurons (both polarities): data/L<layer>/u/<unit // block>.js."""
     expl, sc, simulated = explanations_of(chosen), scores_of(scores), sims_frame(src)
+    costs = ({(u, p): d for _, u, p, d in unit_costs(scores).iter_rows()} if "dollars" in scores.columns else {})
     reader = records_reader(src)
     udir = site_dir / "data" / f"L{src.layer}" / "u"
     cache = _RecordsCache(site_dir, src, max_per_kind) if reader else None
@@ -187,7 +190,7 @@ def _write_units(src, units: pl.DataFrame, scores, chosen, site_dir: Path, max_p
             for u, p in groups[x]:
                 j = position[(u, p)]
                 detail = {"layer": L, "unit": u, "polarity": p, "explanations": expl.get((u, p)) or {},
-                          "scores": sc.get((u, p)) or {},
+                          "scores": sc.get((u, p)) or {}, "cost": costs.get((u, p)),
                           "prev": unit_key(L, *keys[j - 1]) if j > 0 else None,
                           "next": unit_key(L, *keys[j + 1]) if j + 1 < len(keys) else None,
                           "other": unit_key(L, u, -p) if (u, -p) in position else None}

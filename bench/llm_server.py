@@ -16,6 +16,9 @@ concurrency, and answers the size vLLM gives.
   prompt and the sample index).
 - `POST /v1/chat/completions`: a JSON list of `{"token", "activation"}` for the chat simulator.
 - `GET /v1/models`.
+- A prefix cache, as providers keep one: every reply's `usage.prompt_tokens_details.cached_tokens`
+  is the longest prefix, in whole blocks of `cache_block` tokens, that an earlier prompt shared
+  (0 turns it off).
 
 Faults for the robustness benchmark: `fault_rate` (0-1) of the answers are, in turn, one of
 `fault_kinds` (429 with Retry-After, 500, 503, a timeout (the answer comes after `timeout_s`), a
@@ -80,7 +83,32 @@ def _digit_alts(explanation: str, token: str) -> str:
     return json.dumps(lps)
 
 
-def echo_body(prompt: str, model: str, top: int) -> bytes:
+class PrefixCache:
+    """The prompt prefixes seen so far, by block of `block` tokens (hashes only: a long benchmark
+    keeps a few million ints)."""
+
+    def __init__(self, block: int):
+        self.block, self._seen, self._lock = block, set(), threading.Lock()
+
+    def cached(self, toks: list[str]) -> int:
+        if not self.block:
+            return 0
+        hashes, h = [], 0
+        for i in range(0, len(toks) - len(toks) % self.block, self.block):
+            h = zlib.crc32("".join(toks[i : i + self.block]).encode(), h)
+            hashes.append(h)
+        with self._lock:
+            hit = next((n for n in range(len(hashes), 0, -1) if hashes[n - 1] in self._seen), 0)
+            self._seen.update(hashes)
+        return hit * self.block
+
+
+def _usage(prompt_tokens: int, completion_tokens: int, cached: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def echo_body(prompt: str, model: str, top: int, cache: PrefixCache | None = None) -> bytes:
     toks = tokens_of(prompt)
     start = prompt.rfind("Explanation:")
     explanation = prompt[start : prompt.find("\n", start)] if start >= 0 else ""
@@ -109,7 +137,7 @@ def echo_body(prompt: str, model: str, top: int) -> bytes:
         '"choices":[{"index":0,"text":' + json.dumps(prompt + gen, ensure_ascii=False) + ','
         '"logprobs":{"tokens":' + toks_json + ',"token_logprobs":[' + ",".join(lps) + '],'
         '"top_logprobs":[' + ",".join(alts) + '],"text_offset":' + offsets_json + '},"finish_reason":"length"}],'
-        '"usage":{"prompt_tokens":' + str(len(toks)) + ',"completion_tokens":1,"total_tokens":' + str(len(toks) + 1) + '}}'
+        '"usage":' + json.dumps(_usage(len(toks), 1, cache.cached(toks) if cache else 0)) + '}'
     )
     return body.encode()
 
@@ -119,18 +147,18 @@ TOPICS = ["words about animals", "the word 'the' after a verb", "numbers and dat
           "the start of a sentence", "plural nouns", "negations"]
 
 
-def completion_body(body: dict) -> bytes:
+def completion_body(body: dict, cache: PrefixCache | None = None) -> bytes:
     prompt, n = body.get("prompt", ""), int(body.get("n") or 1)
     h = _h(prompt if isinstance(prompt, str) else json.dumps(prompt))
     choices = [{"index": i, "text": f" {TOPICS[(h + 7 * i) % len(TOPICS)]}, variant {(h >> 3) % 5 + i}.",
                 "logprobs": None, "finish_reason": "stop"} for i in range(n)]
-    pt = len(tokens_of(prompt)) if isinstance(prompt, str) else 1
+    toks = tokens_of(prompt) if isinstance(prompt, str) else [""]
     return json.dumps({"id": "cmpl-bench", "object": "text_completion", "created": 0, "model": body.get("model"),
-                       "choices": choices, "usage": {"prompt_tokens": pt, "completion_tokens": 12 * n,
-                                                     "total_tokens": pt + 12 * n}}).encode()
+                       "choices": choices,
+                       "usage": _usage(len(toks), 12 * n, cache.cached(toks) if cache else 0)}).encode()
 
 
-def chat_body(body: dict) -> bytes:
+def chat_body(body: dict, cache: PrefixCache | None = None) -> bytes:
     user = body["messages"][-1]["content"]
     marker = "each a list of tokens: "  # the chat simulator's request: several records' tokens
     try:
@@ -142,14 +170,16 @@ def chat_body(body: dict) -> bytes:
     return json.dumps({"id": "chat-bench", "object": "chat.completion", "created": 0, "model": body.get("model"),
                        "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                                     "logprobs": None, "finish_reason": "stop"}],
-                       "usage": {"prompt_tokens": len(user) // 4, "completion_tokens": len(content) // 4,
-                                 "total_tokens": len(user) // 4 + len(content) // 4}}).encode()
+                       "usage": _usage(len(user) // 4, len(content) // 4, cache.cached(
+                           [user[i : i + 4] for i in range(0, len(user), 4)]) if cache else 0)}).encode()
 
 
 class BenchServer:
     def __init__(self, latency: float = 1.0, port: int = 0, fault_rate: float = 0.0,
-                 fault_kinds=FAULT_KINDS, seed: int = 0, timeout_s: float = 3.0, retry_after: float = 1.0):
+                 fault_kinds=FAULT_KINDS, seed: int = 0, timeout_s: float = 3.0, retry_after: float = 1.0,
+                 cache_block: int = 16):
         self.latency, self.fault_rate, self.fault_kinds = latency, fault_rate, tuple(fault_kinds)
+        self.prefix_cache = PrefixCache(cache_block)
         self.timeout_s, self.retry_after = timeout_s, retry_after
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
@@ -225,12 +255,13 @@ class BenchServer:
                         self.close_connection = True
                         self.connection.close()
                         return
+                    cache = server.prefix_cache
                     if self.path.endswith("/chat/completions"):
-                        payload = chat_body(body)
+                        payload = chat_body(body, cache)
                     elif body.get("echo") and body.get("logprobs") is not None:
-                        payload = echo_body(body["prompt"], body.get("model", "bench"), int(body["logprobs"]))
+                        payload = echo_body(body["prompt"], body.get("model", "bench"), int(body["logprobs"]), cache)
                     else:
-                        payload = completion_body(body)
+                        payload = completion_body(body, cache)
                     if fault == "invalid-json":
                         payload = b"{this is not json" + payload[:100]
                     elif fault == "truncated":

@@ -17,8 +17,8 @@ from typing import Optional
 import typer
 
 from autoexplain import defaults, preflight
-from autoexplain.cli import CACHE, CONCURRENCY, N_RANDOM, RPM, TOP_K, TPM, WINDOW_LEN, app
-from autoexplain.console import print_llm_usage, print_summary, run_or_exit, stage_bars
+from autoexplain.cli import BUDGET, CACHE, CONCURRENCY, N_RANDOM, RPM, TOP_K, TPM, WINDOW_LEN, app
+from autoexplain.console import budget_stopped, print_llm_usage, print_summary, run_or_exit, stage_bars
 from autoexplain.errors import UserError
 
 
@@ -40,13 +40,15 @@ def explain_layer_cmd(
     rpm: Optional[float] = RPM,
     tpm: Optional[float] = TPM,
     cache: bool = CACHE,
+    budget: Optional[str] = BUDGET,
     out: str = typer.Option("out", "--out", "-o", help="Output folder, or an fsspec URL (s3://bucket/run, file:///mnt/share/out, ...) worked on through a local mirror."),
     results: Optional[str] = typer.Option(None, "--results", help="Folder or fsspec URL for Prefect's task results (its cache), e.g. s3://bucket/prefect-results. Default: Prefect's local storage."),
 ):
     """Record if needed, then explain, simulate and score a layer, as a Prefect flow (no server needed)."""
     params = dict(layer=layer, units=units, model=model, corpus=corpus, tokens=tokens, explainer=explainer,
                   simulator=simulator, k=k, shard_size=shard_size, n_boot=n_boot, window_len=window_len, top_k=top_k,
-                  n_random=n_random, out=out, results=results, concurrency=concurrency, rpm=rpm, tpm=tpm, cache=cache)
+                  n_random=n_random, out=out, results=results, concurrency=concurrency, rpm=rpm, tpm=tpm, cache=cache,
+                  budget=budget)
     run_or_exit(lambda: _run_flow("explain_layer", params, lambda: preflight.explain_layer(params, preflight.cli_flag)))
 
 
@@ -60,15 +62,17 @@ def rescore_cmd(
     rpm: Optional[float] = RPM,
     tpm: Optional[float] = TPM,
     cache: bool = CACHE,
+    budget: Optional[str] = BUDGET,
 ):
     """Re-simulate and re-score the latest run of a layer (the nightly job), and compare with its previous scores."""
     params = dict(out=out, layer=layer, simulator=simulator, n_boot=n_boot, results=results, concurrency=concurrency,
-                  rpm=rpm, tpm=tpm, cache=cache)
+                  rpm=rpm, tpm=tpm, cache=cache, budget=budget)
 
     def check():
         preflight.at_least(preflight.cli_flag, "n_boot", n_boot, 1)
         preflight.check_limits(concurrency, rpm, preflight.cli_flag, tpm)
         preflight.check_simulator(simulator, preflight.cli_flag)
+        preflight.check_budget(budget, preflight.cli_flag, simulator=simulator)
         preflight.find_run(out, layer, preflight.cli_flag)
 
     run_or_exit(lambda: _run_flow("rescore", params, check))
@@ -139,6 +143,8 @@ def _run_flow(name: str, params: dict, check) -> None:
     finally:
         remove()
     print_llm_usage()
+    if result.get("stopped"):
+        budget_stopped(result["message"])
     print_summary([Path(ref["path"]) for ref in result["scores"]], result)
 
 

@@ -26,6 +26,7 @@ from prefect.futures import as_completed
 from prefect.states import Failed
 
 from autoexplain import preflight, progress
+from autoexplain.budget import set_budget
 from autoexplain.errors import UserError
 from autoexplain.layer import parse_units
 from autoexplain.registry import simulator_identity
@@ -36,7 +37,7 @@ from autoexplain.storage import open_root, write_run
 from autoexplain.summary import compare_markdown
 from schemas.contracts import ContractViolation
 from tasks.compare import compare_task
-from tasks.report import publish, publish_recording, report_task, view_task
+from tasks.report import budget_stop, publish, publish_recording, report_task, view_task
 from tasks.stages import (
     explain_task,
     record_task,
@@ -52,13 +53,19 @@ def _out(out: str) -> str:
     return out if is_url(out) else str(Path(out).resolve())
 
 
-def _checked(check: Callable[[], object]):
-    """(the check's value, None), or (None, a Failed state carrying the one-line error)."""
+def _checked(check: Callable[[], object], ledger=None):
+    """(the check's value, None), or (None, a Failed state carrying the one-line error). With the
+    run's budget `ledger`: a run the budget stopped ends in a Completed state named BudgetReached,
+    whatever error its last tasks raised (`tasks.report.budget_stop`)."""
     try:
         return check(), None
-    except UserError as e:
-        return None, Failed(message=str(e), data=e)
-    except ContractViolation as e:
+    except Exception as e:
+        if ledger is not None and ledger.stopped:
+            return None, budget_stop(ledger)
+        if not isinstance(e, (UserError, ContractViolation)):
+            raise
+        if isinstance(e, UserError):
+            return None, Failed(message=str(e), data=e)
         return None, Failed(message=f"{getattr(e, 'path', '')} breaks its data contract: " + "; ".join(e.report.failures),
                             data=e)
 
@@ -107,23 +114,26 @@ def explain_layer(
     rpm: float | None = None,
     tpm: float | None = None,
     cache: bool = True,
+    budget: str | None = None,
 ) -> dict:
     """Explain every unit (both polarities) of one layer, or a unit range like '0-99'.
 
     `concurrency` (LLM requests in flight at once, across the units and shards of this process;
     default 64 for a server URL, 8 for api.openai.com), `rpm` (requests per minute), `tpm` (tokens
-    per minute) and `cache` (keep every LLM answer under `out`/llm_cache and never pay twice, see
-    `autoexplain.llm_cache`) are no part of a cache key or of the run's recorded parameters."""
+    per minute), `cache` (keep every LLM answer under `out`/llm_cache and never pay twice, see
+    `autoexplain.llm_cache`) and `budget` (the most this run may spend, '$5' or '2M tokens'; see
+    `autoexplain.budget`) are no part of a cache key or of the run's recorded parameters."""
     params = dict(layer=layer, units=units, model=model, corpus=corpus, tokens=tokens, explainer=explainer,
                   simulator=simulator, k=k, shard_size=shard_size, n_boot=n_boot, revisions=revisions,
                   site=site, window_len=window_len, top_k=top_k, n_random=n_random)
     plan, failed = _checked(lambda: preflight.explain_layer({**params, "out": out, "concurrency": concurrency,
-                                                             "rpm": rpm, "tpm": tpm}))
+                                                             "rpm": rpm, "tpm": tpm, "budget": budget}))
     if failed:
         return failed
     set_limits(concurrency, rpm, tpm)
     set_cache(cache)
-    result, failed = _checked(lambda: _explain_layer(plan, _out(out), results, params, **params))
+    ledger = set_budget(plan.budget)
+    result, failed = _checked(lambda: _explain_layer(plan, _out(out), results, params, **params), ledger)
     return failed or result
 
 
@@ -179,14 +189,17 @@ def _explain_layer(plan: preflight.LayerPlan, out: str, results: str | None, par
 @flow(name="rescore", validate_parameters=True)
 def rescore(out: str = "out", layer: int = 15, simulator: str = "embedding", n_boot: int = 1000,
             results: str | None = None, concurrency: int | None = None, rpm: float | None = None,
-            tpm: float | None = None, cache: bool = True) -> dict:
+            tpm: float | None = None, cache: bool = True, budget: str | None = None) -> dict:
     """Re-simulate and re-score the latest explain-layer run of `layer` under `out`, and compare.
-    `concurrency`, `rpm`, `tpm` and `cache` as in explain_layer."""
+    `concurrency`, `rpm`, `tpm`, `cache` and `budget` as in explain_layer."""
+    limit = []
+
     def check():
         preflight.at_least(preflight.flow_name, "n_boot", n_boot, 1)
         preflight.check_limits(concurrency, rpm, tpm=tpm)
         preflight.at_least(preflight.flow_name, "layer", layer, 0)
         preflight.check_simulator(simulator)
+        limit.append(preflight.check_budget(budget, simulator=simulator))
         if not is_url(out) and not Path(out).is_dir():
             raise UserError(f"parameter out: {Path(out).absolute()} does not exist",
                             "set out to the output root of an explain-layer run")
@@ -197,7 +210,8 @@ def rescore(out: str = "out", layer: int = 15, simulator: str = "embedding", n_b
         return failed
     set_limits(concurrency, rpm, tpm)
     set_cache(cache)
-    result, failed = _checked(lambda: _rescore(run, _out(out), layer, simulator, n_boot, results))
+    ledger = set_budget(limit[0])
+    result, failed = _checked(lambda: _rescore(run, _out(out), layer, simulator, n_boot, results), ledger)
     return failed or result
 
 

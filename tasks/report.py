@@ -167,3 +167,20 @@ def report_task(records: dict, stages: list[dict], scores: list[dict], site: str
         create_markdown_artifact(viewer_markdown(site), key="viewer",
                                  description="How to open the neuron viewer: the command that serves it over http")
     return {"units": len(headline), "summary": summary, "cost": cost}
+
+
+def budget_stop(ledger):
+    """The end of a run that its budget stopped: the layer report says so (what was spent, how to go
+    on), and the flow ends Completed, named BudgetReached, with that in its message. Nothing of the
+    finished work is lost: the units the stages finished are memoised and every paid answer is in
+    the response cache, so the same run with a larger budget resumes and pays only for what is new."""
+    from prefect.states import Completed
+
+    line = f"the budget of {ledger.budget} is reached ({ledger.spent_text()}); finished units are kept"
+    resume = "Rerun with a larger budget (CLI `--budget`, flow parameter `budget`) to go on."
+    md = (f"# Layer report: stopped by the budget\n\n{line}\n\n{resume} Units finished before the stop are "
+          "kept (per-unit memos) and every answer paid for is in the response cache: none is asked again.\n")
+    create_markdown_artifact(md, key="layer-report", description="The run stopped at its budget")
+    data = {"stopped": "budget", "message": f"stopped: {line}. {resume}", "budget": str(ledger.budget),
+            "dollars": ledger.dollars, "tokens": ledger.tokens}
+    return Completed(name="BudgetReached", message=data["message"], data=data)

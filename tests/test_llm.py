@@ -229,7 +229,7 @@ def test_retries_429_then_succeeds(fault_server):
     assert out[0][0].text == " canned"
     assert len(srv.requests) == 3
     assert srv.requests[-1]["json"]["model"] == "test-model"
-    assert llm.usage.as_dict() == {"prompt_tokens": 3, "completion_tokens": 1, "requests": 1, "cached": 0}
+    assert llm.usage.as_dict() == {"prompt_tokens": 3, "completion_tokens": 1, "requests": 1, "cached": 0, "cached_tokens": 0}
 
 
 def test_honours_retry_after(fault_server, clock):

@@ -3,8 +3,7 @@ server does not serve, a server without echo logprobs for the all-at-once simula
 0 or below. Real loopback servers (tests/llama_server.py's FaultServer with a server's traits); no
 stage request reaches them (`requests` stays empty; the preflight's own probes count apart).
 
-There is no `--budget` option yet (issue 13, item 5), so a budget of 0 has nothing to be checked
-against here."""
+Budgets of 0, negative, without a unit, or in dollars for an unpriced model: tests/test_budget.py."""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ unknown. The LLM is a real loopback server (bench/llm_server.py) that answers fo
 from __future__ import annotations
 
 import json
+import re
 
 import polars as pl
 import pytest
@@ -15,6 +16,7 @@ from autoexplain.errors import UserError
 from autoexplain.llm import OpenAILLM
 from autoexplain.simulate import AllAtOnceSimulator
 from autoexplain.summary import cost_line, run_cost
+from tests.viewer_fixtures import Watched, browser, chromium, file_url  # noqa: F401  (fixtures)
 
 
 def test_lookup_by_name_then_longest_prefix(monkeypatch):
@@ -68,6 +70,9 @@ def run_stages(units, url: str, model: str):
 
 def test_every_unit_cost_reaches_the_scores_table(bench_server, units, monkeypatch):
     monkeypatch.delenv(prices.OVERRIDE_ENV, raising=False)
+    # No cached prompt tokens here, so that each row's cost is its tokens at the full prices (the
+    # cached-input price is checked in tests/test_budget.py).
+    monkeypatch.setattr(bench_server.prefix_cache, "block", 0)
     x, chosen, sims, scores = run_stages(units, bench_server.base_url, "gpt-4o-mini")
     p = prices.price_of("gpt-4o-mini")
     for row in x.to_pylist():
@@ -113,3 +118,37 @@ def test_offline_components_cost_nothing(tiny_records):
     scores = pl.from_arrow(pipeline.score_stage(us, sims, chosen, n_boot=50))
     assert set(scores["dollars"].to_list()) == {0.0}
     assert run_cost(scores)["dollars"] == 0.0
+
+
+@pytest.mark.slow
+def test_costs_reach_the_viewer(bench_server, tiny_records, browser, tmp_path, monkeypatch):  # noqa: F811
+    """The layer overview shows the run's cost line's total and per-unit figure, and each unit page
+    the unit's own cost, as `summary.unit_costs` computes it from the scores table."""
+    from autoexplain.layer import run_explain, run_score, run_simulate
+    from autoexplain.summary import unit_costs
+    from autoexplain.view import build_site
+
+    monkeypatch.delenv(prices.OVERRIDE_ENV, raising=False)
+    records_dir, _ = tiny_records
+    out = tmp_path / "out"
+    llm = OpenAILLM("gpt-4o-mini", bench_server.base_url, api_key="test", max_retries=1)
+    x = run_explain(records_dir, 1, out, [0, 1], cfg=pipeline.ExplainConfig(k=2), llm=llm)
+    c = run_score(records_dir, run_simulate(records_dir, x, out, sim=AllAtOnceSimulator(llm)), out, n_boot=20)
+    scores = pl.read_parquet(c.path)
+    cost, per_unit = run_cost(scores), {(u, p): d for _, u, p, d in unit_costs(scores).iter_rows()}
+    assert cost["dollars"] > 0 and all(d > 0 for d in per_unit.values())
+    site = build_site([c.directory], tmp_path / "site")
+
+    def dollars(text: str) -> list[float]:
+        return [float(v) for v in re.findall(r"\$([0-9.]+)", text)]
+
+    w = Watched(browser, file_url(site.parent))
+    page = w.open("index.html")
+    shown = page.text_content("#layers tbody td.cost")
+    assert dollars(shown) == pytest.approx([cost["dollars"], cost["per_unit"]], rel=1e-3) and "per unit" in shown, shown
+    page = w.open("layer.html#L1")
+    assert dollars(page.text_content("#layer-cost"))[0] == pytest.approx(cost["dollars"], rel=1e-3)
+    page = w.open("unit.html#L1/N1-")
+    headline = page.text_content("#headline")
+    assert " · cost $" in headline and dollars(headline.split(" · cost ")[1]) == pytest.approx([per_unit[(1, -1)]], rel=1e-3)
+    w.close()

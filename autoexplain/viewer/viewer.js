@@ -142,6 +142,14 @@
     return function () { var a = arguments; clearTimeout(t); t = setTimeout(function () { fn.apply(null, a); }, ms); };
   }
   function meanText(m) { return m ? fmt(m[0]) + " " + ci(m[1], m[2]) : "–"; }
+  // Dollars with 4 significant digits and no exponent: a unit can cost a hundredth of a cent.
+  function money(d) { return d == null ? "unknown" : "$" + (d === 0 ? "0" : d >= 1 ? d.toFixed(2) : parseFloat(d.toPrecision(4)).toFixed(Math.min(20, 3 - Math.floor(Math.log10(d || 1))))); }
+  function costText(c) {
+    if (!c || !c.units) return "–";
+    var known = c.units - c.unknown;
+    return (c.dollars == null ? "unknown" : money(c.dollars) + " (" + money(c.per_unit) + " per unit)") +
+      (c.unknown ? "; " + c.unknown + " of " + c.units + " units without a price" : "") + (known && c.dollars === 0 ? " · local models" : "");
+  }
 
   /* ------------------------------------------------------------ index page */
 
@@ -152,7 +160,7 @@
     $("overview").textContent = SITE.layers.length + (SITE.layers.length === 1 ? " layer, " : " layers, ") + n.toLocaleString("en") +
       " units (neuron and polarity). Score: " + metricLabel(SITE.metric) + " of the chosen explanation's simulation on held-out test records.";
     var t = clear($("layers"));
-    add(t, el("thead", null, el("tr", null, ["Layer", "Units", "Mean score [95% CI]", "Token-lookup", "Shuffled", "Beats lookup", "Simulator"].map(function (h) { return el("th", { text: h }); }))));
+    add(t, el("thead", null, el("tr", null, ["Layer", "Units", "Mean score [95% CI]", "Token-lookup", "Shuffled", "Beats lookup", "Simulator", "Cost"].map(function (h) { return el("th", { text: h }); }))));
     var tb = el("tbody");
     SITE.layers.forEach(function (l) {
       var m = l.means[SITE.metric];
@@ -163,7 +171,8 @@
         el("td", { cls: "num", text: m["token-lookup"] ? fmt(m["token-lookup"][0]) : "–" }),
         el("td", { cls: "num", text: m.shuffled ? fmt(m.shuffled[0]) : "–" }),
         el("td", { cls: "num", text: l.llm_beats["token-lookup"] == null ? "–" : Math.round(100 * l.llm_beats["token-lookup"]) + "%" }),
-        el("td", { cls: "muted", text: l.simulator })));
+        el("td", { cls: "muted", text: l.simulator }),
+        el("td", { cls: "num cost", text: costText(l.cost) })));
     });
     add(t, tb);
     var plots = clear($("plots"));
@@ -225,7 +234,8 @@
       add(ov, s.n_units.toLocaleString("en") + " units, " + s.n_scored.toLocaleString("en") + " scored. Mean score " + meanText(mm.explainer) +
         "; token-lookup " + (mm["token-lookup"] ? fmt(mm["token-lookup"][0]) : "–") + ", shuffled " + (mm.shuffled ? fmt(mm.shuffled[0]) : "–") + ". ");
       if (s.llm_beats["token-lookup"] != null) add(ov, "The explanation beats the token-lookup baseline on " + Math.round(100 * s.llm_beats["token-lookup"]) + "% of units. ");
-      if (s.simulator) add(ov, el("span", { cls: "muted", text: "Simulator: " + s.simulator + "." }));
+      if (s.simulator) add(ov, el("span", { cls: "muted", text: "Simulator: " + s.simulator + ". " }));
+      if (s.cost && s.cost.units) add(ov, el("span", { cls: "muted", id: "layer-cost", text: "Cost: " + costText(s.cost) + "." }));
       if (s.plot) $("hist").setAttribute("src", s.plot);
       else $("hist").parentNode.hidden = true;
       [["best", s.best], ["worst", s.worst]].forEach(function (pair) {
@@ -479,7 +489,8 @@
       var sc = (d.scores || {}).explainer || {};
       var head = sc[SITE.metric];
       $("headline").textContent = head ? (metricLabel(SITE.metric) + ": " + fmt(head[0]) + " " + ci(head[1], head[2]) +
-        (head[3] ? " (undefined: " + head[3] + ")" : "") + " on " + head[4] + " test records" + (llm.explainer ? " · explainer " + llm.explainer : "")) : "not scored";
+        (head[3] ? " (undefined: " + head[3] + ")" : "") + " on " + head[4] + " test records" + (llm.explainer ? " · explainer " + llm.explainer : "") +
+        ("cost" in d ? " · cost " + money(d.cost) : "")) : "not scored";
 
       var cands = clear($("candidates"));
       add(cands, el("thead", null, el("tr", null, el("th", { text: "#" }), el("th", { text: "Candidate" }), el("th", { text: "Valid score" }))));
