@@ -33,6 +33,7 @@ import argparse
 import json
 import random
 import re
+import signal
 import socket
 import struct
 import threading
@@ -297,11 +298,15 @@ def main() -> None:
     a = ap.parse_args()
     srv = BenchServer(a.latency, a.port, a.fault_rate, timeout_s=a.timeout_s)
     print(srv.base_url, flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         srv.stop()
+        # What a run against it asked: the figures a benchmark reports next to its own.
+        print(json.dumps({"requests": srv.requests, "answered": srv.answered, "max_inflight": srv.max_inflight,
+                          "faults": dict(srv.faults)}), flush=True)
 
 
 if __name__ == "__main__":
