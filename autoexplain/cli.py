@@ -299,6 +299,26 @@ def view(
     run_or_exit(go)
 
 
+@app.command()
+def publish(
+    out: str = typer.Option("out", "--out", "-o", help="Output root of explain-layer runs (folder or URL)."),
+    to: Path = typer.Option(..., "--to", help="Folder to write the dataset into (new, empty, or an earlier publish, which is replaced)."),
+    layers: Optional[str] = typer.Option(None, "--layers", "-l", help="Layers to publish: 15, 3,7 or 10-12 (default: every layer with a finished run)."),
+    license_: Optional[str] = typer.Option(None, "--license", help="The dataset's license for the card (default: cc-by-sa-3.0 for the embedded corpus; required for any other corpus)."),
+):
+    """Publish the latest runs as a dataset: parquet tables by source and layer, and a dataset card (Hugging Face format)."""
+    from autoexplain.publish import TABLES
+    from autoexplain.publish import publish as publish_dataset
+
+    def go():
+        chosen = parse_layers(layers, 10**6) if layers not in (None, "all") else None
+        to_dir = publish_dataset(out, to, chosen, license_)
+        err.print(f"published {', '.join(TABLES)} to {to_dir}", highlight=False)
+        typer.echo(str(to_dir))
+
+    run_or_exit(go)
+
+
 def main():  # pragma: no cover - the stage commands alone (`python -m autoexplain.cli`)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app(prog_name="autoexplain")

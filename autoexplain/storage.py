@@ -270,3 +270,19 @@ class Memo:
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def local_ref(output: dict) -> dict:
+    """A task reference with its paths on this machine. One made on another dask worker, or restored
+    from Prefect's result cache after the mirror was cleared, may name a folder that is not here: it
+    is pulled from its URL. A records reference names its folder (and windows), the others a table."""
+    path = Path(output["path"])
+    folder = path if "layers" in output else path.parent
+    if is_complete(folder) or output["uri"] == folder.resolve().as_uri():
+        return output
+    local = remote.fetch(output["uri"])
+    if "layers" not in output:
+        return {**output, "path": str(local / path.name)}
+    root = output["uri"].rsplit("/", 2)[0]
+    windows = remote.fetch(f"{root}/windows/{read_manifest(local)['inputs']['windows']}")
+    return {**output, "path": str(local), "windows": str(windows / "windows.parquet")}

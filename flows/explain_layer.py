@@ -162,12 +162,12 @@ def _explain_layer(plan: preflight.LayerPlan, out: str, results: str | None, par
     explained, simulated, scores = {}, {}, {}
     for fut in as_completed([f[3] for f in futures]):
         shard, x, s, c = by_future[fut]
+        xr, sr, cr = x.result(), s.result(), c.result()  # a failed shard raises here, before it counts as done
         done_units += len(shard)
         elapsed = time.perf_counter() - started
         eta = elapsed / done_units * (len(chosen) - done_units)
         log.info(f"units {done_units}/{len(chosen)} done (shard {shard[0]}-{shard[-1]}); ETA {eta:.0f}s")
         progress.report("scored", done_units, len(chosen))
-        xr, sr, cr = x.result(), s.result(), c.result()
         publish(xr, [records])
         publish(sr, [records, xr])
         publish(cr, [sr])

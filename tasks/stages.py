@@ -42,7 +42,7 @@ from autoexplain.pipeline import ExplainConfig
 from autoexplain.registry import simulator_identity
 from autoexplain.identity import code_identity
 from autoexplain.record import RecordConfig, build_windows, record_layers
-from autoexplain.storage import content_key, is_complete, open_root, read_manifest
+from autoexplain.storage import content_key, is_complete, local_ref, open_root, read_manifest
 from schemas.contracts import ContractViolation
 
 
@@ -118,22 +118,6 @@ def _shard(units: list[int]) -> str:
 def ref(stage_ref) -> dict:
     path = Path(stage_ref.path if hasattr(stage_ref, "path") else stage_ref.directory).resolve()
     return {"uri": remote.uri(path.parent), "path": str(path), "key": stage_ref.key, "layer": stage_ref.layer}
-
-
-def local_ref(output: dict) -> dict:
-    """A task reference with its paths on this machine. One made on another dask worker, or restored
-    from Prefect's result cache after the mirror was cleared, may name a folder that is not here: it
-    is pulled from its URL. A records reference names its folder (and windows), the others a table."""
-    path = Path(output["path"])
-    folder = path if "layers" in output else path.parent
-    if is_complete(folder) or output["uri"] == folder.resolve().as_uri():
-        return output
-    local = remote.fetch(output["uri"])
-    if "layers" not in output:
-        return {**output, "path": str(local / path.name)}
-    root = output["uri"].rsplit("/", 2)[0]
-    windows = remote.fetch(f"{root}/windows/{read_manifest(local)['inputs']['windows']}")
-    return {**output, "path": str(local), "windows": str(windows / "windows.parquet")}
 
 
 def result_storage(where: str):

@@ -1,0 +1,184 @@
+"""Publish an output root as a dataset others can load: parquet tables plus a dataset card.
+
+`publish(out, to)` takes the latest finished run of every layer under `out` (their pointers,
+`storage.run_file`) and writes, under `to`:
+
+    data/<table>/<source>/layer_<L>.parquet     units, exemplars, explanations, scores, simulations
+    README.md                                    the card: Hugging Face YAML header, then prose
+
+Each table is one Hugging Face config (`datasets.load_dataset(to, "scores")`), and each table's
+folder loads alone as parquet (`load_dataset("parquet", data_dir=f"{to}/data/scores")`,
+`polars.scan_parquet(f"{to}/data/scores/**/*.parquet")`). Every file keeps its `source` and `layer`
+as columns, so no reader has to parse folder names. The folder is built next to `to` and renamed
+into place: a failed publish leaves nothing half-written, and a republish replaces the whole set.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from autoexplain import defaults
+from autoexplain.errors import UserError
+from autoexplain.storage import local_ref, open_root, read_run, run_layers
+from schemas import HERE as SCHEMAS
+
+TABLES = {  # table -> (the stage schema its columns come from, what a row is)
+    "units": ("unit_stats", "one unit and polarity: its activation statistics"),
+    "exemplars": ("records", "one exemplar window of a unit, with its tokens and activations"),
+    "explanations": ("explanations", "one unit, polarity and method: the chosen explanation and its candidates"),
+    "scores": ("scores", "one unit, polarity, method and metric on the test split, with its 95% CI"),
+    "simulations": ("simulations", "one unit, polarity, method and scoring window: the simulated activations"),
+}
+SOURCE = "mlp"  # today's only unit source: a layer's MLP neurons, both polarities
+CARD_MARK = "autoexplain-dataset"  # in the card's YAML: `to` was written by publish, and may be replaced
+CORPUS_LICENSE = {defaults.CORPUS: "cc-by-sa-3.0"}  # Wikipedia text (CC BY-SA 3.0) with the public-domain KJV
+
+
+def _concat(paths: list[Path]) -> pa.Table:
+    return pa.concat_tables([pq.read_table(p) for p in paths], promote_options="default")
+
+
+def _with_source(table: pa.Table) -> pa.Table:
+    return table.add_column(0, "source", pa.array([SOURCE] * table.num_rows, pa.string()))
+
+
+def _exemplars(records: dict) -> pa.Table:
+    """The records table with each window's tokens, so that an exemplar reads without the windows."""
+    recs = pq.read_table(Path(records["path"]) / f"layer_{records['layers'][0]}.records.parquet")
+    windows = pq.read_table(records["windows"], columns=["window_id", "tokens"])
+    at = pc.index_in(recs.column("window_id"), value_set=windows.column("window_id"))
+    return recs.append_column("tokens", pc.take(windows.column("tokens"), at))
+
+
+def layer_tables(run: dict) -> dict[str, pa.Table]:
+    """The five tables of one layer's run (its pointer's references, pulled here when the root is a URL)."""
+    records = local_ref(run["records"])
+    layer = run["params"]["layer"]
+    stage = lambda name: [Path(local_ref(r)["path"]) for r in run[name]]  # noqa: E731 - the run's shards
+    chosen = [p.parent / "chosen.parquet" for p in stage("simulations")]
+    scores = _concat(stage("scores"))
+    scored = pc.unique(scores.column("unit")).cast(pa.int64())  # a run may explain only some units
+
+    def of_scored(table: pa.Table) -> pa.Table:
+        return table.filter(pc.is_in(table.column("unit").cast(pa.int64()), value_set=scored))
+
+    units = pq.read_table(Path(records["path"]) / f"layer_{layer}.stats.parquet")
+    return {"units": of_scored(units), "exemplars": of_scored(_exemplars(records)), "explanations": _concat(chosen),
+            "scores": scores, "simulations": _concat(stage("simulations"))}
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        from importlib.metadata import version
+
+        return f"autoexplain {version('autoexplain')} (not a git checkout)"
+
+
+def _columns(table: str, schema: pa.Schema) -> str:
+    """The column list of a table for the card: name, type and the description kept in `schemas/`."""
+    stage, row = TABLES[table]
+    spec = json.loads((SCHEMAS / f"{stage}.json").read_text())
+    docs = {f["name"]: f.get("doc", "") for f in spec["fields"]}
+    docs.update(source="the unit source: `mlp` (a layer's MLP neurons, both polarities)",
+                tokens="the window's tokens, each decoded alone")
+    lines = [f"### `{table}`: {row}\n", spec["doc"], "", "| column | type | description |", "|---|---|---|"]
+    lines += [f"| `{f.name}` | {f.type} | {docs.get(f.name, '')} |" for f in schema]
+    return "\n".join(lines) + "\n"
+
+
+def card(runs: dict[int, dict], schemas: dict[str, pa.Schema], license_: str, sizes: dict[str, int]) -> str:
+    params = next(iter(runs.values()))["params"]
+    configs = "".join(f"  - config_name: {t}\n    data_files: \"data/{t}/**/*.parquet\"\n"
+                      + ("    default: true\n" if t == "scores" else "") for t in TABLES)
+    header = (f"---\nlicense: {license_}\npretty_name: \"autoexplain: {params['model']} neurons, explained\"\n"
+              f"tags:\n  - interpretability\n  - {CARD_MARK}\nconfigs:\n{configs}---\n")
+    layers = ", ".join(str(L) for L in sorted(runs))
+    how = "\n".join(f"- layer {L}: `{json.dumps(r['params'], sort_keys=True)}` (finished {r.get('finished', '?')})"
+                    for L, r in sorted(runs.items()))
+    counts = ", ".join(f"{t} {n:,} rows" for t, n in sizes.items())
+    return header + f"""
+# Explained neurons of {params['model']}
+
+Automated explanations of the MLP neurons of **{params['model']}** (layers {layers}), made with
+autoexplain by the method of Bills et al. (2023), "Language models can explain
+neurons in language models": record where each unit fires on a corpus, have an explainer write a
+one-sentence explanation from its top-activating windows, have a simulator predict the unit's
+activations on held-out windows from that explanation alone, and score how well the prediction
+matches. Each unit is explained per polarity (+1: the neuron as is, -1: negated).
+
+- **Subject model:** `{params['model']}`
+- **Corpus:** `{params['corpus']}` ({params['tokens']:,} tokens; the embedded default is English
+  Wikipedia articles, CC BY-SA 3.0, and the King James Bible, public domain). License of this
+  dataset: `{license_}`.
+- **Explainer:** `{params['explainer']}`, best of k = {params['k']} candidates on the valid split;
+  **simulator:** `{params['simulator']}`.
+- **Metrics** (test split only, never shown to the explainer): correlation of simulated and true
+  activations on top-and-random windows (the headline, `top_and_random`), on random windows alone,
+  calibrated R², and detection AUC, each with a 95% bootstrap CI; baselines `token-lookup` and
+  `shuffled` are scored alike.
+- **Size:** {counts}.
+- **Made by:** autoexplain at commit `{_commit()}`, one `explain-layer` run per layer:
+{how}
+
+## Loading
+
+```python
+import datasets, polars as pl
+scores = datasets.load_dataset("path/to/this/folder", "scores")        # one config per table
+scores = datasets.load_dataset("parquet", data_dir="path/to/this/folder/data/scores")
+scores = pl.scan_parquet("path/to/this/folder/data/scores/**/*.parquet")
+```
+
+## Tables
+
+""" + "\n".join(_columns(t, schemas[t]) for t in TABLES)
+
+
+def publish(out: str, to: str | Path, layers: list[int] | None = None, license_: str | None = None) -> Path:
+    """Write the dataset of `out`'s latest runs (of `layers`, default all) to the folder `to`."""
+    root, to = open_root(out), Path(to)
+    have = run_layers(root)
+    if not have:
+        raise UserError(f"{out} holds no finished explain-layer run", "run explain-layer there first, then publish")
+    missing = sorted(set(layers or []) - set(have))
+    if missing:
+        raise UserError(f"{out} holds no finished run of layer(s) {missing} (it has {have})", "publish layers it has")
+    ours = (to / "README.md").is_file() and CARD_MARK in (to / "README.md").read_text(errors="replace")
+    if to.exists() and (not to.is_dir() or any(to.iterdir())) and not ours:
+        raise UserError(f"{to} is not empty and holds no dataset that publish wrote", "choose an empty or new folder")
+    runs = {L: read_run(root, L) for L in (layers or have)}
+    corpus = next(iter(runs.values()))["params"]["corpus"]
+    license_ = license_ or CORPUS_LICENSE.get(corpus)
+    if not license_:
+        raise UserError(f"the license of the corpus '{corpus}' is unknown, and the exemplars carry its text",
+                        "pass --license (an SPDX-style id as the Hugging Face card takes it, e.g. cc-by-4.0 or other)")
+    to.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix=f".{to.name}.", dir=to.parent))
+    try:
+        schemas, sizes = {}, dict.fromkeys(TABLES, 0)
+        for L, run in sorted(runs.items()):
+            for name, table in layer_tables(run).items():
+                table = _with_source(table)
+                path = build / "data" / name / SOURCE / f"layer_{L}.parquet"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                pq.write_table(table, path, compression="zstd")
+                schemas[name], sizes[name] = table.schema, sizes[name] + table.num_rows
+        (build / "README.md").write_text(card(runs, schemas, license_, sizes), encoding="utf-8")
+        if to.exists():
+            shutil.rmtree(to)
+        build.rename(to)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    return to
+

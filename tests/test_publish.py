@@ -1,0 +1,99 @@
+"""`autoexplain publish` (issue 16, item 3): the latest runs of two layers, published as parquet tables
+by source and layer with a dataset card, load offline with `datasets` (by config and by folder) and
+with polars, and hold exactly the runs' rows. Bad input is one line and writes nothing."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+import yaml
+
+from autoexplain.publish import TABLES
+from tests.test_cli import _one_error_line
+from tests.test_cli_runs import cli, home  # noqa: F401  (fixture)
+
+
+@pytest.fixture(scope="module")
+def two_layers(home, tiny_llama_dir, prose_corpus, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("publish") / "out"
+    for layer in ("0", "1"):
+        r = cli(home, "explain-layer", "--model", tiny_llama_dir, "--corpus", str(prose_corpus), "--layer", layer,
+                "--units", "0-3", "--tokens", "20000", "--k", "1", "--shard-size", "2", "--bootstrap", "20",
+                "--window-len", "8", "--top-k", "8", "--random", "6", "--out", str(out))
+        assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def run_table(out, stage: str, layer: int) -> pl.DataFrame:
+    run = json.loads((out / "runs" / f"layer_{layer}.json").read_text())
+    return pl.concat([pl.read_parquet(r["path"]) for r in run[stage]])
+
+
+@pytest.mark.slow
+def test_a_published_dataset_loads_offline_and_holds_the_runs(home, two_layers, tmp_path, monkeypatch):  # noqa: F811
+    to = tmp_path / "dataset"
+    line = _one_error_line(cli(home, "publish", "--out", str(two_layers), "--to", str(to)))
+    assert "license of the corpus" in line and "--license" in line and not to.exists(), line
+
+    r = cli(home, "publish", "--out", str(two_layers), "--to", str(to), "--license", "cc-by-4.0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for table in TABLES:
+        assert sorted(p.name for p in (to / "data" / table / "mlp").iterdir()) == ["layer_0.parquet", "layer_1.parquet"]
+    text = (to / "README.md").read_text()
+    header = yaml.safe_load(text.split("---\n")[1])
+    assert header["license"] == "cc-by-4.0" and [c["config_name"] for c in header["configs"]] == list(TABLES)
+    for table in TABLES:
+        assert f"### `{table}`" in text
+    assert "| `value` | double | the score, null when undefined |" in text, "columns described from schemas/"
+
+    scores = pl.concat([run_table(two_layers, "scores", L) for L in (0, 1)])
+    scanned = pl.scan_parquet(str(to / "data" / "scores" / "**" / "*.parquet")).collect()
+    assert scanned.drop("source").sort(scanned.drop("source").columns).equals(scores.sort(scores.columns))
+    assert scanned["source"].unique().to_list() == ["mlp"]
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    import datasets
+
+    by_config = datasets.load_dataset(str(to), "scores", split="train")
+    by_folder = datasets.load_dataset("parquet", data_dir=str(to / "data" / "scores"), split="train")
+    assert by_config.num_rows == by_folder.num_rows == scores.height
+    explanations = datasets.load_dataset(str(to), "explanations", split="train")
+    assert set(explanations["method"]) == {"explainer", "token-lookup", "shuffled"}
+    exemplars = pl.read_parquet(to / "data" / "exemplars" / "mlp" / "layer_1.parquet")
+    assert exemplars.height and (exemplars["tokens"].list.len() == exemplars["activations"].list.len()).all()
+    units = pl.read_parquet(to / "data" / "units" / "mlp" / "layer_0.parquet")
+    assert sorted(units["unit"].unique().to_list()) == [0, 1, 2, 3], "the explained units' statistics"
+
+    (to / "data" / "stale.txt").write_text("from an earlier publish")
+    r = cli(home, "publish", "--out", str(two_layers), "--to", str(to), "--license", "cc-by-4.0", "--layers", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not (to / "data" / "stale.txt").exists(), "a republish replaces the whole set"
+    assert [p.name for p in (to / "data" / "scores" / "mlp").iterdir()] == ["layer_1.parquet"]
+
+
+@pytest.mark.slow
+def test_bad_publish_input_is_one_line(home, two_layers, tmp_path):  # noqa: F811
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    for args, needle in (((str(tmp_path / "nothing"), tmp_path / "d1"), "holds no finished explain-layer run"),
+                         ((str(two_layers), foreign), "is not empty and holds no dataset that publish wrote"),
+                         ((str(two_layers), tmp_path / "d2", "--layers", "7"), "no finished run of layer(s) [7]")):
+        out, to, *rest = args
+        line = _one_error_line(cli(home, "publish", "--out", out, "--to", str(to), "--license", "mit", *rest))
+        assert needle in line, line
+    assert (foreign / "notes.txt").read_text() == "keep me" and not (tmp_path / "d2").exists()
+
+
+@pytest.mark.slow
+def test_the_publish_flow(prefect_results, two_layers, tmp_path):
+    from flows.publish import publish_dataset
+
+    state = publish_dataset(out=str(two_layers), to=str(tmp_path / "ds"), layers=[0], license="mit", return_state=True)
+    assert state.is_completed() and state.result() == str(tmp_path / "ds")
+    assert [p.name for p in (tmp_path / "ds" / "data" / "units" / "mlp").iterdir()] == ["layer_0.parquet"]
+    state = publish_dataset(out=str(two_layers), to=str(tmp_path / "ds2"), return_state=True)
+    assert state.is_failed() and "license of the corpus" in state.message and "\n" not in state.message
