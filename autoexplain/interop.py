@@ -19,6 +19,7 @@ from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from autoexplain.errors import UserError
 from autoexplain.records import UnitRecords
@@ -126,8 +127,26 @@ def export_layer(folder: str | Path, units: list[UnitRecords], chosen: pa.Table,
     return len(units)
 
 
+def _from_dataset(folder: Path, layer: int | None) -> pa.Table:
+    """The explainer's rows of a dataset `publish` wrote (`data/explanations/<source>/layer_<L>.parquet`),
+    as an explanations table: its candidates kept, its costs not (they were paid by its run)."""
+    files = sorted((folder / "data" / "explanations").glob(f"*/layer_{'*' if layer is None else layer}.parquet"))
+    if not files:
+        raise UserError(f"{folder} is a published dataset without explanations of layer {layer}",
+                        "pass a layer it has (data/explanations/<source>/layer_<L>.parquet)")
+    table = pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
+    rows = [{**{k: r[k] for k in ("layer", "unit", "polarity", "method", "prompt_hash", "text", "candidates")},
+             "explainer": f"imported:{r['explainer']}", "candidate_valid_scores": [], "prompt_tokens": 0,
+             "completion_tokens": 0, "dollars": None, "selection_tokens": 0, "selection_dollars": 0.0}
+            for r in table.to_pylist() if r["method"] == "explainer" and (r["text"] or "").strip()]
+    return pa.Table.from_pylist(rows, schema=load_schema("explanations"))
+
+
 def import_explanations(folder: str | Path, layer: int | None = None) -> pa.Table:
-    """Every explanation under `<folder>/explanations/<layer>/*.jsonl`, as an explanations table."""
+    """Every explanation under `<folder>/explanations/<layer>/*.jsonl` (the reference layout), or in a
+    dataset that `autoexplain publish` wrote, as an explanations table."""
+    if (Path(folder) / "data" / "explanations").is_dir():
+        return _from_dataset(Path(folder), layer)
     root = Path(folder) / "explanations"
     pattern = f"{layer}/*.jsonl" if layer is not None else "*/*.jsonl"
     files = sorted(root.glob(pattern))

@@ -4,7 +4,10 @@
 `storage.run_file`) and writes, under `to`:
 
     data/<table>/<source>/layer_<L>.parquet     units, exemplars, explanations, scores, simulations
+    neuronpedia/explanations/batch-<N>.jsonl.gz  the explanations in Neuronpedia's import format
     README.md                                    the card: Hugging Face YAML header, then prose
+
+(The reference dataset's JSON layout stays `autoexplain export`'s.)
 
 Each table is one Hugging Face config (`datasets.load_dataset(to, "scores")`), and each table's
 folder loads alone as parquet (`load_dataset("parquet", data_dir=f"{to}/data/scores")`,
@@ -15,6 +18,7 @@ into place: a failed publish leaves nothing half-written, and a republish replac
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 import subprocess
@@ -73,6 +77,26 @@ def layer_tables(run: dict) -> dict[str, pa.Table]:
     units = pq.read_table(Path(records["path"]) / f"layer_{layer}.stats.parquet")
     return {"units": of_scored(units), "exemplars": of_scored(_exemplars(records)), "explanations": _concat(chosen),
             "scores": scores, "simulations": _concat(stage("simulations"))}
+
+
+NEURONPEDIA_BATCH = 1024  # rows per file, as Neuronpedia's importer takes them
+
+
+def neuronpedia_rows(explanations: pa.Table, model: str) -> list[dict]:
+    """Neuronpedia's explanation rows for the explainer's explanations of positive polarity (a
+    Neuronpedia neuron has no polarity; the negated unit's explanation stays in the parquet tables).
+    `layer` is the source id, `<layer>-mlp` for a layer's neurons; `modelId` the subject's name."""
+    model_id = Path(model.rstrip("/")).name.removesuffix(".gguf").lower()
+    return [{"modelId": model_id, "layer": f"{r['layer']}-{SOURCE}", "index": str(r["unit"]),
+             "description": r["text"], "explanationModelName": r["explainer"], "typeName": "autoexplain"}
+            for r in explanations.to_pylist() if r["method"] == "explainer" and r["polarity"] == 1 and r["text"]]
+
+
+def _write_neuronpedia(rows: list[dict], folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in range(0, max(1, len(rows)), NEURONPEDIA_BATCH):
+        with gzip.open(folder / f"batch-{n // NEURONPEDIA_BATCH}.jsonl.gz", "wt", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[n : n + NEURONPEDIA_BATCH])
 
 
 def _commit() -> str:
@@ -140,6 +164,14 @@ scores = datasets.load_dataset("parquet", data_dir="path/to/this/folder/data/sco
 scores = pl.scan_parquet("path/to/this/folder/data/scores/**/*.parquet")
 ```
 
+## Other formats
+
+- `neuronpedia/explanations/batch-<N>.jsonl.gz`: the explanations of positive polarity in
+  Neuronpedia's import format (`modelId`, `layer` as `<layer>-mlp`, `index`, `description`,
+  `explanationModelName`, `typeName`), {NEURONPEDIA_BATCH:,} rows a file.
+- `autoexplain import --from <this folder> --layer L` reads the explanations back as an explanations
+  stage, to re-simulate and re-score them with another simulator.
+
 ## Tables
 
 """ + "\n".join(_columns(t, schemas[t]) for t in TABLES)
@@ -166,14 +198,17 @@ def publish(out: str, to: str | Path, layers: list[int] | None = None, license_:
     to.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(prefix=f".{to.name}.", dir=to.parent))
     try:
-        schemas, sizes = {}, dict.fromkeys(TABLES, 0)
+        schemas, sizes, pedia = {}, dict.fromkeys(TABLES, 0), []
         for L, run in sorted(runs.items()):
-            for name, table in layer_tables(run).items():
+            tables = layer_tables(run)
+            pedia += neuronpedia_rows(tables["explanations"], run["params"]["model"])
+            for name, table in tables.items():
                 table = _with_source(table)
                 path = build / "data" / name / SOURCE / f"layer_{L}.parquet"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 pq.write_table(table, path, compression="zstd")
                 schemas[name], sizes[name] = table.schema, sizes[name] + table.num_rows
+        _write_neuronpedia(pedia, build / "neuronpedia" / "explanations")
         (build / "README.md").write_text(card(runs, schemas, license_, sizes), encoding="utf-8")
         if to.exists():
             shutil.rmtree(to)

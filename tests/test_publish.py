@@ -4,6 +4,7 @@ with polars, and hold exactly the runs' rows. Bad input is one line and writes n
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import polars as pl
@@ -66,6 +67,18 @@ def test_a_published_dataset_loads_offline_and_holds_the_runs(home, two_layers, 
     assert exemplars.height and (exemplars["tokens"].list.len() == exemplars["activations"].list.len()).all()
     units = pl.read_parquet(to / "data" / "units" / "mlp" / "layer_0.parquet")
     assert sorted(units["unit"].unique().to_list()) == [0, 1, 2, 3], "the explained units' statistics"
+
+    with gzip.open(to / "neuronpedia" / "explanations" / "batch-0.jsonl.gz", "rt") as f:
+        pedia = [json.loads(line) for line in f]
+    explained = scores.filter((pl.col("method") == "explainer") & (pl.col("polarity") == 1)).select("layer", "unit").unique()
+    assert len(pedia) == explained.height and {p["layer"] for p in pedia} == {"0-mlp", "1-mlp"}
+    assert set(pedia[0]) == {"modelId", "layer", "index", "description", "explanationModelName", "typeName"}
+
+    imported = cli(home, "import", "--from", str(to), "--layer", "1", "--out", str(tmp_path / "again"))
+    assert imported.returncode == 0, imported.stderr[-3000:]
+    back = pl.read_parquet(next((tmp_path / "again" / "explanations").glob("*/layer_1.parquet")))
+    published = pl.read_parquet(to / "data" / "explanations" / "mlp" / "layer_1.parquet").filter(pl.col("method") == "explainer")
+    assert back.sort("unit", "polarity")["text"].to_list() == published.sort("unit", "polarity")["text"].to_list()
 
     (to / "data" / "stale.txt").write_text("from an earlier publish")
     r = cli(home, "publish", "--out", str(two_layers), "--to", str(to), "--license", "cc-by-4.0", "--layers", "1")
