@@ -244,6 +244,10 @@ def test_gemmascope_params_npz(tmp_path, x):
     assert load_coder(parse_source(f"transcoder:{tc}")).hook.point == "mlp_in"
     bare = write_gemmascope(tmp_path / "somewhere", t)
     assert load_coder(parse_source(f"sae:{bare}"), layer=1).hook.layer == 1
+    att = write_gemmascope(tmp_path / "gemma-scope-2b-pt-att" / "layer_1" / "width_16k" / "average_l0_9", t)
+    with pytest.raises(UserError) as e:
+        load_coder(parse_source(f"sae:{att}"))
+    one_line(e, "attention-output SAE")
 
 
 # --- the spec, model dims and bad input: one line each, before any work --------------------------
