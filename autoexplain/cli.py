@@ -337,7 +337,8 @@ def train_sae_cmd(
                 bar.update(tasks[stage], completed=done, total=total)
 
             report = train_sae(subject, point, windows, folder, TrainConfig(latents, k, batch, epochs, lr, seed=seed), corpus, progress)
-        err.print(f"SAE {latents} latents, k={k} on {point}: FVE {report.fve:.3f}, dead {report.dead_fraction:.1%} "
+        err.print(f"SAE {latents} latents, k={k} on {point}: FVE {report.fve:.3f} ({report.fve_without_top_dim:.3f} without the "
+                  f"highest-variance dimension), dead {report.dead_fraction:.1%} "
                   f"(held-out {report.tokens_eval:,} tokens); trained on {report.tokens_train:,} tokens, "
                   f"{report.steps} steps, capture {report.seconds_capture:.0f}s + train {report.seconds_train:.0f}s")
         typer.echo(str(folder))

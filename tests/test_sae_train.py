@@ -55,6 +55,20 @@ def test_trainer_fits_sparse_data_and_the_folder_reads_back(tmp_path):
     assert explained > 0.95
 
 
+def test_fve_with_and_without_the_top_dimension():
+    x = sparse_data(n=3000).float()
+    x[:, 5] *= 40  # one dimension with most of the variance, as in real residual streams
+    sae, _scale, _report = train(x.to(torch.bfloat16), TrainConfig(latents=64, k=4, batch=256, epochs=1, lr=3e-3))
+    x = x[:1000]
+    recon = sae(x)[0].detach().double()
+    err, var = (x.double() - recon).pow(2).sum(0), (x.double() - x.double().mean(0)).pow(2).sum(0)
+    explained, rest, fired = fve(sae, x, batch=300)
+    assert explained == pytest.approx(1 - err.sum().item() / var.sum().item(), rel=1e-6)
+    keep = torch.arange(x.shape[1]) != 5
+    assert rest == pytest.approx(1 - err[keep].sum().item() / var[keep].sum().item(), rel=1e-6)
+    assert explained != pytest.approx(rest, abs=1e-3) and fired.sum() == (sae(x)[3] > 0).sum()
+
+
 def test_sae_lens_reads_the_trained_folder(tmp_path):
     sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is not installed (pip install sae-lens)")
     x = sparse_data(n=3000)
