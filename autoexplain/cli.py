@@ -316,6 +316,61 @@ def publish(
         err.print(f"published {', '.join(TABLES)} to {to_dir}", highlight=False)
         typer.echo(str(to_dir))
 
+
+@app.command("train-sae")
+def train_sae_cmd(
+    model: str = typer.Option(defaults.SUBJECT, "--model", "-m", help="Subject model: hub name, local folder, .gguf file, or 'smollm2' (embedded)."),
+    corpus: str = typer.Option(defaults.CORPUS, "--corpus", "-c", help="Corpus whose tokens the SAE is trained on (as for record)."),
+    layer: Optional[int] = typer.Option(None, "--layer", "-l", help="Layer of the hook point (default: the middle layer)."),
+    hook: str = typer.Option("resid_post", "--hook", help="resid_pre, resid_post, mlp_in or mlp_out of that layer."),
+    latents: int = typer.Option(4096, "--latents", help="Latents of the SAE."),
+    k: int = typer.Option(32, "--k", help="Active latents per token (TopK)."),
+    tokens: int = typer.Option(200_000, "--tokens", "-n", help="Corpus tokens to capture hidden states from (5 % held out)."),
+    epochs: int = typer.Option(1, "--epochs", help="Passes over the captured tokens."),
+    batch: int = typer.Option(1024, "--batch-tokens", help="Tokens per training step."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate (default: scaled to --latents)."),
+    seed: int = typer.Option(0, "--seed"),
+    window_len: int = WINDOW_LEN,
+    out: Path = typer.Option(Path("out"), "--out", "-o", help="Output root (the tokenised windows are cached under it)."),
+    to: Optional[Path] = typer.Option(None, "--to", help="SAE folder to write (default: <out>/sae/layer_<L>_<hook>_<latents>)."),
+):
+    """Train a TopK SAE on one hook point's hidden states, on CPU, and save it in SAELens format
+    (use it as --units sae:FOLDER); prints its held-out fraction of variance explained and dead latents."""
+    from autoexplain.record import build_windows
+    from autoexplain.sae_coder import HookPoint
+    from autoexplain.sae_train import TL_HOOKS, TrainConfig, train_sae
+    from autoexplain.subject import load_subject
+
+    def go():
+        for name, value in (("--latents", latents), ("--k", k), ("--tokens", tokens), ("--epochs", epochs), ("--batch-tokens", batch)):
+            preflight.at_least(preflight.cli_flag, name.lstrip("-").replace("-", "_"), value, 1)
+        if k > latents:
+            raise UserError(f"--k {k} is more than --latents {latents}", "pass --k at most --latents")
+        if hook not in TL_HOOKS:
+            raise UserError(f"unknown --hook '{hook}'", f"use one of {', '.join(TL_HOOKS)}")
+        preflight.check_out(str(out), preflight.cli_flag)
+        preflight.check_corpus(corpus, preflight.cli_flag)
+        shape = preflight.model_shape(model, preflight.cli_flag)
+        point = HookPoint(shape.n_layers // 2 if layer is None else layer, hook)
+        preflight.check_layer(shape, point.layer, preflight.cli_flag, "layer")
+        subject = load_subject(model)
+        windows = build_windows(subject, corpus, out, window_len, tokens, seed)
+        folder = to or out / "sae" / f"layer_{point.layer}_{hook}_{latents}"
+        with progress_bar() as bar:
+            tasks = {}
+
+            def progress(stage, done, total):
+                if stage not in tasks:
+                    tasks[stage] = bar.add_task(f"{stage} {point}", total=total)
+                bar.update(tasks[stage], completed=done, total=total)
+
+            report = train_sae(subject, point, windows, folder, TrainConfig(latents, k, batch, epochs, lr, seed=seed), corpus, progress)
+        err.print(f"SAE {latents} latents, k={k} on {point}: FVE {report.fve:.3f} ({report.fve_without_top_dim:.3f} without the "
+                  f"highest-variance dimension), dead {report.dead_fraction:.1%} "
+                  f"(held-out {report.tokens_eval:,} tokens); trained on {report.tokens_train:,} tokens, "
+                  f"{report.steps} steps, capture {report.seconds_capture:.0f}s + train {report.seconds_train:.0f}s")
+        typer.echo(str(folder))
+
     run_or_exit(go)
 
 

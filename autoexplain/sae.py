@@ -1,0 +1,126 @@
+"""SAE and transcoder latents as units: the `--units` spec (`mlp`, `sae:PATH`, `transcoder:PATH`),
+loading the coder whatever its format, and checking it against the subject before any work.
+
+Every check here reads configs and headers only, so a wrong path, a hook point the subject lacks,
+a width that does not match, an unknown architecture or a transcoder passed as `sae:` is one line
+before the subject model is loaded or a corpus tokenised.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from autoexplain import defaults
+from autoexplain.errors import UserError
+from autoexplain.sae_coder import HookPoint, SparseCoder
+from autoexplain.sae_formats import (
+    detect, gemmascope_is_transcoder, read_gemmascope, read_saelens, read_sparsify, sparsify_child,
+)
+
+KINDS = ("mlp", "sae", "transcoder")
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Which units to read: the MLP's neurons, or the latents of a coder stored at `path`."""
+
+    kind: str  # one of KINDS
+    path: Path | None = None
+
+    def __str__(self) -> str:
+        return self.kind if self.path is None else f"{self.kind}:{self.path}"
+
+
+def parse_source(text: str) -> SourceSpec:
+    """'mlp', 'sae:PATH' or 'transcoder:PATH'."""
+    kind, sep, rest = (text or "").strip().partition(":")
+    if kind == "mlp" and not sep:
+        return SourceSpec("mlp")
+    if kind in ("sae", "transcoder") and rest.strip():
+        return SourceSpec(kind, Path(rest.strip()).expanduser())
+    raise UserError(f"cannot read the unit source '{text}'",
+                    "write mlp (the MLP neurons), sae:PATH or transcoder:PATH (a local folder)")
+
+
+def load_coder(spec: SourceSpec, layer: int | None = None) -> SparseCoder:
+    """The coder a spec names, its hook point settled: from the checkpoint, which `layer` (when
+    given) must agree with, or from `layer` where the checkpoint does not say."""
+    if spec.kind not in ("sae", "transcoder") or spec.path is None:
+        raise UserError(f"'{spec}' names no sparse coder", "use sae:PATH or transcoder:PATH")
+    path, want_transcoder = spec.path, spec.kind == "transcoder"
+    fmt = detect(path)
+    if fmt == "sparsify-parent":
+        path, fmt = sparsify_child(path, layer), "sparsify"
+    if fmt == "saelens":
+        coder = read_saelens(path)
+    elif fmt == "sparsify":
+        coder = read_sparsify(path)
+    else:
+        coder = read_gemmascope(path, want_transcoder or gemmascope_is_transcoder(path), layer)
+    if coder.transcoder and not want_transcoder:
+        raise UserError(f"{coder.source} is a transcoder, given as sae:", f"pass it as transcoder:{spec.path}")
+    if want_transcoder and not coder.transcoder:
+        raise UserError(f"{coder.source} is an SAE, given as transcoder:", f"pass it as sae:{spec.path}")
+    if coder.hook is None:
+        raise UserError(f"{coder.source} does not say which layer it reads", "pass --layer")
+    if layer is not None and layer != coder.hook.layer:
+        raise UserError(f"--layer {layer} disagrees with {coder.source}, which reads {coder.hook}",
+                        f"pass --layer {coder.hook.layer}, or leave --layer out")
+    return coder
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    name: str
+    n_layers: int
+    d_model: int
+
+
+def model_dims(model: str) -> ModelDims:
+    """Layers and residual width of a subject, from its config or GGUF header alone."""
+    path = Path(defaults.resolve_model(model)).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        from gguf import GGUFReader
+
+        fields = GGUFReader(path).fields
+        arch = fields["general.architecture"].contents()
+        return ModelDims(model, int(fields[f"{arch}.block_count"].contents()), int(fields[f"{arch}.embedding_length"].contents()))
+    if (path / "config.json").is_file():
+        cfg = json.loads((path / "config.json").read_text())
+    else:
+        try:
+            from transformers import AutoConfig
+
+            cfg = AutoConfig.from_pretrained(model).to_dict()
+        except (OSError, ValueError):
+            raise UserError(f"cannot read the config of model '{model}'", "give a local model folder, a .gguf file, or a hub name reachable from here") from None
+    cfg = cfg.get("text_config", cfg)
+    layers = next((cfg[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if cfg.get(k)), None)
+    width = next((cfg[k] for k in ("hidden_size", "n_embd", "d_model") if cfg.get(k)), None)
+    if not layers or not width:
+        raise UserError(f"the config of '{model}' names no layer count or hidden size", "give a transformer causal LM")
+    return ModelDims(model, int(layers), int(width))
+
+
+def check_subject(coder: SparseCoder, dims: ModelDims) -> HookPoint:
+    """The coder's hook point, once the subject is known to have it at the coder's width."""
+    hook = coder.hook
+    if not 0 <= hook.layer < dims.n_layers:
+        raise UserError(f"{coder.source} reads {hook}, but {dims.name} has layers 0..{dims.n_layers - 1}",
+                        "use a coder trained on this model")
+    if coder.d_in != dims.d_model:
+        raise UserError(f"{coder.source} has d_in {coder.d_in}, but {dims.name}'s residual width is {dims.d_model}",
+                        "use a coder trained on this model")
+    return hook
+
+
+def open_source(text: str, model: str, layer: int | None = None) -> tuple[SourceSpec, SparseCoder | None]:
+    """Parse a `--units` spec and, for a coder, load and check it against `model`'s config."""
+    spec = parse_source(text)
+    if spec.kind == "mlp":
+        return spec, None
+    coder = load_coder(spec, layer)
+    check_subject(coder, model_dims(model))
+    return spec, coder

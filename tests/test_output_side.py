@@ -1,0 +1,57 @@
+"""A unit's output direction through the unembedding (issue 14 item 6), checked against the model's
+own computation and a numpy restatement of RMSNorm."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from autoexplain.output_side import latent_direction, neuron_direction, output_tokens
+from autoexplain.subject import load_subject
+
+
+@pytest.fixture(scope="module")
+def subject(tiny_llama_dir):
+    return load_subject(tiny_llama_dir, dtype=torch.float32, device="cpu")
+
+
+def test_neuron_direction_is_what_the_neuron_writes(subject, tiny_gpt2_dir):
+    proj = subject.projections[1]
+    one_hot = torch.zeros(subject.n_units)
+    one_hot[7] = 2.5
+    with torch.no_grad():
+        torch.testing.assert_close(neuron_direction(proj, 7) * 2.5, proj(one_hot))
+    gpt2 = load_subject(tiny_gpt2_dir, dtype=torch.float32, device="cpu")
+    proj = gpt2.projections[0]  # Conv1D, weight [in, out], with a bias
+    one_hot = torch.zeros(gpt2.n_units)
+    one_hot[3] = 1.0
+    with torch.no_grad():
+        torch.testing.assert_close(neuron_direction(proj, 3), proj(one_hot) - proj(torch.zeros_like(one_hot)))
+
+
+def test_top_and_bottom_tokens_with_and_without_the_final_norm(subject):
+    model = subject.model
+    with torch.no_grad():  # a non-trivial norm weight, so that the two lists can differ
+        model.model.norm.weight.copy_(torch.linspace(0.1, 3.0, model.config.hidden_size))
+    d = neuron_direction(subject.projections[2], 5)
+    W_U = model.lm_head.weight.detach().double().numpy()
+    dn = d.double().numpy()
+    eps = model.config.rms_norm_eps
+    normed = dn / np.sqrt((dn ** 2).mean() + eps) * model.model.norm.weight.detach().double().numpy()
+    for use_norm, vec in ((False, dn), (True, normed)):
+        got = output_tokens(model, d, n=10, normed=use_norm)
+        logits = W_U @ vec
+        order = np.argsort(-logits)
+        assert got.top.ids == order[:10].tolist() and got.bottom.ids == order[::-1][:10].tolist()
+        np.testing.assert_allclose(got.top.values, logits[order[:10]], rtol=1e-4)
+        assert got.top.values == sorted(got.top.values, reverse=True) and got.bottom.values == sorted(got.bottom.values)
+    assert output_tokens(model, d, normed=True).top.ids != output_tokens(model, d).top.ids
+
+
+def test_latent_direction_is_a_decoder_row():
+    from autoexplain.sae_coder import SparseCoder
+
+    W_dec = torch.randn(6, 4)
+    coder = SparseCoder("x", "saelens", "standard", False, None, torch.randn(4, 6), torch.zeros(6), W_dec, torch.zeros(4))
+    assert torch.equal(latent_direction(coder, 3), W_dec[3])
