@@ -316,6 +316,8 @@ def publish(
         err.print(f"published {', '.join(TABLES)} to {to_dir}", highlight=False)
         typer.echo(str(to_dir))
 
+    run_or_exit(go)
+
 
 @app.command("train-sae")
 def train_sae_cmd(
@@ -335,7 +337,7 @@ def train_sae_cmd(
     to: Optional[Path] = typer.Option(None, "--to", help="SAE folder to write (default: <out>/sae/layer_<L>_<hook>_<latents>)."),
 ):
     """Train a TopK SAE on one hook point's hidden states, on CPU, and save it in SAELens format
-    (use it as --units sae:FOLDER); prints its held-out fraction of variance explained and dead latents."""
+    (SAELens and `autoexplain.sae` read it back); prints its held-out fraction of variance explained and dead latents."""
     from autoexplain.record import build_windows
     from autoexplain.sae_coder import HookPoint
     from autoexplain.sae_train import TL_HOOKS, TrainConfig, train_sae
