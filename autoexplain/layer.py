@@ -25,6 +25,7 @@ from autoexplain.errors import UserError
 from autoexplain.explain import as_explainer, explainer_prompt_hash
 from autoexplain.identity import code_identity
 from autoexplain.registry import DEFAULT_EXPLAINER, make_explainer, make_simulator
+from autoexplain.sources import MLP
 from autoexplain.storage import (
     Memo,
     content_key,
@@ -92,7 +93,7 @@ def _records_inputs(records_dir: Path, layer: int):
 
 def load_units(records_dir: str | Path, layer: int, units: list[int] | None = None):
     records_path, windows_path, _ = _records_inputs(Path(records_dir), layer)
-    wanted = None if units is None else [(u, p) for u in units for p in (1, -1)]
+    wanted = None if units is None else [(u.index, u.polarity) for u in MLP.unit_ids(layer, units)]
     found = read_units(records_path, windows_path, wanted)
     if units is not None and not found:
         raise UserError(f"none of units {units[0]}..{units[-1]} exist in layer {layer}", "check --units")
@@ -136,7 +137,7 @@ def _use_text_vectors(explanations: pa.Table, out, sim) -> None:
 
 def _unit_key(records_key: str, unit, **rest) -> str:
     # One records output can hold several layers: the layer is part of a unit's identity.
-    n = unit.neuron
+    n = unit.id
     return content_key({"records": records_key, "unit": [n.layer, n.index, n.polarity], **rest})
 
 
@@ -228,7 +229,7 @@ def run_explain(records_dir, layer: int, out, units=None, explainer=None, cfg=No
                         f.cancel()
                 continue
             for ukey, unit in batch:
-                mine = [r for r in table if (r["unit"], r["polarity"]) == (unit.neuron.index, unit.neuron.polarity)]
+                mine = [r for r in table if (r["unit"], r["polarity"]) == (unit.id.index, unit.id.polarity)]
                 if not any(r.get("failure") for r in mine):  # a failed explanation is asked again on a rerun
                     memo.put(ukey, mine)
                 rows[ukey] = mine
@@ -310,7 +311,7 @@ def run_score(records_dir, simulations: StageRef, out, n_boot: int = 1000, seed:
     sims_of, chosen_of = _by_unit(sims.to_pylist()), _by_unit(chosen.to_pylist())
     memo, rows = Memo(out, "score"), []
     for unit in units:
-        u_sims, u_chosen = (rows_of.get((unit.neuron.index, unit.neuron.polarity), []) for rows_of in (sims_of, chosen_of))
+        u_sims, u_chosen = (rows_of.get((unit.id.index, unit.id.polarity), []) for rows_of in (sims_of, chosen_of))
         ukey = _unit_key(records_key, unit, sims=_sims_digest(u_sims), chosen=u_chosen, n_boot=n_boot, seed=seed,
                          code=code)
         rows += _memoised(memo, ukey, lambda: pipeline.score_rows([unit], u_sims, u_chosen, n_boot, seed))

@@ -114,7 +114,7 @@ def _explanation_row(unit, method, explainer, phash, text, candidates, p_tok, c_
                      dollars: float | None = 0.0):
     """`dollars`: the explainer's requests; `selection_*`: best-of-k's simulations on valid, filled
     in by the simulate stage for the chosen row."""
-    n = unit.neuron
+    n = unit.id
     return {"layer": n.layer, "unit": n.index, "polarity": n.polarity, "method": method, "explainer": explainer,
             "prompt_hash": phash, "text": text, "candidates": list(candidates),
             "candidate_valid_scores": list(cand_scores or []), "prompt_tokens": p_tok, "completion_tokens": c_tok,
@@ -137,7 +137,7 @@ def _simulate_texts(simulator, texts: list[str], records) -> list[list[Simulatio
 
 
 def _sim_rows(unit: UnitRecords, method: str, simulator, records, sims) -> list[dict]:
-    n = unit.neuron
+    n = unit.id
     name, phash = simulator.name, simulator.prompt_hash
     return [{"layer": n.layer, "unit": n.index, "polarity": n.polarity, "method": method, "simulator": name,
              "prompt_hash": phash, "window_id": r.window_id, "kind": r.kind, "split": r.split,
@@ -215,7 +215,7 @@ def simulate_stage(units: Sequence[UnitRecords], explanations: pa.Table, simulat
     workers = _concurrency(simulator)
 
     def unit_result(unit):
-        key = (unit.neuron.index, unit.neuron.polarity)
+        key = (unit.id.index, unit.id.polarity)
         row, lookup = by_key[(*key, EXPLAINER)], by_key.get((*key, LOOKUP))
         inputs = {"explanation": row["candidates"], "lookup": lookup and lookup["text"]}
         return remember(unit, inputs, computing(lambda: simulate_unit(unit, row, lookup, simulator)))
@@ -271,7 +271,7 @@ def score_rows(units: Sequence[UnitRecords], simulations: list[dict], explanatio
             selection[key] = (row["selection_tokens"], row["selection_dollars"])
     out = []
     for unit in units:
-        n = unit.neuron
+        n = unit.id
         COUNTS["score_units"] += 1
         for (u, pol, method, sim_name), by_window in sims_of.items():
             if (u, pol) != (n.index, n.polarity):
