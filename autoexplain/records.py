@@ -21,6 +21,10 @@ RANDOM_DEAL = ("calib", "valid", "test")
 KINDS = ("top", "quantile", "random")
 # Quantile bins of per-window max activation, as in the reference.
 QUANTILE_BINS = ((0.0, 0.5), (0.5, 0.9), (0.9, 0.99), (0.99, 0.999))
+# The kinds that simulations are scored on (quantile windows are only shown to the explainer), and
+# the splits that the chosen explanation is simulated on: calib fits the calibration, test reports.
+SCORED_KINDS = ("top", "random")
+HELD_OUT = ("calib", "test")
 
 
 @dataclass(frozen=True, order=True)
@@ -98,6 +102,11 @@ class UnitRecords:
             for r in self.records
             if (split is None or r.split == split) and (kind is None or r.kind == kind)
         ]
+
+
+def held_out(records: "list[ActivationRecord]") -> "list[ActivationRecord]":
+    """The records an explanation is simulated and scored on, in their order."""
+    return [r for r in records if r.kind in SCORED_KINDS and r.split in HELD_OUT]
 
 
 # What the explain and simulate stages return per unit and per record (the component interfaces in
