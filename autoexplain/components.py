@@ -45,6 +45,7 @@ class Component:
     needs_prompt_logprobs: ClassVar[bool] = False
 
     name: str  # this instance's name as stored in output rows (may carry its settings and model)
+    llm: Any = None  # the `llm.LLM` it calls (or a local `subject.Subject`), None for none
 
     def dollars(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> float | None:
         """What a request of these tokens cost (`prices`): 0 for a component that calls no paid LLM,

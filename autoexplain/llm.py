@@ -101,7 +101,7 @@ class LLMError(UserError):
 
     @property
     def reason(self) -> str:
-        return self.problem if hasattr(self, "problem") else str(self)
+        return self.problem
 
 
 _TRACKERS: contextvars.ContextVar[tuple] = contextvars.ContextVar("autoexplain_llm_trackers", default=())
@@ -114,6 +114,12 @@ class LLM(ABC):
     (`registry.make_llm`) builds one from a spec string."""
 
     name: str
+    # Capabilities, declared here so that callers read them without probing: whether stages may
+    # call it from many threads at once, and how many requests it takes at once then; whether it
+    # answers from a response cache (`llm_cache.attach` sets `self.cache`).
+    thread_safe: bool = False
+    max_concurrency: int = 1
+    caches_requests: bool = False
 
     def __init__(self) -> None:
         self.usage = Usage()

@@ -68,13 +68,12 @@ def shown_records(unit: UnitRecords, n: int):
     return sorted(train, key=lambda r: (r.kind != "top", -r.max_activation))[:n]
 
 
-def _concurrency(model) -> int:
-    """How many requests the model takes at once: its LLM's max_concurrency when it is thread safe
-    (a server), else 1 (a local model runs one call at a time)."""
-    if not getattr(model, "thread_safe", False):
+def _concurrency(component: Explainer | Simulator) -> int:
+    """How many requests the component takes at once: its LLM's max_concurrency when it is thread
+    safe (a server), else 1 (a local model runs one call at a time)."""
+    if not component.thread_safe or component.llm is None:
         return 1
-    llm = getattr(model, "llm", model)
-    return max(1, int(getattr(llm, "max_concurrency", 1)))
+    return max(1, int(component.llm.max_concurrency))
 
 
 def _in_order(fn, items, workers: int):
