@@ -24,7 +24,7 @@ from autoexplain.activations import read_units
 from autoexplain.errors import UserError
 from autoexplain.explain import as_explainer, explainer_prompt_hash
 from autoexplain.identity import code_identity
-from autoexplain.registry import DEFAULT_EXPLAINER, make_explainer, make_simulator
+from autoexplain.registry import DEFAULT_EXPLAINER, explainer_weights, make_explainer, make_simulator
 from autoexplain.sources import MLP
 from autoexplain.storage import (
     Memo,
@@ -135,6 +135,11 @@ def _use_text_vectors(explanations: pa.Table, out, sim) -> None:
     tmp.replace(path)
 
 
+def _weights(fingerprint: str) -> dict:
+    """A local model's weights in a stage's key (`registry.llm_weights`); nothing for the rest."""
+    return {"weights": fingerprint} if fingerprint else {}
+
+
 def _unit_key(records_key: str, unit, **rest) -> str:
     # One records output can hold several layers: the layer is part of a unit's identity.
     n = unit.id
@@ -183,7 +188,7 @@ def run_explain(records_dir, layer: int, out, units=None, explainer=None, cfg=No
     _, _, records_key = _records_inputs(records_dir, layer)
     spec = explainer or DEFAULT_EXPLAINER
     params = {"layer": layer, "units": units, "explainer": spec, "config": asdict(cfg),
-              "prompt": explainer_prompt_hash()}
+              "prompt": explainer_prompt_hash(), **_weights(explainer_weights(spec))}
     code = code_identity(run_explain)  # the source it reaches (`identity`)
     key = content_key({"records": records_key, **params, "code": code})
     ref = StageRef(stage_dir(out, "explanations", key), key, layer)
@@ -271,7 +276,8 @@ def run_simulate(records_dir, explanations: StageRef, out, simulator=None, sim=N
     sim = sim or make_simulator(simulator)
     layer = explanations.layer
     _, _, records_key = _records_inputs(records_dir, layer)
-    params = {"layer": layer, "simulator": sim.name, "prompt": sim.prompt_hash, "seed": seed}
+    params = {"layer": layer, "simulator": sim.name, "prompt": sim.prompt_hash, "seed": seed,
+              **_weights(sim.llm.fingerprint if sim.llm is not None else "")}
     code = code_identity(run_simulate)
     key = content_key({"explanations": explanations.key, **params, "code": code})
     ref = StageRef(stage_dir(out, "simulations", key), key, layer)
@@ -279,7 +285,8 @@ def run_simulate(records_dir, explanations: StageRef, out, simulator=None, sim=N
         return ref
     table = pq.read_table(explanations.path)
     units = load_units(records_dir, layer, sorted(set(table.column("unit").to_pylist())))
-    memo, sim_id = Memo(out, "simulate"), {"simulator": sim.name, "prompt": params["prompt"], "code": code}
+    memo, sim_id = Memo(out, "simulate"), {"simulator": sim.name, "prompt": params["prompt"], "code": code,
+                                           **_weights(params.get("weights", ""))}
 
     def remember(unit, inputs, compute):
         return _memoised(memo, _unit_key(records_key, unit, **inputs, **sim_id), compute, _no_request_failed)

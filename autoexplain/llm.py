@@ -120,6 +120,9 @@ class LLM(ABC):
     thread_safe: bool = False
     max_concurrency: int = 1
     caches_requests: bool = False
+    # What its outputs depend on beyond its name, for cache keys: a local model's weights
+    # (`Subject.fingerprint`); '' for a server, known by its name only.
+    fingerprint: str = ""
 
     def __init__(self) -> None:
         self.usage = Usage()
@@ -214,6 +217,7 @@ class LocalLLM(LLM):
         self._torch = torch
         self.subject = subject or load_subject(spec, device=device)
         self.name = self.subject.name
+        self.fingerprint = self.subject.fingerprint
         self.model, self.tok = self.subject.model, self.subject.tokenizer
         self.batch_size, self.logits_budget = batch_size, logits_budget
         eos = self.model.generation_config.eos_token_id

@@ -255,7 +255,8 @@ def component_identity(cls: type) -> dict:
 
 def simulator_identity(spec: str | None) -> str:
     """What a simulator's output depends on besides its inputs, without loading any model:
-    'SPEC|PROMPT_HASH', plus '|SETTINGS_HASH' when its class declares settings."""
+    'SPEC|PROMPT_HASH', plus '|SETTINGS_HASH' when its class declares settings, plus '|WEIGHTS'
+    when its LLM is a local model folder or file (`llm_weights`)."""
     p = parse_simulator(spec)
     ident = component_identity(p.cls)
     out = f"{p.spec}|{ident['prompt']}"
@@ -263,4 +264,27 @@ def simulator_identity(spec: str | None) -> str:
         from autoexplain.storage import content_key
 
         out += "|" + content_key(ident["settings"], 16)
-    return out
+    weights = llm_weights(p.llm) if p.llm is not None else ""
+    return out + "|" + weights if weights else out
+
+
+def llm_weights(spec: str | None) -> str:
+    """A local LLM's model content as 'NAME:DIGEST' (`weights.model_digest`: every file's full
+    sha256, computed once per file version), the same string as its loaded `Subject.fingerprint`;
+    '' for a server LLM or a hub name, which are known by name only until loaded."""
+    p = parse_llm(spec)
+    if p.kind != "local":
+        return ""
+    from pathlib import Path
+
+    from autoexplain import defaults
+    from autoexplain.weights import model_digest
+
+    path = Path(defaults.resolve_model(p.model or defaults.SUBJECT)).expanduser()
+    return f"{path.name}:{model_digest(path)}" if path.exists() else ""
+
+
+def explainer_weights(spec: str | None) -> str:
+    """`llm_weights` of an explainer's LLM ('' for an explainer without one)."""
+    llm = parse_explainer(spec).llm
+    return llm_weights(llm) if llm is not None else ""
