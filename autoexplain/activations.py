@@ -8,7 +8,7 @@ from typing import Iterable
 import numpy as np
 import polars as pl
 
-from autoexplain.records import ActivationRecord, NeuronId, UnitRecords, UnitStats
+from autoexplain.records import ActivationRecord, UnitId, UnitRecords, UnitStats
 
 
 def read_units(
@@ -16,8 +16,10 @@ def read_units(
     windows_path: str | Path,
     units: Iterable[tuple[int, int]] | None = None,
     stats_path: str | Path | None = None,
+    kind: str = "mlp",
 ) -> list[UnitRecords]:
-    """All units of one layer's records file, or just `units` given as (unit, polarity) pairs."""
+    """All units of one layer's records file, or just `units` given as (unit, polarity) pairs.
+    `kind`: the unit source the file was recorded from (its units' `UnitId.source` is 'L<layer>/<kind>')."""
     recs = pl.scan_parquet(records_path)
     if units is not None:
         wanted = pl.DataFrame(list(units), schema={"unit": pl.Int32, "polarity": pl.Int8}, orient="row")
@@ -50,7 +52,7 @@ def read_units(
             for w, a, k, s, q in zip(*(cols[c][start:end] for c in cols))
         ]
         layer, unit, polarity = (int(x) for x in keys[start])
-        out.append(UnitRecords(NeuronId(layer, unit, polarity), records, stats_of.get((unit, polarity))))
+        out.append(UnitRecords(UnitId(f"L{layer}/{kind}", unit, polarity), records, stats_of.get((unit, polarity))))
     return out
 
 

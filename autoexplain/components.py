@@ -1,4 +1,5 @@
-"""The component interfaces: `Explainer` and `Simulator` (the `LLM` base lives in `llm.py`).
+"""The component interfaces: `Explainer`, `Simulator` and `Scorer` (the `LLM` base lives in
+`llm.py`, the `UnitSource` one in `sources.py`).
 
 A component says what it is as class-level data, readable without building it or loading a model:
 - `kind`: the first word of its spec string ('embedding', 'all-at-once', ...), the name the
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from autoexplain.records import ActivationRecord, Explanation, Simulation
+    from autoexplain.scoring import Score
 
 LLM_ARGS = ("none", "optional", "required")
 
@@ -43,6 +45,7 @@ class Component:
     needs_prompt_logprobs: ClassVar[bool] = False
 
     name: str  # this instance's name as stored in output rows (may carry its settings and model)
+    llm: Any = None  # the `llm.LLM` it calls (or a local `subject.Subject`), None for none
 
     def dollars(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> float | None:
         """What a request of these tokens cost (`prices`): 0 for a component that calls no paid LLM,
@@ -103,3 +106,23 @@ class Simulator(Component):
 
     def fresh(self) -> "Simulator":
         return self
+
+
+class Scorer(Component):
+    """Measures how well one explanation of a unit accounts for the unit's true activations.
+
+    `score` gets the explanation, the unit's records to score (each with its true activations) and,
+    when `needs_simulations`, a simulator's `Simulation` of the explanation on each of those records,
+    in the same order. It returns one `scoring.Score` per metric, keyed by the metric's name.
+
+    Capability: `needs_simulations` (default True) says it scores the simulate stage's predictions.
+    A scorer that asks its own LLM about the explanation instead (detection, fuzzing) sets it False,
+    takes an LLM (`takes_llm`) and is given `simulations=None`.
+    """
+
+    needs_simulations: ClassVar[bool] = True
+
+    def score(self, explanation: str | None, records: Sequence["ActivationRecord"],
+              simulations: Sequence["Simulation"] | None, *, n_boot: int = 1000,
+              seed: int = 0) -> dict[str, "Score"]:
+        raise NotImplementedError

@@ -45,7 +45,7 @@ def _record(r) -> dict:
 def export_unit(folder: Path, unit: UnitRecords, explanations: list[dict], simulations: dict, scores: dict) -> None:
     """explanations: rows of the explanations table for this unit; simulations: method -> {window_id: row};
     scores: method -> {metric: value}."""
-    n = unit.neuron
+    n = unit.id
     by_bin: dict[int, list] = {}
     for r in unit.records:
         if r.kind == "quantile":
@@ -115,7 +115,7 @@ def export_layer(folder: str | Path, units: list[UnitRecords], chosen: pa.Table,
     folder = Path(folder)
     chosen_df, sims_df, scores_df = pl.from_arrow(chosen), pl.from_arrow(simulations), pl.from_arrow(scores)
     for unit in units:
-        key = (pl.col("unit") == unit.neuron.index) & (pl.col("polarity") == unit.neuron.polarity)
+        key = (pl.col("unit") == unit.id.index) & (pl.col("polarity") == unit.id.polarity)
         exps = chosen_df.filter(key).to_dicts()
         sims: dict[str, dict] = {}
         for row in sims_df.filter(key).to_dicts():

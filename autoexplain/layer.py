@@ -24,7 +24,8 @@ from autoexplain.activations import read_units
 from autoexplain.errors import UserError
 from autoexplain.explain import as_explainer, explainer_prompt_hash
 from autoexplain.identity import code_identity
-from autoexplain.registry import DEFAULT_EXPLAINER, make_explainer, make_simulator
+from autoexplain.registry import DEFAULT_EXPLAINER, explainer_weights, make_explainer, make_simulator
+from autoexplain.sources import MLP
 from autoexplain.storage import (
     Memo,
     content_key,
@@ -92,7 +93,7 @@ def _records_inputs(records_dir: Path, layer: int):
 
 def load_units(records_dir: str | Path, layer: int, units: list[int] | None = None):
     records_path, windows_path, _ = _records_inputs(Path(records_dir), layer)
-    wanted = None if units is None else [(u, p) for u in units for p in (1, -1)]
+    wanted = None if units is None else [(u.index, u.polarity) for u in MLP.unit_ids(layer, units)]
     found = read_units(records_path, windows_path, wanted)
     if units is not None and not found:
         raise UserError(f"none of units {units[0]}..{units[-1]} exist in layer {layer}", "check --units")
@@ -134,9 +135,14 @@ def _use_text_vectors(explanations: pa.Table, out, sim) -> None:
     tmp.replace(path)
 
 
+def _weights(fingerprint: str) -> dict:
+    """A local model's weights in a stage's key (`registry.llm_weights`); nothing for the rest."""
+    return {"weights": fingerprint} if fingerprint else {}
+
+
 def _unit_key(records_key: str, unit, **rest) -> str:
     # One records output can hold several layers: the layer is part of a unit's identity.
-    n = unit.neuron
+    n = unit.id
     return content_key({"records": records_key, "unit": [n.layer, n.index, n.polarity], **rest})
 
 
@@ -182,7 +188,7 @@ def run_explain(records_dir, layer: int, out, units=None, explainer=None, cfg=No
     _, _, records_key = _records_inputs(records_dir, layer)
     spec = explainer or DEFAULT_EXPLAINER
     params = {"layer": layer, "units": units, "explainer": spec, "config": asdict(cfg),
-              "prompt": explainer_prompt_hash()}
+              "prompt": explainer_prompt_hash(), **_weights(explainer_weights(spec))}
     code = code_identity(run_explain)  # the source it reaches (`identity`)
     key = content_key({"records": records_key, **params, "code": code})
     ref = StageRef(stage_dir(out, "explanations", key), key, layer)
@@ -228,7 +234,7 @@ def run_explain(records_dir, layer: int, out, units=None, explainer=None, cfg=No
                         f.cancel()
                 continue
             for ukey, unit in batch:
-                mine = [r for r in table if (r["unit"], r["polarity"]) == (unit.neuron.index, unit.neuron.polarity)]
+                mine = [r for r in table if (r["unit"], r["polarity"]) == (unit.id.index, unit.id.polarity)]
                 if not any(r.get("failure") for r in mine):  # a failed explanation is asked again on a rerun
                     memo.put(ukey, mine)
                 rows[ukey] = mine
@@ -270,7 +276,8 @@ def run_simulate(records_dir, explanations: StageRef, out, simulator=None, sim=N
     sim = sim or make_simulator(simulator)
     layer = explanations.layer
     _, _, records_key = _records_inputs(records_dir, layer)
-    params = {"layer": layer, "simulator": sim.name, "prompt": sim.prompt_hash, "seed": seed}
+    params = {"layer": layer, "simulator": sim.name, "prompt": sim.prompt_hash, "seed": seed,
+              **_weights(sim.llm.fingerprint if sim.llm is not None else "")}
     code = code_identity(run_simulate)
     key = content_key({"explanations": explanations.key, **params, "code": code})
     ref = StageRef(stage_dir(out, "simulations", key), key, layer)
@@ -278,7 +285,8 @@ def run_simulate(records_dir, explanations: StageRef, out, simulator=None, sim=N
         return ref
     table = pq.read_table(explanations.path)
     units = load_units(records_dir, layer, sorted(set(table.column("unit").to_pylist())))
-    memo, sim_id = Memo(out, "simulate"), {"simulator": sim.name, "prompt": params["prompt"], "code": code}
+    memo, sim_id = Memo(out, "simulate"), {"simulator": sim.name, "prompt": params["prompt"], "code": code,
+                                           **_weights(params.get("weights", ""))}
 
     def remember(unit, inputs, compute):
         return _memoised(memo, _unit_key(records_key, unit, **inputs, **sim_id), compute, _no_request_failed)
@@ -310,7 +318,7 @@ def run_score(records_dir, simulations: StageRef, out, n_boot: int = 1000, seed:
     sims_of, chosen_of = _by_unit(sims.to_pylist()), _by_unit(chosen.to_pylist())
     memo, rows = Memo(out, "score"), []
     for unit in units:
-        u_sims, u_chosen = (rows_of.get((unit.neuron.index, unit.neuron.polarity), []) for rows_of in (sims_of, chosen_of))
+        u_sims, u_chosen = (rows_of.get((unit.id.index, unit.id.polarity), []) for rows_of in (sims_of, chosen_of))
         ukey = _unit_key(records_key, unit, sims=_sims_digest(u_sims), chosen=u_chosen, n_boot=n_boot, seed=seed,
                          code=code)
         rows += _memoised(memo, ukey, lambda: pipeline.score_rows([unit], u_sims, u_chosen, n_boot, seed))

@@ -106,7 +106,7 @@ class LLMError(UserError):
 
     @property
     def reason(self) -> str:
-        return self.problem if hasattr(self, "problem") else str(self)
+        return self.problem
 
 
 _TRACKERS: contextvars.ContextVar[tuple] = contextvars.ContextVar("autoexplain_llm_trackers", default=())
@@ -119,6 +119,15 @@ class LLM(ABC):
     (`registry.make_llm`) builds one from a spec string."""
 
     name: str
+    # Capabilities, declared here so that callers read them without probing: whether stages may
+    # call it from many threads at once, and how many requests it takes at once then; whether it
+    # answers from a response cache (`llm_cache.attach` sets `self.cache`).
+    thread_safe: bool = False
+    max_concurrency: int = 1
+    caches_requests: bool = False
+    # What its outputs depend on beyond its name, for cache keys: a local model's weights
+    # (`Subject.fingerprint`); '' for a server, known by its name only.
+    fingerprint: str = ""
 
     def __init__(self) -> None:
         self.usage = Usage()
@@ -213,6 +222,7 @@ class LocalLLM(LLM):
         self._torch = torch
         self.subject = subject or load_subject(spec, device=device)
         self.name = self.subject.name
+        self.fingerprint = self.subject.fingerprint
         self.model, self.tok = self.subject.model, self.subject.tokenizer
         self.batch_size, self.logits_budget = batch_size, logits_budget
         eos = self.model.generation_config.eos_token_id

@@ -228,6 +228,8 @@ def attach(component, out: str | os.PathLike) -> None:
     """Give the server LLM of an explainer or simulator the cache of the output root `out` (or none,
     when the cache is off). Components without a server LLM are left alone: a local model is
     deterministic and costs nothing per request."""
-    llm = getattr(component, "llm", None)
-    if llm is not None and hasattr(llm, "cache"):
+    from autoexplain.llm import LLM
+
+    llm = component.llm
+    if isinstance(llm, LLM) and llm.caches_requests:
         llm.cache = for_root(out)

@@ -62,6 +62,7 @@ class OpenAILLM(LLM):
 
     RETRYABLE = {408, 409, 425, 429}
     thread_safe = True  # stages may call it from many threads at once
+    caches_requests = True
 
     def __init__(self, model: str, base_url: str | None = None, *, api_key: str | None = None,
                  api_key_env: str = "OPENAI_API_KEY", max_concurrency: int = 8,

@@ -10,6 +10,11 @@ an edit touches:
 - `score_stage` turns simulations into metrics on the *test* split, with bootstrap CIs.
 Selection (valid) and reporting (test) never share a split.
 
+Per unit, the functions take and return typed rows (`rows.ExplanationRow`, `SimulationRow`,
+`ScoreRow`): `explain_units` (one batch, as an explainer answers), `simulate_unit`,
+`simulate_control` and `score_unit`, which measures with a `components.Scorer` (the `simulation`
+scorer by default). The `*_stage` functions turn them into tables through `rows`, the one codec.
+
 Concurrency: with a server LLM (an object whose `thread_safe` is true), the explain stage sends
 several batches of units and the simulate stage several units at once, so that the LLM's requests
 from many units, candidates and records are in flight together up to its `max_concurrency`. Each
@@ -22,21 +27,29 @@ from __future__ import annotations
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
-import numpy as np
 import pyarrow as pa
 
-from autoexplain import best_of_k, prices, scoring
+from autoexplain import best_of_k, prices
+from autoexplain.components import Explainer, Scorer, Simulator
 from autoexplain.counters import COUNTS
 from autoexplain.explain import as_explainer, shuffled_explanations, token_lookup_explanation
-from autoexplain.records import UnitRecords
-from autoexplain.simulate import Simulation
-from schemas import load_schema
+from autoexplain.records import SCORED_KINDS, Simulation, UnitRecords, held_out
+from autoexplain.rows import (
+    ExplanationRow,
+    ScoreRow,
+    SimulationRow,
+    from_rows,
+    from_table,
+    rows_to_table,
+    to_rows,
+    to_table,
+)
+from autoexplain.score_simulation import SimulationScorer
 
 EXPLAINER, LOOKUP, SHUFFLED = "explainer", "token-lookup", "shuffled"
-SCORED_KINDS = ("top", "random")
 
 
 @dataclass
@@ -55,13 +68,12 @@ def shown_records(unit: UnitRecords, n: int):
     return sorted(train, key=lambda r: (r.kind != "top", -r.max_activation))[:n]
 
 
-def _concurrency(model) -> int:
-    """How many requests the model takes at once: its LLM's max_concurrency when it is thread safe
-    (a server), else 1 (a local model runs one call at a time)."""
-    if not getattr(model, "thread_safe", False):
+def _concurrency(component: Explainer | Simulator) -> int:
+    """How many requests the component takes at once: its LLM's max_concurrency when it is thread
+    safe (a server), else 1 (a local model runs one call at a time)."""
+    if not component.thread_safe or component.llm is None:
         return 1
-    llm = getattr(model, "llm", model)
-    return max(1, int(getattr(llm, "max_concurrency", 1)))
+    return max(1, int(component.llm.max_concurrency))
 
 
 def _in_order(fn, items, workers: int):
@@ -80,28 +92,29 @@ def _in_order(fn, items, workers: int):
                 f.cancel()
 
 
+def explain_units(units: Sequence[UnitRecords], explainer: Explainer, cfg: ExplainConfig) -> list[ExplanationRow]:
+    """One batch of units (an explainer answers a batch in one call): per unit, its explainer row
+    with k candidates, then its token-lookup baseline."""
+    shown = [shown_records(u, cfg.n_shown) for u in units]
+    explained = explainer.explain_records(shown, cfg.k, cfg.temperature, cfg.max_tokens, cfg.chat)
+    rows = []
+    for unit, recs, exp in zip(units, shown, explained):
+        rows.append(ExplanationRow(unit.id, EXPLAINER, exp.explainer, exp.prompt_hash, exp.text, list(exp.candidates),
+                                   [], exp.prompt_tokens, exp.completion_tokens, failure=exp.failure,
+                                   dollars=explainer.dollars(exp.prompt_tokens, exp.completion_tokens, exp.cached_tokens)))
+        rows.append(_lookup_row(unit, recs))
+    return rows
+
+
 def explain_stage(units: Sequence[UnitRecords], llm, cfg: ExplainConfig) -> pa.Table:
     """`llm`: an Explainer, or an LLM (explained with by the LLM explainer)."""
     explainer = as_explainer(llm)
     batches = [units[start : start + cfg.batch_units] for start in range(0, len(units), cfg.batch_units)]
-
-    def explain_batch(batch):
-        shown = [shown_records(u, cfg.n_shown) for u in batch]
-        return shown, explainer.explain_records(shown, cfg.k, cfg.temperature, cfg.max_tokens, cfg.chat)
-
-    rows = []
     # Enough batches at once to keep the LLM's concurrency busy with as many requests again waiting
     # (a batch sends one request per unit, or k when the server ignores `n`, and ends with its slowest).
     workers = explain_workers(explainer, cfg)
-    for batch, (shown, explained) in zip(batches, _in_order(explain_batch, batches, workers)):
-        for unit, recs, exp in zip(batch, shown, explained):
-            rows.append(_explanation_row(unit, EXPLAINER, exp.explainer, exp.prompt_hash, exp.text, exp.candidates,
-                                         exp.prompt_tokens, exp.completion_tokens,
-                                         failure=getattr(exp, "failure", None),
-                                         dollars=explainer.dollars(exp.prompt_tokens, exp.completion_tokens, exp.cached_tokens)))
-            lookup = token_lookup_explanation(recs)
-            rows.append(_explanation_row(unit, LOOKUP, "token-lookup", "", lookup, [lookup], 0, 0))
-    return rows_to_table(rows, "explanations")
+    rows = [r for batch in _in_order(lambda b: explain_units(b, explainer, cfg), batches, workers) for r in batch]
+    return to_table(ExplanationRow, rows)
 
 
 def explain_workers(llm, cfg: ExplainConfig) -> int:
@@ -110,15 +123,9 @@ def explain_workers(llm, cfg: ExplainConfig) -> int:
     return max(1, math.ceil(4 * _concurrency(llm) / cfg.batch_units)) if _concurrency(llm) > 1 else 1
 
 
-def _explanation_row(unit, method, explainer, phash, text, candidates, p_tok, c_tok, cand_scores=None, failure=None,
-                     dollars: float | None = 0.0):
-    """`dollars`: the explainer's requests; `selection_*`: best-of-k's simulations on valid, filled
-    in by the simulate stage for the chosen row."""
-    n = unit.neuron
-    return {"layer": n.layer, "unit": n.index, "polarity": n.polarity, "method": method, "explainer": explainer,
-            "prompt_hash": phash, "text": text, "candidates": list(candidates),
-            "candidate_valid_scores": list(cand_scores or []), "prompt_tokens": p_tok, "completion_tokens": c_tok,
-            "failure": failure, "dollars": dollars, "selection_tokens": 0, "selection_dollars": 0.0}
+def _lookup_row(unit: UnitRecords, shown) -> ExplanationRow:
+    text = token_lookup_explanation(shown)
+    return ExplanationRow(unit.id, LOOKUP, "token-lookup", "", text, [text])
 
 
 def _scoring_records(unit: UnitRecords, split: str):
@@ -136,23 +143,18 @@ def _simulate_texts(simulator, texts: list[str], records) -> list[list[Simulatio
     return simulator.simulate_many(texts, [r.tokens for r in records])
 
 
-def _sim_rows(unit: UnitRecords, method: str, simulator, records, sims) -> list[dict]:
-    n = unit.neuron
+def _sim_rows(unit: UnitRecords, method: str, simulator, records, sims) -> list[SimulationRow]:
     name, phash = simulator.name, simulator.prompt_hash
-    return [{"layer": n.layer, "unit": n.index, "polarity": n.polarity, "method": method, "simulator": name,
-             "prompt_hash": phash, "window_id": r.window_id, "kind": r.kind, "split": r.split,
-             "expected": s.expected, "failure": s.failure, "tokens": s.prompt_tokens + s.completion_tokens,
-             "dollars": simulator.dollars(s.prompt_tokens, s.completion_tokens, s.cached_tokens)}
+    return [SimulationRow(unit.id, method, name, phash, r.window_id, r.kind, r.split, s.expected, s.failure,
+                          s.prompt_tokens + s.completion_tokens,
+                          simulator.dollars(s.prompt_tokens, s.completion_tokens, s.cached_tokens))
             for r, s in zip(records, sims)]
 
 
-def _held_out(unit: UnitRecords):
-    return [r for r in unit.records if r.kind in SCORED_KINDS and r.split in ("calib", "test")]
-
-
-def simulate_unit(unit: UnitRecords, llm_row: dict, lookup_row: dict | None, simulator) -> tuple[list, list]:
+def simulate_unit(unit: UnitRecords, explained: ExplanationRow, lookup: ExplanationRow | None,
+                  simulator: Simulator) -> tuple[list[ExplanationRow], list[SimulationRow]]:
     """Best-of-k on valid, then the chosen explanation and the token-lookup baseline on calib/test.
-    Returns (chosen explanation rows, simulation rows)."""
+    Returns (the chosen explanation and the baseline, their simulations)."""
     valid = _scoring_records(unit, "valid")
     spent: list[Simulation] = []
 
@@ -161,29 +163,32 @@ def simulate_unit(unit: UnitRecords, llm_row: dict, lookup_row: dict | None, sim
         spent.extend(s for sims in out for s in sims)
         return out
 
-    choice = best_of_k.choose(llm_row["candidates"], valid, simulate_many, simulator.selection)
-    best = llm_row["candidates"][choice.index] if choice.index >= 0 else ""
-    chosen = {**llm_row, "text": best, "candidate_valid_scores": choice.valid_scores,
-              "selection_tokens": sum(s.prompt_tokens + s.completion_tokens for s in spent),
-              "selection_dollars": prices.add(*(simulator.dollars(s.prompt_tokens, s.completion_tokens, s.cached_tokens)
-                                                 for s in spent))}
+    choice = best_of_k.choose(explained.candidates, valid, simulate_many, simulator.selection)
+    best = explained.candidates[choice.index] if choice.index >= 0 else ""
+    chosen = replace(explained, text=best, candidate_valid_scores=choice.valid_scores,
+                     selection_tokens=sum(s.prompt_tokens + s.completion_tokens for s in spent),
+                     selection_dollars=prices.add(*(simulator.dollars(s.prompt_tokens, s.completion_tokens, s.cached_tokens)
+                                                    for s in spent)))
     # Imported explanation sets carry no baseline: derive it from the same train records.
-    if lookup_row is None:
-        text = token_lookup_explanation(shown_records(unit, 5))
-        lookup_row = _explanation_row(unit, LOOKUP, "token-lookup", "", text, [text], 0, 0)
-    held_out = _held_out(unit)
+    if lookup is None:
+        lookup = _lookup_row(unit, shown_records(unit, 5))
+    scored = held_out(unit.records)
     rows = []
-    simulated = _simulate_texts(simulator, [best, lookup_row["text"]], held_out)
+    simulated = _simulate_texts(simulator, [best, lookup.text], scored)
     for method, sims in zip((EXPLAINER, LOOKUP), simulated):
-        rows += _sim_rows(unit, method, simulator, held_out, sims)
-    return [chosen, lookup_row], rows
+        rows += _sim_rows(unit, method, simulator, scored, sims)
+    return [chosen, lookup], rows
 
 
-def simulate_control(unit: UnitRecords, text: str, simulator) -> tuple[list, list]:
+def simulate_control(unit: UnitRecords, text: str, simulator: Simulator) -> tuple[list[ExplanationRow], list[SimulationRow]]:
     """The shuffled control: another unit's explanation, simulated on this unit's held-out records."""
-    held_out = _held_out(unit)
-    row = _explanation_row(unit, SHUFFLED, "shuffled", "", text, [text], 0, 0)
-    return [row], _sim_rows(unit, SHUFFLED, simulator, held_out, _simulate(simulator, text, held_out))
+    scored = held_out(unit.records)
+    row = ExplanationRow(unit.id, SHUFFLED, "shuffled", "", text, [text])
+    return [row], _sim_rows(unit, SHUFFLED, simulator, scored, _simulate(simulator, text, scored))
+
+
+def _encoded(result: tuple[list, list]) -> tuple[list[dict], list[dict]]:
+    return to_rows(result[0]), to_rows(result[1])
 
 
 def _compute(unit: UnitRecords, inputs: dict, compute: Callable[[], tuple]) -> tuple:
@@ -197,8 +202,8 @@ def simulate_stage(units: Sequence[UnitRecords], explanations: pa.Table, simulat
     `remember(unit, inputs, compute)` may return a stored result for a unit whose `inputs` it has
     seen (a per-unit memo: a crashed shard resumes, a revised unit alone is recomputed); by default
     everything is computed. Progress counts the units and then their shuffled controls."""
-    by_key = {(r["unit"], r["polarity"], r["method"]): r for r in explanations.to_pylist()}
-    texts = [t for r in by_key.values() for t in (r["candidates"] or [r["text"]])]
+    by_key = {(r.unit, r.method): r for r in from_table(ExplanationRow, explanations)}
+    texts = [t for r in by_key.values() for t in (r.candidates or [r.text])]
     warmed, warming = [], threading.Lock()
 
     def computing(fn):
@@ -216,10 +221,9 @@ def simulate_stage(units: Sequence[UnitRecords], explanations: pa.Table, simulat
     workers = _concurrency(simulator)
 
     def unit_result(unit):
-        key = (unit.neuron.index, unit.neuron.polarity)
-        row, lookup = by_key[(*key, EXPLAINER)], by_key.get((*key, LOOKUP))
-        inputs = {"explanation": row["candidates"], "lookup": lookup and lookup["text"]}
-        return remember(unit, inputs, computing(lambda: simulate_unit(unit, row, lookup, simulator)))
+        row, lookup = by_key[(unit.id, EXPLAINER)], by_key.get((unit.id, LOOKUP))
+        inputs = {"explanation": row.candidates, "lookup": lookup and lookup.text}
+        return remember(unit, inputs, computing(lambda: _encoded(simulate_unit(unit, row, lookup, simulator))))
 
     chosen, sims = [], []
     total = 2 * len(units) if len(units) > 1 else len(units)
@@ -233,7 +237,7 @@ def simulate_stage(units: Sequence[UnitRecords], explanations: pa.Table, simulat
 
         def control_result(pair):
             unit, text = pair
-            return remember(unit, {"control": text}, computing(lambda: simulate_control(unit, text, simulator)))
+            return remember(unit, {"control": text}, computing(lambda: _encoded(simulate_control(unit, text, simulator))))
 
         pairs = list(zip(units, shuffled_explanations(best, seed=seed)))
         for i, (c, s) in enumerate(_in_order(control_result, pairs, workers)):
@@ -251,68 +255,47 @@ def score_stage(units: Sequence[UnitRecords], simulations: pa.Table, explanation
 
 
 def score_rows(units: Sequence[UnitRecords], simulations: list[dict], explanations: list[dict] | None = None,
-               n_boot: int = 1000, seed: int = 0) -> list[dict]:
-    """`score_stage` on rows: simulation rows in, score rows out."""
-    sims_of: dict[tuple, dict[int, dict]] = {}
-    sim_cost: dict[tuple, int] = {}
-    sim_dollars: dict[tuple, float | None] = {}
+               n_boot: int = 1000, seed: int = 0, scorer: Scorer | None = None) -> list[dict]:
+    """`score_stage` on rows: simulation rows in, score rows out. `scorer`: the `simulation` scorer
+    unless given (the stage reaches no LLM code through the registry until a scorer needs one)."""
+    scorer = scorer or SimulationScorer()
+    sims, chosen = from_rows(SimulationRow, simulations), from_rows(ExplanationRow, explanations or [])
+    sims_of: dict = {}
+    chosen_of: dict = {}
+    for r in sims:
+        sims_of.setdefault(r.unit, []).append(r)
+    for r in chosen:
+        chosen_of.setdefault(r.unit, []).append(r)
+    return to_rows([s for unit in units for s in score_unit(unit, sims_of.get(unit.id, []), chosen_of.get(unit.id, []),
+                                                            scorer, n_boot, seed)])
+
+
+def score_unit(unit: UnitRecords, simulations: Sequence[SimulationRow], explanations: Sequence[ExplanationRow],
+               scorer: Scorer, n_boot: int = 1000, seed: int = 0) -> list[ScoreRow]:
+    """One unit's scores, per explanation method and simulator, with what each cost: the
+    explanation, best-of-k's simulations on valid (which the simulation rows, calib and test only,
+    do not hold) and the simulations scored."""
+    COUNTS["score_units"] += 1
+    by_window: dict[tuple[str, str], dict[int, SimulationRow]] = {}
+    sim_tokens: dict[tuple[str, str], int] = {}
+    sim_dollars: dict[tuple[str, str], float | None] = {}
     for row in simulations:
-        key = (row["unit"], row["polarity"], row["method"], row["simulator"])
-        sims_of.setdefault(key, {})[row["window_id"]] = row
-        sim_cost[key] = sim_cost.get(key, 0) + row["tokens"]
-        sim_dollars[key] = prices.add(sim_dollars.get(key, 0.0), row["dollars"])
-    # Per explanation: the explainer's tokens and dollars, and (for the chosen explanation) those of
-    # best-of-k's simulations on valid, which the simulation rows (calib and test only) do not hold.
-    cost, dollars, selection = {}, {}, {}
-    if explanations is not None:
-        for row in explanations:
-            key = (row["unit"], row["polarity"], row["method"])
-            cost[key] = row["prompt_tokens"] + row["completion_tokens"]
-            dollars[key] = row["dollars"]
-            selection[key] = (row["selection_tokens"], row["selection_dollars"])
+        key = (row.method, row.simulator)
+        by_window.setdefault(key, {})[row.window_id] = row
+        sim_tokens[key] = sim_tokens.get(key, 0) + row.tokens
+        sim_dollars[key] = prices.add(sim_dollars.get(key, 0.0), row.dollars)
+    explained = {row.method: row for row in explanations}
     out = []
-    for unit in units:
-        n = unit.neuron
-        COUNTS["score_units"] += 1
-        for (u, pol, method, sim_name), by_window in sims_of.items():
-            if (u, pol) != (n.index, n.polarity):
-                continue
-            chose_tokens, chose_dollars = selection.get((u, pol, method), (0, 0.0))
-            recs = [r for r in unit.records if r.window_id in by_window]
-            srecs = []
-            for r in recs:
-                row = by_window[r.window_id]
-                expected = row["expected"]
-                srecs.append(scoring.ScoringRecord(np.asarray(r.activations, dtype=float),
-                                                   None if expected is None else np.asarray(expected, dtype=float),
-                                                   r.kind, r.split))
-            metrics = scoring.score_unit(srecs, split="test", calib_split="calib", n_boot=n_boot, seed=seed)
-            metrics["detection_auc"] = _detection(srecs)
-            for metric, s in metrics.items():
-                out.append({"layer": n.layer, "unit": n.index, "polarity": n.polarity, "method": method,
-                            "simulator": sim_name, "split": "test", "metric": metric, "value": s.value,
-                            "ci_low": s.ci_low, "ci_high": s.ci_high, "undefined_reason": s.undefined_reason,
-                            "n_records": s.n_records, "n_failed": s.n_failed,
-                            "explainer_tokens": cost.get((u, pol, method), 0),
-                            "simulator_tokens": sim_cost[(u, pol, method, sim_name)] + chose_tokens,
-                            "dollars": prices.add(dollars.get((u, pol, method), 0.0), chose_dollars,
-                                                  sim_dollars[(u, pol, method, sim_name)])})
+    for (method, sim_name), rows in by_window.items():
+        e = explained.get(method)
+        cost, dollars = (e.prompt_tokens + e.completion_tokens, e.dollars) if e else (0, 0.0)
+        chose_tokens, chose_dollars = (e.selection_tokens, e.selection_dollars) if e else (0, 0.0)
+        recs = [r for r in unit.records if r.window_id in rows]
+        sims = [Simulation(rows[r.window_id].expected) for r in recs]
+        metrics = scorer.score(e and e.text, recs, sims if scorer.needs_simulations else None, n_boot=n_boot, seed=seed)
+        for metric, s in metrics.items():
+            out.append(ScoreRow(unit.id, method, sim_name, "test", metric, s.value, s.ci_low, s.ci_high,
+                                s.undefined_reason, s.n_records, s.n_failed, cost,
+                                sim_tokens[(method, sim_name)] + chose_tokens,
+                                prices.add(dollars, chose_dollars, sim_dollars[(method, sim_name)])))
     return out
-
-
-def _detection(srecs) -> scoring.Score:
-    """AUC of telling top (activating) from random windows by the simulation's window maximum."""
-    ok = [r for r in srecs if r.split == "test" and r.expected is not None]
-    pos = [float(np.max(r.expected)) for r in ok if r.kind == "top"]
-    neg = [float(np.max(r.expected)) for r in ok if r.kind == "random"]
-    failed = sum(r.expected is None for r in srecs if r.split == "test")
-    if not pos or not neg:
-        return scoring.Score(None, None, None, "no activating or no non-activating windows", len(ok), failed)
-    return scoring.Score(scoring.detection_auc(pos, neg), None, None, None, len(ok), failed)
-
-
-def rows_to_table(rows: list[dict], schema_name: str) -> pa.Table:
-    schema = load_schema(schema_name)
-    if not rows:
-        return schema.empty_table()
-    return pa.Table.from_pylist(rows, schema=schema)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 DEFAULT_METRIC = "top_and_random"
 METHODS = ("explainer", "token-lookup", "shuffled")
@@ -42,7 +43,7 @@ def pyplot():
 def _frame(scores) -> pl.DataFrame:
     if isinstance(scores, pl.DataFrame):
         return scores
-    if hasattr(scores, "schema") and hasattr(scores, "column_names"):  # pyarrow Table
+    if isinstance(scores, pa.Table):
         return pl.from_arrow(scores)
     return pl.from_pandas(scores)
 

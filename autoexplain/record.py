@@ -25,6 +25,7 @@ from autoexplain import defaults, selection
 from autoexplain.errors import UserError
 from autoexplain.identity import code_identity
 from autoexplain.records import QUANTILE_BINS, RANDOM_DEAL, TOP_DEAL
+from autoexplain.sources import MLP, UnitSource
 from autoexplain.storage import (
     TableWriter,
     content_key,
@@ -177,6 +178,7 @@ def record_layers(
     cfg: RecordConfig,
     out_root: str | Path,
     progress: Progress | None = None,
+    source: UnitSource = MLP,
 ) -> RecordsRef:
     subject.check_layers(cfg.layers)
     layers = sorted(set(cfg.layers))
@@ -189,7 +191,7 @@ def record_layers(
         )
     params = {k: v for k, v in asdict(cfg).items() if k not in ("layers", "batch_size")}
     inputs = {"windows": windows.key, "subject": subject.fingerprint}
-    key = content_key({"inputs": inputs, "params": params, "layers": layers,
+    key = content_key({"inputs": inputs, "params": params, "layers": layers, "source": source.kind,
                        "code": code_identity(record_layers)})
     directory = stage_dir(out_root, "records", key)
     ref = RecordsRef(directory, key, layers, windows.n_windows)
@@ -199,12 +201,12 @@ def record_layers(
     rng = np.random.default_rng(cfg.seed)
     n_res = min(cfg.reservoir, windows.n_windows)
     reservoir_ids = rng.choice(windows.n_windows, size=n_res, replace=False)
-    recorders = {L: _LayerRecorder(cfg, windows.window_len, subject.n_units, reservoir_ids) for L in layers}
+    recorders = {L: _LayerRecorder(cfg, windows.window_len, source.n_units(subject), reservoir_ids) for L in layers}
 
     total = windows.n_windows * windows.window_len
     done = 0
     for window_ids, input_ids in windows_batches(windows, cfg.batch_size):
-        acts = subject.mlp_activations(input_ids, layers)
+        acts = source.activations(subject, input_ids, layers)
         for L in layers:
             recorders[L].update(window_ids, acts[L].cpu())
         done += input_ids.numel()

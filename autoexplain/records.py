@@ -1,12 +1,16 @@
 """The typed records that flow between stages.
 
-A *unit* is one MLP hidden neuron read with one polarity. Gated MLPs fire both ways, so neuron 7 of
-layer 3 gives two explainable units, (3, 7, +1) and (3, 7, -1); a negative-polarity unit's
-activations are stored negated so that "higher means firing" holds everywhere downstream.
+A *unit* is one direction of a layer read with one polarity: its `UnitId` is (source, index,
+polarity). The source names what the index counts in, as 'L<layer>/<kind>': 'L3/mlp' for layer 3's
+MLP hidden neurons (the `mlp` unit source, `sources`), and later, say, 'L3/sae' for a sparse
+autoencoder's latents on that layer. Gated MLPs fire both ways, so neuron 7 of layer 3 gives two
+explainable units, ('L3/mlp', 7, +1) and ('L3/mlp', 7, -1); a negative-polarity unit's activations
+are stored negated so that "higher means firing" holds everywhere downstream.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 SPLITS = ("train", "calib", "valid", "test")
@@ -17,20 +21,43 @@ RANDOM_DEAL = ("calib", "valid", "test")
 KINDS = ("top", "quantile", "random")
 # Quantile bins of per-window max activation, as in the reference.
 QUANTILE_BINS = ((0.0, 0.5), (0.5, 0.9), (0.9, 0.99), (0.99, 0.999))
+# The kinds that simulations are scored on (quantile windows are only shown to the explainer), and
+# the splits that the chosen explanation is simulated on: calib fits the calibration, test reports.
+SCORED_KINDS = ("top", "random")
+HELD_OUT = ("calib", "test")
 
 
 @dataclass(frozen=True, order=True)
-class NeuronId:
-    layer: int
+class UnitId:
+    source: str  # 'L<layer>/<kind>', e.g. 'L15/mlp'
     index: int
     polarity: int = 1  # +1 or -1
 
     def __post_init__(self):
         if self.polarity not in (1, -1):
             raise ValueError(f"polarity must be +1 or -1, got {self.polarity}")
+        if not _SOURCE.fullmatch(self.source):
+            raise ValueError(f"a unit source reads 'L<layer>/<kind>' (e.g. 'L15/mlp'), got {self.source!r}")
+
+    @classmethod
+    def mlp(cls, layer: int, index: int, polarity: int = 1) -> "UnitId":
+        """Neuron `index` of layer `layer`'s MLP."""
+        return cls(f"L{layer}/mlp", index, polarity)
+
+    @property
+    def layer(self) -> int:
+        return int(_SOURCE.fullmatch(self.source).group(1))
+
+    @property
+    def kind(self) -> str:
+        """The unit source's kind ('mlp')."""
+        return _SOURCE.fullmatch(self.source).group(2)
 
     def __str__(self) -> str:
-        return f"L{self.layer}/N{self.index}{'+' if self.polarity > 0 else '-'}"
+        return f"{self.source}/{self.index}{'+' if self.polarity > 0 else '-'}"
+
+
+_SOURCE = re.compile(r"L(\d+)/([a-z][a-z0-9_-]*)")
 
 
 @dataclass
@@ -65,7 +92,7 @@ class UnitStats:
 class UnitRecords:
     """Everything recorded for one unit: the input to explanation and scoring."""
 
-    neuron: NeuronId
+    id: UnitId
     records: list[ActivationRecord]
     stats: UnitStats | None = None
 
@@ -75,6 +102,11 @@ class UnitRecords:
             for r in self.records
             if (split is None or r.split == split) and (kind is None or r.kind == kind)
         ]
+
+
+def held_out(records: "list[ActivationRecord]") -> "list[ActivationRecord]":
+    """The records an explanation is simulated and scored on, in their order."""
+    return [r for r in records if r.kind in SCORED_KINDS and r.split in HELD_OUT]
 
 
 # What the explain and simulate stages return per unit and per record (the component interfaces in

@@ -6,7 +6,9 @@ The grammar, in one place:
   (any OpenAI-compatible server);
 - explainer: 'embedding' (offline default) or an LLM spec (the LLM explainer over that LLM);
 - simulator: 'KIND' or 'KIND:LLM', where KIND is a registered simulator's `kind` and its class's
-  `takes_llm` says whether the LLM is "none", "optional" (default 'local') or "required".
+  `takes_llm` says whether the LLM is "none", "optional" (default 'local') or "required";
+- scorer: the same grammar over the registered scorers ('simulation', the default);
+- unit source: a registered `sources.UnitSource`'s kind ('mlp', the default).
 
 `parse_*` check a spec and load nothing; `make_*` build the component. A component's identity
 (`simulator_identity`) comes from its class-level data (`components.Component`), so nothing is
@@ -14,7 +16,9 @@ loaded to learn it.
 
 Adding a simulator: write its module (a `components.Simulator` subclass with `kind` and
 `simulate`), and add its class to `_simulator_classes` below: one line. Code outside the package
-calls `register_simulator(cls)` instead.
+calls `register_simulator(cls)` instead. A scorer (`components.Scorer`, `_scorer_classes`,
+`register_scorer`) and a unit source (`sources.UnitSource`, `_source_classes`, `register_source`)
+are added the same way.
 
 The built-in classes are imported inside the functions that use them: parsing a simulator spec
 then imports no explainer, and the code identity of a stage (`identity`) reaches only the
@@ -30,9 +34,11 @@ from autoexplain.errors import UserError
 DEFAULT_LLM = "local"
 DEFAULT_EXPLAINER = "embedding"
 DEFAULT_SIMULATOR = "embedding"
+DEFAULT_SCORER = "simulation"
+DEFAULT_SOURCE = "mlp"
 LLM_USAGE = "use 'local', 'local:MODEL', 'openai:MODEL' or 'openai:MODEL@http://host:port/v1'"
 
-_REGISTERED: dict[str, dict[str, type]] = {"simulator": {}, "explainer": {}}
+_REGISTERED: dict[str, dict[str, type]] = {"simulator": {}, "explainer": {}, "scorer": {}, "source": {}}
 
 
 def _simulator_classes() -> dict[str, type]:
@@ -51,12 +57,28 @@ def _explainer_classes() -> dict[str, type]:
     return {**{cls.kind: cls for cls in builtin}, **_REGISTERED["explainer"]}
 
 
+def _scorer_classes() -> dict[str, type]:
+    from autoexplain.score_simulation import SimulationScorer
+
+    builtin = [SimulationScorer]
+    return {**{cls.kind: cls for cls in builtin}, **_REGISTERED["scorer"]}
+
+
+def _source_classes() -> dict[str, type]:
+    from autoexplain.sources import MlpSource
+
+    builtin = [MlpSource]
+    return {**{cls.kind: cls for cls in builtin}, **_REGISTERED["source"]}
+
+
 def _register(role: str, cls: type, base: type) -> type:
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise TypeError(f"a {role} must subclass {base.__module__}.{base.__name__}, not {cls!r}")
     if not cls.kind or ":" in cls.kind:
         raise ValueError(f"{cls.__name__}.kind must be a non-empty name without ':', got {cls.kind!r}")
-    if cls.takes_llm not in ("none", "optional", "required"):
+    from autoexplain.components import Component
+
+    if issubclass(cls, Component) and cls.takes_llm not in ("none", "optional", "required"):
         raise ValueError(f"{cls.__name__}.takes_llm must be 'none', 'optional' or 'required'")
     _REGISTERED[role][cls.kind] = cls
     return cls
@@ -75,6 +97,20 @@ def register_explainer(cls: type) -> type:
     from autoexplain.components import Explainer
 
     return _register("explainer", cls, Explainer)
+
+
+def register_scorer(cls: type) -> type:
+    """Make a `components.Scorer` subclass known by its `kind` (usable as a decorator)."""
+    from autoexplain.components import Scorer
+
+    return _register("scorer", cls, Scorer)
+
+
+def register_source(cls: type) -> type:
+    """Make a `sources.UnitSource` subclass known by its `kind` (usable as a decorator)."""
+    from autoexplain.sources import UnitSource
+
+    return _register("source", cls, UnitSource)
 
 
 def unregister(kind: str) -> None:
@@ -149,24 +185,25 @@ def make_explainer(spec: str | None = None):
 
 # ---- simulators ----------------------------------------------------------------------------------
 
-def simulator_usage() -> str:
-    forms = [k + {"none": "", "optional": "[:LLM]", "required": ":LLM"}[c.takes_llm]
-             for k, c in _simulator_classes().items()]
+def _usage(classes: dict[str, type]) -> str:
+    forms = [k + {"none": "", "optional": "[:LLM]", "required": ":LLM"}[c.takes_llm] for k, c in classes.items()]
     quoted = [f"'{f}'" for f in forms]
     return "use " + (", ".join(quoted[:-1]) + " or " + quoted[-1] if len(quoted) > 1 else quoted[0])
 
 
-def parse_simulator(spec: str | None) -> ComponentSpec:
-    """The simulator's class and LLM spec; UserError for an unknown kind or a wrong LLM part (the
-    LLM spec itself is checked too)."""
-    spec = spec or DEFAULT_SIMULATOR
+def simulator_usage() -> str:
+    return _usage(_simulator_classes())
+
+
+def _parse_kind(role: str, spec: str, classes: dict[str, type]) -> ComponentSpec:
+    """'KIND' or 'KIND:LLM' against the classes of one role (see the module docstring)."""
     kind, _, llm = spec.partition(":")
-    cls = _simulator_classes().get(kind)
+    cls = classes.get(kind)
     if cls is None:
-        raise UserError(f"unknown simulator '{spec}'", simulator_usage())
+        raise UserError(f"unknown {role} '{spec}'", _usage(classes))
     if cls.takes_llm == "none":
         if llm:
-            raise UserError(f"the {kind} simulator takes no LLM ('{spec}')", f"write just '{kind}'")
+            raise UserError(f"the {kind} {role} takes no LLM ('{spec}')", f"write just '{kind}'")
         return ComponentSpec(spec, cls, None)
     if cls.takes_llm == "required" and not llm:
         raise UserError(f"{kind} needs an LLM", f"write '{kind}:openai:MODEL@URL' or '{kind}:local'")
@@ -175,9 +212,37 @@ def parse_simulator(spec: str | None) -> ComponentSpec:
     return ComponentSpec(spec, cls, llm)
 
 
+def parse_simulator(spec: str | None) -> ComponentSpec:
+    """The simulator's class and LLM spec; UserError for an unknown kind or a wrong LLM part (the
+    LLM spec itself is checked too)."""
+    return _parse_kind("simulator", spec or DEFAULT_SIMULATOR, _simulator_classes())
+
+
 def make_simulator(spec: str | None = None):
     p = parse_simulator(spec)
     return p.cls() if p.llm is None else p.cls(make_llm(p.llm))
+
+
+# ---- scorers and unit sources --------------------------------------------------------------------
+
+def parse_scorer(spec: str | None) -> ComponentSpec:
+    return _parse_kind("scorer", spec or DEFAULT_SCORER, _scorer_classes())
+
+
+def make_scorer(spec: str | None = None):
+    """'simulation' (the default: the simulate stage's predictions against the truth), or another
+    registered scorer."""
+    p = parse_scorer(spec)
+    return p.cls() if p.llm is None else p.cls(make_llm(p.llm))
+
+
+def make_source(kind: str | None = None):
+    """The unit source of this kind ('mlp', the default)."""
+    kind = kind or DEFAULT_SOURCE
+    classes = _source_classes()
+    if kind not in classes:
+        raise UserError(f"unknown unit source '{kind}'", "use " + " or ".join(f"'{k}'" for k in classes))
+    return classes[kind]()
 
 
 def component_identity(cls: type) -> dict:
@@ -190,7 +255,8 @@ def component_identity(cls: type) -> dict:
 
 def simulator_identity(spec: str | None) -> str:
     """What a simulator's output depends on besides its inputs, without loading any model:
-    'SPEC|PROMPT_HASH', plus '|SETTINGS_HASH' when its class declares settings."""
+    'SPEC|PROMPT_HASH', plus '|SETTINGS_HASH' when its class declares settings, plus '|WEIGHTS'
+    when its LLM is a local model folder or file (`llm_weights`)."""
     p = parse_simulator(spec)
     ident = component_identity(p.cls)
     out = f"{p.spec}|{ident['prompt']}"
@@ -198,4 +264,27 @@ def simulator_identity(spec: str | None) -> str:
         from autoexplain.storage import content_key
 
         out += "|" + content_key(ident["settings"], 16)
-    return out
+    weights = llm_weights(p.llm) if p.llm is not None else ""
+    return out + "|" + weights if weights else out
+
+
+def llm_weights(spec: str | None) -> str:
+    """A local LLM's model content as 'NAME:DIGEST' (`weights.model_digest`: every file's full
+    sha256, computed once per file version), the same string as its loaded `Subject.fingerprint`;
+    '' for a server LLM or a hub name, which are known by name only until loaded."""
+    p = parse_llm(spec)
+    if p.kind != "local":
+        return ""
+    from pathlib import Path
+
+    from autoexplain import defaults
+    from autoexplain.weights import model_digest
+
+    path = Path(defaults.resolve_model(p.model or defaults.SUBJECT)).expanduser()
+    return f"{path.name}:{model_digest(path)}" if path.exists() else ""
+
+
+def explainer_weights(spec: str | None) -> str:
+    """`llm_weights` of an explainer's LLM ('' for an explainer without one)."""
+    llm = parse_explainer(spec).llm
+    return llm_weights(llm) if llm is not None else ""

@@ -16,8 +16,10 @@ import torch
 
 from autoexplain.components import Simulator  # noqa: F401 (the base class, also importable from here)
 from autoexplain.explain import ENDING, escape_token, prompt_hash, read_prompt
+from autoexplain.llm import LocalLLM
 from autoexplain.llm import per_item_errors as _per_item_errors
 from autoexplain.records import Simulation
+from autoexplain.subject import Subject
 
 
 # The prompt shared by the LLM simulators.
@@ -101,8 +103,8 @@ class AllAtOnceSimulator(Simulator):
         self.reuse_prefix = reuse_prefix
         self.name = f"all-at-once:{getattr(llm, 'name', type(llm).__name__)}"
         # A LocalLLM wraps a Subject; a Subject itself also works. Anything else is a server.
-        self.local = getattr(llm, "subject", llm)
-        if not (hasattr(self.local, "model") and hasattr(self.local, "tokenizer")):
+        self.local = llm.subject if isinstance(llm, LocalLLM) else llm
+        if not isinstance(self.local, Subject):
             self.local = None
 
     @property

@@ -20,7 +20,7 @@ import torch
 from autoexplain import defaults
 from autoexplain.counters import COUNTS
 from autoexplain.errors import UserError
-from autoexplain.storage import file_digest
+from autoexplain.weights import model_digest
 
 # Names of the MLP's output projection across architectures; its input is the neuron vector.
 OUTPUT_PROJECTIONS = ("down_proj", "c_proj", "fc2", "dense_4h_to_h", "fc_out", "w2")
@@ -185,7 +185,7 @@ def converted_gguf(path: Path) -> Path:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    cached = defaults.cache_root() / "models" / f"{path.stem}-{file_digest(path)}"
+    cached = defaults.cache_root() / "models" / f"{path.stem}-{model_digest(path)}"
     if (cached / "config.json").is_file():
         return cached
     # Dense weights, not packed GGUF blocks: bf16 GEMM is the fast path on CPU.
@@ -228,13 +228,13 @@ def load_subject(spec: str | None = None, dtype: torch.dtype = torch.bfloat16, d
             folder = converted_gguf(path)
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(folder)
-            fingerprint = f"{path.name}:{file_digest(path)}"
+            fingerprint = f"{path.name}:{model_digest(path)}"
         elif path.exists():
             if not (path / "config.json").is_file():
                 raise UserError(f"{path} is not a Hugging Face model folder (no config.json)", "point --model at a folder saved with save_pretrained, or a .gguf file")
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(path)
-            fingerprint = f"{path.name}:{file_digest(path / 'config.json')}"
+            fingerprint = f"{path.name}:{model_digest(path)}"  # every file: weights, config, tokenizer
         else:
             model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(spec)

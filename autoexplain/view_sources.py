@@ -137,6 +137,6 @@ def records_reader(src: LayerSource):
 
     def read(keys):
         found = read_units(records_path, windows, keys, stats_path if stats_path.is_file() else None)
-        return {(u.neuron.index, u.neuron.polarity): u for u in found}
+        return {(u.id.index, u.id.polarity): u for u in found}
 
     return read

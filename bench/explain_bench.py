@@ -106,7 +106,7 @@ def planted_explainer(k: int = 2, spec: str = "local") -> dict:
     from autoexplain.registry import make_explainer
     from autoexplain.pipeline import shown_records
     from autoexplain.planted import corpus_windows, planted_records, planted_units
-    from autoexplain.records import NeuronId, UnitRecords
+    from autoexplain.records import UnitId, UnitRecords
 
     explainer, sim = make_explainer(spec), EmbeddingSimulator()
     # A local LLM explainer's model is the subject too: its windows need no second load.
@@ -123,7 +123,7 @@ def planted_explainer(k: int = 2, spec: str = "local") -> dict:
     out = {}
     for unit in planted_units():
         records = planted_records(windows, unit)
-        shown = shown_records(UnitRecords(NeuronId(0, 0), records), 5)
+        shown = shown_records(UnitRecords(UnitId.mlp(0, 0), records), 5)
         valid = [r for r in records if r.split == "valid"]
         test = [r for r in records if r.split == "test"]
         candidates = explainer.explain_records([shown], k)[0].candidates

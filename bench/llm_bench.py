@@ -39,7 +39,7 @@ WORDS = ("the of and to in is that for it with as was on be at by this from or c
 
 
 def synthetic_units(n: int, seed: int = 0, train_only: bool = False):
-    from autoexplain.records import ActivationRecord, NeuronId, UnitRecords
+    from autoexplain.records import ActivationRecord, UnitId, UnitRecords
 
     rng = random.Random(seed)
     units = []
@@ -56,7 +56,7 @@ def synthetic_units(n: int, seed: int = 0, train_only: bool = False):
                 acts = [(8.0 if t.strip() in favourite and kind == "top" else 0.0) + rng.random() for t in tokens]
                 records.append(ActivationRecord(tokens, acts, window_id=wid, kind=kind, split=split))
                 wid += 1
-        units.append(UnitRecords(NeuronId(15, i // 2, 1 if i % 2 == 0 else -1), records))
+        units.append(UnitRecords(UnitId.mlp(15, i // 2, 1 if i % 2 == 0 else -1), records))
     return units
 
 

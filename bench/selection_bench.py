@@ -56,14 +56,14 @@ def compare(units_candidates, sim) -> dict:
 def planted(k: int, explainer, sim) -> dict:
     from autoexplain.pipeline import shown_records
     from autoexplain.planted import corpus_windows, planted_records, planted_units
-    from autoexplain.records import NeuronId, UnitRecords
+    from autoexplain.records import UnitId, UnitRecords
 
     windows = corpus_windows()
     rng = random.Random(k)
     pairs = []
     for unit in planted_units():
         records = planted_records(windows, unit)
-        shown = shown_records(UnitRecords(NeuronId(0, 0), records), 5)
+        shown = shown_records(UnitRecords(UnitId.mlp(0, 0), records), 5)
         candidates = explainer.explain_records([shown], k - 1)[0].candidates + [unit.explanation]
         rng.shuffle(candidates)
         pairs.append((records, candidates))

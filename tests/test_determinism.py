@@ -18,7 +18,7 @@ from autoexplain import pipeline  # noqa: E402
 from autoexplain.embedding import EmbeddingSimulator  # noqa: E402
 from autoexplain.exact import cosines, fixed_matmul, fixed_sum  # noqa: E402
 from autoexplain.explain_embedding import EmbeddingExplainer  # noqa: E402
-from autoexplain.records import ActivationRecord, NeuronId, UnitRecords  # noqa: E402
+from autoexplain.records import ActivationRecord, UnitId, UnitRecords  # noqa: E402
 from autoexplain.words import word_of_each_token  # noqa: E402
 
 
@@ -86,7 +86,7 @@ def _units() -> list[UnitRecords]:
             split = ("train", "valid", "calib", "test")[w % 4]
             kind = "top" if split == "train" or max(acts) > 0 else "random"
             records.append(ActivationRecord(list(tokens), acts, window_id=w, kind=kind, split=split))
-        units.append(UnitRecords(NeuronId(0, u), records))
+        units.append(UnitRecords(UnitId.mlp(0, u), records))
     return units
 
 

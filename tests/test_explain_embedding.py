@@ -55,7 +55,7 @@ def test_recovers_planted_rules_better_than_a_wrong_rule(explainer):
     from autoexplain.embedding import EmbeddingSimulator
     from autoexplain.pipeline import shown_records
     from autoexplain.planted import corpus_windows, planted_records, planted_units
-    from autoexplain.records import NeuronId, UnitRecords
+    from autoexplain.records import UnitId, UnitRecords
 
     sim = EmbeddingSimulator()
     windows = corpus_windows(n_windows=4000, seed=0)
@@ -72,7 +72,7 @@ def test_recovers_planted_rules_better_than_a_wrong_rule(explainer):
         records = planted_records(windows, unit)
         valid = [r for r in records if r.split == "valid"]
         test = [r for r in records if r.split == "test"]
-        candidates = explainer.explain_records([shown_records(UnitRecords(NeuronId(0, 0), records), 5)], k=4)[0].candidates
+        candidates = explainer.explain_records([shown_records(UnitRecords(UnitId.mlp(0, 0), records), 5)], k=4)[0].candidates
         best = max(candidates, key=lambda c: corr(c, valid))
         got[unit.name], true[unit.name] = corr(best, test), corr(unit.explanation, test)
     print({k: round(v, 3) for k, v in got.items()})

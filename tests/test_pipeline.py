@@ -29,7 +29,7 @@ def stages(tiny_records, tiny_llama_dir):
 
 def test_best_of_k_is_chosen_on_valid_and_reported_on_test(stages):
     records_dir, _, x, s, c, sim = stages
-    units = {(u.neuron.index, u.neuron.polarity): u for u in load_units(records_dir, 1, UNITS)}
+    units = {(u.id.index, u.id.polarity): u for u in load_units(records_dir, 1, UNITS)}
     chosen = pl.read_parquet(s.directory / "chosen.parquet").filter(pl.col("method") == "explainer")
     assert chosen.height == 4
     for row in chosen.iter_rows(named=True):

@@ -44,8 +44,12 @@ def test_builtin_grammar_and_identity_load_nothing():
     assert registry.parse_explainer("openai:m@http://h:1/v1").cls is LLMExplainer
     assert registry.parse_llm("openai:llama3:8b@http://h:1/v1") == registry.LLMSpec("openai", "llama3:8b", "http://h:1/v1")
     # The identity comes from the class's declared prompt files, as the hand-kept table had it.
-    assert registry.simulator_identity("all-at-once") == f"all-at-once|{prompt_hash('simulator_system.txt', 'fewshot.json')}"
-    assert registry.simulator_identity("chat-json:local") == f"chat-json:local|{prompt_hash('simulator_system.txt')}"
+    # A local LLM adds its weights' digest (`weights.model_digest`, the loaded subject's fingerprint).
+    weights = registry.llm_weights("local")
+    assert weights.startswith("SmolLM2") and len(weights.rpartition(":")[2]) == 16
+    assert registry.simulator_identity("all-at-once") == \
+        f"all-at-once|{prompt_hash('simulator_system.txt', 'fewshot.json')}|{weights}"
+    assert registry.simulator_identity("chat-json:local") == f"chat-json:local|{prompt_hash('simulator_system.txt')}|{weights}"
     assert registry.simulator_identity(None) == f"embedding|{prompt_hash('embedding_simulator.json')}"
 
 

@@ -1,0 +1,64 @@
+"""Unit sources: what a layer's explainable units are, and how recording reads their activations.
+
+A source has a `kind` (the registry's name for it, and the '<kind>' of every `UnitId.source` it
+yields, 'L<layer>/<kind>'), the polarities each of its directions is read with, and two calls:
+- `n_units(subject)`: how many directions a layer of this subject has;
+- `activations(subject, input_ids, layers)`: per layer, a (batch, tokens, n_units) tensor of the
+  directions' activations, which recording ranks into top, quantile and random windows.
+
+Today's one source is `mlp`: a layer's MLP hidden neurons (the input of its down projection), read
+both ways because gated MLPs fire both ways. A sparse autoencoder's latents are another source: one
+module with a `UnitSource` subclass, plus one line in `registry._source_classes`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, ClassVar, Iterable
+
+from autoexplain.records import UnitId
+
+if TYPE_CHECKING:
+    import torch
+
+    from autoexplain.subject import Subject
+
+
+class UnitSource(ABC):
+    kind: ClassVar[str] = ""
+    # Each direction gives one unit per polarity; a source whose activations are one-signed (ReLU
+    # latents) reads them only as +1.
+    polarities: ClassVar[tuple[int, ...]] = (1,)
+
+    def source(self, layer: int) -> str:
+        """The `UnitId.source` of this layer's units."""
+        return f"L{layer}/{self.kind}"
+
+    def unit_ids(self, layer: int, indices: Iterable[int]) -> list[UnitId]:
+        """Every unit of these directions, each polarity in turn."""
+        source = self.source(layer)
+        return [UnitId(source, i, p) for i in indices for p in self.polarities]
+
+    @abstractmethod
+    def n_units(self, subject: "Subject") -> int:
+        ...
+
+    @abstractmethod
+    def activations(self, subject: "Subject", input_ids: "torch.Tensor", layers: list[int]) -> dict[int, "torch.Tensor"]:
+        ...
+
+
+class MlpSource(UnitSource):
+    """A layer's MLP hidden neurons, both polarities."""
+
+    kind = "mlp"
+    polarities = (1, -1)
+
+    def n_units(self, subject: "Subject") -> int:
+        return subject.n_units
+
+    def activations(self, subject: "Subject", input_ids: "torch.Tensor", layers: list[int]) -> dict[int, "torch.Tensor"]:
+        return subject.mlp_activations(input_ids, layers)
+
+
+MLP = MlpSource()
