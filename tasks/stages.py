@@ -190,6 +190,21 @@ def _one_at_a_time(fn):
     return run
 
 
+def _one_at_a_time_unless_server(fn):
+    """`_one_at_a_time`, except for a simulator that asks a server: its shards overlap, so that the
+    next shard's units fill the request slots that a shard's last units leave idle. They share one
+    LLM object (`simulator_for`), hence one concurrency limit, and their work here is light."""
+    serial = _one_at_a_time(fn)
+
+    @functools.wraps(fn)
+    def run(records, explanations, simulator, *args, **kwargs):
+        if simulator_for(simulator_identity(simulator)).thread_safe:
+            return fn(records, explanations, simulator, *args, **kwargs)
+        return serial(records, explanations, simulator, *args, **kwargs)
+
+    return run
+
+
 def _models_lock() -> threading.RLock:
     """The lock, reached through a module function: dask pickles a task's function by value, and a
     lock it captured directly cannot be pickled; a module function is pickled by reference."""
@@ -325,7 +340,7 @@ def revise_task(explanations: dict, revisions: dict[str, str], out: str = "out")
 
 @task(name="simulate", cache_key_fn=_key("simulate", (layer_mod.run_simulate,), ""), **RETRY)
 @_one_line_failures
-@_one_at_a_time
+@_one_at_a_time_unless_server
 def simulate_task(records: dict, explanations: dict, simulator: str, simulator_id: str, out: str = "out") -> dict:
     records, explanations, out = local_ref(records), local_ref(explanations), open_root(out)
     result = layer_mod.run_simulate(records["path"], layer_mod.StageRef.of(Path(explanations["path"]).parent), out,
