@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -32,6 +33,7 @@ from autoexplain import best_of_k, prices, scoring
 from autoexplain.counters import COUNTS
 from autoexplain.explain import as_explainer, shuffled_explanations, token_lookup_explanation
 from autoexplain.records import UnitRecords
+from autoexplain.rendezvous import GatheredSimulator
 from autoexplain.simulate import Simulation
 from schemas import load_schema
 
@@ -83,7 +85,8 @@ def _in_order(fn, items, workers: int):
 def explain_stage(units: Sequence[UnitRecords], llm, cfg: ExplainConfig) -> pa.Table:
     """`llm`: an Explainer, or an LLM (explained with by the LLM explainer)."""
     explainer = as_explainer(llm)
-    batches = [units[start : start + cfg.batch_units] for start in range(0, len(units), cfg.batch_units)]
+    size = units_per_batch(explainer, cfg)
+    batches = [units[start : start + size] for start in range(0, len(units), size)]
 
     def explain_batch(batch):
         shown = [shown_records(u, cfg.n_shown) for u in batch]
@@ -102,6 +105,16 @@ def explain_stage(units: Sequence[UnitRecords], llm, cfg: ExplainConfig) -> pa.T
             lookup = token_lookup_explanation(recs)
             rows.append(_explanation_row(unit, LOOKUP, "token-lookup", "", lookup, [lookup], 0, 0))
     return rows_to_table(rows, "explanations")
+
+
+def units_per_batch(explainer, cfg: ExplainConfig) -> int:
+    """Units per explainer call: `cfg.batch_units`, or for a local model as many as fill its forward
+    pass (k samples each), so that one generate call serves many units. The samples do not depend
+    on the grouping (each prompt has its own generator), so neither does any result."""
+    rows = getattr(getattr(explainer, "llm", None), "batch_size", None)
+    if isinstance(rows, int) and not getattr(explainer, "thread_safe", False):
+        return max(cfg.batch_units, rows // max(1, cfg.k))
+    return cfg.batch_units
 
 
 def explain_workers(llm, cfg: ExplainConfig) -> int:
@@ -212,13 +225,23 @@ def simulate_stage(units: Sequence[UnitRecords], explanations: pa.Table, simulat
     # Units at once: as many as the LLM's concurrency. A unit's phases (k candidates x valid
     # records, then 2 texts x held-out records, about 80 requests each at k = 4) each wait for their
     # slowest request (a retry, a timeout); meanwhile the other units' requests keep the slots busy.
-    workers = _concurrency(simulator)
+    # A local model takes `units_at_once` units, each in a thread whose simulations wait to share
+    # one batched call with the other units' (`rendezvous`): one thread runs the model at a time.
+    workers, gathered = _concurrency(simulator), None
+    if getattr(simulator, "units_at_once", 1) > 1 and len(units) > 1:
+        gathered = GatheredSimulator(simulator)
+        workers = simulator.units_at_once
+    used = gathered or simulator
+
+    def member():
+        return gathered.rendezvous.member() if gathered else nullcontext()
 
     def unit_result(unit):
         key = (unit.neuron.index, unit.neuron.polarity)
         row, lookup = by_key[(*key, EXPLAINER)], by_key.get((*key, LOOKUP))
         inputs = {"explanation": row["candidates"], "lookup": lookup and lookup["text"]}
-        return remember(unit, inputs, computing(lambda: simulate_unit(unit, row, lookup, simulator)))
+        with member():
+            return remember(unit, inputs, computing(lambda: simulate_unit(unit, row, lookup, used)))
 
     chosen, sims = [], []
     total = 2 * len(units) if len(units) > 1 else len(units)
@@ -232,7 +255,8 @@ def simulate_stage(units: Sequence[UnitRecords], explanations: pa.Table, simulat
 
         def control_result(pair):
             unit, text = pair
-            return remember(unit, {"control": text}, computing(lambda: simulate_control(unit, text, simulator)))
+            with member():
+                return remember(unit, {"control": text}, computing(lambda: simulate_control(unit, text, used)))
 
         pairs = list(zip(units, shuffled_explanations(best, seed=seed)))
         for i, (c, s) in enumerate(_in_order(control_result, pairs, workers)):
