@@ -290,8 +290,11 @@ class LocalLLM(LLM):
             eos = torch.tensor(self._eos or [-1], device=last.device)
             # One generator per prompt, never torch's global RNG nor one for the batch: a prompt's
             # samples are the same whatever ran before, in whichever thread or process, and whichever
-            # prompts share its batch. Each step draws n uniforms per prompt, done or not, so a
-            # prompt's k-th draw always serves its k-th token.
+            # prompts share its batch. Each step draws n x vocab uniforms per prompt, done or not, so
+            # a prompt's k-th draw always serves its k-th token. The token is the argmax of logits
+            # plus Gumbel noise (an exact sample of the softmax): the float noise of another batch
+            # shape flips it only on a near tie of the top two (an inverse-CDF draw over the summed
+            # vocabulary flipped a token of the tiny test model between batch sizes 6 and 1).
             gens = []
             for seed in (seeds if seeds is not None else [sample_seed(self.seed, i) for i in id_lists]):
                 gens.append(torch.Generator(device=last.device))
@@ -301,9 +304,8 @@ class LocalLLM(LLM):
                 if logits:
                     step_logits.append(last)
                 if temperature > 0:
-                    cdf = torch.softmax(last.float() / temperature, -1).cumsum(-1)
-                    u = torch.cat([torch.rand(n, generator=g, device=last.device) for g in gens])
-                    token = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=cdf.shape[-1] - 1)
+                    u = torch.cat([torch.rand(n, last.shape[-1], generator=g, device=last.device) for g in gens])
+                    token = (last.float() / temperature - torch.log(-torch.log(u))).argmax(-1)
                 else:
                     token = last.argmax(-1)
                 token = torch.where(done, torch.full_like(token, self._pad), token)
