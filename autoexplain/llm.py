@@ -27,7 +27,6 @@ read from the response cache (`llm_cache`) instead: no request, no tokens paid.
 from __future__ import annotations
 
 import contextvars
-import hashlib
 import math
 import threading
 from abc import ABC, abstractmethod
@@ -36,6 +35,7 @@ from dataclasses import dataclass, field
 
 from autoexplain.counters import COUNTS
 from autoexplain.errors import UserError
+from autoexplain.local_batch import local_batch_size, sample_seed
 
 OPENAI_URL = "https://api.openai.com/v1"
 
@@ -192,25 +192,6 @@ def _merge_top(pairs) -> dict[str, float]:
     for s, v in pairs:
         out[s] = v if s not in out else float(math.log(math.exp(out[s]) + math.exp(v)))
     return out
-
-
-CPU_BATCH, CUDA_BATCH = 16, 64  # rows per forward pass when none is given; bench/local_batch_bench.py
-
-
-def local_batch_size(model, batch_size: int | None = None) -> int:
-    """Rows (prompts, or samples of prompts) per forward pass of a local model: `batch_size` when
-    given, else a default for the model's device. On a CPU the throughput stops growing at a few
-    dozen rows while the KV copies keep growing; a GPU wants many rows to be busy."""
-    if batch_size:
-        return int(batch_size)
-    device = next(model.parameters()).device
-    return CUDA_BATCH if device.type == "cuda" else CPU_BATCH
-
-
-def sample_seed(*identity) -> int:
-    """A generator seed from what a sample is (its prompt, its settings, its index), never from
-    where it sits in a batch: a unit's samples do not depend on which units share its batch."""
-    return int.from_bytes(hashlib.sha256(repr(identity).encode()).digest()[:8], "little") >> 1
 
 
 class LocalLLM(LLM):

@@ -14,7 +14,10 @@ Concurrency: with a server LLM (an object whose `thread_safe` is true), the expl
 several batches of units and the simulate stage several units at once, so that the LLM's requests
 from many units, candidates and records are in flight together up to its `max_concurrency`. Each
 unit's prompts, seeds and results are the same as one after another, and results come back in
-order: the tables do not depend on the concurrency.
+order: the tables do not depend on the concurrency. With a local model, the explain stage gives
+each call as many units as fill a forward pass (`units_per_batch`), and the simulate stage gathers
+the calls of `units_at_once` units into one (`rendezvous`): a unit's results are then the same as
+alone up to float noise (padding and batch shape change summation order), and its samples the same.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from __future__ import annotations
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -111,10 +113,7 @@ def units_per_batch(explainer, cfg: ExplainConfig) -> int:
     """Units per explainer call: `cfg.batch_units`, or for a local model as many as fill its forward
     pass (k samples each), so that one generate call serves many units. The samples do not depend
     on the grouping (each prompt has its own generator), so neither does any result."""
-    rows = getattr(getattr(explainer, "llm", None), "batch_size", None)
-    if isinstance(rows, int) and not getattr(explainer, "thread_safe", False):
-        return max(cfg.batch_units, rows // max(1, cfg.k))
-    return cfg.batch_units
+    return max(cfg.batch_units, explainer.units_per_call(cfg.k) or 0)
 
 
 def explain_workers(llm, cfg: ExplainConfig) -> int:
@@ -226,26 +225,23 @@ def simulate_stage(units: Sequence[UnitRecords], explanations: pa.Table, simulat
     # records, then 2 texts x held-out records, about 80 requests each at k = 4) each wait for their
     # slowest request (a retry, a timeout); meanwhile the other units' requests keep the slots busy.
     # A local model takes `units_at_once` units, each in a thread whose simulations wait to share
-    # one batched call with the other units' (`rendezvous`): one thread runs the model at a time.
+    # one batched call with the other units', run in this thread (`rendezvous`).
     workers, gathered = _concurrency(simulator), None
-    if getattr(simulator, "units_at_once", 1) > 1 and len(units) > 1:
+    if simulator.units_at_once > 1 and len(units) > 1:
         gathered = GatheredSimulator(simulator)
         workers = simulator.units_at_once
     used = gathered or simulator
-
-    def member():
-        return gathered.rendezvous.member() if gathered else nullcontext()
+    in_order = gathered.rendezvous.in_order if gathered else _in_order
 
     def unit_result(unit):
         key = (unit.neuron.index, unit.neuron.polarity)
         row, lookup = by_key[(*key, EXPLAINER)], by_key.get((*key, LOOKUP))
         inputs = {"explanation": row["candidates"], "lookup": lookup and lookup["text"]}
-        with member():
-            return remember(unit, inputs, computing(lambda: simulate_unit(unit, row, lookup, used)))
+        return remember(unit, inputs, computing(lambda: simulate_unit(unit, row, lookup, used)))
 
     chosen, sims = [], []
     total = 2 * len(units) if len(units) > 1 else len(units)
-    for i, (c, s) in enumerate(_in_order(unit_result, list(units), workers)):
+    for i, (c, s) in enumerate(in_order(unit_result, list(units), workers)):
         chosen += c
         sims += s
         if progress:
@@ -255,11 +251,10 @@ def simulate_stage(units: Sequence[UnitRecords], explanations: pa.Table, simulat
 
         def control_result(pair):
             unit, text = pair
-            with member():
-                return remember(unit, {"control": text}, computing(lambda: simulate_control(unit, text, used)))
+            return remember(unit, {"control": text}, computing(lambda: simulate_control(unit, text, used)))
 
         pairs = list(zip(units, shuffled_explanations(best, seed=seed)))
-        for i, (c, s) in enumerate(_in_order(control_result, pairs, workers)):
+        for i, (c, s) in enumerate(in_order(control_result, pairs, workers)):
             chosen += c
             sims += s
             if progress:

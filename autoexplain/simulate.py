@@ -16,7 +16,7 @@ import torch
 
 from autoexplain.components import Simulator  # noqa: F401 (the base class, also importable from here)
 from autoexplain.explain import ENDING, escape_token, prompt_hash, read_prompt
-from autoexplain.llm import local_batch_size
+from autoexplain.local_batch import local_batch_size
 from autoexplain.llm import per_item_errors as _per_item_errors
 from autoexplain.records import Simulation
 
