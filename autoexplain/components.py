@@ -69,6 +69,11 @@ class Explainer(Component):
         ignore them."""
         raise NotImplementedError
 
+    def units_per_call(self, k: int) -> int | None:
+        """How many units `explain_records` should get at once to fill one forward pass of a local
+        model (k samples each); None: no preference (`ExplainConfig.batch_units` decides)."""
+        return None
+
 
 class Simulator(Component):
     """Maps (explanation, records' tokens) to per-token predictions.
@@ -80,7 +85,10 @@ class Simulator(Component):
       `add_texts` (from `warm`'s return value, kept beside the outputs); it then provides
       `embedder` and `encoding`;
     - `fresh()`: a twin with the same loaded model and empty caches, for one shard (default: itself,
-      for a simulator whose results never depend on what it simulated before).
+      for a simulator whose results never depend on what it simulated before);
+    - `simulate_jobs(jobs)`: `simulate_many` for several (explanations, records) at once, with
+      `units_at_once` > 1 when the stage should gather that many units' calls into one (a local
+      model that reads rows of many units per forward pass; default: one after another, 1).
     """
 
     uses_text_vectors: ClassVar[bool] = False
@@ -95,6 +103,11 @@ class Simulator(Component):
 
     def simulate_many(self, explanations: Sequence[str], records: Sequence[Sequence[str]]) -> list[list["Simulation"]]:
         return [self.simulate(text, records) for text in explanations]
+
+    def simulate_jobs(self, jobs: Sequence[tuple[Sequence[str], Sequence[Sequence[str]]]]) -> list[list[list["Simulation"]]]:
+        return [self.simulate_many(texts, records) for texts, records in jobs]
+
+    units_at_once: int = 1
 
     def warm(self, explanations: Sequence[str]):
         """Prepare for these explanations at once. With `uses_text_vectors`: returns (forms,

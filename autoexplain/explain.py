@@ -199,6 +199,11 @@ class LLMExplainer(Explainer):
     def explain_records(self, units, k=4, temperature=1.0, max_tokens=60, chat=False):
         return explain_many(self.model, units, k, temperature, max_tokens, chat)
 
+    def units_per_call(self, k):
+        # A local model's rows per pass (`LocalLLM.batch_size`); a server batches nothing itself.
+        rows = None if self.thread_safe else getattr(self.model, "batch_size", None)
+        return max(1, rows // max(1, k)) if isinstance(rows, int) else None
+
 
 def as_explainer(explainer_or_llm) -> Explainer:
     """An Explainer as it is, anything else (an LLM) as the LLM explainer over it."""

@@ -207,11 +207,13 @@ def run_explain(records_dir, layer: int, out, units=None, explainer=None, cfg=No
     # busy), one after another for a local model. Each batch is memoised as it finishes, in order;
     # when one fails, the batches not started are dropped, the others finish and are kept, and the
     # error is raised: a rerun asks only what was not answered.
-    batches = [todo[i : i + cfg.batch_units] for i in range(0, len(todo), cfg.batch_units)]
-    if batches:
+    if todo:
         if llm is None:
             llm = make_explainer(spec)
         llm = as_explainer(llm)  # an LLM passed in is explained with by the LLM explainer
+    size = pipeline.units_per_batch(llm, cfg) if todo else cfg.batch_units
+    batches = [todo[i : i + size] for i in range(0, len(todo), size)]
+    if batches:
         llm_cache.attach(llm, out)  # answers paid for are kept under `out` (or where the cache is set)
         _use_word_table(records_dir, out, llm)
 

@@ -27,7 +27,6 @@ read from the response cache (`llm_cache`) instead: no request, no tokens paid.
 from __future__ import annotations
 
 import contextvars
-import hashlib
 import math
 import threading
 from abc import ABC, abstractmethod
@@ -36,6 +35,7 @@ from dataclasses import dataclass, field
 
 from autoexplain.counters import COUNTS
 from autoexplain.errors import UserError
+from autoexplain.local_batch import local_batch_size, sample_seed
 
 OPENAI_URL = "https://api.openai.com/v1"
 
@@ -209,9 +209,12 @@ def _merge_top(pairs) -> dict[str, float]:
 
 
 class LocalLLM(LLM):
-    """A Hugging Face causal LM run in-process with transformers (bf16 by default)."""
+    """A Hugging Face causal LM run in-process with transformers (bf16 by default).
 
-    def __init__(self, spec: str | None = None, *, subject=None, batch_size: int = 8, device=None,
+    `batch_size` is rows per forward pass (None: `local_batch_size`'s default for the device);
+    prompts of many units share a pass, and each prompt samples from its own generator."""
+
+    def __init__(self, spec: str | None = None, *, subject=None, batch_size: int | None = None, device=None,
                  logits_budget: int = 1 << 27, seed: int = 0):
         super().__init__()
         self.seed = seed
@@ -224,7 +227,7 @@ class LocalLLM(LLM):
         self.name = self.subject.name
         self.fingerprint = self.subject.fingerprint
         self.model, self.tok = self.subject.model, self.subject.tokenizer
-        self.batch_size, self.logits_budget = batch_size, logits_budget
+        self.batch_size, self.logits_budget = local_batch_size(self.model, batch_size), logits_budget
         eos = self.model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         if self.tok.eos_token_id is not None and self.tok.eos_token_id not in eos:
@@ -261,10 +264,12 @@ class LocalLLM(LLM):
             ids[r, cols], mask[r, cols] = torch.tensor(seq), 1
         return ids.to(self._device), mask.to(self._device), width
 
-    def _generate(self, id_lists: list[list[int]], n: int, temperature: float, max_tokens: int, logits: bool):
+    def _generate(self, id_lists: list[list[int]], n: int, temperature: float, max_tokens: int, logits: bool,
+                  seeds: list[int] | None = None):
         """Sample n continuations per prompt. The prompt is read once and its KV cache is copied n
         times (`generate(num_return_sequences=n)` would re-read the prompt n times), and only the
-        last position's logits are computed during the prompt pass."""
+        last position's logits are computed during the prompt pass. `seeds`: one per prompt (see
+        `_seeds`)."""
         torch = self._torch
         ids, mask, width = self._padded(id_lists, left=True)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -279,18 +284,24 @@ class LocalLLM(LLM):
             pos = positions[:, -1:].repeat_interleave(n, 0)
             done = torch.zeros(last.shape[0], dtype=torch.bool, device=last.device)
             eos = torch.tensor(self._eos or [-1], device=last.device)
-            # Sample from a generator seeded by the prompts, never from torch's global RNG: the same
-            # prompts give the same samples whatever ran before, in whichever thread or process.
-            gen = torch.Generator(device=last.device)
-            blob = repr((self.seed, id_lists, n, temperature, max_tokens)).encode()
-            gen.manual_seed(int.from_bytes(hashlib.sha256(blob).digest()[:8], "little") >> 1)
+            # One generator per prompt, never torch's global RNG nor one for the batch: a prompt's
+            # samples are the same whatever ran before, in whichever thread or process, and whichever
+            # prompts share its batch. Each step draws n x vocab uniforms per prompt, done or not, so
+            # a prompt's k-th draw always serves its k-th token. The token is the argmax of logits
+            # plus Gumbel noise (an exact sample of the softmax): the float noise of another batch
+            # shape flips it only on a near tie of the top two (an inverse-CDF draw over the summed
+            # vocabulary flipped a token of the tiny test model between batch sizes 6 and 1).
+            gens = []
+            for seed in (seeds if seeds is not None else [sample_seed(self.seed, i) for i in id_lists]):
+                gens.append(torch.Generator(device=last.device))
+                gens[-1].manual_seed(seed)
             rows = []
             for _ in range(max_tokens):
                 if logits:
                     step_logits.append(last)
                 if temperature > 0:
-                    probs = torch.softmax(last.float() / temperature, -1)
-                    token = torch.multinomial(probs, 1, generator=gen)[:, 0]
+                    u = torch.cat([torch.rand(n, last.shape[-1], generator=g, device=last.device) for g in gens])
+                    token = (last.float() / temperature - torch.log(-torch.log(u))).argmax(-1)
                 else:
                     token = last.argmax(-1)
                 token = torch.where(done, torch.full_like(token, self._pad), token)
@@ -307,12 +318,24 @@ class LocalLLM(LLM):
         cut = [row[: next((j for j, t in enumerate(row) if t in self._eos), len(row))] for row in seqs]
         return cut, step_logits
 
+    def _seeds(self, encoded: list[list[int]], *settings) -> list[int]:
+        """Per prompt, a seed from the prompt, the settings and how many times the same prompt came
+        earlier in the call (a chat asks k samples as k copies of one conversation)."""
+        seen: dict[tuple, int] = {}
+        out = []
+        for ids in encoded:
+            copy = seen[tuple(ids)] = seen.get(tuple(ids), -1) + 1
+            out.append(sample_seed(self.seed, ids, copy, *settings))
+        return out
+
     def complete(self, prompts, n=1, temperature=1.0, max_tokens=60, stop=None):
         sinks = self._sinks()
         encoded = [self.tok(p)["input_ids"] for p in prompts]
+        seeds = self._seeds(encoded, n, temperature, max_tokens)
         results: list[list[Completion]] = [[] for _ in prompts]
         for batch in self._batches(encoded, max(1, self.batch_size // n)):
-            rows, _ = self._generate([encoded[i] for i in batch], n, temperature, max_tokens, logits=False)
+            rows, _ = self._generate([encoded[i] for i in batch], n, temperature, max_tokens, logits=False,
+                                     seeds=[seeds[i] for i in batch])
             for k, i in enumerate(batch):
                 for row in rows[k * n: (k + 1) * n]:
                     text = _cut_at_stop(self.tok.decode(row, skip_special_tokens=True), stop)
@@ -324,10 +347,11 @@ class LocalLLM(LLM):
         torch, sinks = self._torch, self._sinks()
         texts = [self.tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages_batch]
         encoded = [self.tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        seeds = self._seeds(encoded, 1, temperature, max_tokens)
         results: list[ChatResult | None] = [None] * len(texts)
         for batch in self._batches(encoded, self.batch_size):
             rows, step_logits = self._generate([encoded[i] for i in batch], 1, temperature, max_tokens,
-                                               logits=bool(top_logprobs))
+                                               logits=bool(top_logprobs), seeds=[seeds[i] for i in batch])
             for k, i in enumerate(batch):
                 tops = None
                 if top_logprobs:

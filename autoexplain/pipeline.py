@@ -19,7 +19,10 @@ Concurrency: with a server LLM (an object whose `thread_safe` is true), the expl
 several batches of units and the simulate stage several units at once, so that the LLM's requests
 from many units, candidates and records are in flight together up to its `max_concurrency`. Each
 unit's prompts, seeds and results are the same as one after another, and results come back in
-order: the tables do not depend on the concurrency.
+order: the tables do not depend on the concurrency. With a local model, the explain stage gives
+each call as many units as fill a forward pass (`units_per_batch`), and the simulate stage gathers
+the calls of `units_at_once` units into one (`rendezvous`): a unit's results are then the same as
+alone up to float noise (padding and batch shape change summation order), and its samples the same.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from autoexplain.rows import (
     to_table,
 )
 from autoexplain.score_simulation import SimulationScorer
+from autoexplain.rendezvous import GatheredSimulator
 
 EXPLAINER, LOOKUP, SHUFFLED = "explainer", "token-lookup", "shuffled"
 
@@ -109,12 +113,20 @@ def explain_units(units: Sequence[UnitRecords], explainer: Explainer, cfg: Expla
 def explain_stage(units: Sequence[UnitRecords], llm, cfg: ExplainConfig) -> pa.Table:
     """`llm`: an Explainer, or an LLM (explained with by the LLM explainer)."""
     explainer = as_explainer(llm)
-    batches = [units[start : start + cfg.batch_units] for start in range(0, len(units), cfg.batch_units)]
+    size = units_per_batch(explainer, cfg)
+    batches = [units[start : start + size] for start in range(0, len(units), size)]
     # Enough batches at once to keep the LLM's concurrency busy with as many requests again waiting
     # (a batch sends one request per unit, or k when the server ignores `n`, and ends with its slowest).
     workers = explain_workers(explainer, cfg)
     rows = [r for batch in _in_order(lambda b: explain_units(b, explainer, cfg), batches, workers) for r in batch]
     return to_table(ExplanationRow, rows)
+
+
+def units_per_batch(explainer, cfg: ExplainConfig) -> int:
+    """Units per explainer call: `cfg.batch_units`, or for a local model as many as fill its forward
+    pass (k samples each), so that one generate call serves many units. The samples do not depend
+    on the grouping (each prompt has its own generator), so neither does any result."""
+    return max(cfg.batch_units, explainer.units_per_call(cfg.k) or 0)
 
 
 def explain_workers(llm, cfg: ExplainConfig) -> int:
@@ -218,16 +230,23 @@ def simulate_stage(units: Sequence[UnitRecords], explanations: pa.Table, simulat
     # Units at once: as many as the LLM's concurrency. A unit's phases (k candidates x valid
     # records, then 2 texts x held-out records, about 80 requests each at k = 4) each wait for their
     # slowest request (a retry, a timeout); meanwhile the other units' requests keep the slots busy.
-    workers = _concurrency(simulator)
+    # A local model takes `units_at_once` units, each in a thread whose simulations wait to share
+    # one batched call with the other units', run in this thread (`rendezvous`).
+    workers, gathered = _concurrency(simulator), None
+    if simulator.units_at_once > 1 and len(units) > 1:
+        gathered = GatheredSimulator(simulator)
+        workers = simulator.units_at_once
+    used = gathered or simulator
+    in_order = gathered.rendezvous.in_order if gathered else _in_order
 
     def unit_result(unit):
         row, lookup = by_key[(unit.id, EXPLAINER)], by_key.get((unit.id, LOOKUP))
         inputs = {"explanation": row.candidates, "lookup": lookup and lookup.text}
-        return remember(unit, inputs, computing(lambda: _encoded(simulate_unit(unit, row, lookup, simulator))))
+        return remember(unit, inputs, computing(lambda: _encoded(simulate_unit(unit, row, lookup, used))))
 
     chosen, sims = [], []
     total = 2 * len(units) if len(units) > 1 else len(units)
-    for i, (c, s) in enumerate(_in_order(unit_result, list(units), workers)):
+    for i, (c, s) in enumerate(in_order(unit_result, list(units), workers)):
         chosen += c
         sims += s
         if progress:
@@ -237,10 +256,10 @@ def simulate_stage(units: Sequence[UnitRecords], explanations: pa.Table, simulat
 
         def control_result(pair):
             unit, text = pair
-            return remember(unit, {"control": text}, computing(lambda: _encoded(simulate_control(unit, text, simulator))))
+            return remember(unit, {"control": text}, computing(lambda: _encoded(simulate_control(unit, text, used))))
 
         pairs = list(zip(units, shuffled_explanations(best, seed=seed)))
-        for i, (c, s) in enumerate(_in_order(control_result, pairs, workers)):
+        for i, (c, s) in enumerate(in_order(control_result, pairs, workers)):
             chosen += c
             sims += s
             if progress:

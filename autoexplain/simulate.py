@@ -17,6 +17,7 @@ import torch
 from autoexplain.components import Simulator  # noqa: F401 (the base class, also importable from here)
 from autoexplain.explain import ENDING, escape_token, prompt_hash, read_prompt
 from autoexplain.llm import LocalLLM
+from autoexplain.local_batch import local_batch_size
 from autoexplain.llm import per_item_errors as _per_item_errors
 from autoexplain.records import Simulation
 from autoexplain.subject import Subject
@@ -82,9 +83,9 @@ def _failed_positions(values: list[float | None], n: int) -> Simulation:
 class AllAtOnceSimulator(Simulator):
     """The reference simulator: one pass over `token<TAB>unknown` lines, digits' expected value.
 
-    With a local model (an object with `.model` and `.tokenizer`) it reads the logits directly,
-    computes the unit's prompt prefix once and runs all records as one batch on a copy of that
-    KV cache. With a server it asks for prompt logprobs (`echo=True`), several records per
+    With a local model (an object with `.model` and `.tokenizer`) it reads the logits directly:
+    the prompt up to the explanation is read once per simulator, and the records of every
+    explanation, of one unit or of many (`simulate_jobs`), run in batches on copies of its KV cache. With a server it asks for prompt logprobs (`echo=True`), several records per
     request (`records_per_request`).
     """
 
@@ -96,9 +97,8 @@ class AllAtOnceSimulator(Simulator):
     records_per_request = 5
     needs_prompt_logprobs = True
 
-    def __init__(self, llm, batch_size: int = 16, top_logprobs: int = 15, reuse_prefix: bool = True):
+    def __init__(self, llm, batch_size: int | None = None, top_logprobs: int = 15, reuse_prefix: bool = True):
         self.llm = llm
-        self.batch_size = batch_size
         self.top_logprobs = top_logprobs
         self.reuse_prefix = reuse_prefix
         self.name = f"all-at-once:{getattr(llm, 'name', type(llm).__name__)}"
@@ -106,6 +106,11 @@ class AllAtOnceSimulator(Simulator):
         self.local = llm.subject if isinstance(llm, LocalLLM) else llm
         if not isinstance(self.local, Subject):
             self.local = None
+        # Rows per forward pass: the LocalLLM's own setting, else the device's default.
+        self.batch_size = batch_size or getattr(llm, "batch_size", None)
+        if self.local is not None:
+            self.batch_size = local_batch_size(self.local.model, self.batch_size)
+        self._shared = None  # (text, ids, KV cache) of the prefix every explanation shares
 
     @property
     def prompt_hash(self) -> str:
@@ -118,13 +123,26 @@ class AllAtOnceSimulator(Simulator):
     def simulate_many(self, explanations: Sequence[str], records: Sequence[Sequence[str]]) -> list[list[Simulation]]:
         """Each explanation on the records. On a server every (explanation, record) request of the
         call is in flight together, up to the LLM's concurrency."""
-        if self.local is not None:
-            return [self._local(e, records) for e in explanations]
-        return self._server(explanations, records)
+        return self.simulate_jobs([(explanations, records)])[0]
+
+    def simulate_jobs(self, jobs: Sequence[tuple[Sequence[str], Sequence[Sequence[str]]]]) -> list[list[list[Simulation]]]:
+        """`simulate_many` for several (explanations, records) at once, e.g. from many units: on a
+        local model all their records share forward passes (`pipeline.simulate_stage` gathers the
+        units' calls), on a server each is its own `simulate_many`."""
+        if self.local is None:
+            return [self._server(e, r) for e, r in jobs]
+        return self._local(jobs)
 
     @property
     def thread_safe(self) -> bool:
         return self.local is None and getattr(self.llm, "thread_safe", False)
+
+    @property
+    def units_at_once(self) -> int:
+        """Units whose simulations the stage gathers into one `simulate_jobs` call on a local model:
+        each asks for at least two texts on a few records, so a quarter of the rows per pass fills
+        the passes, and a unit's halving rounds wait for the slowest of no more units than that."""
+        return max(1, self.batch_size // 4) if self.local is not None else 1
 
     def dollars(self, prompt_tokens, completion_tokens, cached_tokens=0):
         return 0.0 if self.local is not None else self.llm.dollars(prompt_tokens, completion_tokens, cached_tokens)
@@ -170,9 +188,23 @@ class AllAtOnceSimulator(Simulator):
             values.append(expected_value(digits))
         return _failed_positions(values, len(offsets))
 
-    # -- local: logits, batched, shared prefix -------------------------------------------------
+    # -- local: logits, rows of many units in one pass, one shared prefix ---------------------
+    def _shared_prefix(self, tok, model, device):
+        """The prompt up to "Explanation:", the same for every explanation of every unit, and its
+        KV cache: read once per simulator, not once per explanation."""
+        system, (examples, number) = read_prompt("simulator_system.txt").strip(), _example_blocks()
+        text = f"{system}\n\n{examples}Neuron {number}\nExplanation:"
+        if self._shared is None or self._shared[0] != text:  # an edited prompt file: read it again
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            cache = model.base_model(input_ids=torch.tensor([ids], device=device), use_cache=True).cache
+            self._shared = (text, ids, cache)
+        return self._shared[1], self._shared[2]
+
     @torch.inference_mode()
-    def _local(self, explanation, records):
+    def _local(self, jobs):
+        """Every (job, explanation, record) is one row; rows of all jobs are sorted by length and
+        run `batch_size` at a time. A row whose prompt tokenises its start differently from the
+        shared prefix (a merge across "Explanation:") is read whole, without the shared cache."""
         tok, model = self.local.tokenizer, self.local.model
         device = next(model.parameters()).device
         digit_ids = {d: tok.convert_tokens_to_ids(str(d)) for d in range(11)}
@@ -180,53 +212,60 @@ class AllAtOnceSimulator(Simulator):
         digit_ids = {d: i for d, i in digit_ids.items() if i is not None and i != tok.unk_token_id
                      and tok.convert_ids_to_tokens(i) == str(d)}
         ids_tensor = torch.tensor(list(digit_ids.values()), device=device)
-        prefix_ids = tok(simulator_prefix(explanation), add_special_tokens=False)["input_ids"]
-        encoded = []
-        for tokens in records:
-            body, offsets = simulator_body(tokens)
-            enc = tok(body, add_special_tokens=False, return_offsets_mapping=True)
-            starts = {a: i for i, (a, _b) in enumerate(enc["offset_mapping"])}
-            encoded.append((enc["input_ids"], [starts.get(o) for o in offsets]))
+        shared, cache = self._shared_prefix(tok, model, device) if self.reuse_prefix else ([], None)
+        prefixes: dict[str, list[int]] = {}
+        rows = []  # (start, prompt ids after the start, placeholder positions in them, prompt tokens, where)
+        for j, (explanations, records) in enumerate(jobs):
+            bodies = [self._encode_body(tok, tokens) for tokens in records]
+            for e, text in enumerate(explanations):
+                if text not in prefixes:
+                    prefixes[text] = tok(simulator_prefix(text), add_special_tokens=False)["input_ids"]
+                pre = prefixes[text]
+                start = len(shared) if shared and pre[: len(shared)] == shared else 0
+                for r, (ids, positions) in enumerate(bodies):
+                    shift = len(pre) - start
+                    rows.append((start, pre[start:] + ids, [None if p is None else p + shift for p in positions],
+                                 len(pre) + len(ids), (j, e, r)))
+        out = [[[None] * len(records) for _ in explanations] for explanations, records in jobs]
+        for start in sorted({r[0] for r in rows}):
+            mine = sorted((r for r in rows if r[0] == start), key=lambda r: len(r[1]))
+            for b in range(0, len(mine), self.batch_size):
+                chunk = mine[b: b + self.batch_size]
+                logits = self._batch_logits(model, device, start, cache if start else None, [c[1] for c in chunk],
+                                            ids_tensor)
+                logits = logits.tolist()
+                for row, (_s, _ids, positions, n_tokens, (j, e, r)) in enumerate(chunk):
+                    # The logits that predict token p sit at p - 1; p >= 1 since a tab precedes it.
+                    values = [None if p is None else expected_value(dict(zip(digit_ids, logits[row][p - 1])))
+                              for p in positions]
+                    out[j][e][r] = _failed_positions(values, len(positions))
+                    out[j][e][r].prompt_tokens = n_tokens
+        return out
 
-        prefix_cache = None
-        if self.reuse_prefix:
-            prefix_cache = model.base_model(input_ids=torch.tensor([prefix_ids], device=device), use_cache=True).cache
-        sims: list[Simulation] = []
-        for start in range(0, len(encoded), self.batch_size):
-            chunk = encoded[start : start + self.batch_size]
-            logits = self._batch_logits(model, device, prefix_ids, prefix_cache, [c[0] for c in chunk], ids_tensor)
-            for row, (ids, positions) in enumerate(chunk):
-                values = []
-                for p in positions:
-                    if p is None:
-                        values.append(None)
-                        continue
-                    # The logits that predict body token p sit at p - 1; p >= 1 since a tab precedes it.
-                    lp = logits[row, p - 1].float()
-                    lp = (lp[ids_tensor] if lp.shape[-1] > len(digit_ids) else lp).tolist()
-                    values.append(expected_value(dict(zip(digit_ids, lp))))
-                sims.append(_failed_positions(values, len(positions)))
-                sims[-1].prompt_tokens = len(prefix_ids) + len(ids)
-        return sims
+    @staticmethod
+    def _encode_body(tok, tokens):
+        body, offsets = simulator_body(tokens)
+        enc = tok(body, add_special_tokens=False, return_offsets_mapping=True)
+        starts = {a: i for i, (a, _b) in enumerate(enc["offset_mapping"])}
+        return enc["input_ids"], [starts.get(o) for o in offsets]
 
-    def _batch_logits(self, model, device, prefix_ids, prefix_cache, bodies, digit_rows):
-        width = max(len(b) for b in bodies)
-        pad = 0
-        if prefix_cache is None:  # the naive path: every record re-reads the whole prompt
-            rows = [prefix_ids + b + [pad] * (width - len(b)) for b in bodies]
-            out = model(input_ids=torch.tensor(rows, device=device), use_cache=False)
-            return out.logits[:, len(prefix_ids):]
-        cache = copy.deepcopy(prefix_cache)
-        cache.batch_repeat_interleave(len(bodies))
-        rows = torch.tensor([b + [pad] * (width - len(b)) for b in bodies], device=device)
-        # Right padding under the causal mask: real positions never attend to the pads after them,
-        # so no attention mask is passed (an explicit all-ones mask makes SDPA ~3x slower on CPU).
-        positions = torch.arange(len(prefix_ids), len(prefix_ids) + width, device=device).expand(len(bodies), -1)
-        hidden = model.base_model(input_ids=rows, cache=cache, position_ids=positions,
-                                  use_cache=True).last_hidden_state
+    @staticmethod
+    def _batch_logits(model, device, start, cache, rows, digit_rows):
+        """The digits' logits at every position of the rows, which follow `start` cached tokens (or
+        none). Right padding under the causal mask: real positions never attend to the pads after
+        them, so no attention mask is passed (an explicit all-ones mask makes SDPA ~3x slower on CPU)."""
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device)
+        kw = {}
+        if cache is not None:
+            kw["cache"] = copy.deepcopy(cache)
+            kw["cache"].batch_repeat_interleave(len(rows))
+        positions = torch.arange(start, start + width, device=device).expand(len(rows), -1)
+        hidden = model.base_model(input_ids=ids, position_ids=positions, use_cache=cache is not None,
+                                  **kw).last_hidden_state
         # Only the digit rows of the output layer: the softmax over the whole vocabulary cancels when
         # the digits' mass is renormalised, and the full lm_head would dominate the cost.
         head = model.get_output_embeddings()
         weight = head.weight[digit_rows]
         bias = head.bias[digit_rows] if getattr(head, "bias", None) is not None else None
-        return torch.nn.functional.linear(hidden, weight, bias)
+        return torch.nn.functional.linear(hidden, weight, bias).float()
