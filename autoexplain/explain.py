@@ -191,7 +191,7 @@ class LLMExplainer(Explainer):
 
     @property
     def thread_safe(self) -> bool:  # a server LLM: the stage may send many units' requests at once
-        return getattr(self.model, "thread_safe", False)
+        return self.model.thread_safe
 
     def dollars(self, prompt_tokens, completion_tokens, cached_tokens=0):
         return self.model.dollars(prompt_tokens, completion_tokens, cached_tokens)

@@ -135,7 +135,7 @@ class AllAtOnceSimulator(Simulator):
 
     @property
     def thread_safe(self) -> bool:
-        return self.local is None and getattr(self.llm, "thread_safe", False)
+        return self.local is None and self.llm.thread_safe
 
     @property
     def units_at_once(self) -> int:

@@ -152,7 +152,7 @@ class ChatJsonSimulator(Simulator):
 
     @property
     def thread_safe(self) -> bool:
-        return getattr(self.llm, "thread_safe", False)
+        return self.llm.thread_safe
 
     def dollars(self, prompt_tokens, completion_tokens, cached_tokens=0):
         return self.llm.dollars(prompt_tokens, completion_tokens, cached_tokens)
