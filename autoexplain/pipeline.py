@@ -238,6 +238,8 @@ def simulate_stage(units: Sequence[UnitRecords], explanations: pa.Table, simulat
         workers = simulator.units_at_once
     used = gathered or simulator
     in_order = gathered.rendezvous.in_order if gathered else _in_order
+    if gathered:  # here, not in a unit thread: a caller may hold the model's lock in this thread
+        computing(lambda: None)()
 
     def unit_result(unit):
         row, lookup = by_key[(unit.id, EXPLAINER)], by_key.get((unit.id, LOOKUP))

@@ -242,9 +242,13 @@ class _Serialised:
         # isinstance sees the wrapped component: a serialised Explainer is an Explainer.
         return type(self._inner)
 
+    # What reads no model, and may be called from a stage's unit threads while the stage's own
+    # thread holds the lock for the gathered model calls (`rendezvous`): locking it would deadlock.
+    UNLOCKED = frozenset({"dollars"})
+
     def __getattr__(self, name):
         value = getattr(self._inner, name)
-        if not callable(value) or getattr(self._inner, "thread_safe", False):  # a server LLM: no lock
+        if not callable(value) or name in self.UNLOCKED or self._inner.thread_safe:  # a server LLM: no lock
             return value
 
         def locked(*args, **kwargs):
