@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.llama_server import free_port
 
@@ -254,8 +256,13 @@ def test_prefect_yaml_deploys_and_a_worker_runs_it(against_server, tiny_llama_di
         assert explain.parameters["model"] == "smollm2" and explain.parameters["layer"] == 15
         assert not explain.schedules
         assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
-        assert nightly.parameters == {"out": "out", "layer": 15, "simulator": "embedding", "n_boot": 1000,
-                                      "concurrency": None, "rpm": None, "tpm": None, "cache": True}
+        # what the server holds is what the file says, and every name is one the flow takes
+        shipped = {d["name"]: d["parameters"] for d in
+                   yaml.safe_load((REPO / "deployments/prefect.yaml").read_text())["deployments"]}
+        assert nightly.parameters == shipped["nightly"]
+        assert nightly.parameters["out"] == "out" and nightly.parameters["budget"] is None
+        from flows.explain_layer import rescore
+        assert set(nightly.parameters) <= set(inspect.signature(rescore.fn).parameters)
         listed = {f"{client.read_flow(d.flow_id).name}/{d.name}" for d in client.read_deployments()}
         assert listed == {"explain-layer/smollm2-layer15", "rescore/nightly"}
 
