@@ -88,8 +88,9 @@ def record(
     batch_size: int = typer.Option(32, "--batch-size", help="Windows per forward pass."),
     seed: int = typer.Option(0, "--seed", help="Seed for the window order and all sampling."),
     text_field: str = typer.Option("text", "--text-field", help="Text column of .jsonl/.parquet/hub corpora."),
+    source: str = typer.Option("mlp", "--source", help="Whose units: 'mlp' (MLP neurons), 'sae:PATH' or 'transcoder:PATH' (a local coder folder; --layers defaults to its layer)."),
 ):
-    """Record MLP neuron activations: top, quantile and random exemplars per unit, plus statistics."""
+    """Record unit activations (MLP neurons, or a sparse coder's latents): top, quantile and random exemplars per unit, plus statistics."""
     from autoexplain.record import RecordConfig, build_windows, record_layers
     from autoexplain.subject import load_subject
 
@@ -103,7 +104,11 @@ def record(
         preflight.check_out(str(out), preflight.cli_flag)
         preflight.check_corpus(corpus, preflight.cli_flag)
         shape = preflight.model_shape(model, preflight.cli_flag)
-        chosen = parse_layers(layers, shape.n_layers)
+        given = parse_layers(layers, shape.n_layers) if layers is not None else None
+        if given is not None and len(given) > 1 and ":" in source:
+            raise UserError(f"a coder reads one layer, --layers names {len(given)}", "pass one layer, or leave --layers out")
+        unit_source = preflight.check_source(source, model, given[0] if given else None, preflight.cli_flag)
+        chosen = given or ([unit_source.layer] if hasattr(unit_source, "layer") else parse_layers(None, shape.n_layers))
         for L in chosen:
             preflight.check_layer(shape, L, preflight.cli_flag, "layers")
         started = time.perf_counter()
@@ -116,7 +121,8 @@ def record(
         with progress_bar() as bar:
             task = bar.add_task(f"record layers {','.join(map(str, chosen))}", total=windows.n_windows * window_len)
             ref = record_layers(subject, windows, cfg, out,
-                                progress=lambda done, total: bar.update(task, completed=done, total=total))
+                                progress=lambda done, total: bar.update(task, completed=done, total=total),
+                                source=unit_source)
         err.print(f"recorded {windows.n_windows:,} windows in {time.perf_counter() - started:.0f}s")
         typer.echo(str(ref.directory))
 

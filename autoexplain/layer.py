@@ -25,7 +25,7 @@ from autoexplain.errors import UserError
 from autoexplain.explain import as_explainer, explainer_prompt_hash
 from autoexplain.identity import code_identity
 from autoexplain.registry import DEFAULT_EXPLAINER, explainer_weights, make_explainer, make_simulator
-from autoexplain.sources import MLP
+from autoexplain.sources import MLP, polarities_of
 from autoexplain.storage import (
     Memo,
     content_key,
@@ -91,13 +91,29 @@ def _records_inputs(records_dir: Path, layer: int):
     return (records_dir / f"layer_{layer}.records.parquet", windows, manifest["key"])
 
 
+def source_kind(records_dir: str | Path) -> str:
+    """The unit source a recording read ('mlp' for every recording before sources had names)."""
+    return read_manifest(Path(records_dir))["params"].get("source", MLP.kind)
+
+
 def load_units(records_dir: str | Path, layer: int, units: list[int] | None = None):
     records_path, windows_path, _ = _records_inputs(Path(records_dir), layer)
-    wanted = None if units is None else [(u.index, u.polarity) for u in MLP.unit_ids(layer, units)]
-    found = read_units(records_path, windows_path, wanted)
-    if units is not None and not found:
+    kind = source_kind(records_dir)
+    wanted = None if units is None else [(i, p) for i in units for p in polarities_of(kind)]
+    found = read_units(records_path, windows_path, wanted, kind=kind)
+    # Every neuron in range has records; a coder's latent that never fired has none (it is dead,
+    # which its statistics say), so a shard of dead latents is empty, not an error.
+    if units is not None and not found and kind == MLP.kind:
         raise UserError(f"none of units {units[0]}..{units[-1]} exist in layer {layer}", "check --units")
     return found
+
+
+def recorded_units(records_dir: str | Path, layer: int) -> set[int]:
+    """The units of a layer that have records: all of a layer's neurons, a coder's latents that fired."""
+    import polars as pl
+
+    records_path, _, _ = _records_inputs(Path(records_dir), layer)
+    return set(pl.scan_parquet(records_path).select("unit").unique().collect()["unit"].to_list())
 
 
 def _use_word_table(records_dir: Path, out, model) -> None:
@@ -123,6 +139,8 @@ def _use_text_vectors(explanations: pa.Table, out, sim) -> None:
 
     texts = sorted({t for c, t in zip(explanations.column("candidates").to_pylist(),
                                        explanations.column("text").to_pylist()) for t in (c or [t])})
+    if not texts:
+        return
     path = Path(out) / "memo" / "text_vectors" / f"{content_key({'embedder': sim.embedder, 'encoding': sim.encoding, 'texts': texts})}.npz"
     if path.is_file():
         saved = np.load(path, allow_pickle=False)

@@ -22,6 +22,8 @@ from typing import Callable
 
 from autoexplain import defaults
 from autoexplain.errors import UserError
+from autoexplain.sources import MLP
+from autoexplain.storage import content_key
 
 Spelling = Callable[[str], str]
 # The CLI flags whose name is not the parameter's own with dashes.
@@ -329,19 +331,44 @@ def check_revisions(revisions: dict[str, str] | None, units: list[int] | None, s
     return parsed
 
 
+def check_source(source: str | None, model: str, layer: int | None, spell: Spelling = flow_name,
+                 name: str = "source"):
+    """The unit source a run reads (`source_coder.open_unit_source`), its coder read and checked
+    against the subject's config: a wrong path, format, hook point or width is one line here."""
+    from autoexplain.source_coder import open_unit_source
+
+    try:
+        return open_unit_source(source, model, layer)
+    except UserError as e:
+        raise _fail(spell, name, e.problem, e.fix or "") from None
+
+
+def source_kind(source: str | None, spell: Spelling = flow_name, name: str = "source") -> str:
+    """The kind of units a source value names (`source_coder.kind_of`), or one line saying why not."""
+    from autoexplain.source_coder import kind_of
+
+    try:
+        return kind_of(source)
+    except UserError as e:
+        raise _fail(spell, name, e.problem, e.fix or "") from None
+
+
 @dataclass(frozen=True)
 class LayerPlan:
     shape: Shape
     units: list[int] | None  # None: all units (the config did not say how many)
     revisions: dict[tuple[int, int], str]
     budget: object = None  # a budget.Budget, or None: no limit
+    layer: int = defaults.LAYER
+    source: object = None  # a sources.UnitSource
+    source_id: str = "mlp"  # what the recording depends on of the source (a task's cache key)
 
 
 def explain_layer(p: dict, spell: Spelling = flow_name) -> LayerPlan:
     """Every parameter of an explain-layer run (flow parameters by name; missing ones are skipped)."""
     for name, low in (("tokens", 1), ("k", 1), ("shard_size", 1), ("n_boot", 1), ("window_len", 2),
                       ("top_k", 1), ("n_random", 0), ("layer", 0)):
-        if name in p:
+        if name in p and (name != "layer" or p[name] is not None):
             at_least(spell, name, p[name], low)
     window_len, top_k, n_random = p.get("window_len", 64), p.get("top_k", 40), p.get("n_random", 30)
     if "tokens" in p and p["tokens"] // window_len < top_k + n_random:
@@ -350,8 +377,15 @@ def explain_layer(p: dict, spell: Spelling = flow_name) -> LayerPlan:
                     f"pass at least {(top_k + n_random) * window_len} tokens, or fewer exemplars")
     check_out(p.get("out", "out"), spell)
     check_corpus(p.get("corpus", defaults.CORPUS), spell)
-    shape = model_shape(p.get("model", defaults.SUBJECT), spell)
-    check_layer(shape, p["layer"], spell)
+    model = p.get("model", defaults.SUBJECT)
+    shape = model_shape(model, spell)
+    source = check_source(p.get("source"), model, p.get("layer"), spell)
+    layer = p.get("layer")
+    if layer is None:
+        layer = getattr(source, "layer", defaults.LAYER)
+    check_layer(shape, layer, spell)
+    if source.kind != MLP.kind:
+        shape = Shape(shape.name, shape.n_layers, source.n_units(None))
     units = check_units(shape, p.get("units"), spell)
     if units == []:
         raise _fail(spell, "units", "selects no unit", "pass a range like 0-99")
@@ -360,24 +394,28 @@ def explain_layer(p: dict, spell: Spelling = flow_name) -> LayerPlan:
     check_explainer(p.get("explainer"), spell)
     check_simulator(p.get("simulator"), spell)
     limit = check_budget(p.get("budget"), spell, explainer=p.get("explainer"), simulator=p.get("simulator"))
-    return LayerPlan(shape, units, revisions, limit)
+    return LayerPlan(shape, units, revisions, limit, layer, source, content_key(source.identity()))
 
 
 
-def find_run(out: str, layer: int, spell: Spelling = flow_name) -> dict:
-    """The latest finished run of `layer` under the output root `out` (its pointer,
-    `storage.run_file`), or a UserError naming the parameter to set."""
+def find_run(out: str, layer: int, spell: Spelling = flow_name, kind: str = MLP.kind) -> dict:
+    """The latest finished run of `layer`'s units of source `kind` under the output root `out` (its
+    pointer, `storage.run_file`), or a UserError naming the parameter to set."""
     from autoexplain import remote
-    from autoexplain.storage import open_root, read_run, run_file, run_layers
+    from autoexplain.storage import open_root, read_run, run_file, run_layers, run_sources
 
     root = open_root(out)
-    run = read_run(root, layer)
+    run = read_run(root, layer, kind)
     if run is not None:
         return run
-    have = [] if remote.is_url(out) else run_layers(root)
+    others = [] if remote.is_url(out) else [k for L, k in run_sources(root) if L == layer and k != kind]
+    if others:
+        raise _fail(spell, "source", f"{out} holds no finished run of layer {layer}'s {kind} units "
+                    f"(it has {', '.join(others)})", f"set {spell('source').split()[-1]} to one of those")
+    have = [] if remote.is_url(out) else run_layers(root, kind)
     if have:
         raise _fail(spell, "layer", f"{out} holds no finished explain-layer run of layer {layer} "
                     f"(it has layers {', '.join(map(str, have))})", f"set {spell('layer').split()[-1]} to one of those")
     raise _fail(spell, "out", f"{out} holds no finished explain-layer run (looked for "
-                f"{run_file(root, layer).relative_to(root)})",
+                f"{run_file(root, layer, kind).relative_to(root)})",
                 f"set {spell('out').split()[-1]} to the output root of an explain-layer run, or run explain-layer there first")

@@ -150,9 +150,9 @@ def build_windows(
 class _LayerRecorder:
     """The streaming state for one layer: top-k per polarity, reservoir and running stats."""
 
-    def __init__(self, cfg: RecordConfig, window_len: int, n_units: int, reservoir_ids: np.ndarray):
-        self.top = {1: selection.TopWindows(cfg.top_k, window_len, n_units),
-                    -1: selection.TopWindows(cfg.top_k, window_len, n_units)}
+    def __init__(self, cfg: RecordConfig, window_len: int, n_units: int, reservoir_ids: np.ndarray,
+                 polarities: tuple[int, ...] = (1, -1)):
+        self.top = {p: selection.TopWindows(cfg.top_k, window_len, n_units) for p in polarities}
         self.reservoir = selection.Reservoir(reservoir_ids, window_len, n_units)
         self.stats = selection.RunningStats(n_units)
 
@@ -161,7 +161,8 @@ class _LayerRecorder:
         lo = acts.amin(dim=1).float()
         self.stats.update(acts, hi, lo)
         self.top[1].update(window_ids, acts, hi)
-        self.top[-1].update(window_ids, acts, -lo, sign=-1)
+        if -1 in self.top:
+            self.top[-1].update(window_ids, acts, -lo, sign=-1)
         self.reservoir.update(window_ids, acts)
 
 
@@ -191,7 +192,7 @@ def record_layers(
         )
     params = {k: v for k, v in asdict(cfg).items() if k not in ("layers", "batch_size")}
     inputs = {"windows": windows.key, "subject": subject.fingerprint}
-    key = content_key({"inputs": inputs, "params": params, "layers": layers, "source": source.kind,
+    key = content_key({"inputs": inputs, "params": params, "layers": layers, "source": source.identity(),
                        "code": code_identity(record_layers)})
     directory = stage_dir(out_root, "records", key)
     ref = RecordsRef(directory, key, layers, windows.n_windows)
@@ -201,7 +202,8 @@ def record_layers(
     rng = np.random.default_rng(cfg.seed)
     n_res = min(cfg.reservoir, windows.n_windows)
     reservoir_ids = rng.choice(windows.n_windows, size=n_res, replace=False)
-    recorders = {L: _LayerRecorder(cfg, windows.window_len, source.n_units(subject), reservoir_ids) for L in layers}
+    recorders = {L: _LayerRecorder(cfg, windows.window_len, source.n_units(subject), reservoir_ids, source.polarities)
+                 for L in layers}
 
     total = windows.n_windows * windows.window_len
     done = 0
@@ -215,15 +217,18 @@ def record_layers(
 
     outputs = []
     for L in layers:
-        records, stats = _finish_layer(L, recorders[L], cfg, reservoir_order=reservoir_ids)
+        records, stats = _finish_layer(L, recorders[L], cfg, reservoir_ids, source.polarities)
         write_table(records, ref.records_path(L), "records")
         write_table(stats, ref.stats_path(L), "unit_stats")
         outputs += [ref.records_path(L).name, ref.stats_path(L).name]
-    write_manifest(directory, "records", key, inputs, {**params, "layers": layers}, outputs)
+    # Readers take a source's kind from here ('mlp' where absent, as in every run before sources).
+    named = {} if source.kind == MLP.kind else {"source": source.kind}
+    write_manifest(directory, "records", key, inputs, {**params, "layers": layers, **named}, outputs)
     return ref
 
 
-def _finish_layer(layer: int, rec: _LayerRecorder, cfg: RecordConfig, reservoir_order: np.ndarray):
+def _finish_layer(layer: int, rec: _LayerRecorder, cfg: RecordConfig, reservoir_order: np.ndarray,
+                  polarities: tuple[int, ...] = (1, -1)):
     """Turn one layer's streaming state into its records and stats tables.
 
     The reservoir stays in bf16 throughout: a float32 copy of it (and a negated one per polarity)
@@ -234,7 +239,7 @@ def _finish_layer(layer: int, rec: _LayerRecorder, cfg: RecordConfig, reservoir_
     rng = np.random.default_rng([cfg.seed, layer])
     n_units = res.acts.shape[2]
     tables, stats = [], []
-    for polarity in (1, -1):
+    for polarity in polarities:
         top = rec.top[polarity]
         res_max = (res.acts.amax(dim=1) if polarity > 0 else -res.acts.amin(dim=1)).float().numpy()  # (R, U)
         valid = torch.isfinite(top.values).numpy()  # (k, U); -inf marks an unfilled slot
@@ -242,7 +247,12 @@ def _finish_layer(layer: int, rec: _LayerRecorder, cfg: RecordConfig, reservoir_
         top_acts = top.ranked_payload().float().permute(2, 0, 1).numpy()  # (U, k, T), already oriented
         top_rows, extra_rows = _Rows(), _Rows()
         top_acts_rows, extra_slots, extra_units = [], [], []
+        # A unit that never fired this way has no exemplars to explain: its statistics (max <= 0,
+        # frac_active 0) say it is dead, and it gets no records.
+        fired = np.any(valid & (top_vals > 0), axis=0)
         for u in range(n_units):
+            if not fired[u]:
+                continue
             ids_u = top_ids[valid[:, u], u]
             for r, split in enumerate(selection.deal(len(ids_u), TOP_DEAL)):
                 top_rows.add(u, polarity, "top", split, r, None, int(ids_u[r]), float(top_vals[r, u]))

@@ -57,7 +57,8 @@ class UnitId:
         return f"{self.source}/{self.index}{'+' if self.polarity > 0 else '-'}"
 
 
-_SOURCE = re.compile(r"L(\d+)/([a-z][a-z0-9_-]*)")
+KIND = r"[a-z][a-z0-9_-]*"  # a unit source's kind, as it appears in names and paths
+_SOURCE = re.compile(rf"L(\d+)/({KIND})")
 
 
 @dataclass

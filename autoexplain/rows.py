@@ -15,7 +15,10 @@ from typing import Iterable, TypeVar
 import pyarrow as pa
 
 from autoexplain.records import UnitId
-from schemas import load_schema
+from autoexplain.sources import MLP
+from schemas import OPTIONAL_COLUMNS, load_schema
+
+MLP_KIND = MLP.kind  # rows of this source carry no `source` column
 
 
 @dataclass
@@ -89,14 +92,15 @@ def to_rows(rows: Iterable[Row]) -> list[dict]:
     out = []
     for row in rows:
         u = row.unit
-        out.append({"layer": u.layer, "unit": u.index, "polarity": u.polarity,
+        named = {} if u.kind == MLP_KIND else {"source": u.kind}
+        out.append({"layer": u.layer, "unit": u.index, "polarity": u.polarity, **named,
                     **{name: getattr(row, name) for name in _names(type(row))}})
     return out
 
 
 def from_rows(cls: type[Row], rows: Iterable[dict]) -> list[Row]:
     names = _names(cls)
-    return [cls(UnitId(f"L{r['layer']}/{r.get('source') or 'mlp'}", r["unit"], r["polarity"]),
+    return [cls(UnitId(f"L{r['layer']}/{r.get('source') or MLP_KIND}", r["unit"], r["polarity"]),
                 **{name: r[name] for name in names}) for r in rows]
 
 
@@ -104,7 +108,11 @@ def rows_to_table(rows: list[dict], schema_name: str) -> pa.Table:
     schema = load_schema(schema_name)
     if not rows:
         return schema.empty_table()
-    return pa.Table.from_pylist(rows, schema=schema)
+    table = pa.Table.from_pylist(rows, schema=schema)
+    if any("source" in r for r in rows):  # a table of neurons stays byte for byte what it always was
+        table = table.append_column(pa.field("source", OPTIONAL_COLUMNS["source"]),
+                                    pa.array([r.get("source") or MLP_KIND for r in rows], pa.string()))
+    return table
 
 
 def to_table(cls: type[Row], rows: Iterable[Row]) -> pa.Table:

@@ -7,8 +7,9 @@ yields, 'L<layer>/<kind>'), the polarities each of its directions is read with, 
   directions' activations, which recording ranks into top, quantile and random windows.
 
 Today's one source is `mlp`: a layer's MLP hidden neurons (the input of its down projection), read
-both ways because gated MLPs fire both ways. A sparse autoencoder's latents are another source: one
-module with a `UnitSource` subclass, plus one line in `registry._source_classes`.
+both ways because gated MLPs fire both ways. A sparse coder's latents (`source_coder`, '--source
+sae:PATH') are the other: one polarity, a kind derived from the coder ('sae-res-16k'). A source
+that needs no path is a `UnitSource` subclass plus one line in `registry._source_classes`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ class UnitSource(ABC):
     def source(self, layer: int) -> str:
         """The `UnitId.source` of this layer's units."""
         return f"L{layer}/{self.kind}"
+
+    def identity(self) -> object:
+        """What recorded activations depend on besides the subject and corpus (in the records key)."""
+        return self.kind
 
     def unit_ids(self, layer: int, indices: Iterable[int]) -> list[UnitId]:
         """Every unit of these directions, each polarity in turn."""
@@ -62,3 +67,9 @@ class MlpSource(UnitSource):
 
 
 MLP = MlpSource()
+
+
+def polarities_of(kind: str) -> tuple[int, ...]:
+    """The polarities a source of this kind records: both for the MLP's neurons, +1 for the rest
+    (latents of sparse coders are non-negative)."""
+    return MlpSource.polarities if kind == MlpSource.kind else (1,)

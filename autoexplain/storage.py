@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import pickle
 import tempfile
 from pathlib import Path
@@ -22,7 +23,9 @@ import pyarrow.parquet as pq
 
 from autoexplain import remote
 from autoexplain.remote import MANIFEST
-from schemas import load_schema
+from autoexplain.records import KIND
+from autoexplain.sources import MLP
+from schemas import conform, load_schema
 
 
 def content_key(payload: Any, length: int = 16) -> str:
@@ -139,7 +142,7 @@ def write_table(table: pa.Table, path: str | os.PathLike, schema_name: str | Non
     """Write a parquet file atomically, cast to the named schema when one is given."""
     path = Path(path)
     if schema_name is not None:
-        table = table.cast(load_schema(schema_name))
+        table = conform(table, schema_name)
     tmp = _atomic_target(path)
     try:
         pq.write_table(table, tmp, compression="zstd")
@@ -207,22 +210,42 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     return json.loads((Path(directory) / MANIFEST).read_text())
 
 
-def run_file(root: str | os.PathLike, layer: int) -> Path:
-    """The pointer to the latest finished run of a layer under an output root: its flow parameters
-    and the references of its outputs. What `rescore` and `revise` start from, so a user names a run
-    by its output root and layer, never by internal keys. Mutable, unlike the stage folders."""
-    return Path(root) / "runs" / f"layer_{layer}.json"
+def layer_name(layer: int, kind: str = MLP.kind) -> str:
+    """A layer's units of one source, as a file or folder name: 'layer_15' for its MLP neurons (the
+    name every run had before sources), 'layer_15.sae-res-16k' for a coder's latents."""
+    return f"layer_{layer}" if kind == MLP.kind else f"layer_{layer}.{kind}"
 
 
-def run_layers(root: str | os.PathLike) -> list[int]:
-    """The layers with a run pointer under a local output root."""
-    return sorted(int(p.stem.removeprefix("layer_")) for p in run_file(root, 0).parent.glob("layer_*.json"))
+_LAYER_NAME = re.compile(rf"layer_(\d+)(?:\.({KIND}))?")
 
 
-def write_run(root: str | os.PathLike, layer: int, run: dict, report: str | None = None) -> Path:
-    """Point the layer at a finished run; `report` (markdown, e.g. a re-score's comparison) goes
-    beside the pointer as `layer_<L>.<flow>.md`."""
-    path = write_json(run, run_file(root, layer))
+def run_file(root: str | os.PathLike, layer: int, kind: str = MLP.kind) -> Path:
+    """The pointer to the latest finished run of a layer's units of one source under an output
+    root: its flow parameters and the references of its outputs. What `rescore` and `revise` start
+    from, so a user names a run by its output root, layer and source, never by internal keys.
+    Mutable, unlike the stage folders."""
+    return Path(root) / "runs" / f"{layer_name(layer, kind)}.json"
+
+
+def run_sources(root: str | os.PathLike) -> list[tuple[int, str]]:
+    """(layer, source kind) of every run pointer under a local output root."""
+    found = []
+    for p in run_file(root, 0).parent.glob("layer_*.json"):
+        m = _LAYER_NAME.fullmatch(p.stem)
+        if m:
+            found.append((int(m.group(1)), m.group(2) or MLP.kind))
+    return sorted(found)
+
+
+def run_layers(root: str | os.PathLike, kind: str = MLP.kind) -> list[int]:
+    """The layers with a run pointer for units of this source under a local output root."""
+    return [layer for layer, k in run_sources(root) if k == kind]
+
+
+def write_run(root: str | os.PathLike, layer: int, run: dict, report: str | None = None, kind: str = MLP.kind) -> Path:
+    """Point the layer's units of source `kind` at a finished run; `report` (markdown, e.g. a
+    re-score's comparison) goes beside the pointer as `<layer name>.<flow>.md`."""
+    path = write_json(run, run_file(root, layer, kind))
     remote.push_file(path)
     if report is not None:
         md = path.with_name(f"{path.stem}.{run['flow']}.md")
@@ -233,8 +256,8 @@ def write_run(root: str | os.PathLike, layer: int, run: dict, report: str | None
     return path
 
 
-def read_run(root: str | os.PathLike, layer: int) -> dict | None:
-    path = run_file(root, layer)
+def read_run(root: str | os.PathLike, layer: int, kind: str = MLP.kind) -> dict | None:
+    path = run_file(root, layer, kind)
     if not remote.pull_file(path):
         return None
     return json.loads(path.read_text())

@@ -22,8 +22,13 @@ from autoexplain.console import budget_stopped, print_llm_usage, print_summary, 
 from autoexplain.errors import UserError
 
 
+SOURCE = typer.Option("mlp", "--source", help="Whose units: 'mlp' (the layer's MLP neurons, both polarities), "
+                     "'sae:PATH' or 'transcoder:PATH' (a local SAELens, sparsify or GemmaScope folder).")
+
+
 def explain_layer_cmd(
-    layer: int = typer.Option(15, "--layer", "-l", help="Layer to explain (SmolLM2 has 0-29)."),
+    layer: Optional[int] = typer.Option(None, "--layer", "-l", help=f"Layer to explain (SmolLM2 has 0-29; default {defaults.LAYER}, or a coder's own layer)."),
+    source: str = SOURCE,
     units: Optional[str] = typer.Option(None, "--units", "-u", help="Units, e.g. 0-99 (default: the whole layer, both polarities)."),
     model: str = typer.Option(defaults.SUBJECT, "--model", "-m", help="Subject model (see `record --help`)."),
     corpus: str = typer.Option(defaults.CORPUS, "--corpus", "-c", help="Corpus (see `record --help`)."),
@@ -48,13 +53,14 @@ def explain_layer_cmd(
     params = dict(layer=layer, units=units, model=model, corpus=corpus, tokens=tokens, explainer=explainer,
                   simulator=simulator, k=k, shard_size=shard_size, n_boot=n_boot, window_len=window_len, top_k=top_k,
                   n_random=n_random, out=out, results=results, concurrency=concurrency, rpm=rpm, tpm=tpm, cache=cache,
-                  budget=budget)
+                  budget=budget, source=source)
     run_or_exit(lambda: _run_flow("explain_layer", params, lambda: preflight.explain_layer(params, preflight.cli_flag)))
 
 
 def rescore_cmd(
     out: str = typer.Option("out", "--out", "-o", help="Output root of an explain-layer run (folder or URL)."),
-    layer: int = typer.Option(15, "--layer", "-l", help="Layer whose latest run to re-score."),
+    layer: int = typer.Option(defaults.LAYER, "--layer", "-l", help="Layer whose latest run to re-score."),
+    source: str = typer.Option("mlp", "--source", help="Whose units' run: as given to explain-layer, or the kind its pages show (sae-res-16k)."),
     simulator: str = typer.Option("embedding", "--simulator", "-s", help="'embedding', 'all-at-once[:LLM]' or 'chat-json:LLM'."),
     n_boot: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the 95% CIs."),
     results: Optional[str] = typer.Option(None, "--results", help="Folder or URL for Prefect's task results."),
@@ -66,14 +72,14 @@ def rescore_cmd(
 ):
     """Re-simulate and re-score the latest run of a layer (the nightly job), and compare with its previous scores."""
     params = dict(out=out, layer=layer, simulator=simulator, n_boot=n_boot, results=results, concurrency=concurrency,
-                  rpm=rpm, tpm=tpm, cache=cache, budget=budget)
+                  rpm=rpm, tpm=tpm, cache=cache, budget=budget, source=source)
 
     def check():
         preflight.at_least(preflight.cli_flag, "n_boot", n_boot, 1)
         preflight.check_limits(concurrency, rpm, preflight.cli_flag, tpm)
         preflight.check_simulator(simulator, preflight.cli_flag)
         preflight.check_budget(budget, preflight.cli_flag, simulator=simulator)
-        preflight.find_run(out, layer, preflight.cli_flag)
+        preflight.find_run(out, layer, preflight.cli_flag, preflight.source_kind(source, preflight.cli_flag))
 
     run_or_exit(lambda: _run_flow("rescore", params, check))
 
@@ -103,7 +109,8 @@ def _read_revisions(path: Path) -> dict[str, str]:
 
 def revise_cmd(
     out: str = typer.Option("out", "--out", "-o", help="Output root of an explain-layer run (folder or URL)."),
-    layer: int = typer.Option(15, "--layer", "-l", help="Layer whose latest run to revise."),
+    layer: int = typer.Option(defaults.LAYER, "--layer", "-l", help="Layer whose latest run to revise."),
+    source: str = typer.Option("mlp", "--source", help="Whose units' run: as given to explain-layer, or the kind its pages show."),
     unit: Optional[str] = typer.Option(None, "--unit", "-u", help="The unit to revise: UNIT or UNIT:POLARITY, e.g. 12:-1."),
     text: Optional[str] = typer.Option(None, "--text", "-t", help="Its new explanation."),
     file: Optional[Path] = typer.Option(None, "--file", "-f", help="Several revisions: JSON {\"12:-1\": text}, JSON lines or CSV (unit, polarity, text)."),
@@ -112,7 +119,7 @@ def revise_cmd(
     def go():
         if (unit is None) != (text is None) or (unit is None and file is None):
             raise UserError("revise needs --unit with --text, or --file", 'e.g. --unit 12:-1 --text "years written in digits"')
-        run = preflight.find_run(out, layer, preflight.cli_flag)
+        run = preflight.find_run(out, layer, preflight.cli_flag, preflight.source_kind(source, preflight.cli_flag))
         new = _read_revisions(file) if file else {}
         if unit is not None:
             new[unit] = text

@@ -28,12 +28,13 @@ from prefect.states import Failed
 from autoexplain import preflight, progress
 from autoexplain.budget import set_budget
 from autoexplain.errors import UserError
-from autoexplain.layer import parse_units
+from autoexplain.layer import parse_units, recorded_units
 from autoexplain.registry import simulator_identity
 from autoexplain.llm import set_limits
 from autoexplain.llm_cache import set_cache
 from autoexplain.remote import is_url
-from autoexplain.storage import open_root, write_run
+from autoexplain.sources import MLP
+from autoexplain.storage import layer_name, local_ref, open_root, write_run
 from autoexplain.summary import compare_markdown
 from schemas.contracts import ContractViolation
 from tasks.compare import compare_task
@@ -93,7 +94,7 @@ def _unit_keys(revisions: dict[tuple[int, int], str]) -> dict[str, str]:
 
 @flow(name="explain-layer", validate_parameters=True)
 def explain_layer(
-    layer: int = 15,
+    layer: int | None = None,
     units: str | None = None,
     model: str = "smollm2",
     corpus: str = "default",
@@ -115,8 +116,13 @@ def explain_layer(
     tpm: float | None = None,
     cache: bool = True,
     budget: str | None = None,
+    source: str = "mlp",
 ) -> dict:
-    """Explain every unit (both polarities) of one layer, or a unit range like '0-99'.
+    """Explain every unit of one layer, or a unit range like '0-99'.
+
+    `source`: whose units, 'mlp' (the layer's MLP neurons, both polarities) or a sparse coder's
+    latents, 'sae:PATH' / 'transcoder:PATH' (a local SAELens, sparsify or GemmaScope folder). `layer`
+    defaults to the coder's own layer, and to 15 for 'mlp'.
 
     `concurrency` (LLM requests in flight at once, across the units and shards of this process;
     default 64 for a server URL, 8 for api.openai.com), `rpm` (requests per minute), `tpm` (tokens
@@ -125,11 +131,12 @@ def explain_layer(
     `autoexplain.budget`) are no part of a cache key or of the run's recorded parameters."""
     params = dict(layer=layer, units=units, model=model, corpus=corpus, tokens=tokens, explainer=explainer,
                   simulator=simulator, k=k, shard_size=shard_size, n_boot=n_boot, revisions=revisions,
-                  site=site, window_len=window_len, top_k=top_k, n_random=n_random)
+                  site=site, window_len=window_len, top_k=top_k, n_random=n_random, source=source)
     plan, failed = _checked(lambda: preflight.explain_layer({**params, "out": out, "concurrency": concurrency,
                                                              "rpm": rpm, "tpm": tpm, "budget": budget}))
     if failed:
         return failed
+    params["layer"] = plan.layer
     set_limits(concurrency, rpm, tpm)
     set_cache(cache)
     ledger = set_budget(plan.budget)
@@ -139,13 +146,19 @@ def explain_layer(
 
 def _explain_layer(plan: preflight.LayerPlan, out: str, results: str | None, params: dict, *, layer, units, model,
                    corpus, tokens, explainer, simulator, k, shard_size, n_boot, revisions, site, window_len, top_k,
-                   n_random) -> dict:
+                   n_random, source) -> dict:
     log = get_run_logger()
     record, explain, revise, simulate, score = with_results(results, record_task, explain_task, revise_task,
                                                             simulate_task, score_task)
-    records = record(model, corpus, [layer], tokens, out, window_len, top_k, n_random)
+    records = record(model, corpus, [layer], tokens, out, window_len, top_k, n_random, 0, source, plan.source_id)
+    kind = plan.source.kind
     publish_recording(records)
     chosen = plan.units if plan.units is not None else parse_units(None, records["n_units"])
+    live = recorded_units(local_ref(records)["path"], layer)
+    dead = [u for u in chosen if u not in live]
+    if dead:  # latents that never fired: their statistics say so, and there is nothing to explain
+        log.info(f"{len(dead)} of {len(chosen)} units never fired in the recorded tokens and are not explained")
+        chosen = [u for u in chosen if u in live]
     shards = [chosen[i : i + shard_size] for i in range(0, len(chosen), shard_size)]
     sim_id = simulator_identity(simulator)
 
@@ -175,23 +188,24 @@ def _explain_layer(plan: preflight.LayerPlan, out: str, results: str | None, par
         explained[shard[0]], simulated[shard[0]], scores[shard[0]] = xr, sr, cr
     in_order = lambda d: [d[k] for k in sorted(d)]  # noqa: E731 - shard order, not finishing order
     # Several shards of one layer are one layer to the viewer: it reads every shard's scores.
-    site_dir = site or f"{out.rstrip('/')}/site/layer_{layer}"
+    site_dir = site or f"{out.rstrip('/')}/site/{layer_name(layer, kind)}"
     site_uri = view_task(in_order(scores), site_dir, records) if site != "none" else None
     report = report_task(records, outputs, in_order(scores), site_uri)
     run = {"flow": "explain-layer", "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "params": {**params, "revisions": _unit_keys(plan.revisions)}, "records": records,
            "explanations": in_order(explained), "simulations": in_order(simulated), "scores": in_order(scores),
            "site_dir": None if site == "none" else site_dir, "site": site_uri}
-    write_run(open_root(out), layer, run)
+    write_run(open_root(out), layer, run, kind=kind)
     return {"records": records, "scores": in_order(scores), "report": report, "site": site_uri, "out": out}
 
 
 @flow(name="rescore", validate_parameters=True)
 def rescore(out: str = "out", layer: int = 15, simulator: str = "embedding", n_boot: int = 1000,
             results: str | None = None, concurrency: int | None = None, rpm: float | None = None,
-            tpm: float | None = None, cache: bool = True, budget: str | None = None) -> dict:
+            tpm: float | None = None, cache: bool = True, budget: str | None = None, source: str = "mlp") -> dict:
     """Re-simulate and re-score the latest explain-layer run of `layer` under `out`, and compare.
-    `concurrency`, `rpm`, `tpm`, `cache` and `budget` as in explain_layer."""
+    `source`: whose units, as given to explain-layer ('mlp', 'sae:PATH') or by the kind its pages
+    show ('sae-res-16k'). `concurrency`, `rpm`, `tpm`, `cache` and `budget` as in explain_layer."""
     limit = []
 
     def check():
@@ -203,7 +217,7 @@ def rescore(out: str = "out", layer: int = 15, simulator: str = "embedding", n_b
         if not is_url(out) and not Path(out).is_dir():
             raise UserError(f"parameter out: {Path(out).absolute()} does not exist",
                             "set out to the output root of an explain-layer run")
-        return preflight.find_run(out, layer)
+        return preflight.find_run(out, layer, kind=preflight.source_kind(source))
 
     run, failed = _checked(check)
     if failed:
@@ -211,11 +225,12 @@ def rescore(out: str = "out", layer: int = 15, simulator: str = "embedding", n_b
     set_limits(concurrency, rpm, tpm)
     set_cache(cache)
     ledger = set_budget(limit[0])
-    result, failed = _checked(lambda: _rescore(run, _out(out), layer, simulator, n_boot, results), ledger)
+    kind = run["records"].get("source", MLP.kind)
+    result, failed = _checked(lambda: _rescore(run, _out(out), layer, simulator, n_boot, results, kind), ledger)
     return failed or result
 
 
-def _rescore(run: dict, out: str, layer: int, simulator: str, n_boot: int, results: str | None) -> dict:
+def _rescore(run: dict, out: str, layer: int, simulator: str, n_boot: int, results: str | None, kind: str) -> dict:
     simulate, score = with_results(results, simulate_task, score_task)
     records, sim_id = run["records"], simulator_identity(simulator)
     pairs = []
@@ -238,6 +253,6 @@ def _rescore(run: dict, out: str, layer: int, simulator: str, n_boot: int, resul
         **run, "flow": "rescore", "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "params": {**run["params"], "simulator": simulator, "n_boot": n_boot},
         "simulations": simulated, "scores": scores, "previous_scores": run["scores"], "site": site_uri},
-        compare_markdown(comparison, title))
+        compare_markdown(comparison, title), kind=kind)
     return {"records": records, "scores": scores, "previous_scores": run["scores"], "comparison": comparison,
             "report": report, "site": site_uri, "out": out}

@@ -36,3 +36,19 @@ def load_schema(name: str) -> pa.Schema:
     doc = json.loads((HERE / f"{name}.json").read_text())
     fields = [pa.field(f["name"], _arrow_type(f["type"]), nullable=f["nullable"]) for f in doc["fields"]]
     return pa.schema(fields, metadata={"schema_name": name})
+
+
+# Columns a table may carry beyond its schema. `source`: the unit source's kind on rows of units
+# that are not a layer's MLP neurons ('sae-res-16k'); tables of neurons never have it, so they stay
+# what they were before sources had names.
+OPTIONAL_COLUMNS = {"source": pa.string()}
+
+
+def conform(table: pa.Table, name: str) -> pa.Table:
+    """`table` cast to schema `name`, keeping the optional columns it has (in a fixed order, last)."""
+    schema = load_schema(name)
+    cast = table.select(schema.names).cast(schema)
+    for column, kind in OPTIONAL_COLUMNS.items():
+        if column in table.column_names:
+            cast = cast.append_column(pa.field(column, kind), table.column(column).cast(kind))
+    return cast

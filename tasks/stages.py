@@ -42,6 +42,7 @@ from autoexplain.pipeline import ExplainConfig
 from autoexplain.registry import simulator_identity
 from autoexplain.identity import code_identity
 from autoexplain.record import RecordConfig, build_windows, record_layers
+from autoexplain.source_coder import open_unit_source
 from autoexplain.storage import content_key, is_complete, local_ref, open_root, read_manifest
 from schemas.contracts import ContractViolation
 
@@ -303,19 +304,23 @@ def warm_up(simulator: str | None = None) -> threading.Thread:
     return thread
 
 
-@task(name="record", cache_key_fn=_key("record", (build_windows, record_layers)), **RETRY)
+@task(name="record", cache_key_fn=_key("record", (build_windows, record_layers, open_unit_source)), **RETRY)
 @_one_line_failures
 def record_task(model: str, corpus: str, layers: list[int], tokens: int, out: str, window_len: int = 64,
-                top_k: int = 40, n_random: int = 30, seed: int = 0) -> dict:
+                top_k: int = 40, n_random: int = 30, seed: int = 0, source: str = "mlp",
+                source_id: str = "mlp") -> dict:
+    """`source_id` (`LayerPlan.source_id`) is what the units depend on of `source` (a coder's
+    weights): part of the task's cache key, so new weights at the same path record anew."""
     out = open_root(out)
     subject = _subject(model)
     subject.check_layers(layers)
+    unit_source = open_unit_source(source, model, layers[0] if len(layers) == 1 else None)
     windows = build_windows(subject, corpus, out, window_len, tokens, seed)
     cfg = RecordConfig(layers, top_k=top_k, n_random=n_random, seed=seed)
-    records = record_layers(subject, windows, cfg, out, _progress("record", "tokens"))
+    records = record_layers(subject, windows, cfg, out, _progress("record", "tokens"), unit_source)
     return {"uri": remote.uri(records.directory), "path": str(records.directory.resolve()),
-            "key": records.key, "layers": records.layers, "n_units": subject.n_units,
-            "windows": str(windows.path.resolve()), "window_len": window_len}
+            "key": records.key, "layers": records.layers, "n_units": unit_source.n_units(subject),
+            "source": unit_source.kind, "windows": str(windows.path.resolve()), "window_len": window_len}
 
 
 @task(name="explain", cache_key_fn=_key("explain", (layer_mod.run_explain,), explainer_prompt_hash),

@@ -1,0 +1,107 @@
+"""A sparse coder's latents as a unit source: an SAE or transcoder read at its hook point.
+
+Recording takes the subject's hidden states at the coder's hook point (a forward pass stopped right
+after it) and encodes them batch by batch, so no more than one batch of tokens x latents is held at
+once. Latents are non-negative: one polarity each.
+
+A source's kind names its units' pages and tables ('L15/sae-res-16k'); its identity, which enters
+the records key, is the kind plus the coder's file content, so new weights at the same path record
+anew.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from autoexplain.sae import SourceSpec, load_coder, open_source, parse_source
+from autoexplain.sae_coder import SparseCoder
+from autoexplain.sources import MLP, UnitSource
+
+MLP_KIND = MLP.kind
+
+if TYPE_CHECKING:
+    import torch
+
+    from autoexplain.subject import Subject
+
+# Short names of hook points in a source's kind; a transcoder reads the MLP's input and writes its
+# output, so its kind says 'tc' and no point.
+_POINT_NAMES = {"resid_post": "res", "resid_pre": "res-pre", "mlp_out": "mlp-out", "mlp_in": "mlp-in"}
+
+
+def _size(n: int) -> str:
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def coder_kind(spec: SourceSpec, coder: SparseCoder) -> str:
+    """'sae-res-16k' for a 16,384-latent residual-stream SAE, 'tc-4k' for a transcoder."""
+    if spec.kind == "transcoder":
+        return f"tc-{_size(coder.d_sae)}"
+    return f"sae-{_POINT_NAMES[coder.hook.point]}-{_size(coder.d_sae)}"
+
+
+class CoderSource(UnitSource):
+    polarities = (1,)
+
+    def __init__(self, spec: SourceSpec, coder: SparseCoder):
+        self.spec, self.coder = spec, coder.to_float32()
+        self.kind = coder_kind(spec, coder)
+        self.layer = coder.hook.layer
+
+    def identity(self) -> dict:
+        from autoexplain.weights import model_digest
+
+        from autoexplain.identity import code_identity
+
+        return {"kind": self.kind, "spec": self.spec.kind, "weights": model_digest(Path(self.coder.source)),
+                "code": code_identity(CoderSource.activations)}
+
+    def n_units(self, subject: "Subject") -> int:
+        return self.coder.d_sae
+
+    def activations(self, subject: "Subject", input_ids: "torch.Tensor", layers: list[int]) -> dict[int, "torch.Tensor"]:
+        from autoexplain.counters import COUNTS
+        from autoexplain.sae_train import capture
+
+        if layers != [self.layer]:
+            raise ValueError(f"{self.kind} reads layer {self.layer} only, asked for {layers}")
+        COUNTS["subject_forward"] += 1
+        states = capture(subject.model, self.coder.hook, input_ids.to(subject.device))
+        return {self.layer: self.coder.encode(states)}
+
+
+def open_unit_source(text: str | None, model: str, layer: int | None = None) -> UnitSource:
+    """The unit source a `--source` value names, checked against `model`'s config before any work:
+    a coder ('sae:PATH', 'transcoder:PATH') or a registered source's kind ('mlp', the default)."""
+    from autoexplain.registry import make_source
+
+    if ":" not in (text or ""):
+        return make_source(text)
+    spec, coder = open_source(text, model, layer)
+    return CoderSource(spec, coder)
+
+
+def source_layer(text: str | None, model: str, layer: int | None, default: int) -> int:
+    """The layer a run reads: the one given, else the coder's own, else `default` (for 'mlp')."""
+    if layer is not None:
+        return layer
+    if ":" not in (text or ""):
+        return default
+    return open_source(text, model, None)[1].hook.layer
+
+
+def kind_of(text: str | None) -> str:
+    """The kind of units a `--source` value names, the name its runs and pages go by: a coder's
+    derived kind ('sae:PATH' -> 'sae-res-16k'), or the value itself when it is a kind already."""
+    from autoexplain.errors import UserError
+    from autoexplain.records import KIND
+
+    text = text or MLP_KIND
+    if ":" in text:
+        spec = parse_source(text)
+        return coder_kind(spec, load_coder(spec))
+    if not re.fullmatch(KIND, text):
+        raise UserError(f"'{text}' is no unit source", "write mlp, sae:PATH, transcoder:PATH or a kind such as sae-res-16k")
+    return text

@@ -1,0 +1,130 @@
+"""A sparse coder's latents as units: recorded in the streaming pass with the same exemplars and
+splits as neurons, one polarity each, dead latents reported and not explained; then explain-layer,
+rescore and the tables downstream on a tiny model, end to end from the command line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from autoexplain.errors import UserError
+from autoexplain.record import RecordConfig, build_windows, record_layers
+from autoexplain.sae_coder import HookPoint
+from autoexplain.sae_train import capture
+from autoexplain.source_coder import CoderSource, kind_of, open_unit_source
+from autoexplain.subject import load_subject
+from tests.test_cli_runs import cli
+from tests.test_sae import cfg_6x, write_saelens
+
+D_MODEL, LATENTS, DEAD = 32, 40, 7  # the tiny Llama's width; latent DEAD never fires
+
+
+@pytest.fixture(scope="module")
+def tiny_sae(tmp_path_factory):
+    """A standard ReLU SAE on the tiny Llama's layer-1 residual stream, in SAELens 6.x layout."""
+    g = torch.Generator().manual_seed(3)
+    t = {"W_enc": torch.randn(D_MODEL, LATENTS, generator=g), "W_dec": torch.randn(LATENTS, D_MODEL, generator=g),
+         "b_dec": torch.zeros(D_MODEL), "b_enc": torch.zeros(LATENTS)}
+    t["b_enc"][DEAD] = -1e6
+    cfg = dict(cfg_6x("standard", "blocks.1.hook_resid_post"), d_in=D_MODEL, d_sae=LATENTS)
+    return write_saelens(tmp_path_factory.mktemp("sae") / "res_l1", cfg, t)
+
+
+@pytest.fixture(scope="module")
+def recorded(tiny_llama_dir, prose_corpus, tiny_sae, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    subject = load_subject(tiny_llama_dir)
+    source = open_unit_source(f"sae:{tiny_sae}", tiny_llama_dir)
+    windows = build_windows(subject, str(prose_corpus), out, window_len=8, seed=0)
+    cfg = RecordConfig([1], top_k=10, n_random=6, quantile_per_bin=1, reservoir=40)
+    ref = record_layers(subject, windows, cfg, out, source=source)
+    return subject, source, windows, ref
+
+
+def test_the_kind_names_the_coder_and_the_source_reads_its_layer(tiny_sae, tiny_llama_dir):
+    source = open_unit_source(f"sae:{tiny_sae}", tiny_llama_dir)
+    assert isinstance(source, CoderSource) and source.kind == "sae-res-40" and source.layer == 1
+    assert source.polarities == (1,) and kind_of(f"sae:{tiny_sae}") == "sae-res-40"
+    assert kind_of("mlp") == "mlp" and kind_of("sae-res-16k") == "sae-res-16k"
+    assert open_unit_source("mlp", tiny_llama_dir).kind == "mlp"
+
+
+def test_latents_are_recorded_as_their_formula_one_polarity_dead_ones_without_records(recorded):
+    subject, source, windows, ref = recorded
+    records = pl.read_parquet(ref.records_path(1))
+    stats = pl.read_parquet(ref.stats_path(1))
+    assert set(records["polarity"].unique()) == {1} and set(stats["polarity"].unique()) == {1}
+    assert stats.height == LATENTS
+    assert set(records["unit"].unique()) == set(range(LATENTS)) - {DEAD}
+    dead = stats.filter(pl.col("unit") == DEAD).row(0, named=True)
+    assert dead["max"] <= 0 and dead["frac_active"] == 0
+    assert set(records["split"].unique()) >= {"train", "valid", "test"}
+    # Each unit's splits never share a window: exemplars shown to the explainer are never scored.
+    for (unit,), g in records.group_by(["unit"]):
+        ids = g.group_by("split").agg(pl.col("window_id"))
+        seen = [set(x) for x in ids["window_id"].to_list()]
+        assert sum(map(len, seen)) == len(set().union(*seen)), unit
+    # A top record's activations equal the encoder's formula on the hidden states at the hook point.
+    row = records.filter(pl.col("kind") == "top").sort("max_activation", descending=True).row(0, named=True)
+    win = pl.read_parquet(windows.path).filter(pl.col("window_id") == row["window_id"]).row(0, named=True)
+    x = capture(subject.model, HookPoint(1, "resid_post"), torch.tensor([win["token_ids"]]))[0].float()
+    coder = source.coder
+    expected = torch.relu((x - coder.b_dec) @ coder.W_enc + coder.b_enc)[:, row["unit"]].numpy()
+    np.testing.assert_allclose(row["activations"], expected, rtol=0.02, atol=0.02)  # stored as bf16 on the way
+    manifest = json.loads((ref.directory / "manifest.json").read_text())
+    assert manifest["params"]["source"] == "sae-res-40"
+
+
+def test_new_weights_at_the_same_path_record_anew(tiny_llama_dir, tiny_sae, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy = shutil.copytree(tiny_sae, tmp_path / "sae")
+    before = open_unit_source(f"sae:{copy}", tiny_llama_dir).identity()
+    t = load_file(copy / "sae_weights.safetensors")
+    t["b_enc"] = t["b_enc"] + 0.5
+    save_file(t, copy / "sae_weights.safetensors")
+    after = open_unit_source(f"sae:{copy}", tiny_llama_dir).identity()
+    assert before["kind"] == after["kind"] and before["weights"] != after["weights"]
+
+
+def test_bad_sources_are_one_line_before_any_work(tiny_llama_dir, tiny_sae, tmp_path):
+    with pytest.raises(UserError, match="disagrees"):
+        open_unit_source(f"sae:{tiny_sae}", tiny_llama_dir, layer=2)
+    with pytest.raises(UserError):
+        open_unit_source(f"sae:{tmp_path}", tiny_llama_dir)
+    with pytest.raises(UserError, match="no unit source"):
+        kind_of("SAE please")
+
+
+@pytest.mark.slow
+def test_explain_layer_and_rescore_on_latents_from_the_command_line(tiny_llama_dir, prose_corpus, tiny_sae,
+                                                                   tmp_path_factory):
+    home, out = tmp_path_factory.mktemp("home"), tmp_path_factory.mktemp("sae-run") / "out"
+    common = ["--model", tiny_llama_dir, "--corpus", str(prose_corpus), "--tokens", "20000", "--k", "1",
+              "--bootstrap", "50", "--window-len", "8", "--top-k", "8", "--random", "6", "--out", str(out)]
+    # the layer comes from the coder; the dead latent 7 is a shard of its own
+    result = cli(home, "explain-layer", "--source", f"sae:{tiny_sae}", "--units", "7-9", "--shard-size", "1", *common)
+    assert result.returncode == 0, result.stderr[-4000:]
+    run = json.loads((out / "runs" / "layer_1.sae-res-40.json").read_text())
+    assert run["params"]["layer"] == 1 and run["records"]["source"] == "sae-res-40"
+    assert not (out / "runs" / "layer_1.json").exists()
+    scores = pl.concat([pl.read_parquet(r["path"]) for r in run["scores"]])
+    assert set(scores["source"].unique()) == {"sae-res-40"} and set(scores["polarity"].unique()) == {1}
+    assert set(scores["unit"].unique()) == {8, 9}  # the dead latent is not explained
+    assert (out / "site" / "layer_1.sae-res-40").is_dir()
+
+    again = cli(home, "rescore", "--out", str(out), "--layer", "1", "--source", "sae-res-40", "--bootstrap", "60")
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert json.loads((out / "runs" / "layer_1.sae-res-40.json").read_text())["flow"] == "rescore"
+    # the neurons' run of the same layer is another run: asked for, it is named as missing
+    missing = cli(home, "rescore", "--out", str(out), "--layer", "1")
+    assert missing.returncode != 0 and "sae-res-40" in missing.stderr
+
+    bad = cli(home, "explain-layer", "--source", f"sae:{tiny_sae}", "--layer", "2", *common)
+    assert bad.returncode == 2 and "disagrees" in bad.stderr and "Traceback" not in bad.stderr
