@@ -61,6 +61,7 @@ class _Block:
         self.eps1 = layer.input_layernorm.variance_epsilon
         self.eps2 = layer.post_attention_layernorm.variance_epsilon
         w1, w2 = layer.input_layernorm.weight.float(), layer.post_attention_layernorm.weight.float()
+        self.norm2_weight = layer.post_attention_layernorm.weight  # what the MLP's input is scaled by
         dtype = attn.q_proj.weight.dtype
         qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).float() * w1
         self.w_qkv = qkv.to(dtype).t()  # (hidden, q+k+v): a transposed view is what mm wants
@@ -147,25 +148,60 @@ class FusedLlama:
 
     @torch.inference_mode()
     def activations(self, input_ids: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+        """MLP hidden units (B, T, units) of each layer in `layers`."""
+        wanted, top, out = set(layers), max(layers), {}
+
+        def take(i: int, point: str, x: torch.Tensor) -> bool:
+            if point == "units" and i in wanted:
+                out[i] = x.view(*input_ids.shape, -1)
+            return point == "units" and i == top
+
+        self._forward(input_ids, top, take)
+        return out
+
+    @torch.inference_mode()
+    def hidden(self, input_ids: torch.Tensor, layer: int, point: str) -> torch.Tensor:
+        """Hidden states (B, T, d_model) at one point of a block: resid_pre, mlp_in (the normed
+        MLP input), mlp_out or resid_post, as a sparse coder reads them."""
+        got = []
+
+        def take(i: int, where: str, x: torch.Tensor) -> bool:
+            if i == layer and where == point:
+                got.append(x.view(*input_ids.shape, -1))
+                return True
+            return False
+
+        self._forward(input_ids, layer, take, layer if point == "mlp_out" else None)
+        return got[0]
+
+    def _forward(self, input_ids: torch.Tensor, top: int, take, mlp_out_at: int | None = None) -> None:
+        """Blocks 0..top, offering each point's tensor to `take(layer, point, x)`, which returns
+        True to stop the pass there (nothing above it is computed); 'mlp_out' only at layer
+        `mlp_out_at`, where the pass ends."""
         B, T = input_ids.shape
-        wanted, top = set(layers), max(layers)
         h = self.embed(input_ids).reshape(B * T, -1)
         cos, sin = self._rotary(h.view(B, T, -1), T)
         mask = torch.full((T, T), float("-inf"), device=h.device).triu_(1)
-        out: dict[int, torch.Tensor] = {}
         for i in range(top + 1):
             blk = self.block(i)
+            if take(i, "resid_pre", h):
+                return
             H, K, D = blk.n_heads, blk.n_kv, blk.head_dim
             qkv = _linear(_normed(h, blk.eps1), blk.w_qkv, blk.b_qkv).view(B, T, H + 2 * K, D)
             qk, v = qkv[:, :, : H + K], qkv[:, :, H + K :]
             qk = _rotate(qk, cos, sin)
             attn = _attention(qk[:, :, :H], qk[:, :, H:], v, blk.scaling, mask)
             h = _linear(attn, blk.w_o, blk.b_o, residual=h)
-            gu = _linear(_normed(h, blk.eps2), blk.w_gu, blk.b_gu)
+            normed = _normed(h, blk.eps2)
+            if i == top and take(i, "mlp_in", normed * blk.norm2_weight):  # its weight is folded into w_gu
+                return
+            gu = _linear(normed, blk.w_gu, blk.b_gu)
             units = F.silu(gu[:, : blk.n_units]).mul_(gu[:, blk.n_units :])
-            if i in wanted:
-                out[i] = units.view(B, T, -1)
-            if i == top:
-                break
+            if take(i, "units", units):
+                return
+            if i == mlp_out_at:  # the MLP's output alone costs one more product: only where read
+                take(i, "mlp_out", _linear(units, blk.w_down, blk.b_down))
+                return
             h = _linear(units, blk.w_down, blk.b_down, residual=h)
-        return out
+            if take(i, "resid_post", h):
+                return

@@ -62,14 +62,9 @@ class CoderSource(UnitSource):
         return self.coder.d_sae
 
     def activations(self, subject: "Subject", input_ids: "torch.Tensor", layers: list[int]) -> dict[int, "torch.Tensor"]:
-        from autoexplain.counters import COUNTS
-        from autoexplain.sae_train import capture
-
         if layers != [self.layer]:
             raise ValueError(f"{self.kind} reads layer {self.layer} only, asked for {layers}")
-        COUNTS["subject_forward"] += 1
-        states = capture(subject.model, self.coder.hook, input_ids.to(subject.device))
-        return {self.layer: self.coder.encode(states)}
+        return {self.layer: self.coder.encode(subject.hidden_states(input_ids, self.coder.hook))}
 
 
 def open_unit_source(text: str | None, model: str, layer: int | None = None) -> UnitSource:

@@ -103,6 +103,17 @@ class Subject:
         return self._fused or None
 
     @torch.inference_mode()
+    def hidden_states(self, input_ids: torch.Tensor, hook, hooked: bool = False) -> torch.Tensor:
+        """Hidden states (B, T, d_model) at a sparse coder's hook point (`sae_coder.HookPoint`), from
+        a pass that stops there: the fused pass where the model has one, else (or with `hooked`)
+        Hugging Face's own forward with a hook on the module."""
+        COUNTS["subject_forward"] += 1
+        if not hooked and self.fused is not None:
+            return self.fused.hidden(input_ids.to(self.device), hook.layer, hook.point)
+        from autoexplain.sae_train import capture
+
+        return capture(self.model, hook, input_ids.to(self.device))
+
     def mlp_activations(self, input_ids: torch.Tensor, layers: list[int], hooked: bool = False) -> dict[int, torch.Tensor]:
         """Neuron activations (B, T, units) for each requested layer, from one truncated pass:
         the fused pass where the model has one, else (or with `hooked`) Hugging Face's own forward
