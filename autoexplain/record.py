@@ -25,6 +25,7 @@ from autoexplain import defaults, selection
 from autoexplain.errors import UserError
 from autoexplain.identity import code_identity
 from autoexplain.records import QUANTILE_BINS, RANDOM_DEAL, TOP_DEAL
+from autoexplain.output_side import OUTPUT_COLUMNS
 from autoexplain.sources import MLP, UnitSource
 from autoexplain.storage import (
     TableWriter,
@@ -218,6 +219,7 @@ def record_layers(
     outputs = []
     for L in layers:
         records, stats = _finish_layer(L, recorders[L], cfg, reservoir_ids, source.polarities)
+        stats = _with_output_side(stats, subject, source, L)
         write_table(records, ref.records_path(L), "records")
         write_table(stats, ref.stats_path(L), "unit_stats")
         outputs += [ref.records_path(L).name, ref.stats_path(L).name]
@@ -302,6 +304,20 @@ class _Rows:
                          "activations": activations}).cast(load_schema("records"))
 
 
+def _with_output_side(stats: pa.Table, subject: Subject, source: UnitSource, layer: int) -> pa.Table:
+    """The stats rows (polarity by polarity, units in order, as `_finish_layer` makes them) with the
+    tokens each unit promotes and suppresses (`output_side.output_columns`)."""
+    from autoexplain.output_side import output_columns
+
+    directions = source.directions(subject, layer)
+    parts = [output_columns(subject.model, directions, subject.token_strings, p) for p in source.polarities]
+    schema = load_schema("unit_stats")
+    for name in OUTPUT_COLUMNS:
+        stats = stats.append_column(schema.field(name), pa.array([v for part in parts for v in part[name]],
+                                                                  schema.field(name).type))
+    return stats
+
+
 def _stats_table(layer: int, polarity: int, running: selection.RunningStats, reservoir: torch.Tensor) -> pa.Table:
     """Exact moments from the full pass; shape statistics from the reservoir's tokens."""
     exact = running.summary(polarity)
@@ -315,4 +331,4 @@ def _stats_table(layer: int, polarity: int, running: selection.RunningStats, res
         "n_tokens": np.full(n_units, running.n, dtype=np.int64),
         **exact,
         **shape,
-    }).cast(load_schema("unit_stats"))
+    }).cast(pa.schema([f for f in load_schema("unit_stats") if f.name not in OUTPUT_COLUMNS]))

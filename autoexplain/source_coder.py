@@ -61,6 +61,9 @@ class CoderSource(UnitSource):
     def n_units(self, subject: "Subject") -> int:
         return self.coder.d_sae
 
+    def directions(self, subject: "Subject", layer: int) -> "torch.Tensor":
+        return self.coder.W_dec  # [d_sae, d_out]: a latent's decoder row is what it writes
+
     def activations(self, subject: "Subject", input_ids: "torch.Tensor", layers: list[int]) -> dict[int, "torch.Tensor"]:
         if layers != [self.layer]:
             raise ValueError(f"{self.kind} reads layer {self.layer} only, asked for {layers}")

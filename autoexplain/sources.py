@@ -52,6 +52,10 @@ class UnitSource(ABC):
     def activations(self, subject: "Subject", input_ids: "torch.Tensor", layers: list[int]) -> dict[int, "torch.Tensor"]:
         ...
 
+    @abstractmethod
+    def directions(self, subject: "Subject", layer: int) -> "torch.Tensor":
+        """What each unit writes to the residual stream per unit of activation: [n_units, d_model]."""
+
 
 class MlpSource(UnitSource):
     """A layer's MLP hidden neurons, both polarities."""
@@ -64,6 +68,11 @@ class MlpSource(UnitSource):
 
     def activations(self, subject: "Subject", input_ids: "torch.Tensor", layers: list[int]) -> dict[int, "torch.Tensor"]:
         return subject.mlp_activations(input_ids, layers)
+
+    def directions(self, subject: "Subject", layer: int) -> "torch.Tensor":
+        from autoexplain.output_side import neuron_directions
+
+        return neuron_directions(subject.projections[layer])
 
 
 MLP = MlpSource()

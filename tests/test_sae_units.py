@@ -128,3 +128,27 @@ def test_explain_layer_and_rescore_on_latents_from_the_command_line(tiny_llama_d
 
     bad = cli(home, "explain-layer", "--source", f"sae:{tiny_sae}", "--layer", "2", *common)
     assert bad.returncode == 2 and "disagrees" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_unit_stats_carry_what_each_unit_promotes_and_suppresses(recorded, tiny_records, tiny_llama_dir):
+    """Stored per unit as `output_side.output_tokens` gives it one unit at a time: a latent's decoder
+    row, a neuron's output column, negated for the neuron's -1 polarity; with and without the norm."""
+    from autoexplain.output_side import latent_direction, neuron_direction, output_tokens
+
+    subject, source, _windows, ref = recorded
+    names = subject.token_strings
+    stats = pl.read_parquet(ref.stats_path(1)).row(3, named=True)
+    want = output_tokens(subject.model, latent_direction(source.coder, 3))
+    assert stats["promotes"] == names(want.top.ids) and stats["suppresses"] == names(want.bottom.ids)
+    np.testing.assert_allclose(stats["promotes_logits"], want.top.values, rtol=1e-4)
+    assert stats["promotes_normed"] == names(output_tokens(subject.model, latent_direction(source.coder, 3), normed=True).top.ids)
+
+    records_dir, _out = tiny_records
+    neuron = load_subject(tiny_llama_dir)
+    rows = pl.read_parquet(records_dir / "layer_1.stats.parquet").filter(pl.col("unit") == 5)
+    d = neuron_direction(neuron.projections[1], 5)
+    for polarity in (1, -1):
+        row = rows.filter(pl.col("polarity") == polarity).row(0, named=True)
+        want = output_tokens(neuron.model, d * polarity)
+        assert row["promotes"] == neuron.token_strings(want.top.ids)
+        assert row["suppresses_normed"] == neuron.token_strings(output_tokens(neuron.model, d * polarity, normed=True).bottom.ids)
