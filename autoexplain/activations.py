@@ -64,5 +64,6 @@ def _read_stats(path: str | Path) -> dict[tuple[int, int], UnitStats]:
             mean=row["mean"], std=row["std"], max=row["max"], frac_active=row["frac_active"],
             skewness=row["skewness"], kurtosis=row["kurtosis"],
             hist_edges=row["hist_edges"], hist_counts=row["hist_counts"],
+            promotes=row.get("promotes"), suppresses=row.get("suppresses"),
         )
     return out

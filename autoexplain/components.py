@@ -61,7 +61,12 @@ class Component:
 
 
 class Explainer(Component):
-    """Writes k candidate explanations per unit from the unit's shown (train) records."""
+    """Writes k candidate explanations per unit from the unit's shown (train) records.
+
+    Capability: `uses_outputs` (default False) says it also reads what each unit writes;
+    `explain_records` then gets `outputs`, one line per unit (`explain.output_line`) or None."""
+
+    uses_outputs: ClassVar[bool] = False
 
     def explain_records(self, units: Sequence[Sequence["ActivationRecord"]], k: int = 4, temperature: float = 1.0,
                         max_tokens: int = 60, chat: bool = False) -> list["Explanation"]:

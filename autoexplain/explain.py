@@ -113,7 +113,9 @@ class ExplainerPrompt:
         return msgs
 
 
-def build_prompt(records: Sequence[ActivationRecord], max_shots: int = 3) -> ExplainerPrompt:
+def build_prompt(records: Sequence[ActivationRecord], max_shots: int = 3, outputs: str | None = None) -> ExplainerPrompt:
+    """`outputs`: a line on what the unit writes (`output_line`), added to the target neuron only:
+    the few-shot neurons come without one, so the prompt does not teach the model to copy it."""
     fewshot = json.loads(read_prompt("fewshot.json"))["neurons"][:max_shots]
     shots = []
     for n, neuron in enumerate(fewshot, 1):
@@ -122,6 +124,8 @@ def build_prompt(records: Sequence[ActivationRecord], max_shots: int = 3) -> Exp
     values = normalise([r.activations for r in records])
     number = len(shots) + 1
     target = _neuron_block(number, [(r.tokens, v) for r, v in zip(records, values)])
+    if outputs:
+        target += f"{outputs}\n"
     return ExplainerPrompt(read_prompt("explainer_system.txt").strip(), shots, target, number)
 
 
@@ -140,11 +144,13 @@ def explain(llm, records: Sequence[ActivationRecord], k: int = 4, temperature: f
 
 
 def explain_many(llm, units: Sequence[Sequence[ActivationRecord]], k: int = 4, temperature: float = 1.0,
-                 max_tokens: int = 60, chat: bool = False) -> list[Explanation]:
-    """Batched over units: one request batch to the LLM for all of them."""
+                 max_tokens: int = 60, chat: bool = False, outputs: Sequence[str | None] | None = None,
+                 prompt_files: Sequence[str] = EXPLAINER_FILES) -> list[Explanation]:
+    """Batched over units: one request batch to the LLM for all of them. `outputs`: per unit, a
+    line on what it writes, or None (`build_prompt`)."""
     from autoexplain.llm import per_item_errors as _per_item_errors
 
-    prompts = [build_prompt(recs) for recs in units]
+    prompts = [build_prompt(recs, outputs=line) for recs, line in zip(units, outputs or [None] * len(units))]
     if chat:
         extra = _per_item_errors(llm.chat)
         results = llm.chat([p.messages() for p in prompts for _ in range(k)], temperature=temperature,
@@ -154,7 +160,7 @@ def explain_many(llm, units: Sequence[Sequence[ActivationRecord]], k: int = 4, t
     else:
         extra = _per_item_errors(llm.complete)
         grouped = llm.complete([p.text() for p in prompts], n=k, temperature=temperature, max_tokens=max_tokens, **extra)
-    phash = explainer_prompt_hash()
+    phash = prompt_hash(*prompt_files)
     name = getattr(llm, "name", type(llm).__name__)
     out = []
     for samples in grouped:
@@ -203,6 +209,37 @@ class LLMExplainer(Explainer):
         # A local model's rows per pass (`LocalLLM.batch_size`); a server batches nothing itself.
         rows = None if self.thread_safe else getattr(self.model, "batch_size", None)
         return max(1, rows // max(1, k)) if isinstance(rows, int) else None
+
+
+class OutputsExplainer(LLMExplainer):
+    """The LLM explainer, told also what the unit writes: the tokens its output direction promotes
+    and suppresses (`output_line`), for input-and-output explanations. 'with-outputs:LLM'."""
+
+    kind, takes_llm, uses_outputs = "with-outputs", "optional", True
+    prompt_files = EXPLAINER_FILES + ("explainer_outputs.txt",)
+
+    def __init__(self, llm):
+        super().__init__(llm)
+        self.name = f"{self.kind}:{self.name}"
+
+    def explain_records(self, units, k=4, temperature=1.0, max_tokens=60, chat=False, outputs=None):
+        return explain_many(self.model, units, k, temperature, max_tokens, chat, outputs, self.prompt_files)
+
+
+def output_line(stats) -> str | None:
+    """What a unit writes, as the prompt line of `explainer_outputs.txt`; None when its statistics
+    do not say (a recording from before the output side)."""
+    if stats is None or not stats.promotes:
+        return None
+    quoted = lambda tokens: ", ".join(f'"{t}"' for t in tokens[:10])  # noqa: E731
+    return read_prompt("explainer_outputs.txt").strip().format(promotes=quoted(stats.promotes),
+                                                                suppresses=quoted(stats.suppresses or []))
+
+
+def output_lookup_explanation(promotes: Sequence[str], n: int = 5) -> str:
+    """The token-lookup baseline's output-side twin: the tokens the unit promotes most."""
+    words = [t.strip() for t in promotes if t.strip()][:n]
+    return "promotes the tokens " + ", ".join(f'"{w}"' for w in words) if words else "nothing in particular"
 
 
 def as_explainer(explainer_or_llm) -> Explainer:

@@ -22,9 +22,9 @@ import pyarrow.parquet as pq
 from autoexplain import llm_cache, pipeline
 from autoexplain.activations import read_units
 from autoexplain.errors import UserError
-from autoexplain.explain import as_explainer, explainer_prompt_hash
+from autoexplain.explain import as_explainer
 from autoexplain.identity import code_identity
-from autoexplain.registry import DEFAULT_EXPLAINER, explainer_weights, make_explainer, make_simulator
+from autoexplain.registry import DEFAULT_EXPLAINER, explainer_prompt, explainer_weights, make_explainer, make_simulator
 from autoexplain.sources import MLP, polarities_of
 from autoexplain.storage import (
     Memo,
@@ -100,7 +100,8 @@ def load_units(records_dir: str | Path, layer: int, units: list[int] | None = No
     records_path, windows_path, _ = _records_inputs(Path(records_dir), layer)
     kind = source_kind(records_dir)
     wanted = None if units is None else [(i, p) for i in units for p in polarities_of(kind)]
-    found = read_units(records_path, windows_path, wanted, kind=kind)
+    stats_path = records_path.with_name(records_path.name.replace(".records.", ".stats."))
+    found = read_units(records_path, windows_path, wanted, stats_path if stats_path.is_file() else None, kind=kind)
     # Every neuron in range has records; a coder's latent that never fired has none (it is dead,
     # which its statistics say), so a shard of dead latents is empty, not an error.
     if units is not None and not found and kind == MLP.kind:
@@ -206,7 +207,7 @@ def run_explain(records_dir, layer: int, out, units=None, explainer=None, cfg=No
     _, _, records_key = _records_inputs(records_dir, layer)
     spec = explainer or DEFAULT_EXPLAINER
     params = {"layer": layer, "units": units, "explainer": spec, "config": asdict(cfg),
-              "prompt": explainer_prompt_hash(), **_weights(explainer_weights(spec))}
+              "prompt": explainer_prompt(spec), **_weights(explainer_weights(spec))}
     code = code_identity(run_explain)  # the source it reaches (`identity`)
     key = content_key({"records": records_key, **params, "code": code})
     ref = StageRef(stage_dir(out, "explanations", key), key, layer)

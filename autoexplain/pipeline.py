@@ -38,7 +38,9 @@ import pyarrow as pa
 from autoexplain import best_of_k, prices
 from autoexplain.components import Explainer, Scorer, Simulator
 from autoexplain.counters import COUNTS
-from autoexplain.explain import as_explainer, shuffled_explanations, token_lookup_explanation
+from autoexplain.explain import (
+    as_explainer, output_line, output_lookup_explanation, shuffled_explanations, token_lookup_explanation,
+)
 from autoexplain.records import SCORED_KINDS, Simulation, UnitRecords, held_out
 from autoexplain.rows import (
     ExplanationRow,
@@ -54,6 +56,8 @@ from autoexplain.score_simulation import SimulationScorer
 from autoexplain.rendezvous import GatheredSimulator
 
 EXPLAINER, LOOKUP, SHUFFLED = "explainer", "token-lookup", "shuffled"
+OUTPUT_LOOKUP = "output-lookup"  # the token-lookup's output-side twin: what the unit promotes
+BASELINES = (LOOKUP, OUTPUT_LOOKUP)  # derived from the unit alone, simulated beside the explanation
 
 
 @dataclass
@@ -100,13 +104,14 @@ def explain_units(units: Sequence[UnitRecords], explainer: Explainer, cfg: Expla
     """One batch of units (an explainer answers a batch in one call): per unit, its explainer row
     with k candidates, then its token-lookup baseline."""
     shown = [shown_records(u, cfg.n_shown) for u in units]
-    explained = explainer.explain_records(shown, cfg.k, cfg.temperature, cfg.max_tokens, cfg.chat)
+    extra = {"outputs": [output_line(u.stats) for u in units]} if explainer.uses_outputs else {}
+    explained = explainer.explain_records(shown, cfg.k, cfg.temperature, cfg.max_tokens, cfg.chat, **extra)
     rows = []
     for unit, recs, exp in zip(units, shown, explained):
         rows.append(ExplanationRow(unit.id, EXPLAINER, exp.explainer, exp.prompt_hash, exp.text, list(exp.candidates),
                                    [], exp.prompt_tokens, exp.completion_tokens, failure=exp.failure,
                                    dollars=explainer.dollars(exp.prompt_tokens, exp.completion_tokens, exp.cached_tokens)))
-        rows.append(_lookup_row(unit, recs))
+        rows += _baseline_rows(unit, recs)
     return rows
 
 
@@ -135,9 +140,16 @@ def explain_workers(llm, cfg: ExplainConfig) -> int:
     return max(1, math.ceil(4 * _concurrency(llm) / cfg.batch_units)) if _concurrency(llm) > 1 else 1
 
 
-def _lookup_row(unit: UnitRecords, shown) -> ExplanationRow:
+def _baseline_rows(unit: UnitRecords, shown) -> list[ExplanationRow]:
+    """The token-lookup baseline from the shown records, and its output-side twin where the unit's
+    statistics say what it promotes (recordings before the output side have no twin)."""
     text = token_lookup_explanation(shown)
-    return ExplanationRow(unit.id, LOOKUP, "token-lookup", "", text, [text])
+    rows = [ExplanationRow(unit.id, LOOKUP, LOOKUP, "", text, [text])]
+    promotes = unit.stats.promotes if unit.stats is not None else None
+    if promotes:
+        text = output_lookup_explanation(promotes)
+        rows.append(ExplanationRow(unit.id, OUTPUT_LOOKUP, OUTPUT_LOOKUP, "", text, [text]))
+    return rows
 
 
 def _scoring_records(unit: UnitRecords, split: str):
@@ -163,10 +175,10 @@ def _sim_rows(unit: UnitRecords, method: str, simulator, records, sims) -> list[
             for r, s in zip(records, sims)]
 
 
-def simulate_unit(unit: UnitRecords, explained: ExplanationRow, lookup: ExplanationRow | None,
+def simulate_unit(unit: UnitRecords, explained: ExplanationRow, baselines: list[ExplanationRow],
                   simulator: Simulator) -> tuple[list[ExplanationRow], list[SimulationRow]]:
-    """Best-of-k on valid, then the chosen explanation and the token-lookup baseline on calib/test.
-    Returns (the chosen explanation and the baseline, their simulations)."""
+    """Best-of-k on valid, then the chosen explanation and the baselines on calib/test.
+    Returns (the chosen explanation and the baselines, their simulations)."""
     valid = _scoring_records(unit, "valid")
     spent: list[Simulation] = []
 
@@ -181,15 +193,15 @@ def simulate_unit(unit: UnitRecords, explained: ExplanationRow, lookup: Explanat
                      selection_tokens=sum(s.prompt_tokens + s.completion_tokens for s in spent),
                      selection_dollars=prices.add(*(simulator.dollars(s.prompt_tokens, s.completion_tokens, s.cached_tokens)
                                                     for s in spent)))
-    # Imported explanation sets carry no baseline: derive it from the same train records.
-    if lookup is None:
-        lookup = _lookup_row(unit, shown_records(unit, 5))
+    # Imported explanation sets carry no baselines: derive them from the same train records.
+    if not baselines:
+        baselines = _baseline_rows(unit, shown_records(unit, 5))
     scored = held_out(unit.records)
     rows = []
-    simulated = _simulate_texts(simulator, [best, lookup.text], scored)
-    for method, sims in zip((EXPLAINER, LOOKUP), simulated):
+    simulated = _simulate_texts(simulator, [best] + [b.text for b in baselines], scored)
+    for method, sims in zip([EXPLAINER] + [b.method for b in baselines], simulated):
         rows += _sim_rows(unit, method, simulator, scored, sims)
-    return [chosen, lookup], rows
+    return [chosen, *baselines], rows
 
 
 def simulate_control(unit: UnitRecords, text: str, simulator: Simulator) -> tuple[list[ExplanationRow], list[SimulationRow]]:
@@ -242,9 +254,11 @@ def simulate_stage(units: Sequence[UnitRecords], explanations: pa.Table, simulat
         computing(lambda: None)()
 
     def unit_result(unit):
-        row, lookup = by_key[(unit.id, EXPLAINER)], by_key.get((unit.id, LOOKUP))
-        inputs = {"explanation": row.candidates, "lookup": lookup and lookup.text}
-        return remember(unit, inputs, computing(lambda: _encoded(simulate_unit(unit, row, lookup, used))))
+        row = by_key[(unit.id, EXPLAINER)]
+        baselines = [by_key[(unit.id, m)] for m in BASELINES if (unit.id, m) in by_key]
+        inputs = {"explanation": row.candidates, "lookup": baselines[0].text if baselines else None,
+                  **({"outputs": baselines[1].text} if len(baselines) > 1 else {})}
+        return remember(unit, inputs, computing(lambda: _encoded(simulate_unit(unit, row, baselines, used))))
 
     chosen, sims = [], []
     total = 2 * len(units) if len(units) > 1 else len(units)

@@ -17,8 +17,8 @@ import polars as pl
 import pyarrow as pa
 
 DEFAULT_METRIC = "top_and_random"
-METHODS = ("explainer", "token-lookup", "shuffled")
-COLORS = {"explainer": "#2463eb", "token-lookup": "#e07b00", "shuffled": "#8a8f98"}
+METHODS = ("explainer", "token-lookup", "output-lookup", "shuffled")
+COLORS = {"explainer": "#2463eb", "token-lookup": "#e07b00", "output-lookup": "#2a9d5c", "shuffled": "#8a8f98"}
 METRIC_LABELS = {
     "top_and_random": "correlation score (top and random)",
     "random_only": "correlation score (random only)",

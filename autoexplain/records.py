@@ -87,6 +87,8 @@ class UnitStats:
     kurtosis: float = float("nan")
     hist_edges: list[float] = field(default_factory=list)
     hist_counts: list[int] = field(default_factory=list)
+    promotes: list[str] | None = None  # the tokens its output direction promotes most (`output_side`)
+    suppresses: list[str] | None = None
 
 
 @dataclass

@@ -4,7 +4,8 @@ The grammar, in one place:
 - LLM: 'local' (the default subject), 'local:MODEL' (a folder, .gguf file or hub name),
   'openai:MODEL' (api.openai.com, needs $OPENAI_API_KEY) or 'openai:MODEL@http://host:port/v1'
   (any OpenAI-compatible server);
-- explainer: 'embedding' (offline default) or an LLM spec (the LLM explainer over that LLM);
+- explainer: 'embedding' (offline default), 'with-outputs[:LLM]' (the LLM explainer told also what
+  each unit writes) or an LLM spec (the LLM explainer over that LLM);
 - simulator: 'KIND' or 'KIND:LLM', where KIND is a registered simulator's `kind` and its class's
   `takes_llm` says whether the LLM is "none", "optional" (default 'local') or "required";
 - scorer: the same grammar over the registered scorers ('simulation', the default);
@@ -51,9 +52,10 @@ def _simulator_classes() -> dict[str, type]:
 
 
 def _explainer_classes() -> dict[str, type]:
+    from autoexplain.explain import OutputsExplainer
     from autoexplain.explain_embedding import EmbeddingExplainer
 
-    builtin = [EmbeddingExplainer]
+    builtin = [EmbeddingExplainer, OutputsExplainer]
     return {**{cls.kind: cls for cls in builtin}, **_REGISTERED["explainer"]}
 
 
@@ -169,12 +171,21 @@ class ComponentSpec:
 def parse_explainer(spec: str | None) -> ComponentSpec:
     spec = spec or DEFAULT_EXPLAINER
     classes = _explainer_classes()
-    if spec in classes:
-        return ComponentSpec(spec, classes[spec], None)
+    if spec.partition(":")[0] in classes:  # a registered kind: 'embedding', 'with-outputs[:LLM]'
+        return _parse_kind("explainer", spec, classes)
     from autoexplain.explain import LLMExplainer
 
     parse_llm(spec)
     return ComponentSpec(spec, LLMExplainer, spec)
+
+
+def explainer_prompt(spec: str | None) -> str:
+    """The hash of the prompt files the explainer a spec names reads ('' for none): editing them
+    changes what it wrote, and editing another explainer's changes nothing of its."""
+    from autoexplain.explain import prompt_hash
+
+    files = parse_explainer(spec).cls.prompt_files
+    return prompt_hash(*files) if files else ""
 
 
 def make_explainer(spec: str | None = None):

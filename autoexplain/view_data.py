@@ -22,8 +22,8 @@ from autoexplain.view_sources import LayerSource
 
 PRIMARY_METRIC = "top_and_random"
 METRICS = ("top_and_random", "random_only", "calibrated_r2", "calibrated_abs_dev_explained", "detection_auc")
-METHODS = ("explainer", "token-lookup", "shuffled")
-BASELINES = ("token-lookup", "shuffled")
+METHODS = ("explainer", "token-lookup", "output-lookup", "shuffled")
+BASELINES = ("token-lookup", "output-lookup", "shuffled")
 N_BEST = 10
 N_TOP_TOKENS = 20
 

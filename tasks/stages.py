@@ -37,9 +37,8 @@ from autoexplain import progress as progress_mod
 from autoexplain import registry, remote
 from autoexplain.counters import COUNTS
 from autoexplain.errors import UserError
-from autoexplain.explain import explainer_prompt_hash
 from autoexplain.pipeline import ExplainConfig
-from autoexplain.registry import simulator_identity
+from autoexplain.registry import explainer_prompt, simulator_identity
 from autoexplain.identity import code_identity
 from autoexplain.record import RecordConfig, build_windows, record_layers
 from autoexplain.source_coder import open_unit_source
@@ -69,7 +68,7 @@ def _key(stage: str, entries: tuple, prompts: str = ""):
     store is the truth, and a cache must never answer with a folder that is not there."""
 
     def cache_key(context, parameters) -> str | None:
-        key = f"{stage}-" + content_key({"params": parameters, "code": code_identity(*entries), "prompts": prompts()
+        key = f"{stage}-" + content_key({"params": parameters, "code": code_identity(*entries), "prompts": prompts(parameters)
                                          if callable(prompts) else prompts})
         return key if _cached_output_is_whole(context, key) else None
 
@@ -323,7 +322,7 @@ def record_task(model: str, corpus: str, layers: list[int], tokens: int, out: st
             "source": unit_source.kind, "windows": str(windows.path.resolve()), "window_len": window_len}
 
 
-@task(name="explain", cache_key_fn=_key("explain", (layer_mod.run_explain,), explainer_prompt_hash),
+@task(name="explain", cache_key_fn=_key("explain", (layer_mod.run_explain,), lambda p: explainer_prompt(p["explainer"])),
       **RETRY)
 @_one_line_failures
 @_one_at_a_time

@@ -67,3 +67,31 @@ def test_explain_samples_k_candidates_on_a_local_model(tiny_llama_dir):
     assert 1 <= len(result.candidates) <= 3, "random weights still produce some text"
     assert result.prompt_hash == explainer_prompt_hash()
     assert usage.completion_tokens > 0 and result.prompt_tokens > 0
+
+
+def test_the_with_outputs_explainer_reads_what_the_unit_writes(tiny_llama_dir):
+    """'with-outputs:LLM' adds one line on the unit's output side to the target neuron (never to the
+    few-shot ones), under its own prompt hash; the output-side baseline names what it promotes."""
+    from autoexplain.explain import output_line, output_lookup_explanation
+    from autoexplain.records import UnitStats
+    from autoexplain.registry import explainer_prompt, make_explainer, parse_explainer
+
+    stats = UnitStats(0.0, 1.0, 3.0, 0.1, promotes=[" Paris", " London"], suppresses=[" the"])
+    line = output_line(stats)
+    assert '" Paris", " London"' in line and '" the"' in line
+    assert output_line(UnitStats(0.0, 1.0, 3.0, 0.1)) is None
+    assert output_lookup_explanation([" Paris", " ", "London"]) == 'promotes the tokens "Paris", "London"'
+    records = [rec([" a", " b"], [1.0, 3.0])]
+    prompt = build_prompt(records, outputs=line)
+    assert line in prompt.target and all(line not in block for block, _ in prompt.shots)
+    assert build_prompt(records).target + f"{line}\n" == prompt.target
+
+    spec = f"with-outputs:local:{tiny_llama_dir}"
+    assert parse_explainer(spec).llm == f"local:{tiny_llama_dir}"
+    assert explainer_prompt(spec) not in ("", explainer_prompt(f"local:{tiny_llama_dir}"))
+    assert explainer_prompt("embedding") != explainer_prompt(f"local:{tiny_llama_dir}")
+    explainer = make_explainer(spec)
+    assert explainer.uses_outputs and explainer.name.startswith("with-outputs:")
+    told, = explainer.explain_records([records], k=1, max_tokens=4, outputs=[line])
+    plain, = make_explainer(f"local:{tiny_llama_dir}").explain_records([records], k=1, max_tokens=4)
+    assert told.prompt_tokens > plain.prompt_tokens and told.prompt_hash != plain.prompt_hash

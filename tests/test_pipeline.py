@@ -60,10 +60,14 @@ def test_best_of_k_is_chosen_on_valid_and_reported_on_test(stages):
 def test_baselines_are_scored_like_the_explanation(stages):
     _, _, _, s, c, _ = stages
     scores = pl.read_parquet(c.path)
-    assert set(scores["method"]) == {"explainer", "token-lookup", "shuffled"}
+    assert set(scores["method"]) == {"explainer", "token-lookup", "output-lookup", "shuffled"}
     per = scores.group_by("method").agg(pl.col("metric").n_unique())
-    assert per["metric"].to_list() == [5, 5, 5]
+    assert per["metric"].to_list() == [5, 5, 5, 5]
     chosen = pl.read_parquet(s.directory / "chosen.parquet")
+    # the output-side twin names what each unit promotes, from the recording's statistics
+    twins = chosen.filter(pl.col("method") == "output-lookup")
+    assert twins.height == chosen.filter(pl.col("method") == "explainer").height
+    assert all(t.startswith("promotes the tokens ") for t in twins["text"])
     llm = dict(zip(zip(*[chosen.filter(pl.col("method") == "explainer")[c] for c in ("unit", "polarity")]),
                    chosen.filter(pl.col("method") == "explainer")["text"]))
     shuffled = chosen.filter(pl.col("method") == "shuffled")
