@@ -109,12 +109,15 @@ def load_units(records_dir: str | Path, layer: int, units: list[int] | None = No
     return found
 
 
-def recorded_units(records_dir: str | Path, layer: int) -> set[int]:
-    """The units of a layer that have records: all of a layer's neurons, a coder's latents that fired."""
+def dead_units(records_dir: str | Path, layer: int) -> list[int]:
+    """A layer's units that never fired in any polarity over the recorded tokens (their statistics'
+    max <= 0 each way): latents a coder never used; they have no records and are not explained."""
     import polars as pl
 
     records_path, _, _ = _records_inputs(Path(records_dir), layer)
-    return set(pl.scan_parquet(records_path).select("unit").unique().collect()["unit"].to_list())
+    stats = pl.read_parquet(records_path.with_name(records_path.name.replace(".records.", ".stats.")),
+                            columns=["unit", "max"])
+    return sorted(stats.group_by("unit").agg(pl.col("max").max()).filter(pl.col("max") <= 0)["unit"].to_list())
 
 
 def _use_word_table(records_dir: Path, out, model) -> None:

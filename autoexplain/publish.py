@@ -31,7 +31,8 @@ import pyarrow.parquet as pq
 
 from autoexplain import defaults
 from autoexplain.errors import UserError
-from autoexplain.storage import local_ref, open_root, read_run, run_layers
+from autoexplain.sources import MLP
+from autoexplain.storage import local_ref, open_root, read_run, run_sources
 from schemas import HERE as SCHEMAS
 
 TABLES = {  # table -> (the stage schema its columns come from, what a row is)
@@ -41,7 +42,6 @@ TABLES = {  # table -> (the stage schema its columns come from, what a row is)
     "scores": ("scores", "one unit, polarity, method and metric on the test split, with its 95% CI"),
     "simulations": ("simulations", "one unit, polarity, method and scoring window: the simulated activations"),
 }
-SOURCE = "mlp"  # today's only unit source: a layer's MLP neurons, both polarities
 CARD_MARK = "autoexplain-dataset"  # in the card's YAML: `to` was written by publish, and may be replaced
 CORPUS_LICENSE = {defaults.CORPUS: "cc-by-sa-3.0"}  # Wikipedia text (CC BY-SA 3.0) with the public-domain KJV
 
@@ -50,8 +50,11 @@ def _concat(paths: list[Path]) -> pa.Table:
     return pa.concat_tables([pq.read_table(p) for p in paths], promote_options="default")
 
 
-def _with_source(table: pa.Table) -> pa.Table:
-    return table.add_column(0, "source", pa.array([SOURCE] * table.num_rows, pa.string()))
+def _with_source(table: pa.Table, kind: str) -> pa.Table:
+    """`source` first in every table (stage tables of latents already carry it, last)."""
+    if "source" in table.column_names:
+        table = table.drop_columns(["source"])
+    return table.add_column(0, "source", pa.array([kind] * table.num_rows, pa.string()))
 
 
 def _exemplars(records: dict) -> pa.Table:
@@ -82,12 +85,12 @@ def layer_tables(run: dict) -> dict[str, pa.Table]:
 NEURONPEDIA_BATCH = 1024  # rows per file, as Neuronpedia's importer takes them
 
 
-def neuronpedia_rows(explanations: pa.Table, model: str) -> list[dict]:
+def neuronpedia_rows(explanations: pa.Table, model: str, kind: str = MLP.kind) -> list[dict]:
     """Neuronpedia's explanation rows for the explainer's explanations of positive polarity (a
     Neuronpedia neuron has no polarity; the negated unit's explanation stays in the parquet tables).
-    `layer` is the source id, `<layer>-mlp` for a layer's neurons; `modelId` the subject's name."""
+    `layer` is the source id, `<layer>-<kind>` (`15-mlp`, `15-sae-res-16k`); `modelId` the subject's name."""
     model_id = Path(model.rstrip("/")).name.removesuffix(".gguf").lower()
-    return [{"modelId": model_id, "layer": f"{r['layer']}-{SOURCE}", "index": str(r["unit"]),
+    return [{"modelId": model_id, "layer": f"{r['layer']}-{kind}", "index": str(r["unit"]),
              "description": r["text"], "explanationModelName": r["explainer"], "typeName": "autoexplain"}
             for r in explanations.to_pylist() if r["method"] == "explainer" and r["polarity"] == 1 and r["text"]]
 
@@ -114,32 +117,38 @@ def _columns(table: str, schema: pa.Schema) -> str:
     stage, row = TABLES[table]
     spec = json.loads((SCHEMAS / f"{stage}.json").read_text())
     docs = {f["name"]: f.get("doc", "") for f in spec["fields"]}
-    docs.update(source="the unit source: `mlp` (a layer's MLP neurons, both polarities)",
+    docs.update(source="the unit source: `mlp` (a layer's MLP neurons, both polarities) or a sparse coder's "
+                       "latents, named by the coder (`sae-res-16k`: a 16,384-latent residual SAE; one polarity)",
                 tokens="the window's tokens, each decoded alone")
     lines = [f"### `{table}`: {row}\n", spec["doc"], "", "| column | type | description |", "|---|---|---|"]
     lines += [f"| `{f.name}` | {f.type} | {docs.get(f.name, '')} |" for f in schema]
     return "\n".join(lines) + "\n"
 
 
-def card(runs: dict[int, dict], schemas: dict[str, pa.Schema], license_: str, sizes: dict[str, int]) -> str:
+def card(runs: dict[tuple[int, str], dict], schemas: dict[str, pa.Schema], license_: str, sizes: dict[str, int]) -> str:
     params = next(iter(runs.values()))["params"]
     configs = "".join(f"  - config_name: {t}\n    data_files: \"data/{t}/**/*.parquet\"\n"
                       + ("    default: true\n" if t == "scores" else "") for t in TABLES)
     header = (f"---\nlicense: {license_}\npretty_name: \"autoexplain: {params['model']} neurons, explained\"\n"
               f"tags:\n  - interpretability\n  - {CARD_MARK}\nconfigs:\n{configs}---\n")
-    layers = ", ".join(str(L) for L in sorted(runs))
-    how = "\n".join(f"- layer {L}: `{json.dumps(r['params'], sort_keys=True)}` (finished {r.get('finished', '?')})"
-                    for L, r in sorted(runs.items()))
+    layers = ", ".join(str(L) for L in sorted({L for L, _ in runs}))
+    kinds = sorted({kind for _, kind in runs})
+    how = "\n".join(f"- layer {L}, `{kind}`: `{json.dumps(r['params'], sort_keys=True)}` (finished {r.get('finished', '?')})"
+                    for (L, kind), r in sorted(runs.items()))
     counts = ", ".join(f"{t} {n:,} rows" for t, n in sizes.items())
     return header + f"""
 # Explained neurons of {params['model']}
 
-Automated explanations of the MLP neurons of **{params['model']}** (layers {layers}), made with
+Automated explanations of the units of **{params['model']}** (layers {layers}; sources
+{", ".join(f"`{k}`" for k in kinds)}: `mlp` is a layer's MLP neurons, other sources a sparse coder's
+latents), made with
 autoexplain by the method of Bills et al. (2023), "Language models can explain
 neurons in language models": record where each unit fires on a corpus, have an explainer write a
 one-sentence explanation from its top-activating windows, have a simulator predict the unit's
 activations on held-out windows from that explanation alone, and score how well the prediction
-matches. Each unit is explained per polarity (+1: the neuron as is, -1: negated).
+matches. Each neuron is explained per polarity (+1: the neuron as is, -1: negated); a latent has
+one. The `units` table says what each unit writes: the tokens its output direction promotes and
+suppresses most. Files are partitioned by source and layer: `data/<table>/<source>/layer_<L>.parquet`.
 
 - **Subject model:** `{params['model']}`
 - **Corpus:** `{params['corpus']}` ({params['tokens']:,} tokens; the embedded default is English
@@ -167,7 +176,7 @@ scores = pl.scan_parquet("path/to/this/folder/data/scores/**/*.parquet")
 ## Other formats
 
 - `neuronpedia/explanations/batch-<N>.jsonl.gz`: the explanations of positive polarity in
-  Neuronpedia's import format (`modelId`, `layer` as `<layer>-mlp`, `index`, `description`,
+  Neuronpedia's import format (`modelId`, `layer` as `<layer>-<source>`, `index`, `description`,
   `explanationModelName`, `typeName`), {NEURONPEDIA_BATCH:,} rows a file.
 - `autoexplain import --from <this folder> --layer L` reads the explanations back as an explanations
   stage, to re-simulate and re-score them with another simulator.
@@ -180,7 +189,8 @@ scores = pl.scan_parquet("path/to/this/folder/data/scores/**/*.parquet")
 def publish(out: str, to: str | Path, layers: list[int] | None = None, license_: str | None = None) -> Path:
     """Write the dataset of `out`'s latest runs (of `layers`, default all) to the folder `to`."""
     root, to = open_root(out), Path(to)
-    have = run_layers(root)
+    found = run_sources(root)
+    have = sorted({L for L, _ in found})
     if not have:
         raise UserError(f"{out} holds no finished explain-layer run", "run explain-layer there first, then publish")
     missing = sorted(set(layers or []) - set(have))
@@ -189,7 +199,7 @@ def publish(out: str, to: str | Path, layers: list[int] | None = None, license_:
     ours = (to / "README.md").is_file() and CARD_MARK in (to / "README.md").read_text(errors="replace")
     if to.exists() and (not to.is_dir() or any(to.iterdir())) and not ours:
         raise UserError(f"{to} is not empty and holds no dataset that publish wrote", "choose an empty or new folder")
-    runs = {L: read_run(root, L) for L in (layers or have)}
+    runs = {(L, kind): read_run(root, L, kind) for L, kind in found if L in (layers or have)}
     corpus = next(iter(runs.values()))["params"]["corpus"]
     license_ = license_ or CORPUS_LICENSE.get(corpus)
     if not license_:
@@ -199,12 +209,12 @@ def publish(out: str, to: str | Path, layers: list[int] | None = None, license_:
     build = Path(tempfile.mkdtemp(prefix=f".{to.name}.", dir=to.parent))
     try:
         schemas, sizes, pedia = {}, dict.fromkeys(TABLES, 0), []
-        for L, run in sorted(runs.items()):
+        for (L, kind), run in sorted(runs.items()):
             tables = layer_tables(run)
-            pedia += neuronpedia_rows(tables["explanations"], run["params"]["model"])
+            pedia += neuronpedia_rows(tables["explanations"], run["params"]["model"], kind)
             for name, table in tables.items():
-                table = _with_source(table)
-                path = build / "data" / name / SOURCE / f"layer_{L}.parquet"
+                table = _with_source(table, kind)
+                path = build / "data" / name / kind / f"layer_{L}.parquet"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 pq.write_table(table, path, compression="zstd")
                 schemas[name], sizes[name] = table.schema, sizes[name] + table.num_rows

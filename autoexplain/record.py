@@ -218,9 +218,9 @@ def record_layers(
 
     outputs = []
     for L in layers:
-        records, stats = _finish_layer(L, recorders[L], cfg, reservoir_ids, source.polarities)
+        with TableWriter(ref.records_path(L), "records") as records:
+            stats = _finish_layer(L, recorders[L], cfg, reservoir_ids, source.polarities, records.write_table)
         stats = _with_output_side(stats, subject, source, L)
-        write_table(records, ref.records_path(L), "records")
         write_table(stats, ref.stats_path(L), "unit_stats")
         outputs += [ref.records_path(L).name, ref.stats_path(L).name]
     # Readers take a source's kind from here ('mlp' where absent, as in every run before sources).
@@ -230,57 +230,63 @@ def record_layers(
 
 
 def _finish_layer(layer: int, rec: _LayerRecorder, cfg: RecordConfig, reservoir_order: np.ndarray,
-                  polarities: tuple[int, ...] = (1, -1)):
-    """Turn one layer's streaming state into its records and stats tables.
+                  polarities: tuple[int, ...], write, chunk: int = 1024) -> pa.Table:
+    """Turn one layer's streaming state into its records, handed to `write` a table per chunk of
+    units, and its stats table (returned).
 
     The reservoir stays in bf16 throughout: a float32 copy of it (and a negated one per polarity)
-    would be the largest allocation of the whole recording, so only the per-window maxima, the
-    gathered exemplar rows and one chunk of units at a time are ever widened."""
+    would be the largest allocation of the whole recording, so only the per-window maxima and one
+    chunk of units' exemplar rows are ever widened (a 16k-latent SAE's records are half a
+    gigabyte as float32)."""
     res = rec.reservoir
     slot_of = {int(w): i for i, w in enumerate(res.ids)}
     rng = np.random.default_rng([cfg.seed, layer])
     n_units = res.acts.shape[2]
-    tables, stats = [], []
+    stats = []
     for polarity in polarities:
         top = rec.top[polarity]
         res_max = (res.acts.amax(dim=1) if polarity > 0 else -res.acts.amin(dim=1)).float().numpy()  # (R, U)
         valid = torch.isfinite(top.values).numpy()  # (k, U); -inf marks an unfilled slot
         top_ids, top_vals = top.window_ids.numpy(), top.values.numpy()
-        top_acts = top.ranked_payload().float().permute(2, 0, 1).numpy()  # (U, k, T), already oriented
-        top_rows, extra_rows = _Rows(), _Rows()
-        top_acts_rows, extra_slots, extra_units = [], [], []
+        ranked = top.ranked_payload()  # (k, T, U) bf16, already oriented
         # A unit that never fired this way has no exemplars to explain: its statistics (max <= 0,
         # frac_active 0) say it is dead, and it gets no records.
         fired = np.any(valid & (top_vals > 0), axis=0)
-        for u in range(n_units):
-            if not fired[u]:
-                continue
-            ids_u = top_ids[valid[:, u], u]
-            for r, split in enumerate(selection.deal(len(ids_u), TOP_DEAL)):
-                top_rows.add(u, polarity, "top", split, r, None, int(ids_u[r]), float(top_vals[r, u]))
-            top_acts_rows.append(top_acts[u, : len(ids_u)])
+        for a in range(0, n_units, chunk):
+            top_acts = ranked[:, :, a : a + chunk].float().permute(2, 0, 1).numpy()  # (chunk, k, T)
+            top_rows, extra_rows = _Rows(), _Rows()
+            top_acts_rows, extra_slots, extra_units = [], [], []
+            for u in range(a, min(a + chunk, n_units)):
+                if not fired[u]:
+                    continue
+                ids_u = top_ids[valid[:, u], u]
+                for r, split in enumerate(selection.deal(len(ids_u), TOP_DEAL)):
+                    top_rows.add(u, polarity, "top", split, r, None, int(ids_u[r]), float(top_vals[r, u]))
+                top_acts_rows.append(top_acts[u - a, : len(ids_u)])
 
-            exclude = {int(w) for w in ids_u}
-            randoms = selection.pick_random(reservoir_order, exclude, cfg.n_random)
-            exclude.update(randoms)
-            quants = selection.pick_quantiles(res.ids, res_max[:, u], QUANTILE_BINS, cfg.quantile_per_bin, exclude, rng)
-            for r, (wid, split) in enumerate(zip(randoms, selection.deal(len(randoms), RANDOM_DEAL))):
-                extra_rows.add(u, polarity, "random", split, r, None, wid, float(res_max[slot_of[wid], u]))
-            rank_in_bin: dict[int, int] = {}
-            for b, wid in quants:
-                r = rank_in_bin[b] = rank_in_bin.get(b, -1) + 1
-                extra_rows.add(u, polarity, "quantile", TOP_DEAL[r % len(TOP_DEAL)], r, b, wid,
-                               float(res_max[slot_of[wid], u]))
-            extra_slots += [slot_of[w] for w in randoms] + [slot_of[w] for _, w in quants]
-            extra_units += [u] * (len(randoms) + len(quants))
-        # Random and quantile rows come from the reservoir: gather their activations in one go.
-        slots = torch.tensor(extra_slots, dtype=torch.int64)
-        units = torch.tensor(extra_units, dtype=torch.int64)
-        extra_acts = (res.acts[slots, :, units].float() * polarity).numpy()  # (rows, T)
-        tables.append(top_rows.table(layer, np.concatenate(top_acts_rows)))
-        tables.append(extra_rows.table(layer, extra_acts))
+                exclude = {int(w) for w in ids_u}
+                randoms = selection.pick_random(reservoir_order, exclude, cfg.n_random)
+                exclude.update(randoms)
+                quants = selection.pick_quantiles(res.ids, res_max[:, u], QUANTILE_BINS, cfg.quantile_per_bin, exclude, rng)
+                for r, (wid, split) in enumerate(zip(randoms, selection.deal(len(randoms), RANDOM_DEAL))):
+                    extra_rows.add(u, polarity, "random", split, r, None, wid, float(res_max[slot_of[wid], u]))
+                rank_in_bin: dict[int, int] = {}
+                for b, wid in quants:
+                    r = rank_in_bin[b] = rank_in_bin.get(b, -1) + 1
+                    extra_rows.add(u, polarity, "quantile", TOP_DEAL[r % len(TOP_DEAL)], r, b, wid,
+                                   float(res_max[slot_of[wid], u]))
+                extra_slots += [slot_of[w] for w in randoms] + [slot_of[w] for _, w in quants]
+                extra_units += [u] * (len(randoms) + len(quants))
+            if not top_acts_rows:
+                continue
+            # Random and quantile rows come from the reservoir: gather their activations in one go.
+            slots = torch.tensor(extra_slots, dtype=torch.int64)
+            units = torch.tensor(extra_units, dtype=torch.int64)
+            extra_acts = (res.acts[slots, :, units].float() * polarity).numpy()  # (rows, T)
+            write(top_rows.table(layer, np.concatenate(top_acts_rows)))
+            write(extra_rows.table(layer, extra_acts))
         stats.append(_stats_table(layer, polarity, rec.stats, res.acts))
-    return pa.concat_tables(tables), pa.concat_tables(stats)
+    return pa.concat_tables(stats)
 
 
 class _Rows:

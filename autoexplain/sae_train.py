@@ -19,7 +19,7 @@ import torch
 
 from autoexplain.errors import UserError
 from autoexplain.sae_coder import HookPoint
-from autoexplain.subject import MLP_NAMES
+from autoexplain.subject import capture  # noqa: F401 (where its callers and tests found it)
 
 TL_HOOKS = {"resid_pre": "hook_resid_pre", "resid_post": "hook_resid_post", "mlp_out": "hook_mlp_out",
             "mlp_in": "ln2.hook_normalized"}
@@ -48,53 +48,6 @@ class TrainReport:
     dead_fraction: float
     seconds_capture: float
     seconds_train: float
-
-
-class _Stop(Exception):
-    """Raised from the hook: the layers above the hook point are not needed."""
-
-
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
-    for _name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and n and len(module) == n:
-            return list(module)
-    raise UserError(f"cannot find the decoder layers of {type(model).__name__}", "use a transformer causal LM")
-
-
-def hook_module(model: torch.nn.Module, hook: HookPoint) -> tuple[torch.nn.Module, bool]:
-    """(module, read its input?) for a hook point."""
-    block = decoder_layers(model)[hook.layer]
-    if hook.point in ("resid_pre", "resid_post"):
-        return block, hook.point == "resid_pre"
-    mlp = next((getattr(block, n) for n in MLP_NAMES if hasattr(block, n)), None)
-    if mlp is None:
-        raise UserError(f"layer {hook.layer} of {type(model).__name__} has no MLP module", "use a resid_pre or resid_post hook")
-    return mlp, hook.point == "mlp_in"
-
-
-@torch.inference_mode()
-def capture(model: torch.nn.Module, hook: HookPoint, input_ids: torch.Tensor) -> torch.Tensor:
-    """Hidden states [B, T, d_model] at `hook`, from a forward pass stopped right after it."""
-    module, reads_input = hook_module(model, hook)
-    got: list[torch.Tensor] = []
-
-    def pre(_m, args, kwargs):
-        got.append(args[0] if args else kwargs["hidden_states"])
-        raise _Stop
-
-    def post(_m, _args, output):
-        got.append(output[0] if isinstance(output, tuple) else output)
-        raise _Stop
-
-    handle = module.register_forward_pre_hook(pre, with_kwargs=True) if reads_input else module.register_forward_hook(post)
-    try:
-        model(input_ids=input_ids, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return got[0].detach()
 
 
 class TopKSAE(torch.nn.Module):

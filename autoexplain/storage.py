@@ -165,6 +165,9 @@ class TableWriter:
         batch = pa.Table.from_pydict(dict(columns), schema=self.schema)
         self._writer.write_table(batch)
 
+    def write_table(self, table: pa.Table) -> None:
+        self._writer.write_table(table.cast(self.schema))
+
     def close(self) -> Path:
         self._writer.close()
         os.replace(self._tmp, self.path)

@@ -14,6 +14,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +22,9 @@ from autoexplain import defaults
 from autoexplain.counters import COUNTS
 from autoexplain.errors import UserError
 from autoexplain.weights import model_digest
+
+if TYPE_CHECKING:
+    from autoexplain.sae_coder import HookPoint
 
 # Names of the MLP's output projection across architectures; its input is the neuron vector.
 OUTPUT_PROJECTIONS = ("down_proj", "c_proj", "fc2", "dense_4h_to_h", "fc_out", "w2")
@@ -110,8 +114,6 @@ class Subject:
         COUNTS["subject_forward"] += 1
         if not hooked and self.fused is not None:
             return self.fused.hidden(input_ids.to(self.device), hook.layer, hook.point)
-        from autoexplain.sae_train import capture
-
         return capture(self.model, hook, input_ids.to(self.device))
 
     def mlp_activations(self, input_ids: torch.Tensor, layers: list[int], hooked: bool = False) -> dict[int, torch.Tensor]:
@@ -262,3 +264,48 @@ def load_subject(spec: str | None = None, dtype: torch.dtype = torch.bfloat16, d
     subject.load_seconds = time.perf_counter() - started
     subject.fingerprint = fingerprint
     return subject
+
+
+# ---- hidden states at a sparse coder's hook point (Hugging Face's own forward) ----------------
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    for _name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and n and len(module) == n:
+            return list(module)
+    raise UserError(f"cannot find the decoder layers of {type(model).__name__}", "use a transformer causal LM")
+
+
+def hook_module(model: torch.nn.Module, hook: HookPoint) -> tuple[torch.nn.Module, bool]:
+    """(module, read its input?) for a hook point."""
+    block = decoder_layers(model)[hook.layer]
+    if hook.point in ("resid_pre", "resid_post"):
+        return block, hook.point == "resid_pre"
+    mlp = next((getattr(block, n) for n in MLP_NAMES if hasattr(block, n)), None)
+    if mlp is None:
+        raise UserError(f"layer {hook.layer} of {type(model).__name__} has no MLP module", "use a resid_pre or resid_post hook")
+    return mlp, hook.point == "mlp_in"
+
+
+@torch.inference_mode()
+def capture(model: torch.nn.Module, hook: HookPoint, input_ids: torch.Tensor) -> torch.Tensor:
+    """Hidden states [B, T, d_model] at `hook`, from a forward pass stopped right after it."""
+    module, reads_input = hook_module(model, hook)
+    got: list[torch.Tensor] = []
+
+    def pre(_m, args, kwargs):
+        got.append(args[0] if args else kwargs["hidden_states"])
+        raise _StopForward
+
+    def post(_m, _args, output):
+        got.append(output[0] if isinstance(output, tuple) else output)
+        raise _StopForward
+
+    handle = module.register_forward_pre_hook(pre, with_kwargs=True) if reads_input else module.register_forward_hook(post)
+    try:
+        model(input_ids=input_ids, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return got[0].detach()

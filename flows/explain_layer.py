@@ -28,7 +28,7 @@ from prefect.states import Failed
 from autoexplain import preflight, progress
 from autoexplain.budget import set_budget
 from autoexplain.errors import UserError
-from autoexplain.layer import parse_units, recorded_units
+from autoexplain.layer import dead_units, parse_units
 from autoexplain.registry import simulator_identity
 from autoexplain.llm import set_limits
 from autoexplain.llm_cache import set_cache
@@ -154,11 +154,10 @@ def _explain_layer(plan: preflight.LayerPlan, out: str, results: str | None, par
     kind = plan.source.kind
     publish_recording(records)
     chosen = plan.units if plan.units is not None else parse_units(None, records["n_units"])
-    live = recorded_units(local_ref(records)["path"], layer)
-    dead = [u for u in chosen if u not in live]
+    dead = set(dead_units(local_ref(records)["path"], layer)) & set(chosen)
     if dead:  # latents that never fired: their statistics say so, and there is nothing to explain
         log.info(f"{len(dead)} of {len(chosen)} units never fired in the recorded tokens and are not explained")
-        chosen = [u for u in chosen if u in live]
+        chosen = [u for u in chosen if u not in dead]
     shards = [chosen[i : i + shard_size] for i in range(0, len(chosen), shard_size)]
     sim_id = simulator_identity(simulator)
 

@@ -23,6 +23,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.assets import materialize
 
 from autoexplain import remote
+from autoexplain.layer import dead_units
 from autoexplain.storage import read_manifest
 from autoexplain.summary import cost_line, run_cost
 from tasks.stages import local_ref
@@ -158,7 +159,10 @@ def report_task(records: dict, stages: list[dict], scores: list[dict], site: str
         table.filter((pl.col("metric") == HEADLINE) & (pl.col("method") == "explainer"))["value"].drop_nulls().to_list())
     links = "\n".join(f"- {s['uri']}" for s in scores)
     cost = run_cost(table)
+    dead = dead_units(records["path"], records["layers"][0])
     md = (f"# Layer report\n\nUnits scored: {len(headline)} (defined explainer {HEADLINE} scores)\n\n"
+          f"Dead units: {len(dead)} of the layer's recorded units never fired in the recorded tokens and "
+          f"were not explained{': ' + ', '.join(map(str, dead[:50])) + (' ...' if len(dead) > 50 else '') if dead else ''}\n\n"
           f"{cost_line(cost)}\n\n"
           f"## Score histogram (explanation, {HEADLINE}, test split)\n\n```\n{_histogram(headline)}\n```\n\n"
           f"## Outputs\n\n- records: {records['uri']}\n{links}\n")
@@ -166,7 +170,7 @@ def report_task(records: dict, stages: list[dict], scores: list[dict], site: str
     if site:
         create_markdown_artifact(viewer_markdown(site), key="viewer",
                                  description="How to open the neuron viewer: the command that serves it over http")
-    return {"units": len(headline), "summary": summary, "cost": cost}
+    return {"units": len(headline), "summary": summary, "cost": cost, "dead_units": len(dead)}
 
 
 def budget_stop(ledger):

@@ -62,11 +62,12 @@ def test_a_published_dataset_loads_offline_and_holds_the_runs(home, two_layers, 
     by_folder = datasets.load_dataset("parquet", data_dir=str(to / "data" / "scores"), split="train")
     assert by_config.num_rows == by_folder.num_rows == scores.height
     explanations = datasets.load_dataset(str(to), "explanations", split="train")
-    assert set(explanations["method"]) == {"explainer", "token-lookup", "shuffled"}
+    assert set(explanations["method"]) == {"explainer", "token-lookup", "output-lookup", "shuffled"}
     exemplars = pl.read_parquet(to / "data" / "exemplars" / "mlp" / "layer_1.parquet")
     assert exemplars.height and (exemplars["tokens"].list.len() == exemplars["activations"].list.len()).all()
     units = pl.read_parquet(to / "data" / "units" / "mlp" / "layer_0.parquet")
     assert sorted(units["unit"].unique().to_list()) == [0, 1, 2, 3], "the explained units' statistics"
+    assert (units["promotes"].list.len() == 10).all() and (units["suppresses_logits"].list.len() == 10).all()
 
     with gzip.open(to / "neuronpedia" / "explanations" / "batch-0.jsonl.gz", "rt") as f:
         pedia = [json.loads(line) for line in f]

@@ -62,6 +62,9 @@ def test_latents_are_recorded_as_their_formula_one_polarity_dead_ones_without_re
     assert set(records["unit"].unique()) == set(range(LATENTS)) - {DEAD}
     dead = stats.filter(pl.col("unit") == DEAD).row(0, named=True)
     assert dead["max"] <= 0 and dead["frac_active"] == 0
+    from autoexplain.layer import dead_units
+
+    assert dead_units(ref.directory, 1) == [DEAD]
     assert set(records["split"].unique()) >= {"train", "valid", "test"}
     # Each unit's splits never share a window: exemplars shown to the explainer are never scored.
     for (unit,), g in records.group_by(["unit"]):
@@ -125,6 +128,19 @@ def test_explain_layer_and_rescore_on_latents_from_the_command_line(tiny_llama_d
     # the neurons' run of the same layer is another run: asked for, it is named as missing
     missing = cli(home, "rescore", "--out", str(out), "--layer", "1")
     assert missing.returncode != 0 and "sae-res-40" in missing.stderr
+
+    # published by source and layer, latents with their output side, Neuronpedia's id by source
+    published = cli(home, "publish", "--out", str(out), "--to", str(out.parent / "ds"), "--license", "cc-by-4.0")
+    assert published.returncode == 0, published.stderr[-3000:]
+    ds = out.parent / "ds" / "data"
+    assert [p.name for p in (ds / "scores").iterdir()] == ["sae-res-40"]
+    units = pl.read_parquet(ds / "units" / "sae-res-40" / "layer_1.parquet")
+    assert sorted(units["unit"]) == [8, 9] and set(units["source"]) == {"sae-res-40"}
+    assert (units["promotes"].list.len() == 10).all()
+    import gzip
+
+    with gzip.open(out.parent / "ds" / "neuronpedia" / "explanations" / "batch-0.jsonl.gz", "rt") as f:
+        assert {json.loads(line)["layer"] for line in f} == {"1-sae-res-40"}
 
     bad = cli(home, "explain-layer", "--source", f"sae:{tiny_sae}", "--layer", "2", *common)
     assert bad.returncode == 2 and "disagrees" in bad.stderr and "Traceback" not in bad.stderr
