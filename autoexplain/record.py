@@ -152,9 +152,11 @@ class _LayerRecorder:
     """The streaming state for one layer: top-k per polarity, reservoir and running stats."""
 
     def __init__(self, cfg: RecordConfig, window_len: int, n_units: int, reservoir_ids: np.ndarray,
-                 polarities: tuple[int, ...] = (1, -1)):
+                 polarities: tuple[int, ...] = (1, -1), sparse: bool = False):
         self.top = {p: selection.TopWindows(cfg.top_k, window_len, n_units) for p in polarities}
-        self.reservoir = selection.Reservoir(reservoir_ids, window_len, n_units)
+        self.n_units = n_units
+        kind = selection.SparseReservoir if sparse else selection.Reservoir
+        self.reservoir = kind(reservoir_ids, window_len, n_units)
         self.stats = selection.RunningStats(n_units)
 
     def update(self, window_ids: torch.Tensor, acts: torch.Tensor) -> None:
@@ -203,8 +205,8 @@ def record_layers(
     rng = np.random.default_rng(cfg.seed)
     n_res = min(cfg.reservoir, windows.n_windows)
     reservoir_ids = rng.choice(windows.n_windows, size=n_res, replace=False)
-    recorders = {L: _LayerRecorder(cfg, windows.window_len, source.n_units(subject), reservoir_ids, source.polarities)
-                 for L in layers}
+    recorders = {L: _LayerRecorder(cfg, windows.window_len, source.n_units(subject), reservoir_ids, source.polarities,
+                                   source.sparse) for L in layers}
 
     total = windows.n_windows * windows.window_len
     done = 0
@@ -241,19 +243,21 @@ def _finish_layer(layer: int, rec: _LayerRecorder, cfg: RecordConfig, reservoir_
     res = rec.reservoir
     slot_of = {int(w): i for i, w in enumerate(res.ids)}
     rng = np.random.default_rng([cfg.seed, layer])
-    n_units = res.acts.shape[2]
+    n_units = rec.n_units
     stats = []
     for polarity in polarities:
         top = rec.top[polarity]
-        res_max = (res.acts.amax(dim=1) if polarity > 0 else -res.acts.amin(dim=1)).float().numpy()  # (R, U)
+        shape: list[dict] = []
         valid = torch.isfinite(top.values).numpy()  # (k, U); -inf marks an unfilled slot
         top_ids, top_vals = top.window_ids.numpy(), top.values.numpy()
-        ranked = top.ranked_payload()  # (k, T, U) bf16, already oriented
         # A unit that never fired this way has no exemplars to explain: its statistics (max <= 0,
         # frac_active 0) say it is dead, and it gets no records.
         fired = np.any(valid & (top_vals > 0), axis=0)
         for a in range(0, n_units, chunk):
-            top_acts = ranked[:, :, a : a + chunk].float().permute(2, 0, 1).numpy()  # (chunk, k, T)
+            acts = res.chunk(a, min(a + chunk, n_units))  # (R, T, chunk), raw sign
+            shape.append(selection.shape_stats_per_unit(acts.reshape(-1, acts.shape[-1]), sign=polarity))
+            res_max = (acts.amax(dim=1) if polarity > 0 else -acts.amin(dim=1)).float().numpy()  # (R, chunk)
+            top_acts = top.ranked_payload(a, a + chunk).float().permute(2, 0, 1).numpy()  # (chunk, k, T), oriented
             top_rows, extra_rows = _Rows(), _Rows()
             top_acts_rows, extra_slots, extra_units = [], [], []
             for u in range(a, min(a + chunk, n_units)):
@@ -267,25 +271,25 @@ def _finish_layer(layer: int, rec: _LayerRecorder, cfg: RecordConfig, reservoir_
                 exclude = {int(w) for w in ids_u}
                 randoms = selection.pick_random(reservoir_order, exclude, cfg.n_random)
                 exclude.update(randoms)
-                quants = selection.pick_quantiles(res.ids, res_max[:, u], QUANTILE_BINS, cfg.quantile_per_bin, exclude, rng)
+                quants = selection.pick_quantiles(res.ids, res_max[:, u - a], QUANTILE_BINS, cfg.quantile_per_bin, exclude, rng)
                 for r, (wid, split) in enumerate(zip(randoms, selection.deal(len(randoms), RANDOM_DEAL))):
-                    extra_rows.add(u, polarity, "random", split, r, None, wid, float(res_max[slot_of[wid], u]))
+                    extra_rows.add(u, polarity, "random", split, r, None, wid, float(res_max[slot_of[wid], u - a]))
                 rank_in_bin: dict[int, int] = {}
                 for b, wid in quants:
                     r = rank_in_bin[b] = rank_in_bin.get(b, -1) + 1
                     extra_rows.add(u, polarity, "quantile", TOP_DEAL[r % len(TOP_DEAL)], r, b, wid,
-                                   float(res_max[slot_of[wid], u]))
+                                   float(res_max[slot_of[wid], u - a]))
                 extra_slots += [slot_of[w] for w in randoms] + [slot_of[w] for _, w in quants]
                 extra_units += [u] * (len(randoms) + len(quants))
             if not top_acts_rows:
                 continue
             # Random and quantile rows come from the reservoir: gather their activations in one go.
             slots = torch.tensor(extra_slots, dtype=torch.int64)
-            units = torch.tensor(extra_units, dtype=torch.int64)
-            extra_acts = (res.acts[slots, :, units].float() * polarity).numpy()  # (rows, T)
+            units = torch.tensor(extra_units, dtype=torch.int64) - a
+            extra_acts = (acts[slots, :, units].float() * polarity).numpy()  # (rows, T)
             write(top_rows.table(layer, np.concatenate(top_acts_rows)))
             write(extra_rows.table(layer, extra_acts))
-        stats.append(_stats_table(layer, polarity, rec.stats, res.acts))
+        stats.append(_stats_table(layer, polarity, rec.stats, {k: [v for p in shape for v in p[k]] for k in shape[0]}))
     return pa.concat_tables(stats)
 
 
@@ -324,12 +328,11 @@ def _with_output_side(stats: pa.Table, subject: Subject, source: UnitSource, lay
     return stats
 
 
-def _stats_table(layer: int, polarity: int, running: selection.RunningStats, reservoir: torch.Tensor) -> pa.Table:
-    """Exact moments from the full pass; shape statistics from the reservoir's tokens."""
+def _stats_table(layer: int, polarity: int, running: selection.RunningStats, shape: dict) -> pa.Table:
+    """Exact moments from the full pass; shape statistics (`selection.shape_stats_per_unit`, every
+    unit in order) from the reservoir's tokens."""
     exact = running.summary(polarity)
-    samples = reservoir.reshape(-1, reservoir.shape[-1])  # (R*T, U), raw sign
-    shape = selection.shape_stats_per_unit(samples, sign=polarity)
-    n_units = samples.shape[1]
+    n_units = len(exact["mean"])
     return pa.table({
         "layer": np.full(n_units, layer, dtype=np.int16),
         "unit": np.arange(n_units, dtype=np.int32),

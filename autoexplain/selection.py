@@ -60,9 +60,11 @@ class TopWindows:
         self.values[:, cols] = best
         self.slots[:, cols] = slots
 
-    def ranked_payload(self) -> torch.Tensor:
-        """The payload in rank order: (k, T, U), row r holding each unit's r-th best window."""
-        return self.payload.gather(0, self.slots[:, None, :].expand(-1, self.payload.shape[1], -1))
+    def ranked_payload(self, a: int = 0, b: int | None = None) -> torch.Tensor:
+        """The payload of units a..b-1 in rank order: (k, T, b - a), row r holding each unit's r-th
+        best window."""
+        slots = self.slots[:, None, a:b]
+        return self.payload[:, :, a:b].gather(0, slots.expand(-1, self.payload.shape[1], -1))
 
 
 class Reservoir:
@@ -86,6 +88,49 @@ class Reservoir:
             rows = torch.from_numpy(np.nonzero(hit)[0])
             self.acts[torch.from_numpy(slots[hit])] = acts[rows].to(self.acts.dtype)
             self.filled[slots[hit]] = True
+
+    def chunk(self, a: int, b: int) -> torch.Tensor:
+        """Units a..b-1 of every window: (windows, tokens, b - a), a view."""
+        return self.acts[:, :, a:b]
+
+
+class SparseReservoir:
+    """A `Reservoir` of activations that are mostly zero (a sparse coder's latents, non-negative):
+    only the non-zero entries are kept, as (slot, token, unit) and a bf16 value. A 16,384-latent
+    TopK SAE's 512 windows take a few megabytes instead of a gigabyte; `chunk` gives a dense view
+    of some units when the end of the pass reads them."""
+
+    def __init__(self, sample_ids: np.ndarray, window_len: int, n_units: int):
+        self.ids = np.sort(np.asarray(sample_ids, dtype=np.int64))
+        self.filled = np.zeros(len(self.ids), dtype=bool)
+        self.window_len, self.n_units = window_len, n_units
+        self._index: list[torch.Tensor] = []  # (n, 3) int32: slot, token, unit
+        self._value: list[torch.Tensor] = []
+
+    def update(self, window_ids: torch.Tensor, acts: torch.Tensor) -> None:
+        wid = window_ids.numpy()
+        slots = np.minimum(np.searchsorted(self.ids, wid), max(len(self.ids) - 1, 0))
+        hit = self.ids[slots] == wid if len(self.ids) else np.zeros(len(wid), bool)
+        if not hit.any():
+            return
+        rows = torch.from_numpy(np.nonzero(hit)[0])
+        part = acts[rows]
+        nz = part.nonzero()  # (n, 3): row within the hits, token, unit
+        self._value.append(part[nz[:, 0], nz[:, 1], nz[:, 2]].to(torch.bfloat16))
+        nz[:, 0] = torch.from_numpy(slots[hit])[nz[:, 0]]
+        self._index.append(nz.to(torch.int32))
+        self.filled[slots[hit]] = True
+
+    def chunk(self, a: int, b: int) -> torch.Tensor:
+        """Units a..b-1 of every window, dense: (windows, tokens, b - a) bf16."""
+        dense = torch.zeros((len(self.ids), self.window_len, b - a), dtype=torch.bfloat16)
+        if self._index:
+            self._index, self._value = [torch.cat(self._index)], [torch.cat(self._value)]
+            index, value = self._index[0], self._value[0]
+            keep = (index[:, 2] >= a) & (index[:, 2] < b)
+            i = index[keep].long()
+            dense[i[:, 0], i[:, 1], i[:, 2] - a] = value[keep]
+        return dense
 
 
 class RunningStats:

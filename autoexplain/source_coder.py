@@ -43,7 +43,7 @@ def coder_kind(spec: SourceSpec, coder: SparseCoder) -> str:
 
 
 class CoderSource(UnitSource):
-    polarities = (1,)
+    polarities, sparse = (1,), True
 
     def __init__(self, spec: SourceSpec, coder: SparseCoder):
         self.spec, self.coder = spec, coder.to_float32()

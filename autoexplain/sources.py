@@ -30,6 +30,8 @@ class UnitSource(ABC):
     # Each direction gives one unit per polarity; a source whose activations are one-signed (ReLU
     # latents) reads them only as +1.
     polarities: ClassVar[tuple[int, ...]] = (1,)
+    # Mostly zeros and never negative (a sparse coder's latents): recording keeps only non-zeros.
+    sparse: ClassVar[bool] = False
 
     def source(self, layer: int) -> str:
         """The `UnitId.source` of this layer's units."""

@@ -25,7 +25,7 @@ from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 from prefect.states import Failed
 
-from autoexplain import preflight, progress
+from autoexplain import defaults, preflight, progress
 from autoexplain.budget import set_budget
 from autoexplain.errors import UserError
 from autoexplain.layer import dead_units, parse_units
@@ -34,7 +34,7 @@ from autoexplain.llm import set_limits
 from autoexplain.llm_cache import set_cache
 from autoexplain.remote import is_url
 from autoexplain.sources import MLP
-from autoexplain.storage import layer_name, local_ref, open_root, write_run
+from autoexplain.storage import content_key, layer_name, local_ref, open_root, write_run
 from autoexplain.summary import compare_markdown
 from schemas.contracts import ContractViolation
 from tasks.compare import compare_task
@@ -73,18 +73,27 @@ def _checked(check: Callable[[], object], ledger=None):
 
 @flow(name="record-activations", validate_parameters=True)
 def record_activations(model: str = "smollm2", corpus: str = "default", layers: list[int] | None = None,
-                       tokens: int = 1_000_000, out: str = "out") -> dict:
-    layers = layers or [15]
+                       tokens: int = 1_000_000, out: str = "out", source: str = "mlp") -> dict:
+    """`source` as in explain_layer; a coder reads one layer, its own unless `layers` names it."""
 
     def check():
         preflight.at_least(preflight.flow_name, "tokens", tokens, 1)
         preflight.check_out(out)
         preflight.check_corpus(corpus)
         shape = preflight.model_shape(model)
-        for layer in layers:
+        if layers and len(layers) > 1 and ":" in source:
+            raise UserError(f"parameter layers: a coder reads one layer, got {layers}", "set layers to one layer, or leave it out")
+        unit_source = preflight.check_source(source, model, layers[0] if layers else None)
+        chosen = layers or [getattr(unit_source, "layer", defaults.LAYER)]
+        for layer in chosen:
             preflight.check_layer(shape, layer, name="layers")
+        return chosen, content_key(unit_source.identity())
 
-    result, failed = _checked(lambda: (check(), record_task(model, corpus, layers, tokens, _out(out)))[1])
+    def run():
+        chosen, source_id = check()
+        return record_task(model, corpus, chosen, tokens, _out(out), source=source, source_id=source_id)
+
+    result, failed = _checked(run)
     return failed or result
 
 

@@ -168,3 +168,37 @@ def test_unit_stats_carry_what_each_unit_promotes_and_suppresses(recorded, tiny_
         want = output_tokens(neuron.model, d * polarity)
         assert row["promotes"] == neuron.token_strings(want.top.ids)
         assert row["suppresses_normed"] == neuron.token_strings(output_tokens(neuron.model, d * polarity, normed=True).bottom.ids)
+
+
+@pytest.mark.slow
+def test_the_record_activations_flow_takes_a_source(prefect_results, tiny_llama_dir, prose_corpus, tiny_sae, tmp_path):
+    """The coder's layer when none is given; weights changed at the same path record anew (the
+    task's cache key holds the source's identity, not its path)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from flows.explain_layer import record_activations
+
+    sae = shutil.copytree(tiny_sae, tmp_path / "sae")
+    kw = dict(model=tiny_llama_dir, corpus=str(prose_corpus), tokens=4000, out=str(tmp_path / "out"), source=f"sae:{sae}")
+    first = record_activations(**kw)
+    assert first["layers"] == [1] and first["source"] == "sae-res-40" and first["n_units"] == LATENTS
+    t = load_file(sae / "sae_weights.safetensors")
+    t["b_enc"] = t["b_enc"] - 0.1
+    save_file(t, sae / "sae_weights.safetensors")
+    second = record_activations(**kw)
+    assert second["key"] != first["key"]
+    wrong = record_activations(**{**kw, "layers": [0]})
+    assert "disagrees" in str(wrong)
+
+
+def test_the_sparse_reservoir_records_what_the_dense_one_does(recorded, tmp_path, monkeypatch):
+    """Latents keep only their non-zero reservoir entries; the records and statistics are the same."""
+    subject, source, windows, ref = recorded
+    monkeypatch.setattr(type(source), "sparse", False)
+    cfg = RecordConfig([1], top_k=10, n_random=6, quantile_per_bin=1, reservoir=40)
+    dense = record_layers(subject, windows, cfg, tmp_path, source=source)
+    for path in ("records_path", "stats_path"):
+        a, b = (pl.read_parquet(getattr(r, path)(1)) for r in (ref, dense))
+        assert a.equals(b), path
