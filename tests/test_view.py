@@ -85,13 +85,13 @@ def test_layer_to_unit_and_overlay(real_site, browser, serve, via, tmp_path):
     page.screenshot(path=tmp_path / f"index_{via}.png", full_page=True)
     page.click("#layers a")
     page.wait_for_selector("body[data-ready='1']")
-    assert page.url.endswith("layer.html#L1")
+    assert page.url.endswith("layer.html#L1/mlp")
     assert rows_shown(page) == len(llm) == 4
     assert page.evaluate("document.getElementById('hist').naturalWidth") > 0
     page.screenshot(path=tmp_path / f"layer_{via}.png", full_page=True)
 
     page.click("#units tbody tr:first-child a")  # N0+
-    page.wait_for_url(re.compile(r"unit\.html#L1/N0\+$"))
+    page.wait_for_url(re.compile(r"unit\.html#L1/mlp/N0\+$"))
     page.wait_for_selector("body[data-ready='1']")
     assert page.text_content("#explanation") == llm[(0, 1)]
     assert page.locator("#candidates tbody tr").count() == 3
@@ -115,7 +115,7 @@ def test_layer_to_unit_and_overlay(real_site, browser, serve, via, tmp_path):
 
     page.click("#next-unit")  # hash navigation re-renders in place
     page.wait_for_selector("body[data-ready='1']")
-    assert page.url.endswith("#L1/N0-") and page.text_content("#explanation") == llm[(0, -1)]
+    assert page.url.endswith("#L1/mlp/N0-") and page.text_content("#explanation") == llm[(0, -1)]
     w.close()
 
 
@@ -161,7 +161,7 @@ def test_hostile_strings_stay_text(hostile_site, browser, serve, tmp_path):
     for base in (file_url(site), serve(site)):
         w = Watched(browser, base)
         page = w.open("index.html")
-        assert page.locator("#layers tbody tr").count() == 2
+        assert page.locator("#layers tbody tr").count() == 2  # two layers, one source each
         assert page.locator("#plots img").count() == 3  # score by layer, distribution, llm vs baselines
         page.fill("#search", "onerror=window")
         expect(page.locator("#results tbody tr")).to_have_count(1)
@@ -186,12 +186,13 @@ def test_hostile_strings_stay_text(hostile_site, browser, serve, tmp_path):
         page.click("#overlay-toggle")
         page.screenshot(path=tmp_path / "hostile_unit.png", full_page=True)
         w.check_clean()
-        for unit in ("L0/N0-", "L0/N1+", "L2/N2-"):
+        for unit in ("L0/mlp/N0-", "L0/mlp/N1+", "L2/N2-"):  # the last as older sites linked it
             w.open(f"unit.html#{unit}")
             w.page.click("#overlay-toggle")
             w.check_clean()
         # Hashes are parsed, never inserted: a hostile or malformed one shows a message.
-        for bad in ("unit.html#<img src=x onerror=window.__pwned=1>", "unit.html#%E0%A4%A", "unit.html#L9/N0+"):
+        for bad in ("unit.html#<img src=x onerror=window.__pwned=1>", "unit.html#%E0%A4%A", "unit.html#L9/N0+",
+                    "unit.html#L0/<b>/N1"):
             w.open(bad, ready=False)
             w.page.wait_for_selector("#explanation .error")
             w.check_clean()
@@ -206,21 +207,21 @@ def test_46080_units_page_search_sort_and_open(browser, serve, tmp_path):
     scores_dir = synthetic_layer(tmp_path / "out", 15, n_neurons)
     site = tmp_path / "site"
     started = time.perf_counter()
-    build_site([scores_dir], site)
+    build_site([scores_dir], site, meaning=False)
     built = time.perf_counter() - started
 
-    chunks = sorted((site / "data" / "L15").glob("index_*.js"), key=lambda p: int(p.stem.split("_")[1]))
+    chunks = sorted((site / "data" / "L15" / "mlp").glob("index_*.js"), key=lambda p: int(p.stem.split("_")[1]))
     assert len(chunks) == 47
     sizes = [p.stat().st_size for p in chunks]
     assert max(sizes) < 400_000, f"index chunks too big: {max(sizes):,} bytes"
     first = chunks[0].read_text()
     assert len(json.loads(first.split("]=", 1)[1].rstrip(";\n"))["u"]) == 1000
-    unit_files = list((site / "data" / "L15" / "u").glob("*.js"))
-    assert len(unit_files) == 231 and max(p.stat().st_size for p in unit_files) < 600_000
+    unit_files = list((site / "data" / "L15" / "mlp" / "u").glob("*.js"))
+    assert len(unit_files) == 46_080 and max(p.stat().st_size for p in unit_files) < 40_000
 
     w = Watched(browser, serve(site))
     started = time.perf_counter()
-    page = w.open("layer.html#L15")
+    page = w.open("layer.html#L15/mlp")
     loaded = time.perf_counter() - started
     assert page.text_content("#count") == "46,080 units"
     assert rows_shown(page) == 100
@@ -252,7 +253,7 @@ def test_46080_units_page_search_sort_and_open(browser, serve, tmp_path):
 
     w = Watched(browser, file_url(site))
     started = time.perf_counter()
-    w.open("layer.html#L15")
+    w.open("layer.html#L15/mlp")
     loaded_file = time.perf_counter() - started
     w.close()
     print(f"\n46,080 units: built in {built:.1f}s, {sum(sizes) / 1e6:.1f} MB of index in {len(chunks)} chunks; "
@@ -261,8 +262,9 @@ def test_46080_units_page_search_sort_and_open(browser, serve, tmp_path):
 
 
 def test_rebuild_reuses_exemplars_without_reading_records(real_site, tmp_path, monkeypatch):
-    """A rebuild (after re-simulation, say) takes each unit's exemplar part from the site's cache:
-    the records are not read again, and the unit files come out byte for byte the same."""
+    """A rebuild (after re-simulation, say) takes each unit's exemplar part from the cache under the
+    output root: the records are not read again, the unit files come out byte for byte the same,
+    and the site folder holds nothing but the site."""
     from autoexplain import view
 
     _, _, c = real_site
@@ -277,21 +279,24 @@ def test_rebuild_reuses_exemplars_without_reading_records(real_site, tmp_path, m
     site = tmp_path / "site"
     build_site([c.directory], site)
     assert reads, "a cold build reads the records"
-    first = {p.name: p.read_bytes() for p in (site / "data" / "L1" / "u").iterdir()}
-    assert list((site / ".cache").glob("L1-records-*.jsonl")), "the exemplar cache is kept in the site"
+    first = {p.name: p.read_bytes() for p in (site / "data" / "L1" / "mlp" / "u").iterdir()}
+    assert list((c.directory.parent.parent / "memo" / "view").glob("L1-mlp-records-*.parquet")), "the exemplar cache"
+    assert not [p for p in site.rglob(".*")], "hidden files in the site folder"
 
     reads.clear()
     build_site([c.directory], site)
     assert reads == [], "the rebuild read the records again"
-    assert {p.name: p.read_bytes() for p in (site / "data" / "L1" / "u").iterdir()} == first
+    assert {p.name: p.read_bytes() for p in (site / "data" / "L1" / "mlp" / "u").iterdir()} == first
 
 
 def _unit_files(site: Path, layer: int) -> dict[str, dict]:
-    """Each unit-detail file's units, parsed from the script."""
+    """Each unit file's unit, by the unit's name in its source (0+, 5-)."""
+    from autoexplain.view import unpacked
+
     out = {}
-    for path in (site / "data" / f"L{layer}" / "u").iterdir():
-        body = re.match(r'^\(window\.__data=window\.__data\|\|\{\}\)\[".*?"\]=(.*);\n$', path.read_text(), re.S).group(1)
-        out.update(json.loads(body))
+    for path in (site / "data" / f"L{layer}" / "mlp" / "u").iterdir():
+        unit = unpacked(path.read_text())
+        out[unit["name"].rsplit("/N", 1)[1]] = unit
     return out
 
 
@@ -311,15 +316,15 @@ def test_shards_of_one_layer_make_one_layer(real_site, local_llm, simulator, tin
         shards.append(run_score(records_dir, s, out, n_boot=200).directory)
     whole = _unit_files(build_site(shards, tmp_path / "both").parent, 1)
     assert sorted(whole) == ["0+", "0-", "1+", "1-", "5+", "5-"]
-    links = ("prev", "next", "other")
+    links = ("prev", "next", "other", "similar")
     for shard in shards:
         alone = _unit_files(build_site([shard], tmp_path / shard.name).parent, 1)
         for name, unit in alone.items():
             assert {k: v for k, v in whole[name].items() if k not in links} == \
                    {k: v for k, v in unit.items() if k not in links}, name
             assert any(w["sim"] for w in unit["sims"].values()), "test-split simulations are on the page"
-    assert whole["1-"]["next"] == "L1/N5+" and whole["5+"]["prev"] == "L1/N1-"
-    summary = (tmp_path / "both" / "data" / "L1" / "summary.js").read_text()
+    assert whole["1-"]["next"] == "L1/mlp/N5+" and whole["5+"]["prev"] == "L1/mlp/N1-"
+    summary = (tmp_path / "both" / "data" / "L1" / "mlp" / "summary.js").read_text()
     assert all(str(s) in summary for s in shards), "the layer's sources name every shard"
 
     _, _, c = real_site  # units 0 and 5 again
@@ -333,8 +338,8 @@ def test_shards_of_one_layer_make_one_layer(real_site, local_llm, simulator, tin
 
 
 def test_simulations_reach_the_page_as_json(tmp_path):
-    """The simulated activations are formatted to JSON text in polars: rounded to 2 decimals, NaN
-    as null, a failed simulation as null with its reason, and the reason escaped for a <script>."""
+    """The simulated activations are formatted to JSON text in polars: whole hundredths, NaN as null,
+    a failed simulation as null with its reason, and the reason escaped for a <script>."""
     from autoexplain.view_data import sims_of
     from autoexplain.view_sources import LayerSource, sims_frame
 
@@ -347,6 +352,6 @@ def test_simulations_reach_the_page_as_json(tmp_path):
     text = sims_of(sims_frame(src), [(1, 1), (2, -1)])
     assert list(text) == [(1, 1)], "only test-split windows are shown"
     assert "</script>" not in text[(1, 1)]
-    assert json.loads(text[(1, 1)]) == {"5": {"sim": {"explainer": [0.12, None, 2.0], "shuffled": None},
+    assert json.loads(text[(1, 1)]) == {"5": {"sim": {"explainer": [12, None, 200], "shuffled": None},
                                               "fail": {"shuffled": "bad </script>"}},
-                                        "6": {"sim": {"explainer": [0.0, 0.0, 3.46]}}}
+                                        "6": {"sim": {"explainer": [0, 0, 346]}}}
