@@ -199,7 +199,8 @@ def build_site(score_dirs: list[Path], site_dir: Path, records_dir: Path | None 
 def packed(key: str, body: str) -> bytes:
     """A unit's data script: its JSON gzip-compressed and in base64, which the page inflates with
     the browser's DecompressionStream. Base64 has no character a <script> could stumble on."""
-    z = base64.b64encode(gzip.compress(body.encode("utf-8", errors="replace"), 9, mtime=0)).decode("ascii")
+    # Level 6: level 9 saves 2% of the bytes for 4 times the time, over a whole model's units.
+    z = base64.b64encode(gzip.compress(body.encode("utf-8", errors="replace"), 6, mtime=0)).decode("ascii")
     return js_data(key, {"z": z}).encode("ascii")
 
 
