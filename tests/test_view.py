@@ -276,15 +276,17 @@ def test_rebuild_reuses_exemplars_without_reading_records(real_site, tmp_path, m
         return None if reader is None else (lambda wanted: reads.append(len(wanted)) or reader(wanted))
 
     monkeypatch.setattr(view, "records_reader", counting)
-    site = tmp_path / "site"
-    build_site([c.directory], site)
+    # The site of the fixture left its cache under the output root; this test starts with its own.
+    assert list((c.directory.parent.parent / "memo" / "view").glob("L1-mlp-records-*.parquet")), "the exemplar cache"
+    site, cache = tmp_path / "site", tmp_path / "cache"
+    build_site([c.directory], site, cache_dir=cache)
     assert reads, "a cold build reads the records"
     first = {p.name: p.read_bytes() for p in (site / "data" / "L1" / "mlp" / "u").iterdir()}
-    assert list((c.directory.parent.parent / "memo" / "view").glob("L1-mlp-records-*.parquet")), "the exemplar cache"
+    assert list(cache.glob("L1-mlp-records-*.parquet"))
     assert not [p for p in site.rglob(".*")], "hidden files in the site folder"
 
     reads.clear()
-    build_site([c.directory], site)
+    build_site([c.directory], site, cache_dir=cache)
     assert reads == [], "the rebuild read the records again"
     assert {p.name: p.read_bytes() for p in (site / "data" / "L1" / "mlp" / "u").iterdir()} == first
 
