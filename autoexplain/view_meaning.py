@@ -1,8 +1,8 @@
 """Search by meaning for the viewer, precomputed when the site is built (a static site runs no model).
 
 Every explanation is embedded with the packaged all-MiniLM-L6-v2. From those vectors:
-- each unit's "similar units": the units whose explanations are nearest by cosine (full 384 dims),
-  stored on its unit page;
+- each unit's "similar units": the units whose explanations are nearest by cosine (full 384 dims;
+  above EXACT_UP_TO units, among a shortlist found in the principal axes), on its unit page;
 - the overview's search box: a query has no vector until someone types it, so the site carries
   vectors for words (MiniLM's own whole-word vocabulary, which the embedding explainer names units
   with, plus every word the explanations use), and the page embeds a query as the normalised mean
@@ -76,21 +76,42 @@ class _TextVectors:
             write_table(table.to_arrow(), self.path)
 
 
-def nearest(vectors: np.ndarray, k: int, block: int = 512) -> tuple[np.ndarray, np.ndarray]:
+EXACT_UP_TO = 20_000  # units; above, neighbours are found in the explanations' principal axes first
+
+
+def nearest(vectors: np.ndarray, k: int, block: int = 1024, axes: np.ndarray | None = None,
+            shortlist: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """For each row, the k other rows of highest cosine (rows are unit vectors; a zero row, a unit
-    without an explanation, is nobody's neighbour) and those cosines. Blocks bound the memory."""
+    without an explanation, is nobody's neighbour) and those cosines, best first.
+
+    With `axes` (a d x m projection), each row's `shortlist` nearest are found in the projection and
+    ranked by the full cosine: 92,160 x 92,160 full cosines are minutes of two cores, the
+    projection a sixth of it. Blocks bound the memory; torch's topk picks in parallel."""
+    import torch
+
     n = len(vectors)
     k = min(k, max(n - 1, 0))
     idx, sim = np.zeros((n, k), np.int64), np.zeros((n, k), np.float32)
-    empty = ~vectors.any(axis=1)
+    if k == 0:
+        return idx, sim
+    full = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
+    search = full if axes is None else torch.from_numpy(np.ascontiguousarray(vectors @ axes, dtype=np.float32))
+    empty = torch.from_numpy(~vectors.any(axis=1))
+    pick = k if axes is None else min(max(shortlist, k), n - 1)
     for s in range(0, n, block):
-        c = vectors[s:s + block] @ vectors.T
-        c[:, empty] = -np.inf
-        c[np.arange(c.shape[0]), np.arange(s, s + c.shape[0])] = -np.inf
-        top = np.argpartition(-c, k - 1, axis=1)[:, :k] if k else np.zeros((c.shape[0], 0), np.int64)
-        order = np.argsort(-np.take_along_axis(c, top, 1), axis=1, kind="stable")
-        idx[s:s + block] = np.take_along_axis(top, order, 1)
-        sim[s:s + block] = np.take_along_axis(c, idx[s:s + block], 1)
+        rows = torch.arange(s, min(s + block, n))
+        c = search[rows] @ search.T
+        c[:, empty] = -torch.inf
+        c[torch.arange(len(rows)), rows] = -torch.inf
+        top = torch.topk(c, pick, dim=1).indices
+        if axes is not None:  # rank the shortlist by the full cosine
+            exact = torch.einsum("rd,rkd->rk", full[rows], full[top])
+            exact[torch.isinf(torch.gather(c, 1, top))] = -torch.inf
+            best = torch.topk(exact, k, dim=1)
+            top, values = torch.gather(top, 1, best.indices), best.values
+        else:
+            values = torch.gather(c, 1, top)
+        idx[s:s + len(rows)], sim[s:s + len(rows)] = top.numpy(), values.numpy()
     return idx, sim
 
 
@@ -133,7 +154,9 @@ def write_meaning(site_dir: Path, groups: list[tuple[str, list[str], list[str], 
     write_js(site_dir / "data" / "words.js", "words",
              {"dims": DIMS, "words": words, "v": base64.b64encode(_int8((word_vectors - mean) @ axes)).decode("ascii")})
 
-    idx, sim = nearest(vectors, N_SIMILAR)
+    # Shortlists in the principal axes plus the mean's direction (which uncentred cosines also weigh).
+    retrieval = np.linalg.qr(np.column_stack([mean, axes]))[0] if len(vectors) > EXACT_UP_TO else None
+    idx, sim = nearest(vectors, N_SIMILAR, axes=retrieval)
     return {pages[i]: [[pages[j], texts[j], None if scores[j] is None else round(float(scores[j]), 3),
                         round(float(c), 3)] for j, c in zip(idx[i], sim[i]) if np.isfinite(c)]
             for i in range(len(pages)) if has[i]}
