@@ -101,7 +101,11 @@ class _RecordsCache:
 
 def _clear_site(site_dir: Path) -> None:
     """Remove what an earlier build wrote (data of other layers, the hidden cache older versions
-    kept here), so the folder holds this build only."""
+    kept here), so the folder holds this build only. A folder that holds other things under those
+    names is refused, not emptied."""
+    if (site_dir / "data").is_dir() and not (site_dir / "data" / "site.js").is_file() and any((site_dir / "data").iterdir()):
+        raise UserError(f"{site_dir} holds a 'data' folder that no viewer build wrote",
+                        "pass a new or empty folder for the site (or the folder of an earlier site)")
     for name in ("data", "plots", "assets", ".cache"):
         if (site_dir / name).is_dir():
             shutil.rmtree(site_dir / name)

@@ -140,7 +140,8 @@ def sims_frame(src: LayerSource) -> pl.DataFrame | None:
     if not paths:
         return None
     value = (pl.element().cast(pl.Float64) * 100).round(0)
-    as_json = pl.when(value.is_finite()).then(value.cast(pl.Int64).cast(pl.String)).otherwise(pl.lit("null"))
+    whole = pl.when(value.is_finite()).then(value).cast(pl.Int64, strict=False)  # NaN and inf: null
+    as_json = whole.cast(pl.String).fill_null(pl.lit("null"))
     cols = ["unit", "polarity", "method", "window_id", "split", "expected", "failure"]
     sims = pl.concat([pl.scan_parquet(p).select(cols).filter(pl.col("split") == "test") for p in paths]).collect()
     return sims.select(pl.col("unit").cast(pl.Int64), pl.col("polarity").cast(pl.Int64), "method", "window_id",

@@ -31,12 +31,15 @@ def stages(tiny_records):
 
 
 def test_sealed_stages_leave_no_pickles_but_an_index(stages):
-    _, out, *_ = stages
-    for stage in ("explain", "simulate", "score"):
+    _, out, x, s, c = stages
+    for stage, ref, per_unit in (("explain", x, 1), ("simulate", s, 2), ("score", c, 1)):
         assert not list((out / "memo" / stage).rglob("*.pkl")), f"{stage} memos stayed pickles"
-        index = pl.concat([pl.read_parquet(p) for p in (out / "memo" / stage / "sealed").glob("*.parquet")])
-        assert index.height >= 8 and index["key"].n_unique() == index.height  # 4 neurons x 2 polarities
+        index = pl.read_parquet(out / "memo" / stage / "sealed" / f"{ref.directory.name}.parquet")
         assert set(index.columns) == {"key", "unit", "polarity", "shape", "folder", "tables"}
+        # 4 neurons x 2 polarities; a simulation result is a unit's own one and its shuffled control.
+        assert index["key"].n_unique() == index.height == 8 * per_unit
+        assert set(index.select("unit", "polarity").rows()) == {(u, p) for u in (0, 1, 2, 5) for p in (1, -1)}
+        assert set(index["folder"]) == {str(ref.directory.resolve())}
 
 
 def test_a_revision_reuses_the_compacted_units_and_writes_what_a_fresh_run_writes(stages, tmp_path):

@@ -59,6 +59,11 @@ def test_build_site_rejects_bad_inputs(tmp_path):
         build_site([tmp_path / "nowhere"], tmp_path / "site")
     with pytest.raises(UserError, match="layer 2 comes twice"):
         build_site([scores_dir, scores_dir], tmp_path / "site")
+    (tmp_path / "mine" / "data").mkdir(parents=True)
+    (tmp_path / "mine" / "data" / "notes.txt").write_text("not a site")
+    with pytest.raises(UserError, match="holds a 'data' folder that no viewer build wrote"):
+        build_site([scores_dir], tmp_path / "mine")
+    assert (tmp_path / "mine" / "data" / "notes.txt").is_file()
     manifest = json.loads((scores_dir / "manifest.json").read_text())
     manifest["params"]["layer"] = 3
     (scores_dir / "manifest.json").write_text(json.dumps(manifest))
