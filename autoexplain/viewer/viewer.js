@@ -210,7 +210,8 @@
           el("div", { cls: "num", text: "mean " + meanText(m.explainer) }),
           el("div", { cls: "muted small", text: "lookup " + (m["token-lookup"] ? fmt(m["token-lookup"][0]) : "–") +
             " · beats lookup " + (s.llm_beats["token-lookup"] == null ? "–" : Math.round(100 * s.llm_beats["token-lookup"]) + "%") +
-            " · " + s.simulator + " · cost " + costText(s.cost) })));
+            " · " + s.simulator }),
+          el("div", { cls: "muted small cost", text: "cost " + costText(s.cost) })));
       });
       add(tb, tr);
     });
