@@ -13,7 +13,6 @@ import shutil
 import polars as pl
 import pytest
 
-from autoexplain import pipeline
 from autoexplain.counters import since, snapshot
 from autoexplain.layer import run_explain, run_revise, run_score, run_simulate
 
