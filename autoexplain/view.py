@@ -31,8 +31,10 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import polars as pl
@@ -234,6 +236,7 @@ def _write_units(src: LayerSource, units: pl.DataFrame, scores, chosen, site_dir
     def name(k):
         return unit_page(S, k[0], k[1], polar)
 
+    jobs: list[tuple[Path, str, str]] = []
     for start in range(0, len(keys), 1024):
         wanted = keys[start:start + 1024]
         if cache is not None and cache.missing([unit_name(u, p) for u, p in wanted]):
@@ -251,7 +254,11 @@ def _write_units(src: LayerSource, units: pl.DataFrame, scores, chosen, site_dir
                       "similar": similar.get(name((u, p)), [])}
             records = cache.fragments[unit_name(u, p)] if cache is not None else no_records
             body = f'{{{to_json(detail)[1:-1]},"sims":{sims.get((u, p), "{}")},{records}}}'
-            (site_dir / unit_file(S, u, p, polar)).write_bytes(packed(name((u, p)), body))
+            jobs.append((site_dir / unit_file(S, u, p, polar), name((u, p)), body))
+        # zlib lets go of the GIL while it compresses: one thread a core.
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            list(pool.map(lambda job: job[0].write_bytes(packed(job[1], job[2])), jobs))
+        jobs.clear()
     if cache is not None:
         cache.save()
 
