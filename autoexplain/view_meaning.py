@@ -6,9 +6,12 @@ Every explanation is embedded with the packaged all-MiniLM-L6-v2. From those vec
 - the overview's search box: a query has no vector until someone types it, so the site carries
   vectors for words (MiniLM's own whole-word vocabulary, which the embedding explainer names units
   with, plus every word the explanations use), and the page embeds a query as the normalised mean
-  of its words' vectors. Explanations and words are projected onto the explanations' first
-  `DIMS` principal axes and stored as int8 (64 bytes an explanation), so a page can rank a whole
-  model's explanations in the browser.
+  of its words' vectors. Explanations and words are projected onto the words' first `DIMS`
+  principal axes and stored as int8 (64 bytes an explanation), so a page can rank a whole model's
+  explanations in the browser.
+
+Explanations are embedded without the explainers' frames (`search_text`): 'the word "who"' as
+'"who"', 'words related to gods and deity' as 'gods and deity'.
 
 The vectors of texts are kept under the output root's cache area (`view.cache_root`), so that a
 rebuild embeds only new explanations.
@@ -29,6 +32,18 @@ from autoexplain.view_data import write_js
 DIMS = 64
 N_SIMILAR = 8
 _WORD = re.compile(r"[a-z][a-z0-9']+")
+
+
+_FRAME = re.compile(r"\b(the words?|and other words related to|words related to|other)\b", re.I)
+
+
+def search_text(explanation: str) -> str:
+    """What an explanation is embedded as: without the explainers' frames ('the word ...', 'words
+    related to ...'), which otherwise make every 'the word "X"' near every other one, whatever X is."""
+    from autoexplain.surface import content_of
+
+    stripped = content_of(_FRAME.sub(" ", explanation))
+    return stripped if re.search(r"\w", stripped) else explanation
 
 
 def words_of(text: str) -> list[str]:
@@ -132,17 +147,17 @@ def write_meaning(site_dir: Path, groups: list[tuple[str, list[str], list[str], 
     has = np.array([bool(t.strip()) for t in texts], dtype=bool)
     vectors = np.zeros((len(texts), 384), np.float32)
     if has.any():
-        vectors[has] = embed([t for t, h in zip(texts, has) if h])
+        vectors[has] = embed([search_text(t) for t, h in zip(texts, has) if h])
     vocab, vocab_vectors = embed.vocabulary()
     own = sorted({w for t in texts for w in words_of(t)} - set(vocab))
     words = vocab + own
     word_vectors = np.concatenate([vocab_vectors, embed(own)]) if own else vocab_vectors
     embed.save()
 
-    # Principal axes of the explanations (of all words when there are too few explanations to have 64).
-    basis_of = vectors[has] if has.sum() > DIMS else word_vectors
-    mean = basis_of.mean(axis=0)
-    _, _, vt = np.linalg.svd(basis_of - mean, full_matrices=False)
+    # The principal axes of the words (10,000 and more): they spread by meaning, where the axes of a
+    # layer's explanations spread by how explainers phrase them.
+    mean = word_vectors.mean(axis=0)
+    _, _, vt = np.linalg.svd(word_vectors - mean, full_matrices=False)
     axes = vt[:DIMS].T
     start = 0
     for source, ps, _, _ in groups:

@@ -402,6 +402,16 @@ def test_unit_names_come_from_the_source(tmp_path):
     assert unpacked((site / "data" / "L3" / "mlp" / "u" / "4n.js").read_text())["other"] == "L3/mlp/N4+"
 
 
+def test_explanations_are_embedded_without_their_frames():
+    from autoexplain.view_meaning import search_text
+
+    assert search_text('the word "who"') == '"who"'
+    assert search_text("words related to gods and deity") == "gods and deity"
+    assert search_text('"arguments" and "Noah" and other words related to arguments') == '"arguments" and "Noah" arguments'
+    assert search_text("punctuation marks and symbols") == "punctuation marks and symbols"
+    assert search_text("the words") == "the words"  # nothing would remain
+
+
 def test_nearest_explanations_are_the_brute_force_ones():
     from autoexplain.view_meaning import nearest
 
