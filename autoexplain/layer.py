@@ -269,6 +269,7 @@ def run_explain(records_dir, layer: int, out, units=None, explainer=None, cfg=No
         raise error
     write_table(pipeline.rows_to_table([r for v in rows.values() for r in v], "explanations"), ref.path, "explanations")
     write_manifest(ref.directory, "explanations", key, {"records": str(records_dir)}, params, [ref.path.name])
+    memo.seal(ref.directory, [ref.path.name])  # the units' results are now rows of the sealed table
     return ref
 
 
@@ -324,6 +325,7 @@ def run_simulate(records_dir, explanations: StageRef, out, simulator=None, sim=N
     write_manifest(ref.directory, "simulations", key,
                    {"records": str(records_dir), "explanations": str(explanations.directory)}, params,
                    [ref.path.name, "chosen.parquet"])
+    memo.seal(ref.directory, ["chosen.parquet", ref.path.name])  # a result is (chosen rows, simulation rows)
     return ref
 
 
@@ -348,6 +350,7 @@ def run_score(records_dir, simulations: StageRef, out, n_boot: int = 1000, seed:
         rows += _memoised(memo, ukey, lambda: pipeline.score_rows([unit], u_sims, u_chosen, n_boot, seed))
     write_table(pipeline.rows_to_table(rows, "scores"), ref.path, "scores")
     write_manifest(ref.directory, "scores", key, {"simulations": str(simulations.directory)}, params, [ref.path.name])
+    memo.seal(ref.directory, [ref.path.name])
     return ref
 
 

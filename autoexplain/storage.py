@@ -15,6 +15,7 @@ import os
 import re
 import pickle
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -270,13 +271,25 @@ class Memo:
     """Per-unit results inside a stage, keyed by content: a rerun after a crash, or after an edit
     that touches a few units, recomputes only the units whose inputs changed.
 
+    While a stage runs, each unit's result is a pickle (a crash keeps what finished). Once the
+    stage's output is sealed, `seal` compacts them: a unit's result is rows of the sealed tables
+    (its rows, with the methods it produced), so the memo keeps only an index from each unit key to
+    (folder, unit, polarity, methods) under `memo/<stage>/sealed/`, a few dozen bytes a unit, and
+    the pickles go. A later run reads a compacted result back from the folder's tables; a folder
+    since deleted or changed (not `is_complete`) answers nothing, and the unit is recomputed.
+
     Local only, also under a URL root: they only speed up a rerun on the same machine, and pushing
-    thousands of small files would cost more than the units they save. Stored as pickles: a unit's
-    simulations are thousands of floats, which JSON encoded and decoded slower than the embedding
-    simulator computes them. Like any cache under `out`, they are trusted as this user's own files."""
+    thousands of small files would cost more than the units they save. Stored as pickles while a
+    stage runs: a unit's simulations are thousands of floats, which JSON encoded and decoded slower
+    than the embedding simulator computes them. Like any cache under `out`, they are trusted as
+    this user's own files."""
 
     def __init__(self, root: str | os.PathLike, stage: str):
         self.dir = Path(root) / "memo" / stage
+        self.used: dict[str, list] = {}  # key -> its rows' shape, for `seal`
+        self._index: dict[str, list[tuple]] | None = None
+        self._folders: dict[tuple[str, str], dict | None] = {}
+        self._lock = threading.Lock()  # a stage's unit threads look results up at once
 
     def _path(self, key: str) -> Path:
         return self.dir / key[:2] / f"{key}.pkl"
@@ -284,9 +297,12 @@ class Memo:
     def get(self, key: str):
         path = self._path(key)
         try:
-            return pickle.loads(path.read_bytes())
+            value = pickle.loads(path.read_bytes())
         except FileNotFoundError:
-            return None
+            value = self._sealed(key)
+        if value is not None:
+            self._remember(key, value)
+        return value
 
     def put(self, key: str, value) -> None:
         path = self._path(key)
@@ -296,6 +312,86 @@ class Memo:
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+        self._remember(key, value)
+
+    # ------------------------------------------------------------ compaction
+
+    def _remember(self, key: str, value) -> None:
+        """Note the shape of a result that is rows of one unit: a list of rows, or a tuple of lists
+        (one per table). Anything else stays a pickle."""
+        lists = list(value) if isinstance(value, tuple) else [value]
+        shape, unit = [], None
+        for rows in lists:
+            if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+                return
+            for r in rows:
+                if unit is None:
+                    unit = (r.get("unit"), r.get("polarity"))
+                if (r.get("unit"), r.get("polarity")) != unit or "method" not in r:
+                    return
+            shape.append(sorted({r["method"] for r in rows}))
+        if unit is not None and None not in unit:
+            self.used[key] = [int(unit[0]), int(unit[1]), isinstance(value, tuple), shape]
+
+    def seal(self, directory: Path, tables: list[str]) -> None:
+        """The stage output in `directory` is sealed, and the results used for it are rows of its
+        `tables` (in the order of a result's lists): index them, and remove their pickles."""
+        if not self.used:
+            return
+        import polars as pl
+
+        keys = sorted(self.used)
+        index = pl.DataFrame({"key": keys, "unit": [self.used[k][0] for k in keys],
+                              "polarity": [self.used[k][1] for k in keys],
+                              "shape": [json.dumps([self.used[k][2], self.used[k][3]]) for k in keys]})
+        index = index.with_columns(folder=pl.lit(str(Path(directory).resolve())), tables=pl.lit(json.dumps(tables)))
+        write_table(index.to_arrow(), self.dir / "sealed" / f"{Path(directory).name}.parquet")
+        for key in keys:
+            self._path(key).unlink(missing_ok=True)
+        for sub in self.dir.glob("??"):
+            try:
+                sub.rmdir()  # only when empty
+            except OSError:
+                pass
+        self._index = None
+
+    def _sealed(self, key: str):
+        with self._lock:
+            return self._sealed_locked(key)
+
+    def _sealed_locked(self, key: str):
+        if self._index is None:
+            import polars as pl
+
+            self._index = {}
+            for path in sorted((self.dir / "sealed").glob("*.parquet")):
+                for k, u, p, shape, folder, tables in pl.read_parquet(path).iter_rows():
+                    self._index.setdefault(k, []).append((u, p, shape, folder, tables))
+        for u, p, shape, folder, tables in self._index.get(key, []):
+            rows = self._rows(folder, tables)
+            if rows is None:
+                continue
+            pair, methods = json.loads(shape)
+            lists = [[r for r in rows[t].get((u, p), []) if r["method"] in set(m)]
+                     for t, m in zip(json.loads(tables), methods)]
+            return tuple(lists) if pair else lists[0]
+        return None
+
+    def _rows(self, folder: str, tables: str) -> dict | None:
+        """A sealed folder's tables, each as {(unit, polarity): rows}, or None when the folder is
+        gone or changed. Read once per folder."""
+        if (folder, tables) not in self._folders:
+            import polars as pl
+
+            got = None
+            if is_complete(Path(folder)):
+                got = {}
+                for name in json.loads(tables):
+                    df = pl.read_parquet(Path(folder) / name)
+                    got[name] = {k: part.to_dicts() for k, part in
+                                 df.partition_by(["unit", "polarity"], as_dict=True, maintain_order=True).items()}
+            self._folders[(folder, tables)] = got
+        return self._folders[(folder, tables)]
 
 
 def local_ref(output: dict) -> dict:

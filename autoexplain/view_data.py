@@ -53,13 +53,21 @@ def _rel_round(values, scale: float) -> list:
     return out
 
 
-def _rel_round_each(rows: list, scale: float) -> list[list]:
-    """`_rel_round` of several lists with one scale, in one numpy call."""
+LEVELS = 1000  # an activation is shown to 1/LEVELS of its unit's scale: the tooltip's 3 digits
+
+
+def quantise(rows: list, step: float) -> list[list]:
+    """Activations as whole multiples of `step` (None where not finite), several lists in one numpy
+    call: what the page shows (a colour and a 3-digit tooltip) in a few characters each."""
     if not rows:
         return []
-    flat = _rel_round(np.concatenate([np.asarray(r, dtype=np.float64).ravel() for r in rows]), scale)
+    a = np.concatenate([np.asarray(r, dtype=np.float64).ravel() for r in rows])
+    ok = np.isfinite(a)
+    q = np.where(ok, np.rint(np.where(ok, a, 0.0) / step), 0).astype(np.int64).tolist()
+    if not ok.all():
+        q = [v if k else None for v, k in zip(q, ok.tolist())]
     ends = np.cumsum([len(r) for r in rows]).tolist()
-    return [flat[s:e] for s, e in zip([0, *ends[:-1]], ends)]
+    return [q[s:e] for s, e in zip([0, *ends[:-1]], ends)]
 
 
 def to_json(data: Any) -> str:
@@ -80,15 +88,30 @@ def js_data(key: str, data: Any) -> str:
 
 def write_js(path: Path, key: str, data: Any) -> int:
     text = js_data(key, data).encode("utf-8", errors="replace")
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(text)
     return len(text)
 
 
-def unit_key(layer: int, unit: int, polarity: int) -> str:
-    return f"L{layer}/N{unit}{'+' if polarity > 0 else '-'}"
+def unit_page(source: str, unit: int, polarity: int, polar: bool) -> str:
+    """A unit's name in the site, after '#' in unit.html links: 'L15/mlp/N1234+' for a neuron read with
+    one of its two polarities, 'L15/sae-res-16k/N1234' for a unit of a one-signed source. The one
+    place this name is made (viewer.js parses it back: `parseUnit`)."""
+    return f"{source}/N{unit}{_marker(polarity, polar)}"
+
+
+def unit_file(source: str, unit: int, polarity: int, polar: bool) -> str:
+    """The unit's data file, relative to the site: 'data/L15/mlp/u/1234p.js' (the sign as a letter,
+    so that no URL encoding can change the name). viewer.js derives the same path: `unitFile`."""
+    return f"data/{source}/u/{unit}{ {'+': 'p', '-': 'n', '': ''}[_marker(polarity, polar)] }.js"
+
+
+def _marker(polarity: int, polar: bool) -> str:
+    return ("+" if polarity > 0 else "-") if polar or polarity < 0 else ""
 
 
 def unit_name(unit: int, polarity: int) -> str:
+    """A unit's key inside one source's tables (records cache, index rows)."""
     return f"{unit}{'+' if polarity > 0 else '-'}"
 
 
@@ -142,7 +165,7 @@ def _mean_ci(values) -> list | None:
     return [_r(m), _r(m - half), _r(m + half), int(a.size)]
 
 
-def layer_summary(layer: int, index: pl.DataFrame, chunk_size: int, src: LayerSource) -> dict:
+def layer_summary(src: LayerSource, index: pl.DataFrame, chunk_size: int, polar: bool) -> dict:
     means = {}
     for metric in METRICS:
         means[metric] = {"explainer": _mean_ci(index[f"{metric}:v"].to_list()),
@@ -155,21 +178,35 @@ def layer_summary(layer: int, index: pl.DataFrame, chunk_size: int, src: LayerSo
     cols = ["unit", "polarity", "text", f"{PRIMARY_METRIC}:v", f"{PRIMARY_METRIC}:lo", f"{PRIMARY_METRIC}:hi"]
 
     def rows(df):
-        return [{"u": r[0], "p": r[1], "t": r[2], "v": r[3], "lo": r[4], "hi": r[5]} for r in df.select(cols).rows()]
+        return [{"u": r[0], "p": r[1], "n": unit_page(src.source, r[0], r[1], polar), "t": r[2], "v": r[3],
+                 "lo": r[4], "hi": r[5]} for r in df.select(cols).rows()]
 
     ordered = scored.sort(f"{PRIMARY_METRIC}:v", descending=True)
     n_best = min(N_BEST, (ordered.height + 1) // 2)
     n_worst = min(N_BEST, ordered.height - n_best)
     return {
-        "layer": layer, "n_units": index.height, "n_scored": scored.height,
+        "layer": src.layer, "source": src.source, "kind": src.source.split("/", 1)[1], "polar": polar,
+        "n_units": index.height, "n_scored": scored.height,
         "chunk_size": chunk_size, "n_chunks": max(1, math.ceil(index.height / chunk_size)),
         "means": means, "llm_beats": wins,
         "best": rows(ordered.head(n_best)), "worst": rows(ordered.tail(n_worst).reverse()) if n_worst else [],
         "simulator": src.simulator, "has_records": src.records_dir is not None,
         "sources": {"scores": [str(d) for d in src.scores_dirs], "simulations": [str(d) for d in src.simulations_dirs],
                     "records": str(src.records_dir or "")},
-        "plot": f"plots/layer_{layer}read_scores.png",
+        "plot": f"plots/{src.source.replace('/', '_')}_scores.png",
     }
+
+
+HIST_EDGES = np.linspace(-1.0, 1.0, 21)  # the overview's score distributions: 20 bins over a correlation's range
+
+
+def score_histogram(index: pl.DataFrame) -> dict:
+    """Counts of the headline score in HIST_EDGES' bins, for the explanation and each baseline."""
+    out = {"edges": [round(float(e), 2) for e in HIST_EDGES]}
+    for method, col in (("explainer", f"{PRIMARY_METRIC}:v"), *((b, f"{PRIMARY_METRIC}:{b}") for b in BASELINES)):
+        v = index[col].drop_nulls().to_numpy()
+        out[method] = np.histogram(np.clip(v, -1.0, 1.0), HIST_EDGES)[0].astype(int).tolist()
+    return out
 
 
 # ---------------------------------------------------------------- unit details
@@ -273,7 +310,7 @@ def _pick_records(records, max_per_kind: int | None):
 def records_part(unit_records, max_per_kind) -> dict:
     """The part of a unit's page that its records alone decide: exemplars, statistics, top tokens.
     It does not change when the unit is re-simulated, so a rebuild reuses it (see `autoexplain.view._RecordsCache`)."""
-    part: dict[str, Any] = {"stats": None, "records": [], "top_tokens": [], "scale": None, "n_records": {}}
+    part: dict[str, Any] = {"stats": None, "records": [], "top_tokens": [], "scale": None, "step": None, "n_records": {}}
     if unit_records is None:
         return part
     records = unit_records.records
@@ -290,12 +327,13 @@ def records_part(unit_records, max_per_kind) -> dict:
             scale = _finite(st.max) or 0.0
     ref = abs(scale) if scale else 1.0
     part["scale"] = _finite(scale)
+    part["step"] = ref / LEVELS  # activations below are multiples of it
     rank = {"top": 0, "quantile": 0, "random": 0}
     out = []
     picked = _pick_records(records, max_per_kind)
-    for r, rounded in zip(picked, _rel_round_each([r.activations for r in picked], ref)):
+    for r, q in zip(picked, quantise([r.activations for r in picked], part["step"])):
         item = {"w": r.window_id, "k": r.kind, "s": r.split, "q": r.quantile_bin, "t": list(r.tokens),
-                "a": rounded, "m": _finite(round(r.max_activation, 6))}
+                "a": q, "m": _finite(round(r.max_activation, 6))}
         item["i"] = rank.get(r.kind, 0)
         rank[r.kind] = item["i"] + 1
         out.append(item)

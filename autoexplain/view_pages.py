@@ -37,12 +37,16 @@ def page(kind: str, title: str, body: str) -> str:
 """
 
 
-INDEX_BODY = """<h1>Neuron explanations</h1>
+INDEX_BODY = """<h1>Unit explanations</h1>
 <p class="lede" id="overview"></p>
-<section><h2>Layers</h2><table class="grid" id="layers"></table></section>
+<section><h2>Layers and sources</h2><p class="muted small">Each cell: units, the distribution of their scores from -1 to 1 (explanation filled, token-lookup baseline as a line), the mean with its 95% CI.</p>
+<table class="grid" id="layers"></table></section>
+<section><h2>Best explained units</h2><div class="best-grid" id="best"></div></section>
 <section class="plots" id="plots"></section>
 <section><h2>Search explanations</h2>
-<div class="controls"><input id="search" type="search" placeholder="Search explanations in all layers" autocomplete="off" spellcheck="false"><span id="count" class="muted"></span></div>
+<div class="controls"><input id="search" type="search" placeholder="Search explanations in all layers" autocomplete="off" spellcheck="false">
+<label>By <select id="search-mode"><option value="text">text</option><option value="meaning">meaning</option></select></label>
+<span id="count" class="muted"></span></div>
 <table class="grid" id="results"></table></section>"""
 
 LAYER_BODY = """<h1 id="title">Layer</h1>
@@ -67,6 +71,7 @@ UNIT_BODY = """<div class="unit-head"><h1 id="title">Unit</h1><nav id="unit-nav"
 <section><h2>Candidates (best of k on the valid split)</h2><table class="grid" id="candidates"></table></section>
 <section><h2>Explanation and baselines</h2><table class="grid" id="baselines"></table></section>
 </div>
+<section><h2>Similar units (nearest explanations by embedding)</h2><ol class="units" id="similar"></ol></section>
 <section><h2>Test scores with 95% CIs</h2><table class="grid" id="scores"></table></section>
 <div class="cols">
 <section><h2>Activation histogram</h2><div id="histogram"></div><p class="muted" id="stats"></p></section>

@@ -7,6 +7,7 @@ polars frames (or records) for `autoexplain.view_data` to turn into the site's d
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -27,6 +28,10 @@ class LayerSource:
     simulations_dirs: list[Path]
     records_dir: Path | None
     simulator: str
+    source: str = ""  # the units' source, 'L<layer>/<kind>' (`records.UnitId.source`); '' reads as the MLP's
+
+    def __post_init__(self):
+        self.source = self.source or f"L{self.layer}/mlp"
 
 
 def _resolve(ref: str | None, near: Path, stage: str) -> Path | None:
@@ -40,8 +45,27 @@ def _resolve(ref: str | None, near: Path, stage: str) -> Path | None:
     return None
 
 
+def source_of(scores_dir: Path, layer: int) -> str:
+    """The unit source of a scores folder: its table's `source` column (written by runs on other
+    sources than the MLP, e.g. 'L15/sae-res-16k'), else the layer's MLP, as tables without one are."""
+    import pyarrow.parquet as pq
+
+    path = scores_dir / f"layer_{layer}.parquet"
+    if "source" not in pq.read_schema(path).names:
+        return f"L{layer}/mlp"
+    found = set(pl.read_parquet(path, columns=["source"])["source"].drop_nulls().unique().to_list())
+    named = {s if _SOURCE.fullmatch(s) else f"L{layer}/{s}" for s in found} or {f"L{layer}/mlp"}
+    if len(named) > 1 or int(_SOURCE.fullmatch(next(iter(named))).group(1)) != layer:
+        raise UserError(f"{scores_dir} holds units of sources {sorted(named)}, but one folder is one source of layer {layer}",
+                        "rerun the score stage for that source")
+    return next(iter(named))
+
+
+_SOURCE = re.compile(r"L(\d+)/([A-Za-z0-9][A-Za-z0-9_-]*)")
+
+
 def find_sources(score_dirs: Iterable[str | Path], records_dir: str | Path | None = None) -> list[LayerSource]:
-    sources: dict[int, LayerSource] = {}
+    sources: dict[str, LayerSource] = {}
     for d in score_dirs:
         d = Path(d)
         if not is_complete(d):
@@ -66,9 +90,10 @@ def find_sources(score_dirs: Iterable[str | Path], records_dir: str | Path | Non
             if records_dir is not None:
                 raise UserError(f"layer {layer} was not recorded in {recs}", "pass the records folder of that run")
             recs = None
-        src = sources.get(layer)
+        name = source_of(d, layer)
+        src = sources.get(name)
         if src is None:
-            sources[layer] = LayerSource(layer, [d], [sims] if sims else [], recs, simulator)
+            sources[name] = LayerSource(layer, [d], [sims] if sims else [], recs, simulator, name)
             continue
         # Another shard of a layer already seen: a different folder, from the same recording and
         # simulator (the layer page states one of each).
@@ -82,7 +107,7 @@ def find_sources(score_dirs: Iterable[str | Path], records_dir: str | Path | Non
         src.simulations_dirs += [sims] if sims else []
     if not sources:
         raise UserError("no scores folders given", "pass at least one folder printed by `autoexplain score`")
-    return [sources[L] for L in sorted(sources)]
+    return sorted(sources.values(), key=lambda s: (s.layer, s.source != f"L{s.layer}/mlp", s.source))
 
 
 def read_scores(src: LayerSource) -> pl.DataFrame:
@@ -107,14 +132,16 @@ def read_chosen(src: LayerSource) -> pl.DataFrame:
 
 def sims_frame(src: LayerSource) -> pl.DataFrame | None:
     """The test-split simulations of a layer (the ones its scores come from), or None. Each row's
-    expected activations come as the JSON text of the list, rounded to 2 decimals: formatting a
-    layer's millions of floats in polars takes a fraction of what Python's json module needs."""
+    expected activations come as the JSON text of the list, in whole hundredths (the page divides
+    by 100): formatting a layer's millions of numbers in polars takes a fraction of what Python's
+    json module needs, and integers are what the page's 2 decimals need."""
     paths = [d / f"layer_{src.layer}.parquet" for d in src.simulations_dirs]
     paths = [p for p in paths if p.is_file()]
     if not paths:
         return None
-    value = pl.element().cast(pl.Float64).round(2)
-    as_json = pl.when(value.is_finite()).then(value.cast(pl.String)).otherwise(pl.lit("null"))
+    value = (pl.element().cast(pl.Float64) * 100).round(0)
+    whole = pl.when(value.is_finite()).then(value).cast(pl.Int64, strict=False)  # NaN and inf: null
+    as_json = whole.cast(pl.String).fill_null(pl.lit("null"))
     cols = ["unit", "polarity", "method", "window_id", "split", "expected", "failure"]
     sims = pl.concat([pl.scan_parquet(p).select(cols).filter(pl.col("split") == "test") for p in paths]).collect()
     return sims.select(pl.col("unit").cast(pl.Int64), pl.col("polarity").cast(pl.Int64), "method", "window_id",

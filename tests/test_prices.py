@@ -144,11 +144,11 @@ def test_costs_reach_the_viewer(bench_server, tiny_records, browser, tmp_path, m
 
     w = Watched(browser, file_url(site.parent))
     page = w.open("index.html")
-    shown = page.text_content("#layers tbody td.cost")
+    shown = page.text_content("#layers tbody .cost")
     assert dollars(shown) == pytest.approx([cost["dollars"], cost["per_unit"]], rel=1e-3) and "per unit" in shown, shown
-    page = w.open("layer.html#L1")
+    page = w.open("layer.html#L1/mlp")
     assert dollars(page.text_content("#layer-cost"))[0] == pytest.approx(cost["dollars"], rel=1e-3)
-    page = w.open("unit.html#L1/N1-")
+    page = w.open("unit.html#L1/mlp/N1-")
     headline = page.text_content("#headline")
     assert " · cost $" in headline and dollars(headline.split(" · cost ")[1]) == pytest.approx([per_unit[(1, -1)]], rel=1e-3)
     w.close()

@@ -59,6 +59,11 @@ def test_build_site_rejects_bad_inputs(tmp_path):
         build_site([tmp_path / "nowhere"], tmp_path / "site")
     with pytest.raises(UserError, match="layer 2 comes twice"):
         build_site([scores_dir, scores_dir], tmp_path / "site")
+    (tmp_path / "mine" / "data").mkdir(parents=True)
+    (tmp_path / "mine" / "data" / "notes.txt").write_text("not a site")
+    with pytest.raises(UserError, match="holds a 'data' folder that no viewer build wrote"):
+        build_site([scores_dir], tmp_path / "mine")
+    assert (tmp_path / "mine" / "data" / "notes.txt").is_file()
     manifest = json.loads((scores_dir / "manifest.json").read_text())
     manifest["params"]["layer"] = 3
     (scores_dir / "manifest.json").write_text(json.dumps(manifest))
@@ -85,13 +90,13 @@ def test_layer_to_unit_and_overlay(real_site, browser, serve, via, tmp_path):
     page.screenshot(path=tmp_path / f"index_{via}.png", full_page=True)
     page.click("#layers a")
     page.wait_for_selector("body[data-ready='1']")
-    assert page.url.endswith("layer.html#L1")
+    assert page.url.endswith("layer.html#L1/mlp")
     assert rows_shown(page) == len(llm) == 4
     assert page.evaluate("document.getElementById('hist').naturalWidth") > 0
     page.screenshot(path=tmp_path / f"layer_{via}.png", full_page=True)
 
     page.click("#units tbody tr:first-child a")  # N0+
-    page.wait_for_url(re.compile(r"unit\.html#L1/N0\+$"))
+    page.wait_for_url(re.compile(r"unit\.html#L1/mlp/N0\+$"))
     page.wait_for_selector("body[data-ready='1']")
     assert page.text_content("#explanation") == llm[(0, 1)]
     assert page.locator("#candidates tbody tr").count() == 3
@@ -115,7 +120,7 @@ def test_layer_to_unit_and_overlay(real_site, browser, serve, via, tmp_path):
 
     page.click("#next-unit")  # hash navigation re-renders in place
     page.wait_for_selector("body[data-ready='1']")
-    assert page.url.endswith("#L1/N0-") and page.text_content("#explanation") == llm[(0, -1)]
+    assert page.url.endswith("#L1/mlp/N0-") and page.text_content("#explanation") == llm[(0, -1)]
     w.close()
 
 
@@ -161,7 +166,7 @@ def test_hostile_strings_stay_text(hostile_site, browser, serve, tmp_path):
     for base in (file_url(site), serve(site)):
         w = Watched(browser, base)
         page = w.open("index.html")
-        assert page.locator("#layers tbody tr").count() == 2
+        assert page.locator("#layers tbody tr").count() == 2  # two layers, one source each
         assert page.locator("#plots img").count() == 3  # score by layer, distribution, llm vs baselines
         page.fill("#search", "onerror=window")
         expect(page.locator("#results tbody tr")).to_have_count(1)
@@ -186,12 +191,13 @@ def test_hostile_strings_stay_text(hostile_site, browser, serve, tmp_path):
         page.click("#overlay-toggle")
         page.screenshot(path=tmp_path / "hostile_unit.png", full_page=True)
         w.check_clean()
-        for unit in ("L0/N0-", "L0/N1+", "L2/N2-"):
+        for unit in ("L0/mlp/N0-", "L0/mlp/N1+", "L2/N2-"):  # the last as older sites linked it
             w.open(f"unit.html#{unit}")
             w.page.click("#overlay-toggle")
             w.check_clean()
         # Hashes are parsed, never inserted: a hostile or malformed one shows a message.
-        for bad in ("unit.html#<img src=x onerror=window.__pwned=1>", "unit.html#%E0%A4%A", "unit.html#L9/N0+"):
+        for bad in ("unit.html#<img src=x onerror=window.__pwned=1>", "unit.html#%E0%A4%A", "unit.html#L9/N0+",
+                    "unit.html#L0/<b>/N1"):
             w.open(bad, ready=False)
             w.page.wait_for_selector("#explanation .error")
             w.check_clean()
@@ -206,21 +212,21 @@ def test_46080_units_page_search_sort_and_open(browser, serve, tmp_path):
     scores_dir = synthetic_layer(tmp_path / "out", 15, n_neurons)
     site = tmp_path / "site"
     started = time.perf_counter()
-    build_site([scores_dir], site)
+    build_site([scores_dir], site, meaning=False)
     built = time.perf_counter() - started
 
-    chunks = sorted((site / "data" / "L15").glob("index_*.js"), key=lambda p: int(p.stem.split("_")[1]))
+    chunks = sorted((site / "data" / "L15" / "mlp").glob("index_*.js"), key=lambda p: int(p.stem.split("_")[1]))
     assert len(chunks) == 47
     sizes = [p.stat().st_size for p in chunks]
     assert max(sizes) < 400_000, f"index chunks too big: {max(sizes):,} bytes"
     first = chunks[0].read_text()
     assert len(json.loads(first.split("]=", 1)[1].rstrip(";\n"))["u"]) == 1000
-    unit_files = list((site / "data" / "L15" / "u").glob("*.js"))
-    assert len(unit_files) == 231 and max(p.stat().st_size for p in unit_files) < 600_000
+    unit_files = list((site / "data" / "L15" / "mlp" / "u").glob("*.js"))
+    assert len(unit_files) == 46_080 and max(p.stat().st_size for p in unit_files) < 40_000
 
     w = Watched(browser, serve(site))
     started = time.perf_counter()
-    page = w.open("layer.html#L15")
+    page = w.open("layer.html#L15/mlp")
     loaded = time.perf_counter() - started
     assert page.text_content("#count") == "46,080 units"
     assert rows_shown(page) == 100
@@ -252,7 +258,7 @@ def test_46080_units_page_search_sort_and_open(browser, serve, tmp_path):
 
     w = Watched(browser, file_url(site))
     started = time.perf_counter()
-    w.open("layer.html#L15")
+    w.open("layer.html#L15/mlp")
     loaded_file = time.perf_counter() - started
     w.close()
     print(f"\n46,080 units: built in {built:.1f}s, {sum(sizes) / 1e6:.1f} MB of index in {len(chunks)} chunks; "
@@ -261,8 +267,9 @@ def test_46080_units_page_search_sort_and_open(browser, serve, tmp_path):
 
 
 def test_rebuild_reuses_exemplars_without_reading_records(real_site, tmp_path, monkeypatch):
-    """A rebuild (after re-simulation, say) takes each unit's exemplar part from the site's cache:
-    the records are not read again, and the unit files come out byte for byte the same."""
+    """A rebuild (after re-simulation, say) takes each unit's exemplar part from the cache under the
+    output root: the records are not read again, the unit files come out byte for byte the same,
+    and the site folder holds nothing but the site."""
     from autoexplain import view
 
     _, _, c = real_site
@@ -274,24 +281,29 @@ def test_rebuild_reuses_exemplars_without_reading_records(real_site, tmp_path, m
         return None if reader is None else (lambda wanted: reads.append(len(wanted)) or reader(wanted))
 
     monkeypatch.setattr(view, "records_reader", counting)
-    site = tmp_path / "site"
-    build_site([c.directory], site)
+    # The site of the fixture left its cache under the output root; this test starts with its own.
+    assert list((c.directory.parent.parent / "memo" / "view").glob("L1-mlp-records-*.parquet")), "the exemplar cache"
+    site, cache = tmp_path / "site", tmp_path / "cache"
+    build_site([c.directory], site, cache_dir=cache)
     assert reads, "a cold build reads the records"
-    first = {p.name: p.read_bytes() for p in (site / "data" / "L1" / "u").iterdir()}
-    assert list((site / ".cache").glob("L1-records-*.jsonl")), "the exemplar cache is kept in the site"
+    first = {p.name: p.read_bytes() for p in (site / "data" / "L1" / "mlp" / "u").iterdir()}
+    assert list(cache.glob("L1-mlp-records-*.parquet"))
+    assert not [p for p in site.rglob(".*")], "hidden files in the site folder"
 
     reads.clear()
-    build_site([c.directory], site)
+    build_site([c.directory], site, cache_dir=cache)
     assert reads == [], "the rebuild read the records again"
-    assert {p.name: p.read_bytes() for p in (site / "data" / "L1" / "u").iterdir()} == first
+    assert {p.name: p.read_bytes() for p in (site / "data" / "L1" / "mlp" / "u").iterdir()} == first
 
 
 def _unit_files(site: Path, layer: int) -> dict[str, dict]:
-    """Each unit-detail file's units, parsed from the script."""
+    """Each unit file's unit, by the unit's name in its source (0+, 5-)."""
+    from autoexplain.view import unpacked
+
     out = {}
-    for path in (site / "data" / f"L{layer}" / "u").iterdir():
-        body = re.match(r'^\(window\.__data=window\.__data\|\|\{\}\)\[".*?"\]=(.*);\n$', path.read_text(), re.S).group(1)
-        out.update(json.loads(body))
+    for path in (site / "data" / f"L{layer}" / "mlp" / "u").iterdir():
+        unit = unpacked(path.read_text())
+        out[unit["name"].rsplit("/N", 1)[1]] = unit
     return out
 
 
@@ -311,15 +323,15 @@ def test_shards_of_one_layer_make_one_layer(real_site, local_llm, simulator, tin
         shards.append(run_score(records_dir, s, out, n_boot=200).directory)
     whole = _unit_files(build_site(shards, tmp_path / "both").parent, 1)
     assert sorted(whole) == ["0+", "0-", "1+", "1-", "5+", "5-"]
-    links = ("prev", "next", "other")
+    links = ("prev", "next", "other", "similar")
     for shard in shards:
         alone = _unit_files(build_site([shard], tmp_path / shard.name).parent, 1)
         for name, unit in alone.items():
             assert {k: v for k, v in whole[name].items() if k not in links} == \
                    {k: v for k, v in unit.items() if k not in links}, name
             assert any(w["sim"] for w in unit["sims"].values()), "test-split simulations are on the page"
-    assert whole["1-"]["next"] == "L1/N5+" and whole["5+"]["prev"] == "L1/N1-"
-    summary = (tmp_path / "both" / "data" / "L1" / "summary.js").read_text()
+    assert whole["1-"]["next"] == "L1/mlp/N5+" and whole["5+"]["prev"] == "L1/mlp/N1-"
+    summary = (tmp_path / "both" / "data" / "L1" / "mlp" / "summary.js").read_text()
     assert all(str(s) in summary for s in shards), "the layer's sources name every shard"
 
     _, _, c = real_site  # units 0 and 5 again
@@ -333,8 +345,8 @@ def test_shards_of_one_layer_make_one_layer(real_site, local_llm, simulator, tin
 
 
 def test_simulations_reach_the_page_as_json(tmp_path):
-    """The simulated activations are formatted to JSON text in polars: rounded to 2 decimals, NaN
-    as null, a failed simulation as null with its reason, and the reason escaped for a <script>."""
+    """The simulated activations are formatted to JSON text in polars: whole hundredths, NaN as null,
+    a failed simulation as null with its reason, and the reason escaped for a <script>."""
     from autoexplain.view_data import sims_of
     from autoexplain.view_sources import LayerSource, sims_frame
 
@@ -347,6 +359,139 @@ def test_simulations_reach_the_page_as_json(tmp_path):
     text = sims_of(sims_frame(src), [(1, 1), (2, -1)])
     assert list(text) == [(1, 1)], "only test-split windows are shown"
     assert "</script>" not in text[(1, 1)]
-    assert json.loads(text[(1, 1)]) == {"5": {"sim": {"explainer": [0.12, None, 2.0], "shuffled": None},
+    assert json.loads(text[(1, 1)]) == {"5": {"sim": {"explainer": [12, None, 200], "shuffled": None},
                                               "fail": {"shuffled": "bad </script>"}},
-                                        "6": {"sim": {"explainer": [0.0, 0.0, 3.46]}}}
+                                        "6": {"sim": {"explainer": [0, 0, 346]}}}
+
+
+# ---------------------------------------------------------------- sources, overview, search by meaning
+
+
+def _as_source(scores_dir: Path, source: str) -> Path:
+    """A synthetic layer's units as latents of another source: one polarity, and a `source` column
+    in its scores and chosen explanations (as runs on an SAE write them)."""
+    from tests.viewer_fixtures import reseal
+
+    sims_dir = Path(json.loads((scores_dir / "manifest.json").read_text())["inputs"]["simulations"])
+    for path in (*scores_dir.glob("layer_*.parquet"), sims_dir / "chosen.parquet"):
+        pl.read_parquet(path).filter(pl.col("polarity") == 1).with_columns(source=pl.lit(source)).write_parquet(path)
+    reseal(scores_dir)
+    reseal(sims_dir)
+    return scores_dir
+
+
+def test_unit_names_come_from_the_source(tmp_path):
+    """Pages and files are named by source: a neuron keeps its polarity mark, a latent has none."""
+    from autoexplain.view import unpacked
+    from autoexplain.view_data import unit_file, unit_page
+
+    assert unit_page("L15/mlp", 1234, -1, True) == "L15/mlp/N1234-"
+    assert unit_page("L15/sae-res-16k", 1234, 1, False) == "L15/sae-res-16k/N1234"
+    assert unit_file("L15/mlp", 7, 1, True) == "data/L15/mlp/u/7p.js"
+    assert unit_file("L15/sae-res-16k", 7, 1, False) == "data/L15/sae-res-16k/u/7.js"
+
+    mlp = synthetic_layer(tmp_path / "a", 3, 6)
+    sae = _as_source(synthetic_layer(tmp_path / "b", 3, 6, seed=1), "L3/sae-res-16k")
+    site = tmp_path / "site"
+    build_site([mlp, sae], site, meaning=False, plots=False)
+    assert sorted(p.name for p in (site / "data" / "L3" / "sae-res-16k" / "u").iterdir()) == [f"{i}.js" for i in range(6)]
+    assert len(list((site / "data" / "L3" / "mlp" / "u").iterdir())) == 12
+    unit = unpacked((site / "data" / "L3" / "sae-res-16k" / "u" / "4.js").read_text())
+    assert (unit["name"], unit["prev"], unit["next"], unit["other"]) == (
+        "L3/sae-res-16k/N4", "L3/sae-res-16k/N3", "L3/sae-res-16k/N5", None)
+    assert unpacked((site / "data" / "L3" / "mlp" / "u" / "4n.js").read_text())["other"] == "L3/mlp/N4+"
+
+
+def test_explanations_are_embedded_without_their_frames():
+    from autoexplain.view_meaning import search_text
+
+    assert search_text('the word "who"') == '"who"'
+    assert search_text("words related to gods and deity") == "gods and deity"
+    assert search_text('"arguments" and "Noah" and other words related to arguments') == '"arguments" and "Noah" arguments'
+    assert search_text("punctuation marks and symbols") == "punctuation marks and symbols"
+    assert search_text("the words") == "the words"  # nothing would remain
+
+
+def test_nearest_explanations_are_the_brute_force_ones():
+    from autoexplain.view_meaning import nearest
+
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(700, 16)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    v[5] = 0  # a unit without an explanation: nobody's neighbour
+    idx, sim = nearest(v, 4, block=128)
+    c = v @ v.T
+    np.fill_diagonal(c, -np.inf)
+    c[:, 5] = -np.inf
+    for i in (0, 1, 300, 699):
+        assert idx[i].tolist() == np.argsort(-c[i], kind="stable")[:4].tolist()
+        np.testing.assert_allclose(sim[i], np.sort(c[i])[::-1][:4], rtol=1e-5)
+    # Shortlisted in a projection, ranked by the full cosine: on vectors that live in 6 dimensions
+    # of the 16, the 6 axes lose nothing, and the answer is the exact one.
+    basis = np.linalg.qr(rng.normal(size=(16, 6)))[0]
+    low = rng.normal(size=(700, 6)) @ basis.T
+    low = (low / np.linalg.norm(low, axis=1, keepdims=True)).astype(np.float32)
+    exact, _ = nearest(low, 4, block=128)
+    shortlisted, values = nearest(low, 4, block=100, axes=basis, shortlist=10)
+    assert (shortlisted == exact).mean() > 0.99
+    np.testing.assert_allclose(values[:, 0], (low * low[shortlisted[:, 0]]).sum(axis=1), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_overview_search_by_meaning_and_similar_units(browser, serve, tmp_path):
+    """Two layers and two sources: the overview's layers x sources grid with score histograms, the
+    best units of each, a search by meaning for a word no explanation contains, and the similar
+    units of a unit page, which lead to those units."""
+    mlp3 = synthetic_layer(tmp_path / "a", 3, 30)
+    mlp4 = synthetic_layer(tmp_path / "b", 4, 30, seed=2)
+    sae = _as_source(synthetic_layer(tmp_path / "c", 3, 30, seed=1), "L3/sae-res-16k")
+    site = tmp_path / "site"
+    build_site([mlp3, mlp4, sae], site)
+    assert not [p for p in site.rglob(".*")], "hidden files in the site folder"
+
+    w = Watched(browser, serve(site))
+    page = w.open("index.html")
+    assert page.locator("#layers thead th").all_text_contents() == ["Layer", "mlp", "sae-res-16k"]
+    assert page.locator("#layers tbody tr").count() == 2
+    assert page.locator("#layers td.cell").count() == 3 and page.locator("#layers td.muted").count() == 1  # no SAE on layer 4
+    assert page.locator("#layers td[data-source='L3/sae-res-16k'] svg.mini-hist rect").count() == 20
+    assert page.locator("#best .best-of").count() == 3
+    first_best = page.locator(".best-of[data-source='L3/sae-res-16k'] a.unit-link").first
+    assert re.fullmatch(r"N\d+", first_best.text_content())
+    page.screenshot(path=tmp_path / "overview.png", full_page=True)
+
+    page.fill("#search", "winter")
+    expect(page.locator("#count")).to_contain_text("matching units")
+    n_text = page.locator("#results tbody tr").count()
+    assert n_text > 0 and all("winter" in t for t in page.locator("#results td.expl").all_text_contents())
+    page.select_option("#search-mode", "meaning")
+    page.fill("#search", "snow")  # in no explanation: found by meaning only
+    expect(page.locator("#count")).to_contain_text("nearest in meaning")
+    top = page.locator("#results td.expl").all_text_contents()[:5]
+    assert sum("winter" in t for t in top) >= 4, top
+    page.screenshot(path=tmp_path / "search_by_meaning.png", full_page=True)
+
+    page.locator("#results a.unit-link").first.click()
+    page.wait_for_selector("body[data-ready='1']")
+    similar = page.locator("#similar li a.unit-link")
+    assert similar.count() == 8
+    shown = page.text_content("#explanation")
+    words = set(shown.split()[:3])
+    assert any(words & set(t.split()) for t in page.locator("#similar .expl").all_text_contents())
+    page.screenshot(path=tmp_path / "unit_similar.png", full_page=True)
+    target = similar.first.get_attribute("href")
+    similar.first.click()
+    page.wait_for_selector("body[data-ready='1']")
+    assert page.url.endswith(target)
+    w.close()
+
+    w = Watched(browser, file_url(site))
+    page = w.open("unit.html#L3/sae-res-16k/N7")
+    assert page.text_content("#title") == "Layer 3 · sae-res-16k · N7"
+    assert page.locator("#other-polarity").count() == 0
+    page.click("#next-unit")
+    page.wait_for_selector("body[data-ready='1']")
+    assert page.url.endswith("#L3/sae-res-16k/N8")
+    page = w.open("layer.html#L3/sae-res-16k")
+    assert page.text_content("#count") == "30 units"
+    w.close()

@@ -5,7 +5,7 @@
   "use strict";
 
   var D = (window.__data = window.__data || {});
-  var SITE = D.site || { layers: [], metrics: [], methods: [], plots: [] };
+  var SITE = D.site || { sources: [], metrics: [], methods: [], plots: [] };
   var PAGE_SIZE = 100;
   var SVGNS = "http://www.w3.org/2000/svg";
   var METRIC_LABELS = {
@@ -86,9 +86,25 @@
   }
   function ci(lo, hi) { return (lo == null || hi == null) ? "" : "[" + fmt(lo) + ", " + fmt(hi) + "]"; }
   function sign(p) { return p > 0 ? "+" : "-"; }
-  function unitName(u, p) { return "N" + u + sign(p); }
-  function unitHref(layer, u, p) { return "unit.html#L" + layer + "/N" + u + sign(p); }
-  function layerHref(layer) { return "layer.html#L" + layer; }
+  /* Unit names mirror autoexplain.view_data.unit_page / unit_file: "L15/mlp/N12+" (a source read with
+     two polarities), "L15/sae-res-16k/N12" (one-signed); the data file spells the sign as p / n. */
+  var SOURCE_RE = "L(\\d+)/([A-Za-z0-9][A-Za-z0-9_-]*)";
+  function marker(meta, p) { return (meta && meta.polar) || p < 0 ? sign(p) : ""; }
+  function pageName(meta, u, p) { return meta.source + "/N" + u + marker(meta, p); }
+  function parseUnit(name) {
+    var m = new RegExp("^(" + SOURCE_RE + ")/N(\\d+)([+-]?)$").exec(name);
+    if (!m) {
+      // Links of sites built before units were named by source: L15/N12+ is neuron 12 of L15/mlp.
+      m = /^L(\d+)\/N(\d+)([+-])$/.exec(name);
+      if (!m) return null;
+      return parseUnit("L" + m[1] + "/mlp/N" + m[2] + m[3]);
+    }
+    return { source: m[1], layer: parseInt(m[2], 10), kind: m[3], u: parseInt(m[4], 10), p: m[5] === "-" ? -1 : 1, marker: m[5] };
+  }
+  function unitFile(unit) { return "data/" + unit.source + "/u/" + unit.u + ({ "+": "p", "-": "n", "": "" })[unit.marker] + ".js"; }
+  function unitLabel(name) { var x = parseUnit(name); return x ? "N" + x.u + x.marker : name; }
+  function unitHref(name) { return "unit.html#" + name; }
+  function layerHref(source) { return "layer.html#" + source; }
   function metricLabel(m) { return METRIC_LABELS[m] || m; }
   function showToken(t) { return String(t).replace(/\n/g, "↵").replace(/\t/g, "⇥").replace(/\r/g, ""); }
   function scoreClass(v, metric) {
@@ -106,15 +122,28 @@
       add(nav, it[1] ? el("a", { href: it[1], text: it[0] }) : el("span", { text: it[0] }));
     });
   }
-  function layerMeta(layer) {
-    for (var i = 0; i < SITE.layers.length; i++) if (SITE.layers[i].layer === layer) return SITE.layers[i];
+  function sourceMeta(source) {
+    for (var i = 0; i < SITE.sources.length; i++) if (SITE.sources[i].source === source) return SITE.sources[i];
     return null;
+  }
+  function sourceTitle(meta) { return "Layer " + meta.layer + " · " + meta.kind; }
+  /* A unit file: {"z": base64 of gzip of the unit's JSON}, inflated by the browser. */
+  function inflate(packed) {
+    var bin = atob(packed.z), bytes = new Uint8Array(bin.length);
+    for (var i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
+    var stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("gzip"));
+    return new Response(stream).text().then(JSON.parse);
+  }
+  function int8(b64) {
+    var bin = atob(b64), out = new Int8Array(bin.length);
+    for (var i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i) << 24 >> 24;
+    return out;
   }
   function loadLayerIndex(meta, progress) {
     var done = 0;
     var jobs = [];
     for (var k = 0; k < meta.n_chunks; k++) {
-      jobs.push(load("L" + meta.layer + "/index/" + k, "data/L" + meta.layer + "/index_" + k + ".js").then(function (c) {
+      jobs.push(load(meta.source + "/index/" + k, "data/" + meta.source + "/index_" + k + ".js").then(function (c) {
         done += 1;
         if (progress) progress(done, meta.n_chunks);
         return c;
@@ -123,13 +152,13 @@
     return Promise.all(jobs).then(function (chunks) {
       var rows = [];
       chunks.forEach(function (c) {
-        for (var i = 0; i < c.u.length; i++) rows.push({ layer: meta.layer, c: c, i: i, u: c.u[i], p: c.p[i], t: c.t[i], lt: c.t[i].toLowerCase() });
+        for (var i = 0; i < c.u.length; i++) rows.push({ meta: meta, layer: meta.layer, name: pageName(meta, c.u[i], c.p[i]), c: c, i: i, u: c.u[i], p: c.p[i], t: c.t[i], lt: c.t[i].toLowerCase() });
       });
       return rows;
     });
   }
   function val(row, metric, field) { return row.c.m[metric][field][row.i]; }
-  function unitLink(layer, u, p) { return el("a", { href: unitHref(layer, u, p), cls: "unit-link", text: unitName(u, p) }); }
+  function unitLink(name) { return el("a", { href: unitHref(name), cls: "unit-link", text: unitLabel(name) }); }
   function matcher(query) {
     var words = query.toLowerCase().split(/\s+/).filter(Boolean);
     return function (row) {
@@ -155,80 +184,176 @@
 
   function indexPage() {
     crumbs([["Overview", null]]);
-    var n = 0;
-    SITE.layers.forEach(function (l) { n += l.n_units; });
-    $("overview").textContent = SITE.layers.length + (SITE.layers.length === 1 ? " layer, " : " layers, ") + n.toLocaleString("en") +
-      " units (neuron and polarity). Score: " + metricLabel(SITE.metric) + " of the chosen explanation's simulation on held-out test records.";
+    var n = 0, layers = [], kinds = [];
+    SITE.sources.forEach(function (s) {
+      n += s.n_units;
+      if (layers.indexOf(s.layer) < 0) layers.push(s.layer);
+      if (kinds.indexOf(s.kind) < 0) kinds.push(s.kind);
+    });
+    $("overview").textContent = layers.length + (layers.length === 1 ? " layer, " : " layers, ") + kinds.length +
+      (kinds.length === 1 ? " source (" : " sources (") + kinds.join(", ") + "), " + n.toLocaleString("en") +
+      " units. Score: " + metricLabel(SITE.metric) + " of the chosen explanation's simulation on held-out test records.";
+
+    // Layers x sources: each cell a score histogram (explanation filled, token-lookup outlined) and the mean.
     var t = clear($("layers"));
-    add(t, el("thead", null, el("tr", null, ["Layer", "Units", "Mean score [95% CI]", "Token-lookup", "Shuffled", "Beats lookup", "Simulator", "Cost"].map(function (h) { return el("th", { text: h }); }))));
+    add(t, el("thead", null, el("tr", null, el("th", { text: "Layer" }), kinds.map(function (k) { return el("th", { text: k }); }))));
     var tb = el("tbody");
-    SITE.layers.forEach(function (l) {
-      var m = l.means[SITE.metric];
-      add(tb, el("tr", null,
-        el("td", null, el("a", { href: layerHref(l.layer), text: "Layer " + l.layer })),
-        el("td", { cls: "num", text: l.n_units.toLocaleString("en") }),
-        el("td", { cls: "num", text: meanText(m.explainer) }),
-        el("td", { cls: "num", text: m["token-lookup"] ? fmt(m["token-lookup"][0]) : "–" }),
-        el("td", { cls: "num", text: m.shuffled ? fmt(m.shuffled[0]) : "–" }),
-        el("td", { cls: "num", text: l.llm_beats["token-lookup"] == null ? "–" : Math.round(100 * l.llm_beats["token-lookup"]) + "%" }),
-        el("td", { cls: "muted", text: l.simulator }),
-        el("td", { cls: "num cost", text: costText(l.cost) })));
+    layers.forEach(function (L) {
+      var tr = el("tr", { "data-layer": L }, el("td", { text: "Layer " + L }));
+      kinds.forEach(function (k) {
+        var s = sourceMeta("L" + L + "/" + k);
+        if (!s) { add(tr, el("td", { cls: "muted", text: "–" })); return; }
+        var m = s.means[SITE.metric];
+        add(tr, el("td", { cls: "cell", "data-source": s.source },
+          el("a", { href: layerHref(s.source), text: s.n_units.toLocaleString("en") + " units" }),
+          miniHistogram(s.hist),
+          el("div", { cls: "num", text: "mean " + meanText(m.explainer) }),
+          el("div", { cls: "muted small", text: "lookup " + (m["token-lookup"] ? fmt(m["token-lookup"][0]) : "–") +
+            " · beats lookup " + (s.llm_beats["token-lookup"] == null ? "–" : Math.round(100 * s.llm_beats["token-lookup"]) + "%") +
+            " · " + s.simulator }),
+          el("div", { cls: "muted small cost", text: "cost " + costText(s.cost) })));
+      });
+      add(tb, tr);
     });
     add(t, tb);
+
+    var best = clear($("best"));
+    SITE.sources.forEach(function (s) {
+      var ol = el("ol", { cls: "units" });
+      (s.best || []).forEach(function (r) {
+        add(ol, el("li", null, unitLink(r.n), el("span", { cls: "num score " + scoreClass(r.v), text: fmt(r.v) }), el("span", { cls: "expl", text: r.t })));
+      });
+      if (!(s.best || []).length) add(ol, el("li", { cls: "muted", text: "no scored units" }));
+      add(best, el("div", { cls: "best-of", "data-source": s.source }, el("h3", null, el("a", { href: layerHref(s.source), text: sourceTitle(s) })), ol));
+    });
+
     var plots = clear($("plots"));
     (SITE.plots || []).forEach(function (p) {
       add(plots, el("figure", null, el("img", { src: p[0], alt: p[1], cls: "plot" }), el("figcaption", { text: p[1] })));
     });
 
-    var all = null;
-    var search = $("search");
+    var all = null, meaning = null;
+    var search = $("search"), mode = $("search-mode");
+    if (!SITE.meaning) { mode.value = "text"; mode.disabled = true; mode.title = "the site was built without embeddings"; }
+    function loadAll() {
+      if (all) return Promise.resolve(all);
+      $("count").textContent = "loading the index…";
+      return Promise.all(SITE.sources.map(function (s) { return loadLayerIndex(s); })).then(function (parts) {
+        all = [].concat.apply([], parts);
+        return all;
+      });
+    }
+    function loadMeaning() {
+      if (meaning) return Promise.resolve(meaning);
+      return Promise.all([load("words", "data/words.js")].concat(SITE.sources.map(function (s) {
+        return load(s.source + "/meaning", "data/" + s.source + "/meaning.js");
+      }))).then(function (parts) {
+        var w = parts[0], index = {};
+        w.words.forEach(function (x, i) { index[x] = i; });
+        meaning = { dims: w.dims, words: index, wv: int8(w.v), sv: parts.slice(1).map(function (x) { return int8(x.v); }) };
+        return meaning;
+      });
+    }
+    function table(rows, scoreHead, extra) {
+      var results = clear($("results"));
+      add(results, el("thead", null, el("tr", null, ["Layer", "Source", "Unit", "Explanation", "Score"].concat(scoreHead ? [scoreHead] : []).map(function (h) { return el("th", { text: h }); }))));
+      var body = el("tbody");
+      rows.forEach(function (r, j) {
+        var v = val(r, SITE.metric, "v");
+        add(body, el("tr", null, el("td", { text: String(r.layer) }), el("td", { text: r.meta.kind }), el("td", null, unitLink(r.name)),
+          el("td", { cls: "expl", text: r.t }), el("td", { cls: "num " + scoreClass(v), text: fmt(v) }),
+          scoreHead ? el("td", { cls: "num", text: fmt(extra[j], 2) }) : null));
+      });
+      add(results, body);
+    }
     var run = debounce(function () {
       var q = search.value.trim();
-      var results = clear($("results"));
+      clear($("results"));
       if (!q) { $("count").textContent = ""; return; }
-      var go = function (rows) {
+      if (mode.value === "meaning") {
+        Promise.all([loadAll(), loadMeaning()]).then(function (got) {
+          var rows = got[0], mm = got[1], dims = mm.dims;
+          var words = (q.toLowerCase().match(/[a-z][a-z0-9']+/g) || []), used = [], qv = new Float64Array(dims);
+          words.forEach(function (w) {
+            var i = mm.words[w];
+            if (i === undefined) return;
+            used.push(w);
+            for (var d = 0; d < dims; d++) qv[d] += mm.wv[i * dims + d];
+          });
+          if (!used.length) { $("count").textContent = "none of these words is in the vocabulary of the search by meaning"; return; }
+          var hits = [], k = 0;
+          mm.sv.forEach(function (v) {
+            var nrow = v.length / dims;
+            for (var i = 0; i < nrow; i++, k++) {
+              var dot = 0, norm = 0;
+              for (var d = 0; d < dims; d++) { var x = v[i * dims + d]; dot += x * qv[d]; norm += x * x; }
+              if (norm > 0) hits.push([dot / Math.sqrt(norm), k]);
+            }
+          });
+          var qn = 0;
+          for (var d = 0; d < dims; d++) qn += qv[d] * qv[d];
+          hits.sort(function (a, b) { return b[0] - a[0]; });
+          hits = hits.slice(0, 50);
+          $("count").textContent = "the 50 explanations nearest in meaning to “" + used.join(" ") + "”" +
+            (used.length < words.length ? " (not in the vocabulary: " + words.filter(function (w) { return used.indexOf(w) < 0; }).join(", ") + ")" : "");
+          table(hits.map(function (h) { return rows[h[1]]; }), "Similarity", hits.map(function (h) { return h[0] / Math.sqrt(qn); }));
+        }).catch(function (e) { fail($("results"), e); });
+        return;
+      }
+      loadAll().then(function (rows) {
         var hits = rows.filter(matcher(q));
         $("count").textContent = hits.length.toLocaleString("en") + " matching units" + (hits.length > 200 ? " (first 200 shown)" : "");
-        add(results, el("thead", null, el("tr", null, ["Layer", "Unit", "Explanation", "Score"].map(function (h) { return el("th", { text: h }); }))));
-        var tb = el("tbody");
-        hits.slice(0, 200).forEach(function (r) {
-          var v = val(r, SITE.metric, "v");
-          add(tb, el("tr", null, el("td", { text: String(r.layer) }), el("td", null, unitLink(r.layer, r.u, r.p)),
-            el("td", { cls: "expl", text: r.t }), el("td", { cls: "num " + scoreClass(v), text: fmt(v) })));
-        });
-        add(results, tb);
-      };
-      if (all) return go(all);
-      $("count").textContent = "loading the index…";
-      Promise.all(SITE.layers.map(function (l) { return loadLayerIndex(l); })).then(function (parts) {
-        all = [].concat.apply([], parts);
-        go(all);
-      }).catch(function (e) { fail(results, e); });
+        table(hits.slice(0, 200));
+      }).catch(function (e) { fail($("results"), e); });
     }, 150);
     search.addEventListener("input", run);
+    mode.addEventListener("change", run);
     document.body.setAttribute("data-ready", "1");
+  }
+
+  function miniHistogram(h) {
+    var w = 160, ht = 40, box = svg("svg", { viewBox: "0 0 " + w + " " + ht, "class": "mini-hist", role: "img" });
+    if (!h) return box;
+    var n = h.explainer.length, maxc = 1;
+    h.explainer.concat(h["token-lookup"] || []).forEach(function (c) { maxc = Math.max(maxc, c); });
+    var title = svg("title", {});
+    title.textContent = "scores from " + h.edges[0] + " to " + h.edges[n] + ": explanation (filled), token-lookup (line)";
+    box.appendChild(title);
+    for (var i = 0; i < n; i++) {
+      var bh = (ht - 2) * h.explainer[i] / maxc;
+      box.appendChild(svg("rect", { x: (i * w / n).toFixed(1), y: (ht - bh).toFixed(1), width: (w / n - 1).toFixed(1), height: bh.toFixed(1), fill: h.edges[i] >= 0 ? "rgb(" + REAL + ")" : "#9aa3ad" }));
+    }
+    if (h["token-lookup"]) {
+      var pts = h["token-lookup"].map(function (c, i) { return ((i + 0.5) * w / n).toFixed(1) + "," + (ht - (ht - 2) * c / maxc).toFixed(1); });
+      box.appendChild(svg("polyline", { points: pts.join(" "), fill: "none", stroke: "#2463eb", "stroke-width": 1.2 }));
+    }
+    box.appendChild(svg("line", { x1: w / 2, x2: w / 2, y1: 0, y2: ht, stroke: "#bbb", "stroke-dasharray": "2,2" }));
+    return box;
   }
 
   /* ------------------------------------------------------------ layer page */
 
   function layerPage() {
-    var m = /^#L(\d+)$/.exec(location.hash || "");
-    var meta = m ? layerMeta(parseInt(m[1], 10)) : SITE.layers[0];
-    if (!meta) { crumbs([["Overview", "index.html"]]); return fail($("overview"), "unknown layer " + location.hash); }
-    var L = meta.layer;
-    document.title = "Layer " + L + " · " + document.title;
-    crumbs([["Overview", "index.html"], ["Layer " + L, null]]);
-    $("title").textContent = "Layer " + L;
-    var others = SITE.layers.filter(function (l) { return l.layer !== L; });
+    var hash = location.hash || "";
+    try { hash = decodeURIComponent(hash); } catch (e) { /* keep it encoded: it will not match */ }
+    // #L15/mlp; #L15 (links of older sites) is the layer's first source.
+    var meta = !hash ? SITE.sources[0] : sourceMeta(hash.slice(1)) ||
+      (/^#L\d+$/.test(hash) ? SITE.sources.filter(function (s) { return "#L" + s.layer === hash; })[0] : null);
+    if (!meta) { crumbs([["Overview", "index.html"]]); return fail($("overview"), "unknown layer or source " + hash); }
+    var L = meta.layer, S = meta.source;
+    document.title = sourceTitle(meta) + " · " + document.title;
+    crumbs([["Overview", "index.html"], [sourceTitle(meta), null]]);
+    $("title").textContent = sourceTitle(meta);
+    var others = SITE.sources.filter(function (l) { return l.source !== S; });
     if (others.length) {
-      var nav = el("span", { cls: "layer-nav" }, "Other layers: ");
-      others.forEach(function (l, i) { if (i) add(nav, " · "); add(nav, el("a", { href: layerHref(l.layer), text: String(l.layer) })); });
+      var nav = el("span", { cls: "layer-nav" }, "Other layers and sources: ");
+      others.forEach(function (l, i) { if (i) add(nav, " · "); add(nav, el("a", { href: layerHref(l.source), text: l.layer + "/" + l.kind })); });
       add($("title").parentNode.insertBefore(el("p", { cls: "muted" }), $("overview")), nav);
     }
     window.addEventListener("hashchange", function () { location.reload(); });
 
     var state = { metric: SITE.metric, key: "unit", desc: false, page: 0, rows: [], shown: [], query: "" };
-    load("L" + L + "/summary", "data/L" + L + "/summary.js").then(function (s) {
+    load(S + "/summary", "data/" + S + "/summary.js").then(function (s) {
       var mm = s.means[SITE.metric];
       var ov = clear($("overview"));
       add(ov, s.n_units.toLocaleString("en") + " units, " + s.n_scored.toLocaleString("en") + " scored. Mean score " + meanText(mm.explainer) +
@@ -242,7 +367,7 @@
         var ol = clear($(pair[0]));
         if (!pair[1].length) add(ol, el("li", { cls: "muted", text: "no scored units" }));
         pair[1].forEach(function (r) {
-          add(ol, el("li", null, unitLink(L, r.u, r.p), el("span", { cls: "num score " + scoreClass(r.v), text: fmt(r.v) }),
+          add(ol, el("li", null, unitLink(r.n), el("span", { cls: "num score " + scoreClass(r.v), text: fmt(r.v) }),
             el("span", { cls: "expl", text: r.t })));
         });
       });
@@ -323,7 +448,7 @@
         var v = val(r, state.metric, "v");
         var vc = scoreClass(v, state.metric);
         frag.appendChild(el("tr", { "data-unit": r.u, "data-polarity": r.p },
-          el("td", null, unitLink(L, r.u, r.p)),
+          el("td", null, unitLink(r.name)),
           el("td", { cls: "expl", text: r.t }),
           el("td", { cls: "num " + vc, text: fmt(v) }),
           el("td", { cls: "num muted", text: ci(val(r, state.metric, "lo"), val(r, state.metric, "hi")) }),
@@ -446,26 +571,32 @@
     function route() {
       var hash = location.hash || "";
       try { hash = decodeURIComponent(hash); } catch (e) { /* keep it encoded: it will not match */ }
-      var m = /^#L(\d+)\/N(\d+)([+-])$/.exec(hash);
-      if (!m) {
+      var unit = parseUnit(hash.slice(1));
+      if (!unit) {
         crumbs([["Overview", "index.html"]]);
-        return fail($("explanation"), "no such unit: open a unit from a layer page (unit.html#L<layer>/N<unit>+)");
+        return fail($("explanation"), "no such unit: open a unit from a layer page (unit.html#L<layer>/<source>/N<unit>)");
       }
-      var L = parseInt(m[1], 10), u = parseInt(m[2], 10), p = m[3] === "+" ? 1 : -1;
-      crumbs([["Overview", "index.html"], ["Layer " + L, layerHref(L)], [unitName(u, p), null]]);
-      $("title").textContent = "Layer " + L + " · " + unitName(u, p);
-      document.title = "L" + L + " " + unitName(u, p) + " · " + (SITE.title || "autoexplain");
+      var meta = sourceMeta(unit.source);
+      if (meta && !unit.marker && meta.polar) unit.marker = "+";
+      var name = unit.source + "/N" + unit.u + unit.marker;
+      if (hash.slice(1) !== name && window.history && history.replaceState) history.replaceState(null, "", "#" + name);
+      var label = "N" + unit.u + unit.marker;
+      crumbs([["Overview", "index.html"], [meta ? sourceTitle(meta) : unit.source, layerHref(unit.source)], [label, null]]);
+      $("title").textContent = "Layer " + unit.layer + " · " + unit.kind + " · " + label;
+      document.title = name + " · " + (SITE.title || "autoexplain");
       document.body.removeAttribute("data-ready");
-      var meta = layerMeta(L);
-      if (!meta) return fail($("explanation"), "layer " + L + " is not in this site");
-      var block = Math.floor(u / (meta.unit_block || 1));
-      load("L" + L + "/u/" + block, "data/L" + L + "/u/" + block + ".js").then(function (group) {
-        var d = Object.prototype.hasOwnProperty.call(group, u + sign(p)) ? group[u + sign(p)] : null;
-        if (!d) throw new Error("unit " + unitName(u, p) + " is not in layer " + L);
-        // Simulations come apart from the exemplars (those are reused across re-simulations).
+      if (!meta) return fail($("explanation"), "layer " + unit.layer + " has no source " + unit.kind + " in this site");
+      load(name, unitFile(unit)).then(inflate).then(function (d) {
+        // Activations come as multiples of the unit's step, simulations in hundredths.
+        var step = d.step || 0;
         (d.records || []).forEach(function (r) {
+          r.a = (r.a || []).map(function (q) { return q == null ? null : q * step; });
           var s = d.sims && Object.prototype.hasOwnProperty.call(d.sims, String(r.w)) ? d.sims[String(r.w)] : null;
-          if (s) { r.sim = s.sim; if (s.fail) r.fail = s.fail; }
+          if (s) {
+            r.sim = {};
+            Object.keys(s.sim).forEach(function (mth) { r.sim[mth] = s.sim[mth] && s.sim[mth].map(function (v) { return v == null ? null : v / 100; }); });
+            if (s.fail) r.fail = s.fail;
+          }
         });
         state.data = d;
         draw(d);
@@ -474,14 +605,20 @@
     }
 
     function draw(d) {
-      var L = d.layer;
       var nav = clear($("unit-nav"));
-      var link = function (key, text, id) {
-        if (!key) return el("span", { cls: "muted", text: text });
-        var m = /^L(\d+)\/N(\d+)([+-])$/.exec(key);
-        return el("a", { href: unitHref(parseInt(m[1], 10), parseInt(m[2], 10), m[3] === "+" ? 1 : -1), text: text, id: id });
+      var link = function (name, text, id) {
+        if (!name) return el("span", { cls: "muted", text: text });
+        return el("a", { href: unitHref(name), text: text, id: id });
       };
-      add(nav, link(d.prev, "‹ previous", "prev-unit"), link(d.other, d.polarity > 0 ? "negative polarity" : "positive polarity", "other-polarity"), link(d.next, "next ›", "next-unit"));
+      add(nav, link(d.prev, "‹ previous", "prev-unit"), d.other ? link(d.other, d.polarity > 0 ? "negative polarity" : "positive polarity", "other-polarity") : null, link(d.next, "next ›", "next-unit"));
+
+      var sim = clear($("similar"));
+      (d.similar || []).forEach(function (r) {
+        add(sim, el("li", null, unitLink(r[0]), el("span", { cls: "muted small", text: " " + parseUnit(r[0]).source + " " }),
+          el("span", { cls: "num score " + scoreClass(r[2]), text: fmt(r[2]) }), el("span", { cls: "expl", text: r[1] }),
+          el("span", { cls: "muted small", text: " (cosine " + fmt(r[3], 2) + ")" })));
+      });
+      if (!(d.similar || []).length) add(sim, el("li", { cls: "muted", text: SITE.meaning ? "no other explained units" : "the site was built without embeddings" }));
 
       var ex = d.explanations || {};
       var llm = ex.explainer || { text: "" };

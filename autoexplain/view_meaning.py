@@ -1,0 +1,177 @@
+"""Search by meaning for the viewer, precomputed when the site is built (a static site runs no model).
+
+Every explanation is embedded with the packaged all-MiniLM-L6-v2. From those vectors:
+- each unit's "similar units": the units whose explanations are nearest by cosine (full 384 dims;
+  above EXACT_UP_TO units, among a shortlist found in the principal axes), on its unit page;
+- the overview's search box: a query has no vector until someone types it, so the site carries
+  vectors for words (MiniLM's own whole-word vocabulary, which the embedding explainer names units
+  with, plus every word the explanations use), and the page embeds a query as the normalised mean
+  of its words' vectors. Explanations and words are projected onto the words' first `DIMS`
+  principal axes and stored as int8 (64 bytes an explanation), so a page can rank a whole model's
+  explanations in the browser.
+
+Explanations are embedded without the explainers' frames (`search_text`): 'the word "who"' as
+'"who"', 'words related to gods and deity' as 'gods and deity'.
+
+The vectors of texts are kept under the output root's cache area (`view.cache_root`), so that a
+rebuild embeds only new explanations.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from autoexplain.storage import write_table
+from autoexplain.view_data import write_js
+
+DIMS = 64
+N_SIMILAR = 8
+_WORD = re.compile(r"[a-z][a-z0-9']+")
+
+
+_FRAME = re.compile(r"\b(the words?|and other words related to|words related to|other)\b", re.I)
+
+
+def search_text(explanation: str) -> str:
+    """What an explanation is embedded as: without the explainers' frames ('the word ...', 'words
+    related to ...'), which otherwise make every 'the word "X"' near every other one, whatever X is."""
+    from autoexplain.surface import content_of
+
+    stripped = content_of(_FRAME.sub(" ", explanation))
+    return stripped if re.search(r"\w", stripped) else explanation
+
+
+def words_of(text: str) -> list[str]:
+    """The words a query or an explanation is made of (the page splits queries the same way)."""
+    return _WORD.findall(text.lower())
+
+
+class _TextVectors:
+    """MiniLM vectors of texts, kept as float16 in one parquet file per output root."""
+
+    def __init__(self, cache_dir: Path):
+        from autoexplain.explain_embedding import EmbeddingExplainer
+
+        self.explainer = EmbeddingExplainer()
+        self.path = Path(cache_dir) / f"text-vectors-{self.explainer.embedder}.parquet"
+        self.known: dict[str, np.ndarray] = {}
+        if self.path.is_file():
+            t = pl.read_parquet(self.path)
+            flat = np.frombuffer(b"".join(t["vector"].to_list()), dtype=np.float16).reshape(t.height, -1)
+            self.known = dict(zip(t["text"].to_list(), flat))
+        self.changed = False
+
+    def vocabulary(self) -> tuple[list[str], np.ndarray]:
+        """The embedding explainer's naming vocabulary and its vectors (cached on the machine)."""
+        self.explainer._setup()
+        return list(self.explainer._vocab), np.asarray(self.explainer._vocab_vectors, dtype=np.float32)
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        from autoexplain.wordvecs import encode_fixed
+
+        new = sorted({t for t in texts if t not in self.known})
+        if new:
+            if self.explainer._model is None:
+                self.explainer._encode(["warm"])  # loads the model
+            vectors = encode_fixed(self.explainer._model, new, 256).astype(np.float16)
+            self.known.update(zip(new, vectors))
+            self.changed = True
+        if not texts:
+            return np.zeros((0, 384), np.float32)
+        return np.stack([self.known[t] for t in texts]).astype(np.float32)
+
+    def save(self) -> None:
+        if self.changed:
+            table = pl.DataFrame({"text": list(self.known), "vector": [v.tobytes() for v in self.known.values()]})
+            write_table(table.to_arrow(), self.path)
+
+
+EXACT_UP_TO = 20_000  # units; above, neighbours are found in the explanations' principal axes first
+
+
+def nearest(vectors: np.ndarray, k: int, block: int = 1024, axes: np.ndarray | None = None,
+            shortlist: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """For each row, the k other rows of highest cosine (rows are unit vectors; a zero row, a unit
+    without an explanation, is nobody's neighbour) and those cosines, best first.
+
+    With `axes` (a d x m projection), each row's `shortlist` nearest are found in the projection and
+    ranked by the full cosine: 92,160 x 92,160 full cosines are minutes of two cores, the
+    projection a sixth of it. Blocks bound the memory; torch's topk picks in parallel."""
+    import torch
+
+    n = len(vectors)
+    k = min(k, max(n - 1, 0))
+    idx, sim = np.zeros((n, k), np.int64), np.zeros((n, k), np.float32)
+    if k == 0:
+        return idx, sim
+    full = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
+    search = full if axes is None else torch.from_numpy(np.ascontiguousarray(vectors @ axes, dtype=np.float32))
+    empty = torch.from_numpy(~vectors.any(axis=1))
+    pick = k if axes is None else min(max(shortlist, k), n - 1)
+    for s in range(0, n, block):
+        rows = torch.arange(s, min(s + block, n))
+        c = search[rows] @ search.T
+        c[:, empty] = -torch.inf
+        c[torch.arange(len(rows)), rows] = -torch.inf
+        top = torch.topk(c, pick, dim=1).indices
+        if axes is not None:  # rank the shortlist by the full cosine
+            exact = torch.einsum("rd,rkd->rk", full[rows], full[top])
+            exact[torch.isinf(torch.gather(c, 1, top))] = -torch.inf
+            best = torch.topk(exact, k, dim=1)
+            top, values = torch.gather(top, 1, best.indices), best.values
+        else:
+            values = torch.gather(c, 1, top)
+        idx[s:s + len(rows)], sim[s:s + len(rows)] = top.numpy(), values.numpy()
+    return idx, sim
+
+
+def _int8(vectors: np.ndarray) -> bytes:
+    norm = np.linalg.norm(vectors, axis=1, keepdims=True)
+    unit = np.divide(vectors, norm, out=np.zeros_like(vectors), where=norm > 0)
+    return np.clip(np.rint(unit * 127), -127, 127).astype(np.int8).tobytes()
+
+
+def write_meaning(site_dir: Path, groups: list[tuple[str, list[str], list[str], list]], cache_dir: Path) -> dict[str, list]:
+    """Write each source's explanation vectors and the word vectors; return each unit page's similar
+    units, [[page, explanation, score], ...]. groups: (source, unit pages, explanations, headline
+    scores), in the order of the source's index."""
+    embed = _TextVectors(cache_dir)
+    pages = [p for _, ps, _, _ in groups for p in ps]
+    texts = [t for _, _, ts, _ in groups for t in ts]
+    scores = [v for _, _, _, vs in groups for v in vs]
+    has = np.array([bool(t.strip()) for t in texts], dtype=bool)
+    vectors = np.zeros((len(texts), 384), np.float32)
+    if has.any():
+        vectors[has] = embed([search_text(t) for t, h in zip(texts, has) if h])
+    vocab, vocab_vectors = embed.vocabulary()
+    own = sorted({w for t in texts for w in words_of(t)} - set(vocab))
+    words = vocab + own
+    word_vectors = np.concatenate([vocab_vectors, embed(own)]) if own else vocab_vectors
+    embed.save()
+
+    # The principal axes of the words (10,000 and more): they spread by meaning, where the axes of a
+    # layer's explanations spread by how explainers phrase them.
+    mean = word_vectors.mean(axis=0)
+    _, _, vt = np.linalg.svd(word_vectors - mean, full_matrices=False)
+    axes = vt[:DIMS].T
+    start = 0
+    for source, ps, _, _ in groups:
+        part = vectors[start:start + len(ps)]
+        projected = np.where(has[start:start + len(ps), None], (part - mean) @ axes, 0.0)
+        write_js(site_dir / "data" / source / "meaning.js", f"{source}/meaning",
+                 {"dims": DIMS, "v": base64.b64encode(_int8(projected)).decode("ascii")})
+        start += len(ps)
+    write_js(site_dir / "data" / "words.js", "words",
+             {"dims": DIMS, "words": words, "v": base64.b64encode(_int8((word_vectors - mean) @ axes)).decode("ascii")})
+
+    # Shortlists in the principal axes plus the mean's direction (which uncentred cosines also weigh).
+    retrieval = np.linalg.qr(np.column_stack([mean, axes]))[0] if len(vectors) > EXACT_UP_TO else None
+    idx, sim = nearest(vectors, N_SIMILAR, axes=retrieval)
+    return {pages[i]: [[pages[j], texts[j], None if scores[j] is None else round(float(scores[j]), 3),
+                        round(float(c), 3)] for j, c in zip(idx[i], sim[i]) if np.isfinite(c)]
+            for i in range(len(pages)) if has[i]}

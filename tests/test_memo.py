@@ -1,0 +1,83 @@
+"""Per-unit memos: compacted into the sealed output once a stage is sealed, and still reused.
+
+A stage keeps each unit's result as a pickle while it runs; once its output is sealed the pickles
+go and an index points at the unit's rows in the sealed tables. A rerun after an edit that touches
+one unit (a human revision) must still take every other unit from there, and what it writes must
+be exactly what a run without any memo writes.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import polars as pl
+import pytest
+
+from autoexplain.counters import since, snapshot
+from autoexplain.layer import run_explain, run_revise, run_score, run_simulate
+
+
+@pytest.fixture(scope="module")
+def stages(tiny_records):
+    from autoexplain.embedding import EmbeddingSimulator
+
+    records_dir, out = tiny_records
+    units = [0, 1, 2, 5]
+    x = run_explain(records_dir, 1, out, units, explainer="embedding")
+    s = run_simulate(records_dir, x, out, sim=EmbeddingSimulator())
+    c = run_score(records_dir, s, out, n_boot=100)
+    return records_dir, out, x, s, c
+
+
+def test_sealed_stages_leave_no_pickles_but_an_index(stages):
+    _, out, x, s, c = stages
+    for stage, ref, per_unit in (("explain", x, 1), ("simulate", s, 2), ("score", c, 1)):
+        assert not list((out / "memo" / stage).rglob("*.pkl")), f"{stage} memos stayed pickles"
+        index = pl.read_parquet(out / "memo" / stage / "sealed" / f"{ref.directory.name}.parquet")
+        assert set(index.columns) == {"key", "unit", "polarity", "shape", "folder", "tables"}
+        # 4 neurons x 2 polarities; a simulation result is a unit's own one and its shuffled control.
+        assert index["key"].n_unique() == index.height == 8 * per_unit
+        assert set(index.select("unit", "polarity").rows()) == {(u, p) for u in (0, 1, 2, 5) for p in (1, -1)}
+        assert set(index["folder"]) == {str(ref.directory.resolve())}
+
+
+def test_a_revision_reuses_the_compacted_units_and_writes_what_a_fresh_run_writes(stages, tmp_path):
+    from autoexplain.embedding import EmbeddingSimulator
+
+    records_dir, out, x, s, c = stages
+    revised = run_revise(x, {(2, 1): "numbers written in digits"}, out)
+    before = snapshot()
+    s2 = run_simulate(records_dir, revised, out, sim=EmbeddingSimulator())
+    c2 = run_score(records_dir, s2, out, n_boot=100)
+    counts = since(before)
+    # Unit 2+ alone: its candidate on valid, then it and its baseline on held-out; the one shuffled
+    # control that carries the revised text; every other unit and control from the compacted memo.
+    assert counts["simulate"] == 4 and counts["score_units"] == 2, counts
+
+    # The same stages with no memo at all give the same tables.
+    fresh = tmp_path / "fresh"
+    shutil.copytree(out, fresh, ignore=shutil.ignore_patterns("memo"))
+    rf = fresh / records_dir.relative_to(out)
+    xf = run_revise(run_explain(rf, 1, fresh, [0, 1, 2, 5], explainer="embedding"), {(2, 1): "numbers written in digits"}, fresh)
+    sf = run_simulate(rf, xf, fresh, sim=EmbeddingSimulator())
+    cf = run_score(rf, sf, fresh, n_boot=100)
+    for a, b in ((s2.path, sf.path), (s2.directory / "chosen.parquet", sf.directory / "chosen.parquet"), (c2.path, cf.path)):
+        assert pl.read_parquet(a).equals(pl.read_parquet(b)), a.name
+
+
+def test_a_deleted_sealed_folder_answers_nothing(stages, tmp_path):
+    from autoexplain.storage import Memo
+
+    _, out, x, _, _ = stages
+    memo = Memo(out, "explain")
+    index = pl.concat([pl.read_parquet(p) for p in (out / "memo" / "explain" / "sealed").glob("*.parquet")])
+    key = index.filter(pl.col("folder") == str(x.directory.resolve()))["key"][0]
+    rows = memo.get(key)
+    assert rows and {(r["unit"], r["polarity"]) for r in rows} == {tuple(index.filter(pl.col("key") == key).select("unit", "polarity").row(0))}
+    assert rows == [r for r in pl.read_parquet(x.path).to_dicts() if (r["unit"], r["polarity"]) == (rows[0]["unit"], rows[0]["polarity"])]
+    moved = tmp_path / "moved"
+    shutil.move(x.directory, moved)
+    try:
+        assert Memo(out, "explain").get(key) is None, "a result from a folder that is gone"
+    finally:
+        shutil.move(moved, x.directory)
