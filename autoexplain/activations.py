@@ -8,6 +8,7 @@ from typing import Iterable
 import numpy as np
 import polars as pl
 
+from autoexplain.output_side import OUTPUT_COLUMNS
 from autoexplain.records import ActivationRecord, UnitId, UnitRecords, UnitStats
 
 
@@ -64,6 +65,6 @@ def _read_stats(path: str | Path) -> dict[tuple[int, int], UnitStats]:
             mean=row["mean"], std=row["std"], max=row["max"], frac_active=row["frac_active"],
             skewness=row["skewness"], kurtosis=row["kurtosis"],
             hist_edges=row["hist_edges"], hist_counts=row["hist_counts"],
-            promotes=row.get("promotes"), suppresses=row.get("suppresses"),
+            **{c: row.get(c) for c in OUTPUT_COLUMNS},
         )
     return out

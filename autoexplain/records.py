@@ -87,8 +87,14 @@ class UnitStats:
     kurtosis: float = float("nan")
     hist_edges: list[float] = field(default_factory=list)
     hist_counts: list[int] = field(default_factory=list)
-    promotes: list[str] | None = None  # the tokens its output direction promotes most (`output_side`)
+    # What it writes (`output_side.OUTPUT_COLUMNS`): the tokens its output direction promotes and
+    # suppresses most, their logits, and the same with the final norm; None before the output side.
+    promotes: list[str] | None = None
+    promotes_logits: list[float] | None = None
     suppresses: list[str] | None = None
+    suppresses_logits: list[float] | None = None
+    promotes_normed: list[str] | None = None
+    suppresses_normed: list[str] | None = None
 
 
 @dataclass

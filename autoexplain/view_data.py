@@ -323,6 +323,10 @@ def records_part(unit_records, max_per_kind) -> dict:
                          "kurtosis": _finite(st.kurtosis),
                          "hist_edges": _rel_round(st.hist_edges, abs(st.max) or scale or 1.0),
                          "hist_counts": [int(c) for c in st.hist_counts]}
+        if st.promotes:  # what it writes: tokens with their logits (no final norm), and the normed lists
+            part["outputs"] = {"promotes": [[t, round(v, 3)] for t, v in zip(st.promotes, st.promotes_logits or [])],
+                               "suppresses": [[t, round(v, 3)] for t, v in zip(st.suppresses or [], st.suppresses_logits or [])],
+                               "promotes_normed": st.promotes_normed, "suppresses_normed": st.suppresses_normed}
         if not scale or scale <= 0:
             scale = _finite(st.max) or 0.0
     ref = abs(scale) if scale else 1.0

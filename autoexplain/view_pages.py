@@ -75,6 +75,7 @@ UNIT_BODY = """<div class="unit-head"><h1 id="title">Unit</h1><nav id="unit-nav"
 <section><h2>Test scores with 95% CIs</h2><table class="grid" id="scores"></table></section>
 <div class="cols">
 <section><h2>Activation histogram</h2><div id="histogram"></div><p class="muted" id="stats"></p></section>
+<section><h2>What it writes</h2><div id="outputs"></div></section>
 <section><h2>Tokens it fires on most</h2><table class="grid" id="top-tokens"></table></section>
 </div>
 <section><h2>Real and simulated activations (test split)</h2>

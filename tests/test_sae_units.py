@@ -5,6 +5,7 @@ rescore and the tables downstream on a tiny model, end to end from the command l
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -19,6 +20,7 @@ from autoexplain.source_coder import CoderSource, kind_of, open_unit_source
 from autoexplain.subject import load_subject
 from tests.test_cli_runs import cli
 from tests.test_sae import cfg_6x, write_saelens
+from tests.viewer_fixtures import Watched, browser, chromium, file_url  # noqa: F401 (fixtures)
 
 D_MODEL, LATENTS, DEAD = 32, 40, 7  # the tiny Llama's width; latent DEAD never fires
 
@@ -107,7 +109,7 @@ def test_bad_sources_are_one_line_before_any_work(tiny_llama_dir, tiny_sae, tmp_
 
 @pytest.mark.slow
 def test_explain_layer_and_rescore_on_latents_from_the_command_line(tiny_llama_dir, prose_corpus, tiny_sae,
-                                                                   tmp_path_factory):
+                                                                   tmp_path_factory, browser):
     home, out = tmp_path_factory.mktemp("home"), tmp_path_factory.mktemp("sae-run") / "out"
     common = ["--model", tiny_llama_dir, "--corpus", str(prose_corpus), "--tokens", "20000", "--k", "1",
               "--bootstrap", "50", "--window-len", "8", "--top-k", "8", "--random", "6", "--out", str(out)]
@@ -120,7 +122,16 @@ def test_explain_layer_and_rescore_on_latents_from_the_command_line(tiny_llama_d
     scores = pl.concat([pl.read_parquet(r["path"]) for r in run["scores"]])
     assert set(scores["source"].unique()) == {"sae-res-40"} and set(scores["polarity"].unique()) == {1}
     assert set(scores["unit"].unique()) == {8, 9}  # the dead latent is not explained
-    assert (out / "site" / "layer_1.sae-res-40").is_dir()
+    site = out / "site" / "layer_1.sae-res-40"
+    chosen = pl.concat([pl.read_parquet(Path(r["path"]).parent / "chosen.parquet").filter(pl.col("method") == "explainer")
+                        for r in run["simulations"]])
+    w = Watched(browser, file_url(site))
+    page = w.open("unit.html#L1/sae-res-40/N8")
+    page.wait_for_selector("body[data-ready='1']")
+    assert page.text_content("#explanation") == chosen.filter(pl.col("unit") == 8)["text"][0]
+    assert page.locator("#outputs .tok.up").count() == 10 and page.locator("#ex-top .exemplar").count() > 0
+    page.screenshot(path=out.parent / "sae_unit.png", full_page=True)
+    w.close()
 
     again = cli(home, "rescore", "--out", str(out), "--layer", "1", "--source", "sae-res-40", "--bootstrap", "60")
     assert again.returncode == 0, again.stderr[-4000:]

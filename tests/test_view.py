@@ -104,6 +104,7 @@ def test_layer_to_unit_and_overlay(real_site, browser, serve, via, tmp_path):
     assert page.locator("#ex-top .exemplar").count() > 0 and page.locator("#ex-random .exemplar").count() > 0
     assert page.locator("#histogram svg rect").count() > 0
     assert page.locator("#top-tokens tbody tr").count() > 0
+    assert page.locator("#outputs .tok.up").count() == 10 and page.locator("#outputs .tok.down").count() == 10
     sims = page.locator("#simulations")
     assert "side-by-side" in sims.get_attribute("class")
     n_windows = page.locator("#simulations .sim-row:not(.sim-head)").count()

@@ -678,6 +678,19 @@
         $("stats").textContent = "";
       }
 
+      var outs = clear($("outputs"));
+      if (d.outputs) {
+        var tokens = function (label, rows, cls) {
+          var p = el("p", null, el("strong", { text: label + ": " }));
+          rows.forEach(function (r) { add(p, el("span", { cls: "tok " + cls, title: "logit " + fmtg(r[1]), text: showToken(r[0]) }), " "); });
+          return p;
+        };
+        var names = function (label, list) { return el("p", { cls: "muted small", text: label + ": " + (list || []).map(showToken).join(" ") }); };
+        add(outs, tokens("Promotes", d.outputs.promotes, "up"), tokens("Suppresses", d.outputs.suppresses, "down"),
+          el("p", { cls: "muted small", text: "Its output direction times the unembedding, without the final norm (as Neuronpedia shows it); logits per unit of activation on hover. With the final norm applied:" }),
+          names("promotes", d.outputs.promotes_normed), names("suppresses", d.outputs.suppresses_normed));
+      } else add(outs, el("p", { cls: "muted", text: "not recorded (a recording from before the output side)" }));
+
       var tt = clear($("top-tokens"));
       add(tt, el("thead", null, el("tr", null, ["Token", "Max", "Mean", "Seen", "Peaks"].map(function (h) { return el("th", { text: h }); }))));
       var tb = el("tbody");
