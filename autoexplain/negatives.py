@@ -1,0 +1,137 @@
+"""Hard negatives: held-out windows like a unit's activating ones, on which it does not fire.
+
+Random non-activating windows are easy to tell from activating ones, so a classifier that merely
+recognises the topic of the activating windows scores well on them (a recall bias). delphi also
+draws negatives from similar contexts; so do we, per layer, once:
+
+1. a pool of `pool` windows drawn (seeded) from the corpus windows that appear in *no* record of
+   the layer: no explainer ever saw them, and no unit is scored on them otherwise;
+2. the subject's activations on the pool, for every unit of the layer (one forward pass per batch:
+   the records hold each unit's activations only on its own windows);
+3. per unit and polarity, the pool windows on which it does not fire (every token below
+   `classify.ACTIVE_FRACTION` of its top activation), ranked by MiniLM cosine similarity to the
+   mean embedding of its test-split activating windows; the nearest `per_unit` are its 'similar'
+   negatives.
+
+The output `negatives/<key>/layer_<L>.parquet` is keyed by the records, the subject's weights, the
+parameters and the code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from autoexplain.classify import ACTIVE_FRACTION, SCORED_SPLIT
+from autoexplain.errors import UserError
+from autoexplain.identity import code_identity
+from autoexplain.records import ActivationRecord
+from autoexplain.storage import content_key, is_complete, read_manifest, stage_dir, write_manifest, write_table
+
+POOL, PER_UNIT = 512, 10
+
+
+def _pool_ids(records: pl.DataFrame, windows_path: Path, pool: int, seed: int) -> np.ndarray:
+    used = set(records["window_id"].to_list())
+    ids = pl.scan_parquet(windows_path).select("window_id").collect()["window_id"].to_numpy()
+    free = np.sort(ids[~np.isin(ids, list(used))])
+    if free.size == 0:
+        raise UserError("no corpus window is left outside the layer's records for hard negatives",
+                        "record more --tokens, or score with random negatives only")
+    rng = np.random.default_rng([seed, 7])
+    return np.sort(rng.choice(free, size=min(pool, free.size), replace=False))
+
+
+def _pool_maxima(subject, windows_path: Path, ids: np.ndarray, layer: int, batch: int = 32):
+    """(tokens per window, max and -min of every unit per window: (P, U) each)."""
+    import torch
+
+    from autoexplain.sources import MLP
+
+    table = pl.scan_parquet(windows_path).filter(pl.col("window_id").is_in(ids.tolist())).select(
+        "window_id", "token_ids", "tokens").collect().sort("window_id")
+    token_ids, tokens = table["token_ids"].to_list(), table["tokens"].to_list()
+    hi, lo = [], []
+    with torch.no_grad():
+        for s in range(0, len(token_ids), batch):
+            acts = MLP.activations(subject, torch.tensor(token_ids[s : s + batch], dtype=torch.long), [layer])[layer]
+            hi.append(acts.amax(dim=1).float().cpu().numpy())
+            lo.append(acts.amin(dim=1).float().cpu().numpy())
+    return table["window_id"].to_numpy(), tokens, np.concatenate(hi), -np.concatenate(lo)
+
+
+def similar_negatives(records: pl.DataFrame, tokens_of: dict, pool_ids, pool_tokens, pool_max: dict[int, np.ndarray],
+                      units: list[tuple[int, int]], per_unit: int) -> list[dict]:
+    """The rows of step 3 (see the module docstring), for these (unit, polarity) pairs."""
+    from autoexplain.score_embedding import embed, window_text
+
+    pool_vecs = embed([window_text(t) for t in pool_tokens])
+    rows = []
+    for unit, polarity in units:
+        mine = records.filter((pl.col("unit") == unit) & (pl.col("polarity") == polarity))
+        tops = mine.filter(pl.col("kind") == "top")
+        top = max((max(a) for a in tops["activations"].to_list()), default=0.0)
+        test = tops.filter(pl.col("split") == SCORED_SPLIT)["window_id"].to_list()
+        if top <= 0 or not test:
+            continue
+        centre = embed([window_text(tokens_of[w]) for w in test]).mean(axis=0)
+        quiet = np.flatnonzero(pool_max[polarity][:, unit] < ACTIVE_FRACTION * top)
+        sims = pool_vecs[quiet] @ centre / max(float(np.linalg.norm(centre)), 1e-12)
+        for rank, k in enumerate(np.argsort(-sims, kind="stable")[:per_unit]):
+            i = int(quiet[k])
+            rows.append({"unit": unit, "polarity": polarity, "window_id": int(pool_ids[i]), "rank": rank,
+                         "similarity": float(sims[k]), "max_activation": float(pool_max[polarity][i, unit])})
+    return rows
+
+
+def run_negatives(records_dir, layer: int, out, model: str, units: list[tuple[int, int]] | None = None,
+                  pool: int = POOL, per_unit: int = PER_UNIT, seed: int = 0) -> Path:
+    """The layer's similar negatives (see the module docstring); returns the stage folder."""
+    from autoexplain.layer import records_inputs
+    from autoexplain.subject import load_subject
+
+    records_path, windows_path, records_key = records_inputs(Path(records_dir), layer)
+    subject_key = read_manifest(Path(records_dir))["inputs"].get("subject", "")
+    params = {"layer": layer, "units": sorted(units) if units else None, "pool": pool, "per_unit": per_unit,
+              "seed": seed, "active_fraction": ACTIVE_FRACTION, "subject": subject_key}
+    key = content_key({"records": records_key, **params, "code": code_identity(run_negatives)})
+    directory = stage_dir(out, "negatives", key)
+    if is_complete(directory):
+        return directory
+    subject = load_subject(model)
+    if subject_key and subject.fingerprint != subject_key:
+        raise UserError(f"the model '{model}' is not the one these records were made with",
+                        "pass the --model the records were recorded with")
+    records = pl.read_parquet(records_path, columns=["unit", "polarity", "window_id", "kind", "split", "activations"])
+    ids = _pool_ids(records, windows_path, pool, seed)
+    pool_ids, pool_tokens, hi, neg_lo = _pool_maxima(subject, windows_path, ids, layer)
+    wanted = units or sorted(set(zip(records["unit"].to_list(), records["polarity"].to_list())))
+    test_ids = records.filter((pl.col("kind") == "top") & (pl.col("split") == SCORED_SPLIT))["window_id"].unique()
+    tok = pl.scan_parquet(windows_path).filter(pl.col("window_id").is_in(test_ids.to_list())).select(
+        "window_id", "tokens").collect()
+    tokens_of = dict(zip(tok["window_id"].to_list(), tok["tokens"].to_list()))
+    rows = similar_negatives(records, tokens_of, pool_ids, pool_tokens, {1: hi, -1: neg_lo}, wanted, per_unit)
+    directory.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist(rows, schema=pa.schema([("unit", pa.int32()), ("polarity", pa.int8()),
+                                                         ("window_id", pa.int64()), ("rank", pa.int32()),
+                                                         ("similarity", pa.float64()), ("max_activation", pa.float64())]))
+    path = directory / f"layer_{layer}.parquet"
+    write_table(table, path)
+    write_manifest(directory, "negatives", key, {"records": str(records_dir)}, params, [path.name])
+    return directory
+
+
+def read_negatives(directory: Path, layer: int, windows_path: Path) -> dict[tuple[int, int], list[ActivationRecord]]:
+    """Per (unit, polarity), its similar negatives as records (tokens only: no activation is scored)."""
+    table = pl.read_parquet(Path(directory) / f"layer_{layer}.parquet").sort(["unit", "polarity", "rank"])
+    ids = table["window_id"].unique().to_list()
+    tok = pl.scan_parquet(windows_path).filter(pl.col("window_id").is_in(ids)).select("window_id", "tokens").collect()
+    tokens_of = dict(zip(tok["window_id"].to_list(), tok["tokens"].to_list()))
+    out: dict[tuple[int, int], list[ActivationRecord]] = {}
+    for r in table.iter_rows(named=True):
+        out.setdefault((r["unit"], r["polarity"]), []).append(
+            ActivationRecord(list(tokens_of[r["window_id"]]), [r["max_activation"]], r["window_id"], "similar", "held-out"))
+    return out
