@@ -164,6 +164,7 @@ class ClassifierScorer(Scorer):
     needs_explanation: ClassVar[bool] = True
     takes_llm = "optional"
     metric: ClassVar[str] = ""  # 'binary' (balanced accuracy and AUC), 'intruder', 'similarity'
+    metric_prefix: ClassVar[str] = ""  # a binary scorer's metrics are named after it ('detection_auc@random')
     negative_kinds: ClassVar[tuple[str, ...]] = ("random", "similar")
     batch: ClassVar[int] = 5  # windows per prompt
     max_tokens: ClassVar[int] = 32
@@ -262,7 +263,7 @@ class ClassifierScorer(Scorer):
     def score(self, explanation, records, simulations=None, *, n_boot: int = 1000, seed: int = 0):
         from autoexplain.classify_metrics import metrics
 
-        return metrics(self.metric, self.trials(explanation, records, seed=seed), n_boot=n_boot, seed=seed)
+        return metrics(self.metric, self.trials(explanation, records, seed=seed), n_boot, seed, self.metric_prefix)
 
 
 def _batches(pool: list[Example], size: int, rng: random.Random) -> list[list[Example]]:
@@ -273,7 +274,7 @@ def _batches(pool: list[Example], size: int, rng: random.Random) -> list[list[Ex
 class DetectionScorer(ClassifierScorer):
     """Is the unit firing in this window? Unhighlighted windows, half activating."""
 
-    kind, prompt_files, metric = "detection", ("classify_detection.txt",), "binary"
+    kind, prompt_files, metric, metric_prefix = "detection", ("classify_detection.txt",), "binary", "detection"
     settings = {"batch": ClassifierScorer.batch, "active_fraction": ACTIVE_FRACTION, "split": SCORED_SPLIT}
 
     def prompts(self, text, positives, negatives, rng):
@@ -287,7 +288,7 @@ class FuzzingScorer(ClassifierScorer):
     """Are the highlighted tokens the ones the explanation describes? Correct windows highlight the
     activating tokens; incorrect ones highlight as many tokens of a non-activating window."""
 
-    kind, prompt_files, metric = "fuzzing", ("classify_fuzzing.txt",), "binary"
+    kind, prompt_files, metric, metric_prefix = "fuzzing", ("classify_fuzzing.txt",), "binary", "fuzzing"
     settings = {"batch": ClassifierScorer.batch, "active_fraction": ACTIVE_FRACTION, "split": SCORED_SPLIT}
 
     def prompts(self, text, positives, negatives, rng):

@@ -2,8 +2,8 @@
 over units the way delphi reports them (every trial of a layer in one confusion matrix).
 
 A trial whose reply could not be read (prediction None) is left out and counted in `n_failed`: a
-failure is never a 0 or a 1. Metric names carry the kind of negatives after '@' ('balanced_accuracy@
-random', 'auc@similar'), so the recall bias that random negatives hide shows as the gap between them.
+failure is never a 0 or a 1. Metric names carry the kind of negatives after '@' ('fuzzing_balanced_accuracy@
+random', 'detection_auc@similar'), so the recall bias that random negatives hide shows as the gap between them.
 
 - balanced accuracy: (TP/P + TN/N) / 2 over the read answers;
 - AUC: the ROC AUC of P(1) (from the LLM's logprobs) for activating against non-activating windows;
@@ -27,9 +27,12 @@ FAMILIES = {"binary": (BALANCED_ACCURACY, AUC), "intruder": (INTRUDER_ACCURACY,)
 NEGATIVE_KINDS = ("random", "similar", "active")
 
 
+PREFIXES = {"binary": ("detection", "fuzzing")}  # binary scorers name their metrics after themselves
+
+
 def metric_names() -> list[str]:
     """Every metric name a classifier scorer can write (the scores contract lists them)."""
-    return [f"{m}@{k}" for ms in FAMILIES.values() for m in ms for k in NEGATIVE_KINDS]
+    return [f"{p}_{m}" if p else m for f, ms in FAMILIES.items() for p in PREFIXES.get(f, ("",)) for m in ms]
 
 
 def balanced_accuracy(labels: Sequence[int], predictions: Sequence[int]) -> float:
@@ -106,17 +109,18 @@ def _resampled(name: str, labels: np.ndarray, values: np.ndarray, n_boot: int, s
     return out
 
 
-def metrics(family: str, trials: Sequence, n_boot: int = 1000, seed: int = 0) -> dict[str, Score]:
-    """Every metric of a scorer's family, per kind of negatives present in the trials."""
+def metrics(family: str, trials: Sequence, n_boot: int = 1000, seed: int = 0, prefix: str = "") -> dict[str, Score]:
+    """Every metric of a scorer's family, per kind of negatives present in the trials, named
+    '[PREFIX_]METRIC@KIND' ('detection_balanced_accuracy@similar', 'intruder_accuracy@random')."""
     out = {}
     for kind in NEGATIVE_KINDS:
         mine = [t for t in trials if t.negatives == kind]
         if mine:
             for name in FAMILIES[family]:
-                out[f"{name}@{kind}"] = measure(name, mine, n_boot, seed)
+                out[f"{prefix}_{name}@{kind}" if prefix else f"{name}@{kind}"] = measure(name, mine, n_boot, seed)
     return out
 
 
-def pooled(family: str, trials: Sequence, n_boot: int = 1000, seed: int = 0) -> dict[str, Score]:
+def pooled(family: str, trials: Sequence, n_boot: int = 1000, seed: int = 0, prefix: str = "") -> dict[str, Score]:
     """The layer's value as delphi reports it: every unit's trials together (`metrics` on all)."""
-    return metrics(family, trials, n_boot, seed)
+    return metrics(family, trials, n_boot, seed, prefix)

@@ -139,12 +139,12 @@ def classifier_score_rows(trials: list[dict], chosen: list[dict], n_boot: int = 
         groups.setdefault((t["layer"], t["unit"], t["polarity"], t["method"], t["scorer"]), []).append(t)
     out = []
     for (layer, unit, polarity, method, spec), rows in groups.items():
-        family = parse_scorer(spec).cls.metric
+        cls = parse_scorer(spec).cls
         typed = [Trial(r["negatives"], r["prompt"], r["window_id"], r["label"], r["prediction"], r["p_one"],
                        r["failure"]) for r in rows]
         e = explained.get((unit, polarity, method)) or {}
         cost = (e.get("prompt_tokens") or 0) + (e.get("completion_tokens") or 0)
-        for name, s in metrics(family, typed, n_boot, seed).items():
+        for name, s in metrics(cls.metric, typed, n_boot, seed, cls.metric_prefix).items():
             kind = name.split("@", 1)[1]
             mine = [r for r in rows if r["negatives"] == kind]
             out.append({"layer": layer, "unit": unit, "polarity": polarity, "method": method, "simulator": spec,

@@ -5,7 +5,8 @@ recognises the topic of the activating windows scores well on them (a recall bia
 draws negatives from similar contexts; so do we, per layer, once:
 
 1. a pool of `pool` windows drawn (seeded) from the corpus windows that appear in *no* record of
-   the layer: no explainer ever saw them, and no unit is scored on them otherwise;
+   the layer: no explainer ever saw them, and no unit is scored on them otherwise (a corpus with no
+   such window gives no similar negatives: the scores then hold the random ones only);
 2. the subject's activations on the pool, for every unit of the layer (one forward pass per batch:
    the records hold each unit's activations only on its own windows);
 3. per unit and polarity, the pool windows on which it does not fire (every token below
@@ -38,9 +39,8 @@ def _pool_ids(records: pl.DataFrame, windows_path: Path, pool: int, seed: int) -
     used = set(records["window_id"].to_list())
     ids = pl.scan_parquet(windows_path).select("window_id").collect()["window_id"].to_numpy()
     free = np.sort(ids[~np.isin(ids, list(used))])
-    if free.size == 0:
-        raise UserError("no corpus window is left outside the layer's records for hard negatives",
-                        "record more --tokens, or score with random negatives only")
+    if free.size == 0:  # a corpus too small to hold windows beyond the records: no similar negatives
+        return free
     rng = np.random.default_rng([seed, 7])
     return np.sort(rng.choice(free, size=min(pool, free.size), replace=False))
 
@@ -54,6 +54,8 @@ def _pool_maxima(subject, windows_path: Path, ids: np.ndarray, layer: int, batch
     table = pl.scan_parquet(windows_path).filter(pl.col("window_id").is_in(ids.tolist())).select(
         "window_id", "token_ids", "tokens").collect().sort("window_id")
     token_ids, tokens = table["token_ids"].to_list(), table["tokens"].to_list()
+    if not token_ids:
+        return np.zeros(0, np.int64), [], np.zeros((0, 0)), np.zeros((0, 0))
     hi, lo = [], []
     with torch.no_grad():
         for s in range(0, len(token_ids), batch):
@@ -107,8 +109,10 @@ def run_negatives(records_dir, layer: int, out, model: str, units: list[tuple[in
                         "pass the --model the records were recorded with")
     records = pl.read_parquet(records_path, columns=["unit", "polarity", "window_id", "kind", "split", "activations"])
     ids = _pool_ids(records, windows_path, pool, seed)
-    pool_ids, pool_tokens, hi, neg_lo = _pool_maxima(subject, windows_path, ids, layer)
     wanted = units or sorted(set(zip(records["unit"].to_list(), records["polarity"].to_list())))
+    if ids.size == 0:
+        wanted = []
+    pool_ids, pool_tokens, hi, neg_lo = _pool_maxima(subject, windows_path, ids, layer)
     test_ids = records.filter((pl.col("kind") == "top") & (pl.col("split") == SCORED_SPLIT))["window_id"].unique()
     tok = pl.scan_parquet(windows_path).filter(pl.col("window_id").is_in(test_ids.to_list())).select(
         "window_id", "tokens").collect()

@@ -1,0 +1,75 @@
+"""Prefect tasks of the classifier scorers (`autoexplain.classify_stage`): classify one shard with
+one scorer, gather a shard's scores over several scorers, and the agreement report of a layer.
+
+Thin wrappers as in `tasks.stages`: content cache keys with the code identity, retries, one-line
+failures, and a local model's calls under the process's one models lock (a server scorer's shards
+overlap instead, sharing its concurrency limit through one LLM object per process).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from autoexplain import classify_stage, registry
+from autoexplain.layer import StageRef
+from autoexplain.storage import local_ref, open_root
+from tasks.stages import RETRY, cache_key, one_at_a_time, one_line_failures, ref, stage_progress
+
+
+@lru_cache(maxsize=8)
+def scorer_for(spec: str):
+    """One scorer (and LLM) per spec and process: its server's concurrency limit is shared by the
+    shards, and a local model is loaded once."""
+    return registry.make_scorer(spec)
+
+
+def _classify(records: dict, simulations: dict, scorer: str, model: str | None, out: str) -> dict:
+    records, simulations, out = local_ref(records), local_ref(simulations), open_root(out)
+    sims = StageRef.of(Path(simulations["path"]).parent)
+    result = classify_stage.run_classify(records["path"], sims, out, scorer, scorer_for(scorer), model,
+                                         progress=stage_progress("classify", f"{scorer} {sims.key[:8]}"))
+    get_run_logger().info(f"classified {sims.directory.name} with {scorer}")
+    return ref(result)
+
+
+_serial = one_at_a_time(_classify)
+
+
+@task(name="classify", cache_key_fn=cache_key("classify", (classify_stage.run_classify,)), **RETRY)
+@one_line_failures
+def classify_task(records: dict, simulations: dict, scorer: str, scorer_id: dict, model: str | None,
+                  out: str = "out") -> dict:
+    """`scorer_id` (`classify_stage.scorer_identity`) puts the prompt and weights in the cache key."""
+    if registry.parse_scorer(scorer).llm is not None and scorer_for(scorer).thread_safe:
+        return _classify(records, simulations, scorer, model, out)
+    return _serial(records, simulations, scorer, model, out)
+
+
+@task(name="scores", cache_key_fn=cache_key("scores", (classify_stage.run_scores,)), **RETRY)
+@one_line_failures
+def scores_task(records: dict, simulations: dict, classifications: list[dict], scores: dict | None,
+                n_boot: int = 1000, out: str = "out") -> dict:
+    records, simulations, out = local_ref(records), local_ref(simulations), open_root(out)
+    refs = [StageRef.of(Path(local_ref(c)["path"]).parent) for c in classifications]
+    sim_scores = StageRef.of(Path(local_ref(scores)["path"]).parent) if scores else None
+    result = classify_stage.run_scores(records["path"], StageRef.of(Path(simulations["path"]).parent), refs, out,
+                                       sim_scores, n_boot)
+    return ref(result)
+
+
+@task(name="agreement")
+def agreement_task(scores: list[dict], site: str | None = None) -> str | None:
+    """The layer's agreement between scorers (Spearman across units), pooled classifier scores and
+    scorer tokens per unit, as a markdown artifact; the scatter plot beside the site when there is one."""
+    from autoexplain.agreement import agreement_markdown
+
+    paths = [Path(local_ref(s)["path"]) for s in scores]
+    plot = Path(site) / "agreement.png" if site else None
+    text = agreement_markdown(paths, plot)
+    if text:
+        create_markdown_artifact(text, key="scorer-agreement", description="agreement between scorers")
+    return text
