@@ -96,17 +96,19 @@ def pooled_table(trials: pl.DataFrame | None, n_boot: int = 1000) -> list[tuple[
     return out
 
 
-def tokens_per_unit(scores: pl.DataFrame, trials: pl.DataFrame | None) -> dict[str, float]:
-    """Mean scorer tokens per unit: a classifier's from its trials (every method), the simulation's
-    from its score rows (best-of-k's selection and the simulations scored, every method)."""
+def cost_per_unit(scores: pl.DataFrame, trials: pl.DataFrame | None) -> dict[str, tuple[float, float | None]]:
+    """Mean scorer (tokens, dollars) per unit: a classifier's from its trials (every method), the
+    simulation's from its score rows (best-of-k's selection and the simulations scored, every
+    method; its dollars include the explanation's). Dollars None: a model with no known price."""
     units = scores.select("layer", "unit", "polarity").unique().height or 1
     out = {}
     sims = scores.filter(pl.col("metric") == HEADLINE["simulation"])
     for (spec,), g in sims.group_by(["simulator"]):
-        out[f"simulation ({spec})"] = g["simulator_tokens"].sum() / units
+        dollars = None if g["dollars"].null_count() else g["dollars"].sum() / units
+        out[f"simulation ({spec})"] = (g["simulator_tokens"].sum() / units, dollars)
     if trials is not None:
         for (spec,), g in trials.group_by(["scorer"]):
-            out[spec] = g["tokens"].sum() / units
+            out[spec] = (g["tokens"].sum() / units, None if g["dollars"].null_count() else g["dollars"].sum() / units)
     return out
 
 
@@ -161,8 +163,23 @@ def agreement_markdown(score_paths: Sequence[Path], plot: Path | None = None, n_
     for spec, method, name, s in pooled_table(trials, n_boot):
         ci = f"{_fmt(s.ci_low)}-{_fmt(s.ci_high)}" if s.ci_low is not None else "n/a"
         lines.append(f"| {spec} | {method} | {name} | {_fmt(s.value)} | {ci} | {s.n_records} | {s.n_failed} |")
-    lines += ["", "## Scorer tokens per unit", "", "| scorer | tokens per unit |", "|---|---|"]
-    lines += [f"| {k} | {v:,.0f} |" for k, v in tokens_per_unit(scores, trials).items()]
+    lines += ["", "## Scorer cost per unit", "", "| scorer | tokens per unit | dollars per unit |", "|---|---|---|"]
+    lines += [f"| {k} | {t:,.0f} | {'no known price' if d is None else f'${d:.6f}'} |"
+              for k, (t, d) in cost_per_unit(scores, trials).items()]
     if plot is not None and scatter(table, plot) is not None:
         lines += ["", f"Scatter plot: {plot}"]
     return "\n".join(lines) + "\n"
+
+
+def write_page(markdown: str, folder: Path) -> Path:
+    """`agreement.md` and a plain `agreement.html` showing it with the scatter plot, in `folder`."""
+    import html
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "agreement.md").write_text(markdown, encoding="utf-8")
+    img = '<img src="agreement.png" alt="scatter plots of the scorers across units">' if (folder / "agreement.png").is_file() else ""
+    page = (f"<!doctype html><meta charset='utf-8'><title>Agreement between scorers</title>"
+            f"<body style='font-family:sans-serif;max-width:70em;margin:2em auto'>{img}<pre>{html.escape(markdown)}</pre>")
+    path = folder / "agreement.html"
+    path.write_text(page, encoding="utf-8")
+    return path

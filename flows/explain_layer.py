@@ -183,7 +183,7 @@ def _explain_layer(plan: preflight.LayerPlan, out: str, results: str | None, par
     site_dir = site or f"{out.rstrip('/')}/site/layer_{layer}"
     site_uri = view_task(in_order(scores), site_dir, records) if site != "none" else None
     report = report_task(records, outputs, in_order(scores), site_uri)
-    _agreement(scorers, in_order(scores), out, layer)
+    _agreement(scorers, in_order(scores), out, layer, None if site == "none" else site_dir)
     run = {"flow": "explain-layer", "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "params": {**params, "revisions": _unit_keys(plan.revisions)}, "records": records,
            "explanations": in_order(explained), "simulations": in_order(simulated), "scores": in_order(scores),
@@ -207,10 +207,16 @@ def _score_shard(records, s, scorers: str, model: str | None, n_boot: int, out: 
     return gather.submit(records, s, asked, sim_scores, n_boot, out), asked + ([sim_scores] if sim_scores else [])
 
 
-def _agreement(scorers: str, scores: list[dict], out: str, layer: int) -> None:
-    """The agreement section of the report when more than one scorer ran (a plot beside the outputs)."""
-    if [p.spec for p in parse_scorers(scorers)] != [DEFAULT_SCORER] and not is_url(out):
-        agreement_task(scores, str(Path(out) / "agreement" / f"layer_{layer}"))
+def _agreement(scorers: str, scores: list[dict], out: str, layer: int, site_dir: str | None) -> None:
+    """The agreement between scorers when any but the default ran: an artifact, and a page with the
+    scatter plot in the layer's site folder (or under `out`/agreement without a local site)."""
+    if [p.spec for p in parse_scorers(scorers)] == [DEFAULT_SCORER]:
+        return
+    folder = site_dir if site_dir and not is_url(site_dir) else None
+    if folder is None and not is_url(out):
+        folder = str(Path(out) / "agreement" / f"layer_{layer}")
+    if folder is not None:
+        agreement_task(scores, folder)
 
 
 @flow(name="rescore", validate_parameters=True)
@@ -267,7 +273,7 @@ def _rescore(run: dict, out: str, layer: int, simulator: str, n_boot: int, resul
     comparison = compare_task(run["scores"], scores, title)
     site_uri = view_task(scores, run["site_dir"], records) if run.get("site_dir") else None
     report = report_task(records, outputs, scores, site_uri)
-    _agreement(scorers, scores, out, layer)
+    _agreement(scorers, scores, out, layer, run.get("site_dir"))
     write_run(open_root(out), layer, {
         **run, "flow": "rescore", "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "params": {**run["params"], "simulator": simulator, "scorers": scorers, "n_boot": n_boot},

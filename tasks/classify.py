@@ -62,14 +62,14 @@ def scores_task(records: dict, simulations: dict, classifications: list[dict], s
 
 
 @task(name="agreement")
-def agreement_task(scores: list[dict], site: str | None = None) -> str | None:
+def agreement_task(scores: list[dict], folder: str) -> str | None:
     """The layer's agreement between scorers (Spearman across units), pooled classifier scores and
-    scorer tokens per unit, as a markdown artifact; the scatter plot beside the site when there is one."""
-    from autoexplain.agreement import agreement_markdown
+    scorer tokens per unit: a markdown artifact, and `agreement.md`, `agreement.html` and the
+    scatter plot `agreement.png` in `folder` (the layer's site folder: a page beside the viewer's)."""
+    from autoexplain.agreement import agreement_markdown, write_page
 
-    paths = [Path(local_ref(s)["path"]) for s in scores]
-    plot = Path(site) / "agreement.png" if site else None
-    text = agreement_markdown(paths, plot)
+    text = agreement_markdown([Path(local_ref(s)["path"]) for s in scores], Path(folder) / "agreement.png")
     if text:
+        write_page(text, Path(folder))
         create_markdown_artifact(text, key="scorer-agreement", description="agreement between scorers")
     return text

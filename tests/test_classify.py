@@ -230,3 +230,40 @@ def test_the_intruder_needs_no_explanation(bench_server):
     got = scorer.trials(None, unit_records())
     assert len(got) == 4 and all(t.prediction == t.label for t in got)  # 'cats sat' shares nothing with 'river'
     assert {t.window_id for t in got} == {100, 101, 102, 103}
+
+
+# ---- agreement between instruments -----------------------------------------------------------------
+
+def test_spearman_by_hand():
+    from autoexplain.agreement import spearman
+
+    assert spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(1 - 6 * 2 / (4 * 15))
+    assert spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(1.5 / math.sqrt(1.5 * 2))  # ties get their mean rank
+    assert spearman([1, 2], [2, 1]) is None and spearman([1, 1, 1], [1, 2, 3]) is None
+
+
+def test_agreement_pairs_each_units_headline_values(tmp_path):
+    import polars as pl
+
+    from autoexplain.agreement import agreement, agreement_markdown, per_unit
+
+    rows = []
+    for u, (sim, det, fuzz) in enumerate([(0.1, 0.5, 0.6), (0.3, 0.7, 0.5), (0.5, 0.6, 0.9), (0.7, 0.9, 0.8)]):
+        for simulator, metric, value in (("embedding", "top_and_random", sim),
+                                         ("detection:local", "detection_balanced_accuracy@random", det),
+                                         ("detection:local", "detection_balanced_accuracy@similar", 0.0),
+                                         ("fuzzing:local", "fuzzing_balanced_accuracy@random", fuzz)):
+            rows.append({"layer": 1, "unit": u, "polarity": 1, "method": "explainer", "simulator": simulator,
+                         "split": "test", "metric": metric, "value": value, "ci_low": None, "ci_high": None,
+                         "undefined_reason": None, "n_records": 4, "n_failed": 0, "explainer_tokens": 0,
+                         "simulator_tokens": 10, "dollars": 0.0})
+    table = per_unit(pl.DataFrame(rows))
+    got = {(a, b): rho for a, b, rho, n in agreement(table)}
+    assert got[("simulation", "detection")] == pytest.approx(0.8)  # ranks 1,2,3,4 vs 1,3,2,4
+    assert got[("simulation", "fuzzing")] == pytest.approx(1 - 6 * 4 / 60)  # ranks 1,2,3,4 vs 2,1,4,3
+    path = tmp_path / "scores" / "layer_1.parquet"
+    path.parent.mkdir()
+    pl.DataFrame(rows).write_parquet(path)
+    (tmp_path / "scores" / "manifest.json").write_text(json.dumps({"inputs": {}}))
+    text = agreement_markdown([path], tmp_path / "agreement.png", n_boot=20)
+    assert "| simulation vs detection | 0.800 | 4 |" in text and (tmp_path / "agreement.png").is_file()

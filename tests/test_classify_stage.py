@@ -102,7 +102,7 @@ def test_scorers_flag_end_to_end(tmp_path_factory, tiny_llama_dir, prose_corpus,
     scores = pl.concat([pl.read_parquet(r["path"]) for r in run["scores"]])
     assert {s.partition(":")[0] for s in scores["simulator"]} >= {"detection", "intruder", "embedding"}
     assert run["params"]["scorers"].startswith("simulation,detection")
-    assert (out / "agreement" / "layer_1" / "agreement.png").is_file()
+    assert (out / "site" / "layer_1" / "agreement.png").is_file() and (out / "site" / "layer_1" / "agreement.html").is_file()
     again = cli(home, "rescore", "--out", str(out), "--layer", "1", "--bootstrap", "50",
                 "--scorers", f"fuzzing:openai:bench@{url}")
     assert again.returncode == 0, again.stderr[-3000:]
