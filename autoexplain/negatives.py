@@ -4,9 +4,10 @@ Random non-activating windows are easy to tell from activating ones, so a classi
 recognises the topic of the activating windows scores well on them (a recall bias). delphi also
 draws negatives from similar contexts; so do we, per layer, once:
 
-1. a pool of `pool` windows drawn (seeded) from the corpus windows that appear in *no* record of
-   the layer: no explainer ever saw them, and no unit is scored on them otherwise (a corpus with no
-   such window gives no similar negatives: the scores then hold the random ones only);
+1. a pool of `pool` windows drawn (seeded) from the corpus windows that appear in no record of the
+   units asked about: their explainer never saw them (it sees a unit's own train records only),
+   and none of them is scored on them otherwise (a corpus with no such window gives no similar
+   negatives: the scores then hold the random ones only);
 2. the subject's activations on the pool, for every unit of the layer (one forward pass per batch:
    the records hold each unit's activations only on its own windows);
 3. per unit and polarity, the pool windows on which it does not fire (every token below
@@ -35,8 +36,9 @@ from autoexplain.storage import content_key, is_complete, read_manifest, stage_d
 POOL, PER_UNIT = 512, 10
 
 
-def _pool_ids(records: pl.DataFrame, windows_path: Path, pool: int, seed: int) -> np.ndarray:
-    used = set(records["window_id"].to_list())
+def _pool_ids(records: pl.DataFrame, units: list[tuple[int, int]], windows_path: Path, pool: int, seed: int) -> np.ndarray:
+    wanted = pl.DataFrame(units, schema={"unit": pl.Int32, "polarity": pl.Int8}, orient="row")
+    used = set(records.join(wanted, on=["unit", "polarity"], how="semi")["window_id"].to_list())
     ids = pl.scan_parquet(windows_path).select("window_id").collect()["window_id"].to_numpy()
     free = np.sort(ids[~np.isin(ids, list(used))])
     if free.size == 0:  # a corpus too small to hold windows beyond the records: no similar negatives
@@ -108,8 +110,8 @@ def run_negatives(records_dir, layer: int, out, model: str, units: list[tuple[in
         raise UserError(f"the model '{model}' is not the one these records were made with",
                         "pass the --model the records were recorded with")
     records = pl.read_parquet(records_path, columns=["unit", "polarity", "window_id", "kind", "split", "activations"])
-    ids = _pool_ids(records, windows_path, pool, seed)
     wanted = units or sorted(set(zip(records["unit"].to_list(), records["polarity"].to_list())))
+    ids = _pool_ids(records, wanted, windows_path, pool, seed)
     if ids.size == 0:
         wanted = []
     pool_ids, pool_tokens, hi, neg_lo = _pool_maxima(subject, windows_path, ids, layer)

@@ -1,6 +1,6 @@
 """The classify stage on a real recording of a tiny model, asked through the loopback server: no
 window it scores was shown to the explainer, similar negatives lie outside every record of the
-layer, and the stage is content-addressed; then `--scorers` end to end from the command line, and a
+scored units, and the stage is content-addressed; then `--scorers` end to end from the command line, and a
 bad value caught with one line before any work."""
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def test_no_scoring_window_was_shown_to_the_explainer(layer_run, bench_server, t
     ref = run_classify(records, sims, out, f"detection:openai:bench@{bench_server.base_url}", model=tiny_llama_dir)
     trials = pl.read_parquet(ref.path)
     units = {(u.id.index, u.id.polarity): u for u in load_units(records, 1, [0, 1, 2, 3])}
-    all_records = pl.read_parquet(Path(records) / "layer_1.records.parquet")["window_id"].to_list()
+    recorded = pl.read_parquet(Path(records) / "layer_1.records.parquet")
+    all_records = recorded.filter(pl.col("unit").is_in([0, 1, 2, 3]))["window_id"].to_list()
     assert set(trials["negatives"]) == {"random", "similar"} and set(trials["method"]) == {"explainer", "token-lookup", "shuffled"}
     for row in trials.iter_rows(named=True):
         unit = units[(row["unit"], row["polarity"])]
@@ -56,7 +57,7 @@ def test_no_scoring_window_was_shown_to_the_explainer(layer_run, bench_server, t
         if row["label"] == 1:
             assert any(r.window_id == row["window_id"] and r.split == "test" and r.kind == "top" for r in unit.records)
         if row["negatives"] == "similar" and row["label"] == 0:
-            assert row["window_id"] not in all_records  # outside every record of the layer
+            assert row["window_id"] not in all_records  # outside every record of the scored units
     assert trials["failure"].null_count() == trials.height and (trials["tokens"] > 0).all()
     # content-addressed: asked again, nothing is sent
     from autoexplain.counters import COUNTS
@@ -85,6 +86,47 @@ def test_the_scores_stage_gathers_every_scorer_with_baselines_and_costs(layer_ru
     assert set(fuzz["method"]) == {"explainer", "token-lookup", "shuffled"}  # the baselines are scored too
     assert (fuzz["simulator_tokens"] > 0).all()
     assert set(scores.filter(pl.col("metric").str.starts_with("intruder"))["method"]) == {"explainer"}
+
+
+def test_the_classifier_pays_within_the_budget_and_keeps_its_answers(layer_run, bench_server, tmp_path):
+    """The scorer's requests are charged to the run's budget, and answered from the response cache
+    under `out` when asked again in a new output (nothing sent twice)."""
+    from autoexplain.budget import BudgetReached, set_budget
+    from autoexplain.classify_stage import run_classify
+    from autoexplain.counters import COUNTS
+
+    records, out, sims = layer_run
+    spec = f"detection:openai:bench@{bench_server.base_url}"
+    try:
+        set_budget("300 tokens")
+        with pytest.raises(BudgetReached):
+            run_classify(records, sims, tmp_path / "poor", spec)
+    finally:
+        set_budget(None)
+    first = run_classify(records, sims, tmp_path / "a", spec)
+    sent = COUNTS["llm_requests"]
+    import shutil
+
+    shutil.rmtree(tmp_path / "a" / "classifications")
+    shutil.rmtree(tmp_path / "a" / "memo")
+    again = run_classify(records, sims, tmp_path / "a", spec)  # no stage output, no memo: only the LLM cache
+    assert COUNTS["llm_requests"] == sent and COUNTS["llm_cache_hits"] > 0
+    assert pl.read_parquet(again.path).equals(pl.read_parquet(first.path))
+
+
+def test_the_score_command_takes_scorers(layer_run, bench_server, tiny_llama_dir):
+    import os
+    import sys
+
+    records, out, sims = layer_run
+    result = subprocess.run([sys.executable, "-m", "autoexplain.cli", "score", "--records", str(records),
+                             "--simulations", str(sims.directory), "--bootstrap", "30", "--out", str(out),
+                             "--model", tiny_llama_dir,
+                             "--scorers", f"simulation,fuzzing:openai:bench@{bench_server.base_url},embedding"],
+                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = pl.read_parquet(Path(result.stdout.strip()) / "layer_1.parquet")
+    assert {"top_and_random", "fuzzing_balanced_accuracy@similar", "embedding_auc@random"} <= set(scores["metric"])
 
 
 @pytest.mark.slow
