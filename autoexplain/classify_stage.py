@@ -71,11 +71,24 @@ def _asked_ok(rows: list[dict]) -> bool:
     return not any((r["failure"] or "").startswith("request failed") for r in rows)
 
 
-def run_classify(records_dir, simulations: StageRef, out, scorer_spec: str, scorer=None, model: str | None = None,
-                 seed: int = 0, progress: Progress | None = None) -> StageRef:
+def similar_negatives(records_dir, simulations: StageRef, out, model: str | None) -> Path | None:
+    """The similar negatives (`negatives`) of the units of `simulations`, from the subject `model`
+    the records came from; None without a model (random negatives only). It loads the subject: a
+    caller with other models in other threads runs it under its models lock."""
+    from autoexplain.negatives import run_negatives
+
+    if not model:
+        return None
+    chosen = pq.read_table(simulations.directory / "chosen.parquet", columns=["unit", "polarity"]).to_pylist()
+    pairs = sorted({(r["unit"], r["polarity"]) for r in chosen})
+    return run_negatives(records_dir, simulations.layer, out, model, pairs)
+
+
+def run_classify(records_dir, simulations: StageRef, out, scorer_spec: str, scorer=None,
+                 negatives_dir: Path | None = None, seed: int = 0, progress: Progress | None = None) -> StageRef:
     """Ask one classifier scorer about the chosen explanations of `simulations` (see the module
-    docstring). `model`: the subject the records came from, for similar negatives (None: random only)."""
-    from autoexplain.negatives import read_negatives, run_negatives
+    docstring). `negatives_dir`: `similar_negatives`' output (None: random negatives only)."""
+    from autoexplain.negatives import read_negatives
     from autoexplain.pipeline import in_order
 
     records_dir, layer = Path(records_dir), simulations.layer
@@ -83,12 +96,9 @@ def run_classify(records_dir, simulations: StageRef, out, scorer_spec: str, scor
     chosen = pq.read_table(simulations.directory / "chosen.parquet").to_pylist()
     unit_ids = sorted({r["unit"] for r in chosen})
     ident = scorer_identity(scorer_spec)
-    cls = parse_scorer(scorer_spec).cls
-    negatives_dir = None
-    if model and "similar" in cls.negative_kinds:
-        pairs = sorted({(r["unit"], r["polarity"]) for r in chosen})
-        negatives_dir = run_negatives(records_dir, layer, out, model, pairs)
-    negatives_key = read_manifest(negatives_dir)["key"] if negatives_dir else None
+    if "similar" not in parse_scorer(scorer_spec).cls.negative_kinds:
+        negatives_dir = None
+    negatives_key = read_manifest(Path(negatives_dir))["key"] if negatives_dir else None
     params = {"layer": layer, **ident, "seed": seed, "negatives": negatives_key}
     code = code_identity(run_classify)
     key = content_key({"simulations": simulations.key, **params, "code": code})

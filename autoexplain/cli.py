@@ -224,9 +224,10 @@ def score(
         _records_layer(records, sims.layer)
         ref = run_score(records, sims, out, n_boot) if "simulation" in specs else None
         if specs != ["simulation"]:
-            from autoexplain.classify_stage import run_classify, run_scores
+            from autoexplain.classify_stage import run_classify, run_scores, similar_negatives
 
-            asked = [run_classify(records, sims, out, spec, model=model) for spec in specs if spec != "simulation"]
+            near = similar_negatives(records, sims, out, model)
+            asked = [run_classify(records, sims, out, spec, negatives_dir=near) for spec in specs if spec != "simulation"]
             ref = run_scores(records, sims, asked, out, ref, n_boot)
             print_llm_usage()
         print_summary([ref.path])

@@ -36,7 +36,7 @@ from autoexplain.remote import is_url
 from autoexplain.storage import open_root, write_run
 from autoexplain.summary import compare_markdown
 from schemas.contracts import ContractViolation
-from tasks.classify import agreement_task, classify_task, scores_task
+from tasks.classify import agreement_task, classify_task, negatives_task, scores_task
 from tasks.compare import compare_task
 from tasks.report import budget_stop, publish, publish_recording, report_task, view_task
 from tasks.stages import (
@@ -201,9 +201,10 @@ def _score_shard(records, s, scorers: str, model: str | None, n_boot: int, out: 
         return score.submit(records, s, n_boot, out), []
     from autoexplain.classify_stage import scorer_identity
 
-    classify, gather = with_results(results, classify_task, scores_task)
+    negatives, classify, gather = with_results(results, negatives_task, classify_task, scores_task)
     sim_scores = score.submit(records, s, n_boot, out) if DEFAULT_SCORER in specs else None
-    asked = [classify.submit(records, s, spec, scorer_identity(spec), model, out) for spec in specs if spec != DEFAULT_SCORER]
+    near = negatives.submit(records, s, model, out)
+    asked = [classify.submit(records, s, spec, scorer_identity(spec), near, out) for spec in specs if spec != DEFAULT_SCORER]
     return gather.submit(records, s, asked, sim_scores, n_boot, out), asked + ([sim_scores] if sim_scores else [])
 
 

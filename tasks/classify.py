@@ -27,10 +27,22 @@ def scorer_for(spec: str):
     return registry.make_scorer(spec)
 
 
-def _classify(records: dict, simulations: dict, scorer: str, model: str | None, out: str) -> dict:
+@task(name="negatives", cache_key_fn=cache_key("negatives", (classify_stage.similar_negatives,)), **RETRY)
+@one_line_failures
+@one_at_a_time
+def negatives_task(records: dict, simulations: dict, model: str | None, out: str = "out") -> str | None:
+    """A shard's similar negatives (the subject runs on held-out windows), under the models lock:
+    loading and running a model is not safe beside another thread's."""
+    records, simulations, out = local_ref(records), local_ref(simulations), open_root(out)
+    found = classify_stage.similar_negatives(records["path"], StageRef.of(Path(simulations["path"]).parent), out, model)
+    return str(found) if found else None
+
+
+def _classify(records: dict, simulations: dict, scorer: str, negatives: str | None, out: str) -> dict:
     records, simulations, out = local_ref(records), local_ref(simulations), open_root(out)
     sims = StageRef.of(Path(simulations["path"]).parent)
-    result = classify_stage.run_classify(records["path"], sims, out, scorer, scorer_for(scorer), model,
+    result = classify_stage.run_classify(records["path"], sims, out, scorer, scorer_for(scorer),
+                                         Path(negatives) if negatives else None,
                                          progress=stage_progress("classify", f"{scorer} {sims.key[:8]}"))
     get_run_logger().info(f"classified {sims.directory.name} with {scorer}")
     return ref(result)
@@ -41,12 +53,13 @@ _serial = one_at_a_time(_classify)
 
 @task(name="classify", cache_key_fn=cache_key("classify", (classify_stage.run_classify,)), **RETRY)
 @one_line_failures
-def classify_task(records: dict, simulations: dict, scorer: str, scorer_id: dict, model: str | None,
+def classify_task(records: dict, simulations: dict, scorer: str, scorer_id: dict, negatives: str | None,
                   out: str = "out") -> dict:
-    """`scorer_id` (`classify_stage.scorer_identity`) puts the prompt and weights in the cache key."""
+    """`scorer_id` (`classify_stage.scorer_identity`) puts the prompt and weights in the cache key.
+    A server scorer's shards run beside the other tasks; a local one's under the models lock."""
     if registry.parse_scorer(scorer).llm is not None and scorer_for(scorer).thread_safe:
-        return _classify(records, simulations, scorer, model, out)
-    return _serial(records, simulations, scorer, model, out)
+        return _classify(records, simulations, scorer, negatives, out)
+    return _serial(records, simulations, scorer, negatives, out)
 
 
 @task(name="scores", cache_key_fn=cache_key("scores", (classify_stage.run_scores,)), **RETRY)

@@ -38,12 +38,13 @@ def layer_run(tiny_llama_dir, tmp_path_factory):
 
 
 def test_no_scoring_window_was_shown_to_the_explainer(layer_run, bench_server, tiny_llama_dir):
-    from autoexplain.classify_stage import run_classify
+    from autoexplain.classify_stage import run_classify, similar_negatives
     from autoexplain.layer import load_units
     from autoexplain.pipeline import shown_records
 
     records, out, sims = layer_run
-    ref = run_classify(records, sims, out, f"detection:openai:bench@{bench_server.base_url}", model=tiny_llama_dir)
+    near = similar_negatives(records, sims, out, tiny_llama_dir)
+    ref = run_classify(records, sims, out, f"detection:openai:bench@{bench_server.base_url}", negatives_dir=near)
     trials = pl.read_parquet(ref.path)
     units = {(u.id.index, u.id.polarity): u for u in load_units(records, 1, [0, 1, 2, 3])}
     recorded = pl.read_parquet(Path(records) / "layer_1.records.parquet")
@@ -63,17 +64,18 @@ def test_no_scoring_window_was_shown_to_the_explainer(layer_run, bench_server, t
     from autoexplain.counters import COUNTS
 
     before = COUNTS["llm_requests"]
-    assert run_classify(records, sims, out, f"detection:openai:bench@{bench_server.base_url}", model=tiny_llama_dir).key == ref.key
+    assert run_classify(records, sims, out, f"detection:openai:bench@{bench_server.base_url}", negatives_dir=near).key == ref.key
     assert COUNTS["llm_requests"] == before
 
 
 def test_the_scores_stage_gathers_every_scorer_with_baselines_and_costs(layer_run, bench_server, tiny_llama_dir):
-    from autoexplain.classify_stage import run_classify, run_scores
+    from autoexplain.classify_stage import run_classify, run_scores, similar_negatives
     from autoexplain.layer import run_score
 
     records, out, sims = layer_run
     url = bench_server.base_url
-    asked = [run_classify(records, sims, out, spec, model=tiny_llama_dir)
+    near = similar_negatives(records, sims, out, tiny_llama_dir)
+    asked = [run_classify(records, sims, out, spec, negatives_dir=near)
              for spec in (f"fuzzing:openai:bench@{url}", f"fuzzing-active:openai:bench@{url}",
                           f"intruder:openai:bench@{url}", "embedding")]
     ref = run_scores(records, sims, asked, out, run_score(records, sims, out, n_boot=50), n_boot=50)
