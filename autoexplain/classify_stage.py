@@ -138,8 +138,9 @@ def run_classify(records_dir, simulations: StageRef, out, scorer_spec: str, scor
 
 def classifier_score_rows(trials: list[dict], chosen: list[dict], n_boot: int = 1000, seed: int = 0) -> list[dict]:
     """Score rows (the scores schema) of one classification output's trials: per unit, method and
-    metric. `explainer_tokens` and `dollars` add the explanation's cost as the simulation rows do;
-    `simulator_tokens` is the scorer's own tokens for the trials behind the metric."""
+    metric. `explainer_tokens` is the explanation's, as on the simulation rows; `simulator_tokens`
+    and `dollars` are the scorer's own requests for this unit and method (every kind of negatives),
+    so a run's cost (`summary.run_cost`, once per unit, method and scorer) adds each scorer once."""
     from autoexplain.classify import Trial
     from autoexplain.classify_metrics import metrics
 
@@ -154,14 +155,12 @@ def classifier_score_rows(trials: list[dict], chosen: list[dict], n_boot: int = 
                        r["failure"]) for r in rows]
         e = explained.get((unit, polarity, method)) or {}
         cost = (e.get("prompt_tokens") or 0) + (e.get("completion_tokens") or 0)
+        tokens, dollars = sum(r["tokens"] for r in rows), prices.add(*(r["dollars"] for r in rows))
         for name, s in metrics(cls.metric, typed, n_boot, seed, cls.metric_prefix).items():
-            kind = name.split("@", 1)[1]
-            mine = [r for r in rows if r["negatives"] == kind]
             out.append({"layer": layer, "unit": unit, "polarity": polarity, "method": method, "simulator": spec,
                         "split": "test", "metric": name, "value": s.value, "ci_low": s.ci_low, "ci_high": s.ci_high,
                         "undefined_reason": s.undefined_reason, "n_records": s.n_records, "n_failed": s.n_failed,
-                        "explainer_tokens": cost, "simulator_tokens": sum(r["tokens"] for r in mine),
-                        "dollars": prices.add(e.get("dollars", 0.0), *(r["dollars"] for r in mine))})
+                        "explainer_tokens": cost, "simulator_tokens": tokens, "dollars": dollars})
     return out
 
 

@@ -39,6 +39,16 @@ class EmbeddingScorer(ClassifierScorer):
 
     def __init__(self, spec: str | None = None):
         super().__init__(None, spec or self.kind)
+        self._vectors: dict[str, np.ndarray] = {}  # window text -> vector: a unit's 3 methods share windows
+
+    def vectors(self, texts: list[str]) -> np.ndarray:
+        """Each text's embedding (`embed`), computed once per text and scorer (a vector depends on its
+        text alone, so a remembered one has the bits a fresh one would)."""
+        new = [t for t in dict.fromkeys(texts) if t not in self._vectors]
+        if len(self._vectors) > 50_000:
+            self._vectors.clear()
+        self._vectors.update(zip(new, embed(new)) if new else ())
+        return np.stack([self._vectors[t] for t in texts]) if texts else np.zeros((0, 384), np.float32)
 
     @property
     def thread_safe(self) -> bool:
@@ -56,7 +66,7 @@ class EmbeddingScorer(ClassifierScorer):
         query = embed([text or ""])[0]
         for kind in self.kinds_for(negatives):
             shown = [(r, 1) for r in positives] + [(r, 0) for r in negatives[kind]]
-            vectors = embed([window_text(r.tokens) for r, _ in shown])
+            vectors = self.vectors([window_text(r.tokens) for r, _ in shown])
             for i, ((r, label), v) in enumerate(zip(shown, vectors)):
                 out.append(Trial(kind, i, r.window_id, label, None, float(np.dot(v, query))))
         return out
