@@ -81,7 +81,7 @@ def similar_negatives(records: pl.DataFrame, tokens_of: dict, pool_ids, pool_tok
         test = tops.filter(pl.col("split") == SCORED_SPLIT)["window_id"].to_list()
         if top <= 0 or not test:
             continue
-        centre = embed([window_text(tokens_of[w]) for w in test]).mean(axis=0)
+        centre = embed([window_text(tokens_of[w]) for w in sorted(test)]).mean(axis=0)
         quiet = np.flatnonzero(pool_max[polarity][:, unit] < ACTIVE_FRACTION * top)
         sims = pool_vecs[quiet] @ centre / max(float(np.linalg.norm(centre)), 1e-12)
         for rank, k in enumerate(np.argsort(-sims, kind="stable")[:per_unit]):

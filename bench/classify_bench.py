@@ -21,7 +21,7 @@ def main() -> None:
     ap.add_argument("--records", required=True)
     ap.add_argument("--simulations", required=True)
     ap.add_argument("--scorer", default="detection:local")
-    ap.add_argument("--units", type=int, default=4, help="the first N units (both polarities) of the run")
+    ap.add_argument("--units", type=int, default=4, help="the first N units (a unit: a neuron and a polarity) of the run")
     ap.add_argument("--n-boot", type=int, default=200)
     a = ap.parse_args()
 
@@ -34,7 +34,7 @@ def main() -> None:
     sims = StageRef.of(a.simulations)
     chosen = pq.read_table(sims.directory / "chosen.parquet").to_pylist()
     wanted = sorted({r["unit"] for r in chosen})[: a.units]
-    units = load_units(a.records, sims.layer, wanted)
+    units = load_units(a.records, sims.layer, wanted)[: a.units]
     texts = {}
     for r in chosen:
         texts.setdefault((r["unit"], r["polarity"]), {})[r["method"]] = r["text"]
