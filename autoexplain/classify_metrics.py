@@ -90,8 +90,7 @@ def measure(name: str, trials: Sequence, n_boot: int = 1000, seed: int = 0, leve
 
 
 def _resampled(name: str, labels: np.ndarray, values: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
-    """The metric on `n_boot` resamples of the trials (NaN where undefined); the accuracies at once
-    as matrix sums, the AUCs one resample at a time (a few dozen trials each)."""
+    """The metric on `n_boot` resamples of the trials (NaN where undefined), all resamples at once."""
     idx = np.random.default_rng(seed).integers(0, len(labels), size=(n_boot, len(labels)))
     y, v = labels[idx], values[idx]
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -100,13 +99,20 @@ def _resampled(name: str, labels: np.ndarray, values: np.ndarray, n_boot: int, s
         if name == BALANCED_ACCURACY:
             pos, neg = y == 1, y == 0
             return ((pos & (v == 1)).sum(1) / pos.sum(1) + (neg & (v == 0)).sum(1) / neg.sum(1)) / 2
-    out = np.full(n_boot, np.nan)
-    for b in range(n_boot):
-        try:
-            out[b] = _FUNCTIONS[name](y[b], v[b])
-        except UndefinedMetric:
-            pass
-    return out
+        if len(labels) > 200:  # pooled over a layer: one resample at a time (n log n each)
+            out = np.full(n_boot, np.nan)
+            for b in range(n_boot):
+                try:
+                    out[b] = auc(y[b], v[b])
+                except UndefinedMetric:
+                    pass
+            return out
+        # AUC: every (activating, non-activating) pair of each resample, ties counting half (the
+        # trials of one unit are a few dozen, so the pair cube stays small).
+        pos, neg = y == 1, y == 0
+        pairs = pos[:, :, None] & neg[:, None, :]
+        wins = (v[:, :, None] > v[:, None, :]) + 0.5 * (v[:, :, None] == v[:, None, :])
+        return (wins * pairs).sum(axis=(1, 2)) / (pos.sum(1) * neg.sum(1))
 
 
 def metrics(family: str, trials: Sequence, n_boot: int = 1000, seed: int = 0, prefix: str = "") -> dict[str, Score]:

@@ -267,3 +267,31 @@ def test_agreement_pairs_each_units_headline_values(tmp_path):
     (tmp_path / "scores" / "manifest.json").write_text(json.dumps({"inputs": {}}))
     text = agreement_markdown([path], tmp_path / "agreement.png", n_boot=20)
     assert "| simulation vs detection | 0.800 | 4 |" in text and (tmp_path / "agreement.png").is_file()
+
+
+def test_the_auc_ci_is_the_percentiles_of_resampled_trials():
+    """The vectorised AUC bootstrap gives what `auc` on each resample gives."""
+    from autoexplain.classify_metrics import auc
+
+    labels = [1, 1, 1, 0, 0, 0, 1, 0]
+    p_one = [0.9, 0.3, 0.6, 0.3, 0.2, 0.7, 0.6, 0.1]
+    s = measure("auc", trials(labels, [1] * 8, p_one), n_boot=200, seed=3)
+    idx = np.random.default_rng(3).integers(0, 8, size=(200, 8))
+    boot = []
+    for row in idx:
+        try:
+            boot.append(auc(np.array(labels)[row], np.array(p_one)[row]))
+        except UndefinedMetric:
+            pass
+    lo, hi = np.quantile(boot, [0.025, 0.975])
+    assert (s.ci_low, s.ci_high) == (pytest.approx(min(lo, s.value)), pytest.approx(max(hi, s.value)))
+
+
+def test_pooled_auc_over_many_trials_takes_the_same_resamples():
+    from autoexplain.classify_metrics import auc
+
+    rng = np.random.default_rng(0)
+    labels = list(rng.integers(0, 2, 300))
+    p_one = list(np.round(rng.random(300), 2))
+    s = measure("auc", trials(labels, [1] * 300, p_one), n_boot=100, seed=1)
+    assert s.value == pytest.approx(auc(np.array(labels), np.array(p_one))) and s.ci_low < s.value < s.ci_high
