@@ -211,7 +211,8 @@ class ClassifierScorer(Scorer):
         negatives = negatives if negatives is not None else {"random": random_negatives(records)}
         asked: list[tuple[str, int, list[Example]]] = []
         for kind in self.kinds_for({**negatives, "active": positives}):
-            rng = random.Random(f"{seed}|{self.kind}|{kind}|{text}")
+            # The intruder's prompts do not depend on the explanation it is not shown.
+            rng = random.Random(f"{seed}|{self.kind}|{kind}|{text if self.needs_explanation else ''}")
             for i, examples in enumerate(self.prompts(text, positives, negatives.get(kind, []), rng)):
                 asked.append((kind, i, examples))
         return self.ask(text, asked)

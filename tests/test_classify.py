@@ -295,3 +295,9 @@ def test_pooled_auc_over_many_trials_takes_the_same_resamples():
     p_one = list(np.round(rng.random(300), 2))
     s = measure("auc", trials(labels, [1] * 300, p_one), n_boot=100, seed=1)
     assert s.value == pytest.approx(auc(np.array(labels), np.array(p_one))) and s.ci_low < s.value < s.ci_high
+
+
+def test_the_intruder_asks_the_same_whatever_the_explanation(bench_server):
+    scorer = server_scorer(IntruderScorer, bench_server)
+    a, b = scorer.trials("the word river", unit_records()), scorer.trials("something else", unit_records())
+    assert [(t.window_id, t.label, t.prediction) for t in a] == [(t.window_id, t.label, t.prediction) for t in b]
