@@ -166,3 +166,26 @@ def test_a_bad_scorers_value_is_one_line_before_any_work(tmp_path, tiny_llama_di
     line = _one_error_line(result)
     assert "--scorers" in line and said in line
     assert not out.exists()  # nothing started
+
+
+def test_the_default_scorers_submit_the_score_task_as_before():
+    """With `scorers` left at its default the flow submits the simulation score task alone, with the
+    same arguments as before the classifier scorers existed (so its cache keys are unchanged)."""
+    import inspect
+
+    from flows.explain_layer import _score_shard, explain_layer, rescore
+
+    assert inspect.signature(explain_layer.fn).parameters["scorers"].default == "simulation"
+    assert inspect.signature(rescore.fn).parameters["scorers"].default == "simulation"
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def submit(self, *args):
+            self.calls.append(args)
+            return "future"
+
+    score = Recorder()
+    assert _score_shard("records", "sims", "simulation", "model", 100, "out", score, None) == ("future", [])
+    assert score.calls == [("records", "sims", 100, "out")]
