@@ -11,8 +11,9 @@ nothing.
 
 Windows: activating ones are the unit's test-split top windows (the explainer saw train ones only);
 non-activating ones come per `negatives` kind: 'random' (the unit's test-split random windows where
-it does not fire) or 'similar' (held-out windows nearest the activating ones by MiniLM, where it does
-not fire: `negatives`). A window "fires" where a token reaches `ACTIVE_FRACTION` of the unit's top
+it does not fire), 'similar' (held-out windows nearest the activating ones by MiniLM, where it does
+not fire) or 'cofiring' (held-out windows where its co-firing units fire and it does not:
+`negatives`). A window "fires" where a token reaches `ACTIVE_FRACTION` of the unit's top
 activation; fuzzing highlights the tokens at or above that fraction of the window's own maximum.
 """
 
@@ -50,7 +51,7 @@ class Example:
 class Trial:
     """One question to the classifier about one window (see the module docstring)."""
 
-    negatives: str  # the kind of non-activating windows in its prompt: 'random', 'similar', 'active'
+    negatives: str  # the kind of non-activating windows in its prompt: 'random', 'similar', 'cofiring', 'active'
     prompt: int  # which request of the unit, method and negatives kind it was asked in
     window_id: int
     label: int
@@ -165,7 +166,7 @@ class ClassifierScorer(Scorer):
     takes_llm = "optional"
     metric: ClassVar[str] = ""  # 'binary' (balanced accuracy and AUC), 'intruder', 'similarity'
     metric_prefix: ClassVar[str] = ""  # a binary scorer's metrics are named after it ('detection_auc@random')
-    negative_kinds: ClassVar[tuple[str, ...]] = ("random", "similar")
+    negative_kinds: ClassVar[tuple[str, ...]] = ("random", "similar", "cofiring")
     batch: ClassVar[int] = 5  # windows per prompt
     max_tokens: ClassVar[int] = 32
     retries: ClassVar[int] = 1  # a reply that does not parse is asked again, sampling a little

@@ -24,7 +24,7 @@ from autoexplain.scoring import MIN_DEFINED_RESAMPLES, Score, UndefinedMetric, d
 BALANCED_ACCURACY, AUC, INTRUDER_ACCURACY, EMBEDDING_AUC = "balanced_accuracy", "auc", "intruder_accuracy", "embedding_auc"
 # What each scorer's `metric` family reports.
 FAMILIES = {"binary": (BALANCED_ACCURACY, AUC), "intruder": (INTRUDER_ACCURACY,), "similarity": (EMBEDDING_AUC,)}
-NEGATIVE_KINDS = ("random", "similar", "active")
+NEGATIVE_KINDS = ("random", "similar", "cofiring", "active")
 
 
 PREFIXES = {"binary": ("detection", "fuzzing")}  # binary scorers name their metrics after themselves

@@ -2,7 +2,7 @@
 
 - `run_classify`: one classifier scorer (`classify`) asks about the chosen explanations of a
   simulate output (the explainer's, the token-lookup baseline and the shuffled control) on each
-  unit's test windows, with random and similar negatives (`negatives`). Writes the raw trials,
+  unit's test windows, with random, similar and co-firing negatives (`negatives`). Writes the raw trials,
   `classifications/<key>/layer_<L>.parquet`. The key holds the chosen explanations' key, the scorer's
   spec, prompt hash, settings and LLM weights, the negatives and the code; each unit is memoised
   alike, except a unit with a request that failed for good, which is asked again on a rerun.
@@ -54,11 +54,11 @@ def _trial_rows(unit, method: str, scorer: ClassifierScorer, trials) -> list[dic
              "dollars": scorer.dollars(t.prompt_tokens, t.completion_tokens, t.cached_tokens)} for t in trials]
 
 
-def classify_unit(unit, texts: dict[str, str], scorer: ClassifierScorer, similar: list | None, seed: int = 0) -> list[dict]:
+def classify_unit(unit, texts: dict[str, str], scorer: ClassifierScorer, hard: dict | None, seed: int = 0) -> list[dict]:
     """One unit's trials for each explanation method (the intruder, which needs no explanation,
-    once, under 'explainer')."""
+    once, under 'explainer'). `hard`: its hard negatives by kind ('similar', 'cofiring')."""
     COUNTS["classify_units"] += 1
-    negatives = {"random": random_negatives(unit.records), "similar": similar or []}
+    negatives = {"random": random_negatives(unit.records), **(hard or {})}
     rows = []
     for method, text in texts.items():
         if not scorer.needs_explanation and method != "explainer":
@@ -72,9 +72,9 @@ def _asked_ok(rows: list[dict]) -> bool:
 
 
 def similar_negatives(records_dir, simulations: StageRef, out, model: str | None) -> Path | None:
-    """The similar negatives (`negatives`) of the units of `simulations`, from the subject `model`
-    the records came from; None without a model (random negatives only). It loads the subject: a
-    caller with other models in other threads runs it under its models lock."""
+    """The hard negatives (`negatives`: similar and co-firing) of the units of `simulations`, from
+    the subject `model` the records came from; None without a model (random negatives only). It
+    loads the subject: a caller with other models in other threads runs it under its models lock."""
     from autoexplain.negatives import run_negatives
 
     if not model:
@@ -96,7 +96,7 @@ def run_classify(records_dir, simulations: StageRef, out, scorer_spec: str, scor
     chosen = pq.read_table(simulations.directory / "chosen.parquet").to_pylist()
     unit_ids = sorted({r["unit"] for r in chosen})
     ident = scorer_identity(scorer_spec)
-    if "similar" not in parse_scorer(scorer_spec).cls.negative_kinds:
+    if not {"similar", "cofiring"} & set(parse_scorer(scorer_spec).cls.negative_kinds):
         negatives_dir = None
     negatives_key = read_manifest(Path(negatives_dir))["key"] if negatives_dir else None
     params = {"layer": layer, **ident, "seed": seed, "negatives": negatives_key}
@@ -116,9 +116,9 @@ def run_classify(records_dir, simulations: StageRef, out, scorer_spec: str, scor
 
     def unit_rows(unit):
         pair = (unit.id.index, unit.id.polarity)
-        texts, near = texts_of.get(pair, {}), similar.get(pair, [])
-        ukey = unit_key(records_key, unit, texts=texts, similar=[r.window_id for r in near], seed=seed, code=code,
-                         **ident)
+        texts, near = texts_of.get(pair, {}), similar.get(pair, {})
+        ukey = unit_key(records_key, unit, texts=texts, seed=seed, code=code, **ident,
+                        hard={k: [r.window_id for r in v] for k, v in sorted(near.items())})
         return memoised(memo, ukey, lambda: classify_unit(unit, texts, scorer, near, seed), _asked_ok)
 
     workers = int(scorer.llm.max_concurrency) if scorer.thread_safe else 1

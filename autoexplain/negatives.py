@@ -13,7 +13,10 @@ draws negatives from similar contexts; so do we, per layer, once:
 3. per unit and polarity, the pool windows on which it does not fire (every token below
    `classify.ACTIVE_FRACTION` of its top activation), ranked by MiniLM cosine similarity to the
    mean embedding of its test-split activating windows; the nearest `per_unit` are its 'similar'
-   negatives.
+   negatives;
+4. per unit, its `PARTNERS` co-firing units (the highest correlation of per-window maxima, as
+   shares of each unit's top activation, over the pool; another neuron, either polarity), and the
+   pool windows where one of them fires and it does not, strongest first: its 'cofiring' negatives.
 
 The output `negatives/<key>/layer_<L>.parquet` is keyed by the records, the subject's weights, the
 parameters and the code.
@@ -33,7 +36,7 @@ from autoexplain.identity import code_identity
 from autoexplain.records import ActivationRecord
 from autoexplain.storage import content_key, is_complete, read_manifest, stage_dir, write_manifest, write_table
 
-POOL, PER_UNIT = 512, 10
+POOL, PER_UNIT, PARTNERS = 512, 10, 5
 
 
 def _pool_ids(records: pl.DataFrame, units: list[tuple[int, int]], windows_path: Path, pool: int, seed: int) -> np.ndarray:
@@ -86,8 +89,36 @@ def similar_negatives(records: pl.DataFrame, tokens_of: dict, pool_ids, pool_tok
         sims = pool_vecs[quiet] @ centre / max(float(np.linalg.norm(centre)), 1e-12)
         for rank, k in enumerate(np.argsort(-sims, kind="stable")[:per_unit]):
             i = int(quiet[k])
-            rows.append({"unit": unit, "polarity": polarity, "window_id": int(pool_ids[i]), "rank": rank,
+            rows.append({"unit": unit, "polarity": polarity, "kind": "similar", "window_id": int(pool_ids[i]), "rank": rank,
                          "similarity": float(sims[k]), "max_activation": float(pool_max[polarity][i, unit])})
+    return rows
+
+
+def cofiring_negatives(pool_ids, pool_max: dict[int, np.ndarray], tops: dict[tuple[int, int], float],
+                       units: list[tuple[int, int]], per_unit: int, partners: int = PARTNERS) -> list[dict]:
+    """Step 4 (see the module docstring): per unit, the pool windows where its co-firing units fire
+    and it does not, strongest partner activation first."""
+    cols = [(u, p) for (u, p), t in sorted(tops.items()) if t > 0]
+    if not cols or len(pool_ids) < 3:
+        return []
+    z = np.stack([pool_max[p][:, u] / tops[(u, p)] for u, p in cols], axis=1)  # (P, units): share of each top
+    zc = z - z.mean(axis=0)
+    zc /= np.maximum(np.linalg.norm(zc, axis=0), 1e-12)
+    index = {c: i for i, c in enumerate(cols)}
+    rows = []
+    for unit, polarity in units:
+        i = index.get((unit, polarity))
+        if i is None:
+            continue
+        corr = zc.T @ zc[:, i]
+        corr[[j for j, (u, _) in enumerate(cols) if u == unit]] = -np.inf  # not itself, either polarity
+        best = np.argsort(-corr, kind="stable")[:partners]
+        partner = z[:, best].max(axis=1)
+        quiet = np.flatnonzero((z[:, i] < ACTIVE_FRACTION) & (partner >= ACTIVE_FRACTION))
+        for rank, k in enumerate(quiet[np.argsort(-partner[quiet], kind="stable")][:per_unit]):
+            rows.append({"unit": unit, "polarity": polarity, "kind": "cofiring", "window_id": int(pool_ids[k]),
+                         "rank": rank, "similarity": float(partner[k]),
+                         "max_activation": float(pool_max[polarity][k, unit])})
     return rows
 
 
@@ -120,8 +151,11 @@ def run_negatives(records_dir, layer: int, out, model: str, units: list[tuple[in
         "window_id", "tokens").collect()
     tokens_of = dict(zip(tok["window_id"].to_list(), tok["tokens"].to_list()))
     rows = similar_negatives(records, tokens_of, pool_ids, pool_tokens, {1: hi, -1: neg_lo}, wanted, per_unit)
+    tops = {(u, p): max(max(a) for a in g["activations"].to_list())
+            for (u, p), g in records.filter(pl.col("kind") == "top").group_by(["unit", "polarity"])}
+    rows += cofiring_negatives(pool_ids, {1: hi, -1: neg_lo}, tops, wanted, per_unit)
     directory.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pylist(rows, schema=pa.schema([("unit", pa.int32()), ("polarity", pa.int8()),
+    table = pa.Table.from_pylist(rows, schema=pa.schema([("unit", pa.int32()), ("polarity", pa.int8()), ("kind", pa.string()),
                                                          ("window_id", pa.int64()), ("rank", pa.int32()),
                                                          ("similarity", pa.float64()), ("max_activation", pa.float64())]))
     path = directory / f"layer_{layer}.parquet"
@@ -130,14 +164,15 @@ def run_negatives(records_dir, layer: int, out, model: str, units: list[tuple[in
     return directory
 
 
-def read_negatives(directory: Path, layer: int, windows_path: Path) -> dict[tuple[int, int], list[ActivationRecord]]:
-    """Per (unit, polarity), its similar negatives as records (tokens only: no activation is scored)."""
-    table = pl.read_parquet(Path(directory) / f"layer_{layer}.parquet").sort(["unit", "polarity", "rank"])
+def read_negatives(directory: Path, layer: int, windows_path: Path) -> dict[tuple[int, int], dict[str, list[ActivationRecord]]]:
+    """Per (unit, polarity), its negatives of each kind ('similar', 'cofiring') as records (tokens
+    only: no activation is scored)."""
+    table = pl.read_parquet(Path(directory) / f"layer_{layer}.parquet").sort(["unit", "polarity", "kind", "rank"])
     ids = table["window_id"].unique().to_list()
     tok = pl.scan_parquet(windows_path).filter(pl.col("window_id").is_in(ids)).select("window_id", "tokens").collect()
     tokens_of = dict(zip(tok["window_id"].to_list(), tok["tokens"].to_list()))
-    out: dict[tuple[int, int], list[ActivationRecord]] = {}
+    out: dict[tuple[int, int], dict[str, list[ActivationRecord]]] = {}
     for r in table.iter_rows(named=True):
-        out.setdefault((r["unit"], r["polarity"]), []).append(
-            ActivationRecord(list(tokens_of[r["window_id"]]), [r["max_activation"]], r["window_id"], "similar", "held-out"))
+        out.setdefault((r["unit"], r["polarity"]), {}).setdefault(r["kind"], []).append(
+            ActivationRecord(list(tokens_of[r["window_id"]]), [r["max_activation"]], r["window_id"], r["kind"], "held-out"))
     return out

@@ -119,7 +119,7 @@ def test_the_scores_contract_knows_every_classifier_metric():
     suite = json.loads((HERE / "expectations" / "scores.json").read_text())
     known = suite["expectations"][0]["kwargs"]["value_set"]
     for name in metric_names():
-        for kind in ("random", "similar", "active"):
+        for kind in ("random", "similar", "cofiring", "active"):
             assert f"{name}@{kind}" in known
 
 
@@ -301,3 +301,14 @@ def test_the_intruder_asks_the_same_whatever_the_explanation(bench_server):
     scorer = server_scorer(IntruderScorer, bench_server)
     a, b = scorer.trials("the word river", unit_records()), scorer.trials("something else", unit_records())
     assert [(t.window_id, t.label, t.prediction) for t in a] == [(t.window_id, t.label, t.prediction) for t in b]
+
+
+def test_cofiring_negatives_are_where_a_partner_fires_and_the_unit_does_not():
+    from autoexplain.negatives import cofiring_negatives
+
+    # 6 pool windows, 3 units (+1 polarity): unit 1 mostly fires with unit 0 (its partner), unit 2 never with it.
+    hi = np.array([[10, 5, 0], [9, 4, 1], [0, 5, 0], [1, 0, 3], [0, 4.5, 3], [0, 0, 0]], dtype=float)
+    tops = {(0, 1): 10.0, (1, 1): 5.0, (2, 1): 3.0}
+    rows = cofiring_negatives(np.arange(100, 106), {1: hi, -1: np.zeros_like(hi)}, tops, [(0, 1)], per_unit=5, partners=1)
+    # unit 0 is quiet (< 0.3 x 10) on windows 2-5; its partner, unit 1, fires (>= 0.3 x 5) on 2 (1.0) and 4 (0.9)
+    assert [(r["window_id"], r["rank"], r["kind"]) for r in rows] == [(102, 0, "cofiring"), (104, 1, "cofiring")]

@@ -49,7 +49,8 @@ def test_no_scoring_window_was_shown_to_the_explainer(layer_run, bench_server, t
     units = {(u.id.index, u.id.polarity): u for u in load_units(records, 1, [0, 1, 2, 3])}
     recorded = pl.read_parquet(Path(records) / "layer_1.records.parquet")
     all_records = recorded.filter(pl.col("unit").is_in([0, 1, 2, 3]))["window_id"].to_list()
-    assert set(trials["negatives"]) == {"random", "similar"} and set(trials["method"]) == {"explainer", "token-lookup", "shuffled"}
+    assert set(trials["negatives"]) == {"random", "similar", "cofiring"}
+    assert set(trials["method"]) == {"explainer", "token-lookup", "shuffled"}
     for row in trials.iter_rows(named=True):
         unit = units[(row["unit"], row["polarity"])]
         shown = {r.window_id for r in shown_records(unit, 100)}
@@ -57,7 +58,7 @@ def test_no_scoring_window_was_shown_to_the_explainer(layer_run, bench_server, t
         assert row["window_id"] not in shown | train
         if row["label"] == 1:
             assert any(r.window_id == row["window_id"] and r.split == "test" and r.kind == "top" for r in unit.records)
-        if row["negatives"] == "similar" and row["label"] == 0:
+        if row["negatives"] in ("similar", "cofiring") and row["label"] == 0:
             assert row["window_id"] not in all_records  # outside every record of the scored units
     assert trials["failure"].null_count() == trials.height and (trials["tokens"] > 0).all()
     # content-addressed: asked again, nothing is sent
