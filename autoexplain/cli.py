@@ -36,6 +36,9 @@ BUDGET = typer.Option(None, "--budget", help="The most this run may spend on ser
                       "(exit code 3); finished units are kept, and the same command with a larger budget goes on from there.")
 CACHE = typer.Option(True, "--cache/--no-cache", help="Keep every LLM answer under <out>/llm_cache and never pay for the same request twice "
                      "($AUTOEXPLAIN_LLM_CACHE names another folder, or 'off'). --no-cache sends every request.")
+SCORERS = typer.Option("simulation", "--scorers", help="Comma list of scorers: simulation (default), detection, fuzzing, "
+                       "fuzzing-active, intruder (each optionally :LLM, default the embedded SmolLM2) and embedding (MiniLM), "
+                       "e.g. simulation,detection:openai:MODEL@URL,embedding.")
 
 app = typer.Typer(
     help="Explain what each neuron of a language model does: record activations, explain them with an "
@@ -212,16 +215,27 @@ def score(
     records: Path = typer.Option(..., "--records", "-r", help="The records folder the simulations came from."),
     simulations: Path = typer.Option(..., "--simulations", "-s", help="A folder printed by `autoexplain simulate`."),
     n_boot: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the 95% CIs."),
+    scorers: str = SCORERS,
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="The subject the records came from: classifier scorers then also use similar hard negatives."),
     out: Path = typer.Option(Path("out"), "--out", "-o"),
 ):
-    """Score simulations on the test split: correlations, calibrated R², detection AUC, with CIs."""
+    """Score simulations on the test split: correlations, calibrated R², detection AUC, with CIs
+    (and, with --scorers, the classifier scorers' balanced accuracy, AUC and intruder accuracy)."""
     from autoexplain.layer import StageRef, run_score
 
     def go():
         preflight.at_least(preflight.cli_flag, "n_boot", n_boot, 1)
+        specs = preflight.check_scorers(scorers, preflight.cli_flag)
         sims = StageRef.of(simulations)
         _records_layer(records, sims.layer)
-        ref = run_score(records, sims, out, n_boot)
+        ref = run_score(records, sims, out, n_boot) if "simulation" in specs else None
+        if specs != ["simulation"]:
+            from autoexplain.classify_stage import run_classify, run_scores, similar_negatives
+
+            near = similar_negatives(records, sims, out, model)
+            asked = [run_classify(records, sims, out, spec, negatives_dir=near) for spec in specs if spec != "simulation"]
+            ref = run_scores(records, sims, asked, out, ref, n_boot)
+            print_llm_usage()
         print_summary([ref.path])
         typer.echo(str(ref.directory))
 

@@ -378,3 +378,8 @@ def _by_unit(rows: list[dict]) -> dict[tuple[int, int], list[dict]]:
     for row in rows:
         grouped.setdefault((row["unit"], row["polarity"]), []).append(row)
     return grouped
+
+
+# For the stages defined in other modules (`classify_stage`, `negatives`): the same inputs, unit keys
+# and memo rule as these stages.
+records_inputs, unit_key, memoised = _records_inputs, _unit_key, _memoised

@@ -100,6 +100,9 @@ def _in_order(fn, items, workers: int):
                 f.cancel()
 
 
+in_order = _in_order  # for the stages of other modules (`classify_stage`)
+
+
 def explain_units(units: Sequence[UnitRecords], explainer: Explainer, cfg: ExplainConfig) -> list[ExplanationRow]:
     """One batch of units (an explainer answers a batch in one call): per unit, its explainer row
     with k candidates, then its token-lookup baseline."""

@@ -240,7 +240,7 @@ def check_limits(concurrency: int | None, rpm: float | None, spell: Spelling = f
 
 
 def check_budget(budget: str | None, spell: Spelling = flow_name, *, explainer: str | None = None,
-                 simulator: str | None = None):
+                 simulator: str | None = None, scorers: str | None = None):
     """The run's spending limit (`budget.parse`; None: no limit). A limit in dollars needs a price for
     every server model the run asks, else it could not be kept."""
     from autoexplain import budget as budgets
@@ -250,7 +250,9 @@ def check_budget(budget: str | None, spell: Spelling = flow_name, *, explainer: 
     if limit is None or limit.unit != "$":
         return limit
     specs = [(explainer, registry.parse_explainer), (simulator, registry.parse_simulator)]
-    for llm in {parse(spec).llm for spec, parse in specs if spec is not None} - {None}:
+    llms = {parse(spec).llm for spec, parse in specs if spec is not None}
+    llms |= {p.llm for p in registry.parse_scorers(scorers)} if scorers else set()
+    for llm in llms - {None}:
         p = registry.parse_llm(llm)
         if p.kind != "local" and prices.price_of(p.model) is None:
             raise _fail(spell, "budget", f"is in dollars, but the model '{p.model}' has no price in {prices.TABLE.name}",
@@ -272,6 +274,18 @@ def check_simulator(spec: str | None, spell: Spelling = flow_name, name: str = "
     p = _parsed(registry.parse_simulator, spec, spell, name)
     if p.llm is not None:
         check_llm(p.llm, spell, name, needs_echo=p.cls.needs_prompt_logprobs)
+
+
+def check_scorers(specs: str | None, spell: Spelling = flow_name, name: str = "scorers") -> list[str]:
+    """A comma-separated scorer list ('simulation,detection,fuzzing'): each spec, and the server or
+    local model its LLM names. Returns the specs."""
+    from autoexplain import registry
+
+    parsed = _parsed(registry.parse_scorers, specs, spell, name)
+    for p in parsed:
+        if p.llm is not None:
+            check_llm(p.llm, spell, name)
+    return [p.spec for p in parsed]
 
 
 # ---- inputs and outputs --------------------------------------------------------------------------
@@ -393,7 +407,9 @@ def explain_layer(p: dict, spell: Spelling = flow_name) -> LayerPlan:
     check_limits(p.get("concurrency"), p.get("rpm"), spell, p.get("tpm"))
     check_explainer(p.get("explainer"), spell)
     check_simulator(p.get("simulator"), spell)
-    limit = check_budget(p.get("budget"), spell, explainer=p.get("explainer"), simulator=p.get("simulator"))
+    check_scorers(p.get("scorers"), spell)
+    limit = check_budget(p.get("budget"), spell, explainer=p.get("explainer"), simulator=p.get("simulator"),
+                         scorers=p.get("scorers"))
     return LayerPlan(shape, units, revisions, limit, layer, source, content_key(source.identity()))
 
 

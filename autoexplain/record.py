@@ -226,7 +226,8 @@ def record_layers(
         write_table(stats, ref.stats_path(L), "unit_stats")
         outputs += [ref.records_path(L).name, ref.stats_path(L).name]
     # Readers take a source's kind from here ('mlp' where absent, as in every run before sources).
-    named = {} if source.kind == MLP.kind else {"source": source.kind}
+    named = {} if source.kind == MLP.kind else {"source": source.kind, "source_spec": str(source.spec),
+                                                 "source_id": content_key(source.identity())}
     write_manifest(directory, "records", key, inputs, {**params, "layers": layers, **named}, outputs)
     return ref
 

@@ -60,9 +60,11 @@ def _explainer_classes() -> dict[str, type]:
 
 
 def _scorer_classes() -> dict[str, type]:
+    from autoexplain.classify import ActiveFuzzingScorer, DetectionScorer, FuzzingScorer, IntruderScorer
+    from autoexplain.score_embedding import EmbeddingScorer
     from autoexplain.score_simulation import SimulationScorer
 
-    builtin = [SimulationScorer]
+    builtin = [SimulationScorer, DetectionScorer, FuzzingScorer, ActiveFuzzingScorer, IntruderScorer, EmbeddingScorer]
     return {**{cls.kind: cls for cls in builtin}, **_REGISTERED["scorer"]}
 
 
@@ -242,9 +244,28 @@ def parse_scorer(spec: str | None) -> ComponentSpec:
 
 def make_scorer(spec: str | None = None):
     """'simulation' (the default: the simulate stage's predictions against the truth), or another
-    registered scorer."""
+    registered scorer ('detection[:LLM]', 'fuzzing[:LLM]', 'fuzzing-active[:LLM]', 'intruder[:LLM]',
+    'embedding'). Its `name`, as stored in score rows, is the spec as written."""
     p = parse_scorer(spec)
-    return p.cls() if p.llm is None else p.cls(make_llm(p.llm))
+    scorer = p.cls() if p.llm is None else p.cls(make_llm(p.llm))
+    scorer.name = p.spec
+    return scorer
+
+
+def parse_scorers(specs: str | list[str] | None) -> list[ComponentSpec]:
+    """A comma-separated list of scorer specs ('simulation,detection,fuzzing:openai:M@URL'), each
+    checked; the default is ['simulation']."""
+    if isinstance(specs, str) or specs is None:
+        specs = (specs or DEFAULT_SCORER).split(",")
+    parsed = [parse_scorer(s.strip()) for s in specs if s.strip()]
+    if not parsed:
+        raise UserError("no scorer named", f"pass e.g. --scorers {DEFAULT_SCORER},detection")
+    seen = [p.spec for p in parsed]
+    dup = next((s for s in seen if seen.count(s) > 1), None)
+    if dup:
+        raise UserError(f"scorer '{dup}' is named twice", "name each scorer once")
+    return parsed
+
 
 
 def make_source(kind: str | None = None):

@@ -103,3 +103,19 @@ def kind_of(text: str | None) -> str:
     if not re.fullmatch(KIND, text):
         raise UserError(f"'{text}' is no unit source", "write mlp, sae:PATH, transcoder:PATH or a kind such as sae-res-16k")
     return text
+
+
+def recorded_source(records_dir, model: str, layer: int) -> UnitSource:
+    """The unit source a recording read, opened again (for work that reads the same units on other
+    windows), or one line saying why it cannot be: a coder since moved or changed."""
+    from autoexplain.errors import UserError
+    from autoexplain.storage import content_key, read_manifest
+
+    params = read_manifest(Path(records_dir))["params"]
+    if params.get("source", MLP_KIND) == MLP_KIND:
+        return MLP
+    source = open_unit_source(params["source_spec"], model, layer)
+    if content_key(source.identity()) != params["source_id"]:
+        raise UserError(f"the coder at {params['source_spec']} changed since {records_dir} was recorded",
+                        "record again with the coder as it is now")
+    return source

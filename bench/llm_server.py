@@ -14,7 +14,9 @@ concurrency, and answers the size vLLM gives.
   simulation has varied, reproducible values.
 - `POST /v1/completions` without echo: `n` sampled explanations (distinct, reproducible from the
   prompt and the sample index).
-- `POST /v1/chat/completions`: a JSON list of `{"token", "activation"}` for the chat simulator.
+- `POST /v1/chat/completions`: a JSON list of `{"token", "activation"}` for the chat simulator; for
+  a classifier scorer's prompt (numbered examples), 0/1 answers by a keyword rule with logprobs, or
+  the intruder's number (`classify_reply`).
 - `GET /v1/models`.
 - A prefix cache, as providers keep one: every reply's `usage.prompt_tokens_details.cached_tokens`
   is the longest prefix, in whole blocks of `cache_block` tokens, that an earlier prompt shared
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import re
 import signal
@@ -159,8 +162,58 @@ def completion_body(body: dict, cache: PrefixCache | None = None) -> bytes:
                        "usage": _usage(len(toks), 12 * n, cache.cached(toks) if cache else 0)}).encode()
 
 
+_WORD = re.compile(r"[a-z]{3,}")
+_STOP = {"the", "and", "for", "with", "that", "this", "are", "was", "words", "word", "token", "tokens", "text"}
+
+
+def _words(text: str) -> set[str]:
+    return set(_WORD.findall(text.lower())) - _STOP
+
+
+def classify_reply(user: str) -> tuple[str, list | None]:
+    """A classifier scorer's answer by a keyword rule, and per answer digit its (token, logprob)
+    alternatives. Detection and fuzzing: an example is 1 when a word of the explanation (3+
+    letters, a few stop words left out) is among its marked tokens (fuzzing) or its words
+    (detection), with P(1) = 0.1 + 0.8 x the fraction of the explanation's words found. Intruder (no
+    explanation): the example whose marked words share least with the others'. An explanation
+    holding the word 'garble' gets a reply that is no list, for the parse-failure tests."""
+    examples = re.findall(r"^Example (\d+): (.*)$", user, re.M)
+    marked = [" ".join(re.findall(r"<<(.*?)>>", text)) or text for _, text in examples]
+    found = re.search(r"^Explanation: (.*)$", user, re.M)
+    if found is None:  # the intruder
+        sets = [_words(m) for m in marked]
+        shared = [len(s & set().union(*(o for j, o in enumerate(sets) if j != i))) for i, s in enumerate(sets)]
+        return str(shared.index(min(shared)) + 1), None
+    if "garble" in found.group(1):
+        return "I am not sure which ones.", None
+    explanation = _words(found.group(1))
+    answers, tops = [], []
+    for m in marked:
+        frac = len(explanation & _words(m)) / max(1, len(explanation))
+        p1 = 0.1 + 0.8 * frac
+        d = "1" if frac > 0 else "0"
+        answers.append(d)
+        alt = [("1", math.log(p1)), ("0", math.log(1 - p1))]
+        tops.append(alt if d == "1" else alt[::-1])
+    text = "[" + ", ".join(answers) + "]"
+    content = [{"token": "[", "logprob": 0.0, "top_logprobs": [{"token": "[", "logprob": 0.0}]}]
+    for i, (d, alt) in enumerate(zip(answers, tops)):
+        content.append({"token": d, "logprob": alt[0][1],
+                        "top_logprobs": [{"token": t, "logprob": lp} for t, lp in alt]})
+        sep = ", " if i < len(answers) - 1 else "]"
+        content.append({"token": sep, "logprob": 0.0, "top_logprobs": [{"token": sep, "logprob": 0.0}]})
+    return text, content
+
+
 def chat_body(body: dict, cache: PrefixCache | None = None) -> bytes:
     user = body["messages"][-1]["content"]
+    if re.search(r"^Example 1: ", user, re.M):  # a classifier scorer's prompt
+        content, lp = classify_reply(user)
+        return json.dumps({"id": "chat-bench", "object": "chat.completion", "created": 0, "model": body.get("model"),
+                           "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                                        "logprobs": {"content": lp} if lp and body.get("logprobs") else None,
+                                        "finish_reason": "stop"}],
+                           "usage": _usage(len(user) // 4, len(content) // 4 + 1, 0)}).encode()
     marker = "each a list of tokens: "  # the chat simulator's request: several records' tokens
     try:
         records = json.loads(user[user.index(marker) + len(marker):])

@@ -17,7 +17,7 @@ from typing import Optional
 import typer
 
 from autoexplain import defaults, preflight
-from autoexplain.cli import BUDGET, CACHE, CONCURRENCY, N_RANDOM, RPM, TOP_K, TPM, WINDOW_LEN, app
+from autoexplain.cli import BUDGET, CACHE, CONCURRENCY, N_RANDOM, RPM, SCORERS, TOP_K, TPM, WINDOW_LEN, app
 from autoexplain.console import budget_stopped, print_llm_usage, print_summary, run_or_exit, stage_bars
 from autoexplain.errors import UserError
 
@@ -35,6 +35,7 @@ def explain_layer_cmd(
     tokens: int = typer.Option(1_000_000, "--tokens", "-n", help="Corpus tokens to record."),
     explainer: str = typer.Option("embedding", "--explainer", "-e", help="'embedding' (offline default, no LLM), 'local' (embedded SmolLM2), 'openai:MODEL' or 'openai:MODEL@URL'."),
     simulator: str = typer.Option("embedding", "--simulator", "-s", help="'embedding', 'all-at-once[:LLM]' or 'chat-json:LLM'."),
+    scorers: str = SCORERS,
     k: int = typer.Option(4, "--k", help="Candidate explanations per unit (best-of-k on the valid split)."),
     shard_size: int = typer.Option(256, "--shard-size", help="Units per task."),
     n_boot: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the 95% CIs."),
@@ -51,7 +52,7 @@ def explain_layer_cmd(
 ):
     """Record if needed, then explain, simulate and score a layer, as a Prefect flow (no server needed)."""
     params = dict(layer=layer, units=units, model=model, corpus=corpus, tokens=tokens, explainer=explainer,
-                  simulator=simulator, k=k, shard_size=shard_size, n_boot=n_boot, window_len=window_len, top_k=top_k,
+                  simulator=simulator, scorers=scorers, k=k, shard_size=shard_size, n_boot=n_boot, window_len=window_len, top_k=top_k,
                   n_random=n_random, out=out, results=results, concurrency=concurrency, rpm=rpm, tpm=tpm, cache=cache,
                   budget=budget, source=source)
     run_or_exit(lambda: _run_flow("explain_layer", params, lambda: preflight.explain_layer(params, preflight.cli_flag)))
@@ -62,6 +63,7 @@ def rescore_cmd(
     layer: int = typer.Option(defaults.LAYER, "--layer", "-l", help="Layer whose latest run to re-score."),
     source: str = typer.Option("mlp", "--source", help="Whose units' run: as given to explain-layer, or the kind its pages show (sae-res-16k)."),
     simulator: str = typer.Option("embedding", "--simulator", "-s", help="'embedding', 'all-at-once[:LLM]' or 'chat-json:LLM'."),
+    scorers: str = SCORERS,
     n_boot: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the 95% CIs."),
     results: Optional[str] = typer.Option(None, "--results", help="Folder or URL for Prefect's task results."),
     concurrency: Optional[int] = CONCURRENCY,
@@ -71,14 +73,15 @@ def rescore_cmd(
     budget: Optional[str] = BUDGET,
 ):
     """Re-simulate and re-score the latest run of a layer (the nightly job), and compare with its previous scores."""
-    params = dict(out=out, layer=layer, simulator=simulator, n_boot=n_boot, results=results, concurrency=concurrency,
-                  rpm=rpm, tpm=tpm, cache=cache, budget=budget, source=source)
+    params = dict(out=out, layer=layer, simulator=simulator, scorers=scorers, n_boot=n_boot, results=results,
+                  concurrency=concurrency, rpm=rpm, tpm=tpm, cache=cache, budget=budget, source=source)
 
     def check():
         preflight.at_least(preflight.cli_flag, "n_boot", n_boot, 1)
         preflight.check_limits(concurrency, rpm, preflight.cli_flag, tpm)
         preflight.check_simulator(simulator, preflight.cli_flag)
-        preflight.check_budget(budget, preflight.cli_flag, simulator=simulator)
+        preflight.check_scorers(scorers, preflight.cli_flag)
+        preflight.check_budget(budget, preflight.cli_flag, simulator=simulator, scorers=scorers)
         preflight.find_run(out, layer, preflight.cli_flag, preflight.source_kind(source, preflight.cli_flag))
 
     run_or_exit(lambda: _run_flow("rescore", params, check))

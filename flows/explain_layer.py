@@ -29,7 +29,7 @@ from autoexplain import defaults, preflight, progress
 from autoexplain.budget import set_budget
 from autoexplain.errors import UserError
 from autoexplain.layer import dead_units, parse_units
-from autoexplain.registry import simulator_identity
+from autoexplain.registry import DEFAULT_SCORER, parse_scorers, simulator_identity
 from autoexplain.llm import set_limits
 from autoexplain.llm_cache import set_cache
 from autoexplain.remote import is_url
@@ -37,6 +37,7 @@ from autoexplain.sources import MLP
 from autoexplain.storage import content_key, layer_name, local_ref, open_root, write_run
 from autoexplain.summary import compare_markdown
 from schemas.contracts import ContractViolation
+from tasks.classify import agreement_task, classify_task, negatives_task, scores_task
 from tasks.compare import compare_task
 from tasks.report import budget_stop, publish, publish_recording, report_task, view_task
 from tasks.stages import (
@@ -110,6 +111,7 @@ def explain_layer(
     tokens: int = 1_000_000,
     explainer: str = "embedding",
     simulator: str = "embedding",
+    scorers: str = DEFAULT_SCORER,
     k: int = 4,
     shard_size: int = 256,
     n_boot: int = 1000,
@@ -139,7 +141,7 @@ def explain_layer(
     `autoexplain.llm_cache`) and `budget` (the most this run may spend, '$5' or '2M tokens'; see
     `autoexplain.budget`) are no part of a cache key or of the run's recorded parameters."""
     params = dict(layer=layer, units=units, model=model, corpus=corpus, tokens=tokens, explainer=explainer,
-                  simulator=simulator, k=k, shard_size=shard_size, n_boot=n_boot, revisions=revisions,
+                  simulator=simulator, scorers=scorers, k=k, shard_size=shard_size, n_boot=n_boot, revisions=revisions,
                   site=site, window_len=window_len, top_k=top_k, n_random=n_random, source=source)
     plan, failed = _checked(lambda: preflight.explain_layer({**params, "out": out, "concurrency": concurrency,
                                                              "rpm": rpm, "tpm": tpm, "budget": budget}))
@@ -154,7 +156,7 @@ def explain_layer(
 
 
 def _explain_layer(plan: preflight.LayerPlan, out: str, results: str | None, params: dict, *, layer, units, model,
-                   corpus, tokens, explainer, simulator, k, shard_size, n_boot, revisions, site, window_len, top_k,
+                   corpus, tokens, explainer, simulator, scorers, k, shard_size, n_boot, revisions, site, window_len, top_k,
                    n_random, source) -> dict:
     log = get_run_logger()
     record, explain, revise, simulate, score = with_results(results, record_task, explain_task, revise_task,
@@ -177,13 +179,16 @@ def _explain_layer(plan: preflight.LayerPlan, out: str, results: str | None, par
         if mine:
             x = revise.submit(x, _unit_keys(mine), out)
         s = simulate.submit(records, x, simulator, sim_id, out)
-        futures.append((shard, x, s, score.submit(records, s, n_boot, out)))
+        futures.append((shard, x, s, *_score_shard(records, s, scorers, model, n_boot, out, score, results)))
 
     done_units, outputs, by_future = 0, [], {f[3]: f for f in futures}
     explained, simulated, scores = {}, {}, {}
     for fut in as_completed([f[3] for f in futures]):
-        shard, x, s, c = by_future[fut]
-        xr, sr, cr = x.result(), s.result(), c.result()  # a failed shard raises here, before it counts as done
+        shard, x, s, c, asked = by_future[fut]
+        xr, sr = x.result(), s.result()  # a failed shard raises here, before it counts as done
+        for a in asked:  # a failed scorer raises its one line here, not the gathering's wait
+            a.result()
+        cr = c.result()
         done_units += len(shard)
         elapsed = time.perf_counter() - started
         eta = elapsed / done_units * (len(chosen) - done_units)
@@ -199,6 +204,7 @@ def _explain_layer(plan: preflight.LayerPlan, out: str, results: str | None, par
     site_dir = site or f"{out.rstrip('/')}/site/{layer_name(layer, kind)}"
     site_uri = view_task(in_order(scores), site_dir, records) if site != "none" else None
     report = report_task(records, outputs, in_order(scores), site_uri)
+    _agreement(scorers, in_order(scores), out, layer, None if site == "none" else site_dir)
     run = {"flow": "explain-layer", "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "params": {**params, "revisions": _unit_keys(plan.revisions)}, "records": records,
            "explanations": in_order(explained), "simulations": in_order(simulated), "scores": in_order(scores),
@@ -207,8 +213,37 @@ def _explain_layer(plan: preflight.LayerPlan, out: str, results: str | None, par
     return {"records": records, "scores": in_order(scores), "report": report, "site": site_uri, "out": out}
 
 
+def _score_shard(records, s, scorers: str, model: str | None, n_boot: int, out: str, score, results):
+    """A shard's score future: the simulation scorer's alone (the default, as it always was), or
+    every scorer asked for gathered into one scores output (`classify_stage.run_scores`); and the
+    futures it waits for."""
+    specs = [p.spec for p in parse_scorers(scorers)]
+    if specs == [DEFAULT_SCORER]:
+        return score.submit(records, s, n_boot, out), []
+    from autoexplain.classify_stage import scorer_identity
+
+    negatives, classify, gather = with_results(results, negatives_task, classify_task, scores_task)
+    sim_scores = score.submit(records, s, n_boot, out) if DEFAULT_SCORER in specs else None
+    near = negatives.submit(records, s, model, out)
+    asked = [classify.submit(records, s, spec, scorer_identity(spec), near, out) for spec in specs if spec != DEFAULT_SCORER]
+    return gather.submit(records, s, asked, sim_scores, n_boot, out), asked + ([sim_scores] if sim_scores else [])
+
+
+def _agreement(scorers: str, scores: list[dict], out: str, layer: int, site_dir: str | None) -> None:
+    """The agreement between scorers when any but the default ran: an artifact, and a page with the
+    scatter plot in the layer's site folder (or under `out`/agreement without a local site)."""
+    if [p.spec for p in parse_scorers(scorers)] == [DEFAULT_SCORER]:
+        return
+    folder = site_dir if site_dir and not is_url(site_dir) else None
+    if folder is None and not is_url(out):
+        folder = str(Path(out) / "agreement" / f"layer_{layer}")
+    if folder is not None:
+        agreement_task(scores, folder)
+
+
 @flow(name="rescore", validate_parameters=True)
-def rescore(out: str = "out", layer: int = 15, simulator: str = "embedding", n_boot: int = 1000,
+def rescore(out: str = "out", layer: int = 15, simulator: str = "embedding", scorers: str = DEFAULT_SCORER,
+            n_boot: int = 1000,
             results: str | None = None, concurrency: int | None = None, rpm: float | None = None,
             tpm: float | None = None, cache: bool = True, budget: str | None = None, source: str = "mlp") -> dict:
     """Re-simulate and re-score the latest explain-layer run of `layer` under `out`, and compare.
@@ -221,7 +256,8 @@ def rescore(out: str = "out", layer: int = 15, simulator: str = "embedding", n_b
         preflight.check_limits(concurrency, rpm, tpm=tpm)
         preflight.at_least(preflight.flow_name, "layer", layer, 0)
         preflight.check_simulator(simulator)
-        limit.append(preflight.check_budget(budget, simulator=simulator))
+        preflight.check_scorers(scorers)
+        limit.append(preflight.check_budget(budget, simulator=simulator, scorers=scorers))
         if not is_url(out) and not Path(out).is_dir():
             raise UserError(f"parameter out: {Path(out).absolute()} does not exist",
                             "set out to the output root of an explain-layer run")
@@ -234,20 +270,24 @@ def rescore(out: str = "out", layer: int = 15, simulator: str = "embedding", n_b
     set_cache(cache)
     ledger = set_budget(limit[0])
     kind = run["records"].get("source", MLP.kind)
-    result, failed = _checked(lambda: _rescore(run, _out(out), layer, simulator, n_boot, results, kind), ledger)
+    result, failed = _checked(lambda: _rescore(run, _out(out), layer, simulator, n_boot, results, kind, scorers), ledger)
     return failed or result
 
 
-def _rescore(run: dict, out: str, layer: int, simulator: str, n_boot: int, results: str | None, kind: str) -> dict:
+def _rescore(run: dict, out: str, layer: int, simulator: str, n_boot: int, results: str | None, kind: str,
+             scorers: str = DEFAULT_SCORER) -> dict:
     simulate, score = with_results(results, simulate_task, score_task)
     records, sim_id = run["records"], simulator_identity(simulator)
     pairs = []
     for x in run["explanations"]:
         s = simulate.submit(records, x, simulator, sim_id, out)
-        pairs.append((x, s, score.submit(records, s, n_boot, out)))
+        pairs.append((x, s, *_score_shard(records, s, scorers, run["params"].get("model"), n_boot, out, score, results)))
     outputs, simulated, scores = [], [], []
-    for x, s, c in pairs:
-        sr, cr = s.result(), c.result()
+    for x, s, c, asked in pairs:
+        sr = s.result()
+        for a in asked:
+            a.result()
+        cr = c.result()
         publish(sr, [records, x])
         publish(cr, [sr])
         outputs += [sr, cr]
@@ -257,9 +297,10 @@ def _rescore(run: dict, out: str, layer: int, simulator: str, n_boot: int, resul
     comparison = compare_task(run["scores"], scores, title)
     site_uri = view_task(scores, run["site_dir"], records) if run.get("site_dir") else None
     report = report_task(records, outputs, scores, site_uri)
+    _agreement(scorers, scores, out, layer, run.get("site_dir"))
     write_run(open_root(out), layer, {
         **run, "flow": "rescore", "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "params": {**run["params"], "simulator": simulator, "n_boot": n_boot},
+        "params": {**run["params"], "simulator": simulator, "scorers": scorers, "n_boot": n_boot},
         "simulations": simulated, "scores": scores, "previous_scores": run["scores"], "site": site_uri},
         compare_markdown(comparison, title), kind=kind)
     return {"records": records, "scores": scores, "previous_scores": run["scores"], "comparison": comparison,

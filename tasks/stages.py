@@ -397,3 +397,8 @@ def score_task(records: dict, simulations: dict, n_boot: int = 1000, out: str = 
                     here=on_url)
     log.info(f"scored {simulations['path']}")
     return ref(result)
+
+
+# For the tasks of other modules (`tasks.classify`): the same cache keys, failure handling, locking
+# and progress as these.
+cache_key, one_line_failures, one_at_a_time, stage_progress = _key, _one_line_failures, _one_at_a_time, _progress

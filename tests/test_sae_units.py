@@ -192,7 +192,7 @@ def test_the_record_activations_flow_takes_a_source(prefect_results, tiny_llama_
     from flows.explain_layer import record_activations
 
     sae = shutil.copytree(tiny_sae, tmp_path / "sae")
-    kw = dict(model=tiny_llama_dir, corpus=str(prose_corpus), tokens=4000, out=str(tmp_path / "out"), source=f"sae:{sae}")
+    kw = dict(model=tiny_llama_dir, corpus="default", tokens=6000, out=str(tmp_path / "out"), source=f"sae:{sae}")
     first = record_activations(**kw)
     assert first["layers"] == [1] and first["source"] == "sae-res-40" and first["n_units"] == LATENTS
     t = load_file(sae / "sae_weights.safetensors")

@@ -1,0 +1,197 @@
+"""The classify stage and the scores of several scorers, as content-addressed outputs.
+
+- `run_classify`: one classifier scorer (`classify`) asks about the chosen explanations of a
+  simulate output (the explainer's, the token-lookup baseline and the shuffled control) on each
+  unit's test windows, with random, similar and co-firing negatives (`negatives`). Writes the raw trials,
+  `classifications/<key>/layer_<L>.parquet`. The key holds the chosen explanations' key, the scorer's
+  spec, prompt hash, settings and LLM weights, the negatives and the code; each unit is memoised
+  alike, except a unit with a request that failed for good, which is asked again on a rerun.
+- `run_scores`: the score stage over several scorers: the `simulation` scorer's output
+  (`layer.run_score`, unchanged) and the metrics of each classification output, per unit with CIs,
+  in one scores table (`simulator` holds the scorer's spec). With the default scorers alone the
+  pipeline never calls it, so the default outputs and their keys are what they were.
+
+Requests go through the scorer's LLM: its concurrency (units in flight at once for a server), its
+retries, the response cache under `out` (`llm_cache`), and the run's budget (`budget`, charged by
+the LLM itself). Tokens and dollars are kept per trial.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from autoexplain import llm_cache, prices
+from autoexplain.classify import ClassifierScorer, random_negatives
+from autoexplain.counters import COUNTS
+from autoexplain.identity import code_identity
+from autoexplain.layer import StageRef, load_units, memoised, records_inputs, unit_key
+from autoexplain.registry import component_identity, llm_weights, make_scorer, parse_scorer
+from autoexplain.rows import rows_to_table
+from autoexplain.storage import Memo, content_key, is_complete, read_manifest, stage_dir, write_manifest, write_table
+
+Progress = Callable[[int, int], None]
+
+
+def scorer_identity(spec: str) -> dict:
+    """What a scorer's trials depend on besides their inputs, loading no model."""
+    p = parse_scorer(spec)
+    ident = component_identity(p.cls)
+    weights = llm_weights(p.llm) if p.llm is not None else ""
+    return {"scorer": p.spec, "prompt": ident["prompt"], "settings": ident["settings"],
+            **({"weights": weights} if weights else {})}
+
+
+def _trial_rows(unit, method: str, scorer: ClassifierScorer, trials) -> list[dict]:
+    u = unit.id
+    return [{"layer": u.layer, "unit": u.index, "polarity": u.polarity, "method": method, "scorer": scorer.name,
+             "negatives": t.negatives, "prompt": t.prompt, "window_id": t.window_id, "label": t.label,
+             "prediction": t.prediction, "p_one": t.p_one, "failure": t.failure,
+             "tokens": t.prompt_tokens + t.completion_tokens,
+             "dollars": scorer.dollars(t.prompt_tokens, t.completion_tokens, t.cached_tokens)} for t in trials]
+
+
+def classify_unit(unit, texts: dict[str, str], scorer: ClassifierScorer, hard: dict | None, seed: int = 0) -> list[dict]:
+    """One unit's trials for each explanation method (the intruder, which needs no explanation,
+    once, under 'explainer'). `hard`: its hard negatives by kind ('similar', 'cofiring')."""
+    COUNTS["classify_units"] += 1
+    negatives = {"random": random_negatives(unit.records), **(hard or {})}
+    rows = []
+    for method, text in texts.items():
+        if not scorer.needs_explanation and method != "explainer":
+            continue
+        rows += _trial_rows(unit, method, scorer, scorer.trials(text, unit.records, negatives, seed))
+    return rows
+
+
+def _asked_ok(rows: list[dict]) -> bool:
+    return not any((r["failure"] or "").startswith("request failed") for r in rows)
+
+
+def similar_negatives(records_dir, simulations: StageRef, out, model: str | None) -> Path | None:
+    """The hard negatives (`negatives`: similar and co-firing) of the units of `simulations`, from
+    the subject `model` the records came from; None without a model (random negatives only). It
+    loads the subject: a caller with other models in other threads runs it under its models lock."""
+    from autoexplain.negatives import run_negatives
+
+    if not model:
+        return None
+    chosen = pq.read_table(simulations.directory / "chosen.parquet", columns=["unit", "polarity"]).to_pylist()
+    pairs = sorted({(r["unit"], r["polarity"]) for r in chosen})
+    return run_negatives(records_dir, simulations.layer, out, model, pairs)
+
+
+def run_classify(records_dir, simulations: StageRef, out, scorer_spec: str, scorer=None,
+                 negatives_dir: Path | None = None, seed: int = 0, progress: Progress | None = None) -> StageRef:
+    """Ask one classifier scorer about the chosen explanations of `simulations` (see the module
+    docstring). `negatives_dir`: `similar_negatives`' output (None: random negatives only)."""
+    from autoexplain.negatives import read_negatives
+    from autoexplain.pipeline import in_order
+
+    records_dir, layer = Path(records_dir), simulations.layer
+    _, windows_path, records_key = records_inputs(records_dir, layer)
+    chosen = pq.read_table(simulations.directory / "chosen.parquet").to_pylist()
+    unit_ids = sorted({r["unit"] for r in chosen})
+    ident = scorer_identity(scorer_spec)
+    if not {"similar", "cofiring"} & set(parse_scorer(scorer_spec).cls.negative_kinds):
+        negatives_dir = None
+    negatives_key = read_manifest(Path(negatives_dir))["key"] if negatives_dir else None
+    params = {"layer": layer, **ident, "seed": seed, "negatives": negatives_key}
+    code = code_identity(run_classify)
+    key = content_key({"simulations": simulations.key, **params, "code": code})
+    ref = StageRef(stage_dir(out, "classifications", key), key, layer)
+    if is_complete(ref.directory):
+        return ref
+    units = load_units(records_dir, layer, unit_ids)
+    similar = read_negatives(negatives_dir, layer, windows_path) if negatives_dir else {}
+    texts_of: dict = {}
+    for r in chosen:
+        texts_of.setdefault((r["unit"], r["polarity"]), {})[r["method"]] = r["text"]
+    scorer = scorer or make_scorer(scorer_spec)
+    llm_cache.attach(scorer, out)
+    memo = Memo(out, "classify")
+
+    def unit_rows(unit):
+        pair = (unit.id.index, unit.id.polarity)
+        texts, near = texts_of.get(pair, {}), similar.get(pair, {})
+        ukey = unit_key(records_key, unit, texts=texts, seed=seed, code=code, **ident,
+                        hard={k: [r.window_id for r in v] for k, v in sorted(near.items())})
+        return memoised(memo, ukey, lambda: classify_unit(unit, texts, scorer, near, seed), _asked_ok)
+
+    workers = int(scorer.llm.max_concurrency) if scorer.thread_safe else 1
+    rows = []
+    for i, got in enumerate(in_order(unit_rows, units, workers)):
+        rows += got
+        if progress:
+            progress(i + 1, len(units))
+    write_table(rows_to_table(rows, "classifications"), ref.path, "classifications")
+    write_manifest(ref.directory, "classifications", key,
+                   {"records": str(records_dir), "simulations": str(simulations.directory),
+                    **({"negatives": str(negatives_dir)} if negatives_dir else {})}, params, [ref.path.name])
+    return ref
+
+
+# ---- scores of several scorers --------------------------------------------------------------------
+
+def classifier_score_rows(trials: list[dict], chosen: list[dict], n_boot: int = 1000, seed: int = 0) -> list[dict]:
+    """Score rows (the scores schema) of one classification output's trials: per unit, method and
+    metric. `explainer_tokens` is the explanation's, as on the simulation rows; `simulator_tokens`
+    and `dollars` are the scorer's own requests for this unit and method (every kind of negatives),
+    so a run's cost (`summary.run_cost`, once per unit, method and scorer) adds each scorer once."""
+    from autoexplain.classify import Trial
+    from autoexplain.classify_metrics import metrics
+
+    explained = {(r["unit"], r["polarity"], r["method"]): r for r in chosen}
+    groups: dict = {}
+    for t in trials:
+        groups.setdefault((t["layer"], t["unit"], t["polarity"], t["method"], t["scorer"]), []).append(t)
+    out = []
+    for (layer, unit, polarity, method, spec), rows in groups.items():
+        cls = parse_scorer(spec).cls
+        typed = [Trial(r["negatives"], r["prompt"], r["window_id"], r["label"], r["prediction"], r["p_one"],
+                       r["failure"]) for r in rows]
+        e = explained.get((unit, polarity, method)) or {}
+        cost = (e.get("prompt_tokens") or 0) + (e.get("completion_tokens") or 0)
+        tokens, dollars = sum(r["tokens"] for r in rows), prices.add(*(r["dollars"] for r in rows))
+        for name, s in metrics(cls.metric, typed, n_boot, seed, cls.metric_prefix).items():
+            out.append({"layer": layer, "unit": unit, "polarity": polarity, "method": method, "simulator": spec,
+                        "split": "test", "metric": name, "value": s.value, "ci_low": s.ci_low, "ci_high": s.ci_high,
+                        "undefined_reason": s.undefined_reason, "n_records": s.n_records, "n_failed": s.n_failed,
+                        "explainer_tokens": cost, "simulator_tokens": tokens, "dollars": dollars})
+    return out
+
+
+def run_scores(records_dir, simulations: StageRef, classifications: list[StageRef], out, scores: StageRef | None,
+               n_boot: int = 1000, seed: int = 0) -> StageRef:
+    """One scores output: the simulation scorer's rows (`scores`, or none when it was not asked
+    for) and every classification output's metrics."""
+    layer = simulations.layer
+    params = {"layer": layer, "n_boot": n_boot, "seed": seed,
+              "scorers": ([read_manifest(scores.directory)["key"]] if scores else []) + [c.key for c in classifications]}
+    key = content_key({"simulations": simulations.key, **params, "code": code_identity(run_scores)})
+    ref = StageRef(stage_dir(out, "scores", key), key, layer)
+    if is_complete(ref.directory):
+        return ref
+    rows = pq.read_table(scores.path).to_pylist() if scores else []
+    chosen = pq.read_table(simulations.directory / "chosen.parquet").to_pylist()
+    memo = Memo(out, "score_classify")
+    for c in classifications:
+        trials = pq.read_table(c.path)
+        ckey = content_key({"classifications": c.key, "n_boot": n_boot, "seed": seed,
+                            "code": code_identity(classifier_score_rows)})
+        rows += memoised(memo, ckey, lambda: classifier_score_rows(trials.to_pylist(), chosen, n_boot, seed))
+    write_table(rows_to_table(rows, "scores"), ref.path, "scores")
+    write_manifest(ref.directory, "scores", key,
+                   {"simulations": str(simulations.directory), **({"scores": str(scores.directory)} if scores else {}),
+                    "classifications": [str(c.directory) for c in classifications]}, params, [ref.path.name])
+    return ref
+
+
+def read_trials(scores_dir: Path) -> pa.Table | None:
+    """Every trial behind a scores output (None for one without classifier scorers)."""
+    dirs = read_manifest(Path(scores_dir))["inputs"].get("classifications") or []
+    tables = [pq.read_table(next(Path(d).glob("layer_*.parquet"))) for d in dirs]
+    return pa.concat_tables(tables) if tables else None
