@@ -50,7 +50,7 @@ def test_no_scoring_window_was_shown_to_the_explainer(layer_run, bench_server, t
     recorded = pl.read_parquet(Path(records) / "layer_1.records.parquet")
     all_records = recorded.filter(pl.col("unit").is_in([0, 1, 2, 3]))["window_id"].to_list()
     assert set(trials["negatives"]) == {"random", "similar", "cofiring"}
-    assert set(trials["method"]) == {"explainer", "token-lookup", "shuffled"}
+    assert set(trials["method"]) == {"explainer", "token-lookup", "output-lookup", "shuffled"}
     for row in trials.iter_rows(named=True):
         unit = units[(row["unit"], row["polarity"])]
         shown = {r.window_id for r in shown_records(unit, 100)}
@@ -86,7 +86,7 @@ def test_the_scores_stage_gathers_every_scorer_with_baselines_and_costs(layer_ru
             "fuzzing_auc@similar", "fuzzing_balanced_accuracy@active", "intruder_accuracy@random",
             "embedding_auc@similar"} <= metrics
     fuzz = scores.filter(pl.col("metric") == "fuzzing_balanced_accuracy@random")
-    assert set(fuzz["method"]) == {"explainer", "token-lookup", "shuffled"}  # the baselines are scored too
+    assert set(fuzz["method"]) == {"explainer", "token-lookup", "output-lookup", "shuffled"}  # the baselines are scored too
     assert (fuzz["simulator_tokens"] > 0).all()
     assert set(scores.filter(pl.col("metric").str.starts_with("intruder"))["method"]) == {"explainer"}
 

@@ -101,9 +101,10 @@ def test_human_revision_resimulates_only_that_unit(run):
     assert changed.select("unit", "polarity", "method", "text_new", "explainer_new").rows() == [
         (2, 1, "explainer", "numbers written in digits", "human")]
     assert counts.get("subject_forward", 0) == 0 and counts.get("llm_requests", 0) == 0
-    # Unit 2+: its one candidate on valid, then it and its token-lookup baseline on held-out records;
-    # plus the one shuffled control that now carries the revised text. Nothing else.
-    assert counts["simulate"] == 4
+    # Unit 2+: its one candidate on valid, then it and its two baselines (token-lookup and its
+    # output-side twin) on held-out records; plus the one shuffled control that now carries the
+    # revised text. Nothing else.
+    assert counts["simulate"] == 5
     assert counts["score_units"] == 2
 
 

@@ -50,9 +50,10 @@ def test_a_revision_reuses_the_compacted_units_and_writes_what_a_fresh_run_write
     s2 = run_simulate(records_dir, revised, out, sim=EmbeddingSimulator())
     c2 = run_score(records_dir, s2, out, n_boot=100)
     counts = since(before)
-    # Unit 2+ alone: its candidate on valid, then it and its baseline on held-out; the one shuffled
-    # control that carries the revised text; every other unit and control from the compacted memo.
-    assert counts["simulate"] == 4 and counts["score_units"] == 2, counts
+    # Unit 2+ alone: its candidate on valid, then it and its two baselines (token-lookup, output-lookup)
+    # on held-out; the one shuffled control that carries the revised text; every other unit and
+    # control from the compacted memo.
+    assert counts["simulate"] == 5 and counts["score_units"] == 2, counts
 
     # The same stages with no memo at all give the same tables.
     fresh = tmp_path / "fresh"

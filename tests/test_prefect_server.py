@@ -182,7 +182,7 @@ def test_flow_run_leaves_artifacts_and_asset_events(against_server, tiny_llama_d
     for stage in ("simulations", "scores"):  # the viewer reads the shards themselves: no merged copy on disk
         assert stages[stage] == {p.resolve().as_uri() for p in (out / stage).iterdir()}, stage
     summary = rows(arts["score-summary"])
-    assert {r["method"] for r in summary} == {"explainer", "token-lookup", "shuffled"}
+    assert {r["method"] for r in summary} == {"explainer", "token-lookup", "output-lookup", "shuffled"}
     assert all(r["units"] == 8 for r in summary), "4 units x 2 polarities in every method and metric"
     assert "# Layer report" in arts["layer-report"].data and result["records"]["uri"] in arts["layer-report"].data
 

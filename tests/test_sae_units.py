@@ -200,8 +200,8 @@ def test_the_record_activations_flow_takes_a_source(prefect_results, tiny_llama_
     save_file(t, sae / "sae_weights.safetensors")
     second = record_activations(**kw)
     assert second["key"] != first["key"]
-    wrong = record_activations(**{**kw, "layers": [0]})
-    assert "disagrees" in str(wrong)
+    with pytest.raises(UserError, match="disagrees"):  # one line, before any recording
+        record_activations(**{**kw, "layers": [0]})
 
 
 def test_the_sparse_reservoir_records_what_the_dense_one_does(recorded, tmp_path, monkeypatch):
