@@ -154,13 +154,18 @@ class _LayerRecorder:
     def __init__(self, cfg: RecordConfig, window_len: int, n_units: int, reservoir_ids: np.ndarray,
                  polarities: tuple[int, ...] = (1, -1), sparse: bool = False):
         self.top = {p: selection.TopWindows(cfg.top_k, window_len, n_units) for p in polarities}
-        self.n_units = n_units
+        self.n_units, self.sparse = n_units, sparse
         kind = selection.SparseReservoir if sparse else selection.Reservoir
         self.reservoir = kind(reservoir_ids, window_len, n_units)
         self.stats = selection.RunningStats(n_units)
 
     def update(self, window_ids: torch.Tensor, acts: torch.Tensor) -> None:
         hi = acts.amax(dim=1).float()
+        if self.sparse:  # non-negative latents: no minimum, no negative polarity
+            self.stats.update_nonnegative(acts, hi)
+            self.top[1].update(window_ids, acts, hi)
+            self.reservoir.update(window_ids, acts)
+            return
         lo = acts.amin(dim=1).float()
         self.stats.update(acts, hi, lo)
         self.top[1].update(window_ids, acts, hi)

@@ -173,6 +173,17 @@ class RunningStats:
         self.max = torch.maximum(self.max, hi.float())
         self.min = torch.minimum(self.min, lo.float())
 
+    def update_nonnegative(self, acts: torch.Tensor, window_max: torch.Tensor) -> None:
+        """`update` for activations known never to be negative (a sparse coder's latents): no signs
+        to count and no minimum to keep, three passes over the batch instead of seven."""
+        x = acts.reshape(-1, acts.shape[-1])
+        self.n += x.shape[0]
+        self.sum += x.sum(0, dtype=torch.float32).double()
+        self.sumsq += torch.mul(x, x).sum(0, dtype=torch.float32).double()
+        self.n_pos += (x > 0).sum(0)
+        self.max = torch.maximum(self.max, window_max.amax(0).float())
+        self.min = torch.minimum(self.min, torch.zeros_like(self.min))
+
     def summary(self, polarity: int) -> dict[str, np.ndarray]:
         """Statistics of the polarity-oriented activation (negated for polarity -1)."""
         n = max(self.n, 1)
