@@ -397,7 +397,7 @@ class EmbeddingSimulator(Simulator):
                     z[:, u] = np.where(hit, self.z_high, -np.inf if only else z[:, u])
         z = np.maximum(z, ex.z_ortho[np.concatenate([w.ortho for w in windows])])
         for u, relation in enumerate(ex.relations):
-            if relation is not None:  # a stated context decides alone: the tokens it picks, and no others
+            if relation is not None:  # a stated context decides alone; a surface property adds
                 picked = np.concatenate([relation_marks(relation, w.tokens) for w in windows])
-                z[:, u] = np.where(picked, self.z_high, -np.inf)
+                z[:, u] = np.where(picked, self.z_high, -np.inf if relation.alone else z[:, u])
         return 10.0 * np.clip((z - self.z_low) / (self.z_high - self.z_low), 0.0, 1.0)

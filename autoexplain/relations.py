@@ -51,11 +51,50 @@ _STRUCTURES = [  # (pattern over the explanation, structure name); first match w
 ]
 
 
+_SUFFIX = re.compile(r"\bending\s+in\s+(?:an?\s+)?['\"]?-?([a-z]{1,6})\b", re.I)
+_LENGTH = [  # (pattern, (lo, hi) from the match's numbers)
+    (re.compile(r"\b(\w+)\s+to\s+(\w+)\s+letters\b", re.I), lambda a, b: (a, b)),
+    (re.compile(r"\b(\w+)\s+or\s+(\w+)\s+letters\b", re.I), lambda a, b: (a, b)),
+    (re.compile(r"\b(?:more\s+than|over|longer\s+than)\s+(\w+)\s+letters\b", re.I), lambda a: (a + 1, 99)),
+    (re.compile(r"\b(?:at\s+least\s+)?(\w+)\s+letters\s+or\s+(?:more|longer)\b|\bat\s+least\s+(\w+)\s+letters\b", re.I),
+     lambda a, b=None: (a or b, 99)),
+    (re.compile(r"\b(?:fewer\s+than|less\s+than|under)\s+(\w+)\s+letters\b", re.I), lambda a: (1, a - 1)),
+    (re.compile(r"\bwords\s+of\s+(\w+)\s+letters\b", re.I), lambda a: (a, a)),
+]
+_COUNTS = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve".split())}
+
+
 @dataclass(frozen=True)
 class Relation:
-    kind: str  # 'after' | 'before' | 'object' | a structure name
+    kind: str  # 'after' | 'before' | 'object' | 'suffix' | 'length' | a structure name
     anchors: tuple[tuple[str, ...], ...] = ()  # phrases (lowercased words); ('#',) stands for any number
     target: str = "word"  # 'word' | 'number' | 'capital': what may sit at the marked place
+    surface: tuple = ()  # ('ly',) for a suffix, (lo, hi) letters for a length
+
+    @property
+    def alone(self) -> bool:
+        """Whether the relation decides alone (a context), or adds to the other channels (a
+        surface property: 'adverbs ending in -ly' still names adverbs)."""
+        return self.kind not in ("suffix", "length")
+
+
+def _count(word: str | None) -> int | None:
+    if word is None:
+        return None
+    return int(word) if word.isdigit() else _COUNTS.get(word.lower())
+
+
+def _surface(text: str) -> Relation | None:
+    m = _SUFFIX.search(text)
+    if m:
+        return Relation("suffix", surface=(m.group(1).lower(),))
+    for pattern, bounds in _LENGTH:
+        m = pattern.search(text)
+        if m:
+            nums = [_count(g) for g in m.groups() if g is not None]
+            if nums and all(n is not None for n in nums):
+                return Relation("length", surface=bounds(*nums))
+    return None
 
 
 @lru_cache(maxsize=1 << 14)
@@ -68,7 +107,7 @@ def parse(explanation: str) -> Relation | None:
             return Relation(name, target=_target(text[: pattern.search(text).start()]))
     m = _RELATION.search(text)
     if not m:
-        return None
+        return _surface(text)
     rest = text[m.end():]
     word, head = m.group(1).lower(), text[: m.start()]
     kind = ("object" if word.startswith("object") else
@@ -189,6 +228,12 @@ def marks(relation: Relation, tokens: Sequence[str]) -> np.ndarray:
             if key.isalpha() and len(key) >= 5:
                 picked[i] = (key in seen) == (k == "repeated")
                 seen.add(key)
+    elif k == "suffix":
+        sfx = relation.surface[0]
+        picked[:] = [key.isalpha() and key.endswith(sfx) and len(key) > len(sfx) + 1 for key in keys]
+    elif k == "length":
+        lo, hi = relation.surface
+        picked[:] = [key.isalpha() and lo <= len(key) <= hi for key in keys]
     elif k == "capital_inside":
         picked[1:] = [words[i][2][:1].isupper() and keys[i].isalpha() and not _sentence_end(words[i - 1][2])
                       for i in range(1, n)]

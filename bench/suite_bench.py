@@ -113,6 +113,95 @@ def planted_means(simulators: list[str]) -> dict:
             for name in simulators if name != "all-at-once"}
 
 
+def _layer_units(tokens: int, n_units: int, layer: int = 15):
+    """Units 0..n_units-1 (both polarities) of a layer of the embedded SmolLM2, recorded over `tokens`
+    tokens of the embedded corpus, with the subject."""
+    import tempfile
+
+    from autoexplain.layer import load_units
+    from autoexplain.record import RecordConfig, build_windows, record_layers
+    from autoexplain.subject import load_subject
+
+    out = tempfile.mkdtemp(prefix="bench-suite-")
+    subject = load_subject()
+    windows = build_windows(subject, "default", out, 64, tokens, 0)
+    ref = record_layers(subject, windows, RecordConfig([layer]), out)
+    return subject, load_units(ref.directory, layer, list(range(n_units)))
+
+
+def layer_timing(units, repeats: int = 2) -> dict:
+    """Seconds per unit of the simulate stage (best-of-k on valid, then calib/test and the controls)
+    with the default embedding simulator before and after the relation channel, alternated in one
+    process, each warmed up first; and the mean test score of each method under each."""
+    from autoexplain import pipeline
+    from autoexplain.registry import make_explainer
+
+    explanations = pipeline.explain_stage(units, make_explainer("embedding"), pipeline.ExplainConfig(k=4))
+    sims = {"before": make("before"), "default": make("default")}
+    for sim in sims.values():
+        sim.simulate("warm up", [[" a", " b"]])
+    seconds = {k: [] for k in sims}
+    scores = {}
+    for _ in range(repeats):
+        for name, sim in sims.items():
+            fresh = sim.fresh()  # empty caches: every repeat embeds its windows again
+            t = time.perf_counter()
+            chosen, simulated = pipeline.simulate_stage(units, explanations, fresh)
+            seconds[name].append((time.perf_counter() - t) / len(units))
+            rows = pipeline.score_stage(units, simulated, chosen, n_boot=10).to_pylist()
+            scores[name] = {m: round(float(np.mean([r["value"] for r in rows if r["method"] == m
+                                                    and r["metric"] == "top_and_random" and r["value"] is not None])), 3)
+                            for m in ("explainer", "token-lookup", "shuffled")}
+    per_unit = {k: round(min(v), 3) for k, v in seconds.items()}
+    return {"units": len(units), "s_per_unit": per_unit, "ratio": round(per_unit["default"] / per_unit["before"], 2),
+            "test_top_and_random": scores, "chosen": chosen}
+
+
+def independence(subject, units, chosen, n_records: int) -> dict:
+    """The default pipeline's chosen explanations (and its baselines) scored on the same test records
+    by the default embedding simulator and by the all-at-once SmolLM2 simulator, which shares no
+    embedder, prompt or code path with the embedding explainer."""
+    from autoexplain.llm import LocalLLM
+    from autoexplain.scoring import UndefinedMetric, correlation
+    from autoexplain.simulate import AllAtOnceSimulator
+
+    texts = {}
+    for r in chosen.to_pylist():
+        texts.setdefault(r["unit"], {})[r["method"]] = r["text"]
+    simulators = {"embedding (default)": make("default"), "all-at-once SmolLM2": AllAtOnceSimulator(LocalLLM(subject=subject))}
+    out = {name: {m: [] for m in ("explainer", "token-lookup", "shuffled")} for name in simulators}
+    seconds = dict.fromkeys(simulators, 0.0)
+    for unit in units:
+        test = [r for r in unit.records if r.split == "test"]
+        records = [r for r in test if r.kind == "top"][: n_records // 2] + [r for r in test if r.kind == "random"][: n_records // 2]
+        methods = [m for m in out["embedding (default)"] if texts.get(unit.id, {}).get(m)]
+        for name, sim in simulators.items():
+            t = time.perf_counter()
+            batches = sim.simulate_many([texts[unit.id][m] for m in methods], [r.tokens for r in records])
+            seconds[name] += time.perf_counter() - t
+            for m, simulations in zip(methods, batches):
+                try:
+                    ok = all(s.ok for s in simulations)
+                    value = correlation([r.activations for r in records], [s.expected for s in simulations]) if ok else None
+                except UndefinedMetric:
+                    value = None
+                out[name][m].append(value)
+    summary = {name: {m: {"mean": round(float(np.mean([v for v in vals if v is not None])), 3) if any(v is not None for v in vals) else None,
+                          "defined": sum(v is not None for v in vals)} for m, vals in methods_.items()}
+               for name, methods_ in out.items()}
+    ranks = {}
+    try:
+        from scipy.stats import spearmanr
+
+        a, b = out["embedding (default)"]["explainer"], out["all-at-once SmolLM2"]["explainer"]
+        pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+        ranks["spearman_explainer_scores"] = round(float(spearmanr(*zip(*pairs)).statistic), 3) if len(pairs) > 2 else None
+    except ImportError:
+        pass
+    return {"units": len(units), "records_per_unit": n_records, "summary": summary, **ranks,
+            "seconds": {k: round(v, 1) for k, v in seconds.items()}}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--simulators", default="default,before,naive")
@@ -122,7 +211,24 @@ def main():
     p.add_argument("--per-rule", action="store_true")
     p.add_argument("--no-planted", action="store_true")
     p.add_argument("--json", default="")
+    p.add_argument("--layer", action="store_true", help="time per unit on a layer, and the independence check")
+    p.add_argument("--tokens", type=int, default=40_000)
+    p.add_argument("--units", type=int, default=16, help="unit indices (x2 polarities)")
+    p.add_argument("--independence-records", type=int, default=10, help="test records per unit for SmolLM2; 0: skip")
     args = p.parse_args()
+    if args.layer:
+        subject, units = _layer_units(args.tokens, args.units)
+        timing = layer_timing(units)
+        chosen = timing.pop("chosen")
+        print("layer 15, simulate stage:", json.dumps(timing))
+        result = {"layer": timing}
+        if args.independence_records:
+            result["independence"] = independence(subject, units, chosen, args.independence_records)
+            print("independence:", json.dumps(result["independence"], indent=1))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1, default=float)
+        return
     sims = [s for s in args.simulators.split(",") if s]
     result = {"suite": suite_table(sims, args.half, args.records, [r for r in args.rules.split(",") if r])}
     if not args.no_planted:
