@@ -18,6 +18,16 @@ an explanation describes a token. Every subject token gets a z-score from three 
 - literal: a token whose word equals a word the explanation quotes ("the word 'God'") gets Z_HIGH;
   when the explanation is nothing but quoted words, the lexical channel is off for it.
 
+- examples: the single words an explanation gives as examples ("metals such as gold, silver and
+  iron", "family (father, mother, son)") get Z_HIGH like quoted words, and the rest of the
+  category is left to the lexical channel;
+- relation (`relations.py`): an explanation that says where the unit fires ("the word right after
+  'son of'", "words inside quotation marks", "the second item of a list", "the object of 'took'",
+  "the first word of a sentence") picks its tokens by that relation alone, at Z_HIGH, and nothing
+  else; one that names a word length or suffix ("words ending in -eth") adds those words at Z_HIGH.
+  Without it a context rule and its tokens anywhere score the same. `relations=False` turns both
+  this channel and the examples off (the simulator as it was before the suite of `suite.py`).
+
 The token's z is the maximum over channels, and its prediction is
 `10 * clip((z - Z_LOW) / (Z_HIGH - Z_LOW), 0, 1)`: Z_LOW or fewer standard deviations above the
 background mean gives 0, Z_HIGH or more gives 10, linear between. Whitespace tokens have no lexical

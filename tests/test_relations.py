@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from autoexplain.relations import Relation, marks, parse
 from autoexplain.surface import named_examples
 
@@ -47,3 +49,27 @@ def test_named_examples():
     assert named_examples("family (father, mother, son)") == {"father", "mother", "son"}
     assert named_examples("war: swords, the battle of Jericho and armies") == {"swords", "armies"}  # single words only
     assert named_examples("animals") == set()
+
+
+def test_the_simulators_code_identity_reaches_the_relation_channel():
+    from autoexplain.identity import closure
+    from autoexplain.layer import run_simulate
+
+    assert {"autoexplain.embedding", "autoexplain.relations", "autoexplain.surface"} <= set(closure(run_simulate))
+
+
+@pytest.mark.slow
+def test_embedding_simulator_reads_relations_and_examples():
+    from autoexplain.embedding import EmbeddingSimulator
+
+    tokens = [" Joshua", " the", " son", " of", " Nun", " took", " gold", " and", " iron", ";", " the", " son",
+              " of", " Jesse", " wept", "."]
+    sim, before = EmbeddingSimulator(), EmbeddingSimulator(relations=False)
+    assert sim.name != before.name and "relations=off" in before.name
+    after = sim.simulate("the word right after 'son of'", [tokens])[0].expected
+    assert [t for t, v in zip(tokens, after) if v > 0] == [" Nun", " Jesse"]
+    metals = sim.simulate("metals such as gold and iron", [tokens])[0].expected
+    assert metals[6] == metals[8] == 10.0
+    # Before, the quoted anchor itself fired, as the word 'son' does.
+    old = before.simulate("the word right after 'son of'", [tokens])[0].expected
+    assert old[2] == 10.0 and old[4] < 10.0
