@@ -113,20 +113,22 @@ def planted_means(simulators: list[str]) -> dict:
             for name in simulators if name != "all-at-once"}
 
 
-def _layer_units(tokens: int, n_units: int, layer: int = 15):
+def _layer_units(tokens: int, n_units: int, layer: int = 15, records: str = ""):
     """Units 0..n_units-1 (both polarities) of a layer of the embedded SmolLM2, recorded over `tokens`
-    tokens of the embedded corpus, with the subject."""
+    tokens of the embedded corpus (or read from a records folder recorded so), with the subject."""
     import tempfile
 
     from autoexplain.layer import load_units
     from autoexplain.record import RecordConfig, build_windows, record_layers
     from autoexplain.subject import load_subject
 
-    out = tempfile.mkdtemp(prefix="bench-suite-")
     subject = load_subject()
-    windows = build_windows(subject, "default", out, 64, tokens, 0)
-    ref = record_layers(subject, windows, RecordConfig([layer]), out)
-    return subject, load_units(ref.directory, layer, list(range(n_units)))
+    if not records:
+        out = tempfile.mkdtemp(prefix="bench-suite-")
+        windows = build_windows(subject, "default", out, 64, tokens, 0)
+        records = str(record_layers(subject, windows, RecordConfig([layer]), out).directory)
+    print("records:", records)
+    return subject, load_units(records, layer, list(range(n_units)))
 
 
 def layer_timing(units, repeats: int = 2) -> dict:
@@ -142,8 +144,8 @@ def layer_timing(units, repeats: int = 2) -> dict:
         sim.simulate("warm up", [[" a", " b"]])
     seconds = {k: [] for k in sims}
     scores = {}
-    for _ in range(repeats):
-        for name, sim in sims.items():
+    for rep in range(max(1, repeats)):
+        for name, sim in (sims.items() if rep % 2 == 0 else reversed(sims.items())):  # alternate the order
             fresh = sim.fresh()  # empty caches: every repeat embeds its windows again
             t = time.perf_counter()
             chosen, simulated = pipeline.simulate_stage(units, explanations, fresh)
@@ -165,9 +167,11 @@ def independence(subject, units, chosen, n_records: int) -> dict:
     from autoexplain.scoring import UndefinedMetric, correlation
     from autoexplain.simulate import AllAtOnceSimulator
 
+    from autoexplain.rows import ExplanationRow, from_table
+
     texts = {}
-    for r in chosen.to_pylist():
-        texts.setdefault(r["unit"], {})[r["method"]] = r["text"]
+    for r in from_table(ExplanationRow, chosen):
+        texts.setdefault(r.unit, {})[r.method] = r.text
     simulators = {"embedding (default)": make("default"), "all-at-once SmolLM2": AllAtOnceSimulator(LocalLLM(subject=subject))}
     out = {name: {m: [] for m in ("explainer", "token-lookup", "shuffled")} for name in simulators}
     seconds = dict.fromkeys(simulators, 0.0)
@@ -215,10 +219,12 @@ def main():
     p.add_argument("--tokens", type=int, default=40_000)
     p.add_argument("--units", type=int, default=16, help="unit indices (x2 polarities)")
     p.add_argument("--independence-records", type=int, default=10, help="test records per unit for SmolLM2; 0: skip")
+    p.add_argument("--repeats", type=int, default=2, help="timing repeats per simulator")
+    p.add_argument("--records-dir", default="", help="a records folder recorded before (skips recording)")
     args = p.parse_args()
     if args.layer:
-        subject, units = _layer_units(args.tokens, args.units)
-        timing = layer_timing(units)
+        subject, units = _layer_units(args.tokens, args.units, records=args.records_dir)
+        timing = layer_timing(units, args.repeats)
         chosen = timing.pop("chosen")
         print("layer 15, simulate stage:", json.dumps(timing))
         result = {"layer": timing}
