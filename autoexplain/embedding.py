@@ -18,6 +18,16 @@ an explanation describes a token. Every subject token gets a z-score from three 
 - literal: a token whose word equals a word the explanation quotes ("the word 'God'") gets Z_HIGH;
   when the explanation is nothing but quoted words, the lexical channel is off for it.
 
+- examples: the single words an explanation gives as examples ("metals such as gold, silver and
+  iron", "family (father, mother, son)") get Z_HIGH like quoted words, and the rest of the
+  category is left to the lexical channel;
+- relation (`relations.py`): an explanation that says where the unit fires ("the word right after
+  'son of'", "words inside quotation marks", "the second item of a list", "the object of 'took'",
+  "the first word of a sentence") picks its tokens by that relation alone, at Z_HIGH, and nothing
+  else; one that names a word length or suffix ("words ending in -eth") adds those words at Z_HIGH.
+  Without it a context rule and its tokens anywhere score the same. `relations=False` turns both
+  this channel and the examples off (the simulator as it was before the suite of `suite.py`).
+
 The token's z is the maximum over channels, and its prediction is
 `10 * clip((z - Z_LOW) / (Z_HIGH - Z_LOW), 0, 1)`: Z_LOW or fewer standard deviations above the
 background mean gives 0, Z_HIGH or more gives 10, linear between. Whitespace tokens have no lexical
@@ -54,8 +64,9 @@ import numpy as np
 
 from autoexplain.errors import UserError
 from autoexplain.exact import cosines, fixed_mean_std, fixed_sum
+from autoexplain.relations import marks as relation_marks, parse as parse_relation
 from autoexplain.simulate import Simulation, Simulator
-from autoexplain.surface import ORTHO_CLASSES, content_of, literal_hits, literal_keys, literal_only, ortho_class, quoted_literals
+from autoexplain.surface import ORTHO_CLASSES, content_of, literal_hits, literal_keys, literal_only, named_examples, ortho_class, quoted_literals
 from autoexplain.words import word_of_each_token
 
 _ORTHO_INDEX = {name: i for i, name in enumerate(ORTHO_CLASSES)}
@@ -107,6 +118,7 @@ class _Explanations:
     sd: np.ndarray  # (U,) background sd
     z_ortho: np.ndarray  # (classes + 1, U), gated; last row (no class) is -inf
     literals: list[tuple[set[str], bool]]
+    relations: list  # relations.Relation or None per explanation
 
 
 class EmbeddingSimulator(Simulator):
@@ -124,6 +136,7 @@ class EmbeddingSimulator(Simulator):
         expand_weight: float = 0.3,
         context_weight: float = 0.0,
         context: int = 1,
+        relations: bool = True,
         max_windows: int = 20_000,
         batch_size: int = 256,
         device: str = "cpu",
@@ -136,6 +149,9 @@ class EmbeddingSimulator(Simulator):
         settings = {"z": (z_low, z_high), "expand": (expand, expand_weight), "context": (context_weight, context)}
         if settings != {"z": (Z_LOW, Z_HIGH), "expand": (5, 0.3), "context": (0.0, 1)}:
             self.name += ":" + ",".join(f"{k}={v[0]}/{v[1]}" for k, v in settings.items())
+        if not relations:
+            self.name += ":relations=off"
+        self.relations = relations
         self.z_low, self.z_high = z_low, z_high
         self.expand, self.expand_weight = expand, expand_weight
         self.context_weight, self.context = context_weight, context
@@ -310,11 +326,11 @@ class EmbeddingSimulator(Simulator):
         if new:
             ex = self._scale(new)
             for i, e in enumerate(new):
-                self._scaled[e] = (ex.E[:, i], ex.mu[i], ex.sd[i], ex.z_ortho[:, i], ex.literals[i])
+                self._scaled[e] = (ex.E[:, i], ex.mu[i], ex.sd[i], ex.z_ortho[:, i], ex.literals[i], ex.relations[i])
         cols = [self._scaled[e] for e in explanations]
         return _Explanations(np.stack([c[0] for c in cols], axis=1), np.array([c[1] for c in cols]),
                              np.array([c[2] for c in cols]), np.stack([c[3] for c in cols], axis=1),
-                             [c[4] for c in cols])
+                             [c[4] for c in cols], [c[5] for c in cols])
 
     def _scale(self, explanations: Sequence[str]) -> _Explanations:
         """Embed explanations in one batch and fix each one's scale against the background."""
@@ -342,8 +358,11 @@ class EmbeddingSimulator(Simulator):
         k = len(ORTHO_CLASSES)
         z_ortho = np.where(z_desc[:k] >= z_desc.max(0) - ORTHO_MARGIN, z_desc[:k], -np.inf)
         z_ortho = np.concatenate([z_ortho, np.full((1, n), -np.inf)])
-        literals = [(quoted_literals(e), literal_only(e)) for e in explanations]
-        return _Explanations(E, mu, sd, z_ortho, literals)
+        # Quoted words, and the single words an explanation gives as examples, fire as written.
+        literals = [(quoted_literals(e) | (named_examples(e) if self.relations else set()), literal_only(e))
+                    for e in explanations]
+        relations = [parse_relation(e) if self.relations else None for e in explanations]
+        return _Explanations(E, mu, sd, z_ortho, literals, relations)
 
     def simulate(self, explanation: str, records: Sequence[Sequence[str]]) -> list[Simulation]:
         return self.simulate_many([explanation], records)[0]
@@ -387,4 +406,8 @@ class EmbeddingSimulator(Simulator):
                     hit = literal_hits((), lits, keys)
                     z[:, u] = np.where(hit, self.z_high, -np.inf if only else z[:, u])
         z = np.maximum(z, ex.z_ortho[np.concatenate([w.ortho for w in windows])])
+        for u, relation in enumerate(ex.relations):
+            if relation is not None:  # a stated context decides alone; a surface property adds
+                picked = np.concatenate([relation_marks(relation, w.tokens) for w in windows])
+                z[:, u] = np.where(picked, self.z_high, -np.inf if relation.alone else z[:, u])
         return 10.0 * np.clip((z - self.z_low) / (self.z_high - self.z_low), 0.0, 1.0)

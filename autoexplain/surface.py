@@ -47,6 +47,22 @@ def literal_only(explanation: str) -> bool:
     return bool(quoted_literals(explanation)) and not set(re.findall(r"[a-z]+", rest)) - _FILLER
 
 
+_EXAMPLES = re.compile(r"\(([^()]*)\)|(?:\bsuch\s+as|\be\.g\.|\bincluding|:)\s*([^();]*)", re.I)
+
+
+def named_examples(explanation: str) -> set[str]:
+    """Single words an explanation gives as examples of its category, lowercased: the items of a
+    list in parentheses or after 'such as', 'e.g.', 'including' or a colon ("metals such as gold,
+    silver and iron" -> gold, silver, iron). Items of more than one word are left out."""
+    out = set()
+    for m in _EXAMPLES.finditer(explanation):
+        for item in re.split(r",|\band\b|\bor\b", (m.group(1) or m.group(2) or "").strip(" .")):
+            item = item.strip(" .\"'\u2018\u2019\u201c\u201d").lower()
+            if re.fullmatch(r"[a-z][a-z'-]{0,24}", item) and item not in _FILLER:
+                out.add(item)
+    return out
+
+
 def literal_keys(tokens: Sequence[str]) -> tuple[list[str], list[str]]:
     """Per token: its whole word, lowercased; and, for a piece continuing a word, the piece
     lowercased ("" otherwise). A quoted literal names a token through either."""
