@@ -1,0 +1,148 @@
+"""The viewer's sources, overview and search by meaning: units named by their source, explanations
+embedded without their frames, nearest explanations against brute force, and in Chromium the
+overview's layers x sources grid, search by text and by meaning, and similar units."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from playwright.sync_api import expect
+
+from autoexplain.view import build_site
+# The fixtures are imported, not put in conftest, so that they stay module-scoped here.
+from tests.viewer_fixtures import Watched, browser, chromium, file_url, serve, synthetic_layer  # noqa: F401
+
+
+def _as_source(scores_dir: Path, source: str) -> Path:
+    """A synthetic layer's units as latents of another source: one polarity, and a `source` column
+    in its scores and chosen explanations (as runs on an SAE write them)."""
+    from tests.viewer_fixtures import reseal
+
+    sims_dir = Path(json.loads((scores_dir / "manifest.json").read_text())["inputs"]["simulations"])
+    for path in (*scores_dir.glob("layer_*.parquet"), sims_dir / "chosen.parquet"):
+        pl.read_parquet(path).filter(pl.col("polarity") == 1).with_columns(source=pl.lit(source)).write_parquet(path)
+    reseal(scores_dir)
+    reseal(sims_dir)
+    return scores_dir
+
+
+def test_unit_names_come_from_the_source(tmp_path):
+    """Pages and files are named by source: a neuron keeps its polarity mark, a latent has none."""
+    from autoexplain.view import unpacked
+    from autoexplain.view_data import unit_file, unit_page
+
+    assert unit_page("L15/mlp", 1234, -1, True) == "L15/mlp/N1234-"
+    assert unit_page("L15/sae-res-16k", 1234, 1, False) == "L15/sae-res-16k/N1234"
+    assert unit_file("L15/mlp", 7, 1, True) == "data/L15/mlp/u/7p.js"
+    assert unit_file("L15/sae-res-16k", 7, 1, False) == "data/L15/sae-res-16k/u/7.js"
+
+    mlp = synthetic_layer(tmp_path / "a", 3, 6)
+    sae = _as_source(synthetic_layer(tmp_path / "b", 3, 6, seed=1), "L3/sae-res-16k")
+    site = tmp_path / "site"
+    build_site([mlp, sae], site, meaning=False, plots=False)
+    assert sorted(p.name for p in (site / "data" / "L3" / "sae-res-16k" / "u").iterdir()) == [f"{i}.js" for i in range(6)]
+    assert len(list((site / "data" / "L3" / "mlp" / "u").iterdir())) == 12
+    unit = unpacked((site / "data" / "L3" / "sae-res-16k" / "u" / "4.js").read_text())
+    assert (unit["name"], unit["prev"], unit["next"], unit["other"]) == (
+        "L3/sae-res-16k/N4", "L3/sae-res-16k/N3", "L3/sae-res-16k/N5", None)
+    assert unpacked((site / "data" / "L3" / "mlp" / "u" / "4n.js").read_text())["other"] == "L3/mlp/N4+"
+
+
+def test_explanations_are_embedded_without_their_frames():
+    from autoexplain.view_meaning import search_text
+
+    assert search_text('the word "who"') == '"who"'
+    assert search_text("words related to gods and deity") == "gods and deity"
+    assert search_text('"arguments" and "Noah" and other words related to arguments') == '"arguments" and "Noah" arguments'
+    assert search_text("punctuation marks and symbols") == "punctuation marks and symbols"
+    assert search_text("the words") == "the words"  # nothing would remain
+
+
+def test_nearest_explanations_are_the_brute_force_ones():
+    from autoexplain.view_meaning import nearest
+
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(700, 16)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    v[5] = 0  # a unit without an explanation: nobody's neighbour
+    idx, sim = nearest(v, 4, block=128)
+    c = v @ v.T
+    np.fill_diagonal(c, -np.inf)
+    c[:, 5] = -np.inf
+    for i in (0, 1, 300, 699):
+        assert idx[i].tolist() == np.argsort(-c[i], kind="stable")[:4].tolist()
+        np.testing.assert_allclose(sim[i], np.sort(c[i])[::-1][:4], rtol=1e-5)
+    # Shortlisted in a projection, ranked by the full cosine: on vectors that live in 6 dimensions
+    # of the 16, the 6 axes lose nothing, and the answer is the exact one.
+    basis = np.linalg.qr(rng.normal(size=(16, 6)))[0]
+    low = rng.normal(size=(700, 6)) @ basis.T
+    low = (low / np.linalg.norm(low, axis=1, keepdims=True)).astype(np.float32)
+    exact, _ = nearest(low, 4, block=128)
+    shortlisted, values = nearest(low, 4, block=100, axes=basis, shortlist=10)
+    assert (shortlisted == exact).mean() > 0.99
+    np.testing.assert_allclose(values[:, 0], (low * low[shortlisted[:, 0]]).sum(axis=1), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_overview_search_by_meaning_and_similar_units(browser, serve, tmp_path):
+    """Two layers and two sources: the overview's layers x sources grid with score histograms, the
+    best units of each, a search by meaning for a word no explanation contains, and the similar
+    units of a unit page, which lead to those units."""
+    mlp3 = synthetic_layer(tmp_path / "a", 3, 30)
+    mlp4 = synthetic_layer(tmp_path / "b", 4, 30, seed=2)
+    sae = _as_source(synthetic_layer(tmp_path / "c", 3, 30, seed=1), "L3/sae-res-16k")
+    site = tmp_path / "site"
+    build_site([mlp3, mlp4, sae], site)
+    assert not [p for p in site.rglob(".*")], "hidden files in the site folder"
+
+    w = Watched(browser, serve(site))
+    page = w.open("index.html")
+    assert page.locator("#layers thead th").all_text_contents() == ["Layer", "mlp", "sae-res-16k"]
+    assert page.locator("#layers tbody tr").count() == 2
+    assert page.locator("#layers td.cell").count() == 3 and page.locator("#layers td.muted").count() == 1  # no SAE on layer 4
+    assert page.locator("#layers td[data-source='L3/sae-res-16k'] svg.mini-hist rect").count() == 20
+    assert page.locator("#best .best-of").count() == 3
+    first_best = page.locator(".best-of[data-source='L3/sae-res-16k'] a.unit-link").first
+    assert re.fullmatch(r"N\d+", first_best.text_content())
+    page.screenshot(path=tmp_path / "overview.png", full_page=True)
+
+    page.fill("#search", "winter")
+    expect(page.locator("#count")).to_contain_text("matching units")
+    n_text = page.locator("#results tbody tr").count()
+    assert n_text > 0 and all("winter" in t for t in page.locator("#results td.expl").all_text_contents())
+    page.select_option("#search-mode", "meaning")
+    page.fill("#search", "snow")  # in no explanation: found by meaning only
+    expect(page.locator("#count")).to_contain_text("nearest in meaning")
+    top = page.locator("#results td.expl").all_text_contents()[:5]
+    assert sum("winter" in t for t in top) >= 4, top
+    page.screenshot(path=tmp_path / "search_by_meaning.png", full_page=True)
+
+    page.locator("#results a.unit-link").first.click()
+    page.wait_for_selector("body[data-ready='1']")
+    similar = page.locator("#similar li a.unit-link")
+    assert similar.count() == 8
+    shown = page.text_content("#explanation")
+    words = set(shown.split()[:3])
+    assert any(words & set(t.split()) for t in page.locator("#similar .expl").all_text_contents())
+    page.screenshot(path=tmp_path / "unit_similar.png", full_page=True)
+    target = similar.first.get_attribute("href")
+    similar.first.click()
+    page.wait_for_selector("body[data-ready='1']")
+    assert page.url.endswith(target)
+    w.close()
+
+    w = Watched(browser, file_url(site))
+    page = w.open("unit.html#L3/sae-res-16k/N7")
+    assert page.text_content("#title") == "Layer 3 · sae-res-16k · N7"
+    assert page.locator("#other-polarity").count() == 0
+    page.click("#next-unit")
+    page.wait_for_selector("body[data-ready='1']")
+    assert page.url.endswith("#L3/sae-res-16k/N8")
+    page = w.open("layer.html#L3/sae-res-16k")
+    assert page.text_content("#count") == "30 units"
+    w.close()
