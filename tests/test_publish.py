@@ -55,13 +55,16 @@ def test_a_published_dataset_loads_offline_and_holds_the_runs(home, two_layers, 
     assert scanned["source"].unique().to_list() == ["mlp"]
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
     import datasets
 
-    by_config = datasets.load_dataset(str(to), "scores", split="train")
-    by_folder = datasets.load_dataset("parquet", data_dir=str(to / "data" / "scores"), split="train")
+    # The cache folder is passed, not set through HF_DATASETS_CACHE: `datasets` reads that once, at
+    # its import, which an earlier test may have done; the user's cache then answered with the
+    # tables of an older dataset published under the same folder name.
+    cache = str(tmp_path / "hf-cache")
+    by_config = datasets.load_dataset(str(to), "scores", split="train", cache_dir=cache)
+    by_folder = datasets.load_dataset("parquet", data_dir=str(to / "data" / "scores"), split="train", cache_dir=cache)
     assert by_config.num_rows == by_folder.num_rows == scores.height
-    explanations = datasets.load_dataset(str(to), "explanations", split="train")
+    explanations = datasets.load_dataset(str(to), "explanations", split="train", cache_dir=cache)
     assert set(explanations["method"]) == {"explainer", "token-lookup", "output-lookup", "shuffled"}
     exemplars = pl.read_parquet(to / "data" / "exemplars" / "mlp" / "layer_1.parquet")
     assert exemplars.height and (exemplars["tokens"].list.len() == exemplars["activations"].list.len()).all()
