@@ -91,6 +91,11 @@ def _records_inputs(records_dir: Path, layer: int):
     return (records_dir / f"layer_{layer}.records.parquet", windows, manifest["key"])
 
 
+def _stats_path(records_path: Path) -> Path:
+    """A layer's unit statistics, beside its records (`record.RecordsRef.stats_path`)."""
+    return records_path.with_name(records_path.name.replace(".records.", ".stats."))
+
+
 def source_kind(records_dir: str | Path) -> str:
     """The unit source a recording read ('mlp' for every recording before sources had names)."""
     return read_manifest(Path(records_dir))["params"].get("source", MLP.kind)
@@ -100,7 +105,7 @@ def load_units(records_dir: str | Path, layer: int, units: list[int] | None = No
     records_path, windows_path, _ = _records_inputs(Path(records_dir), layer)
     kind = source_kind(records_dir)
     wanted = None if units is None else [(i, p) for i in units for p in polarities_of(kind)]
-    stats_path = records_path.with_name(records_path.name.replace(".records.", ".stats."))
+    stats_path = _stats_path(records_path)
     found = read_units(records_path, windows_path, wanted, stats_path if stats_path.is_file() else None, kind=kind)
     # Every neuron in range has records; a coder's latent that never fired has none (it is dead,
     # which its statistics say), so a shard of dead latents is empty, not an error.
@@ -115,7 +120,7 @@ def dead_units(records_dir: str | Path, layer: int) -> list[int]:
     import polars as pl
 
     records_path, _, _ = _records_inputs(Path(records_dir), layer)
-    stats = pl.read_parquet(records_path.with_name(records_path.name.replace(".records.", ".stats.")),
+    stats = pl.read_parquet(_stats_path(records_path),
                             columns=["unit", "max"])
     return sorted(stats.group_by("unit").agg(pl.col("max").max()).filter(pl.col("max") <= 0)["unit"].to_list())
 

@@ -81,15 +81,6 @@ def open_unit_source(text: str | None, model: str, layer: int | None = None) -> 
     return CoderSource(spec, coder)
 
 
-def source_layer(text: str | None, model: str, layer: int | None, default: int) -> int:
-    """The layer a run reads: the one given, else the coder's own, else `default` (for 'mlp')."""
-    if layer is not None:
-        return layer
-    if ":" not in (text or ""):
-        return default
-    return open_source(text, model, None)[1].hook.layer
-
-
 def kind_of(text: str | None) -> str:
     """The kind of units a `--source` value names, the name its runs and pages go by: a coder's
     derived kind ('sae:PATH' -> 'sae-res-16k'), or the value itself when it is a kind already."""
