@@ -119,8 +119,8 @@ def test_layer_to_unit_and_overlay(real_site, browser, serve, via, tmp_path):
     page.click("#overlay-toggle")
     assert "side-by-side" in sims.get_attribute("class")
 
-    page.click("#next-unit")  # hash navigation re-renders in place
-    page.wait_for_selector("body[data-ready='1']")
+    page.click("#next-unit")  # hash navigation re-renders in place; the hashchange handler runs after the click returns
+    page.wait_for_selector("body[data-ready='1'][data-unit='L1/mlp/N0-']")
     assert page.url.endswith("#L1/mlp/N0-") and page.text_content("#explanation") == llm[(0, -1)]
     w.close()
 

@@ -141,7 +141,7 @@ def test_overview_search_by_meaning_and_similar_units(browser, serve, tmp_path):
     assert page.text_content("#title") == "Layer 3 · sae-res-16k · N7"
     assert page.locator("#other-polarity").count() == 0
     page.click("#next-unit")
-    page.wait_for_selector("body[data-ready='1']")
+    page.wait_for_selector("body[data-ready='1'][data-unit='L3/sae-res-16k/N8']")
     assert page.url.endswith("#L3/sae-res-16k/N8")
     page = w.open("layer.html#L3/sae-res-16k")
     assert page.text_content("#count") == "30 units"

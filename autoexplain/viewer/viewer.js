@@ -585,8 +585,11 @@
       $("title").textContent = "Layer " + unit.layer + " · " + unit.kind + " · " + label;
       document.title = name + " · " + (SITE.title || "autoexplain");
       document.body.removeAttribute("data-ready");
+      document.body.setAttribute("data-unit", name);
       if (!meta) return fail($("explanation"), "layer " + unit.layer + " has no source " + unit.kind + " in this site");
       load(name, unitFile(unit)).then(inflate).then(function (d) {
+        // A later hash may have routed elsewhere while this unit loaded: its page must not be drawn over.
+        if (document.body.getAttribute("data-unit") !== name) return;
         // Activations come as multiples of the unit's step, simulations in hundredths.
         var step = d.step || 0;
         (d.records || []).forEach(function (r) {
