@@ -67,7 +67,7 @@ def stage_bars():
         done_all = sum(d for d, _ in parts[stage].values())
         total_all = sum(t for _, t in parts[stage].values())
         if stage not in ids:
-            unit = {"record": "tokens", "scored": "neurons"}.get(stage, "units")
+            unit = {"record": "tokens", "scored": "neurons", "model": "units, all layers"}.get(stage, "units")
             ids[stage] = bars.add_task(stage, total=total_all, unit=unit)
         bars.update(ids[stage], completed=done_all, total=max(total_all, bars.tasks[ids[stage]].total or 0))
 
@@ -141,6 +141,29 @@ def print_summary(scores_paths: list[Path], result: dict | None = None) -> None:
         return
     if result.get("comparison"):
         err.print(compare_markdown(result["comparison"], "Change against the previous scores"), highlight=False)
+    _print_where(result)
+
+
+def print_model_summary(result: dict) -> None:
+    """The model report's table (one row per source, layer and method), its headline, and where it all went."""
+    from rich.table import Table
+
+    from autoexplain.model_report import HEADER, headline, lines
+
+    import polars as pl
+
+    report = result["report"]
+    table = Table(title="Model report: test-split scores (mean, 95% CI)")
+    for col in HEADER:
+        table.add_column(col)
+    for cells in lines(pl.DataFrame(report["rows"])):
+        table.add_row(*cells)
+    err.print(table)
+    err.print(headline(report["totals"]), highlight=False, soft_wrap=True)
+    _print_where(result)
+
+
+def _print_where(result: dict) -> None:
     if result.get("site"):
         site = result["site"]
         err.print(f"viewer: {site.removeprefix('file://')}  (serve it: autoexplain view --serve --site "

@@ -119,14 +119,15 @@ def _clear_site(site_dir: Path) -> None:
 def build_site(score_dirs: list[Path], site_dir: Path, records_dir: Path | None = None, *,
                title: str = "autoexplain neuron viewer", chunk_size: int = 1000,
                max_per_kind: int | None = 20, plots: bool = True, meaning: bool = True,
-               cache_dir: Path | None = None) -> Path:
+               cache_dir: Path | None = None, pages: list[tuple[str, str]] = ()) -> Path:
     """Write the static viewer for the sources of `score_dirs` into `site_dir`; returns its index.html.
 
     records_dir: the records folder, when the simulations' manifests do not point at a readable one.
     chunk_size: units per index file. max_per_kind: top and random exemplars kept per unit (besides
     the test-split ones, which are always kept); None keeps all. plots: write the matplotlib PNGs.
     meaning: embed the explanations (MiniLM) for search by meaning and "similar units".
-    cache_dir: build caches (default `cache_root(score_dirs)`).
+    cache_dir: build caches (default `cache_root(score_dirs)`). pages: (file, title) of pages that
+    the caller writes beside the site (a model report, the scorers' agreement), linked from the overview.
     """
     started = time.perf_counter()
     site_dir = Path(site_dir)
@@ -199,6 +200,7 @@ def build_site(score_dirs: list[Path], site_dir: Path, records_dir: Path | None 
         plot_files.append(["plots/llm_vs_baselines.png", "Explanation against the baselines, per unit"])
     site = {"title": title, "metric": PRIMARY_METRIC, "metrics": list(METRICS), "methods": list(METHODS),
             "quantile_bins": [list(b) for b in QUANTILE_BINS], "sources": sources_meta, "plots": plot_files,
+            "pages": [list(p) for p in pages],
             "meaning": meaning, "built": time.strftime("%Y-%m-%d %H:%M:%S"),
             "build_seconds": round(time.perf_counter() - started, 2)}
     write_js(site_dir / "data" / "site.js", "site", site)

@@ -39,6 +39,7 @@ def page(kind: str, title: str, body: str) -> str:
 
 INDEX_BODY = """<h1>Unit explanations</h1>
 <p class="lede" id="overview"></p>
+<p id="pages" class="pages"></p>
 <section><h2>Layers and sources</h2><p class="muted small">Each cell: units, the distribution of their scores from -1 to 1 (explanation filled, token-lookup baseline as a line), the mean with its 95% CI.</p>
 <table class="grid" id="layers"></table></section>
 <section><h2>Best explained units</h2><div class="best-grid" id="best"></div></section>

@@ -1,5 +1,5 @@
 """The `autoexplain` command line: the stage commands of `autoexplain.cli` plus the commands that
-run whole flows, `explain-layer`, `rescore` and `revise` (the console script's entry point, `main`).
+run whole flows, `explain-layer`, `explain-model`, `rescore` and `revise` (the console script's entry point, `main`).
 
 The flow commands live here, not in the library, because they import the flows and tasks, which
 the library never does (`autoexplain.cli` alone runs the stage commands without Prefect). Each
@@ -18,7 +18,14 @@ import typer
 
 from autoexplain import defaults, preflight
 from autoexplain.cli import BUDGET, CACHE, CONCURRENCY, N_RANDOM, RPM, SCORERS, TOP_K, TPM, WINDOW_LEN, app
-from autoexplain.console import budget_stopped, print_llm_usage, print_summary, run_or_exit, stage_bars
+from autoexplain.console import (
+    budget_stopped,
+    print_llm_usage,
+    print_model_summary,
+    print_summary,
+    run_or_exit,
+    stage_bars,
+)
 from autoexplain.errors import UserError
 
 
@@ -56,6 +63,43 @@ def explain_layer_cmd(
                   n_random=n_random, out=out, results=results, concurrency=concurrency, rpm=rpm, tpm=tpm, cache=cache,
                   budget=budget, source=source)
     run_or_exit(lambda: _run_flow("explain_layer", params, lambda: preflight.explain_layer(params, preflight.cli_flag)))
+
+
+def explain_model_cmd(
+    layers: Optional[str] = typer.Option(None, "--layers", "-l", help="Layers to explain, e.g. 3,15 or 0-29 (default: every layer; a coder's own layer for a coder alone)."),
+    sources: list[str] = typer.Option(["mlp"], "--source", help="Whose units, repeatable: 'mlp' (every chosen layer's MLP neurons), "
+                                      "'sae:PATH' or 'transcoder:PATH' (a coder's latents at its own layer)."),
+    units: Optional[str] = typer.Option(None, "--units", "-u", help="Units of every layer, e.g. 0-15 (default: all)."),
+    model: str = typer.Option(defaults.SUBJECT, "--model", "-m", help="Subject model (see `record --help`)."),
+    corpus: str = typer.Option(defaults.CORPUS, "--corpus", "-c", help="Corpus (see `record --help`)."),
+    tokens: int = typer.Option(1_000_000, "--tokens", "-n", help="Corpus tokens to record (one pass for every layer)."),
+    explainer: str = typer.Option("embedding", "--explainer", "-e", help="As for explain-layer."),
+    simulator: str = typer.Option("embedding", "--simulator", "-s", help="As for explain-layer."),
+    scorers: str = SCORERS,
+    k: int = typer.Option(4, "--k", help="Candidate explanations per unit (best-of-k on the valid split)."),
+    shard_size: int = typer.Option(256, "--shard-size", help="Units per task."),
+    n_boot: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the 95% CIs."),
+    site: Optional[str] = typer.Option(None, "--site", help="The model's site folder (default OUT/site/model; 'none': no site)."),
+    window_len: int = WINDOW_LEN,
+    top_k: int = TOP_K,
+    n_random: int = N_RANDOM,
+    concurrency: Optional[int] = CONCURRENCY,
+    rpm: Optional[float] = RPM,
+    tpm: Optional[float] = TPM,
+    cache: bool = CACHE,
+    budget: Optional[str] = BUDGET,
+    out: str = typer.Option("out", "--out", "-o", help="Output folder, or an fsspec URL."),
+    results: Optional[str] = typer.Option(None, "--results", help="Folder or fsspec URL for Prefect's task results."),
+):
+    """Record every chosen layer in one pass, then explain, simulate and score them all: one site and one model report."""
+    from autoexplain import model_plan
+
+    params = dict(layers=layers, sources=sources, units=units, model=model, corpus=corpus, tokens=tokens,
+                  explainer=explainer, simulator=simulator, scorers=scorers, k=k, shard_size=shard_size, n_boot=n_boot,
+                  site=site, window_len=window_len, top_k=top_k, n_random=n_random, out=out, results=results,
+                  concurrency=concurrency, rpm=rpm, tpm=tpm, cache=cache, budget=budget)
+    spell = lambda name: "--source" if name == "sources" else preflight.cli_flag(name)  # noqa: E731
+    run_or_exit(lambda: _run_flow("explain_model", params, lambda: model_plan.explain_model(params, spell)))
 
 
 def rescore_cmd(
@@ -140,25 +184,31 @@ def _run_flow(name: str, params: dict, check) -> None:
     """Check every parameter here (one line and exit 2 on a bad one: nothing has started), then run
     the flow with the stage bars, and print the layer's summary and where everything went."""
     check()
+    import importlib
+
     from autoexplain import progress
-    from flows import explain_layer as flows
     from tasks.stages import warm_up
 
+    flow = getattr(importlib.import_module("flows.explain_model" if name == "explain_model" else "flows.explain_layer"), name)
     warm_up(params.get("simulator"))
     bars, listener = stage_bars()
     remove = progress.listen(listener)
     try:
         with bars:
-            result = getattr(flows, name)(**params)
+            result = flow(**params)
     finally:
         remove()
     print_llm_usage()
     if result.get("stopped"):
         budget_stopped(result["message"])
-    print_summary([Path(ref["path"]) for ref in result["scores"]], result)
+    if name == "explain_model":
+        print_model_summary(result)
+    else:
+        print_summary([Path(ref["path"]) for ref in result["scores"]], result)
 
 
 app.command("explain-layer")(explain_layer_cmd)
+app.command("explain-model")(explain_model_cmd)
 app.command("rescore")(rescore_cmd)
 app.command("revise")(revise_cmd)
 

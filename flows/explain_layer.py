@@ -16,46 +16,36 @@ folder or URL where Prefect keeps the tasks' results (its cache), else Prefect's
 
 from __future__ import annotations
 
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from prefect import flow, get_run_logger
-from prefect.futures import as_completed
+from prefect import flow
 from prefect.states import Failed
 
-from autoexplain import defaults, preflight, progress
+from autoexplain import defaults, preflight
 from autoexplain.budget import set_budget
 from autoexplain.errors import UserError
-from autoexplain.layer import dead_units, parse_units
-from autoexplain.registry import DEFAULT_SCORER, parse_scorers, simulator_identity
+from autoexplain.registry import DEFAULT_SCORER, simulator_identity
 from autoexplain.llm import set_limits
 from autoexplain.llm_cache import set_cache
 from autoexplain.remote import is_url
 from autoexplain.sources import MLP
-from autoexplain.storage import content_key, layer_name, local_ref, open_root, write_run
+from autoexplain.storage import content_key, layer_name, open_root, write_run
 from autoexplain.summary import compare_markdown
+from flows.steps import agreement, finish_layer, gather, score_shard, site_pages, submit_layer, unit_keys
 from schemas.contracts import ContractViolation
-from tasks.classify import agreement_task, classify_task, negatives_task, scores_task
 from tasks.compare import compare_task
 from tasks.report import budget_stop, publish, publish_recording, report_task, view_task
-from tasks.stages import (
-    explain_task,
-    record_task,
-    revise_task,
-    score_task,
-    simulate_task,
-    with_results,
-)
+from tasks.stages import record_task, score_task, simulate_task, with_results
 
 
-def _out(out: str) -> str:
+def out_path(out: str) -> str:
     """A folder made absolute (tasks may run elsewhere), or a URL as given."""
     return out if is_url(out) else str(Path(out).resolve())
 
 
-def _checked(check: Callable[[], object], ledger=None):
+def checked(check: Callable[[], object], ledger=None):
     """(the check's value, None), or (None, a Failed state carrying the one-line error). With the
     run's budget `ledger`: a run the budget stopped ends in a Completed state named BudgetReached,
     whatever error its last tasks raised (`tasks.report.budget_stop`)."""
@@ -92,14 +82,10 @@ def record_activations(model: str = "smollm2", corpus: str = "default", layers: 
 
     def run():
         chosen, source_id = check()
-        return record_task(model, corpus, chosen, tokens, _out(out), source=source, source_id=source_id)
+        return record_task(model, corpus, chosen, tokens, out_path(out), source=source, source_id=source_id)
 
-    result, failed = _checked(run)
+    result, failed = checked(run)
     return failed or result
-
-
-def _unit_keys(revisions: dict[tuple[int, int], str]) -> dict[str, str]:
-    return {f"{u}:{p:+d}": text for (u, p), text in sorted(revisions.items())}
 
 
 @flow(name="explain-layer", validate_parameters=True)
@@ -143,7 +129,7 @@ def explain_layer(
     params = dict(layer=layer, units=units, model=model, corpus=corpus, tokens=tokens, explainer=explainer,
                   simulator=simulator, scorers=scorers, k=k, shard_size=shard_size, n_boot=n_boot, revisions=revisions,
                   site=site, window_len=window_len, top_k=top_k, n_random=n_random, source=source)
-    plan, failed = _checked(lambda: preflight.explain_layer({**params, "out": out, "concurrency": concurrency,
+    plan, failed = checked(lambda: preflight.explain_layer({**params, "out": out, "concurrency": concurrency,
                                                              "rpm": rpm, "tpm": tpm, "budget": budget}))
     if failed:
         return failed
@@ -151,94 +137,27 @@ def explain_layer(
     set_limits(concurrency, rpm, tpm)
     set_cache(cache)
     ledger = set_budget(plan.budget)
-    result, failed = _checked(lambda: _explain_layer(plan, _out(out), results, params, **params), ledger)
+    result, failed = checked(lambda: _explain_layer(plan, out_path(out), results, params, **params), ledger)
     return failed or result
 
 
 def _explain_layer(plan: preflight.LayerPlan, out: str, results: str | None, params: dict, *, layer, units, model,
                    corpus, tokens, explainer, simulator, scorers, k, shard_size, n_boot, revisions, site, window_len, top_k,
                    n_random, source) -> dict:
-    log = get_run_logger()
-    record, explain, revise, simulate, score = with_results(results, record_task, explain_task, revise_task,
-                                                            simulate_task, score_task)
+    record = with_results(results, record_task)[0]
     records = record(model, corpus, [layer], tokens, out, window_len, top_k, n_random, 0, source, plan.source_id)
-    kind = plan.source.kind
     publish_recording(records)
-    chosen = plan.units if plan.units is not None else parse_units(None, records["n_units"])
-    dead = set(dead_units(local_ref(records)["path"], layer)) & set(chosen)
-    if dead:  # latents that never fired: their statistics say so, and there is nothing to explain
-        log.info(f"{len(dead)} of {len(chosen)} units never fired in the recorded tokens and are not explained")
-        chosen = [u for u in chosen if u not in dead]
-    shards = [chosen[i : i + shard_size] for i in range(0, len(chosen), shard_size)]
-    sim_id = simulator_identity(simulator)
-
-    started, futures = time.perf_counter(), []
-    for shard in shards:
-        x = explain.submit(records, layer, shard, explainer, k, out)
-        mine = {key: text for key, text in plan.revisions.items() if key[0] in shard}
-        if mine:
-            x = revise.submit(x, _unit_keys(mine), out)
-        s = simulate.submit(records, x, simulator, sim_id, out)
-        futures.append((shard, x, s, *_score_shard(records, s, scorers, model, n_boot, out, score, results)))
-
-    done_units, outputs, by_future = 0, [], {f[3]: f for f in futures}
-    explained, simulated, scores = {}, {}, {}
-    for fut in as_completed([f[3] for f in futures]):
-        shard, x, s, c, asked = by_future[fut]
-        xr, sr = x.result(), s.result()  # a failed shard raises here, before it counts as done
-        for a in asked:  # a failed scorer raises its one line here, not the gathering's wait
-            a.result()
-        cr = c.result()
-        done_units += len(shard)
-        elapsed = time.perf_counter() - started
-        eta = elapsed / done_units * (len(chosen) - done_units)
-        log.info(f"units {done_units}/{len(chosen)} done (shard {shard[0]}-{shard[-1]}); ETA {eta:.0f}s")
-        progress.report("scored", done_units, len(chosen))
-        publish(xr, [records])
-        publish(sr, [records, xr])
-        publish(cr, [sr])
-        outputs += [xr, sr, cr]
-        explained[shard[0]], simulated[shard[0]], scores[shard[0]] = xr, sr, cr
-    in_order = lambda d: [d[k] for k in sorted(d)]  # noqa: E731 - shard order, not finishing order
+    work = submit_layer(records, layer, plan.source.kind, plan.units, plan.revisions, explainer=explainer,
+                        simulator=simulator, scorers=scorers, model=model, k=k, shard_size=shard_size, n_boot=n_boot,
+                        out=out, results=results)
+    gather([work], "scored")
+    scores = work.in_order(work.scores)
     # Several shards of one layer are one layer to the viewer: it reads every shard's scores.
-    site_dir = site or f"{out.rstrip('/')}/site/{layer_name(layer, kind)}"
-    site_uri = view_task(in_order(scores), site_dir, records) if site != "none" else None
-    report = report_task(records, outputs, in_order(scores), site_uri)
-    _agreement(scorers, in_order(scores), out, layer, None if site == "none" else site_dir)
-    run = {"flow": "explain-layer", "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "params": {**params, "revisions": _unit_keys(plan.revisions)}, "records": records,
-           "explanations": in_order(explained), "simulations": in_order(simulated), "scores": in_order(scores),
-           "site_dir": None if site == "none" else site_dir, "site": site_uri}
-    write_run(open_root(out), layer, run, kind=kind)
-    return {"records": records, "scores": in_order(scores), "report": report, "site": site_uri, "out": out}
-
-
-def _score_shard(records, s, scorers: str, model: str | None, n_boot: int, out: str, score, results):
-    """A shard's score future: the simulation scorer's alone (the default, as it always was), or
-    every scorer asked for gathered into one scores output (`classify_stage.run_scores`); and the
-    futures it waits for."""
-    specs = [p.spec for p in parse_scorers(scorers)]
-    if specs == [DEFAULT_SCORER]:
-        return score.submit(records, s, n_boot, out), []
-    from autoexplain.classify_stage import scorer_identity
-
-    negatives, classify, gather = with_results(results, negatives_task, classify_task, scores_task)
-    sim_scores = score.submit(records, s, n_boot, out) if DEFAULT_SCORER in specs else None
-    near = negatives.submit(records, s, model, out)
-    asked = [classify.submit(records, s, spec, scorer_identity(spec), near, out) for spec in specs if spec != DEFAULT_SCORER]
-    return gather.submit(records, s, asked, sim_scores, n_boot, out), asked + ([sim_scores] if sim_scores else [])
-
-
-def _agreement(scorers: str, scores: list[dict], out: str, layer: int, site_dir: str | None) -> None:
-    """The agreement between scorers when any but the default ran: an artifact, and a page with the
-    scatter plot in the layer's site folder (or under `out`/agreement without a local site)."""
-    if [p.spec for p in parse_scorers(scorers)] == [DEFAULT_SCORER]:
-        return
-    folder = site_dir if site_dir and not is_url(site_dir) else None
-    if folder is None and not is_url(out):
-        folder = str(Path(out) / "agreement" / f"layer_{layer}")
-    if folder is not None:
-        agreement_task(scores, folder)
+    site_dir = None if site == "none" else site or f"{out.rstrip('/')}/site/{layer_name(layer, plan.source.kind)}"
+    site_uri = view_task(scores, site_dir, records, site_pages(scorers)) if site_dir else None
+    report = finish_layer(work, "explain-layer", {**params, "revisions": unit_keys(plan.revisions)}, out, site_dir,
+                          site_uri, scorers)
+    return {"records": records, "scores": scores, "report": report, "site": site_uri, "out": out}
 
 
 @flow(name="rescore", validate_parameters=True)
@@ -263,14 +182,14 @@ def rescore(out: str = "out", layer: int = 15, simulator: str = "embedding", sco
                             "set out to the output root of an explain-layer run")
         return preflight.find_run(out, layer, kind=preflight.source_kind(source))
 
-    run, failed = _checked(check)
+    run, failed = checked(check)
     if failed:
         return failed
     set_limits(concurrency, rpm, tpm)
     set_cache(cache)
     ledger = set_budget(limit[0])
     kind = run["records"].get("source", MLP.kind)
-    result, failed = _checked(lambda: _rescore(run, _out(out), layer, simulator, n_boot, results, kind, scorers), ledger)
+    result, failed = checked(lambda: _rescore(run, out_path(out), layer, simulator, n_boot, results, kind, scorers), ledger)
     return failed or result
 
 
@@ -281,7 +200,7 @@ def _rescore(run: dict, out: str, layer: int, simulator: str, n_boot: int, resul
     pairs = []
     for x in run["explanations"]:
         s = simulate.submit(records, x, simulator, sim_id, out)
-        pairs.append((x, s, *_score_shard(records, s, scorers, run["params"].get("model"), n_boot, out, score, results)))
+        pairs.append((x, s, *score_shard(records, s, scorers, run["params"].get("model"), n_boot, out, score, results)))
     outputs, simulated, scores = [], [], []
     for x, s, c, asked in pairs:
         sr = s.result()
@@ -295,9 +214,9 @@ def _rescore(run: dict, out: str, layer: int, simulator: str, n_boot: int, resul
         scores.append(cr)
     title = f"Re-score of layer {layer}: {run['params']['simulator']} -> {simulator}"
     comparison = compare_task(run["scores"], scores, title)
-    site_uri = view_task(scores, run["site_dir"], records) if run.get("site_dir") else None
-    report = report_task(records, outputs, scores, site_uri)
-    _agreement(scorers, scores, out, layer, run.get("site_dir"))
+    site_uri = view_task(scores, run["site_dir"], records, site_pages(scorers)) if run.get("site_dir") else None
+    report = report_task(records, outputs, scores, site_uri, layer)
+    agreement(scorers, scores, out, layer, run.get("site_dir"))
     write_run(open_root(out), layer, {
         **run, "flow": "rescore", "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "params": {**run["params"], "simulator": simulator, "scorers": scorers, "n_boot": n_boot},

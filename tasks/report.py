@@ -116,21 +116,51 @@ def viewer_markdown(site: str) -> str:
 
 
 @task(name="view", persist_result=False)
-def view_task(scores: list[dict], site_dir: str, records: dict | None = None) -> str:
+def view_task(scores: list[dict], site_dir: str, records: dict | None = None, pages: list | None = None) -> str:
     """Write the static neuron viewer for the scored shards; returns its index page's URI. `site_dir`
-    may be a URL: the site is built in its local mirror, then uploaded."""
+    may be a URL: the site is built in its local mirror, then uploaded. `pages`: (file, title) of
+    pages written beside the site after it (the model report, the scorers' agreement), linked
+    from its overview."""
     from autoexplain.view import build_site
 
     scores = _viewer_inputs(scores, records)
     site = remote.open_root(site_dir)
-    index = build_site([Path(s["path"]).parent for s in scores], site)
+    index = build_site([Path(s["path"]).parent for s in scores], site, pages=[tuple(p) for p in pages or ()])
     remote.push(site)  # nothing to do for a local folder
     return remote.uri(index)
 
 
+@task(name="model-report", persist_result=False)
+def model_report_task(parts: list[dict], site_dir: str | None) -> dict:
+    """The model-level report: `parts`, one per (source, layer), with its `kind`, `layer`, `scores`
+    (shard references) and `dead` (units that never fired). A markdown artifact, and the site's
+    report page with the score-by-layer plot of each source when the site is a local folder."""
+    from autoexplain import model_report
+    from autoexplain.plots import plot_mean_by_layer
+
+    loaded = [model_report.PartScores(p["kind"], p["layer"], pl.concat(
+        [pl.read_parquet(local_ref(s)["path"]) for s in p["scores"]], how="diagonal_relaxed") if p["scores"] else pl.DataFrame(),
+        p["dead"]) for p in parts]
+    table, totals = model_report.model_table(loaded), model_report.totals(loaded)
+    md = model_report.markdown(table, totals)
+    create_markdown_artifact(md, key="model-report", description="Score by layer and source, share above 0.8, dead units, cost")
+    if site_dir and not remote.is_url(site_dir):
+        site, plots = Path(site_dir), []
+        for kind in sorted({p.kind for p in loaded}):
+            mine = [p.scores for p in loaded if p.kind == kind and p.scores.height]
+            if mine:
+                name = f"plots/mean_by_layer.{kind}.png"
+                plot_mean_by_layer(pl.concat(mine, how="diagonal_relaxed"), site / name)
+                plots.append((name, f"Mean score by layer, {kind} (95 % CI over units)"))
+        model_report.write_page(site, table, totals, plots)
+    return {"totals": totals, "markdown": md, "rows": table.to_dicts()}
+
+
 @task(name="report", persist_result=False)
-def report_task(records: dict, stages: list[dict], scores: list[dict], site: str | None = None) -> dict:
-    """stages: every output reference of the run (records, explanations, simulations, scores)."""
+def report_task(records: dict, stages: list[dict], scores: list[dict], site: str | None = None,
+                layer: int | None = None) -> dict:
+    """stages: every output reference of the run (records, explanations, simulations, scores);
+    `layer`: the one reported, of the recorded ones (default: the first)."""
     records, stages, scores = local_ref(records), [local_ref(s) for s in stages], [local_ref(s) for s in scores]
     table = pl.concat([pl.read_parquet(s["path"]) for s in scores]) if scores else pl.DataFrame()
     lineage = []
@@ -159,8 +189,9 @@ def report_task(records: dict, stages: list[dict], scores: list[dict], site: str
         table.filter((pl.col("metric") == HEADLINE) & (pl.col("method") == "explainer"))["value"].drop_nulls().to_list())
     links = "\n".join(f"- {s['uri']}" for s in scores)
     cost = run_cost(table)
-    dead = dead_units(records["path"], records["layers"][0])
-    md = (f"# Layer report\n\nUnits scored: {len(headline)} (defined explainer {HEADLINE} scores)\n\n"
+    layer = records["layers"][0] if layer is None else layer
+    dead = dead_units(records["path"], layer)
+    md = (f"# Layer report: layer {layer}\n\nUnits scored: {len(headline)} (defined explainer {HEADLINE} scores)\n\n"
           f"Dead units: {len(dead)} of the layer's recorded units never fired in the recorded tokens and "
           f"were not explained{': ' + ', '.join(map(str, dead[:50])) + (' ...' if len(dead) > 50 else '') if dead else ''}\n\n"
           f"{cost_line(cost)}\n\n"

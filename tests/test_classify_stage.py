@@ -174,7 +174,8 @@ def test_the_default_scorers_submit_the_score_task_as_before():
     same arguments as before the classifier scorers existed (so its cache keys are unchanged)."""
     import inspect
 
-    from flows.explain_layer import _score_shard, explain_layer, rescore
+    from flows.explain_layer import explain_layer, rescore
+    from flows.steps import score_shard
 
     assert inspect.signature(explain_layer.fn).parameters["scorers"].default == "simulation"
     assert inspect.signature(rescore.fn).parameters["scorers"].default == "simulation"
@@ -188,5 +189,5 @@ def test_the_default_scorers_submit_the_score_task_as_before():
             return "future"
 
     score = Recorder()
-    assert _score_shard("records", "sims", "simulation", "model", 100, "out", score, None) == ("future", [])
+    assert score_shard("records", "sims", "simulation", "model", 100, "out", score, None) == ("future", [])
     assert score.calls == [("records", "sims", 100, "out")]

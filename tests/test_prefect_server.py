@@ -264,7 +264,11 @@ def test_prefect_yaml_deploys_and_a_worker_runs_it(against_server, tiny_llama_di
         from flows.explain_layer import rescore
         assert set(nightly.parameters) <= set(inspect.signature(rescore.fn).parameters)
         listed = {f"{client.read_flow(d.flow_id).name}/{d.name}" for d in client.read_deployments()}
-        assert listed == {"explain-layer/smollm2-layer15", "rescore/nightly"}
+        assert listed == {"explain-layer/smollm2-layer15", "explain-model/smollm2", "rescore/nightly"}
+        whole = client.read_deployment_by_name("explain-model/smollm2")
+        from flows.explain_model import explain_model
+        assert whole.entrypoint == "flows/explain_model.py:explain_model" and whole.parameters == shipped["smollm2"]
+        assert set(whole.parameters) <= set(inspect.signature(explain_model.fn).parameters)
 
     log = tmp_path / "worker.log"
     with open(log, "w") as f:
@@ -290,6 +294,20 @@ def test_prefect_yaml_deploys_and_a_worker_runs_it(against_server, tiny_llama_di
             assert state.is_completed(), f"{state}\n{log.read_text()[-4000:]}"
             arts = {a.key: a for a in client.read_artifacts(
                 artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[rescored.id])))}
+
+            # the model deployment: two layers recorded in one pass, one site, a run pointer per layer
+            model_out = tmp_path / "model-out"
+            tiny = {k: v for k, v in _tiny_params(tiny_llama_dir, prose_corpus, model_out).items() if k != "layer"}
+            whole_run = client.create_flow_run_from_deployment(whole.id, parameters={
+                **tiny, "layers": "0,2", "units": "0-1", "explainer": "embedding", "k": 1})
+            state = _final_state(client, whole_run.id, worker, log)
+            assert state.is_completed(), f"{state}\n{log.read_text()[-4000:]}"
+            assert read_run(model_out, 0)["flow"] == read_run(model_out, 2)["flow"] == "explain-model"
+            assert len(list((model_out / "records").iterdir())) == 1
+            assert (model_out / "site" / "model" / "report.html").is_file()
+            model_arts = {a.key for a in client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[whole_run.id])))}
+            assert "model-report" in model_arts
 
             # as shipped: out=out (the repository's), layer 15. A clean clone has no run there.
             shipped_out = REPO / "out"

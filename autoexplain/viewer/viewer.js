@@ -227,6 +227,12 @@
       add(best, el("div", { cls: "best-of", "data-source": s.source }, el("h3", null, el("a", { href: layerHref(s.source), text: sourceTitle(s) })), ol));
     });
 
+    var pages = clear($("pages"));
+    (SITE.pages || []).forEach(function (p, i) {
+      if (i) add(pages, document.createTextNode(" · "));
+      add(pages, el("a", { href: p[0], text: p[1] }));
+    });
+
     var plots = clear($("plots"));
     (SITE.plots || []).forEach(function (p) {
       add(plots, el("figure", null, el("img", { src: p[0], alt: p[1], cls: "plot" }), el("figcaption", { text: p[1] })));

@@ -1,0 +1,76 @@
+"""Fail before working, for a whole model: every parameter of an explain-model run, checked up front.
+
+A model run is a set of parts, one per (unit source, layer): the MLP neurons of every chosen layer,
+and each sparse coder's latents at its own layer. Each part is checked exactly as an explain-layer
+run of that layer and source would be (`preflight.explain_layer`), so the two commands can never
+disagree about what a valid parameter is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from autoexplain import preflight
+from autoexplain.errors import UserError
+from autoexplain.layer import parse_units
+from autoexplain.sources import MLP
+
+
+@dataclass
+class ModelPlan:
+    # Per source spec, as given, its parts (one per layer): a source is recorded once for all of them.
+    sources: list[tuple[str, list[preflight.LayerPlan]]]
+    budget: object = None
+
+    @property
+    def parts(self) -> list[preflight.LayerPlan]:
+        return [part for _, parts in self.sources for part in parts]
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({part.layer for part in self.parts})
+
+    @property
+    def n_units(self) -> int:
+        return sum(len(p.units or []) for p in self.parts)
+
+
+def parse_layers(spec, n_layers: int, spell: preflight.Spelling = preflight.flow_name) -> list[int]:
+    """'3,15', '0-29', a list of ints, or None / 'all' (every layer of the model)."""
+    if isinstance(spec, (list, tuple)):
+        spec = ",".join(str(x) for x in spec)
+    try:
+        layers = parse_units(spec)
+    except UserError as e:
+        raise UserError(f"{spell('layers')}: {e.problem.replace('unit', 'layer')}", e.fix) from None
+    bad = [x for x in layers if x >= n_layers]
+    if bad:
+        raise UserError(f"{spell('layers')}: layer {bad[0]} is out of range: the model has layers 0..{n_layers - 1}",
+                        f"pass layers from 0 to {n_layers - 1}, e.g. 0-{n_layers - 1}")
+    return layers
+
+
+def explain_model(p: dict, spell: preflight.Spelling = preflight.flow_name) -> ModelPlan:
+    """`p`: explain-model parameters by name (`layers`, `sources`, and explain-layer's others)."""
+    sources = list(p.get("sources") or [MLP.kind])
+    if len(set(sources)) != len(sources):
+        raise UserError(f"{spell('sources')}: {sources} names a source twice", "name each source once")
+    shape = preflight.model_shape(p.get("model", "smollm2"), spell)
+    asked = None if p.get("layers") in (None, "", "all") else parse_layers(p["layers"], shape.n_layers, spell)
+    common = {k: v for k, v in p.items() if k not in ("layers", "sources", "revisions")}
+    groups: list[tuple[str, list[preflight.LayerPlan]]] = []
+    for spec in sources:
+        if spec == MLP.kind:
+            groups.append((spec, [preflight.explain_layer({**common, "layer": layer, "source": spec}, spell)
+                                  for layer in (asked if asked is not None else range(shape.n_layers))]))
+            continue
+        part = preflight.explain_layer({**common, "layer": None, "source": spec}, spell)
+        if asked is not None and part.layer not in asked:
+            raise UserError(f"{spell('sources')}: {spec} reads layer {part.layer}, which layers {asked} leaves out",
+                            f"add {part.layer} to the layers, or leave the layers out")
+        groups.append((spec, [part]))
+    pages = [(part.layer, part.source.kind) for _, parts in groups for part in parts]
+    if len(set(pages)) != len(pages):
+        raise UserError(f"{spell('sources')}: two coders of the same kind at one layer would share pages and run pointers",
+                        "explain them in separate runs (explain-layer --source ... --out ...)")
+    return ModelPlan(groups, groups[0][1][0].budget)

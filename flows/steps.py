@@ -1,0 +1,149 @@
+"""The steps that the explain-layer, explain-model and rescore flows compose, one layer's units at a time.
+
+A layer's work is submitted as shards (explain -> [revise] -> simulate -> score), all of them before
+any is waited for, so the task runner (threads, or dask workers) keeps every shard of every layer
+in flight. `gather` then takes shards as they finish, from any layer, and `finish_layer` writes a
+layer's report and run pointer once all of its shards are in.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from prefect import get_run_logger
+from prefect.futures import as_completed
+
+from autoexplain import progress
+from autoexplain.layer import dead_units, parse_units
+from autoexplain.registry import DEFAULT_SCORER, parse_scorers, simulator_identity
+from autoexplain.remote import is_url
+from autoexplain.storage import local_ref, open_root, write_run
+from tasks.classify import agreement_task, classify_task, negatives_task, scores_task
+from tasks.report import publish, report_task
+from tasks.stages import explain_task, revise_task, score_task, simulate_task, with_results
+
+
+@dataclass
+class LayerWork:
+    """One layer's units of one source, in flight: its shards' futures, then their results."""
+
+    layer: int
+    kind: str
+    records: dict
+    chosen: list[int]
+    dead: list[int]
+    shards: list = field(default_factory=list)  # (units, explain, simulate, score, asked) futures
+    explained: dict = field(default_factory=dict)  # first unit of a shard -> result reference
+    simulated: dict = field(default_factory=dict)
+    scores: dict = field(default_factory=dict)
+    outputs: list = field(default_factory=list)
+
+    def in_order(self, done: dict) -> list[dict]:
+        return [done[k] for k in sorted(done)]  # shard order, not finishing order
+
+
+def unit_keys(revisions: dict[tuple[int, int], str]) -> dict[str, str]:
+    return {f"{u}:{p:+d}": text for (u, p), text in sorted(revisions.items())}
+
+
+def submit_layer(records: dict, layer: int, kind: str, units: list[int] | None, revisions: dict, *, explainer: str,
+                 simulator: str, scorers: str, model: str, k: int, shard_size: int, n_boot: int, out: str,
+                 results: str | None) -> LayerWork:
+    """Submit every shard of a recorded layer; units that never fired are left out (and counted)."""
+    explain, revise, simulate, score = with_results(results, explain_task, revise_task, simulate_task, score_task)
+    chosen = units if units is not None else parse_units(None, records["n_units"])
+    dead = sorted(set(dead_units(local_ref(records)["path"], layer)) & set(chosen))
+    if dead:  # latents that never fired: their statistics say so, and there is nothing to explain
+        get_run_logger().info(f"layer {layer} ({kind}): {len(dead)} of {len(chosen)} units never fired in the "
+                              "recorded tokens and are not explained")
+        chosen = [u for u in chosen if u not in set(dead)]
+    work = LayerWork(layer, kind, records, chosen, dead)
+    sim_id = simulator_identity(simulator)
+    for shard in [chosen[i : i + shard_size] for i in range(0, len(chosen), shard_size)]:
+        x = explain.submit(records, layer, shard, explainer, k, out)
+        mine = {key: text for key, text in revisions.items() if key[0] in shard}
+        if mine:
+            x = revise.submit(x, unit_keys(mine), out)
+        s = simulate.submit(records, x, simulator, sim_id, out)
+        work.shards.append((shard, x, s, *score_shard(records, s, scorers, model, n_boot, out, score, results)))
+    return work
+
+
+def gather(works: list[LayerWork], what: str = "units") -> None:
+    """Wait for every shard of every layer, in the order they finish; publish each shard's outputs
+    as assets and report progress over all of them (the log line and the `what` bar)."""
+    log = get_run_logger()
+    by_future = {shard[3]: (work, shard) for work in works for shard in work.shards}
+    total, done, started = sum(len(w.chosen) for w in works), 0, time.perf_counter()
+    for fut in as_completed(list(by_future)):
+        work, (units, x, s, c, asked) = by_future[fut]
+        xr, sr = x.result(), s.result()  # a failed shard raises here, before it counts as done
+        for a in asked:  # a failed scorer raises its one line here, not the gathering's wait
+            a.result()
+        cr = c.result()
+        done += len(units)
+        elapsed = time.perf_counter() - started
+        rate = done / elapsed if elapsed else float("nan")
+        log.info(f"{what} {done}/{total} done ({rate:.2f}/s; layer {work.layer} {work.kind} shard {units[0]}-{units[-1]}); "
+                 f"ETA {(total - done) / rate if rate else float('nan'):.0f}s")
+        progress.report(what, done, total)
+        publish(xr, [work.records])
+        publish(sr, [work.records, xr])
+        publish(cr, [sr])
+        work.outputs += [xr, sr, cr]
+        work.explained[units[0]], work.simulated[units[0]], work.scores[units[0]] = xr, sr, cr
+
+
+def finish_layer(work: LayerWork, flow: str, params: dict, out: str, site_dir: str | None, site_uri: str | None,
+                 scorers: str, extra: dict | None = None) -> dict:
+    """The layer's report artifact, its agreement page (when other scorers ran) and its run pointer,
+    which `rescore` and `revise` start from."""
+    scores = work.in_order(work.scores)
+    report = report_task(work.records, work.outputs, scores, site_uri, work.layer)
+    agreement(scorers, scores, out, work.layer, site_dir)
+    run = {"flow": flow, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "params": params,
+           "records": work.records, "explanations": work.in_order(work.explained),
+           "simulations": work.in_order(work.simulated), "scores": scores, "site_dir": site_dir, "site": site_uri,
+           **(extra or {})}
+    write_run(open_root(out), work.layer, run, kind=work.kind)
+    return report
+
+
+def score_shard(records, s, scorers: str, model: str | None, n_boot: int, out: str, score, results):
+    """A shard's score future: the simulation scorer's alone (the default, as it always was), or
+    every scorer asked for gathered into one scores output (`classify_stage.run_scores`); and the
+    futures it waits for."""
+    if only_default(scorers):
+        return score.submit(records, s, n_boot, out), []
+    from autoexplain.classify_stage import scorer_identity
+
+    specs = [p.spec for p in parse_scorers(scorers)]
+    negatives, classify, gather_scores = with_results(results, negatives_task, classify_task, scores_task)
+    sim_scores = score.submit(records, s, n_boot, out) if DEFAULT_SCORER in specs else None
+    near = negatives.submit(records, s, model, out)
+    asked = [classify.submit(records, s, spec, scorer_identity(spec), near, out) for spec in specs if spec != DEFAULT_SCORER]
+    return gather_scores.submit(records, s, asked, sim_scores, n_boot, out), asked + ([sim_scores] if sim_scores else [])
+
+
+def only_default(scorers: str) -> bool:
+    return [p.spec for p in parse_scorers(scorers)] == [DEFAULT_SCORER]
+
+
+def site_pages(scorers: str) -> list[tuple[str, str]]:
+    """Pages that a layer's site links from its overview: the scorers' agreement, when it is written."""
+    return [] if only_default(scorers) else [("agreement.html", "Agreement between scorers")]
+
+
+def agreement(scorers: str, scores: list[dict], out: str, layer: int, site_dir: str | None) -> None:
+    """The agreement between scorers when any but the default ran: an artifact, and a page with the
+    scatter plot in the layer's site folder (or under `out`/agreement without a local site)."""
+    if only_default(scorers):
+        return
+    folder = site_dir if site_dir and not is_url(site_dir) else None
+    if folder is None and not is_url(out):
+        folder = str(Path(out) / "agreement" / f"layer_{layer}")
+    if folder is not None:
+        agreement_task(scores, folder)

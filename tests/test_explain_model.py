@@ -1,0 +1,144 @@
+"""explain-model from the command line: several layers recorded in one pass, explained and scored,
+one site and one model report; rescore of one of its layers; bad input in one line before any
+work; and a run killed half-way that a rerun finishes without redoing what was sealed.
+
+Each command runs as a real process with Prefect's ephemeral server in its own PREFECT_HOME."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from tests.test_cli import _one_error_line
+# The fixtures are imported, not put in conftest, so that they stay module-scoped here.
+from tests.viewer_fixtures import Watched, browser, chromium, file_url  # noqa: F401
+
+pytestmark = pytest.mark.slow
+EXE = [sys.executable, "-m", "flows.cli"]
+SMALL = ["--tokens", "20000", "--k", "1", "--bootstrap", "50", "--window-len", "8", "--top-k", "8", "--random", "6"]
+
+
+def _env(home: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILE")}
+    env.update(HF_HUB_OFFLINE="1", COLUMNS="200", PREFECT_HOME=str(home))
+    return env
+
+
+def cli(home: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*EXE, *args], capture_output=True, text=True, env=_env(home))
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    return tmp_path_factory.mktemp("prefect-home")
+
+
+@pytest.fixture(scope="module")
+def modelled(home, tiny_llama_dir, prose_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("model-run") / "out"
+    result = cli(home, "explain-model", "--model", tiny_llama_dir, "--corpus", str(prose_corpus), "--layers", "0,2",
+                 "--units", "0-3", "--shard-size", "2", *SMALL, "--out", str(out))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out, result
+
+
+def _scores(run: dict) -> pl.DataFrame:
+    return pl.concat([pl.read_parquet(r["path"]) for r in run["scores"]])
+
+
+def test_one_recording_pass_for_every_layer(modelled):
+    out, _ = modelled
+    recordings = list((out / "records").iterdir())
+    assert len(recordings) == 1 and len(list((out / "windows").iterdir())) == 1
+    manifest = json.loads((recordings[0] / "manifest.json").read_text())
+    assert manifest["params"]["layers"] == [0, 2]
+    for layer in (0, 2):
+        run = json.loads((out / "runs" / f"layer_{layer}.json").read_text())
+        assert run["flow"] == "explain-model" and run["params"]["layer"] == layer
+        assert run["records"]["path"] == str(recordings[0].resolve())
+        scores = _scores(run)
+        assert set(scores["layer"]) == {layer} and scores.select("unit", "polarity").unique().height == 8
+
+
+def test_the_model_report_matches_the_scores(modelled):
+    out, result = modelled
+    err = result.stderr
+    assert "Model report" in err and "over 2 layers and 1 source(s) (mlp)" in err and "Traceback" not in err
+    assert result.stdout.strip() == str(out.resolve())
+    assert "model " in err and "units, all layers" in err, "one bar for the whole model"
+    page = (out / "site" / "model" / "report.html").read_text()
+    for layer in (0, 2):
+        scores = _scores(json.loads((out / "runs" / f"layer_{layer}.json").read_text()))
+        mine = scores.filter((pl.col("metric") == "top_and_random") & (pl.col("method") == "explainer"))["value"].drop_nulls()
+        row = f"<td>mlp</td><td>{layer}</td><td>explainer</td><td>{len(mine)}</td><td>{mine.mean():.3f}</td>"
+        assert row in page, f"layer {layer}'s explainer row, computed here from its scores"
+        share = f"{100 * float((mine > 0.8).mean()):.1f} %"
+        assert page.split(row, 1)[1].split("</tr>", 1)[0].count(share) == 1
+
+
+def test_the_model_site_links_the_report(modelled, browser):
+    out, _ = modelled
+    site = out / "site" / "model"
+    w = Watched(browser, file_url(site))
+    page = w.open("index.html")
+    assert page.locator("#layers tbody tr").count() == 2
+    page.click("#pages a")
+    page.wait_for_url("**/report.html")
+    assert page.locator("#model-table tbody tr").count() == 2 * 3  # layers x (explanation and two baselines)
+    assert page.evaluate("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
+    page.screenshot(path=out / "report.png", full_page=True)
+    w.close()
+
+
+def test_rescore_one_layer_of_a_model_run(home, modelled):
+    out, _ = modelled
+    result = cli(home, "rescore", "--out", str(out), "--layer", "2", "--bootstrap", "50")
+    assert result.returncode == 0, result.stderr[-4000:]
+    run = json.loads((out / "runs" / "layer_2.json").read_text())
+    assert run["flow"] == "rescore" and "mean change" in result.stderr
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--layers", "0,7"], "--layers: layer 7 is out of range"),
+    (["--layers", "2-0"], "--layers: the layer range '2-0' runs backwards"),
+    (["--source", "mlp", "--source", "mlp"], "--source: ['mlp', 'mlp'] names a source twice"),
+    (["--units", "0-999"], "--units: unit 48 is out of range"),
+    (["--simulator", "nonsense"], "--simulator"),
+])
+def test_bad_input_is_one_line_before_any_work(home, tiny_llama_dir, prose_corpus, tmp_path, args, says):
+    out = tmp_path / "out"
+    result = cli(home, "explain-model", "--model", tiny_llama_dir, "--corpus", str(prose_corpus), *SMALL, *args,
+                 "--out", str(out))
+    assert result.returncode == 2
+    assert says in _one_error_line(result)
+    assert not out.exists(), "nothing written"
+
+
+def test_a_killed_run_resumes_without_redoing_sealed_work(home, tiny_llama_dir, prose_corpus, tmp_path):
+    out = tmp_path / "out"
+    args = ["explain-model", "--model", tiny_llama_dir, "--corpus", str(prose_corpus), "--layers", "0-2",
+            "--units", "0-15", "--shard-size", "2", *SMALL, "--out", str(out)]
+    proc = subprocess.Popen([*EXE, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=_env(home), start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not list(out.glob("scores/*/manifest.json")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its Prefect server, mid-run
+    proc.wait()
+    sealed = {p: p.stat().st_mtime_ns for p in out.glob("*/*/manifest.json")}
+    n_scores = len(list(out.glob("scores/*/manifest.json")))
+    assert 1 <= n_scores < 24, f"killed after {n_scores} of 24 shards were scored (3 layers x 8 shards)"
+    assert not (out / "runs").exists(), "no layer was finished"
+
+    again = cli(home, *args)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert len(list(out.glob("scores/*/manifest.json"))) == 24 and len(list((out / "runs").iterdir())) == 3
+    assert {p: p.stat().st_mtime_ns for p in sealed} == sealed, "every output sealed before the kill was reused"
