@@ -1,9 +1,10 @@
-"""explain-layer flow benchmark on the embedded default: wall time, per-stage task time,
-orchestration overhead, and the rerun after a simulator-prompt edit. The flow is started as the
-CLI starts it: `tasks.stages.warm_up` first, then the flow (wall times include both).
+"""explain-layer (or explain-model) flow benchmark on the embedded default: wall time, per-stage
+task time, orchestration overhead, and the rerun after a simulator-prompt edit. The flow is started
+as the CLI starts it: `tasks.stages.warm_up` first, then the flow (wall times include both).
 
     python bench/flow_bench.py                      # the whole of layer 15 on the embedded defaults
     python bench/flow_bench.py --units 0-7 --explainer local --simulator all-at-once
+    python bench/flow_bench.py --layers 0-29 --units 0-63   # explain-model: every layer, one recording pass
 
 Orchestration overhead = the part of the flow's wall time during which no task was running (flow
 start, scheduling, result handling between tasks), over the wall time. Task runs of different
@@ -54,18 +55,21 @@ def task_times(flow_run_id) -> tuple[dict[str, float], float]:
 
 
 def run_once(**params):
+    """One run of explain-model when `params` name `layers`, else of explain-layer."""
     from prefect.context import get_run_context  # noqa: F401
     from prefect import flow
 
     from autoexplain.counters import since, snapshot
     from flows.explain_layer import explain_layer
+    from flows.explain_model import explain_model
 
     from tasks.stages import warm_up
 
     before = snapshot()
     t = time.perf_counter()
     warm_up(params["simulator"])  # as `autoexplain explain-layer` does before it starts the flow
-    state = explain_layer(**params, return_state=True)
+    run = explain_model if "layers" in params else explain_layer
+    state = run(**params, return_state=True)
     wall = time.perf_counter() - t
     state.result()
     times, busy = task_times(state.state_details.flow_run_id)
@@ -77,6 +81,7 @@ def run_once(**params):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--units", default=None, help="default: every unit of the layer")
+    ap.add_argument("--layers", default=None, help="explain-model over these layers (e.g. 0-29), not explain-layer of layer 15")
     ap.add_argument("--tokens", type=int, default=1_000_000)
     ap.add_argument("--explainer", default="embedding")
     ap.add_argument("--simulator", default="embedding")
@@ -89,7 +94,8 @@ def main():
     ap.add_argument("--edit", default="a number, a year or a date written in digits",
                     help="the embedding simulator's new 'digit' description (a rerun of the same edit is cached)")
     args = ap.parse_args()
-    params = dict(layer=15, units=args.units, tokens=args.tokens, explainer=args.explainer,
+    where = dict(layers=args.layers) if args.layers else dict(layer=15)
+    params = dict(**where, units=args.units, tokens=args.tokens, explainer=args.explainer,
                   simulator=args.simulator, k=args.k, shard_size=args.shard_size, out=args.out)
     if args.rerun_only:
         full = {"wall_s": args.rerun_only}

@@ -31,21 +31,31 @@ from autoexplain.errors import UserError
 
 SOURCE = typer.Option("mlp", "--source", help="Whose units: 'mlp' (the layer's MLP neurons, both polarities), "
                      "'sae:PATH' or 'transcoder:PATH' (a local SAELens, sparsify or GemmaScope folder).")
-
+# The options explain-layer and explain-model share.
+MODEL = typer.Option(defaults.SUBJECT, "--model", "-m", help="Subject model (see `record --help`).")
+CORPUS = typer.Option(defaults.CORPUS, "--corpus", "-c", help="Corpus (see `record --help`).")
+TOKENS = typer.Option(1_000_000, "--tokens", "-n", help="Corpus tokens to record (one pass for every layer).")
+EXPLAINER = typer.Option("embedding", "--explainer", "-e", help="'embedding' (offline default, no LLM), 'local' (embedded SmolLM2), 'openai:MODEL' or 'openai:MODEL@URL'.")
+SIMULATOR = typer.Option("embedding", "--simulator", "-s", help="'embedding', 'all-at-once[:LLM]' or 'chat-json:LLM'.")
+K = typer.Option(4, "--k", help="Candidate explanations per unit (best-of-k on the valid split).")
+SHARD_SIZE = typer.Option(256, "--shard-size", help="Units per task.")
+N_BOOT = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the 95% CIs.")
+OUT = typer.Option("out", "--out", "-o", help="Output folder, or an fsspec URL (s3://bucket/run, file:///mnt/share/out, ...) worked on through a local mirror.")
+RESULTS = typer.Option(None, "--results", help="Folder or fsspec URL for Prefect's task results (its cache), e.g. s3://bucket/prefect-results. Default: Prefect's local storage.")
 
 def explain_layer_cmd(
     layer: Optional[int] = typer.Option(None, "--layer", "-l", help=f"Layer to explain (SmolLM2 has 0-29; default {defaults.LAYER}, or a coder's own layer)."),
     source: str = SOURCE,
     units: Optional[str] = typer.Option(None, "--units", "-u", help="Units, e.g. 0-99 (default: the whole layer, both polarities)."),
-    model: str = typer.Option(defaults.SUBJECT, "--model", "-m", help="Subject model (see `record --help`)."),
-    corpus: str = typer.Option(defaults.CORPUS, "--corpus", "-c", help="Corpus (see `record --help`)."),
-    tokens: int = typer.Option(1_000_000, "--tokens", "-n", help="Corpus tokens to record."),
-    explainer: str = typer.Option("embedding", "--explainer", "-e", help="'embedding' (offline default, no LLM), 'local' (embedded SmolLM2), 'openai:MODEL' or 'openai:MODEL@URL'."),
-    simulator: str = typer.Option("embedding", "--simulator", "-s", help="'embedding', 'all-at-once[:LLM]' or 'chat-json:LLM'."),
+    model: str = MODEL,
+    corpus: str = CORPUS,
+    tokens: int = TOKENS,
+    explainer: str = EXPLAINER,
+    simulator: str = SIMULATOR,
     scorers: str = SCORERS,
-    k: int = typer.Option(4, "--k", help="Candidate explanations per unit (best-of-k on the valid split)."),
-    shard_size: int = typer.Option(256, "--shard-size", help="Units per task."),
-    n_boot: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the 95% CIs."),
+    k: int = K,
+    shard_size: int = SHARD_SIZE,
+    n_boot: int = N_BOOT,
     window_len: int = WINDOW_LEN,
     top_k: int = TOP_K,
     n_random: int = N_RANDOM,
@@ -54,8 +64,8 @@ def explain_layer_cmd(
     tpm: Optional[float] = TPM,
     cache: bool = CACHE,
     budget: Optional[str] = BUDGET,
-    out: str = typer.Option("out", "--out", "-o", help="Output folder, or an fsspec URL (s3://bucket/run, file:///mnt/share/out, ...) worked on through a local mirror."),
-    results: Optional[str] = typer.Option(None, "--results", help="Folder or fsspec URL for Prefect's task results (its cache), e.g. s3://bucket/prefect-results. Default: Prefect's local storage."),
+    out: str = OUT,
+    results: Optional[str] = RESULTS,
 ):
     """Record if needed, then explain, simulate and score a layer, as a Prefect flow (no server needed)."""
     params = dict(layer=layer, units=units, model=model, corpus=corpus, tokens=tokens, explainer=explainer,
@@ -70,15 +80,15 @@ def explain_model_cmd(
     sources: list[str] = typer.Option(["mlp"], "--source", help="Whose units, repeatable: 'mlp' (every chosen layer's MLP neurons), "
                                       "'sae:PATH' or 'transcoder:PATH' (a coder's latents at its own layer)."),
     units: Optional[str] = typer.Option(None, "--units", "-u", help="Units of every layer, e.g. 0-15 (default: all)."),
-    model: str = typer.Option(defaults.SUBJECT, "--model", "-m", help="Subject model (see `record --help`)."),
-    corpus: str = typer.Option(defaults.CORPUS, "--corpus", "-c", help="Corpus (see `record --help`)."),
-    tokens: int = typer.Option(1_000_000, "--tokens", "-n", help="Corpus tokens to record (one pass for every layer)."),
-    explainer: str = typer.Option("embedding", "--explainer", "-e", help="As for explain-layer."),
-    simulator: str = typer.Option("embedding", "--simulator", "-s", help="As for explain-layer."),
+    model: str = MODEL,
+    corpus: str = CORPUS,
+    tokens: int = TOKENS,
+    explainer: str = EXPLAINER,
+    simulator: str = SIMULATOR,
     scorers: str = SCORERS,
-    k: int = typer.Option(4, "--k", help="Candidate explanations per unit (best-of-k on the valid split)."),
-    shard_size: int = typer.Option(256, "--shard-size", help="Units per task."),
-    n_boot: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the 95% CIs."),
+    k: int = K,
+    shard_size: int = SHARD_SIZE,
+    n_boot: int = N_BOOT,
     site: Optional[str] = typer.Option(None, "--site", help="The model's site folder (default OUT/site/model; 'none': no site)."),
     window_len: int = WINDOW_LEN,
     top_k: int = TOP_K,
@@ -88,8 +98,8 @@ def explain_model_cmd(
     tpm: Optional[float] = TPM,
     cache: bool = CACHE,
     budget: Optional[str] = BUDGET,
-    out: str = typer.Option("out", "--out", "-o", help="Output folder, or an fsspec URL."),
-    results: Optional[str] = typer.Option(None, "--results", help="Folder or fsspec URL for Prefect's task results."),
+    out: str = OUT,
+    results: Optional[str] = RESULTS,
 ):
     """Record every chosen layer in one pass, then explain, simulate and score them all: one site and one model report."""
     from autoexplain import model_plan

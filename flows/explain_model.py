@@ -95,7 +95,7 @@ def _explain_model(plan: model_plan.ModelPlan, out: str, results: str | None, p:
         own = {**{k: v for k, v in p.items() if k not in ("layers", "sources", "site")}, "layer": work.layer,
                "source": spec, "revisions": {}}
         report = finish_layer(work, "explain-model", own, out, None, site_uri, p["scorers"], {"model_site_dir": site_dir})
-        layers[f"{work.layer}/{work.kind}"] = {"units": len(work.chosen), "dead": len(work.dead), **report}
+        layers[f"{work.layer}/{work.kind}"] = {"explained": len(work.chosen), "dead": len(work.dead), "report": report}
     parts = [{"kind": w.kind, "layer": w.layer, "scores": w.in_order(w.scores), "dead": len(w.dead)} for _, w in works]
     report = model_report_task(parts, site_dir)
     return {"records": recordings, "scores": scores, "layers": layers, "report": report, "site": site_uri, "out": out}

@@ -85,3 +85,26 @@ def test_dask_run_matches_sequential_run(prefect_isolated, cluster, tiny_llama_d
         assert_frame_equal(_stage(seq_out, stage), _stage(dask_out, stage), check_exact=True)
     assert_frame_equal(_stage(seq_out, "simulations", "chosen.parquet"),
                        _stage(dask_out, "simulations", "chosen.parquet"), check_exact=True)
+
+
+def test_explain_model_on_dask_equals_explain_layer(prefect_isolated, cluster, tiny_llama_dir, prose_corpus, tmp_path):
+    """explain-model submits every layer's shards to the flow's task runner, dask included; a layer's
+    scores equal those of an explain-layer run of that layer alone (default runner)."""
+    from prefect_dask import DaskTaskRunner
+
+    from flows.explain_layer import explain_layer
+    from flows.explain_model import explain_model
+
+    c, client = cluster
+    base = {k: v for k, v in _params(tiny_llama_dir, prose_corpus, tmp_path / "model").items() if k != "layer"}
+    base.update(units="0-1", explainer="embedding", k=1)
+    on_dask = explain_model.with_options(task_runner=DaskTaskRunner(address=c.scheduler_address))
+    result = on_dask(**base, layers="0,2", site="none")
+    assert {(w["explained"], w["dead"]) for w in result["layers"].values()} == {(2, 0)} and len(result["layers"]) == 2
+    assert len(list((tmp_path / "model" / "records").iterdir())) == 1, "one recording pass for both layers"
+    alone = explain_layer(**{**base, "out": str(tmp_path / "alone")}, layer=2, site="none")
+    model_scores = pl.concat([pl.read_parquet(r["path"]) for r in result["scores"]]).filter(pl.col("layer") == 2)
+    alone_scores = pl.concat([pl.read_parquet(r["path"]) for r in alone["scores"]])
+    keys = ["unit", "polarity", "method", "metric"]
+    assert_frame_equal(model_scores.sort(keys).select(keys + ["value"]), alone_scores.sort(keys).select(keys + ["value"]),
+                       check_exact=False, rel_tol=1e-6)
