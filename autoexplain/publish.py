@@ -57,9 +57,10 @@ def _with_source(table: pa.Table, kind: str) -> pa.Table:
     return table.add_column(0, "source", pa.array([kind] * table.num_rows, pa.string()))
 
 
-def _exemplars(records: dict) -> pa.Table:
-    """The records table with each window's tokens, so that an exemplar reads without the windows."""
-    recs = pq.read_table(Path(records["path"]) / f"layer_{records['layers'][0]}.records.parquet")
+def _exemplars(records: dict, layer: int) -> pa.Table:
+    """The layer's records with each window's tokens, so that an exemplar reads without the windows
+    (a recording of a whole model holds every layer: the run's own is read)."""
+    recs = pq.read_table(Path(records["path"]) / f"layer_{layer}.records.parquet")
     windows = pq.read_table(records["windows"], columns=["window_id", "tokens"])
     at = pc.index_in(recs.column("window_id"), value_set=windows.column("window_id"))
     return recs.append_column("tokens", pc.take(windows.column("tokens"), at))
@@ -78,7 +79,7 @@ def layer_tables(run: dict) -> dict[str, pa.Table]:
         return table.filter(pc.is_in(table.column("unit").cast(pa.int64()), value_set=scored))
 
     units = pq.read_table(Path(records["path"]) / f"layer_{layer}.stats.parquet")
-    return {"units": of_scored(units), "exemplars": of_scored(_exemplars(records)), "explanations": _concat(chosen),
+    return {"units": of_scored(units), "exemplars": of_scored(_exemplars(records, layer)), "explanations": _concat(chosen),
             "scores": scores, "simulations": _concat(stage("simulations"))}
 
 

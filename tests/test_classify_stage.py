@@ -148,6 +148,8 @@ def test_scorers_flag_end_to_end(tmp_path_factory, tiny_llama_dir, prose_corpus,
     assert {s.partition(":")[0] for s in scores["simulator"]} >= {"detection", "intruder", "embedding"}
     assert run["params"]["scorers"].startswith("simulation,detection")
     assert (out / "site" / "layer_1" / "agreement.png").is_file() and (out / "site" / "layer_1" / "agreement.html").is_file()
+    site = json.loads((out / "site" / "layer_1" / "data" / "site.js").read_text().split("]=", 1)[1].rstrip(";\n"))
+    assert ["agreement.html", "Agreement between scorers"] in site["pages"], "the overview links the agreement page"
     again = cli(home, "rescore", "--out", str(out), "--layer", "1", "--bootstrap", "50",
                 "--scorers", f"fuzzing:openai:bench@{url}")
     assert again.returncode == 0, again.stderr[-3000:]

@@ -98,6 +98,17 @@ def test_the_model_site_links_the_report(modelled, browser):
     w.close()
 
 
+def test_publish_a_model_run_by_layer(modelled, tmp_path):
+    out, _ = modelled
+    result = subprocess.run([sys.executable, "-m", "autoexplain.cli", "publish", "--out", str(out), "--to",
+                             str(tmp_path / "dataset"), "--license", "other"], capture_output=True, text=True, env=_env(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for table in ("units", "exemplars", "explanations", "scores", "simulations"):
+        for layer in (0, 2):
+            rows = pl.read_parquet(tmp_path / "dataset" / "data" / table / "mlp" / f"layer_{layer}.parquet")
+            assert rows.height and set(rows["layer"]) == {layer}, f"{table} of layer {layer}"
+
+
 def test_rescore_one_layer_of_a_model_run(home, modelled):
     out, _ = modelled
     result = cli(home, "rescore", "--out", str(out), "--layer", "2", "--bootstrap", "50")
