@@ -271,15 +271,26 @@ def export_cmd(
 
 @app.command("import")
 def import_cmd(
-    source: Path = typer.Option(..., "--from", help="A folder in the reference layout (explanations/<layer>/<n>.jsonl)."),
-    layer: int = typer.Option(..., "--layer", "-l", help="Layer whose explanations to import."),
+    source: Path = typer.Option(..., "--from", help="A dataset `publish` wrote, or a folder in the reference layout (explanations/<layer>/<n>.jsonl)."),
+    layer: Optional[int] = typer.Option(None, "--layer", "-l", help="Layer to import (required for the reference layout; default for a dataset: every layer)."),
     out: Path = typer.Option(Path("out"), "--out", "-o"),
 ):
-    """Import published explanations as an explanations stage, to re-simulate and re-score them."""
+    """Import published explanations to re-simulate and re-score them. A dataset `publish` wrote comes
+    back whole (records, explanations, its scores), as runs that `rescore --out OUT --layer L` re-scores."""
     from autoexplain.interop import import_explanations
     from autoexplain.storage import content_key, stage_dir, write_manifest, write_table
 
     def go():
+        if (source / "data" / "explanations").is_dir():
+            from autoexplain.dataset_import import import_dataset
+
+            for L, kind in import_dataset(source, out, None if layer is None else [layer]):
+                err.print(f"imported layer {L} ({kind}): re-score it with `autoexplain rescore --out {out} --layer {L}"
+                          f"{'' if kind == 'mlp' else ' --source ' + kind}`", highlight=False, soft_wrap=True)
+            typer.echo(str(out))
+            return
+        if layer is None:
+            raise UserError("--layer is required for the reference layout", "pass --layer L")
         table = import_explanations(source, layer)
         key = content_key({"imported": [r for r in table.to_pylist()]})
         directory = stage_dir(out, "explanations", key)

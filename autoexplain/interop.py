@@ -127,10 +127,11 @@ def export_layer(folder: str | Path, units: list[UnitRecords], chosen: pa.Table,
     return len(units)
 
 
-def _from_dataset(folder: Path, layer: int | None) -> pa.Table:
-    """The explainer's rows of a dataset `publish` wrote (`data/explanations/<source>/layer_<L>.parquet`),
-    as an explanations table: its candidates kept, its costs not (they were paid by its run)."""
-    files = sorted((folder / "data" / "explanations").glob(f"*/layer_{'*' if layer is None else layer}.parquet"))
+def _from_dataset(folder: Path, layer: int | None, kind: str | None = None) -> pa.Table:
+    """The explainer's rows of a dataset `publish` wrote (`data/explanations/<source>/layer_<L>.parquet`,
+    of one source `kind` or all), as an explanations table: its candidates kept, its costs not (they
+    were paid by its run)."""
+    files = sorted((folder / "data" / "explanations").glob(f"{kind or '*'}/layer_{'*' if layer is None else layer}.parquet"))
     if not files:
         raise UserError(f"{folder} is a published dataset without explanations of layer {layer}",
                         "pass a layer it has (data/explanations/<source>/layer_<L>.parquet)")
@@ -142,11 +143,11 @@ def _from_dataset(folder: Path, layer: int | None) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=load_schema("explanations"))
 
 
-def import_explanations(folder: str | Path, layer: int | None = None) -> pa.Table:
+def import_explanations(folder: str | Path, layer: int | None = None, kind: str | None = None) -> pa.Table:
     """Every explanation under `<folder>/explanations/<layer>/*.jsonl` (the reference layout), or in a
-    dataset that `autoexplain publish` wrote, as an explanations table."""
+    dataset that `autoexplain publish` wrote (of source `kind`, or all), as an explanations table."""
     if (Path(folder) / "data" / "explanations").is_dir():
-        return _from_dataset(Path(folder), layer)
+        return _from_dataset(Path(folder), layer, kind)
     root = Path(folder) / "explanations"
     pattern = f"{layer}/*.jsonl" if layer is not None else "*/*.jsonl"
     files = sorted(root.glob(pattern))

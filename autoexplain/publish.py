@@ -61,9 +61,11 @@ def _exemplars(records: dict, layer: int) -> pa.Table:
     """The layer's records with each window's tokens, so that an exemplar reads without the windows
     (a recording of a whole model holds every layer: the run's own is read)."""
     recs = pq.read_table(Path(records["path"]) / f"layer_{layer}.records.parquet")
-    windows = pq.read_table(records["windows"], columns=["window_id", "tokens"])
+    windows = pq.read_table(records["windows"], columns=["window_id", "doc_id", "token_ids", "tokens"])
     at = pc.index_in(recs.column("window_id"), value_set=windows.column("window_id"))
-    return recs.append_column("tokens", pc.take(windows.column("tokens"), at))
+    for name in ("tokens", "token_ids", "doc_id"):  # ids too: `import` rebuilds the windows from them
+        recs = recs.append_column(name, pc.take(windows.column(name), at))
+    return recs
 
 
 def layer_tables(run: dict) -> dict[str, pa.Table]:
@@ -120,7 +122,8 @@ def _columns(table: str, schema: pa.Schema) -> str:
     docs = {f["name"]: f.get("doc", "") for f in spec["fields"]}
     docs.update(source="the unit source: `mlp` (a layer's MLP neurons, both polarities) or a sparse coder's "
                        "latents, named by the coder (`sae-res-16k`: a 16,384-latent residual SAE; one polarity)",
-                tokens="the window's tokens, each decoded alone")
+                tokens="the window's tokens, each decoded alone", token_ids="the window's token ids",
+                doc_id="the corpus document the window was cut from")
     lines = [f"### `{table}`: {row}\n", spec["doc"], "", "| column | type | description |", "|---|---|---|"]
     lines += [f"| `{f.name}` | {f.type} | {docs.get(f.name, '')} |" for f in schema]
     return "\n".join(lines) + "\n"
@@ -179,8 +182,9 @@ scores = pl.scan_parquet("path/to/this/folder/data/scores/**/*.parquet")
 - `neuronpedia/explanations/batch-<N>.jsonl.gz`: the explanations of positive polarity in
   Neuronpedia's import format (`modelId`, `layer` as `<layer>-<source>`, `index`, `description`,
   `explanationModelName`, `typeName`), {NEURONPEDIA_BATCH:,} rows a file.
-- `autoexplain import --from <this folder> --layer L` reads the explanations back as an explanations
-  stage, to re-simulate and re-score them with another simulator.
+- `autoexplain import --from <this folder> --out OUT` reads the dataset back as an output root
+  (windows, records, explanations, and these scores as the previous ones, per layer and source):
+  `autoexplain rescore --out OUT --layer L` then re-simulates and re-scores it and compares.
 
 ## Tables
 

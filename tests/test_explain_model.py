@@ -98,15 +98,42 @@ def test_the_model_site_links_the_report(modelled, browser):
     w.close()
 
 
-def test_publish_a_model_run_by_layer(modelled, tmp_path):
+def stage_cli(home: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "autoexplain.cli", *args], capture_output=True, text=True, env=_env(home))
+
+
+def test_publish_a_model_run_then_import_and_rescore_it(home, modelled, tmp_path):
+    """The published dataset, by layer; read back by `import` as runs that `rescore` re-scores: with
+    the same simulator, every score of the explanation and its baselines comes back as published (the
+    shuffled control draws another unit's explanation from its shard, and the shards differ)."""
     out, _ = modelled
-    result = subprocess.run([sys.executable, "-m", "autoexplain.cli", "publish", "--out", str(out), "--to",
-                             str(tmp_path / "dataset"), "--license", "other"], capture_output=True, text=True, env=_env(tmp_path))
+    dataset, again = tmp_path / "dataset", tmp_path / "imported"
+    result = stage_cli(home, "publish", "--out", str(out), "--to", str(dataset), "--license", "other")
     assert result.returncode == 0, result.stderr[-3000:]
     for table in ("units", "exemplars", "explanations", "scores", "simulations"):
         for layer in (0, 2):
-            rows = pl.read_parquet(tmp_path / "dataset" / "data" / table / "mlp" / f"layer_{layer}.parquet")
+            rows = pl.read_parquet(dataset / "data" / table / "mlp" / f"layer_{layer}.parquet")
             assert rows.height and set(rows["layer"]) == {layer}, f"{table} of layer {layer}"
+
+    result = stage_cli(home, "import", "--from", str(dataset), "--out", str(again))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"rescore --out {again} --layer 2" in result.stderr
+    assert sorted(p.name for p in (again / "runs").iterdir()) == ["layer_0.json", "layer_2.json"]
+    rescored = cli(home, "rescore", "--out", str(again), "--layer", "2", "--bootstrap", "50")
+    assert rescored.returncode == 0, rescored.stderr[-4000:]
+    assert "mean change: +0.000" in rescored.stderr
+    keys = ["unit", "polarity", "method", "metric"]
+    kept = pl.col("method") != "shuffled"
+    published = pl.read_parquet(dataset / "data" / "scores" / "mlp" / "layer_2.parquet").filter(kept).sort(keys)
+    after = _scores(json.loads((again / "runs" / "layer_2.json").read_text())).filter(kept).sort(keys)
+    assert after.height == published.height > 0
+    assert after.select(*keys, "value").equals(published.select(*keys, "value"))
+
+    exemplars = dataset / "data" / "exemplars" / "mlp" / "layer_0.parquet"
+    pl.read_parquet(exemplars).drop("token_ids").write_parquet(exemplars)  # as published before ids were kept
+    old = stage_cli(home, "import", "--from", str(dataset), "--out", str(tmp_path / "old"), "--layer", "0")
+    assert "lack ['token_ids']" in _one_error_line(old) and "publish the run again" in old.stderr
+    assert not (tmp_path / "old" / "runs").exists()
 
 
 def test_rescore_one_layer_of_a_model_run(home, modelled):

@@ -1,0 +1,123 @@
+"""A published dataset read back as an output root, so that `rescore` re-scores it.
+
+`publish` writes, per source and layer, the units' statistics, their exemplars (records with each
+window's tokens and token ids), the chosen explanations with their candidates, and the scores.
+`import_dataset` turns each (layer, source) back into the stages a run leaves: windows (the
+exemplar windows only: a dataset holds no other text), records with their statistics, the
+explanations, and the published scores as the run's previous scores; then the layer's run pointer,
+with the parameters the card recorded. `rescore --out OUT --layer L [--source KIND]` then works as
+after explain-layer, and compares its new scores with the published ones.
+
+Keys come from the dataset's files (sha256), so importing the same dataset twice reuses every folder.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from autoexplain import remote
+from autoexplain.errors import UserError
+from autoexplain.interop import import_explanations
+from autoexplain.publish import CARD_MARK
+from autoexplain.sources import MLP
+from autoexplain.storage import content_key, file_digest, is_complete, stage_dir, write_manifest, write_run, write_table
+
+# The card's "Made by" lines: "- layer 15, `mlp`: `{...params...}` (finished ...)".
+_RUN_LINE = re.compile(r"^- layer (\d+), `([^`]+)`: `(\{.*\})`", re.M)
+WINDOW_COLUMNS = ("window_id", "doc_id", "token_ids", "tokens")
+
+
+def published_runs(folder: Path) -> dict[tuple[int, str], dict]:
+    """(layer, source kind) -> the run parameters that the dataset's card recorded."""
+    card = folder / "README.md"
+    text = card.read_text(encoding="utf-8", errors="replace") if card.is_file() else ""
+    if CARD_MARK not in text:
+        raise UserError(f"{folder} is no dataset that `autoexplain publish` wrote (no card with '{CARD_MARK}')",
+                        "point --from at the folder publish wrote (it holds README.md and data/)")
+    return {(int(m[1]), m[2]): json.loads(m[3]) for m in _RUN_LINE.finditer(text)}
+
+
+def _table(folder: Path, name: str, kind: str, layer: int) -> pa.Table:
+    path = folder / "data" / name / kind / f"layer_{layer}.parquet"
+    if not path.is_file():
+        raise UserError(f"{path} is missing from the dataset", "publish the layer again, or import another layer")
+    return pq.read_table(path)
+
+
+def _stage(out: Path, stage: str, inputs: dict, params: dict, tables: dict[str, tuple[pa.Table, str]]) -> tuple[Path, str]:
+    """A content-addressed stage folder holding `tables` (file name -> (table, schema)), sealed."""
+    key = content_key({"imported": inputs, "params": params})
+    directory = stage_dir(out, stage, key)
+    if not is_complete(directory):
+        for name, (table, schema) in tables.items():
+            write_table(table, directory / name, schema)
+        write_manifest(directory, stage, key, inputs, params, list(tables))
+    return directory, key
+
+
+def import_layer(folder: Path, out: Path, layer: int, kind: str, params: dict) -> Path:
+    """One (layer, source) of the dataset as windows, records, explanations and scores stages, and
+    its run pointer (returned)."""
+    exemplars = _table(folder, "exemplars", kind, layer)
+    missing = [c for c in WINDOW_COLUMNS if c not in exemplars.column_names]
+    if missing:
+        raise UserError(f"the exemplars of layer {layer} ({kind}) lack {missing}: the dataset was published before "
+                        "they were kept", "publish the run again with this version, then import it")
+    digest = {name: file_digest(folder / "data" / name / kind / f"layer_{layer}.parquet")
+              for name in ("units", "exemplars", "explanations", "scores")}
+    _, first = np.unique(exemplars.column("window_id").to_numpy(), return_index=True)  # sorted by window id
+    windows = exemplars.select(list(WINDOW_COLUMNS)).take(pa.array(first))
+    window_len = len(windows.column("tokens")[0]) if windows.num_rows else 0
+    windows_dir, windows_key = _stage(out, "windows", {"dataset": digest["exemplars"]}, {"window_len": window_len},
+                                      {"windows.parquet": (windows, "windows")})
+
+    records = exemplars.drop_columns([c for c in ("source", "tokens", "token_ids", "doc_id") if c in exemplars.column_names])
+    stats = _table(folder, "units", kind, layer)
+    stats = stats.drop_columns(["source"]) if "source" in stats.column_names else stats
+    named = {} if kind == MLP.kind else {"source": kind, "source_spec": params.get("source", kind),
+                                        "source_id": f"imported:{digest['units']}"}
+    records_dir, records_key = _stage(
+        out, "records", {"windows": windows_key, "subject": params.get("model", "unknown")},
+        {"layers": [layer], "top_k": params["top_k"], "n_random": params["n_random"], "dataset": digest, **named},
+        {f"layer_{layer}.records.parquet": (records, "records"), f"layer_{layer}.stats.parquet": (stats, "unit_stats")})
+
+    explained = import_explanations(folder, layer, kind)
+    expl_dir, expl_key = _stage(out, "explanations", {"dataset": digest["explanations"]}, {"layer": layer},
+                                {f"layer_{layer}.parquet": (explained, "explanations")})
+    scores = _table(folder, "scores", kind, layer)
+    scores = scores.drop_columns(["source"]) if "source" in scores.column_names else scores
+    scores_dir, scores_key = _stage(out, "scores", {"dataset": digest["scores"]}, {"layer": layer},
+                                    {f"layer_{layer}.parquet": (scores, "scores")})
+
+    ref = lambda d, key: {"uri": remote.uri(d), "path": str((d / f"layer_{layer}.parquet").resolve()), "key": key,  # noqa: E731
+                          "layer": layer}
+    n_units = int(pc.max(stats.column("unit")).as_py()) + 1 if stats.num_rows else 0
+    run = {"flow": "import", "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "params": {**params, "layer": layer}, "dataset": str(folder.resolve()),
+           "records": {"uri": remote.uri(records_dir), "path": str(records_dir.resolve()), "key": records_key,
+                       "layers": [layer], "n_units": n_units, "source": kind,
+                       "windows": str((windows_dir / "windows.parquet").resolve()), "window_len": window_len},
+           "explanations": [ref(expl_dir, expl_key)], "simulations": [], "scores": [ref(scores_dir, scores_key)],
+           "site_dir": None, "site": None}
+    return write_run(out, layer, run, kind=kind)
+
+
+def import_dataset(folder: str | Path, out: str | Path, layers: list[int] | None = None) -> list[tuple[int, str]]:
+    """Every (layer, source kind) of the dataset (or of `layers`), each with its run pointer; returns them."""
+    folder, out = Path(folder), Path(out)
+    runs = published_runs(folder)
+    chosen = {k: v for k, v in runs.items() if layers is None or k[0] in layers}
+    if not chosen:
+        raise UserError(f"{folder} holds no run of layer(s) {layers} (it has {sorted({L for L, _ in runs})})",
+                        "pass layers the dataset has")
+    for (layer, kind), params in sorted(chosen.items()):
+        import_layer(folder, out, layer, kind, params)
+    return sorted(chosen)
