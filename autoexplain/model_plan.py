@@ -8,7 +8,7 @@ disagree about what a valid parameter is.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from autoexplain import preflight
 from autoexplain.errors import UserError
@@ -61,8 +61,12 @@ def explain_model(p: dict, spell: preflight.Spelling = preflight.flow_name) -> M
     groups: list[tuple[str, list[preflight.LayerPlan]]] = []
     for spec in sources:
         if spec == MLP.kind:
-            groups.append((spec, [preflight.explain_layer({**common, "layer": layer, "source": spec}, spell)
-                                  for layer in (asked if asked is not None else range(shape.n_layers))]))
+            # Every check but the layer's is the same for each layer: made once, on the first.
+            layers = asked if asked is not None else list(range(shape.n_layers))
+            first = preflight.explain_layer({**common, "layer": layers[0], "source": spec}, spell)
+            for layer in layers[1:]:
+                preflight.check_layer(shape, layer, spell, name="layers")
+            groups.append((spec, [replace(first, layer=layer) for layer in layers]))
             continue
         part = preflight.explain_layer({**common, "layer": None, "source": spec}, spell)
         if asked is not None and part.layer not in asked:

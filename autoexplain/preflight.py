@@ -13,6 +13,7 @@ or deployment run, so a deployment user is never told about a CLI flag.
 
 from __future__ import annotations
 
+import functools
 import json
 import urllib.error
 import urllib.request
@@ -72,6 +73,14 @@ def _layers_of(cfg: dict) -> int | None:
 
 
 def _gguf_config(path: Path) -> dict:
+    stat = path.stat()
+    return _gguf_header(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_header(path: str, mtime_ns: int, size: int) -> dict:
+    """Parsed once per file version: the reader walks every field, the tokenizer's 49k included
+    (seconds), and a model run checks the same file for every layer, in the CLI and in the flow."""
     from gguf import GGUFReader
 
     try:

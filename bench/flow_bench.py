@@ -38,8 +38,14 @@ def task_times(flow_run_id) -> tuple[dict[str, float], float]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    runs, page = [], 200  # the server answers at most a page of task runs a call: a model run has thousands
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        while True:
+            got = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                                        limit=page, offset=len(runs))
+            runs += got
+            if len(got) < page:
+                break
     out: dict[str, float] = defaultdict(float)
     spans = []
     for r in runs:
