@@ -21,6 +21,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from autoexplain import files
 from autoexplain.errors import UserError
 from autoexplain.records import UnitRecords
 from autoexplain.storage import write_json
@@ -100,14 +101,7 @@ def export_unit(folder: Path, unit: UnitRecords, explanations: list[dict], simul
 
 
 def write_json_line(obj: dict, path: Path) -> None:
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(obj) + "\n")
-    os.replace(tmp, path)
+    files.write_text(path, json.dumps(obj) + "\n")
 
 
 def export_layer(folder: str | Path, units: list[UnitRecords], chosen: pa.Table, simulations: pa.Table,

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from autoexplain import defaults
+from autoexplain import defaults, layout
 from autoexplain.errors import UserError
 from autoexplain.sources import MLP
 from autoexplain.storage import local_ref, open_root, read_run, run_sources
@@ -59,7 +59,7 @@ def _with_source(table: pa.Table, kind: str) -> pa.Table:
 
 def _exemplars(records: dict) -> pa.Table:
     """The records table with each window's tokens, so that an exemplar reads without the windows."""
-    recs = pq.read_table(Path(records["path"]) / f"layer_{records['layers'][0]}.records.parquet")
+    recs = pq.read_table(layout.records_table(records["path"], records["layers"][0]))
     windows = pq.read_table(records["windows"], columns=["window_id", "tokens"])
     at = pc.index_in(recs.column("window_id"), value_set=windows.column("window_id"))
     return recs.append_column("tokens", pc.take(windows.column("tokens"), at))
@@ -70,14 +70,14 @@ def layer_tables(run: dict) -> dict[str, pa.Table]:
     records = local_ref(run["records"])
     layer = run["params"]["layer"]
     stage = lambda name: [Path(local_ref(r)["path"]) for r in run[name]]  # noqa: E731 - the run's shards
-    chosen = [p.parent / "chosen.parquet" for p in stage("simulations")]
+    chosen = [p.parent / layout.CHOSEN for p in stage("simulations")]
     scores = _concat(stage("scores"))
     scored = pc.unique(scores.column("unit")).cast(pa.int64())  # a run may explain only some units
 
     def of_scored(table: pa.Table) -> pa.Table:
         return table.filter(pc.is_in(table.column("unit").cast(pa.int64()), value_set=scored))
 
-    units = pq.read_table(Path(records["path"]) / f"layer_{layer}.stats.parquet")
+    units = pq.read_table(layout.stats_table(records["path"], layer))
     return {"units": of_scored(units), "exemplars": of_scored(_exemplars(records)), "explanations": _concat(chosen),
             "scores": scores, "simulations": _concat(stage("simulations"))}
 

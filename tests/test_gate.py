@@ -103,14 +103,16 @@ def test_the_flow_recomputes_a_breaking_input(finished, reader):
 
 
 def test_the_store_refuses_to_seal_a_breaking_output(finished):
-    from autoexplain.storage import is_complete, write_manifest
+    from autoexplain.storage import is_complete
+    from autoexplain.store import Stage
     from schemas.contracts import ContractViolation
 
     out, run, _ = finished
     path = _path(run, "explanations")
-    folder = out / "explanations" / "broken"
-    folder.mkdir()
-    pl.read_parquet(path).with_columns(pl.lit("").alias("text")).write_parquet(folder / path.name)
+    before = sorted(p.name for p in (out / "explanations").iterdir())
+    stage = Stage.open(out, "explanations", {"broken": True})
+    stage.table(pl.read_parquet(path).with_columns(pl.lit("").alias("text")).to_arrow(), path.name)
     with pytest.raises(ContractViolation, match="not empty or blank"):
-        write_manifest(folder, "explanations", "broken", {}, {"layer": 1}, [path.name])
-    assert not (folder / "manifest.json").exists() and not is_complete(folder)
+        stage.seal({}, {"layer": 1})
+    assert not stage.directory.exists() and not is_complete(stage.directory)
+    assert sorted(p.name for p in (out / "explanations").iterdir()) == before, "nor a temporary folder left"
