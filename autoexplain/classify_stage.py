@@ -31,7 +31,7 @@ from autoexplain.identity import code_identity
 from autoexplain.layer import StageRef, load_units, records_inputs, unit_key
 from autoexplain.registry import component_identity, llm_weights, make_scorer, parse_scorer
 from autoexplain.rows import rows_to_table
-from autoexplain.storage import read_manifest
+from autoexplain.storage import read_manifest, require_complete
 from autoexplain.store import Memo, Stage, stage_key
 
 Progress = Callable[[int, int], None]
@@ -99,6 +99,8 @@ def run_classify(records_dir, simulations: StageRef, out, scorer_spec: str, scor
     ident = scorer_identity(scorer_spec)
     if not {"similar", "cofiring"} & set(parse_scorer(scorer_spec).cls.negative_kinds):
         negatives_dir = None
+    if negatives_dir:
+        require_complete(negatives_dir, "negatives", "rerun the classify command with --model, which writes them")
     negatives_key = read_manifest(Path(negatives_dir))["key"] if negatives_dir else None
     params = {"layer": layer, **ident, "seed": seed, "negatives": negatives_key}
     code = code_identity(run_classify)

@@ -16,7 +16,7 @@ import polars as pl
 
 from autoexplain import layout
 from autoexplain.errors import UserError
-from autoexplain.storage import is_complete, read_manifest
+from autoexplain.storage import is_complete, read_manifest, require_complete
 
 
 @dataclass
@@ -36,13 +36,19 @@ class LayerSource:
 
 
 def _resolve(ref: str | None, near: Path, stage: str) -> Path | None:
-    """A manifest's input path, or the folder of the same name under this output root's `stage/`."""
+    """A manifest's input path, or the folder of the same name under this output root's `stage/`;
+    None when neither is here. One that is here but sealed and broken (a changed file, a table that
+    breaks its contract) stops the build, naming the file."""
     if not ref:
         return None
     as_given = Path(ref)
-    for candidate in (as_given, layout.sibling(near, stage, as_given.name)):
+    candidates = (as_given, layout.sibling(near, stage, as_given.name))
+    for candidate in candidates:
         if is_complete(candidate):
             return candidate
+    for candidate in candidates:
+        if (candidate / layout.MANIFEST).is_file():
+            require_complete(candidate, stage, f"rerun the {stage} stage that wrote it")
     return None
 
 
@@ -68,10 +74,7 @@ _SOURCE = re.compile(r"L(\d+)/([A-Za-z0-9][A-Za-z0-9_-]*)")
 def find_sources(score_dirs: Iterable[str | Path], records_dir: str | Path | None = None) -> list[LayerSource]:
     sources: dict[str, LayerSource] = {}
     for d in score_dirs:
-        d = Path(d)
-        if not is_complete(d):
-            raise UserError(f"{d} is not a finished scores folder (no manifest.json)",
-                            "pass folders printed by `autoexplain score`")
+        d = require_complete(d, "scores", "pass folders printed by `autoexplain score`")
         m = read_manifest(d)
         if m.get("stage") != "scores":
             raise UserError(f"{d} is a {m.get('stage')} folder, not a scores folder",
@@ -84,9 +87,7 @@ def find_sources(score_dirs: Iterable[str | Path], records_dir: str | Path | Non
             simulator = str(sm.get("params", {}).get("simulator", ""))
             recs = _resolve(sm.get("inputs", {}).get("records"), sims, "records")
         if records_dir is not None:
-            recs = Path(records_dir)
-            if not is_complete(recs):
-                raise UserError(f"{recs} is not a finished records folder", "pass the folder printed by `autoexplain record`")
+            recs = require_complete(records_dir, "records", "pass the folder printed by `autoexplain record`")
         if recs is not None and layer not in read_manifest(recs).get("params", {}).get("layers", []):
             if records_dir is not None:
                 raise UserError(f"layer {layer} was not recorded in {recs}", "pass the records folder of that run")
