@@ -1,5 +1,5 @@
-"""Atomic writes: the one way a file is replaced, so that a reader sees the old file or the whole
-new one, never a part (a crash, a full disk, two processes at once)."""
+"""Atomic writes: the one way a file (or a folder) is replaced, so that a reader sees the old one or
+the whole new one, never a part (a crash, a full disk, two processes at once)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,14 @@ def temporary_beside(path: str | os.PathLike, suffix: str = "") -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     return Path(tmp)
+
+
+def temporary_folder_beside(path: str | os.PathLike) -> Path:
+    """A new, empty temporary folder beside `path`, named as a write in progress: a folder is built
+    there and renamed to `path` whole (what to do when `path` is there already is the caller's)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
 
 
 @contextmanager

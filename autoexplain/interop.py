@@ -124,11 +124,11 @@ def export_layer(folder: str | Path, units: list[UnitRecords], chosen: pa.Table,
 def _from_dataset(folder: Path, layer: int | None) -> pa.Table:
     """The explainer's rows of a dataset `publish` wrote (`data/explanations/<source>/layer_<L>.parquet`),
     as an explanations table: its candidates kept, its costs not (they were paid by its run)."""
-    files = sorted((folder / "data" / "explanations").glob(f"*/layer_{'*' if layer is None else layer}.parquet"))
-    if not files:
+    parts = sorted((folder / "data" / "explanations").glob(f"*/layer_{'*' if layer is None else layer}.parquet"))
+    if not parts:
         raise UserError(f"{folder} is a published dataset without explanations of layer {layer}",
                         "pass a layer it has (data/explanations/<source>/layer_<L>.parquet)")
-    table = pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
+    table = pa.concat_tables([pq.read_table(f) for f in parts], promote_options="default")
     rows = [{**{k: r[k] for k in ("layer", "unit", "polarity", "method", "prompt_hash", "text", "candidates")},
              "explainer": f"imported:{r['explainer']}", "candidate_valid_scores": [], "prompt_tokens": 0,
              "completion_tokens": 0, "dollars": None, "selection_tokens": 0, "selection_dollars": 0.0}

@@ -26,6 +26,13 @@ WINDOWS = "windows.parquet"
 CHOSEN = "chosen.parquet"
 WORD_VECTORS = "word_vectors.parquet"
 
+# The command that writes each stage's output, for the line that asks to rerun it (every one of
+# them is also rerun by `autoexplain explain-layer` with the run's flags).
+WRITTEN_BY = {"windows": "`autoexplain record`", "records": "`autoexplain record`",
+              "explanations": "`autoexplain explain` (or `revise`, `import`)", "simulations": "`autoexplain simulate`",
+              "scores": "`autoexplain score`", "classifications": "`autoexplain score --scorers`",
+              "negatives": "`autoexplain score --model`", "word_vectors": "`autoexplain explain` or `simulate`"}
+
 
 def folder(root: str | os.PathLike, stage: str, key: str) -> Path:
     """A stage output's folder."""

@@ -22,14 +22,13 @@ import gzip
 import json
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from autoexplain import defaults, layout
+from autoexplain import defaults, files, layout
 from autoexplain.errors import UserError
 from autoexplain.sources import MLP
 from autoexplain.storage import local_ref, open_root, read_run, run_sources
@@ -205,8 +204,7 @@ def publish(out: str, to: str | Path, layers: list[int] | None = None, license_:
     if not license_:
         raise UserError(f"the license of the corpus '{corpus}' is unknown, and the exemplars carry its text",
                         "pass --license (an SPDX-style id as the Hugging Face card takes it, e.g. cc-by-4.0 or other)")
-    to.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=f".{to.name}.", dir=to.parent))
+    build = files.temporary_folder_beside(to)
     try:
         schemas, sizes, pedia = {}, dict.fromkeys(TABLES, 0), []
         for (L, kind), run in sorted(runs.items()):

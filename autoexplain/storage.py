@@ -115,17 +115,25 @@ def require_complete(directory: str | os.PathLike, what: str, fix: str) -> Path:
     directory = Path(directory)
     bad = damaged(directory)
     if bad is not None:
-        raise UserError(f"{directory / bad} does not match its manifest (changed or truncated)",
-                        f"delete {directory} and rerun the stage that wrote it")
+        raise UserError(f"{directory / bad} does not match its manifest (changed or truncated)", _rerun(directory))
     if not (directory / MANIFEST).is_file():
         raise UserError(f"{directory} is not a finished {what} folder (no {MANIFEST})", fix)
     try:
         check_contracts(directory, read_manifest(directory))
     except ContractViolation as e:
         failed = "; ".join(e.report.failures) or e.report.summary()
-        raise UserError(f"{e.path} breaks its data contract '{e.report.suite}': {failed}",
-                        f"delete {directory} and rerun the stage that wrote it (the same autoexplain command)") from None
+        raise UserError(f"{e.path} breaks its data contract '{e.report.suite}': {failed}", _rerun(directory)) from None
     return directory
+
+
+def _rerun(directory: Path) -> str:
+    """What to do about a broken stage folder: rerun the command that wrote it."""
+    try:
+        command = layout.WRITTEN_BY.get(read_manifest(directory).get("stage"))
+    except (OSError, ValueError, AttributeError):
+        command = None
+    how = f"{command} with the flags that wrote it" if command else "the same autoexplain command"
+    return f"delete {directory} and rerun the stage that wrote it: {how}"
 
 
 def write_table(table: pa.Table, path: str | os.PathLike, schema_name: str | None = None) -> Path:

@@ -23,7 +23,6 @@ import json
 import os
 import pickle
 import shutil
-import tempfile
 import threading
 import uuid
 import weakref
@@ -88,8 +87,7 @@ class Stage:
     def path(self, name: str) -> Path:
         """Where to write the output file `name`: in the temporary folder, until the seal."""
         if self._tmp is None:
-            self.directory.parent.mkdir(parents=True, exist_ok=True)
-            self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.key}.", suffix=".tmp", dir=self.directory.parent))
+            self._tmp = files.temporary_folder_beside(self.directory)
             self._discard = weakref.finalize(self, shutil.rmtree, self._tmp, True)
         if name not in self._written:
             self._written.append(name)
