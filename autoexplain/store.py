@@ -108,11 +108,11 @@ class Stage:
             raise RuntimeError(f"the {self.stage} output {self.key} has no files to seal")
         try:
             digests = seal_folder(self._tmp, self.stage, self.key, inputs, params, self._written, push=False)
-            _move_into_place(self._tmp, self.directory)
+            ours = _move_into_place(self._tmp, self.directory)
         finally:
             self._discard()  # a no-op once the folder has moved
             self._tmp = None
-        for name, digest in digests.items():  # moved, not changed: not hashed again
+        for name, digest in digests.items() if ours else ():  # moved, not changed: not hashed again
             remember_digest(self.directory / name, digest)
         remote.push(self.directory)  # a no-op outside the mirror of a URL root
         if memo is not None:
@@ -135,21 +135,22 @@ def seal_folder(directory: Path, stage: str, key: str, inputs: dict, params: dic
     return digests
 
 
-def _move_into_place(tmp: Path, directory: Path) -> None:
-    """Rename the sealed temporary folder to the output's path. Another writer may have sealed the
+def _move_into_place(tmp: Path, directory: Path) -> bool:
+    """Rename the sealed temporary folder to the output's path; False when another writer sealed the
     same key meanwhile (the same content): theirs stays. An unfinished or damaged folder there is
     set aside first."""
     try:
         os.rename(tmp, directory)
-        return
+        return True
     except OSError:
         if is_complete(directory):
             shutil.rmtree(tmp, ignore_errors=True)
-            return
+            return False
     old = directory.with_name(f".{directory.name}.{uuid.uuid4().hex[:8]}.old")
     os.rename(directory, old)
     os.rename(tmp, directory)
     shutil.rmtree(old, ignore_errors=True)
+    return True
 
 
 class Memo:
