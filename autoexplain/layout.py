@@ -44,6 +44,12 @@ def folder_url(root_url: str, stage: str, key: str) -> str:
     return f"{root_url.rstrip('/')}/{stage}/{key}"
 
 
+def split_folder_url(url: str) -> tuple[str, str, str]:
+    """(root URL, stage, key) of a stage output's folder URL (`folder_url` read back)."""
+    root, stage, key = url.rstrip("/").rsplit("/", 2)
+    return root, stage, key
+
+
 def root_of(stage_folder: str | os.PathLike) -> Path:
     """The output root a stage folder is under."""
     return Path(stage_folder).parent.parent

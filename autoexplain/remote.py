@@ -165,7 +165,7 @@ def pull(directory: str | os.PathLike) -> bool:
 def fetch(folder_url: str) -> Path:
     """The local copy of a finished stage folder given by its URL (`<root>/<stage>/<key>`), pulled if
     needed: how a task finds an input that another machine wrote."""
-    root, stage, key = folder_url.rstrip("/").rsplit("/", 2)
+    root, stage, key = layout.split_folder_url(folder_url)
     local = layout.folder(open_root(root), stage, key)
     if not (local / MANIFEST).is_file() and not pull(local):
         raise UserError(f"{folder_url} is not a finished stage output (no manifest.json there)",

@@ -255,6 +255,6 @@ def local_ref(output: dict) -> dict:
     local = remote.fetch(output["uri"])
     if "layers" not in output:
         return {**output, "path": str(local / path.name)}
-    root = output["uri"].rsplit("/", 2)[0]
+    root = layout.split_folder_url(output["uri"])[0]
     windows = remote.fetch(layout.folder_url(root, "windows", read_manifest(local)["inputs"]["windows"]))
     return {**output, "path": str(local), "windows": str(windows / layout.WINDOWS)}
