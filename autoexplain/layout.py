@@ -77,6 +77,10 @@ def is_records_table(name: str) -> bool:
     return name.startswith("layer_") and name.endswith(".records.parquet")
 
 
+def is_stats_table(name: str) -> bool:
+    return name.startswith("layer_") and name.endswith(".stats.parquet")
+
+
 def memo(root: str | os.PathLike, name: str) -> Path:
     """A cache folder under an output root (a stage's per-unit results, text vectors, the viewer's)."""
     return Path(root) / "memo" / name

@@ -32,10 +32,10 @@ def suite_of(stage: str, name: str) -> str | None:
     if stage == "windows":
         return "windows" if name == layout.WINDOWS else None
     if stage == "records":
-        return "records" if layout.is_records_table(name) else None
+        return "records" if layout.is_records_table(name) else "unit_stats" if layout.is_stats_table(name) else None
     if stage == "simulations":
         return "explanations" if name == layout.CHOSEN else "simulations"
-    if stage in ("explanations", "scores"):
+    if stage in ("explanations", "scores", "classifications"):
         return stage
     return None
 
