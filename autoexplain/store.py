@@ -43,6 +43,7 @@ from autoexplain.storage import (
     write_json,
     write_table,
 )
+from schemas.contract_report import ContractViolation
 
 
 def stage_key(fields: dict, *code: str | Callable) -> str:
@@ -109,6 +110,9 @@ class Stage:
         try:
             digests = seal_folder(self._tmp, self.stage, self.key, inputs, params, self._written, push=False)
             ours = _move_into_place(self._tmp, self.directory)
+        except ContractViolation as e:  # named by the output's path: the temporary folder goes now
+            e.path = self.directory / Path(e.path).name
+            raise
         finally:
             self._discard()  # a no-op once the folder has moved
             self._tmp = None

@@ -306,7 +306,7 @@ def test_classification_violations():
     rows[0]["negatives"], rows[1]["label"] = "nearby", -1
     rows[2]["failure"] = None
     _fails(rows, "classifications", "negatives are random, similar, cofiring or active",
-           "a label is 0, 1 or an intruder's position", "a trial without a prediction gives its failure reason")
+           "a label is 0, 1 or an intruder's position", "a trial with neither a prediction nor P(1) gives its failure reason")
 
 
 def test_unit_stats_violations():

@@ -58,8 +58,9 @@ def test_nothing_is_at_the_path_until_the_seal_then_it_is_reused(tmp_path):
 
 def test_a_breaking_output_is_never_sealed(tmp_path):
     stage = _write(tmp_path, polarity=2)
-    with pytest.raises(ContractViolation, match=r"polarity is \+1 or -1"):
+    with pytest.raises(ContractViolation, match=r"polarity is \+1 or -1") as info:
         stage.seal({}, {"layer": 1})
+    assert info.value.path == layout.table(stage.directory, 1), "named by the output's path, not a temporary one"
     assert not stage.directory.exists() and _entries(tmp_path) == ["scores"], "nothing left, sealed or not"
 
 
