@@ -65,6 +65,8 @@ BOUNDARIES = {
     "explanations>simulate": ("explanations", lambda df: df.with_columns(pl.lit("  ").alias("text")), "not empty or blank"),
     "simulations>score": ("simulations", lambda df: df.with_columns(pl.col("expected").list.eval(pl.element() * 0 + 42.0)),
               "expected values are in"),
+    "simulations>view": ("simulations", lambda df: df.with_columns(pl.col("expected").list.eval(pl.element() * 0 + 42.0)),
+                         "expected values are in"),
     "scores>view": ("scores", lambda df: df.with_columns(pl.lit(2).cast(df["polarity"].dtype).alias("polarity")),
                     "polarity is +1 or -1"),
 }
@@ -90,6 +92,7 @@ def test_a_breaking_input_stops_the_stage_command(finished, tmp_path, case):
             "explanations>simulate": ["simulate", "--records", records, "--explanations", str(path.parent), "--out", str(o2)],
             "simulations>score": ["score", "--records", records, "--simulations", str(path.parent), "--bootstrap", "20",
                                   "--out", str(o2)],
+            "simulations>view": ["view", "--scores", str(Path(run["scores"][0]["path"]).parent), "--site", str(o2 / "site")],
             "scores>view": ["view", "--scores", str(path.parent), "--site", str(o2 / "site")]}[case]
     line = _one_line(_cli(*args))
     assert f"{path} breaks its data contract" in line and words in line and "rerun the stage" in line, line
