@@ -24,14 +24,15 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from autoexplain import llm_cache, prices
+from autoexplain import layout, llm_cache, prices
 from autoexplain.classify import ClassifierScorer, random_negatives
 from autoexplain.counters import COUNTS
 from autoexplain.identity import code_identity
-from autoexplain.layer import StageRef, load_units, memoised, records_inputs, unit_key
+from autoexplain.layer import StageRef, load_units, records_inputs, unit_key
 from autoexplain.registry import component_identity, llm_weights, make_scorer, parse_scorer
 from autoexplain.rows import rows_to_table
-from autoexplain.storage import Memo, content_key, is_complete, read_manifest, stage_dir, write_manifest, write_table
+from autoexplain.storage import read_manifest, require_complete
+from autoexplain.store import Memo, Stage, stage_key
 
 Progress = Callable[[int, int], None]
 
@@ -79,7 +80,7 @@ def similar_negatives(records_dir, simulations: StageRef, out, model: str | None
 
     if not model:
         return None
-    chosen = pq.read_table(simulations.directory / "chosen.parquet", columns=["unit", "polarity"]).to_pylist()
+    chosen = pq.read_table(simulations.directory / layout.CHOSEN, columns=["unit", "polarity"]).to_pylist()
     pairs = sorted({(r["unit"], r["polarity"]) for r in chosen})
     return run_negatives(records_dir, simulations.layer, out, model, pairs)
 
@@ -93,17 +94,19 @@ def run_classify(records_dir, simulations: StageRef, out, scorer_spec: str, scor
 
     records_dir, layer = Path(records_dir), simulations.layer
     _, windows_path, records_key = records_inputs(records_dir, layer)
-    chosen = pq.read_table(simulations.directory / "chosen.parquet").to_pylist()
+    chosen = pq.read_table(simulations.directory / layout.CHOSEN).to_pylist()
     unit_ids = sorted({r["unit"] for r in chosen})
     ident = scorer_identity(scorer_spec)
     if not {"similar", "cofiring"} & set(parse_scorer(scorer_spec).cls.negative_kinds):
         negatives_dir = None
+    if negatives_dir:
+        require_complete(negatives_dir, "negatives", "rerun the classify command with --model, which writes them")
     negatives_key = read_manifest(Path(negatives_dir))["key"] if negatives_dir else None
     params = {"layer": layer, **ident, "seed": seed, "negatives": negatives_key}
     code = code_identity(run_classify)
-    key = content_key({"simulations": simulations.key, **params, "code": code})
-    ref = StageRef(stage_dir(out, "classifications", key), key, layer)
-    if is_complete(ref.directory):
+    stage = Stage.open(out, "classifications", {"simulations": simulations.key, **params}, run_classify)
+    ref = StageRef.of_stage(stage, layer)
+    if stage.done:
         return ref
     units = load_units(records_dir, layer, unit_ids)
     similar = read_negatives(negatives_dir, layer, windows_path) if negatives_dir else {}
@@ -119,7 +122,7 @@ def run_classify(records_dir, simulations: StageRef, out, scorer_spec: str, scor
         texts, near = texts_of.get(pair, {}), similar.get(pair, {})
         ukey = unit_key(records_key, unit, texts=texts, seed=seed, code=code, **ident,
                         hard={k: [r.window_id for r in v] for k, v in sorted(near.items())})
-        return memoised(memo, ukey, lambda: classify_unit(unit, texts, scorer, near, seed), _asked_ok)
+        return memo.get_or_compute(ukey, lambda: classify_unit(unit, texts, scorer, near, seed), _asked_ok)
 
     workers = int(scorer.llm.max_concurrency) if scorer.thread_safe else 1
     rows = []
@@ -127,10 +130,9 @@ def run_classify(records_dir, simulations: StageRef, out, scorer_spec: str, scor
         rows += got
         if progress:
             progress(i + 1, len(units))
-    write_table(rows_to_table(rows, "classifications"), ref.path, "classifications")
-    write_manifest(ref.directory, "classifications", key,
-                   {"records": str(records_dir), "simulations": str(simulations.directory),
-                    **({"negatives": str(negatives_dir)} if negatives_dir else {})}, params, [ref.path.name])
+    stage.table(rows_to_table(rows, "classifications"), ref.path.name, "classifications")
+    stage.seal({"records": str(records_dir), "simulations": str(simulations.directory),
+                **({"negatives": str(negatives_dir)} if negatives_dir else {})}, params)
     return ref
 
 
@@ -171,22 +173,20 @@ def run_scores(records_dir, simulations: StageRef, classifications: list[StageRe
     layer = simulations.layer
     params = {"layer": layer, "n_boot": n_boot, "seed": seed,
               "scorers": ([read_manifest(scores.directory)["key"]] if scores else []) + [c.key for c in classifications]}
-    key = content_key({"simulations": simulations.key, **params, "code": code_identity(run_scores)})
-    ref = StageRef(stage_dir(out, "scores", key), key, layer)
-    if is_complete(ref.directory):
+    stage = Stage.open(out, "scores", {"simulations": simulations.key, **params}, run_scores)
+    ref = StageRef.of_stage(stage, layer)
+    if stage.done:
         return ref
     rows = pq.read_table(scores.path).to_pylist() if scores else []
-    chosen = pq.read_table(simulations.directory / "chosen.parquet").to_pylist()
+    chosen = pq.read_table(simulations.directory / layout.CHOSEN).to_pylist()
     memo = Memo(out, "score_classify")
     for c in classifications:
         trials = pq.read_table(c.path)
-        ckey = content_key({"classifications": c.key, "n_boot": n_boot, "seed": seed,
-                            "code": code_identity(classifier_score_rows)})
-        rows += memoised(memo, ckey, lambda: classifier_score_rows(trials.to_pylist(), chosen, n_boot, seed))
-    write_table(rows_to_table(rows, "scores"), ref.path, "scores")
-    write_manifest(ref.directory, "scores", key,
-                   {"simulations": str(simulations.directory), **({"scores": str(scores.directory)} if scores else {}),
-                    "classifications": [str(c.directory) for c in classifications]}, params, [ref.path.name])
+        ckey = stage_key({"classifications": c.key, "n_boot": n_boot, "seed": seed}, classifier_score_rows)
+        rows += memo.get_or_compute(ckey, lambda: classifier_score_rows(trials.to_pylist(), chosen, n_boot, seed))
+    stage.table(rows_to_table(rows, "scores"), ref.path.name, "scores")
+    stage.seal({"simulations": str(simulations.directory), **({"scores": str(scores.directory)} if scores else {}),
+                "classifications": [str(c.directory) for c in classifications]}, params)
     return ref
 
 

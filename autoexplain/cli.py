@@ -252,6 +252,7 @@ def export_cmd(
     import pyarrow.parquet as pq
 
     from autoexplain.interop import export_layer
+    from autoexplain import layout
     from autoexplain.layer import StageRef, load_units
     from autoexplain.storage import read_manifest
 
@@ -261,7 +262,7 @@ def export_cmd(
         sims_ref = StageRef.of(read_manifest(score_ref.directory)["inputs"]["simulations"])
         sims = pq.read_table(sims_ref.path)
         units = load_units(records, score_ref.layer, sorted(set(sims.column("unit").to_pylist())))
-        n = export_layer(to, units, pq.read_table(sims_ref.directory / "chosen.parquet"), sims,
+        n = export_layer(to, units, pq.read_table(sims_ref.directory / layout.CHOSEN), sims,
                          pq.read_table(score_ref.path))
         err.print(f"exported {n} units of layer {score_ref.layer}")
         typer.echo(str(to))
@@ -277,8 +278,9 @@ def import_cmd(
 ):
     """Import published explanations to re-simulate and re-score them. A dataset `publish` wrote comes
     back whole (records, explanations, its scores), as runs that `rescore --out OUT --layer L` re-scores."""
+    from autoexplain import layout
     from autoexplain.interop import import_explanations
-    from autoexplain.storage import content_key, stage_dir, write_manifest, write_table
+    from autoexplain.store import Stage
 
     def go():
         if (source / "data" / "explanations").is_dir():
@@ -292,12 +294,13 @@ def import_cmd(
         if layer is None:
             raise UserError("--layer is required for the reference layout", "pass --layer L")
         table = import_explanations(source, layer)
-        key = content_key({"imported": [r for r in table.to_pylist()]})
-        directory = stage_dir(out, "explanations", key)
-        path = write_table(table, directory / f"layer_{layer}.parquet", "explanations")
-        write_manifest(directory, "explanations", key, {"source": str(source)}, {"layer": layer}, [path.name])
+        # Keyed by the rows themselves: they are the output, whatever code parsed them.
+        stage = Stage.open(out, "explanations", {"imported": table.to_pylist()})
+        if not stage.done:
+            stage.table(table, layout.table(stage.directory, layer).name, "explanations")
+            stage.seal({"source": str(source)}, {"layer": layer})
         err.print(f"imported {table.num_rows} explanations for layer {layer}")
-        typer.echo(str(directory))
+        typer.echo(str(stage.directory))
 
     run_or_exit(go)
 

@@ -26,9 +26,11 @@ import pyarrow.parquet as pq
 from autoexplain import remote
 from autoexplain.errors import UserError
 from autoexplain.interop import import_explanations
-from autoexplain.publish import CARD_MARK
+from autoexplain.publish import CARD_MARK, dataset_file
 from autoexplain.sources import MLP
-from autoexplain.storage import content_key, file_digest, is_complete, stage_dir, write_manifest, write_run, write_table
+from autoexplain import layout
+from autoexplain.storage import file_digest, write_run
+from autoexplain.store import Stage
 
 # The card's "Made by" lines: "- layer 15, `mlp`: `{...params...}` (finished ...)".
 _RUN_LINE = re.compile(r"^- layer (\d+), `([^`]+)`: `(\{.*\})`", re.M)
@@ -46,7 +48,7 @@ def published_runs(folder: Path) -> dict[tuple[int, str], dict]:
 
 
 def _table(folder: Path, name: str, kind: str, layer: int) -> pa.Table:
-    path = folder / "data" / name / kind / f"layer_{layer}.parquet"
+    path = dataset_file(folder, name, kind, layer)
     if not path.is_file():
         raise UserError(f"{path} is missing from the dataset", "publish the layer again, or import another layer")
     return pq.read_table(path)
@@ -54,13 +56,12 @@ def _table(folder: Path, name: str, kind: str, layer: int) -> pa.Table:
 
 def _stage(out: Path, stage: str, inputs: dict, params: dict, tables: dict[str, tuple[pa.Table, str]]) -> tuple[Path, str]:
     """A content-addressed stage folder holding `tables` (file name -> (table, schema)), sealed."""
-    key = content_key({"imported": inputs, "params": params})
-    directory = stage_dir(out, stage, key)
-    if not is_complete(directory):
+    made = Stage.open(out, stage, {"imported": inputs, "params": params})
+    if not made.done:
         for name, (table, schema) in tables.items():
-            write_table(table, directory / name, schema)
-        write_manifest(directory, stage, key, inputs, params, list(tables))
-    return directory, key
+            made.table(table, name, schema)
+        made.seal(inputs, params)
+    return made.directory, made.key
 
 
 def import_layer(folder: Path, out: Path, layer: int, kind: str, params: dict) -> Path:
@@ -71,13 +72,13 @@ def import_layer(folder: Path, out: Path, layer: int, kind: str, params: dict) -
     if missing:
         raise UserError(f"the exemplars of layer {layer} ({kind}) lack {missing}: the dataset was published before "
                         "they were kept", "publish the run again with this version, then import it")
-    digest = {name: file_digest(folder / "data" / name / kind / f"layer_{layer}.parquet")
+    digest = {name: file_digest(dataset_file(folder, name, kind, layer))
               for name in ("units", "exemplars", "explanations", "scores")}
     _, first = np.unique(exemplars.column("window_id").to_numpy(), return_index=True)  # sorted by window id
     windows = exemplars.select(list(WINDOW_COLUMNS)).take(pa.array(first))
     window_len = len(windows.column("tokens")[0]) if windows.num_rows else 0
     windows_dir, windows_key = _stage(out, "windows", {"dataset": digest["exemplars"]}, {"window_len": window_len},
-                                      {"windows.parquet": (windows, "windows")})
+                                      {layout.WINDOWS: (windows, "windows")})
 
     records = exemplars.drop_columns([c for c in ("source", "tokens", "token_ids", "doc_id") if c in exemplars.column_names])
     stats = _table(folder, "units", kind, layer)
@@ -87,24 +88,24 @@ def import_layer(folder: Path, out: Path, layer: int, kind: str, params: dict) -
     records_dir, records_key = _stage(
         out, "records", {"windows": windows_key, "subject": params.get("model", "unknown")},
         {"layers": [layer], "top_k": params["top_k"], "n_random": params["n_random"], "dataset": digest, **named},
-        {f"layer_{layer}.records.parquet": (records, "records"), f"layer_{layer}.stats.parquet": (stats, "unit_stats")})
+        {layout.records_table(".", layer).name: (records, "records"), layout.stats_table(".", layer).name: (stats, "unit_stats")})
 
     explained = import_explanations(folder, layer, kind)
     expl_dir, expl_key = _stage(out, "explanations", {"dataset": digest["explanations"]}, {"layer": layer},
-                                {f"layer_{layer}.parquet": (explained, "explanations")})
+                                {layout.table(".", layer).name: (explained, "explanations")})
     scores = _table(folder, "scores", kind, layer)
     scores = scores.drop_columns(["source"]) if "source" in scores.column_names else scores
     scores_dir, scores_key = _stage(out, "scores", {"dataset": digest["scores"]}, {"layer": layer},
-                                    {f"layer_{layer}.parquet": (scores, "scores")})
+                                    {layout.table(".", layer).name: (scores, "scores")})
 
-    ref = lambda d, key: {"uri": remote.uri(d), "path": str((d / f"layer_{layer}.parquet").resolve()), "key": key,  # noqa: E731
+    ref = lambda d, key: {"uri": remote.uri(d), "path": str(layout.table(d, layer).resolve()), "key": key,  # noqa: E731
                           "layer": layer}
     n_units = int(pc.max(stats.column("unit")).as_py()) + 1 if stats.num_rows else 0
     run = {"flow": "import", "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "params": {**params, "layer": layer}, "dataset": str(folder.resolve()),
            "records": {"uri": remote.uri(records_dir), "path": str(records_dir.resolve()), "key": records_key,
                        "layers": [layer], "n_units": n_units, "source": kind,
-                       "windows": str((windows_dir / "windows.parquet").resolve()), "window_len": window_len},
+                       "windows": str((windows_dir / layout.WINDOWS).resolve()), "window_len": window_len},
            "explanations": [ref(expl_dir, expl_key)], "simulations": [], "scores": [ref(scores_dir, scores_key)],
            "site_dir": None, "site": None}
     return write_run(out, layer, run, kind=kind)

@@ -21,6 +21,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from autoexplain import files
 from autoexplain.errors import UserError
 from autoexplain.records import UnitRecords
 from autoexplain.storage import write_json
@@ -100,14 +101,7 @@ def export_unit(folder: Path, unit: UnitRecords, explanations: list[dict], simul
 
 
 def write_json_line(obj: dict, path: Path) -> None:
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(obj) + "\n")
-    os.replace(tmp, path)
+    files.write_text(path, json.dumps(obj) + "\n")
 
 
 def export_layer(folder: str | Path, units: list[UnitRecords], chosen: pa.Table, simulations: pa.Table,
@@ -131,11 +125,11 @@ def _from_dataset(folder: Path, layer: int | None, kind: str | None = None) -> p
     """The explainer's rows of a dataset `publish` wrote (`data/explanations/<source>/layer_<L>.parquet`,
     of one source `kind` or all), as an explanations table: its candidates kept, its costs not (they
     were paid by its run)."""
-    files = sorted((folder / "data" / "explanations").glob(f"{kind or '*'}/layer_{'*' if layer is None else layer}.parquet"))
-    if not files:
+    parts = sorted((folder / "data" / "explanations").glob(f"{kind or '*'}/layer_{'*' if layer is None else layer}.parquet"))
+    if not parts:
         raise UserError(f"{folder} is a published dataset without explanations of layer {layer}",
                         "pass a layer it has (data/explanations/<source>/layer_<L>.parquet)")
-    table = pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
+    table = pa.concat_tables([pq.read_table(f) for f in parts], promote_options="default")
     rows = [{**{k: r[k] for k in ("layer", "unit", "polarity", "method", "prompt_hash", "text", "candidates")},
              "explainer": f"imported:{r['explainer']}", "candidate_valid_scores": [], "prompt_tokens": 0,
              "completion_tokens": 0, "dollars": None, "selection_tokens": 0, "selection_dollars": 0.0}

@@ -19,23 +19,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from autoexplain import llm_cache, pipeline
+from autoexplain import files, layout, llm_cache, pipeline
 from autoexplain.activations import read_units
 from autoexplain.errors import UserError
 from autoexplain.explain import as_explainer
 from autoexplain.identity import code_identity
 from autoexplain.registry import DEFAULT_EXPLAINER, explainer_prompt, explainer_weights, make_explainer, make_simulator
 from autoexplain.sources import MLP, polarities_of
-from autoexplain.storage import (
-    Memo,
-    content_key,
-    is_complete,
-    read_manifest,
-    require_complete,
-    stage_dir,
-    write_manifest,
-    write_table,
-)
+from autoexplain.storage import content_key, read_manifest, require_complete
+from autoexplain.store import Memo, Stage
 
 Progress = Callable[[int, int], None]  # (units done, units in this call)
 
@@ -50,7 +42,11 @@ class StageRef:
 
     @property
     def path(self) -> Path:
-        return self.directory / f"layer_{self.layer}.parquet"
+        return layout.table(self.directory, self.layer)
+
+    @classmethod
+    def of_stage(cls, stage: Stage, layer: int) -> "StageRef":
+        return cls(stage.directory, stage.key, layer)
 
     @classmethod
     def of(cls, directory: str | Path) -> "StageRef":
@@ -85,15 +81,9 @@ def _records_inputs(records_dir: Path, layer: int):
     if layer not in manifest["params"]["layers"]:
         raise UserError(f"layer {layer} was not recorded in {records_dir} (it has {manifest['params']['layers']})",
                         "record that layer first, or pass one of the recorded layers")
-    windows_dir = records_dir.parent.parent / "windows" / manifest["inputs"]["windows"]
+    windows_dir = layout.sibling(records_dir, "windows", manifest["inputs"]["windows"])
     require_complete(windows_dir, "windows", f"rerun the recording that wrote {records_dir}")
-    windows = windows_dir / "windows.parquet"
-    return (records_dir / f"layer_{layer}.records.parquet", windows, manifest["key"])
-
-
-def _stats_path(records_path: Path) -> Path:
-    """A layer's unit statistics, beside its records (`record.RecordsRef.stats_path`)."""
-    return records_path.with_name(records_path.name.replace(".records.", ".stats."))
+    return (layout.records_table(records_dir, layer), windows_dir / layout.WINDOWS, manifest["key"])
 
 
 def source_kind(records_dir: str | Path) -> str:
@@ -105,7 +95,7 @@ def load_units(records_dir: str | Path, layer: int, units: list[int] | None = No
     records_path, windows_path, _ = _records_inputs(Path(records_dir), layer)
     kind = source_kind(records_dir)
     wanted = None if units is None else [(i, p) for i in units for p in polarities_of(kind)]
-    stats_path = _stats_path(records_path)
+    stats_path = layout.stats_table(records_dir, layer)
     found = read_units(records_path, windows_path, wanted, stats_path if stats_path.is_file() else None, kind=kind)
     # Every neuron in range has records; a coder's latent that never fired has none (it is dead,
     # which its statistics say), so a shard of dead latents is empty, not an error.
@@ -119,9 +109,8 @@ def dead_units(records_dir: str | Path, layer: int) -> list[int]:
     max <= 0 each way): latents a coder never used; they have no records and are not explained."""
     import polars as pl
 
-    records_path, _, _ = _records_inputs(Path(records_dir), layer)
-    stats = pl.read_parquet(_stats_path(records_path),
-                            columns=["unit", "max"])
+    _records_inputs(Path(records_dir), layer)
+    stats = pl.read_parquet(layout.stats_table(records_dir, layer), columns=["unit", "max"])
     return sorted(stats.group_by("unit").agg(pl.col("max").max()).filter(pl.col("max") <= 0)["unit"].to_list())
 
 
@@ -150,16 +139,15 @@ def _use_text_vectors(explanations: pa.Table, out, sim) -> None:
                                        explanations.column("text").to_pylist()) for t in (c or [t])})
     if not texts:
         return
-    path = Path(out) / "memo" / "text_vectors" / f"{content_key({'embedder': sim.embedder, 'encoding': sim.encoding, 'texts': texts})}.npz"
+    name = content_key({"embedder": sim.embedder, "encoding": sim.encoding, "texts": texts})
+    path = layout.memo(out, "text_vectors") / f"{name}.npz"
     if path.is_file():
         saved = np.load(path, allow_pickle=False)
         sim.add_texts(saved["forms"].tolist(), saved["vectors"])
         return
     forms, vectors = sim.warm(texts)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez(tmp, forms=np.array(forms, dtype=str), vectors=vectors)
-    tmp.replace(path)
+    with files.replacing(path, ".npz") as tmp:
+        np.savez(tmp, forms=np.array(forms, dtype=str), vectors=vectors)
 
 
 def _weights(fingerprint: str) -> dict:
@@ -171,16 +159,6 @@ def _unit_key(records_key: str, unit, **rest) -> str:
     # One records output can hold several layers: the layer is part of a unit's identity.
     n = unit.id
     return content_key({"records": records_key, "unit": [n.layer, n.index, n.polarity], **rest})
-
-
-def _memoised(memo: Memo, key: str, compute, keep=None):
-    """The memoised value, computing and storing it first if needed (unless `keep(value)` says no)."""
-    value = memo.get(key)
-    if value is None:
-        value = compute()
-        if keep is None or keep(value):
-            memo.put(key, value)
-    return value
 
 
 def _no_request_failed(result) -> bool:
@@ -217,9 +195,9 @@ def run_explain(records_dir, layer: int, out, units=None, explainer=None, cfg=No
     params = {"layer": layer, "units": units, "explainer": spec, "config": asdict(cfg),
               "prompt": explainer_prompt(spec), **_weights(explainer_weights(spec))}
     code = code_identity(run_explain)  # the source it reaches (`identity`)
-    key = content_key({"records": records_key, **params, "code": code})
-    ref = StageRef(stage_dir(out, "explanations", key), key, layer)
-    if is_complete(ref.directory):
+    stage = Stage.open(out, "explanations", {"records": records_key, **params}, run_explain)
+    ref = StageRef.of_stage(stage, layer)
+    if stage.done:
         return ref
     memo = Memo(out, "explain")
     unit_params = {k: v for k, v in params.items() if k not in ("layer", "units")}
@@ -272,9 +250,10 @@ def run_explain(records_dir, layer: int, out, units=None, explainer=None, cfg=No
                 progress(done, len(loaded))
     if error is not None:
         raise error
-    write_table(pipeline.rows_to_table([r for v in rows.values() for r in v], "explanations"), ref.path, "explanations")
-    write_manifest(ref.directory, "explanations", key, {"records": str(records_dir)}, params, [ref.path.name])
-    memo.seal(ref.directory, [ref.path.name])  # the units' results are now rows of the sealed table
+    # the units' results become rows of the sealed table
+    stage.table(pipeline.rows_to_table([r for v in rows.values() for r in v], "explanations"), ref.path.name,
+                "explanations")
+    stage.seal({"records": str(records_dir)}, params, memo)
     return ref
 
 
@@ -291,12 +270,11 @@ def run_revise(explanations: StageRef, revisions: dict[tuple[int, int], str], ou
         if text is not None and row["method"] == pipeline.EXPLAINER:
             row.update(text=text, candidates=[text], explainer="human", candidate_valid_scores=[])
     params = {"layer": explanations.layer, "revisions": sorted([list(k) + [v] for k, v in revisions.items()])}
-    key = content_key({"explanations": explanations.key, **params, "code": code_identity(run_revise)})
-    ref = StageRef(stage_dir(out, "explanations", key), key, explanations.layer)
-    if not is_complete(ref.directory):
-        write_table(pipeline.rows_to_table(table, "explanations"), ref.path, "explanations")
-        write_manifest(ref.directory, "explanations", key, {"explanations": str(explanations.directory)}, params,
-                       [ref.path.name])
+    stage = Stage.open(out, "explanations", {"explanations": explanations.key, **params}, run_revise)
+    ref = StageRef.of_stage(stage, explanations.layer)
+    if not stage.done:
+        stage.table(pipeline.rows_to_table(table, "explanations"), ref.path.name, "explanations")
+        stage.seal({"explanations": str(explanations.directory)}, params)
     return ref
 
 
@@ -309,9 +287,9 @@ def run_simulate(records_dir, explanations: StageRef, out, simulator=None, sim=N
     params = {"layer": layer, "simulator": sim.name, "prompt": sim.prompt_hash, "seed": seed,
               **_weights(sim.llm.fingerprint if sim.llm is not None else "")}
     code = code_identity(run_simulate)
-    key = content_key({"explanations": explanations.key, **params, "code": code})
-    ref = StageRef(stage_dir(out, "simulations", key), key, layer)
-    if is_complete(ref.directory):
+    stage = Stage.open(out, "simulations", {"explanations": explanations.key, **params}, run_simulate)
+    ref = StageRef.of_stage(stage, layer)
+    if stage.done:
         return ref
     table = pq.read_table(explanations.path)
     units = load_units(records_dir, layer, sorted(set(table.column("unit").to_pylist())))
@@ -319,18 +297,16 @@ def run_simulate(records_dir, explanations: StageRef, out, simulator=None, sim=N
                                            **_weights(params.get("weights", ""))}
 
     def remember(unit, inputs, compute):
-        return _memoised(memo, _unit_key(records_key, unit, **inputs, **sim_id), compute, _no_request_failed)
+        return memo.get_or_compute(_unit_key(records_key, unit, **inputs, **sim_id), compute, _no_request_failed)
 
     llm_cache.attach(sim, out)
     _use_word_table(records_dir, out, sim)
     _use_text_vectors(table, out, sim)
     chosen, sims = pipeline.simulate_stage(units, table, sim, seed, remember, progress)
-    write_table(sims, ref.path, "simulations")
-    write_table(chosen, ref.directory / "chosen.parquet", "explanations")
-    write_manifest(ref.directory, "simulations", key,
-                   {"records": str(records_dir), "explanations": str(explanations.directory)}, params,
-                   [ref.path.name, "chosen.parquet"])
-    memo.seal(ref.directory, ["chosen.parquet", ref.path.name])  # a result is (chosen rows, simulation rows)
+    stage.table(sims, ref.path.name, "simulations")
+    stage.table(chosen, layout.CHOSEN, "explanations")
+    stage.seal({"records": str(records_dir), "explanations": str(explanations.directory)}, params,
+               memo, [layout.CHOSEN, ref.path.name])  # a result is (chosen rows, simulation rows)
     return ref
 
 
@@ -338,12 +314,12 @@ def run_score(records_dir, simulations: StageRef, out, n_boot: int = 1000, seed:
     layer = simulations.layer
     params = {"layer": layer, "n_boot": n_boot, "seed": seed}
     code = code_identity(run_score)
-    key = content_key({"simulations": simulations.key, **params, "code": code})
-    ref = StageRef(stage_dir(out, "scores", key), key, layer)
-    if is_complete(ref.directory):
+    stage = Stage.open(out, "scores", {"simulations": simulations.key, **params}, run_score)
+    ref = StageRef.of_stage(stage, layer)
+    if stage.done:
         return ref
     sims = pq.read_table(simulations.path)
-    chosen = pq.read_table(simulations.directory / "chosen.parquet")
+    chosen = pq.read_table(simulations.directory / layout.CHOSEN)
     _, _, records_key = _records_inputs(Path(records_dir), layer)
     units = load_units(records_dir, layer, sorted(set(sims.column("unit").to_pylist())))
     sims_of, chosen_of = _by_unit(sims.to_pylist()), _by_unit(chosen.to_pylist())
@@ -352,10 +328,9 @@ def run_score(records_dir, simulations: StageRef, out, n_boot: int = 1000, seed:
         u_sims, u_chosen = (rows_of.get((unit.id.index, unit.id.polarity), []) for rows_of in (sims_of, chosen_of))
         ukey = _unit_key(records_key, unit, sims=_sims_digest(u_sims), chosen=u_chosen, n_boot=n_boot, seed=seed,
                          code=code)
-        rows += _memoised(memo, ukey, lambda: pipeline.score_rows([unit], u_sims, u_chosen, n_boot, seed))
-    write_table(pipeline.rows_to_table(rows, "scores"), ref.path, "scores")
-    write_manifest(ref.directory, "scores", key, {"simulations": str(simulations.directory)}, params, [ref.path.name])
-    memo.seal(ref.directory, [ref.path.name])
+        rows += memo.get_or_compute(ukey, lambda: pipeline.score_rows([unit], u_sims, u_chosen, n_boot, seed))
+    stage.table(pipeline.rows_to_table(rows, "scores"), ref.path.name, "scores")
+    stage.seal({"simulations": str(simulations.directory)}, params, memo)
     return ref
 
 
@@ -385,6 +360,6 @@ def _by_unit(rows: list[dict]) -> dict[tuple[int, int], list[dict]]:
     return grouped
 
 
-# For the stages defined in other modules (`classify_stage`, `negatives`): the same inputs, unit keys
-# and memo rule as these stages.
-records_inputs, unit_key, memoised = _records_inputs, _unit_key, _memoised
+# For the stages defined in other modules (`classify_stage`, `negatives`): the same inputs and unit
+# keys as these stages.
+records_inputs, unit_key = _records_inputs, _unit_key

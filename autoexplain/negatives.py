@@ -32,9 +32,10 @@ import pyarrow as pa
 
 from autoexplain.classify import ACTIVE_FRACTION, SCORED_SPLIT
 from autoexplain.errors import UserError
-from autoexplain.identity import code_identity
+from autoexplain import layout
 from autoexplain.records import ActivationRecord
-from autoexplain.storage import content_key, is_complete, read_manifest, stage_dir, write_manifest, write_table
+from autoexplain.storage import read_manifest
+from autoexplain.store import Stage
 
 POOL, PER_UNIT, PARTNERS = 512, 10, 5
 
@@ -131,10 +132,9 @@ def run_negatives(records_dir, layer: int, out, model: str, units: list[tuple[in
     subject_key = read_manifest(Path(records_dir))["inputs"].get("subject", "")
     params = {"layer": layer, "units": sorted(units) if units else None, "pool": pool, "per_unit": per_unit,
               "seed": seed, "active_fraction": ACTIVE_FRACTION, "subject": subject_key}
-    key = content_key({"records": records_key, **params, "code": code_identity(run_negatives)})
-    directory = stage_dir(out, "negatives", key)
-    if is_complete(directory):
-        return directory
+    stage = Stage.open(out, "negatives", {"records": records_key, **params}, run_negatives)
+    if stage.done:
+        return stage.directory
     subject = load_subject(model)
     if subject_key and subject.fingerprint != subject_key:
         raise UserError(f"the model '{model}' is not the one these records were made with",
@@ -154,20 +154,17 @@ def run_negatives(records_dir, layer: int, out, model: str, units: list[tuple[in
     tops = {(u, p): max(max(a) for a in g["activations"].to_list())
             for (u, p), g in records.filter(pl.col("kind") == "top").group_by(["unit", "polarity"])}
     rows += cofiring_negatives(pool_ids, {1: hi, -1: neg_lo}, tops, wanted, per_unit)
-    directory.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist(rows, schema=pa.schema([("unit", pa.int32()), ("polarity", pa.int8()), ("kind", pa.string()),
                                                          ("window_id", pa.int64()), ("rank", pa.int32()),
                                                          ("similarity", pa.float64()), ("max_activation", pa.float64())]))
-    path = directory / f"layer_{layer}.parquet"
-    write_table(table, path)
-    write_manifest(directory, "negatives", key, {"records": str(records_dir)}, params, [path.name])
-    return directory
+    stage.table(table, layout.table(stage.directory, layer).name)
+    return stage.seal({"records": str(records_dir)}, params)
 
 
 def read_negatives(directory: Path, layer: int, windows_path: Path) -> dict[tuple[int, int], dict[str, list[ActivationRecord]]]:
     """Per (unit, polarity), its negatives of each kind ('similar', 'cofiring') as records (tokens
     only: no activation is scored)."""
-    table = pl.read_parquet(Path(directory) / f"layer_{layer}.parquet").sort(["unit", "polarity", "kind", "rank"])
+    table = pl.read_parquet(layout.table(directory, layer)).sort(["unit", "polarity", "kind", "rank"])
     ids = table["window_id"].unique().to_list()
     tok = pl.scan_parquet(windows_path).filter(pl.col("window_id").is_in(ids)).select("window_id", "tokens").collect()
     tokens_of = dict(zip(tok["window_id"].to_list(), tok["tokens"].to_list()))

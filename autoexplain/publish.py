@@ -22,14 +22,13 @@ import gzip
 import json
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from autoexplain import defaults
+from autoexplain import defaults, files, layout
 from autoexplain.errors import UserError
 from autoexplain.sources import MLP
 from autoexplain.storage import local_ref, open_root, read_run, run_sources
@@ -46,6 +45,11 @@ CARD_MARK = "autoexplain-dataset"  # in the card's YAML: `to` was written by pub
 CORPUS_LICENSE = {defaults.CORPUS: "cc-by-sa-3.0"}  # Wikipedia text (CC BY-SA 3.0) with the public-domain KJV
 
 
+def dataset_file(root: str | Path, table: str, kind: str, layer: int) -> Path:
+    """Where a published dataset keeps one table of one source and layer."""
+    return Path(root) / "data" / table / kind / f"layer_{layer}.parquet"
+
+
 def _concat(paths: list[Path]) -> pa.Table:
     return pa.concat_tables([pq.read_table(p) for p in paths], promote_options="default")
 
@@ -60,7 +64,7 @@ def _with_source(table: pa.Table, kind: str) -> pa.Table:
 def _exemplars(records: dict, layer: int) -> pa.Table:
     """The layer's records with each window's tokens, so that an exemplar reads without the windows
     (a recording of a whole model holds every layer: the run's own is read)."""
-    recs = pq.read_table(Path(records["path"]) / f"layer_{layer}.records.parquet")
+    recs = pq.read_table(layout.records_table(records["path"], layer))
     windows = pq.read_table(records["windows"], columns=["window_id", "doc_id", "token_ids", "tokens"])
     at = pc.index_in(recs.column("window_id"), value_set=windows.column("window_id"))
     for name in ("tokens", "token_ids", "doc_id"):  # ids too: `import` rebuilds the windows from them
@@ -73,14 +77,14 @@ def layer_tables(run: dict) -> dict[str, pa.Table]:
     records = local_ref(run["records"])
     layer = run["params"]["layer"]
     stage = lambda name: [Path(local_ref(r)["path"]) for r in run[name]]  # noqa: E731 - the run's shards
-    chosen = [p.parent / "chosen.parquet" for p in stage("simulations")]
+    chosen = [p.parent / layout.CHOSEN for p in stage("simulations")]
     scores = _concat(stage("scores"))
     scored = pc.unique(scores.column("unit")).cast(pa.int64())  # a run may explain only some units
 
     def of_scored(table: pa.Table) -> pa.Table:
         return table.filter(pc.is_in(table.column("unit").cast(pa.int64()), value_set=scored))
 
-    units = pq.read_table(Path(records["path"]) / f"layer_{layer}.stats.parquet")
+    units = pq.read_table(layout.stats_table(records["path"], layer))
     return {"units": of_scored(units), "exemplars": of_scored(_exemplars(records, layer)), "explanations": _concat(chosen),
             "scores": scores, "simulations": _concat(stage("simulations"))}
 
@@ -210,8 +214,7 @@ def publish(out: str, to: str | Path, layers: list[int] | None = None, license_:
     if not license_:
         raise UserError(f"the license of the corpus '{corpus}' is unknown, and the exemplars carry its text",
                         "pass --license (an SPDX-style id as the Hugging Face card takes it, e.g. cc-by-4.0 or other)")
-    to.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=f".{to.name}.", dir=to.parent))
+    build = files.temporary_folder_beside(to)
     try:
         schemas, sizes, pedia = {}, dict.fromkeys(TABLES, 0), []
         for (L, kind), run in sorted(runs.items()):
@@ -219,7 +222,7 @@ def publish(out: str, to: str | Path, layers: list[int] | None = None, license_:
             pedia += neuronpedia_rows(tables["explanations"], run["params"]["model"], kind)
             for name, table in tables.items():
                 table = _with_source(table, kind)
-                path = build / "data" / name / kind / f"layer_{L}.parquet"
+                path = dataset_file(build, name, kind, L)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 pq.write_table(table, path, compression="zstd")
                 schemas[name], sizes[name] = table.schema, sizes[name] + table.num_rows

@@ -21,22 +21,13 @@ import pyarrow.parquet as pq
 import torch
 
 from autoexplain import corpus as corpus_mod
-from autoexplain import defaults, selection
+from autoexplain import defaults, layout, selection
 from autoexplain.errors import UserError
-from autoexplain.identity import code_identity
 from autoexplain.records import QUANTILE_BINS, RANDOM_DEAL, TOP_DEAL
 from autoexplain.output_side import OUTPUT_COLUMNS
 from autoexplain.sources import MLP, UnitSource
-from autoexplain.storage import (
-    TableWriter,
-    content_key,
-    file_digest,
-    is_complete,
-    read_manifest,
-    stage_dir,
-    write_manifest,
-    write_table,
-)
+from autoexplain.storage import content_key, file_digest, read_manifest
+from autoexplain.store import Stage
 from schemas import load_schema
 from autoexplain.subject import Subject
 
@@ -71,10 +62,10 @@ class RecordsRef:
     stats: dict = field(default_factory=dict)
 
     def records_path(self, layer: int) -> Path:
-        return self.directory / f"layer_{layer}.records.parquet"
+        return layout.records_table(self.directory, layer)
 
     def stats_path(self, layer: int) -> Path:
-        return self.directory / f"layer_{layer}.stats.parquet"
+        return layout.stats_table(self.directory, layer)
 
 
 def corpus_identity(source: str) -> str:
@@ -110,16 +101,15 @@ def build_windows(
         raise UserError(f"window length {window_len} is too short", "use --window-len 2 or more (64 is the reference)")
     params = {"window_len": window_len, "max_tokens": max_tokens, "seed": seed, "text_field": text_field}
     inputs = {"corpus": corpus_identity(source), "tokenizer": subject.fingerprint}
-    key = content_key({"inputs": inputs, "params": params, "code": code_identity(build_windows)})
-    directory = stage_dir(out_root, "windows", key)
-    path = directory / "windows.parquet"
-    if is_complete(directory):
-        return WindowsRef(path, key, read_manifest(directory)["params"]["n_windows"], window_len)
+    stage = Stage.open(out_root, "windows", {"inputs": inputs, "params": params}, build_windows)
+    key, path = stage.key, stage.directory / layout.WINDOWS
+    if stage.done:
+        return WindowsRef(path, key, read_manifest(stage.directory)["params"]["n_windows"], window_len)
 
     docs = corpus_mod.load_documents(source, text_field=text_field)
     vocab = np.array(subject.token_strings(range(len(subject.tokenizer))), dtype=object)
     n = 0
-    with TableWriter(path, "windows") as writer:
+    with stage.writer(layout.WINDOWS, "windows") as writer:
         buf: list[tuple[int, int, list[int]]] = []
 
         def flush():
@@ -144,7 +134,7 @@ def build_windows(
                 f"corpus '{source}' is shorter than one window of {window_len} tokens",
                 "give more text, or a smaller --window-len",
             )
-    write_manifest(directory, "windows", key, inputs, {**params, "n_windows": n}, ["windows.parquet"])
+    stage.seal(inputs, {**params, "n_windows": n})
     return WindowsRef(path, key, n, window_len)
 
 
@@ -200,11 +190,10 @@ def record_layers(
         )
     params = {k: v for k, v in asdict(cfg).items() if k not in ("layers", "batch_size")}
     inputs = {"windows": windows.key, "subject": subject.fingerprint}
-    key = content_key({"inputs": inputs, "params": params, "layers": layers, "source": source.identity(),
-                       "code": code_identity(record_layers)})
-    directory = stage_dir(out_root, "records", key)
-    ref = RecordsRef(directory, key, layers, windows.n_windows)
-    if is_complete(directory):
+    stage = Stage.open(out_root, "records", {"inputs": inputs, "params": params, "layers": layers,
+                                             "source": source.identity()}, record_layers)
+    ref = RecordsRef(stage.directory, stage.key, layers, windows.n_windows)
+    if stage.done:
         return ref
 
     rng = np.random.default_rng(cfg.seed)
@@ -223,17 +212,15 @@ def record_layers(
         if progress:
             progress(done, total)
 
-    outputs = []
     for L in layers:
-        with TableWriter(ref.records_path(L), "records") as records:
+        with stage.writer(ref.records_path(L).name, "records") as records:
             stats = _finish_layer(L, recorders[L], cfg, reservoir_ids, source.polarities, records.write_table)
         stats = _with_output_side(stats, subject, source, L)
-        write_table(stats, ref.stats_path(L), "unit_stats")
-        outputs += [ref.records_path(L).name, ref.stats_path(L).name]
+        stage.table(stats, ref.stats_path(L).name, "unit_stats")
     # Readers take a source's kind from here ('mlp' where absent, as in every run before sources).
     named = {} if source.kind == MLP.kind else {"source": source.kind, "source_spec": str(source.spec),
                                                  "source_id": content_key(source.identity())}
-    write_manifest(directory, "records", key, inputs, {**params, "layers": layers, **named}, outputs)
+    stage.seal(inputs, {**params, "layers": layers, **named})
     return ref
 
 

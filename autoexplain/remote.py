@@ -16,16 +16,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 import uuid
 from pathlib import Path
 
-from autoexplain import defaults
+from autoexplain import defaults, files, layout
 from autoexplain.errors import UserError
-
-# A stage folder's manifest, written last, here and at the URL: a folder with one is complete. The
-# mirror's transfer order depends on it, so it is defined here, below the store that writes it.
-MANIFEST = "manifest.json"
+from autoexplain.layout import MANIFEST
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # An object appears whole on these when its upload ends: a temporary name plus a "move" (a copy and
 # a delete there) would double the traffic and buy nothing.
@@ -114,7 +110,7 @@ def uri(path: str | os.PathLike) -> str:
 
 def _hidden(rel: str) -> bool:
     # temporary names of unfinished writes, here and on the remote side
-    return any(part.startswith(".") for part in rel.split("/"))
+    return any(layout.in_progress(part) for part in rel.split("/"))
 
 def push(directory: str | os.PathLike) -> str | None:
     """Upload a local folder inside a mirror to its URL, its manifest (if any) last; returns the URL.
@@ -124,13 +120,13 @@ def push(directory: str | os.PathLike) -> str | None:
         return None
     url, fs, target = where
     directory = Path(directory)
-    files = [p for p in directory.rglob("*") if p.is_file() and not _hidden(p.relative_to(directory).as_posix())]
-    files.sort(key=lambda p: (p.name == MANIFEST and p.parent == directory, p.as_posix()))
+    paths = [p for p in directory.rglob("*") if p.is_file() and not _hidden(p.relative_to(directory).as_posix())]
+    paths.sort(key=lambda p: (p.name == MANIFEST and p.parent == directory, p.as_posix()))
     try:
         if (directory / MANIFEST).is_file() and fs.exists(f"{target}/{MANIFEST}"):
             return url
         objects = _object_store(fs)
-        for p in files:
+        for p in paths:
             dest = f"{target}/{p.relative_to(directory).as_posix()}"
             if objects:
                 fs.put_file(str(p), dest)
@@ -160,15 +156,8 @@ def pull(directory: str | os.PathLike) -> bool:
         rels = [name[len(prefix):] for name in fs.find(source) if name.startswith(prefix)]
         rels = [rel for rel in rels if rel and not _hidden(rel)]
         for rel in sorted(rels, key=lambda r: (r == MANIFEST, r)):
-            local = directory / rel
-            local.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{local.name}.", suffix=".tmp", dir=local.parent)
-            os.close(fd)
-            try:
-                fs.get_file(f"{source}/{rel}", tmp)
-                os.replace(tmp, local)
-            finally:
-                Path(tmp).unlink(missing_ok=True)
+            with files.replacing(directory / rel) as tmp:
+                fs.get_file(f"{source}/{rel}", str(tmp))
     except OSError as e:
         raise _unreachable(url, e) from None
     return True
@@ -176,8 +165,8 @@ def pull(directory: str | os.PathLike) -> bool:
 def fetch(folder_url: str) -> Path:
     """The local copy of a finished stage folder given by its URL (`<root>/<stage>/<key>`), pulled if
     needed: how a task finds an input that another machine wrote."""
-    root, stage, key = folder_url.rstrip("/").rsplit("/", 2)
-    local = open_root(root) / stage / key
+    root, stage, key = layout.split_folder_url(folder_url)
+    local = layout.folder(open_root(root), stage, key)
     if not (local / MANIFEST).is_file() and not pull(local):
         raise UserError(f"{folder_url} is not a finished stage output (no manifest.json there)",
                         "rerun the stage that writes it, with the same --out")

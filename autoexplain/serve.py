@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from autoexplain import files
 from autoexplain.errors import UserError
 
 DEFAULT_PORT = 8765
@@ -104,10 +105,8 @@ def start(site: str | os.PathLike, host: str = "127.0.0.1", port: int | None = N
     thread = threading.Thread(target=httpd.serve_forever, name="autoexplain-serve", daemon=True)
     thread.start()
     state = {"url": url, "pid": os.getpid(), "site": str(site)}
-    tmp = site / f".{STATE}.{os.getpid()}.tmp"
     try:
-        tmp.write_text(json.dumps(state))
-        tmp.replace(site / STATE)
+        files.write_text(site / STATE, json.dumps(state))
     except OSError:
         state = {}  # a read-only site is still served; it just cannot be found by running_url
     return SiteServer(site, url, httpd, thread, state)

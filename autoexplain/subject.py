@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from autoexplain import defaults
+from autoexplain import defaults, files
 from autoexplain.counters import COUNTS
 from autoexplain.errors import UserError
 from autoexplain.weights import model_digest
@@ -206,7 +206,7 @@ def converted_gguf(path: Path) -> Path:
         path.parent, gguf_file=path.name, dtype=torch.bfloat16, quantization_config=GgufConfig(dequantize=True)
     )
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    tmp = cached.with_name(f"{cached.name}.tmp{os.getpid()}")
+    tmp = files.temporary_folder_beside(cached)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     try:

@@ -40,6 +40,7 @@ from pathlib import Path
 import polars as pl
 import pyarrow.parquet as pq
 
+from autoexplain import files, layout
 from autoexplain.errors import UserError
 from autoexplain.identity import code_identity
 from autoexplain.records import QUANTILE_BINS
@@ -58,7 +59,7 @@ N_BEST_OVERVIEW = 5  # best units of each source on the overview page
 def cache_root(score_dirs: list[Path]) -> Path:
     """Where a site's build caches go: the memo area of the output root the scores came from
     (`<root>/memo/view`), never the site folder, which is published as it is."""
-    return Path(score_dirs[0]).resolve().parent.parent / "memo" / "view"
+    return layout.memo(layout.root_of(Path(score_dirs[0]).resolve()), "view")
 
 
 class _RecordsCache:
@@ -95,10 +96,8 @@ class _RecordsCache:
             old.unlink(missing_ok=True)  # one cache per source: the records of an earlier run go
         table = pl.DataFrame({"name": list(self.fragments), "part": list(self.fragments.values())})
         # zstd level 9: a quarter smaller than the default level, in a fraction of a second a layer.
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table.to_arrow(), tmp, compression="zstd", compression_level=9)
-        tmp.replace(self.path)
+        with files.replacing(self.path) as tmp:
+            pq.write_table(table.to_arrow(), tmp, compression="zstd", compression_level=9)
 
 
 def _clear_site(site_dir: Path) -> None:

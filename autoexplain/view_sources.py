@@ -14,8 +14,9 @@ from typing import Iterable
 
 import polars as pl
 
+from autoexplain import layout
 from autoexplain.errors import UserError
-from autoexplain.storage import is_complete, read_manifest
+from autoexplain.storage import is_complete, read_manifest, require_complete
 
 
 @dataclass
@@ -35,13 +36,19 @@ class LayerSource:
 
 
 def _resolve(ref: str | None, near: Path, stage: str) -> Path | None:
-    """A manifest's input path, or the folder of the same name under this output root's `stage/`."""
+    """A manifest's input path, or the folder of the same name under this output root's `stage/`;
+    None when neither is here. One that is here but sealed and broken (a changed file, a table that
+    breaks its contract) stops the build, naming the file."""
     if not ref:
         return None
     as_given = Path(ref)
-    for candidate in (as_given, near.parent.parent / stage / as_given.name):
+    candidates = (as_given, layout.sibling(near, stage, as_given.name))
+    for candidate in candidates:
         if is_complete(candidate):
             return candidate
+    for candidate in candidates:
+        if (candidate / layout.MANIFEST).is_file():
+            require_complete(candidate, stage, f"rerun the {stage} stage that wrote it")
     return None
 
 
@@ -50,7 +57,7 @@ def source_of(scores_dir: Path, layer: int) -> str:
     sources than the MLP, e.g. 'L15/sae-res-16k'), else the layer's MLP, as tables without one are."""
     import pyarrow.parquet as pq
 
-    path = scores_dir / f"layer_{layer}.parquet"
+    path = layout.table(scores_dir, layer)
     if "source" not in pq.read_schema(path).names:
         return f"L{layer}/mlp"
     found = set(pl.read_parquet(path, columns=["source"])["source"].drop_nulls().unique().to_list())
@@ -67,10 +74,7 @@ _SOURCE = re.compile(r"L(\d+)/([A-Za-z0-9][A-Za-z0-9_-]*)")
 def find_sources(score_dirs: Iterable[str | Path], records_dir: str | Path | None = None) -> list[LayerSource]:
     sources: dict[str, LayerSource] = {}
     for d in score_dirs:
-        d = Path(d)
-        if not is_complete(d):
-            raise UserError(f"{d} is not a finished scores folder (no manifest.json)",
-                            "pass folders printed by `autoexplain score`")
+        d = require_complete(d, "scores", "pass folders printed by `autoexplain score`")
         m = read_manifest(d)
         if m.get("stage") != "scores":
             raise UserError(f"{d} is a {m.get('stage')} folder, not a scores folder",
@@ -83,9 +87,7 @@ def find_sources(score_dirs: Iterable[str | Path], records_dir: str | Path | Non
             simulator = str(sm.get("params", {}).get("simulator", ""))
             recs = _resolve(sm.get("inputs", {}).get("records"), sims, "records")
         if records_dir is not None:
-            recs = Path(records_dir)
-            if not is_complete(recs):
-                raise UserError(f"{recs} is not a finished records folder", "pass the folder printed by `autoexplain record`")
+            recs = require_complete(records_dir, "records", "pass the folder printed by `autoexplain record`")
         if recs is not None and layer not in read_manifest(recs).get("params", {}).get("layers", []):
             if records_dir is not None:
                 raise UserError(f"layer {layer} was not recorded in {recs}", "pass the records folder of that run")
@@ -111,7 +113,7 @@ def find_sources(score_dirs: Iterable[str | Path], records_dir: str | Path | Non
 
 
 def read_scores(src: LayerSource) -> pl.DataFrame:
-    df = pl.concat([pl.read_parquet(d / f"layer_{src.layer}.parquet") for d in src.scores_dirs], how="diagonal_relaxed")
+    df = pl.concat([pl.read_parquet(layout.table(d, src.layer)) for d in src.scores_dirs], how="diagonal_relaxed")
     if df.select("unit", "polarity", "method", "metric", *(["split"] if "split" in df.columns else [])).is_duplicated().any():
         raise UserError(f"the scores folders of layer {src.layer} overlap: some units are scored twice",
                         "pass the shards of one run, each unit in one of them")
@@ -122,7 +124,7 @@ def read_scores(src: LayerSource) -> pl.DataFrame:
 
 
 def read_chosen(src: LayerSource) -> pl.DataFrame:
-    paths = [d / "chosen.parquet" for d in src.simulations_dirs if (d / "chosen.parquet").is_file()]
+    paths = [d / layout.CHOSEN for d in src.simulations_dirs if (d / layout.CHOSEN).is_file()]
     if paths:
         return pl.concat([pl.read_parquet(p) for p in paths], how="diagonal_relaxed")
     return pl.DataFrame(schema={"unit": pl.Int32, "polarity": pl.Int8, "method": pl.Utf8, "explainer": pl.Utf8,
@@ -135,7 +137,7 @@ def sims_frame(src: LayerSource) -> pl.DataFrame | None:
     expected activations come as the JSON text of the list, in whole hundredths (the page divides
     by 100): formatting a layer's millions of numbers in polars takes a fraction of what Python's
     json module needs, and integers are what the page's 2 decimals need."""
-    paths = [d / f"layer_{src.layer}.parquet" for d in src.simulations_dirs]
+    paths = [layout.table(d, src.layer) for d in src.simulations_dirs]
     paths = [p for p in paths if p.is_file()]
     if not paths:
         return None
@@ -156,9 +158,9 @@ def records_reader(src: LayerSource):
     from autoexplain.activations import read_units
 
     m = read_manifest(src.records_dir)
-    windows = src.records_dir.parent.parent / "windows" / m["inputs"]["windows"] / "windows.parquet"
-    records_path = src.records_dir / f"layer_{src.layer}.records.parquet"
-    stats_path = src.records_dir / f"layer_{src.layer}.stats.parquet"
+    windows = layout.sibling(src.records_dir, "windows", m["inputs"]["windows"]) / layout.WINDOWS
+    records_path = layout.records_table(src.records_dir, src.layer)
+    stats_path = layout.stats_table(src.records_dir, src.layer)
     if not windows.is_file() or not records_path.is_file():
         return None
 

@@ -23,6 +23,8 @@ import os
 import time
 from pathlib import Path
 
+from autoexplain import files
+
 CACHE_ENV = "AUTOEXPLAIN_DIGEST_CACHE"  # a folder, or 'off'
 RACY_SECONDS = 2.0
 CHUNK = 1 << 22
@@ -67,10 +69,7 @@ def file_sha256(path: str | os.PathLike) -> str:
     digest = sha256_file(real)
     if entry is not None and time.time() - max(st.st_mtime, st.st_ctime) > RACY_SECONDS:
         try:
-            entry.parent.mkdir(parents=True, exist_ok=True)
-            tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
-            tmp.write_text(digest, encoding="ascii")
-            os.replace(tmp, entry)
+            files.write_text(entry, digest)
         except OSError:  # a read-only or full cache folder costs a re-hash next time, nothing else
             pass
     return digest

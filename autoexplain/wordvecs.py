@@ -23,7 +23,6 @@ torch thread, and in one of two ways (`encode_fixed`, `encode_each`):
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,9 +32,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from autoexplain import files, layout
+from autoexplain.store import Stage
 from autoexplain.words import word_of_each_token
-from autoexplain.identity import code_identity
-from autoexplain.storage import content_key, is_complete, stage_dir, write_manifest, write_table
 
 _loaded: dict[Path, tuple[list[str], np.ndarray]] = {}
 _lock = threading.Lock()
@@ -101,20 +100,18 @@ def corpus_words(windows_path: str | Path) -> list[str]:
 def word_table(windows_path: str | Path, windows_key: str, out: str | Path, encoder) -> tuple[list[str], np.ndarray]:
     """(words, vectors) for the windows output, built on first use. `encoder` has `encode_words`
     and `encoding` (the embedding model and how it is run, part of the key)."""
-    key = content_key({"windows": windows_key, "embedder": encoder.encoding, "code": code_identity(word_table)})
-    directory = stage_dir(out, "word_vectors", key)
-    path = directory / "word_vectors.parquet"
+    stage = Stage.open(out, "word_vectors", {"windows": windows_key, "embedder": encoder.encoding}, word_table)
+    path = stage.directory / layout.WORD_VECTORS
     with _lock:
         if path in _loaded:
             return _loaded[path]
-        if not is_complete(directory):
+        if not stage.done:
             words = corpus_words(windows_path)
             vectors = encoder.encode_words(words).astype(np.float32)
             flat = pa.array(vectors.reshape(-1))
             column = pa.ListArray.from_arrays(pa.array(np.arange(len(words) + 1, dtype=np.int32) * vectors.shape[1]), flat)
-            write_table(pa.table({"word": words, "vector": column}), path, "word_vectors")
-            write_manifest(directory, "word_vectors", key, {"windows": windows_key}, {"embedder": encoder.embedder},
-                           [path.name])
+            stage.table(pa.table({"word": words, "vector": column}), layout.WORD_VECTORS, "word_vectors")
+            stage.seal({"windows": windows_key}, {"embedder": encoder.embedder})
         table = pq.read_table(path)
         words = table.column("word").to_pylist()
         vectors = table.column("vector").combine_chunks().flatten().to_numpy().reshape(len(words), -1)
@@ -133,8 +130,6 @@ def machine_cached(kind: str, identity: list[str], compute: Callable[[], np.ndar
     if path.is_file():
         return np.load(path)
     vectors = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
-    np.save(tmp, vectors)
-    os.replace(tmp, path)
+    with files.replacing(path, ".npy") as tmp:
+        np.save(tmp, vectors)
     return vectors

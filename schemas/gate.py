@@ -17,6 +17,7 @@ import json
 from functools import cache
 from pathlib import Path
 
+from autoexplain import layout
 from autoexplain.identity import code_identity
 from schemas import HERE
 from schemas.contracts import SUITES_DIR, ContractViolation, check
@@ -29,12 +30,12 @@ def suite_of(stage: str, name: str) -> str | None:
     if not name.endswith(".parquet"):
         return None
     if stage == "windows":
-        return "windows" if name == "windows.parquet" else None
+        return "windows" if name == layout.WINDOWS else None
     if stage == "records":
-        return "records" if name.endswith(".records.parquet") else None
+        return "records" if layout.is_records_table(name) else "unit_stats" if layout.is_stats_table(name) else None
     if stage == "simulations":
-        return "explanations" if name == "chosen.parquet" else "simulations"
-    if stage in ("explanations", "scores"):
+        return "explanations" if name == layout.CHOSEN else "simulations"
+    if stage in ("explanations", "scores", "classifications"):
         return stage
     return None
 
@@ -52,7 +53,7 @@ def suite_version(suite: str) -> str:
 
 
 def _manifest(directory: Path) -> dict:
-    return json.loads((directory / "manifest.json").read_text())
+    return json.loads((directory / layout.MANIFEST).read_text())
 
 
 def _window_len(stage: str, directory: Path, manifest: dict) -> int | None:
@@ -62,7 +63,7 @@ def _window_len(stage: str, directory: Path, manifest: dict) -> int | None:
         if stage == "windows":
             return manifest["params"]["window_len"]
         if stage == "records":
-            windows = directory.parent.parent / "windows" / manifest["inputs"]["windows"]
+            windows = layout.sibling(directory, "windows", manifest["inputs"]["windows"])
             return _window_len("windows", windows, _manifest(windows))
         records = Path(manifest["inputs"]["records"])
         return _window_len("records", records, _manifest(records))

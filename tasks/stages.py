@@ -39,10 +39,10 @@ from autoexplain.counters import COUNTS
 from autoexplain.errors import UserError
 from autoexplain.pipeline import ExplainConfig
 from autoexplain.registry import explainer_prompt, simulator_identity
-from autoexplain.identity import code_identity
 from autoexplain.record import RecordConfig, build_windows, record_layers
 from autoexplain.source_coder import open_unit_source
 from autoexplain.storage import content_key, is_complete, local_ref, open_root, read_manifest
+from autoexplain.store import stage_key
 from schemas.contracts import ContractViolation
 
 
@@ -68,8 +68,10 @@ def _key(stage: str, entries: tuple, prompts: str = ""):
     store is the truth, and a cache must never answer with a folder that is not there."""
 
     def cache_key(context, parameters) -> str | None:
-        key = f"{stage}-" + content_key({"params": parameters, "code": code_identity(*entries), "prompts": prompts(parameters)
-                                         if callable(prompts) else prompts})
+        # The store's key function: a task's result is keyed as a stage output is, its parameters
+        # (which carry the inputs' keys) with the code identity of what it runs.
+        key = f"{stage}-" + stage_key({"params": parameters, "prompts": prompts(parameters) if callable(prompts)
+                                       else prompts}, *entries)
         return key if _cached_output_is_whole(context, key) else None
 
     return cache_key

@@ -125,7 +125,7 @@ def test_analysis_rules(tmp_path):
 
 def test_task_keys_use_the_same_identity(copy, monkeypatch):
     """Prefect's cache_key_fn hashes `code_identity` of the stage's own function: an edit that moves
-    the library's identity moves the task's key."""
+    the library's identity moves the task's key. It is the store's key function (`store.stage_key`)."""
     pytest.importorskip("prefect")
     from tasks import stages
 
@@ -140,3 +140,6 @@ def test_task_keys_use_the_same_identity(copy, monkeypatch):
     after = key_fn(None, params)
     edit(copy, "autoexplain.view")
     assert key_fn(None, params) == after
+    from autoexplain.store import stage_key
+
+    assert after == "score-" + stage_key({"params": params, "prompts": ""}, layer.run_score), "one key function"

@@ -85,12 +85,27 @@ def score_rows() -> list[dict]:
     ]
 
 
+def classification_rows() -> list[dict]:
+    base = {"layer": 3, "unit": 0, "polarity": 1, "method": "explainer", "scorer": "detection:x", "prompt": 0,
+            "tokens": 12, "dollars": None, "failure": None, "p_one": 0.7}
+    return [{**base, "negatives": "random", "window_id": 1, "label": 1, "prediction": 1},
+            {**base, "negatives": "similar", "window_id": 2, "label": 0, "prediction": 0},
+            {**base, "negatives": "random", "window_id": 3, "label": 2, "prediction": None, "p_one": None,
+             "failure": "request failed: timeout"}]
+
+
+def stats_rows() -> list[dict]:
+    return [{"layer": 3, "unit": u, "polarity": p, "n_tokens": 800, "frac_active": 0.25} for u in (0, 1) for p in (1, -1)]
+
+
 VALID = {
     "windows": (windows_rows, {"window_len": T}),
     "records": (records_rows, {"window_len": T, "min_exemplars": 4, "min_random": 3}),
     "explanations": (explanation_rows, {}),
     "simulations": (simulation_rows, {"window_len": T}),
     "scores": (score_rows, {}),
+    "classifications": (classification_rows, {}),
+    "unit_stats": (stats_rows, {}),
 }
 
 
@@ -281,6 +296,23 @@ def test_score_outside_its_ci():
     rows = score_rows()
     rows[0]["ci_low"] = 0.5
     _fails(rows, "scores", "ci_low <= value")
+
+
+# --- classifications and unit statistics ----------------------------------------------------------
+
+
+def test_classification_violations():
+    rows = classification_rows()
+    rows[0]["negatives"], rows[1]["label"] = "nearby", -1
+    rows[2]["failure"] = None
+    _fails(rows, "classifications", "negatives are random, similar, cofiring or active",
+           "a label is 0, 1 or an intruder's position", "a trial with neither a prediction nor P(1) gives its failure reason")
+
+
+def test_unit_stats_violations():
+    rows = stats_rows()
+    rows[0]["frac_active"], rows[1]["polarity"] = 1.5, 1
+    _fails(rows, "unit_stats", "frac_active is in [0, 1]", "one row per unit and polarity")
 
 
 # --- API -------------------------------------------------------------------------------------------

@@ -57,42 +57,52 @@ def _one_line(proc: subprocess.CompletedProcess) -> str:
 
 
 BOUNDARIES = {
-    # stage that reads it: (upstream file, how to break it, the broken rule's words)
-    "explain": ("records", lambda df: df.with_columns(
+    # upstream>the command that reads it: (upstream file, how to break it, the broken rule's words)
+    "windows>explain": ("windows", lambda df: df.with_columns(pl.col("doc_id") * 0 - 1), "document ids are non-negative"),
+    "records>explain": ("records", lambda df: df.with_columns(
         pl.when(pl.col("rank") == 0).then(pl.col("activations").list.eval(pl.element() * float("nan")))
         .otherwise(pl.col("activations")).alias("activations")), "activations are finite"),
-    "simulate": ("explanations", lambda df: df.with_columns(pl.lit("  ").alias("text")), "not empty or blank"),
-    "score": ("simulations", lambda df: df.with_columns(pl.col("expected").list.eval(pl.element() * 0 + 42.0)),
+    "explanations>simulate": ("explanations", lambda df: df.with_columns(pl.lit("  ").alias("text")), "not empty or blank"),
+    "simulations>score": ("simulations", lambda df: df.with_columns(pl.col("expected").list.eval(pl.element() * 0 + 42.0)),
               "expected values are in"),
+    "simulations>view": ("simulations", lambda df: df.with_columns(pl.col("expected").list.eval(pl.element() * 0 + 42.0)),
+                         "expected values are in"),
+    "scores>view": ("scores", lambda df: df.with_columns(pl.lit(2).cast(df["polarity"].dtype).alias("polarity")),
+                    "polarity is +1 or -1"),
 }
 
 
 def _path(run: dict, stage: str) -> Path:
+    if stage == "windows":
+        return Path(run["records"]["windows"])
     if stage == "records":
         return Path(run["records"]["path"]) / "layer_1.records.parquet"
     return Path(run[stage][0]["path"])
 
 
-@pytest.mark.parametrize("reader", list(BOUNDARIES))
-def test_a_breaking_input_stops_the_stage_command(finished, tmp_path, reader):
+@pytest.mark.parametrize("case", list(BOUNDARIES))
+def test_a_breaking_input_stops_the_stage_command(finished, tmp_path, case):
     out, run, _ = finished
-    upstream, breaks, words = BOUNDARIES[reader]
+    upstream, breaks, words = BOUNDARIES[case]
     path = _path(run, upstream)
     _unchecked_seal(path, breaks(pl.read_parquet(path)))
-    records = run["records"]["path"]
-    o2 = tmp_path / "o2"
-    args = {"explain": ["explain", "--records", records, "--layer", "1", "--units", "0-3"],
-            "simulate": ["simulate", "--records", records, "--explanations", str(path.parent)],
-            "score": ["score", "--records", records, "--simulations", str(path.parent), "--bootstrap", "20"]}[reader]
-    line = _one_line(_cli(*args, "--out", str(o2)))
+    records, o2 = run["records"]["path"], tmp_path / "o2"
+    explain = ["explain", "--records", records, "--layer", "1", "--units", "0-3", "--out", str(o2)]
+    args = {"windows>explain": explain, "records>explain": explain,
+            "explanations>simulate": ["simulate", "--records", records, "--explanations", str(path.parent), "--out", str(o2)],
+            "simulations>score": ["score", "--records", records, "--simulations", str(path.parent), "--bootstrap", "20",
+                                  "--out", str(o2)],
+            "simulations>view": ["view", "--scores", str(Path(run["scores"][0]["path"]).parent), "--site", str(o2 / "site")],
+            "scores>view": ["view", "--scores", str(path.parent), "--site", str(o2 / "site")]}[case]
+    line = _one_line(_cli(*args))
     assert f"{path} breaks its data contract" in line and words in line and "rerun the stage" in line, line
-    assert not o2.exists() or not any(o2.rglob("manifest.json")), "nothing downstream is written"
+    assert not any(o2.rglob("manifest.json")) and not (o2 / "site").exists(), "nothing downstream is written"
 
 
-@pytest.mark.parametrize("reader", list(BOUNDARIES))
-def test_the_flow_recomputes_a_breaking_input(finished, reader):
+@pytest.mark.parametrize("case", list(BOUNDARIES))
+def test_the_flow_recomputes_a_breaking_input(finished, case):
     out, run, again = finished
-    upstream, breaks, _ = BOUNDARIES[reader]
+    upstream, breaks, _ = BOUNDARIES[case]
     path = _path(run, upstream)
     clean = path.read_bytes()
     scores = {Path(s["path"]).read_bytes() for s in run["scores"]}
@@ -103,14 +113,16 @@ def test_the_flow_recomputes_a_breaking_input(finished, reader):
 
 
 def test_the_store_refuses_to_seal_a_breaking_output(finished):
-    from autoexplain.storage import is_complete, write_manifest
+    from autoexplain.storage import is_complete
+    from autoexplain.store import Stage
     from schemas.contracts import ContractViolation
 
     out, run, _ = finished
     path = _path(run, "explanations")
-    folder = out / "explanations" / "broken"
-    folder.mkdir()
-    pl.read_parquet(path).with_columns(pl.lit("").alias("text")).write_parquet(folder / path.name)
+    before = sorted(p.name for p in (out / "explanations").iterdir())
+    stage = Stage.open(out, "explanations", {"broken": True})
+    stage.table(pl.read_parquet(path).with_columns(pl.lit("").alias("text")).to_arrow(), path.name)
     with pytest.raises(ContractViolation, match="not empty or blank"):
-        write_manifest(folder, "explanations", "broken", {}, {"layer": 1}, [path.name])
-    assert not (folder / "manifest.json").exists() and not is_complete(folder)
+        stage.seal({}, {"layer": 1})
+    assert not stage.directory.exists() and not is_complete(stage.directory)
+    assert sorted(p.name for p in (out / "explanations").iterdir()) == before, "nor a temporary folder left"

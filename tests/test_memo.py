@@ -67,7 +67,7 @@ def test_a_revision_reuses_the_compacted_units_and_writes_what_a_fresh_run_write
 
 
 def test_a_deleted_sealed_folder_answers_nothing(stages, tmp_path):
-    from autoexplain.storage import Memo
+    from autoexplain.store import Memo
 
     _, out, x, _, _ = stages
     memo = Memo(out, "explain")

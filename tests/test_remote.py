@@ -16,7 +16,8 @@ import pytest
 from autoexplain import remote
 from autoexplain.counters import since, snapshot
 from autoexplain.errors import UserError
-from autoexplain.storage import is_complete, open_root, read_manifest, stage_dir, write_json, write_manifest
+from autoexplain.storage import is_complete, open_root, read_manifest, write_json
+from autoexplain.store import Stage
 
 
 @pytest.fixture(autouse=True)
@@ -33,11 +34,10 @@ def url(request, tmp_path):
 
 
 def _stage(root: Path, key: str = "k1") -> Path:
-    directory = stage_dir(root, "scores", key)
-    write_json({"rows": [1, 2, 3]}, directory / "table.json")
-    write_json({"nested": True}, directory / "plots" / "one.json")
-    write_manifest(directory, "scores", key, {"simulations": "s"}, {"layer": 1}, ["table.json"])
-    return directory
+    stage = Stage(root, "scores", key)
+    table = write_json({"rows": [1, 2, 3]}, stage.path("table.json"))
+    write_json({"nested": True}, table.parent / "plots" / "one.json")  # a file the manifest does not list
+    return stage.seal({"simulations": "s"}, {"layer": 1})
 
 
 def _files(directory: Path) -> dict[str, bytes]:
@@ -53,8 +53,9 @@ def test_round_trip_through_the_url(url, cache):
     assert remote.uri(root / "scores" / "k1") == f"{url}/scores/k1"
 
     shutil.rmtree(root)  # a fresh machine: nothing local
-    pulled = stage_dir(open_root(url), "scores", "k1")
-    assert is_complete(pulled) and _files(pulled) == written
+    stage = Stage(open_root(url), "scores", "k1")
+    pulled = stage.directory
+    assert stage.done and is_complete(pulled) and _files(pulled) == written
     assert read_manifest(pulled)["params"] == {"layer": 1}
 
 
@@ -74,13 +75,14 @@ def test_an_incomplete_remote_folder_is_not_pulled(url):
     fs.makedirs(f"{base}/scores/k2", exist_ok=True)
     fs.pipe_file(f"{base}/scores/k2/table.json", b"{}")
     fs.pipe_file(f"{base}/scores/k2/.table.json.1234.part", b"{")
-    directory = stage_dir(root, "scores", "k2")
-    assert not is_complete(directory) and not directory.exists(), "the stage must compute, not pull"
+    stage = Stage(root, "scores", "k2")
+    directory = stage.directory
+    assert not stage.done and not directory.exists(), "the stage must compute, not pull"
     with pytest.raises(UserError, match="not a finished stage output"):
         remote.fetch(f"{url}/scores/k2")
 
     fs.pipe_file(f"{base}/scores/k2/manifest.json", b'{"stage": "scores", "key": "k2"}')
-    directory = stage_dir(root, "scores", "k2")
+    assert Stage(root, "scores", "k2").done
     assert is_complete(directory) and sorted(_files(directory)) == ["manifest.json", "table.json"]
 
 

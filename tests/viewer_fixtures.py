@@ -25,7 +25,8 @@ import pytest
 from playwright.sync_api import expect
 
 from autoexplain import pipeline
-from autoexplain.storage import read_manifest, write_manifest, write_table
+from autoexplain.storage import read_manifest, write_table
+from autoexplain.store import seal_folder
 from autoexplain.view import build_site
 from schemas import load_schema
 
@@ -231,7 +232,7 @@ def reseal(directory: Path) -> None:
     """Seal a folder again after the test changed its files on purpose: the store refuses a folder
     whose files no longer match their manifest's digests."""
     m = read_manifest(directory)
-    write_manifest(directory, m["stage"], m["key"], m["inputs"], m["params"], list(m["outputs"]))
+    seal_folder(directory, m["stage"], m["key"], m["inputs"], m["params"], list(m["outputs"]))
 
 
 def synthetic_layer(out: Path, layer: int, n_neurons: int, seed: int = 0) -> Path:
@@ -264,7 +265,7 @@ def synthetic_layer(out: Path, layer: int, n_neurons: int, seed: int = 0) -> Pat
     sims_dir = out / "simulations" / f"synthetic{layer}"
     write_table(pa.table(chosen), sims_dir / "chosen.parquet", "explanations")
     write_table(load_schema("simulations").empty_table(), sims_dir / f"layer_{layer}.parquet", "simulations")
-    write_manifest(sims_dir, "simulations", f"synthetic{layer}", {}, {"layer": layer, "simulator": "synthetic"},
+    seal_folder(sims_dir, "simulations", f"synthetic{layer}", {}, {"layer": layer, "simulator": "synthetic"},
                    ["chosen.parquet", f"layer_{layer}.parquet"])
 
     metrics = ["top_and_random", "random_only", "calibrated_r2", "calibrated_abs_dev_explained", "detection_auc"]
@@ -284,6 +285,6 @@ def synthetic_layer(out: Path, layer: int, n_neurons: int, seed: int = 0) -> Pat
     ).with_columns([pl.col(c).fill_nan(None) for c in ("value", "ci_low", "ci_high")])
     scores_dir = out / "scores" / f"synthetic{layer}"
     write_table(df.select(load_schema("scores").names).to_arrow(), scores_dir / f"layer_{layer}.parquet", "scores")
-    write_manifest(scores_dir, "scores", f"synthetic{layer}", {"simulations": str(sims_dir)}, {"layer": layer},
+    seal_folder(scores_dir, "scores", f"synthetic{layer}", {"simulations": str(sims_dir)}, {"layer": layer},
                    [f"layer_{layer}.parquet"])
     return scores_dir

@@ -1,0 +1,110 @@
+"""The store's one way of writing a stage output (`store.Stage`): key, reuse, a temporary folder,
+check, seal, move into place, push. Small tables, no model: the order itself is what is tested.
+The end-to-end boundaries (a breaking input stops the next stage, through the CLI and the flow)
+are in test_gate."""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import uuid
+
+import pyarrow as pa
+import pytest
+
+from autoexplain import layout, remote
+from autoexplain.identity import code_identity
+from autoexplain.storage import content_key, is_complete, open_root, read_manifest
+from autoexplain.store import Stage, stage_key
+from schemas.contracts import ContractViolation
+
+
+def _scores(polarity: int = 1) -> pa.Table:
+    row = {"layer": 1, "unit": 0, "polarity": polarity, "method": "explainer", "simulator": "s", "split": "test",
+           "metric": "top_and_random", "value": 0.5, "ci_low": 0.4, "ci_high": 0.6, "undefined_reason": None,
+           "n_records": 10, "n_failed": 0, "explainer_tokens": 0, "simulator_tokens": 0, "dollars": None}
+    return pa.Table.from_pylist([row])
+
+
+CODE = "autoexplain.layer:run_score"  # the code a scores output is keyed by
+
+
+def _write(root, polarity: int = 1, fields: dict | None = None) -> Stage:
+    stage = Stage.open(root, "scores", fields or {"simulations": "s1", "layer": 1}, CODE)
+    stage.table(_scores(polarity), layout.table(stage.directory, 1).name, "scores")
+    return stage
+
+
+def _entries(root) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
+
+
+def test_the_key_is_the_fields_with_the_code_identity():
+    fields = {"simulations": "s1", "layer": 1}
+    assert stage_key(fields, CODE) == content_key({**fields, "code": code_identity(CODE)})
+    assert stage_key(fields) == content_key(fields), "without code: the fields are the content"
+
+
+def test_nothing_is_at_the_path_until_the_seal_then_it_is_reused(tmp_path):
+    stage = _write(tmp_path)
+    assert not stage.directory.exists() and not stage.done, "a folder being written is not at its path"
+    sealed = stage.seal({"simulations": "s1"}, {"layer": 1})
+    assert sealed == stage.directory and is_complete(sealed)
+    assert read_manifest(sealed)["contract_versions"], "the table was checked before the seal"
+    assert not [p for p in sealed.parent.iterdir() if layout.in_progress(p.name)], "no temporary folder left"
+    again = Stage.open(tmp_path, "scores", {"simulations": "s1", "layer": 1}, CODE)
+    assert again.key == stage.key and again.done
+
+
+def test_a_breaking_output_is_never_sealed(tmp_path):
+    stage = _write(tmp_path, polarity=2)
+    with pytest.raises(ContractViolation, match=r"polarity is \+1 or -1") as info:
+        stage.seal({}, {"layer": 1})
+    assert info.value.path == layout.table(stage.directory, 1), "named by the output's path, not a temporary one"
+    assert not stage.directory.exists() and _entries(tmp_path) == ["scores"], "nothing left, sealed or not"
+
+
+def test_an_error_before_the_seal_leaves_nothing(tmp_path):
+    def stage_that_fails():
+        stage = _write(tmp_path)
+        raise RuntimeError("the stage failed half way")
+
+    with pytest.raises(RuntimeError):
+        stage_that_fails()
+    gc.collect()
+    assert _entries(tmp_path) == ["scores"]
+
+
+def test_an_unfinished_folder_at_the_path_is_replaced(tmp_path):
+    stage = _write(tmp_path)
+    stage.directory.mkdir(parents=True)
+    (stage.directory / "layer_1.parquet").write_bytes(b"half a file, no manifest")
+    stage.seal({}, {"layer": 1})
+    assert is_complete(stage.directory) and _entries(tmp_path) == ["scores", f"scores/{stage.key}",
+                                                                   f"scores/{stage.key}/layer_1.parquet",
+                                                                   f"scores/{stage.key}/manifest.json"]
+
+
+def test_a_folder_sealed_meanwhile_by_another_writer_stays(tmp_path):
+    first, second = _write(tmp_path), _write(tmp_path)
+    first.seal({"by": "first"}, {"layer": 1})
+    second.seal({"by": "second"}, {"layer": 1})
+    assert read_manifest(first.directory)["inputs"] == {"by": "first"}
+    assert not [p for p in first.directory.parent.iterdir() if layout.in_progress(p.name)]
+
+
+def test_under_a_url_root_it_is_pushed_only_once_sealed(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOEXPLAIN_CACHE", str(tmp_path / "cache"))
+    url = f"memory://stage-{uuid.uuid4().hex[:8]}/run"
+    root = open_root(url)
+    fs, base = remote.filesystem(url)
+    broken = _write(root, polarity=2, fields={"broken": True})
+    with pytest.raises(ContractViolation):
+        broken.seal({}, {"layer": 1})
+    assert not fs.exists(f"{base}/scores/{broken.key}"), "a failing output is never pushed"
+    stage = _write(root)
+    stage.seal({}, {"layer": 1})
+    assert fs.exists(f"{base}/scores/{stage.key}/manifest.json")
+    fresh = Stage(open_root(url), "scores", stage.key)
+    shutil.rmtree(fresh.directory)  # another machine: only the URL has it
+    assert fresh.done and is_complete(fresh.directory), "a sealed output at the URL is pulled, not recomputed"
