@@ -216,7 +216,7 @@ def _rescore(run: dict, out: str, layer: int, simulator: str, n_boot: int, resul
     comparison = compare_task(run["scores"], scores, title)
     site_uri = view_task(scores, run["site_dir"], records, site_pages(scorers)) if run.get("site_dir") else None
     report = report_task(records, outputs, scores, site_uri, layer)
-    agreement(scorers, scores, out, layer, run.get("site_dir"))
+    agreement(scorers, scores, out, layer, run.get("site_dir"), kind)
     write_run(open_root(out), layer, {
         **run, "flow": "rescore", "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "params": {**run["params"], "simulator": simulator, "scorers": scorers, "n_boot": n_boot},

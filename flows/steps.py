@@ -20,7 +20,8 @@ from autoexplain import progress
 from autoexplain.layer import dead_units, parse_units
 from autoexplain.registry import DEFAULT_SCORER, parse_scorers, simulator_identity
 from autoexplain.remote import is_url
-from autoexplain.storage import local_ref, open_root, write_run
+from autoexplain.sources import MLP
+from autoexplain.storage import layer_name, local_ref, open_root, write_run
 from tasks.classify import agreement_task, classify_task, negatives_task, scores_task
 from tasks.report import publish, report_task
 from tasks.stages import explain_task, revise_task, score_task, simulate_task, with_results
@@ -103,7 +104,7 @@ def finish_layer(work: LayerWork, flow: str, params: dict, out: str, site_dir: s
     which `rescore` and `revise` start from."""
     scores = work.in_order(work.scores)
     report = report_task(work.records, work.outputs, scores, site_uri, work.layer)
-    agreement(scorers, scores, out, work.layer, site_dir)
+    agreement(scorers, scores, out, work.layer, site_dir, work.kind)
     run = {"flow": flow, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "params": params,
            "records": work.records, "explanations": work.in_order(work.explained),
            "simulations": work.in_order(work.simulated), "scores": scores, "site_dir": site_dir, "site": site_uri,
@@ -137,13 +138,13 @@ def site_pages(scorers: str) -> list[tuple[str, str]]:
     return [] if only_default(scorers) else [("agreement.html", "Agreement between scorers")]
 
 
-def agreement(scorers: str, scores: list[dict], out: str, layer: int, site_dir: str | None) -> None:
+def agreement(scorers: str, scores: list[dict], out: str, layer: int, site_dir: str | None, kind: str = MLP.kind) -> None:
     """The agreement between scorers when any but the default ran: an artifact, and a page with the
     scatter plot in the layer's site folder (or under `out`/agreement without a local site)."""
     if only_default(scorers):
         return
     folder = site_dir if site_dir and not is_url(site_dir) else None
     if folder is None and not is_url(out):
-        folder = str(Path(out) / "agreement" / f"layer_{layer}")
+        folder = str(Path(out) / "agreement" / layer_name(layer, kind))
     if folder is not None:
         agreement_task(scores, folder)
