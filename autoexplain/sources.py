@@ -22,6 +22,7 @@ from autoexplain.records import UnitId
 if TYPE_CHECKING:
     import torch
 
+    from autoexplain.latents import SparseLatents
     from autoexplain.subject import Subject
 
 
@@ -53,6 +54,14 @@ class UnitSource(ABC):
     @abstractmethod
     def activations(self, subject: "Subject", input_ids: "torch.Tensor", layers: list[int]) -> dict[int, "torch.Tensor"]:
         ...
+
+    def sparse_activations(self, subject: "Subject", input_ids: "torch.Tensor",
+                           layers: list[int]) -> dict[int, "SparseLatents"]:
+        """`activations` as their non-zero entries, what recording reads from a `sparse` source; a
+        source that can name its non-zeros without a dense tensor (a TopK coder) says so here."""
+        from autoexplain.latents import SparseLatents
+
+        return {L: SparseLatents.from_dense(a) for L, a in self.activations(subject, input_ids, layers).items()}
 
     @abstractmethod
     def directions(self, subject: "Subject", layer: int) -> "torch.Tensor":
