@@ -61,11 +61,23 @@ class SparseLatents:
     def windows(self, rows: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """(E, T) float32: the per-token values of latent `latents[e]` in window `rows[e]`, for
         each of E distinct (window, latent) pairs: what `dense()[rows, :, latents]` is."""
-        B, T, U = self.shape
+        out = torch.zeros((len(rows), self.shape[1]))
+        e, i = self._pairs(rows, latents)
+        out[e, self.token[i]] = self.value[i]
+        return out
+
+    def write(self, target: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, latents: torch.Tensor) -> None:
+        """For each of E distinct (window, latent) pairs, the latent's entries in that window into
+        `target[slots[e], token, latents[e]]` ((slots, T, U), any float dtype); every other
+        position of `target` is left as it is."""
+        e, i = self._pairs(rows, latents)
+        target[slots[e], self.token[i], self.latent[i]] = self.value[i].to(target.dtype)
+
+    def _pairs(self, rows: torch.Tensor, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(e, i): entry i lies in pair e, for every entry that lies in one of the pairs."""
+        B, _, U = self.shape
         pair = torch.full((B * U,), -1, dtype=torch.int64)
         pair[rows * U + latents] = torch.arange(len(rows))
         e = pair[self.window * U + self.latent]
-        hit = (e >= 0).nonzero().squeeze(1)
-        out = torch.zeros((len(rows), T))
-        out[e[hit], self.token[hit]] = self.value[hit]
-        return out
+        i = (e >= 0).nonzero().squeeze(1)
+        return e[i], i

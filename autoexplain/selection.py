@@ -58,9 +58,18 @@ class TopWindows:
         freed = old_slots[free_r, free_c]
         slots[new_r, new_c] = freed
         units, rows = cols[new_c], idx[new_r, new_c] - k
-        sparse = isinstance(acts, SparseLatents)
-        entering = acts.windows(rows, units) if sparse else acts[rows, :, units]  # (entries, T)
-        self.payload[freed, :, units] = (entering if sign > 0 else -entering).to(self.payload.dtype)
+        if isinstance(acts, SparseLatents):
+            # Non-negative latents: a slot whose window's max was 0 (or that was never filled) is
+            # all zeros already, and a window entering with max 0 writes nothing. So only the
+            # slots that held a firing window are cleared, and only entries are written: while
+            # rarely firing latents fill their top-k, most of a batch's windows enter, and writing
+            # each one's every token was most of the recording's cost beyond the encoder.
+            held = (vals[free_r, free_c] > 0).nonzero().squeeze(1)
+            self.payload[freed[held], :, units[held]] = 0
+            acts.write(self.payload, freed, rows, units)
+        else:
+            entering = acts[rows, :, units]  # (entries, T)
+            self.payload[freed, :, units] = (entering if sign > 0 else -entering).to(self.payload.dtype)
         self.window_ids[:, cols] = ids.gather(0, idx)
         self.values[:, cols] = best
         self.slots[:, cols] = slots
