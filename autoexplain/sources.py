@@ -5,6 +5,8 @@ yields, 'L<layer>/<kind>'), the polarities each of its directions is read with, 
 - `n_units(subject)`: how many directions a layer of this subject has;
 - `activations(subject, input_ids, layers)`: per layer, a (batch, tokens, n_units) tensor of the
   directions' activations, which recording ranks into top, quantile and random windows.
+A `sparse` source is recorded from `sparse_activations` instead: the same activations as their
+non-zero entries (`latents.SparseLatents`), by default found in the dense tensor.
 
 Today's one source is `mlp`: a layer's MLP hidden neurons (the input of its down projection), read
 both ways because gated MLPs fire both ways. A sparse coder's latents (`source_coder`, '--source
