@@ -23,6 +23,7 @@ import torch
 from autoexplain import corpus as corpus_mod
 from autoexplain import defaults, layout, selection
 from autoexplain.errors import UserError
+from autoexplain.latents import SparseLatents
 from autoexplain.records import QUANTILE_BINS, RANDOM_DEAL, TOP_DEAL
 from autoexplain.output_side import OUTPUT_COLUMNS
 from autoexplain.sources import MLP, UnitSource
@@ -149,13 +150,14 @@ class _LayerRecorder:
         self.reservoir = kind(reservoir_ids, window_len, n_units)
         self.stats = selection.RunningStats(n_units)
 
-    def update(self, window_ids: torch.Tensor, acts: torch.Tensor) -> None:
-        hi = acts.amax(dim=1).float()
-        if self.sparse:  # non-negative latents: no minimum, no negative polarity
-            self.stats.update_nonnegative(acts, hi)
+    def update(self, window_ids: torch.Tensor, acts: torch.Tensor | SparseLatents) -> None:
+        if self.sparse:  # non-negative latents as their non-zeros: no minimum, no negative polarity
+            hi = acts.window_max()
+            self.stats.update_sparse(acts, hi)
             self.top[1].update(window_ids, acts, hi)
             self.reservoir.update(window_ids, acts)
             return
+        hi = acts.amax(dim=1).float()
         lo = acts.amin(dim=1).float()
         self.stats.update(acts, hi, lo)
         self.top[1].update(window_ids, acts, hi)
@@ -204,8 +206,9 @@ def record_layers(
 
     total = windows.n_windows * windows.window_len
     done = 0
+    read = source.sparse_activations if source.sparse else source.activations
     for window_ids, input_ids in windows_batches(windows, cfg.batch_size):
-        acts = source.activations(subject, input_ids, layers)
+        acts = read(subject, input_ids, layers)
         for L in layers:
             recorders[L].update(window_ids, acts[L].cpu())
         done += input_ids.numel()

@@ -22,6 +22,7 @@ from autoexplain.errors import UserError
 
 POINTS = ("resid_pre", "resid_post", "mlp_in", "mlp_out")
 ARCHITECTURES = ("standard", "topk", "jumprelu", "gated", "groupmax")
+CHOOSERS = ("topk", "groupmax")  # architectures that pick k latents per token
 NORMALIZATIONS = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
 
 # TransformerLens hook names (what SAELens configs carry) and the point each one reads.
@@ -127,6 +128,36 @@ class SparseCoder:
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Latents [..., d_sae] of activations x [..., d_in] taken at `hook`."""
+        if self.architecture in CHOOSERS:
+            indices, values = self.encode_chosen(x)
+            out = torch.zeros((*indices.shape[:-1], self.d_sae), dtype=values.dtype, device=values.device)
+            return out.scatter_(-1, indices, values)
+        x = self._input(x)
+        if self.architecture == "gated":
+            gate = x @ self.W_enc + self.b_gate
+            magnitude = torch.relu(x @ (self.W_enc * self.r_mag.exp()) + self.b_mag)
+            return (gate > 0).to(magnitude.dtype) * magnitude
+        pre = x @ self.W_enc + self.b_enc
+        if self.architecture == "jumprelu":
+            return torch.relu(pre) * (pre > self.threshold)
+        return torch.relu(pre)
+
+    @torch.no_grad()
+    def encode_chosen(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a coder that chooses k latents per token (`CHOOSERS`): their indices and values
+        [..., k], every other latent being 0; `encode` is these scattered into d_sae zeros."""
+        pre = self._input(x) @ self.W_enc + self.b_enc
+        if self.rescale_by_decoder_norm:
+            pre = pre * self.W_dec.norm(dim=-1)
+        if self.architecture == "topk":
+            top = pre.topk(self.k, dim=-1)
+            return top.indices, top.values.relu()
+        # groupmax: one winner per contiguous block of d_sae / k latents.
+        best = pre.relu().unflatten(-1, (self.k, -1)).max(dim=-1)
+        group = self.d_sae // self.k  # latents per block
+        return best.indices + torch.arange(0, self.d_sae, group, device=pre.device), best.values
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.W_enc.device, torch.float32)
         if self.normalize == "constant_norm_rescale":
             x = x * (self.d_in ** 0.5) / x.norm(dim=-1, keepdim=True)
@@ -137,24 +168,7 @@ class SparseCoder:
         # the stored encoder already expects raw activations.
         if self.subtract_b_dec:
             x = x - self.b_dec
-        if self.architecture == "gated":
-            gate = x @ self.W_enc + self.b_gate
-            magnitude = torch.relu(x @ (self.W_enc * self.r_mag.exp()) + self.b_mag)
-            return (gate > 0).to(magnitude.dtype) * magnitude
-        pre = x @ self.W_enc + self.b_enc
-        if self.architecture == "jumprelu":
-            return torch.relu(pre) * (pre > self.threshold)
-        if self.rescale_by_decoder_norm:
-            pre = pre * self.W_dec.norm(dim=-1)
-        if self.architecture == "topk":
-            top = pre.topk(self.k, dim=-1)
-            return torch.zeros_like(pre).scatter_(-1, top.indices, top.values.relu())
-        if self.architecture == "groupmax":
-            # One winner per contiguous block of d_sae / k latents.
-            groups = pre.relu().unflatten(-1, (self.k, -1))
-            best = groups.max(dim=-1, keepdim=True)
-            return torch.zeros_like(groups).scatter_(-1, best.indices, best.values).flatten(-2)
-        return torch.relu(pre)
+        return x
 
     def to_float32(self) -> "SparseCoder":
         for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold", "b_gate", "b_mag", "r_mag"):

@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from autoexplain.latents import SparseLatents
+
 
 class TopWindows:
     """Per unit, the k windows ranked by their maximum activation.
@@ -32,8 +34,10 @@ class TopWindows:
         self.slots = torch.arange(k)[:, None].repeat(1, n_units)  # rank -> payload slot, per unit
         self.payload = torch.zeros((k, window_len, n_units), dtype=dtype)
 
-    def update(self, window_ids: torch.Tensor, acts: torch.Tensor, window_max: torch.Tensor, sign: int = 1) -> None:
-        """acts: (B, T, U) raw activations; window_max: (B, U) float32 max of sign*acts over T."""
+    def update(self, window_ids: torch.Tensor, acts: torch.Tensor | SparseLatents, window_max: torch.Tensor,
+               sign: int = 1) -> None:
+        """acts: (B, T, U) raw activations, dense or as their non-zeros; window_max: (B, U) float32
+        max of sign*acts over T. Only the units with a window above their current k-th are read."""
         k = self.k
         threshold = self.values[-1]  # current k-th best per unit (values are kept sorted)
         cols = (window_max > threshold).any(dim=0).nonzero().squeeze(1)
@@ -54,8 +58,18 @@ class TopWindows:
         freed = old_slots[free_r, free_c]
         slots[new_r, new_c] = freed
         units, rows = cols[new_c], idx[new_r, new_c] - k
-        entering = acts[rows, :, units]  # (entries, T)
-        self.payload[freed, :, units] = (entering if sign > 0 else -entering).to(self.payload.dtype)
+        if isinstance(acts, SparseLatents):
+            # Non-negative latents: a slot whose window's max was 0 (or that was never filled) is
+            # all zeros already, and a window entering with max 0 writes nothing. So only the
+            # slots that held a firing window are cleared, and only entries are written: while
+            # rarely firing latents fill their top-k, most of a batch's windows enter, and writing
+            # each one's every token was most of the recording's cost beyond the encoder.
+            held = (vals[free_r, free_c] > 0).nonzero().squeeze(1)
+            self.payload[freed[held], :, units[held]] = 0
+            acts.write(self.payload, freed, rows, units)
+        else:
+            entering = acts[rows, :, units]  # (entries, T)
+            self.payload[freed, :, units] = (entering if sign > 0 else -entering).to(self.payload.dtype)
         self.window_ids[:, cols] = ids.gather(0, idx)
         self.values[:, cols] = best
         self.slots[:, cols] = slots
@@ -107,18 +121,18 @@ class SparseReservoir:
         self._index: list[torch.Tensor] = []  # (n, 3) int32: slot, token, unit
         self._value: list[torch.Tensor] = []
 
-    def update(self, window_ids: torch.Tensor, acts: torch.Tensor) -> None:
+    def update(self, window_ids: torch.Tensor, acts: SparseLatents) -> None:
         wid = window_ids.numpy()
         slots = np.minimum(np.searchsorted(self.ids, wid), max(len(self.ids) - 1, 0))
         hit = self.ids[slots] == wid if len(self.ids) else np.zeros(len(wid), bool)
         if not hit.any():
             return
-        rows = torch.from_numpy(np.nonzero(hit)[0])
-        part = acts[rows]
-        nz = part.nonzero()  # (n, 3): row within the hits, token, unit
-        self._value.append(part[nz[:, 0], nz[:, 1], nz[:, 2]].to(torch.bfloat16))
-        nz[:, 0] = torch.from_numpy(slots[hit])[nz[:, 0]]
-        self._index.append(nz.to(torch.int32))
+        slot_of_row = torch.full((len(wid),), -1, dtype=torch.int64)
+        slot_of_row[torch.from_numpy(np.nonzero(hit)[0])] = torch.from_numpy(slots[hit])
+        slot = slot_of_row[acts.window]
+        keep = (slot >= 0).nonzero().squeeze(1)
+        self._index.append(torch.stack([slot[keep], acts.token[keep], acts.latent[keep]], 1).to(torch.int32))
+        self._value.append(acts.value[keep].to(torch.bfloat16))
         self.filled[slots[hit]] = True
 
     def chunk(self, a: int, b: int) -> torch.Tensor:
@@ -173,14 +187,17 @@ class RunningStats:
         self.max = torch.maximum(self.max, hi.float())
         self.min = torch.minimum(self.min, lo.float())
 
-    def update_nonnegative(self, acts: torch.Tensor, window_max: torch.Tensor) -> None:
-        """`update` for activations known never to be negative (a sparse coder's latents): no signs
-        to count and no minimum to keep, three passes over the batch instead of seven."""
-        x = acts.reshape(-1, acts.shape[-1])
-        self.n += x.shape[0]
-        self.sum += x.sum(0, dtype=torch.float32).double()
-        self.sumsq += torch.mul(x, x).sum(0, dtype=torch.float32).double()
-        self.n_pos += (x > 0).sum(0)
+    def update_sparse(self, acts: SparseLatents, window_max: torch.Tensor) -> None:
+        """`update` for a sparse coder's latents, from their non-zero entries: never negative, so no
+        signs to count and no minimum below 0 to keep; only the latents that fired are touched.
+        Sums accumulate in float64 (the dense path sums each batch in float32 first), so mean and
+        std agree with it to float32 rounding, not bit for bit."""
+        B, T, U = acts.shape
+        self.n += B * T
+        v = acts.value.double()
+        self.sum.index_add_(0, acts.latent, v)
+        self.sumsq.index_add_(0, acts.latent, v * v)
+        self.n_pos += torch.bincount(acts.latent, minlength=U)
         self.max = torch.maximum(self.max, window_max.amax(0).float())
         self.min = torch.minimum(self.min, torch.zeros_like(self.min))
 

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from autoexplain.sae import SourceSpec, load_coder, open_source, parse_source
-from autoexplain.sae_coder import SparseCoder
+from autoexplain.latents import SparseLatents
+from autoexplain.sae_coder import CHOOSERS, SparseCoder
 from autoexplain.sources import MLP, UnitSource
 
 MLP_KIND = MLP.kind
@@ -56,7 +57,7 @@ class CoderSource(UnitSource):
         from autoexplain.identity import code_identity
 
         return {"kind": self.kind, "spec": self.spec.kind, "weights": model_digest(Path(self.coder.source)),
-                "code": code_identity(CoderSource.activations)}
+                "code": code_identity(CoderSource.activations, CoderSource.sparse_activations)}
 
     def n_units(self, subject: "Subject") -> int:
         return self.coder.d_sae
@@ -65,9 +66,21 @@ class CoderSource(UnitSource):
         return self.coder.W_dec  # [d_sae, d_out]: a latent's decoder row is what it writes
 
     def activations(self, subject: "Subject", input_ids: "torch.Tensor", layers: list[int]) -> dict[int, "torch.Tensor"]:
+        return {self.layer: self.coder.encode(self._hidden(subject, input_ids, layers))}
+
+    def sparse_activations(self, subject: "Subject", input_ids: "torch.Tensor",
+                           layers: list[int]) -> dict[int, SparseLatents]:
+        """A TopK or GroupMax coder's chosen latents go straight to their entries, with no dense
+        tokens x latents tensor in between; other coders' latents are scanned once for non-zeros."""
+        x = self._hidden(subject, input_ids, layers)
+        if self.coder.architecture in CHOOSERS:
+            return {self.layer: SparseLatents.from_topk(*self.coder.encode_chosen(x), self.coder.d_sae)}
+        return {self.layer: SparseLatents.from_dense(self.coder.encode(x))}
+
+    def _hidden(self, subject: "Subject", input_ids: "torch.Tensor", layers: list[int]) -> "torch.Tensor":
         if layers != [self.layer]:
             raise ValueError(f"{self.kind} reads layer {self.layer} only, asked for {layers}")
-        return {self.layer: self.coder.encode(subject.hidden_states(input_ids, self.coder.hook))}
+        return subject.hidden_states(input_ids, self.coder.hook)
 
 
 def open_unit_source(text: str | None, model: str, layer: int | None = None) -> UnitSource:

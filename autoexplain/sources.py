@@ -5,6 +5,8 @@ yields, 'L<layer>/<kind>'), the polarities each of its directions is read with, 
 - `n_units(subject)`: how many directions a layer of this subject has;
 - `activations(subject, input_ids, layers)`: per layer, a (batch, tokens, n_units) tensor of the
   directions' activations, which recording ranks into top, quantile and random windows.
+A `sparse` source is recorded from `sparse_activations` instead: the same activations as their
+non-zero entries (`latents.SparseLatents`), by default found in the dense tensor.
 
 Today's one source is `mlp`: a layer's MLP hidden neurons (the input of its down projection), read
 both ways because gated MLPs fire both ways. A sparse coder's latents (`source_coder`, '--source
@@ -22,6 +24,7 @@ from autoexplain.records import UnitId
 if TYPE_CHECKING:
     import torch
 
+    from autoexplain.latents import SparseLatents
     from autoexplain.subject import Subject
 
 
@@ -53,6 +56,14 @@ class UnitSource(ABC):
     @abstractmethod
     def activations(self, subject: "Subject", input_ids: "torch.Tensor", layers: list[int]) -> dict[int, "torch.Tensor"]:
         ...
+
+    def sparse_activations(self, subject: "Subject", input_ids: "torch.Tensor",
+                           layers: list[int]) -> dict[int, "SparseLatents"]:
+        """`activations` as their non-zero entries, what recording reads from a `sparse` source; a
+        source that can name its non-zeros without a dense tensor (a TopK coder) says so here."""
+        from autoexplain.latents import SparseLatents
+
+        return {L: SparseLatents.from_dense(a) for L, a in self.activations(subject, input_ids, layers).items()}
 
     @abstractmethod
     def directions(self, subject: "Subject", layer: int) -> "torch.Tensor":
