@@ -1,9 +1,9 @@
 """Fail before working, for a whole model: every parameter of an explain-model run, checked up front.
 
 A model run is a set of parts, one per (unit source, layer): the MLP neurons of every chosen layer,
-and each sparse coder's latents at its own layer. Each part is checked exactly as an explain-layer
-run of that layer and source would be (`preflight.explain_layer`), so the two commands can never
-disagree about what a valid parameter is.
+and each sparse coder's latents at its own layer. Each source is checked exactly as an explain-layer
+run of it would be (`preflight.explain_layer`, on its first layer; the other layers only need their
+range checked), so the two commands can never disagree about what a valid parameter is.
 """
 
 from __future__ import annotations
@@ -21,18 +21,6 @@ class ModelPlan:
     # Per source spec, as given, its parts (one per layer): a source is recorded once for all of them.
     sources: list[tuple[str, list[preflight.LayerPlan]]]
     budget: object = None
-
-    @property
-    def parts(self) -> list[preflight.LayerPlan]:
-        return [part for _, parts in self.sources for part in parts]
-
-    @property
-    def layers(self) -> list[int]:
-        return sorted({part.layer for part in self.parts})
-
-    @property
-    def n_units(self) -> int:
-        return sum(len(p.units or []) for p in self.parts)
 
 
 def parse_layers(spec, n_layers: int, spell: preflight.Spelling = preflight.flow_name) -> list[int]:
