@@ -150,6 +150,7 @@ def test_rescore_one_layer_of_a_model_run(home, modelled):
     (["--source", "mlp", "--source", "mlp"], "--source: ['mlp', 'mlp'] names a source twice"),
     (["--units", "0-999"], "--units: unit 48 is out of range"),
     (["--simulator", "nonsense"], "--simulator"),
+    (["--source", "sae:/nonexistent/sae"], "--source: SAE path /nonexistent/sae does not exist"),
 ])
 def test_bad_input_is_one_line_before_any_work(home, tiny_llama_dir, prose_corpus, tmp_path, args, says):
     out = tmp_path / "out"
@@ -180,3 +181,17 @@ def test_a_killed_run_resumes_without_redoing_sealed_work(home, tiny_llama_dir, 
     assert again.returncode == 0, again.stderr[-4000:]
     assert len(list(out.glob("scores/*/manifest.json"))) == 24 and len(list((out / "runs").iterdir())) == 3
     assert {p: p.stat().st_mtime_ns for p in sealed} == sealed, "every output sealed before the kill was reused"
+
+
+def test_bad_import_input_is_one_line(home, tmp_path):
+    """A folder shaped like a dataset but with no card that publish wrote, and the reference layout
+    without --layer: one line each, exit 2, nothing written."""
+    fake = tmp_path / "fake"
+    (fake / "data" / "explanations").mkdir(parents=True)
+    (fake / "README.md").write_text("# some other dataset\n")
+    line = _one_error_line(stage_cli(home, "import", "--from", str(fake), "--out", str(tmp_path / "o1")))
+    assert "is no dataset that `autoexplain publish` wrote" in line
+    (tmp_path / "ref" / "explanations").mkdir(parents=True)
+    line = _one_error_line(stage_cli(home, "import", "--from", str(tmp_path / "ref"), "--out", str(tmp_path / "o2")))
+    assert "--layer is required" in line
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
