@@ -173,3 +173,17 @@ def test_a_text_embeds_to_the_same_bits_alone_in_a_batch_and_on_any_thread_count
             out.append(sim._encode(texts[::-1] + ["horse", "x"])[:len(texts)][::-1])
     assert all(np.array_equal(out[0], o) for o in out[1:])
     assert torch.get_num_threads() == before  # the encoder pins one thread only while it embeds
+
+
+@pytest.mark.slow
+def test_texts_batched_by_padded_width_keep_the_bits_they_have_one_by_one(models, monkeypatch):
+    from autoexplain import wordvecs
+
+    sim = models[1].fresh()
+    words = ["horse", "river", "seven", "light", "stone", "music", "green", "apple", "bread", "cloud",
+             "dance", "eagle", "flame", "grape", "heart", "ivory", "jelly", "knife", "lemon", "mango"]
+    texts = [f'the word "{w}"' for w in words] + [f"words related to {a} and {b}" for a, b in zip(words, words[3:])]
+    batched = wordvecs.encode_each(sim.model, texts)  # 20+ texts of one padded width: several passes
+    monkeypatch.setattr(wordvecs, "EACH_BATCH", 1)
+    one_by_one = wordvecs.encode_each(sim.model, texts[::-1])[::-1]
+    assert np.array_equal(batched, one_by_one)
