@@ -108,3 +108,57 @@ def test_under_a_url_root_it_is_pushed_only_once_sealed(tmp_path, monkeypatch):
     fresh = Stage(open_root(url), "scores", stage.key)
     shutil.rmtree(fresh.directory)  # another machine: only the URL has it
     assert fresh.done and is_complete(fresh.directory), "a sealed output at the URL is pulled, not recomputed"
+
+
+WRITER = """
+import sys, time
+from autoexplain.store import Stage
+stage = Stage.open(sys.argv[1], "scores", {"writer": sys.argv[2]})
+stage.path("layer_1.parquet").write_bytes(b"half a table")
+print(stage.path("layer_1.parquet").parent, flush=True)
+time.sleep(600)
+"""
+
+
+def _writer(root, name: str):
+    """A real process half way through writing a stage output: (the process, its temporary folder)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(root), name], stdout=subprocess.PIPE, text=True)
+    return proc, Path(proc.stdout.readline().strip())
+
+
+def test_the_next_write_sweeps_what_killed_writers_left_and_only_that(tmp_path):
+    import os
+    import signal
+    import time
+
+    from autoexplain import files
+
+    killed, killed_tmp = _writer(tmp_path, "killed")
+    live, live_tmp = _writer(tmp_path, "live")
+    try:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+        assert killed_tmp.is_dir() and live_tmp.is_dir() and layout.in_progress(killed_tmp.name)
+        # A writer on another host sharing the folder: its pid means nothing here, only its age counts.
+        host = files.writer_tag().split("-")[1]
+        other = files.writer_tag().replace(host, "000000" if host != "000000" else "111111")
+        old, recent = (tmp_path / "scores" / f".k{i}.{other}.abc.tmp" for i in (1, 2))
+        for folder in (old, recent):
+            folder.mkdir()
+            (folder / "layer_1.parquet").write_bytes(b"x")
+        two_days_ago = time.time() - 2 * files.STALE_AFTER
+        for p in (old / "layer_1.parquet", old):
+            os.utime(p, (two_days_ago, two_days_ago))
+
+        stage = _write(tmp_path)  # the first file of a stage write sweeps
+        assert not killed_tmp.exists() and not old.exists(), "a dead writer's folders go"
+        assert live_tmp.is_dir() and recent.is_dir(), "a live writer's folder stays, and a recent one of another host"
+        stage.seal({}, {"layer": 1})
+        assert is_complete(stage.directory) and live_tmp.is_dir()
+    finally:
+        live.kill()
+        live.wait()
