@@ -162,3 +162,54 @@ def test_the_next_write_sweeps_what_killed_writers_left_and_only_that(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+class _Words:
+    """A word encoder for the word table (`wordvecs.word_table`): each word a unit vector, or
+    `scale` times one (an embedder that forgot to normalise)."""
+
+    embedder = "toy"
+
+    def __init__(self, scale: float = 1.0):
+        self.scale, self.encoding = scale, f"toy|{scale}"
+
+    def encode_words(self, words):
+        import numpy as np
+
+        return np.array([[self.scale * np.cos(i), self.scale * np.sin(i)] for i in range(len(words))], np.float32)
+
+
+def _windows(root):
+    from autoexplain.storage import write_table
+
+    rows = [{"window_id": w, "doc_id": 0, "token_ids": [1, 2, 3], "tokens": [" the", " river", f" mill{w}"]} for w in range(3)]
+    return write_table(pa.Table.from_pylist(rows), root / "windows.parquet", "windows")
+
+
+def test_the_word_table_keeps_its_contract_on_both_sides(tmp_path):
+    import polars as pl
+
+    from autoexplain import wordvecs
+    from autoexplain.errors import UserError
+    from autoexplain.storage import require_complete
+    from tests.test_gate import _unchecked_seal
+
+    windows = _windows(tmp_path)
+    with pytest.raises(ContractViolation, match="vectors have unit length"):
+        wordvecs.word_table(windows, "w1", tmp_path / "out", _Words(scale=3.0))
+    assert not [p for p in (tmp_path / "out" / "word_vectors").iterdir()], "a breaking table is never sealed"
+
+    words, vectors = wordvecs.word_table(windows, "w1", tmp_path / "out", _Words())
+    folder = next((tmp_path / "out" / "word_vectors").iterdir())
+    path = folder / layout.WORD_VECTORS
+    assert layout.WORD_VECTORS in read_manifest(folder)["contract_versions"], "checked before its seal"
+    clean = path.read_bytes()
+    _unchecked_seal(path, pl.read_parquet(path).with_columns(pl.col("vector").list.eval(pl.element() * 3)))
+    with pytest.raises(UserError) as info:
+        require_complete(folder, "word_vectors", "")
+    line = str(info.value)
+    assert f"{path} breaks its data contract 'word_vectors'" in line and "vectors have unit length" in line
+    assert "`autoexplain explain` or `simulate`" in line
+    wordvecs._loaded.clear()  # a new process: what this one read is not remembered
+    again, vectors_again = wordvecs.word_table(windows, "w1", tmp_path / "out", _Words())
+    assert again == words and (vectors_again == vectors).all() and path.read_bytes() == clean, "rebuilt, not read"
