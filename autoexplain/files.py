@@ -5,7 +5,8 @@ A write in progress is a name that starts with a dot (`layout.in_progress`) and 
 `.<name>.w<pid>-<host>.<random>.tmp` (or `.old`, a folder set aside while another moves in). A
 killed writer leaves it behind; `sweep_stale` removes those whose writer is gone: its process is no
 longer alive on this host, or, for a writer on another host sharing the folder (whose pid means
-nothing here), nothing in it has changed for `STALE_AFTER` seconds.
+nothing here) and for a name from before writes carried their writer, nothing in it has changed for
+`STALE_AFTER` seconds.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Iterator
 STALE_AFTER = 24 * 3600  # seconds without a change before another host's write counts as dead
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
 _WRITE = re.compile(r"^\..+\.w(\d+)-([0-9a-f]{6})\.[^/]*\.(tmp|old)")
+_UNTAGGED = re.compile(r"^\..+\.(tmp|old)(\.[A-Za-z0-9]+)?$")
 
 
 def writer_tag() -> str:
@@ -80,12 +82,11 @@ def is_stale(path: str | os.PathLike, now: float | None = None, max_age: float =
     """Whether `path` is a write in progress whose writer is gone (see the module docstring)."""
     path = Path(path)
     found = _WRITE.match(path.name)
-    if found is None:
+    if found is None and not _UNTAGGED.match(path.name):
         return False
-    pid, host = int(found[1]), found[2]
-    if host == _HOST:
-        return not _alive(pid)
-    try:
+    if found is not None and found[2] == _HOST:
+        return not _alive(int(found[1]))
+    try:  # another host's, or one written before names carried their writer: by its age
         return (now if now is not None else time.time()) - _last_change(path) > max_age
     except FileNotFoundError:  # finished or swept meanwhile
         return False

@@ -146,17 +146,20 @@ def test_the_next_write_sweeps_what_killed_writers_left_and_only_that(tmp_path):
         # A writer on another host sharing the folder: its pid means nothing here, only its age counts.
         host = files.writer_tag().split("-")[1]
         other = files.writer_tag().replace(host, "000000" if host != "000000" else "111111")
-        old, recent = (tmp_path / "scores" / f".k{i}.{other}.abc.tmp" for i in (1, 2))
-        for folder in (old, recent):
+        # And names from before writes carried their writer: only their age counts too.
+        old, recent, old_untagged, recent_untagged = (tmp_path / "scores" / name for name in (
+            f".k1.{other}.abc.tmp", f".k2.{other}.abc.tmp", ".k3.abc.tmp", ".k4.abcd1234.old"))
+        for folder in (old, recent, old_untagged, recent_untagged):
             folder.mkdir()
             (folder / "layer_1.parquet").write_bytes(b"x")
         two_days_ago = time.time() - 2 * files.STALE_AFTER
-        for p in (old / "layer_1.parquet", old):
+        for p in (old / "layer_1.parquet", old, old_untagged / "layer_1.parquet", old_untagged):
             os.utime(p, (two_days_ago, two_days_ago))
 
         stage = _write(tmp_path)  # the first file of a stage write sweeps
-        assert not killed_tmp.exists() and not old.exists(), "a dead writer's folders go"
-        assert live_tmp.is_dir() and recent.is_dir(), "a live writer's folder stays, and a recent one of another host"
+        assert not killed_tmp.exists() and not old.exists() and not old_untagged.exists(), "a dead writer's folders go"
+        assert live_tmp.is_dir() and recent.is_dir() and recent_untagged.is_dir(), \
+            "a live writer's folder stays, and a recent one of another host or of an untagged name"
         stage.seal({}, {"layer": 1})
         assert is_complete(stage.directory) and live_tmp.is_dir()
     finally:
