@@ -171,6 +171,10 @@ def run_scores(records_dir, simulations: StageRef, classifications: list[StageRe
     """One scores output: the simulation scorer's rows (`scores`, or none when it was not asked
     for) and every classification output's metrics."""
     layer = simulations.layer
+    for c in classifications:  # verified before they are read (remembered by digest: cheap when just sealed)
+        require_complete(c.directory, "classifications", f"rerun {layout.WRITTEN_BY['classifications']}")
+    if scores is not None:
+        require_complete(scores.directory, "scores", f"rerun {layout.WRITTEN_BY['scores']}")
     params = {"layer": layer, "n_boot": n_boot, "seed": seed,
               "scorers": ([read_manifest(scores.directory)["key"]] if scores else []) + [c.key for c in classifications]}
     stage = Stage.open(out, "scores", {"simulations": simulations.key, **params}, run_scores)
@@ -193,5 +197,6 @@ def run_scores(records_dir, simulations: StageRef, classifications: list[StageRe
 def read_trials(scores_dir: Path) -> pa.Table | None:
     """Every trial behind a scores output (None for one without classifier scorers)."""
     dirs = read_manifest(Path(scores_dir))["inputs"].get("classifications") or []
-    tables = [pq.read_table(next(Path(d).glob("layer_*.parquet"))) for d in dirs]
+    dirs = [require_complete(d, "classifications", f"rerun {layout.WRITTEN_BY['classifications']}") for d in dirs]
+    tables = [pq.read_table(next(d.glob("layer_*.parquet"))) for d in dirs]
     return pa.concat_tables(tables) if tables else None

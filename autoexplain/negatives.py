@@ -36,6 +36,7 @@ from autoexplain import layout
 from autoexplain.records import ActivationRecord
 from autoexplain.storage import read_manifest
 from autoexplain.store import Stage
+from schemas import load_schema
 
 POOL, PER_UNIT, PARTNERS = 512, 10, 5
 
@@ -154,10 +155,8 @@ def run_negatives(records_dir, layer: int, out, model: str, units: list[tuple[in
     tops = {(u, p): max(max(a) for a in g["activations"].to_list())
             for (u, p), g in records.filter(pl.col("kind") == "top").group_by(["unit", "polarity"])}
     rows += cofiring_negatives(pool_ids, {1: hi, -1: neg_lo}, tops, wanted, per_unit)
-    table = pa.Table.from_pylist(rows, schema=pa.schema([("unit", pa.int32()), ("polarity", pa.int8()), ("kind", pa.string()),
-                                                         ("window_id", pa.int64()), ("rank", pa.int32()),
-                                                         ("similarity", pa.float64()), ("max_activation", pa.float64())]))
-    stage.table(table, layout.table(stage.directory, layer).name)
+    stage.table(pa.Table.from_pylist(rows, schema=load_schema("negatives")), layout.table(stage.directory, layer).name,
+                "negatives")
     return stage.seal({"records": str(records_dir)}, params)
 
 

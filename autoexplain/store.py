@@ -6,7 +6,7 @@
 3. reuse: a folder that is sealed, undamaged and keeps its contracts is returned as it is (first
    pulled from the URL, under a URL root), and nothing is computed;
 4. write: the tables go into a temporary folder beside it (`Stage.path`), so nothing half-written
-   is ever at the output's path;
+   is ever at the output's path; those a killed writer left are swept first (`files.sweep_stale`);
 5. check, then seal: every table against its contract (`schemas.gate`), then the manifest (each
    file's digest and the version of the suite it passed), then the folder moves into place. A
    failing output is never sealed: the temporary folder goes and the `ContractViolation` is raised;
@@ -24,7 +24,6 @@ import os
 import pickle
 import shutil
 import threading
-import uuid
 import weakref
 from pathlib import Path
 from typing import Callable
@@ -64,7 +63,8 @@ class Stage:
 
     A stage that is never sealed (an error on the way, a contract its output broke) leaves nothing
     at the output's path, and its temporary folder goes with it (when the seal fails, or when the
-    `Stage` is dropped; a killed process leaves a hidden folder that nothing reads).
+    `Stage` is dropped; a killed process leaves a hidden folder that nothing reads, and the next
+    write of the stage sweeps it: `files.sweep_stale`).
     """
 
     def __init__(self, root: str | os.PathLike, stage: str, key: str):
@@ -88,6 +88,7 @@ class Stage:
     def path(self, name: str) -> Path:
         """Where to write the output file `name`: in the temporary folder, until the seal."""
         if self._tmp is None:
+            files.sweep_stale(self.directory.parent)  # what killed writers of this stage left
             self._tmp = files.temporary_folder_beside(self.directory)
             self._discard = weakref.finalize(self, shutil.rmtree, self._tmp, True)
         if name not in self._written:
@@ -150,7 +151,7 @@ def _move_into_place(tmp: Path, directory: Path) -> bool:
         if is_complete(directory):
             shutil.rmtree(tmp, ignore_errors=True)
             return False
-    old = directory.with_name(f".{directory.name}.{uuid.uuid4().hex[:8]}.old")
+    old = files.aside(directory)
     os.rename(directory, old)
     os.rename(tmp, directory)
     shutil.rmtree(old, ignore_errors=True)

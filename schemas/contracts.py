@@ -33,6 +33,7 @@ Checking runs in three steps:
    - `{"derive": "list_nonfinite", "column": c, "as": n}`: how many items are NaN or +-inf;
    - `{"derive": "list_min" | "list_max", "column": c, "as": n}`: smallest / largest item (NaN
      ignored, null for an empty or null list);
+   - `{"derive": "list_norm", "column": c, "as": n}`: the Euclidean length of the list as a vector;
    - `{"derive": "str_length", "column": c, "as": n}`: characters of a string;
    - `{"derive": "str_strip_length", "column": c, "as": n}`: characters once surrounding
      whitespace is stripped;
@@ -232,6 +233,8 @@ def _derive(df: pl.DataFrame, derivations: list[dict], id_columns: list[str]):
             exprs.append(col.list.min().cast(pl.Float64).alias(name))
         elif kind == "list_max":
             exprs.append(col.list.max().cast(pl.Float64).alias(name))
+        elif kind == "list_norm":
+            exprs.append(col.list.eval(pl.element().cast(pl.Float64) ** 2).list.sum().sqrt().alias(name))
         elif kind == "str_length":
             exprs.append(col.str.len_chars().alias(name))
         elif kind == "str_strip_length":

@@ -35,7 +35,9 @@ def suite_of(stage: str, name: str) -> str | None:
         return "records" if layout.is_records_table(name) else "unit_stats" if layout.is_stats_table(name) else None
     if stage == "simulations":
         return "explanations" if name == layout.CHOSEN else "simulations"
-    if stage in ("explanations", "scores", "classifications"):
+    if stage == "word_vectors":
+        return "word_vectors" if name == layout.WORD_VECTORS else None
+    if stage in ("explanations", "scores", "classifications", "negatives"):
         return stage
     return None
 
@@ -73,6 +75,11 @@ def _window_len(stage: str, directory: Path, manifest: dict) -> int | None:
 
 def params_for(suite: str, stage: str, directory: Path, manifest: dict) -> dict | None:
     """The suite's parameters for this folder, or None when they cannot be known (not checked)."""
+    if suite == "negatives":  # the folder's own parameters: how many of each kind, what counts as active
+        p = manifest["params"]
+        if "per_unit" not in p or "active_fraction" not in p:
+            return None
+        return {"max_rank": p["per_unit"] - 1, "active_fraction": p["active_fraction"]}
     if suite not in ("records", "windows", "simulations"):
         return {}
     window_len = _window_len(stage, directory, manifest)

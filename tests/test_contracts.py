@@ -94,6 +94,17 @@ def classification_rows() -> list[dict]:
              "failure": "request failed: timeout"}]
 
 
+def negatives_rows() -> list[dict]:
+    return [{"unit": u, "polarity": p, "kind": k, "window_id": 100 + 10 * r + u, "rank": r,
+             "similarity": 0.8 - 0.1 * r if k == "similar" else 1.2 - 0.2 * r, "max_activation": 0.1}
+            for u in (0, 1) for p in (1, -1) for k in ("similar", "cofiring") for r in range(3)]
+
+
+def word_vector_rows() -> list[dict]:
+    return [{"word": w, "vector": [0.6, 0.8, 0.0] if i % 2 else [0.0, 0.0, -1.0]}
+            for i, w in enumerate(("cat", "dog", "mill", "river"))]
+
+
 def stats_rows() -> list[dict]:
     return [{"layer": 3, "unit": u, "polarity": p, "n_tokens": 800, "frac_active": 0.25} for u in (0, 1) for p in (1, -1)]
 
@@ -106,6 +117,8 @@ VALID = {
     "scores": (score_rows, {}),
     "classifications": (classification_rows, {}),
     "unit_stats": (stats_rows, {}),
+    "negatives": (negatives_rows, {"max_rank": 2, "active_fraction": 0.5}),
+    "word_vectors": (word_vector_rows, {}),
 }
 
 
@@ -313,6 +326,32 @@ def test_unit_stats_violations():
     rows = stats_rows()
     rows[0]["frac_active"], rows[1]["polarity"] = 1.5, 1
     _fails(rows, "unit_stats", "frac_active is in [0, 1]", "one row per unit and polarity")
+
+
+# --- hard negatives and word vectors --------------------------------------------------------------
+
+
+def test_negatives_violations():
+    rows = negatives_rows()
+    rows[0]["kind"], rows[1]["rank"], rows[2]["similarity"] = "nearby", 3, 1.5
+    rows[5]["similarity"] = 0.2  # a co-firing partner below the active fraction
+    rows[6]["window_id"] = rows[7]["window_id"]
+    rows[8]["max_activation"] = math.nan
+    _fails(rows, "negatives", "kind is similar or cofiring", "rank is in [0, 2]", "a cosine similarity is in [-1, 1]",
+           "a co-firing partner is active (at least 0.5 of its top)", "no window twice among a unit's negatives",
+           "max_activation is defined")
+
+
+def test_word_vector_violations():
+    rows = word_vector_rows()
+    rows[0]["vector"] = [0.6, 0.8, math.nan]
+    rows[1]["vector"] = [3.0, 4.0, 0.0]
+    rows[2]["word"] = "  "
+    rows[3]["vector"] = [1.0]
+    lines = _fails(rows + [dict(rows[1], word="dog")], "word_vectors", "vector values are finite",
+                   "vectors have unit length", "a word is not empty or blank", "every vector has the same length",
+                   "each word appears once")
+    assert "'dog'" in _one(lines, "unit length") and "5" in _one(lines, "unit length")
 
 
 # --- API -------------------------------------------------------------------------------------------

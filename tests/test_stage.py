@@ -108,3 +108,111 @@ def test_under_a_url_root_it_is_pushed_only_once_sealed(tmp_path, monkeypatch):
     fresh = Stage(open_root(url), "scores", stage.key)
     shutil.rmtree(fresh.directory)  # another machine: only the URL has it
     assert fresh.done and is_complete(fresh.directory), "a sealed output at the URL is pulled, not recomputed"
+
+
+WRITER = """
+import sys, time
+from autoexplain.store import Stage
+stage = Stage.open(sys.argv[1], "scores", {"writer": sys.argv[2]})
+stage.path("layer_1.parquet").write_bytes(b"half a table")
+print(stage.path("layer_1.parquet").parent, flush=True)
+time.sleep(600)
+"""
+
+
+def _writer(root, name: str):
+    """A real process half way through writing a stage output: (the process, its temporary folder)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(root), name], stdout=subprocess.PIPE, text=True)
+    return proc, Path(proc.stdout.readline().strip())
+
+
+def test_the_next_write_sweeps_what_killed_writers_left_and_only_that(tmp_path):
+    import os
+    import signal
+    import time
+
+    from autoexplain import files
+
+    killed, killed_tmp = _writer(tmp_path, "killed")
+    live, live_tmp = _writer(tmp_path, "live")
+    try:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+        assert killed_tmp.is_dir() and live_tmp.is_dir() and layout.in_progress(killed_tmp.name)
+        # A writer on another host sharing the folder: its pid means nothing here, only its age counts.
+        host = files.writer_tag().split("-")[1]
+        other = files.writer_tag().replace(host, "000000" if host != "000000" else "111111")
+        # And names from before writes carried their writer: only their age counts too.
+        old, recent, old_untagged, recent_untagged = (tmp_path / "scores" / name for name in (
+            f".k1.{other}.abc.tmp", f".k2.{other}.abc.tmp", ".k3.abc.tmp", ".k4.abcd1234.old"))
+        for folder in (old, recent, old_untagged, recent_untagged):
+            folder.mkdir()
+            (folder / "layer_1.parquet").write_bytes(b"x")
+        two_days_ago = time.time() - 2 * files.STALE_AFTER
+        for p in (old / "layer_1.parquet", old, old_untagged / "layer_1.parquet", old_untagged):
+            os.utime(p, (two_days_ago, two_days_ago))
+
+        stage = _write(tmp_path)  # the first file of a stage write sweeps
+        assert not killed_tmp.exists() and not old.exists() and not old_untagged.exists(), "a dead writer's folders go"
+        assert live_tmp.is_dir() and recent.is_dir() and recent_untagged.is_dir(), \
+            "a live writer's folder stays, and a recent one of another host or of an untagged name"
+        stage.seal({}, {"layer": 1})
+        assert is_complete(stage.directory) and live_tmp.is_dir()
+    finally:
+        live.kill()
+        live.wait()
+
+
+class _Words:
+    """A word encoder for the word table (`wordvecs.word_table`): each word a unit vector, or
+    `scale` times one (an embedder that forgot to normalise)."""
+
+    embedder = "toy"
+
+    def __init__(self, scale: float = 1.0):
+        self.scale, self.encoding = scale, f"toy|{scale}"
+
+    def encode_words(self, words):
+        import numpy as np
+
+        return np.array([[self.scale * np.cos(i), self.scale * np.sin(i)] for i in range(len(words))], np.float32)
+
+
+def _windows(root):
+    from autoexplain.storage import write_table
+
+    rows = [{"window_id": w, "doc_id": 0, "token_ids": [1, 2, 3], "tokens": [" the", " river", f" mill{w}"]} for w in range(3)]
+    return write_table(pa.Table.from_pylist(rows), root / "windows.parquet", "windows")
+
+
+def test_the_word_table_keeps_its_contract_on_both_sides(tmp_path):
+    import polars as pl
+
+    from autoexplain import wordvecs
+    from autoexplain.errors import UserError
+    from autoexplain.storage import require_complete
+    from tests.test_gate import _unchecked_seal
+
+    windows = _windows(tmp_path)
+    with pytest.raises(ContractViolation, match="vectors have unit length"):
+        wordvecs.word_table(windows, "w1", tmp_path / "out", _Words(scale=3.0))
+    assert not [p for p in (tmp_path / "out" / "word_vectors").iterdir()], "a breaking table is never sealed"
+
+    words, vectors = wordvecs.word_table(windows, "w1", tmp_path / "out", _Words())
+    folder = next((tmp_path / "out" / "word_vectors").iterdir())
+    path = folder / layout.WORD_VECTORS
+    assert layout.WORD_VECTORS in read_manifest(folder)["contract_versions"], "checked before its seal"
+    clean = path.read_bytes()
+    _unchecked_seal(path, pl.read_parquet(path).with_columns(pl.col("vector").list.eval(pl.element() * 3)))
+    with pytest.raises(UserError) as info:
+        require_complete(folder, "word_vectors", "")
+    line = str(info.value)
+    assert f"{path} breaks its data contract 'word_vectors'" in line and "vectors have unit length" in line
+    assert "`autoexplain explain` or `simulate`" in line
+    wordvecs._loaded.clear()  # a new process: what this one read is not remembered
+    again, vectors_again = wordvecs.word_table(windows, "w1", tmp_path / "out", _Words())
+    assert again == words and (vectors_again == vectors).all() and path.read_bytes() == clean, "rebuilt, not read"
