@@ -32,7 +32,8 @@ from autoexplain.layer import StageRef, load_units, records_inputs, unit_key
 from autoexplain.registry import component_identity, llm_weights, make_scorer, parse_scorer
 from autoexplain.rows import rows_to_table
 from autoexplain.storage import read_manifest, require_complete
-from autoexplain.store import Memo, Stage, stage_key
+from autoexplain.memo import Memo
+from autoexplain.store import Stage, stage_key
 
 Progress = Callable[[int, int], None]
 

@@ -27,7 +27,8 @@ from autoexplain.identity import code_identity
 from autoexplain.registry import DEFAULT_EXPLAINER, explainer_prompt, explainer_weights, make_explainer, make_simulator
 from autoexplain.sources import MLP, polarities_of
 from autoexplain.storage import content_key, read_manifest, require_complete
-from autoexplain.store import Memo, Stage
+from autoexplain.memo import Memo
+from autoexplain.store import Stage
 
 Progress = Callable[[int, int], None]  # (units done, units in this call)
 

@@ -1,6 +1,6 @@
 """Per-unit memos: compacted into the sealed output once a stage is sealed, and still reused.
 
-A stage keeps each unit's result as a pickle while it runs; once its output is sealed the pickles
+A stage appends each unit's result to its log while it runs; once its output is sealed the logs
 go and an index points at the unit's rows in the sealed tables. A rerun after an edit that touches
 one unit (a human revision) must still take every other unit from there, and what it writes must
 be exactly what a run without any memo writes.
@@ -32,7 +32,7 @@ def stages(tiny_records):
 def test_sealed_stages_leave_no_pickles_but_an_index(stages):
     _, out, x, s, c = stages
     for stage, ref, per_unit in (("explain", x, 1), ("simulate", s, 2), ("score", c, 1)):
-        assert not list((out / "memo" / stage).rglob("*.pkl")), f"{stage} memos stayed pickles"
+        assert not list((out / "memo" / stage).rglob("*.log")), f"{stage} memos stayed in their logs"
         index = pl.read_parquet(out / "memo" / stage / "sealed" / f"{ref.directory.name}.parquet")
         assert set(index.columns) == {"key", "unit", "polarity", "shape", "folder", "tables"}
         # 4 neurons x 2 polarities; a simulation result is a unit's own one and its shuffled control.
@@ -67,7 +67,7 @@ def test_a_revision_reuses_the_compacted_units_and_writes_what_a_fresh_run_write
 
 
 def test_a_deleted_sealed_folder_answers_nothing(stages, tmp_path):
-    from autoexplain.store import Memo
+    from autoexplain.memo import Memo
 
     _, out, x, _, _ = stages
     memo = Memo(out, "explain")
@@ -82,3 +82,19 @@ def test_a_deleted_sealed_folder_answers_nothing(stages, tmp_path):
         assert Memo(out, "explain").get(key) is None, "a result from a folder that is gone"
     finally:
         shutil.move(moved, x.directory)
+
+
+def test_a_log_cut_short_keeps_every_whole_record_and_drops_the_torn_one(tmp_path):
+    from autoexplain.memo import Memo
+
+    memo = Memo(tmp_path, "simulate")
+    for i in range(3):
+        memo.put(f"k{i}", [{"unit": i, "polarity": 1, "method": "explanation", "x": [0.5] * 100}])
+    (log,) = (tmp_path / "memo" / "simulate").glob("*.log")
+    whole = log.read_bytes()
+    log.write_bytes(whole[:-10])  # a crash in the middle of the last record
+    again = Memo(tmp_path, "simulate")
+    assert [again.get(f"k{i}") is not None for i in range(3)] == [True, True, False]
+    assert again.get("k1")[0]["unit"] == 1
+    again.put("k2", [{"unit": 2, "polarity": 1, "method": "explanation"}])  # recomputed, in a log of its own
+    assert Memo(tmp_path, "simulate").get("k2") == [{"unit": 2, "polarity": 1, "method": "explanation"}]

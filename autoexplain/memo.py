@@ -1,0 +1,196 @@
+"""Per-unit results inside a stage, keyed by content: a rerun after a crash, or after an edit that
+touches a few units, recomputes only the units whose inputs changed.
+
+While a stage runs, each unit's result is appended to its writer's log, `memo/<stage>/<writer>.log`
+(a length-prefixed key and pickle per record, flushed as it is written). One file per writer, not
+one per unit: on a whole layer, creating 12k small files and removing them again at the seal cost
+about a third of what simulating and scoring the layer cost. A record that a crash cut short is
+shorter than its header says and is ignored; everything before it is kept.
+
+Once the stage's output is sealed, `seal` compacts the results it used: a unit's result is rows of
+the sealed tables (its rows, with the methods it produced), so the memo keeps only an index from
+each unit key to (folder, unit, polarity, methods) under `memo/<stage>/sealed/`, a few dozen bytes a
+unit, and every log whose results are all sealed goes. A later run reads a compacted result back
+from the folder's tables; a folder since deleted or changed (not `is_complete`) answers nothing, and
+the unit is recomputed.
+
+Local only, also under a URL root: they only speed up a rerun on the same machine. Stored as
+pickles while a stage runs: a unit's simulations are thousands of floats, which JSON encoded and
+decoded slower than the embedding simulator computes them. Like any cache under `out`, they are
+trusted as this user's own files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+import threading
+import uuid
+from pathlib import Path
+from typing import Callable
+
+from autoexplain import files, layout
+from autoexplain.storage import is_complete, write_table
+
+_HEADER = struct.Struct("<II")  # key bytes, value bytes
+
+
+class Memo:
+    def __init__(self, root: str | os.PathLike, stage: str):
+        self.dir = layout.memo(root, stage)
+        self.used: dict[str, list] = {}  # key -> its rows' shape, for `seal`
+        self._index: dict[str, list[tuple]] | None = None  # compacted results
+        self._folders: dict[tuple[str, str], dict | None] = {}
+        self._lock = threading.Lock()  # a stage's unit threads look results up at once
+        self._where: dict[str, tuple[Path, int, int]] | None = None  # key -> (log, offset, size)
+        self._keys: dict[Path, set[str]] = {}  # log -> the keys it holds
+        self._log = None  # this writer's log, opened on the first `put`
+
+    # ------------------------------------------------------------ the logs
+
+    def _scan(self) -> dict[str, tuple[Path, int, int]]:
+        """Every complete record of the logs there now (called under the lock, once)."""
+        if self._where is None:
+            self._where = {}
+            for path in sorted(self.dir.glob("*.log")):
+                self._keys[path] = set()
+                with open(path, "rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    while len(head := f.read(_HEADER.size)) == _HEADER.size:
+                        n_key, n_value = _HEADER.unpack(head)
+                        key = f.read(n_key).decode()
+                        at = f.tell()
+                        if at + n_value > size:
+                            break  # cut short by a crash
+                        self._where[key] = (path, at, n_value)
+                        self._keys[path].add(key)
+                        f.seek(n_value, os.SEEK_CUR)
+        return self._where
+
+    def get(self, key: str):
+        with self._lock:
+            found = self._scan().get(key)
+        value = None
+        if found is not None:
+            path, at, size = found
+            try:
+                with open(path, "rb") as f:
+                    f.seek(at)
+                    value = pickle.loads(f.read(size))
+            except (OSError, pickle.UnpicklingError, EOFError):
+                value = None  # a log compacted away meanwhile: fall back to the index
+        if value is None:
+            value = self._sealed(key)
+        if value is not None:
+            self._remember(key, value)
+        return value
+
+    def put(self, key: str, value) -> None:
+        data, name = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL), key.encode()
+        with self._lock:
+            where = self._scan()
+            if self._log is None:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                path = self.dir / f"{files.writer_tag()}-{uuid.uuid4().hex[:8]}.log"
+                self._log, self._keys[path] = open(path, "ab"), set()
+            path = Path(self._log.name)
+            self._log.write(_HEADER.pack(len(name), len(data)) + name)
+            at = self._log.tell()
+            self._log.write(data)
+            self._log.flush()
+            where[key] = (path, at, len(data))
+            self._keys[path].add(key)
+        self._remember(key, value)
+
+    def get_or_compute(self, key: str, compute: Callable, keep: Callable | None = None):
+        """The remembered value, computing and storing it first if needed (unless `keep(value)` says no)."""
+        value = self.get(key)
+        if value is None:
+            value = compute()
+            if keep is None or keep(value):
+                self.put(key, value)
+        return value
+
+    # ------------------------------------------------------------ compaction
+
+    def _remember(self, key: str, value) -> None:
+        """Note the shape of a result that is rows of one unit: a list of rows, or a tuple of lists
+        (one per table). Anything else stays in its log."""
+        lists = list(value) if isinstance(value, tuple) else [value]
+        shape, unit = [], None
+        for rows in lists:
+            if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+                return
+            for r in rows:
+                if unit is None:
+                    unit = (r.get("unit"), r.get("polarity"))
+                if (r.get("unit"), r.get("polarity")) != unit or "method" not in r:
+                    return
+            shape.append(sorted({r["method"] for r in rows}))
+        if unit is not None and None not in unit:
+            self.used[key] = [int(unit[0]), int(unit[1]), isinstance(value, tuple), shape]
+
+    def seal(self, directory: Path, tables: list[str]) -> None:
+        """The stage output in `directory` is sealed, and the results used for it are rows of its
+        `tables` (in the order of a result's lists): index them, and remove the logs that hold
+        nothing else."""
+        if not self.used:
+            return
+        import polars as pl
+
+        keys = sorted(self.used)
+        index = pl.DataFrame({"key": keys, "unit": [self.used[k][0] for k in keys],
+                              "polarity": [self.used[k][1] for k in keys],
+                              "shape": [json.dumps([self.used[k][2], self.used[k][3]]) for k in keys]})
+        index = index.with_columns(folder=pl.lit(str(Path(directory).resolve())), tables=pl.lit(json.dumps(tables)))
+        write_table(index.to_arrow(), self.dir / "sealed" / f"{Path(directory).name}.parquet")
+        with self._lock:
+            if self._log is not None:
+                self._log.close()
+                self._log = None
+            for path, held in list(self._keys.items()):
+                if held <= self.used.keys():  # every result in it is compacted now
+                    path.unlink(missing_ok=True)
+                    del self._keys[path]
+                    self._where = {k: v for k, v in (self._where or {}).items() if v[0] != path}
+            self._index = None
+
+    def _sealed(self, key: str):
+        with self._lock:
+            return self._sealed_locked(key)
+
+    def _sealed_locked(self, key: str):
+        if self._index is None:
+            import polars as pl
+
+            self._index = {}
+            for path in sorted((self.dir / "sealed").glob("*.parquet")):
+                for k, u, p, shape, folder, tables in pl.read_parquet(path).iter_rows():
+                    self._index.setdefault(k, []).append((u, p, shape, folder, tables))
+        for u, p, shape, folder, tables in self._index.get(key, []):
+            rows = self._rows(folder, tables)
+            if rows is None:
+                continue
+            pair, methods = json.loads(shape)
+            lists = [[r for r in rows[t].get((u, p), []) if r["method"] in set(m)]
+                     for t, m in zip(json.loads(tables), methods)]
+            return tuple(lists) if pair else lists[0]
+        return None
+
+    def _rows(self, folder: str, tables: str) -> dict | None:
+        """A sealed folder's tables, each as {(unit, polarity): rows}, or None when the folder is
+        gone or changed. Read once per folder."""
+        if (folder, tables) not in self._folders:
+            import polars as pl
+
+            got = None
+            if is_complete(Path(folder)):
+                got = {}
+                for name in json.loads(tables):
+                    df = pl.read_parquet(Path(folder) / name)
+                    got[name] = {k: part.to_dicts() for k, part in
+                                 df.partition_by(["unit", "polarity"], as_dict=True, maintain_order=True).items()}
+            self._folders[(folder, tables)] = got
+        return self._folders[(folder, tables)]
