@@ -63,7 +63,7 @@ from typing import Sequence
 import numpy as np
 
 from autoexplain.errors import UserError
-from autoexplain.exact import cosines, fixed_mean_std, fixed_sum
+from autoexplain.exact import cosines, fixed_mean_std, fixed_sum, quantise, quantised_cosines
 from autoexplain.relations import marks as relation_marks, parse as parse_relation
 from autoexplain.simulate import Simulation, Simulator
 from autoexplain.surface import ORTHO_CLASSES, content_of, literal_hits, literal_keys, literal_only, named_examples, ortho_class, quoted_literals
@@ -202,18 +202,13 @@ class EmbeddingSimulator(Simulator):
         vectors = np.asarray(vectors, dtype=np.float32)
         known = [(self._rows[w], i) for i, w in enumerate(words) if w and w in self._rows]
         if known:
-            self._table[[r for r, _ in known]] = vectors[[i for _, i in known]]
+            self._write_rows(np.array([r for r, _ in known]), vectors[[i for _, i in known]])
             self._pinned = max(self._pinned, max(r for r, _ in known) + 1)
         new = [i for i, w in enumerate(words) if w and w not in self._rows]
         if not new:
             return
         base = len(self._rows)
-        if base + len(new) > len(self._table):
-            grown = np.zeros((max(2 * len(self._table), base + len(new), 4096), vectors.shape[1]), np.float32)
-            if base:
-                grown[:base] = self._table[:base]
-            self._table = grown
-        self._table[base : base + len(new)] = vectors[new]
+        self._write_rows(np.arange(base, base + len(new)), vectors[new])
         self._rows.update((words[i], base + j) for j, i in enumerate(new))
         self._pinned = max(self._pinned, len(self._rows))
 
@@ -231,10 +226,28 @@ class EmbeddingSimulator(Simulator):
         self._scaled.clear()  # scales computed from the vectors these may replace
 
     def _clear_tables(self) -> None:
-        self._rows: dict[str, int] = {}  # word or context text -> row of self._table
-        self._table = np.zeros((0, 0), dtype=np.float32)  # capacity doubles; rows past len(_rows) unused
+        self._rows: dict[str, int] = {}  # word or context text -> row of self._grid
+        # Each row's vector on the grid of `exact.cosines`, kept as int32 (|v| <= 1, so below 2**24
+        # in magnitude): every simulate call takes its rows from here instead of rounding them
+        # again. Capacity doubles; rows past len(_rows) unused.
+        self._grid = np.zeros((0, 0), dtype=np.int32)
+        self._grid_norm = 0.0  # the largest norm of a row on the grid (for `quantised_cosines`)
         self._windows: OrderedDict[tuple[str, ...], _Window] = OrderedDict()
         self._pinned = 0  # rows that came from a word table (add_words); eviction keeps them
+
+    def _write_rows(self, rows: np.ndarray, vectors: np.ndarray) -> None:
+        """Store vectors at these rows of the table (grown to fit), on the cosine grid."""
+        if len(rows) == 0:
+            return
+        need = int(rows.max()) + 1
+        if need > len(self._grid):
+            grown = np.zeros((max(2 * len(self._grid), need, 4096), vectors.shape[1]), np.int32)
+            if len(self._grid):
+                grown[: len(self._grid)] = self._grid
+            self._grid = grown
+        q, norm = quantise(vectors, axis=1)
+        self._grid[rows] = q.astype(np.int32)
+        self._grid_norm = max(self._grid_norm, norm)
 
     @property
     def model(self):
@@ -282,13 +295,8 @@ class EmbeddingSimulator(Simulator):
             new = [t for v in (*words.values(), *contexts.values()) for t in v if t and t not in self._rows]
             new = list(dict.fromkeys(new))
             if new:
-                vectors, base = self._encode(new), len(self._rows)
-                if base + len(new) > len(self._table):
-                    grown = np.zeros((max(2 * len(self._table), base + len(new), 4096), vectors.shape[1]), np.float32)
-                    if base:
-                        grown[:base] = self._table[:base]
-                    self._table = grown
-                self._table[base : base + len(new)] = vectors
+                base = len(self._rows)
+                self._write_rows(np.arange(base, base + len(new)), self._encode(new))
                 self._rows.update((t, base + i) for i, t in enumerate(new))
             for k in missing:
                 self._windows[k] = _Window(
@@ -377,7 +385,11 @@ class EmbeddingSimulator(Simulator):
         used = [w.words for w in windows] + [w.contexts for w in windows if w.contexts is not None]
         rows = np.unique(np.concatenate(used + [np.zeros(0, np.int32)]))
         rows = rows[rows >= 0]
-        z_rows = (cosines(self._table[rows], ex.E) - ex.mu) / ex.sd if rows.size else np.zeros((0, len(explanations)))
+        if rows.size:
+            grid = (self._grid[rows].astype(np.float64), self._grid_norm)
+            z_rows = (quantised_cosines(grid, quantise(ex.E, axis=0)) - ex.mu) / ex.sd
+        else:
+            z_rows = np.zeros((0, len(explanations)))
         z_rows = np.concatenate([z_rows, np.full((1, len(explanations)), -np.inf)])  # last row: blank
         # Every token of every window at once: one lookup, one literal pass per explanation that quotes.
         pred = self._predict(windows, ex, z_rows, rows)

@@ -50,7 +50,23 @@ def quantised_cosines(a: tuple[np.ndarray, float], b: tuple[np.ndarray, float]) 
     (qa, na), (qb, nb) = a, b
     if not na * nb < 2.0**52:  # also catches NaN
         raise ValueError(f"cosines() needs unit vectors: |a||b| = {na * nb / GRID**2:.3g}")
-    return (qa @ qb) / (GRID * GRID)
+    with _one_blas_thread():
+        return (qa @ qb) / (GRID * GRID)
+
+
+_controller = None
+
+
+def _one_blas_thread():
+    """The products here are small (a unit's words against its few explanations) and many; on two
+    cores shared with the other tasks of a flow, BLAS's second thread made them 4-7x slower
+    (`bench/RESULTS.md`). The result is exact either way."""
+    global _controller
+    if _controller is None:
+        from threadpoolctl import ThreadpoolController
+
+        _controller = ThreadpoolController()
+    return _controller.limit(limits=1, user_api="blas")
 
 
 def fixed_sum(x: np.ndarray) -> np.ndarray:
