@@ -80,8 +80,9 @@ def output_columns(model: torch.nn.Module, directions: torch.Tensor, token_strin
 
     With the final norm, a single direction's own scale drops out of the ranking; what remains is
     the norm's per-channel weight (and, for LayerNorm, its centring), so the direction goes through
-    the norm module itself, as `output_tokens` does."""
+    the norm module itself, as `output_tokens` does. Each product is ranked by `_extremes`."""
     unembed = model.get_output_embeddings().weight.detach().float()  # [vocab, d_model]
+    vocab = _Vocabulary(unembed)
     norm = final_norm(model)
     cols: dict[str, list] = {c: [] for c in OUTPUT_COLUMNS}
     names: dict[int, str] = {}
@@ -93,17 +94,73 @@ def output_columns(model: torch.nn.Module, directions: torch.Tensor, token_strin
 
     for a in range(0, directions.shape[0], chunk):
         d = directions[a : a + chunk].to(unembed.device).float() * polarity
-        logits = d @ unembed.T
-        top, bottom = logits.topk(n, dim=1), logits.topk(n, dim=1, largest=False)
-        cols["promotes"] += named(top.indices)
-        cols["promotes_logits"] += top.values.tolist()
-        cols["suppresses"] += named(bottom.indices)
-        cols["suppresses_logits"] += bottom.values.tolist()
+        (top_ids, top_vals), (bottom_ids, bottom_vals) = _extremes(d, vocab, n)
+        cols["promotes"] += named(top_ids)
+        cols["promotes_logits"] += top_vals.tolist()
+        cols["suppresses"] += named(bottom_ids)
+        cols["suppresses_logits"] += bottom_vals.tolist()
         if norm is None:
             cols["promotes_normed"] += [None] * len(d)
             cols["suppresses_normed"] += [None] * len(d)
             continue
-        normed = norm(d.to(next(norm.parameters()).dtype)).float() @ unembed.T
-        cols["promotes_normed"] += named(normed.topk(n, dim=1).indices)
-        cols["suppresses_normed"] += named(normed.topk(n, dim=1, largest=False).indices)
+        (top_ids, _), (bottom_ids, _) = _extremes(norm(d.to(next(norm.parameters()).dtype)).float(), vocab, n)
+        cols["promotes_normed"] += named(top_ids)
+        cols["suppresses_normed"] += named(bottom_ids)
     return cols
+
+
+class _Vocabulary:
+    """The unembedding in float32 and bfloat16, and its largest row norm (for `_extremes`' bound)."""
+
+    def __init__(self, unembed: torch.Tensor):
+        self.f32 = unembed
+        self.bf16 = unembed.bfloat16()
+        self.max_norm = float(unembed.norm(dim=1).max())
+
+
+# Candidates kept per row from the bf16 product; the float32 check below says whether they sufficed.
+CANDIDATES = 64
+# |bf16 logit - float32 logit| <= OUT_ERR * |logit| + IN_ERR * |d| * max|u|. bf16 keeps 8 significant
+# bits (unit roundoff 2**-8): rounding the output costs 2**-8 of it, rounding a direction's inputs
+# 2**-8 of sum_i |d_i u_i| <= |d| |u| (the unembedding is often bf16 already, so exact), and the
+# float32 sums of either product differ by far less than 2**-12 of that. Each is taken twice over.
+OUT_ERR, IN_ERR = 2.0**-7, 2.0**-7 + 2.0**-12
+
+
+def _extremes(d: torch.Tensor, vocab: _Vocabulary, n: int):
+    """((top ids, top logits), (bottom ids, bottom logits)), each (rows, n), of `d @ unembed.T` in
+    float32, sorted as `topk` sorts them.
+
+    The full product is what the end of a recording pass spends most on (16,384 latents x 49,152
+    tokens, twice), and bf16 runs it several times faster than float32 on CPUs with bf16 dot
+    products. So the bf16 product picks `CANDIDATES` per row each way, their float32 logits are
+    computed exactly as dot products, and a row keeps them only where its n-th float32 logit
+    clears the most any token outside its candidates could reach given the bf16 error bound;
+    other rows (rare: near-ties across the whole candidate list) are ranked by the float32
+    product. Ids are therefore those of the float32 ranking, and logits are float32 dot products,
+    equal to the full product's up to the order of float32 summation (~1e-7 relative)."""
+    m = min(CANDIDATES, vocab.f32.shape[0])
+    if m <= n:  # a vocabulary this small: the float32 product is cheap
+        return _ranked(d @ vocab.f32.T, n)
+    approx = d.bfloat16() @ vocab.bf16.T
+    slack = IN_ERR * d.norm(dim=1) * vocab.max_norm
+    out, fallback = [], torch.zeros(len(d), dtype=torch.bool)
+    for largest in (True, False):
+        cand = approx.topk(m, dim=1, largest=largest)
+        edge = cand.values[:, -1].float()  # every token outside the candidates is on the far side
+        reach = edge + OUT_ERR * edge.abs() + slack if largest else edge - OUT_ERR * edge.abs() - slack
+        exact = torch.bmm(vocab.f32[cand.indices], d[:, :, None]).squeeze(2)  # (rows, m) float32
+        vals, order = exact.topk(n, dim=1, largest=largest)
+        fallback |= ~(vals[:, -1] > reach) if largest else ~(vals[:, -1] < reach)
+        out.append([cand.indices.gather(1, order), vals])
+    redo = fallback.nonzero().squeeze(1)
+    if len(redo):
+        full = _ranked(d[redo] @ vocab.f32.T, n)
+        for (ids, vals), (fids, fvals) in zip(out, full):
+            ids[redo], vals[redo] = fids, fvals
+    return tuple((ids, vals) for ids, vals in out)
+
+
+def _ranked(logits: torch.Tensor, n: int):
+    top, bottom = logits.topk(n, dim=1), logits.topk(n, dim=1, largest=False)
+    return (top.indices, top.values), (bottom.indices, bottom.values)

@@ -243,7 +243,7 @@ def _finish_layer(layer: int, rec: _LayerRecorder, cfg: RecordConfig, reservoir_
     stats = []
     for polarity in polarities:
         top = rec.top[polarity]
-        shape: list[dict] = []
+        shape = res.shape_stats(sign=polarity)
         valid = torch.isfinite(top.values).numpy()  # (k, U); -inf marks an unfilled slot
         top_ids, top_vals = top.window_ids.numpy(), top.values.numpy()
         # A unit that never fired this way has no exemplars to explain: its statistics (max <= 0,
@@ -251,7 +251,6 @@ def _finish_layer(layer: int, rec: _LayerRecorder, cfg: RecordConfig, reservoir_
         fired = np.any(valid & (top_vals > 0), axis=0)
         for a in range(0, n_units, chunk):
             acts = res.chunk(a, min(a + chunk, n_units))  # (R, T, chunk), raw sign
-            shape.append(selection.shape_stats_per_unit(acts.reshape(-1, acts.shape[-1]), sign=polarity))
             res_max = (acts.amax(dim=1) if polarity > 0 else -acts.amin(dim=1)).float().numpy()  # (R, chunk)
             top_acts = top.ranked_payload(a, a + chunk).float().permute(2, 0, 1).numpy()  # (chunk, k, T), oriented
             top_rows, extra_rows = _Rows(), _Rows()
@@ -285,7 +284,7 @@ def _finish_layer(layer: int, rec: _LayerRecorder, cfg: RecordConfig, reservoir_
             extra_acts = (acts[slots, :, units].float() * polarity).numpy()  # (rows, T)
             write(top_rows.table(layer, np.concatenate(top_acts_rows)))
             write(extra_rows.table(layer, extra_acts))
-        stats.append(_stats_table(layer, polarity, rec.stats, {k: [v for p in shape for v in p[k]] for k in shape[0]}))
+        stats.append(_stats_table(layer, polarity, rec.stats, shape))
     return pa.concat_tables(stats)
 
 

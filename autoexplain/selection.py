@@ -107,6 +107,10 @@ class Reservoir:
         """Units a..b-1 of every window: (windows, tokens, b - a), a view."""
         return self.acts[:, :, a:b]
 
+    def shape_stats(self, bins: int = 32, sign: int = 1) -> dict[str, object]:
+        """`shape_stats_per_unit` of every unit's samples (each window and token of the sample)."""
+        return shape_stats_per_unit(self.acts.reshape(-1, self.acts.shape[-1]), bins, sign=sign)
+
 
 class SparseReservoir:
     """A `Reservoir` of activations that are mostly zero (a sparse coder's latents, non-negative):
@@ -145,6 +149,52 @@ class SparseReservoir:
             i = index[keep].long()
             dense[i[:, 0], i[:, 1], i[:, 2] - a] = value[keep]
         return dense
+
+    def shape_stats(self, bins: int = 32, sign: int = 1) -> dict[str, object]:
+        """`shape_stats_per_unit` of every unit's samples (each window and token of the sample),
+        from the entries alone: a unit's samples are its entries plus as many zeros as it has
+        positions without one, so nothing of windows x tokens x units is ever built. Histograms
+        (edges and counts) are bit for bit the dense ones (the same float32 arithmetic per sample);
+        skewness and kurtosis sum in float64 where the dense path sums in float32, so they agree
+        to float32 rounding."""
+        U, N = self.n_units, len(self.ids) * self.window_len
+        if self._index:
+            self._index, self._value = [torch.cat(self._index)], [torch.cat(self._value)]
+            unit, value = self._index[0][:, 2].long(), self._value[0].float()
+        else:
+            unit, value = torch.zeros(0, dtype=torch.int64), torch.zeros(0)
+        if sign < 0:
+            value = -value
+        n_entries = torch.bincount(unit, minlength=U)
+        has_zero = n_entries < N
+        lo = torch.full((U,), float("inf")).scatter_reduce_(0, unit, value, "amin")
+        hi = torch.full((U,), float("-inf")).scatter_reduce_(0, unit, value, "amax")
+        lo = torch.where(has_zero, torch.minimum(lo, torch.zeros(())), lo)
+        hi = torch.where(has_zero, torch.maximum(hi, torch.zeros(())), hi)
+        width = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+
+        def bin_of(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:  # as `_shape_stats` bins
+            return (x - lo[u]).div_(width[u]).mul_(bins).floor_().clamp_(0, bins - 1).long()
+
+        counts = torch.bincount(unit * bins + bin_of(value, unit), minlength=U * bins)
+        every = torch.arange(U)
+        counts.index_add_(0, every * bins + bin_of(torch.zeros(U), every), N - n_entries)
+        v = value.double()
+        mean = torch.zeros(U, dtype=torch.float64).index_add_(0, unit, v) / N
+        c = v - mean[unit]
+        zeros, m0 = (N - n_entries).double(), -mean
+
+        def moment(p: int) -> torch.Tensor:
+            return (torch.zeros(U, dtype=torch.float64).index_add_(0, unit, c**p) + zeros * m0**p) / N
+
+        m2, m3, m4 = moment(2), moment(3), moment(4)
+        defined = m2 > 0
+        safe = torch.where(defined, m2, torch.ones_like(m2))
+        nan = torch.full_like(safe, float("nan"))
+        edges = lo.double()[:, None] + width.double()[:, None] * torch.linspace(0, 1, bins + 1, dtype=torch.float64)[None, :]
+        return {"skewness": torch.where(defined, m3 / safe**1.5, nan).numpy(),
+                "kurtosis": torch.where(defined, m4 / safe**2 - 3.0, nan).numpy(),
+                "hist_edges": list(edges.float().numpy()), "hist_counts": list(counts.view(U, bins).numpy())}
 
 
 class RunningStats:
