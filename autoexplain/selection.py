@@ -327,18 +327,20 @@ def pick_quantiles(
     exclude: set[int],
     rng: np.random.Generator,
 ) -> list[tuple[int, int]]:
-    """Sample windows by the quantile of their max activation: [(bin index, window id), ...]."""
+    """Sample windows by the quantile of their max activation: [(bin index, window id), ...].
+    `window_ids` hold no repeats; the windows taken are added to `exclude`."""
     edges = np.quantile(window_max, [q for pair in bins for q in pair])
+    taken = np.isin(window_ids, np.fromiter(exclude, dtype=np.int64, count=len(exclude)))
     out = []
     for b in range(len(bins)):
         lo, hi = edges[2 * b], edges[2 * b + 1]
-        # Adjacent bins share an edge; `exclude` keeps a window from being taken twice.
-        mask = (window_max >= lo) & (window_max <= hi)
-        candidates = [int(w) for w in window_ids[mask] if int(w) not in exclude]
-        if not candidates:
+        # Adjacent bins share an edge; `taken` keeps a window from being taken twice.
+        at = np.flatnonzero((window_max >= lo) & (window_max <= hi) & ~taken)
+        if not len(at):
             continue
-        take = rng.choice(len(candidates), size=min(per_bin, len(candidates)), replace=False)
-        for i in sorted(take):
-            out.append((b, candidates[i]))
-            exclude.add(candidates[i])
+        take = np.sort(rng.choice(len(at), size=min(per_bin, len(at)), replace=False))
+        taken[at[take]] = True
+        for w in window_ids[at[take]].tolist():
+            out.append((b, w))
+            exclude.add(w)
     return out
