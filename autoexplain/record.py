@@ -250,8 +250,7 @@ def _finish_layer(layer: int, rec: _LayerRecorder, cfg: RecordConfig, reservoir_
         # frac_active 0) say it is dead, and it gets no records.
         fired = np.any(valid & (top_vals > 0), axis=0)
         for a in range(0, n_units, chunk):
-            acts = res.chunk(a, min(a + chunk, n_units))  # (R, T, chunk), raw sign
-            res_max = (acts.amax(dim=1) if polarity > 0 else -acts.amin(dim=1)).float().numpy()  # (R, chunk)
+            res_max = res.window_max(a, min(a + chunk, n_units), polarity).numpy()  # (R, chunk), oriented
             top_acts = top.ranked_payload(a, a + chunk).float().permute(2, 0, 1).numpy()  # (chunk, k, T), oriented
             top_rows, extra_rows = _Rows(), _Rows()
             extra_slots, extra_units = [], []
@@ -279,9 +278,8 @@ def _finish_layer(layer: int, rec: _LayerRecorder, cfg: RecordConfig, reservoir_
                 extra_slots += [slot_of[w] for w in randoms] + [slot_of[w] for _, w in quants]
                 extra_units += [u] * (len(randoms) + len(quants))
             # Random and quantile rows come from the reservoir: gather their activations in one go.
-            slots = torch.tensor(extra_slots, dtype=torch.int64)
-            units = torch.tensor(extra_units, dtype=torch.int64) - a
-            extra_acts = (acts[slots, :, units].float() * polarity).numpy()  # (rows, T)
+            extra_acts = res.windows(torch.tensor(extra_slots, dtype=torch.int64),
+                                     torch.tensor(extra_units, dtype=torch.int64), polarity).numpy()  # (rows, T)
             write(top_rows.table(layer, top_acts_rows))
             write(extra_rows.table(layer, extra_acts))
         stats.append(_stats_table(layer, polarity, rec.stats, shape))

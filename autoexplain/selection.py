@@ -107,6 +107,15 @@ class Reservoir:
         """Units a..b-1 of every window: (windows, tokens, b - a), a view."""
         return self.acts[:, :, a:b]
 
+    def window_max(self, a: int, b: int, sign: int = 1) -> torch.Tensor:
+        """(windows, b - a) float32: each window's maximum of sign * activation, units a..b-1."""
+        acts = self.chunk(a, b)
+        return (acts.amax(dim=1) if sign > 0 else -acts.amin(dim=1)).float()
+
+    def windows(self, slots: torch.Tensor, units: torch.Tensor, sign: int = 1) -> torch.Tensor:
+        """(pairs, tokens) float32: sign * the activations of unit `units[e]` in window slot `slots[e]`."""
+        return self.acts[slots, :, units].float() * sign
+
     def shape_stats(self, bins: int = 32, sign: int = 1) -> dict[str, object]:
         """`shape_stats_per_unit` of every unit's samples (each window and token of the sample)."""
         return shape_stats_per_unit(self.acts.reshape(-1, self.acts.shape[-1]), bins, sign=sign)
@@ -124,6 +133,7 @@ class SparseReservoir:
         self.window_len, self.n_units = window_len, n_units
         self._index: list[torch.Tensor] = []  # (n, 3) int32: slot, token, unit
         self._value: list[torch.Tensor] = []
+        self._by_unit: tuple[torch.Tensor, ...] | None = None  # the entries by unit, once the pass has ended
 
     def update(self, window_ids: torch.Tensor, acts: SparseLatents) -> None:
         wid = window_ids.numpy()
@@ -137,6 +147,7 @@ class SparseReservoir:
         keep = (slot >= 0).nonzero().squeeze(1)
         self._index.append(torch.stack([slot[keep], acts.token[keep], acts.latent[keep]], 1).to(torch.int32))
         self._value.append(acts.value[keep].to(torch.bfloat16))
+        self._by_unit = None
         self.filled[slots[hit]] = True
 
     def chunk(self, a: int, b: int) -> torch.Tensor:
@@ -150,6 +161,39 @@ class SparseReservoir:
             dense[i[:, 0], i[:, 1], i[:, 2] - a] = value[keep]
         return dense
 
+    def window_max(self, a: int, b: int, sign: int = 1) -> torch.Tensor:
+        """`Reservoir.window_max` from the entries of units a..b-1."""
+        if sign < 0:  # no negative entries: 0 unless a unit fired at every token of a window
+            return -self.chunk(a, b).amin(dim=1).float()
+        slot, token, unit, value = self._units(a, b)
+        out = torch.zeros(len(self.ids) * (b - a))
+        return out.scatter_reduce_(0, slot * (b - a) + unit - a, value, "amax").view(len(self.ids), b - a)
+
+    def windows(self, slots: torch.Tensor, units: torch.Tensor, sign: int = 1) -> torch.Tensor:
+        """`Reservoir.windows` from the entries of the units asked for (distinct pairs)."""
+        out = torch.zeros((len(slots), self.window_len))
+        if not len(slots):
+            return out
+        slot, token, unit, value = self._units(int(units.min()), int(units.max()) + 1)
+        keys, order = (slots * self.n_units + units).sort()
+        key = slot * self.n_units + unit
+        at = torch.searchsorted(keys, key).clamp_(max=len(keys) - 1)
+        i = (keys[at] == key).nonzero().squeeze(1)
+        out[order[at[i]], token[i]] = value[i]
+        return out * sign
+
+    def _units(self, a: int, b: int) -> tuple[torch.Tensor, ...]:
+        """(slot, token, unit, float32 value) of the entries of units a..b-1. The first call joins the
+        batches' entries and sorts them by unit, so that a range of units is a slice."""
+        if self._by_unit is None:
+            index = torch.cat(self._index) if self._index else torch.zeros((0, 3), dtype=torch.int32)
+            value = torch.cat(self._value) if self._value else torch.zeros(0, dtype=torch.bfloat16)
+            order = index[:, 2].argsort(stable=True)
+            self._by_unit = (*(c.contiguous() for c in index[order].long().unbind(1)), value[order].float())
+        slot, token, unit, value = self._by_unit
+        lo, hi = torch.searchsorted(unit, torch.tensor([a, b]))
+        return slot[lo:hi], token[lo:hi], unit[lo:hi], value[lo:hi]
+
     def shape_stats(self, bins: int = 32, sign: int = 1) -> dict[str, object]:
         """`shape_stats_per_unit` of every unit's samples (each window and token of the sample),
         from the entries alone: a unit's samples are its entries plus as many zeros as it has
@@ -158,11 +202,7 @@ class SparseReservoir:
         skewness and kurtosis sum in float64 where the dense path sums in float32, so they agree
         to float32 rounding."""
         U, N = self.n_units, len(self.ids) * self.window_len
-        if self._index:
-            self._index, self._value = [torch.cat(self._index)], [torch.cat(self._value)]
-            unit, value = self._index[0][:, 2].long(), self._value[0].float()
-        else:
-            unit, value = torch.zeros(0, dtype=torch.int64), torch.zeros(0)
+        _, _, unit, value = self._units(0, U)
         if sign < 0:
             value = -value
         n_entries = torch.bincount(unit, minlength=U)

@@ -60,6 +60,15 @@ def test_streaming_state_from_entries_equals_the_dense_one():
     for name in ("values", "window_ids", "slots", "payload"):
         assert torch.equal(getattr(top_d, name), getattr(top_s, name)), name
     assert torch.equal(res_d.chunk(7, 50), res_s.chunk(7, 50)) and (res_d.filled == res_s.filled).all()
+    # What the end of the pass reads: per-window maxima, and the tokens of some (window, unit)
+    # pairs, in no particular order, some where the unit fired and some where it did not.
+    hot = (res_d.acts.amax(dim=1) > 0).nonzero()[::5]
+    cold = (res_d.acts.amax(dim=1) == 0).nonzero()[::40]
+    slots, units = torch.cat([hot.flip(0), cold]).unbind(1)
+    assert len(hot) > 10 and len(cold) > 10
+    for sign in (1, -1):
+        assert torch.equal(res_d.window_max(7, 50, sign), res_s.window_max(7, 50, sign))
+        assert torch.equal(res_d.windows(slots, units, sign), res_s.windows(slots, units, sign))
     dense_sum, sparse_sum = stats_d.summary(1), stats_s.summary(1)
     for name in ("max", "frac_active"):
         np.testing.assert_array_equal(dense_sum[name], sparse_sum[name])
