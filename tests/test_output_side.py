@@ -72,6 +72,7 @@ def test_ranking_from_bf16_candidates_is_the_float32_ranking(monkeypatch, bf16_m
     unembed[:200] = tied + 1e-3 * torch.randn(200, 48, generator=g)  # 200 tokens within 0.1 % of each other
     d = torch.cat([torch.randn(300, 48, generator=g) * torch.rand(300, 1, generator=g) * 5, tied[None] * 2,
                    -tied[None]])
+    monkeypatch.setattr(side, "bf16_dot_products", lambda: True)  # the path under test, on any CPU
     redone = []
     ranked = side._ranked
     monkeypatch.setattr(side, "_ranked", lambda logits, n: redone.append(len(logits)) or ranked(logits, n))
