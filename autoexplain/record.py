@@ -243,27 +243,27 @@ def _finish_layer(layer: int, rec: _LayerRecorder, cfg: RecordConfig, reservoir_
     stats = []
     for polarity in polarities:
         top = rec.top[polarity]
-        shape: list[dict] = []
+        shape = res.shape_stats(sign=polarity)
         valid = torch.isfinite(top.values).numpy()  # (k, U); -inf marks an unfilled slot
         top_ids, top_vals = top.window_ids.numpy(), top.values.numpy()
         # A unit that never fired this way has no exemplars to explain: its statistics (max <= 0,
         # frac_active 0) say it is dead, and it gets no records.
         fired = np.any(valid & (top_vals > 0), axis=0)
         for a in range(0, n_units, chunk):
-            acts = res.chunk(a, min(a + chunk, n_units))  # (R, T, chunk), raw sign
-            shape.append(selection.shape_stats_per_unit(acts.reshape(-1, acts.shape[-1]), sign=polarity))
-            res_max = (acts.amax(dim=1) if polarity > 0 else -acts.amin(dim=1)).float().numpy()  # (R, chunk)
+            res_max = res.window_max(a, min(a + chunk, n_units), polarity).numpy()  # (R, chunk), oriented
             top_acts = top.ranked_payload(a, a + chunk).float().permute(2, 0, 1).numpy()  # (chunk, k, T), oriented
             top_rows, extra_rows = _Rows(), _Rows()
-            top_acts_rows, extra_slots, extra_units = [], [], []
-            for u in range(a, min(a + chunk, n_units)):
-                if not fired[u]:
-                    continue
+            extra_slots, extra_units = [], []
+            # Top rows, unit by unit in rank order. Ranks are sorted with unfilled (-inf) slots
+            # last, so a unit's filled slots are its first ranks.
+            unit_of, rank = np.nonzero((valid[:, a : a + chunk] & fired[a : a + chunk]).T)
+            if not len(unit_of):
+                continue
+            top_rows.extend(unit_of + a, polarity, "top", np.array(TOP_DEAL)[rank % len(TOP_DEAL)], rank, None,
+                            top_ids[rank, unit_of + a], top_vals[rank, unit_of + a])
+            top_acts_rows = top_acts[unit_of, rank]  # (rows, T)
+            for u in np.unique(unit_of + a).tolist():
                 ids_u = top_ids[valid[:, u], u]
-                for r, split in enumerate(selection.deal(len(ids_u), TOP_DEAL)):
-                    top_rows.add(u, polarity, "top", split, r, None, int(ids_u[r]), float(top_vals[r, u]))
-                top_acts_rows.append(top_acts[u - a, : len(ids_u)])
-
                 exclude = {int(w) for w in ids_u}
                 randoms = selection.pick_random(reservoir_order, exclude, cfg.n_random)
                 exclude.update(randoms)
@@ -277,15 +277,12 @@ def _finish_layer(layer: int, rec: _LayerRecorder, cfg: RecordConfig, reservoir_
                                    float(res_max[slot_of[wid], u - a]))
                 extra_slots += [slot_of[w] for w in randoms] + [slot_of[w] for _, w in quants]
                 extra_units += [u] * (len(randoms) + len(quants))
-            if not top_acts_rows:
-                continue
             # Random and quantile rows come from the reservoir: gather their activations in one go.
-            slots = torch.tensor(extra_slots, dtype=torch.int64)
-            units = torch.tensor(extra_units, dtype=torch.int64) - a
-            extra_acts = (acts[slots, :, units].float() * polarity).numpy()  # (rows, T)
-            write(top_rows.table(layer, np.concatenate(top_acts_rows)))
+            extra_acts = res.windows(torch.tensor(extra_slots, dtype=torch.int64),
+                                     torch.tensor(extra_units, dtype=torch.int64), polarity).numpy()  # (rows, T)
+            write(top_rows.table(layer, top_acts_rows))
             write(extra_rows.table(layer, extra_acts))
-        stats.append(_stats_table(layer, polarity, rec.stats, {k: [v for p in shape for v in p[k]] for k in shape[0]}))
+        stats.append(_stats_table(layer, polarity, rec.stats, shape))
     return pa.concat_tables(stats)
 
 
@@ -300,6 +297,12 @@ class _Rows:
     def add(self, *values) -> None:
         for name, value in zip(self.NAMES, values):
             self.cols[name].append(value)
+
+    def extend(self, *columns) -> None:
+        """Many rows at once: each of `NAMES` as an array, or one value for every row."""
+        n = next(len(c) for c in columns if isinstance(c, np.ndarray))
+        for name, column in zip(self.NAMES, columns):
+            self.cols[name] += column.tolist() if isinstance(column, np.ndarray) else [column] * n
 
     def table(self, layer: int, acts: np.ndarray) -> pa.Table:
         n, T = len(self.cols["unit"]), acts.shape[-1] if acts.ndim == 2 else 0

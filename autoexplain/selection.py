@@ -107,6 +107,19 @@ class Reservoir:
         """Units a..b-1 of every window: (windows, tokens, b - a), a view."""
         return self.acts[:, :, a:b]
 
+    def window_max(self, a: int, b: int, sign: int = 1) -> torch.Tensor:
+        """(windows, b - a) float32: each window's maximum of sign * activation, units a..b-1."""
+        acts = self.chunk(a, b)
+        return (acts.amax(dim=1) if sign > 0 else -acts.amin(dim=1)).float()
+
+    def windows(self, slots: torch.Tensor, units: torch.Tensor, sign: int = 1) -> torch.Tensor:
+        """(pairs, tokens) float32: sign * the activations of unit `units[e]` in window slot `slots[e]`."""
+        return self.acts[slots, :, units].float() * sign
+
+    def shape_stats(self, bins: int = 32, sign: int = 1) -> dict[str, object]:
+        """`shape_stats_per_unit` of every unit's samples (each window and token of the sample)."""
+        return shape_stats_per_unit(self.acts.reshape(-1, self.acts.shape[-1]), bins, sign=sign)
+
 
 class SparseReservoir:
     """A `Reservoir` of activations that are mostly zero (a sparse coder's latents, non-negative):
@@ -120,6 +133,7 @@ class SparseReservoir:
         self.window_len, self.n_units = window_len, n_units
         self._index: list[torch.Tensor] = []  # (n, 3) int32: slot, token, unit
         self._value: list[torch.Tensor] = []
+        self._by_unit: tuple[torch.Tensor, ...] | None = None  # the entries by unit, once the pass has ended
 
     def update(self, window_ids: torch.Tensor, acts: SparseLatents) -> None:
         wid = window_ids.numpy()
@@ -133,6 +147,7 @@ class SparseReservoir:
         keep = (slot >= 0).nonzero().squeeze(1)
         self._index.append(torch.stack([slot[keep], acts.token[keep], acts.latent[keep]], 1).to(torch.int32))
         self._value.append(acts.value[keep].to(torch.bfloat16))
+        self._by_unit = None
         self.filled[slots[hit]] = True
 
     def chunk(self, a: int, b: int) -> torch.Tensor:
@@ -145,6 +160,81 @@ class SparseReservoir:
             i = index[keep].long()
             dense[i[:, 0], i[:, 1], i[:, 2] - a] = value[keep]
         return dense
+
+    def window_max(self, a: int, b: int, sign: int = 1) -> torch.Tensor:
+        """`Reservoir.window_max` from the entries of units a..b-1."""
+        if sign < 0:  # no negative entries: 0 unless a unit fired at every token of a window
+            return -self.chunk(a, b).amin(dim=1).float()
+        slot, token, unit, value = self._units(a, b)
+        out = torch.zeros(len(self.ids) * (b - a))
+        return out.scatter_reduce_(0, slot * (b - a) + unit - a, value, "amax").view(len(self.ids), b - a)
+
+    def windows(self, slots: torch.Tensor, units: torch.Tensor, sign: int = 1) -> torch.Tensor:
+        """`Reservoir.windows` from the entries of the units asked for (distinct pairs)."""
+        out = torch.zeros((len(slots), self.window_len))
+        if not len(slots):
+            return out
+        slot, token, unit, value = self._units(int(units.min()), int(units.max()) + 1)
+        keys, order = (slots * self.n_units + units).sort()
+        key = slot * self.n_units + unit
+        at = torch.searchsorted(keys, key).clamp_(max=len(keys) - 1)
+        i = (keys[at] == key).nonzero().squeeze(1)
+        out[order[at[i]], token[i]] = value[i]
+        return out * sign
+
+    def _units(self, a: int, b: int) -> tuple[torch.Tensor, ...]:
+        """(slot, token, unit, float32 value) of the entries of units a..b-1. The first call joins the
+        batches' entries and sorts them by unit, so that a range of units is a slice."""
+        if self._by_unit is None:
+            index = torch.cat(self._index) if self._index else torch.zeros((0, 3), dtype=torch.int32)
+            value = torch.cat(self._value) if self._value else torch.zeros(0, dtype=torch.bfloat16)
+            order = index[:, 2].argsort(stable=True)
+            self._by_unit = (*(c.contiguous() for c in index[order].long().unbind(1)), value[order].float())
+        slot, token, unit, value = self._by_unit
+        lo, hi = torch.searchsorted(unit, torch.tensor([a, b]))
+        return slot[lo:hi], token[lo:hi], unit[lo:hi], value[lo:hi]
+
+    def shape_stats(self, bins: int = 32, sign: int = 1) -> dict[str, object]:
+        """`shape_stats_per_unit` of every unit's samples (each window and token of the sample),
+        from the entries alone: a unit's samples are its entries plus as many zeros as it has
+        positions without one, so nothing of windows x tokens x units is ever built. Histograms
+        (edges and counts) are bit for bit the dense ones (the same float32 arithmetic per sample);
+        skewness and kurtosis sum in float64 where the dense path sums in float32, so they agree
+        to float32 rounding."""
+        U, N = self.n_units, len(self.ids) * self.window_len
+        _, _, unit, value = self._units(0, U)
+        if sign < 0:
+            value = -value
+        n_entries = torch.bincount(unit, minlength=U)
+        has_zero = n_entries < N
+        lo = torch.full((U,), float("inf")).scatter_reduce_(0, unit, value, "amin")
+        hi = torch.full((U,), float("-inf")).scatter_reduce_(0, unit, value, "amax")
+        lo = torch.where(has_zero, torch.minimum(lo, torch.zeros(())), lo)
+        hi = torch.where(has_zero, torch.maximum(hi, torch.zeros(())), hi)
+        width = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+
+        def bin_of(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:  # as `_shape_stats` bins
+            return (x - lo[u]).div_(width[u]).mul_(bins).floor_().clamp_(0, bins - 1).long()
+
+        counts = torch.bincount(unit * bins + bin_of(value, unit), minlength=U * bins)
+        every = torch.arange(U)
+        counts.index_add_(0, every * bins + bin_of(torch.zeros(U), every), N - n_entries)
+        v = value.double()
+        mean = torch.zeros(U, dtype=torch.float64).index_add_(0, unit, v) / N
+        c = v - mean[unit]
+        zeros, m0 = (N - n_entries).double(), -mean
+
+        def moment(p: int) -> torch.Tensor:
+            return (torch.zeros(U, dtype=torch.float64).index_add_(0, unit, c**p) + zeros * m0**p) / N
+
+        m2, m3, m4 = moment(2), moment(3), moment(4)
+        defined = m2 > 0
+        safe = torch.where(defined, m2, torch.ones_like(m2))
+        nan = torch.full_like(safe, float("nan"))
+        edges = lo.double()[:, None] + width.double()[:, None] * torch.linspace(0, 1, bins + 1, dtype=torch.float64)[None, :]
+        return {"skewness": torch.where(defined, m3 / safe**1.5, nan).numpy(),
+                "kurtosis": torch.where(defined, m4 / safe**2 - 3.0, nan).numpy(),
+                "hist_edges": list(edges.float().numpy()), "hist_counts": list(counts.view(U, bins).numpy())}
 
 
 class RunningStats:
@@ -277,18 +367,20 @@ def pick_quantiles(
     exclude: set[int],
     rng: np.random.Generator,
 ) -> list[tuple[int, int]]:
-    """Sample windows by the quantile of their max activation: [(bin index, window id), ...]."""
+    """Sample windows by the quantile of their max activation: [(bin index, window id), ...].
+    `window_ids` hold no repeats; the windows taken are added to `exclude`."""
     edges = np.quantile(window_max, [q for pair in bins for q in pair])
+    taken = np.isin(window_ids, np.fromiter(exclude, dtype=np.int64, count=len(exclude)))
     out = []
     for b in range(len(bins)):
         lo, hi = edges[2 * b], edges[2 * b + 1]
-        # Adjacent bins share an edge; `exclude` keeps a window from being taken twice.
-        mask = (window_max >= lo) & (window_max <= hi)
-        candidates = [int(w) for w in window_ids[mask] if int(w) not in exclude]
-        if not candidates:
+        # Adjacent bins share an edge; `taken` keeps a window from being taken twice.
+        at = np.flatnonzero((window_max >= lo) & (window_max <= hi) & ~taken)
+        if not len(at):
             continue
-        take = rng.choice(len(candidates), size=min(per_bin, len(candidates)), replace=False)
-        for i in sorted(take):
-            out.append((b, candidates[i]))
-            exclude.add(candidates[i])
+        take = np.sort(rng.choice(len(at), size=min(per_bin, len(at)), replace=False))
+        taken[at[take]] = True
+        for w in window_ids[at[take]].tolist():
+            out.append((b, w))
+            exclude.add(w)
     return out

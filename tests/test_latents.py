@@ -60,12 +60,51 @@ def test_streaming_state_from_entries_equals_the_dense_one():
     for name in ("values", "window_ids", "slots", "payload"):
         assert torch.equal(getattr(top_d, name), getattr(top_s, name)), name
     assert torch.equal(res_d.chunk(7, 50), res_s.chunk(7, 50)) and (res_d.filled == res_s.filled).all()
+    # What the end of the pass reads: per-window maxima, and the tokens of some (window, unit)
+    # pairs, in no particular order, some where the unit fired and some where it did not.
+    hot = (res_d.acts.amax(dim=1) > 0).nonzero()[::5]
+    cold = (res_d.acts.amax(dim=1) == 0).nonzero()[::40]
+    slots, units = torch.cat([hot.flip(0), cold]).unbind(1)
+    assert len(hot) > 10 and len(cold) > 10
+    for sign in (1, -1):
+        assert torch.equal(res_d.window_max(7, 50, sign), res_s.window_max(7, 50, sign))
+        assert torch.equal(res_d.windows(slots, units, sign), res_s.windows(slots, units, sign))
     dense_sum, sparse_sum = stats_d.summary(1), stats_s.summary(1)
     for name in ("max", "frac_active"):
         np.testing.assert_array_equal(dense_sum[name], sparse_sum[name])
     for name in ("mean", "std"):
         np.testing.assert_allclose(dense_sum[name], sparse_sum[name], rtol=1e-6)
     assert stats_d.n == stats_s.n == 40 * B * T
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_shape_statistics_from_the_reservoir_entries_equal_the_dense_ones(sign):
+    """Histograms bit for bit, skewness and kurtosis to float32 rounding (the dense path sums in
+    float32); including a latent that fired at every sampled position (no zeros among its samples),
+    one that fired once, and ones that never fired (undefined shape, every sample in one bin)."""
+    g = torch.Generator().manual_seed(2)
+    B, T, U = 4, 16, 50
+    sample = np.arange(0, 40, 3)
+    res_d, res_s = Reservoir(sample, T, U), SparseReservoir(sample, T, U)
+    for b in range(10):
+        dense, _ = topk_batch(g, B, T, U, 6)
+        dense[:, :, 0] = torch.rand(B, T, generator=g) + 0.25
+        dense[:, :, 1] = 0.0
+        dense[:, :, 2] = 0.0
+        if b == 3:
+            dense[0, 5, 2] = 0.75  # window 12, in the sample
+        dense[:, :, 3] *= 7.0  # a wider range than the others
+        ids = torch.arange(B * b, B * b + B)
+        res_d.update(ids, dense)
+        res_s.update(ids, SparseLatents.from_dense(dense))
+    want, got = res_d.shape_stats(sign=sign), res_s.shape_stats(sign=sign)
+    for u in range(U):
+        np.testing.assert_array_equal(got["hist_counts"][u], want["hist_counts"][u])
+        np.testing.assert_array_equal(got["hist_edges"][u], want["hist_edges"][u])
+    assert want["hist_counts"][1][0] == len(sample) * T and np.isnan(got["skewness"][1])
+    assert np.isfinite(got["kurtosis"][[0, 2, 3]]).all()
+    for name in ("skewness", "kurtosis"):
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["topk", "groupmax"])

@@ -55,3 +55,31 @@ def test_latent_direction_is_a_decoder_row():
     W_dec = torch.randn(6, 4)
     coder = SparseCoder("x", "saelens", "standard", False, None, torch.randn(4, 6), torch.zeros(6), W_dec, torch.zeros(4))
     assert torch.equal(latent_direction(coder, 3), W_dec[3])
+
+
+@pytest.mark.parametrize("bf16_model", [True, False])
+def test_ranking_from_bf16_candidates_is_the_float32_ranking(monkeypatch, bf16_model):
+    """`output_columns` ranks by a bf16 product's candidates checked in float32; ids and logits
+    are those of the float32 product (logits to float32 summation order), both for rows the
+    candidates settle and for rows of near-tied tokens, which the check sends to the float32 product."""
+    import autoexplain.output_side as side
+
+    g = torch.Generator().manual_seed(3)
+    unembed = torch.randn(6000, 48, generator=g)
+    if bf16_model:  # its unembedding is exact in bf16
+        unembed = unembed.bfloat16().float()
+    tied = torch.randn(48, generator=g)
+    unembed[:200] = tied + 1e-3 * torch.randn(200, 48, generator=g)  # 200 tokens within 0.1 % of each other
+    d = torch.cat([torch.randn(300, 48, generator=g) * torch.rand(300, 1, generator=g) * 5, tied[None] * 2,
+                   -tied[None]])
+    monkeypatch.setattr(side, "bf16_dot_products", lambda: True)  # the path under test, on any CPU
+    redone = []
+    ranked = side._ranked
+    monkeypatch.setattr(side, "_ranked", lambda logits, n: redone.append(len(logits)) or ranked(logits, n))
+    (top_ids, top_vals), (bottom_ids, bottom_vals) = side._extremes(d, side._Vocabulary(unembed), 10)
+    assert redone == [2]  # the two near-tied rows (one each way), not the 300 others
+    full = d.double() @ unembed.double().T
+    want_top, want_bottom = full.topk(10, dim=1), full.topk(10, dim=1, largest=False)
+    assert torch.equal(top_ids, want_top.indices) and torch.equal(bottom_ids, want_bottom.indices)
+    torch.testing.assert_close(top_vals.double(), want_top.values, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bottom_vals.double(), want_bottom.values, rtol=1e-5, atol=1e-5)
