@@ -27,8 +27,8 @@ from autoexplain.latents import SparseLatents
 from autoexplain.records import QUANTILE_BINS, RANDOM_DEAL, TOP_DEAL
 from autoexplain.output_side import OUTPUT_COLUMNS
 from autoexplain.sources import MLP, UnitSource
-from autoexplain.storage import content_key, file_digest, read_manifest
-from autoexplain.store import Stage
+from autoexplain.storage import content_key, file_digest, is_complete, read_manifest
+from autoexplain.store import Stage, stage_key
 from schemas import load_schema
 from autoexplain.subject import Subject
 
@@ -192,11 +192,17 @@ def record_layers(
         )
     params = {k: v for k, v in asdict(cfg).items() if k not in ("layers", "batch_size")}
     inputs = {"windows": windows.key, "subject": subject.fingerprint}
-    stage = Stage.open(out_root, "records", {"inputs": inputs, "params": params, "layers": layers,
-                                             "source": source.identity()}, record_layers)
+
+    def fields(of_layers: list[int]) -> dict:
+        return {"inputs": inputs, "params": params, "layers": of_layers, "source": source.identity()}
+
+    stage = Stage.open(out_root, "records", fields(layers), record_layers)
     ref = RecordsRef(stage.directory, stage.key, layers, windows.n_windows)
     if stage.done:
         return ref
+    covering = _covering(stage.directory.parent, layers, lambda of: stage_key(fields(of), record_layers))
+    if covering is not None:
+        return RecordsRef(covering.directory, covering.name, covering.layers, windows.n_windows)
 
     rng = np.random.default_rng(cfg.seed)
     n_res = min(cfg.reservoir, windows.n_windows)
@@ -225,6 +231,29 @@ def record_layers(
                                                  "source_id": content_key(source.identity())}
     stage.seal(inputs, {**params, "layers": layers, **named})
     return ref
+
+
+@dataclass
+class _Covering:
+    directory: Path
+    name: str
+    layers: list[int]
+
+
+def _covering(records_root: Path, layers: list[int], key_of: Callable[[list[int]], str]) -> _Covering | None:
+    """A sealed recording of more layers that holds these ones, from the same windows, subject,
+    settings, source and code: each layer's records depend on nothing but those (its own recorder
+    in the shared pass), so the layer of an `explain-model` run is not recorded again for a later
+    `explain-layer`, `revise` or `rescore` of it. Found by recomputing the key that a recording of
+    the folder's layers would have: equal to the folder's name only when everything else is too."""
+    for manifest in sorted(records_root.glob("*/manifest.json")):
+        try:
+            theirs = sorted(read_manifest(manifest.parent)["params"]["layers"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if set(layers) <= set(theirs) and key_of(theirs) == manifest.parent.name and is_complete(manifest.parent):
+            return _Covering(manifest.parent, manifest.parent.name, theirs)
+    return None
 
 
 def _finish_layer(layer: int, rec: _LayerRecorder, cfg: RecordConfig, reservoir_order: np.ndarray,

@@ -195,3 +195,16 @@ def test_bad_import_input_is_one_line(home, tmp_path):
     line = _one_error_line(stage_cli(home, "import", "--from", str(tmp_path / "ref"), "--out", str(tmp_path / "o2")))
     assert "--layer is required" in line
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_a_layer_of_the_model_run_is_not_recorded_again(modelled, home, tiny_llama_dir, prose_corpus):
+    """`explain-layer` (and so `revise`) of a layer the model run recorded reuses its recording."""
+    out, _ = modelled
+    before = sorted(p.name for p in (out / "records").iterdir())
+    result = cli(home, "explain-layer", "--model", tiny_llama_dir, "--corpus", str(prose_corpus), "--layer", "2",
+                 "--units", "0-1", "--shard-size", "2", *SMALL, "--out", str(out))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert sorted(p.name for p in (out / "records").iterdir()) == before, "a second recording"
+    run = json.loads((out / "runs" / "layer_2.json").read_text())
+    assert run["flow"] == "explain-layer" and run["records"]["path"] == str((out / "records" / before[0]).resolve())
+    assert run["records"]["layers"] == [0, 2]

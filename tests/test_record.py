@@ -101,8 +101,10 @@ def test_rerun_reuses_the_content_addressed_output(recorded):
     again = record_layers(subject, windows, RecordConfig([2, 0], **CFG), out)
     assert again.directory == ref.directory
     assert ref.records_path(0).stat().st_mtime_ns == before
-    other = record_layers(subject, windows, RecordConfig([0], **CFG), out)
-    assert other.directory != ref.directory
+    subset = record_layers(subject, windows, RecordConfig([0], **CFG), out)
+    assert (subset.directory, subset.layers) == (ref.directory, [0, 2]), "a layer of a recording is recorded again"
+    other = record_layers(subject, windows, RecordConfig([1], **CFG), out)
+    assert other.directory != ref.directory and other.layers == [1]
     assert not list(out.rglob("*.tmp")), "no temporary files left behind"
 
 
