@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from autoexplain.errors import UserError
-from schemas.contracts import ContractViolation
+from autoexplain.schemas.contracts import ContractViolation
 
 err = Console(stderr=True)
 

@@ -5,7 +5,7 @@ A stage names its entry point, a function (`code_identity(run_explain)`) or a st
 analysis (`ast`, nothing is imported) follows what the entry refers to:
 - a name defined at the top level of the same module: that definition (a function or class is
   followed whole: decorators, defaults, bases, methods);
-- a name imported from a project module (`autoexplain`, `schemas`), at the top of the file or
+- a name imported from a project module (`autoexplain` and its subpackages), at the top of the file or
   inside a function, and `module.attr` for an imported module: that symbol of that module;
 - a project module used as a value, a name that module does not define at its top level (a
   re-export), or `import autoexplain.x` inside a function: the whole module.
@@ -29,7 +29,12 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterable
 
-PACKAGES = ("autoexplain", "schemas")
+PACKAGES = ("autoexplain",)
+# Subpackages whose source sits beside the library's folder in a checkout: the contracts, the task
+# wrappers and the flows install as `autoexplain.schemas`, `.tasks` and `.flows` (pyproject's
+# package-dir says the same; tests/test_layers.py checks), so that no top-level `schemas`, `tasks`
+# or `flows` of another package can clash with them.
+SOURCE_FOLDERS = {"autoexplain.schemas": "schemas", "autoexplain.tasks": "tasks", "autoexplain.flows": "flows"}
 ROOT = Path(__file__).resolve().parent.parent  # the folder that holds the project packages
 
 WHOLE = "*"  # the symbol name meaning "the whole module"
@@ -97,10 +102,14 @@ class _Module:
 def _module_path(name: str, root: Path) -> Path | None:
     if name.split(".")[0] not in PACKAGES:
         return None
-    base = root.joinpath(*name.split("."))
-    for path in (base.with_suffix(".py"), base / "__init__.py"):
-        if path.is_file():
-            return path
+    bases = [root.joinpath(*name.split("."))]  # as installed
+    for package, folder in SOURCE_FOLDERS.items():
+        if name == package or name.startswith(package + "."):  # as checked out
+            bases.insert(0, root.joinpath(folder, *name[len(package) + 1 :].split(".")) if name != package else root / folder)
+    for base in bases:
+        for path in (base.with_suffix(".py"), base / "__init__.py"):
+            if path.is_file():
+                return path
     return None
 
 
@@ -236,7 +245,7 @@ def code_identity(*entries: str | Callable, root: str | os.PathLike | None = Non
 def _signature(modules: Iterable[str], root: Path) -> tuple:
     """The stat of every module read and of every package folder (a new file there may be a new
     module that an existing import now resolves to)."""
-    folders = {p for p in root.iterdir() if p.name in PACKAGES and p.is_dir()}
+    folders = {p for p in root.iterdir() if p.name in (*PACKAGES, *SOURCE_FOLDERS.values()) and p.is_dir()}
     folders |= {d for p in folders for d in p.rglob("*") if d.is_dir() and d.name != "__pycache__"}
     paths = [_module_path(m, root) for m in modules]
     return tuple((str(p), *_stat(p)) for p in sorted(folders) + paths)

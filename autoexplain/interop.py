@@ -25,7 +25,7 @@ from autoexplain import files
 from autoexplain.errors import UserError
 from autoexplain.records import UnitRecords
 from autoexplain.storage import write_json
-from schemas import load_schema
+from autoexplain.schemas import load_schema
 
 
 def _stem(unit: int, polarity: int) -> str:

@@ -36,7 +36,7 @@ from autoexplain import layout
 from autoexplain.records import ActivationRecord
 from autoexplain.storage import read_manifest
 from autoexplain.store import Stage
-from schemas import load_schema
+from autoexplain.schemas import load_schema
 
 POOL, PER_UNIT, PARTNERS = 512, 10, 5
 

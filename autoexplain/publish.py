@@ -32,7 +32,7 @@ from autoexplain import defaults, files, layout
 from autoexplain.errors import UserError
 from autoexplain.sources import MLP
 from autoexplain.storage import local_ref, open_root, read_run, run_sources
-from schemas import HERE as SCHEMAS
+from autoexplain.schemas import HERE as SCHEMAS
 
 TABLES = {  # table -> (the stage schema its columns come from, what a row is)
     "units": ("unit_stats", "one unit and polarity: its activation statistics"),

@@ -29,7 +29,7 @@ from autoexplain.output_side import OUTPUT_COLUMNS
 from autoexplain.sources import MLP, UnitSource
 from autoexplain.storage import content_key, file_digest, is_complete, read_manifest
 from autoexplain.store import Stage, stage_key
-from schemas import load_schema
+from autoexplain.schemas import load_schema
 from autoexplain.subject import Subject
 
 Progress = Callable[[int, int], None]  # (tokens done, tokens total)

@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from autoexplain.records import UnitId
 from autoexplain.sources import MLP
-from schemas import OPTIONAL_COLUMNS, load_schema
+from autoexplain.schemas import OPTIONAL_COLUMNS, load_schema
 
 MLP_KIND = MLP.kind  # rows of this source carry no `source` column
 

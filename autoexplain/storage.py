@@ -23,7 +23,7 @@ from autoexplain import files, layout, remote
 from autoexplain.layout import MANIFEST
 from autoexplain.records import KIND
 from autoexplain.sources import MLP
-from schemas import conform, load_schema
+from autoexplain.schemas import conform, load_schema
 
 
 def content_key(payload: Any, length: int = 16) -> str:
@@ -50,7 +50,7 @@ def is_complete(directory: Path) -> bool:
     lists still has the digest it was sealed with, and its tables keep their contracts
     (`schemas.gate`): a changed, truncated or contract-breaking folder is unfinished, so it is
     recomputed rather than read."""
-    from schemas.contracts import ContractViolation
+    from autoexplain.schemas.contracts import ContractViolation
 
     if damaged(directory) is not None or not (Path(directory) / MANIFEST).is_file():
         return False
@@ -64,7 +64,7 @@ def is_complete(directory: Path) -> bool:
 def check_contracts(directory: Path, manifest: dict) -> dict[str, str]:
     """{file: version of the suite it passed} for a folder's tables (`schemas.gate`); raises
     `ContractViolation` for the first that breaks its contract."""
-    from schemas.gate import check_folder
+    from autoexplain.schemas.gate import check_folder
 
     return check_folder(manifest["stage"], directory, manifest)
 
@@ -110,7 +110,7 @@ def require_complete(directory: str | os.PathLike, what: str, fix: str) -> Path:
     """A finished, undamaged stage folder, or a UserError that names the folder or the file."""
     from autoexplain.errors import UserError
 
-    from schemas.contracts import ContractViolation
+    from autoexplain.schemas.contracts import ContractViolation
 
     directory = Path(directory)
     bad = damaged(directory)

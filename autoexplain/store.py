@@ -39,7 +39,7 @@ from autoexplain.storage import (
     write_json,
     write_table,
 )
-from schemas.contract_report import ContractViolation
+from autoexplain.schemas.contract_report import ContractViolation
 
 
 def stage_key(fields: dict, *code: str | Callable) -> str:

@@ -66,10 +66,10 @@ def run_once(**params):
     from prefect import flow
 
     from autoexplain.counters import since, snapshot
-    from flows.explain_layer import explain_layer
-    from flows.explain_model import explain_model
+    from autoexplain.flows.explain_layer import explain_layer
+    from autoexplain.flows.explain_model import explain_model
 
-    from tasks.stages import warm_up
+    from autoexplain.tasks.stages import warm_up
 
     before = snapshot()
     t = time.perf_counter()

@@ -197,9 +197,9 @@ def _run_flow(name: str, params: dict, check) -> None:
     import importlib
 
     from autoexplain import progress
-    from tasks.stages import warm_up
+    from autoexplain.tasks.stages import warm_up
 
-    flow = getattr(importlib.import_module("flows.explain_model" if name == "explain_model" else "flows.explain_layer"), name)
+    flow = getattr(importlib.import_module("autoexplain.flows.explain_model" if name == "explain_model" else "autoexplain.flows.explain_layer"), name)
     warm_up(params.get("simulator"))
     bars, listener = stage_bars()
     remove = progress.listen(listener)

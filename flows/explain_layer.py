@@ -33,11 +33,11 @@ from autoexplain.remote import is_url
 from autoexplain.sources import MLP
 from autoexplain.storage import content_key, layer_name, open_root, write_run
 from autoexplain.summary import compare_markdown
-from flows.steps import agreement, finish_layer, gather, score_shard, site_pages, submit_layer, unit_keys
-from schemas.contracts import ContractViolation
-from tasks.compare import compare_task
-from tasks.report import budget_stop, publish, publish_recording, report_task, view_task
-from tasks.stages import record_task, score_task, simulate_task, with_results
+from autoexplain.flows.steps import agreement, finish_layer, gather, score_shard, site_pages, submit_layer, unit_keys
+from autoexplain.schemas.contracts import ContractViolation
+from autoexplain.tasks.compare import compare_task
+from autoexplain.tasks.report import budget_stop, publish, publish_recording, report_task, view_task
+from autoexplain.tasks.stages import record_task, score_task, simulate_task, with_results
 
 
 def out_path(out: str) -> str:

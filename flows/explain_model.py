@@ -21,10 +21,10 @@ from autoexplain.llm_cache import set_cache
 from autoexplain.model_report import PAGE
 from autoexplain.registry import DEFAULT_SCORER
 from autoexplain.storage import local_ref
-from flows.explain_layer import checked, out_path
-from flows.steps import finish_layer, gather, submit_layer
-from tasks.report import model_report_task, publish_recording, view_task
-from tasks.stages import record_task, with_results
+from autoexplain.flows.explain_layer import checked, out_path
+from autoexplain.flows.steps import finish_layer, gather, submit_layer
+from autoexplain.tasks.report import model_report_task, publish_recording, view_task
+from autoexplain.tasks.stages import record_task, with_results
 
 
 @flow(name="explain-model", validate_parameters=True)

@@ -22,9 +22,9 @@ from autoexplain.registry import DEFAULT_SCORER, parse_scorers, simulator_identi
 from autoexplain.remote import is_url
 from autoexplain.sources import MLP
 from autoexplain.storage import layer_name, local_ref, open_root, write_run
-from tasks.classify import agreement_task, classify_task, negatives_task, scores_task
-from tasks.report import publish, report_task
-from tasks.stages import explain_task, revise_task, score_task, simulate_task, with_results
+from autoexplain.tasks.classify import agreement_task, classify_task, negatives_task, scores_task
+from autoexplain.tasks.report import publish, report_task
+from autoexplain.tasks.stages import explain_task, revise_task, score_task, simulate_task, with_results
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Any
 
 import polars as pl
 
-from schemas.contract_report import ROWS, ContractError, ContractReport, clip
+from autoexplain.schemas.contract_report import ROWS, ContractError, ContractReport, clip
 
 N_EXAMPLES = 3  # offending values shown per failed expectation
 _LOCK = threading.RLock()

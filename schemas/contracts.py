@@ -62,9 +62,9 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
-from schemas import HERE, load_schema
-from schemas.contract_gx import add_failure, run_gx
-from schemas.contract_report import ROWS, ContractError, ContractReport, ContractViolation, clip
+from autoexplain.schemas import HERE, load_schema
+from autoexplain.schemas.contract_gx import add_failure, run_gx
+from autoexplain.schemas.contract_report import ROWS, ContractError, ContractReport, ContractViolation, clip
 
 __all__ = ["ContractError", "ContractReport", "ContractViolation", "check", "load_suite", "suite_names", "validate"]
 

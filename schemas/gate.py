@@ -19,8 +19,8 @@ from pathlib import Path
 
 from autoexplain import layout
 from autoexplain.identity import code_identity
-from schemas import HERE
-from schemas.contracts import SUITES_DIR, ContractViolation, check
+from autoexplain.schemas import HERE
+from autoexplain.schemas.contracts import SUITES_DIR, ContractViolation, check
 
 _PASSED: set[tuple[str, str, str]] = set()  # (suite, version, file digest) checked in this process
 
@@ -50,7 +50,7 @@ def suite_version(suite: str) -> str:
     spans several modules), and the hash is taken here rather than with `storage.content_key`:
     the store calls this gate, so the gate must not import the store."""
     doc = json.loads((SUITES_DIR / f"{suite}.json").read_text())
-    parts = [doc, code_identity("schemas.contracts"), (HERE / f"{doc.get('schema', suite)}.json").read_text()]
+    parts = [doc, code_identity("autoexplain.schemas.contracts"), (HERE / f"{doc.get('schema', suite)}.json").read_text()]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

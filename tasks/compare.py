@@ -7,7 +7,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from autoexplain.summary import compare, compare_markdown
-from tasks.stages import local_ref
+from autoexplain.tasks.stages import local_ref
 
 
 def _scores(refs: list[dict]) -> pl.DataFrame:

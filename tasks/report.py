@@ -26,7 +26,7 @@ from autoexplain import remote
 from autoexplain.layer import dead_units
 from autoexplain.storage import read_manifest
 from autoexplain.summary import cost_line, run_cost
-from tasks.stages import local_ref
+from autoexplain.tasks.stages import local_ref
 
 HEADLINE = "top_and_random"
 

@@ -43,7 +43,7 @@ from autoexplain.record import RecordConfig, build_windows, record_layers
 from autoexplain.source_coder import open_unit_source
 from autoexplain.storage import content_key, is_complete, local_ref, open_root, read_manifest
 from autoexplain.store import stage_key
-from schemas.contracts import ContractViolation
+from autoexplain.schemas.contracts import ContractViolation
 
 
 def _transient(task_, task_run, state) -> bool:

@@ -156,7 +156,7 @@ def test_a_stopped_run_resumes_and_pays_for_nothing_twice(fault_server, bench_se
 
 @pytest.mark.slow
 def test_the_flow_ends_in_a_budget_reached_state(prefect_results, bench_server, tiny_llama_dir, prose_corpus, tmp_path):
-    from flows.explain_layer import explain_layer
+    from autoexplain.flows.explain_layer import explain_layer
 
     llm = f"openai:bench@{bench_server.base_url}"
     state = explain_layer(layer=1, units="0-1", model=tiny_llama_dir, corpus=str(prose_corpus), tokens=20000, k=2,

@@ -114,7 +114,7 @@ def test_undefined_without_both_classes():
 
 
 def test_the_scores_contract_knows_every_classifier_metric():
-    from schemas import HERE
+    from autoexplain.schemas import HERE
 
     suite = json.loads((HERE / "expectations" / "scores.json").read_text())
     known = suite["expectations"][0]["kwargs"]["value_set"]

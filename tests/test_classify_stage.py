@@ -176,8 +176,8 @@ def test_the_default_scorers_submit_the_score_task_as_before():
     same arguments as before the classifier scorers existed (so its cache keys are unchanged)."""
     import inspect
 
-    from flows.explain_layer import explain_layer, rescore
-    from flows.steps import score_shard
+    from autoexplain.flows.explain_layer import explain_layer, rescore
+    from autoexplain.flows.steps import score_shard
 
     assert inspect.signature(explain_layer.fn).parameters["scorers"].default == "simulation"
     assert inspect.signature(rescore.fn).parameters["scorers"].default == "simulation"

@@ -8,7 +8,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-EXE = [sys.executable, "-m", "flows.cli"]  # the console script's module
+EXE = [sys.executable, "-m", "autoexplain.flows.cli"]  # the console script's module
 
 
 def run(*args, cwd=None):

@@ -18,7 +18,7 @@ import pytest
 from tests.test_cli import _one_error_line
 
 pytestmark = pytest.mark.slow
-EXE = [sys.executable, "-m", "flows.cli"]  # the console script's module
+EXE = [sys.executable, "-m", "autoexplain.flows.cli"]  # the console script's module
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from schemas import load_schema
-from schemas.contracts import ContractError, ContractViolation, check, validate
+from autoexplain.schemas import load_schema
+from autoexplain.schemas.contracts import ContractError, ContractViolation, check, validate
 
 T = 8  # window length for the small tables
 SPLITS = ("train", "calib", "valid", "test")
@@ -361,6 +361,6 @@ def test_unknown_suite_and_missing_param():
     with pytest.raises(ContractError):
         validate(_table(score_rows(), "scores"), "nope")
     with pytest.raises(ContractError, match="window_len"):
-        from schemas import contracts
+        from autoexplain.schemas import contracts
 
         contracts._fill({"x": "$window_len"}, {})

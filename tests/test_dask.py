@@ -57,7 +57,7 @@ def _stage(out, stage: str, name: str = "layer_1.parquet") -> pl.DataFrame:
 
 
 def _cached_models(dask_worker) -> dict:
-    from tasks import stages
+    from autoexplain.tasks import stages
 
     return {"llm": stages.llm_for.cache_info().currsize, "simulator": stages.simulator_for.cache_info().currsize,
             "pid": os.getpid()}
@@ -66,7 +66,7 @@ def _cached_models(dask_worker) -> dict:
 def test_dask_run_matches_sequential_run(prefect_isolated, cluster, tiny_llama_dir, prose_corpus, tmp_path):
     from prefect_dask import DaskTaskRunner
 
-    from flows.explain_layer import explain_layer
+    from autoexplain.flows.explain_layer import explain_layer
 
     c, client = cluster
     seq_out, dask_out = tmp_path / "sequential", tmp_path / "dask"
@@ -92,8 +92,8 @@ def test_explain_model_on_dask_equals_explain_layer(prefect_isolated, cluster, t
     scores equal those of an explain-layer run of that layer alone (default runner)."""
     from prefect_dask import DaskTaskRunner
 
-    from flows.explain_layer import explain_layer
-    from flows.explain_model import explain_model
+    from autoexplain.flows.explain_layer import explain_layer
+    from autoexplain.flows.explain_model import explain_model
 
     c, client = cluster
     base = {k: v for k, v in _params(tiny_llama_dir, prose_corpus, tmp_path / "model").items() if k != "layer"}

@@ -22,7 +22,7 @@ from tests.test_cli import _one_error_line
 from tests.viewer_fixtures import Watched, browser, chromium, file_url  # noqa: F401
 
 pytestmark = pytest.mark.slow
-EXE = [sys.executable, "-m", "flows.cli"]
+EXE = [sys.executable, "-m", "autoexplain.flows.cli"]
 SMALL = ["--tokens", "20000", "--k", "1", "--bootstrap", "50", "--window-len", "8", "--top-k", "8", "--random", "6"]
 
 

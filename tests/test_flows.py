@@ -13,7 +13,7 @@ from autoexplain.errors import UserError
 
 @pytest.fixture
 def run(prefect_results, tiny_llama_dir, prose_corpus, tmp_path):
-    from flows.explain_layer import explain_layer
+    from autoexplain.flows.explain_layer import explain_layer
 
     base = dict(layer=1, units="0-5", model=tiny_llama_dir, corpus=str(prose_corpus), tokens=100_000,
                 explainer=f"local:{tiny_llama_dir}", simulator="embedding", k=2, shard_size=4, n_boot=50,
@@ -158,8 +158,8 @@ BAD_PARAMETERS = [
 def test_every_bad_parameter_fails_before_any_work(run, tmp_path, bad, message):
     """One line naming the flow parameter, as the run's Failed state message, with nothing recorded,
     loaded or written (the time to failure is the preflight's: no model is loaded before it)."""
-    from flows.explain_layer import explain_layer
-    from tasks import stages
+    from autoexplain.flows.explain_layer import explain_layer
+    from autoexplain.tasks import stages
 
     loaded = stages._subject.cache_info().currsize
     with pytest.raises(UserError) as caught:
@@ -171,7 +171,7 @@ def test_every_bad_parameter_fails_before_any_work(run, tmp_path, bad, message):
 
 
 def test_failed_state_message_is_the_one_line(run, prefect_results, tiny_llama_dir, prose_corpus, tmp_path):
-    from flows.explain_layer import explain_layer
+    from autoexplain.flows.explain_layer import explain_layer
 
     state = explain_layer(layer=99, model=tiny_llama_dir, corpus=str(prose_corpus), out=str(tmp_path / "o"),
                           return_state=True)

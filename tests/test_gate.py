@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def finished(prefect_results, tiny_llama_dir, prose_corpus, tmp_path):
-    from flows.explain_layer import explain_layer
+    from autoexplain.flows.explain_layer import explain_layer
 
     params = dict(layer=1, units="0-3", model=tiny_llama_dir, corpus=str(prose_corpus), tokens=60_000,
                   explainer="embedding", simulator="embedding", k=2, shard_size=4, n_boot=50,
@@ -115,7 +115,7 @@ def test_the_flow_recomputes_a_breaking_input(finished, case):
 def test_the_store_refuses_to_seal_a_breaking_output(finished):
     from autoexplain.storage import is_complete
     from autoexplain.store import Stage
-    from schemas.contracts import ContractViolation
+    from autoexplain.schemas.contracts import ContractViolation
 
     out, run, _ = finished
     path = _path(run, "explanations")

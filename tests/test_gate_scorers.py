@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def finished(prefect_results, tiny_llama_dir, prose_corpus, tmp_path):
-    from flows.explain_layer import explain_layer
+    from autoexplain.flows.explain_layer import explain_layer
 
     params = dict(layer=1, units="0-3", model=tiny_llama_dir, corpus=str(prose_corpus), tokens=60_000,
                   explainer="embedding", simulator="embedding", scorers="simulation,embedding", k=2, shard_size=4,

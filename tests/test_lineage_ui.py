@@ -38,7 +38,7 @@ from tests.viewer_fixtures import CHROMIUM_ARGS, chromium  # noqa: F401 - chromi
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS_IMG = REPO / "docs" / "img" / "lineage.png"
-EXE = [sys.executable, "-m", "flows.cli"]  # the console script's module
+EXE = [sys.executable, "-m", "autoexplain.flows.cli"]  # the console script's module
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
@@ -83,7 +83,7 @@ class _Served:
 
 def test_view_serve_serves_the_site_and_says_so(tmp_path):
     from autoexplain.serve import STATE, running_url
-    from tasks.report import viewer_markdown
+    from autoexplain.tasks.report import viewer_markdown
 
     site = _tiny_site(tmp_path / "my site")  # a space: the command in the artifact must quote it
     index_uri = (site / "index.html").as_uri()
@@ -161,8 +161,8 @@ def recording_run(against_server, tiny_llama_dir, prose_corpus, tmp_path_factory
     from prefect.events.worker import EventsWorker
 
     from autoexplain import serve
-    from tasks.report import publish, publish_recording, viewer_markdown
-    from tasks.stages import record_task
+    from autoexplain.tasks.report import publish, publish_recording, viewer_markdown
+    from autoexplain.tasks.stages import record_task
 
     root = tmp_path_factory.mktemp("lineage")
     out = root / "out"

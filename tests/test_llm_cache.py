@@ -187,7 +187,7 @@ def test_tokens_per_minute_budget(fault_server, clock):
 def _cli(home, *args, **env):
     full = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILE", CACHE_ENV)}
     full.update(HF_HUB_OFFLINE="1", COLUMNS="200", PREFECT_HOME=str(home), **env)
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, env=full)  # the console script
+    return subprocess.run([sys.executable, "-m", "autoexplain.flows.cli", *args], capture_output=True, text=True, env=full)  # the console script
 
 
 def _forget_outputs(out):

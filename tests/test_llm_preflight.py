@@ -91,7 +91,7 @@ def test_explain_layer_command_stops_before_any_work(home, fault_server, tiny_ll
 
 @pytest.mark.slow
 def test_flow_fails_with_the_line(prefect_results, fault_server, tiny_llama_dir, prose_corpus, tmp_path, monkeypatch):
-    from flows.explain_layer import explain_layer
+    from autoexplain.flows.explain_layer import explain_layer
 
     monkeypatch.setenv("OPENAI_API_KEY", "wrong")
     server = fault_server(api_key="right")

@@ -11,7 +11,7 @@ from autoexplain.embedding import EmbeddingSimulator
 from autoexplain.interop import export_layer, import_explanations
 from autoexplain.layer import StageRef, load_units, run_explain, run_score, run_simulate
 from autoexplain.llm import LocalLLM
-from schemas.contracts import check
+from autoexplain.schemas.contracts import check
 
 UNITS = [0, 5]
 

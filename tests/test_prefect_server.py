@@ -151,7 +151,7 @@ def test_flow_run_leaves_artifacts_and_asset_events(against_server, tiny_llama_d
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
     from prefect.events.worker import EventsWorker
 
-    from flows.explain_layer import explain_layer
+    from autoexplain.flows.explain_layer import explain_layer
 
     out = tmp_path / "out"
     state = explain_layer(**_tiny_params(tiny_llama_dir, prose_corpus, out), return_state=True)
@@ -261,12 +261,12 @@ def test_prefect_yaml_deploys_and_a_worker_runs_it(against_server, tiny_llama_di
                    yaml.safe_load((REPO / "deployments/prefect.yaml").read_text())["deployments"]}
         assert nightly.parameters == shipped["nightly"]
         assert nightly.parameters["out"] == "out" and nightly.parameters["budget"] is None
-        from flows.explain_layer import rescore
+        from autoexplain.flows.explain_layer import rescore
         assert set(nightly.parameters) <= set(inspect.signature(rescore.fn).parameters)
         listed = {f"{client.read_flow(d.flow_id).name}/{d.name}" for d in client.read_deployments()}
         assert listed == {"explain-layer/smollm2-layer15", "explain-model/smollm2", "rescore/nightly"}
         whole = client.read_deployment_by_name("explain-model/smollm2")
-        from flows.explain_model import explain_model
+        from autoexplain.flows.explain_model import explain_model
         assert whole.entrypoint == "flows/explain_model.py:explain_model" and whole.parameters == shipped["smollm2"]
         assert set(whole.parameters) <= set(inspect.signature(explain_model.fn).parameters)
 

@@ -107,7 +107,7 @@ def test_bad_publish_input_is_one_line(home, two_layers, tmp_path):  # noqa: F81
 
 @pytest.mark.slow
 def test_the_publish_flow(prefect_results, two_layers, tmp_path):
-    from flows.publish import publish_dataset
+    from autoexplain.flows.publish import publish_dataset
 
     state = publish_dataset(out=str(two_layers), to=str(tmp_path / "ds"), layers=[0], license="mit", return_state=True)
     assert state.is_completed() and state.result() == str(tmp_path / "ds")

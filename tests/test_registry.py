@@ -79,7 +79,7 @@ def test_a_registered_simulator_is_known_everywhere(toy):
 
 
 def test_toy_simulator_runs_in_the_flow(toy, prefect_results, tiny_llama_dir, prose_corpus, tmp_path):
-    from flows.explain_layer import explain_layer
+    from autoexplain.flows.explain_layer import explain_layer
 
     out = tmp_path / "out"
     result = explain_layer(layer=1, units="0-5", model=tiny_llama_dir, corpus=str(prose_corpus), tokens=20_000,

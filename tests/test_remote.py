@@ -113,7 +113,7 @@ def test_missing_backend_names_the_package():
 
 
 def test_cli_takes_a_url_and_a_results_location():
-    shown = subprocess.run([sys.executable, "-m", "flows.cli", "explain-layer", "--help"],
+    shown = subprocess.run([sys.executable, "-m", "autoexplain.flows.cli", "explain-layer", "--help"],
                            capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}, timeout=300)
     assert shown.returncode == 0, shown.stderr
     assert "fsspec URL" in shown.stdout and "--results" in shown.stdout
@@ -126,7 +126,7 @@ TASKS = ("record", "explain", "simulate", "score")
 
 @pytest.fixture
 def run(prefect_results, tiny_llama_dir, prose_corpus, tmp_path):
-    from flows.explain_layer import explain_layer
+    from autoexplain.flows.explain_layer import explain_layer
 
     base = dict(layer=1, units="0-5", model=tiny_llama_dir, corpus=str(prose_corpus), tokens=100_000,
                 explainer=f"local:{tiny_llama_dir}", simulator="embedding", k=2, shard_size=4, n_boot=50,
@@ -194,7 +194,7 @@ def test_bad_locations_fail_with_one_clear_error(run):
 
 def test_rescore_finds_the_run_at_the_url_from_a_fresh_machine(run, tmp_path, cache):
     """The nightly job on a URL root: the run's pointer and outputs come from the URL, with no mirror."""
-    from flows.explain_layer import rescore
+    from autoexplain.flows.explain_layer import rescore
 
     url = f"file://{tmp_path}/remote"
     first, _, _ = run()

@@ -189,7 +189,7 @@ def test_the_record_activations_flow_takes_a_source(prefect_results, tiny_llama_
 
     from safetensors.torch import load_file, save_file
 
-    from flows.explain_layer import record_activations
+    from autoexplain.flows.explain_layer import record_activations
 
     sae = shutil.copytree(tiny_sae, tmp_path / "sae")
     kw = dict(model=tiny_llama_dir, corpus="default", tokens=6000, out=str(tmp_path / "out"), source=f"sae:{sae}")

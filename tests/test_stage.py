@@ -16,7 +16,7 @@ from autoexplain import layout, remote
 from autoexplain.identity import code_identity
 from autoexplain.storage import content_key, is_complete, open_root, read_manifest
 from autoexplain.store import Stage, stage_key
-from schemas.contracts import ContractViolation
+from autoexplain.schemas.contracts import ContractViolation
 
 
 def _scores(polarity: int = 1) -> pa.Table:

@@ -21,7 +21,7 @@ STAGES = ("windows", "records", "explanations", "simulations", "scores")
 
 @pytest.fixture
 def run(prefect_results, tiny_llama_dir, prose_corpus, tmp_path):
-    from flows.explain_layer import explain_layer
+    from autoexplain.flows.explain_layer import explain_layer
 
     params = dict(layer=1, units="0-3", model=tiny_llama_dir, corpus=str(prose_corpus), tokens=60_000,
                   explainer="embedding", simulator="embedding", k=2, shard_size=2, n_boot=50,

@@ -18,7 +18,7 @@ from autoexplain.records import Explanation, Simulation, UnitId
 from autoexplain.score_simulation import SimulationScorer
 from autoexplain.scoring import Score
 from autoexplain.sources import MlpSource
-from schemas import load_schema
+from autoexplain.schemas import load_schema
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

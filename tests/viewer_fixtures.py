@@ -28,7 +28,7 @@ from autoexplain import pipeline
 from autoexplain.storage import read_manifest, write_table
 from autoexplain.store import seal_folder
 from autoexplain.view import build_site
-from schemas import load_schema
+from autoexplain.schemas import load_schema
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
