@@ -117,7 +117,9 @@ def prefix_attention(model):
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     config = model.config
-    if config._attn_implementation != "sdpa" or not hasattr(model.base_model, "layers"):
+    # Plain causal attention only: a sliding window or soft-capped logits would need their own merge.
+    plain = not getattr(config, "sliding_window", None) and not getattr(config, "attn_logit_softcapping", None)
+    if config._attn_implementation != "sdpa" or not hasattr(model.base_model, "layers") or not plain:
         yield False
         return
     AttentionInterface.register(PREFIX_ATTENTION, shared_prefix_attention)
