@@ -250,14 +250,11 @@ class LocalLLM(LLM):
 
     @staticmethod
     def _batches(seqs: list[list[int]], per_batch: int):
-        """Indices of the prompts, `per_batch` at a time, with their padded width: each prompt is
-        padded to the next multiple of PROMPT_BUCKET tokens and shares passes only with prompts of
-        that width. Its shapes, and so its bits in bf16 (where the pad count moved a sampled token),
-        are then the same whichever prompts share its batch."""
+        """Prompt indices, `per_batch` at a time, and their width (`PROMPT_BUCKET`): a prompt's
+        shapes, and so its bf16 bits and samples, do not depend on the prompts sharing its batch."""
         width = lambda i: -(-len(seqs[i]) // PROMPT_BUCKET) * PROMPT_BUCKET  # noqa: E731
-        order = sorted(range(len(seqs)), key=lambda i: (width(i), len(seqs[i])))
-        for w in sorted({width(i) for i in order}):
-            group = [i for i in order if width(i) == w]
+        for w in sorted({width(i) for i in range(len(seqs))}):
+            group = sorted((i for i in range(len(seqs)) if width(i) == w), key=lambda i: len(seqs[i]))
             for s in range(0, len(group), per_batch):
                 yield group[s: s + per_batch], w
 
