@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 from autoexplain.counters import COUNTS
 from autoexplain.errors import UserError
-from autoexplain.local_batch import PROMPT_BUCKET, local_batch_size, sample_seed
+from autoexplain.local_batch import local_batch_size, prompt_width, sample_seed
 
 OPENAI_URL = "https://api.openai.com/v1"
 
@@ -250,9 +250,9 @@ class LocalLLM(LLM):
 
     @staticmethod
     def _batches(seqs: list[list[int]], per_batch: int):
-        """Prompt indices, `per_batch` at a time, and their width (`PROMPT_BUCKET`): a prompt's
+        """Prompt indices, `per_batch` at a time, and their width (`prompt_width`): a prompt's
         shapes, and so its bf16 bits and samples, do not depend on the prompts sharing its batch."""
-        width = lambda i: -(-len(seqs[i]) // PROMPT_BUCKET) * PROMPT_BUCKET  # noqa: E731
+        width = lambda i: prompt_width(len(seqs[i]))  # noqa: E731
         for w in sorted({width(i) for i in range(len(seqs))}):
             group = sorted((i for i in range(len(seqs)) if width(i) == w), key=lambda i: len(seqs[i]))
             for s in range(0, len(group), per_batch):
@@ -377,7 +377,7 @@ class LocalLLM(LLM):
         seqs = [self._prefix + e["input_ids"] for e in enc]
         vocab = self.model.get_output_embeddings().weight.shape[0]
         results: list[PromptLogprobs | None] = [None] * len(prompts)
-        longest = -(-max(map(len, seqs), default=1) // PROMPT_BUCKET) * PROMPT_BUCKET
+        longest = prompt_width(max(map(len, seqs), default=1))
         per_batch = max(1, min(self.batch_size, self.logits_budget // (vocab * longest)))
         for batch, width in self._batches(seqs, per_batch):
             ids, mask, _ = self._padded([seqs[i] for i in batch], left=False, width=width)

@@ -26,11 +26,18 @@ from contextlib import contextmanager
 
 LOCAL_BATCH_ENV = "AUTOEXPLAIN_LOCAL_BATCH"
 CPU_BATCH, CUDA_BATCH = 16, 64
-# A generated prompt is left-padded to the next multiple of this many tokens and batched only with
-# prompts of that width (`LocalLLM._batches`): coarse, so that prompts of many units still share a
-# pass (the bench's eight ~1,100-token prompts fall in one bucket of 256, in two of 64), at a cost
-# of 128 pad tokens per prompt on average.
+# A generated prompt is left-padded to `prompt_width` and batched only with prompts of that width
+# (`LocalLLM._batches`): coarse, so that prompts of many units still share a pass (the bench's
+# eight ~1,100-token prompts fall in one width at 256, in two at 64), and relative below that, so a
+# short prompt pays at most a quarter of its length in pads.
 PROMPT_BUCKET = 256
+
+
+def prompt_width(n: int) -> int:
+    """The padded width of an n-token prompt: the next multiple of a power of two between 8 and
+    PROMPT_BUCKET, about a quarter of n. A function of n alone, so of the prompt alone."""
+    step = max(8, min(PROMPT_BUCKET, 1 << max(0, n.bit_length() - 3)))
+    return -(-n // step) * step
 
 
 def local_batch_size(model, batch_size: int | None = None) -> int:

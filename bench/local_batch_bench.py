@@ -90,8 +90,7 @@ def timed(fn):
 
 
 def run_model(name: str, args) -> dict:
-    from autoexplain import llm as llm_module
-    from autoexplain import pipeline
+    from autoexplain import local_batch, pipeline
     from autoexplain.llm import LocalLLM
     from autoexplain.simulate import AllAtOnceSimulator
 
@@ -113,7 +112,7 @@ def run_model(name: str, args) -> dict:
     explanations = tables["cross-unit"]
     if "simulate" not in args.parts:
         best = {k: min(v) for k, v in times.items()}
-        return {"model": name, "units": args.units, "k": args.k, "batch": args.batch, "prompt_bucket": llm_module.PROMPT_BUCKET,
+        return {"model": name, "units": args.units, "k": args.k, "batch": args.batch, "prompt_bucket": local_batch.PROMPT_BUCKET,
                 "seconds": {k: [round(x, 2) for x in v] for k, v in times.items()},
                 "explain ratio": round(best["explain per-unit"] / best["explain cross-unit"], 2),
                 "same candidates": same_candidates}
@@ -131,7 +130,7 @@ def run_model(name: str, args) -> dict:
     diff_before = max((abs(a - b) for x, y in zip(expected["before"], expected["cross-unit"]) for a, b in zip(x, y)),
                       default=0.0)
     best = {k: min(v) for k, v in times.items()}
-    return {"model": name, "units": args.units, "k": args.k, "batch": args.batch, "prompt_bucket": llm_module.PROMPT_BUCKET,
+    return {"model": name, "units": args.units, "k": args.k, "batch": args.batch, "prompt_bucket": local_batch.PROMPT_BUCKET,
             "seconds": {k: [round(x, 2) for x in v] for k, v in times.items()},
             "units_per_s": {k: round(args.units / v, 3) for k, v in best.items()},
             "explain ratio": round(best["explain per-unit"] / best["explain cross-unit"], 2),
@@ -153,7 +152,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--parts", default="explain,simulate", help="explain alone, or explain,simulate")
     p.add_argument("--prompt-bucket", type=int, default=0,
-                   help="LocalLLM's prompt width bucket in tokens (0: local_batch.PROMPT_BUCKET)")
+                   help="the largest step of LocalLLM's prompt widths (0: local_batch.PROMPT_BUCKET)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads (0: torch's default). On a machine shared with other jobs use 1: with "
                         "2 OpenMP threads on 2 busy cores one pass took 0.8 s or 10 s by the load")
@@ -165,9 +164,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.prompt_bucket:
-        from autoexplain import llm
+        from autoexplain import local_batch
 
-        llm.PROMPT_BUCKET = args.prompt_bucket
+        local_batch.PROMPT_BUCKET = args.prompt_bucket
     for name in args.models.split(","):
         load = os.getloadavg()[0]
         result = run_model(name, args)

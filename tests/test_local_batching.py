@@ -193,13 +193,14 @@ def test_bf16_samples_do_not_depend_on_batch_mates(smollm2):
     """SmolLM2 (bf16) sampled other candidates when units were grouped differently (a pad count
     moved a logit by one bf16 step, and a near tie of the noisy top two flipped): with prompts
     padded to a bucket of widths, each prompt's samples are the same alone, together, reordered."""
-    from autoexplain.local_batch import PROMPT_BUCKET
+    from autoexplain.local_batch import prompt_width
 
     smol = LocalLLM(subject=smollm2, batch_size=16)
-    prompts = [PROMPTS[1], PROMPTS[1] + " his", PROMPTS[1] + " his old grey", PROMPTS[0]]
+    base = PROMPTS[1] + " his old grey"
+    prompts = [base, base + " horse and", base + " horse and a dog", base + " horse, a dog and"]
     lengths = [len(smol.tok(p)["input_ids"]) for p in prompts]
-    # Prompts of one bucket but of different lengths: together they share a pass.
-    assert len({-(-n // PROMPT_BUCKET) for n in lengths}) == 1 and len(set(lengths)) == 4
+    # Prompts of one padded width but of different lengths: together they share a pass.
+    assert len({prompt_width(n) for n in lengths}) == 1 and len(set(lengths)) == 4, lengths
     kw = dict(n=4, temperature=1.0, max_tokens=30)
     together = smol.complete(prompts, **kw)
     reordered = smol.complete(prompts[::-1], **kw)[::-1]
