@@ -10,11 +10,11 @@ cache key.
 
 `shared_prefix_attention`: rows that continue one prefix (the simulator's few-shot prompt, read once
 into a KV cache) attend to it without a copy of its keys and values per row. The stock path copies
-the prefix's cache once per row and attends over the concatenation; on a CPU that made a 16-row
-pass of SmolLM2 cost 0.29 s per row against 0.16 s in a 4-row pass (the copies outgrow the caches),
-so per-unit passes were as fast as cross-unit ones. Here every query of every row of the pass meets
-the one prefix in a single attention call (one long row, batch 1), then its own row causally, and
-the two are merged by their log-sum-exps: the cost per row falls as rows are added. A query's
+the prefix's cache once per row and attends over the concatenation; on a loaded 2-core CPU that
+made a 16-row pass of SmolLM2 cost 0.29 s per row against 0.16-0.19 s in a 4-row pass (0.19 against
+0.17 at lighter load). Here every query of every row of the pass meets the one prefix in a single
+attention call (one long row, batch 1), then its own row causally, and the two are merged by their
+log-sum-exps: a 16-row pass is then the cheapest per row, by 5-15 % on a CPU. A query's
 result depends only on its own row (bench/RESULTS.md, issue 13 item 7, has the probe).
 """
 
