@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 from autoexplain.counters import COUNTS
 from autoexplain.errors import UserError
-from autoexplain.local_batch import local_batch_size, sample_seed
+from autoexplain.local_batch import local_batch_size, prompt_width, sample_seed
 
 OPENAI_URL = "https://api.openai.com/v1"
 
@@ -250,13 +250,17 @@ class LocalLLM(LLM):
 
     @staticmethod
     def _batches(seqs: list[list[int]], per_batch: int):
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths pad less
-        for s in range(0, len(order), per_batch):
-            yield order[s: s + per_batch]
+        """Prompt indices, `per_batch` at a time, and their width (`prompt_width`): a prompt's
+        shapes, and so its bf16 bits and samples, do not depend on the prompts sharing its batch."""
+        width = lambda i: prompt_width(len(seqs[i]))  # noqa: E731
+        for w in sorted({width(i) for i in range(len(seqs))}):
+            group = sorted((i for i in range(len(seqs)) if width(i) == w), key=lambda i: len(seqs[i]))
+            for s in range(0, len(group), per_batch):
+                yield group[s: s + per_batch], w
 
-    def _padded(self, seqs: list[list[int]], left: bool):
+    def _padded(self, seqs: list[list[int]], left: bool, width: int):
         """Left padding for generation (every prompt ends at the last column), right for scoring."""
-        torch, width = self._torch, max(map(len, seqs))
+        torch = self._torch
         ids = torch.full((len(seqs), width), self._pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for r, seq in enumerate(seqs):
@@ -265,13 +269,13 @@ class LocalLLM(LLM):
         return ids.to(self._device), mask.to(self._device), width
 
     def _generate(self, id_lists: list[list[int]], n: int, temperature: float, max_tokens: int, logits: bool,
-                  seeds: list[int] | None = None):
+                  seeds: list[int] | None = None, width: int | None = None):
         """Sample n continuations per prompt. The prompt is read once and its KV cache is copied n
         times (`generate(num_return_sequences=n)` would re-read the prompt n times), and only the
         last position's logits are computed during the prompt pass. `seeds`: one per prompt (see
         `_seeds`)."""
         torch = self._torch
-        ids, mask, width = self._padded(id_lists, left=True)
+        ids, mask, width = self._padded(id_lists, left=True, width=width or max(map(len, id_lists)))
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         step_logits: list = []
         with torch.inference_mode():
@@ -333,9 +337,9 @@ class LocalLLM(LLM):
         encoded = [self.tok(p)["input_ids"] for p in prompts]
         seeds = self._seeds(encoded, n, temperature, max_tokens)
         results: list[list[Completion]] = [[] for _ in prompts]
-        for batch in self._batches(encoded, max(1, self.batch_size // n)):
+        for batch, width in self._batches(encoded, max(1, self.batch_size // n)):
             rows, _ = self._generate([encoded[i] for i in batch], n, temperature, max_tokens, logits=False,
-                                     seeds=[seeds[i] for i in batch])
+                                     seeds=[seeds[i] for i in batch], width=width)
             for k, i in enumerate(batch):
                 for row in rows[k * n: (k + 1) * n]:
                     text = _cut_at_stop(self.tok.decode(row, skip_special_tokens=True), stop)
@@ -349,9 +353,10 @@ class LocalLLM(LLM):
         encoded = [self.tok(t, add_special_tokens=False)["input_ids"] for t in texts]
         seeds = self._seeds(encoded, 1, temperature, max_tokens)
         results: list[ChatResult | None] = [None] * len(texts)
-        for batch in self._batches(encoded, self.batch_size):
+        for batch, width in self._batches(encoded, self.batch_size):
             rows, step_logits = self._generate([encoded[i] for i in batch], 1, temperature, max_tokens,
-                                               logits=bool(top_logprobs), seeds=[seeds[i] for i in batch])
+                                               logits=bool(top_logprobs), seeds=[seeds[i] for i in batch],
+                                               width=width)
             for k, i in enumerate(batch):
                 tops = None
                 if top_logprobs:
@@ -372,9 +377,10 @@ class LocalLLM(LLM):
         seqs = [self._prefix + e["input_ids"] for e in enc]
         vocab = self.model.get_output_embeddings().weight.shape[0]
         results: list[PromptLogprobs | None] = [None] * len(prompts)
-        per_batch = max(1, min(self.batch_size, self.logits_budget // (vocab * max(map(len, seqs), default=1))))
-        for batch in self._batches(seqs, per_batch):
-            ids, mask, _ = self._padded([seqs[i] for i in batch], left=False)
+        longest = prompt_width(max(map(len, seqs), default=1))
+        per_batch = max(1, min(self.batch_size, self.logits_budget // (vocab * longest)))
+        for batch, width in self._batches(seqs, per_batch):
+            ids, mask, _ = self._padded([seqs[i] for i in batch], left=False, width=width)
             with torch.inference_mode():
                 logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             for r, i in enumerate(batch):

@@ -17,7 +17,7 @@ import torch
 from autoexplain.components import Simulator  # noqa: F401 (the base class, also importable from here)
 from autoexplain.explain import ENDING, escape_token, prompt_hash, read_prompt
 from autoexplain.llm import LocalLLM
-from autoexplain.local_batch import local_batch_size
+from autoexplain.local_batch import PREFIX_KWARG, local_batch_size, prefix_attention, prefix_keys_values
 from autoexplain.llm import per_item_errors as _per_item_errors
 from autoexplain.records import Simulation
 from autoexplain.subject import Subject
@@ -27,6 +27,9 @@ from autoexplain.subject import Subject
 
 SIMULATOR_FILES = ("simulator_system.txt", "fewshot.json")
 PLACEHOLDER = "unknown"
+# A local pass pads each row to the next multiple of ROW_BUCKET tokens and batches only rows of one
+# padded width: a row's shapes, and so its bits, are then the same whichever rows share its pass.
+ROW_BUCKET = 8
 DIGITS = [str(i) for i in range(11)]
 
 
@@ -85,8 +88,9 @@ class AllAtOnceSimulator(Simulator):
 
     With a local model (an object with `.model` and `.tokenizer`) it reads the logits directly:
     the prompt up to the explanation is read once per simulator, and the records of every
-    explanation, of one unit or of many (`simulate_jobs`), run in batches on copies of its KV cache. With a server it asks for prompt logprobs (`echo=True`), several records per
-    request (`records_per_request`).
+    explanation, of one unit or of many (`simulate_jobs`), run in batches that attend to its KV
+    cache in place (`local_batch.shared_prefix_attention`). With a server it asks for prompt
+    logprobs (`echo=True`), several records per request (`records_per_request`).
     """
 
     kind, takes_llm, prompt_files = "all-at-once", "optional", SIMULATOR_FILES
@@ -197,13 +201,14 @@ class AllAtOnceSimulator(Simulator):
         if self._shared is None or self._shared[0] != text:  # an edited prompt file: read it again
             ids = tok(text, add_special_tokens=False)["input_ids"]
             cache = model.base_model(input_ids=torch.tensor([ids], device=device), use_cache=True).cache
-            self._shared = (text, ids, cache)
-        return self._shared[1], self._shared[2]
+            self._shared = (text, ids, cache, prefix_keys_values(cache))
+        return self._shared[1], self._shared[2:]
 
     @torch.inference_mode()
     def _local(self, jobs):
-        """Every (job, explanation, record) is one row; rows of all jobs are sorted by length and
-        run `batch_size` at a time. A row whose prompt tokenises its start differently from the
+        """Every (job, explanation, record) is one row; rows of all jobs are grouped by padded width
+        (`ROW_BUCKET`) and run `batch_size` at a time, so a row's values do not depend on its
+        batch-mates. A row whose prompt tokenises its start differently from the
         shared prefix (a merge across "Explanation:") is read whole, without the shared cache."""
         tok, model = self.local.tokenizer, self.local.model
         device = next(model.parameters()).device
@@ -227,20 +232,26 @@ class AllAtOnceSimulator(Simulator):
                     rows.append((start, pre[start:] + ids, [None if p is None else p + shift for p in positions],
                                  len(pre) + len(ids), (j, e, r)))
         out = [[[None] * len(records) for _ in explanations] for explanations, records in jobs]
-        for start in sorted({r[0] for r in rows}):
-            mine = sorted((r for r in rows if r[0] == start), key=lambda r: len(r[1]))
-            for b in range(0, len(mine), self.batch_size):
-                chunk = mine[b: b + self.batch_size]
-                logits = self._batch_logits(model, device, start, cache if start else None, [c[1] for c in chunk],
-                                            ids_tensor)
-                logits = logits.tolist()
-                for row, (_s, _ids, positions, n_tokens, (j, e, r)) in enumerate(chunk):
-                    # The logits that predict token p sit at p - 1; p >= 1 since a tab precedes it.
-                    values = [None if p is None else expected_value(dict(zip(digit_ids, logits[row][p - 1])))
-                              for p in positions]
-                    out[j][e][r] = _failed_positions(values, len(positions))
-                    out[j][e][r].prompt_tokens = n_tokens
+        width = lambda row: -(-len(row[1]) // ROW_BUCKET) * ROW_BUCKET  # noqa: E731
+        with prefix_attention(model) as shared_attention:
+            for start, padded in sorted({(r[0], width(r)) for r in rows}):
+                mine = [r for r in rows if r[0] == start and width(r) == padded]
+                for b in range(0, len(mine), self.batch_size):
+                    chunk = mine[b: b + self.batch_size]
+                    logits = self._batch_logits(model, device, start, cache if start else None,
+                                                [c[1] for c in chunk], padded, ids_tensor, shared_attention)
+                    self._read_chunk(chunk, logits.tolist(), digit_ids, out)
         return out
+
+    @staticmethod
+    def _read_chunk(chunk, logits, digit_ids, out):
+        """Each row's expected value at each placeholder, into out[job][explanation][record]."""
+        for row, (_s, _ids, positions, n_tokens, (j, e, r)) in enumerate(chunk):
+            # The logits that predict token p sit at p - 1; p >= 1 since a tab precedes it.
+            values = [None if p is None else expected_value(dict(zip(digit_ids, logits[row][p - 1])))
+                      for p in positions]
+            out[j][e][r] = _failed_positions(values, len(positions))
+            out[j][e][r].prompt_tokens = n_tokens
 
     @staticmethod
     def _encode_body(tok, tokens):
@@ -250,19 +261,23 @@ class AllAtOnceSimulator(Simulator):
         return enc["input_ids"], [starts.get(o) for o in offsets]
 
     @staticmethod
-    def _batch_logits(model, device, start, cache, rows, digit_rows):
+    def _batch_logits(model, device, start, cache, rows, width, digit_rows, shared_attention=False):
         """The digits' logits at every position of the rows, which follow `start` cached tokens (or
-        none). Right padding under the causal mask: real positions never attend to the pads after
-        them, so no attention mask is passed (an explicit all-ones mask makes SDPA ~3x slower on CPU)."""
-        width = max(len(r) for r in rows)
+        none), right-padded to `width`. Under the causal mask real positions never attend to the
+        pads after them, so no attention mask is passed (an explicit all-ones mask makes SDPA ~3x
+        slower on CPU). With `shared_attention` the rows attend to the one prefix cache in place
+        (`local_batch.shared_prefix_attention`); else each row gets its own copy of it."""
         ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device)
         kw = {}
-        if cache is not None:
-            kw["cache"] = copy.deepcopy(cache)
+        if cache is not None and shared_attention:
+            kw[PREFIX_KWARG] = cache[1]
+        elif cache is not None:
+            kw["cache"] = copy.deepcopy(cache[0])
             kw["cache"].batch_repeat_interleave(len(rows))
+            kw["use_cache"] = True
         positions = torch.arange(start, start + width, device=device).expand(len(rows), -1)
-        hidden = model.base_model(input_ids=ids, position_ids=positions, use_cache=cache is not None,
-                                  **kw).last_hidden_state
+        kw.setdefault("use_cache", False)
+        hidden = model.base_model(input_ids=ids, position_ids=positions, **kw).last_hidden_state
         # Only the digit rows of the output layer: the softmax over the whole vocabulary cancels when
         # the digits' mass is renormalised, and the full lm_head would dominate the cost.
         head = model.get_output_embeddings()

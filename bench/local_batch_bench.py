@@ -1,7 +1,7 @@
 """A local model's explain and simulate stages with one unit per forward pass against many units
 per pass (issue 13, item 7), on the tiny test Llama and on the embedded SmolLM2-135M-Instruct.
 
-    python bench/local_batch_bench.py --models tiny,smollm2 --units 8 --repeat 2
+    python bench/local_batch_bench.py --models tiny,smollm2 --units 8 --repeat 2 --threads 1
 
 Per model, in one process:
 - explain: `pipeline.explain_stage` with k samples per unit; per unit = a LocalLLM whose batch is
@@ -12,7 +12,8 @@ Per model, in one process:
   code with `units_at_once = 1`, cross-unit = this code gathering `batch / 4` units per call.
 Each variant runs `--repeat` times, interleaved, after one untimed warm-up; the best time is kept
 (the machine is shared). Also reported: the largest difference between per-unit and cross-unit
-simulated values, and whether the sampled candidates are the same.
+simulated values, whether the sampled candidates are the same, the torch threads and the 1-minute
+load average before and after each model.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def timed(fn):
 
 
 def run_model(name: str, args) -> dict:
-    from autoexplain import pipeline
+    from autoexplain import local_batch, pipeline
     from autoexplain.llm import LocalLLM
     from autoexplain.simulate import AllAtOnceSimulator
 
@@ -109,6 +110,12 @@ def run_model(name: str, args) -> dict:
             times.setdefault(f"explain {variant}", []).append(t)
     same_candidates = tables["per-unit"].column("candidates").to_pylist() == tables["cross-unit"].column("candidates").to_pylist()
     explanations = tables["cross-unit"]
+    if "simulate" not in args.parts:
+        best = {k: min(v) for k, v in times.items()}
+        return {"model": name, "units": args.units, "k": args.k, "batch": args.batch, "prompt_bucket": local_batch.PROMPT_BUCKET,
+                "seconds": {k: [round(x, 2) for x in v] for k, v in times.items()},
+                "explain ratio": round(best["explain per-unit"] / best["explain cross-unit"], 2),
+                "same candidates": same_candidates}
     sims = {"before": before_simulator()(subj), "per-unit": PerUnit(subj, batch_size=args.batch),
             "cross-unit": AllAtOnceSimulator(subj, batch_size=args.batch)}
     pipeline.simulate_stage(us[:2], explanations, sims["cross-unit"])  # warm-up
@@ -123,7 +130,7 @@ def run_model(name: str, args) -> dict:
     diff_before = max((abs(a - b) for x, y in zip(expected["before"], expected["cross-unit"]) for a, b in zip(x, y)),
                       default=0.0)
     best = {k: min(v) for k, v in times.items()}
-    return {"model": name, "units": args.units, "k": args.k, "batch": args.batch,
+    return {"model": name, "units": args.units, "k": args.k, "batch": args.batch, "prompt_bucket": local_batch.PROMPT_BUCKET,
             "seconds": {k: [round(x, 2) for x in v] for k, v in times.items()},
             "units_per_s": {k: round(args.units / v, 3) for k, v in best.items()},
             "explain ratio": round(best["explain per-unit"] / best["explain cross-unit"], 2),
@@ -143,12 +150,28 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=24, help="tokens per record")
     p.add_argument("--per-split", type=int, default=4, help="records per split (train, valid, calib, test)")
     p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--parts", default="explain,simulate", help="explain alone, or explain,simulate")
+    p.add_argument("--prompt-bucket", type=int, default=0,
+                   help="the largest step of LocalLLM's prompt widths (0: local_batch.PROMPT_BUCKET)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (0: torch's default). On a machine shared with other jobs use 1: with "
+                        "2 OpenMP threads on 2 busy cores one pass took 0.8 s or 10 s by the load")
     args = p.parse_args()
+    import os
+
     import torch
 
-    torch.set_num_threads(torch.get_num_threads())
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.prompt_bucket:
+        from autoexplain import local_batch
+
+        local_batch.PROMPT_BUCKET = args.prompt_bucket
     for name in args.models.split(","):
-        print(json.dumps(run_model(name, args)), flush=True)
+        load = os.getloadavg()[0]
+        result = run_model(name, args)
+        result.update(threads=torch.get_num_threads(), load_1min=[round(load, 2), round(os.getloadavg()[0], 2)])
+        print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
