@@ -150,11 +150,11 @@ class Memo:
             if self._log is not None:
                 self._log.close()
                 self._log = None
-            for path, held in list(self._keys.items()):
-                if held <= self.used.keys():  # every result in it is compacted now
-                    path.unlink(missing_ok=True)
-                    del self._keys[path]
-                    self._where = {k: v for k, v in (self._where or {}).items() if v[0] != path}
+            gone = {path for path, held in self._keys.items() if held <= self.used.keys()}  # all compacted now
+            for path in gone:
+                path.unlink(missing_ok=True)
+                del self._keys[path]
+            self._where = {k: v for k, v in (self._where or {}).items() if v[0] not in gone}
             self._index = None
 
     def _sealed(self, key: str):

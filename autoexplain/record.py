@@ -202,7 +202,8 @@ def record_layers(
         return ref
     covering = _covering(stage.directory.parent, layers, lambda of: stage_key(fields(of), record_layers))
     if covering is not None:
-        return RecordsRef(covering.directory, covering.name, covering.layers, windows.n_windows)
+        directory, theirs = covering
+        return RecordsRef(directory, directory.name, theirs, windows.n_windows)
 
     rng = np.random.default_rng(cfg.seed)
     n_res = min(cfg.reservoir, windows.n_windows)
@@ -233,14 +234,7 @@ def record_layers(
     return ref
 
 
-@dataclass
-class _Covering:
-    directory: Path
-    name: str
-    layers: list[int]
-
-
-def _covering(records_root: Path, layers: list[int], key_of: Callable[[list[int]], str]) -> _Covering | None:
+def _covering(records_root: Path, layers: list[int], key_of: Callable[[list[int]], str]) -> tuple[Path, list[int]] | None:
     """A sealed recording of more layers that holds these ones, from the same windows, subject,
     settings, source and code: each layer's records depend on nothing but those (its own recorder
     in the shared pass), so the layer of an `explain-model` run is not recorded again for a later
@@ -252,7 +246,7 @@ def _covering(records_root: Path, layers: list[int], key_of: Callable[[list[int]
         except (OSError, ValueError, KeyError, TypeError):
             continue
         if set(layers) <= set(theirs) and key_of(theirs) == manifest.parent.name and is_complete(manifest.parent):
-            return _Covering(manifest.parent, manifest.parent.name, theirs)
+            return manifest.parent, theirs
     return None
 
 

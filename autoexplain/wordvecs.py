@@ -110,11 +110,11 @@ def _forward(model, one: list[dict]) -> np.ndarray:
     """Vectors of texts (their `_features`) of one padded width, in one pass."""
     import torch
 
-    batch = dict(one[0])
+    batch, width = dict(one[0]), _width(one[0])
     pad = {"input_ids": model.tokenizer.pad_token_id or 0}
     for k, v in one[0].items():
         if isinstance(v, torch.Tensor):
-            batch[k] = torch.cat([torch.nn.functional.pad(f[k], (0, _width(one[0]) - f[k].shape[1]), value=pad.get(k, 0))
+            batch[k] = torch.cat([torch.nn.functional.pad(f[k], (0, width - f[k].shape[1]), value=pad.get(k, 0))
                                   for f in one])
     with pinned_threads(), torch.inference_mode():
         out = torch.nn.functional.normalize(model(batch)["sentence_embedding"], p=2, dim=1)
