@@ -147,42 +147,38 @@ class FusedLlama:
         return self._tables[key]
 
     @torch.inference_mode()
-    def activations(self, input_ids: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
-        """MLP hidden units (B, T, units) of each layer in `layers`."""
-        wanted, top, out = set(layers), max(layers), {}
+    def capture(self, input_ids: torch.Tensor, points) -> dict[tuple[int, str], torch.Tensor]:
+        """`Subject.capture`: the tensors at (layer, point)s, 'units' (a layer's MLP hidden units)
+        or a hidden-state point (resid_pre, mlp_in: the normed MLP input, mlp_out, resid_post),
+        from one pass that stops once it has them all."""
+        wanted, out = set(points), {}
 
         def take(i: int, point: str, x: torch.Tensor) -> bool:
-            if point == "units" and i in wanted:
-                out[i] = x.view(*input_ids.shape, -1)
-            return point == "units" and i == top
+            if (i, point) in wanted:
+                out[(i, point)] = x.view(*input_ids.shape, -1)
+            return len(out) == len(wanted)
 
-        self._forward(input_ids, top, take)
+        self._forward(input_ids, wanted, take)
         return out
 
-    @torch.inference_mode()
+    def activations(self, input_ids: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+        """MLP hidden units (B, T, units) of each layer in `layers`."""
+        got = self.capture(input_ids, [(i, "units") for i in layers])
+        return {i: got[(i, "units")] for i in set(layers)}
+
     def hidden(self, input_ids: torch.Tensor, layer: int, point: str) -> torch.Tensor:
-        """Hidden states (B, T, d_model) at one point of a block: resid_pre, mlp_in (the normed
-        MLP input), mlp_out or resid_post, as a sparse coder reads them."""
-        got = []
+        """Hidden states (B, T, d_model) at one point of a block, as a sparse coder reads them."""
+        return self.capture(input_ids, [(layer, point)])[(layer, point)]
 
-        def take(i: int, where: str, x: torch.Tensor) -> bool:
-            if i == layer and where == point:
-                got.append(x.view(*input_ids.shape, -1))
-                return True
-            return False
-
-        self._forward(input_ids, layer, take, layer if point == "mlp_out" else None)
-        return got[0]
-
-    def _forward(self, input_ids: torch.Tensor, top: int, take, mlp_out_at: int | None = None) -> None:
-        """Blocks 0..top, offering each point's tensor to `take(layer, point, x)`, which returns
-        True to stop the pass there (nothing above it is computed); 'mlp_out' only at layer
-        `mlp_out_at`, where the pass ends."""
+    def _forward(self, input_ids: torch.Tensor, wanted: set, take) -> None:
+        """Blocks up to the highest wanted layer, offering each point's tensor to `take(layer,
+        point, x)`, which returns True to stop the pass there (nothing above it is computed). The
+        normed MLP input and the MLP's output alone cost a product each: made only where wanted."""
         B, T = input_ids.shape
         h = self.embed(input_ids).reshape(B * T, -1)
         cos, sin = self._rotary(h.view(B, T, -1), T)
         mask = torch.full((T, T), float("-inf"), device=h.device).triu_(1)
-        for i in range(top + 1):
+        for i in range(max(layer for layer, _ in wanted) + 1):
             blk = self.block(i)
             if take(i, "resid_pre", h):
                 return
@@ -193,14 +189,13 @@ class FusedLlama:
             attn = _attention(qk[:, :, :H], qk[:, :, H:], v, blk.scaling, mask)
             h = _linear(attn, blk.w_o, blk.b_o, residual=h)
             normed = _normed(h, blk.eps2)
-            if i == top and take(i, "mlp_in", normed * blk.norm2_weight):  # its weight is folded into w_gu
+            if (i, "mlp_in") in wanted and take(i, "mlp_in", normed * blk.norm2_weight):  # its weight is folded into w_gu
                 return
             gu = _linear(normed, blk.w_gu, blk.b_gu)
             units = F.silu(gu[:, : blk.n_units]).mul_(gu[:, blk.n_units :])
             if take(i, "units", units):
                 return
-            if i == mlp_out_at:  # the MLP's output alone costs one more product: only where read
-                take(i, "mlp_out", _linear(units, blk.w_down, blk.b_down))
+            if (i, "mlp_out") in wanted and take(i, "mlp_out", _linear(units, blk.w_down, blk.b_down)):
                 return
             h = _linear(units, blk.w_down, blk.b_down, residual=h)
             if take(i, "resid_post", h):

@@ -2,7 +2,8 @@
 
 Two stages, each with its own content-addressed folder:
 - `build_windows`: corpus -> `windows/<key>/windows.parquet` (token ids and token strings);
-- `record_layers`: windows -> `records/<key>/layer_<L>.records.parquet` and `.stats.parquet`.
+- `record_sources`: windows -> per unit source, `records/<key>/layer_<L>.records.parquet` and
+  `.stats.parquet`, every source and layer from one pass of the subject (`record_layers`: one source).
 
 Per unit and polarity the records are the top-k windows (dealt train/calib/valid/test in turn),
 random windows (calib/valid/test only) and activation-quantile windows. Within one unit no window
@@ -181,6 +182,67 @@ def record_layers(
     progress: Progress | None = None,
     source: UnitSource = MLP,
 ) -> RecordsRef:
+    """One source's layers (`cfg.layers`): `record_sources` of one."""
+    return record_sources(subject, windows, [(source, cfg)], out_root, progress)[0]
+
+
+@dataclass
+class _Pending:
+    """A source's recording that is not sealed yet: its stage and its layers' streaming state."""
+
+    source: UnitSource
+    cfg: RecordConfig
+    stage: Stage
+    ref: RecordsRef
+    recorders: dict
+    reservoir_ids: np.ndarray
+    inputs: dict  # what the key hashes besides the settings, as the manifest names them
+    params: dict
+
+
+def record_sources(
+    subject: Subject,
+    windows: WindowsRef,
+    plans: list[tuple[UnitSource, RecordConfig]],
+    out_root: str | Path,
+    progress: Progress | None = None,
+) -> list[RecordsRef]:
+    """Each (source, its layers and settings) recorded to its own records folder, all from **one**
+    streaming pass: each batch of windows goes through the subject once, the pass captures every
+    point any source reads (`Subject.capture`), and each source's layers update from their own. A
+    folder is the same bits as a pass of its source alone would write (a captured tensor does not
+    depend on what else the pass captures), and so has the same key. Sealed ones are reused."""
+    refs, pending = [], []
+    for source, cfg in plans:
+        ref, todo = _open(subject, windows, source, cfg, out_root)
+        refs.append(ref)
+        if todo is not None:
+            pending.append(todo)
+    if not pending:
+        return refs
+    if len({p.cfg.batch_size for p in pending}) > 1:
+        raise ValueError("sources recorded in one pass share one batch size")
+
+    points = sorted({point for p in pending for point in p.source.reads(p.ref.layers)})
+    total, done = windows.n_windows * windows.window_len, 0
+    for window_ids, input_ids in windows_batches(windows, pending[0].cfg.batch_size):
+        captured = subject.capture(input_ids, points)
+        for p in pending:
+            read = p.source.sparse_from_captured if p.source.sparse else p.source.from_captured
+            for L, acts in read(captured, p.ref.layers).items():
+                p.recorders[L].update(window_ids, acts.cpu())
+        done += input_ids.numel()
+        if progress:
+            progress(done, total)
+    for p in pending:
+        _seal(p, subject)
+    return refs
+
+
+def _open(subject: Subject, windows: WindowsRef, source: UnitSource, cfg: RecordConfig,
+          out_root: str | Path) -> tuple[RecordsRef, _Pending | None]:
+    """A source's records folder: (its reference, None) when it is sealed already (or a sealed
+    recording of more layers covers it), else (its reference, the state its pass fills)."""
     subject.check_layers(cfg.layers)
     layers = sorted(set(cfg.layers))
     need = cfg.top_k + cfg.n_random
@@ -190,6 +252,7 @@ def record_layers(
             f"but {cfg.top_k} top + {cfg.n_random} random exemplars need at least {need}",
             "use a larger corpus or --tokens, or lower --top-k / --random",
         )
+    source.reads(layers)  # a source that cannot read these layers says so before any pass
     params = {k: v for k, v in asdict(cfg).items() if k not in ("layers", "batch_size")}
     inputs = {"windows": windows.key, "subject": subject.fingerprint}
 
@@ -199,39 +262,31 @@ def record_layers(
     stage = Stage.open(out_root, "records", fields(layers), record_layers)
     ref = RecordsRef(stage.directory, stage.key, layers, windows.n_windows)
     if stage.done:
-        return ref
+        return ref, None
     covering = _covering(stage.directory.parent, layers, lambda of: stage_key(fields(of), record_layers))
     if covering is not None:
         directory, theirs = covering
-        return RecordsRef(directory, directory.name, theirs, windows.n_windows)
-
+        return RecordsRef(directory, directory.name, theirs, windows.n_windows), None
     rng = np.random.default_rng(cfg.seed)
     n_res = min(cfg.reservoir, windows.n_windows)
     reservoir_ids = rng.choice(windows.n_windows, size=n_res, replace=False)
     recorders = {L: _LayerRecorder(cfg, windows.window_len, source.n_units(subject), reservoir_ids, source.polarities,
                                    source.sparse) for L in layers}
+    return ref, _Pending(source, cfg, stage, ref, recorders, reservoir_ids, inputs, params)
 
-    total = windows.n_windows * windows.window_len
-    done = 0
-    read = source.sparse_activations if source.sparse else source.activations
-    for window_ids, input_ids in windows_batches(windows, cfg.batch_size):
-        acts = read(subject, input_ids, layers)
-        for L in layers:
-            recorders[L].update(window_ids, acts[L].cpu())
-        done += input_ids.numel()
-        if progress:
-            progress(done, total)
 
-    for L in layers:
-        with stage.writer(ref.records_path(L).name, "records") as records:
-            stats = _finish_layer(L, recorders[L], cfg, reservoir_ids, source.polarities, records.write_table)
-        stats = _with_output_side(stats, subject, source, L)
-        stage.table(stats, ref.stats_path(L).name, "unit_stats")
+def _seal(p: _Pending, subject: Subject) -> None:
+    """Write a source's records and stats from its streaming state, and seal its folder."""
+    for L in p.ref.layers:
+        with p.stage.writer(p.ref.records_path(L).name, "records") as records:
+            stats = _finish_layer(L, p.recorders[L], p.cfg, p.reservoir_ids, p.source.polarities, records.write_table)
+        stats = _with_output_side(stats, subject, p.source, L)
+        p.stage.table(stats, p.ref.stats_path(L).name, "unit_stats")
     # Readers take a source's kind from here ('mlp' where absent, as in every run before sources).
+    source = p.source
     named = {} if source.kind == MLP.kind else {"source": source.kind, "source_spec": str(source.spec),
                                                  "source_id": content_key(source.identity())}
-    stage.seal(inputs, {**params, "layers": layers, **named})
-    return ref
+    p.stage.seal(p.inputs, {**p.params, "layers": p.ref.layers, **named})
 
 
 def _covering(records_root: Path, layers: list[int], key_of: Callable[[list[int]], str]) -> tuple[Path, list[int]] | None:

@@ -1,7 +1,7 @@
 """A sparse coder's latents as a unit source: an SAE or transcoder read at its hook point.
 
-Recording takes the subject's hidden states at the coder's hook point (a forward pass stopped right
-after it) and encodes them batch by batch, so no more than one batch of tokens x latents is held at
+Recording takes the subject's hidden states at the coder's hook point (from a forward pass that
+stops once every source recorded beside it has its points) and encodes them batch by batch, so no more than one batch of tokens x latents is held at
 once. Latents are non-negative: one polarity each.
 
 A source's kind names its units' pages and tables ('L15/sae-res-16k'); its identity, which enters
@@ -57,7 +57,7 @@ class CoderSource(UnitSource):
         from autoexplain.identity import code_identity
 
         return {"kind": self.kind, "spec": self.spec.kind, "weights": model_digest(Path(self.coder.source)),
-                "code": code_identity(CoderSource.activations, CoderSource.sparse_activations)}
+                "code": code_identity(CoderSource.from_captured, CoderSource.sparse_from_captured)}
 
     def n_units(self, subject: "Subject") -> int:
         return self.coder.d_sae
@@ -65,22 +65,25 @@ class CoderSource(UnitSource):
     def directions(self, subject: "Subject", layer: int) -> "torch.Tensor":
         return self.coder.W_dec  # [d_sae, d_out]: a latent's decoder row is what it writes
 
-    def activations(self, subject: "Subject", input_ids: "torch.Tensor", layers: list[int]) -> dict[int, "torch.Tensor"]:
-        return {self.layer: self.coder.encode(self._hidden(subject, input_ids, layers))}
+    def reads(self, layers: list[int]) -> list[tuple[int, str]]:
+        if layers != [self.layer]:
+            raise ValueError(f"{self.kind} reads layer {self.layer} only, asked for {layers}")
+        return [(self.layer, self.coder.hook.point)]
 
-    def sparse_activations(self, subject: "Subject", input_ids: "torch.Tensor",
-                           layers: list[int]) -> dict[int, SparseLatents]:
+    def from_captured(self, captured: dict, layers: list[int]) -> dict[int, "torch.Tensor"]:
+        return {self.layer: self.coder.encode(self._hidden(captured, layers))}
+
+    def sparse_from_captured(self, captured: dict, layers: list[int]) -> dict[int, SparseLatents]:
         """A TopK or GroupMax coder's chosen latents go straight to their entries, with no dense
         tokens x latents tensor in between; other coders' latents are scanned once for non-zeros."""
-        x = self._hidden(subject, input_ids, layers)
+        x = self._hidden(captured, layers)
         if self.coder.architecture in CHOOSERS:
             return {self.layer: SparseLatents.from_topk(*self.coder.encode_chosen(x), self.coder.d_sae)}
         return {self.layer: SparseLatents.from_dense(self.coder.encode(x))}
 
-    def _hidden(self, subject: "Subject", input_ids: "torch.Tensor", layers: list[int]) -> "torch.Tensor":
-        if layers != [self.layer]:
-            raise ValueError(f"{self.kind} reads layer {self.layer} only, asked for {layers}")
-        return subject.hidden_states(input_ids, self.coder.hook)
+    def _hidden(self, captured: dict, layers: list[int]) -> "torch.Tensor":
+        (point,) = self.reads(layers)
+        return captured[point]
 
 
 def open_unit_source(text: str | None, model: str, layer: int | None = None) -> UnitSource:

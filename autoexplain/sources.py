@@ -3,8 +3,10 @@
 A source has a `kind` (the registry's name for it, and the '<kind>' of every `UnitId.source` it
 yields, 'L<layer>/<kind>'), the polarities each of its directions is read with, and two calls:
 - `n_units(subject)`: how many directions a layer of this subject has;
-- `activations(subject, input_ids, layers)`: per layer, a (batch, tokens, n_units) tensor of the
-  directions' activations, which recording ranks into top, quantile and random windows.
+- `reads(layers)`: the points of the subject's forward pass those layers' units are computed from,
+  and `from_captured(captured, layers)`: per layer, a (batch, tokens, n_units) tensor of the
+  directions' activations, which recording ranks into top, quantile and random windows. Recording
+  captures every source's points in one pass (`Subject.capture`) and hands each source its own.
 A `sparse` source is recorded from `sparse_activations` instead: the same activations as their
 non-zero entries (`latents.SparseLatents`), by default found in the dense tensor.
 
@@ -54,16 +56,27 @@ class UnitSource(ABC):
         ...
 
     @abstractmethod
-    def activations(self, subject: "Subject", input_ids: "torch.Tensor", layers: list[int]) -> dict[int, "torch.Tensor"]:
-        ...
+    def reads(self, layers: list[int]) -> list[tuple[int, str]]:
+        """The (layer, point)s of the subject's pass these layers' activations are computed from
+        (`Subject.capture`): one pass can then serve several sources."""
 
-    def sparse_activations(self, subject: "Subject", input_ids: "torch.Tensor",
-                           layers: list[int]) -> dict[int, "SparseLatents"]:
-        """`activations` as their non-zero entries, what recording reads from a `sparse` source; a
+    @abstractmethod
+    def from_captured(self, captured: dict, layers: list[int]) -> dict[int, "torch.Tensor"]:
+        """Per layer, the (batch, tokens, n_units) activations, from what a pass captured at `reads`."""
+
+    def sparse_from_captured(self, captured: dict, layers: list[int]) -> dict[int, "SparseLatents"]:
+        """`from_captured` as its non-zero entries, what recording reads from a `sparse` source; a
         source that can name its non-zeros without a dense tensor (a TopK coder) says so here."""
         from autoexplain.latents import SparseLatents
 
-        return {L: SparseLatents.from_dense(a) for L, a in self.activations(subject, input_ids, layers).items()}
+        return {L: SparseLatents.from_dense(a) for L, a in self.from_captured(captured, layers).items()}
+
+    def activations(self, subject: "Subject", input_ids: "torch.Tensor", layers: list[int]) -> dict[int, "torch.Tensor"]:
+        return self.from_captured(subject.capture(input_ids, self.reads(layers)), layers)
+
+    def sparse_activations(self, subject: "Subject", input_ids: "torch.Tensor",
+                           layers: list[int]) -> dict[int, "SparseLatents"]:
+        return self.sparse_from_captured(subject.capture(input_ids, self.reads(layers)), layers)
 
     @abstractmethod
     def directions(self, subject: "Subject", layer: int) -> "torch.Tensor":
@@ -79,8 +92,15 @@ class MlpSource(UnitSource):
     def n_units(self, subject: "Subject") -> int:
         return subject.n_units
 
-    def activations(self, subject: "Subject", input_ids: "torch.Tensor", layers: list[int]) -> dict[int, "torch.Tensor"]:
-        return subject.mlp_activations(input_ids, layers)
+    def reads(self, layers: list[int]) -> list[tuple[int, str]]:
+        from autoexplain.subject import UNITS
+
+        return [(layer, UNITS) for layer in layers]
+
+    def from_captured(self, captured: dict, layers: list[int]) -> dict[int, "torch.Tensor"]:
+        from autoexplain.subject import UNITS
+
+        return {layer: captured[(layer, UNITS)] for layer in layers}
 
     def directions(self, subject: "Subject", layer: int) -> "torch.Tensor":
         from autoexplain.output_side import neuron_directions

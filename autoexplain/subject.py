@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 # Names of the MLP's output projection across architectures; its input is the neuron vector.
 OUTPUT_PROJECTIONS = ("down_proj", "c_proj", "fc2", "dense_4h_to_h", "fc_out", "w2")
 MLP_NAMES = ("mlp", "feed_forward", "ffn")
+UNITS = "units"  # the capture point of a layer's MLP hidden units: the input of its output projection
 
 
 MMAP_MB, TRIM_MB = 1024, 2047
@@ -107,44 +108,26 @@ class Subject:
         return self._fused or None
 
     @torch.inference_mode()
-    def hidden_states(self, input_ids: torch.Tensor, hook, hooked: bool = False) -> torch.Tensor:
-        """Hidden states (B, T, d_model) at a sparse coder's hook point (`sae_coder.HookPoint`), from
-        a pass that stops there: the fused pass where the model has one, else (or with `hooked`)
-        Hugging Face's own forward with a hook on the module."""
+    def capture(self, input_ids: torch.Tensor, points, hooked: bool = False) -> dict[tuple[int, str], torch.Tensor]:
+        """The tensors at several (layer, point)s from one pass that stops once it has them all.
+        A point is `UNITS` (a layer's MLP hidden units, (B, T, units)) or a sparse coder's hook
+        point (`sae_coder.POINTS`, (B, T, d_model)). The fused pass where the model has one, else
+        (or with `hooked`) Hugging Face's own forward with a hook per point. A tensor does not
+        depend on what else the pass captures: every point is read where the computation passes it."""
         COUNTS["subject_forward"] += 1
+        ids = input_ids.to(self.device)
         if not hooked and self.fused is not None:
-            return self.fused.hidden(input_ids.to(self.device), hook.layer, hook.point)
-        return capture(self.model, hook, input_ids.to(self.device))
+            return self.fused.capture(ids, points)
+        return capture_points(self.model, self.projections, points, ids)
+
+    def hidden_states(self, input_ids: torch.Tensor, hook, hooked: bool = False) -> torch.Tensor:
+        """Hidden states (B, T, d_model) at a sparse coder's hook point (`sae_coder.HookPoint`)."""
+        return self.capture(input_ids, [(hook.layer, hook.point)], hooked)[(hook.layer, hook.point)]
 
     def mlp_activations(self, input_ids: torch.Tensor, layers: list[int], hooked: bool = False) -> dict[int, torch.Tensor]:
-        """Neuron activations (B, T, units) for each requested layer, from one truncated pass:
-        the fused pass where the model has one, else (or with `hooked`) Hugging Face's own forward
-        with a pre-hook on each requested output projection."""
-        COUNTS["subject_forward"] += 1
-        if not hooked and self.fused is not None:
-            return self.fused.activations(input_ids.to(self.device), layers)
-        top = max(layers)
-        handles = []
-        captured: dict[int, torch.Tensor] = {}
-
-        def hook_for(layer: int):
-            def hook(_module, args):
-                captured[layer] = args[0].detach()
-                if layer == top:
-                    raise _StopForward
-
-            return hook
-
-        for layer in set(layers):
-            handles.append(self.projections[layer].register_forward_pre_hook(hook_for(layer)))
-        try:
-            self.model(input_ids=input_ids.to(self.device), use_cache=False)
-        except _StopForward:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
-        return captured
+        """Neuron activations (B, T, units) for each requested layer, from one truncated pass."""
+        got = self.capture(input_ids, [(layer, UNITS) for layer in layers], hooked)
+        return {layer: got[(layer, UNITS)] for layer in set(layers)}
 
 
 def _find_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -288,24 +271,42 @@ def hook_module(model: torch.nn.Module, hook: HookPoint) -> tuple[torch.nn.Modul
 
 
 @torch.inference_mode()
-def capture(model: torch.nn.Module, hook: HookPoint, input_ids: torch.Tensor) -> torch.Tensor:
-    """Hidden states [B, T, d_model] at `hook`, from a forward pass stopped right after it."""
-    module, reads_input = hook_module(model, hook)
-    got: list[torch.Tensor] = []
+def capture_points(model: torch.nn.Module, projections: list[torch.nn.Module], points, input_ids: torch.Tensor) -> dict[tuple[int, str], torch.Tensor]:
+    """`Subject.capture` on Hugging Face's own forward: a hook per point (`UNITS`: a pre-hook on
+    the layer's output projection), and the pass stopped by the hook that completes the set."""
+    wanted, got = set(points), {}
 
-    def pre(_m, args, kwargs):
-        got.append(args[0] if args else kwargs["hidden_states"])
-        raise _StopForward
+    def keep(point: tuple[int, str], x: torch.Tensor) -> None:
+        got[point] = x.detach()
+        if len(got) == len(wanted):
+            raise _StopForward
 
-    def post(_m, _args, output):
-        got.append(output[0] if isinstance(output, tuple) else output)
-        raise _StopForward
+    def on_input(point):
+        return lambda _m, args, kwargs: keep(point, args[0] if args else kwargs["hidden_states"])
 
-    handle = module.register_forward_pre_hook(pre, with_kwargs=True) if reads_input else module.register_forward_hook(post)
+    def on_output(point):
+        return lambda _m, _args, output: keep(point, output[0] if isinstance(output, tuple) else output)
+
+    handles = []
+    for layer, point in wanted:
+        if point == UNITS:
+            module, reads_input = projections[layer], True
+        else:
+            from autoexplain.sae_coder import HookPoint
+
+            module, reads_input = hook_module(model, HookPoint(layer, point))
+        handles.append(module.register_forward_pre_hook(on_input((layer, point)), with_kwargs=True) if reads_input
+                       else module.register_forward_hook(on_output((layer, point))))
     try:
         model(input_ids=input_ids, use_cache=False)
     except _StopForward:
         pass
     finally:
-        handle.remove()
-    return got[0].detach()
+        for handle in handles:
+            handle.remove()
+    return got
+
+
+def capture(model: torch.nn.Module, hook: HookPoint, input_ids: torch.Tensor) -> torch.Tensor:
+    """Hidden states [B, T, d_model] at `hook`, from a forward pass stopped right after it."""
+    return capture_points(model, [], [(hook.layer, hook.point)], input_ids)[(hook.layer, hook.point)]

@@ -1,7 +1,7 @@
 """Flow `explain-model`: every chosen layer and source of a model, recorded once, explained, published.
 
-One recording pass per source reads all of its layers at once (the MLP neurons of every layer share
-one pass; a sparse coder reads its own layer). Every shard of every layer is then submitted before
+One recording pass reads every source and layer at once (the MLP neurons of every layer, and each
+sparse coder at its own layer, from one forward pass per batch of windows). Every shard of every layer is then submitted before
 any is awaited, so the task runner (threads, or dask workers) stays busy across layers, and one
 count ("model": units done of the total, with rate and ETA) covers the whole run. Each layer gets
 its report artifact and run pointer (`rescore` and `revise` work per layer as after explain-layer);
@@ -24,7 +24,7 @@ from autoexplain.storage import local_ref
 from autoexplain.flows.explain_layer import checked, out_path
 from autoexplain.flows.steps import finish_layer, gather, submit_layer
 from autoexplain.tasks.report import model_report_task, publish_recording, view_task
-from autoexplain.tasks.stages import record_task, with_results
+from autoexplain.tasks.stages import record_sources_task, with_results
 
 
 @flow(name="explain-model", validate_parameters=True)
@@ -72,15 +72,16 @@ def explain_model(
 
 
 def _explain_model(plan: model_plan.ModelPlan, out: str, results: str | None, p: dict) -> dict:
-    record = with_results(results, record_task)[0]
+    record = with_results(results, record_sources_task)[0]
     stage = dict(explainer=p["explainer"], simulator=p["simulator"], scorers=p["scorers"], model=p["model"], k=p["k"],
                  shard_size=p["shard_size"], n_boot=p["n_boot"], out=out, results=results)
-    works, recordings = [], []
-    for spec, parts in plan.sources:  # a source's shards run while the next source records
-        records = record(p["model"], p["corpus"], [part.layer for part in parts], p["tokens"], out, p["window_len"],
-                         p["top_k"], p["n_random"], 0, spec, parts[0].source_id)
+    # Every source's layers from one pass of the subject: a folder per source, as each alone would write.
+    recordings = record(p["model"], p["corpus"], [(spec, [part.layer for part in parts], parts[0].source_id)
+                                                   for spec, parts in plan.sources],
+                        p["tokens"], out, p["window_len"], p["top_k"], p["n_random"], 0)
+    works = []
+    for (spec, parts), records in zip(plan.sources, recordings):
         publish_recording(records)
-        recordings.append(records)
         works += [(spec, submit_layer(records, part.layer, part.source.kind, part.units, {}, **stage)) for part in parts]
     gather([w for _, w in works], "model")
 

@@ -39,7 +39,7 @@ from autoexplain.counters import COUNTS
 from autoexplain.errors import UserError
 from autoexplain.pipeline import ExplainConfig
 from autoexplain.registry import explainer_prompt, simulator_identity
-from autoexplain.record import RecordConfig, build_windows, record_layers
+from autoexplain.record import RecordConfig, build_windows, record_sources
 from autoexplain.source_coder import open_unit_source
 from autoexplain.storage import content_key, is_complete, local_ref, open_root, read_manifest
 from autoexplain.store import stage_key
@@ -88,9 +88,11 @@ def _cached_output_is_whole(context, key: str) -> bool:
     return output_is_whole(output)
 
 
-def output_is_whole(output: dict) -> bool:
-    """Whether a task reference still names a finished, undamaged output here or at its URL
-    (records with their windows)."""
+def output_is_whole(output: dict | list) -> bool:
+    """Whether a task reference (or each of a list of them) still names a finished, undamaged
+    output here or at its URL (records with their windows)."""
+    if isinstance(output, list):
+        return all(output_is_whole(o) for o in output)
     try:
         local = local_ref(output)
         path = Path(local["path"])
@@ -305,23 +307,41 @@ def warm_up(simulator: str | None = None) -> threading.Thread:
     return thread
 
 
-@task(name="record", cache_key_fn=_key("record", (build_windows, record_layers, open_unit_source)), **RETRY)
+@task(name="record", cache_key_fn=_key("record", (build_windows, record_sources, open_unit_source)), **RETRY)
 @_one_line_failures
 def record_task(model: str, corpus: str, layers: list[int], tokens: int, out: str, window_len: int = 64,
                 top_k: int = 40, n_random: int = 30, seed: int = 0, source: str = "mlp",
                 source_id: str = "mlp") -> dict:
     """`source_id` (`LayerPlan.source_id`) is what the units depend on of `source` (a coder's
     weights): part of the task's cache key, so new weights at the same path record anew."""
+    return _record(model, corpus, [(source, layers)], tokens, out, window_len, top_k, n_random, seed)[0]
+
+
+@task(name="record-sources", cache_key_fn=_key("record", (build_windows, record_sources, open_unit_source)), **RETRY)
+@_one_line_failures
+def record_sources_task(model: str, corpus: str, sources: list[tuple[str, list[int], str]], tokens: int, out: str,
+                        window_len: int = 64, top_k: int = 40, n_random: int = 30, seed: int = 0) -> list[dict]:
+    """`record_task` for several sources at once, from one pass of the subject: `sources` are
+    (source, its layers, its source_id); one reference each, in order."""
+    return _record(model, corpus, [(spec, layers) for spec, layers, _id in sources], tokens, out, window_len, top_k,
+                   n_random, seed)
+
+
+def _record(model: str, corpus: str, sources: list[tuple[str, list[int]]], tokens: int, out: str, window_len: int,
+            top_k: int, n_random: int, seed: int) -> list[dict]:
     out = open_root(out)
     subject = _subject(model)
-    subject.check_layers(layers)
-    unit_source = open_unit_source(source, model, layers[0] if len(layers) == 1 else None)
+    plans = []
+    for spec, layers in sources:
+        subject.check_layers(layers)
+        plans.append((open_unit_source(spec, model, layers[0] if len(layers) == 1 else None),
+                      RecordConfig(layers, top_k=top_k, n_random=n_random, seed=seed)))
     windows = build_windows(subject, corpus, out, window_len, tokens, seed)
-    cfg = RecordConfig(layers, top_k=top_k, n_random=n_random, seed=seed)
-    records = record_layers(subject, windows, cfg, out, _progress("record", "tokens"), unit_source)
-    return {"uri": remote.uri(records.directory), "path": str(records.directory.resolve()),
-            "key": records.key, "layers": records.layers, "n_units": unit_source.n_units(subject),
-            "source": unit_source.kind, "windows": str(windows.path.resolve()), "window_len": window_len}
+    recorded = record_sources(subject, windows, plans, out, _progress("record", "tokens"))
+    return [{"uri": remote.uri(records.directory), "path": str(records.directory.resolve()),
+             "key": records.key, "layers": records.layers, "n_units": unit_source.n_units(subject),
+             "source": unit_source.kind, "windows": str(windows.path.resolve()), "window_len": window_len}
+            for (unit_source, _cfg), records in zip(plans, recorded)]
 
 
 @task(name="explain", cache_key_fn=_key("explain", (layer_mod.run_explain,), lambda p: explainer_prompt(p["explainer"])),

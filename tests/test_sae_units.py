@@ -84,6 +84,41 @@ def test_latents_are_recorded_as_their_formula_one_polarity_dead_ones_without_re
     assert manifest["params"]["source"] == "sae-res-40"
 
 
+@pytest.mark.parametrize("fused", ["1", "0"])
+def test_several_sources_are_recorded_in_one_pass_as_each_alone(tiny_llama_dir, prose_corpus, tiny_sae, tmp_path,
+                                                               monkeypatch, fused):
+    """explain-model's MLP layers and a coder's latents from one pass of the subject (fused, and Hugging
+    Face's hooked forward): each folder has the same key and the same tables as its source's own pass."""
+    from autoexplain.counters import since, snapshot
+    from autoexplain.record import record_sources
+    from autoexplain.sources import MLP
+
+    monkeypatch.setenv("AUTOEXPLAIN_FUSED", fused)
+    subject = load_subject(tiny_llama_dir)
+    assert (subject.fused is not None) == (fused == "1")
+    coder = open_unit_source(f"sae:{tiny_sae}", tiny_llama_dir)
+    small = dict(top_k=10, n_random=6, quantile_per_bin=1, reservoir=40, batch_size=5)
+    plans = [(MLP, RecordConfig([0, 2], **small)), (coder, RecordConfig([1], **small))]
+    alone = []
+    for source, cfg in plans:
+        windows = build_windows(subject, str(prose_corpus), tmp_path / "alone", window_len=8, seed=0)
+        alone.append(record_layers(subject, windows, cfg, tmp_path / "alone", source=source))
+    windows = build_windows(subject, str(prose_corpus), tmp_path / "shared", window_len=8, seed=0)
+    before = snapshot()
+    shared = record_sources(subject, windows, plans, tmp_path / "shared")
+    batches = -(-windows.n_windows // 5)
+    assert since(before)["subject_forward"] == batches  # one pass, not one per source
+    for a, b in zip(alone, shared):
+        assert a.key == b.key and a.layers == b.layers
+        for layer in a.layers:
+            for path in (a.records_path(layer), a.stats_path(layer)):
+                mine = b.directory / path.name
+                assert pl.read_parquet(path).equals(pl.read_parquet(mine)), mine
+    again = snapshot()
+    assert [r.key for r in record_sources(subject, windows, plans, tmp_path / "shared")] == [r.key for r in shared]
+    assert since(again).get("subject_forward", 0) == 0  # sealed: nothing is recorded twice
+
+
 def test_new_weights_at_the_same_path_record_anew(tiny_llama_dir, tiny_sae, tmp_path):
     import shutil
 
@@ -155,6 +190,31 @@ def test_explain_layer_and_rescore_on_latents_from_the_command_line(tiny_llama_d
 
     bad = cli(home, "explain-layer", "--source", f"sae:{tiny_sae}", "--layer", "2", *common)
     assert bad.returncode == 2 and "disagrees" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_explain_model_records_neurons_and_latents_in_one_task(tiny_llama_dir, prose_corpus, tiny_sae, tmp_path):
+    """`explain-model --source mlp --source sae:PATH`: both sources' records from one recording task
+    (one pass: see the test above), each folder with the key its own recording gets, then both explained."""
+    from autoexplain.record import RecordConfig as Cfg
+
+    out = tmp_path / "out"
+    result = cli(tmp_path / "home", "explain-model", "--source", "mlp", "--source", f"sae:{tiny_sae}", "--layers", "1",
+                 "--units", "8-9", "--shard-size", "2", "--model", tiny_llama_dir, "--corpus", str(prose_corpus),
+                 "--tokens", "20000", "--k", "1", "--bootstrap", "50", "--window-len", "8", "--top-k", "8",
+                 "--random", "6", "--out", str(out), "--site", "none")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stderr.count("Task run 'record-sources-") > 0 and "Task run 'record-" not in \
+        result.stderr.replace("Task run 'record-sources-", "")
+    assert len(list((out / "windows").iterdir())) == 1
+    for name, source in (("layer_1.json", "mlp"), ("layer_1.sae-res-40.json", f"sae:{tiny_sae}")):
+        run = json.loads((out / "runs" / name).read_text())
+        assert run["flow"] == "explain-model" and set(pl.read_parquet(run["scores"][0]["path"])["unit"]) == {8, 9}
+        subject = load_subject(tiny_llama_dir)
+        windows = build_windows(subject, str(prose_corpus), out, window_len=8, max_tokens=20000, seed=0)
+        alone = record_layers(subject, windows, Cfg([1], top_k=8, n_random=6), tmp_path / name,
+                              source=open_unit_source(source, tiny_llama_dir))
+        assert run["records"]["key"] == alone.key
 
 
 def test_unit_stats_carry_what_each_unit_promotes_and_suppresses(recorded, tiny_records, tiny_llama_dir):
