@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from autoexplain import files, layout, llm_cache, pipeline
+from autoexplain import collector, files, layout, llm_cache, pipeline
 from autoexplain.activations import read_units
 from autoexplain.errors import UserError
 from autoexplain.explain import as_explainer
@@ -281,6 +281,11 @@ def run_revise(explanations: StageRef, revisions: dict[tuple[int, int], str], ou
 
 def run_simulate(records_dir, explanations: StageRef, out, simulator=None, sim=None, seed: int = 0,
                  progress: Progress | None = None) -> StageRef:
+    with collector.paused():
+        return _simulate(records_dir, explanations, out, simulator, sim, seed, progress)
+
+
+def _simulate(records_dir, explanations: StageRef, out, simulator, sim, seed: int, progress: Progress | None):
     records_dir = Path(records_dir)
     sim = sim or make_simulator(simulator)
     layer = explanations.layer
@@ -312,6 +317,11 @@ def run_simulate(records_dir, explanations: StageRef, out, simulator=None, sim=N
 
 
 def run_score(records_dir, simulations: StageRef, out, n_boot: int = 1000, seed: int = 0) -> StageRef:
+    with collector.paused():
+        return _score(records_dir, simulations, out, n_boot, seed)
+
+
+def _score(records_dir, simulations: StageRef, out, n_boot: int, seed: int) -> StageRef:
     layer = simulations.layer
     params = {"layer": layer, "n_boot": n_boot, "seed": seed}
     code = code_identity(run_score)
