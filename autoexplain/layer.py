@@ -333,7 +333,7 @@ def _score(records_dir, simulations: StageRef, out, n_boot: int, seed: int) -> S
     chosen = pq.read_table(simulations.directory / layout.CHOSEN)
     _, _, records_key = _records_inputs(Path(records_dir), layer)
     units = load_units(records_dir, layer, sorted(set(sims.column("unit").to_pylist())))
-    sims_of, chosen_of = _by_unit(sims.to_pylist()), _by_unit(chosen.to_pylist())
+    sims_of, chosen_of = _by_unit(_simulation_rows(sims)), _by_unit(chosen.to_pylist())
     memo, rows = Memo(out, "score"), []
     for unit in units:
         u_sims, u_chosen = (rows_of.get((unit.id.index, unit.id.polarity), []) for rows_of in (sims_of, chosen_of))
@@ -354,13 +354,28 @@ def run_score_counted(*args, **kwargs) -> tuple[StageRef, dict[str, int]]:
     return run_score(*args, **kwargs), since(before)
 
 
+def _simulation_rows(table: pa.Table) -> list[dict]:
+    """A simulations table's rows, each one's expected values a float64 array (a view of the
+    column's values, None where the simulation failed): the same numbers as `to_pylist` gives, without
+    a Python float for each of the millions of them, which cost more than scoring them."""
+    rows = table.drop_columns(["expected"]).to_pylist()
+    column = table.column("expected").combine_chunks()
+    values = column.values.to_numpy(zero_copy_only=False).astype(np.float64)  # a null value: NaN, as np.asarray makes it
+    ends, failed = column.offsets.to_numpy(), column.is_null().to_numpy(zero_copy_only=False)
+    for i, row in enumerate(rows):
+        row["expected"] = None if failed[i] else values[ends[i] : ends[i + 1]]
+    return rows
+
+
 def _sims_digest(rows: list[dict]) -> str:
     """A unit's simulation rows, hashed: expected values by their float64 bytes (JSON of thousands
-    of floats per unit cost more than the scoring)."""
-    h = hashlib.sha256()
+    of floats per unit cost more than the scoring), the rest by one repr of them all."""
+    names = sorted(set().union(*rows) - {"expected"})
+    h = hashlib.sha256(repr([names] + [[r.get(k) for k in names] + [None if r["expected"] is None else len(r["expected"])]
+                                       for r in rows]).encode())
     for r in rows:
-        h.update(repr([r[k] for k in sorted(r) if k != "expected"]).encode())
-        h.update(b"-" if r["expected"] is None else np.asarray(r["expected"], dtype=np.float64).tobytes())
+        if r["expected"] is not None:
+            h.update(np.asarray(r["expected"], dtype=np.float64).tobytes())
     return h.hexdigest()
 
 

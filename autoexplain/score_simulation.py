@@ -8,7 +8,6 @@ telling top windows from random ones by the predicted window maximum.
 
 from __future__ import annotations
 
-from itertools import chain
 from typing import Sequence
 
 import numpy as np
@@ -54,7 +53,6 @@ class SimulationScorer(Scorer):
 def _window_max(expected: list) -> np.ndarray:
     """Each window's largest expected value (np.max of each), taken on all of them pooled at once."""
     sizes = [len(e) for e in expected]
-    if not expected or min(sizes) == 0 or any(type(e) is not list for e in expected):
+    if not expected or min(sizes) == 0:
         return np.array([float(np.max(e)) for e in expected])  # an empty one raises, as np.max does
-    starts = np.cumsum(sizes) - sizes
-    return np.maximum.reduceat(np.fromiter(chain.from_iterable(expected), dtype=np.float64, count=sum(sizes)), starts)
+    return np.maximum.reduceat(scoring.pool(expected, sum(sizes)), np.cumsum(sizes) - sizes)

@@ -304,10 +304,10 @@ class _Pooled:
     def of(cls, trues: list, preds: list) -> "_Pooled":
         sizes = np.array([len(t) for t in trues], dtype=np.int64)
         total = int(sizes.sum())
-        return cls(_pool(trues, total), _pool(preds, total), sizes)
+        return cls(pool(trues, total), pool(preds, total), sizes)
 
 
-def _pool(records: list, total: int) -> np.ndarray:
+def pool(records: list, total: int) -> np.ndarray:
     """Records (lists or arrays of numbers) end to end as one float64 vector: the values of
     concatenating each as a float64 array, without an array per record."""
     if records and all(type(r) is list for r in records):
