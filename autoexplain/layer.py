@@ -12,6 +12,7 @@ import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import Callable
 
@@ -371,8 +372,8 @@ def _sims_digest(rows: list[dict]) -> str:
     """A unit's simulation rows, hashed: expected values by their float64 bytes (JSON of thousands
     of floats per unit cost more than the scoring), the rest by one repr of them all."""
     names = sorted(set().union(*rows) - {"expected"})
-    h = hashlib.sha256(repr([names] + [[r.get(k) for k in names] + [None if r["expected"] is None else len(r["expected"])]
-                                       for r in rows]).encode())
+    fields = itemgetter(*names, "expected")
+    h = hashlib.sha256(repr([names, [(*rest, None if e is None else len(e)) for *rest, e in map(fields, rows)]]).encode())
     for r in rows:
         if r["expected"] is not None:
             h.update(np.asarray(r["expected"], dtype=np.float64).tobytes())
