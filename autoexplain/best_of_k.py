@@ -50,8 +50,9 @@ def correlation(records: Sequence, sims: Sequence) -> float:
     """Correlation of true and simulated activations over the records that simulated; -inf when
     undefined, so that such a candidate is never preferred."""
     pairs = [(r.activations, s.expected) for r, s in zip(records, sims) if s.ok]
-    try:
-        r = scoring.correlation([p[0] for p in pairs], [p[1] for p in pairs])
+    trues, preds = [p[0] for p in pairs], [p[1] for p in pairs]
+    try:  # pooled once (the values of concatenating them record by record)
+        r = scoring.correlation(scoring.pool(trues, sum(map(len, trues))), scoring.pool(preds, sum(map(len, preds))))
     except scoring.UndefinedMetric:
         return float("-inf")
     return r if math.isfinite(r) else float("-inf")

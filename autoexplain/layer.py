@@ -12,6 +12,7 @@ import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import Callable
 
@@ -19,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from autoexplain import files, layout, llm_cache, pipeline
+from autoexplain import collector, files, layout, llm_cache, pipeline
 from autoexplain.activations import read_units
 from autoexplain.errors import UserError
 from autoexplain.explain import as_explainer
@@ -281,6 +282,11 @@ def run_revise(explanations: StageRef, revisions: dict[tuple[int, int], str], ou
 
 def run_simulate(records_dir, explanations: StageRef, out, simulator=None, sim=None, seed: int = 0,
                  progress: Progress | None = None) -> StageRef:
+    with collector.paused():
+        return _simulate(records_dir, explanations, out, simulator, sim, seed, progress)
+
+
+def _simulate(records_dir, explanations: StageRef, out, simulator, sim, seed: int, progress: Progress | None):
     records_dir = Path(records_dir)
     sim = sim or make_simulator(simulator)
     layer = explanations.layer
@@ -312,6 +318,11 @@ def run_simulate(records_dir, explanations: StageRef, out, simulator=None, sim=N
 
 
 def run_score(records_dir, simulations: StageRef, out, n_boot: int = 1000, seed: int = 0) -> StageRef:
+    with collector.paused():
+        return _score(records_dir, simulations, out, n_boot, seed)
+
+
+def _score(records_dir, simulations: StageRef, out, n_boot: int, seed: int) -> StageRef:
     layer = simulations.layer
     params = {"layer": layer, "n_boot": n_boot, "seed": seed}
     code = code_identity(run_score)
@@ -323,7 +334,7 @@ def run_score(records_dir, simulations: StageRef, out, n_boot: int = 1000, seed:
     chosen = pq.read_table(simulations.directory / layout.CHOSEN)
     _, _, records_key = _records_inputs(Path(records_dir), layer)
     units = load_units(records_dir, layer, sorted(set(sims.column("unit").to_pylist())))
-    sims_of, chosen_of = _by_unit(sims.to_pylist()), _by_unit(chosen.to_pylist())
+    sims_of, chosen_of = _by_unit(_simulation_rows(sims)), _by_unit(chosen.to_pylist())
     memo, rows = Memo(out, "score"), []
     for unit in units:
         u_sims, u_chosen = (rows_of.get((unit.id.index, unit.id.polarity), []) for rows_of in (sims_of, chosen_of))
@@ -344,13 +355,28 @@ def run_score_counted(*args, **kwargs) -> tuple[StageRef, dict[str, int]]:
     return run_score(*args, **kwargs), since(before)
 
 
+def _simulation_rows(table: pa.Table) -> list[dict]:
+    """A simulations table's rows, each one's expected values a float64 array (a view of the
+    column's values, None where the simulation failed): the same numbers as `to_pylist` gives, without
+    a Python float for each of the millions of them, which cost more than scoring them."""
+    rows = table.drop_columns(["expected"]).to_pylist()
+    column = table.column("expected").combine_chunks()
+    values = column.values.to_numpy(zero_copy_only=False).astype(np.float64)  # a null value: NaN, as np.asarray makes it
+    ends, failed = column.offsets.to_numpy(), column.is_null().to_numpy(zero_copy_only=False)
+    for i, row in enumerate(rows):
+        row["expected"] = None if failed[i] else values[ends[i] : ends[i + 1]]
+    return rows
+
+
 def _sims_digest(rows: list[dict]) -> str:
     """A unit's simulation rows, hashed: expected values by their float64 bytes (JSON of thousands
-    of floats per unit cost more than the scoring)."""
-    h = hashlib.sha256()
+    of floats per unit cost more than the scoring), the rest by one repr of them all."""
+    names = sorted(set().union(*rows) - {"expected"})
+    fields = itemgetter(*names, "expected")
+    h = hashlib.sha256(repr([names, [(*rest, None if e is None else len(e)) for *rest, e in map(fields, rows)]]).encode())
     for r in rows:
-        h.update(repr([r[k] for k in sorted(r) if k != "expected"]).encode())
-        h.update(b"-" if r["expected"] is None else np.asarray(r["expected"], dtype=np.float64).tobytes())
+        if r["expected"] is not None:
+            h.update(np.asarray(r["expected"], dtype=np.float64).tobytes())
     return h.hexdigest()
 
 

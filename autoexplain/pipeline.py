@@ -321,7 +321,7 @@ def score_unit(unit: UnitRecords, simulations: Sequence[SimulationRow], explanat
         key = (row.method, row.simulator)
         by_window.setdefault(key, {})[row.window_id] = row
         sim_tokens[key] = sim_tokens.get(key, 0) + row.tokens
-        sim_dollars[key] = prices.add(sim_dollars.get(key, 0.0), row.dollars)
+        sim_dollars[key] = prices.plus(sim_dollars.get(key, 0.0), row.dollars)
     explained = {row.method: row for row in explanations}
     out = []
     for (method, sim_name), rows in by_window.items():

@@ -72,3 +72,10 @@ def dollars(model: str, prompt_tokens: int, cached_tokens: int, completion_token
 def add(*amounts: float | None) -> float | None:
     """A sum of costs that stays unknown when any part is unknown."""
     return None if any(a is None for a in amounts) else sum(amounts)
+
+
+def plus(total: float | None, amount: float | None) -> float | None:
+    """`add(total, amount)` for a running total started at 0.0, with the same bits, at a fraction of
+    the cost (a layer's scoring adds up a hundred thousand simulations' costs): such a total is never
+    -0.0, so the 0.0 that `sum` starts from changes nothing."""
+    return None if total is None or amount is None else total + amount

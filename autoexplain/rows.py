@@ -10,6 +10,7 @@ source that is not `mlp` (an SAE's latents) adds a `source` column here, read as
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from functools import lru_cache
 from typing import Iterable, TypeVar
 
 import pyarrow as pa
@@ -83,25 +84,37 @@ Row = TypeVar("Row", ExplanationRow, SimulationRow, ScoreRow)
 SCHEMA_OF = {ExplanationRow: "explanations", SimulationRow: "simulations", ScoreRow: "scores"}
 
 
-def _names(cls) -> list[str]:
-    return [f.name for f in fields(cls) if f.name != "unit"]
+@lru_cache(maxsize=None)
+def _names(cls) -> tuple[str, ...]:
+    # once per class: `fields` per row cost more than the rest of encoding it
+    return tuple(f.name for f in fields(cls) if f.name != "unit")
 
 
 def to_rows(rows: Iterable[Row]) -> list[dict]:
     """Typed rows as plain dicts with the table's columns (what the stage memos store)."""
-    out = []
+    out, heads = [], {}  # a unit's columns, made once per unit: its source is parsed to get them
     for row in rows:
-        u = row.unit
-        named = {} if u.kind == MLP_KIND else {"source": u.kind}
-        out.append({"layer": u.layer, "unit": u.index, "polarity": u.polarity, **named,
-                    **{name: getattr(row, name) for name in _names(type(row))}})
+        head = heads.get(row.unit)
+        if head is None:
+            u = row.unit
+            head = heads[u] = {"layer": u.layer, "unit": u.index, "polarity": u.polarity,
+                               **({} if u.kind == MLP_KIND else {"source": u.kind})}
+        encoded = head.copy()
+        for name in _names(type(row)):
+            encoded[name] = getattr(row, name)
+        out.append(encoded)
     return out
 
 
 def from_rows(cls: type[Row], rows: Iterable[dict]) -> list[Row]:
-    names = _names(cls)
-    return [cls(UnitId(f"L{r['layer']}/{r.get('source') or MLP_KIND}", r["unit"], r["polarity"]),
-                **{name: r[name] for name in names}) for r in rows]
+    names, units, out = _names(cls), {}, []
+    for r in rows:
+        at = (r["layer"], r.get("source") or MLP_KIND, r["unit"], r["polarity"])
+        unit = units.get(at)
+        if unit is None:
+            unit = units[at] = UnitId(f"L{at[0]}/{at[1]}", at[2], at[3])
+        out.append(cls(unit, **{name: r[name] for name in names}))
+    return out
 
 
 def rows_to_table(rows: list[dict], schema_name: str) -> pa.Table:

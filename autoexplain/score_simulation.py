@@ -33,10 +33,8 @@ class SimulationScorer(Scorer):
               seed: int = 0) -> dict[str, scoring.Score]:
         if simulations is None or len(simulations) != len(records):
             raise ValueError("the simulation scorer needs one simulation per record")
-        srecs = [scoring.ScoringRecord(np.asarray(r.activations, dtype=float),
-                                       None if s.expected is None else np.asarray(s.expected, dtype=float),
-                                       r.kind, r.split)
-                 for r, s in zip(records, simulations)]
+        # as they are (lists): `scoring` pools each selection's values once
+        srecs = [scoring.ScoringRecord(r.activations, s.expected, r.kind, r.split) for r, s in zip(records, simulations)]
         metrics = scoring.score_unit(srecs, split=self.split, calib_split=self.calib_split, n_boot=n_boot, seed=seed)
         metrics[DETECTION_AUC] = self.detection(srecs)
         return metrics
@@ -44,9 +42,17 @@ class SimulationScorer(Scorer):
     def detection(self, srecs: Sequence[scoring.ScoringRecord]) -> scoring.Score:
         """AUC of telling top (activating) from random windows by the simulation's window maximum."""
         ok = [r for r in srecs if r.split == self.split and r.expected is not None]
-        pos = [float(np.max(r.expected)) for r in ok if r.kind == "top"]
-        neg = [float(np.max(r.expected)) for r in ok if r.kind == "random"]
+        pos = _window_max([r.expected for r in ok if r.kind == "top"])
+        neg = _window_max([r.expected for r in ok if r.kind == "random"])
         failed = sum(r.expected is None for r in srecs if r.split == self.split)
-        if not pos or not neg:
+        if not len(pos) or not len(neg):
             return scoring.Score(None, None, None, "no activating or no non-activating windows", len(ok), failed)
         return scoring.Score(scoring.detection_auc(pos, neg), None, None, None, len(ok), failed)
+
+
+def _window_max(expected: list) -> np.ndarray:
+    """Each window's largest expected value (np.max of each), taken on all of them pooled at once."""
+    sizes = [len(e) for e in expected]
+    if not expected or min(sizes) == 0:
+        return np.array([float(np.max(e)) for e in expected])  # an empty one raises, as np.max does
+    return np.maximum.reduceat(scoring.pool(expected, sum(sizes)), np.cumsum(sizes) - sizes)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import chain
 from typing import Callable, Sequence
 
 import numpy as np
@@ -199,13 +200,14 @@ def _resample_counts(n: int, n_boot: int, seed: int) -> np.ndarray:
     return counts
 
 
-def _resample_values(metric, ys, ps, n_boot: int, seed: int) -> np.ndarray:
-    n = len(ys)
+def _resample_values(metric, y_all: np.ndarray, p_all: np.ndarray, sizes: np.ndarray, n_boot: int,
+                     seed: int) -> np.ndarray:
+    """The metric on each of n_boot resamples of the records, given as their tokens pooled (y_all,
+    p_all) and each record's length."""
+    n = len(sizes)
     if metric in _SUMS:
         sums_of, value_from = _SUMS[metric]
-        y_all, p_all = np.concatenate(ys), np.concatenate(ps)
         cy, cp = y_all.mean(), p_all.mean()
-        sizes = np.array([y.size for y in ys])
         starts = np.minimum(np.cumsum(sizes) - sizes, max(y_all.size - 1, 0))
         # Per-record sums of the whole token vectors at once: one reduceat per sum, no record loop
         # (reduceat gives an empty record the next value, not 0, hence the mask).
@@ -215,6 +217,8 @@ def _resample_values(metric, ys, ps, n_boot: int, seed: int) -> np.ndarray:
         tol = (1e-10 * np.max(np.abs(y_all - cy)) ** 2, 1e-10 * np.max(np.abs(p_all - cp)) ** 2)
         with np.errstate(divide="ignore", invalid="ignore"):
             return value_from(_resample_counts(n, n_boot, seed) @ per_record, tol)
+    cuts = np.cumsum(sizes)[:-1]
+    ys, ps = np.split(y_all, cuts), np.split(p_all, cuts)
     idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
     out = np.full(n_boot, np.nan)
     for b, row in enumerate(idx):
@@ -238,11 +242,22 @@ def bootstrap_ci(
     ps = [np.asarray(r, dtype=np.float64).ravel() for r in pred_records]
     if len(ys) != len(ps):
         raise ValueError(f"{len(ys)} true records but {len(ps)} predicted records")
-    if len(ys) < 2 or any(y.size != p.size for y, p in zip(ys, ps)):
+    if any(y.size != p.size for y, p in zip(ys, ps)):
         return None
-    if not (np.isfinite(np.concatenate(ys)).all() and np.isfinite(np.concatenate(ps)).all()):
+    sizes = np.array([y.size for y in ys], dtype=np.int64)
+    pooled = (np.concatenate(ys), np.concatenate(ps)) if ys else (np.zeros(0), np.zeros(0))
+    return _pooled_ci(metric, *pooled, sizes, n_boot, seed, level)
+
+
+def _pooled_ci(metric: Metric, y_all: np.ndarray, p_all: np.ndarray, sizes: np.ndarray, n_boot: int, seed: int,
+               level: float) -> tuple[float, float] | None:
+    """`bootstrap_ci` of records given pooled, with their lengths (a unit's records are pooled once
+    for all its metrics: per-record arrays cost more than the resampling)."""
+    if len(sizes) < 2:
         return None
-    values = _resample_values(metric, ys, ps, n_boot, seed)
+    if not (np.isfinite(y_all).all() and np.isfinite(p_all).all()):
+        return None
+    values = _resample_values(metric, y_all, p_all, sizes, n_boot, seed)
     values = values[np.isfinite(values)]
     if values.size < MIN_DEFINED_RESAMPLES * n_boot:
         return None
@@ -277,16 +292,39 @@ def detection_auc(
     return float((below.sum() + 0.5 * tied.sum()) / (pos.size * neg.size))
 
 
-def _score(metric: Metric, ys: list, ps: list, n_failed: int, **boot) -> Score:
-    base = dict(n_records=len(ys), n_failed=n_failed)
-    if not ys:
+@dataclass(frozen=True)
+class _Pooled:
+    """Selected records' tokens pooled into one vector each way, with each record's length."""
+
+    y: np.ndarray
+    p: np.ndarray
+    sizes: np.ndarray
+
+    @classmethod
+    def of(cls, trues: list, preds: list) -> "_Pooled":
+        sizes = np.array([len(t) for t in trues], dtype=np.int64)
+        total = int(sizes.sum())
+        return cls(pool(trues, total), pool(preds, total), sizes)
+
+
+def pool(records: list, total: int) -> np.ndarray:
+    """Records (lists or arrays of numbers) end to end as one float64 vector: the values of
+    concatenating each as a float64 array, without an array per record."""
+    if records and all(type(r) is list for r in records):
+        return np.fromiter(chain.from_iterable(records), dtype=np.float64, count=total)
+    return np.concatenate([np.asarray(r, dtype=np.float64).ravel() for r in records]) if records else np.zeros(0)
+
+
+def _score(metric: Metric, data: _Pooled, n_failed: int, n_boot: int, seed: int, level: float) -> Score:
+    base = dict(n_records=len(data.sizes), n_failed=n_failed)
+    if not len(data.sizes):
         reason = "all simulations failed" if n_failed else "no records"
         return Score(None, undefined_reason=reason, **base)
     try:
-        value = metric(ys, ps)
+        value = metric(data.y, data.p)
     except UndefinedMetric as e:
         return Score(None, undefined_reason=str(e), **base)
-    ci = bootstrap_ci(metric, ys, ps, **boot)
+    ci = _pooled_ci(metric, data.y, data.p, data.sizes, n_boot, seed, level)
     if ci is not None:
         # Percentile intervals of a biased statistic (calibrated R² on few records) can miss the
         # point estimate itself; report the interval stretched to contain it.
@@ -294,8 +332,8 @@ def _score(metric: Metric, ys: list, ps: list, n_failed: int, **boot) -> Score:
     return Score(value, *(ci or (None, None)), **base)
 
 
-def _usable(records: Sequence[ScoringRecord], split: str, kinds: tuple[str, ...]):
-    """The selected records' (true, expected) arrays, and how many of them failed."""
+def _usable(records: Sequence[ScoringRecord], split: str, kinds: tuple[str, ...]) -> tuple[_Pooled, int]:
+    """The selected records' (true, expected) values pooled, and how many of them failed."""
     ys, ps, failed = [], [], 0
     for r in records:
         if r.split != split or r.kind not in kinds:
@@ -304,9 +342,9 @@ def _usable(records: Sequence[ScoringRecord], split: str, kinds: tuple[str, ...]
         if r.expected is None or len(r.expected) != len(r.true):
             failed += 1
             continue
-        ys.append(np.asarray(r.true, dtype=np.float64))
-        ps.append(np.asarray(r.expected, dtype=np.float64))
-    return ys, ps, failed
+        ys.append(r.true)
+        ps.append(r.expected)
+    return _Pooled.of(ys, ps), failed
 
 
 def score_unit(
@@ -328,22 +366,23 @@ def score_unit(
     counted in each Score's n_failed. Quantile records are not scored here.
     """
     boot = dict(n_boot=n_boot, seed=seed, level=level)
-    ys, ps, failed = _usable(records, split, ("top", "random"))
+    scored, failed = _usable(records, split, ("top", "random"))
     scores = {
-        TOP_AND_RANDOM: _score(correlation, ys, ps, failed, **boot),
+        TOP_AND_RANDOM: _score(correlation, scored, failed, **boot),
         RANDOM_ONLY: _score(correlation, *_usable(records, split, ("random",)), **boot),
     }
-    cys, cps, _ = _usable(records, calib_split, ("top", "random"))
+    calib, _ = _usable(records, calib_split, ("top", "random"))
     try:
-        if not cys:
+        if not len(calib.sizes):
             raise UndefinedMetric("no records")
-        slope, intercept = fit_calibration(cys, cps)
+        slope, intercept = fit_calibration(calib.y, calib.p)
     except UndefinedMetric as e:
         reason = f"calibration on {calib_split!r}: {e}"
         for key in (CALIBRATED_R2, CALIBRATED_ABS_DEV):
-            scores[key] = Score(None, undefined_reason=reason, n_records=len(ys), n_failed=failed)
+            scores[key] = Score(None, undefined_reason=reason, n_records=len(scored.sizes), n_failed=failed)
         return scores
-    cal = apply_calibration(ps, slope, intercept)
-    scores[CALIBRATED_R2] = _score(r_squared, ys, cal, failed, **boot)
-    scores[CALIBRATED_ABS_DEV] = _score(absolute_deviation_explained, ys, cal, failed, **boot)
+    # elementwise: the same values as calibrating record by record
+    cal = _Pooled(scored.y, apply_calibration(scored.p, slope, intercept), scored.sizes)
+    scores[CALIBRATED_R2] = _score(r_squared, cal, failed, **boot)
+    scores[CALIBRATED_ABS_DEV] = _score(absolute_deviation_explained, cal, failed, **boot)
     return scores

@@ -1,0 +1,82 @@
+"""The rerun path's cheaper plumbing gives the very bits of the plain one it replaced: pooled
+scoring against per-record arrays, costs added as a running total, simulation rows read as float64
+views, window maxima taken pooled; and the collector pause restores the collector."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pyarrow as pa
+
+from autoexplain import collector, prices, scoring
+from autoexplain.layer import _simulation_rows
+from autoexplain.score_simulation import _window_max
+
+
+def _records(rng, n=30):
+    out = []
+    for i in range(n):
+        size = int(rng.integers(1, 40))
+        true = rng.standard_normal(size).astype(np.float32).astype(float).tolist()
+        pred = (rng.random(size) * 10).tolist()
+        out.append(scoring.ScoringRecord(true, pred, ("top", "random")[i % 2], ("test", "calib")[i % 3 == 0]))
+    return out
+
+
+def test_pooled_scores_equal_scores_of_per_record_arrays():
+    rng = np.random.default_rng(3)
+    as_lists = _records(rng)
+    as_arrays = [scoring.ScoringRecord(np.asarray(r.true), np.asarray(r.expected), r.kind, r.split) for r in as_lists]
+    pooled = scoring.score_unit(as_lists, split="test", n_boot=200, seed=5)
+    assert pooled == scoring.score_unit(as_arrays, split="test", n_boot=200, seed=5)
+    # ... and its interval is the public per-record bootstrap's (stretched to hold the value)
+    kept = [r for r in as_lists if r.split == "test"]
+    lo, hi = scoring.bootstrap_ci(scoring.correlation, [r.true for r in kept], [r.expected for r in kept], n_boot=200, seed=5)
+    got = pooled[scoring.TOP_AND_RANDOM]
+    assert (got.ci_low, got.ci_high) == (min(lo, got.value), max(hi, got.value))
+
+
+def test_a_running_total_with_plus_is_the_fold_of_add():
+    rng = np.random.default_rng(0)
+    amounts = [float(x) for x in rng.standard_normal(500) * 1e-3] + [-0.0, 0.0, 1e-300, -1e-300]
+    slow = fast = 0.0
+    for a in amounts:
+        slow, fast = prices.add(slow, a), prices.plus(fast, a)
+        assert np.float64(slow).tobytes() == np.float64(fast).tobytes()
+    assert prices.plus(fast, None) is None and prices.plus(None, 1.0) is None
+
+
+def test_simulation_rows_hold_the_values_to_pylist_gives():
+    expected = pa.array([[0.1, 2.5, None], None, [], [3.0]], pa.list_(pa.float32()))
+    table = pa.table({"unit": [1, 1, 2, 2], "expected": expected}).slice(0)
+    for fast, plain in zip(_simulation_rows(table), table.to_pylist()):
+        assert fast["unit"] == plain["unit"]
+        if plain["expected"] is None:
+            assert fast["expected"] is None
+        else:
+            assert np.asarray(plain["expected"], dtype=np.float64).tobytes() == fast["expected"].tobytes()
+
+
+def test_window_maxima_pooled_are_each_windows_max():
+    windows = [[0.5, 9.0, 1.0], [2.0], [float("nan"), 1.0], [3.0, 3.0]]
+    want = [float(np.max(w)) for w in windows]
+    for given in (windows, [np.asarray(w) for w in windows]):
+        got = _window_max(given)
+        assert np.asarray(want).tobytes() == got.tobytes()
+
+
+def test_the_collector_resumes_after_the_last_pause():
+    assert gc.isenabled()
+    with collector.paused():
+        with collector.paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collector.paused():
+            pass
+        assert not gc.isenabled()  # it was off before: it stays off
+    finally:
+        gc.enable()
