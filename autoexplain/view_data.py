@@ -86,8 +86,12 @@ def js_data(key: str, data: Any) -> str:
     return js_text(key, to_json(data))
 
 
+def js_bytes(key: str, data: Any) -> bytes:
+    return js_data(key, data).encode("utf-8", errors="replace")
+
+
 def write_js(path: Path, key: str, data: Any) -> int:
-    text = js_data(key, data).encode("utf-8", errors="replace")
+    text = js_bytes(key, data)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(text)
     return len(text)
