@@ -83,8 +83,10 @@ class _RecordsCache:
     def missing(self, names: list[str]) -> bool:
         return any(n not in self.tails for n in names)
 
-    def add(self, name: str, part: dict) -> None:
-        self.tails[name] = tail(to_json(part)[1:-1] + "}")
+    def add(self, parts: dict[str, dict], pool: ThreadPoolExecutor) -> None:
+        """Each unit's records part, by unit name; compressed in `pool` (zlib lets go of the GIL)."""
+        texts = [to_json(part)[1:-1] + "}" for part in parts.values()]
+        self.tails.update(zip(parts, pool.map(tail, texts)))
         self.changed = True
 
     def save(self) -> None:
@@ -223,13 +225,14 @@ def _write_units(src: LayerSource, units: pl.DataFrame, scores, chosen, site_dir
     def name(k):
         return unit_page(S, k[0], k[1], polar)
 
+    # zlib lets go of the GIL while it compresses: one thread a core.
+    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
     jobs: list[tuple[Path, str, str, Tail]] = []
     for start in range(0, len(keys), 1024):
         wanted = keys[start:start + 1024]
         if cache is not None and cache.missing([unit_name(u, p) for u, p in wanted]):
             recs = reader(wanted)
-            for u, p in wanted:
-                cache.add(unit_name(u, p), records_part(recs.get((u, p)), max_per_kind))
+            cache.add({unit_name(u, p): records_part(recs.get((u, p)), max_per_kind) for u, p in wanted}, pool)
         sims = sims_of(simulated, wanted)
         for u, p in wanted:
             j = position[(u, p)]
@@ -242,10 +245,9 @@ def _write_units(src: LayerSource, units: pl.DataFrame, scores, chosen, site_dir
             head = f'{{{to_json(detail)[1:-1]},"sims":{sims.get((u, p), "{}")},'
             jobs.append((site_dir / unit_file(S, u, p, polar), name((u, p)), head,
                          cache.tails[unit_name(u, p)] if cache is not None else no_records))
-        # zlib lets go of the GIL while it compresses: one thread a core.
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            list(pool.map(lambda job: job[0].write_bytes(packed(*job[1:])), jobs))
+        list(pool.map(lambda job: job[0].write_bytes(packed(*job[1:])), jobs))
         jobs.clear()
+    pool.shutdown()
     if cache is not None:
         cache.save()
 
