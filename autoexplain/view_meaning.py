@@ -74,13 +74,11 @@ class _TextVectors:
         return list(self.explainer._vocab), np.asarray(self.explainer._vocab_vectors, dtype=np.float32)
 
     def __call__(self, texts: list[str]) -> np.ndarray:
-        from autoexplain.wordvecs import encode_fixed
-
         new = sorted({t for t in texts if t not in self.known})
         if new:
-            if self.explainer._model is None:
-                self.explainer._encode(["warm"])  # loads the model
-            vectors = encode_fixed(self.explainer._model, new, 256).astype(np.float16)
+            # Fixed batches (`wordvecs.encode_fixed`) of the explainer's size, 256; it loads the
+            # model, which a warm-up text would do at the cost of encode_each's batching probes.
+            vectors = self.explainer._encode(new, fixed=True).astype(np.float16)
             self.known.update(zip(new, vectors))
             self.changed = True
         if not texts:
