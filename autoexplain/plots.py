@@ -150,9 +150,11 @@ def plot_llm_vs_baselines(scores, path, metric: str = DEFAULT_METRIC) -> Path:
     df = _frame(scores)
     wide = (df.filter(pl.col("metric") == metric)
             .select("layer", "unit", "polarity", "method", "value")
-            .unique(["layer", "unit", "polarity", "method"])
+            .unique(["layer", "unit", "polarity", "method"], keep="first", maintain_order=True)
             .pivot(on="method", index=["layer", "unit", "polarity"], values="value")) if df.height else pl.DataFrame()
     fig, axes = plt.subplots(1, 2, figsize=(7.6, 3.6), sharey=True)
+    # In the scores' order: translucent points blend in the order they are drawn, so an unordered
+    # unique() would give the same scores different pixels from one build to the next.
     for ax, base in zip(axes, METHODS[1:]):
         if wide.height and "explainer" in wide.columns and base in wide.columns:
             pair = wide.select("explainer", base).drop_nulls().drop_nans()

@@ -17,7 +17,7 @@ Layout of the site folder, which is exactly what gets published (caches live und
     data/site.js                        the sources and their summary numbers
     data/<source>/summary.js            one source: counts, means, best and worst units
     data/<source>/index_<k>.js          per-unit summary rows (explanation, scores, CIs), `chunk_size` a file
-    data/<source>/u/<unit><p|n|>.js     one unit, gzip-compressed JSON in base64 (`view_data.unit_file`)
+    data/<source>/u/<unit><p|n|>.js     one unit, gzip-compressed JSON in base64 (`view_pack`)
     data/<source>/meaning.js            explanation vectors for search by meaning (`view_meaning`)
     data/words.js                       word vectors a query is embedded with (`view_meaning`)
 
@@ -28,9 +28,6 @@ Data files are scripts that assign to `window.__data[key]` (loaded by <script> t
 
 from __future__ import annotations
 
-import base64
-import gzip
-import json
 import os
 import shutil
 import time
@@ -38,7 +35,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import polars as pl
-import pyarrow.parquet as pq
 
 from autoexplain import files, layout
 from autoexplain.errors import UserError
@@ -46,9 +42,10 @@ from autoexplain.identity import code_identity
 from autoexplain.records import QUANTILE_BINS
 from autoexplain.storage import content_key, read_manifest
 from autoexplain.summary import run_cost, unit_costs
-from autoexplain.view_data import (METHODS, METRICS, PRIMARY_METRIC, explanations_of, index_chunk, index_frame, js_data,
+from autoexplain.view_data import (METHODS, METRICS, PRIMARY_METRIC, explanations_of, index_chunk, index_frame,
                                    layer_summary, records_part, score_histogram, scores_of, sims_of, to_json,
                                    unit_file, unit_list, unit_name, unit_page, write_js)
+from autoexplain.view_pack import Tail, packed, tail
 from autoexplain.view_pages import INDEX_BODY, LAYER_BODY, UNIT_BODY, page
 from autoexplain.view_sources import LayerSource, find_sources, read_chosen, read_scores, records_reader, sims_frame
 
@@ -63,14 +60,15 @@ def cache_root(score_dirs: list[Path]) -> Path:
 
 
 class _RecordsCache:
-    """Each unit's records part as finished JSON, keyed by the records output, the exemplar settings
-    and this module's code: re-simulating a layer rebuilds its pages without reading the records
-    again (60% of a rebuild's time without embeddings). One zstd parquet per source under the output
-    root's cache area, about 10 KB a unit; the cache of an earlier recording of the source is
-    removed. Text, not pickle: loading it never runs code."""
+    """Each unit's records part, finished and compressed (`view_pack.Tail`), keyed by the records
+    output, the exemplar settings and this module's code: re-simulating a layer rebuilds its pages
+    without reading the records or compressing their exemplars again (the bulk of a rebuild's time
+    without embeddings). One parquet per source under the output root's cache area, about 20 KB a
+    unit; the cache of an earlier recording of the source is removed. Data, not pickle: loading it
+    never runs code."""
 
     def __init__(self, cache_dir: Path, src: LayerSource, max_per_kind):
-        self.fragments: dict[str, str] = {}
+        self.tails: dict[str, Tail] = {}
         self.path, self.changed = None, False
         if src.records_dir is None:
             return
@@ -79,14 +77,16 @@ class _RecordsCache:
         self.stem = src.source.replace("/", "-")
         self.path = cache_dir / f"{self.stem}-records-{key}.parquet"
         if self.path.is_file():
-            table = pl.read_parquet(self.path)
-            self.fragments = dict(zip(table["name"].to_list(), table["part"].to_list()))
+            t = pl.read_parquet(self.path)
+            self.tails = {n: Tail(z, c, k) for n, z, c, k in zip(*(t[c].to_list() for c in ("name", "z", "crc", "size")))}
 
     def missing(self, names: list[str]) -> bool:
-        return any(n not in self.fragments for n in names)
+        return any(n not in self.tails for n in names)
 
-    def add(self, name: str, part: dict) -> None:
-        self.fragments[name] = to_json(part)[1:-1]
+    def add(self, parts: dict[str, dict], pool: ThreadPoolExecutor) -> None:
+        """Each unit's records part, by unit name; compressed in `pool` (zlib lets go of the GIL)."""
+        texts = [to_json(part)[1:-1] + "}" for part in parts.values()]
+        self.tails.update(zip(parts, pool.map(tail, texts)))
         self.changed = True
 
     def save(self) -> None:
@@ -94,10 +94,12 @@ class _RecordsCache:
             return
         for old in self.path.parent.glob(f"{self.stem}-records-*.parquet"):
             old.unlink(missing_ok=True)  # one cache per source: the records of an earlier run go
-        table = pl.DataFrame({"name": list(self.fragments), "part": list(self.fragments.values())})
-        # zstd level 9: a quarter smaller than the default level, in a fraction of a second a layer.
-        with files.replacing(self.path) as tmp:
-            pq.write_table(table.to_arrow(), tmp, compression="zstd", compression_level=9)
+        t = list(self.tails.values())
+        table = pl.DataFrame({"name": list(self.tails), "z": pl.Series([x.z for x in t], dtype=pl.Binary),
+                              "crc": pl.Series([x.crc for x in t], dtype=pl.UInt32),
+                              "size": pl.Series([x.size for x in t], dtype=pl.Int64)})
+        with files.replacing(self.path) as tmp:  # deflate data does not shrink further
+            table.write_parquet(tmp, compression="uncompressed")
 
 
 def _clear_site(site_dir: Path) -> None:
@@ -208,20 +210,6 @@ def build_site(score_dirs: list[Path], site_dir: Path, records_dir: Path | None 
     return site_dir / "index.html"
 
 
-def packed(key: str, body: str) -> bytes:
-    """A unit's data script: its JSON gzip-compressed and in base64, which the page inflates with
-    the browser's DecompressionStream. Base64 has no character a <script> could stumble on."""
-    # Level 6: level 9 saves 2% of the bytes for 4 times the time, over a whole model's units.
-    z = base64.b64encode(gzip.compress(body.encode("utf-8", errors="replace"), 6, mtime=0)).decode("ascii")
-    return js_data(key, {"z": z}).encode("ascii")
-
-
-def unpacked(text: str) -> dict:
-    """The unit a `packed` script holds (for tests and benches)."""
-    body = json.loads(text.split("]=", 1)[1].rstrip(";\n"))
-    return json.loads(gzip.decompress(base64.b64decode(body["z"])))
-
-
 def _write_units(src: LayerSource, units: pl.DataFrame, scores, chosen, site_dir: Path, max_per_kind, polar: bool,
                  similar: dict[str, list], cache_dir: Path) -> None:
     """One file per unit: data/<source>/u/<unit><p|n|>.js (`unit_file`)."""
@@ -229,7 +217,7 @@ def _write_units(src: LayerSource, units: pl.DataFrame, scores, chosen, site_dir
     costs = ({(u, p): d for _, u, p, d in unit_costs(scores).iter_rows()} if "dollars" in scores.columns else {})
     reader = records_reader(src)
     cache = _RecordsCache(cache_dir, src, max_per_kind) if reader else None
-    no_records = to_json(records_part(None, max_per_kind))[1:-1]
+    no_records = tail(to_json(records_part(None, max_per_kind))[1:-1] + "}")
     keys = [(int(u), int(p)) for u, p in units.select("unit", "polarity").iter_rows()]
     position = {k: j for j, k in enumerate(keys)}
     S, L = src.source, src.layer
@@ -237,13 +225,14 @@ def _write_units(src: LayerSource, units: pl.DataFrame, scores, chosen, site_dir
     def name(k):
         return unit_page(S, k[0], k[1], polar)
 
-    jobs: list[tuple[Path, str, str]] = []
+    # zlib lets go of the GIL while it compresses: one thread a core.
+    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+    jobs: list[tuple[Path, str, str, Tail]] = []
     for start in range(0, len(keys), 1024):
         wanted = keys[start:start + 1024]
         if cache is not None and cache.missing([unit_name(u, p) for u, p in wanted]):
             recs = reader(wanted)
-            for u, p in wanted:
-                cache.add(unit_name(u, p), records_part(recs.get((u, p)), max_per_kind))
+            cache.add({unit_name(u, p): records_part(recs.get((u, p)), max_per_kind) for u, p in wanted}, pool)
         sims = sims_of(simulated, wanted)
         for u, p in wanted:
             j = position[(u, p)]
@@ -253,13 +242,12 @@ def _write_units(src: LayerSource, units: pl.DataFrame, scores, chosen, site_dir
                       "next": name(keys[j + 1]) if j + 1 < len(keys) else None,
                       "other": name((u, -p)) if (u, -p) in position else None,
                       "similar": similar.get(name((u, p)), [])}
-            records = cache.fragments[unit_name(u, p)] if cache is not None else no_records
-            body = f'{{{to_json(detail)[1:-1]},"sims":{sims.get((u, p), "{}")},{records}}}'
-            jobs.append((site_dir / unit_file(S, u, p, polar), name((u, p)), body))
-        # zlib lets go of the GIL while it compresses: one thread a core.
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            list(pool.map(lambda job: job[0].write_bytes(packed(job[1], job[2])), jobs))
+            head = f'{{{to_json(detail)[1:-1]},"sims":{sims.get((u, p), "{}")},'
+            jobs.append((site_dir / unit_file(S, u, p, polar), name((u, p)), head,
+                         cache.tails[unit_name(u, p)] if cache is not None else no_records))
+        list(pool.map(lambda job: job[0].write_bytes(packed(*job[1:])), jobs))
         jobs.clear()
+    pool.shutdown()
     if cache is not None:
         cache.save()
 

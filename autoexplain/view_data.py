@@ -86,8 +86,12 @@ def js_data(key: str, data: Any) -> str:
     return js_text(key, to_json(data))
 
 
+def js_bytes(key: str, data: Any) -> bytes:
+    return js_data(key, data).encode("utf-8", errors="replace")
+
+
 def write_js(path: Path, key: str, data: Any) -> int:
-    text = js_data(key, data).encode("utf-8", errors="replace")
+    text = js_bytes(key, data)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(text)
     return len(text)
@@ -251,22 +255,23 @@ def scores_of(scores: pl.DataFrame) -> dict[tuple[int, int], dict]:
 def sims_of(sims: pl.DataFrame | None, keys: list[tuple[int, int]]) -> dict[tuple[int, int], str]:
     """For these units, the JSON text of window id -> {"sim": {method: expected}, "fail": {method:
     reason}}; the page puts each on its exemplar (simulations exist for the test-split windows,
-    which are always shown). Expected is null where the simulation failed."""
+    which are always shown). Expected is null where the simulation failed. Windows and methods in
+    the order of the rows; the text is put together in polars (a layer's rows are a quarter million)."""
     if sims is None or not keys:
         return {}
+    on = ["unit", "polarity"]
     wanted = pl.DataFrame(keys, schema={"unit": pl.Int64, "polarity": pl.Int64}, orient="row")
-    part = sims.join(wanted, on=["unit", "polarity"], how="semi")
-    windows: dict[tuple[int, int], dict[int, tuple[list[str], list[str]]]] = {}
-    cols = ["unit", "polarity", "method", "window_id", "expected", "failure"]
-    names = {m: to_json(m) for m in part.get_column("method").unique().to_list()}
-    for u, p, method, w, expected, failure in zip(*(part.get_column(c).to_list() for c in cols)):
-        sim, fail = windows.setdefault((u, p), {}).setdefault(w, ([], []))
-        sim.append(f"{names[method]}:{expected}")
-        if failure:
-            fail.append(f"{names[method]}:{to_json(failure)}")
-    return {key: "{" + ",".join(f'"{w}":{{"sim":{{{",".join(sim)}}}' + (f',"fail":{{{",".join(fail)}}}}}' if fail else "}")
-                                for w, (sim, fail) in by_window.items()) + "}"
-            for key, by_window in windows.items()}
+    part = sims.join(wanted, on=on, how="semi", maintain_order="left")
+    as_json = {c: {x: to_json(x) for x in part.get_column(c).drop_nulls().unique().to_list()} for c in ("method", "failure")}
+    method = pl.col("method").replace_strict(as_json["method"], return_dtype=pl.String)
+    failure = pl.col("failure").replace_strict(as_json["failure"], default=None, return_dtype=pl.String)
+    windows = (part.group_by(*on, "window_id", maintain_order=True)
+               .agg((method + ":" + pl.col("expected")).str.join(",").alias("sim"),
+                    pl.when(pl.col("failure") != "").then(method + ":" + failure).str.join(",").alias("fail")))
+    text = ('"' + pl.col("window_id").cast(pl.String) + '":{"sim":{' + pl.col("sim") + "}"
+            + pl.when(pl.col("fail") != "").then(',"fail":{' + pl.col("fail") + "}}").otherwise(pl.lit("}")))
+    units = windows.group_by(*on, maintain_order=True).agg(text.str.join(","))
+    return {(u, p): "{" + t + "}" for u, p, t in units.iter_rows()}
 
 
 def _top_tokens(records) -> list[list]:

@@ -14,20 +14,24 @@ Explanations are embedded without the explainers' frames (`search_text`): 'the w
 '"who"', 'words related to gods and deity' as 'gods and deity'.
 
 The vectors of texts are kept under the output root's cache area (`view.cache_root`), so that a
-rebuild embeds only new explanations.
+rebuild embeds only new explanations; so is what follows from a site's explanations alone (its
+search files and its units' neighbours), so that a rebuild with the same explanations computes none
+of it.
 """
 
 from __future__ import annotations
 
 import base64
+import math
 import re
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
+from autoexplain import files
 from autoexplain.storage import write_table
-from autoexplain.view_data import write_js
+from autoexplain.view_data import js_bytes
 
 DIMS = 64
 N_SIMILAR = 8
@@ -54,10 +58,8 @@ def words_of(text: str) -> list[str]:
 class _TextVectors:
     """MiniLM vectors of texts, kept as float16 in one parquet file per output root."""
 
-    def __init__(self, cache_dir: Path):
-        from autoexplain.explain_embedding import EmbeddingExplainer
-
-        self.explainer = EmbeddingExplainer()
+    def __init__(self, cache_dir: Path, explainer):
+        self.explainer = explainer
         self.path = Path(cache_dir) / f"text-vectors-{self.explainer.embedder}.parquet"
         self.known: dict[str, np.ndarray] = {}
         if self.path.is_file():
@@ -72,13 +74,11 @@ class _TextVectors:
         return list(self.explainer._vocab), np.asarray(self.explainer._vocab_vectors, dtype=np.float32)
 
     def __call__(self, texts: list[str]) -> np.ndarray:
-        from autoexplain.wordvecs import encode_fixed
-
         new = sorted({t for t in texts if t not in self.known})
         if new:
-            if self.explainer._model is None:
-                self.explainer._encode(["warm"])  # loads the model
-            vectors = encode_fixed(self.explainer._model, new, 256).astype(np.float16)
+            # Fixed batches (`wordvecs.encode_fixed`) of the explainer's size, 256; it loads the
+            # model, which a warm-up text would do at the cost of encode_each's batching probes.
+            vectors = self.explainer._encode(new, fixed=True).astype(np.float16)
             self.known.update(zip(new, vectors))
             self.changed = True
         if not texts:
@@ -136,14 +136,11 @@ def _int8(vectors: np.ndarray) -> bytes:
     return np.clip(np.rint(unit * 127), -127, 127).astype(np.int8).tobytes()
 
 
-def write_meaning(site_dir: Path, groups: list[tuple[str, list[str], list[str], list]], cache_dir: Path) -> dict[str, list]:
-    """Write each source's explanation vectors and the word vectors; return each unit page's similar
-    units, [[page, explanation, score], ...]. groups: (source, unit pages, explanations, headline
-    scores), in the order of the source's index."""
-    embed = _TextVectors(cache_dir)
-    pages = [p for _, ps, _, _ in groups for p in ps]
+def _computed(groups: list[tuple[str, list[str], list[str], list]], explainer, cache_dir: Path):
+    """The search-by-meaning files ({path in the site: bytes}) and each unit's nearest units and
+    their cosines (`nearest`), for the explanations of `groups` (see `write_meaning`)."""
+    embed = _TextVectors(cache_dir, explainer)
     texts = [t for _, _, ts, _ in groups for t in ts]
-    scores = [v for _, _, _, vs in groups for v in vs]
     has = np.array([bool(t.strip()) for t in texts], dtype=bool)
     vectors = np.zeros((len(texts), 384), np.float32)
     if has.any():
@@ -159,19 +156,57 @@ def write_meaning(site_dir: Path, groups: list[tuple[str, list[str], list[str], 
     mean = word_vectors.mean(axis=0)
     _, _, vt = np.linalg.svd(word_vectors - mean, full_matrices=False)
     axes = vt[:DIMS].T
-    start = 0
+    out, start = {}, 0
     for source, ps, _, _ in groups:
         part = vectors[start:start + len(ps)]
         projected = np.where(has[start:start + len(ps), None], (part - mean) @ axes, 0.0)
-        write_js(site_dir / "data" / source / "meaning.js", f"{source}/meaning",
-                 {"dims": DIMS, "v": base64.b64encode(_int8(projected)).decode("ascii")})
+        out[f"data/{source}/meaning.js"] = js_bytes(f"{source}/meaning", {
+            "dims": DIMS, "v": base64.b64encode(_int8(projected)).decode("ascii")})
         start += len(ps)
-    write_js(site_dir / "data" / "words.js", "words",
-             {"dims": DIMS, "words": words, "v": base64.b64encode(_int8((word_vectors - mean) @ axes)).decode("ascii")})
+    out["data/words.js"] = js_bytes("words", {
+        "dims": DIMS, "words": words, "v": base64.b64encode(_int8((word_vectors - mean) @ axes)).decode("ascii")})
 
     # Shortlists in the principal axes plus the mean's direction (which uncentred cosines also weigh).
     retrieval = np.linalg.qr(np.column_stack([mean, axes]))[0] if len(vectors) > EXACT_UP_TO else None
     idx, sim = nearest(vectors, N_SIMILAR, axes=retrieval)
+    return out, idx, sim
+
+
+def write_meaning(site_dir: Path, groups: list[tuple[str, list[str], list[str], list]], cache_dir: Path) -> dict[str, list]:
+    """Write each source's explanation vectors and the word vectors; return each unit page's similar
+    units, [[page, explanation, score, cosine], ...]. groups: (source, unit pages, explanations,
+    headline scores), in the order of the source's index.
+
+    All but the scores follows from the explanations alone, so it is kept in the cache area, keyed
+    by them: a rebuild after re-simulating or re-scoring loads it (no model, no SVD, no search).
+    One file per set of sources; the one of their earlier explanations is removed."""
+    from autoexplain.explain_embedding import EmbeddingExplainer
+    from autoexplain.identity import code_identity
+    from autoexplain.storage import content_key
+
+    explainer = EmbeddingExplainer()
+    stem = f"meaning-{content_key(sorted(s for s, _, _, _ in groups), 8)}"
+    key = content_key({"texts": [[s, ts] for s, _, ts, _ in groups], "embedder": explainer.embedder,
+                       "code": code_identity("autoexplain.view_meaning")})
+    path = Path(cache_dir) / f"{stem}-{key}.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            out = {str(name): z[f"f{i}"].tobytes() for i, name in enumerate(z["paths"])}
+            idx, sim = z["idx"], z["sim"]
+    else:
+        out, idx, sim = _computed(groups, explainer, cache_dir)
+        for old in Path(cache_dir).glob(f"{stem}-*.npz"):
+            old.unlink(missing_ok=True)
+        with files.replacing(path, suffix=".npz") as tmp:
+            np.savez(tmp, idx=idx, sim=sim, paths=np.array(list(out)),
+                     **{f"f{i}": np.frombuffer(data, np.uint8) for i, data in enumerate(out.values())})
+    for name, data in out.items():
+        (site_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (site_dir / name).write_bytes(data)
+
+    pages = [p for _, ps, _, _ in groups for p in ps]
+    texts = [t for _, _, ts, _ in groups for t in ts]
+    scores = [v for _, _, _, vs in groups for v in vs]
     return {pages[i]: [[pages[j], texts[j], None if scores[j] is None else round(float(scores[j]), 3),
-                        round(float(c), 3)] for j, c in zip(idx[i], sim[i]) if np.isfinite(c)]
-            for i in range(len(pages)) if has[i]}
+                        round(float(c), 3)] for j, c in zip(idx[i].tolist(), sim[i].tolist()) if math.isfinite(c)]
+            for i in range(len(pages)) if texts[i].strip()}

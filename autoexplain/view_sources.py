@@ -155,8 +155,6 @@ def records_reader(src: LayerSource):
     """A function (list of (unit, polarity)) -> {(unit, polarity): UnitRecords}, or None without records."""
     if src.records_dir is None:
         return None
-    from autoexplain.activations import read_units
-
     m = read_manifest(src.records_dir)
     windows = layout.sibling(src.records_dir, "windows", m["inputs"]["windows"]) / layout.WINDOWS
     records_path = layout.records_table(src.records_dir, src.layer)
@@ -165,6 +163,9 @@ def records_reader(src: LayerSource):
         return None
 
     def read(keys):
+        # Imported here: it brings torch, which a rebuild from the records cache never needs.
+        from autoexplain.activations import read_units
+
         found = read_units(records_path, windows, keys, stats_path if stats_path.is_file() else None)
         return {(u.id.index, u.id.polarity): u for u in found}
 

@@ -299,7 +299,7 @@ def test_rebuild_reuses_exemplars_without_reading_records(real_site, tmp_path, m
 
 def _unit_files(site: Path, layer: int) -> dict[str, dict]:
     """Each unit file's unit, by the unit's name in its source (0+, 5-)."""
-    from autoexplain.view import unpacked
+    from autoexplain.view_pack import unpacked
 
     out = {}
     for path in (site / "data" / f"L{layer}" / "mlp" / "u").iterdir():

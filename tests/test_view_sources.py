@@ -33,7 +33,7 @@ def _as_source(scores_dir: Path, source: str) -> Path:
 
 def test_unit_names_come_from_the_source(tmp_path):
     """Pages and files are named by source: a neuron keeps its polarity mark, a latent has none."""
-    from autoexplain.view import unpacked
+    from autoexplain.view_pack import unpacked
     from autoexplain.view_data import unit_file, unit_page
 
     assert unit_page("L15/mlp", 1234, -1, True) == "L15/mlp/N1234-"
