@@ -263,7 +263,9 @@ class EmbeddingSimulator(Simulator):
 
         self.encode_calls += 1
         self.encoded_texts += len(texts)
-        return encode_fixed(self.model, texts, self.batch_size) if fixed else encode_each(self.model, texts)
+        if fixed:
+            return encode_fixed(self.model, texts, self.batch_size)
+        return encode_each(self.model, texts, (self.model_path, self.device))
 
     def _setup(self) -> None:
         if self._background is None:

@@ -137,23 +137,43 @@ def _batch_safe(model) -> bool:
     return _safe[model]
 
 
-def encode_each(model, texts: list[str]) -> np.ndarray:
+def encode_each(model, texts: list[str], helper: tuple[str, str] | None = None) -> np.ndarray:
     """Each text embedded as if alone (padded to a multiple of PAD_TO tokens): a vector depends on
-    its text only. Texts of one padded width share a pass where that keeps their bits."""
+    its text only. Texts of one padded width share a pass where that keeps their bits. `helper`:
+    (model path, device) of `model`, to share a long list with a helper process (`encode_helper`)."""
+    from autoexplain import encode_helper
+
     texts = list(texts)
     if not texts:
         return np.zeros((0, 384), np.float32)
     size = EACH_BATCH if _batch_safe(model) else 1
-    features = [_features(model, t) for t in texts]
-    groups: dict[int, list[int]] = {}
-    for i, f in enumerate(features):
-        groups.setdefault(_width(f), []).append(i)
-    out = np.zeros((len(texts), 384), np.float32)
-    for group in groups.values():
-        for s in range(0, len(group), size):
-            chunk = group[s : s + size]
-            out[chunk] = _forward(model, [features[i] for i in chunk])
-    return out
+    features = {t: _features(model, t) for t in dict.fromkeys(texts)}
+    groups: dict[int, list[str]] = {}
+    for t, f in features.items():
+        groups.setdefault(_width(f), []).append(t)
+    chunks = [group[s : s + size] for group in groups.values() for s in range(0, len(group), size)]
+    vectors: dict[str, np.ndarray] = {}
+
+    def store(chunk: list[str], rows: np.ndarray) -> None:
+        vectors.update(zip(chunk, rows))
+
+    def here(chunk: list[str]) -> None:
+        store(chunk, _forward(model, [features[t] for t in chunk]))
+
+    pool = encode_helper.pool(*helper) if helper and len(features) >= encode_helper.HELP_FROM else None
+    if pool is None:
+        for chunk in chunks:
+            here(chunk)
+    else:
+        encode_helper.shared(chunks, here, store, pool, encode_in_helper)
+    return np.stack([vectors[t] for t in texts]).astype(np.float32, copy=False)
+
+
+def encode_in_helper(texts: list[str]) -> np.ndarray:
+    """`encode_each` in the helper process, on its own copy of the embedder."""
+    from autoexplain import encode_helper
+
+    return encode_each(encode_helper.loaded(), texts)
 
 
 def corpus_words(windows_path: str | Path) -> list[str]:

@@ -187,3 +187,30 @@ def test_texts_batched_by_padded_width_keep_the_bits_they_have_one_by_one(models
     monkeypatch.setattr(wordvecs, "EACH_BATCH", 1)
     one_by_one = wordvecs.encode_each(sim.model, texts[::-1])[::-1]
     assert np.array_equal(batched, one_by_one)
+
+
+@pytest.mark.slow
+def test_texts_shared_with_the_helper_process_keep_their_bits(models, monkeypatch):
+    """A long list is shared with a helper process (`encode_helper`); a vector is the same bits
+    whichever process embedded it. Both take pieces as they free up, so the test checks that the
+    helper took some, then that the whole list equals the list embedded here alone."""
+    from autoexplain import encode_helper, wordvecs
+
+    sim = models[1].fresh()
+    words = ["horse", "river", "seven", "light", "stone", "music", "green", "apple", "bread", "cloud",
+             "dance", "eagle", "flame", "grape", "heart", "ivory", "jelly", "knife", "lemon", "mango"]
+    texts = [f"{a} and {b}, {c} or {d}" for a in words for b in words[:4] for c in words[5:8] for d in ("x", "to a y z")]
+    assert len(set(texts)) >= encode_helper.HELP_FROM
+    helper = encode_helper.pool(sim.model_path, sim.device)
+    assert helper is not None and helper.submit(wordvecs.encode_in_helper, texts[:2]).result().shape == (2, 384)  # started
+    taken = []
+    real_store = encode_helper.shared
+
+    def counting(pieces, here, store, pool, there):
+        return real_store(pieces, here, lambda piece, rows: (taken.append(piece), store(piece, rows)), pool, there)
+
+    monkeypatch.setattr(encode_helper, "shared", counting)
+    shared = wordvecs.encode_each(sim.model, texts, (sim.model_path, sim.device))
+    alone = wordvecs.encode_each(sim.model, texts)
+    assert taken, "the helper embedded none of the pieces"
+    assert np.array_equal(shared, alone)
