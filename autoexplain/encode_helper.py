@@ -23,6 +23,7 @@ import numpy as np
 
 HELP_FROM = 256  # texts: a shorter list is not worth the helper's start-up (seconds, once)
 _pools: dict[tuple[str, str], ProcessPoolExecutor] = {}
+_broken: set[tuple[str, str]] = set()  # helpers that failed: not started again in this process
 _lock = threading.Lock()
 _model = None  # the helper process's own copy of the embedder
 
@@ -37,6 +38,8 @@ def pool(model_path: str, device: str) -> ProcessPoolExecutor | None:
     if not enabled() or device != "cpu":
         return None
     with _lock:
+        if (model_path, device) in _broken:
+            return None
         if (model_path, device) not in _pools:
             _pools[(model_path, device)] = ProcessPoolExecutor(
                 1, mp_context=multiprocessing.get_context("spawn"), initializer=_load, initargs=(model_path, device))
@@ -99,4 +102,5 @@ def _drop(helper: ProcessPoolExecutor) -> None:
         for key, p in list(_pools.items()):
             if p is helper:
                 del _pools[key]
+                _broken.add(key)
     helper.shutdown(wait=False, cancel_futures=True)

@@ -7,6 +7,7 @@ Content keys downstream hash these bytes, so the comparisons are exact (`==` on 
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
 
 import numpy as np
@@ -214,3 +215,23 @@ def test_texts_shared_with_the_helper_process_keep_their_bits(models, monkeypatc
     alone = wordvecs.encode_each(sim.model, texts)
     assert taken, "the helper embedded none of the pieces"
     assert np.array_equal(shared, alone)
+
+
+@pytest.mark.slow
+def test_a_helper_that_cannot_start_leaves_the_work_here(models):
+    """A helper whose start-up fails (here: no model at its path) costs nothing but the attempt: the
+    texts are embedded here, with their own bits, and that helper is not started again."""
+    from autoexplain import encode_helper, wordvecs
+
+    sim = models[1].fresh()
+    texts = [f"item {i} of the list, and words near it" for i in range(encode_helper.HELP_FROM)]
+    broken = ("/nonexistent/embedder", "cpu")
+    with pytest.raises(Exception):  # noqa: B017 - the pool's own error for a failed start-up
+        encode_helper.pool(*broken).submit(wordvecs.encode_in_helper, ["x"]).result()
+    shared = wordvecs.encode_each(sim.model, texts, broken)
+    assert np.array_equal(shared, wordvecs.encode_each(sim.model, texts))
+    for _ in range(50):  # the feeder thread drops the helper as it meets the error; this call never waits
+        if encode_helper.pool(*broken) is None:
+            break
+        time.sleep(0.1)
+    assert encode_helper.pool(*broken) is None
