@@ -3,7 +3,7 @@
 A layer's explanation texts (about 27k, each embedded as if alone) are the largest piece of its
 work after recording, and they run on one torch thread (a vector's bits depend on the thread
 count), while the flow's second core mostly waits for the next shard to score. A helper process,
-also on one thread, takes every other piece of the list: the two processes run the same
+also on one thread, takes the next piece of the list whenever it is free: the two processes run the same
 single-threaded computation on each text, so a vector has the same bits whichever of them
 embedded it (`tests/test_determinism.py` checks that). The helper starts on first use (a spawned
 process that loads the same sentence-transformer) and stays for the process's life; where it
@@ -61,7 +61,8 @@ def loaded():
 def shared(pieces: Sequence[list[str]], here: Callable[[list[str]], None], store: Callable[[list[str], np.ndarray], None],
            helper: ProcessPoolExecutor, there: Callable[[list[str]], np.ndarray]) -> None:
     """Embed every piece (a list of texts): this thread calls `here(piece)`, and a feeder thread
-    hands pieces to the helper (to run `there`, a module-level function) and `store`s what it returns; whichever is free takes the next piece.
+    hands pieces to the helper (to run `there`, a module-level function) and `store`s what it
+    returns; whichever is free takes the next piece.
     Once the list is exhausted here, a piece still with the helper (starting up, or broken) is
     embedded here as well and the helper's answer to it is dropped: this never waits on the helper."""
     queue, lock, with_helper = iter(enumerate(pieces)), threading.Lock(), {}

@@ -161,15 +161,6 @@ class FusedLlama:
         self._forward(input_ids, wanted, take)
         return out
 
-    def activations(self, input_ids: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
-        """MLP hidden units (B, T, units) of each layer in `layers`."""
-        got = self.capture(input_ids, [(i, "units") for i in layers])
-        return {i: got[(i, "units")] for i in set(layers)}
-
-    def hidden(self, input_ids: torch.Tensor, layer: int, point: str) -> torch.Tensor:
-        """Hidden states (B, T, d_model) at one point of a block, as a sparse coder reads them."""
-        return self.capture(input_ids, [(layer, point)])[(layer, point)]
-
     def _forward(self, input_ids: torch.Tensor, wanted: set, take) -> None:
         """Blocks up to the highest wanted layer, offering each point's tensor to `take(layer,
         point, x)`, which returns True to stop the pass there (nothing above it is computed). The

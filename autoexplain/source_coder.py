@@ -1,8 +1,8 @@
 """A sparse coder's latents as a unit source: an SAE or transcoder read at its hook point.
 
 Recording takes the subject's hidden states at the coder's hook point (from a forward pass that
-stops once every source recorded beside it has its points) and encodes them batch by batch, so no more than one batch of tokens x latents is held at
-once. Latents are non-negative: one polarity each.
+stops once every source recorded beside it has its points) and encodes them batch by batch, so no
+more than one batch of tokens x latents is held at once. Latents are non-negative: one polarity each.
 
 A source's kind names its units' pages and tables ('L15/sae-res-16k'); its identity, which enters
 the records key, is the kind plus the coder's file content, so new weights at the same path record

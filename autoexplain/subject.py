@@ -59,7 +59,7 @@ def keep_freed_memory() -> bool:
 
 
 class _StopForward(Exception):
-    """Raised from the top recorded layer's hook: nothing above it is needed."""
+    """Raised from the hook that completes a capture: nothing above it is needed."""
 
 
 @dataclass
