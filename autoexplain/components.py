@@ -91,6 +91,9 @@ class Simulator(Component):
       `embedder` and `encoding`;
     - `fresh()`: a twin with the same loaded model and empty caches, for one shard (default: itself,
       for a simulator whose results never depend on what it simulated before);
+    - `prompt_dependence(texts)`: for each text, a digest of what of the prompt its simulations
+      depend on (default: the whole prompt's hash). The per-unit memo is keyed by it, so a prompt
+      edit recomputes only the units whose simulations it can change;
     - `simulate_jobs(jobs)`: `simulate_many` for several (explanations, records) at once, with
       `units_at_once` > 1 when the stage should gather that many units' calls into one (a local
       model that reads rows of many units per forward pass; default: one after another, 1).
@@ -124,6 +127,9 @@ class Simulator(Component):
 
     def fresh(self) -> "Simulator":
         return self
+
+    def prompt_dependence(self, texts: Sequence[str]) -> list[str]:
+        return [self.prompt_hash] * len(texts)
 
 
 class Scorer(Component):

@@ -102,6 +102,11 @@ def _surface(tokens: tuple[str, ...]) -> tuple[list[str], tuple[np.ndarray, np.n
     return word_of_each_token(tokens), keys, ortho
 
 
+# The corpus word table a fresh twin last put on its grid (words, vectors, rows, grid, norm, pinned): each
+# shard's twin takes it (rounding 50k vectors cost ~1 s a shard); read-only, copied before rows are added.
+_TABLE: list[tuple] = []
+
+
 @dataclass
 class _Window:
     tokens: tuple[str, ...]  # the cache key itself
@@ -199,7 +204,12 @@ class EmbeddingSimulator(Simulator):
         """Take precomputed word embeddings (a corpus's word table), so `prepare` embeds none of them.
         A word embedded on its own before keeps its row but takes the table's vector: what a word
         scores never depends on whether it was met before the table came."""
-        vectors = np.asarray(vectors, dtype=np.float32)
+        fresh = not self._rows and self._grid_norm == 0.0  # nothing on the grid yet: a twin's first table
+        if fresh and _TABLE and _TABLE[0][0] is words and _TABLE[0][1] is vectors:
+            rows, self._grid, self._grid_norm, self._pinned = _TABLE[0][2:]
+            self._rows = dict(rows)
+            return
+        given, vectors = vectors, np.asarray(vectors, dtype=np.float32)
         known = [(self._rows[w], i) for i, w in enumerate(words) if w and w in self._rows]
         if known:
             self._write_rows(np.array([r for r, _ in known]), vectors[[i for _, i in known]])
@@ -211,6 +221,10 @@ class EmbeddingSimulator(Simulator):
         self._write_rows(np.arange(base, base + len(new)), vectors[new])
         self._rows.update((words[i], base + j) for j, i in enumerate(new))
         self._pinned = max(self._pinned, len(self._rows))
+        if fresh:
+            grid = self._grid[: base + len(new)].copy()
+            grid.flags.writeable = False
+            _TABLE[:] = [(words, given, dict(self._rows), grid, self._grid_norm, self._pinned)]
 
     def warm(self, explanations: Sequence[str]) -> tuple[list[str], np.ndarray]:
         """Embed these explanations now, in one batch, so later calls find them cached. Returns
@@ -240,7 +254,7 @@ class EmbeddingSimulator(Simulator):
         if len(rows) == 0:
             return
         need = int(rows.max()) + 1
-        if need > len(self._grid):
+        if need > len(self._grid) or not self._grid.flags.writeable:  # read-only: a shared word table
             grown = np.zeros((max(2 * len(self._grid), need, 4096), vectors.shape[1]), np.int32)
             if len(self._grid):
                 grown[: len(self._grid)] = self._grid
@@ -279,6 +293,13 @@ class EmbeddingSimulator(Simulator):
                                               lambda: self._encode(words, fixed=True))
             classes, competitors = self._prompt
             self._descriptions = self._encode(classes + competitors, fixed=True)
+
+    def prompt_dependence(self, texts: Sequence[str]) -> list[str]:
+        """The prompt (class descriptions, competitors) reaches a text's simulations only through its
+        gated class z-scores, its column of `z_ortho`: an edit of one description changes the digest
+        of just the texts whose gate it moves."""
+        z = self.explanations(list(texts)).z_ortho
+        return [hashlib.sha256(np.ascontiguousarray(z[:, i]).tobytes()).hexdigest()[:16] for i in range(len(texts))]
 
     # -- windows -----------------------------------------------------------------------------
     def prepare(self, records: Sequence[Sequence[str]]) -> list[_Window]:

@@ -163,6 +163,20 @@ def _unit_key(records_key: str, unit, **rest) -> str:
     return content_key({"records": records_key, "unit": [n.layer, n.index, n.polarity], **rest})
 
 
+def _texts_of(inputs: dict) -> list[str]:
+    """The explanation texts a unit's simulate inputs name (candidates, baselines, a control)."""
+    return [t for v in inputs.values() for t in ([v] if isinstance(v, str) else v or [])]
+
+
+def _stamped(result: tuple[list, list], prompt: str) -> tuple[list, list]:
+    """A unit's (chosen, simulation rows) with this prompt's hash: rows read back from a run with
+    another prompt, which their unit's key says they do not depend on, carry the current one."""
+    chosen, sims = result
+    if any(r.get("prompt_hash") != prompt for r in sims):
+        sims = [{**r, "prompt_hash": prompt} for r in sims]
+    return chosen, sims
+
+
 def _no_request_failed(result) -> bool:
     """A unit's simulate result with no record whose LLM request failed for good: worth keeping.
     A unit with one is simulated again on a rerun (its other requests too: they are cheap to redo)."""
@@ -300,15 +314,22 @@ def _simulate(records_dir, explanations: StageRef, out, simulator, sim, seed: in
         return ref
     table = pq.read_table(explanations.path)
     units = load_units(records_dir, layer, sorted(set(table.column("unit").to_pylist())))
-    memo, sim_id = Memo(out, "simulate"), {"simulator": sim.name, "prompt": params["prompt"], "code": code,
-                                           **_weights(params.get("weights", ""))}
-
-    def remember(unit, inputs, compute):
-        return memo.get_or_compute(_unit_key(records_key, unit, **inputs, **sim_id), compute, _no_request_failed)
-
+    memo, sim_id = Memo(out, "simulate"), {"simulator": sim.name, "code": code, **_weights(params.get("weights", ""))}
     llm_cache.attach(sim, out)
     _use_word_table(records_dir, out, sim)
     _use_text_vectors(table, out, sim)
+    # A unit is keyed by what of the prompt its texts' simulations depend on, not by the prompt's
+    # hash: after an edit, the units it cannot change are read back. "" is simulated when best-of-k
+    # finds no usable candidate.
+    texts = sorted({t for c, t in zip(table.column("candidates").to_pylist(), table.column("text").to_pylist())
+                    for t in (c or [t])} | {""})
+    depends = dict(zip(texts, sim.prompt_dependence(texts)))
+
+    def remember(unit, inputs, compute):
+        prompt = [depends[t] for t in _texts_of(inputs)] + [depends[""]]
+        found = memo.get_or_compute(_unit_key(records_key, unit, **inputs, **sim_id, prompt=prompt), compute,
+                                    _no_request_failed)
+        return _stamped(found, params["prompt"])
     chosen, sims = pipeline.simulate_stage(units, table, sim, seed, remember, progress)
     stage.table(sims, ref.path.name, "simulations")
     stage.table(chosen, layout.CHOSEN, "explanations")
@@ -371,7 +392,9 @@ def _simulation_rows(table: pa.Table) -> list[dict]:
 def _sims_digest(rows: list[dict]) -> str:
     """A unit's simulation rows, hashed: expected values by their float64 bytes (JSON of thousands
     of floats per unit cost more than the scoring), the rest by one repr of them all."""
-    names = sorted(set().union(*rows) - {"expected"})
+    # Not the prompt's hash: a score reads the expected values, and a unit's rows read back after a
+    # prompt edit that could not change them (`_stamped`) differ from before in that column alone.
+    names = sorted(set().union(*rows) - {"expected", "prompt_hash"})
     fields = itemgetter(*names, "expected")
     h = hashlib.sha256(repr([names, [(*rest, None if e is None else len(e)) for *rest, e in map(fields, rows)]]).encode())
     for r in rows:

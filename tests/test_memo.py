@@ -98,3 +98,71 @@ def test_a_log_cut_short_keeps_every_whole_record_and_drops_the_torn_one(tmp_pat
     assert again.get("k1")[0]["unit"] == 1
     again.put("k2", [{"unit": 2, "polarity": 1, "method": "explanation"}])  # recomputed, in a log of its own
     assert Memo(tmp_path, "simulate").get("k2") == [{"unit": 2, "polarity": 1, "method": "explanation"}]
+
+
+def _edited_simulator(tmp_path, monkeypatch, name: str, description: str):
+    """The embedding simulator reading a prompt whose class `name` has this description (name None:
+    one more competitor description)."""
+    import json
+
+    from autoexplain.embedding import PROMPT_FILE, EmbeddingSimulator
+    from autoexplain.explain import PACKAGE_PROMPTS
+
+    folder = tmp_path / f"prompts-{abs(hash((name, description)))}"
+    shutil.copytree(PACKAGE_PROMPTS, folder)
+    prompt = json.loads((folder / PROMPT_FILE).read_text())
+    if name is None:
+        prompt["competitors"].append(description)
+    else:
+        prompt["classes"][name] = description
+    (folder / PROMPT_FILE).write_text(json.dumps(prompt))
+    monkeypatch.setenv("AUTOEXPLAIN_PROMPTS", str(folder))
+    return EmbeddingSimulator()
+
+
+def _texts(x) -> list[str]:
+    table = pl.read_parquet(x.path)
+    return sorted({t for c, t in zip(table["candidates"].to_list(), table["text"].to_list()) for t in (c or [t])} | {""})
+
+
+@pytest.mark.parametrize("moves", ["some", "none"])
+def test_a_simulator_prompt_edit_recomputes_only_the_units_it_can_change(stages, tmp_path, monkeypatch, moves):
+    """The embedding simulator's prompt reaches a text only through its gated class z-scores
+    (`prompt_dependence`): after an edit, units whose texts it leaves alone are read back, and the
+    tables are still exactly what a run without any memo writes with the edited prompt."""
+    from autoexplain.embedding import EmbeddingSimulator
+
+    records_dir, out, x, s, c = stages
+    texts = _texts(x)
+    base = EmbeddingSimulator()
+    before = dict(zip(texts, base.prompt_dependence(texts)))
+    edits = [("digit", d) for d in ("a number, a year or a date written in digits", "numbers", "words about time",
+                                    "a quantity", "money and prices", "a digit")]
+    edits += [("punct", d) for d in ("a comma or a period", "punctuation in a sentence", "the end of a sentence")]
+    edits += [(None, d) for d in ("a chemical formula", "a recipe for lemon cake", "an email address")]
+    for name, description in edits:  # the first edit that moves some (or no) text's gate, but not every one
+        sim = _edited_simulator(tmp_path, monkeypatch, name, description)
+        moved = sum(a != b for a, b in zip(sim.prompt_dependence(texts), before.values()))
+        if sim.prompt_hash != base.prompt_hash and ((0 < moved < len(texts)) if moves == "some" else moved == 0):
+            break
+    else:
+        pytest.fail(f"no edit moved {moves} of the {len(texts)} texts' gates")
+
+    counted = snapshot()
+    s2 = run_simulate(records_dir, x, out, sim=sim)
+    c2 = run_score(records_dir, s2, out, n_boot=100)
+    counts = since(counted)
+    assert s2.key != s.key and c2.key != c.key, "the edit is a new output"
+    assert set(pl.read_parquet(s2.path)["prompt_hash"]) == {sim.prompt_hash}
+    if moves == "none":
+        assert counts.get("simulate", 0) == 0 and counts.get("score_units", 0) == 0, counts
+    else:
+        assert 0 < counts["score_units"] < 8 and counts["simulate"] > 0, counts
+
+    fresh = tmp_path / "fresh"
+    shutil.copytree(out, fresh, ignore=shutil.ignore_patterns("memo"))
+    rf = fresh / records_dir.relative_to(out)
+    sf = run_simulate(rf, run_explain(rf, 1, fresh, [0, 1, 2, 5], explainer="embedding"), fresh, sim=sim.fresh())
+    cf = run_score(rf, sf, fresh, n_boot=100)
+    for a, b in ((s2.path, sf.path), (s2.directory / "chosen.parquet", sf.directory / "chosen.parquet"), (c2.path, cf.path)):
+        assert pl.read_parquet(a).equals(pl.read_parquet(b)), a.name
