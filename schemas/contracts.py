@@ -55,6 +55,7 @@ in words, the GX expectation and column, and a few offending values.
 from __future__ import annotations
 
 import json
+import os
 import re
 from functools import cache
 from typing import Any
@@ -63,12 +64,14 @@ import polars as pl
 import pyarrow as pa
 
 from autoexplain.schemas import HERE, load_schema
+from autoexplain.schemas.contract_fast import passes
 from autoexplain.schemas.contract_gx import add_failure, run_gx
 from autoexplain.schemas.contract_report import ROWS, ContractError, ContractReport, ContractViolation, clip
 
 __all__ = ["ContractError", "ContractReport", "ContractViolation", "check", "load_suite", "suite_names", "validate"]
 
 SUITES_DIR = HERE / "expectations"
+ENGINE_ENV = "AUTOEXPLAIN_CONTRACTS"  # "gx": skip the fast path, GX checks every frame
 
 _PLACEHOLDER = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
 
@@ -106,6 +109,8 @@ def validate(table: pa.Table | pl.DataFrame, suite: str, params: dict | None = N
         if frame_name not in frames:
             raise ContractError(f"suite '{suite}': expectations name frame '{frame_name}', which no derivation makes")
         frame = frames[frame_name]
+        if os.environ.get(ENGINE_ENV) != "gx" and passes(frame, exps):
+            continue  # certified on the fast path: GX would pass it too, and a pass reports nothing
         results = run_gx(suite, frame_name, frame, exps, ids[frame_name])
         for exp, res in zip(exps, results):
             if not res["success"]:
