@@ -65,7 +65,10 @@ def passes(frame: pl.DataFrame, exps: list[dict]) -> bool:
 
 
 def evaluate(frame: pl.DataFrame, exps: list[dict]) -> list[Verdict]:
-    df = _as_pandas_sees_it(frame)
+    try:
+        df = _as_pandas_sees_it(frame)
+    except pl.exceptions.PolarsError:  # e.g. a uint64 past int64: run_gx's own cast fails the same way
+        return [Verdict(None) for _ in exps]
     out = []
     for e in exps:
         try:
@@ -76,10 +79,13 @@ def evaluate(frame: pl.DataFrame, exps: list[dict]) -> list[Verdict]:
 
 
 def _as_pandas_sees_it(frame: pl.DataFrame) -> pl.DataFrame:
-    """NaN -> null (pandas cannot tell them apart); -0.0 -> 0.0 (`+ 0.0` does it), because pandas'
-    hashing takes them as one value in duplicated / nunique and polars may not."""
-    floats = [c for c, t in frame.schema.items() if t.is_float()]
-    return frame.with_columns([pl.col(c).fill_nan(None) + 0.0 for c in floats]) if floats else frame
+    """The frame as GX's pandas holds it: integers as int64 and floats as float64 (run_gx widens
+    them; a float32 value next to a float bound compares otherwise), NaN as null (pandas cannot tell
+    them apart), -0.0 as 0.0 (`+ 0.0` does it: pandas hashes them as one value in duplicated and
+    nunique, polars may not)."""
+    return frame.with_columns([pl.col(c).cast(pl.Int64) if t.is_integer()
+                               else pl.col(c).cast(pl.Float64).fill_nan(None) + 0.0
+                               for c, t in frame.schema.items() if t.is_numeric()])
 
 
 def _one(df: pl.DataFrame, etype: str, kw: dict) -> Verdict:
@@ -91,7 +97,7 @@ def _one(df: pl.DataFrame, etype: str, kw: dict) -> Verdict:
         if c not in df.columns:
             raise Unknown(f"no column {c}")
     if kw.get("row_condition") is not None:
-        df = df.filter(_condition(df, kw["row_condition"]))
+        df = df.filter(condition_mask(df, kw["row_condition"]))
 
     if etype == "expect_column_unique_value_count_to_be_between":
         n = df[kw["column"]].drop_nulls().n_unique()
@@ -161,8 +167,8 @@ def _is_in(s: pl.Series, values) -> pl.Series:
     if values is None or not all(_fits(s, v) for v in values):
         raise Unknown("value_set")
     if s.dtype.is_numeric():
-        return s.cast(pl.Float64).is_in(pl.Series(values, dtype=pl.Float64))
-    return s.is_in(pl.Series(values, dtype=s.dtype))
+        s = s.cast(pl.Float64)
+    return s.is_in(pl.Series(values, dtype=s.dtype).implode())  # implode: the set is one list value
 
 
 def _bounds(kw: dict):
@@ -181,7 +187,7 @@ def _between(s: pl.Series, kw: dict) -> pl.Series:
     if not s.dtype.is_numeric():
         raise Unknown("between on a non-numeric column")
     lo, hi, strict_lo, strict_hi = _bounds(kw)
-    ok = pl.Series([True] * s.len())
+    ok = pl.Series([True] * s.len(), dtype=pl.Boolean)
     if lo is not None:
         ok = ok & ((s > lo) if strict_lo else (s >= lo))
     if hi is not None:
@@ -206,7 +212,7 @@ def _pair_unexpected(df: pl.DataFrame, kw: dict) -> int:
     elif how == "either_value_is_missing":
         keep = a.is_not_null() & b.is_not_null()
     elif how == "neither":
-        keep = pl.Series([True] * a.len())
+        keep = pl.Series([True] * a.len(), dtype=pl.Boolean)
     else:
         raise Unknown(how)
     a, b = a.filter(keep), b.filter(keep)
@@ -217,7 +223,7 @@ def _pair_unexpected(df: pl.DataFrame, kw: dict) -> int:
 # --- row conditions -----------------------------------------------------------------------------
 
 
-def _condition(df: pl.DataFrame, spec) -> pl.Series:
+def condition_mask(df: pl.DataFrame, spec) -> pl.Series:
     """A row condition (our compact form or GX's serialised one) -> a boolean mask, with the
     semantics of the pandas query string GX builds from it."""
     if not isinstance(spec, dict):
@@ -227,10 +233,10 @@ def _condition(df: pl.DataFrame, spec) -> pl.Series:
             spec.get("all") or spec.get("any") or spec.get("conditions")):
         raise Unknown("empty row_condition")  # GX's query string would be "()"
     if "all" in spec or kind == "and":
-        parts = [_condition(df, s) for s in spec.get("all", spec.get("conditions", []))]
+        parts = [condition_mask(df, s) for s in spec.get("all", spec.get("conditions", []))]
         return _fold(parts, df.height, all_of=True)
     if "any" in spec or kind == "or":
-        parts = [_condition(df, s) for s in spec.get("any", spec.get("conditions", []))]
+        parts = [condition_mask(df, s) for s in spec.get("any", spec.get("conditions", []))]
         return _fold(parts, df.height, all_of=False)
     if kind == "nullity":
         column, op, value = spec["column"]["name"], "is_null" if spec["is_null"] else "is_not_null", None
@@ -260,7 +266,7 @@ def _condition(df: pl.DataFrame, spec) -> pl.Series:
 
 
 def _fold(parts: list[pl.Series], n: int, all_of: bool) -> pl.Series:
-    out = pl.Series([all_of] * n)
+    out = pl.Series([all_of] * n, dtype=pl.Boolean)
     for p in parts:
         out = (out & p) if all_of else (out | p)
     return out
