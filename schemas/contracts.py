@@ -42,7 +42,13 @@ Checking runs in three steps:
      aggregate how many of the group's rows match every `col == value` (all rows when
      `count_where` is absent). Expectations name it with `"frame": frame`; `"noun"` (default
      "groups") is how the summary counts its rows.
-3. **Expectations.** Each frame goes to GX as pandas (polars -> Arrow -> pandas) and is validated
+3. **Expectations.** Each frame is first evaluated by `schemas.contract_fast`, which models in
+   polars, with GX's semantics, exactly the expectation types and kwargs our suites use. When it
+   certifies every expectation of the frame, the frame passes without GX (a pass reports nothing
+   more). Otherwise (something fails, or the frame holds an expectation, kwarg, column type or
+   condition the fast path does not model) the frame goes to GX as today, and GX's results make
+   the report: GX stays the authority on every failure. `AUTOEXPLAIN_CONTRACTS=gx` sends every
+   frame to GX. For GX a frame is passed as pandas (polars -> Arrow -> pandas) and validated
    against an `ExpectationSuite` built from the JSON, in an ephemeral context. A `row_condition`
    kwarg may be written compactly: `{"column": c, "op": "==", "value": v}` (ops `== != < <= > >=
    in not_in is_null is_not_null`), `{"all": [...]}` or `{"any": [...]}`; a dict with a "type" key
