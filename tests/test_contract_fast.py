@@ -233,3 +233,12 @@ def test_what_the_fast_path_does_not_model_goes_to_gx():
                                                                         "pass_through_filter": "f > 0"})]
     assert all(v.success is None for v in evaluate(EDGE, unknown))
     assert not passes(EDGE, unknown[:1])
+
+
+@pytest.mark.parametrize("suite", sorted(VALID))
+def test_an_empty_table_reports_as_gx(suite, monkeypatch):
+    table, params = _valid(suite)
+    table = table.slice(0, 0)
+    fast = validate(table, suite, params)
+    monkeypatch.setenv(ENGINE_ENV, "gx")
+    assert fast.to_dict() == validate(table, suite, params).to_dict()
