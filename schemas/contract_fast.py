@@ -101,6 +101,8 @@ def _one(df: pl.DataFrame, etype: str, kw: dict) -> Verdict:
         n = df[kw["column"]].drop_nulls().n_unique()
         return Verdict(_between_scalar(n, kw))
     if etype == "expect_compound_columns_to_be_unique":
+        if not isinstance(kw["column_list"], (list, tuple)):
+            raise Unknown("column_list")
         rows = df.select(kw["column_list"])
         how = kw.get("ignore_row_if", "all_values_are_missing")
         if how == "all_values_are_missing":
@@ -142,7 +144,8 @@ def _columns(kw: dict) -> list[str]:
 
 
 def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    # NaN is out: polars orders it above everything and matches it in is_in; pandas compares it False.
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
 
 
 def _fits(s: pl.Series, value) -> bool:
@@ -162,7 +165,7 @@ def _numeric(s: pl.Series | pl.Expr, dtype: pl.DataType):
 
 
 def _is_in(s: pl.Series, values) -> pl.Series:
-    if values is None or not all(_fits(s, v) for v in values):
+    if not isinstance(values, (list, tuple)) or not all(_fits(s, v) for v in values):
         raise Unknown("value_set")
     if s.dtype.is_numeric():
         s = s.cast(pl.Float64)

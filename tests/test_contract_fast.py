@@ -228,6 +228,10 @@ def test_what_the_fast_path_does_not_model_goes_to_gx():
                _e("column_values_to_match_regex", column="s", regex="a"),
                _e("column_values_to_be_between", column="s", min_value=0),
                _e("column_values_to_be_in_set", column="s", value_set=[1]),
+               _e("column_values_to_be_in_set", column="s", value_set="abcd"),  # a string is no set
+               _e("column_values_to_be_between", column="f", max_value=NAN),  # polars orders NaN last
+               _e("column_values_to_not_be_null", column="g", row_condition={"column": "f", "op": "in",
+                                                                             "value": [NAN]}),
                _e("column_values_to_be_null", column="nope"),
                _e("column_values_to_be_null", column="f", row_condition={"type": "pass_through",
                                                                         "pass_through_filter": "f > 0"})]
