@@ -82,7 +82,8 @@ def _as_pandas_sees_it(frame: pl.DataFrame) -> pl.DataFrame:
     """The frame as GX's pandas holds it: integers as int64 and floats as float64 (run_gx widens
     them; a float32 value next to a float bound compares otherwise) and NaN as null (pandas cannot
     tell them apart). 0.0 and -0.0 are one value to both pandas and polars (the tests hold it)."""
-    return frame.with_columns([pl.col(c).cast(pl.Int64) if t.is_integer() else pl.col(c).cast(pl.Float64).fill_nan(None)
+    return frame.with_columns([pl.col(c).cast(pl.Int64) if t.is_integer()
+                               else pl.col(c).cast(pl.Float64).fill_nan(None)
                                for c, t in frame.schema.items() if t.is_numeric()])
 
 
