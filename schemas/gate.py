@@ -8,6 +8,9 @@ A sealed manifest records, per file, the version of the suite it passed (`contra
 input whose bytes still match their digest and whose suite is unchanged passed at sealing and is
 not checked again; a folder sealed before a suite edit (or by an older autoexplain) is checked once
 per process, remembered by the file's digest.
+
+The check itself is `contracts.check`: a table that passes is certified in polars
+(`schemas.contract_fast`, milliseconds); GX runs only on a frame that fails, to report it.
 """
 
 from __future__ import annotations

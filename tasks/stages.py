@@ -7,9 +7,10 @@ What the wrappers add:
   reads. Prefect's TASK_SOURCE would hash only this wrapper's source;
 - retries with exponential backoff and jitter for transient failures; bad input (`UserError`) and
   contract violations fail at once;
-- a data contract (Great Expectations suite from `schemas/`) checked by the store on every output
-  before it is sealed and on every input before it is read (`schemas.gate`), so before any
-  downstream task sees it, with a markdown artifact of the failures.
+- a data contract (a Great Expectations suite from `schemas/`; a passing table is certified in
+  polars, GX reports the failures) checked by the store on every output before it is sealed and on
+  every input before it is read (`schemas.gate`), so before any downstream task sees it, with a
+  markdown artifact of the failures.
 
 Each task returns a small reference: `{"uri", "path", "key", "layer"}`. `out` may be an fsspec URL:
 tasks then work in its local mirror (`autoexplain.remote`), `path` is in the mirror and `uri` is the
