@@ -45,6 +45,11 @@ from autoexplain.words import word_of_each_token
 
 _loaded: dict[Path, tuple[list[str], np.ndarray]] = {}
 _lock = threading.Lock()
+# Texts this process embedded, per loaded model: a vector is a function of its text alone, and about
+# a fifth of a whole model's explanation texts recur in other shards, whose simulators start empty.
+_seen: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+SEEN_MAX = 200_000  # 1.5 KB a vector
+_seen_lock = threading.Lock()
 
 
 ENCODE_THREADS = 1  # torch threads while embedding: the bits of MKL's sgemm depend on the count
@@ -137,17 +142,28 @@ def _batch_safe(model) -> bool:
     return _safe[model]
 
 
+def forget_texts() -> None:
+    """Drop the texts this process embedded (`encode_each` embeds them anew): for tests that compare
+    two ways of embedding the same texts."""
+    with _seen_lock:
+        _seen.clear()
+
+
 def encode_each(model, texts: list[str], helper: tuple[str, str] | None = None) -> np.ndarray:
     """Each text embedded as if alone (padded to a multiple of PAD_TO tokens): a vector depends on
-    its text only. Texts of one padded width share a pass where that keeps their bits. `helper`:
-    (model path, device) of `model`, to share a long list with a helper process (`encode_helper`)."""
+    its text only. Texts of one padded width share a pass where that keeps their bits; a text
+    embedded before in this process is not embedded again. `helper`: (model path, device) of
+    `model`, to share a long list with a helper process (`encode_helper`)."""
     from autoexplain import encode_helper
 
     texts = list(texts)
     if not texts:
         return np.zeros((0, 384), np.float32)
+    with _seen_lock:
+        seen = _seen.setdefault(model, {})
+        known = {t: seen[t] for t in texts if t in seen}
     size = EACH_BATCH if _batch_safe(model) else 1
-    features = {t: _features(model, t) for t in dict.fromkeys(texts)}
+    features = {t: _features(model, t) for t in dict.fromkeys(texts) if t not in known}
     groups: dict[int, list[str]] = {}
     for t, f in features.items():
         groups.setdefault(_width(f), []).append(t)
@@ -166,6 +182,11 @@ def encode_each(model, texts: list[str], helper: tuple[str, str] | None = None) 
             here(chunk)
     else:
         encode_helper.shared(chunks, here, store, pool, encode_in_helper)
+    with _seen_lock:
+        if len(seen) + len(vectors) > SEEN_MAX:
+            seen.clear()  # generational, as the simulators' own tables
+        seen.update(vectors)
+    vectors.update(known)
     return np.stack([vectors[t] for t in texts]).astype(np.float32, copy=False)
 
 

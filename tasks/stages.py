@@ -288,14 +288,13 @@ def own_simulator(spec: str):
 def warm_up(simulator: str | None = None) -> threading.Thread:
     """Load, in a background thread, what a flow run's first shard would otherwise wait for: the
     simulator (for the default, MiniLM and its class vectors; importing sentence-transformers alone
-    takes about 4 s), Great Expectations and matplotlib. The CLI calls it before it starts a flow,
-    while Prefect's ephemeral server starts up (about 4 s in which this process only waits). A
-    failure here is left for the stage that needs the thing to report."""
+    takes about 4 s) and matplotlib. Not Great Expectations: a contract that holds is certified
+    without it (`schemas.contract_fast`), so a run imports it only to report a failure. The CLI calls
+    it before it starts a flow, while Prefect's ephemeral server starts up (about 4 s in which this
+    process only waits). A failure here is left for the stage that needs the thing to report."""
 
     def load():
         try:
-            import great_expectations  # noqa: F401
-
             own_simulator(simulator)
             from autoexplain.plots import pyplot
 

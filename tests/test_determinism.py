@@ -19,6 +19,7 @@ from autoexplain import pipeline  # noqa: E402
 from autoexplain.embedding import EmbeddingSimulator  # noqa: E402
 from autoexplain.exact import cosines, fixed_matmul, fixed_sum  # noqa: E402
 from autoexplain.explain_embedding import EmbeddingExplainer  # noqa: E402
+from autoexplain.wordvecs import forget_texts  # noqa: E402
 from autoexplain.records import ActivationRecord, UnitId, UnitRecords  # noqa: E402
 from autoexplain.words import word_of_each_token  # noqa: E402
 
@@ -103,6 +104,7 @@ def _word_table(units):
 def _run(models, units, n_threads: int, word_table: bool, alone: bool, warm_with=()):
     """(explanations rows, chosen rows, simulation rows) of the stages, with fresh caches."""
     explainer0, simulator0 = models
+    forget_texts()  # and nothing the process embedded before
     with threads(n_threads):
         explainer = EmbeddingExplainer()
         explainer._model = explainer0._model  # the loaded model, not its caches
@@ -169,8 +171,11 @@ def test_a_text_embeds_to_the_same_bits_alone_in_a_batch_and_on_any_thread_count
     for n_threads in (1, 2):
         with threads(n_threads):
             sim = simulator0.fresh()
+            forget_texts()  # each way below embeds anew, not from the process's earlier vectors
             out.append(sim._encode(texts))
+            forget_texts()
             out.append(np.stack([sim._encode([t])[0] for t in texts]))
+            forget_texts()
             out.append(sim._encode(texts[::-1] + ["horse", "x"])[:len(texts)][::-1])
     assert all(np.array_equal(out[0], o) for o in out[1:])
     assert torch.get_num_threads() == before  # the encoder pins one thread only while it embeds
@@ -184,8 +189,10 @@ def test_texts_batched_by_padded_width_keep_the_bits_they_have_one_by_one(models
     words = ["horse", "river", "seven", "light", "stone", "music", "green", "apple", "bread", "cloud",
              "dance", "eagle", "flame", "grape", "heart", "ivory", "jelly", "knife", "lemon", "mango"]
     texts = [f'the word "{w}"' for w in words] + [f"words related to {a} and {b}" for a, b in zip(words, words[3:])]
+    wordvecs.forget_texts()
     batched = wordvecs.encode_each(sim.model, texts)  # 20+ texts of one padded width: several passes
     monkeypatch.setattr(wordvecs, "EACH_BATCH", 1)
+    wordvecs.forget_texts()
     one_by_one = wordvecs.encode_each(sim.model, texts[::-1])[::-1]
     assert np.array_equal(batched, one_by_one)
 
@@ -211,10 +218,36 @@ def test_texts_shared_with_the_helper_process_keep_their_bits(models, monkeypatc
         return real_store(pieces, here, lambda piece, rows: (taken.append(piece), store(piece, rows)), pool, there)
 
     monkeypatch.setattr(encode_helper, "shared", counting)
+    wordvecs.forget_texts()
     shared = wordvecs.encode_each(sim.model, texts, (sim.model_path, sim.device))
+    wordvecs.forget_texts()
     alone = wordvecs.encode_each(sim.model, texts)
     assert taken, "the helper embedded none of the pieces"
     assert np.array_equal(shared, alone)
+
+
+@pytest.mark.slow
+def test_a_text_embedded_before_in_the_process_is_not_embedded_again(models, monkeypatch):
+    """Shards' simulators start empty, but the process remembers the texts it embedded: a text that
+    recurs is not sent to the model again, and comes back with the bits it had."""
+    from autoexplain import wordvecs
+
+    sim = models[1].fresh()
+    wordvecs.forget_texts()
+    first = wordvecs.encode_each(sim.model, ["a river bank", "money and banks"])
+    sent = []
+    forward = wordvecs._forward
+
+    def counting(model, features):
+        sent.append(len(features))
+        return forward(model, features)
+
+    monkeypatch.setattr(wordvecs, "_forward", counting)
+    again = wordvecs.encode_each(sim.model, ["money and banks", "a fishing boat", "a river bank"])
+    assert sum(sent) == 1, "only the new text goes to the model"
+    assert np.array_equal(again[[2, 0]], first)
+    wordvecs.forget_texts()
+    assert np.array_equal(wordvecs.encode_each(sim.model, ["a fishing boat"])[0], again[1])
 
 
 @pytest.mark.slow
@@ -228,7 +261,9 @@ def test_a_helper_that_cannot_start_leaves_the_work_here(models):
     broken = ("/nonexistent/embedder", "cpu")
     with pytest.raises(Exception):  # noqa: B017 - the pool's own error for a failed start-up
         encode_helper.pool(*broken).submit(wordvecs.encode_in_helper, ["x"]).result()
+    wordvecs.forget_texts()
     shared = wordvecs.encode_each(sim.model, texts, broken)
+    wordvecs.forget_texts()
     assert np.array_equal(shared, wordvecs.encode_each(sim.model, texts))
     for _ in range(50):  # the feeder thread drops the helper as it meets the error; this call never waits
         if encode_helper.pool(*broken) is None:

@@ -68,6 +68,7 @@ def test_embedding_simulator_prompt_edit_is_seen_by_the_same_process(run, tmp_pa
     import json
 
     first, _ = run()
+    first_hashes = _prompt_hashes(first)
     _prompts_copy(tmp_path, monkeypatch, "embedding_simulator.json", "")
     path = tmp_path / "prompts" / "embedding_simulator.json"
     prompt = json.loads(path.read_text())
@@ -75,8 +76,22 @@ def test_embedding_simulator_prompt_edit_is_seen_by_the_same_process(run, tmp_pa
     path.write_text(json.dumps(prompt))
     second, counts = run()
     assert counts.get("subject_forward", 0) == 0 and counts.get("llm_requests", 0) == 0
-    assert counts["simulate"] > 0 and counts["score_units"] == 12
     assert set(s["key"] for s in second["scores"]).isdisjoint(s["key"] for s in first["scores"])
+    # Units whose texts' class gates the edit moves are simulated again; the rest are read back
+    # (tests/test_memo.py checks that this writes what a run without memos writes).
+    assert counts["simulate"] > 0 and 0 < counts["score_units"] < 12, counts
+    hashes = _prompt_hashes(second)
+    assert len(hashes) == 1 and hashes.isdisjoint(first_hashes), "rows read back carry the edited prompt's hash"
+
+
+def _prompt_hashes(result) -> set[str]:
+    import json
+    from pathlib import Path
+
+    import polars as pl
+
+    refs = json.loads((Path(result["out"]) / "runs" / "layer_1.json").read_text())["simulations"]
+    return {h for ref in refs for h in pl.read_parquet(ref["path"])["prompt_hash"].unique()}
 
 
 def _explanations(result) -> "pl.DataFrame":
