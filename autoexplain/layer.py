@@ -137,8 +137,7 @@ def _use_text_vectors(explanations: pa.Table, out, sim) -> None:
         return
     import numpy as np
 
-    texts = sorted({t for c, t in zip(explanations.column("candidates").to_pylist(),
-                                       explanations.column("text").to_pylist()) for t in (c or [t])})
+    texts = _explanation_texts(explanations)
     if not texts:
         return
     name = content_key({"embedder": sim.embedder, "encoding": sim.encoding, "texts": texts})
@@ -150,6 +149,12 @@ def _use_text_vectors(explanations: pa.Table, out, sim) -> None:
     forms, vectors = sim.warm(texts)
     with files.replacing(path, ".npz") as tmp:
         np.savez(tmp, forms=np.array(forms, dtype=str), vectors=vectors)
+
+
+def _explanation_texts(explanations: pa.Table) -> list[str]:
+    """Every text an explanations output gives its units (each candidate, else the text), sorted."""
+    return sorted({t for c, t in zip(explanations.column("candidates").to_pylist(),
+                                     explanations.column("text").to_pylist()) for t in (c or [t])})
 
 
 def _weights(fingerprint: str) -> dict:
@@ -321,8 +326,7 @@ def _simulate(records_dir, explanations: StageRef, out, simulator, sim, seed: in
     # A unit is keyed by what of the prompt its texts' simulations depend on, not by the prompt's
     # hash: after an edit, the units it cannot change are read back. "" is simulated when best-of-k
     # finds no usable candidate.
-    texts = sorted({t for c, t in zip(table.column("candidates").to_pylist(), table.column("text").to_pylist())
-                    for t in (c or [t])} | {""})
+    texts = sorted(set(_explanation_texts(table)) | {""})
     depends = dict(zip(texts, sim.prompt_dependence(texts)))
 
     def remember(unit, inputs, compute):
