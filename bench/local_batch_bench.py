@@ -55,20 +55,27 @@ def units(n: int, tokens: int, per_split: int, seed: int = 0):
     return out
 
 
-def subject(name: str):
+def subject(name: str, device: str = "cpu", tokenizer: str | None = None):
+    """`smollm2`: the embedded model; `tiny`: the tiny Llama of the tests; `random:DIR`: the
+    architecture of DIR's config.json with random weights (bf16), for timing a model whose weights
+    cannot travel (a device machine takes 64 MiB). `tokenizer`: a folder, else the embedded one."""
     import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from autoexplain.subject import load_subject, load_tokenizer, wrap
 
     if name == "smollm2":
-        return load_subject("smollm2", device="cpu")  # bf16, as the stages load it
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = load_tokenizer("smollm2")
-    torch.manual_seed(0)  # the tiny Llama of tests/conftest.py
+        return load_subject("smollm2", device=device)  # bf16, as the stages load it
+    tok = AutoTokenizer.from_pretrained(tokenizer) if tokenizer else load_tokenizer("smollm2")
+    torch.manual_seed(0)
+    if name.startswith("random:"):
+        cfg = AutoConfig.from_pretrained(name.split(":", 1)[1])
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+        return wrap(model.to(device).eval(), tok, name)
+    # the tiny Llama of tests/conftest.py
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    return wrap(LlamaForCausalLM(cfg).eval(), tok, "tiny-llama")
+    return wrap(LlamaForCausalLM(cfg).to(device).eval(), tok, "tiny-llama")
 
 
 def before_simulator():
@@ -84,8 +91,12 @@ def before_simulator():
 
 
 def timed(fn):
+    import torch
+
     start = time.perf_counter()
     out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter() - start, out
 
 
@@ -97,7 +108,7 @@ def run_model(name: str, args) -> dict:
     class PerUnit(AllAtOnceSimulator):
         units_at_once = 1
 
-    subj = subject(name)
+    subj = subject(name, args.device, args.tokenizer)
     us = units(args.units, args.tokens, args.per_split)
     cfg = pipeline.ExplainConfig(k=args.k, max_tokens=args.max_tokens, batch_units=1)
     explain = {"per-unit": LocalLLM(subject=subj, batch_size=args.k), "cross-unit": LocalLLM(subject=subj, batch_size=args.batch)}
@@ -116,7 +127,7 @@ def run_model(name: str, args) -> dict:
                 "seconds": {k: [round(x, 2) for x in v] for k, v in times.items()},
                 "explain ratio": round(best["explain per-unit"] / best["explain cross-unit"], 2),
                 "same candidates": same_candidates}
-    sims = {"before": before_simulator()(subj), "per-unit": PerUnit(subj, batch_size=args.batch),
+    sims = {**({"before": before_simulator()(subj)} if args.before else {}), "per-unit": PerUnit(subj, batch_size=args.batch),
             "cross-unit": AllAtOnceSimulator(subj, batch_size=args.batch)}
     pipeline.simulate_stage(us[:2], explanations, sims["cross-unit"])  # warm-up
     results = {}
@@ -127,15 +138,16 @@ def run_model(name: str, args) -> dict:
     expected = {v: [r["expected"] for r in results[v][1].to_pylist()] for v in results}
     diff = max((abs(a - b) for x, y in zip(expected["per-unit"], expected["cross-unit"]) for a, b in zip(x, y)),
                default=0.0)
-    diff_before = max((abs(a - b) for x, y in zip(expected["before"], expected["cross-unit"]) for a, b in zip(x, y)),
-                      default=0.0)
+    diff_before = max((abs(a - b) for x, y in zip(expected.get("before", []), expected["cross-unit"])
+                       for a, b in zip(x, y)), default=None)
     best = {k: min(v) for k, v in times.items()}
     return {"model": name, "units": args.units, "k": args.k, "batch": args.batch, "prompt_bucket": local_batch.PROMPT_BUCKET,
             "seconds": {k: [round(x, 2) for x in v] for k, v in times.items()},
             "units_per_s": {k: round(args.units / v, 3) for k, v in best.items()},
             "explain ratio": round(best["explain per-unit"] / best["explain cross-unit"], 2),
             "simulate ratio vs per-unit": round(best["simulate per-unit"] / best["simulate cross-unit"], 2),
-            "simulate ratio vs before": round(best["simulate before"] / best["simulate cross-unit"], 2),
+            "simulate ratio vs before": (round(best["simulate before"] / best["simulate cross-unit"], 2)
+                                         if args.before else None),
             "same candidates": same_candidates, "max |per-unit - cross-unit| expected": diff,
             "max |before - cross-unit| expected": diff_before}
 
@@ -156,6 +168,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads (0: torch's default). On a machine shared with other jobs use 1: with "
                         "2 OpenMP threads on 2 busy cores one pass took 0.8 s or 10 s by the load")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--tokenizer", default=None, help="a tokenizer folder (default: the embedded SmolLM2's)")
+    p.add_argument("--no-before", dest="before", action="store_false",
+                   help="skip the simulator of commit BEFORE (it is read from git, absent on a device machine)")
     args = p.parse_args()
     import os
 
@@ -170,7 +186,8 @@ def main() -> None:
     for name in args.models.split(","):
         load = os.getloadavg()[0]
         result = run_model(name, args)
-        result.update(threads=torch.get_num_threads(), load_1min=[round(load, 2), round(os.getloadavg()[0], 2)])
+        result.update(device=args.device, gpu=torch.cuda.get_device_name() if args.device == "cuda" else None,
+                      threads=torch.get_num_threads(), load_1min=[round(load, 2), round(os.getloadavg()[0], 2)])
         print(json.dumps(result), flush=True)
 
 
