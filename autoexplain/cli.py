@@ -52,6 +52,7 @@ app = typer.Typer(
 @app.callback()
 def _root():
     """Record -> explain -> simulate -> score, on the embedded defaults unless told otherwise."""
+    run_or_exit(defaults.check_environment)
 
 
 def parse_layers(text: str | None, n_layers: int) -> list[int]:

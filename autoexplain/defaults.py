@@ -94,3 +94,13 @@ def cache_root() -> Path:
     """Where derived files that are costly to rebuild live: converted models, embedded vocabularies,
     the local mirrors of remote outputs."""
     return Path(os.environ.get("AUTOEXPLAIN_CACHE", Path.home() / ".cache" / "autoexplain")).expanduser()
+
+
+def check_environment() -> None:
+    """The AUTOEXPLAIN_* switches whose misspelling would change a run silently or fail it late,
+    checked before any work (each is read and refused by the module that owns it)."""
+    from autoexplain.local_batch import env_batch_size
+    from autoexplain.schemas.contracts import contract_engine
+
+    contract_engine()
+    env_batch_size()

@@ -40,11 +40,23 @@ def prompt_width(n: int) -> int:
     return -(-n // step) * step
 
 
+def env_batch_size() -> int | None:
+    """$AUTOEXPLAIN_LOCAL_BATCH as a row count, None when unset; anything else is refused."""
+    from autoexplain.errors import UserError
+
+    value = os.environ.get(LOCAL_BATCH_ENV)
+    if not value:
+        return None
+    if not value.strip().isdigit() or int(value) < 1:
+        raise UserError(f"{LOCAL_BATCH_ENV}={value!r} is not a number of rows", "set it to a whole number >= 1 or unset it")
+    return int(value)
+
+
 def local_batch_size(model, batch_size: int | None = None) -> int:
     """Rows (prompts, or samples of prompts) per forward pass of a local model. On a CPU the
     throughput stops growing at a few dozen rows while the KV copies keep growing; a GPU wants
     many rows to be busy."""
-    chosen = batch_size or os.environ.get(LOCAL_BATCH_ENV)
+    chosen = batch_size or env_batch_size()
     if chosen:
         return max(1, int(chosen))
     device = next(model.parameters()).device

@@ -389,6 +389,7 @@ class LayerPlan:
 
 def explain_layer(p: dict, spell: Spelling = flow_name) -> LayerPlan:
     """Every parameter of an explain-layer run (flow parameters by name; missing ones are skipped)."""
+    defaults.check_environment()
     for name, low in (("tokens", 1), ("k", 1), ("shard_size", 1), ("n_boot", 1), ("window_len", 2),
                       ("top_k", 1), ("n_random", 0), ("layer", 0)):
         if name in p and (name != "layer" or p[name] is not None):
@@ -420,7 +421,6 @@ def explain_layer(p: dict, spell: Spelling = flow_name) -> LayerPlan:
     limit = check_budget(p.get("budget"), spell, explainer=p.get("explainer"), simulator=p.get("simulator"),
                          scorers=p.get("scorers"))
     return LayerPlan(shape, units, revisions, limit, layer, source, content_key(source.identity()))
-
 
 
 def find_run(out: str, layer: int, spell: Spelling = flow_name, kind: str = MLP.kind) -> dict:

@@ -69,6 +69,7 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
+from autoexplain.errors import UserError
 from autoexplain.schemas import HERE, load_schema
 from autoexplain.schemas.contract_fast import passes
 from autoexplain.schemas.contract_gx import add_failure, run_gx
@@ -78,6 +79,17 @@ __all__ = ["ContractError", "ContractReport", "ContractViolation", "check", "loa
 
 SUITES_DIR = HERE / "expectations"
 ENGINE_ENV = "AUTOEXPLAIN_CONTRACTS"  # "gx": skip the fast path, GX checks every frame
+ENGINES = ("fast", "gx")  # unset means "fast"
+
+
+def contract_engine() -> str:
+    """Which engine certifies a passing frame, from $AUTOEXPLAIN_CONTRACTS. A misspelt value would
+    otherwise pass silently as the fast path, so it is refused."""
+    engine = os.environ.get(ENGINE_ENV) or "fast"
+    if engine not in ENGINES:
+        raise UserError(f"{ENGINE_ENV}={engine!r} is not a contract engine",
+                        "set it to gx (Great Expectations checks every table) or unset it")
+    return engine
 
 _PLACEHOLDER = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
 
@@ -115,7 +127,7 @@ def validate(table: pa.Table | pl.DataFrame, suite: str, params: dict | None = N
         if frame_name not in frames:
             raise ContractError(f"suite '{suite}': expectations name frame '{frame_name}', which no derivation makes")
         frame = frames[frame_name]
-        if os.environ.get(ENGINE_ENV) != "gx" and passes(frame, exps):
+        if contract_engine() == "fast" and passes(frame, exps):
             continue  # certified on the fast path: GX would pass it too, and a pass reports nothing
         results = run_gx(suite, frame_name, frame, exps, ids[frame_name])
         for exp, res in zip(exps, results):

@@ -11,8 +11,8 @@ import pytest
 EXE = [sys.executable, "-m", "autoexplain.flows.cli"]  # the console script's module
 
 
-def run(*args, cwd=None):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+def run(*args, cwd=None, env=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env or {})}
     return subprocess.run([*EXE, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
 
 
@@ -64,6 +64,14 @@ def test_bad_input_gets_one_clear_line(base, prose_file, tmp_path, extra, needle
     line = _one_error_line(run(*args))
     assert needle in line
     assert not list((tmp_path / "out").rglob("records/*/*.parquet")), "nothing half-written"
+
+
+@pytest.mark.parametrize("name, value", [("AUTOEXPLAIN_CONTRACTS", "gxx"), ("AUTOEXPLAIN_LOCAL_BATCH", "many"),
+                                         ("AUTOEXPLAIN_LOCAL_BATCH", "0")])
+def test_a_misspelt_switch_is_refused_before_any_work(base, prose_file, tmp_path, name, value):
+    line = _one_error_line(run(*base, "--corpus", str(prose_file), "--tokens", "2000", env={name: value}))
+    assert f"{name}={value!r}" in line and "unset it" in line
+    assert not (tmp_path / "out").exists(), "nothing written"
 
 
 def test_bad_corpora(base, tmp_path):

@@ -180,6 +180,20 @@ def test_validate_on_a_breaking_table_reports_as_gx(suite, frame_name, index, mo
     assert fast.to_dict() == gx.to_dict()
 
 
+def test_an_unknown_engine_is_refused_not_taken_for_the_fast_path(monkeypatch):
+    from autoexplain.errors import UserError
+    from autoexplain.preflight import explain_layer
+
+    table, params = _valid("scores")
+    monkeypatch.setenv(ENGINE_ENV, "GX")
+    with pytest.raises(UserError, match="is not a contract engine"):
+        validate(table, "scores", params)
+    with pytest.raises(UserError, match="AUTOEXPLAIN_CONTRACTS='GX'"):
+        explain_layer({"tokens": 1})  # a flow's parameters: refused before the model is read
+    monkeypatch.setenv(ENGINE_ENV, "fast")
+    assert validate(table, "scores", params).success
+
+
 EDGE = pl.DataFrame({"f": [0.0, 1.0, NAN, None, -0.0, 2.0], "i": [1, 2, None, 4, 5, 6],
                      "s": ["a", None, "b", "a", "c", "d"], "g": [1.0, None, None, 3.0, NAN, 1.0],
                      "h": [None] * 6}, schema_overrides={"h": pl.Float64})
