@@ -91,6 +91,7 @@ def contract_engine() -> str:
                         "set it to gx (Great Expectations checks every table) or unset it")
     return engine
 
+
 _PLACEHOLDER = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
 
 
