@@ -28,7 +28,7 @@ from autoexplain import layout, llm_cache, prices
 from autoexplain.classify import ClassifierScorer, random_negatives
 from autoexplain.counters import COUNTS
 from autoexplain.identity import code_identity
-from autoexplain.layer import StageRef, load_units, records_inputs, unit_key
+from autoexplain.layer import StageRef, load_units, memo_scope, records_inputs, unit_key
 from autoexplain.registry import component_identity, llm_weights, make_scorer, parse_scorer
 from autoexplain.rows import rows_to_table
 from autoexplain.storage import read_manifest, require_complete
@@ -116,7 +116,7 @@ def run_classify(records_dir, simulations: StageRef, out, scorer_spec: str, scor
         texts_of.setdefault((r["unit"], r["polarity"]), {})[r["method"]] = r["text"]
     scorer = scorer or make_scorer(scorer_spec)
     llm_cache.attach(scorer, out)
-    memo = Memo(out, "classify")
+    memo = Memo(out, "classify", memo_scope(records_key, layer))
 
     def unit_rows(unit):
         pair = (unit.id.index, unit.id.polarity)

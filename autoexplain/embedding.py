@@ -56,7 +56,6 @@ import copy
 import hashlib
 import json
 from collections import OrderedDict
-from functools import lru_cache
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -66,10 +65,9 @@ from autoexplain.errors import UserError
 from autoexplain.exact import cosines, fixed_mean_std, fixed_sum, quantise, quantised_cosines
 from autoexplain.relations import marks as relation_marks, parse as parse_relation
 from autoexplain.simulate import Simulation, Simulator
-from autoexplain.surface import ORTHO_CLASSES, content_of, literal_hits, literal_keys, literal_only, named_examples, ortho_class, quoted_literals
+from autoexplain.surface import ORTHO_CLASSES, content_of, literal_hits, literal_only, named_examples, quoted_literals, window_surface
 from autoexplain.words import word_of_each_token
 
-_ORTHO_INDEX = {name: i for i, name in enumerate(ORTHO_CLASSES)}
 PROMPT_FILE = "embedding_simulator.json"
 ORTHO_MARGIN = 2.0
 Z_LOW, Z_HIGH = 1.5, 6.0
@@ -88,18 +86,6 @@ def load_prompt() -> tuple[list[str], list[str]]:
         raise UserError(f"{PROMPT_FILE} has no description for {', '.join(missing)}",
                         f"give every class of {', '.join(ORTHO_CLASSES)} a description under 'classes'")
     return [classes[c] for c in ORTHO_CLASSES], [str(c) for c in data.get("competitors", [])]
-
-
-@lru_cache(maxsize=1 << 15)
-def _surface(tokens: tuple[str, ...]) -> tuple[list[str], tuple[np.ndarray, np.ndarray], np.ndarray]:
-    """What a window's tokens alone decide: each token's whole word, its literal keys and its
-    surface class. Shared by every simulator in the process (random windows recur in every unit)."""
-    ortho = np.array([_ORTHO_INDEX.get(ortho_class(t), -1) for t in tokens], dtype=np.int8)
-    ortho.flags.writeable = False
-    keys = tuple(np.array(k, dtype=str) for k in literal_keys(tokens))
-    for k in keys:
-        k.flags.writeable = False
-    return word_of_each_token(tokens), keys, ortho
 
 
 # The corpus word table a fresh twin last put on its grid (words, vectors, rows, grid, norm, pinned): each
@@ -298,8 +284,15 @@ class EmbeddingSimulator(Simulator):
         """The prompt (class descriptions, competitors) reaches a text's simulations only through its
         gated class z-scores, its column of `z_ortho`: an edit of one description changes the digest
         of just the texts whose gate it moves."""
-        z = self.explanations(list(texts)).z_ortho
-        return [hashlib.sha256(np.ascontiguousarray(z[:, i]).tobytes()).hexdigest()[:16] for i in range(len(texts))]
+        # Only the gates: a rerun asks this of every text of a shard, and simulates few of them.
+        self._setup()
+        known = {e: c[3] for e, c in self._scaled.items()}
+        new = list(dict.fromkeys(t for t in texts if t not in known))
+        if new:
+            self._embed(new)
+            z = self._gates(np.stack([self._explained[t] for t in new]).T)
+            known.update((t, z[:, i]) for i, t in enumerate(new))
+        return [hashlib.sha256(np.ascontiguousarray(known[t]).tobytes()).hexdigest()[:16] for t in texts]
 
     # -- windows -----------------------------------------------------------------------------
     def prepare(self, records: Sequence[Sequence[str]]) -> list[_Window]:
@@ -313,7 +306,7 @@ class EmbeddingSimulator(Simulator):
             self._evict()  # generational eviction: start afresh rather than grow without bound
             missing = list(dict.fromkeys(keys))
         if missing:
-            words = {k: _surface(k)[0] for k in missing}
+            words = {k: window_surface(k)[0] for k in missing}
             contexts = {k: self._contexts(k) for k in missing} if self.context_weight else {}
             new = [t for v in (*words.values(), *contexts.values()) for t in v if t and t not in self._rows]
             new = list(dict.fromkeys(new))
@@ -324,10 +317,10 @@ class EmbeddingSimulator(Simulator):
             for k in missing:
                 self._windows[k] = _Window(
                     tokens=k,
-                    literal_keys=_surface(k)[1],
+                    literal_keys=window_surface(k)[1],
                     words=self._row_ids(words[k]),
                     contexts=self._row_ids(contexts[k]) if self.context_weight else None,
-                    ortho=_surface(k)[2],
+                    ortho=window_surface(k)[2],
                 )
         for k in keys:
             self._windows.move_to_end(k)
@@ -367,11 +360,7 @@ class EmbeddingSimulator(Simulator):
         """Embed explanations in one batch and fix each one's scale against the background."""
         n = len(explanations)
         texts = [content_of(e) for e in explanations] + list(explanations)
-        new = list(dict.fromkeys(t for t in texts if t not in self._explained))
-        if new:
-            if len(self._explained) > MAX_TEXTS:
-                self._explained.clear()
-            self._explained.update(zip(new, self._encode(new)))
+        self._embed(texts)
         both = np.stack([self._explained[t] for t in texts])
         E, F = both[:n].T, both[n:].T  # content (lexical channel), full text (surface channel)
         if self.expand:  # pull each explanation toward its nearest background words
@@ -383,19 +372,30 @@ class EmbeddingSimulator(Simulator):
             nearest = np.sort(nearest, axis=0)  # (k, U)
             E = (1 - self.expand_weight) * E + self.expand_weight * (fixed_sum(self._background[nearest]) / self.expand).T
             E = E / np.sqrt(fixed_sum(E * E))
-        bg, fbg = cosines(self._background, E), cosines(self._background, F)
-        mu, sd = fixed_mean_std(bg)
+        mu, sd = fixed_mean_std(cosines(self._background, E))
         sd = sd + 1e-6
-        f_mu, f_sd = fixed_mean_std(fbg)
-        z_desc = (cosines(self._descriptions, F) - f_mu) / (f_sd + 1e-6)
-        k = len(ORTHO_CLASSES)
-        z_ortho = np.where(z_desc[:k] >= z_desc.max(0) - ORTHO_MARGIN, z_desc[:k], -np.inf)
-        z_ortho = np.concatenate([z_ortho, np.full((1, n), -np.inf)])
+        z_ortho = self._gates(F)
         # Quoted words, and the single words an explanation gives as examples, fire as written.
         literals = [(quoted_literals(e) | (named_examples(e) if self.relations else set()), literal_only(e))
                     for e in explanations]
         relations = [parse_relation(e) if self.relations else None for e in explanations]
         return _Explanations(E, mu, sd, z_ortho, literals, relations)
+
+    def _embed(self, texts: Sequence[str]) -> None:
+        new = list(dict.fromkeys(t for t in texts if t not in self._explained))
+        if new:
+            if len(self._explained) > MAX_TEXTS:
+                self._explained.clear()
+            self._explained.update(zip(new, self._encode(new)))
+
+    def _gates(self, F: np.ndarray) -> np.ndarray:
+        """(classes + 1, n): each full text's (columns of F) class z-scores against the background,
+        kept only for the classes within the margin of its best; the last row (no class) -inf."""
+        f_mu, f_sd = fixed_mean_std(cosines(self._background, F))
+        z_desc = (cosines(self._descriptions, F) - f_mu) / (f_sd + 1e-6)
+        k = len(ORTHO_CLASSES)
+        z_ortho = np.where(z_desc[:k] >= z_desc.max(0) - ORTHO_MARGIN, z_desc[:k], -np.inf)
+        return np.concatenate([z_ortho, np.full((1, F.shape[1]), -np.inf)])
 
     def simulate(self, explanation: str, records: Sequence[Sequence[str]]) -> list[Simulation]:
         return self.simulate_many([explanation], records)[0]

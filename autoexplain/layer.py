@@ -26,6 +26,7 @@ from autoexplain.errors import UserError
 from autoexplain.explain import as_explainer
 from autoexplain.identity import code_identity
 from autoexplain.registry import DEFAULT_EXPLAINER, explainer_prompt, explainer_weights, make_explainer, make_simulator
+from autoexplain.rows import table_rows
 from autoexplain.sources import MLP, polarities_of
 from autoexplain.storage import content_key, read_manifest, require_complete
 from autoexplain.memo import Memo
@@ -116,7 +117,7 @@ def dead_units(records_dir: str | Path, layer: int) -> list[int]:
     return sorted(stats.group_by("unit").agg(pl.col("max").max()).filter(pl.col("max") <= 0)["unit"].to_list())
 
 
-def _use_word_table(records_dir: Path, out, model) -> None:
+def use_word_table(records_dir: Path, out, model) -> None:
     """Give an explainer or simulator that `uses_word_table` the corpus's word table (built on first use)."""
     if not model.uses_word_table:
         return
@@ -166,6 +167,11 @@ def _unit_key(records_key: str, unit, **rest) -> str:
     # One records output can hold several layers: the layer is part of a unit's identity.
     n = unit.id
     return content_key({"records": records_key, "unit": [n.layer, n.index, n.polarity], **rest})
+
+
+def _scope(records_key: str, layer: int) -> str:
+    """What a unit's memo index is kept under (`Memo`): every `_unit_key` is a function of it."""
+    return f"{records_key}-L{layer}"
 
 
 def _texts_of(inputs: dict) -> list[str]:
@@ -220,7 +226,7 @@ def run_explain(records_dir, layer: int, out, units=None, explainer=None, cfg=No
     ref = StageRef.of_stage(stage, layer)
     if stage.done:
         return ref
-    memo = Memo(out, "explain")
+    memo = Memo(out, "explain", _scope(records_key, layer))
     unit_params = {k: v for k, v in params.items() if k not in ("layer", "units")}
     todo, rows = [], {}
     loaded = load_units(records_dir, layer, units)
@@ -241,7 +247,7 @@ def run_explain(records_dir, layer: int, out, units=None, explainer=None, cfg=No
     batches = [todo[i : i + size] for i in range(0, len(todo), size)]
     if batches:
         llm_cache.attach(llm, out)  # answers paid for are kept under `out` (or where the cache is set)
-        _use_word_table(records_dir, out, llm)
+        use_word_table(records_dir, out, llm)
 
     def explain_batch(batch):
         return pipeline.explain_stage([u for _, u in batch], llm, cfg).to_pylist()
@@ -319,9 +325,9 @@ def _simulate(records_dir, explanations: StageRef, out, simulator, sim, seed: in
         return ref
     table = pq.read_table(explanations.path)
     units = load_units(records_dir, layer, sorted(set(table.column("unit").to_pylist())))
-    memo, sim_id = Memo(out, "simulate"), {"simulator": sim.name, "code": code, **_weights(params.get("weights", ""))}
+    memo, sim_id = Memo(out, "simulate", _scope(records_key, layer)), {"simulator": sim.name, "code": code, **_weights(params.get("weights", ""))}
     llm_cache.attach(sim, out)
-    _use_word_table(records_dir, out, sim)
+    use_word_table(records_dir, out, sim)
     _use_text_vectors(table, out, sim)
     # A unit is keyed by what of the prompt its texts' simulations depend on, not by the prompt's
     # hash: after an edit, the units it cannot change are read back. "" is simulated when best-of-k
@@ -359,8 +365,8 @@ def _score(records_dir, simulations: StageRef, out, n_boot: int, seed: int) -> S
     chosen = pq.read_table(simulations.directory / layout.CHOSEN)
     _, _, records_key = _records_inputs(Path(records_dir), layer)
     units = load_units(records_dir, layer, sorted(set(sims.column("unit").to_pylist())))
-    sims_of, chosen_of = _by_unit(_simulation_rows(sims)), _by_unit(chosen.to_pylist())
-    memo, rows = Memo(out, "score"), []
+    sims_of, chosen_of = _by_unit(table_rows(sims)), _by_unit(chosen.to_pylist())
+    memo, rows = Memo(out, "score", _scope(records_key, layer)), []
     for unit in units:
         u_sims, u_chosen = (rows_of.get((unit.id.index, unit.id.polarity), []) for rows_of in (sims_of, chosen_of))
         ukey = _unit_key(records_key, unit, sims=_sims_digest(u_sims), chosen=u_chosen, n_boot=n_boot, seed=seed,
@@ -378,19 +384,6 @@ def run_score_counted(*args, **kwargs) -> tuple[StageRef, dict[str, int]]:
 
     before = snapshot()
     return run_score(*args, **kwargs), since(before)
-
-
-def _simulation_rows(table: pa.Table) -> list[dict]:
-    """A simulations table's rows, each one's expected values a float64 array (a view of the
-    column's values, None where the simulation failed): the same numbers as `to_pylist` gives, without
-    a Python float for each of the millions of them, which cost more than scoring them."""
-    rows = table.drop_columns(["expected"]).to_pylist()
-    column = table.column("expected").combine_chunks()
-    values = column.values.to_numpy(zero_copy_only=False).astype(np.float64)  # a null value: NaN, as np.asarray makes it
-    ends, failed = column.offsets.to_numpy(), column.is_null().to_numpy(zero_copy_only=False)
-    for i, row in enumerate(rows):
-        row["expected"] = None if failed[i] else values[ends[i] : ends[i + 1]]
-    return rows
 
 
 def _sims_digest(rows: list[dict]) -> str:
@@ -416,4 +409,4 @@ def _by_unit(rows: list[dict]) -> dict[tuple[int, int], list[dict]]:
 
 # For the stages defined in other modules (`classify_stage`, `negatives`): the same inputs and unit
 # keys as these stages.
-records_inputs, unit_key = _records_inputs, _unit_key
+records_inputs, unit_key, memo_scope = _records_inputs, _unit_key, _scope

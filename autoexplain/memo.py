@@ -9,8 +9,9 @@ shorter than its header says and is ignored; everything before it is kept.
 
 Once the stage's output is sealed, `seal` compacts the results it used: a unit's result is rows of
 the sealed tables (its rows, with the methods it produced), so the memo keeps only an index from
-each unit key to (folder, unit, polarity, methods) under `memo/<stage>/sealed/`, a few dozen bytes a
-unit, and every log whose results are all sealed goes. A later run reads a compacted result back
+each unit key to (folder, unit, polarity, methods) under `memo/<stage>/sealed/<scope>/`, a few dozen
+bytes a unit, and every log whose results are all sealed goes, as does an older index whose
+results the new one's folder all holds. A later run reads a compacted result back
 from the folder's tables; a folder since deleted or changed (not `is_complete`) answers nothing, and
 the unit is recomputed.
 
@@ -38,8 +39,14 @@ _HEADER = struct.Struct("<II")  # key bytes, value bytes
 
 
 class Memo:
-    def __init__(self, root: str | os.PathLike, stage: str):
+    """`scope`: a name that every key of this stage's user is a function of (its records and layer):
+    the compacted index is kept per scope, so that a shard reads the index of its own layer, not
+    that of every shard of the model."""
+
+    def __init__(self, root: str | os.PathLike, stage: str, scope: str = ""):
         self.dir = layout.memo(root, stage)
+        self.sealed_dir = self.dir / "sealed" / scope if scope else self.dir / "sealed"
+        self._files: dict[Path, set[str]] = {}  # index file -> its keys, as read
         self.used: dict[str, list] = {}  # key -> its rows' shape, for `seal`
         self._index: dict[str, list[tuple]] | None = None  # compacted results
         self._folders: dict[tuple[str, str], dict | None] = {}
@@ -145,8 +152,12 @@ class Memo:
                               "polarity": [self.used[k][1] for k in keys],
                               "shape": [json.dumps([self.used[k][2], self.used[k][3]]) for k in keys]})
         index = index.with_columns(folder=pl.lit(str(Path(directory).resolve())), tables=pl.lit(json.dumps(tables)))
-        write_table(index.to_arrow(), self.dir / "sealed" / f"{Path(directory).name}.parquet")
+        written = self.sealed_dir / f"{Path(directory).name}.parquet"
+        write_table(index.to_arrow(), written)
         with self._lock:
+            for path, held in self._files.items():  # every result it points to is in the new one's folder too
+                if path != written and held <= self.used.keys():
+                    path.unlink(missing_ok=True)
             if self._log is not None:
                 self._log.close()
                 self._log = None
@@ -166,16 +177,18 @@ class Memo:
             import polars as pl
 
             self._index = {}
-            for path in sorted((self.dir / "sealed").glob("*.parquet")):
-                for k, u, p, shape, folder, tables in pl.read_parquet(path).iter_rows():
+            for path in sorted(self.sealed_dir.glob("*.parquet")):
+                table = pl.read_parquet(path)
+                self._files[path] = set(table["key"])
+                for k, u, p, shape, folder, tables in table.iter_rows():
                     self._index.setdefault(k, []).append((u, p, shape, folder, tables))
         for u, p, shape, folder, tables in self._index.get(key, []):
             rows = self._rows(folder, tables)
             if rows is None:
                 continue
             pair, methods = json.loads(shape)
-            lists = [[r for r in rows[t].get((u, p), []) if r["method"] in set(m)]
-                     for t, m in zip(json.loads(tables), methods)]
+            lists = [[r for r in rows[t].get((u, p), []) if r["method"] in m]
+                     for t, m in zip(json.loads(tables), map(set, methods))]
             return tuple(lists) if pair else lists[0]
         return None
 
@@ -183,14 +196,16 @@ class Memo:
         """A sealed folder's tables, each as {(unit, polarity): rows}, or None when the folder is
         gone or changed. Read once per folder."""
         if (folder, tables) not in self._folders:
-            import polars as pl
+            import pyarrow.parquet as pq
+
+            from autoexplain.rows import table_rows
 
             got = None
             if is_complete(Path(folder)):
                 got = {}
                 for name in json.loads(tables):
-                    df = pl.read_parquet(Path(folder) / name)
-                    got[name] = {k: part.to_dicts() for k, part in
-                                 df.partition_by(["unit", "polarity"], as_dict=True, maintain_order=True).items()}
+                    grouped = got[name] = {}
+                    for row in table_rows(pq.read_table(Path(folder) / name)):
+                        grouped.setdefault((row["unit"], row["polarity"]), []).append(row)
             self._folders[(folder, tables)] = got
         return self._folders[(folder, tables)]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from typing import Iterable, TypeVar
 
+import numpy as np
 import pyarrow as pa
 
 from autoexplain.records import UnitId
@@ -118,14 +119,57 @@ def from_rows(cls: type[Row], rows: Iterable[dict]) -> list[Row]:
 
 
 def rows_to_table(rows: list[dict], schema_name: str) -> pa.Table:
+    """Rows (`to_rows`, `table_rows`) as a table of the schema. A float-list column whose values
+    come as numpy arrays is built from them whole, not float by float: the same table."""
     schema = load_schema(schema_name)
     if not rows:
         return schema.empty_table()
-    table = pa.Table.from_pylist(rows, schema=schema)
+    whole = [i for i, f in enumerate(schema) if _is_float_list(f.type)
+             and any(isinstance(r.get(f.name), np.ndarray) for r in rows)]
+    table = pa.Table.from_pylist(rows, schema=pa.schema([f for i, f in enumerate(schema) if i not in whole]))
+    for i in whole:
+        table = table.add_column(i, schema.field(i), _float_lists([r.get(schema.field(i).name) for r in rows],
+                                                                   schema.field(i).type))
     if any("source" in r for r in rows):  # a table of neurons stays byte for byte what it always was
         table = table.append_column(pa.field("source", OPTIONAL_COLUMNS["source"]),
                                     pa.array([r.get("source") or MLP_KIND for r in rows], pa.string()))
     return table
+
+
+def table_rows(table: pa.Table, arrays: Iterable[str] = ("expected",)) -> list[dict]:
+    """A table's rows as dicts, its float-list columns named in `arrays` as float64 numpy arrays
+    (views of one array per column, None where a list is null): the values `to_pylist` gives,
+    without a Python float for each of the millions of them, which cost more than the work on
+    them. A column with a null inside a list keeps `to_pylist`'s lists."""
+    names = [n for n in arrays if n in table.column_names]
+    rows = table.drop_columns(names).to_pylist()
+    for name in names:
+        column = table.column(name).combine_chunks()
+        if column.values.null_count:
+            values = column.to_pylist()
+        else:
+            flat = column.values.to_numpy(zero_copy_only=False).astype(np.float64)
+            ends, failed = column.offsets.to_numpy(), column.is_null().to_numpy(zero_copy_only=False)
+            values = [None if failed[i] else flat[ends[i] : ends[i + 1]] for i in range(len(rows))]
+        for row, value in zip(rows, values):
+            row[name] = value
+    return rows
+
+
+def _is_float_list(kind: pa.DataType) -> bool:
+    return pa.types.is_list(kind) and pa.types.is_floating(kind.value_type)
+
+
+def _float_lists(values: list, kind: pa.ListType) -> pa.ListArray:
+    """A list column from lists or arrays of floats (None: a null list), converted as `from_pylist`
+    converts them."""
+    sizes = np.fromiter((0 if v is None else len(v) for v in values), np.int64, len(values))
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)
+    flat = [np.asarray(v, dtype=np.float64) for v in values if v is not None]
+    flat = np.concatenate(flat) if flat else np.zeros(0)
+    nulls = np.fromiter((v is None for v in values), bool, len(values))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.astype(kind.value_type.to_pandas_dtype())),
+                                    type=kind, mask=pa.array(nulls) if nulls.any() else None)
 
 
 def to_table(cls: type[Row], rows: Iterable[Row]) -> pa.Table:

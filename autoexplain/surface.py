@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from autoexplain.words import word_spans
+from autoexplain.words import word_of_each_token, word_spans
 
 # The surface classes; their descriptions, and competitor descriptions that no token is given, are
 # the simulator's prompt file (prompts/embedding_simulator.json), hashed like any other prompt.
@@ -97,3 +97,18 @@ def ortho_class(token: str) -> str | None:
     if w.isalpha() and w[:1].isupper():
         return "allcaps" if len(w) > 1 and w.isupper() else "capital"
     return None
+
+
+_ORTHO_INDEX = {name: i for i, name in enumerate(ORTHO_CLASSES)}
+
+
+@lru_cache(maxsize=1 << 15)
+def window_surface(tokens: tuple[str, ...]) -> tuple[list[str], tuple[np.ndarray, np.ndarray], np.ndarray]:
+    """What a window's tokens alone decide: each token's whole word, its literal keys and its
+    surface class. Shared by every simulator in the process (random windows recur in every unit)."""
+    ortho = np.array([_ORTHO_INDEX.get(ortho_class(t), -1) for t in tokens], dtype=np.int8)
+    ortho.flags.writeable = False
+    keys = tuple(np.array(k, dtype=str) for k in literal_keys(tokens))
+    for k in keys:
+        k.flags.writeable = False
+    return word_of_each_token(tokens), keys, ortho

@@ -8,6 +8,11 @@ alternately (PYTHONPATH=<checkout>) on copies of the same explain-layer output t
 Every rerun's edit string is `<tag>-<rep>`: use a new tag per call (a seen edit is answered by the
 memo). The first rerun warms the process (model, word table, text vectors) and is not counted; each
 later one prints its CPU and wall seconds and the folders it wrote (for `rerun_equal.py`).
+
+With `--edit TEXT`, the untimed first run is on the prompt as shipped and the timed rerun sets the
+description to TEXT, as `flow_bench.py` does on the whole model (to time it again at the same
+commit, remove that rerun's simulations and scores folders first: the memos still hold the other
+units' results). Each run's simulator is a set-up twin, as a flow's shard gets it.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ def main() -> None:
     ap.add_argument("--tag", required=True, help="a new string per call: the edits are <tag>-<rep>")
     ap.add_argument("--reps", type=int, default=2, help="reruns, the first untimed")
     ap.add_argument("--profile", help="write a cProfile of the last rerun here")
+    ap.add_argument("--edit", help="the timed rerun's 'digit' description (with --reps 2)")
     a = ap.parse_args()
     prompts = tempfile.mkdtemp(prefix="rerun-prompts-")
     from autoexplain.explain import PACKAGE_PROMPTS
@@ -46,6 +52,7 @@ def main() -> None:
     shutil.copytree(PACKAGE_PROMPTS, prompts, dirs_exist_ok=True)
     os.environ["AUTOEXPLAIN_PROMPTS"] = prompts
     from autoexplain import layer as L
+    from autoexplain.counters import since, snapshot
     from autoexplain.registry import make_simulator
 
     out = Path(a.out)
@@ -54,10 +61,16 @@ def main() -> None:
     records = Path(a.records) if a.records else next((out / "records").iterdir())
     L.load_units(records, ex.layer, [0])
     for rep in range(a.reps):
-        edit_prompt(prompts, f"{a.tag}-{rep}")
-        sim = make_simulator(None)
+        if a.edit is None or rep:
+            edit_prompt(prompts, a.edit if a.edit else f"{a.tag}-{rep}")
+        # As a flow's shard gets it: a twin of the run's simulator, which has loaded its model and
+        # the corpus's word table (`tasks.stages`).
+        shared = make_simulator(None)
+        L.use_word_table(records, out, shared)
+        shared.warm([""])  # its model's once-a-process check (`wordvecs._batch_safe`)
+        sim = shared.fresh()
         prof = cProfile.Profile() if a.profile and rep == a.reps - 1 else None
-        t0, c0 = time.time(), time.process_time()
+        t0, c0, counted = time.time(), time.process_time(), snapshot()
         if prof:
             prof.enable()
         s = L.run_simulate(records, ex, out, sim=sim)
@@ -69,10 +82,10 @@ def main() -> None:
             prof.dump_stats(a.profile)
         if rep:
             n = 2 * len(json.loads((ex.directory / "manifest.json").read_text())["params"]["units"])
-            print(json.dumps({"edit": f"{a.tag}-{rep}", "units": n, "load": os.getloadavg()[0],
+            print(json.dumps({"edit": a.edit or f"{a.tag}-{rep}", "units": n, "load": os.getloadavg()[0],
                               "simulate_cpu_s": round(c1 - c0, 2), "score_cpu_s": round(c2 - c1, 2),
                               "simulate_wall_s": round(t1 - t0, 2), "score_wall_s": round(t2 - t1, 2),
-                              "cpu_ms_per_unit": round(1000 * (c2 - c0) / n, 2),
+                              "cpu_ms_per_unit": round(1000 * (c2 - c0) / n, 2), "counts": since(counted),
                               "simulations": str(s.directory), "scores": str(sc.directory)}), flush=True)
 
 

@@ -14,7 +14,11 @@ import polars as pl
 import pytest
 
 from autoexplain.counters import since, snapshot
-from autoexplain.layer import run_explain, run_revise, run_score, run_simulate
+from autoexplain.layer import memo_scope, records_inputs, run_explain, run_revise, run_score, run_simulate
+
+
+def _records_key(records_dir) -> str:
+    return records_inputs(records_dir, 1)[2]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +37,9 @@ def test_sealed_stages_leave_no_pickles_but_an_index(stages):
     _, out, x, s, c = stages
     for stage, ref, per_unit in (("explain", x, 1), ("simulate", s, 2), ("score", c, 1)):
         assert not list((out / "memo" / stage).rglob("*.log")), f"{stage} memos stayed in their logs"
-        index = pl.read_parquet(out / "memo" / stage / "sealed" / f"{ref.directory.name}.parquet")
+        (path,) = (out / "memo" / stage / "sealed").rglob(f"{ref.directory.name}.parquet")
+        assert path.parent.name == memo_scope(_records_key(stages[0]), 1), "kept under its records and layer"
+        index = pl.read_parquet(path)
         assert set(index.columns) == {"key", "unit", "polarity", "shape", "folder", "tables"}
         # 4 neurons x 2 polarities; a simulation result is a unit's own one and its shuffled control.
         assert index["key"].n_unique() == index.height == 8 * per_unit
@@ -70,8 +76,8 @@ def test_a_deleted_sealed_folder_answers_nothing(stages, tmp_path):
     from autoexplain.memo import Memo
 
     _, out, x, _, _ = stages
-    memo = Memo(out, "explain")
-    index = pl.concat([pl.read_parquet(p) for p in (out / "memo" / "explain" / "sealed").glob("*.parquet")])
+    memo = Memo(out, "explain", memo_scope(_records_key(stages[0]), 1))
+    index = pl.concat([pl.read_parquet(p) for p in memo.sealed_dir.glob("*.parquet")])
     key = index.filter(pl.col("folder") == str(x.directory.resolve()))["key"][0]
     rows = memo.get(key)
     assert rows and {(r["unit"], r["polarity"]) for r in rows} == {tuple(index.filter(pl.col("key") == key).select("unit", "polarity").row(0))}
@@ -79,7 +85,7 @@ def test_a_deleted_sealed_folder_answers_nothing(stages, tmp_path):
     moved = tmp_path / "moved"
     shutil.move(x.directory, moved)
     try:
-        assert Memo(out, "explain").get(key) is None, "a result from a folder that is gone"
+        assert Memo(out, "explain", memo.sealed_dir.name).get(key) is None, "a result from a folder that is gone"
     finally:
         shutil.move(moved, x.directory)
 
@@ -98,6 +104,26 @@ def test_a_log_cut_short_keeps_every_whole_record_and_drops_the_torn_one(tmp_pat
     assert again.get("k1")[0]["unit"] == 1
     again.put("k2", [{"unit": 2, "polarity": 1, "method": "explanation"}])  # recomputed, in a log of its own
     assert Memo(tmp_path, "simulate").get("k2") == [{"unit": 2, "polarity": 1, "method": "explanation"}]
+
+
+def test_an_index_is_kept_in_its_scope_and_an_index_a_later_one_covers_goes(tmp_path):
+    from autoexplain.memo import Memo
+
+    def seal(name, units, scope):
+        memo = Memo(tmp_path, "score", scope)
+        for u in units:
+            if memo.get(f"k{u}") is None:  # reads the scope's index, as a stage does before it computes
+                memo.put(f"k{u}", [{"unit": u, "polarity": 1, "method": "explainer"}])
+        (tmp_path / name).mkdir()
+        memo.seal(tmp_path / name, ["t.parquet"])
+
+    seal("a", [0, 1], "L1")
+    seal("b", [1, 2], "L1")  # not every result of a's index: both stay
+    seal("c", [0, 1, 2], "L1")  # every result of a's and b's: they go
+    seal("d", [7], "L2")
+    kept = sorted(p.relative_to(tmp_path / "memo" / "score" / "sealed").as_posix()
+                  for p in (tmp_path / "memo" / "score" / "sealed").rglob("*.parquet"))
+    assert kept == ["L1/c.parquet", "L2/d.parquet"], kept
 
 
 def _edited_simulator(tmp_path, monkeypatch, name: str, description: str):
@@ -123,6 +149,20 @@ def _edited_simulator(tmp_path, monkeypatch, name: str, description: str):
 def _texts(x) -> list[str]:
     table = pl.read_parquet(x.path)
     return sorted({t for c, t in zip(table["candidates"].to_list(), table["text"].to_list()) for t in (c or [t])} | {""})
+
+
+def test_a_texts_gate_digest_is_the_same_alone_in_a_batch_and_once_simulated(stages):
+    """`prompt_dependence` computes only the gates, for the texts not simulated yet: the digest of
+    a text is what it is in any company, and what the full scaling gives."""
+    from autoexplain.embedding import EmbeddingSimulator
+
+    texts = _texts(stages[2])
+    base = EmbeddingSimulator()
+    together = base.fresh().prompt_dependence(texts)
+    alone = [base.fresh().prompt_dependence([t])[0] for t in texts[:6]]
+    scaled = base.fresh()
+    scaled.explanations(texts[1::2])
+    assert alone == together[:6] and scaled.prompt_dependence(texts[::-1]) == together[::-1]
 
 
 @pytest.mark.parametrize("moves", ["some", "none"])

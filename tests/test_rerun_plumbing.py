@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from autoexplain import collector, prices, scoring
-from autoexplain.layer import _simulation_rows
+from autoexplain.rows import rows_to_table, table_rows
 from autoexplain.score_simulation import _window_max
 
 
@@ -47,15 +47,31 @@ def test_a_running_total_with_plus_is_the_fold_of_add():
     assert prices.plus(fast, None) is None and prices.plus(None, 1.0) is None
 
 
-def test_simulation_rows_hold_the_values_to_pylist_gives():
-    expected = pa.array([[0.1, 2.5, None], None, [], [3.0]], pa.list_(pa.float32()))
-    table = pa.table({"unit": [1, 1, 2, 2], "expected": expected}).slice(0)
-    for fast, plain in zip(_simulation_rows(table), table.to_pylist()):
+def test_table_rows_hold_the_values_to_pylist_gives():
+    expected = pa.array([[0.1, 2.5], None, [], [3.0]], pa.list_(pa.float32()))
+    table = pa.table({"unit": [1, 1, 2, 2], "expected": expected}).slice(1)
+    for fast, plain in zip(table_rows(table), table.to_pylist(), strict=True):
         assert fast["unit"] == plain["unit"]
         if plain["expected"] is None:
             assert fast["expected"] is None
         else:
             assert np.asarray(plain["expected"], dtype=np.float64).tobytes() == fast["expected"].tobytes()
+    torn = pa.table({"expected": pa.array([[1.0, None]], pa.list_(pa.float32()))})
+    assert table_rows(torn) == torn.to_pylist(), "a null inside a list is kept as to_pylist keeps it"
+
+
+def test_a_table_from_arrays_is_the_table_from_lists():
+    rng = np.random.default_rng(0)
+    lists = [None if i % 7 == 3 else [float(x) for x in rng.standard_normal(i % 5) * 4] for i in range(40)]
+    rows = [{"layer": 1, "unit": i // 4, "polarity": 1, "method": "explainer", "simulator": "s", "prompt_hash": "p",
+             "window_id": i, "kind": "top", "split": "test", "expected": e, "failure": None if e else "x",
+             "tokens": 0, "dollars": None} for i, e in enumerate(lists)]
+    plain = rows_to_table(rows, "simulations")
+    arrays = [{**r, "expected": None if r["expected"] is None else np.asarray(r["expected"])} for r in rows]
+    mixed = [a if i % 2 else r for i, (a, r) in enumerate(zip(arrays, rows))]
+    for other in (arrays, mixed, table_rows(plain)):
+        got = rows_to_table(other, "simulations")
+        assert got.schema == plain.schema and got.equals(plain)
 
 
 def test_window_maxima_pooled_are_each_windows_max():
