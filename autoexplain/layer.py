@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from autoexplain import collector, files, layout, llm_cache, pipeline
 from autoexplain.activations import read_units
+from autoexplain.records import UnitId, UnitRecords
 from autoexplain.errors import UserError
 from autoexplain.explain import as_explainer
 from autoexplain.identity import code_identity
@@ -324,7 +325,7 @@ def _simulate(records_dir, explanations: StageRef, out, simulator, sim, seed: in
     if stage.done:
         return ref
     table = pq.read_table(explanations.path)
-    units = load_units(records_dir, layer, sorted(set(table.column("unit").to_pylist())))
+    units = _without_records(records_dir, layer, zip(table.column("unit").to_pylist(), table.column("polarity").to_pylist()))
     memo, sim_id = Memo(out, "simulate", _scope(records_key, layer)), {"simulator": sim.name, "code": code, **_weights(params.get("weights", ""))}
     llm_cache.attach(sim, out)
     use_word_table(records_dir, out, sim)
@@ -335,12 +336,16 @@ def _simulate(records_dir, explanations: StageRef, out, simulator, sim, seed: in
     texts = sorted(set(_explanation_texts(table)) | {""})
     depends = dict(zip(texts, sim.prompt_dependence(texts)))
 
-    def remember(unit, inputs, compute):
+    def key(unit, inputs) -> str:
         prompt = [depends[t] for t in _texts_of(inputs)] + [depends[""]]
-        found = memo.get_or_compute(_unit_key(records_key, unit, **inputs, **sim_id, prompt=prompt), compute,
-                                    _no_request_failed)
-        return _stamped(found, params["prompt"])
-    chosen, sims = pipeline.simulate_stage(units, table, sim, seed, remember, progress)
+        return _unit_key(records_key, unit, **inputs, **sim_id, prompt=prompt)
+
+    def remember(unit, inputs, compute):
+        return _stamped(memo.get_or_compute(key(unit, inputs), compute, _no_request_failed), params["prompt"])
+    # Only the units the memo does not hold are read and warmed: after an edit, a few in a shard.
+    chosen, sims = pipeline.simulate_stage(units, table, sim, seed, remember, progress,
+                                           known=lambda unit, inputs: memo.get(key(unit, inputs)) is not None,
+                                           load=lambda some: _with_records(records_dir, layer, some))
     stage.table(sims, ref.path.name, "simulations")
     stage.table(chosen, layout.CHOSEN, "explanations")
     stage.seal({"records": str(records_dir), "explanations": str(explanations.directory)}, params,
@@ -364,14 +369,18 @@ def _score(records_dir, simulations: StageRef, out, n_boot: int, seed: int) -> S
     sims = pq.read_table(simulations.path)
     chosen = pq.read_table(simulations.directory / layout.CHOSEN)
     _, _, records_key = _records_inputs(Path(records_dir), layer)
-    units = load_units(records_dir, layer, sorted(set(sims.column("unit").to_pylist())))
     sims_of, chosen_of = _by_unit(table_rows(sims)), _by_unit(chosen.to_pylist())
     memo, rows = Memo(out, "score", _scope(records_key, layer)), []
-    for unit in units:
-        u_sims, u_chosen = (rows_of.get((unit.id.index, unit.id.polarity), []) for rows_of in (sims_of, chosen_of))
-        ukey = _unit_key(records_key, unit, sims=_sims_digest(u_sims), chosen=u_chosen, n_boot=n_boot, seed=seed,
-                         code=code)
-        rows += memo.get_or_compute(ukey, lambda: pipeline.score_rows([unit], u_sims, u_chosen, n_boot, seed))
+    pair = lambda unit: (unit.id.index, unit.id.polarity)  # noqa: E731
+    keys = {u.id: _unit_key(records_key, u, sims=_sims_digest(sims_of[pair(u)]), chosen=chosen_of.get(pair(u), []),
+                            n_boot=n_boot, seed=seed, code=code) for u in _without_records(records_dir, layer, sims_of)}
+    found = {u: memo.get(k) for u, k in keys.items()}  # in `load_units`'s order, as the rows go
+    todo = _with_records(records_dir, layer, [UnitRecords(u, []) for u, got in found.items() if got is None])
+    for unit in todo:  # a unit without records (none read back) has no scores, as before
+        found[unit.id] = pipeline.score_rows([unit], sims_of[pair(unit)], chosen_of.get(pair(unit), []), n_boot, seed)
+        memo.put(keys[unit.id], found[unit.id])
+    for got in found.values():
+        rows += got or []
     stage.table(pipeline.rows_to_table(rows, "scores"), ref.path.name, "scores")
     stage.seal({"simulations": str(simulations.directory)}, params, memo)
     return ref
@@ -398,6 +407,22 @@ def _sims_digest(rows: list[dict]) -> str:
         if r["expected"] is not None:
             h.update(np.asarray(r["expected"], dtype=np.float64).tobytes())
     return h.hexdigest()
+
+
+def _in_load_order(pair: tuple[int, int]) -> tuple[int, int]:
+    return pair[0], -pair[1]  # `load_units`: by unit, +1 before -1
+
+
+def _without_records(records_dir, layer: int, pairs) -> list[UnitRecords]:
+    """The units (unit, polarity) `pairs` name, in `load_units`'s order, with no records read."""
+    kind = source_kind(records_dir)
+    return [UnitRecords(UnitId(f"L{layer}/{kind}", i, p), []) for i, p in sorted(set(pairs), key=_in_load_order)]
+
+
+def _with_records(records_dir, layer: int, units: list[UnitRecords]) -> list[UnitRecords]:
+    """These units read with their records (those that have any), in `load_units`'s order."""
+    wanted = {u.id for u in units}
+    return [u for u in load_units(records_dir, layer, sorted({u.id.index for u in units})) if u.id in wanted] if units else []
 
 
 def _by_unit(rows: list[dict]) -> dict[tuple[int, int], list[dict]]:

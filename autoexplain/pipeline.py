@@ -223,14 +223,37 @@ def _compute(unit: UnitRecords, inputs: dict, compute: Callable[[], tuple]) -> t
 
 
 def simulate_stage(units: Sequence[UnitRecords], explanations: pa.Table, simulator, seed: int = 0,
-                   remember: Callable = _compute, progress: Callable[[int, int], None] | None = None):
+                   remember: Callable = _compute, progress: Callable[[int, int], None] | None = None,
+                   known: Callable[[UnitRecords, dict], bool] | None = None,
+                   load: Callable[[list[UnitRecords]], list[UnitRecords]] | None = None):
     """Returns (chosen explanations table, simulations table).
 
     `remember(unit, inputs, compute)` may return a stored result for a unit whose `inputs` it has
     seen (a per-unit memo: a crashed shard resumes, a revised unit alone is recomputed); by default
-    everything is computed. Progress counts the units and then their shuffled controls."""
+    everything is computed. `known(unit, inputs)` says beforehand whether it holds one: then only
+    the units it does not hold are warmed and, with `load`, read (`units` are then ids without
+    records, and `load` gives the records of those it is passed). Progress counts the units and
+    then their shuffled controls."""
     by_key = {(r.unit, r.method): r for r in from_table(ExplanationRow, explanations)}
-    texts = [t for r in by_key.values() for t in (r.candidates or [r.text])]
+    units = list(units)
+
+    def inputs_of(unit):
+        row = by_key[(unit.id, EXPLAINER)]
+        baselines = [by_key[(unit.id, m)] for m in BASELINES if (unit.id, m) in by_key]
+        return {"explanation": row.candidates, "lookup": baselines[0].text if baselines else None,
+                **({"outputs": baselines[1].text} if len(baselines) > 1 else {})}
+
+    full: dict = {}  # id -> the unit with its records, for the units computed
+
+    def needed(pairs: list[tuple]) -> list:
+        todo = [u for u, inputs in pairs if known is None or not known(u, inputs)]
+        if load is not None:
+            full.update((u.id, u) for u in load([u for u in todo if u.id not in full]) if todo)
+        return todo
+
+    todo = needed([(u, inputs_of(u)) for u in units])
+    texts = [t for u in todo for m in (EXPLAINER, *BASELINES) if (u.id, m) in by_key
+             for t in (by_key[(u.id, m)].candidates or [by_key[(u.id, m)].text])]
     warmed, warming = [], threading.Lock()
 
     def computing(fn):
@@ -259,13 +282,12 @@ def simulate_stage(units: Sequence[UnitRecords], explanations: pa.Table, simulat
     def unit_result(unit):
         row = by_key[(unit.id, EXPLAINER)]
         baselines = [by_key[(unit.id, m)] for m in BASELINES if (unit.id, m) in by_key]
-        inputs = {"explanation": row.candidates, "lookup": baselines[0].text if baselines else None,
-                  **({"outputs": baselines[1].text} if len(baselines) > 1 else {})}
-        return remember(unit, inputs, computing(lambda: _encoded(simulate_unit(unit, row, baselines, used))))
+        return remember(unit, inputs_of(unit),
+                        computing(lambda: _encoded(simulate_unit(full.get(unit.id, unit), row, baselines, used))))
 
     chosen, sims = [], []
     total = 2 * len(units) if len(units) > 1 else len(units)
-    for i, (c, s) in enumerate(in_order(unit_result, list(units), workers)):
+    for i, (c, s) in enumerate(in_order(unit_result, units, workers)):
         chosen += c
         sims += s
         if progress:
@@ -275,9 +297,11 @@ def simulate_stage(units: Sequence[UnitRecords], explanations: pa.Table, simulat
 
         def control_result(pair):
             unit, text = pair
-            return remember(unit, {"control": text}, computing(lambda: _encoded(simulate_control(unit, text, used))))
+            return remember(unit, {"control": text},
+                            computing(lambda: _encoded(simulate_control(full.get(unit.id, unit), text, used))))
 
         pairs = list(zip(units, shuffled_explanations(best, seed=seed)))
+        needed([(u, {"control": t}) for u, t in pairs])
         for i, (c, s) in enumerate(in_order(control_result, pairs, workers)):
             chosen += c
             sims += s
