@@ -23,7 +23,10 @@ def read_units(
     `kind`: the unit source the file was recorded from (its units' `UnitId.source` is 'L<layer>/<kind>')."""
     recs = pl.scan_parquet(records_path)
     if units is not None:
-        wanted = pl.DataFrame(list(units), schema={"unit": pl.Int32, "polarity": pl.Int8}, orient="row")
+        units = list(units)
+        wanted = pl.DataFrame(units, schema={"unit": pl.Int32, "polarity": pl.Int8}, orient="row")
+        # The filter first: it skips the row groups that hold none of them (a join reads them all).
+        recs = recs.filter(pl.col("unit").is_in(sorted({u for u, _ in units})))
         recs = recs.join(wanted.lazy(), on=["unit", "polarity"], how="semi")
     recs = recs.collect()
     windows = (
@@ -33,7 +36,7 @@ def read_units(
         .collect()
     )
     tokens_of = dict(zip(windows["window_id"].to_list(), windows["tokens"].to_list()))
-    stats_of = _read_stats(stats_path) if stats_path else {}
+    stats_of = _read_stats(stats_path, None if units is None else {u for u, _ in units}) if stats_path else {}
 
     if recs.height == 0:
         return []
@@ -57,8 +60,10 @@ def read_units(
     return out
 
 
-def _read_stats(path: str | Path) -> dict[tuple[int, int], UnitStats]:
+def _read_stats(path: str | Path, units: set[int] | None = None) -> dict[tuple[int, int], UnitStats]:
     table = pl.read_parquet(path)
+    if units is not None:
+        table = table.filter(pl.col("unit").is_in(sorted(units)))
     out = {}
     for row in table.iter_rows(named=True):
         out[(row["unit"], row["polarity"])] = UnitStats(
