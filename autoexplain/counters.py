@@ -1,8 +1,8 @@
 """Process-wide counts of the expensive calls, so that tests and logs can prove what a run did.
 
 `COUNTS["subject_forward"]` counts subject forward passes, `"llm_requests"` explainer/simulator LLM
-requests, `"simulate"` simulator calls (one per explanation and record batch) and `"score_units"`
-units scored. They are plain counters: reading them costs nothing and changes nothing.
+requests, `"simulate"` simulator calls (one per explanation and record batch), `"score_units"`
+units scored and `"units_read"` units whose records were read. They are plain counters: reading them costs nothing and changes nothing.
 """
 
 from collections import Counter

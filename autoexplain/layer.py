@@ -325,8 +325,9 @@ def _simulate(records_dir, explanations: StageRef, out, simulator, sim, seed: in
     if stage.done:
         return ref
     table = pq.read_table(explanations.path)
-    units = _without_records(records_dir, layer, zip(table.column("unit").to_pylist(), table.column("polarity").to_pylist()))
-    memo, sim_id = Memo(out, "simulate", _scope(records_key, layer)), {"simulator": sim.name, "code": code, **_weights(params.get("weights", ""))}
+    units = _without_records(records_dir, layer, zip(*(table.column(c).to_pylist() for c in ("unit", "polarity"))))
+    memo = Memo(out, "simulate", _scope(records_key, layer))
+    sim_id = {"simulator": sim.name, "code": code, **_weights(params.get("weights", ""))}
     llm_cache.attach(sim, out)
     use_word_table(records_dir, out, sim)
     _use_text_vectors(table, out, sim)
@@ -371,13 +372,12 @@ def _score(records_dir, simulations: StageRef, out, n_boot: int, seed: int) -> S
     _, _, records_key = _records_inputs(Path(records_dir), layer)
     sims_of, chosen_of = _by_unit(table_rows(sims)), _by_unit(chosen.to_pylist())
     memo, rows = Memo(out, "score", _scope(records_key, layer)), []
-    pair = lambda unit: (unit.id.index, unit.id.polarity)  # noqa: E731
-    keys = {u.id: _unit_key(records_key, u, sims=_sims_digest(sims_of[pair(u)]), chosen=chosen_of.get(pair(u), []),
+    keys = {u.id: _unit_key(records_key, u, sims=_sims_digest(sims_of[_pair(u)]), chosen=chosen_of.get(_pair(u), []),
                             n_boot=n_boot, seed=seed, code=code) for u in _without_records(records_dir, layer, sims_of)}
     found = {u: memo.get(k) for u, k in keys.items()}  # in `load_units`'s order, as the rows go
     todo = _with_records(records_dir, layer, [UnitRecords(u, []) for u, got in found.items() if got is None])
     for unit in todo:  # a unit without records (none read back) has no scores, as before
-        found[unit.id] = pipeline.score_rows([unit], sims_of[pair(unit)], chosen_of.get(pair(unit), []), n_boot, seed)
+        found[unit.id] = pipeline.score_rows([unit], sims_of[_pair(unit)], chosen_of.get(_pair(unit), []), n_boot, seed)
         memo.put(keys[unit.id], found[unit.id])
     for got in found.values():
         rows += got or []
@@ -407,6 +407,10 @@ def _sims_digest(rows: list[dict]) -> str:
         if r["expected"] is not None:
             h.update(np.asarray(r["expected"], dtype=np.float64).tobytes())
     return h.hexdigest()
+
+
+def _pair(unit: UnitRecords) -> tuple[int, int]:
+    return unit.id.index, unit.id.polarity
 
 
 def _in_load_order(pair: tuple[int, int]) -> tuple[int, int]:

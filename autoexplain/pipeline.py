@@ -237,9 +237,11 @@ def simulate_stage(units: Sequence[UnitRecords], explanations: pa.Table, simulat
     by_key = {(r.unit, r.method): r for r in from_table(ExplanationRow, explanations)}
     units = list(units)
 
+    def rows_of(unit) -> tuple[ExplanationRow, list[ExplanationRow]]:
+        return by_key[(unit.id, EXPLAINER)], [by_key[(unit.id, m)] for m in BASELINES if (unit.id, m) in by_key]
+
     def inputs_of(unit):
-        row = by_key[(unit.id, EXPLAINER)]
-        baselines = [by_key[(unit.id, m)] for m in BASELINES if (unit.id, m) in by_key]
+        row, baselines = rows_of(unit)
         return {"explanation": row.candidates, "lookup": baselines[0].text if baselines else None,
                 **({"outputs": baselines[1].text} if len(baselines) > 1 else {})}
 
@@ -247,13 +249,15 @@ def simulate_stage(units: Sequence[UnitRecords], explanations: pa.Table, simulat
 
     def needed(pairs: list[tuple]) -> list:
         todo = [u for u, inputs in pairs if known is None or not known(u, inputs)]
-        if load is not None:
-            full.update((u.id, u) for u in load([u for u in todo if u.id not in full]) if todo)
+        if load is not None and todo:
+            full.update((u.id, u) for u in load([u for u in todo if u.id not in full]))
         return todo
 
     todo = needed([(u, inputs_of(u)) for u in units])
-    texts = [t for u in todo for m in (EXPLAINER, *BASELINES) if (u.id, m) in by_key
-             for t in (by_key[(u.id, m)].candidates or [by_key[(u.id, m)].text])]
+    texts = []
+    for u in todo:
+        row, baselines = rows_of(u)
+        texts += [t for r in (row, *baselines) for t in (r.candidates or [r.text])]
     warmed, warming = [], threading.Lock()
 
     def computing(fn):
@@ -280,8 +284,7 @@ def simulate_stage(units: Sequence[UnitRecords], explanations: pa.Table, simulat
         computing(lambda: None)()
 
     def unit_result(unit):
-        row = by_key[(unit.id, EXPLAINER)]
-        baselines = [by_key[(unit.id, m)] for m in BASELINES if (unit.id, m) in by_key]
+        row, baselines = rows_of(unit)
         return remember(unit, inputs_of(unit),
                         computing(lambda: _encoded(simulate_unit(full.get(unit.id, unit), row, baselines, used))))
 

@@ -80,9 +80,10 @@ def main() -> None:
         if prof:
             prof.disable()
             prof.dump_stats(a.profile)
-        if rep:
+        if rep or a.edit:  # with --edit, the first run is the full run at this commit (memos of another miss)
             n = 2 * len(json.loads((ex.directory / "manifest.json").read_text())["params"]["units"])
-            print(json.dumps({"edit": a.edit or f"{a.tag}-{rep}", "units": n, "load": os.getloadavg()[0],
+            edit = (a.edit if rep else "as shipped") if a.edit else f"{a.tag}-{rep}"
+            print(json.dumps({"edit": edit, "units": n, "load": os.getloadavg()[0],
                               "simulate_cpu_s": round(c1 - c0, 2), "score_cpu_s": round(c2 - c1, 2),
                               "simulate_wall_s": round(t1 - t0, 2), "score_wall_s": round(t2 - t1, 2),
                               "cpu_ms_per_unit": round(1000 * (c2 - c0) / n, 2), "counts": since(counted),

@@ -196,8 +196,11 @@ def test_a_simulator_prompt_edit_recomputes_only_the_units_it_can_change(stages,
     assert set(pl.read_parquet(s2.path)["prompt_hash"]) == {sim.prompt_hash}
     if moves == "none":
         assert counts.get("simulate", 0) == 0 and counts.get("score_units", 0) == 0, counts
+        assert counts.get("units_read", 0) == 0, "nothing to compute, no records read"
     else:
         assert 0 < counts["score_units"] < 8 and counts["simulate"] > 0, counts
+        # Records are read only for the units simulated or scored again (a shuffled control's too).
+        assert 0 < counts["units_read"] < 2 * 8, counts
 
     fresh = tmp_path / "fresh"
     shutil.copytree(out, fresh, ignore=shutil.ignore_patterns("memo"))
