@@ -8,7 +8,6 @@ from typing import Iterable
 import numpy as np
 import polars as pl
 
-from autoexplain.counters import COUNTS
 from autoexplain.output_side import OUTPUT_COLUMNS
 from autoexplain.records import ActivationRecord, UnitId, UnitRecords, UnitStats
 
@@ -58,7 +57,6 @@ def read_units(
         ]
         layer, unit, polarity = (int(x) for x in keys[start])
         out.append(UnitRecords(UnitId(f"L{layer}/{kind}", unit, polarity), records, stats_of.get((unit, polarity))))
-    COUNTS["units_read"] += len(out)
     return out
 
 

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from autoexplain import collector, files, layout, llm_cache, pipeline
 from autoexplain.activations import read_units
+from autoexplain.counters import COUNTS
 from autoexplain.records import UnitId, UnitRecords
 from autoexplain.errors import UserError
 from autoexplain.explain import as_explainer
@@ -426,7 +427,9 @@ def _without_records(records_dir, layer: int, pairs) -> list[UnitRecords]:
 def _with_records(records_dir, layer: int, units: list[UnitRecords]) -> list[UnitRecords]:
     """These units read with their records (those that have any), in `load_units`'s order."""
     wanted = {u.id for u in units}
-    return [u for u in load_units(records_dir, layer, sorted({u.id.index for u in units})) if u.id in wanted] if units else []
+    found = [u for u in load_units(records_dir, layer, sorted({u.id.index for u in units})) if u.id in wanted] if units else []
+    COUNTS["units_read"] += len(found)
+    return found
 
 
 def _by_unit(rows: list[dict]) -> dict[tuple[int, int], list[dict]]:

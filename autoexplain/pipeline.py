@@ -264,7 +264,8 @@ def simulate_stage(units: Sequence[UnitRecords], explanations: pa.Table, simulat
         def run():
             with warming:  # e.g. embed every text of the stage in one batch (`Simulator.warm`)
                 if not warmed:
-                    simulator.warm(texts)
+                    if texts:  # none when every unit was read back and a control or two is computed
+                        simulator.warm(texts)
                     warmed.append(True)
             return fn()
         return run
