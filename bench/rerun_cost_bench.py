@@ -9,10 +9,11 @@ Every rerun's edit string is `<tag>-<rep>`: use a new tag per call (a seen edit 
 memo). The first rerun warms the process (model, word table, text vectors) and is not counted; each
 later one prints its CPU and wall seconds and the folders it wrote (for `rerun_equal.py`).
 
-With `--edit TEXT`, the untimed first run is on the prompt as shipped and the timed rerun sets the
-description to TEXT, as `flow_bench.py` does on the whole model (to time it again at the same
-commit, remove that rerun's simulations and scores folders first: the memos still hold the other
-units' results). Each run's simulator is a set-up twin, as a flow's shard gets it.
+With `--edit TEXT`, the first run is on the prompt as shipped (printed too: at a new commit its
+memos miss, so it is the shard's full run at that commit) and the rerun sets the description to
+TEXT, as `flow_bench.py` does on the whole model (to time it again at the same commit, remove that
+rerun's simulations and scores folders first: the memos still hold the other units' results). Each
+run's simulator is a set-up twin, as a flow's shard gets it.
 """
 
 from __future__ import annotations
