@@ -66,7 +66,6 @@ from autoexplain.exact import cosines, fixed_mean_std, fixed_sum, quantise, quan
 from autoexplain.relations import marks as relation_marks, parse as parse_relation
 from autoexplain.simulate import Simulation, Simulator
 from autoexplain.surface import ORTHO_CLASSES, content_of, literal_hits, literal_only, named_examples, quoted_literals, window_surface
-from autoexplain.words import word_of_each_token
 
 PROMPT_FILE = "embedding_simulator.json"
 ORTHO_MARGIN = 2.0
