@@ -106,8 +106,9 @@ def test_a_unit_whose_explainer_requests_fail_is_recorded_failed(fault_server, u
 
 def test_stages_give_the_same_tables_at_any_concurrency(units):
     """Explain and simulate at concurrency 1 and 32: the same tables, row for row, and at 32 many
-    requests were in flight at once (the server answers after 20 ms, so that they overlap)."""
-    bench_server = BenchServer(latency=0.02)
+    requests were in flight at once (the server answers after 40 ms, so that they overlap: at 20 ms,
+    a busy two-core machine once issued them too slowly for more than 7 to overlap)."""
+    bench_server = BenchServer(latency=0.04)
     tables = []
     for concurrency in (1, 32):
         llm = fast(bench_server.base_url, max_concurrency=concurrency)
