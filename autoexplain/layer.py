@@ -342,11 +342,17 @@ def _simulate(records_dir, explanations: StageRef, out, simulator, sim, seed: in
         prompt = [depends[t] for t in _texts_of(inputs)] + [depends[""]]
         return _unit_key(records_key, unit, **inputs, **sim_id, prompt=prompt)
 
-    def remember(unit, inputs, compute):
-        return _stamped(memo.get_or_compute(key(unit, inputs), compute, _no_request_failed), params["prompt"])
+    held: dict[str, tuple | None] = {}  # what `known` found, so that `remember` does not look it up again
+
+    def known(unit, inputs) -> bool:
+        held[k] = memo.get(k := key(unit, inputs))
+        return held[k] is not None
+
+    def remember(unit, inputs, compute):  # a result is a (chosen, simulations) pair: never falsy
+        k = key(unit, inputs)
+        return _stamped(held.pop(k, None) or memo.get_or_compute(k, compute, _no_request_failed), params["prompt"])
     # Only the units the memo does not hold are read and warmed: after an edit, a few in a shard.
-    chosen, sims = pipeline.simulate_stage(units, table, sim, seed, remember, progress,
-                                           known=lambda unit, inputs: memo.get(key(unit, inputs)) is not None,
+    chosen, sims = pipeline.simulate_stage(units, table, sim, seed, remember, progress, known=known,
                                            load=lambda some: _with_records(records_dir, layer, some))
     stage.table(sims, ref.path.name, "simulations")
     stage.table(chosen, layout.CHOSEN, "explanations")
