@@ -43,11 +43,12 @@ from autoexplain.records import QUANTILE_BINS
 from autoexplain.storage import content_key, read_manifest
 from autoexplain.summary import run_cost, unit_costs
 from autoexplain.view_data import (METHODS, METRICS, PRIMARY_METRIC, explanations_of, index_chunk, index_frame,
-                                   layer_summary, records_part, score_histogram, scores_of, sims_of, to_json,
-                                   unit_file, unit_list, unit_name, unit_page, write_js)
+                                   layer_summary, records_part, score_histogram, scores_of, sims_digests, sims_of,
+                                   to_json, unit_file, unit_list, unit_name, unit_page, write_js)
 from autoexplain.view_pack import Tail, packed, tail
 from autoexplain.view_pages import INDEX_BODY, LAYER_BODY, UNIT_BODY, page
 from autoexplain.view_sources import LayerSource, find_sources, read_chosen, read_scores, records_reader, sims_frame
+from autoexplain.view_written import Written, digest
 
 ASSETS = Path(__file__).parent / "viewer"
 N_BEST_OVERVIEW = 5  # best units of each source on the overview page
@@ -102,16 +103,28 @@ class _RecordsCache:
             table.write_parquet(tmp, compression="uncompressed")
 
 
-def _clear_site(site_dir: Path) -> None:
-    """Remove what an earlier build wrote (data of other layers, the hidden cache older versions
-    kept here), so the folder holds this build only. A folder that holds other things under those
-    names is refused, not emptied."""
+def _check_site(site_dir: Path) -> None:
+    """Refuse a folder whose 'data' folder no viewer build wrote (it would be emptied)."""
     if (site_dir / "data").is_dir() and not (site_dir / "data" / "site.js").is_file() and any((site_dir / "data").iterdir()):
         raise UserError(f"{site_dir} holds a 'data' folder that no viewer build wrote",
                         "pass a new or empty folder for the site (or the folder of an earlier site)")
-    for name in ("data", "plots", "assets", ".cache"):
+
+
+def _clear_site(site_dir: Path, keep: set[str]) -> None:
+    """Remove what an earlier build wrote (data of other layers, the hidden cache older versions
+    kept here), except the unit files `keep` (paths in the site) that this build may find
+    unchanged (`view_written`), so the folder holds this build only."""
+    for name in ("plots", "assets", ".cache"):
         if (site_dir / name).is_dir():
             shutil.rmtree(site_dir / name)
+    for folder, dirs, names in os.walk(site_dir / "data", topdown=False):
+        for name in names:
+            path = Path(folder, name)
+            if path.relative_to(site_dir).as_posix() not in keep:
+                path.unlink()
+        for name in dirs:
+            if not any(Path(folder, name).iterdir()):
+                Path(folder, name).rmdir()
 
 
 # ---------------------------------------------------------------- build
@@ -134,11 +147,7 @@ def build_site(score_dirs: list[Path], site_dir: Path, records_dir: Path | None 
     site_dir = Path(site_dir)
     sources = find_sources(score_dirs, records_dir)
     cache_dir = Path(cache_dir) if cache_dir is not None else cache_root([s.scores_dirs[0] for s in sources])
-    _clear_site(site_dir)
-    (site_dir / "assets").mkdir(parents=True, exist_ok=True)
-    (site_dir / "data").mkdir(exist_ok=True)
-    for name in ("viewer.js", "viewer.css"):
-        shutil.copyfile(ASSETS / name, site_dir / "assets" / name)
+    _check_site(site_dir)
 
     prepared, all_scores = [], []
     for src in sources:
@@ -153,6 +162,14 @@ def build_site(score_dirs: list[Path], site_dir: Path, records_dir: Path | None 
         units = unit_list(scores, chosen)
         prepared.append((src, scores, chosen, units, index_frame(units, scores, chosen),
                          bool((units["polarity"] < 0).any())))
+
+    _clear_site(site_dir, {unit_file(src.source, u, p, polar) for src, _, _, units, _, polar in prepared
+                           for u, p in units.select("unit", "polarity").iter_rows()})
+    (site_dir / "assets").mkdir(parents=True, exist_ok=True)
+    (site_dir / "data").mkdir(exist_ok=True)
+    for name in ("viewer.js", "viewer.css"):
+        shutil.copyfile(ASSETS / name, site_dir / "assets" / name)
+    written = Written(cache_dir, site_dir)
 
     similar: dict[str, list] = {}
     if meaning:
@@ -176,7 +193,7 @@ def build_site(score_dirs: list[Path], site_dir: Path, records_dir: Path | None 
             write_js(sdir / f"index_{k}.js", f"{src.source}/index/{k}",
                      index_chunk(index.slice(k * chunk_size, chunk_size)))
         write_js(sdir / "summary.js", f"{src.source}/summary", summary)
-        _write_units(src, units, scores, chosen, site_dir, max_per_kind, polar, similar, cache_dir)
+        _write_units(src, units, scores, chosen, site_dir, max_per_kind, polar, similar, cache_dir, written)
         if plots:
             from autoexplain.plots import plot_score_distribution
 
@@ -205,36 +222,36 @@ def build_site(score_dirs: list[Path], site_dir: Path, records_dir: Path | None 
             "meaning": meaning, "built": time.strftime("%Y-%m-%d %H:%M:%S"),
             "build_seconds": round(time.perf_counter() - started, 2)}
     write_js(site_dir / "data" / "site.js", "site", site)
+    written.save()
     for name, body in (("index", INDEX_BODY), ("layer", LAYER_BODY), ("unit", UNIT_BODY)):
         (site_dir / f"{name}.html").write_text(page(name, title, body), encoding="utf-8")
     return site_dir / "index.html"
 
 
 def _write_units(src: LayerSource, units: pl.DataFrame, scores, chosen, site_dir: Path, max_per_kind, polar: bool,
-                 similar: dict[str, list], cache_dir: Path) -> None:
-    """One file per unit: data/<source>/u/<unit><p|n|>.js (`unit_file`)."""
+                 similar: dict[str, list], cache_dir: Path, written: Written) -> None:
+    """One file per unit: data/<source>/u/<unit><p|n|>.js (`unit_file`). A file whose content is
+    what the last build wrote there is left as it is (`view_written`)."""
     expl, sc, simulated = explanations_of(chosen), scores_of(scores), sims_frame(src)
     costs = ({(u, p): d for _, u, p, d in unit_costs(scores).iter_rows()} if "dollars" in scores.columns else {})
     reader = records_reader(src)
     cache = _RecordsCache(cache_dir, src, max_per_kind) if reader else None
     no_records = tail(to_json(records_part(None, max_per_kind))[1:-1] + "}")
+    tail_id = cache.path.name if cache is not None else content_key(["no records", max_per_kind])
+    sims_digest = sims_digests(simulated)
     keys = [(int(u), int(p)) for u, p in units.select("unit", "polarity").iter_rows()]
     position = {k: j for j, k in enumerate(keys)}
     S, L = src.source, src.layer
+    written.look_in(site_dir, f"data/{S}/u")
 
     def name(k):
         return unit_page(S, k[0], k[1], polar)
 
     # zlib lets go of the GIL while it compresses: one thread a core.
     pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
-    jobs: list[tuple[Path, str, str, Tail]] = []
     for start in range(0, len(keys), 1024):
-        wanted = keys[start:start + 1024]
-        if cache is not None and cache.missing([unit_name(u, p) for u, p in wanted]):
-            recs = reader(wanted)
-            cache.add({unit_name(u, p): records_part(recs.get((u, p)), max_per_kind) for u, p in wanted}, pool)
-        sims = sims_of(simulated, wanted)
-        for u, p in wanted:
+        todo = []  # (unit, file, its digest, the head's details)
+        for u, p in keys[start:start + 1024]:
             j = position[(u, p)]
             detail = {"source": S, "layer": L, "unit": u, "polarity": p, "name": name((u, p)),
                       "explanations": expl.get((u, p)) or {}, "scores": sc.get((u, p)) or {}, "cost": costs.get((u, p)),
@@ -242,12 +259,27 @@ def _write_units(src: LayerSource, units: pl.DataFrame, scores, chosen, site_dir
                       "next": name(keys[j + 1]) if j + 1 < len(keys) else None,
                       "other": name((u, -p)) if (u, -p) in position else None,
                       "similar": similar.get(name((u, p)), [])}
-            head = f'{{{to_json(detail)[1:-1]},"sims":{sims.get((u, p), "{}")},'
-            jobs.append((site_dir / unit_file(S, u, p, polar), name((u, p)), head,
-                         cache.tails[unit_name(u, p)] if cache is not None else no_records))
-        list(pool.map(lambda job: job[0].write_bytes(packed(*job[1:])), jobs))
-        jobs.clear()
+            text, file = to_json(detail)[1:-1], unit_file(S, u, p, polar)
+            d = digest(file, text, sims_digest.get((u, p), ""), tail_id)
+            if not written.unchanged(file, d):
+                todo.append(((u, p), file, d, text))
+        if not todo:
+            continue
+        wanted = [k for k, _, _, _ in todo]
+        if cache is not None and cache.missing([unit_name(u, p) for u, p in wanted]):
+            recs = reader(wanted)
+            cache.add({unit_name(u, p): records_part(recs.get((u, p)), max_per_kind) for u, p in wanted}, pool)
+        sims = sims_of(simulated, wanted)
+
+        def write(job):
+            (u, p), file, d, text = job
+            data = packed(name((u, p)), f'{{{text},"sims":{sims.get((u, p), "{}")},',
+                          cache.tails[unit_name(u, p)] if cache is not None else no_records)
+            (site_dir / file).write_bytes(data)
+            return file, d, len(data)
+
+        for file, d, size in pool.map(write, todo):
+            written.wrote(file, d, size)
     pool.shutdown()
     if cache is not None:
         cache.save()
-

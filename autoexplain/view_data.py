@@ -252,16 +252,27 @@ def scores_of(scores: pl.DataFrame) -> dict[tuple[int, int], dict]:
     return out
 
 
+def _expected_json() -> pl.Expr:
+    """A row's expected activations as the JSON text of the list, in whole hundredths (the page
+    divides by 100): formatting a layer's millions of numbers in polars takes a fraction of what
+    Python's json module needs, and integers are what the page's 2 decimals need."""
+    value = (pl.element().cast(pl.Float64) * 100).round(0)
+    whole = pl.when(value.is_finite()).then(value).cast(pl.Int64, strict=False)  # NaN and inf: null
+    as_json = whole.cast(pl.String).fill_null(pl.lit("null"))
+    return ("[" + pl.col("expected").list.eval(as_json).list.join(",") + "]").fill_null("null")
+
+
 def sims_of(sims: pl.DataFrame | None, keys: list[tuple[int, int]]) -> dict[tuple[int, int], str]:
     """For these units, the JSON text of window id -> {"sim": {method: expected}, "fail": {method:
     reason}}; the page puts each on its exemplar (simulations exist for the test-split windows,
     which are always shown). Expected is null where the simulation failed. Windows and methods in
-    the order of the rows; the text is put together in polars (a layer's rows are a quarter million)."""
+    the order of the rows of `sims` (`view_sources.sims_frame`); the text is put together in polars
+    (a layer's rows are a quarter million)."""
     if sims is None or not keys:
         return {}
     on = ["unit", "polarity"]
     wanted = pl.DataFrame(keys, schema={"unit": pl.Int64, "polarity": pl.Int64}, orient="row")
-    part = sims.join(wanted, on=on, how="semi", maintain_order="left")
+    part = sims.join(wanted, on=on, how="semi", maintain_order="left").with_columns(_expected_json().alias("expected"))
     as_json = {c: {x: to_json(x) for x in part.get_column(c).drop_nulls().unique().to_list()} for c in ("method", "failure")}
     method = pl.col("method").replace_strict(as_json["method"], return_dtype=pl.String)
     failure = pl.col("failure").replace_strict(as_json["failure"], default=None, return_dtype=pl.String)
@@ -272,6 +283,16 @@ def sims_of(sims: pl.DataFrame | None, keys: list[tuple[int, int]]) -> dict[tupl
             + pl.when(pl.col("fail") != "").then(',"fail":{' + pl.col("fail") + "}}").otherwise(pl.lit("}")))
     units = windows.group_by(*on, maintain_order=True).agg(text.str.join(","))
     return {(u, p): "{" + t + "}" for u, p, t in units.iter_rows()}
+
+
+def sims_digests(sims: pl.DataFrame | None) -> dict[tuple[int, int], int]:
+    """A hash of each unit's rows of `sims`, in their order: equal hashes, equal `sims_of` text.
+    Polars promises the same hash only within one release: a build keys what it keeps of them by
+    the polars version (`view_written`)."""
+    if sims is None or sims.height == 0:
+        return {}
+    rows = sims.with_columns(h=sims.hash_rows()).group_by("unit", "polarity", maintain_order=True).agg("h")
+    return dict(zip(zip(rows["unit"].to_list(), rows["polarity"].to_list()), rows.select("h").hash_rows().to_list()))
 
 
 def _top_tokens(records) -> list[list]:

@@ -133,22 +133,17 @@ def read_chosen(src: LayerSource) -> pl.DataFrame:
 
 
 def sims_frame(src: LayerSource) -> pl.DataFrame | None:
-    """The test-split simulations of a layer (the ones its scores come from), or None. Each row's
-    expected activations come as the JSON text of the list, in whole hundredths (the page divides
-    by 100): formatting a layer's millions of numbers in polars takes a fraction of what Python's
-    json module needs, and integers are what the page's 2 decimals need."""
+    """The test-split simulations of a layer (the ones its scores come from), or None: unit,
+    polarity, method, window_id, expected (a list) and failure. `view_data.sims_of` turns the rows
+    of the units a build writes into the page's JSON; `view_data.sims_digests` tells which changed."""
     paths = [layout.table(d, src.layer) for d in src.simulations_dirs]
     paths = [p for p in paths if p.is_file()]
     if not paths:
         return None
-    value = (pl.element().cast(pl.Float64) * 100).round(0)
-    whole = pl.when(value.is_finite()).then(value).cast(pl.Int64, strict=False)  # NaN and inf: null
-    as_json = whole.cast(pl.String).fill_null(pl.lit("null"))
     cols = ["unit", "polarity", "method", "window_id", "split", "expected", "failure"]
     sims = pl.concat([pl.scan_parquet(p).select(cols).filter(pl.col("split") == "test") for p in paths]).collect()
     return sims.select(pl.col("unit").cast(pl.Int64), pl.col("polarity").cast(pl.Int64), "method", "window_id",
-                       ("[" + pl.col("expected").list.eval(as_json).list.join(",") + "]").fill_null("null")
-                       .alias("expected"), "failure")
+                       "expected", "failure")
 
 
 def records_reader(src: LayerSource):

@@ -297,6 +297,51 @@ def test_rebuild_reuses_exemplars_without_reading_records(real_site, tmp_path, m
     assert {p.name: p.read_bytes() for p in (site / "data" / "L1" / "mlp" / "u").iterdir()} == first
 
 
+def _data_files(site: Path) -> dict[str, bytes]:
+    """Every file under the site's data folder but site.js (which says when it was built)."""
+    return {p.relative_to(site).as_posix(): p.read_bytes() for p in sorted((site / "data").rglob("*"))
+            if p.is_file() and p.name != "site.js"}
+
+
+def test_a_rebuild_writes_only_the_unit_files_that_changed(local_llm, simulator, tiny_records, tmp_path, monkeypatch):
+    """A site built again in its folder is byte for byte the site a fresh build writes, after its
+    units changed, came or went, or a file of it was removed or cut; and it writes only the unit
+    files whose content changed: none when nothing did."""
+    from autoexplain import view
+    from autoexplain.layer import run_explain, run_score, run_simulate
+
+    records_dir, out = tiny_records
+    shards = []
+    for units in ([0, 1], [5]):
+        x = run_explain(records_dir, 1, out, units, cfg=pipeline.ExplainConfig(k=3, max_tokens=12), llm=local_llm)
+        s = run_simulate(records_dir, x, out, sim=simulator.fresh())
+        shards.append(run_score(records_dir, s, out, n_boot=200).directory)
+    packed_units = []
+    original = view.packed
+    monkeypatch.setattr(view, "packed", lambda key, *rest: packed_units.append(key) or original(key, *rest))
+    site, cache = tmp_path / "site", tmp_path / "cache"
+
+    def rebuild(scores: list[Path], label: str) -> list[str]:
+        packed_units.clear()
+        build_site(scores, site, cache_dir=cache, plots=False)
+        wrote = sorted(packed_units)
+        build_site(scores, tmp_path / label, cache_dir=tmp_path / f"cache-{label}", plots=False)
+        assert _data_files(site) == _data_files(tmp_path / label), f"the rebuild ({label}) differs from a fresh build"
+        return wrote
+
+    assert len(rebuild([shards[0]], "first")) == 4, "a first build writes every unit file"
+    assert rebuild([shards[0]], "same") == [], "a rebuild with nothing changed writes no unit file"
+    grown = rebuild(shards, "grown")  # units 5+ and 5- come; 1- gets a next unit; similar units change
+    assert {"L1/mlp/N5+", "L1/mlp/N5-", "L1/mlp/N1-"} <= set(grown)
+    assert rebuild(shards, "grown-again") == []
+    assert len(rebuild([shards[1]], "shrunk")) == 2  # 0 and 1 go: their files are removed
+    assert not (site / "data" / "L1" / "mlp" / "u" / "0p.js").exists()
+    unit_dir = site / "data" / "L1" / "mlp" / "u"
+    (unit_dir / "5p.js").unlink()
+    (unit_dir / "5n.js").write_bytes((unit_dir / "5n.js").read_bytes()[:100])
+    assert rebuild([shards[1]], "repaired") == ["L1/mlp/N5+", "L1/mlp/N5-"], "a missing or cut file is written again"
+
+
 def _unit_files(site: Path, layer: int) -> dict[str, dict]:
     """Each unit file's unit, by the unit's name in its source (0+, 5-)."""
     from autoexplain.view_pack import unpacked
@@ -363,3 +408,21 @@ def test_simulations_reach_the_page_as_json(tmp_path):
     assert json.loads(text[(1, 1)]) == {"5": {"sim": {"explainer": [12, None, 200], "shuffled": None},
                                               "fail": {"shuffled": "bad </script>"}},
                                         "6": {"sim": {"explainer": [0, 0, 346]}}}
+
+
+def test_a_unit_s_simulations_digest_follows_its_rows_only():
+    """The digest that lets a rebuild skip a unit file changes with any of the unit's simulation rows
+    (a value, a failure, their order) and with nothing of another unit's."""
+    from autoexplain.view_data import sims_digests
+
+    sims = pl.DataFrame({"unit": [1, 1, 2], "polarity": [1, 1, -1], "method": ["explainer", "shuffled", "explainer"],
+                         "window_id": [5, 5, 5], "expected": [[0.5, 1.0], [0.25], [2.0]], "failure": [None, None, None]},
+                        schema_overrides={"expected": pl.List(pl.Float32)})
+    base = sims_digests(sims)
+    assert sims_digests(sims) == base and set(base) == {(1, 1), (2, -1)}
+    changed = [sims.with_columns(expected=pl.Series([[0.5, 1.01], [0.25], [2.0]], dtype=pl.List(pl.Float32))),
+               sims.with_columns(failure=pl.Series([None, "timeout", None], dtype=pl.String)),
+               sims[[1, 0, 2]]]
+    for other in changed:
+        got = sims_digests(other)
+        assert got[(1, 1)] != base[(1, 1)] and got[(2, -1)] == base[(2, -1)]
