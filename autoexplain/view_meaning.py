@@ -94,10 +94,34 @@ class _TextVectors:
 EXACT_UP_TO = 20_000  # units; above, neighbours are found in the explanations' principal axes first
 
 
+def _top(c, k: int):
+    """Each row's k largest values and their columns, best first, equal values in column order.
+    Hundreds of units share one explanation: which of them a unit lists among its similar units
+    must not depend on how topk happens to break ties, or every rebuild after any change would
+    rewrite most unit files (`view_written`)."""
+    import torch
+
+    values, columns = torch.topk(c, min(k + 1, c.shape[1]), dim=1)
+    cut = values[:, k - 1:k]
+    # Rows whose k-th value recurs beyond the k: only there can topk's choice differ from ours.
+    tied = torch.nonzero(values[:, k] == cut[:, 0]).flatten() if values.shape[1] > k else torch.zeros(0, dtype=torch.long)
+    columns = columns[:, :k]
+    for r in tied.tolist():  # keep the lowest columns among those at the cut
+        row = c[r]
+        above = torch.nonzero(row > cut[r]).flatten()
+        at = torch.nonzero(row == cut[r]).flatten()[:k - len(above)]
+        columns[r] = torch.cat([above, at])
+    columns = torch.sort(columns, dim=1).values
+    values = torch.gather(c, 1, columns)
+    order = torch.sort(values, dim=1, descending=True, stable=True).indices
+    return torch.gather(values, 1, order), torch.gather(columns, 1, order)
+
+
 def nearest(vectors: np.ndarray, k: int, block: int = 1024, axes: np.ndarray | None = None,
             shortlist: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """For each row, the k other rows of highest cosine (rows are unit vectors; a zero row, a unit
-    without an explanation, is nobody's neighbour) and those cosines, best first.
+    without an explanation, is nobody's neighbour) and those cosines, best first; equal cosines in
+    row order (`_top`).
 
     With `axes` (a d x m projection), each row's `shortlist` nearest are found in the projection and
     ranked by the full cosine: 92,160 x 92,160 full cosines are minutes of two cores, the
@@ -118,14 +142,13 @@ def nearest(vectors: np.ndarray, k: int, block: int = 1024, axes: np.ndarray | N
         c = search[rows] @ search.T
         c[:, empty] = -torch.inf
         c[torch.arange(len(rows)), rows] = -torch.inf
-        top = torch.topk(c, pick, dim=1).indices
-        if axes is not None:  # rank the shortlist by the full cosine
+        values, top = _top(c, pick)
+        if axes is not None:  # rank the shortlist (in row order, from `_top`'s sort) by the full cosine
+            top = torch.sort(top, dim=1).values
             exact = torch.einsum("rd,rkd->rk", full[rows], full[top])
             exact[torch.isinf(torch.gather(c, 1, top))] = -torch.inf
-            best = torch.topk(exact, k, dim=1)
-            top, values = torch.gather(top, 1, best.indices), best.values
-        else:
-            values = torch.gather(c, 1, top)
+            values, at = _top(exact, k)
+            top = torch.gather(top, 1, at)
         idx[s:s + len(rows)], sim[s:s + len(rows)] = top.numpy(), values.numpy()
     return idx, sim
 

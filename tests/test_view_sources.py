@@ -88,6 +88,28 @@ def test_nearest_explanations_are_the_brute_force_ones():
     np.testing.assert_allclose(values[:, 0], (low * low[shortlisted[:, 0]]).sum(axis=1), rtol=1e-5)
 
 
+def test_units_that_share_an_explanation_are_listed_in_unit_order():
+    """Equal cosines (units with the same explanation) are listed in row order, in both the exact
+    and the shortlisted search, and a change elsewhere does not reshuffle them: a rebuild then
+    rewrites only the unit files that really changed."""
+    from autoexplain.view_meaning import nearest
+
+    rng = np.random.default_rng(1)
+    v = rng.normal(size=(400, 16)).astype(np.float32)
+    v[100:160] = v[7]  # sixty more units share unit 7's explanation
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    axes = np.linalg.qr(rng.normal(size=(16, 8)))[0]
+    copies = [7, *range(100, 160)]
+    for kw in ({}, {"axes": axes, "shortlist": 20}):
+        idx, sim = nearest(v, 8, block=64, **kw)
+        assert idx[7].tolist() == copies[1:9] and idx[130].tolist() == [7, *range(100, 107)], kw
+        np.testing.assert_allclose(sim[7], 1.0, rtol=1e-5)
+        moved = v.copy()
+        moved[300] = -moved[300]  # another unit's explanation changes
+        again, _ = nearest(moved, 8, block=64, **kw)
+        assert (again[copies] == idx[copies]).all(), kw
+
+
 @pytest.mark.slow
 def test_overview_search_by_meaning_and_similar_units(browser, serve, tmp_path):
     """Two layers and two sources: the overview's layers x sources grid with score histograms, the
