@@ -297,6 +297,19 @@ def test_rebuild_reuses_exemplars_without_reading_records(real_site, tmp_path, m
     assert {p.name: p.read_bytes() for p in (site / "data" / "L1" / "mlp" / "u").iterdir()} == first
 
 
+def _two_shards(tiny_records, local_llm, simulator) -> list[Path]:
+    """The scores folders of layer 1's units 0-1 and of its unit 5, run as two shards."""
+    from autoexplain.layer import run_explain, run_score, run_simulate
+
+    records_dir, out = tiny_records
+    shards = []
+    for units in ([0, 1], [5]):
+        x = run_explain(records_dir, 1, out, units, cfg=pipeline.ExplainConfig(k=3, max_tokens=12), llm=local_llm)
+        s = run_simulate(records_dir, x, out, sim=simulator.fresh())
+        shards.append(run_score(records_dir, s, out, n_boot=200).directory)
+    return shards
+
+
 def _data_files(site: Path) -> dict[str, bytes]:
     """Every file under the site's data folder but site.js (which says when it was built)."""
     return {p.relative_to(site).as_posix(): p.read_bytes() for p in sorted((site / "data").rglob("*"))
@@ -308,14 +321,8 @@ def test_a_rebuild_writes_only_the_unit_files_that_changed(local_llm, simulator,
     units changed, came or went, or a file of it was removed or cut; and it writes only the unit
     files whose content changed: none when nothing did."""
     from autoexplain import view
-    from autoexplain.layer import run_explain, run_score, run_simulate
 
-    records_dir, out = tiny_records
-    shards = []
-    for units in ([0, 1], [5]):
-        x = run_explain(records_dir, 1, out, units, cfg=pipeline.ExplainConfig(k=3, max_tokens=12), llm=local_llm)
-        s = run_simulate(records_dir, x, out, sim=simulator.fresh())
-        shards.append(run_score(records_dir, s, out, n_boot=200).directory)
+    shards = _two_shards(tiny_records, local_llm, simulator)
     packed_units = []
     original = view.packed
     monkeypatch.setattr(view, "packed", lambda key, *rest: packed_units.append(key) or original(key, *rest))
@@ -362,11 +369,7 @@ def test_shards_of_one_layer_make_one_layer(real_site, local_llm, simulator, tin
     from autoexplain.layer import run_explain, run_score, run_simulate
 
     records_dir, out = tiny_records
-    shards = []
-    for units in ([0, 1], [5]):
-        x = run_explain(records_dir, 1, out, units, cfg=pipeline.ExplainConfig(k=3, max_tokens=12), llm=local_llm)
-        s = run_simulate(records_dir, x, out, sim=simulator.fresh())
-        shards.append(run_score(records_dir, s, out, n_boot=200).directory)
+    shards = _two_shards(tiny_records, local_llm, simulator)
     whole = _unit_files(build_site(shards, tmp_path / "both").parent, 1)
     assert sorted(whole) == ["0+", "0-", "1+", "1-", "5+", "5-"]
     links = ("prev", "next", "other", "similar")
