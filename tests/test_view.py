@@ -416,6 +416,10 @@ def test_simulations_reach_the_page_as_json(tmp_path):
 def test_a_unit_s_simulations_digest_follows_its_rows_only():
     """The digest that lets a rebuild skip a unit file changes with any of the unit's simulation rows
     (a value, a failure, their order) and with nothing of another unit's."""
+    import io
+    import subprocess
+    import sys
+
     from autoexplain.view_data import sims_digests
 
     sims = pl.DataFrame({"unit": [1, 1, 2], "polarity": [1, 1, -1], "method": ["explainer", "shuffled", "explainer"],
@@ -423,6 +427,13 @@ def test_a_unit_s_simulations_digest_follows_its_rows_only():
                         schema_overrides={"expected": pl.List(pl.Float32)})
     base = sims_digests(sims)
     assert sims_digests(sims) == base and set(base) == {(1, 1), (2, -1)}
+    # A rebuild runs in another process: the hash must not be seeded per process.
+    code = ("import sys, polars as pl; from autoexplain.view_data import sims_digests; "
+            "print(sorted(sims_digests(pl.read_ipc(sys.stdin.buffer)).items()))")
+    buf = io.BytesIO()
+    sims.write_ipc(buf)
+    done = subprocess.run([sys.executable, "-c", code], input=buf.getvalue(), capture_output=True, check=True)
+    assert done.stdout.decode().strip() == str(sorted(base.items()))
     changed = [sims.with_columns(expected=pl.Series([[0.5, 1.01], [0.25], [2.0]], dtype=pl.List(pl.Float32))),
                sims.with_columns(failure=pl.Series([None, "timeout", None], dtype=pl.String)),
                sims[[1, 0, 2]]]
