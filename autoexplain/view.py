@@ -48,7 +48,7 @@ from autoexplain.view_data import (METHODS, METRICS, PRIMARY_METRIC, explanation
 from autoexplain.view_pack import Tail, packed, tail
 from autoexplain.view_pages import INDEX_BODY, LAYER_BODY, UNIT_BODY, page
 from autoexplain.view_sources import LayerSource, find_sources, read_chosen, read_scores, records_reader, sims_frame
-from autoexplain.view_written import Written, digest
+from autoexplain.view_written import Written
 
 ASSETS = Path(__file__).parent / "viewer"
 N_BEST_OVERVIEW = 5  # best units of each source on the overview page
@@ -260,7 +260,7 @@ def _write_units(src: LayerSource, units: pl.DataFrame, scores, chosen, site_dir
                       "other": name((u, -p)) if (u, -p) in position else None,
                       "similar": similar.get(name((u, p)), [])}
             text, file = to_json(detail)[1:-1], unit_file(S, u, p, polar)
-            d = digest(file, text, sims_digest.get((u, p), ""), tail_id)
+            d = content_key([file, text, sims_digest.get((u, p)), tail_id], 32)  # what the file follows from
             if not written.unchanged(file, d):
                 todo.append(((u, p), file, d, text))
         if not todo:

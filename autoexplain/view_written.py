@@ -15,7 +15,6 @@ leaves none, and the next writes every file.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -23,14 +22,6 @@ import polars as pl
 
 from autoexplain.identity import code_identity
 from autoexplain.storage import content_key, write_table
-
-
-def digest(*parts: str | int) -> bytes:
-    h = hashlib.blake2b(digest_size=16)
-    for part in parts:
-        data = str(part).encode("utf-8", errors="replace")
-        h.update(len(data).to_bytes(8, "little") + data)  # lengths first: no two part lists run together
-    return h.digest()
 
 
 class Written:
@@ -41,13 +32,13 @@ class Written:
         self.stem = f"written-{content_key(site, 8)}"
         key = content_key({"site": site, "code": code_identity("autoexplain.view"), "polars": pl.__version__})
         self.path = Path(cache_dir) / f"{self.stem}-{key}.parquet"
-        self.before: dict[str, tuple[bytes, int]] = {}
+        self.before: dict[str, tuple[str, int]] = {}
         if self.path.is_file():
             t = pl.read_parquet(self.path)
             self.before = dict(zip(t["file"].to_list(), zip(t["digest"].to_list(), t["size"].to_list())))
         for old in Path(cache_dir).glob(f"{self.stem}-*.parquet"):
             old.unlink(missing_ok=True)
-        self.now: dict[str, tuple[bytes, int]] = {}
+        self.now: dict[str, tuple[str, int]] = {}
         self.sizes: dict[str, int] = {}  # what is on disk now, per folder read (`look_in`)
 
     def look_in(self, site_dir: Path, folder: str) -> None:
@@ -58,7 +49,7 @@ class Written:
         except FileNotFoundError:
             pass
 
-    def unchanged(self, file: str, d: bytes) -> bool:
+    def unchanged(self, file: str, d: str) -> bool:
         """Whether `file` holds what digest `d` stands for; if so it counts as written by this build."""
         was = self.before.get(file)
         if was is None or was[0] != d or self.sizes.get(file) != was[1]:
@@ -66,14 +57,14 @@ class Written:
         self.now[file] = was
         return True
 
-    def wrote(self, file: str, d: bytes, size: int) -> None:
+    def wrote(self, file: str, d: str, size: int) -> None:
         self.now[file] = (d, size)
 
     def save(self) -> None:
         if not self.now:
             return
         files = sorted(self.now)
-        table = pl.DataFrame({"file": files, "digest": pl.Series([self.now[f][0] for f in files], dtype=pl.Binary),
+        table = pl.DataFrame({"file": files, "digest": [self.now[f][0] for f in files],
                               "size": pl.Series([self.now[f][1] for f in files], dtype=pl.Int64)})
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_table(table.to_arrow(), self.path)
