@@ -28,7 +28,7 @@ from autoexplain.errors import UserError
 from autoexplain.explain import as_explainer
 from autoexplain.identity import code_identity
 from autoexplain.registry import DEFAULT_EXPLAINER, explainer_prompt, explainer_weights, make_explainer, make_simulator
-from autoexplain.rows import table_rows
+from autoexplain.rows import stamped, table_rows
 from autoexplain.sources import MLP, polarities_of
 from autoexplain.storage import content_key, read_manifest, require_complete
 from autoexplain.memo import Memo
@@ -181,13 +181,10 @@ def _texts_of(inputs: dict) -> list[str]:
     return [t for v in inputs.values() for t in ([v] if isinstance(v, str) else v or [])]
 
 
-def _stamped(result: tuple[list, list], prompt: str) -> tuple[list, list]:
+def _stamped(result: tuple, prompt: str) -> tuple:
     """A unit's (chosen, simulation rows) with this prompt's hash: rows read back from a run with
     another prompt, which their unit's key says they do not depend on, carry the current one."""
-    chosen, sims = result
-    if any(r.get("prompt_hash") != prompt for r in sims):
-        sims = [{**r, "prompt_hash": prompt} for r in sims]
-    return chosen, sims
+    return result[0], stamped(result[1], "prompt_hash", prompt)
 
 
 def _no_request_failed(result) -> bool:
@@ -345,12 +342,12 @@ def _simulate(records_dir, explanations: StageRef, out, simulator, sim, seed: in
     held: dict[str, tuple | None] = {}  # what `known` found, so that `remember` does not look it up again
 
     def known(unit, inputs) -> bool:
-        held[k] = memo.get(k := key(unit, inputs))
+        held[k] = memo.get(k := key(unit, inputs), columnar=True)
         return held[k] is not None
 
     def remember(unit, inputs, compute):  # a result is a (chosen, simulations) pair: never falsy
         k = key(unit, inputs)
-        return _stamped(held.pop(k, None) or memo.get_or_compute(k, compute, _no_request_failed), params["prompt"])
+        return _stamped(held.pop(k, None) or memo.get_or_compute(k, compute, _no_request_failed, True), params["prompt"])
     # Only the units the memo does not hold are read and warmed: after an edit, a few in a shard.
     chosen, sims = pipeline.simulate_stage(units, table, sim, seed, remember, progress, known=known,
                                            load=lambda some: _with_records(records_dir, layer, some))

@@ -12,7 +12,8 @@ the sealed tables (its rows, with the methods it produced), so the memo keeps on
 each unit key to (folder, unit, polarity, methods) under `memo/<stage>/sealed/<scope>/`, a few dozen
 bytes a unit, and every log whose results are all sealed goes, as does an older index whose
 results the new one's folder all holds. A later run reads a compacted result back
-from the folder's tables; a folder since deleted or changed (not `is_complete`) answers nothing, and
+from the folder's tables, as dicts or, for a stage that builds its table from them, as Arrow
+slices (`columnar`); a folder since deleted or changed (not `is_complete`) answers nothing, and
 the unit is recomputed.
 
 Local only, also under a URL root: they only speed up a rerun on the same machine. Stored as
@@ -31,6 +32,8 @@ import threading
 import uuid
 from pathlib import Path
 from typing import Callable
+
+import numpy as np
 
 from autoexplain import files, layout
 from autoexplain.storage import is_complete, write_table
@@ -76,7 +79,9 @@ class Memo:
                         f.seek(n_value, os.SEEK_CUR)
         return self._where
 
-    def get(self, key: str):
+    def get(self, key: str, columnar: bool = False):
+        """A result, or None. `columnar`: a result compacted into a sealed folder comes back as
+        `rows.TableRows` (one per table), not as dicts."""
         with self._lock:
             found = self._scan().get(key)
         value = None
@@ -89,8 +94,9 @@ class Memo:
             except (OSError, pickle.UnpicklingError, EOFError):
                 value = None  # a log compacted away meanwhile: fall back to the index
         if value is None:
-            value = self._sealed(key)
-        if value is not None:
+            with self._lock:
+                value = self._sealed_locked(key, columnar)
+        elif value is not None:
             self._remember(key, value)
         return value
 
@@ -111,9 +117,9 @@ class Memo:
             self._keys[path].add(key)
         self._remember(key, value)
 
-    def get_or_compute(self, key: str, compute: Callable, keep: Callable | None = None):
+    def get_or_compute(self, key: str, compute: Callable, keep: Callable | None = None, columnar: bool = False):
         """The remembered value, computing and storing it first if needed (unless `keep(value)` says no)."""
-        value = self.get(key)
+        value = self.get(key, columnar)
         if value is None:
             value = compute()
             if keep is None or keep(value):
@@ -168,11 +174,7 @@ class Memo:
             self._where = {k: v for k, v in (self._where or {}).items() if v[0] not in gone}
             self._index = None
 
-    def _sealed(self, key: str):
-        with self._lock:
-            return self._sealed_locked(key)
-
-    def _sealed_locked(self, key: str):
+    def _sealed_locked(self, key: str, columnar: bool):
         if self._index is None:
             import polars as pl
 
@@ -183,29 +185,44 @@ class Memo:
                 for k, u, p, shape, folder, tables in table.iter_rows():
                     self._index.setdefault(k, []).append((u, p, shape, folder, tables))
         for u, p, shape, folder, tables in self._index.get(key, []):
-            rows = self._rows(folder, tables)
-            if rows is None:
+            found = self._tables(folder, tables)
+            if found is None:
                 continue
             pair, methods = json.loads(shape)
-            lists = [[r for r in rows[t].get((u, p), []) if r["method"] in m]
-                     for t, m in zip(json.loads(tables), map(set, methods))]
+            lists = [_rows_of(found[t], (u, p), set(m), columnar) for t, m in zip(json.loads(tables), methods)]
+            self.used[key] = [u, p, pair, methods]
             return tuple(lists) if pair else lists[0]
         return None
 
-    def _rows(self, folder: str, tables: str) -> dict | None:
-        """A sealed folder's tables, each as {(unit, polarity): rows}, or None when the folder is
-        gone or changed. Read once per folder."""
+    def _tables(self, folder: str, tables: str) -> dict | None:
+        """A sealed folder's tables, each with its rows' indices by (unit, polarity), or None when
+        the folder is gone or changed. Read once per folder."""
         if (folder, tables) not in self._folders:
+            import polars as pl
             import pyarrow.parquet as pq
-
-            from autoexplain.rows import table_rows
 
             got = None
             if is_complete(Path(folder)):
                 got = {}
                 for name in json.loads(tables):
-                    grouped = got[name] = {}
-                    for row in table_rows(pq.read_table(Path(folder) / name)):
-                        grouped.setdefault((row["unit"], row["polarity"]), []).append(row)
+                    table = pq.read_table(Path(folder) / name)
+                    keys = pl.from_arrow(table.select(["unit", "polarity", "method"])).with_row_index("at")
+                    groups = keys.group_by("unit", "polarity", maintain_order=True).agg("at", "method")
+                    got[name] = (table, {(u, p): (np.asarray(at, np.int64), np.asarray(m, object))
+                                         for u, p, at, m in groups.iter_rows()}, [])
             self._folders[(folder, tables)] = got
         return self._folders[(folder, tables)]
+
+
+def _rows_of(found: tuple, unit: tuple[int, int], methods: set[str], columnar: bool):
+    """A unit's rows of one sealed table, those of `methods`: as `TableRows`, or as dicts."""
+    from autoexplain.rows import TableRows, table_rows
+
+    table, groups, as_dicts = found
+    at, method = groups.get(unit, (np.zeros(0, np.int64), np.zeros(0, object)))
+    at = at[np.isin(method, list(methods))]
+    if columnar:
+        return TableRows(table, at)
+    if not as_dicts:  # the whole table once: a stage reads back most of its units
+        as_dicts.extend(table_rows(table))
+    return [as_dicts[i] for i in at]

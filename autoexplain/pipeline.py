@@ -46,8 +46,10 @@ from autoexplain.rows import (
     ExplanationRow,
     ScoreRow,
     SimulationRow,
+    assemble,
     from_rows,
     from_table,
+    part_values,
     rows_to_table,
     to_rows,
     to_table,
@@ -289,15 +291,15 @@ def simulate_stage(units: Sequence[UnitRecords], explanations: pa.Table, simulat
         return remember(unit, inputs_of(unit),
                         computing(lambda: _encoded(simulate_unit(full.get(unit.id, unit), row, baselines, used))))
 
-    chosen, sims = [], []
+    chosen, sims = [], []  # per unit, its rows: dicts, or `TableRows` where `remember` read them back
     total = 2 * len(units) if len(units) > 1 else len(units)
     for i, (c, s) in enumerate(in_order(unit_result, units, workers)):
-        chosen += c
-        sims += s
+        chosen.append(c)
+        sims.append(s)
         if progress:
             progress(i + 1, total)
     if len(units) > 1:
-        best = [r["text"] for r in chosen if r["method"] == EXPLAINER]
+        best = [t for t, m in zip(part_values(chosen, "text"), part_values(chosen, "method")) if m == EXPLAINER]
 
         def control_result(pair):
             unit, text = pair
@@ -307,11 +309,11 @@ def simulate_stage(units: Sequence[UnitRecords], explanations: pa.Table, simulat
         pairs = list(zip(units, shuffled_explanations(best, seed=seed)))
         needed([(u, {"control": t}) for u, t in pairs])
         for i, (c, s) in enumerate(in_order(control_result, pairs, workers)):
-            chosen += c
-            sims += s
+            chosen.append(c)
+            sims.append(s)
             if progress:
                 progress(len(units) + i + 1, total)
-    return rows_to_table(chosen, "explanations"), rows_to_table(sims, "simulations")
+    return assemble(chosen, "explanations"), assemble(sims, "simulations")
 
 
 def score_stage(units: Sequence[UnitRecords], simulations: pa.Table, explanations: pa.Table | None = None,

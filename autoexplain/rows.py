@@ -179,3 +179,83 @@ def to_table(cls: type[Row], rows: Iterable[Row]) -> pa.Table:
 
 def from_table(cls: type[Row], table: pa.Table) -> list[Row]:
     return from_rows(cls, table.to_pylist())
+
+
+@dataclass(frozen=True)
+class TableRows:
+    """Some rows of a table read back whole (a sealed stage output), kept as Arrow: a rerun that
+    reads back most of a shard's units pays no dict per row going out and no row coming back in.
+    `stamp`: columns these rows carry with one value, in place of what the table holds."""
+
+    table: pa.Table
+    indices: np.ndarray
+    stamp: tuple[tuple[str, object], ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def values(self, column: str) -> list:
+        fixed = dict(self.stamp)
+        if column in fixed:
+            return [fixed[column]] * len(self)
+        return self.table.column(column).take(pa.array(self.indices)).to_pylist()
+
+    def to_table(self) -> pa.Table:
+        table = self.table.take(pa.array(self.indices))
+        for name, value in self.stamp:
+            i = table.schema.get_field_index(name)
+            table = table.set_column(i, table.schema.field(i), pa.array([value] * len(table), table.schema.field(i).type))
+        return table
+
+
+Part = list | TableRows  # a unit's rows in a stage that reads some back (`assemble`)
+
+
+def stamped(rows: Part, column: str, value) -> Part:
+    """`rows` carrying `value` in `column`."""
+    if isinstance(rows, TableRows):
+        return TableRows(rows.table, rows.indices, tuple(s for s in rows.stamp if s[0] != column) + ((column, value),))
+    return [{**r, column: value} for r in rows] if any(r.get(column) != value for r in rows) else rows
+
+
+def part_values(parts: Iterable[Part], column: str) -> list:
+    """One column's values over parts, in order."""
+    return [v for part in parts for v in (part.values(column) if isinstance(part, TableRows) else (r[column] for r in part))]
+
+
+def assemble(parts: list[Part], schema_name: str) -> pa.Table:
+    """Parts (rows as dicts, or `TableRows`) as one table of the schema, in their order: the table
+    `rows_to_table` gives for the same rows as dicts, read back slices taken from their table in as
+    few calls as their runs allow."""
+    tables, rows, run = [], [], None  # run: consecutive TableRows of one table and stamp
+
+    def flush_run():
+        if run is not None:
+            tables.append(TableRows(run[0], np.concatenate(run[2]), run[1]).to_table())
+
+    for part in parts:
+        if isinstance(part, TableRows):
+            if rows:
+                tables.append(rows_to_table(rows, schema_name))
+                rows = []
+            if run is not None and run[0] is part.table and run[1] == part.stamp:
+                run[2].append(part.indices)
+            else:
+                flush_run()
+                run = (part.table, part.stamp, [part.indices])
+        else:
+            if part:
+                flush_run()
+                run = None
+            rows += part
+    flush_run()
+    if rows or not tables:
+        tables.append(rows_to_table(rows, schema_name))
+    if len(tables) == 1 and not any(isinstance(p, TableRows) for p in parts):
+        return tables[0]
+    schema = pa.schema(list(load_schema(schema_name)))  # without the schema's metadata, as `rows_to_table`
+    if any("source" in t.column_names for t in tables):
+        schema = schema.append(pa.field("source", OPTIONAL_COLUMNS["source"]))
+        tables = [t if "source" in t.column_names else
+                  t.append_column(schema.field("source"), pa.array([MLP_KIND] * len(t), pa.string())) for t in tables]
+    return pa.concat_tables([t.select(schema.names).cast(schema) for t in tables]).combine_chunks()

@@ -8,9 +8,11 @@ import gc
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
 
 from autoexplain import collector, prices, scoring
-from autoexplain.rows import rows_to_table, table_rows
+from autoexplain.rows import TableRows, assemble, part_values, rows_to_table, stamped, table_rows
 from autoexplain.score_simulation import _window_max
 
 
@@ -72,6 +74,51 @@ def test_a_table_from_arrays_is_the_table_from_lists():
     for other in (arrays, mixed, table_rows(plain)):
         got = rows_to_table(other, "simulations")
         assert got.schema == plain.schema and got.equals(plain)
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+@pytest.mark.parametrize("source", [None, "sae"])
+def test_rows_read_back_as_arrow_slices_assemble_to_the_table_of_the_same_rows(tmp_path, source):
+    """A rerun's simulate stage builds its table from units read back as slices of a sealed table
+    (restamped with the new prompt's hash) between units computed as dicts: the file is the one
+    the same rows as dicts give."""
+    rng = np.random.default_rng(1)
+    rows = [{"layer": 1, "unit": i // 3, "polarity": 1 - 2 * (i % 2), "method": ("explainer", "shuffled")[i % 3 == 2],
+             "simulator": "s", "prompt_hash": "old", "window_id": i, "kind": "top", "split": "test",
+             "expected": None if i % 11 == 5 else [float(x) for x in rng.standard_normal(i % 6) * 3],
+             "failure": "x" if i % 11 == 5 else None, "tokens": i, "dollars": None if i % 4 else 0.5,
+             **({"source": source} if source else {})} for i in range(60)]
+    pq.write_table(rows_to_table(rows, "simulations"), tmp_path / "sealed.parquet")
+    sealed = pq.read_table(tmp_path / "sealed.parquet")
+    want = [{**r, "prompt_hash": "new"} for r in rows]
+    # Read back: every third block of rows, two blocks out of order, a block with a gap inside.
+    blocks = [list(range(a, min(a + 7, 60))) for a in range(0, 60, 7)]
+    blocks[1] = blocks[1][:3] + blocks[1][5:]
+    order = [blocks[0], blocks[3], blocks[2], blocks[1]] + blocks[4:]
+    parts, expected = [], []
+    for n, block in enumerate(order):
+        if n % 3 == 1:
+            parts.append([want[i] for i in block])  # computed now
+        else:
+            parts.append(stamped(TableRows(sealed, np.asarray(block)), "prompt_hash", "new"))
+        parts.append([])  # a unit with no rows
+        expected += [want[i] for i in block]
+    plain = rows_to_table(expected, "simulations")
+    got = assemble(parts, "simulations")
+    assert got.schema == plain.schema and got.equals(plain)
+    assert _parquet_bytes(got) == _parquet_bytes(plain)
+    assert part_values(parts, "window_id") == [r["window_id"] for r in expected]
+    assert set(part_values(parts, "prompt_hash")) == {"new"}
+    assert assemble([[]], "simulations").equals(rows_to_table([], "simulations"))
+    if source:  # a neuron table's parts beside an SAE's: every row carries its source, as from dicts
+        mixed = [[{k: v for k, v in r.items() if k != "source"} for r in want[:5]], TableRows(sealed, np.arange(5, 9))]
+        both = [{k: v for k, v in r.items() if k != "source"} for r in want[:5]] + rows[5:9]
+        assert assemble(mixed, "simulations").equals(rows_to_table(both, "simulations"))
 
 
 def test_window_maxima_pooled_are_each_windows_max():
