@@ -87,8 +87,8 @@ class Simulator(Component):
     - `simulate_many`: several explanations on the same records (default: `simulate` in a loop);
     - `warm(texts)`: prepare for these explanations in one batch (default: nothing);
     - `uses_text_vectors`: it embeds explanation texts, and takes them precomputed through
-      `add_texts` (from `warm`'s return value, kept beside the outputs); it then provides
-      `embedder` and `encoding`;
+      `add_texts` (from `warm`'s return value, kept beside the outputs: `text_vectors`); it then
+      provides `embedder` and `encoding`;
     - `fresh()`: a twin with the same loaded model and empty caches, for one shard (default: itself,
       for a simulator whose results never depend on what it simulated before);
     - `prompt_dependence(texts)`: for each text, a digest of what of the prompt its simulations
@@ -118,12 +118,14 @@ class Simulator(Component):
     units_at_once: int = 1
 
     def warm(self, explanations: Sequence[str]):
-        """Prepare for these explanations at once. With `uses_text_vectors`: returns (forms,
-        vectors) for `add_texts`."""
+        """Prepare for these explanations at once. With `uses_text_vectors`: returns, as a dict of
+        named lists or arrays, what `add_texts` takes back (their embeddings, ...)."""
         return None
 
-    def add_texts(self, forms: Sequence[str], vectors: "np.ndarray") -> None:
-        """Take explanation embeddings computed before (only called when `uses_text_vectors`)."""
+    def add_texts(self, **kept) -> bool:
+        """Take back what `warm` returned, in this or another process (only called when
+        `uses_text_vectors`). False: some of it is missing or stale, and `warm` should run again."""
+        return True
 
     def fresh(self) -> "Simulator":
         return self

@@ -12,7 +12,7 @@ an explanation describes a token. Every subject token gets a z-score from three 
 - orthographic: MiniLM is uncased and embeds "," or "7" poorly, so each token also has a surface
   class (digit, punctuation, capitalised, all caps, whitespace) with a description ("a number
   written in digits", ...) read from the simulator's prompt file, `prompts/embedding_simulator.json`. The explanation's z-score against a class's description counts only
-  when that class is within ORTHO_MARGIN of the explanation's best-matching description, competitor
+  when that class is within `gates.ORTHO_MARGIN` of the explanation's best-matching description, competitor
   descriptions included ("numbers written out as words" is closer to "a number written out in
   words" than to "a number written in digits", so digits stay quiet);
 - literal: a token whose word equals a word the explanation quotes ("the word 'God'") gets Z_HIGH;
@@ -61,30 +61,15 @@ from typing import Sequence
 
 import numpy as np
 
-from autoexplain.errors import UserError
 from autoexplain.exact import cosines, fixed_mean_std, fixed_sum, quantise, quantised_cosines
+from autoexplain.gates import PROMPT_FILE, background_stats, gates, load_prompt
 from autoexplain.relations import marks as relation_marks, parse as parse_relation
 from autoexplain.simulate import Simulation, Simulator
-from autoexplain.surface import ORTHO_CLASSES, content_of, literal_hits, literal_only, named_examples, quoted_literals, window_surface
+from autoexplain.surface import content_of, literal_hits, literal_only, named_examples, quoted_literals, window_surface
 
-PROMPT_FILE = "embedding_simulator.json"
-ORTHO_MARGIN = 2.0
 Z_LOW, Z_HIGH = 1.5, 6.0
 N_BACKGROUND = 2000
 MAX_TEXTS = 200_000  # cached word/context embeddings (1.5 KB each) before the tables are reset
-
-
-def load_prompt() -> tuple[list[str], list[str]]:
-    """(class descriptions in ORTHO_CLASSES order, competitor descriptions) from the prompt file."""
-    from autoexplain.explain import read_prompt
-
-    data = json.loads(read_prompt(PROMPT_FILE))
-    classes = data.get("classes", {})
-    missing = [c for c in ORTHO_CLASSES if not str(classes.get(c, "")).strip()]
-    if missing:
-        raise UserError(f"{PROMPT_FILE} has no description for {', '.join(missing)}",
-                        f"give every class of {', '.join(ORTHO_CLASSES)} a description under 'classes'")
-    return [classes[c] for c in ORTHO_CLASSES], [str(c) for c in data.get("competitors", [])]
 
 
 # The corpus word table a fresh twin last put on its grid (words, vectors, rows, grid, norm, pinned): each
@@ -152,6 +137,7 @@ class EmbeddingSimulator(Simulator):
         self._prompt = load_prompt()
         self._explained: dict[str, np.ndarray] = {}  # explanation text -> embedding
         self._scaled: dict[str, tuple] = {}  # explanation -> its column of _Explanations
+        self._stats: dict[str, tuple[float, float]] = {}  # explanation -> its background mean, sd (`_gates`)
         self._clear_tables()
         self.encode_calls = 0  # model.encode invocations
         self.encoded_texts = 0  # texts sent to the model
@@ -169,7 +155,7 @@ class EmbeddingSimulator(Simulator):
         so a twin gives the bits the shared simulator would; it bounds memory per shard."""
         self._setup()
         twin = copy.copy(self)
-        twin._explained, twin._scaled = {}, {}
+        twin._explained, twin._scaled, twin._stats = {}, {}, {}
         twin._clear_tables()
         twin.encode_calls = twin.encoded_texts = twin.window_hits = twin.window_misses = 0
         return twin
@@ -211,18 +197,29 @@ class EmbeddingSimulator(Simulator):
             grid.flags.writeable = False
             _TABLE[:] = [(words, given, dict(self._rows), grid, self._grid_norm, self._pinned)]
 
-    def warm(self, explanations: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    def warm(self, explanations: Sequence[str]) -> dict:
         """Embed these explanations now, in one batch, so later calls find them cached. Returns
-        every text embedded for them (content and full forms) with its vector, for `add_texts`."""
+        every text embedded for them (content and full forms) with its vector, and each
+        explanation's background mean and sd, for `add_texts`."""
         ordered = sorted(set(explanations))
         self.explanations(ordered)
         forms = list(dict.fromkeys([content_of(e) for e in ordered] + ordered))
-        return forms, np.stack([self._explained[t] for t in forms]) if forms else np.zeros((0, 384), np.float32)
+        return {"forms": forms, "vectors": np.stack([self._explained[t] for t in forms]) if forms else np.zeros((0, 384), np.float32),
+                "stated": ordered, "stats": np.array([self._stats[t] for t in ordered]).reshape(-1, 2), "background": self._digest}
 
-    def add_texts(self, forms: Sequence[str], vectors: np.ndarray) -> None:
-        """Take explanation embeddings computed before (by `warm`, in this or another process)."""
+    def add_texts(self, forms, vectors: np.ndarray, stated=(), stats=None, background="") -> bool:
+        """Take what `warm` returned (in this or another process). False when its statistics are
+        missing or were taken against another background: `warm` again to have them."""
+        forms = [str(f) for f in forms]
         self._explained.update(zip(forms, np.asarray(vectors, dtype=np.float32)))
         self._scaled.clear()  # scales computed from the vectors these may replace
+        for f in forms:
+            self._stats.pop(f, None)
+        self._setup()
+        if stats is None or str(background) != self._digest:
+            return False
+        self._stats.update(zip(map(str, stated), map(tuple, np.asarray(stats, dtype=np.float64).tolist())))
+        return True
 
     def _clear_tables(self) -> None:
         self._rows: dict[str, int] = {}  # word or context text -> row of self._grid
@@ -276,6 +273,7 @@ class EmbeddingSimulator(Simulator):
 
             self._background = machine_cached("simulator-background", [self.encoding, self.model_path, *words],
                                               lambda: self._encode(words, fixed=True))
+            self._digest = hashlib.sha256(np.ascontiguousarray(self._background).tobytes()).hexdigest()[:16]
             classes, competitors = self._prompt
             self._descriptions = self._encode(classes + competitors, fixed=True)
 
@@ -289,7 +287,7 @@ class EmbeddingSimulator(Simulator):
         new = list(dict.fromkeys(t for t in texts if t not in known))
         if new:
             self._embed(new)
-            z = self._gates(np.stack([self._explained[t] for t in new]).T)
+            z = self._gates(new)
             known.update((t, z[:, i]) for i, t in enumerate(new))
         return [hashlib.sha256(np.ascontiguousarray(known[t]).tobytes()).hexdigest()[:16] for t in texts]
 
@@ -373,7 +371,7 @@ class EmbeddingSimulator(Simulator):
             E = E / np.sqrt(fixed_sum(E * E))
         mu, sd = fixed_mean_std(cosines(self._background, E))
         sd = sd + 1e-6
-        z_ortho = self._gates(F)
+        z_ortho = self._gates(list(explanations))
         # Quoted words, and the single words an explanation gives as examples, fire as written.
         literals = [(quoted_literals(e) | (named_examples(e) if self.relations else set()), literal_only(e))
                     for e in explanations]
@@ -387,14 +385,13 @@ class EmbeddingSimulator(Simulator):
                 self._explained.clear()
             self._explained.update(zip(new, self._encode(new)))
 
-    def _gates(self, F: np.ndarray) -> np.ndarray:
-        """(classes + 1, n): each full text's (columns of F) class z-scores against the background,
-        kept only for the classes within the margin of its best; the last row (no class) -inf."""
-        f_mu, f_sd = fixed_mean_std(cosines(self._background, F))
-        z_desc = (cosines(self._descriptions, F) - f_mu) / (f_sd + 1e-6)
-        k = len(ORTHO_CLASSES)
-        z_ortho = np.where(z_desc[:k] >= z_desc.max(0) - ORTHO_MARGIN, z_desc[:k], -np.inf)
-        return np.concatenate([z_ortho, np.full((1, F.shape[1]), -np.inf)])
+    def _gates(self, texts: list[str]) -> np.ndarray:
+        """`gates.gates` of these texts; each one's background statistics computed once (`warm`)."""
+        new = [t for t in dict.fromkeys(texts) if t not in self._stats]
+        if new:
+            self._stats.update(zip(new, background_stats(self._background, np.stack([self._explained[t] for t in new]).T)))
+        F = np.stack([self._explained[t] for t in texts]).T
+        return gates(self._descriptions, F, np.array([self._stats[t] for t in texts]).reshape(-1, 2))
 
     def simulate(self, explanation: str, records: Sequence[Sequence[str]]) -> list[Simulation]:
         return self.simulate_many([explanation], records)[0]

@@ -33,6 +33,7 @@ from autoexplain.sources import MLP, polarities_of
 from autoexplain.storage import content_key, read_manifest, require_complete
 from autoexplain.memo import Memo
 from autoexplain.store import Stage
+from autoexplain.text_vectors import explanation_texts, use_text_vectors
 
 Progress = Callable[[int, int], None]  # (units done, units in this call)
 
@@ -128,36 +129,6 @@ def use_word_table(records_dir: Path, out, model) -> None:
     windows_key = read_manifest(records_dir)["inputs"]["windows"]
     _, windows_path, _ = _records_inputs(records_dir, read_manifest(records_dir)["params"]["layers"][0])
     model.add_words(*word_table(windows_path, windows_key, out, model))
-
-
-def _use_text_vectors(explanations: pa.Table, out, sim) -> None:
-    """Embed every text of an explanations output once, and keep the vectors beside the outputs.
-
-    Re-simulating the same explanations (a simulator prompt edit, the nightly rescore) then embeds
-    nothing. Each vector is a function of its text and the encoding alone (see `wordvecs`), so a
-    loaded vector has the very bits a fresh embedding would have."""
-    if not sim.uses_text_vectors:
-        return
-    import numpy as np
-
-    texts = _explanation_texts(explanations)
-    if not texts:
-        return
-    name = content_key({"embedder": sim.embedder, "encoding": sim.encoding, "texts": texts})
-    path = layout.memo(out, "text_vectors") / f"{name}.npz"
-    if path.is_file():
-        saved = np.load(path, allow_pickle=False)
-        sim.add_texts(saved["forms"].tolist(), saved["vectors"])
-        return
-    forms, vectors = sim.warm(texts)
-    with files.replacing(path, ".npz") as tmp:
-        np.savez(tmp, forms=np.array(forms, dtype=str), vectors=vectors)
-
-
-def _explanation_texts(explanations: pa.Table) -> list[str]:
-    """Every text an explanations output gives its units (each candidate, else the text), sorted."""
-    return sorted({t for c, t in zip(explanations.column("candidates").to_pylist(),
-                                     explanations.column("text").to_pylist()) for t in (c or [t])})
 
 
 def _weights(fingerprint: str) -> dict:
@@ -328,11 +299,11 @@ def _simulate(records_dir, explanations: StageRef, out, simulator, sim, seed: in
     sim_id = {"simulator": sim.name, "code": code, **_weights(params.get("weights", ""))}
     llm_cache.attach(sim, out)
     use_word_table(records_dir, out, sim)
-    _use_text_vectors(table, out, sim)
+    use_text_vectors(table, out, sim)
     # A unit is keyed by what of the prompt its texts' simulations depend on, not by the prompt's
     # hash: after an edit, the units it cannot change are read back. "" is simulated when best-of-k
     # finds no usable candidate.
-    texts = sorted(set(_explanation_texts(table)) | {""})
+    texts = sorted(set(explanation_texts(table)) | {""})
     depends = dict(zip(texts, sim.prompt_dependence(texts)))
 
     def key(unit, inputs) -> str:
