@@ -95,8 +95,8 @@ class Memo:
                 value = None  # a log compacted away meanwhile: fall back to the index
         if value is None:
             with self._lock:
-                value = self._sealed_locked(key, columnar)
-        elif value is not None:
+                value = self._sealed_locked(key, columnar)  # notes its shape itself
+        else:
             self._remember(key, value)
         return value
 
