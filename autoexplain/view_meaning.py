@@ -16,7 +16,8 @@ Explanations are embedded without the explainers' frames (`search_text`): 'the w
 The vectors of texts are kept under the output root's cache area (`view.cache_root`), so that a
 rebuild embeds only new explanations; so is what follows from a site's explanations alone (its
 search files and its units' neighbours), so that a rebuild with the same explanations computes none
-of it.
+of it, and one after some explanations changed searches again only around them
+(`neighbours.update`).
 """
 
 from __future__ import annotations
@@ -91,66 +92,7 @@ class _TextVectors:
             write_table(table.to_arrow(), self.path)
 
 
-EXACT_UP_TO = 20_000  # units; above, neighbours are found in the explanations' principal axes first
-
-
-def _top(c, k: int):
-    """Each row's k largest values and their columns, best first, equal values in column order.
-    Hundreds of units share one explanation: which of them a unit lists among its similar units
-    must not depend on how topk happens to break ties, or every rebuild after any change would
-    rewrite most unit files (`view_written`)."""
-    import torch
-
-    values, columns = torch.topk(c, min(k + 1, c.shape[1]), dim=1)
-    cut = values[:, k - 1:k]
-    # Rows whose k-th value recurs beyond the k: only there can topk's choice differ from ours.
-    tied = torch.nonzero(values[:, k] == cut[:, 0]).flatten() if values.shape[1] > k else torch.zeros(0, dtype=torch.long)
-    columns = columns[:, :k]
-    for r in tied.tolist():  # keep the lowest columns among those at the cut
-        row = c[r]
-        above = torch.nonzero(row > cut[r]).flatten()
-        at = torch.nonzero(row == cut[r]).flatten()[:k - len(above)]
-        columns[r] = torch.cat([above, at])
-    columns = torch.sort(columns, dim=1).values
-    values = torch.gather(c, 1, columns)
-    order = torch.sort(values, dim=1, descending=True, stable=True).indices
-    return torch.gather(values, 1, order), torch.gather(columns, 1, order)
-
-
-def nearest(vectors: np.ndarray, k: int, block: int = 1024, axes: np.ndarray | None = None,
-            shortlist: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """For each row, the k other rows of highest cosine (rows are unit vectors; a zero row, a unit
-    without an explanation, is nobody's neighbour) and those cosines, best first; equal cosines in
-    row order (`_top`).
-
-    With `axes` (a d x m projection), each row's `shortlist` nearest are found in the projection and
-    ranked by the full cosine: 92,160 x 92,160 full cosines are minutes of two cores, the
-    projection a sixth of it. Blocks bound the memory; torch's topk picks in parallel."""
-    import torch
-
-    n = len(vectors)
-    k = min(k, max(n - 1, 0))
-    idx, sim = np.zeros((n, k), np.int64), np.zeros((n, k), np.float32)
-    if k == 0:
-        return idx, sim
-    full = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
-    search = full if axes is None else torch.from_numpy(np.ascontiguousarray(vectors @ axes, dtype=np.float32))
-    empty = torch.from_numpy(~vectors.any(axis=1))
-    pick = k if axes is None else min(max(shortlist, k), n - 1)
-    for s in range(0, n, block):
-        rows = torch.arange(s, min(s + block, n))
-        c = search[rows] @ search.T
-        c[:, empty] = -torch.inf
-        c[torch.arange(len(rows)), rows] = -torch.inf
-        values, top = _top(c, pick)
-        if axes is not None:  # rank the shortlist (in row order, from `_top`'s sort) by the full cosine
-            top = torch.sort(top, dim=1).values
-            exact = torch.einsum("rd,rkd->rk", full[rows], full[top])
-            exact[torch.isinf(torch.gather(c, 1, top))] = -torch.inf
-            values, at = _top(exact, k)
-            top = torch.gather(top, 1, at)
-        idx[s:s + len(rows)], sim[s:s + len(rows)] = top.numpy(), values.numpy()
-    return idx, sim
+EXACT_UP_TO = 20_000  # units; above, neighbours are found in the principal axes first (`neighbours`)
 
 
 def _int8(vectors: np.ndarray) -> bytes:
@@ -159,9 +101,13 @@ def _int8(vectors: np.ndarray) -> bytes:
     return np.clip(np.rint(unit * 127), -127, 127).astype(np.int8).tobytes()
 
 
-def _computed(groups: list[tuple[str, list[str], list[str], list]], explainer, cache_dir: Path):
-    """The search-by-meaning files ({path in the site: bytes}) and each unit's nearest units and
-    their cosines (`nearest`), for the explanations of `groups` (see `write_meaning`)."""
+def _computed(groups: list[tuple[str, list[str], list[str], list]], explainer, cache_dir: Path, before: dict | None):
+    """The search-by-meaning files ({path in the site: bytes}), each unit's nearest units and their
+    cosines, and above EXACT_UP_TO units the search's `Shortlists` (kept for the next build), for the
+    explanations of `groups` (see `write_meaning`). `before`: the previous build's texts and
+    shortlists, updated where its pages are these."""
+    from autoexplain.neighbours import Shortlists, nearest, ranked, search, stale, update
+
     embed = _TextVectors(cache_dir, explainer)
     texts = [t for _, _, ts, _ in groups for t in ts]
     has = np.array([bool(t.strip()) for t in texts], dtype=bool)
@@ -174,10 +120,12 @@ def _computed(groups: list[tuple[str, list[str], list[str], list]], explainer, c
     word_vectors = np.concatenate([vocab_vectors, embed(own)]) if own else vocab_vectors
     embed.save()
 
-    # The principal axes of the words (10,000 and more): they spread by meaning, where the axes of a
-    # layer's explanations spread by how explainers phrase them.
-    mean = word_vectors.mean(axis=0)
-    _, _, vt = np.linalg.svd(word_vectors - mean, full_matrices=False)
+    # The principal axes of the vocabulary's words (over 10,000): they spread by meaning, where the
+    # axes of a layer's explanations spread by how explainers phrase them. Of the vocabulary alone,
+    # not of the explanations' own words too, so that they do not move when an explanation changes
+    # and a rebuild can update the last build's search.
+    mean = vocab_vectors.mean(axis=0)
+    _, _, vt = np.linalg.svd(vocab_vectors - mean, full_matrices=False)
     axes = vt[:DIMS].T
     out, start = {}, 0
     for source, ps, _, _ in groups:
@@ -189,10 +137,35 @@ def _computed(groups: list[tuple[str, list[str], list[str], list]], explainer, c
     out["data/words.js"] = js_bytes("words", {
         "dims": DIMS, "words": words, "v": base64.b64encode(_int8((word_vectors - mean) @ axes)).decode("ascii")})
 
+    if len(vectors) <= EXACT_UP_TO:
+        return (*(out, *nearest(vectors, N_SIMILAR)), None)
     # Shortlists in the principal axes plus the mean's direction (which uncentred cosines also weigh).
-    retrieval = np.linalg.qr(np.column_stack([mean, axes]))[0] if len(vectors) > EXACT_UP_TO else None
-    idx, sim = nearest(vectors, N_SIMILAR, axes=retrieval)
-    return out, idx, sim
+    retrieval = np.linalg.qr(np.column_stack([mean, axes]))[0]
+    pages = [p for _, ps, _, _ in groups for p in ps]
+    if before is None or before["pages"] != pages:
+        kept = search(vectors, retrieval)
+        return (out, *ranked(vectors, kept, N_SIMILAR), kept)
+    changed = np.array(before["texts"], dtype=object) != np.array(texts, dtype=object)
+    old = Shortlists(before["values"], before["columns"], before["known"])
+    kept = update(old, vectors, retrieval, changed)
+    redo = np.flatnonzero(stale(old, kept, changed))
+    idx, sim = before["idx"].copy(), before["sim"].copy()
+    idx[redo], sim[redo] = ranked(vectors, kept, N_SIMILAR, rows=redo)
+    return out, idx, sim, kept
+
+
+def _previous(stem: Path, basis: str) -> dict | None:
+    """The pages, texts, shortlists and neighbours of the last build of these sources, if made the
+    same way."""
+    for old in stem.parent.glob(f"{stem.name}-*.npz"):
+        try:
+            with np.load(old, allow_pickle=False) as z:
+                if "basis" in z.files and str(z["basis"]) == basis:
+                    return {"pages": z["pages"].tolist(), "texts": z["texts"].tolist(), "values": z["values"],
+                            "columns": z["columns"], "known": z["known"], "idx": z["idx"], "sim": z["sim"]}
+        except (OSError, ValueError):
+            pass  # unreadable: searched from scratch
+    return None
 
 
 def write_meaning(site_dir: Path, groups: list[tuple[str, list[str], list[str], list]], cache_dir: Path) -> dict[str, list]:
@@ -202,26 +175,29 @@ def write_meaning(site_dir: Path, groups: list[tuple[str, list[str], list[str], 
 
     All but the scores follows from the explanations alone, so it is kept in the cache area, keyed
     by them: a rebuild after re-simulating or re-scoring loads it (no model, no SVD, no search).
-    One file per set of sources; the one of their earlier explanations is removed."""
+    One file per set of sources; the one of their earlier explanations is removed, after its
+    search was updated to the new explanations (`neighbours.update`)."""
     from autoexplain.explain_embedding import EmbeddingExplainer
     from autoexplain.identity import code_identity
     from autoexplain.storage import content_key
 
     explainer = EmbeddingExplainer()
-    stem = f"meaning-{content_key(sorted(s for s, _, _, _ in groups), 8)}"
-    key = content_key({"texts": [[s, ts] for s, _, ts, _ in groups], "embedder": explainer.embedder,
-                       "code": code_identity("autoexplain.view_meaning")})
-    path = Path(cache_dir) / f"{stem}-{key}.npz"
+    stem = Path(cache_dir) / f"meaning-{content_key(sorted(s for s, _, _, _ in groups), 8)}"
+    basis = content_key({"embedder": explainer.embedder, "code": code_identity("autoexplain.view_meaning")})
+    path = stem.parent / f"{stem.name}-{content_key({'texts': [[s, ts] for s, _, ts, _ in groups], 'basis': basis})}.npz"
     if path.is_file():
         with np.load(path, allow_pickle=False) as z:
             out = {str(name): z[f"f{i}"].tobytes() for i, name in enumerate(z["paths"])}
             idx, sim = z["idx"], z["sim"]
     else:
-        out, idx, sim = _computed(groups, explainer, cache_dir)
-        for old in Path(cache_dir).glob(f"{stem}-*.npz"):
+        out, idx, sim, kept = _computed(groups, explainer, cache_dir, _previous(stem, basis))
+        search = {} if kept is None else {"basis": np.array(basis), "values": kept.values, "columns": kept.columns,
+                                          "known": kept.known, "pages": np.array([p for _, ps, _, _ in groups for p in ps]),
+                                          "texts": np.array([t for _, _, ts, _ in groups for t in ts])}
+        for old in stem.parent.glob(f"{stem.name}-*.npz"):
             old.unlink(missing_ok=True)
         with files.replacing(path, suffix=".npz") as tmp:
-            np.savez(tmp, idx=idx, sim=sim, paths=np.array(list(out)),
+            np.savez(tmp, idx=idx, sim=sim, paths=np.array(list(out)), **search,
                      **{f"f{i}": np.frombuffer(data, np.uint8) for i, data in enumerate(out.values())})
     for name, data in out.items():
         (site_dir / name).parent.mkdir(parents=True, exist_ok=True)

@@ -64,7 +64,7 @@ def test_explanations_are_embedded_without_their_frames():
 
 
 def test_nearest_explanations_are_the_brute_force_ones():
-    from autoexplain.view_meaning import nearest
+    from autoexplain.neighbours import nearest
 
     rng = np.random.default_rng(0)
     v = rng.normal(size=(700, 16)).astype(np.float32)
@@ -92,7 +92,7 @@ def test_units_that_share_an_explanation_are_listed_in_unit_order():
     """Equal cosines (units with the same explanation) are listed in row order, in both the exact
     and the shortlisted search, and a change elsewhere does not reshuffle them: a rebuild then
     rewrites only the unit files that really changed."""
-    from autoexplain.view_meaning import nearest
+    from autoexplain.neighbours import nearest
 
     rng = np.random.default_rng(1)
     v = rng.normal(size=(400, 16)).astype(np.float32)
