@@ -23,6 +23,7 @@ of it, and one after some explanations changed searches again only around them
 from __future__ import annotations
 
 import base64
+import json
 import math
 import re
 from pathlib import Path
@@ -161,8 +162,9 @@ def _previous(stem: Path, basis: str) -> dict | None:
         try:
             with np.load(old, allow_pickle=False) as z:
                 if "basis" in z.files and str(z["basis"]) == basis:
-                    return {"pages": z["pages"].tolist(), "texts": z["texts"].tolist(), "values": z["values"],
-                            "columns": z["columns"], "known": z["known"], "idx": z["idx"], "sim": z["sim"]}
+                    pages, texts = json.loads(z["units"].tobytes())
+                    return {"pages": pages, "texts": texts, "values": z["values"], "columns": z["columns"].astype(np.int64),
+                            "known": z["known"].astype(np.int64), "idx": z["idx"].astype(np.int64), "sim": z["sim"]}
         except (OSError, ValueError):
             pass  # unreadable: searched from scratch
     return None
@@ -191,13 +193,15 @@ def write_meaning(site_dir: Path, groups: list[tuple[str, list[str], list[str], 
             idx, sim = z["idx"], z["sim"]
     else:
         out, idx, sim, kept = _computed(groups, explainer, cache_dir, _previous(stem, basis))
-        search = {} if kept is None else {"basis": np.array(basis), "values": kept.values, "columns": kept.columns,
-                                          "known": kept.known, "pages": np.array([p for _, ps, _, _ in groups for p in ps]),
-                                          "texts": np.array([t for _, _, ts, _ in groups for t in ts])}
+        units = json.dumps([[p for _, ps, _, _ in groups for p in ps], [t for _, _, ts, _ in groups for t in ts]])
+        # int32 rows and the texts as one JSON string: a whole model's file is half the size
+        search = {} if kept is None else {"basis": np.array(basis), "values": kept.values, "known": kept.known.astype(np.int32),
+                                          "columns": kept.columns.astype(np.int32),
+                                          "units": np.frombuffer(units.encode(), np.uint8)}
         for old in stem.parent.glob(f"{stem.name}-*.npz"):
             old.unlink(missing_ok=True)
         with files.replacing(path, suffix=".npz") as tmp:
-            np.savez(tmp, idx=idx, sim=sim, paths=np.array(list(out)), **search,
+            np.savez(tmp, idx=idx.astype(np.int32), sim=sim, paths=np.array(list(out)), **search,
                      **{f"f{i}": np.frombuffer(data, np.uint8) for i, data in enumerate(out.values())})
     for name, data in out.items():
         (site_dir / name).parent.mkdir(parents=True, exist_ok=True)
