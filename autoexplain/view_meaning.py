@@ -165,7 +165,7 @@ def _previous(stem: Path, basis: str) -> dict | None:
                     pages, texts = json.loads(z["units"].tobytes())
                     return {"pages": pages, "texts": texts, "values": z["values"], "columns": z["columns"].astype(np.int64),
                             "known": z["known"].astype(np.int64), "idx": z["idx"].astype(np.int64), "sim": z["sim"]}
-        except (OSError, ValueError):
+        except (OSError, ValueError, KeyError):
             pass  # unreadable: searched from scratch
     return None
 
