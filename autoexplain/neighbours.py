@@ -66,15 +66,17 @@ def nearest(vectors: np.ndarray, k: int, block: int = 1024, axes: np.ndarray | N
             shortlist: int = SHORTLIST) -> tuple[np.ndarray, np.ndarray]:
     """For each row, the k other rows of highest cosine and those cosines, best first. With `axes`
     (a d x m projection), among each row's `shortlist` nearest in the projection."""
-    if axes is None:
-        return _exact_search(vectors, k, block)
+    if axes is None:  # each row's k best by the full cosine
+        exact = search(vectors, None, k, block)
+        return exact.columns, exact.values
     shortlist = max(shortlist, k)
     return ranked(vectors, search(vectors, axes, shortlist, block), k, shortlist, block)
 
 
-def search(vectors: np.ndarray, axes: np.ndarray, keep: int = KEPT, block: int = 1024,
+def search(vectors: np.ndarray, axes: np.ndarray | None, keep: int = KEPT, block: int = 1024,
            rows: np.ndarray | None = None) -> Shortlists:
-    """Each row's (or each of `rows`') best `keep` rows in the projection, all of them known."""
+    """Each row's (or each of `rows`') best `keep` rows in the projection (without `axes`, by the
+    full cosine), all of them known."""
     import torch
 
     projected, empty = _projected(vectors, axes)
@@ -160,24 +162,9 @@ def ranked(vectors: np.ndarray, kept: Shortlists, k: int, shortlist: int = SHORT
 def stale(before: Shortlists, after: Shortlists, changed: np.ndarray, shortlist: int = SHORTLIST) -> np.ndarray:
     """The rows whose `ranked` answer may differ between two searches: those changed, those with
     another set of first `shortlist` candidates, and those with a changed row among them."""
+    changed = np.asarray(changed, bool)
     old, new = np.sort(before.columns[:, :shortlist], axis=1), np.sort(after.columns[:, :shortlist], axis=1)
-    return np.asarray(changed, bool) | (old != new).any(axis=1) | np.asarray(changed, bool)[new].any(axis=1)
-
-
-def _exact_search(vectors: np.ndarray, k: int, block: int) -> tuple[np.ndarray, np.ndarray]:
-    import torch
-
-    n = len(vectors)
-    k = min(k, max(n - 1, 0))
-    idx, sim = np.zeros((n, k), np.int64), np.zeros((n, k), np.float32)
-    if k == 0:
-        return idx, sim
-    full, empty = _projected(vectors, None)
-    for s in range(0, n, block):
-        rows = torch.arange(s, min(s + block, n))
-        values, top = ranked_top(_cosines(full, empty, rows, torch.arange(n)), k)
-        idx[s:s + len(rows)], sim[s:s + len(rows)] = top.numpy(), values.numpy()
-    return idx, sim
+    return changed | (old != new).any(axis=1) | changed[new].any(axis=1)
 
 
 def _projected(vectors: np.ndarray, axes: np.ndarray | None):

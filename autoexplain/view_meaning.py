@@ -139,7 +139,7 @@ def _computed(groups: list[tuple[str, list[str], list[str], list]], explainer, c
         "dims": DIMS, "words": words, "v": base64.b64encode(_int8((word_vectors - mean) @ axes)).decode("ascii")})
 
     if len(vectors) <= EXACT_UP_TO:
-        return (*(out, *nearest(vectors, N_SIMILAR)), None)
+        return (out, *nearest(vectors, N_SIMILAR), None)
     # Shortlists in the principal axes plus the mean's direction (which uncentred cosines also weigh).
     retrieval = np.linalg.qr(np.column_stack([mean, axes]))[0]
     pages = [p for _, ps, _, _ in groups for p in ps]
@@ -184,6 +184,8 @@ def write_meaning(site_dir: Path, groups: list[tuple[str, list[str], list[str], 
     from autoexplain.storage import content_key
 
     explainer = EmbeddingExplainer()
+    pages = [p for _, ps, _, _ in groups for p in ps]
+    texts = [t for _, _, ts, _ in groups for t in ts]
     stem = Path(cache_dir) / f"meaning-{content_key(sorted(s for s, _, _, _ in groups), 8)}"
     basis = content_key({"embedder": explainer.embedder, "code": code_identity("autoexplain.view_meaning")})
     path = stem.parent / f"{stem.name}-{content_key({'texts': [[s, ts] for s, _, ts, _ in groups], 'basis': basis})}.npz"
@@ -193,11 +195,10 @@ def write_meaning(site_dir: Path, groups: list[tuple[str, list[str], list[str], 
             idx, sim = z["idx"], z["sim"]
     else:
         out, idx, sim, kept = _computed(groups, explainer, cache_dir, _previous(stem, basis))
-        units = json.dumps([[p for _, ps, _, _ in groups for p in ps], [t for _, _, ts, _ in groups for t in ts]])
         # int32 rows and the texts as one JSON string: a whole model's file is half the size
         search = {} if kept is None else {"basis": np.array(basis), "values": kept.values, "known": kept.known.astype(np.int32),
                                           "columns": kept.columns.astype(np.int32),
-                                          "units": np.frombuffer(units.encode(), np.uint8)}
+                                          "units": np.frombuffer(json.dumps([pages, texts]).encode(), np.uint8)}
         for old in stem.parent.glob(f"{stem.name}-*.npz"):
             old.unlink(missing_ok=True)
         with files.replacing(path, suffix=".npz") as tmp:
@@ -207,8 +208,6 @@ def write_meaning(site_dir: Path, groups: list[tuple[str, list[str], list[str], 
         (site_dir / name).parent.mkdir(parents=True, exist_ok=True)
         (site_dir / name).write_bytes(data)
 
-    pages = [p for _, ps, _, _ in groups for p in ps]
-    texts = [t for _, _, ts, _ in groups for t in ts]
     scores = [v for _, _, _, vs in groups for v in vs]
     return {pages[i]: [[pages[j], texts[j], None if scores[j] is None else round(float(scores[j]), 3),
                         round(float(c), 3)] for j, c in zip(idx[i].tolist(), sim[i].tolist()) if math.isfinite(c)]
