@@ -30,13 +30,15 @@ BASELINES = ("token-lookup", "shuffled")
 
 def shipped_outputs(run: dict) -> tuple[list[Path], list[Path]]:
     """The run's simulations and scores folders made with today's simulator prompt."""
+    from autoexplain.layout import MANIFEST
     from autoexplain.registry import make_simulator
+    from autoexplain.storage import read_manifest
 
     out = Path(run["records"]["path"]).parents[1]
     prompt = make_simulator(run["params"]["simulator"]).prompt_hash
     wanted = {str(Path(e["path"]).parent) for e in run["explanations"]}
-    manifests = {d: json.loads((d / "manifest.json").read_text()) for stage in ("simulations", "scores")
-                 for d in (out / stage).iterdir() if (d / "manifest.json").is_file()}
+    manifests = {d: read_manifest(d) for stage in ("simulations", "scores")
+                 for d in (out / stage).iterdir() if (d / MANIFEST).is_file()}
     sims = [d for d, m in manifests.items() if m["stage"] == "simulations" and m["params"]["prompt"] == prompt
             and m["inputs"]["explanations"] in wanted and m["params"]["layer"] == run["params"]["layer"]]
     scores = [d for d, m in manifests.items() if m["stage"] == "scores"
