@@ -88,8 +88,7 @@ def pooled_table(trials: pl.DataFrame | None, n_boot: int = 1000) -> list[tuple[
         return []
     out = []
     for (spec, method), group in trials.group_by(["scorer", "method"], maintain_order=True):
-        typed = [Trial(r["negatives"], r["prompt"], r["window_id"], r["label"], r["prediction"], r["p_one"], r["failure"])
-                 for r in group.iter_rows(named=True)]
+        typed = [Trial.of_row(r) for r in group.iter_rows(named=True)]
         cls = parse_scorer(spec).cls
         for name, s in pooled(cls.metric, typed, n_boot, 0, cls.metric_prefix).items():
             out.append((spec, method, name, s))

@@ -62,6 +62,12 @@ class Trial:
     completion_tokens: int = 0
     cached_tokens: int = 0
 
+    @classmethod
+    def of_row(cls, row: dict) -> "Trial":
+        """A trial back from a row of the classifications table (its cost columns are the unit's)."""
+        return cls(row["negatives"], row["prompt"], row["window_id"], row["label"], row["prediction"], row["p_one"],
+                   row["failure"])
+
 
 class ParseFailure(ValueError):
     pass

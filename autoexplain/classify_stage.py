@@ -154,8 +154,7 @@ def classifier_score_rows(trials: list[dict], chosen: list[dict], n_boot: int = 
     out = []
     for (layer, unit, polarity, method, spec), rows in groups.items():
         cls = parse_scorer(spec).cls
-        typed = [Trial(r["negatives"], r["prompt"], r["window_id"], r["label"], r["prediction"], r["p_one"],
-                       r["failure"]) for r in rows]
+        typed = [Trial.of_row(r) for r in rows]
         e = explained.get((unit, polarity, method)) or {}
         cost = (e.get("prompt_tokens") or 0) + (e.get("completion_tokens") or 0)
         tokens, dollars = sum(r["tokens"] for r in rows), prices.add(*(r["dollars"] for r in rows))

@@ -53,7 +53,7 @@ def main() -> None:
     if reasons:
         print("failures, e.g.:", *reasons, sep="\n  ")
     for unit in units:
-        mine = [Trial(r["negatives"], r["prompt"], r["window_id"], r["label"], r["prediction"], r["p_one"], r["failure"])
+        mine = [Trial.of_row(r)
                 for r in rows if (r["unit"], r["polarity"], r["method"]) == (unit.id.index, unit.id.polarity, "explainer")]
         got = metrics(scorer.metric, mine, a.n_boot, 0, scorer.metric_prefix)
         print(unit.id, {k: (None if s.value is None else round(s.value, 3), s.n_failed) for k, s in got.items()})

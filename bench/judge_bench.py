@@ -106,8 +106,7 @@ def main() -> None:
             failed += sum(r["failure"] is not None for r in rows)
             trials += len(rows)
             for method in methods:
-                mine = [Trial(r["negatives"], r["prompt"], r["window_id"], r["label"], r["prediction"], r["p_one"],
-                              r["failure"]) for r in rows if r["method"] == method]
+                mine = [Trial.of_row(r) for r in rows if r["method"] == method]
                 got = metrics(scorer.metric, mine, a.n_boot, a.seed, scorer.metric_prefix).get(HEADLINE[kind])
                 values.setdefault((kind, method), {})[key] = None if got is None else got.value
             print(spec.split("@")[0], key, {m: values[(kind, m)][key] for m in methods}, flush=True)
