@@ -102,15 +102,15 @@ def _int8(vectors: np.ndarray) -> bytes:
     return np.clip(np.rint(unit * 127), -127, 127).astype(np.int8).tobytes()
 
 
-def _computed(groups: list[tuple[str, list[str], list[str], list]], explainer, cache_dir: Path, before: dict | None):
+def _computed(groups: list[tuple[str, list[str], list[str], list]], pages: list[str], texts: list[str], explainer,
+              cache_dir: Path, before: dict | None):
     """The search-by-meaning files ({path in the site: bytes}), each unit's nearest units and their
     cosines, and above EXACT_UP_TO units the search's `Shortlists` (kept for the next build), for the
-    explanations of `groups` (see `write_meaning`). `before`: the previous build's texts and
-    shortlists, updated where its pages are these."""
+    explanations of `groups` (see `write_meaning`; `pages` and `texts` are theirs, flattened in order).
+    `before`: the previous build's texts and shortlists, updated where its pages are these."""
     from autoexplain.neighbours import Shortlists, nearest, ranked, search, stale, update
 
     embed = _TextVectors(cache_dir, explainer)
-    texts = [t for _, _, ts, _ in groups for t in ts]
     has = np.array([bool(t.strip()) for t in texts], dtype=bool)
     vectors = np.zeros((len(texts), 384), np.float32)
     if has.any():
@@ -142,7 +142,6 @@ def _computed(groups: list[tuple[str, list[str], list[str], list]], explainer, c
         return (out, *nearest(vectors, N_SIMILAR), None)
     # Shortlists in the principal axes plus the mean's direction (which uncentred cosines also weigh).
     retrieval = np.linalg.qr(np.column_stack([mean, axes]))[0]
-    pages = [p for _, ps, _, _ in groups for p in ps]
     if before is None or before["pages"] != pages:
         kept = search(vectors, retrieval)
         return (out, *ranked(vectors, kept, N_SIMILAR), kept)
@@ -194,7 +193,7 @@ def write_meaning(site_dir: Path, groups: list[tuple[str, list[str], list[str], 
             out = {str(name): z[f"f{i}"].tobytes() for i, name in enumerate(z["paths"])}
             idx, sim = z["idx"], z["sim"]
     else:
-        out, idx, sim, kept = _computed(groups, explainer, cache_dir, _previous(stem, basis))
+        out, idx, sim, kept = _computed(groups, pages, texts, explainer, cache_dir, _previous(stem, basis))
         # int32 rows and the texts as one JSON string: a whole model's file is half the size
         search = {} if kept is None else {"basis": np.array(basis), "values": kept.values, "known": kept.known.astype(np.int32),
                                           "columns": kept.columns.astype(np.int32),
