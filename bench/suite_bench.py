@@ -20,6 +20,7 @@ import numpy as np
 
 from autoexplain.components import Simulator
 from autoexplain.records import Simulation
+from autoexplain.suite import FALSE_KINDS, pairwise_accuracy
 
 
 class NaiveContextSimilarity(Simulator):
@@ -75,7 +76,7 @@ def make(name: str):
 
 def suite_table(simulators: list[str], half: str | None, n_records: int, rules: list[str] | None = None) -> dict:
     from autoexplain.planted import corpus_windows
-    from autoexplain.suite import FALSE_KINDS, rule_records, score_rule, suite_rules
+    from autoexplain.suite import rule_records, score_rule, suite_rules
 
     windows = corpus_windows(n_windows=4000, seed=0)
     chosen = [r for r in suite_rules(half) if not rules or r.name in rules]
@@ -86,23 +87,35 @@ def suite_table(simulators: list[str], half: str | None, n_records: int, rules: 
         t = time.perf_counter()
         per_rule = {r.name: {**score_rule(sim, r, records[r.name]), "half": r.half, "family": r.family} for r in chosen}
         seconds = time.perf_counter() - t
-
-        def mean(rows, key="accuracy"):
-            return round(float(np.mean([row[key] for row in rows])), 3) if rows else None
-
-        rows = list(per_rule.values())
-        summary = {"seconds": round(seconds, 1), "rules": len(rows)}
-        for h in ("dev", "heldout"):
-            summary[h] = mean([r for r in rows if r["half"] == h])
-        for fam in ("lexical", "semantic", "surface", "context"):
-            summary[fam] = mean([r for r in rows if r["family"] == fam])
-        for kind in FALSE_KINDS:
-            wins = [float(r["true"] > r["false"][kind]) if np.isfinite(r["false"][kind]) else float(np.isfinite(r["true"]))
-                    for r in rows if kind in r["false"] and np.isfinite(r["true"])]
-            summary[f"vs_{kind}"] = round(float(np.mean(wins)), 3) if wins else None
-        summary["mean_true"] = round(float(np.nanmean([r["true"] for r in rows])), 3)
-        out[name] = {"summary": summary, "rules": per_rule}
+        out[name] = {"summary": summarise(list(per_rule.values()), seconds), "rules": per_rule}
     return out
+
+
+FAMILIES = ("lexical", "semantic", "surface", "context")
+COLUMNS = ["dev", "heldout", *FAMILIES, *(f"vs_{k}" for k in FALSE_KINDS), "mean_true", "seconds"]
+
+
+def summarise(rows: list[dict], seconds: float) -> dict:
+    """Pairwise accuracy per half, family and kind of false explanation, for simulators and classifier
+    scorers alike: every column counts ties and undefined scores as `suite.pairwise_accuracy` does."""
+    def mean(values):
+        return round(float(np.mean(values)), 3) if values else None
+
+    out = {"seconds": round(seconds, 1), "rules": len(rows)}
+    for h in ("dev", "heldout"):
+        out[h] = mean([r["accuracy"] for r in rows if r["half"] == h])
+    for fam in FAMILIES:
+        out[fam] = mean([r["accuracy"] for r in rows if r["family"] == fam])
+    for kind in FALSE_KINDS:
+        out[f"vs_{kind}"] = mean([pairwise_accuracy(r["true"], [r["false"][kind]]) for r in rows if kind in r["false"]])
+    out["mean_true"] = round(float(np.nanmean([r["true"] for r in rows])), 3)
+    return out
+
+
+def print_table(label: str, summaries: dict[str, dict]) -> None:
+    print(f"{label:12s} " + " ".join(f"{c:>11s}" for c in COLUMNS))
+    for name, summary in summaries.items():
+        print(f"{name:12s} " + " ".join(f"{str(summary[c]):>11s}" for c in COLUMNS))
 
 
 def planted_means(simulators: list[str]) -> dict:
@@ -274,11 +287,7 @@ def main():
     result = {"suite": suite_table(sims, args.half, args.records, [r for r in args.rules.split(",") if r])}
     if not args.no_planted:
         result["planted_mean_true"] = planted_means(sims)
-    cols = ["dev", "heldout", "lexical", "semantic", "surface", "context", "vs_list", "vs_category", "vs_context",
-            "vs_surface", "mean_true", "seconds"]
-    print(f"{'simulator':12s} " + " ".join(f"{c:>11s}" for c in cols))
-    for name, r in result["suite"].items():
-        print(f"{name:12s} " + " ".join(f"{str(r['summary'][c]):>11s}" for c in cols))
+    print_table("simulator", {name: r["summary"] for name, r in result["suite"].items()})
     if args.per_rule:
         for name, r in result["suite"].items():
             print(f"\n{name}")

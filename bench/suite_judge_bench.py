@@ -1,7 +1,7 @@
 """Classifier scorers on the suite of synthetic neurons (`autoexplain.suite`): each rule's true
 explanation and its four false ones scored by a scorer on the rule's test windows, then the pairwise
-accuracy (true above each false one), per half, family and kind of false explanation, as
-bench/suite_bench.py reports it for simulators (issue 15, item 4: "every simulator and scorer").
+accuracy (true above each false one), per half, family and kind of false explanation, with
+bench/suite_bench.py's summary and table for simulators (issue 15, item 4: "every simulator and scorer").
 
     python bench/suite_judge_bench.py --half heldout --scorers detection:openai:M@URL
 
@@ -13,9 +13,11 @@ score that is undefined (every reply failed to parse, or no non-firing window) l
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:
@@ -30,12 +32,14 @@ def main() -> None:
     from autoexplain.agreement import HEADLINE
     from autoexplain.planted import corpus_windows
     from autoexplain.registry import make_scorer
-    from autoexplain.suite import FALSE_KINDS, pairwise_accuracy, rule_records, suite_rules
+    from autoexplain.suite import pairwise_accuracy, rule_records, suite_rules
+    from bench.suite_bench import print_table, summarise
 
     windows = corpus_windows(n_windows=4000, seed=0)
     rules = suite_rules(a.half)[:: a.every]
     records = {r.name: rule_records(windows, r, n_top=a.records, n_random=a.records) for r in rules}
     print(f"{len(rules)} {a.half} rules" + (f" (one in {a.every})" if a.every > 1 else ""))
+    summaries = {}
     for spec in a.scorers.split(","):
         scorer, kind = make_scorer(spec), spec.partition(":")[0]
         started, rows = time.perf_counter(), []
@@ -45,19 +49,13 @@ def main() -> None:
                 s = scorer.score(text, records[rule.name], n_boot=a.n_boot).get(HEADLINE[kind])
                 got.append(float("nan") if s is None or s.value is None else s.value)
             false = dict(zip(rule.false, got[1:]))
-            rows.append({"rule": rule.name, "family": rule.family, "true": got[0], "false": false,
+            rows.append({"rule": rule.name, "half": rule.half, "family": rule.family, "true": got[0], "false": false,
                          "accuracy": pairwise_accuracy(got[0], list(false.values()))})
             print(f"  {rule.name:22s} {rule.family:9s} acc={rows[-1]['accuracy']:.2f} true={got[0]:.2f} "
                   + " ".join(f"{k}={v:.2f}" for k, v in false.items()), flush=True)
-        seconds = time.perf_counter() - started
-        mean = lambda xs: f"{np.mean(xs):.3f}" if xs else "n/a"  # noqa: E731
-        fams = {f: mean([r["accuracy"] for r in rows if r["family"] == f]) for f in ("lexical", "semantic", "surface", "context")}
-        vs = {k: mean([pairwise_accuracy(r["true"], [r["false"][k]]) for r in rows if k in r["false"]]) for k in FALSE_KINDS}
-        print(f"\n| scorer | {a.half} | " + " | ".join(fams) + " | " + " | ".join(f"vs {k}" for k in vs)
-              + " | mean true | seconds |")
-        print("|---" * (len(fams) + len(vs) + 4) + "|")
-        print(f"| {spec.split('@')[0]} | {mean([r['accuracy'] for r in rows])} | " + " | ".join(fams.values()) + " | "
-              + " | ".join(vs.values()) + f" | {np.nanmean([r['true'] for r in rows]):.3f} | {seconds:.0f} |")
+        summaries[spec.split("@")[0]] = summarise(rows, time.perf_counter() - started)
+    print()
+    print_table("scorer", summaries)
 
 
 if __name__ == "__main__":
