@@ -135,12 +135,13 @@ def print_summary(scores_paths: list[Path], result: dict | None = None) -> None:
         share = "-" if r["beats_lookup"] is None else f"{100 * r['beats_lookup']:.0f}%"
         table.add_row(r["method"], r["metric"], str(r["units"]), _fmt(r["mean"]),
                       f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]", share, str(r["undefined"]))
-    err.print(table)
+    _print_table(table)
     err.print(cost_line(run_cost(scores)), highlight=False, soft_wrap=True)
     if result is None:
         return
     if result.get("comparison"):
-        err.print(compare_markdown(result["comparison"], "Change against the previous scores"), highlight=False)
+        err.print(compare_markdown(result["comparison"], "Change against the previous scores"), highlight=False,
+                  soft_wrap=True)
     _print_where(result)
 
 
@@ -158,9 +159,22 @@ def print_model_summary(result: dict) -> None:
         table.add_column(col)
     for cells in lines(pl.DataFrame(report["rows"])):
         table.add_row(*cells)
-    err.print(table)
+    _print_table(table)
     err.print(headline(report["totals"]), highlight=False, soft_wrap=True)
     _print_where(result)
+
+
+def _print_table(table) -> None:
+    """A table at its full width where nobody reads it in a window (a log file, a Prefect worker's
+    output): rich's 80 columns there would cut the method and metric names to 'calibrate…'. A
+    terminal gets the table fitted to the window, as rich does."""
+    if err.is_terminal:
+        err.print(table)
+        return
+    from rich.measure import Measurement
+
+    width = Measurement.get(err, err.options.update_width(100_000), table).maximum
+    Console(stderr=True, width=max(width, err.width)).print(table)
 
 
 def _print_where(result: dict) -> None:

@@ -59,6 +59,22 @@ def test_explain_layer_ends_with_one_summary_and_the_paths(explained):
     assert "Traceback" not in err
 
 
+def test_summary_in_a_log_keeps_every_name_whole(explained, monkeypatch, capsys):
+    """Written to a file or a worker's log (no terminal, no COLUMNS), the layer's table is not cut
+    to rich's 80 columns: every method and metric reads whole on its row."""
+    from autoexplain.console import print_summary
+    from autoexplain.summary import layer_summary
+
+    out, _ = explained
+    monkeypatch.delenv("COLUMNS", raising=False)
+    paths = [Path(r["path"]) for r in json.loads((out / "runs" / "layer_1.json").read_text())["scores"]]
+    print_summary(paths)
+    rows = capsys.readouterr().err.splitlines()
+    assert "…" not in "".join(rows)
+    for r in layer_summary(pl.concat([pl.read_parquet(p) for p in paths])).iter_rows(named=True):
+        assert any(f" {r['method']} " in line and f" {r['metric']} " in line for line in rows), (r["method"], r["metric"])
+
+
 def test_rescore_by_output_root_and_layer(home, explained, tiny_llama_dir):
     out, _ = explained
     before = _table(out, "scores")
