@@ -39,18 +39,28 @@ def report(stage: str, done: int, total: int, key: str = "") -> None:
 
 class Throttle:
     """Calls `emit(message)` at most every `step` of the way (and at the end), with an ETA from the
-    rate so far: for log lines, where a line per unit would drown everything else."""
+    rate since the first report: the time before it was setup (loading a model, reading a shard),
+    and counting it would put hours on the first lines of a shard that takes a minute."""
 
     def __init__(self, emit: Callable[[str], None], what: str, step: float = 0.1):
         self.emit, self.what, self.step = emit, what, step
         self.started = time.perf_counter()
+        self.first: tuple[float, int] | None = None  # (time, done) at the first report
         self.last = -1.0
 
     def __call__(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = (now, done)
         frac = done / total if total else 1.0
         if frac - self.last < self.step and done != total:
             return
         self.last = frac
-        elapsed = time.perf_counter() - self.started
-        eta = elapsed / done * (total - done) if done else float("nan")
-        self.emit(f"{self.what}: {done:,}/{total:,} ({100 * frac:.0f}%), {elapsed:.0f}s elapsed, ETA {eta:.0f}s")
+        since, base = self.first
+        if done >= total:
+            eta = "ETA 0s"
+        elif done > base and now > since:
+            eta = f"ETA {(now - since) / (done - base) * (total - done):.0f}s"
+        else:
+            eta = "ETA unknown"  # no rate yet
+        self.emit(f"{self.what}: {done:,}/{total:,} ({100 * frac:.0f}%), {now - self.started:.0f}s elapsed, {eta}")
