@@ -37,30 +37,40 @@ def report(stage: str, done: int, total: int, key: str = "") -> None:
         listener(stage, key, done, total)
 
 
-class Throttle:
-    """Calls `emit(message)` at most every `step` of the way (and at the end), with an ETA from the
-    rate since the first report: the time before it was setup (loading a model, reading a shard),
-    and counting it would put hours on the first lines of a shard that takes a minute."""
+class Eta:
+    """Time left, from the rate since the first report: the time before it was setup (loading a
+    model, reading a shard, a first shard's warm-up), and counting it would put hours on the first
+    lines of work that takes minutes."""
 
-    def __init__(self, emit: Callable[[str], None], what: str, step: float = 0.1):
-        self.emit, self.what, self.step = emit, what, step
-        self.started = time.perf_counter()
+    def __init__(self):
         self.first: tuple[float, int] | None = None  # (time, done) at the first report
-        self.last = -1.0
 
-    def __call__(self, done: int, total: int) -> None:
+    def __call__(self, done: int, total: int) -> str:
         now = time.perf_counter()
         if self.first is None:
             self.first = (now, done)
+        since, base = self.first
+        if done >= total:
+            return "ETA 0s"
+        if done > base and now > since:
+            return f"ETA {(now - since) / (done - base) * (total - done):.0f}s"
+        return "ETA unknown"  # no rate yet
+
+
+class Throttle:
+    """Calls `emit(message)` at most every `step` of the way (and at the end), with an `Eta`: for
+    log lines, where a line per unit would drown everything else."""
+
+    def __init__(self, emit: Callable[[str], None], what: str, step: float = 0.1):
+        self.emit, self.what, self.step = emit, what, step
+        self.started, self.eta = time.perf_counter(), Eta()
+        self.last = -1.0
+
+    def __call__(self, done: int, total: int) -> None:
+        eta = self.eta(done, total)  # every report counts towards the rate, shown or not
         frac = done / total if total else 1.0
         if frac - self.last < self.step and done != total:
             return
         self.last = frac
-        since, base = self.first
-        if done >= total:
-            eta = "ETA 0s"
-        elif done > base and now > since:
-            eta = f"ETA {(now - since) / (done - base) * (total - done):.0f}s"
-        else:
-            eta = "ETA unknown"  # no rate yet
-        self.emit(f"{self.what}: {done:,}/{total:,} ({100 * frac:.0f}%), {now - self.started:.0f}s elapsed, {eta}")
+        elapsed = time.perf_counter() - self.started
+        self.emit(f"{self.what}: {done:,}/{total:,} ({100 * frac:.0f}%), {elapsed:.0f}s elapsed, {eta}")

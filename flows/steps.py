@@ -78,7 +78,7 @@ def gather(works: list[LayerWork], what: str = "units") -> None:
     as assets and report progress over all of them (the log line and the `what` bar)."""
     log = get_run_logger()
     by_future = {shard[3]: (work, shard) for work in works for shard in work.shards}
-    total, done, started = sum(len(w.chosen) for w in works), 0, time.perf_counter()
+    total, done, started, eta = sum(len(w.chosen) for w in works), 0, time.perf_counter(), progress.Eta()
     for fut in as_completed(list(by_future)):
         work, (units, x, s, c, asked) = by_future[fut]
         xr, sr = x.result(), s.result()  # a failed shard raises here, before it counts as done
@@ -89,7 +89,7 @@ def gather(works: list[LayerWork], what: str = "units") -> None:
         elapsed = time.perf_counter() - started
         rate = done / elapsed if elapsed else float("nan")
         log.info(f"{what} {done}/{total} done ({rate:.2f}/s; layer {work.layer} {work.kind} shard {units[0]}-{units[-1]}); "
-                 f"ETA {(total - done) / rate if rate else float('nan'):.0f}s")
+                 f"{eta(done, total)}")
         progress.report(what, done, total)
         publish(xr, [work.records])
         publish(sr, [work.records, xr])

@@ -21,3 +21,16 @@ def test_eta_leaves_out_the_setup_before_the_first_report(monkeypatch):
     assert lines[1] == "simulate layer 1: 11/100 (11%), 110s elapsed, ETA 89s"
     assert lines[-1] == "simulate layer 1: 100/100 (100%), 199s elapsed, ETA 0s"
     assert len(lines) == 11, "one line every tenth of the way"
+
+
+def test_eta_of_shards_finishing(monkeypatch):
+    """explain-layer's gathering line: the first shard carries the run's warm-up (loading the
+    embedder, the explainer helper), so the rate is the shards after it."""
+    clock = [0.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: clock[0])
+    eta = progress.Eta()
+    said = []
+    for done, at in [(256, 90.0), (512, 103.0), (768, 116.0), (1536, 155.0)]:
+        clock[0] = at
+        said.append(eta(done, 1536))
+    assert said == ["ETA unknown", "ETA 52s", "ETA 39s", "ETA 0s"]  # 13 s a shard of 256 after the first
