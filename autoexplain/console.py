@@ -18,15 +18,29 @@ err = Console(stderr=True)
 
 
 class _Rate(TextColumn):
-    """Items per second: `unit` fixed (tokens, whole numbers) or, when None, the task's own `unit`."""
+    """Items per second: `unit` fixed (tokens, whole numbers) or, when None, the task's own `unit`.
+
+    A finished bar keeps the rate it finished at: its elapsed time runs on until the whole run ends,
+    which would make a stage that finished early look slower by the minute."""
 
     def __init__(self, unit: str | None = None, digits: int = 1):
         super().__init__("")
         self.unit, self.digits = unit, digits
 
     def render(self, task):
-        rate = task.completed / task.elapsed if task.elapsed else 0.0
+        seconds = task.finished_time if task.finished else task.elapsed
+        rate = task.completed / seconds if seconds else 0.0
         return f"{rate:,.{self.digits}f} {self.unit or task.fields.get('unit', '')}/s"
+
+
+def _unclipped(width: int) -> Console:
+    """Where output goes: `err` in a terminal (rich fits lines to the window); in a log file or a
+    Prefect worker's output, a console at least `width` wide, since rich's 80 columns there cut the
+    ends off tables and bars."""
+    return err if err.is_terminal else Console(stderr=True, width=max(width, err.width))
+
+
+_BAR_WIDTH = 160  # the longest bar line: description, bar, counts, rate, ETA and elapsed
 
 
 def progress_bar() -> Progress:
@@ -38,17 +52,19 @@ def progress_bar() -> Progress:
         TextColumn("ETA"),
         TimeRemainingColumn(),
         TimeElapsedColumn(),
-        console=err,
+        console=_unclipped(_BAR_WIDTH),
         transient=False,
     )
 
 
-def stage_bars():
+def stage_bars(get_time=None):
     """Bars for a whole explain-layer run, fed by `autoexplain.progress` events from its tasks.
 
     Tasks of several shards report side by side; each stage's bar adds up the latest count of
     every shard that has started (so its total grows as shards start), and the "scored" bar is the
-    flow's count of neurons (both polarities) finished through scoring. Returns (rich Progress, listener)."""
+    flow's count of neurons (both polarities) finished through scoring. rich unfinishes a bar whose
+    total grows, so a stage whose shards had all finished runs on when another starts. `get_time` is
+    rich's clock (tests pass their own). Returns (rich Progress, listener)."""
     bars = Progress(
         TextColumn("[bold]{task.description:<9}"),
         BarColumn(),
@@ -57,7 +73,8 @@ def stage_bars():
         TextColumn("ETA"),
         TimeRemainingColumn(),
         TimeElapsedColumn(),
-        console=err,
+        console=_unclipped(_BAR_WIDTH),
+        get_time=get_time,
     )
     ids: dict[str, int] = {}
     parts: dict[str, dict[str, tuple[int, int]]] = {}
@@ -173,8 +190,7 @@ def _print_table(table) -> None:
         return
     from rich.measure import Measurement
 
-    width = Measurement.get(err, err.options.update_width(100_000), table).maximum
-    Console(stderr=True, width=max(width, err.width)).print(table)
+    _unclipped(Measurement.get(err, err.options.update_width(100_000), table).maximum).print(table)
 
 
 def _print_where(result: dict) -> None:

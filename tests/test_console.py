@@ -1,0 +1,60 @@
+"""The command line's stage bars: a rate, an elapsed time and an ETA that say what the stage did."""
+
+from __future__ import annotations
+
+from rich.progress import TimeElapsedColumn
+
+from autoexplain import console
+
+
+def _shown(bars, stage: int) -> tuple[str, str]:
+    task = bars.tasks[stage]
+    return console._Rate().render(task), str(TimeElapsedColumn().render(task))
+
+
+def test_a_finished_stage_keeps_its_rate_while_the_run_goes_on():
+    clock = [0.0]
+    bars, listener = console.stage_bars(get_time=lambda: clock[0])
+    listener("record", "layer 3", 0, 1_000)
+    clock[0] = 10.0
+    listener("record", "layer 3", 1_000, 1_000)  # 100 tokens a second
+    clock[0] = 300.0  # explaining, simulating, scoring
+    listener("explain", "shard 0", 5, 10)
+    assert _shown(bars, 0) == ("100.0 tokens/s", "0:00:10")
+    assert _shown(bars, 1) == ("0.0 units/s", "0:00:00")
+
+
+def test_a_stage_runs_again_when_another_shard_starts_after_it_finished():
+    clock = [0.0]
+    bars, listener = console.stage_bars(get_time=lambda: clock[0])
+    listener("simulate", "shard 0", 0, 100)
+    clock[0] = 20.0
+    listener("simulate", "shard 0", 100, 100)  # finished, for now
+    clock[0] = 30.0
+    listener("simulate", "shard 1", 0, 100)
+    assert not bars.tasks[0].finished, "a bar that still has 100 units to go is not finished"
+    clock[0] = 50.0
+    listener("simulate", "shard 1", 50, 100)
+    assert _shown(bars, 0) == ("3.0 units/s", "0:00:50")  # 150 units in 50 s, not frozen at 20 s
+    clock[0] = 60.0
+    listener("simulate", "shard 1", 100, 100)
+    clock[0] = 500.0
+    assert _shown(bars, 0) == ("3.3 units/s", "0:01:00")
+
+
+def test_bars_in_a_log_are_not_cut(monkeypatch, capsys):
+    """Written to a file or a worker's log (no terminal, no COLUMNS), the final bars end with their
+    elapsed time, not at rich's 80 columns ('ETA 0:00:…')."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    clock = [0.0]
+    bars, listener = console.stage_bars(get_time=lambda: clock[0])
+    with bars:
+        listener("record", "layer 15", 0, 1_000_000)
+        listener("model", "layer 15", 0, 30_000)
+        clock[0] = 160.0
+        listener("record", "layer 15", 1_000_000, 1_000_000)
+        listener("model", "layer 15", 30_000, 30_000)
+    lines = [" ".join(line.split()) for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert "…" not in "".join(lines)
+    assert lines[0].startswith("record") and lines[0].endswith(" 6,250.0 tokens/s ETA 0:00:00 0:02:40"), lines[0]
+    assert lines[1].startswith("model") and lines[1].endswith(" 187.5 units, all layers/s ETA 0:00:00 0:02:40"), lines[1]
