@@ -30,7 +30,8 @@ class _Rate(TextColumn):
     def render(self, task):
         seconds = task.finished_time if task.finished else task.elapsed
         rate = task.completed / seconds if seconds else 0.0
-        return f"{rate:,.{self.digits}f} {self.unit or task.fields.get('unit', '')}/s"
+        unit = self.unit or task.fields.get("unit", "").split(",")[0]  # "units, all layers" -> units/s
+        return f"{rate:,.{self.digits}f} {unit}/s"
 
 
 def _unclipped(width: int) -> Console:

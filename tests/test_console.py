@@ -57,4 +57,4 @@ def test_bars_in_a_log_are_not_cut(monkeypatch, capsys):
     lines = [" ".join(line.split()) for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert "…" not in "".join(lines)
     assert lines[0].startswith("record") and lines[0].endswith(" 6,250.0 tokens/s ETA 0:00:00 0:02:40"), lines[0]
-    assert lines[1].startswith("model") and lines[1].endswith(" 187.5 units, all layers/s ETA 0:00:00 0:02:40"), lines[1]
+    assert lines[1].startswith("model") and lines[1].endswith("30,000/30,000 units, all layers 187.5 units/s ETA 0:00:00 0:02:40"), lines[1]
