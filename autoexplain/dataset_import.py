@@ -64,6 +64,13 @@ def _stage(out: Path, stage: str, inputs: dict, params: dict, tables: dict[str, 
     return made.directory, made.key
 
 
+def _of_source(table: pa.Table, kind: str) -> pa.Table:
+    """`table` with the `source` column a run's tables carry: the kind on every row of a sparse
+    coder's latents (what later stages read a unit's source from), none on a layer's neurons."""
+    table = table.drop_columns(["source"]) if "source" in table.column_names else table
+    return table if kind == MLP.kind else table.append_column("source", pa.array([kind] * table.num_rows, pa.string()))
+
+
 def import_layer(folder: Path, out: Path, layer: int, kind: str, params: dict) -> Path:
     """One (layer, source) of the dataset as windows, records, explanations and scores stages, and
     its run pointer (returned)."""
@@ -90,11 +97,10 @@ def import_layer(folder: Path, out: Path, layer: int, kind: str, params: dict) -
         {"layers": [layer], "top_k": params["top_k"], "n_random": params["n_random"], "dataset": digest, **named},
         {layout.records_table(".", layer).name: (records, "records"), layout.stats_table(".", layer).name: (stats, "unit_stats")})
 
-    explained = import_explanations(folder, layer, kind)
+    explained = _of_source(import_explanations(folder, layer, kind), kind)
     expl_dir, expl_key = _stage(out, "explanations", {"dataset": digest["explanations"]}, {"layer": layer},
                                 {layout.table(".", layer).name: (explained, "explanations")})
-    scores = _table(folder, "scores", kind, layer)
-    scores = scores.drop_columns(["source"]) if "source" in scores.column_names else scores
+    scores = _of_source(_table(folder, "scores", kind, layer), kind)
     scores_dir, scores_key = _stage(out, "scores", {"dataset": digest["scores"]}, {"layer": layer},
                                     {layout.table(".", layer).name: (scores, "scores")})
 

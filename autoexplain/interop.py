@@ -124,7 +124,8 @@ def export_layer(folder: str | Path, units: list[UnitRecords], chosen: pa.Table,
 def _from_dataset(folder: Path, layer: int | None, kind: str | None = None) -> pa.Table:
     """The explainer's rows of a dataset `publish` wrote (`data/explanations/<source>/layer_<L>.parquet`,
     of one source `kind` or all), as an explanations table: its candidates kept, its costs not (they
-    were paid by its run)."""
+    were paid by its run; the importing run spends nothing on them, so its cost line says $0, not
+    "unknown")."""
     parts = sorted((folder / "data" / "explanations").glob(f"{kind or '*'}/layer_{'*' if layer is None else layer}.parquet"))
     if not parts:
         raise UserError(f"{folder} is a published dataset without explanations of layer {layer}",
@@ -132,7 +133,7 @@ def _from_dataset(folder: Path, layer: int | None, kind: str | None = None) -> p
     table = pa.concat_tables([pq.read_table(f) for f in parts], promote_options="default")
     rows = [{**{k: r[k] for k in ("layer", "unit", "polarity", "method", "prompt_hash", "text", "candidates")},
              "explainer": f"imported:{r['explainer']}", "candidate_valid_scores": [], "prompt_tokens": 0,
-             "completion_tokens": 0, "dollars": None, "selection_tokens": 0, "selection_dollars": 0.0}
+             "completion_tokens": 0, "dollars": 0.0, "selection_tokens": 0, "selection_dollars": 0.0}
             for r in table.to_pylist() if r["method"] == "explainer" and (r["text"] or "").strip()]
     return pa.Table.from_pylist(rows, schema=load_schema("explanations"))
 
@@ -168,5 +169,5 @@ def import_explanations(folder: str | Path, layer: int | None = None, kind: str 
             rows.append({"layer": key[0], "unit": key[1], "polarity": key[2], "method": "explainer", "explainer": "imported",
                          "prompt_hash": "", "text": texts[0], "candidates": texts, "candidate_valid_scores": [],
                          "prompt_tokens": 0, "completion_tokens": 0,
-                         "dollars": None, "selection_tokens": 0, "selection_dollars": 0.0})
+                         "dollars": 0.0, "selection_tokens": 0, "selection_dollars": 0.0})
     return pa.Table.from_pylist(rows, schema=load_schema("explanations"))

@@ -188,6 +188,17 @@ def test_explain_layer_and_rescore_on_latents_from_the_command_line(tiny_llama_d
     with gzip.open(out.parent / "ds" / "neuronpedia" / "explanations" / "batch-0.jsonl.gz", "rt") as f:
         assert {json.loads(line)["layer"] for line in f} == {"1-sae-res-40"}
 
+    # read back as a run of latents that rescore re-scores, as it re-scores the original
+    imported = out.parent / "imported"
+    assert cli(home, "import", "--from", str(out.parent / "ds"), "--out", str(imported)).returncode == 0
+    back = cli(home, "rescore", "--out", str(imported), "--layer", "1", "--source", "sae-res-40", "--bootstrap", "60")
+    assert back.returncode == 0, back.stderr[-4000:]
+    assert "mean change: +0.000" in back.stderr and "cost: $0.0000" in back.stderr, "imported texts cost this run nothing"
+    run = json.loads((imported / "runs" / "layer_1.sae-res-40.json").read_text())
+    for stage in ("explanations", "scores"):
+        table = pl.concat([pl.read_parquet(r["path"]) for r in run[stage]])
+        assert set(table["source"]) == {"sae-res-40"} and set(table["unit"]) == {8, 9}, stage
+
     bad = cli(home, "explain-layer", "--source", f"sae:{tiny_sae}", "--layer", "2", *common)
     assert bad.returncode == 2 and "disagrees" in bad.stderr and "Traceback" not in bad.stderr
 
