@@ -85,7 +85,10 @@ def stage_bars(get_time=None):
         done_all = sum(d for d, _ in parts[stage].values())
         total_all = sum(t for _, t in parts[stage].values())
         if stage not in ids:
-            unit = {"record": "tokens", "scored": "neurons", "model": "units, all layers"}.get(stage, "units")
+            # simulate counts a unit twice (in a shard of two or more): its explanation with the
+            # baselines, then its shuffled control
+            unit = {"record": "tokens", "simulate": "simulations", "scored": "neurons",
+                    "model": "units, all layers"}.get(stage, "units")
             ids[stage] = bars.add_task(stage, total=total_all, unit=unit)
         bars.update(ids[stage], completed=done_all, total=max(total_all, bars.tasks[ids[stage]].total or 0))
 

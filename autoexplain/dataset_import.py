@@ -29,7 +29,7 @@ from autoexplain.interop import import_explanations
 from autoexplain.publish import CARD_MARK, dataset_file
 from autoexplain.sources import MLP
 from autoexplain import layout
-from autoexplain.storage import file_digest, write_run
+from autoexplain.storage import file_digest, layer_name, read_run, write_run
 from autoexplain.store import Stage
 
 # The card's "Made by" lines: "- layer 15, `mlp`: `{...params...}` (finished ...)".
@@ -125,6 +125,13 @@ def import_dataset(folder: str | Path, out: str | Path, layers: list[int] | None
     if not chosen:
         raise UserError(f"{folder} holds no run of layer(s) {layers} (it has {sorted({L for L, _ in runs})})",
                         "pass layers the dataset has")
+    # A run pointer is the user's handle on their latest run: importing over one would silently swap
+    # their own run for the dataset's. Importing the same dataset again is fine (same folders).
+    taken = [layer_name(L, kind) for L, kind in sorted(chosen) if (run := read_run(out, L, kind)) is not None
+             and run.get("dataset") != str(folder.resolve())]
+    if taken:
+        raise UserError(f"{out} already holds runs of {', '.join(taken)} that importing would replace",
+                        "import into a new --out folder")
     for (layer, kind), params in sorted(chosen.items()):
         import_layer(folder, out, layer, kind, params)
     return sorted(chosen)

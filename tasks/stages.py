@@ -42,6 +42,7 @@ from autoexplain.pipeline import ExplainConfig
 from autoexplain.registry import explainer_prompt, simulator_identity
 from autoexplain.record import RecordConfig, build_windows, record_sources
 from autoexplain.source_coder import open_unit_source
+from autoexplain.sources import MLP
 from autoexplain.storage import content_key, is_complete, local_ref, open_root, read_manifest
 from autoexplain.store import stage_key
 from autoexplain.schemas.contracts import ContractViolation
@@ -116,8 +117,12 @@ def _progress(stage: str, key: str):
     return report
 
 
-def _shard(units: list[int]) -> str:
-    return f"units {units[0]}-{units[-1]}" if units else "units"
+def _shard(records: dict, layer: int, units: list[int]) -> str:
+    """A shard's name in the logs and progress events: one of its own in a run of several layers and
+    sources (the CLI's bars add up the shards by name)."""
+    kind = records.get("source", MLP.kind)
+    span = f"units {units[0]}-{units[-1]}" if units else "units"
+    return f"layer {layer} {span}" if kind == MLP.kind else f"layer {layer} {kind} {span}"
 
 
 def ref(stage_ref) -> dict:
@@ -352,7 +357,7 @@ def explain_task(records: dict, layer: int, units: list[int], explainer: str, k:
     log = get_run_logger()
     records, out = local_ref(records), open_root(out)
     result = layer_mod.run_explain(records["path"], layer, out, units, explainer, ExplainConfig(k=k),
-                                   llm=llm_for(explainer), progress=_progress("explain", _shard(units)))
+                                   llm=llm_for(explainer), progress=_progress("explain", _shard(records, layer, units)))
     log.info(f"explained units {units[0]}..{units[-1]} of layer {layer}")
     return ref(result)
 

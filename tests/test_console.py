@@ -35,11 +35,11 @@ def test_a_stage_runs_again_when_another_shard_starts_after_it_finished():
     assert not bars.tasks[0].finished, "a bar that still has 100 units to go is not finished"
     clock[0] = 50.0
     listener("simulate", "shard 1", 50, 100)
-    assert _shown(bars, 0) == ("3.0 units/s", "0:00:50")  # 150 units in 50 s, not frozen at 20 s
+    assert _shown(bars, 0) == ("3.0 simulations/s", "0:00:50")  # 150 in 50 s, not frozen at 20 s
     clock[0] = 60.0
     listener("simulate", "shard 1", 100, 100)
     clock[0] = 500.0
-    assert _shown(bars, 0) == ("3.3 units/s", "0:01:00")
+    assert _shown(bars, 0) == ("3.3 simulations/s", "0:01:00")
 
 
 def test_bars_in_a_log_are_not_cut(monkeypatch, capsys):

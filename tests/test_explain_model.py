@@ -74,6 +74,10 @@ def test_the_model_report_matches_the_scores(modelled):
     assert "Model report" in err and "over 2 layers and 1 source(s) (mlp)" in err and "Traceback" not in err
     assert result.stdout.strip() == str(out.resolve())
     assert "model " in err and "units, all layers" in err, "one bar for the whole model"
+    bars = {line.split()[0]: line.split()[2] for line in err.splitlines() if line.split()[:1] in (["explain"], ["simulate"])}
+    # 2 layers x 4 units x 2 polarities, no shard counted over another; each simulated twice (its
+    # explanation, then its shuffled control)
+    assert bars == {"explain": "16/16", "simulate": "32/32"}
     page = (out / "site" / "model" / "report.html").read_text()
     for layer in (0, 2):
         scores = _scores(json.loads((out / "runs" / f"layer_{layer}.json").read_text()))
@@ -119,6 +123,11 @@ def test_publish_a_model_run_then_import_and_rescore_it(home, modelled, tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"rescore --out {again} --layer 2" in result.stderr
     assert sorted(p.name for p in (again / "runs").iterdir()) == ["layer_0.json", "layer_2.json"]
+    assert stage_cli(home, "import", "--from", str(dataset), "--out", str(again)).returncode == 0, "the same again"
+    mine = (out / "runs" / "layer_2.json").read_bytes()
+    over = stage_cli(home, "import", "--from", str(dataset), "--out", str(out))
+    assert "already holds runs of layer_0, layer_2" in _one_error_line(over) and "new --out" in over.stderr
+    assert (out / "runs" / "layer_2.json").read_bytes() == mine, "the user's own run is still the latest"
     rescored = cli(home, "rescore", "--out", str(again), "--layer", "2", "--bootstrap", "50")
     assert rescored.returncode == 0, rescored.stderr[-4000:]
     assert "mean change: +0.000" in rescored.stderr
