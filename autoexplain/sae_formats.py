@@ -197,17 +197,26 @@ def read_gemmascope(path: Path, transcoder: bool, layer: int | None) -> SparseCo
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read {file}: {type(e).__name__}", "the params.npz is damaged") from None
     _require(t, ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"), file, "GemmaScope")
-    parts = file.resolve().parts
+    parts = file.absolute().parts
     layer = next((int(m.group(1)) for p in parts if (m := re.fullmatch(r"layer_(\d+)", p))), layer)
-    if any("att" in p.split("-")[-1] for p in parts if p.startswith("gemma-scope")):
+    release = _gemmascope_release(file).split("-")
+    if "att" in release:
         raise UserError(f"{file} is an attention-output SAE", "autoexplain reads residual, MLP-output and transcoder coders")
-    point = "mlp_in" if transcoder else "mlp_out" if any(p.startswith("gemma-scope") and p.endswith("-mlp") for p in parts) else "resid_post"
+    point = "mlp_in" if transcoder else "mlp_out" if "mlp" in release else "resid_post"
     return SparseCoder(
         str(file), "gemmascope", "jumprelu", transcoder, None if layer is None else HookPoint(layer, point),
         t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], subtract_b_dec=False, threshold=t["threshold"],
     ).to_float32().check()
 
 
+def _gemmascope_release(path: Path) -> str:
+    """The release folder above a params.npz ('gemma-scope-2b-pt-mlp'), also in Hugging Face's cache
+    ('models--google--gemma-scope-2b-pt-mlp/snapshots/<revision>/layer_3/...'). The path is taken as
+    given, not resolved: in that cache the file is a link into blobs/, which has no folder names."""
+    names = (p.split("--")[-1] for p in path.absolute().parts)
+    return next((n for n in names if n.startswith("gemma-scope")), "")
+
+
 def gemmascope_is_transcoder(path: Path) -> bool:
     """GemmaScope transcoders share the SAEs' file layout; only their release folder tells them apart."""
-    return any("transcoder" in p for p in path.resolve().parts)
+    return any("transcoder" in p for p in path.absolute().parts)  # not resolved: see _gemmascope_release

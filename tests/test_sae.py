@@ -250,6 +250,27 @@ def test_gemmascope_params_npz(tmp_path, x):
     one_line(e, "attention-output SAE")
 
 
+def test_gemmascope_in_the_hugging_face_cache(tmp_path, x):
+    """As `hf_hub_download` leaves it: the repository's folder named models--google--<release>, the
+    file a link into blobs/. The release and layer come from the folders the link sits in."""
+    t = weights("jumprelu")
+    blob = write_gemmascope(tmp_path / "blobs", t) / "params.npz"
+    for repo, source, point in (("gemma-scope-2b-pt-mlp", "sae", "mlp_out"), ("gemma-scope-2b-pt-res", "sae", "resid_post"),
+                                ("gemma-scope-2b-pt-transcoders", "transcoder", "mlp_in")):
+        folder = tmp_path / f"models--google--{repo}" / "snapshots" / "abc123" / "layer_3" / "width_16k" / "average_l0_32"
+        folder.mkdir(parents=True)
+        (folder / "params.npz").symlink_to(blob)
+        coder = load_coder(parse_source(f"{source}:{folder}"))
+        assert (coder.hook.layer, coder.hook.point, coder.transcoder) == (3, point, source == "transcoder"), repo
+    assert_encodes(coder, formula("jumprelu", t, x, subtract=False), x)
+    att = tmp_path / "models--google--gemma-scope-2b-pt-att" / "snapshots" / "abc123" / "layer_1"
+    att.mkdir(parents=True)
+    (att / "params.npz").symlink_to(blob)
+    with pytest.raises(UserError) as e:
+        load_coder(parse_source(f"sae:{att}"))
+    one_line(e, "attention-output SAE")
+
+
 # --- the spec, model dims and bad input: one line each, before any work --------------------------
 
 def one_line(excinfo, *words):
