@@ -145,7 +145,10 @@ def _explain_layer(plan: preflight.LayerPlan, out: str, results: str | None, par
                    corpus, tokens, explainer, simulator, scorers, k, shard_size, n_boot, revisions, site, window_len, top_k,
                    n_random, source) -> dict:
     record = with_results(results, record_task)[0]
-    records = record(model, corpus, [layer], tokens, out, window_len, top_k, n_random, 0, source, plan.source_id)
+    # As a state: called in the flow's thread, a task whose body ends in a Failed state (a one-line
+    # error) would hand back that state as its value; `result()` raises its error instead.
+    records = record(model, corpus, [layer], tokens, out, window_len, top_k, n_random, 0, source, plan.source_id,
+                     return_state=True).result()
     publish_recording(records)
     work = submit_layer(records, layer, plan.source.kind, plan.units, plan.revisions, explainer=explainer,
                         simulator=simulator, scorers=scorers, model=model, k=k, shard_size=shard_size, n_boot=n_boot,

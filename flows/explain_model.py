@@ -78,7 +78,8 @@ def _explain_model(plan: model_plan.ModelPlan, out: str, results: str | None, p:
     # Every source's layers from one pass of the subject: a folder per source, as each alone would write.
     recordings = record(p["model"], p["corpus"], [(spec, [part.layer for part in parts], parts[0].source_id)
                                                    for spec, parts in plan.sources],
-                        p["tokens"], out, p["window_len"], p["top_k"], p["n_random"], 0)
+                        p["tokens"], out, p["window_len"], p["top_k"], p["n_random"], 0,
+                        return_state=True).result()  # its one-line error raised, not returned: see explain_layer
     works = []
     for (spec, parts), records in zip(plan.sources, recordings):
         publish_recording(records)

@@ -174,3 +174,15 @@ def test_stage_commands_reject_bad_input_in_one_line(home, explained, tmp_path):
     assert "--layers range '2-1' runs backwards" in _one_error_line(cli(home, "record", "--layers", "2-1",
                                                                          "--out", str(tmp_path / "o")))
     assert not (tmp_path / "o").exists() and not (tmp_path / "export").exists()
+
+
+@pytest.mark.parametrize("command", ["explain-layer", "explain-model"])
+def test_a_corpus_too_short_for_the_exemplars_is_one_line(home, tiny_llama_dir, prose_corpus, tmp_path, command):
+    """Found only when the recording task reads the corpus: the flow ends with the task's one line."""
+    short = tmp_path / "short.txt"
+    short.write_text(Path(prose_corpus).read_text()[:3000])
+    layer = ["--layer", "1"] if command == "explain-layer" else ["--layers", "1"]
+    result = cli(home, command, "--model", tiny_llama_dir, "--corpus", str(short), *layer, "--units", "0-1",
+                 "--out", str(tmp_path / "out"))
+    assert "exemplars need at least 70" in _one_error_line(result)
+    assert not list((tmp_path / "out").rglob("records/*/manifest.json")), "nothing recorded"
