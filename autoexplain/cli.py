@@ -255,11 +255,12 @@ def export_cmd(
     from autoexplain.interop import export_layer
     from autoexplain import layout
     from autoexplain.layer import StageRef, load_units
-    from autoexplain.storage import read_manifest
+    from autoexplain.storage import read_manifest, require_recording
 
     def go():
         score_ref = StageRef.of(scores)
         _records_layer(records, score_ref.layer)
+        require_recording(score_ref.directory, records)
         sims_ref = StageRef.of(read_manifest(score_ref.directory)["inputs"]["simulations"])
         sims = pq.read_table(sims_ref.path)
         units = load_units(records, score_ref.layer, sorted(set(sims.column("unit").to_pylist())))

@@ -30,7 +30,7 @@ from autoexplain.identity import code_identity
 from autoexplain.registry import DEFAULT_EXPLAINER, explainer_prompt, explainer_weights, make_explainer, make_simulator
 from autoexplain.rows import stamped, table_rows
 from autoexplain.sources import MLP, polarities_of
-from autoexplain.storage import content_key, read_manifest, require_complete
+from autoexplain.storage import content_key, read_manifest, require_complete, require_recording
 from autoexplain.memo import Memo
 from autoexplain.store import Stage
 from autoexplain.text_vectors import explanation_texts, use_text_vectors
@@ -286,6 +286,7 @@ def _simulate(records_dir, explanations: StageRef, out, simulator, sim, seed: in
     sim = sim or make_simulator(simulator)
     layer = explanations.layer
     _, _, records_key = _records_inputs(records_dir, layer)
+    require_recording(explanations.directory, records_dir)  # its key names the explanations, not the records
     params = {"layer": layer, "simulator": sim.name, "prompt": sim.prompt_hash, "seed": seed,
               **_weights(sim.llm.fingerprint if sim.llm is not None else "")}
     code = code_identity(run_simulate)
@@ -338,13 +339,14 @@ def _score(records_dir, simulations: StageRef, out, n_boot: int, seed: int) -> S
     layer = simulations.layer
     params = {"layer": layer, "n_boot": n_boot, "seed": seed}
     code = code_identity(run_score)
+    _, _, records_key = _records_inputs(Path(records_dir), layer)
+    require_recording(simulations.directory, records_dir)  # its key names the simulations, not the records
     stage = Stage.open(out, "scores", {"simulations": simulations.key, **params}, run_score)
     ref = StageRef.of_stage(stage, layer)
     if stage.done:
         return ref
     sims = pq.read_table(simulations.path)
     chosen = pq.read_table(simulations.directory / layout.CHOSEN)
-    _, _, records_key = _records_inputs(Path(records_dir), layer)
     sims_of, chosen_of = _by_unit(table_rows(sims)), _by_unit(chosen.to_pylist())
     memo, rows = Memo(out, "score", _scope(records_key, layer)), []
     keys = {u.id: _unit_key(records_key, u, sims=_sims_digest(sims_of[_pair(u)]), chosen=chosen_of.get(_pair(u), []),

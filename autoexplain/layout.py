@@ -55,6 +55,11 @@ def root_of(stage_folder: str | os.PathLike) -> Path:
     return Path(stage_folder).parent.parent
 
 
+def key_of(stage_folder: str | os.PathLike) -> str:
+    """A stage output's key: its folder's name (what `folder` made it from)."""
+    return Path(stage_folder).name
+
+
 def sibling(stage_folder: str | os.PathLike, stage: str, key: str) -> Path:
     """Another stage output under the same root (a records folder's windows: `sibling(r, "windows", k)`)."""
     return folder(root_of(stage_folder), stage, key)

@@ -194,6 +194,32 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     return json.loads((Path(directory) / MANIFEST).read_text())
 
 
+def recording_of(stage_folder: str | os.PathLike) -> str | None:
+    """The key of the recording a stage output was made from, by the inputs its manifest names:
+    directly, or through the explanations a revision revised or the simulations a score scored.
+    None where they do not say (an imported output) or the folder above is not under this root."""
+    inputs = read_manifest(stage_folder).get("inputs", {})
+    if "records" in inputs:
+        return layout.key_of(inputs["records"])
+    for stage in ("explanations", "simulations"):
+        if stage in inputs:
+            above = layout.sibling(stage_folder, stage, layout.key_of(inputs[stage]))
+            return recording_of(above) if (above / MANIFEST).is_file() else None
+    return None
+
+
+def require_recording(stage_folder: str | os.PathLike, records_dir: str | os.PathLike) -> None:
+    """A UserError unless `stage_folder` was made from the recording in `records_dir`: read with
+    another recording's windows and activations, its units would be scored, shown or exported
+    against exemplars they were never explained or simulated on."""
+    from autoexplain.errors import UserError
+
+    made_from, given = recording_of(stage_folder), read_manifest(records_dir)["key"]
+    if made_from is not None and made_from != given:
+        raise UserError(f"{stage_folder} was made from the recording {made_from}, not from {records_dir}",
+                        f"pass --records {layout.sibling(stage_folder, 'records', made_from)}")
+
+
 def layer_name(layer: int, kind: str = MLP.kind) -> str:
     """A layer's units of one source, as a file or folder name: 'layer_15' for its MLP neurons (the
     name every run had before sources), 'layer_15.sae-res-16k' for a coder's latents."""

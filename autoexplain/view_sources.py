@@ -16,7 +16,7 @@ import polars as pl
 
 from autoexplain import layout
 from autoexplain.errors import UserError
-from autoexplain.storage import is_complete, read_manifest, require_complete
+from autoexplain.storage import is_complete, read_manifest, require_complete, require_recording
 
 
 @dataclass
@@ -88,6 +88,7 @@ def find_sources(score_dirs: Iterable[str | Path], records_dir: str | Path | Non
             recs = _resolve(sm.get("inputs", {}).get("records"), sims, "records")
         if records_dir is not None:
             recs = require_complete(records_dir, "records", "pass the folder printed by `autoexplain record`")
+            require_recording(d, recs)
         if recs is not None and layer not in read_manifest(recs).get("params", {}).get("layers", []):
             if records_dir is not None:
                 raise UserError(f"layer {layer} was not recorded in {recs}", "pass the records folder of that run")
@@ -102,7 +103,8 @@ def find_sources(score_dirs: Iterable[str | Path], records_dir: str | Path | Non
         if d.resolve() in {x.resolve() for x in src.scores_dirs}:
             raise UserError(f"layer {layer} comes twice ({d})",
                             "build one site per run: one scores folder per layer, or the shards of one run")
-        if (recs, simulator) != (src.records_dir, src.simulator):
+        # by key: the same recording may be reached by two paths (a copied root's pointers)
+        if (recs and layout.key_of(recs), simulator) != (src.records_dir and layout.key_of(src.records_dir), src.simulator):
             raise UserError(f"the scores of layer {layer} in {src.scores_dirs[0]} and {d} come from different "
                             f"recordings or simulators", "build one site per run: pass the shards of one run")
         src.scores_dirs.append(d)

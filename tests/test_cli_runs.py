@@ -186,3 +186,30 @@ def test_a_corpus_too_short_for_the_exemplars_is_one_line(home, tiny_llama_dir, 
                  "--out", str(tmp_path / "out"))
     assert "exemplars need at least 70" in _one_error_line(result)
     assert not list((tmp_path / "out").rglob("records/*/manifest.json")), "nothing recorded"
+
+
+def test_stage_commands_refuse_another_recording(home, explained, tiny_llama_dir, prose_corpus, tmp_path):
+    """An output is read only with the recording it was made from: simulate and score key their
+    folders by the explanations and simulations, so a wrong --records would be scored, cached and
+    shown against exemplars the units were never explained on."""
+    out, _ = explained
+    run = json.loads((out / "runs" / "layer_1.json").read_text())
+    x, sims, scores = (str(Path(run[s][0]["path"]).parent) for s in ("explanations", "simulations", "scores"))
+    recorded = cli(home, "record", "--model", tiny_llama_dir, "--corpus", str(prose_corpus), "--layers", "1",
+                   "--tokens", "20000", "--window-len", "8", "--top-k", "8", "--random", "6", "--seed", "1",
+                   "--out", str(tmp_path / "other"))
+    assert recorded.returncode == 0, recorded.stderr[-3000:]
+    other = recorded.stdout.strip().splitlines()[-1]
+    fix = f"pass --records {out / 'records' / Path(run['records']['path']).name}"
+    o = str(tmp_path / "o")
+    for args in (["simulate", "--records", other, "--explanations", x, "--out", o],
+                 ["score", "--records", other, "--simulations", sims, "--out", o],
+                 ["export", "--records", other, "--scores", scores, "--to", str(tmp_path / "export")],
+                 ["view", "--records", other, "--scores", scores, "--site", str(tmp_path / "site")]):
+        result = cli(home, *args)
+        line = _one_error_line(result)
+        assert f"was made from the recording {Path(run['records']['path']).name}, not from {other}" in line, args[0]
+        assert fix in line, line
+    assert not (tmp_path / "o").exists() and not (tmp_path / "export").exists() and not (tmp_path / "site").exists()
+    right = cli(home, "score", "--records", run["records"]["path"], "--simulations", sims, "--out", o)
+    assert right.returncode == 0, right.stderr[-3000:]
