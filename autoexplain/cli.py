@@ -99,12 +99,9 @@ def record(
     from autoexplain.subject import load_subject
 
     def go():
-        for name, value in (("--tokens", tokens), ("--top-k", top_k), ("--batch-size", batch_size), ("--reservoir", reservoir)):
-            if value < 1:
-                raise UserError(f"{name} must be at least 1, got {value}", f"pass a positive {name}")
-        for name, value in (("--random", n_random), ("--per-quantile", quantile_per_bin)):
-            if value < 0:
-                raise UserError(f"{name} must not be negative, got {value}", f"pass {name} 0 or more")
+        preflight.check_recording(dict(tokens=tokens, window_len=window_len, top_k=top_k, n_random=n_random,
+                                       quantile_per_bin=quantile_per_bin, reservoir=reservoir, batch_size=batch_size,
+                                       seed=seed), preflight.cli_flag)
         preflight.check_out(str(out), preflight.cli_flag)
         preflight.check_corpus(corpus, preflight.cli_flag)
         shape = preflight.model_shape(model, preflight.cli_flag)
@@ -159,15 +156,17 @@ def explain(
     out: Path = typer.Option(Path("out"), "--out", "-o"),
 ):
     """Sample k candidate explanations per unit from its train records, plus the token-lookup baseline."""
-    from autoexplain.layer import parse_units, run_explain
+    from autoexplain.layer import parse_units, recorded_units, run_explain
     from autoexplain.pipeline import ExplainConfig
 
     def go():
+        preflight.check_out(str(out), preflight.cli_flag)
         if k < 1:
             raise UserError(f"--k must be at least 1, got {k}", "pass --k 1 or more")
         preflight.check_limits(concurrency, rpm, preflight.cli_flag, tpm)
         L = _records_layer(records, layer)
-        chosen = parse_units(units)
+        parse_units(units, recorded_units(records, L))  # a unit the layer lacks is an error, not skipped
+        chosen = parse_units(units)  # None (every unit) stays None: it is part of the stage's key
         preflight.check_explainer(explainer, preflight.cli_flag)
         limit = preflight.check_budget(budget, preflight.cli_flag, explainer=explainer)
         set_limits(concurrency, rpm, tpm)
@@ -196,8 +195,9 @@ def simulate(
     from autoexplain.layer import StageRef, run_simulate
 
     def go():
+        preflight.check_out(str(out), preflight.cli_flag)
         preflight.check_limits(concurrency, rpm, preflight.cli_flag, tpm)
-        x = StageRef.of(explanations)
+        x = StageRef.of(explanations, "explanations")
         _records_layer(records, x.layer)
         preflight.check_simulator(simulator, preflight.cli_flag)
         limit = preflight.check_budget(budget, preflight.cli_flag, simulator=simulator)
@@ -227,7 +227,8 @@ def score(
     def go():
         preflight.at_least(preflight.cli_flag, "n_boot", n_boot, 1)
         specs = preflight.check_scorers(scorers, preflight.cli_flag)
-        sims = StageRef.of(simulations)
+        preflight.check_out(str(out), preflight.cli_flag)
+        sims = StageRef.of(simulations, "simulations")
         _records_layer(records, sims.layer)
         ref = run_score(records, sims, out, n_boot) if "simulation" in specs else None
         if specs != ["simulation"]:
@@ -258,7 +259,8 @@ def export_cmd(
     from autoexplain.storage import read_manifest, require_recording
 
     def go():
-        score_ref = StageRef.of(scores)
+        preflight.check_out(str(to), preflight.cli_flag, "to")
+        score_ref = StageRef.of(scores, "scores")
         _records_layer(records, score_ref.layer)
         require_recording(score_ref.directory, records)
         sims_ref = StageRef.of(read_manifest(score_ref.directory)["inputs"]["simulations"])
@@ -285,6 +287,7 @@ def import_cmd(
     from autoexplain.store import Stage
 
     def go():
+        preflight.check_out(str(out), preflight.cli_flag)
         if (source / "data" / "explanations").is_dir():
             from autoexplain.dataset_import import import_dataset
 
@@ -321,7 +324,10 @@ def view(
         from autoexplain import serve as serving
         from autoexplain.view import build_site
 
+        if serve:
+            serving.check_address(host, port)
         if scores:
+            preflight.check_out(str(site), preflight.cli_flag, "site")
             typer.echo(str(build_site(scores, site, records)))
         elif not serve:
             raise UserError("nothing to do: no --scores given", "pass --scores <scores folder>, or --serve to serve an existing --site")

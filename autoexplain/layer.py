@@ -30,7 +30,7 @@ from autoexplain.identity import code_identity
 from autoexplain.registry import DEFAULT_EXPLAINER, explainer_prompt, explainer_weights, make_explainer, make_simulator
 from autoexplain.rows import stamped, table_rows
 from autoexplain.sources import MLP, polarities_of
-from autoexplain.storage import content_key, read_manifest, require_complete, require_recording
+from autoexplain.storage import ANY_STAGE, content_key, read_manifest, require_complete, require_recording
 from autoexplain.memo import Memo
 from autoexplain.store import Stage
 from autoexplain.text_vectors import explanation_texts, use_text_vectors
@@ -55,8 +55,8 @@ class StageRef:
         return cls(stage.directory, stage.key, layer)
 
     @classmethod
-    def of(cls, directory: str | Path) -> "StageRef":
-        directory = require_complete(directory, "stage output", "point at a folder printed by an earlier autoexplain command")
+    def of(cls, directory: str | Path, stage: str = ANY_STAGE) -> "StageRef":
+        directory = require_complete(directory, stage, "point at a folder printed by an earlier autoexplain command")
         m = read_manifest(directory)
         return cls(directory, m["key"], m["params"]["layer"])
 
@@ -108,6 +108,14 @@ def load_units(records_dir: str | Path, layer: int, units: list[int] | None = No
     if units is not None and not found and kind == MLP.kind:
         raise UserError(f"none of units {units[0]}..{units[-1]} exist in layer {layer}", "check --units")
     return found
+
+
+def recorded_units(records_dir: str | Path, layer: int) -> int:
+    """How many units a layer's recording holds (its statistics have a row for each)."""
+    import pyarrow.compute as pc
+
+    units = pq.read_table(layout.stats_table(records_dir, layer), columns=["unit"]).column("unit")
+    return int(pc.max(units).as_py()) + 1 if len(units) else 0
 
 
 def dead_units(records_dir: str | Path, layer: int) -> list[int]:

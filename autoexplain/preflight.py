@@ -28,7 +28,7 @@ from autoexplain.storage import content_key
 
 Spelling = Callable[[str], str]
 # The CLI flags whose name is not the parameter's own with dashes.
-_FLAGS = {"n_random": "--random", "n_boot": "--bootstrap", "top_k": "--top-k"}
+_FLAGS = {"n_random": "--random", "n_boot": "--bootstrap", "top_k": "--top-k", "quantile_per_bin": "--per-quantile"}
 
 
 def flow_name(name: str) -> str:
@@ -387,18 +387,31 @@ class LayerPlan:
     source_id: str = "mlp"  # what the recording depends on of the source (a task's cache key)
 
 
-def explain_layer(p: dict, spell: Spelling = flow_name) -> LayerPlan:
-    """Every parameter of an explain-layer run (flow parameters by name; missing ones are skipped)."""
-    defaults.check_environment()
-    for name, low in (("tokens", 1), ("k", 1), ("shard_size", 1), ("n_boot", 1), ("window_len", 2),
-                      ("top_k", 1), ("n_random", 0), ("layer", 0)):
-        if name in p and (name != "layer" or p[name] is not None):
+def check_recording(p: dict, spell: Spelling = flow_name) -> None:
+    """A recording's sizes (parameters by name; those missing take their defaults): positive, enough
+    windows in the tokens asked for to keep the exemplars, and a reservoir that holds the random ones.
+    Found here, not by the recording's data contract after the whole pass."""
+    for name, low in (("tokens", 1), ("window_len", 2), ("top_k", 1), ("n_random", 0), ("quantile_per_bin", 0),
+                      ("reservoir", 1), ("batch_size", 1), ("seed", 0)):
+        if name in p:
             at_least(spell, name, p[name], low)
     window_len, top_k, n_random = p.get("window_len", 64), p.get("top_k", 40), p.get("n_random", 30)
     if "tokens" in p and p["tokens"] // window_len < top_k + n_random:
         raise _fail(spell, "tokens", f"{p['tokens']} tokens make {p['tokens'] // window_len} windows of {window_len}, "
                     f"fewer than the {top_k} top + {n_random} random exemplars kept per unit",
                     f"pass at least {(top_k + n_random) * window_len} tokens, or fewer exemplars")
+    if p.get("reservoir", n_random) < n_random:
+        raise _fail(spell, "reservoir", f"a sample of {p['reservoir']} windows cannot hold the {n_random} random "
+                    "exemplars kept per unit", f"pass {spell('reservoir').split()[-1]} >= {n_random}, or fewer random exemplars")
+
+
+def explain_layer(p: dict, spell: Spelling = flow_name) -> LayerPlan:
+    """Every parameter of an explain-layer run (flow parameters by name; missing ones are skipped)."""
+    defaults.check_environment()
+    for name, low in (("k", 1), ("shard_size", 1), ("n_boot", 1), ("layer", 0)):
+        if name in p and (name != "layer" or p[name] is not None):
+            at_least(spell, name, p[name], low)
+    check_recording(p, spell)
     check_out(p.get("out", "out"), spell)
     check_corpus(p.get("corpus", defaults.CORPUS), spell)
     model = p.get("model", defaults.SUBJECT)

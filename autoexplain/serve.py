@@ -9,6 +9,7 @@ with the same file, i.e. is alive and serves this very folder.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -77,11 +78,29 @@ class SiteServer:
         self.close()
 
 
+def check_address(host: str, port: int | None) -> None:
+    """A UserError for a port that is no port number or a host this machine cannot resolve: found
+    before the site is built, and named as what it is, not as a taken port."""
+    import socket
+
+    if port is not None and not 0 <= port <= 65535:
+        raise UserError(f"--port {port} is not a port number", "pass one from 1 to 65535, or 0 for any free port")
+    try:
+        if host:  # "" is every interface, as 0.0.0.0
+            socket.getaddrinfo(host, None)
+    except (socket.gaierror, UnicodeError) as e:
+        raise UserError(f"--host {host} is not an address of this machine ({e})",
+                        "pass --host 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)") from None
+
+
 def _bind(site: Path, host: str, port: int) -> ThreadingHTTPServer:
     handler = functools.partial(_Handler, directory=str(site))
     try:
         return ThreadingHTTPServer((host, port), handler)
     except OSError as e:
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise UserError(f"cannot serve on {host}:{port}: {e.strerror}", "pass --host 127.0.0.1 or an address of "
+                            "this machine") from None
         raise UserError(f"cannot serve on {host}:{port}: {e.strerror or e}",
                         "pass another --port, or --port 0 for any free port") from None
 
@@ -89,6 +108,7 @@ def _bind(site: Path, host: str, port: int) -> ThreadingHTTPServer:
 def start(site: str | os.PathLike, host: str = "127.0.0.1", port: int | None = None) -> SiteServer:
     """Serve `site` (a folder with index.html) in a background thread. port None: DEFAULT_PORT, or a
     free port when that one is taken; 0: any free port; another number: that port or a UserError."""
+    check_address(host, port)
     site = Path(site).expanduser().resolve()
     if not (site / "index.html").is_file():
         raise UserError(f"{site} is not a viewer site (no index.html there)",

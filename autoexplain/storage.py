@@ -106,8 +106,12 @@ def damaged(directory: str | os.PathLike) -> str | None:
     return None
 
 
+ANY_STAGE = "stage output"
+
+
 def require_complete(directory: str | os.PathLike, what: str, fix: str) -> Path:
-    """A finished, undamaged stage folder, or a UserError that names the folder or the file."""
+    """A finished, undamaged stage folder of stage `what` (any stage for ANY_STAGE), or a UserError
+    that names the folder or the file."""
     from autoexplain.errors import UserError
 
     from autoexplain.schemas.contracts import ContractViolation
@@ -118,6 +122,9 @@ def require_complete(directory: str | os.PathLike, what: str, fix: str) -> Path:
         raise UserError(f"{directory / bad} does not match its manifest (changed or truncated)", _rerun(directory))
     if not (directory / MANIFEST).is_file():
         raise UserError(f"{directory} is not a finished {what} folder (no {MANIFEST})", fix)
+    made = read_manifest(directory).get("stage")
+    if what != ANY_STAGE and made is not None and made != what:
+        raise UserError(f"{directory} holds {made}, not {what}", fix)
     try:
         check_contracts(directory, read_manifest(directory))
     except ContractViolation as e:

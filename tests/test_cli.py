@@ -55,7 +55,12 @@ def test_record_runs_and_prints_the_output_folder(base, prose_file, tmp_path):
         (["--layers", "7"], "layer 7 is out of range"),
         (["--layers", "x"], "cannot read --layers"),
         (["--corpus", "/no/such/file.txt"], "does not exist"),
-        (["--tokens", "0"], "--tokens must be at least 1"),
+        (["--tokens", "0"], "--tokens: must be at least 1"),
+        (["--tokens", "10"], "--tokens: 10 tokens make 1 windows of 8, fewer than the 4 top + 4 random"),
+        (["--window-len", "0"], "--window-len: must be at least 2"),
+        (["--reservoir", "2"], "--reservoir: a sample of 2 windows cannot hold the 4 random exemplars"),
+        (["--per-quantile", "-1"], "--per-quantile: must be at least 0"),
+        (["--seed", "-1"], "--seed: must be at least 0"),
         (["--top-k", "5000"], "need at least 5004"),
     ],
 )
@@ -109,9 +114,9 @@ def test_record_on_embedded_defaults(tmp_path):
 
 def test_explain_stage_commands_reject_bad_input(tmp_path):
     assert "not a finished records folder" in _one_error_line(run("explain", "--records", str(tmp_path / "none")))
-    assert "not a finished stage output" in _one_error_line(
+    assert "not a finished explanations folder" in _one_error_line(
         run("simulate", "--records", str(tmp_path), "--explanations", str(tmp_path / "none")))
-    assert "not a finished stage output" in _one_error_line(
+    assert "not a finished simulations folder" in _one_error_line(
         run("score", "--records", str(tmp_path), "--simulations", str(tmp_path / "none")))
     assert "no explanation files" in _one_error_line(run("import", "--from", str(tmp_path), "--layer", "3"))
     assert "not a finished scores folder" in _one_error_line(run("view", "--scores", str(tmp_path / "none")))

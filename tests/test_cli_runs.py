@@ -175,6 +175,34 @@ def test_stage_commands_reject_bad_input_in_one_line(home, explained, tmp_path):
                                                                          "--out", str(tmp_path / "o")))
     assert not (tmp_path / "o").exists() and not (tmp_path / "export").exists()
 
+    # a folder of another stage where one stage's output is asked for
+    for args, wrong, wanted in ((["explain", "--records", x], x, "records"),
+                                (["simulate", "--records", records, "--explanations", records], records, "explanations"),
+                                (["score", "--records", sims, "--simulations", sims], sims, "records"),
+                                (["score", "--records", records, "--simulations", x], x, "simulations"),
+                                (["export", "--records", records, "--scores", sims, "--to", str(tmp_path / "export")],
+                                 sims, "scores")):
+        line = _one_error_line(cli(home, *args))
+        assert f"{wrong} holds " in line and f", not {wanted}" in line, (args[0], line)
+    # an output path that is a file, a unit the recording lacks, a port that is no port
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    for args, flag in ((["explain", "--records", records, "--out", str(a_file)], "--out"),
+                       (["simulate", "--records", records, "--explanations", x, "--out", str(a_file)], "--out"),
+                       (["score", "--records", records, "--simulations", sims, "--out", str(a_file)], "--out"),
+                       (["export", "--records", records, "--scores", scores, "--to", str(a_file)], "--to"),
+                       (["import", "--from", str(tmp_path), "--layer", "1", "--out", str(a_file)], "--out"),
+                       (["view", "--scores", scores, "--site", str(a_file)], "--site")):
+        assert f"{flag}: cannot write under {a_file}" in _one_error_line(cli(home, *args)), args[0]
+    assert a_file.read_text() == "mine"
+    assert "unit 48 is out of range: the layer has units 0..47" in _one_error_line(cli(home, "explain", "--records", records, "--units",
+                                                                      "0-9999", "--out", str(tmp_path / "o")))
+    assert "--port 99999 is not a port number" in _one_error_line(cli(home, "view", "--scores", scores, "--serve",
+                                                                       "--port", "99999", "--site", str(tmp_path / "s")))
+    assert "--host 999.1.1.1 is not an address" in _one_error_line(cli(home, "view", "--serve", "--host", "999.1.1.1",
+                                                                        "--site", str(tmp_path / "s")))
+    assert not (tmp_path / "o").exists() and not (tmp_path / "s").exists()
+
 
 @pytest.mark.parametrize("command", ["explain-layer", "explain-model"])
 def test_a_corpus_too_short_for_the_exemplars_is_one_line(home, tiny_llama_dir, prose_corpus, tmp_path, command):
