@@ -35,7 +35,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from autoexplain.preflight import ECHO_PROBE
+from autoexplain.server_probe import ECHO_PROBE
 
 
 def free_port() -> int:
@@ -149,7 +149,7 @@ class FaultServer:
     ignores `echo`), `varied=True` (every canned completion's text carries a new number).
 
     The preflight's probes (GET /models, and the echo request whose prompt is
-    `preflight.ECHO_PROBE`) are answered by the traits, never scripted, and counted in `probes`, not
+    `server_probe.ECHO_PROBE`) are answered by the traits, never scripted, and counted in `probes`, not
     in `requests`."""
 
     def __init__(self, fail_with=(), then_status: int = 200, upstream: str | None = None,

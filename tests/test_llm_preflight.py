@@ -58,8 +58,14 @@ def test_good_server_passes_with_its_probes_only(fault_server, monkeypatch):
 
 @pytest.mark.slow
 def test_echo_probe_against_llama_cpp(llama_server):
-    """llama.cpp's server returns prompt logprobs: the probe says yes."""
+    """llama.cpp's server returns prompt logprobs: the probe says yes. Without the API's /v1 root in
+    the URL it lists no models (404): said at once, for an explainer too, which sends no echo probe."""
     preflight.check_simulator(f"all-at-once:openai:{llama_server.model}@{llama_server.base_url}")
+    root = llama_server.base_url.removesuffix("/v1")
+    with pytest.raises(UserError) as caught:
+        preflight.check_explainer(f"openai:{llama_server.model}@{root}", preflight.cli_flag)
+    assert str(caught.value).startswith(f"--explainer: no OpenAI-compatible API at {root} (GET {root}/models: HTTP 404)")
+    assert f"did you mean {root}/v1?" in str(caught.value)
 
 
 def test_limits_of_zero_or_below():

@@ -1,0 +1,83 @@
+"""One look at an OpenAI-compatible server before a run uses it: no retries, in about a second.
+
+`preflight.check_llm` asks it for every explainer, simulator and scorer spec that names a server, so
+that a wrong URL, key or model, or a server without prompt logprobs for the all-at-once simulator,
+stops the run before any recording, with one line.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+from autoexplain.errors import UserError
+
+ECHO_PROBE = "autoexplain preflight: echo logprobs?"
+
+
+def _ask(url: str, key: str | None, body: dict | None = None):
+    """One request to the server, no retries: (HTTP status, parsed JSON body or None)."""
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers=headers, method="GET" if body is None else "POST")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            status, raw = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, None
+
+
+def _server_message(reply) -> str:
+    err = reply.get("error", reply) if isinstance(reply, dict) else None
+    msg = (err.get("message") or err.get("detail")) if isinstance(err, dict) else err
+    return " ".join(str(msg or "").split())[:160]
+
+
+def probe_server(url: str, model: str, key: str | None, needs_echo: bool) -> None:
+    """The server's model list (GET /models: a refused key, a model it does not list), then, for a
+    simulator that reads prompt logprobs, one tiny echo request. An answer that says nothing for
+    sure (5xx, 429, no model list) is left for the stage, whose retries deal with it."""
+    base, env = url.rstrip("/"), "OPENAI_API_KEY"
+    try:
+        status, reply = _ask(f"{base}/models", key)
+        if status == 404:  # every OpenAI-compatible server lists its models: nothing here speaks the API
+            hint = "" if base.endswith("/v1") else f"did you mean {base}/v1? "
+            raise UserError(f"no OpenAI-compatible API at {url} (GET {base}/models: HTTP 404)",
+                            f"{hint}the URL after '@' is the API's root, as in 'openai:{model}@http://HOST:PORT/v1'")
+        if status in (401, 403):
+            raise UserError(f"the LLM server at {url} refused the API key (HTTP {status}): "
+                            f"{_server_message(reply)}", f"set a valid key in ${env}")
+        data = reply.get("data") if status == 200 and isinstance(reply, dict) else None
+        served = [m.get("id") for m in data if isinstance(m, dict)] if isinstance(data, list) else []
+        if served and model not in served:
+            shown = ", ".join(map(str, served[:8])) + (", ..." if len(served) > 8 else "")
+            raise UserError(f"the LLM server at {url} serves no model '{model}' (it serves {shown})",
+                            f"use one of those: 'openai:{served[0]}@{url}'")
+        if not needs_echo:
+            return
+        status, reply = _ask(f"{base}/completions", key, {"model": model, "prompt": ECHO_PROBE, "echo": True,
+                                                          "logprobs": 1, "max_tokens": 1, "temperature": 0})
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise UserError(f"the LLM server at {url} is not reachable ({reason})",
+                        "start the server, or fix the URL after '@'") from None
+    if status in (401, 403):
+        raise UserError(f"the LLM server at {url} refused the API key (HTTP {status}): "
+                        f"{_server_message(reply)}", f"set a valid key in ${env}")
+    if status == 404:
+        raise UserError(f"the LLM server at {url} has no model '{model}' or no /completions (HTTP 404): "
+                        f"{_server_message(reply)}", f"check the model name (GET {base}/models lists them)")
+    if status in (400, 422) or status == 200:
+        choices = reply.get("choices") if isinstance(reply, dict) else None
+        lp = choices[0].get("logprobs") if choices and isinstance(choices[0], dict) else None
+        if not (isinstance(lp, dict) and lp.get("tokens") and lp.get("top_logprobs")):
+            said = f" (HTTP {status}: {_server_message(reply)})" if status != 200 else ""
+            raise UserError(f"the LLM server at {url} returns no prompt logprobs for '{model}'{said}, "
+                            "which the all-at-once simulator reads",
+                            "serve the model where /v1/completions takes echo=True with logprobs (vLLM, llama.cpp), "
+                            "or use 'chat-json:LLM'")
