@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from autoexplain import layout, llm_cache, prices
 from autoexplain.classify import ClassifierScorer, random_negatives
 from autoexplain.counters import COUNTS
+from autoexplain.errors import NO_ANSWER
 from autoexplain.identity import code_identity
 from autoexplain.layer import StageRef, load_units, memo_scope, records_inputs, unit_key
 from autoexplain.registry import component_identity, llm_weights, make_scorer, parse_scorer
@@ -70,7 +71,7 @@ def classify_unit(unit, texts: dict[str, str], scorer: ClassifierScorer, hard: d
 
 
 def _asked_ok(rows: list[dict]) -> bool:
-    return not any((r["failure"] or "").startswith("request failed") for r in rows)
+    return not any((r["failure"] or "").startswith(NO_ANSWER) for r in rows)
 
 
 def similar_negatives(records_dir, simulations: StageRef, out, model: str | None) -> Path | None:

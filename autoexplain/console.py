@@ -96,6 +96,20 @@ def stage_bars(get_time=None):
 
 
 BUDGET_EXIT = 3  # the run stopped at its --budget: not an error, but not finished either
+UNANSWERED_EXIT = 4  # the run finished, but some LLM requests got no answer: a rerun asks them again
+
+
+def unanswered_exit(scores_dirs: list[Path]) -> None:
+    """End a run whose LLM server left requests unanswered (down, overloaded) with a line and exit 4:
+    its tables show those units as undefined, which a user would otherwise read as the scores."""
+    from autoexplain.storage import unanswered_behind
+
+    n = sum(unanswered_behind(d) for d in scores_dirs)
+    if n:
+        err.print(f"[bold yellow]incomplete:[/] {n:,} LLM requests got no answer (the server was down or overloaded; "
+                  "their units are undefined above) — rerun the same command: it asks only those again",
+                  highlight=False, soft_wrap=True)
+        raise typer.Exit(UNANSWERED_EXIT)
 
 
 def budget_stopped(message: str):

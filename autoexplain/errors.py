@@ -16,3 +16,8 @@ class UserError(Exception):
     def __reduce__(self):
         # Keep problem and fix apart across processes (a stage run in a worker process).
         return (type(self), (self.problem, self.fix))
+
+
+# How a record's `failure` starts when its LLM request got no answer (retries ran out): a fault of the
+# server, not of the record, so the stage asks it again on the next run (`storage.UNANSWERED`).
+NO_ANSWER = "request failed"

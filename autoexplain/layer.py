@@ -24,7 +24,7 @@ from autoexplain import collector, files, layout, llm_cache, pipeline
 from autoexplain.activations import read_units
 from autoexplain.counters import COUNTS
 from autoexplain.records import UnitId, UnitRecords
-from autoexplain.errors import UserError
+from autoexplain.errors import NO_ANSWER, UserError
 from autoexplain.explain import as_explainer
 from autoexplain.identity import code_identity
 from autoexplain.registry import DEFAULT_EXPLAINER, explainer_prompt, explainer_weights, make_explainer, make_simulator
@@ -170,7 +170,7 @@ def _no_request_failed(result) -> bool:
     """A unit's simulate result with no record whose LLM request failed for good: worth keeping.
     A unit with one is simulated again on a rerun (its other requests too: they are cheap to redo)."""
     _chosen, sims = result
-    return not any((r.get("failure") or "").startswith("request failed") for r in sims)
+    return not any((r.get("failure") or "").startswith(NO_ANSWER) for r in sims)
 
 
 class _Later:

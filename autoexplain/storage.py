@@ -201,6 +201,42 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     return json.loads((Path(directory) / MANIFEST).read_text())
 
 
+# A manifest's count of rows whose LLM request failed for good (its retries ran out: a server down
+# or overloaded). Such an output is sealed, so the run goes on and shows what it has, but it is not
+# final: it is made again on the next run, which asks only those (the answered units are memoised).
+UNANSWERED = "unanswered"
+
+
+def unanswered(directory: str | os.PathLike) -> int:
+    """Rows of a sealed stage output that got no answer from their LLM (0 for an unsealed folder)."""
+    try:
+        return int(read_manifest(directory).get(UNANSWERED, 0))
+    except (OSError, ValueError):
+        return 0
+
+
+def unanswered_behind(scores_dir: str | os.PathLike) -> int:
+    """Unanswered LLM requests in the simulations a scores folder scored and the explanations those
+    simulated (0 where a folder above is not under this root)."""
+    total, folder = 0, Path(scores_dir)
+    for stage in ("simulations", "explanations"):
+        above = read_manifest(folder).get("inputs", {}).get(stage)
+        if above is None or not (folder := layout.sibling(folder, stage, layout.key_of(above))).is_dir():
+            break
+        total += unanswered(folder)
+    return total
+
+
+def count_unanswered(table: pa.Table) -> int:
+    if "failure" not in table.column_names:
+        return 0
+    import pyarrow.compute as pc
+
+    from autoexplain.errors import NO_ANSWER
+
+    return int(pc.sum(pc.starts_with(table.column("failure"), NO_ANSWER)).as_py() or 0)
+
+
 def recording_of(stage_folder: str | os.PathLike) -> str | None:
     """The key of the recording a stage output was made from, by the inputs its manifest names:
     directly, or through the explanations a revision revised or the simulations a score scored.

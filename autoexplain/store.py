@@ -30,11 +30,14 @@ import pyarrow as pa
 from autoexplain import files, layout, remote
 from autoexplain.identity import code_identity
 from autoexplain.storage import (
+    UNANSWERED,
     TableWriter,
     check_contracts,
     content_key,
+    count_unanswered,
     file_digest,
     is_complete,
+    unanswered,
     remember_digest,
     write_json,
     write_table,
@@ -70,6 +73,7 @@ class Stage:
         self._tmp: Path | None = None
         self._written: list[str] = []
         self._discard: weakref.finalize | None = None
+        self._unanswered = 0
 
     @classmethod
     def open(cls, root: str | os.PathLike, stage: str, fields: dict, *code: str | Callable) -> "Stage":
@@ -77,10 +81,11 @@ class Stage:
 
     @property
     def done(self) -> bool:
-        """Whether the output is sealed and whole (pulled first when it is at the URL only)."""
-        if is_complete(self.directory):
-            return True
-        return remote.pull(self.directory) and is_complete(self.directory)
+        """Whether the output is sealed, whole (pulled first when it is at the URL only) and final:
+        one with rows whose LLM request got no answer is made again (`storage.UNANSWERED`)."""
+        if not is_complete(self.directory) and not (remote.pull(self.directory) and is_complete(self.directory)):
+            return False
+        return not unanswered(self.directory)
 
     def path(self, name: str) -> Path:
         """Where to write the output file `name`: in the temporary folder, until the seal."""
@@ -93,6 +98,7 @@ class Stage:
         return self._tmp / name
 
     def table(self, table: pa.Table, name: str, schema_name: str | None = None) -> Path:
+        self._unanswered += count_unanswered(table)
         return write_table(table, self.path(name), schema_name)
 
     def writer(self, name: str, schema_name: str) -> TableWriter:
@@ -106,7 +112,8 @@ class Stage:
         if self._tmp is None:
             raise RuntimeError(f"the {self.stage} output {self.key} has no files to seal")
         try:
-            digests = seal_folder(self._tmp, self.stage, self.key, inputs, params, self._written, push=False)
+            digests = seal_folder(self._tmp, self.stage, self.key, inputs, params, self._written, push=False,
+                                  unanswered=self._unanswered)
             ours = _move_into_place(self._tmp, self.directory)
         except ContractViolation as e:  # named by the output's path: the temporary folder goes now
             e.path = self.directory / Path(e.path).name
@@ -123,13 +130,14 @@ class Stage:
 
 
 def seal_folder(directory: Path, stage: str, key: str, inputs: dict, params: dict, outputs: list[str],
-                push: bool = True) -> dict[str, str]:
+                push: bool = True, unanswered: int = 0) -> dict[str, str]:
     """Check every table of a folder against its contract, then write its manifest (last); push it
     under a URL root. `Stage.seal` does this in its temporary folder; called directly, it seals a
     folder assembled in place (a test's fixture). Returns {file: digest}. A table that breaks its
     contract raises `ContractViolation`, and the folder stays unsealed."""
     digests = {name: file_digest(directory / name) for name in outputs}
-    manifest = {"stage": stage, "key": key, "inputs": inputs, "params": params, "outputs": digests}
+    manifest = {"stage": stage, "key": key, "inputs": inputs, "params": params, "outputs": digests,
+                **({UNANSWERED: unanswered} if unanswered else {})}
     manifest["contract_versions"] = check_contracts(directory, manifest)
     write_json(manifest, directory / layout.MANIFEST)
     if push:
@@ -145,7 +153,7 @@ def _move_into_place(tmp: Path, directory: Path) -> bool:
         os.rename(tmp, directory)
         return True
     except OSError:
-        if is_complete(directory):
+        if is_complete(directory) and not unanswered(directory):
             shutil.rmtree(tmp, ignore_errors=True)
             return False
     old = files.aside(directory)

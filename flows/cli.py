@@ -25,6 +25,7 @@ from autoexplain.console import (
     print_summary,
     run_or_exit,
     stage_bars,
+    unanswered_exit,
 )
 from autoexplain.errors import UserError
 
@@ -215,6 +216,7 @@ def _run_flow(name: str, params: dict, check) -> None:
         print_model_summary(result)
     else:
         print_summary([Path(ref["path"]) for ref in result["scores"]], result)
+    unanswered_exit([Path(ref["path"]).parent for ref in result["scores"]])
 
 
 app.command("explain-layer")(explain_layer_cmd)

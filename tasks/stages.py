@@ -43,7 +43,7 @@ from autoexplain.registry import explainer_prompt, simulator_identity
 from autoexplain.record import RecordConfig, build_windows, record_sources
 from autoexplain.source_coder import open_unit_source
 from autoexplain.sources import MLP
-from autoexplain.storage import content_key, is_complete, local_ref, open_root, read_manifest
+from autoexplain.storage import content_key, is_complete, local_ref, open_root, read_manifest, unanswered
 from autoexplain.store import stage_key
 from autoexplain.schemas.contracts import ContractViolation
 
@@ -100,7 +100,7 @@ def output_is_whole(output: dict | list) -> bool:
         path = Path(local["path"])
         if "layers" in output:
             return is_complete(path) and is_complete(Path(local["windows"]).parent)
-        return is_complete(path.parent) and path.is_file()
+        return is_complete(path.parent) and path.is_file() and not unanswered(path.parent)
     except (UserError, OSError, KeyError, TypeError):
         return False
 

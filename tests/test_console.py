@@ -58,3 +58,31 @@ def test_bars_in_a_log_are_not_cut(monkeypatch, capsys):
     assert "…" not in "".join(lines)
     assert lines[0].startswith("record") and lines[0].endswith(" 6,250.0 tokens/s ETA 0:00:00 0:02:40"), lines[0]
     assert lines[1].startswith("model") and lines[1].endswith("30,000/30,000 units, all layers 187.5 units/s ETA 0:00:00 0:02:40"), lines[1]
+
+
+def test_a_run_with_unanswered_requests_ends_with_a_line_and_exit_4(tmp_path, capsys):
+    """Its tables show those units as undefined; the line says why and what to do, and the exit code
+    tells a scheduler the run is not finished."""
+    import json
+
+    import pytest
+    import typer
+
+    def folder(stage: str, key: str, inputs: dict, unanswered: int = 0) -> str:
+        d = tmp_path / "out" / stage / key
+        d.mkdir(parents=True)
+        (d / "manifest.json").write_text(json.dumps({"stage": stage, "key": key, "inputs": inputs,
+                                                     **({"unanswered": unanswered} if unanswered else {})}))
+        return str(d)
+
+    x = folder("explanations", "x1", {"records": "/elsewhere/records/r1"}, 3)
+    s = folder("simulations", "s1", {"records": "/elsewhere/records/r1", "explanations": x}, 250)
+    c = folder("scores", "c1", {"simulations": s})
+    with pytest.raises(typer.Exit) as ended:
+        console.unanswered_exit([c])
+    assert ended.value.exit_code == console.UNANSWERED_EXIT == 4
+    line = " ".join(capsys.readouterr().err.split())
+    assert line.startswith("incomplete: 253 LLM requests got no answer") and "rerun the same command" in line
+    final = folder("scores", "c2", {"simulations": folder("simulations", "s2", {"explanations": x.replace("x1", "x2")})})
+    console.unanswered_exit([final])  # nothing unanswered (the explanations are not under this root): no line
+    assert capsys.readouterr().err == ""

@@ -7,6 +7,7 @@ FaultServer (scripted faults) and bench/llm_server.py's BenchServer (echo logpro
 from __future__ import annotations
 
 import pytest
+import polars as pl
 
 from autoexplain import pipeline, preflight
 from autoexplain.errors import UserError
@@ -151,3 +152,32 @@ def test_every_llm_command_checks_its_concurrency_first(tmp_path):
                  str(tmp_path)], ["explain-layer", "--out", str(tmp_path)], ["rescore", "--out", str(tmp_path)]):
         line = _one_error_line(run(*args, "--concurrency", "0"))
         assert "--concurrency: must be at least 1, got 0" in line, (args, line)
+
+
+def test_unanswered_requests_are_asked_again_by_the_next_run(fault_server, bench_server, tiny_records, tmp_path):
+    """A server that leaves requests unanswered (here ten 500s, no retries): the stage is sealed with
+    the count, so the run shows what it has, but it is not final. The next run makes the same folder
+    again, asks only the unit whose request failed (the others come from the memo), and seals it
+    final; a Prefect cache entry naming the unfinished folder is not used."""
+    from autoexplain.layer import run_explain, run_simulate
+    from autoexplain.storage import read_manifest, unanswered
+    from autoexplain.tasks.stages import output_is_whole
+
+    records_dir, _ = tiny_records
+    out = tmp_path / "out"
+    x = run_explain(records_dir, 1, out, [0, 1], explainer="embedding")
+    srv = fault_server(fail_with=[200] * 30 + [500] * 10, upstream=bench_server.base_url)
+    sim = AllAtOnceSimulator(fast(srv.base_url, max_concurrency=1, max_retries=0))
+    first = run_simulate(records_dir, x, out, sim=sim)
+    assert 0 < unanswered(first.directory) and read_manifest(first.directory)["unanswered"] == unanswered(first.directory)
+    assert not output_is_whole({"path": str(first.path)})
+    sent = len(srv.requests)
+    again = run_simulate(records_dir, x, out, sim=sim)  # the server answers everything now
+    assert again.directory == first.directory and unanswered(again.directory) == 0
+    assert "unanswered" not in read_manifest(again.directory) and output_is_whole({"path": str(again.path)})
+    assert 0 < len(srv.requests) - sent < sent, "only what got no answer is asked again"
+    table = pl.read_parquet(again.path)
+    assert table["failure"].drop_nulls().str.starts_with("request failed").sum() == 0
+    third = len(srv.requests)
+    run_simulate(records_dir, x, out, sim=sim)
+    assert len(srv.requests) == third, "a final folder is reused as it is"
