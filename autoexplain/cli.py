@@ -120,7 +120,8 @@ def record(
         windows = build_windows(subject, corpus, out, window_len, tokens, seed, text_field)
         cfg = RecordConfig(chosen, top_k, n_random, quantile_per_bin, reservoir, batch_size, seed)
         with progress_bar() as bar:
-            task = bar.add_task(f"record layers {','.join(map(str, chosen))}", total=windows.n_windows * window_len)
+            task = bar.add_task(f"record layers {','.join(map(str, chosen))}", total=windows.n_windows * window_len,
+                                unit="tokens")
             ref = record_layers(subject, windows, cfg, out,
                                 progress=lambda done, total: bar.update(task, completed=done, total=total),
                                 source=unit_source)
@@ -390,6 +391,11 @@ def train_sae_cmd(
             preflight.at_least(preflight.cli_flag, name.lstrip("-").replace("-", "_"), value, 1)
         if k > latents:
             raise UserError(f"--k {k} is more than --latents {latents}", "pass --k at most --latents")
+        if lr is not None and not lr > 0:
+            raise UserError(f"--lr must be more than 0, got {lr}", "pass a positive learning rate, or leave --lr out")
+        if tokens - tokens // 20 < batch:  # 5 % of the tokens are held out for the report
+            raise UserError(f"--tokens {tokens:,} leave {tokens - tokens // 20:,} to train on, fewer than one batch of "
+                            f"--batch-tokens {batch:,}", "pass more --tokens or a smaller --batch-tokens")
         if hook not in TL_HOOKS:
             raise UserError(f"unknown --hook '{hook}'", f"use one of {', '.join(TL_HOOKS)}")
         preflight.check_out(str(out), preflight.cli_flag)
@@ -405,7 +411,7 @@ def train_sae_cmd(
 
             def progress(stage, done, total):
                 if stage not in tasks:
-                    tasks[stage] = bar.add_task(f"{stage} {point}", total=total)
+                    tasks[stage] = bar.add_task(f"{stage} {point}", total=total, unit="steps" if stage == "train" else "tokens")
                 bar.update(tasks[stage], completed=done, total=total)
 
             report = train_sae(subject, point, windows, folder, TrainConfig(latents, k, batch, epochs, lr, seed=seed), corpus, progress)

@@ -45,11 +45,12 @@ _BAR_WIDTH = 160  # the longest bar line: description, bar, counts, rate, ETA an
 
 
 def progress_bar() -> Progress:
+    """A stage command's bars; each task says what it counts (`add_task(..., unit="tokens")`)."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
-        TextColumn("{task.completed:,}/{task.total:,} tokens"),
-        _Rate("tok", digits=0),
+        TextColumn("{task.completed:,}/{task.total:,} {task.fields[unit]}"),
+        _Rate(digits=0),
         TextColumn("ETA"),
         TimeRemainingColumn(),
         TimeElapsedColumn(),

@@ -107,7 +107,7 @@ def train(states: torch.Tensor, cfg: TrainConfig, progress=None) -> tuple[TopKSA
     n_eval = max(1, len(states) // 20)
     held, data = states[:n_eval], states[n_eval:]
     if len(data) < cfg.batch:
-        raise UserError(f"{len(data)} training tokens are fewer than one batch of {cfg.batch}", "record more --tokens or lower --batch-size")
+        raise UserError(f"{len(data)} training tokens are fewer than one batch of {cfg.batch}", "pass more --tokens (or a longer corpus) or lower --batch-tokens")
     # Inputs scaled to mean squared norm d_in, so one learning rate fits every model and layer.
     d_in = states.shape[1]
     scale = (d_in / data[:65536].float().pow(2).sum(-1).mean()).sqrt().item()

@@ -46,7 +46,7 @@ def test_record_runs_and_prints_the_output_folder(base, prose_file, tmp_path):
     folder = Path(result.stdout.strip().splitlines()[-1])
     assert folder.parent == tmp_path / "out" / "records"
     assert pl.read_parquet(folder / "layer_2.records.parquet")["unit"].n_unique() == 48
-    assert "tok/s" in result.stderr and "ETA" in result.stderr
+    assert "tokens/s" in result.stderr and "ETA" in result.stderr
 
 
 @pytest.mark.parametrize(

@@ -110,6 +110,7 @@ def test_train_sae_command(tiny_llama_dir, prose_corpus, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == str(to)
     assert "FVE" in result.stderr and "dead" in result.stderr
+    assert "steps/s" in result.stderr and "tokens/s" in result.stderr, "the train bar counts steps, capture tokens"
     report = json.loads((to / "training.json").read_text())
     from autoexplain.storage import read_manifest
 
@@ -127,6 +128,8 @@ def test_train_sae_command(tiny_llama_dir, prose_corpus, tmp_path):
     (["--k", "65", "--latents", "64"], ["--k 65 is more than --latents 64"]),
     (["--layer", "7"], ["layer 7 is out of range"]),
     (["--latents", "0"], ["--latents", "at least 1"]),
+    (["--lr", "-1"], ["--lr must be more than 0, got -1.0"]),
+    (["--tokens", "500"], ["--tokens 500 leave 475 to train on, fewer than one batch of --batch-tokens 1,024"]),
 ])
 def test_train_sae_bad_input_is_one_line(tiny_llama_dir, tmp_path, args, words):
     result = run_cli("train-sae", "--model", tiny_llama_dir, "--out", str(tmp_path / "out"), *args)
