@@ -30,6 +30,23 @@ _WRITE = re.compile(r"^\..+\.w(\d+)-([0-9a-f]{6})\.[^/]*\.(tmp|old)")
 _UNTAGGED = re.compile(r"^\..+\.(tmp|old)(\.[A-Za-z0-9]+)?$")
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it; set back at once
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
+def _as_created(path: Path, mode: int) -> Path:
+    """`path` with the permissions a plain open() or mkdir() would have given it: tempfile makes its
+    files and folders private (0600, 0700), and they keep that once renamed into place, so outputs
+    would be unreadable to a colleague or a worker running as another user."""
+    os.chmod(path, mode & ~_UMASK)
+    return path
+
+
 def writer_tag() -> str:
     """This process's mark in the names of its writes in progress."""
     return f"w{os.getpid()}-{_HOST}"
@@ -42,7 +59,7 @@ def temporary_beside(path: str | os.PathLike, suffix: str = "") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{writer_tag()}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
-    return Path(tmp)
+    return _as_created(Path(tmp), 0o666)
 
 
 def temporary_folder_beside(path: str | os.PathLike) -> Path:
@@ -50,7 +67,7 @@ def temporary_folder_beside(path: str | os.PathLike) -> Path:
     there and renamed to `path` whole (what to do when `path` is there already is the caller's)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{path.name}.{writer_tag()}.", suffix=".tmp", dir=path.parent))
+    return _as_created(Path(tempfile.mkdtemp(prefix=f".{path.name}.{writer_tag()}.", suffix=".tmp", dir=path.parent)), 0o777)
 
 
 def aside(path: str | os.PathLike) -> Path:

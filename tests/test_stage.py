@@ -56,6 +56,25 @@ def test_nothing_is_at_the_path_until_the_seal_then_it_is_reused(tmp_path):
     assert again.key == stage.key and again.done
 
 
+def test_a_sealed_output_has_the_permissions_the_umask_gives(tmp_path):
+    """Not tempfile's private 0700 and 0600: a colleague, or a worker running as another user, reads it."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        import importlib
+
+        from autoexplain import files
+
+        importlib.reload(files)  # the umask is read once, at import
+        sealed = _write(tmp_path).seal({"simulations": "s1"}, {"layer": 1})
+    finally:
+        os.umask(old)
+        importlib.reload(files)
+    assert sealed.stat().st_mode & 0o777 == 0o755
+    assert {p.name: p.stat().st_mode & 0o777 for p in sealed.iterdir()} == {"layer_1.parquet": 0o644, "manifest.json": 0o644}
+
+
 def test_a_breaking_output_is_never_sealed(tmp_path):
     stage = _write(tmp_path, polarity=2)
     with pytest.raises(ContractViolation, match=r"polarity is \+1 or -1") as info:
