@@ -100,6 +100,7 @@ class OpenAILLM(LLM):
         self._tpm = TokenBucket(tokens_per_minute, burst=tokens_per_minute) if tokens_per_minute else None
         self.cache = None  # an llm_cache.ResponseCache, or None: every request is sent
         self._echo_seen = False  # learned: this server has returned prompt logprobs
+        self._chat_logprobs_seen = False  # learned: this server has returned the chat logprobs asked for
         self._n_ignored = False  # learned: the server returns one choice whatever `n` says
         if echo_alignment not in ("auto", "ok", "shifted"):
             raise UserError(f"echo_alignment must be 'auto', 'ok' or 'shifted', not '{echo_alignment}'")
@@ -332,11 +333,23 @@ class OpenAILLM(LLM):
             return ChatResult(hit["text"], None if tops is None else [[tuple(p) for p in row] for row in tops],
                               hit["prompt_tokens"], hit["completion_tokens"], hit.get("cached_tokens", 0))
 
+        def check(r) -> None:
+            """As for echo replies: logprobs asked for and missing are a transient fault (retried, never
+            cached) once this server has shown it sends them; from one that never did, its limit."""
+            self._has_choices(r)
+            if not top_logprobs:
+                return
+            lp = r.choices[0].logprobs
+            if lp is not None and lp.content is not None:
+                self._chat_logprobs_seen = True
+            elif self._chat_logprobs_seen:
+                raise Malformed("a chat reply without the logprobs asked for")
+
         def ask(messages: list[dict]) -> ChatResult:
             estimate = (sum(len(str(m.get("content") or "")) for m in messages) // 4, max_tokens)
             r = self._request(lambda: self._client.chat.completions.create(
                 model=self.name, messages=messages, temperature=temperature, max_tokens=max_tokens, **extra),
-                check=self._has_choices, estimate=estimate)
+                check=check, estimate=estimate)
             pt, ct, cached = self._tokens(r.usage)
             self._settle(sum(estimate), pt + ct)
             self._record(sinks, pt, ct, cached_tokens=cached)

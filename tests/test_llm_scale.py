@@ -181,3 +181,18 @@ def test_unanswered_requests_are_asked_again_by_the_next_run(fault_server, bench
     third = len(srv.requests)
     run_simulate(records_dir, x, out, sim=sim)
     assert len(srv.requests) == third, "a final folder is reused as it is"
+
+
+def test_chat_logprobs_missing_from_a_server_that_sent_them_are_asked_again(fault_server, bench_server):
+    """What the classifier scorers read their AUC from: a reply without them, from a server that has
+    sent them, is a fault (retried, so never cached); a server that never sends them is taken as it is."""
+    srv = fault_server(fail_with=[200, "no-logprobs"], upstream=bench_server.base_url)
+    llm = fast(srv.base_url, max_concurrency=1)
+    ask = [[{"role": "user", "content": "Explanation: cats\nExample 1: a <<cat>> sat\nExample 2: a dog ran"}]]
+    first = llm.chat(ask, top_logprobs=2)[0]
+    second = llm.chat(ask, top_logprobs=2, sample=1)[0]
+    assert first.top_logprobs and second.top_logprobs, "the reply without them was asked again"
+    assert len(srv.requests) == 3
+    never = fault_server(fail_with=["no-logprobs"] * 2, upstream=bench_server.base_url)
+    plain = fast(never.base_url, max_concurrency=1).chat(ask * 2, top_logprobs=2)
+    assert [r.top_logprobs for r in plain] == [None, None] and len(never.requests) == 2
