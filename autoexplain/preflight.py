@@ -200,7 +200,7 @@ def check_budget(budget: str | None, spell: Spelling = flow_name, *, explainer: 
     for llm in llms - {None}:
         p = registry.parse_llm(llm)
         if p.kind != "local" and prices.price_of(p.model) is None:
-            raise _fail(spell, "budget", f"is in dollars, but the model '{p.model}' has no price in {prices.TABLE.name}",
+            raise _fail(spell, "budget", f"is in dollars, but the model '{p.model}' has no price in {prices.source()}",
                         f"add it to a table named by ${prices.OVERRIDE_ENV}, or give the budget in tokens ('2M tokens')")
     return limit
 

@@ -51,6 +51,12 @@ def table() -> dict[str, Price]:
     return _table(os.environ.get(OVERRIDE_ENV) or None)
 
 
+def source() -> str:
+    """Where the prices come from, as a cost line names it."""
+    override = os.environ.get(OVERRIDE_ENV)
+    return "autoexplain/prices.json" + (f" and {override}" if override else "")
+
+
 def price_of(model: str) -> Price | None:
     prices = table()
     if model in prices:

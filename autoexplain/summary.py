@@ -12,6 +12,7 @@ import math
 
 import polars as pl
 
+from autoexplain import prices
 from autoexplain.pipeline import EXPLAINER, LOOKUP
 from autoexplain.scoring import TOP_AND_RANDOM
 
@@ -76,7 +77,7 @@ def cost_line(cost: dict) -> str:
     if not cost["units"]:
         return "cost: nothing scored"
     line = (f"cost: ${cost['dollars']:.4f} for {cost['units'] - cost['unknown']} units "
-            f"(${cost['per_unit']:.6f} per unit) at the prices of autoexplain/prices.json" if cost["dollars"] is not None
+            f"(${cost['per_unit']:.6f} per unit) at the prices of {prices.source()}" if cost["dollars"] is not None
             else "cost: unknown")
     if cost["unknown"]:
         line += (f"; {cost['unknown']} units used a model with no known price (add it to autoexplain/prices.json "

@@ -46,6 +46,8 @@ def test_an_override_file_adds_and_replaces(tmp_path, monkeypatch):
     assert prices.price_of("my-vllm-model") == prices.Price(0.05, None, 0.1)
     assert prices.price_of("gpt-4o-mini").input == 1.0
     assert prices.price_of("gpt-4o").input == 2.5, "the rest of the built-in table stays"
+    line = cost_line({"units": 2, "unknown": 0, "dollars": 0.5, "per_unit": 0.25})
+    assert line.endswith(f"at the prices of autoexplain/prices.json and {path}"), "the cost line names the file it used"
     path.write_text('{"models": {"x": {"output": 1}}}')
     monkeypatch.setenv(prices.OVERRIDE_ENV, str(path) + ".missing")
     with pytest.raises(UserError, match="cannot read the price table"):

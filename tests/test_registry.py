@@ -58,6 +58,8 @@ def test_builtin_grammar_and_identity_load_nothing():
     ("chat-json", "chat-json needs an LLM"),
     ("embedding:local", "the embedding simulator takes no LLM"),
     ("all-at-once:bogus", "unknown LLM 'bogus'"),
+    ("all-at-once:openai:gpt-4o-mini@localhost:18401/v1", "the server address after '@' has no http://"),
+    ("chat-json:openai:m@10.0.0.5:8000/v1", r"write 'openai:m@http://10\.0\.0\.5:8000/v1'"),
 ])
 def test_bad_simulator_specs(spec, message):
     with pytest.raises(UserError, match=message):
