@@ -116,8 +116,9 @@ def plot_score_distribution(scores, path, metric: str = DEFAULT_METRIC) -> Path:
     return _save(fig, path)
 
 
-def plot_mean_by_layer(scores, path, metric: str = DEFAULT_METRIC) -> Path:
-    """Mean score per layer for the explanation and the baselines, with 95% CIs over units."""
+def plot_mean_by_layer(scores, path, metric: str = DEFAULT_METRIC, units: str = "") -> Path:
+    """Mean score per layer for the explanation and the baselines, with 95% CIs over units; `units`
+    names whose units they are in the title (a site of neurons and latents plots each apart)."""
     plt = pyplot()
     df = _frame(scores)
     layers = _layers(df) if df.height else []
@@ -138,20 +139,29 @@ def plot_mean_by_layer(scores, path, metric: str = DEFAULT_METRIC) -> Path:
     else:
         ax.text(0.5, 0.5, "no defined scores", ha="center", va="center", transform=ax.transAxes)
     ax.axhline(0, color="#bbb", linewidth=0.8)
-    ax.set_title("Mean score by layer (95% CI over units)")
+    ax.set_title(f"Mean score by layer{', ' + units if units else ''} (95% CI over units)")
     ax.set_xlabel("layer")
     ax.set_ylabel(METRIC_LABELS.get(metric, metric))
     return _save(fig, path)
 
 
+def per_unit(scores, metric: str = DEFAULT_METRIC) -> pl.DataFrame:
+    """One row per unit, a column of `metric` per method. A unit is its source's too: latent 5 of a
+    layer's coder is not neuron 5 of that layer."""
+    df = _frame(scores)
+    if not df.height:
+        return pl.DataFrame()
+    unit = ["layer", "source", "unit", "polarity"] if "source" in df.columns else ["layer", "unit", "polarity"]
+    return (df.filter(pl.col("metric") == metric)
+            .select(*unit, "method", "value")
+            .unique([*unit, "method"], keep="first", maintain_order=True)
+            .pivot(on="method", index=unit, values="value"))
+
+
 def plot_llm_vs_baselines(scores, path, metric: str = DEFAULT_METRIC) -> Path:
     """Per unit, the explanation's score against each baseline's; points above the diagonal beat it."""
     plt = pyplot()
-    df = _frame(scores)
-    wide = (df.filter(pl.col("metric") == metric)
-            .select("layer", "unit", "polarity", "method", "value")
-            .unique(["layer", "unit", "polarity", "method"], keep="first", maintain_order=True)
-            .pivot(on="method", index=["layer", "unit", "polarity"], values="value")) if df.height else pl.DataFrame()
+    wide = per_unit(scores, metric)
     fig, axes = plt.subplots(1, 2, figsize=(7.6, 3.6), sharey=True)
     # In the scores' order: translucent points blend in the order they are drawn, so an unordered
     # unique() would give the same scores different pixels from one build to the next.
@@ -168,10 +178,10 @@ def plot_llm_vs_baselines(scores, path, metric: str = DEFAULT_METRIC) -> Path:
             hi = float(max(x.max(), y.max()))
             ax.plot([lo, hi], [lo, hi], color="#999", linewidth=0.8, linestyle="--")
             wins = float(np.mean(y > x))
-            ax.set_title(f"explainer vs {base}: explainer higher on {wins:.0%} of {x.size} units")
+            ax.set_title(f"explainer vs {base}:\nexplainer higher on {wins:.0%} of {x.size} units", fontsize=9)
         else:
             ax.text(0.5, 0.5, "no units with both scores", ha="center", va="center", transform=ax.transAxes)
-            ax.set_title(f"explainer vs {base}")
+            ax.set_title(f"explainer vs {base}", fontsize=9)
         ax.set_xlabel(f"{base} score")
     axes[0].set_ylabel(f"explainer score ({METRIC_LABELS.get(metric, metric)})")
     fig.tight_layout()

@@ -40,6 +40,7 @@ from autoexplain import files, layout
 from autoexplain.errors import UserError
 from autoexplain.identity import code_identity
 from autoexplain.records import QUANTILE_BINS
+from autoexplain.sources import MLP
 from autoexplain.storage import content_key, read_manifest
 from autoexplain.summary import run_cost, unit_costs
 from autoexplain.view_data import (METHODS, METRICS, PRIMARY_METRIC, explanations_of, index_chunk, index_frame,
@@ -210,10 +211,19 @@ def build_site(score_dirs: list[Path], site_dir: Path, records_dir: Path | None 
 
         everything = pl.concat(all_scores, how="diagonal_relaxed")
         if len({s.layer for s in sources}) > 1:
-            plot_mean_by_layer(everything, site_dir / "plots" / "mean_by_layer.png")
-            plot_files.append(["plots/mean_by_layer.png", "Mean score by layer"])
+            # neurons and each coder's latents apart: a mean over both would describe neither
+            kinds = (everything["source"].fill_null(MLP.kind) if "source" in everything.columns
+                     else pl.Series([MLP.kind] * everything.height))
+            for kind in sorted(set(kinds), key=lambda k: (k != MLP.kind, k)):
+                part = everything.filter(kinds == kind)
+                if part["layer"].n_unique() < 2:
+                    continue
+                name = "mean_by_layer.png" if kind == MLP.kind else f"mean_by_layer.{kind}.png"
+                whose = "MLP neurons" if kind == MLP.kind else f"{kind} latents"
+                plot_mean_by_layer(part, site_dir / "plots" / name, units=whose)
+                plot_files.append([f"plots/{name}", f"Mean score by layer, {whose}"])
             plot_score_distribution(everything, site_dir / "plots" / "score_distribution.png")
-            plot_files.append(["plots/score_distribution.png", "Score distribution, all layers"])
+            plot_files.append(["plots/score_distribution.png", "Score distribution, all layers and sources"])
         plot_llm_vs_baselines(everything, site_dir / "plots" / "llm_vs_baselines.png")
         plot_files.append(["plots/llm_vs_baselines.png", "Explanation against the baselines, per unit"])
     site = {"title": title, "metric": PRIMARY_METRIC, "metrics": list(METRICS), "methods": list(METHODS),
