@@ -51,16 +51,6 @@ def test_plots_stand_alone(tmp_path):
     assert empty.is_file()
 
 
-def test_neurons_and_latents_of_a_layer_are_units_apart_in_the_plots(tmp_path):
-    from autoexplain.plots import per_unit
-
-    neurons = pl.read_parquet(synthetic_layer(tmp_path / "a", 3, 20) / "layer_3.parquet")
-    latents = neurons.with_columns(pl.lit("sae-res-40").alias("source"))
-    both = pl.concat([neurons, latents], how="diagonal_relaxed")
-    n = neurons.select("unit", "polarity").unique().height
-    assert per_unit(both).height == 2 * n, "latent 5 of layer 3 is not neuron 5 of layer 3"
-    assert per_unit(neurons).height == n
-
 
 def test_build_site_rejects_bad_inputs(tmp_path):
     from autoexplain.errors import UserError
