@@ -91,7 +91,7 @@ def record_activations(model: str = "smollm2", corpus: str = "default", layers: 
 @flow(name="explain-layer", validate_parameters=True)
 def explain_layer(
     layer: int | None = None,
-    units: str | None = None,
+    units: str | int | None = None,
     model: str = "smollm2",
     corpus: str = "default",
     tokens: int = 1_000_000,

@@ -29,9 +29,9 @@ from autoexplain.tasks.stages import record_sources_task, with_results
 
 @flow(name="explain-model", validate_parameters=True)
 def explain_model(
-    layers: list[int] | str | None = None,
+    layers: list[int] | int | str | None = None,
     sources: list[str] | None = None,
-    units: str | None = None,
+    units: str | int | None = None,
     model: str = "smollm2",
     corpus: str = "default",
     tokens: int = 1_000_000,

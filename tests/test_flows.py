@@ -199,3 +199,15 @@ def test_parameters_are_validated(run):
 
     with pytest.raises(ParameterTypeError):
         run(layer="middle")
+
+
+def test_one_unit_or_one_layer_is_a_number_as_a_deployment_sends_it(tiny_llama_dir):
+    """`prefect deployment run ... --param units=5` sends the JSON number 5, not "5"."""
+    from autoexplain import preflight
+    from autoexplain.flows.explain_layer import explain_layer
+    from autoexplain.flows.explain_model import explain_model
+
+    assert explain_layer.validate_parameters({"units": 5})["units"] == 5
+    assert explain_model.validate_parameters({"layers": 15, "units": 7})["layers"] == 15
+    plan = preflight.explain_layer({"units": 5, "model": tiny_llama_dir, "layer": 1})
+    assert plan.units == [5]
