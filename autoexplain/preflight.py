@@ -270,8 +270,9 @@ def check_out(out: str, spell: Spelling = flow_name, name: str = "out") -> None:
 
 
 def check_revisions(revisions: dict[str, str] | None, units: list[int] | None, spell: Spelling = flow_name,
-                    name: str = "revisions") -> dict[tuple[int, int], str]:
-    """'UNIT' or 'UNIT:POLARITY' -> text, each for a unit this run explains."""
+                    name: str = "revisions", polarities: tuple[int, ...] = (1, -1)) -> dict[tuple[int, int], str]:
+    """'UNIT' or 'UNIT:POLARITY' -> text, each for a unit and polarity this run explains (a coder's
+    latents have one polarity)."""
     parsed: dict[tuple[int, int], str] = {}
     for key, text in (revisions or {}).items():
         unit, _, pol = str(key).partition(":")
@@ -284,6 +285,9 @@ def check_revisions(revisions: dict[str, str] | None, units: list[int] | None, s
         if units is not None and unit_i not in units:
             raise _fail(spell, name, f"unit {unit_i} is not among the units this run explains",
                         "revise a unit inside the run's units")
+        if pol_i not in polarities:
+            raise _fail(spell, name, f"'{key}': this run's units have polarity {polarities[0]:+d} only",
+                        f"write '{unit_i}' or '{unit_i}:{polarities[0]:+d}'")
         if not isinstance(text, str) or not text.strip():
             raise _fail(spell, name, f"the revision of '{key}' is empty", "give the explanation's new text")
         parsed[(unit_i, pol_i)] = text.strip()
@@ -362,7 +366,7 @@ def explain_layer(p: dict, spell: Spelling = flow_name) -> LayerPlan:
     units = check_units(shape, p.get("units"), spell)
     if units == []:
         raise _fail(spell, "units", "selects no unit", "pass a range like 0-99")
-    revisions = check_revisions(p.get("revisions"), units, spell)
+    revisions = check_revisions(p.get("revisions"), units, spell, polarities=source.polarities)
     check_limits(p.get("concurrency"), p.get("rpm"), spell, p.get("tpm"))
     check_explainer(p.get("explainer"), spell)
     check_simulator(p.get("simulator"), spell)

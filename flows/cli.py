@@ -184,7 +184,8 @@ def revise_cmd(
         base = {**run["params"], "out": out}
         plan = preflight.explain_layer({**base, "revisions": None}, preflight.cli_flag)
         merged = {**preflight.check_revisions(base.get("revisions"), None),
-                  **preflight.check_revisions(new, plan.units, preflight.cli_flag, "file" if file else "unit")}
+                  **preflight.check_revisions(new, plan.units, preflight.cli_flag, "file" if file else "unit",
+                                              plan.source.polarities)}
         params = {**base, "revisions": {f"{u}:{p:+d}": t for (u, p), t in sorted(merged.items())}}
         _run_flow("explain_layer", params, lambda: None)
 
