@@ -105,6 +105,8 @@ def model_shape(model: str, spell: Spelling = flow_name, name: str = "model") ->
             raise _fail(spell, name, f"{path} is not a Hugging Face model folder (no config.json)",
                         "point it at a folder saved with save_pretrained, or a .gguf file")
         cfg = json.loads((path / "config.json").read_text())
+    elif model.startswith(("/", "./", "../", "~")):  # a path, not a hub name: say so, not what the hub says of it
+        raise _fail(spell, name, f"model folder {path} does not exist", "check the path, or give a hub name or a .gguf file")
     else:
         try:
             from transformers import AutoConfig

@@ -279,7 +279,8 @@ def make_source(kind: str | None = None):
     kind = kind or DEFAULT_SOURCE
     classes = _source_classes()
     if kind not in classes:
-        raise UserError(f"unknown unit source '{kind}'", "use " + " or ".join(f"'{k}'" for k in classes))
+        raise UserError(f"unknown unit source '{kind}'",
+                        "use " + ", ".join(f"'{k}'" for k in classes) + ", 'sae:PATH' or 'transcoder:PATH' (a coder's folder)")
     return classes[kind]()
 
 

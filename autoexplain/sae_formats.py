@@ -178,7 +178,7 @@ def sparsify_child(parent: Path, layer: int | None) -> Path:
     if layer is None:
         if len(children) == 1:
             return children[0]
-        raise UserError(f"{parent} holds sparse coders for several hookpoints ({names})", "pass --layer, or point at one of them")
+        raise UserError(f"{parent} holds sparse coders for several hookpoints ({names})", "point at one of them (sae:PATH/<hookpoint>), or pass --layer where the command has it")
     picked = [d for d in children if (m := _SPARSIFY_HOOK.match(d.name)) and int(m.group(1)) == layer]
     if len(picked) != 1:
         problem = "none" if not picked else "several"

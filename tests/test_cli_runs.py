@@ -116,7 +116,7 @@ BAD_FLAGS = [
     (["--bootstrap", "0"], "--bootstrap: must be at least 1"),
     (["--tokens", "0"], "--tokens: must be at least 1"),
     (["--corpus", "/no/such/corpus.txt"], "--corpus: corpus /no/such/corpus.txt does not exist"),
-    (["--model", "/no/such/model"], "--model: cannot load model"),
+    (["--model", "/no/such/model"], "--model: model folder /no/such/model does not exist"),
     (["--top-k", "0"], "--top-k: must be at least 1"),
     (["--random", "-1"], "--random: must be at least 0"),
     (["--window-len", "1"], "--window-len: must be at least 2"),

@@ -59,7 +59,7 @@ def test_registry_builds_scorers_and_unit_sources():
     source = registry.make_source("mlp")
     assert isinstance(source, MlpSource)
     assert source.unit_ids(15, [7]) == [UnitId("L15/mlp", 7, 1), UnitId("L15/mlp", 7, -1)]
-    with pytest.raises(UserError, match="unknown unit source"):
+    with pytest.raises(UserError, match="unknown unit source .* use .mlp., .sae:PATH. or .transcoder:PATH."):
         registry.make_source("sae")
 
     class Length(Scorer):
