@@ -104,11 +104,20 @@ class _RecordsCache:
             table.write_parquet(tmp, compression="uncompressed")
 
 
+PAGES = ("index", "layer", "unit")  # the pages a build writes at the top of the site (NAME.html)
+
+
 def _check_site(site_dir: Path) -> None:
-    """Refuse a folder whose 'data' folder no viewer build wrote (it would be emptied)."""
-    if (site_dir / "data").is_dir() and not (site_dir / "data" / "site.js").is_file() and any((site_dir / "data").iterdir()):
-        raise UserError(f"{site_dir} holds a 'data' folder that no viewer build wrote",
-                        "pass a new or empty folder for the site (or the folder of an earlier site)")
+    """Refuse a folder that no viewer build wrote where this one would empty or replace the user's
+    files: its 'data' folder, or pages named as the site's."""
+    if (site_dir / "data" / "site.js").is_file():
+        return  # an earlier build's: rebuilt in place
+    fix = "pass a new or empty folder for the site (or the folder of an earlier site)"
+    if (site_dir / "data").is_dir() and any((site_dir / "data").iterdir()):
+        raise UserError(f"{site_dir} holds a 'data' folder that no viewer build wrote", fix)
+    theirs = [f"{name}.html" for name in PAGES if (site_dir / f"{name}.html").exists()]
+    if theirs:
+        raise UserError(f"{site_dir} holds {theirs[0]}, which no viewer build wrote and this one would replace", fix)
 
 
 def _clear_site(site_dir: Path, keep: set[str]) -> None:
@@ -233,7 +242,7 @@ def build_site(score_dirs: list[Path], site_dir: Path, records_dir: Path | None 
             "build_seconds": round(time.perf_counter() - started, 2)}
     write_js(site_dir / "data" / "site.js", "site", site)
     written.save()
-    for name, body in (("index", INDEX_BODY), ("layer", LAYER_BODY), ("unit", UNIT_BODY)):
+    for name, body in zip(PAGES, (INDEX_BODY, LAYER_BODY, UNIT_BODY)):
         (site_dir / f"{name}.html").write_text(page(name, title, body), encoding="utf-8")
     return site_dir / "index.html"
 

@@ -65,6 +65,11 @@ def test_build_site_rejects_bad_inputs(tmp_path):
     with pytest.raises(UserError, match="holds a 'data' folder that no viewer build wrote"):
         build_site([scores_dir], tmp_path / "mine")
     assert (tmp_path / "mine" / "data" / "notes.txt").is_file()
+    (tmp_path / "blog").mkdir()
+    (tmp_path / "blog" / "index.html").write_text("my page")
+    with pytest.raises(UserError, match="holds index.html, which no viewer build wrote"):
+        build_site([scores_dir], tmp_path / "blog")
+    assert (tmp_path / "blog" / "index.html").read_text() == "my page"
     manifest = json.loads((scores_dir / "manifest.json").read_text())
     manifest["params"]["layer"] = 3
     (scores_dir / "manifest.json").write_text(json.dumps(manifest))
