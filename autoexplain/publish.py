@@ -109,6 +109,16 @@ def _write_neuronpedia(rows: list[dict], folder: Path) -> None:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[n : n + NEURONPEDIA_BATCH])
 
 
+def _corpus(params: dict) -> str:
+    """What the card says of the corpus: the embedded one by its sources and their licenses; a
+    user's by its file name only (their folders are nobody's business; its license is theirs to add)."""
+    tokens = f"{params['tokens']:,} tokens"
+    if params["corpus"] == defaults.CORPUS:
+        return (f"the embedded default, {tokens}: English Wikipedia articles (CC BY-SA 3.0) and the King James "
+                "Bible (public domain)")
+    return f"`{Path(str(params['corpus'])).name}`, {tokens} (the run's own corpus)"
+
+
 def _commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
@@ -159,9 +169,7 @@ one. The `units` table says what each unit writes: the tokens its output directi
 suppresses most. Files are partitioned by source and layer: `data/<table>/<source>/layer_<L>.parquet`.
 
 - **Subject model:** `{params['model']}`
-- **Corpus:** `{params['corpus']}` ({params['tokens']:,} tokens; the embedded default is English
-  Wikipedia articles, CC BY-SA 3.0, and the King James Bible, public domain). License of this
-  dataset: `{license_}`.
+- **Corpus:** {_corpus(params)}. License of this dataset: `{license_}`.
 - **Explainer:** `{params['explainer']}`, best of k = {params['k']} candidates on the valid split;
   **simulator:** `{params['simulator']}`.
 - **Metrics** (test split only, never shown to the explainer): correlation of simulated and true

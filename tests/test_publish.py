@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -33,7 +34,8 @@ def run_table(out, stage: str, layer: int) -> pl.DataFrame:
 
 
 @pytest.mark.slow
-def test_a_published_dataset_loads_offline_and_holds_the_runs(home, two_layers, tmp_path, monkeypatch):  # noqa: F811
+def test_a_published_dataset_loads_offline_and_holds_the_runs(home, two_layers, tmp_path, monkeypatch,  # noqa: F811
+                                                              prose_corpus):
     to = tmp_path / "dataset"
     line = _one_error_line(cli(home, "publish", "--out", str(two_layers), "--to", str(to)))
     assert "license of the corpus" in line and "--license" in line and not to.exists(), line
@@ -48,6 +50,9 @@ def test_a_published_dataset_loads_offline_and_holds_the_runs(home, two_layers, 
     for table in TABLES:
         assert f"### `{table}`" in text
     assert "| `value` | double | the score, null when undefined |" in text, "columns described from schemas/"
+    corpus = next(line for line in text.splitlines() if line.startswith("- **Corpus:**"))
+    assert corpus.startswith(f"- **Corpus:** `{Path(prose_corpus).name}`, 20,000 tokens (the run's own corpus)"), corpus
+    assert "Wikipedia" not in corpus and str(Path(prose_corpus).parent) not in corpus
 
     scores = pl.concat([run_table(two_layers, "scores", L) for L in (0, 1)])
     scanned = pl.scan_parquet(str(to / "data" / "scores" / "**" / "*.parquet")).collect()
