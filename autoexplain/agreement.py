@@ -177,7 +177,7 @@ def write_page(markdown: str, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "agreement.md").write_text(markdown, encoding="utf-8")
     img = '<img src="agreement.png" alt="scatter plots of the scorers across units">' if (folder / "agreement.png").is_file() else ""
-    page = (f"<!doctype html><meta charset='utf-8'><title>Agreement between scorers</title>"
+    page = (f"<!doctype html><meta charset='utf-8'><title>Agreement between scorers</title><link rel='icon' href='data:,'>"
             f"<body style='font-family:sans-serif;max-width:70em;margin:2em auto'>{img}<pre>{html.escape(markdown)}</pre>")
     path = folder / "agreement.html"
     path.write_text(page, encoding="utf-8")

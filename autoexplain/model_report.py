@@ -104,7 +104,7 @@ def write_page(site_dir: Path, table: pl.DataFrame, t: dict, plots: list[tuple[s
     body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>" for cells in lines(table))
     figures = "".join(f'<figure><img class="plot" src="{esc(src)}" alt="{esc(title)}"><figcaption>{esc(title)}</figcaption></figure>'
                       for src, title in plots)
-    page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Model report</title>'
+    page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Model report</title><link rel="icon" href="data:,">'
             f'<link rel="stylesheet" href="assets/viewer.css"></head><body data-page="report"><main>'
             f'<nav class="crumbs"><a href="index.html">Overview</a> › Model report</nav><h1>Model report</h1>'
             f'<p class="lede" id="headline">{esc(headline(t))}</p><section class="plots">{figures}</section>'
