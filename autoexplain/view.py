@@ -39,6 +39,7 @@ import polars as pl
 from autoexplain import files, layout
 from autoexplain.errors import UserError
 from autoexplain.identity import code_identity
+from autoexplain.layer import dead_units
 from autoexplain.records import QUANTILE_BINS
 from autoexplain.sources import MLP
 from autoexplain.storage import content_key, read_manifest
@@ -197,6 +198,8 @@ def build_site(score_dirs: list[Path], site_dir: Path, records_dir: Path | None 
         summary = layer_summary(src, index, chunk_size, polar)
         summary["cost"] = run_cost(scores)  # what the source's scored units cost, as the run's summary line says
         summary["meaning"] = meaning
+        # units that never fired (a coder's dead latents): not explained, so in no index; said so
+        summary["dead"] = dead_units(src.records_dir, src.layer) if src.records_dir is not None else []
         if not plots:
             summary["plot"] = None
         for k in range(summary["n_chunks"]):
@@ -208,7 +211,7 @@ def build_site(score_dirs: list[Path], site_dir: Path, records_dir: Path | None 
             from autoexplain.plots import plot_score_distribution
 
             plot_score_distribution(scores, site_dir / summary["plot"])
-        meta = {k: summary[k] for k in ("layer", "source", "kind", "polar", "n_units", "n_scored", "n_chunks",
+        meta = {k: summary[k] for k in ("layer", "source", "kind", "polar", "n_units", "n_scored", "dead", "n_chunks",
                                         "chunk_size", "means", "llm_beats", "simulator", "has_records", "cost")}
         meta["hist"] = score_histogram(index)
         meta["best"] = summary["best"][:N_BEST_OVERVIEW]

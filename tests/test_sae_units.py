@@ -166,6 +166,11 @@ def test_explain_layer_and_rescore_on_latents_from_the_command_line(tiny_llama_d
     assert page.text_content("#explanation") == chosen.filter(pl.col("unit") == 8)["text"][0]
     assert page.locator("#outputs .tok.up").count() == 10 and page.locator("#ex-top .exemplar").count() > 0
     page.screenshot(path=out.parent / "sae_unit.png", full_page=True)
+    dead = w.open("layer.html#L1/sae-res-40")
+    dead.wait_for_selector("#dead")
+    assert dead.text_content("#dead").startswith("1 more never fired on the recorded tokens")
+    dead = w.open("unit.html#L1/sae-res-40/N7", ready=False)
+    dead.wait_for_function("document.getElementById('explanation').textContent.includes('never fired')")
     w.close()
 
     again = cli(home, "rescore", "--out", str(out), "--layer", "1", "--source", "sae-res-40", "--bootstrap", "60")

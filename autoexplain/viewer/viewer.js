@@ -364,6 +364,7 @@
       var ov = clear($("overview"));
       add(ov, s.n_units.toLocaleString("en") + " units, " + s.n_scored.toLocaleString("en") + " scored. Mean score " + meanText(mm.explainer) +
         "; token-lookup " + (mm["token-lookup"] ? fmt(mm["token-lookup"][0]) : "–") + ", shuffled " + (mm.shuffled ? fmt(mm.shuffled[0]) : "–") + ". ");
+      if (s.dead && s.dead.length) add(ov, el("span", { id: "dead", text: s.dead.length.toLocaleString("en") + " more never fired on the recorded tokens: they have no exemplars and are not explained. " }));
       if (s.llm_beats["token-lookup"] != null) add(ov, "The explanation beats the token-lookup baseline on " + Math.round(100 * s.llm_beats["token-lookup"]) + "% of units. ");
       if (s.simulator) add(ov, el("span", { cls: "muted", text: "Simulator: " + s.simulator + ". " }));
       if (s.cost && s.cost.units) add(ov, el("span", { cls: "muted", id: "layer-cost", text: "Cost: " + costText(s.cost) + "." }));
@@ -593,6 +594,7 @@
       document.body.removeAttribute("data-ready");
       document.body.setAttribute("data-unit", name);
       if (!meta) return fail($("explanation"), "layer " + unit.layer + " has no source " + unit.kind + " in this site");
+      if ((meta.dead || []).indexOf(unit.u) >= 0) return fail($("explanation"), label + " never fired on the recorded tokens: it has no exemplars and no explanation");
       load(name, unitFile(unit)).then(inflate).then(function (d) {
         // A later hash may have routed elsewhere while this unit loaded: its page must not be drawn over.
         if (document.body.getAttribute("data-unit") !== name) return;
