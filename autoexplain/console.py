@@ -103,9 +103,9 @@ UNANSWERED_EXIT = 4  # the run finished, but some LLM requests got no answer: a 
 def unanswered_exit(scores_dirs: list[Path]) -> None:
     """End a run whose LLM server left requests unanswered (down, overloaded) with a line and exit 4:
     its tables show those units as undefined, which a user would otherwise read as the scores."""
-    from autoexplain.storage import unanswered_behind
+    from autoexplain.storage import unanswered
 
-    n = sum(unanswered_behind(d) for d in scores_dirs)
+    n = sum(unanswered(d) for d in scores_dirs)
     if n:
         err.print(f"[bold yellow]incomplete:[/] {n:,} LLM requests got no answer (the server was down or overloaded; "
                   "their units are undefined above) — rerun the same command: it asks only those again",

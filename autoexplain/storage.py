@@ -208,23 +208,12 @@ UNANSWERED = "unanswered"
 
 
 def unanswered(directory: str | os.PathLike) -> int:
-    """Rows of a sealed stage output that got no answer from their LLM (0 for an unsealed folder)."""
+    """LLM requests with no answer behind a sealed stage output: its own rows', and those of the
+    inputs it was made from (0 for an unsealed folder)."""
     try:
         return int(read_manifest(directory).get(UNANSWERED, 0))
     except (OSError, ValueError):
         return 0
-
-
-def unanswered_behind(scores_dir: str | os.PathLike) -> int:
-    """Unanswered LLM requests in the simulations a scores folder scored and the explanations those
-    simulated (0 where a folder above is not under this root)."""
-    total, folder = 0, Path(scores_dir)
-    for stage in ("simulations", "explanations"):
-        above = read_manifest(folder).get("inputs", {}).get(stage)
-        if above is None or not (folder := layout.sibling(folder, stage, layout.key_of(above))).is_dir():
-            break
-        total += unanswered(folder)
-    return total
 
 
 def count_unanswered(table: pa.Table) -> int:

@@ -37,8 +37,8 @@ from autoexplain.storage import (
     count_unanswered,
     file_digest,
     is_complete,
-    unanswered,
     remember_digest,
+    unanswered,
     write_json,
     write_table,
 )
@@ -112,8 +112,10 @@ class Stage:
         if self._tmp is None:
             raise RuntimeError(f"the {self.stage} output {self.key} has no files to seal")
         try:
+            # made from an input that is not final (its key stays when it is made again), this is not final either
+            inherited = sum(unanswered(v) for v in inputs.values() if isinstance(v, (str, os.PathLike)))
             digests = seal_folder(self._tmp, self.stage, self.key, inputs, params, self._written, push=False,
-                                  unanswered=self._unanswered)
+                                  unanswered=self._unanswered + inherited)
             ours = _move_into_place(self._tmp, self.directory)
         except ContractViolation as e:  # named by the output's path: the temporary folder goes now
             e.path = self.directory / Path(e.path).name

@@ -159,7 +159,7 @@ def test_unanswered_requests_are_asked_again_by_the_next_run(fault_server, bench
     the count, so the run shows what it has, but it is not final. The next run makes the same folder
     again, asks only the unit whose request failed (the others come from the memo), and seals it
     final; a Prefect cache entry naming the unfinished folder is not used."""
-    from autoexplain.layer import run_explain, run_simulate
+    from autoexplain.layer import run_explain, run_score, run_simulate
     from autoexplain.storage import read_manifest, unanswered
     from autoexplain.tasks.stages import output_is_whole
 
@@ -171,10 +171,14 @@ def test_unanswered_requests_are_asked_again_by_the_next_run(fault_server, bench
     first = run_simulate(records_dir, x, out, sim=sim)
     assert 0 < unanswered(first.directory) and read_manifest(first.directory)["unanswered"] == unanswered(first.directory)
     assert not output_is_whole({"path": str(first.path)})
+    scored = run_score(records_dir, first, out, n_boot=20)
+    assert unanswered(scored.directory) == unanswered(first.directory), "made from what is not final: not final"
     sent = len(srv.requests)
     again = run_simulate(records_dir, x, out, sim=sim)  # the server answers everything now
     assert again.directory == first.directory and unanswered(again.directory) == 0
     assert "unanswered" not in read_manifest(again.directory) and output_is_whole({"path": str(again.path)})
+    rescored = run_score(records_dir, again, out, n_boot=20)
+    assert rescored.directory == scored.directory and unanswered(rescored.directory) == 0, "scored again, final"
     assert 0 < len(srv.requests) - sent < sent, "only what got no answer is asked again"
     table = pl.read_parquet(again.path)
     assert table["failure"].drop_nulls().str.starts_with("request failed").sum() == 0
