@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from autoexplain import remote
 from autoexplain.errors import UserError
 from autoexplain.interop import import_explanations
+from autoexplain.layer import recorded_units
 from autoexplain.publish import CARD_MARK, dataset_file
 from autoexplain.sources import MLP
 from autoexplain import layout
@@ -106,7 +106,7 @@ def import_layer(folder: Path, out: Path, layer: int, kind: str, params: dict) -
 
     ref = lambda d, key: {"uri": remote.uri(d), "path": str(layout.table(d, layer).resolve()), "key": key,  # noqa: E731
                           "layer": layer}
-    n_units = int(pc.max(stats.column("unit")).as_py()) + 1 if stats.num_rows else 0
+    n_units = recorded_units(records_dir, layer)
     run = {"flow": "import", "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "params": {**params, "layer": layer}, "dataset": str(folder.resolve()),
            "records": {"uri": remote.uri(records_dir), "path": str(records_dir.resolve()), "key": records_key,
