@@ -33,7 +33,8 @@ from autoexplain.remote import is_url
 from autoexplain.sources import MLP
 from autoexplain.storage import content_key, layer_name, open_root, write_run
 from autoexplain.summary import compare_markdown
-from autoexplain.flows.steps import agreement, finish_layer, gather, score_shard, site_pages, submit_layer, unit_keys
+from autoexplain.flows.steps import (agreement, finish_layer, finished, gather, score_shard, site_pages, submit_layer,
+                                     unit_keys)
 from autoexplain.schemas.contracts import ContractViolation
 from autoexplain.tasks.compare import compare_task
 from autoexplain.tasks.report import budget_stop, publish, publish_recording, report_task, view_task
@@ -138,7 +139,7 @@ def explain_layer(
     set_cache(cache)
     ledger = set_budget(plan.budget)
     result, failed = checked(lambda: _explain_layer(plan, out_path(out), results, params, **params), ledger)
-    return failed or result
+    return failed or finished(result)
 
 
 def _explain_layer(plan: preflight.LayerPlan, out: str, results: str | None, params: dict, *, layer, units, model,
@@ -193,7 +194,7 @@ def rescore(out: str = "out", layer: int = 15, simulator: str = "embedding", sco
     ledger = set_budget(limit[0])
     kind = run["records"].get("source", MLP.kind)
     result, failed = checked(lambda: _rescore(run, out_path(out), layer, simulator, n_boot, results, kind, scorers), ledger)
-    return failed or result
+    return failed or finished(result)
 
 
 def _rescore(run: dict, out: str, layer: int, simulator: str, n_boot: int, results: str | None, kind: str,

@@ -22,7 +22,7 @@ from autoexplain.model_report import PAGE
 from autoexplain.registry import DEFAULT_SCORER
 from autoexplain.storage import local_ref
 from autoexplain.flows.explain_layer import checked, out_path
-from autoexplain.flows.steps import finish_layer, gather, submit_layer
+from autoexplain.flows.steps import finish_layer, finished, gather, submit_layer
 from autoexplain.tasks.report import model_report_task, publish_recording, view_task
 from autoexplain.tasks.stages import record_sources_task, with_results
 
@@ -68,7 +68,7 @@ def explain_model(
     set_cache(cache)
     ledger = set_budget(plan.budget)
     result, failed = checked(lambda: _explain_model(plan, out_path(out), results, params), ledger)
-    return failed or result
+    return failed or finished(result)
 
 
 def _explain_model(plan: model_plan.ModelPlan, out: str, results: str | None, p: dict) -> dict:

@@ -21,7 +21,7 @@ from autoexplain.layer import dead_units, parse_units
 from autoexplain.registry import DEFAULT_SCORER, parse_scorers, simulator_identity
 from autoexplain.remote import is_url
 from autoexplain.sources import MLP
-from autoexplain.storage import layer_name, local_ref, open_root, write_run
+from autoexplain.storage import layer_name, local_ref, open_root, unanswered, write_run
 from autoexplain.tasks.classify import agreement_task, classify_task, negatives_task, scores_task
 from autoexplain.tasks.report import publish, report_task
 from autoexplain.tasks.stages import explain_task, revise_task, score_task, simulate_task, with_results
@@ -148,3 +148,17 @@ def agreement(scorers: str, scores: list[dict], out: str, layer: int, site_dir: 
         folder = str(Path(out) / "agreement" / layer_name(layer, kind))
     if folder is not None:
         agreement_task(scores, folder)
+
+
+def finished(result: dict):
+    """A run's result; where LLM requests behind its scores got no answer, a Completed state named
+    Incomplete that says so, its data the result: what a deployment's run shows, where no exit code
+    is seen (the CLI says it with exit code 4: `console.unanswered_exit`)."""
+    from prefect.states import Completed
+
+    n = sum(unanswered(Path(local_ref(ref)["path"]).parent) for ref in result.get("scores", []))
+    if not n:
+        return result
+    return Completed(name="Incomplete", data=result,
+                     message=f"{n:,} LLM requests got no answer (the server was down or overloaded), so their units "
+                             "are undefined; run the flow again: it asks only those again")

@@ -211,3 +211,23 @@ def test_one_unit_or_one_layer_is_a_number_as_a_deployment_sends_it(tiny_llama_d
     assert explain_model.validate_parameters({"layers": 15, "units": 7})["layers"] == 15
     plan = preflight.explain_layer({"units": 5, "model": tiny_llama_dir, "layer": 1})
     assert plan.units == [5]
+
+
+def test_a_run_with_unanswered_requests_ends_in_a_state_named_incomplete(tmp_path):
+    """What a deployment's run shows (no exit code there): its data is still the run's result."""
+    import json
+
+    from autoexplain.flows.steps import finished
+
+    def scores(key: str, unanswered: int = 0) -> dict:
+        d = tmp_path / "out" / "scores" / key
+        d.mkdir(parents=True)
+        (d / "manifest.json").write_text(json.dumps({"stage": "scores", "key": key, "inputs": {},
+                                                     **({"unanswered": unanswered} if unanswered else {})}))
+        return {"path": str(d / "layer_1.parquet"), "key": key, "layer": 1}
+
+    final = {"scores": [scores("a")], "out": "x"}
+    assert finished(final) is final
+    state = finished({"scores": [scores("b"), scores("c", 12)], "out": "x"})
+    assert state.name == "Incomplete" and state.is_completed()
+    assert state.message.startswith("12 LLM requests got no answer") and state.result()["out"] == "x"
