@@ -139,8 +139,6 @@ def check_units(shape: Shape, units: str | None, spell: Spelling = flow_name, na
 
 # ---- LLMs, explainers and simulators -------------------------------------------------------------
 
-# The prompt of the one request that asks a server whether it returns prompt logprobs (a test
-# server tells it from the stage's requests by it).
 def _parsed(parse, spec, spell: Spelling, name: str):
     """The registry's parse of a spec, its error spelt with the parameter's name."""
     try:

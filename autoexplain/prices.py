@@ -54,7 +54,7 @@ def table() -> dict[str, Price]:
 def source() -> str:
     """Where the prices come from, as a cost line names it."""
     override = os.environ.get(OVERRIDE_ENV)
-    return "autoexplain/prices.json" + (f" and {override}" if override else "")
+    return f"autoexplain/{TABLE.name}" + (f" and {override}" if override else "")
 
 
 def price_of(model: str) -> Price | None:

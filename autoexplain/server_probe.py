@@ -13,6 +13,8 @@ import urllib.request
 
 from autoexplain.errors import UserError
 
+# The prompt of the one request that asks a server whether it returns prompt logprobs (a test
+# server tells it from the stage's requests by it).
 ECHO_PROBE = "autoexplain preflight: echo logprobs?"
 
 
@@ -38,20 +40,24 @@ def _server_message(reply) -> str:
     return " ".join(str(msg or "").split())[:160]
 
 
+def _refuse_a_refused_key(url: str, status: int, reply) -> None:
+    if status in (401, 403):
+        raise UserError(f"the LLM server at {url} refused the API key (HTTP {status}): {_server_message(reply)}",
+                        "set a valid key in $OPENAI_API_KEY")
+
+
 def probe_server(url: str, model: str, key: str | None, needs_echo: bool) -> None:
     """The server's model list (GET /models: a refused key, a model it does not list), then, for a
     simulator that reads prompt logprobs, one tiny echo request. An answer that says nothing for
     sure (5xx, 429, no model list) is left for the stage, whose retries deal with it."""
-    base, env = url.rstrip("/"), "OPENAI_API_KEY"
+    base = url.rstrip("/")
     try:
         status, reply = _ask(f"{base}/models", key)
         if status == 404:  # every OpenAI-compatible server lists its models: nothing here speaks the API
             hint = "" if base.endswith("/v1") else f"did you mean {base}/v1? "
             raise UserError(f"no OpenAI-compatible API at {url} (GET {base}/models: HTTP 404)",
                             f"{hint}the URL after '@' is the API's root, as in 'openai:{model}@http://HOST:PORT/v1'")
-        if status in (401, 403):
-            raise UserError(f"the LLM server at {url} refused the API key (HTTP {status}): "
-                            f"{_server_message(reply)}", f"set a valid key in ${env}")
+        _refuse_a_refused_key(url, status, reply)
         data = reply.get("data") if status == 200 and isinstance(reply, dict) else None
         served = [m.get("id") for m in data if isinstance(m, dict)] if isinstance(data, list) else []
         if served and model not in served:
@@ -66,9 +72,7 @@ def probe_server(url: str, model: str, key: str | None, needs_echo: bool) -> Non
         reason = getattr(e, "reason", e)
         raise UserError(f"the LLM server at {url} is not reachable ({reason})",
                         "start the server, or fix the URL after '@'") from None
-    if status in (401, 403):
-        raise UserError(f"the LLM server at {url} refused the API key (HTTP {status}): "
-                        f"{_server_message(reply)}", f"set a valid key in ${env}")
+    _refuse_a_refused_key(url, status, reply)
     if status == 404:
         raise UserError(f"the LLM server at {url} has no model '{model}' or no /completions (HTTP 404): "
                         f"{_server_message(reply)}", f"check the model name (GET {base}/models lists them)")
