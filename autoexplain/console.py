@@ -100,12 +100,9 @@ BUDGET_EXIT = 3  # the run stopped at its --budget: not an error, but not finish
 UNANSWERED_EXIT = 4  # the run finished, but some LLM requests got no answer: a rerun asks them again
 
 
-def unanswered_exit(scores_dirs: list[Path]) -> None:
-    """End a run whose LLM server left requests unanswered (down, overloaded) with a line and exit 4:
-    its tables show those units as undefined, which a user would otherwise read as the scores."""
-    from autoexplain.storage import unanswered
-
-    n = sum(unanswered(d) for d in scores_dirs)
+def unanswered_exit(n: int) -> None:
+    """End a run whose LLM server left `n` requests unanswered (down, overloaded) with a line and
+    exit 4: its tables show those units as undefined, which a user would otherwise read as the scores."""
     if n:
         err.print(f"[bold yellow]incomplete:[/] {n:,} LLM requests got no answer (the server was down or overloaded; "
                   "their units are undefined above) — rerun the same command: it asks only those again",

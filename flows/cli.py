@@ -217,7 +217,7 @@ def _run_flow(name: str, params: dict, check) -> None:
         print_model_summary(result)
     else:
         print_summary([Path(ref["path"]) for ref in result["scores"]], result)
-    unanswered_exit([Path(ref["path"]).parent for ref in result["scores"]])
+    unanswered_exit(result.get("unanswered", 0))  # counted by the flow (`flows.steps.finished`)
 
 
 app.command("explain-layer")(explain_layer_cmd)

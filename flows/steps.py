@@ -151,12 +151,14 @@ def agreement(scorers: str, scores: list[dict], out: str, layer: int, site_dir: 
 
 
 def finished(result: dict):
-    """A run's result; where LLM requests behind its scores got no answer, a Completed state named
-    Incomplete that says so, its data the result: what a deployment's run shows, where no exit code
-    is seen (the CLI says it with exit code 4: `console.unanswered_exit`)."""
+    """A run's result with the count of LLM requests behind its scores that got no answer
+    (`unanswered`); where there are some, a Completed state named Incomplete that says so, its data
+    that result: what a deployment's run shows, where no exit code is seen (the CLI reads the count
+    and says it with exit code 4: `console.unanswered_exit`)."""
     from prefect.states import Completed
 
     n = sum(unanswered(Path(local_ref(ref)["path"]).parent) for ref in result.get("scores", []))
+    result = {**result, "unanswered": n}
     if not n:
         return result
     return Completed(name="Incomplete", data=result,

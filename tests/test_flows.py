@@ -227,7 +227,8 @@ def test_a_run_with_unanswered_requests_ends_in_a_state_named_incomplete(tmp_pat
         return {"path": str(d / "layer_1.parquet"), "key": key, "layer": 1}
 
     final = {"scores": [scores("a")], "out": "x"}
-    assert finished(final) is final
+    assert finished(final) == {**final, "unanswered": 0}, "the result as it was, with its count"
     state = finished({"scores": [scores("b"), scores("c", 12)], "out": "x"})
     assert state.name == "Incomplete" and state.is_completed()
     assert state.message.startswith("12 LLM requests got no answer") and state.result()["out"] == "x"
+    assert state.result()["unanswered"] == 12, "what the CLI's exit line reads"
