@@ -142,11 +142,11 @@ def parse_llm(spec: str | None) -> LLMSpec:
         raise UserError(f"unknown LLM '{spec}'", LLM_USAGE)
     at = rest.rfind("@http")
     model, url = (rest[:at], rest[at + 1:]) if at >= 0 else (rest, None)
-    host = rest.rpartition("@")[2] if url is None and "@" in rest else ""
-    if host and (re.match(r"[\w.-]+:\d+", host) or "/" in host or host.startswith("localhost")):
+    name, at_sign, host = rest.rpartition("@")
+    if url is None and at_sign and (re.match(r"[\w.-]+:\d+", host) or "/" in host or host.startswith("localhost")):
         # without its scheme the address would be read as part of the model's name, sent to OpenAI
         raise UserError(f"'{spec}': the server address after '@' has no http:// or https://",
-                        f"write 'openai:{rest.rpartition('@')[0]}@http://{host}'")
+                        f"write 'openai:{name}@http://{host}'")
     if not model:
         raise UserError(f"'{spec}' names no model", "write 'openai:MODEL' or 'openai:MODEL@http://host:port/v1'")
     return LLMSpec("openai", model, url)
