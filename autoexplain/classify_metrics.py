@@ -25,6 +25,7 @@ BALANCED_ACCURACY, AUC, INTRUDER_ACCURACY, EMBEDDING_AUC = "balanced_accuracy", 
 # What each scorer's `metric` family reports.
 FAMILIES = {"binary": (BALANCED_ACCURACY, AUC), "intruder": (INTRUDER_ACCURACY,), "similarity": (EMBEDDING_AUC,)}
 NEGATIVE_KINDS = ("random", "similar", "cofiring", "active")
+NO_TRIALS = "no trials: too few activating or non-activating test windows to ask about"
 
 
 PREFIXES = {"binary": ("detection", "fuzzing")}  # binary scorers name their metrics after themselves
@@ -72,7 +73,7 @@ def measure(name: str, trials: Sequence, n_boot: int = 1000, seed: int = 0, leve
     labels, values, failed = _columns(trials, name)
     base = dict(n_records=len(labels), n_failed=failed)
     if len(labels) == 0:
-        reason = "every reply failed" if failed else "no trials"
+        reason = "every reply failed" if failed else NO_TRIALS
         if name == AUC and failed and not any(t.failure for t in trials):
             reason = "no P(1): the LLM gave no logprobs for its answers"
         return Score(None, undefined_reason=reason, **base)
@@ -115,13 +116,16 @@ def _resampled(name: str, labels: np.ndarray, values: np.ndarray, n_boot: int, s
         return (wins * pairs).sum(axis=(1, 2)) / (pos.sum(1) * neg.sum(1))
 
 
-def metrics(family: str, trials: Sequence, n_boot: int = 1000, seed: int = 0, prefix: str = "") -> dict[str, Score]:
+def metrics(family: str, trials: Sequence, n_boot: int = 1000, seed: int = 0, prefix: str = "",
+            kinds: Sequence[str] = ()) -> dict[str, Score]:
     """Every metric of a scorer's family, per kind of negatives present in the trials, named
-    '[PREFIX_]METRIC@KIND' ('detection_balanced_accuracy@similar', 'intruder_accuracy@random')."""
+    '[PREFIX_]METRIC@KIND' ('detection_balanced_accuracy@similar', 'intruder_accuracy@random').
+    The `kinds` a scorer always asks about are reported even without trials (undefined), so a unit
+    too dense or too sparse to ask about shows as such instead of missing."""
     out = {}
     for kind in NEGATIVE_KINDS:
         mine = [t for t in trials if t.negatives == kind]
-        if mine:
+        if mine or kind in kinds:
             for name in FAMILIES[family]:
                 out[f"{prefix}_{name}@{kind}" if prefix else f"{name}@{kind}"] = measure(name, mine, n_boot, seed)
     return out

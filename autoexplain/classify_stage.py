@@ -140,26 +140,30 @@ def run_classify(records_dir, simulations: StageRef, out, scorer_spec: str, scor
 
 # ---- scores of several scorers --------------------------------------------------------------------
 
-def classifier_score_rows(trials: list[dict], chosen: list[dict], n_boot: int = 1000, seed: int = 0) -> list[dict]:
-    """Score rows (the scores schema) of one classification output's trials: per unit, method and
-    metric. `explainer_tokens` is the explanation's, as on the simulation rows; `simulator_tokens`
-    and `dollars` are the scorer's own requests for this unit and method (every kind of negatives),
-    so a run's cost (`summary.run_cost`, once per unit, method and scorer) adds each scorer once."""
+def classifier_score_rows(trials: list[dict], chosen: list[dict], spec: str, n_boot: int = 1000,
+                          seed: int = 0) -> list[dict]:
+    """Score rows (the scores schema) of one classification output's trials (scorer `spec`): per
+    unit, method and metric, for every chosen explanation the scorer applies to, asked about or not
+    (one with no trials is undefined, not missing). `explainer_tokens` is the explanation's, as on
+    the simulation rows; `simulator_tokens` and `dollars` are the scorer's own requests for this
+    unit and method (every kind of negatives), so a run's cost (`summary.run_cost`, once per unit,
+    method and scorer) adds each scorer once."""
     from autoexplain.classify import Trial
     from autoexplain.classify_metrics import metrics
 
-    explained = {(r["unit"], r["polarity"], r["method"]): r for r in chosen}
-    groups: dict = {}
+    cls = parse_scorer(spec).cls
+    groups: dict = {(e["layer"], e["unit"], e["polarity"], e["method"]): [] for e in chosen
+                    if cls.needs_explanation or e["method"] == "explainer"}
     for t in trials:
-        groups.setdefault((t["layer"], t["unit"], t["polarity"], t["method"], t["scorer"]), []).append(t)
+        groups.setdefault((t["layer"], t["unit"], t["polarity"], t["method"]), []).append(t)
+    explained = {(r["unit"], r["polarity"], r["method"]): r for r in chosen}
     out = []
-    for (layer, unit, polarity, method, spec), rows in groups.items():
-        cls = parse_scorer(spec).cls
+    for (layer, unit, polarity, method), rows in groups.items():
         typed = [Trial.of_row(r) for r in rows]
         e = explained.get((unit, polarity, method)) or {}
         cost = (e.get("prompt_tokens") or 0) + (e.get("completion_tokens") or 0)
         tokens, dollars = sum(r["tokens"] for r in rows), prices.add(*(r["dollars"] for r in rows))
-        for name, s in metrics(cls.metric, typed, n_boot, seed, cls.metric_prefix).items():
+        for name, s in metrics(cls.metric, typed, n_boot, seed, cls.metric_prefix, cls.negative_kinds[:1]).items():
             out.append({"layer": layer, "unit": unit, "polarity": polarity, "method": method, "simulator": spec,
                         "split": "test", "metric": name, "value": s.value, "ci_low": s.ci_low, "ci_high": s.ci_high,
                         "undefined_reason": s.undefined_reason, "n_records": s.n_records, "n_failed": s.n_failed,
@@ -188,7 +192,8 @@ def run_scores(records_dir, simulations: StageRef, classifications: list[StageRe
     for c in classifications:
         trials = pq.read_table(c.path)
         ckey = stage_key({"classifications": c.key, "n_boot": n_boot, "seed": seed}, classifier_score_rows)
-        rows += memo.get_or_compute(ckey, lambda: classifier_score_rows(trials.to_pylist(), chosen, n_boot, seed))
+        spec = read_manifest(c.directory)["params"]["scorer"]
+        rows += memo.get_or_compute(ckey, lambda: classifier_score_rows(trials.to_pylist(), chosen, spec, n_boot, seed))
     stage.table(rows_to_table(rows, "scores"), ref.path.name, "scores")
     stage.seal({"simulations": str(simulations.directory), **({"scores": str(scores.directory)} if scores else {}),
                 "classifications": [str(c.directory) for c in classifications]}, params)

@@ -113,6 +113,33 @@ def test_undefined_without_both_classes():
         auc(np.array([1, 1]), np.array([0.3, 0.2]))
 
 
+def test_a_unit_with_nothing_to_ask_about_is_scored_undefined_not_left_out():
+    """A unit that fires on every random window has no negatives, so no trials: its score row must
+    still be there (undefined, with the reason), as the simulation scorer writes one for every unit."""
+    from autoexplain.classify_stage import classifier_score_rows
+
+    chosen = [{"layer": 3, "unit": u, "polarity": 1, "method": m, "text": "x", "prompt_tokens": 5,
+               "completion_tokens": 2} for u in (0, 1) for m in ("explainer", "shuffled")]
+    asked = [{"layer": 3, "unit": 0, "polarity": 1, "method": m, "scorer": spec, "negatives": "random",
+              "prompt": 0, "window_id": i, "label": y, "prediction": None, "p_one": p, "failure": None,
+              "tokens": 0, "dollars": 0.0}
+             for spec in ("embedding",) for m in ("explainer", "shuffled")
+             for i, (y, p) in enumerate([(1, 0.9), (1, 0.4), (0, 0.2), (0, 0.1)])]
+    rows = classifier_score_rows(asked, chosen, "embedding", n_boot=50)
+    got = {(r["unit"], r["method"], r["metric"]): r for r in rows}
+    assert set(got) == {(u, m, "embedding_auc@random") for u in (0, 1) for m in ("explainer", "shuffled")}
+    assert got[0, "explainer", "embedding_auc@random"]["value"] == 1.0
+    empty = got[1, "explainer", "embedding_auc@random"]
+    assert empty["value"] is None and "no trials" in empty["undefined_reason"] and empty["n_records"] == 0
+    assert empty["explainer_tokens"] == 7 and empty["simulator_tokens"] == 0
+    # the intruder needs no explanation: one row per unit, under 'explainer' only
+    intruder = classifier_score_rows([], chosen, "intruder:openai:m@http://127.0.0.1:1/v1", n_boot=50)
+    assert {(r["unit"], r["method"], r["metric"]) for r in intruder} == {(u, "explainer", "intruder_accuracy@random")
+                                                                         for u in (0, 1)}
+    active = classifier_score_rows([], chosen, "fuzzing-active:openai:m@http://127.0.0.1:1/v1", n_boot=50)
+    assert {r["metric"] for r in active} == {"fuzzing_balanced_accuracy@active", "fuzzing_auc@active"}
+
+
 def test_the_scores_contract_knows_every_classifier_metric():
     from autoexplain.schemas import HERE
 
