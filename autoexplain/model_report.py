@@ -14,7 +14,7 @@ from pathlib import Path
 
 import polars as pl
 
-from autoexplain.pipeline import BASELINES, EXPLAINER
+from autoexplain.pipeline import EXPLAINER, METHODS
 from autoexplain.summary import HEADLINE, layer_summary, run_cost
 
 GOOD = 0.8  # the paper's bar for an explanation that captures the unit
@@ -39,7 +39,7 @@ def model_table(parts: list[PartScores], metric: str = HEADLINE) -> pl.DataFrame
         on = part.scores.filter(pl.col("metric") == metric) if part.scores.height else part.scores
         cost = run_cost(part.scores)["dollars"]
         means = {r["method"]: r for r in layer_summary(on).iter_rows(named=True)} if on.height else {}
-        for method in (EXPLAINER, *BASELINES):
+        for method in METHODS:
             r = means.get(method)
             values = on.filter(pl.col("method") == method)["value"].drop_nulls() if on.height else pl.Series([], dtype=pl.Float64)
             rows.append({"source": part.kind, "layer": part.layer, "method": method,

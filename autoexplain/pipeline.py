@@ -60,6 +60,7 @@ from autoexplain.rendezvous import GatheredSimulator
 EXPLAINER, LOOKUP, SHUFFLED = "explainer", "token-lookup", "shuffled"
 OUTPUT_LOOKUP = "output-lookup"  # the token-lookup's output-side twin: what the unit promotes
 BASELINES = (LOOKUP, OUTPUT_LOOKUP)  # derived from the unit alone, simulated beside the explanation
+METHODS = (EXPLAINER, *BASELINES, SHUFFLED)  # every method a layer is scored with, in the order reports show them
 
 
 @dataclass

@@ -16,9 +16,10 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from autoexplain.pipeline import METHODS
+
 DEFAULT_METRIC = "top_and_random"
-METHODS = ("explainer", "token-lookup", "output-lookup", "shuffled")
-COLORS = {"explainer": "#2463eb", "token-lookup": "#e07b00", "output-lookup": "#2a9d5c", "shuffled": "#8a8f98"}
+COLORS = dict(zip(METHODS, ("#2463eb", "#e07b00", "#2a9d5c", "#8a8f98")))
 METRIC_LABELS = {
     "top_and_random": "correlation score (top and random)",
     "random_only": "correlation score (random only)",
@@ -128,7 +129,7 @@ def plot_mean_by_layer(scores, path, metric: str = DEFAULT_METRIC, units: str = 
         rows = [r for r in rows if np.isfinite(r[1])]
         if not rows:
             continue
-        x = np.array([r[0] for r in rows], dtype=float) + (i - 1) * 0.08
+        x = np.array([r[0] for r in rows], dtype=float) + (i - (len(METHODS) - 1) / 2) * 0.08
         m = np.array([r[1] for r in rows])
         err = np.array([[r[1] - r[2] for r in rows], [r[3] - r[1] for r in rows]])
         ax.errorbar(x, m, yerr=err, marker="o", markersize=4, capsize=3, linewidth=1.4,
@@ -136,6 +137,7 @@ def plot_mean_by_layer(scores, path, metric: str = DEFAULT_METRIC, units: str = 
     if layers:
         ax.legend(frameon=False, fontsize=8)
         ax.set_xticks(layers)
+        ax.set_xlim(min(layers) - 0.5, max(layers) + 0.5)  # one layer: methods side by side, not across the axis
     else:
         ax.text(0.5, 0.5, "no defined scores", ha="center", va="center", transform=ax.transAxes)
     ax.axhline(0, color="#bbb", linewidth=0.8)

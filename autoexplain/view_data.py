@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from autoexplain.pipeline import METHODS
 from autoexplain.view_sources import LayerSource
 
 PRIMARY_METRIC = "top_and_random"
 METRICS = ("top_and_random", "random_only", "calibrated_r2", "calibrated_abs_dev_explained", "detection_auc")
-METHODS = ("explainer", "token-lookup", "output-lookup", "shuffled")
-BASELINES = ("token-lookup", "output-lookup", "shuffled")
+BASELINES = METHODS[1:]  # what the explanation is compared with, the shuffled control included
 N_BEST = 10
 N_TOP_TOKENS = 20
 

@@ -81,11 +81,12 @@ def test_the_model_report_matches_the_scores(modelled):
     page = (out / "site" / "model" / "report.html").read_text()
     for layer in (0, 2):
         scores = _scores(json.loads((out / "runs" / f"layer_{layer}.json").read_text()))
-        mine = scores.filter((pl.col("metric") == "top_and_random") & (pl.col("method") == "explainer"))["value"].drop_nulls()
-        row = f"<td>mlp</td><td>{layer}</td><td>explainer</td><td>{len(mine)}</td><td>{mine.mean():.3f}</td>"
-        assert row in page, f"layer {layer}'s explainer row, computed here from its scores"
-        share = f"{100 * float((mine > 0.8).mean()):.1f} %"
-        assert page.split(row, 1)[1].split("</tr>", 1)[0].count(share) == 1
+        for method in ("explainer", "shuffled"):  # the control too: the explanation's mean means little alone
+            mine = scores.filter((pl.col("metric") == "top_and_random") & (pl.col("method") == method))["value"].drop_nulls()
+            row = f"<td>mlp</td><td>{layer}</td><td>{method}</td><td>{len(mine)}</td><td>{mine.mean():.3f}</td>"
+            assert row in page, f"layer {layer}'s {method} row, computed here from its scores"
+            share = f"{100 * float((mine > 0.8).mean()):.1f} %"
+            assert page.split(row, 1)[1].split("</tr>", 1)[0].count(share) == 1
 
 
 def test_the_model_site_links_the_report(modelled, browser):
@@ -96,7 +97,7 @@ def test_the_model_site_links_the_report(modelled, browser):
     assert page.locator("#layers tbody tr").count() == 2
     page.click("#pages a")
     page.wait_for_url("**/report.html")
-    assert page.locator("#model-table tbody tr").count() == 2 * 3  # layers x (explanation and two baselines)
+    assert page.locator("#model-table tbody tr").count() == 2 * 4  # layers x (explanation, two baselines, shuffled)
     assert page.evaluate("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
     page.screenshot(path=out / "report.png", full_page=True)
     w.close()
