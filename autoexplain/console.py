@@ -137,14 +137,20 @@ def run_or_exit(fn):
         raise typer.Exit(2)
 
 
-def print_llm_usage() -> None:
-    """What this process asked the server LLMs: requests sent, and answers read from the response
-    cache instead (`llm_cache`). Nothing when no server LLM was used."""
+def print_llm_usage(server: bool = False) -> None:
+    """What this process asked the server LLMs: requests sent, answers read from the response cache
+    instead (`llm_cache`), and what the answers cost. `server`: the run's components use a server
+    LLM, so asking nothing means every stage that needs it was reused (said, not left silent)."""
+    from autoexplain.budget import ledger
     from autoexplain.counters import COUNTS
 
     sent, cached = COUNTS["llm_requests"], COUNTS["llm_cache_hits"]
     if sent or cached:
-        err.print(f"LLM: {sent:,} requests sent, {cached:,} answers from the cache", highlight=False)
+        err.print(f"LLM: {sent:,} requests sent, {cached:,} answers from the cache; {ledger().spent_text()}",
+                  highlight=False, soft_wrap=True)
+    elif server:
+        err.print("LLM: nothing asked: every stage that needs the LLM was reused from an earlier run; "
+                  "this run spent $0", highlight=False, soft_wrap=True)
 
 
 def _fmt(x) -> str:

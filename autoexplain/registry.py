@@ -273,6 +273,11 @@ def parse_scorers(specs: str | list[str] | None) -> list[ComponentSpec]:
     return parsed
 
 
+def uses_server(explainer: str | None = None, simulator: str | None = None, scorers: str | list[str] | None = None) -> bool:
+    """Whether any component of a run asks a server LLM (an 'openai:' spec)."""
+    parsed = [parse_explainer(explainer), parse_simulator(simulator), *parse_scorers(scorers)]
+    return any(p.llm is not None and parse_llm(p.llm).kind == "openai" for p in parsed)
+
 
 def make_source(kind: str | None = None):
     """The unit source of this kind ('mlp', the default)."""

@@ -73,12 +73,13 @@ def run_cost(scores: pl.DataFrame) -> dict:
 
 
 def cost_line(cost: dict) -> str:
-    """One line for the console and the report."""
+    """One line for the console and the report: what the scores shown cost to make, whichever run
+    paid for them (what this run paid is on the `LLM:` line: a rerun reuses what it can)."""
     if not cost["units"]:
         return "cost: nothing scored"
-    line = (f"cost: ${cost['dollars']:.4f} for {cost['units'] - cost['unknown']} units "
+    line = (f"cost of these scores: ${cost['dollars']:.4f} for {cost['units'] - cost['unknown']} units "
             f"(${cost['per_unit']:.6f} per unit) at the prices of {prices.source()}" if cost["dollars"] is not None
-            else "cost: unknown")
+            else "cost of these scores: unknown")
     if cost["unknown"]:
         line += (f"; {cost['unknown']} units used a model with no known price (add it to autoexplain/prices.json "
                  "or a file named by $AUTOEXPLAIN_PRICES)")

@@ -210,7 +210,9 @@ def _run_flow(name: str, params: dict, check) -> None:
             result = flow(**params)
     finally:
         remove()
-    print_llm_usage()
+    from autoexplain.registry import uses_server
+
+    print_llm_usage(uses_server(params.get("explainer"), params.get("simulator"), params.get("scorers")))
     if result.get("stopped"):
         budget_stopped(result["message"])
     if name == "explain_model":

@@ -217,7 +217,13 @@ def test_explain_layer_rerun_sends_no_request(fault_server, bench_server, tiny_l
     assert again.returncode == 0, again.stderr[-4000:]
     assert len(srv.requests) == paid, "every stage recomputed, every answer from the cache"
     assert f"LLM: {paid:,} requests sent" in first.stderr and "LLM: 0 requests sent, " in again.stderr
+    assert "this run spent $0.0000 and 0 tokens" in again.stderr, "answers from the cache are not paid again"
     assert sorted(p.read_bytes() for p in out.glob("scores/*/*.parquet")) == scores, "the same scores"
+
+    reused = _cli(tmp_path / "home", *args)  # every stage's output is still there: the LLM is not asked at all
+    assert reused.returncode == 0 and len(srv.requests) == paid, reused.stderr[-4000:]
+    assert "LLM: nothing asked" in reused.stderr and "this run spent $0" in reused.stderr
+    assert "cost of these scores: " in reused.stderr, "what the scores shown cost to make, whoever paid"
 
     _forget_outputs(out)
     off = _cli(tmp_path / "home", *args, "--no-cache")

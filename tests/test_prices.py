@@ -96,7 +96,7 @@ def test_every_unit_cost_reaches_the_scores_table(bench_server, units, monkeypat
         assert mine.height > 1 and mine["dollars"].to_list() == pytest.approx([want] * mine.height)
     cost = run_cost(s)
     assert cost["units"] == 4 and cost["unknown"] == 0 and cost["dollars"] > 0
-    assert cost_line(cost).startswith(f"cost: ${cost['dollars']:.4f} for 4 units")
+    assert cost_line(cost).startswith(f"cost of these scores: ${cost['dollars']:.4f} for 4 units")
 
 
 def test_a_model_without_a_price_stays_unknown(bench_server, units, monkeypatch):

@@ -201,7 +201,7 @@ def test_explain_layer_and_rescore_on_latents_from_the_command_line(tiny_llama_d
     assert cli(home, "import", "--from", str(out.parent / "ds"), "--out", str(imported)).returncode == 0
     back = cli(home, "rescore", "--out", str(imported), "--layer", "1", "--source", "sae-res-40", "--bootstrap", "60")
     assert back.returncode == 0, back.stderr[-4000:]
-    assert "mean change: +0.000" in back.stderr and "cost: $0.0000" in back.stderr, "imported texts cost this run nothing"
+    assert "mean change: +0.000" in back.stderr and "cost of these scores: $0.0000" in back.stderr, "imported texts cost this run nothing"
     run = json.loads((imported / "runs" / "layer_1.sae-res-40.json").read_text())
     for stage in ("explanations", "scores"):
         table = pl.concat([pl.read_parquet(r["path"]) for r in run[stage]])
