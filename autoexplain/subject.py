@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 # Names of the MLP's output projection across architectures; its input is the neuron vector.
 OUTPUT_PROJECTIONS = ("down_proj", "c_proj", "fc2", "dense_4h_to_h", "fc_out", "w2")
 MLP_NAMES = ("mlp", "feed_forward", "ffn")
+# `mlp_out` is what the MLP adds to the residual stream. Where a model norms the MLP's output before
+# adding it (Gemma 2 and 3, OLMo 2), that is the norm's output, as TransformerLens's `hook_mlp_out`,
+# which SAEs on 'mlp_out' (GemmaScope's MLP SAEs among them) were trained on.
+POST_MLP_NORMS = ("post_feedforward_layernorm",)
 UNITS = "units"  # the capture point of a layer's MLP hidden units: the input of its output projection
 
 
@@ -264,6 +268,9 @@ def hook_module(model: torch.nn.Module, hook: HookPoint) -> tuple[torch.nn.Modul
     block = decoder_layers(model)[hook.layer]
     if hook.point in ("resid_pre", "resid_post"):
         return block, hook.point == "resid_pre"
+    norm = next((getattr(block, n) for n in POST_MLP_NORMS if hasattr(block, n)), None)
+    if hook.point == "mlp_out" and norm is not None:
+        return norm, False
     mlp = next((getattr(block, n) for n in MLP_NAMES if hasattr(block, n)), None)
     if mlp is None:
         raise UserError(f"layer {hook.layer} of {type(model).__name__} has no MLP module", "use a resid_pre or resid_post hook")

@@ -137,3 +137,28 @@ def test_train_sae_bad_input_is_one_line(tiny_llama_dir, tmp_path, args, words):
     assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     for w in words:
         assert w in errors[0]
+
+
+def test_mlp_out_is_what_the_mlp_adds_to_the_stream_on_a_post_normed_model():
+    """Gemma 2 norms the MLP's output before adding it to the residual stream: `mlp_out` is after
+    that norm (TransformerLens's hook_mlp_out, where GemmaScope's MLP SAEs read), so the layer's
+    output is the stream before the MLP plus it."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=8, max_position_embeddings=64, sliding_window=16)
+    model = Gemma2ForCausalLM(cfg).eval()
+    block = model.model.layers[1]
+    for norm in (block.pre_feedforward_layernorm, block.post_feedforward_layernorm):
+        torch.nn.init.normal_(norm.weight, std=0.5)  # zero-initialised (1 + weight): make the norm matter
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
+    mid = {}
+    handle = block.pre_feedforward_layernorm.register_forward_pre_hook(lambda _m, args: mid.setdefault("x", args[0]))
+    with torch.inference_mode():
+        model(input_ids=ids, use_cache=False)
+    handle.remove()
+    mlp_in, mlp_out = capture(model, HookPoint(1, "mlp_in"), ids), capture(model, HookPoint(1, "mlp_out"), ids)
+    torch.testing.assert_close(mid["x"] + mlp_out, capture(model, HookPoint(1, "resid_post"), ids))
+    with torch.inference_mode():
+        assert not torch.allclose(block.mlp(mlp_in), mlp_out), "the MLP module's own output is before the norm"
