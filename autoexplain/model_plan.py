@@ -3,7 +3,8 @@
 A model run is a set of parts, one per (unit source, layer): the MLP neurons of every chosen layer,
 and each sparse coder's latents at its own layer. Each source is checked exactly as an explain-layer
 run of it would be (`preflight.explain_layer`, on its first layer; the other layers only need their
-range checked), so the two commands can never disagree about what a valid parameter is.
+range checked), so the two commands can never disagree about what a valid parameter is. A sparsify
+run's folder, which holds a coder per hookpoint, is a source per hookpoint folder the layers pick.
 """
 
 from __future__ import annotations
@@ -38,6 +39,31 @@ def parse_layers(spec, n_layers: int, spell: preflight.Spelling = preflight.flow
     return layers
 
 
+def coder_folders(spec: str, asked: list[int] | None, spell: preflight.Spelling) -> list[str]:
+    """The source specs a `sources` entry stands for: a sparsify run's folder ('sae:RUN') is its
+    hookpoint folders ('sae:RUN/layers.3') at the layers asked (all without layers); any other
+    spec is itself (checked later, as explain-layer checks it)."""
+    from pathlib import Path
+
+    from autoexplain.sae_formats import detect, sparsify_children
+
+    kind, _, rest = spec.partition(":")
+    path = Path(rest.strip()).expanduser()
+    if kind not in ("sae", "transcoder") or not rest.strip() or not path.is_dir():
+        return [spec]
+    try:
+        if detect(path) != "sparsify-parent":
+            return [spec]
+    except UserError:
+        return [spec]
+    children = sparsify_children(path)
+    picked = [f"{kind}:{d}" for layer, d in children if layer is not None and (asked is None or layer in asked)]
+    if not picked:
+        raise UserError(f"{spell('sources')}: {path} holds no coder for layers {asked} "
+                        f"(it has {', '.join(d.name for _, d in children)})", "pick layers it has, or leave the layers out")
+    return picked
+
+
 def explain_model(p: dict, spell: preflight.Spelling = preflight.flow_name) -> ModelPlan:
     """`p`: explain-model parameters by name (`layers`, `sources`, and explain-layer's others)."""
     sources = list(p.get("sources") or [MLP.kind])
@@ -45,6 +71,7 @@ def explain_model(p: dict, spell: preflight.Spelling = preflight.flow_name) -> M
         raise UserError(f"{spell('sources')}: {sources} names a source twice", "name each source once")
     shape = preflight.model_shape(p.get("model", "smollm2"), spell)
     asked = None if p.get("layers") in (None, "", "all") else parse_layers(p["layers"], shape.n_layers, spell)
+    sources = [one for spec in sources for one in coder_folders(spec, asked, spell)]
     common = {k: v for k, v in p.items() if k not in ("layers", "sources", "revisions")}
     groups: list[tuple[str, list[preflight.LayerPlan]]] = []
     for spec in sources:

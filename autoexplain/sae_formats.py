@@ -171,15 +171,21 @@ def read_sparsify(folder: Path) -> SparseCoder:
     ).to_float32().check()
 
 
+def sparsify_children(parent: Path) -> list[tuple[int | None, Path]]:
+    """(layer, folder) of each hookpoint folder of a sparsify run (layer None: a name it cannot read)."""
+    children = sorted(d for d in parent.iterdir() if (d / SPARSIFY_FILES[1]).is_file())
+    return [(int(m.group(1)) if (m := _SPARSIFY_HOOK.match(d.name)) else None, d) for d in children]
+
+
 def sparsify_child(parent: Path, layer: int | None) -> Path:
     """The one hookpoint folder of a sparsify run that `layer` picks."""
-    children = sorted(d for d in parent.iterdir() if (d / SPARSIFY_FILES[1]).is_file())
-    names = ", ".join(d.name for d in children)
+    children = sparsify_children(parent)
+    names = ", ".join(d.name for _, d in children)
     if layer is None:
         if len(children) == 1:
-            return children[0]
+            return children[0][1]
         raise UserError(f"{parent} holds sparse coders for several hookpoints ({names})", "point at one of them (sae:PATH/<hookpoint>), or pass --layer where the command has it")
-    picked = [d for d in children if (m := _SPARSIFY_HOOK.match(d.name)) and int(m.group(1)) == layer]
+    picked = [d for at, d in children if at == layer]
     if len(picked) != 1:
         problem = "none" if not picked else "several"
         raise UserError(f"{parent} holds {problem} for layer {layer} (it has {names})", "point at one hookpoint folder")

@@ -66,8 +66,9 @@ def write_saelens(folder, cfg, tensors, dtype=torch.float32):
 
 def write_sparsify(folder, tensors, k=K, transcode=False, activation="topk"):
     folder.mkdir(parents=True)
-    cfg = {"activation": activation, "expansion_factor": 3, "normalize_decoder": True, "num_latents": D_SAE, "k": k,
-           "multi_topk": False, "skip_connection": False, "transcode": transcode, "d_in": D_IN}
+    d_in, d_sae = tensors["W_enc"].shape
+    cfg = {"activation": activation, "expansion_factor": d_sae // d_in, "normalize_decoder": True, "num_latents": d_sae,
+           "k": k, "multi_topk": False, "skip_connection": False, "transcode": transcode, "d_in": d_in}
     (folder / "cfg.json").write_text(json.dumps(cfg))
     save_file({"encoder.weight": tensors["W_enc"].T.contiguous(), "encoder.bias": tensors["b_enc"],
                "W_dec": tensors["W_dec"], "b_dec": tensors["b_dec"]}, folder / "sae.safetensors")

@@ -19,7 +19,7 @@ from autoexplain.sae_train import capture
 from autoexplain.source_coder import CoderSource, kind_of, open_unit_source
 from autoexplain.subject import load_subject
 from tests.test_cli_runs import cli
-from tests.test_sae import cfg_6x, write_saelens
+from tests.test_sae import cfg_6x, write_saelens, write_sparsify
 from tests.viewer_fixtures import Watched, browser, chromium, file_url  # noqa: F401 (fixtures)
 
 D_MODEL, LATENTS, DEAD = 32, 40, 7  # the tiny Llama's width; latent DEAD never fires
@@ -131,6 +131,27 @@ def test_new_weights_at_the_same_path_record_anew(tiny_llama_dir, tiny_sae, tmp_
     save_file(t, copy / "sae_weights.safetensors")
     after = open_unit_source(f"sae:{copy}", tiny_llama_dir).identity()
     assert before["kind"] == after["kind"] and before["weights"] != after["weights"]
+
+
+def test_a_sparsify_run_is_a_source_per_hookpoint_the_layers_pick(tiny_llama_dir, tmp_path):
+    """explain-model with a sparsify run's folder (a coder per hookpoint) and --layers: each layer
+    asked reads its own hookpoint folder's coder; a layer the run has no coder for is one line."""
+    from autoexplain.model_plan import explain_model
+
+    g = torch.Generator().manual_seed(0)
+    for layer in (0, 2):
+        write_sparsify(tmp_path / "run" / f"layers.{layer}", {"W_enc": torch.randn(D_MODEL, 48, generator=g),
+                       "b_enc": torch.zeros(48), "W_dec": torch.randn(48, D_MODEL, generator=g), "b_dec": torch.zeros(D_MODEL)})
+    spec = f"sae:{tmp_path / 'run'}"
+
+    def plan(layers):
+        return [(s, [(part.layer, part.source.kind, part.source.coder.hook.layer) for part in parts])
+                for s, parts in explain_model({"model": tiny_llama_dir, "sources": [spec], "layers": layers}).sources]
+
+    assert plan("2") == [(f"{spec}/layers.2", [(2, "sae-res-48", 2)])]
+    assert plan(None) == [(f"{spec}/layers.{layer}", [(layer, "sae-res-48", layer)]) for layer in (0, 2)]
+    with pytest.raises(UserError, match="holds no coder for layers \\[1\\]"):
+        plan("1")
 
 
 def test_bad_sources_are_one_line_before_any_work(tiny_llama_dir, tiny_sae, tmp_path):
