@@ -16,6 +16,7 @@ folder or URL where Prefect keeps the tasks' results (its cache), else Prefect's
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -61,6 +62,21 @@ def checked(check: Callable[[], object], ledger=None):
             return None, Failed(message=str(e), data=e)
         return None, Failed(message=f"{getattr(e, 'path', '')} breaks its data contract: " + "; ".join(e.report.failures),
                             data=e)
+
+
+class OneLineUserErrors(logging.Filter):
+    """Prefect's engine logs the traceback of whatever ends a flow run, a `checked` Failed state's
+    error included: in the run log a user's error (a bad parameter) is its one line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, UserError):
+            record.msg, record.args, record.exc_info, record.exc_text = f"{record.getMessage()}: {error}", (), None, None
+        return True
+
+
+# The engine's logger in a deployment's run process, which imports this module to load the flow.
+logging.getLogger("prefect.flow_runs").addFilter(OneLineUserErrors())
 
 
 @flow(name="record-activations", validate_parameters=True)

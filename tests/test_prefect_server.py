@@ -315,6 +315,13 @@ def test_prefect_yaml_deploys_and_a_worker_runs_it(against_server, tiny_llama_di
             shipped = client.create_flow_run_from_deployment(nightly.id, parameters=params)
             shipped_state = _final_state(client, shipped.id, worker, log)
             shipped_tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[shipped.id])))
+            from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+            for _ in range(60):  # the run process sends its logs in batches: wait for its last line
+                shipped_log = [g.message for g in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[shipped.id])))]
+                if any("Finished in state" in m for m in shipped_log):
+                    break
+                time.sleep(0.5)
     finally:
         _stop(worker)
 
@@ -335,3 +342,5 @@ def test_prefect_yaml_deploys_and_a_worker_runs_it(against_server, tiny_llama_di
     assert shipped_state.message.startswith("parameter out: "), shipped_state.message
     assert "holds no finished explain-layer run" in shipped_state.message or "does not exist" in shipped_state.message
     assert shipped_tasks == [], "a parameter error does no work"
+    assert any(shipped_state.message in m for m in shipped_log), shipped_log
+    assert not any("Traceback" in m for m in shipped_log), "the run log says the one line, not the engine's traceback"
