@@ -142,29 +142,6 @@ def rescore_cmd(
     run_or_exit(lambda: _run_flow("rescore", params, check))
 
 
-def _read_revisions(path: Path) -> dict[str, str]:
-    """A JSON object {"UNIT[:POLARITY]": text}, or JSON lines / CSV with unit, polarity, text."""
-    import csv
-    import json
-
-    if not path.is_file():
-        raise UserError(f"--file {path} does not exist", "pass a JSON, JSON-lines or CSV file of revisions")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix == ".csv":
-            rows = list(csv.DictReader(text.splitlines()))
-        elif path.suffix == ".jsonl":
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            data = json.loads(text)
-            rows = [{"unit": k, "text": v} for k, v in data.items()] if isinstance(data, dict) else data
-        return {f"{r['unit']}:{r.get('polarity') or 1}" if ":" not in str(r["unit"]) else str(r["unit"]): r["text"]
-                for r in rows}
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise UserError(f"cannot read revisions from {path} ({type(e).__name__}: {e})",
-                        'write {"12:-1": "text", ...}, JSON lines or CSV with unit, polarity, text') from None
-
-
 def revise_cmd(
     out: str = typer.Option("out", "--out", "-o", help="Output root of an explain-layer run (folder or URL)."),
     layer: int = typer.Option(defaults.LAYER, "--layer", "-l", help="Layer whose latest run to revise."),
@@ -172,22 +149,31 @@ def revise_cmd(
     unit: Optional[str] = typer.Option(None, "--unit", "-u", help="The unit to revise: UNIT or UNIT:POLARITY, e.g. 12:-1."),
     text: Optional[str] = typer.Option(None, "--text", "-t", help="Its new explanation."),
     file: Optional[Path] = typer.Option(None, "--file", "-f", help="Several revisions: JSON {\"12:-1\": text}, JSON lines or CSV (unit, polarity, text)."),
+    results: Optional[str] = typer.Option(None, "--results", help="Folder or URL for Prefect's task results."),
+    concurrency: Optional[int] = CONCURRENCY,
+    rpm: Optional[float] = RPM,
+    tpm: Optional[float] = TPM,
+    cache: bool = CACHE,
+    budget: Optional[str] = BUDGET,
 ):
-    """Replace explanations by your own and re-simulate and re-score them (the explain-layer flow with revisions)."""
+    """Replace explanations by your own, re-simulate and re-score them with the run's simulator and
+    scorers, and compare (nothing is recorded or explained again)."""
+    from autoexplain import revise_plan
+
     def go():
         if (unit is None) != (text is None) or (unit is None and file is None):
             raise UserError("revise needs --unit with --text, or --file", 'e.g. --unit 12:-1 --text "years written in digits"')
-        run = preflight.find_run(out, layer, preflight.cli_flag, preflight.source_kind(source, preflight.cli_flag))
-        new = _read_revisions(file) if file else {}
+        new = revise_plan.read_revisions(file) if file else {}
         if unit is not None:
             new[unit] = text
-        base = {**run["params"], "out": out}
-        plan = preflight.explain_layer({**base, "revisions": None}, preflight.cli_flag)
-        merged = {**preflight.check_revisions(base.get("revisions"), None),
-                  **preflight.check_revisions(new, plan.units, preflight.cli_flag, "file" if file else "unit",
-                                              plan.source.polarities)}
-        params = {**base, "revisions": {f"{u}:{p:+d}": t for (u, p), t in sorted(merged.items())}}
-        _run_flow("explain_layer", params, lambda: None)
+        params = dict(out=out, layer=layer, revisions=new, source=source, results=results, concurrency=concurrency,
+                      rpm=rpm, tpm=tpm, cache=cache, budget=budget)
+
+        def check():
+            preflight.check_limits(concurrency, rpm, preflight.cli_flag, tpm)
+            revise_plan.plan(out, layer, source, new, preflight.cli_flag, "file" if file else "unit", budget)
+
+        _run_flow("revise", params, check)
 
     run_or_exit(go)
 

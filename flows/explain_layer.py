@@ -39,7 +39,7 @@ from autoexplain.flows.steps import (agreement, finish_layer, finished, gather, 
 from autoexplain.schemas.contracts import ContractViolation
 from autoexplain.tasks.compare import compare_task
 from autoexplain.tasks.report import budget_stop, publish, publish_recording, report_task, view_task
-from autoexplain.tasks.stages import record_task, score_task, simulate_task, with_results
+from autoexplain.tasks.stages import record_task, revise_task, score_task, simulate_task, with_results
 
 
 def out_path(out: str) -> str:
@@ -209,20 +209,59 @@ def rescore(out: str = "out", layer: int = 15, simulator: str = "embedding", sco
     set_cache(cache)
     ledger = set_budget(limit[0])
     kind = run["records"].get("source", MLP.kind)
-    result, failed = checked(lambda: _rescore(run, out_path(out), layer, simulator, n_boot, results, kind, scorers), ledger)
+    title = f"Re-score of layer {layer}: {run['params']['simulator']} -> {simulator}"
+    result, failed = checked(lambda: _rescore(run, out_path(out), layer, simulator, n_boot, results, kind, scorers,
+                                              title, {"simulator": simulator, "scorers": scorers, "n_boot": n_boot}), ledger)
+    return failed or finished(result)
+
+
+@flow(name="revise", validate_parameters=True)
+def revise(out: str = "out", layer: int = 15, revisions: dict[str, str] | None = None, source: str = "mlp",
+           results: str | None = None, concurrency: int | None = None, rpm: float | None = None,
+           tpm: float | None = None, cache: bool = True, budget: str | None = None) -> dict:
+    """Replace some units' explanations in the latest run of `layer` under `out` by your own
+    (`revisions`: 'UNIT[:POLARITY]' -> text), re-simulate and re-score the shards that hold them with
+    the run's simulator and scorers, and compare (`autoexplain.revise_plan`). Nothing is recorded or
+    explained again. `source`, `concurrency`, `rpm`, `tpm`, `cache` and `budget` as in rescore."""
+    from autoexplain import revise_plan
+
+    def check():
+        preflight.check_limits(concurrency, rpm, tpm=tpm)
+        return revise_plan.plan(out, layer, source, revisions, budget=budget)
+
+    plan, failed = checked(check)
+    if failed:
+        return failed
+    set_limits(concurrency, rpm, tpm)
+    set_cache(cache)
+    ledger = set_budget(plan.budget)
+    run, kind = plan.run, plan.run["records"].get("source", MLP.kind)
+    title = f"Revision of layer {layer}: {', '.join(k for shard in plan.shards for k in shard)}"
+    result, failed = checked(lambda: _rescore(run, out_path(out), layer, plan.simulator, plan.n_boot, results, kind,
+                                              plan.scorers, title, {"revisions": plan.merged}, plan.shards, "revise"),
+                             ledger)
     return failed or finished(result)
 
 
 def _rescore(run: dict, out: str, layer: int, simulator: str, n_boot: int, results: str | None, kind: str,
-             scorers: str = DEFAULT_SCORER) -> dict:
-    simulate, score = with_results(results, simulate_task, score_task)
+             scorers: str, title: str, changed: dict, revisions: list[dict[str, str]] | None = None,
+             flow_name: str = "rescore") -> dict:
+    """Simulate and score the run's explanations again (`revisions`: per explanations output, the
+    texts that replace some of its units' first), compare, and point the layer at the new outputs."""
+    revise, simulate, score = with_results(results, revise_task, simulate_task, score_task)
     records, sim_id = run["records"], simulator_identity(simulator)
     pairs = []
-    for x in run["explanations"]:
+    for before, mine in zip(run["explanations"], revisions or [{}] * len(run["explanations"])):
+        x = revise.submit(before, mine, out) if mine else before
         s = simulate.submit(records, x, simulator, sim_id, out)
-        pairs.append((x, s, *score_shard(records, s, scorers, run["params"].get("model"), n_boot, out, score, results)))
-    outputs, simulated, scores = [], [], []
-    for x, s, c, asked in pairs:
+        pairs.append((before, x, s, *score_shard(records, s, scorers, run["params"].get("model"), n_boot, out, score,
+                                                 results)))
+    outputs, explained, simulated, scores = [], [], [], []
+    for before, x, s, c, asked in pairs:
+        if x is not before:  # revised here
+            x = x.result()
+            publish(x, [before])
+            outputs.append(x)
         sr = s.result()
         for a in asked:
             a.result()
@@ -230,17 +269,16 @@ def _rescore(run: dict, out: str, layer: int, simulator: str, n_boot: int, resul
         publish(sr, [records, x])
         publish(cr, [sr])
         outputs += [sr, cr]
+        explained.append(x)
         simulated.append(sr)
         scores.append(cr)
-    title = f"Re-score of layer {layer}: {run['params']['simulator']} -> {simulator}"
     comparison = compare_task(run["scores"], scores, title)
     site_uri = view_task(scores, run["site_dir"], records, site_pages(scorers)) if run.get("site_dir") else None
     report = report_task(records, outputs, scores, site_uri, layer)
     agreement(scorers, scores, out, layer, run.get("site_dir"), kind)
     write_run(open_root(out), layer, {
-        **run, "flow": "rescore", "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "params": {**run["params"], "simulator": simulator, "scorers": scorers, "n_boot": n_boot},
-        "simulations": simulated, "scores": scores, "previous_scores": run["scores"], "site": site_uri},
+        **run, "flow": flow_name, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "params": {**run["params"], **changed}, "explanations": explained, "simulations": simulated, "scores": scores, "previous_scores": run["scores"], "site": site_uri},
         compare_markdown(comparison, title), kind=kind)
     return {"records": records, "scores": scores, "previous_scores": run["scores"], "comparison": comparison,
             "report": report, "site": site_uri, "out": out}

@@ -93,7 +93,8 @@ def _explain_model(plan: model_plan.ModelPlan, out: str, results: str | None, p:
     site_uri = view_task(scores, site_dir, recordings[0], [(PAGE, "Model report")]) if site_dir else None
     layers = {}
     for spec, work in works:
-        # The layer's own parameters, as explain-layer would have recorded them: revise reruns from these.
+        # The layer's own parameters, as explain-layer would have recorded them: a later explain-layer
+        # of this layer with them reuses the model run's outputs.
         own = {**{k: v for k, v in p.items() if k not in ("layers", "sources", "site")}, "layer": work.layer,
                "source": spec, "revisions": {}}
         report = finish_layer(work, "explain-model", own, out, None, site_uri, p["scorers"], {"model_site_dir": site_dir})

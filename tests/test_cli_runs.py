@@ -92,8 +92,11 @@ def test_rescore_by_output_root_and_layer(home, explained, tiny_llama_dir):
 
 
 def test_revise_changes_that_unit_and_polarity_only(home, explained):
+    """On top of the run's own explanations: nothing recorded or explained again, and only the shard
+    holding the revised unit (units 2-3 of 0-3 in shards of 2) simulated and scored again."""
     out, _ = explained
-    before = _table(out, "explanations")
+    before, pointer = _table(out, "explanations"), json.loads((out / "runs" / "layer_1.json").read_text())
+    folders = {stage: len(list((out / stage).iterdir())) for stage in ("records", "explanations", "simulations")}
     result = cli(home, "revise", "--out", str(out), "--layer", "1", "--unit", "2:-1", "--text", "years written in digits")
     assert result.returncode == 0, result.stderr[-4000:]
     after = _table(out, "explanations")
@@ -102,7 +105,18 @@ def test_revise_changes_that_unit_and_polarity_only(home, explained):
     changed = joined.filter(pl.col("text") != pl.col("text_new"))
     assert changed.select("unit", "polarity", "method", "text_new").rows() == [(2, -1, "explainer", "years written in digits")]
     run = json.loads((out / "runs" / "layer_1.json").read_text())
-    assert run["params"]["revisions"] == {"2:-1": "years written in digits"}
+    assert run["flow"] == "revise" and run["params"]["revisions"] == {"2:-1": "years written in digits"}
+    assert {stage: len(list((out / stage).iterdir())) for stage in folders} == {**folders, "explanations": folders[
+        "explanations"] + 1, "simulations": folders["simulations"] + 1}, "one shard's explanations and simulations are new"
+    assert run["explanations"][0] == pointer["explanations"][0] and run["scores"][0] == pointer["scores"][0]
+    assert run["previous_scores"] == pointer["scores"] and "mean change" in result.stderr
+    assert "2:-1" in (out / "runs" / "layer_1.revise.md").read_text()
+    again = cli(home, "revise", "--out", str(out), "--layer", "1", "--unit", "0", "--text", "the word the")
+    assert again.returncode == 0, again.stderr[-4000:]
+    merged = json.loads((out / "runs" / "layer_1.json").read_text())["params"]["revisions"]
+    assert merged == {"0:+1": "the word the", "2:-1": "years written in digits"}, "the earlier revision is kept"
+    assert set(_table(out, "explanations").filter(pl.col("explainer") == "human")["text"]) == {"the word the",
+                                                                                             "years written in digits"}
 
 
 BAD_FLAGS = [

@@ -50,8 +50,12 @@ def modelled(home, tiny_llama_dir, prose_corpus, tmp_path_factory):
     return out, result
 
 
+def _table_of(run: dict, stage: str) -> pl.DataFrame:
+    return pl.concat([pl.read_parquet(r["path"]) for r in run[stage]])
+
+
 def _scores(run: dict) -> pl.DataFrame:
-    return pl.concat([pl.read_parquet(r["path"]) for r in run["scores"]])
+    return _table_of(run, "scores")
 
 
 def test_one_recording_pass_for_every_layer(modelled):
@@ -138,6 +142,17 @@ def test_publish_a_model_run_then_import_and_rescore_it(home, modelled, tmp_path
     after = _scores(json.loads((again / "runs" / "layer_2.json").read_text())).filter(kept).sort(keys)
     assert after.height == published.height > 0
     assert after.select(*keys, "value").equals(published.select(*keys, "value"))
+
+    # revised on top of the imported explanations: no recording (the corpus is not here), no explaining
+    folders = {stage: sorted(p.name for p in (again / stage).iterdir()) for stage in ("windows", "records", "explanations")}
+    unit = int(after["unit"][0])
+    revised = cli(home, "revise", "--out", str(again), "--layer", "2", "--unit", f"{unit}:{int(after['polarity'][0]):+d}",
+                  "--text", "my own words")
+    assert revised.returncode == 0, revised.stderr[-4000:]
+    now = {stage: sorted(p.name for p in (again / stage).iterdir()) for stage in folders}
+    assert now["windows"] == folders["windows"] and now["records"] == folders["records"]
+    assert len(now["explanations"]) == len(folders["explanations"]) + 1, "one shard revised, nothing explained"
+    assert "my own words" in set(_table_of(json.loads((again / "runs" / "layer_2.json").read_text()), "explanations")["text"])
 
     exemplars = dataset / "data" / "exemplars" / "mlp" / "layer_0.parquet"
     pl.read_parquet(exemplars).drop("token_ids").write_parquet(exemplars)  # as published before ids were kept
