@@ -113,14 +113,20 @@ def explain_model_cmd(
     run_or_exit(lambda: _run_flow("explain_model", params, lambda: model_plan.explain_model(params, spell)))
 
 
+# The options of the commands that work on a finished run.
+RUN_OUT = typer.Option("out", "--out", "-o", help="Output root of an explain-layer run (folder or URL).")
+RUN_SOURCE = typer.Option("mlp", "--source", help="Whose units' run: as given to explain-layer, or the kind its pages show (sae-res-16k).")
+RUN_RESULTS = typer.Option(None, "--results", help="Folder or URL for Prefect's task results.")
+
+
 def rescore_cmd(
-    out: str = typer.Option("out", "--out", "-o", help="Output root of an explain-layer run (folder or URL)."),
+    out: str = RUN_OUT,
     layer: int = typer.Option(defaults.LAYER, "--layer", "-l", help="Layer whose latest run to re-score."),
-    source: str = typer.Option("mlp", "--source", help="Whose units' run: as given to explain-layer, or the kind its pages show (sae-res-16k)."),
+    source: str = RUN_SOURCE,
     simulator: str = typer.Option("embedding", "--simulator", "-s", help="'embedding', 'all-at-once[:LLM]' or 'chat-json:LLM'."),
     scorers: str = SCORERS,
     n_boot: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the 95% CIs."),
-    results: Optional[str] = typer.Option(None, "--results", help="Folder or URL for Prefect's task results."),
+    results: Optional[str] = RUN_RESULTS,
     concurrency: Optional[int] = CONCURRENCY,
     rpm: Optional[float] = RPM,
     tpm: Optional[float] = TPM,
@@ -143,13 +149,13 @@ def rescore_cmd(
 
 
 def revise_cmd(
-    out: str = typer.Option("out", "--out", "-o", help="Output root of an explain-layer run (folder or URL)."),
+    out: str = RUN_OUT,
     layer: int = typer.Option(defaults.LAYER, "--layer", "-l", help="Layer whose latest run to revise."),
-    source: str = typer.Option("mlp", "--source", help="Whose units' run: as given to explain-layer, or the kind its pages show."),
+    source: str = RUN_SOURCE,
     unit: Optional[str] = typer.Option(None, "--unit", "-u", help="The unit to revise: UNIT or UNIT:POLARITY, e.g. 12:-1."),
     text: Optional[str] = typer.Option(None, "--text", "-t", help="Its new explanation."),
     file: Optional[Path] = typer.Option(None, "--file", "-f", help="Several revisions: JSON {\"12:-1\": text}, JSON lines or CSV (unit, polarity, text)."),
-    results: Optional[str] = typer.Option(None, "--results", help="Folder or URL for Prefect's task results."),
+    results: Optional[str] = RUN_RESULTS,
     concurrency: Optional[int] = CONCURRENCY,
     rpm: Optional[float] = RPM,
     tpm: Optional[float] = TPM,
