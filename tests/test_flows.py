@@ -194,6 +194,14 @@ def test_failed_state_message_is_the_one_line(run, prefect_results, tiny_llama_d
     assert state.message.startswith("parameter layer: layer 99 is out of range") and "\n" not in state.message
 
 
+def test_revise_without_a_run_or_a_revision_is_one_line(prefect_results, tmp_path):
+    from autoexplain.flows.explain_layer import revise
+
+    state = revise(out=str(tmp_path), layer=1, revisions={"1": "x"}, return_state=True)
+    assert state.is_failed() and state.message.startswith("parameter out: ") and "\n" not in state.message
+    assert not any(tmp_path.iterdir()), "nothing written"
+
+
 def test_parameters_are_validated(run):
     from prefect.exceptions import ParameterTypeError
 

@@ -200,6 +200,8 @@ def test_explain_layer_and_rescore_on_latents_from_the_command_line(tiny_llama_d
     negative = cli(home, "revise", "--out", str(out), "--layer", "1", "--source", "sae-res-40", "--unit", "8:-1", "--text", "x")
     assert negative.returncode == 2 and "--unit: '8:-1': this run's units have polarity +1 only" in negative.stderr
     assert "Flow run" not in negative.stderr, "refused before the flow starts"
+    never = cli(home, "revise", "--out", str(out), "--layer", "1", "--source", "sae-res-40", "--unit", "7", "--text", "x")
+    assert never.returncode == 2 and "--unit: unit 7 is not among the units this run explains" in never.stderr
     # the neurons' run of the same layer is another run: asked for, it is named as missing
     missing = cli(home, "rescore", "--out", str(out), "--layer", "1")
     assert missing.returncode != 0 and "sae-res-40" in missing.stderr
