@@ -55,16 +55,12 @@ def _values(df: pl.DataFrame, metric: str, method: str) -> np.ndarray:
 
 
 def mean_ci(values: np.ndarray) -> tuple[float, float, float]:
-    """Mean over units with a normal-approximation 95% CI; NaNs when there is no value."""
-    values = np.asarray(values, dtype=float)
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        return float("nan"), float("nan"), float("nan")
-    m = float(values.mean())
-    if values.size < 2:
-        return m, m, m
-    half = 1.96 * float(values.std(ddof=1)) / np.sqrt(values.size)
-    return m, m - half, m + half
+    """`scoring.mean_ci` as floats for plotting: NaN where undefined (one value: a point, no bar)."""
+    from autoexplain.scoring import mean_ci as interval
+
+    m, lo, hi = interval(np.asarray(values, dtype=float).tolist())
+    nan = float("nan")
+    return (nan, nan, nan) if m is None else (m, m if lo is None else lo, m if hi is None else hi)
 
 
 def _save(fig, path) -> Path:

@@ -264,6 +264,27 @@ def _pooled_ci(metric: Metric, y_all: np.ndarray, p_all: np.ndarray, sizes: np.n
     return _percentiles(values, (1 - level) / 2, (1 + level) / 2)
 
 
+def mean_ci(values, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float | None, ...]:
+    """(mean, low, high) of per-unit values (None and NaN left out), with a percentile bootstrap CI
+    over the units. It stays within the values' range (a mean of correlations never gets a bound
+    above 1, as a normal interval over a few units did), and one value has no interval (None),
+    not one of zero width. All None without a value."""
+    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if not v.size:
+        return None, None, None
+    mean = float(v.mean())
+    if v.size < 2:
+        return mean, None, None
+    rng, means = np.random.default_rng(seed), np.empty(n_boot)
+    step = max(1, (1 << 22) // v.size)  # resamples at a time: bounded memory for layers of many units
+    for s in range(0, n_boot, step):
+        k = min(step, n_boot - s)
+        means[s:s + k] = v[rng.integers(0, v.size, size=(k, v.size))].mean(axis=1)
+    low, high = _percentiles(means, (1 - level) / 2, (1 + level) / 2)
+    return mean, min(low, mean), max(high, mean)
+
+
 def _percentiles(values: np.ndarray, *qs: float) -> tuple[float, ...]:
     """np.quantile's default (linear) method on a 1-D array, without its per-call overhead, which
     outweighed the bootstrap itself when a layer's thousands of scores each take two quantiles."""

@@ -14,17 +14,10 @@ import polars as pl
 
 from autoexplain import prices
 from autoexplain.pipeline import EXPLAINER, LOOKUP
-from autoexplain.scoring import TOP_AND_RANDOM
+from autoexplain.scoring import TOP_AND_RANDOM, mean_ci
 
 HEADLINE = TOP_AND_RANDOM
 _UNIT = ["layer", "unit", "polarity"]
-
-
-def _ci(mean: float | None, std: float | None, n: int) -> tuple[float | None, float | None]:
-    if mean is None or n < 2 or std is None:
-        return mean, mean
-    half = 1.96 * std / math.sqrt(n)
-    return mean - half, mean + half
 
 
 def layer_summary(scores: pl.DataFrame) -> pl.DataFrame:
@@ -35,16 +28,16 @@ def layer_summary(scores: pl.DataFrame) -> pl.DataFrame:
     joined = scores.join(lookup, on=[*_UNIT, "metric"], how="left")
     grouped = (joined.group_by("method", "metric")
                .agg(pl.len().alias("units"), pl.col("value").null_count().alias("undefined"),
-                    pl.col("value").mean().alias("mean"), pl.col("value").std().alias("std"),
+                    pl.col("value").alias("values"),
                     (pl.col("value") > pl.col("lookup")).filter(pl.col("value").is_not_null()
                                                                 & pl.col("lookup").is_not_null()).mean()
                     .alias("beats_lookup"))
                .sort("metric", "method"))
     rows = []
     for r in grouped.iter_rows(named=True):
-        lo, hi = _ci(r["mean"], r["std"], r["units"] - r["undefined"])
+        mean, lo, hi = mean_ci(r["values"])
         rows.append({"method": r["method"], "metric": r["metric"], "units": r["units"], "undefined": r["undefined"],
-                     "mean": r["mean"], "ci_low": lo, "ci_high": hi,
+                     "mean": mean, "ci_low": lo, "ci_high": hi,
                      "beats_lookup": None if r["method"] == LOOKUP else r["beats_lookup"]})
     return pl.DataFrame(rows, schema={"method": pl.String, "metric": pl.String, "units": pl.Int64,
                                       "undefined": pl.Int64, "mean": pl.Float64, "ci_low": pl.Float64,
@@ -97,8 +90,7 @@ def compare(before: pl.DataFrame, after: pl.DataFrame, metric: str = HEADLINE, m
     pairs = pick(before, "before").join(pick(after, "after"), on=_UNIT, how="full", coalesce=True)
     both = pairs.drop_nulls(["before", "after"]).with_columns((pl.col("after") - pl.col("before")).alias("change"))
     n = both.height
-    mean = both["change"].mean() if n else None
-    lo, hi = _ci(mean, both["change"].std() if n > 1 else None, n)
+    mean, lo, hi = mean_ci(both["change"].to_list())
     moved = both.sort(pl.col("change").abs(), *_UNIT, descending=[True, False, False, False]).head(top)
     return {"metric": metric, "method": method, "units": pairs.height, "paired": n,
             "mean_before": both["before"].mean() if n else None, "mean_after": both["after"].mean() if n else None,

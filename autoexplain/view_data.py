@@ -160,13 +160,14 @@ def index_chunk(df: pl.DataFrame) -> dict:
 
 
 def _mean_ci(values) -> list | None:
-    a = np.asarray([v for v in values if v is not None], dtype=float)
-    a = a[np.isfinite(a)]
-    if not a.size:
+    """[mean, low, high, units] (`scoring.mean_ci`; the bounds null for one unit), or None."""
+    from autoexplain.scoring import mean_ci
+
+    m, lo, hi = mean_ci(values)
+    if m is None:
         return None
-    m = float(a.mean())
-    half = 1.96 * float(a.std(ddof=1)) / math.sqrt(a.size) if a.size > 1 else 0.0
-    return [_r(m), _r(m - half), _r(m + half), int(a.size)]
+    return [_r(m), None if lo is None else _r(lo), None if hi is None else _r(hi),
+            sum(1 for v in values if v is not None and math.isfinite(v))]
 
 
 def layer_summary(src: LayerSource, index: pl.DataFrame, chunk_size: int, polar: bool) -> dict:

@@ -298,3 +298,27 @@ def test_scoring_record_pairs_an_activation_record_with_its_simulation():
     sr = ScoringRecord.of(rec, Sim())
     assert (list(sr.true), list(sr.expected), sr.kind, sr.split) == ([0.0, 1.5], [0.0, 9.0], "random", "test")
     assert isinstance(Score(None, undefined_reason="x"), Score)
+
+
+def test_the_mean_over_units_has_a_bootstrap_ci_inside_the_values_range():
+    """A layer's mean of a few units' correlations: a normal interval (mean +- 1.96 sd / sqrt n) gave
+    [0.627, 1.016] here, above what a correlation can be; the bootstrap over units stays inside."""
+    import polars as pl
+
+    from autoexplain.scoring import _percentiles, mean_ci
+    from autoexplain.summary import compare, layer_summary
+
+    values = [0.99, 0.95, 0.98, 0.37]
+    m, lo, hi = mean_ci(values)
+    assert m == pytest.approx(np.mean(values)) and min(values) <= lo <= m <= hi <= max(values)
+    # the same resamples by hand: units drawn with replacement, the mean of each, its percentiles
+    draws = np.random.default_rng(0).integers(0, 4, size=(1000, 4))
+    assert (lo, hi) == pytest.approx(_percentiles(np.asarray(values)[draws].mean(axis=1), 0.025, 0.975))
+    assert mean_ci([0.4, None, float("nan")]) == (0.4, None, None), "one value: no interval, not a zero-width one"
+    assert mean_ci([None]) == (None, None, None) and mean_ci(values) == mean_ci(values + [None])
+    unit = dict(layer=1, polarity=1, metric="top_and_random", method="explainer")
+    scores = pl.DataFrame([{**unit, "unit": i, "value": v} for i, v in enumerate(values)])
+    row = layer_summary(scores).row(0, named=True)
+    assert (row["mean"], row["ci_low"], row["ci_high"]) == pytest.approx((m, lo, hi))
+    change = compare(scores, scores.with_columns(pl.col("value") - 0.1))
+    assert change["mean_change"] == pytest.approx(-0.1) and change["ci_low"] == pytest.approx(-0.1)
