@@ -12,15 +12,17 @@ before they are read.
 
 from __future__ import annotations
 
+import hashlib
 import shlex
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
 import polars as pl
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.assets import materialize
+from prefect.assets import Asset, AssetProperties, materialize
+from prefect.types.names import MAX_ASSET_KEY_LENGTH, RESTRICTED_ASSET_CHARACTERS
 
 from autoexplain import remote
 from autoexplain.layer import dead_units
@@ -39,9 +41,24 @@ def _publish(output: dict) -> None:
     return None
 
 
+def asset(uri: str) -> str | Asset:
+    """The Prefect asset of an output's URI: the URI itself where Prefect takes it as a key. It
+    refuses spaces, '%' and a few other characters, and keys over 512 characters, so a folder named
+    'my out' or 'café' (percent-encoded by `as_uri`) is the URI read back with each of those
+    characters as '_' (too long: its end, after a hash of the whole), the true URI as its url."""
+    if len(uri) <= MAX_ASSET_KEY_LENGTH and not any(c in uri for c in RESTRICTED_ASSET_CHARACTERS):
+        return uri
+    scheme, _, rest = unquote(uri).partition("://")
+    rest = "".join("_" if c in RESTRICTED_ASSET_CHARACTERS else c for c in rest)
+    room = MAX_ASSET_KEY_LENGTH - len(scheme) - 3
+    if len(rest) > room:
+        rest = hashlib.sha256(uri.encode()).hexdigest()[:16] + "/" + rest[-(room - 17):]
+    return Asset(key=f"{scheme}://{rest}", properties=AssetProperties(url=uri))
+
+
 def publish(output: dict, upstream: list[dict]):
     """Record `output` as an asset materialised from `upstream` (both are task references)."""
-    return _publish.with_options(assets=[output["uri"]], asset_deps=[u["uri"] for u in upstream])(output)
+    return _publish.with_options(assets=[asset(output["uri"])], asset_deps=[asset(u["uri"]) for u in upstream])(output)
 
 
 def windows_uri(records: dict) -> str:
@@ -57,7 +74,7 @@ def publish_recording(records: dict) -> dict:
     the tokenizer are not assets, their digests are in the windows manifest), then the records asset
     with the windows as its upstream. `records` is record_task's reference. Returns both URIs."""
     windows = windows_uri(records)
-    _publish.with_options(assets=[windows])({"uri": windows, "key": windows.rsplit("/", 1)[1]})
+    _publish.with_options(assets=[asset(windows)])({"uri": windows, "key": windows.rsplit("/", 1)[1]})
     publish(records, [{"uri": windows}])
     return {"windows": windows, "records": records["uri"]}
 

@@ -255,3 +255,22 @@ def test_stage_commands_refuse_another_recording(home, explained, tiny_llama_dir
     assert not (tmp_path / "o").exists() and not (tmp_path / "export").exists() and not (tmp_path / "site").exists()
     right = cli(home, "score", "--records", run["records"]["path"], "--simulations", sims, "--out", o)
     assert right.returncode == 0, right.stderr[-3000:]
+
+
+def test_an_output_folder_named_with_a_space_and_an_accent(home, tiny_llama_dir, prose_corpus, tmp_path):
+    """A path `as_uri` percent-encodes ('my%20out', 'caf%C3%A9') is no Prefect asset key as it is:
+    the run still publishes its outputs as assets and finishes, and its site and pointer are there."""
+    out = tmp_path / "my out" / "café"
+    result = cli(home, "explain-layer", "--model", tiny_llama_dir, "--corpus", str(prose_corpus), "--layer", "1",
+                 "--units", "0-1", "--tokens", "20000", "--k", "1", "--bootstrap", "20", "--window-len", "8",
+                 "--top-k", "8", "--random", "6", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (out / "runs" / "layer_1.json").is_file() and (out / "site" / "layer_1" / "index.html").is_file()
+    from autoexplain.tasks.report import asset
+
+    uri = (out / "records").resolve().as_uri()
+    made = asset(uri)
+    assert "%" in uri and made.key == uri.replace("%20", "_").replace("%C3%A9", "é") and made.properties.url == uri
+    assert asset("file:///plain/path") == "file:///plain/path", "a URI Prefect takes is the key itself"
+    long = asset("file:///" + "a" * 600)
+    assert len(long.key) <= 512 and long.key.endswith("a" * 100)
