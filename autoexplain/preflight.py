@@ -376,6 +376,23 @@ def explain_layer(p: dict, spell: Spelling = flow_name) -> LayerPlan:
     return LayerPlan(shape, units, revisions, limit, layer, source, content_key(source.identity()))
 
 
+def run_of(out: str, layer: int | None, source: str | None, spell: Spelling = flow_name) -> dict:
+    """`find_run` for a source as given ('mlp', 'sae:PATH' or a kind) and a layer or None: then the
+    coder's own layer, else the one layer holding a run of those units, else the default layer."""
+    from autoexplain import remote
+    from autoexplain.source_coder import kind_and_layer
+    from autoexplain.storage import open_root, run_layers
+
+    try:
+        kind, own = kind_and_layer(source)
+    except UserError as e:
+        raise _fail(spell, "source", e.problem, e.fix or "") from None
+    if layer is None and own is None and kind != MLP.kind and not remote.is_url(out) and Path(out).is_dir():
+        have = run_layers(open_root(out), kind)
+        own = have[0] if len(have) == 1 else None
+    return find_run(out, defaults.LAYER if layer is None and own is None else own if layer is None else layer, spell, kind)
+
+
 def find_run(out: str, layer: int, spell: Spelling = flow_name, kind: str = MLP.kind) -> dict:
     """The latest finished run of `layer`'s units of source `kind` under the output root `out` (its
     pointer, `storage.run_file`), or a UserError naming the parameter to set."""

@@ -61,11 +61,11 @@ def _explained(ref: dict) -> set[tuple[int, int]]:
     return set(zip(table.column("unit").to_pylist(), table.column("polarity").to_pylist()))
 
 
-def plan(out: str, layer: int, source: str | None, revisions: dict[str, str] | None,
+def plan(out: str, layer: int | None, source: str | None, revisions: dict[str, str] | None,
          spell: preflight.Spelling = preflight.flow_name, name: str = "revisions", budget: str | None = None) -> RevisePlan:
     """Everything a revise checks before any work: the run, its simulator and scorers still usable,
     the budget, and every revision a unit and polarity the run explained."""
-    run = preflight.find_run(out, layer, spell, preflight.source_kind(source, spell))
+    run = preflight.run_of(out, layer, source, spell)
     params = run["params"]
     simulator = params.get("simulator") or DEFAULT_SIMULATOR
     scorers = params.get("scorers") or DEFAULT_SCORER

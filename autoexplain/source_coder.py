@@ -100,16 +100,22 @@ def open_unit_source(text: str | None, model: str, layer: int | None = None) -> 
 def kind_of(text: str | None) -> str:
     """The kind of units a `--source` value names, the name its runs and pages go by: a coder's
     derived kind ('sae:PATH' -> 'sae-res-16k'), or the value itself when it is a kind already."""
+    return kind_and_layer(text)[0]
+
+
+def kind_and_layer(text: str | None) -> tuple[str, int | None]:
+    """`kind_of`, and the layer a coder reads (None for a kind, which names no coder)."""
     from autoexplain.errors import UserError
     from autoexplain.records import KIND
 
     text = text or MLP_KIND
     if ":" in text:
         spec = parse_source(text)
-        return coder_kind(spec, load_coder(spec))
+        coder = load_coder(spec)
+        return coder_kind(spec, coder), coder.hook.layer
     if not re.fullmatch(KIND, text):
         raise UserError(f"'{text}' is no unit source", "write mlp, sae:PATH, transcoder:PATH or a kind such as sae-res-16k")
-    return text
+    return text, None
 
 
 def recorded_source(records_dir, model: str, layer: int) -> UnitSource:

@@ -117,11 +117,13 @@ def explain_model_cmd(
 RUN_OUT = typer.Option("out", "--out", "-o", help="Output root of an explain-layer run (folder or URL).")
 RUN_SOURCE = typer.Option("mlp", "--source", help="Whose units' run: as given to explain-layer, or the kind its pages show (sae-res-16k).")
 RUN_RESULTS = typer.Option(None, "--results", help="Folder or URL for Prefect's task results.")
+RUN_LAYER = ("Layer whose latest run to {} (default: a coder's own layer, or the one layer with a run of "
+             f"those units, or {defaults.LAYER}).")
 
 
 def rescore_cmd(
     out: str = RUN_OUT,
-    layer: int = typer.Option(defaults.LAYER, "--layer", "-l", help="Layer whose latest run to re-score."),
+    layer: Optional[int] = typer.Option(None, "--layer", "-l", help=RUN_LAYER.format("re-score")),
     source: str = RUN_SOURCE,
     simulator: str = typer.Option("embedding", "--simulator", "-s", help="'embedding', 'all-at-once[:LLM]' or 'chat-json:LLM'."),
     scorers: str = SCORERS,
@@ -143,14 +145,14 @@ def rescore_cmd(
         preflight.check_simulator(simulator, preflight.cli_flag)
         preflight.check_scorers(scorers, preflight.cli_flag)
         preflight.check_budget(budget, preflight.cli_flag, simulator=simulator, scorers=scorers)
-        preflight.find_run(out, layer, preflight.cli_flag, preflight.source_kind(source, preflight.cli_flag))
+        preflight.run_of(out, layer, source, preflight.cli_flag)
 
     run_or_exit(lambda: _run_flow("rescore", params, check))
 
 
 def revise_cmd(
     out: str = RUN_OUT,
-    layer: int = typer.Option(defaults.LAYER, "--layer", "-l", help="Layer whose latest run to revise."),
+    layer: Optional[int] = typer.Option(None, "--layer", "-l", help=RUN_LAYER.format("revise")),
     source: str = RUN_SOURCE,
     unit: Optional[str] = typer.Option(None, "--unit", "-u", help="The unit to revise: UNIT or UNIT:POLARITY, e.g. 12:-1."),
     text: Optional[str] = typer.Option(None, "--text", "-t", help="Its new explanation."),

@@ -181,26 +181,28 @@ def _explain_layer(plan: preflight.LayerPlan, out: str, results: str | None, par
 
 
 @flow(name="rescore", validate_parameters=True)
-def rescore(out: str = "out", layer: int = 15, simulator: str = "embedding", scorers: str = DEFAULT_SCORER,
+def rescore(out: str = "out", layer: int | None = None, simulator: str = "embedding", scorers: str = DEFAULT_SCORER,
             n_boot: int = 1000,
             results: str | None = None, concurrency: int | None = None, rpm: float | None = None,
             tpm: float | None = None, cache: bool = True, budget: str | None = None, source: str = "mlp") -> dict:
     """Re-simulate and re-score the latest explain-layer run of `layer` under `out`, and compare.
     `source`: whose units, as given to explain-layer ('mlp', 'sae:PATH') or by the kind its pages
-    show ('sae-res-16k'). `concurrency`, `rpm`, `tpm`, `cache` and `budget` as in explain_layer."""
+    show ('sae-res-16k'). `layer` defaults to the coder's own, or the one layer with a run of those
+    units, or 15 (`preflight.run_of`). `concurrency`, `rpm`, `tpm`, `cache` and `budget` as in explain_layer."""
     limit = []
 
     def check():
         preflight.at_least(preflight.flow_name, "n_boot", n_boot, 1)
         preflight.check_limits(concurrency, rpm, tpm=tpm)
-        preflight.at_least(preflight.flow_name, "layer", layer, 0)
+        if layer is not None:
+            preflight.at_least(preflight.flow_name, "layer", layer, 0)
         preflight.check_simulator(simulator)
         preflight.check_scorers(scorers)
         limit.append(preflight.check_budget(budget, simulator=simulator, scorers=scorers))
         if not is_url(out) and not Path(out).is_dir():
             raise UserError(f"parameter out: {Path(out).absolute()} does not exist",
                             "set out to the output root of an explain-layer run")
-        return preflight.find_run(out, layer, kind=preflight.source_kind(source))
+        return preflight.run_of(out, layer, source)
 
     run, failed = checked(check)
     if failed:
@@ -208,7 +210,7 @@ def rescore(out: str = "out", layer: int = 15, simulator: str = "embedding", sco
     set_limits(concurrency, rpm, tpm)
     set_cache(cache)
     ledger = set_budget(limit[0])
-    kind = run["records"].get("source", MLP.kind)
+    kind, layer = run["records"].get("source", MLP.kind), run["params"]["layer"]
     title = f"Re-score of layer {layer}: {run['params']['simulator']} -> {simulator}"
     result, failed = checked(lambda: _rescore(run, out_path(out), layer, simulator, n_boot, results, kind, scorers,
                                               title, {"simulator": simulator, "scorers": scorers, "n_boot": n_boot}), ledger)
@@ -216,7 +218,7 @@ def rescore(out: str = "out", layer: int = 15, simulator: str = "embedding", sco
 
 
 @flow(name="revise", validate_parameters=True)
-def revise(out: str = "out", layer: int = 15, revisions: dict[str, str] | None = None, source: str = "mlp",
+def revise(out: str = "out", layer: int | None = None, revisions: dict[str, str] | None = None, source: str = "mlp",
            results: str | None = None, concurrency: int | None = None, rpm: float | None = None,
            tpm: float | None = None, cache: bool = True, budget: str | None = None) -> dict:
     """Replace some units' explanations in the latest run of `layer` under `out` by your own
@@ -235,7 +237,7 @@ def revise(out: str = "out", layer: int = 15, revisions: dict[str, str] | None =
     set_limits(concurrency, rpm, tpm)
     set_cache(cache)
     ledger = set_budget(plan.budget)
-    run, kind = plan.run, plan.run["records"].get("source", MLP.kind)
+    run, kind, layer = plan.run, plan.run["records"].get("source", MLP.kind), plan.run["params"]["layer"]
     title = f"Revision of layer {layer}: {', '.join(k for shard in plan.shards for k in shard)}"
     result, failed = checked(lambda: _rescore(run, out_path(out), layer, plan.simulator, plan.n_boot, results, kind,
                                               plan.scorers, title, {"revisions": plan.merged}, plan.shards, "revise"),

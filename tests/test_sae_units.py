@@ -194,10 +194,12 @@ def test_explain_layer_and_rescore_on_latents_from_the_command_line(tiny_llama_d
     dead.wait_for_function("document.getElementById('explanation').textContent.includes('never fired')")
     w.close()
 
-    again = cli(home, "rescore", "--out", str(out), "--layer", "1", "--source", "sae-res-40", "--bootstrap", "60")
+    # no --layer: the coder's own (not the default 15)
+    again = cli(home, "rescore", "--out", str(out), "--source", f"sae:{tiny_sae}", "--bootstrap", "60")
     assert again.returncode == 0, again.stderr[-4000:]
     assert json.loads((out / "runs" / "layer_1.sae-res-40.json").read_text())["flow"] == "rescore"
-    negative = cli(home, "revise", "--out", str(out), "--layer", "1", "--source", "sae-res-40", "--unit", "8:-1", "--text", "x")
+    # a kind names no coder: the one layer with a run of those units
+    negative = cli(home, "revise", "--out", str(out), "--source", "sae-res-40", "--unit", "8:-1", "--text", "x")
     assert negative.returncode == 2 and "--unit: '8:-1': this run's units have polarity +1 only" in negative.stderr
     assert "Flow run" not in negative.stderr, "refused before the flow starts"
     never = cli(home, "revise", "--out", str(out), "--layer", "1", "--source", "sae-res-40", "--unit", "7", "--text", "x")
