@@ -13,14 +13,13 @@ or deployment run, so a deployment user is never told about a CLI flag.
 
 from __future__ import annotations
 
-import functools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from autoexplain import defaults
 from autoexplain.errors import UserError
+from autoexplain.model_config import Shape, read_shape
 from autoexplain.server_probe import probe_server
 from autoexplain.sources import MLP
 from autoexplain.storage import content_key
@@ -47,79 +46,12 @@ def at_least(spell: Spelling, name: str, value: int, low: int) -> None:
         raise _fail(spell, name, f"must be at least {low}, got {value}", f"pass {spell(name).split()[-1]} >= {low}")
 
 
-@dataclass(frozen=True)
-class Shape:
-    """What a subject offers, read from its config alone."""
-
-    name: str
-    n_layers: int
-    n_units: int | None  # None: the config does not say (units are then checked after loading)
-
-
-def _units_of(cfg: dict) -> int | None:
-    for key in ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "ffn_hidden_size"):
-        if cfg.get(key):
-            return int(cfg[key])
-    width = cfg.get("n_embd") or cfg.get("hidden_size")
-    return 4 * int(width) if width and cfg.get("model_type") in ("gpt2", "gpt_neo", "gptj") else None
-
-
-def _layers_of(cfg: dict) -> int | None:
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if cfg.get(key):
-            return int(cfg[key])
-    return None
-
-
-def _gguf_config(path: Path) -> dict:
-    stat = path.stat()
-    return _gguf_header(str(path), stat.st_mtime_ns, stat.st_size)
-
-
-@functools.lru_cache(maxsize=8)
-def _gguf_header(path: str, mtime_ns: int, size: int) -> dict:
-    """Parsed once per file version: the reader walks every field, the tokenizer's 49k included
-    (seconds), and a model run checks the same file for every layer, in the CLI and in the flow."""
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(path)
-        fields = {name: f.contents() for name, f in reader.fields.items() if not name.startswith("tokenizer.")}
-    except Exception as e:  # noqa: BLE001 - any parse failure means "not a GGUF we can read"
-        raise UserError(f"{path} is not a readable GGUF file ({type(e).__name__})", "check the model file") from None
-    arch = fields.get("general.architecture", "")
-    return {"num_hidden_layers": fields.get(f"{arch}.block_count"),
-            "intermediate_size": fields.get(f"{arch}.feed_forward_length")}
-
-
 def model_shape(model: str, spell: Spelling = flow_name, name: str = "model") -> Shape:
-    """Layers and units of a subject from its config (a GGUF header, config.json or the hub's
-    config), without loading weights."""
-    path = Path(defaults.resolve_model(model)).expanduser()
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise _fail(spell, name, f"GGUF file {path} does not exist", "check the model path")
-        cfg = _gguf_config(path)
-    elif path.exists():
-        if not (path / "config.json").is_file():
-            raise _fail(spell, name, f"{path} is not a Hugging Face model folder (no config.json)",
-                        "point it at a folder saved with save_pretrained, or a .gguf file")
-        cfg = json.loads((path / "config.json").read_text())
-    elif model.startswith(("/", "./", "../", "~")):  # a path, not a hub name: say so, not what the hub says of it
-        raise _fail(spell, name, f"model folder {path} does not exist", "check the path, or give a hub name or a .gguf file")
-    else:
-        try:
-            from transformers import AutoConfig
-
-            cfg = AutoConfig.from_pretrained(model).to_dict()
-        except (OSError, ValueError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise _fail(spell, name, f"cannot load model '{model}': {first[:160]}",
-                        "give a local model folder, a .gguf file, or a hub name reachable from here") from None
-    n_layers = _layers_of(cfg)
-    if not n_layers:
-        raise _fail(spell, name, f"the config of '{model}' names no layer count", "give a transformer causal LM")
-    return Shape(model, n_layers, _units_of(cfg))
+    """Layers and units of a subject from its config (`model_config.read_shape`), without loading weights."""
+    try:
+        return read_shape(model)
+    except UserError as e:
+        raise _fail(spell, name, e.problem, e.fix or "") from None
 
 
 def check_layer(shape: Shape, layer: int, spell: Spelling = flow_name, name: str = "layer") -> None:
@@ -269,6 +201,13 @@ def check_out(out: str, spell: Spelling = flow_name, name: str = "out") -> None:
         raise _fail(spell, name, f"cannot write under {path}: {probe} is not writable", "pass a writable folder")
 
 
+def check_results(results: str | None, spell: Spelling = flow_name) -> None:
+    """Where Prefect keeps the task results (None: its own storage): checked as an output folder, so
+    a file there is one line before any work, not a failed commit after every task."""
+    if results is not None:
+        check_out(results, spell, "results")
+
+
 def check_revisions(revisions: dict[str, str] | None, units: list[int] | None, spell: Spelling = flow_name,
                     name: str = "revisions", polarities: tuple[int, ...] = (1, -1)) -> dict[tuple[int, int], str]:
     """'UNIT' or 'UNIT:POLARITY' -> text, each for a unit and polarity this run explains (a coder's
@@ -353,6 +292,7 @@ def explain_layer(p: dict, spell: Spelling = flow_name) -> LayerPlan:
             at_least(spell, name, p[name], low)
     check_recording(p, spell)
     check_out(p.get("out", "out"), spell)
+    check_results(p.get("results"), spell)
     check_corpus(p.get("corpus", defaults.CORPUS), spell)
     model = p.get("model", defaults.SUBJECT)
     shape = model_shape(model, spell)

@@ -142,6 +142,7 @@ def rescore_cmd(
     def check():
         preflight.at_least(preflight.cli_flag, "n_boot", n_boot, 1)
         preflight.check_limits(concurrency, rpm, preflight.cli_flag, tpm)
+        preflight.check_results(results, preflight.cli_flag)
         preflight.check_simulator(simulator, preflight.cli_flag)
         preflight.check_scorers(scorers, preflight.cli_flag)
         preflight.check_budget(budget, preflight.cli_flag, simulator=simulator, scorers=scorers)
@@ -179,6 +180,7 @@ def revise_cmd(
 
         def check():
             preflight.check_limits(concurrency, rpm, preflight.cli_flag, tpm)
+            preflight.check_results(results, preflight.cli_flag)
             revise_plan.plan(out, layer, source, new, preflight.cli_flag, "file" if file else "unit", budget)
 
         _run_flow("revise", params, check)

@@ -147,7 +147,8 @@ def explain_layer(
                   simulator=simulator, scorers=scorers, k=k, shard_size=shard_size, n_boot=n_boot, revisions=revisions,
                   site=site, window_len=window_len, top_k=top_k, n_random=n_random, source=source)
     plan, failed = checked(lambda: preflight.explain_layer({**params, "out": out, "concurrency": concurrency,
-                                                             "rpm": rpm, "tpm": tpm, "budget": budget}))
+                                                             "rpm": rpm, "tpm": tpm, "budget": budget,
+                                                             "results": results}))
     if failed:
         return failed
     params["layer"] = plan.layer
@@ -194,6 +195,7 @@ def rescore(out: str = "out", layer: int | None = None, simulator: str = "embedd
     def check():
         preflight.at_least(preflight.flow_name, "n_boot", n_boot, 1)
         preflight.check_limits(concurrency, rpm, tpm=tpm)
+        preflight.check_results(results)
         if layer is not None:
             preflight.at_least(preflight.flow_name, "layer", layer, 0)
         preflight.check_simulator(simulator)
@@ -229,6 +231,7 @@ def revise(out: str = "out", layer: int | None = None, revisions: dict[str, str]
 
     def check():
         preflight.check_limits(concurrency, rpm, tpm=tpm)
+        preflight.check_results(results)
         return revise_plan.plan(out, layer, source, revisions, budget=budget)
 
     plan, failed = checked(check)

@@ -61,7 +61,8 @@ def explain_model(
                   explainer=explainer, simulator=simulator, scorers=scorers, k=k, shard_size=shard_size,
                   n_boot=n_boot, site=site, window_len=window_len, top_k=top_k, n_random=n_random)
     plan, failed = checked(lambda: model_plan.explain_model({**params, "out": out, "concurrency": concurrency,
-                                                             "rpm": rpm, "tpm": tpm, "budget": budget}))
+                                                             "rpm": rpm, "tpm": tpm, "budget": budget,
+                                                             "results": results}))
     if failed:
         return failed
     set_limits(concurrency, rpm, tpm)

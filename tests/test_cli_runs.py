@@ -274,3 +274,18 @@ def test_an_output_folder_named_with_a_space_and_an_accent(home, tiny_llama_dir,
     assert asset("file:///plain/path") == "file:///plain/path", "a URI Prefect takes is the key itself"
     long = asset("file:///" + "a" * 600)
     assert len(long.key) <= 512 and long.key.endswith("a" * 100)
+
+
+def test_a_results_folder_that_cannot_be_one_is_one_line_before_any_work(home, explained, tmp_path):
+    """--results was never checked: a file there ran everything, failed every task's commit with a
+    traceback and still exited 0."""
+    out, _ = explained
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    for command in (["explain-layer", "--out", str(tmp_path / "new")], ["rescore", "--out", str(out), "--layer", "1"],
+                    ["revise", "--out", str(out), "--layer", "1", "--unit", "0", "--text", "t"]):
+        result = cli(home, *command, "--results", str(blocker / "sub"))
+        line = _one_error_line(result)
+        assert line.startswith("error: --results: cannot write under") and "is a file" in line, line
+        assert "Flow run" not in result.stderr
+    assert not (tmp_path / "new").exists()

@@ -159,6 +159,7 @@ BAD_PARAMETERS = [
     (dict(model="/no/such/model"), "parameter model: model folder /no/such/model does not exist"),
     (dict(corpus="/no/such/corpus.txt"), "parameter corpus: corpus /no/such/corpus.txt does not exist"),
     (dict(out="/etc/hostname/out"), "parameter out: cannot write under /etc/hostname/out"),
+    (dict(results="/etc/hostname/results"), "parameter results: cannot write under /etc/hostname/results"),
     (dict(revisions={"x:1": "text"}), "parameter revisions: cannot read the revision key 'x:1'"),
     (dict(revisions={"2:5": "text"}), "parameter revisions: cannot read the revision key '2:5'"),
     (dict(revisions={"40:1": "text"}), "parameter revisions: unit 40 is not among the units this run explains"),
