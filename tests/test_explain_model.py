@@ -17,6 +17,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from autoexplain.storage import read_run
 from tests.test_cli import _one_error_line
 # The fixtures are imported, not put in conftest, so that they stay module-scoped here.
 from tests.viewer_fixtures import Watched, browser, chromium, file_url  # noqa: F401
@@ -61,7 +62,7 @@ def test_one_recording_pass_for_every_layer(modelled):
     manifest = json.loads((recordings[0] / "manifest.json").read_text())
     assert manifest["params"]["layers"] == [0, 2]
     for layer in (0, 2):
-        run = json.loads((out / "runs" / f"layer_{layer}.json").read_text())
+        run = read_run(out, layer)
         assert run["flow"] == "explain-model" and run["params"]["layer"] == layer
         assert run["records"]["path"] == str(recordings[0].resolve())
         scores = _scores(run)
@@ -80,7 +81,7 @@ def test_the_model_report_matches_the_scores(modelled):
     assert bars == {"explain": "16/16", "simulate": "32/32"}
     page = (out / "site" / "model" / "report.html").read_text()
     for layer in (0, 2):
-        scores = _scores(json.loads((out / "runs" / f"layer_{layer}.json").read_text()))
+        scores = _scores(read_run(out, layer))
         mine = scores.filter((pl.col("metric") == "top_and_random") & (pl.col("method") == "explainer"))["value"].drop_nulls()
         row = f"<td>mlp</td><td>{layer}</td><td>explainer</td><td>{len(mine)}</td><td>{mine.mean():.3f}</td>"
         assert row in page, f"layer {layer}'s explainer row, computed here from its scores"
@@ -149,7 +150,7 @@ def test_rescore_one_layer_of_a_model_run(home, modelled):
     out, _ = modelled
     result = cli(home, "rescore", "--out", str(out), "--layer", "2", "--bootstrap", "50")
     assert result.returncode == 0, result.stderr[-4000:]
-    run = json.loads((out / "runs" / "layer_2.json").read_text())
+    run = read_run(out, 2)
     assert run["flow"] == "rescore" and "mean change" in result.stderr
 
 
@@ -214,6 +215,6 @@ def test_a_layer_of_the_model_run_is_not_recorded_again(modelled, home, tiny_lla
                  "--units", "0-1", "--shard-size", "2", *SMALL, "--out", str(out))
     assert result.returncode == 0, result.stderr[-4000:]
     assert sorted(p.name for p in (out / "records").iterdir()) == before, "a second recording"
-    run = json.loads((out / "runs" / "layer_2.json").read_text())
+    run = read_run(out, 2)
     assert run["flow"] == "explain-layer" and run["records"]["path"] == str((out / "records" / before[0]).resolve())
     assert run["records"]["layers"] == [0, 2]
