@@ -135,7 +135,7 @@ def test_publish_a_model_run_then_import_and_rescore_it(home, modelled, tmp_path
     keys = ["unit", "polarity", "method", "metric"]
     kept = pl.col("method") != "shuffled"
     published = pl.read_parquet(dataset / "data" / "scores" / "mlp" / "layer_2.parquet").filter(kept).sort(keys)
-    after = _scores(json.loads((again / "runs" / "layer_2.json").read_text())).filter(kept).sort(keys)
+    after = _scores(read_run(again, 2)).filter(kept).sort(keys)
     assert after.height == published.height > 0
     assert after.select(*keys, "value").equals(published.select(*keys, "value"))
 
