@@ -154,6 +154,26 @@ def test_a_cached_reference_to_the_old_place_is_made_again_not_a_crash(moved):
             local_ref(there)
 
 
+def test_a_tasks_cache_key_takes_an_input_by_its_uri_not_by_this_machines_copy():
+    """Under a URL root each machine keeps its outputs in its own mirror folder: two machines (or
+    users) sharing Prefect's results (`--results URL`) give a task the same key for the same input."""
+    from autoexplain.layer import run_explain
+    from autoexplain.tasks.stages import cache_key
+
+    key = cache_key("explain", (run_explain,))
+
+    def records(url: str, home: str) -> dict:
+        mirror = f"{home}/.cache/autoexplain/mirror/0123456789abcdef"
+        return {"uri": f"{url}/records/abc", "path": f"{mirror}/records/abc", "key": "abc", "layers": [1],
+                "windows": f"{mirror}/windows/def/windows.parquet", "n_units": 8, "source": "mlp", "window_len": 8}
+
+    def explain(url: str, home: str) -> str:
+        return key(None, {"records": records(url, home), "layer": 1, "units": [0, 1], "explainer": "embedding",
+                          "k": 1, "out": url})
+
+    assert explain("s3://b/run", "/home/me") == explain("s3://b/run", "/home/you") != explain("s3://b/other", "/home/me")
+
+
 def test_a_model_gone_since_the_run_is_one_line(home, moved, tmp_path):
     """Things outside the root (the model, the corpus) stay where the run found them: one that is gone
     after the root moved to another machine is named in one line, not a traceback."""
