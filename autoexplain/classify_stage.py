@@ -133,8 +133,8 @@ def run_classify(records_dir, simulations: StageRef, out, scorer_spec: str, scor
         if progress:
             progress(i + 1, len(units))
     stage.table(rows_to_table(rows, "classifications"), ref.path.name, "classifications")
-    stage.seal({"records": str(records_dir), "simulations": str(simulations.directory),
-                **({"negatives": str(negatives_dir)} if negatives_dir else {})}, params)
+    stage.seal({"records": records_dir, "simulations": simulations.directory,
+                **({"negatives": Path(negatives_dir)} if negatives_dir else {})}, params)
     return ref
 
 
@@ -195,14 +195,14 @@ def run_scores(records_dir, simulations: StageRef, classifications: list[StageRe
         spec = read_manifest(c.directory)["params"]["scorer"]
         rows += memo.get_or_compute(ckey, lambda: classifier_score_rows(trials.to_pylist(), chosen, spec, n_boot, seed))
     stage.table(rows_to_table(rows, "scores"), ref.path.name, "scores")
-    stage.seal({"simulations": str(simulations.directory), **({"scores": str(scores.directory)} if scores else {}),
-                "classifications": [str(c.directory) for c in classifications]}, params)
+    stage.seal({"simulations": simulations.directory, **({"scores": scores.directory} if scores else {}),
+                "classifications": [c.directory for c in classifications]}, params)
     return ref
 
 
 def read_trials(scores_dir: Path) -> pa.Table | None:
     """Every trial behind a scores output (None for one without classifier scorers)."""
     dirs = read_manifest(Path(scores_dir))["inputs"].get("classifications") or []
-    dirs = [require_complete(d, "classifications", f"rerun {layout.WRITTEN_BY['classifications']}") for d in dirs]
+    dirs = [require_complete(layout.input_of(scores_dir, d), "classifications", f"rerun {layout.WRITTEN_BY['classifications']}") for d in dirs]
     tables = [pq.read_table(next(d.glob("layer_*.parquet"))) for d in dirs]
     return pa.concat_tables(tables) if tables else None

@@ -264,7 +264,8 @@ def export_cmd(
         score_ref = StageRef.of(scores, "scores")
         _records_layer(records, score_ref.layer)
         require_recording(score_ref.directory, records)
-        sims_ref = StageRef.of(read_manifest(score_ref.directory)["inputs"]["simulations"])
+        scored = read_manifest(score_ref.directory)["inputs"]["simulations"]
+        sims_ref = StageRef.of(layout.input_of(score_ref.directory, scored))
         sims = pq.read_table(sims_ref.path)
         units = load_units(records, score_ref.layer, sorted(set(sims.column("unit").to_pylist())))
         n = export_layer(to, units, pq.read_table(sims_ref.directory / layout.CHOSEN), sims,

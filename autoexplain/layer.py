@@ -258,7 +258,7 @@ def run_explain(records_dir, layer: int, out, units=None, explainer=None, cfg=No
     # the units' results become rows of the sealed table
     stage.table(pipeline.rows_to_table([r for v in rows.values() for r in v], "explanations"), ref.path.name,
                 "explanations")
-    stage.seal({"records": str(records_dir)}, params, memo)
+    stage.seal({"records": records_dir}, params, memo)
     return ref
 
 
@@ -279,7 +279,7 @@ def run_revise(explanations: StageRef, revisions: dict[tuple[int, int], str], ou
     ref = StageRef.of_stage(stage, explanations.layer)
     if not stage.done:
         stage.table(pipeline.rows_to_table(table, "explanations"), ref.path.name, "explanations")
-        stage.seal({"explanations": str(explanations.directory)}, params)
+        stage.seal({"explanations": explanations.directory}, params)
     return ref
 
 
@@ -333,7 +333,7 @@ def _simulate(records_dir, explanations: StageRef, out, simulator, sim, seed: in
                                            load=lambda some: _with_records(records_dir, layer, some))
     stage.table(sims, ref.path.name, "simulations")
     stage.table(chosen, layout.CHOSEN, "explanations")
-    stage.seal({"records": str(records_dir), "explanations": str(explanations.directory)}, params,
+    stage.seal({"records": records_dir, "explanations": explanations.directory}, params,
                memo, [layout.CHOSEN, ref.path.name])  # a result is (chosen rows, simulation rows)
     return ref
 
@@ -367,7 +367,7 @@ def _score(records_dir, simulations: StageRef, out, n_boot: int, seed: int) -> S
     for got in found.values():
         rows += got or []
     stage.table(pipeline.rows_to_table(rows, "scores"), ref.path.name, "scores")
-    stage.seal({"simulations": str(simulations.directory)}, params, memo)
+    stage.seal({"simulations": simulations.directory}, params, memo)
     return ref
 
 

@@ -10,6 +10,10 @@
     <root>/memo/<name>/                caches that only speed up a rerun on this machine
     <root>/runs/                       pointers to each layer's latest run (`storage.run_file`)
 
+An output root is self-contained: what it stores about another thing inside it (a run pointer's
+outputs, a manifest's inputs, a memo's folders) is a path relative to the root (`within`), read back
+against the root it is read from (`located`), so a root can be moved or copied whole.
+
 A name that starts with a dot is a write in progress (a temporary file or folder): readers, the
 mirror's transfers and the viewer's discovery pass over it. The store writes this layout, the
 stages and the viewer find their inputs through it, and the contract gate (`schemas.gate`)
@@ -32,6 +36,10 @@ WRITTEN_BY = {"windows": "`autoexplain record`", "records": "`autoexplain record
               "explanations": "`autoexplain explain` (or `revise`, `import`)", "simulations": "`autoexplain simulate`",
               "scores": "`autoexplain score`", "classifications": "`autoexplain score --scorers`",
               "negatives": "`autoexplain score --model`", "word_vectors": "`autoexplain explain` or `simulate`"}
+
+
+# What an output root holds at its top that others point at: stage outputs and sites.
+TOP = (*WRITTEN_BY, "site")
 
 
 def folder(root: str | os.PathLike, stage: str, key: str) -> Path:
@@ -84,6 +92,35 @@ def is_records_table(name: str) -> bool:
 
 def is_stats_table(name: str) -> bool:
     return name.startswith("layer_") and name.endswith(".stats.parquet")
+
+
+def within(root: str | os.PathLike, path: str | os.PathLike) -> str:
+    """How an output root stores a path: relative to the root when inside it, so the root can be
+    moved or copied whole; outside it (a corpus, a model, another root) absolute."""
+    path = Path(path).resolve()
+    try:
+        return path.relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def located(root: str | os.PathLike, stored: str | os.PathLike) -> Path:
+    """A path an output root stored (`within`), read against the root it is read from. Roots
+    written before stored absolute paths: one that names a stage output or site that this root
+    holds too is taken here (the same content: the root was moved or copied), any other as written."""
+    path = Path(stored)
+    if not path.is_absolute():
+        return Path(root) / path
+    for i in range(len(path.parts) - 1, 0, -1):  # the last part that names a top-level folder
+        if path.parts[i] in TOP:
+            here = Path(root).joinpath(*path.parts[i:])
+            return here if here.exists() else path
+    return path
+
+
+def input_of(stage_folder: str | os.PathLike, stored: str | os.PathLike) -> Path:
+    """The folder a stage output's manifest names as one of its inputs."""
+    return located(root_of(stage_folder), stored)
 
 
 def memo(root: str | os.PathLike, name: str) -> Path:

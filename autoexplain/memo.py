@@ -10,9 +10,9 @@ shorter than its header says and is ignored; everything before it is kept.
 Once the stage's output is sealed, `seal` compacts the results it used: a unit's result is rows of
 the sealed tables (its rows, with the methods it produced), so the memo keeps only an index from
 each unit key to (folder, unit, polarity, methods) under `memo/<stage>/sealed/<scope>/`, a few dozen
-bytes a unit, and every log whose results are all sealed goes, as does an older index whose
-results the new one's folder all holds. A later run reads a compacted result back
-from the folder's tables, as dicts or, for a stage that builds its table from them, as Arrow
+bytes a unit (the folder relative to the output root, which may move), and every log whose results
+are all sealed goes, as does an older index whose results the new one's folder all holds. A later
+run reads a compacted result back from the folder's tables, as dicts or, for a stage that builds its table from them, as Arrow
 slices (`columnar`); a folder since deleted or changed (not `is_complete`) answers nothing, and
 the unit is recomputed.
 
@@ -47,7 +47,7 @@ class Memo:
     that of every shard of the model."""
 
     def __init__(self, root: str | os.PathLike, stage: str, scope: str = ""):
-        self.dir = layout.memo(root, stage)
+        self.root, self.dir = Path(root), layout.memo(root, stage)
         self.sealed_dir = self.dir / "sealed" / scope if scope else self.dir / "sealed"
         self._files: dict[Path, set[str]] = {}  # index file -> its keys, as read
         self.used: dict[str, list] = {}  # key -> its rows' shape, for `seal`
@@ -157,7 +157,7 @@ class Memo:
         index = pl.DataFrame({"key": keys, "unit": [self.used[k][0] for k in keys],
                               "polarity": [self.used[k][1] for k in keys],
                               "shape": [json.dumps([self.used[k][2], self.used[k][3]]) for k in keys]})
-        index = index.with_columns(folder=pl.lit(str(Path(directory).resolve())), tables=pl.lit(json.dumps(tables)))
+        index = index.with_columns(folder=pl.lit(layout.within(self.root, directory)), tables=pl.lit(json.dumps(tables)))
         written = self.sealed_dir / f"{Path(directory).name}.parquet"
         write_table(index.to_arrow(), written)
         with self._lock:
@@ -201,11 +201,11 @@ class Memo:
             import polars as pl
             import pyarrow.parquet as pq
 
-            got = None
-            if is_complete(Path(folder)):
+            got, where = None, layout.located(self.root, folder)
+            if is_complete(where):
                 got = {}
                 for name in json.loads(tables):
-                    table = pq.read_table(Path(folder) / name)
+                    table = pq.read_table(where / name)
                     keys = pl.from_arrow(table.select(["unit", "polarity", "method"])).with_row_index("at")
                     groups = keys.group_by("unit", "polarity", maintain_order=True).agg("at", "method")
                     got[name] = (table, {(u, p): (np.asarray(at, np.int64), np.asarray(m, object))

@@ -157,7 +157,7 @@ def run_negatives(records_dir, layer: int, out, model: str, units: list[tuple[in
     rows += cofiring_negatives(pool_ids, {1: hi, -1: neg_lo}, tops, wanted, per_unit)
     stage.table(pa.Table.from_pylist(rows, schema=load_schema("negatives")), layout.table(stage.directory, layer).name,
                 "negatives")
-    return stage.seal({"records": str(records_dir)}, params)
+    return stage.seal({"records": Path(records_dir)}, params)
 
 
 def read_negatives(directory: Path, layer: int, windows_path: Path) -> dict[tuple[int, int], dict[str, list[ActivationRecord]]]:

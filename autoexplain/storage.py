@@ -286,8 +286,10 @@ def run_layers(root: str | os.PathLike, kind: str = MLP.kind) -> list[int]:
 
 def write_run(root: str | os.PathLike, layer: int, run: dict, report: str | None = None, kind: str = MLP.kind) -> Path:
     """Point the layer's units of source `kind` at a finished run; `report` (markdown, e.g. a
-    re-score's comparison) goes beside the pointer as `<layer name>.<flow>.md`."""
-    path = write_json(run, run_file(root, layer, kind))
+    re-score's comparison) goes beside the pointer as `<layer name>.<flow>.md`. What the run names
+    inside the root is stored relative to it, and `read_run` reads it against the root it is given:
+    a root moved or copied whole keeps its runs."""
+    path = write_json(_run_as(run, Path(root).resolve(), _stored_ref, _stored_place), run_file(root, layer, kind))
     remote.push_file(path)
     if report is not None:
         md = files.write_text(path.with_name(f"{path.stem}.{run['flow']}.md"), report)
@@ -299,16 +301,74 @@ def read_run(root: str | os.PathLike, layer: int, kind: str = MLP.kind) -> dict 
     path = run_file(root, layer, kind)
     if not remote.pull_file(path):
         return None
-    return json.loads(path.read_text())
+    return _run_as(json.loads(path.read_text()), Path(root).resolve(), _read_ref, _read_place)
+
+
+# A run's fields that name a place, besides its outputs' references: the site's folder (a path, or
+# a URL under a URL root), the model's site folder of an explain-model run, and the site's index URI.
+_PLACES = ("site_dir", "model_site_dir", "site")
+_REF_PATHS = ("path", "windows")  # a reference's table (a records reference: its folder) and windows
+
+
+def _run_as(run: dict, root: Path, ref, place) -> dict:
+    """`run` with each output reference (alone or in a list) and each place converted."""
+    return {name: place(root, name, value) if name in _PLACES else
+            [ref(root, v) for v in value] if isinstance(value, list) else ref(root, value)
+            for name, value in run.items()}
+
+
+def _stored_ref(root: Path, ref):
+    if not (isinstance(ref, dict) and "path" in ref):
+        return ref
+    stored = {k: layout.within(root, v) if k in _REF_PATHS else v for k, v in ref.items()}
+    if Path(stored["path"]).is_absolute():  # not in this root (made on another machine): its URI says where
+        return ref
+    return {k: v for k, v in stored.items() if k != "uri"}  # the root it is read from gives it
+
+
+def _read_ref(root: Path, ref):
+    if not (isinstance(ref, dict) and "path" in ref):
+        return ref
+    read = {k: str(layout.located(root, v)) if k in _REF_PATHS else v for k, v in ref.items()}
+    if read["path"] != ref["path"] or "uri" not in ref:  # stored relative, or found under this root
+        path = Path(read["path"])
+        read["uri"] = remote.uri(path if "layers" in ref else path.parent)
+    return read
+
+
+def _stored_place(root: Path, name: str, place):
+    if not isinstance(place, str):
+        return place
+    if remote.is_url(place):  # under a URL root, or a local root's file:// URI
+        base = remote.uri(root).rstrip("/") + "/"
+        return place.removeprefix(base)
+    return layout.within(root, place)
+
+
+def _read_place(root: Path, name: str, place):
+    if not isinstance(place, str) or remote.is_url(place):
+        return place
+    path = layout.located(root, place)
+    if name == "site":
+        return remote.uri(path)
+    where = remote.location(path)  # a folder under a URL root is named by its URL
+    return where[0] if where else str(path)
 
 
 def local_ref(output: dict) -> dict:
     """A task reference with its paths on this machine. One made on another dask worker, or restored
     from Prefect's result cache after the mirror was cleared, may name a folder that is not here: it
     is pulled from its URL. A records reference names its folder (and windows), the others a table."""
+    from autoexplain.errors import UserError
+
     path = Path(output["path"])
     folder = path if "layers" in output else path.parent
-    if is_complete(folder) or output["uri"] == folder.resolve().as_uri():
+    if is_complete(folder):
+        return output
+    if output["uri"] == folder.resolve().as_uri():  # under a local root: nowhere else to look
+        if not folder.is_dir():
+            raise UserError(f"{folder} does not exist", "rerun the command that made it, with --out naming the "
+                            "output root where it is now")
         return output
     local = remote.fetch(output["uri"])
     if "layers" not in output:

@@ -138,6 +138,7 @@ def seal_folder(directory: Path, stage: str, key: str, inputs: dict, params: dic
     folder assembled in place (a test's fixture). Returns {file: digest}. A table that breaks its
     contract raises `ContractViolation`, and the folder stays unsealed."""
     digests = {name: file_digest(directory / name) for name in outputs}
+    inputs = {name: _stored(layout.root_of(directory), value) for name, value in inputs.items()}
     manifest = {"stage": stage, "key": key, "inputs": inputs, "params": params, "outputs": digests,
                 **({UNANSWERED: unanswered} if unanswered else {})}
     manifest["contract_versions"] = check_contracts(directory, manifest)
@@ -145,6 +146,14 @@ def seal_folder(directory: Path, stage: str, key: str, inputs: dict, params: dic
     if push:
         remote.push(directory)
     return digests
+
+
+def _stored(root: Path, value):
+    """A manifest's input as stored: a folder (given as a path object) relative to the root when it is
+    inside it (`layout.within`); keys, digests and names as they are."""
+    if isinstance(value, list):
+        return [_stored(root, v) for v in value]
+    return layout.within(root, value) if isinstance(value, os.PathLike) else value
 
 
 def _move_into_place(tmp: Path, directory: Path) -> bool:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from autoexplain import layout
 from autoexplain.pipeline import METHODS
 from autoexplain.view_sources import LayerSource
 
@@ -196,10 +197,16 @@ def layer_summary(src: LayerSource, index: pl.DataFrame, chunk_size: int, polar:
         "means": means, "llm_beats": wins,
         "best": rows(ordered.head(n_best)), "worst": rows(ordered.tail(n_worst).reverse()) if n_worst else [],
         "simulator": src.simulator, "has_records": src.records_dir is not None,
-        "sources": {"scores": [str(d) for d in src.scores_dirs], "simulations": [str(d) for d in src.simulations_dirs],
-                    "records": str(src.records_dir or "")},
+        "sources": {"scores": [_named(d) for d in src.scores_dirs], "simulations": [_named(d) for d in src.simulations_dirs],
+                    "records": _named(src.records_dir) if src.records_dir else ""},
         "plot": f"plots/{src.source.replace('/', '_')}_scores.png",
     }
+
+
+def _named(stage_folder: Path) -> str:
+    """A stage output as the site names it: `<stage>/<key>` in its output root, which may move (and
+    whose place on this machine is no business of a published site's readers)."""
+    return layout.within(layout.root_of(stage_folder), stage_folder)
 
 
 HIST_EDGES = np.linspace(-1.0, 1.0, 21)  # the overview's score distributions: 20 bins over a correlation's range

@@ -36,19 +36,16 @@ class LayerSource:
 
 
 def _resolve(ref: str | None, near: Path, stage: str) -> Path | None:
-    """A manifest's input path, or the folder of the same name under this output root's `stage/`;
-    None when neither is here. One that is here but sealed and broken (a changed file, a table that
-    breaks its contract) stops the build, naming the file."""
+    """The folder a manifest names as an input (`layout.input_of`), or None when it is not here. One
+    that is here but sealed and broken (a changed file, a table that breaks its contract) stops the
+    build, naming the file."""
     if not ref:
         return None
-    as_given = Path(ref)
-    candidates = (as_given, layout.sibling(near, stage, as_given.name))
-    for candidate in candidates:
-        if is_complete(candidate):
-            return candidate
-    for candidate in candidates:
-        if (candidate / layout.MANIFEST).is_file():
-            require_complete(candidate, stage, f"rerun the {stage} stage that wrote it")
+    folder = layout.input_of(near, ref)
+    if is_complete(folder):
+        return folder
+    if (folder / layout.MANIFEST).is_file():
+        require_complete(folder, stage, f"rerun the {stage} stage that wrote it")
     return None
 
 

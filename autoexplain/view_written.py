@@ -8,7 +8,7 @@ details, a hash of its simulation rows, its records part's cache key), and by it
 skips a file whose digest and size on disk are what the last build recorded.
 
 The record lives in the build cache area (never in the site folder, which is published as it is),
-keyed by the site folder's path, this code and the polars release (whose row hashes the digests
+keyed by the site folder's path (relative to the cache area), this code and the polars release (whose row hashes the digests
 use). It is removed as a build starts and written when the build ends: a build that stops half way
 leaves none, and the next writes every file.
 """
@@ -28,7 +28,8 @@ class Written:
     """The unit files a site folder holds from its last build: {path in the site: (digest, size)}."""
 
     def __init__(self, cache_dir: Path, site_dir: Path):
-        site = str(Path(site_dir).resolve())
+        # relative to the cache, which is in the output root: a site in the root moves with it
+        site = os.path.relpath(Path(site_dir).resolve(), Path(cache_dir).resolve())
         self.stem = f"written-{content_key(site, 8)}"
         key = content_key({"site": site, "code": code_identity("autoexplain.view"), "polars": pl.__version__})
         self.path = Path(cache_dir) / f"{self.stem}-{key}.parquet"

@@ -32,6 +32,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from autoexplain.storage import read_run
 from autoexplain.view import build_site
 from autoexplain.view_data import js_data
 
@@ -197,7 +198,7 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    run = json.loads((Path(args.out) / "runs" / f"layer_{args.layer}.json").read_text())
+    run = read_run(Path(args.out), args.layer)
     scores = [Path(s["path"]).parent for s in run["scores"]]
 
     site = work / "site"

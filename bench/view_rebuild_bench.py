@@ -65,7 +65,9 @@ def main() -> None:
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    run = json.loads((Path(args.out) / "runs" / f"layer_{args.layer}.json").read_text())
+    from autoexplain.storage import read_run
+
+    run = read_run(Path(args.out), args.layer)
     rerun = [Path(d) for d in args.rerun] if args.rerun else [Path(s["path"]).parent for s in run["scores"]]
     first = [Path(d) for d in args.first] if args.first else rerun
 

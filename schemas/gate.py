@@ -70,7 +70,7 @@ def _window_len(stage: str, directory: Path, manifest: dict) -> int | None:
         if stage == "records":
             windows = layout.sibling(directory, "windows", manifest["inputs"]["windows"])
             return _window_len("windows", windows, _manifest(windows))
-        records = Path(manifest["inputs"]["records"])
+        records = layout.input_of(directory, manifest["inputs"]["records"])
         return _window_len("records", records, _manifest(records))
     except (KeyError, OSError, ValueError):
         return None

@@ -72,11 +72,22 @@ def _key(stage: str, entries: tuple, prompts: str = ""):
     def cache_key(context, parameters) -> str | None:
         # The store's key function: a task's result is keyed as a stage output is, its parameters
         # (which carry the inputs' keys) with the code identity of what it runs.
-        key = f"{stage}-" + stage_key({"params": parameters, "prompts": prompts(parameters) if callable(prompts)
-                                       else prompts}, *entries)
+        key = f"{stage}-" + stage_key({"params": {k: _by_uri(v) for k, v in parameters.items()},
+                                       "prompts": prompts(parameters) if callable(prompts) else prompts}, *entries)
         return key if _cached_output_is_whole(context, key) else None
 
     return cache_key
+
+
+def _by_uri(value):
+    """A task parameter as its cache key takes it: an upstream reference by its URI alone, not by
+    where this machine keeps the folder (under a URL root, a mirror whose path differs between
+    machines and users; `local_ref` finds or pulls it from the URI)."""
+    if isinstance(value, list):
+        return [_by_uri(v) for v in value]
+    if isinstance(value, dict) and "uri" in value:
+        return {k: v for k, v in value.items() if k not in ("path", "windows")}
+    return value
 
 
 def _cached_output_is_whole(context, key: str) -> bool:

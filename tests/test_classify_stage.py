@@ -12,6 +12,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from autoexplain.storage import read_run
 from tests.test_cli import _one_error_line
 from tests.test_cli_runs import EXE, cli
 
@@ -143,7 +144,7 @@ def test_scorers_flag_end_to_end(tmp_path_factory, tiny_llama_dir, prose_corpus,
                  "--scorers", f"simulation,detection:openai:bench@{url},intruder:openai:bench@{url},embedding")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "detection_balanced_accuracy@random" in result.stderr and "intruder_accuracy@random" in result.stderr
-    run = json.loads((out / "runs" / "layer_1.json").read_text())
+    run = read_run(out, 1)
     scores = pl.concat([pl.read_parquet(r["path"]) for r in run["scores"]])
     assert {s.partition(":")[0] for s in scores["simulator"]} >= {"detection", "intruder", "embedding"}
     assert run["params"]["scorers"].startswith("simulation,detection")
@@ -153,7 +154,7 @@ def test_scorers_flag_end_to_end(tmp_path_factory, tiny_llama_dir, prose_corpus,
     again = cli(home, "rescore", "--out", str(out), "--layer", "1", "--bootstrap", "50",
                 "--scorers", f"fuzzing:openai:bench@{url}")
     assert again.returncode == 0, again.stderr[-3000:]
-    rescored = pl.concat([pl.read_parquet(r["path"]) for r in json.loads((out / "runs" / "layer_1.json").read_text())["scores"]])
+    rescored = pl.concat([pl.read_parquet(r["path"]) for r in read_run(out, 1)["scores"]])
     assert set(rescored["simulator"]) == {f"fuzzing:openai:bench@{url}"}
 
 

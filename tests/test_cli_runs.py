@@ -6,7 +6,6 @@ Each command runs as a real process with Prefect's ephemeral server in its own P
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from autoexplain.storage import read_run
 from tests.test_cli import _one_error_line
 
 pytestmark = pytest.mark.slow
@@ -43,7 +43,7 @@ def explained(home, tiny_llama_dir, prose_corpus, tmp_path_factory):
 
 
 def _table(out: Path, stage: str, layer: int = 1) -> pl.DataFrame:
-    run = json.loads((out / "runs" / f"layer_{layer}.json").read_text())
+    run = read_run(out, layer)
     return pl.concat([pl.read_parquet(r["path"]) for r in run[stage]])
 
 
@@ -67,7 +67,7 @@ def test_summary_in_a_log_keeps_every_name_whole(explained, monkeypatch, capsys)
 
     out, _ = explained
     monkeypatch.delenv("COLUMNS", raising=False)
-    paths = [Path(r["path"]) for r in json.loads((out / "runs" / "layer_1.json").read_text())["scores"]]
+    paths = [Path(r["path"]) for r in read_run(out, 1)["scores"]]
     print_summary(paths)
     rows = capsys.readouterr().err.splitlines()
     assert "…" not in "".join(rows)
@@ -85,7 +85,7 @@ def test_rescore_by_output_root_and_layer(home, explained, tiny_llama_dir):
     assert {s.split(":")[0] for s in before["simulator"]} == {"embedding"}
     assert {s.split(":")[0] for s in after["simulator"]} == {"all-at-once"}
     assert "mean change" in result.stderr and "Units that moved most" in result.stderr
-    run = json.loads((out / "runs" / "layer_1.json").read_text())
+    run = read_run(out, 1)
     assert run["flow"] == "rescore" and len(run["previous_scores"]) == 2
     report = (out / "runs" / "layer_1.rescore.md").read_text()
     assert "mean change" in report and "| 1 |" in report, "the comparison is written beside the pointer"
@@ -95,7 +95,7 @@ def test_revise_changes_that_unit_and_polarity_only(home, explained):
     """On top of the run's own explanations: nothing recorded or explained again, and only the shard
     holding the revised unit (units 2-3 of 0-3 in shards of 2) simulated and scored again."""
     out, _ = explained
-    before, pointer = _table(out, "explanations"), json.loads((out / "runs" / "layer_1.json").read_text())
+    before, pointer = _table(out, "explanations"), read_run(out, 1)
     folders = {stage: len(list((out / stage).iterdir())) for stage in ("records", "explanations", "simulations")}
     result = cli(home, "revise", "--out", str(out), "--layer", "1", "--unit", "2:-1", "--text", "years written in digits")
     assert result.returncode == 0, result.stderr[-4000:]
@@ -104,7 +104,7 @@ def test_revise_changes_that_unit_and_polarity_only(home, explained):
     joined = before.join(after, on=key, suffix="_new")
     changed = joined.filter(pl.col("text") != pl.col("text_new"))
     assert changed.select("unit", "polarity", "method", "text_new").rows() == [(2, -1, "explainer", "years written in digits")]
-    run = json.loads((out / "runs" / "layer_1.json").read_text())
+    run = read_run(out, 1)
     assert run["flow"] == "revise" and run["params"]["revisions"] == {"2:-1": "years written in digits"}
     assert {stage: len(list((out / stage).iterdir())) for stage in folders} == {**folders, "explanations": folders[
         "explanations"] + 1, "simulations": folders["simulations"] + 1}, "one shard's explanations and simulations are new"
@@ -113,7 +113,7 @@ def test_revise_changes_that_unit_and_polarity_only(home, explained):
     assert "2:-1" in (out / "runs" / "layer_1.revise.md").read_text()
     again = cli(home, "revise", "--out", str(out), "--layer", "1", "--unit", "0", "--text", "the word the")
     assert again.returncode == 0, again.stderr[-4000:]
-    merged = json.loads((out / "runs" / "layer_1.json").read_text())["params"]["revisions"]
+    merged = read_run(out, 1)["params"]["revisions"]
     assert merged == {"0:+1": "the word the", "2:-1": "years written in digits"}, "the earlier revision is kept"
     assert set(_table(out, "explanations").filter(pl.col("explainer") == "human")["text"]) == {"the word the",
                                                                                              "years written in digits"}
@@ -173,7 +173,7 @@ def test_rescore_and_revise_bad_flags(home, explained, tmp_path):
 
 def test_stage_commands_reject_bad_input_in_one_line(home, explained, tmp_path):
     out, _ = explained
-    run = json.loads((out / "runs" / "layer_1.json").read_text())
+    run = read_run(out, 1)
     x, sims = (str(Path(run[s][0]["path"]).parent) for s in ("explanations", "simulations"))
     scores = str(Path(run["scores"][0]["path"]).parent)
     missing = str(tmp_path / "missing")
@@ -235,7 +235,7 @@ def test_stage_commands_refuse_another_recording(home, explained, tiny_llama_dir
     folders by the explanations and simulations, so a wrong --records would be scored, cached and
     shown against exemplars the units were never explained on."""
     out, _ = explained
-    run = json.loads((out / "runs" / "layer_1.json").read_text())
+    run = read_run(out, 1)
     x, sims, scores = (str(Path(run[s][0]["path"]).parent) for s in ("explanations", "simulations", "scores"))
     recorded = cli(home, "record", "--model", tiny_llama_dir, "--corpus", str(prose_corpus), "--layers", "1",
                    "--tokens", "20000", "--window-len", "8", "--top-k", "8", "--random", "6", "--seed", "1",

@@ -17,6 +17,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from autoexplain.storage import read_run
 from tests.test_cli import _one_error_line
 # The fixtures are imported, not put in conftest, so that they stay module-scoped here.
 from tests.viewer_fixtures import Watched, browser, chromium, file_url  # noqa: F401
@@ -65,7 +66,7 @@ def test_one_recording_pass_for_every_layer(modelled):
     manifest = json.loads((recordings[0] / "manifest.json").read_text())
     assert manifest["params"]["layers"] == [0, 2]
     for layer in (0, 2):
-        run = json.loads((out / "runs" / f"layer_{layer}.json").read_text())
+        run = read_run(out, layer)
         assert run["flow"] == "explain-model" and run["params"]["layer"] == layer
         assert run["records"]["path"] == str(recordings[0].resolve())
         scores = _scores(run)
@@ -84,7 +85,7 @@ def test_the_model_report_matches_the_scores(modelled):
     assert bars == {"explain": "16/16", "simulate": "32/32"}
     page = (out / "site" / "model" / "report.html").read_text()
     for layer in (0, 2):
-        scores = _scores(json.loads((out / "runs" / f"layer_{layer}.json").read_text()))
+        scores = _scores(read_run(out, layer))
         for method in ("explainer", "shuffled"):  # the control too: the explanation's mean means little alone
             mine = scores.filter((pl.col("metric") == "top_and_random") & (pl.col("method") == method))["value"].drop_nulls()
             row = f"<td>mlp</td><td>{layer}</td><td>{method}</td><td>{len(mine)}</td><td>{mine.mean():.3f}</td>"
@@ -139,7 +140,7 @@ def test_publish_a_model_run_then_import_and_rescore_it(home, modelled, tmp_path
     keys = ["unit", "polarity", "method", "metric"]
     kept = pl.col("method") != "shuffled"
     published = pl.read_parquet(dataset / "data" / "scores" / "mlp" / "layer_2.parquet").filter(kept).sort(keys)
-    after = _scores(json.loads((again / "runs" / "layer_2.json").read_text())).filter(kept).sort(keys)
+    after = _scores(read_run(again, 2)).filter(kept).sort(keys)
     assert after.height == published.height > 0
     assert after.select(*keys, "value").equals(published.select(*keys, "value"))
 
@@ -152,7 +153,7 @@ def test_publish_a_model_run_then_import_and_rescore_it(home, modelled, tmp_path
     now = {stage: sorted(p.name for p in (again / stage).iterdir()) for stage in folders}
     assert now["windows"] == folders["windows"] and now["records"] == folders["records"]
     assert len(now["explanations"]) == len(folders["explanations"]) + 1, "one shard revised, nothing explained"
-    assert "my own words" in set(_table_of(json.loads((again / "runs" / "layer_2.json").read_text()), "explanations")["text"])
+    assert "my own words" in set(_table_of(read_run(again, 2), "explanations")["text"])
 
     exemplars = dataset / "data" / "exemplars" / "mlp" / "layer_0.parquet"
     pl.read_parquet(exemplars).drop("token_ids").write_parquet(exemplars)  # as published before ids were kept
@@ -165,7 +166,7 @@ def test_rescore_one_layer_of_a_model_run(home, modelled):
     out, _ = modelled
     result = cli(home, "rescore", "--out", str(out), "--layer", "2", "--bootstrap", "50")
     assert result.returncode == 0, result.stderr[-4000:]
-    run = json.loads((out / "runs" / "layer_2.json").read_text())
+    run = read_run(out, 2)
     assert run["flow"] == "rescore" and "mean change" in result.stderr
 
 
@@ -230,6 +231,6 @@ def test_a_layer_of_the_model_run_is_not_recorded_again(modelled, home, tiny_lla
                  "--units", "0-1", "--shard-size", "2", *SMALL, "--out", str(out))
     assert result.returncode == 0, result.stderr[-4000:]
     assert sorted(p.name for p in (out / "records").iterdir()) == before, "a second recording"
-    run = json.loads((out / "runs" / "layer_2.json").read_text())
+    run = read_run(out, 2)
     assert run["flow"] == "explain-layer" and run["records"]["path"] == str((out / "records" / before[0]).resolve())
     assert run["records"]["layers"] == [0, 2]

@@ -85,23 +85,25 @@ def test_embedding_simulator_prompt_edit_is_seen_by_the_same_process(run, tmp_pa
 
 
 def _prompt_hashes(result) -> set[str]:
-    import json
     from pathlib import Path
 
     import polars as pl
 
-    refs = json.loads((Path(result["out"]) / "runs" / "layer_1.json").read_text())["simulations"]
+    from autoexplain.storage import read_run
+
+    refs = read_run(Path(result["out"]), 1)["simulations"]
     return {h for ref in refs for h in pl.read_parquet(ref["path"])["prompt_hash"].unique()}
 
 
 def _explanations(result) -> "pl.DataFrame":
-    import json
     from pathlib import Path
 
     import polars as pl
 
+    from autoexplain.storage import read_run
+
     out = Path(result["out"])
-    refs = json.loads((out / "runs" / "layer_1.json").read_text())["explanations"]
+    refs = read_run(out, 1)["explanations"]
     return pl.concat([pl.read_parquet(r["path"]) for r in refs])
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from autoexplain.storage import file_digest, read_manifest
+from autoexplain.storage import file_digest, read_manifest, read_run
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,7 @@ def finished(prefect_results, tiny_llama_dir, prose_corpus, tmp_path):
                   explainer="embedding", simulator="embedding", k=2, shard_size=4, n_boot=50,
                   out=str(tmp_path / "out"), window_len=8, top_k=8, n_random=6, site="none")
     result = explain_layer(**params)
-    run = json.loads((tmp_path / "out" / "runs" / "layer_1.json").read_text())
+    run = read_run(tmp_path / "out", 1)
     return tmp_path / "out", run, lambda: explain_layer(**params)
 
 

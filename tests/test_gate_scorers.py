@@ -15,13 +15,13 @@ never checked would (right digests, no contract versions). Then:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import polars as pl
 import pytest
 
-from autoexplain.storage import read_manifest
+from autoexplain import layout
+from autoexplain.storage import read_manifest, read_run
 from tests.test_gate import _cli, _one_line, _unchecked_seal
 
 pytestmark = pytest.mark.slow
@@ -35,7 +35,7 @@ def finished(prefect_results, tiny_llama_dir, prose_corpus, tmp_path):
                   explainer="embedding", simulator="embedding", scorers="simulation,embedding", k=2, shard_size=4,
                   n_boot=50, out=str(tmp_path / "out"), window_len=8, top_k=8, n_random=6, site="none")
     explain_layer(**params)
-    run = json.loads((tmp_path / "out" / "runs" / "layer_1.json").read_text())
+    run = read_run(tmp_path / "out", 1)
     return tmp_path / "out", run, lambda **kw: explain_layer(**{**params, **kw})
 
 
@@ -57,8 +57,8 @@ def _path(run: dict, stage: str) -> Path:
     if stage == "records":
         return Path(run["records"]["path"]) / "layer_1.records.parquet"
     scores = Path(run["scores"][0]["path"]).parent
-    classified = Path(read_manifest(scores)["inputs"]["classifications"][0])
-    folder = classified if stage == "classifications" else Path(read_manifest(classified)["inputs"]["negatives"])
+    classified = layout.input_of(scores, read_manifest(scores)["inputs"]["classifications"][0])
+    folder = classified if stage == "classifications" else layout.input_of(classified, read_manifest(classified)["inputs"]["negatives"])
     return folder / "layer_1.parquet"
 
 

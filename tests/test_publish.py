@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from autoexplain.publish import TABLES
+from autoexplain.storage import read_run
 from tests.test_cli import _one_error_line
 from tests.test_cli_runs import cli, home  # noqa: F401  (fixture)
 
@@ -29,7 +30,7 @@ def two_layers(home, tiny_llama_dir, prose_corpus, tmp_path_factory):  # noqa: F
 
 
 def run_table(out, stage: str, layer: int) -> pl.DataFrame:
-    run = json.loads((out / "runs" / f"layer_{layer}.json").read_text())
+    run = read_run(out, layer)
     return pl.concat([pl.read_parquet(r["path"]) for r in run[stage]])
 
 

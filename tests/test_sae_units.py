@@ -17,6 +17,7 @@ from autoexplain.record import RecordConfig, build_windows, record_layers
 from autoexplain.sae_coder import HookPoint
 from autoexplain.sae_train import capture
 from autoexplain.source_coder import CoderSource, kind_of, open_unit_source
+from autoexplain.storage import read_run
 from autoexplain.subject import load_subject
 from tests.test_cli_runs import cli
 from tests.test_sae import cfg_6x, write_saelens, write_sparsify
@@ -172,7 +173,7 @@ def test_explain_layer_and_rescore_on_latents_from_the_command_line(tiny_llama_d
     # the layer comes from the coder; the dead latent 7 is a shard of its own
     result = cli(home, "explain-layer", "--source", f"sae:{tiny_sae}", "--units", "7-9", "--shard-size", "1", *common)
     assert result.returncode == 0, result.stderr[-4000:]
-    run = json.loads((out / "runs" / "layer_1.sae-res-40.json").read_text())
+    run = read_run(out, 1, "sae-res-40")
     assert run["params"]["layer"] == 1 and run["records"]["source"] == "sae-res-40"
     assert not (out / "runs" / "layer_1.json").exists()
     scores = pl.concat([pl.read_parquet(r["path"]) for r in run["scores"]])
@@ -227,7 +228,7 @@ def test_explain_layer_and_rescore_on_latents_from_the_command_line(tiny_llama_d
     back = cli(home, "rescore", "--out", str(imported), "--layer", "1", "--source", "sae-res-40", "--bootstrap", "60")
     assert back.returncode == 0, back.stderr[-4000:]
     assert "mean change: +0.000" in back.stderr and "cost of these scores: $0.0000" in back.stderr, "imported texts cost this run nothing"
-    run = json.loads((imported / "runs" / "layer_1.sae-res-40.json").read_text())
+    run = read_run(imported, 1, "sae-res-40")
     for stage in ("explanations", "scores"):
         table = pl.concat([pl.read_parquet(r["path"]) for r in run[stage]])
         assert set(table["source"]) == {"sae-res-40"} and set(table["unit"]) == {8, 9}, stage
@@ -251,12 +252,12 @@ def test_explain_model_records_neurons_and_latents_in_one_task(tiny_llama_dir, p
     assert result.stderr.count("Task run 'record-sources-") > 0 and "Task run 'record-" not in \
         result.stderr.replace("Task run 'record-sources-", "")
     assert len(list((out / "windows").iterdir())) == 1
-    for name, source in (("layer_1.json", "mlp"), ("layer_1.sae-res-40.json", f"sae:{tiny_sae}")):
-        run = json.loads((out / "runs" / name).read_text())
+    for kind, source in (("mlp", "mlp"), ("sae-res-40", f"sae:{tiny_sae}")):
+        run = read_run(out, 1, kind)
         assert run["flow"] == "explain-model" and set(pl.read_parquet(run["scores"][0]["path"])["unit"]) == {8, 9}
         subject = load_subject(tiny_llama_dir)
         windows = build_windows(subject, str(prose_corpus), out, window_len=8, max_tokens=20000, seed=0)
-        alone = record_layers(subject, windows, Cfg([1], top_k=8, n_random=6), tmp_path / name,
+        alone = record_layers(subject, windows, Cfg([1], top_k=8, n_random=6), tmp_path / kind,
                               source=open_unit_source(source, tiny_llama_dir))
         assert run["records"]["key"] == alone.key
 

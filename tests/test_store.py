@@ -84,9 +84,10 @@ def test_stage_commands_name_a_damaged_file(first, tmp_path):
     table = records / "layer_1.records.parquet"
     table.write_bytes(table.read_bytes()[:1000])
     scores = Path(result["scores"][0]["path"]).parent
+    from autoexplain.layout import input_of
     from autoexplain.storage import read_manifest
 
-    sims = read_manifest(scores)["inputs"]["simulations"]
+    sims = str(input_of(scores, read_manifest(scores)["inputs"]["simulations"]))
     proc = subprocess.run([sys.executable, "-m", "autoexplain.cli", "score", "--records", str(records),
                            "--simulations", sims, "--out", str(tmp_path / "o2")], capture_output=True, text=True)
     lines = proc.stderr.strip().splitlines()

@@ -387,7 +387,7 @@ def test_shards_of_one_layer_make_one_layer(real_site, local_llm, simulator, tin
             assert any(w["sim"] for w in unit["sims"].values()), "test-split simulations are on the page"
     assert whole["1-"]["next"] == "L1/mlp/N5+" and whole["5+"]["prev"] == "L1/mlp/N1-"
     summary = (tmp_path / "both" / "data" / "L1" / "mlp" / "summary.js").read_text()
-    assert all(str(s) in summary for s in shards), "the layer's sources name every shard"
+    assert all(f"scores/{s.name}" in summary for s in shards), "the layer's sources name every shard"
 
     _, _, c = real_site  # units 0 and 5 again
     with pytest.raises(UserError, match="overlap"):

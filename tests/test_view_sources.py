@@ -13,6 +13,7 @@ import polars as pl
 import pytest
 from playwright.sync_api import expect
 
+from autoexplain.layout import input_of
 from autoexplain.view import build_site
 # The fixtures are imported, not put in conftest, so that they stay module-scoped here.
 from tests.viewer_fixtures import Watched, browser, chromium, file_url, serve, synthetic_layer  # noqa: F401
@@ -23,7 +24,7 @@ def _as_source(scores_dir: Path, source: str) -> Path:
     in its scores and chosen explanations (as runs on an SAE write them)."""
     from tests.viewer_fixtures import reseal
 
-    sims_dir = Path(json.loads((scores_dir / "manifest.json").read_text())["inputs"]["simulations"])
+    sims_dir = input_of(scores_dir, json.loads((scores_dir / "manifest.json").read_text())["inputs"]["simulations"])
     for path in (*scores_dir.glob("layer_*.parquet"), sims_dir / "chosen.parquet"):
         pl.read_parquet(path).filter(pl.col("polarity") == 1).with_columns(source=pl.lit(source)).write_parquet(path)
     reseal(scores_dir)

@@ -25,6 +25,7 @@ import pytest
 from playwright.sync_api import expect
 
 from autoexplain import pipeline
+from autoexplain.layout import input_of
 from autoexplain.storage import read_manifest, write_table
 from autoexplain.store import seal_folder
 from autoexplain.view import build_site
@@ -212,7 +213,7 @@ def hostile_site(tiny_llama_dir, local_llm, simulator, tmp_path_factory):
         c = run_score(records, s, out, n_boot=50)
         scores.append(c.directory)
     # And the explanation texts themselves, as a compromised explainer would write them.
-    chosen_path = Path(read_manifest(scores[0])["inputs"]["simulations"]) / "chosen.parquet"
+    chosen_path = input_of(scores[0], read_manifest(scores[0])["inputs"]["simulations"]) / "chosen.parquet"
     rows = pq.read_table(chosen_path).to_pylist()
     for row in rows:
         if (row["unit"], row["polarity"]) == (0, 1) and row["method"] == "explainer":
