@@ -233,6 +233,19 @@ def check_revisions(revisions: dict[str, str] | None, units: list[int] | None, s
     return parsed
 
 
+def check_same_coder(out: str, layer: int, source, spell: Spelling = flow_name) -> None:
+    """Two coders of one kind at one layer share a run pointer and pages: one run must not silently
+    replace the other's (`source_coder.other_coder`)."""
+    from autoexplain.source_coder import other_coder
+    from autoexplain.storage import layer_name
+
+    theirs = other_coder(out, layer, source)
+    if theirs:
+        raise _fail(spell, "source", f"{out} already holds layer {layer}'s {source.kind} latents of another coder "
+                    f"({theirs}): this run would replace its run pointer and pages", "explain this coder into "
+                    f"another output root, or remove runs/{layer_name(layer, source.kind)}.json there to replace that run")
+
+
 def check_source(source: str | None, model: str, layer: int | None, spell: Spelling = flow_name,
                  name: str = "source"):
     """The unit source a run reads (`source_coder.open_unit_source`), its coder read and checked
@@ -301,6 +314,7 @@ def explain_layer(p: dict, spell: Spelling = flow_name) -> LayerPlan:
     if layer is None:
         layer = getattr(source, "layer", defaults.LAYER)
     check_layer(shape, layer, spell)
+    check_same_coder(p.get("out", "out"), layer, source, spell)
     if source.kind != MLP.kind:
         shape = Shape(shape.name, shape.n_layers, source.n_units(None))
     units = check_units(shape, p.get("units"), spell)

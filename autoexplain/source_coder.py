@@ -118,6 +118,27 @@ def kind_and_layer(text: str | None) -> tuple[str, int | None]:
     return text, None
 
 
+def other_coder(out: str, layer: int, source: UnitSource) -> str | None:
+    """The coder whose latents a local output root already holds at this layer under the same kind
+    as `source` (so the same run pointer and pages), when it is another coder: another file, not
+    this file's weights retrained (a rerun replaces those, as it replaces any run). None when none."""
+    from autoexplain.remote import is_url
+    from autoexplain.storage import content_key, read_manifest, read_run
+
+    if source.kind == MLP_KIND or is_url(out) or not Path(out).is_dir():
+        return None
+    run = read_run(out, layer, source.kind)
+    if run is None or not Path(run["records"]["path"]).is_dir():
+        return None
+    params = read_manifest(run["records"]["path"])["params"]
+    theirs = params.get("source_spec") or ""
+    if params.get("source_id") == content_key(source.identity()) or ":" not in theirs:
+        return None
+    if Path(parse_source(theirs).path).expanduser().resolve() == Path(source.spec.path).expanduser().resolve():
+        return None
+    return theirs
+
+
 def recorded_source(records_dir, model: str, layer: int) -> UnitSource:
     """The unit source a recording read, opened again (for work that reads the same units on other
     windows), or one line saying why it cannot be: a coder since moved or changed."""

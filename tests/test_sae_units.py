@@ -26,15 +26,19 @@ from tests.viewer_fixtures import Watched, browser, chromium, file_url  # noqa: 
 D_MODEL, LATENTS, DEAD = 32, 40, 7  # the tiny Llama's width; latent DEAD never fires
 
 
-@pytest.fixture(scope="module")
-def tiny_sae(tmp_path_factory):
+def _write_sae(folder, seed: int = 3):
     """A standard ReLU SAE on the tiny Llama's layer-1 residual stream, in SAELens 6.x layout."""
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator().manual_seed(seed)
     t = {"W_enc": torch.randn(D_MODEL, LATENTS, generator=g), "W_dec": torch.randn(LATENTS, D_MODEL, generator=g),
          "b_dec": torch.zeros(D_MODEL), "b_enc": torch.zeros(LATENTS)}
     t["b_enc"][DEAD] = -1e6
     cfg = dict(cfg_6x("standard", "blocks.1.hook_resid_post"), d_in=D_MODEL, d_sae=LATENTS)
-    return write_saelens(tmp_path_factory.mktemp("sae") / "res_l1", cfg, t)
+    return write_saelens(folder, cfg, t)
+
+
+@pytest.fixture(scope="module")
+def tiny_sae(tmp_path_factory):
+    return _write_sae(tmp_path_factory.mktemp("sae") / "res_l1")
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +209,13 @@ def test_explain_layer_and_rescore_on_latents_from_the_command_line(tiny_llama_d
     assert "Flow run" not in negative.stderr, "refused before the flow starts"
     never = cli(home, "revise", "--out", str(out), "--layer", "1", "--source", "sae-res-40", "--unit", "7", "--text", "x")
     assert never.returncode == 2 and "--unit: unit 7 is not among the units this run explains" in never.stderr
+    # another coder of the same kind at the same layer would take over this one's pointer and pages
+    other = _write_sae(out.parent / "other_sae", seed=4)
+    pointer = (out / "runs" / "layer_1.sae-res-40.json").read_bytes()
+    taken = cli(home, "explain-layer", "--source", f"sae:{other}", "--units", "8-9", *common)
+    assert taken.returncode == 2 and f"--source: {out} already holds layer 1's sae-res-40 latents of another coder" \
+        in taken.stderr and "Flow run" not in taken.stderr, taken.stderr[-2000:]
+    assert (out / "runs" / "layer_1.sae-res-40.json").read_bytes() == pointer
     # the neurons' run of the same layer is another run: asked for, it is named as missing
     missing = cli(home, "rescore", "--out", str(out), "--layer", "1")
     assert missing.returncode != 0 and "sae-res-40" in missing.stderr
