@@ -2,13 +2,16 @@
 
 `OpenAILLM` takes one token of its requests bucket and a request's estimated tokens from its tokens
 bucket before each attempt, and settles the tokens bucket with the server's count once answered
-(see `llm_openai`). The limits are set per process with `llm.set_limits`.
+(see `llm_openai`). The limits are set per process with `llm.set_limits`. Their waits end at a stop
+(`interrupt`), raising Interrupted.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+
+from autoexplain import interrupt
 
 
 class TokenBucket:
@@ -35,8 +38,9 @@ class TokenBucket:
         with self._lock:
             wait = self._take(amount)  # reserved now, so waiters are served in arrival order
         if wait > 0:
-            time.sleep(wait)
+            interrupt.sleep(wait)
 
     def settle(self, amount: float) -> None:
         with self._lock:
             self._take(amount)  # owed by the next taker: it waits for the refill
+

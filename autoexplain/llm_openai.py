@@ -18,6 +18,9 @@ Concurrency: `max_concurrency` requests are in flight at most. The limit is a se
 one attempt and given back before a backoff wait, so a request that waits to retry holds no slot;
 the thread pool that runs requests is larger than the limit for the same reason. Callers in many
 threads (units of a stage, shards of a flow) share one pool and one limit per LLM object.
+
+Stopping (`interrupt`): the pool's threads are daemons whose futures fail at a stop, no attempt is
+sent after one, and the backoff and rate-limit waits end at once; a request in flight is abandoned.
 """
 
 from __future__ import annotations
@@ -25,10 +28,9 @@ from __future__ import annotations
 import os
 import random
 import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
+from autoexplain import interrupt
 from autoexplain.budget import ledger
 from autoexplain.errors import UserError
 from autoexplain.llm import (
@@ -94,7 +96,7 @@ class OpenAILLM(LLM):
                                      http_client=httpx.Client(limits=limits, timeout=timeout))
         self._slots = threading.BoundedSemaphore(self.max_concurrency)
         # More threads than slots: a thread waiting out a backoff holds no slot, and others use it.
-        self._pool = ThreadPoolExecutor(max_workers=min(1024, 2 * self.max_concurrency + 8), thread_name_prefix="llm")
+        self._pool = interrupt.Pool(min(1024, 2 * self.max_concurrency + 8), "llm")
         self._bucket = TokenBucket(requests_per_minute, burst=max_concurrency) if requests_per_minute else None
         # A minute's tokens at once at most: the window providers count their limits in.
         self._tpm = TokenBucket(tokens_per_minute, burst=tokens_per_minute) if tokens_per_minute else None
@@ -111,7 +113,7 @@ class OpenAILLM(LLM):
         self.echo_shifted = echo_alignment == "shifted"
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.close()
         self._client.close()
 
     # -- transport -------------------------------------------------------------------------------
@@ -156,12 +158,14 @@ class OpenAILLM(LLM):
         openai, attempt = self._openai, 0
         while True:
             attempt += 1
+            interrupt.check()  # a stopped run sends nothing more
             if self._bucket:
                 self._bucket.acquire()
             if self._tpm:
                 self._tpm.acquire(tokens)
             try:
                 with self._slots:
+                    interrupt.check()  # the slot may have been waited for past a stop
                     response = call()
                 if check is not None:
                     check(response)
@@ -177,7 +181,7 @@ class OpenAILLM(LLM):
                                                                       f"{' '.join(str(e).split())[:120]})")
             if attempt > retries:
                 break
-            time.sleep(self._backoff(attempt, last))
+            interrupt.sleep(self._backoff(attempt, last))
         if isinstance(last, Malformed):
             err = LLMError(f"{self.base_url} answered {attempt} times without a usable reply: {last}",
                            "check the server and the model", None, attempt)
