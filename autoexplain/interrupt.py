@@ -13,9 +13,9 @@ retry after a backoff, and a thread pool's threads are joined when the interpret
   raises `Interrupted` there (once: Prefect's SIGTERM bridge sends the signal again while unwinding;
   the CLI's `console.run_or_exit` turns it, or any exception that unwinds a stopped run, into its line).
 - `stop(signum)` sets the process's stop flag and calls `abandon()` on everything `watch`ed: a
-  `Pool` fails every future not yet done with `Interrupted`, so whoever waits on it returns at once.
-  Code that would wait checks the flag: `check()` before each LLM attempt (none is sent after a
-  stop), `sleep()` for backoff and rate-limit waits.
+  `Pool` fails every future not yet done with `Interrupted`, so whoever waits on it returns at once;
+  a limiter wakes its waiters. Code that would wait checks the flag: `check()` before each LLM
+  attempt (none is sent after a stop), `sleep()` for backoff and rate-limit waits.
 - `Pool` runs LLM requests on daemon threads: one blocked in a socket read is abandoned when the
   process exits, not joined (ThreadPoolExecutor's threads are).
 - Should the command still run `GRACE` seconds after the signal (a wait none of this reaches), the
