@@ -27,7 +27,7 @@ from autoexplain.llm_cache import set_cache
 WINDOW_LEN = typer.Option(64, "--window-len", help="Tokens per window (the reference uses 64).")
 TOP_K = typer.Option(40, "--top-k", help="Top-activating windows kept per unit and polarity.")
 N_RANDOM = typer.Option(30, "--random", help="Random windows kept per unit and polarity.")
-CONCURRENCY = typer.Option(None, "--concurrency", help="LLM requests in flight at once, across units (default: 64 for a server URL, 8 for api.openai.com). Results do not depend on it.")
+CONCURRENCY = typer.Option(None, "--concurrency", help="LLM requests in flight at once, across units (default: 64 for a server URL, 8 for api.openai.com; each request that times out lowers it by one, down to 1). Results do not depend on it.")
 RPM = typer.Option(None, "--rpm", help="At most this many LLM requests per minute (default: no limit).")
 TPM = typer.Option(None, "--tpm", help="At most this many LLM tokens (prompt + completion) per minute; a request takes an estimate "
                    "before it is sent and the server's count once answered (default: no limit).")

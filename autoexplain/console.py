@@ -5,12 +5,14 @@ Shared by the stage commands in `autoexplain.cli` and the flow commands in `flow
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from autoexplain import interrupt
 from autoexplain.errors import UserError
 from autoexplain.schemas.contracts import ContractViolation
 
@@ -116,8 +118,38 @@ def budget_stopped(message: str):
     raise typer.Exit(BUDGET_EXIT)
 
 
+_SAID: list[bool] = []  # the interrupted line was printed
+
+
+def interrupted_line(signum: int, forced: bool = False) -> str:
+    """What a run stopped by a signal says (`run_or_exit`), or, `forced`, when it had to be ended."""
+    how = f"it was still running {interrupt.GRACE:.0f} s after the signal, so it was ended; " if forced else ""
+    return (f"[bold yellow]interrupted[/] ({signal.Signals(signum).name}): {how}nothing of the unfinished stage was "
+            "kept and the LLM requests in flight were abandoned; rerun the same command to go on (it reuses the "
+            "finished units and the LLM answers already received)")
+
+
+def _forced(signum: int) -> None:
+    if not _SAID:
+        err.print(interrupted_line(signum, forced=True), highlight=False, soft_wrap=True)
+
+
 def run_or_exit(fn):
-    """Call fn, turning a UserError into one clear line and a non-zero exit (3: the budget stopped it)."""
+    """Call fn, turning a UserError into one clear line and a non-zero exit (3: the budget stopped
+    it). Ctrl-C or SIGTERM stops it within seconds (`interrupt`): one line, exit 128 + the signal's
+    number (130, 143)."""
+    try:
+        with interrupt.signals(_forced):
+            return _one_line_errors(fn)
+    except BaseException as e:
+        if not (interrupt.stopping() or isinstance(e, KeyboardInterrupt)):  # what a stopped run unwinds with
+            raise
+        _SAID.append(True)
+        err.print(interrupted_line(interrupt.signum()), highlight=False, soft_wrap=True)
+        raise typer.Exit(128 + interrupt.signum()) from None
+
+
+def _one_line_errors(fn):
     from autoexplain.budget import BudgetReached
 
     try:

@@ -21,6 +21,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from autoexplain import interrupt
+
 HELP_FROM = 256  # texts: a shorter list is not worth the helper's start-up (seconds, once)
 _pools: dict[tuple[str, str], ProcessPoolExecutor] = {}
 _broken: set[tuple[str, str]] = set()  # helpers that failed: not started again in this process
@@ -48,6 +50,7 @@ def pool(model_path: str, device: str) -> ProcessPoolExecutor | None:
 
 def _load(model_path: str, device: str) -> None:
     global _model
+    interrupt.ignore_ctrl_c()
     from sentence_transformers import SentenceTransformer
 
     _model = SentenceTransformer(model_path, device=device)

@@ -14,21 +14,27 @@ counted it).
 
 Response cache: `self.cache` (`llm_cache`, attached by the stage) answers what it has seen before.
 
-Concurrency: `max_concurrency` requests are in flight at most. The limit is a semaphore taken for
-one attempt and given back before a backoff wait, so a request that waits to retry holds no slot;
-the thread pool that runs requests is larger than the limit for the same reason. Callers in many
-threads (units of a stage, shards of a flow) share one pool and one limit per LLM object.
+Concurrency: `max_concurrency` requests are in flight at most. The limit (`llm_limits.Slots`) is
+taken for one attempt and given back before a backoff wait, so a request that waits to retry holds
+no slot; the thread pool that runs requests is larger than the limit for the same reason. Callers
+in many threads (units of a stage, shards of a flow) share one pool and one limit per LLM object.
+A request that times out takes one slot away for the rest of the run (never the last), with one
+line on the log: a server that answers one request at a time (llama-cpp-python's) queues the
+others, and at 64 in flight most of them outwait the timeout, each wasting the server's work on an
+answer nobody reads; so the client comes down to what the server answers within the timeout.
+
+Stopping (`interrupt`): the pool's threads are daemons whose futures fail at a stop, no attempt is
+sent after one, and the backoff and rate-limit waits end at once; a request in flight is abandoned.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
+from autoexplain import interrupt
 from autoexplain.budget import ledger
 from autoexplain.errors import UserError
 from autoexplain.llm import (
@@ -40,7 +46,9 @@ from autoexplain.llm import (
     PromptLogprobs,
 )
 from autoexplain.llm_cache import request_key
-from autoexplain.llm_limits import TokenBucket
+from autoexplain.llm_limits import Slots, TokenBucket
+
+log = logging.getLogger(__name__)
 
 
 class Malformed(Exception):
@@ -84,17 +92,17 @@ class OpenAILLM(LLM):
             key = "no-key"  # local servers usually ignore it; a 401 below names the variable
         self.api_key_env = api_key_env
         self.max_retries, self.backoff_base, self.backoff_cap = max_retries, backoff_base, backoff_cap
-        self.max_concurrency = int(max_concurrency)
         self.requests_per_minute, self.tokens_per_minute = requests_per_minute, tokens_per_minute
         import httpx
 
+        slots = int(max_concurrency)
         # One connection per slot, kept alive: the default pool (100) would otherwise cap the concurrency.
-        limits = httpx.Limits(max_connections=self.max_concurrency + 8, max_keepalive_connections=self.max_concurrency + 8)
+        limits = httpx.Limits(max_connections=slots + 8, max_keepalive_connections=slots + 8)
         self._client = openai.OpenAI(api_key=key, base_url=self.base_url, max_retries=0, timeout=timeout,
                                      http_client=httpx.Client(limits=limits, timeout=timeout))
-        self._slots = threading.BoundedSemaphore(self.max_concurrency)
+        self._slots = Slots(slots)
         # More threads than slots: a thread waiting out a backoff holds no slot, and others use it.
-        self._pool = ThreadPoolExecutor(max_workers=min(1024, 2 * self.max_concurrency + 8), thread_name_prefix="llm")
+        self._pool = interrupt.Pool(min(1024, 2 * slots + 8), "llm")
         self._bucket = TokenBucket(requests_per_minute, burst=max_concurrency) if requests_per_minute else None
         # A minute's tokens at once at most: the window providers count their limits in.
         self._tpm = TokenBucket(tokens_per_minute, burst=tokens_per_minute) if tokens_per_minute else None
@@ -110,8 +118,13 @@ class OpenAILLM(LLM):
         self.echo_alignment = echo_alignment
         self.echo_shifted = echo_alignment == "shifted"
 
+    @property
+    def max_concurrency(self) -> int:
+        """Requests in flight at most: the concurrency given, less one per request that timed out (down to 1)."""
+        return self._slots.limit
+
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.close()
         self._client.close()
 
     # -- transport -------------------------------------------------------------------------------
@@ -156,6 +169,7 @@ class OpenAILLM(LLM):
         openai, attempt = self._openai, 0
         while True:
             attempt += 1
+            interrupt.check()  # a stopped run sends nothing more
             if self._bucket:
                 self._bucket.acquire()
             if self._tpm:
@@ -171,13 +185,15 @@ class OpenAILLM(LLM):
                     raise self._permanent(e, attempt) from None
                 last = e
             except openai.APIConnectionError as e:  # APITimeoutError included
+                if isinstance(e, openai.APITimeoutError) and (left := self._slots.lower()) is not None:
+                    log.warning("LLM: requests to %s timed out; concurrency lowered to %d", self.base_url, left)
                 last = e
             except (Malformed, openai.APIResponseValidationError, ValueError) as e:  # JSONDecodeError is a ValueError
                 last = e if isinstance(e, Malformed) else Malformed(f"invalid response body ({type(e).__name__}: "
                                                                       f"{' '.join(str(e).split())[:120]})")
             if attempt > retries:
                 break
-            time.sleep(self._backoff(attempt, last))
+            interrupt.sleep(self._backoff(attempt, last))
         if isinstance(last, Malformed):
             err = LLMError(f"{self.base_url} answered {attempt} times without a usable reply: {last}",
                            "check the server and the model", None, attempt)

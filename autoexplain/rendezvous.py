@@ -19,6 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
+from autoexplain import interrupt
+
 
 class Rendezvous:
     def __init__(self, fn: Callable[[Sequence], list]):
@@ -62,6 +64,7 @@ class Rendezvous:
             batch, self._waiting = self._waiting, []
         self.calls += 1
         try:
+            interrupt.check()  # a stopped run computes nothing more: each member raises and leaves
             answers = self.fn([s["request"] for s in batch])
             for s, a in zip(batch, answers, strict=True):
                 s["answer"] = a
@@ -74,7 +77,8 @@ class Rendezvous:
     def in_order(self, fn: Callable, items: Sequence, workers: int) -> Iterator:
         """fn(item) for each item in `workers` pool threads, each a member, serving their calls in
         this thread; results in the items' order. On an error the units already running finish
-        (their calls are still served) before it is raised."""
+        (their calls are still served) before it is raised; after a stop (`interrupt`) their calls
+        fail at once instead."""
         def member_fn(item):
             with self.member():
                 return fn(item)

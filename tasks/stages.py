@@ -33,6 +33,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.states import Failed
 from prefect.tasks import exponential_backoff
 
+from autoexplain import interrupt
 from autoexplain import layer as layer_mod
 from autoexplain import progress as progress_mod
 from autoexplain import registry, remote
@@ -412,7 +413,8 @@ def _score(*args, here: bool = False):
             return layer_mod.run_score(*args)
     with _SCORER_LOCK:
         if _SCORER is None:
-            _SCORER = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            _SCORER = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                          initializer=interrupt.ignore_ctrl_c)
         scorer = _SCORER
     try:
         result, counts = scorer.submit(layer_mod.run_score_counted, *args).result()

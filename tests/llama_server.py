@@ -140,7 +140,7 @@ class FaultServer:
     `inflight` counts the requests that arrived and are not answered yet: a request stops counting
     just before its response is written, so a client that waits for a response before sending its
     next request is never seen twice. `max_inflight` is the most there ever were, `answered` how many
-    were answered. With `hold=True` every request waits, before it is answered, until `release()` lets
+    were answered (`replied`: which). With `hold=True` every request waits, before it is answered, until `release()` lets
     it go; `wait_for(predicate)` waits for a state of the server.
 
     Server traits: `api_key` (a request without `Authorization: Bearer <it>` gets 401), `models` (the
@@ -162,6 +162,7 @@ class FaultServer:
         self.requests: list[dict] = []
         self.probes = 0
         self.inflight = self.max_inflight = self.answered = 0
+        self.replied: list[dict] = []  # the requests answered (or reset), in that order
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._released = threading.Semaphore(0)
@@ -179,10 +180,11 @@ class FaultServer:
             self._changed.notify_all()
             return self.script.pop(0) if self.script else self.then_status
 
-    def _answered(self) -> None:
+    def _answered(self, request: dict) -> None:
         with self._changed:
             self.inflight -= 1
             self.answered += 1
+            self.replied.append(request)
             self._changed.notify_all()
 
     def refusal(self, authorization: str | None, body: dict):
@@ -284,14 +286,14 @@ class FaultServer:
                     # a probe of autoexplain.preflight: answered by the traits, never scripted or counted
                     server.probes += 1
                     return self._send(*(refused or self._reply(200, raw, body)))
-                status = server._next_status({"method": self.command, "path": self.path, "json": body,
-                                              "t": time.monotonic()})
+                request = {"method": self.command, "path": self.path, "json": body, "t": time.monotonic()}
+                status = server._next_status(request)
                 try:
                     if server.hold:
                         server._released.acquire()
                     reply = None if status == "reset" else (refused or self._reply(status, raw, body))
                 finally:
-                    server._answered()  # before the response goes out: the client cannot have sent its next one
+                    server._answered(request)  # before the response goes out: the client cannot have sent its next one
                 if reply is None:
                     return self._reset()
                 self._send(*reply)

@@ -21,9 +21,10 @@ SIM_PROMPT = f"Neuron 3 fires on animals.\n<start>\n{TABLE}mat\tunknown\n<end>\n
 
 
 class VirtualClock:
-    """Stands in for the `time` module of `autoexplain.llm_openai` and `llm_limits`, so that the limiter's and the
-    backoff's waits are read, not measured: `sleep` records how long it was asked to wait and, when
-    `advancing`, moves the clock on by that much instead of waiting."""
+    """Stands in for the `time` module of `autoexplain.llm_limits` and for `interrupt.sleep` (the waits of the
+    backoff and of the rate limits), so that the limiter's and the backoff's waits are read, not measured:
+    `sleep` records how long it was asked to wait and, when `advancing`, moves the clock on by that much
+    instead of waiting."""
 
     def __init__(self, advancing: bool = True):
         self.now, self.advancing, self.sleeps = 1000.0, advancing, []
@@ -41,13 +42,13 @@ class VirtualClock:
 
 @pytest.fixture
 def clock(monkeypatch):
+    import autoexplain.interrupt
     import autoexplain.llm_limits
-    import autoexplain.llm_openai
 
     def install(advancing: bool = True) -> VirtualClock:
         c = VirtualClock(advancing)
-        monkeypatch.setattr(autoexplain.llm_openai, "time", c)  # the backoff's waits
-        monkeypatch.setattr(autoexplain.llm_limits, "time", c)  # the rate limits' clock and waits
+        monkeypatch.setattr(autoexplain.interrupt, "sleep", c.sleep)  # the backoff's and the rate limits' waits
+        monkeypatch.setattr(autoexplain.llm_limits, "time", c)  # the rate limits' clock
         return c
 
     return install

@@ -1,0 +1,176 @@
+"""The concurrency limit of a server LLM (`llm_limits.Slots`): a request that times out takes one
+slot away for the rest of the run, down to 1, so that a client facing a server that answers one
+request at a time ends up sending one at a time. The limiter alone, with threads; then the client
+against a real loopback server that, like llama-cpp-python's, serves one request at a time."""
+
+from __future__ import annotations
+
+import json
+import logging
+import select
+import signal
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from autoexplain import interrupt
+from autoexplain.llm import OpenAILLM
+from autoexplain.llm_limits import Slots
+from tests.llama_server import canned_reply
+
+LIVENESS_S = 30  # a bound on waits that a correct limiter ends at once
+
+
+def holder(slots: Slots, inside: threading.Event, leave: threading.Event, errors: list) -> threading.Thread:
+    """A thread that takes a slot, says so, and keeps it until `leave` is set."""
+    def run():
+        try:
+            with slots:
+                inside.set()
+                leave.wait(LIVENESS_S)
+        except BaseException as e:  # noqa: BLE001 - the test reads it
+            errors.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_lowered_below_the_slots_held_it_admits_nobody_until_enough_have_left():
+    """Three held, the limit lowered to 1: a fourth waits while 3, then 2, then 1 are held, and is let
+    in once none is. Each negative check gives a broken limiter 0.2 s to let the waiter in."""
+    slots, errors = Slots(3), []
+    leaves = [threading.Event() for _ in range(3)]
+    for leave in leaves:
+        inside = threading.Event()
+        holder(slots, inside, leave, errors)
+        assert inside.wait(LIVENESS_S)
+    assert (slots.lower(), slots.lower(), slots.lower()) == (2, 1, None), "never below 1"
+    waiter_in, waiter_leave = threading.Event(), threading.Event()
+    waiter = holder(slots, waiter_in, waiter_leave, errors)
+    for leave in leaves[:2]:
+        assert not waiter_in.wait(0.2), f"let in with {slots.held} held at limit {slots.limit}"
+        leave.set()
+    assert not waiter_in.wait(0.2), "let in with 1 held at limit 1"
+    leaves[2].set()
+    assert waiter_in.wait(LIVENESS_S), "the last holder left: the waiter gets the slot"
+    assert (slots.held, slots.limit) == (1, 1)
+    waiter_leave.set()
+    waiter.join(LIVENESS_S)
+    assert slots.held == 0 and not errors
+
+
+def test_waiters_for_a_slot_leave_at_a_stop():
+    slots, errors = Slots(1), []
+    inside, leave = threading.Event(), threading.Event()
+    holder(slots, inside, leave, errors)
+    assert inside.wait(LIVENESS_S)
+    waiter = holder(slots, threading.Event(), threading.Event(), errors)
+    try:
+        interrupt.stop(signal.SIGINT)
+        waiter.join(LIVENESS_S)
+        assert not waiter.is_alive() and len(errors) == 1 and isinstance(errors[0], interrupt.Interrupted)
+    finally:
+        interrupt.reset()
+        leave.set()
+
+
+class OneAtATimeServer:
+    """Serves one request at a time, as llama-cpp-python's server does: a request is answered only
+    while it is the only one open, and the others wait (here until their client gives up, which the
+    server sees as the connection closing). Before two requests have ever been open together it
+    answers nothing, so that the client's first requests all wait: without that, the first could be
+    answered before the second arrived.
+
+    `arrivals`: for each request, (requests open with it, requests given up before it arrived), both
+    counted once the connections of those given up are seen closed. `given_up`: requests whose
+    client closed the connection before an answer."""
+
+    def __init__(self):
+        self.open: dict[int, socket.socket] = {}
+        self.arrivals: list[tuple[int, int]] = []
+        self.given_up = self.answered = 0
+        self.overlapped = False
+        self._cond = threading.Condition()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.httpd.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def _sweep(self) -> None:
+        """Forget the open requests whose client has closed the connection (under the lock)."""
+        for key, sock in list(self.open.items()):
+            if select.select([sock], [], [], 0)[0] and not sock.recv(1, socket.MSG_PEEK):
+                del self.open[key]
+                self.given_up += 1
+                self._cond.notify_all()
+
+    def _wait_for_turn(self, me: int, sock: socket.socket) -> bool:
+        """True when this request may be answered, False when its client gave up."""
+        with self._cond:
+            self._sweep()
+            self.arrivals.append((len(self.open) + 1, self.given_up))
+            self.open[me] = sock
+            self.overlapped |= len(self.open) > 1
+            while not (self.overlapped and list(self.open) == [me]):
+                self._cond.wait(0.01)
+                self._sweep()
+                if me not in self.open:
+                    return False
+            del self.open[me]
+            self.answered += 1
+            self._cond.notify_all()
+            return True
+
+    def _handler(self):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+                if not server._wait_for_turn(id(self), self.connection):
+                    return
+                payload = json.dumps(canned_reply(self.path, body)).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        return Handler
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_timeouts_bring_the_concurrency_down_to_what_the_server_answers(caplog):
+    """Concurrency 4 against a server that serves one request at a time: the first four requests
+    are open together and wait; each that times out takes a slot away (4 -> 3 -> 2 -> 1, one log
+    line each), the one left is answered, and from then on the client sends one at a time, which the
+    server answers. At every arrival the server sees no more requests open than the client's limit
+    after the timeouts it has seen (a request given up takes its slot with it: no other request takes
+    its place). The timeout only has to outlast starting four threads and the server's 10 ms look;
+    the server sees a closed connection as soon as loopback delivers the close, before the client's
+    next request (which follows a backoff of 5 ms or more)."""
+    server = OneAtATimeServer()
+    llm = OpenAILLM("test-model", server.base_url, api_key="test", max_concurrency=4, timeout=3.0,
+                    max_retries=6, backoff_base=0.01, backoff_cap=0.05)
+    try:
+        with caplog.at_level(logging.WARNING, logger="autoexplain.llm_openai"):
+            out = llm.complete([f"p{i}" for i in range(8)], max_tokens=1)
+    finally:
+        llm.close()
+        server.stop()
+    assert [c[0].text for c in out] == [" canned"] * 8
+    assert llm.max_concurrency == 1
+    lowered = [r.getMessage() for r in caplog.records if "concurrency lowered" in r.getMessage()]
+    assert lowered == [f"LLM: requests to {server.base_url} timed out; concurrency lowered to {n}" for n in (3, 2, 1)]
+    assert server.given_up >= 3 and server.answered >= 8
+    for seen, given_up in server.arrivals:
+        assert seen <= max(1, 4 - given_up), server.arrivals
