@@ -176,13 +176,17 @@ def test_a_tasks_cache_key_takes_an_input_by_its_uri_not_by_this_machines_copy()
 
 def test_a_model_gone_since_the_run_is_one_line(home, moved, tmp_path):
     """Things outside the root (the model, the corpus) stay where the run found them: one that is gone
-    after the root moved to another machine is named in one line, not a traceback."""
+    after the root moved to another machine is named in one line, not a traceback; revise, which
+    records and explains nothing, does not need it."""
     _, b, _ = moved
     g = tmp_path / "G"
     shutil.copytree(b, g)
     run = read_run(g, 1)
-    write_run(g, 1, {**run, "params": {**run["params"], "model": str(tmp_path / "no-such-model")}})
-    result = cli(home, "revise", "--out", str(g), "--layer", "1", "--unit", "2:-1", "--text", "years")
+    gone = str(tmp_path / "no-such-model")
+    write_run(g, 1, {**run, "params": {**run["params"], "model": gone}})
+    revised = cli(home, "revise", "--out", str(g), "--layer", "1", "--unit", "2:-1", "--text", "years")
+    assert revised.returncode == 0, revised.stderr[-3000:]
+    result = cli(home, "explain-layer", "--out", str(g), "--layer", "1", "--model", gone, "--corpus", run["params"]["corpus"])
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "no-such-model" in result.stderr and "does not exist" in result.stderr
 
