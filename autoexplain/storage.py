@@ -364,6 +364,10 @@ def local_ref(output: dict) -> dict:
     path = Path(output["path"])
     folder = path if "layers" in output else path.parent
     if is_complete(folder):
+        # a cached task's output, reused from the mirror: the URL may lack it (see `Stage.done`)
+        remote.push(folder)
+        if "layers" in output:
+            remote.push(Path(output["windows"]).parent)
         return output
     if output["uri"] == folder.resolve().as_uri():  # under a local root: nowhere else to look
         if not folder.is_dir():

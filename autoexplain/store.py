@@ -81,9 +81,14 @@ class Stage:
 
     @property
     def done(self) -> bool:
-        """Whether the output is sealed, whole (pulled first when it is at the URL only) and final:
+        """Whether the output is sealed, whole (pulled first when it is at the URL only, pushed when it
+        is in the mirror only) and final:
         one with rows whose LLM request got no answer is made again (`storage.UNANSWERED`)."""
-        if not is_complete(self.directory) and not (remote.pull(self.directory) and is_complete(self.directory)):
+        if is_complete(self.directory):
+            # reused from the mirror: the URL may lack it (a push that failed, a URL emptied since),
+            # and a run that ends well must leave at the URL every folder it names
+            remote.push(self.directory)
+        elif not (remote.pull(self.directory) and is_complete(self.directory)):
             return False
         return not unanswered(self.directory)
 

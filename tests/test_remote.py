@@ -206,3 +206,48 @@ def test_rescore_finds_the_run_at_the_url_from_a_fresh_machine(run, tmp_path, ca
     assert result["comparison"]["paired"] > 0
     pointer = json.loads((tmp_path / "remote" / "runs" / "layer_1.json").read_text())
     assert pointer["flow"] == "rescore" and pointer["params"]["n_boot"] == 20
+
+
+# ---------------------------------------------------------------- the URL holds what a run names
+
+def test_a_stage_reused_from_the_mirror_is_pushed_when_the_url_lacks_it(url):
+    root = open_root(url)
+    written = _files(_stage(root))
+    fs, base = remote.filesystem(url)
+    fs.rm(f"{base}/scores/k1", recursive=True)  # a push that failed, or a URL emptied since
+    assert Stage(root, "scores", "k1").done
+    fs.invalidate_cache()
+    assert sorted(fs.find(f"{base}/scores/k1")) == sorted(f"{base}/scores/k1/{name}" for name in written)
+
+
+def _named_folders(pointer: dict) -> set[str]:
+    """The stage folders (`<stage>/<key>`) a run pointer names, relative to the root."""
+    found = set()
+    for value in pointer.values():
+        for ref in value if isinstance(value, list) else [value]:
+            if isinstance(ref, dict) and "path" in ref:
+                found |= {"/".join(Path(ref[k]).parts[:2]) for k in ("path", "windows") if k in ref}
+    return found
+
+
+def _url_has_what_the_run_names(remote_dir: Path) -> None:
+    named = _named_folders(json.loads((remote_dir / "runs" / "layer_1.json").read_text()))
+    assert {"windows", "records", "explanations", "simulations", "scores"} <= {n.split("/")[0] for n in named}
+    missing = sorted(n for n in named if not (remote_dir / n / "manifest.json").is_file())
+    assert not missing, f"the run names folders the URL lacks: {missing}"
+
+
+def test_a_run_that_ends_well_leaves_at_the_url_all_it_names(run, tmp_path):
+    remote_dir = tmp_path / "remote"
+    remote_dir.mkdir()
+    (remote_dir / "explanations").write_text("")  # the explanations' push fails
+    with pytest.raises(UserError, match="cannot reach"):
+        run()
+    (remote_dir / "explanations").unlink()
+    run()
+    _url_has_what_the_run_names(remote_dir)
+
+    for p in remote_dir.iterdir():  # the URL emptied, the mirror kept
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    run()
+    _url_has_what_the_run_names(remote_dir)
