@@ -112,9 +112,11 @@ def _hidden(rel: str) -> bool:
     # temporary names of unfinished writes, here and on the remote side
     return any(layout.in_progress(part) for part in rel.split("/"))
 
-def push(directory: str | os.PathLike) -> str | None:
+def push(directory: str | os.PathLike, replace: bool = False) -> str | None:
     """Upload a local folder inside a mirror to its URL, its manifest (if any) last; returns the URL.
-    A folder whose remote manifest already exists is left alone: content-addressed, it is the same."""
+    A folder whose remote manifest already exists is left alone: content-addressed, it is the same,
+    unless `replace` (the remote copy failed verification): its manifest goes first, so that readers
+    take it for unfinished until the new one is whole."""
     where = _where(directory)
     if where is None:
         return None
@@ -124,7 +126,9 @@ def push(directory: str | os.PathLike) -> str | None:
     paths.sort(key=lambda p: (p.name == MANIFEST and p.parent == directory, p.as_posix()))
     try:
         if (directory / MANIFEST).is_file() and fs.exists(f"{target}/{MANIFEST}"):
-            return url
+            if not replace:
+                return url
+            fs.rm_file(f"{target}/{MANIFEST}")
         objects = _object_store(fs)
         for p in paths:
             dest = f"{target}/{p.relative_to(directory).as_posix()}"

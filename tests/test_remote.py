@@ -251,3 +251,31 @@ def test_a_run_that_ends_well_leaves_at_the_url_all_it_names(run, tmp_path):
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     run()
     _url_has_what_the_run_names(remote_dir)
+
+
+def test_a_damaged_folder_at_the_url_is_replaced_by_the_one_made_again(url):
+    root = open_root(url)
+    _stage(root)
+    fs, base = remote.filesystem(url)
+    fs.pipe_file(f"{base}/scores/k1/table.json", b"{")  # truncated at the URL
+    shutil.rmtree(root)  # a fresh machine
+    stage = Stage(open_root(url), "scores", "k1")
+    assert not stage.done, "a damaged folder is made again, not read"
+    write_json({"rows": [1, 2, 3]}, stage.path("table.json"))
+    made = stage.seal({"simulations": "s"}, {"layer": 1})
+    fs.invalidate_cache()
+    assert fs.cat_file(f"{base}/scores/k1/table.json") == (made / "table.json").read_bytes()
+    shutil.rmtree(root)
+    assert Stage(open_root(url), "scores", "k1").done, "the URL holds a whole folder again"
+
+
+def test_a_damaged_output_at_the_url_is_repaired_by_a_fresh_machine(run, tmp_path, cache):
+    from autoexplain.storage import damaged
+
+    first, _, _ = run()
+    scores = tmp_path / "remote" / "scores" / first["scores"][0]["key"]
+    table = next(scores.glob("*.parquet"))
+    table.write_bytes(table.read_bytes()[:100])
+    shutil.rmtree(cache / "mirror")  # a fresh machine: no mirror, no task results
+    run(results=f"file://{tmp_path}/results-fresh")
+    assert damaged(scores) is None, "the copy made again replaced the damaged one at the URL"
