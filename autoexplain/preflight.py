@@ -327,7 +327,7 @@ def run_of(out: str, layer: int | None, source: str | None, spell: Spelling = fl
         kind, own = kind_and_layer(source)
     except UserError as e:
         raise _fail(spell, "source", e.problem, e.fix or "") from None
-    if layer is None and own is None and kind != MLP.kind and not remote.is_url(out) and Path(out).is_dir():
+    if layer is None and own is None and kind != MLP.kind and (remote.is_url(out) or Path(out).is_dir()):
         have = run_layers(open_root(out), kind)
         own = have[0] if len(have) == 1 else None
     return find_run(out, defaults.LAYER if layer is None and own is None else own if layer is None else layer, spell, kind)
@@ -336,18 +336,17 @@ def run_of(out: str, layer: int | None, source: str | None, spell: Spelling = fl
 def find_run(out: str, layer: int, spell: Spelling = flow_name, kind: str = MLP.kind) -> dict:
     """The latest finished run of `layer`'s units of source `kind` under the output root `out` (its
     pointer, `storage.run_file`), or a UserError naming the parameter to set."""
-    from autoexplain import remote
     from autoexplain.storage import open_root, read_run, run_file, run_layers, run_sources
 
     root = open_root(out)
     run = read_run(root, layer, kind)
     if run is not None:
         return run
-    others = [] if remote.is_url(out) else [k for L, k in run_sources(root) if L == layer and k != kind]
+    others = [k for L, k in run_sources(root) if L == layer and k != kind]
     if others:
         raise _fail(spell, "source", f"{out} holds no finished run of layer {layer}'s {kind} units "
                     f"(it has {', '.join(others)})", f"set {spell('source').split()[-1]} to one of those")
-    have = [] if remote.is_url(out) else run_layers(root, kind)
+    have = run_layers(root, kind)
     if have:
         raise _fail(spell, "layer", f"{out} holds no finished explain-layer run of layer {layer} "
                     f"(it has layers {', '.join(map(str, have))})", f"set {spell('layer').split()[-1]} to one of those")

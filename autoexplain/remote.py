@@ -205,3 +205,22 @@ def pull_file(path: str | os.PathLike) -> bool:
     except OSError as e:
         raise _unreachable(url, e) from None
     return True
+
+
+def pull_files(directory: str | os.PathLike) -> None:
+    """Download the files right inside a folder of a mirror (the run pointers) from its URL, so that
+    what the URL holds is listed, not only what this machine has seen; outside a mirror, nothing."""
+    where = _where(directory)
+    if where is None:
+        return
+    url, fs, source = where
+    try:
+        fs.invalidate_cache(source)
+        if not fs.isdir(source):
+            return
+        names = [entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(source, detail=False)]
+    except OSError as e:
+        raise _unreachable(url, e) from None
+    for name in names:
+        if not _hidden(name):
+            pull_file(Path(directory) / name)

@@ -270,9 +270,12 @@ def run_file(root: str | os.PathLike, layer: int, kind: str = MLP.kind) -> Path:
 
 
 def run_sources(root: str | os.PathLike) -> list[tuple[int, str]]:
-    """(layer, source kind) of every run pointer under a local output root."""
+    """(layer, source kind) of every run pointer under an output root (under a URL root, those at
+    the URL, pulled into the mirror: this machine may never have run there)."""
+    runs = run_file(root, 0).parent
+    remote.pull_files(runs)
     found = []
-    for p in run_file(root, 0).parent.glob("layer_*.json"):
+    for p in runs.glob("layer_*.json"):
         m = _LAYER_NAME.fullmatch(p.stem)
         if m:
             found.append((int(m.group(1)), m.group(2) or MLP.kind))
@@ -280,7 +283,7 @@ def run_sources(root: str | os.PathLike) -> list[tuple[int, str]]:
 
 
 def run_layers(root: str | os.PathLike, kind: str = MLP.kind) -> list[int]:
-    """The layers with a run pointer for units of this source under a local output root."""
+    """The layers with a run pointer for units of this source under an output root."""
     return [layer for layer, k in run_sources(root) if k == kind]
 
 

@@ -279,3 +279,20 @@ def test_a_damaged_output_at_the_url_is_repaired_by_a_fresh_machine(run, tmp_pat
     shutil.rmtree(cache / "mirror")  # a fresh machine: no mirror, no task results
     run(results=f"file://{tmp_path}/results-fresh")
     assert damaged(scores) is None, "the copy made again replaced the damaged one at the URL"
+
+
+def test_a_fresh_machine_lists_and_publishes_the_runs_at_the_url(run, tmp_path, cache):
+    from autoexplain import preflight
+    from autoexplain.publish import publish
+    from autoexplain.storage import run_sources
+
+    url = f"file://{tmp_path}/remote"
+    run()
+    shutil.rmtree(cache / "mirror")  # no run pointer on this machine
+    assert run_sources(open_root(url)) == [(1, "mlp")]
+    shutil.rmtree(cache / "mirror")
+    with pytest.raises(UserError, match=r"no finished explain-layer run of layer 2 \(it has layers 1\)"):
+        preflight.find_run(url, 2)
+    shutil.rmtree(cache / "mirror")
+    dataset = publish(url, tmp_path / "dataset", license_="cc-by-4.0")
+    assert (dataset / "README.md").is_file() and any((dataset / "data").rglob("*.parquet"))
