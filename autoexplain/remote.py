@@ -42,8 +42,11 @@ def filesystem(url: str):
     protocol = url.split("://", 1)[0].lower()
     try:
         return fsspec.core.url_to_fs(url)
-    except ImportError:
-        package = known_implementations.get(protocol, {}).get("class", protocol).split(".")[0]
+    except ImportError as e:
+        # fsspec raises its own ImportError from the one that names the module missing (aiohttp for
+        # http://, not fsspec, whose module the class lives in)
+        missing = getattr(e.__cause__, "name", None) or getattr(e, "name", None)
+        package = (missing or known_implementations.get(protocol, {}).get("class", protocol)).split(".")[0]
         raise UserError(f"{protocol}:// outputs need the package '{package}', which is not installed",
                         f"pip install {package}") from None
     except ValueError as e:
@@ -51,6 +54,8 @@ def filesystem(url: str):
             raise
         raise UserError(f"unknown storage protocol '{protocol}://' in {url}",
                         "use a local folder or a URL fsspec knows (file://, s3://, gs://, az://, ...)") from None
+    except OSError as e:  # a file system that connects or opens its archive when it is made
+        raise _unreachable(url, e) from None
 
 def _object_store(fs) -> bool:
     return bool(_ATOMIC_PUT & set([fs.protocol] if isinstance(fs.protocol, str) else fs.protocol))

@@ -296,3 +296,26 @@ def test_a_fresh_machine_lists_and_publishes_the_runs_at_the_url(run, tmp_path, 
     shutil.rmtree(cache / "mirror")
     dataset = publish(url, tmp_path / "dataset", license_="cc-by-4.0")
     assert (dataset / "README.md").is_file() and any((dataset / "data").rglob("*.parquet"))
+
+
+def _cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "autoexplain.flows.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, "AUTOEXPLAIN_CACHE": str(cache), "COLUMNS": "400"}, timeout=300)
+
+
+def test_file_systems_that_fail_when_made_say_what_is_wrong(tmp_path, cache):
+    with pytest.raises(UserError, match=r"cannot reach ftp://127.0.0.1:1/x: ConnectionRefusedError.*check the URL"):
+        open_root("ftp://127.0.0.1:1/x")
+    with pytest.raises(UserError, match=r"cannot reach zip://x::file://.*: FileNotFoundError"):
+        open_root(f"zip://x::file://{tmp_path}/none.zip")
+    try:
+        import aiohttp  # noqa: F401
+    except ImportError:
+        with pytest.raises(UserError, match=r"http:// outputs need the package 'aiohttp'.*pip install aiohttp"):
+            open_root("http://127.0.0.1:1/x")
+    shown = _cli("explain-layer", "--out", "ftp://127.0.0.1:1/x", "--layer", "1", cache=cache)
+    assert shown.returncode == 2 and "Traceback" not in shown.stderr, shown.stderr
+    assert shown.stderr.strip().splitlines() == ["error: --out: cannot reach ftp://127.0.0.1:1/x: ConnectionRefusedError: "
+                                                 "[Errno 111] Connection refused — check the URL, the credentials "
+                                                 "and that the location exists and is writable"]
+
