@@ -201,6 +201,18 @@ def check_out(out: str, spell: Spelling = flow_name, name: str = "out") -> None:
         raise _fail(spell, name, f"cannot write under {path}: {probe} is not writable", "pass a writable folder")
 
 
+def check_root(out: str, spell: Spelling = flow_name, name: str = "out") -> None:
+    """An output root that a command only reads: a URL must be there (nothing is made for a
+    mistyped one); a folder is looked for by the command itself."""
+    from autoexplain import remote
+
+    if remote.is_url(out):
+        try:
+            remote.open_root(out, create=False)
+        except UserError as e:
+            raise _fail(spell, name, e.problem, e.fix or "") from None
+
+
 def check_results(results: str | None, spell: Spelling = flow_name) -> None:
     """Where Prefect keeps the task results (None: its own storage): checked as an output folder, so
     a file there is one line before any work, not a failed commit after every task."""
@@ -328,6 +340,7 @@ def run_of(out: str, layer: int | None, source: str | None, spell: Spelling = fl
     except UserError as e:
         raise _fail(spell, "source", e.problem, e.fix or "") from None
     if layer is None and own is None and kind != MLP.kind and (remote.is_url(out) or Path(out).is_dir()):
+        check_root(out, spell)
         have = run_layers(open_root(out), kind)
         own = have[0] if len(have) == 1 else None
     return find_run(out, defaults.LAYER if layer is None and own is None else own if layer is None else layer, spell, kind)
@@ -338,6 +351,7 @@ def find_run(out: str, layer: int, spell: Spelling = flow_name, kind: str = MLP.
     pointer, `storage.run_file`), or a UserError naming the parameter to set."""
     from autoexplain.storage import open_root, read_run, run_file, run_layers, run_sources
 
+    check_root(out, spell)
     root = open_root(out)
     run = read_run(root, layer, kind)
     if run is not None:

@@ -64,27 +64,34 @@ def _unreachable(url: str, e: Exception) -> UserError:
     return UserError(f"cannot reach {url}: {type(e).__name__}: {e}",
                      "check the URL, the credentials and that the location exists and is writable")
 
-def check(url: str):
-    """(filesystem, path on it) of a URL that answers, creating its folder where folders exist."""
+def check(url: str, create: bool = True):
+    """(filesystem, path on it) of a URL that answers, creating its folder where folders exist; with
+    `create` False (a command that only reads a root) one that is not there is a UserError, and
+    nothing is made: a mistyped URL must not leave a folder behind."""
     fs, base = filesystem(url)
     try:
-        if _object_store(fs):
+        if not create:
+            there = fs.exists(base)
+        elif _object_store(fs):
             fs.exists(base)  # no folders to make there, and makedirs would create a missing bucket
         else:
             fs.makedirs(base, exist_ok=True)
     except OSError as e:
         raise _unreachable(url, e) from None
+    if not create and not there:
+        raise UserError(f"{url} does not exist", "check the URL: pass the output root an explain-layer run wrote")
     return fs, base
 
-def open_root(out: str | os.PathLike) -> Path:
+def open_root(out: str | os.PathLike, create: bool = True) -> Path:
     """The local folder to write an output root into: `out` itself for a path, the URL's mirror
-    (registered in this process, so that stage folders under it are pulled and pushed) for a URL."""
+    (registered in this process, so that stage folders under it are pulled and pushed) for a URL.
+    `create` False: only read, so a URL that is not there is a UserError (`check`)."""
     if not is_url(out):
         return Path(out)
     url = str(out).rstrip("/")
     mirror = (defaults.cache_root() / "mirror" / hashlib.sha256(url.encode()).hexdigest()[:16]).resolve()
     if mirror not in _roots:
-        fs, base = check(url)
+        fs, base = check(url, create)
         _roots[mirror] = (url, fs, base.rstrip("/"))
     mirror.mkdir(parents=True, exist_ok=True)
     return mirror

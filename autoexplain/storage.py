@@ -40,9 +40,10 @@ def file_digest(path: str | os.PathLike, length: int = 16) -> str:
     return h.hexdigest()[:length]
 
 
-def open_root(out: str | os.PathLike) -> Path:
-    """The local folder for an output root: `out` itself, or the local mirror of a URL (`remote`)."""
-    return remote.open_root(out)
+def open_root(out: str | os.PathLike, create: bool = True) -> Path:
+    """The local folder for an output root: `out` itself, or the local mirror of a URL (`remote`);
+    `create` False for a command that only reads it."""
+    return remote.open_root(out, create)
 
 
 def is_complete(directory: Path) -> bool:

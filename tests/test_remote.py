@@ -319,3 +319,13 @@ def test_file_systems_that_fail_when_made_say_what_is_wrong(tmp_path, cache):
                                                  "[Errno 111] Connection refused — check the URL, the credentials "
                                                  "and that the location exists and is writable"]
 
+
+@pytest.mark.parametrize("command", [["rescore", "--layer", "1"], ["revise", "--layer", "1", "--unit", "1", "--text", "x"],
+                                     ["publish", "--to", "dataset"]])
+def test_read_only_commands_make_nothing_for_a_mistyped_url(command, tmp_path, cache):
+    url = f"file://{tmp_path}/typo/out"
+    shown = _cli(*command[:1], "--out", url, *[str(tmp_path / a) if a == "dataset" else a for a in command[1:]],
+                 cache=cache)
+    assert shown.returncode == 2, shown.stderr
+    assert f"--out: {url} does not exist" in shown.stderr and "Traceback" not in shown.stderr
+    assert not (tmp_path / "typo").exists() and not (cache / "mirror").exists() and not (tmp_path / "dataset").exists()
