@@ -356,6 +356,7 @@ def publish(
 
     def go():
         chosen = parse_layers(layers, 10**6) if layers not in (None, "all") else None
+        preflight.check_root(out, preflight.cli_flag)
         to_dir = publish_dataset(out, to, chosen, license_)
         err.print(f"published {', '.join(TABLES)} to {to_dir}", highlight=False)
         typer.echo(str(to_dir))

@@ -201,6 +201,18 @@ def check_out(out: str, spell: Spelling = flow_name, name: str = "out") -> None:
         raise _fail(spell, name, f"cannot write under {path}: {probe} is not writable", "pass a writable folder")
 
 
+def check_root(out: str, spell: Spelling = flow_name, name: str = "out") -> None:
+    """An output root that a command only reads: a URL must be there (nothing is made for a
+    mistyped one); a folder is looked for by the command itself."""
+    from autoexplain import remote
+
+    if remote.is_url(out):
+        try:
+            remote.open_root(out, create=False)
+        except UserError as e:
+            raise _fail(spell, name, e.problem, e.fix or "") from None
+
+
 def check_results(results: str | None, spell: Spelling = flow_name) -> None:
     """Where Prefect keeps the task results (None: its own storage): checked as an output folder, so
     a file there is one line before any work, not a failed commit after every task."""
@@ -341,7 +353,8 @@ def run_of(out: str, layer: int | None, source: str | None, spell: Spelling = fl
         kind, own = kind_and_layer(source)
     except UserError as e:
         raise _fail(spell, "source", e.problem, e.fix or "") from None
-    if layer is None and own is None and kind != MLP.kind and not remote.is_url(out) and Path(out).is_dir():
+    if layer is None and own is None and kind != MLP.kind and (remote.is_url(out) or Path(out).is_dir()):
+        check_root(out, spell)
         have = run_layers(open_root(out), kind)
         own = have[0] if len(have) == 1 else None
     return find_run(out, defaults.LAYER if layer is None and own is None else own if layer is None else layer, spell, kind)
@@ -350,18 +363,18 @@ def run_of(out: str, layer: int | None, source: str | None, spell: Spelling = fl
 def find_run(out: str, layer: int, spell: Spelling = flow_name, kind: str = MLP.kind) -> dict:
     """The latest finished run of `layer`'s units of source `kind` under the output root `out` (its
     pointer, `storage.run_file`), or a UserError naming the parameter to set."""
-    from autoexplain import remote
     from autoexplain.storage import open_root, read_run, run_file, run_layers, run_sources
 
+    check_root(out, spell)
     root = open_root(out)
     run = read_run(root, layer, kind)
     if run is not None:
         return run
-    others = [] if remote.is_url(out) else [k for L, k in run_sources(root) if L == layer and k != kind]
+    others = [k for L, k in run_sources(root) if L == layer and k != kind]
     if others:
         raise _fail(spell, "source", f"{out} holds no finished run of layer {layer}'s {kind} units "
                     f"(it has {', '.join(others)})", f"set {spell('source').split()[-1]} to one of those")
-    have = [] if remote.is_url(out) else run_layers(root, kind)
+    have = run_layers(root, kind)
     if have:
         raise _fail(spell, "layer", f"{out} holds no finished explain-layer run of layer {layer} "
                     f"(it has layers {', '.join(map(str, have))})", f"set {spell('layer').split()[-1]} to one of those")

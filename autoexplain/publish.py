@@ -205,7 +205,7 @@ scores = pl.scan_parquet("path/to/this/folder/data/scores/**/*.parquet")
 
 def publish(out: str, to: str | Path, layers: list[int] | None = None, license_: str | None = None) -> Path:
     """Write the dataset of `out`'s latest runs (of `layers`, default all) to the folder `to`."""
-    root, to = open_root(out), Path(to)
+    root, to = open_root(out, create=False), Path(to)
     found = run_sources(root)
     have = sorted({L for L, _ in found})
     if not have:

@@ -42,8 +42,11 @@ def filesystem(url: str):
     protocol = url.split("://", 1)[0].lower()
     try:
         return fsspec.core.url_to_fs(url)
-    except ImportError:
-        package = known_implementations.get(protocol, {}).get("class", protocol).split(".")[0]
+    except ImportError as e:
+        # fsspec raises its own ImportError from the one that names the module missing (aiohttp for
+        # http://, not fsspec, whose module the class lives in)
+        missing = getattr(e.__cause__, "name", None) or getattr(e, "name", None)
+        package = (missing or known_implementations.get(protocol, {}).get("class", protocol)).split(".")[0]
         raise UserError(f"{protocol}:// outputs need the package '{package}', which is not installed",
                         f"pip install {package}") from None
     except ValueError as e:
@@ -51,6 +54,8 @@ def filesystem(url: str):
             raise
         raise UserError(f"unknown storage protocol '{protocol}://' in {url}",
                         "use a local folder or a URL fsspec knows (file://, s3://, gs://, az://, ...)") from None
+    except OSError as e:  # a file system that connects or opens its archive when it is made
+        raise _unreachable(url, e) from None
 
 def _object_store(fs) -> bool:
     return bool(_ATOMIC_PUT & set([fs.protocol] if isinstance(fs.protocol, str) else fs.protocol))
@@ -59,27 +64,34 @@ def _unreachable(url: str, e: Exception) -> UserError:
     return UserError(f"cannot reach {url}: {type(e).__name__}: {e}",
                      "check the URL, the credentials and that the location exists and is writable")
 
-def check(url: str):
-    """(filesystem, path on it) of a URL that answers, creating its folder where folders exist."""
+def check(url: str, create: bool = True):
+    """(filesystem, path on it) of a URL that answers, creating its folder where folders exist; with
+    `create` False (a command that only reads a root) one that is not there is a UserError, and
+    nothing is made: a mistyped URL must not leave a folder behind."""
     fs, base = filesystem(url)
     try:
-        if _object_store(fs):
+        if not create:
+            there = fs.exists(base)
+        elif _object_store(fs):
             fs.exists(base)  # no folders to make there, and makedirs would create a missing bucket
         else:
             fs.makedirs(base, exist_ok=True)
     except OSError as e:
         raise _unreachable(url, e) from None
+    if not create and not there:
+        raise UserError(f"{url} does not exist", "check the URL: pass the output root an explain-layer run wrote")
     return fs, base
 
-def open_root(out: str | os.PathLike) -> Path:
+def open_root(out: str | os.PathLike, create: bool = True) -> Path:
     """The local folder to write an output root into: `out` itself for a path, the URL's mirror
-    (registered in this process, so that stage folders under it are pulled and pushed) for a URL."""
+    (registered in this process, so that stage folders under it are pulled and pushed) for a URL.
+    `create` False: only read, so a URL that is not there is a UserError (`check`)."""
     if not is_url(out):
         return Path(out)
     url = str(out).rstrip("/")
     mirror = (defaults.cache_root() / "mirror" / hashlib.sha256(url.encode()).hexdigest()[:16]).resolve()
     if mirror not in _roots:
-        fs, base = check(url)
+        fs, base = check(url, create)
         _roots[mirror] = (url, fs, base.rstrip("/"))
     mirror.mkdir(parents=True, exist_ok=True)
     return mirror
@@ -112,9 +124,11 @@ def _hidden(rel: str) -> bool:
     # temporary names of unfinished writes, here and on the remote side
     return any(layout.in_progress(part) for part in rel.split("/"))
 
-def push(directory: str | os.PathLike) -> str | None:
+def push(directory: str | os.PathLike, replace: bool = False) -> str | None:
     """Upload a local folder inside a mirror to its URL, its manifest (if any) last; returns the URL.
-    A folder whose remote manifest already exists is left alone: content-addressed, it is the same."""
+    A folder whose remote manifest already exists is left alone: content-addressed, it is the same,
+    unless `replace` (the remote copy failed verification): its manifest goes first, so that readers
+    take it for unfinished until the new one is whole."""
     where = _where(directory)
     if where is None:
         return None
@@ -124,7 +138,9 @@ def push(directory: str | os.PathLike) -> str | None:
     paths.sort(key=lambda p: (p.name == MANIFEST and p.parent == directory, p.as_posix()))
     try:
         if (directory / MANIFEST).is_file() and fs.exists(f"{target}/{MANIFEST}"):
-            return url
+            if not replace:
+                return url
+            fs.rm_file(f"{target}/{MANIFEST}")
         objects = _object_store(fs)
         for p in paths:
             dest = f"{target}/{p.relative_to(directory).as_posix()}"
@@ -201,3 +217,22 @@ def pull_file(path: str | os.PathLike) -> bool:
     except OSError as e:
         raise _unreachable(url, e) from None
     return True
+
+
+def pull_files(directory: str | os.PathLike) -> None:
+    """Download the files right inside a folder of a mirror (the run pointers) from its URL, so that
+    what the URL holds is listed, not only what this machine has seen; outside a mirror, nothing."""
+    where = _where(directory)
+    if where is None:
+        return
+    url, fs, source = where
+    try:
+        fs.invalidate_cache(source)
+        if not fs.isdir(source):
+            return
+        names = [entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(source, detail=False)]
+    except OSError as e:
+        raise _unreachable(url, e) from None
+    for name in names:
+        if not _hidden(name):
+            pull_file(Path(directory) / name)

@@ -40,9 +40,10 @@ def file_digest(path: str | os.PathLike, length: int = 16) -> str:
     return h.hexdigest()[:length]
 
 
-def open_root(out: str | os.PathLike) -> Path:
-    """The local folder for an output root: `out` itself, or the local mirror of a URL (`remote`)."""
-    return remote.open_root(out)
+def open_root(out: str | os.PathLike, create: bool = True) -> Path:
+    """The local folder for an output root: `out` itself, or the local mirror of a URL (`remote`);
+    `create` False for a command that only reads it."""
+    return remote.open_root(out, create)
 
 
 def is_complete(directory: Path) -> bool:
@@ -270,9 +271,12 @@ def run_file(root: str | os.PathLike, layer: int, kind: str = MLP.kind) -> Path:
 
 
 def run_sources(root: str | os.PathLike) -> list[tuple[int, str]]:
-    """(layer, source kind) of every run pointer under a local output root."""
+    """(layer, source kind) of every run pointer under an output root (under a URL root, those at
+    the URL, pulled into the mirror: this machine may never have run there)."""
+    runs = run_file(root, 0).parent
+    remote.pull_files(runs)
     found = []
-    for p in run_file(root, 0).parent.glob("layer_*.json"):
+    for p in runs.glob("layer_*.json"):
         m = _LAYER_NAME.fullmatch(p.stem)
         if m:
             found.append((int(m.group(1)), m.group(2) or MLP.kind))
@@ -280,7 +284,7 @@ def run_sources(root: str | os.PathLike) -> list[tuple[int, str]]:
 
 
 def run_layers(root: str | os.PathLike, kind: str = MLP.kind) -> list[int]:
-    """The layers with a run pointer for units of this source under a local output root."""
+    """The layers with a run pointer for units of this source under an output root."""
     return [layer for layer, k in run_sources(root) if k == kind]
 
 
@@ -364,6 +368,10 @@ def local_ref(output: dict) -> dict:
     path = Path(output["path"])
     folder = path if "layers" in output else path.parent
     if is_complete(folder):
+        # a cached task's output, reused from the mirror: the URL may lack it (see `Stage.done`)
+        remote.push(folder)
+        if "layers" in output:
+            remote.push(Path(output["windows"]).parent)
         return output
     if output["uri"] == folder.resolve().as_uri():  # under a local root: nowhere else to look
         if not folder.is_dir():

@@ -74,6 +74,7 @@ class Stage:
         self._written: list[str] = []
         self._discard: weakref.finalize | None = None
         self._unanswered = 0
+        self._replace_remote = False
 
     @classmethod
     def open(cls, root: str | os.PathLike, stage: str, fields: dict, *code: str | Callable) -> "Stage":
@@ -81,11 +82,23 @@ class Stage:
 
     @property
     def done(self) -> bool:
-        """Whether the output is sealed, whole (pulled first when it is at the URL only) and final:
+        """Whether the output is sealed, whole (pulled first when it is at the URL only, pushed when it
+        is in the mirror only) and final:
         one with rows whose LLM request got no answer is made again (`storage.UNANSWERED`)."""
-        if not is_complete(self.directory) and not (remote.pull(self.directory) and is_complete(self.directory)):
+        if is_complete(self.directory):
+            # reused from the mirror: the URL may lack it (a push that failed, a URL emptied since),
+            # and a run that ends well must leave at the URL every folder it names
+            remote.push(self.directory)
+        elif remote.pull(self.directory):
+            if not is_complete(self.directory):
+                self._replace_remote = True  # damaged at the URL: the copy made now must replace it
+                return False
+        else:
             return False
-        return not unanswered(self.directory)
+        if unanswered(self.directory):
+            self._replace_remote = True  # not final: the copy made now is, and replaces it at the URL
+            return False
+        return True
 
     def path(self, name: str) -> Path:
         """Where to write the output file `name`: in the temporary folder, until the seal."""
@@ -125,7 +138,7 @@ class Stage:
             self._tmp = None
         for name, digest in digests.items() if ours else ():  # moved, not changed: not hashed again
             remember_digest(self.directory / name, digest)
-        remote.push(self.directory)  # a no-op outside the mirror of a URL root
+        remote.push(self.directory, replace=self._replace_remote)  # a no-op outside the mirror of a URL root
         if memo is not None:
             memo.seal(self.directory, memo_tables or self._written)
         return self.directory

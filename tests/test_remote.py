@@ -206,3 +206,126 @@ def test_rescore_finds_the_run_at_the_url_from_a_fresh_machine(run, tmp_path, ca
     assert result["comparison"]["paired"] > 0
     pointer = json.loads((tmp_path / "remote" / "runs" / "layer_1.json").read_text())
     assert pointer["flow"] == "rescore" and pointer["params"]["n_boot"] == 20
+
+
+# ---------------------------------------------------------------- the URL holds what a run names
+
+def test_a_stage_reused_from_the_mirror_is_pushed_when_the_url_lacks_it(url):
+    root = open_root(url)
+    written = _files(_stage(root))
+    fs, base = remote.filesystem(url)
+    fs.rm(f"{base}/scores/k1", recursive=True)  # a push that failed, or a URL emptied since
+    assert Stage(root, "scores", "k1").done
+    fs.invalidate_cache()
+    assert sorted(fs.find(f"{base}/scores/k1")) == sorted(f"{base}/scores/k1/{name}" for name in written)
+
+
+def _named_folders(pointer: dict) -> set[str]:
+    """The stage folders (`<stage>/<key>`) a run pointer names, relative to the root."""
+    found = set()
+    for value in pointer.values():
+        for ref in value if isinstance(value, list) else [value]:
+            if isinstance(ref, dict) and "path" in ref:
+                found |= {"/".join(Path(ref[k]).parts[:2]) for k in ("path", "windows") if k in ref}
+    return found
+
+
+def _url_has_what_the_run_names(remote_dir: Path) -> None:
+    named = _named_folders(json.loads((remote_dir / "runs" / "layer_1.json").read_text()))
+    assert {"windows", "records", "explanations", "simulations", "scores"} <= {n.split("/")[0] for n in named}
+    missing = sorted(n for n in named if not (remote_dir / n / "manifest.json").is_file())
+    assert not missing, f"the run names folders the URL lacks: {missing}"
+
+
+def test_a_run_that_ends_well_leaves_at_the_url_all_it_names(run, tmp_path):
+    remote_dir = tmp_path / "remote"
+    remote_dir.mkdir()
+    (remote_dir / "explanations").write_text("")  # the explanations' push fails
+    with pytest.raises(UserError, match="cannot reach"):
+        run()
+    (remote_dir / "explanations").unlink()
+    run()
+    _url_has_what_the_run_names(remote_dir)
+
+    for p in remote_dir.iterdir():  # the URL emptied, the mirror kept
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    run()
+    _url_has_what_the_run_names(remote_dir)
+
+
+def test_a_damaged_folder_at_the_url_is_replaced_by_the_one_made_again(url):
+    root = open_root(url)
+    _stage(root)
+    fs, base = remote.filesystem(url)
+    fs.pipe_file(f"{base}/scores/k1/table.json", b"{")  # truncated at the URL
+    shutil.rmtree(root)  # a fresh machine
+    stage = Stage(open_root(url), "scores", "k1")
+    assert not stage.done, "a damaged folder is made again, not read"
+    write_json({"rows": [1, 2, 3]}, stage.path("table.json"))
+    made = stage.seal({"simulations": "s"}, {"layer": 1})
+    fs.invalidate_cache()
+    assert fs.cat_file(f"{base}/scores/k1/table.json") == (made / "table.json").read_bytes()
+    shutil.rmtree(root)
+    assert Stage(open_root(url), "scores", "k1").done, "the URL holds a whole folder again"
+
+
+def test_a_damaged_output_at_the_url_is_repaired_by_a_fresh_machine(run, tmp_path, cache):
+    from autoexplain.storage import damaged
+
+    first, _, _ = run()
+    scores = tmp_path / "remote" / "scores" / first["scores"][0]["key"]
+    table = next(scores.glob("*.parquet"))
+    table.write_bytes(table.read_bytes()[:100])
+    shutil.rmtree(cache / "mirror")  # a fresh machine: no mirror, no task results
+    run(results=f"file://{tmp_path}/results-fresh")
+    assert damaged(scores) is None, "the copy made again replaced the damaged one at the URL"
+
+
+def test_a_fresh_machine_lists_and_publishes_the_runs_at_the_url(run, tmp_path, cache):
+    from autoexplain import preflight
+    from autoexplain.publish import publish
+    from autoexplain.storage import run_sources
+
+    url = f"file://{tmp_path}/remote"
+    run()
+    shutil.rmtree(cache / "mirror")  # no run pointer on this machine
+    assert run_sources(open_root(url)) == [(1, "mlp")]
+    shutil.rmtree(cache / "mirror")
+    with pytest.raises(UserError, match=r"no finished explain-layer run of layer 2 \(it has layers 1\)"):
+        preflight.find_run(url, 2)
+    shutil.rmtree(cache / "mirror")
+    dataset = publish(url, tmp_path / "dataset", license_="cc-by-4.0")
+    assert (dataset / "README.md").is_file() and any((dataset / "data").rglob("*.parquet"))
+
+
+def _cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "autoexplain.flows.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, "AUTOEXPLAIN_CACHE": str(cache), "COLUMNS": "400"}, timeout=300)
+
+
+def test_file_systems_that_fail_when_made_say_what_is_wrong(tmp_path, cache):
+    with pytest.raises(UserError, match=r"cannot reach ftp://127.0.0.1:1/x: ConnectionRefusedError.*check the URL"):
+        open_root("ftp://127.0.0.1:1/x")
+    with pytest.raises(UserError, match=r"cannot reach zip://x::file://.*: FileNotFoundError"):
+        open_root(f"zip://x::file://{tmp_path}/none.zip")
+    try:
+        import aiohttp  # noqa: F401
+    except ImportError:
+        with pytest.raises(UserError, match=r"http:// outputs need the package 'aiohttp'.*pip install aiohttp"):
+            open_root("http://127.0.0.1:1/x")
+    shown = _cli("explain-layer", "--out", "ftp://127.0.0.1:1/x", "--layer", "1", cache=cache)
+    assert shown.returncode == 2 and "Traceback" not in shown.stderr, shown.stderr
+    assert shown.stderr.strip().splitlines() == ["error: --out: cannot reach ftp://127.0.0.1:1/x: ConnectionRefusedError: "
+                                                 "[Errno 111] Connection refused — check the URL, the credentials "
+                                                 "and that the location exists and is writable"]
+
+
+@pytest.mark.parametrize("command", [["rescore", "--layer", "1"], ["revise", "--layer", "1", "--unit", "1", "--text", "x"],
+                                     ["publish", "--to", "dataset"]])
+def test_read_only_commands_make_nothing_for_a_mistyped_url(command, tmp_path, cache):
+    url = f"file://{tmp_path}/typo/out"
+    shown = _cli(*command[:1], "--out", url, *[str(tmp_path / a) if a == "dataset" else a for a in command[1:]],
+                 cache=cache)
+    assert shown.returncode == 2, shown.stderr
+    assert f"--out: {url} does not exist" in shown.stderr and "Traceback" not in shown.stderr
+    assert not (tmp_path / "typo").exists() and not (cache / "mirror").exists() and not (tmp_path / "dataset").exists()
