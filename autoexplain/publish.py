@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from autoexplain import defaults, files, layout
 from autoexplain.errors import UserError
+from autoexplain.rows import rows_to_table
 from autoexplain.sources import MLP
 from autoexplain.storage import local_ref, open_root, read_run, run_sources
 from autoexplain.schemas import HERE as SCHEMAS
@@ -77,7 +78,9 @@ def layer_tables(run: dict) -> dict[str, pa.Table]:
     records = local_ref(run["records"])
     layer = run["params"]["layer"]
     stage = lambda name: [Path(local_ref(r)["path"]) for r in run[name]]  # noqa: E731 - the run's shards
-    chosen = [p.parent / layout.CHOSEN for p in stage("simulations")]
+    simulated = stage("simulations")
+    # An imported run (`import`) holds the explanations chosen, and no simulations until re-scored.
+    chosen = [p.parent / layout.CHOSEN for p in simulated] if simulated else stage("explanations")
     scores = _concat(stage("scores"))
     scored = pc.unique(scores.column("unit")).cast(pa.int64())  # a run may explain only some units
 
@@ -86,7 +89,7 @@ def layer_tables(run: dict) -> dict[str, pa.Table]:
 
     units = pq.read_table(layout.stats_table(records["path"], layer))
     return {"units": of_scored(units), "exemplars": of_scored(_exemplars(records, layer)), "explanations": _concat(chosen),
-            "scores": scores, "simulations": _concat(stage("simulations"))}
+            "scores": scores, "simulations": _concat(simulated) if simulated else rows_to_table([], "simulations")}
 
 
 NEURONPEDIA_BATCH = 1024  # rows per file, as Neuronpedia's importer takes them

@@ -130,6 +130,14 @@ def test_publish_a_model_run_then_import_and_rescore_it(home, modelled, tmp_path
     assert f"rescore --out {again} --layer 2" in result.stderr
     assert sorted(p.name for p in (again / "runs").iterdir()) == ["layer_0.json", "layer_2.json"]
     assert stage_cli(home, "import", "--from", str(dataset), "--out", str(again)).returncode == 0, "the same again"
+    # an imported run, not yet re-scored (no simulations), publishes its explanations and scores again
+    second = tmp_path / "republished"
+    result = stage_cli(home, "publish", "--out", str(again), "--to", str(second), "--license", "other")
+    assert result.returncode == 0, result.stderr[-3000:]
+    mine, theirs = (pl.read_parquet(d / "data" / "scores" / "mlp" / "layer_2.parquet") for d in (dataset, second))
+    assert mine.height == theirs.height > 0
+    mine, theirs = (pl.read_parquet(d / "data" / "explanations" / "mlp" / "layer_2.parquet") for d in (dataset, second))
+    assert sorted(theirs["text"]) == sorted(mine.filter(pl.col("method") == "explainer")["text"]), "import keeps those"
     mine = (out / "runs" / "layer_2.json").read_bytes()
     over = stage_cli(home, "import", "--from", str(dataset), "--out", str(out))
     assert "already holds runs of layer_0, layer_2" in _one_error_line(over) and "new --out" in over.stderr
