@@ -9,6 +9,7 @@ layer. A `UserError` becomes one line on stderr and exit code 2.
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 from typing import Optional
@@ -400,7 +401,13 @@ def train_sae_cmd(
                             f"--batch-tokens {batch:,}", "pass more --tokens or a smaller --batch-tokens")
         if hook not in TL_HOOKS:
             raise UserError(f"unknown --hook '{hook}'", f"use one of {', '.join(TL_HOOKS)}")
-        preflight.check_out(str(out), preflight.cli_flag)
+        for flag, where in (("out", out), ("to", to)):
+            if where is None:
+                continue
+            if re.match(r"[a-z][a-z0-9+.-]*:/", str(where)):  # a URL, which Path has folded to 'file:/...'
+                raise UserError(f"--{flag} {where}: train-sae writes to a local folder, not a URL",
+                                "pass a folder path (copy the SAE to the URL afterwards)")
+            preflight.check_out(str(where), preflight.cli_flag, flag)
         preflight.check_corpus(corpus, preflight.cli_flag)
         shape = preflight.model_shape(model, preflight.cli_flag)
         point = HookPoint(shape.n_layers // 2 if layer is None else layer, hook)

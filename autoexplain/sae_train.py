@@ -150,7 +150,8 @@ def train(states: torch.Tensor, cfg: TrainConfig, progress=None) -> tuple[TopKSA
                 progress(step, total_steps)
     seconds = time.perf_counter() - started
     explained, explained_rest, fired = fve(sae, held.float() * scale)
-    report = TrainReport(len(data), len(held), step, explained, explained_rest, float((fired == 0).float().mean()), 0.0, seconds)
+    # The tokens trained on: whole batches only (the rest of each shuffled epoch is left out).
+    report = TrainReport(min(len(data), steps_per_epoch * cfg.batch), len(held), step, explained, explained_rest, float((fired == 0).float().mean()), 0.0, seconds)
     return sae, scale, report
 
 
