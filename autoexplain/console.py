@@ -249,8 +249,11 @@ def _print_table(table) -> None:
 
 def _print_where(result: dict) -> None:
     if result.get("site"):
-        site = result["site"]
-        err.print(f"viewer: {site.removeprefix('file://')}  (serve it: autoexplain view --serve --site "
-                  f"{Path(site.removeprefix('file://')).parent})", highlight=False, soft_wrap=True)
+        from autoexplain import remote
+
+        site, here = result["site"], remote.local_path(result["site"])
+        shown = str(here) if site.startswith("file://") else f"{site} (a copy here: {here})" if here else site
+        serve = f"  (serve it: autoexplain view --serve --site {here.parent})" if here else ""
+        err.print(f"viewer: {shown}{serve}", highlight=False, soft_wrap=True)
     err.print(f"outputs: {result['out']}", highlight=False, soft_wrap=True)
     typer.echo(result["out"])

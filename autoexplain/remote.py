@@ -107,6 +107,19 @@ def _where(path: str | os.PathLike):
             return (url, fs, base) if rel == "." else (f"{url}/{rel}", fs, f"{base}/{rel}")
     return None
 
+def local_path(uri_: str) -> Path | None:
+    """Where a URI (`uri`'s) is on this machine: a file:// URI's path, or a URL's place in the mirror
+    of a root registered in this process; None for a URL of another root."""
+    if uri_.startswith("file://"):
+        from urllib.parse import urlparse
+        from urllib.request import url2pathname
+
+        return Path(url2pathname(urlparse(uri_).path))
+    for root, (url, _fs, _base) in list(_roots.items()):
+        if uri_ == url or uri_.startswith(url + "/"):
+            return root / uri_[len(url):].lstrip("/")
+    return None
+
 def location(path: str | os.PathLike):
     """(url, filesystem, path on it) of a local path inside a registered mirror, else None."""
     return _where(path)

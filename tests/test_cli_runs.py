@@ -266,6 +266,8 @@ def test_an_output_folder_named_with_a_space_and_an_accent(home, tiny_llama_dir,
                  "--top-k", "8", "--random", "6", "--out", str(out))
     assert result.returncode == 0, result.stderr[-4000:]
     assert (out / "runs" / "layer_1.json").is_file() and (out / "site" / "layer_1" / "index.html").is_file()
+    site = out.resolve() / "site" / "layer_1"
+    assert f"viewer: {site / 'index.html'}  (serve it: autoexplain view --serve --site {site})" in result.stderr
     from autoexplain.tasks.report import asset
 
     uri = (out / "records").resolve().as_uri()

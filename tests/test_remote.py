@@ -51,6 +51,9 @@ def test_round_trip_through_the_url(url, cache):
     fs, base = remote.filesystem(url)
     assert sorted(fs.find(f"{base}/scores/k1")) == sorted(f"{base}/scores/k1/{name}" for name in written)
     assert remote.uri(root / "scores" / "k1") == f"{url}/scores/k1"
+    here = remote.local_path(f"{url}/site/layer_1/index.html")  # where the run's viewer line says to serve from
+    assert here == (root / "site" / "layer_1" / "index.html" if url.startswith("memory") else
+                    Path(url.removeprefix("file://")) / "site" / "layer_1" / "index.html")
 
     shutil.rmtree(root)  # a fresh machine: nothing local
     stage = Stage(open_root(url), "scores", "k1")
