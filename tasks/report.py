@@ -15,8 +15,7 @@ from __future__ import annotations
 import hashlib
 import shlex
 from pathlib import Path
-from urllib.parse import unquote, urlparse
-from urllib.request import url2pathname
+from urllib.parse import unquote
 
 import polars as pl
 from prefect import task
@@ -114,7 +113,7 @@ def viewer_markdown(site: str) -> str:
     from autoexplain.serve import DEFAULT_PORT, running_url
 
     if site.startswith("file://"):
-        folder = Path(url2pathname(urlparse(site).path)).parent
+        folder = remote.local_path(site).parent
         where = f"Site folder: `{folder}`"
     else:  # built in the URL's local mirror on the machine that ran view_task, then uploaded
         url = site.rsplit("/", 1)[0]
