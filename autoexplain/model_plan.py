@@ -43,21 +43,18 @@ def coder_folders(spec: str, asked: list[int] | None, spell: preflight.Spelling)
     """The source specs a `sources` entry stands for: a sparsify run's folder ('sae:RUN') is its
     hookpoint folders ('sae:RUN/layers.3') at the layers asked (all without layers); any other
     spec is itself (checked later, as explain-layer checks it)."""
-    from pathlib import Path
-
+    from autoexplain.sae import parse_source
     from autoexplain.sae_formats import detect, sparsify_children
 
-    kind, _, rest = spec.partition(":")
-    path = Path(rest.strip()).expanduser()
-    if kind not in ("sae", "transcoder") or not rest.strip() or not path.is_dir():
-        return [spec]
     try:
-        if detect(path) != "sparsify-parent":
+        source = parse_source(spec)
+        if source.path is None or not source.path.is_dir() or detect(source.path) != "sparsify-parent":
             return [spec]
-    except UserError:
+    except UserError:  # not a coder folder: checked later, as explain-layer checks it
         return [spec]
+    path = source.path
     children = sparsify_children(path)
-    picked = [f"{kind}:{d}" for layer, d in children if layer is not None and (asked is None or layer in asked)]
+    picked = [f"{source.kind}:{d}" for layer, d in children if layer is not None and (asked is None or layer in asked)]
     if not picked:
         raise UserError(f"{spell('sources')}: {path} holds no coder for layers {asked} "
                         f"(it has {', '.join(d.name for _, d in children)})", "pick layers it has, or leave the layers out")
