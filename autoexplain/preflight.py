@@ -245,13 +245,13 @@ def check_revisions(revisions: dict[str, str] | None, units: list[int] | None, s
     return parsed
 
 
-def check_same_coder(out: str, layer: int, source, spell: Spelling = flow_name) -> None:
+def check_same_coder(out: str, layer: int, source, source_id: str, spell: Spelling = flow_name) -> None:
     """Two coders of one kind at one layer share a run pointer and pages: one run must not silently
     replace the other's (`source_coder.other_coder`)."""
     from autoexplain.source_coder import other_coder
     from autoexplain.storage import layer_name
 
-    theirs = other_coder(out, layer, source)
+    theirs = other_coder(out, layer, source, source_id)
     if theirs:
         raise _fail(spell, "source", f"{out} already holds layer {layer}'s {source.kind} latents of another coder "
                     f"({theirs}): this run would replace its run pointer and pages", "explain this coder into "
@@ -270,12 +270,13 @@ def check_source(source: str | None, model: str, layer: int | None, spell: Spell
         raise _fail(spell, name, e.problem, e.fix or "") from None
 
 
-def source_kind(source: str | None, spell: Spelling = flow_name, name: str = "source") -> str:
-    """The kind of units a source value names (`source_coder.kind_of`), or one line saying why not."""
-    from autoexplain.source_coder import kind_of
+def source_kind(source: str | None, spell: Spelling = flow_name, name: str = "source") -> tuple[str, int | None]:
+    """The kind of units a source value names and the layer its coder reads (None without a coder:
+    `source_coder.kind_and_layer`), or one line saying why not."""
+    from autoexplain.source_coder import kind_and_layer
 
     try:
-        return kind_of(source)
+        return kind_and_layer(source)
     except UserError as e:
         raise _fail(spell, name, e.problem, e.fix or "") from None
 
@@ -326,7 +327,8 @@ def explain_layer(p: dict, spell: Spelling = flow_name) -> LayerPlan:
     if layer is None:
         layer = getattr(source, "layer", defaults.LAYER)
     check_layer(shape, layer, spell)
-    check_same_coder(p.get("out", "out"), layer, source, spell)
+    source_id = content_key(source.identity())
+    check_same_coder(p.get("out", "out"), layer, source, source_id, spell)
     if source.kind != MLP.kind:
         shape = Shape(shape.name, shape.n_layers, source.n_units(None))
     units = check_units(shape, p.get("units"), spell)
@@ -339,20 +341,16 @@ def explain_layer(p: dict, spell: Spelling = flow_name) -> LayerPlan:
     check_scorers(p.get("scorers"), spell)
     limit = check_budget(p.get("budget"), spell, explainer=p.get("explainer"), simulator=p.get("simulator"),
                          scorers=p.get("scorers"))
-    return LayerPlan(shape, units, revisions, limit, layer, source, content_key(source.identity()))
+    return LayerPlan(shape, units, revisions, limit, layer, source, source_id)
 
 
 def run_of(out: str, layer: int | None, source: str | None, spell: Spelling = flow_name) -> dict:
     """`find_run` for a source as given ('mlp', 'sae:PATH' or a kind) and a layer or None: then the
     coder's own layer, else the one layer holding a run of those units, else the default layer."""
     from autoexplain import remote
-    from autoexplain.source_coder import kind_and_layer
     from autoexplain.storage import open_root, run_layers
 
-    try:
-        kind, own = kind_and_layer(source)
-    except UserError as e:
-        raise _fail(spell, "source", e.problem, e.fix or "") from None
+    kind, own = source_kind(source, spell)
     if layer is None and own is None and kind != MLP.kind and (remote.is_url(out) or Path(out).is_dir()):
         check_root(out, spell)
         have = run_layers(open_root(out), kind)

@@ -118,12 +118,13 @@ def kind_and_layer(text: str | None) -> tuple[str, int | None]:
     return text, None
 
 
-def other_coder(out: str, layer: int, source: UnitSource) -> str | None:
+def other_coder(out: str, layer: int, source: UnitSource, source_id: str) -> str | None:
     """The coder whose latents a local output root already holds at this layer under the same kind
     as `source` (so the same run pointer and pages), when it is another coder: another file, not
-    this file's weights retrained (a rerun replaces those, as it replaces any run). None when none."""
+    this file's weights retrained (a rerun replaces those, as it replaces any run). None when none.
+    `source_id`: the content key of `source.identity()`, as its recording's manifest names it."""
     from autoexplain.remote import is_url
-    from autoexplain.storage import content_key, read_manifest, read_run
+    from autoexplain.storage import read_manifest, read_run
 
     if source.kind == MLP_KIND or is_url(out) or not Path(out).is_dir():
         return None
@@ -132,9 +133,9 @@ def other_coder(out: str, layer: int, source: UnitSource) -> str | None:
         return None
     params = read_manifest(run["records"]["path"])["params"]
     theirs = params.get("source_spec") or ""
-    if params.get("source_id") == content_key(source.identity()) or ":" not in theirs:
+    if params.get("source_id") == source_id or ":" not in theirs:
         return None
-    if Path(parse_source(theirs).path).expanduser().resolve() == Path(source.spec.path).expanduser().resolve():
+    if parse_source(theirs).path.resolve() == source.spec.path.resolve():  # parsed paths are expanded
         return None
     return theirs
 
