@@ -291,3 +291,17 @@ def test_a_results_folder_that_cannot_be_one_is_one_line_before_any_work(home, e
         assert line.startswith("error: --results: cannot write under") and "is a file" in line, line
         assert "Flow run" not in result.stderr
     assert not (tmp_path / "new").exists()
+
+
+def test_the_revise_flow_without_a_revision_or_with_an_unknown_unit_is_one_line(prefect_results, explained):
+    """What a deployment user gets (the CLI always passes a revision): the run's Failed state says
+    which parameter is wrong, in one line, before any work."""
+    from autoexplain.flows.explain_layer import revise
+
+    out, _ = explained
+    before = read_run(out, 1)
+    for revisions, says in ((None, "parameter revisions: no revision given"),
+                            ({"40": "t"}, "parameter revisions: unit 40 is not among the units this run explains")):
+        state = revise(out=str(out), layer=1, revisions=revisions, return_state=True)
+        assert state.is_failed() and state.message.startswith(says) and "\n" not in state.message, state.message
+    assert read_run(out, 1) == before, "nothing written"
