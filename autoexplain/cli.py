@@ -433,8 +433,20 @@ def train_sae_cmd(
     run_or_exit(go)
 
 
+def flat_command_list(app: typer.Typer) -> None:
+    """Give each command its docstring's first paragraph as one line for `--help`'s command list:
+    typer keeps a docstring's line breaks there (not in the command's own help), which cut its
+    sentences mid-line."""
+    import inspect
+
+    for info in app.registered_commands:
+        doc = info.help or inspect.getdoc(info.callback) or ""
+        info.short_help = info.short_help or " ".join(doc.split("\n\n")[0].split())
+
+
 def main():  # pragma: no cover - the stage commands alone (`python -m autoexplain.cli`)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    flat_command_list(app)
     app(prog_name="autoexplain")
 
 

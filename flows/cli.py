@@ -17,7 +17,7 @@ from typing import Optional
 import typer
 
 from autoexplain import defaults, preflight
-from autoexplain.cli import BUDGET, CACHE, CONCURRENCY, N_RANDOM, RPM, SCORERS, TOP_K, TPM, WINDOW_LEN, app
+from autoexplain.cli import BUDGET, CACHE, CONCURRENCY, N_RANDOM, RPM, SCORERS, TOP_K, TPM, WINDOW_LEN, app, flat_command_list
 from autoexplain.console import (
     budget_stopped,
     print_llm_usage,
@@ -222,6 +222,7 @@ app.command("explain-layer")(explain_layer_cmd)
 app.command("explain-model")(explain_model_cmd)
 app.command("rescore")(rescore_cmd)
 app.command("revise")(revise_cmd)
+flat_command_list(app)
 
 
 def main():  # pragma: no cover - console entry point

@@ -25,6 +25,21 @@ def test_help_reads_well():
         assert flag in rec.stdout
 
 
+def test_the_command_list_keeps_each_description_whole():
+    """A docstring's line break used to cut the command list's sentences mid-line ('A dataset
+    `publish` wrote comes' / 'back whole'); at a width where each fits one line, each does."""
+    import inspect
+
+    from autoexplain.flows.cli import app
+
+    top = run("--help", env={"COLUMNS": "1000"})
+    for info in app.registered_commands:
+        first = " ".join(inspect.getdoc(info.callback).split("\n\n")[0].split())
+        name = info.name or info.callback.__name__.replace("_", "-")
+        lines = [l for l in top.stdout.splitlines() if f" {name} " in l]
+        assert any(first in l for l in lines), (name, first, lines)
+
+
 def _one_error_line(result):
     lines = [l for l in result.stderr.splitlines() if l.strip() and "Loading weights" not in l]
     errors = [l for l in lines if l.startswith("error:")]
