@@ -18,7 +18,7 @@ import typer
 
 from autoexplain import defaults, preflight
 from autoexplain.budget import set_budget
-from autoexplain.console import err, print_llm_usage, print_summary, progress_bar, run_or_exit
+from autoexplain.console import err, flat_command_list, print_llm_usage, print_summary, progress_bar, run_or_exit
 from autoexplain.errors import UserError
 from autoexplain.llm import set_limits
 from autoexplain.llm_cache import set_cache
@@ -431,17 +431,6 @@ def train_sae_cmd(
         typer.echo(str(folder))
 
     run_or_exit(go)
-
-
-def flat_command_list(app: typer.Typer) -> None:
-    """Give each command its docstring's first paragraph as one line for `--help`'s command list:
-    typer keeps a docstring's line breaks there (not in the command's own help), which cut its
-    sentences mid-line."""
-    import inspect
-
-    for info in app.registered_commands:
-        doc = info.help or inspect.getdoc(info.callback) or ""
-        info.short_help = info.short_help or " ".join(doc.split("\n\n")[0].split())
 
 
 def main():  # pragma: no cover - the stage commands alone (`python -m autoexplain.cli`)

@@ -257,3 +257,14 @@ def _print_where(result: dict) -> None:
         err.print(f"viewer: {shown}{serve}", highlight=False, soft_wrap=True)
     err.print(f"outputs: {result['out']}", highlight=False, soft_wrap=True)
     typer.echo(result["out"])
+
+
+def flat_command_list(app: typer.Typer) -> None:
+    """Give each command its docstring's first paragraph as one line for `--help`'s command list:
+    typer keeps a docstring's line breaks there (not in the command's own help), which cut its
+    sentences mid-line."""
+    import inspect
+
+    for info in app.registered_commands:
+        doc = info.help or inspect.getdoc(info.callback) or ""
+        info.short_help = info.short_help or " ".join(doc.split("\n\n")[0].split())

@@ -17,9 +17,10 @@ from typing import Optional
 import typer
 
 from autoexplain import defaults, preflight
-from autoexplain.cli import BUDGET, CACHE, CONCURRENCY, N_RANDOM, RPM, SCORERS, TOP_K, TPM, WINDOW_LEN, app, flat_command_list
+from autoexplain.cli import BUDGET, CACHE, CONCURRENCY, N_RANDOM, RPM, SCORERS, TOP_K, TPM, WINDOW_LEN, app
 from autoexplain.console import (
     budget_stopped,
+    flat_command_list,
     print_llm_usage,
     print_model_summary,
     print_summary,
