@@ -197,8 +197,21 @@ def check_out(out: str, spell: Spelling = flow_name, name: str = "out") -> None:
         probe = probe.parent
     if not probe.is_dir():
         raise _fail(spell, name, f"cannot write under {path}: {probe} is a file", "pass a folder path")
-    if not os.access(probe, os.W_OK | os.X_OK):
+    if not os.access(probe, os.W_OK | os.X_OK) or not _can_make_folder_in(probe):
         raise _fail(spell, name, f"cannot write under {path}: {probe} is not writable", "pass a writable folder")
+
+
+def _can_make_folder_in(folder: Path) -> bool:
+    """Whether a folder can be made here, tried for real and removed: as root, `os.access` says yes
+    to read-only mounts and to /proc."""
+    import os
+    import tempfile
+
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".autoexplain-probe-", dir=folder))
+    except OSError:
+        return False
+    return True
 
 
 def check_root(out: str, spell: Spelling = flow_name, name: str = "out") -> None:

@@ -122,6 +122,10 @@ def require_complete(directory: str | os.PathLike, what: str, fix: str) -> Path:
     if bad is not None:
         raise UserError(f"{directory / bad} does not match its manifest (changed or truncated)", _rerun(directory))
     if not (directory / MANIFEST).is_file():
+        inside = _finished_inside(directory, what)
+        if inside:  # the stage's root (out/records) given for one of its folders (out/records/KEY)
+            more = f" (or another of the {len(inside)} there)" if len(inside) > 1 else ""
+            fix = f"pass the {what} folder inside it: {inside[-1]}{more}"
         raise UserError(f"{directory} is not a finished {what} folder (no {MANIFEST})", fix)
     made = read_manifest(directory).get("stage")
     if what != ANY_STAGE and made is not None and made != what:
@@ -132,6 +136,23 @@ def require_complete(directory: str | os.PathLike, what: str, fix: str) -> Path:
         failed = "; ".join(e.report.failures) or e.report.summary()
         raise UserError(f"{e.path} breaks its data contract '{e.report.suite}': {failed}", _rerun(directory)) from None
     return directory
+
+
+def _finished_inside(directory: Path, what: str) -> list[Path]:
+    """The finished folders of stage `what` directly inside `directory`, newest last."""
+    try:
+        children = [c for c in directory.iterdir() if (c / MANIFEST).is_file()]
+    except OSError:
+        return []
+    return sorted((c for c in children if what == ANY_STAGE or _stage_of(c) in (what, None)),
+                  key=lambda c: (c / MANIFEST).stat().st_mtime)
+
+
+def _stage_of(directory: Path) -> str | None:
+    try:
+        return read_manifest(directory).get("stage")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _rerun(directory: Path) -> str:

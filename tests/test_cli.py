@@ -62,6 +62,9 @@ def test_record_runs_and_prints_the_output_folder(base, prose_file, tmp_path):
     assert folder.parent == tmp_path / "out" / "records"
     assert pl.read_parquet(folder / "layer_2.records.parquet")["unit"].n_unique() == 48
     assert "tokens/s" in result.stderr and "ETA" in result.stderr
+    # The stage's root given for its folder: the error names the folder to pass.
+    line = _one_error_line(run("explain", "--records", str(folder.parent), "--out", str(tmp_path / "out")))
+    assert line.endswith(f"pass the records folder inside it: {folder}"), line
 
 
 @pytest.mark.parametrize(
@@ -92,6 +95,14 @@ def test_a_misspelt_switch_is_refused_before_any_work(base, prose_file, tmp_path
     line = _one_error_line(run(*base, "--corpus", str(prose_file), "--tokens", "2000", env={name: value}))
     assert f"{name}={value!r}" in line and "unset it" in line
     assert not (tmp_path / "out").exists(), "nothing written"
+
+
+def test_an_output_folder_that_cannot_be_made_is_refused_first(base, prose_file, tmp_path):
+    """As root (how CI runs), `os.access` calls /proc writable; making the folder fails after the
+    model was loaded, with a traceback. The check makes a folder there for real."""
+    args = [("/proc/autoexplain-out" if a == str(tmp_path / "out") else a) for a in base]
+    line = _one_error_line(run(*args, "--corpus", str(prose_file)))
+    assert line == "error: --out: cannot write under /proc/autoexplain-out: /proc is not writable — pass a writable folder"
 
 
 def test_bad_corpora(base, tmp_path):
