@@ -111,9 +111,15 @@ PAGES = ("index", "layer", "unit")  # the pages a build writes at the top of the
 def _check_site(site_dir: Path) -> None:
     """Refuse a folder that no viewer build wrote where this one would empty or replace the user's
     files: its 'data' folder, or pages named as the site's."""
+    fix = "pass a new or empty folder for the site (or the folder of an earlier site)"
+    for folder in (site_dir, *site_dir.absolute().parents):
+        if (folder / layout.MANIFEST).is_file():  # a sealed stage output: its manifest lists its files
+            stage = read_manifest(folder).get("stage") or "stage"
+            where = "" if folder == site_dir else f"inside the finished {stage} folder {folder}"
+            raise UserError(f"{site_dir} is {where or f'a finished {stage} folder'}; a site there would mix "
+                            "with its outputs", fix)
     if (site_dir / "data" / "site.js").is_file():
         return  # an earlier build's: rebuilt in place
-    fix = "pass a new or empty folder for the site (or the folder of an earlier site)"
     if (site_dir / "data").is_dir() and any((site_dir / "data").iterdir()):
         raise UserError(f"{site_dir} holds a 'data' folder that no viewer build wrote", fix)
     theirs = [f"{name}.html" for name in PAGES if (site_dir / f"{name}.html").exists()]
