@@ -180,3 +180,17 @@ def test_neurons_and_latents_of_a_layer_are_units_apart_in_the_plots(tmp_path):
     n = neurons.select("unit", "polarity").unique().height
     assert per_unit(both).height == 2 * n, "latent 5 of layer 3 is not neuron 5 of layer 3"
     assert per_unit(neurons).height == n
+
+
+def test_no_site_inside_a_finished_stage_folder(tmp_path):
+    """A sealed stage folder, or a folder inside one, would get files its manifest does not list."""
+    from autoexplain.errors import UserError
+
+    scores_dir = synthetic_layer(tmp_path / "out", 2, 5)
+    before = sorted(p.name for p in scores_dir.iterdir())
+    with pytest.raises(UserError, match=f"{scores_dir} is a finished scores folder; a site there would mix"):
+        build_site([scores_dir], scores_dir)
+    with pytest.raises(UserError, match=f"is inside the finished scores folder {scores_dir};"):
+        build_site([scores_dir], scores_dir / "site")
+    assert sorted(p.name for p in scores_dir.iterdir()) == before
+    assert build_site([scores_dir], tmp_path / "out" / "site").is_file()  # beside it is fine
