@@ -91,7 +91,8 @@ def compare(before: pl.DataFrame, after: pl.DataFrame, metric: str = HEADLINE, m
     both = pairs.drop_nulls(["before", "after"]).with_columns((pl.col("after") - pl.col("before")).alias("change"))
     n = both.height
     mean, lo, hi = mean_ci(both["change"].to_list())
-    moved = both.sort(pl.col("change").abs(), *_UNIT, descending=[True, False, False, False]).head(top)
+    moved = (both.filter(pl.col("change") != 0)  # a list of unchanged units would read as movement
+             .sort(pl.col("change").abs(), *_UNIT, descending=[True, False, False, False]).head(top))
     return {"metric": metric, "method": method, "units": pairs.height, "paired": n,
             "mean_before": both["before"].mean() if n else None, "mean_after": both["after"].mean() if n else None,
             "mean_change": mean, "ci_low": lo, "ci_high": hi,
@@ -111,8 +112,10 @@ def compare_markdown(c: dict, title: str) -> str:
              f" ({c['lost']} lost a defined score, {c['gained']} gained one).", "",
              f"- mean before: {_f(c['mean_before'])}", f"- mean after: {_f(c['mean_after'])}",
              f"- **mean change: {_f(c['mean_change'])}** (95% CI [{_f(c['ci_low'])}, {_f(c['ci_high'])}])", "",
-             "## Units that moved most", "", "| layer | unit | polarity | before | after | change |",
-             "|---|---|---|---|---|---|"]
+             "## Units that moved most", ""]
+    if not c["moved"]:
+        return "\n".join(lines + ["No unit's score changed."]) + "\n"
+    lines += ["| layer | unit | polarity | before | after | change |", "|---|---|---|---|---|---|"]
     lines += [f"| {m['layer']} | {m['unit']} | {m['polarity']:+d} | {_f(m['before'])} | {_f(m['after'])} | {_f(m['change'])} |"
               for m in c["moved"]]
     return "\n".join(lines) + "\n"

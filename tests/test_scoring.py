@@ -322,3 +322,20 @@ def test_the_mean_over_units_has_a_bootstrap_ci_inside_the_values_range():
     assert (row["mean"], row["ci_low"], row["ci_high"]) == pytest.approx((m, lo, hi))
     change = compare(scores, scores.with_columns(pl.col("value") - 0.1))
     assert change["mean_change"] == pytest.approx(-0.1) and change["ci_low"] == pytest.approx(-0.1)
+
+
+def test_a_comparison_lists_only_units_whose_score_changed():
+    """A rerun that changed nothing listed ten units 'that moved most', each +0.000."""
+    import polars as pl
+
+    from autoexplain.summary import compare, compare_markdown
+
+    unit = dict(layer=1, polarity=1, metric="top_and_random", method="explainer")
+    before = pl.DataFrame([{**unit, "unit": i, "value": 0.1 * i} for i in range(4)])
+    same = compare(before, before)
+    assert same["moved"] == [] and same["paired"] == 4
+    assert compare_markdown(same, "t").endswith("## Units that moved most\n\nNo unit's score changed.\n")
+    after = before.with_columns(pl.when(pl.col("unit") == 2).then(0.5).otherwise(pl.col("value")).alias("value"))
+    moved = compare(before, after)["moved"]
+    assert [(m["unit"], round(m["change"], 6)) for m in moved] == [(2, 0.3)]
+    assert "| 1 | 2 | +1 | +0.200 | +0.500 | +0.300 |" in compare_markdown(compare(before, after), "t")
