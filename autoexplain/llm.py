@@ -124,6 +124,7 @@ class LLM(ABC):
     # answers from a response cache (`llm_cache.attach` sets `self.cache`).
     thread_safe: bool = False
     max_concurrency: int = 1
+    concurrency_given: int = 1  # what max_concurrency was made with: a server's climbs back to it after timeouts
     caches_requests: bool = False
     # What its outputs depend on beyond its name, for cache keys: a local model's weights
     # (`Subject.fingerprint`); '' for a server, known by its name only.
@@ -435,8 +436,7 @@ def server_limits(url: str | None) -> dict:
     from urllib.parse import urlparse
 
     openai = (urlparse(url or OPENAI_URL).hostname or "").endswith("api.openai.com")
-    concurrency, retries = os.environ.get(CONCURRENCY_ENV), os.environ.get(RETRIES_ENV)
-    rpm, tpm = os.environ.get(RPM_ENV), os.environ.get(TPM_ENV)
+    concurrency, rpm, tpm, retries = (os.environ.get(k) for k in (CONCURRENCY_ENV, RPM_ENV, TPM_ENV, RETRIES_ENV))
     return {"max_concurrency": int(concurrency) if concurrency else (OPENAI_CONCURRENCY if openai else DEFAULT_CONCURRENCY),
             "requests_per_minute": float(rpm) if rpm else None, "tokens_per_minute": float(tpm) if tpm else None,
             **({"max_retries": int(retries)} if retries else {})}

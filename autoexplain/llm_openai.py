@@ -18,13 +18,10 @@ Concurrency: `max_concurrency` requests are in flight at most. The limit (`llm_l
 taken for one attempt and given back before a backoff wait, so a request that waits to retry holds
 no slot; the thread pool that runs requests is larger than the limit for the same reason. Callers
 in many threads (units of a stage, shards of a flow) share one pool and one limit per LLM object.
-A request that times out takes one slot away (never the last), with one line on the log: a server
-that answers one request at a time (llama-cpp-python's) queues the others, and at 64 in flight most
-of them outwait the timeout, each wasting the server's work on an answer nobody reads; so the
-client comes down to what the server answers within the timeout. A server that was only briefly
-overloaded gets the slots back one at a time, one line each, once enough answers in a row came
-quickly enough that one more request would be answered well inside the timeout too
-(`llm_limits.Slots.answered`); a timeout after such a raise makes the next need twice the evidence.
+A timeout takes one slot away (never the last), one log line each: a server that answers one
+request at a time (llama-cpp-python's) queues the others, and at 64 in flight most outwait the
+timeout, wasting its work on answers nobody reads. Slots come back one at a time, one line each,
+when the answers say one more would be answered in time too (`llm_limits.Slots.answered`).
 
 Stopping (`interrupt`): the pool's threads are daemons whose futures fail at a stop, no attempt is
 sent after one, and the backoff and rate-limit waits end at once; a request in flight is abandoned.
@@ -130,6 +127,10 @@ class OpenAILLM(LLM):
         """Requests in flight at most now: the concurrency given, less one per request that timed out
         (down to 1), plus one per raise since (`llm_limits.Slots`)."""
         return self._slots.limit
+
+    @property
+    def concurrency_given(self) -> int:
+        return self._slots.ceiling
 
     def close(self) -> None:
         self._pool.close()

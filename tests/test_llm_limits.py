@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from autoexplain import interrupt
-from autoexplain.llm import OpenAILLM
+from autoexplain.llm import LLMError, OpenAILLM
 from autoexplain.llm_limits import Slots
 from tests.llama_server import canned_reply, fault_server  # noqa: F401  (fixture)
 from tests.test_llm_stop import in_thread
@@ -235,3 +235,21 @@ def test_the_concurrency_comes_back_once_the_server_answers_quickly_again(fault_
         [f"LLM: requests to {url} are answered in time again; concurrency raised to {n}" for n in (2, 3, 4)]
     assert llm.max_concurrency == 4
     assert len(srv.requests) == 204, "each of the four held requests sent again once, nothing else twice"
+
+
+def test_a_stage_started_after_timeouts_is_sized_for_the_concurrency_given(fault_server):
+    """Eight requests time out (no retries): the limit is 1 now, but a stage that starts now runs
+    enough batches for the 8 given (4 batches of 8 units, each a request per unit), so that when
+    the limit climbs back there are requests to fill it. Sized by the limit now, it would run one."""
+    from autoexplain.explain import LLMExplainer
+    from autoexplain.pipeline import ExplainConfig, explain_workers
+
+    srv = fault_server(hold=True)
+    llm = OpenAILLM("test-model", srv.base_url, api_key="test", max_concurrency=8, timeout=0.5, max_retries=0)
+    try:
+        out = llm.complete([f"p{i}" for i in range(8)], max_tokens=1, return_errors=True)
+    finally:
+        llm.close()
+    assert all(isinstance(o, LLMError) for o in out) and len(srv.requests) == 8
+    assert (llm.max_concurrency, llm.concurrency_given) == (1, 8)
+    assert explain_workers(LLMExplainer(llm), ExplainConfig(batch_units=8)) == 4
