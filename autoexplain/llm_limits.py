@@ -54,8 +54,8 @@ class Slots:
     deadlocks (holders leave as usual, each waking a waiter) nor lets more in than the new limit.
 
     `answered(ticket, seconds)` gives one back, up to the limit it started at, on evidence that one
-    more request would not time out: `evidence` answers in a row, each sent while the limit was
-    full and not changed since, each quick enough that `ahead` says one more would finish well
+    more request would not time out: `evidence` answers in a row (and a limit's worth at least),
+    each sent while the limit was full and not changed since, each quick enough that `ahead` says one more would finish well
     inside `timeout`. Probing by sending more would cost a whole timeout per probe against a server
     that answers one request at a time. A timeout soon after a raise means the evidence misled:
     the next raise needs twice as much. `say(limit, lowered)` is called at each move, in order."""
@@ -65,7 +65,7 @@ class Slots:
     def __init__(self, limit: int, timeout: float | None = None, evidence: int = 16, say=None):
         self.limit = self.ceiling = int(limit)
         self.held, self.timeout = 0, timeout
-        self.evidence = self._need = int(evidence)
+        self._need = int(evidence)  # answers in a row a raise needs now
         self._epoch = self._streak = 0  # the limit's changes so far; answers in a row that say "raise"
         self._probe: int | None = None  # the epoch the last raise began, until a timeout in it
         self._say = say or (lambda limit, lowered: None)
@@ -86,7 +86,7 @@ class Slots:
     def give(self) -> None:
         with self._cond:
             self.held -= 1
-            self._cond.notify()  # a waiter can use the slot: one more whenever the limit was raised (`answered`)
+            self._cond.notify()  # the slot left, for one waiter (a raise wakes one more itself)
 
     def __enter__(self) -> "Slots":
         self.take()
