@@ -126,7 +126,7 @@ def run_classify(records_dir, simulations: StageRef, out, scorer_spec: str, scor
                         hard={k: [r.window_id for r in v] for k, v in sorted(near.items())})
         return memo.get_or_compute(ukey, lambda: classify_unit(unit, texts, scorer, near, seed), _asked_ok)
 
-    workers = int(scorer.llm.max_concurrency) if scorer.thread_safe else 1
+    workers = int(scorer.llm.concurrency_given) if scorer.thread_safe else 1  # as `pipeline` sizes its stages
     rows = []
     for i, got in enumerate(in_order(unit_rows, units, workers)):
         rows += got

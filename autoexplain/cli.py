@@ -28,10 +28,11 @@ from autoexplain.llm_cache import set_cache
 WINDOW_LEN = typer.Option(64, "--window-len", help="Tokens per window (the reference uses 64).")
 TOP_K = typer.Option(40, "--top-k", help="Top-activating windows kept per unit and polarity.")
 N_RANDOM = typer.Option(30, "--random", help="Random windows kept per unit and polarity.")
-CONCURRENCY = typer.Option(None, "--concurrency", help="LLM requests in flight at once, across units (default: 64 for a server URL, 8 for api.openai.com; each request that times out lowers it by one, down to 1). Results do not depend on it.")
+CONCURRENCY = typer.Option(None, "--concurrency", help="LLM requests in flight at once, across units (default: 64 for a server URL, 8 for api.openai.com; each request that times out lowers it by one, down to 1, and quick answers raise it back). Results do not depend on it.")
 RPM = typer.Option(None, "--rpm", help="At most this many LLM requests per minute (default: no limit).")
 TPM = typer.Option(None, "--tpm", help="At most this many LLM tokens (prompt + completion) per minute; a request takes an estimate "
                    "before it is sent and the server's count once answered (default: no limit).")
+RETRIES = typer.Option(None, "--retries", help="Times an LLM request is sent again after a timeout, a lost connection, a 429 or a 5xx, with backoff (default: 6); 0 fails it at once.")
 BUDGET = typer.Option(None, "--budget", help="The most this run may spend on server LLMs: dollars ('$5', at the prices of "
                       "autoexplain/prices.json) or tokens ('2M tokens'). The run stops cleanly before the request that would pass it "
                       "(exit code 3); finished units are kept, and the same command with a larger budget goes on from there.")
@@ -153,6 +154,7 @@ def explain(
     concurrency: Optional[int] = CONCURRENCY,
     rpm: Optional[float] = RPM,
     tpm: Optional[float] = TPM,
+    retries: Optional[int] = RETRIES,
     cache: bool = CACHE,
     budget: Optional[str] = BUDGET,
     out: Path = typer.Option(Path("out"), "--out", "-o"),
@@ -165,13 +167,13 @@ def explain(
         preflight.check_out(str(out), preflight.cli_flag)
         if k < 1:
             raise UserError(f"--k must be at least 1, got {k}", "pass --k 1 or more")
-        preflight.check_limits(concurrency, rpm, preflight.cli_flag, tpm)
+        preflight.check_limits(concurrency, rpm, preflight.cli_flag, tpm, retries)
         L = _records_layer(records, layer)
         parse_units(units, recorded_units(records, L))  # a unit the layer lacks is an error, not skipped
         chosen = parse_units(units)  # None (every unit) stays None: it is part of the stage's key
         preflight.check_explainer(explainer, preflight.cli_flag)
         limit = preflight.check_budget(budget, preflight.cli_flag, explainer=explainer)
-        set_limits(concurrency, rpm, tpm)
+        set_limits(concurrency, rpm, tpm, retries)
         set_cache(cache)
         set_budget(limit)
         ref = run_explain(records, L, out, chosen, explainer, ExplainConfig(k=k, chat=chat))
@@ -189,6 +191,7 @@ def simulate(
     concurrency: Optional[int] = CONCURRENCY,
     rpm: Optional[float] = RPM,
     tpm: Optional[float] = TPM,
+    retries: Optional[int] = RETRIES,
     cache: bool = CACHE,
     budget: Optional[str] = BUDGET,
     out: Path = typer.Option(Path("out"), "--out", "-o"),
@@ -198,12 +201,12 @@ def simulate(
 
     def go():
         preflight.check_out(str(out), preflight.cli_flag)
-        preflight.check_limits(concurrency, rpm, preflight.cli_flag, tpm)
+        preflight.check_limits(concurrency, rpm, preflight.cli_flag, tpm, retries)
         x = StageRef.of(explanations, "explanations")
         _records_layer(records, x.layer)
         preflight.check_simulator(simulator, preflight.cli_flag)
         limit = preflight.check_budget(budget, preflight.cli_flag, simulator=simulator)
-        set_limits(concurrency, rpm, tpm)
+        set_limits(concurrency, rpm, tpm, retries)
         set_cache(cache)
         set_budget(limit)
         ref = run_simulate(records, x, out, simulator)

@@ -124,6 +124,7 @@ class LLM(ABC):
     # answers from a response cache (`llm_cache.attach` sets `self.cache`).
     thread_safe: bool = False
     max_concurrency: int = 1
+    concurrency_given: int = 1  # what max_concurrency was made with: a server's climbs back to it after timeouts
     caches_requests: bool = False
     # What its outputs depend on beyond its name, for cache keys: a local model's weights
     # (`Subject.fingerprint`); '' for a server, known by its name only.
@@ -407,21 +408,21 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-CONCURRENCY_ENV, RPM_ENV, TPM_ENV = "AUTOEXPLAIN_LLM_CONCURRENCY", "AUTOEXPLAIN_LLM_RPM", "AUTOEXPLAIN_LLM_TPM"
+CONCURRENCY_ENV, RPM_ENV, TPM_ENV, RETRIES_ENV = ("AUTOEXPLAIN_LLM_CONCURRENCY", "AUTOEXPLAIN_LLM_RPM",
+                                                  "AUTOEXPLAIN_LLM_TPM", "AUTOEXPLAIN_LLM_RETRIES")
 DEFAULT_CONCURRENCY, OPENAI_CONCURRENCY = 64, 8  # a server you run; api.openai.com (rate-limited per key)
 
 
 def set_limits(concurrency: int | None = None, requests_per_minute: float | None = None,
-               tokens_per_minute: float | None = None) -> None:
-    """The concurrency, request rate and token rate (prompt + completion) of the server LLMs made
-    from now on in this process and in the processes it starts (set in the environment, so that Dask
-    workers and task processes see them). None: the default (64 requests in flight for a URL you
-    give, 8 for api.openai.com; no rate limits). None changes any result, so none is part of a
-    cache key."""
+               tokens_per_minute: float | None = None, retries: int | None = None) -> None:
+    """The concurrency, request and token (prompt + completion) rates and retries per request of the
+    server LLMs made from now on here and in the processes started (set in the environment: Dask workers
+    and task processes see them). None: the default (64 in flight for a URL you give, 8 for
+    api.openai.com; no rate limits; 6 retries). None changes any result: none is part of a cache key."""
     import os
 
     for name, value in ((CONCURRENCY_ENV, concurrency), (RPM_ENV, requests_per_minute),
-                        (TPM_ENV, tokens_per_minute)):
+                        (TPM_ENV, tokens_per_minute), (RETRIES_ENV, retries)):
         if value is None:
             os.environ.pop(name, None)
         else:
@@ -429,16 +430,16 @@ def set_limits(concurrency: int | None = None, requests_per_minute: float | None
 
 
 def server_limits(url: str | None) -> dict:
-    """max_concurrency, requests_per_minute and tokens_per_minute for a server LLM: set_limits's
-    values or the defaults."""
+    """max_concurrency, requests_per_minute, tokens_per_minute and (when set) max_retries for a
+    server LLM: set_limits's values or the defaults."""
     import os
     from urllib.parse import urlparse
 
     openai = (urlparse(url or OPENAI_URL).hostname or "").endswith("api.openai.com")
-    concurrency = os.environ.get(CONCURRENCY_ENV)
-    rpm, tpm = os.environ.get(RPM_ENV), os.environ.get(TPM_ENV)
+    concurrency, rpm, tpm, retries = (os.environ.get(k) for k in (CONCURRENCY_ENV, RPM_ENV, TPM_ENV, RETRIES_ENV))
     return {"max_concurrency": int(concurrency) if concurrency else (OPENAI_CONCURRENCY if openai else DEFAULT_CONCURRENCY),
-            "requests_per_minute": float(rpm) if rpm else None, "tokens_per_minute": float(tpm) if tpm else None}
+            "requests_per_minute": float(rpm) if rpm else None, "tokens_per_minute": float(tpm) if tpm else None,
+            **({"max_retries": int(retries)} if retries else {})}
 
 
 def make_llm(spec: str | None = None, **kw) -> LLM:

@@ -3,9 +3,9 @@ and `Slots`, the number of requests in flight at once.
 
 `OpenAILLM` takes one token of its requests bucket and a request's estimated tokens from its tokens
 bucket before each attempt, and settles the tokens bucket with the server's count once answered;
-it holds a slot for each attempt and takes one slot away for good when a request times out (see
-`llm_openai`). The limits are set per process with `llm.set_limits`. Their waits end at a stop
-(`interrupt`), raising Interrupted.
+it holds a slot for each attempt, takes one slot away when a request times out and gives one back
+when the answers say one more request would be answered in time (see `llm_openai`). The limits are
+set per process with `llm.set_limits`. Their waits end at a stop (`interrupt`), raising Interrupted.
 """
 
 from __future__ import annotations
@@ -48,17 +48,32 @@ class TokenBucket:
 
 
 class Slots:
-    """At most `limit` holders at once (`with slots:`), and a limit that can be lowered while slots
-    are held: `lower()` takes one slot away for good, never the last. Lowered below the number held,
-    it admits nobody until enough holders have left, so it neither deadlocks (holders leave as
-    usual, each waking a waiter) nor lets more in than the new limit."""
+    """At most `limit` holders at once (`with slots:`, or `take()` and `give()`), and a limit that
+    moves while slots are held. `lower()` takes one slot away (a request timed out), never the last.
+    Lowered below the number held, it admits nobody until enough holders have left, so it neither
+    deadlocks (holders leave as usual, each waking a waiter) nor lets more in than the new limit.
 
-    def __init__(self, limit: int):
-        self.limit, self.held = int(limit), 0
+    `answered(ticket, seconds)` gives one back, up to the limit it started at, on evidence that one
+    more request would not time out: `evidence` answers in a row (and a limit's worth at least),
+    each sent while the limit was full and not changed since, each quick enough that `ahead` says one more would finish well
+    inside `timeout`. Probing by sending more would cost a whole timeout per probe against a server
+    that answers one request at a time. A timeout soon after a raise means the evidence misled:
+    the next raise needs twice as much. `say(limit, lowered)` is called at each move, in order."""
+
+    MOST_EVIDENCE = 1024  # a run that keeps timing out after raises stops raising for good, in effect
+
+    def __init__(self, limit: int, timeout: float | None = None, evidence: int = 16, say=None):
+        self.limit = self.ceiling = int(limit)
+        self.held, self.timeout = 0, timeout
+        self._need = int(evidence)  # answers in a row a raise needs now
+        self._epoch = self._streak = 0  # the limit's changes so far; answers in a row that say "raise"
+        self._probe: int | None = None  # the epoch the last raise began, until a timeout in it
+        self._say = say or (lambda limit, lowered: None)
         self._cond = threading.Condition()
         interrupt.watch(self)
 
-    def __enter__(self) -> "Slots":
+    def take(self) -> tuple[int, bool]:
+        """Wait for a slot and hold it. The ticket: the limit's epoch, and whether this holder filled it."""
         with self._cond:
             while True:
                 interrupt.check()
@@ -66,19 +81,62 @@ class Slots:
                     break
                 self._cond.wait()
             self.held += 1
+            return self._epoch, self.held >= self.limit
+
+    def give(self) -> None:
+        with self._cond:
+            self.held -= 1
+            self._cond.notify()  # the slot left, for one waiter (a raise wakes one more itself)
+
+    def __enter__(self) -> "Slots":
+        self.take()
         return self
 
     def __exit__(self, *exc) -> None:
-        with self._cond:
-            self.held -= 1
-            self._cond.notify()  # a lowered limit is never raised: only a leaving holder can let one in
+        self.give()
 
-    def lower(self) -> int | None:
-        """Take one slot away: the new limit, or None when it was 1 already."""
+    def _changed(self, lowered: bool) -> None:
+        self._epoch += 1
+        self._streak = 0
+        self._say(self.limit, lowered)
+
+    def lower(self, ticket: tuple[int, bool] | None = None) -> int | None:
+        """A request holding `ticket` timed out: take one slot away. The new limit, or None when it
+        was 1 already."""
         with self._cond:
+            if ticket is not None and ticket[0] == self._probe:  # sent under the last raise: one too many
+                self._need = min(self.MOST_EVIDENCE, 2 * self._need)
+                self._probe = None
             if self.limit <= 1:
                 return None
             self.limit -= 1
+            self._changed(lowered=True)
+            return self.limit
+
+    def ahead(self, seconds: float) -> bool:
+        """Whether one request more than the limit would still be answered well inside the timeout,
+        given an answer that took `seconds` with the limit full. The worst case is a server that
+        answers one request at a time (llama-cpp-python's), where `seconds` is `limit` answers'
+        work and one more request adds one answer's: seconds * (limit + 1) / limit. A server that
+        answers them together does better. Half the timeout leaves room for the server's pace to vary."""
+        return self.timeout is not None and seconds * (self.limit + 1) / self.limit < self.timeout / 2
+
+    def answered(self, ticket: tuple[int, bool], seconds: float) -> int | None:
+        """A request holding `ticket` was answered after `seconds`: the raised limit, or None."""
+        epoch, full = ticket
+        with self._cond:
+            if epoch != self._epoch or self.limit >= self.ceiling:
+                return None  # sent under another limit: it says nothing of this one
+            if not full:
+                return None  # fewer asked than the limit allows: nothing learned about one more
+            self._streak = self._streak + 1 if self.ahead(seconds) else 0
+            # At least a round of the slots too: at a high limit, `_need` answers are the quickest few.
+            if self._streak < max(self._need, self.limit):
+                return None
+            self.limit += 1
+            self._changed(lowered=False)
+            self._probe = self._epoch
+            self._cond.notify()
             return self.limit
 
     def abandon(self) -> None:

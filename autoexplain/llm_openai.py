@@ -18,10 +18,10 @@ Concurrency: `max_concurrency` requests are in flight at most. The limit (`llm_l
 taken for one attempt and given back before a backoff wait, so a request that waits to retry holds
 no slot; the thread pool that runs requests is larger than the limit for the same reason. Callers
 in many threads (units of a stage, shards of a flow) share one pool and one limit per LLM object.
-A request that times out takes one slot away for the rest of the run (never the last), with one
-line on the log: a server that answers one request at a time (llama-cpp-python's) queues the
-others, and at 64 in flight most of them outwait the timeout, each wasting the server's work on an
-answer nobody reads; so the client comes down to what the server answers within the timeout.
+A timeout takes one slot away (never the last), one log line each: a server that answers one
+request at a time (llama-cpp-python's) queues the others, and at 64 in flight most outwait the
+timeout, wasting its work on answers nobody reads. Slots come back one at a time, one line each,
+when the answers say one more would be answered in time too (`llm_limits.Slots.answered`).
 
 Stopping (`interrupt`): the pool's threads are daemons whose futures fail at a stop, no attempt is
 sent after one, and the backoff and rate-limit waits end at once; a request in flight is abandoned.
@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
 from urllib.parse import urlparse
 
 from autoexplain import interrupt
@@ -100,7 +101,10 @@ class OpenAILLM(LLM):
         limits = httpx.Limits(max_connections=slots + 8, max_keepalive_connections=slots + 8)
         self._client = openai.OpenAI(api_key=key, base_url=self.base_url, max_retries=0, timeout=timeout,
                                      http_client=httpx.Client(limits=limits, timeout=timeout))
-        self._slots = Slots(slots)
+        # Said under the limit's lock: the lines of timeouts at once come in the order of the limits.
+        self._slots = Slots(slots, timeout, say=lambda limit, lowered: log.warning(
+            "LLM: requests to %s %s; concurrency %s to %d", self.base_url, "timed out" if lowered else
+            "are answered in time again", "lowered" if lowered else "raised", limit))
         # More threads than slots: a thread waiting out a backoff holds no slot, and others use it.
         self._pool = interrupt.Pool(min(1024, 2 * slots + 8), "llm")
         self._bucket = TokenBucket(requests_per_minute, burst=max_concurrency) if requests_per_minute else None
@@ -120,8 +124,13 @@ class OpenAILLM(LLM):
 
     @property
     def max_concurrency(self) -> int:
-        """Requests in flight at most: the concurrency given, less one per request that timed out (down to 1)."""
+        """Requests in flight at most now: the concurrency given, less one per request that timed out
+        (down to 1), plus one per raise since (`llm_limits.Slots`)."""
         return self._slots.limit
+
+    @property
+    def concurrency_given(self) -> int:
+        return self._slots.ceiling
 
     def close(self) -> None:
         self._pool.close()
@@ -174,19 +183,25 @@ class OpenAILLM(LLM):
                 self._bucket.acquire()
             if self._tpm:
                 self._tpm.acquire(tokens)
+            ticket = self._slots.take()
             try:
-                with self._slots:
+                try:
+                    sent = time.monotonic()
                     response = call()
+                    took = time.monotonic() - sent
+                finally:
+                    self._slots.give()
                 if check is not None:
                     check(response)
+                self._slots.answered(ticket, took)
                 return response
             except openai.APIStatusError as e:
                 if e.status_code not in self.RETRYABLE and e.status_code < 500:
                     raise self._permanent(e, attempt) from None
                 last = e
             except openai.APIConnectionError as e:  # APITimeoutError included
-                if isinstance(e, openai.APITimeoutError) and (left := self._slots.lower()) is not None:
-                    log.warning("LLM: requests to %s timed out; concurrency lowered to %d", self.base_url, left)
+                if isinstance(e, openai.APITimeoutError):
+                    self._slots.lower(ticket)
                 last = e
             except (Malformed, openai.APIResponseValidationError, ValueError) as e:  # JSONDecodeError is a ValueError
                 last = e if isinstance(e, Malformed) else Malformed(f"invalid response body ({type(e).__name__}: "

@@ -80,11 +80,12 @@ def shown_records(unit: UnitRecords, n: int):
 
 
 def _concurrency(component: Explainer | Simulator) -> int:
-    """How many requests the component takes at once: its LLM's max_concurrency when it is thread
-    safe (a server), else 1 (a local model runs one call at a time)."""
+    """How many requests the component takes at once: the concurrency its LLM was given when it is
+    thread safe (a server), else 1 (a local model runs one call at a time). Not the limit now, which
+    timeouts may have lowered: the workers of a stage that started then would cap it after it climbs back."""
     if not component.thread_safe or component.llm is None:
         return 1
-    return max(1, int(component.llm.max_concurrency))
+    return max(1, int(component.llm.concurrency_given))
 
 
 def _in_order(fn, items, workers: int):

@@ -106,10 +106,13 @@ def check_llm(spec: str, spell: Spelling, name: str, needs_echo: bool = False) -
 
 
 def check_limits(concurrency: int | None, rpm: float | None, spell: Spelling = flow_name,
-                 tpm: float | None = None) -> None:
-    """The LLM concurrency (requests in flight), requests- and tokens-per-minute limits; None: the default."""
+                 tpm: float | None = None, retries: int | None = None) -> None:
+    """The LLM concurrency (requests in flight), requests- and tokens-per-minute limits and retries
+    per request; None: the default."""
     if concurrency is not None:
         at_least(spell, "concurrency", concurrency, 1)
+    if retries is not None:
+        at_least(spell, "retries", retries, 0)
     for name, value, what in (("rpm", rpm, "requests"), ("tpm", tpm, "tokens")):
         if value is not None and not value > 0:
             raise _fail(spell, name, f"must be more than 0 {what} per minute, got {value}",
@@ -348,7 +351,7 @@ def explain_layer(p: dict, spell: Spelling = flow_name) -> LayerPlan:
     if units == []:
         raise _fail(spell, "units", "selects no unit", "pass a range like 0-99")
     revisions = check_revisions(p.get("revisions"), units, spell, polarities=source.polarities)
-    check_limits(p.get("concurrency"), p.get("rpm"), spell, p.get("tpm"))
+    check_limits(p.get("concurrency"), p.get("rpm"), spell, p.get("tpm"), p.get("retries"))
     check_explainer(p.get("explainer"), spell)
     check_simulator(p.get("simulator"), spell)
     check_scorers(p.get("scorers"), spell)

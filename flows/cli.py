@@ -17,7 +17,7 @@ from typing import Optional
 import typer
 
 from autoexplain import defaults, preflight
-from autoexplain.cli import BUDGET, CACHE, CONCURRENCY, N_RANDOM, RPM, SCORERS, TOP_K, TPM, WINDOW_LEN, app
+from autoexplain.cli import BUDGET, CACHE, CONCURRENCY, N_RANDOM, RETRIES, RPM, SCORERS, TOP_K, TPM, WINDOW_LEN, app
 from autoexplain.console import (
     budget_stopped,
     flat_command_list,
@@ -29,6 +29,7 @@ from autoexplain.console import (
     unanswered_exit,
 )
 from autoexplain.errors import UserError
+from autoexplain.llm import set_limits
 
 
 SOURCE = typer.Option("mlp", "--source", help="Whose units: 'mlp' (the layer's MLP neurons, both polarities), "
@@ -64,6 +65,7 @@ def explain_layer_cmd(
     concurrency: Optional[int] = CONCURRENCY,
     rpm: Optional[float] = RPM,
     tpm: Optional[float] = TPM,
+    retries: Optional[int] = RETRIES,
     cache: bool = CACHE,
     budget: Optional[str] = BUDGET,
     out: str = OUT,
@@ -72,7 +74,7 @@ def explain_layer_cmd(
     """Record if needed, then explain, simulate and score a layer, as a Prefect flow (no server needed)."""
     params = dict(layer=layer, units=units, model=model, corpus=corpus, tokens=tokens, explainer=explainer,
                   simulator=simulator, scorers=scorers, k=k, shard_size=shard_size, n_boot=n_boot, window_len=window_len, top_k=top_k,
-                  n_random=n_random, out=out, results=results, concurrency=concurrency, rpm=rpm, tpm=tpm, cache=cache,
+                  n_random=n_random, out=out, results=results, concurrency=concurrency, rpm=rpm, tpm=tpm, retries=retries, cache=cache,
                   budget=budget, source=source)
     run_or_exit(lambda: _run_flow("explain_layer", params, lambda: preflight.explain_layer(params, preflight.cli_flag)))
 
@@ -98,6 +100,7 @@ def explain_model_cmd(
     concurrency: Optional[int] = CONCURRENCY,
     rpm: Optional[float] = RPM,
     tpm: Optional[float] = TPM,
+    retries: Optional[int] = RETRIES,
     cache: bool = CACHE,
     budget: Optional[str] = BUDGET,
     out: str = OUT,
@@ -109,7 +112,7 @@ def explain_model_cmd(
     params = dict(layers=layers, sources=sources, units=units, model=model, corpus=corpus, tokens=tokens,
                   explainer=explainer, simulator=simulator, scorers=scorers, k=k, shard_size=shard_size, n_boot=n_boot,
                   site=site, window_len=window_len, top_k=top_k, n_random=n_random, out=out, results=results,
-                  concurrency=concurrency, rpm=rpm, tpm=tpm, cache=cache, budget=budget)
+                  concurrency=concurrency, rpm=rpm, tpm=tpm, retries=retries, cache=cache, budget=budget)
     spell = lambda name: "--source" if name == "sources" else preflight.cli_flag(name)  # noqa: E731
     run_or_exit(lambda: _run_flow("explain_model", params, lambda: model_plan.explain_model(params, spell)))
 
@@ -133,16 +136,17 @@ def rescore_cmd(
     concurrency: Optional[int] = CONCURRENCY,
     rpm: Optional[float] = RPM,
     tpm: Optional[float] = TPM,
+    retries: Optional[int] = RETRIES,
     cache: bool = CACHE,
     budget: Optional[str] = BUDGET,
 ):
     """Re-simulate and re-score the latest run of a layer (the nightly job), and compare with its previous scores."""
     params = dict(out=out, layer=layer, simulator=simulator, scorers=scorers, n_boot=n_boot, results=results,
-                  concurrency=concurrency, rpm=rpm, tpm=tpm, cache=cache, budget=budget, source=source)
+                  concurrency=concurrency, rpm=rpm, tpm=tpm, retries=retries, cache=cache, budget=budget, source=source)
 
     def check():
         preflight.at_least(preflight.cli_flag, "n_boot", n_boot, 1)
-        preflight.check_limits(concurrency, rpm, preflight.cli_flag, tpm)
+        preflight.check_limits(concurrency, rpm, preflight.cli_flag, tpm, retries)
         preflight.check_results(results, preflight.cli_flag)
         preflight.check_simulator(simulator, preflight.cli_flag)
         preflight.check_scorers(scorers, preflight.cli_flag)
@@ -163,6 +167,7 @@ def revise_cmd(
     concurrency: Optional[int] = CONCURRENCY,
     rpm: Optional[float] = RPM,
     tpm: Optional[float] = TPM,
+    retries: Optional[int] = RETRIES,
     cache: bool = CACHE,
     budget: Optional[str] = BUDGET,
 ):
@@ -177,10 +182,10 @@ def revise_cmd(
         if unit is not None:
             new[unit] = text
         params = dict(out=out, layer=layer, revisions=new, source=source, results=results, concurrency=concurrency,
-                      rpm=rpm, tpm=tpm, cache=cache, budget=budget)
+                      rpm=rpm, tpm=tpm, retries=retries, cache=cache, budget=budget)
 
         def check():
-            preflight.check_limits(concurrency, rpm, preflight.cli_flag, tpm)
+            preflight.check_limits(concurrency, rpm, preflight.cli_flag, tpm, retries)
             preflight.check_results(results, preflight.cli_flag)
             revise_plan.plan(out, layer, source, new, preflight.cli_flag, "file" if file else "unit", budget)
 
@@ -199,6 +204,8 @@ def _run_flow(name: str, params: dict, check) -> None:
     from autoexplain.tasks.stages import warm_up
 
     flow = getattr(importlib.import_module("autoexplain.flows.explain_model" if name == "explain_model" else "autoexplain.flows.explain_layer"), name)
+    # The warm-up makes the simulator, and a server simulator's LLM keeps the limits it was made with.
+    set_limits(*(params.get(k) for k in ("concurrency", "rpm", "tpm", "retries")))
     warm_up(params.get("simulator"))
     bars, listener = stage_bars()
     remove = progress.listen(listener)

@@ -128,6 +128,7 @@ def explain_layer(
     concurrency: int | None = None,
     rpm: float | None = None,
     tpm: float | None = None,
+    retries: int | None = None,
     cache: bool = True,
     budget: str | None = None,
     source: str = "mlp",
@@ -140,19 +141,20 @@ def explain_layer(
 
     `concurrency` (LLM requests in flight at once, across the units and shards of this process;
     default 64 for a server URL, 8 for api.openai.com), `rpm` (requests per minute), `tpm` (tokens
-    per minute), `cache` (keep every LLM answer under `out`/llm_cache and never pay twice, see
+    per minute), `retries` (times a request is sent again after a timeout, a 429 or a 5xx; default
+    6), `cache` (keep every LLM answer under `out`/llm_cache and never pay twice, see
     `autoexplain.llm_cache`) and `budget` (the most this run may spend, '$5' or '2M tokens'; see
     `autoexplain.budget`) are no part of a cache key or of the run's recorded parameters."""
     params = dict(layer=layer, units=units, model=model, corpus=corpus, tokens=tokens, explainer=explainer,
                   simulator=simulator, scorers=scorers, k=k, shard_size=shard_size, n_boot=n_boot, revisions=revisions,
                   site=site, window_len=window_len, top_k=top_k, n_random=n_random, source=source)
     plan, failed = checked(lambda: preflight.explain_layer({**params, "out": out, "concurrency": concurrency,
-                                                             "rpm": rpm, "tpm": tpm, "budget": budget,
+                                                             "rpm": rpm, "tpm": tpm, "retries": retries, "budget": budget,
                                                              "results": results}))
     if failed:
         return failed
     params["layer"] = plan.layer
-    set_limits(concurrency, rpm, tpm)
+    set_limits(concurrency, rpm, tpm, retries)
     set_cache(cache)
     ledger = set_budget(plan.budget)
     result, failed = checked(lambda: _explain_layer(plan, out_path(out), results, params, **params), ledger)
@@ -185,16 +187,18 @@ def _explain_layer(plan: preflight.LayerPlan, out: str, results: str | None, par
 def rescore(out: str = "out", layer: int | None = None, simulator: str = "embedding", scorers: str = DEFAULT_SCORER,
             n_boot: int = 1000,
             results: str | None = None, concurrency: int | None = None, rpm: float | None = None,
-            tpm: float | None = None, cache: bool = True, budget: str | None = None, source: str = "mlp") -> dict:
+            tpm: float | None = None, retries: int | None = None, cache: bool = True, budget: str | None = None,
+            source: str = "mlp") -> dict:
     """Re-simulate and re-score the latest explain-layer run of `layer` under `out`, and compare.
     `source`: whose units, as given to explain-layer ('mlp', 'sae:PATH') or by the kind its pages
     show ('sae-res-16k'). `layer` defaults to the coder's own, or the one layer with a run of those
-    units, or 15 (`preflight.run_of`). `concurrency`, `rpm`, `tpm`, `cache` and `budget` as in explain_layer."""
+    units, or 15 (`preflight.run_of`). `concurrency`, `rpm`, `tpm`, `retries`, `cache` and `budget` as in
+    explain_layer."""
     limit = []
 
     def check():
         preflight.at_least(preflight.flow_name, "n_boot", n_boot, 1)
-        preflight.check_limits(concurrency, rpm, tpm=tpm)
+        preflight.check_limits(concurrency, rpm, tpm=tpm, retries=retries)
         preflight.check_results(results)
         if layer is not None:
             preflight.at_least(preflight.flow_name, "layer", layer, 0)
@@ -209,7 +213,7 @@ def rescore(out: str = "out", layer: int | None = None, simulator: str = "embedd
     run, failed = checked(check)
     if failed:
         return failed
-    set_limits(concurrency, rpm, tpm)
+    set_limits(concurrency, rpm, tpm, retries)
     set_cache(cache)
     ledger = set_budget(limit[0])
     kind, layer = run["records"].get("source", MLP.kind), run["params"]["layer"]
@@ -222,22 +226,23 @@ def rescore(out: str = "out", layer: int | None = None, simulator: str = "embedd
 @flow(name="revise", validate_parameters=True)
 def revise(out: str = "out", layer: int | None = None, revisions: dict[str, str] | None = None, source: str = "mlp",
            results: str | None = None, concurrency: int | None = None, rpm: float | None = None,
-           tpm: float | None = None, cache: bool = True, budget: str | None = None) -> dict:
+           tpm: float | None = None, retries: int | None = None, cache: bool = True, budget: str | None = None) -> dict:
     """Replace some units' explanations in the latest run of `layer` under `out` by your own
     (`revisions`: 'UNIT[:POLARITY]' -> text), re-simulate and re-score the shards that hold them with
     the run's simulator and scorers, and compare (`autoexplain.revise_plan`). Nothing is recorded or
-    explained again. `source`, `concurrency`, `rpm`, `tpm`, `cache` and `budget` as in rescore."""
+    explained again. `source`, `concurrency`, `rpm`, `tpm`, `retries`, `cache` and `budget` as in
+    rescore."""
     from autoexplain import revise_plan
 
     def check():
-        preflight.check_limits(concurrency, rpm, tpm=tpm)
+        preflight.check_limits(concurrency, rpm, tpm=tpm, retries=retries)
         preflight.check_results(results)
         return revise_plan.plan(out, layer, source, revisions, budget=budget)
 
     plan, failed = checked(check)
     if failed:
         return failed
-    set_limits(concurrency, rpm, tpm)
+    set_limits(concurrency, rpm, tpm, retries)
     set_cache(cache)
     ledger = set_budget(plan.budget)
     run, kind, layer = plan.run, plan.run["records"].get("source", MLP.kind), plan.run["params"]["layer"]

@@ -50,6 +50,7 @@ def explain_model(
     concurrency: int | None = None,
     rpm: float | None = None,
     tpm: float | None = None,
+    retries: int | None = None,
     cache: bool = True,
     budget: str | None = None,
 ) -> dict:
@@ -61,11 +62,11 @@ def explain_model(
                   explainer=explainer, simulator=simulator, scorers=scorers, k=k, shard_size=shard_size,
                   n_boot=n_boot, site=site, window_len=window_len, top_k=top_k, n_random=n_random)
     plan, failed = checked(lambda: model_plan.explain_model({**params, "out": out, "concurrency": concurrency,
-                                                             "rpm": rpm, "tpm": tpm, "budget": budget,
+                                                             "rpm": rpm, "tpm": tpm, "retries": retries, "budget": budget,
                                                              "results": results}))
     if failed:
         return failed
-    set_limits(concurrency, rpm, tpm)
+    set_limits(concurrency, rpm, tpm, retries)
     set_cache(cache)
     ledger = set_budget(plan.budget)
     result, failed = checked(lambda: _explain_model(plan, out_path(out), results, params), ledger)

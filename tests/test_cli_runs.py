@@ -138,6 +138,7 @@ BAD_FLAGS = [
     (["--concurrency", "-2"], "--concurrency: must be at least 1, got -2"),
     (["--rpm", "0"], "--rpm: must be more than 0 requests per minute"),
     (["--tpm", "-5"], "--tpm: must be more than 0 tokens per minute"),
+    (["--retries", "-1"], "--retries: must be at least 0, got -1"),
 ]
 
 

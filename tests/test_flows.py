@@ -169,6 +169,7 @@ BAD_PARAMETERS = [
     (dict(concurrency=0), "parameter concurrency: must be at least 1, got 0"),
     (dict(rpm=-1.0), "parameter rpm: must be more than 0"),
     (dict(tpm=0.0), "parameter tpm: must be more than 0 tokens per minute"),
+    (dict(retries=-1), "parameter retries: must be at least 0, got -1"),
 ]
 
 

@@ -1,6 +1,6 @@
 """The concurrency limit of a server LLM (`llm_limits.Slots`): a request that times out takes one
-slot away for the rest of the run, down to 1, so that a client facing a server that answers one
-request at a time ends up sending one at a time. The limiter alone, with threads; then the client
+slot away, down to 1, so that a client facing a server that answers one request at a time ends up
+sending one at a time; quick answers give the slots back. The limiter alone, with threads; then the client
 against a real loopback server that, like llama-cpp-python's, serves one request at a time."""
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from autoexplain import interrupt
-from autoexplain.llm import OpenAILLM
+from autoexplain.llm import LLMError, OpenAILLM
 from autoexplain.llm_limits import Slots
-from tests.llama_server import canned_reply
+from tests.llama_server import canned_reply, fault_server  # noqa: F401  (fixture)
+from tests.test_llm_stop import in_thread
 
 LIVENESS_S = 30  # a bound on waits that a correct limiter ends at once
 
@@ -60,6 +61,36 @@ def test_lowered_below_the_slots_held_it_admits_nobody_until_enough_have_left():
     waiter_leave.set()
     waiter.join(LIVENESS_S)
     assert slots.held == 0 and not errors
+
+
+def full(slots: Slots) -> tuple[int, bool]:
+    """The ticket of a request sent with every slot taken: take them all, keep the last one's ticket."""
+    tickets = [slots.take() for _ in range(slots.limit)]
+    for _ in tickets:
+        slots.give()
+    return tickets[-1]
+
+
+def test_quick_answers_at_a_full_limit_give_slots_back_and_a_timeout_after_a_raise_asks_for_more():
+    """Timeout 10 s, 2 answers of evidence: at limit 1 an answer in 2 s says that two in a row (4 s of
+    a one-at-a-time server's work) finish inside half the timeout; 3 s does not. Only answers sent
+    under the current limit with every slot taken count, never above the limit given."""
+    slots = Slots(3, timeout=10.0, evidence=2)
+    old = full(slots)
+    assert (slots.lower(), slots.lower(), slots.lower()) == (2, 1, None)
+    assert [slots.answered(full(slots), s) for s in (2.0, 3.0, 2.0)] == [None, None, None], "a slow one breaks the run"
+    assert slots.answered(old, 0.1) is None, "sent under limit 3: says nothing of limit 1"
+    assert slots.answered(full(slots), 2.0) == 2
+    lone = slots.take()
+    slots.give()
+    assert [slots.answered(lone, 0.1) for _ in range(4)] == [None] * 4, "sent with a slot free: says nothing of one more"
+    probe = full(slots)
+    assert slots.lower(probe) == 1, "a request sent under the raise timed out"
+    assert [slots.answered(full(slots), 2.0) for _ in range(4)] == [None, None, None, 2], "twice the evidence now"
+    assert [slots.answered(full(slots), 3.0) for _ in range(4)] == [None, None, None, 3], "3 s * 3/2 < 5 s"
+    assert slots.answered(full(slots), 0.1) is None and slots.limit == 3, "never above the limit given"
+    assert slots.lower(old) == 2 and slots.lower(probe) == 1, "timeouts of requests sent before the last raise"
+    assert [slots.answered(full(slots), 0.1) for _ in range(4)] == [None, None, None, 2], "ask no more than before"
 
 
 def test_waiters_for_a_slot_leave_at_a_stop():
@@ -157,7 +188,9 @@ def test_timeouts_bring_the_concurrency_down_to_what_the_server_answers(caplog):
     after the timeouts it has seen (a request given up takes its slot with it: no other request takes
     its place). The timeout only has to outlast starting four threads and the server's 10 ms look;
     the server sees a closed connection as soon as loopback delivers the close, before the client's
-    next request (which follows a backoff of 5 ms or more)."""
+    next request (which follows a backoff of 5 ms or more). The 8 quick answers at limit 1 are fewer
+    than a raise needs in a row (16): here a raise would cost a timeout, as this server answers
+    nothing while two are open."""
     server = OneAtATimeServer()
     llm = OpenAILLM("test-model", server.base_url, api_key="test", max_concurrency=4, timeout=3.0,
                     max_retries=6, backoff_base=0.01, backoff_cap=0.05)
@@ -174,3 +207,49 @@ def test_timeouts_bring_the_concurrency_down_to_what_the_server_answers(caplog):
     assert server.given_up >= 3 and server.answered >= 8
     for seen, given_up in server.arrivals:
         assert seen <= max(1, 4 - given_up), server.arrivals
+
+
+def test_the_concurrency_comes_back_once_the_server_answers_quickly_again(fault_server, caplog):
+    """Concurrency 4, and a server that holds the first four requests until their client gives up
+    (overloaded for a while), then answers every request at once: the timeouts take the limit down
+    to 1, then quick answers give the slots back one at a time (16 in a row, sent with every slot
+    taken, per raise), each raise one log line, up to the 4 given and no further. The fifth request
+    arrives only once all four have timed out (the limit, lowered below the slots held, admits no
+    one before), so the server is released then."""
+    srv = fault_server(hold=True)
+    llm = OpenAILLM("test-model", srv.base_url, api_key="test", max_concurrency=4, timeout=3.0,
+                    max_retries=6, backoff_base=0.01, backoff_cap=0.05)
+    try:
+        with caplog.at_level(logging.WARNING, logger="autoexplain.llm_openai"):
+            call = in_thread(lambda: llm.complete([f"p{i}" for i in range(200)], max_tokens=1))
+            srv.wait_for(lambda: len(srv.requests) == 5)
+            assert llm.max_concurrency == 1
+            srv.release(1_000_000)
+            out = call.result(timeout=LIVENESS_S * 4)
+    finally:
+        llm.close()
+    assert [c[0].text for c in out] == [" canned"] * 200
+    moves = [r.getMessage() for r in caplog.records if "concurrency" in r.getMessage()]
+    url = srv.base_url
+    assert moves == [f"LLM: requests to {url} timed out; concurrency lowered to {n}" for n in (3, 2, 1)] + \
+        [f"LLM: requests to {url} are answered in time again; concurrency raised to {n}" for n in (2, 3, 4)]
+    assert llm.max_concurrency == 4
+    assert len(srv.requests) == 204, "each of the four held requests sent again once, nothing else twice"
+
+
+def test_a_stage_started_after_timeouts_is_sized_for_the_concurrency_given(fault_server):
+    """Eight requests time out (no retries): the limit is 1 now, but a stage that starts now runs
+    enough batches for the 8 given (4 batches of 8 units, each a request per unit), so that when
+    the limit climbs back there are requests to fill it. Sized by the limit now, it would run one."""
+    from autoexplain.explain import LLMExplainer
+    from autoexplain.pipeline import ExplainConfig, explain_workers
+
+    srv = fault_server(hold=True)
+    llm = OpenAILLM("test-model", srv.base_url, api_key="test", max_concurrency=8, timeout=0.5, max_retries=0)
+    try:
+        out = llm.complete([f"p{i}" for i in range(8)], max_tokens=1, return_errors=True)
+    finally:
+        llm.close()
+    assert all(isinstance(o, LLMError) for o in out) and len(srv.requests) == 8
+    assert (llm.max_concurrency, llm.concurrency_given) == (1, 8)
+    assert explain_workers(LLMExplainer(llm), ExplainConfig(batch_units=8)) == 4

@@ -74,10 +74,12 @@ def test_limits_of_zero_or_below():
                          ((None, 0.0), "--rpm: must be more than 0 requests per minute"),
                          ((None, -1.0), "--rpm: must be more than 0 requests per minute"),
                          ((None, None, 0.0), "--tpm: must be more than 0 tokens per minute"),
-                         ((None, None, -10.0), "--tpm: must be more than 0 tokens per minute")):
-        concurrency, rpm, *tpm = args
+                         ((None, None, -10.0), "--tpm: must be more than 0 tokens per minute"),
+                         ((None, None, None, -1), "--retries: must be at least 0, got -1")):
+        concurrency, rpm, *tpm_retries = args
         with pytest.raises(UserError, match=needle):
-            preflight.check_limits(concurrency, rpm, preflight.cli_flag, *tpm)
+            preflight.check_limits(concurrency, rpm, preflight.cli_flag, *tpm_retries)
+    preflight.check_limits(None, None, preflight.cli_flag, None, 0)  # no retries: a request is sent once
 
 
 @pytest.mark.slow
@@ -102,7 +104,8 @@ def test_flow_fails_with_the_line(prefect_results, fault_server, tiny_llama_dir,
     monkeypatch.setenv("OPENAI_API_KEY", "wrong")
     server = fault_server(api_key="right")
     for params, needle in ((dict(explainer=f"openai:m@{server.base_url}"), "parameter explainer: the LLM server at "),
-                           (dict(tpm=0.0), "parameter tpm: must be more than 0 tokens per minute")):
+                           (dict(tpm=0.0), "parameter tpm: must be more than 0 tokens per minute"),
+                           (dict(retries=-2), "parameter retries: must be at least 0, got -2")):
         state = explain_layer(layer=1, model=tiny_llama_dir, corpus=str(prose_corpus), out=str(tmp_path / "o"),
                               return_state=True, **params)
         assert state.is_failed() and state.message.startswith(needle) and "\n" not in state.message, state.message

@@ -6,6 +6,9 @@ FaultServer (scripted faults) and bench/llm_server.py's BenchServer (echo logpro
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 import polars as pl
 
@@ -129,10 +132,11 @@ def test_limits_default_by_server_and_are_set_per_process(monkeypatch):
     set_limits(None, None)
     assert make_llm("openai:m@http://127.0.0.1:9/v1").max_concurrency == 64
     assert make_llm("openai:gpt-4o-mini").max_concurrency == 8
+    assert make_llm("openai:m@http://127.0.0.1:9/v1").max_retries == 6
     try:
-        set_limits(5, 120)
+        set_limits(5, 120, retries=0)
         llm = make_llm("openai:m@http://127.0.0.1:9/v1")
-        assert (llm.max_concurrency, llm.requests_per_minute) == (5, 120.0)
+        assert (llm.max_concurrency, llm.requests_per_minute, llm.max_retries) == (5, 120.0, 0)
     finally:
         set_limits(None, None)
 
@@ -152,6 +156,16 @@ def test_every_llm_command_checks_its_concurrency_first(tmp_path):
                  str(tmp_path)], ["explain-layer", "--out", str(tmp_path)], ["rescore", "--out", str(tmp_path)]):
         line = _one_error_line(run(*args, "--concurrency", "0"))
         assert "--concurrency: must be at least 1, got 0" in line, (args, line)
+
+
+def test_every_llm_command_checks_its_retries_first(tmp_path):
+    from tests.test_cli import _one_error_line, run
+
+    for args in (["explain", "--records", str(tmp_path)], ["simulate", "--records", str(tmp_path), "--explanations",
+                 str(tmp_path)], ["explain-layer", "--out", str(tmp_path)], ["explain-model", "--out", str(tmp_path)],
+                 ["rescore", "--out", str(tmp_path)], ["revise", "--out", str(tmp_path), "--unit", "1", "--text", "t"]):
+        line = _one_error_line(run(*args, "--retries", "-1"))
+        assert "--retries: must be at least 0, got -1" in line, (args, line)
 
 
 def test_unanswered_requests_are_asked_again_by_the_next_run(fault_server, bench_server, tiny_records, tmp_path):
@@ -200,3 +214,31 @@ def test_chat_logprobs_missing_from_a_server_that_sent_them_are_asked_again(faul
     never = fault_server(fail_with=["no-logprobs"] * 2, upstream=bench_server.base_url)
     plain = fast(never.base_url, max_concurrency=1).chat(ask * 2, top_logprobs=2)
     assert [r.top_logprobs for r in plain] == [None, None] and len(never.requests) == 2
+
+
+@pytest.mark.slow
+def test_explain_layer_against_a_server_that_stops_answering_exits_4_and_the_rerun_asks_only_the_rest(
+        fault_server, bench_server, tiny_llama_dir, prose_corpus, tmp_path):
+    """The simulator's server answers its first 8 requests and then resets every connection; with
+    `--retries 0` nothing waits out a backoff, and the command ends with the `incomplete` line and
+    exit 4. The server answers again, and the same command sends exactly the requests that got no
+    answer (the others come from the response cache) and exits 0."""
+    from tests.test_llm_cache import _cli
+
+    srv = fault_server(fail_with=[200] * 8, then_status="reset", upstream=bench_server.base_url)
+    args = ["explain-layer", "--model", tiny_llama_dir, "--corpus", str(prose_corpus), "--layer", "1", "--units", "0",
+            "--tokens", "20000", "--k", "1", "--bootstrap", "20", "--window-len", "8", "--top-k", "8", "--random", "6",
+            "--simulator", f"all-at-once:openai:bench@{srv.base_url}", "--retries", "0", "--out", str(tmp_path / "out")]
+    first = _cli(tmp_path / "home", *args)
+    unanswered = [json.dumps(r["json"], sort_keys=True) for r in srv.requests[8:]]
+    assert first.returncode == 4, first.stderr[-3000:]
+    assert unanswered and len(set(unanswered)) == len(unanswered), "each sent once: no retry"
+    line = re.search(r"incomplete: (\d+) LLM requests got no answer.*rerun the same command", first.stderr)
+    assert line and int(line[1]) > 0, first.stderr[-3000:]  # counts the records those requests carried
+
+    srv.then_status = 200
+    again = _cli(tmp_path / "home", *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "incomplete" not in again.stderr
+    sent = [json.dumps(r["json"], sort_keys=True) for r in srv.requests[8 + len(unanswered):]]
+    assert sorted(sent) == sorted(unanswered), "only the requests that got no answer are sent again"
