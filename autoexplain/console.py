@@ -103,11 +103,12 @@ UNANSWERED_EXIT = 4  # the run finished, but some LLM requests got no answer: a 
 
 
 def unanswered_exit(n: int) -> None:
-    """End a run whose LLM server left `n` requests unanswered (down, overloaded) with a line and
+    """End a run with `n` results (simulations, explanations, classifier trials: rows, not
+    requests; a request may carry several) that its LLM server left unanswered, with a line and
     exit 4: its tables show those units as undefined, which a user would otherwise read as the scores."""
     if n:
-        err.print(f"[bold yellow]incomplete:[/] {n:,} LLM requests got no answer (the server was down or overloaded; "
-                  "their units are undefined above) — rerun the same command: it asks only those again",
+        err.print(f"[bold yellow]incomplete:[/] {n:,} results got no LLM answer (the server was down or overloaded; "
+                  "their units are undefined above) — rerun the same command: it asks only for those again",
                   highlight=False, soft_wrap=True)
         raise typer.Exit(UNANSWERED_EXIT)
 

@@ -230,7 +230,7 @@ UNANSWERED = "unanswered"
 
 
 def unanswered(directory: str | os.PathLike) -> int:
-    """LLM requests with no answer behind a sealed stage output: its own rows', and those of the
+    """Rows with no LLM answer behind a sealed stage output: its own, and those of the
     inputs it was made from (0 for an unsealed folder)."""
     try:
         return int(read_manifest(directory).get(UNANSWERED, 0))

@@ -151,7 +151,7 @@ def agreement(scorers: str, scores: list[dict], out: str, layer: int, site_dir: 
 
 
 def finished(result: dict):
-    """A run's result with the count of LLM requests behind its scores that got no answer
+    """A run's result with the count of results (rows) behind its scores that got no LLM answer
     (`unanswered`); where there are some, a Completed state named Incomplete that says so, its data
     that result: what a deployment's run shows, where no exit code is seen (the CLI reads the count
     and says it with exit code 4: `console.unanswered_exit`)."""
@@ -162,5 +162,5 @@ def finished(result: dict):
     if not n:
         return result
     return Completed(name="Incomplete", data=result,
-                     message=f"{n:,} LLM requests got no answer (the server was down or overloaded), so their units "
-                             "are undefined; run the flow again: it asks only those again")
+                     message=f"{n:,} results got no LLM answer (the server was down or overloaded), so their units "
+                             "are undefined; run the flow again: it asks only for those again")

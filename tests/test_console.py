@@ -70,6 +70,6 @@ def test_a_run_with_unanswered_requests_ends_with_a_line_and_exit_4(capsys):
         console.unanswered_exit(253)
     assert ended.value.exit_code == console.UNANSWERED_EXIT == 4
     line = " ".join(capsys.readouterr().err.split())
-    assert line.startswith("incomplete: 253 LLM requests got no answer") and "rerun the same command" in line
+    assert line.startswith("incomplete: 253 results got no LLM answer") and "rerun the same command" in line
     console.unanswered_exit(0)  # final: no line
     assert capsys.readouterr().err == ""

@@ -242,5 +242,5 @@ def test_a_run_with_unanswered_requests_ends_in_a_state_named_incomplete(tmp_pat
     assert finished(final) == {**final, "unanswered": 0}, "the result as it was, with its count"
     state = finished({"scores": [scores("b"), scores("c", 12)], "out": "x"})
     assert state.name == "Incomplete" and state.is_completed()
-    assert state.message.startswith("12 LLM requests got no answer") and state.result()["out"] == "x"
+    assert state.message.startswith("12 results got no LLM answer") and state.result()["out"] == "x"
     assert state.result()["unanswered"] == 12, "what the CLI's exit line reads"

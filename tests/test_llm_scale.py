@@ -233,7 +233,7 @@ def test_explain_layer_against_a_server_that_stops_answering_exits_4_and_the_rer
     unanswered = [json.dumps(r["json"], sort_keys=True) for r in srv.requests[8:]]
     assert first.returncode == 4, first.stderr[-3000:]
     assert unanswered and len(set(unanswered)) == len(unanswered), "each sent once: no retry"
-    line = re.search(r"incomplete: (\d+) LLM requests got no answer.*rerun the same command", first.stderr)
+    line = re.search(r"incomplete: (\d+) results got no LLM answer.*rerun the same command", first.stderr)
     assert line and int(line[1]) > 0, first.stderr[-3000:]  # counts the records those requests carried
 
     srv.then_status = 200
