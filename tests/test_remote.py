@@ -223,6 +223,35 @@ def test_a_stage_reused_from_the_mirror_is_pushed_when_the_url_lacks_it(url):
     assert sorted(fs.find(f"{base}/scores/k1")) == sorted(f"{base}/scores/k1/{name}" for name in written)
 
 
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_a_stage_reused_from_the_mirror_is_pushed_again_when_its_copy_at_the_url_differs(url, damage):
+    root = open_root(url)
+    written = _files(_stage(root))
+    fs, base = remote.filesystem(url)
+    if damage == "deleted":  # the manifest is there, a file it comes with is not
+        fs.rm_file(f"{base}/scores/k1/plots/one.json")
+    else:
+        fs.pipe_file(f"{base}/scores/k1/table.json", b"{")
+    assert Stage(root, "scores", "k1").done
+    fs.invalidate_cache()
+    assert {name: fs.cat_file(f"{base}/scores/k1/{name}") for name in written} == written
+
+
+def test_a_replaced_folder_at_the_url_holds_only_the_new_copy(url):
+    root = open_root(url)
+    _stage(root)  # table.json, plots/one.json and the manifest
+    fs, base = remote.filesystem(url)
+    fs.pipe_file(f"{base}/scores/k1/table.json", b"{")  # damaged at the URL
+    shutil.rmtree(root)  # a fresh machine
+    stage = Stage(open_root(url), "scores", "k1")
+    assert not stage.done
+    write_json({"rows": [1, 2, 3]}, stage.path("table.json"))  # the new copy has no plots/one.json
+    made = stage.seal({"simulations": "s"}, {"layer": 1})
+    fs.invalidate_cache()
+    assert sorted(fs.find(f"{base}/scores/k1")) == [f"{base}/scores/k1/manifest.json", f"{base}/scores/k1/table.json"]
+    assert fs.cat_file(f"{base}/scores/k1/manifest.json") == (made / "manifest.json").read_bytes()
+
+
 def _named_folders(pointer: dict) -> set[str]:
     """The stage folders (`<stage>/<key>`) a run pointer names, relative to the root."""
     found = set()
