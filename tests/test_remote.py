@@ -158,6 +158,8 @@ def _task_states(flow_run_id) -> dict[str, set[str]]:
 
 
 def test_a_fresh_machine_pulls_everything_from_the_url(run, tmp_path, cache):
+    from autoexplain.tasks import stages
+
     url, results = f"file://{tmp_path}/remote", f"memory://results-{uuid.uuid4().hex[:8]}/prefect"
     first, counts, _ = run(results=results)
     assert counts["subject_forward"] > 0 and counts["llm_requests"] > 0 and counts["simulate"] > 0
@@ -169,9 +171,10 @@ def test_a_fresh_machine_pulls_everything_from_the_url(run, tmp_path, cache):
     fs, base = remote.filesystem(results)
     assert fs.find(base), "the task results went to the results URL"
 
-    # A fresh machine: no mirror and no Prefect results, so every task runs, and each one finds its
-    # output at the URL.
+    # A fresh machine: no mirror, no Prefect results and no model loaded, so every task runs, and
+    # each one finds its output at the URL (the subject is never loaded: `model_loads` stays 0).
     shutil.rmtree(cache / "mirror")
+    stages._subject.cache_clear()
     again, counts, states = run(results=f"file://{tmp_path}/results-fresh")
     assert counts == {}, f"a rerun from the URL recomputed {counts}"
     assert all(states[t] == {"Completed"} for t in TASKS), states
