@@ -57,6 +57,11 @@ def filesystem(url: str):
     except OSError as e:  # a file system that connects or opens its archive when it is made
         raise _unreachable(url, e) from None
 
+def in_process(url: str) -> bool:
+    """Whether a URL's storage lives in this process's memory only (`memory://`): gone when it exits."""
+    return str(url).split("://", 1)[0].lower() == "memory"
+
+
 def _object_store(fs) -> bool:
     return bool(_ATOMIC_PUT & set([fs.protocol] if isinstance(fs.protocol, str) else fs.protocol))
 

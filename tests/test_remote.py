@@ -355,6 +355,20 @@ def test_file_systems_that_fail_when_made_say_what_is_wrong(tmp_path, cache):
                                                  "and that the location exists and is writable"]
 
 
+@pytest.mark.parametrize("command", [["explain-layer", "--layer", "1", "--out", "memory://run/out"],
+                                     ["explain-layer", "--layer", "1", "--results", "memory://run/results"],
+                                     ["publish", "--out", "memory://run/out", "--to", "dataset"]])
+def test_the_cli_refuses_a_url_that_vanishes_when_it_exits(command, tmp_path, cache):
+    """memory:// lives in one process (the tests above use it so); a command's output there is lost."""
+    flag, url = next((a, b) for a, b in zip(command, command[1:]) if b.startswith("memory://"))
+    shown = _cli(*[str(tmp_path / a) if a == "dataset" else a for a in command], cache=cache)
+    assert shown.returncode == 2 and "Traceback" not in shown.stderr, shown.stderr
+    assert shown.stderr.strip().splitlines() == [f"error: {flag}: {url} lives in this process's memory: what is written "
+                                                 "there vanishes when the command exits — pass a folder or a persistent "
+                                                 "URL (file:///path, s3://bucket/run, ...)"]
+    assert not (cache / "mirror").exists() and not (tmp_path / "dataset").exists()
+
+
 @pytest.mark.parametrize("command", [["rescore", "--layer", "1"], ["revise", "--layer", "1", "--unit", "1", "--text", "x"],
                                      ["publish", "--to", "dataset"]])
 def test_read_only_commands_make_nothing_for_a_mistyped_url(command, tmp_path, cache):
