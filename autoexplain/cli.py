@@ -347,7 +347,7 @@ def view(
 @app.command()
 def publish(
     out: str = typer.Option("out", "--out", "-o", help="Output root of explain-layer runs (folder or URL)."),
-    to: Path = typer.Option(..., "--to", help="Folder to write the dataset into (new, empty, or an earlier publish, which is replaced)."),
+    to: str = typer.Option(..., "--to", help="Folder or fsspec URL to write the dataset into (new, empty, or an earlier publish, which is replaced)."),
     layers: Optional[str] = typer.Option(None, "--layers", "-l", help="Layers to publish: 15, 3,7 or 10-12 (default: every layer with a finished run)."),
     license_: Optional[str] = typer.Option(None, "--license", help="The dataset's license for the card (default: cc-by-sa-3.0 for the embedded corpus; required for any other corpus)."),
 ):
@@ -358,6 +358,7 @@ def publish(
     def go():
         chosen = parse_layers(layers, 10**6) if layers not in (None, "all") else None
         preflight.check_root(out, preflight.cli_flag)
+        preflight.check_out(to, preflight.cli_flag, "to")
         to_dir = publish_dataset(out, to, chosen, license_)
         err.print(f"published {', '.join(TABLES)} to {to_dir}", highlight=False)
         typer.echo(str(to_dir))

@@ -166,6 +166,17 @@ def _same_there(directory: Path, files_here: dict[str, int], fs, target: str) ->
     return _listing(fs, target) == files_here
 
 
+def files_there(directory: str | os.PathLike) -> dict[str, int] | None:
+    """{relative name: size} of the files at the URL of a folder inside a mirror; None outside one."""
+    where = _where(directory)
+    if where is None:
+        return None
+    try:
+        return _listing(where[1], where[2])
+    except OSError as e:
+        raise _unreachable(where[0], e) from None
+
+
 def push(directory: str | os.PathLike, replace: bool = False) -> str | None:
     """Upload a local folder inside a mirror to its URL, its manifest (if any) last; returns the URL.
     A sealed folder that the URL already holds whole (`_same_there`) is left alone; one that differs

@@ -332,6 +332,23 @@ def test_a_fresh_machine_lists_and_publishes_the_runs_at_the_url(run, tmp_path, 
     dataset = publish(url, tmp_path / "dataset", license_="cc-by-4.0")
     assert (dataset / "README.md").is_file() and any((dataset / "data").rglob("*.parquet"))
 
+    # to a URL, from the command line: the same dataset there; an earlier one is replaced whole
+    published = tmp_path / "published"
+    for _ in range(2):
+        shown = _cli("publish", "--out", url, "--to", f"file://{published}", "--license", "cc-by-4.0", cache=cache)
+        assert shown.returncode == 0, shown.stderr
+        assert shown.stdout.strip() == f"file://{published}"
+        here, there = _files(dataset), _files(published)  # the same files (a .gz header holds its time)
+        assert sorted(there) == sorted(here) and there["README.md"] == here["README.md"]
+        (published / "data" / "stale.parquet").write_bytes(b"from an earlier publish")
+    (published / "README.md").unlink()  # a folder that publish did not write: refused, left as it is
+    before = _files(published)
+    shown = _cli("publish", "--out", url, "--to", f"file://{published}", "--license", "cc-by-4.0", cache=cache)
+    assert shown.returncode == 2 and "Traceback" not in shown.stderr, shown.stderr
+    assert shown.stderr.strip().splitlines() == [f"error: file://{published} is not empty and holds no dataset that "
+                                                 "publish wrote — choose an empty or new folder"]
+    assert _files(published) == before
+
 
 def _cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "autoexplain.flows.cli", *args], capture_output=True, text=True,
