@@ -350,6 +350,30 @@ def test_a_fresh_machine_lists_and_publishes_the_runs_at_the_url(run, tmp_path, 
     assert _files(published) == before
 
 
+def test_view_builds_a_site_from_urls(run, tmp_path, cache):
+    first, _, _ = run()
+    scores = [s["uri"] for s in first["scores"]]  # file:// URLs of the run's scores folders
+    shutil.rmtree(cache / "mirror")
+    shown = _cli("view", *[a for s in scores for a in ("--scores", s)], "--site", f"file://{tmp_path}/site-a", cache=cache)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.strip() == str(tmp_path / "site-a" / "index.html") and (tmp_path / "site-a" / "index.html").is_file()
+
+    # the same root named by another URL (local://, worked through a mirror as s3:// would be): the scores
+    # folders are pulled with what the viewer follows them to, and the site is uploaded
+    shown = _cli("view", *[a for s in scores for a in ("--scores", s.replace("file://", "local://"))],
+                 "--site", f"local://{tmp_path}/site-b", cache=cache)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.strip() == f"local://{tmp_path}/site-b/index.html"
+    assert sorted(p.name for p in (tmp_path / "site-b").iterdir()) == sorted(p.name for p in (tmp_path / "site-a").iterdir())
+    mirrored = {p.parent.parent.name for p in (cache / "mirror").glob("*/*/*/manifest.json")}
+    assert {"scores", "simulations", "records", "windows"} <= mirrored, mirrored
+
+    shown = _cli("view", "--serve", "--site", f"local://{tmp_path}/site-b", "--port", "0", cache=cache)
+    assert shown.returncode == 2 and shown.stderr.strip().splitlines() == [
+        f"error: --site local://{tmp_path}/site-b: --serve serves a folder on this machine, and this site is at a URL "
+        "— copy the site into a folder here and pass that folder, or add --scores to build it here"]
+
+
 def _cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "autoexplain.flows.cli", *args], capture_output=True, text=True,
                           env={**os.environ, "AUTOEXPLAIN_CACHE": str(cache), "COLUMNS": "400"}, timeout=300)
