@@ -318,28 +318,30 @@ def import_cmd(
 
 @app.command()
 def view(
-    scores: Optional[list[Path]] = typer.Option(None, "--scores", "-c", help="Scores folders printed by `autoexplain score` or explain-layer: one per layer, or the shards of a layer. Optional with --serve when the site exists."),
-    site: Path = typer.Option(Path("site"), "--site", help="Folder to write the static site into (or, with --serve alone, to serve)."),
-    records: Optional[Path] = typer.Option(None, "--records", "-r", help="Records folder (default: found through the manifests)."),
+    scores: Optional[list[str]] = typer.Option(None, "--scores", "-c", help="Scores folders printed by `autoexplain score` or explain-layer (or their URLs: file://, or under a URL --out): one per layer, or the shards of a layer. Optional with --serve when the site exists."),
+    site: str = typer.Option("site", "--site", help="Folder or fsspec URL to write the static site into (or, with --serve alone, the folder to serve)."),
+    records: Optional[str] = typer.Option(None, "--records", "-r", help="Records folder or URL (default: found through the manifests)."),
     serve: bool = typer.Option(False, "--serve", help="Serve the site over http on this machine until Ctrl-C, and print its URL: what a browser opens from an http page such as the Prefect UI, which does not follow file:// links."),
     port: Optional[int] = typer.Option(None, "--port", help="Port for --serve (default 8765, or a free port when 8765 is taken; 0: any free port)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address for --serve (default loopback only: nothing outside this machine sees the site)."),
 ):
     """Write a static neuron viewer (no server needed: open index.html) from scored layers; --serve serves it."""
     def go():
-        from autoexplain import serve as serving
-        from autoexplain.view import build_site
+        from autoexplain import remote, serve as serving
+        from autoexplain.storage import local_folder
+        from autoexplain.view import build_site, site_folder
 
         if serve:
             serving.check_address(host, port)
         if scores:
-            preflight.check_out(str(site), preflight.cli_flag, "site")
-            typer.echo(str(build_site(scores, site, records)))
+            preflight.check_out(site, preflight.cli_flag, "site")
+            index = build_site([local_folder(s) for s in scores], site_folder(site, True), records and local_folder(records))
+            typer.echo(remote.uri(index) if remote.push(index.parent) else str(index))  # a URL's site is uploaded
         elif not serve:
             raise UserError("nothing to do: no --scores given", "pass --scores <scores folder>, or --serve to serve an existing --site")
         if not serve:
             return
-        server = serving.start(site, host, port)
+        server = serving.start(site_folder(site, bool(scores)), host, port)
         typer.echo(server.url)
         err.print(f"serving {server.site} at {server.url} (Ctrl-C to stop)", highlight=False, soft_wrap=True)
         server.wait()
@@ -350,7 +352,7 @@ def view(
 @app.command()
 def publish(
     out: str = typer.Option("out", "--out", "-o", help="Output root of explain-layer runs (folder or URL)."),
-    to: Path = typer.Option(..., "--to", help="Folder to write the dataset into (new, empty, or an earlier publish, which is replaced)."),
+    to: str = typer.Option(..., "--to", help="Folder or fsspec URL to write the dataset into (new, empty, or an earlier publish, which is replaced)."),
     layers: Optional[str] = typer.Option(None, "--layers", "-l", help="Layers to publish: 15, 3,7 or 10-12 (default: every layer with a finished run)."),
     license_: Optional[str] = typer.Option(None, "--license", help="The dataset's license for the card (default: cc-by-sa-3.0 for the embedded corpus; required for any other corpus)."),
 ):
@@ -361,6 +363,7 @@ def publish(
     def go():
         chosen = parse_layers(layers, 10**6) if layers not in (None, "all") else None
         preflight.check_root(out, preflight.cli_flag)
+        preflight.check_out(to, preflight.cli_flag, "to")
         to_dir = publish_dataset(out, to, chosen, license_)
         err.print(f"published {', '.join(TABLES)} to {to_dir}", highlight=False)
         typer.echo(str(to_dir))

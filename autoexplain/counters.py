@@ -2,7 +2,8 @@
 
 `COUNTS["subject_forward"]` counts subject forward passes, `"llm_requests"` explainer/simulator LLM
 requests, `"simulate"` simulator calls (one per explanation and record batch), `"score_units"`
-units scored and `"units_read"` units whose records a simulate or score stage read. They are
+units scored, `"units_read"` units whose records a simulate or score stage read and `"model_loads"`
+models loaded (`subject.load_subject`: a subject, or a local LLM's model). They are
 plain counters: reading them costs nothing and changes nothing.
 """
 

@@ -189,6 +189,7 @@ def check_out(out: str, spell: Spelling = flow_name, name: str = "out") -> None:
     from autoexplain import remote
 
     if remote.is_url(out):
+        _outlives_the_command(out, spell, name)
         try:
             remote.check(out)
         except UserError as e:
@@ -223,10 +224,21 @@ def check_root(out: str, spell: Spelling = flow_name, name: str = "out") -> None
     from autoexplain import remote
 
     if remote.is_url(out):
+        _outlives_the_command(out, spell, name)
         try:
             remote.open_root(out, create=False)
         except UserError as e:
             raise _fail(spell, name, e.problem, e.fix or "") from None
+
+
+def _outlives_the_command(url: str, spell: Spelling, name: str) -> None:
+    """A command line's process ends with its command, and a URL kept in its memory with it: nothing
+    written there would remain. (A flow called in a Python process may use one while it lives.)"""
+    from autoexplain import remote
+
+    if spell is cli_flag and remote.in_process(url):
+        raise _fail(spell, name, f"{url} lives in this process's memory: what is written there vanishes when "
+                    "the command exits", "pass a folder or a persistent URL (file:///path, s3://bucket/run, ...)")
 
 
 def check_results(results: str | None, spell: Spelling = flow_name) -> None:

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from autoexplain import defaults, files, layout
+from autoexplain import defaults, files, layout, remote
 from autoexplain.errors import UserError
 from autoexplain.rows import rows_to_table
 from autoexplain.sources import MLP
@@ -206,9 +206,10 @@ scores = pl.scan_parquet("path/to/this/folder/data/scores/**/*.parquet")
 """ + "\n".join(_columns(t, schemas[t]) for t in TABLES)
 
 
-def publish(out: str, to: str | Path, layers: list[int] | None = None, license_: str | None = None) -> Path:
-    """Write the dataset of `out`'s latest runs (of `layers`, default all) to the folder `to`."""
-    root, to = open_root(out, create=False), Path(to)
+def publish(out: str, to: str | Path, layers: list[int] | None = None, license_: str | None = None) -> Path | str:
+    """Write the dataset of `out`'s latest runs (of `layers`, default all) to the folder `to`, or to a
+    URL: built in its local mirror, then uploaded in place of what was there. Returns where it is."""
+    root = open_root(out, create=False)
     found = run_sources(root)
     have = sorted({L for L, _ in found})
     if not have:
@@ -216,9 +217,17 @@ def publish(out: str, to: str | Path, layers: list[int] | None = None, license_:
     missing = sorted(set(layers or []) - set(have))
     if missing:
         raise UserError(f"{out} holds no finished run of layer(s) {missing} (it has {have})", "publish layers it has")
-    ours = (to / "README.md").is_file() and CARD_MARK in (to / "README.md").read_text(errors="replace")
-    if to.exists() and (not to.is_dir() or any(to.iterdir())) and not ours:
-        raise UserError(f"{to} is not empty and holds no dataset that publish wrote", "choose an empty or new folder")
+    url = str(to) if remote.is_url(to) else None
+    to = open_root(to)
+    there, readme = remote.files_there(to), to / "README.md"
+    if there is not None:  # at a URL: what is there decides, not this machine's copy of it
+        occupied = bool(there)
+        ours = "README.md" in there and remote.pull_file(readme) and CARD_MARK in readme.read_text(errors="replace")
+    else:
+        occupied = to.exists() and (not to.is_dir() or any(to.iterdir()))
+        ours = readme.is_file() and CARD_MARK in readme.read_text(errors="replace")
+    if occupied and not ours:
+        raise UserError(f"{url or to} is not empty and holds no dataset that publish wrote", "choose an empty or new folder")
     runs = {(L, kind): read_run(root, L, kind) for L, kind in found if L in (layers or have)}
     corpus = next(iter(runs.values()))["params"]["corpus"]
     license_ = license_ or CORPUS_LICENSE.get(corpus)
@@ -244,5 +253,6 @@ def publish(out: str, to: str | Path, layers: list[int] | None = None, license_:
         build.rename(to)
     finally:
         shutil.rmtree(build, ignore_errors=True)
-    return to
+    remote.push(to, replace=True)  # a URL's earlier dataset goes whole; a no-op for a folder
+    return url or to
 

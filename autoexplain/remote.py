@@ -57,6 +57,11 @@ def filesystem(url: str):
     except OSError as e:  # a file system that connects or opens its archive when it is made
         raise _unreachable(url, e) from None
 
+def in_process(url: str) -> bool:
+    """Whether a URL's storage lives in this process's memory only (`memory://`): gone when it exits."""
+    return str(url).split("://", 1)[0].lower() == "memory"
+
+
 def _object_store(fs) -> bool:
     return bool(_ATOMIC_PUT & set([fs.protocol] if isinstance(fs.protocol, str) else fs.protocol))
 
@@ -137,11 +142,47 @@ def _hidden(rel: str) -> bool:
     # temporary names of unfinished writes, here and on the remote side
     return any(layout.in_progress(part) for part in rel.split("/"))
 
+def _listing(fs, target: str) -> dict[str, int]:
+    """{relative name: size} of the finished files under a folder at the URL ({} when it is not there)."""
+    prefix = target.rstrip("/") + "/"
+    fs.invalidate_cache(target)  # another machine may have changed it since we last listed
+    try:
+        found = fs.find(target, detail=True)
+    except FileNotFoundError:
+        return {}
+    return {name[len(prefix):]: int(info.get("size") or 0) for name, info in found.items()
+            if name.startswith(prefix) and info.get("type", "file") == "file" and not _hidden(name[len(prefix):])}
+
+
+def _same_there(directory: Path, files_here: dict[str, int], fs, target: str) -> bool:
+    """Whether the URL holds this sealed folder: the same manifest bytes, and the same files with the
+    same sizes (a file deleted or truncated there since shows; a listing and one small read, never a
+    download of the tables)."""
+    try:
+        if fs.cat_file(f"{target}/{MANIFEST}") != (directory / MANIFEST).read_bytes():
+            return False
+    except FileNotFoundError:
+        return False
+    return _listing(fs, target) == files_here
+
+
+def files_there(directory: str | os.PathLike) -> dict[str, int] | None:
+    """{relative name: size} of the files at the URL of a folder inside a mirror; None outside one."""
+    where = _where(directory)
+    if where is None:
+        return None
+    try:
+        return _listing(where[1], where[2])
+    except OSError as e:
+        raise _unreachable(where[0], e) from None
+
+
 def push(directory: str | os.PathLike, replace: bool = False) -> str | None:
     """Upload a local folder inside a mirror to its URL, its manifest (if any) last; returns the URL.
-    A folder whose remote manifest already exists is left alone: content-addressed, it is the same,
-    unless `replace` (the remote copy failed verification): its manifest goes first, so that readers
-    take it for unfinished until the new one is whole."""
+    A sealed folder that the URL already holds whole (`_same_there`) is left alone; one that differs
+    there (missing files, other sizes, another manifest), or any with `replace` (the remote copy
+    failed verification), is replaced: the remote manifest goes first, so that readers take it for
+    unfinished until the new one is whole, then every file the new copy lacks."""
     where = _where(directory)
     if where is None:
         return None
@@ -149,11 +190,15 @@ def push(directory: str | os.PathLike, replace: bool = False) -> str | None:
     directory = Path(directory)
     paths = [p for p in directory.rglob("*") if p.is_file() and not _hidden(p.relative_to(directory).as_posix())]
     paths.sort(key=lambda p: (p.name == MANIFEST and p.parent == directory, p.as_posix()))
+    here = {p.relative_to(directory).as_posix(): p.stat().st_size for p in paths}
     try:
-        if (directory / MANIFEST).is_file() and fs.exists(f"{target}/{MANIFEST}"):
-            if not replace:
-                return url
-            fs.rm_file(f"{target}/{MANIFEST}")
+        if (directory / MANIFEST).is_file() and not replace and _same_there(directory, here, fs, target):
+            return url
+        if replace or (directory / MANIFEST).is_file():
+            if fs.exists(f"{target}/{MANIFEST}"):
+                fs.rm_file(f"{target}/{MANIFEST}")
+            for rel in sorted(set(_listing(fs, target)) - set(here)):
+                fs.rm_file(f"{target}/{rel}")
         objects = _object_store(fs)
         for p in paths:
             dest = f"{target}/{p.relative_to(directory).as_posix()}"

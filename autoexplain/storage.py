@@ -405,3 +405,26 @@ def local_ref(output: dict) -> dict:
     root = layout.split_folder_url(output["uri"])[0]
     windows = remote.fetch(layout.folder_url(root, "windows", read_manifest(local)["inputs"]["windows"]))
     return {**output, "path": str(local), "windows": str(windows / layout.WINDOWS)}
+
+
+# What a reader of a stage folder follows it to, by the input its manifest names (a scores folder's
+# viewer reads its simulations, their records and the records' windows).
+_FOLLOWS = {"scores": "simulations", "simulations": "records", "records": "windows"}
+
+
+def local_folder(text: str) -> Path:
+    """A stage folder named on a command line, on this machine: a path as it is, a file:// URL's
+    folder, or a folder at a URL root (`<root>/<stage>/<key>`) pulled into its mirror with the
+    folders its readers follow it to (`_FOLLOWS`)."""
+    if not remote.is_url(text):
+        return Path(text)
+    if text.startswith("file://"):
+        return remote.local_path(text)
+    root, stage, _key = layout.split_folder_url(text)
+    first = folder = remote.fetch(text)
+    while stage in _FOLLOWS:
+        stage, named = _FOLLOWS[stage], read_manifest(folder).get("inputs", {}).get(_FOLLOWS[stage])
+        if not named:
+            break
+        folder = remote.fetch(layout.folder_url(root, stage, Path(named).name))
+    return first

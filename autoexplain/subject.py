@@ -228,17 +228,15 @@ def load_subject(spec: str | None = None, dtype: torch.dtype = torch.bfloat16, d
             folder = converted_gguf(path)
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(folder)
-            fingerprint = f"{path.name}:{model_digest(path)}"
         elif path.exists():
             if not (path / "config.json").is_file():
                 raise UserError(f"{path} is not a Hugging Face model folder (no config.json)", "point --model at a folder saved with save_pretrained, or a .gguf file")
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(path)
-            fingerprint = f"{path.name}:{model_digest(path)}"  # every file: weights, config, tokenizer
         else:
             model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(spec)
-            fingerprint = f"{spec}:{getattr(model.config, '_commit_hash', None) or 'hub'}"
+        fingerprint = fingerprint_of(spec, model.config)
     except UserError:
         raise
     except (OSError, ValueError) as e:
@@ -250,7 +248,60 @@ def load_subject(spec: str | None = None, dtype: torch.dtype = torch.bfloat16, d
     subject = wrap(model.to(device or default_device()), tokenizer, spec)
     subject.load_seconds = time.perf_counter() - started
     subject.fingerprint = fingerprint
+    COUNTS["model_loads"] += 1
     return subject
+
+
+def fingerprint_of(spec: str | None, config=None) -> str:
+    """What a subject's outputs depend on, without its weights: a local folder's or GGUF file's
+    content digest (every file: weights, config, tokenizer), or a hub model's commit (from `config`,
+    else from its config alone)."""
+    spec = spec or defaults.SUBJECT
+    path = Path(defaults.resolve_model(spec)).expanduser()
+    if path.exists():
+        return f"{path.name}:{model_digest(path)}"
+    if config is None:
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(spec)
+        except (OSError, ValueError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(f"cannot load model '{spec}': {first[:200]}",
+                            "give a local model folder, a .gguf file, or a hub name reachable from here") from None
+    return f"{spec}:{getattr(config, '_commit_hash', None) or 'hub'}"
+
+
+class PlannedSubject:
+    """A subject known by its config and fingerprint, loaded (by `load`, given the spec) only when a
+    stage asks for more: a stage whose output is already there (here or pulled from the URL) never
+    loads the weights. Its layers are checked from the config, as `Subject.check_layers` does."""
+
+    check_layers = Subject.check_layers
+
+    def __init__(self, spec: str | None, load):
+        from autoexplain.model_config import read_shape
+
+        self.name = spec or defaults.SUBJECT
+        shape = read_shape(self.name)
+        self.n_layers, self._units = shape.n_layers, shape.n_units
+        self.fingerprint = fingerprint_of(self.name)
+        self._load, self._loaded = load, None
+
+    @property
+    def n_units(self) -> int:
+        return self._units if self._units is not None else self.loaded.n_units
+
+    @property
+    def loaded(self) -> Subject:
+        if self._loaded is None:
+            self._loaded = self._load(self.name)
+        return self._loaded
+
+    def __getattr__(self, name):  # what needs the weights: the model, its tokenizer, a pass
+        if name.startswith("_"):  # not set yet (a copy being made): never a reason to load
+            raise AttributeError(name)
+        return getattr(self.loaded, name)
 
 
 # ---- hidden states at a sparse coder's hook point (Hugging Face's own forward) ----------------

@@ -147,6 +147,22 @@ def _clear_site(site_dir: Path, keep: set[str]) -> None:
 # ---------------------------------------------------------------- build
 
 
+def site_folder(site: str, build: bool) -> Path:
+    """Where on this machine `view` writes or serves `--site`: a folder, a file:// URL's folder, or to
+    build a site at another URL, that URL's local mirror (uploaded after the build). Serving a site
+    that is at such a URL only would need it downloaded first: refused, before any work."""
+    from autoexplain import remote
+
+    if not remote.is_url(site):
+        return Path(site)
+    if site.startswith("file://"):
+        return remote.local_path(site)
+    if not build:
+        raise UserError(f"--site {site}: --serve serves a folder on this machine, and this site is at a URL",
+                        "copy the site into a folder here and pass that folder, or add --scores to build it here")
+    return remote.open_root(site)
+
+
 def build_site(score_dirs: list[Path], site_dir: Path, records_dir: Path | None = None, *,
                title: str = "autoexplain neuron viewer", chunk_size: int = 1000,
                max_per_kind: int | None = 20, plots: bool = True, meaning: bool = True,

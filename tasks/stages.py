@@ -346,8 +346,10 @@ def record_sources_task(model: str, corpus: str, sources: list[tuple[str, list[i
 
 def _record(model: str, corpus: str, sources: list[tuple[str, list[int]]], tokens: int, out: str, window_len: int,
             top_k: int, n_random: int, seed: int) -> list[dict]:
+    from autoexplain.subject import PlannedSubject
+
     out = open_root(out)
-    subject = _subject(model)
+    subject = PlannedSubject(model, _subject)  # loaded only if something must be recorded
     plans = []
     for spec, layers in sources:
         subject.check_layers(layers)

@@ -158,6 +158,8 @@ def _task_states(flow_run_id) -> dict[str, set[str]]:
 
 
 def test_a_fresh_machine_pulls_everything_from_the_url(run, tmp_path, cache):
+    from autoexplain.tasks import stages
+
     url, results = f"file://{tmp_path}/remote", f"memory://results-{uuid.uuid4().hex[:8]}/prefect"
     first, counts, _ = run(results=results)
     assert counts["subject_forward"] > 0 and counts["llm_requests"] > 0 and counts["simulate"] > 0
@@ -169,9 +171,10 @@ def test_a_fresh_machine_pulls_everything_from_the_url(run, tmp_path, cache):
     fs, base = remote.filesystem(results)
     assert fs.find(base), "the task results went to the results URL"
 
-    # A fresh machine: no mirror and no Prefect results, so every task runs, and each one finds its
-    # output at the URL.
+    # A fresh machine: no mirror, no Prefect results and no model loaded, so every task runs, and
+    # each one finds its output at the URL (the subject is never loaded: `model_loads` stays 0).
     shutil.rmtree(cache / "mirror")
+    stages._subject.cache_clear()
     again, counts, states = run(results=f"file://{tmp_path}/results-fresh")
     assert counts == {}, f"a rerun from the URL recomputed {counts}"
     assert all(states[t] == {"Completed"} for t in TASKS), states
@@ -221,6 +224,35 @@ def test_a_stage_reused_from_the_mirror_is_pushed_when_the_url_lacks_it(url):
     assert Stage(root, "scores", "k1").done
     fs.invalidate_cache()
     assert sorted(fs.find(f"{base}/scores/k1")) == sorted(f"{base}/scores/k1/{name}" for name in written)
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_a_stage_reused_from_the_mirror_is_pushed_again_when_its_copy_at_the_url_differs(url, damage):
+    root = open_root(url)
+    written = _files(_stage(root))
+    fs, base = remote.filesystem(url)
+    if damage == "deleted":  # the manifest is there, a file it comes with is not
+        fs.rm_file(f"{base}/scores/k1/plots/one.json")
+    else:
+        fs.pipe_file(f"{base}/scores/k1/table.json", b"{")
+    assert Stage(root, "scores", "k1").done
+    fs.invalidate_cache()
+    assert {name: fs.cat_file(f"{base}/scores/k1/{name}") for name in written} == written
+
+
+def test_a_replaced_folder_at_the_url_holds_only_the_new_copy(url):
+    root = open_root(url)
+    _stage(root)  # table.json, plots/one.json and the manifest
+    fs, base = remote.filesystem(url)
+    fs.pipe_file(f"{base}/scores/k1/table.json", b"{")  # damaged at the URL
+    shutil.rmtree(root)  # a fresh machine
+    stage = Stage(open_root(url), "scores", "k1")
+    assert not stage.done
+    write_json({"rows": [1, 2, 3]}, stage.path("table.json"))  # the new copy has no plots/one.json
+    made = stage.seal({"simulations": "s"}, {"layer": 1})
+    fs.invalidate_cache()
+    assert sorted(fs.find(f"{base}/scores/k1")) == [f"{base}/scores/k1/manifest.json", f"{base}/scores/k1/table.json"]
+    assert fs.cat_file(f"{base}/scores/k1/manifest.json") == (made / "manifest.json").read_bytes()
 
 
 def _named_folders(pointer: dict) -> set[str]:
@@ -300,6 +332,47 @@ def test_a_fresh_machine_lists_and_publishes_the_runs_at_the_url(run, tmp_path, 
     dataset = publish(url, tmp_path / "dataset", license_="cc-by-4.0")
     assert (dataset / "README.md").is_file() and any((dataset / "data").rglob("*.parquet"))
 
+    # to a URL, from the command line: the same dataset there; an earlier one is replaced whole
+    published = tmp_path / "published"
+    for _ in range(2):
+        shown = _cli("publish", "--out", url, "--to", f"file://{published}", "--license", "cc-by-4.0", cache=cache)
+        assert shown.returncode == 0, shown.stderr
+        assert shown.stdout.strip() == f"file://{published}"
+        here, there = _files(dataset), _files(published)  # the same files (a .gz header holds its time)
+        assert sorted(there) == sorted(here) and there["README.md"] == here["README.md"]
+        (published / "data" / "stale.parquet").write_bytes(b"from an earlier publish")
+    (published / "README.md").unlink()  # a folder that publish did not write: refused, left as it is
+    before = _files(published)
+    shown = _cli("publish", "--out", url, "--to", f"file://{published}", "--license", "cc-by-4.0", cache=cache)
+    assert shown.returncode == 2 and "Traceback" not in shown.stderr, shown.stderr
+    assert shown.stderr.strip().splitlines() == [f"error: file://{published} is not empty and holds no dataset that "
+                                                 "publish wrote — choose an empty or new folder"]
+    assert _files(published) == before
+
+
+def test_view_builds_a_site_from_urls(run, tmp_path, cache):
+    first, _, _ = run()
+    scores = [s["uri"] for s in first["scores"]]  # file:// URLs of the run's scores folders
+    shutil.rmtree(cache / "mirror")
+    shown = _cli("view", *[a for s in scores for a in ("--scores", s)], "--site", f"file://{tmp_path}/site-a", cache=cache)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.strip() == str(tmp_path / "site-a" / "index.html") and (tmp_path / "site-a" / "index.html").is_file()
+
+    # the same root named by another URL (local://, worked through a mirror as s3:// would be): the scores
+    # folders are pulled with what the viewer follows them to, and the site is uploaded
+    shown = _cli("view", *[a for s in scores for a in ("--scores", s.replace("file://", "local://"))],
+                 "--site", f"local://{tmp_path}/site-b", cache=cache)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.strip() == f"local://{tmp_path}/site-b/index.html"
+    assert sorted(p.name for p in (tmp_path / "site-b").iterdir()) == sorted(p.name for p in (tmp_path / "site-a").iterdir())
+    mirrored = {p.parent.parent.name for p in (cache / "mirror").glob("*/*/*/manifest.json")}
+    assert {"scores", "simulations", "records", "windows"} <= mirrored, mirrored
+
+    shown = _cli("view", "--serve", "--site", f"local://{tmp_path}/site-b", "--port", "0", cache=cache)
+    assert shown.returncode == 2 and shown.stderr.strip().splitlines() == [
+        f"error: --site local://{tmp_path}/site-b: --serve serves a folder on this machine, and this site is at a URL "
+        "— copy the site into a folder here and pass that folder, or add --scores to build it here"]
+
 
 def _cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "autoexplain.flows.cli", *args], capture_output=True, text=True,
@@ -321,6 +394,20 @@ def test_file_systems_that_fail_when_made_say_what_is_wrong(tmp_path, cache):
     assert shown.stderr.strip().splitlines() == ["error: --out: cannot reach ftp://127.0.0.1:1/x: ConnectionRefusedError: "
                                                  "[Errno 111] Connection refused — check the URL, the credentials "
                                                  "and that the location exists and is writable"]
+
+
+@pytest.mark.parametrize("command", [["explain-layer", "--layer", "1", "--out", "memory://run/out"],
+                                     ["explain-layer", "--layer", "1", "--results", "memory://run/results"],
+                                     ["publish", "--out", "memory://run/out", "--to", "dataset"]])
+def test_the_cli_refuses_a_url_that_vanishes_when_it_exits(command, tmp_path, cache):
+    """memory:// lives in one process (the tests above use it so); a command's output there is lost."""
+    flag, url = next((a, b) for a, b in zip(command, command[1:]) if b.startswith("memory://"))
+    shown = _cli(*[str(tmp_path / a) if a == "dataset" else a for a in command], cache=cache)
+    assert shown.returncode == 2 and "Traceback" not in shown.stderr, shown.stderr
+    assert shown.stderr.strip().splitlines() == [f"error: {flag}: {url} lives in this process's memory: what is written "
+                                                 "there vanishes when the command exits — pass a folder or a persistent "
+                                                 "URL (file:///path, s3://bucket/run, ...)"]
+    assert not (cache / "mirror").exists() and not (tmp_path / "dataset").exists()
 
 
 @pytest.mark.parametrize("command", [["rescore", "--layer", "1"], ["revise", "--layer", "1", "--unit", "1", "--text", "x"],
