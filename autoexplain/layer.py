@@ -192,7 +192,9 @@ class _Later:
 
 
 def run_explain(records_dir, layer: int, out, units=None, explainer=None, cfg=None, llm=None,
-                progress: Progress | None = None) -> StageRef:
+                progress: Progress | None = None, make_llm=None) -> StageRef:
+    """make_llm: builds the explainer when no `llm` is given, called only when a unit must be
+    explained (a fresh machine that finds the explanations at the URL loads no model)."""
     records_dir = Path(records_dir)
     cfg = cfg or pipeline.ExplainConfig()
     _, _, records_key = _records_inputs(records_dir, layer)
@@ -219,7 +221,7 @@ def run_explain(records_dir, layer: int, out, units=None, explainer=None, cfg=No
     # error is raised: a rerun asks only what was not answered.
     if todo:
         if llm is None:
-            llm = make_explainer(spec)
+            llm = make_llm() if make_llm is not None else make_explainer(spec)
         llm = as_explainer(llm)  # an LLM passed in is explained with by the LLM explainer
     size = pipeline.units_per_batch(llm, cfg) if todo else cfg.batch_units
     batches = [todo[i : i + size] for i in range(0, len(todo), size)]

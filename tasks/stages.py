@@ -371,7 +371,8 @@ def explain_task(records: dict, layer: int, units: list[int], explainer: str, k:
     log = get_run_logger()
     records, out = local_ref(records), open_root(out)
     result = layer_mod.run_explain(records["path"], layer, out, units, explainer, ExplainConfig(k=k),
-                                   llm=llm_for(explainer), progress=_progress("explain", _shard(records, layer, units)))
+                                   make_llm=lambda: llm_for(explainer),
+                                   progress=_progress("explain", _shard(records, layer, units)))
     log.info(f"explained units {units[0]}..{units[-1]} of layer {layer}")
     return ref(result)
 

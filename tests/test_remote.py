@@ -172,9 +172,11 @@ def test_a_fresh_machine_pulls_everything_from_the_url(run, tmp_path, cache):
     assert fs.find(base), "the task results went to the results URL"
 
     # A fresh machine: no mirror, no Prefect results and no model loaded, so every task runs, and
-    # each one finds its output at the URL (the subject is never loaded: `model_loads` stays 0).
+    # each one finds its output at the URL (neither the subject nor the explainer's model is loaded:
+    # `model_loads` stays 0).
     shutil.rmtree(cache / "mirror")
     stages._subject.cache_clear()
+    stages.llm_for.cache_clear()
     again, counts, states = run(results=f"file://{tmp_path}/results-fresh")
     assert counts == {}, f"a rerun from the URL recomputed {counts}"
     assert all(states[t] == {"Completed"} for t in TASKS), states
