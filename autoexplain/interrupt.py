@@ -188,6 +188,27 @@ def signals(forced: Callable[[int], None]):
         os.close(write)
 
 
+def shielded(fn: Callable[[], object]) -> None:
+    """Call fn in a thread that blocks SIGINT, and wait for it: a process it starts inherits the
+    blocked signal, so a terminal's Ctrl-C, which goes to the whole process group, does not reach it.
+    For Prefect's temporary server: the stopped run's end must still be recorded there before the
+    command exits (the command stops the server itself when it exits)."""
+    failed: list[BaseException] = []
+
+    def call():
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - raised in the caller's thread
+            failed.append(e)
+
+    thread = threading.Thread(target=call, name="autoexplain-shielded", daemon=True)
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
+
+
 def ignore_ctrl_c() -> None:
     """For a helper process (a spawned pool worker): Ctrl-C in a terminal reaches the whole process
     group, and a worker it interrupts prints a traceback; the run's process ends its helpers."""

@@ -207,6 +207,7 @@ def _run_flow(name: str, params: dict, check) -> None:
     # The warm-up makes the simulator, and a server simulator's LLM keeps the limits it was made with.
     set_limits(*(params.get(k) for k in ("concurrency", "rpm", "tpm", "retries")))
     warm_up(params.get("simulator"))
+    temporary_server()
     bars, listener = stage_bars()
     remove = progress.listen(listener)
     try:
@@ -224,6 +225,22 @@ def _run_flow(name: str, params: dict, check) -> None:
     else:
         print_summary([Path(ref["path"]) for ref in result["scores"]], result)
     unanswered_exit(result.get("unanswered", 0))  # counted by the flow (`flows.steps.finished`)
+
+
+def temporary_server() -> None:
+    """Start Prefect's temporary server (none is configured: no PREFECT_API_URL) out of a terminal's
+    Ctrl-C, which goes to the whole process group: were the server stopped by it too, the run
+    could not record its end and would show as Running in Prefect for ever. The flow run finds this
+    server (one per process); it is stopped when the command exits, as before."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    from autoexplain import interrupt
+
+    interrupt.shielded(SubprocessASGIServer().start)
 
 
 app.command("explain-layer")(explain_layer_cmd)
