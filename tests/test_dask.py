@@ -108,3 +108,4 @@ def test_explain_model_on_dask_equals_explain_layer(prefect_isolated, cluster, t
     keys = ["unit", "polarity", "method", "metric"]
     assert_frame_equal(model_scores.sort(keys).select(keys + ["value"]), alone_scores.sort(keys).select(keys + ["value"]),
                        check_exact=False, rel_tol=1e-6)
+
