@@ -53,11 +53,17 @@ class LayerWork:
 
 def scale_out(dask: str | None, work: Callable[[], T]) -> T:
     """work(), its tasks run on the dask scheduler at `dask` (checked by the preflight; None: on the
-    flow's own task runner)."""
+    flow's own task runner), and wherever they run they report to this flow run's Prefect API. A
+    task on a dask worker talks to the API named in the flow's settings; with none there (Prefect's
+    temporary server, found by the flow's client), every worker process would start a temporary
+    server of its own and record its task runs there."""
     from prefect.context import FlowRunContext
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     run = FlowRunContext.get()
     with ExitStack() as stack:
+        if not PREFECT_API_URL.value():
+            stack.enter_context(temporary_settings({PREFECT_API_URL: str(run.client.api_url).rstrip("/")}))
         if dask:
             from prefect_dask import DaskTaskRunner
 
