@@ -18,6 +18,8 @@ retry after a backoff, and a thread pool's threads are joined when the interpret
   attempt (none is sent after a stop), `sleep()` for backoff and rate-limit waits.
 - `Pool` runs LLM requests on daemon threads: one blocked in a socket read is abandoned when the
   process exits, not joined (ThreadPoolExecutor's threads are).
+- `shielded(fn)` starts a helper process (Prefect's temporary server) with SIGINT blocked: a
+  terminal's Ctrl-C goes to the whole process group, and the run must still record its end there.
 - Should the command still run `GRACE` seconds after the signal (a wait none of this reaches), the
   watcher runs the exit handlers (Prefect's temporary server stops) and ends the process.
 
