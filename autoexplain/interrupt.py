@@ -18,6 +18,8 @@ retry after a backoff, and a thread pool's threads are joined when the interpret
   attempt (none is sent after a stop), `sleep()` for backoff and rate-limit waits.
 - `Pool` runs LLM requests on daemon threads: one blocked in a socket read is abandoned when the
   process exits, not joined (ThreadPoolExecutor's threads are).
+- `shielded(fn)` starts a helper process (Prefect's temporary server) with SIGINT blocked: a
+  terminal's Ctrl-C goes to the whole process group, and the run must still record its end there.
 - Should the command still run `GRACE` seconds after the signal (a wait none of this reaches), the
   watcher runs the exit handlers (Prefect's temporary server stops) and ends the process.
 
@@ -186,6 +188,27 @@ def signals(forced: Callable[[int], None]):
                 signal.signal(s, handler)
         _INSTALLED.clear()
         os.close(write)
+
+
+def shielded(fn: Callable[[], object]) -> None:
+    """Call fn in a thread that blocks SIGINT, and wait for it: a process it starts inherits the
+    blocked signal, so a terminal's Ctrl-C, which goes to the whole process group, does not reach it.
+    For Prefect's temporary server: the stopped run's end must still be recorded there before the
+    command exits (the command stops the server itself when it exits)."""
+    failed: list[BaseException] = []
+
+    def call():
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - raised in the caller's thread
+            failed.append(e)
+
+    thread = threading.Thread(target=call, name="autoexplain-shielded", daemon=True)
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
 
 
 def ignore_ctrl_c() -> None:

@@ -20,7 +20,7 @@ from typing import Callable
 from autoexplain import defaults
 from autoexplain.errors import UserError
 from autoexplain.model_config import Shape, read_shape
-from autoexplain.server_probe import probe_server
+from autoexplain.server_probe import probe_scheduler, probe_server
 from autoexplain.sources import MLP
 from autoexplain.storage import content_key
 
@@ -117,6 +117,15 @@ def check_limits(concurrency: int | None, rpm: float | None, spell: Spelling = f
         if value is not None and not value > 0:
             raise _fail(spell, name, f"must be more than 0 {what} per minute, got {value}",
                         f"pass {spell(name).split()[-1]} > 0, or leave it out for no limit")
+
+
+def check_dask(address: str | None, spell: Spelling = flow_name, name: str = "dask") -> None:
+    """The dask scheduler that runs the tasks (None: threads in the flow's process): one connection."""
+    if address:
+        try:
+            probe_scheduler(address)
+        except UserError as e:
+            raise _fail(spell, name, e.problem, e.fix or "") from None
 
 
 def check_budget(budget: str | None, spell: Spelling = flow_name, *, explainer: str | None = None,
@@ -364,6 +373,7 @@ def explain_layer(p: dict, spell: Spelling = flow_name) -> LayerPlan:
         raise _fail(spell, "units", "selects no unit", "pass a range like 0-99")
     revisions = check_revisions(p.get("revisions"), units, spell, polarities=source.polarities)
     check_limits(p.get("concurrency"), p.get("rpm"), spell, p.get("tpm"), p.get("retries"))
+    check_dask(p.get("dask"), spell)
     check_explainer(p.get("explainer"), spell)
     check_simulator(p.get("simulator"), spell)
     check_scorers(p.get("scorers"), spell)

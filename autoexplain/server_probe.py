@@ -8,6 +8,7 @@ stops the run before any recording, with one line.
 from __future__ import annotations
 
 import json
+import socket
 import urllib.error
 import urllib.request
 
@@ -85,3 +86,25 @@ def probe_server(url: str, model: str, key: str | None, needs_echo: bool) -> Non
                             "which the all-at-once simulator reads",
                             "serve the model where /v1/completions takes echo=True with logprobs (vLLM, llama.cpp), "
                             "or use 'chat-json:LLM'")
+
+
+DASK_SCHEMES = ("tcp", "tls", "ws", "wss")  # the dask comm protocols that reach a scheduler over the network
+
+
+def probe_scheduler(address: str, timeout: float = 3.0) -> None:
+    """One TCP connection to a dask scheduler's address ('tcp://HOST:PORT', or 'HOST:PORT'), no
+    retries: an address where nothing listens is one line now, not a 30 s wait after the recording."""
+    from urllib.parse import urlsplit
+
+    url = urlsplit(address if "://" in address else f"tcp://{address}")
+    try:
+        host, port = url.hostname, url.port
+    except ValueError:
+        host, port = None, None
+    if url.scheme not in DASK_SCHEMES or not host or not port:
+        raise UserError(f"'{address}' is not a dask scheduler address", "write it as tcp://HOST:PORT, e.g. tcp://10.0.0.5:8786")
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise UserError(f"no dask scheduler answers at {address} ({e.strerror or e})",
+                        "start the scheduler (`dask scheduler`), or fix the address") from None

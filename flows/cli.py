@@ -44,6 +44,8 @@ K = typer.Option(4, "--k", help="Candidate explanations per unit (best-of-k on t
 SHARD_SIZE = typer.Option(256, "--shard-size", help="Units per task.")
 N_BOOT = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the 95% CIs.")
 OUT = typer.Option("out", "--out", "-o", help="Output folder, or an fsspec URL (s3://bucket/run, file:///mnt/share/out, ...) worked on through a local mirror.")
+DASK = typer.Option(None, "--dask", help="Address of a running dask scheduler, e.g. tcp://10.0.0.5:8786: its workers run "
+                    "the shards' tasks. Default: threads in this process.")
 RESULTS = typer.Option(None, "--results", help="Folder or fsspec URL for Prefect's task results (its cache), e.g. s3://bucket/prefect-results. Default: Prefect's local storage.")
 
 def explain_layer_cmd(
@@ -70,12 +72,13 @@ def explain_layer_cmd(
     budget: Optional[str] = BUDGET,
     out: str = OUT,
     results: Optional[str] = RESULTS,
+    dask: Optional[str] = DASK,
 ):
     """Record if needed, then explain, simulate and score a layer, as a Prefect flow (no server needed)."""
     params = dict(layer=layer, units=units, model=model, corpus=corpus, tokens=tokens, explainer=explainer,
                   simulator=simulator, scorers=scorers, k=k, shard_size=shard_size, n_boot=n_boot, window_len=window_len, top_k=top_k,
                   n_random=n_random, out=out, results=results, concurrency=concurrency, rpm=rpm, tpm=tpm, retries=retries, cache=cache,
-                  budget=budget, source=source)
+                  budget=budget, source=source, dask=dask)
     run_or_exit(lambda: _run_flow("explain_layer", params, lambda: preflight.explain_layer(params, preflight.cli_flag)))
 
 
@@ -105,6 +108,7 @@ def explain_model_cmd(
     budget: Optional[str] = BUDGET,
     out: str = OUT,
     results: Optional[str] = RESULTS,
+    dask: Optional[str] = DASK,
 ):
     """Record every chosen layer in one pass, then explain, simulate and score them all: one site and one model report."""
     from autoexplain import model_plan
@@ -112,7 +116,7 @@ def explain_model_cmd(
     params = dict(layers=layers, sources=sources, units=units, model=model, corpus=corpus, tokens=tokens,
                   explainer=explainer, simulator=simulator, scorers=scorers, k=k, shard_size=shard_size, n_boot=n_boot,
                   site=site, window_len=window_len, top_k=top_k, n_random=n_random, out=out, results=results,
-                  concurrency=concurrency, rpm=rpm, tpm=tpm, retries=retries, cache=cache, budget=budget)
+                  concurrency=concurrency, rpm=rpm, tpm=tpm, retries=retries, cache=cache, budget=budget, dask=dask)
     spell = lambda name: "--source" if name == "sources" else preflight.cli_flag(name)  # noqa: E731
     run_or_exit(lambda: _run_flow("explain_model", params, lambda: model_plan.explain_model(params, spell)))
 
@@ -139,15 +143,18 @@ def rescore_cmd(
     retries: Optional[int] = RETRIES,
     cache: bool = CACHE,
     budget: Optional[str] = BUDGET,
+    dask: Optional[str] = DASK,
 ):
     """Re-simulate and re-score the latest run of a layer (the nightly job), and compare with its previous scores."""
     params = dict(out=out, layer=layer, simulator=simulator, scorers=scorers, n_boot=n_boot, results=results,
-                  concurrency=concurrency, rpm=rpm, tpm=tpm, retries=retries, cache=cache, budget=budget, source=source)
+                  concurrency=concurrency, rpm=rpm, tpm=tpm, retries=retries, cache=cache, budget=budget, source=source,
+                  dask=dask)
 
     def check():
         preflight.at_least(preflight.cli_flag, "n_boot", n_boot, 1)
         preflight.check_limits(concurrency, rpm, preflight.cli_flag, tpm, retries)
         preflight.check_results(results, preflight.cli_flag)
+        preflight.check_dask(dask, preflight.cli_flag)
         preflight.check_simulator(simulator, preflight.cli_flag)
         preflight.check_scorers(scorers, preflight.cli_flag)
         preflight.check_budget(budget, preflight.cli_flag, simulator=simulator, scorers=scorers)
@@ -170,6 +177,7 @@ def revise_cmd(
     retries: Optional[int] = RETRIES,
     cache: bool = CACHE,
     budget: Optional[str] = BUDGET,
+    dask: Optional[str] = DASK,
 ):
     """Replace explanations by your own, re-simulate and re-score them with the run's simulator and
     scorers, and compare (nothing is recorded or explained again)."""
@@ -182,11 +190,12 @@ def revise_cmd(
         if unit is not None:
             new[unit] = text
         params = dict(out=out, layer=layer, revisions=new, source=source, results=results, concurrency=concurrency,
-                      rpm=rpm, tpm=tpm, retries=retries, cache=cache, budget=budget)
+                      rpm=rpm, tpm=tpm, retries=retries, cache=cache, budget=budget, dask=dask)
 
         def check():
             preflight.check_limits(concurrency, rpm, preflight.cli_flag, tpm, retries)
             preflight.check_results(results, preflight.cli_flag)
+            preflight.check_dask(dask, preflight.cli_flag)
             revise_plan.plan(out, layer, source, new, preflight.cli_flag, "file" if file else "unit", budget)
 
         _run_flow("revise", params, check)
@@ -207,6 +216,7 @@ def _run_flow(name: str, params: dict, check) -> None:
     # The warm-up makes the simulator, and a server simulator's LLM keeps the limits it was made with.
     set_limits(*(params.get(k) for k in ("concurrency", "rpm", "tpm", "retries")))
     warm_up(params.get("simulator"))
+    temporary_server()
     bars, listener = stage_bars()
     remove = progress.listen(listener)
     try:
@@ -224,6 +234,22 @@ def _run_flow(name: str, params: dict, check) -> None:
     else:
         print_summary([Path(ref["path"]) for ref in result["scores"]], result)
     unanswered_exit(result.get("unanswered", 0))  # counted by the flow (`flows.steps.finished`)
+
+
+def temporary_server() -> None:
+    """Start Prefect's temporary server (none is configured: no PREFECT_API_URL) out of a terminal's
+    Ctrl-C, which goes to the whole process group: were the server stopped by it too, the run
+    could not record its end and would show as Running in Prefect for ever. The flow run finds this
+    server (one per process); it is stopped when the command exits, as before."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    from autoexplain import interrupt
+
+    interrupt.shielded(SubprocessASGIServer().start)
 
 
 app.command("explain-layer")(explain_layer_cmd)

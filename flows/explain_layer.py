@@ -34,8 +34,8 @@ from autoexplain.remote import is_url
 from autoexplain.sources import MLP
 from autoexplain.storage import content_key, layer_name, open_root, write_run
 from autoexplain.summary import compare_markdown
-from autoexplain.flows.steps import (agreement, finish_layer, finished, gather, score_shard, site_pages, submit_layer,
-                                     unit_keys)
+from autoexplain.flows.steps import (agreement, finish_layer, finished, gather, scale_out, score_shard, site_pages,
+                                     submit_layer, unit_keys)
 from autoexplain.schemas.contracts import ContractViolation
 from autoexplain.tasks.compare import compare_task
 from autoexplain.tasks.report import budget_stop, publish, publish_recording, report_task, view_task
@@ -132,6 +132,7 @@ def explain_layer(
     cache: bool = True,
     budget: str | None = None,
     source: str = "mlp",
+    dask: str | None = None,
 ) -> dict:
     """Explain every unit of one layer, or a unit range like '0-99'.
 
@@ -144,20 +145,23 @@ def explain_layer(
     per minute), `retries` (times a request is sent again after a timeout, a 429 or a 5xx; default
     6), `cache` (keep every LLM answer under `out`/llm_cache and never pay twice, see
     `autoexplain.llm_cache`) and `budget` (the most this run may spend, '$5' or '2M tokens'; see
-    `autoexplain.budget`) are no part of a cache key or of the run's recorded parameters."""
+    `autoexplain.budget`) are no part of a cache key or of the run's recorded parameters, nor is
+    `dask`: the address of a running dask scheduler ('tcp://HOST:8786') whose workers run the
+    shards' tasks (default: threads in the flow's process; see `flows.steps.scale_out`)."""
     params = dict(layer=layer, units=units, model=model, corpus=corpus, tokens=tokens, explainer=explainer,
                   simulator=simulator, scorers=scorers, k=k, shard_size=shard_size, n_boot=n_boot, revisions=revisions,
                   site=site, window_len=window_len, top_k=top_k, n_random=n_random, source=source)
     plan, failed = checked(lambda: preflight.explain_layer({**params, "out": out, "concurrency": concurrency,
                                                              "rpm": rpm, "tpm": tpm, "retries": retries, "budget": budget,
-                                                             "results": results}))
+                                                             "results": results, "dask": dask}))
     if failed:
         return failed
     params["layer"] = plan.layer
     set_limits(concurrency, rpm, tpm, retries)
     set_cache(cache)
     ledger = set_budget(plan.budget)
-    result, failed = checked(lambda: _explain_layer(plan, out_path(out), results, params, **params), ledger)
+    result, failed = checked(lambda: scale_out(dask, lambda: _explain_layer(plan, out_path(out), results, params,
+                                                                         **params)), ledger)
     return failed or finished(result)
 
 
@@ -188,18 +192,19 @@ def rescore(out: str = "out", layer: int | None = None, simulator: str = "embedd
             n_boot: int = 1000,
             results: str | None = None, concurrency: int | None = None, rpm: float | None = None,
             tpm: float | None = None, retries: int | None = None, cache: bool = True, budget: str | None = None,
-            source: str = "mlp") -> dict:
+            source: str = "mlp", dask: str | None = None) -> dict:
     """Re-simulate and re-score the latest explain-layer run of `layer` under `out`, and compare.
     `source`: whose units, as given to explain-layer ('mlp', 'sae:PATH') or by the kind its pages
     show ('sae-res-16k'). `layer` defaults to the coder's own, or the one layer with a run of those
-    units, or 15 (`preflight.run_of`). `concurrency`, `rpm`, `tpm`, `retries`, `cache` and `budget` as in
-    explain_layer."""
+    units, or 15 (`preflight.run_of`). `concurrency`, `rpm`, `tpm`, `retries`, `cache`, `budget` and
+    `dask` as in explain_layer."""
     limit = []
 
     def check():
         preflight.at_least(preflight.flow_name, "n_boot", n_boot, 1)
         preflight.check_limits(concurrency, rpm, tpm=tpm, retries=retries)
         preflight.check_results(results)
+        preflight.check_dask(dask)
         if layer is not None:
             preflight.at_least(preflight.flow_name, "layer", layer, 0)
         preflight.check_simulator(simulator)
@@ -218,25 +223,28 @@ def rescore(out: str = "out", layer: int | None = None, simulator: str = "embedd
     ledger = set_budget(limit[0])
     kind, layer = run["records"].get("source", MLP.kind), run["params"]["layer"]
     title = f"Re-score of layer {layer}: {run['params']['simulator']} -> {simulator}"
-    result, failed = checked(lambda: _rescore(run, out_path(out), layer, simulator, n_boot, results, kind, scorers,
-                                              title, {"simulator": simulator, "scorers": scorers, "n_boot": n_boot}), ledger)
+    changed = {"simulator": simulator, "scorers": scorers, "n_boot": n_boot}
+    result, failed = checked(lambda: scale_out(dask, lambda: _rescore(run, out_path(out), layer, simulator, n_boot, results,
+                                                                      kind, scorers, title, changed)), ledger)
     return failed or finished(result)
 
 
 @flow(name="revise", validate_parameters=True)
 def revise(out: str = "out", layer: int | None = None, revisions: dict[str, str] | None = None, source: str = "mlp",
            results: str | None = None, concurrency: int | None = None, rpm: float | None = None,
-           tpm: float | None = None, retries: int | None = None, cache: bool = True, budget: str | None = None) -> dict:
+           tpm: float | None = None, retries: int | None = None, cache: bool = True, budget: str | None = None,
+           dask: str | None = None) -> dict:
     """Replace some units' explanations in the latest run of `layer` under `out` by your own
     (`revisions`: 'UNIT[:POLARITY]' -> text), re-simulate and re-score the shards that hold them with
     the run's simulator and scorers, and compare (`autoexplain.revise_plan`). Nothing is recorded or
-    explained again. `source`, `concurrency`, `rpm`, `tpm`, `retries`, `cache` and `budget` as in
-    rescore."""
+    explained again. `source`, `concurrency`, `rpm`, `tpm`, `retries`, `cache`, `budget` and `dask` as
+    in rescore."""
     from autoexplain import revise_plan
 
     def check():
         preflight.check_limits(concurrency, rpm, tpm=tpm, retries=retries)
         preflight.check_results(results)
+        preflight.check_dask(dask)
         return revise_plan.plan(out, layer, source, revisions, budget=budget)
 
     plan, failed = checked(check)
@@ -247,9 +255,9 @@ def revise(out: str = "out", layer: int | None = None, revisions: dict[str, str]
     ledger = set_budget(plan.budget)
     run, kind, layer = plan.run, plan.run["records"].get("source", MLP.kind), plan.run["params"]["layer"]
     title = f"Revision of layer {layer}: {', '.join(k for shard in plan.shards for k in shard)}"
-    result, failed = checked(lambda: _rescore(run, out_path(out), layer, plan.simulator, plan.n_boot, results, kind,
-                                              plan.scorers, title, {"revisions": plan.merged}, plan.shards, "revise"),
-                             ledger)
+    result, failed = checked(lambda: scale_out(dask, lambda: _rescore(
+        run, out_path(out), layer, plan.simulator, plan.n_boot, results, kind, plan.scorers, title,
+        {"revisions": plan.merged}, plan.shards, "revise")), ledger)
     return failed or finished(result)
 
 

@@ -22,7 +22,7 @@ from autoexplain.model_report import PAGE
 from autoexplain.registry import DEFAULT_SCORER
 from autoexplain.storage import local_ref
 from autoexplain.flows.explain_layer import checked, out_path
-from autoexplain.flows.steps import finish_layer, finished, gather, submit_layer
+from autoexplain.flows.steps import finish_layer, finished, gather, scale_out, submit_layer
 from autoexplain.tasks.report import model_report_task, publish_recording, view_task
 from autoexplain.tasks.stages import record_sources_task, with_results
 
@@ -53,6 +53,7 @@ def explain_model(
     retries: int | None = None,
     cache: bool = True,
     budget: str | None = None,
+    dask: str | None = None,
 ) -> dict:
     """Explain the units of several layers, or all (`layers` None), of each unit source in `sources`
     ('mlp', the default; 'sae:PATH' / 'transcoder:PATH' at the coder's own layer). `units` (e.g.
@@ -63,13 +64,13 @@ def explain_model(
                   n_boot=n_boot, site=site, window_len=window_len, top_k=top_k, n_random=n_random)
     plan, failed = checked(lambda: model_plan.explain_model({**params, "out": out, "concurrency": concurrency,
                                                              "rpm": rpm, "tpm": tpm, "retries": retries, "budget": budget,
-                                                             "results": results}))
+                                                             "results": results, "dask": dask}))
     if failed:
         return failed
     set_limits(concurrency, rpm, tpm, retries)
     set_cache(cache)
     ledger = set_budget(plan.budget)
-    result, failed = checked(lambda: _explain_model(plan, out_path(out), results, params), ledger)
+    result, failed = checked(lambda: scale_out(dask, lambda: _explain_model(plan, out_path(out), results, params)), ledger)
     return failed or finished(result)
 
 

@@ -9,14 +9,17 @@ layer's report and run pointer once all of its shards are in.
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from prefect import get_run_logger
 from prefect.futures import as_completed
 
 from autoexplain import progress
+from autoexplain.errors import UserError
 from autoexplain.layer import dead_units, parse_units
 from autoexplain.registry import DEFAULT_SCORER, parse_scorers, simulator_identity
 from autoexplain.remote import is_url
@@ -25,6 +28,8 @@ from autoexplain.storage import layer_name, local_ref, open_root, unanswered, wr
 from autoexplain.tasks.classify import agreement_task, classify_task, negatives_task, scores_task
 from autoexplain.tasks.report import publish, report_task
 from autoexplain.tasks.stages import explain_task, revise_task, score_task, simulate_task, with_results
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -44,6 +49,32 @@ class LayerWork:
 
     def in_order(self, done: dict) -> list[dict]:
         return [done[k] for k in sorted(done)]  # shard order, not finishing order
+
+
+def scale_out(dask: str | None, work: Callable[[], T]) -> T:
+    """work(), its tasks run on the dask scheduler at `dask` (checked by the preflight; None: on the
+    flow's own task runner), and wherever they run they report to this flow run's Prefect API. A
+    task on a dask worker talks to the API named in the flow's settings; with none there (Prefect's
+    temporary server, found by the flow's client), every worker process would start a temporary
+    server of its own and record its task runs there."""
+    from prefect.context import FlowRunContext
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    run = FlowRunContext.get()
+    with ExitStack() as stack:
+        if not PREFECT_API_URL.value():
+            stack.enter_context(temporary_settings({PREFECT_API_URL: str(run.client.api_url).rstrip("/")}))
+        if dask:
+            from prefect_dask import DaskTaskRunner
+
+            runner = stack.enter_context(DaskTaskRunner(address=dask))
+            try:  # connect now, before any work, not at the first shard's submit
+                runner.client  # noqa: B018
+            except Exception as e:  # something answers there, but no dask scheduler (the preflight saw it listen)
+                raise UserError(f"parameter dask: no dask scheduler at {dask} ({type(e).__name__}: {str(e)[:120]})",
+                                "set dask to the scheduler's address, e.g. tcp://HOST:8786") from None
+            stack.enter_context(run.model_copy(update={"task_runner": runner}))
+        return work()
 
 
 def unit_keys(revisions: dict[tuple[int, int], str]) -> dict[str, str]:

@@ -294,6 +294,26 @@ def test_a_results_folder_that_cannot_be_one_is_one_line_before_any_work(home, e
     assert not (tmp_path / "new").exists()
 
 
+
+def test_a_dask_scheduler_where_nothing_listens_is_one_line_before_any_work(home, explained, tiny_llama_dir,
+                                                                            prose_corpus, tmp_path):
+    """--dask was found unreachable only when the first shard was submitted, after the recording: a
+    30 s wait, then a traceback. Now one connection attempt, before anything is recorded."""
+    from tests.llama_server import free_port
+
+    out, _ = explained
+    nowhere = f"tcp://127.0.0.1:{free_port()}"  # bound and let go: nothing listens there
+    new = ["--model", tiny_llama_dir, "--corpus", str(prose_corpus), "--units", "0-1", "--tokens", "20000",
+           "--out", str(tmp_path / "new")]
+    for command in (["explain-layer", "--layer", "1", *new], ["explain-model", "--layers", "1", *new],
+                    ["rescore", "--out", str(out), "--layer", "1"],
+                    ["revise", "--out", str(out), "--layer", "1", "--unit", "0", "--text", "t"]):
+        result = cli(home, *command, "--dask", nowhere)
+        line = _one_error_line(result)
+        assert line.startswith(f"error: --dask: no dask scheduler answers at {nowhere}") and "start the scheduler" in line, line
+        assert "Flow run" not in result.stderr, "no flow run was started"
+    assert not (tmp_path / "new").exists(), "nothing recorded"
+
 def test_the_revise_flow_without_a_revision_or_with_an_unknown_unit_is_one_line(prefect_results, explained):
     """What a deployment user gets (the CLI always passes a revision): the run's Failed state says
     which parameter is wrong, in one line, before any work."""

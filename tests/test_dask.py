@@ -8,6 +8,8 @@ processes, spawned), the recording and publishing in the flow's own process.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import polars as pl
 import pytest
@@ -108,3 +110,34 @@ def test_explain_model_on_dask_equals_explain_layer(prefect_isolated, cluster, t
     keys = ["unit", "polarity", "method", "metric"]
     assert_frame_equal(model_scores.sort(keys).select(keys + ["value"]), alone_scores.sort(keys).select(keys + ["value"]),
                        check_exact=False, rel_tol=1e-6)
+
+
+def _prefect_servers(dask_worker) -> int:
+    """Prefect temporary servers this worker process started (its child processes serving the API)."""
+    import psutil
+
+    return sum("prefect.server.api.server:create_app" in " ".join(p.cmdline())
+               for p in psutil.Process().children(recursive=True))
+
+
+def test_dask_workers_report_to_the_commands_prefect_server(cluster, tiny_llama_dir, prose_corpus, tmp_path):
+    """`explain-layer --dask ADDRESS` with Prefect's temporary server (no PREFECT_API_URL): the tasks on
+    the workers report to the command's server. Before, each worker process found no API URL in the
+    flow's settings and started a temporary server of its own."""
+    from distributed import get_task_stream
+
+    from autoexplain.preflight import cli_flag
+
+    c, client = cluster
+    assert sum(client.run(_prefect_servers).values()) == 0
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILE")}
+    env.update(HF_HUB_OFFLINE="1", PREFECT_HOME=str(tmp_path / "home"))
+    params = {**_params(tiny_llama_dir, prose_corpus, tmp_path / "out"), "explainer": "embedding"}
+    args = [a for k, v in params.items() for a in (cli_flag(k), str(v))]
+    with get_task_stream(client) as stream:
+        result = subprocess.run([sys.executable, "-m", "autoexplain.flows.cli", "explain-layer", *args,
+                                 "--dask", c.scheduler_address],
+                                capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert len(stream.data) >= 9, "the 3 shards' explain, simulate and score tasks ran on the workers"
+    assert sum(client.run(_prefect_servers).values()) == 0, "no worker started a Prefect server"

@@ -170,6 +170,8 @@ BAD_PARAMETERS = [
     (dict(rpm=-1.0), "parameter rpm: must be more than 0"),
     (dict(tpm=0.0), "parameter tpm: must be more than 0 tokens per minute"),
     (dict(retries=-1), "parameter retries: must be at least 0, got -1"),
+    (dict(dask="tcp://127.0.0.1:9"), "parameter dask: no dask scheduler answers at tcp://127.0.0.1:9"),
+    (dict(dask="scheduler"), "parameter dask: 'scheduler' is not a dask scheduler address"),
 ]
 
 

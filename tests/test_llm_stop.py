@@ -194,6 +194,39 @@ def test_sigterm_stops_explain_layer_under_prefect(fault_server, tiny_llama_dir,
     assert sealed(out, "explanations") and sealed(out, "simulations") == []
 
 
+
+def flow_runs(home: Path) -> list[tuple[str, str]]:
+    """(flow name, state type) of every flow run in the Prefect database under `home`, read with
+    sqlite itself: the command's temporary server is gone once it has exited."""
+    import sqlite3
+
+    with sqlite3.connect(home / "prefect.db") as db:
+        return db.execute("SELECT flow.name, flow_run.state_type FROM flow_run JOIN flow ON flow.id = flow_run.flow_id"
+                          ).fetchall()
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_terminal_ends_the_flow_run_in_prefect_too(fault_server, tiny_llama_dir, prose_corpus, tmp_path):
+    """A terminal's Ctrl-C goes to the whole process group, Prefect's temporary server included. The
+    run's end must still reach Prefect's database before the command exits: a run left Running there
+    is a phantom in the UI forever."""
+    srv = fault_server(hold=True)
+    home = tmp_path / "prefect-home"
+    proc = Command(tmp_path / "stderr.log", "explain-layer", "--model", tiny_llama_dir, "--corpus", str(prose_corpus),
+                   "--layer", "1", "--units", "0-3", "--tokens", "20000", "--k", "1", "--shard-size", "2",
+                   "--bootstrap", "50", "--window-len", "8", "--top-k", "8", "--random", "6", "--out",
+                   str(tmp_path / "out"), "--simulator", f"all-at-once:openai:{MODEL}@{srv.base_url}", home=home)
+    try:
+        srv.wait_for(lambda: srv.inflight >= 8)
+        assert flow_runs(home) == [("explain-layer", "RUNNING")]
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does
+        code, err = finished(proc, LIVENESS_S)
+    finally:
+        end(proc)
+    assert code == 130, (code, err[-3000:])
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted (SIGINT): "), err[-3000:]
+    assert flow_runs(home) == [("explain-layer", "CRASHED")]
+
 # -- in process: what a stop does to an LLM's calls ------------------------------------------------
 
 def in_thread(fn, *args) -> Future:
