@@ -242,12 +242,19 @@ def check_root(out: str, spell: Spelling = flow_name, name: str = "out") -> None
 
 def _outlives_the_command(url: str, spell: Spelling, name: str) -> None:
     """A command line's process ends with its command, and a URL kept in its memory with it: nothing
-    written there would remain. (A flow called in a Python process may use one while it lives.)"""
+    written there would remain; so does a deployment run's process (a worker starts one per run).
+    (A flow called in a Python process may use one while it lives.)"""
     from autoexplain import remote
 
-    if spell is cli_flag and remote.in_process(url):
+    if remote.in_process(url) and (spell is cli_flag or _in_a_deployment_run()):
         raise _fail(spell, name, f"{url} lives in this process's memory: what is written there vanishes when "
-                    "the command exits", "pass a folder or a persistent URL (file:///path, s3://bucket/run, ...)")
+                    + ("the command exits" if spell is cli_flag else "the run's process exits"), "pass a folder or a persistent URL (file:///path, s3://bucket/run, ...)")
+
+
+def _in_a_deployment_run() -> bool:
+    from prefect.runtime import deployment
+
+    return deployment.id is not None
 
 
 def check_results(results: str | None, spell: Spelling = flow_name) -> None:

@@ -317,6 +317,11 @@ def test_prefect_yaml_deploys_and_a_worker_runs_it(against_server, tiny_llama_di
             shipped_tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[shipped.id])))
             from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
+            # memory:// dies with the run's process (the worker starts one per run): refused first
+            lost = client.create_flow_run_from_deployment(explain.id, parameters={
+                **_tiny_params(tiny_llama_dir, prose_corpus, out), "out": "memory://lost/out"})
+            lost_state = _final_state(client, lost.id, worker, log)
+
             for _ in range(60):  # the run process sends its logs in batches: wait for its last line
                 shipped_log = [g.message for g in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[shipped.id])))]
                 if any("Finished in state" in m for m in shipped_log):
@@ -344,3 +349,6 @@ def test_prefect_yaml_deploys_and_a_worker_runs_it(against_server, tiny_llama_di
     assert shipped_tasks == [], "a parameter error does no work"
     assert any(shipped_state.message in m for m in shipped_log), shipped_log
     assert not any("Traceback" in m for m in shipped_log), "the run log says the one line, not the engine's traceback"
+    assert lost_state.is_failed() and lost_state.message.startswith(
+        "parameter out: memory://lost/out lives in this process's memory: what is written there vanishes when the "
+        "run's process exits"), lost_state.message
