@@ -13,6 +13,7 @@ or deployment run, so a deployment user is never told about a CLI flag.
 
 from __future__ import annotations
 
+import contextvars
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -27,6 +28,11 @@ from autoexplain.storage import content_key
 Spelling = Callable[[str], str]
 # The CLI flags whose name is not the parameter's own with dashes.
 _FLAGS = {"n_random": "--random", "n_boot": "--bootstrap", "top_k": "--top-k", "quantile_per_bin": "--per-quantile"}
+
+
+# Set by the orchestration while it checks a run whose process ends with it (a deployment's run
+# process, started by a worker for that run alone): memory:// outputs would vanish with it.
+PROCESS_ENDS_WITH_RUN: contextvars.ContextVar[bool] = contextvars.ContextVar("process_ends_with_run", default=False)
 
 
 def flow_name(name: str) -> str:
@@ -246,15 +252,9 @@ def _outlives_the_command(url: str, spell: Spelling, name: str) -> None:
     (A flow called in a Python process may use one while it lives.)"""
     from autoexplain import remote
 
-    if remote.in_process(url) and (spell is cli_flag or _in_a_deployment_run()):
+    if remote.in_process(url) and (spell is cli_flag or PROCESS_ENDS_WITH_RUN.get()):
         raise _fail(spell, name, f"{url} lives in this process's memory: what is written there vanishes when "
                     + ("the command exits" if spell is cli_flag else "the run's process exits"), "pass a folder or a persistent URL (file:///path, s3://bucket/run, ...)")
-
-
-def _in_a_deployment_run() -> bool:
-    from prefect.runtime import deployment
-
-    return deployment.id is not None
 
 
 def check_results(results: str | None, spell: Spelling = flow_name) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from prefect import flow
+from prefect.runtime import deployment
 from prefect.states import Failed
 
 from autoexplain import defaults, preflight
@@ -51,6 +52,7 @@ def checked(check: Callable[[], object], ledger=None):
     """(the check's value, None), or (None, a Failed state carrying the one-line error). With the
     run's budget `ledger`: a run the budget stopped ends in a Completed state named BudgetReached,
     whatever error its last tasks raised (`tasks.report.budget_stop`)."""
+    ends_with_run = preflight.PROCESS_ENDS_WITH_RUN.set(deployment.id is not None)
     try:
         return check(), None
     except Exception as e:
@@ -62,6 +64,8 @@ def checked(check: Callable[[], object], ledger=None):
             return None, Failed(message=str(e), data=e)
         return None, Failed(message=f"{getattr(e, 'path', '')} breaks its data contract: " + "; ".join(e.report.failures),
                             data=e)
+    finally:
+        preflight.PROCESS_ENDS_WITH_RUN.reset(ends_with_run)
 
 
 class OneLineUserErrors(logging.Filter):
