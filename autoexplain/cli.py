@@ -329,14 +329,15 @@ def view(
     def go():
         from autoexplain import remote, serve as serving
         from autoexplain.storage import local_folder
-        from autoexplain.view import build_site, site_folder
+        from autoexplain.view import BUILT_WHOLE, build_site, site_folder
 
         if serve:
             serving.check_address(host, port)
         if scores:
             preflight.check_out(site, preflight.cli_flag, "site")
             index = build_site([local_folder(s) for s in scores], site_folder(site, True), records and local_folder(records))
-            typer.echo(remote.uri(index) if remote.push(index.parent) else str(index))  # a URL's site is uploaded
+            uploaded = remote.push(index.parent, prune=BUILT_WHOLE)  # a URL's site; None for a folder
+            typer.echo(remote.uri(index) if uploaded else str(index))
         elif not serve:
             raise UserError("nothing to do: no --scores given", "pass --scores <scores folder>, or --serve to serve an existing --site")
         if not serve:

@@ -177,12 +177,14 @@ def files_there(directory: str | os.PathLike) -> dict[str, int] | None:
         raise _unreachable(where[0], e) from None
 
 
-def push(directory: str | os.PathLike, replace: bool = False) -> str | None:
+def push(directory: str | os.PathLike, replace: bool = False, prune: tuple[str, ...] = ()) -> str | None:
     """Upload a local folder inside a mirror to its URL, its manifest (if any) last; returns the URL.
     A sealed folder that the URL already holds whole (`_same_there`) is left alone; one that differs
     there (missing files, other sizes, another manifest), or any with `replace` (the remote copy
     failed verification), is replaced: the remote manifest goes first, so that readers take it for
-    unfinished until the new one is whole, then every file the new copy lacks."""
+    unfinished until the new one is whole, then every file the new copy lacks. `prune`: subfolders
+    of an unsealed folder (a site) that each build writes whole: their files at the URL that this
+    copy lacks go, after the upload."""
     where = _where(directory)
     if where is None:
         return None
@@ -210,6 +212,10 @@ def push(directory: str | os.PathLike, replace: bool = False) -> str | None:
             tmp = f"{parent}/.{p.name}.{uuid.uuid4().hex[:8]}.part"
             fs.put_file(str(p), tmp)
             fs.mv(tmp, dest)
+        if prune:
+            for rel in sorted(set(_listing(fs, target)) - set(here)):
+                if rel.split("/", 1)[0] in prune:
+                    fs.rm_file(f"{target}/{rel}")
     except OSError as e:
         raise _unreachable(url, e) from None
     return url

@@ -127,6 +127,11 @@ def _check_site(site_dir: Path) -> None:
         raise UserError(f"{site_dir} holds {theirs[0]}, which no viewer build wrote and this one would replace", fix)
 
 
+# The site's folders that each build writes whole (`_clear_site` empties them first): an uploaded
+# site drops at its URL what a rebuild dropped here.
+BUILT_WHOLE = ("assets", "data", "plots")
+
+
 def _clear_site(site_dir: Path, keep: set[str]) -> None:
     """Remove what an earlier build wrote (data of other layers, the hidden cache older versions
     kept here), except the unit files `keep` (paths in the site) that this build may find

@@ -137,12 +137,12 @@ def view_task(scores: list[dict], site_dir: str, records: dict | None = None, pa
     may be a URL: the site is built in its local mirror, then uploaded. `pages`: (file, title) of
     pages written beside the site after it (the model report, the scorers' agreement), linked
     from its overview."""
-    from autoexplain.view import build_site
+    from autoexplain.view import BUILT_WHOLE, build_site
 
     scores = _viewer_inputs(scores, records)
     site = remote.open_root(site_dir)
     index = build_site([Path(s["path"]).parent for s in scores], site, pages=[tuple(p) for p in pages or ()])
-    remote.push(site)  # nothing to do for a local folder
+    remote.push(site, prune=BUILT_WHOLE)  # nothing to do for a local folder
     return remote.uri(index)
 
 

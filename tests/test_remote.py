@@ -370,6 +370,15 @@ def test_view_builds_a_site_from_urls(run, tmp_path, cache):
     mirrored = {p.parent.parent.name for p in (cache / "mirror").glob("*/*/*/manifest.json")}
     assert {"scores", "simulations", "records", "windows"} <= mirrored, mirrored
 
+    # rebuilt from one shard: the unit files of the other shard's units go at the URL too
+    def data(site):
+        return sorted(p.relative_to(site).as_posix() for p in (site / "data").rglob("*") if p.is_file())
+
+    before = data(tmp_path / "site-b")
+    for site in (f"local://{tmp_path}/site-b", str(tmp_path / "site-c")):
+        assert _cli("view", "--scores", scores[0].replace("file://", "local://"), "--site", site, cache=cache).returncode == 0
+    assert data(tmp_path / "site-b") == data(tmp_path / "site-c") and len(before) > len(data(tmp_path / "site-c"))
+
     shown = _cli("view", "--serve", "--site", f"local://{tmp_path}/site-b", "--port", "0", cache=cache)
     assert shown.returncode == 2 and shown.stderr.strip().splitlines() == [
         f"error: --site local://{tmp_path}/site-b: --serve serves a folder on this machine, and this site is at a URL "
