@@ -30,7 +30,7 @@ from autoexplain.counters import COUNTS
 from autoexplain.errors import NO_ANSWER
 from autoexplain.identity import code_identity
 from autoexplain.layer import StageRef, load_units, memo_scope, records_inputs, unit_key
-from autoexplain.registry import component_identity, llm_weights, make_scorer, parse_scorer
+from autoexplain.registry import component_identity, keyed_spec, llm_weights, make_scorer, parse_scorer
 from autoexplain.rows import rows_to_table
 from autoexplain.storage import read_manifest, require_complete
 from autoexplain.memo import Memo
@@ -44,7 +44,7 @@ def scorer_identity(spec: str) -> dict:
     p = parse_scorer(spec)
     ident = component_identity(p.cls)
     weights = llm_weights(p.llm) if p.llm is not None else ""
-    return {"scorer": p.spec, "prompt": ident["prompt"], "settings": ident["settings"],
+    return {"scorer": keyed_spec(p), "prompt": ident["prompt"], "settings": ident["settings"],
             **({"weights": weights} if weights else {})}
 
 
@@ -134,7 +134,8 @@ def run_classify(records_dir, simulations: StageRef, out, scorer_spec: str, scor
             progress(i + 1, len(units))
     stage.table(rows_to_table(rows, "classifications"), ref.path.name, "classifications")
     stage.seal({"records": records_dir, "simulations": simulations.directory,
-                **({"negatives": Path(negatives_dir)} if negatives_dir else {})}, params)
+                **({"negatives": Path(negatives_dir)} if negatives_dir else {})},
+               {**params, "scorer": parse_scorer(scorer_spec).spec})  # as written, for `run_scores` and people
     return ref
 
 

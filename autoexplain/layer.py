@@ -27,7 +27,8 @@ from autoexplain.records import UnitId, UnitRecords
 from autoexplain.errors import NO_ANSWER, UserError
 from autoexplain.explain import as_explainer
 from autoexplain.identity import code_identity
-from autoexplain.registry import DEFAULT_EXPLAINER, explainer_prompt, explainer_weights, make_explainer, make_simulator
+from autoexplain.registry import (DEFAULT_EXPLAINER, explainer_prompt, explainer_weights, keyed_spec, make_explainer,
+                                  make_simulator, parse_explainer)
 from autoexplain.rows import stamped, table_rows
 from autoexplain.sources import MLP, polarities_of
 from autoexplain.storage import ANY_STAGE, content_key, read_manifest, require_complete, require_recording
@@ -144,6 +145,15 @@ def _weights(fingerprint: str) -> dict:
     return {"weights": fingerprint} if fingerprint else {}
 
 
+def key_name(component) -> str:
+    """A component's name as content keys take it: its LLM's name in it as the LLM's `key_name`
+    ('local' for a model given by path, `Subject.key_name`, whose weights `_weights` holds), so the
+    same model in two folders is one key; `registry.keyed_spec` does the same for a spec."""
+    llm = component.llm
+    name = getattr(llm, "name", "")
+    return component.name.replace(name, getattr(llm, "key_name", None) or name) if name else component.name
+
+
 def _unit_key(records_key: str, unit, **rest) -> str:
     # One records output can hold several layers: the layer is part of a unit's identity.
     n = unit.id
@@ -201,13 +211,14 @@ def run_explain(records_dir, layer: int, out, units=None, explainer=None, cfg=No
     spec = explainer or DEFAULT_EXPLAINER
     params = {"layer": layer, "units": units, "explainer": spec, "config": asdict(cfg),
               "prompt": explainer_prompt(spec), **_weights(explainer_weights(spec))}
+    keyed = {**params, "explainer": keyed_spec(parse_explainer(spec))}  # the manifest keeps the spec as written
     code = code_identity(run_explain)  # the source it reaches (`identity`)
-    stage = Stage.open(out, "explanations", {"records": records_key, **params}, run_explain)
+    stage = Stage.open(out, "explanations", {"records": records_key, **keyed}, run_explain)
     ref = StageRef.of_stage(stage, layer)
     if stage.done:
         return ref
     memo = Memo(out, "explain", _scope(records_key, layer))
-    unit_params = {k: v for k, v in params.items() if k not in ("layer", "units")}
+    unit_params = {k: v for k, v in keyed.items() if k not in ("layer", "units")}
     todo, rows = [], {}
     loaded = load_units(records_dir, layer, units)
     for unit in loaded:
@@ -299,15 +310,16 @@ def _simulate(records_dir, explanations: StageRef, out, simulator, sim, seed: in
     require_recording(explanations.directory, records_dir)  # its key names the explanations, not the records
     params = {"layer": layer, "simulator": sim.name, "prompt": sim.prompt_hash, "seed": seed,
               **_weights(sim.llm.fingerprint if sim.llm is not None else "")}
+    keyed = {**params, "simulator": key_name(sim)}  # the manifest keeps the name as written
     code = code_identity(run_simulate)
-    stage = Stage.open(out, "simulations", {"explanations": explanations.key, **params}, run_simulate)
+    stage = Stage.open(out, "simulations", {"explanations": explanations.key, **keyed}, run_simulate)
     ref = StageRef.of_stage(stage, layer)
     if stage.done:
         return ref
     table = pq.read_table(explanations.path)
     units = _without_records(records_dir, layer, zip(*(table.column(c).to_pylist() for c in ("unit", "polarity"))))
     memo = Memo(out, "simulate", _scope(records_key, layer))
-    sim_id = {"simulator": sim.name, "code": code, **_weights(params.get("weights", ""))}
+    sim_id = {"simulator": keyed["simulator"], "code": code, **_weights(params.get("weights", ""))}
     llm_cache.attach(sim, out)
     use_word_table(records_dir, out, sim)
     use_text_vectors(table, out, sim)

@@ -226,7 +226,7 @@ class LocalLLM(LLM):
         self._torch = torch
         self.subject = subject or load_subject(spec, device=device)
         self.name = self.subject.name
-        self.fingerprint = self.subject.fingerprint
+        self.fingerprint, self.key_name = self.subject.fingerprint, self.subject.key_name  # `layer.key_name`
         self.model, self.tok = self.subject.model, self.subject.tokenizer
         self.batch_size, self.logits_budget = local_batch_size(self.model, batch_size), logits_budget
         eos = self.model.generation_config.eos_token_id

@@ -137,7 +137,7 @@ def run_negatives(records_dir, layer: int, out, model: str, units: list[tuple[in
     if stage.done:
         return stage.directory
     subject = load_subject(model)
-    if subject_key and subject.fingerprint != subject_key:
+    if subject_key and not subject.made(subject_key):
         raise UserError(f"the model '{model}' is not the one these records were made with",
                         "pass the --model the records were recorded with")
     records = pl.read_parquet(records_path, columns=["unit", "polarity", "window_id", "kind", "split", "activations"])

@@ -313,9 +313,9 @@ def simulator_identity(spec: str | None) -> str:
 
 
 def llm_weights(spec: str | None) -> str:
-    """A local LLM's model content as 'NAME:DIGEST' (`weights.model_digest`: every file's full
-    sha256, computed once per file version), the same string as its loaded `Subject.fingerprint`;
-    '' for a server LLM or a hub name, which are known by name only until loaded."""
+    """A local LLM's model content (`weights.model_digest`: every file's full sha256, computed once
+    per file version), the same string as its loaded `Subject.fingerprint`: not where it lies, so a
+    copy elsewhere is the same model; '' for a server LLM or a hub name, known by name only."""
     p = parse_llm(spec)
     if p.kind != "local":
         return ""
@@ -325,7 +325,16 @@ def llm_weights(spec: str | None) -> str:
     from autoexplain.weights import model_digest
 
     path = Path(defaults.resolve_model(p.model or defaults.SUBJECT)).expanduser()
-    return f"{path.name}:{model_digest(path)}" if path.exists() else ""
+    return model_digest(path) if path.exists() else ""
+
+
+def keyed_spec(p: ComponentSpec) -> str:
+    """A component's spec as content keys take it: a local LLM given by path (or alias) written as
+    'local', its `llm_weights` beside it in the key standing for it, so the same model in two
+    folders is one key; a hub or server LLM as written (`layer.key_name` does this for a built one)."""
+    if p.llm is None or not p.spec.endswith(p.llm) or not llm_weights(p.llm):
+        return p.spec
+    return p.spec[: len(p.spec) - len(p.llm)] + DEFAULT_LLM
 
 
 def explainer_weights(spec: str | None) -> str:

@@ -269,20 +269,25 @@ def mean_ci(values, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> t
     over the units. It stays within the values' range (a mean of correlations never gets a bound
     above 1, as a normal interval over a few units did), and one value has no interval (None),
     not one of zero width. All None without a value."""
+    return mean_ci_units(values, n_boot, seed, level)[:3]
+
+
+def mean_ci_units(values, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple:
+    """`mean_ci` and the number of units it is over (the values defined): (mean, low, high, units)."""
     v = np.asarray([x for x in values if x is not None], dtype=np.float64)
     v = v[np.isfinite(v)]
     if not v.size:
-        return None, None, None
+        return None, None, None, 0
     mean = float(v.mean())
     if v.size < 2:
-        return mean, None, None
+        return mean, None, None, 1
     rng, means = np.random.default_rng(seed), np.empty(n_boot)
     step = max(1, (1 << 22) // v.size)  # resamples at a time: bounded memory for layers of many units
     for s in range(0, n_boot, step):
         k = min(step, n_boot - s)
         means[s:s + k] = v[rng.integers(0, v.size, size=(k, v.size))].mean(axis=1)
     low, high = _percentiles(means, (1 - level) / 2, (1 + level) / 2)
-    return mean, min(low, mean), max(high, mean)
+    return mean, min(low, mean), max(high, mean), int(v.size)
 
 
 def _percentiles(values: np.ndarray, *qs: float) -> tuple[float, ...]:

@@ -74,12 +74,29 @@ class Subject:
     projections: list[torch.nn.Module]  # one output projection per layer
     n_units: int
     load_seconds: float = 0.0
+    # What content keys know its weights by: for a model given by path, its content digest alone
+    # (`weights.model_digest`), so that a copy elsewhere is the same model; for a hub model, its
+    # name and commit.
     fingerprint: str = ""
+    # The folder or file it was loaded from ('' for a hub model): for people, never for keys.
+    local_path: str = ""
     _fused: object = field(default=None, repr=False)
 
     @property
     def n_layers(self) -> int:
         return len(self.projections)
+
+    @property
+    def key_name(self) -> str:
+        """What content keys know it by in a component's name (`layer.key_name`): 'local' for a
+        model given by path, whose `fingerprint` stands for it, else its name."""
+        return "local" if self.local_path else self.name
+
+    def made(self, recorded: str) -> bool:
+        """Whether a recording's subject key (this `fingerprint` when it was made) names this model:
+        equal, or, for a model given by path, 'NAME:DIGEST' as such keys were before they left the
+        path's name out."""
+        return recorded == self.fingerprint or (bool(self.local_path) and recorded.endswith(":" + self.fingerprint))
 
     @property
     def device(self) -> torch.device:
@@ -248,18 +265,19 @@ def load_subject(spec: str | None = None, dtype: torch.dtype = torch.bfloat16, d
     subject = wrap(model.to(device or default_device()), tokenizer, spec)
     subject.load_seconds = time.perf_counter() - started
     subject.fingerprint = fingerprint
+    subject.local_path = str(path) if path.exists() else ""
     COUNTS["model_loads"] += 1
     return subject
 
 
 def fingerprint_of(spec: str | None, config=None) -> str:
     """What a subject's outputs depend on, without its weights: a local folder's or GGUF file's
-    content digest (every file: weights, config, tokenizer), or a hub model's commit (from `config`,
-    else from its config alone)."""
+    content digest (every file: weights, config, tokenizer; not its path or name), or a hub model's
+    name and commit (from `config`, else from its config alone)."""
     spec = spec or defaults.SUBJECT
     path = Path(defaults.resolve_model(spec)).expanduser()
     if path.exists():
-        return f"{path.name}:{model_digest(path)}"
+        return model_digest(path)  # its content alone: a copy in another folder is the same model
     if config is None:
         from transformers import AutoConfig
 

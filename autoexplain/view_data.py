@@ -20,6 +20,7 @@ import polars as pl
 
 from autoexplain import layout
 from autoexplain.pipeline import METHODS
+from autoexplain.scoring import mean_ci_units
 from autoexplain.view_sources import LayerSource
 
 PRIMARY_METRIC = "top_and_random"
@@ -147,11 +148,13 @@ def index_frame(units: pl.DataFrame, scores: pl.DataFrame, chosen: pl.DataFrame)
             b = (part.filter(pl.col("method") == base).unique(on, keep="first")
                  .select(*on, pl.col("value").alias(f"{metric}:{base}")))
             df = df.join(b, on=on, how="left")
+    # As the scores hold them: the layer's means are `scoring`'s over these; what is written is rounded.
     num = [c for c in df.columns if ":" in c]
-    return df.with_columns([pl.col(c).cast(pl.Float64).fill_nan(None).round(4) for c in num])
+    return df.with_columns([pl.col(c).cast(pl.Float64).fill_nan(None) for c in num])
 
 
 def index_chunk(df: pl.DataFrame) -> dict:
+    df = df.with_columns([pl.col(c).round(4) for c in df.columns if ":" in c])  # what a page shows
     cols = {c: df.get_column(c).to_list() for c in df.columns}
     return {
         "u": cols["unit"], "p": cols["polarity"], "t": cols["text"],
@@ -161,14 +164,10 @@ def index_chunk(df: pl.DataFrame) -> dict:
 
 
 def _mean_ci(values) -> list | None:
-    """[mean, low, high, units] (`scoring.mean_ci`; the bounds null for one unit), or None."""
-    from autoexplain.scoring import mean_ci
-
-    m, lo, hi = mean_ci(values)
-    if m is None:
-        return None
-    return [_r(m), None if lo is None else _r(lo), None if hi is None else _r(hi),
-            sum(1 for v in values if v is not None and math.isfinite(v))]
+    """[mean, low, high, units] (`scoring.mean_ci_units`, shown to 4 digits; the bounds null for
+    one unit), or None."""
+    m, lo, hi, n = mean_ci_units(values)
+    return None if m is None else [_r(m), _r(lo), _r(hi), n]
 
 
 def layer_summary(src: LayerSource, index: pl.DataFrame, chunk_size: int, polar: bool) -> dict:
@@ -184,8 +183,8 @@ def layer_summary(src: LayerSource, index: pl.DataFrame, chunk_size: int, polar:
     cols = ["unit", "polarity", "text", f"{PRIMARY_METRIC}:v", f"{PRIMARY_METRIC}:lo", f"{PRIMARY_METRIC}:hi"]
 
     def rows(df):
-        return [{"u": r[0], "p": r[1], "n": unit_page(src.source, r[0], r[1], polar), "t": r[2], "v": r[3],
-                 "lo": r[4], "hi": r[5]} for r in df.select(cols).rows()]
+        return [{"u": r[0], "p": r[1], "n": unit_page(src.source, r[0], r[1], polar), "t": r[2], "v": _r(r[3]),
+                 "lo": _r(r[4]), "hi": _r(r[5])} for r in df.select(cols).rows()]
 
     ordered = scored.sort(f"{PRIMARY_METRIC}:v", descending=True)
     n_best = min(N_BEST, (ordered.height + 1) // 2)

@@ -191,22 +191,27 @@ def revise_cmd(
             new[unit] = text
         params = dict(out=out, layer=layer, revisions=new, source=source, results=results, concurrency=concurrency,
                       rpm=rpm, tpm=tpm, retries=retries, cache=cache, budget=budget, dask=dask)
+        uses: dict = {}
 
         def check():
             preflight.check_limits(concurrency, rpm, preflight.cli_flag, tpm, retries)
             preflight.check_results(results, preflight.cli_flag)
             preflight.check_dask(dask, preflight.cli_flag)
-            revise_plan.plan(out, layer, source, new, preflight.cli_flag, "file" if file else "unit", budget)
+            planned = revise_plan.plan(out, layer, source, new, preflight.cli_flag, "file" if file else "unit", budget)
+            uses.update(simulator=planned.simulator, scorers=planned.scorers)  # the run's: params name none
 
-        _run_flow("revise", params, check)
+        _run_flow("revise", params, check, uses)
 
     run_or_exit(go)
 
 
-def _run_flow(name: str, params: dict, check) -> None:
+def _run_flow(name: str, params: dict, check, uses: dict | None = None) -> None:
     """Check every parameter here (one line and exit 2 on a bad one: nothing has started), then run
-    the flow with the stage bars, and print the layer's summary and where everything went."""
+    the flow with the stage bars, and print the layer's summary and where everything went. `uses`:
+    the components the run uses that `params` do not name, filled by `check` (revise: the run's
+    simulator and scorers), for the simulator's warm-up and the LLM line."""
     check()
+    uses = {**params, **(uses or {})}
     import importlib
 
     from autoexplain import progress
@@ -215,7 +220,7 @@ def _run_flow(name: str, params: dict, check) -> None:
     flow = getattr(importlib.import_module("autoexplain.flows.explain_model" if name == "explain_model" else "autoexplain.flows.explain_layer"), name)
     # The warm-up makes the simulator, and a server simulator's LLM keeps the limits it was made with.
     set_limits(*(params.get(k) for k in ("concurrency", "rpm", "tpm", "retries")))
-    warm_up(params.get("simulator"))
+    warm_up(uses.get("simulator"))
     temporary_server()
     bars, listener = stage_bars()
     remove = progress.listen(listener)
@@ -226,7 +231,7 @@ def _run_flow(name: str, params: dict, check) -> None:
         remove()
     from autoexplain.registry import uses_server
 
-    print_llm_usage(uses_server(params.get("explainer"), params.get("simulator"), params.get("scorers")))
+    print_llm_usage(uses_server(uses.get("explainer"), uses.get("simulator"), uses.get("scorers")))
     if result.get("stopped"):
         budget_stopped(result["message"])
     if name == "explain_model":

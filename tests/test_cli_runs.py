@@ -326,3 +326,25 @@ def test_the_revise_flow_without_a_revision_or_with_an_unknown_unit_is_one_line(
         state = revise(out=str(out), layer=1, revisions=revisions, return_state=True)
         assert state.is_failed() and state.message.startswith(says) and "\n" not in state.message, state.message
     assert read_run(out, 1) == before, "nothing written"
+
+
+def test_revise_says_what_the_run_s_server_simulator_was_asked(home, fault_server, bench_server, tiny_llama_dir,
+                                                               prose_corpus, tmp_path):
+    """revise simulates with the run's simulator, which its flags do not name: its LLM line counts
+    that simulator's requests, and says so when a repeat asked it nothing (all reused)."""
+    srv = fault_server(upstream=bench_server.base_url)
+    out = tmp_path / "out"
+    run = cli(home, "explain-layer", "--model", tiny_llama_dir, "--corpus", str(prose_corpus), "--layer", "1",
+              "--units", "0-1", "--tokens", "20000", "--k", "1", "--bootstrap", "20", "--window-len", "8",
+              "--top-k", "8", "--random", "6", "--simulator", f"all-at-once:openai:bench@{srv.base_url}", "--out", str(out))
+    assert run.returncode == 0, run.stderr[-4000:]
+    revise = ["revise", "--out", str(out), "--layer", "1", "--unit", "0", "--text", "the word the"]
+    before = len(srv.requests)
+    asked = cli(home, *revise)
+    assert asked.returncode == 0, asked.stderr[-4000:]
+    sent = len(srv.requests) - before
+    assert sent > 0 and f"LLM: {sent:,} requests sent, " in asked.stderr
+    reused = cli(home, *revise)
+    assert reused.returncode == 0, reused.stderr[-4000:]
+    assert len(srv.requests) == before + sent
+    assert "LLM: nothing asked: every stage that needs the LLM was reused" in reused.stderr, reused.stderr[-3000:]

@@ -157,7 +157,7 @@ def _task_states(flow_run_id) -> dict[str, set[str]]:
     return states
 
 
-def test_a_fresh_machine_pulls_everything_from_the_url(run, tmp_path, cache):
+def test_a_fresh_machine_pulls_everything_from_the_url(run, tmp_path, cache, tiny_llama_dir):
     from autoexplain.tasks import stages
 
     url, results = f"file://{tmp_path}/remote", f"memory://results-{uuid.uuid4().hex[:8]}/prefect"
@@ -183,6 +183,15 @@ def test_a_fresh_machine_pulls_everything_from_the_url(run, tmp_path, cache):
     assert sorted(s["key"] for s in again["scores"]) == sorted(s["key"] for s in first["scores"])
     assert all(Path(s["path"]).is_file() for s in again["scores"])
     assert any((tmp_path / "results-fresh").iterdir()), "a file:// results URL is a folder"
+
+    # A machine that keeps the same model in a folder of another name: the keys name the model's
+    # content, not where it lies, so it too finds every output at the URL.
+    elsewhere = shutil.copytree(tiny_llama_dir, tmp_path / "elsewhere" / "llama-copy")
+    shutil.rmtree(cache / "mirror")
+    stages._subject.cache_clear()
+    moved, counts, _ = run(model=str(elsewhere), explainer=f"local:{elsewhere}", results=f"file://{tmp_path}/results-moved")
+    assert counts == {}, f"the model at another path recomputed {counts}"
+    assert sorted(s["key"] for s in moved["scores"]) == sorted(s["key"] for s in first["scores"])
 
     # No mirror, but the results at the URL: the tasks are cached, and the report and the viewer
     # pull the folders that the cached references name.

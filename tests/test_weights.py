@@ -72,7 +72,7 @@ def test_the_cache_can_be_off(tmp_path, monkeypatch):
 def test_a_local_llm_spec_names_its_weights(tmp_path, cache):
     folder = _model(tmp_path / "m")
     ident = registry.llm_weights(f"local:{folder}")
-    assert ident == f"m:{weights.model_digest(folder)}"
+    assert ident == weights.model_digest(folder)  # its content, not its folder's name
     assert registry.simulator_identity(f"all-at-once:local:{folder}").endswith("|" + ident)
     assert registry.explainer_weights(f"local:{folder}") == ident
     assert registry.llm_weights("openai:gpt-4o-mini") == "" and registry.explainer_weights("embedding") == ""
