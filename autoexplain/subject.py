@@ -257,11 +257,7 @@ def load_subject(spec: str | None = None, dtype: torch.dtype = torch.bfloat16, d
     except UserError:
         raise
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(
-            f"cannot load model '{spec}': {first[:200]}",
-            "give a local model folder, a .gguf file, or a hub name reachable from here",
-        ) from None
+        raise _cannot_load(spec, e) from None
     subject = wrap(model.to(device or default_device()), tokenizer, spec)
     subject.load_seconds = time.perf_counter() - started
     subject.fingerprint = fingerprint
@@ -284,10 +280,14 @@ def fingerprint_of(spec: str | None, config=None) -> str:
         try:
             config = AutoConfig.from_pretrained(spec)
         except (OSError, ValueError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise UserError(f"cannot load model '{spec}': {first[:200]}",
-                            "give a local model folder, a .gguf file, or a hub name reachable from here") from None
+            raise _cannot_load(spec, e) from None
     return f"{spec}:{getattr(config, '_commit_hash', None) or 'hub'}"
+
+
+def _cannot_load(spec: str, e: Exception) -> UserError:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return UserError(f"cannot load model '{spec}': {first[:200]}",
+                     "give a local model folder, a .gguf file, or a hub name reachable from here")
 
 
 class PlannedSubject:
