@@ -154,16 +154,12 @@ def _listing(fs, target: str) -> dict[str, int]:
             if name.startswith(prefix) and info.get("type", "file") == "file" and not _hidden(name[len(prefix):])}
 
 
-def _same_there(directory: Path, files_here: dict[str, int], fs, target: str) -> bool:
-    """Whether the URL holds this sealed folder: the same manifest bytes, and the same files with the
-    same sizes (a file deleted or truncated there since shows; a listing and one small read, never a
-    download of the tables)."""
+def _same_manifest(directory: Path, fs, target: str) -> bool:
+    """Whether the URL's manifest of this sealed folder has the same bytes (one small read)."""
     try:
-        if fs.cat_file(f"{target}/{MANIFEST}") != (directory / MANIFEST).read_bytes():
-            return False
+        return fs.cat_file(f"{target}/{MANIFEST}") == (directory / MANIFEST).read_bytes()
     except FileNotFoundError:
         return False
-    return _listing(fs, target) == files_here
 
 
 def files_there(directory: str | os.PathLike) -> dict[str, int] | None:
@@ -179,7 +175,7 @@ def files_there(directory: str | os.PathLike) -> dict[str, int] | None:
 
 def push(directory: str | os.PathLike, replace: bool = False, prune: tuple[str, ...] = ()) -> str | None:
     """Upload a local folder inside a mirror to its URL, its manifest (if any) last; returns the URL.
-    A sealed folder that the URL already holds whole (`_same_there`) is left alone; one that differs
+    A sealed folder that the URL already holds whole is left alone; one that differs
     there (missing files, other sizes, another manifest), or any with `replace` (the remote copy
     failed verification), is replaced: the remote manifest goes first, so that readers take it for
     unfinished until the new one is whole, then every file the new copy lacks. `prune`: subfolders
@@ -193,13 +189,18 @@ def push(directory: str | os.PathLike, replace: bool = False, prune: tuple[str, 
     paths = [p for p in directory.rglob("*") if p.is_file() and not _hidden(p.relative_to(directory).as_posix())]
     paths.sort(key=lambda p: (p.name == MANIFEST and p.parent == directory, p.as_posix()))
     here = {p.relative_to(directory).as_posix(): p.stat().st_size for p in paths}
+    sealed = (directory / MANIFEST).is_file()
     try:
-        if (directory / MANIFEST).is_file() and not replace and _same_there(directory, here, fs, target):
+        there = _listing(fs, target) if (sealed or replace or prune) else {}
+        extra = sorted(set(there) - set(here) - {MANIFEST})  # files the URL holds and this copy lacks
+        # A sealed folder the URL holds whole (the same files and sizes, a file deleted or truncated
+        # there shows; the same manifest bytes), found without downloading its tables, is left alone.
+        if sealed and not replace and there == here and _same_manifest(directory, fs, target):
             return url
-        if replace or (directory / MANIFEST).is_file():
-            if fs.exists(f"{target}/{MANIFEST}"):
+        if replace or sealed:
+            if MANIFEST in there:
                 fs.rm_file(f"{target}/{MANIFEST}")
-            for rel in sorted(set(_listing(fs, target)) - set(here)):
+            for rel in extra:
                 fs.rm_file(f"{target}/{rel}")
         objects = _object_store(fs)
         for p in paths:
@@ -212,8 +213,8 @@ def push(directory: str | os.PathLike, replace: bool = False, prune: tuple[str, 
             tmp = f"{parent}/.{p.name}.{uuid.uuid4().hex[:8]}.part"
             fs.put_file(str(p), tmp)
             fs.mv(tmp, dest)
-        if prune:
-            for rel in sorted(set(_listing(fs, target)) - set(here)):
+        if prune and not (replace or sealed):  # after the upload: the old site serves until then
+            for rel in extra:
                 if rel.split("/", 1)[0] in prune:
                     fs.rm_file(f"{target}/{rel}")
     except OSError as e:
