@@ -64,3 +64,20 @@ def test_other_layouts_take_the_hooked_pass(tiny_gpt2_dir, tiny_llama_dir, monke
     assert not fused.supports(load_subject(tiny_gpt2_dir).model)
     monkeypatch.setenv("AUTOEXPLAIN_FUSED", "0")
     assert load_subject(tiny_llama_dir).fused is None
+
+
+def test_every_point_from_one_pass_equals_hooked(tiny_llama_dir):
+    """All points of two layers from one fused pass: the residual is added into in place and the
+    scratch buffers are reused, so a point taken early must not change as the pass goes on."""
+    subject = load_subject(tiny_llama_dir, dtype=torch.float32)
+    assert subject.fused is not None
+    points = [(layer, point) for layer in (0, 1) for point in ("resid_pre", "mlp_in", "units", "mlp_out", "resid_post")]
+    torch.manual_seed(4)
+    ids = torch.randint(0, len(subject.tokenizer), (2, 12))
+    got, want = subject.capture(ids, points), subject.capture(ids, points, hooked=True)
+    assert set(got) == set(want) == set(points)
+    for key in points:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=f"{key}")
+    again = subject.capture(ids, points)  # a second batch reuses the buffers: the first's tensors stay
+    for key in points:
+        assert torch.equal(again[key], got[key]), key
