@@ -9,8 +9,8 @@ of the pass. This module computes the same neurons from the same weights with fe
 - q|k|v and gate|up are each one product against a concatenated weight;
 - each RMSNorm weight is folded into the product that follows it (W @ (w * x) == (W * w) @ x);
 - the residual adds ride on the output products (`addmm_` into the residual);
-- RMSNorm is two passes in a float32 buffer, and the attention's mask and scaling ride on the
-  score product;
+- RMSNorm runs in a reused float32 buffer (widen, norm per row, scale, round), and the attention's
+  mask and scaling ride on the score product;
 - every intermediate is written into buffers reused across layers and batches, which page faults
   in freshly allocated memory made cost about a tenth of the pass;
 - rotary tables come from the model's own rotary module once per window length, and q and k are
@@ -91,8 +91,8 @@ def _cat_bias(*linears):
 class _Buffers(threading.local):
     """Scratch tensors reused by every layer and batch of one shape, one set per thread.
 
-    A batch allocates about 100 MB of intermediates; glibc hands blocks that large back to the
-    kernel on free, so each batch page-faulted them in again (17-30k minor faults and 30-60 ms of
+    A batch allocates about 100 MB of intermediates; glibc gives blocks that large back to the
+    kernel when they are freed (unmapped, or trimmed off the heap), so each batch faulted them in again (17-30k minor faults and 30-60 ms of
     system time per 2,048-token batch on a 2-core EPYC, about a tenth of the pass). Writing into the
     same buffers (`out=`) keeps them mapped; nothing a caller keeps points into them."""
 
