@@ -128,7 +128,7 @@ class Slots:
                 self._need = min(self.MOST_EVIDENCE, 2 * self._need)
                 self._probe = None
             if ticket is None or ticket[0] == self._epoch or self._was is None:
-                self._report()
+                self._report()  # news of the limit now (or no burst to join): the one before is over
                 self._was = self.limit
             lowered = None
             if self.limit > 1:
