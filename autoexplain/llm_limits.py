@@ -58,7 +58,19 @@ class Slots:
     each sent while the limit was full and not changed since, each quick enough that `ahead` says one more would finish well
     inside `timeout`. Probing by sending more would cost a whole timeout per probe against a server
     that answers one request at a time. A timeout soon after a raise means the evidence misled:
-    the next raise needs twice as much. `say(limit, lowered)` is called at each move, in order."""
+    the next raise needs twice as much.
+
+    `say(was, limit)` is called, in order, at each raise and once per burst of timeouts.
+    Every timeout still takes its slot away at once (waiting to see how many follow would send more
+    requests into the overload), but against a server that answers one request at a time most of
+    the requests in flight outwait the timeout together: one line each would bury the run's log
+    under 60 lines in a second that say one thing, that the limit was too high. A timeout of a request
+    sent under the limit now is news and begins a burst; one sent under an older limit joins the
+    burst open, as that limit's overload. The burst is said, whole, at the first sign that it is
+    over, never after a wait, so that the lines are the same for the same order of events: news of
+    the limit now (an answer or a timeout of a request sent under it), or no request left in flight.
+    A timeout that gives back the last slot held and lowers the limit only after that said the burst
+    is said on its own (`give` cannot tell a timeout from an answer): a line more, never a line lost."""
 
     MOST_EVIDENCE = 1024  # a run that keeps timing out after raises stops raising for good, in effect
 
@@ -68,7 +80,8 @@ class Slots:
         self._need = int(evidence)  # answers in a row a raise needs now
         self._epoch = self._streak = 0  # the limit's changes so far; answers in a row that say "raise"
         self._probe: int | None = None  # the epoch the last raise began, until a timeout in it
-        self._say = say or (lambda limit, lowered: None)
+        self._was: int | None = None  # the limit before the burst of timeouts open, None when none is
+        self._say = say or (lambda was, limit: None)
         self._cond = threading.Condition()
         interrupt.watch(self)
 
@@ -86,6 +99,8 @@ class Slots:
     def give(self) -> None:
         with self._cond:
             self.held -= 1
+            if self.held == 0:
+                self._report()  # nothing in flight: no more timeouts of the burst can come
             self._cond.notify()  # the slot left, for one waiter (a raise wakes one more itself)
 
     def __enter__(self) -> "Slots":
@@ -95,23 +110,34 @@ class Slots:
     def __exit__(self, *exc) -> None:
         self.give()
 
-    def _changed(self, lowered: bool) -> None:
+    def _changed(self) -> None:
         self._epoch += 1
         self._streak = 0
-        self._say(self.limit, lowered)
+
+    def _report(self) -> None:
+        """Say the burst of timeouts open, if it moved the limit, and close it (under the lock)."""
+        if self._was is not None and self._was != self.limit:
+            self._say(self._was, self.limit)
+        self._was = None
 
     def lower(self, ticket: tuple[int, bool] | None = None) -> int | None:
         """A request holding `ticket` timed out: take one slot away. The new limit, or None when it
-        was 1 already."""
+        was 1 already. Without a ticket, it is a burst of its own."""
         with self._cond:
             if ticket is not None and ticket[0] == self._probe:  # sent under the last raise: one too many
                 self._need = min(self.MOST_EVIDENCE, 2 * self._need)
                 self._probe = None
-            if self.limit <= 1:
-                return None
-            self.limit -= 1
-            self._changed(lowered=True)
-            return self.limit
+            if ticket is None or ticket[0] == self._epoch or self._was is None:
+                self._report()  # news of the limit now (or no burst to join): the one before is over
+                self._was = self.limit
+            lowered = None
+            if self.limit > 1:
+                self.limit -= 1
+                self._changed()
+                lowered = self.limit
+            if self.held == 0:
+                self._report()
+            return lowered
 
     def ahead(self, seconds: float) -> bool:
         """Whether one request more than the limit would still be answered well inside the timeout,
@@ -125,6 +151,8 @@ class Slots:
         """A request holding `ticket` was answered after `seconds`: the raised limit, or None."""
         epoch, full = ticket
         with self._cond:
+            if epoch == self._epoch:
+                self._report()  # answered under the limit now: the timeouts before it are over
             if epoch != self._epoch or self.limit >= self.ceiling:
                 return None  # sent under another limit: it says nothing of this one
             if not full:
@@ -134,7 +162,8 @@ class Slots:
             if self._streak < max(self._need, self.limit):
                 return None
             self.limit += 1
-            self._changed(lowered=False)
+            self._changed()
+            self._say(self.limit - 1, self.limit)
             self._probe = self._epoch
             self._cond.notify()
             return self.limit

@@ -18,7 +18,7 @@ Concurrency: `max_concurrency` requests are in flight at most. The limit (`llm_l
 taken for one attempt and given back before a backoff wait, so a request that waits to retry holds
 no slot; the thread pool that runs requests is larger than the limit for the same reason. Callers
 in many threads (units of a stage, shards of a flow) share one pool and one limit per LLM object.
-A timeout takes one slot away (never the last), one log line each: a server that answers one
+A timeout takes one slot away (never the last), one log line per burst: a server that answers one
 request at a time (llama-cpp-python's) queues the others, and at 64 in flight most outwait the
 timeout, wasting its work on answers nobody reads. Slots come back one at a time, one line each,
 when the answers say one more would be answered in time too (`llm_limits.Slots.answered`).
@@ -101,10 +101,10 @@ class OpenAILLM(LLM):
         limits = httpx.Limits(max_connections=slots + 8, max_keepalive_connections=slots + 8)
         self._client = openai.OpenAI(api_key=key, base_url=self.base_url, max_retries=0, timeout=timeout,
                                      http_client=httpx.Client(limits=limits, timeout=timeout))
-        # Said under the limit's lock: the lines of timeouts at once come in the order of the limits.
-        self._slots = Slots(slots, timeout, say=lambda limit, lowered: log.warning(
-            "LLM: requests to %s %s; concurrency %s to %d", self.base_url, "timed out" if lowered else
-            "are answered in time again", "lowered" if lowered else "raised", limit))
+        # Said under the limit's lock, so in the order of the limits; a burst of timeouts in one line.
+        self._slots = Slots(slots, timeout, say=lambda was, now: log.warning(
+            "LLM: requests to %s %s; concurrency %s from %d to %d", self.base_url, "timed out" if now < was else
+            "are answered in time again", "lowered" if now < was else "raised", was, now))
         # More threads than slots: a thread waiting out a backoff holds no slot, and others use it.
         self._pool = interrupt.Pool(min(1024, 2 * slots + 8), "llm")
         self._bucket = TokenBucket(requests_per_minute, burst=max_concurrency) if requests_per_minute else None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import select
 import signal
 import socket
@@ -93,6 +94,37 @@ def test_quick_answers_at_a_full_limit_give_slots_back_and_a_timeout_after_a_rai
     assert [slots.answered(full(slots), 0.1) for _ in range(4)] == [None, None, None, 2], "ask no more than before"
 
 
+def test_timeouts_of_requests_sent_under_one_limit_are_said_together_once_over():
+    """Eight requests sent under limit 8, five time out together: each takes its slot away at once
+    (8 -> 3), and the five are said in one move once a request sent under 3 is answered (an answer
+    of one sent under 8 says nothing of 3). A timeout of a request sent under 3 is news, a burst of
+    its own that the older two join; it is said once no request is left in flight. Then quick
+    answers raise the limit, said after."""
+    said = []
+    slots = Slots(8, timeout=10.0, evidence=2, say=lambda was, limit: said.append((was, limit)))
+    old = [slots.take() for _ in range(8)]
+    for ticket in old[:5]:
+        slots.give()
+        slots.lower(ticket)
+    assert (slots.limit, said) == (3, [])
+    slots.give()
+    slots.answered(old[5], 0.1)
+    assert said == [], "sent under 8: no news of 3"
+    new = slots.take()
+    slots.give()
+    slots.answered(new, 0.1)
+    assert said == [(8, 3)]
+    new = slots.take()
+    slots.give()
+    assert slots.lower(new) == 2
+    slots.give()
+    assert slots.lower(old[6]) == 1 and said == [(8, 3)], "one sent under 8 still in flight"
+    slots.give()
+    assert slots.lower(old[7]) is None and said == [(8, 3), (3, 1)]
+    assert [slots.answered(full(slots), 1.0) for _ in range(2)] == [None, 2]
+    assert said == [(8, 3), (3, 1), (1, 2)]
+
+
 def test_waiters_for_a_slot_leave_at_a_stop():
     slots, errors = Slots(1), []
     inside, leave = threading.Event(), threading.Event()
@@ -106,6 +138,21 @@ def test_waiters_for_a_slot_leave_at_a_stop():
     finally:
         interrupt.reset()
         leave.set()
+
+
+MOVE = re.compile(r"LLM: requests to (\S+) (timed out|are answered in time again); concurrency (lowered|raised) from (\d+) to (\d+)")
+
+
+def moves(caplog, url: str) -> list[tuple[int, int]]:
+    """The concurrency's moves the log said, in order, as (from, to), each checked to start where
+    the one before it ended and to say the reason that goes with its direction."""
+    out = []
+    for message in (r.getMessage() for r in caplog.records if "concurrency" in r.getMessage()):
+        m = MOVE.fullmatch(message)
+        assert m and m[1] == url and (m[2] == "timed out") == (m[3] == "lowered") == (int(m[5]) < int(m[4])), message
+        assert not out or out[-1][1] == int(m[4]), (out, message)
+        out.append((int(m[4]), int(m[5])))
+    return out
 
 
 class OneAtATimeServer:
@@ -182,8 +229,8 @@ class OneAtATimeServer:
 
 def test_timeouts_bring_the_concurrency_down_to_what_the_server_answers(caplog):
     """Concurrency 4 against a server that serves one request at a time: the first four requests
-    are open together and wait; each that times out takes a slot away (4 -> 3 -> 2 -> 1, one log
-    line each), the one left is answered, and from then on the client sends one at a time, which the
+    are open together and wait; each that times out takes a slot away (4 -> 3 -> 2 -> 1, said
+    together), the one left is answered, and from then on the client sends one at a time, which the
     server answers. At every arrival the server sees no more requests open than the client's limit
     after the timeouts it has seen (a request given up takes its slot with it: no other request takes
     its place). The timeout only has to outlast starting four threads and the server's 10 ms look;
@@ -202,11 +249,35 @@ def test_timeouts_bring_the_concurrency_down_to_what_the_server_answers(caplog):
         server.stop()
     assert [c[0].text for c in out] == [" canned"] * 8
     assert llm.max_concurrency == 1
-    lowered = [r.getMessage() for r in caplog.records if "concurrency lowered" in r.getMessage()]
-    assert lowered == [f"LLM: requests to {server.base_url} timed out; concurrency lowered to {n}" for n in (3, 2, 1)]
+    said = moves(caplog, server.base_url)
+    assert said and said[0][0] == 4 and said[-1][1] == 1, said
     assert server.given_up >= 3 and server.answered >= 8
     for seen, given_up in server.arrivals:
         assert seen <= max(1, 4 - given_up), server.arrivals
+
+
+def test_timeouts_together_are_said_together(caplog):
+    """Concurrency 16 against the server that serves one request at a time: the first 16 requests
+    are open together, 15 time out together, each taking its slot away at once (16 -> 1, as with a
+    line each), and the log says so in a line, not 15. One line more for each timeout still between
+    giving its slot back and lowering the limit when the last answer empties the slots (said on its
+    own, as it came after). No retries: the 15 retried at limit 1 would be nearly the 16 answers in
+    a row that try a raise, and this server answers nothing while two are open."""
+    server = OneAtATimeServer()
+    llm = OpenAILLM("test-model", server.base_url, api_key="test", max_concurrency=16, timeout=3.0, max_retries=0)
+    try:
+        with caplog.at_level(logging.WARNING, logger="autoexplain.llm_openai"):
+            out = llm.complete([f"p{i}" for i in range(20)], max_tokens=1, return_errors=True)
+    finally:
+        llm.close()
+        server.stop()
+    timed_out = [o for o in out if isinstance(o, LLMError)]
+    assert len(timed_out) >= 15 and all("timed out" in str(e) for e in timed_out)
+    assert llm.max_concurrency == 1
+    said = moves(caplog, server.base_url)
+    assert said and said[0][0] == 16 and said[-1][1] == 1 and len(said) <= 3, said
+    for seen, given_up in server.arrivals:
+        assert seen <= max(1, 16 - given_up), server.arrivals
 
 
 def test_the_concurrency_comes_back_once_the_server_answers_quickly_again(fault_server, caplog):
@@ -229,10 +300,8 @@ def test_the_concurrency_comes_back_once_the_server_answers_quickly_again(fault_
     finally:
         llm.close()
     assert [c[0].text for c in out] == [" canned"] * 200
-    moves = [r.getMessage() for r in caplog.records if "concurrency" in r.getMessage()]
-    url = srv.base_url
-    assert moves == [f"LLM: requests to {url} timed out; concurrency lowered to {n}" for n in (3, 2, 1)] + \
-        [f"LLM: requests to {url} are answered in time again; concurrency raised to {n}" for n in (2, 3, 4)]
+    said = moves(caplog, srv.base_url)
+    assert said[0][0] == 4 and said[-3:] == [(1, 2), (2, 3), (3, 4)] and all(b < a for a, b in said[:-3]), said
     assert llm.max_concurrency == 4
     assert len(srv.requests) == 204, "each of the four held requests sent again once, nothing else twice"
 
