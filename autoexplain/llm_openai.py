@@ -18,10 +18,9 @@ Concurrency: `max_concurrency` requests are in flight at most. The limit (`llm_l
 taken for one attempt and given back before a backoff wait, so a request that waits to retry holds
 no slot; the thread pool that runs requests is larger than the limit for the same reason. Callers
 in many threads (units of a stage, shards of a flow) share one pool and one limit per LLM object.
-A timeout takes one slot away (never the last), one log line per burst: a server that answers one
-request at a time (llama-cpp-python's) queues the others, and at 64 in flight most outwait the
-timeout, wasting its work on answers nobody reads. Slots come back one at a time, one line each,
-when the answers say one more would be answered in time too (`llm_limits.Slots.answered`).
+A timeout takes one slot away (never the last; one log line per burst): a server that answers one
+request at a time (llama-cpp-python's) queues the rest, and at 64 in flight most outwait the timeout,
+wasted work. Slots come back one at a time when answers say one more would be answered in time too.
 
 Stopping (`interrupt`): the pool's threads are daemons whose futures fail at a stop, no attempt is
 sent after one, and the backoff and rate-limit waits end at once; a request in flight is abandoned.
@@ -189,6 +188,9 @@ class OpenAILLM(LLM):
                     sent = time.monotonic()
                     response = call()
                     took = time.monotonic() - sent
+                except openai.APITimeoutError:
+                    self._slots.lower(ticket)  # before its slot goes back: none is sent under the old limit
+                    raise
                 finally:
                     self._slots.give()
                 if check is not None:
@@ -199,9 +201,7 @@ class OpenAILLM(LLM):
                 if e.status_code not in self.RETRYABLE and e.status_code < 500:
                     raise self._permanent(e, attempt) from None
                 last = e
-            except openai.APIConnectionError as e:  # APITimeoutError included
-                if isinstance(e, openai.APITimeoutError):
-                    self._slots.lower(ticket)
+            except openai.APIConnectionError as e:  # APITimeoutError included (the limit is lowered above)
                 last = e
             except (Malformed, openai.APIResponseValidationError, ValueError) as e:  # JSONDecodeError is a ValueError
                 last = e if isinstance(e, Malformed) else Malformed(f"invalid response body ({type(e).__name__}: "
