@@ -192,14 +192,15 @@ def test_sigterm_stops_explain_layer_under_prefect(fault_server, tiny_llama_dir,
 
 
 
-def flow_runs(home: Path) -> list[tuple[str, str]]:
-    """(flow name, state type) of every flow run in the Prefect database under `home`, read with
-    sqlite itself: the command's temporary server is gone once it has exited."""
+def flow_runs(home: Path, message: bool = False) -> list[tuple[str, ...]]:
+    """(flow name, state type[, state message]) of every flow run in the Prefect database under
+    `home`, read with sqlite itself: the command's temporary server is gone once it has exited."""
     import sqlite3
 
     with sqlite3.connect(home / "prefect.db") as db:
-        return db.execute("SELECT flow.name, flow_run.state_type FROM flow_run JOIN flow ON flow.id = flow_run.flow_id"
-                          ).fetchall()
+        return db.execute("SELECT flow.name, flow_run.state_type" + (", flow_run_state.message" if message else "") +
+                          " FROM flow_run JOIN flow ON flow.id = flow_run.flow_id"
+                          " JOIN flow_run_state ON flow_run_state.id = flow_run.state_id").fetchall()
 
 
 def explain_layer(srv, tiny: str, corpus: Path, out: Path, home: Path, log: Path) -> Command:
@@ -232,7 +233,9 @@ def test_a_signal_to_the_process_group_ends_the_flow_run_in_prefect_too(fault_se
     assert code == 128 + signum, (code, err[-3000:])
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"interrupted ({name}): "), err[-3000:]
     assert "still running" not in err, "it stopped on its own, not by the forced end"
-    assert flow_runs(home) == [("explain-layer", "CRASHED")]
+    # Prefect's words for the exception that ended the run: its SIGTERM handler's, or Ctrl-C's.
+    said = {signal.SIGINT: "an interrupt signal", signal.SIGTERM: "a termination signal"}[signum]
+    assert flow_runs(home, message=True) == [("explain-layer", "CRASHED", f"Execution was aborted by {said}.")]
     assert sealed(out, "explanations") and sealed(out, "simulations") == []
     srv.hold = False
     srv.release(1_000_000)
