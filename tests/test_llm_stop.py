@@ -249,6 +249,27 @@ def test_a_signal_to_the_process_group_ends_the_flow_run_in_prefect_too(fault_se
     assert len(sealed(out, "simulations")) == len(sealed(out, "explanations")) and sealed(out, "scores")
 
 
+def test_a_command_inside_a_users_process_gives_the_signal_handlers_back():
+    """`interrupt.signals` (every command runs in it) may run inside a user's process: a SIGTERM
+    in the block stops it as SIGTERM, and afterwards the user's handlers and wakeup fd are back."""
+    def mine(signum, frame):
+        raise AssertionError("the user's handler ran inside the block")
+
+    before = {s: signal.signal(s, mine) for s in interrupt.SIGNALS}
+    wakeup = signal.set_wakeup_fd(-1)
+    try:
+        with pytest.raises(interrupt.Interrupted) as stop, interrupt.signals(lambda signum: None):
+            os.kill(os.getpid(), signal.SIGTERM)
+            interrupt.sleep(LIVENESS_S)  # the handler raises here, in the main thread
+        assert stop.value.signum == signal.SIGTERM and interrupt.signum() == signal.SIGTERM
+        assert [signal.getsignal(s) for s in interrupt.SIGNALS] == [mine, mine]
+        assert signal.set_wakeup_fd(-1) == -1, "the block's wakeup fd is gone"
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+        signal.set_wakeup_fd(wakeup)
+
+
 # -- in process: what a stop does to an LLM's calls ------------------------------------------------
 
 def in_thread(fn, *args) -> Future:
