@@ -43,6 +43,7 @@ def start() -> str:
     proc = started[0]
     atexit.register(stop, proc)
     port = proc.stdout.readline().strip()
+    proc.stdout.close()
     if not port.isdigit():
         raise RuntimeError(f"Prefect's temporary server did not start (exit code {proc.wait()})")
     url = f"http://127.0.0.1:{int(port)}/api"
@@ -74,11 +75,13 @@ def serve() -> None:
     # Blocked already (`start`); every thread started here inherits the mask, and uvicorn's handlers
     # for the two signals, set in this main thread, never run.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    print(sock.getsockname()[1], flush=True)  # before the slow imports: `start` waits on its health
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # nobody reads the pipe after the port
     import uvicorn
     from prefect.server.api.server import create_app
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(create_app(ephemeral=True, final=True), log_level="error", lifespan="on"))
 
     def cue():
@@ -86,8 +89,6 @@ def serve() -> None:
         server.should_exit = True
 
     threading.Thread(target=cue, name="stop-cue", daemon=True).start()
-    print(sock.getsockname()[1], flush=True)
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # nobody reads the pipe after the port
     server.run(sockets=[sock])
 
 
