@@ -18,8 +18,10 @@ retry after a backoff, and a thread pool's threads are joined when the interpret
   attempt (none is sent after a stop), `sleep()` for backoff and rate-limit waits.
 - `Pool` runs LLM requests on daemon threads: one blocked in a socket read is abandoned when the
   process exits, not joined (ThreadPoolExecutor's threads are).
-- `shielded(fn)` starts a helper process (Prefect's temporary server) with SIGINT blocked: a
-  terminal's Ctrl-C goes to the whole process group, and the run must still record its end there.
+- `shielded(fn)` starts a helper process (Prefect's temporary server, `flows.server`) with SIGINT
+  and SIGTERM blocked: a terminal's Ctrl-C goes to the whole process group, as does the SIGTERM of
+  `timeout` or a CI runner (systemd's, to every process of the service), and the run must still
+  record its end there.
 - Should the command still run `GRACE` seconds after the signal (a wait none of this reaches), the
   watcher runs the exit handlers (Prefect's temporary server stops) and ends the process.
 
@@ -191,14 +193,14 @@ def signals(forced: Callable[[int], None]):
 
 
 def shielded(fn: Callable[[], object]) -> None:
-    """Call fn in a thread that blocks SIGINT, and wait for it: a process it starts inherits the
-    blocked signal, so a terminal's Ctrl-C, which goes to the whole process group, does not reach it.
-    For Prefect's temporary server: the stopped run's end must still be recorded there before the
-    command exits (the command stops the server itself when it exits)."""
+    """Call fn in a thread that blocks SIGINT and SIGTERM, and wait for it: a process it starts
+    inherits the blocked signals, so one sent to the whole process group (a terminal's Ctrl-C, the
+    SIGTERM of `timeout`) does not reach it. For Prefect's temporary server: the stopped run's end
+    must still be recorded there before the command exits (the command stops the server itself)."""
     failed: list[BaseException] = []
 
     def call():
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        signal.pthread_sigmask(signal.SIG_BLOCK, set(SIGNALS))
         try:
             fn()
         except BaseException as e:  # noqa: BLE001 - raised in the caller's thread

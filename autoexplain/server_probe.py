@@ -108,3 +108,30 @@ def probe_scheduler(address: str, timeout: float = 3.0) -> None:
     except OSError as e:
         raise UserError(f"no dask scheduler answers at {address} ({e.strerror or e})",
                         "start the scheduler (`dask scheduler`), or fix the address") from None
+    if url.scheme == "tcp":  # tls and wss need the cluster's certificates to say more
+        _ask_scheduler(f"tcp://{host}:{port}", address, timeout)
+
+
+def _ask_scheduler(url: str, address: str, timeout: float) -> None:
+    """Ask what answers there (dask's `identity` call): something that listens but is no dask
+    scheduler (a web server, a dask worker) would leave prefect-dask waiting 30 s or more."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from distributed.core import rpc
+
+    async def identity():
+        async with rpc(url, timeout=timeout) as scheduler:
+            return await asyncio.wait_for(scheduler.identity(), timeout)
+
+    fix = "give the scheduler's address (`dask scheduler` prints it), e.g. tcp://10.0.0.5:8786"
+    with ThreadPoolExecutor(1) as thread:  # a loop of its own: the caller may be in one (a flow's)
+        try:
+            reply = thread.submit(asyncio.run, identity()).result()
+        except Exception as e:  # noqa: BLE001 - whatever it is, it does not speak dask
+            said = " ".join(str(e).split())[:120]
+            raise UserError(f"something listens at {address}, but no dask scheduler answers there "
+                            f"({type(e).__name__}{': ' + said if said else ''})", fix) from None
+    kind = reply.get("type") if isinstance(reply, dict) else None
+    if kind != "Scheduler":
+        raise UserError(f"{address} is a dask {kind or 'server'}, not a scheduler", fix)

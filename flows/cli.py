@@ -11,6 +11,7 @@ layer and the paths of the site and the outputs.
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -221,11 +222,10 @@ def _run_flow(name: str, params: dict, check, uses: dict | None = None) -> None:
     # The warm-up makes the simulator, and a server simulator's LLM keeps the limits it was made with.
     set_limits(*(params.get(k) for k in ("concurrency", "rpm", "tpm", "retries")))
     warm_up(uses.get("simulator"))
-    temporary_server()
     bars, listener = stage_bars()
     remove = progress.listen(listener)
     try:
-        with bars:
+        with temporary_server(), bars:
             result = flow(**params)
     finally:
         remove()
@@ -241,20 +241,16 @@ def _run_flow(name: str, params: dict, check, uses: dict | None = None) -> None:
     unanswered_exit(result.get("unanswered", 0))  # counted by the flow (`flows.steps.finished`)
 
 
-def temporary_server() -> None:
-    """Start Prefect's temporary server (none is configured: no PREFECT_API_URL) out of a terminal's
-    Ctrl-C, which goes to the whole process group: were the server stopped by it too, the run
-    could not record its end and would show as Running in Prefect for ever. The flow run finds this
-    server (one per process); it is stopped when the command exits, as before."""
-    from prefect.settings import PREFECT_API_URL
+def temporary_server():
+    """A context in which the flow runs report to Prefect's temporary server, one that a signal
+    to the command does not stop (`flows.server`), when none is configured (no PREFECT_API_URL)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     if PREFECT_API_URL.value():
-        return
-    from prefect.server.api.server import SubprocessASGIServer
+        return nullcontext()
+    from autoexplain.flows import server
 
-    from autoexplain import interrupt
-
-    interrupt.shielded(SubprocessASGIServer().start)
+    return temporary_settings({PREFECT_API_URL: server.start()})
 
 
 app.command("explain-layer")(explain_layer_cmd)

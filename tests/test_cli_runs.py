@@ -314,6 +314,27 @@ def test_a_dask_scheduler_where_nothing_listens_is_one_line_before_any_work(home
         assert "Flow run" not in result.stderr, "no flow run was started"
     assert not (tmp_path / "new").exists(), "nothing recorded"
 
+
+def test_a_dask_address_where_something_else_listens_is_one_line_naming_the_flag(home, explained, tiny_llama_dir,
+                                                                                  prose_corpus, tmp_path):
+    """A listener that is no dask scheduler passed the one connection of the preflight: the layer was
+    recorded, prefect-dask waited 30 s or more to connect, and the line then named the flow's
+    parameter ("parameter dask: ..."), not the flag. Now the preflight asks what answers there."""
+    from tests.test_flows import not_a_scheduler
+
+    out, _ = explained
+    new = ["--model", tiny_llama_dir, "--corpus", str(prose_corpus), "--units", "0-1", "--tokens", "20000",
+           "--out", str(tmp_path / "new")]
+    with not_a_scheduler() as address:
+        for command in (["explain-layer", "--layer", "1", *new], ["explain-model", "--layers", "1", *new],
+                        ["rescore", "--out", str(out), "--layer", "1"],
+                        ["revise", "--out", str(out), "--layer", "1", "--unit", "0", "--text", "t"]):
+            line = _one_error_line(cli(home, *command, "--dask", address))
+            assert line.startswith(f"error: --dask: something listens at {address}, but no dask scheduler answers"), line
+            assert "parameter dask" not in line and "`dask scheduler`" in line, line
+    assert not (tmp_path / "new").exists(), "nothing recorded"
+
+
 def test_the_revise_flow_without_a_revision_or_with_an_unknown_unit_is_one_line(prefect_results, explained):
     """What a deployment user gets (the CLI always passes a revision): the run's Failed state says
     which parameter is wrong, in one line, before any work."""

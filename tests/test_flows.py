@@ -4,6 +4,9 @@ crash; permanent errors fail fast; contracts stop bad data."""
 from __future__ import annotations
 
 import shutil
+import socket
+import threading
+from contextlib import contextmanager
 
 import pytest
 
@@ -189,6 +192,47 @@ def test_every_bad_parameter_fails_before_any_work(run, tmp_path, bad, message):
     assert "\n" not in str(caught.value) and "--" not in str(caught.value).split(" — ")[0], "names the parameter, not a CLI flag"
     assert stages._subject.cache_info().currsize == loaded, "no subject was loaded"
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir()), "nothing written"
+
+
+@contextmanager
+def not_a_scheduler(silent: bool = False):
+    """The address of a real loopback listener that is no dask scheduler: it closes each connection
+    it takes (as a server of another protocol does), or says nothing on it (`silent`)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held = []
+
+    def take():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            if silent:
+                held.append(conn)
+            else:
+                conn.close()
+
+    threading.Thread(target=take, daemon=True).start()
+    try:
+        yield f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+        for conn in held:
+            conn.close()
+
+
+def test_a_dask_address_where_something_else_listens_names_the_flow_parameter_before_any_work(run, tmp_path):
+    """A listener that is no dask scheduler passed the preflight's one connection: the layer was
+    recorded before prefect-dask found out, and a silent one kept it waiting for minutes. The
+    flow's own check (a deployment's run) names its parameter, as the CLI names its flag
+    (tests/test_cli_runs.py)."""
+    for silent in (False, True):
+        with not_a_scheduler(silent) as address, pytest.raises(UserError) as caught:
+            run(dask=address)
+        message = str(caught.value)
+        assert message.startswith(f"parameter dask: something listens at {address}, but no dask scheduler answers"), message
+        assert "\n" not in message and "--dask" not in message
+        assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir()), "nothing recorded"
 
 
 def test_failed_state_message_is_the_one_line(run, prefect_results, tiny_llama_dir, prose_corpus, tmp_path):

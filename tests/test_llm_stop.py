@@ -182,10 +182,7 @@ def test_sigterm_stops_explain_layer_under_prefect(fault_server, tiny_llama_dir,
     handler while the flow runs; the run still ends within seconds, with one line."""
     srv = fault_server(hold=True)
     out = tmp_path / "out"
-    proc = Command(tmp_path / "stderr.log", "explain-layer", "--model", tiny_llama_dir, "--corpus", str(prose_corpus),
-                   "--layer", "1", "--units", "0-3", "--tokens", "20000", "--k", "1", "--shard-size", "2",
-                   "--bootstrap", "50", "--window-len", "8", "--top-k", "8", "--random", "6", "--out", str(out),
-                   "--simulator", f"all-at-once:openai:{MODEL}@{srv.base_url}", home=tmp_path / "prefect-home")
+    proc = explain_layer(srv, tiny_llama_dir, prose_corpus, out, tmp_path / "prefect-home", tmp_path / "stderr.log")
     try:
         srv.wait_for(lambda: srv.inflight >= 8)
         stopped(proc, signal.SIGTERM)
@@ -195,37 +192,83 @@ def test_sigterm_stops_explain_layer_under_prefect(fault_server, tiny_llama_dir,
 
 
 
-def flow_runs(home: Path) -> list[tuple[str, str]]:
-    """(flow name, state type) of every flow run in the Prefect database under `home`, read with
-    sqlite itself: the command's temporary server is gone once it has exited."""
+def flow_runs(home: Path, message: bool = False) -> list[tuple[str, ...]]:
+    """(flow name, state type[, state message]) of every flow run in the Prefect database under
+    `home`, read with sqlite itself: the command's temporary server is gone once it has exited."""
     import sqlite3
 
     with sqlite3.connect(home / "prefect.db") as db:
-        return db.execute("SELECT flow.name, flow_run.state_type FROM flow_run JOIN flow ON flow.id = flow_run.flow_id"
-                          ).fetchall()
+        return db.execute("SELECT flow.name, flow_run.state_type" + (", flow_run_state.message" if message else "") +
+                          " FROM flow_run JOIN flow ON flow.id = flow_run.flow_id"
+                          " JOIN flow_run_state ON flow_run_state.id = flow_run.state_id").fetchall()
+
+
+def explain_layer(srv, tiny: str, corpus: Path, out: Path, home: Path, log: Path) -> Command:
+    return Command(log, "explain-layer", "--model", tiny, "--corpus", str(corpus), "--layer", "1", "--units", "0-3",
+                   "--tokens", "20000", "--k", "1", "--shard-size", "2", "--bootstrap", "50", "--window-len", "8",
+                   "--top-k", "8", "--random", "6", "--out", str(out),
+                   "--simulator", f"all-at-once:openai:{MODEL}@{srv.base_url}", home=home)
 
 
 @pytest.mark.slow
-def test_ctrl_c_in_a_terminal_ends_the_flow_run_in_prefect_too(fault_server, tiny_llama_dir, prose_corpus, tmp_path):
-    """A terminal's Ctrl-C goes to the whole process group, Prefect's temporary server included. The
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_process_group_ends_the_flow_run_in_prefect_too(fault_server, tiny_llama_dir, prose_corpus,
+                                                                       tmp_path, signum):
+    """A terminal's Ctrl-C goes to the whole process group, Prefect's temporary server included, and
+    so does the SIGTERM of `timeout`, a CI runner or systemd (to every process of the service). The
     run's end must still reach Prefect's database before the command exits: a run left Running there
-    is a phantom in the UI forever."""
+    is a phantom in the UI forever. Nothing of the stopped stage is sealed, and the same command
+    then finishes the run."""
     srv = fault_server(hold=True)
-    home = tmp_path / "prefect-home"
-    proc = Command(tmp_path / "stderr.log", "explain-layer", "--model", tiny_llama_dir, "--corpus", str(prose_corpus),
-                   "--layer", "1", "--units", "0-3", "--tokens", "20000", "--k", "1", "--shard-size", "2",
-                   "--bootstrap", "50", "--window-len", "8", "--top-k", "8", "--random", "6", "--out",
-                   str(tmp_path / "out"), "--simulator", f"all-at-once:openai:{MODEL}@{srv.base_url}", home=home)
+    home, out = tmp_path / "prefect-home", tmp_path / "out"
+    proc = explain_layer(srv, tiny_llama_dir, prose_corpus, out, home, tmp_path / "first.log")
     try:
         srv.wait_for(lambda: srv.inflight >= 8)
         assert flow_runs(home) == [("explain-layer", "RUNNING")]
-        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does
+        os.killpg(proc.pid, signum)
         code, err = finished(proc, LIVENESS_S)
     finally:
         end(proc)
-    assert code == 130, (code, err[-3000:])
-    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted (SIGINT): "), err[-3000:]
-    assert flow_runs(home) == [("explain-layer", "CRASHED")]
+    name = signal.Signals(signum).name
+    assert code == 128 + signum, (code, err[-3000:])
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"interrupted ({name}): "), err[-3000:]
+    assert "still running" not in err, "it stopped on its own, not by the forced end"
+    # Prefect's words for the exception that ended the run: its SIGTERM handler's, or Ctrl-C's.
+    said = {signal.SIGINT: "an interrupt signal", signal.SIGTERM: "a termination signal"}[signum]
+    assert flow_runs(home, message=True) == [("explain-layer", "CRASHED", f"Execution was aborted by {said}.")]
+    assert sealed(out, "explanations") and sealed(out, "simulations") == []
+    srv.hold = False
+    srv.release(1_000_000)
+    again = explain_layer(srv, tiny_llama_dir, prose_corpus, out, home, tmp_path / "again.log")
+    try:
+        code, err = finished(again, 600)
+    finally:
+        end(again)
+    assert code == 0, err[-3000:]
+    assert sorted(flow_runs(home)) == [("explain-layer", "COMPLETED"), ("explain-layer", "CRASHED")]
+    assert len(sealed(out, "simulations")) == len(sealed(out, "explanations")) and sealed(out, "scores")
+
+
+def test_a_command_inside_a_users_process_gives_the_signal_handlers_back():
+    """`interrupt.signals` (every command runs in it) may run inside a user's process: a SIGTERM
+    in the block stops it as SIGTERM, and afterwards the user's handlers and wakeup fd are back."""
+    def mine(signum, frame):
+        raise AssertionError("the user's handler ran inside the block")
+
+    before = {s: signal.signal(s, mine) for s in interrupt.SIGNALS}
+    wakeup = signal.set_wakeup_fd(-1)
+    try:
+        with pytest.raises(interrupt.Interrupted) as stop, interrupt.signals(lambda signum: None):
+            os.kill(os.getpid(), signal.SIGTERM)
+            interrupt.sleep(LIVENESS_S)  # the handler raises here, in the main thread
+        assert stop.value.signum == signal.SIGTERM and interrupt.signum() == signal.SIGTERM
+        assert [signal.getsignal(s) for s in interrupt.SIGNALS] == [mine, mine]
+        assert signal.set_wakeup_fd(-1) == -1, "the block's wakeup fd is gone"
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+        signal.set_wakeup_fd(wakeup)
+
 
 # -- in process: what a stop does to an LLM's calls ------------------------------------------------
 
