@@ -92,9 +92,10 @@ class _Buffers(threading.local):
     """Scratch tensors reused by every layer and batch of one shape, one set per thread.
 
     A batch allocates about 100 MB of intermediates; glibc gives blocks that large back to the
-    kernel when they are freed (unmapped, or trimmed off the heap), so each batch faulted them in again (17-30k minor faults and 30-60 ms of
-    system time per 2,048-token batch on a 2-core EPYC, about a tenth of the pass). Writing into the
-    same buffers (`out=`) keeps them mapped; nothing a caller keeps points into them."""
+    kernel when they are freed (unmapped, or trimmed off the heap), so each batch faulted them in
+    again (17-30k minor faults and 27-63 ms of system time per 2,048-token batch on a 2-core EPYC,
+    about a tenth of the pass). Writing into the same buffers (`out=`) keeps them mapped; nothing a
+    caller keeps points into them."""
 
     def get(self, name: str, shape: tuple, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The buffer `name`, of `shape`, on like's device, in `dtype` (like's by default)."""
@@ -116,8 +117,8 @@ def _normed(h: torch.Tensor, eps: float, out: torch.Tensor, wide: torch.Tensor) 
     return out.copy_(wide.mul_(inv))
 
 
-def _linear(x: torch.Tensor, w_t: torch.Tensor, bias, out: torch.Tensor) -> torch.Tensor:
-    """x @ w_t (+ bias) on 2-D rows, into `out`."""
+def _linear(x: torch.Tensor, w_t: torch.Tensor, bias, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w_t (+ bias) on 2-D rows, into `out` (None: a new tensor)."""
     return torch.mm(x, w_t, out=out) if bias is None else torch.addmm(bias, x, w_t, out=out)
 
 
@@ -186,7 +187,7 @@ class FusedLlama:
             positions = torch.arange(T, device=h.device)[None]
             cos, sin = self.rotary(h[:1, :T], positions)  # (1, T, D), already in h's dtype
             mask = torch.full((T, T), float("-inf"), device=h.device, dtype=h.dtype).triu_(1)
-            # broadcast over heads
+            # cos and sin broadcast over heads
             self._tables[key] = (cos[0, :, None, :], sin[0, :, None, :], mask.repeat(groups, 1))
         return self._tables[key]
 
@@ -234,8 +235,7 @@ class FusedLlama:
             units = F.silu(gu[:, : blk.n_units], inplace=True).mul_(gu[:, blk.n_units :])
             if take(i, "units", units):
                 return
-            if (i, "mlp_out") in wanted and take(i, "mlp_out", torch.mm(units, blk.w_down) if blk.b_down is None
-                                                 else torch.addmm(blk.b_down, units, blk.w_down)):
+            if (i, "mlp_out") in wanted and take(i, "mlp_out", _linear(units, blk.w_down, blk.b_down)):
                 return
             _add_product(h, units, blk.w_down, blk.b_down)
             if take(i, "resid_post", h):
