@@ -69,8 +69,9 @@ class Slots:
     burst open, as that limit's overload. The burst is said, whole, at the first sign that it is
     over, never after a wait, so that the lines are the same for the same order of events: news of
     the limit now (an answer or a timeout of a request sent under it), or no request left in flight.
-    A timeout that gives back the last slot held and lowers the limit only after that said the burst
-    is said on its own (`give` cannot tell a timeout from an answer): a line more, never a line lost."""
+    So a caller lowers before it gives the timed-out request's slot back (`OpenAILLM` does): the
+    other way round, `give` (which cannot tell a timeout from an answer) could close the burst first,
+    and that timeout would be said on a line of its own."""
 
     MOST_EVIDENCE = 1024  # a run that keeps timing out after raises stops raising for good, in effect
 
