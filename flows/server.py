@@ -24,6 +24,8 @@ import sys
 import threading
 import time
 
+from autoexplain import interrupt
+
 STOP_S = 10.0  # the most the command waits at its exit for the server to shut down
 
 
@@ -32,8 +34,6 @@ def start() -> str:
     process exits (an exit handler)."""
     import httpx
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, get_current_settings
-
-    from autoexplain import interrupt
 
     env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True)}
     started: list[subprocess.Popen] = []
@@ -74,7 +74,7 @@ def serve() -> None:
     """The server process: bind a free port, say which on stdout, serve until stdin closes."""
     # Blocked already (`start`); every thread started here inherits the mask, and uvicorn's handlers
     # for the two signals, set in this main thread, never run.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    signal.pthread_sigmask(signal.SIG_BLOCK, set(interrupt.SIGNALS))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     print(sock.getsockname()[1], flush=True)  # before the slow imports: `start` waits on its health
