@@ -74,20 +74,56 @@ OUTPUT_COLUMNS = ("promotes", "promotes_logits", "suppresses", "suppresses_logit
 
 
 @torch.no_grad()
-def output_columns(model: torch.nn.Module, directions: torch.Tensor, token_strings, polarity: int = 1,
-                   n: int = 10, chunk: int = 256) -> dict[str, list]:
-    """The unit-statistics columns of `OUTPUT_COLUMNS` for every row of `directions` [units, d_model]
-    (times `polarity`: a negated neuron promotes what the neuron suppresses), `chunk` units per
-    product so that units x vocabulary logits never exist at once. `token_strings(ids)` names tokens.
-    At 256 units each temporary stays under glibc's 32 MB mmap ceiling, so it is reused from the
-    heap rather than mapped and faulted in afresh per chunk (1,024 was 1.3x slower in `_extremes`).
+def output_columns(model: torch.nn.Module, directions: torch.Tensor, token_strings, polarities=(1,),
+                   n: int = 10, chunk: int = 256) -> list[dict[str, list]]:
+    """Per polarity, the unit-statistics columns of `OUTPUT_COLUMNS` for every row of `directions`
+    [units, d_model] times the polarity (a negated neuron promotes what the neuron suppresses).
+    `token_strings(ids)` names tokens.
+
+    A negated direction's logits are the negated logits, so the opposite polarity's lists are the
+    first one's swapped and negated (`mirrored`), equal to computing them up to exact float32 ties,
+    wherever the final norm is odd, norm(-d) == -norm(d): RMSNorm and bias-free LayerNorm are,
+    bit for bit, and it is checked on these directions. This halves the end-of-pass product work
+    for a layer of neurons (1.5 of 4.4 s on the embedded model)."""
+    unembed = model.get_output_embeddings().weight.detach().float()  # [vocab, d_model]
+    vocab = _Vocabulary(unembed)
+    norm = final_norm(model)
+    done: dict[int, dict[str, list]] = {}
+    for p in polarities:
+        if -p in done and _odd(norm, directions):
+            done[p] = mirrored(done[-p])
+        else:
+            done[p] = _columns(vocab, norm, directions, token_strings, p, n, chunk)
+    return [done[p] for p in polarities]
+
+
+def mirrored(cols: dict[str, list]) -> dict[str, list]:
+    """The columns of the negated directions, from the columns of the directions."""
+    def negated(rows):
+        return [[-v for v in row] for row in rows]
+
+    return {"promotes": cols["suppresses"], "promotes_logits": negated(cols["suppresses_logits"]),
+            "suppresses": cols["promotes"], "suppresses_logits": negated(cols["promotes_logits"]),
+            "promotes_normed": cols["suppresses_normed"], "suppresses_normed": cols["promotes_normed"]}
+
+
+def _odd(norm: torch.nn.Module | None, directions: torch.Tensor) -> bool:
+    if norm is None:
+        return True
+    x = directions.float().to(next(norm.parameters()).dtype)
+    return torch.equal(norm(-x), -norm(x))
+
+
+def _columns(vocab: "_Vocabulary", norm: torch.nn.Module | None, directions: torch.Tensor, token_strings,
+             polarity: int, n: int, chunk: int) -> dict[str, list]:
+    """One polarity's columns, `chunk` units per product so that units x vocabulary logits never
+    exist at once. At 256 units each temporary stays under glibc's 32 MB mmap ceiling, so it is
+    reused from the heap rather than mapped and faulted in afresh per chunk (1,024 was 1.3x slower
+    in `_extremes`).
 
     With the final norm, a single direction's own scale drops out of the ranking; what remains is
     the norm's per-channel weight (and, for LayerNorm, its centring), so the direction goes through
     the norm module itself, as `output_tokens` does. Each product is ranked by `_extremes`."""
-    unembed = model.get_output_embeddings().weight.detach().float()  # [vocab, d_model]
-    vocab = _Vocabulary(unembed)
-    norm = final_norm(model)
     cols: dict[str, list] = {c: [] for c in OUTPUT_COLUMNS}
     names: dict[int, str] = {}
 
@@ -97,7 +133,7 @@ def output_columns(model: torch.nn.Module, directions: torch.Tensor, token_strin
         return [[names[int(i)] for i in row] for row in ids.tolist()]
 
     for a in range(0, directions.shape[0], chunk):
-        d = directions[a : a + chunk].to(unembed.device).float() * polarity
+        d = directions[a : a + chunk].to(vocab.f32.device).float() * polarity
         (top_ids, top_vals), (bottom_ids, bottom_vals) = _extremes(d, vocab, n)
         cols["promotes"] += named(top_ids)
         cols["promotes_logits"] += top_vals.tolist()

@@ -319,9 +319,9 @@ def _finish_layer(layer: int, rec: _LayerRecorder, cfg: RecordConfig, reservoir_
     rng = np.random.default_rng([cfg.seed, layer])
     n_units = rec.n_units
     stats = []
+    shapes = res.shape_stats(signs=polarities)
     for polarity in polarities:
         top = rec.top[polarity]
-        shape = res.shape_stats(sign=polarity)
         valid = torch.isfinite(top.values).numpy()  # (k, U); -inf marks an unfilled slot
         top_ids, top_vals = top.window_ids.numpy(), top.values.numpy()
         # A unit that never fired this way has no exemplars to explain: its statistics (max <= 0,
@@ -360,7 +360,7 @@ def _finish_layer(layer: int, rec: _LayerRecorder, cfg: RecordConfig, reservoir_
                                      torch.tensor(extra_units, dtype=torch.int64), polarity).numpy()  # (rows, T)
             write(top_rows.table(layer, top_acts_rows))
             write(extra_rows.table(layer, extra_acts))
-        stats.append(_stats_table(layer, polarity, rec.stats, shape))
+        stats.append(_stats_table(layer, polarity, rec.stats, shapes[polarity]))
     return pa.concat_tables(stats)
 
 
@@ -397,7 +397,7 @@ def _with_output_side(stats: pa.Table, subject: Subject, source: UnitSource, lay
     from autoexplain.output_side import output_columns
 
     directions = source.directions(subject, layer)
-    parts = [output_columns(subject.model, directions, subject.token_strings, p) for p in source.polarities]
+    parts = output_columns(subject.model, directions, subject.token_strings, source.polarities)
     schema = load_schema("unit_stats")
     for name in OUTPUT_COLUMNS:
         stats = stats.append_column(schema.field(name), pa.array([v for part in parts for v in part[name]],

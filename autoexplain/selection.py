@@ -116,9 +116,9 @@ class Reservoir:
         """(pairs, tokens) float32: sign * the activations of unit `units[e]` in window slot `slots[e]`."""
         return self.acts[slots, :, units].float() * sign
 
-    def shape_stats(self, bins: int = 32, sign: int = 1) -> dict[str, object]:
+    def shape_stats(self, bins: int = 32, signs: tuple[int, ...] = (1,)) -> dict[int, dict[str, object]]:
         """`shape_stats_per_unit` of every unit's samples (each window and token of the sample)."""
-        return shape_stats_per_unit(self.acts.reshape(-1, self.acts.shape[-1]), bins, sign=sign)
+        return shape_stats_per_unit(self.acts.reshape(-1, self.acts.shape[-1]), bins, signs=signs)
 
 
 class SparseReservoir:
@@ -194,7 +194,11 @@ class SparseReservoir:
         lo, hi = torch.searchsorted(unit, torch.tensor([a, b]))
         return slot[lo:hi], token[lo:hi], unit[lo:hi], value[lo:hi]
 
-    def shape_stats(self, bins: int = 32, sign: int = 1) -> dict[str, object]:
+    def shape_stats(self, bins: int = 32, signs: tuple[int, ...] = (1,)) -> dict[int, dict[str, object]]:
+        """`Reservoir.shape_stats` from the entries (`_signed_shape_stats`)."""
+        return {sign: self._signed_shape_stats(bins, sign) for sign in signs}
+
+    def _signed_shape_stats(self, bins: int, sign: int) -> dict[str, object]:
         """`shape_stats_per_unit` of every unit's samples (each window and token of the sample),
         from the entries alone: a unit's samples are its entries plus as many zeros as it has
         positions without one, so nothing of windows x tokens x units is ever built. Histograms
@@ -308,31 +312,42 @@ def deal(n: int, order: tuple[str, ...]) -> list[str]:
     return [order[r % len(order)] for r in range(n)]
 
 
-def shape_stats_per_unit(samples: torch.Tensor, bins: int = 32, chunk: int = 256, sign: int = 1) -> dict[str, object]:
-    """Skewness, excess kurtosis and a histogram per unit, from samples (N, U) times `sign`.
+def shape_stats_per_unit(samples: torch.Tensor, bins: int = 32, chunk: int = 256,
+                         signs: tuple[int, ...] = (1,)) -> dict[int, dict[str, object]]:
+    """Per sign, the skewness, excess kurtosis and a histogram per unit of samples (N, U) times it.
 
     Units are processed `chunk` at a time, in float32: a float64 copy of a 512-window reservoir
     would take gigabytes, and float64 passes over it were most of the end-of-pass time."""
-    parts = [_shape_stats(samples[:, a : a + chunk], bins, sign) for a in range(0, samples.shape[1], chunk)]
-    return {
-        "skewness": np.concatenate([p["skewness"] for p in parts]),
-        "kurtosis": np.concatenate([p["kurtosis"] for p in parts]),
-        "hist_edges": [e for p in parts for e in p["hist_edges"]],
-        "hist_counts": [c for p in parts for c in p["hist_counts"]],
-    }
+    parts = [_shape_stats(samples[:, a : a + chunk], bins, signs) for a in range(0, samples.shape[1], chunk)]
+    return {sign: {
+        "skewness": np.concatenate([p[sign]["skewness"] for p in parts]),
+        "kurtosis": np.concatenate([p[sign]["kurtosis"] for p in parts]),
+        "hist_edges": [e for p in parts for e in p[sign]["hist_edges"]],
+        "hist_counts": [c for p in parts for c in p[sign]["hist_counts"]],
+    } for sign in signs}
 
 
-def _shape_stats(samples: torch.Tensor, bins: int, sign: int) -> dict[str, object]:
+def _shape_stats(samples: torch.Tensor, bins: int, signs: tuple[int, ...]) -> dict[int, dict[str, object]]:
+    """Both signs from one float32 copy, bit for bit what each computes from its own negated copy:
+    negation is exact and every rounding is symmetric in sign, so -x's minimum is -hi, its offset
+    from it is (-x) - (-hi) == hi - x, its centred samples are -c, its odd moment is -m3 and its
+    even moments are unchanged. Half the end-of-pass statistics time for a layer of neurons."""
     x = samples.float()  # a copy: the centring below works in place
-    if sign < 0:
-        x.neg_()
     n_units = x.shape[1]
     lo, hi = x.amin(0), x.amax(0)
     width = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
-    # Bin of each sample, offset by its unit's row, so one bincount counts every unit's histogram.
-    idx = (x - lo).div_(width).mul_(bins).floor_().clamp_(0, bins - 1)  # the max lands in the last bin
-    idx += torch.arange(n_units, dtype=x.dtype) * bins
-    counts = torch.bincount(idx.view(-1).long(), minlength=n_units * bins).view(n_units, bins)
+    offset = torch.arange(n_units, dtype=x.dtype) * bins
+    counts, edges = {}, {}
+    steps = torch.linspace(0, 1, bins + 1, dtype=torch.float64)[None, :]
+    for sign in signs:
+        # Bin of each sample, offset by its unit's row, so one bincount counts every unit's
+        # histogram; the max lands in the last bin.
+        idx = (x - lo) if sign > 0 else (hi - x)
+        idx.div_(width).mul_(bins).floor_().clamp_(0, bins - 1).add_(offset)
+        counts[sign] = torch.bincount(idx.view(-1).long(), minlength=n_units * bins).view(n_units, bins)
+        start = lo if sign > 0 else -hi
+        edges[sign] = start.double()[:, None] + width.double()[:, None] * steps
+        del idx
     # Central moments from the centred samples (float32 sums are pairwise: accurate to ~1e-6 here).
     c = x.sub_(x.mean(0))
     c2 = c * c
@@ -341,11 +356,11 @@ def _shape_stats(samples: torch.Tensor, bins: int, sign: int) -> dict[str, objec
     m4 = c2.mul_(c2).mean(0)
     defined = m2 > 0
     safe = torch.where(defined, m2, torch.ones_like(m2)).double()
-    skew = torch.where(defined, m3.double() / safe**1.5, torch.full_like(safe, float("nan")))
-    kurt = torch.where(defined, m4.double() / safe**2 - 3.0, torch.full_like(safe, float("nan")))
-    edges = lo.double()[:, None] + width.double()[:, None] * torch.linspace(0, 1, bins + 1, dtype=torch.float64)[None, :]
-    return {"skewness": skew.numpy(), "kurtosis": kurt.numpy(),
-            "hist_edges": list(edges.float().numpy()), "hist_counts": list(counts.numpy())}
+    nan = torch.full_like(safe, float("nan"))
+    kurt = torch.where(defined, m4.double() / safe**2 - 3.0, nan)
+    return {sign: {"skewness": torch.where(defined, (m3 * sign).double() / safe**1.5, nan).numpy(),
+                   "kurtosis": kurt.numpy(), "hist_edges": list(edges[sign].float().numpy()),
+                   "hist_counts": list(counts[sign].numpy())} for sign in signs}
 
 
 def pick_random(reservoir_order: np.ndarray, exclude: set[int], n: int) -> list[int]:

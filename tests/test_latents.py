@@ -97,7 +97,7 @@ def test_shape_statistics_from_the_reservoir_entries_equal_the_dense_ones(sign):
         ids = torch.arange(B * b, B * b + B)
         res_d.update(ids, dense)
         res_s.update(ids, SparseLatents.from_dense(dense))
-    want, got = res_d.shape_stats(sign=sign), res_s.shape_stats(sign=sign)
+    want, got = res_d.shape_stats(signs=(sign,))[sign], res_s.shape_stats(signs=(sign,))[sign]
     for u in range(U):
         np.testing.assert_array_equal(got["hist_counts"][u], want["hist_counts"][u])
         np.testing.assert_array_equal(got["hist_edges"][u], want["hist_edges"][u])

@@ -83,3 +83,30 @@ def test_ranking_from_bf16_candidates_is_the_float32_ranking(monkeypatch, bf16_m
     assert torch.equal(top_ids, want_top.indices) and torch.equal(bottom_ids, want_bottom.indices)
     torch.testing.assert_close(top_vals.double(), want_top.values, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(bottom_vals.double(), want_bottom.values, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["llama", "gpt2"])
+def test_opposite_polarity_is_its_own_computation(monkeypatch, which, subject, tiny_gpt2_dir):
+    """The -1 columns come from the +1 columns swapped and negated where the final norm is odd
+    (RMSNorm): the same lists as computing them from the negated directions. A LayerNorm with a
+    bias is not odd, and is computed again."""
+    import autoexplain.output_side as side
+    from autoexplain.output_side import final_norm, neuron_directions, output_columns
+
+    s = subject if which == "llama" else load_subject(tiny_gpt2_dir, dtype=torch.float32, device="cpu")
+    norm = final_norm(s.model)
+    with torch.no_grad():  # per-channel weights (and a bias for LayerNorm) that reorder the tokens
+        norm.weight.copy_(torch.linspace(0.1, 3.0, norm.weight.shape[0]))
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.copy_(torch.linspace(-1.0, 1.0, norm.bias.shape[0]))
+    directions = neuron_directions(s.projections[1])
+    computed = []
+    columns = side._columns
+    monkeypatch.setattr(side, "_columns", lambda *a: computed.append(a[4]) or columns(*a))
+    got = output_columns(s.model, directions, s.token_strings, (1, -1))
+    assert computed == ([1] if which == "llama" else [1, -1])
+    vocab = side._Vocabulary(s.model.get_output_embeddings().weight.detach().float())
+    want = [columns(vocab, norm, directions, s.token_strings, p, 10, 256) for p in (1, -1)]
+    assert got == want
+    if which == "gpt2":  # mirroring would be wrong here: the bias does not flip with the direction
+        assert got[1]["promotes_normed"] != got[0]["suppresses_normed"]

@@ -134,7 +134,7 @@ def test_shape_stats_match_float64(sign):
     x = (torch.randn(4096, 300, generator=g) * torch.rand(300, generator=g)
          + 0.2 * torch.randn(4096, 300, generator=g) ** 3).bfloat16()
     x[:, 7] = 0.5  # a constant unit: undefined shape, every sample in one bin
-    got = shape_stats_per_unit(x, bins=32, chunk=128, sign=sign)
+    got = shape_stats_per_unit(x, bins=32, chunk=128, signs=(sign,))[sign]
     ref = x.double().numpy() * sign
     mu, sd = ref.mean(0), ref.std(0)
     z = (ref - mu) / np.where(sd > 0, sd, 1)
@@ -148,6 +148,25 @@ def test_shape_stats_match_float64(sign):
     for u in range(0, 300, 7):
         np.testing.assert_array_equal(got["hist_counts"][u], np.bincount(bins[:, u], minlength=32))
         np.testing.assert_allclose(got["hist_edges"][u][[0, -1]], [lo[u], hi[u] if hi[u] > lo[u] else lo[u] + 1], rtol=1e-6)
+
+
+def test_both_signs_from_one_copy_are_each_sign_alone_bit_for_bit():
+    """The -1 statistics come from the +1 copy (offsets from the maximum, the third moment negated):
+    the same bits as computing them from negated samples, samples on bin edges and constant and
+    undefined units included."""
+    from autoexplain.selection import shape_stats_per_unit
+
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(2048, 70, generator=g) * 3).bfloat16()
+    x[:, :10] = torch.randint(0, 33, (2048, 10), generator=g).bfloat16()  # every bin edge is hit
+    x[:, 10] = 0.5
+    both = shape_stats_per_unit(x, bins=32, chunk=32, signs=(1, -1))
+    for sign in (1, -1):
+        alone = shape_stats_per_unit(x * sign, bins=32, chunk=32)[1]
+        for name in ("skewness", "kurtosis"):
+            assert both[sign][name].tobytes() == alone[name].tobytes(), name
+        for name in ("hist_edges", "hist_counts"):
+            assert all(a.tobytes() == b.tobytes() for a, b in zip(both[sign][name], alone[name])), name
 
 
 @pytest.mark.parametrize("sign", [1, -1])
