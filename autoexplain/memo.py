@@ -36,7 +36,8 @@ from typing import Callable
 import numpy as np
 
 from autoexplain import files, layout
-from autoexplain.storage import is_complete, write_table
+from autoexplain.storage import is_complete
+from autoexplain.tables import write_table
 
 _HEADER = struct.Struct("<II")  # key bytes, value bytes
 

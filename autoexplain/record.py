@@ -340,21 +340,25 @@ def _finish_layer(layer: int, rec: _LayerRecorder, cfg: RecordConfig, reservoir_
             top_rows.extend(unit_of + a, polarity, "top", np.array(TOP_DEAL)[rank % len(TOP_DEAL)], rank, None,
                             top_ids[rank, unit_of + a], top_vals[rank, unit_of + a])
             top_acts_rows = top_acts[unit_of, rank]  # (rows, T)
+            # Each unit's quantile edges, in one call for the chunk (the same values as per unit).
+            edges = np.quantile(res_max, [q for pair in QUANTILE_BINS for q in pair], axis=0)
             for u in np.unique(unit_of + a).tolist():
                 ids_u = top_ids[valid[:, u], u]
                 exclude = {int(w) for w in ids_u}
                 randoms = selection.pick_random(reservoir_order, exclude, cfg.n_random)
                 exclude.update(randoms)
-                quants = selection.pick_quantiles(res.ids, res_max[:, u - a], QUANTILE_BINS, cfg.quantile_per_bin, exclude, rng)
-                for r, (wid, split) in enumerate(zip(randoms, selection.deal(len(randoms), RANDOM_DEAL))):
-                    extra_rows.add(u, polarity, "random", split, r, None, wid, float(res_max[slot_of[wid], u - a]))
-                rank_in_bin: dict[int, int] = {}
-                for b, wid in quants:
-                    r = rank_in_bin[b] = rank_in_bin.get(b, -1) + 1
-                    extra_rows.add(u, polarity, "quantile", TOP_DEAL[r % len(TOP_DEAL)], r, b, wid,
-                                   float(res_max[slot_of[wid], u - a]))
-                extra_slots += [slot_of[w] for w in randoms] + [slot_of[w] for _, w in quants]
-                extra_units += [u] * (len(randoms) + len(quants))
+                quants = selection.pick_quantiles(res.ids, res_max[:, u - a], QUANTILE_BINS, cfg.quantile_per_bin,
+                                                  exclude, rng, edges[:, u - a])
+                bins = [b for b, _ in quants]
+                ranks = [i - bins.index(b) for i, b in enumerate(bins)]  # within its bin: bins come in order
+                wids = randoms + [w for _, w in quants]
+                slots = [slot_of[w] for w in wids]
+                extra_rows.extend([u] * len(wids), polarity, ["random"] * len(randoms) + ["quantile"] * len(quants),
+                                  selection.deal(len(randoms), RANDOM_DEAL) + [TOP_DEAL[r % len(TOP_DEAL)] for r in ranks],
+                                  list(range(len(randoms))) + ranks, [None] * len(randoms) + bins, wids,
+                                  res_max[slots, u - a])
+                extra_slots += slots
+                extra_units += [u] * len(wids)
             # Random and quantile rows come from the reservoir: gather their activations in one go.
             extra_acts = res.windows(torch.tensor(extra_slots, dtype=torch.int64),
                                      torch.tensor(extra_units, dtype=torch.int64), polarity).numpy()  # (rows, T)
@@ -377,10 +381,11 @@ class _Rows:
             self.cols[name].append(value)
 
     def extend(self, *columns) -> None:
-        """Many rows at once: each of `NAMES` as an array, or one value for every row."""
-        n = next(len(c) for c in columns if isinstance(c, np.ndarray))
+        """Many rows at once: each of `NAMES` as an array or a list, or one value for every row."""
+        n = next(len(c) for c in columns if isinstance(c, (np.ndarray, list)))
         for name, column in zip(self.NAMES, columns):
-            self.cols[name] += column.tolist() if isinstance(column, np.ndarray) else [column] * n
+            self.cols[name] += column.tolist() if isinstance(column, np.ndarray) else \
+                column if isinstance(column, list) else [column] * n
 
     def table(self, layer: int, acts: np.ndarray) -> pa.Table:
         n, T = len(self.cols["unit"]), acts.shape[-1] if acts.ndim == 2 else 0

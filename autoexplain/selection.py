@@ -381,10 +381,12 @@ def pick_quantiles(
     per_bin: int,
     exclude: set[int],
     rng: np.random.Generator,
+    edges: np.ndarray | None = None,
 ) -> list[tuple[int, int]]:
-    """Sample windows by the quantile of their max activation: [(bin index, window id), ...].
-    `window_ids` hold no repeats; the windows taken are added to `exclude`."""
-    edges = np.quantile(window_max, [q for pair in bins for q in pair])
+    """Sample windows by the quantile of their max activation: [(bin index, window id), ...], bin by
+    bin. `window_ids` hold no repeats; the windows taken are added to `exclude`. `edges`: the
+    quantiles of `window_max` at the bins' bounds, where the caller computed them for many units."""
+    edges = np.quantile(window_max, [q for pair in bins for q in pair]) if edges is None else edges
     taken = np.isin(window_ids, np.fromiter(exclude, dtype=np.int64, count=len(exclude)))
     out = []
     for b in range(len(bins)):

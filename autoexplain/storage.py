@@ -14,16 +14,14 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from autoexplain import files, layout, remote
 from autoexplain.layout import MANIFEST
 from autoexplain.records import KIND
 from autoexplain.sources import MLP
-from autoexplain.schemas import conform, load_schema
 
 
 def content_key(payload: Any, length: int = 16) -> str:
@@ -163,56 +161,6 @@ def _rerun(directory: Path) -> str:
         command = None
     how = f"{command} with the flags that wrote it" if command else "the same autoexplain command"
     return f"delete {directory} and rerun the stage that wrote it: {how}"
-
-
-def write_table(table: pa.Table, path: str | os.PathLike, schema_name: str | None = None) -> Path:
-    """Write a parquet file atomically, cast to the named schema when one is given."""
-    path = Path(path)
-    if schema_name is not None:
-        table = conform(table, schema_name)
-    with files.replacing(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
-    return path
-
-
-class TableWriter:
-    """Streams record batches into one parquet file; the file appears only on `close()`."""
-
-    def __init__(self, path: str | os.PathLike, schema_name: str):
-        self.path = Path(path)
-        self.schema = load_schema(schema_name)
-        self._tmp = files.temporary_beside(self.path)
-        self._writer = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
-
-    def write(self, columns: dict[str, Iterable]) -> None:
-        batch = pa.Table.from_pydict(dict(columns), schema=self.schema)
-        self._writer.write_table(batch)
-
-    def write_table(self, table: pa.Table) -> None:
-        self._writer.write_table(table.cast(self.schema))
-
-    def close(self) -> Path:
-        """Finish the file (again: nothing more), so that a writer can close it inside its block."""
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-            os.replace(self._tmp, self.path)
-        return self.path
-
-    def abort(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-            self._tmp.unlink(missing_ok=True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def write_json(data: Any, path: str | os.PathLike) -> Path:

@@ -31,7 +31,6 @@ from autoexplain import files, layout, remote
 from autoexplain.identity import code_identity
 from autoexplain.storage import (
     UNANSWERED,
-    TableWriter,
     check_contracts,
     content_key,
     count_unanswered,
@@ -40,8 +39,8 @@ from autoexplain.storage import (
     remember_digest,
     unanswered,
     write_json,
-    write_table,
 )
+from autoexplain.tables import TableWriter, write_table
 from autoexplain.schemas.contract_report import ContractViolation
 
 
@@ -115,7 +114,7 @@ class Stage:
         return write_table(table, self.path(name), schema_name)
 
     def writer(self, name: str, schema_name: str) -> TableWriter:
-        """A table streamed in batches (`storage.TableWriter`)."""
+        """A table streamed in batches (`tables.TableWriter`)."""
         return TableWriter(self.path(name), schema_name)
 
     def seal(self, inputs: dict, params: dict, memo: "Memo | None" = None,

@@ -32,7 +32,7 @@ import numpy as np
 import polars as pl
 
 from autoexplain import files
-from autoexplain.storage import write_table
+from autoexplain.tables import write_table
 from autoexplain.view_data import js_bytes
 
 DIMS = 64

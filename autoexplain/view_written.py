@@ -21,7 +21,8 @@ from pathlib import Path
 import polars as pl
 
 from autoexplain.identity import code_identity
-from autoexplain.storage import content_key, write_table
+from autoexplain.storage import content_key
+from autoexplain.tables import write_table
 
 
 class Written:

@@ -202,7 +202,7 @@ class _Words:
 
 
 def _windows(root):
-    from autoexplain.storage import write_table
+    from autoexplain.tables import write_table
 
     rows = [{"window_id": w, "doc_id": 0, "token_ids": [1, 2, 3], "tokens": [" the", " river", f" mill{w}"]} for w in range(3)]
     return write_table(pa.Table.from_pylist(rows), root / "windows.parquet", "windows")

@@ -9,7 +9,7 @@ import polars as pl
 
 from autoexplain import pipeline
 from autoexplain.scoring import mean_ci
-from autoexplain.storage import write_table
+from autoexplain.tables import write_table
 from autoexplain.view import build_site
 from autoexplain.view_data import BASELINES, METRICS
 from tests.viewer_fixtures import reseal, synthetic_layer

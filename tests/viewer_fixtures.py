@@ -26,7 +26,8 @@ from playwright.sync_api import expect
 
 from autoexplain import pipeline
 from autoexplain.layout import input_of
-from autoexplain.storage import read_manifest, write_table
+from autoexplain.storage import read_manifest
+from autoexplain.tables import write_table
 from autoexplain.store import seal_folder
 from autoexplain.view import build_site
 from autoexplain.schemas import load_schema
