@@ -43,6 +43,16 @@ def cli_flag(name: str) -> str:
     return _FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
+def respelled(error: UserError, spell: Spelling) -> UserError:
+    """A run's error about one of its parameters ("parameter NAME: ..."), found after these checks
+    (a dask scheduler gone since), in `spell`'s words: the CLI names the flag its user typed."""
+    head, sep, rest = error.problem.partition(": ")
+    name = head.removeprefix("parameter ")
+    if not sep or flow_name(name) != head:
+        return error
+    return UserError(f"{spell(name)}: {rest}", error.fix)
+
+
 def _fail(spell: Spelling, name: str, problem: str, fix: str) -> UserError:
     return UserError(f"{spell(name)}: {problem}", fix)
 

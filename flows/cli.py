@@ -119,7 +119,7 @@ def explain_model_cmd(
                   site=site, window_len=window_len, top_k=top_k, n_random=n_random, out=out, results=results,
                   concurrency=concurrency, rpm=rpm, tpm=tpm, retries=retries, cache=cache, budget=budget, dask=dask)
     spell = lambda name: "--source" if name == "sources" else preflight.cli_flag(name)  # noqa: E731
-    run_or_exit(lambda: _run_flow("explain_model", params, lambda: model_plan.explain_model(params, spell)))
+    run_or_exit(lambda: _run_flow("explain_model", params, lambda: model_plan.explain_model(params, spell), spell=spell))
 
 
 # The options of the commands that work on a finished run.
@@ -206,11 +206,12 @@ def revise_cmd(
     run_or_exit(go)
 
 
-def _run_flow(name: str, params: dict, check, uses: dict | None = None) -> None:
+def _run_flow(name: str, params: dict, check, uses: dict | None = None, spell=preflight.cli_flag) -> None:
     """Check every parameter here (one line and exit 2 on a bad one: nothing has started), then run
     the flow with the stage bars, and print the layer's summary and where everything went. `uses`:
     the components the run uses that `params` do not name, filled by `check` (revise: the run's
-    simulator and scorers), for the simulator's warm-up and the LLM line."""
+    simulator and scorers), for the simulator's warm-up and the LLM line. `spell`: this command's
+    flags, for a parameter error the run itself finds."""
     check()
     uses = {**params, **(uses or {})}
     import importlib
@@ -226,7 +227,10 @@ def _run_flow(name: str, params: dict, check, uses: dict | None = None) -> None:
     remove = progress.listen(listener)
     try:
         with temporary_server(), bars:
-            result = flow(**params)
+            try:
+                result = flow(**params)
+            except UserError as e:
+                raise preflight.respelled(e, spell) from None
     finally:
         remove()
     from autoexplain.registry import uses_server

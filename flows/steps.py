@@ -21,6 +21,7 @@ from prefect.futures import as_completed
 from autoexplain import progress
 from autoexplain.errors import UserError
 from autoexplain.layer import dead_units, parse_units
+from autoexplain.preflight import flow_name
 from autoexplain.registry import DEFAULT_SCORER, parse_scorers, simulator_identity
 from autoexplain.remote import is_url
 from autoexplain.sources import MLP
@@ -71,8 +72,8 @@ def scale_out(dask: str | None, work: Callable[[], T]) -> T:
             try:  # connect now, before any work, not at the first shard's submit
                 runner.client  # noqa: B018
             except Exception as e:  # something answers there, but no dask scheduler (the preflight saw it listen)
-                raise UserError(f"parameter dask: no dask scheduler at {dask} ({type(e).__name__}: {str(e)[:120]})",
-                                "set dask to the scheduler's address, e.g. tcp://HOST:8786") from None
+                raise UserError(f"{flow_name('dask')}: no dask scheduler at {dask} ({type(e).__name__}: {str(e)[:120]})",
+                                "give the dask scheduler's address, e.g. tcp://HOST:8786") from None
             stack.enter_context(run.model_copy(update={"task_runner": runner}))
         return work()
 

@@ -235,6 +235,24 @@ def test_a_dask_address_where_something_else_listens_names_the_flow_parameter_be
         assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir()), "nothing recorded"
 
 
+def test_a_parameter_error_the_run_finds_after_the_cli_check_names_the_flag(prefect_results, tiny_llama_dir,
+                                                                           prose_corpus, tmp_path):
+    """What a run finds about a parameter after the command's own check passed (a dask scheduler
+    gone since: here the check is skipped, so the flow's own finds it) is said with the command's
+    flag: the CLI printed the flow's "parameter dask: ..." for it."""
+    from autoexplain.flows.cli import _run_flow
+
+    params = dict(layer=1, units="0-1", model=tiny_llama_dir, corpus=str(prose_corpus), tokens=20_000,
+                  explainer="embedding", simulator="embedding", scorers="simulation", k=2, shard_size=4, n_boot=50,
+                  window_len=8, top_k=8, n_random=6, out=str(tmp_path / "out"), results=None, concurrency=None,
+                  rpm=None, tpm=None, retries=None, cache=True, budget=None, source="mlp")
+    with not_a_scheduler() as address, pytest.raises(UserError) as caught:
+        _run_flow("explain_layer", {**params, "dask": address}, check=lambda: None)
+    line = str(caught.value)
+    assert line.startswith(f"--dask: something listens at {address}, but no dask scheduler answers"), line
+    assert "parameter dask" not in line
+
+
 def test_failed_state_message_is_the_one_line(run, prefect_results, tiny_llama_dir, prose_corpus, tmp_path):
     from autoexplain.flows.explain_layer import explain_layer
 
