@@ -3,7 +3,7 @@
 `dollars(model, prompt, cached, completion)` prices one request's tokens: `cached` of the prompt
 tokens were served from the provider's prefix cache (`usage.prompt_tokens_details.cached_tokens`)
 and are billed at the cached-input price. A model missing from the table has no known price (None),
-so a cost is never invented; local models are not priced here (they cost 0, see `llm.LocalLLM`).
+so a cost is never invented; local models are not priced here (they cost 0, see `llm_local.LocalLLM`).
 """
 
 from __future__ import annotations

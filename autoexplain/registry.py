@@ -157,7 +157,7 @@ def make_llm(spec: str | None = None, **kw):
     max_concurrency and requests_per_minute default to `llm.server_limits` (see `llm.set_limits`)."""
     p = parse_llm(spec)
     if p.kind == "local":
-        from autoexplain.llm import LocalLLM
+        from autoexplain.llm_local import LocalLLM
 
         return LocalLLM(p.model, **kw)
     from autoexplain.llm import server_limits

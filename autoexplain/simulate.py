@@ -16,7 +16,7 @@ import torch
 
 from autoexplain.components import Simulator  # noqa: F401 (the base class, also importable from here)
 from autoexplain.explain import ENDING, escape_token, prompt_hash, read_prompt
-from autoexplain.llm import LocalLLM
+from autoexplain.llm_local import LocalLLM
 from autoexplain.local_batch import PREFIX_KWARG, local_batch_size, prefix_attention, prefix_keys_values
 from autoexplain.llm import per_item_errors as _per_item_errors
 from autoexplain.records import Simulation

@@ -29,7 +29,7 @@ def stage_costs(n_units: int, k: int) -> dict:
     from autoexplain import pipeline
     from autoexplain.embedding import EmbeddingSimulator
     from autoexplain.layer import load_units
-    from autoexplain.llm import LocalLLM
+    from autoexplain.llm_local import LocalLLM
 
     subject, ref, _ = _records()
     units = load_units(ref.directory, 15, list(range(n_units)))
@@ -102,7 +102,7 @@ def planted_explainer(k: int = 2, spec: str = "local") -> dict:
     from autoexplain import scoring
     from autoexplain.embedding import EmbeddingSimulator
     from autoexplain.explain import LLMExplainer
-    from autoexplain.llm import LocalLLM
+    from autoexplain.llm_local import LocalLLM
     from autoexplain.registry import make_explainer
     from autoexplain.pipeline import shown_records
     from autoexplain.planted import corpus_windows, planted_records, planted_units

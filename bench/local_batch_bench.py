@@ -102,7 +102,7 @@ def timed(fn):
 
 def run_model(name: str, args) -> dict:
     from autoexplain import local_batch, pipeline
-    from autoexplain.llm import LocalLLM
+    from autoexplain.llm_local import LocalLLM
     from autoexplain.simulate import AllAtOnceSimulator
 
     class PerUnit(AllAtOnceSimulator):

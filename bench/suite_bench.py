@@ -207,7 +207,7 @@ def independence(subject, units, chosen, n_records: int) -> dict:
     """The default pipeline's chosen explanations (and its baselines) scored on the same test records
     by the default embedding simulator and by the all-at-once SmolLM2 simulator, which shares no
     embedder, prompt or code path with the embedding explainer."""
-    from autoexplain.llm import LocalLLM
+    from autoexplain.llm_local import LocalLLM
     from autoexplain.scoring import UndefinedMetric, correlation
     from autoexplain.simulate import AllAtOnceSimulator
 

@@ -59,7 +59,7 @@ def test_token_lookup_and_shuffle_baselines():
 
 
 def test_explain_samples_k_candidates_on_a_local_model(tiny_llama_dir):
-    from autoexplain.llm import LocalLLM
+    from autoexplain.llm_local import LocalLLM
 
     llm = LocalLLM(tiny_llama_dir)
     with llm.track() as usage:

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from autoexplain.errors import UserError
-from autoexplain.llm import LLMError, LocalLLM, OpenAILLM, TokenBucket, make_llm
+from autoexplain.llm import LLMError, OpenAILLM, TokenBucket, make_llm
+from autoexplain.llm_local import LocalLLM
 from tests.llama_server import fault_server, free_port, llama_server  # noqa: F401  (fixtures)
 
 DIGITS = [str(i) for i in range(11)]

@@ -14,7 +14,7 @@ import torch
 
 from autoexplain import pipeline
 from autoexplain.explain import as_explainer, explain_many
-from autoexplain.llm import LocalLLM
+from autoexplain.llm_local import LocalLLM
 from autoexplain.records import ActivationRecord, UnitId, UnitRecords
 from autoexplain.local_batch import _parts_flash, _parts_math
 from autoexplain.simulate import ROW_BUCKET, AllAtOnceSimulator

@@ -10,7 +10,7 @@ from autoexplain import pipeline, scoring
 from autoexplain.embedding import EmbeddingSimulator
 from autoexplain.interop import export_layer, import_explanations
 from autoexplain.layer import StageRef, load_units, run_explain, run_score, run_simulate
-from autoexplain.llm import LocalLLM
+from autoexplain.llm_local import LocalLLM
 from autoexplain.schemas.contracts import check
 
 UNITS = [0, 5]

@@ -160,7 +160,7 @@ def simulator():
 
 @pytest.fixture(scope="module")
 def local_llm(tiny_llama_dir):
-    from autoexplain.llm import LocalLLM
+    from autoexplain.llm_local import LocalLLM
 
     return LocalLLM(tiny_llama_dir)
 
