@@ -18,7 +18,8 @@ from typing import Optional
 import typer
 
 from autoexplain import defaults, preflight
-from autoexplain.cli import BUDGET, CACHE, CONCURRENCY, N_RANDOM, RETRIES, RPM, SCORERS, TOP_K, TPM, WINDOW_LEN, app
+from autoexplain.cli import app
+from autoexplain.cli_common import BUDGET, CACHE, CONCURRENCY, N_RANDOM, RETRIES, RPM, SCORERS, TOP_K, TPM, WINDOW_LEN
 from autoexplain.console import (
     budget_stopped,
     flat_command_list,
