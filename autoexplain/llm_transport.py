@@ -1,0 +1,176 @@
+"""How `OpenAILLM` sends a request: one attempt per concurrency slot, retries with jittered
+exponential backoff (honouring Retry-After) on 429, 5xx, timeouts, lost connections and malformed
+answers, the request and token rate limits, the response cache, and the accounting of each answer
+against the usage trackers and the run's budget (`llm_openai.py`'s docstring says why each is so).
+
+`Transport` is a mixin: it reads what `OpenAILLM.__init__` sets up (the openai module and client,
+the slots, the pool, the buckets, the cache, the retry settings)."""
+
+from __future__ import annotations
+
+import random
+import time
+
+from autoexplain import interrupt
+from autoexplain.budget import ledger
+from autoexplain.llm import LLMError
+from autoexplain.llm_cache import request_key
+
+
+class Malformed(Exception):
+    """An HTTP 200 whose body is not a usable answer: retried like a 5xx."""
+
+
+class Transport:
+    """The request machinery of a server LLM (see the module docstring)."""
+
+    @staticmethod
+    def _message(e) -> str:
+        body = getattr(e, "body", None)
+        err = body.get("error", body) if isinstance(body, dict) else None
+        msg = (err.get("message") or err.get("detail")) if isinstance(err, dict) else err
+        return " ".join(str(msg or getattr(e, "message", "") or type(e).__name__).split())[:300]
+
+    def _permanent(self, e, attempts: int) -> LLMError:
+        status, msg = e.status_code, self._message(e)
+        if status in (401, 403):
+            return LLMError(f"{self.base_url} refused the API key (HTTP {status}): {msg}",
+                            f"set a valid key in ${self.api_key_env}", status, attempts)
+        if status == 404:
+            return LLMError(f"{self.base_url} has no model '{self.name}' or no such endpoint (HTTP 404): {msg}",
+                            f"check the model name (GET {self.base_url}/models lists them)", status, attempts)
+        return LLMError(f"{self.base_url} rejected the request (HTTP {status}): {msg}",
+                        "check the model and the request options", status, attempts)
+
+    def _backoff(self, attempt: int, error) -> float:
+        step = min(self.backoff_cap, self.backoff_base * 2 ** (attempt - 1))
+        delay = step / 2 + random.uniform(0, step / 2)
+        response = getattr(error, "response", None)
+        try:
+            after = float(response.headers.get("retry-after")) if response is not None else 0.0
+        except (TypeError, ValueError):
+            after = 0.0
+        return max(delay, min(after, self.backoff_cap))
+
+    def _request(self, call, retries: int | None = None, check=None, estimate: tuple[int, int] = (0, 0)):
+        """Run one API call with retries on 429, 5xx, timeouts, lost connections and malformed answers
+        (`check(response)` raises Malformed for a 200 that is no usable answer). A concurrency slot is
+        held for each attempt only, never during the backoff wait. `estimate`: the request's prompt and
+        completion tokens as guessed before it is sent, held against the run's budget while it is in
+        flight (`budget`) and taken from the tokens-per-minute bucket before each attempt (`_settle`)."""
+        with ledger().hold(sum(estimate), self.dollars(*estimate)):
+            return self._attempts(call, self.max_retries if retries is None else retries, check, sum(estimate))
+
+    def _attempts(self, call, retries: int, check, tokens: int):
+        openai, attempt = self._openai, 0
+        while True:
+            attempt += 1
+            interrupt.check()  # a stopped run sends nothing more
+            if self._bucket:
+                self._bucket.acquire()
+            if self._tpm:
+                self._tpm.acquire(tokens)
+            ticket = self._slots.take()
+            try:
+                try:
+                    sent = time.monotonic()
+                    response = call()
+                    took = time.monotonic() - sent
+                except openai.APITimeoutError:
+                    self._slots.lower(ticket)  # before its slot goes back: none is sent under the old limit
+                    raise
+                finally:
+                    self._slots.give()
+                if check is not None:
+                    check(response)
+                self._slots.answered(ticket, took)
+                return response
+            except openai.APIStatusError as e:
+                if e.status_code not in self.RETRYABLE and e.status_code < 500:
+                    raise self._permanent(e, attempt) from None
+                last = e
+            except openai.APIConnectionError as e:  # APITimeoutError included (the limit is lowered above)
+                last = e
+            except (Malformed, openai.APIResponseValidationError, ValueError) as e:  # JSONDecodeError is a ValueError
+                last = e if isinstance(e, Malformed) else Malformed(f"invalid response body ({type(e).__name__}: "
+                                                                      f"{' '.join(str(e).split())[:120]})")
+            if attempt > retries:
+                break
+            interrupt.sleep(self._backoff(attempt, last))
+        if isinstance(last, Malformed):
+            err = LLMError(f"{self.base_url} answered {attempt} times without a usable reply: {last}",
+                           "check the server and the model", None, attempt)
+        elif isinstance(last, openai.APITimeoutError):
+            err = LLMError(f"requests to {self.base_url} timed out {attempt} times",
+                           "the server is overloaded or the timeout too short", None, attempt)
+        elif isinstance(last, openai.APIConnectionError):
+            err = LLMError(f"cannot reach {self.base_url}", "is the server running? Start it, or fix the URL "
+                           "after '@' in the LLM spec", None, attempt)
+        else:
+            err = LLMError(f"{self.base_url} kept failing (HTTP {last.status_code}) after {attempt} attempts: "
+                           f"{self._message(last)}", "try again later, or lower the concurrency / requests per minute",
+                           last.status_code, attempt)
+        err.transient = True  # retries exhausted: a caller may record this item as failed and go on
+        raise err from None
+
+    def _map(self, fn, items, return_errors: bool = False):
+        """fn(*item) for every item on the shared pool, results in order. With return_errors, an item
+        whose request failed for good (retries exhausted) gives its LLMError in place of a result;
+        a permanent error (a refused key, an unknown model) is raised either way."""
+        futures = [self._pool.submit(fn, *item) for item in items]
+        try:
+            out = []
+            for f in futures:
+                try:
+                    out.append(f.result())
+                except LLMError as e:
+                    if not return_errors or not e.transient:
+                        raise
+                    out.append(e)
+            return out
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+    @staticmethod
+    def _tokens(usage) -> tuple[int, int, int]:
+        """Prompt, completion and cached prompt tokens (`prompt_tokens_details.cached_tokens`, which
+        providers with a prefix cache bill at the cached-input price) of a reply's usage."""
+        if usage is None:
+            return 0, 0, 0
+        if isinstance(usage, dict):
+            details = usage.get("prompt_tokens_details") or {}
+            cached = details.get("cached_tokens") if isinstance(details, dict) else 0
+            return usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0, cached or 0
+        details = getattr(usage, "prompt_tokens_details", None)
+        return usage.prompt_tokens or 0, usage.completion_tokens or 0, getattr(details, "cached_tokens", None) or 0
+
+    def _record(self, sinks, prompt_tokens, completion_tokens, requests=1, cached_tokens=0) -> None:
+        """Count an answered request, and charge it to the run's budget."""
+        super()._record(sinks, prompt_tokens, completion_tokens, requests, cached_tokens)
+        ledger().charge(prompt_tokens + completion_tokens, self.dollars(prompt_tokens, completion_tokens, cached_tokens))
+
+    def _settle(self, estimate: int, used: int) -> None:
+        """Replace a request's estimate by the tokens the server says it used (when it says)."""
+        if self._tpm and used > 0:
+            self._tpm.settle(used - estimate)
+
+    def _key(self, endpoint: str, **request) -> str:
+        return request_key(endpoint=endpoint, model=self.name, **request)
+
+    def _cached(self, keys: list[str], sinks) -> list:
+        """The stored answers of these keys (None where there is none), counted as cache hits."""
+        got = [self.cache.get(k) for k in keys] if self.cache is not None else [None] * len(keys)
+        if hits := sum(g is not None for g in got):
+            self._record_cached(sinks, hits)
+        return got
+
+    def _answer(self, key: str, ask, decode, sinks):
+        """ask() once for a key: the cache's answer, or the answer of the same request in flight now."""
+        if self.cache is None:
+            return ask()
+        answer, reused = self.cache.answer(key, ask, decode)
+        if reused:
+            self._record_cached(sinks, 1)
+        return answer
