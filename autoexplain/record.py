@@ -340,15 +340,14 @@ def _finish_layer(layer: int, rec: _LayerRecorder, cfg: RecordConfig, reservoir_
             top_rows.extend(unit_of + a, polarity, "top", np.array(TOP_DEAL)[rank % len(TOP_DEAL)], rank, None,
                             top_ids[rank, unit_of + a], top_vals[rank, unit_of + a])
             top_acts_rows = top_acts[unit_of, rank]  # (rows, T)
-            # Each unit's quantile edges, in one call for the chunk (the same values as per unit).
-            edges = np.quantile(res_max, [q for pair in QUANTILE_BINS for q in pair], axis=0)
+            edges = selection.quantile_edges(res_max, QUANTILE_BINS)  # every unit of the chunk in one call
             for u in np.unique(unit_of + a).tolist():
                 ids_u = top_ids[valid[:, u], u]
                 exclude = {int(w) for w in ids_u}
                 randoms = selection.pick_random(reservoir_order, exclude, cfg.n_random)
                 exclude.update(randoms)
-                quants = selection.pick_quantiles(res.ids, res_max[:, u - a], QUANTILE_BINS, cfg.quantile_per_bin,
-                                                  exclude, rng, edges[:, u - a])
+                quants = selection.pick_quantiles(res.ids, res_max[:, u - a], edges[:, u - a], cfg.quantile_per_bin,
+                                                  exclude, rng)
                 bins = [b for b, _ in quants]
                 ranks = [i - bins.index(b) for i, b in enumerate(bins)]  # within its bin: bins come in order
                 wids = randoms + [w for _, w in quants]
@@ -375,10 +374,6 @@ class _Rows:
 
     def __init__(self):
         self.cols: dict[str, list] = {k: [] for k in self.NAMES}
-
-    def add(self, *values) -> None:
-        for name, value in zip(self.NAMES, values):
-            self.cols[name].append(value)
 
     def extend(self, *columns) -> None:
         """Many rows at once: each of `NAMES` as an array or a list, or one value for every row."""

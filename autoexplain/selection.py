@@ -374,22 +374,26 @@ def pick_random(reservoir_order: np.ndarray, exclude: set[int], n: int) -> list[
     return out
 
 
+def quantile_edges(window_max: np.ndarray, bins: tuple[tuple[float, float], ...]) -> np.ndarray:
+    """The quantiles of `window_max` (windows along axis 0; one unit, or a column per unit) at each
+    bin's two bounds: (2 * len(bins), ...), `pick_quantiles`' edges."""
+    return np.quantile(window_max, [q for pair in bins for q in pair], axis=0)
+
+
 def pick_quantiles(
     window_ids: np.ndarray,
     window_max: np.ndarray,
-    bins: tuple[tuple[float, float], ...],
+    edges: np.ndarray,
     per_bin: int,
     exclude: set[int],
     rng: np.random.Generator,
-    edges: np.ndarray | None = None,
 ) -> list[tuple[int, int]]:
     """Sample windows by the quantile of their max activation: [(bin index, window id), ...], bin by
-    bin. `window_ids` hold no repeats; the windows taken are added to `exclude`. `edges`: the
-    quantiles of `window_max` at the bins' bounds, where the caller computed them for many units."""
-    edges = np.quantile(window_max, [q for pair in bins for q in pair]) if edges is None else edges
+    bin, between each bin's two `edges` (`quantile_edges`). `window_ids` hold no repeats; the windows
+    taken are added to `exclude`."""
     taken = np.isin(window_ids, np.fromiter(exclude, dtype=np.int64, count=len(exclude)))
     out = []
-    for b in range(len(bins)):
+    for b in range(len(edges) // 2):
         lo, hi = edges[2 * b], edges[2 * b + 1]
         # Adjacent bins share an edge; `taken` keeps a window from being taken twice.
         at = np.flatnonzero((window_max >= lo) & (window_max <= hi) & ~taken)
