@@ -37,7 +37,8 @@ class TableWriter:
         self.schema = load_schema(schema_name)
         self._tmp = files.temporary_beside(self.path)
         self._writer = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
-        self._behind: tuple[ThreadPoolExecutor, list[Future]] = (ThreadPoolExecutor(1), [])
+        self._pool = ThreadPoolExecutor(1)
+        self._pending: Future | None = None  # the table being written
 
     def write(self, columns: dict[str, Iterable]) -> None:
         self._caught_up()
@@ -45,13 +46,12 @@ class TableWriter:
 
     def write_table(self, table: pa.Table) -> None:
         self._caught_up()
-        pool, pending = self._behind
-        pending.append(pool.submit(self._writer.write_table, table.cast(self.schema)))
+        self._pending = self._pool.submit(self._writer.write_table, table.cast(self.schema))
 
     def _caught_up(self) -> None:
-        pending = self._behind[1]
-        while pending:
-            pending.pop().result()
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def close(self) -> Path:
         """Finish the file (again: nothing more), so that a writer can close it inside its block."""
@@ -61,7 +61,7 @@ class TableWriter:
             except BaseException:
                 self.abort()
                 raise
-            self._behind[0].shutdown()
+            self._pool.shutdown()
             self._writer.close()
             self._writer = None
             os.replace(self._tmp, self.path)
@@ -69,7 +69,7 @@ class TableWriter:
 
     def abort(self) -> None:
         if self._writer is not None:
-            self._behind[0].shutdown(wait=True)  # nothing may write after the file is gone
+            self._pool.shutdown(wait=True)  # nothing may write after the file is gone
             self._writer.close()
             self._writer = None
             self._tmp.unlink(missing_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -54,7 +55,7 @@ def test_a_failed_write_behind_is_raised_and_leaves_nothing(tmp_path):
     """A real write failure (the file-size limit: a disk that fills) on the writing thread is raised
     in the caller, and neither the table nor its temporary stays."""
     path = tmp_path / "windows.parquet"
-    script = FULL_DISK.format(tests=str(__import__("pathlib").Path(__file__).parent), path=str(path))
+    script = FULL_DISK.format(tests=str(Path(__file__).parent), path=str(path))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "raised OSError" in done.stdout, done.stdout + done.stderr
