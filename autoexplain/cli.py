@@ -18,7 +18,7 @@ import typer
 from autoexplain import cli_tools, defaults, preflight
 from autoexplain.budget import set_budget
 from autoexplain.cli_common import (BUDGET, CACHE, CONCURRENCY, N_RANDOM, RETRIES, RPM, SCORERS, TOP_K, TPM, WINDOW_LEN,
-                                    parse_layers, records_layer)
+                                    records_layer)
 from autoexplain.console import err, flat_command_list, print_llm_usage, print_summary, progress_bar, run_or_exit
 from autoexplain.errors import UserError
 from autoexplain.llm import set_limits
@@ -58,6 +58,7 @@ def record(
     source: str = typer.Option("mlp", "--source", help="Whose units: 'mlp' (MLP neurons), 'sae:PATH' or 'transcoder:PATH' (a local coder folder; --layers defaults to its layer)."),
 ):
     """Record unit activations (MLP neurons, or a sparse coder's latents): top, quantile and random exemplars per unit, plus statistics."""
+    from autoexplain.model_plan import parse_layers
     from autoexplain.record import RecordConfig, build_windows, record_layers
     from autoexplain.subject import load_subject
 
@@ -68,11 +69,11 @@ def record(
         preflight.check_out(str(out), preflight.cli_flag)
         preflight.check_corpus(corpus, preflight.cli_flag)
         shape = preflight.model_shape(model, preflight.cli_flag)
-        given = parse_layers(layers, shape.n_layers) if layers is not None else None
+        given = parse_layers(layers, shape.n_layers, preflight.cli_flag) if layers is not None else None
         if given is not None and len(given) > 1 and ":" in source:
             raise UserError(f"a coder reads one layer, --layers names {len(given)}", "pass one layer, or leave --layers out")
         unit_source = preflight.check_source(source, model, given[0] if given else None, preflight.cli_flag)
-        chosen = given or ([unit_source.layer] if hasattr(unit_source, "layer") else parse_layers(None, shape.n_layers))
+        chosen = given or ([unit_source.layer] if hasattr(unit_source, "layer") else [shape.n_layers // 2])
         for L in chosen:
             preflight.check_layer(shape, L, preflight.cli_flag, "layers")
         started = time.perf_counter()

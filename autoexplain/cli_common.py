@@ -28,28 +28,6 @@ SCORERS = typer.Option("simulation", "--scorers", help="Comma list of scorers: s
                        "e.g. simulation,detection:openai:MODEL@URL,embedding.")
 
 
-def parse_layers(text: str | None, n_layers: int) -> list[int]:
-    """'15', '3,7', '10-12' or 'all'; None means the middle layer."""
-    if text is None:
-        return [n_layers // 2]
-    if text.strip() == "all":
-        return list(range(n_layers))
-    layers: list[int] = []
-    try:
-        for part in text.split(","):
-            part = part.strip()
-            if "-" in part[1:]:
-                a, b = part.split("-", 1) if not part.startswith("-") else (part, "")
-                if int(b) < int(a):
-                    raise UserError(f"--layers range '{part}' runs backwards", f"write it as {b}-{a}")
-                layers += list(range(int(a), int(b) + 1))
-            else:
-                layers.append(int(part))
-    except ValueError:
-        raise UserError(f"cannot read --layers '{text}'", "use a number, a list like 3,7, a range like 10-12, or 'all'") from None
-    return sorted(set(layers))
-
-
 def records_layer(records: Path, layer: Optional[int]) -> int:
     """The layer a stage command works on: `layer` when the records folder holds it (None: its first)."""
     from autoexplain.storage import read_manifest, require_complete

@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from autoexplain import defaults, preflight
-from autoexplain.cli_common import WINDOW_LEN, parse_layers, records_layer
+from autoexplain.cli_common import WINDOW_LEN, records_layer
 from autoexplain.console import err, progress_bar, run_or_exit
 from autoexplain.errors import UserError
 
@@ -121,11 +121,12 @@ def publish(
     license_: Optional[str] = typer.Option(None, "--license", help="The dataset's license for the card (default: cc-by-sa-3.0 for the embedded corpus; required for any other corpus)."),
 ):
     """Publish the latest runs as a dataset: parquet tables by source and layer, and a dataset card (Hugging Face format)."""
+    from autoexplain.model_plan import parse_layers
     from autoexplain.publish import TABLES
     from autoexplain.publish import publish as publish_dataset
 
     def go():
-        chosen = parse_layers(layers, 10**6) if layers not in (None, "all") else None
+        chosen = parse_layers(layers, None, preflight.cli_flag) if layers not in (None, "all") else None
         preflight.check_root(out, preflight.cli_flag)
         preflight.check_out(to, preflight.cli_flag, "to")
         to_dir = publish_dataset(out, to, chosen, license_)

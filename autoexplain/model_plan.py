@@ -24,18 +24,25 @@ class ModelPlan:
     budget: object = None
 
 
-def parse_layers(spec, n_layers: int, spell: preflight.Spelling = preflight.flow_name) -> list[int]:
-    """'3,15', '0-29', a list of ints, or None / 'all' (every layer of the model)."""
+def parse_layers(spec, n_layers: int | None, spell: preflight.Spelling = preflight.flow_name) -> list[int]:
+    """'3,15', '0-29', a list of ints, or 'all' (every layer), checked against a model of `n_layers`
+    (None: a range that no model is known for, as publish's). Callers give their own default for no
+    spec: every command that takes layers reads them here, so they all read and refuse alike."""
     if isinstance(spec, (list, tuple)):
         spec = ",".join(str(x) for x in spec)
+    if str(spec).strip() == "all" and n_layers is not None:
+        return list(range(n_layers))
     try:
         layers = parse_units(spec)
     except UserError as e:
-        raise UserError(f"{spell('layers')}: {e.problem.replace('unit', 'layer')}", e.fix) from None
-    bad = [x for x in layers if x >= n_layers]
+        raise UserError(f"{spell('layers')}: {e.problem.replace('unit', 'layer')}",
+                        e.fix.replace("0-99", "10-12")) from None
+    bad = [x for x in layers or () if n_layers is not None and x >= n_layers]
     if bad:
         raise UserError(f"{spell('layers')}: layer {bad[0]} is out of range: the model has layers 0..{n_layers - 1}",
                         f"pass layers from 0 to {n_layers - 1}, e.g. 0-{n_layers - 1}")
+    if not layers:
+        raise UserError(f"{spell('layers')}: '{spec}' names no layer", "pass a layer, a list like 3,7, a range like 10-12, or 'all'")
     return layers
 
 

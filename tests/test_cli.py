@@ -71,7 +71,7 @@ def test_record_runs_and_prints_the_output_folder(base, prose_file, tmp_path):
     "extra, needle",
     [
         (["--layers", "7"], "layer 7 is out of range"),
-        (["--layers", "x"], "cannot read --layers"),
+        (["--layers", "x"], "--layers: cannot read layers 'x'"),
         (["--corpus", "/no/such/file.txt"], "does not exist"),
         (["--tokens", "0"], "--tokens: must be at least 1"),
         (["--tokens", "10"], "--tokens: 10 tokens make 1 windows of 8, fewer than the 4 top + 4 random"),
@@ -158,3 +158,24 @@ def test_units_are_parsed_with_clear_errors():
         parse_units("x")
     with pytest.raises(UserError, match="unit 5 is out of range: the layer has units 0..3"):
         parse_units("1,5", 4)
+
+
+def test_every_command_reads_layers_one_way():
+    """record, publish and explain-model read --layers with `model_plan.parse_layers`, each with
+    its own spelling of the parameter and its own default when none is given."""
+    from autoexplain import preflight
+    from autoexplain.errors import UserError
+    from autoexplain.model_plan import parse_layers
+
+    assert parse_layers("all", 4) == [0, 1, 2, 3]
+    assert parse_layers("3, 1-2", 4) == [1, 2, 3]
+    assert parse_layers([2, 0, 2], 4) == [0, 2]
+    assert parse_layers("70", None) == [70]  # publish: no model to check the range against
+    for spec, says in (("2-1", "layers: the layer range '2-1' runs backwards"), ("4", "layers: layer 4 is out of range"),
+                       ("x", "layers: cannot read layers 'x'"), ("", "layers: '' names no layer")):
+        with pytest.raises(UserError) as e:
+            parse_layers(spec, 4)
+        assert e.value.problem.startswith("parameter " + says), e.value.problem
+        with pytest.raises(UserError) as e:
+            parse_layers(spec, 4, preflight.cli_flag)
+        assert e.value.problem.startswith("--" + says), e.value.problem

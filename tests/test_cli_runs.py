@@ -186,7 +186,7 @@ def test_stage_commands_reject_bad_input_in_one_line(home, explained, tmp_path):
     records = run["records"]["path"]
     assert "--bootstrap: must be at least 1" in _one_error_line(cli(home, "score", "--records", records, "--simulations",
                                                                      sims, "--bootstrap", "0"))
-    assert "--layers range '2-1' runs backwards" in _one_error_line(cli(home, "record", "--layers", "2-1",
+    assert "--layers: the layer range '2-1' runs backwards" in _one_error_line(cli(home, "record", "--layers", "2-1",
                                                                          "--out", str(tmp_path / "o")))
     assert not (tmp_path / "o").exists() and not (tmp_path / "export").exists()
 
