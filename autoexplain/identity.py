@@ -10,10 +10,14 @@ analysis (`ast`, nothing is imported) follows what the entry refers to:
 - a project module used as a value, a name that module does not define at its top level (a
   re-export), or `import autoexplain.x` inside a function: the whole module.
 
-Every module reached is hashed whole (its full source), together with its packages' `__init__`
-files, and so are the references of its top-level statements that are not definitions (they run on
-import). So an edit anywhere in a module the stage reaches changes the key; an edit to a module it
-only reaches through a name it never uses (layer.py imports every stage's functions) does not.
+Every module reached is hashed whole, together with its packages' `__init__` files, and so are the
+references of its top-level statements that are not definitions (they run on import). So an edit of
+the code anywhere in a module the stage reaches changes the key; an edit to a module it only reaches
+through a name it never uses (layer.py imports every stage's functions) does not. What is hashed is
+the module's syntax tree without its docstrings and positions, not its bytes: a comment, a docstring,
+blank lines or a line wrapped differently compute the same thing, so they keep every stage's
+finished outputs (a stage reruns for minutes to hours). The tree's dump is Python's own; the project
+runs on one Python minor version (pyproject's requires-python), so it is the same on every machine.
 
 Per process, each file is parsed once until its size or mtime changes, and an identity is
 recomputed only when a file it read (or a package folder) changed.
@@ -45,9 +49,8 @@ class _Module:
 
     def __init__(self, name: str, path: Path, root: Path):
         self.name, self.path = name, path
-        source = path.read_bytes()
-        self.digest = hashlib.sha256(source).hexdigest()
-        tree = ast.parse(source, str(path))
+        tree = ast.parse(path.read_bytes(), str(path))
+        self.digest = hashlib.sha256(_code_form(tree).encode()).hexdigest()
         self.is_package = path.name == "__init__.py"
         self.imports: dict[str, tuple[str, str]] = {}  # top-level name -> (module, symbol or WHOLE)
         self.defs: dict[str, list[ast.AST]] = {}  # top-level name -> its defining statements
@@ -97,6 +100,19 @@ class _Module:
                 out = {(self.name, WHOLE)}
             self._refs[symbol] = out
         return self._refs[symbol]
+
+
+def _code_form(tree: ast.Module) -> str:
+    """The module's code as text that comments, docstrings and layout do not change: the dump of its
+    tree without positions, after the docstrings of the module, its classes and its functions are
+    dropped from the tree (in place: nothing in the analysis reads them, and nothing in the project
+    reads a docstring to compute an output)."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                del node.body[0]
+    return ast.dump(tree, include_attributes=False)
 
 
 def _module_path(name: str, root: Path) -> Path | None:

@@ -1,8 +1,9 @@
 """A stage's code identity is derived from the project source it reaches, never listed by hand.
 
 Each test works on a copy of the project packages (`root=`), edits one file and checks whether a
-stage's identity moved: an edit to a module the stage reaches (directly or further down) must move
-it; an edit to one it does not reach must not.
+stage's identity moved: an edit of the code of a module the stage reaches (directly or further down)
+must move it; an edit to one it does not reach must not, and neither must an edit that changes no
+code (comments, docstrings, layout).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def copy(tmp_path) -> Path:
     return tmp_path
 
 
-def edit(root: Path, module: str, text: str = "\n# an edit\n") -> None:
+def edit(root: Path, module: str, text: str = "\n_AN_EDIT = 1\n") -> None:
     path = identity._module_path(module, root)
     path.write_text(path.read_text() + text)
 
@@ -143,3 +144,29 @@ def test_task_keys_use_the_same_identity(copy, monkeypatch):
     from autoexplain.store import stage_key
 
     assert after == "score-" + stage_key({"params": params, "prompts": ""}, layer.run_score), "one key function"
+
+
+def test_edits_that_change_no_code_keep_the_identity(copy):
+    """Comments, docstrings, blank lines and re-wrapped lines keep the key (and so every finished
+    output); a change of any value, a string included, moves it."""
+    entry, path = STAGES["records"], identity._module_path("autoexplain.selection", copy)
+    original = path.read_text()
+    before = code_identity(entry, root=copy)
+    head, _, rest = original.partition('"""')
+    doc, _, body = rest.partition('"""')
+    assert head == "" and doc, "selection.py opens with its docstring"
+    neutral = ['"""A new module docstring."""' + body + "\n\n# a comment\n",
+               original.replace("\ndef ", "\n\n# a comment above a function\ndef ", 1),
+               original.replace(":\n        \"\"\"", ":\n        \"\"\"Edited. ", 1),
+               original.replace("(", "(\n    ", 1)]
+    for text in neutral:
+        assert text != original
+        path.write_text(text)
+        assert code_identity(entry, root=copy) == before, text[:200]
+    # A bare string that is not a body's first statement is not a docstring; a constant is code.
+    for text in (original + '\n"""not a docstring"""\n', original.replace("self.n = 0", "self.n = 1", 1)):
+        assert text != original
+        path.write_text(text)
+        assert code_identity(entry, root=copy) != before
+    path.write_text(original)
+    assert code_identity(entry, root=copy) == before
