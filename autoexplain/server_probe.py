@@ -7,6 +7,7 @@ stops the run before any recording, with one line.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import socket
 import urllib.error
@@ -135,3 +136,39 @@ def _ask_scheduler(url: str, address: str, timeout: float) -> None:
     kind = reply.get("type") if isinstance(reply, dict) else None
     if kind != "Scheduler":
         raise UserError(f"{address} is a dask {kind or 'server'}, not a scheduler", fix)
+
+
+def _addresses(host: str) -> set[str] | None:
+    """The IP addresses `host` (a name or an address) stands for here; None when it resolves to none."""
+    try:
+        return {info[4][0].split("%")[0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return None
+
+
+def _is_loopback(host: str) -> bool:
+    found = _addresses(host)
+    return bool(found) and all(ipaddress.ip_address(a).is_loopback for a in found)
+
+
+def check_workers_reach(worker_hosts, api_url: str) -> None:
+    """Dask workers report their task runs to the Prefect API whose URL the flow gives them. One on
+    another machine cannot reach an API on this machine's loopback (Prefect's temporary server always
+    is), and its tasks would fail only once the run reached them, after the recording: say so now.
+    A worker host that does not resolve here is let through (nothing proves it remote)."""
+    import psutil
+
+    from urllib.parse import urlsplit
+
+    if not _is_loopback(urlsplit(api_url).hostname or ""):
+        return
+    here = {a.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs
+            if a.family in (socket.AF_INET, socket.AF_INET6)}
+    away = sorted(h for h in set(worker_hosts) - {None}
+                  if (found := _addresses(h)) and not any(ipaddress.ip_address(a).is_loopback or a in here for a in found))
+    if away:
+        named = ", ".join(away[:3]) + (f" and {len(away) - 3} more" if len(away) > 3 else "")
+        raise UserError(f"the scheduler's workers at {named} run on other machines, and this run's Prefect API "
+                        f"({api_url}) is on this machine's loopback, where they cannot report their tasks",
+                        "start a Prefect server they can reach (`prefect server start --host 0.0.0.0`) and set "
+                        "PREFECT_API_URL to its address on your network, e.g. http://10.0.0.5:4200/api")

@@ -24,6 +24,7 @@ from autoexplain.layer import dead_units, parse_units
 from autoexplain.preflight import flow_name
 from autoexplain.registry import DEFAULT_SCORER, parse_scorers, simulator_identity
 from autoexplain.remote import is_url
+from autoexplain.server_probe import check_workers_reach
 from autoexplain.sources import MLP
 from autoexplain.storage import layer_name, local_ref, open_root, unanswered, write_run
 from autoexplain.tasks.classify import agreement_task, classify_task, negatives_task, scores_task
@@ -57,7 +58,8 @@ def scale_out(dask: str | None, work: Callable[[], T]) -> T:
     flow's own task runner), and wherever they run they report to this flow run's Prefect API. A
     task on a dask worker talks to the API named in the flow's settings; with none there (Prefect's
     temporary server, found by the flow's client), every worker process would start a temporary
-    server of its own and record its task runs there."""
+    server of its own and record its task runs there. Workers on other machines with an API on this
+    machine's loopback stop the run here, before any work (`server_probe.check_workers_reach`)."""
     from prefect.context import FlowRunContext
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -74,6 +76,11 @@ def scale_out(dask: str | None, work: Callable[[], T]) -> T:
             except Exception as e:  # something answers there, but no dask scheduler (the preflight saw it listen)
                 raise UserError(f"{flow_name('dask')}: no dask scheduler at {dask} ({type(e).__name__}: {str(e)[:120]})",
                                 "give the dask scheduler's address, e.g. tcp://HOST:8786") from None
+            try:
+                check_workers_reach([w.get("host") for w in runner.client.scheduler_info()["workers"].values()],
+                                    PREFECT_API_URL.value())
+            except UserError as e:
+                raise UserError(f"{flow_name('dask')}: {e.problem}", e.fix) from None
             stack.enter_context(run.model_copy(update={"task_runner": runner}))
         return work()
 

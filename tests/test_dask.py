@@ -141,3 +141,84 @@ def test_dask_workers_report_to_the_commands_prefect_server(cluster, tiny_llama_
     assert result.returncode == 0, result.stderr[-4000:]
     assert len(stream.data) >= 9, "the 3 shards' explain, simulate and score tasks ran on the workers"
     assert sum(client.run(_prefect_servers).values()) == 0, "no worker started a Prefect server"
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture
+def foreign_worker():
+    """A real `dask scheduler` on loopback and a real `dask worker` that tells it it lives at
+    192.0.2.10 (TEST-NET-1: never this machine) while it listens here: to the flow, a worker on
+    another machine."""
+    import socket
+    import time
+
+    from distributed import Client
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    dask = [sys.executable, "-m", "distributed.cli.dask_scheduler"], [sys.executable, "-m", "distributed.cli.dask_worker"]
+    scheduler = subprocess.Popen([*dask[0], "--host", "127.0.0.1", "--port", str(ports[0]), "--no-dashboard"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = None
+    try:
+        deadline = time.monotonic() + 60
+        while not _listening(ports[0]):
+            assert scheduler.poll() is None and time.monotonic() < deadline, "the scheduler did not start"
+            time.sleep(0.2)
+        address = f"tcp://127.0.0.1:{ports[0]}"
+        worker = subprocess.Popen([*dask[1], address, "--listen-address", f"tcp://127.0.0.1:{ports[1]}",
+                                   "--contact-address", f"tcp://192.0.2.10:{ports[1]}", "--nthreads", "1",
+                                   "--no-nanny", "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with Client(address) as client:
+            client.wait_for_workers(1, timeout=60)
+            assert {w["host"] for w in client.scheduler_info()["workers"].values()} == {"192.0.2.10"}
+        yield address
+    finally:
+        for p in (worker, scheduler):
+            if p is not None:
+                p.terminate()
+                p.wait(30)
+
+
+def test_workers_on_other_machines_need_a_prefect_api_they_can_reach(foreign_worker, tiny_llama_dir, prose_corpus,
+                                                                      tmp_path):
+    """With Prefect's temporary server (on this machine's loopback) and a worker elsewhere, the run
+    stops with one line before any work: before, the worker's tasks would have failed once the run
+    reached them, after the recording."""
+    from autoexplain.preflight import cli_flag
+    from tests.test_cli import _one_error_line
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILE")}
+    env.update(HF_HUB_OFFLINE="1", PREFECT_HOME=str(tmp_path / "home"))
+    params = {**_params(tiny_llama_dir, prose_corpus, tmp_path / "out"), "explainer": "embedding"}
+    args = [a for k, v in params.items() for a in (cli_flag(k), str(v))]
+    result = subprocess.run([sys.executable, "-m", "autoexplain.flows.cli", "explain-layer", *args, "--dask", foreign_worker],
+                            capture_output=True, text=True, env=env)
+    line = _one_error_line(result)
+    assert line.startswith("error: --dask: the scheduler's workers at 192.0.2.10 run on other machines"), line
+    assert "PREFECT_API_URL" in line
+    assert not (tmp_path / "out" / "records").exists(), "nothing was recorded"
+
+
+def test_which_workers_count_as_elsewhere():
+    import psutil
+
+    from autoexplain.errors import UserError
+    from autoexplain.server_probe import check_workers_reach
+
+    mine = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs if a.family == 2]  # AF_INET
+    here = ["127.0.0.1", "localhost", "::1", *mine, "no-such-host.invalid", None]
+    check_workers_reach(here, "http://127.0.0.1:4200/api")  # all on this machine, or unknown
+    check_workers_reach(["192.0.2.10"], "http://192.0.2.1:4200/api")  # an API on the network
+    for api in ("http://127.0.0.1:4200/api", "http://localhost:4200/api"):
+        with pytest.raises(UserError, match=r"workers at 192\.0\.2\.10, 198\.51\.100\.7 run on other machines"):
+            check_workers_reach([*here, "198.51.100.7", "192.0.2.10"], api)
