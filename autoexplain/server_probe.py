@@ -93,8 +93,9 @@ DASK_SCHEMES = ("tcp", "tls", "ws", "wss")  # the dask comm protocols that reach
 
 
 def probe_scheduler(address: str, timeout: float = 3.0) -> None:
-    """One TCP connection to a dask scheduler's address ('tcp://HOST:PORT', or 'HOST:PORT'), no
-    retries: an address where nothing listens is one line now, not a 30 s wait after the recording."""
+    """One TCP connection to a dask scheduler's address ('tcp://HOST:PORT', or 'HOST:PORT'; also
+    tls, ws and wss), then one `identity` call, no retries: an address where nothing listens, or
+    something that is no scheduler, is one line now, not a 30 s wait after the recording."""
     from urllib.parse import urlsplit
 
     url = urlsplit(address if "://" in address else f"tcp://{address}")
@@ -109,11 +110,23 @@ def probe_scheduler(address: str, timeout: float = 3.0) -> None:
     except OSError as e:
         raise UserError(f"no dask scheduler answers at {address} ({e.strerror or e})",
                         "start the scheduler (`dask scheduler`), or fix the address") from None
-    if url.scheme == "tcp":  # tls and wss need the cluster's certificates to say more
-        _ask_scheduler(f"tcp://{host}:{port}", address, timeout)
+    _ask_scheduler(f"{url.scheme}://{host}:{port}", address, timeout, _connection_args(url.scheme, address))
 
 
-def _ask_scheduler(url: str, address: str, timeout: float) -> None:
+def _connection_args(scheme: str, address: str) -> dict:
+    """What a dask client of this process connects with: for tls and wss, the certificates that
+    dask's configuration names (`distributed.comm.tls.*`), which prefect-dask's client takes too."""
+    from distributed.security import Security
+
+    args = Security().get_connection_args("client")
+    if scheme in ("tls", "wss") and args.get("ssl_context") is None:
+        raise UserError(f"{address} needs TLS, and dask's configuration names no certificates to connect with",
+                        "set distributed.comm.tls.ca-file, .client.cert and .client.key in dask's configuration "
+                        "(or DASK_DISTRIBUTED__COMM__TLS__CA_FILE and the like), as the cluster's clients have them")
+    return args
+
+
+def _ask_scheduler(url: str, address: str, timeout: float, connection_args: dict) -> None:
     """Ask what answers there (dask's `identity` call): something that listens but is no dask
     scheduler (a web server, a dask worker) would leave prefect-dask waiting 30 s or more."""
     import asyncio
@@ -122,7 +135,7 @@ def _ask_scheduler(url: str, address: str, timeout: float) -> None:
     from distributed.core import rpc
 
     async def identity():
-        async with rpc(url, timeout=timeout) as scheduler:
+        async with rpc(url, timeout=timeout, connection_args=connection_args) as scheduler:
             return await asyncio.wait_for(scheduler.identity(), timeout)
 
     fix = "give the scheduler's address (`dask scheduler` prints it), e.g. tcp://10.0.0.5:8786"
