@@ -40,7 +40,8 @@ from autoexplain.flows.steps import (agreement, finish_layer, finished, gather, 
 from autoexplain.schemas.contracts import ContractViolation
 from autoexplain.tasks.compare import compare_task
 from autoexplain.tasks.report import budget_stop, publish, publish_recording, report_task, view_task
-from autoexplain.tasks.stages import record_task, revise_task, score_task, simulate_task, with_results
+from autoexplain.tasks.caching import with_results
+from autoexplain.tasks.stages import record_task, revise_task, score_task, simulate_task
 
 
 def out_path(out: str) -> str:

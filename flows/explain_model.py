@@ -24,7 +24,8 @@ from autoexplain.storage import local_ref
 from autoexplain.flows.explain_layer import checked, out_path
 from autoexplain.flows.steps import finish_layer, finished, gather, scale_out, submit_layer
 from autoexplain.tasks.report import model_report_task, publish_recording, view_task
-from autoexplain.tasks.stages import record_sources_task, with_results
+from autoexplain.tasks.caching import with_results
+from autoexplain.tasks.stages import record_sources_task
 
 
 @flow(name="explain-model", validate_parameters=True)

@@ -29,7 +29,8 @@ from autoexplain.sources import MLP
 from autoexplain.storage import layer_name, local_ref, open_root, unanswered, write_run
 from autoexplain.tasks.classify import agreement_task, classify_task, negatives_task, scores_task
 from autoexplain.tasks.report import publish, report_task
-from autoexplain.tasks.stages import explain_task, revise_task, score_task, simulate_task, with_results
+from autoexplain.tasks.caching import with_results
+from autoexplain.tasks.stages import explain_task, revise_task, score_task, simulate_task
 
 T = TypeVar("T")
 

@@ -17,7 +17,8 @@ from prefect.artifacts import create_markdown_artifact
 from autoexplain import classify_stage, registry
 from autoexplain.layer import StageRef
 from autoexplain.storage import local_ref, open_root
-from autoexplain.tasks.stages import RETRY, cache_key, one_at_a_time, one_line_failures, ref, stage_progress
+from autoexplain.tasks.caching import RETRY, cache_key
+from autoexplain.tasks.stages import one_at_a_time, one_line_failures, ref, stage_progress
 
 
 @lru_cache(maxsize=8)

@@ -1,10 +1,10 @@
 """Prefect tasks: one per stage per shard of units, each a thin wrapper over `autoexplain`.
 
 What the wrappers add:
-- caching by content: the cache key hashes the task's parameters (which carry the upstream
-  outputs' content hashes, never tensors), the code identity of the library functions the stage
-  runs (`autoexplain.identity`, the same as in the library's own keys), and the prompt files it
-  reads. Prefect's TASK_SOURCE would hash only this wrapper's source;
+- caching by content (`tasks.caching`): the cache key hashes the task's parameters (which carry
+  the upstream outputs' content hashes, never tensors), the code identity of the library functions
+  the stage runs (`autoexplain.identity`, the same as in the library's own keys), and the prompt
+  files it reads. Prefect's TASK_SOURCE would hash only this wrapper's source;
 - retries with exponential backoff and jitter for transient failures; bad input (`UserError`) and
   contract violations fail at once;
 - a data contract (a Great Expectations suite from `schemas/`; a passing table is certified in
@@ -31,7 +31,6 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.states import Failed
-from prefect.tasks import exponential_backoff
 
 from autoexplain import interrupt
 from autoexplain import layer as layer_mod
@@ -44,77 +43,9 @@ from autoexplain.registry import explainer_prompt, simulator_identity
 from autoexplain.record import RecordConfig, build_windows, record_sources
 from autoexplain.source_coder import open_unit_source
 from autoexplain.sources import MLP
-from autoexplain.storage import content_key, is_complete, local_ref, open_root, read_manifest, unanswered
-from autoexplain.store import stage_key
+from autoexplain.storage import local_ref, open_root
 from autoexplain.schemas.contracts import ContractViolation
-
-
-def _transient(task_, task_run, state) -> bool:
-    """Retry everything except mistakes that a retry cannot fix."""
-    try:
-        state.result()
-    except (UserError, ContractViolation):
-        return False
-    except Exception:
-        return True
-    return False
-
-
-RETRY = dict(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5,
-             retry_condition_fn=_transient, persist_result=True)
-
-
-def _key(stage: str, entries: tuple, prompts: str = ""):
-    """The task's cache key (with the code identity of `entries`, the library functions the task
-    runs), or None (run the task, whose stage finds or rebuilds its output) when
-    the result cached under that key names an output that is gone, unfinished or damaged: the
-    store is the truth, and a cache must never answer with a folder that is not there."""
-
-    def cache_key(context, parameters) -> str | None:
-        # The store's key function: a task's result is keyed as a stage output is, its parameters
-        # (which carry the inputs' keys) with the code identity of what it runs.
-        key = f"{stage}-" + stage_key({"params": {k: _by_uri(v) for k, v in parameters.items()},
-                                       "prompts": prompts(parameters) if callable(prompts) else prompts}, *entries)
-        return key if _cached_output_is_whole(context, key) else None
-
-    return cache_key
-
-
-def _by_uri(value):
-    """A task parameter as its cache key takes it: an upstream reference by its URI alone, not by
-    where this machine keeps the folder (under a URL root, a mirror whose path differs between
-    machines and users; `local_ref` finds or pulls it from the URI)."""
-    if isinstance(value, list):
-        return [_by_uri(v) for v in value]
-    if isinstance(value, dict) and "uri" in value:
-        return {k: v for k, v in value.items() if k not in ("path", "windows")}
-    return value
-
-
-def _cached_output_is_whole(context, key: str) -> bool:
-    store = getattr(context, "result_store", None)
-    try:
-        if store is None or not store.exists(key):
-            return True  # nothing cached: the key is safe to use
-        output = store.read(key).result
-    except Exception:  # noqa: BLE001 - an unreadable record is as good as none
-        return False
-    return output_is_whole(output)
-
-
-def output_is_whole(output: dict | list) -> bool:
-    """Whether a task reference (or each of a list of them) still names a finished, undamaged
-    output here or at its URL (records with their windows)."""
-    if isinstance(output, list):
-        return all(output_is_whole(o) for o in output)
-    try:
-        local = local_ref(output)
-        path = Path(local["path"])
-        if "layers" in output:
-            return is_complete(path) and is_complete(Path(local["windows"]).parent)
-        return is_complete(path.parent) and path.is_file() and not unanswered(path.parent)
-    except (UserError, OSError, KeyError, TypeError):
-        return False
+from autoexplain.tasks.caching import RETRY, cache_key
 
 
 def _progress(stage: str, key: str):
@@ -140,33 +71,6 @@ def _shard(records: dict, layer: int, units: list[int]) -> str:
 def ref(stage_ref) -> dict:
     path = Path(stage_ref.path if hasattr(stage_ref, "path") else stage_ref.directory).resolve()
     return {"uri": remote.uri(path.parent), "path": str(path), "key": stage_ref.key, "layer": stage_ref.layer}
-
-
-def result_storage(where: str):
-    """Prefect result storage on a folder or an fsspec URL. Prefect takes a folder as a Path, and
-    other storage only as a block saved on its server (it refuses unsaved blocks, and file:// URLs
-    in a RemoteFileSystem): one `remote-file-system/autoexplain-results-<hash>` per URL."""
-    from prefect.filesystems import RemoteFileSystem
-
-    if not remote.is_url(where):
-        return Path(where).expanduser().resolve()
-    _, path = remote.check(where)
-    if where.startswith("file://"):
-        return Path(path)
-    try:
-        block = RemoteFileSystem(basepath=where)
-    except ValueError as e:
-        raise UserError(f"cannot keep Prefect results at {where}: {e}", "pass a URL like s3://bucket/results") from None
-    block.save(f"autoexplain-results-{content_key(where, 12)}", overwrite=True)
-    return block
-
-
-def with_results(where: str | None, *tasks):
-    """The tasks, persisting their results at `where` (a folder or URL) when one is given."""
-    if not where:
-        return tasks
-    storage = result_storage(where)
-    return tuple(t.with_options(result_storage=storage) for t in tasks)
 
 
 # One lock for every model in the process, taken to load one and to call one. Prefect's default
@@ -324,7 +228,7 @@ def warm_up(simulator: str | None = None) -> threading.Thread:
     return thread
 
 
-@task(name="record", cache_key_fn=_key("record", (build_windows, record_sources, open_unit_source)), **RETRY)
+@task(name="record", cache_key_fn=cache_key("record", (build_windows, record_sources, open_unit_source)), **RETRY)
 @_one_line_failures
 def record_task(model: str, corpus: str, layers: list[int], tokens: int, out: str, window_len: int = 64,
                 top_k: int = 40, n_random: int = 30, seed: int = 0, source: str = "mlp",
@@ -334,7 +238,7 @@ def record_task(model: str, corpus: str, layers: list[int], tokens: int, out: st
     return _record(model, corpus, [(source, layers)], tokens, out, window_len, top_k, n_random, seed)[0]
 
 
-@task(name="record-sources", cache_key_fn=_key("record", (build_windows, record_sources, open_unit_source)), **RETRY)
+@task(name="record-sources", cache_key_fn=cache_key("record", (build_windows, record_sources, open_unit_source)), **RETRY)
 @_one_line_failures
 def record_sources_task(model: str, corpus: str, sources: list[tuple[str, list[int], str]], tokens: int, out: str,
                         window_len: int = 64, top_k: int = 40, n_random: int = 30, seed: int = 0) -> list[dict]:
@@ -363,7 +267,7 @@ def _record(model: str, corpus: str, sources: list[tuple[str, list[int]]], token
             for (unit_source, _cfg), records in zip(plans, recorded)]
 
 
-@task(name="explain", cache_key_fn=_key("explain", (layer_mod.run_explain,), lambda p: explainer_prompt(p["explainer"])),
+@task(name="explain", cache_key_fn=cache_key("explain", (layer_mod.run_explain,), lambda p: explainer_prompt(p["explainer"])),
       **RETRY)
 @_one_line_failures
 @_one_at_a_time
@@ -377,7 +281,7 @@ def explain_task(records: dict, layer: int, units: list[int], explainer: str, k:
     return ref(result)
 
 
-@task(name="revise", cache_key_fn=_key("revise", (layer_mod.run_revise,)), **RETRY)
+@task(name="revise", cache_key_fn=cache_key("revise", (layer_mod.run_revise,)), **RETRY)
 @_one_line_failures
 def revise_task(explanations: dict, revisions: dict[str, str], out: str = "out") -> dict:
     from autoexplain.preflight import check_revisions
@@ -388,7 +292,7 @@ def revise_task(explanations: dict, revisions: dict[str, str], out: str = "out")
     return ref(result)
 
 
-@task(name="simulate", cache_key_fn=_key("simulate", (layer_mod.run_simulate,), ""), **RETRY)
+@task(name="simulate", cache_key_fn=cache_key("simulate", (layer_mod.run_simulate,), ""), **RETRY)
 @_one_line_failures
 @_one_at_a_time_unless_server
 def simulate_task(records: dict, explanations: dict, simulator: str, simulator_id: str, out: str = "out") -> dict:
@@ -430,7 +334,7 @@ def _score(*args, here: bool = False):
     return result
 
 
-@task(name="score", cache_key_fn=_key("score", (layer_mod.run_score,)), **RETRY)
+@task(name="score", cache_key_fn=cache_key("score", (layer_mod.run_score,)), **RETRY)
 @_one_line_failures
 def score_task(records: dict, simulations: dict, n_boot: int = 1000, out: str = "out") -> dict:
     log = get_run_logger()
@@ -442,6 +346,6 @@ def score_task(records: dict, simulations: dict, n_boot: int = 1000, out: str = 
     return ref(result)
 
 
-# For the tasks of other modules (`tasks.classify`): the same cache keys, failure handling, locking
-# and progress as these.
-cache_key, one_line_failures, one_at_a_time, stage_progress = _key, _one_line_failures, _one_at_a_time, _progress
+# For the tasks of other modules (`tasks.classify`): the same failure handling, locking and progress
+# as these.
+one_line_failures, one_at_a_time, stage_progress = _one_line_failures, _one_at_a_time, _progress

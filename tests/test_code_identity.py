@@ -128,10 +128,10 @@ def test_task_keys_use_the_same_identity(copy, monkeypatch):
     """Prefect's cache_key_fn hashes `code_identity` of the stage's own function: an edit that moves
     the library's identity moves the task's key. It is the store's key function (`store.stage_key`)."""
     pytest.importorskip("prefect")
-    from autoexplain.tasks import stages
+    from autoexplain.tasks import caching
 
     monkeypatch.setattr(identity, "ROOT", copy)
-    key_fn = stages._key("score", (layer.run_score,))
+    key_fn = caching.cache_key("score", (layer.run_score,))
     params = {"records": {"key": "r"}, "simulations": {"key": "s"}}
     before = key_fn(None, params)
     assert before == key_fn(None, params)

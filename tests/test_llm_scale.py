@@ -175,7 +175,7 @@ def test_unanswered_requests_are_asked_again_by_the_next_run(fault_server, bench
     final; a Prefect cache entry naming the unfinished folder is not used."""
     from autoexplain.layer import run_explain, run_score, run_simulate
     from autoexplain.storage import read_manifest, unanswered
-    from autoexplain.tasks.stages import output_is_whole
+    from autoexplain.tasks.caching import output_is_whole
 
     records_dir, _ = tiny_records
     out = tmp_path / "out"

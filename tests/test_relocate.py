@@ -142,7 +142,7 @@ def test_a_cached_reference_to_the_old_place_is_made_again_not_a_crash(moved):
     sealed output where the root is now), and read as an input it is one line."""
     from autoexplain.errors import UserError
     from autoexplain.storage import local_ref
-    from autoexplain.tasks.stages import output_is_whole
+    from autoexplain.tasks.caching import output_is_whole
 
     a, b, _ = moved
     run = read_run(b, 1)
@@ -158,7 +158,7 @@ def test_a_tasks_cache_key_takes_an_input_by_its_uri_not_by_this_machines_copy()
     """Under a URL root each machine keeps its outputs in its own mirror folder: two machines (or
     users) sharing Prefect's results (`--results URL`) give a task the same key for the same input."""
     from autoexplain.layer import run_explain
-    from autoexplain.tasks.stages import cache_key
+    from autoexplain.tasks.caching import cache_key
 
     key = cache_key("explain", (run_explain,))
 
