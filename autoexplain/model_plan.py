@@ -37,12 +37,12 @@ def parse_layers(spec, n_layers: int | None, spell: preflight.Spelling = preflig
     except UserError as e:
         raise UserError(f"{spell('layers')}: {e.problem.replace('unit', 'layer')}",
                         e.fix.replace("0-99", "10-12")) from None
-    bad = [x for x in layers or () if n_layers is not None and x >= n_layers]
+    if not layers:
+        raise UserError(f"{spell('layers')}: '{spec}' names no layer", "pass a layer, a list like 3,7, a range like 10-12, or 'all'")
+    bad = [x for x in layers if n_layers is not None and x >= n_layers]
     if bad:
         raise UserError(f"{spell('layers')}: layer {bad[0]} is out of range: the model has layers 0..{n_layers - 1}",
                         f"pass layers from 0 to {n_layers - 1}, e.g. 0-{n_layers - 1}")
-    if not layers:
-        raise UserError(f"{spell('layers')}: '{spec}' names no layer", "pass a layer, a list like 3,7, a range like 10-12, or 'all'")
     return layers
 
 

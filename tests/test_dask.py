@@ -143,50 +143,29 @@ def test_dask_workers_report_to_the_commands_prefect_server(cluster, tiny_llama_
     assert sum(client.run(_prefect_servers).values()) == 0, "no worker started a Prefect server"
 
 
-def _listening(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 @pytest.fixture
 def foreign_worker():
     """A real `dask scheduler` on loopback and a real `dask worker` that tells it it lives at
     192.0.2.10 (TEST-NET-1: never this machine) while it listens here: to the flow, a worker on
     another machine."""
-    import socket
-    import time
-
     from distributed import Client
 
-    ports = []
-    for _ in range(2):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
-    dask = [sys.executable, "-m", "distributed.cli.dask_scheduler"], [sys.executable, "-m", "distributed.cli.dask_worker"]
-    scheduler = subprocess.Popen([*dask[0], "--host", "127.0.0.1", "--port", str(ports[0]), "--no-dashboard"],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    worker = None
-    try:
-        deadline = time.monotonic() + 60
-        while not _listening(ports[0]):
-            assert scheduler.poll() is None and time.monotonic() < deadline, "the scheduler did not start"
-            time.sleep(0.2)
-        address = f"tcp://127.0.0.1:{ports[0]}"
-        worker = subprocess.Popen([*dask[1], address, "--listen-address", f"tcp://127.0.0.1:{ports[1]}",
-                                   "--contact-address", f"tcp://192.0.2.10:{ports[1]}", "--nthreads", "1",
-                                   "--no-nanny", "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        with Client(address) as client:
-            client.wait_for_workers(1, timeout=60)
-            assert {w["host"] for w in client.scheduler_info()["workers"].values()} == {"192.0.2.10"}
-        yield address
-    finally:
-        for p in (worker, scheduler):
-            if p is not None:
-                p.terminate()
-                p.wait(30)
+    from tests.test_dask_probe import free_port, scheduler
+
+    with scheduler("tcp") as address:
+        port = free_port()
+        worker = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--listen-address",
+                                   f"tcp://127.0.0.1:{port}", "--contact-address", f"tcp://192.0.2.10:{port}",
+                                   "--nthreads", "1", "--no-nanny", "--no-dashboard"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            with Client(address) as client:
+                client.wait_for_workers(1, timeout=60)
+                assert {w["host"] for w in client.scheduler_info()["workers"].values()} == {"192.0.2.10"}
+            yield address
+        finally:
+            worker.terminate()
+            worker.wait(30)
 
 
 def test_workers_on_other_machines_need_a_prefect_api_they_can_reach(foreign_worker, tiny_llama_dir, prose_corpus,

@@ -44,18 +44,27 @@ def certificate(tmp_path_factory) -> tuple[str, str]:
     return str(folder / "cert.pem"), str(folder / "key.pem")
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 @contextmanager
 def scheduler(protocol: str, *options: str):
     """A real `dask scheduler` on loopback speaking `protocol`; yields its address."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--protocol", protocol,
                              "--host", "127.0.0.1", "--port", str(port), "--no-dashboard", *options],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
-        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+        while not _listening(port):
             assert proc.poll() is None and time.monotonic() < deadline, f"the {protocol} scheduler did not start"
             time.sleep(0.2)
         yield f"{protocol}://127.0.0.1:{port}"
