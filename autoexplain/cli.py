@@ -112,7 +112,8 @@ def explain(
     out: Path = typer.Option(Path("out"), "--out", "-o"),
 ):
     """Sample k candidate explanations per unit from its train records, plus the token-lookup baseline."""
-    from autoexplain.layer import parse_units, recorded_units, run_explain
+    from autoexplain.indices import parse_units
+    from autoexplain.layer import recorded_units, run_explain
     from autoexplain.pipeline import ExplainConfig
 
     def go():

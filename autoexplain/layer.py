@@ -62,26 +62,6 @@ class StageRef:
         return cls(directory, m["key"], m["params"]["layer"])
 
 
-def parse_units(spec: str | None, n_units: int | None = None) -> list[int] | None:
-    """'0-99', '3,7,9' or 'all'/None (every unit: None when the layer size is not known)."""
-    if spec in (None, "", "all"):
-        return None if n_units is None else list(range(n_units))
-    units: list[int] = []
-    try:
-        for part in str(spec).split(","):
-            a, _, b = part.strip().partition("-")
-            if b and int(b) < int(a):
-                raise UserError(f"the unit range '{part.strip()}' runs backwards", f"write it as {b}-{a}")
-            units += list(range(int(a), int(b) + 1)) if b else [int(a)]
-    except ValueError:
-        raise UserError(f"cannot read units '{spec}'", "use a range like 0-99, a list like 3,7, or 'all'") from None
-    bad = [u for u in units if u < 0 or (n_units is not None and u >= n_units)]
-    if bad:
-        limit = f"0..{n_units - 1}" if n_units is not None else "0 and up"
-        raise UserError(f"unit {bad[0]} is out of range: the layer has units {limit}", "pass units in range")
-    return sorted(set(units))
-
-
 def _records_inputs(records_dir: Path, layer: int):
     require_complete(records_dir, "records", "pass the folder printed by `autoexplain record` or explain-layer")
     manifest = read_manifest(records_dir)

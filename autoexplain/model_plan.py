@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 from autoexplain import preflight
 from autoexplain.errors import UserError
-from autoexplain.layer import parse_units
+from autoexplain.indices import parse_indices
 from autoexplain.sources import MLP
 
 
@@ -33,10 +33,10 @@ def parse_layers(spec, n_layers: int | None, spell: preflight.Spelling = preflig
     if str(spec).strip() == "all" and n_layers is not None:
         return list(range(n_layers))
     try:
-        layers = parse_units(spec)
+        # no spec, or 'all' without a model's size, names no layer (refused below)
+        layers = [] if spec is None or str(spec).strip() in ("", "all") else parse_indices(spec, None, "layer", "10-12")
     except UserError as e:
-        raise UserError(f"{spell('layers')}: {e.problem.replace('unit', 'layer')}",
-                        e.fix.replace("0-99", "10-12")) from None
+        raise preflight.for_parameter(spell, "layers", e) from None
     if not layers:
         raise UserError(f"{spell('layers')}: '{spec}' names no layer", "pass a layer, a list like 3,7, a range like 10-12, or 'all'")
     bad = [x for x in layers if n_layers is not None and x >= n_layers]

@@ -57,6 +57,11 @@ def _fail(spell: Spelling, name: str, problem: str, fix: str) -> UserError:
     return UserError(f"{spell(name)}: {problem}", fix)
 
 
+def for_parameter(spell: Spelling, name: str, e: UserError) -> UserError:
+    """`e` said of the parameter `name`, spelled as the caller's users know it (flag or flow parameter)."""
+    return _fail(spell, name, e.problem, e.fix or "")
+
+
 def at_least(spell: Spelling, name: str, value: int, low: int) -> None:
     if value is None or value < low:
         raise _fail(spell, name, f"must be at least {low}, got {value}", f"pass {spell(name).split()[-1]} >= {low}")
@@ -67,7 +72,7 @@ def model_shape(model: str, spell: Spelling = flow_name, name: str = "model") ->
     try:
         return read_shape(model)
     except UserError as e:
-        raise _fail(spell, name, e.problem, e.fix or "") from None
+        raise for_parameter(spell, name, e) from None
 
 
 def check_layer(shape: Shape, layer: int, spell: Spelling = flow_name, name: str = "layer") -> None:
@@ -77,12 +82,12 @@ def check_layer(shape: Shape, layer: int, spell: Spelling = flow_name, name: str
 
 
 def check_units(shape: Shape, units: str | None, spell: Spelling = flow_name, name: str = "units") -> list[int] | None:
-    from autoexplain.layer import parse_units
+    from autoexplain.indices import parse_units
 
     try:
         return parse_units(units, shape.n_units)
     except UserError as e:
-        raise _fail(spell, name, e.problem, e.fix or "") from None
+        raise for_parameter(spell, name, e) from None
 
 
 # ---- LLMs, explainers and simulators -------------------------------------------------------------
@@ -92,7 +97,7 @@ def _parsed(parse, spec, spell: Spelling, name: str):
     try:
         return parse(spec)
     except UserError as e:
-        raise _fail(spell, name, e.problem, e.fix or "") from None
+        raise for_parameter(spell, name, e) from None
 
 
 def check_llm(spec: str, spell: Spelling, name: str, needs_echo: bool = False) -> None:
@@ -118,7 +123,7 @@ def check_llm(spec: str, spell: Spelling, name: str, needs_echo: bool = False) -
     try:
         probe_server(url, p.model, os.environ.get("OPENAI_API_KEY"), needs_echo)
     except UserError as e:
-        raise _fail(spell, name, e.problem, e.fix or "") from None
+        raise for_parameter(spell, name, e) from None
 
 
 def check_limits(concurrency: int | None, rpm: float | None, spell: Spelling = flow_name,
@@ -141,7 +146,7 @@ def check_dask(address: str | None, spell: Spelling = flow_name, name: str = "da
         try:
             probe_scheduler(address)
         except UserError as e:
-            raise _fail(spell, name, e.problem, e.fix or "") from None
+            raise for_parameter(spell, name, e) from None
 
 
 def check_budget(budget: str | None, spell: Spelling = flow_name, *, explainer: str | None = None,
@@ -218,7 +223,7 @@ def check_out(out: str, spell: Spelling = flow_name, name: str = "out") -> None:
         try:
             remote.check(out)
         except UserError as e:
-            raise _fail(spell, name, e.problem, e.fix or "") from None
+            raise for_parameter(spell, name, e) from None
         return
     path = Path(out).expanduser().absolute()
     probe = path
@@ -253,7 +258,7 @@ def check_root(out: str, spell: Spelling = flow_name, name: str = "out") -> None
         try:
             remote.open_root(out, create=False)
         except UserError as e:
-            raise _fail(spell, name, e.problem, e.fix or "") from None
+            raise for_parameter(spell, name, e) from None
 
 
 def _outlives_the_command(url: str, spell: Spelling, name: str) -> None:
@@ -321,7 +326,7 @@ def check_source(source: str | None, model: str, layer: int | None, spell: Spell
     try:
         return open_unit_source(source, model, layer)
     except UserError as e:
-        raise _fail(spell, name, e.problem, e.fix or "") from None
+        raise for_parameter(spell, name, e) from None
 
 
 def source_kind(source: str | None, spell: Spelling = flow_name, name: str = "source") -> tuple[str, int | None]:
@@ -332,7 +337,7 @@ def source_kind(source: str | None, spell: Spelling = flow_name, name: str = "so
     try:
         return kind_and_layer(source)
     except UserError as e:
-        raise _fail(spell, name, e.problem, e.fix or "") from None
+        raise for_parameter(spell, name, e) from None
 
 
 @dataclass(frozen=True)

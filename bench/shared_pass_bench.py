@@ -36,7 +36,7 @@ def main() -> None:
     a = ap.parse_args()
 
     from autoexplain.counters import since, snapshot
-    from autoexplain.layer import parse_units
+    from autoexplain.indices import parse_units
     from autoexplain.record import RecordConfig, build_windows, record_layers, record_sources
     from autoexplain.source_coder import open_unit_source
     from autoexplain.sources import MLP

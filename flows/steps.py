@@ -20,8 +20,9 @@ from prefect.futures import as_completed
 
 from autoexplain import progress
 from autoexplain.errors import UserError
-from autoexplain.layer import dead_units, parse_units
-from autoexplain.preflight import flow_name
+from autoexplain.indices import parse_units
+from autoexplain.layer import dead_units
+from autoexplain.preflight import flow_name, for_parameter
 from autoexplain.registry import DEFAULT_SCORER, parse_scorers, simulator_identity
 from autoexplain.remote import is_url
 from autoexplain.server_probe import check_workers_reach
@@ -81,7 +82,7 @@ def scale_out(dask: str | None, work: Callable[[], T]) -> T:
                 check_workers_reach([w.get("host") for w in runner.client.scheduler_info()["workers"].values()],
                                     PREFECT_API_URL.value())
             except UserError as e:
-                raise UserError(f"{flow_name('dask')}: {e.problem}", e.fix) from None
+                raise for_parameter(flow_name, "dask", e) from None
             stack.enter_context(run.model_copy(update={"task_runner": runner}))
         return work()
 

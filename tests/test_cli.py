@@ -150,7 +150,7 @@ def test_explain_stage_commands_reject_bad_input(tmp_path):
 
 def test_units_are_parsed_with_clear_errors():
     from autoexplain.errors import UserError
-    from autoexplain.layer import parse_units
+    from autoexplain.indices import parse_units
 
     assert parse_units("0-2,7") == [0, 1, 2, 7] and parse_units(None) is None
     assert parse_units("all", 3) == [0, 1, 2]
@@ -179,3 +179,4 @@ def test_every_command_reads_layers_one_way():
         with pytest.raises(UserError) as e:
             parse_layers(spec, 4, preflight.cli_flag)
         assert e.value.problem.startswith("--" + says), e.value.problem
+        assert "unit" not in e.value.problem + e.value.fix  # said of layers, not of the units' reader it shares

@@ -1,0 +1,36 @@
+"""Unit and layer lists as users write them: '0-99', '3,7,9', 'all'.
+
+One reader for both, light to import (the preflight checks these specs before anything heavy loads),
+so units and layers refuse alike and name what they read.
+"""
+
+from __future__ import annotations
+
+from autoexplain.errors import UserError
+
+
+def parse_units(spec: str | None, n_units: int | None = None) -> list[int] | None:
+    """'0-99', '3,7,9' or 'all'/None (every unit: None when the layer size is not known)."""
+    if spec in (None, "", "all"):
+        return None if n_units is None else list(range(n_units))
+    return parse_indices(spec, n_units, "unit", "0-99")
+
+
+def parse_indices(spec, limit: int | None, noun: str, example: str) -> list[int]:
+    """Indices from a spec like '0-99' or '3,7,9', sorted and unique: the one reader of unit and
+    layer lists, so both refuse alike and name what they read (`noun`, with a range `example`)."""
+    indices: list[int] = []
+    try:
+        for part in str(spec).split(","):
+            a, _, b = part.strip().partition("-")
+            if b and int(b) < int(a):
+                raise UserError(f"the {noun} range '{part.strip()}' runs backwards", f"write it as {b}-{a}")
+            indices += list(range(int(a), int(b) + 1)) if b else [int(a)]
+    except ValueError:
+        raise UserError(f"cannot read {noun}s '{spec}'", f"use a range like {example}, a list like 3,7, or 'all'") from None
+    bad = [i for i in indices if i < 0 or (limit is not None and i >= limit)]
+    if bad:
+        held = f"0..{limit - 1}" if limit is not None else "0 and up"
+        raise UserError(f"{noun} {bad[0]} is out of range: the {'model' if noun == 'layer' else 'layer'} has {noun}s {held}",
+                        f"pass {noun}s in range")
+    return sorted(set(indices))
