@@ -61,11 +61,13 @@ def scale_out(dask: str | None, work: Callable[[], T]) -> T:
     task on a dask worker talks to the API named in the flow's settings; with none there (Prefect's
     temporary server, found by the flow's client), every worker process would start a temporary
     server of its own and record its task runs there. Workers on other machines with an API on this
-    machine's loopback stop the run here, before any work (`server_probe.check_workers_reach`)."""
+    machine's loopback stop the run (`server_probe.check_workers_reach`): those present before any
+    work, and those that join later (an adaptive cluster often starts with none) when they join."""
     from prefect.context import FlowRunContext
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     run = FlowRunContext.get()
+    stopped: list[UserError] = []
     with ExitStack() as stack:
         if not PREFECT_API_URL.value():
             stack.enter_context(temporary_settings({PREFECT_API_URL: str(run.client.api_url).rstrip("/")}))
@@ -78,13 +80,45 @@ def scale_out(dask: str | None, work: Callable[[], T]) -> T:
             except Exception as e:  # something answers there, but no dask scheduler (the preflight saw it listen)
                 raise UserError(f"{flow_name('dask')}: no dask scheduler at {dask} ({type(e).__name__}: {str(e)[:120]})",
                                 "give the dask scheduler's address, e.g. tcp://HOST:8786") from None
+            stack.callback(_watch_joiners(runner.client, PREFECT_API_URL.value(), stopped))  # before the snapshot: none slips by
             try:
                 check_workers_reach([w.get("host") for w in runner.client.scheduler_info()["workers"].values()],
                                     PREFECT_API_URL.value())
             except UserError as e:
                 raise for_parameter(flow_name, "dask", e) from None
             stack.enter_context(run.model_copy(update={"task_runner": runner}))
-        return work()
+        try:
+            return work()
+        except Exception:
+            if stopped:  # the run's futures were cancelled for this: say why, not what the cancelling broke
+                raise stopped[0] from None
+            raise
+
+
+def _watch_joiners(client, api_url: str, stopped: list[UserError]) -> Callable[[], None]:
+    """Check every worker that joins the scheduler from now on as the present ones are checked: one
+    on another machine appends its line to `stopped` and cancels the client's futures, so that whatever
+    the flow waits on returns (its tasks there would never report). Returns the unsubscribe."""
+    import threading
+
+    from distributed import Future
+    from distributed.comm import get_address_host
+
+    def joined(event) -> None:
+        _, msg = event
+        if not isinstance(msg, dict) or msg.get("action") != "add-worker" or stopped:
+            return
+        try:
+            check_workers_reach([get_address_host(msg["worker"])], api_url)
+        except UserError as e:
+            stopped.append(for_parameter(flow_name, "dask", e))
+            # not on the client's event loop, which this handler runs on and `cancel` waits for
+            threading.Thread(target=lambda: client.cancel([Future(k, client) for k in list(client.futures)],
+                                                         reason="a worker joined that cannot reach the Prefect API"),
+                             daemon=True, name="autoexplain-cancel").start()
+
+    client.subscribe_topic("all", joined)
+    return lambda: client.unsubscribe_topic("all")
 
 
 def unit_keys(revisions: dict[tuple[int, int], str]) -> dict[str, str]:

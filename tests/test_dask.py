@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import polars as pl
 import pytest
@@ -143,21 +144,27 @@ def test_dask_workers_report_to_the_commands_prefect_server(cluster, tiny_llama_
     assert sum(client.run(_prefect_servers).values()) == 0, "no worker started a Prefect server"
 
 
+def _foreign_worker(address: str) -> subprocess.Popen:
+    """A real `dask worker` that tells the scheduler at `address` it lives at 192.0.2.10 (TEST-NET-1:
+    never this machine) while it listens here: to the flow, a worker on another machine."""
+    from tests.test_dask_probe import free_port
+
+    port = free_port()
+    return subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--listen-address",
+                             f"tcp://127.0.0.1:{port}", "--contact-address", f"tcp://192.0.2.10:{port}",
+                             "--nthreads", "1", "--no-nanny", "--no-dashboard"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 @pytest.fixture
 def foreign_worker():
-    """A real `dask scheduler` on loopback and a real `dask worker` that tells it it lives at
-    192.0.2.10 (TEST-NET-1: never this machine) while it listens here: to the flow, a worker on
-    another machine."""
+    """A real `dask scheduler` on loopback with one `_foreign_worker`."""
     from distributed import Client
 
-    from tests.test_dask_probe import free_port, scheduler
+    from tests.test_dask_probe import scheduler
 
     with scheduler("tcp") as address:
-        port = free_port()
-        worker = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--listen-address",
-                                   f"tcp://127.0.0.1:{port}", "--contact-address", f"tcp://192.0.2.10:{port}",
-                                   "--nthreads", "1", "--no-nanny", "--no-dashboard"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        worker = _foreign_worker(address)
         try:
             with Client(address) as client:
                 client.wait_for_workers(1, timeout=60)
@@ -168,24 +175,65 @@ def foreign_worker():
             worker.wait(30)
 
 
+def _cli_on_temporary_server(params: dict, dask: str) -> list[str]:
+    """The explain-layer command line with `params` on `dask` (run it with `_temporary_server_env`)."""
+    from autoexplain.preflight import cli_flag
+
+    args = [a for k, v in params.items() for a in (cli_flag(k), str(v))]
+    return [sys.executable, "-m", "autoexplain.flows.cli", "explain-layer", *args, "--dask", dask]
+
+
+def _temporary_server_env(tmp_path) -> dict:
+    """No Prefect API set: the flow starts Prefect's temporary server, on this machine's loopback."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILE")}
+    return {**env, "HF_HUB_OFFLINE": "1", "PREFECT_HOME": str(tmp_path / "home")}
+
+
 def test_workers_on_other_machines_need_a_prefect_api_they_can_reach(foreign_worker, tiny_llama_dir, prose_corpus,
                                                                       tmp_path):
     """With Prefect's temporary server (on this machine's loopback) and a worker elsewhere, the run
     stops with one line before any work: before, the worker's tasks would have failed once the run
     reached them, after the recording."""
-    from autoexplain.preflight import cli_flag
     from tests.test_cli import _one_error_line
 
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILE")}
-    env.update(HF_HUB_OFFLINE="1", PREFECT_HOME=str(tmp_path / "home"))
     params = {**_params(tiny_llama_dir, prose_corpus, tmp_path / "out"), "explainer": "embedding"}
-    args = [a for k, v in params.items() for a in (cli_flag(k), str(v))]
-    result = subprocess.run([sys.executable, "-m", "autoexplain.flows.cli", "explain-layer", *args, "--dask", foreign_worker],
-                            capture_output=True, text=True, env=env)
+    result = subprocess.run(_cli_on_temporary_server(params, foreign_worker), capture_output=True, text=True,
+                            env=_temporary_server_env(tmp_path))
     line = _one_error_line(result)
     assert line.startswith("error: --dask: the scheduler's workers at 192.0.2.10 run on other machines"), line
     assert "PREFECT_API_URL" in line
     assert not (tmp_path / "out" / "records").exists(), "nothing was recorded"
+
+
+def test_a_worker_elsewhere_that_joins_later_stops_the_run(tiny_llama_dir, prose_corpus, tmp_path):
+    """An adaptive cluster often has no worker when the run starts, so the check before any work
+    sees none: a worker on another machine that joins once the run waits for one stops the run with
+    the same line (before, it took the run's tasks, which could never report from there)."""
+    from distributed import Client
+
+    from tests.test_cli import _one_error_line
+    from tests.test_dask_probe import scheduler
+
+    params = {**_params(tiny_llama_dir, prose_corpus, tmp_path / "out"), "explainer": "embedding"}
+    with scheduler("tcp") as address, Client(address) as watcher:
+        run = subprocess.Popen(_cli_on_temporary_server(params, address), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=_temporary_server_env(tmp_path))
+        worker = None
+        try:
+            waiting = 0
+            while not waiting and run.poll() is None:  # the run's first task, with no worker to take it
+                time.sleep(0.5)
+                waiting = watcher.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks))
+            assert waiting, f"the run ended before it submitted a task: {run.communicate()}"
+            worker = _foreign_worker(address)
+            stdout, stderr = run.communicate(timeout=300)
+        finally:
+            run.kill()
+            if worker is not None:
+                worker.terminate()
+                worker.wait(30)
+    line = _one_error_line(subprocess.CompletedProcess(run.args, run.returncode, stdout, stderr))
+    assert line.startswith("error: --dask: the scheduler's workers at 192.0.2.10 run on other machines"), line
 
 
 def test_which_workers_count_as_elsewhere():
