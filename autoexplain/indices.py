@@ -11,8 +11,10 @@ from autoexplain.errors import UserError
 
 def parse_units(spec: str | None, n_units: int | None = None) -> list[int] | None:
     """'0-99', '3,7,9' or 'all'/None (every unit: None when the layer size is not known)."""
-    if spec in (None, "", "all"):
+    if spec is None or spec == "all":
         return None if n_units is None else list(range(n_units))
+    if not str(spec).strip():  # an unset shell variable, most likely: not a request for every unit
+        raise UserError(f"'{spec}' names no unit", "pass units like 0-99 or 3,7, or 'all' (or leave them out) for every unit")
     return parse_indices(spec, n_units, "unit", "0-99")
 
 

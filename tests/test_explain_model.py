@@ -181,6 +181,7 @@ def test_rescore_one_layer_of_a_model_run(home, modelled):
 @pytest.mark.parametrize("args, says", [
     (["--layers", "0,7"], "--layers: layer 7 is out of range"),
     (["--layers", "2-0"], "--layers: the layer range '2-0' runs backwards"),
+    (["--layers", ""], "--layers: '' names no layer"),  # an unset shell variable: not every layer
     (["--source", "mlp", "--source", "mlp"], "--source: ['mlp', 'mlp'] names a source twice"),
     (["--units", "0-999"], "--units: unit 48 is out of range"),
     (["--simulator", "nonsense"], "--simulator"),

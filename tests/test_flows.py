@@ -148,6 +148,7 @@ BAD_PARAMETERS = [
     (dict(layer=7), "parameter layer: layer 7 is out of range"),
     (dict(units="0,99"), "parameter units: unit 99 is out of range"),
     (dict(units="5-2"), "parameter units: the unit range '5-2' runs backwards"),
+    (dict(units=" "), "parameter units: ' ' names no unit"),
     (dict(units="x"), "parameter units: cannot read units 'x'"),
     (dict(shard_size=0), "parameter shard_size: must be at least 1"),
     (dict(tokens=0), "parameter tokens: must be at least 1"),
