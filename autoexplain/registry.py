@@ -183,6 +183,8 @@ def parse_explainer(spec: str | None) -> ComponentSpec:
         return _parse_kind("explainer", spec, classes)
     from autoexplain.explain import LLMExplainer
 
+    if spec.partition(":")[0] not in ("local", "openai"):  # neither a registered kind nor an LLM: say both
+        raise UserError(f"unknown explainer '{spec}'", f"{_usage(classes)}, or an LLM: {LLM_USAGE.removeprefix('use ')}")
     parse_llm(spec)
     return ComponentSpec(spec, LLMExplainer, spec)
 

@@ -66,6 +66,16 @@ def test_bad_simulator_specs(spec, message):
         registry.parse_simulator(spec)
 
 
+def test_a_misspelt_explainer_is_offered_the_explainers_and_the_llms():
+    """'embeding' is neither a registered explainer nor an LLM: the fix names both, the default first."""
+    with pytest.raises(UserError) as e:
+        registry.parse_explainer("embeding")
+    assert e.value.problem == "unknown explainer 'embeding'"
+    assert "'embedding'" in e.value.fix and "'openai:MODEL'" in e.value.fix
+    with pytest.raises(UserError, match="the server address after '@' has no http://"):
+        registry.parse_explainer("openai:m@localhost:8000/v1")  # an LLM spec's own errors stay its own
+
+
 def test_a_registered_simulator_is_known_everywhere(toy):
     from autoexplain import preflight
 
