@@ -436,6 +436,11 @@ def find_run(out: str, layer: int, spell: Spelling = flow_name, kind: str = MLP.
     if have:
         raise _fail(spell, "layer", f"{out} holds no finished explain-layer run of layer {layer} "
                     f"(it has layers {', '.join(map(str, have))})", f"set {spell('layer').split()[-1]} to one of those")
+    elsewhere = run_sources(root)  # only other sources' units, at other layers
+    if elsewhere:
+        raise _fail(spell, "source", f"{out} holds no finished run of layer {layer}'s {kind} units (it has "
+                    + ", ".join(f"layer {L}'s {k}" for L, k in elsewhere) + ")",
+                    f"set {spell('source').split()[-1]} and {spell('layer').split()[-1]} to one of those")
     raise _fail(spell, "out", f"{out} holds no finished explain-layer run (looked for "
                 f"{run_file(root, layer, kind).relative_to(root)})",
                 f"set {spell('out').split()[-1]} to the output root of an explain-layer run, or run explain-layer there first")

@@ -203,6 +203,11 @@ def test_explain_layer_and_rescore_on_latents_from_the_command_line(tiny_llama_d
     again = cli(home, "rescore", "--out", str(out), "--source", f"sae:{tiny_sae}", "--bootstrap", "60")
     assert again.returncode == 0, again.stderr[-4000:]
     assert json.loads((out / "runs" / "layer_1.sae-res-40.json").read_text())["flow"] == "rescore"
+    # no --source either: the default (MLP neurons, layer 15) has no run here, and the line says what has
+    plain = cli(home, "rescore", "--out", str(out), "--bootstrap", "60")
+    assert plain.returncode == 2, plain.stderr[-4000:]
+    assert f"--source: {out} holds no finished run of layer 15's mlp units (it has layer 1's sae-res-40)" in plain.stderr
+    assert "set --source and --layer to one of those" in plain.stderr
     # a kind names no coder: the one layer with a run of those units
     negative = cli(home, "revise", "--out", str(out), "--source", "sae-res-40", "--unit", "8:-1", "--text", "x")
     assert negative.returncode == 2 and "--unit: '8:-1': this run's units have polarity +1 only" in negative.stderr
