@@ -58,6 +58,9 @@ def import_cmd(
     from autoexplain.store import Stage
 
     def go():
+        if not source.is_dir():
+            raise UserError(f"--from: {source} {'is not a folder' if source.exists() else 'does not exist'}",
+                            "give a dataset folder `publish` wrote, or a folder in the reference layout (explanations/<layer>/)")
         preflight.check_out(str(out), preflight.cli_flag)
         if (source / "data" / "explanations").is_dir():
             from autoexplain.dataset_import import import_dataset

@@ -229,7 +229,10 @@ def test_bad_import_input_is_one_line(home, tmp_path):
     (tmp_path / "ref" / "explanations").mkdir(parents=True)
     line = _one_error_line(stage_cli(home, "import", "--from", str(tmp_path / "ref"), "--out", str(tmp_path / "o2")))
     assert "--layer is required" in line
-    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    for missing, says in ((tmp_path / "nope", "does not exist"), (tmp_path / "fake" / "README.md", "is not a folder")):
+        line = _one_error_line(stage_cli(home, "import", "--from", str(missing), "--layer", "3", "--out", str(tmp_path / "o3")))
+        assert line.startswith(f"error: --from: {missing} {says}"), line
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
 
 
 def test_a_layer_of_the_model_run_is_not_recorded_again(modelled, home, tiny_llama_dir, prose_corpus):
