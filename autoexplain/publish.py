@@ -177,8 +177,9 @@ suppresses most. Files are partitioned by source and layer: `data/<table>/<sourc
   **simulator:** `{params['simulator']}`.
 - **Metrics** (test split only, never shown to the explainer): correlation of simulated and true
   activations on top-and-random windows (the headline, `top_and_random`), on random windows alone,
-  calibrated R², and detection AUC, each with a 95% bootstrap CI; baselines `token-lookup` and
-  `shuffled` are scored alike.
+  calibrated R², and detection AUC, each with a 95% bootstrap CI; baselines `token-lookup` (the
+  tokens the unit fires on most), `output-lookup` (the tokens it promotes most) and `shuffled`
+  (another unit's explanation) are scored alike.
 - **Size:** {counts}.
 - **Made by:** autoexplain at commit `{_commit()}`, one `explain-layer` run per layer:
 {how}
