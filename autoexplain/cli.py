@@ -73,7 +73,7 @@ def record(
         if given is not None and len(given) > 1 and ":" in source:
             raise UserError(f"a coder reads one layer, --layers names {len(given)}", "pass one layer, or leave --layers out")
         unit_source = preflight.check_source(source, model, given[0] if given else None, preflight.cli_flag)
-        chosen = given or ([unit_source.layer] if hasattr(unit_source, "layer") else [shape.n_layers // 2])
+        chosen = given or ([unit_source.layer] if hasattr(unit_source, "layer") else [shape.middle_layer])
         for L in chosen:
             preflight.check_layer(shape, L, preflight.cli_flag, "layers")
         started = time.perf_counter()
@@ -118,11 +118,13 @@ def explain(
 
     def go():
         preflight.check_out(str(out), preflight.cli_flag)
-        if k < 1:
-            raise UserError(f"--k must be at least 1, got {k}", "pass --k 1 or more")
+        preflight.at_least(preflight.cli_flag, "k", k, 1)
         preflight.check_limits(concurrency, rpm, preflight.cli_flag, tpm, retries)
         L = records_layer(records, layer)
-        parse_units(units, recorded_units(records, L))  # a unit the layer lacks is an error, not skipped
+        try:
+            parse_units(units, recorded_units(records, L))  # a unit the layer lacks is an error, not skipped
+        except UserError as e:
+            raise preflight.for_parameter(preflight.cli_flag, "units", e) from None
         chosen = parse_units(units)  # None (every unit) stays None: it is part of the stage's key
         preflight.check_explainer(explainer, preflight.cli_flag)
         limit = preflight.check_budget(budget, preflight.cli_flag, explainer=explainer)

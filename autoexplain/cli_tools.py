@@ -67,7 +67,7 @@ def import_cmd(
 
             for L, kind in import_dataset(source, out, None if layer is None else [layer]):
                 err.print(f"imported layer {L} ({kind}): re-score it with `autoexplain rescore --out {out} --layer {L}"
-                          f"{'' if kind == 'mlp' else ' --source ' + kind}`", highlight=False, soft_wrap=True)
+                          f"{'' if kind == 'mlp' else ' --source ' + kind}`", highlight=False)
             typer.echo(str(out))
             return
         if layer is None:
@@ -111,7 +111,7 @@ def view(
             return
         server = serving.start(site_folder(site, bool(scores)), host, port)
         typer.echo(server.url)
-        err.print(f"serving {server.site} at {server.url} (Ctrl-C to stop)", highlight=False, soft_wrap=True)
+        err.print(f"serving {server.site} at {server.url} (Ctrl-C to stop)", highlight=False)
         server.wait()
 
     run_or_exit(go)
@@ -183,7 +183,7 @@ def train_sae_cmd(
             preflight.check_out(str(where), preflight.cli_flag, flag)
         preflight.check_corpus(corpus, preflight.cli_flag)
         shape = preflight.model_shape(model, preflight.cli_flag)
-        point = HookPoint(shape.n_layers // 2 if layer is None else layer, hook)
+        point = HookPoint(shape.middle_layer if layer is None else layer, hook)
         preflight.check_layer(shape, point.layer, preflight.cli_flag, "layer")
         subject = load_subject(model)
         windows = build_windows(subject, corpus, out, window_len, tokens, seed)

@@ -16,7 +16,8 @@ from autoexplain import interrupt
 from autoexplain.errors import UserError
 from autoexplain.schemas.contracts import ContractViolation
 
-err = Console(stderr=True)
+# Messages are never wrapped: rich's 80 columns in a log file or a pipe cut paths and commands in two.
+err = Console(stderr=True, soft_wrap=True)
 
 
 class _Rate(TextColumn):
@@ -109,13 +110,13 @@ def unanswered_exit(n: int) -> None:
     if n:
         err.print(f"[bold yellow]incomplete:[/] {n:,} results got no LLM answer (the server was down or overloaded; "
                   "their units are undefined above) — rerun the same command: it asks only for those again",
-                  highlight=False, soft_wrap=True)
+                  highlight=False)
         raise typer.Exit(UNANSWERED_EXIT)
 
 
 def budget_stopped(message: str):
     """End a command that its budget stopped: one line, exit code 3."""
-    err.print(f"[bold yellow]{message}[/]", highlight=False, soft_wrap=True)
+    err.print(f"[bold yellow]{message}[/]", highlight=False)
     raise typer.Exit(BUDGET_EXIT)
 
 
@@ -132,7 +133,7 @@ def interrupted_line(signum: int, forced: bool = False) -> str:
 
 def _forced(signum: int) -> None:
     if not _SAID:
-        err.print(interrupted_line(signum, forced=True), highlight=False, soft_wrap=True)
+        err.print(interrupted_line(signum, forced=True), highlight=False)
 
 
 def run_or_exit(fn):
@@ -146,7 +147,7 @@ def run_or_exit(fn):
         if not (interrupt.stopping() or isinstance(e, KeyboardInterrupt)):  # what a stopped run unwinds with
             raise
         _SAID.append(True)
-        err.print(interrupted_line(interrupt.signum()), highlight=False, soft_wrap=True)
+        err.print(interrupted_line(interrupt.signum()), highlight=False)
         raise typer.Exit(128 + interrupt.signum()) from None
 
 
@@ -161,12 +162,12 @@ def _one_line_errors(fn):
         print_llm_usage()
         budget_stopped(f"stopped: {e.problem} ({ledger().spent_text()}) — {e.fix}")
     except UserError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {e}", highlight=False)
         raise typer.Exit(2)
     except ContractViolation as e:  # an output the store refused to seal
         failed = "; ".join(e.report.failures)
         err.print(f"[bold red]error:[/] {getattr(e, 'path', '')} breaks its data contract '{e.report.suite}': {failed}",
-                  highlight=False, soft_wrap=True)
+                  highlight=False)
         raise typer.Exit(2)
 
 
@@ -180,10 +181,10 @@ def print_llm_usage(server: bool = False) -> None:
     sent, cached = COUNTS["llm_requests"], COUNTS["llm_cache_hits"]
     if sent or cached:
         err.print(f"LLM: {sent:,} requests sent, {cached:,} answers from the cache; {ledger().spent_text()}",
-                  highlight=False, soft_wrap=True)
+                  highlight=False)
     elif server:
         err.print("LLM: nothing asked: every stage that needs the LLM was reused from an earlier run; "
-                  "this run spent $0", highlight=False, soft_wrap=True)
+                  "this run spent $0", highlight=False)
 
 
 def _fmt(x) -> str:
@@ -208,12 +209,11 @@ def print_summary(scores_paths: list[Path], result: dict | None = None) -> None:
         table.add_row(r["method"], r["metric"], str(r["units"]), _fmt(r["mean"]),
                       f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]", share, str(r["undefined"]))
     _print_table(table)
-    err.print(cost_line(run_cost(scores)), highlight=False, soft_wrap=True)
+    err.print(cost_line(run_cost(scores)), highlight=False)
     if result is None:
         return
     if result.get("comparison"):
-        err.print(compare_markdown(result["comparison"], "Change against the previous scores"), highlight=False,
-                  soft_wrap=True)
+        err.print(compare_markdown(result["comparison"], "Change against the previous scores"), highlight=False)
     _print_where(result)
 
 
@@ -232,7 +232,7 @@ def print_model_summary(result: dict) -> None:
     for cells in lines(pl.DataFrame(report["rows"])):
         table.add_row(*cells)
     _print_table(table)
-    err.print(headline(report["totals"]), highlight=False, soft_wrap=True)
+    err.print(headline(report["totals"]), highlight=False)
     _print_where(result)
 
 
@@ -255,8 +255,8 @@ def _print_where(result: dict) -> None:
         site, here = result["site"], remote.local_path(result["site"])
         shown = str(here) if site.startswith("file://") else f"{site} (a copy here: {here})" if here else site
         serve = f"  (serve it: autoexplain view --serve --site {here.parent})" if here else ""
-        err.print(f"viewer: {shown}{serve}", highlight=False, soft_wrap=True)
-    err.print(f"outputs: {result['out']}", highlight=False, soft_wrap=True)
+        err.print(f"viewer: {shown}{serve}", highlight=False)
+    err.print(f"outputs: {result['out']}", highlight=False)
     typer.echo(result["out"])
 
 

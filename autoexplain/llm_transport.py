@@ -146,11 +146,6 @@ class Transport:
         details = getattr(usage, "prompt_tokens_details", None)
         return usage.prompt_tokens or 0, usage.completion_tokens or 0, getattr(details, "cached_tokens", None) or 0
 
-    def _record(self, sinks, prompt_tokens, completion_tokens, requests=1, cached_tokens=0) -> None:
-        """Count an answered request, and charge it to the run's budget."""
-        super()._record(sinks, prompt_tokens, completion_tokens, requests, cached_tokens)
-        ledger().charge(prompt_tokens + completion_tokens, self.dollars(prompt_tokens, completion_tokens, cached_tokens))
-
     def _settle(self, estimate: int, used: int) -> None:
         """Replace a request's estimate by the tokens the server says it used (when it says)."""
         if self._tpm and used > 0:

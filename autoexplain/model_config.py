@@ -21,6 +21,11 @@ class Shape:
     n_layers: int
     n_units: int | None  # None: the config does not say (units are then checked after loading)
 
+    @property
+    def middle_layer(self) -> int:
+        """The layer explained or recorded when none is named (15 of SmolLM2-135M's 0-29)."""
+        return self.n_layers // 2
+
 
 def units_of(cfg: dict) -> int | None:
     for key in ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "ffn_hidden_size"):

@@ -384,7 +384,7 @@ def explain_layer(p: dict, spell: Spelling = flow_name) -> LayerPlan:
     source = check_source(p.get("source"), model, p.get("layer"), spell)
     layer = p.get("layer")
     if layer is None:
-        layer = getattr(source, "layer", defaults.LAYER)
+        layer = getattr(source, "layer", shape.middle_layer)
     check_layer(shape, layer, spell)
     source_id = content_key(source.identity())
     check_same_coder(p.get("out", "out"), layer, source, source_id, spell)
@@ -406,12 +406,13 @@ def explain_layer(p: dict, spell: Spelling = flow_name) -> LayerPlan:
 
 def run_of(out: str, layer: int | None, source: str | None, spell: Spelling = flow_name) -> dict:
     """`find_run` for a source as given ('mlp', 'sae:PATH' or a kind) and a layer or None: then the
-    coder's own layer, else the one layer holding a run of those units, else the default layer."""
+    coder's own layer, else the one layer holding a run of those units (a model's middle layer
+    is not known here), else the default layer."""
     from autoexplain import remote
     from autoexplain.storage import open_root, run_layers
 
     kind, own = source_kind(source, spell)
-    if layer is None and own is None and kind != MLP.kind and (remote.is_url(out) or Path(out).is_dir()):
+    if layer is None and own is None and (remote.is_url(out) or Path(out).is_dir()):
         check_root(out, spell)
         have = run_layers(open_root(out), kind)
         own = have[0] if len(have) == 1 else None

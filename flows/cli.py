@@ -51,7 +51,7 @@ DASK = typer.Option(None, "--dask", help="Address of a running dask scheduler, e
 RESULTS = typer.Option(None, "--results", help="Folder or fsspec URL for Prefect's task results (its cache), e.g. s3://bucket/prefect-results. Default: Prefect's local storage.")
 
 def explain_layer_cmd(
-    layer: Optional[int] = typer.Option(None, "--layer", "-l", help=f"Layer to explain (SmolLM2 has 0-29; default {defaults.LAYER}, or a coder's own layer)."),
+    layer: Optional[int] = typer.Option(None, "--layer", "-l", help="Layer to explain (SmolLM2 has 0-29; default: the model's middle layer, 15 for SmolLM2, or a coder's own layer)."),
     source: str = SOURCE,
     units: Optional[str] = typer.Option(None, "--units", "-u", help="Units, e.g. 0-99 (default: the whole layer, both polarities)."),
     model: str = MODEL,

@@ -25,7 +25,7 @@ from prefect import flow
 from prefect.runtime import deployment
 from prefect.states import Failed
 
-from autoexplain import defaults, preflight
+from autoexplain import preflight
 from autoexplain.budget import set_budget
 from autoexplain.errors import UserError
 from autoexplain.registry import DEFAULT_SCORER, simulator_identity
@@ -97,7 +97,7 @@ def record_activations(model: str = "smollm2", corpus: str = "default", layers: 
         if layers and len(layers) > 1 and ":" in source:
             raise UserError(f"parameter layers: a coder reads one layer, got {layers}", "set layers to one layer, or leave it out")
         unit_source = preflight.check_source(source, model, layers[0] if layers else None)
-        chosen = layers or [getattr(unit_source, "layer", defaults.LAYER)]
+        chosen = layers or [getattr(unit_source, "layer", shape.middle_layer)]
         for layer in chosen:
             preflight.check_layer(shape, layer, name="layers")
         return chosen, content_key(unit_source.identity())
@@ -143,7 +143,7 @@ def explain_layer(
 
     `source`: whose units, 'mlp' (the layer's MLP neurons, both polarities) or a sparse coder's
     latents, 'sae:PATH' / 'transcoder:PATH' (a local SAELens, sparsify or GemmaScope folder). `layer`
-    defaults to the coder's own layer, and to 15 for 'mlp'.
+    defaults to the coder's own layer, and for 'mlp' to the model's middle layer (15 of SmolLM2's 0-29).
 
     `concurrency` (LLM requests in flight at once, across the units and shards of this process;
     default 64 for a server URL, 8 for api.openai.com), `rpm` (requests per minute), `tpm` (tokens

@@ -65,6 +65,10 @@ def test_record_runs_and_prints_the_output_folder(base, prose_file, tmp_path):
     # The stage's root given for its folder: the error names the folder to pass.
     line = _one_error_line(run("explain", "--records", str(folder.parent), "--out", str(tmp_path / "out")))
     assert line.endswith(f"pass the records folder inside it: {folder}"), line
+    # a unit the layer lacks, named as the flag, as explain-layer names it
+    line = _one_error_line(run("explain", "--records", str(folder), "--layer", "2", "--units", "48", "--out", str(tmp_path / "o")))
+    assert line.startswith("error: --units: unit 48 is out of range"), line
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize(

@@ -35,7 +35,8 @@ def cli(home: Path, *args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def explained(home, tiny_llama_dir, prose_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli-run") / "out"
-    result = cli(home, "explain-layer", "--model", tiny_llama_dir, "--corpus", str(prose_corpus), "--layer", "1",
+    # no --layer: the model's middle layer, 1 of its 0-2 (15, SmolLM2's, would be out of range)
+    result = cli(home, "explain-layer", "--model", tiny_llama_dir, "--corpus", str(prose_corpus),
                  "--units", "0-3", "--tokens", "20000", "--k", "1", "--shard-size", "2", "--bootstrap", "50",
                  "--window-len", "8", "--top-k", "8", "--random", "6", "--out", str(out))
     assert result.returncode == 0, result.stderr[-4000:]
@@ -89,6 +90,13 @@ def test_rescore_by_output_root_and_layer(home, explained, tiny_llama_dir):
     assert run["flow"] == "rescore" and len(run["previous_scores"]) == 2
     report = (out / "runs" / "layer_1.rescore.md").read_text()
     assert "mean change" in report and "| 1 |" in report, "the comparison is written beside the pointer"
+
+
+def test_rescore_without_a_layer_takes_the_one_layer_with_a_run(home, explained):
+    out, _ = explained
+    result = cli(home, "rescore", "--out", str(out), "--bootstrap", "50")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert read_run(out, 1)["flow"] == "rescore" and not (out / "runs" / "layer_15.json").exists()
 
 
 def test_revise_changes_that_unit_and_polarity_only(home, explained):

@@ -156,9 +156,14 @@ def tiny_llm(tiny_llama_dir):
 
 
 def test_local_generation_gives_n_samples_per_prompt(tiny_llm):
+    from autoexplain.budget import set_budget
+
     prompts = ["Hello", "The river ran quietly past the old mill", "One two"]
+    spent = set_budget(None)
     with tiny_llm.track() as usage:
         out = tiny_llm.complete(prompts, n=3, temperature=1.0, max_tokens=5)
+    # the run's spending line counts a local model's tokens, at no cost
+    assert spent.tokens == usage.total_tokens > 0 and spent.dollars == 0 and spent.unpriced == 0
     assert [len(s) for s in out] == [3, 3, 3]
     assert all(0 <= c.completion_tokens <= 5 for s in out for c in s)
     assert usage.requests == 3
