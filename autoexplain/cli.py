@@ -17,8 +17,8 @@ import typer
 
 from autoexplain import cli_tools, defaults, preflight
 from autoexplain.budget import set_budget
-from autoexplain.cli_common import (BUDGET, CACHE, CONCURRENCY, N_RANDOM, RETRIES, RPM, SCORERS, TOP_K, TPM, WINDOW_LEN,
-                                    records_layer)
+from autoexplain.cli_common import (BUDGET, CACHE, CONCURRENCY, N_RANDOM, RETRIES, RPM, SCORERS, TEXT_FIELD, TOP_K, TPM,
+                                    WINDOW_LEN, records_layer)
 from autoexplain.console import err, flat_command_list, print_llm_usage, print_summary, progress_bar, run_or_exit
 from autoexplain.errors import UserError
 from autoexplain.llm import set_limits
@@ -54,7 +54,7 @@ def record(
     reservoir: int = typer.Option(512, "--reservoir", help="Uniform window sample that random and quantile exemplars are drawn from."),
     batch_size: int = typer.Option(32, "--batch-size", help="Windows per forward pass."),
     seed: int = typer.Option(0, "--seed", help="Seed for the window order and all sampling."),
-    text_field: str = typer.Option("text", "--text-field", help="Text column of .jsonl/.parquet/hub corpora."),
+    text_field: str = TEXT_FIELD,
     source: str = typer.Option("mlp", "--source", help="Whose units: 'mlp' (MLP neurons), 'sae:PATH' or 'transcoder:PATH' (a local coder folder; --layers defaults to its layer)."),
 ):
     """Record unit activations (MLP neurons, or a sparse coder's latents): top, quantile and random exemplars per unit, plus statistics."""
@@ -67,7 +67,7 @@ def record(
                                        quantile_per_bin=quantile_per_bin, reservoir=reservoir, batch_size=batch_size,
                                        seed=seed), preflight.cli_flag)
         preflight.check_out(str(out), preflight.cli_flag)
-        preflight.check_corpus(corpus, preflight.cli_flag)
+        preflight.check_corpus(corpus, preflight.cli_flag, text_field=text_field)
         shape = preflight.model_shape(model, preflight.cli_flag)
         given = parse_layers(layers, shape.n_layers, preflight.cli_flag) if layers is not None else None
         if given is not None and len(given) > 1 and ":" in source:
@@ -81,7 +81,7 @@ def record(
         err.print(f"subject {subject.name}: {subject.n_layers} layers x {subject.n_units} units "
                   f"on {subject.device}, loaded in {subject.load_seconds:.1f}s")
         subject.check_layers(chosen)
-        windows = build_windows(subject, corpus, out, window_len, tokens, seed, text_field)
+        windows = build_windows(subject, corpus, out, window_len, tokens, seed, text_field, preflight.cli_flag)
         cfg = RecordConfig(chosen, top_k, n_random, quantile_per_bin, reservoir, batch_size, seed)
         with progress_bar() as bar:
             task = bar.add_task(f"record layers {','.join(map(str, chosen))}", total=windows.n_windows * window_len,

@@ -13,6 +13,7 @@ from autoexplain.errors import UserError
 WINDOW_LEN = typer.Option(64, "--window-len", help="Tokens per window (the reference uses 64).")
 TOP_K = typer.Option(40, "--top-k", help="Top-activating windows kept per unit and polarity.")
 N_RANDOM = typer.Option(30, "--random", help="Random windows kept per unit and polarity.")
+TEXT_FIELD = typer.Option("text", "--text-field", help="Field (column) that holds the text in .jsonl/.parquet/hub corpora.")
 CONCURRENCY = typer.Option(None, "--concurrency", help="LLM requests in flight at once, across units (default: 64 for a server URL, 8 for api.openai.com; each request that times out lowers it by one, down to 1, and quick answers raise it back). Results do not depend on it.")
 RPM = typer.Option(None, "--rpm", help="At most this many LLM requests per minute (default: no limit).")
 TPM = typer.Option(None, "--tpm", help="At most this many LLM tokens (prompt + completion) per minute; a request takes an estimate "

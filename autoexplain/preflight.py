@@ -44,13 +44,16 @@ def cli_flag(name: str) -> str:
 
 
 def respelled(error: UserError, spell: Spelling) -> UserError:
-    """A run's error about one of its parameters ("parameter NAME: ..."), found after these checks
-    (a dask scheduler gone since), in `spell`'s words: the CLI names the flag its user typed."""
+    """A run's error about one of its parameters ("parameter NAME: ..."), or whose fix names one (a
+    corpus line without the text field), found after these checks (a dask scheduler gone since), in
+    `spell`'s words: the CLI names the flag its user typed."""
+    import re
+
     head, sep, rest = error.problem.partition(": ")
     name = head.removeprefix("parameter ")
-    if not sep or flow_name(name) != head:
-        return error
-    return UserError(f"{spell(name)}: {rest}", error.fix)
+    problem = f"{spell(name)}: {rest}" if sep and flow_name(name) == head else error.problem
+    fix = re.sub(r"\bparameter (\w+)", lambda m: spell(m[1]), error.fix or "") or None
+    return error if (problem, fix) == (error.problem, error.fix) else UserError(problem, fix)
 
 
 def _fail(spell: Spelling, name: str, problem: str, fix: str) -> UserError:
@@ -200,8 +203,9 @@ def check_scorers(specs: str | None, spell: Spelling = flow_name, name: str = "s
 
 # ---- inputs and outputs --------------------------------------------------------------------------
 
-def check_corpus(corpus: str, spell: Spelling = flow_name, name: str = "corpus") -> None:
-    from autoexplain.corpus import TEXT_SUFFIXES
+def check_corpus(corpus: str, spell: Spelling = flow_name, name: str = "corpus", text_field: str = "text") -> None:
+    """The corpus is there, and each file starts as its reading expects (`corpus.check_head`)."""
+    from autoexplain.corpus import TEXT_SUFFIXES, check_head
 
     if corpus == defaults.CORPUS or corpus.startswith("hf:"):
         return
@@ -210,6 +214,7 @@ def check_corpus(corpus: str, spell: Spelling = flow_name, name: str = "corpus")
         raise _fail(spell, name, f"corpus {path} does not exist", "pass 'default', a text file or folder, or hf:NAME")
     if path.is_file() and path.suffix not in TEXT_SUFFIXES:
         raise _fail(spell, name, f"unsupported corpus file type '{path.suffix}'", f"use one of {', '.join(TEXT_SUFFIXES)}")
+    check_head(corpus, text_field, spell)
 
 
 def check_out(out: str, spell: Spelling = flow_name, name: str = "out") -> None:
@@ -378,7 +383,7 @@ def explain_layer(p: dict, spell: Spelling = flow_name) -> LayerPlan:
     check_recording(p, spell)
     check_out(p.get("out", "out"), spell)
     check_results(p.get("results"), spell)
-    check_corpus(p.get("corpus", defaults.CORPUS), spell)
+    check_corpus(p.get("corpus", defaults.CORPUS), spell, text_field=p.get("text_field", "text"))
     model = p.get("model", defaults.SUBJECT)
     shape = model_shape(model, spell)
     source = check_source(p.get("source"), model, p.get("layer"), spell)

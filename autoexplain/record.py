@@ -78,8 +78,7 @@ def corpus_identity(source: str) -> str:
     if path.is_file():
         return f"file:{_corpus_digest(path)}"
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in corpus_mod.TEXT_SUFFIXES)
-        return "dir:" + content_key([_corpus_digest(p) for p in files])
+        return "dir:" + content_key([_corpus_digest(p) for p in corpus_mod.folder_files(path)])
     return source  # hub dataset names: the name is all we know
 
 
@@ -98,7 +97,10 @@ def build_windows(
     max_tokens: int | None = None,
     seed: int = 0,
     text_field: str = "text",
+    spell: corpus_mod.Spelling = corpus_mod.as_flag,
 ) -> WindowsRef:
+    """The corpus cut into windows (`corpus.cut_windows`), or the finished windows of the same corpus,
+    tokenizer and parameters. `spell`: how the caller's users name a parameter, in an error's fix."""
     if window_len < 2:
         raise UserError(f"window length {window_len} is too short", "use --window-len 2 or more (64 is the reference)")
     params = {"window_len": window_len, "max_tokens": max_tokens, "seed": seed, "text_field": text_field}
@@ -108,7 +110,7 @@ def build_windows(
     if stage.done:
         return WindowsRef(path, key, read_manifest(stage.directory)["params"]["n_windows"], window_len)
 
-    docs = corpus_mod.load_documents(source, text_field=text_field)
+    docs = corpus_mod.load_documents(source, text_field=text_field, spell=spell)
     vocab = np.array(subject.token_strings(range(len(subject.tokenizer))), dtype=object)
     n = 0
     with stage.writer(layout.WINDOWS, "windows") as writer:

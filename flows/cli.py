@@ -19,7 +19,8 @@ import typer
 
 from autoexplain import defaults, preflight
 from autoexplain.cli import app
-from autoexplain.cli_common import BUDGET, CACHE, CONCURRENCY, N_RANDOM, RETRIES, RPM, SCORERS, TOP_K, TPM, WINDOW_LEN
+from autoexplain.cli_common import (BUDGET, CACHE, CONCURRENCY, N_RANDOM, RETRIES, RPM, SCORERS, TEXT_FIELD, TOP_K, TPM,
+                                    WINDOW_LEN)
 from autoexplain.console import (
     budget_stopped,
     flat_command_list,
@@ -56,6 +57,7 @@ def explain_layer_cmd(
     units: Optional[str] = typer.Option(None, "--units", "-u", help="Units, e.g. 0-99 (default: the whole layer, both polarities)."),
     model: str = MODEL,
     corpus: str = CORPUS,
+    text_field: str = TEXT_FIELD,
     tokens: int = TOKENS,
     explainer: str = EXPLAINER,
     simulator: str = SIMULATOR,
@@ -77,7 +79,7 @@ def explain_layer_cmd(
     dask: Optional[str] = DASK,
 ):
     """Record if needed, then explain, simulate and score a layer, as a Prefect flow (no server needed)."""
-    params = dict(layer=layer, units=units, model=model, corpus=corpus, tokens=tokens, explainer=explainer,
+    params = dict(layer=layer, units=units, model=model, corpus=corpus, text_field=text_field, tokens=tokens, explainer=explainer,
                   simulator=simulator, scorers=scorers, k=k, shard_size=shard_size, n_boot=n_boot, window_len=window_len, top_k=top_k,
                   n_random=n_random, out=out, results=results, concurrency=concurrency, rpm=rpm, tpm=tpm, retries=retries, cache=cache,
                   budget=budget, source=source, dask=dask)
@@ -91,6 +93,7 @@ def explain_model_cmd(
     units: Optional[str] = typer.Option(None, "--units", "-u", help="Units of every layer, e.g. 0-15 (default: all)."),
     model: str = MODEL,
     corpus: str = CORPUS,
+    text_field: str = TEXT_FIELD,
     tokens: int = TOKENS,
     explainer: str = EXPLAINER,
     simulator: str = SIMULATOR,
@@ -115,7 +118,7 @@ def explain_model_cmd(
     """Record every chosen layer in one pass, then explain, simulate and score them all: one site and one model report."""
     from autoexplain import model_plan
 
-    params = dict(layers=layers, sources=sources, units=units, model=model, corpus=corpus, tokens=tokens,
+    params = dict(layers=layers, sources=sources, units=units, model=model, corpus=corpus, text_field=text_field, tokens=tokens,
                   explainer=explainer, simulator=simulator, scorers=scorers, k=k, shard_size=shard_size, n_boot=n_boot,
                   site=site, window_len=window_len, top_k=top_k, n_random=n_random, out=out, results=results,
                   concurrency=concurrency, rpm=rpm, tpm=tpm, retries=retries, cache=cache, budget=budget, dask=dask)

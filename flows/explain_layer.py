@@ -86,13 +86,13 @@ logging.getLogger("prefect.flow_runs").addFilter(OneLineUserErrors())
 
 @flow(name="record-activations", validate_parameters=True)
 def record_activations(model: str = "smollm2", corpus: str = "default", layers: list[int] | None = None,
-                       tokens: int = 1_000_000, out: str = "out", source: str = "mlp") -> dict:
-    """`source` as in explain_layer; a coder reads one layer, its own unless `layers` names it."""
+                       tokens: int = 1_000_000, out: str = "out", source: str = "mlp", text_field: str = "text") -> dict:
+    """`source` and `text_field` as in explain_layer; a coder reads one layer, its own unless `layers` names it."""
 
     def check():
         preflight.at_least(preflight.flow_name, "tokens", tokens, 1)
         preflight.check_out(out)
-        preflight.check_corpus(corpus)
+        preflight.check_corpus(corpus, text_field=text_field)
         shape = preflight.model_shape(model)
         if layers and len(layers) > 1 and ":" in source:
             raise UserError(f"parameter layers: a coder reads one layer, got {layers}", "set layers to one layer, or leave it out")
@@ -104,7 +104,8 @@ def record_activations(model: str = "smollm2", corpus: str = "default", layers: 
 
     def run():
         chosen, source_id = check()
-        return record_task(model, corpus, chosen, tokens, out_path(out), source=source, source_id=source_id)
+        return record_task(model, corpus, chosen, tokens, out_path(out), source=source, source_id=source_id,
+                           text_field=text_field)
 
     result, failed = checked(run)
     return failed or result
@@ -116,6 +117,7 @@ def explain_layer(
     units: str | int | None = None,
     model: str = "smollm2",
     corpus: str = "default",
+    text_field: str = "text",
     tokens: int = 1_000_000,
     explainer: str = "embedding",
     simulator: str = "embedding",
@@ -144,6 +146,7 @@ def explain_layer(
     `source`: whose units, 'mlp' (the layer's MLP neurons, both polarities) or a sparse coder's
     latents, 'sae:PATH' / 'transcoder:PATH' (a local SAELens, sparsify or GemmaScope folder). `layer`
     defaults to the coder's own layer, and for 'mlp' to the model's middle layer (15 of SmolLM2's 0-29).
+    `text_field`: the field (column) that holds the text in a .jsonl, .parquet or hub corpus.
 
     `concurrency` (LLM requests in flight at once, across the units and shards of this process;
     default 64 for a server URL, 8 for api.openai.com), `rpm` (requests per minute), `tpm` (tokens
@@ -153,7 +156,7 @@ def explain_layer(
     `autoexplain.budget`) are no part of a cache key or of the run's recorded parameters, nor is
     `dask`: the address of a running dask scheduler ('tcp://HOST:8786') whose workers run the
     shards' tasks (default: threads in the flow's process; see `flows.steps.scale_out`)."""
-    params = dict(layer=layer, units=units, model=model, corpus=corpus, tokens=tokens, explainer=explainer,
+    params = dict(layer=layer, units=units, model=model, corpus=corpus, text_field=text_field, tokens=tokens, explainer=explainer,
                   simulator=simulator, scorers=scorers, k=k, shard_size=shard_size, n_boot=n_boot, revisions=revisions,
                   site=site, window_len=window_len, top_k=top_k, n_random=n_random, source=source)
     plan, failed = checked(lambda: preflight.explain_layer({**params, "out": out, "concurrency": concurrency,
@@ -171,13 +174,13 @@ def explain_layer(
 
 
 def _explain_layer(plan: preflight.LayerPlan, out: str, results: str | None, params: dict, *, layer, units, model,
-                   corpus, tokens, explainer, simulator, scorers, k, shard_size, n_boot, revisions, site, window_len, top_k,
-                   n_random, source) -> dict:
+                   corpus, text_field, tokens, explainer, simulator, scorers, k, shard_size, n_boot, revisions, site,
+                   window_len, top_k, n_random, source) -> dict:
     record = with_results(results, record_task)[0]
     # As a state: called in the flow's thread, a task whose body ends in a Failed state (a one-line
     # error) would hand back that state as its value; `result()` raises its error instead.
     records = record(model, corpus, [layer], tokens, out, window_len, top_k, n_random, 0, source, plan.source_id,
-                     return_state=True).result()
+                     text_field, return_state=True).result()
     publish_recording(records)
     work = submit_layer(records, layer, plan.source.kind, plan.units, plan.revisions, explainer=explainer,
                         simulator=simulator, scorers=scorers, model=model, k=k, shard_size=shard_size, n_boot=n_boot,

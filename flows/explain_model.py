@@ -35,6 +35,7 @@ def explain_model(
     units: str | int | None = None,
     model: str = "smollm2",
     corpus: str = "default",
+    text_field: str = "text",
     tokens: int = 1_000_000,
     explainer: str = "embedding",
     simulator: str = "embedding",
@@ -60,7 +61,8 @@ def explain_model(
     ('mlp', the default; 'sae:PATH' / 'transcoder:PATH' at the coder's own layer). `units` (e.g.
     '0-15') applies to every layer. `site`: the model's site folder (default `out`/site/model;
     'none': no site). The other parameters are explain-layer's."""
-    params = dict(layers=layers, sources=sources or ["mlp"], units=units, model=model, corpus=corpus, tokens=tokens,
+    params = dict(layers=layers, sources=sources or ["mlp"], units=units, model=model, corpus=corpus, text_field=text_field,
+                  tokens=tokens,
                   explainer=explainer, simulator=simulator, scorers=scorers, k=k, shard_size=shard_size,
                   n_boot=n_boot, site=site, window_len=window_len, top_k=top_k, n_random=n_random)
     plan, failed = checked(lambda: model_plan.explain_model({**params, "out": out, "concurrency": concurrency,
@@ -82,7 +84,7 @@ def _explain_model(plan: model_plan.ModelPlan, out: str, results: str | None, p:
     # Every source's layers from one pass of the subject: a folder per source, as each alone would write.
     recordings = record(p["model"], p["corpus"], [(spec, [part.layer for part in parts], parts[0].source_id)
                                                    for spec, parts in plan.sources],
-                        p["tokens"], out, p["window_len"], p["top_k"], p["n_random"], 0,
+                        p["tokens"], out, p["window_len"], p["top_k"], p["n_random"], 0, p["text_field"],
                         return_state=True).result()  # its one-line error raised, not returned: see explain_layer
     works = []
     for (spec, parts), records in zip(plan.sources, recordings):

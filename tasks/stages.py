@@ -232,24 +232,27 @@ def warm_up(simulator: str | None = None) -> threading.Thread:
 @_one_line_failures
 def record_task(model: str, corpus: str, layers: list[int], tokens: int, out: str, window_len: int = 64,
                 top_k: int = 40, n_random: int = 30, seed: int = 0, source: str = "mlp",
-                source_id: str = "mlp") -> dict:
+                source_id: str = "mlp", text_field: str = "text") -> dict:
     """`source_id` (`LayerPlan.source_id`) is what the units depend on of `source` (a coder's
-    weights): part of the task's cache key, so new weights at the same path record anew."""
-    return _record(model, corpus, [(source, layers)], tokens, out, window_len, top_k, n_random, seed)[0]
+    weights): part of the task's cache key, so new weights at the same path record anew.
+    `text_field`: the field that holds the text in a .jsonl, .parquet or hub corpus."""
+    return _record(model, corpus, [(source, layers)], tokens, out, window_len, top_k, n_random, seed, text_field)[0]
 
 
 @task(name="record-sources", cache_key_fn=cache_key("record", (build_windows, record_sources, open_unit_source)), **RETRY)
 @_one_line_failures
 def record_sources_task(model: str, corpus: str, sources: list[tuple[str, list[int], str]], tokens: int, out: str,
-                        window_len: int = 64, top_k: int = 40, n_random: int = 30, seed: int = 0) -> list[dict]:
+                        window_len: int = 64, top_k: int = 40, n_random: int = 30, seed: int = 0,
+                        text_field: str = "text") -> list[dict]:
     """`record_task` for several sources at once, from one pass of the subject: `sources` are
     (source, its layers, its source_id); one reference each, in order."""
     return _record(model, corpus, [(spec, layers) for spec, layers, _id in sources], tokens, out, window_len, top_k,
-                   n_random, seed)
+                   n_random, seed, text_field)
 
 
 def _record(model: str, corpus: str, sources: list[tuple[str, list[int]]], tokens: int, out: str, window_len: int,
-            top_k: int, n_random: int, seed: int) -> list[dict]:
+            top_k: int, n_random: int, seed: int, text_field: str) -> list[dict]:
+    from autoexplain.preflight import flow_name
     from autoexplain.subject import PlannedSubject
 
     out = open_root(out)
@@ -259,7 +262,8 @@ def _record(model: str, corpus: str, sources: list[tuple[str, list[int]]], token
         subject.check_layers(layers)
         plans.append((open_unit_source(spec, model, layers[0] if len(layers) == 1 else None),
                       RecordConfig(layers, top_k=top_k, n_random=n_random, seed=seed)))
-    windows = build_windows(subject, corpus, out, window_len, tokens, seed)
+    # A corpus error found past the preflight (a later JSONL line) names the flow parameter; the CLI respells it.
+    windows = build_windows(subject, corpus, out, window_len, tokens, seed, text_field, flow_name)
     recorded = record_sources(subject, windows, plans, out, _progress("record", "tokens"))
     return [{"uri": remote.uri(records.directory), "path": str(records.directory.resolve()),
              "key": records.key, "layers": records.layers, "n_units": unit_source.n_units(subject),

@@ -127,6 +127,58 @@ def test_bad_corpora(base, tmp_path):
     assert f"cannot read corpus file {unreadable}: Input/output error" in line
 
 
+def _bad_corpus(tmp_path, case):
+    """A corpus of each kind the recorder refuses, found from the start of its files."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / {"field": "c.jsonl", "json": "c.jsonl", "empty": "c.txt", "latin1": "c.txt",
+                       "folder": "corpus", "truncated": "c.parquet", "numbers": "c.parquet"}[case]
+    if case == "field":
+        path.write_text("\n".join('{"body": "The river ran quietly past the old mill."}' for _ in range(50)))
+    elif case == "json":
+        path.write_text('\n{"text": "one", \n{"text": "two"}\n')
+    elif case in ("empty", "latin1"):
+        path.write_bytes(b"" if case == "empty" else "caf\u00e9 ".encode("latin-1") * 100)
+    elif case == "folder":
+        path.mkdir()
+        (path / "notes.md").write_text("not a corpus file")
+    else:
+        pq.write_table(pa.table({"text": ["one two three"] * 100 if case == "truncated" else list(range(100))}), path)
+        if case == "truncated":
+            path.write_bytes(path.read_bytes()[:-20])  # the footer cut off, as by an interrupted copy
+    return path
+
+
+BAD_CORPORA = {
+    "field": "{path}:1 has no string field 'text' — name the field that holds the text with --text-field",
+    "json": "{path}:2 is not valid JSON (Expecting property name enclosed in double quotes) — write one JSON object per line",
+    "empty": "corpus '{path}' is empty — give a corpus with some text in it",
+    "latin1": "{path} is not valid UTF-8 (bad byte 0xe9 at offset 3)",
+    "folder": "folder {path} has no .txt/.jsonl/.parquet files — point --corpus at text files",
+    "truncated": "{path} is not a readable parquet file (",
+    "numbers": "{path} column 'text' holds int64, not text — name the field that holds the text with --text-field",
+}
+
+
+@pytest.mark.parametrize("command", ["record", "explain-layer", "explain-model"])
+@pytest.mark.parametrize("case", list(BAD_CORPORA))
+def test_a_bad_corpus_is_one_line_before_the_model_loads(tiny_llama_dir, tmp_path, command, case):
+    """The corpus's content was read only after the subject loaded (8-16 s for SmolLM2; the flow
+    command had started Prefect and its record task): each of these is now the recorder's own line,
+    found by the preflight from the start of the files, with nothing loaded, started or written."""
+    path = _bad_corpus(tmp_path, case)
+    out = tmp_path / "out"
+    own = {"record": ["--layers", "1", "--reservoir", "16"], "explain-layer": ["--layer", "1", "--units", "0-1"],
+           "explain-model": ["--layers", "1", "--units", "0-1"]}[command]
+    result = run(command, "--model", tiny_llama_dir, "--corpus", str(path), *own, "--tokens", "2000",
+                 "--window-len", "8", "--top-k", "4", "--random", "4", "--out", str(out))
+    assert _one_error_line(result).startswith("error: " + BAD_CORPORA[case].format(path=path)), result.stderr
+    assert "loaded in" not in result.stderr and "Loading weights" not in result.stderr, "no model was loaded"
+    assert "Flow run" not in result.stderr, "no flow was started"
+    assert not out.exists(), "nothing written"
+
+
 def test_unknown_model(tmp_path):
     line = _one_error_line(run("record", "--model", "no-org/no-model-here", "--out", str(tmp_path)))
     assert "cannot load model 'no-org/no-model-here'" in line

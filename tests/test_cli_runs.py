@@ -6,6 +6,7 @@ Each command runs as a real process with Prefect's ephemeral server in its own P
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -238,6 +239,34 @@ def test_a_corpus_too_short_for_the_exemplars_is_one_line(home, tiny_llama_dir, 
                  "--out", str(tmp_path / "out"))
     assert "exemplars need at least 70" in _one_error_line(result)
     assert not list((tmp_path / "out").rglob("records/*/manifest.json")), "nothing recorded"
+
+
+def test_explain_layer_reads_the_text_field_that_record_read(home, tiny_llama_dir, prose_corpus, tmp_path):
+    """A JSONL corpus with its text under 'body': explain-layer had no --text-field, and its record
+    task read 'text' (one line, once the flow had started). Now the run reuses the windows and the
+    recording that `record --text-field body` made of the same corpus, and a line further in that
+    lacks the field, which only the reading finds, is the task's one line naming the flag."""
+    corpus = tmp_path / "c.jsonl"
+    paragraphs = Path(prose_corpus).read_text().split("\n\n")
+    corpus.write_text("".join(json.dumps({"id": i, "body": p}) + "\n" for i, p in enumerate(paragraphs)))
+    out = tmp_path / "out"
+    common = ["--model", tiny_llama_dir, "--corpus", str(corpus), "--text-field", "body", "--tokens", "20000",
+              "--window-len", "8", "--top-k", "8", "--random", "6", "--out", str(out)]
+    recorded = cli(home, "record", *common, "--layers", "1")
+    assert recorded.returncode == 0, recorded.stderr[-3000:]
+    windows = sorted((out / "windows").iterdir())
+    layer = ["--layer", "1", "--units", "0-1", "--k", "1", "--shard-size", "2", "--bootstrap", "50"]
+    result = cli(home, "explain-layer", *common, *layer)
+    assert result.returncode == 0, result.stderr[-4000:]
+    run = read_run(out, 1)
+    assert sorted((out / "windows").iterdir()) == windows and len(windows) == 1, "the same windows key"
+    assert Path(run["records"]["path"]) == Path(recorded.stdout.strip().splitlines()[-1]).resolve(), "the same recording"
+    assert run["params"]["text_field"] == "body"
+    late = tmp_path / "late.jsonl"  # another path: the record task's cache knows a corpus by its path
+    late.write_text(corpus.read_text() + json.dumps({"id": len(paragraphs), "title": "no body"}) + "\n")
+    line = _one_error_line(cli(home, "explain-layer", *[str(late) if a == str(corpus) else a for a in common], *layer))
+    assert line == (f"error: {late}:{len(paragraphs) + 1} has no string field 'body' — "
+                    "name the field that holds the text with --text-field"), line
 
 
 def test_stage_commands_refuse_another_recording(home, explained, tiny_llama_dir, prose_corpus, tmp_path):

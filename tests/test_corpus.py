@@ -85,3 +85,25 @@ def test_embedded_corpus_is_real_prose():
     assert len(text) > 5_000_000
     assert "Anarchism" in text and "In the beginning God created" in text
     assert "[[" not in text and "{{" not in text, "wiki markup is stripped"
+
+
+def test_the_head_check_reads_the_start_and_refuses_what_the_reading_would(tmp_path):
+    """`check_head` (the preflight's) reads no further than the first row: a broken line further in is
+    left to the reading, and a folder with one empty file beside a good one is not empty."""
+    from autoexplain.corpus import check_head
+
+    big = tmp_path / "big.jsonl"
+    big.write_text(json.dumps({"body": "x " * 50}) + "\n" + "{broken\n" + (json.dumps({"body": "y"}) + "\n") * 200_000)
+    check_head(str(big), "body")
+    with pytest.raises(UserError, match="big.jsonl:2 is not valid JSON"):
+        load_documents(str(big), "body")
+    with pytest.raises(UserError, match=r"big.jsonl:1 has no string field 'text' — .* with --text-field$"):
+        check_head(str(big))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.txt").write_text("")
+    (folder / "b.txt").write_text("Some words.")
+    check_head(str(folder))
+    (folder / "b.txt").write_text("  \n")
+    with pytest.raises(UserError, match="is empty"):
+        check_head(str(folder))

@@ -195,6 +195,21 @@ def test_every_bad_parameter_fails_before_any_work(run, tmp_path, bad, message):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir()), "nothing written"
 
 
+def test_a_corpus_without_its_text_field_names_the_flow_parameter_before_any_work(run, tmp_path):
+    """A deployment's user is told the flow parameter to set, not the CLI's flag, before any work."""
+    from autoexplain.tasks import stages
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"body": "The river ran quietly past the old mill."}\n' * 50)
+    loaded = stages._subject.cache_info().currsize
+    with pytest.raises(UserError) as caught:
+        run(corpus=str(corpus))
+    assert str(caught.value) == (f"{corpus}:1 has no string field 'text' — "
+                                 "name the field that holds the text with parameter text_field")
+    assert stages._subject.cache_info().currsize == loaded, "no subject was loaded"
+    assert not (tmp_path / "out").exists(), "nothing written"
+
+
 @contextmanager
 def not_a_scheduler(silent: bool = False):
     """The address of a real loopback listener that is no dask scheduler: it closes each connection
