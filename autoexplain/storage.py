@@ -271,10 +271,22 @@ def write_run(root: str | os.PathLike, layer: int, run: dict, report: str | None
 
 
 def read_run(root: str | os.PathLike, layer: int, kind: str = MLP.kind) -> dict | None:
+    """The layer's run pointer (None where there is none), or a UserError for one that is no longer
+    JSON: cut short or edited by hand."""
+    from autoexplain.errors import UserError
+
     path = run_file(root, layer, kind)
     if not remote.pull_file(path):
         return None
-    return _run_as(json.loads(path.read_text()), Path(root).resolve(), _read_ref, _read_place)
+    try:
+        run = json.loads(path.read_text())
+    except ValueError:  # a JSONDecodeError, or bytes cut inside a character
+        run = None
+    if not isinstance(run, dict):
+        raise UserError(f"{path} is not a readable run pointer (changed or truncated)",
+                        "delete it and rerun the explain-layer command that made the run, which writes it (what "
+                        "the run finished is reused)")
+    return _run_as(run, Path(root).resolve(), _read_ref, _read_place)
 
 
 # A run's fields that name a place, besides its outputs' references: the site's folder (a path, or
