@@ -289,6 +289,21 @@ def read_run(root: str | os.PathLike, layer: int, kind: str = MLP.kind) -> dict 
     return _run_as(run, Path(root).resolve(), _read_ref, _read_place)
 
 
+def require_outputs(run: dict, stages: tuple[str, ...]) -> None:
+    """Every output of `stages` that a run pointer names (a recording with its windows), here (pulled
+    from its URL) and whole, or the UserError of the first that is not (`require_complete`): a
+    command that reads a run checks it before any work, not when a task trips over it."""
+    for stage in stages:
+        refs = run.get(stage) or []
+        for ref in refs if isinstance(refs, list) else [refs]:
+            ref = local_ref(ref)
+            folders = [(stage, Path(ref["path"]))] if "layers" in ref else [(stage, Path(ref["path"]).parent)]
+            folders += [("windows", Path(ref["windows"]).parent)] if "windows" in ref else []
+            for what, folder in folders:
+                require_complete(folder, what, "delete it and rerun the command that made the run (explain-layer, "
+                                 "rescore or revise): what it finished is reused")
+
+
 # A run's fields that name a place, besides its outputs' references: the site's folder (a path, or
 # a URL under a URL root), the model's site folder of an explain-model run, and the site's index URI.
 _PLACES = ("site_dir", "model_site_dir", "site")

@@ -73,6 +73,16 @@ def flow_fails(flow, line: str, monkeypatch, **params) -> None:
     assert state.is_failed() and state.message == line, state.message
 
 
+def test_a_truncated_recording_stops_publish(made, home, tmp_path, monkeypatch):  # noqa: F811
+    from autoexplain.flows.publish import publish_dataset
+
+    copy, cut = damaged(made, tmp_path, lambda c: cut_in_half(next(c.glob("records/*/layer_1.records.parquet"))))
+    line = publish_fails(home, copy, cut, tmp_path)
+    assert line.startswith(f"{cut} does not match its manifest (changed or truncated) — delete {cut.parent} and rerun")
+    flow_fails(publish_dataset, line, monkeypatch, out=str(copy), to=str(tmp_path / "dataset"), license="cc-by-4.0")
+    assert not (tmp_path / "dataset").exists()
+
+
 def test_a_truncated_run_pointer_is_one_line_naming_it(made, home, tmp_path, monkeypatch):  # noqa: F811
     from autoexplain.flows.explain_layer import rescore, revise
     from autoexplain.flows.publish import publish_dataset
