@@ -83,6 +83,20 @@ def test_a_truncated_recording_stops_publish(made, home, tmp_path, monkeypatch):
     assert not (tmp_path / "dataset").exists()
 
 
+def test_truncated_scores_stop_publish_and_rescore_before_any_work(made, home, tmp_path, monkeypatch):  # noqa: F811
+    """rescore compares with the previous scores: it re-simulated and re-scored everything, then
+    failed on them with a traceback."""
+    from autoexplain.flows.explain_layer import rescore
+    from autoexplain.flows.publish import publish_dataset
+
+    copy, cut = damaged(made, tmp_path, lambda c: cut_in_half(next(c.glob("scores/*/layer_1.parquet"))))
+    line = publish_fails(home, copy, cut, tmp_path)
+    assert line.startswith(f"{cut} does not match its manifest (changed or truncated)"), line
+    assert fails_in_one_line(home, copy, cut, "rescore", "--out", str(copy), "--layer", "1", "--bootstrap", "20") == line
+    flow_fails(rescore, line, monkeypatch, out=str(copy), layer=1, n_boot=20)
+    flow_fails(publish_dataset, line, monkeypatch, out=str(copy), to=str(tmp_path / "dataset"), license="cc-by-4.0")
+
+
 def test_a_truncated_run_pointer_is_one_line_naming_it(made, home, tmp_path, monkeypatch):  # noqa: F811
     from autoexplain.flows.explain_layer import rescore, revise
     from autoexplain.flows.publish import publish_dataset
@@ -102,3 +116,23 @@ def test_a_truncated_run_pointer_is_one_line_naming_it(made, home, tmp_path, mon
     flow_fails(rescore, line, monkeypatch, out=str(copy), layer=1)
     flow_fails(revise, line, monkeypatch, out=str(copy), layer=1, revisions={"1": "hi"})
     flow_fails(publish_dataset, line, monkeypatch, out=str(copy), to=str(tmp_path / "dataset"), license="cc-by-4.0")
+
+
+def test_rescore_checks_the_run_s_explanations_before_any_work_as_revise_does(made, home, tmp_path,  # noqa: F811
+                                                                               monkeypatch):
+    """A deleted explanations folder: revise said so in its preflight; rescore only after its
+    tasks had started, from a failed task."""
+    from autoexplain.flows.explain_layer import rescore, revise
+
+    def delete_explanations(c: Path) -> Path:
+        folder = next(c.glob("explanations/*"))
+        shutil.rmtree(folder)
+        return folder
+
+    copy, folder = damaged(made, tmp_path, delete_explanations)
+    out = ["--out", str(copy), "--layer", "1"]
+    line = fails_in_one_line(home, copy, folder, "revise", *out, "--unit", "1", "--text", "hi")
+    assert line.startswith(f"{folder} does not exist"), line
+    assert fails_in_one_line(home, copy, folder, "rescore", *out) == line
+    flow_fails(rescore, line, monkeypatch, out=str(copy), layer=1)
+    flow_fails(revise, line, monkeypatch, out=str(copy), layer=1, revisions={"1": "hi"})
