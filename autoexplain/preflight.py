@@ -426,13 +426,15 @@ def run_of(out: str, layer: int | None, source: str | None, spell: Spelling = fl
 
 def find_run(out: str, layer: int, spell: Spelling = flow_name, kind: str = MLP.kind) -> dict:
     """The latest finished run of `layer`'s units of source `kind` under the output root `out` (its
-    pointer, `storage.run_file`), or a UserError naming the parameter to set."""
-    from autoexplain.storage import open_root, read_run, run_file, run_layers, run_sources
+    pointer, `storage.run_file`) with the outputs rescore and revise read here and whole (the previous
+    scores too: they compare), or a UserError naming the parameter to set or the file that is not."""
+    from autoexplain.storage import open_root, read_run, require_outputs, run_file, run_layers, run_sources
 
     check_root(out, spell)
     root = open_root(out)
     run = read_run(root, layer, kind)
     if run is not None:
+        require_outputs(run, ("records", "explanations", "scores"))
         return run
     others = [k for L, k in run_sources(root) if L == layer and k != kind]
     if others:

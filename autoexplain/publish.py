@@ -32,7 +32,7 @@ from autoexplain import defaults, files, layout, remote
 from autoexplain.errors import UserError
 from autoexplain.rows import rows_to_table
 from autoexplain.sources import MLP
-from autoexplain.storage import local_ref, open_root, read_run, run_sources
+from autoexplain.storage import local_ref, open_root, read_run, require_outputs, run_sources
 from autoexplain.schemas import HERE as SCHEMAS
 
 TABLES = {  # table -> (the stage schema its columns come from, what a row is)
@@ -230,6 +230,8 @@ def publish(out: str, to: str | Path, layers: list[int] | None = None, license_:
     if occupied and not ours:
         raise UserError(f"{url or to} is not empty and holds no dataset that publish wrote", "choose an empty or new folder")
     runs = {(L, kind): read_run(root, L, kind) for L, kind in found if L in (layers or have)}
+    for run in runs.values():  # every table is read whole before anything is written
+        require_outputs(run, ("records", "explanations", "simulations", "scores"))
     corpus = next(iter(runs.values()))["params"]["corpus"]
     license_ = license_ or CORPUS_LICENSE.get(corpus)
     if not license_:

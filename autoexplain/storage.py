@@ -271,10 +271,37 @@ def write_run(root: str | os.PathLike, layer: int, run: dict, report: str | None
 
 
 def read_run(root: str | os.PathLike, layer: int, kind: str = MLP.kind) -> dict | None:
+    """The layer's run pointer (None where there is none), or a UserError for one that is no longer
+    JSON: cut short or edited by hand."""
+    from autoexplain.errors import UserError
+
     path = run_file(root, layer, kind)
     if not remote.pull_file(path):
         return None
-    return _run_as(json.loads(path.read_text()), Path(root).resolve(), _read_ref, _read_place)
+    try:
+        run = json.loads(path.read_text())
+    except ValueError:  # a JSONDecodeError, or bytes cut inside a character
+        run = None
+    if not isinstance(run, dict):
+        raise UserError(f"{path} is not a readable run pointer (changed or truncated)",
+                        "delete it and rerun the explain-layer command that made the run, which writes it (what "
+                        "the run finished is reused)")
+    return _run_as(run, Path(root).resolve(), _read_ref, _read_place)
+
+
+def require_outputs(run: dict, stages: tuple[str, ...]) -> None:
+    """Every output of `stages` that a run pointer names (a recording with its windows), here (pulled
+    from its URL) and whole, or the UserError of the first that is not (`require_complete`): a
+    command that reads a run checks it before any work, not when a task trips over it."""
+    for stage in stages:
+        refs = run.get(stage) or []
+        for ref in refs if isinstance(refs, list) else [refs]:
+            ref = local_ref(ref)
+            folders = [(stage, Path(ref["path"]))] if "layers" in ref else [(stage, Path(ref["path"]).parent)]
+            folders += [("windows", Path(ref["windows"]).parent)] if "windows" in ref else []
+            for what, folder in folders:
+                require_complete(folder, what, "delete it and rerun the command that made the run (explain-layer, "
+                                 "rescore or revise): what it finished is reused")
 
 
 # A run's fields that name a place, besides its outputs' references: the site's folder (a path, or
