@@ -56,18 +56,19 @@ def respelled(error: UserError, spell: Spelling) -> UserError:
     return error if (problem, fix) == (error.problem, error.fix) else UserError(problem, fix)
 
 
-def _fail(spell: Spelling, name: str, problem: str, fix: str) -> UserError:
+def refuse(spell: Spelling, name: str, problem: str, fix: str) -> UserError:
+    """The error for parameter `name`, spelled as the caller's users know it (flag or flow parameter)."""
     return UserError(f"{spell(name)}: {problem}", fix)
 
 
 def for_parameter(spell: Spelling, name: str, e: UserError) -> UserError:
-    """`e` said of the parameter `name`, spelled as the caller's users know it (flag or flow parameter)."""
-    return _fail(spell, name, e.problem, e.fix or "")
+    """`e` said of the parameter `name` (see `refuse`)."""
+    return refuse(spell, name, e.problem, e.fix or "")
 
 
 def at_least(spell: Spelling, name: str, value: int, low: int) -> None:
     if value is None or value < low:
-        raise _fail(spell, name, f"must be at least {low}, got {value}", f"pass {spell(name).split()[-1]} >= {low}")
+        raise refuse(spell, name, f"must be at least {low}, got {value}", f"pass {spell(name).split()[-1]} >= {low}")
 
 
 def model_shape(model: str, spell: Spelling = flow_name, name: str = "model") -> Shape:
@@ -80,7 +81,7 @@ def model_shape(model: str, spell: Spelling = flow_name, name: str = "model") ->
 
 def check_layer(shape: Shape, layer: int, spell: Spelling = flow_name, name: str = "layer") -> None:
     if not 0 <= layer < shape.n_layers:
-        raise _fail(spell, name, f"layer {layer} is out of range for {shape.name}, which has layers 0..{shape.n_layers - 1}",
+        raise refuse(spell, name, f"layer {layer} is out of range for {shape.name}, which has layers 0..{shape.n_layers - 1}",
                     f"pass a layer from 0 to {shape.n_layers - 1}")
 
 
@@ -121,7 +122,7 @@ def check_llm(spec: str, spell: Spelling, name: str, needs_echo: bool = False) -
     prices.table()  # a server LLM is priced: a broken $AUTOEXPLAIN_PRICES file stops the run now, not after recording
     url = p.url or OPENAI_URL
     if url == OPENAI_URL and not os.environ.get("OPENAI_API_KEY"):
-        raise _fail(spell, name, f"$OPENAI_API_KEY is not set, and {url} needs an API key",
+        raise refuse(spell, name, f"$OPENAI_API_KEY is not set, and {url} needs an API key",
                     "export OPENAI_API_KEY=..., or use a local server: 'openai:MODEL@http://127.0.0.1:8000/v1'")
     try:
         probe_server(url, p.model, os.environ.get("OPENAI_API_KEY"), needs_echo)
@@ -139,7 +140,7 @@ def check_limits(concurrency: int | None, rpm: float | None, spell: Spelling = f
         at_least(spell, "retries", retries, 0)
     for name, value, what in (("rpm", rpm, "requests"), ("tpm", tpm, "tokens")):
         if value is not None and not value > 0:
-            raise _fail(spell, name, f"must be more than 0 {what} per minute, got {value}",
+            raise refuse(spell, name, f"must be more than 0 {what} per minute, got {value}",
                         f"pass {spell(name).split()[-1]} > 0, or leave it out for no limit")
 
 
@@ -168,7 +169,7 @@ def check_budget(budget: str | None, spell: Spelling = flow_name, *, explainer: 
     for llm in llms - {None}:
         p = registry.parse_llm(llm)
         if p.kind != "local" and prices.price_of(p.model) is None:
-            raise _fail(spell, "budget", f"is in dollars, but the model '{p.model}' has no price in {prices.source()}",
+            raise refuse(spell, "budget", f"is in dollars, but the model '{p.model}' has no price in {prices.source()}",
                         f"add it to a table named by ${prices.OVERRIDE_ENV}, or give the budget in tokens ('2M tokens')")
     return limit
 
@@ -211,9 +212,9 @@ def check_corpus(corpus: str, spell: Spelling = flow_name, name: str = "corpus",
         return
     path = Path(corpus).expanduser()
     if not path.exists():
-        raise _fail(spell, name, f"corpus {path} does not exist", "pass 'default', a text file or folder, or hf:NAME")
+        raise refuse(spell, name, f"corpus {path} does not exist", "pass 'default', a text file or folder, or hf:NAME")
     if path.is_file() and path.suffix not in TEXT_SUFFIXES:
-        raise _fail(spell, name, f"unsupported corpus file type '{path.suffix}'", f"use one of {', '.join(TEXT_SUFFIXES)}")
+        raise refuse(spell, name, f"unsupported corpus file type '{path.suffix}'", f"use one of {', '.join(TEXT_SUFFIXES)}")
     check_head(corpus, text_field, spell)
 
 
@@ -235,9 +236,9 @@ def check_out(out: str, spell: Spelling = flow_name, name: str = "out") -> None:
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise _fail(spell, name, f"cannot write under {path}: {probe} is a file", "pass a folder path")
+        raise refuse(spell, name, f"cannot write under {path}: {probe} is a file", "pass a folder path")
     if not os.access(probe, os.W_OK | os.X_OK) or not _can_make_folder_in(probe):
-        raise _fail(spell, name, f"cannot write under {path}: {probe} is not writable", "pass a writable folder")
+        raise refuse(spell, name, f"cannot write under {path}: {probe} is not writable", "pass a writable folder")
 
 
 def _can_make_folder_in(folder: Path) -> bool:
@@ -273,7 +274,7 @@ def _outlives_the_command(url: str, spell: Spelling, name: str) -> None:
     from autoexplain import remote
 
     if remote.in_process(url) and (spell is cli_flag or PROCESS_ENDS_WITH_RUN.get()):
-        raise _fail(spell, name, f"{url} lives in this process's memory: what is written there vanishes when "
+        raise refuse(spell, name, f"{url} lives in this process's memory: what is written there vanishes when "
                     + ("the command exits" if spell is cli_flag else "the run's process exits"), "pass a folder or a persistent URL (file:///path, s3://bucket/run, ...)")
 
 
@@ -296,15 +297,15 @@ def check_revisions(revisions: dict[str, str] | None, units: list[int] | None, s
         except ValueError:
             unit_i, pol_i = -1, 0
         if unit_i < 0 or pol_i not in (1, -1):
-            raise _fail(spell, name, f"cannot read the revision key '{key}'", "write 'UNIT' or 'UNIT:+1' / 'UNIT:-1', e.g. '12:-1'")
+            raise refuse(spell, name, f"cannot read the revision key '{key}'", "write 'UNIT' or 'UNIT:+1' / 'UNIT:-1', e.g. '12:-1'")
         if units is not None and unit_i not in units:
-            raise _fail(spell, name, f"unit {unit_i} is not among the units this run explains",
+            raise refuse(spell, name, f"unit {unit_i} is not among the units this run explains",
                         "revise a unit inside the run's units")
         if pol_i not in polarities:
-            raise _fail(spell, name, f"'{key}': this run's units have polarity {polarities[0]:+d} only",
+            raise refuse(spell, name, f"'{key}': this run's units have polarity {polarities[0]:+d} only",
                         f"write '{unit_i}' or '{unit_i}:{polarities[0]:+d}'")
         if not isinstance(text, str) or not text.strip():
-            raise _fail(spell, name, f"the revision of '{key}' is empty", "give the explanation's new text")
+            raise refuse(spell, name, f"the revision of '{key}' is empty", "give the explanation's new text")
         parsed[(unit_i, pol_i)] = text.strip()
     return parsed
 
@@ -317,7 +318,7 @@ def check_same_coder(out: str, layer: int, source, source_id: str, spell: Spelli
 
     theirs = other_coder(out, layer, source, source_id)
     if theirs:
-        raise _fail(spell, "source", f"{out} already holds layer {layer}'s {source.kind} latents of another coder "
+        raise refuse(spell, "source", f"{out} already holds layer {layer}'s {source.kind} latents of another coder "
                     f"({theirs}): this run would replace its run pointer and pages", "explain this coder into "
                     f"another output root, or remove runs/{layer_name(layer, source.kind)}.json there to replace that run")
 
@@ -366,11 +367,11 @@ def check_recording(p: dict, spell: Spelling = flow_name) -> None:
             at_least(spell, name, p[name], low)
     window_len, top_k, n_random = p.get("window_len", 64), p.get("top_k", 40), p.get("n_random", 30)
     if "tokens" in p and p["tokens"] // window_len < top_k + n_random:
-        raise _fail(spell, "tokens", f"{p['tokens']} tokens make {p['tokens'] // window_len} windows of {window_len}, "
+        raise refuse(spell, "tokens", f"{p['tokens']} tokens make {p['tokens'] // window_len} windows of {window_len}, "
                     f"fewer than the {top_k} top + {n_random} random exemplars kept per unit",
                     f"pass at least {(top_k + n_random) * window_len} tokens, or fewer exemplars")
     if p.get("reservoir", n_random) < n_random:
-        raise _fail(spell, "reservoir", f"a sample of {p['reservoir']} windows cannot hold the {n_random} random "
+        raise refuse(spell, "reservoir", f"a sample of {p['reservoir']} windows cannot hold the {n_random} random "
                     "exemplars kept per unit", f"pass {spell('reservoir').split()[-1]} >= {n_random}, or fewer random exemplars")
 
 
@@ -397,7 +398,7 @@ def explain_layer(p: dict, spell: Spelling = flow_name) -> LayerPlan:
         shape = Shape(shape.name, shape.n_layers, source.n_units(None))
     units = check_units(shape, p.get("units"), spell)
     if units == []:
-        raise _fail(spell, "units", "selects no unit", "pass a range like 0-99")
+        raise refuse(spell, "units", "selects no unit", "pass a range like 0-99")
     revisions = check_revisions(p.get("revisions"), units, spell, polarities=source.polarities)
     check_limits(p.get("concurrency"), p.get("rpm"), spell, p.get("tpm"), p.get("retries"))
     check_dask(p.get("dask"), spell)
@@ -407,48 +408,3 @@ def explain_layer(p: dict, spell: Spelling = flow_name) -> LayerPlan:
     limit = check_budget(p.get("budget"), spell, explainer=p.get("explainer"), simulator=p.get("simulator"),
                          scorers=p.get("scorers"))
     return LayerPlan(shape, units, revisions, limit, layer, source, source_id)
-
-
-def run_of(out: str, layer: int | None, source: str | None, spell: Spelling = flow_name) -> dict:
-    """`find_run` for a source as given ('mlp', 'sae:PATH' or a kind) and a layer or None: then the
-    coder's own layer, else the one layer holding a run of those units (a model's middle layer
-    is not known here), else the default layer."""
-    from autoexplain import remote
-    from autoexplain.storage import open_root, run_layers
-
-    kind, own = source_kind(source, spell)
-    if layer is None and own is None and (remote.is_url(out) or Path(out).is_dir()):
-        check_root(out, spell)
-        have = run_layers(open_root(out), kind)
-        own = have[0] if len(have) == 1 else None
-    return find_run(out, defaults.LAYER if layer is None and own is None else own if layer is None else layer, spell, kind)
-
-
-def find_run(out: str, layer: int, spell: Spelling = flow_name, kind: str = MLP.kind) -> dict:
-    """The latest finished run of `layer`'s units of source `kind` under the output root `out` (its
-    pointer, `storage.run_file`) with the outputs rescore and revise read here and whole (the previous
-    scores too: they compare), or a UserError naming the parameter to set or the file that is not."""
-    from autoexplain.storage import open_root, read_run, require_outputs, run_file, run_layers, run_sources
-
-    check_root(out, spell)
-    root = open_root(out)
-    run = read_run(root, layer, kind)
-    if run is not None:
-        require_outputs(run, ("records", "explanations", "scores"))
-        return run
-    others = [k for L, k in run_sources(root) if L == layer and k != kind]
-    if others:
-        raise _fail(spell, "source", f"{out} holds no finished run of layer {layer}'s {kind} units "
-                    f"(it has {', '.join(others)})", f"set {spell('source').split()[-1]} to one of those")
-    have = run_layers(root, kind)
-    if have:
-        raise _fail(spell, "layer", f"{out} holds no finished explain-layer run of layer {layer} "
-                    f"(it has layers {', '.join(map(str, have))})", f"set {spell('layer').split()[-1]} to one of those")
-    elsewhere = run_sources(root)  # only other sources' units, at other layers
-    if elsewhere:
-        raise _fail(spell, "source", f"{out} holds no finished run of layer {layer}'s {kind} units (it has "
-                    + ", ".join(f"layer {L}'s {k}" for L, k in elsewhere) + ")",
-                    f"set {spell('source').split()[-1]} and {spell('layer').split()[-1]} to one of those")
-    raise _fail(spell, "out", f"{out} holds no finished explain-layer run (looked for "
-                f"{run_file(root, layer, kind).relative_to(root)})",
-                f"set {spell('out').split()[-1]} to the output root of an explain-layer run, or run explain-layer there first")

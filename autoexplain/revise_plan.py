@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from autoexplain import preflight
+from autoexplain import preflight, run_lookup
 from autoexplain.errors import UserError
 from autoexplain.registry import DEFAULT_SCORER, DEFAULT_SIMULATOR
 
@@ -65,7 +65,7 @@ def plan(out: str, layer: int | None, source: str | None, revisions: dict[str, s
          spell: preflight.Spelling = preflight.flow_name, name: str = "revisions", budget: str | None = None) -> RevisePlan:
     """Everything a revise checks before any work: the run, its simulator and scorers still usable,
     the budget, and every revision a unit and polarity the run explained."""
-    run = preflight.run_of(out, layer, source, spell)
+    run = run_lookup.run_of(out, layer, source, spell)
     params = run["params"]
     simulator = params.get("simulator") or DEFAULT_SIMULATOR
     scorers = params.get("scorers") or DEFAULT_SCORER

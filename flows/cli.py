@@ -17,7 +17,7 @@ from typing import Optional
 
 import typer
 
-from autoexplain import defaults, preflight
+from autoexplain import defaults, preflight, run_lookup
 from autoexplain.cli import app
 from autoexplain.cli_common import (BUDGET, CACHE, CONCURRENCY, N_RANDOM, RETRIES, RPM, SCORERS, TEXT_FIELD, TOP_K, TPM,
                                     WINDOW_LEN)
@@ -163,7 +163,7 @@ def rescore_cmd(
         preflight.check_simulator(simulator, preflight.cli_flag)
         preflight.check_scorers(scorers, preflight.cli_flag)
         preflight.check_budget(budget, preflight.cli_flag, simulator=simulator, scorers=scorers)
-        preflight.run_of(out, layer, source, preflight.cli_flag)
+        run_lookup.run_of(out, layer, source, preflight.cli_flag)
 
     run_or_exit(lambda: _run_flow("rescore", params, check))
 

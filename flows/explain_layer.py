@@ -25,7 +25,7 @@ from prefect import flow
 from prefect.runtime import deployment
 from prefect.states import Failed
 
-from autoexplain import preflight
+from autoexplain import preflight, run_lookup
 from autoexplain.budget import set_budget
 from autoexplain.errors import UserError
 from autoexplain.registry import DEFAULT_SCORER, simulator_identity
@@ -204,7 +204,7 @@ def rescore(out: str = "out", layer: int | None = None, simulator: str = "embedd
     """Re-simulate and re-score the latest explain-layer run of `layer` under `out`, and compare.
     `source`: whose units, as given to explain-layer ('mlp', 'sae:PATH') or by the kind its pages
     show ('sae-res-16k'). `layer` defaults to the coder's own, or the one layer with a run of those
-    units, or 15 (`preflight.run_of`). `concurrency`, `rpm`, `tpm`, `retries`, `cache`, `budget` and
+    units, or 15 (`run_lookup.run_of`). `concurrency`, `rpm`, `tpm`, `retries`, `cache`, `budget` and
     `dask` as in explain_layer."""
     limit = []
 
@@ -221,7 +221,7 @@ def rescore(out: str = "out", layer: int | None = None, simulator: str = "embedd
         if not is_url(out) and not Path(out).is_dir():
             raise UserError(f"parameter out: {Path(out).absolute()} does not exist",
                             "set out to the output root of an explain-layer run")
-        return preflight.run_of(out, layer, source)
+        return run_lookup.run_of(out, layer, source)
 
     run, failed = checked(check)
     if failed:

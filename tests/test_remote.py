@@ -328,7 +328,7 @@ def test_a_damaged_output_at_the_url_is_repaired_by_a_fresh_machine(run, tmp_pat
 
 
 def test_a_fresh_machine_lists_and_publishes_the_runs_at_the_url(run, tmp_path, cache):
-    from autoexplain import preflight
+    from autoexplain import run_lookup
     from autoexplain.publish import publish
     from autoexplain.storage import run_sources
 
@@ -338,7 +338,7 @@ def test_a_fresh_machine_lists_and_publishes_the_runs_at_the_url(run, tmp_path, 
     assert run_sources(open_root(url)) == [(1, "mlp")]
     shutil.rmtree(cache / "mirror")
     with pytest.raises(UserError, match=r"no finished explain-layer run of layer 2 \(it has layers 1\)"):
-        preflight.find_run(url, 2)
+        run_lookup.find_run(url, 2)
     shutil.rmtree(cache / "mirror")
     dataset = publish(url, tmp_path / "dataset", license_="cc-by-4.0")
     assert (dataset / "README.md").is_file() and any((dataset / "data").rglob("*.parquet"))
