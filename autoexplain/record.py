@@ -28,10 +28,11 @@ from autoexplain.latents import SparseLatents
 from autoexplain.records import QUANTILE_BINS, RANDOM_DEAL, TOP_DEAL
 from autoexplain.output_side import OUTPUT_COLUMNS
 from autoexplain.sources import MLP, UnitSource
-from autoexplain.storage import content_key, file_digest, is_complete, read_manifest
+from autoexplain.storage import content_key, is_complete, read_manifest
 from autoexplain.store import Stage, stage_key
 from autoexplain.schemas import load_schema
 from autoexplain.subject import Subject
+from autoexplain.weights import file_sha256
 
 Progress = Callable[[int, int], None]  # (tokens done, tokens total)
 
@@ -84,7 +85,7 @@ def corpus_identity(source: str) -> str:
 
 def _corpus_digest(path: Path) -> str:
     try:
-        return file_digest(path)
+        return file_sha256(path)[:16]  # kept per file stat: a run's cache key asks for it too
     except OSError as e:
         raise corpus_mod.unreadable(path, e) from None
 

@@ -34,15 +34,18 @@ RETRY = dict(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2
              retry_condition_fn=transient, persist_result=True)
 
 
-def cache_key(stage: str, entries: tuple, prompts: str = ""):
+def cache_key(stage: str, entries: tuple, prompts: str = "", inputs=None):
     """The task's cache key (with the code identity of `entries`, the library functions the task
     runs), or None (run the task, whose stage finds or rebuilds its output) when
     the result cached under that key names an output that is gone, unfinished or damaged: the
-    store is the truth, and a cache must never answer with a folder that is not there."""
+    store is the truth, and a cache must never answer with a folder that is not there. `inputs`
+    maps the parameters to what the output depends on, where a parameter names a file (a model or a
+    corpus by its path: edited in place, it is another input)."""
 
     def cache_key(context, parameters) -> str | None:
         # The store's key function: a task's result is keyed as a stage output is, its parameters
         # (which carry the inputs' keys) with the code identity of what it runs.
+        parameters = inputs(parameters) if inputs else parameters
         key = f"{stage}-" + stage_key({"params": {k: _by_uri(v) for k, v in parameters.items()},
                                        "prompts": prompts(parameters) if callable(prompts) else prompts}, *entries)
         return key if _cached_output_is_whole(context, key) else None

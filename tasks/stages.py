@@ -40,7 +40,7 @@ from autoexplain.counters import COUNTS
 from autoexplain.errors import UserError
 from autoexplain.pipeline import ExplainConfig
 from autoexplain.registry import explainer_prompt, simulator_identity
-from autoexplain.record import RecordConfig, build_windows, record_sources
+from autoexplain.record import RecordConfig, build_windows, corpus_identity, record_sources
 from autoexplain.source_coder import open_unit_source
 from autoexplain.sources import MLP
 from autoexplain.storage import local_ref, open_root
@@ -228,7 +228,18 @@ def warm_up(simulator: str | None = None) -> threading.Thread:
     return thread
 
 
-@task(name="record", cache_key_fn=cache_key("record", (build_windows, record_sources, open_unit_source)), **RETRY)
+def _recorded_from(p: dict) -> dict:
+    """A recording's parameters with the model and corpus by content, not by path: the same path
+    edited in place must not answer with the recording of what it held before."""
+    from autoexplain.subject import fingerprint_of
+
+    return {**p, "model": fingerprint_of(p["model"]), "corpus": corpus_identity(p["corpus"])}
+
+
+RECORDING_KEY = cache_key("record", (build_windows, record_sources, open_unit_source), inputs=_recorded_from)
+
+
+@task(name="record", cache_key_fn=RECORDING_KEY, **RETRY)
 @_one_line_failures
 def record_task(model: str, corpus: str, layers: list[int], tokens: int, out: str, window_len: int = 64,
                 top_k: int = 40, n_random: int = 30, seed: int = 0, source: str = "mlp",
@@ -239,7 +250,7 @@ def record_task(model: str, corpus: str, layers: list[int], tokens: int, out: st
     return _record(model, corpus, [(source, layers)], tokens, out, window_len, top_k, n_random, seed, text_field)[0]
 
 
-@task(name="record-sources", cache_key_fn=cache_key("record", (build_windows, record_sources, open_unit_source)), **RETRY)
+@task(name="record-sources", cache_key_fn=RECORDING_KEY, **RETRY)
 @_one_line_failures
 def record_sources_task(model: str, corpus: str, sources: list[tuple[str, list[int], str]], tokens: int, out: str,
                         window_len: int = 64, top_k: int = 40, n_random: int = 30, seed: int = 0,

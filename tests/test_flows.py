@@ -48,6 +48,18 @@ def test_second_identical_run_recomputes_nothing(run):
     assert sorted(s["key"] for s in again["scores"]) == sorted(s["key"] for s in first["scores"])
 
 
+def test_a_corpus_edited_in_place_is_recorded_again(run, tmp_path, prose_corpus):
+    """Prefect's task cache keys a recording by the corpus's content, as the store does: the same
+    path holding other text must not answer with the recording of what it held before."""
+    corpus = tmp_path / "edited.txt"
+    corpus.write_text(prose_corpus.read_text())
+    first, _ = run(corpus=str(corpus), explainer="embedding", units="0-1")
+    corpus.write_text(corpus.read_text() + "\nThe mill stopped when the river froze in the long winter.\n")
+    again, counts = run(corpus=str(corpus), explainer="embedding", units="0-1")
+    assert counts.get("subject_forward", 0) > 0, "the edited corpus was recorded"
+    assert again["records"]["key"] != first["records"]["key"]
+
+
 def test_explainer_prompt_edit_reruns_explain_simulate_score_never_recording(run, tmp_path, monkeypatch):
     run()
     _prompts_copy(tmp_path, monkeypatch, "explainer_system.txt", " Be brief.")
