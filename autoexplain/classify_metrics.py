@@ -15,6 +15,7 @@ point estimate as `scoring` does).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -26,6 +27,10 @@ BALANCED_ACCURACY, AUC, INTRUDER_ACCURACY, EMBEDDING_AUC = "balanced_accuracy", 
 FAMILIES = {"binary": (BALANCED_ACCURACY, AUC), "intruder": (INTRUDER_ACCURACY,), "similarity": (EMBEDDING_AUC,)}
 NEGATIVE_KINDS = ("random", "similar", "cofiring", "active")
 NO_TRIALS = "no trials: too few activating or non-activating test windows to ask about"
+NO_NEGATIVES = {  # a unit asked about, but with none of the layer's hard negatives of this kind (`negatives`)
+    "similar": "no similar negatives: no pool window like its activating ones leaves it silent",
+    "cofiring": "no cofiring negatives: no pool window where a unit that fires with it fires and it does not",
+}
 
 
 PREFIXES = {"binary": ("detection", "fuzzing")}  # binary scorers name their metrics after themselves
@@ -120,14 +125,18 @@ def metrics(family: str, trials: Sequence, n_boot: int = 1000, seed: int = 0, pr
             kinds: Sequence[str] = ()) -> dict[str, Score]:
     """Every metric of a scorer's family, per kind of negatives present in the trials, named
     '[PREFIX_]METRIC@KIND' ('detection_balanced_accuracy@similar', 'intruder_accuracy@random').
-    The `kinds` a scorer always asks about are reported even without trials (undefined), so a unit
-    too dense or too sparse to ask about shows as such instead of missing."""
+    The `kinds` given are reported even without trials (undefined, with the reason), so a unit too
+    dense or too sparse to ask about, or without hard negatives of a kind its layer has, shows as
+    such instead of missing."""
     out = {}
     for kind in NEGATIVE_KINDS:
         mine = [t for t in trials if t.negatives == kind]
         if mine or kind in kinds:
             for name in FAMILIES[family]:
-                out[f"{prefix}_{name}@{kind}" if prefix else f"{name}@{kind}"] = measure(name, mine, n_boot, seed)
+                score = measure(name, mine, n_boot, seed)
+                if not mine and trials and kind in NO_NEGATIVES:  # asked about, but had none of these
+                    score = replace(score, undefined_reason=NO_NEGATIVES[kind])
+                out[f"{prefix}_{name}@{kind}" if prefix else f"{name}@{kind}"] = score
     return out
 
 

@@ -158,13 +158,17 @@ def classifier_score_rows(trials: list[dict], chosen: list[dict], spec: str, n_b
     for t in trials:
         groups.setdefault((t["layer"], t["unit"], t["polarity"], t["method"]), []).append(t)
     explained = {(r["unit"], r["polarity"], r["method"]): r for r in chosen}
+    # the first kind always (random: a unit too dense to ask about is undefined); a hard-negative kind
+    # wherever any unit of the layer has some, so the units without are undefined, not missing
+    present = {t["negatives"] for t in trials}
+    kinds = [k for i, k in enumerate(cls.negative_kinds) if i == 0 or k in present]
     out = []
     for (layer, unit, polarity, method), rows in groups.items():
         typed = [Trial.of_row(r) for r in rows]
         e = explained.get((unit, polarity, method)) or {}
         cost = (e.get("prompt_tokens") or 0) + (e.get("completion_tokens") or 0)
         tokens, dollars = sum(r["tokens"] for r in rows), prices.add(*(r["dollars"] for r in rows))
-        for name, s in metrics(cls.metric, typed, n_boot, seed, cls.metric_prefix, cls.negative_kinds[:1]).items():
+        for name, s in metrics(cls.metric, typed, n_boot, seed, cls.metric_prefix, kinds).items():
             out.append({"layer": layer, "unit": unit, "polarity": polarity, "method": method, "simulator": spec,
                         "split": "test", "metric": name, "value": s.value, "ci_low": s.ci_low, "ci_high": s.ci_high,
                         "undefined_reason": s.undefined_reason, "n_records": s.n_records, "n_failed": s.n_failed,

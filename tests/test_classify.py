@@ -140,6 +140,27 @@ def test_a_unit_with_nothing_to_ask_about_is_scored_undefined_not_left_out():
     assert {r["metric"] for r in active} == {"fuzzing_balanced_accuracy@active", "fuzzing_auc@active"}
 
 
+def test_a_unit_without_the_hard_negatives_its_layer_has_is_scored_undefined_not_left_out():
+    """Similar negatives found for unit 0 but not for unit 1: unit 1's @similar row is there,
+    undefined with the reason (it was missing, so the layer's count of such units fell silently);
+    cofiring, which no unit of the layer has, is not reported."""
+    from autoexplain.classify_stage import classifier_score_rows
+
+    chosen = [{"layer": 3, "unit": u, "polarity": 1, "method": "explainer", "text": "x", "prompt_tokens": 5,
+               "completion_tokens": 2} for u in (0, 1)]
+    asked = [{"layer": 3, "unit": u, "polarity": 1, "method": "explainer", "scorer": "embedding", "negatives": kind,
+              "prompt": 0, "window_id": i, "label": y, "prediction": None, "p_one": p, "failure": None,
+              "tokens": 0, "dollars": 0.0}
+             for u, kinds in ((0, ("random", "similar")), (1, ("random",))) for kind in kinds
+             for i, (y, p) in enumerate([(1, 0.9), (1, 0.4), (0, 0.2), (0, 0.1)])]
+    rows = classifier_score_rows(asked, chosen, "embedding", n_boot=50)
+    got = {(r["unit"], r["metric"]): r for r in rows}
+    assert set(got) == {(u, f"embedding_auc@{k}") for u in (0, 1) for k in ("random", "similar")}
+    assert got[0, "embedding_auc@similar"]["value"] == 1.0
+    missing = got[1, "embedding_auc@similar"]
+    assert missing["value"] is None and missing["undefined_reason"].startswith("no similar negatives")
+
+
 def test_the_scores_contract_knows_every_classifier_metric():
     from autoexplain.schemas import HERE
 
