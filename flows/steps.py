@@ -9,7 +9,7 @@ layer's report and run pointer once all of its shards are in.
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -117,8 +117,12 @@ def _watch_joiners(client, api_url: str, stopped: list[UserError]) -> Callable[[
                                                          reason="a worker joined that cannot reach the Prefect API"),
                              daemon=True, name="autoexplain-cancel").start()
 
+    def unsubscribe() -> None:
+        with suppress(Exception):  # a scheduler gone by now: nothing is left to unsubscribe from
+            client.unsubscribe_topic("all")
+
     client.subscribe_topic("all", joined)
-    return lambda: client.unsubscribe_topic("all")
+    return unsubscribe
 
 
 def unit_keys(revisions: dict[tuple[int, int], str]) -> dict[str, str]:
