@@ -13,23 +13,18 @@ import json
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 
 from autoexplain import defaults
 from autoexplain.errors import UserError
+from autoexplain.spelling import Spelling, cli_flag
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 HEAD_BYTES = 1 << 16  # what `check_head` reads of a text file at a time
 
 
-def as_flag(name: str) -> str:
-    """A parameter as the stage commands spell it (`preflight.cli_flag`, for the names used here)."""
-    return "--" + name.replace("_", "-")
-
-
-Spelling = Callable[[str], str]  # a parameter as the caller's users name it (`preflight.Spelling`)
 
 
 @dataclass
@@ -167,7 +162,7 @@ def _texts_from_hf(spec: str, text_field: str, max_docs: int, spell: Spelling) -
 
 
 def load_documents(source: str, text_field: str = "text", max_docs: int = 1_000_000,
-                   spell: Spelling = as_flag) -> list[Document]:
+                   spell: Spelling = cli_flag) -> list[Document]:
     """Read a corpus source into documents, in file order. `spell`: how the caller's users name a
     parameter (the text field's, in the fix of an error about it)."""
     if source == defaults.CORPUS:
@@ -191,7 +186,7 @@ def folder_files(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.suffix.lower() in TEXT_SUFFIXES)
 
 
-def corpus_files(source: str, spell: Spelling = as_flag) -> list[Path]:
+def corpus_files(source: str, spell: Spelling = cli_flag) -> list[Path]:
     """The files of a local corpus (a file, or a folder's corpus files)."""
     path = Path(source).expanduser()
     if path.is_dir():
@@ -204,7 +199,7 @@ def corpus_files(source: str, spell: Spelling = as_flag) -> list[Path]:
     raise UserError(f"corpus file {path} does not exist", f"check the {spell('corpus')} path")
 
 
-def check_head(source: str, text_field: str = "text", spell: Spelling = as_flag) -> None:
+def check_head(source: str, text_field: str = "text", spell: Spelling = cli_flag) -> None:
     """What `load_documents` would refuse, found in milliseconds from the start of each file, with
     the same line: an empty folder or corpus, a file that cannot be read or is no UTF-8, a first
     JSONL row that is no JSON or lacks the text field, a parquet footer that cannot be read or whose

@@ -16,31 +16,20 @@ from __future__ import annotations
 import contextvars
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from autoexplain import defaults
 from autoexplain.errors import UserError
 from autoexplain.model_config import Shape, read_shape
 from autoexplain.server_probe import probe_scheduler, probe_server
 from autoexplain.sources import MLP
+from autoexplain.spelling import Spelling, cli_flag, flow_name  # noqa: F401 - callers spell through preflight too
 from autoexplain.storage import content_key
 
-Spelling = Callable[[str], str]
-# The CLI flags whose name is not the parameter's own with dashes.
-_FLAGS = {"n_random": "--random", "n_boot": "--bootstrap", "top_k": "--top-k", "quantile_per_bin": "--per-quantile"}
 
 
 # Set by the orchestration while it checks a run whose process ends with it (a deployment's run
 # process, started by a worker for that run alone): memory:// outputs would vanish with it.
 PROCESS_ENDS_WITH_RUN: contextvars.ContextVar[bool] = contextvars.ContextVar("process_ends_with_run", default=False)
-
-
-def flow_name(name: str) -> str:
-    return f"parameter {name}"
-
-
-def cli_flag(name: str) -> str:
-    return _FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
 def respelled(error: UserError, spell: Spelling) -> UserError:

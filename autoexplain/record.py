@@ -28,6 +28,7 @@ from autoexplain.latents import SparseLatents
 from autoexplain.records import QUANTILE_BINS, RANDOM_DEAL, TOP_DEAL
 from autoexplain.output_side import OUTPUT_COLUMNS
 from autoexplain.sources import MLP, UnitSource
+from autoexplain.spelling import Spelling, cli_flag
 from autoexplain.storage import content_key, is_complete, read_manifest
 from autoexplain.store import Stage, stage_key
 from autoexplain.schemas import load_schema
@@ -98,7 +99,7 @@ def build_windows(
     max_tokens: int | None = None,
     seed: int = 0,
     text_field: str = "text",
-    spell: corpus_mod.Spelling = corpus_mod.as_flag,
+    spell: Spelling = cli_flag,
 ) -> WindowsRef:
     """The corpus cut into windows (`corpus.cut_windows`), or the finished windows of the same corpus,
     tokenizer and parameters. `spell`: how the caller's users name a parameter, in an error's fix."""
