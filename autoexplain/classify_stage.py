@@ -74,17 +74,19 @@ def _asked_ok(rows: list[dict]) -> bool:
     return not any((r["failure"] or "").startswith(NO_ANSWER) for r in rows)
 
 
-def similar_negatives(records_dir, simulations: StageRef, out, model: str | None) -> Path | None:
+def similar_negatives(records_dir, simulations: StageRef, out, model: str | None,
+                      source: str | None = None) -> Path | None:
     """The hard negatives (`negatives`: similar and co-firing) of the units of `simulations`, from
     the subject `model` the records came from; None without a model (random negatives only). It
-    loads the subject: a caller with other models in other threads runs it under its models lock."""
+    loads the subject: a caller with other models in other threads runs it under its models lock.
+    `source`: a coder's spec where it is now (`source_coder.recorded_source`)."""
     from autoexplain.negatives import run_negatives
 
     if not model:
         return None
     chosen = pq.read_table(simulations.directory / layout.CHOSEN, columns=["unit", "polarity"]).to_pylist()
     pairs = sorted({(r["unit"], r["polarity"]) for r in chosen})
-    return run_negatives(records_dir, simulations.layer, out, model, pairs)
+    return run_negatives(records_dir, simulations.layer, out, model, pairs, source=source)
 
 
 def run_classify(records_dir, simulations: StageRef, out, scorer_spec: str, scorer=None,
@@ -168,11 +170,14 @@ def classifier_score_rows(trials: list[dict], chosen: list[dict], spec: str, n_b
         e = explained.get((unit, polarity, method)) or {}
         cost = (e.get("prompt_tokens") or 0) + (e.get("completion_tokens") or 0)
         tokens, dollars = sum(r["tokens"] for r in rows), prices.add(*(r["dollars"] for r in rows))
+        # a coder's latents say their source, as the simulation scorer's rows beside them do (`rows_to_table`)
+        source = e.get("source") or next((r["source"] for r in rows if r.get("source")), None)
+        named = {"source": source} if source else {}
         for name, s in metrics(cls.metric, typed, n_boot, seed, cls.metric_prefix, kinds).items():
             out.append({"layer": layer, "unit": unit, "polarity": polarity, "method": method, "simulator": spec,
                         "split": "test", "metric": name, "value": s.value, "ci_low": s.ci_low, "ci_high": s.ci_high,
                         "undefined_reason": s.undefined_reason, "n_records": s.n_records, "n_failed": s.n_failed,
-                        "explainer_tokens": cost, "simulator_tokens": tokens, "dollars": dollars})
+                        "explainer_tokens": cost, "simulator_tokens": tokens, "dollars": dollars, **named})
     return out
 
 

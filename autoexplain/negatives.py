@@ -123,8 +123,9 @@ def cofiring_negatives(pool_ids, pool_max: dict[int, np.ndarray], tops: dict[tup
 
 
 def run_negatives(records_dir, layer: int, out, model: str, units: list[tuple[int, int]] | None = None,
-                  pool: int = POOL, per_unit: int = PER_UNIT, seed: int = 0) -> Path:
-    """The layer's similar negatives (see the module docstring); returns the stage folder."""
+                  pool: int = POOL, per_unit: int = PER_UNIT, seed: int = 0, source: str | None = None) -> Path:
+    """The layer's similar negatives (see the module docstring); returns the stage folder.
+    `source`: a coder's spec where it is now (`source_coder.recorded_source`)."""
     from autoexplain.layer import records_inputs
     from autoexplain.source_coder import recorded_source
     from autoexplain.subject import load_subject
@@ -146,7 +147,7 @@ def run_negatives(records_dir, layer: int, out, model: str, units: list[tuple[in
     if ids.size == 0:
         wanted = []
     pool_ids, pool_tokens, hi, neg_lo = _pool_maxima(subject, windows_path, ids, layer,
-                                                     recorded_source(records_dir, model, layer))
+                                                     recorded_source(records_dir, model, layer, source))
     test_ids = records.filter((pl.col("kind") == "top") & (pl.col("split") == SCORED_SPLIT))["window_id"].unique()
     tok = pl.scan_parquet(windows_path).filter(pl.col("window_id").is_in(test_ids.to_list())).select(
         "window_id", "tokens").collect()

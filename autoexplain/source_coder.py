@@ -140,17 +140,23 @@ def other_coder(out: str, layer: int, source: UnitSource, source_id: str) -> str
     return theirs
 
 
-def recorded_source(records_dir, model: str, layer: int) -> UnitSource:
+def recorded_source(records_dir, model: str, layer: int, now: str | None = None) -> UnitSource:
     """The unit source a recording read, opened again (for work that reads the same units on other
-    windows), or one line saying why it cannot be: a coder since moved or changed."""
+    windows), or one line saying why it cannot be: a coder since moved or changed. A coder is read at
+    `now` (the run's own 'sae:PATH') where given: a recording is keyed by the coder's content, so one
+    reused from a run that read the same file at another path names that path, maybe gone since."""
     from autoexplain.errors import UserError
     from autoexplain.storage import content_key, read_manifest
 
     params = read_manifest(Path(records_dir))["params"]
     if params.get("source", MLP_KIND) == MLP_KIND:
         return MLP
-    source = open_unit_source(params["source_spec"], model, layer)
+    spec = now if ":" in (now or "") else params["source_spec"]
+    if not parse_source(spec).path.exists():
+        raise UserError(f"the coder that {records_dir} was recorded with is no longer at {parse_source(spec).path}",
+                        "give the run's source as the coder where it is now ('sae:PATH' or 'transcoder:PATH')")
+    source = open_unit_source(spec, model, layer)
     if content_key(source.identity()) != params["source_id"]:
-        raise UserError(f"the coder at {params['source_spec']} changed since {records_dir} was recorded",
-                        "record again with the coder as it is now")
+        raise UserError(f"the coder at {parse_source(spec).path} is not the one {records_dir} was recorded with "
+                        "(changed or another)", "record again with the coder as it is now")
     return source

@@ -184,7 +184,7 @@ def _explain_layer(plan: preflight.LayerPlan, out: str, results: str | None, par
     publish_recording(records)
     work = submit_layer(records, layer, plan.source.kind, plan.units, plan.revisions, explainer=explainer,
                         simulator=simulator, scorers=scorers, model=model, k=k, shard_size=shard_size, n_boot=n_boot,
-                        out=out, results=results)
+                        out=out, results=results, source=source)
     gather([work], "scored")
     scores = work.in_order(work.scores)
     # Several shards of one layer are one layer to the viewer: it reads every shard's scores.
@@ -233,7 +233,7 @@ def rescore(out: str = "out", layer: int | None = None, simulator: str = "embedd
     title = f"Re-score of layer {layer}: {run['params']['simulator']} -> {simulator}"
     changed = {"simulator": simulator, "scorers": scorers, "n_boot": n_boot}
     result, failed = checked(lambda: scale_out(dask, lambda: _rescore(run, out_path(out), layer, simulator, n_boot, results,
-                                                                      kind, scorers, title, changed)), ledger)
+                                                                      kind, scorers, title, changed, source=source)), ledger)
     return failed or finished(result)
 
 
@@ -265,13 +265,13 @@ def revise(out: str = "out", layer: int | None = None, revisions: dict[str, str]
     title = f"Revision of layer {layer}: {', '.join(k for shard in plan.shards for k in shard)}"
     result, failed = checked(lambda: scale_out(dask, lambda: _rescore(
         run, out_path(out), layer, plan.simulator, plan.n_boot, results, kind, plan.scorers, title,
-        {"revisions": plan.merged}, plan.shards, "revise")), ledger)
+        {"revisions": plan.merged}, plan.shards, "revise", source)), ledger)
     return failed or finished(result)
 
 
 def _rescore(run: dict, out: str, layer: int, simulator: str, n_boot: int, results: str | None, kind: str,
              scorers: str, title: str, changed: dict, revisions: list[dict[str, str]] | None = None,
-             flow_name: str = "rescore") -> dict:
+             flow_name: str = "rescore", source: str | None = None) -> dict:
     """Simulate and score the run's explanations again (`revisions`: per explanations output, the
     texts that replace some of its units' first), compare, and point the layer at the new outputs."""
     revise, simulate, score = with_results(results, revise_task, simulate_task, score_task)
@@ -281,7 +281,7 @@ def _rescore(run: dict, out: str, layer: int, simulator: str, n_boot: int, resul
         x = revise.submit(before, mine, out) if mine else before
         s = simulate.submit(records, x, simulator, sim_id, out)
         pairs.append((before, x, s, *score_shard(records, s, scorers, run["params"].get("model"), n_boot, out, score,
-                                                 results)))
+                                                 results, source)))
     outputs, explained, simulated, scores = [], [], [], []
     for before, x, s, c, asked in pairs:
         if x is not before:  # revised here

@@ -89,7 +89,8 @@ def _explain_model(plan: model_plan.ModelPlan, out: str, results: str | None, p:
     works = []
     for (spec, parts), records in zip(plan.sources, recordings):
         publish_recording(records)
-        works += [(spec, submit_layer(records, part.layer, part.source.kind, part.units, {}, **stage)) for part in parts]
+        works += [(spec, submit_layer(records, part.layer, part.source.kind, part.units, {}, **stage,
+                                         source=spec)) for part in parts]
     gather([w for _, w in works], "model")
 
     for records in recordings:  # under a URL root: every recording the site reads, in the local mirror

@@ -22,7 +22,7 @@ from autoexplain import progress
 from autoexplain.errors import UserError
 from autoexplain.indices import parse_units
 from autoexplain.layer import dead_units
-from autoexplain.preflight import flow_name, for_parameter
+from autoexplain.preflight import flow_name, for_parameter, refuse
 from autoexplain.registry import DEFAULT_SCORER, parse_scorers, simulator_identity
 from autoexplain.remote import is_url
 from autoexplain.server_probe import check_workers_reach
@@ -78,8 +78,8 @@ def scale_out(dask: str | None, work: Callable[[], T]) -> T:
             try:  # connect now, before any work, not at the first shard's submit
                 runner.client  # noqa: B018
             except Exception as e:  # something answers there, but no dask scheduler (the preflight saw it listen)
-                raise UserError(f"{flow_name('dask')}: no dask scheduler at {dask} ({type(e).__name__}: {str(e)[:120]})",
-                                "give the dask scheduler's address, e.g. tcp://HOST:8786") from None
+                raise refuse(flow_name, "dask", f"no dask scheduler at {dask} ({type(e).__name__}: {str(e)[:120]})",
+                             "give the dask scheduler's address, e.g. tcp://HOST:8786") from None
             stack.callback(_watch_joiners(runner.client, PREFECT_API_URL.value(), stopped))  # before the snapshot: none slips by
             try:
                 check_workers_reach([w.get("host") for w in runner.client.scheduler_info()["workers"].values()],
@@ -131,8 +131,9 @@ def unit_keys(revisions: dict[tuple[int, int], str]) -> dict[str, str]:
 
 def submit_layer(records: dict, layer: int, kind: str, units: list[int] | None, revisions: dict, *, explainer: str,
                  simulator: str, scorers: str, model: str, k: int, shard_size: int, n_boot: int, out: str,
-                 results: str | None) -> LayerWork:
-    """Submit every shard of a recorded layer; units that never fired are left out (and counted)."""
+                 results: str | None, source: str | None = None) -> LayerWork:
+    """Submit every shard of a recorded layer; units that never fired are left out (and counted).
+    `source`: the units' source as the run was given it (see `score_shard`)."""
     explain, revise, simulate, score = with_results(results, explain_task, revise_task, simulate_task, score_task)
     chosen = units if units is not None else parse_units(None, records["n_units"])
     dead = sorted(set(dead_units(local_ref(records)["path"], layer)) & set(chosen))
@@ -148,7 +149,7 @@ def submit_layer(records: dict, layer: int, kind: str, units: list[int] | None, 
         if mine:
             x = revise.submit(x, unit_keys(mine), out)
         s = simulate.submit(records, x, simulator, sim_id, out)
-        work.shards.append((shard, x, s, *score_shard(records, s, scorers, model, n_boot, out, score, results)))
+        work.shards.append((shard, x, s, *score_shard(records, s, scorers, model, n_boot, out, score, results, source)))
     return work
 
 
@@ -192,10 +193,12 @@ def finish_layer(work: LayerWork, flow: str, params: dict, out: str, site_dir: s
     return report
 
 
-def score_shard(records, s, scorers: str, model: str | None, n_boot: int, out: str, score, results):
+def score_shard(records, s, scorers: str, model: str | None, n_boot: int, out: str, score, results,
+                source: str | None = None):
     """A shard's score future: the simulation scorer's alone (the default, as it always was), or
     every scorer asked for gathered into one scores output (`classify_stage.run_scores`); and the
-    futures it waits for."""
+    futures it waits for. `source`: as the run was given it, a coder where it is now (a recording
+    reused from a run that read the same file elsewhere names that path), for the hard negatives."""
     if only_default(scorers):
         return score.submit(records, s, n_boot, out), []
     from autoexplain.classify_stage import scorer_identity
@@ -203,7 +206,7 @@ def score_shard(records, s, scorers: str, model: str | None, n_boot: int, out: s
     specs = [p.spec for p in parse_scorers(scorers)]
     negatives, classify, gather_scores = with_results(results, negatives_task, classify_task, scores_task)
     sim_scores = score.submit(records, s, n_boot, out) if DEFAULT_SCORER in specs else None
-    near = negatives.submit(records, s, model, out)
+    near = negatives.submit(records, s, model, out, source)
     asked = [classify.submit(records, s, spec, scorer_identity(spec), near, out) for spec in specs if spec != DEFAULT_SCORER]
     return gather_scores.submit(records, s, asked, sim_scores, n_boot, out), asked + ([sim_scores] if sim_scores else [])
 

@@ -31,11 +31,13 @@ def scorer_for(spec: str):
 @task(name="negatives", cache_key_fn=cache_key("negatives", (classify_stage.similar_negatives,)), **RETRY)
 @one_line_failures
 @one_at_a_time
-def negatives_task(records: dict, simulations: dict, model: str | None, out: str = "out") -> str | None:
+def negatives_task(records: dict, simulations: dict, model: str | None, out: str = "out",
+                   source: str | None = None) -> str | None:
     """A shard's similar negatives (the subject runs on held-out windows), under the models lock:
     loading and running a model is not safe beside another thread's."""
     records, simulations, out = local_ref(records), local_ref(simulations), open_root(out)
-    found = classify_stage.similar_negatives(records["path"], StageRef.of(Path(simulations["path"]).parent), out, model)
+    found = classify_stage.similar_negatives(records["path"], StageRef.of(Path(simulations["path"]).parent), out, model,
+                                              source)
     return str(found) if found else None
 
 

@@ -168,14 +168,43 @@ def test_bad_sources_are_one_line_before_any_work(tiny_llama_dir, tiny_sae, tmp_
         kind_of("SAE please")
 
 
+def test_a_coder_moved_since_its_recording_is_read_where_it_is_now(tiny_llama_dir, prose_corpus, tiny_sae, tmp_path):
+    """A recording is keyed by its coder's content, so one made with the coder at a path it has since
+    left is reused, and names that path: the hard negatives read the coder where the run says it is."""
+    import shutil
+
+    from autoexplain.negatives import run_negatives
+
+    subject, out = load_subject(tiny_llama_dir), tmp_path / "out"
+    first = shutil.copytree(tiny_sae, tmp_path / "first" / "res_l1")
+    windows = build_windows(subject, str(prose_corpus), out, window_len=8, seed=0)
+    cfg = RecordConfig([1], top_k=10, n_random=6, quantile_per_bin=1, reservoir=40)
+    made = record_layers(subject, windows, cfg, out, source=open_unit_source(f"sae:{first}", tiny_llama_dir))
+    now = tmp_path / "now" / "res_l1"
+    now.parent.mkdir()
+    shutil.move(first, now)
+    again = record_layers(subject, windows, cfg, out, source=open_unit_source(f"sae:{now}", tiny_llama_dir))
+    assert again.directory == made.directory
+    found = run_negatives(again.directory, 1, out, tiny_llama_dir, [(8, 1), (9, 1)], source=f"sae:{now}")
+    assert pl.read_parquet(found / "layer_1.parquet").height > 0
+    with pytest.raises(UserError, match=f"was recorded with is no longer at {first}"):
+        run_negatives(again.directory, 1, tmp_path / "a", tiny_llama_dir, [(8, 1)])
+    other = _write_sae(tmp_path / "other" / "res_l1", seed=4)
+    with pytest.raises(UserError, match="is not the one"):
+        run_negatives(again.directory, 1, tmp_path / "b", tiny_llama_dir, [(8, 1)], source=f"sae:{other}")
+
+
 @pytest.mark.slow
 def test_explain_layer_and_rescore_on_latents_from_the_command_line(tiny_llama_dir, prose_corpus, tiny_sae,
                                                                    tmp_path_factory, browser):
+    import shutil
+
     home, out = tmp_path_factory.mktemp("home"), tmp_path_factory.mktemp("sae-run") / "out"
+    sae = shutil.copytree(tiny_sae, out.parent / "coder" / "res_l1")
     common = ["--model", tiny_llama_dir, "--corpus", str(prose_corpus), "--tokens", "20000", "--k", "1",
               "--bootstrap", "50", "--window-len", "8", "--top-k", "8", "--random", "6", "--out", str(out)]
     # the layer comes from the coder; the dead latent 7 is a shard of its own
-    result = cli(home, "explain-layer", "--source", f"sae:{tiny_sae}", "--units", "7-9", "--shard-size", "1", *common)
+    result = cli(home, "explain-layer", "--source", f"sae:{sae}", "--units", "7-9", "--shard-size", "1", *common)
     assert result.returncode == 0, result.stderr[-4000:]
     run = read_run(out, 1, "sae-res-40")
     assert run["params"]["layer"] == 1 and run["records"]["source"] == "sae-res-40"
@@ -199,10 +228,16 @@ def test_explain_layer_and_rescore_on_latents_from_the_command_line(tiny_llama_d
     dead.wait_for_function("document.getElementById('explanation').textContent.includes('never fired')")
     w.close()
 
-    # no --layer: the coder's own (not the default 15)
-    again = cli(home, "rescore", "--out", str(out), "--source", f"sae:{tiny_sae}", "--bootstrap", "60")
+    # no --layer: the coder's own (not the default 15); the coder moved since, and the hard negatives
+    # of the classifier scorer read it where it is now, not where the recording names it
+    moved = shutil.move(sae, out.parent / "moved" / "res_l1")
+    again = cli(home, "rescore", "--out", str(out), "--source", f"sae:{moved}", "--bootstrap", "60",
+                "--scorers", "simulation,embedding")
     assert again.returncode == 0, again.stderr[-4000:]
     assert json.loads((out / "runs" / "layer_1.sae-res-40.json").read_text())["flow"] == "rescore"
+    rescored = pl.concat([pl.read_parquet(r["path"]) for r in read_run(out, 1, "sae-res-40")["scores"]])
+    assert {"embedding_auc@similar", "embedding_auc@cofiring"} <= set(rescored["metric"]), "negatives from the moved coder"
+    assert set(rescored["source"]) == {"sae-res-40"}, "the classifier scorer's rows say their source too"
     # no --source either: the default (MLP neurons, layer 15) has no run here, and the line says what has
     plain = cli(home, "rescore", "--out", str(out), "--bootstrap", "60")
     assert plain.returncode == 2, plain.stderr[-4000:]
