@@ -112,11 +112,21 @@ def test_bad_publish_input_is_one_line(home, two_layers, tmp_path):  # noqa: F81
 
 
 @pytest.mark.slow
-def test_the_publish_flow(prefect_results, two_layers, tmp_path):
+def test_the_publish_flow(prefect_results, two_layers, tmp_path, caplog):
+    import logging
+
     from autoexplain.flows.publish import publish_dataset
 
     state = publish_dataset(out=str(two_layers), to=str(tmp_path / "ds"), layers=[0], license="mit", return_state=True)
     assert state.is_completed() and state.result() == str(tmp_path / "ds")
     assert [p.name for p in (tmp_path / "ds" / "data" / "units" / "mlp").iterdir()] == ["layer_0.parquet"]
-    state = publish_dataset(out=str(two_layers), to=str(tmp_path / "ds2"), return_state=True)
+    prefect_logs = logging.getLogger("prefect")  # which does not hand its records up to the root's
+    prefect_logs.addHandler(caplog.handler)
+    try:
+        state = publish_dataset(out=str(two_layers), to=str(tmp_path / "ds2"), return_state=True)
+    finally:
+        prefect_logs.removeHandler(caplog.handler)
     assert state.is_failed() and "license of the corpus" in state.message and "\n" not in state.message
+    logged = [r for r in caplog.records if r.name.startswith("prefect.task_runs")]
+    assert any(state.message in r.getMessage() for r in logged), [r.getMessage() for r in logged]
+    assert "Traceback" not in caplog.text, "the run log says the line alone"
