@@ -74,6 +74,11 @@ def _asked_ok(rows: list[dict]) -> bool:
     return not any((r["failure"] or "").startswith(NO_ANSWER) for r in rows)
 
 
+def takes_hard_negatives(scorer_spec: str) -> bool:
+    """Whether a classifier scorer asks about hard negatives (`negatives`), which run the subject."""
+    return bool({"similar", "cofiring"} & set(getattr(parse_scorer(scorer_spec).cls, "negative_kinds", ())))
+
+
 def similar_negatives(records_dir, simulations: StageRef, out, model: str | None,
                       source: str | None = None) -> Path | None:
     """The hard negatives (`negatives`: similar and co-firing) of the units of `simulations`, from
@@ -101,7 +106,7 @@ def run_classify(records_dir, simulations: StageRef, out, scorer_spec: str, scor
     chosen = pq.read_table(simulations.directory / layout.CHOSEN).to_pylist()
     unit_ids = sorted({r["unit"] for r in chosen})
     ident = scorer_identity(scorer_spec)
-    if not {"similar", "cofiring"} & set(parse_scorer(scorer_spec).cls.negative_kinds):
+    if not takes_hard_negatives(scorer_spec):
         negatives_dir = None
     if negatives_dir:
         require_complete(negatives_dir, "negatives", "rerun the classify command with --model, which writes them")

@@ -26,7 +26,7 @@ from autoexplain import remote
 from autoexplain.errors import UserError
 from autoexplain.interop import import_explanations
 from autoexplain.layer import recorded_units
-from autoexplain.publish import CARD_MARK, dataset_file
+from autoexplain.publish import CARD_MARK, SUBJECT_KEY, dataset_file
 from autoexplain.sources import MLP
 from autoexplain import layout
 from autoexplain.storage import file_digest, layer_name, read_run, write_run
@@ -92,8 +92,11 @@ def import_layer(folder: Path, out: Path, layer: int, kind: str, params: dict) -
     stats = stats.drop_columns(["source"]) if "source" in stats.column_names else stats
     named = {} if kind == MLP.kind else {"source": kind, "source_spec": params.get("source", kind),
                                         "source_id": f"imported:{digest['units']}"}
+    # The subject's fingerprint as the card gives it; a card without one (published before) leaves it
+    # unknown, so that nothing compares the model named with the records: the name is no fingerprint.
+    params, subject = {k: v for k, v in params.items() if k != SUBJECT_KEY}, params.get(SUBJECT_KEY, "")
     records_dir, records_key = _stage(
-        out, "records", {"windows": windows_key, "subject": params.get("model", "unknown")},
+        out, "records", {"windows": windows_key, "subject": subject},
         {"layers": [layer], "top_k": params["top_k"], "n_random": params["n_random"], "dataset": digest, **named},
         {layout.records_table(".", layer).name: (records, "records"), layout.stats_table(".", layer).name: (stats, "unit_stats")})
 

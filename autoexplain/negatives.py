@@ -122,6 +122,20 @@ def cofiring_negatives(pool_ids, pool_max: dict[int, np.ndarray], tops: dict[tup
     return rows
 
 
+def check_model(records_dir, model: str) -> None:
+    """`run_negatives`' refusal of another model than the records were made with, without loading it."""
+    from autoexplain.subject import made_records
+
+    subject_key = read_manifest(Path(records_dir))["inputs"].get("subject", "")
+    if subject_key and not made_records(subject_key, model):
+        raise _another_model(model, records_dir)
+
+
+def _another_model(model: str, records_dir) -> UserError:
+    return UserError(f"the model '{model}' is not the one {records_dir} was recorded with (changed since, or another)",
+                     "use the model the records were made with, or record again")
+
+
 def run_negatives(records_dir, layer: int, out, model: str, units: list[tuple[int, int]] | None = None,
                   pool: int = POOL, per_unit: int = PER_UNIT, seed: int = 0, source: str | None = None) -> Path:
     """The layer's similar negatives (see the module docstring); returns the stage folder.
@@ -139,8 +153,7 @@ def run_negatives(records_dir, layer: int, out, model: str, units: list[tuple[in
         return stage.directory
     subject = load_subject(model)
     if subject_key and not subject.made(subject_key):
-        raise UserError(f"the model '{model}' is not the one these records were made with",
-                        "pass the --model the records were recorded with")
+        raise _another_model(model, records_dir)
     records = pl.read_parquet(records_path, columns=["unit", "polarity", "window_id", "kind", "split", "activations"])
     wanted = units or sorted(set(zip(records["unit"].to_list(), records["polarity"].to_list())))
     ids = _pool_ids(records, wanted, windows_path, pool, seed)

@@ -32,7 +32,7 @@ from autoexplain import defaults, files, layout, remote
 from autoexplain.errors import UserError
 from autoexplain.rows import rows_to_table
 from autoexplain.sources import MLP
-from autoexplain.storage import local_ref, open_root, read_run, require_outputs, run_sources
+from autoexplain.storage import local_ref, open_root, read_manifest, read_run, require_outputs, run_sources
 from autoexplain.schemas import HERE as SCHEMAS
 
 TABLES = {  # table -> (the stage schema its columns come from, what a row is)
@@ -43,6 +43,7 @@ TABLES = {  # table -> (the stage schema its columns come from, what a row is)
     "simulations": ("simulations", "one unit, polarity, method and scoring window: the simulated activations"),
 }
 CARD_MARK = "autoexplain-dataset"  # in the card's YAML: `to` was written by publish, and may be replaced
+SUBJECT_KEY = "subject_key"  # beside a run's parameters on the card: its subject's fingerprint (`made_by`)
 CORPUS_LICENSE = {defaults.CORPUS: "cc-by-sa-3.0"}  # Wikipedia text (CC BY-SA 3.0) with the public-domain KJV
 
 
@@ -146,6 +147,14 @@ def _columns(table: str, schema: pa.Schema) -> str:
     return "\n".join(lines) + "\n"
 
 
+def made_by(run: dict) -> dict:
+    """A run's parameters as the card records them, with the fingerprint of the subject its records
+    came from (`SUBJECT_KEY`): `import` gives it to the records it rebuilds, so that work that runs
+    the model on them again (hard negatives) can check the model is that one."""
+    subject = read_manifest(Path(local_ref(run["records"])["path"]))["inputs"].get("subject")
+    return {**run["params"], **({SUBJECT_KEY: subject} if subject else {})}
+
+
 def card(runs: dict[tuple[int, str], dict], schemas: dict[str, pa.Schema], license_: str, sizes: dict[str, int]) -> str:
     params = next(iter(runs.values()))["params"]
     configs = "".join(f"  - config_name: {t}\n    data_files: \"data/{t}/**/*.parquet\"\n"
@@ -154,7 +163,7 @@ def card(runs: dict[tuple[int, str], dict], schemas: dict[str, pa.Schema], licen
               f"tags:\n  - interpretability\n  - {CARD_MARK}\nconfigs:\n{configs}---\n")
     layers = ", ".join(str(L) for L in sorted({L for L, _ in runs}))
     kinds = sorted({kind for _, kind in runs})
-    how = "\n".join(f"- layer {L}, `{kind}`: `{json.dumps(r['params'], sort_keys=True)}` (finished {r.get('finished', '?')})"
+    how = "\n".join(f"- layer {L}, `{kind}`: `{json.dumps(made_by(r), sort_keys=True)}` (finished {r.get('finished', '?')})"
                     for (L, kind), r in sorted(runs.items()))
     counts = ", ".join(f"{t} {n:,} rows" for t, n in sizes.items())
     return header + f"""

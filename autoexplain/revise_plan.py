@@ -71,6 +71,7 @@ def plan(out: str, layer: int | None, source: str | None, revisions: dict[str, s
     scorers = params.get("scorers") or DEFAULT_SCORER
     preflight.check_simulator(simulator, spell)
     preflight.check_scorers(scorers, spell)
+    run_lookup.check_hard_negatives(run, scorers, source, spell)
     limit = preflight.check_budget(budget, spell, simulator=simulator, scorers=scorers)
     if not revisions:
         raise UserError(f"{spell(name)}: no revision given", 'give e.g. {"12:-1": "years written in digits"}')

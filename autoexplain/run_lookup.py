@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from autoexplain import defaults
-from autoexplain.preflight import Spelling, check_root, flow_name, refuse, source_kind
+from autoexplain.preflight import Spelling, check_root, flow_name, for_parameter, refuse, source_kind
 from autoexplain.sources import MLP
 
 
@@ -56,3 +56,33 @@ def find_run(out: str, layer: int, spell: Spelling = flow_name, kind: str = MLP.
     raise refuse(spell, "out", f"{out} holds no finished explain-layer run (looked for "
                 f"{run_file(root, layer, kind).relative_to(root)})",
                 f"set {spell('out').split()[-1]} to the output root of an explain-layer run, or run explain-layer there first")
+
+
+def rerun_of(out: str, layer: int | None, source: str | None, scorers: str | None,
+             spell: Spelling = flow_name) -> dict:
+    """`run_of`, and what its re-scoring with `scorers` needs beside it (`check_hard_negatives`)."""
+    run = run_of(out, layer, source, spell)
+    check_hard_negatives(run, scorers, source, spell)
+    return run
+
+
+def check_hard_negatives(run: dict, scorers: str | None, source: str | None, spell: Spelling = flow_name) -> None:
+    """A scorer that asks about hard negatives runs the run's model again, with a coder's run its
+    coder: a model changed since the recording, or a coder moved or changed, is one line here, not a
+    failure after everything was simulated again (paid, with an LLM simulator). A coder is looked
+    for where `source` says it is now; records not here (a URL root not pulled yet) are left to
+    the task that pulls them."""
+    from autoexplain.classify_stage import takes_hard_negatives
+    from autoexplain.errors import UserError
+    from autoexplain.negatives import check_model
+    from autoexplain.registry import parse_scorers
+    from autoexplain.source_coder import recorded_source
+
+    model, records = run["params"].get("model"), Path(run["records"].get("path", ""))
+    if not model or not records.is_dir() or not any(takes_hard_negatives(p.spec) for p in parse_scorers(scorers)):
+        return
+    check_model(records, model)
+    try:
+        recorded_source(records, model, run["params"]["layer"], source)
+    except UserError as e:
+        raise for_parameter(spell, "source", e) from None

@@ -96,7 +96,7 @@ class Subject:
         """Whether a recording's subject key (this `fingerprint` when it was made) names this model:
         equal, or, for a model given by path, 'NAME:DIGEST' as such keys were before they left the
         path's name out."""
-        return recorded == self.fingerprint or (bool(self.local_path) and recorded.endswith(":" + self.fingerprint))
+        return _names(recorded, self.fingerprint, bool(self.local_path))
 
     @property
     def device(self) -> torch.device:
@@ -264,6 +264,15 @@ def load_subject(spec: str | None = None, dtype: torch.dtype = torch.bfloat16, d
     subject.local_path = str(path) if path.exists() else ""
     COUNTS["model_loads"] += 1
     return subject
+
+
+def _names(recorded: str, fingerprint: str, local: bool) -> bool:
+    return recorded == fingerprint or (local and recorded.endswith(":" + fingerprint))
+
+
+def made_records(recorded: str, spec: str) -> bool:
+    """`Subject.made` of the model `spec` names, from its fingerprint alone: no weights loaded."""
+    return _names(recorded, fingerprint_of(spec), Path(defaults.resolve_model(spec)).expanduser().exists())
 
 
 def fingerprint_of(spec: str | None, config=None) -> str:

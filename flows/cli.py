@@ -163,7 +163,7 @@ def rescore_cmd(
         preflight.check_simulator(simulator, preflight.cli_flag)
         preflight.check_scorers(scorers, preflight.cli_flag)
         preflight.check_budget(budget, preflight.cli_flag, simulator=simulator, scorers=scorers)
-        run_lookup.run_of(out, layer, source, preflight.cli_flag)
+        run_lookup.rerun_of(out, layer, source, scorers, preflight.cli_flag)
 
     run_or_exit(lambda: _run_flow("rescore", params, check))
 

@@ -221,7 +221,7 @@ def rescore(out: str = "out", layer: int | None = None, simulator: str = "embedd
         if not is_url(out) and not Path(out).is_dir():
             raise UserError(f"parameter out: {Path(out).absolute()} does not exist",
                             "set out to the output root of an explain-layer run")
-        return run_lookup.run_of(out, layer, source)
+        return run_lookup.rerun_of(out, layer, source, scorers)
 
     run, failed = checked(check)
     if failed:

@@ -208,7 +208,9 @@ def score_shard(records, s, scorers: str, model: str | None, n_boot: int, out: s
     sim_scores = score.submit(records, s, n_boot, out) if DEFAULT_SCORER in specs else None
     near = negatives.submit(records, s, model, out, source)
     asked = [classify.submit(records, s, spec, scorer_identity(spec), near, out) for spec in specs if spec != DEFAULT_SCORER]
-    return gather_scores.submit(records, s, asked, sim_scores, n_boot, out), asked + ([sim_scores] if sim_scores else [])
+    # the negatives first: failed, they leave the classify tasks unrun, whose wait would raise that
+    # they never ran instead of the negatives' own line
+    return gather_scores.submit(records, s, asked, sim_scores, n_boot, out), [near, *asked] + ([sim_scores] if sim_scores else [])
 
 
 def only_default(scorers: str) -> bool:

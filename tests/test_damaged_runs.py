@@ -136,3 +136,49 @@ def test_rescore_checks_the_run_s_explanations_before_any_work_as_revise_does(ma
     assert fails_in_one_line(home, copy, folder, "rescore", *out) == line
     flow_fails(rescore, line, monkeypatch, out=str(copy), layer=1)
     flow_fails(revise, line, monkeypatch, out=str(copy), layer=1, revisions={"1": "hi"})
+
+
+def test_a_model_changed_since_the_recording_stops_rescore_and_revise_before_any_work(home, tiny_llama_dir,  # noqa: F811
+                                                                                     prose_corpus, tmp_path, monkeypatch):
+    """The hard negatives of a classifier scorer run the run's model again on held-out windows: a
+    model changed since the recording failed the negatives task after everything was simulated
+    again (paid, with an LLM), and the run then stopped on its classify tasks, which never ran,
+    with a traceback and exit 1."""
+    from safetensors.torch import load_file, save_file
+
+    from autoexplain.flows.explain_layer import explain_layer, rescore, revise
+    from autoexplain.storage import read_run
+
+    model = shutil.copytree(tiny_llama_dir, tmp_path / "model")
+    out = tmp_path / "out"
+    explain_layer(layer=1, units="0-1", model=str(model), corpus=str(prose_corpus), tokens=20_000, k=1, n_boot=20,
+                  out=str(out), site="none", window_len=8, top_k=8, n_random=6, scorers="simulation,embedding")
+    weights = next(model.glob("*.safetensors"))
+    tensors = load_file(weights)
+    name = next(n for n in tensors if n.endswith("mlp.down_proj.weight"))
+    save_file({**tensors, name: tensors[name] * 1.5}, weights)  # fine-tuned in place, say
+    records = Path(read_run(out, 1)["records"]["path"])
+    args = ["--out", str(out), "--layer", "1"]
+    line = fails_in_one_line(home, out, records, "rescore", *args, "--scorers", "simulation,embedding")
+    assert line.startswith(f"the model '{model}' is not the one {records} was recorded with"), line
+    assert fails_in_one_line(home, out, records, "revise", *args, "--unit", "1", "--text", "hi") == line
+    flow_fails(rescore, line, monkeypatch, out=str(out), layer=1, scorers="simulation,embedding")
+    flow_fails(revise, line, monkeypatch, out=str(out), layer=1, revisions={"1": "hi"})
+
+
+def test_a_failed_negatives_task_ends_the_run_with_its_own_line(made, tmp_path, monkeypatch):
+    """What the preflight cannot see (the model's folder damaged while the run goes on, say) fails
+    the negatives task: the run ends with that task's line, not with its classify tasks, which
+    never ran, raising that they are still pending."""
+    from autoexplain import negatives
+    from autoexplain.errors import UserError
+    from autoexplain.flows.explain_layer import rescore
+
+    def fails(*args, **kwargs):
+        raise UserError("the model's weights went missing mid-run", "put them back and rerun")
+
+    copy, _ = damaged(made, tmp_path, lambda c: c)
+    monkeypatch.setattr(negatives, "run_negatives", fails)
+    state = rescore(out=str(copy), layer=1, n_boot=20, scorers="simulation,embedding", return_state=True)
+    assert state.is_failed() and state.message == "the model's weights went missing mid-run — put them back and rerun", \
+        state.message

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from autoexplain.publish import TABLES
-from autoexplain.storage import read_run
+from autoexplain.storage import read_manifest, read_run
 from tests.test_cli import _one_error_line
 from tests.test_cli_runs import cli, home  # noqa: F401  (fixture)
 
@@ -89,6 +89,15 @@ def test_a_published_dataset_loads_offline_and_holds_the_runs(home, two_layers, 
     back = pl.read_parquet(next((tmp_path / "again" / "explanations").glob("*/layer_1.parquet")))
     published = pl.read_parquet(to / "data" / "explanations" / "mlp" / "layer_1.parquet").filter(pl.col("method") == "explainer")
     assert back.sort("unit", "polarity")["text"].to_list() == published.sort("unit", "polarity")["text"].to_list()
+    # the hard negatives run the model again on the imported windows: the card's subject fingerprint
+    # lets them check it is the one (the model's name in its place was refused as another model).
+    # The dataset holds the exemplars' windows alone, so none is left to be a hard negative.
+    assert f'"subject_key": "{read_manifest(Path(read_run(two_layers, 1)["records"]["path"]))["inputs"]["subject"]}"' \
+        in (to / "README.md").read_text()
+    rescored = cli(home, "rescore", "--out", str(tmp_path / "again"), "--layer", "1", "--bootstrap", "20",
+                   "--scorers", "simulation,embedding")
+    assert rescored.returncode == 0, rescored.stderr[-3000:]
+    assert "embedding_auc@random" in set(run_table(tmp_path / "again", "scores", 1)["metric"])
 
     (to / "data" / "stale.txt").write_text("from an earlier publish")
     r = cli(home, "publish", "--out", str(two_layers), "--to", str(to), "--license", "cc-by-4.0", "--layers", "1")

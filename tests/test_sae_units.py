@@ -238,6 +238,13 @@ def test_explain_layer_and_rescore_on_latents_from_the_command_line(tiny_llama_d
     rescored = pl.concat([pl.read_parquet(r["path"]) for r in read_run(out, 1, "sae-res-40")["scores"]])
     assert {"embedding_auc@similar", "embedding_auc@cofiring"} <= set(rescored["metric"]), "negatives from the moved coder"
     assert set(rescored["source"]) == {"sae-res-40"}, "the classifier scorer's rows say their source too"
+    # by its kind, the run's coder is looked for where the recording names it: gone, one line first
+    gone = cli(home, "rescore", "--out", str(out), "--source", "sae-res-40", "--bootstrap", "60",
+               "--scorers", "simulation,embedding")
+    assert gone.returncode == 2 and "Flow run" not in gone.stderr and "Traceback" not in gone.stderr, gone.stderr[-3000:]
+    assert f"--source: the coder that {read_run(out, 1, 'sae-res-40')['records']['path']} was recorded with is no " \
+        f"longer at {sae}" in gone.stderr, gone.stderr[-2000:]
+    shutil.move(moved, sae)  # back where the recording names it, for the run's lookups by kind below
     # no --source either: the default (MLP neurons, layer 15) has no run here, and the line says what has
     plain = cli(home, "rescore", "--out", str(out), "--bootstrap", "60")
     assert plain.returncode == 2, plain.stderr[-4000:]
