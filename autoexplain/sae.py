@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autoexplain import defaults
-from autoexplain.errors import UserError
+from autoexplain.errors import LayerMismatch, UserError
 from autoexplain.sae_coder import HookPoint, SparseCoder
 from autoexplain.sae_formats import (
     detect, gemmascope_is_transcoder, read_gemmascope, read_saelens, read_sparsify, sparsify_child,
@@ -34,14 +34,27 @@ class SourceSpec:
 
 
 def parse_source(text: str) -> SourceSpec:
-    """'mlp', 'sae:PATH' or 'transcoder:PATH'."""
+    """'mlp', 'sae:PATH' or 'transcoder:PATH'. The path is made absolute here, against the directory
+    the spec was given in: records, run pointers and the flows' tasks keep the spec, and are read by
+    later commands run from anywhere."""
     kind, sep, rest = (text or "").strip().partition(":")
     if kind == "mlp" and not sep:
         return SourceSpec("mlp")
     if kind in ("sae", "transcoder") and rest.strip():
-        return SourceSpec(kind, Path(rest.strip()).expanduser())
+        return SourceSpec(kind, Path(rest.strip()).expanduser().absolute())
     raise UserError(f"cannot read the unit source '{text}'",
                     "write mlp (the MLP neurons), sae:PATH or transcoder:PATH (a local folder)")
+
+
+def absolute_source(text: str | None) -> str | None:
+    """A `--source` value as a run keeps and passes it on: a coder's spec with its path absolute
+    (`parse_source`); any other value, a kind or one the checks will refuse, as given."""
+    if ":" not in (text or ""):
+        return text
+    try:
+        return str(parse_source(text))
+    except UserError:
+        return text
 
 
 def load_coder(spec: SourceSpec, layer: int | None = None) -> SparseCoder:
@@ -64,10 +77,10 @@ def load_coder(spec: SourceSpec, layer: int | None = None) -> SparseCoder:
     if want_transcoder and not coder.transcoder:
         raise UserError(f"{coder.source} is an SAE, given as transcoder:", f"pass it as sae:{spec.path}")
     if coder.hook is None:
-        raise UserError(f"{coder.source} does not say which layer it reads", "pass --layer")
+        raise LayerMismatch(f"{coder.source} does not say which layer it reads", "set {layer} to the layer it was trained on")
     if layer is not None and layer != coder.hook.layer:
-        raise UserError(f"--layer {layer} disagrees with {coder.source}, which reads {coder.hook}",
-                        f"pass --layer {coder.hook.layer}, or leave --layer out")
+        raise LayerMismatch(f"layer {layer} disagrees with {coder.source}, which reads {coder.hook}",
+                            f"set {{layer}} to {coder.hook.layer}, or leave it out")
     return coder
 
 

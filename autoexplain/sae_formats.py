@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from autoexplain.errors import UserError
+from autoexplain.errors import LayerMismatch, UserError
 from autoexplain.sae_coder import HookPoint, SparseCoder, parse_tl_hook
 
 SAELENS_FILES = ("cfg.json", "sae_weights.safetensors")
@@ -184,7 +184,8 @@ def sparsify_child(parent: Path, layer: int | None) -> Path:
     if layer is None:
         if len(children) == 1:
             return children[0][1]
-        raise UserError(f"{parent} holds sparse coders for several hookpoints ({names})", "point at one of them (sae:PATH/<hookpoint>), or pass --layer where the command has it")
+        raise LayerMismatch(f"{parent} holds sparse coders for several hookpoints ({names})",
+                            "point at one of them (sae:PATH/<hookpoint>), or set {layer} to one of their layers")
     picked = [d for at, d in children if at == layer]
     if len(picked) != 1:
         problem = "none" if not picked else "several"
