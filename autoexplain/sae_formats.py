@@ -135,6 +135,7 @@ def read_saelens(folder: Path) -> SparseCoder:
         k=int(k) if architecture == "topk" and k is not None else None,
         threshold=t.get("threshold"), b_gate=t.get("b_gate"), b_mag=t.get("b_mag"), r_mag=t.get("r_mag"),
         normalize=normalize, rescale_by_decoder_norm=bool(cfg.get("rescale_acts_by_decoder_norm", False)),
+        model_name=(meta if isinstance(meta, dict) else {}).get("model_name") or cfg.get("model_name"),
     ).to_float32().check()
 
 

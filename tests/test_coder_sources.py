@@ -95,3 +95,48 @@ def test_explain_model_refuses_a_layer_a_sparsify_run_has_no_coder_for(tiny_llam
     with pytest.raises(UserError, match=f"--layers: no source reads layer 2 \\(sae:{tmp_path}/run/layers.0 reads layer 0\\)"):
         layers([f"{run}/layers.0"], "0,2")
     assert layers(["mlp", f"{run}/layers.0"], "0,2") == [(0, "mlp"), (0, "sae-res-48"), (2, "mlp")]
+
+
+def _named(folder, name, flat: bool = False):
+    """The tiny SAE as trained on the model `name`, its config's 6.x metadata or older flat field."""
+    import json
+
+    coder = shutil.copytree(_write_sae(folder.parent / f"{folder.name}-src"), folder)
+    cfg = json.loads((coder / "cfg.json").read_text())
+    if flat:
+        del cfg["metadata"]
+        cfg.update(model_name=name, hook_name="blocks.1.hook_resid_post", activation_fn_str="relu")
+    else:
+        cfg["metadata"]["model_name"] = name
+    (coder / "cfg.json").write_text(json.dumps(cfg))
+    return coder
+
+
+def test_a_coder_trained_on_another_model_family_is_read_with_one_warning(tiny_llama_dir, tmp_path, caplog):
+    """Its width and layer fit the tiny Llama: read anyway, with a warning said once, when its config
+    plainly names another family; never when the name says nothing or spells the same model."""
+    import logging
+
+    from autoexplain.sae import families, model_dims
+
+    caplog.set_level(logging.WARNING, logger="autoexplain.sae")
+    gemma = _named(tmp_path / "gemma", "google/gemma-2-2b")
+    for _ in range(2):
+        assert open_unit_source(f"sae:{gemma}", tiny_llama_dir).kind == "sae-res-40"
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [f"warning: {gemma} was trained on 'google/gemma-2-2b', which names another model than "
+                    f"{tiny_llama_dir}; its width and layer fit, so it is read anyway: check that it belongs to this model"]
+    caplog.clear()
+    pythia = _named(tmp_path / "pythia", "pythia-70m-deduped", flat=True)  # SAELens before 6.0
+    open_unit_source(f"sae:{pythia}", tiny_llama_dir)
+    assert len(caplog.records) == 1 and "'pythia-70m-deduped'" in caplog.records[0].getMessage()
+    caplog.clear()
+    for i, name in enumerate(("tiny", "", tiny_llama_dir, "meta-llama/Llama-3.2-1B", "my-org/finetuned-model")):
+        open_unit_source(f"sae:{_named(tmp_path / f'same{i}', name)}", tiny_llama_dir)
+    assert caplog.records == [], "a name that says nothing, or the same family, is no warning"
+    # the embedded subject by every name it goes by, and the name train-sae writes for it
+    from autoexplain import defaults
+
+    ours = families(*model_dims("smollm2").names)
+    for name in ("smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct", defaults.resolve_model("smollm2"), "SmolLM2-135M"):
+        assert families(name) and families(name) & ours, name
