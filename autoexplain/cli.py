@@ -71,8 +71,10 @@ def record(
         shape = preflight.model_shape(model, preflight.cli_flag)
         given = parse_layers(layers, shape.n_layers, preflight.cli_flag) if layers is not None else None
         if given is not None and len(given) > 1 and ":" in source:
-            raise UserError(f"a coder reads one layer, --layers names {len(given)}", "pass one layer, or leave --layers out")
-        unit_source = preflight.check_source(source, model, given[0] if given else None, preflight.cli_flag)
+            raise preflight.refuse(preflight.cli_flag, "layers", f"a coder reads one layer, this names {len(given)}",
+                                   "pass one layer, or leave --layers out")
+        unit_source = preflight.check_source(source, model, given[0] if given else None, preflight.cli_flag,
+                                             layer_name="layers")
         chosen = given or ([unit_source.layer] if hasattr(unit_source, "layer") else [shape.middle_layer])
         for L in chosen:
             preflight.check_layer(shape, L, preflight.cli_flag, "layers")

@@ -159,7 +159,7 @@ def train_sae_cmd(
     (SAELens and `autoexplain.sae` read it back); prints its held-out fraction of variance explained and dead latents."""
     from autoexplain.record import build_windows
     from autoexplain.sae_coder import HookPoint
-    from autoexplain.sae_train import TL_HOOKS, TrainConfig, train_sae
+    from autoexplain.sae_train import TL_HOOKS, TrainConfig, check_target, train_sae
     from autoexplain.subject import load_subject
 
     def go():
@@ -185,9 +185,10 @@ def train_sae_cmd(
         shape = preflight.model_shape(model, preflight.cli_flag)
         point = HookPoint(shape.middle_layer if layer is None else layer, hook)
         preflight.check_layer(shape, point.layer, preflight.cli_flag, "layer")
+        folder = to or out / "sae" / f"layer_{point.layer}_{hook}_{latents}"
+        check_target(folder)
         subject = load_subject(model)
         windows = build_windows(subject, corpus, out, window_len, tokens, seed)
-        folder = to or out / "sae" / f"layer_{point.layer}_{hook}_{latents}"
         with progress_bar() as bar:
             tasks = {}
 
@@ -203,4 +204,6 @@ def train_sae_cmd(
                   f"{report.steps} steps, capture {report.seconds_capture:.0f}s + train {report.seconds_train:.0f}s")
         typer.echo(str(folder))
 
-    run_or_exit(go)
+    # No LLM here, nothing half-written (the SAE folder appears whole or not at all), and the
+    # tokenised windows are cached under --out.
+    run_or_exit(go, left="no SAE was written; rerun the same command to train it (the tokenised windows are reused)")

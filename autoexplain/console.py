@@ -123,31 +123,35 @@ def budget_stopped(message: str):
 _SAID: list[bool] = []  # the interrupted line was printed
 
 
-def interrupted_line(signum: int, forced: bool = False) -> str:
-    """What a run stopped by a signal says (`run_or_exit`), or, `forced`, when it had to be ended."""
+# What a stopped run of the stages or flows left behind, and how it goes on.
+STAGES_STOPPED = ("nothing of the unfinished stage was kept and the LLM requests in flight were abandoned; rerun the "
+                  "same command to go on (it reuses the finished units and the LLM answers already received)")
+
+
+def interrupted_line(signum: int, forced: bool = False, left: str = STAGES_STOPPED) -> str:
+    """What a run stopped by a signal says (`run_or_exit`), or, `forced`, when it had to be ended.
+    `left`: what the command left behind and how to go on (a command without LLMs says its own)."""
     how = f"it was still running {interrupt.GRACE:.0f} s after the signal, so it was ended; " if forced else ""
-    return (f"[bold yellow]interrupted[/] ({signal.Signals(signum).name}): {how}nothing of the unfinished stage was "
-            "kept and the LLM requests in flight were abandoned; rerun the same command to go on (it reuses the "
-            "finished units and the LLM answers already received)")
+    return f"[bold yellow]interrupted[/] ({signal.Signals(signum).name}): {how}{left}"
 
 
-def _forced(signum: int) -> None:
+def _forced(signum: int, left: str = STAGES_STOPPED) -> None:
     if not _SAID:
-        err.print(interrupted_line(signum, forced=True), highlight=False)
+        err.print(interrupted_line(signum, forced=True, left=left), highlight=False)
 
 
-def run_or_exit(fn):
+def run_or_exit(fn, left: str = STAGES_STOPPED):
     """Call fn, turning a UserError into one clear line and a non-zero exit (3: the budget stopped
-    it). Ctrl-C or SIGTERM stops it within seconds (`interrupt`): one line, exit 128 + the signal's
-    number (130, 143)."""
+    it). Ctrl-C or SIGTERM stops it within seconds (`interrupt`): one line saying `left`, exit
+    128 + the signal's number (130, 143)."""
     try:
-        with interrupt.signals(_forced):
+        with interrupt.signals(lambda signum: _forced(signum, left)):
             return _one_line_errors(fn)
     except BaseException as e:
         if not (interrupt.stopping() or isinstance(e, KeyboardInterrupt)):  # what a stopped run unwinds with
             raise
         _SAID.append(True)
-        err.print(interrupted_line(interrupt.signum()), highlight=False)
+        err.print(interrupted_line(interrupt.signum(), left=left), highlight=False)
         raise typer.Exit(128 + interrupt.signum()) from None
 
 

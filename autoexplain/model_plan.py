@@ -49,22 +49,29 @@ def parse_layers(spec, n_layers: int | None, spell: preflight.Spelling = preflig
 def coder_folders(spec: str, asked: list[int] | None, spell: preflight.Spelling) -> list[str]:
     """The source specs a `sources` entry stands for: a sparsify run's folder ('sae:RUN') is its
     hookpoint folders ('sae:RUN/layers.3') at the layers asked (all without layers); any other
-    spec is itself (checked later, as explain-layer checks it)."""
-    from autoexplain.sae import parse_source
+    spec is itself (checked later, as explain-layer checks it). A coder's path comes back absolute,
+    as the run pointers keep it (`sae.absolute_source`)."""
+    from autoexplain.sae import absolute_source, parse_source
     from autoexplain.sae_formats import detect, sparsify_children
 
     try:
         source = parse_source(spec)
         if source.path is None or not source.path.is_dir() or detect(source.path) != "sparsify-parent":
-            return [spec]
+            return [absolute_source(spec)]
     except UserError:  # not a coder folder: checked later, as explain-layer checks it
         return [spec]
-    path = source.path
-    children = sparsify_children(path)
+    children = sparsify_children(source.path)
+    # A layer asked for that the run has no coder at would be a hole in the results no line reports.
+    lacking = [layer for layer in asked or [] if layer not in {at for at, _ in children}]
+    if lacking:
+        have = sorted(at for at, _ in children if at is not None)
+        raise UserError(f"{spell('layers')}: {source} holds no coder for layer {', '.join(map(str, lacking))} "
+                        f"(it has {', '.join(d.name for _, d in children)})",
+                        f"pick layers it has ({', '.join(map(str, have)) or 'none'}), or leave {spell('layers').split()[-1]} out")
     picked = [f"{source.kind}:{d}" for layer, d in children if layer is not None and (asked is None or layer in asked)]
     if not picked:
-        raise UserError(f"{spell('sources')}: {path} holds no coder for layers {asked} "
-                        f"(it has {', '.join(d.name for _, d in children)})", "pick layers it has, or leave the layers out")
+        raise UserError(f"{spell('sources')}: {source} holds no coder at a layer autoexplain can read "
+                        f"(it has {', '.join(d.name for _, d in children)})", "point at a folder of coders named layers.L")
     return picked
 
 
@@ -88,11 +95,19 @@ def explain_model(p: dict, spell: preflight.Spelling = preflight.flow_name) -> M
                 preflight.check_layer(shape, layer, spell, name="layers")
             groups.append((spec, [replace(first, layer=layer) for layer in layers]))
             continue
-        part = preflight.explain_layer({**common, "layer": None, "source": spec}, spell)
+        # One layer asked is the coder's: checked against it, or the layer of one that does not say.
+        one = asked[0] if asked is not None and len(asked) == 1 else None
+        part = preflight.explain_layer({**common, "layer": one, "source": spec}, spell, layer_name="layers")
         if asked is not None and part.layer not in asked:
             raise UserError(f"{spell('sources')}: {spec} reads layer {part.layer}, which layers {asked} leaves out",
                             f"add {part.layer} to the layers, or leave the layers out")
         groups.append((spec, [part]))
+    unread = [layer for layer in asked or [] if all(part.layer != layer for _, parts in groups for part in parts)]
+    if unread:
+        raise UserError(f"{spell('layers')}: no source reads layer {', '.join(map(str, unread))} "
+                        f"({'; '.join(f'{spec} reads layer {parts[0].layer}' for spec, parts in groups)})",
+                        f"leave {'it' if len(unread) == 1 else 'them'} out of {spell('layers').split()[-1]}, "
+                        "or add a source that reads it (mlp reads every layer)")
     pages = [(part.layer, part.source.kind) for _, parts in groups for part in parts]
     if len(set(pages)) != len(pages):
         raise UserError(f"{spell('sources')}: two coders of the same kind at one layer would share pages and run pointers",

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autoexplain import defaults
-from autoexplain.errors import UserError
+from autoexplain.errors import LayerMismatch, UserError
 from autoexplain.model_config import Shape, read_shape
 from autoexplain.server_probe import probe_scheduler, probe_server
 from autoexplain.sources import MLP
@@ -313,13 +313,16 @@ def check_same_coder(out: str, layer: int, source, source_id: str, spell: Spelli
 
 
 def check_source(source: str | None, model: str, layer: int | None, spell: Spelling = flow_name,
-                 name: str = "source"):
+                 name: str = "source", layer_name: str = "layer"):
     """The unit source a run reads (`source_coder.open_unit_source`), its coder read and checked
-    against the subject's config: a wrong path, format, hook point or width is one line here."""
+    against the subject's config: a wrong path, format, hook point or width is one line here, and a
+    layer the coder does not read is one about `layer_name`, the command's own layer parameter."""
     from autoexplain.source_coder import open_unit_source
 
     try:
         return open_unit_source(source, model, layer)
+    except LayerMismatch as e:
+        raise refuse(spell, layer_name, e.problem, e.fix_for(spell(layer_name).split()[-1])) from None
     except UserError as e:
         raise for_parameter(spell, name, e) from None
 
@@ -364,8 +367,9 @@ def check_recording(p: dict, spell: Spelling = flow_name) -> None:
                     "exemplars kept per unit", f"pass {spell('reservoir').split()[-1]} >= {n_random}, or fewer random exemplars")
 
 
-def explain_layer(p: dict, spell: Spelling = flow_name) -> LayerPlan:
-    """Every parameter of an explain-layer run (flow parameters by name; missing ones are skipped)."""
+def explain_layer(p: dict, spell: Spelling = flow_name, layer_name: str = "layer") -> LayerPlan:
+    """Every parameter of an explain-layer run (flow parameters by name; missing ones are skipped).
+    `layer_name`: the parameter a caller's users give the layer by (explain-model's `layers`)."""
     defaults.check_environment()
     for name, low in (("k", 1), ("shard_size", 1), ("n_boot", 1), ("layer", 0)):
         if name in p and (name != "layer" or p[name] is not None):
@@ -376,7 +380,7 @@ def explain_layer(p: dict, spell: Spelling = flow_name) -> LayerPlan:
     check_corpus(p.get("corpus", defaults.CORPUS), spell, text_field=p.get("text_field", "text"))
     model = p.get("model", defaults.SUBJECT)
     shape = model_shape(model, spell)
-    source = check_source(p.get("source"), model, p.get("layer"), spell)
+    source = check_source(p.get("source"), model, p.get("layer"), spell, layer_name=layer_name)
     layer = p.get("layer")
     if layer is None:
         layer = getattr(source, "layer", shape.middle_layer)

@@ -9,11 +9,13 @@ before the subject model is loaded or a corpus tokenised.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import logging
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from autoexplain import defaults
-from autoexplain.errors import UserError
+from autoexplain.errors import LayerMismatch, UserError
 from autoexplain.sae_coder import HookPoint, SparseCoder
 from autoexplain.sae_formats import (
     detect, gemmascope_is_transcoder, read_gemmascope, read_saelens, read_sparsify, sparsify_child,
@@ -34,14 +36,27 @@ class SourceSpec:
 
 
 def parse_source(text: str) -> SourceSpec:
-    """'mlp', 'sae:PATH' or 'transcoder:PATH'."""
+    """'mlp', 'sae:PATH' or 'transcoder:PATH'. The path is made absolute here, against the directory
+    the spec was given in: records, run pointers and the flows' tasks keep the spec, and are read by
+    later commands run from anywhere."""
     kind, sep, rest = (text or "").strip().partition(":")
     if kind == "mlp" and not sep:
         return SourceSpec("mlp")
     if kind in ("sae", "transcoder") and rest.strip():
-        return SourceSpec(kind, Path(rest.strip()).expanduser())
+        return SourceSpec(kind, Path(rest.strip()).expanduser().absolute())
     raise UserError(f"cannot read the unit source '{text}'",
                     "write mlp (the MLP neurons), sae:PATH or transcoder:PATH (a local folder)")
+
+
+def absolute_source(text: str | None) -> str | None:
+    """A `--source` value as a run keeps and passes it on: a coder's spec with its path absolute
+    (`parse_source`); any other value, a kind or one the checks will refuse, as given."""
+    if ":" not in (text or ""):
+        return text
+    try:
+        return str(parse_source(text))
+    except UserError:
+        return text
 
 
 def load_coder(spec: SourceSpec, layer: int | None = None) -> SparseCoder:
@@ -64,10 +79,10 @@ def load_coder(spec: SourceSpec, layer: int | None = None) -> SparseCoder:
     if want_transcoder and not coder.transcoder:
         raise UserError(f"{coder.source} is an SAE, given as transcoder:", f"pass it as sae:{spec.path}")
     if coder.hook is None:
-        raise UserError(f"{coder.source} does not say which layer it reads", "pass --layer")
+        raise LayerMismatch(f"{coder.source} does not say which layer it reads", "set {layer} to the layer it was trained on")
     if layer is not None and layer != coder.hook.layer:
-        raise UserError(f"--layer {layer} disagrees with {coder.source}, which reads {coder.hook}",
-                        f"pass --layer {coder.hook.layer}, or leave --layer out")
+        raise LayerMismatch(f"layer {layer} disagrees with {coder.source}, which reads {coder.hook}",
+                            f"set {{layer}} to {coder.hook.layer}, or leave it out")
     return coder
 
 
@@ -76,6 +91,8 @@ class ModelDims:
     name: str
     n_layers: int
     d_model: int
+    # Every name the subject goes by (as given, its file, its config's names and type): `families`.
+    names: tuple[str, ...] = field(default=(), compare=False)
 
 
 def model_dims(model: str) -> ModelDims:
@@ -86,7 +103,9 @@ def model_dims(model: str) -> ModelDims:
 
         fields = GGUFReader(path).fields
         arch = fields["general.architecture"].contents()
-        return ModelDims(model, int(fields[f"{arch}.block_count"].contents()), int(fields[f"{arch}.embedding_length"].contents()))
+        names = (model, str(path.absolute()), arch, *(str(fields[k].contents()) for k in ("general.name", "general.basename") if k in fields))
+        return ModelDims(model, int(fields[f"{arch}.block_count"].contents()), int(fields[f"{arch}.embedding_length"].contents()),
+                         names)
     if (path / "config.json").is_file():
         cfg = json.loads((path / "config.json").read_text())
     else:
@@ -101,7 +120,42 @@ def model_dims(model: str) -> ModelDims:
     width = next((cfg[k] for k in ("hidden_size", "n_embd", "d_model") if cfg.get(k)), None)
     if not layers or not width:
         raise UserError(f"the config of '{model}' names no layer count or hidden size", "give a transformer causal LM")
-    return ModelDims(model, int(layers), int(width))
+    names = (model, str(path.absolute()), *(str(cfg.get(k) or "") for k in ("_name_or_path", "model_type")), *(cfg.get("architectures") or []))
+    return ModelDims(model, int(layers), int(width), names)
+
+
+# Model families a name can say plainly, as the first word of one of its parts ('SmolLM2-135M',
+# 'meta-llama/Llama-3.1-8B', 'gemma-2-2b', 'gpt2-small'). A name with none ('tiny', a local folder)
+# says nothing. The subject's own config type counts too (SmolLM2 is a llama), so a coder is only
+# ever doubted when no name of the subject shares its family: spellings of one model never are.
+FAMILIES = ("smollm", "llama", "gemma", "qwen", "mistral", "mixtral", "pythia", "gpt2", "phi", "olmo", "opt",
+            "bloom", "falcon", "deepseek", "granite", "stablelm")
+_FAMILY = re.compile(rf"^({'|'.join(FAMILIES)})[0-9.]*$")
+
+
+def families(*names: str) -> set[str]:
+    """The model families `names` say plainly (`FAMILIES`), each name read by its last two parts: a
+    hub id's owner and model, a path's file and its folder (not the folders it happens to sit in)."""
+    words = (w for name in names for part in str(name).lower().replace("\\", "/").split("/")[-2:]
+             for w in re.split(r"[^a-z0-9.]+", part))
+    return {m.group(1) for w in words if (m := _FAMILY.match(w.strip(".")))}
+
+
+_DOUBTED: set[tuple[str, str]] = set()  # (coder, subject) pairs already warned about in this process
+
+
+def doubt_model(coder: SparseCoder, dims: ModelDims) -> str | None:
+    """A warning, said once per coder and subject, when the coder's config names a model of another
+    family than every name of the subject; None when they agree or either says nothing. A warning,
+    not a refusal: names are spelt many ways, and the shapes have already been checked."""
+    theirs, ours = families(coder.model_name or ""), families(*dims.names)
+    if not theirs or not ours or theirs & ours or (coder.source, dims.name) in _DOUBTED:
+        return None
+    _DOUBTED.add((coder.source, dims.name))
+    line = (f"warning: {coder.source} was trained on '{coder.model_name}', which names another model than {dims.name}; "
+            "its width and layer fit, so it is read anyway: check that it belongs to this model")
+    logging.getLogger(__name__).warning(line)
+    return line
 
 
 def check_subject(coder: SparseCoder, dims: ModelDims) -> HookPoint:
@@ -113,6 +167,7 @@ def check_subject(coder: SparseCoder, dims: ModelDims) -> HookPoint:
     if coder.d_in != dims.d_model:
         raise UserError(f"{coder.source} has d_in {coder.d_in}, but {dims.name}'s residual width is {dims.d_model}",
                         "use a coder trained on this model")
+    doubt_model(coder, dims)
     return hook
 
 

@@ -79,6 +79,7 @@ class SparseCoder:
     r_mag: torch.Tensor | None = None
     normalize: str = "none"
     rescale_by_decoder_norm: bool = False
+    model_name: str | None = None  # the model it was trained on, as its config names it (None: it does not)
 
     @property
     def d_in(self) -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from autoexplain.errors import UserError
+from autoexplain.errors import LayerMismatch, UserError
 from autoexplain.sae_coder import HookPoint, SparseCoder, parse_tl_hook
 
 SAELENS_FILES = ("cfg.json", "sae_weights.safetensors")
@@ -135,6 +135,7 @@ def read_saelens(folder: Path) -> SparseCoder:
         k=int(k) if architecture == "topk" and k is not None else None,
         threshold=t.get("threshold"), b_gate=t.get("b_gate"), b_mag=t.get("b_mag"), r_mag=t.get("r_mag"),
         normalize=normalize, rescale_by_decoder_norm=bool(cfg.get("rescale_acts_by_decoder_norm", False)),
+        model_name=(meta if isinstance(meta, dict) else {}).get("model_name") or cfg.get("model_name"),
     ).to_float32().check()
 
 
@@ -184,7 +185,8 @@ def sparsify_child(parent: Path, layer: int | None) -> Path:
     if layer is None:
         if len(children) == 1:
             return children[0][1]
-        raise UserError(f"{parent} holds sparse coders for several hookpoints ({names})", "point at one of them (sae:PATH/<hookpoint>), or pass --layer where the command has it")
+        raise LayerMismatch(f"{parent} holds sparse coders for several hookpoints ({names})",
+                            "point at one of them (sae:PATH/<hookpoint>), or set {layer} to one of their layers")
     picked = [d for at, d in children if at == layer]
     if len(picked) != 1:
         problem = "none" if not picked else "several"

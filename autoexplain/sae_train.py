@@ -157,10 +157,33 @@ def train(states: torch.Tensor, cfg: TrainConfig, progress=None) -> tuple[TopKSA
 
 def save_saelens(sae: TopKSAE, scale: float, folder: Path, hook: HookPoint, model_name: str, context_size: int,
                  dataset: str, report: TrainReport) -> Path:
-    """SAELens 6.x files; the input scale is folded into the weights, so they read raw activations."""
+    """SAELens 6.x files; the input scale is folded into the weights, so they read raw activations.
+    Written into a sibling folder that is renamed to `folder` once whole: `folder` is a coder or
+    nothing, even when the process is stopped while writing."""
+    import shutil
+    import tempfile
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    part = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    try:
+        _write_saelens(sae, scale, part, hook, model_name, context_size, dataset, report)
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()  # an empty folder made for it: a rename does not replace one everywhere
+        try:
+            part.rename(folder)
+        except OSError:
+            raise UserError(f"--to {folder} was filled by something else while the SAE trained",
+                            "pass another --to, or delete that folder, and train again") from None
+    except BaseException:
+        shutil.rmtree(part, ignore_errors=True)
+        raise
+    return folder
+
+
+def _write_saelens(sae: TopKSAE, scale: float, folder: Path, hook: HookPoint, model_name: str, context_size: int,
+                   dataset: str, report: TrainReport) -> None:
     from safetensors.torch import save_file
 
-    folder.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         tensors = {"W_enc": sae.W_enc * scale, "b_enc": sae.b_enc, "W_dec": sae.W_dec / scale, "b_dec": sae.b_dec / scale}
     save_file({n: t.detach().float().contiguous() for n, t in tensors.items()}, folder / "sae_weights.safetensors")
@@ -175,7 +198,25 @@ def save_saelens(sae: TopKSAE, scale: float, folder: Path, hook: HookPoint, mode
     }
     (folder / "cfg.json").write_text(json.dumps(cfg, indent=2))
     (folder / "training.json").write_text(json.dumps(asdict(report), indent=2))
-    return folder
+
+
+def check_target(folder: Path) -> None:
+    """Before any training: `folder` (train-sae's --to) must be free. A coder there may be the one
+    earlier runs were recorded with, so it is never replaced; nor is anything else."""
+    if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
+        return
+    from autoexplain.sae_formats import GEMMASCOPE_FILE, SAELENS_FILES, SPARSIFY_FILES
+
+    held = "a coder" if any((folder / f).is_file() for f in (*SAELENS_FILES, *SPARSIFY_FILES, GEMMASCOPE_FILE)) \
+        else "files" if folder.is_dir() else "a file"
+    raise UserError(f"--to {folder} already holds {held}, which train-sae would replace",
+                    f"pass another --to (one per --k, --seed or --tokens you try), or delete {folder} to train it again")
+
+
+def trained_on(subject) -> str:
+    """The model a coder names as its own (SAELens `model_name`): the file or folder the subject was
+    loaded from, absolute, or its hub id; never an alias ('smollm2'), which means nothing elsewhere."""
+    return str(Path(subject.local_path).absolute()) if subject.local_path else subject.name
 
 
 def collect_states(subject, hook: HookPoint, windows, batch_size: int = 32, progress=None) -> torch.Tensor:
@@ -205,5 +246,5 @@ def train_sae(subject, hook: HookPoint, windows, to: Path, cfg: TrainConfig, cor
     captured = time.perf_counter() - started
     sae, scale, report = train(states, cfg, progress and (lambda d, t: progress("train", d, t)))
     report.seconds_capture = captured
-    save_saelens(sae, scale, to, hook, subject.name, windows.window_len, corpus, report)
+    save_saelens(sae, scale, to, hook, trained_on(subject), windows.window_len, corpus, report)
     return report

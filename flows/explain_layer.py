@@ -32,6 +32,7 @@ from autoexplain.registry import DEFAULT_SCORER, simulator_identity
 from autoexplain.llm import set_limits
 from autoexplain.llm_cache import set_cache
 from autoexplain.remote import is_url
+from autoexplain.sae import absolute_source
 from autoexplain.sources import MLP
 from autoexplain.storage import content_key, layer_name, open_root, write_run
 from autoexplain.summary import compare_markdown
@@ -88,6 +89,7 @@ logging.getLogger("prefect.flow_runs").addFilter(OneLineUserErrors())
 def record_activations(model: str = "smollm2", corpus: str = "default", layers: list[int] | None = None,
                        tokens: int = 1_000_000, out: str = "out", source: str = "mlp", text_field: str = "text") -> dict:
     """`source` and `text_field` as in explain_layer; a coder reads one layer, its own unless `layers` names it."""
+    source = absolute_source(source)
 
     def check():
         preflight.at_least(preflight.flow_name, "tokens", tokens, 1)
@@ -95,8 +97,9 @@ def record_activations(model: str = "smollm2", corpus: str = "default", layers: 
         preflight.check_corpus(corpus, text_field=text_field)
         shape = preflight.model_shape(model)
         if layers and len(layers) > 1 and ":" in source:
-            raise UserError(f"parameter layers: a coder reads one layer, got {layers}", "set layers to one layer, or leave it out")
-        unit_source = preflight.check_source(source, model, layers[0] if layers else None)
+            raise preflight.refuse(preflight.flow_name, "layers", f"a coder reads one layer, got {layers}",
+                                   "set layers to one layer, or leave it out")
+        unit_source = preflight.check_source(source, model, layers[0] if layers else None, layer_name="layers")
         chosen = layers or [getattr(unit_source, "layer", shape.middle_layer)]
         for layer in chosen:
             preflight.check_layer(shape, layer, name="layers")
@@ -156,6 +159,7 @@ def explain_layer(
     `autoexplain.budget`) are no part of a cache key or of the run's recorded parameters, nor is
     `dask`: the address of a running dask scheduler ('tcp://HOST:8786') whose workers run the
     shards' tasks (default: threads in the flow's process; see `flows.steps.scale_out`)."""
+    source = absolute_source(source)  # the run pointer keeps it, for commands run from anywhere
     params = dict(layer=layer, units=units, model=model, corpus=corpus, text_field=text_field, tokens=tokens, explainer=explainer,
                   simulator=simulator, scorers=scorers, k=k, shard_size=shard_size, n_boot=n_boot, revisions=revisions,
                   site=site, window_len=window_len, top_k=top_k, n_random=n_random, source=source)
@@ -206,6 +210,7 @@ def rescore(out: str = "out", layer: int | None = None, simulator: str = "embedd
     show ('sae-res-16k'). `layer` defaults to the coder's own, or the one layer with a run of those
     units, or 15 (`run_lookup.run_of`). `concurrency`, `rpm`, `tpm`, `retries`, `cache`, `budget` and
     `dask` as in explain_layer."""
+    source = absolute_source(source)  # the hard negatives' tasks read the coder, maybe elsewhere
     limit = []
 
     def check():
@@ -248,6 +253,8 @@ def revise(out: str = "out", layer: int | None = None, revisions: dict[str, str]
     explained again. `source`, `concurrency`, `rpm`, `tpm`, `retries`, `cache`, `budget` and `dask` as
     in rescore."""
     from autoexplain import revise_plan
+
+    source = absolute_source(source)
 
     def check():
         preflight.check_limits(concurrency, rpm, tpm=tpm, retries=retries)

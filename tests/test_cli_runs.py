@@ -27,10 +27,10 @@ def home(tmp_path_factory):
     return tmp_path_factory.mktemp("prefect-home")
 
 
-def cli(home: Path, *args: str) -> subprocess.CompletedProcess:
+def cli(home: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILE")}
     env.update(HF_HUB_OFFLINE="1", COLUMNS="200", PREFECT_HOME=str(home))
-    return subprocess.run([*EXE, *args], capture_output=True, text=True, env=env)
+    return subprocess.run([*EXE, *args], capture_output=True, text=True, env=env, cwd=cwd)
 
 
 @pytest.fixture(scope="module")

@@ -379,10 +379,10 @@ def test_layer_must_agree_or_be_given(tmp_path):
     assert load_coder(parse_source(f"sae:{sae}"), layer=1).hook.layer == 1
     with pytest.raises(UserError) as e:
         load_coder(parse_source(f"sae:{sae}"), layer=2)
-    one_line(e, "--layer 2 disagrees", "--layer 1")
+    one_line(e, "layer 2 disagrees", "set the layer to 1")
     with pytest.raises(UserError) as e:
         load_coder(parse_source(f"sae:{write_gemmascope(tmp_path / 'bare', weights('jumprelu'))}"))
-    one_line(e, "does not say which layer", "--layer")
+    one_line(e, "does not say which layer", "set the layer to the layer it was trained on")
     write_sparsify(tmp_path / "run" / "layers.0", weights("topk"))
     write_sparsify(tmp_path / "run" / "layers.4", weights("topk"))
     for layer, words in ((None, ("several hookpoints", "layers.0, layers.4")), (2, ("none for layer 2",))):

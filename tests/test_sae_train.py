@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,6 +124,42 @@ def test_train_sae_command(tiny_llama_dir, prose_corpus, tmp_path):
     coder = load_coder(parse_source(f"sae:{to}"), layer=1)
     assert (coder.hook, coder.d_in, coder.d_sae) == (HookPoint(1, "resid_post"), 32, 64)
     assert report["fve"] > 0.5, report
+    assert coder.model_name == str(Path(tiny_llama_dir).absolute()), "the model's path, not an alias"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [], "no partial folder left beside it"
+
+    # Another --k into the same folder would replace the coder earlier runs recorded: refused first.
+    before = {p.name: p.read_bytes() for p in to.iterdir()}
+    again = run_cli("train-sae", "--model", tiny_llama_dir, "--corpus", str(prose_corpus), "--layer", "1", "--latents", "64",
+                    "--k", "8", "--tokens", "4000", "--window-len", "16", "--batch-tokens", "128",
+                    "--out", str(tmp_path / "out"), "--to", str(to))
+    errors = [line for line in again.stderr.splitlines() if line.startswith("error:")]
+    assert again.returncode == 2 and len(errors) == 1, again.stderr[-2000:]
+    assert f"--to {to} already holds a coder" in errors[0] and "pass another --to" in errors[0]
+    assert "capture" not in again.stderr, "refused before any work"
+    assert {p.name: p.read_bytes() for p in to.iterdir()} == before
+
+
+def test_a_stopped_train_sae_writes_nothing_and_says_so(tiny_llama_dir, prose_corpus, tmp_path):
+    """SIGTERM while it trains: no SAE folder, nothing beside it, and a line about train-sae, not LLMs."""
+    import signal
+    import time
+
+    to = tmp_path / "sae" / "stopped"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    proc = subprocess.Popen([sys.executable, "-m", "autoexplain.cli", "train-sae", "--model", tiny_llama_dir,
+                             "--corpus", str(prose_corpus), "--layer", "1", "--latents", "64", "--k", "4",
+                             "--tokens", "200000", "--window-len", "16", "--batch-tokens", "128", "--epochs", "5000",
+                             "--out", str(tmp_path / "out"), "--to", str(to)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 300
+    while not any((tmp_path / "out").rglob("windows.parquet")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(3)  # into the capture or the training
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "interrupted (SIGTERM): no SAE was written" in err and "LLM" not in err, err[-2000:]
+    assert not to.exists() and (not to.parent.exists() or list(to.parent.iterdir()) == [])
 
 
 @pytest.mark.parametrize("args,words", [

@@ -155,7 +155,7 @@ def test_a_sparsify_run_is_a_source_per_hookpoint_the_layers_pick(tiny_llama_dir
 
     assert plan("2") == [(f"{spec}/layers.2", [(2, "sae-res-48", 2)])]
     assert plan(None) == [(f"{spec}/layers.{layer}", [(layer, "sae-res-48", layer)]) for layer in (0, 2)]
-    with pytest.raises(UserError, match="holds no coder for layers \\[1\\]"):
+    with pytest.raises(UserError, match="holds no coder for layer 1 "):
         plan("1")
 
 
@@ -203,11 +203,14 @@ def test_explain_layer_and_rescore_on_latents_from_the_command_line(tiny_llama_d
     sae = shutil.copytree(tiny_sae, out.parent / "coder" / "res_l1")
     common = ["--model", tiny_llama_dir, "--corpus", str(prose_corpus), "--tokens", "20000", "--k", "1",
               "--bootstrap", "50", "--window-len", "8", "--top-k", "8", "--random", "6", "--out", str(out)]
-    # the layer comes from the coder; the dead latent 7 is a shard of its own
-    result = cli(home, "explain-layer", "--source", f"sae:{sae}", "--units", "7-9", "--shard-size", "1", *common)
+    # the layer comes from the coder; the dead latent 7 is a shard of its own. The coder's path is
+    # given relative to where the command runs, and kept absolute for commands run elsewhere
+    result = cli(home, "explain-layer", "--source", "sae:coder/res_l1", "--units", "7-9", "--shard-size", "1", *common,
+                 cwd=out.parent)
     assert result.returncode == 0, result.stderr[-4000:]
     run = read_run(out, 1, "sae-res-40")
     assert run["params"]["layer"] == 1 and run["records"]["source"] == "sae-res-40"
+    assert run["params"]["source"] == f"sae:{sae}"
     assert not (out / "runs" / "layer_1.json").exists()
     scores = pl.concat([pl.read_parquet(r["path"]) for r in run["scores"]])
     assert set(scores["source"].unique()) == {"sae-res-40"} and set(scores["polarity"].unique()) == {1}
@@ -227,6 +230,10 @@ def test_explain_layer_and_rescore_on_latents_from_the_command_line(tiny_llama_d
     dead = w.open("unit.html#L1/sae-res-40/N7", ready=False)
     dead.wait_for_function("document.getElementById('explanation').textContent.includes('never fired')")
     w.close()
+
+    elsewhere = cli(home, "rescore", "--out", str(out), "--source", "sae-res-40", "--bootstrap", "60",
+                    "--scorers", "simulation,embedding", cwd=Path("/"))
+    assert elsewhere.returncode == 0, elsewhere.stderr[-4000:]
 
     # no --layer: the coder's own (not the default 15); the coder moved since, and the hard negatives
     # of the classifier scorer read it where it is now, not where the recording names it
@@ -363,7 +370,7 @@ def test_the_record_activations_flow_takes_a_source(prefect_results, tiny_llama_
     save_file(t, sae / "sae_weights.safetensors")
     second = record_activations(**kw)
     assert second["key"] != first["key"]
-    with pytest.raises(UserError, match="disagrees"):  # one line, before any recording
+    with pytest.raises(UserError, match="parameter layers: layer 0 disagrees .* set layers to 1"):  # before any recording
         record_activations(**{**kw, "layers": [0]})
 
 
