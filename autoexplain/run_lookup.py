@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from autoexplain import defaults
+from autoexplain.errors import UserError
 from autoexplain.preflight import Spelling, check_root, flow_name, refuse, source_kind
 from autoexplain.sources import MLP
 
@@ -39,6 +40,14 @@ def find_run(out: str, layer: int, spell: Spelling = flow_name, kind: str = MLP.
     run = read_run(root, layer, kind)
     if run is not None:
         require_outputs(run, ("records", "explanations", "scores"))
+        if not run.get("scores"):
+            from autoexplain.layer import dead_of_run
+            from autoexplain.summary import dead_line
+
+            asked = dead_of_run(run)
+            raise UserError(f"{out}'s run of layer {layer}'s {kind} units has no explained units: "
+                            f"{dead_line(len(asked), asked)}, so there is nothing to simulate or score again",
+                            "explain other units, or record more tokens, with explain-layer first")
         return run
     others = [k for L, k in run_sources(root) if L == layer and k != kind]
     if others:
