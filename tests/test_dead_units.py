@@ -103,3 +103,29 @@ def test_a_model_run_with_a_source_of_dead_units_is_published_and_shown(tiny_lla
     assert "Traceback" not in refused.stderr
     assert json.loads((out / "runs" / "layer_1.sae-res-40.json").read_text())["flow"] == "explain-model"
 
+
+def _main_in_a_spawned_child(answer) -> None:
+    import sys
+
+    from autoexplain.flows.cli import main
+
+    sys.argv = ["autoexplain", "--help"]
+    try:
+        main()
+    except SystemExit:
+        answer.put("ran the command")
+        return
+    answer.put("returned")
+
+
+def test_a_spawned_child_does_not_run_the_command_again():
+    """The embedder's helper is a spawned process that imports the parent's main module with its argv:
+    under a console script without the `__main__` guard, main() there ran the whole flow a second time."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    answer = ctx.Queue()
+    child = ctx.Process(target=_main_in_a_spawned_child, args=(answer,))
+    child.start()
+    child.join(120)
+    assert answer.get(timeout=5) == "returned"
