@@ -5,7 +5,9 @@ or refuses in one line (rescore, revise). The tiny SAE's latent 7 never fires (`
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -42,6 +44,12 @@ def test_a_layer_run_counts_its_own_dead_units_and_one_of_dead_units_alone_finis
     assert "layer 1 (sae-res-40): 2 asked, all fired" in live.stderr
     assert read_run(out, 1, "sae-res-40")["dead"] == []
     assert "never fired" not in _layer_text(browser, out / "site" / "layer_1.sae-res-40", "L1/sae-res-40")
+    # `autoexplain view` from the scores folders alone: the run pointer that names them says which died
+    from autoexplain.view import build_site
+
+    shards = [Path(r["path"]).parent for r in read_run(out, 1, "sae-res-40")["scores"]]
+    build_site(shards, tmp_path / "again", meaning=False, plots=False)
+    assert re.search(r'"n_units":2,"n_scored":\d,"dead":\[\]', (tmp_path / "again" / "data" / "site.js").read_text())
 
     # every unit asked never fired: a finished run that says so, not a traceback
     dead = cli(home, "explain-layer", "--units", f"{DEAD}", *common)
