@@ -200,12 +200,21 @@ def print_summary(scores_paths: list[Path], result: dict | None = None) -> None:
     import polars as pl
     from rich.table import Table
 
-    from autoexplain.summary import compare_markdown, cost_line, layer_summary, run_cost
+    from autoexplain.summary import compare_markdown, cost_line, dead_line, layer_summary, run_cost
 
+    for part in (result or {}).get("never_fired", []):
+        err.print(f"layer {part['layer']} ({part['kind']}): {dead_line(part['asked'], part['units'])}", highlight=False)
+    if not scores_paths:  # every unit asked never fired: nothing was scored, and the run is still a run
+        err.print("no unit to explain: every unit asked for never fired on the recorded tokens", highlight=False)
+        if result is not None:
+            _print_where(result)
+        return
     scores = pl.concat([pl.read_parquet(p) for p in scores_paths])
     layers = ", ".join(str(v) for v in sorted(set(scores["layer"].to_list())))
+    kinds = sorted(set(scores["source"].drop_nulls().to_list())) if "source" in scores.columns else []
+    whose = "".join(f" {k}" for k in kinds if k != "mlp")  # a latents run says whose; neurons as ever
     units = scores.select("unit", "polarity").unique().height
-    table = Table(title=f"layer {layers}: test-split scores of {units} units (mean, 95% CI)")
+    table = Table(title=f"layer {layers}{whose}: test-split scores of {units} units (mean, 95% CI)")
     for col in ("method", "metric", "units", "mean", "95% CI", "beats token-lookup", "undefined"):
         table.add_column(col)
     for r in layer_summary(scores).iter_rows(named=True):

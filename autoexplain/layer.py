@@ -109,6 +109,20 @@ def dead_units(records_dir: str | Path, layer: int) -> list[int]:
     return sorted(stats.group_by("unit").agg(pl.col("max").max()).filter(pl.col("max") <= 0)["unit"].to_list())
 
 
+def dead_of_run(run: dict) -> list[int]:
+    """The units a run was asked for that never fired: its pointer's `dead`, or for a pointer written
+    before runs kept them (or by `import`), the recording's dead units among the run's `units`. Not
+    every dead latent of the recording: a run of units 24-40 says nothing of latent 3."""
+    if run.get("dead") is not None:
+        return sorted(run["dead"])
+    from autoexplain.indices import parse_units
+    from autoexplain.storage import local_ref
+
+    records = local_ref(run["records"])
+    asked = set(parse_units(run["params"].get("units"), records["n_units"]))
+    return [u for u in dead_units(records["path"], run["params"]["layer"]) if u in asked]
+
+
 def use_word_table(records_dir: Path, out, model) -> None:
     """Give an explainer or simulator that `uses_word_table` the corpus's word table (built on first use)."""
     if not model.uses_word_table:

@@ -30,8 +30,10 @@ import pyarrow.parquet as pq
 
 from autoexplain import defaults, files, layout, remote
 from autoexplain.errors import UserError
+from autoexplain.layer import dead_of_run
 from autoexplain.rows import rows_to_table
 from autoexplain.sources import MLP
+from autoexplain.summary import dead_line
 from autoexplain.storage import local_ref, open_root, read_manifest, read_run, require_outputs, run_sources
 from autoexplain.schemas import HERE as SCHEMAS
 
@@ -75,22 +77,36 @@ def _exemplars(records: dict, layer: int) -> pa.Table:
 
 
 def layer_tables(run: dict) -> dict[str, pa.Table]:
-    """The five tables of one layer's run (its pointer's references, pulled here when the root is a URL)."""
+    """The tables of one layer's run (its pointer's references, pulled here when the root is a URL).
+    The units asked for that never fired are in `units` alone (their statistics say they are dead);
+    a run whose units all never fired has that table only: an empty file of another table would
+    carry a schema of its own into a config whose other files agree."""
     records = local_ref(run["records"])
     layer = run["params"]["layer"]
     stage = lambda name: [Path(local_ref(r)["path"]) for r in run[name]]  # noqa: E731 - the run's shards
+    units = pq.read_table(layout.stats_table(records["path"], layer))
+    dead = pa.array(dead_of_run(run), pa.int64())
+    if not run["scores"]:
+        return {"units": units.filter(pc.is_in(units.column("unit").cast(pa.int64()), value_set=dead))}
     simulated = stage("simulations")
     # An imported run (`import`) holds the explanations chosen, and no simulations until re-scored.
     chosen = [p.parent / layout.CHOSEN for p in simulated] if simulated else stage("explanations")
     scores = _concat(stage("scores"))
     scored = pc.unique(scores.column("unit")).cast(pa.int64())  # a run may explain only some units
 
-    def of_scored(table: pa.Table) -> pa.Table:
-        return table.filter(pc.is_in(table.column("unit").cast(pa.int64()), value_set=scored))
+    def of_scored(table: pa.Table, also: pa.Array = pa.array([], pa.int64())) -> pa.Table:
+        return table.filter(pc.is_in(table.column("unit").cast(pa.int64()), value_set=pa.concat_arrays([scored, also])))
 
-    units = pq.read_table(layout.stats_table(records["path"], layer))
-    return {"units": of_scored(units), "exemplars": of_scored(_exemplars(records, layer)), "explanations": _concat(chosen),
-            "scores": scores, "simulations": _concat(simulated) if simulated else rows_to_table([], "simulations")}
+    return {"units": of_scored(units, dead), "exemplars": of_scored(_exemplars(records, layer)),
+            "explanations": _concat(chosen), "scores": scores,
+            "simulations": _concat(simulated) if simulated else rows_to_table([], "simulations")}
+
+
+def _asked(run: dict) -> int:
+    """How many units the run was asked for (its `units`, every unit of the layer when none)."""
+    from autoexplain.indices import parse_units
+
+    return len(parse_units(run["params"].get("units"), local_ref(run["records"])["n_units"]))
 
 
 NEURONPEDIA_BATCH = 1024  # rows per file, as Neuronpedia's importer takes them
@@ -133,11 +149,16 @@ def _commit() -> str:
         return f"autoexplain {version('autoexplain')} (not a git checkout)"
 
 
-def _columns(table: str, schema: pa.Schema) -> str:
-    """The column list of a table for the card: name, type and the description kept in `schemas/`."""
+def _columns(table: str, schema: pa.Schema, latents: bool = False) -> str:
+    """The column list of a table for the card: name, type and the description kept in `schemas/`
+    (written for neurons: with `latents` published, `unit` and `polarity` say what they mean for both)."""
     stage, row = TABLES[table]
     spec = json.loads((SCHEMAS / f"{stage}.json").read_text())
     docs = {f["name"]: f.get("doc", "") for f in spec["fields"]}
+    if latents:
+        docs.update(unit="the unit's index in its source: a neuron's in the layer's MLP (`mlp`), a latent's in "
+                         "its sparse coder (other sources)",
+                    polarity="+1: the unit as is; -1 (neurons only): the neuron negated. A latent has +1 alone")
     docs.update(source="the unit source: `mlp` (a layer's MLP neurons, both polarities) or a sparse coder's "
                        "latents, named by the coder (`sae-res-16k`: a 16,384-latent residual SAE; one polarity)",
                 tokens="the window's tokens, each decoded alone", token_ids="the window's token ids",
@@ -163,8 +184,14 @@ def card(runs: dict[tuple[int, str], dict], schemas: dict[str, pa.Schema], licen
               f"tags:\n  - interpretability\n  - {CARD_MARK}\nconfigs:\n{configs}---\n")
     layers = ", ".join(str(L) for L in sorted({L for L, _ in runs}))
     kinds = sorted({kind for _, kind in runs})
+    # `import` reads these lines back as runs: a run with no unit explained has no tables to import
     how = "\n".join(f"- layer {L}, `{kind}`: `{json.dumps(made_by(r), sort_keys=True)}` (finished {r.get('finished', '?')})"
-                    for (L, kind), r in sorted(runs.items()))
+                    for (L, kind), r in sorted(runs.items()) if r["scores"])
+    dead = {key: dead_of_run(r) for key, r in sorted(runs.items())}
+    never = "; ".join(f"layer {L} `{kind}`: {dead_line(_asked(runs[L, kind]), d)}" for (L, kind), d in dead.items() if d)
+    never = (f"- **Units that never fired** on the recorded tokens (in `units` with their statistics, which say so; "
+             f"not explained): {never}.\n" if never else "")
+    latents = any(kind != MLP.kind for kind in kinds)
     counts = ", ".join(f"{t} {n:,} rows" for t, n in sizes.items())
     return header + f"""
 # Explained neurons of {params['model']}
@@ -190,7 +217,7 @@ suppresses most. Files are partitioned by source and layer: `data/<table>/<sourc
   tokens the unit fires on most), `output-lookup` (the tokens it promotes most) and `shuffled`
   (another unit's explanation) are scored alike.
 - **Size:** {counts}.
-- **Made by:** autoexplain at commit `{_commit()}`, one `explain-layer` run per layer:
+{never}- **Made by:** autoexplain at commit `{_commit()}`, one `explain-layer` run per layer:
 {how}
 
 ## Loading
@@ -213,7 +240,7 @@ scores = pl.scan_parquet("path/to/this/folder/data/scores/**/*.parquet")
 
 ## Tables
 
-""" + "\n".join(_columns(t, schemas[t]) for t in TABLES)
+""" + "\n".join(_columns(t, schemas[t], latents) for t in TABLES if t in schemas)
 
 
 def publish(out: str, to: str | Path, layers: list[int] | None = None, license_: str | None = None) -> Path | str:
@@ -251,7 +278,7 @@ def publish(out: str, to: str | Path, layers: list[int] | None = None, license_:
         schemas, sizes, pedia = {}, dict.fromkeys(TABLES, 0), []
         for (L, kind), run in sorted(runs.items()):
             tables = layer_tables(run)
-            pedia += neuronpedia_rows(tables["explanations"], run["params"]["model"], kind)
+            pedia += neuronpedia_rows(tables["explanations"], run["params"]["model"], kind) if "explanations" in tables else []
             for name, table in tables.items():
                 table = _with_source(table, kind)
                 path = dataset_file(build, name, kind, L)

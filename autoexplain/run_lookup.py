@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from autoexplain import defaults
+from autoexplain.errors import UserError
 from autoexplain.preflight import Spelling, check_root, flow_name, for_parameter, refuse, source_kind
 from autoexplain.sources import MLP
 
@@ -39,6 +40,14 @@ def find_run(out: str, layer: int, spell: Spelling = flow_name, kind: str = MLP.
     run = read_run(root, layer, kind)
     if run is not None:
         require_outputs(run, ("records", "explanations", "scores"))
+        if not run.get("scores"):
+            from autoexplain.layer import dead_of_run
+            from autoexplain.summary import dead_line
+
+            asked = dead_of_run(run)
+            raise UserError(f"{out}'s run of layer {layer}'s {kind} units has no explained units: "
+                            f"{dead_line(len(asked), asked)}, so there is nothing to simulate or score again",
+                            "explain other units, or record more tokens, with explain-layer first")
         return run
     others = [k for L, k in run_sources(root) if L == layer and k != kind]
     if others:
@@ -73,7 +82,6 @@ def check_hard_negatives(run: dict, scorers: str | None, source: str | None, spe
     for where `source` says it is now; records not here (a URL root not pulled yet) are left to
     the task that pulls them."""
     from autoexplain.classify_stage import takes_hard_negatives
-    from autoexplain.errors import UserError
     from autoexplain.negatives import check_model
     from autoexplain.registry import parse_scorers
     from autoexplain.source_coder import recorded_source

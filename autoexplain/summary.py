@@ -79,6 +79,15 @@ def cost_line(cost: dict) -> str:
     return line
 
 
+def dead_line(asked: int, dead: list[int], most: int = 10) -> str:
+    """What a run says of its units that never fired: '17 asked, 2 never fired (25, 39)', the ids
+    when few (the first `most` and how many more otherwise)."""
+    if not dead:
+        return f"{asked:,} asked, all fired"
+    ids = ", ".join(map(str, dead[:most])) + (f" and {len(dead) - most:,} more" if len(dead) > most else "")
+    return f"{asked:,} asked, {len(dead):,} never fired ({ids})"
+
+
 def compare(before: pl.DataFrame, after: pl.DataFrame, metric: str = HEADLINE, method: str = EXPLAINER,
             top: int = 10) -> dict:
     """The headline score of each unit before and after: mean change with a 95 % CI over the units

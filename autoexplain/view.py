@@ -39,7 +39,7 @@ import polars as pl
 from autoexplain import files, layout
 from autoexplain.errors import UserError
 from autoexplain.identity import code_identity
-from autoexplain.layer import dead_units
+from autoexplain.layer import dead_of_run
 from autoexplain.records import QUANTILE_BINS
 from autoexplain.sources import MLP
 from autoexplain.storage import content_key, read_manifest
@@ -49,7 +49,8 @@ from autoexplain.view_data import (METHODS, METRICS, PRIMARY_METRIC, explanation
                                    to_json, unit_file, unit_list, unit_name, unit_page, write_js)
 from autoexplain.view_pack import Tail, packed, tail
 from autoexplain.view_pages import INDEX_BODY, LAYER_BODY, UNIT_BODY, page
-from autoexplain.view_sources import LayerSource, find_sources, read_chosen, read_scores, records_reader, sims_frame
+from autoexplain.view_sources import (LayerSource, NeverFired, find_sources, read_chosen, read_scores, records_reader,
+                                      sims_frame, unscored)
 from autoexplain.view_written import Written
 
 ASSETS = Path(__file__).parent / "viewer"
@@ -171,7 +172,8 @@ def site_folder(site: str, build: bool) -> Path:
 def build_site(score_dirs: list[Path], site_dir: Path, records_dir: Path | None = None, *,
                title: str = "autoexplain neuron viewer", chunk_size: int = 1000,
                max_per_kind: int | None = 20, plots: bool = True, meaning: bool = True,
-               cache_dir: Path | None = None, pages: list[tuple[str, str]] = ()) -> Path:
+               cache_dir: Path | None = None, pages: list[tuple[str, str]] = (),
+               never_fired: list[NeverFired] | None = None) -> Path:
     """Write the static viewer for the sources of `score_dirs` into `site_dir`; returns its index.html.
 
     records_dir: the records folder, when the simulations' manifests do not point at a readable one.
@@ -180,11 +182,18 @@ def build_site(score_dirs: list[Path], site_dir: Path, records_dir: Path | None 
     meaning: embed the explanations (MiniLM) for search by meaning and "similar units".
     cache_dir: build caches (default `cache_root(score_dirs)`). pages: (file, title) of pages that
     the caller writes beside the site (a model report, the scorers' agreement), linked from the overview.
+    never_fired: per source of the run, its units asked for that never fired (a source without scores,
+    all of whose units never fired, is shown with them); None: as the output root's run pointers say.
     """
     started = time.perf_counter()
     site_dir = Path(site_dir)
-    sources = find_sources(score_dirs, records_dir)
-    cache_dir = Path(cache_dir) if cache_dir is not None else cache_root([s.scores_dirs[0] for s in sources])
+    sources = find_sources(score_dirs, records_dir) if score_dirs or not never_fired else []
+    dead = {n.source: n.units for n in never_fired} if never_fired is not None else _dead_of_runs(sources)
+    have = {s.source for s in sources}
+    sources = sorted([*sources, *(unscored(n) for n in never_fired or () if n.source not in have and n.units)],
+                     key=lambda s: (s.layer, s.source != f"L{s.layer}/mlp", s.source))
+    cache_dir = Path(cache_dir) if cache_dir is not None else cache_root(
+        [s.scores_dirs[0] if s.scores_dirs else s.records_dir for s in sources])
     _check_site(site_dir)
 
     prepared, all_scores = [], []
@@ -226,15 +235,15 @@ def build_site(score_dirs: list[Path], site_dir: Path, records_dir: Path | None 
         summary["cost"] = run_cost(scores)  # what the source's scored units cost, as the run's summary line says
         summary["meaning"] = meaning
         # units that never fired (a coder's dead latents): not explained, so in no index; said so
-        summary["dead"] = dead_units(src.records_dir, src.layer) if src.records_dir is not None else []
-        if not plots:
+        summary["dead"] = dead.get(src.source, [])
+        if not plots or not scores.height:
             summary["plot"] = None
         for k in range(summary["n_chunks"]):
             write_js(sdir / f"index_{k}.js", f"{src.source}/index/{k}",
                      index_chunk(index.slice(k * chunk_size, chunk_size)))
         write_js(sdir / "summary.js", f"{src.source}/summary", summary)
         _write_units(src, units, scores, chosen, site_dir, max_per_kind, polar, similar, cache_dir, written)
-        if plots:
+        if summary["plot"]:
             from autoexplain.plots import plot_score_distribution
 
             plot_score_distribution(scores, site_dir / summary["plot"])
@@ -245,7 +254,7 @@ def build_site(score_dirs: list[Path], site_dir: Path, records_dir: Path | None 
         sources_meta.append(meta)
 
     plot_files = []
-    if plots:
+    if plots and any(s.height for s in all_scores):
         from autoexplain.plots import plot_llm_vs_baselines, plot_mean_by_layer, plot_score_distribution
 
         everything = pl.concat(all_scores, how="diagonal_relaxed")
@@ -275,6 +284,25 @@ def build_site(score_dirs: list[Path], site_dir: Path, records_dir: Path | None 
     for name, body in zip(PAGES, (INDEX_BODY, LAYER_BODY, UNIT_BODY)):
         (site_dir / f"{name}.html").write_text(page(name, title, body), encoding="utf-8")
     return site_dir / "index.html"
+
+
+def _dead_of_runs(sources: list[LayerSource]) -> dict[str, list[int]]:
+    """A site built from scores folders alone (`autoexplain view`): each source's units that never
+    fired as the run pointer that names those scores says (`dead_of_run`), not every dead unit of
+    the recording; none where no run of the output root names them."""
+    from autoexplain.storage import read_run
+
+    dead = {}
+    for src in sources:
+        kind = src.source.split("/", 1)[1]
+        try:
+            run = read_run(layout.root_of(src.scores_dirs[0].resolve()), src.layer, kind)
+        except UserError:  # an unreadable pointer is no reason to refuse a site of its scores
+            continue
+        mine = {Path(r["path"]).parent.resolve() for r in (run or {}).get("scores", [])}
+        if mine and mine == {d.resolve() for d in src.scores_dirs}:
+            dead[src.source] = dead_of_run(run)
+    return dead
 
 
 def _write_units(src: LayerSource, units: pl.DataFrame, scores, chosen, site_dir: Path, max_per_kind, polar: bool,

@@ -35,6 +35,25 @@ class LayerSource:
         self.source = self.source or f"L{self.layer}/mlp"
 
 
+@dataclass
+class NeverFired:
+    """A run's units of one source that never fired (`source` as in `LayerSource`), and the recording
+    that says so: a source whose asked units all never fired has no scores, and is shown by this alone."""
+
+    source: str
+    units: list[int]
+    records_dir: Path | None
+
+    @property
+    def layer(self) -> int:
+        return int(_SOURCE.fullmatch(self.source).group(1))
+
+
+def unscored(never: NeverFired) -> LayerSource:
+    """The layer source of units that all never fired: no scores, no simulations, its recording."""
+    return LayerSource(never.layer, [], [], never.records_dir, "", never.source)
+
+
 def _resolve(ref: str | None, near: Path, stage: str) -> Path | None:
     """The folder a manifest names as an input (`layout.input_of`), or None when it is not here. One
     that is here but sealed and broken (a changed file, a table that breaks its contract) stops the
@@ -112,6 +131,10 @@ def find_sources(score_dirs: Iterable[str | Path], records_dir: str | Path | Non
 
 
 def read_scores(src: LayerSource) -> pl.DataFrame:
+    if not src.scores_dirs:  # every unit asked never fired (`unscored`)
+        from autoexplain.rows import rows_to_table
+
+        return pl.from_arrow(rows_to_table([], "scores"))
     df = pl.concat([pl.read_parquet(layout.table(d, src.layer)) for d in src.scores_dirs], how="diagonal_relaxed")
     if df.select("unit", "polarity", "method", "metric", *(["split"] if "split" in df.columns else [])).is_duplicated().any():
         raise UserError(f"the scores folders of layer {src.layer} overlap: some units are scored twice",

@@ -269,6 +269,13 @@ flat_command_list(app)
 
 
 def main():  # pragma: no cover - console entry point
+    import multiprocessing
+
+    if multiprocessing.parent_process() is not None:
+        # A spawned child (the embedder's helper, `encode_helper`) imports the parent's main module
+        # with the parent's argv: a console script written without the `__main__` guard would run
+        # the whole command again in it (a second flow run, every log line twice).
+        return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Prefect's ephemeral server needs longer than its 20 s default to start on a busy 2-core box,
     # and its telemetry would try to reach the internet.

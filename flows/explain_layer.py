@@ -28,6 +28,7 @@ from prefect.states import Failed
 from autoexplain import preflight, run_lookup
 from autoexplain.budget import set_budget
 from autoexplain.errors import UserError
+from autoexplain.layer import dead_of_run
 from autoexplain.registry import DEFAULT_SCORER, simulator_identity
 from autoexplain.llm import set_limits
 from autoexplain.llm_cache import set_cache
@@ -193,10 +194,11 @@ def _explain_layer(plan: preflight.LayerPlan, out: str, results: str | None, par
     scores = work.in_order(work.scores)
     # Several shards of one layer are one layer to the viewer: it reads every shard's scores.
     site_dir = None if site == "none" else site or f"{out.rstrip('/')}/site/{layer_name(layer, plan.source.kind)}"
-    site_uri = view_task(scores, site_dir, records, site_pages(scorers)) if site_dir else None
+    site_uri = view_task(scores, site_dir, records, site_pages(scorers), [work.never_fired()]) if site_dir else None
     report = finish_layer(work, "explain-layer", {**params, "revisions": unit_keys(plan.revisions)}, out, site_dir,
                           site_uri, scorers)
-    return {"records": records, "scores": scores, "report": report, "site": site_uri, "out": out}
+    return {"records": records, "scores": scores, "report": report, "site": site_uri, "out": out,
+            "never_fired": [{k: v for k, v in work.never_fired().items() if k != "records"}]}
 
 
 @flow(name="rescore", validate_parameters=True)
@@ -306,8 +308,10 @@ def _rescore(run: dict, out: str, layer: int, simulator: str, n_boot: int, resul
         simulated.append(sr)
         scores.append(cr)
     comparison = compare_task(run["scores"], scores, title)
-    site_uri = view_task(scores, run["site_dir"], records, site_pages(scorers)) if run.get("site_dir") else None
-    report = report_task(records, outputs, scores, site_uri, layer)
+    dead = dead_of_run(run)
+    never = {"layer": layer, "kind": kind, "records": records, "units": dead}
+    site_uri = view_task(scores, run["site_dir"], records, site_pages(scorers), [never]) if run.get("site_dir") else None
+    report = report_task(records, outputs, scores, site_uri, layer, dead)
     agreement(scorers, scores, out, layer, run.get("site_dir"), kind)
     write_run(open_root(out), layer, {
         **run, "flow": flow_name, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),

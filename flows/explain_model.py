@@ -97,7 +97,8 @@ def _explain_model(plan: model_plan.ModelPlan, out: str, results: str | None, p:
         local_ref(records)
     scores = [s for _, w in works for s in w.in_order(w.scores)]
     site_dir = None if p["site"] == "none" else p["site"] or f"{out.rstrip('/')}/site/model"
-    site_uri = view_task(scores, site_dir, recordings[0], [(PAGE, "Model report")]) if site_dir else None
+    never = [w.never_fired() for _, w in works]
+    site_uri = view_task(scores, site_dir, recordings[0], [(PAGE, "Model report")], never) if site_dir else None
     layers = {}
     for spec, work in works:
         # The layer's own parameters, as explain-layer would have recorded them: a later explain-layer

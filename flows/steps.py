@@ -54,6 +54,12 @@ class LayerWork:
     def in_order(self, done: dict) -> list[dict]:
         return [done[k] for k in sorted(done)]  # shard order, not finishing order
 
+    def never_fired(self) -> dict:
+        """This layer's units that never fired, for the site and the summary: only the units asked
+        for, not every dead latent of the recording."""
+        return {"layer": self.layer, "kind": self.kind, "records": self.records, "units": self.dead,
+                "asked": len(self.chosen) + len(self.dead)}
+
 
 def scale_out(dask: str | None, work: Callable[[], T]) -> T:
     """work(), its tasks run on the dask scheduler at `dask` (checked by the preflight; None: on the
@@ -183,12 +189,12 @@ def finish_layer(work: LayerWork, flow: str, params: dict, out: str, site_dir: s
     """The layer's report artifact, its agreement page (when other scorers ran) and its run pointer,
     which `rescore` and `revise` start from."""
     scores = work.in_order(work.scores)
-    report = report_task(work.records, work.outputs, scores, site_uri, work.layer)
+    report = report_task(work.records, work.outputs, scores, site_uri, work.layer, work.dead)
     agreement(scorers, scores, out, work.layer, site_dir, work.kind)
     run = {"flow": flow, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "params": params,
            "records": work.records, "explanations": work.in_order(work.explained),
            "simulations": work.in_order(work.simulated), "scores": scores, "site_dir": site_dir, "site": site_uri,
-           **(extra or {})}
+           "dead": work.dead, **(extra or {})}
     write_run(open_root(out), work.layer, run, kind=work.kind)
     return report
 
@@ -225,7 +231,7 @@ def site_pages(scorers: str) -> list[tuple[str, str]]:
 def agreement(scorers: str, scores: list[dict], out: str, layer: int, site_dir: str | None, kind: str = MLP.kind) -> None:
     """The agreement between scorers when any but the default ran: an artifact, and a page with the
     scatter plot in the layer's site folder (or under `out`/agreement without a local site)."""
-    if only_default(scorers):
+    if only_default(scorers) or not scores:  # no unit explained: nothing to agree on
         return
     folder = site_dir if site_dir and not is_url(site_dir) else None
     if folder is None and not is_url(out):

@@ -132,16 +132,22 @@ def viewer_markdown(site: str) -> str:
 
 
 @task(name="view", persist_result=False)
-def view_task(scores: list[dict], site_dir: str, records: dict | None = None, pages: list | None = None) -> str:
+def view_task(scores: list[dict], site_dir: str, records: dict | None = None, pages: list | None = None,
+              never_fired: list[dict] | None = None) -> str:
     """Write the static neuron viewer for the scored shards; returns its index page's URI. `site_dir`
     may be a URL: the site is built in its local mirror, then uploaded. `pages`: (file, title) of
     pages written beside the site after it (the model report, the scorers' agreement), linked
-    from its overview."""
+    from its overview. `never_fired`: per layer and source of the run, the units asked for that
+    never fired (`LayerWork.never_fired`); a source whose units all did is shown with them alone."""
     from autoexplain.view import BUILT_WHOLE, build_site
+    from autoexplain.view_sources import NeverFired
 
     scores = _viewer_inputs(scores, records)
     site = remote.open_root(site_dir)
-    index = build_site([Path(s["path"]).parent for s in scores], site, pages=[tuple(p) for p in pages or ()])
+    never = [NeverFired(f"L{d['layer']}/{d['kind']}", list(d["units"]), Path(local_ref(d["records"])["path"]))
+             for d in never_fired or ()]
+    index = build_site([Path(s["path"]).parent for s in scores], site, pages=[tuple(p) for p in pages or ()],
+                       never_fired=never)
     remote.push(site, prune=BUILT_WHOLE)  # nothing to do for a local folder
     return remote.uri(index)
 
@@ -174,9 +180,10 @@ def model_report_task(parts: list[dict], site_dir: str | None) -> dict:
 
 @task(name="report", persist_result=False)
 def report_task(records: dict, stages: list[dict], scores: list[dict], site: str | None = None,
-                layer: int | None = None) -> dict:
+                layer: int | None = None, dead: list[int] | None = None) -> dict:
     """stages: every output reference of the run (records, explanations, simulations, scores);
-    `layer`: the one reported, of the recorded ones (default: the first)."""
+    `layer`: the one reported, of the recorded ones (default: the first); `dead`: the units the run
+    was asked for that never fired (default: every dead unit of the recorded layer)."""
     records, stages, scores = local_ref(records), [local_ref(s) for s in stages], [local_ref(s) for s in scores]
     table = pl.concat([pl.read_parquet(s["path"]) for s in scores]) if scores else pl.DataFrame()
     lineage = []
@@ -206,9 +213,9 @@ def report_task(records: dict, stages: list[dict], scores: list[dict], site: str
     links = "\n".join(f"- {s['uri']}" for s in scores)
     cost = run_cost(table)
     layer = records["layers"][0] if layer is None else layer
-    dead = dead_units(records["path"], layer)
+    dead = dead_units(records["path"], layer) if dead is None else dead
     md = (f"# Layer report: layer {layer}\n\nUnits scored: {len(headline)} (defined explainer {HEADLINE} scores)\n\n"
-          f"Dead units: {len(dead)} of the layer's recorded units never fired in the recorded tokens and "
+          f"Dead units: {len(dead)} of the units asked for never fired in the recorded tokens and "
           f"were not explained{': ' + ', '.join(map(str, dead[:50])) + (' ...' if len(dead) > 50 else '') if dead else ''}\n\n"
           f"{cost_line(cost)}\n\n"
           f"## Score histogram (explanation, {HEADLINE}, test split)\n\n```\n{_histogram(headline)}\n```\n\n"

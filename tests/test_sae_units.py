@@ -280,8 +280,10 @@ def test_explain_layer_and_rescore_on_latents_from_the_command_line(tiny_llama_d
     ds = out.parent / "ds" / "data"
     assert [p.name for p in (ds / "scores").iterdir()] == ["sae-res-40"]
     units = pl.read_parquet(ds / "units" / "sae-res-40" / "layer_1.parquet")
-    assert sorted(units["unit"]) == [8, 9] and set(units["source"]) == {"sae-res-40"}
+    # the dead latent asked for is there with its statistics (which say it never fired), not explained
+    assert sorted(units["unit"]) == [DEAD, 8, 9] and set(units["source"]) == {"sae-res-40"}
     assert (units["promotes"].list.len() == 10).all()
+    assert units.filter(pl.col("unit") == DEAD)["frac_active"].to_list() == [0]
     import gzip
 
     with gzip.open(out.parent / "ds" / "neuronpedia" / "explanations" / "batch-0.jsonl.gz", "rt") as f:

@@ -339,6 +339,12 @@
 
   /* ------------------------------------------------------------ layer page */
 
+  // The ids of units that never fired, all of them when few.
+  function deadIds(dead) {
+    var shown = dead.slice(0, 10).join(", ");
+    return dead.length > 10 ? shown + " and " + (dead.length - 10).toLocaleString("en") + " more" : shown;
+  }
+
   function layerPage() {
     var hash = location.hash || "";
     try { hash = decodeURIComponent(hash); } catch (e) { /* keep it encoded: it will not match */ }
@@ -364,7 +370,8 @@
       var ov = clear($("overview"));
       add(ov, s.n_units.toLocaleString("en") + " units, " + s.n_scored.toLocaleString("en") + " scored. Mean score " + meanText(mm.explainer) +
         "; token-lookup " + (mm["token-lookup"] ? fmt(mm["token-lookup"][0]) : "–") + ", shuffled " + (mm.shuffled ? fmt(mm.shuffled[0]) : "–") + ". ");
-      if (s.dead && s.dead.length) add(ov, el("span", { id: "dead", text: s.dead.length.toLocaleString("en") + " more never fired on the recorded tokens: they have no exemplars and are not explained. " }));
+      if (s.dead && s.dead.length) add(ov, el("span", { id: "dead", text: (s.n_units ? s.dead.length.toLocaleString("en") + " more" : "All " + s.dead.length.toLocaleString("en") + " units asked for") +
+        " never fired on the recorded tokens (" + deadIds(s.dead) + "): they have no exemplars and are not explained. " }));
       if (s.llm_beats["token-lookup"] != null) add(ov, "The explanation beats the token-lookup baseline on " + Math.round(100 * s.llm_beats["token-lookup"]) + "% of units. ");
       if (s.simulator) add(ov, el("span", { cls: "muted", text: "Simulator: " + s.simulator + ". " }));
       if (s.cost && s.cost.units) add(ov, el("span", { cls: "muted", id: "layer-cost", text: "Cost: " + costText(s.cost) + "." }));
