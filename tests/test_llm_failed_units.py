@@ -1,0 +1,90 @@
+"""Units whose LLM answers failed (retries ran out, blank answers, some simulations lost): recorded
+as failed with the reason, never simulated or scored as if they had an answer, and asked again by
+the next run. Real loopback servers: tests/llama_server.py's FaultServer in front of
+bench/llm_server.py's BenchServer."""
+
+from __future__ import annotations
+
+import polars as pl
+
+from autoexplain import pipeline
+from autoexplain.explain import ENDING
+from autoexplain.llm import OpenAILLM
+from autoexplain.simulate import AllAtOnceSimulator
+from tests.llama_server import bench_server, fault_server  # noqa: F401  (fixtures)
+
+
+def fast(url: str, **kw) -> OpenAILLM:
+    kw = {"max_retries": 0, "backoff_base": 0.01, "backoff_cap": 0.05, "api_key": "test", "max_concurrency": 1, **kw}
+    return OpenAILLM("test-model", url, **kw)
+
+
+def _stages(records_dir, out, explainer, simulator, units=(0, 1, 2)):
+    from autoexplain.layer import run_explain, run_score, run_simulate
+
+    x = run_explain(records_dir, 1, out, list(units), explainer=f"openai:test-model@{explainer.base_url}", llm=explainer,
+                    cfg=pipeline.ExplainConfig(k=2))
+    s = run_simulate(records_dir, x, out, sim=simulator)
+    return x, s, run_score(records_dir, s, out, n_boot=20)
+
+
+def test_a_failed_explanation_is_not_simulated_lends_no_control_and_is_asked_again(
+        fault_server, bench_server, tiny_records, tmp_path):
+    """The explainer's first request gets a 500 and no retry: that unit's explanation fails. The
+    simulate stage seals (its contracts hold): the failed unit's explanation is not simulated (its
+    rows carry the reason and cost nothing), the control that would borrow its empty text is failed
+    too, and their scores are undefined with the reason. The run is not final (one result got no
+    answer, counted once); the next run asks only that unit's explanation, and everything is defined."""
+    from autoexplain.storage import unanswered
+
+    records_dir, _ = tiny_records
+    out = tmp_path / "out"
+    explainer_srv = fault_server(fail_with=[500], upstream=bench_server.base_url)
+    simulator_srv = fault_server(upstream=bench_server.base_url)
+    explainer = fast(explainer_srv.base_url)
+    sim = AllAtOnceSimulator(fast(simulator_srv.base_url, max_concurrency=4))
+    x, s, scored = _stages(records_dir, out, explainer, sim)
+
+    table = pl.read_parquet(x.path)
+    failed = table.filter(pl.col("failure").is_not_null())
+    assert failed.height == 1 and "HTTP 500" in failed["failure"][0]
+    unit, polarity = failed["unit"][0], failed["polarity"][0]
+    assert unanswered(x.directory) == 1
+    assert unanswered(scored.directory) == 1, "the failed explanation is one result without an answer, counted once"
+
+    sims = pl.read_parquet(s.path)
+    mine = sims.filter((pl.col("unit") == unit) & (pl.col("polarity") == polarity) & (pl.col("method") == "explainer"))
+    assert mine.height and mine["expected"].null_count() == mine.height, "a failed explanation is not simulated"
+    assert mine["tokens"].sum() == 0 and all("HTTP 500" in f for f in mine["failure"])
+    prompts = [str(r["json"].get("prompt", "")) for r in simulator_srv.requests]
+    assert prompts and not any(f"{ENDING} .\nActivations" in p for p in prompts), "the empty text was simulated"
+    chosen = pl.read_parquet(s.directory / "chosen.parquet")
+    controls = chosen.filter(pl.col("method") == "shuffled")
+    assert controls.filter(pl.col("text").str.strip_chars() == "")["failure"].null_count() == 0
+    borrowed = controls.filter(pl.col("failure").is_not_null())
+    assert borrowed.height == 1, "exactly one unit's control would have borrowed the failed explanation"
+    b_unit, b_pol = borrowed["unit"][0], borrowed["polarity"][0]
+    b_sims = sims.filter((pl.col("unit") == b_unit) & (pl.col("polarity") == b_pol) & (pl.col("method") == "shuffled"))
+    assert b_sims.height and b_sims["expected"].null_count() == b_sims.height and b_sims["tokens"].sum() == 0
+
+    scores = pl.read_parquet(scored.path)
+    undefined = scores.filter(((pl.col("unit") == unit) & (pl.col("polarity") == polarity) & (pl.col("method") == "explainer"))
+                              | ((pl.col("unit") == b_unit) & (pl.col("polarity") == b_pol) & (pl.col("method") == "shuffled")))
+    assert undefined.height and undefined["value"].null_count() == undefined.height
+    reasons = dict(zip(undefined["method"], undefined["undefined_reason"]))
+    assert "HTTP 500" in reasons["explainer"] and "borrows" in reasons["shuffled"]
+
+    from autoexplain.layer import run_revise, run_simulate
+
+    revised = run_simulate(records_dir, run_revise(x, {(unit, polarity): "the word cats"}, out), out, sim=sim)
+    human = pl.read_parquet(revised.path).filter((pl.col("unit") == unit) & (pl.col("polarity") == polarity)
+                                                 & (pl.col("method") == "explainer"))
+    assert human.height and human["expected"].null_count() == 0, "a revised failed unit has a text, and is simulated"
+
+    sent = len(explainer_srv.requests)
+    x2, s2, scored2 = _stages(records_dir, out, explainer, sim)
+    assert len(explainer_srv.requests) - sent == 1, "only the failed unit's explanation is asked again"
+    assert x2.directory == x.directory and unanswered(scored2.directory) == 0
+    assert pl.read_parquet(x2.path)["failure"].null_count() == table.height
+    again = pl.read_parquet(scored2.path).filter(pl.col("undefined_reason").is_not_null())
+    assert not any("HTTP 500" in r for r in again["undefined_reason"])
