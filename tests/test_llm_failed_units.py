@@ -88,3 +88,47 @@ def test_a_failed_explanation_is_not_simulated_lends_no_control_and_is_asked_aga
     assert pl.read_parquet(x2.path)["failure"].null_count() == table.height
     again = pl.read_parquet(scored2.path).filter(pl.col("undefined_reason").is_not_null())
     assert not any("HTTP 500" in r for r in again["undefined_reason"])
+
+
+def test_blank_explainer_answers_fail_the_unit_are_not_cached_and_a_fixed_server_is_asked_again(
+        fault_server, bench_server, tiny_records, tmp_path, monkeypatch):
+    """An explainer that answers blank text for every sample: each unit's explanation fails with the
+    reason (the explanations contract holds), the run goes on and is not final, and the blank
+    answers are not kept in the response cache: once the server answers, the same run asks again
+    and gets explanations."""
+    from autoexplain.llm_cache import CACHE_ENV
+    from autoexplain.storage import unanswered
+
+    monkeypatch.delenv(CACHE_ENV, raising=False)  # the cache as shipped: on, under the output root
+    records_dir, _ = tiny_records
+    out = tmp_path / "out"
+    blank = fault_server(text="\n", varied=True)
+    sim = AllAtOnceSimulator(fast(bench_server.base_url, max_concurrency=4))
+    x, s, scored = _stages(records_dir, out, fast(blank.base_url), sim, units=(0,))
+    mine = pl.read_parquet(x.path).filter(pl.col("method") == "explainer")
+    assert mine.height == 2 and all("no usable explanation in 2 samples" in f for f in mine["failure"])
+    assert all(f.startswith("request failed") for f in mine["failure"]), "a rerun asks it again"
+    assert unanswered(scored.directory) == 2
+    assert pl.read_parquet(scored.path).filter(pl.col("method") == "explainer")["value"].null_count() > 0
+
+    sent = len(blank.requests)
+    blank.text = None  # the server is fixed
+    x2, _, scored2 = _stages(records_dir, out, fast(blank.base_url), sim, units=(0,))
+    assert len(blank.requests) > sent, "the blank answers were not kept: the fixed server is asked"
+    assert x2.directory == x.directory and unanswered(scored2.directory) == 0
+    again = pl.read_parquet(x2.path)
+    assert again["failure"].null_count() == again.height and again["text"].str.contains("canned").sum() == 2
+
+
+def test_a_blank_chat_reply_is_not_cached(fault_server, tmp_path):
+    """Nothing usable in it: the next run asks again rather than read the blank back for ever."""
+    from autoexplain.llm_cache import ResponseCache
+
+    replies = iter(["", "cats"])
+    srv = fault_server(chat=lambda messages: next(replies))
+    llm = fast(srv.base_url)
+    llm.cache = ResponseCache(tmp_path / "c")
+    ask = [[{"role": "user", "content": "what does it find?"}]]
+    assert llm.chat(ask)[0].text == ""
+    assert llm.chat(ask)[0].text == "cats" and len(srv.requests) == 2
+    assert llm.chat(ask)[0].text == "cats" and len(srv.requests) == 2, "a usable answer is kept"
