@@ -38,6 +38,7 @@ import pyarrow as pa
 from autoexplain import best_of_k, prices
 from autoexplain.components import Explainer, Scorer, Simulator
 from autoexplain.counters import COUNTS
+from autoexplain.errors import NO_ANSWER
 from autoexplain.explain import (
     as_explainer, output_line, output_lookup_explanation, shuffled_explanations, token_lookup_explanation,
 )
@@ -389,14 +390,28 @@ def score_unit(unit: UnitRecords, simulations: Sequence[SimulationRow], explanat
         recs = [r for r in unit.records if r.window_id in rows]
         sims = [Simulation(rows[r.window_id].expected) for r in recs]
         metrics = scorer.score(e and e.text, recs, sims if scorer.needs_simulations else None, n_boot=n_boot, seed=seed)
-        if e is not None and e.failure:  # not "all simulations failed": nothing was simulated, and this is why
-            metrics = {m: _undefined(s, f"no explanation: {e.failure}") for m, s in metrics.items()}
+        why = _unscored(e, rows.values()) if scorer.needs_simulations else None
+        if why is not None:
+            metrics = {m: _undefined(s, why) for m, s in metrics.items()}
         for metric, s in metrics.items():
             out.append(ScoreRow(unit.id, method, sim_name, "test", metric, s.value, s.ci_low, s.ci_high,
                                 s.undefined_reason, s.n_records, s.n_failed, cost,
                                 sim_tokens[(method, sim_name)] + chose_tokens,
                                 prices.add(dollars, chose_dollars, sim_dollars[(method, sim_name)])))
     return out
+
+
+def _unscored(explanation: ExplanationRow | None, simulations) -> str | None:
+    """Why a method's simulations must not be scored, or None. Not "all simulations failed" for a
+    failed explanation: nothing was simulated, and this says why. Records whose request got no
+    answer are not left out as a parse failure is: which they are depends on the server's timing, a
+    request's whole group of records at once (top windows together), so what is left is a biased
+    sample; and a rerun asks them again, so the method waits for it."""
+    if explanation is not None and explanation.failure:
+        return f"no explanation: {explanation.failure}"
+    sims = list(simulations)
+    lost = sum((r.failure or "").startswith(NO_ANSWER) for r in sims)
+    return f"{lost} of {len(sims)} simulations got no LLM answer (a rerun asks them again)" if lost else None
 
 
 def _undefined(score, reason: str):

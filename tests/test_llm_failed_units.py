@@ -132,3 +132,38 @@ def test_a_blank_chat_reply_is_not_cached(fault_server, tmp_path):
     assert llm.chat(ask)[0].text == ""
     assert llm.chat(ask)[0].text == "cats" and len(srv.requests) == 2
     assert llm.chat(ask)[0].text == "cats" and len(srv.requests) == 2, "a usable answer is kept"
+
+
+def test_a_unit_with_some_unanswered_simulations_is_undefined_until_the_rerun(
+        fault_server, bench_server, tiny_records, tmp_path):
+    """The simulator's server stops answering part way (no retries): a method of a unit with some of
+    its simulations unanswered is not scored on the rest (dropping top records biases the score):
+    every metric of it is undefined, saying how many got no answer, so the layer's means cover
+    fully simulated units only. The next run asks those again, and the unit is scored."""
+    from autoexplain.layer import run_explain, run_score, run_simulate
+    from autoexplain.summary import layer_summary
+
+    records_dir, _ = tiny_records
+    out = tmp_path / "out"
+    x = run_explain(records_dir, 1, out, [0, 1], explainer="embedding")
+    srv = fault_server(fail_with=[200] * 30 + [500] * 10, upstream=bench_server.base_url)
+    sim = AllAtOnceSimulator(fast(srv.base_url))
+    s = run_simulate(records_dir, x, out, sim=sim)
+    sims = pl.read_parquet(s.path).with_columns(lost=pl.col("failure").str.starts_with("request failed").fill_null(False))
+    per = sims.group_by("unit", "polarity", "method").agg(pl.col("lost").sum().alias("lost"), pl.len().alias("n"))
+    partly = per.filter((pl.col("lost") > 0) & (pl.col("lost") < pl.col("n")))
+    assert partly.height, "some unit's method lost only some of its simulations"
+    scores = pl.read_parquet(run_score(records_dir, s, out, n_boot=20).path).join(per, on=["unit", "polarity", "method"])
+    hit = scores.filter(pl.col("lost") > 0)
+    assert hit["value"].null_count() == hit.height, "no score from what is left of a method that lost simulations"
+    assert all(f"{lost} of {n} simulations got no LLM answer" in r
+               for lost, n, r in hit.select("lost", "n", "undefined_reason").iter_rows())
+    summary = layer_summary(scores.drop("lost", "n"))
+    whole = scores.filter((pl.col("lost") == 0) & pl.col("value").is_not_null())
+    for row in summary.iter_rows(named=True):  # the means cover fully simulated units only
+        values = whole.filter((pl.col("method") == row["method"]) & (pl.col("metric") == row["metric"]))["value"]
+        assert row["units"] - row["undefined"] == values.len()
+
+    again = pl.read_parquet(run_score(records_dir, run_simulate(records_dir, x, out, sim=sim), out, n_boot=20).path)
+    back = again.join(partly, on=["unit", "polarity", "method"]).filter(pl.col("metric") == "top_and_random")
+    assert back.height and not any("no LLM answer" in (r or "") for r in back["undefined_reason"])
