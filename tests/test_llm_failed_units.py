@@ -5,7 +5,11 @@ bench/llm_server.py's BenchServer."""
 
 from __future__ import annotations
 
+import json
+import re
+
 import polars as pl
+import pytest
 
 from autoexplain import pipeline
 from autoexplain.explain import ENDING
@@ -167,3 +171,28 @@ def test_a_unit_with_some_unanswered_simulations_is_undefined_until_the_rerun(
     again = pl.read_parquet(run_score(records_dir, run_simulate(records_dir, x, out, sim=sim), out, n_boot=20).path)
     back = again.join(partly, on=["unit", "polarity", "method"]).filter(pl.col("metric") == "top_and_random")
     assert back.height and not any("no LLM answer" in (r or "") for r in back["undefined_reason"])
+
+
+@pytest.mark.slow
+def test_explain_layer_whose_every_explanation_fails_exits_4_and_the_rerun_asks_only_them(
+        fault_server, bench_server, tiny_llama_dir, prose_corpus, tmp_path):
+    """The reviewer's run: the explainer's server fails both of the unit's requests (no retries).
+    The command goes on to the end and says `incomplete` with exit 4 (was: the simulate stage broke
+    the explanations contract, exit 2); the same command, the server answering, asks exactly those
+    two again and exits 0."""
+    from tests.test_llm_cache import _cli
+
+    explainer = fault_server(fail_with=[500, 500], upstream=bench_server.base_url)
+    args = ["explain-layer", "--model", tiny_llama_dir, "--corpus", str(prose_corpus), "--layer", "1", "--units", "0",
+            "--tokens", "20000", "--k", "1", "--bootstrap", "20", "--window-len", "8", "--top-k", "8", "--random", "6",
+            "--explainer", f"openai:bench@{explainer.base_url}",
+            "--simulator", f"all-at-once:openai:bench@{bench_server.base_url}", "--retries", "0",
+            "--out", str(tmp_path / "out")]
+    first = _cli(tmp_path / "home", *args)
+    assert first.returncode == 4, first.stderr[-3000:]
+    assert re.search(r"incomplete: 2 results got no LLM answer", first.stderr), first.stderr[-3000:]
+    failed = [json.dumps(r["json"], sort_keys=True) for r in explainer.requests[:2]]
+
+    again = _cli(tmp_path / "home", *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert sorted(json.dumps(r["json"], sort_keys=True) for r in explainer.requests[2:]) == sorted(failed)
