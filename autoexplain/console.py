@@ -108,8 +108,8 @@ def unanswered_exit(n: int) -> None:
     requests; a request may carry several) that its LLM server left unanswered, with a line and
     exit 4: its tables show those units as undefined, which a user would otherwise read as the scores."""
     if n:
-        err.print(f"[bold yellow]incomplete:[/] {n:,} results got no LLM answer (the server was down or overloaded; "
-                  "their units are undefined above) — rerun the same command: it asks only for those again",
+        err.print(f"[bold yellow]incomplete:[/] {n:,} results got no LLM answer (the server was down, overloaded "
+                  "or answered blank; their units are undefined above) — rerun the same command: it asks only for those again",
                   highlight=False)
         raise typer.Exit(UNANSWERED_EXIT)
 

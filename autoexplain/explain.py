@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 from autoexplain.components import Explainer
-from autoexplain.errors import UserError
+from autoexplain.errors import NO_ANSWER, UserError
 from autoexplain.records import ActivationRecord, Explanation  # noqa: F401 (Explanation: also importable from here)
 
 PACKAGE_PROMPTS = Path(__file__).parent / "prompts"
@@ -165,10 +165,14 @@ def explain_many(llm, units: Sequence[Sequence[ActivationRecord]], k: int = 4, t
     out = []
     for samples in grouped:
         if isinstance(samples, Exception):  # this unit's requests failed for good; the others go on
-            out.append(Explanation("", [], phash, name, failure=f"request failed: {getattr(samples, 'problem', samples)}"))
+            out.append(Explanation("", [], phash, name, failure=f"{NO_ANSWER}: {getattr(samples, 'problem', samples)}"))
             continue
         texts = [clean_explanation(s.text) for s in samples]
         texts = [t for t in dict.fromkeys(texts) if t]  # unique, non-empty, in sampled order
+        # Answered, but with nothing to explain by: a fault of the server as much as no answer, so it
+        # counts as one (`errors.NO_ANSWER`): the run ends incomplete and the next run asks again
+        # (blank answers are not cached, `OpenAILLM.complete`).
+        failure = None if texts else f"{NO_ANSWER}: no usable explanation in {len(samples)} samples (blank once cleaned)"
         out.append(Explanation(
             text=texts[0] if texts else "",
             candidates=texts,
@@ -177,6 +181,7 @@ def explain_many(llm, units: Sequence[Sequence[ActivationRecord]], k: int = 4, t
             prompt_tokens=sum(s.prompt_tokens for s in samples),
             completion_tokens=sum(s.completion_tokens for s in samples),
             cached_tokens=sum(s.cached_tokens for s in samples),
+            failure=failure,
         ))
     return out
 

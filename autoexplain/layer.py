@@ -280,7 +280,7 @@ def run_revise(explanations: StageRef, revisions: dict[tuple[int, int], str], ou
     for row in table:
         text = revisions.get((row["unit"], row["polarity"]))
         if text is not None and row["method"] == pipeline.EXPLAINER:
-            row.update(text=text, candidates=[text], explainer="human", candidate_valid_scores=[])
+            row.update(text=text, candidates=[text], explainer="human", candidate_valid_scores=[], failure=None)
     params = {"layer": explanations.layer, "revisions": sorted([list(k) + [v] for k, v in revisions.items()])}
     stage = Stage.open(out, "explanations", {"explanations": explanations.key, **params}, run_revise)
     ref = StageRef.of_stage(stage, explanations.layer)
@@ -318,8 +318,8 @@ def _simulate(records_dir, explanations: StageRef, out, simulator, sim, seed: in
     use_word_table(records_dir, out, sim)
     use_text_vectors(table, out, sim)
     # A unit is keyed by what of the prompt its texts' simulations depend on, not by the prompt's
-    # hash: after an edit, the units it cannot change are read back. "" is simulated when best-of-k
-    # finds no usable candidate.
+    # hash: after an edit, the units it cannot change are read back. "" is the text of a failed
+    # explanation and of the control that borrows it (neither is simulated).
     texts = sorted(set(explanation_texts(table)) | {""})
     depends = dict(zip(texts, sim.prompt_dependence(texts)))
 
@@ -340,7 +340,8 @@ def _simulate(records_dir, explanations: StageRef, out, simulator, sim, seed: in
     chosen, sims = pipeline.simulate_stage(units, table, sim, seed, remember, progress, known=known,
                                            load=lambda some: _with_records(records_dir, layer, some))
     stage.table(sims, ref.path.name, "simulations")
-    stage.table(chosen, layout.CHOSEN, "explanations")
+    # the chosen rows are the explanations' own, whose failures the manifest inherits with its input
+    stage.table(chosen, layout.CHOSEN, "explanations", counted=False)
     stage.seal({"records": records_dir, "explanations": explanations.directory}, params,
                memo, [layout.CHOSEN, ref.path.name])  # a result is (chosen rows, simulation rows)
     return ref

@@ -8,7 +8,7 @@ asked, so that a resumed, repeated or crashed-and-rerun stage sends no request t
   entries; a request for n samples reads the ones it has and asks only for the rest). The server's
   URL and the API key are no part of it: the same model name on two servers (a GPU box and its twin)
   is taken to be the same model, so a cache is shared between them. Only usable answers are stored;
-  a failed request is asked again next time.
+  a failed request, or a blank completion or chat reply, is asked again next time.
 - **Where**: `<output root>/llm_cache/` by default; the stage that uses an LLM attaches it
   (`attach`, from `layer.run_explain` and `layer.run_simulate`). `$AUTOEXPLAIN_LLM_CACHE` names
   another folder, or `off` turns the cache off (`set_cache`: CLI `--no-cache`, flow and deployment
@@ -111,8 +111,9 @@ class ResponseCache:
     def _unpack(blob: bytes):
         return _loads(zlib.decompress(blob))
 
-    def answer(self, key: str, ask, decode):
-        """(answer, reused): decode(the stored value), or ask() and store its answer's fields. A key
+    def answer(self, key: str, ask, decode, keep=None):
+        """(answer, reused): decode(the stored value), or ask() and store its answer's fields (unless
+        `keep(answer)` says it is not worth keeping: a blank reply is asked again next time). A key
         asked for while the same key is in flight in another thread waits for that answer instead
         of sending the request again (identical requests of one stage run, sent together). An
         error of the one request is every waiter's error."""
@@ -134,7 +135,8 @@ class ResponseCache:
                 answer, reused = decode(stored), True
             else:
                 answer, reused = ask(), False
-                self.put(key, vars(answer))  # shallow: dataclasses.asdict deep-copies (20 ms an echo answer)
+                if keep is None or keep(answer):
+                    self.put(key, vars(answer))  # shallow: dataclasses.asdict deep-copies (20 ms an echo answer)
             pending.set_result(answer)
             return answer, reused
         except BaseException as e:

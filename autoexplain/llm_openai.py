@@ -168,7 +168,7 @@ class OpenAILLM(Transport, LLM):
             missing = [j for j, c in enumerate(got) if c is None]
             for j, c in zip(missing, ask(prompt, len(missing)) if missing else ()):
                 got[j] = c
-                if self.cache is not None:
+                if self.cache is not None and c.text.strip():  # a blank answer is asked again next time
                     self.cache.put(keys[j], vars(c))
             return got
 
@@ -232,8 +232,11 @@ class OpenAILLM(Transport, LLM):
                 tops = [[(t.token, t.logprob) for t in item.top_logprobs] for item in choice.logprobs.content]
             return ChatResult(choice.message.content or "", tops, pt, ct, cached)
 
+        def usable(r: ChatResult) -> bool:  # a blank reply without logprobs is asked again next time
+            return bool(r.text.strip()) or r.top_logprobs is not None
+
         def one(messages: list[dict], key: str) -> ChatResult:
-            return self._answer(key, lambda: ask(messages), stored, sinks)
+            return self._answer(key, lambda: ask(messages), stored, sinks, keep=usable)
 
         return self._map(one, items, return_errors)
 

@@ -161,11 +161,12 @@ class Transport:
             self._record_cached(sinks, hits)
         return got
 
-    def _answer(self, key: str, ask, decode, sinks):
-        """ask() once for a key: the cache's answer, or the answer of the same request in flight now."""
+    def _answer(self, key: str, ask, decode, sinks, keep=None):
+        """ask() once for a key: the cache's answer, or the answer of the same request in flight now.
+        `keep(answer)`: whether it is worth storing (default: every answer)."""
         if self.cache is None:
             return ask()
-        answer, reused = self.cache.answer(key, ask, decode)
+        answer, reused = self.cache.answer(key, ask, decode, keep)
         if reused:
             self._record_cached(sinks, 1)
         return answer

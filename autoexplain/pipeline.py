@@ -38,6 +38,7 @@ import pyarrow as pa
 from autoexplain import best_of_k, prices
 from autoexplain.components import Explainer, Scorer, Simulator
 from autoexplain.counters import COUNTS
+from autoexplain.errors import NO_ANSWER
 from autoexplain.explain import (
     as_explainer, output_line, output_lookup_explanation, shuffled_explanations, token_lookup_explanation,
 )
@@ -182,10 +183,35 @@ def _sim_rows(unit: UnitRecords, method: str, simulator, records, sims) -> list[
             for r, s in zip(records, sims)]
 
 
+def _unsimulated_rows(unit: UnitRecords, method: str, simulator, records, why: str) -> list[SimulationRow]:
+    """A method's rows with nothing simulated, each saying why: an explanation that failed is
+    not simulated (an empty text would be paid for and scored as an explanation), and its unit's
+    scores are undefined with the reason (`score_unit`)."""
+    return [SimulationRow(unit.id, method, simulator.name, simulator.prompt_hash, r.window_id, r.kind, r.split, None,
+                          f"not simulated: {why}", 0, 0.0) for r in records]
+
+
+def failed_explanation(row: ExplanationRow) -> str | None:
+    """Why an explanation row has no text to simulate, or None when it has one."""
+    if row.failure:
+        return f"the explanation failed ({row.failure})"
+    return None if row.candidates or row.text.strip() else "the explainer gave no candidate"
+
+
 def simulate_unit(unit: UnitRecords, explained: ExplanationRow, baselines: list[ExplanationRow],
                   simulator: Simulator) -> tuple[list[ExplanationRow], list[SimulationRow]]:
     """Best-of-k on valid, then the chosen explanation and the baselines on calib/test.
     Returns (the chosen explanation and the baselines, their simulations)."""
+    # Imported explanation sets carry no baselines: derive them from the same train records.
+    if not baselines:
+        baselines = _baseline_rows(unit, shown_records(unit, 5))
+    scored = held_out(unit.records)
+    why = failed_explanation(explained)
+    if why is not None:  # the baselines are still simulated, as for every unit: they need no LLM answer
+        rows = _unsimulated_rows(unit, EXPLAINER, simulator, scored, why)
+        for b, sims in zip(baselines, _simulate_texts(simulator, [b.text for b in baselines], scored)):
+            rows += _sim_rows(unit, b.method, simulator, scored, sims)
+        return [replace(explained, text="", candidate_valid_scores=[]), *baselines], rows
     valid = _scoring_records(unit, "valid")
     spent: list[Simulation] = []
 
@@ -200,10 +226,6 @@ def simulate_unit(unit: UnitRecords, explained: ExplanationRow, baselines: list[
                      selection_tokens=sum(s.prompt_tokens + s.completion_tokens for s in spent),
                      selection_dollars=prices.add(*(simulator.dollars(s.prompt_tokens, s.completion_tokens, s.cached_tokens)
                                                     for s in spent)))
-    # Imported explanation sets carry no baselines: derive them from the same train records.
-    if not baselines:
-        baselines = _baseline_rows(unit, shown_records(unit, 5))
-    scored = held_out(unit.records)
     rows = []
     simulated = _simulate_texts(simulator, [best] + [b.text for b in baselines], scored)
     for method, sims in zip([EXPLAINER] + [b.method for b in baselines], simulated):
@@ -212,8 +234,13 @@ def simulate_unit(unit: UnitRecords, explained: ExplanationRow, baselines: list[
 
 
 def simulate_control(unit: UnitRecords, text: str, simulator: Simulator) -> tuple[list[ExplanationRow], list[SimulationRow]]:
-    """The shuffled control: another unit's explanation, simulated on this unit's held-out records."""
+    """The shuffled control: another unit's explanation, simulated on this unit's held-out records.
+    An empty `text` is a failed explanation's: the control has none either, and fails with it."""
     scored = held_out(unit.records)
+    if not text.strip():
+        why = "the explanation it borrows from another unit failed"
+        return ([ExplanationRow(unit.id, SHUFFLED, "shuffled", "", "", [], failure=why)],
+                _unsimulated_rows(unit, SHUFFLED, simulator, scored, why))
     row = ExplanationRow(unit.id, SHUFFLED, "shuffled", "", text, [text])
     return [row], _sim_rows(unit, SHUFFLED, simulator, scored, _simulate(simulator, text, scored))
 
@@ -363,9 +390,29 @@ def score_unit(unit: UnitRecords, simulations: Sequence[SimulationRow], explanat
         recs = [r for r in unit.records if r.window_id in rows]
         sims = [Simulation(rows[r.window_id].expected) for r in recs]
         metrics = scorer.score(e and e.text, recs, sims if scorer.needs_simulations else None, n_boot=n_boot, seed=seed)
+        why = _unscored(e, rows.values()) if scorer.needs_simulations else None
+        if why is not None:
+            metrics = {m: _undefined(s, why) for m, s in metrics.items()}
         for metric, s in metrics.items():
             out.append(ScoreRow(unit.id, method, sim_name, "test", metric, s.value, s.ci_low, s.ci_high,
                                 s.undefined_reason, s.n_records, s.n_failed, cost,
                                 sim_tokens[(method, sim_name)] + chose_tokens,
                                 prices.add(dollars, chose_dollars, sim_dollars[(method, sim_name)])))
     return out
+
+
+def _unscored(explanation: ExplanationRow | None, simulations) -> str | None:
+    """Why a method's simulations must not be scored, or None. Not "all simulations failed" for a
+    failed explanation: nothing was simulated, and this says why. Records whose request got no
+    answer are not left out as a parse failure is: which they are depends on the server's timing, a
+    request's whole group of records at once (top windows together), so what is left is a biased
+    sample; and a rerun asks them again, so the method waits for it."""
+    if explanation is not None and explanation.failure:
+        return f"no explanation: {explanation.failure}"
+    sims = list(simulations)
+    lost = sum((r.failure or "").startswith(NO_ANSWER) for r in sims)
+    return f"{lost} of {len(sims)} simulations got no LLM answer (a rerun asks them again)" if lost else None
+
+
+def _undefined(score, reason: str):
+    return replace(score, value=None, ci_low=None, ci_high=None, undefined_reason=reason)

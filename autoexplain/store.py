@@ -109,8 +109,11 @@ class Stage:
             self._written.append(name)
         return self._tmp / name
 
-    def table(self, table: pa.Table, name: str, schema_name: str | None = None) -> Path:
-        self._unanswered += count_unanswered(table)
+    def table(self, table: pa.Table, name: str, schema_name: str | None = None, counted: bool = True) -> Path:
+        """`counted=False`: a table whose unanswered rows are another's, already counted (a copy of
+        an input's rows), so that a result without an answer is counted once."""
+        if counted:
+            self._unanswered += count_unanswered(table)
         return write_table(table, self.path(name), schema_name)
 
     def writer(self, name: str, schema_name: str) -> TableWriter:

@@ -252,5 +252,5 @@ def finished(result: dict):
     if not n:
         return result
     return Completed(name="Incomplete", data=result,
-                     message=f"{n:,} results got no LLM answer (the server was down or overloaded), so their units "
+                     message=f"{n:,} results got no LLM answer (the server was down, overloaded or answered blank), so their units "
                              "are undefined; run the flow again: it asks only for those again")

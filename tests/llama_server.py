@@ -146,7 +146,8 @@ class FaultServer:
     Server traits: `api_key` (a request without `Authorization: Bearer <it>` gets 401), `models` (the
     models GET /models lists; a request for another gets 404; None: it serves any model and lists
     none), `echo=False` (echo requests are answered without prompt logprobs, as by a server that
-    ignores `echo`), `varied=True` (every canned completion's text carries a new number).
+    ignores `echo`), `varied=True` (every canned completion's text carries a new number), `text` (every
+    canned completion's text, e.g. "\n" for a server that answers blank; None: the usual one).
 
     The preflight's probes (GET /models, and the echo request whose prompt is
     `server_probe.ECHO_PROBE`) are answered by the traits, never scripted, and counted in `probes`, not
@@ -154,11 +155,11 @@ class FaultServer:
 
     def __init__(self, fail_with=(), then_status: int = 200, upstream: str | None = None,
                  retry_after: float | None = None, hold: bool = False, chat=None, api_key: str | None = None,
-                 models=None, echo: bool = True, varied: bool = False):
+                 models=None, echo: bool = True, varied: bool = False, text: str | None = None):
         self.script, self.then_status, self.upstream = list(fail_with), then_status, upstream
         self.retry_after, self.hold, self.chat = retry_after, hold, chat
         self.api_key, self.models, self.echo, self.varied = api_key, models, echo, varied
-        self.samples = 0
+        self.samples, self.text = 0, text
         self.requests: list[dict] = []
         self.probes = 0
         self.inflight = self.max_inflight = self.answered = 0
@@ -248,6 +249,8 @@ class FaultServer:
                     return status, json.dumps(error).encode(), headers
                 if server.upstream is None:
                     reply = canned_reply(self.path, body, server.chat, server.models or (), server.echo, server._sample())
+                    if server.text is not None and reply.get("object") == "text_completion" and not body.get("echo"):
+                        reply["choices"][0]["text"] = server.text
                     return 200, json.dumps(reply).encode(), {}
                 target = server.upstream.rsplit("/v1", 1)[0] + self.path
                 req = urllib.request.Request(target, data=raw or None, method=self.command,
