@@ -47,6 +47,13 @@ class Completion:
     cached_tokens: int = 0  # of the prompt's, served from the provider's prefix cache (billed less)
 
 
+def shares(total: int, n: int) -> list[int]:
+    """`total` split into n whole parts that add up to it (the first ones a token larger): a prompt
+    read once for n samples is paid once, so each sample carries its share of it."""
+    whole, extra = divmod(int(total), max(1, n))
+    return [whole + (i < extra) for i in range(n)]
+
+
 @dataclass
 class PromptLogprobs:
     tokens: list[str]  # the prompt as the model tokenised it

@@ -42,6 +42,7 @@ from autoexplain.llm import (
     Completion,
     LLMError,
     PromptLogprobs,
+    shares,
 )
 from autoexplain.llm_limits import Slots, TokenBucket
 from autoexplain.llm_transport import Malformed, Transport
@@ -156,8 +157,11 @@ class OpenAILLM(Transport, LLM):
                 self._record(sinks, pt, ct, cached_tokens=cached)
                 if len(r.choices) < want:
                     self._n_ignored = True
-                share = round(ct / len(r.choices))
-                got += [Completion(c.text, pt, share, cached) for c in sorted(r.choices, key=lambda c: c.index)]
+                # One prompt is billed per request however many choices come back: each choice
+                # carries its share, so that a unit's samples add up to what the request cost.
+                choices = sorted(r.choices, key=lambda c: c.index)
+                got += [Completion(c.text, p, t, h) for c, p, t, h in
+                        zip(choices, shares(pt, len(choices)), shares(ct, len(choices)), shares(cached, len(choices)))]
             return got[:k]
 
         def samples(prompt: str, first: int, k: int) -> list[Completion]:

@@ -168,6 +168,7 @@ def test_local_generation_gives_n_samples_per_prompt(tiny_llm):
     assert all(0 <= c.completion_tokens <= 5 for s in out for c in s)
     assert usage.requests == 3
     assert usage.prompt_tokens == sum(len(tiny_llm.tok(p)["input_ids"]) for p in prompts)
+    assert sum(c.prompt_tokens for s in out for c in s) == usage.prompt_tokens, "each prompt read once for its 3 samples"
     assert len({c.text for s in out for c in s}) > 3, "sampling gives different continuations"
 
 
