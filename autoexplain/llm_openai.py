@@ -7,11 +7,11 @@ choices, no logprobs), a response cache, token accounting per unit, and one clea
 missing key or an unreachable server (the sending: `llm_transport.Transport`). Server quirks it works
 around: `llm.py`'s docstring.
 
-Rate limits: `requests_per_minute` and `tokens_per_minute` are token buckets taken before each
-attempt. A request's tokens are not known before it is answered, so it takes an estimate (its text
-at about 4 characters a token, plus its max_tokens per sample) and settles the difference with the
-server's `usage` once answered; an attempt that fails keeps its estimate spent (the server may have
-counted it).
+Rate limits: `requests_per_minute` and `tokens_per_minute` are sliding one-minute windows
+(`llm_limits.Window`) taken before each attempt, the requests also paced by a token bucket. A
+request's tokens are not known before it is answered, so it takes an estimate (its text at about 4
+characters a token, plus its max_tokens per sample) and settles the difference with the server's
+`usage` once answered; an attempt that fails keeps its estimate spent (the server may have counted it).
 
 Response cache: `self.cache` (`llm_cache`, attached by the stage) answers what it has seen before.
 
@@ -44,7 +44,7 @@ from autoexplain.llm import (
     PromptLogprobs,
     shares,
 )
-from autoexplain.llm_limits import Slots, TokenBucket
+from autoexplain.llm_limits import Slots, TokenBucket, Window
 from autoexplain.llm_transport import Malformed, Transport
 
 log = logging.getLogger(__name__)
@@ -101,9 +101,12 @@ class OpenAILLM(Transport, LLM):
             "are answered in time again", "lowered" if now < was else "raised", was, now))
         # More threads than slots: a thread waiting out a backoff holds no slot, and others use it.
         self._pool = interrupt.Pool(min(1024, 2 * slots + 8), "llm")
+        # The bucket spreads requests over the minute after a burst of one round of slots; the windows
+        # hold the limits in every minute from the first request (a bucket that starts full lets a
+        # burst more through in the first minute: what a provider answers with 429s).
         self._bucket = TokenBucket(requests_per_minute, burst=max_concurrency) if requests_per_minute else None
-        # A minute's tokens at once at most: the window providers count their limits in.
-        self._tpm = TokenBucket(tokens_per_minute, burst=tokens_per_minute) if tokens_per_minute else None
+        self._rpm = Window(requests_per_minute) if requests_per_minute else None
+        self._tpm = Window(tokens_per_minute) if tokens_per_minute else None
         self.cache = None  # an llm_cache.ResponseCache, or None: every request is sent
         self._echo_seen = False  # learned: this server has returned prompt logprobs
         self._chat_logprobs_seen = False  # learned: this server has returned the chat logprobs asked for
@@ -153,7 +156,6 @@ class OpenAILLM(Transport, LLM):
                     model=self.name, prompt=prompt, n=want, temperature=temperature, max_tokens=max_tokens, **extra),
                     check=self._has_choices, estimate=estimate)
                 pt, ct, cached = self._tokens(r.usage)
-                self._settle(sum(estimate), pt + ct)
                 self._record(sinks, pt, ct, cached_tokens=cached)
                 if len(r.choices) < want:
                     self._n_ignored = True
@@ -228,7 +230,6 @@ class OpenAILLM(Transport, LLM):
                 model=self.name, messages=messages, temperature=temperature, max_tokens=max_tokens, **extra),
                 check=check, estimate=estimate)
             pt, ct, cached = self._tokens(r.usage)
-            self._settle(sum(estimate), pt + ct)
             self._record(sinks, pt, ct, cached_tokens=cached)
             choice = r.choices[0]
             tops = None
@@ -271,7 +272,6 @@ class OpenAILLM(Transport, LLM):
                 model=self.name, prompt=prompt, echo=True, logprobs=top, max_tokens=1, temperature=0.0)),
                 estimate=estimate)
             pt, ct, cached = self._tokens(data.get("usage"))
-            self._settle(sum(estimate), pt + ct)
             self._record(sinks, pt, ct, cached_tokens=cached)
             choice = data["choices"][0]
             lp = choice["logprobs"]

@@ -4,7 +4,7 @@ answers, the request and token rate limits, the response cache, and the accounti
 against the usage trackers and the run's budget (`llm_openai.py`'s docstring says why each is so).
 
 `Transport` is a mixin: it reads what `OpenAILLM.__init__` sets up (the openai module and client,
-the slots, the pool, the buckets, the cache, the retry settings)."""
+the slots, the pool, the bucket and windows, the cache, the retry settings)."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ class Transport:
         (`check(response)` raises Malformed for a 200 that is no usable answer). A concurrency slot is
         held for each attempt only, never during the backoff wait. `estimate`: the request's prompt and
         completion tokens as guessed before it is sent, held against the run's budget while it is in
-        flight (`budget`) and taken from the tokens-per-minute bucket before each attempt (`_settle`)."""
+        flight (`budget`) and taken from the tokens-per-minute window before each attempt (`_settle`)."""
         with ledger().hold(sum(estimate), self.dollars(*estimate)):
             return self._attempts(call, self.max_retries if retries is None else retries, check, sum(estimate))
 
@@ -68,8 +68,9 @@ class Transport:
             interrupt.check()  # a stopped run sends nothing more
             if self._bucket:
                 self._bucket.acquire()
-            if self._tpm:
-                self._tpm.acquire(tokens)
+            if self._rpm:
+                self._rpm.acquire()
+            taken = self._tpm.acquire(tokens) if self._tpm else None
             ticket = self._slots.take()
             try:
                 try:
@@ -84,6 +85,8 @@ class Transport:
                 if check is not None:
                     check(response)
                 self._slots.answered(ticket, took)
+                if taken is not None:
+                    self._settle(taken, response)
                 return response
             except openai.APIStatusError as e:
                 if e.status_code not in self.RETRYABLE and e.status_code < 500:
@@ -146,10 +149,12 @@ class Transport:
         details = getattr(usage, "prompt_tokens_details", None)
         return usage.prompt_tokens or 0, usage.completion_tokens or 0, getattr(details, "cached_tokens", None) or 0
 
-    def _settle(self, estimate: int, used: int) -> None:
+    def _settle(self, taken, response) -> None:
         """Replace a request's estimate by the tokens the server says it used (when it says)."""
-        if self._tpm and used > 0:
-            self._tpm.settle(used - estimate)
+        usage = response.get("usage") if isinstance(response, dict) else getattr(response, "usage", None)
+        used = sum(self._tokens(usage)[:2])
+        if used > 0:
+            self._tpm.settle(taken, used)
 
     def _key(self, endpoint: str, **request) -> str:
         return request_key(endpoint=endpoint, model=self.name, **request)
