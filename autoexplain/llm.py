@@ -213,21 +213,24 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-CONCURRENCY_ENV, RPM_ENV, TPM_ENV, RETRIES_ENV = ("AUTOEXPLAIN_LLM_CONCURRENCY", "AUTOEXPLAIN_LLM_RPM",
-                                                  "AUTOEXPLAIN_LLM_TPM", "AUTOEXPLAIN_LLM_RETRIES")
+CONCURRENCY_ENV, RPM_ENV, TPM_ENV, RETRIES_ENV, TIMEOUT_ENV = (
+    "AUTOEXPLAIN_LLM_CONCURRENCY", "AUTOEXPLAIN_LLM_RPM", "AUTOEXPLAIN_LLM_TPM", "AUTOEXPLAIN_LLM_RETRIES",
+    "AUTOEXPLAIN_LLM_TIMEOUT")
 DEFAULT_CONCURRENCY, OPENAI_CONCURRENCY = 64, 8  # a server you run; api.openai.com (rate-limited per key)
 
 
 def set_limits(concurrency: int | None = None, requests_per_minute: float | None = None,
-               tokens_per_minute: float | None = None, retries: int | None = None) -> None:
-    """The concurrency, request and token (prompt + completion) rates and retries per request of the
+               tokens_per_minute: float | None = None, retries: int | None = None,
+               timeout: float | None = None) -> None:
+    """The concurrency, request and token (prompt + completion) rates, retries and timeout (seconds
+    an attempt waits for its answer) per request of the
     server LLMs made from now on here and in the processes started (set in the environment: Dask workers
     and task processes see them). None: the default (64 in flight for a URL you give, 8 for
-    api.openai.com; no rate limits; 6 retries). None changes any result: none is part of a cache key."""
+    api.openai.com; no rate limits; 6 retries; 120 s). None changes any result: none is part of a cache key."""
     import os
 
     for name, value in ((CONCURRENCY_ENV, concurrency), (RPM_ENV, requests_per_minute),
-                        (TPM_ENV, tokens_per_minute), (RETRIES_ENV, retries)):
+                        (TPM_ENV, tokens_per_minute), (RETRIES_ENV, retries), (TIMEOUT_ENV, timeout)):
         if value is None:
             os.environ.pop(name, None)
         else:
@@ -235,16 +238,17 @@ def set_limits(concurrency: int | None = None, requests_per_minute: float | None
 
 
 def server_limits(url: str | None) -> dict:
-    """max_concurrency, requests_per_minute, tokens_per_minute and (when set) max_retries for a
+    """max_concurrency, requests_per_minute, tokens_per_minute and (when set) max_retries and timeout for a
     server LLM: set_limits's values or the defaults."""
     import os
     from urllib.parse import urlparse
 
     openai = (urlparse(url or OPENAI_URL).hostname or "").endswith("api.openai.com")
-    concurrency, rpm, tpm, retries = (os.environ.get(k) for k in (CONCURRENCY_ENV, RPM_ENV, TPM_ENV, RETRIES_ENV))
+    concurrency, rpm, tpm, retries, timeout = (os.environ.get(k) for k in (CONCURRENCY_ENV, RPM_ENV, TPM_ENV,
+                                                                           RETRIES_ENV, TIMEOUT_ENV))
     return {"max_concurrency": int(concurrency) if concurrency else (OPENAI_CONCURRENCY if openai else DEFAULT_CONCURRENCY),
             "requests_per_minute": float(rpm) if rpm else None, "tokens_per_minute": float(tpm) if tpm else None,
-            **({"max_retries": int(retries)} if retries else {})}
+            **({"max_retries": int(retries)} if retries else {}), **({"timeout": float(timeout)} if timeout else {})}
 
 
 def make_llm(spec: str | None = None, **kw) -> LLM:

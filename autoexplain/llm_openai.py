@@ -88,6 +88,7 @@ class OpenAILLM(Transport, LLM):
         self.api_key_env = api_key_env
         self.max_retries, self.backoff_base, self.backoff_cap = max_retries, backoff_base, backoff_cap
         self.requests_per_minute, self.tokens_per_minute = requests_per_minute, tokens_per_minute
+        self.timeout = float(timeout)
         import httpx
 
         slots = int(max_concurrency)

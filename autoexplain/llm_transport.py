@@ -104,8 +104,9 @@ class Transport:
             err = LLMError(f"{self.base_url} answered {attempt} times without a usable reply: {last}",
                            "check the server and the model", None, attempt)
         elif isinstance(last, openai.APITimeoutError):
-            err = LLMError(f"requests to {self.base_url} timed out {attempt} times",
-                           "the server is overloaded or the timeout too short", None, attempt)
+            err = LLMError(f"requests to {self.base_url} timed out {attempt} times (after {self.timeout:g} s each)",
+                           "raise --timeout SECONDS (flow parameter timeout) for a slow server, or lower --concurrency "
+                           "for an overloaded one", None, attempt)
         elif isinstance(last, openai.APIConnectionError):
             err = LLMError(f"cannot reach {self.base_url}", "is the server running? Start it, or fix the URL "
                            "after '@' in the LLM spec", None, attempt)
