@@ -132,6 +132,7 @@ class LLM(ABC):
     max_concurrency: int = 1
     concurrency_given: int = 1  # what max_concurrency was made with: a server's climbs back to it after timeouts
     caches_requests: bool = False
+    counts_attempts: bool = False  # it counts each request it sends itself (a server's, with retries)
     # What its outputs depend on beyond its name, for cache keys: a local model's weights
     # (`Subject.fingerprint`); '' for a server, known by its name only.
     fingerprint: str = ""
@@ -155,6 +156,8 @@ class LLM(ABC):
     def _record(self, sinks: list[Usage], prompt_tokens: int, completion_tokens: int, requests: int = 1,
                 cached_tokens: int = 0) -> None:
         COUNTS["llm_requests"] += requests
+        if not self.counts_attempts:
+            COUNTS["llm_sent"] += requests
         for u in sinks:
             u.add(prompt_tokens, completion_tokens, requests, cached_tokens)
         # a local model's tokens too, at $0: the run's line says what was spent, not only what was paid

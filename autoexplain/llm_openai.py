@@ -66,6 +66,7 @@ class OpenAILLM(Transport, LLM):
     RETRYABLE = {408, 409, 425, 429}
     thread_safe = True  # stages may call it from many threads at once
     caches_requests = True
+    counts_attempts = True
 
     def __init__(self, model: str, base_url: str | None = None, *, api_key: str | None = None,
                  api_key_env: str = "OPENAI_API_KEY", max_concurrency: int = 8,

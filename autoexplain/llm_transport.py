@@ -13,6 +13,7 @@ import time
 
 from autoexplain import interrupt
 from autoexplain.budget import ledger
+from autoexplain.counters import COUNTS
 from autoexplain.llm import LLMError
 from autoexplain.llm_cache import request_key
 
@@ -75,6 +76,7 @@ class Transport:
             try:
                 try:
                     sent = time.monotonic()
+                    COUNTS["llm_sent"] += 1
                     response = call()
                     took = time.monotonic() - sent
                 except openai.APITimeoutError:
@@ -89,16 +91,23 @@ class Transport:
                     self._settle(taken, response)
                 return response
             except openai.APIStatusError as e:
+                COUNTS["llm_429" if e.status_code == 429 else "llm_faults"] += 1
                 if e.status_code not in self.RETRYABLE and e.status_code < 500:
                     raise self._permanent(e, attempt) from None
                 last = e
             except openai.APIConnectionError as e:  # APITimeoutError included (the limit is lowered above)
+                COUNTS["llm_timeouts" if isinstance(e, openai.APITimeoutError) else "llm_faults"] += 1
                 last = e
             except (Malformed, openai.APIResponseValidationError, ValueError) as e:  # JSONDecodeError is a ValueError
+                COUNTS["llm_faults"] += 1
                 last = e if isinstance(e, Malformed) else Malformed(f"invalid response body ({type(e).__name__}: "
                                                                       f"{' '.join(str(e).split())[:120]})")
+            except LLMError:  # answered, but not with what was asked (no prompt logprobs): said at once
+                COUNTS["llm_faults"] += 1
+                raise
             if attempt > retries:
                 break
+            COUNTS["llm_retries"] += 1
             interrupt.sleep(self._backoff(attempt, last))
         if isinstance(last, Malformed):
             err = LLMError(f"{self.base_url} answered {attempt} times without a usable reply: {last}",
