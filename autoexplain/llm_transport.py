@@ -9,6 +9,7 @@ the slots, the pool, the bucket and windows, the cache, the retry settings)."""
 from __future__ import annotations
 
 import random
+import re
 import time
 
 from autoexplain import interrupt
@@ -16,6 +17,12 @@ from autoexplain.budget import ledger
 from autoexplain.counters import COUNTS
 from autoexplain.llm import LLMError
 from autoexplain.llm_cache import request_key
+
+
+# How servers word a prompt longer than their context: OpenAI and vLLM ("maximum context length"),
+# llama.cpp's own server ("exceeds the available context size"), OpenAI's code, Ollama and TGI.
+_TOO_LONG = re.compile(r"context.length|context.size|context_length_exceeded|n_ctx|too many tokens|"
+                       r"input.{0,20}(?:too long|exceeds)", re.I)
 
 
 class Malformed(Exception):
@@ -40,6 +47,10 @@ class Transport:
         if status == 404:
             return LLMError(f"{self.base_url} has no model '{self.name}' or no such endpoint (HTTP 404): {msg}",
                             f"check the model name (GET {self.base_url}/models lists them)", status, attempts)
+        if status == 400 and _TOO_LONG.search(msg):
+            return LLMError(f"the prompt is longer than the context of '{self.name}' at {self.base_url} (HTTP 400): {msg}",
+                            "start the server with a larger context (llama.cpp: --n_ctx 8192; vLLM: --max-model-len "
+                            "8192): the explainer's prompt alone is about 2,200 tokens", status, attempts)
         return LLMError(f"{self.base_url} rejected the request (HTTP {status}): {msg}",
                         "check the model and the request options", status, attempts)
 

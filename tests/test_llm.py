@@ -345,3 +345,19 @@ def test_spec_grammar():
         make_llm("anthropic:claude")
     with pytest.raises(UserError, match="names no model"):
         make_llm("openai:")
+
+
+@pytest.mark.slow
+def test_a_prompt_longer_than_the_servers_context_says_so_and_how_to_fix_it(llama_server):
+    """llama.cpp's server at its default context (2,048 tokens) and a prompt of about 3,000: the one
+    line names the context and the server option that widens it, not 'check the request options'."""
+    llm = OpenAILLM(llama_server.model, llama_server.base_url, max_retries=0)
+    try:
+        with pytest.raises(LLMError) as caught:
+            llm.complete(["one two three " * 1000], max_tokens=60)
+    finally:
+        llm.close()
+    line = str(caught.value)
+    assert line.startswith(f"the prompt is longer than the context of 'smollm2' at {llama_server.base_url} (HTTP 400)")
+    assert "start the server with a larger context (llama.cpp: --n_ctx 8192" in line and "\n" not in line
+    assert caught.value.status == 400 and not caught.value.transient, "the run ends: every unit's prompt is as long"
