@@ -91,8 +91,7 @@ class Ledger:
             return f"this run spent ${self.dollars:.4f} and {self.tokens:,} tokens"
         # An unknown price is never $0: the line says what is known as a floor, or nothing.
         floor = f"at least ${self.dollars:.4f}" if self.dollars else "an unknown amount"
-        return (f"this run spent {floor} and {self.tokens:,} tokens ({self.unpriced:,} answers of models with no "
-                "known price: add them to autoexplain/prices.json or a file named by $AUTOEXPLAIN_PRICES)")
+        return f"this run spent {floor} and {self.tokens:,} tokens ({self.unpriced:,} answers of models with no known price)"
 
     def charge(self, tokens: int, dollars: float | None) -> None:
         with self._lock:
