@@ -87,8 +87,11 @@ class Ledger:
     def spent_text(self) -> str:
         """What the answers paid for so far cost (the requests still in flight when the budget
         stopped the run are answered, and counted, before a command reports it)."""
-        unknown = f", {self.unpriced:,} answers of unpriced models" if self.unpriced else ""
-        return f"this run spent ${self.dollars:.4f} and {self.tokens:,} tokens{unknown}"
+        if not self.unpriced:
+            return f"this run spent ${self.dollars:.4f} and {self.tokens:,} tokens"
+        # An unknown price is never $0: the line says what is known as a floor, or nothing.
+        floor = f"at least ${self.dollars:.4f}" if self.dollars else "an unknown amount"
+        return f"this run spent {floor} and {self.tokens:,} tokens ({self.unpriced:,} answers of models with no known price)"
 
     def charge(self, tokens: int, dollars: float | None) -> None:
         with self._lock:

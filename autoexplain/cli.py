@@ -17,7 +17,7 @@ import typer
 
 from autoexplain import cli_tools, defaults, preflight
 from autoexplain.budget import set_budget
-from autoexplain.cli_common import (BUDGET, CACHE, CONCURRENCY, N_RANDOM, RETRIES, RPM, SCORERS, TEXT_FIELD, TOP_K, TPM,
+from autoexplain.cli_common import (BUDGET, CACHE, CONCURRENCY, N_RANDOM, RETRIES, RPM, SCORERS, TEXT_FIELD, TIMEOUT, TOP_K, TPM,
                                     WINDOW_LEN, records_layer)
 from autoexplain.console import err, flat_command_list, print_llm_usage, print_summary, progress_bar, run_or_exit
 from autoexplain.errors import UserError
@@ -109,6 +109,7 @@ def explain(
     rpm: Optional[float] = RPM,
     tpm: Optional[float] = TPM,
     retries: Optional[int] = RETRIES,
+    timeout: Optional[float] = TIMEOUT,
     cache: bool = CACHE,
     budget: Optional[str] = BUDGET,
     out: Path = typer.Option(Path("out"), "--out", "-o"),
@@ -121,7 +122,7 @@ def explain(
     def go():
         preflight.check_out(str(out), preflight.cli_flag)
         preflight.at_least(preflight.cli_flag, "k", k, 1)
-        preflight.check_limits(concurrency, rpm, preflight.cli_flag, tpm, retries)
+        preflight.check_limits(concurrency, rpm, preflight.cli_flag, tpm, retries, timeout)
         L = records_layer(records, layer)
         try:
             parse_units(units, recorded_units(records, L))  # a unit the layer lacks is an error, not skipped
@@ -130,7 +131,7 @@ def explain(
         chosen = parse_units(units)  # None (every unit) stays None: it is part of the stage's key
         preflight.check_explainer(explainer, preflight.cli_flag)
         limit = preflight.check_budget(budget, preflight.cli_flag, explainer=explainer)
-        set_limits(concurrency, rpm, tpm, retries)
+        set_limits(concurrency, rpm, tpm, retries, timeout)
         set_cache(cache)
         set_budget(limit)
         ref = run_explain(records, L, out, chosen, explainer, ExplainConfig(k=k, chat=chat))
@@ -149,6 +150,7 @@ def simulate(
     rpm: Optional[float] = RPM,
     tpm: Optional[float] = TPM,
     retries: Optional[int] = RETRIES,
+    timeout: Optional[float] = TIMEOUT,
     cache: bool = CACHE,
     budget: Optional[str] = BUDGET,
     out: Path = typer.Option(Path("out"), "--out", "-o"),
@@ -158,12 +160,12 @@ def simulate(
 
     def go():
         preflight.check_out(str(out), preflight.cli_flag)
-        preflight.check_limits(concurrency, rpm, preflight.cli_flag, tpm, retries)
+        preflight.check_limits(concurrency, rpm, preflight.cli_flag, tpm, retries, timeout)
         x = StageRef.of(explanations, "explanations")
         records_layer(records, x.layer)
         preflight.check_simulator(simulator, preflight.cli_flag)
         limit = preflight.check_budget(budget, preflight.cli_flag, simulator=simulator)
-        set_limits(concurrency, rpm, tpm, retries)
+        set_limits(concurrency, rpm, tpm, retries, timeout)
         set_cache(cache)
         set_budget(limit)
         ref = run_simulate(records, x, out, simulator)

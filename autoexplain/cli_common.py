@@ -19,6 +19,8 @@ RPM = typer.Option(None, "--rpm", help="At most this many LLM requests per minut
 TPM = typer.Option(None, "--tpm", help="At most this many LLM tokens (prompt + completion) per minute; a request takes an estimate "
                    "before it is sent and the server's count once answered (default: no limit).")
 RETRIES = typer.Option(None, "--retries", help="Times an LLM request is sent again after a timeout, a lost connection, a 429 or a 5xx, with backoff (default: 6); 0 fails it at once.")
+TIMEOUT = typer.Option(None, "--timeout", help="Seconds an LLM request waits for its answer before it is sent again (default: 120). "
+                       "Raise it for a slow server: llama.cpp on a CPU reads a 2,000-token prompt in minutes.")
 BUDGET = typer.Option(None, "--budget", help="The most this run may spend on server LLMs: dollars ('$5', at the prices of "
                       "autoexplain/prices.json) or tokens ('2M tokens'). The run stops cleanly before the request that would pass it "
                       "(exit code 3); finished units are kept, and the same command with a larger budget goes on from there.")

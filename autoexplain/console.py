@@ -121,6 +121,7 @@ def budget_stopped(message: str):
 
 
 _SAID: list[bool] = []  # the interrupted line was printed
+_USAGE_SAID: list[bool] = []  # the LLM line was printed by this command
 
 
 # What a stopped run of the stages or flows left behind, and how it goes on.
@@ -143,11 +144,20 @@ def _forced(signum: int, left: str = STAGES_STOPPED) -> None:
 def run_or_exit(fn, left: str = STAGES_STOPPED):
     """Call fn, turning a UserError into one clear line and a non-zero exit (3: the budget stopped
     it). Ctrl-C or SIGTERM stops it within seconds (`interrupt`): one line saying `left`, exit
-    128 + the signal's number (130, 143)."""
+    128 + the signal's number (130, 143). Whatever ends it, the `LLM:` line comes first when a request
+    was sent (`print_llm_usage`), unless the command printed it already."""
+    _USAGE_SAID.clear()
     try:
         with interrupt.signals(lambda signum: _forced(signum, left)):
             return _one_line_errors(fn)
+    except typer.Exit as e:
+        if e.exit_code and not _USAGE_SAID:
+            print_llm_usage()
+        raise
     except BaseException as e:
+        # A run that ends early has still paid for what it sent: the LLM line comes first, whatever ended it.
+        if not _USAGE_SAID:
+            print_llm_usage()
         if not (interrupt.stopping() or isinstance(e, KeyboardInterrupt)):  # what a stopped run unwinds with
             raise
         _SAID.append(True)
@@ -163,12 +173,17 @@ def _one_line_errors(fn):
     except BudgetReached as e:
         from autoexplain.budget import ledger
 
-        print_llm_usage()
+        if not _USAGE_SAID:
+            print_llm_usage()
         budget_stopped(f"stopped: {e.problem} ({ledger().spent_text()}) — {e.fix}")
     except UserError as e:
+        if not _USAGE_SAID:
+            print_llm_usage()  # says nothing when no request was sent: bad input stays one line
         err.print(f"[bold red]error:[/] {e}", highlight=False)
         raise typer.Exit(2)
     except ContractViolation as e:  # an output the store refused to seal
+        if not _USAGE_SAID:
+            print_llm_usage()
         failed = "; ".join(e.report.failures)
         err.print(f"[bold red]error:[/] {getattr(e, 'path', '')} breaks its data contract '{e.report.suite}': {failed}",
                   highlight=False)
@@ -182,13 +197,29 @@ def print_llm_usage(server: bool = False) -> None:
     from autoexplain.budget import ledger
     from autoexplain.counters import COUNTS
 
-    sent, cached = COUNTS["llm_requests"], COUNTS["llm_cache_hits"]
+    sent, cached = COUNTS["llm_sent"], COUNTS["llm_cache_hits"]
     if sent or cached:
-        err.print(f"LLM: {sent:,} requests sent, {cached:,} answers from the cache; {ledger().spent_text()}",
-                  highlight=False)
+        _USAGE_SAID.append(True)
+        err.print(f"LLM: {sent:,} requests sent{_unanswered(sent)}, {cached:,} answers from the cache; "
+                  f"{ledger().spent_text()}", highlight=False)
     elif server:
+        _USAGE_SAID.append(True)
         err.print("LLM: nothing asked: every stage that needs the LLM was reused from an earlier run; "
                   "this run spent $0", highlight=False)
+
+
+def _unanswered(sent: int) -> str:
+    """What became of the requests sent that got no answer, when some did: the retries, 429s and
+    timeouts a user tunes --rpm, --concurrency and --timeout by."""
+    from autoexplain.counters import COUNTS
+
+    answered, retried = COUNTS["llm_requests"], COUNTS["llm_retries"]
+    kinds = {"HTTP 429": COUNTS["llm_429"], "timed out": COUNTS["llm_timeouts"], "other faults": COUNTS["llm_faults"]}
+    kinds["in flight at the stop"] = max(0, sent - answered - sum(kinds.values()))
+    if answered >= sent and not retried:
+        return ""
+    said = ", ".join(f"{n:,} {what}" for what, n in kinds.items() if n)
+    return f" ({answered:,} answered; {said}; {retried:,} sent again)"
 
 
 def _fmt(x) -> str:

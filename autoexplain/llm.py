@@ -47,6 +47,13 @@ class Completion:
     cached_tokens: int = 0  # of the prompt's, served from the provider's prefix cache (billed less)
 
 
+def shares(total: int, n: int) -> list[int]:
+    """`total` split into n whole parts that add up to it (the first ones a token larger): a prompt
+    read once for n samples is paid once, so each sample carries its share of it."""
+    whole, extra = divmod(int(total), max(1, n))
+    return [whole + (i < extra) for i in range(n)]
+
+
 @dataclass
 class PromptLogprobs:
     tokens: list[str]  # the prompt as the model tokenised it
@@ -125,6 +132,7 @@ class LLM(ABC):
     max_concurrency: int = 1
     concurrency_given: int = 1  # what max_concurrency was made with: a server's climbs back to it after timeouts
     caches_requests: bool = False
+    counts_attempts: bool = False  # it counts each request it sends itself (a server's, with retries)
     # What its outputs depend on beyond its name, for cache keys: a local model's weights
     # (`Subject.fingerprint`); '' for a server, known by its name only.
     fingerprint: str = ""
@@ -148,6 +156,8 @@ class LLM(ABC):
     def _record(self, sinks: list[Usage], prompt_tokens: int, completion_tokens: int, requests: int = 1,
                 cached_tokens: int = 0) -> None:
         COUNTS["llm_requests"] += requests
+        if not self.counts_attempts:
+            COUNTS["llm_sent"] += requests
         for u in sinks:
             u.add(prompt_tokens, completion_tokens, requests, cached_tokens)
         # a local model's tokens too, at $0: the run's line says what was spent, not only what was paid
@@ -206,21 +216,24 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-CONCURRENCY_ENV, RPM_ENV, TPM_ENV, RETRIES_ENV = ("AUTOEXPLAIN_LLM_CONCURRENCY", "AUTOEXPLAIN_LLM_RPM",
-                                                  "AUTOEXPLAIN_LLM_TPM", "AUTOEXPLAIN_LLM_RETRIES")
+CONCURRENCY_ENV, RPM_ENV, TPM_ENV, RETRIES_ENV, TIMEOUT_ENV = (
+    "AUTOEXPLAIN_LLM_CONCURRENCY", "AUTOEXPLAIN_LLM_RPM", "AUTOEXPLAIN_LLM_TPM", "AUTOEXPLAIN_LLM_RETRIES",
+    "AUTOEXPLAIN_LLM_TIMEOUT")
 DEFAULT_CONCURRENCY, OPENAI_CONCURRENCY = 64, 8  # a server you run; api.openai.com (rate-limited per key)
 
 
 def set_limits(concurrency: int | None = None, requests_per_minute: float | None = None,
-               tokens_per_minute: float | None = None, retries: int | None = None) -> None:
-    """The concurrency, request and token (prompt + completion) rates and retries per request of the
+               tokens_per_minute: float | None = None, retries: int | None = None,
+               timeout: float | None = None) -> None:
+    """The concurrency, request and token (prompt + completion) rates, retries and timeout (seconds
+    an attempt waits for its answer) per request of the
     server LLMs made from now on here and in the processes started (set in the environment: Dask workers
     and task processes see them). None: the default (64 in flight for a URL you give, 8 for
-    api.openai.com; no rate limits; 6 retries). None changes any result: none is part of a cache key."""
+    api.openai.com; no rate limits; 6 retries; 120 s). None changes any result: none is part of a cache key."""
     import os
 
     for name, value in ((CONCURRENCY_ENV, concurrency), (RPM_ENV, requests_per_minute),
-                        (TPM_ENV, tokens_per_minute), (RETRIES_ENV, retries)):
+                        (TPM_ENV, tokens_per_minute), (RETRIES_ENV, retries), (TIMEOUT_ENV, timeout)):
         if value is None:
             os.environ.pop(name, None)
         else:
@@ -228,16 +241,17 @@ def set_limits(concurrency: int | None = None, requests_per_minute: float | None
 
 
 def server_limits(url: str | None) -> dict:
-    """max_concurrency, requests_per_minute, tokens_per_minute and (when set) max_retries for a
+    """max_concurrency, requests_per_minute, tokens_per_minute and (when set) max_retries and timeout for a
     server LLM: set_limits's values or the defaults."""
     import os
     from urllib.parse import urlparse
 
     openai = (urlparse(url or OPENAI_URL).hostname or "").endswith("api.openai.com")
-    concurrency, rpm, tpm, retries = (os.environ.get(k) for k in (CONCURRENCY_ENV, RPM_ENV, TPM_ENV, RETRIES_ENV))
+    concurrency, rpm, tpm, retries, timeout = (os.environ.get(k) for k in (CONCURRENCY_ENV, RPM_ENV, TPM_ENV,
+                                                                           RETRIES_ENV, TIMEOUT_ENV))
     return {"max_concurrency": int(concurrency) if concurrency else (OPENAI_CONCURRENCY if openai else DEFAULT_CONCURRENCY),
             "requests_per_minute": float(rpm) if rpm else None, "tokens_per_minute": float(tpm) if tpm else None,
-            **({"max_retries": int(retries)} if retries else {})}
+            **({"max_retries": int(retries)} if retries else {}), **({"timeout": float(timeout)} if timeout else {})}
 
 
 def make_llm(spec: str | None = None, **kw) -> LLM:

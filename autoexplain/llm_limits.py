@@ -1,8 +1,10 @@
-"""Limits of the server LLMs: a token bucket, for requests per minute and for tokens per minute,
-and `Slots`, the number of requests in flight at once.
+"""Limits of the server LLMs: a token bucket that paces requests, a sliding `Window` that holds
+requests per minute and tokens per minute in every minute from the first request, and `Slots`, the
+number of requests in flight at once.
 
-`OpenAILLM` takes one token of its requests bucket and a request's estimated tokens from its tokens
-bucket before each attempt, and settles the tokens bucket with the server's count once answered;
+`OpenAILLM` takes one token of its requests bucket and one request of its requests window, and a
+request's estimated tokens from its tokens window, before each attempt, and settles the tokens
+window with the server's count once answered;
 it holds a slot for each attempt, takes one slot away when a request times out and gives one back
 when the answers say one more request would be answered in time (see `llm_openai`). The limits are
 set per process with `llm.set_limits`. Their waits end at a stop (`interrupt`), raising Interrupted.
@@ -12,14 +14,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 
 from autoexplain import interrupt
 
 
 class TokenBucket:
-    """A rate per minute with a burst: `acquire(n)` takes n (one request, or a request's estimated
-    tokens), waiting for the refill if needed; `settle(n)` takes n more, or gives -n back, once the
-    true count is known. `spent` is everything taken."""
+    """A rate per minute with a burst: `acquire(n)` takes n, waiting for the refill if needed. It
+    paces requests; the limits per minute are `Window`'s. `spent` is everything taken."""
 
     def __init__(self, per_minute: float, burst: float = 1):
         self.rate, self.capacity = per_minute / 60.0, float(max(1, burst))
@@ -32,7 +34,7 @@ class TokenBucket:
         now = time.monotonic()
         self._tokens = min(self.capacity, self._tokens + (now - self._t) * self.rate)
         self._t = now
-        self._tokens = min(self.capacity, self._tokens - amount)  # a refund never lifts it above the burst
+        self._tokens -= amount
         self.spent += amount
         return -self._tokens / self.rate if self._tokens < 0 else 0.0
 
@@ -42,9 +44,55 @@ class TokenBucket:
         if wait > 0:
             interrupt.sleep(wait)
 
-    def settle(self, amount: float) -> None:
+
+class Window:
+    """At most `limit` per `seconds` in any window of that length (half-open), from the first take:
+    `acquire(n)` reserves n at the earliest time the last `seconds` hold room for it, in arrival
+    order, and waits until then; `settle(entry, n)` makes that take n once the true count is known.
+    A token bucket that starts full lets a burst through and then a minute's refill: more than the
+    limit in the first minute, what a provider answers with 429s.
+    `spent` is everything taken."""
+
+    def __init__(self, limit: float, seconds: float = 60.0):
+        self.limit, self.seconds = float(limit), float(seconds)
+        self._entries: deque[list[float]] = deque()  # [time, amount], in time order; some in the future
+        self._sum = 0.0
+        self.spent = 0.0
+        self._lock = threading.Lock()
+
+    def _reserve(self, amount: float) -> tuple[list[float], float]:
+        now = time.monotonic()
+        while self._entries and self._entries[0][0] <= now - self.seconds:
+            self._sum -= self._entries.popleft()[1]
+        at = max(now, self._entries[-1][0]) if self._entries else now  # never ahead of an earlier taker
+        total = self._sum
+        for t, a in self._entries:  # oldest first: each one out of the window makes room
+            if t > at - self.seconds:
+                if total + amount <= self.limit:
+                    break
+                at = t + self.seconds
+            total -= a
+        entry = [at, amount]
+        self._entries.append(entry)
+        self._sum += amount
+        self.spent += amount
+        return entry, at - now
+
+    def acquire(self, amount: float = 1) -> list[float]:
+        """Take `amount` (at most the limit: a request larger than it goes alone in its window)."""
         with self._lock:
-            self._take(amount)  # owed by the next taker: it waits for the refill
+            entry, wait = self._reserve(min(float(amount), self.limit))
+        if wait > 0:
+            interrupt.sleep(wait)
+        return entry
+
+    def settle(self, entry: list[float], amount: float) -> None:
+        """What the take `entry` truly counted: `amount` replaces what it took."""
+        with self._lock:
+            change, entry[1] = amount - entry[1], amount
+            self.spent += change
+            if self._entries and entry[0] >= self._entries[0][0]:  # still in the books, not expired
+                self._sum += change
 
 
 class Slots:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from autoexplain.llm import LLM, ChatResult, Completion, PromptLogprobs
+from autoexplain.llm import LLM, ChatResult, Completion, PromptLogprobs, shares
 from autoexplain.local_batch import local_batch_size, prompt_width, sample_seed
 
 
@@ -154,9 +154,9 @@ class LocalLLM(LLM):
             rows, _ = self._generate([encoded[i] for i in batch], n, temperature, max_tokens, logits=False,
                                      seeds=[seeds[i] for i in batch], width=width)
             for k, i in enumerate(batch):
-                for row in rows[k * n: (k + 1) * n]:
+                for row, prompt_share in zip(rows[k * n: (k + 1) * n], shares(len(encoded[i]), n)):
                     text = _cut_at_stop(self.tok.decode(row, skip_special_tokens=True), stop)
-                    results[i].append(Completion(text, len(encoded[i]), len(row)))
+                    results[i].append(Completion(text, prompt_share, len(row)))
                 self._record(sinks, len(encoded[i]), sum(c.completion_tokens for c in results[i]))
         return results
 

@@ -7,11 +7,11 @@ choices, no logprobs), a response cache, token accounting per unit, and one clea
 missing key or an unreachable server (the sending: `llm_transport.Transport`). Server quirks it works
 around: `llm.py`'s docstring.
 
-Rate limits: `requests_per_minute` and `tokens_per_minute` are token buckets taken before each
-attempt. A request's tokens are not known before it is answered, so it takes an estimate (its text
-at about 4 characters a token, plus its max_tokens per sample) and settles the difference with the
-server's `usage` once answered; an attempt that fails keeps its estimate spent (the server may have
-counted it).
+Rate limits: `requests_per_minute` and `tokens_per_minute` are sliding one-minute windows
+(`llm_limits.Window`) taken before each attempt, the requests also paced by a token bucket. A
+request's tokens are not known before it is answered, so it takes an estimate (its text at about 4
+characters a token, plus its max_tokens per sample) and settles the difference with the server's
+`usage` once answered; an attempt that fails keeps its estimate spent (the server may have counted it).
 
 Response cache: `self.cache` (`llm_cache`, attached by the stage) answers what it has seen before.
 
@@ -42,8 +42,9 @@ from autoexplain.llm import (
     Completion,
     LLMError,
     PromptLogprobs,
+    shares,
 )
-from autoexplain.llm_limits import Slots, TokenBucket
+from autoexplain.llm_limits import Slots, TokenBucket, Window
 from autoexplain.llm_transport import Malformed, Transport
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class OpenAILLM(Transport, LLM):
     RETRYABLE = {408, 409, 425, 429}
     thread_safe = True  # stages may call it from many threads at once
     caches_requests = True
+    counts_attempts = True
 
     def __init__(self, model: str, base_url: str | None = None, *, api_key: str | None = None,
                  api_key_env: str = "OPENAI_API_KEY", max_concurrency: int = 8,
@@ -87,6 +89,7 @@ class OpenAILLM(Transport, LLM):
         self.api_key_env = api_key_env
         self.max_retries, self.backoff_base, self.backoff_cap = max_retries, backoff_base, backoff_cap
         self.requests_per_minute, self.tokens_per_minute = requests_per_minute, tokens_per_minute
+        self.timeout = float(timeout)
         import httpx
 
         slots = int(max_concurrency)
@@ -100,9 +103,12 @@ class OpenAILLM(Transport, LLM):
             "are answered in time again", "lowered" if now < was else "raised", was, now))
         # More threads than slots: a thread waiting out a backoff holds no slot, and others use it.
         self._pool = interrupt.Pool(min(1024, 2 * slots + 8), "llm")
+        # The bucket spreads requests over the minute after a burst of one round of slots; the windows
+        # hold the limits in every minute from the first request (a bucket that starts full lets a
+        # burst more through in the first minute: what a provider answers with 429s).
         self._bucket = TokenBucket(requests_per_minute, burst=max_concurrency) if requests_per_minute else None
-        # A minute's tokens at once at most: the window providers count their limits in.
-        self._tpm = TokenBucket(tokens_per_minute, burst=tokens_per_minute) if tokens_per_minute else None
+        self._rpm = Window(requests_per_minute) if requests_per_minute else None
+        self._tpm = Window(tokens_per_minute) if tokens_per_minute else None
         self.cache = None  # an llm_cache.ResponseCache, or None: every request is sent
         self._echo_seen = False  # learned: this server has returned prompt logprobs
         self._chat_logprobs_seen = False  # learned: this server has returned the chat logprobs asked for
@@ -152,12 +158,14 @@ class OpenAILLM(Transport, LLM):
                     model=self.name, prompt=prompt, n=want, temperature=temperature, max_tokens=max_tokens, **extra),
                     check=self._has_choices, estimate=estimate)
                 pt, ct, cached = self._tokens(r.usage)
-                self._settle(sum(estimate), pt + ct)
                 self._record(sinks, pt, ct, cached_tokens=cached)
                 if len(r.choices) < want:
                     self._n_ignored = True
-                share = round(ct / len(r.choices))
-                got += [Completion(c.text, pt, share, cached) for c in sorted(r.choices, key=lambda c: c.index)]
+                # One prompt is billed per request however many choices come back: each choice
+                # carries its share, so that a unit's samples add up to what the request cost.
+                choices = sorted(r.choices, key=lambda c: c.index)
+                got += [Completion(c.text, p, t, h) for c, p, t, h in
+                        zip(choices, shares(pt, len(choices)), shares(ct, len(choices)), shares(cached, len(choices)))]
             return got[:k]
 
         def samples(prompt: str, first: int, k: int) -> list[Completion]:
@@ -224,7 +232,6 @@ class OpenAILLM(Transport, LLM):
                 model=self.name, messages=messages, temperature=temperature, max_tokens=max_tokens, **extra),
                 check=check, estimate=estimate)
             pt, ct, cached = self._tokens(r.usage)
-            self._settle(sum(estimate), pt + ct)
             self._record(sinks, pt, ct, cached_tokens=cached)
             choice = r.choices[0]
             tops = None
@@ -270,7 +277,6 @@ class OpenAILLM(Transport, LLM):
                 model=self.name, prompt=prompt, echo=True, logprobs=top, max_tokens=1, temperature=0.0)),
                 estimate=estimate)
             pt, ct, cached = self._tokens(data.get("usage"))
-            self._settle(sum(estimate), pt + ct)
             self._record(sinks, pt, ct, cached_tokens=cached)
             choice = data["choices"][0]
             lp = choice["logprobs"]

@@ -4,17 +4,25 @@ answers, the request and token rate limits, the response cache, and the accounti
 against the usage trackers and the run's budget (`llm_openai.py`'s docstring says why each is so).
 
 `Transport` is a mixin: it reads what `OpenAILLM.__init__` sets up (the openai module and client,
-the slots, the pool, the buckets, the cache, the retry settings)."""
+the slots, the pool, the bucket and windows, the cache, the retry settings)."""
 
 from __future__ import annotations
 
 import random
+import re
 import time
 
 from autoexplain import interrupt
 from autoexplain.budget import ledger
+from autoexplain.counters import COUNTS
 from autoexplain.llm import LLMError
 from autoexplain.llm_cache import request_key
+
+
+# How servers word a prompt longer than their context: OpenAI and vLLM ("maximum context length"),
+# llama.cpp's own server ("exceeds the available context size"), OpenAI's code, Ollama and TGI.
+_TOO_LONG = re.compile(r"context.length|context.size|context_length_exceeded|n_ctx|too many tokens|"
+                       r"input.{0,20}(?:too long|exceeds)", re.I)
 
 
 class Malformed(Exception):
@@ -39,6 +47,10 @@ class Transport:
         if status == 404:
             return LLMError(f"{self.base_url} has no model '{self.name}' or no such endpoint (HTTP 404): {msg}",
                             f"check the model name (GET {self.base_url}/models lists them)", status, attempts)
+        if status == 400 and _TOO_LONG.search(msg):
+            return LLMError(f"the prompt is longer than the context of '{self.name}' at {self.base_url} (HTTP 400): {msg}",
+                            "start the server with a larger context (llama.cpp: --n_ctx 8192; vLLM: --max-model-len "
+                            "8192): the explainer's prompt alone is about 2,200 tokens", status, attempts)
         return LLMError(f"{self.base_url} rejected the request (HTTP {status}): {msg}",
                         "check the model and the request options", status, attempts)
 
@@ -57,7 +69,7 @@ class Transport:
         (`check(response)` raises Malformed for a 200 that is no usable answer). A concurrency slot is
         held for each attempt only, never during the backoff wait. `estimate`: the request's prompt and
         completion tokens as guessed before it is sent, held against the run's budget while it is in
-        flight (`budget`) and taken from the tokens-per-minute bucket before each attempt (`_settle`)."""
+        flight (`budget`) and taken from the tokens-per-minute window before each attempt (`_settle`)."""
         with ledger().hold(sum(estimate), self.dollars(*estimate)):
             return self._attempts(call, self.max_retries if retries is None else retries, check, sum(estimate))
 
@@ -68,12 +80,14 @@ class Transport:
             interrupt.check()  # a stopped run sends nothing more
             if self._bucket:
                 self._bucket.acquire()
-            if self._tpm:
-                self._tpm.acquire(tokens)
+            if self._rpm:
+                self._rpm.acquire()
+            taken = self._tpm.acquire(tokens) if self._tpm else None
             ticket = self._slots.take()
             try:
                 try:
                     sent = time.monotonic()
+                    COUNTS["llm_sent"] += 1
                     response = call()
                     took = time.monotonic() - sent
                 except openai.APITimeoutError:
@@ -84,25 +98,35 @@ class Transport:
                 if check is not None:
                     check(response)
                 self._slots.answered(ticket, took)
+                if taken is not None:
+                    self._settle(taken, response)
                 return response
             except openai.APIStatusError as e:
+                COUNTS["llm_429" if e.status_code == 429 else "llm_faults"] += 1
                 if e.status_code not in self.RETRYABLE and e.status_code < 500:
                     raise self._permanent(e, attempt) from None
                 last = e
             except openai.APIConnectionError as e:  # APITimeoutError included (the limit is lowered above)
+                COUNTS["llm_timeouts" if isinstance(e, openai.APITimeoutError) else "llm_faults"] += 1
                 last = e
             except (Malformed, openai.APIResponseValidationError, ValueError) as e:  # JSONDecodeError is a ValueError
+                COUNTS["llm_faults"] += 1
                 last = e if isinstance(e, Malformed) else Malformed(f"invalid response body ({type(e).__name__}: "
                                                                       f"{' '.join(str(e).split())[:120]})")
+            except LLMError:  # answered, but not with what was asked (no prompt logprobs): said at once
+                COUNTS["llm_faults"] += 1
+                raise
             if attempt > retries:
                 break
+            COUNTS["llm_retries"] += 1
             interrupt.sleep(self._backoff(attempt, last))
         if isinstance(last, Malformed):
             err = LLMError(f"{self.base_url} answered {attempt} times without a usable reply: {last}",
                            "check the server and the model", None, attempt)
         elif isinstance(last, openai.APITimeoutError):
-            err = LLMError(f"requests to {self.base_url} timed out {attempt} times",
-                           "the server is overloaded or the timeout too short", None, attempt)
+            err = LLMError(f"requests to {self.base_url} timed out {attempt} times (after {self.timeout:g} s each)",
+                           "raise --timeout SECONDS (flow parameter timeout) for a slow server, or lower --concurrency "
+                           "for an overloaded one", None, attempt)
         elif isinstance(last, openai.APIConnectionError):
             err = LLMError(f"cannot reach {self.base_url}", "is the server running? Start it, or fix the URL "
                            "after '@' in the LLM spec", None, attempt)
@@ -146,10 +170,12 @@ class Transport:
         details = getattr(usage, "prompt_tokens_details", None)
         return usage.prompt_tokens or 0, usage.completion_tokens or 0, getattr(details, "cached_tokens", None) or 0
 
-    def _settle(self, estimate: int, used: int) -> None:
+    def _settle(self, taken, response) -> None:
         """Replace a request's estimate by the tokens the server says it used (when it says)."""
-        if self._tpm and used > 0:
-            self._tpm.settle(used - estimate)
+        usage = response.get("usage") if isinstance(response, dict) else getattr(response, "usage", None)
+        used = sum(self._tokens(usage)[:2])
+        if used > 0:
+            self._tpm.settle(taken, used)
 
     def _key(self, endpoint: str, **request) -> str:
         return request_key(endpoint=endpoint, model=self.name, **request)

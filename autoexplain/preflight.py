@@ -120,13 +120,16 @@ def check_llm(spec: str, spell: Spelling, name: str, needs_echo: bool = False) -
 
 
 def check_limits(concurrency: int | None, rpm: float | None, spell: Spelling = flow_name,
-                 tpm: float | None = None, retries: int | None = None) -> None:
-    """The LLM concurrency (requests in flight), requests- and tokens-per-minute limits and retries
-    per request; None: the default."""
+                 tpm: float | None = None, retries: int | None = None, timeout: float | None = None) -> None:
+    """The LLM concurrency (requests in flight), requests- and tokens-per-minute limits, retries and
+    timeout (seconds) per request; None: the default."""
     if concurrency is not None:
         at_least(spell, "concurrency", concurrency, 1)
     if retries is not None:
         at_least(spell, "retries", retries, 0)
+    if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+        raise refuse(spell, "timeout", f"must be more than 0 seconds, got {timeout}",
+                    f"pass {spell('timeout').split()[-1]} SECONDS > 0, or leave it out for 120 s")
     for name, value, what in (("rpm", rpm, "requests"), ("tpm", tpm, "tokens")):
         if value is not None and not value > 0:
             raise refuse(spell, name, f"must be more than 0 {what} per minute, got {value}",
@@ -393,7 +396,7 @@ def explain_layer(p: dict, spell: Spelling = flow_name, layer_name: str = "layer
     if units == []:
         raise refuse(spell, "units", "selects no unit", "pass a range like 0-99")
     revisions = check_revisions(p.get("revisions"), units, spell, polarities=source.polarities)
-    check_limits(p.get("concurrency"), p.get("rpm"), spell, p.get("tpm"), p.get("retries"))
+    check_limits(p.get("concurrency"), p.get("rpm"), spell, p.get("tpm"), p.get("retries"), p.get("timeout"))
     check_dask(p.get("dask"), spell)
     check_explainer(p.get("explainer"), spell)
     check_simulator(p.get("simulator"), spell)

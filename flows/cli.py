@@ -19,7 +19,7 @@ import typer
 
 from autoexplain import defaults, preflight, run_lookup
 from autoexplain.cli import app
-from autoexplain.cli_common import (BUDGET, CACHE, CONCURRENCY, N_RANDOM, RETRIES, RPM, SCORERS, TEXT_FIELD, TOP_K, TPM,
+from autoexplain.cli_common import (BUDGET, CACHE, CONCURRENCY, N_RANDOM, RETRIES, RPM, SCORERS, TEXT_FIELD, TIMEOUT, TOP_K, TPM,
                                     WINDOW_LEN)
 from autoexplain.console import (
     budget_stopped,
@@ -72,6 +72,7 @@ def explain_layer_cmd(
     rpm: Optional[float] = RPM,
     tpm: Optional[float] = TPM,
     retries: Optional[int] = RETRIES,
+    timeout: Optional[float] = TIMEOUT,
     cache: bool = CACHE,
     budget: Optional[str] = BUDGET,
     out: str = OUT,
@@ -81,7 +82,7 @@ def explain_layer_cmd(
     """Record if needed, then explain, simulate and score a layer, as a Prefect flow (no server needed)."""
     params = dict(layer=layer, units=units, model=model, corpus=corpus, text_field=text_field, tokens=tokens, explainer=explainer,
                   simulator=simulator, scorers=scorers, k=k, shard_size=shard_size, n_boot=n_boot, window_len=window_len, top_k=top_k,
-                  n_random=n_random, out=out, results=results, concurrency=concurrency, rpm=rpm, tpm=tpm, retries=retries, cache=cache,
+                  n_random=n_random, out=out, results=results, concurrency=concurrency, rpm=rpm, tpm=tpm, retries=retries, timeout=timeout, cache=cache,
                   budget=budget, source=source, dask=dask)
     run_or_exit(lambda: _run_flow("explain_layer", params, lambda: preflight.explain_layer(params, preflight.cli_flag)))
 
@@ -109,6 +110,7 @@ def explain_model_cmd(
     rpm: Optional[float] = RPM,
     tpm: Optional[float] = TPM,
     retries: Optional[int] = RETRIES,
+    timeout: Optional[float] = TIMEOUT,
     cache: bool = CACHE,
     budget: Optional[str] = BUDGET,
     out: str = OUT,
@@ -121,7 +123,7 @@ def explain_model_cmd(
     params = dict(layers=layers, sources=sources, units=units, model=model, corpus=corpus, text_field=text_field, tokens=tokens,
                   explainer=explainer, simulator=simulator, scorers=scorers, k=k, shard_size=shard_size, n_boot=n_boot,
                   site=site, window_len=window_len, top_k=top_k, n_random=n_random, out=out, results=results,
-                  concurrency=concurrency, rpm=rpm, tpm=tpm, retries=retries, cache=cache, budget=budget, dask=dask)
+                  concurrency=concurrency, rpm=rpm, tpm=tpm, retries=retries, timeout=timeout, cache=cache, budget=budget, dask=dask)
     spell = lambda name: "--source" if name == "sources" else preflight.cli_flag(name)  # noqa: E731
     run_or_exit(lambda: _run_flow("explain_model", params, lambda: model_plan.explain_model(params, spell), spell=spell))
 
@@ -146,18 +148,19 @@ def rescore_cmd(
     rpm: Optional[float] = RPM,
     tpm: Optional[float] = TPM,
     retries: Optional[int] = RETRIES,
+    timeout: Optional[float] = TIMEOUT,
     cache: bool = CACHE,
     budget: Optional[str] = BUDGET,
     dask: Optional[str] = DASK,
 ):
     """Re-simulate and re-score the latest run of a layer (the nightly job), and compare with its previous scores."""
     params = dict(out=out, layer=layer, simulator=simulator, scorers=scorers, n_boot=n_boot, results=results,
-                  concurrency=concurrency, rpm=rpm, tpm=tpm, retries=retries, cache=cache, budget=budget, source=source,
+                  concurrency=concurrency, rpm=rpm, tpm=tpm, retries=retries, timeout=timeout, cache=cache, budget=budget, source=source,
                   dask=dask)
 
     def check():
         preflight.at_least(preflight.cli_flag, "n_boot", n_boot, 1)
-        preflight.check_limits(concurrency, rpm, preflight.cli_flag, tpm, retries)
+        preflight.check_limits(concurrency, rpm, preflight.cli_flag, tpm, retries, timeout)
         preflight.check_results(results, preflight.cli_flag)
         preflight.check_dask(dask, preflight.cli_flag)
         preflight.check_simulator(simulator, preflight.cli_flag)
@@ -180,6 +183,7 @@ def revise_cmd(
     rpm: Optional[float] = RPM,
     tpm: Optional[float] = TPM,
     retries: Optional[int] = RETRIES,
+    timeout: Optional[float] = TIMEOUT,
     cache: bool = CACHE,
     budget: Optional[str] = BUDGET,
     dask: Optional[str] = DASK,
@@ -195,11 +199,11 @@ def revise_cmd(
         if unit is not None:
             new[unit] = text
         params = dict(out=out, layer=layer, revisions=new, source=source, results=results, concurrency=concurrency,
-                      rpm=rpm, tpm=tpm, retries=retries, cache=cache, budget=budget, dask=dask)
+                      rpm=rpm, tpm=tpm, retries=retries, timeout=timeout, cache=cache, budget=budget, dask=dask)
         uses: dict = {}
 
         def check():
-            preflight.check_limits(concurrency, rpm, preflight.cli_flag, tpm, retries)
+            preflight.check_limits(concurrency, rpm, preflight.cli_flag, tpm, retries, timeout)
             preflight.check_results(results, preflight.cli_flag)
             preflight.check_dask(dask, preflight.cli_flag)
             planned = revise_plan.plan(out, layer, source, new, preflight.cli_flag, "file" if file else "unit", budget)
@@ -225,7 +229,7 @@ def _run_flow(name: str, params: dict, check, uses: dict | None = None, spell=pr
 
     flow = getattr(importlib.import_module("autoexplain.flows.explain_model" if name == "explain_model" else "autoexplain.flows.explain_layer"), name)
     # The warm-up makes the simulator, and a server simulator's LLM keeps the limits it was made with.
-    set_limits(*(params.get(k) for k in ("concurrency", "rpm", "tpm", "retries")))
+    set_limits(*(params.get(k) for k in ("concurrency", "rpm", "tpm", "retries", "timeout")))
     warm_up(uses.get("simulator"))
     bars, listener = stage_bars()
     remove = progress.listen(listener)

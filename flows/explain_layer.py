@@ -140,6 +140,7 @@ def explain_layer(
     rpm: float | None = None,
     tpm: float | None = None,
     retries: int | None = None,
+    timeout: float | None = None,
     cache: bool = True,
     budget: str | None = None,
     source: str = "mlp",
@@ -155,7 +156,7 @@ def explain_layer(
     `concurrency` (LLM requests in flight at once, across the units and shards of this process;
     default 64 for a server URL, 8 for api.openai.com), `rpm` (requests per minute), `tpm` (tokens
     per minute), `retries` (times a request is sent again after a timeout, a 429 or a 5xx; default
-    6), `cache` (keep every LLM answer under `out`/llm_cache and never pay twice, see
+    6), `timeout` (seconds a request waits for its answer; default 120), `cache` (keep every LLM answer under `out`/llm_cache and never pay twice, see
     `autoexplain.llm_cache`) and `budget` (the most this run may spend, '$5' or '2M tokens'; see
     `autoexplain.budget`) are no part of a cache key or of the run's recorded parameters, nor is
     `dask`: the address of a running dask scheduler ('tcp://HOST:8786') whose workers run the
@@ -165,12 +166,12 @@ def explain_layer(
                   simulator=simulator, scorers=scorers, k=k, shard_size=shard_size, n_boot=n_boot, revisions=revisions,
                   site=site, window_len=window_len, top_k=top_k, n_random=n_random, source=source)
     plan, failed = checked(lambda: preflight.explain_layer({**params, "out": out, "concurrency": concurrency,
-                                                             "rpm": rpm, "tpm": tpm, "retries": retries, "budget": budget,
+                                                             "rpm": rpm, "tpm": tpm, "retries": retries, "timeout": timeout, "budget": budget,
                                                              "results": results, "dask": dask}))
     if failed:
         return failed
     params["layer"] = plan.layer
-    set_limits(concurrency, rpm, tpm, retries)
+    set_limits(concurrency, rpm, tpm, retries, timeout)
     set_cache(cache)
     ledger = set_budget(plan.budget)
     result, failed = checked(lambda: scale_out(dask, lambda: _explain_layer(plan, out_path(out), results, params,
@@ -205,19 +206,19 @@ def _explain_layer(plan: preflight.LayerPlan, out: str, results: str | None, par
 def rescore(out: str = "out", layer: int | None = None, simulator: str = "embedding", scorers: str = DEFAULT_SCORER,
             n_boot: int = 1000,
             results: str | None = None, concurrency: int | None = None, rpm: float | None = None,
-            tpm: float | None = None, retries: int | None = None, cache: bool = True, budget: str | None = None,
+            tpm: float | None = None, retries: int | None = None, timeout: float | None = None, cache: bool = True, budget: str | None = None,
             source: str = "mlp", dask: str | None = None) -> dict:
     """Re-simulate and re-score the latest explain-layer run of `layer` under `out`, and compare.
     `source`: whose units, as given to explain-layer ('mlp', 'sae:PATH') or by the kind its pages
     show ('sae-res-16k'). `layer` defaults to the coder's own, or the one layer with a run of those
-    units, or 15 (`run_lookup.run_of`). `concurrency`, `rpm`, `tpm`, `retries`, `cache`, `budget` and
+    units, or 15 (`run_lookup.run_of`). `concurrency`, `rpm`, `tpm`, `retries`, `timeout`, `cache`, `budget` and
     `dask` as in explain_layer."""
     source = absolute_source(source)  # the hard negatives' tasks read the coder, maybe elsewhere
     limit = []
 
     def check():
         preflight.at_least(preflight.flow_name, "n_boot", n_boot, 1)
-        preflight.check_limits(concurrency, rpm, tpm=tpm, retries=retries)
+        preflight.check_limits(concurrency, rpm, tpm=tpm, retries=retries, timeout=timeout)
         preflight.check_results(results)
         preflight.check_dask(dask)
         if layer is not None:
@@ -233,7 +234,7 @@ def rescore(out: str = "out", layer: int | None = None, simulator: str = "embedd
     run, failed = checked(check)
     if failed:
         return failed
-    set_limits(concurrency, rpm, tpm, retries)
+    set_limits(concurrency, rpm, tpm, retries, timeout)
     set_cache(cache)
     ledger = set_budget(limit[0])
     kind, layer = run["records"].get("source", MLP.kind), run["params"]["layer"]
@@ -247,19 +248,19 @@ def rescore(out: str = "out", layer: int | None = None, simulator: str = "embedd
 @flow(name="revise", validate_parameters=True)
 def revise(out: str = "out", layer: int | None = None, revisions: dict[str, str] | None = None, source: str = "mlp",
            results: str | None = None, concurrency: int | None = None, rpm: float | None = None,
-           tpm: float | None = None, retries: int | None = None, cache: bool = True, budget: str | None = None,
+           tpm: float | None = None, retries: int | None = None, timeout: float | None = None, cache: bool = True, budget: str | None = None,
            dask: str | None = None) -> dict:
     """Replace some units' explanations in the latest run of `layer` under `out` by your own
     (`revisions`: 'UNIT[:POLARITY]' -> text), re-simulate and re-score the shards that hold them with
     the run's simulator and scorers, and compare (`autoexplain.revise_plan`). Nothing is recorded or
-    explained again. `source`, `concurrency`, `rpm`, `tpm`, `retries`, `cache`, `budget` and `dask` as
+    explained again. `source`, `concurrency`, `rpm`, `tpm`, `retries`, `timeout`, `cache`, `budget` and `dask` as
     in rescore."""
     from autoexplain import revise_plan
 
     source = absolute_source(source)
 
     def check():
-        preflight.check_limits(concurrency, rpm, tpm=tpm, retries=retries)
+        preflight.check_limits(concurrency, rpm, tpm=tpm, retries=retries, timeout=timeout)
         preflight.check_results(results)
         preflight.check_dask(dask)
         return revise_plan.plan(out, layer, source, revisions, budget=budget)
@@ -267,7 +268,7 @@ def revise(out: str = "out", layer: int | None = None, revisions: dict[str, str]
     plan, failed = checked(check)
     if failed:
         return failed
-    set_limits(concurrency, rpm, tpm, retries)
+    set_limits(concurrency, rpm, tpm, retries, timeout)
     set_cache(cache)
     ledger = set_budget(plan.budget)
     run, kind, layer = plan.run, plan.run["records"].get("source", MLP.kind), plan.run["params"]["layer"]

@@ -53,6 +53,7 @@ def explain_model(
     rpm: float | None = None,
     tpm: float | None = None,
     retries: int | None = None,
+    timeout: float | None = None,
     cache: bool = True,
     budget: str | None = None,
     dask: str | None = None,
@@ -66,11 +67,11 @@ def explain_model(
                   explainer=explainer, simulator=simulator, scorers=scorers, k=k, shard_size=shard_size,
                   n_boot=n_boot, site=site, window_len=window_len, top_k=top_k, n_random=n_random)
     plan, failed = checked(lambda: model_plan.explain_model({**params, "out": out, "concurrency": concurrency,
-                                                             "rpm": rpm, "tpm": tpm, "retries": retries, "budget": budget,
+                                                             "rpm": rpm, "tpm": tpm, "retries": retries, "timeout": timeout, "budget": budget,
                                                              "results": results, "dask": dask}))
     if failed:
         return failed
-    set_limits(concurrency, rpm, tpm, retries)
+    set_limits(concurrency, rpm, tpm, retries, timeout)
     set_cache(cache)
     ledger = set_budget(plan.budget)
     result, failed = checked(lambda: scale_out(dask, lambda: _explain_model(plan, out_path(out), results, params)), ledger)

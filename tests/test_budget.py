@@ -140,7 +140,9 @@ def test_a_stopped_run_resumes_and_pays_for_nothing_twice(fault_server, bench_se
     stopped = run("budget", "--budget", "2k tokens")
     assert stopped.returncode == 3, stopped.stderr[-3000:]
     line = [ln for ln in stopped.stderr.splitlines() if ln.startswith("stopped:")]
-    assert line and "the budget of 2,000 tokens is reached" in line[0] and "this run spent $" in line[0], stopped.stderr
+    # "bench" has no price: what it cost is unknown, never $0.
+    assert line and "the budget of 2,000 tokens is reached" in line[0] and "this run spent an unknown amount" in line[0], \
+        stopped.stderr
     first = len(srv.requests) - paid
     assert 0 < first < paid, "some requests paid for, not all"
     assert not list((tmp_path / "budget").glob("scores/*/*.parquet")), "no scores sealed for an unfinished layer"

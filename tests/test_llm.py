@@ -168,6 +168,7 @@ def test_local_generation_gives_n_samples_per_prompt(tiny_llm):
     assert all(0 <= c.completion_tokens <= 5 for s in out for c in s)
     assert usage.requests == 3
     assert usage.prompt_tokens == sum(len(tiny_llm.tok(p)["input_ids"]) for p in prompts)
+    assert sum(c.prompt_tokens for s in out for c in s) == usage.prompt_tokens, "each prompt read once for its 3 samples"
     assert len({c.text for s in out for c in s}) > 3, "sampling gives different continuations"
 
 
@@ -344,3 +345,19 @@ def test_spec_grammar():
         make_llm("anthropic:claude")
     with pytest.raises(UserError, match="names no model"):
         make_llm("openai:")
+
+
+@pytest.mark.slow
+def test_a_prompt_longer_than_the_servers_context_says_so_and_how_to_fix_it(llama_server):
+    """llama.cpp's server at its default context (2,048 tokens) and a prompt of about 3,000: the one
+    line names the context and the server option that widens it, not 'check the request options'."""
+    llm = OpenAILLM(llama_server.model, llama_server.base_url, max_retries=0)
+    try:
+        with pytest.raises(LLMError) as caught:
+            llm.complete(["one two three " * 1000], max_tokens=60)
+    finally:
+        llm.close()
+    line = str(caught.value)
+    assert line.startswith(f"the prompt is longer than the context of 'smollm2' at {llama_server.base_url} (HTTP 400)")
+    assert "start the server with a larger context (llama.cpp: --n_ctx 8192" in line and "\n" not in line
+    assert caught.value.status == 400 and not caught.value.transient, "the run ends: every unit's prompt is as long"

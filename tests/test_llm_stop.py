@@ -127,10 +127,16 @@ def test_a_signal_stops_a_stage_whose_requests_hang_and_a_rerun_reuses_the_answe
         srv.wait_for(lambda: srv.answered == 3 and srv.inflight >= 8)
         eventually(lambda: cached(out) == 3)  # the answers are kept before the signal is sent
         replied = [r["json"]["prompt"] for r in srv.replied]
-        stopped(proc, signum)
+        err = stopped(proc, signum)
     finally:
         end(proc)
     assert sealed(out, "simulations") == [] and cached(out) == 3
+    # What the stopped run sent and paid is said before its interrupted line, as on every other end.
+    # (Connections the loopback server's listen queue turned away may show as other faults.)
+    lines = [line for line in err.splitlines() if line.strip()]
+    said = re.fullmatch(r"LLM: ([\d,]+) requests sent \(3 answered; (?:[\d,]+ other faults, )?([\d,]+) in flight at the "
+                        r"stop; [\d,]+ sent again\), 0 answers from the cache; this run spent .*", " ".join(lines[-2].split()))
+    assert said and int(said[1]) >= 3 + int(said[2]) >= 3 + 8, err[-3000:]
     srv.hold = False
     srv.release(1_000_000)  # what the stopped command left held is let go too
     srv.wait_for(lambda: srv.inflight == 0)
@@ -144,8 +150,12 @@ def test_a_signal_stops_a_stage_whose_requests_hang_and_a_rerun_reuses_the_answe
     assert len(sealed(out, "simulations")) == 1
     asked = [r["json"]["prompt"] for r in srv.requests[asked_before:]]
     assert asked and not set(asked) & set(replied), "the answers received before the signal are not asked again"
-    sent, from_cache = map(int, re.search(r"LLM: ([\d,]+) requests sent, ([\d,]+) answers from the cache", err).groups())
-    assert sent == len(asked) and from_cache >= 3
+    # Sent counts every attempt, answered what the server answered (a connection the loopback server's
+    # listen queue turned away is sent again, and the server never sees it).
+    from tests.test_llm_costs import answered
+
+    from_cache = int(re.search(r"([\d,]+) answers from the cache", err)[1])
+    assert answered(err) == len(asked) and from_cache >= 3
 
 
 def cached(out: Path) -> int:
