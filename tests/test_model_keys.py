@@ -108,5 +108,5 @@ def test_records_keyed_by_folder_name_before_still_find_their_model_for_negative
     data["inputs"]["subject"] = f"alpha:{data['inputs']['subject']}"
     manifest.write_text(json.dumps(data))
     assert (Path(run_negatives(records.directory, 1, tmp_path, alpha, [(0, 1)])) / "manifest.json").is_file()
-    with pytest.raises(UserError, match="not the one these records were made with"):
+    with pytest.raises(UserError, match=r"is not the one .* was recorded with \(changed since, or another\)"):
         run_negatives(records.directory, 1, tmp_path / "again", other, [(0, 1)])
