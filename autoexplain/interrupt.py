@@ -53,6 +53,7 @@ _WATCHED: weakref.WeakSet = weakref.WeakSet()
 _LOCK = threading.Lock()
 _INSTALLED: list[bool] = []
 _FORGIVE = threading.Event()  # set by `reset`: no forced end of a process that goes on
+_SILENCED: list[Callable[[], None]] = []  # what gives back the logging a stop silenced
 
 
 class Interrupted(KeyboardInterrupt):
@@ -118,6 +119,7 @@ def reset() -> None:
         _RAISED.clear()
         _FORGIVE.set()
         _FORGIVE = threading.Event()
+    _loud()
 
 
 def _handler(signum, frame) -> None:
@@ -146,7 +148,8 @@ def _watch(fd: int, forced: Callable[[int], None]) -> None:
     forgive = _FORGIVE
     stop(stopped[0])
     _quiet()
-    if forgive.wait(GRACE):  # `reset`: the process goes on
+    if forgive.wait(GRACE):  # `reset`: the process goes on, and so does its logging
+        _loud()
         os.close(fd)
         return
     forced(signum())
@@ -160,11 +163,30 @@ def _watch(fd: int, forced: Callable[[int], None]) -> None:
 def _quiet() -> None:
     """No more log records: a stopped run says so in one line, not with the logs of its unwinding
     (Prefect logs a crash with its traceback, its internal loggers ignore `logging.disable`, and
-    when Ctrl-C also stopped its temporary server, every call to it that fails)."""
+    when Ctrl-C also stopped its temporary server, every call to it that fails).
+    `_loud` gives it back, for a process that goes on (`reset`)."""
+    level = logging.root.manager.disable
     logging.disable(logging.CRITICAL)
-    for logger in [logging.getLogger(), *list(logging.Logger.manager.loggerDict.values())]:
-        if isinstance(logger, logging.Logger):
-            logger.disabled = True
+    silenced = [logger for logger in [logging.getLogger(), *list(logging.Logger.manager.loggerDict.values())]
+                if isinstance(logger, logging.Logger) and not logger.disabled]
+    for logger in silenced:
+        logger.disabled = True
+
+    def loud() -> None:
+        logging.disable(level)
+        for logger in silenced:
+            logger.disabled = False
+
+    with _LOCK:
+        _SILENCED.append(loud)
+
+
+def _loud() -> None:
+    with _LOCK:
+        undo = list(reversed(_SILENCED))
+        _SILENCED.clear()
+    for loud in undo:
+        loud()
 
 
 @contextmanager

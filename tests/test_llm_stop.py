@@ -10,6 +10,7 @@ mend such a process did not end at all), not a speed target."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -278,6 +279,28 @@ def test_a_command_inside_a_users_process_gives_the_signal_handlers_back():
         for s, handler in before.items():
             signal.signal(s, handler)
         signal.set_wakeup_fd(wakeup)
+
+
+def test_a_process_that_goes_on_after_a_stop_logs_again():
+    """A stop silences logging (the run ends in one line); `reset` (the process goes on, as a user's
+    notebook or the test suite does) gives it back: a stop in one test silenced every later test's
+    Prefect run log."""
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger("prefect.task_runs")
+    logger.addHandler(handler)
+    try:
+        with pytest.raises(interrupt.Interrupted), interrupt.signals(lambda signum: None):
+            os.kill(os.getpid(), signal.SIGINT)
+            interrupt.sleep(LIVENESS_S)
+        eventually(lambda: logger.disabled, within_s=LIVENESS_S)  # the watcher silenced it
+        logger.error("while stopped")
+        interrupt.reset()
+        logger.error("after the reset")
+        assert seen == ["after the reset"]
+    finally:
+        logger.removeHandler(handler)
 
 
 # -- in process: what a stop does to an LLM's calls ------------------------------------------------
