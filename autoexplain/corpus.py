@@ -25,8 +25,6 @@ TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 HEAD_BYTES = 1 << 16  # what `check_head` reads of a text file at a time
 
 
-
-
 @dataclass
 class Document:
     doc_id: int
