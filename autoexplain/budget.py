@@ -1,6 +1,7 @@
 """A spending limit for one run: `--budget '$5'` or `--budget '2M tokens'` (flow parameter `budget`).
 
-The ledger is per process, like the concurrency limits (`llm.set_limits`): every LLM answer that was
+The ledger is per process, like the concurrency limits (`llm.set_limits`), so a run on dask workers
+cannot keep one and is refused a budget (`preflight.check_dask`). Every LLM answer that was
 paid for is charged to it (`LLM._record`), answers read from the response cache cost nothing. A
 server request first reserves its estimate (prompt at about 4 characters a token, plus max_tokens
 per sample) and is refused when what is spent, plus what is in flight, plus its estimate would pass
@@ -100,6 +101,13 @@ class Ledger:
                 self.unpriced += 1
             else:
                 self.dollars += dollars
+
+    def absorb(self, tokens: int, dollars: float, unpriced: int) -> None:
+        """What other processes of the run spent (dask workers, `run_settings.collect`), for its line."""
+        with self._lock:
+            self.tokens += tokens
+            self.dollars += dollars
+            self.unpriced += unpriced
 
     def _refuse(self) -> BudgetReached:
         self.stopped = True

@@ -219,6 +219,7 @@ def __getattr__(name: str):
 CONCURRENCY_ENV, RPM_ENV, TPM_ENV, RETRIES_ENV, TIMEOUT_ENV = (
     "AUTOEXPLAIN_LLM_CONCURRENCY", "AUTOEXPLAIN_LLM_RPM", "AUTOEXPLAIN_LLM_TPM", "AUTOEXPLAIN_LLM_RETRIES",
     "AUTOEXPLAIN_LLM_TIMEOUT")
+LIMIT_ENVS = (CONCURRENCY_ENV, RPM_ENV, TPM_ENV, RETRIES_ENV, TIMEOUT_ENV)
 DEFAULT_CONCURRENCY, OPENAI_CONCURRENCY = 64, 8  # a server you run; api.openai.com (rate-limited per key)
 
 
@@ -226,18 +227,24 @@ def set_limits(concurrency: int | None = None, requests_per_minute: float | None
                tokens_per_minute: float | None = None, retries: int | None = None,
                timeout: float | None = None) -> None:
     """The concurrency, request and token (prompt + completion) rates, retries and timeout (seconds
-    an attempt waits for its answer) per request of the
-    server LLMs made from now on here and in the processes started (set in the environment: Dask workers
-    and task processes see them). None: the default (64 in flight for a URL you give, 8 for
+    an attempt waits for its answer) per request of the server LLMs made from now on here and in the
+    processes started (set in the environment, which task processes inherit; dask workers, started
+    before the run, get them from it: `run_settings`). None: the default (64 in flight for a URL you give, 8 for
     api.openai.com; no rate limits; 6 retries; 120 s). None changes any result: none is part of a cache key."""
     import os
 
-    for name, value in ((CONCURRENCY_ENV, concurrency), (RPM_ENV, requests_per_minute),
-                        (TPM_ENV, tokens_per_minute), (RETRIES_ENV, retries), (TIMEOUT_ENV, timeout)):
+    for name, value in zip(LIMIT_ENVS, (concurrency, requests_per_minute, tokens_per_minute, retries, timeout)):
         if value is None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = str(value)
+
+
+def limits_now() -> tuple[str | None, ...]:
+    """The limits set now (`set_limits`), as one value: what a server LLM made now is made with."""
+    import os
+
+    return tuple(os.environ.get(name) for name in LIMIT_ENVS)
 
 
 def server_limits(url: str | None) -> dict:
@@ -247,8 +254,7 @@ def server_limits(url: str | None) -> dict:
     from urllib.parse import urlparse
 
     openai = (urlparse(url or OPENAI_URL).hostname or "").endswith("api.openai.com")
-    concurrency, rpm, tpm, retries, timeout = (os.environ.get(k) for k in (CONCURRENCY_ENV, RPM_ENV, TPM_ENV,
-                                                                           RETRIES_ENV, TIMEOUT_ENV))
+    concurrency, rpm, tpm, retries, timeout = limits_now()
     return {"max_concurrency": int(concurrency) if concurrency else (OPENAI_CONCURRENCY if openai else DEFAULT_CONCURRENCY),
             "requests_per_minute": float(rpm) if rpm else None, "tokens_per_minute": float(tpm) if tpm else None,
             **({"max_retries": int(retries)} if retries else {}), **({"timeout": float(timeout)} if timeout else {})}

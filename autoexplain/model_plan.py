@@ -83,7 +83,7 @@ def explain_model(p: dict, spell: preflight.Spelling = preflight.flow_name) -> M
     shape = preflight.model_shape(p.get("model", "smollm2"), spell)
     asked = None if p.get("layers") in (None, "all") else parse_layers(p["layers"], shape.n_layers, spell)
     sources = [one for spec in sources for one in coder_folders(spec, asked, spell)]
-    preflight.check_dask(p.get("dask"), spell)  # once, not once per source
+    preflight.check_dask(p.get("dask"), spell, budget=p.get("budget"))  # once, not once per source
     common = {k: v for k, v in p.items() if k not in ("layers", "sources", "revisions", "dask")}
     groups: list[tuple[str, list[preflight.LayerPlan]]] = []
     for spec in sources:

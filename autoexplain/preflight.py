@@ -136,8 +136,16 @@ def check_limits(concurrency: int | None, rpm: float | None, spell: Spelling = f
                         f"pass {spell(name).split()[-1]} > 0, or leave it out for no limit")
 
 
-def check_dask(address: str | None, spell: Spelling = flow_name, name: str = "dask") -> None:
-    """The dask scheduler that runs the tasks (None: threads in the flow's process): one connection."""
+def check_dask(address: str | None, spell: Spelling = flow_name, name: str = "dask", budget: str | None = None) -> None:
+    """The dask scheduler that runs the tasks (None: threads in the flow's process): one connection.
+    Not with a `budget`: a budget is kept by each process that asks the LLMs (`autoexplain.budget`),
+    and every dask worker process would keep its own, so the run could spend it once per worker."""
+    if address and budget is not None and str(budget).strip():
+        raise refuse(spell, "budget", f"cannot be kept on dask workers (each worker process would keep a budget "
+                     f"of its own, so the run could spend {budget} once per worker)",
+                     f"leave {spell('budget').split()[-1]} out to run on dask ({spell('rpm').split()[-1]} and "
+                     f"{spell('tpm').split()[-1]} still pace each worker), or leave {spell(name).split()[-1]} out "
+                     "to keep the budget")
     if address:
         try:
             probe_scheduler(address)
@@ -397,7 +405,7 @@ def explain_layer(p: dict, spell: Spelling = flow_name, layer_name: str = "layer
         raise refuse(spell, "units", "selects no unit", "pass a range like 0-99")
     revisions = check_revisions(p.get("revisions"), units, spell, polarities=source.polarities)
     check_limits(p.get("concurrency"), p.get("rpm"), spell, p.get("tpm"), p.get("retries"), p.get("timeout"))
-    check_dask(p.get("dask"), spell)
+    check_dask(p.get("dask"), spell, budget=p.get("budget"))
     check_explainer(p.get("explainer"), spell)
     check_simulator(p.get("simulator"), spell)
     check_scorers(p.get("scorers"), spell)

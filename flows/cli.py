@@ -162,7 +162,7 @@ def rescore_cmd(
         preflight.at_least(preflight.cli_flag, "n_boot", n_boot, 1)
         preflight.check_limits(concurrency, rpm, preflight.cli_flag, tpm, retries, timeout)
         preflight.check_results(results, preflight.cli_flag)
-        preflight.check_dask(dask, preflight.cli_flag)
+        preflight.check_dask(dask, preflight.cli_flag, budget=budget)
         preflight.check_simulator(simulator, preflight.cli_flag)
         preflight.check_scorers(scorers, preflight.cli_flag)
         preflight.check_budget(budget, preflight.cli_flag, simulator=simulator, scorers=scorers)
@@ -205,7 +205,7 @@ def revise_cmd(
         def check():
             preflight.check_limits(concurrency, rpm, preflight.cli_flag, tpm, retries, timeout)
             preflight.check_results(results, preflight.cli_flag)
-            preflight.check_dask(dask, preflight.cli_flag)
+            preflight.check_dask(dask, preflight.cli_flag, budget=budget)
             planned = revise_plan.plan(out, layer, source, new, preflight.cli_flag, "file" if file else "unit", budget)
             uses.update(simulator=planned.simulator, scorers=planned.scorers)  # the run's: params name none
 

@@ -220,7 +220,7 @@ def rescore(out: str = "out", layer: int | None = None, simulator: str = "embedd
         preflight.at_least(preflight.flow_name, "n_boot", n_boot, 1)
         preflight.check_limits(concurrency, rpm, tpm=tpm, retries=retries, timeout=timeout)
         preflight.check_results(results)
-        preflight.check_dask(dask)
+        preflight.check_dask(dask, budget=budget)
         if layer is not None:
             preflight.at_least(preflight.flow_name, "layer", layer, 0)
         preflight.check_simulator(simulator)
@@ -262,7 +262,7 @@ def revise(out: str = "out", layer: int | None = None, revisions: dict[str, str]
     def check():
         preflight.check_limits(concurrency, rpm, tpm=tpm, retries=retries, timeout=timeout)
         preflight.check_results(results)
-        preflight.check_dask(dask)
+        preflight.check_dask(dask, budget=budget)
         return revise_plan.plan(out, layer, source, revisions, budget=budget)
 
     plan, failed = checked(check)

@@ -92,6 +92,7 @@ def scale_out(dask: str | None, work: Callable[[], T]) -> T:
                                     PREFECT_API_URL.value())
             except UserError as e:
                 raise for_parameter(flow_name, "dask", e) from None
+            _hand_settings(runner.client, stack)
             stack.enter_context(run.model_copy(update={"task_runner": runner}))
         try:
             return work()
@@ -99,6 +100,17 @@ def scale_out(dask: str | None, work: Callable[[], T]) -> T:
             if stopped:  # the run's futures were cancelled for this: say why, not what the cancelling broke
                 raise stopped[0] from None
             raise
+
+
+def _hand_settings(client, stack: ExitStack) -> None:
+    """The run's LLM settings (limits, timeout, response cache) in every worker process, present and
+    joining, while the run lasts; at its end, what the workers' LLMs were asked joins this process's
+    counts, which the run's `LLM:` line reads (`autoexplain.run_settings`)."""
+    from autoexplain import run_settings
+
+    client.register_plugin(run_settings.WorkerSettings(run_settings.current()))
+    stack.callback(run_settings.give_back, client)  # after the counts are read (callbacks run last first)
+    stack.callback(run_settings.collect, client)
 
 
 def _watch_joiners(client, api_url: str, stopped: list[UserError]) -> Callable[[], None]:

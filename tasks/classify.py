@@ -16,15 +16,21 @@ from prefect.artifacts import create_markdown_artifact
 
 from autoexplain import classify_stage, registry
 from autoexplain.layer import StageRef
+from autoexplain.llm import limits_now
 from autoexplain.storage import local_ref, open_root
 from autoexplain.tasks.caching import RETRY, cache_key
 from autoexplain.tasks.stages import one_at_a_time, one_line_failures, ref, stage_progress
 
 
-@lru_cache(maxsize=8)
 def scorer_for(spec: str):
     """One scorer (and LLM) per spec and process: its server's concurrency limit is shared by the
-    shards, and a local model is loaded once."""
+    shards, and a local model is loaded once. A server's is made again when the limits change
+    (`llm.set_limits`: a later run in this process, or on this dask worker)."""
+    return _scorer(spec, limits_now() if registry.uses_server(scorers=spec) else None)
+
+
+@lru_cache(maxsize=8)
+def _scorer(spec: str, limits) -> object:
     return registry.make_scorer(spec)
 
 

@@ -38,6 +38,7 @@ from autoexplain import progress as progress_mod
 from autoexplain import registry, remote
 from autoexplain.counters import COUNTS
 from autoexplain.errors import UserError
+from autoexplain.llm import limits_now
 from autoexplain.pipeline import ExplainConfig
 from autoexplain.registry import explainer_prompt, simulator_identity
 from autoexplain.record import RecordConfig, build_windows, corpus_identity, record_sources
@@ -137,13 +138,16 @@ def _models_lock() -> threading.RLock:
     return _MODELS
 
 
-def _load_once(fn):
-    cached = lru_cache(maxsize=4)(fn)
+def _load_once(fn, limited=None):
+    """fn(spec), made once per process. `limited(spec)`: what it makes asks a server LLM, whose
+    limits are fixed when it is made (`llm.set_limits`): made again when they change (a later run in
+    a notebook, or on a dask worker, `run_settings`), and only then."""
+    cached = lru_cache(maxsize=4)(lambda spec, limits: fn(spec))
 
     @functools.wraps(fn)  # the same name, so that dask workers unpickle it by reference
     def load(spec: str):
         with _MODELS:
-            return cached(spec)
+            return cached(spec, limits_now() if limited is not None and limited(spec) else None)
 
     load.cache_info, load.cache_clear = cached.cache_info, cached.cache_clear
     return load
@@ -184,12 +188,12 @@ class _Serialised:
         return locked
 
 
-@_load_once
+@functools.partial(_load_once, limited=lambda spec: registry.uses_server(explainer=spec))
 def llm_for(spec: str):
     return _Serialised(registry.make_explainer(spec))
 
 
-@_load_once
+@functools.partial(_load_once, limited=lambda identity: registry.uses_server(simulator=identity.split("|", 1)[0]))
 def simulator_for(identity: str):
     # Keyed by the identity, prompt hash included: a process that outlives a prompt edit (a worker,
     # a notebook) must not keep simulating with the prompt it read first.

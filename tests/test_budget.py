@@ -116,6 +116,23 @@ def test_bad_budgets_are_one_line_before_any_work(home, fault_server, tiny_llama
     assert server.requests == [] and not out.exists(), "nothing sent, nothing written"
 
 
+def test_a_budget_is_refused_on_dask_before_any_work(home, prefect_results, tiny_llama_dir, prose_corpus, tmp_path):
+    """Each dask worker process would keep a budget of its own (`autoexplain.budget`), so a run could
+    spend it once per worker: refused first, naming the parameter (no scheduler is needed to say so)."""
+    from autoexplain.flows.explain_layer import rescore
+
+    out = tmp_path / "out"
+    for command in ("explain-layer", "explain-model"):
+        line = _one_error_line(cli(home, command, "--model", tiny_llama_dir, "--corpus", str(prose_corpus),
+                                   "--out", str(out), "--budget", "2M tokens", "--dask", "tcp://127.0.0.1:9"))
+        assert line.startswith("error: --budget: cannot be kept on dask workers"), line
+        assert "--rpm and --tpm still pace each worker" in line and "leave --dask out" in line, line
+    assert not out.exists()
+    state = rescore(out=str(out), budget="$1", dask="tcp://127.0.0.1:9", return_state=True)
+    assert state.is_failed() and state.message.startswith("parameter budget: cannot be kept on dask workers"), state.message
+    assert "leave budget out to run on dask (rpm and tpm" in state.message
+
+
 @pytest.mark.slow
 def test_a_stopped_run_resumes_and_pays_for_nothing_twice(fault_server, bench_server, tiny_llama_dir, prose_corpus,
                                                           tmp_path):

@@ -249,3 +249,34 @@ def test_which_workers_count_as_elsewhere():
     for api in ("http://127.0.0.1:4200/api", "http://localhost:4200/api"):
         with pytest.raises(UserError, match=r"workers at 192\.0\.2\.10, 198\.51\.100\.7 run on other machines"):
             check_workers_reach([*here, "198.51.100.7", "192.0.2.10"], api)
+
+
+def test_a_run_on_dask_hands_its_llm_settings_to_the_workers_and_counts_their_requests(
+        prefect_isolated, cluster, tiny_llama_dir, prose_corpus, tmp_path):
+    """The workers were started before the run, so they never saw its environment: the run's LLM
+    settings reach them all the same (here `retries=0`: the one 500 fails its unit, where the
+    default would have sent it again), the workers' requests are in this process's counts (the
+    `LLM:` line), and the workers get their own settings back at the end."""
+    from bench.llm_server import BenchServer
+    from tests.llama_server import FaultServer
+
+    from autoexplain.counters import COUNTS, since
+    from autoexplain.flows.explain_layer import explain_layer
+    from autoexplain.llm import RETRIES_ENV
+
+    c, client = cluster
+    upstream = BenchServer(latency=0.0)
+    srv = FaultServer(fail_with=[500], upstream=upstream.base_url)
+    try:
+        before = dict(COUNTS)
+        params = {**_params(tiny_llama_dir, prose_corpus, tmp_path / "out"), "units": "0-3", "k": 1, "site": "none",
+                  "explainer": f"openai:bench@{srv.base_url}"}
+        state = explain_layer(**params, retries=0, dask=c.scheduler_address, return_state=True)
+        counted = since(before)
+    finally:
+        srv.stop()
+        upstream.stop()
+    assert state.name == "Incomplete" and state.result()["unanswered"] >= 1, (state.name, state.message)
+    assert srv.requests and counted.get("llm_sent") == len(srv.requests), (counted, len(srv.requests))
+    assert counted.get("llm_requests") == len(srv.requests) - 1 and not counted.get("llm_retries")
+    assert set(client.run(lambda: os.environ.get(RETRIES_ENV)).values()) == {None}, "the workers' own settings are back"

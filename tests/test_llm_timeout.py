@@ -63,3 +63,25 @@ def test_the_runs_timeout_reaches_its_server_llms_and_their_line_names_it(fault_
     assert "raise --timeout SECONDS (flow parameter timeout)" in line and "\n" not in line
     assert len(srv.requests) == 1
     assert make_llm(f"openai:m@{srv.base_url}").timeout == 120.0, "set_limits() gives the default back"
+
+
+def test_a_later_run_in_the_same_process_gets_its_own_limits(fault_server):  # noqa: F811
+    """The tasks keep one LLM per spec and process (a server's concurrency is shared by the shards),
+    made with the limits of when it was made: a later run in the same process (a notebook, a dask
+    worker) with other limits gets an LLM with those. Limits alone: the same limits reuse it."""
+    from autoexplain.tasks.classify import scorer_for
+    from autoexplain.tasks.stages import llm_for, simulator_for
+
+    srv = fault_server()
+    spec = f"openai:m@{srv.base_url}"
+    try:
+        set_limits(concurrency=2, timeout=5)
+        first, sim, scorer = llm_for(spec), simulator_for(f"all-at-once:{spec}|x"), scorer_for(f"detection:{spec}")
+        assert llm_for(spec) is first and (first.llm.max_concurrency, first.llm.timeout) == (2, 5)
+        assert (sim.llm.timeout, scorer.llm.timeout) == (5, 5)
+        set_limits(concurrency=3, timeout=7)
+        again = llm_for(spec)
+        assert again is not first and (again.llm.max_concurrency, again.llm.timeout) == (3, 7)
+        assert simulator_for(f"all-at-once:{spec}|x").llm.timeout == scorer_for(f"detection:{spec}").llm.timeout == 7
+    finally:
+        set_limits()

@@ -1,0 +1,97 @@
+"""The LLM settings a run keeps in its process's environment, and handing them to dask workers.
+
+`llm.set_limits` (concurrency, rates, retries, timeout) and `llm_cache.set_cache` set environment
+variables: the server LLMs made from then on read them, and so do the processes the run starts. A
+dask worker process was started before the run, by someone else: it never sees them. `WorkerSettings`
+is a dask worker plugin that a run on dask registers (`flows.steps.scale_out`): every worker process,
+present or joining later, takes the run's settings while the run lasts, and counts what its LLMs
+were asked, so that the run's `LLM:` line includes the workers' requests (`collect`).
+
+Workers serve one run's settings at a time: two runs on one cluster at once share the later one's.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import suppress
+
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from autoexplain.budget import ledger
+from autoexplain.counters import COUNTS
+from autoexplain.llm import LIMIT_ENVS
+from autoexplain.llm_cache import CACHE_ENV, CACHE_MB_ENV
+
+NAMES = (*LIMIT_ENVS, CACHE_ENV, CACHE_MB_ENV)
+LLM_COUNTS = ("llm_sent", "llm_requests", "llm_cache_hits", "llm_429", "llm_timeouts", "llm_faults", "llm_retries")
+
+
+def current() -> tuple[tuple[str, str | None], ...]:
+    """This process's LLM settings, as (variable, value or None) pairs."""
+    return tuple((name, os.environ.get(name)) for name in NAMES)
+
+
+def apply(settings) -> tuple[tuple[str, str | None], ...]:
+    """Take `settings` (`current()` of another process); returns what they replaced."""
+    before = current()
+    for name, value in settings:
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    return before
+
+
+def _spent() -> dict:
+    books = ledger()
+    return {**{k: COUNTS[k] for k in LLM_COUNTS}, "tokens": books.tokens, "dollars": books.dollars,
+            "unpriced": books.unpriced}
+
+
+class WorkerSettings(WorkerPlugin):
+    """A run's LLM settings in every worker process while it lasts (see the module docstring)."""
+
+    name = "autoexplain-run-settings"
+
+    def __init__(self, settings):
+        self.settings = tuple(settings)
+        self._before: tuple = ()
+        self._start: dict = {}
+
+    def setup(self, worker) -> None:
+        self._before = apply(self.settings)
+        self._start = _spent()
+
+    def teardown(self, worker) -> None:
+        apply(self._before)
+
+    def spent(self) -> dict:
+        """What this worker's LLMs were asked since the run's settings arrived."""
+        now = _spent()
+        return {k: v - self._start.get(k, 0) for k, v in now.items()}
+
+
+def _worker_spent(dask_worker) -> dict:
+    plugin = dask_worker.plugins.get(WorkerSettings.name)
+    return plugin.spent() if isinstance(plugin, WorkerSettings) else {}
+
+
+def give_back(client) -> None:
+    """The workers' own settings back (the plugin's teardown), once the run is over."""
+    with suppress(Exception):  # a scheduler gone by now: its workers went with it
+        client.unregister_worker_plugin(WorkerSettings.name)
+
+
+def collect(client) -> None:
+    """Add what the workers' LLMs were asked during the run to this process's counts and ledger,
+    which the run's `LLM:` line reads. A worker gone by now took its counts with it."""
+    try:
+        per_worker = client.run(_worker_spent, on_error="return")
+    except Exception:  # noqa: BLE001 - a scheduler gone by now: the line says this process's alone
+        return
+    for spent in per_worker.values():
+        if not isinstance(spent, dict):
+            continue
+        for k in LLM_COUNTS:
+            COUNTS[k] += spent.get(k, 0)
+        ledger().absorb(spent.get("tokens", 0), spent.get("dollars", 0.0), spent.get("unpriced", 0))
