@@ -67,7 +67,7 @@ def stage_bars(get_time=None):
 
     Tasks of several shards report side by side; each stage's bar adds up the latest count of
     every shard that has started (so its total grows as shards start), and the "scored" bar is the
-    flow's count of neurons (both polarities) finished through scoring. rich unfinishes a bar whose
+    flow's count of units (neurons, both polarities, or a coder's latents) finished through scoring. rich unfinishes a bar whose
     total grows, so a stage whose shards had all finished runs on when another starts. `get_time` is
     rich's clock (tests pass their own). Returns (rich Progress, listener)."""
     bars = Progress(
@@ -91,7 +91,7 @@ def stage_bars(get_time=None):
         if stage not in ids:
             # simulate counts a unit twice (in a shard of two or more): its explanation with the
             # baselines, then its shuffled control
-            unit = {"record": "tokens", "simulate": "simulations", "scored": "neurons",
+            unit = {"record": "tokens", "simulate": "simulations", "scored": "units",
                     "model": "units, all layers"}.get(stage, "units")
             ids[stage] = bars.add_task(stage, total=total_all, unit=unit)
         bars.update(ids[stage], completed=done_all, total=max(total_all, bars.tasks[ids[stage]].total or 0))

@@ -22,6 +22,9 @@ def run_of(out: str, layer: int | None, source: str | None, spell: Spelling = fl
     from autoexplain.storage import open_root, run_layers
 
     kind, own = source_kind(source, spell)
+    if layer is not None and own is not None and layer != own:  # a coder reads one layer: no run of another
+        raise refuse(spell, "layer", f"layer {layer} disagrees with the coder {source}, which reads layer {own}",
+                     f"set {spell('layer').split()[-1]} to {own}, or leave it out")
     if layer is None and own is None and (remote.is_url(out) or Path(out).is_dir()):
         check_root(out, spell)
         have = run_layers(open_root(out), kind)

@@ -167,6 +167,7 @@ def save_saelens(sae: TopKSAE, scale: float, folder: Path, hook: HookPoint, mode
     part = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
     try:
         _write_saelens(sae, scale, part, hook, model_name, context_size, dataset, report)
+        _as_umask_says(part)
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()  # an empty folder made for it: a rename does not replace one everywhere
         try:
@@ -178,6 +179,19 @@ def save_saelens(sae: TopKSAE, scale: float, folder: Path, hook: HookPoint, mode
         shutil.rmtree(part, ignore_errors=True)
         raise
     return folder
+
+
+def _as_umask_says(folder: Path) -> None:
+    """The modes a folder and its files get when made plainly: `mkdtemp` makes the folder 0700 and
+    safetensors writes its weights 0600, so a coder shared with others (or read by a service's user)
+    could not be opened by them."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for f in folder.iterdir():
+        f.chmod(0o666 & ~umask)
 
 
 def _write_saelens(sae: TopKSAE, scale: float, folder: Path, hook: HookPoint, model_name: str, context_size: int,

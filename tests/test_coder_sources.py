@@ -140,3 +140,18 @@ def test_a_coder_trained_on_another_model_family_is_read_with_one_warning(tiny_l
     ours = families(*model_dims("smollm2").names)
     for name in ("smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct", defaults.resolve_model("smollm2"), "SmolLM2-135M"):
         assert families(name) and families(name) & ours, name
+
+
+def test_a_rerun_of_a_coders_units_at_another_layer_says_the_layers_disagree(tiny_sae, tmp_path):
+    """rescore/revise with a coder that reads layer 1 and a layer of 2: the layers disagree (as
+    explain-layer says), not "no finished run of layer 2", which would send the user looking for one."""
+    from autoexplain.preflight import cli_flag, flow_name
+    from autoexplain.run_lookup import run_of
+
+    for spell, needle in ((cli_flag, "--layer: layer 2 disagrees with the coder sae:"),
+                          (flow_name, "parameter layer: layer 2 disagrees with the coder sae:")):
+        with pytest.raises(UserError) as refused:
+            run_of(str(tmp_path), 2, f"sae:{tiny_sae}", spell)
+        line = str(refused.value)
+        assert line.startswith(needle) and "which reads layer 1" in line, line
+        assert f"set {spell('layer').split()[-1]} to 1, or leave it out" in line, line

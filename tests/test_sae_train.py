@@ -42,6 +42,11 @@ def test_trainer_fits_sparse_data_and_the_folder_reads_back(tmp_path):
     assert before.fve < 0.5 < report.fve
 
     folder = save_saelens(sae, scale, tmp_path / "sae", HookPoint(2, "resid_post"), "tiny", 8, "synthetic", report)
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in [folder, *folder.iterdir()]}
+    assert modes == {"sae": 0o777 & ~umask, **{f.name: 0o666 & ~umask for f in folder.iterdir()}}, \
+        "a coder others can read, as the umask says (not mkdtemp's 0700 or safetensors' 0600)"
     cfg_json = json.loads((folder / "cfg.json").read_text())
     assert cfg_json["architecture"] == "topk" and cfg_json["k"] == 4 and cfg_json["metadata"]["hook_name"] == "blocks.2.hook_resid_post"
     coder = load_coder(parse_source(f"sae:{folder}"))
