@@ -37,6 +37,7 @@ from autoexplain.counters import COUNTS
 from autoexplain.errors import UserError
 
 OPENAI_URL = "https://api.openai.com/v1"
+KEY_ENV = "OPENAI_API_KEY"  # where a server LLM's API key is, unless its spec names another ('#VAR')
 
 
 @dataclass

@@ -37,6 +37,7 @@ from autoexplain import interrupt
 from autoexplain.errors import UserError
 from autoexplain.llm import (
     LLM,
+    KEY_ENV,
     OPENAI_URL,
     ChatResult,
     Completion,
@@ -69,7 +70,7 @@ class OpenAILLM(Transport, LLM):
     counts_attempts = True
 
     def __init__(self, model: str, base_url: str | None = None, *, api_key: str | None = None,
-                 api_key_env: str = "OPENAI_API_KEY", max_concurrency: int = 8,
+                 api_key_env: str = KEY_ENV, max_concurrency: int = 8,
                  requests_per_minute: float | None = None, tokens_per_minute: float | None = None,
                  max_retries: int = 6, backoff_base: float = 1.0, backoff_cap: float = 60.0, timeout: float = 120.0,
                  echo_alignment: str = "auto"):

@@ -17,6 +17,7 @@ from autoexplain.budget import ledger
 from autoexplain.counters import COUNTS
 from autoexplain.llm import LLMError
 from autoexplain.llm_cache import request_key
+from autoexplain.server_probe import key_fix
 
 
 # How servers word a prompt longer than their context: OpenAI and vLLM ("maximum context length"),
@@ -43,7 +44,7 @@ class Transport:
         status, msg = e.status_code, self._message(e)
         if status in (401, 403):
             return LLMError(f"{self.base_url} refused the API key (HTTP {status}): {msg}",
-                            f"set a valid key in ${self.api_key_env}", status, attempts)
+                            key_fix(self.api_key_env), status, attempts)
         if status == 404:
             return LLMError(f"{self.base_url} has no model '{self.name}' or no such endpoint (HTTP 404): {msg}",
                             f"check the model name (GET {self.base_url}/models lists them)", status, attempts)

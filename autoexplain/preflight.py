@@ -99,7 +99,7 @@ def check_llm(spec: str, spell: Spelling, name: str, needs_echo: bool = False) -
     import os
 
     from autoexplain import registry
-    from autoexplain.llm import OPENAI_URL
+    from autoexplain.llm import KEY_ENV, OPENAI_URL
 
     p = _parsed(registry.parse_llm, spec.strip(), spell, name)
     if p.kind == "local":
@@ -110,11 +110,15 @@ def check_llm(spec: str, spell: Spelling, name: str, needs_echo: bool = False) -
 
     prices.table()  # a server LLM is priced: a broken $AUTOEXPLAIN_PRICES file stops the run now, not after recording
     url = p.url or OPENAI_URL
-    if url == OPENAI_URL and not os.environ.get("OPENAI_API_KEY"):
-        raise refuse(spell, name, f"$OPENAI_API_KEY is not set, and {url} needs an API key",
-                    "export OPENAI_API_KEY=..., or use a local server: 'openai:MODEL@http://127.0.0.1:8000/v1'")
+    key = os.environ.get(p.key_env)
+    if url == OPENAI_URL and not key:
+        raise refuse(spell, name, f"${p.key_env} is not set, and {url} needs an API key",
+                    f"export {p.key_env}=..., or use a local server: 'openai:MODEL@http://127.0.0.1:8000/v1'")
+    if p.key_env != KEY_ENV and not key:  # named in the spec: the user means it to be there
+        raise refuse(spell, name, f"${p.key_env} is not set, and '{spec}' names it as the key of {url}",
+                    f"export {p.key_env}=... (that server's API key)")
     try:
-        probe_server(url, p.model, os.environ.get("OPENAI_API_KEY"), needs_echo)
+        probe_server(url, p.model, key, needs_echo, p.key_env)
     except UserError as e:
         raise for_parameter(spell, name, e) from None
 

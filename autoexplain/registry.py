@@ -32,6 +32,7 @@ import re
 from dataclasses import dataclass
 
 from autoexplain.errors import UserError
+from autoexplain.llm import KEY_ENV
 
 DEFAULT_LLM = "local"
 DEFAULT_EXPLAINER = "embedding"
@@ -131,15 +132,25 @@ class LLMSpec:
     kind: str  # 'local' or 'openai'
     model: str | None  # None: the default subject ('local' alone)
     url: str | None  # an OpenAI-compatible server; None: api.openai.com (or the caller's base_url)
+    key_env: str = KEY_ENV  # the environment variable that holds its API key
 
 
 def parse_llm(spec: str | None) -> LLMSpec:
+    """'local', 'local:MODEL', 'openai:MODEL' or 'openai:MODEL@URL', the last two with '#VAR' after
+    them when the key is in $VAR, not $OPENAI_API_KEY: an explainer at OpenAI and a simulator on
+    another provider each get their own key, and neither is sent to the other's server."""
     spec = (spec or DEFAULT_LLM).strip()
     kind, _, rest = spec.partition(":")
     if kind == "local":
         return LLMSpec("local", rest or None, None)
     if kind != "openai":
         raise UserError(f"unknown LLM '{spec}'", LLM_USAGE)
+    key_env = KEY_ENV
+    if "#" in rest:  # a model name or URL holds none (a URL's fragment is never sent)
+        rest, _, key_env = rest.rpartition("#")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_env):
+            raise UserError(f"'{spec}': '#{key_env}' is no environment variable's name",
+                            "write the variable that holds the server's API key after '#', e.g. '#TOGETHER_API_KEY'")
     at = rest.rfind("@http")
     model, url = (rest[:at], rest[at + 1:]) if at >= 0 else (rest, None)
     name, at_sign, host = rest.rpartition("@")
@@ -149,7 +160,7 @@ def parse_llm(spec: str | None) -> LLMSpec:
                         f"write 'openai:{name}@http://{host}'")
     if not model:
         raise UserError(f"'{spec}' names no model", "write 'openai:MODEL' or 'openai:MODEL@http://host:port/v1'")
-    return LLMSpec("openai", model, url)
+    return LLMSpec("openai", model, url, key_env)
 
 
 def make_llm(spec: str | None = None, **kw):
@@ -164,7 +175,7 @@ def make_llm(spec: str | None = None, **kw):
     from autoexplain.llm_openai import OpenAILLM
 
     url = p.url if p.url is not None else kw.pop("base_url", None)
-    return OpenAILLM(p.model, url, **{**server_limits(url), **kw})  # limits: `llm.set_limits`
+    return OpenAILLM(p.model, url, **{"api_key_env": p.key_env, **server_limits(url), **kw})  # limits: `llm.set_limits`
 
 
 # ---- explainers ----------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 
 from autoexplain.errors import UserError
+from autoexplain.llm import KEY_ENV
 
 # The prompt of the one request that asks a server whether it returns prompt logprobs (a test
 # server tells it from the stage's requests by it).
@@ -42,13 +43,19 @@ def _server_message(reply) -> str:
     return " ".join(str(msg or "").split())[:160]
 
 
-def _refuse_a_refused_key(url: str, status: int, reply) -> None:
+def key_fix(key_env: str) -> str:
+    """What to do about a key a server refused, read from `key_env` (`registry.LLMSpec.key_env`)."""
+    return (f"set a valid key in ${key_env}, or name the variable that holds this server's key after '#' in the "
+            "LLM spec ('openai:MODEL@URL#MY_KEY')" if key_env == KEY_ENV else f"set a valid key in ${key_env}")
+
+
+def _refuse_a_refused_key(url: str, status: int, reply, key_env: str) -> None:
     if status in (401, 403):
         raise UserError(f"the LLM server at {url} refused the API key (HTTP {status}): {_server_message(reply)}",
-                        "set a valid key in $OPENAI_API_KEY")
+                        key_fix(key_env))
 
 
-def probe_server(url: str, model: str, key: str | None, needs_echo: bool) -> None:
+def probe_server(url: str, model: str, key: str | None, needs_echo: bool, key_env: str = KEY_ENV) -> None:
     """The server's model list (GET /models: a refused key, a model it does not list), then, for a
     simulator that reads prompt logprobs, one tiny echo request. An answer that says nothing for
     sure (5xx, 429, no model list) is left for the stage, whose retries deal with it."""
@@ -59,7 +66,7 @@ def probe_server(url: str, model: str, key: str | None, needs_echo: bool) -> Non
             hint = "" if base.endswith("/v1") else f"did you mean {base}/v1? "
             raise UserError(f"no OpenAI-compatible API at {url} (GET {base}/models: HTTP 404)",
                             f"{hint}the URL after '@' is the API's root, as in 'openai:{model}@http://HOST:PORT/v1'")
-        _refuse_a_refused_key(url, status, reply)
+        _refuse_a_refused_key(url, status, reply, key_env)
         data = reply.get("data") if status == 200 and isinstance(reply, dict) else None
         served = [m.get("id") for m in data if isinstance(m, dict)] if isinstance(data, list) else []
         if served and model not in served:
@@ -74,7 +81,7 @@ def probe_server(url: str, model: str, key: str | None, needs_echo: bool) -> Non
         reason = getattr(e, "reason", e)
         raise UserError(f"the LLM server at {url} is not reachable ({reason})",
                         "start the server, or fix the URL after '@'") from None
-    _refuse_a_refused_key(url, status, reply)
+    _refuse_a_refused_key(url, status, reply, key_env)
     if status == 404:
         raise UserError(f"the LLM server at {url} has no model '{model}' or no /completions (HTTP 404): "
                         f"{_server_message(reply)}", f"check the model name (GET {base}/models lists them)")

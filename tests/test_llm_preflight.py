@@ -128,3 +128,33 @@ def test_a_broken_price_table_stops_before_any_work(home, fault_server, tiny_lla
                                "--layer", "1", "--out", str(out), "--explainer", f"openai:m@{server.base_url}"))
     assert f"cannot read the price table {bad}" in line, line
     assert server.requests == [] and not out.exists(), "nothing sent, nothing written"
+
+
+def test_each_server_llm_takes_its_key_from_the_variable_its_spec_names(fault_server, monkeypatch):
+    """An explainer at OpenAI and a simulator on another provider need two keys: '#VAR' after a
+    spec names where its key is. The server that wants "theirs" gets it from $THEIR_KEY, not
+    $OPENAI_API_KEY (which is not sent there); a variable named and not set, or a refused key, is one
+    line before any work that says which variable to set."""
+    from autoexplain.llm import make_llm
+
+    monkeypatch.setenv("OPENAI_API_KEY", "mine")
+    monkeypatch.setenv("THEIR_KEY", "theirs")
+    server = fault_server(api_key="theirs", models=["m"])
+    spec = f"openai:m@{server.base_url}#THEIR_KEY"
+    preflight.check_explainer(spec, preflight.cli_flag)
+    preflight.check_simulator(f"all-at-once:{spec}", preflight.cli_flag)
+    assert make_llm(spec, max_retries=0).complete(["p"], max_tokens=1)[0], "answered: the key was $THEIR_KEY's"
+    assert len(server.requests) == 1
+
+    with pytest.raises(UserError) as refused:  # the default variable's key is refused, and the line says how to name another
+        preflight.check_explainer(f"openai:m@{server.base_url}", preflight.cli_flag)
+    assert "refused the API key (HTTP 401)" in str(refused.value)
+    assert "set a valid key in $OPENAI_API_KEY, or name the variable that holds this server's key after '#'" in str(refused.value)
+    monkeypatch.delenv("THEIR_KEY")
+    with pytest.raises(UserError) as unset:
+        preflight.check_simulator(f"all-at-once:{spec}", preflight.cli_flag)
+    assert str(unset.value) == (f"--simulator: $THEIR_KEY is not set, and '{spec}' names it as the key of "
+                                f"{server.base_url} — export THEIR_KEY=... (that server's API key)")
+    with pytest.raises(UserError, match="'#1KEY' is no environment variable's name"):
+        preflight.check_explainer(f"openai:m@{server.base_url}#1KEY", preflight.cli_flag)
+    assert len(server.requests) == 1, "no stage request after the first"
