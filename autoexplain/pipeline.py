@@ -183,12 +183,12 @@ def _sim_rows(unit: UnitRecords, method: str, simulator, records, sims) -> list[
             for r, s in zip(records, sims)]
 
 
-def _unsimulated_rows(unit: UnitRecords, method: str, simulator, records, why: str) -> list[SimulationRow]:
-    """A method's rows with nothing simulated, each saying why: an explanation that failed is
-    not simulated (an empty text would be paid for and scored as an explanation), and its unit's
-    scores are undefined with the reason (`score_unit`)."""
+def _unsimulated_rows(unit: UnitRecords, method: str, simulator, records, failure: str) -> list[SimulationRow]:
+    """A method's rows with nothing simulated, each saying why (`failure`): an explanation that
+    failed is not simulated (an empty text would be paid for and scored as an explanation), and its
+    unit's scores are undefined with the reason (`score_unit`)."""
     return [SimulationRow(unit.id, method, simulator.name, simulator.prompt_hash, r.window_id, r.kind, r.split, None,
-                          f"not simulated: {why}", 0, 0.0) for r in records]
+                          failure, 0, 0.0) for r in records]
 
 
 def failed_explanation(row: ExplanationRow) -> str | None:
@@ -208,10 +208,8 @@ def simulate_unit(unit: UnitRecords, explained: ExplanationRow, baselines: list[
     scored = held_out(unit.records)
     why = failed_explanation(explained)
     if why is not None:  # the baselines are still simulated, as for every unit: they need no LLM answer
-        rows = _unsimulated_rows(unit, EXPLAINER, simulator, scored, why)
-        for b, sims in zip(baselines, _simulate_texts(simulator, [b.text for b in baselines], scored)):
-            rows += _sim_rows(unit, b.method, simulator, scored, sims)
-        return [replace(explained, text="", candidate_valid_scores=[]), *baselines], rows
+        return ([replace(explained, text="", candidate_valid_scores=[]), *baselines],
+                _baselines_alone(unit, baselines, simulator, scored, f"not simulated: {why}"))
     valid = _scoring_records(unit, "valid")
     spent: list[Simulation] = []
 
@@ -226,11 +224,30 @@ def simulate_unit(unit: UnitRecords, explained: ExplanationRow, baselines: list[
                      selection_tokens=sum(s.prompt_tokens + s.completion_tokens for s in spent),
                      selection_dollars=prices.add(*(simulator.dollars(s.prompt_tokens, s.completion_tokens, s.cached_tokens)
                                                     for s in spent)))
+    lost = sum((s.failure or "").startswith(NO_ANSWER) for s in spent)
+    if lost:
+        # Ranked on the answers that came: which candidate wins would depend on the server's faults.
+        # The explanation waits, unscored, for a rerun that asks the rest (`_unscored`); the rows say
+        # so as results without an answer, so that the unit is not kept (`layer._no_request_failed`).
+        unsure = (f"{NO_ANSWER}: best-of-{len(explained.candidates)} got no answer for {lost} of its {len(spent)} "
+                  "checks on the valid split, so the candidate ranked first on the rest is not simulated or scored "
+                  "yet; a rerun asks them again")
+        return [chosen, *baselines], _baselines_alone(unit, baselines, simulator, scored, unsure)
     rows = []
     simulated = _simulate_texts(simulator, [best] + [b.text for b in baselines], scored)
     for method, sims in zip([EXPLAINER] + [b.method for b in baselines], simulated):
         rows += _sim_rows(unit, method, simulator, scored, sims)
     return [chosen, *baselines], rows
+
+
+def _baselines_alone(unit: UnitRecords, baselines: list[ExplanationRow], simulator, scored,
+                     failure: str) -> list[SimulationRow]:
+    """The rows of a unit whose explanation is not simulated (`failure` says why): the baselines
+    are, as for every unit (they need no LLM answer)."""
+    rows = _unsimulated_rows(unit, EXPLAINER, simulator, scored, failure)
+    for b, sims in zip(baselines, _simulate_texts(simulator, [b.text for b in baselines], scored)):
+        rows += _sim_rows(unit, b.method, simulator, scored, sims)
+    return rows
 
 
 def simulate_control(unit: UnitRecords, text: str, simulator: Simulator) -> tuple[list[ExplanationRow], list[SimulationRow]]:
@@ -240,7 +257,7 @@ def simulate_control(unit: UnitRecords, text: str, simulator: Simulator) -> tupl
     if not text.strip():
         why = "the explanation it borrows from another unit failed"
         return ([ExplanationRow(unit.id, SHUFFLED, "shuffled", "", "", [], failure=why)],
-                _unsimulated_rows(unit, SHUFFLED, simulator, scored, why))
+                _unsimulated_rows(unit, SHUFFLED, simulator, scored, f"not simulated: {why}"))
     row = ExplanationRow(unit.id, SHUFFLED, "shuffled", "", text, [text])
     return [row], _sim_rows(unit, SHUFFLED, simulator, scored, _simulate(simulator, text, scored))
 

@@ -173,6 +173,40 @@ def test_a_unit_with_some_unanswered_simulations_is_undefined_until_the_rerun(
     assert back.height and not any("no LLM answer" in (r or "") for r in back["undefined_reason"])
 
 
+def test_a_best_of_k_choice_with_unanswered_checks_waits_for_the_rerun(fault_server, bench_server, tiny_records, tmp_path):
+    """The simulator's first request, a best-of-2 check on the valid split, gets a 500 and no retry.
+    Ranked on the checks that were answered, which candidate wins would depend on the server's
+    faults: the explanation is not simulated or scored (its rows are results without an answer, the
+    run is not final); the rerun asks the lost check again and scores the unit."""
+    from autoexplain.storage import unanswered
+
+    records_dir, _ = tiny_records
+    out = tmp_path / "out"
+    explainer = fast(fault_server(varied=True).base_url)  # two different candidates per unit
+    srv = fault_server(fail_with=[500], upstream=bench_server.base_url)
+    sim = AllAtOnceSimulator(fast(srv.base_url))  # one request at a time: the first is unit 0's first check
+    x, s, scored = _stages(records_dir, out, explainer, sim)
+    assert all(len(c) == 2 for c in pl.read_parquet(x.path).filter(pl.col("method") == "explainer")["candidates"])
+    sims = pl.read_parquet(s.path)
+    unsure = sims.filter(pl.col("failure").str.contains(r"best-of-2 got no answer for \d+ of its \d+ checks").fill_null(False))
+    assert unsure.height and set(unsure["method"]) == {"explainer"} and unsure["expected"].null_count() == unsure.height
+    (unit, polarity), = set(zip(unsure["unit"], unsure["polarity"]))
+    mine = sims.filter((pl.col("unit") == unit) & (pl.col("polarity") == polarity))
+    assert mine.filter(pl.col("method") == "explainer").height == unsure.height, "none of its explanation's rows simulated"
+    assert mine.filter(pl.col("method") == "token-lookup")["expected"].null_count() == 0, "its baselines are"
+    assert unanswered(s.directory) == unsure.height and unanswered(scored.directory) >= unsure.height
+    hit = pl.read_parquet(scored.path).filter((pl.col("unit") == unit) & (pl.col("polarity") == polarity)
+                                              & (pl.col("method") == "explainer"))
+    assert hit["value"].null_count() == hit.height and all("got no LLM answer" in r for r in hit["undefined_reason"])
+
+    sent = len(srv.requests)
+    _, s2, scored2 = _stages(records_dir, out, explainer, sim)
+    assert len(srv.requests) > sent and unanswered(s2.directory) == 0 and unanswered(scored2.directory) == 0
+    back = pl.read_parquet(scored2.path).filter((pl.col("unit") == unit) & (pl.col("polarity") == polarity)
+                                                & (pl.col("method") == "explainer") & (pl.col("metric") == "top_and_random"))
+    assert back.height == 1 and back["value"][0] is not None, back
+
+
 @pytest.mark.slow
 def test_explain_layer_whose_every_explanation_fails_exits_4_and_the_rerun_asks_only_them(
         fault_server, bench_server, tiny_llama_dir, prose_corpus, tmp_path):
