@@ -21,6 +21,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from autoexplain.counters import counted
 from autoexplain.errors import UserError
 
 EXAMPLES = "'$5', '0.5 usd', '200000 tokens' or '2M tokens'"
@@ -89,10 +90,11 @@ class Ledger:
         """What the answers paid for so far cost (the requests still in flight when the budget
         stopped the run are answered, and counted, before a command reports it)."""
         if not self.unpriced:
-            return f"this run spent ${self.dollars:.4f} and {self.tokens:,} tokens"
+            return f"this run spent ${self.dollars:.4f} and {counted(self.tokens, 'token')}"
         # An unknown price is never $0: the line says what is known as a floor, or nothing.
         floor = f"at least ${self.dollars:.4f}" if self.dollars else "an unknown amount"
-        return f"this run spent {floor} and {self.tokens:,} tokens ({self.unpriced:,} answers of models with no known price)"
+        return (f"this run spent {floor} and {counted(self.tokens, 'token')} ({counted(self.unpriced, 'answer')} "
+                "of models with no known price)")
 
     def charge(self, tokens: int, dollars: float | None) -> None:
         with self._lock:

@@ -195,12 +195,12 @@ def print_llm_usage(server: bool = False) -> None:
     instead (`llm_cache`), and what the answers cost. `server`: the run's components use a server
     LLM, so asking nothing means every stage that needs it was reused (said, not left silent)."""
     from autoexplain.budget import ledger
-    from autoexplain.counters import COUNTS
+    from autoexplain.counters import COUNTS, counted
 
     sent, cached = COUNTS["llm_sent"], COUNTS["llm_cache_hits"]
     if sent or cached:
         _USAGE_SAID.append(True)
-        err.print(f"LLM: {sent:,} requests sent{_unanswered(sent)}, {cached:,} answers from the cache; "
+        err.print(f"LLM: {counted(sent, 'request')} sent{_unanswered(sent)}, {counted(cached, 'answer')} from the cache; "
                   f"{ledger().spent_text()}", highlight=False)
     elif server:
         _USAGE_SAID.append(True)
@@ -219,7 +219,7 @@ def _unanswered(sent: int) -> str:
     if answered >= sent and not retried:
         return ""
     said = ", ".join(f"{n:,} {what}" for what, n in kinds.items() if n)
-    return f" ({answered:,} answered; {said}; {retried:,} sent again)"
+    return f" ({answered:,} answered; {said}; {retried:,} sent again)"  # counts of requests: no noun to agree
 
 
 def _fmt(x) -> str:

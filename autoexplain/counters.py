@@ -20,3 +20,8 @@ def snapshot() -> dict[str, int]:
 
 def since(before: dict[str, int]) -> dict[str, int]:
     return {k: v - before.get(k, 0) for k, v in COUNTS.items() if v - before.get(k, 0)}
+
+
+def counted(n: int, one: str, many: str | None = None) -> str:
+    """'1 request', '2 requests', '1,204 answers': a count with its noun in the right number."""
+    return f"{n:,} {one if n == 1 else many or one + 's'}"

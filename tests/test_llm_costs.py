@@ -54,7 +54,7 @@ def answered(err: str) -> int:
     answered (a loopback server's full listen queue turns connections away; they are sent again)."""
     import re
 
-    line = re.search(r"LLM: ([\d,]+) requests sent(?: \(([\d,]+) answered;[^)]*\))?, ", err)
+    line = re.search(r"LLM: ([\d,]+) requests? sent(?: \(([\d,]+) answered;[^)]*\))?, ", err)
     return int((line[2] or line[1]).replace(",", ""))
 
 
@@ -68,11 +68,11 @@ def test_an_unpriced_model_is_never_said_to_cost_0():
     unknown = Ledger()
     unknown.charge(40, None)
     assert "$0" not in unknown.spent_text() and unknown.spent_text().startswith("this run spent an unknown amount and 40")
-    assert "1 answers of models with no known price" in unknown.spent_text()
+    assert "1 answer of models with no known price" in unknown.spent_text()
     part = Ledger()
     part.charge(10, 0.25)
     part.charge(40, None)
-    assert part.spent_text() == "this run spent at least $0.2500 and 50 tokens (1 answers of models with no known price)"
+    assert part.spent_text() == "this run spent at least $0.2500 and 50 tokens (1 answer of models with no known price)"
     priced = Ledger()
     priced.charge(10, 0.25)
     assert priced.spent_text() == "this run spent $0.2500 and 10 tokens"
@@ -99,7 +99,7 @@ def test_the_line_counts_every_request_sent_and_says_what_became_of_the_unanswer
     print_llm_usage()
     assert llm_lines(capsys.readouterr().err) == [
         "LLM: 4 requests sent (1 answered; 1 HTTP 429, 1 timed out, 1 other faults; 2 sent again), 0 answers from the "
-        "cache; this run spent an unknown amount and 4 tokens (1 answers of models with no known price)"]
+        "cache; this run spent an unknown amount and 4 tokens (1 answer of models with no known price)"]
 
 
 def test_a_run_that_ends_in_an_error_still_says_what_it_spent(fault_server, counts, capsys):  # noqa: F811

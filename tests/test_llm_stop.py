@@ -155,7 +155,7 @@ def test_a_signal_stops_a_stage_whose_requests_hang_and_a_rerun_reuses_the_answe
     # listen queue turned away is sent again, and the server never sees it).
     from tests.test_llm_costs import answered
 
-    from_cache = int(re.search(r"([\d,]+) answers from the cache", err)[1])
+    from_cache = int(re.search(r"([\d,]+) answers? from the cache", err)[1])
     assert answered(err) == len(asked) and from_cache >= 3
 
 
