@@ -228,6 +228,25 @@ def chat_body(body: dict, cache: PrefixCache | None = None) -> bytes:
                            [user[i : i + 4] for i in range(0, len(user), 4)]) if cache else 0)}).encode()
 
 
+class JSONHandler(BaseHTTPRequestHandler):
+    """A quiet handler that answers JSON (the test suite's fault server answers with it too)."""
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, status: int, payload: bytes, headers: dict | None = None):
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(payload)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up first (its timeout, or a stopped run): nothing to tell it
+
+
 class BenchServer:
     def __init__(self, latency: float = 1.0, port: int = 0, fault_rate: float = 0.0,
                  fault_kinds=FAULT_KINDS, seed: int = 0, timeout_s: float = 3.0, retry_after: float = 1.0,
@@ -270,23 +289,11 @@ class BenchServer:
     def _handler(self):
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(JSONHandler):
             protocol_version = "HTTP/1.1"  # keep-alive: one connection per client slot
             # As uvicorn and vLLM do: without it, headers and body written apart meet the client's
             # delayed ACK and each answer waits ~40 ms more than the latency.
             disable_nagle_algorithm = True
-
-            def log_message(self, *args):
-                pass
-
-            def _send(self, status: int, payload: bytes, headers: dict | None = None):
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(payload)
 
             def do_GET(self):
                 self._send(200, json.dumps({"object": "list", "data": [{"id": "bench", "object": "model"}]}).encode())

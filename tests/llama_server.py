@@ -31,7 +31,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import pytest
 
@@ -222,24 +222,11 @@ class FaultServer:
             return self._changed.wait_for(predicate, within_s)
 
     def _handler(self):
+        from bench.llm_server import JSONHandler  # here: this file also runs as a script, where bench is not importable
+
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _send(self, status: int, payload: bytes, headers: dict | None = None):
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(payload)))
-                    for k, v in (headers or {}).items():
-                        self.send_header(k, v)
-                    self.end_headers()
-                    self.wfile.write(payload)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up first (its timeout, or a stopped run): nothing to tell it
-
+        class Handler(JSONHandler):
             def _reply(self, status, raw: bytes, body: dict) -> tuple[int, bytes, dict]:
                 if isinstance(status, str):
                     return self._malformed(status, raw, body)
