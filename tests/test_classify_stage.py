@@ -15,6 +15,7 @@ import pytest
 from autoexplain.storage import read_run
 from tests.test_cli import _one_error_line
 from tests.test_cli_runs import EXE, cli
+from tests.prefect_homes import prefect_home
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +167,7 @@ def test_a_bad_scorers_value_is_one_line_before_any_work(tmp_path, tiny_llama_di
     result = subprocess.run([*EXE, "explain-layer", "--model", tiny_llama_dir, "--corpus", str(prose_corpus),
                              "--layer", "1", "--tokens", "20000", "--window-len", "8", "--top-k", "8", "--random", "6",
                              "--out", str(out), "--scorers", value], capture_output=True, text=True,
-                            env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "PREFECT_HOME": str(tmp_path / "home")})
+                            env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "PREFECT_HOME": prefect_home(tmp_path / "home")})
     line = _one_error_line(result)
     assert "--scorers" in line and said in line
     assert not out.exists()  # nothing started

@@ -17,6 +17,7 @@ import pytest
 
 from autoexplain.storage import read_run
 from tests.test_cli import _one_error_line
+from tests.prefect_homes import prefect_home
 
 pytestmark = pytest.mark.slow
 EXE = [sys.executable, "-m", "autoexplain.flows.cli"]  # the console script's module
@@ -29,7 +30,7 @@ def home(tmp_path_factory):
 
 def cli(home: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILE")}
-    env.update(HF_HUB_OFFLINE="1", COLUMNS="200", PREFECT_HOME=str(home))
+    env.update(HF_HUB_OFFLINE="1", COLUMNS="200", PREFECT_HOME=prefect_home(home))
     return subprocess.run([*EXE, *args], capture_output=True, text=True, env=env, cwd=cwd)
 
 

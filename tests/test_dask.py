@@ -16,6 +16,8 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
+from tests.prefect_homes import prefect_home
+
 pytestmark = pytest.mark.slow
 
 STAGES = ("explanations", "simulations", "scores")
@@ -132,7 +134,7 @@ def test_dask_workers_report_to_the_commands_prefect_server(cluster, tiny_llama_
     c, client = cluster
     assert sum(client.run(_prefect_servers).values()) == 0
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILE")}
-    env.update(HF_HUB_OFFLINE="1", PREFECT_HOME=str(tmp_path / "home"))
+    env.update(HF_HUB_OFFLINE="1", PREFECT_HOME=prefect_home(tmp_path / "home"))
     params = {**_params(tiny_llama_dir, prose_corpus, tmp_path / "out"), "explainer": "embedding"}
     args = [a for k, v in params.items() for a in (cli_flag(k), str(v))]
     with get_task_stream(client) as stream:
@@ -186,7 +188,7 @@ def _cli_on_temporary_server(params: dict, dask: str) -> list[str]:
 def _temporary_server_env(tmp_path) -> dict:
     """No Prefect API set: the flow starts Prefect's temporary server, on this machine's loopback."""
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILE")}
-    return {**env, "HF_HUB_OFFLINE": "1", "PREFECT_HOME": str(tmp_path / "home")}
+    return {**env, "HF_HUB_OFFLINE": "1", "PREFECT_HOME": prefect_home(tmp_path / "home")}
 
 
 def test_workers_on_other_machines_need_a_prefect_api_they_can_reach(foreign_worker, tiny_llama_dir, prose_corpus,

@@ -21,6 +21,7 @@ from autoexplain.storage import read_run
 from tests.test_cli import _one_error_line
 # The fixtures are imported, not put in conftest, so that they stay module-scoped here.
 from tests.viewer_fixtures import Watched, browser, chromium, file_url  # noqa: F401
+from tests.prefect_homes import prefect_home
 
 pytestmark = pytest.mark.slow
 EXE = [sys.executable, "-m", "autoexplain.flows.cli"]
@@ -29,7 +30,7 @@ SMALL = ["--tokens", "20000", "--k", "1", "--bootstrap", "50", "--window-len", "
 
 def _env(home: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILE")}
-    env.update(HF_HUB_OFFLINE="1", COLUMNS="200", PREFECT_HOME=str(home))
+    env.update(HF_HUB_OFFLINE="1", COLUMNS="200", PREFECT_HOME=prefect_home(home))
     return env
 
 

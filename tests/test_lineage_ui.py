@@ -34,6 +34,7 @@ from tests.test_prefect_server import (  # noqa: F401 - against_server is a fixt
     against_server,
 )
 from tests.llama_server import free_port
+from tests.prefect_homes import prefect_home
 from tests.viewer_fixtures import CHROMIUM_ARGS, chromium  # noqa: F401 - chromium is a fixture
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,7 +137,7 @@ def prefect_server(tmp_path_factory):
     it without the UI). `against_server`, imported from there, points this process at it."""
     root = tmp_path_factory.mktemp("prefect-ui-server")
     home, client_home, log = root / "server-home", root / "client-home", root / "server.log"
-    home.mkdir()
+    prefect_home(home)  # a migrated database: the server starts without migrating one
     client_home.mkdir()
     port = free_port()
     base = f"http://127.0.0.1:{port}"

@@ -26,6 +26,7 @@ import pytest
 from autoexplain import interrupt
 from autoexplain.llm import OpenAILLM
 from tests.llama_server import fault_server  # noqa: F401  (fixture)
+from tests.prefect_homes import prefect_home
 
 EXE = [sys.executable, "-m", "autoexplain.flows.cli"]  # the console script's module
 LIVENESS_S = 30  # the most a stopped command may take to exit; a working stop takes a few seconds
@@ -54,7 +55,7 @@ class Command(subprocess.Popen):
 
     def __init__(self, log: Path, *args: str, home: Path | None = None):
         env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILE")}
-        env.update(HF_HUB_OFFLINE="1", COLUMNS="200", **({"PREFECT_HOME": str(home)} if home else {}))
+        env.update(HF_HUB_OFFLINE="1", COLUMNS="200", **({"PREFECT_HOME": prefect_home(home)} if home else {}))
         self.log = log
         with open(log, "w") as err:
             super().__init__([*EXE, *args], stdout=subprocess.DEVNULL, stderr=err, env=env, start_new_session=True)

@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from tests.llama_server import free_port
+from tests.prefect_homes import prefect_home
 
 pytestmark = pytest.mark.slow
 
@@ -82,7 +83,7 @@ def prefect_server(tmp_path_factory):
     """`prefect server start` on a free loopback port; yields its API URL and a client-side home."""
     root = tmp_path_factory.mktemp("prefect-server")
     home, client_home, log = root / "server-home", root / "client-home", root / "server.log"
-    home.mkdir()
+    prefect_home(home)  # a migrated database: the server starts without migrating one
     client_home.mkdir()
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
