@@ -71,9 +71,10 @@ class WorkerSettings(WorkerPlugin):
         return {k: v - self._start.get(k, 0) for k, v in now.items()}
 
 
-def _worker_spent(dask_worker) -> dict:
+def _worker_spent(client_pid: int, dask_worker) -> dict:
+    # A worker in the run's own process (a threads-only LocalCluster) counted into its counts already.
     plugin = dask_worker.plugins.get(WorkerSettings.name)
-    return plugin.spent() if isinstance(plugin, WorkerSettings) else {}
+    return plugin.spent() if isinstance(plugin, WorkerSettings) and os.getpid() != client_pid else {}
 
 
 def give_back(client) -> None:
@@ -86,7 +87,7 @@ def collect(client) -> None:
     """Add what the workers' LLMs were asked during the run to this process's counts and ledger,
     which the run's `LLM:` line reads. A worker gone by now took its counts with it."""
     try:
-        per_worker = client.run(_worker_spent, on_error="return")
+        per_worker = client.run(_worker_spent, os.getpid(), on_error="return")
     except Exception:  # noqa: BLE001 - a scheduler gone by now: the line says this process's alone
         return
     for spent in per_worker.values():

@@ -289,7 +289,7 @@ def test_a_process_that_goes_on_after_a_stop_logs_again():
     seen: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: seen.append(record.getMessage())
-    logger = logging.getLogger("prefect.task_runs")
+    logger = logging.getLogger("autoexplain.after_a_stop")  # any logger there is when the stop comes
     logger.addHandler(handler)
     try:
         with pytest.raises(interrupt.Interrupted), interrupt.signals(lambda signum: None):
