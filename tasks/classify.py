@@ -8,7 +8,7 @@ overlap instead, sharing its concurrency limit through one LLM object per proces
 
 from __future__ import annotations
 
-from functools import lru_cache
+import functools
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -16,21 +16,15 @@ from prefect.artifacts import create_markdown_artifact
 
 from autoexplain import classify_stage, registry
 from autoexplain.layer import StageRef
-from autoexplain.llm import limits_now
 from autoexplain.storage import local_ref, open_root
 from autoexplain.tasks.caching import RETRY, cache_key
-from autoexplain.tasks.stages import one_at_a_time, one_line_failures, ref, stage_progress
+from autoexplain.tasks.stages import load_once, one_at_a_time, one_line_failures, ref, stage_progress
 
 
+@functools.partial(load_once, limited=lambda spec: registry.uses_server(scorers=spec), maxsize=8, locked=False)
 def scorer_for(spec: str):
     """One scorer (and LLM) per spec and process: its server's concurrency limit is shared by the
-    shards, and a local model is loaded once. A server's is made again when the limits change
-    (`llm.set_limits`: a later run in this process, or on this dask worker)."""
-    return _scorer(spec, limits_now() if registry.uses_server(scorers=spec) else None)
-
-
-@lru_cache(maxsize=8)
-def _scorer(spec: str, limits) -> object:
+    shards, and a local model is loaded once (`load_once`: a server's again when the limits change)."""
     return registry.make_scorer(spec)
 
 

@@ -25,6 +25,7 @@ import os
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import nullcontext
 from functools import lru_cache
 from pathlib import Path
 
@@ -138,22 +139,22 @@ def _models_lock() -> threading.RLock:
     return _MODELS
 
 
-def _load_once(fn, limited=None):
-    """fn(spec), made once per process. `limited(spec)`: what it makes asks a server LLM, whose
-    limits are fixed when it is made (`llm.set_limits`): made again when they change (a later run in
-    a notebook, or on a dask worker, `run_settings`), and only then."""
-    cached = lru_cache(maxsize=4)(lambda spec, limits: fn(spec))
+def load_once(fn, limited=None, maxsize: int = 4, locked: bool = True):
+    """fn(spec), made once per process (`locked`: under the models lock). `limited(spec)`: what it
+    makes asks a server LLM, whose limits are fixed when it is made (`llm.set_limits`): made again
+    when they change (a later run in a notebook, or on a dask worker, `run_settings`), and only then."""
+    cached = lru_cache(maxsize=maxsize)(lambda spec, limits: fn(spec))
 
     @functools.wraps(fn)  # the same name, so that dask workers unpickle it by reference
     def load(spec: str):
-        with _MODELS:
+        with _MODELS if locked else nullcontext():
             return cached(spec, limits_now() if limited is not None and limited(spec) else None)
 
     load.cache_info, load.cache_clear = cached.cache_info, cached.cache_clear
     return load
 
 
-@_load_once
+@load_once
 def _subject(model: str):
     from autoexplain.subject import load_subject
 
@@ -188,12 +189,12 @@ class _Serialised:
         return locked
 
 
-@functools.partial(_load_once, limited=lambda spec: registry.uses_server(explainer=spec))
+@functools.partial(load_once, limited=lambda spec: registry.uses_server(explainer=spec))
 def llm_for(spec: str):
     return _Serialised(registry.make_explainer(spec))
 
 
-@functools.partial(_load_once, limited=lambda identity: registry.uses_server(simulator=identity.split("|", 1)[0]))
+@functools.partial(load_once, limited=lambda identity: registry.uses_server(simulator=identity.split("|", 1)[0]))
 def simulator_for(identity: str):
     # Keyed by the identity, prompt hash included: a process that outlives a prompt edit (a worker,
     # a notebook) must not keep simulating with the prompt it read first.
