@@ -52,7 +52,7 @@ _RAISED: list[bool] = []  # the main thread's handler has raised
 _WATCHED: weakref.WeakSet = weakref.WeakSet()
 _LOCK = threading.Lock()
 _INSTALLED: list[bool] = []
-_FORGIVE = threading.Event()  # set by `reset`: no forced end of a process that goes on
+_FORGIVE = threading.Event()  # set by `reset`: a stop before it ends nothing after it
 _SILENCED: list[Callable[[], None]] = []  # what gives back the logging a stop silenced
 
 
@@ -99,19 +99,26 @@ def watch(thing) -> None:
 def stop(signum: int = signal.SIGINT) -> bool:
     """Stop the run: True for the call that did, False when it was stopped already."""
     with _LOCK:
-        if _STOP.is_set():
-            return False
-        if not _GOT:
-            _GOT.append(int(signum))
-        _STOP.set()
-        watched = list(_WATCHED)
+        first = _stopped(signum)
+        watched = list(_WATCHED) if first else []
     for thing in watched:
         thing.abandon()
+    return first
+
+
+def _stopped(signum: int) -> bool:
+    """Set the stop (under _LOCK): False when it was set already."""
+    if _STOP.is_set():
+        return False
+    if not _GOT:
+        _GOT.append(int(signum))
+    _STOP.set()
     return True
 
 
 def reset() -> None:
-    """Clear a stop, for a process that goes on after one (tests)."""
+    """Clear a stop, for a process that goes on after one (tests, a user's notebook): its logging
+    comes back, and no watcher of a block begun before now stops or ends it."""
     global _FORGIVE
     with _LOCK:
         _STOP.clear()
@@ -119,7 +126,9 @@ def reset() -> None:
         _RAISED.clear()
         _FORGIVE.set()
         _FORGIVE = threading.Event()
-    _loud()
+        for loud in reversed(_SILENCED):  # under the lock: a stop that comes now silences after
+            loud()
+        _SILENCED.clear()
 
 
 def _handler(signum, frame) -> None:
@@ -131,9 +140,14 @@ def _handler(signum, frame) -> None:
         raise Interrupted(signum)
 
 
-def _watch(fd: int, forced: Callable[[int], None]) -> None:
+def _watch(fd: int, forced: Callable[[int], None], forgive: threading.Event) -> None:
     """Read signal numbers off the wakeup fd; at the first SIGINT or SIGTERM, stop the run and, if
-    it has not ended GRACE seconds later, end the process."""
+    it has not ended GRACE seconds later, end the process.
+
+    `forgive` is the event of the block's start, set by the next `reset`. This thread may read its
+    signal late, after the block has ended and a reset has let the process go on (a loaded CI
+    runner did, and the suite was ended 10 s later): it then neither stops, silences nor ends what
+    came after. The check, the stop and the silence are one step under _LOCK, as a reset is."""
     while True:
         try:
             got = os.read(fd, 64)
@@ -145,11 +159,15 @@ def _watch(fd: int, forced: Callable[[int], None]) -> None:
         stopped = [s for s in got if s in SIGNALS]
         if stopped:
             break
-    forgive = _FORGIVE
-    stop(stopped[0])
-    _quiet()
-    if forgive.wait(GRACE):  # `reset`: the process goes on, and so does its logging
-        _loud()
+    with _LOCK:
+        late = forgive.is_set()
+        first = not late and _stopped(stopped[0])
+        watched = list(_WATCHED) if first else []
+        if not late:
+            _quiet()
+    for thing in watched:
+        thing.abandon()
+    if late or forgive.wait(GRACE):  # a reset gave the logging back: the process goes on
         os.close(fd)
         return
     forced(signum())
@@ -161,10 +179,10 @@ def _watch(fd: int, forced: Callable[[int], None]) -> None:
 
 
 def _quiet() -> None:
-    """No more log records: a stopped run says so in one line, not with the logs of its unwinding
-    (Prefect logs a crash with its traceback, its internal loggers ignore `logging.disable`, and
-    when Ctrl-C also stopped its temporary server, every call to it that fails).
-    `_loud` gives it back, for a process that goes on (`reset`)."""
+    """No more log records (called under _LOCK): a stopped run says so in one line, not with the
+    logs of its unwinding (Prefect logs a crash with its traceback, its internal loggers ignore
+    `logging.disable`, and when Ctrl-C also stopped its temporary server, every call to it that
+    fails). `reset` gives it back, for a process that goes on."""
     level = logging.root.manager.disable
     logging.disable(logging.CRITICAL)
     silenced = [logger for logger in [logging.getLogger(), *list(logging.Logger.manager.loggerDict.values())]
@@ -177,16 +195,7 @@ def _quiet() -> None:
         for logger in silenced:
             logger.disabled = False
 
-    with _LOCK:
-        _SILENCED.append(loud)
-
-
-def _loud() -> None:
-    with _LOCK:
-        undo = list(reversed(_SILENCED))
-        _SILENCED.clear()
-    for loud in undo:
-        loud()
+    _SILENCED.append(loud)
 
 
 @contextmanager
@@ -202,7 +211,7 @@ def signals(forced: Callable[[int], None]):
     before = {s: signal.signal(s, _handler) for s in SIGNALS}
     wakeup = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
     _INSTALLED.append(True)
-    threading.Thread(target=_watch, args=(read, forced), name="autoexplain-signals", daemon=True).start()
+    threading.Thread(target=_watch, args=(read, forced, _FORGIVE), name="autoexplain-signals", daemon=True).start()
     try:
         yield
     finally:

@@ -304,6 +304,38 @@ def test_a_process_that_goes_on_after_a_stop_logs_again():
         logger.removeHandler(handler)
 
 
+MANY_STOPS = """
+import logging, os, signal, sys, threading, time
+from autoexplain import interrupt
+logger = logging.getLogger("autoexplain.many_stops")
+for i in range(200):
+    signum = (signal.SIGINT, signal.SIGTERM)[i % 2]
+    assert not interrupt.stopping() and not logger.disabled, f"stop {i} began stopped or silenced"
+    try:
+        with interrupt.signals(lambda signum: None):
+            os.kill(os.getpid(), signum)
+            interrupt.sleep(30)
+    except interrupt.Interrupted as stop:
+        assert stop.signum == signum, f"stop {i}: {stop.signum}"
+    interrupt.reset()
+deadline = time.monotonic() + 30
+while any(t.name == "autoexplain-signals" for t in threading.enumerate()):
+    assert time.monotonic() < deadline, "a watcher of a reset block still waits to end the process"
+    time.sleep(0.05)
+print("went on")
+"""
+
+
+def test_stops_one_after_another_in_one_process_end_nothing_after_their_reset():
+    """A block's watcher thread may read its signal after the block has ended and `reset` has let
+    the process go on. It stopped and silenced what came next, and ended the process 10 s later
+    (exit 130: the CI on record died so inside this file). Two hundred stops in a row, each reset:
+    every one begins unstopped and loud, and no watcher is left to end the process."""
+    done = subprocess.run([sys.executable, "-c", MANY_STOPS], capture_output=True, text=True,
+                          timeout=LIVENESS_S * 4, cwd=Path(__file__).parent.parent)
+    assert (done.returncode, done.stdout.strip()) == (0, "went on"), done.stderr[-2000:]
+
+
 # -- in process: what a stop does to an LLM's calls ------------------------------------------------
 
 def in_thread(fn, *args) -> Future:
