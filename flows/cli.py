@@ -11,9 +11,9 @@ layer and the paths of the site and the outputs.
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 
@@ -221,6 +221,7 @@ def _run_flow(name: str, params: dict, check, uses: dict | None = None, spell=pr
     simulator and scorers), for the simulator's warm-up and the LLM line. `spell`: this command's
     flags, for a parameter error the run itself finds."""
     check()
+    serving = temporary_server()  # starts now, while the flow is imported and the simulator loads
     uses = {**params, **(uses or {})}
     import importlib
 
@@ -234,7 +235,7 @@ def _run_flow(name: str, params: dict, check, uses: dict | None = None, spell=pr
     bars, listener = stage_bars()
     remove = progress.listen(listener)
     try:
-        with temporary_server(), bars:
+        with serving(), bars:
             try:
                 result = flow(**params)
             except UserError as e:
@@ -253,16 +254,18 @@ def _run_flow(name: str, params: dict, check, uses: dict | None = None, spell=pr
     unanswered_exit(result.get("unanswered", 0))  # counted by the flow (`flows.steps.finished`)
 
 
-def temporary_server():
-    """A context in which the flow runs report to Prefect's temporary server, one that a signal
-    to the command does not stop (`flows.server`), when none is configured (no PREFECT_API_URL)."""
+def temporary_server() -> Callable[[], AbstractContextManager]:
+    """A context in which the flow runs report to Prefect's temporary server, one that a signal to
+    the command does not stop (`flows.server`), when none is configured (no PREFECT_API_URL). The
+    server starts at this call; entering the context waits until it answers."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     if PREFECT_API_URL.value():
-        return nullcontext()
+        return nullcontext
     from autoexplain.flows import server
 
-    return temporary_settings({PREFECT_API_URL: server.start()})
+    answering = server.launch()
+    return lambda: temporary_settings({PREFECT_API_URL: answering()})
 
 
 app.command("explain-layer")(explain_layer_cmd)

@@ -23,17 +23,18 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Callable
 
 from autoexplain import interrupt
 
 STOP_S = 10.0  # the most the command waits at its exit for the server to shut down
 
 
-def start() -> str:
-    """Start the server and wait until it answers; returns its API URL. It is shut down when this
-    process exits (an exit handler)."""
-    import httpx
-    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, get_current_settings
+def launch() -> Callable[[], str]:
+    """Start the server now; the call returned waits until it answers and returns its API URL. The
+    command goes on meanwhile (it imports its flow, loads its simulator): on 2 cores that hides
+    seconds of the server's start. It is shut down when this process exits."""
+    from prefect.settings import get_current_settings
 
     env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True)}
     started: list[subprocess.Popen] = []
@@ -42,6 +43,13 @@ def start() -> str:
         [sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)))
     proc = started[0]
     atexit.register(stop, proc)
+    return lambda: _answering(proc)
+
+
+def _answering(proc: subprocess.Popen) -> str:
+    import httpx
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
     port = proc.stdout.readline().strip()
     proc.stdout.close()
     if not port.isdigit():
