@@ -50,6 +50,7 @@ def import_cmd(
     source: Path = typer.Option(..., "--from", help="A dataset `publish` wrote, or a folder in the reference layout (explanations/<layer>/<n>.jsonl)."),
     layer: Optional[int] = typer.Option(None, "--layer", "-l", help="Layer to import (required for the reference layout; default for a dataset: every layer)."),
     out: Path = typer.Option(Path("out"), "--out", "-o"),
+    model: Optional[str] = typer.Option(None, "--model", help="Where the dataset's subject model is on this machine (a dataset names it without its place), for the scorers that run it again."),
 ):
     """Import published explanations to re-simulate and re-score them. A dataset `publish` wrote comes
     back whole (records, explanations, its scores), as runs that `rescore --out OUT --layer L` re-scores."""
@@ -65,7 +66,7 @@ def import_cmd(
         if (source / "data" / "explanations").is_dir():
             from autoexplain.dataset_import import import_dataset
 
-            for L, kind in import_dataset(source, out, None if layer is None else [layer]):
+            for L, kind in import_dataset(source, out, None if layer is None else [layer], model):
                 err.print(f"imported layer {L} ({kind}): re-score it with `autoexplain rescore --out {out} --layer {L}"
                           f"{'' if kind == 'mlp' else ' --source ' + kind}`", highlight=False)
             typer.echo(str(out))

@@ -71,6 +71,17 @@ def _of_source(table: pa.Table, kind: str) -> pa.Table:
     return table if kind == MLP.kind else table.append_column("source", pa.array([kind] * table.num_rows, pa.string()))
 
 
+def _here(model: str, params: dict) -> str:
+    from autoexplain.subject import made_records
+
+    here = Path(model).expanduser()
+    model = str(here.resolve()) if here.exists() else model
+    if params.get(SUBJECT_KEY) and not made_records(params[SUBJECT_KEY], model):
+        raise UserError(f"--model: {model} is not the model the dataset was recorded with ({params['model']})",
+                        "pass the dataset's subject model as it is on this machine")
+    return model
+
+
 def import_layer(folder: Path, out: Path, layer: int, kind: str, params: dict) -> Path:
     """One (layer, source) of the dataset as windows, records, explanations and scores stages, and
     its run pointer (returned)."""
@@ -120,14 +131,19 @@ def import_layer(folder: Path, out: Path, layer: int, kind: str, params: dict) -
     return write_run(out, layer, run, kind=kind)
 
 
-def import_dataset(folder: str | Path, out: str | Path, layers: list[int] | None = None) -> list[tuple[int, str]]:
-    """Every (layer, source kind) of the dataset (or of `layers`), each with its run pointer; returns them."""
+def import_dataset(folder: str | Path, out: str | Path, layers: list[int] | None = None,
+                   model: str | None = None) -> list[tuple[int, str]]:
+    """Every (layer, source kind) of the dataset (or of `layers`), each with its run pointer; returns them.
+    `model`: where the subject is on this machine (the card names it without its place), checked
+    against the card's fingerprint, for the scorers that run it again (hard negatives)."""
     folder, out = Path(folder), Path(out)
     runs = published_runs(folder)
     chosen = {k: v for k, v in runs.items() if layers is None or k[0] in layers}
     if not chosen:
         raise UserError(f"{folder} holds no run of layer(s) {layers} (it has {sorted({L for L, _ in runs})})",
                         "pass layers the dataset has")
+    if model is not None:
+        chosen = {key: {**params, "model": _here(model, params)} for key, params in chosen.items()}
     # A run pointer is the user's handle on their latest run: importing over one would silently swap
     # their own run for the dataset's. Importing the same dataset again is fine (same folders).
     taken = [layer_name(L, kind) for L, kind in sorted(chosen) if (run := read_run(out, L, kind)) is not None

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from autoexplain import defaults, files, layout, remote
 from autoexplain.errors import UserError
 from autoexplain.layer import dead_of_run
+from autoexplain.registry import public_spec
 from autoexplain.rows import rows_to_table
 from autoexplain.sources import MLP
 from autoexplain.summary import dead_line
@@ -168,16 +169,53 @@ def _columns(table: str, schema: pa.Schema, latents: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
+def public_model(model: str) -> str:
+    """The subject as a published dataset names it: an alias or hub id as given; a local folder or
+    file by its name (where it lies is the user's own), a Hugging Face cache snapshot by its repository."""
+    path = Path(model).expanduser()
+    if model in defaults.MODEL_ALIASES or not (path.is_absolute() or path.exists()):
+        return model
+    repo = next((part for part in reversed(path.resolve().parts) if part.startswith("models--")), None)
+    return repo.removeprefix("models--").replace("--", "/") if repo else path.resolve().name
+
+
+_PRIVATE = ("site", "out", "results", "dask")  # where the run wrote and ran: nothing a reader can use
+
+
+def public_params(params: dict) -> dict:
+    """A run's parameters as its dataset shows them: no local path, server address or key variable."""
+    public = {k: v for k, v in params.items() if k not in _PRIVATE}
+    public["model"] = public_model(str(params["model"]))
+    if params.get("corpus") not in (None, defaults.CORPUS):
+        public["corpus"] = Path(str(params["corpus"])).name
+    for k in ("explainer", "simulator", "scorers", "source"):
+        if isinstance(params.get(k), str):
+            public[k] = public_spec(params[k])
+    return public
+
+
+def _public_columns(table: pa.Table) -> pa.Table:
+    """The tables' spec columns (`explainer`, `simulator`) as `public_spec` writes them."""
+    for name in ("explainer", "simulator"):
+        if name in table.column_names:
+            column = table.column(name)
+            values = column.unique().to_pylist()
+            shown = pa.array([public_spec(v) if v is not None else None for v in values], column.type)
+            table = table.set_column(table.column_names.index(name), name,
+                                     pc.take(shown, pc.index_in(column, pa.array(values, column.type))))
+    return table
+
+
 def made_by(run: dict) -> dict:
-    """A run's parameters as the card records them, with the fingerprint of the subject its records
-    came from (`SUBJECT_KEY`): `import` gives it to the records it rebuilds, so that work that runs
-    the model on them again (hard negatives) can check the model is that one."""
+    """A run's parameters as the card records them (`public_params`), with the fingerprint of the
+    subject its records came from (`SUBJECT_KEY`): `import` gives it to the records it rebuilds, so
+    that work that runs the model on them again (hard negatives) can check the model is that one."""
     subject = read_manifest(Path(local_ref(run["records"])["path"]))["inputs"].get("subject")
-    return {**run["params"], **({SUBJECT_KEY: subject} if subject else {})}
+    return {**public_params(run["params"]), **({SUBJECT_KEY: subject} if subject else {})}
 
 
 def card(runs: dict[tuple[int, str], dict], schemas: dict[str, pa.Schema], license_: str, sizes: dict[str, int]) -> str:
-    params = next(iter(runs.values()))["params"]
+    params = public_params(next(iter(runs.values()))["params"])
     configs = "".join(f"  - config_name: {t}\n    data_files: \"data/{t}/**/*.parquet\"\n"
                       + ("    default: true\n" if t == "scores" else "") for t in TABLES)
     header = (f"---\nlicense: {license_}\npretty_name: \"autoexplain: {params['model']} neurons, explained\"\n"
@@ -277,7 +315,7 @@ def publish(out: str, to: str | Path, layers: list[int] | None = None, license_:
     try:
         schemas, sizes, pedia = {}, dict.fromkeys(TABLES, 0), []
         for (L, kind), run in sorted(runs.items()):
-            tables = layer_tables(run)
+            tables = {name: _public_columns(table) for name, table in layer_tables(run).items()}
             pedia += neuronpedia_rows(tables["explanations"], run["params"]["model"], kind) if "explanations" in tables else []
             for name, table in tables.items():
                 table = _with_source(table, kind)

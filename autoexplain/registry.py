@@ -163,6 +163,15 @@ def parse_llm(spec: str | None) -> LLMSpec:
     return LLMSpec("openai", model, url, key_env)
 
 
+def public_spec(spec: str) -> str:
+    """A spec (an LLM's, a component's, a scorer list, a unit source) as a published dataset shows
+    it: a server by its model's name alone (its address and key variable are the user's own), a
+    local file or folder by its name (`local:/home/me/m.gguf` -> `local:m.gguf`)."""
+    spec = re.sub(r"@https?://[^#,\s]*", "", spec)
+    spec = re.sub(r"#[A-Za-z_][A-Za-z0-9_]*(?=,|$)", "", spec)
+    return re.sub(r"(?<=:)[/~][^:,#@]*", lambda m: m[0].rstrip("/").rpartition("/")[2] or m[0], spec)
+
+
 def make_llm(spec: str | None = None, **kw):
     """Build an LLM; keyword arguments go to the backend (`LocalLLM`, `OpenAILLM`). A server LLM's
     max_concurrency and requests_per_minute default to `llm.server_limits` (see `llm.set_limits`)."""

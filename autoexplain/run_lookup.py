@@ -92,7 +92,14 @@ def check_hard_negatives(run: dict, scorers: str | None, source: str | None, spe
     model, records = run["params"].get("model"), Path(run["records"].get("path", ""))
     if not model or not records.is_dir() or not any(takes_hard_negatives(p.spec) for p in parse_scorers(scorers)):
         return
-    check_model(records, model)
+    try:
+        check_model(records, model)
+    except UserError as e:
+        if run.get("flow") != "import":
+            raise
+        # a dataset names its model without its place (`publish.public_model`)
+        raise UserError(f"the dataset's model '{model}' is not here to run again ({e.problem})",
+                        "import the dataset again with --model, where the model is on this machine") from None
     try:
         recorded_source(records, model, run["params"]["layer"], source)
     except UserError as e:

@@ -84,7 +84,26 @@ def test_a_published_dataset_loads_offline_and_holds_the_runs(home, two_layers, 
     assert len(pedia) == explained.height and {p["layer"] for p in pedia} == {"0-mlp", "1-mlp"}
     assert set(pedia[0]) == {"modelId", "layer", "index", "description", "explanationModelName", "typeName"}
 
-    imported = cli(home, "import", "--from", str(to), "--layer", "1", "--out", str(tmp_path / "again"))
+    # nothing of the machine it was made on: the model, corpus and output folders are the user's own
+    tmp = str(Path(prose_corpus).parents[1])
+    shown = [text, gzip.open(to / "neuronpedia" / "explanations" / "batch-0.jsonl.gz", "rt").read()]
+    shown += [json.dumps(pl.read_parquet(p).select(pl.col(pl.String)).to_dicts()) for p in (to / "data").rglob("*.parquet")]
+    assert not [s for s in shown if tmp in s], f"a local path ({tmp}) in the dataset"
+    assert f'"model": "{Path(read_run(two_layers, 1)["params"]["model"]).name}"' in text
+    assert header["pretty_name"] == f"autoexplain: {Path(read_run(two_layers, 1)['params']['model']).name} neurons, explained"
+
+    imported = cli(home, "import", "--from", str(to), "--layer", "1", "--out", str(tmp_path / "named"))
+    assert imported.returncode == 0, imported.stderr[-3000:]
+    nowhere = cli(home, "rescore", "--out", str(tmp_path / "named"), "--layer", "1", "--bootstrap", "20",
+                  "--scorers", "simulation,embedding")
+    line = _one_error_line(nowhere)
+    assert nowhere.returncode == 2 and "import" in line and "--model" in line, line
+    wrong = _one_error_line(cli(home, "import", "--from", str(to), "--layer", "1", "--out", str(tmp_path / "wrong"),
+                                "--model", str(Path(prose_corpus).parent)))
+    assert wrong.startswith("error: --model:") and "not the model the dataset was recorded with" in wrong, wrong
+    assert not (tmp_path / "wrong").exists()
+    imported = cli(home, "import", "--from", str(to), "--layer", "1", "--out", str(tmp_path / "again"),
+                   "--model", read_run(two_layers, 1)["params"]["model"])
     assert imported.returncode == 0, imported.stderr[-3000:]
     back = pl.read_parquet(next((tmp_path / "again" / "explanations").glob("*/layer_1.parquet")))
     published = pl.read_parquet(to / "data" / "explanations" / "mlp" / "layer_1.parquet").filter(pl.col("method") == "explainer")
@@ -144,3 +163,21 @@ def test_the_publish_flow(prefect_results, two_layers, tmp_path):
             any_=[state.state_details.flow_run_id])))]
     assert any(state.message in m for m in logged), logged
     assert not any("Traceback" in m for m in logged), "the run log says the line alone"
+
+
+def test_a_dataset_shows_specs_and_models_without_their_place(tmp_path):
+    from autoexplain.publish import public_model
+    from autoexplain.registry import public_spec
+
+    assert public_spec("openai:gpt-4o@http://10.0.0.5:8000/v1#MY_KEY") == "openai:gpt-4o"
+    assert public_spec("with-outputs:openai:meta-llama/Llama-3-8B@https://h:1/v1") == "with-outputs:openai:meta-llama/Llama-3-8B"
+    assert public_spec("simulation,detection:openai:x@http://h/v1#K,embedding") == "simulation,detection:openai:x,embedding"
+    assert public_spec("all-at-once:local:/home/me/models/m.gguf") == "all-at-once:local:m.gguf"
+    assert public_spec("sae:/home/me/coders/res_l1/") == "sae:res_l1"
+    assert [public_spec(s) for s in ("embedding", "chat-json:openai:gpt-4o-mini", "local")] == \
+        ["embedding", "chat-json:openai:gpt-4o-mini", "local"]
+    snapshot = tmp_path / "hub" / "models--HuggingFaceTB--SmolLM2-135M" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    assert public_model(str(snapshot)) == "HuggingFaceTB/SmolLM2-135M"
+    assert public_model(str(tmp_path / "hub")) == "hub"
+    assert [public_model(m) for m in ("smollm2", "EleutherAI/pythia-70m")] == ["smollm2", "EleutherAI/pythia-70m"]
