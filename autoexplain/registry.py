@@ -334,6 +334,11 @@ def simulator_identity(spec: str | None) -> str:
     return out + "|" + weights if weights else out
 
 
+def simulator_of(identity: str) -> str:
+    """The simulator spec a `simulator_identity` was made from."""
+    return identity.split("|", 1)[0]
+
+
 def llm_weights(spec: str | None) -> str:
     """A local LLM's model content (`weights.model_digest`: every file's full sha256, computed once
     per file version), the same string as its loaded `Subject.fingerprint`: not where it lies, so a

@@ -194,11 +194,11 @@ def llm_for(spec: str):
     return _Serialised(registry.make_explainer(spec))
 
 
-@functools.partial(load_once, limited=lambda identity: registry.uses_server(simulator=identity.split("|", 1)[0]))
+@functools.partial(load_once, limited=lambda identity: registry.uses_server(simulator=registry.simulator_of(identity)))
 def simulator_for(identity: str):
     # Keyed by the identity, prompt hash included: a process that outlives a prompt edit (a worker,
     # a notebook) must not keep simulating with the prompt it read first.
-    return _Serialised(registry.make_simulator(identity.split("|", 1)[0]))
+    return _Serialised(registry.make_simulator(registry.simulator_of(identity)))
 
 
 def own_simulator(spec: str):
