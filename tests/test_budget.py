@@ -60,8 +60,8 @@ def test_the_ledger_refuses_what_could_pass_the_limit():
 
 
 def test_a_server_run_stops_before_passing_its_budget(fault_server, bench_server):
-    """64 requests in flight at once; each holds its estimate (prompt at 4 characters a token, which
-    over-counts the bench server's tokens here, plus max_tokens), so what is spent stays within the
+    """64 requests in flight at once; each holds its estimate (its prompt at 4 characters a token
+    until answers show the server's count, plus max_tokens), so what is spent stays within the
     budget although many requests were in flight when it was reached."""
     srv = fault_server(upstream=bench_server.base_url)
     llm = OpenAILLM("bench", srv.base_url, api_key="test", max_concurrency=64)
@@ -185,3 +185,19 @@ def test_the_flow_ends_in_a_budget_reached_state(prefect_results, bench_server, 
     assert state.message.startswith("stopped: the budget of 500 tokens is reached") and "\n" not in state.message
     result = state.result()
     assert result["stopped"] == "budget" and result["tokens"] <= 500
+
+
+def test_prompts_are_held_at_the_characters_per_token_the_server_counts(fault_server, bench_server):
+    """Digits and spaces, which the server counts at 2 characters a token (as a tokenizer counts a
+    simulator's tab-separated records at 2-3): held at 4 characters a token, each request reserved
+    half of what it cost, and the third was sent with 114 tokens of the budget left for 193. The
+    LLM now holds a prompt at the ratio its server's answers have shown."""
+    srv = fault_server(upstream=bench_server.base_url)
+    llm = OpenAILLM("bench", srv.base_url, api_key="test", max_concurrency=1)
+    ledger = set_budget("500 tokens")
+    prompt = "1 2 3 4 5 6 7 8 9 " * 20  # 360 characters, 180 tokens at the server
+    with pytest.raises(BudgetReached):
+        for i in range(10):
+            llm.complete([f"{prompt}{i}"], n=1, max_tokens=12)
+    llm.close()
+    assert len(srv.requests) == 2 and ledger.tokens <= 500, (len(srv.requests), ledger.tokens)
