@@ -76,7 +76,11 @@ def _here(model: str, params: dict) -> str:
 
     here = Path(model).expanduser()
     model = str(here.resolve()) if here.exists() else model
-    if params.get(SUBJECT_KEY) and not made_records(params[SUBJECT_KEY], model):
+    try:
+        same = not params.get(SUBJECT_KEY) or made_records(params[SUBJECT_KEY], model)
+    except UserError as e:
+        raise UserError(f"--model: {e.problem}", e.fix) from None
+    if not same:
         raise UserError(f"--model: {model} is not the model the dataset was recorded with ({params['model']})",
                         "pass the dataset's subject model as it is on this machine")
     return model

@@ -102,6 +102,9 @@ def test_a_published_dataset_loads_offline_and_holds_the_runs(home, two_layers, 
                                 "--model", str(Path(prose_corpus).parent)))
     assert wrong.startswith("error: --model:") and "not the model the dataset was recorded with" in wrong, wrong
     assert not (tmp_path / "wrong").exists()
+    gone = _one_error_line(cli(home, "import", "--from", str(to), "--layer", "1", "--out", str(tmp_path / "wrong"),
+                               "--model", str(tmp_path / "no-such-model")))
+    assert gone.startswith("error: --model: cannot load model") and not (tmp_path / "wrong").exists(), gone
     imported = cli(home, "import", "--from", str(to), "--layer", "1", "--out", str(tmp_path / "again"),
                    "--model", read_run(two_layers, 1)["params"]["model"])
     assert imported.returncode == 0, imported.stderr[-3000:]
