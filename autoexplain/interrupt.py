@@ -145,9 +145,11 @@ def _watch(fd: int, forced: Callable[[int], None], forgive: threading.Event) -> 
     it has not ended GRACE seconds later, end the process.
 
     `forgive` is the event of the block's start, set by the next `reset`. This thread may read its
-    signal late, after the block has ended and a reset has let the process go on (a loaded CI
-    runner did, and the suite was ended 10 s later): it then neither stops, silences nor ends what
-    came after. The check, the stop and the silence are one step under _LOCK, as a reset is."""
+    signal late, after the block has ended and a reset has let the process go on: it then neither
+    stops, silences nor ends what came after. The check, the stop and the silence are one step
+    under _LOCK, as a reset is, and only a reset gives logging back (a forgiven watcher that did
+    also gave back what a later stop had just silenced). Either slip, in a test suite that goes on
+    after in-process stops, ended the whole suite 10 s later with exit 130."""
     while True:
         try:
             got = os.read(fd, 64)
