@@ -185,7 +185,8 @@ _PRIVATE = ("site", "out", "results", "dask")  # where the run wrote and ran: no
 def public_params(params: dict) -> dict:
     """A run's parameters as its dataset shows them: no local path, server address or key variable."""
     public = {k: v for k, v in params.items() if k not in _PRIVATE}
-    public["model"] = public_model(str(params["model"]))
+    if isinstance(params.get("model"), str):
+        public["model"] = public_model(params["model"])
     if params.get("corpus") not in (None, defaults.CORPUS):
         public["corpus"] = Path(str(params["corpus"])).name
     for k in ("explainer", "simulator", "scorers", "source"):
