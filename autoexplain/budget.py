@@ -4,8 +4,8 @@ The ledger is per process, like the concurrency limits (`llm.set_limits`), so a 
 cannot keep one and is refused a budget (`preflight.check_dask`). Every LLM answer that was
 paid for is charged to it (`LLM._record`), answers read from the response cache cost nothing. A
 server request first reserves its estimate (its prompt at the characters per token its server's
-answers have shown, 4 until then, plus max_tokens per sample) and is refused when what is spent, plus what is in flight, plus its estimate would pass
-the limit; so a run stops before the request that would overspend, and can pass the limit only by
+answers have shown, 4 until then, plus max_tokens per sample) and is refused when what is spent,
+plus what is in flight, plus its estimate would pass the limit; so a run stops before the request that would overspend, and can pass the limit only by
 what the estimates missed. A local model is asked only while the limit is not reached.
 
 A refused request raises `BudgetReached`, which is no request failure: it ends the stage. What was

@@ -10,8 +10,9 @@ around: `llm.py`'s docstring.
 Rate limits: `requests_per_minute` and `tokens_per_minute` are sliding one-minute windows
 (`llm_limits.Window`) taken before each attempt, the requests also paced by a token bucket. A
 request's tokens are not known before it is answered, so it takes an estimate (its text at the
-characters per token the server's answers have shown, 4 until then, plus its max_tokens per sample) and settles the difference with the server's
-`usage` once answered; an attempt that fails keeps its estimate spent (the server may have counted it).
+characters per token the server's answers have shown, 4 until then, plus its max_tokens per
+sample) and settles the difference with the server's `usage` once answered; an attempt that fails
+keeps its estimate spent (the server may have counted it).
 
 Response cache: `self.cache` (`llm_cache`, attached by the stage) answers what it has seen before.
 
@@ -154,12 +155,10 @@ class OpenAILLM(Transport, LLM):
             got: list[Completion] = []
             while len(got) < k:
                 want = k - len(got)
-                estimate = (self._prompt_tokens(len(prompt)), want * max_tokens)
                 r = self._request(lambda: self._client.completions.create(
                     model=self.name, prompt=prompt, n=want, temperature=temperature, max_tokens=max_tokens, **extra),
-                    check=self._has_choices, estimate=estimate)
+                    check=self._has_choices, prompt_chars=len(prompt), completion=want * max_tokens)
                 pt, ct, cached = self._tokens(r.usage)
-                self._learn(len(prompt), pt)
                 self._record(sinks, pt, ct, cached_tokens=cached)
                 if len(r.choices) < want:
                     self._n_ignored = True
@@ -229,12 +228,10 @@ class OpenAILLM(Transport, LLM):
                 raise Malformed("a chat reply without the logprobs asked for")
 
         def ask(messages: list[dict]) -> ChatResult:
-            chars = sum(len(str(m.get("content") or "")) for m in messages)
             r = self._request(lambda: self._client.chat.completions.create(
                 model=self.name, messages=messages, temperature=temperature, max_tokens=max_tokens, **extra),
-                check=check, estimate=(self._prompt_tokens(chars), max_tokens))
+                check=check, prompt_chars=sum(len(str(m.get("content") or "")) for m in messages), completion=max_tokens)
             pt, ct, cached = self._tokens(r.usage)
-            self._learn(chars, pt)
             self._record(sinks, pt, ct, cached_tokens=cached)
             choice = r.choices[0]
             tops = None
@@ -277,9 +274,8 @@ class OpenAILLM(Transport, LLM):
             # max_tokens=1, not 0: llama.cpp reads 0 as "no limit". The generated token is dropped below.
             data = self._request(lambda: self._echo_data(create(
                 model=self.name, prompt=prompt, echo=True, logprobs=top, max_tokens=1, temperature=0.0)),
-                estimate=(self._prompt_tokens(len(prompt)), 1))
+                prompt_chars=len(prompt), completion=1)
             pt, ct, cached = self._tokens(data.get("usage"))
-            self._learn(len(prompt), pt)
             self._record(sinks, pt, ct, cached_tokens=cached)
             choice = data["choices"][0]
             lp = choice["logprobs"]

@@ -85,14 +85,18 @@ class Transport:
             after = 0.0
         return max(delay, min(after, self.backoff_cap))
 
-    def _request(self, call, retries: int | None = None, check=None, estimate: tuple[int, int] = (0, 0)):
+    def _request(self, call, retries: int | None = None, check=None, prompt_chars: int = 0, completion: int = 0):
         """Run one API call with retries on 429, 5xx, timeouts, lost connections and malformed answers
         (`check(response)` raises Malformed for a 200 that is no usable answer). A concurrency slot is
-        held for each attempt only, never during the backoff wait. `estimate`: the request's prompt and
-        completion tokens as guessed before it is sent, held against the run's budget while it is in
-        flight (`budget`) and taken from the tokens-per-minute window before each attempt (`_settle`)."""
+        held for each attempt only, never during the backoff wait. The request's prompt (`prompt_chars`
+        characters, `_prompt_tokens`) and `completion` tokens as guessed before it is sent are held
+        against the run's budget while it is in flight (`budget`) and taken from the tokens-per-minute
+        window before each attempt (`_settle`); the answer's usage teaches the guess (`_learn`)."""
+        estimate = (self._prompt_tokens(prompt_chars), completion)
         with ledger().hold(sum(estimate), self.dollars(*estimate)):
-            return self._attempts(call, self.max_retries if retries is None else retries, check, sum(estimate))
+            response = self._attempts(call, self.max_retries if retries is None else retries, check, sum(estimate))
+        self._learn(prompt_chars, self._tokens(self._usage(response))[0])
+        return response
 
     def _attempts(self, call, retries: int, check, tokens: int):
         openai, attempt = self._openai, 0
@@ -191,10 +195,13 @@ class Transport:
         details = getattr(usage, "prompt_tokens_details", None)
         return usage.prompt_tokens or 0, usage.completion_tokens or 0, getattr(details, "cached_tokens", None) or 0
 
+    @staticmethod
+    def _usage(response):
+        return response.get("usage") if isinstance(response, dict) else getattr(response, "usage", None)
+
     def _settle(self, taken, response) -> None:
         """Replace a request's estimate by the tokens the server says it used (when it says)."""
-        usage = response.get("usage") if isinstance(response, dict) else getattr(response, "usage", None)
-        used = sum(self._tokens(usage)[:2])
+        used = sum(self._tokens(self._usage(response))[:2])
         if used > 0:
             self._tpm.settle(taken, used)
 
