@@ -99,21 +99,20 @@ def watch(thing) -> None:
 def stop(signum: int = signal.SIGINT) -> bool:
     """Stop the run: True for the call that did, False when it was stopped already."""
     with _LOCK:
-        first = _stopped(signum)
-        watched = list(_WATCHED) if first else []
-    for thing in watched:
+        watched = _stopped(signum)
+    for thing in watched or ():
         thing.abandon()
-    return first
+    return watched is not None
 
 
-def _stopped(signum: int) -> bool:
-    """Set the stop (under _LOCK): False when it was set already."""
+def _stopped(signum: int) -> list | None:
+    """Set the stop (under _LOCK) and return what to abandon; None when it was set already."""
     if _STOP.is_set():
-        return False
+        return None
     if not _GOT:
         _GOT.append(int(signum))
     _STOP.set()
-    return True
+    return list(_WATCHED)
 
 
 def reset() -> None:
@@ -163,11 +162,10 @@ def _watch(fd: int, forced: Callable[[int], None], forgive: threading.Event) -> 
             break
     with _LOCK:
         late = forgive.is_set()
-        first = not late and _stopped(stopped[0])
-        watched = list(_WATCHED) if first else []
+        watched = None if late else _stopped(stopped[0])
         if not late:
             _quiet()
-    for thing in watched:
+    for thing in watched or ():
         thing.abandon()
     if late or forgive.wait(GRACE):  # a reset gave the logging back: the process goes on
         os.close(fd)
