@@ -71,18 +71,21 @@ def _of_source(table: pa.Table, kind: str) -> pa.Table:
     return table if kind == MLP.kind else table.append_column("source", pa.array([kind] * table.num_rows, pa.string()))
 
 
-def _here(model: str, params: dict) -> str:
+def _here(model: str, chosen: dict[tuple[int, str], dict]) -> str:
+    """`model` as the runs' parameter: checked against each subject fingerprint the card gives."""
     from autoexplain.subject import made_records
 
     here = Path(model).expanduser()
     model = str(here.resolve()) if here.exists() else model
-    try:
-        same = not params.get(SUBJECT_KEY) or made_records(params[SUBJECT_KEY], model)
-    except UserError as e:
-        raise UserError(f"--model: {e.problem}", e.fix) from None
-    if not same:
-        raise UserError(f"--model: {model} is not the model the dataset was recorded with ({params['model']})",
-                        "pass the dataset's subject model as it is on this machine")
+    named = {params[SUBJECT_KEY]: params["model"] for params in chosen.values() if params.get(SUBJECT_KEY)}
+    for subject, name in named.items():
+        try:
+            same = made_records(subject, model)
+        except UserError as e:
+            raise UserError(f"--model: {e.problem}", e.fix) from None
+        if not same:
+            raise UserError(f"--model: {model} is not the model the dataset was recorded with ({name})",
+                            "pass the dataset's subject model as it is on this machine")
     return model
 
 
@@ -147,7 +150,8 @@ def import_dataset(folder: str | Path, out: str | Path, layers: list[int] | None
         raise UserError(f"{folder} holds no run of layer(s) {layers} (it has {sorted({L for L, _ in runs})})",
                         "pass layers the dataset has")
     if model is not None:
-        chosen = {key: {**params, "model": _here(model, params)} for key, params in chosen.items()}
+        here = _here(model, chosen)
+        chosen = {key: {**params, "model": here} for key, params in chosen.items()}
     # A run pointer is the user's handle on their latest run: importing over one would silently swap
     # their own run for the dataset's. Importing the same dataset again is fine (same folders).
     taken = [layer_name(L, kind) for L, kind in sorted(chosen) if (run := read_run(out, L, kind)) is not None

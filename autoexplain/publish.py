@@ -131,13 +131,14 @@ def _write_neuronpedia(rows: list[dict], folder: Path) -> None:
 
 
 def _corpus(params: dict) -> str:
-    """What the card says of the corpus: the embedded one by its sources and their licenses; a
-    user's by its file name only (their folders are nobody's business; its license is theirs to add)."""
+    """What the card says of the corpus (`params` as `public_params` gives them): the embedded one by
+    its sources and their licenses; a user's by its file name only (their folders are nobody's
+    business; its license is theirs to add)."""
     tokens = f"{params['tokens']:,} tokens"
     if params["corpus"] == defaults.CORPUS:
         return (f"the embedded default, {tokens}: English Wikipedia articles (CC BY-SA 3.0) and the King James "
                 "Bible (public domain)")
-    return f"`{Path(str(params['corpus'])).name}`, {tokens} (the run's own corpus)"
+    return f"`{params['corpus']}`, {tokens} (the run's own corpus)"
 
 
 def _commit() -> str:
@@ -175,8 +176,9 @@ def public_model(model: str) -> str:
     path = Path(model).expanduser()
     if model in defaults.MODEL_ALIASES or not (path.is_absolute() or path.exists()):
         return model
-    repo = next((part for part in reversed(path.resolve().parts) if part.startswith("models--")), None)
-    return repo.removeprefix("models--").replace("--", "/") if repo else path.resolve().name
+    path = path.resolve()
+    repo = next((part for part in reversed(path.parts) if part.startswith("models--")), None)
+    return repo.removeprefix("models--").replace("--", "/") if repo else path.name
 
 
 _PRIVATE = ("site", "out", "results", "dask")  # where the run wrote and ran: nothing a reader can use
