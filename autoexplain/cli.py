@@ -15,7 +15,7 @@ from typing import Optional
 
 import typer
 
-from autoexplain import cli_tools, defaults, preflight
+from autoexplain import cli_tools, defaults, leave, preflight
 from autoexplain.budget import set_budget
 from autoexplain.cli_common import (BUDGET, CACHE, CONCURRENCY, N_RANDOM, RETRIES, RPM, SCORERS, TEXT_FIELD, TIMEOUT, TOP_K, TPM,
                                     WINDOW_LEN, records_layer)
@@ -217,7 +217,7 @@ for _name, _command in (("export", cli_tools.export_cmd), ("import", cli_tools.i
 def main():  # pragma: no cover - the stage commands alone (`python -m autoexplain.cli`)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     flat_command_list(app)
-    app(prog_name="autoexplain")
+    leave.run(lambda: app(prog_name="autoexplain"))
 
 
 if __name__ == "__main__":  # pragma: no cover

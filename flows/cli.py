@@ -290,7 +290,9 @@ def main():  # pragma: no cover - console entry point
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_DATABASE_TIMEOUT", "60")
     os.environ.setdefault("PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT", "60")
-    app(prog_name="autoexplain")
+    from autoexplain import leave
+
+    leave.run(lambda: app(prog_name="autoexplain"))
 
 
 if __name__ == "__main__":  # pragma: no cover

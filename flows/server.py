@@ -25,7 +25,7 @@ import threading
 import time
 from typing import Callable
 
-from autoexplain import interrupt
+from autoexplain import interrupt, leave
 
 STOP_S = 10.0  # the most the command waits at its exit for the server to shut down
 
@@ -97,7 +97,7 @@ def serve() -> None:
         server.should_exit = True
 
     threading.Thread(target=cue, name="stop-cue", daemon=True).start()
-    server.run(sockets=[sock])
+    leave.run(lambda: server.run(sockets=[sock]))  # the command waits for this process's end
 
 
 if __name__ == "__main__":
