@@ -36,7 +36,7 @@ def read_units(
         .collect()
     )
     tokens_of = dict(zip(windows["window_id"].to_list(), windows["tokens"].to_list()))
-    stats_of = _read_stats(stats_path, None if units is None else {u for u, _ in units}) if stats_path else {}
+    stats_of = read_stats(stats_path, None if units is None else {u for u, _ in units}) if stats_path else {}
 
     if recs.height == 0:
         return []
@@ -60,7 +60,9 @@ def read_units(
     return out
 
 
-def _read_stats(path: str | Path, units: set[int] | None = None) -> dict[tuple[int, int], UnitStats]:
+def read_stats(path: str | Path, units: set[int] | None = None) -> dict[tuple[int, int], UnitStats]:
+    """A layer's statistics table by (unit, polarity), or those of `units` only: every unit recorded
+    has them, also one that never fired and so has no records."""
     table = pl.read_parquet(path)
     if units is not None:
         table = table.filter(pl.col("unit").is_in(sorted(units)))

@@ -28,6 +28,7 @@ Data files are scripts that assign to `window.__data[key]` (loaded by <script> t
 
 from __future__ import annotations
 
+import bisect
 import os
 import shutil
 import time
@@ -211,7 +212,7 @@ def build_site(score_dirs: list[Path], site_dir: Path, records_dir: Path | None 
                          bool((units["polarity"] < 0).any())))
 
     _clear_site(site_dir, {unit_file(src.source, u, p, polar) for src, _, _, units, _, polar in prepared
-                           for u, p in units.select("unit", "polarity").iter_rows()})
+                           for u, p in [*units.select("unit", "polarity").iter_rows(), *((u, 1) for u in dead.get(src.source, ()))]})
     (site_dir / "assets").mkdir(parents=True, exist_ok=True)
     (site_dir / "data").mkdir(exist_ok=True)
     for name in ("viewer.js", "viewer.css"):
@@ -242,7 +243,8 @@ def build_site(score_dirs: list[Path], site_dir: Path, records_dir: Path | None 
             write_js(sdir / f"index_{k}.js", f"{src.source}/index/{k}",
                      index_chunk(index.slice(k * chunk_size, chunk_size)))
         write_js(sdir / "summary.js", f"{src.source}/summary", summary)
-        _write_units(src, units, scores, chosen, site_dir, max_per_kind, polar, similar, cache_dir, written)
+        _write_units(src, units, scores, chosen, site_dir, max_per_kind, polar, similar, cache_dir, written,
+                     summary["dead"])
         if summary["plot"]:
             from autoexplain.plots import plot_score_distribution
 
@@ -306,9 +308,11 @@ def _dead_of_runs(sources: list[LayerSource]) -> dict[str, list[int]]:
 
 
 def _write_units(src: LayerSource, units: pl.DataFrame, scores, chosen, site_dir: Path, max_per_kind, polar: bool,
-                 similar: dict[str, list], cache_dir: Path, written: Written) -> None:
+                 similar: dict[str, list], cache_dir: Path, written: Written, dead: list[int]) -> None:
     """One file per unit: data/<source>/u/<unit><p|n|>.js (`unit_file`). A file whose content is
-    what the last build wrote there is left as it is (`view_written`)."""
+    what the last build wrote there is left as it is (`view_written`). A unit asked for that never
+    fired (`dead`) has one too, with its statistics and links to the explained units beside it, but
+    is not in the explained units' previous / next chain."""
     expl, sc, simulated = explanations_of(chosen), scores_of(scores), sims_frame(src)
     costs = ({(u, p): d for _, u, p, d in unit_costs(scores).iter_rows()} if "dollars" in scores.columns else {})
     reader = records_reader(src)
@@ -318,24 +322,30 @@ def _write_units(src: LayerSource, units: pl.DataFrame, scores, chosen, site_dir
     sims_digest = sims_digests(simulated)
     keys = [(int(u), int(p)) for u, p in units.select("unit", "polarity").iter_rows()]
     position = {k: j for j, k in enumerate(keys)}
+    never = sorted(set(dead) - {u for u, _ in keys})
     S, L = src.source, src.layer
     written.look_in(site_dir, f"data/{S}/u")
 
     def name(k):
         return unit_page(S, k[0], k[1], polar)
 
+    def beside(u):  # a unit that never fired: the explained units before and after it
+        j = bisect.bisect_left(keys, u, key=lambda k: k[0])
+        return (name(keys[j - 1]) if j > 0 else None), (name(keys[j]) if j < len(keys) else None)
+
     # zlib lets go of the GIL while it compresses: one thread a core.
     pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
-    for start in range(0, len(keys), 1024):
+    every = keys + [(u, 1) for u in never]
+    for start in range(0, len(every), 1024):
         todo = []  # (unit, file, its digest, the head's details)
-        for u, p in keys[start:start + 1024]:
-            j = position[(u, p)]
+        for u, p in every[start:start + 1024]:
+            j = position.get((u, p))
+            prev, nxt = beside(u) if j is None else (name(keys[j - 1]) if j > 0 else None,
+                                                     name(keys[j + 1]) if j + 1 < len(keys) else None)
             detail = {"source": S, "layer": L, "unit": u, "polarity": p, "name": name((u, p)),
                       "explanations": expl.get((u, p)) or {}, "scores": sc.get((u, p)) or {}, "cost": costs.get((u, p)),
-                      "prev": name(keys[j - 1]) if j > 0 else None,
-                      "next": name(keys[j + 1]) if j + 1 < len(keys) else None,
-                      "other": name((u, -p)) if (u, -p) in position else None,
-                      "similar": similar.get(name((u, p)), [])}
+                      "prev": prev, "next": nxt, "other": name((u, -p)) if (u, -p) in position else None,
+                      "similar": similar.get(name((u, p)), []), **({"dead": True} if j is None else {})}
             text, file = to_json(detail)[1:-1], unit_file(S, u, p, polar)
             d = content_key([file, text, sims_digest.get((u, p)), tail_id], 32)  # what the file follows from
             if not written.unchanged(file, d):

@@ -181,9 +181,15 @@ def records_reader(src: LayerSource):
 
     def read(keys):
         # Imported here: it brings torch, which a rebuild from the records cache never needs.
-        from autoexplain.activations import read_units
+        from autoexplain.activations import read_stats, read_units
+        from autoexplain.records import UnitId, UnitRecords
 
         found = read_units(records_path, windows, keys, stats_path if stats_path.is_file() else None)
-        return {(u.id.index, u.id.polarity): u for u in found}
+        found = {(u.id.index, u.id.polarity): u for u in found}
+        unrecorded = [k for k in keys if k not in found]  # never fired: statistics, no records
+        if unrecorded and stats_path.is_file():
+            stats = read_stats(stats_path, {u for u, _ in unrecorded})
+            found.update({k: UnitRecords(UnitId(src.source, *k), [], stats[k]) for k in unrecorded if k in stats})
+        return found
 
     return read

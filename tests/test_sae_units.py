@@ -227,8 +227,11 @@ def test_explain_layer_and_rescore_on_latents_from_the_command_line(tiny_llama_d
     dead = w.open("layer.html#L1/sae-res-40")
     dead.wait_for_selector("#dead")
     assert dead.text_content("#dead").startswith("1 more never fired on the recorded tokens")
-    dead = w.open("unit.html#L1/sae-res-40/N7", ready=False)
-    dead.wait_for_function("document.getElementById('explanation').textContent.includes('never fired')")
+    dead = w.open("unit.html#L1/sae-res-40/N7")  # with its statistics and a way on to the explained units
+    assert "never fired on the recorded tokens" in dead.text_content("#explanation")
+    assert "active on 0.0% of tokens" in dead.text_content("#stats") and dead.locator("#prev-unit").count() == 0
+    dead.click("#next-unit")
+    dead.wait_for_selector("body[data-unit='L1/sae-res-40/N8'][data-ready='1']")
     w.close()
 
     elsewhere = cli(home, "rescore", "--out", str(out), "--source", "sae-res-40", "--bootstrap", "60",

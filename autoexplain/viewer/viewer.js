@@ -601,7 +601,6 @@
       document.body.removeAttribute("data-ready");
       document.body.setAttribute("data-unit", name);
       if (!meta) return fail($("explanation"), "layer " + unit.layer + " has no source " + unit.kind + " in this site");
-      if ((meta.dead || []).indexOf(unit.u) >= 0) return fail($("explanation"), label + " never fired on the recorded tokens: it has no exemplars and no explanation");
       load(name, unitFile(unit)).then(inflate).then(function (d) {
         // A later hash may have routed elsewhere while this unit loaded: its page must not be drawn over.
         if (document.body.getAttribute("data-unit") !== name) return;
@@ -640,7 +639,8 @@
 
       var ex = d.explanations || {};
       var llm = ex.explainer || { text: "" };
-      $("explanation").textContent = llm.text || "(no explanation)";
+      $("explanation").textContent = d.dead ? "N" + d.unit + " never fired on the recorded tokens: it has no exemplars and no explanation"
+        : llm.text || "(no explanation)";
       var sc = (d.scores || {}).explainer || {};
       var head = sc[SITE.metric];
       $("headline").textContent = head ? (metricLabel(SITE.metric) + ": " + fmt(head[0]) + " " + ci(head[1], head[2]) +
