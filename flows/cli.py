@@ -23,6 +23,7 @@ from autoexplain.cli_common import (BUDGET, CACHE, CONCURRENCY, N_RANDOM, RETRIE
                                     WINDOW_LEN)
 from autoexplain.console import (
     budget_stopped,
+    err,
     flat_command_list,
     print_llm_usage,
     print_model_summary,
@@ -251,6 +252,11 @@ def _run_flow(name: str, params: dict, check, uses: dict | None = None, spell=pr
         print_model_summary(result)
     else:
         print_summary([Path(ref["path"]) for ref in result["scores"]], result)
+    if serving is not nullcontext:  # the temporary server's runs stay in the home's database
+        from prefect.settings import PREFECT_HOME
+
+        err.print(f"Prefect: the flow run stays in {PREFECT_HOME.value()}; `prefect server start` shows it at the "
+                  "'View at' link above", highlight=False)
     unanswered_exit(result.get("unanswered", 0))  # counted by the flow (`flows.steps.finished`)
 
 
@@ -258,14 +264,16 @@ def temporary_server() -> Callable[[], AbstractContextManager]:
     """A context in which the flow runs report to Prefect's temporary server, one that a signal to
     the command does not stop (`flows.server`), when none is configured (no PREFECT_API_URL). The
     server starts at this call; entering the context waits until it answers."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 
     if PREFECT_API_URL.value():
         return nullcontext
     from autoexplain.flows import server
 
     answering = server.launch()
-    return lambda: temporary_settings({PREFECT_API_URL: answering()})
+    # Prefect's "View at" line names the UI of a later `prefect server start` on the same database,
+    # not this server's port, which is gone when the command ends.
+    return lambda: temporary_settings({PREFECT_API_URL: answering(), PREFECT_UI_URL: server.later_ui()})
 
 
 app.command("explain-layer")(explain_layer_cmd)

@@ -46,6 +46,16 @@ def launch() -> Callable[[], str]:
     return lambda: _answering(proc)
 
 
+def later_ui() -> str:
+    """Where `prefect server start`, with this process's settings, serves the UI over the database
+    this server writes to: a run's "View at" link that still opens after the command has ended."""
+    from prefect.settings import get_current_settings
+
+    api = get_current_settings().server.api
+    host = "127.0.0.1" if api.host in ("0.0.0.0", "::", "") else api.host
+    return f"http://{host}:{api.port}"
+
+
 def _answering(proc: subprocess.Popen) -> str:
     import httpx
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS

@@ -62,6 +62,44 @@ def test_explain_layer_ends_with_one_summary_and_the_paths(explained):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
+def test_the_run_s_view_at_link_opens_in_a_later_prefect_server(home, explained):
+    """The temporary server is gone when the command ends; its "View at" link names where a later
+    `prefect server start` on the same home serves the UI (Prefect's default port), and the run is there."""
+    import re
+    import time
+
+    import httpx
+    from tests.llama_server import free_port
+
+    _, result = explained
+    link = re.search(r"View at (\S+)", result.stderr).group(1)
+    run_id = link.rsplit("/", 1)[1]
+    assert link == f"http://127.0.0.1:4200/runs/flow-run/{run_id}", link
+    assert f"Prefect: the flow run stays in {home}; `prefect server start` shows it at the 'View at' link" in result.stderr
+    port = free_port()  # 4200 itself may be taken on a test machine: the same server, another port
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=prefect_home(home), PREFECT_SERVER_API_PORT=str(port), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--no-services"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(600):  # until it answers
+            try:
+                run = httpx.get(f"{base}/api/flow_runs/{run_id}", timeout=5)
+                break
+            except httpx.TransportError:
+                assert server.poll() is None, "prefect server start ended"
+                time.sleep(0.2)
+        assert run.status_code == 200 and run.json()["state"]["type"] == "COMPLETED", run.text[:500]
+        page = httpx.get(base + link.removeprefix("http://127.0.0.1:4200"), headers={"Accept": "text/html"}, timeout=5,
+                         follow_redirects=True)  # as a browser navigates: the UI's page for that path
+        assert page.status_code == 200 and "<html" in page.text.lower(), (page.status_code, page.text[:300])
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
 def test_summary_in_a_log_keeps_every_name_whole(explained, monkeypatch, capsys):
     """Written to a file or a worker's log (no terminal, no COLUMNS), the layer's table is not cut
     to rich's 80 columns: every method and metric reads whole on its row."""
