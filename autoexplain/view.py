@@ -329,9 +329,8 @@ def _write_units(src: LayerSource, units: pl.DataFrame, scores, chosen, site_dir
     def name(k):
         return unit_page(S, k[0], k[1], polar)
 
-    def beside(u):  # a unit that never fired: the explained units before and after it
-        j = bisect.bisect_left(keys, u, key=lambda k: k[0])
-        return (name(keys[j - 1]) if j > 0 else None), (name(keys[j]) if j < len(keys) else None)
+    def at(j):  # the explained unit at position j, if there is one
+        return name(keys[j]) if 0 <= j < len(keys) else None
 
     # zlib lets go of the GIL while it compresses: one thread a core.
     pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
@@ -340,8 +339,11 @@ def _write_units(src: LayerSource, units: pl.DataFrame, scores, chosen, site_dir
         todo = []  # (unit, file, its digest, the head's details)
         for u, p in every[start:start + 1024]:
             j = position.get((u, p))
-            prev, nxt = beside(u) if j is None else (name(keys[j - 1]) if j > 0 else None,
-                                                     name(keys[j + 1]) if j + 1 < len(keys) else None)
+            if j is None:  # a unit that never fired: between the explained units before and after it
+                after = bisect.bisect_left(keys, u, key=lambda k: k[0])
+                prev, nxt = at(after - 1), at(after)
+            else:
+                prev, nxt = at(j - 1), at(j + 1)
             detail = {"source": S, "layer": L, "unit": u, "polarity": p, "name": name((u, p)),
                       "explanations": expl.get((u, p)) or {}, "scores": sc.get((u, p)) or {}, "cost": costs.get((u, p)),
                       "prev": prev, "next": nxt, "other": name((u, -p)) if (u, -p) in position else None,
