@@ -242,16 +242,16 @@ def set_limits(concurrency: int | None = None, requests_per_minute: float | None
 
 
 def limits_now() -> tuple[str | None, ...]:
-    """The limits set now (`set_limits`), as one value: what a server LLM made now is made with."""
-    import os
+    """The limits set now (`set_limits`; in a dask worker's task, its run's: `run_scope`), as one
+    value: what a server LLM made now is made with."""
+    from autoexplain.run_scope import setting
 
-    return tuple(os.environ.get(name) for name in LIMIT_ENVS)
+    return tuple(setting(name) for name in LIMIT_ENVS)
 
 
 def server_limits(url: str | None) -> dict:
     """max_concurrency, requests_per_minute, tokens_per_minute and (when set) max_retries and timeout for a
     server LLM: set_limits's values or the defaults."""
-    import os
     from urllib.parse import urlparse
 
     openai = (urlparse(url or OPENAI_URL).hostname or "").endswith("api.openai.com")

@@ -37,6 +37,8 @@ import zlib
 from concurrent.futures import Future
 from pathlib import Path
 
+from autoexplain.run_scope import setting
+
 CACHE_ENV, CACHE_MB_ENV = "AUTOEXPLAIN_LLM_CACHE", "AUTOEXPLAIN_LLM_CACHE_MB"
 DEFAULT_MB = 16384
 FOLDER = "llm_cache"
@@ -65,7 +67,7 @@ def set_cache(on: bool = True) -> None:
 
 
 def enabled() -> bool:
-    return os.environ.get(CACHE_ENV, "").strip().lower() not in _OFF
+    return (setting(CACHE_ENV) or "").strip().lower() not in _OFF
 
 
 try:  # the echo answers are large (top-15 alternatives at every prompt position): orjson is 5-10x faster
@@ -216,9 +218,9 @@ def for_root(out: str | os.PathLike) -> ResponseCache | None:
         return None
     from autoexplain.storage import open_root
 
-    named = os.environ.get(CACHE_ENV, "").strip()
+    named = (setting(CACHE_ENV) or "").strip()
     directory = (Path(named).expanduser() if named else open_root(out) / FOLDER).resolve()
-    mb = float(os.environ.get(CACHE_MB_ENV) or DEFAULT_MB)
+    mb = float(setting(CACHE_MB_ENV) or DEFAULT_MB)
     with _LOCK:
         cache = _OPEN.get(directory)
         if cache is None:

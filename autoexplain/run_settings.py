@@ -4,10 +4,14 @@
 variables: the server LLMs made from then on read them, and so do the processes the run starts. A
 dask worker process was started before the run, by someone else: it never sees them. `WorkerSettings`
 is a dask worker plugin that a run on dask registers (`flows.steps.scale_out`): every worker process,
-present or joining later, takes the run's settings while the run lasts, and counts what its LLMs
-were asked, so that the run's `LLM:` line includes the workers' requests (`collect`).
+present or joining later, keeps the run's settings under the run's name while the run lasts
+(`run_scope`), its tasks read them (the task wrapper enters the run's scope), and it counts what its
+LLMs were asked, so that the run's `LLM:` line includes the workers' requests (`collect`).
 
-Workers serve one run's settings at a time: two runs on one cluster at once share the later one's.
+Two runs on one cluster at once each have their own settings (and their own LLM objects, so their
+own concurrency and rate limits) and neither's end takes the other's away. Their counts are per
+worker process: each run's `LLM:` line includes what the other's tasks asked on the same workers
+while both ran.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from contextlib import suppress
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from autoexplain import run_scope
 from autoexplain.budget import ledger
 from autoexplain.counters import COUNTS
 from autoexplain.llm import LIMIT_ENVS
@@ -31,39 +36,29 @@ def current() -> tuple[tuple[str, str | None], ...]:
     return tuple((name, os.environ.get(name)) for name in NAMES)
 
 
-def apply(settings) -> tuple[tuple[str, str | None], ...]:
-    """Take `settings` (`current()` of another process); returns what they replaced."""
-    before = current()
-    for name, value in settings:
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-    return before
-
-
 def _spent() -> dict:
     books = ledger()
     return {**{k: COUNTS[k] for k in LLM_COUNTS}, "tokens": books.tokens, "dollars": books.dollars,
             "unpriced": books.unpriced}
 
 
+PREFIX = "autoexplain-run-settings-"
+
+
 class WorkerSettings(WorkerPlugin):
-    """A run's LLM settings in every worker process while it lasts (see the module docstring)."""
+    """Run `run`'s LLM settings in every worker process while it lasts (see the module docstring)."""
 
-    name = "autoexplain-run-settings"
-
-    def __init__(self, settings):
-        self.settings = tuple(settings)
-        self._before: tuple = ()
+    def __init__(self, run: str, settings):
+        self.run, self.settings = run, tuple(settings)
+        self.name = PREFIX + run
         self._start: dict = {}
 
     def setup(self, worker) -> None:
-        self._before = apply(self.settings)
+        run_scope.add(self.run, self.settings)
         self._start = _spent()
 
     def teardown(self, worker) -> None:
-        apply(self._before)
+        run_scope.remove(self.run)
 
     def spent(self) -> dict:
         """What this worker's LLMs were asked since the run's settings arrived."""
@@ -71,23 +66,30 @@ class WorkerSettings(WorkerPlugin):
         return {k: v - self._start.get(k, 0) for k, v in now.items()}
 
 
-def _worker_spent(client_pid: int, dask_worker) -> dict:
+def _worker_spent(client_pid: int, name: str, dask_worker) -> dict:
     # A worker in the run's own process (a threads-only LocalCluster) counted into its counts already.
-    plugin = dask_worker.plugins.get(WorkerSettings.name)
+    plugin = dask_worker.plugins.get(name)
     return plugin.spent() if isinstance(plugin, WorkerSettings) and os.getpid() != client_pid else {}
 
 
-def give_back(client) -> None:
-    """The workers' own settings back (the plugin's teardown), once the run is over."""
+def hand_over(client, run: str) -> WorkerSettings:
+    """This process's settings to every worker process, present and joining, as run `run`'s."""
+    plugin = WorkerSettings(run, current())
+    client.register_plugin(plugin)
+    return plugin
+
+
+def give_back(client, plugin: WorkerSettings) -> None:
+    """The run's settings gone from the workers (the plugin's teardown), once the run is over."""
     with suppress(Exception):  # a scheduler gone by now: its workers went with it
-        client.unregister_worker_plugin(WorkerSettings.name)
+        client.unregister_worker_plugin(plugin.name)
 
 
-def collect(client) -> None:
+def collect(client, plugin: WorkerSettings) -> None:
     """Add what the workers' LLMs were asked during the run to this process's counts and ledger,
     which the run's `LLM:` line reads. A worker gone by now took its counts with it."""
     try:
-        per_worker = client.run(_worker_spent, os.getpid(), on_error="return")
+        per_worker = client.run(_worker_spent, os.getpid(), plugin.name, on_error="return")
     except Exception:  # noqa: BLE001 - a scheduler gone by now: the line says this process's alone
         return
     for spent in per_worker.values():

@@ -92,7 +92,7 @@ def scale_out(dask: str | None, work: Callable[[], T]) -> T:
                                     PREFECT_API_URL.value())
             except UserError as e:
                 raise for_parameter(flow_name, "dask", e) from None
-            _hand_settings(runner.client, stack)
+            _hand_settings(runner.client, str(run.flow_run.id), stack)
             stack.enter_context(run.model_copy(update={"task_runner": runner}))
         try:
             return work()
@@ -102,15 +102,16 @@ def scale_out(dask: str | None, work: Callable[[], T]) -> T:
             raise
 
 
-def _hand_settings(client, stack: ExitStack) -> None:
+def _hand_settings(client, run: str, stack: ExitStack) -> None:
     """The run's LLM settings (limits, timeout, response cache) in every worker process, present and
-    joining, while the run lasts; at its end, what the workers' LLMs were asked joins this process's
+    joining, under the run's name while it lasts: its tasks read them (`tasks.stages.in_run_settings`),
+    another run's tasks their own. At its end, what the workers' LLMs were asked joins this process's
     counts, which the run's `LLM:` line reads (`autoexplain.run_settings`)."""
     from autoexplain import run_settings
 
-    client.register_plugin(run_settings.WorkerSettings(run_settings.current()))
-    stack.callback(run_settings.give_back, client)  # after the counts are read (callbacks run last first)
-    stack.callback(run_settings.collect, client)
+    plugin = run_settings.hand_over(client, run)
+    stack.callback(run_settings.give_back, client, plugin)  # after the counts are read (callbacks run last first)
+    stack.callback(run_settings.collect, client, plugin)
 
 
 def _watch_joiners(client, api_url: str, stopped: list[UserError]) -> Callable[[], None]:

@@ -18,7 +18,7 @@ from autoexplain import classify_stage, registry
 from autoexplain.layer import StageRef
 from autoexplain.storage import local_ref, open_root
 from autoexplain.tasks.caching import RETRY, cache_key
-from autoexplain.tasks.stages import load_once, one_at_a_time, one_line_failures, ref, stage_progress
+from autoexplain.tasks.stages import in_run_settings, load_once, one_at_a_time, one_line_failures, ref, stage_progress
 
 
 @functools.partial(load_once, limited=lambda spec: registry.uses_server(scorers=spec), maxsize=8, locked=False)
@@ -56,6 +56,7 @@ _serial = one_at_a_time(_classify)
 
 @task(name="classify", cache_key_fn=cache_key("classify", (classify_stage.run_classify,)), **RETRY)
 @one_line_failures
+@in_run_settings
 def classify_task(records: dict, simulations: dict, scorer: str, scorer_id: dict, negatives: str | None,
                   out: str = "out") -> dict:
     """`scorer_id` (`classify_stage.scorer_identity`) puts the prompt and weights in the cache key.

@@ -36,7 +36,7 @@ from prefect.states import Failed
 from autoexplain import interrupt
 from autoexplain import layer as layer_mod
 from autoexplain import progress as progress_mod
-from autoexplain import registry, remote
+from autoexplain import registry, remote, run_scope
 from autoexplain.counters import COUNTS
 from autoexplain.errors import UserError
 from autoexplain.llm import limits_now
@@ -103,6 +103,21 @@ def _one_line_failures(fn):
     return run
 
 
+def in_run_settings(fn):
+    """A task body that reads its own run's LLM settings: on a dask worker that keeps them (the run
+    handed them over, `run_settings`), those of the flow run the task belongs to, whatever other run
+    shares the worker; elsewhere the process's environment (`run_scope`)."""
+    from prefect.context import TaskRunContext
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        context = TaskRunContext.get()
+        with run_scope.scope(str(context.task_run.flow_run_id) if context is not None else None):
+            return fn(*args, **kwargs)
+
+    return run
+
+
 def _one_at_a_time(fn):
     """Run a stage task's body under the same lock, so a process runs one shard's stage at a time.
 
@@ -142,13 +157,15 @@ def _models_lock() -> threading.RLock:
 def load_once(fn, limited=None, maxsize: int = 4, locked: bool = True):
     """fn(spec), made once per process (`locked`: under the models lock). `limited(spec)`: what it
     makes asks a server LLM, whose limits are fixed when it is made (`llm.set_limits`): made again
-    when they change (a later run in a notebook, or on a dask worker, `run_settings`), and only then."""
+    when they change (a later run in a notebook), and one for each run on a dask worker that serves
+    several (`run_settings`: each run's limits its own, and its response cache or none)."""
     cached = lru_cache(maxsize=maxsize)(lambda spec, limits: fn(spec))
 
     @functools.wraps(fn)  # the same name, so that dask workers unpickle it by reference
     def load(spec: str):
         with _MODELS if locked else nullcontext():
-            return cached(spec, limits_now() if limited is not None and limited(spec) else None)
+            server = limited is not None and limited(spec)
+            return cached(spec, (limits_now(), run_scope.current()) if server else None)
 
     load.cache_info, load.cache_clear = cached.cache_info, cached.cache_clear
     return load
@@ -290,6 +307,7 @@ def _record(model: str, corpus: str, sources: list[tuple[str, list[int]]], token
 @task(name="explain", cache_key_fn=cache_key("explain", (layer_mod.run_explain,), lambda p: explainer_prompt(p["explainer"])),
       **RETRY)
 @_one_line_failures
+@in_run_settings
 @_one_at_a_time
 def explain_task(records: dict, layer: int, units: list[int], explainer: str, k: int = 4, out: str = "out") -> dict:
     log = get_run_logger()
@@ -314,6 +332,7 @@ def revise_task(explanations: dict, revisions: dict[str, str], out: str = "out")
 
 @task(name="simulate", cache_key_fn=cache_key("simulate", (layer_mod.run_simulate,), ""), **RETRY)
 @_one_line_failures
+@in_run_settings
 @_one_at_a_time_unless_server
 def simulate_task(records: dict, explanations: dict, simulator: str, simulator_id: str, out: str = "out") -> dict:
     records, explanations, out = local_ref(records), local_ref(explanations), open_root(out)

@@ -281,4 +281,59 @@ def test_a_run_on_dask_hands_its_llm_settings_to_the_workers_and_counts_their_re
     assert state.name == "Incomplete" and state.result()["unanswered"] >= 1, (state.name, state.message)
     assert srv.requests and counted.get("llm_sent") == len(srv.requests), (counted, len(srv.requests))
     assert counted.get("llm_requests") == len(srv.requests) - 1 and not counted.get("llm_retries")
-    assert set(client.run(lambda: os.environ.get(RETRIES_ENV)).values()) == {None}, "the workers' own settings are back"
+    assert set(client.run(lambda: os.environ.get(RETRIES_ENV)).values()) == {None}, "the workers' environment untouched"
+    assert all(not runs for runs in client.run(_kept_runs).values()), "the run's settings gone from the workers"
+
+
+def _kept_runs() -> list[str]:
+    from autoexplain import run_scope
+
+    return run_scope.runs()
+
+
+def _read_in(run: str) -> tuple:
+    from autoexplain import llm_cache, run_scope
+    from autoexplain.llm import limits_now
+
+    with run_scope.scope(run):
+        return limits_now(), llm_cache.enabled()
+
+
+def test_two_runs_on_one_cluster_keep_their_own_llm_settings(prefect_isolated, cluster, tiny_llama_dir, prose_corpus,
+                                                              tmp_path):
+    """Another run on the same workers, with other settings (no retries, no response cache), handed
+    over as a run hands them: this run's tasks read their own (one 500 is sent again, the default
+    retries), and the other run's settings are still on every worker after this run ends."""
+    from bench.llm_server import BenchServer
+    from tests.llama_server import FaultServer
+
+    from autoexplain import run_settings
+    from autoexplain.counters import COUNTS, since
+    from autoexplain.flows.explain_layer import explain_layer
+    from autoexplain.llm import LIMIT_ENVS, RETRIES_ENV
+    from autoexplain.llm_cache import CACHE_ENV
+
+    c, client = cluster
+    other = dict(run_settings.current(), **{RETRIES_ENV: "0", CACHE_ENV: "off"})
+    theirs = run_settings.WorkerSettings("another-run", other.items())
+    client.register_plugin(theirs)
+    upstream = BenchServer(latency=0.0)
+    srv = FaultServer(fail_with=[500], upstream=upstream.base_url)
+    try:
+        params = {**_params(tiny_llama_dir, prose_corpus, tmp_path / "out"), "units": "0-3", "k": 1, "site": "none",
+                  "explainer": f"openai:bench@{srv.base_url}"}
+        before = dict(COUNTS)
+        state = explain_layer(**params, dask=c.scheduler_address, return_state=True)
+        retried = since(before).get("llm_retries")
+        kept = client.run(_kept_runs)
+        read = client.run(_read_in, "another-run")
+    finally:
+        run_settings.give_back(client, theirs)
+        srv.stop()
+        upstream.stop()
+    assert state.name == "Completed" and retried == 1, (state.name, state.message, retried)  # not the other's 0
+    assert (tmp_path / "out" / "llm_cache").is_dir(), "the run kept its answers: not the other run's cache off"
+    assert all(runs == ["another-run"] for runs in kept.values()), kept
+    for limits, cached in read.values():
+        assert dict(zip(LIMIT_ENVS, limits))[RETRIES_ENV] == "0"
+        assert cached is False
