@@ -112,3 +112,34 @@ def test_the_notebook_score_is_the_score_stage(tiny_records):
         theirs = {r.metric: Score(r.value, r.ci_low, r.ci_high, r.undefined_reason, r.n_records, r.n_failed)
                   for r in stage if r.unit == unit.id}
         assert mine == theirs
+
+
+class _Counting(Simulator):
+    kind = name = "counting"
+
+    def __init__(self):
+        self.calls = 0
+
+    def simulate(self, explanation, records):
+        self.calls += 1
+        return [Simulation([0.0] * len(tokens)) for tokens in records]
+
+
+def test_the_notebook_score_refuses_bad_calls_in_one_line_before_simulating(tiny_records):
+    """n_boot 0 crashed inside the bootstrap (IndexError), a list of units with an AttributeError, a
+    record with one activation too few counted as a failed simulation, and records outside the held-out
+    splits gave only 'no records'."""
+    from autoexplain.records import ActivationRecord
+
+    unit = load_units(tiny_records[0], 1, [0])[0]
+    short = ActivationRecord([" a", " b"], [1.0], 7, "top", "test")
+    bad = {"n_boot must be a whole number of at least 1 \\(got 0\\)": (unit, 0),
+           "one unit's records, and was given a list of 1 units": ([unit], 10),
+           "record of window 7 has 2 tokens and 1 activations": ([*unit.records, short], 10),
+           "none of the 1 records is held out for scoring": ([ActivationRecord([" a"], [1.0])], 10)}
+    for message, (records, n_boot) in bad.items():
+        sim = _Counting()
+        with pytest.raises(UserError, match=message):
+            score(sim, "a", records, n_boot=n_boot)
+        assert sim.calls == 0, message
+    assert score(_Counting(), "a", unit, n_boot=10)  # the unit itself scores
