@@ -144,7 +144,7 @@ def train_sae_cmd(
     model: str = typer.Option(defaults.SUBJECT, "--model", "-m", help="Subject model: hub name, local folder, .gguf file, or 'smollm2' (embedded)."),
     corpus: str = typer.Option(defaults.CORPUS, "--corpus", "-c", help="Corpus whose tokens the SAE is trained on (as for record)."),
     layer: Optional[int] = typer.Option(None, "--layer", "-l", help="Layer of the hook point (default: the middle layer)."),
-    hook: str = typer.Option("resid_post", "--hook", help="resid_pre, resid_post, mlp_in or mlp_out of that layer."),
+    hook: str = typer.Option("resid_post", "--hook", help="resid_pre, resid_post, mlp_in, mlp_out, mlp_module_in or mlp_module_out of that layer (README: SAEs)."),
     latents: int = typer.Option(4096, "--latents", help="Latents of the SAE."),
     k: int = typer.Option(32, "--k", help="Active latents per token (TopK)."),
     tokens: int = typer.Option(200_000, "--tokens", "-n", help="Corpus tokens to capture hidden states from (5 % held out)."),

@@ -194,8 +194,8 @@ class FusedLlama:
     @torch.inference_mode()
     def capture(self, input_ids: torch.Tensor, points) -> dict[tuple[int, str], torch.Tensor]:
         """`Subject.capture`: the tensors at (layer, point)s, 'units' (a layer's MLP hidden units)
-        or a hidden-state point (resid_pre, mlp_in: the normed MLP input, mlp_out, resid_post),
-        from one pass that stops once it has them all."""
+        or a hidden-state point of `sae_coder.POINTS` (as `autoexplain.hooked` reads it), from one
+        pass that stops once it has them all."""
         wanted, out = set(points), {}
 
         def take(i: int, point: str, x: torch.Tensor) -> bool:
@@ -228,15 +228,20 @@ class FusedLlama:
             qk = _rotate(qkv[:, :, : H + K], cos, sin, bufs.get("qk", (B, T, H + K, D), h))
             attn = _attention(qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + K :], blk.scaling, mask, bufs)
             _add_product(h, attn, blk.w_o, blk.b_o)
-            normed = _normed(h, blk.eps2, normed, wide)
-            if (i, "mlp_in") in wanted and take(i, "mlp_in", normed * blk.norm2_weight):  # its weight is folded into w_gu
+            normed = _normed(h, blk.eps2, normed, wide)  # x / rms, the norm's weight being folded into w_gu
+            if take(i, "mlp_in", normed):
+                return
+            if (i, "mlp_module_in") in wanted and take(i, "mlp_module_in", normed * blk.norm2_weight):
                 return
             gu = _linear(normed, blk.w_gu, blk.b_gu, bufs.get("gu", (B * T, 2 * blk.n_units), h))
             units = F.silu(gu[:, : blk.n_units], inplace=True).mul_(gu[:, blk.n_units :])
             if take(i, "units", units):
                 return
-            if (i, "mlp_out") in wanted and take(i, "mlp_out", _linear(units, blk.w_down, blk.b_down)):
-                return
+            outs = [p for p in ("mlp_out", "mlp_module_out") if (i, p) in wanted]
+            if outs:  # these models have no post-MLP norm: what the module returns is what it adds
+                mlp_out = _linear(units, blk.w_down, blk.b_down)
+                if any([take(i, p, mlp_out) for p in outs]):
+                    return
             _add_product(h, units, blk.w_down, blk.b_down)
             if take(i, "resid_post", h):
                 return

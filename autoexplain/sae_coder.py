@@ -6,9 +6,12 @@ and `W_dec [d_sae, d_out]`, so the formula below is written once. Encoding runs 
 whatever the checkpoint's dtype: latents feed top-k selection and quantiles, where bf16 rounding
 reorders near-ties between windows.
 
-Hook points are named as in the block of a Hugging Face decoder: `resid_pre` is the input of
-`layers[L]`, `resid_post` its output, `mlp_in` the input of `layers[L].mlp` (after the norm),
-`mlp_out` that module's output.
+Hook points (`POINTS`) are where a coder reads in layer L, exactly as `autoexplain.hooked` says:
+`resid_pre` and `resid_post` are the input and output of `layers[L]`; `mlp_in` and `mlp_out` mean
+what TransformerLens's `ln2.hook_normalized` and `hook_mlp_out` mean (the normalised MLP input
+before the norm's gain; what the MLP adds to the stream, after any post-MLP norm); `mlp_module_in`
+and `mlp_module_out` are the input and output of the `layers[L].mlp` module itself, where sparsify
+hooks. They differ where a norm has a gain other than 1 or a model norms the MLP's output.
 """
 
 from __future__ import annotations
@@ -20,18 +23,22 @@ import torch
 
 from autoexplain.errors import UserError
 
-POINTS = ("resid_pre", "resid_post", "mlp_in", "mlp_out")
+POINTS = ("resid_pre", "resid_post", "mlp_in", "mlp_out", "mlp_module_in", "mlp_module_out")
 ARCHITECTURES = ("standard", "topk", "jumprelu", "gated", "groupmax")
 CHOOSERS = ("topk", "groupmax")  # architectures that pick k latents per token
 NORMALIZATIONS = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
 
 # TransformerLens hook names (what SAELens configs carry) and the point each one reads.
+# `mlp.hook_in`/`mlp.hook_out` are the hooks circuit-tracer adds around TransformerLens's MLP in a
+# model loaded with fold_ln=False: the MLP's input with the norm's gain, its output before any
+# post-MLP norm, i.e. the Hugging Face MLP module's own input and output.
 _TL_POINTS = {
     "hook_resid_pre": "resid_pre",
     "hook_resid_post": "resid_post",
     "hook_mlp_out": "mlp_out",
     "ln2.hook_normalized": "mlp_in",
-    "mlp.hook_in": "mlp_in",
+    "mlp.hook_in": "mlp_module_in",
+    "mlp.hook_out": "mlp_module_out",
 }
 _TL_NAME = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
@@ -51,8 +58,8 @@ def parse_tl_hook(name: str, where: str) -> HookPoint:
     if not m or m.group(2) not in _TL_POINTS:
         raise UserError(
             f"hook point '{name}' in {where} is not one autoexplain can read from a Hugging Face model",
-            "use an SAE on blocks.L.hook_resid_pre, hook_resid_post, hook_mlp_out, or a transcoder on "
-            "blocks.L.ln2.hook_normalized / blocks.L.mlp.hook_in",
+            "use an SAE on blocks.L.hook_resid_pre, hook_resid_post, hook_mlp_out, mlp.hook_out, or a transcoder "
+            "on blocks.L.ln2.hook_normalized / blocks.L.mlp.hook_in",
         )
     return HookPoint(int(m.group(1)), _TL_POINTS[m.group(2)])
 

@@ -144,8 +144,11 @@ def sparsify_hook(name: str, transcoder: bool, where: str) -> HookPoint:
     if not m:
         raise UserError(f"sparsify hookpoint '{name}' ({where}) is not one autoexplain can read",
                         "use a coder trained on layers.L (the residual stream) or layers.L.mlp")
-    # A transcoder reads its module's input, an SAE its output.
-    points = {(False, False): "resid_post", (False, True): "mlp_out", (True, False): "resid_pre", (True, True): "mlp_in"}
+    # sparsify hooks the named Hugging Face module itself: a transcoder reads its input, an SAE its
+    # output. For `layers.L.mlp` that is the MLP module's, before any post-MLP norm (Gemma 2 and 3,
+    # OLMo 2) and with the pre-MLP norm's gain, not TransformerLens's hook_mlp_out / ln2.hook_normalized.
+    points = {(False, False): "resid_post", (False, True): "mlp_module_out", (True, False): "resid_pre",
+              (True, True): "mlp_module_in"}
     return HookPoint(int(m.group(1)), points[(transcoder, bool(m.group(2)))])
 
 
@@ -210,7 +213,10 @@ def read_gemmascope(path: Path, transcoder: bool, layer: int | None) -> SparseCo
     release = _gemmascope_release(file).split("-")
     if "att" in release:
         raise UserError(f"{file} is an attention-output SAE", "autoexplain reads residual, MLP-output and transcoder coders")
-    point = "mlp_in" if transcoder else "mlp_out" if "mlp" in release else "resid_post"
+    # GemmaScope's transcoders read the MLP's input as the model computes it (with the norm's
+    # gain; circuit-tracer feeds them TransformerLens's mlp.hook_in of an unfolded model), its MLP
+    # SAEs what the MLP adds to the stream, after the post-MLP norm (hook_mlp_out).
+    point = "mlp_module_in" if transcoder else "mlp_out" if "mlp" in release else "resid_post"
     return SparseCoder(
         str(file), "gemmascope", "jumprelu", transcoder, None if layer is None else HookPoint(layer, point),
         t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], subtract_b_dec=False, threshold=t["threshold"],

@@ -1,9 +1,10 @@
 """A small TopK SAE (Gao et al. 2024) trained on the subject's own hidden states, on CPU, so the
 embedded model has SAE latents to explain without downloading one.
 
-The hidden states of one hook point are captured with a forward hook on the Hugging Face decoder
-layer (or its MLP), stored in bf16 and shuffled; 5 % of them are held out to measure the result:
-the fraction of variance explained (FVE) and the latents that never fire on the held-out tokens.
+The hidden states of one hook point are captured by hooks on the Hugging Face model
+(`autoexplain.hooked`, which says what each point reads), stored in bf16 and shuffled; 5 % of them
+are held out to measure the result: the fraction of variance explained (FVE) and the latents that
+never fire on the held-out tokens.
 The SAE is saved in SAELens 6.x format (`cfg.json` + `sae_weights.safetensors`), so SAELens and
 `autoexplain.sae` read it back alike.
 """
@@ -18,11 +19,13 @@ from pathlib import Path
 import torch
 
 from autoexplain.errors import UserError
+from autoexplain.hooked import capture  # noqa: F401 (where its callers and tests found it)
 from autoexplain.sae_coder import HookPoint
-from autoexplain.subject import capture  # noqa: F401 (where its callers and tests found it)
 
+# The TransformerLens name of each point, as the saved cfg.json names where the SAE reads
+# (`sae_coder` maps these names back; the mlp.hook_in/hook_out pair reads the MLP module itself).
 TL_HOOKS = {"resid_pre": "hook_resid_pre", "resid_post": "hook_resid_post", "mlp_out": "hook_mlp_out",
-            "mlp_in": "ln2.hook_normalized"}
+            "mlp_in": "ln2.hook_normalized", "mlp_module_in": "mlp.hook_in", "mlp_module_out": "mlp.hook_out"}
 # SAELens tells a 6.x config from an older flat one by this version field alone.
 SAELENS_CONFIG_GENERATION = "6.0.0"
 

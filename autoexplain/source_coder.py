@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
 # Short names of hook points in a source's kind; a transcoder reads the MLP's input and writes its
 # output, so its kind says 'tc' and no point.
-_POINT_NAMES = {"resid_post": "res", "resid_pre": "res-pre", "mlp_out": "mlp-out", "mlp_in": "mlp-in"}
+_POINT_NAMES = {"resid_post": "res", "resid_pre": "res-pre", "mlp_out": "mlp-out", "mlp_in": "mlp-in",
+                "mlp_module_out": "mlp-module-out", "mlp_module_in": "mlp-module-in"}
 
 
 def _size(n: int) -> str:

@@ -14,27 +14,17 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from autoexplain import defaults, files
 from autoexplain.counters import COUNTS
 from autoexplain.errors import UserError
+from autoexplain.hooked import MLP_NAMES, UNITS, capture_points
 from autoexplain.weights import model_digest
-
-if TYPE_CHECKING:
-    from autoexplain.sae_coder import HookPoint
 
 # Names of the MLP's output projection across architectures; its input is the neuron vector.
 OUTPUT_PROJECTIONS = ("down_proj", "c_proj", "fc2", "dense_4h_to_h", "fc_out", "w2")
-MLP_NAMES = ("mlp", "feed_forward", "ffn")
-# `mlp_out` is what the MLP adds to the residual stream. Where a model norms the MLP's output before
-# adding it (Gemma 2 and 3, OLMo 2), that is the norm's output, as TransformerLens's `hook_mlp_out`,
-# which SAEs on 'mlp_out' (GemmaScope's MLP SAEs among them) were trained on.
-POST_MLP_NORMS = ("post_feedforward_layernorm",)
-UNITS = "units"  # the capture point of a layer's MLP hidden units: the input of its output projection
-
 
 MMAP_MB, TRIM_MB = 1024, 2047
 
@@ -60,10 +50,6 @@ def keep_freed_memory() -> bool:
         return bool(libc.mallopt(m_mmap_threshold, mmap_mb << 20)) and bool(libc.mallopt(m_trim_threshold, trim_mb << 20))
     except (OSError, AttributeError, ValueError):
         return False
-
-
-class _StopForward(Exception):
-    """Raised from the hook that completes a capture: nothing above it is needed."""
 
 
 @dataclass
@@ -329,69 +315,3 @@ class PlannedSubject:
         if name.startswith("_"):  # not set yet (a copy being made): never a reason to load
             raise AttributeError(name)
         return getattr(self.loaded, name)
-
-
-# ---- hidden states at a sparse coder's hook point (Hugging Face's own forward) ----------------
-
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
-    for _name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and n and len(module) == n:
-            return list(module)
-    raise UserError(f"cannot find the decoder layers of {type(model).__name__}", "use a transformer causal LM")
-
-
-def hook_module(model: torch.nn.Module, hook: HookPoint) -> tuple[torch.nn.Module, bool]:
-    """(module, read its input?) for a hook point."""
-    block = decoder_layers(model)[hook.layer]
-    if hook.point in ("resid_pre", "resid_post"):
-        return block, hook.point == "resid_pre"
-    norm = next((getattr(block, n) for n in POST_MLP_NORMS if hasattr(block, n)), None)
-    if hook.point == "mlp_out" and norm is not None:
-        return norm, False
-    mlp = next((getattr(block, n) for n in MLP_NAMES if hasattr(block, n)), None)
-    if mlp is None:
-        raise UserError(f"layer {hook.layer} of {type(model).__name__} has no MLP module", "use a resid_pre or resid_post hook")
-    return mlp, hook.point == "mlp_in"
-
-
-@torch.inference_mode()
-def capture_points(model: torch.nn.Module, projections: list[torch.nn.Module], points, input_ids: torch.Tensor) -> dict[tuple[int, str], torch.Tensor]:
-    """`Subject.capture` on Hugging Face's own forward: a hook per point (`UNITS`: a pre-hook on
-    the layer's output projection), and the pass stopped by the hook that completes the set."""
-    wanted, got = set(points), {}
-
-    def keep(point: tuple[int, str], x: torch.Tensor) -> None:
-        got[point] = x.detach()
-        if len(got) == len(wanted):
-            raise _StopForward
-
-    def on_input(point):
-        return lambda _m, args, kwargs: keep(point, args[0] if args else kwargs["hidden_states"])
-
-    def on_output(point):
-        return lambda _m, _args, output: keep(point, output[0] if isinstance(output, tuple) else output)
-
-    handles = []
-    for layer, point in wanted:
-        if point == UNITS:
-            module, reads_input = projections[layer], True
-        else:
-            from autoexplain.sae_coder import HookPoint
-
-            module, reads_input = hook_module(model, HookPoint(layer, point))
-        handles.append(module.register_forward_pre_hook(on_input((layer, point)), with_kwargs=True) if reads_input
-                       else module.register_forward_hook(on_output((layer, point))))
-    try:
-        model(input_ids=input_ids, use_cache=False)
-    except _StopForward:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return got
-
-
-def capture(model: torch.nn.Module, hook: HookPoint, input_ids: torch.Tensor) -> torch.Tensor:
-    """Hidden states [B, T, d_model] at `hook`, from a forward pass stopped right after it."""
-    return capture_points(model, [], [(hook.layer, hook.point)], input_ids)[(hook.layer, hook.point)]

@@ -71,7 +71,13 @@ def test_every_point_from_one_pass_equals_hooked(tiny_llama_dir):
     scratch buffers are reused, so a point taken early must not change as the pass goes on."""
     subject = load_subject(tiny_llama_dir, dtype=torch.float32)
     assert subject.fused is not None
-    points = [(layer, point) for layer in (0, 1) for point in ("resid_pre", "mlp_in", "units", "mlp_out", "resid_post")]
+    torch.manual_seed(3)
+    with torch.no_grad():  # gains of 1 would make the normed MLP input with and without its gain one tensor
+        for layer in subject.model.model.layers:
+            layer.input_layernorm.weight.uniform_(0.5, 2.0)
+            layer.post_attention_layernorm.weight.uniform_(0.5, 2.0)
+    points = [(layer, point) for layer in (0, 1)
+              for point in ("resid_pre", "mlp_in", "mlp_module_in", "units", "mlp_out", "mlp_module_out", "resid_post")]
     torch.manual_seed(4)
     ids = torch.randint(0, len(subject.tokenizer), (2, 12))
     got, want = subject.capture(ids, points), subject.capture(ids, points, hooked=True)

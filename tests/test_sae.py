@@ -143,15 +143,16 @@ def test_saelens_topk_rescaled_by_decoder_norm(tmp_path, x):
     assert_encodes(coder, keep_top(pre * np.linalg.norm(np_of(t["W_dec"]), axis=-1), K), x)
 
 
-@pytest.mark.parametrize("arch,point", [("transcoder", "ln2.hook_normalized"), ("skip_transcoder", "mlp.hook_in"),
-                                        ("jumprelu_transcoder", "ln2.hook_normalized")])
-def test_saelens_transcoders_read_the_mlp_input(tmp_path, x, arch, point):
+@pytest.mark.parametrize("arch,point,reads", [("transcoder", "ln2.hook_normalized", "mlp_in"),
+                                              ("skip_transcoder", "mlp.hook_in", "mlp_module_in"),
+                                              ("jumprelu_transcoder", "ln2.hook_normalized", "mlp_in")])
+def test_saelens_transcoders_read_the_mlp_input(tmp_path, x, arch, point, reads):
     t = weights(arch, d_out=D_IN + 4)  # d_out differs from d_in: b_dec cannot be subtracted
     if arch == "skip_transcoder":
         t["W_skip"] = torch.zeros(D_IN + 4, D_IN)
     cfg = cfg_6x(arch, f"blocks.3.{point}", d_out=D_IN + 4)
     coder = load_coder(parse_source(f"transcoder:{write_saelens(tmp_path / arch, cfg, t)}"))
-    assert coder.transcoder and (coder.hook.layer, coder.hook.point, coder.d_out) == (3, "mlp_in", D_IN + 4)
+    assert coder.transcoder and (coder.hook.layer, coder.hook.point, coder.d_out) == (3, reads, D_IN + 4)
     assert_encodes(coder, formula("jumprelu" if "jumprelu" in arch else "standard", t, x, subtract=False), x)
 
 
@@ -215,9 +216,9 @@ def test_sparsify_hookpoint_folder_and_parent(tmp_path, x):
 def test_sparsify_mlp_sae_and_transcoder(tmp_path, x):
     t = weights("topk")
     sae = load_coder(parse_source(f"sae:{write_sparsify(tmp_path / 'a' / 'layers.1.mlp', t)}"))
-    assert (sae.hook.layer, sae.hook.point) == (1, "mlp_out")
+    assert (sae.hook.layer, sae.hook.point) == (1, "mlp_module_out")  # the module itself, not hook_mlp_out
     tc = load_coder(parse_source(f"transcoder:{write_sparsify(tmp_path / 'b' / 'layers.1.mlp', t, transcode=True)}"))
-    assert (tc.hook.layer, tc.hook.point, tc.transcoder) == (1, "mlp_in", True)
+    assert (tc.hook.layer, tc.hook.point, tc.transcoder) == (1, "mlp_module_in", True)
     assert_encodes(tc, formula("topk", t, x, subtract=False), x)
 
 
@@ -242,7 +243,7 @@ def test_gemmascope_params_npz(tmp_path, x):
     mlp = write_gemmascope(tmp_path / "gemma-scope-2b-pt-mlp" / "layer_1" / "width_16k" / "average_l0_9", t)
     assert load_coder(parse_source(f"sae:{mlp}")).hook.point == "mlp_out"
     tc = write_gemmascope(tmp_path / "gemma-scope-2b-pt-transcoders" / "layer_2" / "width_16k" / "average_l0_9", t)
-    assert load_coder(parse_source(f"transcoder:{tc}")).hook.point == "mlp_in"
+    assert load_coder(parse_source(f"transcoder:{tc}")).hook.point == "mlp_module_in"
     bare = write_gemmascope(tmp_path / "somewhere", t)
     assert load_coder(parse_source(f"sae:{bare}"), layer=1).hook.layer == 1
     att = write_gemmascope(tmp_path / "gemma-scope-2b-pt-att" / "layer_1" / "width_16k" / "average_l0_9", t)
@@ -257,7 +258,7 @@ def test_gemmascope_in_the_hugging_face_cache(tmp_path, x):
     t = weights("jumprelu")
     blob = write_gemmascope(tmp_path / "blobs", t) / "params.npz"
     for repo, source, point in (("gemma-scope-2b-pt-mlp", "sae", "mlp_out"), ("gemma-scope-2b-pt-res", "sae", "resid_post"),
-                                ("gemma-scope-2b-pt-transcoders", "transcoder", "mlp_in")):
+                                ("gemma-scope-2b-pt-transcoders", "transcoder", "mlp_module_in")):
         folder = tmp_path / f"models--google--{repo}" / "snapshots" / "abc123" / "layer_3" / "width_16k" / "average_l0_32"
         folder.mkdir(parents=True)
         (folder / "params.npz").symlink_to(blob)

@@ -96,7 +96,7 @@ def test_capture_matches_hidden_states(tiny_llama_dir):
     torch.testing.assert_close(capture(model, HookPoint(0, "resid_post"), ids), hidden[1])
     torch.testing.assert_close(capture(model, HookPoint(1, "resid_pre"), ids), hidden[1])
     torch.testing.assert_close(capture(model, HookPoint(0, "resid_pre"), ids), hidden[0])
-    mlp_in, mlp_out = capture(model, HookPoint(1, "mlp_in"), ids), capture(model, HookPoint(1, "mlp_out"), ids)
+    mlp_in, mlp_out = capture(model, HookPoint(1, "mlp_module_in"), ids), capture(model, HookPoint(1, "mlp_out"), ids)
     with torch.inference_mode():
         torch.testing.assert_close(model.model.layers[1].mlp(mlp_in), mlp_out)
     # The MLP reads the normed residual after attention, not the raw stream.
@@ -204,7 +204,9 @@ def test_mlp_out_is_what_the_mlp_adds_to_the_stream_on_a_post_normed_model():
     with torch.inference_mode():
         model(input_ids=ids, use_cache=False)
     handle.remove()
-    mlp_in, mlp_out = capture(model, HookPoint(1, "mlp_in"), ids), capture(model, HookPoint(1, "mlp_out"), ids)
+    mlp_in, mlp_out = capture(model, HookPoint(1, "mlp_module_in"), ids), capture(model, HookPoint(1, "mlp_out"), ids)
     torch.testing.assert_close(mid["x"] + mlp_out, capture(model, HookPoint(1, "resid_post"), ids))
     with torch.inference_mode():
-        assert not torch.allclose(block.mlp(mlp_in), mlp_out), "the MLP module's own output is before the norm"
+        module_out = block.mlp(mlp_in)
+        torch.testing.assert_close(module_out, capture(model, HookPoint(1, "mlp_module_out"), ids))
+        assert not torch.allclose(module_out, mlp_out), "the MLP module's own output is before the norm"
