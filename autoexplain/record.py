@@ -5,9 +5,10 @@ Two stages, each with its own content-addressed folder:
 - `record_sources`: windows -> per unit source, `records/<key>/layer_<L>.records.parquet` and
   `.stats.parquet`, every source and layer from one pass of the subject (`record_layers`: one source).
 
-Per unit and polarity the records are the top-k windows (dealt train/calib/valid/test in turn),
-random windows (calib/valid/test only) and activation-quantile windows. Within one unit no window
-appears twice, so the windows an explainer sees (train) never score its explanation.
+Per unit and polarity the records are the top-k windows where it fires (dealt train/calib/valid/test
+in turn), random windows (calib/valid/test only) and activation-quantile windows where it fires.
+Within one unit no window appears twice, so the windows an explainer sees (train) never score its
+explanation.
 """
 
 from __future__ import annotations
@@ -326,19 +327,22 @@ def _finish_layer(layer: int, rec: _LayerRecorder, cfg: RecordConfig, reservoir_
     shapes = res.shape_stats(signs=polarities)
     for polarity in polarities:
         top = rec.top[polarity]
-        valid = torch.isfinite(top.values).numpy()  # (k, U); -inf marks an unfilled slot
+        kept = torch.isfinite(top.values).numpy()  # (k, U); -inf marks an unfilled slot
         top_ids, top_vals = top.window_ids.numpy(), top.values.numpy()
-        # A unit that never fired this way has no exemplars to explain: its statistics (max <= 0,
-        # frac_active 0) say it is dead, and it gets no records.
-        fired = np.any(valid & (top_vals > 0), axis=0)
+        # Top exemplars are windows where the unit fires (max > 0), filtered here, not per batch: the
+        # pass keeps k windows per unit whatever their max, so a unit firing in fewer has non-firing
+        # ones among them. Ranks are sorted, so its firing ones are its first ranks, dealt train
+        # first (under 4, no test one: the scores that need one are undefined). A unit that never
+        # fired this way (statistics: max <= 0, frac_active 0) is dead and gets no records.
+        firing = kept & (top_vals > 0)
+        fired = firing.any(axis=0)
         for a in range(0, n_units, chunk):
             res_max = res.window_max(a, min(a + chunk, n_units), polarity).numpy()  # (R, chunk), oriented
             top_acts = top.ranked_payload(a, a + chunk).float().permute(2, 0, 1).numpy()  # (chunk, k, T), oriented
             top_rows, extra_rows = _Rows(), _Rows()
             extra_slots, extra_units = [], []
-            # Top rows, unit by unit in rank order. Ranks are sorted with unfilled (-inf) slots
-            # last, so a unit's filled slots are its first ranks.
-            unit_of, rank = np.nonzero((valid[:, a : a + chunk] & fired[a : a + chunk]).T)
+            # Top rows, unit by unit in rank order.
+            unit_of, rank = np.nonzero(firing[:, a : a + chunk].T)
             if not len(unit_of):
                 continue
             top_rows.extend(unit_of + a, polarity, "top", np.array(TOP_DEAL)[rank % len(TOP_DEAL)], rank, None,
@@ -346,8 +350,10 @@ def _finish_layer(layer: int, rec: _LayerRecorder, cfg: RecordConfig, reservoir_
             top_acts_rows = top_acts[unit_of, rank]  # (rows, T)
             edges = selection.quantile_edges(res_max, QUANTILE_BINS)  # every unit of the chunk in one call
             for u in np.unique(unit_of + a).tolist():
-                ids_u = top_ids[valid[:, u], u]
-                exclude = {int(w) for w in ids_u}
+                # Every window the pass kept stays out of its random and quantile draws, firing or
+                # not, so those draws are the ones they always were: a unit with non-firing windows
+                # among its k has every firing one among them, so the rest never fire either.
+                exclude = {int(w) for w in top_ids[kept[:, u], u]}
                 randoms = selection.pick_random(reservoir_order, exclude, cfg.n_random)
                 exclude.update(randoms)
                 quants = selection.pick_quantiles(res.ids, res_max[:, u - a], edges[:, u - a], cfg.quantile_per_bin,

@@ -40,9 +40,11 @@ class SimulationScorer(Scorer):
         return metrics
 
     def detection(self, srecs: Sequence[scoring.ScoringRecord]) -> scoring.Score:
-        """AUC of telling top (activating) from random windows by the simulation's window maximum."""
+        """AUC of telling top (activating) from random windows by the simulation's window maximum.
+        A top record that never fires (recorded before top records had to) is not activating: with
+        no activating record the AUC is undefined, not the 0.5 of telling zeros from zeros."""
         ok = [r for r in srecs if r.split == self.split and r.expected is not None]
-        pos = _window_max([r.expected for r in ok if r.kind == "top"])
+        pos = _window_max([r.expected for r in ok if r.kind == "top" and max(r.true, default=0) > 0])
         neg = _window_max([r.expected for r in ok if r.kind == "random"])
         failed = sum(r.expected is None for r in srecs if r.split == self.split)
         if not len(pos) or not len(neg):

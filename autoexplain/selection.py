@@ -389,8 +389,8 @@ def pick_quantiles(
     rng: np.random.Generator,
 ) -> list[tuple[int, int]]:
     """Sample windows by the quantile of their max activation: [(bin index, window id), ...], bin by
-    bin, between each bin's two `edges` (`quantile_edges`). `window_ids` hold no repeats; the windows
-    taken are added to `exclude`."""
+    bin, between each bin's two `edges` (`quantile_edges`), keeping only windows where the unit fires
+    (max > 0). `window_ids` hold no repeats; the windows kept are added to `exclude`."""
     taken = np.isin(window_ids, np.fromiter(exclude, dtype=np.int64, count=len(exclude)))
     out = []
     for b in range(len(edges) // 2):
@@ -399,9 +399,12 @@ def pick_quantiles(
         at = np.flatnonzero((window_max >= lo) & (window_max <= hi) & ~taken)
         if not len(at):
             continue
-        take = np.sort(rng.choice(len(at), size=min(per_bin, len(at)), replace=False))
-        taken[at[take]] = True
-        for w in window_ids[at[take]].tolist():
+        take = at[np.sort(rng.choice(len(at), size=min(per_bin, len(at)), replace=False))]
+        taken[take] = True
+        # Drawn windows that never fire are dropped (an explainer is shown these as the unit at
+        # work), after a draw over all the bin's windows: the layer's one generator then advances as
+        # it always did, and every other unit's draws stay what they were.
+        for w in window_ids[take[window_max[take] > 0]].tolist():
             out.append((b, w))
             exclude.add(w)
     return out

@@ -1,6 +1,6 @@
 """Data contracts: Great Expectations suites, kept as JSON data, checked at every stage boundary.
 
-    report = validate(table, "records", {"window_len": 64, "min_exemplars": 4})
+    report = validate(table, "records", {"window_len": 64, "max_exemplars": 4})
     check(table, "records", params)   # raises ContractViolation(report) when anything fails
 
 `table` is a `pyarrow.Table` or a `polars.DataFrame`. A suite lives in

@@ -90,7 +90,7 @@ def params_for(suite: str, stage: str, directory: Path, manifest: dict) -> dict 
         return None
     if suite == "records":
         p = manifest["params"]
-        return {"window_len": window_len, "min_exemplars": p["top_k"], "min_random": p["n_random"]}
+        return {"window_len": window_len, "max_exemplars": p["top_k"], "min_random": p["n_random"]}
     return {"window_len": window_len}
 
 

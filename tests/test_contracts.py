@@ -111,7 +111,7 @@ def stats_rows() -> list[dict]:
 
 VALID = {
     "windows": (windows_rows, {"window_len": T}),
-    "records": (records_rows, {"window_len": T, "min_exemplars": 4, "min_random": 3}),
+    "records": (records_rows, {"window_len": T, "max_exemplars": 4, "min_random": 3}),
     "explanations": (explanation_rows, {}),
     "simulations": (simulation_rows, {"window_len": T}),
     "scores": (score_rows, {}),
@@ -178,11 +178,13 @@ def test_activations_length():
     assert "expect_column_values_to_be_between" in line and "5" in line and str(T + 1) in line
 
 
-def test_unit_with_too_few_exemplars():
-    rows = [r for r in records_rows() if not (r["unit"] == 1 and r["polarity"] == -1 and r["kind"] == "top"
-                                              and r["rank"] == 3)]
+def test_unit_with_too_many_exemplars_and_one_with_few():
+    # A unit that fires in fewer windows than top_k has fewer top records: that passes.
+    few = [r for r in records_rows() if not (r["unit"] == 0 and r["kind"] == "top" and r["rank"] == 3)]
+    assert check(_table(few, "records"), "records", VALID["records"][1]).success
+    rows = records_rows() + [_record(1, -1, "top", "train", 4, None, 50)]
     line = _one(_fails(rows, "records"), "n_top")
-    assert "1 of 4 units break 'each unit has at least 4 top exemplars'" in line and "examples: 3" in line
+    assert "1 of 4 units break 'each unit has at most 4 top exemplars'" in line and "examples: 5" in line
 
 
 def test_window_in_two_splits_of_one_unit():
