@@ -24,7 +24,10 @@ class _Rate(TextColumn):
     """Items per second: `unit` fixed (tokens, whole numbers) or, when None, the task's own `unit`.
 
     A finished bar keeps the rate it finished at: its elapsed time runs on until the whole run ends,
-    which would make a stage that finished early look slower by the minute."""
+    which would make a stage that finished early look slower by the minute. The rate counts what was
+    done after the bar appeared (`first`, its count then): a stage reports after its first batch, or
+    with units it had already finished (a rerun's memos), and those divided by the moments since the
+    bar appeared gave thousands of units a second. Until there is such work it shows none."""
 
     def __init__(self, unit: str | None = None, digits: int = 1):
         super().__init__("")
@@ -32,9 +35,9 @@ class _Rate(TextColumn):
 
     def render(self, task):
         seconds = task.finished_time if task.finished else task.elapsed
-        rate = task.completed / seconds if seconds else 0.0
+        done = task.completed - task.fields.get("first", 0)
         unit = self.unit or task.fields.get("unit", "").split(",")[0]  # "units, all layers" -> units/s
-        return f"{rate:,.{self.digits}f} {unit}/s"
+        return f"{done / seconds:,.{self.digits}f} {unit}/s" if seconds and done > 0 else f"- {unit}/s"
 
 
 def _unclipped(width: int) -> Console:
@@ -93,7 +96,7 @@ def stage_bars(get_time=None):
             # baselines, then its shuffled control
             unit = {"record": "tokens", "simulate": "simulations", "scored": "units",
                     "model": "units, all layers"}.get(stage, "units")
-            ids[stage] = bars.add_task(stage, total=total_all, unit=unit)
+            ids[stage] = bars.add_task(stage, total=total_all, unit=unit, completed=done_all, first=done_all)
         bars.update(ids[stage], completed=done_all, total=max(total_all, bars.tasks[ids[stage]].total or 0))
 
     return bars, listener

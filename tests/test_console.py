@@ -21,7 +21,7 @@ def test_a_finished_stage_keeps_its_rate_while_the_run_goes_on():
     clock[0] = 300.0  # explaining, simulating, scoring
     listener("explain", "shard 0", 5, 10)
     assert _shown(bars, 0) == ("100.0 tokens/s", "0:00:10")
-    assert _shown(bars, 1) == ("0.0 units/s", "0:00:00")
+    assert _shown(bars, 1) == ("- units/s", "0:00:00")  # 5 done before it showed: no work of its own yet
 
 
 def test_a_stage_runs_again_when_another_shard_starts_after_it_finished():
@@ -73,3 +73,17 @@ def test_a_run_with_unanswered_requests_ends_with_a_line_and_exit_4(capsys):
     assert line.startswith("incomplete: 253 results got no LLM answer") and "rerun the same command" in line
     console.unanswered_exit(0)  # final: no line
     assert capsys.readouterr().err == ""
+
+
+def test_a_bar_s_rate_counts_only_what_was_done_after_it_appeared():
+    """A stage's first report can come after its first batch, or count a rerun's memoised units: six
+    units reported at once, in the moment the bar appeared, showed as 17,030.8 units/s."""
+    clock = [100.0]
+    bars, listener = console.stage_bars(get_time=lambda: clock[0])
+    listener("explain", "shard 0", 6, 6)
+    clock[0] = 100.0004
+    assert _shown(bars, 0)[0] == "- units/s"
+    listener("simulate", "shard 0", 40, 100)  # 40 from memos
+    clock[0] = 130.0
+    listener("simulate", "shard 0", 100, 100)  # 60 simulated in 30 s
+    assert _shown(bars, 1)[0] == "2.0 simulations/s"
