@@ -69,6 +69,7 @@ def record(
         preflight.check_out(str(out), preflight.cli_flag)
         preflight.check_corpus(corpus, preflight.cli_flag, text_field=text_field)
         shape = preflight.model_shape(model, preflight.cli_flag)
+        preflight.check_window(shape, window_len, preflight.cli_flag)
         given = parse_layers(layers, shape.n_layers, preflight.cli_flag) if layers is not None else None
         if given is not None and len(given) > 1 and ":" in source:
             raise preflight.refuse(preflight.cli_flag, "layers", f"a coder reads one layer, this names {len(given)}",
@@ -84,6 +85,8 @@ def record(
                   f"on {subject.device}, loaded in {subject.load_seconds:.1f}s")
         subject.check_layers(chosen)
         windows = build_windows(subject, corpus, out, window_len, tokens, seed, text_field, preflight.cli_flag)
+        if windows.notice:
+            err.print(windows.notice, highlight=False, markup=False)
         cfg = RecordConfig(chosen, top_k, n_random, quantile_per_bin, reservoir, batch_size, seed)
         with progress_bar() as bar:
             task = bar.add_task(f"record layers {','.join(map(str, chosen))}", total=windows.n_windows * window_len,

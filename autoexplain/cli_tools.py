@@ -184,12 +184,15 @@ def train_sae_cmd(
             preflight.check_out(str(where), preflight.cli_flag, flag)
         preflight.check_corpus(corpus, preflight.cli_flag)
         shape = preflight.model_shape(model, preflight.cli_flag)
+        preflight.check_window(shape, window_len, preflight.cli_flag)
         point = HookPoint(shape.middle_layer if layer is None else layer, hook)
         preflight.check_layer(shape, point.layer, preflight.cli_flag, "layer")
         folder = to or out / "sae" / f"layer_{point.layer}_{hook}_{latents}"
         check_target(folder)
         subject = load_subject(model)
         windows = build_windows(subject, corpus, out, window_len, tokens, seed)
+        if windows.notice:
+            err.print(windows.notice, highlight=False, markup=False)
         with progress_bar() as bar:
             tasks = {}
 

@@ -263,3 +263,13 @@ def cut_windows(
                     return
                 yield window_id, doc.doc_id, ids[s : s + window_len]
                 window_id += 1
+
+
+def shortfall(source: str, n_windows: int, window_len: int, max_tokens: int | None) -> str | None:
+    """A notice when the corpus ran out before `max_tokens` (`cut_windows` stops short of the budget
+    only then): a run asked for 20,000 tokens must not take 2,040 without a word. None otherwise."""
+    held = n_windows * window_len
+    if max_tokens is None or held + window_len > max_tokens:
+        return None
+    return (f"corpus {source} holds {held:,} tokens (in whole windows of {window_len}) of the {max_tokens:,} asked: "
+            "using them all")

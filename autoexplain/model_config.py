@@ -20,6 +20,7 @@ class Shape:
     name: str
     n_layers: int
     n_units: int | None  # None: the config does not say (units are then checked after loading)
+    n_positions: int | None = None  # the longest input its position embeddings allow; None: the config does not say
 
     @property
     def middle_layer(self) -> int:
@@ -37,6 +38,14 @@ def units_of(cfg: dict) -> int | None:
 
 def layers_of(cfg: dict) -> int | None:
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if cfg.get(key):
+            return int(cfg[key])
+    return None
+
+
+def positions_of(cfg: dict) -> int | None:
+    """The context length a config gives, under the names architectures use for it."""
+    for key in ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "seq_length"):
         if cfg.get(key):
             return int(cfg[key])
     return None
@@ -60,7 +69,8 @@ def _gguf_header(path: str, mtime_ns: int, size: int) -> dict:
         raise UserError(f"{path} is not a readable GGUF file ({type(e).__name__})", "check the model file") from None
     arch = fields.get("general.architecture", "")
     return {"num_hidden_layers": fields.get(f"{arch}.block_count"),
-            "intermediate_size": fields.get(f"{arch}.feed_forward_length")}
+            "intermediate_size": fields.get(f"{arch}.feed_forward_length"),
+            "n_ctx": fields.get(f"{arch}.context_length")}
 
 
 def read_shape(model: str) -> Shape:
@@ -90,4 +100,4 @@ def read_shape(model: str) -> Shape:
     n_layers = layers_of(cfg)
     if not n_layers:
         raise UserError(f"the config of '{model}' names no layer count", "give a transformer causal LM")
-    return Shape(model, n_layers, units_of(cfg))
+    return Shape(model, n_layers, units_of(cfg), positions_of(cfg))

@@ -14,7 +14,7 @@ or deployment run, so a deployment user is never told about a CLI flag.
 from __future__ import annotations
 
 import contextvars
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from autoexplain import defaults
@@ -72,6 +72,14 @@ def check_layer(shape: Shape, layer: int, spell: Spelling = flow_name, name: str
     if not 0 <= layer < shape.n_layers:
         raise refuse(spell, name, f"layer {layer} is out of range for {shape.name}, which has layers 0..{shape.n_layers - 1}",
                     f"pass a layer from 0 to {shape.n_layers - 1}")
+
+
+def check_window(shape: Shape, window_len: int, spell: Spelling = flow_name, name: str = "window_len") -> None:
+    """A window the model can read in one pass: past its position embeddings a forward pass fails
+    (GPT-2's learned ones index out of range) after the weights have loaded, and a flow retries it."""
+    if shape.n_positions and window_len > shape.n_positions:
+        raise UserError(f"{spell(name)} {window_len} is longer than the model's context of {shape.n_positions} positions",
+                        f"give {spell(name).split()[-1]} {shape.n_positions} or less")
 
 
 def check_units(shape: Shape, units: str | None, spell: Spelling = flow_name, name: str = "units") -> list[int] | None:
@@ -395,6 +403,7 @@ def explain_layer(p: dict, spell: Spelling = flow_name, layer_name: str = "layer
     check_corpus(p.get("corpus", defaults.CORPUS), spell, text_field=p.get("text_field", "text"))
     model = p.get("model", defaults.SUBJECT)
     shape = model_shape(model, spell)
+    check_window(shape, p.get("window_len", 64), spell)
     source = check_source(p.get("source"), model, p.get("layer"), spell, layer_name=layer_name)
     layer = p.get("layer")
     if layer is None:
@@ -403,7 +412,7 @@ def explain_layer(p: dict, spell: Spelling = flow_name, layer_name: str = "layer
     source_id = content_key(source.identity())
     check_same_coder(p.get("out", "out"), layer, source, source_id, spell)
     if source.kind != MLP.kind:
-        shape = Shape(shape.name, shape.n_layers, source.n_units(None))
+        shape = replace(shape, n_units=source.n_units(None))
     units = check_units(shape, p.get("units"), spell)
     if units == []:
         raise refuse(spell, "units", "selects no unit", "pass a range like 0-99")

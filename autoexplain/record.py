@@ -56,6 +56,7 @@ class WindowsRef:
     key: str
     n_windows: int
     window_len: int
+    notice: str | None = None  # one line for the user when the corpus ran out before the tokens asked
 
 
 @dataclass
@@ -111,7 +112,8 @@ def build_windows(
     stage = Stage.open(out_root, "windows", {"inputs": inputs, "params": params}, build_windows)
     key, path = stage.key, stage.directory / layout.WINDOWS
     if stage.done:
-        return WindowsRef(path, key, read_manifest(stage.directory)["params"]["n_windows"], window_len)
+        n = read_manifest(stage.directory)["params"]["n_windows"]
+        return WindowsRef(path, key, n, window_len, corpus_mod.shortfall(source, n, window_len, max_tokens))
 
     docs = corpus_mod.load_documents(source, text_field=text_field, spell=spell)
     vocab = np.array(subject.token_strings(range(len(subject.tokenizer))), dtype=object)
@@ -142,7 +144,7 @@ def build_windows(
                 "give more text, or a smaller --window-len",
             )
     stage.seal(inputs, {**params, "n_windows": n})
-    return WindowsRef(path, key, n, window_len)
+    return WindowsRef(path, key, n, window_len, corpus_mod.shortfall(source, n, window_len, max_tokens))
 
 
 class _LayerRecorder:

@@ -154,8 +154,11 @@ def parse_llm(spec: str | None) -> LLMSpec:
     at = rest.rfind("@http")
     model, url = (rest[:at], rest[at + 1:]) if at >= 0 else (rest, None)
     name, at_sign, host = rest.rpartition("@")
-    if url is None and at_sign and (re.match(r"[\w.-]+:\d+", host) or "/" in host or host.startswith("localhost")):
-        # without its scheme the address would be read as part of the model's name, sent to OpenAI
+    if url is None and at_sign and not host.isdigit():
+        # Without its scheme the address would be read as part of the model's name and sent to
+        # OpenAI. Only a version tag of digits is taken as the name's ('text-bison@002' on Vertex).
+        if not host:
+            raise UserError(f"'{spec}': no server address follows '@'", f"write 'openai:{name}@http://HOST:PORT/v1', or leave '@' out")
         raise UserError(f"'{spec}': the server address after '@' has no http:// or https://",
                         f"write 'openai:{name}@http://{host}'")
     if not model:

@@ -97,6 +97,7 @@ def record_activations(model: str = "smollm2", corpus: str = "default", layers: 
         preflight.check_out(out)
         preflight.check_corpus(corpus, text_field=text_field)
         shape = preflight.model_shape(model)
+        preflight.check_window(shape, 64)  # record_task's window length, which this flow does not set
         if layers and len(layers) > 1 and ":" in source:
             raise preflight.refuse(preflight.flow_name, "layers", f"a coder reads one layer, got {layers}",
                                    "set layers to one layer, or leave it out")

@@ -297,6 +297,8 @@ def _record(model: str, corpus: str, sources: list[tuple[str, list[int]]], token
                       RecordConfig(layers, top_k=top_k, n_random=n_random, seed=seed)))
     # A corpus error found past the preflight (a later JSONL line) names the flow parameter; the CLI respells it.
     windows = build_windows(subject, corpus, out, window_len, tokens, seed, text_field, flow_name)
+    if windows.notice:
+        get_run_logger().warning(windows.notice)
     recorded = record_sources(subject, windows, plans, out, _progress("record", "tokens"))
     return [{"uri": remote.uri(records.directory), "path": str(records.directory.resolve()),
              "key": records.key, "layers": records.layers, "n_units": unit_source.n_units(subject),

@@ -62,6 +62,7 @@ def test_record_runs_and_prints_the_output_folder(base, prose_file, tmp_path):
     assert folder.parent == tmp_path / "out" / "records"
     assert pl.read_parquet(folder / "layer_2.records.parquet")["unit"].n_unique() == 48
     assert "tokens/s" in result.stderr and "ETA" in result.stderr
+    assert "asked: using them all" not in result.stderr, "the corpus held the 2,000 tokens asked: no notice"
     # The stage's root given for its folder: the error names the folder to pass.
     line = _one_error_line(run("explain", "--records", str(folder.parent), "--out", str(tmp_path / "out")))
     assert line.endswith(f"pass the records folder inside it: {folder}"), line
@@ -76,6 +77,9 @@ def test_record_runs_and_prints_the_output_folder(base, prose_file, tmp_path):
     [
         (["--layers", "7"], "layer 7 is out of range"),
         (["--layers", "x"], "--layers: cannot read layers 'x'"),
+        (["--layers", "1-"], "--layers: cannot read layers '1-': '1-' is neither a layer nor a range FROM-TO"),
+        (["--window-len", "257"],
+         "--window-len 257 is longer than the model's context of 256 positions — give --window-len 256 or less"),
         (["--corpus", "/no/such/file.txt"], "does not exist"),
         (["--tokens", "0"], "--tokens: must be at least 1"),
         (["--tokens", "10"], "--tokens: 10 tokens make 1 windows of 8, fewer than the 4 top + 4 random"),
@@ -91,6 +95,26 @@ def test_bad_input_gets_one_clear_line(base, prose_file, tmp_path, extra, needle
     line = _one_error_line(run(*args))
     assert needle in line
     assert not list((tmp_path / "out").rglob("records/*/*.parquet")), "nothing half-written"
+
+
+def test_a_window_past_the_model_s_context_is_one_line_before_the_model_loads(tiny_gpt2_dir, prose_file, tmp_path):
+    """GPT-2's learned positions end at n_positions: a longer window was an IndexError traceback
+    after the weights loaded (three of them in a flow, which retries the recording)."""
+    result = run("record", "--model", str(tiny_gpt2_dir), "--corpus", str(prose_file), "--layers", "1", "--tokens", "20000",
+                 "--window-len", "257", "--top-k", "4", "--random", "4", "--out", str(tmp_path / "out"))
+    line = _one_error_line(result)
+    assert line == ("error: --window-len 257 is longer than the model's context of 256 positions — "
+                    "give --window-len 256 or less"), line
+    assert "subject" not in result.stderr and not (tmp_path / "out").exists(), "refused before loading or writing"
+
+
+def test_a_corpus_shorter_than_the_tokens_asked_says_so_once(base, prose_file):
+    result = run(*base, "--corpus", str(prose_file), "--layers", "1", "--tokens", "20000")
+    assert result.returncode == 0, result.stderr[-3000:]
+    windows = int(result.stderr.split("recorded ")[-1].split()[0].replace(",", ""))
+    notice = (f"corpus {prose_file} holds {windows * 8:,} tokens (in whole windows of 8) of the 20,000 asked: "
+              "using them all")
+    assert result.stderr.count(notice) == 1, result.stderr[-3000:]
 
 
 @pytest.mark.parametrize("name, value", [("AUTOEXPLAIN_CONTRACTS", "gxx"), ("AUTOEXPLAIN_LOCAL_BATCH", "many"),
@@ -214,6 +238,13 @@ def test_units_are_parsed_with_clear_errors():
         parse_units("x")
     with pytest.raises(UserError, match="unit 5 is out of range: the layer has units 0..3"):
         parse_units("1,5", 4)
+    # an unfinished range is no single unit, and no range runs from or to a negative unit
+    for spec in ("0-", "0--3", "-3", "3,", "1-2-3"):
+        with pytest.raises(UserError) as e:
+            parse_units(spec, 10)
+        bad = spec.split(",")[-1] if spec != "3," else ""
+        assert e.value.problem == f"cannot read units '{spec}': '{bad}' is neither a unit nor a range FROM-TO", e.value
+        assert e.value.fix == "use a range like 0-99, a list like 3,7, or 'all' (units count from 0)"
 
 
 def test_every_command_reads_layers_one_way():

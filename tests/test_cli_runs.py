@@ -59,7 +59,7 @@ def test_explain_layer_ends_with_one_summary_and_the_paths(explained):
     index = Path(viewer.removeprefix("viewer: ").split()[0])
     assert index.name == "index.html" and index.is_file() and "view --serve" in viewer
     assert f"outputs: {out.resolve()}" in err and result.stdout.strip() == str(out.resolve())
-    assert "Traceback" not in err
+    assert "Traceback" not in err and err.count("of the 20,000 asked: using them all") == 1  # in the Prefect log
 
 
 @pytest.mark.slow
@@ -182,7 +182,7 @@ BAD_FLAGS = [
     (["--model", "/no/such/model"], "--model: model folder /no/such/model does not exist"),
     (["--top-k", "0"], "--top-k: must be at least 1"),
     (["--random", "-1"], "--random: must be at least 0"),
-    (["--window-len", "1"], "--window-len: must be at least 2"),
+    (["--window-len", "1"], "--window-len: must be at least 2"), (["--window-len", "257"], "longer than the model's context of 256"),
     (["--concurrency", "0"], "--concurrency: must be at least 1"),
     (["--concurrency", "-2"], "--concurrency: must be at least 1, got -2"),
     (["--rpm", "0"], "--rpm: must be more than 0 requests per minute"),

@@ -162,6 +162,10 @@ BAD_PARAMETERS = [
     (dict(units="5-2"), "parameter units: the unit range '5-2' runs backwards"),
     (dict(units=" "), "parameter units: ' ' names no unit"),
     (dict(units="x"), "parameter units: cannot read units 'x'"),
+    (dict(units="0-"), "parameter units: cannot read units '0-': '0-' is neither a unit nor a range FROM-TO"),
+    (dict(window_len=257), "parameter window_len 257 is longer than the model's context of 256 positions — "
+                           "give window_len 256 or less"),
+    (dict(explainer="openai:m@notaurl"), "parameter explainer: 'openai:m@notaurl': the server address after '@' has no http://"),
     (dict(shard_size=0), "parameter shard_size: must be at least 1"),
     (dict(tokens=0), "parameter tokens: must be at least 1"),
     (dict(k=0), "parameter k: must be at least 1"),

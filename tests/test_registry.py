@@ -60,10 +60,18 @@ def test_builtin_grammar_and_identity_load_nothing():
     ("all-at-once:bogus", "unknown LLM 'bogus'"),
     ("all-at-once:openai:gpt-4o-mini@localhost:18401/v1", "the server address after '@' has no http://"),
     ("chat-json:openai:m@10.0.0.5:8000/v1", r"write 'openai:m@http://10\.0\.0\.5:8000/v1'"),
+    ("all-at-once:openai:m@notaurl", r"the server address after '@' has no http:// or https:// — write 'openai:m@http://notaurl'"),
+    ("all-at-once:openai:m@", "no server address follows '@'"),
 ])
 def test_bad_simulator_specs(spec, message):
     with pytest.raises(UserError, match=message):
         registry.parse_simulator(spec)
+
+
+def test_only_a_version_tag_after_at_is_the_model_s_name():
+    """Vertex-style names keep their digits after '@'; any other text there is a server address."""
+    assert registry.parse_llm("openai:text-bison@002") == registry.LLMSpec("openai", "text-bison@002", None)
+    assert registry.parse_llm("openai:m@https://host/v1#MY_KEY") == registry.LLMSpec("openai", "m", "https://host/v1", "MY_KEY")
 
 
 def test_a_misspelt_explainer_is_offered_the_explainers_and_the_llms():

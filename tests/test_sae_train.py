@@ -176,6 +176,8 @@ def test_a_stopped_train_sae_writes_nothing_and_says_so(tiny_llama_dir, prose_co
     (["--tokens", "500"], ["--tokens 500 leave 475 to train on, fewer than one batch of --batch-tokens 1,024"]),
     (["--to", "/etc/hostname/sae"], ["--to: cannot write under /etc/hostname/sae: /etc/hostname is a file"]),
     (["--out", "file:///tmp/sae-url"], ["train-sae writes to a local folder, not a URL"]),
+    (["--window-len", "257", "--tokens", "2000", "--batch-tokens", "256"],
+     ["--window-len 257 is longer than the model's context of 256 positions — give --window-len 256 or less"]),
 ])
 def test_train_sae_bad_input_is_one_line(tiny_llama_dir, tmp_path, args, words):
     result = run_cli("train-sae", "--model", tiny_llama_dir, "--out", str(tmp_path / "out"), *args)
