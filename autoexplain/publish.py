@@ -130,11 +130,22 @@ def _write_neuronpedia(rows: list[dict], folder: Path) -> None:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[n : n + NEURONPEDIA_BATCH])
 
 
-def _corpus(params: dict) -> str:
-    """What the card says of the corpus (`params` as `public_params` gives them): the embedded one by
-    its sources and their licenses; a user's by its file name only (their folders are nobody's
-    business; its license is theirs to add)."""
-    tokens = f"{params['tokens']:,} tokens"
+def _recorded_tokens(run: dict) -> int:
+    """The tokens the run's recording read (its statistics' `n_tokens`), which is fewer than the
+    `tokens` asked where the corpus is shorter or the windows do not divide them."""
+    stats = pq.read_table(layout.stats_table(local_ref(run["records"])["path"], run["params"]["layer"]),
+                          columns=["n_tokens"])
+    return int(pc.max(stats.column("n_tokens")).as_py() or 0)
+
+
+def _corpus(params: dict, recorded: list[int]) -> str:
+    """What the card says of the corpus (`params` as `public_params` gives them; `recorded`: the tokens
+    of each run's recording): the embedded one by its sources and their licenses; a user's by its
+    file name only (their folders are nobody's business; its license is theirs to add)."""
+    low, high = min(recorded), max(recorded)
+    tokens = f"{low:,} tokens" if low == high else f"{low:,} to {high:,} tokens (by layer)"
+    if low != params["tokens"] or high != params["tokens"]:
+        tokens += f" recorded ({params['tokens']:,} asked)"
     if params["corpus"] == defaults.CORPUS:
         return (f"the embedded default, {tokens}: English Wikipedia articles (CC BY-SA 3.0) and the King James "
                 "Bible (public domain)")
@@ -161,10 +172,13 @@ def _columns(table: str, schema: pa.Schema, latents: bool = False) -> str:
         docs.update(unit="the unit's index in its source: a neuron's in the layer's MLP (`mlp`), a latent's in "
                          "its sparse coder (other sources)",
                     polarity="+1: the unit as is; -1 (neurons only): the neuron negated. A latent has +1 alone")
-    docs.update(source="the unit source: `mlp` (a layer's MLP neurons, both polarities) or a sparse coder's "
-                       "latents, named by the coder (`sae-res-16k`: a 16,384-latent residual SAE; one polarity)",
-                tokens="the window's tokens, each decoded alone", token_ids="the window's token ids",
-                doc_id="the corpus document the window was cut from")
+    docs["source"] = ("the unit source: `mlp` (a layer's MLP neurons, both polarities) or a sparse coder's latents, "
+                      "named by the coder (`sae-res-16k`: a 16,384-latent residual SAE; one polarity)")
+    # the window's columns that `_exemplars` joins in; a stage's own column of that name (`tokens`
+    # of simulations: a count) keeps its own description
+    for name, doc in (("tokens", "the window's tokens, each decoded alone"), ("token_ids", "the window's token ids"),
+                      ("doc_id", "the corpus document the window was cut from")):
+        docs.setdefault(name, doc)
     lines = [f"### `{table}`: {row}\n", spec["doc"], "", "| column | type | description |", "|---|---|---|"]
     lines += [f"| `{f.name}` | {f.type} | {docs.get(f.name, '')} |" for f in schema]
     return "\n".join(lines) + "\n"
@@ -249,7 +263,7 @@ one. The `units` table says what each unit writes: the tokens its output directi
 suppresses most. Files are partitioned by source and layer: `data/<table>/<source>/layer_<L>.parquet`.
 
 - **Subject model:** `{params['model']}`
-- **Corpus:** {_corpus(params)}. License of this dataset: `{license_}`.
+- **Corpus:** {_corpus(params, [_recorded_tokens(r) for r in runs.values()])}. License of this dataset: `{license_}`.
 - **Explainer:** `{params['explainer']}`, best of k = {params['k']} candidates on the valid split;
   **simulator:** `{params['simulator']}`.
 - **Metrics** (test split only, never shown to the explainer): correlation of simulated and true
