@@ -108,9 +108,10 @@ def damaged(directory: str | os.PathLike) -> str | None:
 ANY_STAGE = "stage output"
 
 
-def require_complete(directory: str | os.PathLike, what: str, fix: str) -> Path:
+def require_complete(directory: str | os.PathLike, what: str, fix: str, rerun: str | None = None) -> Path:
     """A finished, undamaged stage folder of stage `what` (any stage for ANY_STAGE), or a UserError
-    that names the folder or the file."""
+    that names the folder or the file. `rerun` is the advice for a damaged folder where the caller
+    knows what wrote it (a run pointer's flow); else the folder's stage names a command."""
     from autoexplain.errors import UserError
 
     from autoexplain.schemas.contracts import ContractViolation
@@ -118,7 +119,7 @@ def require_complete(directory: str | os.PathLike, what: str, fix: str) -> Path:
     directory = Path(directory)
     bad = damaged(directory)
     if bad is not None:
-        raise UserError(f"{directory / bad} does not match its manifest (changed or truncated)", _rerun(directory))
+        raise UserError(f"{directory / bad} does not match its manifest (changed or truncated)", rerun or _rerun(directory))
     if not (directory / MANIFEST).is_file():
         inside = _finished_inside(directory, what)
         if inside:  # the stage's root (out/records) given for one of its folders (out/records/KEY)
@@ -132,7 +133,7 @@ def require_complete(directory: str | os.PathLike, what: str, fix: str) -> Path:
         check_contracts(directory, read_manifest(directory))
     except ContractViolation as e:
         failed = "; ".join(e.report.failures) or e.report.summary()
-        raise UserError(f"{e.path} breaks its data contract '{e.report.suite}': {failed}", _rerun(directory)) from None
+        raise UserError(f"{e.path} breaks its data contract '{e.report.suite}': {failed}", rerun or _rerun(directory)) from None
     return directory
 
 
@@ -301,7 +302,16 @@ def require_outputs(run: dict, stages: tuple[str, ...]) -> None:
             folders += [("windows", Path(ref["windows"]).parent)] if "windows" in ref else []
             for what, folder in folders:
                 require_complete(folder, what, "delete it and rerun the command that made the run (explain-layer, "
-                                 "rescore or revise): what it finished is reused")
+                                 "rescore or revise): what it finished is reused", _rerun_run(run))
+
+
+def _rerun_run(run: dict) -> str:
+    """Advice for a damaged folder of a run, from the command its pointer records (`flow`): the folder's
+    stage command, with its default flags, would write another key while the pointer names this one."""
+    flow = run.get("flow", "explain-layer")
+    if flow in ("rescore", "revise"):
+        return f"rerun the explain-layer command this {flow} started from (it rebuilds the damaged folder), then the {flow}"
+    return f"rerun the {flow} command that made this run (it rebuilds the damaged folder)"
 
 
 # A run's fields that name a place, besides its outputs' references: the site's folder (a path, or

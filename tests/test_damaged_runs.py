@@ -78,7 +78,7 @@ def test_a_truncated_recording_stops_publish(made, home, tmp_path, monkeypatch):
 
     copy, cut = damaged(made, tmp_path, lambda c: cut_in_half(next(c.glob("records/*/layer_1.records.parquet"))))
     line = publish_fails(home, copy, cut, tmp_path)
-    assert line.startswith(f"{cut} does not match its manifest (changed or truncated) — delete {cut.parent} and rerun")
+    assert line.startswith(f"{cut} does not match its manifest (changed or truncated) — rerun the explain-layer command")
     flow_fails(publish_dataset, line, monkeypatch, out=str(copy), to=str(tmp_path / "dataset"), license="cc-by-4.0")
     assert not (tmp_path / "dataset").exists()
 
@@ -92,6 +92,10 @@ def test_truncated_scores_stop_publish_and_rescore_before_any_work(made, home, t
     copy, cut = damaged(made, tmp_path, lambda c: cut_in_half(next(c.glob("scores/*/layer_1.parquet"))))
     line = publish_fails(home, copy, cut, tmp_path)
     assert line.startswith(f"{cut} does not match its manifest (changed or truncated)"), line
+    # explain-layer wrote that folder: `autoexplain score` with its default flags (not the run's
+    # --bootstrap) would write another key while the run pointer still names the damaged one
+    assert line.endswith("— rerun the explain-layer command that made this run (it rebuilds the damaged folder)"), line
+    assert "autoexplain score" not in line, line
     assert fails_in_one_line(home, copy, cut, "rescore", "--out", str(copy), "--layer", "1", "--bootstrap", "20") == line
     flow_fails(rescore, line, monkeypatch, out=str(copy), layer=1, n_boot=20)
     flow_fails(publish_dataset, line, monkeypatch, out=str(copy), to=str(tmp_path / "dataset"), license="cc-by-4.0")
