@@ -130,13 +130,23 @@ _USAGE_SAID: list[bool] = []  # the LLM line was printed by this command
 # What a stopped run of the stages or flows left behind, and how it goes on.
 STAGES_STOPPED = ("nothing of the unfinished stage was kept and the LLM requests in flight were abandoned; rerun the "
                   "same command to go on (it reuses the finished units and the LLM answers already received)")
+# The same for a run that asked no LLM (a `record`, or LLM stages all reused): it abandoned no request.
+STAGES_STOPPED_NO_LLM = "nothing of the unfinished stage was kept; rerun the same command to go on (it reuses what was finished)"
+
+
+def _stopped_left(left: str) -> str:
+    """`left` as the run's stop says it: the LLM words only where this process sent or read an LLM request."""
+    from autoexplain.counters import COUNTS
+
+    asked = COUNTS["llm_sent"] or COUNTS["llm_requests"] or COUNTS["llm_cache_hits"]
+    return STAGES_STOPPED_NO_LLM if left == STAGES_STOPPED and not asked else left
 
 
 def interrupted_line(signum: int, forced: bool = False, left: str = STAGES_STOPPED) -> str:
     """What a run stopped by a signal says (`run_or_exit`), or, `forced`, when it had to be ended.
     `left`: what the command left behind and how to go on (a command without LLMs says its own)."""
     how = f"it was still running {interrupt.GRACE:.0f} s after the signal, so it was ended; " if forced else ""
-    return f"[bold yellow]interrupted[/] ({signal.Signals(signum).name}): {how}{left}"
+    return f"[bold yellow]interrupted[/] ({signal.Signals(signum).name}): {how}{_stopped_left(left)}"
 
 
 def _forced(signum: int, left: str = STAGES_STOPPED) -> None:

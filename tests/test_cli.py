@@ -267,3 +267,36 @@ def test_every_command_reads_layers_one_way():
             parse_layers(spec, 4, preflight.cli_flag)
         assert e.value.problem.startswith("--" + says), e.value.problem
         assert "unit" not in e.value.problem + e.value.fix  # said of layers, not of the units' reader it shares
+
+
+STOPPED = """
+import os, signal, sys, time
+import typer
+from autoexplain import console, interrupt
+from autoexplain.counters import COUNTS
+
+COUNTS["llm_sent"] = int(sys.argv[1])  # what the run sent before the stop (a `record` sends none)
+
+def work():  # a stage stopped by Ctrl-C as one is: the signal, then the stage's next check
+    os.kill(os.getpid(), signal.SIGINT)
+    while True:
+        interrupt.check()
+        time.sleep(0.01)
+
+try:
+    console.run_or_exit(work)
+except typer.Exit as e:  # as the command line ends
+    sys.exit(e.exit_code)
+"""
+
+
+@pytest.mark.parametrize("sent", [0, 2])
+def test_a_stop_speaks_of_llm_requests_only_when_some_were_sent(sent):
+    """Ctrl-C in `record` said the LLM requests in flight were abandoned and their answers reused:
+    none had been sent."""
+    r = subprocess.run([sys.executable, "-c", STOPPED, str(sent)], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "COLUMNS": "400"})
+    line = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 130 and line.startswith("interrupted (SIGINT): nothing of the unfinished stage was kept"), r.stderr
+    assert ("LLM" in line) == bool(sent), line
+    assert "rerun the same command" in line
