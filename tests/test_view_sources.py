@@ -194,3 +194,22 @@ def test_no_site_inside_a_finished_stage_folder(tmp_path):
         build_site([scores_dir], scores_dir / "site")
     assert sorted(p.name for p in scores_dir.iterdir()) == before
     assert build_site([scores_dir], tmp_path / "out" / "site").is_file()  # beside it is fine
+
+
+def test_a_unit_that_fails_to_load_leaves_nothing_of_the_unit_before(browser, tmp_path):  # noqa: F811
+    """A hash changed to a unit the site lacks showed its error under the previous unit's score,
+    candidates and tables; a fresh load of that hash shows empty sections, and so must the change."""
+    site = tmp_path / "site"
+    build_site([synthetic_layer(tmp_path / "a", 3, 6)], site, meaning=False, plots=False)
+    w = Watched(browser, file_url(site))
+    page = w.open("unit.html#L3/mlp/N0+")
+    assert page.text_content("#explanation") and page.text_content("#headline") != ""
+    assert page.locator("#candidates tbody tr").count() > 0 and page.locator("#scores tbody tr").count() > 0
+    page.evaluate("location.hash = '#L3/mlp/N10+'")
+    page.wait_for_selector("body[data-unit='L3/mlp/N10+'] #explanation .error")
+    assert "N10+" in page.text_content("#title")
+    for section in ("unit-nav", "headline", "candidates", "baselines", "scores", "similar", "histogram", "stats",
+                    "outputs", "top-tokens", "simulations", "ex-top", "ex-quantile", "ex-random"):
+        assert page.evaluate(f"document.getElementById('{section}').childNodes.length") == 0, section
+    w.errors.clear()  # the missing unit's data script is a console error of its own
+    w.close()

@@ -587,6 +587,7 @@
       try { hash = decodeURIComponent(hash); } catch (e) { /* keep it encoded: it will not match */ }
       var unit = parseUnit(hash.slice(1));
       if (!unit) {
+        blank();
         crumbs([["Overview", "index.html"]]);
         return fail($("explanation"), "no such unit: open a unit from a layer page (unit.html#L<layer>/<source>/N<unit>)");
       }
@@ -600,6 +601,7 @@
       document.title = name + " · " + (SITE.title || "autoexplain");
       document.body.removeAttribute("data-ready");
       document.body.setAttribute("data-unit", name);
+      blank();  // the unit routed from must not stay on the page, above an error for this one
       if (!meta) return fail($("explanation"), "layer " + unit.layer + " has no source " + unit.kind + " in this site");
       load(name, unitFile(unit)).then(inflate).then(function (d) {
         // A later hash may have routed elsewhere while this unit loaded: its page must not be drawn over.
@@ -619,6 +621,14 @@
         draw(d);
         document.body.setAttribute("data-ready", "1");
       }).catch(function (e) { fail($("explanation"), e); });
+    }
+
+    // Every section a unit's data fills, emptied as a fresh page has them.
+    function blank() {
+      state.data = null;
+      ["unit-nav", "explanation", "headline", "candidates", "baselines", "similar", "scores", "histogram", "stats",
+        "outputs", "top-tokens", "sim-method", "sim-legend", "simulations", "ex-top", "ex-quantile", "ex-random"]
+        .forEach(function (id) { clear($(id)); });
     }
 
     function draw(d) {
