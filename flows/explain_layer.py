@@ -97,7 +97,10 @@ def record_activations(model: str = "smollm2", corpus: str = "default", layers: 
         preflight.check_out(out)
         preflight.check_corpus(corpus, text_field=text_field)
         shape = preflight.model_shape(model)
-        preflight.check_window(shape, 64)  # record_task's window length, which this flow does not set
+        if shape.n_positions and shape.n_positions < 64:  # record_task's window, which this flow does not set
+            raise preflight.refuse(preflight.flow_name, "model", f"its context of {shape.n_positions} positions is "
+                                   "shorter than this flow's 64-token windows",
+                                   "record it with explain-layer, whose parameter window_len sets the window")
         if layers and len(layers) > 1 and ":" in source:
             raise preflight.refuse(preflight.flow_name, "layers", f"a coder reads one layer, got {layers}",
                                    "set layers to one layer, or leave it out")

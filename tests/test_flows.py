@@ -340,3 +340,23 @@ def test_a_run_with_unanswered_requests_ends_in_a_state_named_incomplete(tmp_pat
     assert state.name == "Incomplete" and state.is_completed()
     assert state.message.startswith("12 results got no LLM answer") and state.result()["out"] == "x"
     assert state.result()["unanswered"] == 12, "what the CLI's exit line reads"
+
+
+def test_record_activations_refuses_a_model_whose_context_is_shorter_than_its_windows(run, tmp_path, smollm2_tokenizer):
+    """The flow's windows are 64 tokens and it has no window_len parameter to change: the line names
+    the model and where the window can be set, before any work."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from autoexplain.flows.explain_layer import record_activations
+    from autoexplain.tasks import stages
+
+    short = tmp_path / "gpt2-32"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(smollm2_tokenizer), n_embd=32, n_inner=40, n_layer=2, n_head=4,
+                               n_positions=32)).save_pretrained(short)
+    smollm2_tokenizer.save_pretrained(short)
+    loaded = stages._subject.cache_info().currsize
+    with pytest.raises(UserError) as caught:
+        record_activations(model=str(short), corpus="default", tokens=2000, out=str(tmp_path / "out"))
+    assert str(caught.value) == ("parameter model: its context of 32 positions is shorter than this flow's 64-token "
+                                 "windows — record it with explain-layer, whose parameter window_len sets the window")
+    assert stages._subject.cache_info().currsize == loaded and not (tmp_path / "out").exists()
