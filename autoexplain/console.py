@@ -227,7 +227,8 @@ def _unanswered(sent: int) -> str:
     from autoexplain.counters import COUNTS
 
     answered, retried = COUNTS["llm_requests"], COUNTS["llm_retries"]
-    kinds = {"HTTP 429": COUNTS["llm_429"], "timed out": COUNTS["llm_timeouts"], "other faults": COUNTS["llm_faults"]}
+    kinds = {"HTTP 429": COUNTS["llm_429"], "HTTP 5xx": COUNTS["llm_5xx"], "timed out": COUNTS["llm_timeouts"],
+             "other faults": COUNTS["llm_faults"]}
     kinds["in flight at the stop"] = max(0, sent - answered - sum(kinds.values()))
     if answered >= sent and not retried:
         return ""

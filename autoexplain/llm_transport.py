@@ -127,7 +127,7 @@ class Transport:
                     self._settle(taken, response)
                 return response
             except openai.APIStatusError as e:
-                COUNTS["llm_429" if e.status_code == 429 else "llm_faults"] += 1
+                COUNTS["llm_429" if e.status_code == 429 else "llm_5xx" if e.status_code >= 500 else "llm_faults"] += 1
                 if e.status_code not in self.RETRYABLE and e.status_code < 500:
                     raise self._permanent(e, attempt) from None
                 last = e

@@ -28,7 +28,8 @@ from autoexplain.llm import LIMIT_ENVS
 from autoexplain.llm_cache import CACHE_ENV, CACHE_MB_ENV
 
 NAMES = (*LIMIT_ENVS, CACHE_ENV, CACHE_MB_ENV)
-LLM_COUNTS = ("llm_sent", "llm_requests", "llm_cache_hits", "llm_429", "llm_timeouts", "llm_faults", "llm_retries")
+LLM_COUNTS = ("llm_sent", "llm_requests", "llm_cache_hits", "llm_429", "llm_5xx", "llm_timeouts", "llm_faults",
+              "llm_retries")
 
 
 def current() -> tuple[tuple[str, str | None], ...]:

@@ -98,7 +98,7 @@ def test_the_line_counts_every_request_sent_and_says_what_became_of_the_unanswer
         held.release(10)
     print_llm_usage()
     assert llm_lines(capsys.readouterr().err) == [
-        "LLM: 4 requests sent (1 answered; 1 HTTP 429, 1 timed out, 1 other faults; 2 sent again), 0 answers from the "
+        "LLM: 4 requests sent (1 answered; 1 HTTP 429, 1 HTTP 5xx, 1 timed out; 2 sent again), 0 answers from the "
         "cache; this run spent an unknown amount and 4 tokens (1 answer of models with no known price)"]
 
 
