@@ -54,9 +54,7 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def _pre_mlp_norm(block: torch.nn.Module, where: str) -> torch.nn.Module | None:
     """The norm whose output the MLP reads; None where the MLP reads the residual as it is."""
-    if hasattr(block, "pre_feedforward_layernorm"):
-        return block.pre_feedforward_layernorm
-    if any(hasattr(block, n) for n in POST_MLP_NORMS):
+    if not hasattr(block, PRE_MLP_NORMS[0]) and any(hasattr(block, n) for n in POST_MLP_NORMS):
         return None  # OLMo 2 norms only outputs: its post_attention_layernorm is not in front of the MLP
     norm = next((getattr(block, n) for n in PRE_MLP_NORMS if hasattr(block, n)), None)
     if norm is None:
