@@ -42,7 +42,7 @@ from autoexplain.errors import NO_ANSWER
 from autoexplain.explain import (
     as_explainer, output_line, output_lookup_explanation, shuffled_explanations, token_lookup_explanation,
 )
-from autoexplain.records import SCORED_KINDS, Simulation, UnitRecords, held_out
+from autoexplain.records import SCORED_KINDS, Explanation, Simulation, UnitRecords, held_out
 from autoexplain.rows import (
     ExplanationRow,
     ScoreRow,
@@ -62,6 +62,10 @@ EXPLAINER, LOOKUP, SHUFFLED = "explainer", "token-lookup", "shuffled"
 OUTPUT_LOOKUP = "output-lookup"  # the token-lookup's output-side twin: what the unit promotes
 BASELINES = (LOOKUP, OUTPUT_LOOKUP)  # derived from the unit alone, simulated beside the explanation
 METHODS = (EXPLAINER, *BASELINES, SHUFFLED)  # every method a layer is scored with, in the order reports show them
+
+
+# Why a unit has no explanation when no train record shows it firing (`explain_units`).
+NOTHING_SHOWN = "it fires in no window of the train documents"
 
 
 @dataclass
@@ -112,10 +116,16 @@ def explain_units(units: Sequence[UnitRecords], explainer: Explainer, cfg: Expla
     """One batch of units (an explainer answers a batch in one call): per unit, its explainer row
     with k candidates, then its token-lookup baseline."""
     shown = [shown_records(u, cfg.n_shown) for u in units]
-    extra = {"outputs": [output_line(u.stats) for u in units]} if explainer.uses_outputs else {}
-    explained = explainer.explain_records(shown, cfg.k, cfg.temperature, cfg.max_tokens, cfg.chat, **extra)
+    # A unit whose firing windows all sit in scoring documents has nothing to be explained from:
+    # asking anyway would pay for a guess, and score it.
+    asked = [i for i, recs in enumerate(shown) if recs]
+    extra = {"outputs": [output_line(units[i].stats) for i in asked]} if explainer.uses_outputs else {}
+    answers = explainer.explain_records([shown[i] for i in asked], cfg.k, cfg.temperature, cfg.max_tokens, cfg.chat,
+                                        **extra) if asked else []
+    explained = dict(zip(asked, answers))
     rows = []
-    for unit, recs, exp in zip(units, shown, explained):
+    for i, (unit, recs) in enumerate(zip(units, shown)):
+        exp = explained.get(i) or Explanation("", [], "", explainer.name, failure=NOTHING_SHOWN)
         rows.append(ExplanationRow(unit.id, EXPLAINER, exp.explainer, exp.prompt_hash, exp.text, list(exp.candidates),
                                    [], exp.prompt_tokens, exp.completion_tokens, failure=exp.failure,
                                    dollars=explainer.dollars(exp.prompt_tokens, exp.completion_tokens, exp.cached_tokens)))
@@ -151,8 +161,11 @@ def explain_workers(llm, cfg: ExplainConfig) -> int:
 def _baseline_rows(unit: UnitRecords, shown) -> list[ExplanationRow]:
     """The token-lookup baseline from the shown records, and its output-side twin where the unit's
     statistics say what it promotes (recordings before the output side have no twin)."""
-    text = token_lookup_explanation(shown)
-    rows = [ExplanationRow(unit.id, LOOKUP, LOOKUP, "", text, [text])]
+    if shown:
+        text = token_lookup_explanation(shown)
+        rows = [ExplanationRow(unit.id, LOOKUP, LOOKUP, "", text, [text])]
+    else:
+        rows = [ExplanationRow(unit.id, LOOKUP, LOOKUP, "", "", [], failure=NOTHING_SHOWN)]
     promotes = unit.stats.promotes if unit.stats is not None else None
     if promotes:
         text = output_lookup_explanation(promotes)

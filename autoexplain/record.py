@@ -5,10 +5,11 @@ Two stages, each with its own content-addressed folder:
 - `record_sources`: windows -> per unit source, `records/<key>/layer_<L>.records.parquet` and
   `.stats.parquet`, every source and layer from one pass of the subject (`record_layers`: one source).
 
-Per unit and polarity the records are the top-k windows where it fires (dealt train/calib/valid/test
-in turn), random windows (calib/valid/test only) and activation-quantile windows where it fires.
-Within one unit no window appears twice, so the windows an explainer sees (train) never score its
-explanation.
+Every window is in its document's split (`splits`: documents are dealt to train/calib/valid/test),
+so no document has windows in two splits and the documents an explainer reads (train) never score
+its explanation. Per unit and polarity the records are the top windows where it fires, a quarter of
+top-k from each split's documents, random windows (from calib/valid/test documents only) and
+activation-quantile windows where it fires (each in its document's split).
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ import pyarrow.parquet as pq
 import torch
 
 from autoexplain import corpus as corpus_mod
-from autoexplain import defaults, layout, selection
+from autoexplain import defaults, layout, selection, splits
 from autoexplain.errors import UserError
 from autoexplain.latents import SparseLatents
-from autoexplain.records import QUANTILE_BINS, RANDOM_DEAL, TOP_DEAL
+from autoexplain.records import QUANTILE_BINS, RANDOM_DEAL, SPLITS
 from autoexplain.output_side import OUTPUT_COLUMNS
 from autoexplain.sources import MLP, UnitSource
 from autoexplain.spelling import Spelling, cli_flag
@@ -151,8 +152,9 @@ class _LayerRecorder:
     """The streaming state for one layer: top-k per polarity, reservoir and running stats."""
 
     def __init__(self, cfg: RecordConfig, window_len: int, n_units: int, reservoir_ids: np.ndarray,
-                 polarities: tuple[int, ...] = (1, -1), sparse: bool = False):
-        self.top = {p: selection.TopWindows(cfg.top_k, window_len, n_units) for p in polarities}
+                 window_split: np.ndarray, polarities: tuple[int, ...] = (1, -1), sparse: bool = False):
+        self.window_split = window_split
+        self.top = {p: splits.SplitTopWindows(cfg.top_k, window_len, n_units, window_split) for p in polarities}
         self.n_units, self.sparse = n_units, sparse
         kind = selection.SparseReservoir if sparse else selection.Reservoir
         self.reservoir = kind(reservoir_ids, window_len, n_units)
@@ -274,11 +276,12 @@ def _open(subject: Subject, windows: WindowsRef, source: UnitSource, cfg: Record
     if covering is not None:
         directory, theirs = covering
         return RecordsRef(directory, directory.name, theirs, windows.n_windows), None
+    window_split = splits.window_splits(windows.path, windows.n_windows, cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     n_res = min(cfg.reservoir, windows.n_windows)
     reservoir_ids = rng.choice(windows.n_windows, size=n_res, replace=False)
-    recorders = {L: _LayerRecorder(cfg, windows.window_len, source.n_units(subject), reservoir_ids, source.polarities,
-                                   source.sparse) for L in layers}
+    recorders = {L: _LayerRecorder(cfg, windows.window_len, source.n_units(subject), reservoir_ids, window_split,
+                                   source.polarities, source.sparse) for L in layers}
     return ref, _Pending(source, cfg, stage, ref, recorders, reservoir_ids, inputs, params)
 
 
@@ -327,14 +330,19 @@ def _finish_layer(layer: int, rec: _LayerRecorder, cfg: RecordConfig, reservoir_
     n_units = rec.n_units
     stats = []
     shapes = res.shape_stats(signs=polarities)
+    # Random windows come from each split's own reservoir windows, in the reservoir's seeded order.
+    of_split = {s: reservoir_order[rec.window_split[reservoir_order] == SPLITS.index(s)] for s in RANDOM_DEAL}
+    random_quota = splits.quotas(cfg.n_random, RANDOM_DEAL)
+    split_names = np.array(SPLITS)
     for polarity in polarities:
         top = rec.top[polarity]
+        top.rank()
         kept = torch.isfinite(top.values).numpy()  # (k, U); -inf marks an unfilled slot
-        top_ids, top_vals = top.window_ids.numpy(), top.values.numpy()
+        top_ids, top_vals, top_splits = top.window_ids.numpy(), top.values.numpy(), top.splits.numpy()
         # Top exemplars are windows where the unit fires (max > 0), filtered here, not per batch: the
         # pass keeps k windows per unit whatever their max, so a unit firing in fewer has non-firing
-        # ones among them. Ranks are sorted, so its firing ones are its first ranks, dealt train
-        # first (under 4, no test one: the scores that need one are undefined). A unit that never
+        # ones among them. Ranks are sorted, so its firing ones are its first ranks, each in its
+        # document's split (none in train: it cannot be explained; none in test: not scored). A unit that never
         # fired this way (statistics: max <= 0, frac_active 0) is dead and gets no records.
         firing = kept & (top_vals > 0)
         fired = firing.any(axis=0)
@@ -347,7 +355,7 @@ def _finish_layer(layer: int, rec: _LayerRecorder, cfg: RecordConfig, reservoir_
             unit_of, rank = np.nonzero(firing[:, a : a + chunk].T)
             if not len(unit_of):
                 continue
-            top_rows.extend(unit_of + a, polarity, "top", np.array(TOP_DEAL)[rank % len(TOP_DEAL)], rank, None,
+            top_rows.extend(unit_of + a, polarity, "top", split_names[top_splits[rank, unit_of + a]], rank, None,
                             top_ids[rank, unit_of + a], top_vals[rank, unit_of + a])
             top_acts_rows = top_acts[unit_of, rank]  # (rows, T)
             edges = selection.quantile_edges(res_max, QUANTILE_BINS)  # every unit of the chunk in one call
@@ -356,7 +364,9 @@ def _finish_layer(layer: int, rec: _LayerRecorder, cfg: RecordConfig, reservoir_
                 # not, so those draws are the ones they always were: a unit with non-firing windows
                 # among its k has every firing one among them, so the rest never fire either.
                 exclude = {int(w) for w in top_ids[kept[:, u], u]}
-                randoms = selection.pick_random(reservoir_order, exclude, cfg.n_random)
+                picks = {s: selection.pick_random(of_split[s], exclude, q) for s, q in random_quota.items()}
+                dealt = splits.interleave(picks, RANDOM_DEAL)
+                randoms = [w for _, w in dealt]
                 exclude.update(randoms)
                 quants = selection.pick_quantiles(res.ids, res_max[:, u - a], edges[:, u - a], cfg.quantile_per_bin,
                                                   exclude, rng)
@@ -365,7 +375,7 @@ def _finish_layer(layer: int, rec: _LayerRecorder, cfg: RecordConfig, reservoir_
                 wids = randoms + [w for _, w in quants]
                 slots = [slot_of[w] for w in wids]
                 extra_rows.extend([u] * len(wids), polarity, ["random"] * len(randoms) + ["quantile"] * len(quants),
-                                  selection.deal(len(randoms), RANDOM_DEAL) + [TOP_DEAL[r % len(TOP_DEAL)] for r in ranks],
+                                  [s for s, _ in dealt] + split_names[rec.window_split[wids[len(randoms):]]].tolist(),
                                   list(range(len(randoms))) + ranks, [None] * len(randoms) + bins, wids,
                                   res_max[slots, u - a])
                 extra_slots += slots

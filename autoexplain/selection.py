@@ -35,9 +35,11 @@ class TopWindows:
         self.payload = torch.zeros((k, window_len, n_units), dtype=dtype)
 
     def update(self, window_ids: torch.Tensor, acts: torch.Tensor | SparseLatents, window_max: torch.Tensor,
-               sign: int = 1) -> None:
+               sign: int = 1, batch_rows: torch.Tensor | None = None) -> None:
         """acts: (B, T, U) raw activations, dense or as their non-zeros; window_max: (B, U) float32
-        max of sign*acts over T. Only the units with a window above their current k-th are read."""
+        max of sign*acts over T. Only the units with a window above their current k-th are read.
+        `batch_rows`: when these windows are some rows of the batch `acts` holds, which ones (the
+        activations are read in place, not copied out for each subset)."""
         k = self.k
         threshold = self.values[-1]  # current k-th best per unit (values are kept sorted)
         cols = (window_max > threshold).any(dim=0).nonzero().squeeze(1)
@@ -58,6 +60,8 @@ class TopWindows:
         freed = old_slots[free_r, free_c]
         slots[new_r, new_c] = freed
         units, rows = cols[new_c], idx[new_r, new_c] - k
+        if batch_rows is not None:
+            rows = batch_rows[rows]
         if isinstance(acts, SparseLatents):
             # Non-negative latents: a slot whose window's max was 0 (or that was never filled) is
             # all zeros already, and a window entering with max 0 writes nothing. So only the
@@ -305,11 +309,6 @@ class RunningStats:
                     "frac_active": (self.n_pos.double() / n).numpy()}
         return {"mean": -mean, "std": np.sqrt(var), "max": (-self.min).double().numpy(),
                 "frac_active": (self.n_neg.double() / n).numpy()}
-
-
-def deal(n: int, order: tuple[str, ...]) -> list[str]:
-    """Assign the r-th ranked item to order[r % len(order)], so each split gets comparable strengths."""
-    return [order[r % len(order)] for r in range(n)]
 
 
 def shape_stats_per_unit(samples: torch.Tensor, bins: int = 32, chunk: int = 256,

@@ -5,6 +5,7 @@ Nothing is downloaded: the tiny models borrow the embedded SmolLM2 tokenizer.
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -64,20 +65,36 @@ PROSE = (
 )
 
 
+_WORDS = {"seven": ("two", "three", "four", "five", "six", "seven", "eight", "nine"),
+          "grey": ("grey", "black", "white", "brown", "ginger"), "red": ("red", "old", "lame", "loud", "spotted"),
+          "blue": ("blue", "green", "thin", "leather"), "March": ("March", "April", "February")}
+_LEAD = "Long ago in a quiet valley town far to the north".split()
+
+
+def prose_document(i: int) -> str:
+    """The i-th document: PROSE with its own numbers and words, after i % 8 words of its own (so
+    windows start at different places in the text): no two documents share a window."""
+    text = PROSE.replace("1854", str(1800 + 7 * i)).replace("2,400", f"{1000 + 137 * i:,}")
+    for word, choices in _WORDS.items():
+        text = text.replace(word, choices[i % len(choices)])
+    return " ".join([*_LEAD[: i % 8], text, f"Paragraph {i}."])
+
+
 def write_prose(path):
-    """About 20 paragraphs of English: a few hundred windows of 8 tokens."""
-    path.write_text("\n\n".join(f"{PROSE} Paragraph {i}." for i in range(20)), encoding="utf-8")
+    """20 documents of one paragraph of English each (JSON lines): a few hundred windows of 8
+    tokens, and enough documents for the four splits (a .txt file of it would be 2 documents)."""
+    path.write_text("".join(json.dumps({"text": prose_document(i)}) + "\n" for i in range(20)), encoding="utf-8")
     return path
 
 
 @pytest.fixture
 def prose_file(tmp_path):
-    return write_prose(tmp_path / "prose.txt")
+    return write_prose(tmp_path / "prose.jsonl")
 
 
 @pytest.fixture(scope="session")
 def prose_corpus(tmp_path_factory):
-    return write_prose(tmp_path_factory.mktemp("corpus") / "prose.txt")
+    return write_prose(tmp_path_factory.mktemp("corpus") / "prose.jsonl")
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,8 @@ import torch
 
 from autoexplain.errors import UserError
 from autoexplain.record import RecordConfig, build_windows, record_layers
+from autoexplain.records import SPLITS
+from autoexplain.splits import document_splits
 from autoexplain.subject import load_subject
 
 CFG = dict(top_k=12, n_random=8, quantile_per_bin=2, reservoir=64, batch_size=7, seed=3)
@@ -31,18 +33,30 @@ def _all_activations(subject, windows, layer):
 @pytest.mark.parametrize("layer", [0, 2])
 @pytest.mark.parametrize("polarity", [1, -1])
 def test_top_windows_match_brute_force(recorded, layer, polarity):
+    """Per unit, each split's top windows are the strongest of that split's documents; together,
+    strongest first."""
     subject, windows, ref, _ = recorded
     wids, acts = _all_activations(subject, windows, layer)  # (N, T, U)
     oriented = acts * polarity
     window_max = oriented.max(axis=1)  # (N, U)
+    split = np.array(document_splits(pl.read_parquet(windows.path)["doc_id"].to_numpy(), CFG["seed"]))
     recs = pl.read_parquet(ref.records_path(layer)).filter(
         (pl.col("polarity") == polarity) & (pl.col("kind") == "top"))
+    quota = CFG["top_k"] // len(SPLITS)
     for unit in range(0, subject.n_units, 5):
         got = recs.filter(pl.col("unit") == unit).sort("rank")
-        expected_max = np.sort(window_max[:, unit])[::-1][: CFG["top_k"]]
-        np.testing.assert_allclose(got["max_activation"].to_numpy(), expected_max, rtol=1e-2, atol=1e-3)
+        expected = []
+        for s in range(len(SPLITS)):
+            in_split = np.sort(window_max[split == s, unit])[::-1][:quota]
+            expected += [(v, SPLITS[s]) for v in in_split if v > 0]
+        expected.sort(key=lambda e: -e[0])
+        np.testing.assert_allclose(got["max_activation"].to_numpy(), [v for v, _ in expected], rtol=1e-2, atol=1e-3)
+        for s in SPLITS:  # the values of each split's own ranking (ties across splits may swap ranks)
+            np.testing.assert_allclose(got.filter(pl.col("split") == s)["max_activation"].to_numpy(),
+                                       [v for v, e in expected if e == s], rtol=1e-2, atol=1e-3)
         for row in got.iter_rows(named=True):
             i = int(np.nonzero(wids == row["window_id"])[0][0])
+            assert SPLITS[split[i]] == row["split"]
             np.testing.assert_allclose(row["activations"], oriented[i, :, unit], rtol=1e-2, atol=1e-3)
             assert max(row["activations"]) == pytest.approx(row["max_activation"], rel=1e-2, abs=1e-3)
 
@@ -77,13 +91,12 @@ def test_splits_never_leak(recorded):
     assert recs.filter((pl.col("kind") == "random") & (pl.col("split") == "train")).height == 0
 
 
-def test_top_windows_are_dealt_in_turn(recorded):
+def test_each_split_gets_a_quarter_of_the_top_windows(recorded):
     _, _, ref, _ = recorded
     top = pl.read_parquet(ref.records_path(0)).filter(pl.col("kind") == "top")
-    one = top.filter((pl.col("unit") == 3) & (pl.col("polarity") == 1)).sort("rank")
-    assert one["split"].to_list()[:8] == ["train", "calib", "valid", "test"] * 2
-    counts = top.group_by("split").len().sort("split")["len"].to_list()
-    assert max(counts) - min(counts) <= top.select(pl.struct("unit", "polarity").n_unique()).item()
+    per = top.group_by("unit", "polarity", "split").len()
+    assert per["len"].to_list() == [CFG["top_k"] // len(SPLITS)] * per.height  # every unit fires in every split here
+    assert per.height == top.select(pl.struct("unit", "polarity").n_unique()).item() * len(SPLITS)
 
 
 def test_every_unit_has_all_kinds(recorded):

@@ -15,12 +15,13 @@ from autoexplain.layer import load_units
 from autoexplain.layout import records_table
 from autoexplain.pipeline import ExplainConfig, explain_units, shown_records
 from autoexplain.record import RecordConfig, build_windows, record_layers
-from autoexplain.records import TOP_DEAL, ActivationRecord, Simulation
+from autoexplain.records import SPLITS, ActivationRecord, Simulation
 from autoexplain.registry import make_explainer
 from autoexplain.sae_coder import HookPoint
 from autoexplain.sae_train import capture
 from autoexplain.score_simulation import DETECTION_AUC, SimulationScorer
 from autoexplain.source_coder import open_unit_source
+from autoexplain.splits import document_splits
 from autoexplain.subject import load_subject
 from autoexplain.view_data import records_part
 from tests.test_sae import cfg_6x, write_saelens
@@ -34,15 +35,23 @@ def recorded(tiny_llama_dir, prose_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
     subject = load_subject(tiny_llama_dir)
     windows = build_windows(subject, str(prose_corpus), out, window_len=8, seed=0)
-    ids = torch.tensor(pl.read_parquet(windows.path)["token_ids"].to_list())
+    table = pl.read_parquet(windows.path)
+    ids = torch.tensor(table["token_ids"].to_list())
     x = capture(subject.model, HookPoint(1, "resid_post"), ids).float()
-    g = torch.Generator().manual_seed(3)
-    w_enc = torch.randn(D_MODEL, LATENTS, generator=g)
+    split = document_splits(table["doc_id"].to_numpy(), seed=0)  # as the recording below deals them
     # RARE's bias sits halfway between its FIRING-th and next best window maxima: it fires in
-    # exactly FIRING windows, the others (bias 0) in nearly every one.
-    best = (x @ w_enc)[..., RARE].amax(1).sort(descending=True).values
-    # (the prose repeats: its three best windows are one text; the next is 6 % below)
-    assert best[FIRING - 1] - best[FIRING] > 0.04 * best[0], "too close a call for bf16 hidden states"
+    # exactly FIRING windows, the others (bias 0) in nearly every one. Its encoder is the first
+    # whose FIRING windows are clear of the next (bf16 hidden states) and lie in documents of the
+    # train split and of no test one: the case this file is about.
+    for seed in range(100):
+        g = torch.Generator().manual_seed(seed)
+        w_enc = torch.randn(D_MODEL, LATENTS, generator=g)
+        best, order = (x @ w_enc)[..., RARE].amax(1).sort(descending=True)
+        where = {SPLITS[split[i]] for i in order[:FIRING].tolist()}
+        if best[FIRING - 1] - best[FIRING] > 0.04 * best[0] and "train" in where and "test" not in where:
+            break
+    else:
+        raise AssertionError("no encoder in 100 gives the case")
     b_enc = torch.zeros(LATENTS)
     b_enc[RARE] = -float(best[FIRING - 1] + best[FIRING]) / 2
     sae = write_saelens(tmp_path_factory.mktemp("sae") / "rare", dict(cfg_6x("standard", "blocks.1.hook_resid_post"),
@@ -60,7 +69,10 @@ def test_a_latent_firing_in_fewer_windows_than_top_k_has_only_those_as_top_recor
     rare = top.filter(pl.col("unit") == RARE).sort("rank")
     # old code: TOP_K top records, the last nine never firing, three of them in test
     assert rare.height == FIRING, rare.select("rank", "split", "max_activation")
-    assert rare["rank"].to_list() == list(range(FIRING)) and rare["split"].to_list() == list(TOP_DEAL[:FIRING])
+    assert rare["rank"].to_list() == list(range(FIRING))
+    split = document_splits(pl.read_parquet(next(recorded.parent.parent.glob("windows/*/windows.parquet")))["doc_id"].to_numpy(), seed=0)
+    assert rare["split"].to_list() == [SPLITS[split[w]] for w in rare["window_id"].to_list()]  # their documents'
+    assert "test" not in rare["split"].to_list()
     # every top and quantile exemplar of the layer fires (old code: RARE's quantile draws were zeros)
     shown = records.filter(pl.col("kind") != "random")
     assert (shown["max_activation"] > 0).all(), shown.filter(pl.col("max_activation") <= 0)
