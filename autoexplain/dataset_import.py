@@ -47,11 +47,11 @@ def published_runs(folder: Path) -> dict[tuple[int, str], dict]:
     return {(int(m[1]), m[2]): json.loads(m[3]) for m in _RUN_LINE.finditer(text)}
 
 
-def _table(folder: Path, name: str, kind: str, layer: int) -> pa.Table:
+def _table(folder: Path, name: str, kind: str, layer: int, columns: list[str] | None = None) -> pa.Table:
     path = dataset_file(folder, name, kind, layer)
     if not path.is_file():
         raise UserError(f"{path} is missing from the dataset", "publish the layer again, or import another layer")
-    return pq.read_table(path)
+    return pq.read_table(path, columns=columns)
 
 
 def _stage(out: Path, stage: str, inputs: dict, params: dict, tables: dict[str, tuple[pa.Table, str]]) -> tuple[Path, str]:
@@ -87,6 +87,17 @@ def _here(model: str, chosen: dict[tuple[int, str], dict]) -> str:
             raise UserError(f"--model: {model} is not the model the dataset was recorded with ({name})",
                             "pass the dataset's subject model as it is on this machine")
     return model
+
+
+def _check_document_splits(exemplars: pa.Table, layer: int, kind: str) -> None:
+    """A dataset recorded when splits were of windows has windows in two splits (for two units):
+    its scores were measured on text beside what the explainer read. Refused, not mixed in."""
+    pairs = exemplars.select(["window_id", "split"]).group_by(["window_id", "split"]).aggregate([])
+    ids, counts = np.unique(pairs.column("window_id").to_numpy(), return_counts=True)
+    twice = ids[counts > 1]
+    if len(twice):
+        raise UserError(f"the exemplars of layer {layer} ({kind}) put window {int(twice[0])} in more than one split: the "
+                        "dataset was recorded before splits were of documents", "record and publish it again with this version")
 
 
 def import_layer(folder: Path, out: Path, layer: int, kind: str, params: dict) -> Path:
@@ -159,6 +170,8 @@ def import_dataset(folder: str | Path, out: str | Path, layers: list[int] | None
     if taken:
         raise UserError(f"{out} already holds runs of {', '.join(taken)} that importing would replace",
                         "import into a new --out folder")
+    for layer, kind in sorted(chosen):  # every layer before any is written
+        _check_document_splits(_table(folder, "exemplars", kind, layer, ["window_id", "split"]), layer, kind)
     for (layer, kind), params in sorted(chosen.items()):
         import_layer(folder, out, layer, kind, params)
     return sorted(chosen)
