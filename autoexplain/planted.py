@@ -2,7 +2,8 @@
 
 Each planted unit fires by a fixed rule on the subject's token strings (digits, one word,
 capitalised words, punctuation, semantic categories). Its records are built from real corpus
-windows exactly as recorded units' are (top-activating + random windows, dealt into splits), so
+windows as recorded units' are (top-activating + random windows, in splits: dealt round-robin
+here, where a recording deals whole documents), so
 scoring a simulator with the true rule as the explanation, and with another unit's rule, measures
 how much signal it carries: a useful simulator scores high with the true rule and near zero with a
 wrong one.

@@ -14,7 +14,8 @@ import re
 from dataclasses import dataclass, field
 
 SPLITS = ("train", "calib", "valid", "test")
-# Top windows are dealt in this order, one each, round and round (OpenAI's stride-4 dealing).
+# Each split's share of a unit's top windows (a quarter each: a recording takes them from each split's
+# own documents, `splits`); planted units deal them in this order, round and round (OpenAI's stride 4).
 TOP_DEAL = SPLITS
 # Random windows never reach the explainer.
 RANDOM_DEAL = ("calib", "valid", "test")
