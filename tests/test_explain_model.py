@@ -170,6 +170,19 @@ def test_publish_a_model_run_then_import_and_rescore_it(home, modelled, tmp_path
     assert "lack ['token_ids']" in _one_error_line(old) and "publish the run again" in old.stderr
     assert not (tmp_path / "old" / "runs").exists()
 
+    # Recorded when splits were of windows: one window in train for one unit, test for another.
+    # Refused in one line, with nothing written.
+    path = dataset / "data" / "exemplars" / "mlp" / "layer_2.parquet"
+    rows = pl.read_parquet(path).with_row_index("i")
+    shared = rows.group_by("window_id").agg(pl.col("i").max(), pl.col("split").first(), pl.len()).filter(pl.col("len") > 1)
+    w, i, split = shared.sort("window_id").select("window_id", "i", "split").row(0)  # one row of a window held twice
+    rows.with_columns(split=pl.when(pl.col("i") == i).then(pl.lit("valid" if split == "test" else "test"))
+                      .otherwise(pl.col("split"))).drop("i").write_parquet(path)
+    mixed = stage_cli(home, "import", "--from", str(dataset), "--out", str(tmp_path / "mixed"), "--layer", "2")
+    line = _one_error_line(mixed)
+    assert f"put window {w} in more than one split" in line and "before splits were of documents" in line, line
+    assert not (tmp_path / "mixed").exists()
+
 
 def test_rescore_one_layer_of_a_model_run(home, modelled):
     out, _ = modelled
@@ -234,23 +247,6 @@ def test_bad_import_input_is_one_line(home, tmp_path):
         line = _one_error_line(stage_cli(home, "import", "--from", str(missing), "--layer", "3", "--out", str(tmp_path / "o3")))
         assert line.startswith(f"error: --from: {missing} {says}"), line
     assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
-
-
-def test_a_dataset_recorded_when_splits_were_of_windows_is_refused(home, modelled, tmp_path):
-    """Older versions dealt windows, so one window could be train for one unit and test for
-    another: importing such a dataset says so in one line and writes nothing."""
-    out, _ = modelled
-    dataset = tmp_path / "dataset"
-    assert stage_cli(home, "publish", "--out", str(out), "--to", str(dataset), "--license", "other").returncode == 0
-    path = dataset / "data" / "exemplars" / "mlp" / "layer_2.parquet"
-    rows = pl.read_parquet(path).with_row_index("i")
-    shared = rows.group_by("window_id").agg(pl.col("i").max(), pl.col("split").first(), pl.len()).filter(pl.col("len") > 1)
-    w, i, split = shared.sort("window_id").select("window_id", "i", "split").row(0)  # one row of a window held twice
-    rows.with_columns(split=pl.when(pl.col("i") == i).then(pl.lit("valid" if split == "test" else "test"))
-                      .otherwise(pl.col("split"))).drop("i").write_parquet(path)
-    line = _one_error_line(stage_cli(home, "import", "--from", str(dataset), "--out", str(tmp_path / "again")))
-    assert f"put window {w} in more than one split" in line and "before splits were of documents" in line, line
-    assert not (tmp_path / "again").exists()
 
 
 def test_a_layer_of_the_model_run_is_not_recorded_again(modelled, home, tiny_llama_dir, prose_corpus):
