@@ -27,7 +27,7 @@ from autoexplain import corpus as corpus_mod
 from autoexplain import defaults, layout, selection, splits
 from autoexplain.errors import UserError
 from autoexplain.latents import SparseLatents
-from autoexplain.records import QUANTILE_BINS, RANDOM_DEAL, SPLITS
+from autoexplain.records import QUANTILE_BINS, SPLITS
 from autoexplain.output_side import OUTPUT_COLUMNS
 from autoexplain.sources import MLP, UnitSource
 from autoexplain.spelling import Spelling, cli_flag
@@ -280,6 +280,7 @@ def _open(subject: Subject, windows: WindowsRef, source: UnitSource, cfg: Record
     rng = np.random.default_rng(cfg.seed)
     n_res = min(cfg.reservoir, windows.n_windows)
     reservoir_ids = rng.choice(windows.n_windows, size=n_res, replace=False)
+    splits.check_random_room(window_split, reservoir_ids, cfg.top_k, cfg.n_random)
     recorders = {L: _LayerRecorder(cfg, windows.window_len, source.n_units(subject), reservoir_ids, window_split,
                                    source.polarities, source.sparse) for L in layers}
     return ref, _Pending(source, cfg, stage, ref, recorders, reservoir_ids, inputs, params)
@@ -330,9 +331,7 @@ def _finish_layer(layer: int, rec: _LayerRecorder, cfg: RecordConfig, reservoir_
     n_units = rec.n_units
     stats = []
     shapes = res.shape_stats(signs=polarities)
-    # Random windows come from each split's own reservoir windows, in the reservoir's seeded order.
-    of_split = {s: reservoir_order[rec.window_split[reservoir_order] == SPLITS.index(s)] for s in RANDOM_DEAL}
-    random_quota = splits.quotas(cfg.n_random, RANDOM_DEAL)
+    randoms_of = splits.RandomPicker(reservoir_order, rec.window_split, cfg.n_random)
     split_names = np.array(SPLITS)
     for polarity in polarities:
         top = rec.top[polarity]
@@ -364,8 +363,7 @@ def _finish_layer(layer: int, rec: _LayerRecorder, cfg: RecordConfig, reservoir_
                 # not, so those draws are the ones they always were: a unit with non-firing windows
                 # among its k has every firing one among them, so the rest never fire either.
                 exclude = {int(w) for w in top_ids[kept[:, u], u]}
-                picks = {s: selection.pick_random(of_split[s], exclude, q) for s, q in random_quota.items()}
-                dealt = splits.interleave(picks, RANDOM_DEAL)
+                dealt = randoms_of(exclude)
                 randoms = [w for _, w in dealt]
                 exclude.update(randoms)
                 quants = selection.pick_quantiles(res.ids, res_max[:, u - a], edges[:, u - a], cfg.quantile_per_bin,

@@ -18,8 +18,8 @@ import torch
 
 from autoexplain.errors import UserError
 from autoexplain.latents import SparseLatents
-from autoexplain.records import SPLITS, TOP_DEAL
-from autoexplain.selection import TopWindows
+from autoexplain.records import RANDOM_DEAL, SPLITS, TOP_DEAL
+from autoexplain.selection import TopWindows, pick_random
 
 _STREAM = 0xD0C5  # the dealing's own random stream, apart from the reservoir's and the quantile draws'
 
@@ -58,6 +58,42 @@ def window_splits(windows: Path, n_windows: int, seed: int) -> np.ndarray:
 def quotas(n: int, order: tuple[str, ...]) -> dict[str, int]:
     """How many of `n` items dealt round and round into `order` each split gets."""
     return {s: n // len(order) + (i < n % len(order)) for i, s in enumerate(order)}
+
+
+def _scoring(window_split: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Of `ids` (window ids, order kept), those in the splits random windows go to."""
+    return ids[np.isin(window_split[ids], [SPLITS.index(s) for s in RANDOM_DEAL])]
+
+
+def check_random_room(window_split: np.ndarray, reservoir_ids: np.ndarray, top_k: int, n_random: int) -> None:
+    """Refuse, before the pass, a reservoir whose scoring-split windows could run short of a unit's
+    random ones: random windows come from there, less the unit's top windows of those splits (at
+    most their quotas of top_k), so a quarter of the reservoir (the train split's) is no use to them."""
+    held = len(_scoring(window_split, np.asarray(reservoir_ids)))
+    if held - sum(n for s, n in quotas(top_k, TOP_DEAL).items() if s in RANDOM_DEAL) < n_random:
+        raise UserError(f"the reservoir sample holds {held} windows of calib/valid/test documents, too few for "
+                        f"{n_random} random exemplars besides a unit's top windows there",
+                        "pass more --tokens or a larger --reservoir, or fewer --random")
+
+
+class RandomPicker:
+    """A unit's random windows: `quotas(n, RANDOM_DEAL)` from each scoring split's reservoir windows,
+    in the reservoir's seeded order, a split that runs short made up from the others (so a unit has
+    n whenever `check_random_room` passed); as (split, window id) pairs dealt in turn."""
+
+    def __init__(self, reservoir_order: np.ndarray, window_split: np.ndarray, n: int):
+        self.window_split, self.n, self.quota = window_split, n, quotas(n, RANDOM_DEAL)
+        self.pool = _scoring(window_split, np.asarray(reservoir_order))
+        self.of_split = {s: self.pool[window_split[self.pool] == SPLITS.index(s)] for s in RANDOM_DEAL}
+
+    def __call__(self, exclude: set[int]) -> list[tuple[str, int]]:
+        picks = {s: pick_random(self.of_split[s], exclude, q) for s, q in self.quota.items()}
+        short = self.n - sum(map(len, picks.values()))
+        if short > 0:
+            taken = exclude.union(*picks.values())
+            for w in pick_random(self.pool, taken, short):
+                picks[SPLITS[self.window_split[w]]].append(w)
+        return interleave(picks, RANDOM_DEAL)
 
 
 def interleave(picks: dict[str, list[int]], order: tuple[str, ...]) -> list[tuple[str, int]]:

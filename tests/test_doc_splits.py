@@ -18,7 +18,7 @@ from autoexplain.registry import make_simulator
 from autoexplain.rows import ExplanationRow, SimulationRow, from_table
 from schemas.contracts import validate
 from autoexplain.score_simulation import SimulationScorer
-from autoexplain.splits import document_splits
+from autoexplain.splits import RandomPicker, check_random_room, document_splits
 from autoexplain.subject import load_subject
 
 
@@ -33,6 +33,23 @@ def test_documents_are_dealt_whole_and_the_splits_hold_about_as_many_windows():
     assert held.max() - held.min() <= sizes.max(), held  # the greedy dealing keeps them level
     assert (document_splits(doc_ids, seed=5) == split).all()
     assert (document_splits(doc_ids, seed=6) != split).any()
+
+
+def test_random_windows_come_from_scoring_documents_and_a_short_split_is_made_up():
+    window_split = np.array([0, 1, 2, 3] * 10 + [1, 1, 3, 3, 3, 3], dtype=np.int8)  # calib 12, valid 10, test 14
+    order = np.random.default_rng(0).permutation(len(window_split))
+    picker = RandomPicker(order, window_split, 9)
+    fine = picker(set())  # 3 of each
+    assert [s for s, _ in fine] == ["calib", "valid", "test"] * 3
+    assert all(SPLITS[window_split[w]] == s for s, w in fine)
+    assert [w for _, w in fine[::3]] == [int(w) for w in order if window_split[w] == 1][:3], "in the reservoir's order"
+    valid = {int(w) for w in np.flatnonzero(window_split == 2)}
+    short = picker(set(list(valid)[:-1]))  # the unit's top windows hold all but one valid window
+    assert len(short) == 9 and sum(s == "valid" for s, _ in short) == 1
+    assert not {w for _, w in short} & set(list(valid)[:-1]) and len({w for _, w in short}) == 9
+    check_random_room(window_split, order, top_k=12, n_random=9)  # 36 scoring windows - 9 top >= 9
+    with pytest.raises(UserError, match="holds 36 windows of calib/valid/test documents"):
+        check_random_room(window_split, order, top_k=12, n_random=28)
 
 
 def test_a_recording_keeps_each_document_in_one_split(tiny_records):
