@@ -114,6 +114,7 @@ def build_windows(
     key, path = stage.key, stage.directory / layout.WINDOWS
     if stage.done:
         n = read_manifest(stage.directory)["params"]["n_windows"]
+        splits.check_documents(len(pq.read_table(path, columns=["doc_id"]).column(0).unique()))
         return WindowsRef(path, key, n, window_len, corpus_mod.shortfall(source, n, window_len, max_tokens))
 
     docs = corpus_mod.load_documents(source, text_field=text_field, spell=spell)
@@ -132,8 +133,10 @@ def build_windows(
             })
             buf.clear()
 
+        docs_seen = set()
         for item in corpus_mod.cut_windows(docs, subject.tokenize, window_len, max_tokens, seed):
             buf.append(item)
+            docs_seen.add(item[1])
             n += 1
             if len(buf) == 4096:
                 flush()
@@ -144,6 +147,7 @@ def build_windows(
                 f"corpus '{source}' is shorter than one window of {window_len} tokens",
                 "give more text, or a smaller --window-len",
             )
+        splits.check_documents(len(docs_seen))  # before a pass or its progress bar, as the windows are cut
     stage.seal(inputs, {**params, "n_windows": n})
     return WindowsRef(path, key, n, window_len, corpus_mod.shortfall(source, n, window_len, max_tokens))
 

@@ -42,17 +42,20 @@ def document_splits(doc_ids: np.ndarray, seed: int) -> np.ndarray:
 
 
 def window_splits(windows: Path, n_windows: int, seed: int) -> np.ndarray:
-    """`document_splits` of a windows table's windows (by window id), refused before any pass when
-    the corpus has too few documents to give every split one."""
+    """`document_splits` of a windows table's windows (by window id)."""
     table = pq.read_table(windows, columns=["window_id", "doc_id"])
     doc_ids = np.empty(n_windows, dtype=np.int64)
     doc_ids[table.column("window_id").to_numpy()] = table.column("doc_id").to_numpy()
-    n_docs = len(np.unique(doc_ids))
+    check_documents(len(np.unique(doc_ids)))
+    return document_splits(doc_ids, seed)
+
+
+def check_documents(n_docs: int) -> None:
+    """Refuse windows of too few documents to give every split one (the splits are of documents)."""
     if n_docs < len(SPLITS):
         raise UserError(f"the corpus gives windows from only {n_docs} document(s), and explanation and scoring read "
                         f"distinct documents: the {len(SPLITS)} splits need at least {len(SPLITS)}",
                         "give a corpus of more documents (a .txt file is cut into documents of about 4,000 characters)")
-    return document_splits(doc_ids, seed)
 
 
 def quotas(n: int, order: tuple[str, ...]) -> dict[str, int]:

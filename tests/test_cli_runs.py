@@ -271,8 +271,8 @@ def test_stage_commands_reject_bad_input_in_one_line(home, explained, tmp_path):
 @pytest.mark.parametrize("command", ["explain-layer", "explain-model"])
 def test_a_corpus_too_short_for_the_exemplars_is_one_line(home, tiny_llama_dir, prose_corpus, tmp_path, command):
     """Found only when the recording task reads the corpus: the flow ends with the task's one line."""
-    short = tmp_path / "short.txt"
-    short.write_text(Path(prose_corpus).read_text()[:3000])
+    short = tmp_path / "short.jsonl"
+    short.write_text("".join(Path(prose_corpus).read_text().splitlines(keepends=True)[:4]))
     layer = ["--layer", "1"] if command == "explain-layer" else ["--layers", "1"]
     result = cli(home, command, "--model", tiny_llama_dir, "--corpus", str(short), *layer, "--units", "0-1",
                  "--out", str(tmp_path / "out"))
@@ -286,7 +286,7 @@ def test_explain_layer_reads_the_text_field_that_record_read(home, tiny_llama_di
     recording that `record --text-field body` made of the same corpus, and a line further in that
     lacks the field, which only the reading finds, is the task's one line naming the flag."""
     corpus = tmp_path / "c.jsonl"
-    paragraphs = Path(prose_corpus).read_text().split("\n\n")
+    paragraphs = [json.loads(line)["text"] for line in Path(prose_corpus).read_text().splitlines()]
     corpus.write_text("".join(json.dumps({"id": i, "body": p}) + "\n" for i, p in enumerate(paragraphs)))
     out = tmp_path / "out"
     common = ["--model", tiny_llama_dir, "--corpus", str(corpus), "--text-field", "body", "--tokens", "20000",

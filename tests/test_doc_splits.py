@@ -12,7 +12,7 @@ import pytest
 from autoexplain import pipeline
 from autoexplain.errors import UserError
 from autoexplain.explain_embedding import EmbeddingExplainer
-from autoexplain.record import RecordConfig, build_windows, record_layers
+from autoexplain.record import build_windows
 from autoexplain.records import SPLITS, ActivationRecord, UnitId, UnitRecords
 from autoexplain.registry import make_simulator
 from autoexplain.rows import ExplanationRow, SimulationRow, from_table
@@ -91,10 +91,9 @@ def test_a_corpus_of_fewer_than_four_documents_is_refused_before_the_pass(tiny_l
     corpus = tmp_path / "three.jsonl"
     corpus.write_text("".join(json.dumps({"text": "word " * 300 + str(i)}) + "\n" for i in range(3)))
     subject = load_subject(tiny_llama_dir)
-    windows = build_windows(subject, str(corpus), tmp_path / "out", window_len=8)
-    with pytest.raises(UserError, match="only 3 document"):
-        record_layers(subject, windows, RecordConfig([0], top_k=4, n_random=3, reservoir=16), tmp_path / "out")
-    assert not list((tmp_path / "out").glob("records/*/manifest.json"))
+    with pytest.raises(UserError, match="only 3 document"):  # as the windows are cut: before any pass
+        build_windows(subject, str(corpus), tmp_path / "out", window_len=8)
+    assert not list((tmp_path / "out").glob("*/*/manifest.json"))
 
 
 class _Counting(EmbeddingExplainer):

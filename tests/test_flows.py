@@ -51,10 +51,10 @@ def test_second_identical_run_recomputes_nothing(run):
 def test_a_corpus_edited_in_place_is_recorded_again(run, tmp_path, prose_corpus):
     """Prefect's task cache keys a recording by the corpus's content, as the store does: the same
     path holding other text must not answer with the recording of what it held before."""
-    corpus = tmp_path / "edited.txt"
+    corpus = tmp_path / "edited.jsonl"
     corpus.write_text(prose_corpus.read_text())
     first, _ = run(corpus=str(corpus), explainer="embedding", units="0-1")
-    corpus.write_text(corpus.read_text() + "\nThe mill stopped when the river froze in the long winter.\n")
+    corpus.write_text(corpus.read_text() + '{"text": "The mill stopped when the river froze in the long winter."}\n')
     again, counts = run(corpus=str(corpus), explainer="embedding", units="0-1")
     assert counts.get("subject_forward", 0) > 0, "the edited corpus was recorded"
     assert again["records"]["key"] != first["records"]["key"]
