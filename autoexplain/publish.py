@@ -266,6 +266,8 @@ suppresses most. Files are partitioned by source and layer: `data/<table>/<sourc
 - **Corpus:** {_corpus(params, [_recorded_tokens(r) for r in runs.values()])}. License of this dataset: `{license_}`.
 - **Explainer:** `{params['explainer']}`, best of k = {params['k']} candidates on the valid split;
   **simulator:** `{params['simulator']}`.
+- **Splits** are of documents: every window is in its document's split (train, calib, valid, test),
+  so the documents the explainer read are never the ones its explanation is scored on.
 - **Metrics** (test split only, never shown to the explainer): correlation of simulated and true
   activations on top-and-random windows (the headline, `top_and_random`), on random windows alone,
   calibrated R², and detection AUC, each with a 95% bootstrap CI; baselines `token-lookup` (the
