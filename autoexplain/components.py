@@ -100,6 +100,11 @@ class Simulator(Component):
     """
 
     uses_text_vectors: ClassVar[bool] = False
+    # Records of one explanation that share one LLM request by default (`KIND/N:LLM` in a spec sets
+    # N, `registry`); None: it never puts two records in one prompt. A record's values then depend
+    # on its neighbours there, so N is part of what a simulator's outputs are keyed by wherever it
+    # can change them (`packing`).
+    records_per_request: ClassVar[int | None] = None
     # How best-of-k is chosen on the valid split (`best_of_k`): "full" (every candidate on every
     # record) or "halving" (successive halving, for simulators that pay per request).
     selection: ClassVar[str] = "full"
@@ -132,6 +137,20 @@ class Simulator(Component):
 
     def prompt_dependence(self, texts: Sequence[str]) -> list[str]:
         return [self.prompt_hash] * len(texts)
+
+    @classmethod
+    def shares_requests(cls, on_server: bool) -> bool:
+        """Whether records per request can change its results with such an LLM (a server or a local
+        model): by default wherever it packs records at all."""
+        return cls.records_per_request is not None
+
+    @classmethod
+    def packing(cls, per_request: int | None, on_server: bool) -> str:
+        """What its spec and name carry of records per request: '/N' where N can change its results
+        and is not its default, else '' (so `KIND/1:LLM` and `KIND:LLM` are one key)."""
+        if per_request is None or per_request == cls.records_per_request or not cls.shares_requests(on_server):
+            return ""
+        return f"/{per_request}"
 
 
 class Scorer(Component):

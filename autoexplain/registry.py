@@ -8,6 +8,8 @@ The grammar, in one place:
   each unit writes) or an LLM spec (the LLM explainer over that LLM);
 - simulator: 'KIND' or 'KIND:LLM', where KIND is a registered simulator's `kind` and its class's
   `takes_llm` says whether the LLM is "none", "optional" (default 'local') or "required";
+  'KIND/N:LLM' puts N records of one explanation in each request, for a simulator that can
+  (`records_per_request`; default 1, one record per prompt as in the paper);
 - scorer: the same grammar over the registered scorers ('simulation', the default);
 - unit source: a registered `sources.UnitSource`'s kind ('mlp', the default).
 
@@ -197,6 +199,7 @@ class ComponentSpec:
     spec: str  # as written (the default filled in)
     cls: type  # the component class
     llm: str | None  # the LLM spec it takes, or None
+    per_request: int | None = None  # records per LLM request ('KIND/N:LLM'), None: the class's own
 
 
 def parse_explainer(spec: str | None) -> ComponentSpec:
@@ -240,20 +243,45 @@ def simulator_usage() -> str:
 
 
 def _parse_kind(role: str, spec: str, classes: dict[str, type]) -> ComponentSpec:
-    """'KIND' or 'KIND:LLM' against the classes of one role (see the module docstring)."""
-    kind, _, llm = spec.partition(":")
+    """'KIND' or 'KIND:LLM' against the classes of one role (see the module docstring), 'KIND/N...'
+    for a simulator that can put N records in one request (`_per_request`)."""
+    kind, colon, llm = spec.partition(":")
+    kind, slash, per = kind.partition("/")
     cls = classes.get(kind)
     if cls is None:
         raise UserError(f"unknown {role} '{spec}'", _usage(classes))
+    per_request = _per_request(role, spec, cls, per) if slash else None
     if cls.takes_llm == "none":
         if llm:
             raise UserError(f"the {kind} {role} takes no LLM ('{spec}')", f"write just '{kind}'")
         return ComponentSpec(spec, cls, None)
     if cls.takes_llm == "required" and not llm:
-        raise UserError(f"{kind} needs an LLM", f"write '{kind}:openai:MODEL@URL' or '{kind}:local'")
+        raise UserError(f"{kind} needs an LLM", f"write '{kind}/N:openai:MODEL@URL' or '{kind}:local'"
+                        if slash else f"write '{kind}:openai:MODEL@URL' or '{kind}:local'")
     llm = llm or DEFAULT_LLM
-    parse_llm(llm)
-    return ComponentSpec(spec, cls, llm)
+    on_server = parse_llm(llm).kind != "local"
+    # A setting that cannot change the outputs (all-at-once on a local model reads one record per
+    # forward pass) or that is the default is left out of the spec, so it keys nothing.
+    spec = f"{kind}{cls.packing(per_request, on_server)}{colon}{spec.partition(':')[2]}" if slash else spec
+    return ComponentSpec(spec, cls, llm, per_request if cls.shares_requests(on_server) else None)
+
+
+def _per_request(role: str, spec: str, cls: type, text: str) -> int:
+    """N of 'KIND/N:LLM': how many records of one explanation share one request."""
+    kind = cls.kind
+    if getattr(cls, "records_per_request", None) is None:
+        raise UserError(f"the {kind} {role} puts no records in LLM requests ('{spec}'), so takes no '/{text}'",
+                        f"write '{spec.replace('/' + text, '', 1)}'")
+    try:
+        n = int(text)
+    except ValueError:
+        n = None
+    if n is None or n < 1:
+        rest = spec.partition(":")[2] or "LLM"
+        raise UserError(f"'{spec}': records per request must be a whole number of at least 1, got '{text}'",
+                        f"write '{kind}:{rest}' for one record per request (the paper's format), or "
+                        f"'{kind}/N:{rest}' with N >= 1 to share each request between N records")
+    return n
 
 
 def parse_simulator(spec: str | None) -> ComponentSpec:
@@ -264,7 +292,9 @@ def parse_simulator(spec: str | None) -> ComponentSpec:
 
 def make_simulator(spec: str | None = None):
     p = parse_simulator(spec)
-    return p.cls() if p.llm is None else p.cls(make_llm(p.llm))
+    if p.llm is None:
+        return p.cls()
+    return p.cls(make_llm(p.llm), **({} if p.per_request is None else {"records_per_request": p.per_request}))
 
 
 # ---- scorers and unit sources --------------------------------------------------------------------

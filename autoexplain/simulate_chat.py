@@ -1,6 +1,7 @@
 """The JSON chat simulator, for chat-only APIs that return no prompt logprobs.
 
-The model gets the explanation and the tokens of up to `records_per_request` records, and answers
+The model gets the explanation and the tokens of `records_per_request` records (one unless
+`chat-json/N:LLM` packs N), and answers
 at temperature 0 with one JSON list of `{"token", "activation"}` objects per record. Where the API returns `top_logprobs`, the
 activation is the expected value over the digit tokens at the position where the number was
 written; otherwise it is the number itself. A reply that does not parse or does not cover the
@@ -133,18 +134,30 @@ def _logprob_values(result, reply) -> list[float | None]:
 class ChatJsonSimulator(Simulator):
     kind, takes_llm, prompt_files = "chat-json", "required", ("simulator_system.txt",)
     selection = "halving"
-    # Records of one explanation share a request (the explanation and instructions are paid once);
-    # a record whose part of the reply fails is retried, grouped with the others that failed.
-    records_per_request = 4
+    # One record per request by default, as the all-at-once simulator and for the same reason: a
+    # record answered in one reply with others is judged beside them, and a model that writes its
+    # activations in sequence carries the earlier lists into the later ones. Packing N records
+    # (`chat-json/N:LLM`) pays the instructions and explanation once per N: a cost saving, opt-in.
+    # A packed record whose part of the reply fails is retried, grouped with the others that failed.
+    # With a local LLM too the records share its prompt, so N keys its outputs there as well.
+    records_per_request = 1
 
     def __init__(self, llm, retries: int = 2, top_logprobs: int | None = 5, min_coverage: float = 1.0,
-                 max_tokens: int = 2048):
+                 max_tokens: int = 2048, records_per_request: int | None = None):
         self.llm = llm
         self.retries = retries
         self.top_logprobs = top_logprobs
         self.min_coverage = min_coverage
         self.max_tokens = max_tokens  # per record; a request may use that many per record it holds
-        self.name = f"chat-json:{getattr(llm, 'name', type(llm).__name__)}"
+        if records_per_request is not None:
+            if not isinstance(records_per_request, int) or records_per_request < 1:
+                raise ValueError(f"records_per_request must be an integer of at least 1, got {records_per_request!r}")
+            self.records_per_request = records_per_request
+
+    @property
+    def name(self) -> str:
+        """Records per request in it where they are not the default (read at use, as in `simulate`)."""
+        return f"chat-json{self.packing(self.records_per_request, True)}:{getattr(self.llm, 'name', type(self.llm).__name__)}"
 
     @property
     def prompt_hash(self) -> str:

@@ -12,7 +12,11 @@ stage simulates k candidates on the 20 valid records (all of them, or by success
 records whose replies carry the top-15 alternatives at every prompt position (about 180 kB per
 record). The explain stage sends one request (n = k) per unit.
 
-    python bench/llm_bench.py --latency 0 --sim-units 16 --explain-units 0 --k 4 --selection full --records-per-request 1
+    python bench/llm_bench.py --latency 0 --sim-units 16 --explain-units 0 --k 4 --selection full
+    python bench/llm_bench.py --latency 0 --sim-units 16 --explain-units 0 --k 4 --records-per-request 5
+
+(the simulator's default is one record per request, the paper's format; `--records-per-request 5`
+is the opt-in packing of `all-at-once/5:LLM`).
 
 Reports requests per second against the ideal concurrency / latency, and the client's CPU time per
 request (this process: user + system, all threads).
@@ -102,7 +106,8 @@ def main() -> None:
     ap.add_argument("--selection", choices=("full", "halving"), default=None,
                     help="best-of-k on valid (default: the simulator's own, halving)")
     ap.add_argument("--records-per-request", type=int, default=None,
-                    help="records packed into one simulator request (default: the simulator's own, 5)")
+                    help="records packed into one simulator request, as 'all-at-once/N:LLM' packs them "
+                         "(default: the simulator's own, 1: one record per request, the paper's format)")
     a = ap.parse_args()
 
     from autoexplain import pipeline
@@ -134,12 +139,10 @@ def main() -> None:
             units = synthetic_units(a.sim_units, seed=2)
             before = llm.usage.total_tokens
             x = pipeline.explain_stage(units, llm, pipeline.ExplainConfig(k=a.k))
-            sim = AllAtOnceSimulator(llm)
+            sim = AllAtOnceSimulator(llm, records_per_request=a.records_per_request)
             if a.selection:
                 sim.selection = a.selection
-            if a.records_per_request:
-                sim.records_per_request = a.records_per_request
-            out.update(selection=sim.selection, records_per_request=sim.records_per_request)
+            out.update(selection=sim.selection, records_per_request=sim.records_per_request, simulator=sim.name)
 
             def simulate():
                 chosen, sims = pipeline.simulate_stage(units, x, sim, seed=0)

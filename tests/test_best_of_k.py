@@ -131,12 +131,11 @@ def test_packed_requests_read_each_record_from_its_own_offsets(fault_server, ben
     srv = fault_server(upstream=bench_server.base_url)
     llm = OpenAILLM("test-model", srv.base_url, api_key="test", max_retries=1)
     recs = [[f" w{i}", " the", "\n", f" {i}"] for i in range(7)]
-    packed = AllAtOnceSimulator(llm)
-    assert packed.records_per_request == 5
+    packed = AllAtOnceSimulator(llm, records_per_request=5)
     got = packed.simulate_many(["numbers", "rivers"], recs)
     assert len(srv.requests) == 2 * 2, "7 records: 2 requests per explanation"
     single = AllAtOnceSimulator(llm)
-    single.records_per_request = 1
+    assert single.records_per_request == 1, "the paper's format unless packing is asked for"
     want = single.simulate_many(["numbers", "rivers"], recs)
     assert len(srv.requests) == 4 + 2 * 7
     for g, w in zip(got, want):

@@ -173,6 +173,8 @@ BAD_FLAGS = [
     (["--units", ""], "--units: '' names no unit"),  # an unset shell variable: not every unit
     (["--layer", "99"], "--layer: layer 99 is out of range"),
     (["--simulator", "nonsense"], "--simulator: unknown simulator 'nonsense'"),
+    (["--simulator", "chat-json/four:local"], "--simulator: 'chat-json/four:local': records per request must be a "
+                                              "whole number of at least 1, got 'four'"),
     (["--explainer", "openai:m@http://127.0.0.1:9/v1"], "--explainer: the LLM server at http://127.0.0.1:9/v1 is not reachable"),
     (["--k", "0"], "--k: must be at least 1"),
     (["--shard-size", "0"], "--shard-size: must be at least 1"),

@@ -175,6 +175,9 @@ BAD_PARAMETERS = [
     (dict(window_len=1), "parameter window_len: must be at least 2"),
     (dict(simulator="nonsense"), "parameter simulator: unknown simulator 'nonsense'"),
     (dict(simulator="chat-json"), "parameter simulator: chat-json needs an LLM"),
+    (dict(simulator="all-at-once/0:openai:m@http://127.0.0.1:9/v1"),
+     "parameter simulator: 'all-at-once/0:openai:m@http://127.0.0.1:9/v1': records per request must be a whole "
+     "number of at least 1, got '0' — write 'all-at-once:openai:m@http://127.0.0.1:9/v1' for one record per request"),
     (dict(explainer="bogus"), "parameter explainer: unknown explainer 'bogus'"),
     (dict(explainer="openai:m@http://127.0.0.1:9/v1"), "parameter explainer: the LLM server at http://127.0.0.1:9/v1 is not reachable"),
     (dict(simulator="all-at-once:openai:m@http://127.0.0.1:9/v1"), "parameter simulator: the LLM server"),

@@ -62,10 +62,45 @@ def test_builtin_grammar_and_identity_load_nothing():
     ("chat-json:openai:m@10.0.0.5:8000/v1", r"write 'openai:m@http://10\.0\.0\.5:8000/v1'"),
     ("all-at-once:openai:m@notaurl", r"the server address after '@' has no http:// or https:// — write 'openai:m@http://notaurl'"),
     ("all-at-once:openai:m@", "no server address follows '@'"),
+    ("all-at-once/0:openai:m@http://h:1/v1", "records per request must be a whole number of at least 1, got '0' — "
+                                            r"write 'all-at-once:openai:m@http://h:1/v1' for one record per request"),
+    ("all-at-once/-3:openai:m@http://h:1/v1", "at least 1, got '-3'"),
+    ("chat-json/2.5:openai:m@http://h:1/v1", r"at least 1, got '2\.5'"),
+    ("all-at-once/x", r"got 'x' — write 'all-at-once:LLM' for one record per request"),
+    ("chat-json/", "at least 1, got ''"),
+    ("embedding/5", "the embedding simulator puts no records in LLM requests .* — write 'embedding'"),
 ])
 def test_bad_simulator_specs(spec, message):
     with pytest.raises(UserError, match=message):
         registry.parse_simulator(spec)
+
+
+SERVER, M = "openai:m@http://127.0.0.1:9/v1", "m"  # a server LLM is named by its model
+
+
+def test_records_per_request_keys_what_it_can_change_and_nothing_else():
+    """'KIND/N:LLM' is part of a simulator's identity and name (its outputs' keys) where records
+    share a request: all-at-once on a server, chat-json on any LLM. The default (1, the paper's
+    format) written out is the same key as left out, and all-at-once on a local model, which reads
+    one record per forward pass whatever N says, keys the same for every N."""
+    from autoexplain.layer import key_name
+
+    ident = registry.simulator_identity
+    assert ident(f"all-at-once/5:{SERVER}") != ident(f"all-at-once:{SERVER}")
+    assert ident(f"all-at-once/5:{SERVER}") != ident(f"all-at-once/4:{SERVER}")
+    assert ident(f"all-at-once/1:{SERVER}") == ident(f"all-at-once:{SERVER}")
+    assert ident("all-at-once/5") == ident("all-at-once") and ident("all-at-once/5:local") == ident("all-at-once:local")
+    assert ident("chat-json/4:local") != ident("chat-json:local") == ident("chat-json/1:local")
+    assert registry.parse_simulator(f"all-at-once/05:{SERVER}").spec == f"all-at-once/5:{SERVER}"
+    assert registry.parse_simulator("all-at-once/5:local").per_request is None, "nothing to hand a local model"
+    packed = registry.make_simulator(f"all-at-once/5:{SERVER}")
+    assert packed.records_per_request == 5 and key_name(packed) == f"all-at-once/5:{M}"
+    single = registry.make_simulator(f"all-at-once:{SERVER}")
+    assert single.records_per_request == 1 and key_name(single) == f"all-at-once:{M}"
+    chat = registry.make_simulator(f"chat-json/3:{SERVER}")
+    assert (chat.records_per_request, chat.name) == (3, f"chat-json/3:{M}")
+    single.records_per_request = 2  # a setting changed after construction is keyed as what it is now
+    assert key_name(single) == f"all-at-once/2:{M}"
 
 
 def test_only_a_version_tag_after_at_is_the_model_s_name():

@@ -54,6 +54,32 @@ def test_server_echo_logprobs(llama_server):
         assert max(abs(x - y) for x, y in zip(a.expected, b.expected)) < 2.5
 
 
+NEIGHBOURS = ([" Seven", " grey", " cats", "\n", "!"], [" In", " 1999", " the", " war", " ended", " in", " 2003", "."])
+
+
+@pytest.mark.slow
+def test_a_record_s_values_on_a_server_do_not_depend_on_its_neighbours(llama_server):
+    """The same record, second of its unit's two records, beside two different first records. One
+    record per request (the default, the paper's format): its expected values are exactly what it
+    gets alone, whoever its neighbour. Packed two to a request (`all-at-once/2:...`, opt-in), it is
+    read after its neighbour, and its values move with it."""
+    from autoexplain.registry import make_simulator
+
+    spec = f"openai:{llama_server.model}@{llama_server.base_url}"
+    target, text = RECORDS[0], "numbers and years"
+    single = make_simulator(f"all-at-once:{spec}")
+    (alone,) = single.simulate(text, [target])
+    beside = [single.simulate(text, [n, target])[1] for n in NEIGHBOURS]
+    assert alone.ok, alone.failure
+    for sim in beside:
+        assert sim.expected == pytest.approx(alone.expected, abs=1e-6), "a neighbour changed the record's values"
+    packed = make_simulator(f"all-at-once/2:{spec}")
+    moved = [packed.simulate(text, [n, target])[1] for n in NEIGHBOURS]
+    assert all(m.ok for m in moved)
+    shift = max(abs(a - b) for a, b in zip(*(m.expected for m in moved)))
+    assert shift > 0.01, "packed, the record is read in its neighbour's context (else this test shows nothing)"
+
+
 # -- the JSON chat simulator ------------------------------------------------------------------
 
 import json  # noqa: E402
@@ -102,7 +128,7 @@ def test_chat_json_never_zero_fills(fault_server):
     llm = OpenAILLM("canned", srv.base_url, api_key="test", backoff_base=0.01)
     records = [["a", " b", " c"], ["d", " e", " f"], ["g", " h"]]
     sim = ChatJsonSimulator(llm, retries=1)
-    sim.records_per_request = 1
+    assert sim.records_per_request == 1, "one record per request unless packing is asked for"
     full, partial, prose = sim.simulate("letters", records)
     assert full.ok and full.failure is None and full.expected == [3.0, 0.0, 7.0]
     assert partial.expected is None and partial.failure == "reply covers 2 of 3 tokens (after 2 attempts)"
@@ -127,7 +153,7 @@ def test_chat_json_packs_records_and_retries_only_the_failed_ones(fault_server):
     srv = fault_server(chat=reply)
     llm = OpenAILLM("canned", srv.base_url, api_key="test", backoff_base=0.01)
     records = [["a", " b", " c"], ["d", " e", " f"], ["g", " h"]]
-    sims = ChatJsonSimulator(llm, retries=1).simulate("letters", records)
+    sims = ChatJsonSimulator(llm, retries=1, records_per_request=4).simulate("letters", records)
     assert [s.expected for s in sims] == [[3.0, 0.0, 7.0], [2.0, 2.0, 2.0], [2.0, 2.0]]
     sent = [_records_of(r["json"]["messages"]) for r in srv.requests if r["path"].endswith("/chat/completions")]
     assert sent == [records, records[1:]]
