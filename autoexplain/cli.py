@@ -148,7 +148,7 @@ def explain(
 def simulate(
     records: Path = typer.Option(..., "--records", "-r", help="The records folder the explanations came from."),
     explanations: Path = typer.Option(..., "--explanations", "-x", help="A folder printed by `autoexplain explain`."),
-    simulator: str = typer.Option("embedding", "--simulator", "-s", help="'embedding' (offline default), 'all-at-once[:LLM]' or 'chat-json:LLM'."),
+    simulator: str = typer.Option("embedding", "--simulator", "-s", help="'embedding' (offline default), 'all-at-once[:LLM]' or 'chat-json:LLM'; 'all-at-once/N:LLM' packs N records a request (default 1, the paper's format)."),
     concurrency: Optional[int] = CONCURRENCY,
     rpm: Optional[float] = RPM,
     tpm: Optional[float] = TPM,

@@ -43,7 +43,7 @@ MODEL = typer.Option(defaults.SUBJECT, "--model", "-m", help="Subject model (see
 CORPUS = typer.Option(defaults.CORPUS, "--corpus", "-c", help="Corpus (see `record --help`).")
 TOKENS = typer.Option(1_000_000, "--tokens", "-n", help="Corpus tokens to record (one pass for every layer).")
 EXPLAINER = typer.Option("embedding", "--explainer", "-e", help="'embedding' (offline default, no LLM), 'local' (embedded SmolLM2), 'openai:MODEL' or 'openai:MODEL@URL'.")
-SIMULATOR = typer.Option("embedding", "--simulator", "-s", help="'embedding', 'all-at-once[:LLM]' or 'chat-json:LLM'.")
+SIMULATOR = typer.Option("embedding", "--simulator", "-s", help="'embedding', 'all-at-once[:LLM]' or 'chat-json:LLM'; 'all-at-once/N:LLM' packs N records a request (default 1, the paper's format).")
 K = typer.Option(4, "--k", help="Candidate explanations per unit (best-of-k on the valid split).")
 SHARD_SIZE = typer.Option(256, "--shard-size", help="Units per task.")
 N_BOOT = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the 95% CIs.")
@@ -141,7 +141,7 @@ def rescore_cmd(
     out: str = RUN_OUT,
     layer: Optional[int] = typer.Option(None, "--layer", "-l", help=RUN_LAYER.format("re-score")),
     source: str = RUN_SOURCE,
-    simulator: str = typer.Option("embedding", "--simulator", "-s", help="'embedding', 'all-at-once[:LLM]' or 'chat-json:LLM'."),
+    simulator: str = typer.Option("embedding", "--simulator", "-s", help="'embedding', 'all-at-once[:LLM]' or 'chat-json:LLM'; 'all-at-once/N:LLM' packs N records a request (default 1, the paper's format)."),
     scorers: str = SCORERS,
     n_boot: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the 95% CIs."),
     results: Optional[str] = RUN_RESULTS,
