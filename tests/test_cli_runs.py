@@ -168,13 +168,11 @@ def test_revise_changes_that_unit_and_polarity_only(home, explained):
 
 
 BAD_FLAGS = [
-    (["--units", "5000-6000"], "--units: unit 5000 is out of range"),
-    (["--units", "5-2"], "--units: the unit range '5-2' runs backwards"),
+    (["--units", "5000-6000"], "--units: unit 5000 is out of range"), (["--units", "5-2"], "--units: the unit range '5-2' runs backwards"),
     (["--units", ""], "--units: '' names no unit"),  # an unset shell variable: not every unit
     (["--layer", "99"], "--layer: layer 99 is out of range"),
     (["--simulator", "nonsense"], "--simulator: unknown simulator 'nonsense'"),
-    (["--simulator", "chat-json/four:local"], "--simulator: 'chat-json/four:local': records per request must be a "
-                                              "whole number of at least 1, got 'four'"),
+    (["--simulator", "chat-json/four:local"], "--simulator: 'chat-json/four:local': records per request must be a whole"),
     (["--explainer", "openai:m@http://127.0.0.1:9/v1"], "--explainer: the LLM server at http://127.0.0.1:9/v1 is not reachable"),
     (["--k", "0"], "--k: must be at least 1"),
     (["--shard-size", "0"], "--shard-size: must be at least 1"),
