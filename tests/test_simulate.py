@@ -60,23 +60,21 @@ NEIGHBOURS = ([" Seven", " grey", " cats", "\n", "!"], [" In", " 1999", " the", 
 @pytest.mark.slow
 def test_a_record_s_values_on_a_server_do_not_depend_on_its_neighbours(llama_server):
     """The same record, second of its unit's two records, beside two different first records. One
-    record per request (the default, the paper's format): its expected values are exactly what it
-    gets alone, whoever its neighbour. Packed two to a request (`all-at-once/2:...`, opt-in), it is
-    read after its neighbour, and its values move with it."""
-    from autoexplain.registry import make_simulator
+    record per request (the default, the paper's format): its request is the one it would get alone,
+    and its expected values are the same whoever its neighbour. Packed two to a request (opt-in), it
+    is read after its neighbour, and its values move with it."""
+    from autoexplain.llm import OpenAILLM
 
-    spec = f"openai:{llama_server.model}@{llama_server.base_url}"
+    # One request at a time, as llama-cpp-python's server answers them: queued ones would outwait
+    # the timeout on a busy CPU and be sent again.
+    llm = OpenAILLM(llama_server.model, llama_server.base_url, max_concurrency=1, timeout=600)
     target, text = RECORDS[0], "numbers and years"
-    single = make_simulator(f"all-at-once:{spec}")
-    (alone,) = single.simulate(text, [target])
-    beside = [single.simulate(text, [n, target])[1] for n in NEIGHBOURS]
-    assert alone.ok, alone.failure
-    for sim in beside:
-        assert sim.expected == pytest.approx(alone.expected, abs=1e-6), "a neighbour changed the record's values"
-    packed = make_simulator(f"all-at-once/2:{spec}")
-    moved = [packed.simulate(text, [n, target])[1] for n in NEIGHBOURS]
-    assert all(m.ok for m in moved)
-    shift = max(abs(a - b) for a, b in zip(*(m.expected for m in moved)))
+    single = [AllAtOnceSimulator(llm).simulate(text, [n, target])[1] for n in NEIGHBOURS]
+    assert all(s.ok for s in single), [s.failure for s in single]
+    assert single[0].expected == pytest.approx(single[1].expected, abs=1e-6), "a neighbour changed the record"
+    packed = [AllAtOnceSimulator(llm, records_per_request=2).simulate(text, [n, target])[1] for n in NEIGHBOURS]
+    assert all(p.ok for p in packed)
+    shift = max(abs(a - b) for a, b in zip(packed[0].expected, packed[1].expected))
     assert shift > 0.01, "packed, the record is read in its neighbour's context (else this test shows nothing)"
 
 
