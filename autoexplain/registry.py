@@ -260,9 +260,11 @@ def _parse_kind(role: str, spec: str, classes: dict[str, type]) -> ComponentSpec
                         if slash else f"write '{kind}:openai:MODEL@URL' or '{kind}:local'")
     llm = llm or DEFAULT_LLM
     on_server = parse_llm(llm).kind != "local"
+    if not slash:
+        return ComponentSpec(spec, cls, llm)
     # A setting that cannot change the outputs (all-at-once on a local model reads one record per
     # forward pass) or that is the default is left out of the spec, so it keys nothing.
-    spec = f"{kind}{cls.packing(per_request, on_server)}{colon}{spec.partition(':')[2]}" if slash else spec
+    spec = f"{kind}{cls.packing(per_request, on_server)}{colon}{spec.partition(':')[2]}"
     return ComponentSpec(spec, cls, llm, per_request if cls.shares_requests(on_server) else None)
 
 
