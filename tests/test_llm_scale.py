@@ -79,10 +79,10 @@ def test_missing_logprobs_from_a_server_that_never_sent_them_is_said_at_once(fau
 
 def test_a_record_whose_retries_run_out_fails_alone(fault_server, bench_server):
     """No retries: the first request gets a 500 and its records are failed with the reason; every
-    other record is simulated, and the run does not stop. Records are packed 5 to a request, so the
-    failed request is one whole group of 5 (whichever was sent first)."""
+    other record is simulated, and the run does not stop. Records are packed 5 to a request here
+    (opt-in), so the failed request is one whole group of 5 (whichever was sent first)."""
     srv = fault_server(fail_with=[500], upstream=bench_server.base_url)
-    sim = AllAtOnceSimulator(fast(srv.base_url, max_concurrency=1, max_retries=0))
+    sim = AllAtOnceSimulator(fast(srv.base_url, max_concurrency=1, max_retries=0), records_per_request=5)
     records = [[f"w{i}", "b", "c"] for i in range(10)]
     sims = sim.simulate("words", records)
     failed = [i for i, s in enumerate(sims) if not s.ok]
@@ -228,7 +228,10 @@ def test_explain_layer_against_a_server_that_stops_answering_exits_4_and_the_rer
     srv = fault_server(fail_with=[200] * 8, then_status="reset", upstream=bench_server.base_url)
     args = ["explain-layer", "--model", tiny_llama_dir, "--corpus", str(prose_corpus), "--layer", "1", "--units", "0",
             "--tokens", "20000", "--k", "1", "--bootstrap", "20", "--window-len", "8", "--top-k", "8", "--random", "6",
-            "--simulator", f"all-at-once:openai:bench@{srv.base_url}", "--retries", "0", "--out", str(tmp_path / "out")]
+            "--simulator", f"all-at-once/5:openai:bench@{srv.base_url}", "--retries", "0", "--out", str(tmp_path / "out")]
+    # Packed (opt-in): at one record per request two rows can ask the very same request (a unit's
+    # explanation on a random window, and the shuffled control that borrows it on the same window),
+    # which the count below could not tell from a retry.
     first = _cli(tmp_path / "home", *args)
     unanswered = [json.dumps(r["json"], sort_keys=True) for r in srv.requests[8:]]
     assert first.returncode == 4, first.stderr[-3000:]
