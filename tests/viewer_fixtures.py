@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import json
 import os
 import shutil
 import subprocess
@@ -190,9 +191,10 @@ def hostile_site(tiny_llama_dir, local_llm, simulator, tmp_path_factory):
     from tests.conftest import PROSE
 
     root = tmp_path_factory.mktemp("hostile")
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n\n".join(f"{PROSE} {PAYLOADS[i % len(PAYLOADS)]} and {PAYLOADS[(i + 3) % len(PAYLOADS)]}"
-                                  for i in range(14)), encoding="utf-8")
+    corpus = root / "corpus.jsonl"  # 14 documents (as one .txt file it would be 2: too few for the splits)
+    corpus.write_text("".join(json.dumps({"text": f"{PROSE} {PAYLOADS[i % len(PAYLOADS)]} and "
+                                                  f"{PAYLOADS[(i + 3) % len(PAYLOADS)]}"}) + "\n"
+                              for i in range(14)), encoding="utf-8")
     out = root / "out"
     subject = load_subject(tiny_llama_dir)
     windows = build_windows(subject, str(corpus), out, window_len=8, seed=0)
