@@ -118,5 +118,6 @@ def prefect_results(tmp_path_factory):
     from prefect.testing.utilities import prefect_test_harness
 
     results = tmp_path_factory.mktemp("prefect-results")
-    with prefect_test_harness(), temporary_settings({PREFECT_LOCAL_STORAGE_PATH: results}):
+    # Its server's default 30 s to start was missed on 2 busy cores (the fixture errored, in CI too).
+    with prefect_test_harness(server_startup_timeout=180), temporary_settings({PREFECT_LOCAL_STORAGE_PATH: results}):
         yield results
