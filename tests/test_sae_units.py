@@ -397,4 +397,4 @@ def assert_same_recording(sparse, dense, layer: int) -> None:
     summed = ["mean", "std", "skewness", "kurtosis"]
     assert a.drop(summed).equals(b.drop(summed))
     for c in summed:
-        np.testing.assert_allclose(a[c].to_numpy(), b[c].to_numpy(), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(a[c].to_numpy(), b[c].to_numpy(), rtol=1e-5, atol=1e-5)  # float32 sums of O(1) moments
