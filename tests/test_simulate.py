@@ -78,7 +78,8 @@ def test_one_record_per_request_asks_for_a_record_what_it_would_ask_alone(fault_
     (alone,) = prompts([target])
     for neighbour in NEIGHBOURS:
         sent = prompts([neighbour, target])
-        assert len(sent) == 2 and sent[1] == alone, "a neighbour changed the request that carries the record"
+        # (the two requests go out together: the server may see either first)
+        assert len(sent) == 2 and alone in sent, "a neighbour changed the request that carries the record"
     packed = [prompts([n, target], per_request=2) for n in NEIGHBOURS]
     assert [len(p) for p in packed] == [1, 1] and packed[0] != packed[1] and alone not in packed[0] + packed[1]
 
