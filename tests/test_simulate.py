@@ -201,3 +201,19 @@ def test_explanations_from_the_server(llama_server):
         result = explain(llm, records, k=2, max_tokens=20)
     assert result.candidates and all(isinstance(c, str) and c for c in result.candidates)
     assert usage.prompt_tokens > 200 and usage.completion_tokens > 0
+
+
+def test_the_llama_launchers_ranking_is_llama_cpps_own():
+    """tests/llama_server.py ranks echoed logprobs with numpy; it must give what the Python sort it
+    replaces gives, ties included (llama.cpp's logprobs tie often in float32)."""
+    import numpy as np
+
+    from tests.llama_server import TOP_KEPT, top_first
+
+    rng = np.random.default_rng(0)
+    for n in (3, TOP_KEPT, 5000):
+        row = np.round(rng.normal(size=n), 1).astype(np.float32)  # many ties, some across the cut
+        row[rng.integers(n)] = -np.inf
+        want = sorted(zip(row, range(n)), reverse=True)[:TOP_KEPT]
+        assert top_first(zip(row, range(n)), reverse=True) == want
+    assert top_first(zip([2, 1], range(2)), reverse=True) == [(2, 0), (1, 1)]  # not an array: the builtin
