@@ -31,13 +31,24 @@ def run(command: Callable[[], object]) -> NoReturn:
     if threading.current_thread() is not threading.main_thread() or not hasattr(threading, "_shutdown"):
         sys.exit(code)
     try:
-        threading._shutdown()  # the interpreter's first exit step: threads joined, pools shut down
+        _join_threads()
         atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()
     except BaseException:  # noqa: BLE001 - whatever went wrong, the ordinary exit reports it
         sys.exit(code)
     os._exit(_status(code))
+
+
+def _join_threads() -> None:
+    """The interpreter's first exit step: threads joined, pools shut down. Once more if a process
+    pool raised EBADF: in CPython 3.11 its exit handler can write to its wake-up pipe just after its
+    manager thread closed it (3.12 locks the two); the second call finds the pipe closed, skips it and
+    joins the threads, as the interpreter's own exit would after our fallback."""
+    try:
+        threading._shutdown()
+    except OSError:
+        threading._shutdown()
 
 
 def _status(code: object) -> int:

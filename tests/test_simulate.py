@@ -180,7 +180,7 @@ def test_chat_json_against_the_server(llama_server):
     from autoexplain.llm import OpenAILLM
 
     llm = OpenAILLM("smollm2", llama_server.base_url, backoff_base=0.05)
-    sims = ChatJsonSimulator(llm, retries=1, max_tokens=400).simulate("numbers and years", RECORDS)
+    sims = ChatJsonSimulator(llm, retries=1, max_tokens=160).simulate("numbers and years", RECORDS)  # the 7-token record, answered: 88 tokens
     for sim, tokens in zip(sims, RECORDS):
         assert sim.completion_tokens > 0
         if sim.ok:
