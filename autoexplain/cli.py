@@ -81,8 +81,9 @@ def record(
             preflight.check_layer(shape, L, preflight.cli_flag, "layers")
         started = time.perf_counter()
         subject = load_subject(model)
+        dtype = str(subject.model.dtype).removeprefix("torch.")
         err.print(f"subject {subject.name}: {subject.n_layers} layers x {subject.n_units} units "
-                  f"on {subject.device}, loaded in {subject.load_seconds:.1f}s")
+                  f"on {subject.device} in {dtype}, loaded in {subject.load_seconds:.1f}s")
         subject.check_layers(chosen)
         windows = build_windows(subject, corpus, out, window_len, tokens, seed, text_field, preflight.cli_flag)
         if windows.notice:

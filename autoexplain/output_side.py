@@ -8,13 +8,12 @@ a learned per-channel weight can reorder the tokens.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from autoexplain.sae_coder import SparseCoder
+from autoexplain.subject import bf16_dot_products
 
 FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm")
 
@@ -208,17 +207,6 @@ def _extremes(d: torch.Tensor, vocab: _Vocabulary, n: int):
         for (ids, vals), (fids, fvals) in zip(out, full):
             ids[redo], vals[redo] = fids, fvals
     return tuple((ids, vals) for ids, vals in out)
-
-
-@functools.cache
-def bf16_dot_products() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 matmuls are
-    emulated and no faster than float32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _ranked(logits: torch.Tensor, n: int):

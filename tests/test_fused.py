@@ -28,8 +28,7 @@ def test_fused_equals_hooked_in_float32(tiny_llama_dir):
 
 
 def test_fused_equals_hooked_within_bf16_rounding(tiny_llama_dir):
-    subject = load_subject(tiny_llama_dir)
-    assert subject.model.dtype == torch.bfloat16
+    subject = load_subject(tiny_llama_dir, dtype=torch.bfloat16)
     got, want = _both(subject, [1, 2])
     for layer in want:
         g, w = got[layer].float(), want[layer].float()

@@ -64,8 +64,17 @@ def test_pass_stops_after_top_layer(tiny_llama_dir, hooked):
         assert sorted(subject.fused._blocks) == [0, 1], "no weights above the top layer are even copied"
 
 
-def test_default_dtype_is_bf16(tiny_llama_dir):
-    assert load_subject(tiny_llama_dir).model.dtype == torch.bfloat16
+def test_the_default_dtype_is_the_one_this_machine_multiplies_fast(tiny_llama_dir, monkeypatch):
+    from autoexplain import subject as subject_mod
+
+    cpu = torch.device("cpu")
+    assert load_subject(tiny_llama_dir).model.dtype == subject_mod.compute_dtype(cpu)
+    assert load_subject(tiny_llama_dir, dtype=torch.bfloat16).model.dtype == torch.bfloat16  # asked for, given
+    # bf16 where the CPU has bf16 dot products, float32 where torch would emulate bf16 (AVX2: ~100x slower)
+    for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(subject_mod, "bf16_dot_products", lambda native=native: native)
+        assert subject_mod.compute_dtype(cpu) == dtype
+        assert load_subject(tiny_llama_dir).model.dtype == dtype
 
 
 def test_layer_out_of_range(tiny_llama_dir):
