@@ -1,7 +1,8 @@
 """Recording benchmark on the embedded default (SmolLM2-135M, middle layer).
 
 Measures, in one process so that machine noise hits every number alike:
-- bf16 GEMM throughput, and from it the forward roofline for the layers actually run: a 2048^3
+- GEMM throughput in the dtype the subject computes in (bf16, or float32 where the CPU has no bf16
+  dot products), and from it the forward roofline for the layers actually run: a 2048^3
   product (the classic probe) and the subject's own products at the batch's shape (q|k|v, o,
   gate|up, down and the two attention products, with the pass's own weights and layouts, M =
   batch_size x window_len rows), probed between batches of the pass;
@@ -118,15 +119,15 @@ class GemmProbe:
     probe and, when given, the subject's own products at the batch's shapes. The probes' own time is
     kept out of the pass's time."""
 
-    def __init__(self, every: int = 20, gemms: list[dict] | None = None):
-        self.every, self.batches, self.rates, self.spent = every, 0, [], 0.0
+    def __init__(self, dtype: torch.dtype, every: int = 20, gemms: list[dict] | None = None):
+        self.dtype, self.every, self.batches, self.rates, self.spent = dtype, every, 0, [], 0.0
         self.gemms, self.shape_seconds = gemms or [], []
 
     def __call__(self, *_):
         self.batches += 1
         if self.batches % self.every == 1:
             start = time.perf_counter()
-            self.rates.append(gemm_gflops(reps=2))
+            self.rates.append(gemm_gflops(self.dtype, reps=2))
             if self.gemms:
                 self.shape_seconds.append(time_gemms(self.gemms))
             self.spent += time.perf_counter() - start
@@ -196,7 +197,8 @@ def measure(tokens: int, layer: int | None, batch_size: int, hooked_batches: int
     # forward passes are timed too, so the overhead splits into selection work and any slowdown
     # that selection causes in the forward (cache or allocator effects).
     gemms = model_gemms(subject, layer, batch_size, 64)
-    probe, bare_batches = GemmProbe(gemms=gemms), windows_batches(windows, batch_size)
+    dtype = subject.model.dtype  # the roofline is that of the dtype the pass computes in
+    probe, bare_batches = GemmProbe(dtype, gemms=gemms), windows_batches(windows, batch_size)
     # The recorder calls `subject.capture`; the bare forward calls the same bound method directly,
     # so only the recording's own passes go through the timer.
     capture, timed = subject.capture, {"bare": 0.0, "record_forward": 0.0}
@@ -226,7 +228,7 @@ def measure(tokens: int, layer: int | None, batch_size: int, hooked_batches: int
 
     # Hugging Face's own forward with a pre-hook (the path for layouts without a fused pass), on the
     # first batches only: enough to compare, and the comparison is what it is for.
-    hooked_probe, hooked_tok = GemmProbe(every=10), 0
+    hooked_probe, hooked_tok = GemmProbe(dtype, every=10), 0
     start = time.perf_counter()
     for n, (_ids, input_ids) in enumerate(windows_batches(windows, batch_size)):
         if n == hooked_batches:
@@ -251,9 +253,12 @@ def measure(tokens: int, layer: int | None, batch_size: int, hooked_batches: int
         "layer": layer,
         "batch_size": batch_size,
         "load_s_cached": round(load_s, 2),
-        "gemm_bf16_gflops": round(gflops, 1),
+        "dtype": str(dtype).removeprefix("torch."),
+        "gemm_gflops": round(gflops, 1),
         "gemm_probes_min_max_n": [round(min(probe.rates)), round(max(probe.rates)), len(probe.rates)],
         "gemm_fp32_gflops": round(gemm_gflops(torch.float32), 1),
+        # small: where bf16 is emulated (AVX2 alone) a 2048^3 product takes seconds
+        "gemm_bf16_gflops_512": round(gemm_gflops(torch.bfloat16, n=512, reps=2), 1),
         "mflops_per_token": round(fpt / 1e6, 1),
         "roofline_tok_s": round(roofline),
         "model_shape_gemms": shapes["per_gemm"],
@@ -311,15 +316,19 @@ def naive_child(tokens: int) -> dict:
 
 
 def cpu_kind() -> str:
-    """The CPU's model name and whether it has AMX / AVX512-BF16 (the two kinds bench differently)."""
+    """The CPU's model name and its widest units: AMX, AVX512-BF16, AVX512 or AVX2 alone (each kind
+    benches differently; the last has the subject compute in float32)."""
     try:
         info = open("/proc/cpuinfo").read()
     except OSError:
         return "unknown"
     name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
     flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    kind = "AMX" if "amx_bf16" in flags else ("AVX512-BF16" if "avx512_bf16" in flags else "no bf16 units")
-    return f"{kind} ({name})"
+    kind = next((k for flag, k in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX512, no bf16"))
+                 if flag in flags), "AVX2 alone")
+    family = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("cpu family")), "?")
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model\t")), "?")
+    return f"{kind} ({name}, family {family}, model {model})"
 
 
 def first_load_seconds() -> float:

@@ -4,7 +4,9 @@ its passes (rows are padded to a fixed bucket of widths and attend to the shared
 place), in float32 and in bf16, and agree with the plain reading of each whole prompt within 1e-4
 (float32); sampled explanations are the same per prompt for a fixed seed, in bf16 too (prompts are
 padded to a bucket of widths). The bf16 claims are checked on the embedded SmolLM2, where the old
-padding broke them; forward passes are counted on the real (tiny) model."""
+padding broke them, in the dtype it computes in on this machine (`subject.compute_dtype`: bf16, or
+float32 on a CPU with AVX2 alone, which is what a user of that machine gets); forward passes are
+counted on the real (tiny) model."""
 
 from __future__ import annotations
 
@@ -110,8 +112,9 @@ def test_cross_unit_simulation_equals_per_unit_and_one_pass_per_width(subject):
 
 @pytest.fixture
 def smollm2():
-    """The embedded SmolLM2-135M-Instruct (bf16) on one torch thread: on a shared 2-core machine two
-    OpenMP threads made its passes 10x slower; the claims hold for any fixed thread count."""
+    """The embedded SmolLM2-135M-Instruct (in this machine's compute dtype) on one torch thread: on a
+    shared 2-core machine two OpenMP threads made its passes 10x slower; the claims hold for any
+    fixed thread count."""
     from autoexplain.subject import load_subject
 
     threads = torch.get_num_threads()
@@ -122,7 +125,7 @@ def smollm2():
         torch.set_num_threads(threads)
 
 
-def test_bf16_values_do_not_depend_on_batch_mates(smollm2):
+def test_smollm2_values_do_not_depend_on_batch_mates(smollm2):
     """bf16 rounds differently with other shapes: SmolLM2's values moved by up to 0.16 between
     groupings when rows were padded to their batch's longest and copied the prefix cache. With
     widths bucketed and the prefix attended in place, a row's bits are its own. On the embedded
@@ -189,7 +192,7 @@ def test_sampling_is_the_same_per_prompt_whatever_the_grouping(llm):
     assert [[c.text for c in s] for s in other_seed] != texts
 
 
-def test_bf16_samples_do_not_depend_on_batch_mates(smollm2):
+def test_smollm2_samples_do_not_depend_on_batch_mates(smollm2):
     """SmolLM2 (bf16) sampled other candidates when units were grouped differently (a pad count
     moved a logit by one bf16 step, and a near tie of the noisy top two flipped): with prompts
     padded to a bucket of widths, each prompt's samples are the same alone, together, reordered."""
