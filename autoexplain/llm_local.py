@@ -22,7 +22,7 @@ def _merge_top(pairs) -> dict[str, float]:
 
 
 class LocalLLM(LLM):
-    """A Hugging Face causal LM run in-process with transformers (bf16 by default).
+    """A Hugging Face causal LM run in-process with transformers (in `subject.compute_dtype`).
 
     `batch_size` is rows per forward pass (None: `local_batch_size`'s default for the device);
     prompts of many units share a pass, and each prompt samples from its own generator."""
