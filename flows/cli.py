@@ -77,14 +77,15 @@ def explain_layer_cmd(
     cache: bool = CACHE,
     budget: Optional[str] = BUDGET,
     out: str = OUT,
+    site: Optional[str] = typer.Option(None, "--site", help="The layer's site folder (default OUT/site/layer_L; 'none': no site)."),
     results: Optional[str] = RESULTS,
     dask: Optional[str] = DASK,
 ):
     """Record if needed, then explain, simulate and score a layer, as a Prefect flow (no server needed)."""
     params = dict(layer=layer, units=units, model=model, corpus=corpus, text_field=text_field, tokens=tokens, explainer=explainer,
                   simulator=simulator, scorers=scorers, k=k, shard_size=shard_size, n_boot=n_boot, window_len=window_len, top_k=top_k,
-                  n_random=n_random, out=out, results=results, concurrency=concurrency, rpm=rpm, tpm=tpm, retries=retries, timeout=timeout, cache=cache,
-                  budget=budget, source=source, dask=dask)
+                  n_random=n_random, out=out, site=site, results=results, concurrency=concurrency, rpm=rpm, tpm=tpm, retries=retries,
+                  timeout=timeout, cache=cache, budget=budget, source=source, dask=dask)
     run_or_exit(lambda: _run_flow("explain_layer", params, lambda: preflight.explain_layer(params, preflight.cli_flag)))
 
 

@@ -206,9 +206,11 @@ def test_explain_layer_rerun_sends_no_request(fault_server, bench_server, tiny_l
     out = tmp_path / "out"
     args = ["explain-layer", "--model", tiny_llama_dir, "--corpus", str(prose_corpus), "--layer", "1",
             "--units", "0-1", "--tokens", "20000", "--k", "2", "--bootstrap", "20", "--window-len", "8",
-            "--top-k", "8", "--random", "6", "--explainer", llm, "--simulator", f"all-at-once:{llm}", "--out", str(out)]
+            "--top-k", "8", "--random", "6", "--explainer", llm, "--simulator", f"all-at-once:{llm}", "--out", str(out),
+            "--site", "none"]  # what this test checks is not in the site, so none is built
     first = _cli(tmp_path / "home", *args)
     assert first.returncode == 0, first.stderr[-4000:]
+    assert not (out / "site").exists() and "viewer:" not in first.stderr
     paid = len(srv.requests)
     assert paid > 0 and (out / "llm_cache").is_dir()
     scores = sorted(p.read_bytes() for p in out.glob("scores/*/*.parquet"))
