@@ -399,6 +399,8 @@ def explain_layer(p: dict, spell: Spelling = flow_name, layer_name: str = "layer
             at_least(spell, name, p[name], low)
     check_recording(p, spell)
     check_out(p.get("out", "out"), spell)
+    if p.get("site") not in (None, "none"):
+        check_out(p["site"], spell, "site")
     check_results(p.get("results"), spell)
     check_corpus(p.get("corpus", defaults.CORPUS), spell, text_field=p.get("text_field", "text"))
     model = p.get("model", defaults.SUBJECT)

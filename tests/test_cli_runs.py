@@ -364,12 +364,12 @@ def test_a_results_folder_that_cannot_be_one_is_one_line_before_any_work(home, e
     blocker.write_text("x")
     for command in (["explain-layer", "--out", str(tmp_path / "new")], ["rescore", "--out", str(out), "--layer", "1"],
                     ["revise", "--out", str(out), "--layer", "1", "--unit", "0", "--text", "t"]):
-        result = cli(home, *command, "--results", str(blocker / "sub"))
-        line = _one_error_line(result)
-        assert line.startswith("error: --results: cannot write under") and "is a file" in line, line
-        assert "Flow run" not in result.stderr
+        for flag in ("--results", "--site") if command[0] == "explain-layer" else ("--results",):
+            result = cli(home, *command, flag, str(blocker / "sub"))
+            line = _one_error_line(result)
+            assert line.startswith(f"error: {flag}: cannot write under") and "is a file" in line, line
+            assert "Flow run" not in result.stderr
     assert not (tmp_path / "new").exists()
-
 
 
 def test_a_dask_scheduler_where_nothing_listens_is_one_line_before_any_work(home, explained, tiny_llama_dir,
