@@ -346,17 +346,24 @@ def simulate_task(records: dict, explanations: dict, simulator: str, simulator_i
 
 _SCORER: ProcessPoolExecutor | None = None
 _SCORER_LOCK = threading.Lock()
+# Simulation rows times bootstrap resamples from which a shard is scored in the worker: about 2 s of
+# scoring on one core. The worker's start (a spawned interpreter importing torch and polars) costs
+# about 4 s of CPU, more than overlapping a smaller shard's scoring with the next shard could save.
+SCORE_ELSEWHERE_FROM = 4_000_000
 
 
-def _score(*args, here: bool = False):
+def _score(records_dir, simulations, out, n_boot: int, here: bool = False):
     """`run_score` in a long-lived worker process, so that a shard's scoring runs on the second core
     while the next shard is simulated here (both stages are Python-bound: threads would share one
     core). It runs here, under the stage lock, when `here` is set (outputs under a URL: their mirror
     is registered in this process only), in a daemonic process (a dask worker), which may not start
-    children, or with AUTOEXPLAIN_SCORE_WORKER=0. The worker's call counts are added to this
-    process's."""
+    children, for a shard too small to be worth the worker (`SCORE_ELSEWHERE_FROM`), or with
+    AUTOEXPLAIN_SCORE_WORKER=0. Either way the scores are the same bytes. The worker's call counts are
+    added to this process's."""
     global _SCORER
-    if here or multiprocessing.current_process().daemon or os.environ.get("AUTOEXPLAIN_SCORE_WORKER", "1") == "0":
+    args = (records_dir, simulations, out, n_boot)
+    if here or multiprocessing.current_process().daemon or os.environ.get("AUTOEXPLAIN_SCORE_WORKER", "1") == "0" \
+            or _simulation_rows(simulations) * n_boot < SCORE_ELSEWHERE_FROM:
         with _MODELS:
             return layer_mod.run_score(*args)
     with _SCORER_LOCK:
@@ -373,6 +380,12 @@ def _score(*args, here: bool = False):
         raise
     COUNTS.update(counts)
     return result
+
+
+def _simulation_rows(simulations: layer_mod.StageRef) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(simulations.path).metadata.num_rows
 
 
 @task(name="score", cache_key_fn=cache_key("score", (layer_mod.run_score,)), **RETRY)

@@ -68,14 +68,25 @@ def _cached_models(dask_worker) -> dict:
             "pid": os.getpid()}
 
 
-def test_dask_run_matches_sequential_run(prefect_isolated, cluster, tiny_llama_dir, prose_corpus, tmp_path):
+def _not_here(*args, **kwargs):
+    raise AssertionError("scored in the flow's process, not in the scoring worker")
+
+
+def test_dask_run_matches_sequential_run(prefect_isolated, cluster, tiny_llama_dir, prose_corpus, tmp_path,
+                                        monkeypatch):
+    """Also the scoring worker against scoring in-process: the sequential run scores its shards in the
+    worker process (however small), the dask workers score in theirs."""
     from prefect_dask import DaskTaskRunner
 
     from autoexplain.flows.explain_layer import explain_layer
+    from autoexplain.tasks import stages
 
     c, client = cluster
     seq_out, dask_out = tmp_path / "sequential", tmp_path / "dask"
+    monkeypatch.setattr(stages, "SCORE_ELSEWHERE_FROM", 0)
+    monkeypatch.setattr(stages.layer_mod, "run_score", _not_here)  # the worker process has its own
     seq = explain_layer(**_params(tiny_llama_dir, prose_corpus, seq_out))
+    monkeypatch.undo()
     on_dask = explain_layer.with_options(task_runner=DaskTaskRunner(address=c.scheduler_address))
     par = on_dask(**_params(tiny_llama_dir, prose_corpus, dask_out))
 
