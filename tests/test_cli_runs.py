@@ -17,7 +17,7 @@ import pytest
 
 from autoexplain.storage import read_run
 from tests.test_cli import _one_error_line
-from tests.prefect_homes import prefect_home
+from tests.prefect_homes import command_env, prefect_home
 
 pytestmark = pytest.mark.slow
 EXE = [sys.executable, "-m", "autoexplain.flows.cli"]  # the console script's module
@@ -28,10 +28,10 @@ def home(tmp_path_factory):
     return tmp_path_factory.mktemp("prefect-home")
 
 
-def cli(home: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILE")}
-    env.update(HF_HUB_OFFLINE="1", COLUMNS="200", PREFECT_HOME=prefect_home(home))
-    return subprocess.run([*EXE, *args], capture_output=True, text=True, env=env, cwd=cwd)
+def cli(home: Path, *args: str, cwd: Path | None = None, temporary: bool = False) -> subprocess.CompletedProcess:
+    """`temporary`: the command starts Prefect's temporary server (else it reports to the test
+    process's server, `prefect_homes.command_env`)."""
+    return subprocess.run([*EXE, *args], capture_output=True, text=True, env=command_env(home, temporary), cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def explained(home, tiny_llama_dir, prose_corpus, tmp_path_factory):
     # no --layer: the model's middle layer, 1 of its 0-2 (15, SmolLM2's, would be out of range)
     result = cli(home, "explain-layer", "--model", tiny_llama_dir, "--corpus", str(prose_corpus),
                  "--units", "0-3", "--tokens", "20000", "--k", "1", "--shard-size", "2", "--bootstrap", "50",
-                 "--window-len", "8", "--top-k", "8", "--random", "6", "--out", str(out))
+                 "--window-len", "8", "--top-k", "8", "--random", "6", "--out", str(out), temporary=True)
     assert result.returncode == 0, result.stderr[-4000:]
     return out, result
 

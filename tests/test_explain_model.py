@@ -21,7 +21,7 @@ from autoexplain.storage import read_run
 from tests.test_cli import _one_error_line
 # The fixtures are imported, not put in conftest, so that they stay module-scoped here.
 from tests.viewer_fixtures import Watched, browser, chromium, file_url  # noqa: F401
-from tests.prefect_homes import prefect_home
+from tests.prefect_homes import command_env
 
 pytestmark = pytest.mark.slow
 EXE = [sys.executable, "-m", "autoexplain.flows.cli"]
@@ -29,9 +29,7 @@ SMALL = ["--tokens", "20000", "--k", "1", "--bootstrap", "50", "--window-len", "
 
 
 def _env(home: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILE")}
-    env.update(HF_HUB_OFFLINE="1", COLUMNS="200", PREFECT_HOME=prefect_home(home))
-    return env
+    return command_env(home)
 
 
 def cli(home: Path, *args: str) -> subprocess.CompletedProcess:
@@ -219,7 +217,7 @@ def test_a_killed_run_resumes_without_redoing_sealed_work(home, tiny_llama_dir, 
     deadline = time.monotonic() + 600
     while not list(out.glob("scores/*/manifest.json")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its Prefect server, mid-run
+    os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its children (its scoring worker, if it started one), mid-run
     proc.wait()
     sealed = {p: p.stat().st_mtime_ns for p in out.glob("*/*/manifest.json")}
     n_scores = len(list(out.glob("scores/*/manifest.json")))

@@ -18,7 +18,7 @@ from autoexplain.llm import OpenAILLM
 from autoexplain.llm_cache import CACHE_ENV, ResponseCache, for_root, set_cache
 from tests.llama_server import fault_server  # noqa: F401  (fixture)
 from tests.test_llm import clock  # noqa: F401  (fixture: a virtual clock for the limiter's waits)
-from tests.prefect_homes import prefect_home
+from tests.prefect_homes import command_env
 
 
 @pytest.fixture(autouse=True)
@@ -186,8 +186,7 @@ def test_tokens_per_minute_budget(fault_server, clock):
 # ---- the whole path: explain-layer on the command line, rerun -------------------------------------
 
 def _cli(home, *args, **env):
-    full = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILE", CACHE_ENV)}
-    full.update(HF_HUB_OFFLINE="1", COLUMNS="200", PREFECT_HOME=prefect_home(home), **env)
+    full = {k: v for k, v in command_env(home, **env).items() if k != CACHE_ENV or k in env}
     return subprocess.run([sys.executable, "-m", "autoexplain.flows.cli", *args], capture_output=True, text=True, env=full)  # the console script
 
 
