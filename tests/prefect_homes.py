@@ -20,6 +20,7 @@ import atexit
 import functools
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -72,8 +73,10 @@ def shared_api() -> str:
     prefect_home(home)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_API_PORT=str(port), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    # In this process's group (a signal to the test run reaches it too), and ended with this process
+    # even when no exit handler runs (a worker killed outright): no server outlives the tests.
     server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_ended_with_parent)
     atexit.register(shutil.rmtree, home, True)
     atexit.register(_stop, server)
     url = f"http://127.0.0.1:{port}/api"
@@ -88,6 +91,15 @@ def shared_api() -> str:
             break
         time.sleep(0.2)
     raise RuntimeError(f"prefect server start for the tests did not answer at {url} (exit code {server.poll()})")
+
+
+def _ended_with_parent() -> None:
+    """In the child before it runs the server: SIGTERM when the thread that started it ends (Linux's
+    parent-death signal; the suite calls `shared_api` from its main thread)."""
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
 def _stop(server: subprocess.Popen) -> None:
